@@ -1,0 +1,8 @@
+"""Keys: str/bytes/int input -> int64 ids (a fixed seeded hash), and the optional key log."""
+
+from dynembed.keys.convert import KeyBatch, to_jagged, to_key_batch, validate_offsets
+from dynembed.keys.hashing import DEFAULT_HASH_SEED, hash_bytes, hash_strings
+from dynembed.keys.key_log import KeyLog
+
+__all__ = ["KeyBatch", "KeyLog", "to_key_batch", "to_jagged", "validate_offsets",
+           "hash_strings", "hash_bytes", "DEFAULT_HASH_SEED"]

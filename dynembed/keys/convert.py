@@ -1,0 +1,264 @@
+"""User input -> int64 id arrays.
+
+Accepted keys: a torch integer tensor, a numpy integer/str/bytes/object array, or a list or
+tuple of Python ``int``, ``str`` or ``bytes``. Strings hash to ids (see
+:mod:`dynembed.keys.hashing`); integers are ids already. Jagged input for bags is
+``(values, offsets)`` as in ``torch.nn.EmbeddingBag``, a list of lists, or a 2-D array.
+Conversion is done by numpy/torch C code and compiled kernels, never a per-key Python loop.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dynembed.errors import KeyInputError, KeyValueError
+from dynembed.keys.hashing import DEFAULT_HASH_SEED, hash_bytes, hash_strings
+
+INT_KEYS = "int"
+STR_KEYS = "str"
+NO_KEYS = "empty"
+
+_INT64_MAX = np.iinfo(np.int64).max
+_ACCEPTED = ("a torch integer tensor, a numpy int/str/bytes array, or a list of int, "
+             "str or bytes")
+
+
+@dataclass(frozen=True)
+class KeyBatch:
+    """Keys turned into ids.
+
+    Attributes:
+        ids: (n,) int64 ids, flattened.
+        shape: shape of the keys as given (an N-D tensor keeps its shape for the output).
+        kind: ``"int"``, ``"str"`` (str or bytes keys) or ``"empty"``.
+        strings: the original str/bytes keys in id order when kind is ``"str"``, else None.
+    """
+
+    ids: np.ndarray
+    shape: tuple[int, ...]
+    kind: str
+    strings: Sequence | None = None
+
+
+def _empty(shape: tuple[int, ...] = (0,)) -> KeyBatch:
+    return KeyBatch(np.empty(0, dtype=np.int64), shape, NO_KEYS)
+
+
+def _check_int_array(arr: np.ndarray, arg: str) -> np.ndarray:
+    kind = arr.dtype.kind
+    if kind == "b":
+        raise KeyInputError(f"{arg}: got bool keys; keys must be int64 ids, str or bytes. "
+                            "Convert flags to ints first if they are really ids.")
+    if kind in "fc":
+        raise KeyInputError(f"{arg}: got {arr.dtype} (floating point) keys; keys must be "
+                            "int64 ids, str or bytes. Cast to int64 if the values are ids "
+                            "(e.g. tensor.long()).")
+    if kind == "u" and arr.dtype.itemsize == 8 and arr.size and arr.max() > _INT64_MAX:
+        raise KeyValueError(f"{arg}: a uint64 key exceeds the int64 range; keys must lie in "
+                            "[-2**63, 2**63 - 1]. Reinterpret with arr.view(np.int64) if the "
+                            "values are hashes.")
+    if kind not in "iu":
+        raise KeyInputError(f"{arg}: unsupported key dtype {arr.dtype}; expected {_ACCEPTED}")
+    return np.ascontiguousarray(arr, dtype=np.int64).reshape(-1)
+
+
+def _describe_mixed(seq: Sequence, first: type, arg: str) -> KeyInputError:
+    """Error for a list whose elements are not all of the first element's key type."""
+    families = {str: (str,), bytes: (bytes, bytearray), int: (int, np.integer)}
+    allowed = next((v for k, v in families.items() if issubclass(first, v)), (first,))
+    for i, x in enumerate(seq):  # error path only
+        if x is None:
+            return KeyInputError(f"{arg}: item {i} is None; None is not a key. Drop missing "
+                                 "values or map them to a sentinel key such as '<missing>'.")
+        if isinstance(x, (list, tuple, np.ndarray, torch.Tensor)):
+            return KeyInputError(f"{arg}: item {i} is a {type(x).__name__}; nesting is deeper "
+                                 "than allowed here. Pass a flat sequence of keys, or use "
+                                 "DynamicEmbeddingBag / (values, offsets) for bags of keys.")
+        if isinstance(x, float):
+            return KeyInputError(f"{arg}: item {i} is the float {x!r}; keys must be int64 ids, "
+                                 "str or bytes.")
+        if isinstance(x, bool) or not isinstance(x, allowed):
+            return KeyInputError(
+                f"{arg}: mixed key types: item 0 is {first.__name__} but item {i} is "
+                f"{type(x).__name__}. A batch must be all str/bytes or all int ids; "
+                "convert them to one type (e.g. str(x) for every key).")
+    return KeyInputError(f"{arg}: keys could not be converted; expected {_ACCEPTED}")
+
+
+def _from_list(seq: Sequence, arg: str, hash_seed: int) -> KeyBatch:
+    n = len(seq)
+    if n == 0:
+        return _empty()
+    first = type(seq[0])
+    try:
+        if issubclass(first, str):
+            return KeyBatch(hash_strings(seq, hash_seed), (n,), STR_KEYS, seq)
+        if issubclass(first, (bytes, bytearray)):
+            return KeyBatch(hash_bytes(seq, hash_seed), (n,), STR_KEYS, seq)
+    except TypeError:
+        raise _describe_mixed(seq, first, arg) from None
+    if issubclass(first, (int, np.integer)) and not issubclass(first, bool):
+        try:
+            arr = np.array(seq)
+        except (ValueError, OverflowError):
+            raise _describe_mixed(seq, first, arg) from None
+        if arr.dtype == object:
+            if any(isinstance(x, int) and not -2**63 <= x <= _INT64_MAX for x in seq):
+                raise KeyValueError(f"{arg}: an int key is outside the int64 range "
+                                    "[-2**63, 2**63 - 1]; hash larger numbers, or pass them "
+                                    "as str.")
+            raise _describe_mixed(seq, first, arg)
+        if arr.ndim != 1 or arr.dtype.kind not in "iu":
+            raise _describe_mixed(seq, first, arg)
+        return KeyBatch(_check_int_array(arr, arg), (n,), INT_KEYS)
+    raise _describe_mixed(seq, first, arg) if first is not type(None) and issubclass(
+        first, (list, tuple, np.ndarray, torch.Tensor, float, bool)) else KeyInputError(
+        f"{arg}: item 0 is {'None' if seq[0] is None else type(seq[0]).__name__}, which is "
+        f"not a key; expected {_ACCEPTED}")
+
+
+def to_key_batch(keys, *, hash_seed: int = DEFAULT_HASH_SEED, arg: str = "keys") -> KeyBatch:
+    """Converts one batch of keys to ids.
+
+    Args:
+        keys: a torch integer tensor of any shape, a numpy array, or a flat list/tuple of
+            int, str or bytes.
+        hash_seed: seed of the string hash.
+        arg: the argument name used in error messages.
+
+    Returns:
+        The :class:`KeyBatch`.
+
+    Raises:
+        KeyInputError (a TypeError): float, bool, None, mixed str and int, nested lists, or
+            an unsupported container.
+        KeyValueError (a ValueError): an integer outside the int64 range.
+    """
+    if isinstance(keys, torch.Tensor):
+        if keys.dtype.is_floating_point or keys.dtype.is_complex or keys.dtype == torch.bool:
+            raise KeyInputError(f"{arg}: got a {keys.dtype} tensor; keys must be an integer "
+                                "tensor (int64 ids), or str/bytes. Use tensor.long() if the "
+                                "values are ids.")
+        shape = tuple(keys.shape)
+        ids = keys.detach().to("cpu", torch.int64).contiguous().reshape(-1).numpy()
+        return KeyBatch(ids, shape, INT_KEYS if ids.size else NO_KEYS)
+    if isinstance(keys, np.ndarray):
+        if keys.dtype.kind in "USO":
+            if keys.ndim != 1:
+                raise KeyInputError(f"{arg}: string/object arrays must be 1-D, got shape "
+                                    f"{keys.shape}; flatten them or use bags.")
+            return _from_list(keys.tolist(), arg, hash_seed)
+        ids = _check_int_array(keys, arg)
+        return KeyBatch(ids, tuple(keys.shape), INT_KEYS if ids.size else NO_KEYS)
+    if isinstance(keys, (str, bytes, bytearray)):
+        raise KeyInputError(f"{arg}: got a single {type(keys).__name__}; pass a list of keys, "
+                            f"e.g. [{keys!r}].")
+    if isinstance(keys, (list, tuple)):
+        return _from_list(keys, arg, hash_seed)
+    if hasattr(keys, "to_numpy"):  # pandas Series / Index
+        return to_key_batch(np.asarray(keys.to_numpy()), hash_seed=hash_seed, arg=arg)
+    raise KeyInputError(f"{arg}: unsupported key container {type(keys).__name__}; "
+                        f"expected {_ACCEPTED}")
+
+
+def _offsets_array(offsets, arg: str) -> np.ndarray:
+    if isinstance(offsets, torch.Tensor):
+        if offsets.dtype.is_floating_point or offsets.dtype == torch.bool:
+            raise KeyInputError(f"{arg}: offsets must be integers, got {offsets.dtype}")
+        arr = offsets.detach().to("cpu", torch.int64).numpy()
+    else:
+        arr = np.asarray(offsets)
+        if arr.size and arr.dtype.kind not in "iu":
+            raise KeyInputError(f"{arg}: offsets must be integers, got {arr.dtype}")
+        arr = arr.astype(np.int64)
+    if arr.ndim != 1:
+        raise KeyValueError(f"{arg}: offsets must be 1-D, got shape {tuple(arr.shape)}")
+    return arr
+
+
+def validate_offsets(offsets, n: int, *, include_last_offset: bool = False,
+                     arg: str = "offsets") -> np.ndarray:
+    """Checks bag offsets against ``n`` values and returns the (B + 1,) int64 boundaries.
+
+    Args:
+        offsets: (B,) start of each bag, or (B + 1,) with ``include_last_offset``.
+        n: number of values.
+        include_last_offset: whether the last entry is the end of the last bag.
+        arg: the argument name used in error messages.
+
+    Raises:
+        KeyValueError: offsets that are not 1-D, do not start at 0, decrease, or point past
+            the values.
+    """
+    arr = _offsets_array(offsets, arg)
+    if include_last_offset:
+        if arr.size == 0:
+            raise KeyValueError(f"{arg}: with include_last_offset=True offsets needs at least "
+                                "one entry (the end)")
+        if arr[-1] != n:
+            raise KeyValueError(f"{arg}: with include_last_offset=True the last offset must "
+                                f"equal the number of values ({n}), got {int(arr[-1])}")
+        bounds = arr
+    else:
+        bounds = np.append(arr, n)
+    if bounds.size > 1 and bounds[0] != 0:
+        raise KeyValueError(f"{arg}: the first offset must be 0, got {int(bounds[0])}")
+    steps = np.diff(bounds)
+    if steps.size and steps.min() < 0:
+        bad = int(np.argmax(steps < 0))
+        raise KeyValueError(f"{arg}: offsets must be non-decreasing and at most the number of "
+                            f"values ({n}); entry {bad + 1} ({int(bounds[bad + 1])}) is "
+                            f"smaller than entry {bad} ({int(bounds[bad])})")
+    return bounds
+
+
+def to_jagged(values, offsets=None, *, include_last_offset: bool = False,
+              hash_seed: int = DEFAULT_HASH_SEED, arg: str = "values") -> tuple[KeyBatch, np.ndarray]:
+    """Converts bags of keys to flat ids and bag boundaries.
+
+    Args:
+        values: flat keys with ``offsets``; or a list of lists (bags); or a 2-D integer
+            tensor/array (B, L) of fixed-size bags.
+        offsets: (B,) starts of bags (or (B + 1,) with ``include_last_offset``), only with
+            flat values.
+        include_last_offset: as in ``torch.nn.EmbeddingBag``.
+        hash_seed: seed of the string hash.
+        arg: the argument name used in error messages.
+
+    Returns:
+        (keys, bounds): the flat :class:`KeyBatch` and (B + 1,) int64 bag boundaries.
+
+    Raises:
+        KeyInputError, KeyValueError: as :func:`to_key_batch`, plus offsets that do not match
+            the values and nesting deeper than a list of lists.
+    """
+    if offsets is not None:
+        batch = to_key_batch(values, hash_seed=hash_seed, arg=arg)
+        if len(batch.shape) != 1:
+            raise KeyValueError(f"{arg}: with offsets, values must be 1-D, got shape "
+                                f"{batch.shape}")
+        return batch, validate_offsets(offsets, batch.ids.size,
+                                       include_last_offset=include_last_offset)
+    if isinstance(values, (torch.Tensor, np.ndarray)) and values.ndim == 2:
+        batch = to_key_batch(values, hash_seed=hash_seed, arg=arg)
+        rows, width = batch.shape
+        return batch, np.arange(rows + 1, dtype=np.int64) * width
+    if isinstance(values, (list, tuple)):
+        if not all(isinstance(b, (list, tuple, np.ndarray, torch.Tensor)) for b in values):
+            raise KeyInputError(f"{arg}: without offsets, bags must be given as a list of "
+                                "lists (one list of keys per sample), a 2-D tensor, or flat "
+                                "values with offsets=.")
+        lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
+        bounds = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
+        if values and all(isinstance(b, torch.Tensor) for b in values):
+            flat = torch.cat([b.reshape(-1) for b in values]) if lengths.sum() else []
+        else:
+            flat = list(itertools.chain.from_iterable(values))
+        return to_key_batch(flat, hash_seed=hash_seed, arg=arg), bounds
+    raise KeyInputError(f"{arg}: bags need offsets=, a list of lists, or a 2-D tensor; got "
+                        f"{type(values).__name__} without offsets")

@@ -1,0 +1,108 @@
+"""Shared plumbing of the modules that own dynamic tables: state dicts, stats, steps."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dynembed.errors import StateDictError
+from dynembed.table.config import TableConfig
+from dynembed.table.stats import TableStats
+from dynembed.table.table import DynamicTable
+
+
+def make_table(dim, table: DynamicTable | None, config: TableConfig | None,
+               options: dict) -> DynamicTable:
+    """Builds the table of a module from exactly one of ``table``, ``config`` or ``dim``."""
+    given = [name for name, v in (("dim", dim), ("config", config), ("table", table))
+             if v is not None]
+    if len(given) != 1:
+        raise TypeError("give exactly one of dim= (with table options as keywords), config= "
+                        f"(a TableConfig) or table= (a DynamicTable to share); got {given}")
+    if (config is not None or table is not None) and options:
+        raise TypeError(f"table options {sorted(options)} go into the TableConfig when "
+                        "config= or table= is given")
+    if table is not None:
+        if not isinstance(table, DynamicTable):
+            raise TypeError(f"table must be a DynamicTable, got {type(table).__name__}")
+        return table
+    return DynamicTable(config if config is not None else TableConfig(dim=dim, **options))
+
+
+class TableModule(nn.Module):
+    """Base of modules holding named dynamic tables.
+
+    The tables' rows appear in ``state_dict()`` as plain tensors under
+    ``<prefix><table name>.<tensor>`` so ``torch.save`` / ``torch.load(weights_only=True)``
+    work and checkpoints never pickle dynembed classes.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Rows are not Parameters; this zero-size tensor ties lookups into autograd.
+        self._anchor = torch.empty(0, requires_grad=True)
+
+    def named_tables(self) -> dict[str, DynamicTable]:
+        """Tables owned by this module, by state-dict name."""
+        raise NotImplementedError
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, table in self.named_tables().items():
+            for key, tensor in table.state_dict().items():
+                destination[f"{prefix}{name}.{key}"] = tensor
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        names = self.named_tables()
+        ours = {}
+        for name in names:
+            head = f"{prefix}{name}."
+            ours[name] = {k[len(head):]: v for k, v in state_dict.items() if k.startswith(head)}
+        rest = {k: v for k, v in state_dict.items()
+                if not any(k.startswith(f"{prefix}{n}.") for n in names)}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        for name, table in names.items():
+            if not ours[name]:
+                missing_keys.append(f"{prefix}{name}.weights")
+                continue
+            try:
+                table.load_state_dict(ours[name])
+            except StateDictError as e:
+                raise StateDictError(f"table '{prefix}{name}': {e}") from None
+
+    def stats(self) -> TableStats | dict[str, TableStats]:
+        """Stats of the table (or of each table, by name)."""
+        tables = self.named_tables()
+        if len(tables) == 1:
+            return next(iter(tables.values())).stats()
+        return {name: t.stats() for name, t in tables.items()}
+
+    def sparse_step(self) -> None:
+        """Applies deferred-mode gradients of every table (no-op in fused mode)."""
+        for table in self.named_tables().values():
+            table.step_optimizer()
+
+    def sparse_zero_grad(self) -> None:
+        """Drops deferred-mode gradients not yet applied."""
+        for table in self.named_tables().values():
+            table.zero_grad()
+
+
+def sparse_step(model: nn.Module) -> None:
+    """Applies the deferred sparse gradients of every dynembed module inside ``model``.
+
+    Call it where you call your dense optimizer's ``step()`` when tables use
+    ``update_mode="deferred"`` (gradient accumulation).
+    """
+    for module in model.modules():
+        if isinstance(module, TableModule):
+            module.sparse_step()
+
+
+def sparse_zero_grad(model: nn.Module) -> None:
+    """Drops the deferred sparse gradients of every dynembed module inside ``model``."""
+    for module in model.modules():
+        if isinstance(module, TableModule):
+            module.sparse_zero_grad()

@@ -1,0 +1,176 @@
+"""EmbeddingCollection: named features over named tables, looked up in one fused call."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dynembed.errors import KeyInputError
+from dynembed.kernels.hash_index import unique_inverse
+from dynembed.keys.convert import KeyBatch, to_jagged, to_key_batch
+from dynembed.nn._autograd import rows_for
+from dynembed.nn._base import TableModule
+from dynembed.nn.bag import check_mode, pool
+from dynembed.table.config import TableConfig
+from dynembed.table.table import DynamicTable
+
+
+@dataclass(kw_only=True)
+class FeatureConfig:
+    """One input feature of an :class:`EmbeddingCollection`."""
+
+    table: str
+    """Name of the table the feature's keys are looked up in (tables may be shared)."""
+    pooling: str | None = None
+    """None: one key per sample, output (*shape, dim). "sum", "mean" or "max": a bag of keys
+    per sample (list of lists, (values, offsets) or a 2-D tensor), output (B, dim)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.table, str):
+            raise TypeError(f"table must be a table name (str), got {self.table!r}")
+        if self.pooling is not None:
+            check_mode(self.pooling, "pooling")
+
+
+def _is_values_offsets(value) -> bool:
+    return (isinstance(value, tuple) and len(value) == 2
+            and isinstance(value[1], (torch.Tensor, np.ndarray)))
+
+
+class EmbeddingCollection(TableModule):
+    """Several named features over several dynamic tables.
+
+    Features that share a table are looked up together: their ids are deduplicated, found or
+    inserted, and gathered in one call per table, and their gradients are combined before
+    the table's single sparse update.
+
+    Args:
+        tables: table name -> :class:`TableConfig` (or an existing :class:`DynamicTable`).
+        features: feature name -> :class:`FeatureConfig` (or just a table name). None gives
+            one unpooled feature per table, named like the table.
+
+    Example:
+        >>> coll = de.EmbeddingCollection(
+        ...     tables={"words": de.TableConfig(dim=8), "user": de.TableConfig(dim=4)},
+        ...     features={"title": de.FeatureConfig(table="words", pooling="mean"),
+        ...               "query": de.FeatureConfig(table="words", pooling="mean"),
+        ...               "user_id": "user"})
+        >>> out = coll({"title": [["red", "shoe"]], "query": [["shoe"]], "user_id": [7]})
+        >>> coll({"title": [["a"]], "query": [["b"]], "user_id": [7]}, concat=True).shape
+        torch.Size([1, 20])
+
+    Raises:
+        ValueError: an empty or badly named table map, or a feature naming an unknown table.
+    """
+
+    def __init__(self, tables: Mapping[str, TableConfig | DynamicTable],
+                 features: Mapping[str, FeatureConfig | str] | None = None) -> None:
+        super().__init__()
+        if not isinstance(tables, Mapping) or not tables:
+            raise ValueError("tables must be a non-empty dict of name -> TableConfig")
+        self.tables: dict[str, DynamicTable] = {}
+        for name, spec in tables.items():
+            if not isinstance(name, str) or not name or "." in name:
+                raise ValueError(f"table names must be non-empty str without '.', got {name!r}")
+            if isinstance(spec, TableConfig):
+                spec = DynamicTable(spec)
+            if not isinstance(spec, DynamicTable):
+                raise TypeError(f"tables[{name!r}] must be a TableConfig or DynamicTable, got "
+                                f"{type(spec).__name__}")
+            self.tables[name] = spec
+        if features is None:
+            features = {name: FeatureConfig(table=name) for name in self.tables}
+        self.features: dict[str, FeatureConfig] = {}
+        for name, spec in features.items():
+            spec = FeatureConfig(table=spec) if isinstance(spec, str) else spec
+            if not isinstance(spec, FeatureConfig):
+                raise TypeError(f"features[{name!r}] must be a FeatureConfig or a table name, "
+                                f"got {type(spec).__name__}")
+            if spec.table not in self.tables:
+                raise ValueError(f"features[{name!r}] uses table {spec.table!r}, which is not "
+                                 f"in tables {sorted(self.tables)}")
+            self.features[name] = spec
+
+    def named_tables(self) -> dict[str, DynamicTable]:
+        return {f"tables.{name}": table for name, table in self.tables.items()}
+
+    def _convert(self, name: str, spec: FeatureConfig, value, table: DynamicTable):
+        arg = f"inputs[{name!r}]"
+        seed = table.config.hash_seed
+        if spec.pooling is None:
+            batch, bounds = to_key_batch(value, hash_seed=seed, arg=arg), None
+        elif _is_values_offsets(value):
+            batch, bounds = to_jagged(value[0], value[1], hash_seed=seed, arg=arg)
+        else:
+            batch, bounds = to_jagged(value, hash_seed=seed, arg=arg)
+        return batch, bounds
+
+    def forward(self, inputs: Mapping[str, object], *, concat: bool = False,
+                per_sample_weights: Mapping[str, torch.Tensor] | None = None):
+        """Looks up every feature.
+
+        Args:
+            inputs: feature name -> keys (unpooled) or bags (pooled: a list of lists, a
+                ``(values, offsets)`` tuple, or a 2-D tensor). Every feature must be given.
+            concat: return one (B, sum of dims) tensor in feature order instead of a dict;
+                every output must then be (B, dim) with the same B.
+            per_sample_weights: optional feature name -> (n,) weights, for "sum" features.
+
+        Returns:
+            dict feature name -> tensor, or the concatenated (B, total_dim) tensor.
+
+        Raises:
+            KeyInputError: a feature is missing or unknown, or its keys are bad.
+            ValueError: ``concat`` with outputs of different batch sizes or ranks.
+        """
+        if not isinstance(inputs, Mapping):
+            raise KeyInputError(f"inputs must be a dict of feature name -> keys, got "
+                                f"{type(inputs).__name__}")
+        missing = [f for f in self.features if f not in inputs]
+        unknown = [f for f in inputs if f not in self.features]
+        if missing or unknown:
+            raise KeyInputError(f"inputs: missing features {missing}, unknown features "
+                                f"{unknown}; expected exactly {list(self.features)}")
+        weights = per_sample_weights or {}
+        by_table: dict[str, list[tuple[str, KeyBatch, np.ndarray | None]]] = {}
+        for name, spec in self.features.items():
+            table = self.tables[spec.table]
+            batch, bounds = self._convert(name, spec, inputs[name], table)
+            by_table.setdefault(spec.table, []).append((name, batch, bounds))
+
+        outputs: dict[str, torch.Tensor] = {}
+        for table_name, group in by_table.items():
+            table = self.tables[table_name]
+            ids = np.concatenate([b.ids for _, b, _ in group])
+            strings = None
+            if table.key_log is not None and group[0][1].strings is not None:
+                strings = [s for _, b, _ in group for s in (b.strings or [])]
+            unique, inverse, counts = unique_inverse(ids)
+            rows = rows_for(table, self._anchor, unique, counts, training=self.training,
+                            strings=strings, string_ids=ids)
+            start = 0
+            for name, batch, bounds in group:
+                part = inverse[start:start + batch.ids.shape[0]]
+                start += batch.ids.shape[0]
+                pooling = self.features[name].pooling
+                if pooling is None:
+                    out = F.embedding(torch.from_numpy(part), rows)
+                    outputs[name] = out.reshape(*batch.shape, table.dim)
+                else:
+                    outputs[name] = pool(rows, part, bounds, pooling, weights.get(name))
+        ordered = {name: outputs[name] for name in self.features}
+        if not concat:
+            return ordered
+        shapes = {name: tuple(t.shape) for name, t in ordered.items()}
+        if any(len(s) != 2 for s in shapes.values()) or len({s[0] for s in shapes.values()}) > 1:
+            raise ValueError("concat=True needs every feature output to be (B, dim) with one "
+                             f"B; got shapes {shapes}")
+        return torch.cat(list(ordered.values()), dim=1)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{n}->{s.table}" + (f"({s.pooling})" if s.pooling else "")
+                         for n, s in self.features.items())

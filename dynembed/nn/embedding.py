@@ -1,0 +1,71 @@
+"""DynamicEmbedding: one vector per key, for keys nobody enumerated in advance."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dynembed.kernels.hash_index import unique_inverse
+from dynembed.nn._autograd import rows_for
+from dynembed.nn._base import TableModule, make_table
+from dynembed.table.config import TableConfig
+from dynembed.table.table import DynamicTable
+
+
+class DynamicEmbedding(TableModule):
+    """Like ``torch.nn.Embedding``, with no vocabulary: new keys get rows as they arrive.
+
+    Args:
+        dim: row width; the other keyword arguments are :class:`TableConfig` fields
+            (``optimizer``, ``initializer``, ``seed``, ``update_mode``, ...).
+        config: a whole :class:`TableConfig` instead of ``dim`` and options.
+        table: an existing :class:`DynamicTable` to share instead.
+
+    Example:
+        >>> emb = de.DynamicEmbedding(dim=64, optimizer=de.optim.Adagrad(lr=0.05))
+        >>> emb(["cat", "dog", "cat"]).shape
+        torch.Size([3, 64])
+
+    In training mode a lookup inserts missing keys and the output is differentiable;
+    backward updates the touched rows with the table's sparse optimizer. In eval mode (or
+    with ``read_only=True``) unseen keys get the default vector, are counted in
+    ``stats().totals.defaults_served`` and are never inserted.
+    """
+
+    def __init__(self, dim: int | None = None, *, config: TableConfig | None = None,
+                 table: DynamicTable | None = None, **options) -> None:
+        super().__init__()
+        self.table = make_table(dim, table, config, options)
+
+    @property
+    def dim(self) -> int:
+        """Row width."""
+        return self.table.dim
+
+    def named_tables(self) -> dict[str, DynamicTable]:
+        return {"table": self.table}
+
+    def forward(self, keys) -> torch.Tensor:
+        """Looks keys up.
+
+        Args:
+            keys: int64 ids as a tensor of any shape (or numpy array / list), or a flat list
+                or 1-D array of str or bytes.
+
+        Returns:
+            (*keys.shape, dim) float32.
+
+        Raises:
+            KeyInputError: keys of an unsupported type (float, bool, None, mixed, nested).
+            KeyValueError: an int key outside the int64 range.
+        """
+        batch = self.table.ids_of(keys)
+        unique, inverse, counts = unique_inverse(batch.ids)
+        rows = rows_for(self.table, self._anchor, unique, counts, training=self.training,
+                        strings=batch.strings, string_ids=batch.ids)
+        out = F.embedding(torch.from_numpy(inverse), rows)
+        return out.reshape(*batch.shape, self.dim)
+
+    def extra_repr(self) -> str:
+        opt = type(self.table.optimizer).__name__ if self.table.optimizer else None
+        return f"dim={self.dim}, rows={self.table.size()}, optimizer={opt}"

@@ -1,0 +1,40 @@
+"""Lazy (sparse) Adam."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from dynembed.kernels.sparse_updates import adam_update
+from dynembed.optim.base import SparseOptimizer, check_positive
+
+
+@dataclass(frozen=True, kw_only=True)
+class Adam(SparseOptimizer):
+    """Lazy Adam, as ``torch.optim.SparseAdam``: moments of touched rows only, global step.
+
+    The bias correction uses the table's update count, like SparseAdam and TensorFlow's
+    LazyAdam.
+    """
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Decay rates of the first and second moments, each in [0, 1)."""
+    eps: float = 1e-8
+    """Added to the root of the second moment."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive("eps", self.eps)
+        if (not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2
+                or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas)):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+
+    def state_width(self, dim: int) -> int:
+        return 2 * dim
+
+    def apply(self, weights, state, slots, grads, step) -> None:
+        beta1, beta2 = (float(b) for b in self.betas)
+        step_size = self.lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+        adam_update(weights, state, slots, grads, float(step_size), float(self.weight_decay),
+                    self._clip, beta1, beta2, float(self.eps))

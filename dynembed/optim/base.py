@@ -1,0 +1,68 @@
+"""The sparse optimizer interface: a config that knows its state layout and update rule.
+
+A sparse optimizer is a small frozen config object. It holds hyperparameters only; the
+per-row state (accumulators, moments) lives in the table's row arena, next to the weights,
+so one config can serve many tables and a row's state moves with the row (eviction, storage,
+checkpoints).
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    """Raises ValueError naming ``name`` unless ``value`` is a finite number > 0 (or >= 0)."""
+    ok = isinstance(value, (int, float)) and math.isfinite(value)
+    ok = ok and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SparseOptimizer(abc.ABC):
+    """Base of the sparse optimizers: hyperparameters shared by every rule."""
+
+    lr: float
+    """Learning rate."""
+    weight_decay: float = 0.0
+    """L2 penalty added to each touched row's gradient (``g + weight_decay * w``), as in torch."""
+    max_grad_norm: float | None = None
+    """If set, each row's combined gradient is rescaled to at most this L2 norm."""
+
+    def __post_init__(self) -> None:
+        check_positive("lr", self.lr)
+        check_positive("weight_decay", self.weight_decay, allow_zero=True)
+        if self.max_grad_norm is not None:
+            check_positive("max_grad_norm", self.max_grad_norm)
+
+    @property
+    def _clip(self) -> float:
+        return 0.0 if self.max_grad_norm is None else float(self.max_grad_norm)
+
+    @abc.abstractmethod
+    def state_width(self, dim: int) -> int:
+        """Number of float32 state values per row for rows of width ``dim``."""
+
+    def initial_state(self, dim: int) -> np.ndarray:
+        """(state_width,) float32 state of a new row; zeros unless the rule says otherwise."""
+        return np.zeros(self.state_width(dim), dtype=np.float32)
+
+    @abc.abstractmethod
+    def apply(self, weights: np.ndarray, state: np.ndarray, slots: np.ndarray,
+              grads: np.ndarray, step: int) -> None:
+        """Updates rows in place.
+
+        Args:
+            weights: (capacity, dim) float32 arena weights.
+            state: (capacity, state_width) float32 arena optimizer state.
+            slots: (u,) int64 unique rows to update.
+            grads: (u, dim) float32 combined gradient of each row.
+            step: 1-based count of updates this table has applied (for bias correction
+                and learning-rate decay).
+        """

@@ -1,0 +1,128 @@
+"""Initializers of new rows.
+
+An initializer is a frozen config; the table calls :meth:`Initializer.fill` with the new
+rows and their ids. Random initializers are counter-based: with the table's seed, a key's
+initial vector depends only on (seed, key), never on insertion order, process or shard.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from dynembed.kernels import init_rows as k
+
+
+def _finite(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Initializer:
+    """Base of the initializers."""
+
+    def _params(self, dim: int) -> tuple[int, float, float, float, float]:
+        raise NotImplementedError
+
+    def fill(self, weights: np.ndarray, slots: np.ndarray, ids: np.ndarray, seed: int) -> None:
+        """Writes initial vectors in place.
+
+        Args:
+            weights: (capacity, dim) float32 arena weights.
+            slots: (n,) int64 rows to fill.
+            ids: (n,) int64 key of each row.
+            seed: the table's seed, 0 <= seed < 2**64.
+        """
+        kind, p0, p1, p2, p3 = self._params(weights.shape[1])
+        k.init_rows(weights, slots, ids, np.uint64(seed), kind, p0, p1, p2, p3)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Zeros(Initializer):
+    """Every new row starts at zero."""
+
+    def _params(self, dim):
+        return k.ZEROS, 0.0, 0.0, 0.0, 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Constant(Initializer):
+    """Every element of a new row starts at ``value``."""
+
+    value: float
+    """The constant."""
+
+    def __post_init__(self) -> None:
+        _finite("value", self.value)
+
+    def _params(self, dim):
+        return k.CONSTANT, float(self.value), 0.0, 0.0, 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Uniform(Initializer):
+    """Elements drawn uniformly from [low, high); the default bound is 1/sqrt(dim)."""
+
+    low: float | None = None
+    """Lower bound; None means ``-1/sqrt(dim)``."""
+    high: float | None = None
+    """Upper bound; None means ``1/sqrt(dim)``."""
+
+    def __post_init__(self) -> None:
+        for name in ("low", "high"):
+            if getattr(self, name) is not None:
+                _finite(name, getattr(self, name))
+        if self.low is not None and self.high is not None and not self.low < self.high:
+            raise ValueError(f"low must be < high, got low={self.low!r}, high={self.high!r}")
+
+    def _params(self, dim):
+        bound = 1.0 / math.sqrt(dim)
+        low = -bound if self.low is None else float(self.low)
+        high = bound if self.high is None else float(self.high)
+        if not low < high:
+            raise ValueError(f"low must be < high, got low={low!r}, high={high!r}")
+        return k.UNIFORM, low, high, 0.0, 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Normal(Initializer):
+    """Elements drawn from N(mean, std^2); the default std is 1/sqrt(dim)."""
+
+    mean: float = 0.0
+    """Mean."""
+    std: float | None = None
+    """Standard deviation; None means ``1/sqrt(dim)``."""
+
+    def __post_init__(self) -> None:
+        _finite("mean", self.mean)
+        if self.std is not None and (not isinstance(self.std, (int, float)) or not self.std > 0):
+            raise ValueError(f"std must be a number > 0, got {self.std!r}")
+
+    def _std(self, dim: int) -> float:
+        return 1.0 / math.sqrt(dim) if self.std is None else float(self.std)
+
+    def _params(self, dim):
+        return k.NORMAL, float(self.mean), self._std(dim), 0.0, 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class TruncatedNormal(Normal):
+    """N(mean, std^2) restricted to [mean + a*std, mean + b*std] (a, b in std units)."""
+
+    a: float = -2.0
+    """Lower cut, in standard deviations."""
+    b: float = 2.0
+    """Upper cut, in standard deviations."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _finite("a", self.a)
+        _finite("b", self.b)
+        if not self.a < self.b:
+            raise ValueError(f"a must be < b, got a={self.a!r}, b={self.b!r}")
+
+    def _params(self, dim):
+        return k.TRUNCATED_NORMAL, float(self.mean), self._std(dim), float(self.a), float(self.b)

@@ -1,0 +1,9 @@
+"""Tables: the index, the row arena and the batch verbs."""
+
+from dynembed.table.config import TableConfig
+from dynembed.table.results import FindResult, InsertResult, TableExport
+from dynembed.table.stats import CallStats, Counters, TableStats
+from dynembed.table.table import DynamicTable
+
+__all__ = ["DynamicTable", "TableConfig", "FindResult", "InsertResult", "TableExport",
+           "TableStats", "CallStats", "Counters"]

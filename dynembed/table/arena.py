@@ -1,0 +1,74 @@
+"""RowArena: the storage of rows (weights, optimizer state, per-row metadata).
+
+Rows live in torch tensors addressed by slot, so the arena can be placed on any device;
+CPU kernels see them through zero-copy numpy views. The arena only stores and grows; which
+slot belongs to which key is the index's business.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+_MIN_CAPACITY = 1024
+_GROWTH = 1.5  # amortised O(1) appends; 1.5 rather than 2 keeps slack (and copies) small
+
+
+class RowArena:
+    """Per-slot rows: ``weights`` (capacity, dim) and ``state`` (capacity, state_width),
+    plus metadata ``ids``, ``counts`` and ``last_step`` (capacity,) int64.
+
+    Args:
+        dim: row width.
+        state_width: optimizer floats per row (0 for plain SGD).
+        device: torch device of the tensors.
+    """
+
+    def __init__(self, dim: int, state_width: int, device: str = "cpu") -> None:
+        self.dim = dim
+        self.state_width = state_width
+        self.device = torch.device(device)
+        self._alloc(0)
+
+    def _alloc(self, capacity: int) -> None:
+        kw = {"device": self.device}
+        self.weights = torch.empty((capacity, self.dim), dtype=torch.float32, **kw)
+        self.state = torch.empty((capacity, self.state_width), dtype=torch.float32, **kw)
+        self.ids = torch.empty(capacity, dtype=torch.int64, **kw)
+        self.counts = torch.empty(capacity, dtype=torch.int64, **kw)
+        self.last_step = torch.empty(capacity, dtype=torch.int64, **kw)
+
+    @property
+    def capacity(self) -> int:
+        """Rows the arena holds before it must grow."""
+        return self.weights.shape[0]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The arena's tensors by name."""
+        return {"weights": self.weights, "state": self.state, "ids": self.ids,
+                "counts": self.counts, "last_step": self.last_step}
+
+    def bytes_per_row(self) -> int:
+        """Bytes one slot takes across all tensors."""
+        return 4 * (self.dim + self.state_width) + 3 * 8
+
+    def ensure(self, rows: int) -> None:
+        """Grows (by at least 1.5x, keeping contents) until ``rows`` slots fit."""
+        if rows <= self.capacity:
+            return
+        new_capacity = max(rows, int(self.capacity * _GROWTH), _MIN_CAPACITY)
+        self.reserve(new_capacity)
+
+    def reserve(self, capacity: int) -> None:
+        """Grows to exactly ``capacity`` slots if that is more than now."""
+        if capacity <= self.capacity:
+            return
+        old = self.tensors()
+        used = self.capacity
+        self._alloc(capacity)
+        for name, tensor in self.tensors().items():
+            tensor[:used].copy_(old[name])
+
+    def np(self, name: str) -> np.ndarray:
+        """Zero-copy numpy view of a CPU tensor, for the compiled kernels."""
+        return self.tensors()[name].numpy()

@@ -1,0 +1,97 @@
+"""TableConfig: everything that defines a dynamic table, validated on construction."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from dynembed.keys.hashing import DEFAULT_HASH_SEED, check_hash_seed
+from dynembed.optim.base import SparseOptimizer
+from dynembed.policy.initializers import Initializer, TruncatedNormal
+
+UPDATE_MODES = ("fused", "deferred")
+NONFINITE_POLICIES = ("raise", "skip")
+
+
+@dataclass(kw_only=True)
+class TableConfig:
+    """Configuration of one dynamic table.
+
+    Raises:
+        ValueError: a field has a bad value; the message names the field.
+        TypeError: a field has the wrong type.
+    """
+
+    dim: int
+    """Width of each row (embedding dimension), > 0."""
+    optimizer: SparseOptimizer | None = None
+    """Sparse update rule for the rows; None freezes the table (outputs need no grad)."""
+    initializer: Initializer = field(default_factory=TruncatedNormal)
+    """How new rows start; the default is N(0, 1/dim) truncated at 2 std."""
+    seed: int | None = None
+    """Initializer seed; a key's initial vector depends only on (seed, key). None draws one
+    from torch's global generator when the table is made (so torch.manual_seed fixes it)."""
+    hash_seed: int = DEFAULT_HASH_SEED
+    """Seed of the string -> id hash (XXH64). Tables that must agree on ids share it."""
+    default_value: float | Sequence[float] = 0.0
+    """Vector returned for unseen keys in eval or read-only mode: a number or dim numbers."""
+    update_mode: str = "fused"
+    """"fused": rows update inside backward (fastest). "deferred": backward accumulates and
+    ``step()`` applies, for gradient accumulation."""
+    nonfinite_grads: str = "raise"
+    """What a NaN/inf gradient row does: "raise" (nothing is applied) or "skip" (the row is
+    left unchanged and counted in stats.skipped_gradients)."""
+    read_only: bool = False
+    """Serving mode: no inserts or updates in any mode; mutating verbs raise."""
+    key_log: bool = False
+    """Keep id -> original string for string keys, to list and export real keys."""
+    initial_capacity: int = 0
+    """Rows to reserve up front (the table grows on demand anyway)."""
+    device: str = "cpu"
+    """Where rows live. Only "cpu" is supported in this release."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim <= 0:
+            raise ValueError(f"dim must be an int > 0, got {self.dim!r}")
+        if self.optimizer is not None and not isinstance(self.optimizer, SparseOptimizer):
+            raise TypeError("optimizer must be a dynembed sparse optimizer such as "
+                            f"de.optim.Adagrad(lr=0.05), got {type(self.optimizer).__name__}; "
+                            "torch.optim optimizers are for the dense part of the model")
+        if not isinstance(self.initializer, Initializer):
+            raise TypeError("initializer must be a de.init initializer such as "
+                            f"de.init.Normal(std=0.01), got {type(self.initializer).__name__}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2**64):
+            raise ValueError(f"seed must be None or an int in [0, 2**64), got {self.seed!r}")
+        check_hash_seed(self.hash_seed)
+        self._check_default_value()
+        if self.update_mode not in UPDATE_MODES:
+            raise ValueError(f"update_mode must be one of {UPDATE_MODES}, got "
+                             f"{self.update_mode!r}")
+        if self.nonfinite_grads not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite_grads must be one of {NONFINITE_POLICIES}, got "
+                             f"{self.nonfinite_grads!r}")
+        if (isinstance(self.initial_capacity, bool) or not isinstance(self.initial_capacity, int)
+                or self.initial_capacity < 0):
+            raise ValueError(f"initial_capacity must be an int >= 0, got "
+                             f"{self.initial_capacity!r}")
+        if self.device != "cpu":
+            raise ValueError(f"device must be 'cpu' in this release, got {self.device!r}; "
+                             "GPU tables are planned")
+
+    def _check_default_value(self) -> None:
+        value = self.default_value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            values = [value]
+        else:
+            try:
+                values = [float(v) for v in value]
+            except (TypeError, ValueError):
+                raise ValueError("default_value must be a number or a sequence of dim numbers, "
+                                 f"got {value!r}") from None
+            if len(values) != self.dim:
+                raise ValueError(f"default_value has {len(values)} numbers but dim is "
+                                 f"{self.dim}; give one number or exactly dim numbers")
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"default_value must be finite, got {value!r}")

@@ -1,0 +1,66 @@
+"""Counters of a table: what happened to keys, rows and gradients, per call and in total."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+
+@dataclass
+class CallStats:
+    """What one lookup call did, counted per key occurrence."""
+
+    keys: int = 0
+    """Keys looked up (with duplicates)."""
+    unique_keys: int = 0
+    """Distinct keys among them."""
+    hits: int = 0
+    """Keys whose row existed."""
+    misses: int = 0
+    """Keys whose row did not exist (inserted in training, default vector otherwise)."""
+    inserts: int = 0
+    """Rows created by the call."""
+    defaults_served: int = 0
+    """Keys answered with the default vector (unseen in eval or read-only mode)."""
+
+
+@dataclass
+class Counters(CallStats):
+    """Cumulative counters since the table was made (or reset)."""
+
+    lookup_calls: int = 0
+    """Lookup calls."""
+    erased: int = 0
+    """Rows removed by erase or clear."""
+    updated_rows: int = 0
+    """Row updates applied by the optimizer."""
+    skipped_gradients: int = 0
+    """Gradient rows not applied: non-finite (policy "skip") or whose key was erased between
+    forward and the update."""
+    nonfinite_gradients: int = 0
+    """Gradient rows that held NaN or inf."""
+
+    def add_call(self, call: CallStats) -> None:
+        """Adds one call's counts to the totals."""
+        for f in fields(CallStats):
+            setattr(self, f.name, getattr(self, f.name) + getattr(call, f.name))
+        self.lookup_calls += 1
+
+
+@dataclass(frozen=True)
+class TableStats:
+    """A snapshot of a table's size and counters (see :meth:`DynamicTable.stats`)."""
+
+    rows: int
+    """Live rows."""
+    capacity: int
+    """Rows the arena can hold before it grows."""
+    bytes_used: int
+    """Bytes of live rows (weights, optimizer state, metadata) plus the index."""
+    bytes_allocated: int
+    """Bytes allocated for the arena and index (capacity, not only live rows)."""
+    payload_bytes_per_row: int
+    """Weights plus optimizer state of one row."""
+    totals: Counters = field(default_factory=Counters)
+    """Cumulative counters."""
+    last_call: CallStats = field(default_factory=CallStats)
+    """Counters of the most recent lookup call."""

@@ -1,0 +1,503 @@
+"""DynamicTable: the index, the row arena, the policies and the batch verbs, in one place.
+
+Verbs take keys (int64 ids, or str/bytes which hash to ids) and say in their names what
+happens on a hit and on a miss: ``find`` never inserts, ``find_or_insert`` creates missing
+rows, ``insert_or_assign`` writes rows, ``assign`` writes existing rows only, ``erase``
+removes rows. The ``*_slots`` methods are the lower-level path used by :mod:`dynembed.nn`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import torch
+
+from dynembed.errors import (
+    NonFiniteGradientError,
+    ReadOnlyTableError,
+    StateDictError,
+)
+from dynembed.kernels.hash_index import unique_inverse
+from dynembed.kernels.sparse_updates import nonfinite_rows
+from dynembed.keys.convert import to_key_batch
+from dynembed.keys.key_log import KeyLog
+from dynembed.table.arena import RowArena
+from dynembed.table.config import TableConfig
+from dynembed.table.index import EMPTY, HashIndex
+from dynembed.table.results import FindResult, InsertResult, TableExport
+from dynembed.table.stats import CallStats, Counters, TableStats
+
+logger = logging.getLogger(__name__)
+
+_STATE_VERSION = 1
+
+
+class DynamicTable:
+    """A growable map from int64 ids to trainable rows.
+
+    Args:
+        config: the table's :class:`TableConfig`.
+
+    Example:
+        >>> table = DynamicTable(TableConfig(dim=4, optimizer=de.optim.SGD(lr=0.1)))
+        >>> table.find_or_insert(["cat", "dog"]).values.shape
+        torch.Size([2, 4])
+    """
+
+    def __init__(self, config: TableConfig) -> None:
+        if not isinstance(config, TableConfig):
+            raise TypeError(f"config must be a TableConfig, got {type(config).__name__}")
+        self.config = config
+        self.dim = config.dim
+        self.optimizer = config.optimizer
+        if config.seed is None:
+            self.seed = int(torch.randint(0, 2**62, (1,)).item())
+        else:
+            self.seed = config.seed
+        width = self.optimizer.state_width(self.dim) if self.optimizer else 0
+        self._initial_state = (self.optimizer.initial_state(self.dim) if self.optimizer
+                               else np.zeros(0, dtype=np.float32))
+        self._default = torch.as_tensor(config.default_value, dtype=torch.float32).expand(
+            self.dim).clone()
+        self.read_only = config.read_only
+        self.key_log = KeyLog() if config.key_log else None
+        self.arena = RowArena(self.dim, width, config.device)
+        self.index = HashIndex()
+        self._free = np.empty(0, dtype=np.int64)
+        self._free_top = 0
+        self._high_water = 0
+        self.step = 0
+        """Training lookups so far; the clock of ``last_step``."""
+        self.update_step = 0
+        """Optimizer updates applied so far (Adam's bias correction, Adagrad's lr decay)."""
+        self._pending: list[tuple[np.ndarray, torch.Tensor]] = []
+        self.counters = Counters()
+        self.last_call = CallStats()
+        if config.initial_capacity:
+            self.reserve(config.initial_capacity)
+
+    # ----------------------------------------------------------------- introspection
+    def size(self) -> int:
+        """Number of live rows."""
+        return self.index.size
+
+    __len__ = size
+
+    def capacity(self) -> int:
+        """Rows the arena holds before it grows."""
+        return self.arena.capacity
+
+    @property
+    def trainable(self) -> bool:
+        """Whether gradients update this table (an optimizer is set and it is writable)."""
+        return self.optimizer is not None and not self.read_only
+
+    def reserve(self, rows: int) -> None:
+        """Pre-sizes the arena and the index for ``rows`` live rows (no effect if smaller)."""
+        if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 0:
+            raise ValueError(f"rows must be an int >= 0, got {rows!r}")
+        self.arena.reserve(int(rows))
+        self.index.reserve(int(rows))
+
+    def stats(self) -> TableStats:
+        """A snapshot of sizes and counters."""
+        per_row = self.arena.bytes_per_row()
+        return TableStats(
+            rows=self.size(), capacity=self.capacity(),
+            bytes_used=self.size() * per_row + self.index.nbytes,
+            bytes_allocated=self.capacity() * per_row + self.index.nbytes + self._free.nbytes,
+            payload_bytes_per_row=4 * (self.dim + self.arena.state_width),
+            totals=dataclasses.replace(self.counters),
+            last_call=dataclasses.replace(self.last_call))
+
+    def reset_stats(self) -> None:
+        """Zeroes the counters (sizes are unaffected)."""
+        self.counters = Counters()
+        self.last_call = CallStats()
+
+    # ----------------------------------------------------------------- key handling
+    def ids_of(self, keys, *, arg: str = "keys"):
+        """Converts keys to a :class:`KeyBatch` with this table's hash seed.
+
+        One table may see str keys in one call and int ids in another: string hashes are
+        spread over the whole int64 range, so they meet a given int id with probability
+        about 2**-64 per pair. A single batch must not mix them.
+        """
+        return to_key_batch(keys, hash_seed=self.config.hash_seed, arg=arg)
+
+    def _check_writable(self, verb: str) -> None:
+        if self.read_only:
+            raise ReadOnlyTableError(f"{verb}: the table is read-only (read_only=True, for "
+                                     "serving); make a writable table to change rows")
+
+    # ----------------------------------------------------------------- slot-level path
+    def _allocate(self, ids: np.ndarray, slots: np.ndarray, missing: int) -> np.ndarray:
+        """Inserts ids whose slot is EMPTY and initialises their rows; returns the new mask."""
+        new_mask = slots == EMPTY
+        reusable = self._free_top
+        self.arena.ensure(self._high_water + max(0, missing - reusable))
+        self.index.reserve(self.index.size + missing)
+        _, self._free_top, self._high_water = self.index.insert_missing(
+            ids, slots, self._free, self._free_top, self._high_water)
+        new_slots = slots[new_mask]
+        new_ids = ids[new_mask]
+        self.config.initializer.fill(self.arena.np("weights"), new_slots, new_ids, self.seed)
+        if self.arena.state_width:
+            self.arena.np("state")[new_slots] = self._initial_state
+        self.arena.np("ids")[new_slots] = new_ids
+        self.arena.np("counts")[new_slots] = 0
+        self.arena.np("last_step")[new_slots] = self.step
+        return new_mask
+
+    def lookup_slots(self, unique_ids: np.ndarray, counts: np.ndarray, *, insert: bool,
+                     strings=None, string_ids: np.ndarray | None = None) -> np.ndarray:
+        """Slots of unique ids for one lookup call, counted in the stats.
+
+        With ``insert`` (training), missing ids get new rows and every row's count and
+        last-seen step are updated; otherwise missing ids keep slot EMPTY and are counted as
+        defaults served.
+
+        Args:
+            unique_ids: (u,) int64 distinct ids.
+            counts: (u,) int64 occurrences of each id in the call.
+            insert: training lookup (insert and touch metadata) or not.
+            strings, string_ids: the call's original str keys and their ids, for the key log.
+
+        Returns:
+            (u,) int64 slots, EMPTY where absent and not inserted.
+        """
+        call = CallStats(keys=int(counts.sum()), unique_keys=unique_ids.shape[0])
+        slots = self.index.find(unique_ids)
+        missing = slots == EMPTY
+        n_missing = int(np.count_nonzero(missing))
+        missed = int(counts[missing].sum()) if n_missing else 0
+        call.misses, call.hits = missed, call.keys - missed
+        if insert and not self.read_only:
+            self.step += 1
+            if n_missing:
+                self._allocate(unique_ids, slots, n_missing)
+                call.inserts = n_missing
+                if self.key_log is not None and strings is not None:
+                    self.key_log.add(string_ids, strings)
+            self.arena.np("counts")[slots] += counts
+            self.arena.np("last_step")[slots] = self.step
+        else:
+            call.defaults_served = missed
+        self.last_call = call
+        self.counters.add_call(call)
+        return slots
+
+    def gather(self, slots: np.ndarray) -> torch.Tensor:
+        """(u, dim) rows at ``slots``; the default vector where a slot is EMPTY."""
+        missing = slots == EMPTY
+        if not missing.any():
+            return self.arena.weights.index_select(0, torch.from_numpy(slots))
+        safe = torch.from_numpy(np.where(missing, 0, slots))
+        if self.capacity() == 0:
+            return self._default.expand(slots.shape[0], self.dim).clone()
+        rows = self.arena.weights.index_select(0, safe)
+        rows[torch.from_numpy(missing)] = self._default
+        return rows
+
+    def apply_gradients(self, ids: np.ndarray, slots: np.ndarray, grads: torch.Tensor) -> None:
+        """Applies the optimizer to rows, or queues the gradients in deferred mode.
+
+        Args:
+            ids: (u,) int64 distinct ids the gradient rows belong to.
+            slots: (u,) int64 their slots at lookup time (EMPTY rows are skipped).
+            grads: (u, dim) combined gradient per id.
+
+        Raises:
+            NonFiniteGradientError: a row is NaN/inf and ``nonfinite_grads="raise"``; nothing
+                was applied.
+        """
+        if not self.trainable:
+            return
+        grads = grads.detach().to("cpu", torch.float32).contiguous()
+        if self.config.update_mode == "deferred":
+            self._pending.append((ids, grads))
+            return
+        self._apply(ids, slots, grads.numpy())
+
+    def _apply(self, ids: np.ndarray, slots: np.ndarray, grads: np.ndarray) -> None:
+        # A row erased (and maybe reused) since the lookup must not receive this gradient.
+        valid = slots != EMPTY
+        valid[valid] = self.arena.np("ids")[slots[valid]] == ids[valid]
+        bad = nonfinite_rows(grads)
+        n_bad = int(np.count_nonzero(bad))
+        if n_bad:
+            self.counters.nonfinite_gradients += n_bad
+            if self.config.nonfinite_grads == "raise":
+                raise NonFiniteGradientError(
+                    f"{n_bad} of {grads.shape[0]} gradient rows hold NaN or inf; no row was "
+                    "updated. Fix the loss (e.g. clamp logits), or set "
+                    "nonfinite_grads='skip' to drop such rows and count them.")
+            valid &= ~bad
+        n_valid = int(np.count_nonzero(valid))
+        self.counters.skipped_gradients += grads.shape[0] - n_valid
+        if n_valid == 0:
+            return
+        if n_valid < grads.shape[0]:
+            slots, grads = slots[valid], np.ascontiguousarray(grads[valid])
+        self.update_step += 1
+        self.optimizer.apply(self.arena.np("weights"), self.arena.np("state"), slots, grads,
+                             self.update_step)
+        self.counters.updated_rows += n_valid
+
+    def step_optimizer(self) -> None:
+        """Applies the gradients queued in deferred mode (summed per key), then clears them.
+
+        Keys erased since their lookup are skipped and counted.
+        """
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        ids = np.concatenate([p[0] for p in pending])
+        grads = torch.cat([p[1] for p in pending])
+        unique, inverse, _ = unique_inverse(ids)
+        summed = torch.zeros((unique.shape[0], self.dim), dtype=torch.float32)
+        summed.index_add_(0, torch.from_numpy(inverse), grads)
+        self._apply(unique, self.index.find(unique), summed.numpy())
+
+    def zero_grad(self) -> None:
+        """Drops gradients queued in deferred mode without applying them."""
+        self._pending = []
+
+    @property
+    def has_pending_gradients(self) -> bool:
+        """Whether deferred-mode gradients wait for :meth:`step_optimizer`."""
+        return bool(self._pending)
+
+    # ----------------------------------------------------------------- public verbs
+    def find(self, keys) -> FindResult:
+        """Rows of keys without inserting or touching metadata.
+
+        Args:
+            keys: (n,) keys (int64 ids, or str/bytes).
+
+        Returns:
+            FindResult(values (n, dim), found (n,) bool); default vector where not found.
+        """
+        ids = self.ids_of(keys).ids
+        slots = self.index.find(ids)
+        return FindResult(self.gather(slots), torch.from_numpy(slots != EMPTY))
+
+    def contains(self, keys) -> torch.Tensor:
+        """(n,) bool, whether each key has a row."""
+        return torch.from_numpy(self.index.find(self.ids_of(keys).ids) != EMPTY)
+
+    def find_or_insert(self, keys) -> InsertResult:
+        """Rows of keys, creating (initialising) missing ones. Does not touch metadata.
+
+        Returns:
+            InsertResult(values (n, dim), inserted (n,) bool).
+
+        Raises:
+            ReadOnlyTableError: the table is read-only.
+        """
+        self._check_writable("find_or_insert")
+        batch = self.ids_of(keys)
+        unique, inverse, _ = unique_inverse(batch.ids)
+        slots = self.index.find(unique)
+        missing = int(np.count_nonzero(slots == EMPTY))
+        new_mask = self._allocate(unique, slots, missing) if missing else \
+            np.zeros(unique.shape[0], dtype=bool)
+        if missing and self.key_log is not None and batch.strings is not None:
+            self.key_log.add(batch.ids, batch.strings)
+        self.counters.inserts += missing
+        return InsertResult(self.gather(slots[inverse]), torch.from_numpy(new_mask[inverse]))
+
+    def insert_or_assign(self, keys, values: torch.Tensor, *,
+                         optimizer_state: torch.Tensor | None = None) -> None:
+        """Writes rows for keys, creating missing ones. With duplicates, the last one wins.
+
+        Args:
+            keys: (n,) keys.
+            values: (n, dim) new vectors.
+            optimizer_state: optional (n, state_width) optimizer state; new rows otherwise
+                start from the optimizer's initial state and existing rows keep theirs.
+
+        Raises:
+            ReadOnlyTableError: the table is read-only.
+            ValueError: shapes do not match.
+        """
+        self._check_writable("insert_or_assign")
+        batch = self.ids_of(keys)
+        values = self._check_rows("values", values, batch.ids.shape[0], self.dim)
+        slots = self.index.find(batch.ids)
+        missing = slots == EMPTY
+        if missing.any():
+            unique, inverse, _ = unique_inverse(batch.ids[missing])
+            new_slots = self.index.find(unique)
+            self._allocate(unique, new_slots, unique.shape[0])
+            slots[missing] = new_slots[inverse]
+            self.counters.inserts += unique.shape[0]
+            if self.key_log is not None and batch.strings is not None:
+                self.key_log.add(batch.ids, batch.strings)
+        self.arena.weights[torch.from_numpy(slots)] = values
+        if optimizer_state is not None:
+            state = self._check_rows("optimizer_state", optimizer_state, slots.shape[0],
+                                     self.arena.state_width)
+            self.arena.state[torch.from_numpy(slots)] = state
+
+    def assign(self, keys, values: torch.Tensor) -> torch.Tensor:
+        """Overwrites the vectors of keys that have rows; others are left absent.
+
+        Returns:
+            (n,) bool, whether each key was found and written.
+
+        Raises:
+            ReadOnlyTableError: the table is read-only.
+        """
+        self._check_writable("assign")
+        ids = self.ids_of(keys).ids
+        values = self._check_rows("values", values, ids.shape[0], self.dim)
+        slots = self.index.find(ids)
+        found = slots != EMPTY
+        self.arena.weights[torch.from_numpy(slots[found])] = values[torch.from_numpy(found)]
+        return torch.from_numpy(found)
+
+    def erase(self, keys) -> int:
+        """Removes the rows of keys; their slots are reused by later inserts.
+
+        Returns:
+            How many rows were removed (absent keys are ignored).
+
+        Raises:
+            ReadOnlyTableError: the table is read-only.
+        """
+        self._check_writable("erase")
+        ids = self.ids_of(keys).ids
+        unique, _, _ = unique_inverse(ids)
+        freed = self.index.erase(unique)
+        freed = freed[freed != EMPTY]
+        self._push_free(freed)
+        if self.key_log is not None:
+            self.key_log.discard(self.arena.np("ids")[freed])
+        self.counters.erased += freed.shape[0]
+        return int(freed.shape[0])
+
+    def _push_free(self, slots: np.ndarray) -> None:
+        need = self._free_top + slots.shape[0]
+        if need > self._free.shape[0]:
+            grown = np.empty(max(need, 2 * self._free.shape[0]), dtype=np.int64)
+            grown[:self._free_top] = self._free[:self._free_top]
+            self._free = grown
+        self._free[self._free_top:need] = slots
+        self._free_top = need
+
+    def clear(self) -> None:
+        """Removes every row (capacity is kept)."""
+        self._check_writable("clear")
+        self.counters.erased += self.size()
+        self.index.clear()
+        self._free_top = 0
+        self._high_water = 0
+        self._pending = []
+        if self.key_log is not None:
+            self.key_log = KeyLog()
+
+    def _check_rows(self, name: str, rows, n: int, width: int) -> torch.Tensor:
+        rows = torch.as_tensor(rows)
+        if rows.shape != (n, width):
+            raise ValueError(f"{name} must have shape ({n}, {width}), got {tuple(rows.shape)}")
+        if not rows.dtype.is_floating_point:
+            raise TypeError(f"{name} must be floating point, got {rows.dtype}")
+        return rows.to(torch.float32)
+
+    def export(self) -> TableExport:
+        """Every live row with its state and metadata, in slot order (copies)."""
+        ids, slots = self.index.items()
+        order = np.argsort(slots, kind="stable")
+        ids, slots = ids[order], torch.from_numpy(slots[order])
+        a = self.arena
+        return TableExport(torch.from_numpy(ids), a.weights.index_select(0, slots),
+                           a.state.index_select(0, slots), a.counts.index_select(0, slots),
+                           a.last_step.index_select(0, slots))
+
+    def keys_of(self, ids) -> list[str | None]:
+        """Original strings of ids from the key log (None where unknown).
+
+        Raises:
+            RuntimeError: the table was made without ``key_log=True``.
+        """
+        if self.key_log is None:
+            raise RuntimeError("this table keeps no key log; make it with key_log=True to "
+                               "recover the strings behind ids")
+        return self.key_log.lookup(np.asarray(torch.as_tensor(ids, dtype=torch.int64)))
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The table as plain tensors: live rows (slot order), optimizer state, metadata.
+
+        Keys: ``ids``, ``weights``, ``optimizer_state``, ``counts``, ``last_step``,
+        ``meta`` (int64: version, dim, state_width, step, update_step, seed),
+        and ``key_log.*`` when the key log is on.
+        """
+        export = self.export()
+        state = {"ids": export.ids, "weights": export.weights,
+                 "optimizer_state": export.optimizer_state, "counts": export.counts,
+                 "last_step": export.last_step,
+                 "meta": torch.tensor([_STATE_VERSION, self.dim, self.arena.state_width,
+                                       self.step, self.update_step,
+                                       np.uint64(self.seed).view(np.int64)],
+                                      dtype=torch.int64)}
+        if self.key_log is not None:
+            state.update({f"key_log.{k}": v for k, v in self.key_log.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Replaces the table's rows and counters with a saved state.
+
+        Raises:
+            StateDictError: a tensor is missing, or dim / optimizer state width differ from
+                this table's config.
+        """
+        required = ("ids", "weights", "optimizer_state", "counts", "last_step", "meta")
+        absent = [k for k in required if k not in state]
+        if absent:
+            raise StateDictError(f"state dict lacks {absent}; expected the tensors written by "
+                                 "DynamicTable.state_dict()")
+        meta = state["meta"].tolist()
+        version, dim, width = meta[0], meta[1], meta[2]
+        if version != _STATE_VERSION:
+            raise StateDictError(f"state dict version {version} is not supported (this "
+                                 f"dynembed reads version {_STATE_VERSION})")
+        if dim != self.dim:
+            raise StateDictError(f"state dict has rows of dim {dim} but the table has dim "
+                                 f"{self.dim}; build the table with dim={dim}")
+        if width != self.arena.state_width:
+            raise StateDictError(
+                f"state dict has {width} optimizer floats per row but this table's optimizer "
+                f"({type(self.optimizer).__name__}) keeps {self.arena.state_width}; use the "
+                "optimizer the state was saved with")
+        n = state["ids"].shape[0]
+        for name, width_ in (("weights", dim), ("optimizer_state", width)):
+            if tuple(state[name].shape) != (n, width_):
+                raise StateDictError(f"state dict '{name}' has shape "
+                                     f"{tuple(state[name].shape)}, expected ({n}, {width_})")
+        for name in ("counts", "last_step"):
+            if tuple(state[name].shape) != (n,):
+                raise StateDictError(f"state dict '{name}' has shape "
+                                     f"{tuple(state[name].shape)}, expected ({n},)")
+        ids = state["ids"].to(torch.int64).numpy()
+        if np.unique(ids).shape[0] != n:
+            raise StateDictError("state dict 'ids' holds duplicates; it is corrupted")
+        read_only, self.read_only = self.read_only, False
+        self.clear()
+        self.read_only = read_only
+        self.reserve(n)
+        slots = self.index.find(ids)
+        self._allocate(ids, slots, n)
+        t = torch.from_numpy(slots)
+        self.arena.weights[t] = state["weights"].to(torch.float32)
+        self.arena.state[t] = state["optimizer_state"].to(torch.float32)
+        self.arena.counts[t] = state["counts"].to(torch.int64)
+        self.arena.last_step[t] = state["last_step"].to(torch.int64)
+        self.step, self.update_step = meta[3], meta[4]
+        self.seed = int(np.int64(meta[5]).view(np.uint64))
+        if self.key_log is not None and "key_log.ids" in state:
+            self.key_log.load_state_dict({k[len("key_log."):]: v for k, v in state.items()
+                                          if k.startswith("key_log.")})
