@@ -3,7 +3,9 @@
 Each kernel updates ``weights[slots[i]]`` (and its optimizer state) with the combined
 gradient ``grads[i]``. Slots are unique, so rows are updated in parallel without races.
 The formulas follow torch.optim (SGD, Adagrad, SparseAdam) and FBGEMM (row-wise Adagrad)
-exactly, so a dynamic table trains to the same weights as a static one.
+exactly, so a dynamic table trains to the same weights as a static one. Arithmetic is
+float32 like theirs; the caller passes float32 hyperparameters so nothing widens to float64
+(which would halve the SIMD width).
 """
 
 from __future__ import annotations
@@ -14,20 +16,23 @@ import numba as nb
 import numpy as np
 
 
+_ONE = np.float32(1.0)
+
+
 @nb.njit(inline="always", cache=True)
 def _clip_scale(grads, i, max_norm):
     if max_norm <= 0.0:
-        return 1.0
+        return _ONE
     sq = 0.0
     for j in range(grads.shape[1]):
         sq += np.float64(grads[i, j]) ** 2
     norm = math.sqrt(sq)
     if norm > max_norm:
-        return max_norm / (norm + 1e-6)
-    return 1.0
+        return np.float32(max_norm / (norm + 1e-6))
+    return _ONE
 
 
-@nb.njit(parallel=True, cache=True)
+@nb.njit(parallel=True, fastmath=True, cache=True)
 def sgd_update(weights, momentum_buf, slots, grads, lr, weight_decay, max_norm,
                momentum, dampening, nesterov):
     """SGD with optional (lazy) momentum, as torch.optim.SGD on the touched rows."""
@@ -38,13 +43,13 @@ def sgd_update(weights, momentum_buf, slots, grads, lr, weight_decay, max_norm,
         for j in range(dim):
             g = grads[i, j] * scale + weight_decay * weights[r, j]
             if momentum != 0.0:
-                buf = momentum * momentum_buf[r, j] + (1.0 - dampening) * g
+                buf = momentum * momentum_buf[r, j] + (_ONE - dampening) * g
                 momentum_buf[r, j] = buf
                 g = g + momentum * buf if nesterov else buf
             weights[r, j] -= lr * g
 
 
-@nb.njit(parallel=True, cache=True)
+@nb.njit(parallel=True, fastmath=True, cache=True)
 def adagrad_update(weights, sum_sq, slots, grads, clr, weight_decay, max_norm, eps):
     """Element-wise Adagrad, as torch.optim.Adagrad: ``w -= clr * g / (sqrt(G) + eps)``."""
     dim = weights.shape[1]
@@ -55,29 +60,29 @@ def adagrad_update(weights, sum_sq, slots, grads, clr, weight_decay, max_norm, e
             g = grads[i, j] * scale + weight_decay * weights[r, j]
             s = sum_sq[r, j] + g * g
             sum_sq[r, j] = s
-            weights[r, j] -= clr * g / (math.sqrt(s) + eps)
+            weights[r, j] -= clr * g / (np.sqrt(s) + eps)
 
 
-@nb.njit(parallel=True, cache=True)
+@nb.njit(parallel=True, fastmath=True, cache=True)
 def rowwise_adagrad_update(weights, row_sum, slots, grads, lr, weight_decay, max_norm, eps):
     """Row-wise Adagrad (FBGEMM's EXACT_ROWWISE_ADAGRAD): one accumulator per row."""
     dim = weights.shape[1]
     for i in nb.prange(slots.shape[0]):
         r = slots[i]
         scale = _clip_scale(grads, i, max_norm)
-        sq = 0.0
+        sq = np.float32(0.0)
         for j in range(dim):
             g = grads[i, j] * scale + weight_decay * weights[r, j]
             sq += g * g
-        s = row_sum[r, 0] + sq / dim
+        s = row_sum[r, 0] + sq / np.float32(dim)
         row_sum[r, 0] = s
-        step = lr / (math.sqrt(s) + eps)
+        step = lr / (np.sqrt(s) + eps)
         for j in range(dim):
             g = grads[i, j] * scale + weight_decay * weights[r, j]
             weights[r, j] -= step * g
 
 
-@nb.njit(parallel=True, cache=True)
+@nb.njit(parallel=True, fastmath=True, cache=True)
 def adam_update(weights, moments, slots, grads, step_size, weight_decay, max_norm,
                 beta1, beta2, eps):
     """Lazy Adam, as torch.optim.SparseAdam: only touched rows move, one global step.
@@ -91,11 +96,11 @@ def adam_update(weights, moments, slots, grads, step_size, weight_decay, max_nor
         scale = _clip_scale(grads, i, max_norm)
         for j in range(dim):
             g = grads[i, j] * scale + weight_decay * weights[r, j]
-            m = moments[r, j] + (g - moments[r, j]) * (1.0 - beta1)
-            v = moments[r, dim + j] + (g * g - moments[r, dim + j]) * (1.0 - beta2)
+            m = moments[r, j] + (g - moments[r, j]) * (_ONE - beta1)
+            v = moments[r, dim + j] + (g * g - moments[r, dim + j]) * (_ONE - beta2)
             moments[r, j] = m
             moments[r, dim + j] = v
-            weights[r, j] -= step_size * m / (math.sqrt(v) + eps)
+            weights[r, j] -= step_size * m / (np.sqrt(v) + eps)
 
 
 @nb.njit(parallel=True, cache=True)

@@ -7,12 +7,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from dynembed.errors import KeyInputError
 from dynembed.kernels.hash_index import unique_inverse
 from dynembed.keys.convert import KeyBatch, to_jagged, to_key_batch
-from dynembed.nn._autograd import rows_for
+from dynembed.nn._autograd import index_rows, rows_for
 from dynembed.nn._base import TableModule
 from dynembed.nn.bag import check_mode, pool
 from dynembed.table.config import TableConfig
@@ -158,8 +157,7 @@ class EmbeddingCollection(TableModule):
                 start += batch.ids.shape[0]
                 pooling = self.features[name].pooling
                 if pooling is None:
-                    out = F.embedding(torch.from_numpy(part), rows)
-                    outputs[name] = out.reshape(*batch.shape, table.dim)
+                    outputs[name] = index_rows(rows, part).reshape(*batch.shape, table.dim)
                 else:
                     outputs[name] = pool(rows, part, bounds, pooling, weights.get(name))
         ordered = {name: outputs[name] for name in self.features}

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from dynembed.kernels.hash_index import unique_inverse
-from dynembed.nn._autograd import rows_for
+from dynembed.nn._autograd import index_rows, rows_for
 from dynembed.nn._base import TableModule, make_table
 from dynembed.table.config import TableConfig
 from dynembed.table.table import DynamicTable
@@ -60,10 +59,14 @@ class DynamicEmbedding(TableModule):
             KeyValueError: an int key outside the int64 range.
         """
         batch = self.table.ids_of(keys)
-        unique, inverse, counts = unique_inverse(batch.ids)
-        rows = rows_for(self.table, self._anchor, unique, counts, training=self.training,
-                        strings=batch.strings, string_ids=batch.ids)
-        out = F.embedding(torch.from_numpy(inverse), rows)
+        if not self.training or self.table.read_only:
+            # Reads need no dedup: one fused find + copy per key.
+            out = self.table.read(batch.ids)
+        else:
+            unique, inverse, counts = unique_inverse(batch.ids)
+            rows = rows_for(self.table, self._anchor, unique, counts, training=True,
+                            strings=batch.strings, string_ids=batch.ids)
+            out = index_rows(rows, inverse)
         return out.reshape(*batch.shape, self.dim)
 
     def extra_repr(self) -> str:

@@ -36,8 +36,8 @@ class Adagrad(SparseOptimizer):
 
     def apply(self, weights, state, slots, grads, step) -> None:
         clr = self.lr / (1.0 + (step - 1) * self.lr_decay)
-        adagrad_update(weights, state, slots, grads, float(clr), float(self.weight_decay),
-                       self._clip, float(self.eps))
+        adagrad_update(weights, state, slots, grads, np.float32(clr), self._wd, self._clip,
+                       np.float32(self.eps))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,5 +65,5 @@ class RowWiseAdagrad(SparseOptimizer):
         return np.full(1, self.initial_accumulator_value, dtype=np.float32)
 
     def apply(self, weights, state, slots, grads, step) -> None:
-        rowwise_adagrad_update(weights, state, slots, grads, float(self.lr),
-                               float(self.weight_decay), self._clip, float(self.eps))
+        rowwise_adagrad_update(weights, state, slots, grads, np.float32(self.lr), self._wd,
+                               self._clip, np.float32(self.eps))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from dynembed.kernels.sparse_updates import adam_update
 from dynembed.optim.base import SparseOptimizer, check_positive
 
@@ -36,5 +38,6 @@ class Adam(SparseOptimizer):
     def apply(self, weights, state, slots, grads, step) -> None:
         beta1, beta2 = (float(b) for b in self.betas)
         step_size = self.lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
-        adam_update(weights, state, slots, grads, float(step_size), float(self.weight_decay),
-                    self._clip, beta1, beta2, float(self.eps))
+        f32 = np.float32
+        adam_update(weights, state, slots, grads, f32(step_size), self._wd, self._clip,
+                    f32(beta1), f32(beta2), f32(self.eps))

@@ -45,6 +45,10 @@ class SparseOptimizer(abc.ABC):
     def _clip(self) -> float:
         return 0.0 if self.max_grad_norm is None else float(self.max_grad_norm)
 
+    @property
+    def _wd(self) -> np.float32:
+        return np.float32(self.weight_decay)
+
     @abc.abstractmethod
     def state_width(self, dim: int) -> int:
         """Number of float32 state values per row for rows of width ``dim``."""

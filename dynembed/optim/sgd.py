@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from dynembed.kernels.sparse_updates import sgd_update
 from dynembed.optim.base import SparseOptimizer, check_positive
 
@@ -37,5 +39,6 @@ class SGD(SparseOptimizer):
         return dim if self.momentum else 0
 
     def apply(self, weights, state, slots, grads, step) -> None:
-        sgd_update(weights, state, slots, grads, float(self.lr), float(self.weight_decay),
-                   self._clip, float(self.momentum), float(self.dampening), bool(self.nesterov))
+        f32 = np.float32
+        sgd_update(weights, state, slots, grads, f32(self.lr), self._wd, self._clip,
+                   f32(self.momentum), f32(self.dampening), bool(self.nesterov))

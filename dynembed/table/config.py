@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from dynembed.keys.hashing import DEFAULT_HASH_SEED, check_hash_seed
 from dynembed.optim.base import SparseOptimizer
-from dynembed.policy.initializers import Initializer, TruncatedNormal
+from dynembed.policy.initializers import Initializer, Uniform
 
 UPDATE_MODES = ("fused", "deferred")
 NONFINITE_POLICIES = ("raise", "skip")
@@ -27,8 +27,9 @@ class TableConfig:
     """Width of each row (embedding dimension), > 0."""
     optimizer: SparseOptimizer | None = None
     """Sparse update rule for the rows; None freezes the table (outputs need no grad)."""
-    initializer: Initializer = field(default_factory=TruncatedNormal)
-    """How new rows start; the default is N(0, 1/dim) truncated at 2 std."""
+    initializer: Initializer = field(default_factory=Uniform)
+    """How new rows start; the default is uniform in [-1/sqrt(dim), 1/sqrt(dim)) (cheap to
+    draw, so inserts stay fast)."""
     seed: int | None = None
     """Initializer seed; a key's initial vector depends only on (seed, key). None draws one
     from torch's global generator when the table is made (so torch.manual_seed fixes it)."""

@@ -11,8 +11,6 @@ class CallStats:
 
     keys: int = 0
     """Keys looked up (with duplicates)."""
-    unique_keys: int = 0
-    """Distinct keys among them."""
     hits: int = 0
     """Keys whose row existed."""
     misses: int = 0

@@ -19,6 +19,7 @@ from dynembed.errors import (
     ReadOnlyTableError,
     StateDictError,
 )
+from dynembed.kernels.gather import find_gather
 from dynembed.kernels.hash_index import unique_inverse
 from dynembed.kernels.sparse_updates import nonfinite_rows
 from dynembed.keys.convert import to_key_batch
@@ -168,7 +169,7 @@ class DynamicTable:
         Returns:
             (u,) int64 slots, EMPTY where absent and not inserted.
         """
-        call = CallStats(keys=int(counts.sum()), unique_keys=unique_ids.shape[0])
+        call = CallStats(keys=int(counts.sum()))
         slots = self.index.find(unique_ids)
         missing = slots == EMPTY
         n_missing = int(np.count_nonzero(missing))
@@ -188,6 +189,32 @@ class DynamicTable:
         self.last_call = call
         self.counters.add_call(call)
         return slots
+
+    def _find_gather(self, ids: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        out = torch.empty((ids.shape[0], self.dim), dtype=torch.float32)
+        found = find_gather(self.index.keys, self.index.rows, ids, self.arena.np("weights"),
+                            self._default.numpy(), out.numpy())
+        return out, found
+
+    def read(self, ids: np.ndarray) -> torch.Tensor:
+        """Rows of ids for a read-only lookup call (eval, serving), counted in the stats.
+
+        Absent ids get the default vector and count as defaults served.
+
+        Args:
+            ids: (n,) int64.
+
+        Returns:
+            (n, dim) float32, not attached to autograd.
+        """
+        out, found = self._find_gather(ids)
+        hits = int(np.count_nonzero(found))
+        misses = ids.shape[0] - hits
+        call = CallStats(keys=ids.shape[0], hits=hits, misses=misses,
+                         defaults_served=misses)
+        self.last_call = call
+        self.counters.add_call(call)
+        return out
 
     def gather(self, slots: np.ndarray) -> torch.Tensor:
         """(u, dim) rows at ``slots``; the default vector where a slot is EMPTY."""
@@ -280,9 +307,8 @@ class DynamicTable:
         Returns:
             FindResult(values (n, dim), found (n,) bool); default vector where not found.
         """
-        ids = self.ids_of(keys).ids
-        slots = self.index.find(ids)
-        return FindResult(self.gather(slots), torch.from_numpy(slots != EMPTY))
+        values, found = self._find_gather(self.ids_of(keys).ids)
+        return FindResult(values, torch.from_numpy(found))
 
     def contains(self, keys) -> torch.Tensor:
         """(n,) bool, whether each key has a row."""
@@ -416,6 +442,30 @@ class DynamicTable:
         return TableExport(torch.from_numpy(ids), a.weights.index_select(0, slots),
                            a.state.index_select(0, slots), a.counts.index_select(0, slots),
                            a.last_step.index_select(0, slots))
+
+    def to_numpy(self) -> dict[str, np.ndarray]:
+        """Live rows as numpy arrays: ``id`` (r,), ``vector`` (r, dim), ``count`` (r,),
+        ``last_step`` (r,), and ``key`` (r,) object array of strings with the key log."""
+        export = self.export()
+        out = {"id": export.ids.numpy(), "vector": export.weights.numpy(),
+               "count": export.counts.numpy(), "last_step": export.last_step.numpy()}
+        if self.key_log is not None:
+            out["key"] = np.array(self.key_log.lookup(out["id"]), dtype=object)
+        return out
+
+    def to_pandas(self):
+        """Live rows as a pandas DataFrame, one row per key (needs pandas).
+
+        Columns: ``id``, ``key`` (with the key log), ``count``, ``last_step`` and ``vector``
+        (a (dim,) float32 array per row).
+        """
+        import pandas as pd  # optional dependency, only for this export
+
+        arrays = self.to_numpy()
+        vectors = arrays.pop("vector")
+        frame = pd.DataFrame(arrays)
+        frame["vector"] = list(vectors)
+        return frame
 
     def keys_of(self, ids) -> list[str | None]:
         """Original strings of ids from the key log (None where unknown).

@@ -1,0 +1,90 @@
+"""DynamicEmbeddingBag against torch.nn.EmbeddingBag with the same vectors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dynembed as de
+from dynembed.errors import KeyInputError, KeyValueError
+
+KEYS = torch.tensor([10, -3, 7, 2**40, 99])
+
+
+def _pair(mode):
+    bag = de.DynamicEmbeddingBag(dim=4, mode=mode, optimizer=de.optim.SGD(lr=0.5), seed=2)
+    ref = torch.nn.EmbeddingBag(len(KEYS), 4, mode=mode)
+    with torch.no_grad():
+        ref.weight.copy_(bag.table.find_or_insert(KEYS).values)
+    return bag, ref
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_forward_and_update_match_torch(mode):
+    bag, ref = _pair(mode)
+    idx = torch.tensor([0, 1, 1, 2, 4, 0, 3])
+    offsets = torch.tensor([0, 3, 3, 5])  # includes an empty bag
+    out = bag(KEYS[idx], offsets)
+    expected = ref(idx, offsets)
+    torch.testing.assert_close(out, expected)
+    target = torch.randn_like(out)
+    ((out - target) ** 2).sum().backward()
+    ((expected - target) ** 2).sum().backward()
+    with torch.no_grad():
+        ref.weight -= 0.5 * ref.weight.grad
+    torch.testing.assert_close(bag.table.find(KEYS).values, ref.weight)
+
+
+def test_per_sample_weights_match_torch():
+    bag, ref = _pair("sum")
+    idx = torch.tensor([0, 1, 2, 2])
+    offsets = torch.tensor([0, 2])
+    w = torch.tensor([0.5, 2.0, -1.0, 3.0], requires_grad=True)
+    out = bag(KEYS[idx], offsets, per_sample_weights=w)
+    torch.testing.assert_close(out, ref(idx, offsets, per_sample_weights=w))
+    out.sum().backward()
+    assert w.grad is not None and w.grad.abs().sum() > 0
+
+
+def test_input_forms_agree():
+    bag = de.DynamicEmbeddingBag(dim=3, mode="mean", seed=0)
+    lists = bag([["a", "b"], ["c"], []])
+    flat = bag(["a", "b", "c"], torch.tensor([0, 2, 3]))
+    last = bag(["a", "b", "c"], torch.tensor([0, 2, 3, 3]), include_last_offset=True)
+    torch.testing.assert_close(lists, flat)
+    torch.testing.assert_close(lists, last)
+    assert torch.equal(lists[2], torch.zeros(3))
+    fixed = bag(torch.tensor([[1, 2], [3, 4]]))
+    torch.testing.assert_close(fixed[0], bag([[1, 2]])[0])
+
+
+def test_only_empty_bags():
+    bag = de.DynamicEmbeddingBag(dim=3, mode="sum", optimizer=de.optim.SGD(lr=0.1))
+    out = bag([[], []])
+    assert out.shape == (2, 3) and torch.equal(out, torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("values, offsets, error, match", [
+    ([1, 2, 3], [1, 2], KeyValueError, "first offset"),
+    ([1, 2, 3], [0, 2, 1], KeyValueError, "non-decreasing"),
+    ([1, 2, 3], [0, 5], KeyValueError, "offsets"),
+    ([1, 2, 3], [[0, 1]], KeyValueError, "1-D"),
+    ([1, 2, 3], torch.tensor([0.0, 1.0]), KeyInputError, "integers"),
+    ([[[1]], [[2]]], None, KeyInputError, "nest"),
+    ([1, 2, 3], None, KeyInputError, "offsets"),
+])
+def test_bad_bags_raise_clear_errors(values, offsets, error, match):
+    bag = de.DynamicEmbeddingBag(dim=2, mode="sum")
+    with pytest.raises(error, match=match):
+        bag(values, offsets)
+
+
+def test_bad_per_sample_weights_and_mode():
+    bag = de.DynamicEmbeddingBag(dim=2, mode="mean")
+    with pytest.raises(ValueError, match="per_sample_weights"):
+        bag([[1, 2]], per_sample_weights=torch.ones(2))
+    bag = de.DynamicEmbeddingBag(dim=2, mode="sum")
+    with pytest.raises(ValueError, match="per_sample_weights"):
+        bag([[1, 2]], per_sample_weights=torch.ones(3))
+    with pytest.raises(ValueError, match="mode"):
+        de.DynamicEmbeddingBag(dim=2, mode="median")

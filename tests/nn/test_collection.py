@@ -1,0 +1,102 @@
+"""EmbeddingCollection: named features, shared tables, one fused lookup per table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dynembed as de
+from dynembed.errors import KeyInputError
+
+
+def _collection(optimizer=None):
+    opt = optimizer or de.optim.Adagrad(lr=0.1)
+    return de.EmbeddingCollection(
+        tables={"words": de.TableConfig(dim=4, optimizer=opt, seed=1),
+                "user": de.TableConfig(dim=3, optimizer=opt, seed=2)},
+        features={"title": de.FeatureConfig(table="words", pooling="sum"),
+                  "query": de.FeatureConfig(table="words", pooling="mean"),
+                  "user_id": "user"})
+
+
+BATCH = {"title": [["red", "shoe"], ["blue"]], "query": [["shoe"], ["red", "hat"]],
+         "user_id": [7, 8]}
+
+
+def test_dict_and_concat_outputs():
+    coll = _collection()
+    out = coll(BATCH)
+    assert list(out) == ["title", "query", "user_id"]
+    assert out["title"].shape == (2, 4) and out["user_id"].shape == (2, 3)
+    cat = coll(BATCH, concat=True)
+    assert cat.shape == (2, 11)
+    torch.testing.assert_close(cat, torch.cat(list(out.values()), dim=1))
+    assert coll.tables["words"].size() == 4 and coll.tables["user"].size() == 2
+
+
+def test_shared_table_is_looked_up_once_and_gradients_combine():
+    coll = _collection(de.optim.Adagrad(lr=0.1))
+    # Reference: the same rows through one DynamicEmbedding call per table.
+    words = de.DynamicEmbedding(dim=4, optimizer=de.optim.Adagrad(lr=0.1), seed=1)
+    users = de.DynamicEmbedding(dim=3, optimizer=de.optim.Adagrad(lr=0.1), seed=2)
+    out = coll(BATCH)
+    calls = coll.tables["words"].stats().totals.lookup_calls
+    assert calls == 1  # title and query in one call
+    loss = sum((v ** 2).sum() for v in out.values())
+    loss.backward()
+    w = words(["red", "shoe", "blue", "shoe", "red", "hat"])
+    u = users([7, 8])
+    title = torch.stack([w[0] + w[1], w[2]])
+    query = torch.stack([w[3], (w[4] + w[5]) / 2])
+    ((title ** 2).sum() + (query ** 2).sum() + (u ** 2).sum()).backward()
+    keys = ["red", "shoe", "blue", "hat"]
+    torch.testing.assert_close(coll.tables["words"].find(keys).values,
+                               words.table.find(keys).values)
+    torch.testing.assert_close(coll.tables["user"].find([7, 8]).values,
+                               users.table.find([7, 8]).values)
+
+
+def test_values_offsets_input_and_per_sample_weights():
+    coll = _collection()
+    a = coll({"title": (["red", "shoe", "blue"], torch.tensor([0, 2])),
+              "query": [["shoe"], ["red", "hat"]], "user_id": [7, 8]})
+    b = coll(BATCH)
+    torch.testing.assert_close(a["title"], b["title"])
+    weighted = coll(BATCH, per_sample_weights={"title": torch.tensor([2.0, 0.0, 1.0])})
+    torch.testing.assert_close(weighted["title"][0], 2 * coll.tables["words"].find(
+        ["red"]).values[0])
+
+
+def test_state_dict_round_trip():
+    coll = _collection()
+    coll(BATCH)["title"].sum().backward()
+    state = coll.state_dict()
+    assert "tables.words.weights" in state and "tables.user.ids" in state
+    other = _collection()
+    other.load_state_dict(state)
+    for name in ("words", "user"):
+        for x, y in zip(coll.tables[name].export(), other.tables[name].export()):
+            assert torch.equal(x, y)
+
+
+def test_errors():
+    coll = _collection()
+    with pytest.raises(KeyInputError, match="missing features"):
+        coll({"title": [["a"]]})
+    with pytest.raises(KeyInputError, match="unknown features"):
+        coll({**BATCH, "other": [1]})
+    with pytest.raises(KeyInputError, match="inputs\\['user_id'\\]"):
+        coll({**BATCH, "user_id": [1.5, 2.5]})
+    with pytest.raises(ValueError, match="concat"):
+        coll({**BATCH, "user_id": [7, 8, 9]}, concat=True)
+    with pytest.raises(ValueError, match="not in tables"):
+        de.EmbeddingCollection(tables={"a": de.TableConfig(dim=2)}, features={"f": "b"})
+    with pytest.raises(ValueError, match="pooling"):
+        de.FeatureConfig(table="a", pooling="median")
+    with pytest.raises(ValueError, match="table names"):
+        de.EmbeddingCollection(tables={"a.b": de.TableConfig(dim=2)})
+
+
+def test_default_features_one_per_table():
+    coll = de.EmbeddingCollection(tables={"item": de.TableConfig(dim=2)})
+    assert coll({"item": [1, 2, 3]})["item"].shape == (3, 2)

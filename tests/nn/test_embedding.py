@@ -1,0 +1,321 @@
+"""DynamicEmbedding: the user-facing module."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import dynembed as de
+from dynembed.errors import KeyInputError, KeyValueError, NonFiniteGradientError
+
+
+def test_issue_example_strings_then_ints():
+    emb = de.DynamicEmbedding(dim=64, optimizer=de.optim.Adagrad(lr=0.05))
+    v = emb(["cat", "dog", "cat"])
+    assert v.shape == (3, 64)
+    assert torch.equal(v[0], v[2]) and not torch.equal(v[0], v[1])
+    w = emb(torch.tensor([12, -7, 2**62]))
+    assert w.shape == (3, 64)
+    assert emb.table.size() == 5
+    loss = v.sum() + w.sum()
+    loss.backward()
+    assert emb.stats().totals.updated_rows == 5
+
+
+def test_output_is_dense_autograd_tensor_and_keeps_shape():
+    emb = de.DynamicEmbedding(dim=4, optimizer=de.optim.SGD(lr=0.1), seed=0)
+    ids = torch.tensor([[1, 2, 3], [3, 2, 1]])
+    out = emb(ids)
+    assert out.shape == (2, 3, 4) and out.requires_grad and out.layout == torch.strided
+    assert torch.equal(out[0, 0], out[1, 2])
+
+
+def test_backward_updates_only_touched_rows_with_combined_duplicates():
+    lr = 0.5
+    emb = de.DynamicEmbedding(dim=3, optimizer=de.optim.SGD(lr=lr), seed=0)
+    all_ids = torch.arange(10)
+    before = emb.table.find_or_insert(all_ids).values.clone()
+    batch = torch.tensor([2, 5, 2, 2])
+    weights = torch.tensor([[1.0], [2.0], [3.0], [4.0]])
+    (emb(batch) * weights).sum().backward()
+    after = emb.table.find(all_ids).values
+    untouched = [i for i in range(10) if i not in (2, 5)]
+    assert torch.equal(after[untouched], before[untouched])
+    torch.testing.assert_close(after[2], before[2] - lr * (1 + 3 + 4))
+    torch.testing.assert_close(after[5], before[5] - lr * 2)
+
+
+def test_same_seed_same_initial_vector_in_any_order_and_table():
+    a = de.DynamicEmbedding(dim=16, seed=42)
+    b = de.DynamicEmbedding(dim=16, seed=42)
+    c = de.DynamicEmbedding(dim=16, seed=43)
+    va = a(["x", "y", "z"])
+    vb = b(["z", "q", "y", "x"])
+    assert torch.equal(va[0], vb[3]) and torch.equal(va[2], vb[0])
+    assert not torch.equal(va[0], c(["x"])[0])
+
+
+def test_eval_mode_never_inserts_and_counts_defaults():
+    emb = de.DynamicEmbedding(dim=4, optimizer=de.optim.SGD(lr=0.1), default_value=0.5)
+    emb(["seen"])
+    emb.eval()
+    out = emb(["seen", "unseen", "unseen"])
+    assert emb.table.size() == 1
+    assert torch.equal(out[1], torch.full((4,), 0.5)) and torch.equal(out[1], out[2])
+    assert not out.requires_grad
+    stats = emb.stats()
+    assert stats.last_call.defaults_served == 2 and stats.last_call.hits == 1
+    assert stats.totals.defaults_served == 2
+
+
+def test_read_only_table_serves_and_refuses_writes():
+    emb = de.DynamicEmbedding(dim=4, read_only=True, default_value=[1.0, 2.0, 3.0, 4.0])
+    out = emb(["a", "b"])  # training mode, still no inserts
+    assert emb.table.size() == 0
+    assert torch.equal(out[0], torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    with pytest.raises(de.ReadOnlyTableError, match="read_only"):
+        emb.table.insert_or_assign(["a"], torch.zeros(1, 4))
+    with pytest.raises(de.ReadOnlyTableError):
+        emb.table.erase(["a"])
+
+
+def test_frozen_table_without_optimizer_gives_no_grad_output():
+    emb = de.DynamicEmbedding(dim=4)
+    out = emb([1, 2])
+    assert emb.table.size() == 2 and not out.requires_grad
+
+
+def test_deferred_mode_accumulates_until_sparse_step():
+    def make(mode):
+        return de.DynamicEmbedding(dim=4, optimizer=de.optim.Adagrad(lr=0.1), seed=7,
+                                   update_mode=mode)
+    fused, deferred = make("fused"), make("deferred")
+    micro = [torch.tensor([1, 2, 2]), torch.tensor([2, 3])]
+    target = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    # Fused on the whole batch == deferred over two micro-batches then one step.
+    (fused(torch.cat(micro)) * target).sum().backward()
+    (deferred(micro[0]) * target[:3]).sum().backward()
+    (deferred(micro[1]) * target[3:]).sum().backward()
+    before = deferred.table.find(torch.tensor([1, 2, 3])).values.clone()
+    assert deferred.table.has_pending_gradients
+    assert torch.equal(deferred.table.find(torch.tensor([1, 2, 3])).values, before)
+    de.sparse_step(deferred)
+    assert not deferred.table.has_pending_gradients
+    ids = torch.tensor([1, 2, 3])
+    torch.testing.assert_close(deferred.table.find(ids).values, fused.table.find(ids).values)
+
+
+def test_deferred_zero_grad_drops_pending():
+    emb = de.DynamicEmbedding(dim=2, optimizer=de.optim.SGD(lr=1.0), update_mode="deferred")
+    emb([1]).sum().backward()
+    before = emb.table.find([1]).values.clone()
+    de.sparse_zero_grad(emb)
+    de.sparse_step(emb)
+    assert torch.equal(emb.table.find([1]).values, before)
+
+
+def test_deferred_gradient_of_erased_key_is_skipped_and_counted():
+    emb = de.DynamicEmbedding(dim=2, optimizer=de.optim.SGD(lr=1.0), update_mode="deferred")
+    emb([1, 2]).sum().backward()
+    emb.table.erase([1])
+    emb.sparse_step()
+    assert emb.stats().totals.skipped_gradients == 1
+    assert emb.stats().totals.updated_rows == 1
+
+
+def test_fused_gradient_for_row_erased_and_reused_before_backward_is_skipped():
+    emb = de.DynamicEmbedding(dim=2, optimizer=de.optim.SGD(lr=1.0), seed=0)
+    out = emb([1])
+    emb.table.erase([1])
+    emb.table.find_or_insert([99])  # reuses the freed slot
+    before = emb.table.find([99]).values.clone()
+    out.sum().backward()
+    assert torch.equal(emb.table.find([99]).values, before)
+    assert emb.stats().totals.skipped_gradients == 1
+
+
+def _nan_loss(out):
+    return (out * torch.tensor([[1.0, 1.0], [math.nan, 1.0]])).sum()
+
+
+def test_nonfinite_gradient_raises_and_applies_nothing():
+    emb = de.DynamicEmbedding(dim=2, optimizer=de.optim.SGD(lr=1.0), seed=0)
+    before = emb.table.find_or_insert([1, 2]).values.clone()
+    with pytest.raises(NonFiniteGradientError, match="nonfinite_grads"):
+        _nan_loss(emb([1, 2])).backward()
+    assert torch.equal(emb.table.find([1, 2]).values, before)
+    assert emb.stats().totals.nonfinite_gradients == 1
+
+
+def test_nonfinite_gradient_skip_policy_counts_and_updates_the_rest():
+    emb = de.DynamicEmbedding(dim=2, optimizer=de.optim.SGD(lr=1.0), seed=0,
+                              nonfinite_grads="skip")
+    before = emb.table.find_or_insert([1, 2]).values.clone()
+    _nan_loss(emb([1, 2])).backward()
+    after = emb.table.find([1, 2]).values
+    assert torch.equal(after[1], before[1])
+    torch.testing.assert_close(after[0], before[0] - 1.0)
+    totals = emb.stats().totals
+    assert totals.skipped_gradients == 1 and totals.nonfinite_gradients == 1
+
+
+def test_stats_count_hits_misses_inserts_per_call_and_total():
+    emb = de.DynamicEmbedding(dim=2)
+    emb([1, 2, 2])
+    first = emb.stats().last_call
+    assert (first.keys, first.hits, first.misses, first.inserts) == (3, 0, 3, 2)
+    emb([2, 3])
+    s = emb.stats()
+    assert (s.last_call.hits, s.last_call.misses, s.last_call.inserts) == (1, 1, 1)
+    assert (s.totals.keys, s.totals.inserts, s.totals.lookup_calls) == (5, 3, 2)
+    assert s.rows == 3 and s.bytes_used > 3 * 8 and s.payload_bytes_per_row == 8
+
+
+def test_metadata_counts_and_last_step():
+    emb = de.DynamicEmbedding(dim=2)
+    emb([5, 5, 6])
+    emb([5])
+    export = emb.table.export()
+    by_id = dict(zip(export.ids.tolist(), zip(export.counts.tolist(),
+                                               export.last_step.tolist())))
+    assert by_id[5] == (3, 2) and by_id[6] == (1, 1)
+
+
+def test_state_dict_round_trip_through_torch_save_weights_only(tmp_path):
+    emb = de.DynamicEmbedding(dim=4, optimizer=de.optim.Adam(lr=0.01), key_log=True, seed=5)
+    for _ in range(3):
+        emb(["a", "b", "c"]).pow(2).sum().backward()
+    emb.table.erase(["b"])
+    path = tmp_path / "emb.pt"
+    torch.save(emb.state_dict(), path)
+    state = torch.load(path, weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    other = de.DynamicEmbedding(dim=4, optimizer=de.optim.Adam(lr=0.01), key_log=True)
+    other.load_state_dict(state)
+    a, b = emb.table.export(), other.table.export()
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    assert other.table.keys_of(b.ids) == emb.table.keys_of(a.ids)
+    # Training continues identically (Adam's step count and moments came along).
+    for m in (emb, other):
+        m(["a", "c"]).pow(2).sum().backward()
+    assert torch.equal(emb.table.find(["a", "c"]).values, other.table.find(["a", "c"]).values)
+
+
+def test_load_state_dict_with_wrong_dim_names_the_table():
+    emb = de.DynamicEmbedding(dim=4)
+    emb([1])
+    other = de.DynamicEmbedding(dim=8)
+    with pytest.raises(de.StateDictError, match="dim 4.*dim 8|dim=4"):
+        other.load_state_dict(emb.state_dict())
+
+
+def test_load_state_dict_with_other_optimizer_state_width():
+    emb = de.DynamicEmbedding(dim=4, optimizer=de.optim.Adam(lr=0.1))
+    emb([1])
+    other = de.DynamicEmbedding(dim=4, optimizer=de.optim.SGD(lr=0.1))
+    with pytest.raises(de.StateDictError, match="optimizer"):
+        other.load_state_dict(emb.state_dict())
+
+
+def test_empty_batch_and_one_key():
+    emb = de.DynamicEmbedding(dim=3, optimizer=de.optim.SGD(lr=0.1))
+    assert emb([]).shape == (0, 3)
+    assert emb(torch.empty(0, dtype=torch.int64)).shape == (0, 3)
+    out = emb(["solo"])
+    assert out.shape == (1, 3)
+    out.sum().backward()
+    emb.eval()
+    assert emb([]).shape == (0, 3)
+
+
+def test_int64_extremes_are_distinct_keys():
+    emb = de.DynamicEmbedding(dim=4, seed=1)
+    keys = torch.tensor([-2**63, 2**63 - 1, 0, -1, 1])
+    out = emb(keys)
+    assert emb.table.size() == 5
+    assert len({tuple(r.tolist()) for r in out}) == 5
+    assert torch.equal(emb.table.find(keys).values, out)
+
+
+def test_one_million_keys_in_one_batch():
+    emb = de.DynamicEmbedding(dim=4, optimizer=de.optim.SGD(lr=0.1), seed=0)
+    rng = np.random.default_rng(0)
+    keys = torch.from_numpy(rng.integers(-2**63, 2**63 - 1, size=1_000_000, dtype=np.int64))
+    out = emb(keys)
+    assert out.shape == (1_000_000, 4)
+    assert emb.table.size() == torch.unique(keys).numel()
+    out.sum().backward()
+    assert emb.stats().totals.updated_rows == emb.table.size()
+    again = emb.table.find(keys[:1000]).values
+    torch.testing.assert_close(again, out[:1000].detach() - 0.1)
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    ([1.5, 2.5], KeyInputError, "float"),
+    (torch.tensor([1.0, 2.0]), KeyInputError, "float"),
+    (np.array([0.5]), KeyInputError, "float"),
+    (["a", 1], KeyInputError, "mixed"),
+    ([1, "a"], KeyInputError, "mixed"),
+    ([None, "a"], KeyInputError, "None"),
+    (["a", None], KeyInputError, "None"),
+    ([[1, 2], [3]], KeyInputError, "nest"),
+    ([True, False], KeyInputError, "bool"),
+    ("cat", KeyInputError, "list of keys"),
+    ([2**63], KeyValueError, "int64"),
+    (np.array([2**63], dtype=np.uint64), KeyValueError, "int64"),
+    ({"a": 1}, KeyInputError, "container"),
+])
+def test_bad_keys_raise_clear_errors(bad, error, match):
+    emb = de.DynamicEmbedding(dim=2)
+    with pytest.raises(error, match=match) as info:
+        emb(bad)
+    assert "keys" in str(info.value)
+    assert emb.table.size() == 0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"dim": 0}, "dim"), ({"dim": 2.5}, "dim"), ({"dim": 4, "update_mode": "later"}, "update_mode"),
+    ({"dim": 4, "nonfinite_grads": "ignore"}, "nonfinite_grads"),
+    ({"dim": 4, "default_value": [1.0, 2.0]}, "default_value"),
+    ({"dim": 4, "seed": -1}, "seed"), ({"dim": 4, "hash_seed": 2**64}, "hash_seed"),
+    ({"dim": 4, "device": "cuda"}, "device"), ({"dim": 4, "initial_capacity": -5}, "initial_capacity"),
+])
+def test_bad_config_names_the_field(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        de.DynamicEmbedding(**kwargs)
+
+
+def test_torch_optimizer_passed_as_table_optimizer_is_refused():
+    with pytest.raises(TypeError, match="sparse optimizer"):
+        de.DynamicEmbedding(dim=4, optimizer=torch.optim.SGD)
+
+
+def test_module_inside_a_model_trains_with_dense_optimizer():
+    torch.manual_seed(0)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = de.DynamicEmbedding(dim=8, optimizer=de.optim.Adagrad(lr=0.2), seed=0)
+            self.head = torch.nn.Linear(8, 1)
+
+        def forward(self, keys):
+            return self.head(self.emb(keys)).squeeze(-1)
+
+    model = Model()
+    dense = torch.optim.SGD(model.parameters(), lr=0.1)
+    keys = [f"user{i}" for i in range(20)]
+    target = torch.tensor([float(i % 2) for i in range(20)])
+    losses = []
+    for _ in range(60):
+        dense.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(keys), target)
+        loss.backward()
+        dense.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.25 * losses[0]
+    assert list(dict(model.named_parameters())) == ["head.weight", "head.bias"]

@@ -1,0 +1,200 @@
+"""A dynamic table trains to the same weights as a static embedding with the same rule.
+
+torch's own sparse optimizers are the reference where torch has one (SGD, Adagrad,
+SparseAdam); for lazy momentum, row-wise Adagrad and FTRL the reference is the published
+formula applied with numpy to the rows each batch touches.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import dynembed as de
+
+VOCAB = 40
+DIM = 8
+STEPS = 40
+BATCH = 64
+
+
+def _vocab(seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-2**63, 2**63 - 1, (VOCAB,), generator=g, dtype=torch.int64)
+
+
+def _batches(seed: int = 1):
+    """Batches with many duplicate keys (40 ids, 64 draws) and per-step targets."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(STEPS):
+        # 64 draws over 40 ids: duplicates in every batch, and some rows left untouched.
+        idx = torch.randint(0, VOCAB, (BATCH,), generator=g)
+        yield idx, torch.randn(BATCH, DIM, generator=g)
+
+
+def _loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    # Non-linear, so gradients depend on the current weights.
+    return ((torch.tanh(out) - target) ** 2).sum()
+
+
+def _dynamic(optimizer) -> tuple[de.DynamicEmbedding, torch.Tensor]:
+    emb = de.DynamicEmbedding(dim=DIM, optimizer=optimizer, seed=3)
+    ids = _vocab()
+    with torch.no_grad():
+        emb(ids)  # insert every key so both sides start from the same vectors
+    return emb, ids
+
+
+def _train_dynamic(emb, ids) -> torch.Tensor:
+    for idx, target in _batches():
+        _loss(emb(ids[idx]), target).backward()
+    return emb.table.find(ids).values
+
+
+def _initial(emb, ids) -> torch.Tensor:
+    return emb.table.find(ids).values.clone()
+
+
+@pytest.mark.parametrize("name, ours, theirs", [
+    ("sgd", de.optim.SGD(lr=0.05), lambda p: torch.optim.SGD(p, lr=0.05)),
+    ("adagrad", de.optim.Adagrad(lr=0.1), lambda p: torch.optim.Adagrad(p, lr=0.1)),
+    ("adagrad-decay", de.optim.Adagrad(lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1),
+     lambda p: torch.optim.Adagrad(p, lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1)),
+    ("adam", de.optim.Adam(lr=0.01), lambda p: torch.optim.SparseAdam(p, lr=0.01)),
+    ("adam-betas", de.optim.Adam(lr=0.02, betas=(0.8, 0.99), eps=1e-6),
+     lambda p: torch.optim.SparseAdam(p, lr=0.02, betas=(0.8, 0.99), eps=1e-6)),
+])
+def test_matches_torch_sparse_optimizer(name, ours, theirs):
+    emb, ids = _dynamic(ours)
+    ref = torch.nn.Embedding(VOCAB, DIM, sparse=True)
+    with torch.no_grad():
+        ref.weight.copy_(_initial(emb, ids))
+    opt = theirs(ref.parameters())
+    for idx, target in _batches():
+        opt.zero_grad()
+        _loss(ref(idx), target).backward()
+        opt.step()
+    got = _train_dynamic(emb, ids)
+    assert not torch.equal(got, _initial(_dynamic(ours)[0], ids)), "training moved nothing"
+    torch.testing.assert_close(got, ref.weight.detach(), rtol=1e-4, atol=1e-5)
+
+
+def _reference_run(emb, ids, update) -> torch.Tensor:
+    """Trains a dense copy, applying ``update(w, state, rows, grad_rows)`` to touched rows."""
+    w = _initial(emb, ids).numpy().astype(np.float64)
+    state: dict = {}
+    for idx, target in _batches():
+        wt = torch.tensor(w, dtype=torch.float32, requires_grad=True)
+        _loss(wt[idx], target).backward()
+        rows = np.unique(idx.numpy())
+        update(w, state, rows, wt.grad.numpy()[rows].astype(np.float64))
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def test_sgd_momentum_matches_lazy_reference():
+    lr, mom = 0.05, 0.9
+
+    def update(w, state, rows, g):
+        buf = state.setdefault("buf", np.zeros_like(w))
+        buf[rows] = mom * buf[rows] + g
+        w[rows] -= lr * buf[rows]
+
+    emb, ids = _dynamic(de.optim.SGD(lr=lr, momentum=mom))
+    expected = _reference_run(emb, ids, update)
+    torch.testing.assert_close(_train_dynamic(emb, ids), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_nesterov_matches_lazy_reference():
+    lr, mom = 0.05, 0.5
+
+    def update(w, state, rows, g):
+        buf = state.setdefault("buf", np.zeros_like(w))
+        buf[rows] = mom * buf[rows] + g
+        w[rows] -= lr * (g + mom * buf[rows])
+
+    emb, ids = _dynamic(de.optim.SGD(lr=lr, momentum=mom, nesterov=True))
+    expected = _reference_run(emb, ids, update)
+    torch.testing.assert_close(_train_dynamic(emb, ids), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_rowwise_adagrad_matches_reference():
+    lr, eps = 0.1, 1e-8
+
+    def update(w, state, rows, g):
+        acc = state.setdefault("acc", np.zeros(w.shape[0]))
+        acc[rows] += (g ** 2).mean(axis=1)
+        w[rows] -= lr * g / (np.sqrt(acc[rows])[:, None] + eps)
+
+    emb, ids = _dynamic(de.optim.RowWiseAdagrad(lr=lr, eps=eps))
+    expected = _reference_run(emb, ids, update)
+    torch.testing.assert_close(_train_dynamic(emb, ids), expected, rtol=1e-4, atol=1e-5)
+    assert emb.table.arena.state_width == 1
+
+
+def test_ftrl_matches_reference():
+    alpha, beta, l1, l2, n0 = 0.1, 1.0, 0.001, 0.01, 0.1
+
+    def update(w, state, rows, g):
+        z = state.setdefault("z", np.zeros_like(w))
+        n = state.setdefault("n", np.full_like(w, n0))
+        n_new = n[rows] + g ** 2
+        sigma = (np.sqrt(n_new) - np.sqrt(n[rows])) / alpha
+        z[rows] += g - sigma * w[rows]
+        n[rows] = n_new
+        zr = z[rows]
+        w[rows] = np.where(np.abs(zr) <= l1, 0.0,
+                           -(zr - np.sign(zr) * l1) / ((beta + np.sqrt(n_new)) / alpha + l2))
+
+    emb, ids = _dynamic(de.optim.FTRL(lr=alpha, beta=beta, l1=l1, l2=l2,
+                                      initial_accumulator_value=n0))
+    expected = _reference_run(emb, ids, update)
+    torch.testing.assert_close(_train_dynamic(emb, ids), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_weight_decay_matches_torch_dense_sgd_on_touched_rows():
+    # torch's sparse SGD has no weight decay; the reference is g + wd * w on touched rows.
+    lr, wd = 0.05, 0.1
+
+    def update(w, state, rows, g):
+        w[rows] -= lr * (g + wd * w[rows])
+
+    emb, ids = _dynamic(de.optim.SGD(lr=lr, weight_decay=wd))
+    expected = _reference_run(emb, ids, update)
+    torch.testing.assert_close(_train_dynamic(emb, ids), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_max_grad_norm_clips_each_row():
+    lr, clip = 0.05, 0.01
+
+    def update(w, state, rows, g):
+        norms = np.linalg.norm(g, axis=1, keepdims=True)
+        g = np.where(norms > clip, g * clip / (norms + 1e-6), g)
+        w[rows] -= lr * g
+
+    emb, ids = _dynamic(de.optim.SGD(lr=lr, max_grad_norm=clip))
+    expected = _reference_run(emb, ids, update)
+    torch.testing.assert_close(_train_dynamic(emb, ids), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("lr", 0), ("lr", -1.0), ("lr", float("nan")), ("weight_decay", -0.1),
+    ("max_grad_norm", 0.0),
+])
+def test_bad_hyperparameters_name_the_field(field, value):
+    kwargs = {"lr": 0.1, field: value}
+    with pytest.raises(ValueError, match=field):
+        de.optim.SGD(**kwargs)
+
+
+def test_bad_optimizer_specific_fields():
+    with pytest.raises(ValueError, match="momentum"):
+        de.optim.SGD(lr=0.1, momentum=1.0)
+    with pytest.raises(ValueError, match="nesterov"):
+        de.optim.SGD(lr=0.1, nesterov=True)
+    with pytest.raises(ValueError, match="betas"):
+        de.optim.Adam(lr=0.1, betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="eps"):
+        de.optim.Adagrad(lr=0.1, eps=0)
+    with pytest.raises(ValueError, match="l1"):
+        de.optim.FTRL(lr=0.1, l1=-1)

@@ -1,0 +1,86 @@
+"""Initializers: distributions as defined, deterministic per (seed, key)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import dynembed as de
+
+N = 20_000
+
+
+def _init(initializer, dim=8, seed=0, ids=None):
+    table = de.DynamicTable(de.TableConfig(dim=dim, initializer=initializer, seed=seed))
+    ids = torch.arange(N) if ids is None else ids
+    return table.find_or_insert(ids).values.numpy().astype(np.float64)
+
+
+def test_zeros_and_constant():
+    assert np.all(_init(de.init.Zeros()) == 0)
+    assert np.all(_init(de.init.Constant(value=0.25)) == 0.25)
+
+
+def test_uniform_bounds_and_moments():
+    v = _init(de.init.Uniform(low=-0.5, high=1.5))
+    assert v.min() >= -0.5 and v.max() < 1.5
+    assert abs(v.mean() - 0.5) < 0.01
+    assert abs(v.var() - 4 / 12) < 0.01
+    d = _init(de.init.Uniform(), dim=16)
+    assert np.abs(d).max() <= 0.25 and d.max() > 0.24
+
+
+def test_normal_moments():
+    v = _init(de.init.Normal(mean=1.0, std=2.0))
+    assert abs(v.mean() - 1.0) < 0.03 and abs(v.std() - 2.0) < 0.03
+    # Normality: about 95.4% within 2 std.
+    assert abs(np.mean(np.abs(v - 1.0) < 4.0) - 0.9545) < 0.005
+
+
+def test_truncated_normal_stays_in_bounds_with_the_right_spread():
+    v = _init(de.init.TruncatedNormal(mean=0.0, std=1.0, a=-1.0, b=2.0))
+    assert v.min() >= -1.0 and v.max() <= 2.0
+    # Mean of N(0,1) truncated to [-1, 2]: (phi(-1) - phi(2)) / (Phi(2) - Phi(-1)) = 0.2288
+    assert abs(v.mean() - 0.2288) < 0.02
+
+
+def test_same_seed_and_key_give_same_vector_regardless_of_batch():
+    ids = torch.tensor([5, -9, 2**62])
+    a = _init(de.init.Normal(), ids=ids, seed=11)
+    b = _init(de.init.Normal(), ids=torch.tensor([2**62, 0, 5, 77, -9]), seed=11)
+    assert np.array_equal(a[0], b[2]) and np.array_equal(a[1], b[4]) and np.array_equal(a[2], b[0])
+    c = _init(de.init.Normal(), ids=ids, seed=12)
+    assert not np.array_equal(a, c)
+
+
+def test_same_vector_in_another_process():
+    code = ("import dynembed as de, torch;"
+            "t = de.DynamicTable(de.TableConfig(dim=4, seed=3, initializer=de.init.Normal()));"
+            "print(t.find_or_insert(['cat', 'dog']).values.numpy().tobytes().hex())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, check=True).stdout.strip()
+    here = de.DynamicTable(de.TableConfig(dim=4, seed=3, initializer=de.init.Normal()))
+    assert out == here.find_or_insert(["cat", "dog"]).values.numpy().tobytes().hex()
+
+
+def test_seed_none_draws_from_torch_generator():
+    torch.manual_seed(123)
+    a = de.DynamicTable(de.TableConfig(dim=4)).find_or_insert([1]).values
+    torch.manual_seed(123)
+    b = de.DynamicTable(de.TableConfig(dim=4)).find_or_insert([1]).values
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: de.init.Uniform(low=1.0, high=0.0), "low"),
+    (lambda: de.init.Normal(std=0.0), "std"),
+    (lambda: de.init.TruncatedNormal(a=1.0, b=-1.0), "a must be"),
+    (lambda: de.init.Constant(value=float("inf")), "value"),
+])
+def test_bad_parameters(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
