@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dynembed.errors import KeyInputError, KeyValueError
+from dynembed.errors import DynembedError, KeyInputError, KeyValueError
 from dynembed.keys.hashing import DEFAULT_HASH_SEED, hash_bytes, hash_strings
 
 INT_KEYS = "int"
@@ -67,10 +67,14 @@ def _check_int_array(arr: np.ndarray, arg: str) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.int64).reshape(-1)
 
 
-def _describe_mixed(seq: Sequence, first: type, arg: str) -> KeyInputError:
+_OUT_OF_RANGE = ("an int key is outside the int64 range [-2**63, 2**63 - 1]; hash larger "
+                 "numbers, or pass them as str")
+
+
+def _describe_mixed(seq: Sequence, first: type, arg: str) -> DynembedError:
     """Error for a list whose elements are not all of the first element's key type."""
-    families = {str: (str,), bytes: (bytes, bytearray), int: (int, np.integer)}
-    allowed = next((v for k, v in families.items() if issubclass(first, v)), (first,))
+    families = ((str,), (bytes, bytearray), (int, np.integer))
+    allowed = next((f for f in families if issubclass(first, f)), (first,))
     for i, x in enumerate(seq):  # error path only
         if x is None:
             return KeyInputError(f"{arg}: item {i} is None; None is not a key. Drop missing "
@@ -79,10 +83,15 @@ def _describe_mixed(seq: Sequence, first: type, arg: str) -> KeyInputError:
             return KeyInputError(f"{arg}: item {i} is a {type(x).__name__}; nesting is deeper "
                                  "than allowed here. Pass a flat sequence of keys, or use "
                                  "DynamicEmbeddingBag / (values, offsets) for bags of keys.")
-        if isinstance(x, float):
+        if isinstance(x, (float, np.floating)):
             return KeyInputError(f"{arg}: item {i} is the float {x!r}; keys must be int64 ids, "
                                  "str or bytes.")
-        if isinstance(x, bool) or not isinstance(x, allowed):
+        if isinstance(x, (bool, np.bool_)):
+            return KeyInputError(f"{arg}: item {i} is the bool {x!r}; keys must be int64 ids, "
+                                 "str or bytes. Convert flags to ints first if they are ids.")
+        if isinstance(x, int) and not -2**63 <= x <= _INT64_MAX:
+            return KeyValueError(f"{arg}: item {i}: {_OUT_OF_RANGE}.")
+        if not isinstance(x, allowed):
             return KeyInputError(
                 f"{arg}: mixed key types: item 0 is {first.__name__} but item {i} is "
                 f"{type(x).__name__}. A batch must be all str/bytes or all int ids; "
@@ -102,24 +111,17 @@ def _from_list(seq: Sequence, arg: str, hash_seed: int) -> KeyBatch:
             return KeyBatch(hash_bytes(seq, hash_seed), (n,), STR_KEYS, seq)
     except TypeError:
         raise _describe_mixed(seq, first, arg) from None
-    if issubclass(first, (int, np.integer)) and not issubclass(first, bool):
-        try:
-            arr = np.array(seq)
-        except (ValueError, OverflowError):
-            raise _describe_mixed(seq, first, arg) from None
-        if arr.dtype == object:
-            if any(isinstance(x, int) and not -2**63 <= x <= _INT64_MAX for x in seq):
-                raise KeyValueError(f"{arg}: an int key is outside the int64 range "
-                                    "[-2**63, 2**63 - 1]; hash larger numbers, or pass them "
-                                    "as str.")
-            raise _describe_mixed(seq, first, arg)
-        if arr.ndim != 1 or arr.dtype.kind not in "iu":
-            raise _describe_mixed(seq, first, arg)
-        return KeyBatch(_check_int_array(arr, arg), (n,), INT_KEYS)
-    raise _describe_mixed(seq, first, arg) if first is not type(None) and issubclass(
-        first, (list, tuple, np.ndarray, torch.Tensor, float, bool)) else KeyInputError(
-        f"{arg}: item 0 is {'None' if seq[0] is None else type(seq[0]).__name__}, which is "
-        f"not a key; expected {_ACCEPTED}")
+    if not issubclass(first, (int, np.integer)) or issubclass(first, bool):
+        raise _describe_mixed(seq, first, arg)
+    try:
+        arr = np.array(seq)
+    except (ValueError, OverflowError, TypeError):
+        raise _describe_mixed(seq, first, arg) from None
+    # numpy turns True into 1 when ints come first: look for bools explicitly (C-level scan).
+    if arr.dtype.kind not in "iu" or arr.ndim != 1 or not {bool, np.bool_}.isdisjoint(
+            map(type, seq)):
+        raise _describe_mixed(seq, first, arg)
+    return KeyBatch(_check_int_array(arr, arg), (n,), INT_KEYS)
 
 
 def to_key_batch(keys, *, hash_seed: int = DEFAULT_HASH_SEED, arg: str = "keys") -> KeyBatch:
@@ -145,7 +147,10 @@ def to_key_batch(keys, *, hash_seed: int = DEFAULT_HASH_SEED, arg: str = "keys")
                                 "tensor (int64 ids), or str/bytes. Use tensor.long() if the "
                                 "values are ids.")
         shape = tuple(keys.shape)
-        ids = keys.detach().to("cpu", torch.int64).contiguous().reshape(-1).numpy()
+        if keys.dtype == torch.uint64:  # numpy's check catches values above int64's range
+            ids = _check_int_array(keys.detach().cpu().numpy(), arg)
+        else:
+            ids = keys.detach().to("cpu", torch.int64).contiguous().reshape(-1).numpy()
         return KeyBatch(ids, shape, INT_KEYS if ids.size else NO_KEYS)
     if isinstance(keys, np.ndarray):
         if keys.dtype.kind in "USO":
@@ -206,8 +211,10 @@ def validate_offsets(offsets, n: int, *, include_last_offset: bool = False,
         bounds = arr
     else:
         bounds = np.append(arr, n)
-    if bounds.size > 1 and bounds[0] != 0:
-        raise KeyValueError(f"{arg}: the first offset must be 0, got {int(bounds[0])}")
+    if bounds[0] != 0:
+        # Also catches empty offsets with values present, which would drop every value.
+        raise KeyValueError(f"{arg}: the first offset must be 0 (the first bag starts at the "
+                            f"first value), got {int(bounds[0])}")
     steps = np.diff(bounds)
     if steps.size and steps.min() < 0:
         bad = int(np.argmax(steps < 0))

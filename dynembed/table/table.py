@@ -35,6 +35,18 @@ logger = logging.getLogger(__name__)
 _STATE_VERSION = 1
 
 
+def _last_occurrence(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct ids and, for each, the position of its last occurrence in ``ids``.
+
+    Writes with duplicate keys must be deterministic ("the last one wins"); torch's
+    ``index_put_`` with repeated indices is not.
+    """
+    unique, inverse, _ = unique_inverse(ids)
+    last = np.empty(unique.shape[0], dtype=np.int64)
+    last[inverse] = np.arange(ids.shape[0])  # numpy assigns repeated indices in order
+    return unique, last
+
+
 class DynamicTable:
     """A growable map from int64 ids to trainable rows.
 
@@ -351,22 +363,23 @@ class DynamicTable:
         """
         self._check_writable("insert_or_assign")
         batch = self.ids_of(keys)
-        values = self._check_rows("values", values, batch.ids.shape[0], self.dim)
-        slots = self.index.find(batch.ids)
-        missing = slots == EMPTY
-        if missing.any():
-            unique, inverse, _ = unique_inverse(batch.ids[missing])
-            new_slots = self.index.find(unique)
-            self._allocate(unique, new_slots, unique.shape[0])
-            slots[missing] = new_slots[inverse]
-            self.counters.inserts += unique.shape[0]
+        n = batch.ids.shape[0]
+        values = self._check_rows("values", values, n, self.dim)
+        if optimizer_state is not None:
+            optimizer_state = self._check_rows("optimizer_state", optimizer_state, n,
+                                               self.arena.state_width)
+        unique, last = _last_occurrence(batch.ids)
+        slots = self.index.find(unique)
+        missing = int(np.count_nonzero(slots == EMPTY))
+        if missing:
+            self._allocate(unique, slots, missing)
+            self.counters.inserts += missing
             if self.key_log is not None and batch.strings is not None:
                 self.key_log.add(batch.ids, batch.strings)
-        self.arena.weights[torch.from_numpy(slots)] = values
+        rows, pick = torch.from_numpy(slots), torch.from_numpy(last)
+        self.arena.weights[rows] = values[pick]
         if optimizer_state is not None:
-            state = self._check_rows("optimizer_state", optimizer_state, slots.shape[0],
-                                     self.arena.state_width)
-            self.arena.state[torch.from_numpy(slots)] = state
+            self.arena.state[rows] = optimizer_state[pick]
 
     def assign(self, keys, values: torch.Tensor) -> torch.Tensor:
         """Overwrites the vectors of keys that have rows; others are left absent.
@@ -380,10 +393,11 @@ class DynamicTable:
         self._check_writable("assign")
         ids = self.ids_of(keys).ids
         values = self._check_rows("values", values, ids.shape[0], self.dim)
-        slots = self.index.find(ids)
-        found = slots != EMPTY
-        self.arena.weights[torch.from_numpy(slots[found])] = values[torch.from_numpy(found)]
-        return torch.from_numpy(found)
+        unique, last = _last_occurrence(ids)
+        slots = self.index.find(unique)
+        hit = slots != EMPTY
+        self.arena.weights[torch.from_numpy(slots[hit])] = values[torch.from_numpy(last[hit])]
+        return torch.from_numpy(self.index.find(ids) != EMPTY)
 
     def erase(self, keys) -> int:
         """Removes the rows of keys; their slots are reused by later inserts.

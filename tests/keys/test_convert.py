@@ -1,0 +1,427 @@
+"""Key conversion: every accepted input form, int64 extremes, and the documented errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import dynembed as de
+from dynembed.errors import DynembedError, KeyInputError, KeyValueError
+from dynembed.keys import hash_bytes, hash_strings, to_jagged, to_key_batch
+
+EXTREMES = [-2**63, 2**63 - 1, 0, -1]
+ARG = "item_ids"  # a distinctive argument name that every error message must carry
+
+
+def ids_of(keys, **kw):
+    return to_key_batch(keys, **kw).ids.tolist()
+
+
+# ----------------------------------------------------------------------------- accepted forms
+def test_error_classes():
+    assert issubclass(KeyInputError, TypeError) and issubclass(KeyInputError, DynembedError)
+    assert issubclass(KeyValueError, ValueError) and issubclass(KeyValueError, DynembedError)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.int8,
+                                   torch.uint8])
+def test_torch_integer_tensor_1d(dtype):
+    keys = torch.tensor([3, 1, 4, 1, 5], dtype=dtype)
+    batch = to_key_batch(keys)
+    assert batch.ids.dtype == np.int64
+    assert batch.ids.tolist() == [3, 1, 4, 1, 5]
+    assert batch.shape == (5,)
+    assert batch.kind == "int"
+    assert batch.strings is None
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_torch_integer_tensor_2d_keeps_shape(dtype):
+    keys = torch.arange(12, dtype=dtype).reshape(3, 4) - 6
+    batch = to_key_batch(keys)
+    assert batch.shape == (3, 4)
+    assert batch.ids.tolist() == list(range(-6, 6))
+
+
+def test_torch_non_contiguous_and_3d():
+    base = torch.arange(6, dtype=torch.int64).reshape(2, 3)
+    batch = to_key_batch(base.t())  # (3, 2), not contiguous
+    assert batch.shape == (3, 2)
+    assert batch.ids.tolist() == base.t().reshape(-1).tolist() == [0, 3, 1, 4, 2, 5]
+    cube = torch.arange(24, dtype=torch.int32).reshape(2, 3, 4)
+    batch = to_key_batch(cube)
+    assert batch.shape == (2, 3, 4) and batch.ids.tolist() == list(range(24))
+
+
+def test_torch_empty_int_tensor():
+    batch = to_key_batch(torch.empty(0, dtype=torch.int64))
+    assert batch.ids.shape == (0,) and batch.ids.dtype == np.int64
+    assert batch.kind == "empty"
+    batch = to_key_batch(torch.empty((2, 0), dtype=torch.int64))
+    assert batch.shape == (2, 0) and batch.ids.shape == (0,)
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.int16, np.int8, np.uint8,
+                                   np.uint16, np.uint32, np.uint64])
+def test_numpy_integer_arrays(dtype):
+    keys = np.array([7, 0, 9, 7], dtype=dtype)
+    batch = to_key_batch(keys)
+    assert batch.ids.dtype == np.int64
+    assert batch.ids.tolist() == [7, 0, 9, 7]
+    assert batch.shape == (4,) and batch.kind == "int"
+
+
+def test_numpy_2d_and_non_contiguous():
+    keys = np.arange(12, dtype=np.int32).reshape(3, 4)
+    batch = to_key_batch(keys)
+    assert batch.shape == (3, 4) and batch.ids.tolist() == list(range(12))
+    sliced = np.arange(20, dtype=np.int64)[::3]
+    assert ids_of(sliced) == list(range(0, 20, 3))
+    batch = to_key_batch(keys.T)
+    assert batch.shape == (4, 3) and batch.ids.tolist() == keys.T.reshape(-1).tolist()
+
+
+def test_numpy_uint64_within_range():
+    keys = np.array([0, 2**63 - 1], dtype=np.uint64)
+    assert ids_of(keys) == [0, 2**63 - 1]
+
+
+STRS = ["cat", "dog", "", "é", "日本", "cat"]
+
+
+def test_list_of_str():
+    batch = to_key_batch(STRS, hash_seed=5)
+    assert batch.ids.tolist() == hash_strings(STRS, 5).tolist()
+    assert batch.shape == (6,) and batch.kind == "str"
+    assert list(batch.strings) == STRS
+    assert batch.ids[0] == batch.ids[5]
+    assert len(set(batch.ids.tolist())) == 5
+
+
+def test_list_and_tuple_of_bytes():
+    raw = [s.encode() for s in STRS]
+    expected = hash_strings(STRS, 5).tolist()
+    for keys in (raw, tuple(raw), [bytearray(b) for b in raw]):
+        batch = to_key_batch(keys, hash_seed=5)
+        assert batch.ids.tolist() == expected
+        assert batch.kind == "str" and batch.shape == (6,)
+    assert ids_of([b"\x00\xff", b"\xff"], hash_seed=1) == hash_bytes([b"\x00\xff", b"\xff"],
+                                                                    1).tolist()
+
+
+def test_list_and_tuple_of_int():
+    keys = [5, -3, 0, 5, 2**40]
+    for form in (keys, tuple(keys), [np.int64(k) for k in keys], [np.int32(5), 7]):
+        batch = to_key_batch(form)
+        assert batch.ids.dtype == np.int64
+        assert batch.ids.tolist() == [int(k) for k in form]
+        assert batch.shape == (len(form),) and batch.kind == "int"
+
+
+def test_numpy_str_and_bytes_arrays():
+    expected = hash_strings(STRS, 3).tolist()
+    assert ids_of(np.array(STRS), hash_seed=3) == expected
+    assert ids_of(np.array(STRS, dtype=object), hash_seed=3) == expected
+    raw = [s.encode() for s in STRS]
+    assert ids_of(np.array(raw, dtype=object), hash_seed=3) == expected
+    # Fixed-width bytes arrays ('S'): numpy itself strips trailing NULs, so use keys without.
+    ascii_keys = ["a", "bb", "", "ccc"]
+    assert ids_of(np.array([k.encode() for k in ascii_keys]), hash_seed=3) == \
+        hash_strings(ascii_keys, 3).tolist()
+    batch = to_key_batch(np.array(STRS))
+    assert batch.kind == "str" and batch.shape == (6,)
+
+
+def test_numpy_object_int_array():
+    keys = np.array([1, -2, 2**63 - 1], dtype=object)
+    assert ids_of(keys) == [1, -2, 2**63 - 1]
+
+
+def test_empty_inputs():
+    for keys in ([], (), np.array([], dtype=np.int64), np.array([], dtype=str)):
+        batch = to_key_batch(keys)
+        assert batch.ids.shape == (0,) and batch.ids.dtype == np.int64
+        assert batch.kind == "empty"
+
+
+def test_pandas_series_and_index():
+    pd = pytest.importorskip("pandas")
+    assert ids_of(pd.Series([4, 5, 6])) == [4, 5, 6]
+    assert ids_of(pd.Series(np.array([4, 5], dtype=np.int32))) == [4, 5]
+    assert ids_of(pd.Series(STRS), hash_seed=2) == hash_strings(STRS, 2).tolist()
+    assert ids_of(pd.Index(STRS), hash_seed=2) == hash_strings(STRS, 2).tolist()
+    assert to_key_batch(pd.Series([1, 2])).shape == (2,)
+    with pytest.raises(KeyInputError, match=ARG):
+        to_key_batch(pd.Series([1.5, 2.0]), arg=ARG)
+
+
+@pytest.mark.parametrize("form", ["list", "tuple", "numpy", "torch", "object"])
+def test_int64_extremes_round_trip(form):
+    make = {"list": list, "tuple": tuple, "numpy": lambda x: np.array(x, dtype=np.int64),
+            "torch": lambda x: torch.tensor(x, dtype=torch.int64),
+            "object": lambda x: np.array(x, dtype=object)}[form]
+    batch = to_key_batch(make(EXTREMES))
+    assert batch.ids.dtype == np.int64
+    assert batch.ids.tolist() == EXTREMES
+
+
+def test_extremes_through_a_table():
+    table = de.DynamicTable(de.TableConfig(dim=2, seed=0))
+    values = torch.arange(8, dtype=torch.float32).reshape(4, 2)
+    table.insert_or_assign(EXTREMES, values)
+    assert sorted(table.export().ids.tolist()) == sorted(EXTREMES)
+    result = table.find(torch.tensor(EXTREMES))
+    assert result.found.all()
+    assert torch.equal(result.values, values)
+
+
+# ----------------------------------------------------------------------------- bad inputs
+def raises(exc, keys, what=None):
+    pattern = ARG if what is None else f"{ARG}.*{what}"
+    with pytest.raises(exc, match=pattern):
+        to_key_batch(keys, arg=ARG)
+
+
+@pytest.mark.parametrize("keys", [
+    [1.0, 2.0], [1, 2.5], [1, 2.0], (0.5,), [np.float32(1.0)], [np.float64(1.0), 2],
+    torch.tensor([1.0, 2.0]), torch.tensor([1.0], dtype=torch.float64),
+    torch.tensor([1.0], dtype=torch.float16), torch.tensor([1 + 2j]),
+    np.array([1.0, 2.0]), np.array([1.0], dtype=np.float32), np.array([], dtype=np.float64),
+    np.array([[1.0]]), np.array([1 + 2j]),
+], ids=repr)
+def test_float_keys_raise(keys):
+    raises(KeyInputError, keys)
+
+
+def test_float_message_is_helpful():
+    raises(KeyInputError, [1, 2.5], "float")
+    raises(KeyInputError, torch.tensor([1.0]), "float32")
+    raises(KeyInputError, np.array([1.0]), "float64")
+
+
+@pytest.mark.parametrize("keys", [
+    [True, False], [True], [np.True_], np.array([True, False]), torch.tensor([True]),
+], ids=repr)
+def test_bool_keys_raise(keys):
+    raises(KeyInputError, keys, "bool")
+
+
+@pytest.mark.parametrize("keys", [[1, True], [5, 6, False], [1, np.True_]], ids=repr)
+def test_bool_after_int_raises(keys):
+    # Documented: bool keys raise KeyInputError. A bool after the first int key must not be
+    # silently taken as the id 0 or 1.
+    raises(KeyInputError, keys, "bool")
+
+
+@pytest.mark.parametrize("keys", [[None], [None, 1], [1, None], ["a", None], [b"a", None],
+                                  [None, "a"], (1, 2, None)], ids=repr)
+def test_none_in_a_list_raises(keys):
+    raises(KeyInputError, keys, "None")
+
+
+@pytest.mark.parametrize("keys", [
+    ["a", 1], [1, "a"], ["a", "b", 3], [1, 2, "c"], [b"a", 1], [1, b"a"],
+    np.array(["a", 1], dtype=object), np.array([1, "a"], dtype=object),
+    ["a", np.int64(1)], [np.int64(1), "a"],
+], ids=repr)
+def test_mixed_str_and_int_raise(keys):
+    raises(KeyInputError, keys)
+
+
+def test_mixed_message_names_both_types():
+    raises(KeyInputError, ["a", 1], "str.*int")
+    raises(KeyInputError, [1, "a"], "int.*str")
+
+
+@pytest.mark.parametrize("keys", [
+    [[1, 2], [3]], [1, [2]], [["a"], ["b"]], [(1, 2)], [np.array([1])],
+    [torch.tensor([1])], [[]],
+], ids=repr)
+def test_nested_lists_as_flat_keys_raise(keys):
+    raises(KeyInputError, keys)
+
+
+@pytest.mark.parametrize("keys", ["cat", "", b"cat", bytearray(b"cat")], ids=repr)
+def test_single_string_raises(keys):
+    raises(KeyInputError, keys, "single")
+
+
+@pytest.mark.parametrize("keys", [{1, 2}, {1: 2}, iter([1, 2]), 5, 2.0, None, object()],
+                         ids=lambda k: type(k).__name__)
+def test_unsupported_containers_raise(keys):
+    raises(KeyInputError, keys)
+
+
+def test_multidimensional_string_arrays_raise():
+    raises(KeyInputError, np.array([["a", "b"]]))
+    raises(KeyInputError, np.array([[b"a"]]))
+
+
+@pytest.mark.parametrize("keys", [[2**63], [-2**63 - 1], [2**64], [2**100], [-2**64],
+                                  np.array([2**64], dtype=object)], ids=repr)
+def test_out_of_range_python_ints_raise(keys):
+    raises(KeyValueError, keys, "int64")
+
+
+@pytest.mark.parametrize("keys", [[0, 2**63], [2**63, -1], [1, 2, -2**63 - 1],
+                                  [-1, 2**64]], ids=repr)
+def test_out_of_range_int_among_valid_ints_raises_key_value_error(keys):
+    # Documented: "KeyValueError (a ValueError): an integer outside the int64 range".
+    raises(KeyValueError, keys, "int64")
+
+
+@pytest.mark.parametrize("keys", [
+    np.array([2**63], dtype=np.uint64), np.array([0, 2**64 - 1], dtype=np.uint64),
+    np.array([[1], [2**63 + 5]], dtype=np.uint64), [np.uint64(2**63)],
+], ids=repr)
+def test_uint64_numpy_beyond_int64_raises(keys):
+    raises(KeyValueError, keys, "int64")
+
+
+def test_uint64_torch_tensor_beyond_int64_raises():
+    # The same rule as numpy uint64 arrays: values above 2**63 - 1 must not wrap silently.
+    keys = torch.tensor([0, 2**64 - 1], dtype=torch.uint64)
+    raises(KeyValueError, keys, "int64")
+
+
+def test_errors_name_the_default_argument_and_table_arguments():
+    with pytest.raises(KeyInputError, match="^keys"):
+        to_key_batch([1.5])
+    table = de.DynamicTable(de.TableConfig(dim=2, seed=0))
+    with pytest.raises(KeyInputError, match="keys"):
+        table.find([1.5])
+    with pytest.raises(KeyValueError, match="keys"):
+        table.find_or_insert([2**64])
+
+
+# ----------------------------------------------------------------------------- to_jagged
+def jag(values, offsets=None, **kw):
+    batch, bounds = to_jagged(values, offsets, **kw)
+    assert bounds.dtype == np.int64
+    return batch.ids.tolist(), bounds.tolist()
+
+
+def test_jagged_list_of_lists():
+    assert jag([[1, 2], [3], [4, 5, 6]]) == ([1, 2, 3, 4, 5, 6], [0, 2, 3, 6])
+    assert jag(((1,), (2, 3))) == ([1, 2, 3], [0, 1, 3])
+    assert jag([np.array([1, 2]), np.array([3])]) == ([1, 2, 3], [0, 2, 3])
+    assert jag([torch.tensor([1, 2]), torch.tensor([3])]) == ([1, 2, 3], [0, 2, 3])
+    ids, bounds = jag([["a", "b"], ["c"]], hash_seed=9)
+    assert ids == hash_strings(["a", "b", "c"], 9).tolist() and bounds == [0, 2, 3]
+    ids, bounds = jag([[b"a"], [b"b", b"c"]], hash_seed=9)
+    assert ids == hash_strings(["a", "b", "c"], 9).tolist() and bounds == [0, 1, 3]
+
+
+def test_jagged_empty_bags():
+    assert jag([[], [1], [], [2, 3], []]) == ([1, 2, 3], [0, 0, 1, 1, 3, 3])
+    assert jag([[], []]) == ([], [0, 0, 0])
+    assert jag([]) == ([], [0])
+    assert jag([["a"], []])[1] == [0, 1, 1]
+    assert jag([torch.tensor([], dtype=torch.int64), torch.tensor([7])]) == ([7], [0, 0, 1])
+    assert jag([1, 2], [0, 0, 2, 2]) == ([1, 2], [0, 0, 2, 2, 2])
+    assert jag([], [0, 0]) == ([], [0, 0, 0])
+
+
+@pytest.mark.parametrize("make", [list, np.array, torch.tensor], ids=["list", "numpy", "torch"])
+def test_jagged_values_and_offsets(make):
+    values = make([10, 11, 12, 13, 14])
+    assert jag(values, make([0, 2, 2, 4])) == ([10, 11, 12, 13, 14], [0, 2, 2, 4, 5])
+    assert jag(values, make([0, 2, 2, 4, 5]), include_last_offset=True) == (
+        [10, 11, 12, 13, 14], [0, 2, 2, 4, 5])
+    assert jag(values, make([0])) == ([10, 11, 12, 13, 14], [0, 5])
+    assert jag(values, make([0, 5]), include_last_offset=True)[1] == [0, 5]
+
+
+def test_jagged_string_values_with_offsets():
+    ids, bounds = jag(["a", "b", "c"], [0, 1], hash_seed=4)
+    assert ids == hash_strings(["a", "b", "c"], 4).tolist() and bounds == [0, 1, 3]
+    ids, bounds = jag(np.array(["a", "b", "c"]), torch.tensor([0, 2, 3]),
+                      include_last_offset=True, hash_seed=4)
+    assert ids == hash_strings(["a", "b", "c"], 4).tolist() and bounds == [0, 2, 3]
+
+
+@pytest.mark.parametrize("make", [np.array, torch.tensor], ids=["numpy", "torch"])
+def test_jagged_2d_array(make):
+    batch, bounds = to_jagged(make([[1, 2, 3], [4, 5, 6]]))
+    assert batch.ids.tolist() == [1, 2, 3, 4, 5, 6]
+    assert bounds.tolist() == [0, 3, 6]
+    batch, bounds = to_jagged(torch.empty((3, 0), dtype=torch.int64))
+    assert batch.ids.tolist() == [] and bounds.tolist() == [0, 0, 0, 0]
+
+
+def test_jagged_extremes():
+    assert jag([EXTREMES, []]) == (EXTREMES, [0, 4, 4])
+
+
+def jag_raises(exc, pattern, values, offsets=None, **kw):
+    with pytest.raises(exc, match=pattern):
+        to_jagged(values, offsets, **kw)
+
+
+@pytest.mark.parametrize("offsets", [[1], [1, 2], np.array([2]), torch.tensor([1, 3]), [-1, 0]],
+                         ids=repr)
+def test_offsets_not_starting_at_zero(offsets):
+    jag_raises(KeyValueError, "offsets.*first offset must be 0", [1, 2, 3], offsets)
+
+
+@pytest.mark.parametrize("offsets", [[0, 2, 1], [0, 3, 2, 3], torch.tensor([0, 1, 0]),
+                                     [0, -1]], ids=repr)
+def test_decreasing_offsets(offsets):
+    jag_raises(KeyValueError, "offsets.*non-decreasing", [1, 2, 3], offsets)
+
+
+@pytest.mark.parametrize("offsets", [[0, 4], [0, 1, 100], np.array([0, 3, 4])], ids=repr)
+def test_offsets_past_the_end(offsets):
+    jag_raises(KeyValueError, "offsets", [1, 2, 3], offsets)
+
+
+def test_offsets_past_the_end_with_include_last_offset():
+    jag_raises(KeyValueError, "offsets.*last offset", [1, 2, 3], [0, 4],
+               include_last_offset=True)
+    jag_raises(KeyValueError, "offsets", [1, 2, 3], [0, 5, 3], include_last_offset=True)
+
+
+@pytest.mark.parametrize("offsets", [[[0, 1]], np.zeros((2, 1), dtype=np.int64),
+                                     torch.zeros((1, 2), dtype=torch.int64)], ids=repr)
+def test_two_dimensional_offsets(offsets):
+    jag_raises(KeyValueError, "offsets.*1-D", [1, 2, 3], offsets)
+
+
+@pytest.mark.parametrize("offsets", [[0.0, 1.0], np.array([0.0]), torch.tensor([0.0, 2.0]),
+                                     torch.tensor([True, False])], ids=repr)
+def test_float_offsets(offsets):
+    jag_raises(KeyInputError, "offsets.*integers", [1, 2, 3], offsets)
+
+
+@pytest.mark.parametrize("offsets", [[0, 2], [0, 1, 2], [0]], ids=repr)
+def test_include_last_offset_with_wrong_last(offsets):
+    jag_raises(KeyValueError, "offsets.*last offset must equal the number of values",
+               [1, 2, 3], offsets, include_last_offset=True)
+
+
+def test_include_last_offset_needs_an_entry():
+    jag_raises(KeyValueError, "offsets.*at least one entry", [1, 2, 3], [],
+               include_last_offset=True)
+
+
+def test_include_last_offset_first_entry_must_be_zero():
+    # As torch.nn.functional.embedding_bag: offsets[0] has to be 0. [3] would describe zero
+    # bags and silently drop all three values.
+    jag_raises(KeyValueError, "offsets.*first offset must be 0", [1, 2, 3], [3],
+               include_last_offset=True)
+
+
+def test_jagged_values_errors_name_the_argument():
+    jag_raises(KeyInputError, "bag_keys", [[[1]]], arg="bag_keys")  # three deep
+    jag_raises(KeyInputError, "bag_keys", [[1], [[2, 3]]], arg="bag_keys")
+    jag_raises(KeyInputError, "bag_keys", [[1.5]], arg="bag_keys")
+    jag_raises(KeyInputError, "bag_keys", [["a"], [1]], arg="bag_keys")
+    jag_raises(KeyInputError, "bag_keys", [[1], [None]], arg="bag_keys")
+    jag_raises(KeyValueError, "bag_keys", [[2**63]], arg="bag_keys")
+    jag_raises(KeyInputError, "bag_keys.*offsets", [1, 2, 3], arg="bag_keys")  # flat, no offsets
+    jag_raises(KeyInputError, "bag_keys", [[1], 2], arg="bag_keys")
+    jag_raises(KeyInputError, "bag_keys", {"a": [1]}, arg="bag_keys")
+    jag_raises(KeyInputError, "bag_keys", "abc", arg="bag_keys")
+    jag_raises(KeyValueError, "bag_keys.*1-D", np.array([[1, 2]]), [0], arg="bag_keys")
+    jag_raises(KeyInputError, "bag_keys", [1.0, 2.0], [0], arg="bag_keys")
