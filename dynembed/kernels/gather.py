@@ -5,9 +5,12 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
+from dynembed.kernels._threads import adaptive
+
 from dynembed.kernels.hash_index import EMPTY, _home
 
 
+@adaptive(lambda keys, rows, ids, weights, default, out: out.size)
 @nb.njit(parallel=True, cache=True)
 def find_gather(keys, rows, ids, weights, default, out):
     """Looks each id up in the index and copies its row (or ``default``) into ``out``.
@@ -50,6 +53,7 @@ def find_gather(keys, rows, ids, weights, default, out):
     return found
 
 
+@adaptive(lambda values, segment, segments, threads: values.size)
 @nb.njit(parallel=True, cache=True)
 def segment_sum(values, segment, segments, threads):
     """Sums rows of ``values`` that share a segment.

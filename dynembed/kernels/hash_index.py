@@ -11,6 +11,8 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
+from dynembed.kernels._threads import adaptive
+
 from dynembed.kernels._hashing import mix64
 
 EMPTY = -1
@@ -21,6 +23,7 @@ def _home(key, mask):
     return np.int64(mix64(np.uint64(key)) & np.uint64(mask))
 
 
+@adaptive(lambda keys, rows, ids: ids.size)
 @nb.njit(parallel=True, cache=True)
 def index_find(keys, rows, ids):
     """Row slot of each id.

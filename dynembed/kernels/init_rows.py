@@ -12,6 +12,8 @@ import math
 import numba as nb
 import numpy as np
 
+from dynembed.kernels._threads import adaptive
+
 from dynembed.kernels._hashing import mix64
 
 ZEROS = 0
@@ -41,6 +43,7 @@ def _standard_normal(base, counter):
     return math.sqrt(-2.0 * math.log(u1)) * math.cos(2.0 * math.pi * u2)
 
 
+@adaptive(lambda weights, slots, *rest: slots.size * weights.shape[1])
 @nb.njit(parallel=True, cache=True)
 def init_rows(weights, slots, ids, seed, kind, p0, p1, p2, p3):
     """Writes the initial vector of each id into its row.
@@ -78,6 +81,7 @@ def init_rows(weights, slots, ids, seed, kind, p0, p1, p2, p3):
             weights[row, j] = v
 
 
+@adaptive(lambda arr, slots, value: slots.size * arr.shape[1])
 @nb.njit(parallel=True, cache=True)
 def fill_rows(arr, slots, value):
     """Sets ``arr[slots] = value`` for a 2-D array (optimizer state of new rows)."""

@@ -15,6 +15,8 @@ import math
 import numba as nb
 import numpy as np
 
+from dynembed.kernels._threads import adaptive
+
 
 _ONE = np.float32(1.0)
 
@@ -32,6 +34,7 @@ def _clip_scale(grads, i, max_norm):
     return _ONE
 
 
+@adaptive(lambda weights, state, slots, grads, *rest: grads.size)
 @nb.njit(parallel=True, fastmath=True, cache=True)
 def sgd_update(weights, momentum_buf, slots, grads, lr, weight_decay, max_norm,
                momentum, dampening, nesterov):
@@ -49,6 +52,7 @@ def sgd_update(weights, momentum_buf, slots, grads, lr, weight_decay, max_norm,
             weights[r, j] -= lr * g
 
 
+@adaptive(lambda weights, state, slots, grads, *rest: grads.size)
 @nb.njit(parallel=True, fastmath=True, cache=True)
 def adagrad_update(weights, sum_sq, slots, grads, clr, weight_decay, max_norm, eps):
     """Element-wise Adagrad, as torch.optim.Adagrad: ``w -= clr * g / (sqrt(G) + eps)``."""
@@ -63,6 +67,7 @@ def adagrad_update(weights, sum_sq, slots, grads, clr, weight_decay, max_norm, e
             weights[r, j] -= clr * g / (np.sqrt(s) + eps)
 
 
+@adaptive(lambda weights, state, slots, grads, *rest: grads.size)
 @nb.njit(parallel=True, fastmath=True, cache=True)
 def rowwise_adagrad_update(weights, row_sum, slots, grads, lr, weight_decay, max_norm, eps):
     """Row-wise Adagrad (FBGEMM's EXACT_ROWWISE_ADAGRAD): one accumulator per row."""
@@ -82,6 +87,7 @@ def rowwise_adagrad_update(weights, row_sum, slots, grads, lr, weight_decay, max
             weights[r, j] -= step * g
 
 
+@adaptive(lambda weights, state, slots, grads, *rest: grads.size)
 @nb.njit(parallel=True, fastmath=True, cache=True)
 def adam_update(weights, moments, slots, grads, step_size, weight_decay, max_norm,
                 beta1, beta2, eps):
@@ -103,6 +109,7 @@ def adam_update(weights, moments, slots, grads, step_size, weight_decay, max_nor
             weights[r, j] -= step_size * m / (np.sqrt(v) + eps)
 
 
+@adaptive(lambda weights, state, slots, grads, *rest: grads.size)
 @nb.njit(parallel=True, cache=True)
 def ftrl_update(weights, zn, slots, grads, alpha, weight_decay, max_norm, beta, l1, l2):
     """FTRL-Proximal (McMahan et al. 2013), per coordinate.
@@ -129,6 +136,7 @@ def ftrl_update(weights, zn, slots, grads, alpha, weight_decay, max_norm, beta, 
                 weights[r, j] = -(z - sign * l1) / ((beta + math.sqrt(n_new)) / alpha + l2)
 
 
+@adaptive(lambda grads: grads.size)
 @nb.njit(parallel=True, cache=True)
 def nonfinite_rows(grads):
     """(n,) bool: whether row i of ``grads`` (n, dim) holds a NaN or an inf."""
