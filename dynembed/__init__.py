@@ -19,6 +19,7 @@ from dynembed.errors import (
     StateDictError,
     TableError,
 )
+from dynembed.kernels._threads import get_num_threads, set_num_threads
 from dynembed.keys import KeyLog, hash_bytes, hash_strings
 from dynembed.nn import (
     DynamicEmbedding,
@@ -35,7 +36,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DynamicEmbedding", "DynamicEmbeddingBag", "EmbeddingCollection", "FeatureConfig",
     "DynamicTable", "TableConfig", "TableStats", "FindResult", "InsertResult",
-    "optim", "init", "sparse_step", "sparse_zero_grad", "hash_strings", "hash_bytes", "KeyLog",
+    "optim", "init", "sparse_step", "set_num_threads", "get_num_threads", "sparse_zero_grad", "hash_strings", "hash_bytes", "KeyLog",
     "DynembedError", "KeyInputError", "KeyValueError", "TableError", "ReadOnlyTableError",
     "StateDictError", "NonFiniteGradientError", "__version__",
 ]

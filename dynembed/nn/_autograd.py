@@ -2,32 +2,37 @@
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 import torch
 
+from dynembed.kernels._threads import get_num_threads
 from dynembed.kernels.gather import segment_sum
 from dynembed.table.table import DynamicTable
 
 
 class _GatherRows(torch.autograd.Function):
-    """Rows of unique ids as a dense tensor; backward hands their gradient to the table.
+    """Rows of distinct ids (or of every key) as a dense tensor; backward updates the table.
 
     Rows are not ``nn.Parameter`` s (the table grows and reuses slots), so the output is tied
-    into the graph through ``anchor``, a zero-size tensor that requires grad.
+    into the graph through ``anchor``, a zero-size tensor that requires grad. With
+    ``inverse`` the output has one row per key, gathered straight from the arena, and
+    backward sums the gradients of duplicate keys before the update.
     """
 
     @staticmethod
     def forward(ctx, anchor: torch.Tensor, table: DynamicTable, ids: np.ndarray,
-                slots: np.ndarray) -> torch.Tensor:
-        ctx.table, ctx.ids, ctx.slots = table, ids, slots
-        return table.gather(slots)
+                slots: np.ndarray, inverse: np.ndarray | None) -> torch.Tensor:
+        ctx.table, ctx.ids, ctx.slots, ctx.inverse = table, ids, slots, inverse
+        return table.gather(slots if inverse is None else slots[inverse])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        # grad is (u, dim): duplicates were already combined by the op that used the rows.
+        if ctx.inverse is not None:
+            grad = grad.to(torch.float32).contiguous().numpy()
+            grad = torch.from_numpy(segment_sum(grad, ctx.inverse, ctx.ids.shape[0],
+                                                get_num_threads()))
         ctx.table.apply_gradients(ctx.ids, ctx.slots, grad)
-        return None, None, None, None
+        return None, None, None, None, None
 
 
 class _IndexRows(torch.autograd.Function):
@@ -45,7 +50,7 @@ class _IndexRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grad = grad.to(torch.float32).contiguous().numpy()
-        summed = segment_sum(grad, ctx.inverse, ctx.segments, numba.get_num_threads())
+        summed = segment_sum(grad, ctx.inverse, ctx.segments, get_num_threads())
         return torch.from_numpy(summed), None
 
 
@@ -62,9 +67,9 @@ def index_rows(rows: torch.Tensor, inverse: np.ndarray) -> torch.Tensor:
 
 
 def rows_for(table: DynamicTable, anchor: torch.Tensor, unique_ids: np.ndarray,
-             counts: np.ndarray, *, training: bool, strings=None,
-             string_ids: np.ndarray | None = None) -> torch.Tensor:
-    """Looks up unique ids and returns their rows, differentiable when training.
+             counts: np.ndarray, *, training: bool, inverse: np.ndarray | None = None,
+             strings=None, string_ids: np.ndarray | None = None) -> torch.Tensor:
+    """Looks up distinct ids and returns their rows, differentiable when training.
 
     Args:
         table: the table.
@@ -72,14 +77,17 @@ def rows_for(table: DynamicTable, anchor: torch.Tensor, unique_ids: np.ndarray,
         unique_ids: (u,) int64 distinct ids.
         counts: (u,) int64 occurrences of each id.
         training: module is training: insert missing rows and track gradients.
+        inverse: optional (n,) int64 index into ``unique_ids`` of each key; with it the
+            result has one row per key.
         strings, string_ids: original string keys and their ids, for the key log.
 
     Returns:
-        (u, dim) float32 rows; the default vector for ids without a row.
+        (u, dim) float32 rows, or (n, dim) with ``inverse``; the default vector for ids
+        without a row.
     """
     insert = training and not table.read_only
     slots = table.lookup_slots(unique_ids, counts, insert=insert, strings=strings,
                                string_ids=string_ids)
     if insert and table.trainable and torch.is_grad_enabled():
-        return _GatherRows.apply(anchor, table, unique_ids, slots)
-    return table.gather(slots)
+        return _GatherRows.apply(anchor, table, unique_ids, slots, inverse)
+    return table.gather(slots if inverse is None else slots[inverse])

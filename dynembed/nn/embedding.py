@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from dynembed.kernels.hash_index import unique_inverse
-from dynembed.nn._autograd import index_rows, rows_for
+from dynembed.nn._autograd import rows_for
 from dynembed.nn._base import TableModule, make_table
 from dynembed.table.config import TableConfig
 from dynembed.table.table import DynamicTable
@@ -64,9 +64,8 @@ class DynamicEmbedding(TableModule):
             out = self.table.read(batch.ids)
         else:
             unique, inverse, counts = unique_inverse(batch.ids)
-            rows = rows_for(self.table, self._anchor, unique, counts, training=True,
-                            strings=batch.strings, string_ids=batch.ids)
-            out = index_rows(rows, inverse)
+            out = rows_for(self.table, self._anchor, unique, counts, training=True,
+                           inverse=inverse, strings=batch.strings, string_ids=batch.ids)
         return out.reshape(*batch.shape, self.dim)
 
     def extra_repr(self) -> str:
