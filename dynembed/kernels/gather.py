@@ -79,3 +79,19 @@ def segment_sum(values, segment, segments, threads):
             for j in range(lo, hi):
                 out[s, j] += values[i, j]
     return out
+
+
+@nb.njit(cache=True)
+def touch_rows(meta, slots, occurrences, step):
+    """Records a training lookup: ``count += occurrences`` and ``last_step = step``.
+
+    Args:
+        meta: (capacity, 3) int64 arena metadata (id, count, last step), in place.
+        slots: (u,) int64 distinct slots.
+        occurrences: (u,) int64 lookups of each slot in this call.
+        step: the table's step.
+    """
+    for i in range(slots.shape[0]):
+        r = slots[i]
+        meta[r, 1] += occurrences[i]
+        meta[r, 2] = step

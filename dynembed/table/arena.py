@@ -14,9 +14,16 @@ _MIN_CAPACITY = 1024
 _GROWTH = 1.5  # amortised O(1) appends; 1.5 rather than 2 keeps slack (and copies) small
 
 
+ID, COUNT, LAST_STEP = 0, 1, 2
+"""Columns of ``RowArena.meta``."""
+
+
 class RowArena:
-    """Per-slot rows: ``weights`` (capacity, dim) and ``state`` (capacity, state_width),
-    plus metadata ``ids``, ``counts`` and ``last_step`` (capacity,) int64.
+    """Per-slot rows: ``weights`` (capacity, dim), ``state`` (capacity, state_width) and
+    ``meta`` (capacity, 3) int64 holding each row's id, count and last-seen step.
+
+    The three metadata fields share one row of ``meta`` so a lookup that touches them costs
+    one cache miss, not three; ``ids``, ``counts`` and ``last_step`` are column views.
 
     Args:
         dim: row width.
@@ -34,19 +41,31 @@ class RowArena:
         kw = {"device": self.device}
         self.weights = torch.empty((capacity, self.dim), dtype=torch.float32, **kw)
         self.state = torch.empty((capacity, self.state_width), dtype=torch.float32, **kw)
-        self.ids = torch.empty(capacity, dtype=torch.int64, **kw)
-        self.counts = torch.empty(capacity, dtype=torch.int64, **kw)
-        self.last_step = torch.empty(capacity, dtype=torch.int64, **kw)
+        self.meta = torch.empty((capacity, 3), dtype=torch.int64, **kw)
 
     @property
     def capacity(self) -> int:
         """Rows the arena holds before it must grow."""
         return self.weights.shape[0]
 
+    @property
+    def ids(self) -> torch.Tensor:
+        """(capacity,) id of each slot (a view)."""
+        return self.meta[:, ID]
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """(capacity,) training lookups of each slot's key (a view)."""
+        return self.meta[:, COUNT]
+
+    @property
+    def last_step(self) -> torch.Tensor:
+        """(capacity,) table step of each slot's last training lookup (a view)."""
+        return self.meta[:, LAST_STEP]
+
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The arena's tensors by name."""
-        return {"weights": self.weights, "state": self.state, "ids": self.ids,
-                "counts": self.counts, "last_step": self.last_step}
+        """The arena's storage tensors by name."""
+        return {"weights": self.weights, "state": self.state, "meta": self.meta}
 
     def bytes_per_row(self) -> int:
         """Bytes one slot takes across all tensors."""
@@ -70,5 +89,5 @@ class RowArena:
             tensor[:used].copy_(old[name])
 
     def np(self, name: str) -> np.ndarray:
-        """Zero-copy numpy view of a CPU tensor, for the compiled kernels."""
-        return self.tensors()[name].numpy()
+        """Zero-copy numpy view of a CPU tensor (or metadata column), for the kernels."""
+        return getattr(self, name).numpy()

@@ -19,12 +19,12 @@ from dynembed.errors import (
     ReadOnlyTableError,
     StateDictError,
 )
-from dynembed.kernels.gather import find_gather
+from dynembed.kernels.gather import find_gather, touch_rows
 from dynembed.kernels.hash_index import unique_inverse
 from dynembed.kernels.sparse_updates import nonfinite_rows
 from dynembed.keys.convert import to_key_batch
 from dynembed.keys.key_log import KeyLog
-from dynembed.table.arena import RowArena
+from dynembed.table.arena import COUNT, ID, LAST_STEP, RowArena
 from dynembed.table.config import TableConfig
 from dynembed.table.index import EMPTY, HashIndex
 from dynembed.table.results import FindResult, InsertResult, TableExport
@@ -159,9 +159,10 @@ class DynamicTable:
         self.config.initializer.fill(self.arena.np("weights"), new_slots, new_ids, self.seed)
         if self.arena.state_width:
             self.arena.np("state")[new_slots] = self._initial_state
-        self.arena.np("ids")[new_slots] = new_ids
-        self.arena.np("counts")[new_slots] = 0
-        self.arena.np("last_step")[new_slots] = self.step
+        meta = self.arena.np("meta")
+        meta[new_slots, ID] = new_ids
+        meta[new_slots, COUNT] = 0
+        meta[new_slots, LAST_STEP] = self.step
         return new_mask
 
     def lookup_slots(self, unique_ids: np.ndarray, counts: np.ndarray, *, insert: bool,
@@ -194,8 +195,7 @@ class DynamicTable:
                 call.inserts = n_missing
                 if self.key_log is not None and strings is not None:
                     self.key_log.add(string_ids, strings)
-            self.arena.np("counts")[slots] += counts
-            self.arena.np("last_step")[slots] = self.step
+            touch_rows(self.arena.np("meta"), slots, counts, self.step)
         else:
             call.defaults_served = missed
         self.last_call = call
