@@ -1,4 +1,4 @@
-"""Row movement between the arena and dense batches: fused find+gather, segment sums."""
+"""Row movement between the arena and dense batches: segment sums, metadata touches."""
 
 from __future__ import annotations
 
@@ -6,51 +6,6 @@ import numba as nb
 import numpy as np
 
 from dynembed.kernels._threads import adaptive
-
-from dynembed.kernels.hash_index import EMPTY, _home
-
-
-@adaptive(lambda keys, rows, ids, weights, default, out: out.size)
-@nb.njit(parallel=True, cache=True)
-def find_gather(keys, rows, ids, weights, default, out):
-    """Looks each id up in the index and copies its row (or ``default``) into ``out``.
-
-    One pass instead of find + gather, for read-only lookups (eval, serving).
-
-    Args:
-        keys, rows: the index arrays.
-        ids: (n,) int64.
-        weights: (capacity, dim) float32 arena weights.
-        default: (dim,) float32 vector for absent ids.
-        out: (n, dim) float32 output, written in place.
-
-    Returns:
-        (n,) bool, whether each id was found.
-    """
-    mask = keys.shape[0] - 1
-    n = ids.shape[0]
-    dim = weights.shape[1]
-    found = np.empty(n, dtype=np.bool_)
-    for i in nb.prange(n):
-        key = ids[i]
-        b = _home(key, mask)
-        r = EMPTY
-        while True:
-            v = rows[b]
-            if v == EMPTY:
-                break
-            if keys[b] == key:
-                r = v
-                break
-            b = (b + 1) & mask
-        found[i] = r != EMPTY
-        if r == EMPTY:
-            for j in range(dim):
-                out[i, j] = default[j]
-        else:
-            for j in range(dim):
-                out[i, j] = weights[r, j]
-    return found
 
 
 @adaptive(lambda values, segment, segments, threads: values.size)
@@ -75,9 +30,10 @@ def segment_sum(values, segment, segments, threads):
         lo = dim * t // blocks
         hi = dim * (t + 1) // blocks
         for i in range(n):
-            s = segment[i]
+            dst = out[segment[i]]
+            src = values[i]
             for j in range(lo, hi):
-                out[s, j] += values[i, j]
+                dst[j] += src[j]
     return out
 
 

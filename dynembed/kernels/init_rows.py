@@ -58,7 +58,7 @@ def init_rows(weights, slots, ids, seed, kind, p0, p1, p2, p3):
     """
     dim = weights.shape[1]
     for i in nb.prange(slots.shape[0]):
-        row = slots[i]
+        row = weights[slots[i]]
         base = mix64(seed ^ mix64(np.uint64(ids[i])))
         for j in range(dim):
             if kind == ZEROS:
@@ -78,7 +78,7 @@ def init_rows(weights, slots, ids, seed, kind, p0, p1, p2, p3):
                     attempt += 1
                 z = min(max(z, p2), p3)
                 v = p0 + p1 * z
-            weights[row, j] = v
+            row[j] = v
 
 
 @adaptive(lambda arr, slots, value: slots.size * arr.shape[1])

@@ -39,17 +39,22 @@ def _clip_scale(grads, i, max_norm):
 def sgd_update(weights, momentum_buf, slots, grads, lr, weight_decay, max_norm,
                momentum, dampening, nesterov):
     """SGD with optional (lazy) momentum, as torch.optim.SGD on the touched rows."""
+    # Inner loops run over 1-D row views: contiguous, so LLVM vectorises them.
     dim = weights.shape[1]
     for i in nb.prange(slots.shape[0]):
-        r = slots[i]
+        w = weights[slots[i]]
+        g_row = grads[i]
         scale = _clip_scale(grads, i, max_norm)
-        for j in range(dim):
-            g = grads[i, j] * scale + weight_decay * weights[r, j]
-            if momentum != 0.0:
-                buf = momentum * momentum_buf[r, j] + (_ONE - dampening) * g
-                momentum_buf[r, j] = buf
-                g = g + momentum * buf if nesterov else buf
-            weights[r, j] -= lr * g
+        if momentum != 0.0:
+            buf = momentum_buf[slots[i]]
+            for j in range(dim):
+                g = g_row[j] * scale + weight_decay * w[j]
+                b = momentum * buf[j] + (_ONE - dampening) * g
+                buf[j] = b
+                w[j] -= lr * (g + momentum * b if nesterov else b)
+        else:
+            for j in range(dim):
+                w[j] -= lr * (g_row[j] * scale + weight_decay * w[j])
 
 
 @adaptive(lambda weights, state, slots, grads, *rest: grads.size)
@@ -58,13 +63,15 @@ def adagrad_update(weights, sum_sq, slots, grads, clr, weight_decay, max_norm, e
     """Element-wise Adagrad, as torch.optim.Adagrad: ``w -= clr * g / (sqrt(G) + eps)``."""
     dim = weights.shape[1]
     for i in nb.prange(slots.shape[0]):
-        r = slots[i]
+        w = weights[slots[i]]
+        acc = sum_sq[slots[i]]
+        g_row = grads[i]
         scale = _clip_scale(grads, i, max_norm)
         for j in range(dim):
-            g = grads[i, j] * scale + weight_decay * weights[r, j]
-            s = sum_sq[r, j] + g * g
-            sum_sq[r, j] = s
-            weights[r, j] -= clr * g / (np.sqrt(s) + eps)
+            g = g_row[j] * scale + weight_decay * w[j]
+            a = acc[j] + g * g
+            acc[j] = a
+            w[j] -= clr * g / (np.sqrt(a) + eps)
 
 
 @adaptive(lambda weights, state, slots, grads, *rest: grads.size)
@@ -74,17 +81,18 @@ def rowwise_adagrad_update(weights, row_sum, slots, grads, lr, weight_decay, max
     dim = weights.shape[1]
     for i in nb.prange(slots.shape[0]):
         r = slots[i]
+        w = weights[r]
+        g_row = grads[i]
         scale = _clip_scale(grads, i, max_norm)
         sq = np.float32(0.0)
         for j in range(dim):
-            g = grads[i, j] * scale + weight_decay * weights[r, j]
+            g = g_row[j] * scale + weight_decay * w[j]
             sq += g * g
         s = row_sum[r, 0] + sq / np.float32(dim)
         row_sum[r, 0] = s
         step = lr / (np.sqrt(s) + eps)
         for j in range(dim):
-            g = grads[i, j] * scale + weight_decay * weights[r, j]
-            weights[r, j] -= step * g
+            w[j] -= step * (g_row[j] * scale + weight_decay * w[j])
 
 
 @adaptive(lambda weights, state, slots, grads, *rest: grads.size)
@@ -98,15 +106,17 @@ def adam_update(weights, moments, slots, grads, step_size, weight_decay, max_nor
     """
     dim = weights.shape[1]
     for i in nb.prange(slots.shape[0]):
-        r = slots[i]
+        w = weights[slots[i]]
+        mv = moments[slots[i]]
+        g_row = grads[i]
         scale = _clip_scale(grads, i, max_norm)
         for j in range(dim):
-            g = grads[i, j] * scale + weight_decay * weights[r, j]
-            m = moments[r, j] + (g - moments[r, j]) * (_ONE - beta1)
-            v = moments[r, dim + j] + (g * g - moments[r, dim + j]) * (_ONE - beta2)
-            moments[r, j] = m
-            moments[r, dim + j] = v
-            weights[r, j] -= step_size * m / (np.sqrt(v) + eps)
+            g = g_row[j] * scale + weight_decay * w[j]
+            m = mv[j] + (g - mv[j]) * (_ONE - beta1)
+            v = mv[dim + j] + (g * g - mv[dim + j]) * (_ONE - beta2)
+            mv[j] = m
+            mv[dim + j] = v
+            w[j] -= step_size * m / (np.sqrt(v) + eps)
 
 
 @adaptive(lambda weights, state, slots, grads, *rest: grads.size)
@@ -118,22 +128,24 @@ def ftrl_update(weights, zn, slots, grads, alpha, weight_decay, max_norm, beta, 
     """
     dim = weights.shape[1]
     for i in nb.prange(slots.shape[0]):
-        r = slots[i]
+        w_row = weights[slots[i]]
+        st = zn[slots[i]]
+        g_row = grads[i]
         scale = _clip_scale(grads, i, max_norm)
         for j in range(dim):
-            w = np.float64(weights[r, j])
-            g = grads[i, j] * scale + weight_decay * w
-            n_old = zn[r, dim + j]
+            w = np.float64(w_row[j])
+            g = g_row[j] * scale + weight_decay * w
+            n_old = st[dim + j]
             n_new = n_old + g * g
             sigma = (math.sqrt(n_new) - math.sqrt(n_old)) / alpha
-            z = zn[r, j] + g - sigma * w
-            zn[r, j] = z
-            zn[r, dim + j] = n_new
+            z = st[j] + g - sigma * w
+            st[j] = z
+            st[dim + j] = n_new
             if abs(z) <= l1:
-                weights[r, j] = 0.0
+                w_row[j] = 0.0
             else:
                 sign = 1.0 if z > 0 else -1.0
-                weights[r, j] = -(z - sign * l1) / ((beta + math.sqrt(n_new)) / alpha + l2)
+                w_row[j] = -(z - sign * l1) / ((beta + math.sqrt(n_new)) / alpha + l2)
 
 
 @adaptive(lambda grads: grads.size)

@@ -19,7 +19,7 @@ from dynembed.errors import (
     ReadOnlyTableError,
     StateDictError,
 )
-from dynembed.kernels.gather import find_gather, touch_rows
+from dynembed.kernels.gather import touch_rows
 from dynembed.kernels.hash_index import unique_inverse
 from dynembed.kernels.sparse_updates import nonfinite_rows
 from dynembed.keys.convert import to_key_batch
@@ -203,10 +203,8 @@ class DynamicTable:
         return slots
 
     def _find_gather(self, ids: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
-        out = torch.empty((ids.shape[0], self.dim), dtype=torch.float32)
-        found = find_gather(self.index.keys, self.index.rows, ids, self.arena.np("weights"),
-                            self._default.numpy(), out.numpy())
-        return out, found
+        slots = self.index.find(ids)
+        return self.gather(slots), slots != EMPTY
 
     def read(self, ids: np.ndarray) -> torch.Tensor:
         """Rows of ids for a read-only lookup call (eval, serving), counted in the stats.
@@ -229,7 +227,10 @@ class DynamicTable:
         return out
 
     def gather(self, slots: np.ndarray) -> torch.Tensor:
-        """(u, dim) rows at ``slots``; the default vector where a slot is EMPTY."""
+        """(u, dim) rows at ``slots``; the default vector where a slot is EMPTY.
+
+        The copy is torch's ``index_select``, which runs on torch's own thread pool.
+        """
         missing = slots == EMPTY
         if not missing.any():
             return self.arena.weights.index_select(0, torch.from_numpy(slots))
