@@ -90,6 +90,23 @@ class TableModule(nn.Module):
             table.zero_grad()
 
 
+class SingleTableModule(TableModule):
+    """A module over one table, built from ``dim`` + options, a ``config`` or a ``table``."""
+
+    def __init__(self, dim: int | None, table: DynamicTable | None,
+                 config: TableConfig | None, options: dict) -> None:
+        super().__init__()
+        self.table = make_table(dim, table, config, options)
+
+    @property
+    def dim(self) -> int:
+        """Row width."""
+        return self.table.dim
+
+    def named_tables(self) -> dict[str, DynamicTable]:
+        return {"table": self.table}
+
+
 def sparse_step(model: nn.Module) -> None:
     """Applies the deferred sparse gradients of every dynembed module inside ``model``.
 

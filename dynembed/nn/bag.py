@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from dynembed.kernels.hash_index import unique_inverse
 from dynembed.keys.convert import KeyBatch, to_jagged
 from dynembed.nn._autograd import rows_for
-from dynembed.nn._base import TableModule, make_table
+from dynembed.nn._base import SingleTableModule
 from dynembed.table.config import TableConfig
 from dynembed.table.table import DynamicTable
 
@@ -57,7 +57,7 @@ def pool(rows: torch.Tensor, inverse: np.ndarray, bounds: np.ndarray, mode: str,
                            include_last_offset=True)
 
 
-class DynamicEmbeddingBag(TableModule):
+class DynamicEmbeddingBag(SingleTableModule):
     """Like ``torch.nn.EmbeddingBag`` with no vocabulary.
 
     Args:
@@ -75,18 +75,9 @@ class DynamicEmbeddingBag(TableModule):
     def __init__(self, dim: int | None = None, *, mode: str = "mean",
                  config: TableConfig | None = None, table: DynamicTable | None = None,
                  **options) -> None:
-        super().__init__()
         check_mode(mode)
+        super().__init__(dim, table, config, options)
         self.mode = mode
-        self.table = make_table(dim, table, config, options)
-
-    @property
-    def dim(self) -> int:
-        """Row width."""
-        return self.table.dim
-
-    def named_tables(self) -> dict[str, DynamicTable]:
-        return {"table": self.table}
 
     def forward(self, values, offsets=None, per_sample_weights=None, *,
                 include_last_offset: bool = False) -> torch.Tensor:

@@ -6,12 +6,12 @@ import torch
 
 from dynembed.kernels.hash_index import unique_inverse
 from dynembed.nn._autograd import rows_for
-from dynembed.nn._base import TableModule, make_table
+from dynembed.nn._base import SingleTableModule
 from dynembed.table.config import TableConfig
 from dynembed.table.table import DynamicTable
 
 
-class DynamicEmbedding(TableModule):
+class DynamicEmbedding(SingleTableModule):
     """Like ``torch.nn.Embedding``, with no vocabulary: new keys get rows as they arrive.
 
     Args:
@@ -33,16 +33,7 @@ class DynamicEmbedding(TableModule):
 
     def __init__(self, dim: int | None = None, *, config: TableConfig | None = None,
                  table: DynamicTable | None = None, **options) -> None:
-        super().__init__()
-        self.table = make_table(dim, table, config, options)
-
-    @property
-    def dim(self) -> int:
-        """Row width."""
-        return self.table.dim
-
-    def named_tables(self) -> dict[str, DynamicTable]:
-        return {"table": self.table}
+        super().__init__(dim, table, config, options)
 
     def forward(self, keys) -> torch.Tensor:
         """Looks keys up.
