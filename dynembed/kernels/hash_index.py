@@ -11,6 +11,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
+from dynembed.kernels._prefetch import PREFETCH_DISTANCE, prefetch
 from dynembed.kernels._threads import adaptive
 
 from dynembed.kernels._hashing import mix64
@@ -40,6 +41,10 @@ def index_find(keys, rows, ids):
     n = ids.shape[0]
     out = np.empty(n, dtype=np.int64)
     for i in nb.prange(n):
+        if i + PREFETCH_DISTANCE < n:  # the bucket of a later key: probes are cache misses
+            ahead = _home(ids[i + PREFETCH_DISTANCE], mask)
+            prefetch(rows, ahead)
+            prefetch(keys, ahead)
         key = ids[i]
         b = _home(key, mask)
         while True:

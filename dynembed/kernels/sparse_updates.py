@@ -15,10 +15,12 @@ import math
 import numba as nb
 import numpy as np
 
+from dynembed.kernels._prefetch import PREFETCH_DISTANCE, prefetch_row
 from dynembed.kernels._threads import adaptive
 
 
 _ONE = np.float32(1.0)
+_EXPONENT = np.uint32(0x7F800000)
 
 
 @nb.njit(inline="always", cache=True)
@@ -34,6 +36,16 @@ def _clip_scale(grads, i, max_norm):
     return _ONE
 
 
+@nb.njit(inline="always", cache=True)
+def _prefetch_ahead(weights, state, slots, i):
+    # Rows are scattered over the arena: ask for a later row's weights and state now.
+    k = i + PREFETCH_DISTANCE
+    if k < slots.shape[0]:
+        prefetch_row(weights, slots[k])
+        if state.shape[1]:
+            prefetch_row(state, slots[k])
+
+
 @adaptive(lambda weights, state, slots, grads, *rest: grads.size)
 @nb.njit(parallel=True, fastmath=True, cache=True)
 def sgd_update(weights, momentum_buf, slots, grads, lr, weight_decay, max_norm,
@@ -42,6 +54,7 @@ def sgd_update(weights, momentum_buf, slots, grads, lr, weight_decay, max_norm,
     # Inner loops run over 1-D row views: contiguous, so LLVM vectorises them.
     dim = weights.shape[1]
     for i in nb.prange(slots.shape[0]):
+        _prefetch_ahead(weights, momentum_buf, slots, i)
         w = weights[slots[i]]
         g_row = grads[i]
         scale = _clip_scale(grads, i, max_norm)
@@ -63,6 +76,7 @@ def adagrad_update(weights, sum_sq, slots, grads, clr, weight_decay, max_norm, e
     """Element-wise Adagrad, as torch.optim.Adagrad: ``w -= clr * g / (sqrt(G) + eps)``."""
     dim = weights.shape[1]
     for i in nb.prange(slots.shape[0]):
+        _prefetch_ahead(weights, sum_sq, slots, i)
         w = weights[slots[i]]
         acc = sum_sq[slots[i]]
         g_row = grads[i]
@@ -80,6 +94,7 @@ def rowwise_adagrad_update(weights, row_sum, slots, grads, lr, weight_decay, max
     """Row-wise Adagrad (FBGEMM's EXACT_ROWWISE_ADAGRAD): one accumulator per row."""
     dim = weights.shape[1]
     for i in nb.prange(slots.shape[0]):
+        _prefetch_ahead(weights, row_sum, slots, i)
         r = slots[i]
         w = weights[r]
         g_row = grads[i]
@@ -106,6 +121,7 @@ def adam_update(weights, moments, slots, grads, step_size, weight_decay, max_nor
     """
     dim = weights.shape[1]
     for i in nb.prange(slots.shape[0]):
+        _prefetch_ahead(weights, moments, slots, i)
         w = weights[slots[i]]
         mv = moments[slots[i]]
         g_row = grads[i]
@@ -128,6 +144,7 @@ def ftrl_update(weights, zn, slots, grads, alpha, weight_decay, max_norm, beta, 
     """
     dim = weights.shape[1]
     for i in nb.prange(slots.shape[0]):
+        _prefetch_ahead(weights, zn, slots, i)
         w_row = weights[slots[i]]
         st = zn[slots[i]]
         g_row = grads[i]
@@ -148,15 +165,20 @@ def ftrl_update(weights, zn, slots, grads, alpha, weight_decay, max_norm, beta, 
                 w_row[j] = -(z - sign * l1) / ((beta + math.sqrt(n_new)) / alpha + l2)
 
 
-@adaptive(lambda grads: grads.size)
-@nb.njit(parallel=True, cache=True)
+@nb.njit(cache=True)
 def nonfinite_rows(grads):
-    """(n,) bool: whether row i of ``grads`` (n, dim) holds a NaN or an inf."""
+    """(n,) bool: whether row i of ``grads`` (n, dim) float32 holds a NaN or an inf.
+
+    Tests the exponent bits (all ones for NaN and inf) with integer ops, which vectorise;
+    a float test with an early exit does not.
+    """
     n = grads.shape[0]
-    out = np.zeros(n, dtype=np.bool_)
-    for i in nb.prange(n):
-        for j in range(grads.shape[1]):
-            if not math.isfinite(grads[i, j]):
-                out[i] = True
-                break
+    bits = grads.view(np.uint32)
+    out = np.empty(n, dtype=np.bool_)
+    for i in range(n):
+        row = bits[i]
+        bad = np.uint32(0)
+        for j in range(row.shape[0]):
+            bad |= np.uint32((row[j] & _EXPONENT) == _EXPONENT)
+        out[i] = bad != 0
     return out

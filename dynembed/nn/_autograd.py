@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dynembed.kernels._threads import get_num_threads
 from dynembed.kernels.gather import segment_sum
 from dynembed.table.table import DynamicTable
 
@@ -23,15 +22,15 @@ class _GatherRows(torch.autograd.Function):
     def forward(ctx, anchor: torch.Tensor, table: DynamicTable, ids: np.ndarray,
                 slots: np.ndarray, inverse: np.ndarray | None) -> torch.Tensor:
         ctx.table, ctx.ids, ctx.slots, ctx.inverse = table, ids, slots, inverse
+        ctx.erasures = table.erasures
         return table.gather(slots if inverse is None else slots[inverse])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         if ctx.inverse is not None:
             grad = grad.to(torch.float32).contiguous().numpy()
-            grad = torch.from_numpy(segment_sum(grad, ctx.inverse, ctx.ids.shape[0],
-                                                get_num_threads()))
-        ctx.table.apply_gradients(ctx.ids, ctx.slots, grad)
+            grad = torch.from_numpy(segment_sum(grad, ctx.inverse, ctx.ids.shape[0]))
+        ctx.table.apply_gradients(ctx.ids, ctx.slots, grad, erasures_at_lookup=ctx.erasures)
         return None, None, None, None, None
 
 
@@ -50,7 +49,7 @@ class _IndexRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grad = grad.to(torch.float32).contiguous().numpy()
-        summed = segment_sum(grad, ctx.inverse, ctx.segments, get_num_threads())
+        summed = segment_sum(grad, ctx.inverse, ctx.segments)
         return torch.from_numpy(summed), None
 
 

