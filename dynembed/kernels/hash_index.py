@@ -1,9 +1,10 @@
 """Open-addressing hash index from int64 id to row slot (linear probing).
 
-The index is two arrays of a power-of-two length: ``keys`` (int64 ids) and ``rows`` (int64
-row slots, ``EMPTY`` where a bucket is free). Any int64 is a valid id, so emptiness lives in
-``rows``, never in ``keys``. Erase uses backward-shift deletion, so there are no tombstones and
-probe chains never degrade after many erases.
+The index is one (capacity, 2) int64 array of buckets, capacity a power of two: column
+``KEY`` holds the id and column ``ROW`` the row slot, ``EMPTY`` where the bucket is free. Any
+int64 is a valid id, so emptiness lives in the row column, never in the key. Key and row
+share a cache line, so a probe costs one miss. Erase uses backward-shift deletion: no
+tombstones, and probe chains never degrade after many erases.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dynembed.kernels._threads import adaptive
 from dynembed.kernels._hashing import mix64
 
 EMPTY = -1
+KEY, ROW = 0, 1
 
 
 @nb.njit(inline="always", cache=True)
@@ -24,35 +26,29 @@ def _home(key, mask):
     return np.int64(mix64(np.uint64(key)) & np.uint64(mask))
 
 
-@adaptive(lambda keys, rows, ids: ids.size)
+@adaptive(lambda buckets, ids: ids.size)
 @nb.njit(parallel=True, cache=True)
-def index_find(keys, rows, ids):
+def index_find(buckets, ids):
     """Row slot of each id.
 
     Args:
-        keys: (capacity,) int64 index keys.
-        rows: (capacity,) int64 index values, ``EMPTY`` for a free bucket.
+        buckets: (capacity, 2) int64 index buckets.
         ids: (n,) int64 ids to find.
 
     Returns:
         (n,) int64 row slots, ``EMPTY`` where the id is absent.
     """
-    mask = keys.shape[0] - 1
+    mask = buckets.shape[0] - 1
     n = ids.shape[0]
     out = np.empty(n, dtype=np.int64)
     for i in nb.prange(n):
         if i + PREFETCH_DISTANCE < n:  # the bucket of a later key: probes are cache misses
-            ahead = _home(ids[i + PREFETCH_DISTANCE], mask)
-            prefetch(rows, ahead)
-            prefetch(keys, ahead)
+            prefetch(buckets, _home(ids[i + PREFETCH_DISTANCE], mask))
         key = ids[i]
         b = _home(key, mask)
         while True:
-            r = rows[b]
-            if r == EMPTY:
-                out[i] = EMPTY
-                break
-            if keys[b] == key:
+            r = buckets[b, ROW]
+            if r == EMPTY or buckets[b, KEY] == key:
                 out[i] = r
                 break
             b = (b + 1) & mask
@@ -60,7 +56,7 @@ def index_find(keys, rows, ids):
 
 
 @nb.njit(cache=True)
-def index_insert(keys, rows, ids, slots, free_rows, free_top, high_water):
+def index_insert(buckets, ids, slots, free_rows, free_top, high_water):
     """Inserts the ids whose ``slots`` entry is ``EMPTY``, giving each a row slot.
 
     Slots come from ``free_rows`` (a stack of freed rows) first, then from ``high_water``
@@ -68,7 +64,7 @@ def index_insert(keys, rows, ids, slots, free_rows, free_top, high_water):
     ``ids`` are inserted once and all their entries get the same slot.
 
     Args:
-        keys, rows: the index arrays (modified in place).
+        buckets: the index buckets (modified in place).
         ids: (n,) int64 ids.
         slots: (n,) int64 result of :func:`index_find`; filled in place for new ids.
         free_rows: (m,) int64 stack of reusable slots.
@@ -78,7 +74,7 @@ def index_insert(keys, rows, ids, slots, free_rows, free_top, high_water):
     Returns:
         (inserted, free_top, high_water): how many ids were new and the updated allocators.
     """
-    mask = keys.shape[0] - 1
+    mask = buckets.shape[0] - 1
     inserted = 0
     for i in range(ids.shape[0]):
         if slots[i] != EMPTY:
@@ -86,7 +82,7 @@ def index_insert(keys, rows, ids, slots, free_rows, free_top, high_water):
         key = ids[i]
         b = _home(key, mask)
         while True:
-            r = rows[b]
+            r = buckets[b, ROW]
             if r == EMPTY:
                 if free_top > 0:
                     free_top -= 1
@@ -94,11 +90,11 @@ def index_insert(keys, rows, ids, slots, free_rows, free_top, high_water):
                 else:
                     r = high_water
                     high_water += 1
-                keys[b] = key
-                rows[b] = r
+                buckets[b, KEY] = key
+                buckets[b, ROW] = r
                 inserted += 1
                 break
-            if keys[b] == key:
+            if buckets[b, KEY] == key:
                 break
             b = (b + 1) & mask
         slots[i] = r
@@ -106,34 +102,34 @@ def index_insert(keys, rows, ids, slots, free_rows, free_top, high_water):
 
 
 @nb.njit(cache=True)
-def index_erase(keys, rows, ids):
+def index_erase(buckets, ids):
     """Removes ids from the index with backward-shift deletion.
 
     Args:
-        keys, rows: the index arrays (modified in place).
+        buckets: the index buckets (modified in place).
         ids: (n,) int64 ids to erase; absent ids are ignored.
 
     Returns:
         (n,) int64 freed row slot per id, ``EMPTY`` where the id was absent.
     """
-    mask = keys.shape[0] - 1
+    mask = buckets.shape[0] - 1
     n = ids.shape[0]
     out = np.full(n, EMPTY, dtype=np.int64)
     for i in range(n):
         key = ids[i]
         b = _home(key, mask)
-        while rows[b] != EMPTY and keys[b] != key:
+        while buckets[b, ROW] != EMPTY and buckets[b, KEY] != key:
             b = (b + 1) & mask
-        if rows[b] == EMPTY:
+        if buckets[b, ROW] == EMPTY:
             continue
-        out[i] = rows[b]
+        out[i] = buckets[b, ROW]
         hole = b
         j = b
         while True:
             j = (j + 1) & mask
-            if rows[j] == EMPTY:
+            if buckets[j, ROW] == EMPTY:
                 break
-            home = _home(keys[j], mask)
+            home = _home(buckets[j, KEY], mask)
             # Move j into the hole unless j's home lies cyclically in (hole, j].
             if hole <= j:
                 stays = hole < home <= j
@@ -141,31 +137,31 @@ def index_erase(keys, rows, ids):
                 stays = home > hole or home <= j
             if stays:
                 continue
-            keys[hole] = keys[j]
-            rows[hole] = rows[j]
+            buckets[hole, KEY] = buckets[j, KEY]
+            buckets[hole, ROW] = buckets[j, ROW]
             hole = j
-        rows[hole] = EMPTY
+        buckets[hole, ROW] = EMPTY
     return out
 
 
 @nb.njit(cache=True)
-def index_rehash(old_keys, old_rows, new_keys, new_rows):
-    """Moves every entry of the old index into a new, empty one of another capacity."""
-    mask = new_keys.shape[0] - 1
-    for b in range(old_keys.shape[0]):
-        r = old_rows[b]
+def index_rehash(old, new):
+    """Moves every entry of the old buckets into new, empty buckets of another capacity."""
+    mask = new.shape[0] - 1
+    for b in range(old.shape[0]):
+        r = old[b, ROW]
         if r == EMPTY:
             continue
-        key = old_keys[b]
+        key = old[b, KEY]
         t = _home(key, mask)
-        while new_rows[t] != EMPTY:
+        while new[t, ROW] != EMPTY:
             t = (t + 1) & mask
-        new_keys[t] = key
-        new_rows[t] = r
+        new[t, KEY] = key
+        new[t, ROW] = r
 
 
 @nb.njit(cache=True)
-def index_items(keys, rows, size):
+def index_items(buckets, size):
     """All (id, row) pairs of the index, in bucket order.
 
     Returns:
@@ -174,10 +170,10 @@ def index_items(keys, rows, size):
     out_ids = np.empty(size, dtype=np.int64)
     out_rows = np.empty(size, dtype=np.int64)
     k = 0
-    for b in range(keys.shape[0]):
-        if rows[b] != EMPTY:
-            out_ids[k] = keys[b]
-            out_rows[k] = rows[b]
+    for b in range(buckets.shape[0]):
+        if buckets[b, ROW] != EMPTY:
+            out_ids[k] = buckets[b, KEY]
+            out_rows[k] = buckets[b, ROW]
             k += 1
     return out_ids, out_rows
 
@@ -198,8 +194,8 @@ def unique_inverse(ids):
     while cap < 2 * n:
         cap *= 2
     mask = cap - 1
-    tkeys = np.empty(cap, dtype=np.int64)
-    tpos = np.full(cap, EMPTY, dtype=np.int64)
+    table = np.empty((cap, 2), dtype=np.int64)  # (key, position), like the index buckets
+    table[:, ROW] = EMPTY
     unique = np.empty(n, dtype=np.int64)
     counts = np.zeros(n, dtype=np.int64)
     inverse = np.empty(n, dtype=np.int64)
@@ -208,15 +204,15 @@ def unique_inverse(ids):
         key = ids[i]
         b = _home(key, mask)
         while True:
-            p = tpos[b]
+            p = table[b, ROW]
             if p == EMPTY:
-                tkeys[b] = key
-                tpos[b] = u
+                table[b, KEY] = key
+                table[b, ROW] = u
                 unique[u] = key
                 p = u
                 u += 1
                 break
-            if tkeys[b] == key:
+            if table[b, KEY] == key:
                 break
             b = (b + 1) & mask
         inverse[i] = p

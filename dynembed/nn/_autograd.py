@@ -9,6 +9,16 @@ from dynembed.kernels.gather import segment_sum
 from dynembed.table.table import DynamicTable
 
 
+def _gather(table: DynamicTable, slots: np.ndarray, inverse: np.ndarray | None) -> torch.Tensor:
+    """(u, dim) rows at ``slots``, or (n, dim) ``rows[inverse]`` with ``inverse``.
+
+    Gathering the distinct rows first and expanding them from that compact copy (which
+    stays in cache) is faster than gathering every key's row from the scattered arena.
+    """
+    rows = table.gather(slots)
+    return rows if inverse is None else rows.index_select(0, torch.from_numpy(inverse))
+
+
 class _GatherRows(torch.autograd.Function):
     """Rows of distinct ids (or of every key) as a dense tensor; backward updates the table.
 
@@ -23,7 +33,7 @@ class _GatherRows(torch.autograd.Function):
                 slots: np.ndarray, inverse: np.ndarray | None) -> torch.Tensor:
         ctx.table, ctx.ids, ctx.slots, ctx.inverse = table, ids, slots, inverse
         ctx.erasures = table.erasures
-        return table.gather(slots if inverse is None else slots[inverse])
+        return _gather(table, slots, inverse)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -89,4 +99,4 @@ def rows_for(table: DynamicTable, anchor: torch.Tensor, unique_ids: np.ndarray,
                                string_ids=string_ids)
     if insert and table.trainable and torch.is_grad_enabled():
         return _GatherRows.apply(anchor, table, unique_ids, slots, inverse)
-    return table.gather(slots if inverse is None else slots[inverse])
+    return _gather(table, slots, inverse)

@@ -19,7 +19,8 @@ class HashIndex:
     """Maps int64 ids (any value) to int64 arena slots.
 
     Capacity is a power of two kept at most 75% full; erase shifts entries back, so there
-    are no tombstones. Arrays are host numpy arrays used directly by numba kernels.
+    are no tombstones. ``table`` is a (buckets, 2) host numpy array of (id, slot) pairs used
+    directly by the numba kernels.
     """
 
     def __init__(self, entries: int = 0) -> None:
@@ -27,31 +28,41 @@ class HashIndex:
         self.size = 0
 
     def _alloc(self, buckets: int) -> None:
-        self.keys = np.empty(buckets, dtype=np.int64)
-        self.rows = np.full(buckets, EMPTY, dtype=np.int64)
+        self.table = np.empty((buckets, 2), dtype=np.int64)
+        self.table[:, k.ROW] = EMPTY
+
+    @property
+    def keys(self) -> np.ndarray:
+        """(buckets,) id column (a view; meaningful where ``rows`` is not EMPTY)."""
+        return self.table[:, k.KEY]
+
+    @property
+    def rows(self) -> np.ndarray:
+        """(buckets,) slot column (a view), EMPTY for free buckets."""
+        return self.table[:, k.ROW]
 
     @property
     def buckets(self) -> int:
         """Number of buckets (a power of two)."""
-        return self.keys.shape[0]
+        return self.table.shape[0]
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the index arrays."""
-        return self.keys.nbytes + self.rows.nbytes
+        """Bytes held by the index."""
+        return self.table.nbytes
 
     def reserve(self, entries: int) -> None:
         """Rehashes into more buckets if ``entries`` would exceed the load limit."""
         buckets = _buckets_for(entries)
         if buckets <= self.buckets:
             return
-        old_keys, old_rows = self.keys, self.rows
+        old = self.table
         self._alloc(buckets)
-        k.index_rehash(old_keys, old_rows, self.keys, self.rows)
+        k.index_rehash(old, self.table)
 
     def find(self, ids: np.ndarray) -> np.ndarray:
         """(n,) int64 slot per id, EMPTY where absent."""
-        return k.index_find(self.keys, self.rows, ids)
+        return k.index_find(self.table, ids)
 
     def insert_missing(self, ids: np.ndarray, slots: np.ndarray, free_rows: np.ndarray,
                        free_top: int, high_water: int) -> tuple[int, int, int]:
@@ -60,21 +71,21 @@ class HashIndex:
         The caller reserves room for the new entries first.
         """
         inserted, free_top, high_water = k.index_insert(
-            self.keys, self.rows, ids, slots, free_rows, free_top, high_water)
+            self.table, ids, slots, free_rows, free_top, high_water)
         self.size += inserted
         return inserted, free_top, high_water
 
     def erase(self, ids: np.ndarray) -> np.ndarray:
         """Removes ids; returns the freed slot per id, EMPTY where absent."""
-        freed = k.index_erase(self.keys, self.rows, ids)
+        freed = k.index_erase(self.table, ids)
         self.size -= int(np.count_nonzero(freed != EMPTY))
         return freed
 
     def items(self) -> tuple[np.ndarray, np.ndarray]:
         """((size,) ids, (size,) slots) of every entry."""
-        return k.index_items(self.keys, self.rows, self.size)
+        return k.index_items(self.table, self.size)
 
     def clear(self) -> None:
         """Removes every entry (keeps the buckets)."""
-        self.rows.fill(EMPTY)
+        self.table[:, k.ROW] = EMPTY
         self.size = 0
