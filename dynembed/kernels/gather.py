@@ -6,6 +6,7 @@ import numba as nb
 import numpy as np
 
 from dynembed.kernels._prefetch import PREFETCH_DISTANCE, prefetch
+from dynembed.kernels._threads import adaptive
 
 
 @nb.njit(fastmath=True, cache=True)
@@ -33,18 +34,19 @@ def segment_sum(values, segment, segments):
     return out
 
 
-@nb.njit(cache=True)
+@adaptive(lambda meta, slots, occurrences, step: slots.size)
+@nb.njit(parallel=True, cache=True)
 def touch_rows(meta, slots, occurrences, step):
     """Records a training lookup: ``count += occurrences`` and ``last_step = step``.
 
     Args:
         meta: (capacity, 3) int64 arena metadata (id, count, last step), in place.
-        slots: (u,) int64 distinct slots.
+        slots: (u,) int64 distinct slots (so parallel updates never collide).
         occurrences: (u,) int64 lookups of each slot in this call.
         step: the table's step.
     """
     n = slots.shape[0]
-    for i in range(n):
+    for i in nb.prange(n):
         if i + PREFETCH_DISTANCE < n:
             prefetch(meta, slots[i + PREFETCH_DISTANCE])
         r = slots[i]

@@ -201,6 +201,8 @@ def unique_inverse(ids):
     inverse = np.empty(n, dtype=np.int64)
     u = 0
     for i in range(n):
+        if i + PREFETCH_DISTANCE < n:
+            prefetch(table, _home(ids[i + PREFETCH_DISTANCE], mask))
         key = ids[i]
         b = _home(key, mask)
         while True:
