@@ -1,0 +1,1 @@
+"""Benchmarks for dynembed; run ``python -m benchmarks.core --help``."""
