@@ -12,10 +12,9 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
+from dynembed.kernels._hashing import mix64
 from dynembed.kernels._prefetch import PREFETCH_DISTANCE, prefetch
 from dynembed.kernels._threads import adaptive
-
-from dynembed.kernels._hashing import mix64
 
 EMPTY = -1
 KEY, ROW = 0, 1

@@ -12,9 +12,8 @@ import math
 import numba as nb
 import numpy as np
 
-from dynembed.kernels._threads import adaptive
-
 from dynembed.kernels._hashing import mix64
+from dynembed.kernels._threads import adaptive
 
 ZEROS = 0
 UNIFORM = 1

@@ -18,7 +18,6 @@ import numpy as np
 from dynembed.kernels._prefetch import PREFETCH_DISTANCE, prefetch_row
 from dynembed.kernels._threads import adaptive
 
-
 _ONE = np.float32(1.0)
 _EXPONENT = np.uint32(0x7F800000)
 
