@@ -39,12 +39,12 @@ import numpy as np
 
 from benchmarks._common import (
     WORDS_EXPECTED,
+    cpu_busy_seconds,
     default_cache_dir,
     eprint,
     fetch_words,
     fmt_num,
     fmt_rate,
-    cpu_busy_seconds,
     git_commit,
     loadavg,
     machine_info,
