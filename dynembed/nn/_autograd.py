@@ -24,8 +24,8 @@ class _GatherRows(torch.autograd.Function):
 
     Rows are not ``nn.Parameter`` s (the table grows and reuses slots), so the output is tied
     into the graph through ``anchor``, a zero-size tensor that requires grad. With
-    ``inverse`` the output has one row per key, gathered straight from the arena, and
-    backward sums the gradients of duplicate keys before the update.
+    ``inverse`` the output has one row per key, and backward sums the gradients of
+    duplicate keys (a compiled segment sum) before the update.
     """
 
     @staticmethod
