@@ -51,7 +51,7 @@ class DynamicEmbedding(SingleTableModule):
         """
         batch = self.table.ids_of(keys)
         if not self.training or self.table.read_only:
-            # Reads need no dedup: one fused find + copy per key.
+            # Reads need no dedup: probe every key, then one gather.
             out = self.table.read(batch.ids)
         else:
             unique, inverse, counts = unique_inverse(batch.ids)

@@ -9,7 +9,6 @@ removes rows. The ``*_slots`` methods are the lower-level path used by :mod:`dyn
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 import numpy as np
 import torch
@@ -29,8 +28,6 @@ from dynembed.table.config import TableConfig
 from dynembed.table.index import EMPTY, HashIndex
 from dynembed.table.results import FindResult, InsertResult, TableExport
 from dynembed.table.stats import CallStats, Counters, TableStats
-
-logger = logging.getLogger(__name__)
 
 _STATE_VERSION = 1
 
