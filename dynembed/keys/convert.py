@@ -256,13 +256,14 @@ def to_jagged(values, offsets=None, *, include_last_offset: bool = False,
         rows, width = batch.shape
         return batch, np.arange(rows + 1, dtype=np.int64) * width
     if isinstance(values, (list, tuple)):
-        if not all(isinstance(b, (list, tuple, np.ndarray, torch.Tensor)) for b in values):
+        bag_types = set(map(type, values))  # C-level scan; the checks below see each type once
+        if not all(issubclass(t, (list, tuple, np.ndarray, torch.Tensor)) for t in bag_types):
             raise KeyInputError(f"{arg}: without offsets, bags must be given as a list of "
                                 "lists (one list of keys per sample), a 2-D tensor, or flat "
                                 "values with offsets=.")
         lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
         bounds = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
-        if values and all(isinstance(b, torch.Tensor) for b in values):
+        if bag_types and all(issubclass(t, torch.Tensor) for t in bag_types):
             flat = torch.cat([b.reshape(-1) for b in values]) if lengths.sum() else []
         else:
             flat = list(itertools.chain.from_iterable(values))

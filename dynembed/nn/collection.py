@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -146,8 +147,8 @@ class EmbeddingCollection(TableModule):
             table = self.tables[table_name]
             ids = np.concatenate([b.ids for _, b, _ in group])
             strings = None
-            if table.key_log is not None and group[0][1].strings is not None:
-                strings = [s for _, b, _ in group for s in (b.strings or [])]
+            if table.key_log is not None and all(b.strings is not None for _, b, _ in group):
+                strings = list(itertools.chain.from_iterable(b.strings for _, b, _ in group))
             unique, inverse, counts = unique_inverse(ids)
             rows = rows_for(table, self._anchor, unique, counts, training=self.training,
                             strings=strings, string_ids=ids)

@@ -100,3 +100,13 @@ def test_errors():
 def test_default_features_one_per_table():
     coll = de.EmbeddingCollection(tables={"item": de.TableConfig(dim=2)})
     assert coll({"item": [1, 2, 3]})["item"].shape == (3, 2)
+
+
+def test_key_log_on_a_shared_table_records_every_feature():
+    coll = de.EmbeddingCollection(
+        tables={"words": de.TableConfig(dim=2, key_log=True)},
+        features={"title": de.FeatureConfig(table="words", pooling="sum"),
+                  "query": de.FeatureConfig(table="words", pooling="sum")})
+    coll({"title": [["red", "shoe"]], "query": [["hat"]]})
+    table = coll.tables["words"]
+    assert sorted(table.keys_of(table.export().ids)) == ["hat", "red", "shoe"]
