@@ -72,13 +72,6 @@ class TableModule(nn.Module):
             except StateDictError as e:
                 raise StateDictError(f"table '{prefix}{name}': {e}") from None
 
-    def stats(self) -> TableStats | dict[str, TableStats]:
-        """Stats of the table (or of each table, by name)."""
-        tables = self.named_tables()
-        if len(tables) == 1:
-            return next(iter(tables.values())).stats()
-        return {name: t.stats() for name, t in tables.items()}
-
     def sparse_step(self) -> None:
         """Applies deferred-mode gradients of every table (no-op in fused mode)."""
         for table in self.named_tables().values():
@@ -105,6 +98,10 @@ class SingleTableModule(TableModule):
 
     def named_tables(self) -> dict[str, DynamicTable]:
         return {"table": self.table}
+
+    def stats(self) -> TableStats:
+        """Sizes and counters of the table (see :meth:`DynamicTable.stats`)."""
+        return self.table.stats()
 
 
 def sparse_step(model: nn.Module) -> None:

@@ -16,6 +16,7 @@ from dynembed.nn._autograd import index_rows, rows_for
 from dynembed.nn._base import TableModule
 from dynembed.nn.bag import check_mode, pool
 from dynembed.table.config import TableConfig
+from dynembed.table.stats import TableStats
 from dynembed.table.table import DynamicTable
 
 
@@ -97,6 +98,10 @@ class EmbeddingCollection(TableModule):
 
     def named_tables(self) -> dict[str, DynamicTable]:
         return {f"tables.{name}": table for name, table in self.tables.items()}
+
+    def stats(self) -> dict[str, TableStats]:
+        """Sizes and counters of each table, by table name."""
+        return {name: table.stats() for name, table in self.tables.items()}
 
     def _convert(self, name: str, spec: FeatureConfig, value, table: DynamicTable):
         arg = f"inputs[{name!r}]"

@@ -110,3 +110,11 @@ def test_key_log_on_a_shared_table_records_every_feature():
     coll({"title": [["red", "shoe"]], "query": [["hat"]]})
     table = coll.tables["words"]
     assert sorted(table.keys_of(table.export().ids)) == ["hat", "red", "shoe"]
+
+
+def test_stats_by_table_name():
+    coll = _collection()
+    coll(BATCH)
+    stats = coll.stats()
+    assert set(stats) == {"words", "user"}
+    assert stats["words"].rows == 4 and stats["user"].rows == 2
