@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dynembed.table._memory import host_empty
+
 _MIN_CAPACITY = 1024
 _GROWTH = 1.5  # amortised O(1) appends; 1.5 rather than 2 keeps slack (and copies) small
 
@@ -38,10 +40,15 @@ class RowArena:
         self._alloc(0)
 
     def _alloc(self, capacity: int) -> None:
-        kw = {"device": self.device}
-        self.weights = torch.empty((capacity, self.dim), dtype=torch.float32, **kw)
-        self.state = torch.empty((capacity, self.state_width), dtype=torch.float32, **kw)
-        self.meta = torch.empty((capacity, 3), dtype=torch.int64, **kw)
+        self.weights = self._empty((capacity, self.dim), torch.float32)
+        self.state = self._empty((capacity, self.state_width), torch.float32)
+        self.meta = self._empty((capacity, 3), torch.int64)
+
+    def _empty(self, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        if self.device.type == "cpu":  # huge-page backed host memory for big arenas
+            np_dtype = np.float32 if dtype == torch.float32 else np.int64
+            return torch.from_numpy(host_empty(shape, np_dtype))
+        return torch.empty(shape, dtype=dtype, device=self.device)
 
     @property
     def capacity(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from dynembed.kernels import hash_index as k
+from dynembed.table._memory import host_empty
 
 EMPTY = k.EMPTY
 _MAX_LOAD = 0.75
@@ -28,7 +29,7 @@ class HashIndex:
         self.size = 0
 
     def _alloc(self, buckets: int) -> None:
-        self.table = np.empty((buckets, 2), dtype=np.int64)
+        self.table = host_empty((buckets, 2), np.int64)
         self.table[:, k.ROW] = EMPTY
 
     @property
