@@ -204,7 +204,8 @@ class DynamicTable:
 
     def _find_gather(self, ids: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         slots = self.index.find(ids)
-        return self.gather(slots), slots != EMPTY
+        missing = slots == EMPTY
+        return self.gather(slots, missing=missing), missing
 
     def read(self, ids: np.ndarray) -> torch.Tensor:
         """Rows of ids for a read-only lookup call (eval, serving), counted in the stats.
@@ -217,27 +218,30 @@ class DynamicTable:
         Returns:
             (n, dim) float32, not attached to autograd.
         """
-        out, found = self._find_gather(ids)
-        hits = int(np.count_nonzero(found))
-        misses = ids.shape[0] - hits
-        call = CallStats(keys=ids.shape[0], hits=hits, misses=misses,
+        out, missing = self._find_gather(ids)
+        misses = int(np.count_nonzero(missing))
+        call = CallStats(keys=ids.shape[0], hits=ids.shape[0] - misses, misses=misses,
                          defaults_served=misses)
         self.last_call = call
         self.counters.add_call(call)
         return out
 
-    def gather(self, slots: np.ndarray) -> torch.Tensor:
+    def gather(self, slots: np.ndarray, *, missing: np.ndarray | None = None) -> torch.Tensor:
         """(u, dim) rows at ``slots``; the default vector where a slot is EMPTY.
 
         The copy is torch's ``index_select``, which runs on torch's own thread pool.
+
+        Args:
+            slots: (u,) int64 slots.
+            missing: ``slots == EMPTY`` if the caller has it already.
         """
-        missing = slots == EMPTY
+        if missing is None:
+            missing = slots == EMPTY
         if not missing.any():
             return self.arena.weights.index_select(0, torch.from_numpy(slots))
-        safe = torch.from_numpy(np.where(missing, 0, slots))
         if self.capacity() == 0:
             return self._default.expand(slots.shape[0], self.dim).clone()
-        rows = self.arena.weights.index_select(0, safe)
+        rows = self.arena.weights.index_select(0, torch.from_numpy(np.where(missing, 0, slots)))
         rows[torch.from_numpy(missing)] = self._default
         return rows
 
@@ -324,8 +328,8 @@ class DynamicTable:
         Returns:
             FindResult(values (n, dim), found (n,) bool); default vector where not found.
         """
-        values, found = self._find_gather(self.ids_of(keys).ids)
-        return FindResult(values, torch.from_numpy(found))
+        values, missing = self._find_gather(self.ids_of(keys).ids)
+        return FindResult(values, torch.from_numpy(~missing))
 
     def contains(self, keys) -> torch.Tensor:
         """(n,) bool, whether each key has a row."""
