@@ -26,7 +26,7 @@ def test_large_buffer_is_a_private_mapping_that_outlives_its_creator():
         owner = a
         while isinstance(owner, np.ndarray):
             owner = owner.base
-        assert isinstance(owner, mmap.mmap)
+        assert isinstance(owner, memoryview) and isinstance(owner.obj, mmap.mmap)
     t = torch.from_numpy(a)
     del a
     t.fill_(2.0)  # the tensor keeps the mapping alive
