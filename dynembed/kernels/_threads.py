@@ -58,7 +58,6 @@ def adaptive(work: Callable[..., int]):
             finally:
                 nb.set_num_threads(previous)
 
-        call.kernel = kernel
         return call
 
     return wrap

@@ -78,14 +78,3 @@ def init_rows(weights, slots, ids, seed, kind, p0, p1, p2, p3):
                 z = min(max(z, p2), p3)
                 v = p0 + p1 * z
             row[j] = v
-
-
-@adaptive(lambda arr, slots, value: slots.size * arr.shape[1])
-@nb.njit(parallel=True, cache=True)
-def fill_rows(arr, slots, value):
-    """Sets ``arr[slots] = value`` for a 2-D array (optimizer state of new rows)."""
-    width = arr.shape[1]
-    for i in nb.prange(slots.shape[0]):
-        row = slots[i]
-        for j in range(width):
-            arr[row, j] = value
