@@ -8,15 +8,21 @@ and a compiled CPU engine::
     v = emb(["cat", "dog", "cat"])   # (3, 64); new keys get rows
 """
 
-from dynembed import optim
+from dynembed import optim, policy, storage
 from dynembed import policy as init
 from dynembed.errors import (
     DynembedError,
     KeyInputError,
     KeyValueError,
+    MemoryBudgetError,
     NonFiniteGradientError,
     ReadOnlyTableError,
     StateDictError,
+    StoreCorruptError,
+    StoreError,
+    StoreFullError,
+    StoreLockedError,
+    StoreUnavailableError,
     TableError,
 )
 from dynembed.kernels._threads import get_num_threads, set_num_threads
@@ -29,14 +35,41 @@ from dynembed.nn import (
     sparse_step,
     sparse_zero_grad,
 )
-from dynembed.table import DynamicTable, FindResult, InsertResult, TableConfig, TableStats
+from dynembed.table import (
+    DynamicTable,
+    FindResult,
+    InsertResult,
+    TableConfig,
+    TableStats,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DynamicEmbedding", "DynamicEmbeddingBag", "EmbeddingCollection", "FeatureConfig",
-    "DynamicTable", "TableConfig", "TableStats", "FindResult", "InsertResult",
-    "optim", "init", "sparse_step", "set_num_threads", "get_num_threads", "sparse_zero_grad", "hash_strings", "hash_bytes", "KeyLog",
-    "DynembedError", "KeyInputError", "KeyValueError", "TableError", "ReadOnlyTableError",
-    "StateDictError", "NonFiniteGradientError", "__version__",
+    "DynamicEmbedding",
+    "DynamicEmbeddingBag",
+    "DynamicTable",
+    "DynembedError",
+    "EmbeddingCollection",
+    "FeatureConfig",
+    "FindResult",
+    "InsertResult",
+    "KeyInputError",
+    "KeyLog",
+    "KeyValueError",
+    "NonFiniteGradientError",
+    "ReadOnlyTableError",
+    "StateDictError",
+    "TableConfig",
+    "TableError",
+    "TableStats",
+    "__version__",
+    "get_num_threads",
+    "hash_bytes",
+    "hash_strings",
+    "init",
+    "optim",
+    "set_num_threads",
+    "sparse_step",
+    "sparse_zero_grad",
 ]

@@ -35,3 +35,27 @@ class StateDictError(TableError, ValueError):
 
 class NonFiniteGradientError(TableError, FloatingPointError):
     """A gradient row holds NaN or inf and the table's policy is ``nonfinite_grads="raise"``."""
+
+
+class MemoryBudgetError(TableError):
+    """A lookup needs more rows at once than the table's memory budget can hold."""
+
+
+class StoreError(DynembedError):
+    """Base of the errors raised by a storage tier; the message names the store and cause."""
+
+
+class StoreUnavailableError(StoreError, ConnectionError):
+    """The store cannot be reached (server down, network error) after bounded retries."""
+
+
+class StoreLockedError(StoreError):
+    """The store is held by another process or object (e.g. a RocksDB directory's LOCK)."""
+
+
+class StoreFullError(StoreError):
+    """The store refused a write for lack of space (disk full, Redis maxmemory)."""
+
+
+class StoreCorruptError(StoreError):
+    """A stored row does not decode: bad magic, unknown version, or the wrong size or dims."""

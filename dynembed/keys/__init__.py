@@ -4,5 +4,13 @@ from dynembed.keys.convert import KeyBatch, to_jagged, to_key_batch, validate_of
 from dynembed.keys.hashing import DEFAULT_HASH_SEED, hash_bytes, hash_strings
 from dynembed.keys.key_log import KeyLog
 
-__all__ = ["KeyBatch", "KeyLog", "to_key_batch", "to_jagged", "validate_offsets",
-           "hash_strings", "hash_bytes", "DEFAULT_HASH_SEED"]
+__all__ = [
+           "DEFAULT_HASH_SEED",
+           "KeyBatch",
+           "KeyLog",
+           "hash_bytes",
+           "hash_strings",
+           "to_jagged",
+           "to_key_batch",
+           "validate_offsets",
+]

@@ -6,4 +6,4 @@ from dynembed.optim.base import SparseOptimizer
 from dynembed.optim.ftrl import FTRL
 from dynembed.optim.sgd import SGD
 
-__all__ = ["SGD", "Adagrad", "RowWiseAdagrad", "Adam", "FTRL", "SparseOptimizer"]
+__all__ = ["FTRL", "SGD", "Adagrad", "Adam", "RowWiseAdagrad", "SparseOptimizer"]

@@ -1,5 +1,14 @@
-"""Policies that decide what a row starts as (initializers); admission and eviction later."""
+"""Policies: what a row starts as (initializers), which keys earn a row (admission), which
+rows leave memory first (eviction)."""
 
+from dynembed.policy.admission import (
+    AdmissionPolicy,
+    AdmitAll,
+    BloomAdmission,
+    FrequencyAdmission,
+    ProbabilisticAdmission,
+)
+from dynembed.policy.eviction import LFU, LRU, TTL, EvictionPolicy, ScoreFunction
 from dynembed.policy.initializers import (
     Constant,
     Initializer,
@@ -9,4 +18,21 @@ from dynembed.policy.initializers import (
     Zeros,
 )
 
-__all__ = ["Initializer", "Zeros", "Constant", "Uniform", "Normal", "TruncatedNormal"]
+__all__ = [
+    "LFU",
+    "LRU",
+    "TTL",
+    "AdmissionPolicy",
+    "AdmitAll",
+    "BloomAdmission",
+    "Constant",
+    "EvictionPolicy",
+    "FrequencyAdmission",
+    "Initializer",
+    "Normal",
+    "ProbabilisticAdmission",
+    "ScoreFunction",
+    "TruncatedNormal",
+    "Uniform",
+    "Zeros",
+]

@@ -5,5 +5,13 @@ from dynembed.table.results import FindResult, InsertResult, TableExport
 from dynembed.table.stats import CallStats, Counters, TableStats
 from dynembed.table.table import DynamicTable
 
-__all__ = ["DynamicTable", "TableConfig", "FindResult", "InsertResult", "TableExport",
-           "TableStats", "CallStats", "Counters"]
+__all__ = [
+           "CallStats",
+           "Counters",
+           "DynamicTable",
+           "FindResult",
+           "InsertResult",
+           "TableConfig",
+           "TableExport",
+           "TableStats",
+]

@@ -37,6 +37,8 @@ class RowArena:
         self.dim = dim
         self.state_width = state_width
         self.device = torch.device(device)
+        self.limit: int | None = None
+        """Capacity the arena never grows past (a table's row budget), None for no limit."""
         self._alloc(0)
 
     def _alloc(self, capacity: int) -> None:
@@ -83,6 +85,8 @@ class RowArena:
         if rows <= self.capacity:
             return
         new_capacity = max(rows, int(self.capacity * _GROWTH), _MIN_CAPACITY)
+        if self.limit is not None:
+            new_capacity = max(rows, min(new_capacity, self.limit))
         self.reserve(new_capacity)
 
     def reserve(self, capacity: int) -> None:

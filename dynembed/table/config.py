@@ -8,7 +8,12 @@ from dataclasses import dataclass, field
 
 from dynembed.keys.hashing import DEFAULT_HASH_SEED, check_hash_seed
 from dynembed.optim.base import SparseOptimizer
+from dynembed.policy.admission import AdmissionPolicy
+from dynembed.policy.eviction import EvictionPolicy
 from dynembed.policy.initializers import Initializer, Uniform
+from dynembed.storage.base import EmbeddingStore
+from dynembed.table.budget import parse_bytes
+from dynembed.table.tiering import WRITE_POLICIES
 
 UPDATE_MODES = ("fused", "deferred")
 NONFINITE_POLICIES = ("raise", "skip")
@@ -51,6 +56,29 @@ class TableConfig:
     """Rows to reserve up front (the table grows on demand anyway)."""
     device: str = "cpu"
     """Where rows live. Only "cpu" is supported in this release."""
+    admission: AdmissionPolicy | None = None
+    """Which unseen keys get a row (None admits all). Keys not admitted get the default
+    vector and no gradient; both are counted in stats."""
+    eviction: EvictionPolicy | None = None
+    """Which rows leave memory first (see de.policy.LRU, LFU, TTL, ScoreFunction). None
+    means LRU when a budget is set, and no eviction otherwise."""
+    memory_budget: str | int | None = None
+    """Bytes the table's rows, index and bookkeeping may use: an int or a size such as
+    "2GiB". Lookups past it evict the lowest-scoring rows (to the store if any)."""
+    max_rows: int | None = None
+    """The most rows memory may hold (with ``memory_budget``, the smaller limit applies)."""
+    evict_every: int | None = None
+    """Steps between sweeps that evict rows the policy calls expired (TTL, or ``min_score``
+    of LFU / ScoreFunction). A sweep examines ``sweep_rows`` slots per lookup."""
+    sweep_rows: int = 1 << 16
+    """Slots a scheduled sweep examines per training lookup (bounds the pause)."""
+    store: EmbeddingStore | None = None
+    """Storage tier under memory (de.storage.RocksDBStore, RedisStore, MemoryStore): misses
+    read through it and evicted rows are written to it. None keeps rows in memory only, and
+    evicted rows are discarded (and counted)."""
+    write_policy: str = "back"
+    """"back": rows reach the store when evicted or flushed. "through": also after every
+    update (slower; the store is always current)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim <= 0:
@@ -77,9 +105,38 @@ class TableConfig:
                 or self.initial_capacity < 0):
             raise ValueError(f"initial_capacity must be an int >= 0, got "
                              f"{self.initial_capacity!r}")
+        self._check_tiers()
         if self.device != "cpu":
             raise ValueError(f"device must be 'cpu' in this release, got {self.device!r}; "
                              "GPU tables are planned")
+
+    def _check_tiers(self) -> None:
+        if self.admission is not None and not isinstance(self.admission, AdmissionPolicy):
+            raise TypeError("admission must be a de.policy admission policy such as "
+                            "de.policy.FrequencyAdmission(threshold=3), got "
+                            f"{type(self.admission).__name__}")
+        if self.eviction is not None and not isinstance(self.eviction, EvictionPolicy):
+            raise TypeError("eviction must be a de.policy eviction policy such as "
+                            f"de.policy.LRU(), got {type(self.eviction).__name__}")
+        if self.memory_budget is not None:
+            parse_bytes(self.memory_budget, "memory_budget")
+        for name in ("max_rows", "evict_every", "sweep_rows"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value <= 0):
+                raise ValueError(f"{name} must be an int > 0" + (
+                    "" if name == "sweep_rows" else " or None") + f", got {value!r}")
+        if self.evict_every is not None and self.eviction is None:
+            raise ValueError("evict_every needs an eviction policy that expires rows, "
+                             "e.g. eviction=de.policy.TTL(steps=10_000)")
+        if self.store is not None and not isinstance(self.store, EmbeddingStore):
+            raise TypeError("store must be a de.storage store such as "
+                            f"de.storage.RocksDBStore(path), got {type(self.store).__name__}")
+        if self.write_policy not in WRITE_POLICIES:
+            raise ValueError(f"write_policy must be one of {WRITE_POLICIES}, got "
+                             f"{self.write_policy!r}")
+        if self.write_policy == "through" and self.store is None:
+            raise ValueError("write_policy='through' needs a store; pass store=")
 
     def _check_default_value(self) -> None:
         value = self.default_value

@@ -11,7 +11,7 @@ EMPTY = k.EMPTY
 _MAX_LOAD = 0.75
 
 
-def _buckets_for(entries: int) -> int:
+def buckets_for(entries: int) -> int:
     need = max(16, int(np.ceil(entries / _MAX_LOAD)))
     return 1 << (need - 1).bit_length()
 
@@ -25,7 +25,7 @@ class HashIndex:
     """
 
     def __init__(self, entries: int = 0) -> None:
-        self._alloc(_buckets_for(entries))
+        self._alloc(buckets_for(entries))
         self.size = 0
 
     def _alloc(self, buckets: int) -> None:
@@ -54,7 +54,7 @@ class HashIndex:
 
     def reserve(self, entries: int) -> None:
         """Rehashes into more buckets if ``entries`` would exceed the load limit."""
-        buckets = _buckets_for(entries)
+        buckets = buckets_for(entries)
         if buckets <= self.buckets:
             return
         old = self.table

@@ -18,7 +18,12 @@ class CallStats:
     inserts: int = 0
     """Rows created by the call."""
     defaults_served: int = 0
-    """Keys answered with the default vector (unseen in eval or read-only mode)."""
+    """Keys answered with the default vector (unseen in eval or read-only mode, or not
+    admitted)."""
+    not_admitted: int = 0
+    """Keys refused a row by the admission policy (they get the default vector)."""
+    loaded: int = 0
+    """Rows read from the store into memory (misses of memory that the store answered)."""
 
 
 @dataclass
@@ -36,6 +41,14 @@ class Counters(CallStats):
     forward and the update."""
     nonfinite_gradients: int = 0
     """Gradient rows that held NaN or inf."""
+    unadmitted_gradients: int = 0
+    """Gradient rows dropped because their key was not admitted (it has no row)."""
+    evicted: int = 0
+    """Rows moved out of memory by eviction and kept in the store."""
+    discarded: int = 0
+    """Rows evicted with no store to keep them: lost, and logged (rate-limited)."""
+    store_writes: int = 0
+    """Rows written to the store (evictions, flushes, write-through)."""
 
     def add_call(self, call: CallStats) -> None:
         """Adds one call's counts to the totals."""

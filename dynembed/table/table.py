@@ -23,11 +23,22 @@ from dynembed.kernels.hash_index import unique_inverse
 from dynembed.kernels.sparse_updates import nonfinite_rows
 from dynembed.keys.convert import to_key_batch
 from dynembed.keys.key_log import KeyLog
-from dynembed.table.arena import COUNT, ID, LAST_STEP, RowArena
+from dynembed.policy.eviction import LRU
+from dynembed.storage.rows import RowBlock
+from dynembed.table.arena import RowArena
+from dynembed.table.budget import parse_bytes, rows_within
 from dynembed.table.config import TableConfig
-from dynembed.table.index import EMPTY, HashIndex
+from dynembed.table.eviction import DiscardLog, Evictor
+from dynembed.table.index import EMPTY, HashIndex, buckets_for
+from dynembed.table.lifecycle import (
+    CREATE_ADMITTED,
+    CREATE_ALL,
+    CREATE_NONE,
+    RowLifecycle,
+)
 from dynembed.table.results import FindResult, InsertResult, TableExport
 from dynembed.table.stats import CallStats, Counters, TableStats
+from dynembed.table.tiering import Tier
 
 _STATE_VERSION = 1
 
@@ -44,8 +55,9 @@ def _last_occurrence(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return unique, last
 
 
-class DynamicTable:
-    """A growable map from int64 ids to trainable rows.
+class DynamicTable(RowLifecycle):
+    """A growable map from int64 ids to trainable rows, optionally bounded in memory over a
+    store (admission, eviction and read-through in :class:`RowLifecycle`).
 
     Args:
         config: the table's :class:`TableConfig`.
@@ -88,8 +100,31 @@ class DynamicTable:
         self._pending: list[tuple[np.ndarray, torch.Tensor]] = []
         self.counters = Counters()
         self.last_call = CallStats()
+        self.admitter = config.admission.create(self.seed) if config.admission else None
+        self.tier = Tier(config.store, config.write_policy, self.arena) if config.store \
+            else None
+        self.max_rows = self._row_limit()
+        """The most rows memory holds (from memory_budget / max_rows), None if unbounded."""
+        self.arena.limit = self.max_rows
+        policy = config.eviction or (LRU() if self.max_rows is not None else None)
+        self.evictor = (Evictor(policy, self.max_rows, config.evict_every, config.sweep_rows)
+                        if policy is not None else None)
+        self._discard_log = DiscardLog(f"table(dim={self.dim})")
         if config.initial_capacity:
             self.reserve(config.initial_capacity)
+
+    def _row_limit(self) -> int | None:
+        limits = [self.config.max_rows] if self.config.max_rows else []
+        if self.config.memory_budget is not None:
+            per_row = self.arena.bytes_per_row() + (1 if self.tier else 0)  # + dirty mark
+            budget = parse_bytes(self.config.memory_budget)
+            rows = rows_within(budget, lambda r: r * per_row + 16 * buckets_for(r) + 8 * r)
+            if rows == 0:
+                raise ValueError(f"memory_budget={self.config.memory_budget!r} holds no row "
+                                 f"of this table ({per_row} bytes each plus the index); "
+                                 "raise it")
+            limits.append(rows)
+        return min(limits) if limits else None
 
     # ----------------------------------------------------------------- introspection
     def size(self) -> int:
@@ -111,8 +146,9 @@ class DynamicTable:
         """Pre-sizes the arena and the index for ``rows`` live rows (no effect if smaller)."""
         if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 0:
             raise ValueError(f"rows must be an int >= 0, got {rows!r}")
-        self.arena.reserve(int(rows))
-        self.index.reserve(int(rows))
+        rows = int(rows) if self.max_rows is None else min(int(rows), self.max_rows)
+        self.arena.reserve(rows)
+        self.index.reserve(rows)
 
     def stats(self) -> TableStats:
         """A snapshot of sizes and counters."""
@@ -146,25 +182,6 @@ class DynamicTable:
                                      "serving); make a writable table to change rows")
 
     # ----------------------------------------------------------------- slot-level path
-    def _allocate(self, ids: np.ndarray, slots: np.ndarray, missing: int) -> np.ndarray:
-        """Inserts ids whose slot is EMPTY and initialises their rows; returns the new mask."""
-        new_mask = slots == EMPTY
-        reusable = self._free_top
-        self.arena.ensure(self._high_water + max(0, missing - reusable))
-        self.index.reserve(self.index.size + missing)
-        _, self._free_top, self._high_water = self.index.insert_missing(
-            ids, slots, self._free, self._free_top, self._high_water)
-        new_slots = slots[new_mask]
-        new_ids = ids[new_mask]
-        self.config.initializer.fill(self.arena.np("weights"), new_slots, new_ids, self.seed)
-        if self.arena.state_width:
-            self.arena.np("state")[new_slots] = self._initial_state
-        meta = self.arena.np("meta")
-        meta[new_slots, ID] = new_ids
-        meta[new_slots, COUNT] = 0
-        meta[new_slots, LAST_STEP] = self.step
-        return new_mask
-
     def lookup_slots(self, unique_ids: np.ndarray, counts: np.ndarray, *, insert: bool,
                      strings=None, string_ids: np.ndarray | None = None) -> np.ndarray:
         """Slots of unique ids for one lookup call, counted in the stats.
@@ -188,23 +205,44 @@ class DynamicTable:
         n_missing = int(np.count_nonzero(missing))
         missed = int(counts[missing].sum()) if n_missing else 0
         call.misses, call.hits = missed, call.keys - missed
-        if insert and not self.read_only:
+        training = insert and not self.read_only
+        if n_missing and (training or self.tier is not None):
+            got, _ = self._fill_missing(unique_ids, counts, slots,
+                                     create=CREATE_ADMITTED if training else CREATE_NONE,
+                                     step=self.step + 1, call=call)
+            if call.inserts and self.key_log is not None and strings is not None:
+                self.key_log.add(string_ids, strings)
+            missed = int(counts[missing & ~got].sum())
+        if training:
             self.step += 1
-            if n_missing:
-                self._allocate(unique_ids, slots, n_missing)
-                call.inserts = n_missing
-                if self.key_log is not None and strings is not None:
-                    self.key_log.add(string_ids, strings)
-            touch_rows(self.arena.np("meta"), slots, counts, self.step)
-        else:
+            live = slots if missed == 0 else slots[slots != EMPTY]
+            touch_rows(self.arena.np("meta"), live, counts if missed == 0 else
+                       counts[slots != EMPTY], self.step)
+            if self.tier is not None:
+                self.tier.mark(live)
+            if self.evictor is not None:
+                self.evictor.clock.tick(self.step)
+                if self.evictor.sweep_every is not None:
+                    self._sweep()
+        if missed:
             call.defaults_served = missed
         self.last_call = call
         self.counters.add_call(call)
         return slots
 
-    def _find_gather(self, ids: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+    def _find_gather(self, ids: np.ndarray, call: CallStats | None = None
+                     ) -> tuple[torch.Tensor, np.ndarray]:
+        """Rows of ids (the default where absent) and the absent mask; with a store, absent
+        rows are read through it into memory first (as clean rows)."""
         slots = self.index.find(ids)
         missing = slots == EMPTY
+        if self.tier is not None and missing.any():
+            unique, inverse, counts = unique_inverse(ids[missing])
+            unique_slots = np.full(unique.shape[0], EMPTY, dtype=np.int64)
+            self._fill_missing(unique, counts, unique_slots, create=CREATE_NONE,
+                               step=self.step, call=call)
+            slots[missing] = unique_slots[inverse]
+            missing = slots == EMPTY
         return self.gather(slots, missing=missing), missing
 
     def read(self, ids: np.ndarray) -> torch.Tensor:
@@ -218,10 +256,11 @@ class DynamicTable:
         Returns:
             (n, dim) float32, not attached to autograd.
         """
-        out, missing = self._find_gather(ids)
-        misses = int(np.count_nonzero(missing))
-        call = CallStats(keys=ids.shape[0], hits=ids.shape[0] - misses, misses=misses,
-                         defaults_served=misses)
+        call = CallStats(keys=ids.shape[0])
+        out, missing = self._find_gather(ids, call)
+        absent = int(np.count_nonzero(missing))
+        call.misses = absent + call.loaded
+        call.hits, call.defaults_served = ids.shape[0] - call.misses, absent
         self.last_call = call
         self.counters.add_call(call)
         return out
@@ -264,13 +303,20 @@ class DynamicTable:
             return
         grads = grads.detach().to("cpu", torch.float32).contiguous()
         if self.config.update_mode == "deferred":
+            admitted = slots != EMPTY
+            if not admitted.all():
+                self.counters.unadmitted_gradients += int(np.count_nonzero(~admitted))
+                ids, grads = ids[admitted], grads[torch.from_numpy(admitted)]
             self._pending.append((ids, grads))
             return
         self._apply(ids, slots, grads.numpy(), verify=erasures_at_lookup != self.erasures)
 
     def _apply(self, ids: np.ndarray, slots: np.ndarray, grads: np.ndarray, *,
-               verify: bool) -> None:
+               verify: bool, deferred: bool = False) -> None:
         valid = slots != EMPTY
+        # at lookup time EMPTY means "not admitted"; later (deferred) it means "removed since"
+        unadmitted = 0 if deferred else grads.shape[0] - int(np.count_nonzero(valid))
+        self.counters.unadmitted_gradients += unadmitted
         if verify:  # a row erased (and maybe reused) since the lookup must not get this grad
             valid[valid] = self.arena.np("ids")[slots[valid]] == ids[valid]
         bad = nonfinite_rows(grads)
@@ -284,7 +330,7 @@ class DynamicTable:
                     "nonfinite_grads='skip' to drop such rows and count them.")
             valid &= ~bad
         n_valid = int(np.count_nonzero(valid))
-        self.counters.skipped_gradients += grads.shape[0] - n_valid
+        self.counters.skipped_gradients += grads.shape[0] - unadmitted - n_valid
         if n_valid == 0:
             return
         if n_valid < grads.shape[0]:
@@ -293,6 +339,14 @@ class DynamicTable:
         self.optimizer.apply(self.arena.np("weights"), self.arena.np("state"), slots, grads,
                              self.update_step)
         self.counters.updated_rows += n_valid
+        self._changed(slots)
+
+    def _changed(self, slots: np.ndarray) -> None:
+        """Marks rows changed for the store; write-through writes them at once."""
+        if self.tier is not None:
+            self.tier.mark(slots)
+            if self.tier.write_through:
+                self.counters.store_writes += self.tier.write(slots)
 
     def step_optimizer(self) -> None:
         """Applies the gradients queued in deferred mode (summed per key), then clears them.
@@ -307,7 +361,8 @@ class DynamicTable:
         unique, inverse, _ = unique_inverse(ids)
         summed = torch.zeros((unique.shape[0], self.dim), dtype=torch.float32)
         summed.index_add_(0, torch.from_numpy(inverse), grads)
-        self._apply(unique, self.index.find(unique), summed.numpy(), verify=False)
+        self._apply(unique, self.index.find(unique), summed.numpy(), verify=False,
+                    deferred=True)
 
     def zero_grad(self) -> None:
         """Drops gradients queued in deferred mode without applying them."""
@@ -332,11 +387,14 @@ class DynamicTable:
         return FindResult(values, torch.from_numpy(~missing))
 
     def contains(self, keys) -> torch.Tensor:
-        """(n,) bool, whether each key has a row."""
-        return torch.from_numpy(self.index.find(self.ids_of(keys).ids) != EMPTY)
+        """(n,) bool, whether each key has a row (in memory or in the store)."""
+        ids = self.ids_of(keys).ids
+        slots = self.index.find(ids)
+        return torch.from_numpy((slots != EMPTY) | self._stored_only(ids, slots))
 
     def find_or_insert(self, keys) -> InsertResult:
-        """Rows of keys, creating (initialising) missing ones. Does not touch metadata.
+        """Rows of keys, creating (initialising) missing ones, admission aside. Does not
+        touch metadata.
 
         Returns:
             InsertResult(values (n, dim), inserted (n,) bool).
@@ -346,15 +404,13 @@ class DynamicTable:
         """
         self._check_writable("find_or_insert")
         batch = self.ids_of(keys)
-        unique, inverse, _ = unique_inverse(batch.ids)
+        unique, inverse, counts = unique_inverse(batch.ids)
         slots = self.index.find(unique)
-        missing = int(np.count_nonzero(slots == EMPTY))
-        new_mask = self._allocate(unique, slots, missing) if missing else \
-            np.zeros(unique.shape[0], dtype=bool)
-        if missing and self.key_log is not None and batch.strings is not None:
+        _, created = self._fill_missing(unique, counts, slots, create=CREATE_ALL,
+                                        step=self.step)
+        if created.any() and self.key_log is not None and batch.strings is not None:
             self.key_log.add(batch.ids, batch.strings)
-        self.counters.inserts += missing
-        return InsertResult(self.gather(slots[inverse]), torch.from_numpy(new_mask[inverse]))
+        return InsertResult(self.gather(slots[inverse]), torch.from_numpy(created[inverse]))
 
     def insert_or_assign(self, keys, values: torch.Tensor, *,
                          optimizer_state: torch.Tensor | None = None) -> None:
@@ -379,16 +435,15 @@ class DynamicTable:
                                                self.arena.state_width)
         unique, last = _last_occurrence(batch.ids)
         slots = self.index.find(unique)
-        missing = int(np.count_nonzero(slots == EMPTY))
-        if missing:
-            self._allocate(unique, slots, missing)
-            self.counters.inserts += missing
-            if self.key_log is not None and batch.strings is not None:
-                self.key_log.add(batch.ids, batch.strings)
+        _, created = self._fill_missing(unique, np.ones_like(unique), slots, create=CREATE_ALL,
+                                        step=self.step)
+        if created.any() and self.key_log is not None and batch.strings is not None:
+            self.key_log.add(batch.ids, batch.strings)
         rows, pick = torch.from_numpy(slots), torch.from_numpy(last)
         self.arena.weights[rows] = values[pick]
         if optimizer_state is not None:
             self.arena.state[rows] = optimizer_state[pick]
+        self._changed(slots)
 
     def assign(self, keys, values: torch.Tensor) -> torch.Tensor:
         """Overwrites the vectors of keys that have rows; others are left absent.
@@ -404,43 +459,45 @@ class DynamicTable:
         values = self._check_rows("values", values, ids.shape[0], self.dim)
         unique, last = _last_occurrence(ids)
         slots = self.index.find(unique)
+        self._fill_missing(unique, np.ones_like(unique), slots, create=CREATE_NONE,
+                           step=self.step)
         hit = slots != EMPTY
         self.arena.weights[torch.from_numpy(slots[hit])] = values[torch.from_numpy(last[hit])]
-        return torch.from_numpy(self.index.find(ids) != EMPTY)
+        self._changed(slots[hit])
+        found = np.zeros(unique.shape[0], dtype=bool)
+        found[hit] = True
+        return torch.from_numpy(found[unique_inverse(ids)[1]])
 
     def erase(self, keys) -> int:
-        """Removes the rows of keys; their slots are reused by later inserts.
+        """Removes the rows of keys, from memory and from the store; their slots are reused
+        by later inserts.
 
         Returns:
             How many rows were removed (absent keys are ignored).
 
         Raises:
             ReadOnlyTableError: the table is read-only.
+            StoreError: the store failed; nothing was removed.
         """
         self._check_writable("erase")
-        ids = self.ids_of(keys).ids
-        unique, _, _ = unique_inverse(ids)
-        freed = self.index.erase(unique)
-        freed = freed[freed != EMPTY]
-        self.erasures += 1
-        self._push_free(freed)
+        unique = unique_inverse(self.ids_of(keys).ids)[0]
+        slots = self.index.find(unique)
+        stored_only = int(np.count_nonzero(self._stored_only(unique, slots)))
+        if self.tier is not None:
+            self.tier.store.delete(unique)  # first: it may fail
+        freed = self._release(unique)
         if self.key_log is not None:
-            self.key_log.discard(self.arena.np("ids")[freed])
-        self.counters.erased += freed.shape[0]
-        return int(freed.shape[0])
-
-    def _push_free(self, slots: np.ndarray) -> None:
-        need = self._free_top + slots.shape[0]
-        if need > self._free.shape[0]:
-            grown = np.empty(max(need, 2 * self._free.shape[0]), dtype=np.int64)
-            grown[:self._free_top] = self._free[:self._free_top]
-            self._free = grown
-        self._free[self._free_top:need] = slots
-        self._free_top = need
+            self.key_log.discard(unique)
+        removed = int(freed.shape[0]) + stored_only
+        self.counters.erased += removed
+        return removed
 
     def clear(self) -> None:
-        """Removes every row (capacity is kept)."""
+        """Removes every row, from memory and from the store (capacity is kept)."""
         self._check_writable("clear")
+        if self.tier is not None:
+            self.tier.store.clear()
+            self.tier.forget(np.arange(self.tier.dirty.shape[0]))
         self.counters.erased += self.size()
         self.erasures += 1
         self.index.clear()
@@ -459,14 +516,22 @@ class DynamicTable:
         return rows.to(torch.float32)
 
     def export(self) -> TableExport:
-        """Every live row with its state and metadata, in slot order (copies)."""
+        """Every live row with its state and metadata (copies): rows in memory in slot
+        order, then rows only in the store (whole table; it must fit in memory)."""
         ids, slots = self.index.items()
         order = np.argsort(slots, kind="stable")
         ids, slots = ids[order], torch.from_numpy(slots[order])
         a = self.arena
-        return TableExport(torch.from_numpy(ids), a.weights.index_select(0, slots),
-                           a.state.index_select(0, slots), a.counts.index_select(0, slots),
-                           a.last_step.index_select(0, slots))
+        parts = [RowBlock(ids, a.weights.index_select(0, slots).numpy(),
+                          a.state.index_select(0, slots).numpy(),
+                          a.counts.index_select(0, slots).numpy(),
+                          a.last_step.index_select(0, slots).numpy())]
+        if self.tier is not None:
+            for block in self.tier.store.scan():
+                parts.append(block.take(self.index.find(block.ids) == EMPTY))
+        rows = RowBlock.concat(parts, self.dim, a.state_width)
+        return TableExport(*(torch.from_numpy(x) for x in (
+            rows.ids, rows.weights, rows.state, rows.counts, rows.last_step)))
 
     def to_numpy(self) -> dict[str, np.ndarray]:
         """Live rows as numpy arrays: ``id`` (r,), ``vector`` (r, dim), ``count`` (r,),
@@ -560,9 +625,25 @@ class DynamicTable:
         ids = state["ids"].to(torch.int64).numpy()
         if np.unique(ids).shape[0] != n:
             raise StateDictError("state dict 'ids' holds duplicates; it is corrupted")
+        if self.tier is None and self.max_rows is not None and n > self.max_rows:
+            raise StateDictError(f"state dict has {n} rows but the memory budget holds "
+                                 f"{self.max_rows}; raise memory_budget / max_rows or give "
+                                 "the table a store= to hold the rest")
         read_only, self.read_only = self.read_only, False
         self.clear()
         self.read_only = read_only
+        self.step, self.update_step = meta[3], meta[4]
+        self.seed = int(np.int64(meta[5]).view(np.uint64))
+        if self.key_log is not None and "key_log.ids" in state:
+            self.key_log.load_state_dict({k[len("key_log."):]: v for k, v in state.items()
+                                          if k.startswith("key_log.")})
+        if self.tier is not None:  # rows go to the store and fault in when looked up
+            self.tier.store.put(RowBlock(
+                ids, state["weights"].to(torch.float32).numpy(),
+                state["optimizer_state"].to(torch.float32).numpy(),
+                state["counts"].to(torch.int64).numpy(),
+                state["last_step"].to(torch.int64).numpy()))
+            return
         self.reserve(n)
         slots = self.index.find(ids)
         self._allocate(ids, slots, n)
@@ -571,8 +652,3 @@ class DynamicTable:
         self.arena.state[t] = state["optimizer_state"].to(torch.float32)
         self.arena.counts[t] = state["counts"].to(torch.int64)
         self.arena.last_step[t] = state["last_step"].to(torch.int64)
-        self.step, self.update_step = meta[3], meta[4]
-        self.seed = int(np.int64(meta[5]).view(np.uint64))
-        if self.key_log is not None and "key_log.ids" in state:
-            self.key_log.load_state_dict({k[len("key_log."):]: v for k, v in state.items()
-                                          if k.startswith("key_log.")})

@@ -1,0 +1,223 @@
+"""Admission policies: whether an unseen key has earned a row yet.
+
+A policy is a frozen config; a table calls :meth:`AdmissionPolicy.create` once to get the
+:class:`Admitter` that holds its state (sketch counters, Bloom bits). A training lookup asks
+``decide`` (pure) for the keys that have neither a row nor a stored row, then ``record``s
+their sighting once the lookup goes ahead. Keys not admitted get the default vector and no
+gradient; the table counts both.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dynembed.kernels import sketch as k
+
+_SEED_MIX = 0x9E3779B97F4A7C15
+
+
+def _seeds(seed: int, n: int) -> np.ndarray:
+    """n distinct uint64 hash seeds derived from one policy seed."""
+    return (np.arange(1, n + 1, dtype=np.uint64) * np.uint64(_SEED_MIX)) ^ np.uint64(seed)
+
+
+def _positive_int(name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _power_of_two(value: int) -> int:
+    return 1 << max(0, (int(value) - 1).bit_length())
+
+
+class Admitter:
+    """The state of one table's admission policy."""
+
+    def decide(self, ids: np.ndarray, counts: np.ndarray, step: int) -> np.ndarray:
+        """(n,) bool: which of these distinct unseen ids get a row at this lookup.
+
+        Args:
+            ids: (n,) int64 distinct ids with no row in memory or store.
+            counts: (n,) int64 occurrences in this lookup.
+            step: the table step of this lookup.
+        """
+        raise NotImplementedError
+
+    def record(self, ids: np.ndarray, counts: np.ndarray, step: int) -> None:
+        """Remembers that these ids were looked up (called after :meth:`decide`)."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The admitter's state as plain tensors."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restores :meth:`state_dict`."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdmissionPolicy:
+    """Base of the admission policies."""
+
+    def create(self, seed: int) -> Admitter:
+        """A fresh admitter; ``seed`` (the table's) fixes its hash functions."""
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------- admit all
+class _AdmitAll(Admitter):
+    def decide(self, ids, counts, step):
+        return np.ones(ids.shape[0], dtype=bool)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdmitAll(AdmissionPolicy):
+    """Every key gets a row at its first lookup (the default)."""
+
+    def create(self, seed: int) -> Admitter:
+        return _AdmitAll()
+
+
+# ---------------------------------------------------------------------- count-min sketch
+class _SketchAdmitter(Admitter):
+    def __init__(self, policy: FrequencyAdmission, seed: int) -> None:
+        self.policy = policy
+        self.seeds = _seeds(seed, policy.depth)
+        self.sketch = np.zeros((policy.depth, _power_of_two(policy.width)), dtype=np.int32)
+        self.decayed_at = 0
+
+    def decide(self, ids, counts, step):
+        return k.cms_estimate(self.sketch, ids, counts, self.seeds) >= self.policy.threshold
+
+    def record(self, ids, counts, step):
+        every = self.policy.decay_every
+        if every and step - self.decayed_at >= every:
+            periods = (step - self.decayed_at) // every
+            factor = self.policy.decay ** periods
+            np.multiply(self.sketch, factor, out=self.sketch, casting="unsafe")
+            self.decayed_at += periods * every
+        k.cms_add(self.sketch, ids, counts, self.seeds)
+
+    def state_dict(self):
+        return {"sketch": torch.from_numpy(self.sketch.copy()),
+                "decayed_at": torch.tensor(self.decayed_at)}
+
+    def load_state_dict(self, state):
+        sketch = state["sketch"].numpy()
+        if sketch.shape != self.sketch.shape:
+            raise ValueError(f"admission sketch has shape {sketch.shape}, this policy's has "
+                             f"{self.sketch.shape}; use the same width and depth")
+        self.sketch[...] = sketch
+        self.decayed_at = int(state["decayed_at"])
+
+
+@dataclass(frozen=True, kw_only=True)
+class FrequencyAdmission(AdmissionPolicy):
+    """A key gets a row once it has been looked up ``threshold`` times (this lookup counts).
+
+    Counts live in a count-min sketch of ``depth`` rows of ``width`` int32 counters (fixed
+    memory: 4 * depth * width bytes, 16 MiB by default), which never under-counts; with
+    ``decay`` every counter is multiplied by it each ``decay_every`` steps, so old popularity
+    fades.
+    """
+
+    threshold: int = 2
+    """Lookups a key needs before it gets a row."""
+    width: int = 1 << 20
+    """Counters per sketch row (rounded up to a power of two)."""
+    depth: int = 4
+    """Sketch rows (independent hash functions)."""
+    decay: float = 0.5
+    """Factor applied to every counter each ``decay_every`` steps."""
+    decay_every: int | None = None
+    """Steps between decays; None never decays."""
+
+    def __post_init__(self) -> None:
+        _positive_int("threshold", self.threshold)
+        _positive_int("width", self.width)
+        _positive_int("depth", self.depth)
+        if not isinstance(self.decay, (int, float)) or not 0.0 <= self.decay < 1.0:
+            raise ValueError(f"decay must be a number in [0, 1), got {self.decay!r}")
+        if self.decay_every is not None:
+            _positive_int("decay_every", self.decay_every)
+
+    def create(self, seed: int) -> Admitter:
+        return _SketchAdmitter(self, seed)
+
+
+# ---------------------------------------------------------------------- probabilistic
+class _CoinAdmitter(Admitter):
+    def __init__(self, probability: float, seed: int) -> None:
+        self.threshold = np.uint64(min(2**64 - 1, int(probability * 2.0**64)))
+        self.seed = np.uint64(seed ^ _SEED_MIX)
+
+    def decide(self, ids, counts, step):
+        return k.coin_flips(ids, step, self.seed, self.threshold)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProbabilisticAdmission(AdmissionPolicy):
+    """Each lookup of an unseen key admits it with ``probability`` (a key seen n times gets a
+    row with probability 1 - (1 - p)**n). The draw depends on (seed, key, step) only."""
+
+    probability: float
+    """Chance of admission per lookup, in (0, 1]."""
+
+    def __post_init__(self) -> None:
+        if (not isinstance(self.probability, (int, float)) or isinstance(self.probability, bool)
+                or not 0.0 < self.probability <= 1.0):
+            raise ValueError(f"probability must be a number in (0, 1], got {self.probability!r}")
+
+    def create(self, seed: int) -> Admitter:
+        return _CoinAdmitter(float(self.probability), seed)
+
+
+# ---------------------------------------------------------------------- Bloom filter
+class _BloomAdmitter(Admitter):
+    def __init__(self, policy: BloomAdmission, seed: int) -> None:
+        n, p = policy.expected_keys, policy.false_positive_rate
+        bits = _power_of_two(max(64, math.ceil(-n * math.log(p) / math.log(2) ** 2)))
+        probes = max(1, round(bits / n * math.log(2)))
+        self.bits = np.zeros(bits // 64, dtype=np.uint64)
+        self.seeds = _seeds(seed, probes)
+
+    def decide(self, ids, counts, step):
+        return k.bloom_test_and_set(self.bits, ids, self.seeds, False)
+
+    def record(self, ids, counts, step):
+        k.bloom_test_and_set(self.bits, ids, self.seeds, True)
+
+    def state_dict(self):
+        return {"bits": torch.from_numpy(self.bits.view(np.int64).copy())}
+
+    def load_state_dict(self, state):
+        bits = state["bits"].numpy().view(np.uint64)
+        if bits.shape != self.bits.shape:
+            raise ValueError(f"admission Bloom filter has {bits.shape[0] * 64} bits, this "
+                             f"policy's has {self.bits.shape[0] * 64}; use the same sizes")
+        self.bits[...] = bits
+
+
+@dataclass(frozen=True, kw_only=True)
+class BloomAdmission(AdmissionPolicy):
+    """A key gets a row at its second lookup call: the first one only enters it in a Bloom
+    filter ("seen before"). Sized for ``expected_keys`` at ``false_positive_rate`` (a false
+    positive admits a key at its first lookup)."""
+
+    expected_keys: int = 10_000_000
+    """Distinct keys the filter is sized for."""
+    false_positive_rate: float = 0.01
+    """Chance that an unseen key passes as seen once ``expected_keys`` are in."""
+
+    def __post_init__(self) -> None:
+        _positive_int("expected_keys", self.expected_keys)
+        if not isinstance(self.false_positive_rate, float) or not \
+                0.0 < self.false_positive_rate < 1.0:
+            raise ValueError("false_positive_rate must be a float in (0, 1), got "
+                             f"{self.false_positive_rate!r}")
+
+    def create(self, seed: int) -> Admitter:
+        return _BloomAdmitter(self, seed)

@@ -1,0 +1,165 @@
+"""Eviction policies: one score per row, larger means keep.
+
+LRU, LFU with time decay, TTL and user functions differ only in how they compute the score
+from a row's metadata (count of training lookups, step of the last one). When memory passes
+its budget the table evicts the rows with the lowest scores; scheduled sweeps and explicit
+``table.evict()`` calls also evict every row the policy calls *expired*.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class StepClock:
+    """Wall-clock time of table steps, sampled at most once a second (bounded memory), so a
+    time-to-live in seconds can be turned into a step."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.times: list[float] = []
+
+    def tick(self, step: int, now: float | None = None) -> None:
+        """Records that ``step`` happened at ``now`` (default: time.time())."""
+        now = time.time() if now is None else now
+        if not self.times or now - self.times[-1] >= 1.0:
+            self.steps.append(step)
+            self.times.append(now)
+
+    def last_step_before(self, t: float) -> int:
+        """The last recorded step that happened before time ``t`` (-1 if none)."""
+        i = bisect.bisect_left(self.times, t)
+        return self.steps[i - 1] if i else -1
+
+
+@dataclass(frozen=True)
+class RowView:
+    """Metadata of the rows a policy scores (numpy views; do not modify).
+
+    Attributes:
+        counts: (n,) int64 training lookups.
+        last_step: (n,) int64 step of the last training lookup.
+        step: the table's current step.
+        clock: the table's step clock (for time-based policies).
+    """
+
+    counts: np.ndarray
+    last_step: np.ndarray
+    step: int
+    clock: StepClock
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvictionPolicy:
+    """Base of the eviction policies."""
+
+    def scores(self, rows: RowView) -> np.ndarray:
+        """(n,) float64 score per row, larger means keep."""
+        raise NotImplementedError
+
+    def expired(self, rows: RowView) -> np.ndarray | None:
+        """(n,) bool rows to evict at a sweep even under the budget; None if never."""
+        return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class LRU(EvictionPolicy):
+    """Least recently used goes first: the score is the step of the last training lookup."""
+
+    def scores(self, rows):
+        return rows.last_step.astype(np.float64)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LFU(EvictionPolicy):
+    """Least frequently used goes first, with time decay: the score is the lookup count
+    halved for every ``half_life`` steps since the last lookup (no decay if None).
+    With ``min_score``, sweeps also evict rows scoring below it."""
+
+    half_life: float | None = None
+    """Steps over which a row's score halves while it is not looked up."""
+    min_score: float | None = None
+    """Rows below this score are expired at sweeps."""
+
+    def __post_init__(self) -> None:
+        if self.half_life is not None and (not isinstance(self.half_life, (int, float))
+                                           or not self.half_life > 0):
+            raise ValueError(f"half_life must be None or a number of steps > 0, got "
+                             f"{self.half_life!r}")
+        if self.min_score is not None and not isinstance(self.min_score, (int, float)):
+            raise ValueError(f"min_score must be None or a number, got {self.min_score!r}")
+
+    def scores(self, rows):
+        score = rows.counts.astype(np.float64)
+        if self.half_life is not None:
+            age = (rows.step - rows.last_step).astype(np.float64)
+            score *= np.exp2(-age / self.half_life)
+        return score
+
+    def expired(self, rows):
+        return None if self.min_score is None else self.scores(rows) < self.min_score
+
+
+@dataclass(frozen=True, kw_only=True)
+class TTL(EvictionPolicy):
+    """Rows not looked up for ``steps`` steps or ``seconds`` seconds expire; under the
+    budget the oldest go first (scores as LRU). Give exactly one of the two."""
+
+    steps: int | None = None
+    """Time to live in table steps (training lookups)."""
+    seconds: float | None = None
+    """Time to live in wall-clock seconds (resolution: one second)."""
+
+    def __post_init__(self) -> None:
+        if (self.steps is None) == (self.seconds is None):
+            raise ValueError("TTL needs exactly one of steps= or seconds=, e.g. TTL(steps=1000)")
+        if self.steps is not None and (isinstance(self.steps, bool)
+                                       or not isinstance(self.steps, int) or self.steps <= 0):
+            raise ValueError(f"steps must be an int > 0, got {self.steps!r}")
+        if self.seconds is not None and (not isinstance(self.seconds, (int, float))
+                                         or not math.isfinite(self.seconds)
+                                         or self.seconds <= 0):
+            raise ValueError(f"seconds must be a number > 0, got {self.seconds!r}")
+
+    def scores(self, rows):
+        return rows.last_step.astype(np.float64)
+
+    def expired(self, rows):
+        if self.steps is not None:
+            return rows.step - rows.last_step > self.steps
+        return rows.last_step <= rows.clock.last_step_before(time.time() - self.seconds)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScoreFunction(EvictionPolicy):
+    """A user-supplied score: ``fn(counts, last_step, step) -> scores`` on whole arrays.
+
+    ``counts`` and ``last_step`` are (n,) int64 arrays, ``step`` the table's step; the result
+    must be (n,) numbers, larger meaning keep. With ``min_score``, sweeps also evict rows
+    scoring below it.
+    """
+
+    fn: Callable[[np.ndarray, np.ndarray, int], np.ndarray]
+    """The score function (vectorised over rows)."""
+    min_score: float | None = None
+    """Rows below this score are expired at sweeps."""
+
+    def __post_init__(self) -> None:
+        if not callable(self.fn):
+            raise TypeError(f"fn must be callable(counts, last_step, step), got {self.fn!r}")
+
+    def scores(self, rows):
+        score = np.asarray(self.fn(rows.counts, rows.last_step, rows.step), dtype=np.float64)
+        if score.shape != rows.counts.shape:
+            raise ValueError(f"the eviction score function returned shape {score.shape} for "
+                             f"{rows.counts.shape[0]} rows; it must return one score per row")
+        return score
+
+    def expired(self, rows):
+        return None if self.min_score is None else self.scores(rows) < self.min_score

@@ -1,0 +1,184 @@
+"""EmbeddingStore: the protocol every storage tier implements.
+
+A store keeps rows (weights, optimizer state, metadata) of one table by id, in the binary
+layout of :mod:`dynembed.storage.rows`. The public verbs take and return :class:`RowBlock`
+batches; a backend implements a few byte-level primitives (``_get``, ``_put``, ``_delete``,
+``_scan``, ``_count``, ``_flush``, ``_close``) on ids and encoded records. Each primitive must
+apply a batch whole or not at all and raise a :class:`~dynembed.errors.StoreError` naming the
+store and the cause.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+
+import numpy as np
+from typing_extensions import Self
+
+from dynembed.errors import StoreCorruptError, StoreError
+from dynembed.storage.rows import LAYOUT_VERSION, RowBlock, RowCodec
+
+META_ID = np.int64(-(2**63))
+"""Id under which a store keeps its own description (layout, dim, width). Tables never hand
+this id to a store: ids reach stores only through a table, and the table refuses it."""
+
+
+def _as_ids(ids, arg: str = "ids") -> np.ndarray:
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or ids.dtype != np.int64:
+        raise ValueError(f"{arg} must be a 1-D int64 array, got shape {ids.shape} and dtype "
+                         f"{ids.dtype}; convert keys with table.ids_of(keys).ids")
+    return np.ascontiguousarray(ids)
+
+
+class EmbeddingStore(ABC):
+    """Rows of one table kept outside memory (or in a plain dict, for tests and small jobs).
+
+    A table binds its store with :meth:`bind` before use, which checks that rows already in
+    the store have the table's dim and optimizer state width.
+    """
+
+    name: str = "store"
+    """How errors refer to this store (backend and location)."""
+
+    def __init__(self) -> None:
+        self.codec: RowCodec | None = None
+        self.closed = False
+
+    # ------------------------------------------------------------------ protocol
+    def bind(self, dim: int, width: int) -> None:
+        """Fixes the row layout; checks it against what the store already holds.
+
+        Raises:
+            StoreCorruptError: the store holds rows of another dim or optimizer width.
+        """
+        self._check_open()
+        meta = self._get(np.array([META_ID]))[0]
+        want = {"layout": LAYOUT_VERSION, "dim": dim, "width": width}
+        if meta is not None:
+            try:
+                have = json.loads(bytes(meta))
+            except ValueError:
+                raise StoreCorruptError(f"{self.name}: its description record is not JSON; "
+                                        "the store is corrupted or not a dynembed store") from None
+            if have != want:
+                raise StoreCorruptError(
+                    f"{self.name} holds rows with {have}, but the table needs {want}; use "
+                    "another path/namespace or a table with the same dim and optimizer")
+        else:
+            self._put(np.array([META_ID]), [json.dumps(want).encode()])
+        self.codec = RowCodec(dim, width, self.name)
+
+    def get(self, ids) -> tuple[np.ndarray, RowBlock]:
+        """Reads rows of ids in one batched call.
+
+        Args:
+            ids: (n,) int64.
+
+        Returns:
+            ((n,) bool found mask, RowBlock of the found rows, in the order of ``ids``).
+        """
+        ids = _as_ids(ids)
+        codec = self._codec()
+        if ids.shape[0] == 0:
+            return np.zeros(0, bool), RowBlock.concat([], codec.dim, codec.width)
+        return codec.decode(ids, self._get(ids))
+
+    def put(self, rows: RowBlock) -> None:
+        """Writes rows (insert or overwrite), all or none."""
+        if len(rows):
+            self._put(_as_ids(rows.ids, "rows.ids"), self._codec().encode(rows))
+
+    def delete(self, ids) -> None:
+        """Removes ids (absent ids are ignored), all or none."""
+        ids = _as_ids(ids)
+        self._check_open()
+        if ids.shape[0]:
+            self._delete(ids)
+
+    def scan(self, batch_size: int = 65536) -> Iterator[RowBlock]:
+        """Every stored row, in blocks of at most ``batch_size`` (order is the backend's)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"batch_size must be an int > 0, got {batch_size!r}")
+        codec = self._codec()
+        for ids, values in self._scan(batch_size):
+            keep = ids != META_ID
+            if not keep.all():
+                ids = ids[keep]
+                values = [v for v, k in zip(values, keep.tolist()) if k]  # one record at most
+            if ids.shape[0]:
+                yield codec.decode_present(ids, values)
+
+    def size(self) -> int:
+        """Rows stored (exact; may cost a scan on some backends, see each backend)."""
+        self._check_open()
+        return self._count() - (self._get(np.array([META_ID]))[0] is not None)
+
+    def clear(self) -> None:
+        """Removes every row (the layout description stays)."""
+        for block in self.scan():
+            self.delete(block.ids)
+
+    def flush(self) -> None:
+        """Makes every write so far durable as far as the backend allows."""
+        self._check_open()
+        self._flush()
+
+    def close(self) -> None:
+        """Flushes and releases the backend (idempotent)."""
+        if not self.closed:
+            try:
+                self._flush()
+            finally:
+                self.closed = True
+                self._close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return self.name
+
+    # ------------------------------------------------------------------ helpers
+    def _check_open(self) -> None:
+        if self.closed:
+            raise StoreError(f"{self.name} is closed; open a new store object")
+
+    def _codec(self) -> RowCodec:
+        self._check_open()
+        if self.codec is None:
+            raise StoreError(f"{self.name} is not bound to a table; pass it as store= to a "
+                             "table, or call bind(dim, width) first")
+        return self.codec
+
+    # ------------------------------------------------------------------ backend primitives
+    @abstractmethod
+    def _get(self, ids: np.ndarray) -> list:
+        """Records of ids (``bytes``-like, or None where absent), in order."""
+
+    @abstractmethod
+    def _put(self, ids: np.ndarray, values: list[bytes]) -> None:
+        """Writes records atomically."""
+
+    @abstractmethod
+    def _delete(self, ids: np.ndarray) -> None:
+        """Deletes ids atomically."""
+
+    @abstractmethod
+    def _scan(self, batch_size: int) -> Iterator[tuple[np.ndarray, list]]:
+        """Yields (ids, records) of every key, the description record included."""
+
+    @abstractmethod
+    def _count(self) -> int:
+        """Keys stored, the description record included."""
+
+    def _flush(self) -> None:
+        """Makes writes durable (no-op by default)."""
+
+    def _close(self) -> None:
+        """Releases resources (no-op by default)."""

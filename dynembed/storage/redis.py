@@ -1,0 +1,195 @@
+"""RedisStore: rows in Redis, a store that several machines share.
+
+Rows of a table are spread over ``shards`` Redis hashes named ``{namespace}:{{shard}}``
+(the braces are a Redis Cluster hash tag, so shards land on different cluster nodes while
+each hash stays on one). A batch becomes one pipelined HMGET / HSET / HDEL per shard it
+touches, in a MULTI/EXEC transaction on a standalone server, so it applies whole or not at
+all. Redis Cluster has no transactions across nodes: there a failed batch may be partly
+written; writes are idempotent, and a table never drops rows from memory until the write
+that holds them succeeded, so a retry (or the next eviction) completes it.
+
+Transient errors (connection refused or reset, timeouts) are retried with exponential backoff
+by redis-py's own ``Retry``, a bounded number of times, then raise
+:class:`~dynembed.errors.StoreUnavailableError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from itertools import chain
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+import redis
+import redis.exceptions as rex
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from dynembed.errors import StoreError, StoreFullError, StoreUnavailableError
+from dynembed.storage.base import EmbeddingStore
+from dynembed.storage.rows import decode_ids, encode_ids
+
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing spreads sequential ids over shards
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class RedisStore(EmbeddingStore):
+    """Rows in a Redis server or Redis Cluster.
+
+    Args:
+        url: ``redis://[user:password@]host:port/db`` (``rediss://`` for TLS).
+        namespace: prefix of this table's hashes; tables sharing a server need different
+            ones, and every machine that shares one table uses the same.
+        shards: hashes per table, a power of two (more spread the table over cluster nodes).
+        cluster: connect to a Redis Cluster (``url`` names any node).
+        retries: retries of a failed command on connection errors and timeouts.
+        backoff_base, backoff_cap: seconds of the first retry wait and of the longest one.
+        timeout: socket connect/read timeout in seconds.
+
+    Raises:
+        ValueError: a bad argument (the message names it).
+        StoreUnavailableError: the server cannot be reached.
+    """
+
+    def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, namespace: str,
+                 shards: int = 64, cluster: bool = False, retries: int = 3,
+                 backoff_base: float = 0.05, backoff_cap: float = 1.0,
+                 timeout: float = 5.0) -> None:
+        super().__init__()
+        if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"url must be a redis:// (or rediss://, unix://) URL, got {url!r}")
+        if not isinstance(namespace, str) or not namespace or "{" in namespace:
+            raise ValueError(f"namespace must be a non-empty str without braces, got "
+                             f"{namespace!r}")
+        if (isinstance(shards, bool) or not isinstance(shards, int) or shards <= 0
+                or shards & (shards - 1)):
+            raise ValueError(f"shards must be a power of two >= 1, got {shards!r}")
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+        for arg, value in (("backoff_base", backoff_base), ("backoff_cap", backoff_cap),
+                           ("timeout", timeout)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{arg} must be a number of seconds > 0, got {value!r}")
+        self.url, self.namespace, self.shards, self.cluster = url, namespace, shards, cluster
+        self.retries = retries
+        self.name = f"RedisStore({_redact(url)!r}, namespace={namespace!r})"
+        self._shard_bits = np.uint64(64 - shards.bit_length() + 1)
+        self._keys = [f"{namespace}:{{{s:x}}}".encode() for s in range(shards)]
+        kwargs = {"retry": Retry(ExponentialBackoff(cap=backoff_cap, base=backoff_base),
+                                  retries),
+                      "retry_on_error": [rex.ConnectionError, rex.TimeoutError],
+                      "socket_timeout": timeout, "socket_connect_timeout": timeout}
+        try:
+            if cluster:
+                self._client = redis.cluster.RedisCluster.from_url(url, **kwargs)
+            else:
+                self._client = redis.Redis.from_url(url, **kwargs)
+            self._client.ping()
+        except rex.RedisError as exc:
+            raise self._translate("connect", exc) from exc
+        except rex.RedisClusterException as exc:
+            raise self._translate("connect", exc) from exc
+
+    # ------------------------------------------------------------------ helpers
+    def _translate(self, action: str, exc: Exception) -> StoreError:
+        text = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, (rex.ConnectionError, rex.TimeoutError,
+                            rex.ClusterDownError)) or "connect" in text.lower():
+            return StoreUnavailableError(
+                f"{self.name}: cannot {action}: the server is unreachable after "
+                f"{self.retries} retries ({text}); check that it runs and the URL is right")
+        if "OOM" in text or "maxmemory" in text:
+            return StoreFullError(
+                f"{self.name}: cannot {action}: the server is out of memory ({text}); nothing "
+                "of this batch was written; raise its maxmemory or use another store")
+        return StoreError(f"{self.name}: cannot {action}: {text}")
+
+    def _shard_of(self, ids: np.ndarray) -> np.ndarray:
+        if self.shards == 1:
+            return np.zeros(ids.shape[0], dtype=np.int64)
+        return ((ids.view(np.uint64) * _MIX) >> self._shard_bits).astype(np.int64)
+
+    def _by_shard(self, ids: np.ndarray):
+        """(order, [(shard, start, stop)]) to visit ids grouped by shard."""
+        shard = self._shard_of(ids)
+        order = np.argsort(shard, kind="stable")
+        bounds = np.searchsorted(shard[order], np.arange(self.shards + 1))
+        groups = [(s, int(bounds[s]), int(bounds[s + 1])) for s in range(self.shards)
+                  if bounds[s + 1] > bounds[s]]
+        return order, groups
+
+    def _pipeline(self):
+        return self._client.pipeline(transaction=not self.cluster)
+
+    def _execute(self, action: str, pipe) -> list:
+        self._check_open()
+        try:
+            return pipe.execute()
+        except (rex.RedisError, rex.RedisClusterException) as exc:
+            raise self._translate(action, exc) from exc
+
+    # ------------------------------------------------------------------ primitives
+    def _get(self, ids: np.ndarray) -> list:
+        order, groups = self._by_shard(ids)
+        fields = encode_ids(ids[order])
+        pipe = self._pipeline()
+        for s, a, b in groups:
+            pipe.hmget(self._keys[s], fields[a:b])
+        answers = self._execute("read", pipe)
+        out = np.empty(ids.shape[0], dtype=object)
+        out[order] = list(chain.from_iterable(answers))
+        return out.tolist()
+
+    def _put(self, ids: np.ndarray, values: list[bytes]) -> None:
+        order, groups = self._by_shard(ids)
+        fields = encode_ids(ids[order])
+        ordered = np.array(values, dtype=object)[order].tolist() if len(groups) > 1 else values
+        pipe = self._pipeline()
+        for s, a, b in groups:
+            pipe.hset(self._keys[s], mapping=dict(zip(fields[a:b], ordered[a:b])))
+        self._execute("write", pipe)
+
+    def _delete(self, ids: np.ndarray) -> None:
+        order, groups = self._by_shard(ids)
+        fields = encode_ids(ids[order])
+        pipe = self._pipeline()
+        for s, a, b in groups:
+            pipe.hdel(self._keys[s], *fields[a:b])
+        self._execute("delete", pipe)
+
+    def _scan(self, batch_size: int) -> Iterator[tuple[np.ndarray, list]]:
+        for key in self._keys:
+            cursor, seen = 0, np.empty(0, dtype=np.int64)
+            while True:
+                try:
+                    cursor, found = self._client.hscan(key, cursor, count=batch_size)
+                except (rex.RedisError, rex.RedisClusterException) as exc:
+                    raise self._translate("scan", exc) from exc
+                if found:
+                    ids = decode_ids(list(found.keys()))
+                    # HSCAN may repeat a field when the hash is resized during the scan
+                    fresh = ~np.isin(ids, seen)
+                    seen = np.concatenate([seen, ids[fresh]])
+                    values = list(found.values())
+                    if not fresh.all():
+                        values = np.array(values, dtype=object)[fresh].tolist()
+                    yield ids[fresh], values
+                if cursor == 0:
+                    break
+
+    def _count(self) -> int:
+        pipe = self._pipeline()
+        for key in self._keys:
+            pipe.hlen(key)
+        return int(sum(self._execute("count", pipe)))
+
+    def _close(self) -> None:
+        self._client.close()

@@ -1,0 +1,251 @@
+"""How rows enter and leave a table's memory: allocation, admission, read-through from the
+store, eviction under the budget, sweeps and flushes.
+
+:class:`RowLifecycle` is a mixin of :class:`~dynembed.table.table.DynamicTable`; it works on
+the table's index, arena and free-slot stack. Every step that can fail (store reads and
+writes) runs before the first change to memory, so a failing store leaves the table as it
+was.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dynembed.errors import MemoryBudgetError
+from dynembed.kernels.hash_index import unique_inverse
+from dynembed.table.arena import COUNT, ID, LAST_STEP
+from dynembed.table.eviction import FREE_STEP
+from dynembed.table.index import EMPTY
+
+CREATE_NONE, CREATE_ADMITTED, CREATE_ALL = "none", "admitted", "all"
+
+
+class RowLifecycle:
+    """Row allocation and movement between memory and the store (mixin; see module doc)."""
+
+    # ------------------------------------------------------------------ allocation
+    def _allocate(self, ids: np.ndarray, slots: np.ndarray, missing: int) -> np.ndarray:
+        """Inserts ids whose slot is EMPTY and initialises their rows; returns the new mask."""
+        new_mask = slots == EMPTY
+        reusable = self._free_top
+        self.arena.ensure(self._high_water + max(0, missing - reusable))
+        self.index.reserve(self.index.size + missing)
+        _, self._free_top, self._high_water = self.index.insert_missing(
+            ids, slots, self._free, self._free_top, self._high_water)
+        new_slots = slots[new_mask]
+        new_ids = ids[new_mask]
+        self.config.initializer.fill(self.arena.np("weights"), new_slots, new_ids, self.seed)
+        if self.arena.state_width:
+            self.arena.np("state")[new_slots] = self._initial_state
+        meta = self.arena.np("meta")
+        meta[new_slots, ID] = new_ids
+        meta[new_slots, COUNT] = 0
+        meta[new_slots, LAST_STEP] = self.step
+        if self.tier is not None:
+            self.tier.mark(new_slots)
+        return new_mask
+
+    def _push_free(self, slots: np.ndarray) -> None:
+        need = self._free_top + slots.shape[0]
+        if need > self._free.shape[0]:
+            grown = np.empty(max(need, 2 * self._free.shape[0]), dtype=np.int64)
+            grown[:self._free_top] = self._free[:self._free_top]
+            self._free = grown
+        self._free[self._free_top:need] = slots
+        self._free_top = need
+
+    def _release(self, ids: np.ndarray) -> np.ndarray:
+        """Removes distinct ids from memory; returns their freed slots (absent ids skipped)."""
+        freed = self.index.erase(ids)
+        freed = freed[freed != EMPTY]
+        self.arena.np("meta")[freed, LAST_STEP] = FREE_STEP
+        if self.tier is not None:
+            self.tier.forget(freed)
+        self._push_free(freed)
+        self.erasures += 1
+        return freed
+
+    # ------------------------------------------------------------------ read-through
+    def _fill_missing(self, unique: np.ndarray, counts: np.ndarray, slots: np.ndarray, *,
+                      create: str, step: int, call=None) -> tuple[np.ndarray, np.ndarray]:
+        """Gives rows to the ids whose slot is EMPTY, in place in ``slots``.
+
+        Rows come from the store when it has them, else are created: never
+        (``CREATE_NONE``), if the admission policy agrees (``CREATE_ADMITTED``), or always
+        (``CREATE_ALL``). Room is made under the budget first, never by evicting the rows of
+        this call.
+
+        Args:
+            unique: (u,) int64 distinct ids.
+            counts: (u,) int64 occurrences of each in the call.
+            slots: (u,) int64 their slots, EMPTY where not in memory; updated in place.
+            create: which missing ids get new rows.
+            step: the table step of the call (admission's clock).
+            call: the call's CallStats, updated (loaded, inserts, not_admitted).
+
+        Returns:
+            ((u,) bool ids that got a row by this call (loaded or new), (u,) bool ids whose
+            row is new).
+
+        Raises:
+            StoreError: the store failed; memory is unchanged.
+            MemoryBudgetError: the call needs more rows than the budget holds.
+        """
+        missing = slots == EMPTY
+        got = np.zeros(unique.shape[0], dtype=bool)
+        created = got.copy()
+        if not missing.any():
+            return got, created
+        miss_pos = np.flatnonzero(missing)
+        miss_ids, miss_counts = unique[miss_pos], counts[miss_pos]
+        if self.tier is not None:
+            found, stored = self.tier.store.get(miss_ids)
+        else:
+            found, stored = np.zeros(miss_ids.shape[0], dtype=bool), None
+        fresh = ~found
+        fresh_ids, fresh_counts = miss_ids[fresh], miss_counts[fresh]
+        if create == CREATE_NONE:
+            admit = np.zeros(fresh_ids.shape[0], dtype=bool)
+        elif create == CREATE_ALL or self.admitter is None:
+            admit = np.ones(fresh_ids.shape[0], dtype=bool)
+        else:
+            admit = self.admitter.decide(fresh_ids, fresh_counts, step)
+        n_loaded, n_new = int(np.count_nonzero(found)), int(np.count_nonzero(admit))
+        self._make_room(n_loaded + n_new, protect=slots[~missing])
+        # ---- no failure past this point: memory changes
+        if create == CREATE_ADMITTED and self.admitter is not None:
+            self.admitter.record(fresh_ids, fresh_counts, step)
+        take = np.concatenate([np.flatnonzero(found), np.flatnonzero(fresh)[admit]])
+        if take.shape[0]:
+            new_slots = np.full(take.shape[0], EMPTY, dtype=np.int64)
+            self._allocate(miss_ids[take], new_slots, take.shape[0])
+            if n_loaded:
+                self._write_loaded(new_slots[:n_loaded], stored)
+            slots[miss_pos[take]] = new_slots
+            got[miss_pos[take]] = True
+            created[miss_pos[take[n_loaded:]]] = True
+            if self.tier is not None and self.tier.write_through and n_new:
+                self.counters.store_writes += self.tier.write(new_slots[n_loaded:])
+        if call is not None:
+            call.loaded += n_loaded
+            call.inserts += n_new
+            call.not_admitted += int(fresh_counts[~admit].sum()) if create != CREATE_NONE else 0
+        else:
+            self.counters.inserts += n_new
+        return got, created
+
+    def _write_loaded(self, slots: np.ndarray, rows) -> None:
+        """Copies rows read from the store into fresh slots; they start clean."""
+        self.arena.np("weights")[slots] = rows.weights
+        if self.arena.state_width:
+            self.arena.np("state")[slots] = rows.state
+        meta = self.arena.np("meta")
+        meta[slots, COUNT] = rows.counts
+        meta[slots, LAST_STEP] = rows.last_step
+        self.tier.forget(slots)
+
+    # ------------------------------------------------------------------ eviction
+    def _make_room(self, incoming: int, *, protect: np.ndarray) -> None:
+        """Evicts rows so that ``incoming`` more fit under the budget.
+
+        Raises:
+            MemoryBudgetError: ``incoming`` plus the protected rows exceed the budget.
+            StoreError: writing the evicted rows failed; nothing was evicted.
+        """
+        limit = self.max_rows
+        if limit is None or incoming == 0:
+            return
+        need = self.size() + incoming - limit
+        if need <= 0:
+            return
+        if incoming + protect.shape[0] > limit:
+            raise MemoryBudgetError(
+                f"one lookup needs {incoming + protect.shape[0]} rows in memory at once but "
+                f"the budget holds {limit}; raise memory_budget / max_rows or use smaller "
+                "batches")
+        # evict a little more than needed so that a full table does not evict every call
+        victims = self.evictor.victims(self.arena.np("meta"), self._high_water,
+                                       need + limit // 128, protect, self.step)
+        self._evict_slots(victims)
+
+    def _evict_slots(self, slots: np.ndarray) -> int:
+        """Moves rows out of memory: to the store if there is one, else discards them."""
+        if slots.shape[0] == 0:
+            return 0
+        ids = self.arena.np("meta")[slots, ID].copy()
+        if self.tier is not None:
+            self.counters.store_writes += self.tier.write(slots)  # first: it may fail
+            self.counters.evicted += slots.shape[0]
+        else:
+            self.counters.discarded += slots.shape[0]
+            self._discard_log.add(slots.shape[0])
+            if self.key_log is not None:
+                self.key_log.discard(ids)
+        self._release(ids)
+        return int(slots.shape[0])
+
+    def _sweep(self) -> None:
+        """One bounded step of a scheduled sweep for expired rows."""
+        span = self.evictor.sweep_range(self._high_water, self.step)
+        if span is not None:
+            self._evict_slots(self.evictor.expired(self.arena.np("meta"), *span, self.step))
+
+    def evict(self, rows: int | None = None) -> int:
+        """Evicts rows now: the ``rows`` lowest-scoring ones, or (None) every expired row
+        and enough of the lowest-scoring ones to get under the budget.
+
+        Evicted rows go to the store, or are discarded and counted without one.
+
+        Returns:
+            Rows evicted.
+
+        Raises:
+            ValueError: ``rows`` is not an int >= 0, or the table has no eviction policy.
+            StoreError: writing to the store failed; nothing was evicted by that batch.
+        """
+        if self.evictor is None:
+            raise ValueError("the table has no eviction policy; make it with eviction= "
+                             "(e.g. de.policy.LRU()) or a memory_budget")
+        if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int)
+                                 or rows < 0):
+            raise ValueError(f"rows must be None or an int >= 0, got {rows!r}")
+        self._check_writable("evict")
+        meta, live = self.arena.np("meta"), self._high_water
+        nothing = np.empty(0, dtype=np.int64)
+        if rows is not None:
+            return self._evict_slots(self.evictor.victims(meta, live, rows, nothing, self.step,
+                                                          whole=True))
+        done = self._evict_slots(self.evictor.expired(meta, 0, live, self.step))
+        if self.max_rows is not None and self.size() > self.max_rows:
+            done += self._evict_slots(self.evictor.victims(
+                meta, live, self.size() - self.max_rows, nothing, self.step, whole=True))
+        return done
+
+    def flush(self) -> int:
+        """Writes every row changed since it was last written to the store and makes the
+        store durable, so the store alone holds the whole table.
+
+        Returns:
+            Rows written (0 without a store).
+
+        Raises:
+            StoreError: the write failed; the rows stay marked and a later flush retries.
+        """
+        if self.tier is None:
+            return 0
+        written = self.tier.write(self.tier.dirty_slots(), only_dirty=False)
+        self.counters.store_writes += written
+        self.tier.store.flush()
+        return written
+
+    def _stored_only(self, unique: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """(u,) bool: ids absent from memory that the store holds."""
+        out = np.zeros(unique.shape[0], dtype=bool)
+        if self.tier is not None:
+            absent = np.flatnonzero(slots == EMPTY)
+            if absent.shape[0]:
+                out[absent] = self.tier.store.get(unique[absent])[0]
+        return out
+
+    def _unique_ids(self, ids: np.ndarray) -> np.ndarray:
+        return unique_inverse(ids)[0]
