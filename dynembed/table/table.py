@@ -232,18 +232,27 @@ class DynamicTable(RowLifecycle):
 
     def _find_gather(self, ids: np.ndarray, call: CallStats | None = None
                      ) -> tuple[torch.Tensor, np.ndarray]:
-        """Rows of ids (the default where absent) and the absent mask; with a store, absent
-        rows are read through it into memory first (as clean rows)."""
+        """Rows of ids (the default where absent) and the absent mask. With a store, rows
+        not in memory are read from it in one batch and served without entering memory,
+        so reads never evict and any batch size works."""
         slots = self.index.find(ids)
         missing = slots == EMPTY
+        out = self.gather(slots, missing=missing)
+        if call is not None:
+            call.misses = int(np.count_nonzero(missing))
         if self.tier is not None and missing.any():
-            unique, inverse, counts = unique_inverse(ids[missing])
-            unique_slots = np.full(unique.shape[0], EMPTY, dtype=np.int64)
-            self._fill_missing(unique, counts, unique_slots, create=CREATE_NONE,
-                               step=self.step, call=call)
-            slots[missing] = unique_slots[inverse]
-            missing = slots == EMPTY
-        return self.gather(slots, missing=missing), missing
+            pos = np.flatnonzero(missing)
+            unique, inverse, _ = unique_inverse(ids[pos])
+            found, stored = self.tier.store.get(unique)
+            if found.any():
+                rows = np.zeros((unique.shape[0], self.dim), dtype=np.float32)
+                rows[found] = stored.weights
+                hit = found[inverse]
+                out[torch.from_numpy(pos[hit])] = torch.from_numpy(rows[inverse[hit]])
+                missing[pos[hit]] = False
+                if call is not None:
+                    call.loaded += int(np.count_nonzero(found))
+        return out, missing
 
     def read(self, ids: np.ndarray) -> torch.Tensor:
         """Rows of ids for a read-only lookup call (eval, serving), counted in the stats.
@@ -258,9 +267,8 @@ class DynamicTable(RowLifecycle):
         """
         call = CallStats(keys=ids.shape[0])
         out, missing = self._find_gather(ids, call)
-        absent = int(np.count_nonzero(missing))
-        call.misses = absent + call.loaded
-        call.hits, call.defaults_served = ids.shape[0] - call.misses, absent
+        call.hits = ids.shape[0] - call.misses
+        call.defaults_served = int(np.count_nonzero(missing))
         self.last_call = call
         self.counters.add_call(call)
         return out
@@ -405,12 +413,23 @@ class DynamicTable(RowLifecycle):
         self._check_writable("find_or_insert")
         batch = self.ids_of(keys)
         unique, inverse, counts = unique_inverse(batch.ids)
-        slots = self.index.find(unique)
-        _, created = self._fill_missing(unique, counts, slots, create=CREATE_ALL,
-                                        step=self.step)
+        values = torch.empty((unique.shape[0], self.dim), dtype=torch.float32)
+        created = np.zeros(unique.shape[0], dtype=bool)
+        for part in self._chunks(unique.shape[0]):
+            slots = self.index.find(unique[part])
+            created[part] = self._fill_missing(unique[part], counts[part], slots,
+                                               create=CREATE_ALL, step=self.step)[1]
+            values[part] = self.gather(slots)
         if created.any() and self.key_log is not None and batch.strings is not None:
             self.key_log.add(batch.ids, batch.strings)
-        return InsertResult(self.gather(slots[inverse]), torch.from_numpy(created[inverse]))
+        pick = torch.from_numpy(inverse)
+        return InsertResult(values.index_select(0, pick), torch.from_numpy(created[inverse]))
+
+    def _chunks(self, n: int):
+        """Slices of a batch of n distinct ids small enough to sit in memory at once (the
+        whole batch without a budget)."""
+        step = n if self.max_rows is None else max(1, self.max_rows // 2)
+        return [slice(start, start + step) for start in range(0, n, max(step, 1))]
 
     def insert_or_assign(self, keys, values: torch.Tensor, *,
                          optimizer_state: torch.Tensor | None = None) -> None:
@@ -434,16 +453,17 @@ class DynamicTable(RowLifecycle):
             optimizer_state = self._check_rows("optimizer_state", optimizer_state, n,
                                                self.arena.state_width)
         unique, last = _last_occurrence(batch.ids)
-        slots = self.index.find(unique)
-        _, created = self._fill_missing(unique, np.ones_like(unique), slots, create=CREATE_ALL,
-                                        step=self.step)
-        if created.any() and self.key_log is not None and batch.strings is not None:
-            self.key_log.add(batch.ids, batch.strings)
-        rows, pick = torch.from_numpy(slots), torch.from_numpy(last)
-        self.arena.weights[rows] = values[pick]
-        if optimizer_state is not None:
-            self.arena.state[rows] = optimizer_state[pick]
-        self._changed(slots)
+        for part in self._chunks(unique.shape[0]):
+            slots = self.index.find(unique[part])
+            _, created = self._fill_missing(unique[part], np.ones_like(slots), slots,
+                                            create=CREATE_ALL, step=self.step)
+            if created.any() and self.key_log is not None and batch.strings is not None:
+                self.key_log.add(batch.ids, batch.strings)
+            rows, pick = torch.from_numpy(slots), torch.from_numpy(last[part])
+            self.arena.weights[rows] = values[pick]
+            if optimizer_state is not None:
+                self.arena.state[rows] = optimizer_state[pick]
+            self._changed(slots)
 
     def assign(self, keys, values: torch.Tensor) -> torch.Tensor:
         """Overwrites the vectors of keys that have rows; others are left absent.
@@ -458,14 +478,16 @@ class DynamicTable(RowLifecycle):
         ids = self.ids_of(keys).ids
         values = self._check_rows("values", values, ids.shape[0], self.dim)
         unique, last = _last_occurrence(ids)
-        slots = self.index.find(unique)
-        self._fill_missing(unique, np.ones_like(unique), slots, create=CREATE_NONE,
-                           step=self.step)
-        hit = slots != EMPTY
-        self.arena.weights[torch.from_numpy(slots[hit])] = values[torch.from_numpy(last[hit])]
-        self._changed(slots[hit])
         found = np.zeros(unique.shape[0], dtype=bool)
-        found[hit] = True
+        for part in self._chunks(unique.shape[0]):
+            slots = self.index.find(unique[part])
+            self._fill_missing(unique[part], np.ones_like(slots), slots, create=CREATE_NONE,
+                               step=self.step)
+            hit = slots != EMPTY
+            rows, pick = torch.from_numpy(slots[hit]), torch.from_numpy(last[part][hit])
+            self.arena.weights[rows] = values[pick]
+            self._changed(slots[hit])
+            found[part] = hit
         return torch.from_numpy(found[unique_inverse(ids)[1]])
 
     def erase(self, keys) -> int:

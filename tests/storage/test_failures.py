@@ -1,0 +1,191 @@
+"""Stores that fail: locked, killed mid-write, unreachable, full, corrupted."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import dynembed as de
+from dynembed.errors import (
+    StoreCorruptError,
+    StoreFullError,
+    StoreLockedError,
+    StoreUnavailableError,
+)
+from dynembed.storage import RedisStore, RocksDBStore, RowBlock
+from dynembed.storage.rows import encode_ids
+from dynembed.testing import RedisServer
+
+from .test_conformance import rows
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def python(code: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def test_rocksdb_locked_by_another_process(tmp_path):
+    path = tmp_path / "db"
+    holder = python(f"""
+        import sys, time
+        from dynembed.storage import RocksDBStore
+        store = RocksDBStore({str(path)!r})
+        print("open", flush=True)
+        sys.stdin.readline()
+    """, stdin=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        with pytest.raises(StoreLockedError, match="locked") as info:
+            RocksDBStore(path)
+        assert str(path) in str(info.value)
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    RocksDBStore(path).close()  # free again once the holder is gone
+
+
+def test_rocksdb_sigkill_while_writing_keeps_every_flushed_row(tmp_path):
+    path = tmp_path / "db"
+    writer = python(f"""
+        import numpy as np
+        from dynembed.storage import RocksDBStore, RowBlock
+        store = RocksDBStore({str(path)!r})
+        store.bind(8, 8)
+        rng = np.random.default_rng(0)
+        for batch in range(100000):  # runs until killed
+            ids = np.arange(batch * 1000, (batch + 1) * 1000, dtype=np.int64)
+            w = np.full((1000, 8), batch, np.float32)
+            store.put(RowBlock(ids, w, -w, ids, ids))
+            if batch % 5 == 4:
+                store.flush()
+                print(batch, flush=True)
+    """)
+    flushed = -1
+    try:
+        while flushed < 30:  # let it write a while, then kill it mid-batch
+            line = writer.stdout.readline()
+            assert line, writer.stderr.read()
+            flushed = int(line)
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(timeout=30)
+    assert writer.returncode == -signal.SIGKILL
+    store = RocksDBStore(path)
+    store.bind(8, 8)
+    ids = np.arange((flushed + 1) * 1000, dtype=np.int64)
+    found, got = store.get(ids)
+    assert found.all(), "a flushed row is missing after SIGKILL"
+    assert np.array_equal(got.weights[:, 0], (ids // 1000).astype(np.float32))
+    total = 0
+    for block in store.scan():  # every row left (flushed or not) decodes whole
+        assert np.array_equal(block.weights, -block.state)
+        assert np.array_equal(block.weights[:, 0], (block.ids // 1000).astype(np.float32))
+        total += len(block)
+    assert total >= ids.shape[0] and total % 1000 == 0  # whole batches only
+    store.close()
+
+
+def test_redis_unreachable_at_connect():
+    server = RedisServer()  # never started: nothing listens on its port
+    with pytest.raises(StoreUnavailableError, match="unreachable") as info:
+        RedisStore(server.url, namespace="t", retries=1, backoff_base=0.01, timeout=0.5)
+    assert f"127.0.0.1:{server.port}" in str(info.value)
+
+
+def snapshot(table):
+    ids, slots = table.index.items()
+    return (ids.copy(), slots.copy(), table.arena.weights.clone(), table.arena.state.clone(),
+            table.arena.meta.clone(), table.step, table.size())
+
+
+def test_redis_stopped_mid_run_raises_and_leaves_the_table_intact():
+    with RedisServer() as server:
+        store = RedisStore(server.url, namespace="mid", retries=2, backoff_base=0.01,
+                           backoff_cap=0.05, timeout=0.5)
+        emb = de.DynamicEmbedding(dim=4, optimizer=de.optim.Adagrad(lr=0.1), seed=1,
+                                  max_rows=64, store=store)
+        for step in range(20):
+            emb(torch.arange(step * 16, step * 16 + 32)).sum().backward()
+        assert emb.table.stats().totals.evicted > 0
+        before = snapshot(emb.table)
+        server.stop()
+        with pytest.raises(StoreUnavailableError, match="unreachable") as info:
+            emb(torch.arange(5000, 5064 - 16))  # misses: read-through must fail
+        assert "RedisStore" in str(info.value) and "namespace='mid'" in str(info.value)
+        after = snapshot(emb.table)
+        for x, y in zip(before, after):
+            assert (torch.equal(x, y) if isinstance(x, torch.Tensor)
+                    else np.array_equal(x, y)), "the failed lookup changed the table"
+        # keys already in memory still train without the store
+        resident = torch.from_numpy(before[0][:8])
+        emb(resident).sum().backward()
+        store.close()
+
+
+def test_redis_full_refuses_the_whole_batch():
+    with RedisServer(maxmemory="3mb") as server:
+        store = RedisStore(server.url, namespace="full", shards=4)
+        store.bind(256, 0)
+        small = rows(range(10), dim=256, width=0)
+        store.put(small)
+        huge = rows(range(10, 10 + 6000), dim=256, width=0)  # ~6 MB of rows
+        with pytest.raises(StoreFullError, match="out of memory"):
+            store.put(huge)
+        assert store.size() == 10  # nothing of the refused batch was written
+        found, _ = store.get(huge.ids[:100])
+        assert not found.any()
+        store.close()
+
+
+def test_corrupted_row_in_redis_is_detected(redis_server):
+    store = RedisStore(redis_server.url, namespace="corrupt", shards=1)
+    store.bind(4, 2)
+    store.put(rows([1, 2]))
+    key = store._keys[0]
+    victim = encode_ids(np.array([2], dtype=np.int64))[0]
+    assert store._client.hexists(key, victim)
+    store._client.hset(key, victim, b"garbage")
+    with pytest.raises(StoreCorruptError, match="id 2"):
+        store.get(np.array([1, 2], dtype=np.int64))
+    store.close()
+
+
+def test_rocksdb_path_that_is_a_file(tmp_path):
+    path = tmp_path / "file"
+    path.write_text("not a database")
+    with pytest.raises(de.StoreError, match="cannot open"):
+        RocksDBStore(path)
+
+
+def test_missing_directory_without_create(tmp_path):
+    with pytest.raises(de.StoreError, match="does not exist"):
+        RocksDBStore(tmp_path / "absent", create=False)
+
+
+def test_redis_store_argument_errors():
+    with pytest.raises(ValueError, match="url"):
+        RedisStore("http://x", namespace="a")
+    with pytest.raises(ValueError, match="namespace"):
+        RedisStore(namespace="")
+    with pytest.raises(ValueError, match="shards"):
+        RedisStore(namespace="a", shards=3)
+    with pytest.raises(ValueError, match="retries"):
+        RedisStore(namespace="a", retries=-1)
+    with pytest.raises(ValueError, match="timeout"):
+        RedisStore(namespace="a", timeout=0)
+
+
+def test_rowblock_take_and_concat():
+    a = rows([1, 2, 3])
+    b = RowBlock.concat([a.take(np.array([2])), a.take(np.array([0]))], 4, 2)
+    assert b.ids.tolist() == [3, 1]
+    assert np.array_equal(b.weights, a.weights[[2, 0]])

@@ -1,0 +1,209 @@
+"""Tables as a cache over a store: read-through, write-back, write-through, flush."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import dynembed as de
+from dynembed.storage import MemoryStore, RedisStore, RocksDBStore
+from dynembed.table import DynamicTable, TableConfig
+
+OPTIMIZERS = {
+    "sgd_momentum": lambda: de.optim.SGD(lr=0.1, momentum=0.9),
+    "adagrad": lambda: de.optim.Adagrad(lr=0.1),
+    "adam": lambda: de.optim.Adam(lr=0.01),
+    "ftrl": lambda: de.optim.FTRL(lr=0.1, l1=0.01),
+}
+
+
+def train(emb, batches):
+    for keys in batches:
+        emb(torch.as_tensor(keys, dtype=torch.int64)).pow(2).sum().backward()
+    return emb
+
+
+def by_id(export):
+    order = np.argsort(export.ids.numpy())
+    return {f: getattr(export, f)[order] for f in
+            ("ids", "weights", "optimizer_state", "counts", "last_step")}
+
+
+def assert_same_table(a, b):
+    ea, eb = by_id(a.export()), by_id(b.export())
+    for field in ea:
+        assert torch.equal(ea[field], eb[field]), field
+
+
+@settings(max_examples=20, deadline=None)
+@given(batches=st.lists(st.lists(st.integers(-50, 50), min_size=1, max_size=12),
+                        min_size=1, max_size=25),
+       max_rows=st.integers(12, 40), optimizer=st.sampled_from(sorted(OPTIMIZERS)))
+def test_small_budget_over_a_store_equals_an_unbounded_table(batches, max_rows, optimizer):
+    """Property: with nothing discarded, memory bounds change nothing about the result."""
+    make = OPTIMIZERS[optimizer]
+    full = train(de.DynamicEmbedding(dim=3, optimizer=make(), seed=7), batches)
+    bounded = train(de.DynamicEmbedding(dim=3, optimizer=make(), seed=7, max_rows=max_rows,
+                                        store=MemoryStore()), batches)
+    assert bounded.table.size() <= max_rows
+    assert bounded.table.stats().totals.discarded == 0
+    assert_same_table(full.table, bounded.table)
+
+
+@pytest.mark.parametrize("backend", ["rocksdb", "redis"])
+def test_budget_over_real_stores_equals_unbounded(backend, tmp_path, request):
+    rng = np.random.default_rng(3)
+    batches = [rng.zipf(1.2, 64) % 3000 for _ in range(60)]
+    if backend == "rocksdb":
+        store = RocksDBStore(tmp_path / "db")
+    else:
+        store = RedisStore(request.getfixturevalue("redis_server").url, namespace="equal")
+    full = train(de.DynamicEmbedding(dim=8, optimizer=de.optim.Adagrad(lr=0.1), seed=2),
+                 batches)
+    bounded = train(de.DynamicEmbedding(dim=8, optimizer=de.optim.Adagrad(lr=0.1), seed=2,
+                                        max_rows=100, store=store), batches)
+    totals = bounded.table.stats().totals
+    assert bounded.table.size() <= 100 and totals.evicted > 0 and totals.loaded > 0
+    assert_same_table(full.table, bounded.table)
+    store.close()
+
+
+def test_keys_exceed_memory_many_times_and_flush_makes_the_store_complete(tmp_path):
+    store = RocksDBStore(tmp_path / "db")
+    emb = de.DynamicEmbedding(dim=4, optimizer=de.optim.SGD(lr=0.1), seed=1, max_rows=50,
+                              store=store)
+    train(emb, [np.arange(i * 25, (i + 1) * 25) for i in range(80)])  # 2,000 keys
+    assert emb.table.size() <= 50
+    written = emb.table.flush()
+    assert written > 0 and emb.table.flush() == 0  # nothing dirty left
+    assert store.size() == 2000
+    expected = by_id(emb.table.export())
+    store.close()
+    # a new table over the reopened directory answers with the same rows
+    reopened = DynamicTable(TableConfig(dim=4, optimizer=de.optim.SGD(lr=0.1), seed=1,
+                                        store=RocksDBStore(tmp_path / "db")))
+    assert reopened.size() == 0
+    got = reopened.find(torch.from_numpy(expected["ids"].numpy()))
+    assert got.found.all() and torch.equal(got.values, expected["weights"])
+    reopened.config.store.close()
+
+
+def test_write_through_keeps_the_store_current():
+    store = MemoryStore()
+    emb = de.DynamicEmbedding(dim=4, optimizer=de.optim.Adagrad(lr=0.1), seed=1,
+                              store=store, write_policy="through")
+    train(emb, [[1, 2, 3], [3, 4]])
+    ids, slots = emb.table.index.items()
+    found, stored = store.get(ids)
+    assert found.all()
+    assert np.array_equal(stored.weights, emb.table.arena.weights.numpy()[slots])
+    assert np.array_equal(stored.state, emb.table.arena.state.numpy()[slots])
+
+
+def test_write_back_writes_nothing_until_eviction_or_flush():
+    store = MemoryStore()
+    emb = train(de.DynamicEmbedding(dim=4, optimizer=de.optim.SGD(lr=0.1), store=store),
+                [[1, 2, 3]])
+    assert store.size() == 0 and emb.table.stats().totals.store_writes == 0
+    emb.table.flush()
+    assert store.size() == 3 and emb.table.stats().totals.store_writes == 3
+
+
+def test_eval_lookups_read_through_without_training():
+    store = MemoryStore()
+    emb = de.DynamicEmbedding(dim=4, optimizer=de.optim.SGD(lr=0.5), seed=3, max_rows=4,
+                              store=store)
+    train(emb, [[1, 2, 3, 4], [5, 6, 7, 8]])  # 1-4 evicted to the store
+    expected = {int(i): w for i, w in zip(*store.get(np.arange(1, 5))[1].ids[None],
+                                          store.get(np.arange(1, 5))[1].weights)}
+    emb.eval()
+    got = emb(torch.tensor([1, 2, 99]))
+    assert torch.equal(got[0], torch.from_numpy(expected[1]))
+    assert torch.equal(got[1], torch.from_numpy(expected[2]))
+    assert torch.equal(got[2], torch.zeros(4))  # unknown: default vector
+    call = emb.table.last_call
+    assert call.loaded == 2 and call.defaults_served == 1 and call.inserts == 0
+
+
+def test_find_contains_erase_see_the_store():
+    store = MemoryStore()
+    table = DynamicTable(TableConfig(dim=2, seed=1, max_rows=2, store=store))
+    table.insert_or_assign([1, 2, 3, 4], torch.arange(8.0).reshape(4, 2))
+    assert table.size() <= 2
+    assert table.contains([1, 2, 3, 4, 5]).tolist() == [True, True, True, True, False]
+    found = table.find([1, 4])
+    assert found.found.all() and torch.equal(found.values, torch.tensor([[0., 1.], [6., 7.]]))
+    assert table.erase([1, 2, 3, 5]) == 3
+    assert table.contains([1, 2, 3, 4]).tolist() == [False, False, False, True]
+    table.flush()
+    assert store.size() == 1
+
+
+def test_assign_reaches_rows_in_the_store():
+    store = MemoryStore()
+    table = DynamicTable(TableConfig(dim=2, seed=1, max_rows=2, store=store))
+    table.insert_or_assign([1, 2, 3], torch.zeros(3, 2))
+    written = table.assign([1, 2, 3, 9], torch.ones(4, 2))
+    assert written.tolist() == [True, True, True, False]
+    assert torch.equal(table.find([1, 2, 3]).values, torch.ones(3, 2))
+
+
+def test_state_dict_round_trip_through_a_tiered_table(tmp_path):
+    emb = train(de.DynamicEmbedding(dim=4, optimizer=de.optim.Adam(lr=0.01), seed=5,
+                                    max_rows=8, store=MemoryStore()),
+                [np.arange(i, i + 6) for i in range(0, 40, 3)])
+    state = emb.table.state_dict()
+    assert state["ids"].shape[0] == 45  # memory and store together
+    fresh = DynamicTable(TableConfig(dim=4, optimizer=de.optim.Adam(lr=0.01), seed=5,
+                                     max_rows=8, store=RocksDBStore(tmp_path / "db")))
+    fresh.load_state_dict(state)
+    assert fresh.size() == 0  # rows wait in the store and fault in on use
+    assert_same_table(emb.table, fresh)
+    fresh.config.store.close()
+
+
+def test_loading_more_rows_than_the_budget_without_a_store_is_refused():
+    big = DynamicTable(TableConfig(dim=2, seed=1))
+    big.find_or_insert(list(range(10)))
+    small = DynamicTable(TableConfig(dim=2, seed=1, max_rows=5))
+    with pytest.raises(de.StateDictError, match="budget"):
+        small.load_state_dict(big.state_dict())
+
+
+def test_clear_empties_the_store_too():
+    store = MemoryStore()
+    table = DynamicTable(TableConfig(dim=2, seed=1, max_rows=2, store=store))
+    table.find_or_insert([1, 2, 3, 4])
+    table.clear()
+    assert table.size() == 0 and store.size() == 0
+    assert not table.contains([1, 2, 3, 4]).any()
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"write_policy": "sideways"}, "write_policy"),
+    ({"write_policy": "through"}, "needs a store"),
+    ({"store": "redis://localhost"}, "store must be"),
+    ({"memory_budget": "lots"}, "memory_budget"),
+    ({"memory_budget": -5}, "memory_budget"),
+    ({"max_rows": 0}, "max_rows"),
+    ({"evict_every": 10}, "evict_every"),
+    ({"admission": "frequency"}, "admission"),
+    ({"eviction": "lru"}, "eviction"),
+])
+def test_bad_tier_options_name_the_argument(options, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        TableConfig(dim=2, **options)
+
+
+def test_memory_budget_bytes_bound_the_allocation():
+    table = DynamicTable(TableConfig(dim=16, optimizer=de.optim.Adagrad(lr=0.1),
+                                     memory_budget="256KiB", store=MemoryStore()))
+    for start in range(0, 20000, 500):
+        table.lookup_slots(np.arange(start, start + 500, dtype=np.int64),
+                           np.ones(500, dtype=np.int64), insert=True)
+    assert table.size() <= table.max_rows
+    assert table.stats().bytes_allocated <= 256 * 1024
+    assert table.stats().totals.evicted > 0 and table.stats().totals.discarded == 0
