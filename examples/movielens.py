@@ -26,6 +26,11 @@ user or movie in the test set falls back on its other features.
 Two optimizers share the work: the embedding tables update the rows a batch
 touched inside ``loss.backward()`` with their own sparse optimizer (Adagrad
 here), and a plain ``torch.optim.Adam`` updates the dense MLP.
+
+Memory is bounded: each table keeps at most ``--rows-in-memory`` rows in RAM
+over an embedded RocksDB directory (``--store-dir``, one per table). Rows that
+leave memory (least recently used first) are written to RocksDB and read back
+when their key returns, so the model trains exactly as with unbounded tables.
 """
 
 from __future__ import annotations
@@ -33,7 +38,9 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -125,12 +132,16 @@ class Batches:
 class LikeModel(nn.Module):
     """Dynamic embeddings for every feature, concatenated, into a small MLP."""
 
-    def __init__(self, dim: int, emb_lr: float, hidden: int = 64):
+    def __init__(self, dim: int, emb_lr: float, hidden: int = 64, *,
+                 store_dir: Path | None = None, rows_in_memory: int | None = None):
         super().__init__()
         tables = dict.fromkeys(table for table, _ in FEATURES.values())  # unique, in order
         self.embeddings = de.EmbeddingCollection(
             tables={
-                name: de.TableConfig(dim=dim, optimizer=de.optim.Adagrad(lr=emb_lr))
+                name: de.TableConfig(
+                    dim=dim, optimizer=de.optim.Adagrad(lr=emb_lr),
+                    store=de.storage.RocksDBStore(store_dir / name) if store_dir else None,
+                    max_rows=rows_in_memory)
                 for name in tables
             },
             features={
@@ -187,7 +198,7 @@ def baselines(train: pd.DataFrame, test: pd.DataFrame) -> dict:
 
 
 @torch.no_grad()
-def predict(model: LikeModel, data: Batches, batch_size: int = 4096):
+def predict(model: LikeModel, data: Batches, batch_size: int = 1024):
     """Like probabilities for every example, and per table how many keys it had never seen."""
     before = defaults_served(model)
     model.eval()  # unseen keys read as zeros (the tables' default value) and are not inserted
@@ -233,6 +244,12 @@ def parse_args(argv):
                    help="random 80/20 (default), or time: test on the newest 20%% of ratings, "
                         "mostly by users never seen in training")
     p.add_argument("--seed", type=int, default=0, help="seeds the subset, split, shuffling and init")
+    p.add_argument("--store-dir", default="runs/movielens/tables",
+                   help="RocksDB directories of the tables (emptied at the start of a run)")
+    p.add_argument("--rows-in-memory", type=int, default=1000,
+                   help="rows each table keeps in RAM; the rest live in RocksDB")
+    p.add_argument("--in-memory", action="store_true",
+                   help="no storage tier: unbounded tables in RAM only")
     p.add_argument("--cache-dir", default=None, help="data cache (default: $DYNEMBED_CACHE or ~/.cache/dynembed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars, only per-epoch lines")
     return p.parse_args(argv)
@@ -253,7 +270,12 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"MovieLens 100k: {len(train_df):,} train / {len(test_df):,} test ratings "
           f"({args.split} split), {train_df['label'].mean():.1%} liked in train")
 
-    model = LikeModel(dim=args.dim, emb_lr=args.emb_lr)
+    store_dir = None if args.in_memory else Path(args.store_dir)
+    if store_dir is not None:
+        shutil.rmtree(store_dir, ignore_errors=True)  # a fresh run starts from empty tables
+        store_dir.mkdir(parents=True)
+    model = LikeModel(dim=args.dim, emb_lr=args.emb_lr, store_dir=store_dir,
+                      rows_in_memory=None if args.in_memory else args.rows_in_memory)
     # Adam sees only the dense MLP; the tables update themselves in backward().
     dense_opt = torch.optim.Adam(model.mlp.parameters(), lr=args.lr)
     loss_fn = nn.BCEWithLogitsLoss()
@@ -289,11 +311,23 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Rows are the distinct keys met in training; "unseen" counts the test
     # lookups (key occurrences) that found no row and read the default zeros.
-    table_rows = {name: t.size() for name, t in model.embeddings.tables.items()}
-    print("\nTables:")
-    print(f"  {'table':12s}{'rows':>8s}{'unseen in test':>16s}")
+    tables = model.embeddings.tables
+    for table in tables.values():
+        table.flush()  # the store alone now holds every row
+    table_rows = {name: (t.tier.store.size() if t.tier else t.size())
+                  for name, t in tables.items()}
+    print("\nTables" + ("" if store_dir is None else f" (RocksDB under {store_dir}/, "
+                        f"at most {args.rows_in_memory:,} rows each in memory)") + ":")
+    print(f"  {'table':12s}{'rows':>8s}{'in memory':>11s}{'hit rate':>10s}{'evicted':>9s}"
+          f"{'read back':>11s}{'unseen in test':>16s}")
     for name, rows in table_rows.items():
-        print(f"  {name:12s}{rows:8,d}{unseen[name]:16,d}")
+        totals = tables[name].stats().totals
+        hit_rate = totals.hits / max(1, totals.keys)
+        print(f"  {name:12s}{rows:8,d}{tables[name].size():11,d}{hit_rate:10.1%}"
+              f"{totals.evicted:9,d}{totals.loaded:11,d}{unseen[name]:16,d}")
+    for table in tables.values():
+        if table.tier is not None:
+            table.tier.store.close()
 
     return {
         "test_auc": final["test_auc"],

@@ -95,6 +95,9 @@ def rows_for(table: DynamicTable, anchor: torch.Tensor, unique_ids: np.ndarray,
         without a row.
     """
     insert = training and not table.read_only
+    if not insert:  # evaluation: read rows, never change the table
+        rows = table.read_unique(unique_ids, counts)
+        return rows if inverse is None else rows.index_select(0, torch.from_numpy(inverse))
     slots = table.lookup_slots(unique_ids, counts, insert=insert, strings=strings,
                                string_ids=string_ids)
     if insert and table.trainable and torch.is_grad_enabled():

@@ -230,8 +230,8 @@ class DynamicTable(RowLifecycle):
         self.counters.add_call(call)
         return slots
 
-    def _find_gather(self, ids: np.ndarray, call: CallStats | None = None
-                     ) -> tuple[torch.Tensor, np.ndarray]:
+    def _find_gather(self, ids: np.ndarray, call: CallStats | None = None,
+                     counts: np.ndarray | None = None) -> tuple[torch.Tensor, np.ndarray]:
         """Rows of ids (the default where absent) and the absent mask. With a store, rows
         not in memory are read from it in one batch and served without entering memory,
         so reads never evict and any batch size works."""
@@ -239,7 +239,8 @@ class DynamicTable(RowLifecycle):
         missing = slots == EMPTY
         out = self.gather(slots, missing=missing)
         if call is not None:
-            call.misses = int(np.count_nonzero(missing))
+            call.misses = int(np.count_nonzero(missing) if counts is None
+                              else counts[missing].sum())
         if self.tier is not None and missing.any():
             pos = np.flatnonzero(missing)
             unique, inverse, _ = unique_inverse(ids[pos])
@@ -253,6 +254,27 @@ class DynamicTable(RowLifecycle):
                 if call is not None:
                     call.loaded += int(np.count_nonzero(found))
         return out, missing
+
+    def read_unique(self, unique_ids: np.ndarray, counts: np.ndarray) -> torch.Tensor:
+        """Rows of distinct ids for a read-only lookup (eval), counted per occurrence.
+
+        Rows only in the store are served from it without entering memory, so evaluation
+        never evicts and works with any batch size.
+
+        Args:
+            unique_ids: (u,) int64 distinct ids.
+            counts: (u,) int64 occurrences of each in the call.
+
+        Returns:
+            (u, dim) float32; the default vector where absent.
+        """
+        call = CallStats(keys=int(counts.sum()))
+        out, missing = self._find_gather(unique_ids, call, counts)
+        call.hits = call.keys - call.misses
+        call.defaults_served = int(counts[missing].sum())
+        self.last_call = call
+        self.counters.add_call(call)
+        return out
 
     def read(self, ids: np.ndarray) -> torch.Tensor:
         """Rows of ids for a read-only lookup call (eval, serving), counted in the stats.

@@ -27,12 +27,18 @@ def movielens_available():
         pytest.skip(f"MovieLens 100k is not cached and could not be downloaded: {exc}")
 
 
-def test_movielens_beats_baselines(movielens_available, capsys):
+def test_movielens_beats_baselines(movielens_available, capsys, tmp_path):
     from examples import movielens
 
-    result = movielens.main(
-        ["--max-rows", "20000", "--epochs", "1", "--seed", "0", "--no-progress"]
-    )
+    args = ["--max-rows", "20000", "--epochs", "1", "--seed", "0", "--no-progress"]
+    result = movielens.main(args + ["--store-dir", str(tmp_path / "tables"),
+                                    "--rows-in-memory", "600"])
+    # Bounded tables over RocksDB train exactly like unbounded in-memory tables.
+    in_memory = movielens.main(args + ["--in-memory"])
+    assert result["test_auc"] == in_memory["test_auc"]
+    assert result["test_logloss"] == in_memory["test_logloss"]
+    assert result["table_rows"] == in_memory["table_rows"]
+    assert (tmp_path / "tables" / "movie" / "CURRENT").exists()  # a real RocksDB directory
 
     assert result["n_train"] == 16_000 and result["n_test"] == 4_000
     base = result["baseline"]
