@@ -89,16 +89,22 @@ class _SketchAdmitter(Admitter):
         self.sketch = np.zeros((policy.depth, _power_of_two(policy.width)), dtype=np.int32)
         self.decayed_at = 0
 
-    def decide(self, ids, counts, step):
-        return k.cms_estimate(self.sketch, ids, counts, self.seeds) >= self.policy.threshold
-
-    def record(self, ids, counts, step):
+    def _decay_until(self, step: int) -> None:
+        """Applies the decays due by ``step`` (idempotent: only the periods not yet applied,
+        so a decision after many hit-only steps sees the decayed counts)."""
         every = self.policy.decay_every
         if every and step - self.decayed_at >= every:
             periods = (step - self.decayed_at) // every
             factor = self.policy.decay ** periods
             np.multiply(self.sketch, factor, out=self.sketch, casting="unsafe")
             self.decayed_at += periods * every
+
+    def decide(self, ids, counts, step):
+        self._decay_until(step)
+        return k.cms_estimate(self.sketch, ids, counts, self.seeds) >= self.policy.threshold
+
+    def record(self, ids, counts, step):
+        self._decay_until(step)
         k.cms_add(self.sketch, ids, counts, self.seeds)
 
     def state_dict(self):

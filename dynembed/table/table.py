@@ -25,10 +25,10 @@ from dynembed.keys.convert import to_key_batch
 from dynembed.keys.key_log import KeyLog
 from dynembed.policy.eviction import LRU
 from dynembed.storage.rows import RowBlock
-from dynembed.table.arena import RowArena
+from dynembed.table.arena import ID, LAST_STEP, RowArena
 from dynembed.table.budget import parse_bytes, rows_within
 from dynembed.table.config import TableConfig
-from dynembed.table.eviction import DiscardLog, Evictor
+from dynembed.table.eviction import FREE_STEP, DiscardLog, Evictor
 from dynembed.table.index import EMPTY, HashIndex, buckets_for
 from dynembed.table.lifecycle import (
     CREATE_ADMITTED,
@@ -347,8 +347,10 @@ class DynamicTable(RowLifecycle):
         # at lookup time EMPTY means "not admitted"; later (deferred) it means "removed since"
         unadmitted = 0 if deferred else grads.shape[0] - int(np.count_nonzero(valid))
         self.counters.unadmitted_gradients += unadmitted
-        if verify:  # a row erased (and maybe reused) since the lookup must not get this grad
-            valid[valid] = self.arena.np("ids")[slots[valid]] == ids[valid]
+        if verify:  # a row erased or evicted (its slot free or reused) since the lookup
+            live = slots[valid]
+            meta = self.arena.np("meta")
+            valid[valid] = (meta[live, ID] == ids[valid]) & (meta[live, LAST_STEP] != FREE_STEP)
         bad = nonfinite_rows(grads)
         n_bad = int(np.count_nonzero(bad))
         if n_bad:
@@ -618,7 +620,7 @@ class DynamicTable(RowLifecycle):
 
         Keys: ``ids``, ``weights``, ``optimizer_state``, ``counts``, ``last_step``,
         ``meta`` (int64: version, dim, state_width, step, update_step, seed),
-        and ``key_log.*`` when the key log is on.
+        ``key_log.*`` when the key log is on, ``admission.*`` with an admission policy.
         """
         export = self.export()
         state = {"ids": export.ids, "weights": export.weights,
@@ -630,6 +632,8 @@ class DynamicTable(RowLifecycle):
                                       dtype=torch.int64)}
         if self.key_log is not None:
             state.update({f"key_log.{k}": v for k, v in self.key_log.state_dict().items()})
+        if self.admitter is not None:
+            state.update({f"admission.{k}": v for k, v in self.admitter.state_dict().items()})
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -681,6 +685,12 @@ class DynamicTable(RowLifecycle):
         if self.key_log is not None and "key_log.ids" in state:
             self.key_log.load_state_dict({k[len("key_log."):]: v for k, v in state.items()
                                           if k.startswith("key_log.")})
+        if self.admitter is not None:  # its hashes follow the (restored) table seed
+            self.admitter = self.config.admission.create(self.seed)
+            admission = {k[len("admission."):]: v for k, v in state.items()
+                         if k.startswith("admission.")}
+            if admission:
+                self.admitter.load_state_dict(admission)
         if self.tier is not None:  # rows go to the store and fault in when looked up
             self.tier.store.put(RowBlock(
                 ids, state["weights"].to(torch.float32).numpy(),

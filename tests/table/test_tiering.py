@@ -207,3 +207,17 @@ def test_memory_budget_bytes_bound_the_allocation():
     assert table.size() <= table.max_rows
     assert table.stats().bytes_allocated <= 256 * 1024
     assert table.stats().totals.evicted > 0 and table.stats().totals.discarded == 0
+
+
+def test_admission_state_round_trips_through_state_dict():
+    policy = de.policy.FrequencyAdmission(threshold=3, width=1024, depth=2)
+    emb = de.DynamicEmbedding(dim=2, optimizer=de.optim.SGD(lr=0.1), seed=4, admission=policy)
+    train(emb, [[1, 2], [1, 3], [4]])  # 1 seen twice, not admitted yet
+    state = emb.state_dict()
+    assert any(k.endswith("admission.sketch") for k in state)
+    restored = de.DynamicEmbedding(dim=2, optimizer=de.optim.SGD(lr=0.1), seed=99,
+                                   admission=policy)
+    restored.load_state_dict(state)
+    assert np.array_equal(restored.table.admitter.sketch, emb.table.admitter.sketch)
+    train(restored, [[1]])  # the third lookup admits key 1 after the restore
+    assert restored.table.contains([1]).item()
