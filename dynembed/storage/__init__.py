@@ -6,5 +6,12 @@ from dynembed.storage.redis import RedisStore
 from dynembed.storage.rocksdb import RocksDBStore
 from dynembed.storage.rows import LAYOUT_VERSION, RowBlock, RowCodec
 
-__all__ = ["EmbeddingStore", "MemoryStore", "RocksDBStore", "RedisStore", "RowBlock",
-           "RowCodec", "LAYOUT_VERSION"]
+__all__ = [
+           "LAYOUT_VERSION",
+           "EmbeddingStore",
+           "MemoryStore",
+           "RedisStore",
+           "RocksDBStore",
+           "RowBlock",
+           "RowCodec",
+]

@@ -2,4 +2,4 @@
 
 from dynembed.testing.redis_server import RedisCluster, RedisServer, free_port
 
-__all__ = ["RedisServer", "RedisCluster", "free_port"]
+__all__ = ["RedisCluster", "RedisServer", "free_port"]

@@ -15,6 +15,7 @@ import tempfile
 import time
 
 import redis
+from typing_extensions import Self
 
 
 def _bindable(port: int) -> bool:
@@ -119,7 +120,7 @@ class RedisServer:
             self._dir.cleanup()
             self._dir = None
 
-    def __enter__(self) -> RedisServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -167,7 +168,7 @@ class RedisCluster:
         for server in self.servers:
             server.close()
 
-    def __enter__(self) -> RedisCluster:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:

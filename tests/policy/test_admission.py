@@ -75,7 +75,7 @@ def test_sketch_never_under_counts(batches, width, depth, seed):
         ids = np.array(list(merged), dtype=np.int64)
         counts = np.array(list(merged.values()), dtype=np.int64)
         # the estimate with this lookup added counts it too
-        want_now = np.array([exact[i] + merged[i] for i in merged.keys()])
+        want_now = np.array([exact[i] + merged[i] for i in merged])
         assert (k.cms_estimate(admitter.sketch, ids, counts, admitter.seeds) >= want_now).all()
         admitter.record(ids, counts, step)
         exact.update(merged)
