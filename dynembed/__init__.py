@@ -8,7 +8,7 @@ and a compiled CPU engine::
     v = emb(["cat", "dog", "cat"])   # (3, 64); new keys get rows
 """
 
-from dynembed import optim, policy, storage
+from dynembed import metrics, optim, policy, storage
 from dynembed import policy as init
 from dynembed.errors import (
     DynembedError,

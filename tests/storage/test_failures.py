@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import pytest
@@ -189,3 +190,21 @@ def test_rowblock_take_and_concat():
     b = RowBlock.concat([a.take(np.array([2])), a.take(np.array([0]))], 4, 2)
     assert b.ids.tolist() == [3, 1]
     assert np.array_equal(b.weights, a.weights[[2, 0]])
+
+
+def test_transient_redis_outage_is_retried_with_backoff():
+    with RedisServer() as server:
+        store = RedisStore(server.url, namespace="flaky", retries=40, backoff_base=0.02,
+                           backoff_cap=0.2, timeout=1.0)
+        store.bind(4, 2)
+        server.stop()
+        restarter = threading.Timer(0.3, server.start)  # the server comes back shortly
+        restarter.start()
+        try:
+            store.put(rows(range(10)))  # fails at first, succeeds on a retry
+        finally:
+            restarter.join()
+        found, got = store.get(np.arange(10, dtype=np.int64))
+        assert found.all()
+        assert np.array_equal(got.weights, rows(range(10)).weights)
+        store.close()
