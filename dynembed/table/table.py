@@ -186,9 +186,11 @@ class DynamicTable(RowLifecycle):
                      strings=None, string_ids: np.ndarray | None = None) -> np.ndarray:
         """Slots of unique ids for one lookup call, counted in the stats.
 
-        With ``insert`` (training), missing ids get new rows and every row's count and
-        last-seen step are updated; otherwise missing ids keep slot EMPTY and are counted as
-        defaults served.
+        Ids not in memory are read from the store first (one batch). With ``insert``
+        (training), the rest get new rows if the admission policy agrees, and every row's
+        count and last-seen step are updated; ids without a row keep slot EMPTY and are
+        counted as defaults served (and as not admitted, in training). Room for the rows is
+        made under the memory budget before anything changes.
 
         Args:
             unique_ids: (u,) int64 distinct ids.
@@ -198,6 +200,10 @@ class DynamicTable(RowLifecycle):
 
         Returns:
             (u,) int64 slots, EMPTY where absent and not inserted.
+
+        Raises:
+            StoreError: the store failed; the table is unchanged.
+            MemoryBudgetError: the call needs more rows at once than the budget holds.
         """
         call = CallStats(keys=int(counts.sum()))
         slots = self.index.find(unique_ids)
@@ -207,9 +213,9 @@ class DynamicTable(RowLifecycle):
         call.misses, call.hits = missed, call.keys - missed
         training = insert and not self.read_only
         if n_missing and (training or self.tier is not None):
-            got, _ = self._fill_missing(unique_ids, counts, slots,
-                                     create=CREATE_ADMITTED if training else CREATE_NONE,
-                                     step=self.step + 1, call=call)
+            create = CREATE_ADMITTED if training else CREATE_NONE
+            got, _ = self._fill_missing(unique_ids, counts, slots, create=create,
+                                        step=self.step + 1, call=call)
             if call.inserts and self.key_log is not None and strings is not None:
                 self.key_log.add(string_ids, strings)
             missed = int(counts[missing & ~got].sum())
