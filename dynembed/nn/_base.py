@@ -103,6 +103,11 @@ class SingleTableModule(TableModule):
         """Sizes and counters of the table (see :meth:`DynamicTable.stats`)."""
         return self.table.stats()
 
+    def prefetch(self, keys) -> None:
+        """Reads the stored rows of a coming batch's keys in the background (flat keys;
+        see :meth:`DynamicTable.prefetch`)."""
+        self.table.prefetch(keys)
+
 
 def sparse_step(model: nn.Module) -> None:
     """Applies the deferred sparse gradients of every dynembed module inside ``model``.

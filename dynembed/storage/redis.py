@@ -109,7 +109,7 @@ class RedisStore(EmbeddingStore):
         if "OOM" in text or "maxmemory" in text:
             return StoreFullError(
                 f"{self.name}: cannot {action}: the server is out of memory ({text}); nothing "
-                "of this batch was written; raise its maxmemory or use another store")
+                "of this batch was applied; raise its maxmemory or use another store")
         return StoreError(f"{self.name}: cannot {action}: {text}")
 
     def _shard_of(self, ids: np.ndarray) -> np.ndarray:
@@ -126,8 +126,10 @@ class RedisStore(EmbeddingStore):
                   if bounds[s + 1] > bounds[s]]
         return order, groups
 
-    def _pipeline(self):
-        return self._client.pipeline(transaction=not self.cluster)
+    def _pipeline(self, *, write: bool):
+        # writes are one MULTI/EXEC (all or nothing); reads need no transaction, which also
+        # keeps them working when the server refuses writes (maxmemory)
+        return self._client.pipeline(transaction=write and not self.cluster)
 
     def _execute(self, action: str, pipe) -> list:
         self._check_open()
@@ -140,7 +142,7 @@ class RedisStore(EmbeddingStore):
     def _get(self, ids: np.ndarray) -> list:
         order, groups = self._by_shard(ids)
         fields = encode_ids(ids[order])
-        pipe = self._pipeline()
+        pipe = self._pipeline(write=False)
         for s, a, b in groups:
             pipe.hmget(self._keys[s], fields[a:b])
         answers = self._execute("read", pipe)
@@ -152,7 +154,7 @@ class RedisStore(EmbeddingStore):
         order, groups = self._by_shard(ids)
         fields = encode_ids(ids[order])
         ordered = np.array(values, dtype=object)[order].tolist() if len(groups) > 1 else values
-        pipe = self._pipeline()
+        pipe = self._pipeline(write=True)
         for s, a, b in groups:
             pipe.hset(self._keys[s], mapping=dict(zip(fields[a:b], ordered[a:b])))
         self._execute("write", pipe)
@@ -160,7 +162,7 @@ class RedisStore(EmbeddingStore):
     def _delete(self, ids: np.ndarray) -> None:
         order, groups = self._by_shard(ids)
         fields = encode_ids(ids[order])
-        pipe = self._pipeline()
+        pipe = self._pipeline(write=True)
         for s, a, b in groups:
             pipe.hdel(self._keys[s], *fields[a:b])
         self._execute("delete", pipe)
@@ -186,7 +188,7 @@ class RedisStore(EmbeddingStore):
                     break
 
     def _count(self) -> int:
-        pipe = self._pipeline()
+        pipe = self._pipeline(write=False)
         for key in self._keys:
             pipe.hlen(key)
         return int(sum(self._execute("count", pipe)))

@@ -99,7 +99,7 @@ class RowLifecycle:
         miss_pos = np.flatnonzero(missing)
         miss_ids, miss_counts = unique[miss_pos], counts[miss_pos]
         if self.tier is not None:
-            found, stored = self.tier.store.get(miss_ids)
+            found, stored = self.tier.get(miss_ids)
         else:
             found, stored = np.zeros(miss_ids.shape[0], dtype=bool), None
         fresh = ~found
@@ -235,8 +235,23 @@ class RowLifecycle:
             return 0
         written = self.tier.write(self.tier.dirty_slots(), only_dirty=False)
         self.counters.store_writes += written
-        self.tier.store.flush()
+        self.tier.flush()
         return written
+
+    def prefetch(self, keys) -> None:
+        """Starts reading the stored rows of keys absent from memory, in the background, so
+        that a coming lookup of them does not wait for the store. Call it with the next
+        batch while the current one trains (no-op without a store).
+
+        Args:
+            keys: (n,) keys (int64 ids, or str/bytes).
+        """
+        if self.tier is None:
+            return
+        ids = self.ids_of(keys, arg="keys").ids
+        absent = ids[self.index.find(ids) == EMPTY]
+        if absent.shape[0]:
+            self.tier.prefetch(absent)
 
     def _stored_only(self, unique: np.ndarray, slots: np.ndarray) -> np.ndarray:
         """(u,) bool: ids absent from memory that the store holds."""
@@ -244,7 +259,7 @@ class RowLifecycle:
         if self.tier is not None:
             absent = np.flatnonzero(slots == EMPTY)
             if absent.shape[0]:
-                out[absent] = self.tier.store.get(unique[absent])[0]
+                out[absent] = self.tier.get(unique[absent])[0]
         return out
 
     def _unique_ids(self, ids: np.ndarray) -> np.ndarray:

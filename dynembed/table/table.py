@@ -250,7 +250,7 @@ class DynamicTable(RowLifecycle):
         if self.tier is not None and missing.any():
             pos = np.flatnonzero(missing)
             unique, inverse, _ = unique_inverse(ids[pos])
-            found, stored = self.tier.store.get(unique)
+            found, stored = self.tier.get(unique)
             if found.any():
                 rows = np.zeros((unique.shape[0], self.dim), dtype=np.float32)
                 rows[found] = stored.weights
@@ -536,7 +536,7 @@ class DynamicTable(RowLifecycle):
         slots = self.index.find(unique)
         stored_only = int(np.count_nonzero(self._stored_only(unique, slots)))
         if self.tier is not None:
-            self.tier.store.delete(unique)  # first: it may fail
+            self.tier.delete(unique)  # first: it may fail
         freed = self._release(unique)
         if self.key_log is not None:
             self.key_log.discard(unique)
@@ -548,8 +548,7 @@ class DynamicTable(RowLifecycle):
         """Removes every row, from memory and from the store (capacity is kept)."""
         self._check_writable("clear")
         if self.tier is not None:
-            self.tier.store.clear()
-            self.tier.forget(np.arange(self.tier.dirty.shape[0]))
+            self.tier.clear()
         self.counters.erased += self.size()
         self.erasures += 1
         self.index.clear()
@@ -579,7 +578,7 @@ class DynamicTable(RowLifecycle):
                           a.counts.index_select(0, slots).numpy(),
                           a.last_step.index_select(0, slots).numpy())]
         if self.tier is not None:
-            for block in self.tier.store.scan():
+            for block in self.tier.scan():
                 parts.append(block.take(self.index.find(block.ids) == EMPTY))
         rows = RowBlock.concat(parts, self.dim, a.state_width)
         return TableExport(*(torch.from_numpy(x) for x in (
@@ -698,7 +697,7 @@ class DynamicTable(RowLifecycle):
             if admission:
                 self.admitter.load_state_dict(admission)
         if self.tier is not None:  # rows go to the store and fault in when looked up
-            self.tier.store.put(RowBlock(
+            self.tier.put(RowBlock(
                 ids, state["weights"].to(torch.float32).numpy(),
                 state["optimizer_state"].to(torch.float32).numpy(),
                 state["counts"].to(torch.int64).numpy(),

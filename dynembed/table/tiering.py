@@ -2,11 +2,23 @@
 
 Memory is a cache over the store. A row in memory is newer than any stored copy of it, so the
 store is only read for ids that have no row in memory. ``dirty`` marks rows changed since
-they were last written (new rows, updates, metadata of training lookups); write-back writes
-them when they are evicted or flushed, write-through writes updated rows at once.
+they were last written (new rows, updates, metadata of training lookups).
+
+Store I/O runs off the training thread where it can: with write-back, evicted rows are
+handed to one background writer thread (at most ``MAX_PENDING_WRITES`` batches in flight)
+and stay readable from that queue until the store has them; ``prefetch(ids)`` reads rows
+of an upcoming batch on the same thread. RocksDB and Redis release the GIL while they work,
+so this I/O overlaps the training step. One worker thread runs every background task in
+order, so a prefetch never reads a row older than a write queued before it; writes queued
+after a prefetch drop the rows it staged. A background failure is raised by the next call
+(the batch stays queued and readable) and retried by it, so no row is ever lost.
 """
 
 from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -15,14 +27,45 @@ from dynembed.storage.rows import RowBlock
 from dynembed.table.arena import COUNT, ID, LAST_STEP, RowArena
 
 WRITE_POLICIES = ("back", "through")
+MAX_PENDING_WRITES = 2
+
+
+def _positions(sorted_ids: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(match mask over ids, position of each match in sorted_ids)."""
+    if sorted_ids.shape[0] == 0:
+        return np.zeros(ids.shape[0], dtype=bool), np.empty(0, dtype=np.int64)
+    pos = np.minimum(np.searchsorted(sorted_ids, ids), sorted_ids.shape[0] - 1)
+    match = sorted_ids[pos] == ids
+    return match, pos[match]
+
+
+@dataclass
+class _Pending:
+    """Rows queued for the store: sorted by id, readable until the write completes."""
+
+    rows: RowBlock
+    future: Future
+
+
+@dataclass
+class _Staged:
+    """A prefetch: ids (sorted), which the store had, their rows, and ids made stale since."""
+
+    ids: np.ndarray
+    future: Future
+    found: np.ndarray | None = None
+    rows: RowBlock | None = None
+    valid: np.ndarray | None = None
+    stale: list | None = None
 
 
 class Tier:
-    """A table's store plus the dirty marks of its rows in memory.
+    """A table's store, the dirty marks of its rows, and the background I/O queue.
 
     Args:
         store: the backend (bound here to the table's dim and optimizer state width).
-        write_policy: "back" (write when evicted or flushed) or "through" (on every update).
+        write_policy: "back" (write when evicted or flushed, in the background) or
+            "through" (on every update, synchronously).
         arena: the table's row arena.
     """
 
@@ -30,11 +73,15 @@ class Tier:
         store.bind(arena.dim, arena.state_width)
         self.store, self.write_policy, self.arena = store, write_policy, arena
         self.dirty = np.zeros(0, dtype=bool)
+        self._pending: deque[_Pending] = deque()
+        self._staged: _Staged | None = None
+        self._worker: ThreadPoolExecutor | None = None
 
     @property
     def write_through(self) -> bool:
         return self.write_policy == "through"
 
+    # ------------------------------------------------------------------ dirty marks
     def mark(self, slots: np.ndarray) -> None:
         """Marks rows at ``slots`` as changed since written."""
         if self.dirty.shape[0] < self.arena.capacity:
@@ -43,6 +90,15 @@ class Tier:
             self.dirty = grown
         self.dirty[slots] = True
 
+    def forget(self, slots: np.ndarray) -> None:
+        """Clears the marks of freed or freshly loaded slots."""
+        if self.dirty.shape[0]:
+            self.dirty[slots] = False
+
+    def dirty_slots(self) -> np.ndarray:
+        """(d,) slots of every dirty row."""
+        return np.flatnonzero(self.dirty)
+
     def rows(self, slots: np.ndarray) -> RowBlock:
         """Copies of the rows at ``slots`` with their state and metadata."""
         meta = self.arena.np("meta")[slots]
@@ -50,27 +106,174 @@ class Tier:
                         self.arena.np("state")[slots], meta[:, COUNT].copy(),
                         meta[:, LAST_STEP].copy())
 
-    def write(self, slots: np.ndarray, *, only_dirty: bool = True) -> int:
-        """Writes rows at ``slots`` (only the dirty ones by default) in one batch.
+    # ------------------------------------------------------------------ background queue
+    def _submit(self, fn, *args) -> Future:
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="dynembed-store")
+        return self._worker.submit(fn, *args)
+
+    def _settle(self, wait: int = 0) -> None:
+        """Drops completed writes from the queue, waiting for the oldest ``wait`` ones.
+
+        A failed write is retried here, on the calling thread; if it fails again its error
+        is raised and the batch stays queued (and readable).
+        """
+        while self._pending and (wait > 0 or self._pending[0].future.done()):
+            head = self._pending[0]
+            try:
+                head.future.result()
+            except Exception:
+                self.store.put(head.rows)  # a retry; raises if the store still fails
+            self._pending.popleft()
+            wait -= 1
+
+    def drain(self) -> None:
+        """Waits until every queued write is in the store (raising its error, if any)."""
+        self._settle(wait=len(self._pending))
+
+    def _invalidate(self, ids: np.ndarray) -> None:
+        """Ids about to change in the store no longer match a prefetch's copies."""
+        staged = self._staged
+        if staged is None or ids.shape[0] == 0:
+            return
+        if staged.valid is None:  # still reading: drop them when it is consumed
+            staged.stale.append(ids.copy())
+        else:
+            match, pos = _positions(staged.ids, ids)
+            staged.valid[pos] = False
+
+    # ------------------------------------------------------------------ reads
+    def prefetch(self, ids: np.ndarray) -> None:
+        """Starts reading ``ids`` (distinct, absent from memory) from the store in the
+        background; a later :meth:`get` takes them from there. Replaces an earlier
+        prefetch."""
+        self._settle()
+        ids = np.unique(ids)
+        self._staged = _Staged(ids, self._submit(self.store.get, ids), stale=[])
+
+    def _take_staged(self) -> _Staged | None:
+        staged = self._staged
+        if staged is not None and staged.valid is None:
+            try:
+                staged.found, staged.rows = staged.future.result()
+            except Exception:
+                self._staged = None  # a failed prefetch only costs the synchronous read
+                return None
+            staged.valid = np.ones(staged.ids.shape[0], dtype=bool)
+            for ids in staged.stale:
+                self._invalidate(ids)
+        return staged
+
+    def get(self, ids: np.ndarray) -> tuple[np.ndarray, RowBlock]:
+        """Rows of distinct ids from the write queue, a prefetch, or the store, newest first.
 
         Returns:
-            Rows written.
+            ((n,) bool found mask, RowBlock of the found rows in the order of ``ids``).
 
         Raises:
-            StoreError: the write failed; dirty marks are unchanged.
+            StoreError: the store failed (nothing changed).
+        """
+        self._settle()
+        n = ids.shape[0]
+        found = np.zeros(n, dtype=bool)
+        answered = np.zeros(n, dtype=bool)
+        source = np.full(n, -1, dtype=np.int64)  # block of each found row
+        row_of = np.zeros(n, dtype=np.int64)  # its row in that block
+        blocks: list[RowBlock] = []
+        for pending in reversed(self._pending):
+            match, pos = _positions(pending.rows.ids, ids)
+            match &= ~answered
+            if match.any():
+                pos = np.searchsorted(pending.rows.ids, ids[match])
+                found[match] = answered[match] = True
+                source[match], row_of[match] = len(blocks), pos
+                blocks.append(pending.rows)
+        staged = self._take_staged()
+        if staged is not None:
+            match, pos = _positions(staged.ids, ids)
+            usable = np.zeros(n, dtype=bool)
+            usable[match] = staged.valid[pos]
+            usable &= ~answered
+            if usable.any():
+                pos = np.searchsorted(staged.ids, ids[usable])
+                hit = staged.found[pos]
+                answered[usable] = True
+                where = np.flatnonzero(usable)[hit]
+                found[where] = True
+                rank = np.cumsum(staged.found) - 1  # row of each found id in staged.rows
+                source[where], row_of[where] = len(blocks), rank[pos[hit]]
+                blocks.append(staged.rows)
+        rest = np.flatnonzero(~answered)
+        if rest.shape[0]:
+            got, stored = self.store.get(ids[rest])
+            where = rest[got]
+            found[where] = True
+            source[where], row_of[where] = len(blocks), np.arange(where.shape[0])
+            blocks.append(stored)
+        return found, self._assemble(blocks, source[found], row_of[found])
+
+    def _assemble(self, blocks: list[RowBlock], source: np.ndarray,
+                  row_of: np.ndarray) -> RowBlock:
+        if len(blocks) == 1:
+            return blocks[0].take(row_of)
+        parts = [blocks[b].take(row_of[source == b]) for b in range(len(blocks))]
+        merged = RowBlock.concat(parts, self.arena.dim, self.arena.state_width)
+        order = np.argsort(np.argsort(source, kind="stable"), kind="stable")
+        return merged.take(order)
+
+    # ------------------------------------------------------------------ writes
+    def write(self, slots: np.ndarray, *, only_dirty: bool = True) -> int:
+        """Writes rows at ``slots`` (only the dirty ones by default).
+
+        With write-back the batch is queued for the background writer (waiting for room if
+        ``MAX_PENDING_WRITES`` are in flight); write-through writes it at once.
+
+        Returns:
+            Rows written or queued.
+
+        Raises:
+            StoreError: the write (or a retried earlier one) failed; marks are unchanged.
         """
         if only_dirty:
             slots = slots[self.dirty[slots]] if self.dirty.shape[0] else slots[:0]
-        if slots.shape[0]:
-            self.store.put(self.rows(slots))
-            self.dirty[slots] = False
+        if slots.shape[0] == 0:
+            return 0
+        rows = self.rows(slots)
+        self._settle(wait=max(0, len(self._pending) - MAX_PENDING_WRITES + 1))
+        self._invalidate(rows.ids)
+        if self.write_through:
+            self.store.put(rows)
+        else:
+            rows = rows.take(np.argsort(rows.ids))
+            self._pending.append(_Pending(rows, self._submit(self.store.put, rows)))
+        self.dirty[slots] = False
         return int(slots.shape[0])
 
-    def dirty_slots(self) -> np.ndarray:
-        """(d,) slots of every dirty row."""
-        return np.flatnonzero(self.dirty)
+    def put(self, rows: RowBlock) -> None:
+        """Writes rows synchronously (after the queue)."""
+        self.drain()
+        self._invalidate(rows.ids)
+        self.store.put(rows)
 
-    def forget(self, slots: np.ndarray) -> None:
-        """Clears the marks of freed slots."""
-        if self.dirty.shape[0]:
-            self.dirty[slots] = False
+    def delete(self, ids: np.ndarray) -> None:
+        """Deletes ids from the store synchronously (after the queue)."""
+        self.drain()
+        self._invalidate(ids)
+        self.store.delete(ids)
+
+    def clear(self) -> None:
+        """Empties the store and forgets every mark and prefetch."""
+        self.drain()
+        self._staged = None
+        self.store.clear()
+        self.dirty[:] = False
+
+    def scan(self):
+        """Every stored row (after the queue), in blocks."""
+        self.drain()
+        return self.store.scan()
+
+    def flush(self) -> None:
+        """Waits for the queue and makes the store durable."""
+        self.drain()
+        self.store.flush()

@@ -221,3 +221,69 @@ def test_admission_state_round_trips_through_state_dict():
     assert np.array_equal(restored.table.admitter.sketch, emb.table.admitter.sketch)
     train(restored, [[1]])  # the third lookup admits key 1 after the restore
     assert restored.table.contains([1]).item()
+
+
+@settings(max_examples=20, deadline=None)
+@given(batches=st.lists(st.lists(st.integers(-40, 40), min_size=1, max_size=10),
+                        min_size=2, max_size=25),
+       max_rows=st.integers(10, 30), write_policy=st.sampled_from(["back", "through"]))
+def test_prefetching_the_next_batch_changes_nothing(batches, max_rows, write_policy):
+    """Property: prefetch + background writes give the same table as plain training."""
+    full = train(de.DynamicEmbedding(dim=3, optimizer=de.optim.Adagrad(lr=0.1), seed=7),
+                 batches)
+    emb = de.DynamicEmbedding(dim=3, optimizer=de.optim.Adagrad(lr=0.1), seed=7,
+                              max_rows=max_rows, store=MemoryStore(),
+                              write_policy=write_policy)
+    for keys, upcoming in zip(batches, batches[1:] + [[]]):
+        if upcoming:
+            emb.prefetch(torch.tensor(upcoming))  # overlaps with this step
+        emb(torch.tensor(keys)).pow(2).sum().backward()
+    assert_same_table(full.table, emb.table)
+
+
+def test_prefetched_rows_come_from_the_background_read(monkeypatch):
+    store = MemoryStore()
+    emb = de.DynamicEmbedding(dim=2, optimizer=de.optim.SGD(lr=0.1), seed=1, max_rows=4,
+                              store=store)
+    train(emb, [[1, 2, 3, 4], [5, 6, 7, 8]])
+    emb.table.flush()
+    emb.prefetch(torch.tensor([1, 2, 99]))
+    emb.table.tier._staged.future.result()  # let the background read finish
+    reads = []
+    real_get = store._get
+    monkeypatch.setattr(store, "_get", lambda ids: reads.append(ids.copy()) or real_get(ids))
+    emb(torch.tensor([1, 2, 99])).sum().backward()
+    # 1 and 2 came from the prefetch; 99 was known absent: no synchronous read at all
+    assert reads == []
+    assert emb.table.last_call.loaded == 2 and emb.table.last_call.inserts == 1
+
+
+def test_rows_of_a_failed_background_write_stay_queued_and_are_retried(redis_server):
+    import redis
+
+    batches = [np.arange(i, i + 8) for i in range(0, 80, 4)]
+    full = train(de.DynamicEmbedding(dim=2, optimizer=de.optim.SGD(lr=0.1), seed=1),
+                 batches)
+    store = RedisStore(redis_server.url, namespace="behind", retries=1, backoff_base=0.01)
+    admin = redis.Redis.from_url(redis_server.url)
+    emb = de.DynamicEmbedding(dim=2, optimizer=de.optim.SGD(lr=0.1), seed=1,
+                              max_rows=16, store=store)
+    step = 0
+    try:
+        for keys in batches[:8]:
+            train(emb, [keys])
+            step += 1
+        admin.config_set("maxmemory", "1")  # the store is full: writes fail, reads work
+        with pytest.raises(de.StoreFullError):
+            for keys in batches[step:]:
+                train(emb, [keys])  # evicted rows queue up; their write fails
+                step += 1
+        queued = len(emb.table.tier._pending)
+        assert queued > 0  # rows that did not reach the store are still held
+    finally:
+        admin.config_set("maxmemory", "0")
+    for keys in batches[step:]:  # the refused step again, then the rest: retried writes
+        train(emb, [keys])
+    assert_same_table(full.table, emb.table)
+    store.close()
+    admin.close()
