@@ -46,6 +46,7 @@ from dynembed.table import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "metrics",
     "DynamicEmbedding",
     "DynamicEmbeddingBag",
     "DynamicTable",

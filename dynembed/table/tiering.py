@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dynembed.errors import StoreError
 from dynembed.storage.base import EmbeddingStore
 from dynembed.storage.rows import RowBlock
 from dynembed.table.arena import COUNT, ID, LAST_STEP, RowArena
@@ -122,7 +123,7 @@ class Tier:
             head = self._pending[0]
             try:
                 head.future.result()
-            except Exception:
+            except StoreError:
                 self.store.put(head.rows)  # a retry; raises if the store still fails
             self._pending.popleft()
             wait -= 1
@@ -139,8 +140,7 @@ class Tier:
         if staged.valid is None:  # still reading: drop them when it is consumed
             staged.stale.append(ids.copy())
         else:
-            match, pos = _positions(staged.ids, ids)
-            staged.valid[pos] = False
+            staged.valid[_positions(staged.ids, ids)[1]] = False
 
     # ------------------------------------------------------------------ reads
     def prefetch(self, ids: np.ndarray) -> None:
@@ -156,7 +156,7 @@ class Tier:
         if staged is not None and staged.valid is None:
             try:
                 staged.found, staged.rows = staged.future.result()
-            except Exception:
+            except StoreError:
                 self._staged = None  # a failed prefetch only costs the synchronous read
                 return None
             staged.valid = np.ones(staged.ids.shape[0], dtype=bool)
