@@ -46,7 +46,6 @@ from dynembed.table import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "metrics",
     "DynamicEmbedding",
     "DynamicEmbeddingBag",
     "DynamicTable",
@@ -75,6 +74,7 @@ __all__ = [
     "hash_bytes",
     "hash_strings",
     "init",
+    "metrics",
     "optim",
     "policy",
     "set_num_threads",
