@@ -42,6 +42,12 @@ class EmbeddingStore(ABC):
 
     name: str = "store"
     """How errors refer to this store (backend and location)."""
+    background_io: bool = False
+    """Whether a table writes evicted rows on its background thread (write-behind) rather
+    than in the lookup that evicts them. Worth it only where the client releases the GIL
+    while it works (RocksDB) and a core is free; a client that works in Python (redis-py
+    packs every argument in Python) would hold the GIL and stall the training thread.
+    Off by default; a store's constructor or attribute turns it on."""
 
     def __init__(self) -> None:
         self.codec: RowCodec | None = None

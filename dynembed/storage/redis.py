@@ -155,8 +155,9 @@ class RedisStore(EmbeddingStore):
         fields = encode_ids(ids[order])
         ordered = np.array(values, dtype=object)[order].tolist() if len(groups) > 1 else values
         pipe = self._pipeline(write=True)
-        for s, a, b in groups:
-            pipe.hset(self._keys[s], mapping=dict(zip(fields[a:b], ordered[a:b])))
+        for s, a, b in groups:  # HSET key f1 v1 f2 v2 ..., the pairs interleaved in C
+            pairs = chain.from_iterable(zip(fields[a:b], ordered[a:b]))
+            pipe.execute_command("HSET", self._keys[s], *pairs)
         self._execute("write", pipe)
 
     def _delete(self, ids: np.ndarray) -> None:

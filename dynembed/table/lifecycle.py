@@ -24,8 +24,13 @@ class RowLifecycle:
     """Row allocation and movement between memory and the store (mixin; see module doc)."""
 
     # ------------------------------------------------------------------ allocation
-    def _allocate(self, ids: np.ndarray, slots: np.ndarray, missing: int) -> np.ndarray:
-        """Inserts ids whose slot is EMPTY and initialises their rows; returns the new mask."""
+    def _allocate(self, ids: np.ndarray, slots: np.ndarray, missing: int, *,
+                  skip_init: int = 0) -> np.ndarray:
+        """Inserts ids whose slot is EMPTY and initialises their rows; returns the new mask.
+
+        The first ``skip_init`` new rows are left uninitialised (the caller fills them, e.g.
+        with rows read from the store).
+        """
         new_mask = slots == EMPTY
         reusable = self._free_top
         self.arena.ensure(self._high_water + max(0, missing - reusable))
@@ -34,11 +39,12 @@ class RowLifecycle:
             ids, slots, self._free, self._free_top, self._high_water)
         new_slots = slots[new_mask]
         new_ids = ids[new_mask]
+        meta = self.arena.np("meta")
+        meta[new_slots, ID] = new_ids
+        new_slots, new_ids = new_slots[skip_init:], new_ids[skip_init:]
         self.config.initializer.fill(self.arena.np("weights"), new_slots, new_ids, self.seed)
         if self.arena.state_width:
             self.arena.np("state")[new_slots] = self._initial_state
-        meta = self.arena.np("meta")
-        meta[new_slots, ID] = new_ids
         meta[new_slots, COUNT] = 0
         meta[new_slots, LAST_STEP] = self.step
         if self.tier is not None:
@@ -118,7 +124,7 @@ class RowLifecycle:
         take = np.concatenate([np.flatnonzero(found), np.flatnonzero(fresh)[admit]])
         if take.shape[0]:
             new_slots = np.full(take.shape[0], EMPTY, dtype=np.int64)
-            self._allocate(miss_ids[take], new_slots, take.shape[0])
+            self._allocate(miss_ids[take], new_slots, take.shape[0], skip_init=n_loaded)
             if n_loaded:
                 self._write_loaded(new_slots[:n_loaded], stored)
             slots[miss_pos[take]] = new_slots

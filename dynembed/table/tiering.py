@@ -4,11 +4,11 @@ Memory is a cache over the store. A row in memory is newer than any stored copy 
 store is only read for ids that have no row in memory. ``dirty`` marks rows changed since
 they were last written (new rows, updates, metadata of training lookups).
 
-Store I/O runs off the training thread where it can: with write-back, evicted rows are
-handed to one background writer thread (at most ``MAX_PENDING_WRITES`` batches in flight)
-and stay readable from that queue until the store has them; ``prefetch(ids)`` reads rows
-of an upcoming batch on the same thread. RocksDB and Redis release the GIL while they work,
-so this I/O overlaps the training step. One worker thread runs every background task in
+Store I/O can run off the training thread: with write-back and a store whose
+``background_io`` is on, evicted rows are handed to one background writer thread (at most
+``MAX_PENDING_WRITES`` batches in flight) and stay readable from that queue until the store
+has them; ``prefetch(ids)`` reads rows of an upcoming batch on the same thread. RocksDB
+releases the GIL while it works, so this I/O can overlap the training step. One worker thread runs every background task in
 order, so a prefetch never reads a row older than a write queued before it; writes queued
 after a prefetch drop the rows it staged. A background failure is raised by the next call
 (the batch stays queued and readable) and retried by it, so no row is ever lost.
@@ -241,7 +241,7 @@ class Tier:
         rows = self.rows(slots)
         self._settle(wait=max(0, len(self._pending) - MAX_PENDING_WRITES + 1))
         self._invalidate(rows.ids)
-        if self.write_through:
+        if self.write_through or not self.store.background_io:
             self.store.put(rows)
         else:
             rows = rows.take(np.argsort(rows.ids))

@@ -226,14 +226,17 @@ def test_admission_state_round_trips_through_state_dict():
 @settings(max_examples=20, deadline=None)
 @given(batches=st.lists(st.lists(st.integers(-40, 40), min_size=1, max_size=10),
                         min_size=2, max_size=25),
-       max_rows=st.integers(10, 30), write_policy=st.sampled_from(["back", "through"]))
-def test_prefetching_the_next_batch_changes_nothing(batches, max_rows, write_policy):
-    """Property: prefetch + background writes give the same table as plain training."""
+       max_rows=st.integers(10, 30), write_policy=st.sampled_from(["back", "through"]),
+       background=st.booleans())
+def test_prefetching_the_next_batch_changes_nothing(batches, max_rows, write_policy,
+                                                    background):
+    """Property: prefetch and background writes give the same table as plain training."""
     full = train(de.DynamicEmbedding(dim=3, optimizer=de.optim.Adagrad(lr=0.1), seed=7),
                  batches)
+    store = MemoryStore()
+    store.background_io = background
     emb = de.DynamicEmbedding(dim=3, optimizer=de.optim.Adagrad(lr=0.1), seed=7,
-                              max_rows=max_rows, store=MemoryStore(),
-                              write_policy=write_policy)
+                              max_rows=max_rows, store=store, write_policy=write_policy)
     for keys, upcoming in zip(batches, batches[1:] + [[]]):
         if upcoming:
             emb.prefetch(torch.tensor(upcoming))  # overlaps with this step
@@ -265,6 +268,7 @@ def test_rows_of_a_failed_background_write_stay_queued_and_are_retried(redis_ser
     full = train(de.DynamicEmbedding(dim=2, optimizer=de.optim.SGD(lr=0.1), seed=1),
                  batches)
     store = RedisStore(redis_server.url, namespace="behind", retries=1, backoff_base=0.01)
+    store.background_io = True  # evicted rows go through the write-behind queue
     admin = redis.Redis.from_url(redis_server.url)
     emb = de.DynamicEmbedding(dim=2, optimizer=de.optim.SGD(lr=0.1), seed=1,
                               max_rows=16, store=store)
@@ -287,3 +291,20 @@ def test_rows_of_a_failed_background_write_stay_queued_and_are_retried(redis_ser
     assert_same_table(full.table, emb.table)
     store.close()
     admin.close()
+
+
+def test_background_writes_over_rocksdb_equal_plain_training(tmp_path):
+    rng = np.random.default_rng(5)
+    batches = [rng.zipf(1.2, 48) % 2000 for _ in range(80)]
+    full = train(de.DynamicEmbedding(dim=4, optimizer=de.optim.Adam(lr=0.01), seed=3),
+                 batches)
+    store = RocksDBStore(tmp_path / "db", background_io=True)
+    emb = de.DynamicEmbedding(dim=4, optimizer=de.optim.Adam(lr=0.01), seed=3, max_rows=64,
+                              store=store)
+    for keys, upcoming in zip(batches, batches[1:] + [None]):
+        if upcoming is not None:
+            emb.prefetch(torch.from_numpy(upcoming))
+        train(emb, [keys])
+    assert emb.table.stats().totals.evicted > 0
+    assert_same_table(full.table, emb.table)
+    store.close()
