@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from itertools import chain
 from urllib.parse import urlsplit, urlunsplit
 
+import hiredis
 import numpy as np
 import redis
 import redis.exceptions as rex
@@ -30,6 +31,8 @@ from dynembed.storage.base import EmbeddingStore
 from dynembed.storage.rows import decode_ids, encode_ids
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing spreads sequential ids over shards
+_MULTI = hiredis.pack_command((b"MULTI",))
+_EXEC = hiredis.pack_command((b"EXEC",))
 
 
 def _redact(url: str) -> str:
@@ -131,6 +134,52 @@ class RedisStore(EmbeddingStore):
         # keeps them working when the server refuses writes (maxmemory)
         return self._client.pipeline(transaction=write and not self.cluster)
 
+    def _send(self, action: str, commands: list[tuple], *, write: bool) -> list:
+        """Runs commands as one pipeline (MULTI/EXEC for writes on a standalone server).
+
+        On a standalone server the commands are packed by hiredis in C and sent on a pooled
+        connection: redis-py's pipeline re-checks every argument in Python (about a third
+        of a batch's time for 4,096 rows). Redis Cluster keeps redis-py's pipeline, which
+        routes each command to its node. Connection errors are retried with the client's
+        backoff; a reply that was not read closes the connection, so none is misread later.
+        """
+        if self.cluster:
+            pipe = self._pipeline(write=write)
+            for name, *args in commands:
+                pipe.execute_command(name.decode(), *args)
+            return self._execute(action, pipe)
+        self._check_open()
+        packed = [hiredis.pack_command(c) for c in commands]
+        if write:
+            packed = [_MULTI, *packed, _EXEC]
+        payload = b"".join(packed)
+        pool = self._client.connection_pool
+        try:
+            conn = pool.get_connection()
+        except (rex.RedisError, rex.RedisClusterException) as exc:
+            raise self._translate(action, exc) from exc
+
+        def attempt() -> list:
+            conn.send_packed_command([payload])
+            if not write:
+                return [conn.read_response() for _ in commands]
+            replies = [conn.read_response() for _ in range(len(commands) + 1)]  # OK, QUEUED
+            result = conn.read_response()  # EXEC: the list of replies, or an error
+            del replies
+            return result
+
+        try:
+            replies = conn.retry.call_with_retry(attempt, lambda error: conn.disconnect())
+        except (rex.RedisError, rex.RedisClusterException) as exc:
+            conn.disconnect()  # unread replies may be left on it
+            raise self._translate(action, exc) from exc
+        finally:
+            pool.release(conn)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise self._translate(action, reply)
+        return replies
+
     def _execute(self, action: str, pipe) -> list:
         self._check_open()
         try:
@@ -142,10 +191,8 @@ class RedisStore(EmbeddingStore):
     def _get(self, ids: np.ndarray) -> list:
         order, groups = self._by_shard(ids)
         fields = encode_ids(ids[order])
-        pipe = self._pipeline(write=False)
-        for s, a, b in groups:
-            pipe.hmget(self._keys[s], fields[a:b])
-        answers = self._execute("read", pipe)
+        answers = self._send("read", [(b"HMGET", self._keys[s], *fields[a:b])
+                                      for s, a, b in groups], write=False)
         out = np.empty(ids.shape[0], dtype=object)
         out[order] = list(chain.from_iterable(answers))
         return out.tolist()
@@ -154,19 +201,16 @@ class RedisStore(EmbeddingStore):
         order, groups = self._by_shard(ids)
         fields = encode_ids(ids[order])
         ordered = np.array(values, dtype=object)[order].tolist() if len(groups) > 1 else values
-        pipe = self._pipeline(write=True)
-        for s, a, b in groups:  # HSET key f1 v1 f2 v2 ..., the pairs interleaved in C
-            pairs = chain.from_iterable(zip(fields[a:b], ordered[a:b]))
-            pipe.execute_command("HSET", self._keys[s], *pairs)
-        self._execute("write", pipe)
+        # HSET key f1 v1 f2 v2 ..., the pairs interleaved in C
+        self._send("write", [(b"HSET", self._keys[s],
+                              *chain.from_iterable(zip(fields[a:b], ordered[a:b])))
+                             for s, a, b in groups], write=True)
 
     def _delete(self, ids: np.ndarray) -> None:
         order, groups = self._by_shard(ids)
         fields = encode_ids(ids[order])
-        pipe = self._pipeline(write=True)
-        for s, a, b in groups:
-            pipe.hdel(self._keys[s], *fields[a:b])
-        self._execute("delete", pipe)
+        self._send("delete", [(b"HDEL", self._keys[s], *fields[a:b]) for s, a, b in groups],
+                   write=True)
 
     def _scan(self, batch_size: int) -> Iterator[tuple[np.ndarray, list]]:
         for key in self._keys:
