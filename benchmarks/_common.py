@@ -1,13 +1,19 @@
-"""Shared helpers for the benchmarks: workload generation, timing, memory, machine info.
+"""Shared helpers for the benchmarks: workload generation, timing, memory, machine info,
+and the harness that runs each system in its own child process and writes the report.
 
-Nothing here imports dynembed or fbgemm; the phases in :mod:`benchmarks.core` do that lazily.
+Nothing here imports dynembed or fbgemm; the phases in :mod:`benchmarks.core` and
+:mod:`benchmarks.tiers` do that lazily.
 """
 
 from __future__ import annotations
 
+import argparse
+import collections
 import gc
 import glob
 import importlib.metadata
+import json
+import math
 import os
 import platform
 import shutil
@@ -15,9 +21,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -170,7 +179,7 @@ def settle() -> None:
     try:
         import ctypes
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except Exception:  # pragma: no cover - non-glibc
+    except Exception:  # pragma: no cover - non-glibc  # noqa: BLE001, S110
         pass
 
 
@@ -205,12 +214,12 @@ def machine_info() -> dict:
                     break
     except OSError:
         pass
-    import torch  # noqa: PLC0415
+    import torch
     try:
-        import numba  # noqa: PLC0415
+        import numba
         numba_version = numba.__version__
         numba_threads = numba.config.NUMBA_NUM_THREADS
-    except Exception:  # pragma: no cover
+    except Exception:  # pragma: no cover  # noqa: BLE001
         numba_version, numba_threads = None, None
     return {
         "cpu_model": cpu,
@@ -233,10 +242,10 @@ def git_commit(repo: Path) -> tuple[str, bool | None]:
     """(HEAD commit or "uncommitted", whether the tree has uncommitted changes)."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
-                              text=True, timeout=30)
+                              text=True, timeout=30, check=False)
         commit = head.stdout.strip() if head.returncode == 0 and head.stdout.strip() else "uncommitted"
         st = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True,
-                            text=True, timeout=30)
+                            text=True, timeout=30, check=False)
         dirty = bool(st.stdout.strip()) if st.returncode == 0 else None
         return commit, dirty
     except (OSError, subprocess.SubprocessError):
@@ -268,13 +277,14 @@ def fetch_words(cache_dir: Path, log: Callable[[str], None]) -> tuple[Path | Non
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
         def download() -> subprocess.CompletedProcess:
             return subprocess.run(["apt-get", "download", WORDS_PACKAGE], cwd=tmp,
-                                  capture_output=True, text=True, timeout=300)
+                                  capture_output=True, text=True, timeout=300, check=False)
         try:
             log(f"downloading {WORDS_PACKAGE} with apt-get into {cache_dir} ...")
             r = download()
             if r.returncode != 0 or not glob.glob(os.path.join(tmp, "*.deb")):
                 log("apt-get download failed; running apt-get update and retrying ...")
-                subprocess.run(["apt-get", "update"], capture_output=True, text=True, timeout=600)
+                subprocess.run(["apt-get", "update"], capture_output=True, text=True, timeout=600,
+                               check=False)
                 r = download()
             debs = glob.glob(os.path.join(tmp, "*.deb"))
             if r.returncode != 0 or not debs:
@@ -324,3 +334,418 @@ def fmt_num(x, digits: int = 3) -> str:
 
 def eprint(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Child-process harness: one child per system, disturbance measurement
+# --------------------------------------------------------------------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+"""The repository root: children run there, with it first on ``PYTHONPATH``."""
+
+FOREIGN_WARN = 0.05
+"""Warn (and retry, with ``--retries``) when other processes used more than this share of
+all cores while a system ran."""
+
+
+class Phase:
+    """One system measured in a child process: collects its metrics, their spread, the
+    seconds of every timed pass and free-form info, which :func:`run_phase` writes out.
+
+    ``cfg`` is the run's configuration and ``data`` the workload arrays the parent generated.
+    """
+
+    def __init__(self, name: str, cfg: dict, data: dict):
+        self.name, self.cfg, self.data = name, cfg, data
+        self.metrics: dict = {}
+        self.spread: dict = {}
+        self.samples: dict = {}
+        self.info: dict = {}
+
+    def log(self, msg: str) -> None:
+        """Prints ``msg`` to stderr, tagged with the phase's name."""
+        eprint(f"  [{self.name}] {msg}")
+
+    def time(self, metric: str, fn, batches, *, keys_per_batch: int | None = None,
+             repeats: int | None = None, warmup: int | None = None) -> dict:
+        """Times ``fn`` over ``batches`` with :func:`time_batches` and records the median
+        keys/s as ``metric`` (with its spread and per-pass seconds); returns the timing.
+
+        ``keys_per_batch`` and ``repeats`` default to ``cfg["batch"]`` and ``cfg["repeats"]``.
+        Without ``warmup`` the warm-up is ``cfg["warmup"]`` passes and at least
+        ``cfg["min_warmup_s"]`` seconds; an explicit ``warmup`` is that many passes and no
+        minimum time (for inputs each pass consumes, such as inserts of new keys).
+        """
+        fixed = warmup is not None  # a fixed warm-up (inserts: each pass consumes new keys)
+        r = time_batches(fn, batches, keys_per_batch=keys_per_batch or self.cfg["batch"],
+                         repeats=repeats or self.cfg["repeats"],
+                         warmup=warmup if fixed else self.cfg["warmup"],
+                         min_warmup_s=0.0 if fixed else self.cfg["min_warmup_s"])
+        self.metrics[metric] = r["keys_per_s"]
+        self.spread[metric] = (r["keys_per_s_max"] - r["keys_per_s_min"]) / r["keys_per_s"]
+        self.samples[metric] = r["samples_s"]
+        self.log(f"{metric:<44s} {fmt_rate(r['keys_per_s'])}  "
+                 f"(min {fmt_rate(r['keys_per_s_min']).strip()}, max {fmt_rate(r['keys_per_s_max']).strip()})")
+        return r
+
+    def record_dynembed(self, de) -> None:
+        """Records the version and kernel thread count of the imported dynembed ``de``."""
+        self.info["dynembed_version"] = getattr(de, "__version__", None)
+        get_threads = getattr(de, "get_num_threads", None)
+        self.info["dynembed_num_threads"] = get_threads() if callable(get_threads) else None
+
+    def result(self) -> dict:
+        """The phase's results as the child writes them (peak RSS added to ``info``)."""
+        self.info["peak_rss_gib"] = round(peak_rss_bytes() / 2**30, 2)
+        return {"metrics": self.metrics, "spread": self.spread, "samples_s": self.samples,
+                "info": self.info}
+
+
+def json_default(o):
+    """``default`` for :func:`json.dumps`: numpy scalars as numbers, NaN as null, anything
+    else as its ``str``."""
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, float) and math.isnan(o):
+        return None
+    return str(o)
+
+
+def run_phase(name: str, workdir: Path, run: Callable[[Phase], None]) -> int:
+    """Child side: loads ``config.json`` and ``data.npz`` from ``workdir``, calls
+    ``run(Phase(name, cfg, data))`` and writes the phase's results to ``<name>.json`` there.
+
+    A failure is logged with its traceback and recorded as ``info["error"]`` (the results
+    are still written); returns the exit code, 0 or 1.
+    """
+    cfg = json.loads((workdir / "config.json").read_text())
+    with np.load(workdir / "data.npz") as z:
+        data = {k: z[k] for k in z.files}
+    p = Phase(name, cfg, data)
+    try:
+        run(p)
+        rc = 0
+    except Exception as e:  # noqa: BLE001 - any failure is reported, the run goes on
+        p.log("FAILED:\n" + traceback.format_exc())
+        p.info["error"] = f"{type(e).__name__}: {e}"
+        rc = 1
+    (workdir / f"{name}.json").write_text(json.dumps(p.result(), default=json_default))
+    return rc
+
+
+def spawn_phase(module: str, name: str, workdir: Path, timeout: float) -> dict:
+    """Parent side: runs ``python -m <module> --_phase <name> --_workdir <workdir>`` in the
+    repository root, echoes its output to stderr, and returns the results it wrote.
+
+    ``info`` gains ``wall_s``, and the CPU time other processes used meanwhile (the machine
+    is shared): ``foreign_cpu_s`` and ``foreign_cpu_share`` (of all cores), with a warning
+    above :data:`FOREIGN_WARN`. Processes the child starts and reaps (a ``redis-server``)
+    count as its own. A child that timed out (it is killed) or exited non-zero without
+    recording an error gets ``info["error"]``, with the last lines of its output.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    cmd = [sys.executable, "-m", module, "--_phase", name, "--_workdir", str(workdir)]
+    t = time.perf_counter()
+    busy0, own0 = cpu_busy_seconds(), own_cpu_seconds()
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    tail: collections.deque[str] = collections.deque(maxlen=30)
+
+    def pump():
+        for line in proc.stdout:
+            tail.append(line.rstrip("\n"))
+            sys.stderr.write(line)
+            sys.stderr.flush()
+
+    th = threading.Thread(target=pump, daemon=True)
+    th.start()
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        rc = None
+    th.join(timeout=10)
+    wall = time.perf_counter() - t
+    foreign = max(0.0, (cpu_busy_seconds() - busy0) - (own_cpu_seconds() - own0))
+    share = foreign / (wall * (os.cpu_count() or 1))
+    path = workdir / f"{name}.json"
+    res = json.loads(path.read_text()) if path.exists() else {"metrics": {}, "spread": {},
+                                                               "samples_s": {}, "info": {}}
+    res["info"]["wall_s"] = round(wall, 1)
+    res["info"]["foreign_cpu_s"] = round(foreign, 1)
+    res["info"]["foreign_cpu_share"] = round(share, 3)
+    if share > FOREIGN_WARN:
+        eprint(f"WARNING: other processes used {foreign:.1f} CPU-s ({100 * share:.0f}% of the "
+               f"machine) while '{name}' ran; its timings are contaminated")
+    if rc is None:
+        res["info"]["error"] = f"timed out after {timeout:.0f}s"
+    elif rc != 0 and "error" not in res["info"]:
+        res["info"]["error"] = f"exit code {rc} (killed? out of memory?): " + " | ".join(list(tail)[-5:])
+    return res
+
+
+def foreign_share(window_s: float) -> float:
+    """Share of all cores that other processes used during a ``window_s`` sleep."""
+    b0, o0, t0 = cpu_busy_seconds(), own_cpu_seconds(), time.perf_counter()
+    time.sleep(window_s)
+    return max(0.0, (cpu_busy_seconds() - b0) - (own_cpu_seconds() - o0)) / (
+        (time.perf_counter() - t0) * (os.cpu_count() or 1))
+
+
+def wait_quiet(limit_s: float, window_s: float = 2.0) -> bool:
+    """Waits (up to ``limit_s``) for a ``window_s`` window in which other processes use less
+    than FOREIGN_WARN of the machine; True if one came."""
+    t_end = time.perf_counter() + limit_s
+    first = True
+    while True:
+        share = foreign_share(window_s)
+        if share <= FOREIGN_WARN:
+            return True
+        if time.perf_counter() >= t_end:
+            eprint(f"machine still busy ({100 * share:.0f}% used by others) after waiting "
+                   f"{limit_s:.0f}s; going on")
+            return False
+        if first:
+            eprint(f"machine busy ({100 * share:.0f}% used by other processes); waiting up to "
+                   f"{limit_s:.0f}s for it to go quiet ...")
+            first = False
+
+
+# --------------------------------------------------------------------------------------------
+# Parent: command line, orchestration, report
+# --------------------------------------------------------------------------------------------
+
+
+def add_harness_args(ap: argparse.ArgumentParser, *, timeout_s: int, quick_timeout_s: int) -> None:
+    """Adds the flags every benchmark shares after its own: ``--phase-timeout``,
+    ``--wait-quiet``, ``--retries``, and the hidden ``--_phase`` / ``--_workdir`` of a child."""
+    ap.add_argument("--phase-timeout", type=float,
+                    help=f"seconds per system (default {timeout_s}, quick {quick_timeout_s})")
+    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
+                    help="before each system, wait up to S seconds for other processes to "
+                         "stop using the CPU (default 0: don't wait)")
+    ap.add_argument("--retries", type=int, default=0, metavar="N",
+                    help="re-run a system up to N times if other processes used more than "
+                         f"{100 * FOREIGN_WARN:.0f}%% of the CPU while it ran; keep the "
+                         "least-disturbed run (default 0)")
+    ap.add_argument("--_phase", help=argparse.SUPPRESS)
+    ap.add_argument("--_workdir", help=argparse.SUPPRESS)
+
+
+def parse_phases(ap: argparse.ArgumentParser, spec: str, known: Sequence[str]) -> list[str]:
+    """The phases of a comma-separated ``--phases`` value; an unknown one is a usage error."""
+    phases = [x.strip() for x in spec.split(",") if x.strip()]
+    bad = [x for x in phases if x not in known]
+    if bad:
+        ap.error(f"unknown phases {bad}; choose from {list(known)}")
+    return phases
+
+
+def run_sizes(args: argparse.Namespace, full: dict, quick: dict, flags: dict[str, str]) -> dict:
+    """The sizes of a run: ``quick`` with ``--quick``, else ``full``, each overridden by its
+    flag where given (``flags`` maps an ``args`` attribute to a size key). A result is a
+    median of at least 5 passes, so ``repeats`` < 5 exits with a message."""
+    base = dict(quick if args.quick else full)
+    for attr, key in flags.items():
+        if getattr(args, attr) is not None:
+            base[key] = getattr(args, attr)
+    if base["repeats"] < 5:
+        raise SystemExit("--repeats must be >= 5 (the result is a median of at least 5)")
+    return base
+
+
+def record_run_options(cfg: dict, phases: list[str], args: argparse.Namespace) -> None:
+    """Records the phases and the disturbance settings (``--wait-quiet``, ``--retries``) in
+    ``cfg``."""
+    cfg["phases"] = list(phases)
+    cfg["wait_quiet_s"] = args.wait_quiet
+    cfg["retries"] = args.retries
+
+
+def check_quiet_at_start(cfg: dict, wait_quiet_s: float) -> None:
+    """Unless the run waits for quiet before each system: measures for a second how much of
+    the machine other processes use, records it as ``cfg["foreign_cpu_share_at_start"]``
+    and warns above FOREIGN_WARN."""
+    if wait_quiet_s <= 0:
+        busy = foreign_share(1.0)
+        cfg["foreign_cpu_share_at_start"] = round(busy, 3)
+        if busy > FOREIGN_WARN:
+            eprint(f"WARNING: other processes are using {100 * busy:.0f}% of the CPU; timings "
+                   "will be unreliable (see --wait-quiet / --retries)")
+
+
+class PhaseResults(NamedTuple):
+    """What :func:`run_phases` collected: metrics, spreads and per-pass seconds merged over
+    the phases; info and errors per phase."""
+
+    metrics: dict
+    spread: dict
+    samples_s: dict
+    info: dict
+    errors: dict
+
+
+def run_phases(module: str, cfg: dict, data: dict, phases: Sequence[str], *, prefix: str,
+               timeout: float, wait_quiet_s: float = 0.0, retries: int = 0,
+               scratch: bool = False) -> PhaseResults:
+    """Saves ``cfg`` and the workload ``data`` in a new temporary directory (named with
+    ``prefix``), runs every phase there in its own child (:func:`spawn_phase`), in order,
+    and removes the directory.
+
+    ``data`` is emptied once saved, so the parent does not hold the workload while the
+    children run. With ``scratch``, ``cfg["scratch"]`` names the directory while the phases
+    run (they keep their stores there). With ``wait_quiet_s`` > 0 each phase first waits
+    for the machine to go quiet (:func:`wait_quiet`); a phase that other processes disturbed
+    (more than FOREIGN_WARN of the cores) runs again, up to ``retries`` times, and the least
+    disturbed run that did not fail is kept.
+    """
+    out = PhaseResults({}, {}, {}, {}, {})
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    if scratch:
+        cfg["scratch"] = str(workdir)
+    try:
+        np.savez(workdir / "data.npz", **data)
+        (workdir / "config.json").write_text(json.dumps(cfg))
+        data.clear()
+        for ph in phases:
+            res = None
+            for attempt in range(1 + max(0, retries)):
+                if wait_quiet_s > 0:
+                    wait_quiet(wait_quiet_s)
+                eprint(f"--- {ph} ---" + (f" (retry {attempt})" if attempt else ""))
+                r = spawn_phase(module, ph, workdir, timeout)
+                r["info"]["attempts"] = attempt + 1
+                if res is None or ("error" in res["info"] and "error" not in r["info"]) or (
+                        "error" not in r["info"]
+                        and r["info"]["foreign_cpu_share"] < res["info"]["foreign_cpu_share"]):
+                    res = r
+                if "error" in r["info"] or r["info"]["foreign_cpu_share"] <= FOREIGN_WARN:
+                    break
+            out.metrics.update(res["metrics"])
+            out.spread.update(res["spread"])
+            out.samples_s.update(res["samples_s"])
+            out.info[ph] = res["info"]
+            if "error" in res["info"]:
+                out.errors[ph] = res["info"]["error"]
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    cfg.pop("scratch", None)
+    return out
+
+
+def evaluate_target(op: str, threshold: float, value: float | None) -> dict:
+    """A target's entry in the report: ``value`` checked against ``op`` (">=" or "<=")
+    ``threshold``; ``pass`` is None when the value is unknown."""
+    passed = None if value is None else (value >= threshold if op == ">=" else value <= threshold)
+    return {"target": f"{op} {threshold:g}", "op": op, "threshold": threshold, "value": value,
+            "pass": passed}
+
+
+def ratio_of(metrics: dict, num: str, den: str) -> float | None:
+    """``metrics[num] / metrics[den]``, or None unless both are numbers and den > 0."""
+    a, b = metrics.get(num), metrics.get(den)
+    ok = isinstance(a, (int, float)) and isinstance(b, (int, float)) and b > 0
+    return (a / b) if ok else None
+
+
+def build_report(module: str, argv: list[str] | None, cfg: dict, results: PhaseResults,
+                 t_start: float, ratios: dict, targets: dict,
+                 machine_extra: dict | None = None) -> dict:
+    """The report (``metrics``, ``ratios``, ``targets``, ``machine``, ``commit``,
+    ``command``, ``config``); completes ``cfg`` with the run's spreads, per-pass seconds,
+    per-phase info and errors, timing and provenance. ``machine_extra`` is added to the
+    machine info, and so is what the dynembed phases saw (version, kernel threads)."""
+    commit, dirty = git_commit(REPO_ROOT)
+    cfg["git_dirty"] = dirty
+    cfg["spread"] = results.spread  # (max - min) / median keys/s per metric
+    cfg["samples_s"] = results.samples_s  # seconds per timed pass, per metric
+    cfg["phase_info"] = results.info
+    cfg["errors"] = results.errors
+    cfg["total_wall_s"] = round(time.perf_counter() - t_start, 1)
+    cfg["loadavg_end"] = loadavg()
+    cfg["python_executable"] = sys.executable
+    mach = machine_info()
+    mach.update(machine_extra or {})
+    for ph_info in results.info.values():  # what the dynembed phases saw
+        for k in ("dynembed_version", "dynembed_num_threads"):
+            if ph_info.get(k) is not None:
+                mach.setdefault(k, ph_info[k])
+    return {
+        "metrics": results.metrics,
+        "ratios": ratios,
+        "targets": targets,
+        "machine": mach,
+        "commit": commit,
+        "command": ["python", "-m", module, *(sys.argv[1:] if argv is None else argv)],
+        "config": cfg,
+    }
+
+
+def write_report(report: dict, text: str, json_path: str | None) -> None:
+    """Prints the rendered ``text`` to stdout and, with ``json_path``, writes ``report``
+    there as JSON (creating the folder)."""
+    print(text, flush=True)
+    if json_path:
+        path = Path(json_path)
+        if path.parent and not path.parent.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2, default=json_default) + "\n")
+        eprint(f"wrote {path}")
+
+
+# --------------------------------------------------------------------------------------------
+# Report text
+# --------------------------------------------------------------------------------------------
+
+
+def report_header(report: dict, title: str, versions: str, rule: int) -> list[str]:
+    """The opening lines: a rule ``rule`` characters wide, ``title``, the machine and commit,
+    and the versions of python, torch (with its threads) and numba, then ``versions``."""
+    mach, cfg = report["machine"], report["config"]
+    return [
+        "=" * rule,
+        title,
+        f"{mach['cpu_model']}, {mach['cores']} cores, {mach['ram_gib']} GiB RAM; "
+        f"commit {report['commit'][:12]}" + (" (+ uncommitted changes)" if cfg.get("git_dirty") else ""),
+        f"python {mach['python']}, torch {mach['torch']} ({mach['torch_threads']} threads), "
+        f"numba {mach['numba']}, " + versions,
+    ]
+
+
+def metric_row(label: str, value: str, spread, width: int, note: str = "") -> str:
+    """A table row: ``label`` padded to ``width``, the formatted ``value`` right-aligned, and
+    the spread (a fraction of the median) when there is one."""
+    extra = f"   spread {100 * spread:4.0f}%" if isinstance(spread, (int, float)) else ""
+    return f"  {label:<{width}s} {value:>12s}{extra}{note}"
+
+
+def verdict(passed: bool | None) -> str:
+    """PASS, FAIL, or n/a for a target not decided."""
+    return "n/a" if passed is None else ("PASS" if passed else "FAIL")
+
+
+def report_footer(report: dict, rule: int) -> list[str]:
+    """The closing lines: targets passed/failed, the phases other processes disturbed,
+    errors, and a closing rule ``rule`` characters wide."""
+    targets, cfg = report["targets"], report["config"]
+    npass = sum(t["pass"] is True for t in targets.values())
+    nfail = sum(t["pass"] is False for t in targets.values())
+    L = [f"  {npass} pass, {nfail} fail, {len(targets) - npass - nfail} n/a"]
+    busy = {k: v.get("foreign_cpu_share") for k, v in cfg.get("phase_info", {}).items()
+            if (v.get("foreign_cpu_share") or 0) > FOREIGN_WARN}
+    if busy:
+        L.append("-" * rule)
+        L.append("  WARNING: other processes used CPU during: " + ", ".join(
+            f"{k} ({100 * v:.0f}% of all cores)" for k, v in busy.items())
+            + "; those timings are unreliable")
+    errs = cfg.get("errors", {})
+    if errs:
+        L.append("-" * rule)
+        for k, v in errs.items():
+            L.append(f"  ERROR in {k}: {v}")
+    L.append("=" * rule)
+    return L

@@ -22,49 +22,48 @@ all batches, median over ``--repeats`` timed passes after ``warmup`` untimed one
 from __future__ import annotations
 
 import argparse
-import collections
-import json
-import math
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
-import threading
 import time
-import traceback
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks._common import (
     WORDS_EXPECTED,
-    cpu_busy_seconds,
+    Phase,
+    add_harness_args,
+    build_report,
+    check_quiet_at_start,
     default_cache_dir,
     eprint,
+    evaluate_target,
     fetch_words,
     fmt_num,
     fmt_rate,
-    git_commit,
     loadavg,
-    machine_info,
-    own_cpu_seconds,
-    peak_rss_bytes,
+    metric_row,
+    parse_phases,
+    ratio_of,
     read_words,
+    record_run_options,
+    report_footer,
+    report_header,
     rss_bytes,
+    run_phase,
+    run_phases,
+    run_sizes,
     settle,
     splitmix64,
-    time_batches,
+    verdict,
+    write_report,
     zipf_ranks,
 )
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+MODULE = "benchmarks.core"
 UNAVAILABLE = "unavailable"
 
 FULL = {"rows": 10_000_000, "n_batches": 8, "repeats": 7, "warmup": 2}
 QUICK = {"rows": 1_000_000, "n_batches": 4, "repeats": 5, "warmup": 1}
-
-FOREIGN_WARN = 0.05  # warn when other processes used more than this share of all cores
 
 DYNEMBED_OPTIMIZERS = ("adagrad", "sgd", "rowwise_adagrad", "adam")
 PHASES = ("torch", "fbgemm") + tuple(f"dynembed_{o}" for o in DYNEMBED_OPTIMIZERS) + ("strings",)
@@ -102,39 +101,6 @@ STATE_FLOATS = {"sgd": lambda d: 0, "adagrad": lambda d: d, "rowwise_adagrad": l
 # ============================================================================================
 # Child-process phases
 # ============================================================================================
-
-
-class Phase:
-    """Collects one child's metrics, their spread, and free-form info."""
-
-    def __init__(self, name: str, cfg: dict, data: dict):
-        self.name, self.cfg, self.data = name, cfg, data
-        self.metrics: dict = {}
-        self.spread: dict = {}
-        self.samples: dict = {}
-        self.info: dict = {}
-
-    def log(self, msg: str) -> None:
-        eprint(f"  [{self.name}] {msg}")
-
-    def time(self, metric: str, fn, batches, *, keys_per_batch: int | None = None,
-             repeats: int | None = None, warmup: int | None = None) -> dict:
-        fixed = warmup is not None  # a fixed warm-up (inserts: each pass consumes new keys)
-        r = time_batches(fn, batches, keys_per_batch=keys_per_batch or self.cfg["batch"],
-                         repeats=repeats or self.cfg["repeats"],
-                         warmup=warmup if fixed else self.cfg["warmup"],
-                         min_warmup_s=0.0 if fixed else self.cfg["min_warmup_s"])
-        self.metrics[metric] = r["keys_per_s"]
-        self.spread[metric] = (r["keys_per_s_max"] - r["keys_per_s_min"]) / r["keys_per_s"]
-        self.samples[metric] = r["samples_s"]
-        self.log(f"{metric:<44s} {fmt_rate(r['keys_per_s'])}  "
-                 f"(min {fmt_rate(r['keys_per_s_min']).strip()}, max {fmt_rate(r['keys_per_s_max']).strip()})")
-        return r
-
-    def result(self) -> dict:
-        self.info["peak_rss_gib"] = round(peak_rss_bytes() / 2**30, 2)
-        return {"metrics": self.metrics, "spread": self.spread, "samples_s": self.samples,
-                "info": self.info}
 
 
 def _tensors(data: dict):
@@ -200,7 +166,7 @@ def phase_torch(p: Phase) -> None:
     p.time("python_dict_insert_keys_per_s", dict_insert, _insert_batches(cfg, new_b),
            warmup=cfg["insert_warmup"])
     p.info["python_dict_inserted"] = len(table) - before
-    del table, getter
+    table = getter = None  # frees the dict (the closures above keep only these names)
     settle()
 
     optimizers = {
@@ -237,7 +203,7 @@ def phase_fbgemm(p: Phase) -> None:
             ComputeDevice,
             SplitTableBatchedEmbeddingBagsCodegen,
         )
-    except Exception as e:  # ImportError, or a broken native build
+    except Exception as e:  # noqa: BLE001 - ImportError, or a broken native build
         p.log(f"fbgemm unavailable: {e!r}")
         for m in ("fbgemm_train_sgd_keys_per_s", "fbgemm_train_rowwise_adagrad_keys_per_s",
                   "fbgemm_lookup_keys_per_s"):
@@ -268,7 +234,7 @@ def phase_fbgemm(p: Phase) -> None:
                 p.log(f"{ot.name} table ({n:,} x {d}, pooling {pooling.name}) built in "
                       f"{time.perf_counter() - t:.1f}s")
                 break
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - any failure: try the next pooling mode
                 p.log(f"{ot.name} with pooling {pooling.name} failed: {e!r}")
                 tbe = None
         if tbe is None:
@@ -276,7 +242,7 @@ def phase_fbgemm(p: Phase) -> None:
             continue
         if name == "sgd":
             with torch.no_grad():
-                p.time("fbgemm_lookup_keys_per_s", lambda b: tbe(b, offsets), rows_b)
+                p.time("fbgemm_lookup_keys_per_s", lambda b, tbe=tbe: tbe(b, offsets), rows_b)
 
         def step(idx, tbe=tbe):
             out = tbe(idx, offsets)
@@ -290,11 +256,9 @@ def phase_fbgemm(p: Phase) -> None:
 def _import_dynembed(p: Phase, metrics: tuple[str, ...]):
     try:
         import dynembed as de
-        p.info["dynembed_version"] = getattr(de, "__version__", None)
-        get_threads = getattr(de, "get_num_threads", None)
-        p.info["dynembed_num_threads"] = get_threads() if callable(get_threads) else None
+        p.record_dynembed(de)
         return de
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any failure is reported, the run goes on
         msg = f"{type(e).__name__}: {e}"
         p.log(f"dynembed not importable: {msg}")
         for m in metrics:
@@ -329,7 +293,7 @@ def phase_dynembed(p: Phase, opt_name: str) -> None:
     opt = _make_opt(de, opt_name, cfg)
     try:
         state_floats = int(opt.state_width(d))
-    except Exception:
+    except Exception:  # noqa: BLE001 - an optimizer that can't say: the known widths
         state_floats = STATE_FLOATS[opt_name](d)
     payload = 4 * (d + state_floats)
 
@@ -443,7 +407,7 @@ def phase_strings(p: Phase) -> None:
 
     with torch.no_grad():
         p.time("python_dict_string_lookup_keys_per_s", dict_lookup, fresh)
-    del vocab, getter, weight
+    vocab = getter = weight = None  # frees them (dict_lookup keeps only these names)
     settle()
 
     de = _import_dynembed(p, ("dynembed_string_lookup_keys_per_s",
@@ -457,7 +421,7 @@ def phase_strings(p: Phase) -> None:
         emb.table.find_or_insert(chunks[0][:16])  # does the table take str keys directly?
         insert = emb.table.find_or_insert
         p.info["string_fill_call"] = "table.find_or_insert(list[str])"
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any failure: fall back to emb(list[str])
         p.log(f"table.find_or_insert(list[str]) failed ({type(e).__name__}: {e}); "
               "filling with no-grad emb(list[str]) in train mode")
 
@@ -478,29 +442,19 @@ def phase_strings(p: Phase) -> None:
     p.info["string_table_size_after_lookup"] = int(emb.table.size())
 
 
-def run_phase(name: str, workdir: Path) -> int:
-    cfg = json.loads((workdir / "config.json").read_text())
-    with np.load(workdir / "data.npz") as z:
-        data = {k: z[k] for k in z.files}
-    p = Phase(name, cfg, data)
-    try:
-        if name == "torch":
-            phase_torch(p)
-        elif name == "fbgemm":
-            phase_fbgemm(p)
-        elif name.startswith("dynembed_"):
-            phase_dynembed(p, name[len("dynembed_"):])
-        elif name == "strings":
-            phase_strings(p)
-        else:
-            raise ValueError(f"unknown phase {name!r}")
-        rc = 0
-    except Exception as e:
-        p.log("FAILED:\n" + traceback.format_exc())
-        p.info["error"] = f"{type(e).__name__}: {e}"
-        rc = 1
-    (workdir / f"{name}.json").write_text(json.dumps(p.result()))
-    return rc
+def run_system(p: Phase) -> None:
+    """Runs the phase named ``p.name`` (in the child process)."""
+    name = p.name
+    if name == "torch":
+        phase_torch(p)
+    elif name == "fbgemm":
+        phase_fbgemm(p)
+    elif name.startswith("dynembed_"):
+        phase_dynembed(p, name[len("dynembed_"):])
+    elif name == "strings":
+        phase_strings(p)
+    else:
+        raise ValueError(f"unknown phase {name!r}")
 
 
 # ============================================================================================
@@ -509,15 +463,7 @@ def run_phase(name: str, workdir: Path) -> int:
 
 
 def build_config(args) -> dict:
-    base = dict(QUICK if args.quick else FULL)
-    if args.rows is not None:
-        base["rows"] = args.rows
-    if args.repeats is not None:
-        base["repeats"] = args.repeats
-    if args.batches is not None:
-        base["n_batches"] = args.batches
-    if base["repeats"] < 5:
-        raise SystemExit("--repeats must be >= 5 (the result is a median of at least 5)")
+    base = run_sizes(args, FULL, QUICK, {"rows": "rows", "repeats": "repeats", "batches": "n_batches"})
     return {
         "quick": bool(args.quick),
         "rows": int(base["rows"]),
@@ -574,89 +520,11 @@ def make_data(cfg: dict, words: list[str] | None) -> dict:
     return data
 
 
-def spawn_phase(name: str, workdir: Path, timeout: float) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    cmd = [sys.executable, "-m", "benchmarks.core", "--_phase", name, "--_workdir", str(workdir)]
-    t = time.perf_counter()
-    busy0, own0 = cpu_busy_seconds(), own_cpu_seconds()
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1)
-    tail: collections.deque[str] = collections.deque(maxlen=30)
-
-    def pump():
-        for line in proc.stdout:
-            tail.append(line.rstrip("\n"))
-            sys.stderr.write(line)
-            sys.stderr.flush()
-
-    th = threading.Thread(target=pump, daemon=True)
-    th.start()
-    try:
-        rc = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        rc = None
-    th.join(timeout=10)
-    wall = time.perf_counter() - t
-    # CPU time other processes used while this system was measured (the box is shared).
-    foreign = max(0.0, (cpu_busy_seconds() - busy0) - (own_cpu_seconds() - own0))
-    share = foreign / (wall * (os.cpu_count() or 1))
-    path = workdir / f"{name}.json"
-    res = json.loads(path.read_text()) if path.exists() else {"metrics": {}, "spread": {},
-                                                               "samples_s": {}, "info": {}}
-    res["info"]["wall_s"] = round(wall, 1)
-    res["info"]["foreign_cpu_s"] = round(foreign, 1)
-    res["info"]["foreign_cpu_share"] = round(share, 3)
-    if share > FOREIGN_WARN:
-        eprint(f"WARNING: other processes used {foreign:.1f} CPU-s ({100 * share:.0f}% of the "
-               f"machine) while '{name}' ran; its timings are contaminated")
-    if rc is None:
-        res["info"]["error"] = f"timed out after {timeout:.0f}s"
-    elif rc != 0 and "error" not in res["info"]:
-        res["info"]["error"] = f"exit code {rc} (killed? out of memory?): " + " | ".join(list(tail)[-5:])
-    return res
-
-
-def foreign_share(window_s: float) -> float:
-    """Share of all cores that other processes used during a ``window_s`` sleep."""
-    b0, o0, t0 = cpu_busy_seconds(), own_cpu_seconds(), time.perf_counter()
-    time.sleep(window_s)
-    return max(0.0, (cpu_busy_seconds() - b0) - (own_cpu_seconds() - o0)) / (
-        (time.perf_counter() - t0) * (os.cpu_count() or 1))
-
-
-def wait_quiet(limit_s: float, window_s: float = 2.0) -> bool:
-    """Waits (up to ``limit_s``) for a ``window_s`` window in which other processes use less
-    than FOREIGN_WARN of the machine; True if one came."""
-    t_end = time.perf_counter() + limit_s
-    first = True
-    while True:
-        share = foreign_share(window_s)
-        if share <= FOREIGN_WARN:
-            return True
-        if time.perf_counter() >= t_end:
-            eprint(f"machine still busy ({100 * share:.0f}% used by others) after waiting "
-                   f"{limit_s:.0f}s; going on")
-            return False
-        if first:
-            eprint(f"machine busy ({100 * share:.0f}% used by other processes); waiting up to "
-                   f"{limit_s:.0f}s for it to go quiet ...")
-            first = False
-
-
 def compute_ratios(metrics: dict) -> tuple[dict, dict]:
     ratios, targets = {}, {}
     for name, (num, den) in RATIOS.items():
-        a, b = metrics.get(num), metrics.get(den)
-        ok = isinstance(a, (int, float)) and isinstance(b, (int, float)) and b > 0
-        ratios[name] = (a / b) if ok else None
-        op, thr = TARGETS[name]
-        v = ratios[name]
-        passed = None if v is None else (v >= thr if op == ">=" else v <= thr)
-        targets[name] = {"target": f"{op} {thr:g}", "op": op, "threshold": thr, "value": v,
-                         "pass": passed}
+        ratios[name] = ratio_of(metrics, num, den)
+        targets[name] = evaluate_target(*TARGETS[name], ratios[name])
     return ratios, targets
 
 
@@ -666,21 +534,17 @@ def render(report: dict) -> str:
 
     def row(label, key, kind="rate"):
         v = m.get(key)
-        s = sp.get(key)
-        val = fmt_rate(v) if kind == "rate" else fmt_num(v)
-        extra = f"   spread {100 * s:4.0f}%" if isinstance(s, (int, float)) else ""
-        L.append(f"  {label:<56s} {val:>12s}{extra}")
+        L.append(metric_row(label, fmt_rate(v) if kind == "rate" else fmt_num(v), sp.get(key), 56))
 
     mach = report["machine"]
-    L.append("=" * 92)
-    L.append(f"dynembed core benchmark   rows={cfg['rows']:,}  dim={cfg['dim']}  batch={cfg['batch']:,}  "
-             f"Zipf({cfg['zipf_a']})  {cfg['n_batches']} batches x {cfg['repeats']} passes (median)"
-             + ("  [quick]" if cfg["quick"] else ""))
-    L.append(f"{mach['cpu_model']}, {mach['cores']} cores, {mach['ram_gib']} GiB RAM; "
-             f"commit {report['commit'][:12]}" + (" (+ uncommitted changes)" if cfg.get("git_dirty") else ""))
-    L.append(f"python {mach['python']}, torch {mach['torch']} ({mach['torch_threads']} threads), "
-             f"numba {mach['numba']}, fbgemm-gpu-cpu {mach.get('fbgemm_gpu_cpu') or '-'}, "
-             f"dynembed kernel threads {mach.get('dynembed_num_threads', '-')}")
+    L.extend(report_header(
+        report,
+        f"dynembed core benchmark   rows={cfg['rows']:,}  dim={cfg['dim']}  batch={cfg['batch']:,}  "
+        f"Zipf({cfg['zipf_a']})  {cfg['n_batches']} batches x {cfg['repeats']} passes (median)"
+        + ("  [quick]" if cfg["quick"] else ""),
+        f"fbgemm-gpu-cpu {mach.get('fbgemm_gpu_cpu') or '-'}, "
+        f"dynembed kernel threads {mach.get('dynembed_num_threads', '-')}",
+        92))
     L.append(f"mean distinct keys per batch: {cfg.get('distinct_keys_per_batch_mean', 0):,.0f} of {cfg['batch']:,}")
     L.append("-" * 92)
     L.append("Lookup (keys/s)")
@@ -719,33 +583,16 @@ def render(report: dict) -> str:
         row("dynembed fill (all words)", "dynembed_string_fill_keys_per_s")
     L.append("-" * 92)
     L.append(f"{'Ratios (dynembed / baseline)':<50s} {'value':>10s}   {'target':>7s}   result")
-    npass = nfail = 0
     for name, t in report["targets"].items():
         v = t["value"]
-        res = "n/a" if t["pass"] is None else ("PASS" if t["pass"] else "FAIL")
-        npass += t["pass"] is True
-        nfail += t["pass"] is False
         val = "-" if v is None else (f"{v:.3f}" if v < 100 else f"{v:.1f}")
-        L.append(f"  {name:<48s} {val:>10s}   {t['target']:>7s}   {res}")
-    L.append(f"  {npass} pass, {nfail} fail, {len(report['targets']) - npass - nfail} n/a")
-    busy = {k: v.get("foreign_cpu_share") for k, v in cfg.get("phase_info", {}).items()
-            if (v.get("foreign_cpu_share") or 0) > FOREIGN_WARN}
-    if busy:
-        L.append("-" * 92)
-        L.append("  WARNING: other processes used CPU during: " + ", ".join(
-            f"{k} ({100 * v:.0f}% of all cores)" for k, v in busy.items())
-            + "; those timings are unreliable")
-    errs = cfg.get("errors", {})
-    if errs:
-        L.append("-" * 92)
-        for k, v in errs.items():
-            L.append(f"  ERROR in {k}: {v}")
-    L.append("=" * 92)
+        L.append(f"  {name:<48s} {val:>10s}   {t['target']:>7s}   {verdict(t['pass'])}")
+    L.extend(report_footer(report, 92))
     return "\n".join(L)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.core", description=__doc__.split("\n")[0],
+    ap = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short run (1M rows, 4 batches, 5 passes)")
     ap.add_argument("--json", metavar="PATH", help="write results as JSON to PATH")
@@ -757,38 +604,19 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"comma-separated subset of: {','.join(PHASES)}")
     ap.add_argument("--words", metavar="PATH", help="word list to use instead of fetching it")
     ap.add_argument("--no-reserve", action="store_true", help="don't call table.reserve(N) before filling")
-    ap.add_argument("--phase-timeout", type=float, help="seconds per system (default 1800, quick 600)")
-    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
-                    help="before each system, wait up to S seconds for other processes to "
-                         "stop using the CPU (default 0: don't wait)")
-    ap.add_argument("--retries", type=int, default=0, metavar="N",
-                    help="re-run a system up to N times if other processes used more than "
-                         f"{100 * FOREIGN_WARN:.0f}%% of the CPU while it ran; keep the "
-                         "least-disturbed run (default 0)")
-    ap.add_argument("--_phase", help=argparse.SUPPRESS)
-    ap.add_argument("--_workdir", help=argparse.SUPPRESS)
+    add_harness_args(ap, timeout_s=1800, quick_timeout_s=600)
     args = ap.parse_args(argv)
 
     if args._phase:
-        return run_phase(args._phase, Path(args._workdir))
+        return run_phase(args._phase, Path(args._workdir), run_system)
 
-    phases = [x.strip() for x in args.phases.split(",") if x.strip()]
-    bad = [x for x in phases if x not in PHASES]
-    if bad:
-        ap.error(f"unknown phases {bad}; choose from {list(PHASES)}")
+    phases = parse_phases(ap, args.phases, PHASES)
     cfg = build_config(args)
-    cfg["phases"] = list(phases)
-    cfg["wait_quiet_s"] = args.wait_quiet
-    cfg["retries"] = args.retries
+    record_run_options(cfg, phases, args)
     cfg["skipped"] = {}
     cfg["loadavg_start"] = loadavg()
     t_start = time.perf_counter()
-    if args.wait_quiet <= 0:
-        busy = foreign_share(1.0)
-        cfg["foreign_cpu_share_at_start"] = round(busy, 3)
-        if busy > FOREIGN_WARN:
-            eprint(f"WARNING: other processes are using {100 * busy:.0f}% of the CPU; timings "
-                   "will be unreliable (see --wait-quiet / --retries)")
+    check_quiet_at_start(cfg, args.wait_quiet)
 
     words = None
     if "strings" in phases:
@@ -813,82 +641,14 @@ def main(argv: list[str] | None = None) -> int:
     eprint(f"generating workload: {cfg['rows']:,} rows, {cfg['n_batches']} x {cfg['batch']:,} keys ...")
     data = make_data(cfg, words)
     del words
-    workdir = Path(tempfile.mkdtemp(prefix="dynembed-bench-"))
-    try:
-        np.savez(workdir / "data.npz", **data)
-        (workdir / "config.json").write_text(json.dumps(cfg))
-        del data
-        timeout = args.phase_timeout or (600 if cfg["quick"] else 1800)
-        metrics: dict = {}
-        spread: dict = {}
-        samples: dict = {}
-        info: dict = {}
-        errors: dict = {}
-        for ph in phases:
-            res = None
-            for attempt in range(1 + max(0, args.retries)):
-                if args.wait_quiet > 0:
-                    wait_quiet(args.wait_quiet)
-                eprint(f"--- {ph} ---" + (f" (retry {attempt})" if attempt else ""))
-                r = spawn_phase(ph, workdir, timeout)
-                r["info"]["attempts"] = attempt + 1
-                if res is None or ("error" in res["info"] and "error" not in r["info"]) or (
-                        "error" not in r["info"]
-                        and r["info"]["foreign_cpu_share"] < res["info"]["foreign_cpu_share"]):
-                    res = r
-                if "error" in r["info"] or r["info"]["foreign_cpu_share"] <= FOREIGN_WARN:
-                    break
-            metrics.update(res["metrics"])
-            spread.update(res["spread"])
-            samples.update(res["samples_s"])
-            info[ph] = res["info"]
-            if "error" in res["info"]:
-                errors[ph] = res["info"]["error"]
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    results = run_phases(MODULE, cfg, data, phases, prefix="dynembed-bench-",
+                         timeout=args.phase_timeout or (600 if cfg["quick"] else 1800),
+                         wait_quiet_s=args.wait_quiet, retries=args.retries)
 
-    ratios, targets = compute_ratios(metrics)
-    commit, dirty = git_commit(REPO_ROOT)
-    cfg["git_dirty"] = dirty
-    cfg["spread"] = spread  # (max - min) / median keys/s per metric
-    cfg["samples_s"] = samples  # seconds per timed pass, per metric
-    cfg["phase_info"] = info
-    cfg["errors"] = errors
-    cfg["total_wall_s"] = round(time.perf_counter() - t_start, 1)
-    cfg["loadavg_end"] = loadavg()
-    cfg["python_executable"] = sys.executable
-    mach = machine_info()
-    for ph_info in info.values():  # what the dynembed phases saw
-        for k in ("dynembed_version", "dynembed_num_threads"):
-            if ph_info.get(k) is not None:
-                mach.setdefault(k, ph_info[k])
-    report = {
-        "metrics": metrics,
-        "ratios": ratios,
-        "targets": targets,
-        "machine": mach,
-        "commit": commit,
-        "command": ["python", "-m", "benchmarks.core", *(sys.argv[1:] if argv is None else argv)],
-        "config": cfg,
-    }
-    print(render(report), flush=True)
-    if args.json:
-        path = Path(args.json)
-        if path.parent and not path.parent.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
-        eprint(f"wrote {path}")
+    ratios, targets = compute_ratios(results.metrics)
+    report = build_report(MODULE, argv, cfg, results, t_start, ratios, targets)
+    write_report(report, render(report), args.json)
     return 0
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, float) and math.isnan(o):
-        return None
-    return str(o)
 
 
 if __name__ == "__main__":
