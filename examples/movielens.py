@@ -225,7 +225,7 @@ def split(df: pd.DataFrame, how: str, test_fraction: float, seed: int):
         df = df.sort_values("timestamp", kind="stable")
     else:
         df = df.sample(frac=1.0, random_state=seed)
-    n_test = int(round(len(df) * test_fraction))
+    n_test = round(len(df) * test_fraction)
     return df.iloc[: len(df) - n_test], df.iloc[len(df) - n_test:]
 
 
