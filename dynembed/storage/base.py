@@ -1,9 +1,11 @@
 """EmbeddingStore: the protocol every storage tier implements.
 
 A store keeps rows (weights, optimizer state, metadata) of one table by id, in the binary
-layout of :mod:`dynembed.storage.rows`. The public verbs take and return :class:`RowBlock`
-batches; a backend implements a few byte-level primitives (``_get``, ``_put``, ``_delete``,
-``_scan``, ``_count``, ``_flush``, ``_close``) on ids and encoded records. Each primitive must
+layout of :mod:`dynembed.storage.rows`, plus one description record (layout, dims) kept
+apart from the rows so that every int64 id is a valid key. The public verbs take and
+return :class:`RowBlock` batches; a backend implements a few byte-level primitives
+(``_get``, ``_put``, ``_delete``, ``_scan``, ``_count``, ``_get_meta``, ``_put_meta``,
+``_flush``, ``_close``) on ids and encoded records. Each primitive must
 apply a batch whole or not at all and raise a :class:`~dynembed.errors.StoreError` naming the
 store and the cause.
 """
@@ -19,10 +21,6 @@ from typing_extensions import Self
 
 from dynembed.errors import StoreCorruptError, StoreError
 from dynembed.storage.rows import LAYOUT_VERSION, RowBlock, RowCodec
-
-META_ID = np.int64(-(2**63))
-"""Id under which a store keeps its own description (layout, dim, width). Tables never hand
-this id to a store: ids reach stores only through a table, and the table refuses it."""
 
 
 def _as_ids(ids, arg: str = "ids") -> np.ndarray:
@@ -61,7 +59,7 @@ class EmbeddingStore(ABC):
             StoreCorruptError: the store holds rows of another dim or optimizer width.
         """
         self._check_open()
-        meta = self._get(np.array([META_ID]))[0]
+        meta = self._get_meta()
         want = {"layout": LAYOUT_VERSION, "dim": dim, "width": width}
         if meta is not None:
             try:
@@ -74,7 +72,7 @@ class EmbeddingStore(ABC):
                     f"{self.name} holds rows with {have}, but the table needs {want}; use "
                     "another path/namespace or a table with the same dim and optimizer")
         else:
-            self._put(np.array([META_ID]), [json.dumps(want).encode()])
+            self._put_meta(json.dumps(want).encode())
         self.codec = RowCodec(dim, width, self.name)
 
     def get(self, ids) -> tuple[np.ndarray, RowBlock]:
@@ -110,17 +108,13 @@ class EmbeddingStore(ABC):
             raise ValueError(f"batch_size must be an int > 0, got {batch_size!r}")
         codec = self._codec()
         for ids, values in self._scan(batch_size):
-            keep = ids != META_ID
-            if not keep.all():
-                ids = ids[keep]
-                values = [v for v, k in zip(values, keep.tolist()) if k]  # one record at most
             if ids.shape[0]:
                 yield codec.decode_present(ids, values)
 
     def size(self) -> int:
         """Rows stored (exact; may cost a scan on some backends, see each backend)."""
         self._check_open()
-        return self._count() - (self._get(np.array([META_ID]))[0] is not None)
+        return self._count()
 
     def clear(self) -> None:
         """Removes every row (the layout description stays)."""
@@ -177,11 +171,19 @@ class EmbeddingStore(ABC):
 
     @abstractmethod
     def _scan(self, batch_size: int) -> Iterator[tuple[np.ndarray, list]]:
-        """Yields (ids, records) of every key, the description record included."""
+        """Yields (ids, records) of every row (not the description record)."""
 
     @abstractmethod
     def _count(self) -> int:
-        """Keys stored, the description record included."""
+        """Rows stored (not the description record)."""
+
+    @abstractmethod
+    def _get_meta(self) -> bytes | None:
+        """The description record, None if absent."""
+
+    @abstractmethod
+    def _put_meta(self, value: bytes) -> None:
+        """Writes the description record."""
 
     def _flush(self) -> None:
         """Makes writes durable (no-op by default)."""

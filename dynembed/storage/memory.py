@@ -24,6 +24,7 @@ class MemoryStore(EmbeddingStore):
         super().__init__()
         self.name = f"MemoryStore(at {id(self):#x})"
         self._rows: dict[bytes, bytes] = {}
+        self._meta: bytes | None = None
         self._lock = threading.Lock()
 
     def _get(self, ids: np.ndarray) -> list:
@@ -48,3 +49,9 @@ class MemoryStore(EmbeddingStore):
 
     def _count(self) -> int:
         return len(self._rows)
+
+    def _get_meta(self) -> bytes | None:
+        return self._meta
+
+    def _put_meta(self, value: bytes) -> None:
+        self._meta = value

@@ -86,6 +86,7 @@ class RedisStore(EmbeddingStore):
         self.name = f"RedisStore({_redact(url)!r}, namespace={namespace!r})"
         self._shard_bits = np.uint64(64 - shards.bit_length() + 1)
         self._keys = [f"{namespace}:{{{s:x}}}".encode() for s in range(shards)]
+        self._meta_key = f"{namespace}:meta".encode()
         kwargs = {"retry": Retry(ExponentialBackoff(cap=backoff_cap, base=backoff_base),
                                   retries),
                       "retry_on_error": [rex.ConnectionError, rex.TimeoutError],
@@ -237,6 +238,12 @@ class RedisStore(EmbeddingStore):
         for key in self._keys:
             pipe.hlen(key)
         return int(sum(self._execute("count", pipe)))
+
+    def _get_meta(self) -> bytes | None:
+        return self._send("read", [(b"GET", self._meta_key)], write=False)[0]
+
+    def _put_meta(self, value: bytes) -> None:
+        self._send("write", [(b"SET", self._meta_key, value)], write=True)
 
     def _close(self) -> None:
         self._client.close()

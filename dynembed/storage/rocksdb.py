@@ -9,7 +9,7 @@ it returns, so a process killed at any moment reopens with every completed batch
 from __future__ import annotations
 
 import os
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 from itertools import islice
 
@@ -19,6 +19,9 @@ import rocksdict
 from dynembed.errors import StoreError, StoreFullError, StoreLockedError
 from dynembed.storage.base import EmbeddingStore
 from dynembed.storage.rows import decode_ids, encode_ids
+
+_META_KEY = b"dynembed:meta"  # not 8 bytes long, so never a row's key
+_ROW_KEY_BYTES = 8
 
 
 def _translate(name: str, action: str, exc: Exception) -> StoreError:
@@ -125,6 +128,11 @@ class RocksDBStore(EmbeddingStore):
             items = snapshot.items()
             while chunk := list(islice(items, batch_size)):
                 keys, values = zip(*chunk)
+                if max(map(len, keys)) != _ROW_KEY_BYTES:  # the description record is here
+                    chunk = [kv for kv in chunk if len(kv[0]) == _ROW_KEY_BYTES]
+                    if not chunk:
+                        continue
+                    keys, values = zip(*chunk)
                 yield decode_ids(list(keys)), list(values)
         finally:
             del snapshot
@@ -133,8 +141,18 @@ class RocksDBStore(EmbeddingStore):
         self._check_open()
         keys, total = self._db.keys(), 0
         while chunk := list(islice(keys, 1 << 16)):
-            total += len(chunk)
+            total += Counter(map(len, chunk))[_ROW_KEY_BYTES]
         return total
+
+    def _get_meta(self) -> bytes | None:
+        self._check_open()
+        try:
+            return self._db.get(_META_KEY)
+        except Exception as exc:
+            raise _translate(self.name, "read", exc) from exc
+
+    def _put_meta(self, value: bytes) -> None:
+        self._write("write", lambda b: b.put(_META_KEY, value))
 
     def _flush(self) -> None:
         try:

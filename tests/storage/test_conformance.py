@@ -192,3 +192,16 @@ def test_backends_agree_with_a_dict(tmp_path_factory, ops):
         assert found.tolist() == [int(i) in model for i in probe.tolist()]
         assert [w.tobytes() for w in got.weights] == [model[i] for i in got.ids.tolist()]
         s.close()
+
+
+def test_every_int64_id_is_a_row_key_even_the_smallest(store):
+    """The description record lives apart from rows, so -(2**63) is an ordinary id."""
+    block = rows([-(2**63), 0])
+    store.put(block)
+    assert store.size() == 2
+    found, got = store.get(block.ids)
+    assert found.all()
+    assert_rows_equal(got, block)
+    assert sorted(np.concatenate([b.ids for b in store.scan()]).tolist()) == [-(2**63), 0]
+    store.delete(np.array([-(2**63)], dtype=np.int64))
+    assert store.size() == 1

@@ -308,3 +308,13 @@ def test_background_writes_over_rocksdb_equal_plain_training(tmp_path):
     assert emb.table.stats().totals.evicted > 0
     assert_same_table(full.table, emb.table)
     store.close()
+
+
+def test_extreme_ids_round_trip_through_the_store():
+    lo, hi = -(2**63), 2**63 - 1
+    batches = [[lo, hi, 0], [1, 2, 3], [4, 5, 6], [lo, 7, hi]]
+    full = train(de.DynamicEmbedding(dim=2, optimizer=de.optim.SGD(lr=0.1), seed=1), batches)
+    emb = train(de.DynamicEmbedding(dim=2, optimizer=de.optim.SGD(lr=0.1), seed=1,
+                                    max_rows=3, store=MemoryStore()), batches)
+    assert emb.table.stats().totals.loaded >= 2  # lo and hi came back from the store
+    assert_same_table(full.table, emb.table)
