@@ -15,6 +15,7 @@ import torch
 
 from dynembed.errors import (
     NonFiniteGradientError,
+    StoreError,
     ReadOnlyTableError,
     StateDictError,
 )
@@ -348,7 +349,9 @@ class DynamicTable(RowLifecycle):
         self._apply(ids, slots, grads.numpy(), verify=erasures_at_lookup != self.erasures)
 
     def _apply(self, ids: np.ndarray, slots: np.ndarray, grads: np.ndarray, *,
-               verify: bool, deferred: bool = False) -> None:
+               verify: bool, deferred: bool = False, new_step: bool = True) -> int:
+        """Runs the optimizer on valid rows; returns how many were updated. ``new_step``
+        False reuses the current update step (later chunks of one deferred step)."""
         valid = slots != EMPTY
         # at lookup time EMPTY means "not admitted"; later (deferred) it means "removed since"
         unadmitted = 0 if deferred else grads.shape[0] - int(np.count_nonzero(valid))
@@ -370,14 +373,15 @@ class DynamicTable(RowLifecycle):
         n_valid = int(np.count_nonzero(valid))
         self.counters.skipped_gradients += grads.shape[0] - unadmitted - n_valid
         if n_valid == 0:
-            return
+            return 0
         if n_valid < grads.shape[0]:
             slots, grads = slots[valid], np.ascontiguousarray(grads[valid])
-        self.update_step += 1
+        self.update_step += 1 if new_step else 0
         self.optimizer.apply(self.arena.np("weights"), self.arena.np("state"), slots, grads,
                              self.update_step)
         self.counters.updated_rows += n_valid
         self._changed(slots)
+        return n_valid
 
     def _changed(self, slots: np.ndarray) -> None:
         """Marks rows changed for the store; write-through writes them at once."""
@@ -389,18 +393,40 @@ class DynamicTable(RowLifecycle):
     def step_optimizer(self) -> None:
         """Applies the gradients queued in deferred mode (summed per key), then clears them.
 
-        Keys erased since their lookup are skipped and counted.
+        Rows evicted to the store since their lookup are read back first; keys erased since
+        are skipped and counted.
+
+        Under a memory budget the keys are updated in chunks that fit, all with the same
+        optimizer step.
+
+        Raises:
+            StoreError: reading evicted rows back failed; later chunks stay unapplied and
+                the gradients are dropped (counted as skipped).
         """
         if not self._pending:
             return
         pending, self._pending = self._pending, []
         ids = np.concatenate([p[0] for p in pending])
         grads = torch.cat([p[1] for p in pending])
-        unique, inverse, _ = unique_inverse(ids)
+        unique, inverse, counts = unique_inverse(ids)
         summed = torch.zeros((unique.shape[0], self.dim), dtype=torch.float32)
         summed.index_add_(0, torch.from_numpy(inverse), grads)
-        self._apply(unique, self.index.find(unique), summed.numpy(), verify=False,
-                    deferred=True)
+        summed = summed.numpy()
+        if self.config.nonfinite_grads == "raise" and nonfinite_rows(summed).any():
+            self._apply(unique, np.full(unique.shape[0], EMPTY), summed, verify=False,
+                        deferred=True)  # raises before any chunk is applied
+        applied = 0
+        for part in self._chunks(unique.shape[0]):
+            slots = self.index.find(unique[part])
+            if self.tier is not None:
+                try:
+                    self._fill_missing(unique[part], counts[part], slots, create=CREATE_NONE,
+                                       step=self.step)
+                except StoreError:
+                    self.counters.skipped_gradients += unique.shape[0] - part.start
+                    raise
+            applied += self._apply(unique[part], slots, np.ascontiguousarray(summed[part]),
+                                   verify=False, deferred=True, new_step=applied == 0)
 
     def zero_grad(self) -> None:
         """Drops gradients queued in deferred mode without applying them."""

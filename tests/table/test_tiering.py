@@ -318,3 +318,18 @@ def test_extreme_ids_round_trip_through_the_store():
                                     max_rows=3, store=MemoryStore()), batches)
     assert emb.table.stats().totals.loaded >= 2  # lo and hi came back from the store
     assert_same_table(full.table, emb.table)
+
+
+def test_deferred_updates_reach_rows_evicted_before_the_step():
+    batches = [[1, 2, 3], [4, 5, 6], [7, 8, 9], [1, 4, 7]]
+    def run(**kw):
+        emb = de.DynamicEmbedding(dim=2, optimizer=de.optim.Adagrad(lr=0.1), seed=1,
+                                  update_mode="deferred", **kw)
+        for i in range(0, len(batches), 2):  # accumulate two batches, then step
+            train(emb, batches[i:i + 2])
+            emb.sparse_step()
+        return emb
+    full, bounded = run(), run(max_rows=5, store=MemoryStore())
+    assert bounded.table.stats().totals.skipped_gradients == 0
+    assert bounded.table.stats().totals.evicted > 0
+    assert_same_table(full.table, bounded.table)
