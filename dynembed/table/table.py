@@ -15,9 +15,9 @@ import torch
 
 from dynembed.errors import (
     NonFiniteGradientError,
-    StoreError,
     ReadOnlyTableError,
     StateDictError,
+    StoreError,
 )
 from dynembed.kernels.gather import touch_rows
 from dynembed.kernels.hash_index import unique_inverse
