@@ -326,8 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  {name:12s}{rows:8,d}{tables[name].size():11,d}{hit_rate:10.1%}"
               f"{totals.evicted:9,d}{totals.loaded:11,d}{unseen[name]:16,d}")
     for table in tables.values():
-        if table.tier is not None:
-            table.tier.store.close()
+        table.close()
 
     return {
         "test_auc": final["test_auc"],

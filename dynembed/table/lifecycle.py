@@ -60,16 +60,43 @@ class RowLifecycle:
         self._free[self._free_top:need] = slots
         self._free_top = need
 
-    def _release(self, ids: np.ndarray) -> np.ndarray:
-        """Removes distinct ids from memory; returns their freed slots (absent ids skipped)."""
+    def _release(self, ids: np.ndarray, *, erased: bool) -> np.ndarray:
+        """Removes distinct ids from memory; returns their freed slots (absent ids skipped).
+
+        ``erased`` (the rows are gone, not moved to the store) logs the ids, so gradients
+        of an earlier lookup of them are skipped even if the key gets a new row.
+        """
         freed = self.index.erase(ids)
         freed = freed[freed != EMPTY]
         self.arena.np("meta")[freed, LAST_STEP] = FREE_STEP
         if self.tier is not None:
             self.tier.forget(freed)
         self._push_free(freed)
-        self.erasures += 1
+        self._log_removal(ids if erased else None, wipe=False)
         return freed
+
+    def _log_removal(self, ids: np.ndarray | None, *, wipe: bool) -> None:
+        """Starts a new erasure epoch; logs erased ids (or that every row was erased)."""
+        self.erasures += 1
+        if ids is None and not wipe:
+            return
+        if len(self._erase_log) == self._erase_log.maxlen:
+            self._erase_log_floor = self._erase_log[0][0]
+        self._erase_log.append((self.erasures, None if wipe else ids.copy()))
+
+    def _erased_since(self, epoch: int) -> tuple[bool, np.ndarray]:
+        """(every row was erased, ids erased) after erasure epoch ``epoch``. An epoch older
+        than the bounded log counts as "every row" (conservative: skip, never misapply)."""
+        if epoch < self._erase_log_floor:
+            return True, np.empty(0, dtype=np.int64)
+        parts = []
+        for at, ids in reversed(self._erase_log):
+            if at <= epoch:
+                break
+            if ids is None:
+                return True, np.empty(0, dtype=np.int64)
+            parts.append(ids)
+        return False, (np.concatenate(parts) if parts else np.empty(0, dtype=np.int64))
 
     # ------------------------------------------------------------------ read-through
     def _fill_missing(self, unique: np.ndarray, counts: np.ndarray, slots: np.ndarray, *,
@@ -130,8 +157,6 @@ class RowLifecycle:
             slots[miss_pos[take]] = new_slots
             got[miss_pos[take]] = True
             created[miss_pos[take[n_loaded:]]] = True
-            if self.tier is not None and self.tier.write_through and n_new:
-                self.counters.store_writes += self.tier.write(new_slots[n_loaded:])
         if call is not None:
             call.loaded += n_loaded
             call.inserts += n_new
@@ -187,14 +212,17 @@ class RowLifecycle:
             self._discard_log.add(slots.shape[0])
             if self.key_log is not None:
                 self.key_log.discard(ids)
-        self._release(ids)
+        self._release(ids, erased=self.tier is None)
         return int(slots.shape[0])
 
-    def _sweep(self) -> None:
-        """One bounded step of a scheduled sweep for expired rows."""
-        span = self.evictor.sweep_range(self._high_water, self.step)
+    def _sweep(self, protect: np.ndarray) -> None:
+        """One bounded step of a scheduled sweep for expired rows, at the start of a training
+        lookup (``self.step + 1``); ``protect`` holds the slots of that lookup's rows."""
+        step = self.step + 1
+        span = self.evictor.sweep_range(self._high_water, step)
         if span is not None:
-            self._evict_slots(self.evictor.expired(self.arena.np("meta"), *span, self.step))
+            expired = self.evictor.expired(self.arena.np("meta"), *span, step)
+            self._evict_slots(expired[~np.isin(expired, protect)])
 
     def evict(self, rows: int | None = None) -> int:
         """Evicts rows now: the ``rows`` lowest-scoring ones, or (None) every expired row
@@ -258,6 +286,17 @@ class RowLifecycle:
         absent = ids[self.index.find(ids) == EMPTY]
         if absent.shape[0]:
             self.tier.prefetch(absent)
+
+    def close(self) -> None:
+        """Flushes every changed row to the store, then closes the store (no-op without
+        one). The table must not be used afterwards.
+
+        Raises:
+            StoreError: the final write failed; the store stays open so it can be retried.
+        """
+        if self.tier is not None:
+            self.flush()
+            self.tier.close()
 
     def _stored_only(self, unique: np.ndarray, slots: np.ndarray) -> np.ndarray:
         """(u,) bool: ids absent from memory that the store holds."""

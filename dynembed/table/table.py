@@ -9,6 +9,7 @@ removes rows. The ``*_slots`` methods are the lower-level path used by :mod:`dyn
 from __future__ import annotations
 
 import dataclasses
+from collections import deque
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ from dynembed.keys.convert import to_key_batch
 from dynembed.keys.key_log import KeyLog
 from dynembed.policy.eviction import LRU
 from dynembed.storage.rows import RowBlock
-from dynembed.table.arena import ID, LAST_STEP, RowArena
+from dynembed.table.arena import LAST_STEP, RowArena
 from dynembed.table.budget import parse_bytes, rows_within
 from dynembed.table.config import TableConfig
 from dynembed.table.eviction import FREE_STEP, DiscardLog, Evictor
@@ -96,6 +97,8 @@ class DynamicTable(RowLifecycle):
         self.update_step = 0
         """Optimizer updates applied so far (Adam's bias correction, Adagrad's lr decay)."""
         self.erasures = 0
+        self._erase_log: deque = deque(maxlen=4096)  # (epoch, erased ids or None: all)
+        self._erase_log_floor = 0
         """Calls that removed rows (erase, clear, load); slots looked up before a change of
         this number are checked before they receive gradients."""
         self._pending: list[tuple[np.ndarray, torch.Tensor]] = []
@@ -213,12 +216,16 @@ class DynamicTable(RowLifecycle):
         missed = int(counts[missing].sum()) if n_missing else 0
         call.misses, call.hits = missed, call.keys - missed
         training = insert and not self.read_only
+        if training and self.evictor is not None and self.evictor.sweep_every is not None:
+            self._sweep(protect=slots[~missing])  # first: it may fail, before any change
         if n_missing and (training or self.tier is not None):
             create = CREATE_ADMITTED if training else CREATE_NONE
-            got, _ = self._fill_missing(unique_ids, counts, slots, create=create,
-                                        step=self.step + 1, call=call)
+            got, created = self._fill_missing(unique_ids, counts, slots, create=create,
+                                              step=self.step + 1, call=call)
             if call.inserts and self.key_log is not None and strings is not None:
-                self.key_log.add(string_ids, strings)
+                logged = np.isin(string_ids, unique_ids[created])  # not the refused keys
+                self.key_log.add(string_ids[logged],
+                                 np.asarray(strings, dtype=object)[logged].tolist())
             missed = int(counts[missing & ~got].sum())
         if training:
             self.step += 1
@@ -229,8 +236,6 @@ class DynamicTable(RowLifecycle):
                 self.tier.mark(live)
             if self.evictor is not None:
                 self.evictor.clock.tick(self.step)
-                if self.evictor.sweep_every is not None:
-                    self._sweep()
         if missed:
             call.defaults_served = missed
         self.last_call = call
@@ -329,8 +334,10 @@ class DynamicTable(RowLifecycle):
             ids: (u,) int64 distinct ids the gradient rows belong to.
             slots: (u,) int64 their slots at lookup time (EMPTY rows are skipped).
             grads: (u, dim) combined gradient per id.
-            erasures_at_lookup: ``self.erasures`` when the slots were looked up; if rows were
-                erased since (or this is None), each slot is checked to still hold its id.
+            erasures_at_lookup: ``self.erasures`` when the slots were looked up. If rows were
+                removed since (or this is None), the ids are looked up again: rows evicted
+                since get their gradient (read back from the store if need be), rows erased
+                since do not (skipped and counted), even if their key has a new row.
 
         Raises:
             NonFiniteGradientError: a row is NaN/inf and ``nonfinite_grads="raise"``; nothing
@@ -339,27 +346,43 @@ class DynamicTable(RowLifecycle):
         if not self.trainable:
             return
         grads = grads.detach().to("cpu", torch.float32).contiguous()
+        epoch = erasures_at_lookup
         if self.config.update_mode == "deferred":
             admitted = slots != EMPTY
             if not admitted.all():
                 self.counters.unadmitted_gradients += int(np.count_nonzero(~admitted))
                 ids, grads = ids[admitted], grads[torch.from_numpy(admitted)]
-            self._pending.append((ids, grads))
+            self._pending.append((ids, grads, self.erasures if epoch is None else epoch))
             return
-        self._apply(ids, slots, grads.numpy(), verify=erasures_at_lookup != self.erasures)
+        admitted = slots != EMPTY
+        self.counters.unadmitted_gradients += int(np.count_nonzero(~admitted))
+        if epoch is None or epoch != self.erasures:  # rows erased or evicted since the lookup
+            slots = self._resolve_again(ids, admitted, epoch)
+        self._apply(ids, slots, grads.numpy())
+
+    def _resolve_again(self, ids: np.ndarray, admitted: np.ndarray,
+                       epoch: int | None) -> np.ndarray:
+        """Current slots of ids looked up at erasure epoch ``epoch``: rows evicted since are
+        found again (read back from the store if need be); rows erased since, even if their
+        key has a new row now, get EMPTY (their gradient is skipped and counted). With
+        ``epoch`` None (unknown) only the current slots are found."""
+        slots = self.index.find(ids)
+        if self.tier is not None:
+            self._fill_missing(ids, np.ones_like(ids), slots, create=CREATE_NONE,
+                               step=self.step)
+        wiped, erased = (False, ids[:0]) if epoch is None else self._erased_since(epoch)
+        gone = ~admitted | wiped
+        if erased.shape[0]:
+            gone |= np.isin(ids, erased)
+        slots[gone] = EMPTY
+        return slots
 
     def _apply(self, ids: np.ndarray, slots: np.ndarray, grads: np.ndarray, *,
-               verify: bool, deferred: bool = False, new_step: bool = True) -> int:
-        """Runs the optimizer on valid rows; returns how many were updated. ``new_step``
-        False reuses the current update step (later chunks of one deferred step)."""
+               new_step: bool = True) -> int:
+        """Runs the optimizer on rows whose slot is not EMPTY (the others are counted as
+        skipped); returns how many were updated. ``new_step`` False reuses the current
+        update step (later chunks of one deferred step)."""
         valid = slots != EMPTY
-        # at lookup time EMPTY means "not admitted"; later (deferred) it means "removed since"
-        unadmitted = 0 if deferred else grads.shape[0] - int(np.count_nonzero(valid))
-        self.counters.unadmitted_gradients += unadmitted
-        if verify:  # a row erased or evicted (its slot free or reused) since the lookup
-            live = slots[valid]
-            meta = self.arena.np("meta")
-            valid[valid] = (meta[live, ID] == ids[valid]) & (meta[live, LAST_STEP] != FREE_STEP)
         bad = nonfinite_rows(grads)
         n_bad = int(np.count_nonzero(bad))
         if n_bad:
@@ -371,7 +394,7 @@ class DynamicTable(RowLifecycle):
                     "nonfinite_grads='skip' to drop such rows and count them.")
             valid &= ~bad
         n_valid = int(np.count_nonzero(valid))
-        self.counters.skipped_gradients += grads.shape[0] - unadmitted - n_valid
+        self.counters.skipped_gradients += grads.shape[0] - n_valid
         if n_valid == 0:
             return 0
         if n_valid < grads.shape[0]:
@@ -406,15 +429,24 @@ class DynamicTable(RowLifecycle):
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        ids = np.concatenate([p[0] for p in pending])
-        grads = torch.cat([p[1] for p in pending])
+        kept = []
+        for ids, grads, epoch in pending:  # drop gradients of keys erased since the lookup
+            if epoch != self.erasures:
+                wiped, erased = self._erased_since(epoch)
+                keep = np.zeros(ids.shape[0], bool) if wiped else ~np.isin(ids, erased)
+                self.counters.skipped_gradients += int(np.count_nonzero(~keep))
+                ids, grads = ids[keep], grads[torch.from_numpy(keep)]
+            kept.append((ids, grads))
+        ids = np.concatenate([k[0] for k in kept])
+        grads = torch.cat([k[1] for k in kept])
+        if ids.shape[0] == 0:
+            return
         unique, inverse, counts = unique_inverse(ids)
         summed = torch.zeros((unique.shape[0], self.dim), dtype=torch.float32)
         summed.index_add_(0, torch.from_numpy(inverse), grads)
         summed = summed.numpy()
         if self.config.nonfinite_grads == "raise" and nonfinite_rows(summed).any():
-            self._apply(unique, np.full(unique.shape[0], EMPTY), summed, verify=False,
-                        deferred=True)  # raises before any chunk is applied
+            self._apply(unique, np.full(unique.shape[0], EMPTY), summed)  # raises first
         applied = 0
         for part in self._chunks(unique.shape[0]):
             slots = self.index.find(unique[part])
@@ -426,7 +458,7 @@ class DynamicTable(RowLifecycle):
                     self.counters.skipped_gradients += unique.shape[0] - part.start
                     raise
             applied += self._apply(unique[part], slots, np.ascontiguousarray(summed[part]),
-                                   verify=False, deferred=True, new_step=applied == 0)
+                                   new_step=applied == 0)
 
     def zero_grad(self) -> None:
         """Drops gradients queued in deferred mode without applying them."""
@@ -563,7 +595,7 @@ class DynamicTable(RowLifecycle):
         stored_only = int(np.count_nonzero(self._stored_only(unique, slots)))
         if self.tier is not None:
             self.tier.delete(unique)  # first: it may fail
-        freed = self._release(unique)
+        freed = self._release(unique, erased=True)
         if self.key_log is not None:
             self.key_log.discard(unique)
         removed = int(freed.shape[0]) + stored_only
@@ -575,8 +607,14 @@ class DynamicTable(RowLifecycle):
         self._check_writable("clear")
         if self.tier is not None:
             self.tier.clear()
+        self._clear_memory()
+
+    def _clear_memory(self) -> None:
+        if self.tier is not None:
+            self.tier.forget(np.arange(self.tier.dirty.shape[0]))
         self.counters.erased += self.size()
-        self.erasures += 1
+        self.arena.np("meta")[:self._high_water, LAST_STEP] = FREE_STEP
+        self._log_removal(None, wipe=True)
         self.index.clear()
         self._free_top = 0
         self._high_water = 0
@@ -708,9 +746,18 @@ class DynamicTable(RowLifecycle):
             raise StateDictError(f"state dict has {n} rows but the memory budget holds "
                                  f"{self.max_rows}; raise memory_budget / max_rows or give "
                                  "the table a store= to hold the rest")
-        read_only, self.read_only = self.read_only, False
-        self.clear()
-        self.read_only = read_only
+        if self.tier is not None:  # the new rows first, in one batch: a failure changes nothing
+            self.tier.put(RowBlock(
+                ids, state["weights"].to(torch.float32).numpy(),
+                state["optimizer_state"].to(torch.float32).numpy(),
+                state["counts"].to(torch.int64).numpy(),
+                state["last_step"].to(torch.int64).numpy()))
+        self._clear_memory()
+        if self.tier is not None:  # then the stored rows the state does not have
+            stale = [b.ids[~np.isin(b.ids, ids)] for b in self.tier.scan()]
+            stale = np.concatenate(stale) if stale else ids[:0]
+            if stale.shape[0]:
+                self.tier.delete(stale)
         self.step, self.update_step = meta[3], meta[4]
         self.seed = int(np.int64(meta[5]).view(np.uint64))
         if self.key_log is not None and "key_log.ids" in state:
@@ -722,12 +769,7 @@ class DynamicTable(RowLifecycle):
                          if k.startswith("admission.")}
             if admission:
                 self.admitter.load_state_dict(admission)
-        if self.tier is not None:  # rows go to the store and fault in when looked up
-            self.tier.put(RowBlock(
-                ids, state["weights"].to(torch.float32).numpy(),
-                state["optimizer_state"].to(torch.float32).numpy(),
-                state["counts"].to(torch.int64).numpy(),
-                state["last_step"].to(torch.int64).numpy()))
+        if self.tier is not None:  # the rows wait in the store and fault in when looked up
             return
         self.reserve(n)
         slots = self.index.find(ids)

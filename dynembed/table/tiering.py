@@ -116,15 +116,22 @@ class Tier:
     def _settle(self, wait: int = 0) -> None:
         """Drops completed writes from the queue, waiting for the oldest ``wait`` ones.
 
-        A failed write is retried here, on the calling thread; if it fails again its error
-        is raised and the batch stays queued (and readable).
+        A failed write is retried here, on the calling thread, without the ids that a later
+        queued write holds newer copies of (those may have landed already); if it fails
+        again its error is raised and the batch stays queued (and readable).
         """
         while self._pending and (wait > 0 or self._pending[0].future.done()):
             head = self._pending[0]
             try:
                 head.future.result()
             except StoreError:
-                self.store.put(head.rows)  # a retry; raises if the store still fails
+                rows = head.rows
+                newer = [p.rows.ids for p in list(self._pending)[1:]]
+                if newer:
+                    rows = rows.take(~np.isin(rows.ids, np.concatenate(newer)))
+                # a prefetch read while this batch was missing from the store is stale
+                self._invalidate(rows.ids)
+                self.store.put(rows)  # raises if the store still fails
             self._pending.popleft()
             wait -= 1
 
@@ -277,3 +284,11 @@ class Tier:
         """Waits for the queue and makes the store durable."""
         self.drain()
         self.store.flush()
+
+    def close(self) -> None:
+        """Waits for the queue, stops the background thread and closes the store."""
+        self.drain()
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
+        self.store.close()

@@ -333,3 +333,51 @@ def test_deferred_updates_reach_rows_evicted_before_the_step():
     assert bounded.table.stats().totals.skipped_gradients == 0
     assert bounded.table.stats().totals.evicted > 0
     assert_same_table(full.table, bounded.table)
+
+
+def test_close_flushes_then_closes_the_store(tmp_path):
+    store = RocksDBStore(tmp_path / "db", background_io=True)
+    emb = de.DynamicEmbedding(dim=2, optimizer=de.optim.SGD(lr=0.1), seed=1, max_rows=4,
+                              store=store)
+    train(emb, [[1, 2, 3, 4], [5, 6, 7, 8], [9]])
+    expected = by_id(emb.table.export())
+    emb.table.close()
+    assert store.closed
+    reopened = RocksDBStore(tmp_path / "db")
+    reopened.bind(2, 0)
+    found, rows = reopened.get(expected["ids"].numpy())
+    assert found.all() and np.array_equal(rows.weights, expected["weights"].numpy())
+    reopened.close()
+
+
+def test_key_log_keeps_only_keys_that_got_rows():
+    emb = de.DynamicEmbedding(dim=2, optimizer=de.optim.SGD(lr=0.1), key_log=True,
+                              admission=de.policy.FrequencyAdmission(threshold=2))
+    emb(["a", "b", "b"]).sum().backward()  # "b" seen twice: admitted; "a" refused
+    assert emb.table.keys_of(emb.table.ids_of(["a", "b"]).ids) == [None, "b"]
+
+
+def test_load_state_dict_that_fails_to_write_changes_nothing(redis_server):
+    import redis
+
+    store = RedisStore(redis_server.url, namespace="loadfail")
+    emb = train(de.DynamicEmbedding(dim=2, optimizer=de.optim.SGD(lr=0.1), seed=1,
+                                    max_rows=2, store=store), [[1, 2], [3, 4]])
+    state = emb.table.state_dict()
+    before = by_id(emb.table.export())
+    admin = redis.Redis.from_url(redis_server.url)
+    admin.config_set("maxmemory", "1")
+    try:
+        with pytest.raises(de.StoreFullError):
+            emb.table.load_state_dict(state)
+    finally:
+        admin.config_set("maxmemory", "0")
+        admin.close()
+    after = by_id(emb.table.export())
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    emb.table.load_state_dict(state)  # works once the store accepts writes
+    loaded = by_id(emb.table.export())
+    order = np.argsort(state["ids"].numpy())
+    assert torch.equal(loaded["ids"], state["ids"][order])
+    assert torch.equal(loaded["weights"], state["weights"][order])
+    store.close()
