@@ -12,7 +12,6 @@ from __future__ import annotations
 import numpy as np
 
 from dynembed.errors import MemoryBudgetError
-from dynembed.kernels.hash_index import unique_inverse
 from dynembed.table.arena import COUNT, ID, LAST_STEP
 from dynembed.table.eviction import FREE_STEP
 from dynembed.table.index import EMPTY
@@ -306,6 +305,3 @@ class RowLifecycle:
             if absent.shape[0]:
                 out[absent] = self.tier.get(unique[absent])[0]
         return out
-
-    def _unique_ids(self, ids: np.ndarray) -> np.ndarray:
-        return unique_inverse(ids)[0]
