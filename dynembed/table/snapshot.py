@@ -1,0 +1,172 @@
+"""Whole-table copies: export (numpy, pandas) and state dicts of plain tensors.
+
+:class:`TableSnapshot` is a mixin of :class:`~dynembed.table.table.DynamicTable`. With a
+store, these cover the rows in the store too (the whole table must then fit in memory;
+streaming, chunked checkpoints are :mod:`dynembed.checkpoint`'s job).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dynembed.errors import StateDictError
+from dynembed.storage.rows import RowBlock
+from dynembed.table.index import EMPTY
+from dynembed.table.results import TableExport
+
+STATE_VERSION = 1
+
+
+class TableSnapshot:
+    """Export and state-dict methods of a table (mixin; see module doc)."""
+
+    def export(self) -> TableExport:
+        """Every live row with its state and metadata (copies): rows in memory in slot
+        order, then rows only in the store (whole table; it must fit in memory)."""
+        ids, slots = self.index.items()
+        order = np.argsort(slots, kind="stable")
+        ids, slots = ids[order], torch.from_numpy(slots[order])
+        a = self.arena
+        parts = [RowBlock(ids, a.weights.index_select(0, slots).numpy(),
+                          a.state.index_select(0, slots).numpy(),
+                          a.counts.index_select(0, slots).numpy(),
+                          a.last_step.index_select(0, slots).numpy())]
+        if self.tier is not None:
+            for block in self.tier.scan():
+                parts.append(block.take(self.index.find(block.ids) == EMPTY))
+        rows = RowBlock.concat(parts, self.dim, a.state_width)
+        return TableExport(*(torch.from_numpy(x) for x in (
+            rows.ids, rows.weights, rows.state, rows.counts, rows.last_step)))
+
+    def to_numpy(self) -> dict[str, np.ndarray]:
+        """Live rows as numpy arrays: ``id`` (r,), ``vector`` (r, dim), ``count`` (r,),
+        ``last_step`` (r,), and ``key`` (r,) object array of strings with the key log."""
+        export = self.export()
+        out = {"id": export.ids.numpy(), "vector": export.weights.numpy(),
+               "count": export.counts.numpy(), "last_step": export.last_step.numpy()}
+        if self.key_log is not None:
+            out["key"] = np.array(self.key_log.lookup(out["id"]), dtype=object)
+        return out
+
+    def to_pandas(self):
+        """Live rows as a pandas DataFrame, one row per key (needs pandas).
+
+        Columns: ``id``, ``key`` (with the key log), ``count``, ``last_step`` and ``vector``
+        (a (dim,) float32 array per row).
+        """
+        import pandas as pd  # optional dependency, only for this export
+
+        arrays = self.to_numpy()
+        vectors = arrays.pop("vector")
+        frame = pd.DataFrame(arrays)
+        frame["vector"] = list(vectors)
+        return frame
+
+    def keys_of(self, ids) -> list[str | None]:
+        """Original strings of ids from the key log (None where unknown).
+
+        Raises:
+            RuntimeError: the table was made without ``key_log=True``.
+        """
+        if self.key_log is None:
+            raise RuntimeError("this table keeps no key log; make it with key_log=True to "
+                               "recover the strings behind ids")
+        return self.key_log.lookup(np.asarray(torch.as_tensor(ids, dtype=torch.int64)))
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The table as plain tensors: live rows (slot order), optimizer state, metadata.
+
+        Keys: ``ids``, ``weights``, ``optimizer_state``, ``counts``, ``last_step``,
+        ``meta`` (int64: version, dim, state_width, step, update_step, seed),
+        ``key_log.*`` when the key log is on, ``admission.*`` with an admission policy.
+        """
+        export = self.export()
+        state = {"ids": export.ids, "weights": export.weights,
+                 "optimizer_state": export.optimizer_state, "counts": export.counts,
+                 "last_step": export.last_step,
+                 "meta": torch.tensor([STATE_VERSION, self.dim, self.arena.state_width,
+                                       self.step, self.update_step,
+                                       np.uint64(self.seed).view(np.int64)],
+                                      dtype=torch.int64)}
+        if self.key_log is not None:
+            state.update({f"key_log.{k}": v for k, v in self.key_log.state_dict().items()})
+        if self.admitter is not None:
+            state.update({f"admission.{k}": v for k, v in self.admitter.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Replaces the table's rows and counters with a saved state.
+
+        Raises:
+            StateDictError: a tensor is missing, or dim / optimizer state width differ from
+                this table's config.
+        """
+        required = ("ids", "weights", "optimizer_state", "counts", "last_step", "meta")
+        absent = [k for k in required if k not in state]
+        if absent:
+            raise StateDictError(f"state dict lacks {absent}; expected the tensors written by "
+                                 "DynamicTable.state_dict()")
+        meta = state["meta"].tolist()
+        version, dim, width = meta[0], meta[1], meta[2]
+        if version != STATE_VERSION:
+            raise StateDictError(f"state dict version {version} is not supported (this "
+                                 f"dynembed reads version {STATE_VERSION})")
+        if dim != self.dim:
+            raise StateDictError(f"state dict has rows of dim {dim} but the table has dim "
+                                 f"{self.dim}; build the table with dim={dim}")
+        if width != self.arena.state_width:
+            raise StateDictError(
+                f"state dict has {width} optimizer floats per row but this table's optimizer "
+                f"({type(self.optimizer).__name__}) keeps {self.arena.state_width}; use the "
+                "optimizer the state was saved with")
+        n = state["ids"].shape[0]
+        for name, width_ in (("weights", dim), ("optimizer_state", width)):
+            if tuple(state[name].shape) != (n, width_):
+                raise StateDictError(f"state dict '{name}' has shape "
+                                     f"{tuple(state[name].shape)}, expected ({n}, {width_})")
+        for name in ("counts", "last_step"):
+            if tuple(state[name].shape) != (n,):
+                raise StateDictError(f"state dict '{name}' has shape "
+                                     f"{tuple(state[name].shape)}, expected ({n},)")
+        ids = state["ids"].to(torch.int64).numpy()
+        if np.unique(ids).shape[0] != n:
+            raise StateDictError("state dict 'ids' holds duplicates; it is corrupted")
+        if self.tier is None and self.max_rows is not None and n > self.max_rows:
+            raise StateDictError(f"state dict has {n} rows but the memory budget holds "
+                                 f"{self.max_rows}; raise memory_budget / max_rows or give "
+                                 "the table a store= to hold the rest")
+        if self.tier is not None:  # the new rows first, in one batch: a failure changes nothing
+            self.tier.put(RowBlock(
+                ids, state["weights"].to(torch.float32).numpy(),
+                state["optimizer_state"].to(torch.float32).numpy(),
+                state["counts"].to(torch.int64).numpy(),
+                state["last_step"].to(torch.int64).numpy()))
+        self._clear_memory()
+        if self.tier is not None:  # then the stored rows the state does not have
+            stale = [b.ids[~np.isin(b.ids, ids)] for b in self.tier.scan()]
+            stale = np.concatenate(stale) if stale else ids[:0]
+            if stale.shape[0]:
+                self.tier.delete(stale)
+        self.step, self.update_step = meta[3], meta[4]
+        self.seed = int(np.int64(meta[5]).view(np.uint64))
+        if self.key_log is not None and "key_log.ids" in state:
+            self.key_log.load_state_dict({k[len("key_log."):]: v for k, v in state.items()
+                                          if k.startswith("key_log.")})
+        if self.admitter is not None:  # its hashes follow the (restored) table seed
+            self.admitter = self.config.admission.create(self.seed)
+            admission = {k[len("admission."):]: v for k, v in state.items()
+                         if k.startswith("admission.")}
+            if admission:
+                self.admitter.load_state_dict(admission)
+        if self.tier is not None:  # the rows wait in the store and fault in when looked up
+            return
+        self.reserve(n)
+        slots = self.index.find(ids)
+        self._allocate(ids, slots, n)
+        t = torch.from_numpy(slots)
+        self.arena.weights[t] = state["weights"].to(torch.float32)
+        self.arena.state[t] = state["optimizer_state"].to(torch.float32)
+        self.arena.counts[t] = state["counts"].to(torch.int64)
+        self.arena.last_step[t] = state["last_step"].to(torch.int64)
