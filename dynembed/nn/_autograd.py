@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from dynembed.kernels.gather import segment_sum
+from dynembed.table.arena import take_rows
 from dynembed.table.table import DynamicTable
 
 
@@ -16,7 +17,7 @@ def _gather(table: DynamicTable, slots: np.ndarray, inverse: np.ndarray | None) 
     stays in cache) is faster than gathering every key's row from the scattered arena.
     """
     rows = table.gather(slots)
-    return rows if inverse is None else rows.index_select(0, torch.from_numpy(inverse))
+    return rows if inverse is None else take_rows(rows, inverse)
 
 
 class _GatherRows(torch.autograd.Function):
@@ -54,7 +55,7 @@ class _IndexRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows: torch.Tensor, inverse: np.ndarray) -> torch.Tensor:
         ctx.inverse, ctx.segments = inverse, rows.shape[0]
-        return rows.index_select(0, torch.from_numpy(inverse))
+        return take_rows(rows, inverse)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -72,7 +73,7 @@ def index_rows(rows: torch.Tensor, inverse: np.ndarray) -> torch.Tensor:
     """
     if rows.requires_grad:
         return _IndexRows.apply(rows, inverse)
-    return rows.index_select(0, torch.from_numpy(inverse))
+    return take_rows(rows, inverse)
 
 
 def rows_for(table: DynamicTable, anchor: torch.Tensor, unique_ids: np.ndarray,
@@ -97,7 +98,7 @@ def rows_for(table: DynamicTable, anchor: torch.Tensor, unique_ids: np.ndarray,
     insert = training and not table.read_only
     if not insert:  # evaluation: read rows, never change the table
         rows = table.read_unique(unique_ids, counts)
-        return rows if inverse is None else rows.index_select(0, torch.from_numpy(inverse))
+        return rows if inverse is None else take_rows(rows, inverse)
     slots = table.lookup_slots(unique_ids, counts, insert=insert, strings=strings,
                                string_ids=string_ids)
     if insert and table.trainable and torch.is_grad_enabled():

@@ -25,7 +25,7 @@ from dynembed.kernels.sparse_updates import nonfinite_rows
 from dynembed.keys.convert import to_key_batch
 from dynembed.keys.key_log import KeyLog
 from dynembed.policy.eviction import LRU
-from dynembed.table.arena import LAST_STEP, RowArena
+from dynembed.table.arena import LAST_STEP, RowArena, take_rows
 from dynembed.table.budget import parse_bytes, rows_within
 from dynembed.table.config import TableConfig
 from dynembed.table.eviction import FREE_STEP, DiscardLog, Evictor
@@ -307,7 +307,7 @@ class DynamicTable(RowLifecycle, TableSnapshot):
     def gather(self, slots: np.ndarray, *, missing: np.ndarray | None = None) -> torch.Tensor:
         """(u, dim) rows at ``slots``; the default vector where a slot is EMPTY.
 
-        The copy is torch's ``index_select``, which runs on torch's own thread pool.
+        The copy is :func:`take_rows` (numpy below 16K rows, torch's threads above).
 
         Args:
             slots: (u,) int64 slots.
@@ -316,10 +316,10 @@ class DynamicTable(RowLifecycle, TableSnapshot):
         if missing is None:
             missing = slots == EMPTY
         if not missing.any():
-            return self.arena.weights.index_select(0, torch.from_numpy(slots))
+            return take_rows(self.arena.weights, slots)
         if self.capacity() == 0:
             return self._default.expand(slots.shape[0], self.dim).clone()
-        rows = self.arena.weights.index_select(0, torch.from_numpy(np.where(missing, 0, slots)))
+        rows = take_rows(self.arena.weights, np.where(missing, 0, slots))
         rows[torch.from_numpy(missing)] = self._default
         return rows
 
