@@ -130,13 +130,11 @@ class RedisStore(EmbeddingStore):
                   if bounds[s + 1] > bounds[s]]
         return order, groups
 
-    def _pipeline(self, *, write: bool):
-        # writes are one MULTI/EXEC (all or nothing); reads need no transaction, which also
-        # keeps them working when the server refuses writes (maxmemory)
-        return self._client.pipeline(transaction=write and not self.cluster)
-
     def _send(self, action: str, commands: list[tuple], *, write: bool) -> list:
         """Runs commands as one pipeline (MULTI/EXEC for writes on a standalone server).
+
+        Writes are one MULTI/EXEC (all or nothing); reads need no transaction, which also
+        keeps them working when the server refuses writes (maxmemory).
 
         On a standalone server the commands are packed by hiredis in C and sent on a pooled
         connection: redis-py's pipeline re-checks every argument in Python (about a third
@@ -144,12 +142,15 @@ class RedisStore(EmbeddingStore):
         routes each command to its node. Connection errors are retried with the client's
         backoff; a reply that was not read closes the connection, so none is misread later.
         """
-        if self.cluster:
-            pipe = self._pipeline(write=write)
+        self._check_open()
+        if self.cluster:  # no transactions across nodes
+            pipe = self._client.pipeline(transaction=False)
             for name, *args in commands:
                 pipe.execute_command(name.decode(), *args)
-            return self._execute(action, pipe)
-        self._check_open()
+            try:
+                return pipe.execute()
+            except (rex.RedisError, rex.RedisClusterException) as exc:
+                raise self._translate(action, exc) from exc
         packed = [hiredis.pack_command(c) for c in commands]
         if write:
             packed = [_MULTI, *packed, _EXEC]
@@ -164,10 +165,9 @@ class RedisStore(EmbeddingStore):
             conn.send_packed_command([payload])
             if not write:
                 return [conn.read_response() for _ in commands]
-            replies = [conn.read_response() for _ in range(len(commands) + 1)]  # OK, QUEUED
-            result = conn.read_response()  # EXEC: the list of replies, or an error
-            del replies
-            return result
+            for _ in range(len(commands) + 1):  # +OK of MULTI, +QUEUED of each command
+                conn.read_response()
+            return conn.read_response()  # EXEC: the list of replies, or an error
 
         try:
             replies = conn.retry.call_with_retry(attempt, lambda error: conn.disconnect())
@@ -180,13 +180,6 @@ class RedisStore(EmbeddingStore):
             if isinstance(reply, Exception):
                 raise self._translate(action, reply)
         return replies
-
-    def _execute(self, action: str, pipe) -> list:
-        self._check_open()
-        try:
-            return pipe.execute()
-        except (rex.RedisError, rex.RedisClusterException) as exc:
-            raise self._translate(action, exc) from exc
 
     # ------------------------------------------------------------------ primitives
     def _get(self, ids: np.ndarray) -> list:
@@ -234,10 +227,8 @@ class RedisStore(EmbeddingStore):
                     break
 
     def _count(self) -> int:
-        pipe = self._pipeline(write=False)
-        for key in self._keys:
-            pipe.hlen(key)
-        return int(sum(self._execute("count", pipe)))
+        return int(sum(self._send("count", [(b"HLEN", key) for key in self._keys],
+                                  write=False)))
 
     def _get_meta(self) -> bytes | None:
         return self._send("read", [(b"GET", self._meta_key)], write=False)[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dynembed.storage.rows import RowBlock
 from dynembed.table._memory import host_empty
 
 _MIN_CAPACITY = 1024
@@ -98,6 +99,23 @@ class RowArena:
         self._alloc(capacity)
         for name, tensor in self.tensors().items():
             tensor[:used].copy_(old[name])
+
+    def rows(self, slots: np.ndarray) -> RowBlock:
+        """Copies of the rows at ``slots`` with their optimizer state and metadata."""
+        meta = self.np("meta")[slots]
+        return RowBlock(meta[:, ID].copy(), self.np("weights")[slots],
+                        self.np("state")[slots], meta[:, COUNT].copy(),
+                        meta[:, LAST_STEP].copy())
+
+    def write_rows(self, slots: np.ndarray, rows: RowBlock) -> None:
+        """Writes ``rows`` (weights, state, count, last step) into ``slots``; ids are the
+        caller's business (the slots are already allocated to them)."""
+        self.np("weights")[slots] = rows.weights
+        if self.state_width:
+            self.np("state")[slots] = rows.state
+        meta = self.np("meta")
+        meta[slots, COUNT] = rows.counts
+        meta[slots, LAST_STEP] = rows.last_step
 
     def np(self, name: str) -> np.ndarray:
         """Zero-copy numpy view of a CPU tensor (or metadata column), for the kernels."""

@@ -166,12 +166,7 @@ class RowLifecycle:
 
     def _write_loaded(self, slots: np.ndarray, rows) -> None:
         """Copies rows read from the store into fresh slots; they start clean."""
-        self.arena.np("weights")[slots] = rows.weights
-        if self.arena.state_width:
-            self.arena.np("state")[slots] = rows.state
-        meta = self.arena.np("meta")
-        meta[slots, COUNT] = rows.counts
-        meta[slots, LAST_STEP] = rows.last_step
+        self.arena.write_rows(slots, rows)
         self.tier.forget(slots)
 
     # ------------------------------------------------------------------ eviction

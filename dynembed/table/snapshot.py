@@ -24,18 +24,12 @@ class TableSnapshot:
     def export(self) -> TableExport:
         """Every live row with its state and metadata (copies): rows in memory in slot
         order, then rows only in the store (whole table; it must fit in memory)."""
-        ids, slots = self.index.items()
-        order = np.argsort(slots, kind="stable")
-        ids, slots = ids[order], torch.from_numpy(slots[order])
-        a = self.arena
-        parts = [RowBlock(ids, a.weights.index_select(0, slots).numpy(),
-                          a.state.index_select(0, slots).numpy(),
-                          a.counts.index_select(0, slots).numpy(),
-                          a.last_step.index_select(0, slots).numpy())]
+        _, slots = self.index.items()
+        parts = [self.arena.rows(np.sort(slots))]
         if self.tier is not None:
             for block in self.tier.scan():
                 parts.append(block.take(self.index.find(block.ids) == EMPTY))
-        rows = RowBlock.concat(parts, self.dim, a.state_width)
+        rows = RowBlock.concat(parts, self.dim, self.arena.state_width)
         return TableExport(*(torch.from_numpy(x) for x in (
             rows.ids, rows.weights, rows.state, rows.counts, rows.last_step)))
 

@@ -25,19 +25,22 @@ import numpy as np
 from dynembed.errors import StoreError
 from dynembed.storage.base import EmbeddingStore
 from dynembed.storage.rows import RowBlock
-from dynembed.table.arena import COUNT, ID, LAST_STEP, RowArena
+from dynembed.table.arena import RowArena
 
 WRITE_POLICIES = ("back", "through")
 MAX_PENDING_WRITES = 2
 
 
-def _positions(sorted_ids: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(match mask over ids, position of each match in sorted_ids)."""
-    if sorted_ids.shape[0] == 0:
-        return np.zeros(ids.shape[0], dtype=bool), np.empty(0, dtype=np.int64)
-    pos = np.minimum(np.searchsorted(sorted_ids, ids), sorted_ids.shape[0] - 1)
-    match = sorted_ids[pos] == ids
-    return match, pos[match]
+def _positions(sorted_ids: np.ndarray, ids: np.ndarray,
+               among: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(indices into ids found in sorted_ids, their positions there); with ``among`` (a
+    bool mask over ids), only ids where it is True are looked for."""
+    where = np.arange(ids.shape[0]) if among is None else np.flatnonzero(among)
+    if sorted_ids.shape[0] == 0 or where.shape[0] == 0:
+        return where[:0], where[:0]
+    pos = np.minimum(np.searchsorted(sorted_ids, ids[where]), sorted_ids.shape[0] - 1)
+    match = sorted_ids[pos] == ids[where]
+    return where[match], pos[match]
 
 
 @dataclass
@@ -99,13 +102,6 @@ class Tier:
     def dirty_slots(self) -> np.ndarray:
         """(d,) slots of every dirty row."""
         return np.flatnonzero(self.dirty)
-
-    def rows(self, slots: np.ndarray) -> RowBlock:
-        """Copies of the rows at ``slots`` with their state and metadata."""
-        meta = self.arena.np("meta")[slots]
-        return RowBlock(meta[:, ID].copy(), self.arena.np("weights")[slots],
-                        self.arena.np("state")[slots], meta[:, COUNT].copy(),
-                        meta[:, LAST_STEP].copy())
 
     # ------------------------------------------------------------------ background queue
     def _submit(self, fn, *args) -> Future:
@@ -188,27 +184,22 @@ class Tier:
         row_of = np.zeros(n, dtype=np.int64)  # its row in that block
         blocks: list[RowBlock] = []
         for pending in reversed(self._pending):
-            match, pos = _positions(pending.rows.ids, ids)
-            match &= ~answered
-            if match.any():
-                pos = np.searchsorted(pending.rows.ids, ids[match])
-                found[match] = answered[match] = True
-                source[match], row_of[match] = len(blocks), pos
+            where, pos = _positions(pending.rows.ids, ids, among=~answered)
+            if where.shape[0]:
+                found[where] = answered[where] = True
+                source[where], row_of[where] = len(blocks), pos
                 blocks.append(pending.rows)
         staged = self._take_staged()
         if staged is not None:
-            match, pos = _positions(staged.ids, ids)
-            usable = np.zeros(n, dtype=bool)
-            usable[match] = staged.valid[pos]
-            usable &= ~answered
-            if usable.any():
-                pos = np.searchsorted(staged.ids, ids[usable])
+            where, pos = _positions(staged.ids, ids, among=~answered)
+            usable = staged.valid[pos]
+            where, pos = where[usable], pos[usable]
+            if where.shape[0]:
+                answered[where] = True  # found, or known to be absent
                 hit = staged.found[pos]
-                answered[usable] = True
-                where = np.flatnonzero(usable)[hit]
-                found[where] = True
+                found[where[hit]] = True
                 rank = np.cumsum(staged.found) - 1  # row of each found id in staged.rows
-                source[where], row_of[where] = len(blocks), rank[pos[hit]]
+                source[where[hit]], row_of[where[hit]] = len(blocks), rank[pos[hit]]
                 blocks.append(staged.rows)
         rest = np.flatnonzero(~answered)
         if rest.shape[0]:
@@ -245,7 +236,7 @@ class Tier:
             slots = slots[self.dirty[slots]] if self.dirty.shape[0] else slots[:0]
         if slots.shape[0] == 0:
             return 0
-        rows = self.rows(slots)
+        rows = self.arena.rows(slots)
         self._settle(wait=max(0, len(self._pending) - MAX_PENDING_WRITES + 1))
         self._invalidate(rows.ids)
         if self.write_through or not self.store.background_io:
