@@ -8,9 +8,12 @@ and a compiled CPU engine::
     v = emb(["cat", "dog", "cat"])   # (3, 64); new keys get rows
 """
 
-from dynembed import metrics, optim, policy, storage
+from dynembed import checkpoint, metrics, optim, policy, storage
 from dynembed import policy as init
 from dynembed.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointNotFoundError,
     DynembedError,
     KeyInputError,
     KeyValueError,
@@ -46,6 +49,9 @@ from dynembed.table import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointCorruptError",
+    "CheckpointError",
+    "CheckpointNotFoundError",
     "DynamicEmbedding",
     "DynamicEmbeddingBag",
     "DynamicTable",

@@ -59,3 +59,17 @@ class StoreFullError(StoreError):
 
 class StoreCorruptError(StoreError):
     """A stored row does not decode: bad magic, unknown version, or the wrong size or dims."""
+
+
+class CheckpointError(DynembedError):
+    """Base of the errors raised by checkpoints: nothing to load, a mismatched table, a
+    delta without its base."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No committed checkpoint is at the given path (or in the given directory)."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """A checkpoint file is truncated or damaged (bad magic, version, size or checksum); the
+    message names the file and the part that failed."""

@@ -53,6 +53,10 @@ class KeyLog:
         """The string of each id, None where it was never logged."""
         return list(map(self._strings.get, ids.tolist()))
 
+    def merge(self, other: KeyLog) -> None:
+        """Adds every id -> key of ``other`` (its key wins where both have one)."""
+        self._strings.update(other._strings)
+
     def discard(self, ids: np.ndarray) -> None:
         """Forgets ids (their rows were erased)."""
         keep = self._strings

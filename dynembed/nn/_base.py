@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 from torch import nn
 
@@ -9,6 +12,33 @@ from dynembed.errors import StateDictError
 from dynembed.table.config import TableConfig
 from dynembed.table.stats import TableStats
 from dynembed.table.table import DynamicTable
+
+
+_WITH_TABLES = contextvars.ContextVar("dynembed_state_dict_tables", default=True)
+
+
+@contextlib.contextmanager
+def without_tables():
+    """Within this block, ``state_dict()`` / ``load_state_dict()`` of any module skip the
+    rows of dynembed tables (checkpoints save those separately, streaming)."""
+    token = _WITH_TABLES.set(False)
+    try:
+        yield
+    finally:
+        _WITH_TABLES.reset(token)
+
+
+def named_tables(model: nn.Module) -> dict[str, DynamicTable]:
+    """Every dynamic table inside ``model`` by dotted name (``<module path>.<table name>``);
+    a table shared by several modules appears once, under its first name."""
+    out, seen = {}, set()
+    for path, module in model.named_modules():
+        if isinstance(module, TableModule):
+            for name, table in module.named_tables().items():
+                if id(table) not in seen:
+                    seen.add(id(table))
+                    out[f"{path}.{name}" if path else name] = table
+    return out
 
 
 def make_table(dim, table: DynamicTable | None, config: TableConfig | None,
@@ -48,6 +78,8 @@ class TableModule(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not _WITH_TABLES.get():
+            return
         for name, table in self.named_tables().items():
             for key, tensor in table.state_dict().items():
                 destination[f"{prefix}{name}.{key}"] = tensor
@@ -63,6 +95,8 @@ class TableModule(nn.Module):
                 if not any(k.startswith(f"{prefix}{n}.") for n in names)}
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        if not _WITH_TABLES.get():
+            return
         for name, table in names.items():
             if not ours[name]:
                 missing_keys.append(f"{prefix}{name}.weights")

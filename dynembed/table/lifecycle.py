@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from dynembed.errors import MemoryBudgetError
+from dynembed.storage.rows import RowBlock
 from dynembed.table.arena import COUNT, ID, LAST_STEP
 from dynembed.table.eviction import FREE_STEP
 from dynembed.table.index import EMPTY
@@ -46,8 +47,9 @@ class RowLifecycle:
             self.arena.np("state")[new_slots] = self._initial_state
         meta[new_slots, COUNT] = 0
         meta[new_slots, LAST_STEP] = self.step
+        self.changes.mark(slots[new_mask])
         if self.tier is not None:
-            self.tier.mark(new_slots)
+            self.tier.mark(slots[new_mask])
         return new_mask
 
     def _push_free(self, slots: np.ndarray) -> None:
@@ -66,7 +68,11 @@ class RowLifecycle:
         of an earlier lookup of them are skipped even if the key gets a new row.
         """
         freed = self.index.erase(ids)
-        freed = freed[freed != EMPTY]
+        present = freed != EMPTY
+        freed = freed[present]
+        self.changes.left_memory(ids if erased else ids[present], freed, erased=erased)
+        if erased and self.base is not None:  # so that the checkpoint's copy stays hidden
+            self.base.hide(ids)
         self.arena.np("meta")[freed, LAST_STEP] = FREE_STEP
         if self.tier is not None:
             self.tier.forget(freed)
@@ -130,10 +136,7 @@ class RowLifecycle:
             return got, created
         miss_pos = np.flatnonzero(missing)
         miss_ids, miss_counts = unique[miss_pos], counts[miss_pos]
-        if self.tier is not None:
-            found, stored = self.tier.get(miss_ids)
-        else:
-            found, stored = np.zeros(miss_ids.shape[0], dtype=bool), None
+        found, stored, from_store = self._read_below(miss_ids)
         fresh = ~found
         fresh_ids, fresh_counts = miss_ids[fresh], miss_counts[fresh]
         if create == CREATE_NONE:
@@ -152,7 +155,7 @@ class RowLifecycle:
             new_slots = np.full(take.shape[0], EMPTY, dtype=np.int64)
             self._allocate(miss_ids[take], new_slots, take.shape[0], skip_init=n_loaded)
             if n_loaded:
-                self._write_loaded(new_slots[:n_loaded], stored)
+                self._write_loaded(new_slots[:n_loaded], stored, from_store)
             slots[miss_pos[take]] = new_slots
             got[miss_pos[take]] = True
             created[miss_pos[take[n_loaded:]]] = True
@@ -164,10 +167,85 @@ class RowLifecycle:
             self.counters.inserts += n_new
         return got, created
 
-    def _write_loaded(self, slots: np.ndarray, rows) -> None:
-        """Copies rows read from the store into fresh slots; they start clean."""
+    def _read_below(self, ids: np.ndarray) -> tuple[np.ndarray, object, np.ndarray]:
+        """Rows of distinct ids absent from memory, from the store, else from the lazily
+        opened checkpoint.
+
+        Returns:
+            ((n,) bool found, RowBlock of the found rows in order (None if no source),
+            (len(block),) bool whether each came from the store).
+        """
+        n = ids.shape[0]
+        if self.tier is None and self.base is None:
+            return np.zeros(n, dtype=bool), None, np.zeros(0, dtype=bool)
+        if self.tier is not None:
+            found, stored = self.tier.get(ids)
+        else:
+            found, stored = np.zeros(n, dtype=bool), None
+        if self.base is None or found.all():
+            return found, stored, np.ones(int(np.count_nonzero(found)), dtype=bool)
+        rest = np.flatnonzero(~found)
+        in_base, based = self.base.get(ids[rest])
+        if not in_base.any():
+            return found, stored, np.ones(int(np.count_nonzero(found)), dtype=bool)
+        from_store = np.flatnonzero(found)
+        found = found.copy()
+        found[rest[in_base]] = True
+        rank = np.cumsum(found) - 1  # each found id's place among the found ones
+        blocks = [based] if stored is None else [stored, based]
+        places = np.concatenate([rank[from_store], rank[rest[in_base]]])
+        inverse = np.empty_like(places)
+        inverse[places] = np.arange(places.shape[0])
+        rows = RowBlock.concat(blocks, self.dim, self.arena.state_width).take(inverse)
+        return found, rows, inverse < from_store.shape[0]
+
+    def adopt_rows(self, rows: RowBlock) -> int:
+        """Takes rows of the lazily opened checkpoint into the table: into the store if there
+        is one, else into memory while the budget has room (never evicting). Ids that have a
+        row in memory or the store already (newer) are skipped.
+
+        Args:
+            rows: rows in the checkpoint's order.
+
+        Returns:
+            How many leading rows of ``rows`` were handled; fewer than given only when memory
+            is full.
+
+        Raises:
+            StoreError: writing to the store failed; nothing was taken.
+        """
+        slots = self.index.find(rows.ids)
+        fresh = slots == EMPTY
+        if self.tier is not None:
+            idx = np.flatnonzero(fresh)
+            if idx.shape[0]:
+                fresh[idx[self.tier.get(rows.ids[idx])[0]]] = False
+            if fresh.any():
+                self.tier.put(rows.take(fresh))
+            return len(rows)
+        handled = len(rows)
+        if self.max_rows is not None:
+            room = max(0, self.max_rows - self.size())
+            if int(np.count_nonzero(fresh)) > room:
+                handled = int(np.flatnonzero(fresh)[room]) if room else int(
+                    np.flatnonzero(fresh)[0])
+                fresh[handled:] = False
+        take = np.flatnonzero(fresh)
+        if take.shape[0]:
+            new_slots = np.full(take.shape[0], EMPTY, dtype=np.int64)
+            self._allocate(rows.ids[take], new_slots, take.shape[0], skip_init=take.shape[0])
+            self.arena.write_rows(new_slots, rows.take(take))
+            self.changes.clean(new_slots)
+        return handled
+
+    def _write_loaded(self, slots: np.ndarray, rows, from_store: np.ndarray) -> None:
+        """Copies rows read from the store or the checkpoint into fresh slots. They equal
+        the checkpoint (changes since are tracked by id); rows from the store are clean
+        for the store, rows from the checkpoint must reach it when evicted."""
         self.arena.write_rows(slots, rows)
-        self.tier.forget(slots)
+        self.changes.clean(slots)
+        if self.tier is not None:
+            self.tier.forget(slots[from_store])
 
     # ------------------------------------------------------------------ eviction
     def _make_room(self, incoming: int, *, protect: np.ndarray) -> None:
@@ -293,10 +371,9 @@ class RowLifecycle:
             self.tier.close()
 
     def _stored_only(self, unique: np.ndarray, slots: np.ndarray) -> np.ndarray:
-        """(u,) bool: ids absent from memory that the store holds."""
+        """(u,) bool: ids absent from memory that the store (or lazy checkpoint) holds."""
         out = np.zeros(unique.shape[0], dtype=bool)
-        if self.tier is not None:
-            absent = np.flatnonzero(slots == EMPTY)
-            if absent.shape[0]:
-                out[absent] = self.tier.get(unique[absent])[0]
+        absent = np.flatnonzero(slots == EMPTY)
+        if absent.shape[0]:
+            out[absent] = self._read_below(unique[absent])[0]
         return out

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from dynembed.errors import StateDictError
+from dynembed.keys.key_log import KeyLog
 from dynembed.storage.rows import RowBlock
 from dynembed.table.index import EMPTY
 from dynembed.table.results import TableExport
@@ -23,12 +24,20 @@ class TableSnapshot:
 
     def export(self) -> TableExport:
         """Every live row with its state and metadata (copies): rows in memory in slot
-        order, then rows only in the store (whole table; it must fit in memory)."""
+        order, then rows only in the store, then rows of a lazily opened checkpoint not
+        read yet (whole table; it must fit in memory)."""
         _, slots = self.index.items()
         parts = [self.arena.rows(np.sort(slots))]
         if self.tier is not None:
             for block in self.tier.scan():
                 parts.append(block.take(self.index.find(block.ids) == EMPTY))
+        if self.base is not None:  # rows of a lazily opened checkpoint not read yet
+            for block in self.base.rows():
+                keep = self.index.find(block.ids) == EMPTY
+                if self.tier is not None and keep.any():
+                    idx = np.flatnonzero(keep)
+                    keep[idx[self.tier.get(block.ids[idx])[0]]] = False
+                parts.append(block.take(keep))
         rows = RowBlock.concat(parts, self.dim, self.arena.state_width)
         return TableExport(*(torch.from_numpy(x) for x in (
             rows.ids, rows.weights, rows.state, rows.counts, rows.last_step)))
@@ -79,8 +88,15 @@ class TableSnapshot:
         export = self.export()
         state = {"ids": export.ids, "weights": export.weights,
                  "optimizer_state": export.optimizer_state, "counts": export.counts,
-                 "last_step": export.last_step,
-                 "meta": torch.tensor([STATE_VERSION, self.dim, self.arena.state_width,
+                 "last_step": export.last_step}
+        state.update(self.aux_state())
+        return state
+
+    def aux_state(self) -> dict[str, torch.Tensor]:
+        """Everything but the rows: ``meta`` (int64: version, dim, state_width, step,
+        update_step, seed), ``key_log.*`` with the key log, ``admission.*`` with an
+        admission policy."""
+        state = {"meta": torch.tensor([STATE_VERSION, self.dim, self.arena.state_width,
                                        self.step, self.update_step,
                                        np.uint64(self.seed).view(np.int64)],
                                       dtype=torch.int64)}
@@ -89,6 +105,44 @@ class TableSnapshot:
         if self.admitter is not None:
             state.update({f"admission.{k}": v for k, v in self.admitter.state_dict().items()})
         return state
+
+    def check_shape(self, dim: int, width: int, source: str = "state dict") -> None:
+        """Raises StateDictError unless rows of (dim, width) fit this table."""
+        if dim != self.dim:
+            raise StateDictError(f"{source} has rows of dim {dim} but the table has dim "
+                                 f"{self.dim}; build the table with dim={dim}")
+        if width != self.arena.state_width:
+            raise StateDictError(
+                f"{source} has {width} optimizer floats per row but this table's optimizer "
+                f"({type(self.optimizer).__name__}) keeps {self.arena.state_width}; use the "
+                "optimizer the state was saved with")
+
+    def load_aux_state(self, state: dict[str, torch.Tensor],
+                       key_logs: list[dict[str, torch.Tensor]] = ()) -> None:
+        """Restores counters, seed, key log and admission state from :meth:`aux_state`
+        (rows untouched). ``key_logs``: more key logs to merge in (other shards')."""
+        meta = state["meta"].tolist()
+        if meta[0] != STATE_VERSION:
+            raise StateDictError(f"state dict version {meta[0]} is not supported (this "
+                                 f"dynembed reads version {STATE_VERSION})")
+        self.check_shape(meta[1], meta[2])
+        self.step, self.update_step = meta[3], meta[4]
+        self.seed = int(np.int64(meta[5]).view(np.uint64))
+        if self.key_log is not None:
+            self.key_log = KeyLog()
+            for source in (state, *key_logs):
+                part = {k[len("key_log."):]: v for k, v in source.items()
+                        if k.startswith("key_log.")}
+                if part:
+                    log = KeyLog()
+                    log.load_state_dict(part)
+                    self.key_log.merge(log)
+        if self.admitter is not None:  # its hashes follow the (restored) table seed
+            self.admitter = self.config.admission.create(self.seed)
+            admission = {k[len("admission."):]: v for k, v in state.items()
+                         if k.startswith("admission.")}
+            if admission:
+                self.admitter.load_state_dict(admission)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Replaces the table's rows and counters with a saved state.
@@ -103,18 +157,11 @@ class TableSnapshot:
             raise StateDictError(f"state dict lacks {absent}; expected the tensors written by "
                                  "DynamicTable.state_dict()")
         meta = state["meta"].tolist()
-        version, dim, width = meta[0], meta[1], meta[2]
-        if version != STATE_VERSION:
-            raise StateDictError(f"state dict version {version} is not supported (this "
+        if meta[0] != STATE_VERSION:
+            raise StateDictError(f"state dict version {meta[0]} is not supported (this "
                                  f"dynembed reads version {STATE_VERSION})")
-        if dim != self.dim:
-            raise StateDictError(f"state dict has rows of dim {dim} but the table has dim "
-                                 f"{self.dim}; build the table with dim={dim}")
-        if width != self.arena.state_width:
-            raise StateDictError(
-                f"state dict has {width} optimizer floats per row but this table's optimizer "
-                f"({type(self.optimizer).__name__}) keeps {self.arena.state_width}; use the "
-                "optimizer the state was saved with")
+        dim, width = meta[1], meta[2]
+        self.check_shape(dim, width)
         n = state["ids"].shape[0]
         for name, width_ in (("weights", dim), ("optimizer_state", width)):
             if tuple(state[name].shape) != (n, width_):
@@ -143,17 +190,7 @@ class TableSnapshot:
             stale = np.concatenate(stale) if stale else ids[:0]
             if stale.shape[0]:
                 self.tier.delete(stale)
-        self.step, self.update_step = meta[3], meta[4]
-        self.seed = int(np.int64(meta[5]).view(np.uint64))
-        if self.key_log is not None and "key_log.ids" in state:
-            self.key_log.load_state_dict({k[len("key_log."):]: v for k, v in state.items()
-                                          if k.startswith("key_log.")})
-        if self.admitter is not None:  # its hashes follow the (restored) table seed
-            self.admitter = self.config.admission.create(self.seed)
-            admission = {k[len("admission."):]: v for k, v in state.items()
-                         if k.startswith("admission.")}
-            if admission:
-                self.admitter.load_state_dict(admission)
+        self.load_aux_state(state)
         if self.tier is not None:  # the rows wait in the store and fault in when looked up
             return
         self.reserve(n)

@@ -27,6 +27,7 @@ from dynembed.keys.key_log import KeyLog
 from dynembed.policy.eviction import LRU
 from dynembed.table.arena import LAST_STEP, RowArena, take_rows
 from dynembed.table.budget import parse_bytes, rows_within
+from dynembed.table.changes import ChangeTracker
 from dynembed.table.config import TableConfig
 from dynembed.table.eviction import FREE_STEP, DiscardLog, Evictor
 from dynembed.table.index import EMPTY, HashIndex, buckets_for
@@ -104,6 +105,11 @@ class DynamicTable(RowLifecycle, TableSnapshot):
         self.admitter = config.admission.create(self.seed) if config.admission else None
         self.tier = Tier(config.store, config.write_policy, self.arena) if config.store \
             else None
+        self.base = None
+        """Rows of a checkpoint opened lazily (:mod:`dynembed.checkpoint`), read on first use
+        below memory and the store; None once fully loaded or for a table never restored."""
+        self.changes = ChangeTracker()
+        """Rows changed since the last checkpoint, for delta checkpoints."""
         self.max_rows = self._row_limit()
         """The most rows memory holds (from memory_budget / max_rows), None if unbounded."""
         self.arena.limit = self.max_rows
@@ -206,6 +212,8 @@ class DynamicTable(RowLifecycle, TableSnapshot):
             StoreError: the store failed; the table is unchanged.
             MemoryBudgetError: the call needs more rows at once than the budget holds.
         """
+        if insert and self.base is not None and self.base.background_rows:
+            self.base.advance(self)  # first: it changes slots
         call = CallStats(keys=int(counts.sum()))
         slots = self.index.find(unique_ids)
         missing = slots == EMPTY
@@ -229,6 +237,7 @@ class DynamicTable(RowLifecycle, TableSnapshot):
             live = slots if missed == 0 else slots[slots != EMPTY]
             touch_rows(self.arena.np("meta"), live, counts if missed == 0 else
                        counts[slots != EMPTY], self.step)
+            self.changes.mark(live)
             if self.tier is not None:
                 self.tier.mark(live)
             if self.evictor is not None:
@@ -250,10 +259,10 @@ class DynamicTable(RowLifecycle, TableSnapshot):
         if call is not None:
             call.misses = int(np.count_nonzero(missing) if counts is None
                               else counts[missing].sum())
-        if self.tier is not None and missing.any():
+        if (self.tier is not None or self.base is not None) and missing.any():
             pos = np.flatnonzero(missing)
             unique, inverse, _ = unique_inverse(ids[pos])
-            found, stored = self.tier.get(unique)
+            found, stored, _ = self._read_below(unique)
             if found.any():
                 rows = np.zeros((unique.shape[0], self.dim), dtype=np.float32)
                 rows[found] = stored.weights
@@ -404,7 +413,9 @@ class DynamicTable(RowLifecycle, TableSnapshot):
         return n_valid
 
     def _changed(self, slots: np.ndarray) -> None:
-        """Marks rows changed for the store; write-through writes them at once."""
+        """Marks rows changed for the store and the next checkpoint; write-through writes
+        them at once."""
+        self.changes.mark(slots)
         if self.tier is not None:
             self.tier.mark(slots)
             if self.tier.write_through:
@@ -607,6 +618,10 @@ class DynamicTable(RowLifecycle, TableSnapshot):
         self._clear_memory()
 
     def _clear_memory(self) -> None:
+        self.changes.wipe()
+        if self.base is not None:
+            self.base.close()
+            self.base = None
         if self.tier is not None:
             self.tier.forget(np.arange(self.tier.dirty.shape[0]))
         self.counters.erased += self.size()

@@ -1,0 +1,358 @@
+"""save() and load(): one consistent cut of a model's tables, dense state and user state.
+
+A checkpoint directory::
+
+    MANIFEST.json                         written last: commits the checkpoint
+    dense.pt                              model (without table rows), optimizer, extra
+    tables/<table>/rank-00000-of-00002.rows   rows in bucket-hash order (rows_file.py)
+    tables/<table>/rank-00000.aux.pt      counters, seed, key log, admission state
+
+Each rank of a job writes its tables' shards into ``<path>.partial`` and a part file; the
+rank that completes the set writes the manifest and renames the directory into place. A
+crash at any moment leaves no directory at ``path`` (the partial one is ignored and
+removed later), so the previous checkpoint stays the latest. A delta checkpoint holds the
+rows changed since its parent and the ids deleted since, and names the parent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dynembed.checkpoint import manifest as mf
+from dynembed.checkpoint.lazy import DEFAULT_CHUNK_ROWS, LazyRows
+from dynembed.checkpoint.rows_file import RowsFile
+from dynembed.checkpoint.table_io import check_fits, restore, write_shard
+from dynembed.errors import CheckpointError
+from dynembed.keys.buckets import (
+    NUM_BUCKETS,
+    check_num_buckets,
+    rank_buckets,
+    rank_of_bucket,
+)
+from dynembed.nn._base import named_tables, without_tables
+from dynembed.table.table import DynamicTable
+
+DENSE = "dense.pt"
+_PLAIN = (str, int, float, bool, type(None), torch.Tensor)
+
+
+def _check_plain(value, where: str) -> None:
+    """Raises TypeError unless ``value`` loads with ``torch.load(weights_only=True)``."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_plain(k, f"{where} key")
+            _check_plain(v, f"{where}[{k!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+    elif not isinstance(value, _PLAIN):
+        raise TypeError(f"{where} is a {type(value).__name__}; checkpoints hold only tensors, "
+                        "numbers, str, bool, None and dicts/lists of them (they load with "
+                        "weights_only=True); convert it first")
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    rank_buckets(rank, world_size)  # raises ValueError naming the bad argument
+
+
+def _gather_tables(model: nn.Module | None, tables: dict | None) -> dict[str, DynamicTable]:
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
+    found = named_tables(model) if model is not None else {}
+    for name, table in (tables or {}).items():
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ValueError(f"tables keys must be non-empty names without '/', got {name!r}")
+        if not isinstance(table, DynamicTable):
+            raise TypeError(f"tables[{name!r}] must be a DynamicTable, got "
+                            f"{type(table).__name__}")
+        if name in found and found[name] is not table:
+            raise ValueError(f"tables[{name!r}] clashes with the model's table of that name")
+        found[name] = table
+    return found
+
+
+def _rank_name(rank: int, world_size: int) -> str:
+    return f"rank-{rank:05d}-of-{world_size:05d}"
+
+
+def _shared_id(staging: Path) -> str:
+    """The checkpoint id all ranks writing into ``staging`` agree on (the first one wins)."""
+    target = staging / "ID"
+    if not target.exists():
+        tmp = staging / f".ID.{uuid.uuid4().hex}"
+        tmp.write_text(uuid.uuid4().hex)
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            pass
+        tmp.unlink()
+    return target.read_text().strip()
+
+
+def save(path: str | os.PathLike, model: nn.Module | None = None,
+         optimizer: torch.optim.Optimizer | None = None, extra: dict | None = None, *,
+         tables: dict[str, DynamicTable] | None = None, parent: str | os.PathLike | None = None,
+         rank: int = 0, world_size: int = 1, num_buckets: int = NUM_BUCKETS,
+         chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Path | None:
+    """Saves a checkpoint of every table in ``model`` (and ``tables``), the model's dense
+    state, the optimizer's state and ``extra`` (e.g. ``{"step": 100}``).
+
+    Args:
+        path: the checkpoint directory to create (it must not exist).
+        model: a module whose dynembed tables and dense parameters are saved.
+        optimizer: the dense optimizer (its ``state_dict()`` is saved).
+        extra: user state: tensors, numbers, str and dicts/lists of them.
+        tables: more tables by name.
+        parent: for a delta checkpoint, the checkpoint the tables were last saved to or
+            restored from; only rows changed since are written.
+        rank, world_size: this process's place in a job; each rank saves its own table
+            shards (dense state and ``extra`` come from rank 0).
+        num_buckets: key buckets of the rows files (a power of two).
+        chunk_rows: rows copied at a time (bounds the extra memory of the save).
+
+    Returns:
+        ``path`` once the checkpoint is committed, or None when other ranks have not
+        written their part yet (the last one commits it).
+
+    Raises:
+        FileExistsError: ``path`` exists.
+        CheckpointError: a table has deferred gradients not applied yet, or a delta's
+            parent is not the checkpoint the tables' changes are tracked since.
+        ValueError, TypeError: a bad argument (named in the message).
+    """
+    target = Path(path)
+    _check_rank(rank, world_size)
+    check_num_buckets(num_buckets)
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be an int >= 1, got {chunk_rows!r}")
+    if optimizer is not None and not hasattr(optimizer, "state_dict"):
+        raise TypeError(f"optimizer must be a torch optimizer, got {type(optimizer).__name__}")
+    if extra is not None:
+        if not isinstance(extra, dict):
+            raise TypeError(f"extra must be a dict, got {type(extra).__name__}")
+        _check_plain(extra, "extra")
+    found = _gather_tables(model, tables)
+    if not found and model is None and optimizer is None and extra is None:
+        raise ValueError("nothing to save: give model=, optimizer=, extra= or tables=")
+    if target.exists():
+        raise FileExistsError(f"{target} exists; checkpoints are never overwritten, choose a "
+                              "new path (CheckpointManager names them by step)")
+    for name, table in found.items():
+        if table.has_pending_gradients:
+            raise CheckpointError(f"table {name!r} holds deferred gradients not applied yet; "
+                                  "call de.sparse_step(model) before saving")
+    parent_chain = mf.chain(parent) if parent is not None else None
+    parent_manifest = parent_chain[-1][1] if parent_chain else None
+    if parent_manifest is not None:
+        if parent_manifest["num_buckets"] != num_buckets:
+            num_buckets = parent_manifest["num_buckets"]
+        for name, table in found.items():
+            if table.changes.wiped or table.changes.since != parent_manifest["id"]:
+                raise CheckpointError(
+                    f"table {name!r} tracks its changes since checkpoint "
+                    f"{table.changes.since}, not {parent_manifest['id']} ({parent}); save a "
+                    "full checkpoint (parent=None)")
+    staging = target.with_name(target.name + ".partial")
+    if world_size == 1 and staging.exists():
+        shutil.rmtree(staging)  # a crashed earlier attempt
+    (staging / "parts").mkdir(parents=True, exist_ok=True)
+    checkpoint_id = _shared_id(staging)
+    part = {"tables": {}, "files": {}}
+    for name, table in found.items():
+        folder = staging / "tables" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        rows_name = f"tables/{name}/{_rank_name(rank, world_size)}.rows"
+        parent_rows = None
+        if parent_chain is not None:
+            parent_rows = _lazy_rows(parent_chain, name, range(num_buckets), table, strict=True)
+        written = write_shard(table, staging / rows_name, num_buckets=num_buckets,
+                              parent=parent_rows, chunk_rows=chunk_rows)
+        aux_name = f"tables/{name}/rank-{rank:05d}.aux.pt"
+        torch.save(table.aux_state(), staging / aux_name)
+        part["files"][rows_name] = {"bytes": written.bytes}
+        part["files"][aux_name] = {"bytes": (staging / aux_name).stat().st_size,
+                                   "crc32": mf.file_crc(staging / aux_name)}
+        part["tables"][name] = {
+            "dim": table.dim, "state_width": table.arena.state_width,
+            "optimizer": repr(table.optimizer), "key_log": table.key_log is not None,
+            "shard": {"rank": rank, "rows_file": rows_name, "aux": aux_name,
+                      "rows": written.rows, "deleted": written.deleted,
+                      "live_change": written.live_change}}
+    if rank == 0 and (model is not None or optimizer is not None or extra is not None):
+        dense = {"model": None, "optimizer": None, "extra": extra}
+        if model is not None:
+            with without_tables():
+                dense["model"] = model.state_dict()
+        if optimizer is not None:
+            dense["optimizer"] = optimizer.state_dict()
+        torch.save(dense, staging / DENSE)
+        part["files"][DENSE] = {"bytes": (staging / DENSE).stat().st_size,
+                                "crc32": mf.file_crc(staging / DENSE)}
+        part["dense"] = DENSE
+    for folder, _, files in os.walk(staging / "tables"):
+        for file in files:  # rows files are synced by their writer
+            if file.endswith(".aux.pt"):
+                with open(Path(folder) / file, "rb+") as f:
+                    os.fsync(f.fileno())
+    if DENSE in part["files"]:
+        with open(staging / DENSE, "rb+") as f:
+            os.fsync(f.fileno())
+    mf.write_atomic(staging / "parts" / f"rank-{rank:05d}.json", json.dumps(part).encode())
+    for table in found.values():
+        table.changes.reset(checkpoint_id)
+    info = {"id": checkpoint_id, "world_size": world_size, "num_buckets": num_buckets,
+            "parent": parent_manifest, "parent_path": parent}
+    return _commit(staging, target, info)
+
+
+def _commit(staging: Path, target: Path, info: dict) -> Path | None:
+    """Writes the manifest and renames ``staging`` to ``target`` once every rank's part is
+    there; exactly one rank does it."""
+    world_size = info["world_size"]
+    parts = [staging / "parts" / f"rank-{r:05d}.json" for r in range(world_size)]
+    if not all(p.exists() for p in parts):
+        return None
+    try:
+        fd = os.open(staging / "COMMIT", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        os.close(fd)
+    except FileExistsError:
+        return None
+    tables, files, dense = {}, {}, None
+    for p in parts:
+        part = json.loads(p.read_text())
+        files.update(part["files"])
+        dense = part.get("dense", dense)
+        for name, t in part["tables"].items():
+            entry = tables.setdefault(name, {k: v for k, v in t.items() if k != "shard"}
+                                      | {"shards": []})
+            if (entry["dim"], entry["state_width"]) != (t["dim"], t["state_width"]):
+                raise CheckpointError(f"table {name!r} has dim/state width "
+                                      f"{entry['dim']}/{entry['state_width']} on one rank and "
+                                      f"{t['dim']}/{t['state_width']} on another")
+            entry["shards"].append(t["shard"])
+    parent = info["parent"]
+    for name, entry in tables.items():
+        change = sum(s["live_change"] for s in entry["shards"])
+        before = parent["tables"].get(name, {}).get("live_rows", 0) if parent else 0
+        entry["live_rows"] = before + change
+        entry["rows"] = sum(s["rows"] for s in entry["shards"])
+        entry["deleted"] = sum(s["deleted"] for s in entry["shards"])
+    manifest = {
+        "format": mf.FORMAT, "version": mf.VERSION, "id": info["id"],
+        "kind": "full" if parent is None else "delta",
+        "parent": None if parent is None else {
+            "id": parent["id"],
+            "path": os.path.relpath(Path(info["parent_path"]).resolve(), target.resolve())},
+        "chain_length": 1 if parent is None else parent.get("chain_length", 1) + 1,
+        "created": time.time(), "world_size": world_size,
+        "num_buckets": info["num_buckets"], "dense": dense, "tables": tables, "files": files}
+    mf.write_atomic(staging / mf.MANIFEST, mf.encode(manifest))
+    os.replace(staging, target)
+    mf.fsync_dir(target.parent)
+    return target
+
+
+def _lazy_rows(chain: list[tuple[Path, dict]], name: str, buckets: range, table: DynamicTable,
+               *, strict: bool) -> LazyRows:
+    """The rows of table ``name`` along a checkpoint chain (newest first)."""
+    layers = []
+    for folder, manifest in reversed(chain):
+        entry = manifest["tables"].get(name)
+        if entry is None:
+            if strict and folder == chain[-1][0]:
+                raise CheckpointError(f"checkpoint {folder} has no table {name!r}; it has "
+                                      f"{sorted(manifest['tables'])}")
+            continue
+        layers.append([RowsFile(str(folder / s["rows_file"])) for s in entry["shards"]])
+    return LazyRows(layers, buckets, table.dim, table.arena.state_width)
+
+
+def load(path: str | os.PathLike, model: nn.Module | None = None,
+         optimizer: torch.optim.Optimizer | None = None, *,
+         tables: dict[str, DynamicTable] | None = None, lazy: bool = False,
+         background_rows: int = 0, rank: int = 0, world_size: int = 1, strict: bool = True,
+         chunk_rows: int = DEFAULT_CHUNK_ROWS) -> dict | None:
+    """Restores a checkpoint (base plus deltas) into ``model``, ``optimizer`` and ``tables``.
+
+    Args:
+        path: a committed checkpoint directory.
+        model: its dynembed tables and dense parameters are restored.
+        optimizer: the dense optimizer.
+        tables: more tables by name.
+        lazy: open the tables' rows for lookups to fault in on first use instead of loading
+            them now; the first lookup is answered at once whatever the table size.
+        background_rows: with ``lazy``, rows each training lookup also loads, so the whole
+            table arrives over time (0: only what lookups ask for).
+        rank, world_size: this process's place in a job: its tables take the rows of the
+            buckets it owns, whatever world size wrote the checkpoint.
+        strict: every table and dense parameter must be in the checkpoint.
+        chunk_rows: rows loaded at a time (bounds the extra memory of an eager load).
+
+    Returns:
+        The ``extra`` dict given to :func:`save` (None if none).
+
+    Raises:
+        CheckpointNotFoundError: no committed checkpoint at ``path``.
+        CheckpointCorruptError: a file is missing, truncated or damaged (named).
+        CheckpointError: a table is not in the checkpoint or does not fit it.
+    """
+    _check_rank(rank, world_size)
+    if isinstance(background_rows, bool) or not isinstance(background_rows, int) \
+            or background_rows < 0:
+        raise ValueError(f"background_rows must be an int >= 0, got {background_rows!r}")
+    found = _gather_tables(model, tables)
+    chain = mf.chain(path)
+    for folder, manifest in chain:
+        mf.check_files(folder, manifest)
+    folder, manifest = chain[-1]
+    if strict:
+        unknown = sorted(set(manifest["tables"]) - set(found))
+        if unknown and model is not None:
+            raise CheckpointError(f"checkpoint {folder} has tables {unknown} that the model "
+                                  "does not; pass strict=False to ignore them")
+    buckets = rank_buckets(rank, world_size, manifest["num_buckets"])
+    plans = []
+    for name, table in found.items():  # open and check everything before changing anything
+        entry = manifest["tables"].get(name)
+        if entry is None:
+            if strict:
+                raise CheckpointError(f"checkpoint {folder} has no table {name!r}; it has "
+                                      f"{sorted(manifest['tables'])}")
+            continue
+        shards = sorted(entry["shards"], key=lambda s: s["rank"])
+        writer = int(rank_of_bucket([buckets.start], manifest["world_size"],
+                                    manifest["num_buckets"])[0]) if len(buckets) else 0
+        auxes = [torch.load(folder / s["aux"], weights_only=True) for s in shards]
+        own = next((i for i, s in enumerate(shards) if s["rank"] == writer), 0)
+        others = [a for i, a in enumerate(auxes) if i != own]
+        layers = _lazy_rows(chain, name, buckets, table, strict=True).layers
+        check_fits(table, layers)
+        if not lazy:
+            for layer in layers:
+                for rows_file in layer:
+                    rows_file.verify_buckets(buckets.start, buckets.stop)
+        plans.append((table, layers, auxes[own], others))
+    for table, layers, aux, others in plans:
+        restore(table, layers, buckets, aux, others, since=manifest["id"], lazy=lazy,
+                background_rows=background_rows, chunk_rows=chunk_rows)
+    if manifest.get("dense") is None:
+        return None
+    dense = torch.load(folder / manifest["dense"], weights_only=True)
+    if model is not None and dense["model"] is not None:
+        with without_tables():
+            model.load_state_dict(dense["model"], strict=strict)
+    if optimizer is not None:
+        if dense["optimizer"] is None:
+            if strict:
+                raise CheckpointError(f"checkpoint {folder} holds no optimizer state")
+        else:
+            optimizer.load_state_dict(dense["optimizer"])
+    return dense["extra"]

@@ -1,0 +1,130 @@
+"""What a checkpoint holds: tables, rows, sizes, optimizer, top keys; rows over time.
+
+Used by ``dynembed inspect``; everything is also available as plain dicts for scripts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dynembed.checkpoint import manifest as mf
+from dynembed.checkpoint.lazy import LazyRows
+from dynembed.checkpoint.rows_file import RowsFile
+from dynembed.keys.key_log import KeyLog
+
+_STEP = re.compile(r"step-(\d+)")
+
+
+def _top_keys(chain, name: str, entry: dict, top: int) -> list[dict]:
+    """The ``top`` rows with the highest counts (streamed), with their strings when the
+    table kept a key log."""
+    layers = [[RowsFile(str(folder / s["rows_file"])) for s in m["tables"][name]["shards"]]
+              for folder, m in reversed(chain) if name in m["tables"]]
+    merged = LazyRows(layers, range(chain[-1][1]["num_buckets"]), entry["dim"],
+                      entry["state_width"])
+    best_ids, best_counts = np.empty(0, np.int64), np.empty(0, np.int64)
+    for block in merged.rows():
+        ids = np.concatenate([best_ids, block.ids])
+        counts = np.concatenate([best_counts, block.counts])
+        keep = np.argsort(-counts, kind="stable")[:top]
+        best_ids, best_counts = ids[keep], counts[keep]
+    strings = [None] * best_ids.shape[0]
+    if entry.get("key_log"):
+        folder, manifest = chain[-1]
+        log = KeyLog()
+        for shard in manifest["tables"][name]["shards"]:
+            aux = torch.load(folder / shard["aux"], weights_only=True)
+            part = KeyLog()
+            part.load_state_dict({k[len("key_log."):]: v for k, v in aux.items()
+                                  if k.startswith("key_log.")})
+            log.merge(part)
+        strings = log.lookup(best_ids)
+    return [{"id": int(i), "key": s, "count": int(c)}
+            for i, s, c in zip(best_ids, strings, best_counts)]
+
+
+def describe(path: str | os.PathLike, *, top: int = 10) -> dict:
+    """A summary of the checkpoint at ``path``.
+
+    Returns:
+        ``{"path", "id", "kind", "parent", "chain_length", "created", "world_size",
+        "num_buckets", "extra", "tables": {name: {"rows", "rows_in_files", "deleted",
+        "dim", "state_width", "optimizer", "bytes", "top_keys"}}}``.
+
+    Raises:
+        CheckpointNotFoundError, CheckpointCorruptError: see :func:`manifest.chain`.
+    """
+    chain = mf.chain(path)
+    folder, manifest = chain[-1]
+    extra = None
+    if manifest.get("dense"):
+        dense = torch.load(folder / manifest["dense"], weights_only=True)
+        extra = {k: (v.tolist() if isinstance(v, torch.Tensor) and v.numel() <= 8 else
+                     (f"tensor{tuple(v.shape)}" if isinstance(v, torch.Tensor) else v))
+                 for k, v in (dense.get("extra") or {}).items()}
+    tables = {}
+    for name, entry in manifest["tables"].items():
+        size = sum(manifest["files"][s["rows_file"]]["bytes"] for s in entry["shards"])
+        tables[name] = {
+            "rows": entry["live_rows"], "rows_in_files": entry["rows"],
+            "deleted": entry["deleted"], "dim": entry["dim"],
+            "state_width": entry["state_width"], "optimizer": entry["optimizer"],
+            "bytes": size, "top_keys": _top_keys(chain, name, entry, top) if top else []}
+    return {"path": str(folder), "id": manifest["id"], "kind": manifest["kind"],
+            "parent": (manifest["parent"] or {}).get("path"),
+            "chain_length": manifest["chain_length"], "created": manifest["created"],
+            "world_size": manifest["world_size"], "num_buckets": manifest["num_buckets"],
+            "extra": extra, "tables": tables}
+
+
+def history(directory: str | os.PathLike) -> list[dict]:
+    """Rows per table of every committed checkpoint in ``directory``, oldest first:
+    ``[{"path", "step", "created", "kind", "rows": {table: rows}}]`` (step from the
+    directory name ``step-N``, else None)."""
+    out = []
+    for entry in sorted(Path(directory).iterdir()):
+        if not (entry / mf.MANIFEST).exists():
+            continue
+        manifest = mf.read(entry)
+        match = _STEP.match(entry.name)
+        out.append({"path": str(entry), "step": int(match.group(1)) if match else None,
+                    "created": manifest["created"], "kind": manifest["kind"],
+                    "rows": {n: t["live_rows"] for n, t in manifest["tables"].items()}})
+    out.sort(key=lambda h: (h["step"] if h["step"] is not None else -1, h["created"]))
+    return out
+
+
+def plot_history(directory: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Draws rows per table across the checkpoints of ``directory`` into a PNG.
+
+    Raises:
+        ValueError: the directory holds no checkpoint.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = history(directory)
+    if not points:
+        raise ValueError(f"{directory} holds no committed checkpoint to plot")
+    by_step = all(p["step"] is not None for p in points)
+    xs = [p["step"] if by_step else i for i, p in enumerate(points)]
+    names = sorted({n for p in points for n in p["rows"]})
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name in names:
+        ax.plot(xs, [p["rows"].get(name, np.nan) for p in points], marker="o", label=name)
+    ax.set_xlabel("step" if by_step else "checkpoint")
+    ax.set_ylabel("rows")
+    ax.set_title(f"Rows per table: {Path(directory).name}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return Path(out)

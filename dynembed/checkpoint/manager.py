@@ -1,0 +1,204 @@
+"""CheckpointManager: when to save, full or delta, what to keep, which one to restore.
+
+Checkpoints live in one directory as ``step-<step>`` (full or delta) and ``step-<step>-full``
+(a delta chain compacted into a full checkpoint with the same id). The first save is full;
+later saves are deltas against the latest checkpoint while the tables track their changes
+since it, and a chain longer than ``max_chain`` is compacted. The ``keep_last`` newest
+checkpoints are kept with every checkpoint their chains need; older ones, and partial
+directories left by a crash, are removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dynembed.checkpoint import manifest as mf
+from dynembed.checkpoint.api import _gather_tables, load, save
+from dynembed.checkpoint.compact import compact
+from dynembed.errors import CheckpointError
+from dynembed.keys.buckets import NUM_BUCKETS
+from dynembed.table.table import DynamicTable
+
+logger = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^step-(\d{10})(-full)?$")
+
+
+def _positive(name: str, value, *, allow_none: bool = True, kind=int) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) \
+            or value <= 0:
+        raise ValueError(f"{name} must be a {'number' if kind is float else 'int'} > 0"
+                         f"{' or None' if allow_none else ''}, got {value!r}")
+
+
+class CheckpointManager:
+    """Saves checkpoints of a training job into one directory and finds the one to resume.
+
+    Args:
+        directory: where checkpoints go (created if needed).
+        keep_last: how many of the newest checkpoints to keep (their delta chains too).
+        every_steps: :meth:`maybe_save` saves when this many steps passed since the last.
+        every_seconds: ... or when this many seconds passed.
+        max_chain: a delta chain longer than this is compacted into a full checkpoint
+            (1: every save is full).
+        rank, world_size: this process's place in a job (each rank calls save; the last
+            one to write commits, cleans up and compacts).
+        num_buckets: key buckets of the rows files.
+
+    Example:
+        >>> manager = de.checkpoint.CheckpointManager("runs/ckpt", every_steps=1000)
+        >>> start = (manager.restore(model, optimizer) or {}).get("step", 0)
+        >>> for step in range(start, steps):
+        ...     train_step()
+        ...     manager.maybe_save(step + 1, model, optimizer, extra={"step": step + 1})
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, keep_last: int = 3,
+                 every_steps: int | None = None, every_seconds: float | None = None,
+                 max_chain: int = 8, rank: int = 0, world_size: int = 1,
+                 num_buckets: int = NUM_BUCKETS) -> None:
+        _positive("keep_last", keep_last, allow_none=False)
+        _positive("every_steps", every_steps)
+        _positive("every_seconds", every_seconds, kind=float)
+        _positive("max_chain", max_chain, allow_none=False)
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.keep_last, self.max_chain = keep_last, max_chain
+        self.every_steps, self.every_seconds = every_steps, every_seconds
+        self.rank, self.world_size, self.num_buckets = rank, world_size, num_buckets
+        self._last_step: int | None = None
+        self._last_time = time.monotonic()
+
+    # ------------------------------------------------------------------ finding
+    def checkpoints(self) -> list[Path]:
+        """Committed checkpoints, oldest first (by step; a compacted one after its delta)."""
+        found = []
+        for entry in self.directory.iterdir():
+            match = _NAME.match(entry.name)
+            if match and (entry / mf.MANIFEST).exists():
+                found.append((int(match.group(1)), bool(match.group(2)), entry))
+        return [p for _, _, p in sorted(found)]
+
+    def latest(self) -> Path | None:
+        """The newest checkpoint whose chain is whole and whose files are intact (damaged
+        ones are skipped with a warning), or None."""
+        for path in reversed(self.checkpoints()):
+            try:
+                for folder, manifest in mf.chain(path):
+                    mf.check_files(folder, manifest)
+            except CheckpointError as e:
+                logger.warning("skipping checkpoint %s: %s", path, e)
+                continue
+            return path
+        return None
+
+    # ------------------------------------------------------------------ saving
+    def due(self, step: int) -> bool:
+        """Whether :meth:`maybe_save` would save at ``step``."""
+        if self.every_steps is not None and (
+                self._last_step is None and step % self.every_steps == 0
+                or self._last_step is not None and step - self._last_step >= self.every_steps):
+            return True
+        return (self.every_seconds is not None
+                and time.monotonic() - self._last_time >= self.every_seconds)
+
+    def maybe_save(self, step: int, model: nn.Module | None = None,
+                   optimizer: torch.optim.Optimizer | None = None, extra: dict | None = None,
+                   *, tables: dict[str, DynamicTable] | None = None) -> Path | None:
+        """Saves if :meth:`due`; returns the committed checkpoint or None."""
+        if not self.due(step):
+            return None
+        return self.save(step, model, optimizer, extra, tables=tables)
+
+    def save(self, step: int, model: nn.Module | None = None,
+             optimizer: torch.optim.Optimizer | None = None, extra: dict | None = None, *,
+             tables: dict[str, DynamicTable] | None = None) -> Path | None:
+        """Saves a checkpoint for ``step`` now: a delta against the latest checkpoint when
+        every table tracks its changes since it, else full.
+
+        Returns:
+            The committed checkpoint, or None while other ranks still write theirs.
+
+        Raises:
+            FileExistsError: a checkpoint for ``step`` exists.
+            CheckpointError, ValueError, TypeError: see :func:`dynembed.checkpoint.save`.
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an int >= 0, got {step!r}")
+        found = _gather_tables(model, tables)
+        parent = self._parent_for(found)
+        path = self.directory / f"step-{step:010d}"
+        done = save(path, model, optimizer, extra, tables=tables, parent=parent,
+                    rank=self.rank, world_size=self.world_size, num_buckets=self.num_buckets)
+        self._last_step, self._last_time = step, time.monotonic()
+        if done is not None:
+            if mf.read(done)["chain_length"] > self.max_chain:
+                full = compact(done, done.with_name(done.name + "-full"))
+                shutil.rmtree(done)
+                done = full
+            self.cleanup()
+        return done
+
+    def _parent_for(self, tables: dict[str, DynamicTable]) -> Path | None:
+        if self.max_chain == 1 or not tables:
+            return None
+        latest = self.latest()
+        if latest is None:
+            return None
+        latest_id = mf.read(latest)["id"]
+        if all(not t.changes.wiped and t.changes.since == latest_id for t in tables.values()):
+            return latest
+        return None
+
+    def cleanup(self) -> list[Path]:
+        """Removes partial directories and checkpoints beyond ``keep_last`` that no kept
+        chain needs; returns what was removed."""
+        removed = []
+        committed = self.checkpoints()
+        keep = set()
+        for path in committed[-self.keep_last:]:
+            try:
+                keep.update(folder for folder, _ in mf.chain(path))
+            except CheckpointError:
+                keep.add(path.resolve())
+        for path in committed:
+            if path.resolve() not in keep:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        if self.world_size == 1:  # with several ranks a partial one may be in progress
+            for entry in self.directory.iterdir():
+                if entry.name.endswith(".partial") and entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                    removed.append(entry)
+        return removed
+
+    # ------------------------------------------------------------------ restoring
+    def restore(self, model: nn.Module | None = None,
+                optimizer: torch.optim.Optimizer | None = None, *,
+                tables: dict[str, DynamicTable] | None = None, lazy: bool = False,
+                background_rows: int = 0, strict: bool = True) -> dict | None:
+        """Restores the latest good checkpoint (see :func:`dynembed.checkpoint.load`).
+
+        Returns:
+            Its ``extra`` dict, or None when there is no checkpoint yet (a fresh start).
+        """
+        latest = self.latest()
+        if latest is None:
+            return None
+        logger.info("restoring checkpoint %s", latest)
+        extra = load(latest, model, optimizer, tables=tables, lazy=lazy,
+                     background_rows=background_rows, rank=self.rank,
+                     world_size=self.world_size, strict=strict)
+        self._last_step = (extra or {}).get("step") if isinstance(extra, dict) else None
+        self._last_time = time.monotonic()
+        return extra if extra is not None else {}

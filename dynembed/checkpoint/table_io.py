@@ -1,0 +1,179 @@
+"""Saving one table shard to a rows file and restoring a table from a checkpoint chain.
+
+A save streams: it sorts the bucket hashes of the ids to write (8 bytes per row; the ids
+are recovered from the hashes) and copies the rows a chunk at a time from memory, the store
+or the lazily opened checkpoint into the file. It never holds a second copy of the rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dynembed.checkpoint.lazy import DEFAULT_CHUNK_ROWS, LazyRows, load_step
+from dynembed.checkpoint.rows_file import RowsFile, RowsFileWriter
+from dynembed.errors import CheckpointError, StateDictError
+from dynembed.keys.buckets import bucket_hash, id_of_hash
+from dynembed.storage.rows import RowBlock
+from dynembed.table.arena import ID
+from dynembed.table.index import EMPTY
+from dynembed.table.table import DynamicTable
+
+
+@dataclass
+class ShardWritten:
+    """What a table shard's save wrote."""
+
+    rows: int
+    deleted: int
+    bytes: int
+    live_change: int
+    """Rows the table gained since the parent checkpoint (the row count for a full save)."""
+
+
+def _rows_of(table: DynamicTable, ids: np.ndarray) -> tuple[np.ndarray, RowBlock]:
+    """(found mask, rows of the found ids in order) from memory, the store or the base."""
+    slots = table.index.find(ids)
+    in_memory = slots != EMPTY
+    found = in_memory.copy()
+    rest = np.flatnonzero(~in_memory)
+    below_found, below, _ = table._read_below(ids[rest]) if rest.shape[0] else (
+        np.zeros(0, bool), None, None)
+    found[rest[below_found]] = True
+    if below is None or not below_found.any():
+        return found, table.arena.rows(slots[in_memory])
+    memory_rows = table.arena.rows(slots[in_memory])
+    where = np.concatenate([np.flatnonzero(in_memory), rest[below_found]])
+    rows = RowBlock.concat([memory_rows, below], table.dim, table.arena.state_width)
+    return found, rows.take(np.argsort(where, kind="stable"))
+
+
+def _all_hashes(table: DynamicTable) -> np.ndarray:
+    """Sorted bucket hashes of every live id (memory, store, lazily opened checkpoint)."""
+    parts = [bucket_hash(table.index.items()[0])]
+    if table.tier is not None:
+        for block in table.tier.scan():
+            parts.append(bucket_hash(block.ids[table.index.find(block.ids) == EMPTY]))
+    if table.base is not None:
+        for block in table.base.rows():
+            keep = table.index.find(block.ids) == EMPTY
+            if table.tier is not None and keep.any():
+                idx = np.flatnonzero(keep)
+                keep[idx[table.tier.get(block.ids[idx])[0]]] = False
+            parts.append(bucket_hash(block.ids[keep]))
+    hashes = np.concatenate(parts)
+    del parts
+    hashes.sort()
+    return hashes
+
+
+def write_shard(table: DynamicTable, path: Path, *, num_buckets: int, parent: LazyRows | None,
+                chunk_rows: int = DEFAULT_CHUNK_ROWS) -> ShardWritten:
+    """Writes the table's rows (full) or its changes since ``parent`` (delta) to ``path``.
+
+    Args:
+        table: the table (shard) to save.
+        path: the rows file to create.
+        num_buckets: buckets of the file's hash order.
+        parent: the parent checkpoint's rows of this table, for a delta; None for a full
+            save.
+        chunk_rows: rows copied at a time.
+
+    Raises:
+        CheckpointError: a delta was asked of a table whose changes are not tracked since
+            the parent.
+    """
+    if parent is None:
+        hashes = _all_hashes(table)
+        deleted_ids = np.empty(0, dtype=np.int64)
+        present_mask = None
+    else:
+        hashes = bucket_hash(table.changes.candidates(table.arena.np("meta")[:, ID]))
+        hashes.sort()
+        present_mask = np.zeros(hashes.shape[0], dtype=bool)
+        for start in range(0, hashes.shape[0], chunk_rows):
+            ids = id_of_hash(hashes[start:start + chunk_rows])
+            slots = table.index.find(ids)
+            present = slots != EMPTY
+            rest = np.flatnonzero(~present)
+            if rest.shape[0]:
+                present[rest] = table._read_below(ids[rest])[0]
+            present_mask[start:start + chunk_rows] = present
+        deleted_ids = id_of_hash(hashes[~present_mask])
+        hashes = hashes[present_mask]
+    writer = RowsFileWriter(str(path), dim=table.dim, width=table.arena.state_width,
+                            num_buckets=num_buckets, rows=hashes.shape[0],
+                            deleted=deleted_ids.shape[0])
+    try:
+        live_change = hashes.shape[0]
+        for start in range(0, hashes.shape[0], chunk_rows):
+            ids = id_of_hash(hashes[start:start + chunk_rows])
+            found, rows = _rows_of(table, ids)
+            if not found.all():
+                raise CheckpointError(f"table rows vanished during the save of {path}")
+            writer.append(rows)
+            if parent is not None:
+                live_change -= int(np.count_nonzero(parent.get(ids)[0]))
+        for start in range(0, deleted_ids.shape[0], chunk_rows):
+            part = deleted_ids[start:start + chunk_rows]
+            writer.append_deleted(part)
+            if parent is not None:
+                live_change -= int(np.count_nonzero(parent.get(part)[0]))
+        size = writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    return ShardWritten(int(hashes.shape[0]), int(deleted_ids.shape[0]), size, live_change)
+
+
+def check_fits(table: DynamicTable, layers: list[list[RowsFile]]) -> None:
+    """Raises CheckpointError unless the rows files' dim and state width fit the table."""
+    for layer in layers:
+        for rows_file in layer:
+            try:
+                table.check_shape(rows_file.dim, rows_file.state_width,
+                                  f"checkpoint file {rows_file.path}")
+            except StateDictError as e:
+                raise CheckpointError(str(e)) from None
+
+
+def restore(table: DynamicTable, layers: list[list[RowsFile]], buckets: range,
+            aux: dict[str, torch.Tensor], key_logs: list[dict[str, torch.Tensor]], *,
+            since: str, lazy: bool, background_rows: int = 0,
+            chunk_rows: int = DEFAULT_CHUNK_ROWS) -> None:
+    """Replaces the table's rows (memory and store) with a checkpoint's.
+
+    Args:
+        table: the table.
+        layers: the table's rows files per checkpoint of the chain, newest first.
+        buckets: the buckets this table owns.
+        aux: its counters, seed, key log and admission state (``aux_state``).
+        key_logs: other shards' aux states whose key logs are merged in.
+        since: the checkpoint's id (deltas saved next are relative to it).
+        lazy: open the rows for lookups to fault in, instead of loading them now.
+        background_rows: with ``lazy``, rows loaded by each training lookup.
+        chunk_rows: rows loaded at a time.
+
+    Raises:
+        CheckpointError: the checkpoint's rows do not fit the table (dim, optimizer).
+        CheckpointCorruptError: a file is damaged; the table is unchanged (eager loads
+            check every block first; lazy ones check blocks as lookups read them).
+    """
+    check_fits(table, layers)
+    if not lazy:  # check everything first, so a damaged file leaves the table as it was
+        for layer in layers:
+            for rows_file in layer:
+                rows_file.verify_buckets(buckets.start, buckets.stop)
+    if table.tier is not None:
+        table.tier.clear()  # rows written after the checkpoint are newer than its cut
+    table._clear_memory()
+    table.load_aux_state(aux, key_logs)
+    base = LazyRows(layers, buckets, table.dim, table.arena.state_width)
+    base.background_rows = background_rows if lazy else 0
+    table.base = base
+    if not lazy:
+        load_step(table, None, chunk_rows)
+    table.changes.reset(since)

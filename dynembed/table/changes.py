@@ -1,0 +1,78 @@
+"""ChangeTracker: which rows changed since the table's last checkpoint (for delta saves).
+
+A delta checkpoint holds the rows that changed since its parent and the ids deleted since.
+The tracker keeps a flag per memory slot (new rows, training lookups, optimizer updates,
+writes) and, for rows that leave memory, their ids: ``moved`` for changed rows evicted to the
+store, ``removed`` for erased or discarded ones. The candidates of a delta are the union; a
+candidate that still has a row (in memory, the store or the lazy base) is saved as changed,
+one that has none as deleted, whatever happened in between. ``wiped`` (a ``clear`` or a
+state-dict load) means only a full checkpoint can describe the table.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class ChangeTracker:
+    """Changes since checkpoint ``since`` (None: never saved or loaded)."""
+
+    def __init__(self) -> None:
+        self.flags = np.zeros(0, dtype=np.uint8)
+        self.moved: list[np.ndarray] = []
+        self.removed: list[np.ndarray] = []
+        self.wiped = True
+        self.since: str | None = None
+
+    def mark(self, slots: np.ndarray) -> None:
+        """Rows at ``slots`` changed."""
+        if slots.shape[0] == 0:
+            return
+        top = int(slots.max()) + 1
+        if top > self.flags.shape[0]:
+            grown = np.zeros(max(top, 2 * self.flags.shape[0], 1024), dtype=np.uint8)
+            grown[:self.flags.shape[0]] = self.flags
+            self.flags = grown
+        self.flags[slots] = 1
+
+    def changed(self, slots: np.ndarray) -> np.ndarray:
+        """(n,) bool, whether the rows at ``slots`` changed."""
+        inside = slots < self.flags.shape[0]
+        out = np.zeros(slots.shape[0], dtype=bool)
+        out[inside] = self.flags[slots[inside]] != 0
+        return out
+
+    def clean(self, slots: np.ndarray) -> None:
+        """Rows at ``slots`` equal the checkpoint (e.g. just read back from it)."""
+        self.flags[slots[slots < self.flags.shape[0]]] = 0
+
+    def left_memory(self, ids: np.ndarray, slots: np.ndarray, *, erased: bool) -> None:
+        """Rows of ``ids`` (at ``slots``) left memory: erased/discarded, or moved to the
+        store (kept only if they had changed)."""
+        if erased:
+            self.removed.append(ids.copy())
+        else:
+            moved = ids[self.changed(slots)]
+            if moved.shape[0]:
+                self.moved.append(moved)
+        self.clean(slots)
+
+    def wipe(self) -> None:
+        """Every row went (clear, state-dict load): the next checkpoint must be full."""
+        self.flags[:] = 0
+        self.moved, self.removed = [], []
+        self.wiped = True
+
+    def candidates(self, slot_ids: np.ndarray) -> np.ndarray:
+        """Distinct ids that may differ from the checkpoint: ``slot_ids`` is the id column of
+        the arena (the ids of changed slots are taken from it)."""
+        top = min(self.flags.shape[0], slot_ids.shape[0])
+        parts = [slot_ids[:top][self.flags[:top] != 0], *self.moved, *self.removed]
+        return np.unique(np.concatenate(parts)) if parts else np.empty(0, dtype=np.int64)
+
+    def reset(self, since: str) -> None:
+        """The table now equals checkpoint ``since``."""
+        self.flags[:] = 0
+        self.moved, self.removed = [], []
+        self.wiped = False
+        self.since = since

@@ -1,0 +1,123 @@
+"""Delta checkpoints: only changed rows and deletions, chained to a base; compaction."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import dynembed as de
+from dynembed.storage import MemoryStore
+
+from .helpers import assert_same_counters, assert_same_rows, batches, make_table, train
+
+
+def manifest(path):
+    from dynembed.checkpoint import manifest as mf
+    return mf.read(path)
+
+
+def test_a_delta_holds_exactly_the_changed_rows_and_the_deletions(tmp_path):
+    table = make_table()
+    table.insert_or_assign(np.arange(10_000), torch.zeros(10_000, 8))
+    de.checkpoint.save(tmp_path / "c0", tables={"t": table})
+    table.assign(np.arange(100, 300), torch.ones(200, 8))  # 200 changed
+    table.insert_or_assign(np.arange(20_000, 20_050), torch.ones(50, 8))  # 50 new
+    table.erase(np.arange(5_000, 5_030))  # 30 deleted
+    table.erase(np.arange(20_000, 20_010))  # new then deleted: a deletion, harmless
+    de.checkpoint.save(tmp_path / "c1", tables={"t": table}, parent=tmp_path / "c0")
+    entry = manifest(tmp_path / "c1")["tables"]["t"]
+    assert manifest(tmp_path / "c1")["kind"] == "delta"
+    assert entry["rows"] == 240 and entry["deleted"] == 40
+    assert entry["live_rows"] == len(table) == 10_000 + 40 - 30
+    restored = make_table()
+    de.checkpoint.load(tmp_path / "c1", tables={"t": restored})
+    assert_same_rows(table, restored)
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_a_chain_of_deltas_restores_like_the_live_table(tmp_path, lazy):
+    table = make_table()
+    train(table, batches(10, 5000))
+    de.checkpoint.save(tmp_path / "c0", tables={"t": table})
+    rng = np.random.default_rng(3)
+    for k in range(1, 6):
+        train(table, batches(3, 8000, seed=k))
+        table.erase(rng.integers(-5000, 5000, 300))
+        table.insert_or_assign(rng.integers(-9000, 9000, 100), torch.randn(100, 8))
+        de.checkpoint.save(tmp_path / f"c{k}", tables={"t": table},
+                           parent=tmp_path / f"c{k - 1}")
+        assert manifest(tmp_path / f"c{k}")["chain_length"] == k + 1
+        assert manifest(tmp_path / f"c{k}")["tables"]["t"]["live_rows"] == len(table)
+    restored = make_table()
+    de.checkpoint.load(tmp_path / "c5", tables={"t": restored}, lazy=lazy)
+    assert_same_rows(table, restored)
+    assert_same_counters(table, restored)
+    compacted = de.checkpoint.compact(tmp_path / "c5", tmp_path / "c5-full", chunk_rows=500)
+    assert manifest(compacted)["kind"] == "full"
+    assert manifest(compacted)["id"] == manifest(tmp_path / "c5")["id"]
+    again = make_table()
+    de.checkpoint.load(compacted, tables={"t": again})
+    assert_same_rows(table, again)
+    # the table's changes are tracked since that id: a delta can follow the compacted one
+    train(table, batches(2, 100, seed=11))
+    de.checkpoint.save(tmp_path / "c6", tables={"t": table}, parent=compacted)
+    latest = make_table()
+    de.checkpoint.load(tmp_path / "c6", tables={"t": latest})
+    assert_same_rows(table, latest)
+
+
+def test_delta_size_is_proportional_to_the_changed_rows(tmp_path):
+    table = make_table()
+    table.insert_or_assign(np.arange(50_000), torch.zeros(50_000, 8))
+    parent = tmp_path / "base"
+    de.checkpoint.save(parent, tables={"t": table})
+    sizes = {}
+    for k in (1_000, 4_000, 16_000):
+        table.assign(np.arange(k), torch.full((k, 8), float(k)))
+        path = tmp_path / f"d{k}"
+        de.checkpoint.save(path, tables={"t": table}, parent=parent)
+        parent = path
+        sizes[k] = manifest(path)["tables"]["t"]["rows"]
+        files = manifest(path)["files"]
+        sizes[k] = sum(v["bytes"] for n, v in files.items() if n.endswith(".rows"))
+    per_row = [(sizes[b] - sizes[a]) / (b - a) for a, b in ((1_000, 4_000), (4_000, 16_000))]
+    assert abs(per_row[0] - per_row[1]) / per_row[1] < 0.05
+    assert per_row[1] < 8 * (8 + 8) + 32  # weights + state + id/count/step, little more
+
+
+def test_rows_evicted_to_the_store_or_discarded_are_in_the_delta(tmp_path):
+    for store in (MemoryStore(), None):
+        table = make_table(store=store, max_rows=200, eviction=de.policy.LRU())
+        train(table, batches(5, 1000))
+        de.checkpoint.save(tmp_path / f"a{store is None}", tables={"t": table})
+        train(table, batches(20, 3000, seed=4))  # changes, evictions, discards
+        de.checkpoint.save(tmp_path / f"b{store is None}", tables={"t": table},
+                           parent=tmp_path / f"a{store is None}")
+        restored = make_table(store=MemoryStore() if store else None)
+        de.checkpoint.load(tmp_path / f"b{store is None}", tables={"t": restored})
+        assert_same_rows(table, restored)
+
+
+def test_a_delta_needs_the_checkpoint_the_changes_are_tracked_since(tmp_path):
+    table = make_table()
+    train(table, batches(2, 100))
+    de.checkpoint.save(tmp_path / "a", tables={"t": table})
+    de.checkpoint.save(tmp_path / "b", tables={"t": table})
+    with pytest.raises(de.CheckpointError, match="parent=None"):
+        de.checkpoint.save(tmp_path / "c", tables={"t": table}, parent=tmp_path / "a")
+    table.clear()
+    with pytest.raises(de.CheckpointError, match="full checkpoint"):
+        de.checkpoint.save(tmp_path / "c", tables={"t": table}, parent=tmp_path / "b")
+
+
+def test_a_delta_whose_parent_is_gone_is_refused_by_name(tmp_path):
+    import shutil
+
+    table = make_table()
+    train(table, batches(2, 100))
+    de.checkpoint.save(tmp_path / "a", tables={"t": table})
+    de.checkpoint.save(tmp_path / "b", tables={"t": table}, parent=tmp_path / "a")
+    shutil.rmtree(tmp_path / "a")
+    with pytest.raises(de.CheckpointNotFoundError, match="needs its parent"):
+        de.checkpoint.load(tmp_path / "b", tables={"t": make_table()})

@@ -1,0 +1,57 @@
+"""dynembed inspect: tables, rows, dims, bytes, optimizer, top keys, rows-over-time plot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+import dynembed as de
+
+
+def test_inspect_prints_tables_top_keys_and_draws_the_history(tmp_path):
+    words = de.DynamicTable(de.TableConfig(dim=4, optimizer=de.optim.SGD(lr=0.1),
+                                           key_log=True, seed=1))
+    users = de.DynamicTable(de.TableConfig(dim=2, optimizer=de.optim.Adagrad(lr=0.1), seed=2))
+    manager = de.checkpoint.CheckpointManager(tmp_path, max_chain=10, keep_last=10)
+    for step in range(1, 4):
+        keys = ["the"] * 50 + ["cat"] * 20 + [f"w{i}" for i in range(step * 30)]
+        batch = words.ids_of(keys)
+        unique, counts = np.unique(batch.ids, return_counts=True)
+        words.lookup_slots(unique, counts, insert=True, strings=batch.strings,
+                           string_ids=batch.ids)
+        users.find_or_insert(np.arange(step * 100))
+        manager.save(step, tables={"words": words, "users": users}, extra={"step": step})
+    plot = tmp_path / "rows.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "dynembed", "inspect", str(tmp_path), "--json", "--top", "2",
+         "--plot", str(plot)], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["extra"] == {"step": 3} and info["kind"] == "delta"
+    assert info["tables"]["words"]["rows"] == len(words) == 92
+    assert info["tables"]["users"]["rows"] == 300
+    assert info["tables"]["users"]["dim"] == 2 and info["tables"]["users"]["state_width"] == 2
+    assert "Adagrad" in info["tables"]["users"]["optimizer"]
+    assert [(k["key"], k["count"]) for k in info["tables"]["words"]["top_keys"]] == \
+        [("the", 150), ("cat", 60)]
+    assert [h["rows"]["users"] for h in info["history"]] == [100, 200, 300]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    text = subprocess.run([sys.executable, "-m", "dynembed", "inspect",
+                           str(tmp_path / "step-0000000002")], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert text.returncode == 0, text.stderr
+    assert "table words: 62 rows, dim 4" in text.stdout
+    assert "the (100)" in text.stdout
+
+
+def test_inspect_of_a_damaged_checkpoint_fails_with_the_reason(tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "MANIFEST.json").write_text("{not json")
+    result = subprocess.run([sys.executable, "-m", "dynembed", "inspect", str(tmp_path / "c")],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 1
+    assert "manifest is damaged" in result.stderr

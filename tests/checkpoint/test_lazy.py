@@ -1,0 +1,104 @@
+"""Lazy restore: lookups answered at once, rows faulted in on first use, hidden when erased."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import dynembed as de
+from dynembed.checkpoint.rows_file import RowsFile
+
+from .helpers import assert_same_rows, batches, make_table, rows_by_id, train
+
+
+@pytest.fixture
+def saved(tmp_path):
+    table = make_table()
+    train(table, batches(30, 20_000, size=2000))
+    de.checkpoint.save(tmp_path / "c", tables={"t": table})
+    return tmp_path / "c", table
+
+
+def test_lookups_fault_in_only_the_rows_they_use(saved):
+    path, table = saved
+    lazy = make_table()
+    de.checkpoint.load(path, tables={"t": lazy}, lazy=True)
+    ids = table.export().ids.numpy()[:50]
+    np.testing.assert_array_equal(lazy.find(ids).values, table.find(ids).values)
+    assert len(lazy) == 0  # reads do not enter memory
+    train(lazy, [ids])
+    assert len(lazy) == 50
+    files = lazy.base.files
+    checked = sum(int(f._verified["weights"].sum()) for f in files)
+    total = sum(f._verified["weights"].shape[0] for f in files)
+    assert checked < total / 4  # only the blocks of those rows were read and checked
+
+
+def test_a_lazily_restored_table_trains_like_an_eager_one(saved):
+    path, _ = saved
+    eager, lazy = make_table(), make_table()
+    de.checkpoint.load(path, tables={"t": eager})
+    de.checkpoint.load(path, tables={"t": lazy}, lazy=True)
+    more = batches(10, 25_000, size=1000, seed=5)
+    train(eager, more)
+    train(lazy, more)
+    assert_same_rows(eager, lazy)
+
+
+def test_erased_and_discarded_rows_do_not_come_back_from_the_checkpoint(saved):
+    path, table = saved
+    lazy = make_table(max_rows=500, eviction=de.policy.LRU())
+    de.checkpoint.load(path, tables={"t": lazy}, lazy=True)
+    ids = table.export().ids.numpy()
+    assert lazy.erase(ids[:10]) == 10  # rows only in the checkpoint count as removed
+    assert not lazy.contains(ids[:10]).any()
+    train(lazy, [ids[10:410], ids[410:810]])  # the budget discards the first 400
+    assert lazy.counters.discarded > 0
+    gone = ids[10:410][~lazy.contains(ids[10:410]).numpy()]
+    assert gone.shape[0] > 0
+    assert not lazy.find(gone).found.any()
+    assert lazy.contains(ids[1000:1100]).all()  # untouched rows still answer
+
+
+def test_background_load_brings_every_row_over_lookups(saved):
+    path, table = saved
+    lazy = make_table()
+    de.checkpoint.load(path, tables={"t": lazy}, lazy=True, background_rows=4000)
+    lookups = 0
+    while lazy.base is not None and lookups < 1000:
+        train(lazy, [np.array([lookups])])
+        lookups += 1
+    assert lazy.base is None  # everything is in memory and the files are let go
+    assert lookups <= len(table) // 4000 + 2
+    reference = rows_by_id(table)
+    now = rows_by_id(lazy)
+    keep = np.isin(now["ids"], reference["ids"])
+    np.testing.assert_array_equal(now["ids"][keep], reference["ids"])
+
+
+def test_load_step_loads_everything_in_bounded_steps(saved):
+    path, table = saved
+    lazy = make_table()
+    de.checkpoint.load(path, tables={"t": lazy}, lazy=True)
+    steps = 0
+    while not de.checkpoint.load_step(lazy, rows=1000):
+        steps += 1
+        assert len(lazy) <= 1000 * steps
+    assert len(lazy) == len(table)
+    assert_same_rows(table, lazy)
+
+
+def test_damaged_rows_raise_when_a_lookup_reads_them(saved, tmp_path):
+    path, _ = saved
+    rows_file = next(path.glob("tables/t/*.rows"))
+    layout = RowsFile(str(rows_file)).layout
+    data = bytearray(rows_file.read_bytes())
+    data[layout.offsets["weights"][0] + 100] ^= 0xFF
+    rows_file.write_bytes(bytes(data))
+    lazy = make_table()
+    de.checkpoint.load(path, tables={"t": lazy}, lazy=True)  # opening reads no rows
+    first = RowsFile(str(rows_file)).ids[:1]
+    with pytest.raises(de.CheckpointCorruptError, match="weights: block 0"):
+        lazy.find(first)
+    with pytest.raises(de.CheckpointCorruptError, match="weights"):
+        de.checkpoint.load(path, tables={"t": make_table()})  # an eager load reads all

@@ -1,0 +1,97 @@
+"""CheckpointManager: schedule, full/delta choice, compaction, retention, latest good one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import dynembed as de
+from dynembed.checkpoint import manifest as mf
+
+from .helpers import assert_same_rows, batches, make_table, train
+
+
+def kinds(manager):
+    return [(p.name, mf.read(p)["kind"]) for p in manager.checkpoints()]
+
+
+def test_saves_full_then_deltas_and_compacts_long_chains(tmp_path):
+    manager = de.checkpoint.CheckpointManager(tmp_path, keep_last=10, max_chain=3)
+    table = make_table()
+    for step in range(1, 6):
+        train(table, batches(2, 1000, seed=step))
+        manager.save(step, tables={"t": table}, extra={"step": step})
+    assert kinds(manager) == [("step-0000000001", "full"), ("step-0000000002", "delta"),
+                              ("step-0000000003", "delta"), ("step-0000000004-full", "full"),
+                              ("step-0000000005", "delta")]
+    restored = make_table()
+    assert manager.restore(tables={"t": restored}) == {"step": 5}
+    assert_same_rows(table, restored)
+
+
+def test_keep_last_keeps_the_chains_it_needs(tmp_path):
+    manager = de.checkpoint.CheckpointManager(tmp_path, keep_last=2, max_chain=100)
+    table = make_table()
+    for step in range(1, 5):
+        train(table, batches(1, 100, seed=step))
+        manager.save(step, tables={"t": table})
+    # steps 3 and 4 are kept, and the base and delta they are chained to
+    assert [p.name for p in manager.checkpoints()] == [f"step-000000000{i}" for i in (1, 2, 3, 4)]
+    table.clear()  # the next save must be full: the old chain is no longer needed
+    manager.save(5, tables={"t": table})
+    manager.save(6, tables={"t": table})
+    assert [p.name for p in manager.checkpoints()] == ["step-0000000005", "step-0000000006"]
+
+
+def test_maybe_save_follows_the_step_schedule(tmp_path):
+    manager = de.checkpoint.CheckpointManager(tmp_path, every_steps=3)
+    table = make_table()
+    saved = [step for step in range(1, 11)
+             if manager.maybe_save(step, tables={"t": table}) is not None]
+    assert saved == [3, 6, 9]
+
+
+def test_latest_skips_damaged_checkpoints_and_partial_ones_are_cleaned(tmp_path):
+    manager = de.checkpoint.CheckpointManager(tmp_path, keep_last=5, max_chain=1)
+    table = make_table()
+    train(table, batches(2, 500))
+    manager.save(1, tables={"t": table})
+    train(table, batches(2, 500, seed=3))
+    manager.save(2, tables={"t": table})
+    rows = next((tmp_path / "step-0000000002").glob("tables/t/*.rows"))
+    rows.write_bytes(rows.read_bytes()[:-10])  # truncated after the commit
+    (tmp_path / "step-0000000003.partial").mkdir()  # a crash in the middle of a save
+    assert manager.latest() == tmp_path / "step-0000000001"
+    manager.cleanup()
+    assert not (tmp_path / "step-0000000003.partial").exists()
+
+
+def test_restore_of_an_empty_directory_is_a_fresh_start(tmp_path):
+    manager = de.checkpoint.CheckpointManager(tmp_path)
+    assert manager.restore(tables={"t": make_table()}) is None
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"keep_last": 0}, "keep_last"), ({"every_steps": -1}, "every_steps"),
+    ({"every_seconds": 0}, "every_seconds"), ({"max_chain": True}, "max_chain")])
+def test_bad_manager_options_name_the_argument(tmp_path, options, match):
+    with pytest.raises(ValueError, match=match):
+        de.checkpoint.CheckpointManager(tmp_path, **options)
+
+
+def test_a_restored_table_continues_the_delta_chain(tmp_path):
+    manager = de.checkpoint.CheckpointManager(tmp_path, max_chain=10)
+    table = make_table()
+    train(table, batches(3, 1000))
+    manager.save(1, tables={"t": table})
+    restarted = make_table()
+    manager = de.checkpoint.CheckpointManager(tmp_path, max_chain=10)
+    manager.restore(tables={"t": restarted}, lazy=True)
+    train(restarted, batches(2, 1000, seed=8))
+    manager.save(2, tables={"t": restarted})
+    assert mf.read(tmp_path / "step-0000000002")["kind"] == "delta"
+    check = make_table()
+    de.checkpoint.load(tmp_path / "step-0000000002", tables={"t": check})
+    assert_same_rows(restarted, check)
+    assert np.array_equal(np.sort(check.export().ids.numpy()),
+                          np.sort(restarted.export().ids.numpy()))

@@ -1,0 +1,168 @@
+"""save() then load(): bit-exact tables, dense state and user state; clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import dynembed as de
+from dynembed.storage import RocksDBStore
+
+from .helpers import (
+    assert_same_counters,
+    assert_same_rows,
+    batches,
+    make_table,
+    rows_by_id,
+    train,
+)
+
+
+@pytest.mark.parametrize("optimizer", [de.optim.SGD(lr=0.1), de.optim.Adagrad(lr=0.1),
+                                       de.optim.Adam(lr=0.01), de.optim.FTRL(lr=0.1)])
+@pytest.mark.parametrize("lazy", [False, True])
+def test_round_trip_is_bit_exact_with_optimizer_state(tmp_path, optimizer, lazy):
+    table = make_table(optimizer=optimizer)
+    train(table, batches(20, 3000))
+    de.checkpoint.save(tmp_path / "c", tables={"t": table})
+    restored = make_table(optimizer=optimizer, seed=99)
+    de.checkpoint.load(tmp_path / "c", tables={"t": restored}, lazy=lazy)
+    assert (len(restored) == 0) == lazy  # lazily: nothing is in memory yet
+    assert_same_rows(table, restored)
+    assert_same_counters(table, restored)
+    ids = np.arange(-3000, 3000)
+    np.testing.assert_array_equal(restored.find(ids).values, table.find(ids).values)
+
+
+def test_admission_and_key_log_state_round_trip(tmp_path):
+    options = {"admission": de.policy.FrequencyAdmission(threshold=3), "key_log": True}
+    table = make_table(**options)
+    keys = [f"user-{i % 50}" for i in range(400)]
+    for start in range(0, 400, 40):
+        emb_ids = table.ids_of(keys[start:start + 40])
+        unique = np.unique(emb_ids.ids)
+        table.lookup_slots(unique, np.ones_like(unique), insert=True,
+                           strings=emb_ids.strings, string_ids=emb_ids.ids)
+    de.checkpoint.save(tmp_path / "c", tables={"t": table})
+    restored = make_table(**options, seed=1)
+    de.checkpoint.load(tmp_path / "c", tables={"t": restored})
+    for name, tensor in table.admitter.state_dict().items():
+        assert torch.equal(tensor, restored.admitter.state_dict()[name]), name
+    ids = table.export().ids.numpy()
+    assert restored.keys_of(ids) == table.keys_of(ids)
+    assert all(k.startswith("user-") for k in restored.keys_of(ids))
+
+
+def test_model_dense_state_optimizer_and_extra_round_trip(tmp_path):
+    torch.manual_seed(0)
+
+    def model():
+        m = torch.nn.Module()
+        m.emb = de.DynamicEmbedding(dim=4, optimizer=de.optim.SGD(lr=0.1), seed=1)
+        m.bag = de.DynamicEmbeddingBag(dim=4, mode="sum", optimizer=de.optim.SGD(lr=0.1),
+                                       seed=2)
+        m.head = torch.nn.Linear(8, 1)
+        return m
+
+    a = model()
+    opt = torch.optim.Adam(a.head.parameters(), lr=0.01)
+    for _ in range(3):
+        x = torch.randint(0, 100, (16,))
+        out = a.head(torch.cat([a.emb(x), a.bag(x.view(8, 2))[:8].repeat(2, 1)], 1))
+        out.sum().backward()
+        opt.step()
+        opt.zero_grad()
+    extra = {"step": 3, "data": {"epoch": 1, "offset": 1234}, "rng": torch.arange(4)}
+    de.checkpoint.save(tmp_path / "c", a, opt, extra=extra)
+    b = model()
+    opt_b = torch.optim.Adam(b.head.parameters(), lr=0.01)
+    got = de.checkpoint.load(tmp_path / "c", b, opt_b)
+    assert got["step"] == 3 and got["data"] == {"epoch": 1, "offset": 1234}
+    assert torch.equal(got["rng"], torch.arange(4))
+    assert torch.equal(a.head.weight, b.head.weight)
+    assert opt.state_dict()["state"][0]["exp_avg"].equal(opt_b.state_dict()["state"][0]["exp_avg"])
+    assert_same_rows(a.emb.table, b.emb.table)
+    assert_same_rows(a.bag.table, b.bag.table)
+
+
+def test_shared_tables_of_a_collection_are_saved_once(tmp_path):
+    def model():
+        return de.EmbeddingCollection(
+            tables={"words": de.TableConfig(dim=4, optimizer=de.optim.SGD(lr=0.1), seed=1)},
+            features={"title": "words", "query": "words"})
+
+    a = model()
+    out = a({"title": torch.arange(10), "query": torch.arange(5, 15)})
+    sum(v.sum() for v in out.values()).backward()
+    de.checkpoint.save(tmp_path / "c", a)
+    info = de.checkpoint.describe(tmp_path / "c", top=0)
+    assert list(info["tables"]) == ["tables.words"] and info["tables"]["tables.words"]["rows"] == 15
+    b = model()
+    de.checkpoint.load(tmp_path / "c", b)
+    assert_same_rows(a.tables["words"], b.tables["words"])
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_tiered_table_round_trip_replaces_newer_stored_rows(tmp_path, lazy):
+    def tiered(path):
+        return make_table(store=RocksDBStore(str(path)), max_rows=300)
+
+    table = tiered(tmp_path / "a")
+    train(table, batches(10, 2000))
+    assert table.tier.store.size() > 0  # rows were evicted to the store
+    de.checkpoint.save(tmp_path / "c", tables={"t": table})
+    reference = rows_by_id(table)
+    train(table, batches(5, 2000, seed=9))  # changes after the checkpoint, partly stored
+    table.flush()
+    de.checkpoint.load(tmp_path / "c", tables={"t": table}, lazy=lazy)
+    now = rows_by_id(table)
+    for name in reference:
+        np.testing.assert_array_equal(now[name], reference[name], err_msg=name)
+    assert len(table) <= 300
+    table.close()
+
+
+def test_eager_load_into_a_tiered_table_streams_rows_into_the_store(tmp_path):
+    table = make_table()
+    train(table, batches(20, 5000))
+    de.checkpoint.save(tmp_path / "c", tables={"t": table})
+    small = make_table(store=RocksDBStore(str(tmp_path / "s")), max_rows=100)
+    de.checkpoint.load(tmp_path / "c", tables={"t": small}, chunk_rows=64)
+    assert small.base is None and len(small) == 0  # memory untouched, the store has them
+    assert small.tier.store.size() == len(table)
+    assert_same_rows(table, small)
+    small.close()
+
+
+def test_bad_arguments_and_mismatches_are_named(tmp_path):
+    table = make_table()
+    train(table, batches(2, 100))
+    with pytest.raises(ValueError, match="nothing to save"):
+        de.checkpoint.save(tmp_path / "x")
+    with pytest.raises(TypeError, match=r"extra\['f'\]"):
+        de.checkpoint.save(tmp_path / "x", tables={"t": table}, extra={"f": object()})
+    with pytest.raises(ValueError, match="rank"):
+        de.checkpoint.save(tmp_path / "x", tables={"t": table}, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="num_buckets"):
+        de.checkpoint.save(tmp_path / "x", tables={"t": table}, num_buckets=1000)
+    de.checkpoint.save(tmp_path / "c", tables={"t": table})
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        de.checkpoint.save(tmp_path / "c", tables={"t": table})
+    with pytest.raises(de.CheckpointError, match="dim 8.*dim=8"):
+        de.checkpoint.load(tmp_path / "c", tables={"t": make_table(dim=4)})
+    with pytest.raises(de.CheckpointError, match="optimizer"):
+        de.checkpoint.load(tmp_path / "c", tables={"t": make_table(optimizer=de.optim.SGD(lr=1))})
+    with pytest.raises(de.CheckpointError, match="no table 'u'"):
+        de.checkpoint.load(tmp_path / "c", tables={"u": make_table()})
+    with pytest.raises(de.CheckpointNotFoundError, match="MANIFEST"):
+        de.checkpoint.load(tmp_path / "nothing", tables={"t": make_table()})
+
+
+def test_deferred_gradients_must_be_applied_before_a_save(tmp_path):
+    emb = de.DynamicEmbedding(dim=4, optimizer=de.optim.SGD(lr=0.1), update_mode="deferred")
+    emb(torch.arange(5)).sum().backward()
+    with pytest.raises(de.CheckpointError, match="sparse_step"):
+        de.checkpoint.save(tmp_path / "c", emb)
+    de.sparse_step(emb)
+    de.checkpoint.save(tmp_path / "c", emb)

@@ -1,0 +1,64 @@
+"""Bucketed checkpoints: N shards save, M shards load, every key finds its vector."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import dynembed as de
+from dynembed.keys.buckets import buckets_of, rank_buckets, rank_of_bucket
+
+from .helpers import batches, make_table, rows_by_id, train
+
+
+def split(table: de.DynamicTable, world: int, num_buckets: int) -> list[de.DynamicTable]:
+    """The table's rows split over ``world`` shard tables by bucket owner."""
+    rows = table.export()
+    owner = rank_of_bucket(buckets_of(rows.ids.numpy(), num_buckets), world, num_buckets)
+    shards = []
+    for rank in range(world):
+        mine = np.flatnonzero(owner == rank)
+        shard = make_table()
+        shard.insert_or_assign(rows.ids[mine], rows.weights[mine],
+                               optimizer_state=rows.optimizer_state[mine])
+        shards.append(shard)
+    return shards
+
+
+@pytest.mark.parametrize("writers,readers", [(1, 3), (2, 1), (2, 3), (3, 2), (4, 4)])
+@pytest.mark.parametrize("lazy", [False, True])
+def test_n_shards_save_then_m_shards_load(tmp_path, writers, readers, lazy):
+    buckets = 64
+    whole = make_table()
+    train(whole, batches(10, 5000))
+    for rank, shard in enumerate(split(whole, writers, buckets)):
+        done = de.checkpoint.save(tmp_path / "c", tables={"t": shard}, rank=rank,
+                                  world_size=writers, num_buckets=buckets)
+        assert (done is not None) == (rank == writers - 1)  # the last writer commits
+    reference = rows_by_id(whole)
+    seen = []
+    for rank in range(readers):
+        shard = make_table()
+        de.checkpoint.load(tmp_path / "c", tables={"t": shard}, rank=rank,
+                           world_size=readers, lazy=lazy)
+        if lazy:
+            de.checkpoint.load_step(shard)
+        mine = rows_by_id(shard)
+        owned = rank_buckets(rank, readers, buckets)
+        assert np.isin(buckets_of(mine["ids"], buckets), owned).all()
+        at = np.searchsorted(reference["ids"], mine["ids"])
+        np.testing.assert_array_equal(reference["weights"][at], mine["weights"])
+        np.testing.assert_array_equal(reference["state"][at], mine["state"])
+        seen.append(mine["ids"])
+    everything = np.concatenate(seen)
+    assert everything.shape[0] == len(whole)
+    np.testing.assert_array_equal(np.sort(everything), reference["ids"])
+
+
+def test_a_partial_multi_rank_save_is_not_a_checkpoint(tmp_path):
+    shards = split(make_table(), 2, 16)
+    assert de.checkpoint.save(tmp_path / "c", tables={"t": shards[0]}, rank=0,
+                              world_size=2, num_buckets=16) is None
+    assert not (tmp_path / "c").exists()
+    with pytest.raises(de.CheckpointNotFoundError):
+        de.checkpoint.load(tmp_path / "c", tables={"t": make_table()})
