@@ -255,6 +255,9 @@ def _commit(staging: Path, target: Path, info: dict) -> Path | None:
         "created": time.time(), "world_size": world_size,
         "num_buckets": info["num_buckets"], "dense": dense, "tables": tables, "files": files}
     mf.write_atomic(staging / mf.MANIFEST, mf.encode(manifest))
+    for scratch in (staging / "ID", staging / "COMMIT"):  # only the manifest's files stay
+        scratch.unlink()
+    shutil.rmtree(staging / "parts")
     os.replace(staging, target)
     mf.fsync_dir(target.parent)
     return target
@@ -335,10 +338,6 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
         others = [a for i, a in enumerate(auxes) if i != own]
         layers = _lazy_rows(chain, name, buckets, table, strict=True).layers
         check_fits(table, layers)
-        if not lazy:
-            for layer in layers:
-                for rows_file in layer:
-                    rows_file.verify_buckets(buckets.start, buckets.stop)
         plans.append((table, layers, auxes[own], others))
     for table, layers, aux, others in plans:
         restore(table, layers, buckets, aux, others, since=manifest["id"], lazy=lazy,

@@ -66,8 +66,8 @@ def compact(path: str | os.PathLike, out: str | os.PathLike, *,
             writer = RowsFileWriter(str(staging / rows_name), dim=entry["dim"],
                                     width=entry["state_width"], num_buckets=buckets,
                                     rows=merged.count(chunk_rows))
-            for block in merged.rows(chunk_rows):
-                writer.append(block)
+            for ids, records in merged.chunks(chunk_rows):
+                writer.append_records(ids, records)
             files[rows_name] = {"bytes": writer.commit()}
             shutil.copyfile(newest_dir / shard["aux"], staging / shard["aux"])
             files[shard["aux"]] = newest["files"][shard["aux"]]

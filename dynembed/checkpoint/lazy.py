@@ -12,10 +12,12 @@ order, a bounded chunk at a time (full loads, compaction, full saves).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from dynembed.checkpoint.rows_file import RowsFile
+from dynembed.kernels.records import HEAD_WORDS, columns_of
 from dynembed.keys.buckets import bucket_hash
 from dynembed.storage.rows import RowBlock
 from dynembed.table.index import EMPTY, HashIndex
@@ -41,7 +43,7 @@ class LazyRows:
         self._hidden_rows = 0
         self.pending: Iterator[RowBlock] | None = None
         """The background load's position (see :func:`load_step`)."""
-        self.carry: RowBlock | None = None
+        self.carry: tuple[np.ndarray, np.ndarray] | None = None
         self.background_rows = 0
         """Rows loaded by each training lookup in the background (0: none)."""
 
@@ -104,62 +106,85 @@ class LazyRows:
         rows = RowBlock.concat(parts, self.dim, self.width)
         return found, rows.take(np.argsort(at, kind="stable"))
 
-    def rows(self, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[RowBlock]:
-        """The newest visible version of every row of the owned buckets, in bucket-hash
-        order, about ``chunk_rows`` rows at a time (whole buckets)."""
+    def _steps(self, chunk_rows: int) -> Iterator[tuple[int, int]]:
+        """Bucket ranges of about ``chunk_rows`` rows covering the owned buckets."""
         files = self.files
         if not files:
             return
         total = sum(f.rows for f in files)
-        num_buckets = files[0].num_buckets
-        step = max(1, chunk_rows * num_buckets // max(total, 1))
+        step = max(1, chunk_rows * files[0].num_buckets // max(total, 1))
         for first in range(self.buckets.start, self.buckets.stop, step):
-            stop = min(first + step, self.buckets.stop)
-            block = self._merge(first, stop)
-            if len(block) and self._hidden.size:
-                block = block.take(~self.hidden(block.ids))
-            if len(block):
-                yield block
+            yield first, min(first + step, self.buckets.stop)
+
+    def chunks(self, chunk_rows: int = DEFAULT_CHUNK_ROWS
+               ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The newest visible version of every row of the owned buckets, in bucket-hash
+        order, about ``chunk_rows`` rows at a time (whole buckets), as ``(ids, records)``
+        (see :mod:`dynembed.kernels.records`)."""
+        steps = list(self._steps(chunk_rows))
+        if not steps:
+            return
+        # the next chunk is read (I/O and checksums, without the GIL) while this one is used
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dynembed-read") as pool:
+            ahead = pool.submit(self._merge, *steps[0])
+            for i in range(len(steps)):
+                ids, records = ahead.result()
+                if i + 1 < len(steps):
+                    ahead = pool.submit(self._merge, *steps[i + 1])
+                if ids.shape[0] and self._hidden.size:  # here: hide() may run meanwhile
+                    keep = ~self.hidden(ids)
+                    ids, records = ids[keep], records[keep]
+                if ids.shape[0]:
+                    yield ids, records
+
+    def rows(self, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[RowBlock]:
+        """:meth:`chunks` as RowBlocks (copies)."""
+        for ids, records in self.chunks(chunk_rows):
+            counts, last, weights, state = columns_of(records, self.dim)
+            yield RowBlock(ids, weights, state, counts, last)
 
     def count(self, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> int:
         """Visible rows of the owned buckets (reads ids only)."""
-        files = self.files
-        if not files:
-            return 0
-        step = max(1, chunk_rows * files[0].num_buckets // max(sum(f.rows for f in files), 1))
         total = 0
-        for first in range(self.buckets.start, self.buckets.stop, step):
-            ids = self._merge(first, min(first + step, self.buckets.stop), ids_only=True).ids
+        for first, stop in self._steps(chunk_rows):
+            ids = self._merge(first, stop, ids_only=True)[0]
             total += ids.shape[0] - (int(np.count_nonzero(self.hidden(ids)))
                                      if self._hidden.size else 0)
         return total
 
-    def _merge(self, first: int, stop: int, *, ids_only: bool = False) -> RowBlock:
-        """Rows of buckets [first, stop): per id, the newest layer's row or deletion.
-        ``ids_only`` reads only the ids (the other columns are left empty)."""
-        rows, deleted, layer_of, dead_layer = [], [], [], []
+    def _merge(self, first: int, stop: int, *,
+               ids_only: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """(ids, records) of buckets [first, stop): per id, the newest layer's row, unless
+        its newest entry is a deletion. ``ids_only`` reads no records (None)."""
+        ids, records, deleted, layer_of, dead_layer = [], [], [], [], []
         for rank, layer in enumerate(self.layers):
             for f in layer:
                 start, end = f.row_range(first, stop)
                 if end > start:
-                    rows.append(f.read_ids(start, end) if ids_only else f.read_rows(start, end))
+                    part_ids, part_records = f.read_records(start, end, ids_only=ids_only)
+                    ids.append(part_ids)
+                    records.append(part_records)
                     layer_of.append(np.full(end - start, rank))
-                lo, hi = int(f.del_offsets[first]), int(f.del_offsets[stop])
+                lo, hi = f.deleted_range(first, stop)
                 if hi > lo:
                     deleted.append(f.read_deleted(lo, hi))
                     dead_layer.append(np.full(hi - lo, rank))
-        block = RowBlock.concat(rows, self.dim, self.width)
-        if len(self.layers) == 1 and not deleted and len(rows) <= 1:
-            return block  # one file: already in order, nothing to resolve
+        if len(ids) == 1 and not deleted:
+            return ids[0], records[0]  # one file: already in order, nothing to resolve
+        words = HEAD_WORDS + self.dim + self.width
+        live_ids = np.concatenate(ids) if ids else np.empty(0, np.int64)
+        live = None if ids_only else (np.concatenate(records) if records else
+                                      np.empty((0, words), np.uint32))
         dead = np.concatenate(deleted) if deleted else np.empty(0, np.int64)
-        ids = np.concatenate([block.ids, dead])
-        layer = np.concatenate(layer_of + dead_layer) if ids.shape[0] else ids
-        hashes = bucket_hash(ids)
+        every = np.concatenate([live_ids, dead])
+        layer = np.concatenate(layer_of + dead_layer) if every.shape[0] else every
+        hashes = bucket_hash(every)
         order = np.lexsort((layer, hashes))  # by hash, newest layer first
         first_of = np.ones(order.shape[0], dtype=bool)
         first_of[1:] = hashes[order[1:]] != hashes[order[:-1]]
         winners = order[first_of]
-        return block.take(winners[winners < len(block)])
+        winners = winners[winners < live_ids.shape[0]]
+        return live_ids[winners], None if ids_only else live[winners]
 
     def close(self) -> None:
         """Drops the files (the table no longer reads from the checkpoint)."""
@@ -167,10 +192,14 @@ class LazyRows:
         self.pending = None
 
 
-def load_step(table, rows: int | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> bool:
+def load_step(table, rows: int | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS, *,
+              into_empty: bool = False) -> bool:
     """Loads up to ``rows`` more rows (None: all) of ``table``'s lazily opened checkpoint
-    into the table (see :meth:`DynamicTable.adopt_rows`); detaches the checkpoint once every
-    row is in.
+    into the table (see :meth:`DynamicTable.adopt_records`); detaches the checkpoint once
+    every row is in.
+
+    ``into_empty``: the table held nothing when the load started and gets no other rows
+    meanwhile (an eager restore), so no id needs looking up first.
 
     Returns:
         True when nothing is left to load (the table no longer reads the checkpoint), False
@@ -180,27 +209,30 @@ def load_step(table, rows: int | None = None, chunk_rows: int = DEFAULT_CHUNK_RO
     if base is None:
         return True
     if base.pending is None:
-        base.pending = base.rows(chunk_rows)
+        base.pending = base.chunks(chunk_rows)
         base.carry = None
     budget = float("inf") if rows is None else rows
     while budget > 0:
-        block = base.carry
-        if block is None:
-            block = next(base.pending, None)
-            if block is None:
+        chunk = base.carry
+        if chunk is None:
+            chunk = next(base.pending, None)
+            if chunk is None:
                 base.close()
                 table.base = None
                 return True
-        if len(block) > budget:
-            block, base.carry = block.take(slice(0, int(budget))), block.take(
-                slice(int(budget), None))
+        ids, records = chunk
+        if ids.shape[0] > budget:
+            cut = int(budget)
+            base.carry = (ids[cut:], records[cut:])
+            ids, records = ids[:cut], records[:cut]
         else:
             base.carry = None
-        handled = table.adopt_rows(block)
+        handled = table.adopt_records(ids, records, absent=into_empty)
         budget -= handled
-        if handled < len(block):  # memory is full: keep the rest for lookups to fault in
-            rest = block.take(slice(handled, None))
-            base.carry = rest if base.carry is None else RowBlock.concat(
-                [rest, base.carry], base.dim, base.width)
+        if handled < ids.shape[0]:  # memory is full: keep the rest for lookups to fault in
+            rest = (ids[handled:], records[handled:])
+            base.carry = rest if base.carry is None else (
+                np.concatenate([rest[0], base.carry[0]]),
+                np.concatenate([rest[1], base.carry[1]]))
             return False
     return False

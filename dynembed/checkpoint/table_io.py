@@ -53,17 +53,17 @@ def _rows_of(table: DynamicTable, ids: np.ndarray) -> tuple[np.ndarray, RowBlock
 
 def _all_hashes(table: DynamicTable) -> np.ndarray:
     """Sorted bucket hashes of every live id (memory, store, lazily opened checkpoint)."""
-    parts = [bucket_hash(table.index.items()[0])]
+    parts = [table.index.bucket_hashes()]
     if table.tier is not None:
         for block in table.tier.scan():
             parts.append(bucket_hash(block.ids[table.index.find(block.ids) == EMPTY]))
     if table.base is not None:
-        for block in table.base.rows():
-            keep = table.index.find(block.ids) == EMPTY
+        for ids, _ in table.base.chunks():
+            keep = table.index.find(ids) == EMPTY
             if table.tier is not None and keep.any():
                 idx = np.flatnonzero(keep)
-                keep[idx[table.tier.get(block.ids[idx])[0]]] = False
-            parts.append(bucket_hash(block.ids[keep]))
+                keep[idx[table.tier.get(ids[idx])[0]]] = False
+            parts.append(bucket_hash(ids[keep]))
     hashes = np.concatenate(parts)
     del parts
     hashes.sort()
@@ -111,10 +111,14 @@ def write_shard(table: DynamicTable, path: Path, *, num_buckets: int, parent: La
         live_change = hashes.shape[0]
         for start in range(0, hashes.shape[0], chunk_rows):
             ids = id_of_hash(hashes[start:start + chunk_rows])
-            found, rows = _rows_of(table, ids)
-            if not found.all():
-                raise CheckpointError(f"table rows vanished during the save of {path}")
-            writer.append(rows)
+            slots = table.index.find(ids)
+            if (slots != EMPTY).all():  # the usual case: pack straight from memory
+                writer.append_records(ids, table.arena.pack(slots))
+            else:
+                found, rows = _rows_of(table, ids)
+                if not found.all():
+                    raise CheckpointError(f"table rows vanished during the save of {path}")
+                writer.append(rows)
             if parent is not None:
                 live_change -= int(np.count_nonzero(parent.get(ids)[0]))
         for start in range(0, deleted_ids.shape[0], chunk_rows):
@@ -159,14 +163,10 @@ def restore(table: DynamicTable, layers: list[list[RowsFile]], buckets: range,
 
     Raises:
         CheckpointError: the checkpoint's rows do not fit the table (dim, optimizer).
-        CheckpointCorruptError: a file is damaged; the table is unchanged (eager loads
-            check every block first; lazy ones check blocks as lookups read them).
+        CheckpointCorruptError: a file is damaged. An eager load leaves the table empty
+            (never half-loaded); a lazy one raises when a lookup reads the damaged block.
     """
     check_fits(table, layers)
-    if not lazy:  # check everything first, so a damaged file leaves the table as it was
-        for layer in layers:
-            for rows_file in layer:
-                rows_file.verify_buckets(buckets.start, buckets.stop)
     if table.tier is not None:
         table.tier.clear()  # rows written after the checkpoint are newer than its cut
     table._clear_memory()
@@ -175,5 +175,14 @@ def restore(table: DynamicTable, layers: list[list[RowsFile]], buckets: range,
     base.background_rows = background_rows if lazy else 0
     table.base = base
     if not lazy:
-        load_step(table, None, chunk_rows)
+        if table.tier is None:  # size memory once instead of growing it chunk by chunk
+            table.reserve(sum(int(np.diff(f.row_range(buckets.start, buckets.stop))[0])
+                              for layer in layers for f in layer))
+        try:
+            load_step(table, None, chunk_rows, into_empty=True)
+        except BaseException:  # a damaged block: never leave a half-loaded table
+            if table.tier is not None:
+                table.tier.clear()
+            table._clear_memory()
+            raise
     table.changes.reset(since)

@@ -101,3 +101,13 @@ def mix64(x):
     x *= np.uint64(0xC4CEB9FE1A85EC53)
     x ^= x >> np.uint64(33)
     return x
+
+
+BUCKET_SALT = np.uint64(0x5BD1E9955BD1E995)
+"""Makes the bucket hash unrelated to the index's probe positions."""
+
+
+@nb.njit(inline="always", cache=True)
+def bucket_mix(key):
+    """The bucket hash of one int64 id (:mod:`dynembed.keys.buckets`), a bijection."""
+    return mix64(np.uint64(key) ^ BUCKET_SALT)

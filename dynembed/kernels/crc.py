@@ -52,12 +52,23 @@ def crc32(buf, start, end, tables):
 
 
 @adaptive(lambda buf, block, tables: buf.shape[0] // 64)
-@nb.njit(parallel=True, cache=True)
+@nb.njit(parallel=True, cache=True, nogil=True)
 def block_crcs(buf, block, tables):
     """(ceil(len / block),) uint32 CRC of each ``block``-byte block of ``buf`` (uint8)."""
     n = (buf.shape[0] + block - 1) // block
     out = np.empty(n, dtype=np.uint32)
     for b in nb.prange(n):
+        out[b] = crc32(buf, b * block, min((b + 1) * block, buf.shape[0]), tables)
+    return out
+
+
+@nb.njit(cache=True, nogil=True)
+def block_crcs_serial(buf, block, tables):
+    """:func:`block_crcs` on the calling thread only (for a background reader that shares
+    the cores with the thread it feeds)."""
+    n = (buf.shape[0] + block - 1) // block
+    out = np.empty(n, dtype=np.uint32)
+    for b in range(n):
         out[b] = crc32(buf, b * block, min((b + 1) * block, buf.shape[0]), tables)
     return out
 
@@ -74,15 +85,21 @@ def verify_block(buf, block, crcs, verified, b, tables):
     return True
 
 
-@nb.njit(cache=True)
+@adaptive(lambda buf, block, crcs, verified, start, end, tables: (end - start) // 64)
+@nb.njit(parallel=True, cache=True, nogil=True)
 def verify_span(buf, block, crcs, verified, start, end, tables):
-    """Checks every block that bytes ``[start, end)`` of ``buf`` touch; returns the first
-    bad block, or -1."""
+    """Checks every block that bytes ``[start, end)`` of ``buf`` touch (in parallel);
+    returns the first bad block, or -1."""
     if end <= start:
         return -1
-    for b in range(start // block, (end - 1) // block + 1):
-        if not verify_block(buf, block, crcs, verified, b, tables):
-            return b
+    first, last = start // block, (end - 1) // block
+    bad = np.zeros(last - first + 1, dtype=np.uint8)
+    for i in nb.prange(last - first + 1):
+        if not verify_block(buf, block, crcs, verified, first + i, tables):
+            bad[i] = 1
+    for i in range(bad.shape[0]):
+        if bad[i]:
+            return first + i
     return -1
 
 
@@ -94,7 +111,7 @@ def verify_rows(buf, block, crcs, verified, positions, row_bytes, tables):
         if positions[i] < 0:
             continue
         start = positions[i] * row_bytes
-        bad = verify_span(buf, block, crcs, verified, start, start + row_bytes, tables)
-        if bad >= 0:
-            return bad
+        for b in range(start // block, (start + row_bytes - 1) // block + 1):
+            if not verify_block(buf, block, crcs, verified, b, tables):
+                return b
     return -1

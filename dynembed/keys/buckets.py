@@ -12,12 +12,12 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from dynembed.kernels._hashing import mix64
+from dynembed.kernels._hashing import BUCKET_SALT as _SALT
+from dynembed.kernels._hashing import bucket_mix as hash_of_id
 
 NUM_BUCKETS = 4096
 """Default number of key buckets of a checkpoint (a power of two)."""
 
-_SALT = np.uint64(0x5BD1E9955BD1E995)  # so bucket order is unrelated to the index's probes
 _C1_INV = np.uint64(0x4F74430C22A54005)  # inverses of mix64's multipliers mod 2**64
 _C2_INV = np.uint64(0x9CB4B2F8129337DB)
 
@@ -25,12 +25,6 @@ _C2_INV = np.uint64(0x9CB4B2F8129337DB)
 @nb.njit(inline="always", cache=True)
 def _unxorshift33(x):
     return x ^ (x >> np.uint64(33))  # 33 >= 64 / 2: one step inverts it
-
-
-@nb.njit(inline="always", cache=True)
-def hash_of_id(key):
-    """The bucket hash of one int64 id, as uint64 (for kernels)."""
-    return mix64(np.uint64(key) ^ _SALT)
 
 
 @nb.njit(cache=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dynembed.kernels.records import HEAD_WORDS, pack_records, unpack_records
 from dynembed.storage.rows import RowBlock
 from dynembed.table._memory import host_empty
 
@@ -116,6 +117,20 @@ class RowArena:
         meta = self.np("meta")
         meta[slots, COUNT] = rows.counts
         meta[slots, LAST_STEP] = rows.last_step
+
+    def pack(self, slots: np.ndarray) -> np.ndarray:
+        """(n, 4 + dim + state_width) uint32 records of the rows at ``slots`` (the layout of
+        :mod:`dynembed.kernels.records`)."""
+        out = np.empty((slots.shape[0], HEAD_WORDS + self.dim + self.state_width), np.uint32)
+        pack_records(self.np("weights").view(np.uint32), self.np("state").view(np.uint32),
+                     self.np("meta"), slots, out)
+        return out
+
+    def unpack(self, slots: np.ndarray, records: np.ndarray) -> None:
+        """Writes records (see :meth:`pack`) into the rows at ``slots``; ids are the
+        caller's business."""
+        unpack_records(records, slots, self.np("weights").view(np.uint32),
+                       self.np("state").view(np.uint32), self.np("meta"))
 
     def np(self, name: str) -> np.ndarray:
         """Zero-copy numpy view of a CPU tensor (or metadata column), for the kernels."""

@@ -86,6 +86,10 @@ class HashIndex:
         """((size,) ids, (size,) slots) of every entry."""
         return k.index_items(self.table, self.size)
 
+    def bucket_hashes(self) -> np.ndarray:
+        """(size,) uint64 bucket hashes of every id (see :mod:`dynembed.keys.buckets`)."""
+        return k.index_bucket_hashes(self.table, self.size)
+
     def clear(self) -> None:
         """Removes every entry (keeps the buckets)."""
         self.table[:, k.ROW] = EMPTY

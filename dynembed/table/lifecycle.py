@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from dynembed.errors import MemoryBudgetError
+from dynembed.kernels.records import columns_of
 from dynembed.storage.rows import RowBlock
 from dynembed.table.arena import COUNT, ID, LAST_STEP
 from dynembed.table.eviction import FREE_STEP
@@ -47,7 +48,7 @@ class RowLifecycle:
             self.arena.np("state")[new_slots] = self._initial_state
         meta[new_slots, COUNT] = 0
         meta[new_slots, LAST_STEP] = self.step
-        self.changes.mark(slots[new_mask])
+        self.changes.mark(new_slots)  # rows filled by the caller equal the checkpoint
         if self.tier is not None:
             self.tier.mark(slots[new_mask])
         return new_mask
@@ -199,43 +200,51 @@ class RowLifecycle:
         rows = RowBlock.concat(blocks, self.dim, self.arena.state_width).take(inverse)
         return found, rows, inverse < from_store.shape[0]
 
-    def adopt_rows(self, rows: RowBlock) -> int:
+    def adopt_records(self, ids: np.ndarray, records: np.ndarray, *,
+                      absent: bool = False) -> int:
         """Takes rows of the lazily opened checkpoint into the table: into the store if there
         is one, else into memory while the budget has room (never evicting). Ids that have a
         row in memory or the store already (newer) are skipped.
 
         Args:
-            rows: rows in the checkpoint's order.
+            ids: (n,) int64 distinct ids, in the checkpoint's order.
+            records: (n, 4 + dim + state_width) uint32 packed rows
+                (:mod:`dynembed.kernels.records`).
+            absent: the caller knows no id has a row yet (skips looking them up).
 
         Returns:
-            How many leading rows of ``rows`` were handled; fewer than given only when memory
-            is full.
+            How many leading rows were handled; fewer than given only when memory is full.
 
         Raises:
             StoreError: writing to the store failed; nothing was taken.
         """
-        slots = self.index.find(rows.ids)
-        fresh = slots == EMPTY
+        fresh = (np.ones(ids.shape[0], dtype=bool) if absent
+                 else self.index.find(ids) == EMPTY)
         if self.tier is not None:
             idx = np.flatnonzero(fresh)
             if idx.shape[0]:
-                fresh[idx[self.tier.get(rows.ids[idx])[0]]] = False
+                fresh[idx[self.tier.get(ids[idx])[0]]] = False
             if fresh.any():
-                self.tier.put(rows.take(fresh))
-            return len(rows)
-        handled = len(rows)
+                counts, last, weights, state = columns_of(records[fresh], self.dim)
+                self.tier.put(RowBlock(ids[fresh], weights, state, counts, last))
+            return ids.shape[0]
+        handled = ids.shape[0]
         if self.max_rows is not None:
             room = max(0, self.max_rows - self.size())
-            if int(np.count_nonzero(fresh)) > room:
-                handled = int(np.flatnonzero(fresh)[room]) if room else int(
-                    np.flatnonzero(fresh)[0])
+            where = np.flatnonzero(fresh)
+            if where.shape[0] > room:
+                handled = int(where[room])
                 fresh[handled:] = False
-        take = np.flatnonzero(fresh)
-        if take.shape[0]:
-            new_slots = np.full(take.shape[0], EMPTY, dtype=np.int64)
-            self._allocate(rows.ids[take], new_slots, take.shape[0], skip_init=take.shape[0])
-            self.arena.write_rows(new_slots, rows.take(take))
-            self.changes.clean(new_slots)
+        if fresh.all():
+            take, fresh_ids, fresh_records = None, ids, records
+        else:
+            take = np.flatnonzero(fresh)
+            fresh_ids, fresh_records = ids[take], records[take]
+        if fresh_ids.shape[0]:
+            new_slots = np.full(fresh_ids.shape[0], EMPTY, dtype=np.int64)
+            self._allocate(fresh_ids, new_slots, fresh_ids.shape[0],
+                           skip_init=fresh_ids.shape[0])
+            self.arena.unpack(new_slots, fresh_records)
         return handled
 
     def _write_loaded(self, slots: np.ndarray, rows, from_store: np.ndarray) -> None:
@@ -243,7 +252,6 @@ class RowLifecycle:
         the checkpoint (changes since are tracked by id); rows from the store are clean
         for the store, rows from the checkpoint must reach it when evicted."""
         self.arena.write_rows(slots, rows)
-        self.changes.clean(slots)
         if self.tier is not None:
             self.tier.forget(slots[from_store])
 

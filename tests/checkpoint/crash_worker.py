@@ -36,12 +36,12 @@ def main() -> None:
         step += 1
         train(table, batches(2, 20_000, size=3000, seed=step), seed=step)
         if mode == "hang" and step == 2:
-            def slow_append(self, rows, original=rows_file.RowsFileWriter.append):
-                original(self, rows)
+            def slow_append(self, ids, records, original=rows_file.RowsFileWriter.append_records):
+                original(self, ids, records)
                 (directory / "saving").touch()
                 time.sleep(60)
 
-            rows_file.RowsFileWriter.append = slow_append
+            rows_file.RowsFileWriter.append_records = slow_append
         manager.save(step, tables={"t": table}, extra={"step": step})
         print(f"committed {step}", flush=True)
 

@@ -40,8 +40,12 @@ def test_damaged_files_raise_checkpoint_corrupt_error_naming_the_file(checkpoint
     before = table.export()
     with pytest.raises(de.CheckpointCorruptError, match=target.name):
         de.checkpoint.load(checkpoint, torch.nn.Linear(3, 1), tables={"t": table})
-    after = table.export()  # everything is checked before the table changes
-    assert torch.equal(before.ids, after.ids) and torch.equal(before.weights, after.weights)
+    after = table.export()
+    if which == "rows" and damage == "flip":  # found while loading: emptied, not half-loaded
+        assert after.ids.shape[0] == 0
+    else:  # sizes and the small files are checked before the table changes
+        assert torch.equal(before.ids, after.ids) and torch.equal(before.weights,
+                                                                   after.weights)
 
 
 def test_a_missing_file_is_named(checkpoint):

@@ -29,8 +29,8 @@ def test_lookups_fault_in_only_the_rows_they_use(saved):
     train(lazy, [ids])
     assert len(lazy) == 50
     files = lazy.base.files
-    checked = sum(int(f._verified["weights"].sum()) for f in files)
-    total = sum(f._verified["weights"].shape[0] for f in files)
+    checked = sum(int(f._verified["records"].sum()) for f in files)
+    total = sum(f._verified["records"].shape[0] for f in files)
     assert checked < total / 4  # only the blocks of those rows were read and checked
 
 
@@ -93,12 +93,12 @@ def test_damaged_rows_raise_when_a_lookup_reads_them(saved, tmp_path):
     rows_file = next(path.glob("tables/t/*.rows"))
     layout = RowsFile(str(rows_file)).layout
     data = bytearray(rows_file.read_bytes())
-    data[layout.offsets["weights"][0] + 100] ^= 0xFF
+    data[layout.offsets["records"][0] + 100] ^= 0xFF
     rows_file.write_bytes(bytes(data))
     lazy = make_table()
     de.checkpoint.load(path, tables={"t": lazy}, lazy=True)  # opening reads no rows
     first = RowsFile(str(rows_file)).ids[:1]
-    with pytest.raises(de.CheckpointCorruptError, match="weights: block 0"):
+    with pytest.raises(de.CheckpointCorruptError, match="records: block 0"):
         lazy.find(first)
-    with pytest.raises(de.CheckpointCorruptError, match="weights"):
+    with pytest.raises(de.CheckpointCorruptError, match="records"):
         de.checkpoint.load(path, tables={"t": make_table()})  # an eager load reads all

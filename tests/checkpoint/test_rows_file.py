@@ -100,10 +100,10 @@ def test_truncated_files_are_refused_at_open(good_file, tmp_path, cut):
         RowsFile(str(bad))
 
 
-@pytest.mark.parametrize("section", ["ids", "weights", "state", "counts", "last_step",
-                                     "deleted", "row_offsets", "crcs", "header"])
+@pytest.mark.parametrize("section", ["ids", "records", "deleted", "row_offsets", "crcs",
+                                     "header"])
 def test_a_flipped_bit_anywhere_is_detected_before_use(good_file, tmp_path, section):
-    path, _ = good_file
+    path, rows = good_file
     layout = RowsFile(str(path)).layout
     data = bytearray(path.read_bytes())
     offset = 20 if section == "header" else layout.offsets[section][0] + \
@@ -112,9 +112,12 @@ def test_a_flipped_bit_anywhere_is_detected_before_use(good_file, tmp_path, sect
     bad = tmp_path / "bad.rows"
     bad.write_bytes(bytes(data))
     with pytest.raises(CheckpointCorruptError, match=r"bad\.rows"):
-        f = RowsFile(str(bad))  # header, offsets and checksums are checked here
+        f = RowsFile(str(bad))  # header and checksums are checked here, the rest when read
         f.verify()
-    if section in ("ids", "weights", "state", "counts", "last_step", "deleted"):
+    if section == "row_offsets":
+        with pytest.raises(CheckpointCorruptError, match="row_offsets"):
+            RowsFile(str(bad)).find(rows.ids)  # at open, or when lookups read them
+    if section in ("ids", "records", "deleted"):
         f = RowsFile(str(bad))
         with pytest.raises(CheckpointCorruptError, match=section):
             if section == "deleted":
@@ -128,13 +131,13 @@ def test_lookups_check_the_blocks_they_read(good_file, tmp_path):
     layout = RowsFile(str(path)).layout
     data = bytearray(path.read_bytes())
     position = len(rows) // 2
-    data[layout.offsets["weights"][0] + position * 32] ^= 1
+    data[layout.offsets["records"][0] + position * 4 * layout.record_words + 20] ^= 1
     bad = tmp_path / "bad.rows"
     bad.write_bytes(bytes(data))
     f = RowsFile(str(bad))
     far = np.array([0, len(rows) - 1])
     f.take(f.find(rows.ids[far]))  # other blocks still read fine
-    with pytest.raises(CheckpointCorruptError, match="weights"):
+    with pytest.raises(CheckpointCorruptError, match="records"):
         f.take(f.find(rows.ids[[position]]))
 
 
@@ -160,3 +163,20 @@ def test_unknown_versions_are_refused_with_the_version(good_file, tmp_path):
     (tmp_path / "v.rows").write_bytes(bytes(data))
     with pytest.raises(CheckpointCorruptError, match="version 2 is not supported"):
         RowsFile(str(tmp_path / "v.rows"))
+
+
+def test_big_files_index_rows_finely_and_damaged_offsets_fail_the_lookups_reading_them(
+        tmp_path):
+    rows = random_rows(300_000, 2, 0)
+    write(tmp_path / "big.rows", rows, chunk=50_000)
+    f = RowsFile(str(tmp_path / "big.rows"))
+    assert f.layout.slots >= len(rows) // 256  # about one index slot per 256 rows
+    np.testing.assert_array_equal(f.find(rows.ids[::101]), np.arange(0, len(rows), 101))
+    data = bytearray((tmp_path / "big.rows").read_bytes())
+    middle = f.layout.offsets["row_offsets"][0] + f.layout.offsets["row_offsets"][1] // 2
+    data[middle] ^= 0x01
+    (tmp_path / "bad.rows").write_bytes(bytes(data))
+    bad = RowsFile(str(tmp_path / "bad.rows"))  # opening reads only the ends
+    bad.find(rows.ids[:1])
+    with pytest.raises(CheckpointCorruptError, match="row_offsets: block"):
+        bad.find(rows.ids)
