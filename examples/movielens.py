@@ -2,6 +2,7 @@
 
     python -m examples.movielens                          # whole data set, 3 epochs
     python -m examples.movielens --max-rows 20000 --epochs 1
+    python -m examples.movielens --resume                 # continue from the last checkpoint
 
 The task: given a (user, movie) pair, predict whether the user rated the movie
 4 or 5 stars ("liked it"). The model is the usual recommender recipe: one
@@ -31,6 +32,13 @@ Memory is bounded: each table keeps at most ``--rows-in-memory`` rows in RAM
 over an embedded RocksDB directory (``--store-dir``, one per table). Rows that
 leave memory (least recently used first) are written to RocksDB and read back
 when their key returns, so the model trains exactly as with unbounded tables.
+
+The job checkpoints itself (``--checkpoint-dir``) every ``--checkpoint-every`` steps and at
+the end of each epoch: the tables (a full checkpoint, then deltas of the rows that changed),
+the MLP, Adam's state and the data position. ``--resume`` restores the latest checkpoint,
+lazily (rows are read from it as keys come back), and continues exactly where it stopped:
+a run interrupted at any step and resumed ends with the same model as one that never
+stopped. ``dynembed inspect runs/movielens/checkpoints`` shows what they hold.
 """
 
 from __future__ import annotations
@@ -117,10 +125,12 @@ class Batches:
                 features[name] = col.tolist()  # strings, or bags as lists of strings
         return features, self.labels[idx]
 
-    def __call__(self, batch_size: int, rng: np.random.Generator | None = None):
-        """Yield (features, labels) batches, shuffled when rng is given."""
+    def __call__(self, batch_size: int, rng: np.random.Generator | None = None,
+                 skip: int = 0):
+        """Yield (features, labels) batches, shuffled when rng is given, after the first
+        ``skip`` batches (a resumed epoch)."""
         order = rng.permutation(self.n) if rng is not None else np.arange(self.n)
-        for start in range(0, self.n, batch_size):
+        for start in range(skip * batch_size, self.n, batch_size):
             yield self.batch(order[start:start + batch_size])
 
 
@@ -250,6 +260,14 @@ def parse_args(argv):
                    help="rows each table keeps in RAM; the rest live in RocksDB")
     p.add_argument("--in-memory", action="store_true",
                    help="no storage tier: unbounded tables in RAM only")
+    p.add_argument("--checkpoint-dir", default="runs/movielens/checkpoints",
+                   help="where checkpoints go (emptied at the start of a run without --resume)")
+    p.add_argument("--checkpoint-every", type=int, default=100,
+                   help="training steps between checkpoints (also one at each epoch's end)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in --checkpoint-dir")
+    p.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
+                   help="stop after this many training steps (an interrupted job; --resume it)")
     p.add_argument("--cache-dir", default=None, help="data cache (default: $DYNEMBED_CACHE or ~/.cache/dynembed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars, only per-epoch lines")
     return p.parse_args(argv)
@@ -271,35 +289,89 @@ def main(argv: list[str] | None = None) -> dict:
           f"({args.split} split), {train_df['label'].mean():.1%} liked in train")
 
     store_dir = None if args.in_memory else Path(args.store_dir)
+    checkpoints = Path(args.checkpoint_dir)
+    if not args.resume:  # a fresh run starts from empty tables and no checkpoints
+        for folder in (store_dir, checkpoints):
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
     if store_dir is not None:
-        shutil.rmtree(store_dir, ignore_errors=True)  # a fresh run starts from empty tables
-        store_dir.mkdir(parents=True)
+        store_dir.mkdir(parents=True, exist_ok=True)
     model = LikeModel(dim=args.dim, emb_lr=args.emb_lr, store_dir=store_dir,
                       rows_in_memory=None if args.in_memory else args.rows_in_memory)
     # Adam sees only the dense MLP; the tables update themselves in backward().
     dense_opt = torch.optim.Adam(model.mlp.parameters(), lr=args.lr)
     loss_fn = nn.BCEWithLogitsLoss()
 
+    # Checkpoints: the first one full, then deltas; the latest 3 are kept.
+    manager = de.checkpoint.CheckpointManager(checkpoints, every_steps=args.checkpoint_every,
+                                              keep_last=3)
+    # The data position: the epoch, the batches done in it, and the shuffling RNG's state
+    # at the epoch's start (the epoch's order is drawn again from it on resume).
+    position = {"step": 0, "epoch": 1, "batch": 0, "rng": rng.bit_generator.state,
+                "history": [], "loss_sum": 0.0, "seen": 0}
+    if args.resume:
+        restored = manager.restore(model, dense_opt, lazy=True)
+        if restored is None:
+            print(f"no checkpoint in {checkpoints}: starting from scratch")
+        else:
+            position.update(restored)
+            print(f"resumed from {manager.latest()} at step {position['step']:,} "
+                  f"(epoch {position['epoch']}, batch {position['batch']})")
+
+    def save(force: bool = False) -> None:
+        extra = {**position, "history": position["history"]}
+        if force:
+            manager.save(position["step"], model, dense_opt, extra=extra)
+        else:
+            manager.maybe_save(position["step"], model, dense_opt, extra=extra)
+
     y_test = test_df["label"].to_numpy()
-    history = []
-    for epoch in range(1, args.epochs + 1):
-        total, seen = 0.0, 0
-        bar = tqdm(train(args.batch_size, rng), total=-(-train.n // args.batch_size),
+    history = position["history"]
+    stopped, unseen = False, None
+    for epoch in range(position["epoch"], args.epochs + 1):
+        if epoch != position["epoch"]:  # a new epoch: its order is drawn now
+            position.update(epoch=epoch, batch=0, rng=rng.bit_generator.state, loss_sum=0.0,
+                            seen=0)
+        rng.bit_generator.state = position["rng"]
+        bar = tqdm(train(args.batch_size, rng, skip=position["batch"]),
+                   total=-(-train.n // args.batch_size), initial=position["batch"],
                    desc=f"epoch {epoch}", leave=False, disable=args.no_progress)
         for features, labels in bar:
             loss = loss_fn(model(features), labels)
             dense_opt.zero_grad()
             loss.backward()  # also applies the Adagrad step to the touched embedding rows
             dense_opt.step()
-            total += loss.item() * len(labels)
-            seen += len(labels)
-            bar.set_postfix(loss=f"{total / seen:.4f}", refresh=False)
+            position["loss_sum"] += loss.item() * len(labels)
+            position["seen"] += len(labels)
+            position["step"] += 1
+            position["batch"] += 1
+            bar.set_postfix(loss=f"{position['loss_sum'] / position['seen']:.4f}",
+                            refresh=False)
+            save()
+            if args.stop_after is not None and position["step"] >= args.stop_after:
+                stopped = True
+                break
+        if stopped:
+            break
+        total, seen = position["loss_sum"], position["seen"]
         probs, unseen = predict(model, test)
         history.append({"epoch": epoch, "train_loss": total / seen,
                         "test_auc": roc_auc(y_test, probs), "test_logloss": log_loss(y_test, probs)})
         print(f"epoch {epoch}/{args.epochs}: train loss {total / seen:.4f}, "
               f"test AUC {history[-1]['test_auc']:.4f}, test log loss {history[-1]['test_logloss']:.4f}")
+        position.update(epoch=epoch + 1, batch=0, rng=rng.bit_generator.state, loss_sum=0.0,
+                        seen=0)
+        if manager.latest() is None or manager.latest().name != f"step-{position['step']:010d}":
+            save(force=True)  # the end of an epoch is always a checkpoint
+    if stopped:
+        print(f"stopped after step {position['step']:,} as asked (--stop-after); the latest "
+              f"checkpoint is {manager.latest()}: continue with --resume")
+        for table in model.embeddings.tables.values():
+            table.close()
+        return {"stopped_at": position["step"], "latest_checkpoint": manager.latest()}
 
+    if unseen is None:  # resumed after the last epoch: nothing left to train
+        _, unseen = predict(model, test)
     # Result against the trivial baselines, then what the tables hold.
     base = baselines(train_df, test_df)
     final = history[-1]
@@ -328,6 +400,12 @@ def main(argv: list[str] | None = None) -> dict:
     for table in tables.values():
         table.close()
 
+    latest = manager.latest()
+    plot = de.checkpoint.plot_history(checkpoints, checkpoints / "rows.png")
+    print(f"\nCheckpoints in {checkpoints}/ (latest {latest.name}, "
+          f"{de.checkpoint.describe(latest, top=0)['kind']}); rows per table over them: {plot}")
+    print(f"  dynembed inspect {checkpoints}    # what they hold")
+
     return {
         "test_auc": final["test_auc"],
         "test_logloss": final["test_logloss"],
@@ -337,6 +415,7 @@ def main(argv: list[str] | None = None) -> dict:
         "unseen_in_test": unseen,
         "n_train": len(train_df),
         "n_test": len(test_df),
+        "latest_checkpoint": latest,
     }
 
 

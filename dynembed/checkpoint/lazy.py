@@ -47,6 +47,10 @@ class LazyRows:
         self.background_rows = 0
         """Rows loaded by each training lookup in the background (0: none)."""
 
+    def load_all(self, table) -> None:
+        """Loads every row not read yet into ``table`` (into its store if it has one)."""
+        load_step(table, None)
+
     def advance(self, table) -> None:
         """One step of the background load, run by the table at a training lookup."""
         if load_step(table, self.background_rows) is False and self.carry is not None \

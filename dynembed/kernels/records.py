@@ -15,7 +15,6 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-
 HEAD_WORDS = 4
 _LO = np.uint64(0xFFFFFFFF)
 

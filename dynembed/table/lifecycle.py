@@ -337,7 +337,8 @@ class RowLifecycle:
 
     def flush(self) -> int:
         """Writes every row changed since it was last written to the store and makes the
-        store durable, so the store alone holds the whole table.
+        store durable, so the store alone holds the whole table (rows of a lazily opened
+        checkpoint not read yet are moved into the store first).
 
         Returns:
             Rows written (0 without a store).
@@ -347,6 +348,8 @@ class RowLifecycle:
         """
         if self.tier is None:
             return 0
+        if self.base is not None:
+            self.base.load_all(self)
         written = self.tier.write(self.tier.dirty_slots(), only_dirty=False)
         self.counters.store_writes += written
         self.tier.flush()

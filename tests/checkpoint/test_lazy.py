@@ -102,3 +102,17 @@ def test_damaged_rows_raise_when_a_lookup_reads_them(saved, tmp_path):
         lazy.find(first)
     with pytest.raises(de.CheckpointCorruptError, match="records"):
         de.checkpoint.load(path, tables={"t": make_table()})  # an eager load reads all
+
+
+def test_flush_moves_the_unread_checkpoint_rows_into_the_store(saved, tmp_path):
+    from dynembed.storage import RocksDBStore
+
+    path, table = saved
+    tiered = make_table(store=RocksDBStore(str(tmp_path / "store")), max_rows=100)
+    de.checkpoint.load(path, tables={"t": tiered}, lazy=True)
+    train(tiered, batches(2, 20_000, size=50, seed=3))
+    tiered.flush()  # the store alone now holds the whole table
+    assert tiered.base is None
+    assert tiered.tier.store.size() == len(tiered.export().ids)
+    assert tiered.tier.store.size() >= len(table)
+    tiered.close()

@@ -32,9 +32,11 @@ def test_movielens_beats_baselines(movielens_available, capsys, tmp_path):
 
     args = ["--max-rows", "20000", "--epochs", "1", "--seed", "0", "--no-progress"]
     result = movielens.main(args + ["--store-dir", str(tmp_path / "tables"),
-                                    "--rows-in-memory", "600"])
+                                    "--rows-in-memory", "600",
+                                    "--checkpoint-dir", str(tmp_path / "ckpt")])
     # Bounded tables over RocksDB train exactly like unbounded in-memory tables.
-    in_memory = movielens.main(args + ["--in-memory"])
+    in_memory = movielens.main(args + ["--in-memory", "--checkpoint-dir",
+                                       str(tmp_path / "ckpt-memory")])
     assert result["test_auc"] == in_memory["test_auc"]
     assert result["test_logloss"] == in_memory["test_logloss"]
     assert result["table_rows"] == in_memory["table_rows"]
@@ -57,3 +59,25 @@ def test_movielens_beats_baselines(movielens_available, capsys, tmp_path):
 
     out = capsys.readouterr().out
     assert "epoch 1/1" in out and "dynembed model" in out
+
+
+def test_an_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(movielens_available,
+                                                                       tmp_path):
+    from examples import movielens
+
+    def run(name, *more):
+        return movielens.main(["--max-rows", "10000", "--epochs", "2", "--seed", "1",
+                               "--no-progress", "--rows-in-memory", "600",
+                               "--checkpoint-every", "7",
+                               "--store-dir", str(tmp_path / name / "tables"),
+                               "--checkpoint-dir", str(tmp_path / name / "ckpt"), *more])
+
+    straight = run("straight")
+    assert run("cut", "--stop-after", "20")["stopped_at"] == 20  # step 14 is the latest
+    assert run("cut", "--resume", "--stop-after", "40")["stopped_at"] == 40  # epoch 2 now
+    resumed = run("cut", "--resume")
+    assert resumed["test_auc"] == straight["test_auc"]
+    assert resumed["test_logloss"] == straight["test_logloss"]
+    assert resumed["table_rows"] == straight["table_rows"]
+    assert resumed["history"] == straight["history"]
+    assert (tmp_path / "cut" / "ckpt" / "rows.png").read_bytes()[:4] == b"\x89PNG"
