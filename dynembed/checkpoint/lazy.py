@@ -11,6 +11,7 @@ order, a bounded chunk at a time (full loads, compaction, full saves).
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,6 +24,9 @@ from dynembed.storage.rows import RowBlock
 from dynembed.table.index import EMPTY, HashIndex
 
 DEFAULT_CHUNK_ROWS = 1 << 16
+READERS = 1
+"""Chunks read ahead by :meth:`LazyRows.chunks` (two readers on 2 cores starve the
+consumer: measured slower)."""
 
 
 class LazyRows:
@@ -126,15 +130,13 @@ class LazyRows:
         order, about ``chunk_rows`` rows at a time (whole buckets), as ``(ids, records)``
         (see :mod:`dynembed.kernels.records`)."""
         steps = list(self._steps(chunk_rows))
-        if not steps:
-            return
         # the next chunk is read (I/O and checksums, without the GIL) while this one is used
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dynembed-read") as pool:
-            ahead = pool.submit(self._merge, *steps[0])
+        with ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="dynembed-read") as pool:
+            ahead = deque(pool.submit(self._merge, *step) for step in steps[:READERS])
             for i in range(len(steps)):
-                ids, records = ahead.result()
-                if i + 1 < len(steps):
-                    ahead = pool.submit(self._merge, *steps[i + 1])
+                ids, records = ahead.popleft().result()
+                if i + READERS < len(steps):
+                    ahead.append(pool.submit(self._merge, *steps[i + READERS]))
                 if ids.shape[0] and self._hidden.size:  # here: hide() may run meanwhile
                     keep = ~self.hidden(ids)
                     ids, records = ids[keep], records[keep]

