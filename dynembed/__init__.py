@@ -76,6 +76,7 @@ __all__ = [
     "TableError",
     "TableStats",
     "__version__",
+    "checkpoint",
     "get_num_threads",
     "hash_bytes",
     "hash_strings",

@@ -165,7 +165,8 @@ def save(path: str | os.PathLike, model: nn.Module | None = None,
         shutil.rmtree(staging)  # a crashed earlier attempt
     (staging / "parts").mkdir(parents=True, exist_ok=True)
     checkpoint_id = _shared_id(staging)
-    part = {"tables": {}, "files": {}}
+    part = {"tables": {}, "files": {}, "id": checkpoint_id, "num_buckets": num_buckets,
+            "parent": parent_manifest["id"] if parent_manifest else None}
     for name, table in found.items():
         folder = staging / "tables" / name
         folder.mkdir(parents=True, exist_ok=True)
@@ -174,7 +175,9 @@ def save(path: str | os.PathLike, model: nn.Module | None = None,
         if parent_chain is not None:
             parent_rows = _lazy_rows(parent_chain, name, range(num_buckets), table, strict=True)
         written = write_shard(table, staging / rows_name, num_buckets=num_buckets,
-                              parent=parent_rows, chunk_rows=chunk_rows)
+                              parent=parent_rows,
+                              buckets=rank_buckets(rank, world_size, num_buckets),
+                              chunk_rows=chunk_rows)
         aux_name = f"tables/{name}/rank-{rank:05d}.aux.pt"
         torch.save(table.aux_state(), staging / aux_name)
         part["files"][rows_name] = {"bytes": written.bytes}
@@ -183,6 +186,7 @@ def save(path: str | os.PathLike, model: nn.Module | None = None,
         part["tables"][name] = {
             "dim": table.dim, "state_width": table.arena.state_width,
             "optimizer": repr(table.optimizer), "key_log": table.key_log is not None,
+            "hash_seed": table.config.hash_seed,
             "shard": {"rank": rank, "rows_file": rows_name, "aux": aux_name,
                       "rows": written.rows, "deleted": written.deleted,
                       "live_change": written.live_change}}
@@ -202,6 +206,7 @@ def save(path: str | os.PathLike, model: nn.Module | None = None,
             if file.endswith(".aux.pt"):
                 with open(Path(folder) / file, "rb+") as f:
                     os.fsync(f.fileno())
+        mf.fsync_dir(Path(folder))  # the new entries of each directory too
     if DENSE in part["files"]:
         with open(staging / DENSE, "rb+") as f:
             os.fsync(f.fileno())
@@ -226,8 +231,16 @@ def _commit(staging: Path, target: Path, info: dict) -> Path | None:
     except FileExistsError:
         return None
     tables, files, dense = {}, {}, None
+    expected = (info["id"], info["num_buckets"],
+                info["parent"]["id"] if info["parent"] else None)
     for p in parts:
         part = json.loads(p.read_text())
+        if (part["id"], part["num_buckets"], part["parent"]) != expected:
+            raise CheckpointError(
+                f"{p}: this rank wrote checkpoint {part['id']} ({part['num_buckets']} buckets, "
+                f"parent {part['parent']}) but another wrote {expected[0]} ({expected[1]} "
+                f"buckets, parent {expected[2]}); all ranks must save the same checkpoint "
+                "(the same step, and full or delta alike)")
         files.update(part["files"])
         dense = part.get("dense", dense)
         for name, t in part["tables"].items():
@@ -238,6 +251,11 @@ def _commit(staging: Path, target: Path, info: dict) -> Path | None:
                                       f"{entry['dim']}/{entry['state_width']} on one rank and "
                                       f"{t['dim']}/{t['state_width']} on another")
             entry["shards"].append(t["shard"])
+    for name, entry in tables.items():
+        ranks = sorted(s["rank"] for s in entry["shards"])
+        if ranks != list(range(world_size)):
+            raise CheckpointError(f"table {name!r} was saved by ranks {ranks} of "
+                                  f"{world_size}; every rank must save every sharded table")
     parent = info["parent"]
     for name, entry in tables.items():
         change = sum(s["live_change"] for s in entry["shards"])
@@ -323,13 +341,14 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
                                   "does not; pass strict=False to ignore them")
     buckets = rank_buckets(rank, world_size, manifest["num_buckets"])
     plans = []
-    for name, table in found.items():  # open and check everything before changing anything
+    for name, table in found.items():  # open and check the tables before changing anything
         entry = manifest["tables"].get(name)
         if entry is None:
             if strict:
                 raise CheckpointError(f"checkpoint {folder} has no table {name!r}; it has "
                                       f"{sorted(manifest['tables'])}")
             continue
+        _check_config(name, table, entry, folder)
         shards = sorted(entry["shards"], key=lambda s: s["rank"])
         writer = int(rank_of_bucket([buckets.start], manifest["world_size"],
                                     manifest["num_buckets"])[0]) if len(buckets) else 0
@@ -339,19 +358,34 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
         layers = _lazy_rows(chain, name, buckets, table, strict=True).layers
         check_fits(table, layers)
         plans.append((table, layers, auxes[own], others))
+    extra = None
+    if manifest.get("dense") is not None:  # first: a model that does not fit changes nothing
+        dense = torch.load(folder / manifest["dense"], weights_only=True)
+        if model is not None and dense["model"] is not None:
+            with without_tables():
+                model.load_state_dict(dense["model"], strict=strict)
+        if optimizer is not None:
+            if dense["optimizer"] is None:
+                if strict:
+                    raise CheckpointError(f"checkpoint {folder} holds no optimizer state")
+            else:
+                optimizer.load_state_dict(dense["optimizer"])
+        extra = dense["extra"]
     for table, layers, aux, others in plans:
         restore(table, layers, buckets, aux, others, since=manifest["id"], lazy=lazy,
                 background_rows=background_rows, chunk_rows=chunk_rows)
-    if manifest.get("dense") is None:
-        return None
-    dense = torch.load(folder / manifest["dense"], weights_only=True)
-    if model is not None and dense["model"] is not None:
-        with without_tables():
-            model.load_state_dict(dense["model"], strict=strict)
-    if optimizer is not None:
-        if dense["optimizer"] is None:
-            if strict:
-                raise CheckpointError(f"checkpoint {folder} holds no optimizer state")
-        else:
-            optimizer.load_state_dict(dense["optimizer"])
-    return dense["extra"]
+    return extra
+
+
+def _check_config(name: str, table: DynamicTable, entry: dict, folder: Path) -> None:
+    """Raises CheckpointError if the table's optimizer or string hashing differ from the
+    saved table's (rows of the same width would load but mean something else)."""
+    saved = entry["optimizer"].split("(")[0]
+    ours = type(table.optimizer).__name__ if table.optimizer is not None else "None"
+    if saved != ours:
+        raise CheckpointError(f"table {name!r} of checkpoint {folder} was trained with "
+                              f"{saved} but this table has {ours}; use the same optimizer")
+    if entry.get("hash_seed", table.config.hash_seed) != table.config.hash_seed:
+        raise CheckpointError(f"table {name!r} of checkpoint {folder} hashed strings with "
+                              f"hash_seed={entry['hash_seed']} but this table uses "
+                              f"{table.config.hash_seed}; every key would miss")

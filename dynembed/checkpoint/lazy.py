@@ -19,7 +19,7 @@ import numpy as np
 
 from dynembed.checkpoint.rows_file import RowsFile
 from dynembed.kernels.records import HEAD_WORDS, columns_of
-from dynembed.keys.buckets import bucket_hash
+from dynembed.keys.buckets import bucket_hash, bucket_of_hash
 from dynembed.storage.rows import RowBlock
 from dynembed.table.index import EMPTY, HashIndex
 
@@ -43,6 +43,9 @@ class LazyRows:
         self.layers = layers
         self.buckets = buckets
         self.dim, self.width = dim, width
+        files = self.files
+        self.num_buckets = files[0].num_buckets if files else 0
+        self._partial = bool(files) and len(buckets) < self.num_buckets
         self._hidden = HashIndex()
         self._hidden_rows = 0
         self.pending: Iterator[RowBlock] | None = None
@@ -61,6 +64,11 @@ class LazyRows:
                 and table.tier is None and table.max_rows is not None \
                 and table.size() >= table.max_rows:
             self.background_rows = 0  # memory is full: lookups fault the rest in
+
+    def _owns(self, ids: np.ndarray) -> np.ndarray:
+        """(n,) bool, whether each id's bucket is one of this table's."""
+        buckets = bucket_of_hash(bucket_hash(ids), self.num_buckets)
+        return (buckets >= self.buckets.start) & (buckets < self.buckets.stop)
 
     @property
     def files(self) -> list[RowsFile]:
@@ -93,13 +101,15 @@ class LazyRows:
         n = ids.shape[0]
         found = np.zeros(n, dtype=bool)
         open_ = ~self.hidden(ids) if self._hidden.size else np.ones(n, dtype=bool)
+        if self._partial:  # another rank's keys are not this table's
+            open_ &= self._owns(ids)
         where, parts = [], []
         for layer in self.layers:
-            idx = np.flatnonzero(open_)
-            if idx.shape[0] == 0:
-                break
-            query = ids[idx]
-            for rows_file in layer:
+            for rows_file in layer:  # each id is settled by the first file that has it
+                idx = np.flatnonzero(open_)
+                if idx.shape[0] == 0:
+                    break
+                query = ids[idx]
                 pos = rows_file.find(query)
                 hit = pos >= 0
                 if hit.any():
@@ -219,26 +229,25 @@ def load_step(table, rows: int | None = None, chunk_rows: int = DEFAULT_CHUNK_RO
         base.carry = None
     budget = float("inf") if rows is None else rows
     while budget > 0:
-        chunk = base.carry
-        if chunk is None:
-            chunk = next(base.pending, None)
-            if chunk is None:
+        if base.carry is None:
+            try:
+                base.carry = next(base.pending, None)
+            except BaseException:  # a damaged block: start over next time, lose nothing
+                base.pending = None
+                raise
+            if base.carry is None:
                 base.close()
                 table.base = None
                 return True
-        ids, records = chunk
-        if ids.shape[0] > budget:
-            cut = int(budget)
-            base.carry = (ids[cut:], records[cut:])
-            ids, records = ids[:cut], records[:cut]
-        else:
-            base.carry = None
-        handled = table.adopt_records(ids, records, absent=into_empty)
+        ids, records = base.carry
+        if base._hidden.size:  # erased or discarded since the chunk was read
+            keep = ~base.hidden(ids)
+            ids, records = ids[keep], records[keep]
+        cut = int(min(budget, ids.shape[0]))
+        handled = table.adopt_records(ids[:cut], records[:cut], absent=into_empty)
+        # the chunk leaves the carry only once adopted: a failing store loses nothing
+        base.carry = (ids[handled:], records[handled:]) if handled < ids.shape[0] else None
         budget -= handled
-        if handled < ids.shape[0]:  # memory is full: keep the rest for lookups to fault in
-            rest = (ids[handled:], records[handled:])
-            base.carry = rest if base.carry is None else (
-                np.concatenate([rest[0], base.carry[0]]),
-                np.concatenate([rest[1], base.carry[1]]))
+        if handled < cut:  # memory is full: the rest stays for lookups to fault in
             return False
     return False

@@ -23,7 +23,11 @@ from torch import nn
 from dynembed.checkpoint import manifest as mf
 from dynembed.checkpoint.api import _gather_tables, load, save
 from dynembed.checkpoint.compact import compact
-from dynembed.errors import CheckpointError
+from dynembed.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointNotFoundError,
+)
 from dynembed.keys.buckets import NUM_BUCKETS
 from dynembed.table.table import DynamicTable
 
@@ -90,8 +94,9 @@ class CheckpointManager:
         return [p for _, _, p in sorted(found)]
 
     def latest(self) -> Path | None:
-        """The newest checkpoint whose chain is whole and whose files are intact (damaged
-        ones are skipped with a warning), or None."""
+        """The newest checkpoint whose chain is whole and whose files have their sizes (and
+        CRCs, for the small ones; rows files check their blocks as they are read), or
+        None. Others are skipped with a warning."""
         for path in reversed(self.checkpoints()):
             try:
                 for folder, manifest in mf.chain(path):
@@ -187,18 +192,37 @@ class CheckpointManager:
                 optimizer: torch.optim.Optimizer | None = None, *,
                 tables: dict[str, DynamicTable] | None = None, lazy: bool = False,
                 background_rows: int = 0, strict: bool = True) -> dict | None:
-        """Restores the latest good checkpoint (see :func:`dynembed.checkpoint.load`).
+        """Restores the newest checkpoint that loads (see :func:`dynembed.checkpoint.load`):
+        one whose files turn out damaged while loading is skipped (logged) for the one
+        before it.
 
         Returns:
-            Its ``extra`` dict, or None when there is no checkpoint yet (a fresh start).
+            Its ``extra`` dict (``{}`` if it has none), or None when there is no checkpoint
+            yet (a fresh start).
+
+        Raises:
+            CheckpointCorruptError: there are checkpoints, but every one is damaged.
         """
-        latest = self.latest()
-        if latest is None:
-            return None
-        logger.info("restoring checkpoint %s", latest)
-        extra = load(latest, model, optimizer, tables=tables, lazy=lazy,
-                     background_rows=background_rows, rank=self.rank,
-                     world_size=self.world_size, strict=strict)
-        self._last_step = (extra or {}).get("step") if isinstance(extra, dict) else None
-        self._last_time = time.monotonic()
-        return extra if extra is not None else {}
+        tried = []
+        for path in reversed(self.checkpoints()):
+            try:
+                for folder, manifest in mf.chain(path):
+                    mf.check_files(folder, manifest)
+                logger.info("restoring checkpoint %s", path)
+                extra = load(path, model, optimizer, tables=tables, lazy=lazy,
+                             background_rows=background_rows, rank=self.rank,
+                             world_size=self.world_size, strict=strict)
+            except CheckpointCorruptError as e:  # damaged: fall back on an older one
+                logger.warning("skipping damaged checkpoint %s: %s", path, e)
+                tried.append(path)
+                continue
+            except CheckpointNotFoundError as e:
+                logger.warning("skipping checkpoint %s: %s", path, e)
+                continue
+            self._last_step = (extra or {}).get("step") if isinstance(extra, dict) else None
+            self._last_time = time.monotonic()
+            return extra if extra is not None else {}
+        if tried:
+            raise CheckpointCorruptError(f"every checkpoint in {self.directory} is damaged "
+                                         f"({[p.name for p in tried]}); nothing to resume")
+        return None

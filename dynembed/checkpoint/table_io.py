@@ -16,7 +16,7 @@ import torch
 from dynembed.checkpoint.lazy import DEFAULT_CHUNK_ROWS, LazyRows, load_step
 from dynembed.checkpoint.rows_file import RowsFile, RowsFileWriter
 from dynembed.errors import CheckpointError, StateDictError
-from dynembed.keys.buckets import bucket_hash, id_of_hash
+from dynembed.keys.buckets import bucket_hash, bucket_of_hash, id_of_hash
 from dynembed.storage.rows import RowBlock
 from dynembed.table.arena import ID
 from dynembed.table.index import EMPTY
@@ -70,7 +70,20 @@ def _all_hashes(table: DynamicTable) -> np.ndarray:
     return hashes
 
 
+def _check_owned(hashes: np.ndarray, buckets: range, num_buckets: int, path: Path) -> None:
+    """Raises unless every (sorted) hash falls in the buckets this shard owns."""
+    if hashes.shape[0] == 0 or len(buckets) == num_buckets:
+        return
+    ends = bucket_of_hash(hashes[[0, -1]], num_buckets)
+    if ends[0] < buckets.start or ends[1] >= buckets.stop:
+        raise CheckpointError(
+            f"{path}: the table holds keys of buckets {int(ends[0])}..{int(ends[1])} but this "
+            f"rank owns buckets {buckets.start}..{buckets.stop - 1}; a sharded table must "
+            "hold only its own keys (a replicated table is saved by one rank, world_size=1)")
+
+
 def write_shard(table: DynamicTable, path: Path, *, num_buckets: int, parent: LazyRows | None,
+                buckets: range | None = None,
                 chunk_rows: int = DEFAULT_CHUNK_ROWS) -> ShardWritten:
     """Writes the table's rows (full) or its changes since ``parent`` (delta) to ``path``.
 
@@ -80,11 +93,11 @@ def write_shard(table: DynamicTable, path: Path, *, num_buckets: int, parent: La
         num_buckets: buckets of the file's hash order.
         parent: the parent checkpoint's rows of this table, for a delta; None for a full
             save.
+        buckets: the buckets this shard owns (None: all).
         chunk_rows: rows copied at a time.
 
     Raises:
-        CheckpointError: a delta was asked of a table whose changes are not tracked since
-            the parent.
+        CheckpointError: the table holds keys of buckets it does not own.
     """
     if parent is None:
         hashes = _all_hashes(table)
@@ -104,6 +117,7 @@ def write_shard(table: DynamicTable, path: Path, *, num_buckets: int, parent: La
             present_mask[start:start + chunk_rows] = present
         deleted_ids = id_of_hash(hashes[~present_mask])
         hashes = hashes[present_mask]
+    _check_owned(hashes, buckets or range(num_buckets), num_buckets, path)
     writer = RowsFileWriter(str(path), dim=table.dim, width=table.arena.state_width,
                             num_buckets=num_buckets, rows=hashes.shape[0],
                             deleted=deleted_ids.shape[0])

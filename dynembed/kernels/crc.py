@@ -136,21 +136,16 @@ def verify_block(buf, block, crcs, verified, b, tables):
     return True
 
 
-@adaptive(lambda buf, block, crcs, verified, start, end, tables: (end - start) // 64)
-@nb.njit(parallel=True, cache=True, nogil=True)
+@nb.njit(cache=True, nogil=True)
 def verify_span(buf, block, crcs, verified, start, end, tables):
-    """Checks every block that bytes ``[start, end)`` of ``buf`` touch (in parallel);
-    returns the first bad block, or -1."""
+    """Checks every block that bytes ``[start, end)`` of ``buf`` touch, on the calling
+    thread (it runs on read-ahead threads too, beside parallel kernels); returns the first
+    bad block, or -1."""
     if end <= start:
         return -1
-    first, last = start // block, (end - 1) // block
-    bad = np.zeros(last - first + 1, dtype=np.uint8)
-    for i in nb.prange(last - first + 1):
-        if not verify_block(buf, block, crcs, verified, first + i, tables):
-            bad[i] = 1
-    for i in range(bad.shape[0]):
-        if bad[i]:
-            return first + i
+    for b in range(start // block, (end - 1) // block + 1):
+        if not verify_block(buf, block, crcs, verified, b, tables):
+            return b
     return -1
 
 

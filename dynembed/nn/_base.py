@@ -13,7 +13,6 @@ from dynembed.table.config import TableConfig
 from dynembed.table.stats import TableStats
 from dynembed.table.table import DynamicTable
 
-
 _WITH_TABLES = contextvars.ContextVar("dynembed_state_dict_tables", default=True)
 
 

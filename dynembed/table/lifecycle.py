@@ -280,9 +280,20 @@ class RowLifecycle:
         self._evict_slots(victims)
 
     def _evict_slots(self, slots: np.ndarray) -> int:
-        """Moves rows out of memory: to the store if there is one, else discards them."""
-        if slots.shape[0] == 0:
+        """Moves rows out of memory: to the store if there is one, else discards them.
+        Without a store, rows unchanged since a lazily opened checkpoint are only dropped
+        from memory: the checkpoint still holds them."""
+        total = int(slots.shape[0])
+        if total == 0:
             return 0
+        if self.tier is None and self.base is not None:
+            kept = ~self.changes.changed(slots)
+            if kept.any():
+                self.counters.evicted += int(np.count_nonzero(kept))
+                self._release(self.arena.np("meta")[slots[kept], ID].copy(), erased=False)
+                slots = slots[~kept]
+                if slots.shape[0] == 0:
+                    return total
         ids = self.arena.np("meta")[slots, ID].copy()
         if self.tier is not None:
             self.counters.store_writes += self.tier.write(slots)  # first: it may fail
@@ -293,7 +304,7 @@ class RowLifecycle:
             if self.key_log is not None:
                 self.key_log.discard(ids)
         self._release(ids, erased=self.tier is None)
-        return int(slots.shape[0])
+        return total
 
     def _sweep(self, protect: np.ndarray) -> None:
         """One bounded step of a scheduled sweep for expired rows, at the start of a training

@@ -116,3 +116,64 @@ def test_flush_moves_the_unread_checkpoint_rows_into_the_store(saved, tmp_path):
     assert tiered.tier.store.size() == len(tiered.export().ids)
     assert tiered.tier.store.size() >= len(table)
     tiered.close()
+
+
+def test_keys_erased_during_a_background_load_never_come_back(saved):
+    path, table = saved
+    lazy = make_table()
+    de.checkpoint.load(path, tables={"t": lazy}, lazy=True, background_rows=500)
+    ids = table.export().ids.numpy()
+    train(lazy, [np.array([10**12])])  # the background load starts: a chunk is read
+    lazy.erase(ids)  # every checkpoint key, most of them still in the read chunk
+    while lazy.base is not None:
+        train(lazy, [np.array([10**12])])
+    assert not lazy.contains(ids).any()
+    assert len(lazy) == 1
+
+
+def test_a_failing_store_during_a_load_loses_no_row(saved, tmp_path):
+    path, table = saved
+
+    class Failing(de.storage.MemoryStore):
+        fail = True
+
+        def _put(self, ids, values):
+            if Failing.fail:
+                raise de.StoreUnavailableError("store down (test)")
+            return super()._put(ids, values)
+
+    lazy = make_table(store=Failing(), max_rows=100)
+    de.checkpoint.load(path, tables={"t": lazy}, lazy=True)
+    with pytest.raises(de.StoreUnavailableError):
+        de.checkpoint.load_step(lazy)
+    Failing.fail = False
+    assert de.checkpoint.load_step(lazy)  # the retry loads everything
+    assert lazy.tier.store.size() == len(table)
+    assert_same_rows(table, lazy)
+
+
+def test_a_damaged_block_met_by_a_background_load_keeps_raising(saved):
+    path, _ = saved
+    rows_file = next(path.glob("tables/t/*.rows"))
+    layout = RowsFile(str(rows_file)).layout
+    data = bytearray(rows_file.read_bytes())
+    data[layout.offsets["records"][0] + layout.offsets["records"][1] - 10] ^= 0x01
+    rows_file.write_bytes(bytes(data))
+    lazy = make_table()
+    de.checkpoint.load(path, tables={"t": lazy}, lazy=True)
+    for _ in range(2):  # never mistaken for the end of the rows
+        with pytest.raises(de.CheckpointCorruptError, match="records"):
+            de.checkpoint.load_step(lazy)
+        assert lazy.base is not None
+
+
+def test_without_a_store_rows_evicted_unchanged_stay_in_the_checkpoint(saved):
+    path, table = saved
+    lazy = make_table(max_rows=1000, eviction=de.policy.LRU())
+    de.checkpoint.load(path, tables={"t": lazy}, lazy=True, background_rows=3000)
+    for step in range(20):
+        train(lazy, [np.arange(step * 300, step * 300 + 300) + 10**12])  # new keys
+    assert lazy.counters.discarded > 0  # new keys were discarded...
+    ids = table.export().ids.numpy()
+    assert lazy.contains(ids).all()  # ...but no checkpoint row was lost
+    np.testing.assert_array_equal(lazy.find(ids).values, table.find(ids).values)

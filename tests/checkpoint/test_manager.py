@@ -95,3 +95,38 @@ def test_a_restored_table_continues_the_delta_chain(tmp_path):
     assert_same_rows(restarted, check)
     assert np.array_equal(np.sort(check.export().ids.numpy()),
                           np.sort(restarted.export().ids.numpy()))
+
+
+def test_restore_falls_back_on_an_older_checkpoint_when_rows_are_damaged(tmp_path):
+    from dynembed.checkpoint.rows_file import RowsFile
+
+    manager = de.checkpoint.CheckpointManager(tmp_path, keep_last=5, max_chain=1)
+    table = make_table()
+    train(table, batches(2, 500))
+    manager.save(1, tables={"t": table}, extra={"step": 1})
+    first = make_table()
+    de.checkpoint.load(tmp_path / "step-0000000001", tables={"t": first})
+    train(table, batches(2, 500, seed=3))
+    manager.save(2, tables={"t": table}, extra={"step": 2})
+    rows = next((tmp_path / "step-0000000002").glob("tables/t/*.rows"))
+    offset = RowsFile(str(rows)).layout.offsets["records"][0] + 7
+    data = bytearray(rows.read_bytes())
+    data[offset] ^= 0x40  # same size: only the block checksum can tell
+    rows.write_bytes(bytes(data))
+    assert manager.latest() == tmp_path / "step-0000000002"
+    restored = make_table()
+    assert manager.restore(tables={"t": restored}) == {"step": 1}
+    assert_same_rows(first, restored)
+
+
+def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(tmp_path):
+    manager = de.checkpoint.CheckpointManager(tmp_path)
+    table = make_table()
+    train(table, batches(2, 500))
+    manager.save(1, tables={"t": table})
+    rows = next((tmp_path / "step-0000000001").glob("tables/t/*.rows"))
+    data = bytearray(rows.read_bytes())
+    data[-9] ^= 0x01
+    rows.write_bytes(bytes(data))
+    with pytest.raises(de.CheckpointCorruptError, match="every checkpoint"):
+        manager.restore(tables={"t": make_table()})

@@ -153,6 +153,11 @@ def test_bad_arguments_and_mismatches_are_named(tmp_path):
         de.checkpoint.load(tmp_path / "c", tables={"t": make_table(dim=4)})
     with pytest.raises(de.CheckpointError, match="optimizer"):
         de.checkpoint.load(tmp_path / "c", tables={"t": make_table(optimizer=de.optim.SGD(lr=1))})
+    with pytest.raises(de.CheckpointError, match="hash_seed=0"):
+        de.checkpoint.load(tmp_path / "c", tables={"t": make_table(hash_seed=5)})
+    with pytest.raises(de.CheckpointError, match="trained with Adagrad"):
+        de.checkpoint.load(tmp_path / "c", tables={"t": make_table(
+            optimizer=de.optim.SGD(lr=1, momentum=0.9))})  # the same state width
     with pytest.raises(de.CheckpointError, match="no table 'u'"):
         de.checkpoint.load(tmp_path / "c", tables={"u": make_table()})
     with pytest.raises(de.CheckpointNotFoundError, match="MANIFEST"):

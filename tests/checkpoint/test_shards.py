@@ -62,3 +62,36 @@ def test_a_partial_multi_rank_save_is_not_a_checkpoint(tmp_path):
     assert not (tmp_path / "c").exists()
     with pytest.raises(de.CheckpointNotFoundError):
         de.checkpoint.load(tmp_path / "c", tables={"t": make_table()})
+
+
+def test_a_shard_holding_another_ranks_keys_is_refused(tmp_path):
+    whole = make_table()
+    train(whole, batches(2, 1000))
+    with pytest.raises(de.CheckpointError, match="owns buckets"):
+        de.checkpoint.save(tmp_path / "c", tables={"t": whole}, rank=0, world_size=2,
+                           num_buckets=16)
+
+
+def test_ranks_that_disagree_on_the_checkpoint_fail_the_commit(tmp_path):
+    whole = make_table()
+    train(whole, batches(2, 500))
+    shards = split(whole, 2, 16)
+    de.checkpoint.save(tmp_path / "base", tables={"t": shards[0]}, rank=0, world_size=2,
+                       num_buckets=16)
+    de.checkpoint.save(tmp_path / "base", tables={"t": shards[1]}, rank=1, world_size=2,
+                       num_buckets=16)
+    de.checkpoint.save(tmp_path / "next", tables={"t": shards[0]}, rank=0, world_size=2,
+                       num_buckets=16, parent=tmp_path / "base")  # a delta
+    with pytest.raises(de.CheckpointError, match="all ranks must save the same checkpoint"):
+        de.checkpoint.save(tmp_path / "next", tables={"t": shards[1]}, rank=1, world_size=2,
+                           num_buckets=16)  # a full one
+    assert not (tmp_path / "next").exists()
+
+
+def test_a_table_missing_on_a_rank_fails_the_commit(tmp_path):
+    shards = split(make_table(), 2, 16)
+    de.checkpoint.save(tmp_path / "c", tables={"t": shards[0], "u": make_table()}, rank=0,
+                       world_size=2, num_buckets=16)
+    with pytest.raises(de.CheckpointError, match="every rank must save every sharded table"):
+        de.checkpoint.save(tmp_path / "c", tables={"t": shards[1]}, rank=1, world_size=2,
+                           num_buckets=16)
