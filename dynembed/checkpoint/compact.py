@@ -66,9 +66,13 @@ def compact(path: str | os.PathLike, out: str | os.PathLike, *,
             writer = RowsFileWriter(str(staging / rows_name), dim=entry["dim"],
                                     width=entry["state_width"], num_buckets=buckets,
                                     rows=merged.count(chunk_rows))
-            for ids, records in merged.chunks(chunk_rows):
-                writer.append_records(ids, records)
-            files[rows_name] = {"bytes": writer.commit()}
+            try:
+                for ids, records in merged.chunks(chunk_rows):
+                    writer.append_records(ids, records)
+                files[rows_name] = {"bytes": writer.commit()}
+            except BaseException:
+                writer.abort()
+                raise
             shutil.copyfile(newest_dir / shard["aux"], staging / shard["aux"])
             files[shard["aux"]] = newest["files"][shard["aux"]]
             shards.append({**shard, "rows_file": rows_name, "rows": writer.layout.rows,
@@ -80,6 +84,8 @@ def compact(path: str | os.PathLike, out: str | os.PathLike, *,
     for file in files:
         with open(staging / file, "rb+") as f:
             os.fsync(f.fileno())
+    for folder in {(staging / file).parent for file in files}:
+        mf.fsync_dir(folder)
     manifest = {**newest, "kind": "full", "parent": None, "chain_length": 1,
                 "compacted": time.time(), "tables": tables, "files": files}
     mf.write_atomic(staging / mf.MANIFEST, mf.encode(manifest))

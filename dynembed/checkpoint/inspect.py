@@ -5,6 +5,7 @@ Used by ``dynembed inspect``; everything is also available as plain dicts for sc
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -15,7 +16,10 @@ import torch
 from dynembed.checkpoint import manifest as mf
 from dynembed.checkpoint.lazy import LazyRows
 from dynembed.checkpoint.rows_file import RowsFile
+from dynembed.errors import CheckpointError
 from dynembed.keys.key_log import KeyLog
+
+logger = logging.getLogger(__name__)
 
 _STEP = re.compile(r"step-(\d+)")
 
@@ -57,9 +61,12 @@ def describe(path: str | os.PathLike, *, top: int = 10) -> dict:
         "dim", "state_width", "optimizer", "bytes", "top_keys"}}}``.
 
     Raises:
-        CheckpointNotFoundError, CheckpointCorruptError: see :func:`manifest.chain`.
+        CheckpointNotFoundError, CheckpointCorruptError: a link of the chain is missing,
+            or a file is damaged.
     """
     chain = mf.chain(path)
+    for link, link_manifest in chain:
+        mf.check_files(link, link_manifest)
     folder, manifest = chain[-1]
     extra = None
     if manifest.get("dense"):
@@ -90,7 +97,11 @@ def history(directory: str | os.PathLike) -> list[dict]:
     for entry in sorted(Path(directory).iterdir()):
         if not (entry / mf.MANIFEST).exists():
             continue
-        manifest = mf.read(entry)
+        try:
+            manifest = mf.read(entry)
+        except CheckpointError as e:
+            logger.warning("skipping %s: %s", entry, e)
+            continue
         match = _STEP.match(entry.name)
         out.append({"path": str(entry), "step": int(match.group(1)) if match else None,
                     "created": manifest["created"], "kind": manifest["kind"],

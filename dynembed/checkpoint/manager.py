@@ -166,8 +166,9 @@ class CheckpointManager:
         return None
 
     def cleanup(self) -> list[Path]:
-        """Removes partial directories and checkpoints beyond ``keep_last`` that no kept
-        chain needs; returns what was removed."""
+        """Removes checkpoints beyond ``keep_last`` that no kept chain needs and, in a
+        single-process job, partial directories left by a crash (with several ranks one
+        may be in progress; the job's runtime removes those); returns what was removed."""
         removed = []
         committed = self.checkpoints()
         keep = set()

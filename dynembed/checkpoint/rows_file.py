@@ -7,22 +7,25 @@ bucket and reads its record, touching a few pages and nothing else::
 
     offset 0      header (one block): magic b"DYNEMBRW", version, block size, dim, state
                   width, buckets, index slots, rows, deletions, (offset, bytes) of every
-                  section, the CRC of the checksum section, the CRC of the header itself
+                  section, the CRC of ``crcs2``, the CRC of the header itself
     sections      row_offsets (slots + 1) int64     rows of index slot i: [off[i], off[i + 1])
                   ids         (rows,) int64
                   records     (rows, 4 + dim + state width) uint32: count, last step,
                               weights, optimizer state
                   del_offsets (buckets + 1) int64   deletions of bucket b
                   deleted     (deletions,) int64    ids deleted (delta files only)
-                  crcs        uint32 CRC-32 of every block of every section above, in order
+                  crcs        uint32 CRC-32C of every block of every section above, in order
+                  crcs2       uint32 CRC-32C of every block of ``crcs``
 
 Rows are indexed more finely than by bucket: ``slots`` (a power of two, at least the
 buckets, about one per 256 rows) top-bit ranges of the hash, so an id's candidates fit in
 one block whatever the file's size, and a lookup reads three pages (offsets, ids, record)
 in a file of any size. A bucket is a contiguous run of slots.
 
-Every byte a reader uses is checked: the header when the file opens, other blocks the first
-time they are read (a lookup checks the offsets and id blocks it reads and its record's).
+Every byte a reader uses is checked: the header and ``crcs2`` when the file opens (a few
+KiB for gigabytes of rows), other blocks the first time they are read, each after the block
+of ``crcs`` that holds its CRC (a lookup checks the offsets and id blocks it reads and its
+record's).
 A truncated or damaged file raises :class:`CheckpointCorruptError` naming the file and the
 section; nothing unverified is ever returned.
 """
@@ -53,7 +56,8 @@ from dynembed.storage.rows import RowBlock
 MAGIC = b"DYNEMBRW"
 VERSION = 1
 BLOCK = 4096
-SECTIONS = ("row_offsets", "ids", "records", "del_offsets", "deleted", "crcs")
+SECTIONS = ("row_offsets", "ids", "records", "del_offsets", "deleted", "crcs", "crcs2")
+DATA = SECTIONS[:-2]
 MAX_PENDING_WRITES = 2
 _HEAD = struct.Struct("<8sIIIIIIQQ")  # magic, version, block, dim, width, buckets, slots,
 #                                       rows, deletions
@@ -61,7 +65,7 @@ ROWS_PER_SLOT = 256
 """Rows per index slot the writer aims for (half a block of ids)."""
 MAX_SLOTS = 1 << 26
 _SECTION = struct.Struct("<QQ")
-_TAIL = struct.Struct("<II")  # crc of the crcs section, crc of the header bytes before it
+_TAIL = struct.Struct("<II")  # crc of the crcs2 section, crc of the header bytes before it
 HEADER_BYTES = _HEAD.size + len(SECTIONS) * _SECTION.size + _TAIL.size
 
 
@@ -92,11 +96,13 @@ class Layout:
                  "records": 4 * (HEAD_WORDS + dim + width) * rows,
                  "del_offsets": 8 * (buckets + 1), "deleted": 8 * deleted}
         offsets, at = {}, block
-        for name in SECTIONS[:-1]:
+        for name in DATA:
             offsets[name] = (at, sizes[name])
             at = _align(at + sizes[name], block)
-        crcs = sum(-(-size // block) for size in sizes.values())
-        offsets["crcs"] = (at, 4 * crcs)
+        crcs = 4 * sum(-(-size // block) for size in sizes.values())
+        offsets["crcs"] = (at, crcs)
+        at = _align(at + crcs, block)
+        offsets["crcs2"] = (at, 4 * -(-crcs // block))
         return Layout(block, dim, width, buckets, slots, rows, deleted, offsets)
 
     @property
@@ -105,24 +111,24 @@ class Layout:
 
     @property
     def file_bytes(self) -> int:
-        offset, size = self.offsets["crcs"]
+        offset, size = self.offsets["crcs2"]
         return offset + size
 
     def crc_slices(self) -> dict[str, slice]:
         """Which entries of the crcs section belong to each data section."""
         out, at = {}, 0
-        for name in SECTIONS[:-1]:
+        for name in DATA:
             n = -(-self.offsets[name][1] // self.block)
             out[name] = slice(at, at + n)
             at += n
         return out
 
-    def header(self, crcs_crc: int) -> bytes:
+    def header(self, crcs2_crc: int) -> bytes:
         head = _HEAD.pack(MAGIC, VERSION, self.block, self.dim, self.width, self.buckets,
                           self.slots, self.rows, self.deleted)
         head += b"".join(_SECTION.pack(*self.offsets[name]) for name in SECTIONS)
         head_crc = crc.crc32(np.frombuffer(head, np.uint8), 0, len(head), crc.TABLES)
-        return head + _TAIL.pack(crcs_crc, int(head_crc))
+        return head + _TAIL.pack(crcs2_crc, int(head_crc))
 
 
 class _Checksums:
@@ -227,7 +233,8 @@ class RowsFileWriter:
 
     def append_records(self, ids: np.ndarray, records: np.ndarray) -> None:
         """Appends rows as ids and packed records (see :mod:`dynembed.kernels.records`), in
-        bucket-hash order after those appended before."""
+        bucket-hash order after those appended before. The arrays are written from a
+        background thread: do not change them until :meth:`commit`."""
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         if records.shape != (ids.shape[0], self.layout.record_words):
             raise ValueError(f"records must have shape ({ids.shape[0]}, "
@@ -267,11 +274,13 @@ class RowsFileWriter:
             self._put(section, 0, 8, offsets)
             crcs[section] = _crcs_of(offsets.view(np.uint8), lay.block)
         crcs.update({name: c.finish() for name, c in self._checksums.items()})
-        crcs = np.concatenate([crcs[s] for s in SECTIONS[:-1]]).astype(np.uint32)
+        crcs = np.concatenate([crcs[s] for s in DATA]).astype(np.uint32)
         self._put("crcs", 0, 4, crcs)
-        crcs_crc = int(crc.crc32(crcs.view(np.uint8), 0, crcs.nbytes, crc.TABLES))
+        crcs2 = _crcs_of(crcs.view(np.uint8), lay.block)
+        self._put("crcs2", 0, 4, crcs2)
+        crcs2_crc = int(crc.crc32(crcs2.view(np.uint8), 0, crcs2.nbytes, crc.TABLES))
         self._drain()
-        os.pwrite(self._fd, lay.header(crcs_crc), 0)
+        os.pwrite(self._fd, lay.header(crcs2_crc), 0)
         os.fsync(self._fd)
         os.close(self._fd)
         self._fd = -1
@@ -295,18 +304,18 @@ class RowsFileWriter:
             os.unlink(self.path)
 
 
-@nb.njit(cache=True)
-def _checked_offset(offsets, off_bytes, off_crcs, off_verified, i, block, tables):
+@nb.njit(cache=True, nogil=True)
+def _checked_offset(offsets, off_bytes, off_check, i, block, tables):
     """offsets[i] after checking its block; -1 - block if the block is bad."""
     b = (i * 8) // block
-    if not crc.verify_block(off_bytes, block, off_crcs, off_verified, b, tables):
+    if not crc.verify_block(off_bytes, block, off_check, b, tables):
         return -1 - b
     return offsets[i]
 
 
-@nb.njit(cache=True)
-def _search(ids_col, id_bytes, id_crcs, id_verified, offsets, off_bytes, off_crcs,
-            off_verified, shift, queries, block, tables, out):
+@nb.njit(cache=True, nogil=True)
+def _search(ids_col, id_bytes, id_check, offsets, off_bytes, off_check, shift, queries,
+            block, tables, out):
     """Position of each query id in a hash-sorted ids column (-1 if absent), checking every
     block the search reads: its index slot's offsets, then the ids it compares.
 
@@ -319,9 +328,8 @@ def _search(ids_col, id_bytes, id_crcs, id_verified, offsets, off_bytes, off_crc
         key = queries[q]
         h = hash_of_id(key)
         slot = 0 if shift >= 64 else np.int64(h >> np.uint64(shift))
-        lo = _checked_offset(offsets, off_bytes, off_crcs, off_verified, slot, block, tables)
-        end = _checked_offset(offsets, off_bytes, off_crcs, off_verified, slot + 1, block,
-                              tables)
+        lo = _checked_offset(offsets, off_bytes, off_check, slot, block, tables)
+        end = _checked_offset(offsets, off_bytes, off_check, slot + 1, block, tables)
         if lo < 0:
             return 2 * (-1 - lo) + 1
         if end < 0:
@@ -331,8 +339,7 @@ def _search(ids_col, id_bytes, id_crcs, id_verified, offsets, off_bytes, off_crc
         hi = end
         while lo < hi:
             mid = (lo + hi) // 2
-            if not crc.verify_block(id_bytes, block, id_crcs, id_verified, (mid * 8) // block,
-                                    tables):
+            if not crc.verify_block(id_bytes, block, id_check, (mid * 8) // block, tables):
                 return 2 * ((mid * 8) // block)
             if hash_of_id(ids_col[mid]) < h:
                 lo = mid + 1
@@ -340,8 +347,7 @@ def _search(ids_col, id_bytes, id_crcs, id_verified, offsets, off_bytes, off_crc
                 hi = mid
         out[q] = -1
         if lo < end:
-            if not crc.verify_block(id_bytes, block, id_crcs, id_verified, (lo * 8) // block,
-                                    tables):
+            if not crc.verify_block(id_bytes, block, id_check, (lo * 8) // block, tables):
                 return 2 * ((lo * 8) // block)
             if ids_col[lo] == key:
                 out[q] = lo
@@ -351,8 +357,8 @@ def _search(ids_col, id_bytes, id_crcs, id_verified, offsets, off_bytes, off_crc
 class RowsFile:
     """A rows file opened for reading: memory-mapped, checked as it is read.
 
-    Opening reads only the header and the bucket offsets, so it takes the same time for any
-    number of rows. Lookups read through a memory map marked for random access (a page
+    Opening reads the header, ``crcs2`` and the ends of the offsets: a few KiB, so it takes
+    about the same time for any number of rows. Lookups read through a memory map marked for random access (a page
     fault reads that page, not megabytes around it); bulk reads use ``pread`` instead, so
     they stream with the kernel's readahead.
 
@@ -379,12 +385,18 @@ class RowsFile:
         lay = self.layout
         self._bytes = np.frombuffer(self._map, dtype=np.uint8)
         self._slices = lay.crc_slices()
-        off, nbytes = lay.offsets["crcs"]
-        self._crcs = self._bytes[off:off + nbytes].view(np.uint32)
-        if int(crc.crc32(self._crcs.view(np.uint8), 0, nbytes, crc.TABLES)) != self._crcs_crc:
-            self._corrupt("crcs", "its checksum does not match")
-        self._verified = {s: np.zeros(self._slices[s].stop - self._slices[s].start, np.uint8)
-                          for s in SECTIONS[:-1]}
+        crc_bytes = self._section_bytes("crcs")
+        crcs2 = self._section_bytes("crcs2")
+        if int(crc.crc32(crcs2, 0, crcs2.shape[0], crc.TABLES)) != self._crcs2_crc:
+            self._corrupt("crcs2", "its checksum does not match")
+        self._crcs = crc_bytes.view(np.uint32)
+        self._crc_ok = np.zeros(crcs2.shape[0] // 4, np.uint8)  # blocks of crcs checked
+        self._check = {
+            s: (self._crcs, self._slices[s].start,
+                np.zeros(self._slices[s].stop - self._slices[s].start, np.uint8),
+                crc_bytes, self._crc_ok, crcs2.view(np.uint32))
+            for s in DATA}
+        self._verified = {s: check[2] for s, check in self._check.items()}
         self._row_offsets = self._column("row_offsets", np.int64)
         self._del_offsets = self._column("del_offsets", np.int64)
         for name, total in (("row_offsets", lay.rows), ("del_offsets", lay.deleted)):
@@ -408,7 +420,7 @@ class RowsFile:
             self._corrupt("header", f"bad magic {magic!r} (expected {MAGIC!r}); not a "
                           "dynembed rows file")
         body = HEADER_BYTES - _TAIL.size
-        self._crcs_crc, head_crc = _TAIL.unpack_from(head, body)
+        self._crcs2_crc, head_crc = _TAIL.unpack_from(head, body)
         if int(crc.crc32(np.frombuffer(head, np.uint8), 0, body, crc.TABLES)) != head_crc:
             self._corrupt("header", "its checksum does not match")
         if version != VERSION:
@@ -456,12 +468,28 @@ class RowsFile:
                 self._corrupt(name, "the file ends early")
             view, at = view[got:], at + got
         if not self._verified[name][first:last + 1].all():
-            crcs = self._crcs[self._slices[name]][first:last + 1]
+            entries = self._slices[name].start + np.arange(first, last + 1)
+            self._trust_crcs(int(entries[0]), int(entries[-1]))
+            crcs = self._crcs[entries]
             bad = np.flatnonzero(crc.block_crcs_serial(buf, block, crc.TABLES) != crcs)
             if bad.shape[0]:
                 self._corrupt(name, f"block {first + int(bad[0])} fails its checksum")
             self._verified[name][first:last + 1] = 1
         return buf[start - lo:end - lo]
+
+    def _trust_crcs(self, first: int, last: int) -> None:
+        """Checks the blocks of ``crcs`` holding entries [first, last] against ``crcs2``."""
+        block = self.layout.block
+        lo, hi = (4 * first) // block, (4 * last) // block
+        if self._crc_ok[lo:hi + 1].all():
+            return
+        crc_bytes = self._section_bytes("crcs")
+        span = crc_bytes[lo * block:min((hi + 1) * block, crc_bytes.shape[0])]
+        expected = self._section_bytes("crcs2").view(np.uint32)[lo:hi + 1]
+        bad = np.flatnonzero(crc.block_crcs_serial(span, block, crc.TABLES) != expected)
+        if bad.shape[0]:
+            self._corrupt("crcs", f"block {lo + int(bad[0])} fails its checksum")
+        self._crc_ok[lo:hi + 1] = 1
 
     def _check_span(self, name: str, start: int, end: int) -> None:
         """Checks the blocks of bytes [start, end) of a section (reading them if needed)."""
@@ -469,9 +497,8 @@ class RowsFile:
             for at in range(start, end, 64 << 20):
                 self._read(name, at, min(end, at + (64 << 20)))
             return
-        bad = crc.verify_span(self._section_bytes(name), self.layout.block,
-                              self._crcs[self._slices[name]], self._verified[name], start, end,
-                              crc.TABLES)
+        bad = crc.verify_span(self._section_bytes(name), self.layout.block, self._check[name],
+                              start, end, crc.TABLES)
         if bad >= 0:
             self._corrupt(name, f"block {bad} fails its checksum")
 
@@ -575,10 +602,9 @@ class RowsFile:
         if column.shape[0] == 0 or ids.shape[0] == 0:
             return out
         shift = 64 - (offsets.shape[0] - 1).bit_length() + 1
-        bad = _search(column, self._section_bytes(name), self._crcs[self._slices[name]],
-                      self._verified[name], offsets, self._section_bytes(offsets_name),
-                      self._crcs[self._slices[offsets_name]], self._verified[offsets_name],
-                      shift, ids, self.layout.block, crc.TABLES, out)
+        bad = _search(column, self._section_bytes(name), self._check[name], offsets,
+                      self._section_bytes(offsets_name), self._check[offsets_name], shift,
+                      ids, self.layout.block, crc.TABLES, out)
         if bad == -2:
             self._corrupt(offsets_name, "an offset is out of range")
         if bad >= 0:
@@ -589,8 +615,8 @@ class RowsFile:
     def take(self, positions: np.ndarray) -> RowBlock:
         """Checked copies of the rows at ``positions`` (found by :meth:`find`)."""
         bad = crc.verify_rows(self._section_bytes("records"), self.layout.block,
-                              self._crcs[self._slices["records"]], self._verified["records"],
-                              positions, 4 * self.layout.record_words, crc.TABLES)
+                              self._check["records"], positions,
+                              4 * self.layout.record_words, crc.TABLES)
         if bad >= 0:
             self._corrupt("records", f"block {bad} fails its checksum")
         return self._block(self.ids[positions], self.records[positions])
@@ -614,7 +640,7 @@ class RowsFile:
         Raises:
             CheckpointCorruptError: a block fails its checksum.
         """
-        for name in SECTIONS[:-1]:
+        for name in DATA:
             self._check_span(name, 0, self.layout.offsets[name][1])
 
 

@@ -124,33 +124,47 @@ def block_crcs_serial(buf, block, tables):
     return out
 
 
-@nb.njit(cache=True)
-def verify_block(buf, block, crcs, verified, b, tables):
-    """Checks block ``b`` of ``buf`` once (``verified`` caches the answer); False if bad."""
+@nb.njit(cache=True, nogil=True)
+def verify_block(buf, block, check, b, tables):
+    """Checks block ``b`` of ``buf`` once; False if bad.
+
+    ``check`` is the section's ``(crcs, first, verified, crc_bytes, crc_ok, crcs2)``: the
+    file's CRC table (uint32) whose entry ``first + b`` belongs to this block, the section's
+    verified-block bitmap (uint8, caches the answer), and the second level that vouches for
+    the CRC table itself: its bytes, a bitmap of its checked blocks and their CRCs. So
+    nothing is trusted before it is checked, and opening a file checks only the second
+    level (4 bytes per 4 MiB of data).
+    """
+    crcs, first, verified, crc_bytes, crc_ok, crcs2 = check
     if verified[b]:
         return True
-    end = min((b + 1) * block, buf.shape[0])
-    if crc32(buf, b * block, end, tables) != crcs[b]:
+    entry_block = ((first + b) * 4) // block
+    if not crc_ok[entry_block]:
+        end = min((entry_block + 1) * block, crc_bytes.shape[0])
+        if crc32(crc_bytes, entry_block * block, end, tables) != crcs2[entry_block]:
+            return False
+        crc_ok[entry_block] = 1
+    if crc32(buf, b * block, min((b + 1) * block, buf.shape[0]), tables) != crcs[first + b]:
         return False
     verified[b] = 1
     return True
 
 
 @nb.njit(cache=True, nogil=True)
-def verify_span(buf, block, crcs, verified, start, end, tables):
+def verify_span(buf, block, check, start, end, tables):
     """Checks every block that bytes ``[start, end)`` of ``buf`` touch, on the calling
     thread (it runs on read-ahead threads too, beside parallel kernels); returns the first
     bad block, or -1."""
     if end <= start:
         return -1
     for b in range(start // block, (end - 1) // block + 1):
-        if not verify_block(buf, block, crcs, verified, b, tables):
+        if not verify_block(buf, block, check, b, tables):
             return b
     return -1
 
 
-@nb.njit(cache=True)
-def verify_rows(buf, block, crcs, verified, positions, row_bytes, tables):
+@nb.njit(cache=True, nogil=True)
+def verify_rows(buf, block, check, positions, row_bytes, tables):
     """Checks the blocks holding rows ``positions`` (rows of ``row_bytes`` bytes each);
     returns the first bad block, or -1."""
     for i in range(positions.shape[0]):
@@ -158,6 +172,6 @@ def verify_rows(buf, block, crcs, verified, positions, row_bytes, tables):
             continue
         start = positions[i] * row_bytes
         for b in range(start // block, (start + row_bytes - 1) // block + 1):
-            if not verify_block(buf, block, crcs, verified, b, tables):
+            if not verify_block(buf, block, check, b, tables):
                 return b
     return -1

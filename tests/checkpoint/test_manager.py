@@ -124,9 +124,12 @@ def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(tmp_path):
     table = make_table()
     train(table, batches(2, 500))
     manager.save(1, tables={"t": table})
+    from dynembed.checkpoint.rows_file import RowsFile
+
     rows = next((tmp_path / "step-0000000001").glob("tables/t/*.rows"))
+    offset, size = RowsFile(str(rows)).layout.offsets["records"]
     data = bytearray(rows.read_bytes())
-    data[-9] ^= 0x01
+    data[offset + size // 2] ^= 0x01
     rows.write_bytes(bytes(data))
     with pytest.raises(de.CheckpointCorruptError, match="every checkpoint"):
         manager.restore(tables={"t": make_table()})

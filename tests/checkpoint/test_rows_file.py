@@ -115,7 +115,7 @@ def test_truncated_files_are_refused_at_open(good_file, tmp_path, cut):
 
 
 @pytest.mark.parametrize("section", ["ids", "records", "deleted", "row_offsets", "crcs",
-                                     "header"])
+                                     "crcs2", "header"])
 def test_a_flipped_bit_anywhere_is_detected_before_use(good_file, tmp_path, section):
     path, rows = good_file
     layout = RowsFile(str(path)).layout
