@@ -7,7 +7,7 @@ bucket and reads its record, touching a few pages and nothing else::
 
     offset 0      header (one block): magic b"DYNEMBRW", version, block size, dim, state
                   width, buckets, index slots, rows, deletions, (offset, bytes) of every
-                  section, the CRC of ``crcs2``, the CRC of the header itself
+                  section, the CRC of ``crcs``, the CRC of the header itself
     sections      row_offsets (slots + 1) int64     rows of index slot i: [off[i], off[i + 1])
                   ids         (rows,) int64
                   records     (rows, 4 + dim + state width) uint32: count, last step,
@@ -15,17 +15,15 @@ bucket and reads its record, touching a few pages and nothing else::
                   del_offsets (buckets + 1) int64   deletions of bucket b
                   deleted     (deletions,) int64    ids deleted (delta files only)
                   crcs        uint32 CRC-32C of every block of every section above, in order
-                  crcs2       uint32 CRC-32C of every block of ``crcs``
 
 Rows are indexed more finely than by bucket: ``slots`` (a power of two, at least the
 buckets, about one per 256 rows) top-bit ranges of the hash, so an id's candidates fit in
 one block whatever the file's size, and a lookup reads three pages (offsets, ids, record)
 in a file of any size. A bucket is a contiguous run of slots.
 
-Every byte a reader uses is checked: the header and ``crcs2`` when the file opens (a few
-KiB for gigabytes of rows), other blocks the first time they are read, each after the block
-of ``crcs`` that holds its CRC (a lookup checks the offsets and id blocks it reads and its
-record's).
+Every byte a reader uses is checked: the header, the checksum table and the offsets when
+the file opens (read whole, about 0.15% of the rows' bytes), other blocks the first time
+they are read (a lookup checks the id blocks its binary search reads and its record's).
 A truncated or damaged file raises :class:`CheckpointCorruptError` naming the file and the
 section; nothing unverified is ever returned.
 """
@@ -56,8 +54,8 @@ from dynembed.storage.rows import RowBlock
 MAGIC = b"DYNEMBRW"
 VERSION = 1
 BLOCK = 4096
-SECTIONS = ("row_offsets", "ids", "records", "del_offsets", "deleted", "crcs", "crcs2")
-DATA = SECTIONS[:-2]
+SECTIONS = ("row_offsets", "ids", "records", "del_offsets", "deleted", "crcs")
+DATA = SECTIONS[:-1]
 MAX_PENDING_WRITES = 2
 _HEAD = struct.Struct("<8sIIIIIIQQ")  # magic, version, block, dim, width, buckets, slots,
 #                                       rows, deletions
@@ -65,7 +63,7 @@ ROWS_PER_SLOT = 256
 """Rows per index slot the writer aims for (half a block of ids)."""
 MAX_SLOTS = 1 << 26
 _SECTION = struct.Struct("<QQ")
-_TAIL = struct.Struct("<II")  # crc of the crcs2 section, crc of the header bytes before it
+_TAIL = struct.Struct("<II")  # crc of the crcs section, crc of the header bytes before it
 HEADER_BYTES = _HEAD.size + len(SECTIONS) * _SECTION.size + _TAIL.size
 
 
@@ -99,10 +97,7 @@ class Layout:
         for name in DATA:
             offsets[name] = (at, sizes[name])
             at = _align(at + sizes[name], block)
-        crcs = 4 * sum(-(-size // block) for size in sizes.values())
-        offsets["crcs"] = (at, crcs)
-        at = _align(at + crcs, block)
-        offsets["crcs2"] = (at, 4 * -(-crcs // block))
+        offsets["crcs"] = (at, 4 * sum(-(-size // block) for size in sizes.values()))
         return Layout(block, dim, width, buckets, slots, rows, deleted, offsets)
 
     @property
@@ -111,7 +106,7 @@ class Layout:
 
     @property
     def file_bytes(self) -> int:
-        offset, size = self.offsets["crcs2"]
+        offset, size = self.offsets["crcs"]
         return offset + size
 
     def crc_slices(self) -> dict[str, slice]:
@@ -123,12 +118,12 @@ class Layout:
             at += n
         return out
 
-    def header(self, crcs2_crc: int) -> bytes:
+    def header(self, crcs_crc: int) -> bytes:
         head = _HEAD.pack(MAGIC, VERSION, self.block, self.dim, self.width, self.buckets,
                           self.slots, self.rows, self.deleted)
         head += b"".join(_SECTION.pack(*self.offsets[name]) for name in SECTIONS)
         head_crc = crc.crc32(np.frombuffer(head, np.uint8), 0, len(head), crc.TABLES)
-        return head + _TAIL.pack(crcs2_crc, int(head_crc))
+        return head + _TAIL.pack(crcs_crc, int(head_crc))
 
 
 class _Checksums:
@@ -276,11 +271,9 @@ class RowsFileWriter:
         crcs.update({name: c.finish() for name, c in self._checksums.items()})
         crcs = np.concatenate([crcs[s] for s in DATA]).astype(np.uint32)
         self._put("crcs", 0, 4, crcs)
-        crcs2 = _crcs_of(crcs.view(np.uint8), lay.block)
-        self._put("crcs2", 0, 4, crcs2)
-        crcs2_crc = int(crc.crc32(crcs2.view(np.uint8), 0, crcs2.nbytes, crc.TABLES))
+        crcs_crc = int(crc.crc32(crcs.view(np.uint8), 0, crcs.nbytes, crc.TABLES))
         self._drain()
-        os.pwrite(self._fd, lay.header(crcs2_crc), 0)
+        os.pwrite(self._fd, lay.header(crcs_crc), 0)
         os.fsync(self._fd)
         os.close(self._fd)
         self._fd = -1
@@ -357,8 +350,8 @@ def _search(ids_col, id_bytes, id_check, offsets, off_bytes, off_check, shift, q
 class RowsFile:
     """A rows file opened for reading: memory-mapped, checked as it is read.
 
-    Opening reads the header, ``crcs2`` and the ends of the offsets: a few KiB, so it takes
-    about the same time for any number of rows. Lookups read through a memory map marked for random access (a page
+    Opening reads the header and the file's index (checksums and row offsets, about 0.15%
+    of the rows' bytes) sequentially into memory; rows are read as they are needed. Lookups read through a memory map marked for random access (a page
     fault reads that page, not megabytes around it); bulk reads use ``pread`` instead, so
     they stream with the kernel's readahead.
 
@@ -385,27 +378,26 @@ class RowsFile:
         lay = self.layout
         self._bytes = np.frombuffer(self._map, dtype=np.uint8)
         self._slices = lay.crc_slices()
-        crc_bytes = self._section_bytes("crcs")
-        crcs2 = self._section_bytes("crcs2")
-        if int(crc.crc32(crcs2, 0, crcs2.shape[0], crc.TABLES)) != self._crcs2_crc:
-            self._corrupt("crcs2", "its checksum does not match")
+        # The index of the file is read into memory now, sequentially: the checksum table
+        # (4 bytes per 4 KiB of rows) and the row offsets (8 bytes per 256 rows), a few MiB
+        # for gigabytes of rows, so a lookup then faults in two pages (ids, record).
+        crc_bytes = self._pread("crcs")
+        if int(crc.crc32(crc_bytes, 0, crc_bytes.shape[0], crc.TABLES)) != self._crcs_crc:
+            self._corrupt("crcs", "its checksum does not match")
         self._crcs = crc_bytes.view(np.uint32)
-        self._crc_ok = np.zeros(crcs2.shape[0] // 4, np.uint8)  # blocks of crcs checked
         self._check = {
-            s: (self._crcs, self._slices[s].start,
-                np.zeros(self._slices[s].stop - self._slices[s].start, np.uint8),
-                crc_bytes, self._crc_ok, crcs2.view(np.uint32))
+            s: (self._crcs[self._slices[s]],
+                np.zeros(self._slices[s].stop - self._slices[s].start, np.uint8))
             for s in DATA}
-        self._verified = {s: check[2] for s, check in self._check.items()}
-        self._row_offsets = self._column("row_offsets", np.int64)
-        self._del_offsets = self._column("del_offsets", np.int64)
+        self._verified = {s: check[1] for s, check in self._check.items()}
+        self._index_bytes = {name: self._read(name, 0, lay.offsets[name][1])
+                             for name in ("row_offsets", "del_offsets")}
+        self._row_offsets = self._index_bytes["row_offsets"].view(np.int64)
+        self._del_offsets = self._index_bytes["del_offsets"].view(np.int64)
         for name, total in (("row_offsets", lay.rows), ("del_offsets", lay.deleted)):
-            offsets = self._column(name, np.int64)  # the ends are checked now, the rest
-            last = lay.offsets[name][1] - 8         # block by block as lookups read it
-            self._check_span(name, 0, 8)
-            self._check_span(name, last, last + 8)
-            if offsets[0] != 0 or offsets[-1] != total:
-                self._corrupt(name, "the offsets do not run from 0 to the count")
+            offsets = self._index_bytes[name].view(np.int64)
+            if offsets[0] != 0 or offsets[-1] != total or (np.diff(offsets) < 0).any():
+                self._corrupt(name, "the offsets are not increasing from 0 to the count")
         self.ids = self._column("ids", np.int64)
         self.records = self._column("records", np.uint32, lay.record_words)
         self.deleted_ids = self._column("deleted", np.int64)
@@ -420,7 +412,7 @@ class RowsFile:
             self._corrupt("header", f"bad magic {magic!r} (expected {MAGIC!r}); not a "
                           "dynembed rows file")
         body = HEADER_BYTES - _TAIL.size
-        self._crcs2_crc, head_crc = _TAIL.unpack_from(head, body)
+        self._crcs_crc, head_crc = _TAIL.unpack_from(head, body)
         if int(crc.crc32(np.frombuffer(head, np.uint8), 0, body, crc.TABLES)) != head_crc:
             self._corrupt("header", "its checksum does not match")
         if version != VERSION:
@@ -468,28 +460,24 @@ class RowsFile:
                 self._corrupt(name, "the file ends early")
             view, at = view[got:], at + got
         if not self._verified[name][first:last + 1].all():
-            entries = self._slices[name].start + np.arange(first, last + 1)
-            self._trust_crcs(int(entries[0]), int(entries[-1]))
-            crcs = self._crcs[entries]
+            crcs = self._crcs[self._slices[name]][first:last + 1]
             bad = np.flatnonzero(crc.block_crcs_serial(buf, block, crc.TABLES) != crcs)
             if bad.shape[0]:
                 self._corrupt(name, f"block {first + int(bad[0])} fails its checksum")
             self._verified[name][first:last + 1] = 1
         return buf[start - lo:end - lo]
 
-    def _trust_crcs(self, first: int, last: int) -> None:
-        """Checks the blocks of ``crcs`` holding entries [first, last] against ``crcs2``."""
-        block = self.layout.block
-        lo, hi = (4 * first) // block, (4 * last) // block
-        if self._crc_ok[lo:hi + 1].all():
-            return
-        crc_bytes = self._section_bytes("crcs")
-        span = crc_bytes[lo * block:min((hi + 1) * block, crc_bytes.shape[0])]
-        expected = self._section_bytes("crcs2").view(np.uint32)[lo:hi + 1]
-        bad = np.flatnonzero(crc.block_crcs_serial(span, block, crc.TABLES) != expected)
-        if bad.shape[0]:
-            self._corrupt("crcs", f"block {lo + int(bad[0])} fails its checksum")
-        self._crc_ok[lo:hi + 1] = 1
+    def _pread(self, name: str) -> np.ndarray:
+        """A whole section read into memory (unchecked: the caller checks it)."""
+        section, size = self.layout.offsets[name]
+        buf = np.empty(size, np.uint8)
+        view, at = memoryview(buf), section
+        while view:
+            got = os.preadv(self._fd, [view], at)
+            if got == 0:
+                self._corrupt(name, "the file ends early")
+            view, at = view[got:], at + got
+        return buf
 
     def _check_span(self, name: str, start: int, end: int) -> None:
         """Checks the blocks of bytes [start, end) of a section (reading them if needed)."""
@@ -603,7 +591,7 @@ class RowsFile:
             return out
         shift = 64 - (offsets.shape[0] - 1).bit_length() + 1
         bad = _search(column, self._section_bytes(name), self._check[name], offsets,
-                      self._section_bytes(offsets_name), self._check[offsets_name], shift,
+                      self._index_bytes[offsets_name], self._check[offsets_name], shift,
                       ids, self.layout.block, crc.TABLES, out)
         if bad == -2:
             self._corrupt(offsets_name, "an offset is out of range")

@@ -126,25 +126,13 @@ def block_crcs_serial(buf, block, tables):
 
 @nb.njit(cache=True, nogil=True)
 def verify_block(buf, block, check, b, tables):
-    """Checks block ``b`` of ``buf`` once; False if bad.
-
-    ``check`` is the section's ``(crcs, first, verified, crc_bytes, crc_ok, crcs2)``: the
-    file's CRC table (uint32) whose entry ``first + b`` belongs to this block, the section's
-    verified-block bitmap (uint8, caches the answer), and the second level that vouches for
-    the CRC table itself: its bytes, a bitmap of its checked blocks and their CRCs. So
-    nothing is trusted before it is checked, and opening a file checks only the second
-    level (4 bytes per 4 MiB of data).
-    """
-    crcs, first, verified, crc_bytes, crc_ok, crcs2 = check
+    """Checks block ``b`` of ``buf`` once; False if bad. ``check`` is the section's
+    ``(crcs, verified)``: the CRC of each of its blocks (uint32) and a bitmap (uint8) that
+    caches which blocks passed."""
+    crcs, verified = check
     if verified[b]:
         return True
-    entry_block = ((first + b) * 4) // block
-    if not crc_ok[entry_block]:
-        end = min((entry_block + 1) * block, crc_bytes.shape[0])
-        if crc32(crc_bytes, entry_block * block, end, tables) != crcs2[entry_block]:
-            return False
-        crc_ok[entry_block] = 1
-    if crc32(buf, b * block, min((b + 1) * block, buf.shape[0]), tables) != crcs[first + b]:
+    if crc32(buf, b * block, min((b + 1) * block, buf.shape[0]), tables) != crcs[b]:
         return False
     verified[b] = 1
     return True
