@@ -98,6 +98,13 @@ class LazyRows:
         Raises:
             CheckpointCorruptError: a block the search reads is damaged.
         """
+        return self._locate(ids, rows=True)
+
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        """(n,) bool, whether each of distinct ids has a visible row (reads no rows)."""
+        return self._locate(ids, rows=False)[0]
+
+    def _locate(self, ids: np.ndarray, *, rows: bool) -> tuple[np.ndarray, RowBlock | None]:
         n = ids.shape[0]
         found = np.zeros(n, dtype=bool)
         open_ = ~self.hidden(ids) if self._hidden.size else np.ones(n, dtype=bool)
@@ -113,16 +120,19 @@ class LazyRows:
                 pos = rows_file.find(query)
                 hit = pos >= 0
                 if hit.any():
-                    where.append(idx[hit])
-                    parts.append(rows_file.take(pos[hit]))
                     found[idx[hit]] = True
+                    if rows:
+                        where.append(idx[hit])
+                        parts.append(rows_file.take(pos[hit]))
                 gone = hit | (rows_file.find_deleted(query) if rows_file.deleted else False)
                 open_[idx[gone]] = False
+        if not rows:
+            return found, None
         if not parts:
             return found, self._empty()
         at = np.concatenate(where)
-        rows = RowBlock.concat(parts, self.dim, self.width)
-        return found, rows.take(np.argsort(at, kind="stable"))
+        block = RowBlock.concat(parts, self.dim, self.width)
+        return found, block.take(np.argsort(at, kind="stable"))
 
     def _steps(self, chunk_rows: int) -> Iterator[tuple[int, int]]:
         """Bucket ranges of about ``chunk_rows`` rows covering the owned buckets."""

@@ -106,6 +106,8 @@ def write_shard(table: DynamicTable, path: Path, *, num_buckets: int, parent: La
     else:
         hashes = bucket_hash(table.changes.candidates(table.arena.np("meta")[:, ID]))
         hashes.sort()
+        if hashes.shape[0]:  # distinct (hashes are a bijection of ids)
+            hashes = hashes[np.concatenate([[True], hashes[1:] != hashes[:-1]])]
         present_mask = np.zeros(hashes.shape[0], dtype=bool)
         for start in range(0, hashes.shape[0], chunk_rows):
             ids = id_of_hash(hashes[start:start + chunk_rows])
@@ -134,12 +136,12 @@ def write_shard(table: DynamicTable, path: Path, *, num_buckets: int, parent: La
                     raise CheckpointError(f"table rows vanished during the save of {path}")
                 writer.append(rows)
             if parent is not None:
-                live_change -= int(np.count_nonzero(parent.get(ids)[0]))
+                live_change -= int(np.count_nonzero(parent.contains(ids)))
         for start in range(0, deleted_ids.shape[0], chunk_rows):
             part = deleted_ids[start:start + chunk_rows]
             writer.append_deleted(part)
             if parent is not None:
-                live_change -= int(np.count_nonzero(parent.get(part)[0]))
+                live_change -= int(np.count_nonzero(parent.contains(part)))
         size = writer.commit()
     except BaseException:
         writer.abort()

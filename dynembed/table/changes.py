@@ -64,11 +64,11 @@ class ChangeTracker:
         self.wiped = True
 
     def candidates(self, slot_ids: np.ndarray) -> np.ndarray:
-        """Distinct ids that may differ from the checkpoint: ``slot_ids`` is the id column of
-        the arena (the ids of changed slots are taken from it)."""
+        """Ids that may differ from the checkpoint, possibly repeated: ``slot_ids`` is the
+        id column of the arena (the ids of changed slots are taken from it)."""
         top = min(self.flags.shape[0], slot_ids.shape[0])
         parts = [slot_ids[:top][self.flags[:top] != 0], *self.moved, *self.removed]
-        return np.unique(np.concatenate(parts)) if parts else np.empty(0, dtype=np.int64)
+        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
 
     def reset(self, since: str) -> None:
         """The table now equals checkpoint ``since``."""
