@@ -201,6 +201,9 @@ class CheckpointManager:
             Its ``extra`` dict (``{}`` if it has none), or None when there is no checkpoint
             yet (a fresh start).
 
+        A damaged checkpoint is renamed ``<name>.damaged`` (single-process jobs), so that
+        the training that follows can save that step again; it is kept for inspection.
+
         Raises:
             CheckpointCorruptError: there are checkpoints, but every one is damaged.
         """
@@ -216,6 +219,8 @@ class CheckpointManager:
             except CheckpointCorruptError as e:  # damaged: fall back on an older one
                 logger.warning("skipping damaged checkpoint %s: %s", path, e)
                 tried.append(path)
+                if self.world_size == 1:  # out of the way: training will save that step again
+                    os.replace(path, path.with_name(path.name + ".damaged"))
                 continue
             except CheckpointNotFoundError as e:
                 logger.warning("skipping checkpoint %s: %s", path, e)

@@ -117,6 +117,9 @@ def test_restore_falls_back_on_an_older_checkpoint_when_rows_are_damaged(tmp_pat
     restored = make_table()
     assert manager.restore(tables={"t": restored}) == {"step": 1}
     assert_same_rows(first, restored)
+    assert (tmp_path / "step-0000000002.damaged").exists()  # kept aside, so that step 2
+    train(restored, batches(2, 500, seed=3))                 # can be saved again
+    assert manager.save(2, tables={"t": restored}) == tmp_path / "step-0000000002"
 
 
 def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(tmp_path):
@@ -133,3 +136,4 @@ def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(tmp_path):
     rows.write_bytes(bytes(data))
     with pytest.raises(de.CheckpointCorruptError, match="every checkpoint"):
         manager.restore(tables={"t": make_table()})
+    assert manager.checkpoints() == []
