@@ -8,7 +8,7 @@ and a compiled CPU engine::
     v = emb(["cat", "dog", "cat"])   # (3, 64); new keys get rows
 """
 
-from dynembed import checkpoint, metrics, optim, policy, storage
+from dynembed import checkpoint, metrics, optim, policy, sampling, storage
 from dynembed import policy as init
 from dynembed.errors import (
     CheckpointCorruptError,
@@ -38,12 +38,14 @@ from dynembed.nn import (
     sparse_step,
     sparse_zero_grad,
 )
+from dynembed.sampling import sampled_logits, sampled_softmax_loss
 from dynembed.table import (
     DynamicTable,
     FindResult,
     InsertResult,
     TableConfig,
     TableStats,
+    TopK,
 )
 
 __version__ = "0.1.0"
@@ -75,6 +77,7 @@ __all__ = [
     "TableConfig",
     "TableError",
     "TableStats",
+    "TopK",
     "__version__",
     "checkpoint",
     "get_num_threads",
@@ -84,6 +87,9 @@ __all__ = [
     "metrics",
     "optim",
     "policy",
+    "sampled_logits",
+    "sampled_softmax_loss",
+    "sampling",
     "set_num_threads",
     "sparse_step",
     "sparse_zero_grad",

@@ -2,6 +2,7 @@
 
 from dynembed.table.config import TableConfig
 from dynembed.table.results import FindResult, InsertResult, TableExport
+from dynembed.table.search import TopK
 from dynembed.table.stats import CallStats, Counters, TableStats
 from dynembed.table.table import DynamicTable
 
@@ -14,4 +15,5 @@ __all__ = [
            "TableConfig",
            "TableExport",
            "TableStats",
+           "TopK",
 ]

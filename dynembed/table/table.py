@@ -38,6 +38,7 @@ from dynembed.table.lifecycle import (
     RowLifecycle,
 )
 from dynembed.table.results import FindResult, InsertResult
+from dynembed.table.search import TableSearch
 from dynembed.table.snapshot import TableSnapshot
 from dynembed.table.stats import CallStats, Counters, TableStats
 from dynembed.table.tiering import Tier
@@ -55,7 +56,7 @@ def _last_occurrence(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return unique, last
 
 
-class DynamicTable(RowLifecycle, TableSnapshot):
+class DynamicTable(RowLifecycle, TableSnapshot, TableSearch):
     """A growable map from int64 ids to trainable rows, optionally bounded in memory over a
     store (admission, eviction and read-through in :class:`RowLifecycle`).
 

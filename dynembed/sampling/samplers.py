@@ -1,0 +1,200 @@
+"""Candidate samplers: negatives drawn from a dynamic table's live rows.
+
+A sampler draws ``num`` candidate ids (with replacement) and gives, for any id, the log of
+its *expected count* in such a draw, ``log(num * p(id))``, which the logQ correction
+subtracts from the logits (Jean et al. 2015; Bengio & Senecal 2008). Negatives come from
+rows in memory (a table over a store samples its working set) and are never inserted.
+
+- :class:`Uniform`: every live row equally likely; drawn by picking arena slots at random
+  and keeping live ones, so no table-sized work per draw.
+- :class:`LogUniform`: Zipfian by frequency rank, p(r) = log((r + 2) / (r + 1)) / log(N + 1)
+  for rows ranked by their training count (TensorFlow's ``log_uniform_candidate_sampler``,
+  with ranks from the live counts instead of a fixed vocabulary order).
+- :class:`Unigram`: p(row) proportional to count ** power (0.75: Word2Vec's unigram^0.75).
+- :class:`InBatch`: the other examples' positives are the negatives; p(row) is its share of
+  the table's counts (the sampling-bias correction of two-tower retrieval).
+
+The frequency samplers keep a snapshot of the live rows' counts and refresh it every
+``refresh_every`` training steps of the table (or when its size changed by a tenth), so
+a draw costs O(num log N), not O(N).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dynembed.table.arena import COUNT, ID, LAST_STEP
+from dynembed.table.eviction import FREE_STEP
+from dynembed.table.index import EMPTY
+
+
+def _live(table) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, counts) of the rows in memory."""
+    _, slots = table.index.items()
+    meta = table.arena.np("meta")
+    return meta[slots, ID].copy(), meta[slots, COUNT].copy()
+
+
+class CandidateSampler(abc.ABC):
+    """Draws candidate ids from a table's live rows."""
+
+    @abc.abstractmethod
+    def sample(self, table, num: int, rng: np.random.Generator,
+               positives: np.ndarray) -> np.ndarray:
+        """(num,) int64 ids drawn with replacement (fewer only if the table has no row).
+
+        Args:
+            table: the output table.
+            num: how many to draw.
+            rng: the random generator.
+            positives: (p,) int64 the batch's positive ids (used by :class:`InBatch`).
+        """
+
+    @abc.abstractmethod
+    def log_expected_count(self, table, ids: np.ndarray, num: int) -> np.ndarray:
+        """(n,) float64 ``log(num * p(id))`` for each id (the logQ correction)."""
+
+    def draws(self, num: int, positives: np.ndarray) -> int:
+        """How many candidates one :meth:`sample` call draws (the ``num`` of the expected
+        counts)."""
+        return max(num, 1)
+
+
+@dataclass
+class Uniform(CandidateSampler):
+    """Every live row in memory equally likely."""
+
+    def sample(self, table, num, rng, positives):
+        size, high = table.size(), table._high_water
+        if size == 0 or num == 0:
+            return np.empty(0, np.int64)
+        meta = table.arena.np("meta")
+        out, have = [], 0
+        for _ in range(64):  # rejection of free slots; each round expects num live hits
+            need = num - have
+            slots = rng.integers(0, high, int(need * high / size) + 16)
+            slots = slots[meta[slots, LAST_STEP] != FREE_STEP][:need]
+            out.append(meta[slots, ID].copy())
+            have += slots.shape[0]
+            if have == num:
+                break
+        return np.concatenate(out)
+
+    def log_expected_count(self, table, ids, num):
+        return np.full(ids.shape[0], np.log(num / max(table.size(), 1)))
+
+
+@dataclass
+class _Snapshot:
+    ids: np.ndarray  # live ids in draw order
+    cumulative: np.ndarray  # (n,) float64 running sum of weights (draw by searchsorted)
+    by_id: np.ndarray  # ids sorted, for probability lookups
+    p_by_id: np.ndarray  # p of each of by_id
+    step: int
+    size: int
+
+
+@dataclass
+class _FrequencySampler(CandidateSampler):
+    refresh_every: int = 1000
+    _snapshot: _Snapshot | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.refresh_every, bool) or not isinstance(self.refresh_every, int) \
+                or self.refresh_every < 1:
+            raise ValueError(f"refresh_every must be an int >= 1, got {self.refresh_every!r}")
+
+    @abc.abstractmethod
+    def _weights(self, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(order of the rows to draw from, their probabilities in that order)."""
+
+    def snapshot(self, table) -> _Snapshot:
+        """The current snapshot of the live rows' probabilities (refreshed when stale)."""
+        snap = self._snapshot
+        size = table.size()
+        if (snap is None or table.step - snap.step >= self.refresh_every
+                or abs(size - snap.size) > max(snap.size // 10, 0) or snap.size == 0):
+            ids, counts = _live(table)
+            order, p = self._weights(counts)
+            ids = ids[order]
+            by = np.argsort(ids)
+            snap = _Snapshot(ids, np.cumsum(p), ids[by], p[by], table.step, size)
+            self._snapshot = snap
+        return snap
+
+    def sample(self, table, num, rng, positives):
+        snap = self.snapshot(table)
+        if snap.ids.shape[0] == 0 or num == 0:
+            return np.empty(0, np.int64)
+        u = rng.random(num) * snap.cumulative[-1]
+        pick = np.minimum(np.searchsorted(snap.cumulative, u, side="right"),
+                          snap.ids.shape[0] - 1)
+        return snap.ids[pick]
+
+    def log_expected_count(self, table, ids, num):
+        snap = self.snapshot(table)
+        p = np.full(ids.shape[0], snap.p_by_id.min() if snap.p_by_id.shape[0] else 1.0)
+        if snap.by_id.shape[0]:
+            at = np.minimum(np.searchsorted(snap.by_id, ids), snap.by_id.shape[0] - 1)
+            hit = snap.by_id[at] == ids
+            p[hit] = snap.p_by_id[at[hit]]
+        return np.log(num * p)
+
+
+@dataclass
+class LogUniform(_FrequencySampler):
+    """Zipfian over frequency ranks: the most counted row is rank 0."""
+
+    def _weights(self, counts):
+        order = np.argsort(-counts, kind="stable")
+        ranks = np.arange(counts.shape[0], dtype=np.float64)
+        p = np.log((ranks + 2) / (ranks + 1)) / np.log(counts.shape[0] + 1)
+        return order, p
+
+
+@dataclass
+class Unigram(_FrequencySampler):
+    """p(row) proportional to max(count, 1) ** power."""
+
+    power: float = 0.75
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.power, bool) or not isinstance(self.power, (int, float)) \
+                or not 0 <= self.power <= 1:
+            raise ValueError(f"power must be a number in [0, 1], got {self.power!r}")
+
+    def _weights(self, counts):
+        w = np.maximum(counts, 1).astype(np.float64) ** self.power
+        return np.arange(counts.shape[0]), w / w.sum()
+
+
+@dataclass
+class InBatch(CandidateSampler):
+    """The batch's positives are everyone's negatives (no extra rows are read). The total
+    of the live rows' counts is refreshed like the frequency samplers' snapshots."""
+
+    refresh_every: int = 1000
+    _total: tuple[int, int, float] | None = field(default=None, init=False, repr=False)
+
+    def sample(self, table, num, rng, positives):
+        return np.unique(positives)
+
+    def draws(self, num, positives):
+        return max(int(np.unique(positives).shape[0]), 1)
+
+    def log_expected_count(self, table, ids, num):
+        """log(batch positives * the id's share of the live rows' training counts)."""
+        cached = self._total
+        if (cached is None or table.step - cached[0] >= self.refresh_every
+                or abs(table.size() - cached[1]) > cached[1] // 10):
+            cached = (table.step, table.size(), float(max(_live(table)[1].sum(), 1)))
+            self._total = cached
+        slots = table.index.find(ids)
+        counts = np.ones(ids.shape[0])
+        live = slots != EMPTY
+        counts[live] = np.maximum(table.arena.np("meta")[slots[live], COUNT], 1)
+        return np.log(num * counts / cached[2])

@@ -1,0 +1,204 @@
+"""Sampled softmax over a dynamic output table (the paper's sampled-logits op).
+
+For a batch of activations ``inputs`` (B, dim) and, per example, one or more positive keys,
+the logits are computed against the example's positives and ``num_sampled`` negatives
+shared by the batch, drawn from the output table's live rows by a
+:class:`~dynembed.sampling.samplers.CandidateSampler`. With the logQ correction each logit
+has ``log(expected count)`` of its candidate subtracted, which makes the sampled softmax a
+consistent estimate of the full softmax over every row; accidental hits (a negative that is
+one of the example's positives) can be masked out. The loss is the cross-entropy against the
+uniform distribution over the example's positives.
+
+Positives are looked up like any training lookup (inserted if admitted, counted); negatives
+are only read (never inserted or counted). Backward updates the rows of both with the
+table's sparse optimizer, once per distinct row.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from dynembed.kernels.hash_index import unique_inverse
+from dynembed.keys.convert import to_jagged
+from dynembed.nn._autograd import _GatherRows, index_rows
+from dynembed.nn.embedding import DynamicEmbedding
+from dynembed.sampling.samplers import CandidateSampler, Uniform
+from dynembed.table.index import EMPTY
+
+
+class SampledLogits(NamedTuple):
+    """Logits over each example's positives and the shared negatives.
+
+    Attributes:
+        logits: (B, P + S) float32: the example's positives (padded to P, the most of any
+            example; padding is -inf) then the S sampled candidates (-inf where masked as
+            accidental hits); logQ-corrected when asked.
+        targets: (B, P + S) float32 target distribution: 1/p_b over the example's p_b
+            positives, 0 elsewhere.
+        sampled_ids: (S,) int64 ids of the sampled candidates.
+    """
+
+    logits: torch.Tensor
+    targets: torch.Tensor
+    sampled_ids: np.ndarray
+
+
+def _labels(output: DynamicEmbedding, labels, batch: int):
+    """(flat label ids, (B + 1,) bounds, strings, string ids) of the labels."""
+    if isinstance(labels, tuple) and len(labels) == 2:
+        keys, bounds = to_jagged(labels[0], labels[1], hash_seed=output.table.config.hash_seed,
+                                 arg="labels")
+    elif isinstance(labels, (torch.Tensor, np.ndarray)) and labels.ndim == 1:
+        keys, bounds = to_jagged(np.asarray(labels).reshape(-1, 1),
+                                 hash_seed=output.table.config.hash_seed, arg="labels")
+    elif isinstance(labels, list) and labels and not isinstance(labels[0], (list, tuple)):
+        keys, bounds = to_jagged([[x] for x in labels],
+                                 hash_seed=output.table.config.hash_seed, arg="labels")
+    else:
+        keys, bounds = to_jagged(labels, hash_seed=output.table.config.hash_seed, arg="labels")
+    if bounds.shape[0] - 1 != batch:
+        raise ValueError(f"labels has {bounds.shape[0] - 1} examples but inputs has {batch}; "
+                         "give one (or more) positive keys per row of inputs")
+    if (np.diff(bounds) == 0).any():
+        empty = int(np.flatnonzero(np.diff(bounds) == 0)[0])
+        raise ValueError(f"labels: example {empty} has no positive key; every example needs "
+                         "at least one")
+    return keys.ids, bounds, keys.strings, keys.ids if keys.strings is not None else None
+
+
+def _accidental_hits(pos_ids: np.ndarray, example: np.ndarray,
+                     sampled: np.ndarray, batch: int) -> np.ndarray:
+    """(B, S) bool: sampled candidate s is one of example b's positives."""
+    hits = np.zeros((batch, sampled.shape[0]), dtype=bool)
+    if pos_ids.shape[0] == 0 or sampled.shape[0] == 0:
+        return hits
+    order = np.argsort(pos_ids, kind="stable")
+    sorted_ids, sorted_example = pos_ids[order], example[order]
+    lo = np.searchsorted(sorted_ids, sampled, side="left")
+    hi = np.searchsorted(sorted_ids, sampled, side="right")
+    reps = hi - lo
+    cand = np.repeat(np.arange(sampled.shape[0]), reps)
+    at = np.repeat(lo, reps) + (np.arange(reps.sum()) - np.repeat(np.cumsum(reps) - reps, reps))
+    hits[sorted_example[at], cand] = True
+    return hits
+
+
+def sampled_logits(output: DynamicEmbedding, inputs: torch.Tensor, labels, *,
+                   num_sampled: int, sampler: CandidateSampler | None = None,
+                   remove_accidental_hits: bool = True, logq_correction: bool = True,
+                   generator: np.random.Generator | int | None = None) -> SampledLogits:
+    """Logits of each example against its positives and sampled negatives.
+
+    Args:
+        output: the output embedding (its table holds one row per output key).
+        inputs: (B, dim) activations.
+        labels: positives per example: a (B,) tensor/array or list of keys (one each), a
+            list of B lists of keys, or (flat keys, offsets).
+        num_sampled: negatives drawn for the batch (ignored by :class:`InBatch`).
+        sampler: a :class:`CandidateSampler` (default :class:`Uniform`).
+        remove_accidental_hits: mask a negative that is one of the example's positives.
+        logq_correction: subtract log(expected count) of each candidate from its logit.
+        generator: numpy Generator or seed for the draws (None: fresh entropy).
+
+    Returns:
+        :class:`SampledLogits`.
+
+    Raises:
+        ValueError, TypeError: bad shapes or arguments (named).
+    """
+    if not isinstance(output, DynamicEmbedding):
+        raise TypeError(f"output must be a DynamicEmbedding, got {type(output).__name__}")
+    if isinstance(num_sampled, bool) or not isinstance(num_sampled, int) or num_sampled < 0:
+        raise ValueError(f"num_sampled must be an int >= 0, got {num_sampled!r}")
+    table = output.table
+    if inputs.dim() != 2 or inputs.shape[1] != table.dim:
+        raise ValueError(f"inputs must have shape (batch, {table.dim}), got "
+                         f"{tuple(inputs.shape)}")
+    sampler = sampler or Uniform()
+    rng = generator if isinstance(generator, np.random.Generator) else \
+        np.random.default_rng(generator)
+    batch = inputs.shape[0]
+    pos_ids, bounds, strings, string_ids = _labels(output, labels, batch)
+    example = np.repeat(np.arange(batch), np.diff(bounds))
+    training = output.training and not table.read_only
+
+    # Candidates: the distinct positives (a training lookup) and the negatives (read only).
+    unique_pos, pos_inverse, pos_counts = unique_inverse(pos_ids)
+    sampled = sampler.sample(table, num_sampled, rng, unique_pos)
+    neg_slots = table.index.find(sampled)
+    sampled = sampled[neg_slots != EMPTY]  # rows evicted since a snapshot are skipped
+    if training:
+        pos_slots = table.lookup_slots(unique_pos, pos_counts, insert=True, strings=strings,
+                                       string_ids=string_ids)
+    else:
+        pos_slots = table.index.find(unique_pos)
+    cand_ids, cand_inverse, _ = unique_inverse(np.concatenate([unique_pos, sampled]))
+    cand_slots = table.index.find(cand_ids)
+    cand_slots[cand_inverse[:unique_pos.shape[0]]] = pos_slots  # EMPTY if not admitted
+    if training and table.trainable and torch.is_grad_enabled():
+        rows = _GatherRows.apply(output._anchor, table, cand_ids, cand_slots, None)
+    else:
+        rows = table.gather(cand_slots)
+    pos_rows = index_rows(rows, cand_inverse[:unique_pos.shape[0]][pos_inverse])
+    neg_rows = index_rows(rows, cand_inverse[unique_pos.shape[0]:])
+
+    # Positive logits, padded to the most positives of any example.
+    width = int(np.diff(bounds).max())
+    column = np.arange(pos_ids.shape[0]) - bounds[example]
+    true_logits = torch.full((batch, width), float("-inf"))
+    flat = (inputs[torch.from_numpy(example)] * pos_rows).sum(1)
+    draws = sampler.draws(num_sampled, unique_pos)
+    if logq_correction:
+        flat = flat - torch.from_numpy(
+            sampler.log_expected_count(table, pos_ids, draws).astype(np.float32))
+    true_logits = true_logits.index_put((torch.from_numpy(example), torch.from_numpy(column)),
+                                        flat)
+    neg_logits = inputs @ neg_rows.T
+    if logq_correction and sampled.shape[0]:
+        neg_logits = neg_logits - torch.from_numpy(
+            sampler.log_expected_count(table, sampled, draws).astype(np.float32))
+    if remove_accidental_hits and sampled.shape[0]:
+        hits = _accidental_hits(pos_ids, example, sampled, batch)
+        if hits.any():
+            neg_logits = neg_logits.masked_fill(torch.from_numpy(hits), float("-inf"))
+    targets = torch.zeros((batch, width + sampled.shape[0]))
+    targets[torch.from_numpy(example), torch.from_numpy(column)] = torch.from_numpy(
+        1.0 / np.diff(bounds)[example]).to(torch.float32)
+    return SampledLogits(torch.cat([true_logits, neg_logits], 1), targets, sampled)
+
+
+def sampled_softmax_loss(output: DynamicEmbedding, inputs: torch.Tensor, labels, *,
+                         num_sampled: int, sampler: CandidateSampler | None = None,
+                         remove_accidental_hits: bool = True, logq_correction: bool = True,
+                         generator: np.random.Generator | int | None = None,
+                         reduction: str = "mean") -> torch.Tensor:
+    """Sampled softmax cross-entropy of each example against its positives.
+
+    Arguments as :func:`sampled_logits`; ``reduction``: ``"mean"``, ``"sum"`` or
+    ``"none"`` (a (B,) loss per example).
+
+    Returns:
+        The loss (a scalar, or (B,) with ``reduction="none"``); ``backward()`` updates the
+        output rows of the positives and the negatives (and whatever produced ``inputs``).
+
+    Example:
+        >>> words = de.DynamicEmbedding(dim=64, optimizer=de.optim.Adagrad(lr=0.1))
+        >>> out = de.DynamicEmbedding(dim=64, optimizer=de.optim.Adagrad(lr=0.1))
+        >>> loss = de.sampled_softmax_loss(out, words(centers), contexts, num_sampled=64,
+        ...                                sampler=de.sampling.Unigram(0.75))
+        >>> loss.backward()
+    """
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    out = sampled_logits(output, inputs, labels, num_sampled=num_sampled, sampler=sampler,
+                         remove_accidental_hits=remove_accidental_hits,
+                         logq_correction=logq_correction, generator=generator)
+    log_p = torch.log_softmax(out.logits, dim=1)
+    per_example = -(out.targets * torch.where(out.targets > 0, log_p,
+                                              torch.zeros_like(log_p))).sum(1)
+    if reduction == "none":
+        return per_example
+    return per_example.sum() if reduction == "sum" else per_example.mean()

@@ -1,0 +1,142 @@
+"""Exact top-k search over a table's live rows (the paper's ``top_k`` op).
+
+:class:`TableSearch` is a mixin of :class:`~dynembed.table.table.DynamicTable`. Scores are
+dot products (or cosines) of each query with every live row, computed a chunk of rows at a
+time with one matmul and merged into a running top k, so memory stays bounded by the chunk
+whatever the table size. Rows in the store and in a lazily opened checkpoint are searched
+too, after memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from dynembed.table.arena import LAST_STEP
+from dynembed.table.eviction import FREE_STEP
+from dynembed.table.index import EMPTY
+
+METRICS = ("dot", "cosine")
+DEFAULT_CHUNK_ROWS = 1 << 16
+
+
+class TopK(NamedTuple):
+    """Result of :meth:`TableSearch.top_k`.
+
+    Attributes:
+        ids: (q, k) int64 ids of the best rows per query, best first; -1 past the last row
+            when the table has fewer than k candidates.
+        scores: (q, k) float32 their scores (-inf past the last row).
+        keys: per query, the original strings of ``ids`` (None where unknown) when the
+            table keeps a key log, else None.
+    """
+
+    ids: torch.Tensor
+    scores: torch.Tensor
+    keys: list[list[str | None]] | None
+
+
+def _merge(best_scores: torch.Tensor, best_ids: torch.Tensor, scores: torch.Tensor,
+           ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best of the running best and a new chunk's candidates."""
+    all_scores = torch.cat([best_scores, scores], dim=1)
+    all_ids = torch.cat([best_ids, ids.expand(scores.shape[0], -1)], dim=1)
+    top, where = torch.topk(all_scores, min(k, all_scores.shape[1]), dim=1)
+    return top, torch.gather(all_ids, 1, where)
+
+
+class TableSearch:
+    """Top-k search (mixin; see module doc)."""
+
+    def _search_chunks(self, chunk_rows: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """(ids, weights) of every live row, a chunk at a time: memory, store, checkpoint."""
+        meta = self.arena.np("meta")
+        for start in range(0, self._high_water, chunk_rows):
+            stop = min(start + chunk_rows, self._high_water)
+            live = np.flatnonzero(meta[start:stop, LAST_STEP] != FREE_STEP) + start
+            if live.shape[0]:
+                yield meta[live, 0].copy(), self.arena.weights[torch.from_numpy(live)]
+        if self.tier is not None:
+            for block in self.tier.scan():
+                keep = self.index.find(block.ids) == EMPTY
+                if keep.any():
+                    yield block.ids[keep], torch.from_numpy(block.weights[keep])
+        if self.base is not None:
+            for block in self.base.rows(chunk_rows):
+                keep = self.index.find(block.ids) == EMPTY
+                if self.tier is not None and keep.any():
+                    idx = np.flatnonzero(keep)
+                    keep[idx[self.tier.get(block.ids[idx])[0]]] = False
+                if keep.any():
+                    yield block.ids[keep], torch.from_numpy(block.weights[keep])
+
+    def top_k(self, queries, k: int, *, metric: str = "dot", keys=None,
+              chunk_rows: int = DEFAULT_CHUNK_ROWS) -> TopK:
+        """The k live rows that score highest against each query, exactly.
+
+        Args:
+            queries: (q, dim) or (dim,) float tensor (an activation per query).
+            k: rows per query, >= 1.
+            metric: ``"dot"`` (inner product) or ``"cosine"``.
+            keys: optional candidates (keys or int64 ids): only these rows are scored
+                (absent ones are ignored).
+            chunk_rows: rows scored at a time (bounds memory: chunk_rows x q scores).
+
+        Returns:
+            :class:`TopK` with (q, k) ids and scores, best first.
+
+        Raises:
+            ValueError: bad ``k``, ``metric``, ``chunk_rows`` or query shape.
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an int >= 1, got {k!r}")
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be an int >= 1, got {chunk_rows!r}")
+        q = torch.as_tensor(queries).detach().to(torch.float32)
+        single = q.dim() == 1
+        q = q.reshape(1, -1) if single else q
+        if q.dim() != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"queries must have shape (q, {self.dim}) or ({self.dim},), got "
+                             f"{tuple(torch.as_tensor(queries).shape)}")
+        if metric == "cosine":
+            q = torch.nn.functional.normalize(q, dim=1)
+        best_scores = torch.full((q.shape[0], 0), float("-inf"))
+        best_ids = torch.empty((q.shape[0], 0), dtype=torch.int64)
+        if keys is not None:
+            chunks = self._candidate_chunks(keys, chunk_rows)
+        else:
+            chunks = self._search_chunks(chunk_rows)
+        for ids, rows in chunks:
+            if metric == "cosine":
+                rows = torch.nn.functional.normalize(rows, dim=1)
+            scores = q @ rows.T
+            best_scores, best_ids = _merge(best_scores, best_ids, scores,
+                                           torch.from_numpy(ids), k)
+        if best_scores.shape[1] < k:  # fewer candidates than k
+            pad = k - best_scores.shape[1]
+            best_scores = torch.cat([best_scores, torch.full((q.shape[0], pad),
+                                                             float("-inf"))], 1)
+            best_ids = torch.cat([best_ids, torch.full((q.shape[0], pad), -1)], 1)
+        found_keys = None
+        if self.key_log is not None:
+            flat = self.key_log.lookup(best_ids.reshape(-1).numpy())
+            found_keys = [flat[i * k:(i + 1) * k] for i in range(best_ids.shape[0])]
+        if single:
+            best_ids, best_scores = best_ids[0], best_scores[0]
+            found_keys = found_keys[0] if found_keys is not None else None
+        return TopK(best_ids, best_scores, found_keys)
+
+    def _candidate_chunks(self, keys, chunk_rows: int
+                          ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """(ids, weights) of the given candidates that have rows, a chunk at a time."""
+        ids = np.unique(self.ids_of(keys, arg="keys").ids)
+        for start in range(0, ids.shape[0], chunk_rows):
+            part = ids[start:start + chunk_rows]
+            values, missing = self._find_gather(part)
+            if (~missing).any():
+                yield part[~missing], values[torch.from_numpy(~missing)]

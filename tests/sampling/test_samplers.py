@@ -1,0 +1,88 @@
+"""Candidate samplers draw live rows with the probabilities they report."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import dynembed as de
+from dynembed.sampling import InBatch, LogUniform, Uniform, Unigram
+
+
+def counted_table(n: int = 40) -> de.DynamicTable:
+    """Rows 0..n-1 where row i was looked up i + 1 times; every third row erased."""
+    table = de.DynamicTable(de.TableConfig(dim=4, seed=1, optimizer=de.optim.SGD(lr=0.1)))
+    ids = np.arange(n, dtype=np.int64)
+    table.lookup_slots(ids, ids + 1, insert=True)
+    table.erase(ids[::3])
+    return table
+
+
+def empirical(sampler, table, draws: int = 200_000) -> tuple[np.ndarray, np.ndarray]:
+    ids = sampler.sample(table, draws, np.random.default_rng(0), np.empty(0, np.int64))
+    assert ids.shape == (draws,)
+    values, counts = np.unique(ids, return_counts=True)
+    return values, counts / draws
+
+
+def reported(sampler, table, ids, draws=200_000):
+    return np.exp(sampler.log_expected_count(table, ids, draws)) / draws
+
+
+@pytest.mark.parametrize("sampler,expected", [
+    (Uniform(), lambda live, counts: np.full(live.shape[0], 1 / live.shape[0])),
+    (Unigram(power=0.75), lambda live, counts: counts ** 0.75 / (counts ** 0.75).sum()),
+    (Unigram(power=1.0), lambda live, counts: counts / counts.sum()),
+    (LogUniform(), None),
+])
+def test_draws_follow_the_definition_and_the_reported_probabilities(sampler, expected):
+    table = counted_table()
+    live = np.sort(table.export().ids.numpy())
+    counts = live + 1.0
+    values, freq = empirical(sampler, table)
+    assert np.isin(values, live).all()  # only live rows, never erased ones
+    if expected is None:  # log-uniform over count ranks: rank 0 is the largest count
+        rank = np.argsort(np.argsort(-counts, kind="stable"))
+        p = np.log((rank + 2) / (rank + 1)) / np.log(live.shape[0] + 1)
+    else:
+        p = expected(live, counts)
+    full = np.zeros(live.shape[0])
+    full[np.searchsorted(live, values)] = freq
+    assert 0.5 * np.abs(full - p).sum() < 0.01  # total variation distance
+    np.testing.assert_allclose(reported(sampler, table, live), p, rtol=1e-9)
+
+
+def test_uniform_sampling_costs_no_table_sized_work_and_handles_empty_tables():
+    empty = de.DynamicTable(de.TableConfig(dim=2))
+    assert Uniform().sample(empty, 10, np.random.default_rng(0), np.empty(0)).shape == (0,)
+    table = counted_table(n=10_000)
+    ids = Uniform().sample(table, 7, np.random.default_rng(1), np.empty(0))
+    assert ids.shape == (7,) and table.contains(ids).all()
+
+
+def test_in_batch_negatives_are_the_batch_positives_with_count_shares():
+    table = counted_table()
+    positives = np.array([1, 2, 2, 4])
+    sampler = InBatch()
+    assert sampler.sample(table, 0, np.random.default_rng(0), positives).tolist() == [1, 2, 4]
+    live, counts = np.sort(table.export().ids.numpy()), None
+    counts = live + 1.0
+    got = np.exp(sampler.log_expected_count(table, np.array([2, 4]), 3))
+    np.testing.assert_allclose(got, 3 * np.array([3.0, 5.0]) / counts.sum())
+
+
+def test_snapshots_refresh_when_the_table_changes():
+    table = counted_table()
+    sampler = Unigram(refresh_every=5)
+    before = sampler.snapshot(table)
+    table.lookup_slots(np.array([1]), np.array([1000]), insert=True)  # one step later
+    assert sampler.snapshot(table) is before
+    for _ in range(5):
+        table.lookup_slots(np.array([1]), np.array([1]), insert=True)
+    assert sampler.snapshot(table) is not before
+
+
+@pytest.mark.parametrize("make", [lambda: Unigram(power=2), lambda: Unigram(refresh_every=0)])
+def test_bad_sampler_options_are_named(make):
+    with pytest.raises(ValueError, match="power|refresh_every"):
+        make()

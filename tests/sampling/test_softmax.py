@@ -1,0 +1,123 @@
+"""Sampled softmax: consistent with the full softmax, sparse updates, hits, shapes, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import dynembed as de
+from dynembed.sampling import InBatch, LogUniform, Uniform, Unigram
+
+V, D = 30, 6
+
+
+def output_table(optimizer=None) -> de.DynamicEmbedding:
+    out = de.DynamicEmbedding(dim=D, optimizer=optimizer, seed=3,
+                              initializer=de.init.Normal(std=1.0))
+    ids = np.arange(V)
+    out.table.lookup_slots(ids, (ids + 1) ** 2, insert=True)  # skewed counts
+    return out
+
+
+def gradient(loss_fn, x):
+    x = x.clone().requires_grad_(True)
+    loss_fn(x).backward()
+    return x.grad
+
+
+@pytest.mark.parametrize("sampler", [Uniform(), Unigram(power=1.0), LogUniform()])
+def test_logq_corrected_gradient_estimates_the_full_softmax_gradient(sampler):
+    out = output_table()
+    out.eval()  # read rows only: the table stays as it is
+    x = torch.randn(4, D, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 5, 17, 29])
+    weights = out.table.find(np.arange(V)).values
+
+    def full(x):
+        return torch.nn.functional.cross_entropy(x @ weights.T, labels)
+
+    exact = gradient(full, x)
+    rng = np.random.default_rng(1)
+    estimates = [gradient(lambda x: de.sampled_softmax_loss(
+        out, x, labels, num_sampled=4000, sampler=sampler, generator=rng,
+        remove_accidental_hits=False), x) for _ in range(8)]
+    mean = torch.stack(estimates).mean(0)
+    assert (mean - exact).norm() / exact.norm() < 0.05
+    if not isinstance(sampler, Uniform):  # without the correction a skewed sampler is off
+        biased = gradient(lambda x: de.sampled_softmax_loss(
+            out, x, labels, num_sampled=4000, sampler=sampler, generator=rng,
+            remove_accidental_hits=False, logq_correction=False), x)
+        assert (biased - exact).norm() / exact.norm() > 0.1
+
+
+def test_training_updates_positives_and_negatives_without_inserting_negatives():
+    out = output_table(optimizer=de.optim.SGD(lr=0.5))
+    before = out.table.export()
+    x = torch.randn(3, D, generator=torch.Generator().manual_seed(2))
+    got = de.sampled_logits(out, x, [[100], [101, 5], [7]], num_sampled=8, generator=0)
+    log_p = torch.log_softmax(got.logits, 1)
+    (-(got.targets * torch.where(got.targets > 0, log_p, 0)).sum(1).mean()).backward()
+    after = out.table.export()
+    assert len(out.table) == V + 2  # the new positives 100 and 101, and no negative
+    old = {int(i): w for i, w in zip(before.ids, before.weights)}
+    changed = {int(i) for i, w in zip(after.ids, after.weights)
+               if int(i) in old and not torch.equal(w, old[int(i)])}
+    sampled = got.sampled_ids
+    assert changed == {5, 7} | set(sampled.tolist())
+    counts = dict(zip(after.ids.tolist(), after.counts.tolist()))
+    assert all(counts[i] == (i + 1) ** 2 for i in sampled.tolist() if i not in (5, 7))
+
+
+def test_accidental_hits_are_masked_and_targets_spread_over_positives():
+    out = output_table()
+    out.eval()
+    x = torch.randn(2, D)
+    got = de.sampled_logits(out, x, [[1, 2, 3], [4]], num_sampled=50, sampler=Uniform(),
+                            generator=5)
+    sampled = got.sampled_ids
+    negatives = got.logits[:, 3:]
+    assert torch.isinf(negatives[0, torch.from_numpy(np.isin(sampled, [1, 2, 3]))]).all()
+    assert torch.isinf(negatives[1, torch.from_numpy(sampled == 4)]).all()
+    assert torch.isfinite(negatives[0, torch.from_numpy(~np.isin(sampled, [1, 2, 3]))]).all()
+    assert torch.isinf(got.logits[1, 1:3]).all()  # padding of the one-positive example
+    torch.testing.assert_close(got.targets.sum(1), torch.ones(2))
+    assert got.targets[0, :3].tolist() == pytest.approx([1 / 3] * 3)
+
+
+def test_string_keys_and_in_batch_negatives_train_a_model():
+    torch.manual_seed(0)
+    out = de.DynamicEmbedding(dim=8, optimizer=de.optim.Adagrad(lr=0.2), seed=1, key_log=True)
+    inp = de.DynamicEmbedding(dim=8, optimizer=de.optim.Adagrad(lr=0.2), seed=2)
+    pairs = [(f"q{i}", f"item{i % 10}") for i in range(40)]
+    losses = []
+    for step in range(60):
+        batch = pairs[(step * 8) % 40:(step * 8) % 40 + 8]
+        x = inp([q for q, _ in batch])
+        loss = de.sampled_softmax_loss(out, x, [t for _, t in batch], num_sampled=0,
+                                       sampler=InBatch(), generator=step)
+        loss.backward()
+        losses.append(loss.item())
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+    best = out.table.top_k(inp.table.find(["q3"]).values[0], 1)
+    assert best.keys == ["item3"]  # the query's own item is its nearest output row
+
+
+@pytest.mark.parametrize("labels,match", [([1, 2], "labels has 2 examples"),
+                                          ([[1], [], [2]], "example 1 has no positive")])
+def test_bad_labels_are_named(labels, match):
+    out = output_table()
+    with pytest.raises(ValueError, match=match):
+        de.sampled_softmax_loss(out, torch.zeros(3, D), labels, num_sampled=2)
+
+
+def test_bad_arguments_are_named():
+    out = output_table()
+    with pytest.raises(ValueError, match="num_sampled"):
+        de.sampled_softmax_loss(out, torch.zeros(1, D), [1], num_sampled=-1)
+    with pytest.raises(ValueError, match=r"inputs must have shape \(batch, 6\)"):
+        de.sampled_softmax_loss(out, torch.zeros(1, 5), [1], num_sampled=2)
+    with pytest.raises(ValueError, match="reduction"):
+        de.sampled_softmax_loss(out, torch.zeros(1, D), [1], num_sampled=2, reduction="avg")
+    with pytest.raises(TypeError, match="DynamicEmbedding"):
+        de.sampled_softmax_loss(out.table, torch.zeros(1, D), [1], num_sampled=2)
