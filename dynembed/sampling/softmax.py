@@ -70,27 +70,34 @@ def _labels(output: DynamicEmbedding, labels, batch: int):
 
 
 def _accidental_hits(pos_ids: np.ndarray, example: np.ndarray,
-                     sampled: np.ndarray, batch: int) -> np.ndarray:
-    """(B, S) bool: sampled candidate s is one of example b's positives."""
-    hits = np.zeros((batch, sampled.shape[0]), dtype=bool)
+                     sampled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(examples, candidates): the pairs where sampled candidate s is one of example b's
+    positives (few: found by sorting, without a (B, S) matrix)."""
     if pos_ids.shape[0] == 0 or sampled.shape[0] == 0:
-        return hits
+        return np.empty(0, np.int64), np.empty(0, np.int64)
     order = np.argsort(pos_ids, kind="stable")
     sorted_ids, sorted_example = pos_ids[order], example[order]
     lo = np.searchsorted(sorted_ids, sampled, side="left")
-    hi = np.searchsorted(sorted_ids, sampled, side="right")
-    reps = hi - lo
+    reps = np.searchsorted(sorted_ids, sampled, side="right") - lo
     cand = np.repeat(np.arange(sampled.shape[0]), reps)
     at = np.repeat(lo, reps) + (np.arange(reps.sum()) - np.repeat(np.cumsum(reps) - reps, reps))
-    hits[sorted_example[at], cand] = True
-    return hits
+    return sorted_example[at], cand
+
+
+class _Candidates(NamedTuple):
+    true_logits: torch.Tensor  # (B, P), -inf padding
+    neg_logits: torch.Tensor  # (B, S), -inf at accidental hits
+    positives: np.ndarray  # (B,) int64 positives per example
+    sampled_ids: np.ndarray  # (S,)
 
 
 def sampled_logits(output: DynamicEmbedding, inputs: torch.Tensor, labels, *,
                    num_sampled: int, sampler: CandidateSampler | None = None,
                    remove_accidental_hits: bool = True, logq_correction: bool = True,
+                   normalize: bool = False, temperature: float = 1.0,
                    generator: np.random.Generator | int | None = None) -> SampledLogits:
-    """Logits of each example against its positives and sampled negatives.
+    """Logits of each example against its positives and sampled negatives (for a loss of
+    your own; :func:`sampled_softmax_loss` computes its loss without these dense tensors).
 
     Args:
         output: the output embedding (its table holds one row per output key).
@@ -101,6 +108,8 @@ def sampled_logits(output: DynamicEmbedding, inputs: torch.Tensor, labels, *,
         sampler: a :class:`CandidateSampler` (default :class:`Uniform`).
         remove_accidental_hits: mask a negative that is one of the example's positives.
         logq_correction: subtract log(expected count) of each candidate from its logit.
+        normalize: score by cosine (inputs and rows L2-normalised) instead of dot product.
+        temperature: logits are divided by it (before the correction).
         generator: numpy Generator or seed for the draws (None: fresh entropy).
 
     Returns:
@@ -109,10 +118,29 @@ def sampled_logits(output: DynamicEmbedding, inputs: torch.Tensor, labels, *,
     Raises:
         ValueError, TypeError: bad shapes or arguments (named).
     """
+    c = _candidates(output, inputs, labels, num_sampled=num_sampled, sampler=sampler,
+                    remove_accidental_hits=remove_accidental_hits,
+                    logq_correction=logq_correction, normalize=normalize,
+                    temperature=temperature, generator=generator)
+    batch, width = c.true_logits.shape
+    example = np.repeat(np.arange(batch), c.positives)
+    column = np.arange(example.shape[0]) - np.repeat(np.cumsum(c.positives) - c.positives,
+                                                     c.positives)
+    targets = torch.zeros((batch, width + c.sampled_ids.shape[0]))
+    targets[torch.from_numpy(example), torch.from_numpy(column)] = torch.from_numpy(
+        1.0 / c.positives[example]).to(torch.float32)
+    return SampledLogits(torch.cat([c.true_logits, c.neg_logits], 1), targets, c.sampled_ids)
+
+
+def _candidates(output, inputs, labels, *, num_sampled, sampler, remove_accidental_hits,
+                logq_correction, normalize, temperature, generator) -> _Candidates:
     if not isinstance(output, DynamicEmbedding):
         raise TypeError(f"output must be a DynamicEmbedding, got {type(output).__name__}")
     if isinstance(num_sampled, bool) or not isinstance(num_sampled, int) or num_sampled < 0:
         raise ValueError(f"num_sampled must be an int >= 0, got {num_sampled!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not temperature > 0:
+        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
     table = output.table
     if inputs.dim() != 2 or inputs.shape[1] != table.dim:
         raise ValueError(f"inputs must have shape (batch, {table.dim}), got "
@@ -142,6 +170,10 @@ def sampled_logits(output: DynamicEmbedding, inputs: torch.Tensor, labels, *,
         rows = _GatherRows.apply(output._anchor, table, cand_ids, cand_slots, None)
     else:
         rows = table.gather(cand_slots)
+    if normalize:
+        rows = torch.nn.functional.normalize(rows, dim=1)
+        inputs = torch.nn.functional.normalize(inputs, dim=1)
+    inputs = inputs / temperature
     pos_rows = index_rows(rows, cand_inverse[:unique_pos.shape[0]][pos_inverse])
     neg_rows = index_rows(rows, cand_inverse[unique_pos.shape[0]:])
 
@@ -161,18 +193,18 @@ def sampled_logits(output: DynamicEmbedding, inputs: torch.Tensor, labels, *,
         neg_logits = neg_logits - torch.from_numpy(
             sampler.log_expected_count(table, sampled, draws).astype(np.float32))
     if remove_accidental_hits and sampled.shape[0]:
-        hits = _accidental_hits(pos_ids, example, sampled, batch)
-        if hits.any():
-            neg_logits = neg_logits.masked_fill(torch.from_numpy(hits), float("-inf"))
-    targets = torch.zeros((batch, width + sampled.shape[0]))
-    targets[torch.from_numpy(example), torch.from_numpy(column)] = torch.from_numpy(
-        1.0 / np.diff(bounds)[example]).to(torch.float32)
-    return SampledLogits(torch.cat([true_logits, neg_logits], 1), targets, sampled)
+        rows_hit, cols_hit = _accidental_hits(pos_ids, example, sampled)
+        if rows_hit.shape[0]:
+            neg_logits = neg_logits.index_put(
+                (torch.from_numpy(rows_hit), torch.from_numpy(cols_hit)),
+                torch.tensor(float("-inf")))
+    return _Candidates(true_logits, neg_logits, np.diff(bounds), sampled)
 
 
 def sampled_softmax_loss(output: DynamicEmbedding, inputs: torch.Tensor, labels, *,
                          num_sampled: int, sampler: CandidateSampler | None = None,
                          remove_accidental_hits: bool = True, logq_correction: bool = True,
+                         normalize: bool = False, temperature: float = 1.0,
                          generator: np.random.Generator | int | None = None,
                          reduction: str = "mean") -> torch.Tensor:
     """Sampled softmax cross-entropy of each example against its positives.
@@ -193,12 +225,20 @@ def sampled_softmax_loss(output: DynamicEmbedding, inputs: torch.Tensor, labels,
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    out = sampled_logits(output, inputs, labels, num_sampled=num_sampled, sampler=sampler,
-                         remove_accidental_hits=remove_accidental_hits,
-                         logq_correction=logq_correction, generator=generator)
-    log_p = torch.log_softmax(out.logits, dim=1)
-    per_example = -(out.targets * torch.where(out.targets > 0, log_p,
-                                              torch.zeros_like(log_p))).sum(1)
+    c = _candidates(output, inputs, labels, num_sampled=num_sampled, sampler=sampler,
+                    remove_accidental_hits=remove_accidental_hits,
+                    logq_correction=logq_correction, normalize=normalize,
+                    temperature=temperature, generator=generator)
+    # -log p(positive) averaged over an example's positives, with the partition function
+    # of [positives, negatives] taken in two parts (no (B, P + S) tensor is built)
+    log_z = torch.logaddexp(torch.logsumexp(c.true_logits, 1),
+                            torch.logsumexp(c.neg_logits, 1)
+                            if c.neg_logits.shape[1] else torch.full_like(
+                                c.true_logits[:, 0], float("-inf")))
+    positives = torch.from_numpy(c.positives).to(c.true_logits.dtype)
+    true_sum = torch.where(torch.isinf(c.true_logits), torch.zeros_like(c.true_logits),
+                           c.true_logits).sum(1)
+    per_example = log_z - true_sum / positives
     if reduction == "none":
         return per_example
     return per_example.sum() if reduction == "sum" else per_example.mean()
