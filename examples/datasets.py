@@ -30,6 +30,7 @@ __all__ = [
     "DatasetUnavailableError",
     "MovieLens100k",
     "default_cache_dir",
+    "load_gcide_tokens",
     "load_movielens_100k",
 ]
 
@@ -185,3 +186,65 @@ def _fetch_error(spec: str, data_dir: Path, why: str) -> DatasetUnavailableError
         "  * point DYNEMBED_CACHE at a directory that already holds a "
         f"'{_ML100K_SUBDIR}' cache."
     )
+
+
+# ---------------------------------------------------------------------------------------
+# GCIDE (the GNU Collaborative International Dictionary of English) as running text
+# ---------------------------------------------------------------------------------------
+
+_GCIDE_PACKAGE = "dict-gcide"
+_GCIDE_SUBDIR = "gcide"
+_GCIDE_TOKENS = "tokens.txt"  # lowercase words, one line per dictionary line
+
+
+def load_gcide_tokens(cache_dir: str | os.PathLike[str] | None = None) -> list[str]:
+    """The GCIDE dictionary's text as lowercase word tokens (about 4.6M).
+
+    Downloaded once with ``apt-get download dict-gcide`` (Debian's package; GPL-2+, so it
+    is fetched at run time and never committed) and cached as plain tokens under the cache
+    directory; offline afterwards.
+
+    Raises:
+        DatasetUnavailableError: not cached and the download or extraction failed.
+    """
+    import re
+
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    target = root / _GCIDE_SUBDIR / _GCIDE_TOKENS
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
+        try:
+            log.info("downloading %s with apt-get into %s", _GCIDE_PACKAGE, target.parent)
+            for cmd in (["apt-get", "download", _GCIDE_PACKAGE], None):
+                if cmd is None:
+                    debs = sorted(tmp.glob("*.deb"))
+                    if not debs:
+                        raise DatasetUnavailableError("apt-get left no .deb file")
+                    cmd = ["dpkg-deb", "-x", str(debs[0]), str(tmp / "x")]
+                try:
+                    proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True,
+                                          timeout=_PIP_TIMEOUT_S, check=False)
+                except (OSError, subprocess.TimeoutExpired) as exc:
+                    raise DatasetUnavailableError(f"`{' '.join(cmd)}` failed: {exc}") from exc
+                if proc.returncode != 0:
+                    raise DatasetUnavailableError(
+                        f"`{' '.join(cmd)}` exited with {proc.returncode}: "
+                        f"{(proc.stdout + proc.stderr).strip()[-400:]}. GCIDE comes from "
+                        "Debian's dict-gcide package: run `apt-get update` first, or check "
+                        "network access to the Debian mirror")
+            import gzip
+
+            source = tmp / "x" / "usr" / "share" / "dictd" / "gcide.dict.dz"
+            word = re.compile(r"[a-z]+")
+            part = target.with_suffix(".part")
+            with gzip.open(source, "rt", encoding="utf-8", errors="replace") as src, \
+                    open(part, "w", encoding="utf-8") as dst:
+                for line in src:
+                    tokens = word.findall(line.lower())
+                    if tokens:
+                        dst.write(" ".join(tokens) + "\n")
+            os.replace(part, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target.read_text(encoding="utf-8").split()

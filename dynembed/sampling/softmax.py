@@ -48,17 +48,15 @@ class SampledLogits(NamedTuple):
 
 def _labels(output: DynamicEmbedding, labels, batch: int):
     """(flat label ids, (B + 1,) bounds, strings, string ids) of the labels."""
+    seed = output.table.config.hash_seed
     if isinstance(labels, tuple) and len(labels) == 2:
-        keys, bounds = to_jagged(labels[0], labels[1], hash_seed=output.table.config.hash_seed,
-                                 arg="labels")
-    elif isinstance(labels, (torch.Tensor, np.ndarray)) and labels.ndim == 1:
-        keys, bounds = to_jagged(np.asarray(labels).reshape(-1, 1),
-                                 hash_seed=output.table.config.hash_seed, arg="labels")
-    elif isinstance(labels, list) and labels and not isinstance(labels[0], (list, tuple)):
-        keys, bounds = to_jagged([[x] for x in labels],
-                                 hash_seed=output.table.config.hash_seed, arg="labels")
+        keys, bounds = to_jagged(labels[0], labels[1], hash_seed=seed, arg="labels")
+    elif (isinstance(labels, (torch.Tensor, np.ndarray)) and labels.ndim == 1) or (
+            isinstance(labels, list) and labels and not isinstance(labels[0], (list, tuple))):
+        # one positive per example: flat keys, one offset each
+        keys, bounds = to_jagged(labels, np.arange(len(labels)), hash_seed=seed, arg="labels")
     else:
-        keys, bounds = to_jagged(labels, hash_seed=output.table.config.hash_seed, arg="labels")
+        keys, bounds = to_jagged(labels, hash_seed=seed, arg="labels")
     if bounds.shape[0] - 1 != batch:
         raise ValueError(f"labels has {bounds.shape[0] - 1} examples but inputs has {batch}; "
                          "give one (or more) positive keys per row of inputs")
@@ -188,16 +186,15 @@ def _candidates(output, inputs, labels, *, num_sampled, sampler, remove_accident
             sampler.log_expected_count(table, pos_ids, draws).astype(np.float32))
     true_logits = true_logits.index_put((torch.from_numpy(example), torch.from_numpy(column)),
                                         flat)
-    neg_logits = inputs @ neg_rows.T
+    neg_logits = inputs @ neg_rows.T  # (B, S): changed in place below, no copies
     if logq_correction and sampled.shape[0]:
-        neg_logits = neg_logits - torch.from_numpy(
-            sampler.log_expected_count(table, sampled, draws).astype(np.float32))
+        neg_logits.sub_(torch.from_numpy(
+            sampler.log_expected_count(table, sampled, draws).astype(np.float32)))
     if remove_accidental_hits and sampled.shape[0]:
         rows_hit, cols_hit = _accidental_hits(pos_ids, example, sampled)
         if rows_hit.shape[0]:
-            neg_logits = neg_logits.index_put(
-                (torch.from_numpy(rows_hit), torch.from_numpy(cols_hit)),
-                torch.tensor(float("-inf")))
+            neg_logits.index_put_((torch.from_numpy(rows_hit), torch.from_numpy(cols_hit)),
+                                  torch.tensor(float("-inf")))
     return _Candidates(true_logits, neg_logits, np.diff(bounds), sampled)
 
 
