@@ -40,6 +40,7 @@ from dynembed.nn import (
 )
 from dynembed.sampling import sampled_logits, sampled_softmax_loss
 from dynembed.table import (
+    ApproximateIndex,
     DynamicTable,
     FindResult,
     InsertResult,
@@ -51,6 +52,7 @@ from dynembed.table import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ApproximateIndex",
     "CheckpointCorruptError",
     "CheckpointError",
     "CheckpointNotFoundError",

@@ -1,0 +1,138 @@
+"""ApproximateIndex: a faiss index over a table's live rows, for top-k at scale.
+
+Exact :meth:`DynamicTable.top_k` scores every row; with millions of rows and many queries an
+approximate index answers in a fraction of the time. ``ApproximateIndex`` builds a faiss
+IVF-Flat (inverted lists, ``nprobe`` lists searched per query) or HNSW index from every
+live row (memory, store, lazily opened checkpoint), keyed by row id. Rows change as the
+table trains, so the index is rebuilt on demand (:meth:`rebuild`) or automatically before a
+search once the table has applied ``rebuild_every`` optimizer updates since the last build
+(``stale`` says whether it has changed at all). :meth:`recall` measures it against the
+exact search. Needs ``faiss-cpu`` (``pip install 'dynembed[ann]'``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dynembed.table.search import METRICS, TopK
+
+KINDS = ("ivf", "hnsw")
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise ImportError("ApproximateIndex needs faiss: pip install faiss-cpu (or "
+                          "'dynembed[ann]')") from None
+    return faiss
+
+
+class ApproximateIndex:
+    """An approximate nearest-neighbour index over a :class:`DynamicTable`'s rows.
+
+    Args:
+        table: the table.
+        metric: ``"dot"`` or ``"cosine"``.
+        kind: ``"ivf"`` (IVF-Flat; ``nlist`` lists, default 4 * sqrt(rows)) or ``"hnsw"``
+            (``m`` links per node).
+        nprobe: lists searched per query (ivf).
+        ef_search: candidates kept while searching (hnsw).
+        rebuild_every: rebuild before a search once the table applied this many optimizer
+            updates since the last build (None: only on demand).
+
+    Raises:
+        ValueError: a bad option (named).
+        ImportError: faiss is not installed.
+    """
+
+    def __init__(self, table, *, metric: str = "dot", kind: str = "ivf",
+                 nlist: int | None = None, nprobe: int = 16, m: int = 32,
+                 ef_search: int = 64, rebuild_every: int | None = None) -> None:
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        for name, value in (("nprobe", nprobe), ("m", m), ("ef_search", ef_search),
+                            ("nlist", nlist), ("rebuild_every", rebuild_every)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        self._faiss = _faiss()
+        self.table, self.metric, self.kind = table, metric, kind
+        self.nlist, self.nprobe, self.m, self.ef_search = nlist, nprobe, m, ef_search
+        self.rebuild_every = rebuild_every
+        self.index = None
+        self.rows = 0
+        self._built_at: tuple[int, int, int] | None = None  # (update step, erasures, size)
+
+    @property
+    def stale(self) -> bool:
+        """Whether the table changed (updates, inserts, removals) since the last build."""
+        t = self.table
+        return self._built_at != (t.update_step, t.erasures, t.size())
+
+    def rebuild(self) -> int:
+        """Builds the index from every live row now; returns the rows indexed."""
+        faiss = self._faiss
+        parts = list(self.table._search_chunks(1 << 16))
+        ids = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int64)
+        rows = (torch.cat([p[1] for p in parts]).numpy().astype(np.float32, copy=False)
+                if parts else np.empty((0, self.table.dim), np.float32))
+        rows = np.ascontiguousarray(rows)
+        if self.metric == "cosine":
+            faiss.normalize_L2(rows)
+        dim, n = self.table.dim, ids.shape[0]
+        if self.kind == "hnsw":
+            inner = faiss.IndexHNSWFlat(dim, self.m, faiss.METRIC_INNER_PRODUCT)
+            inner.hnsw.efSearch = self.ef_search
+        else:
+            nlist = self.nlist or max(1, min(int(4 * np.sqrt(max(n, 1))), max(n // 39, 1)))
+            quantizer = faiss.IndexFlatIP(dim)
+            inner = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            if n:
+                inner.train(rows)
+            inner.nprobe = min(self.nprobe, nlist)
+        index = faiss.IndexIDMap2(inner)
+        if n:
+            index.add_with_ids(rows, ids)
+        self.index, self.rows = index, n
+        t = self.table
+        self._built_at = (t.update_step, t.erasures, t.size())
+        return n
+
+    def search(self, queries, k: int) -> TopK:
+        """Approximate :meth:`DynamicTable.top_k` (same result type; -1 / -inf where fewer
+        than k rows are found)."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an int >= 1, got {k!r}")
+        if self.index is None or (self.rebuild_every is not None and self._built_at is not None
+                                  and self.table.update_step - self._built_at[0]
+                                  >= self.rebuild_every):
+            self.rebuild()
+        q = torch.as_tensor(queries).detach().to(torch.float32)
+        single = q.dim() == 1
+        q = np.ascontiguousarray((q.reshape(1, -1) if single else q).numpy())
+        if q.ndim != 2 or q.shape[1] != self.table.dim:
+            raise ValueError(f"queries must have shape (q, {self.table.dim}) or "
+                             f"({self.table.dim},), got {tuple(q.shape)}")
+        if self.metric == "cosine":
+            self._faiss.normalize_L2(q)
+        scores, ids = self.index.search(q, k)
+        scores[ids < 0] = -np.inf
+        keys = None
+        if self.table.key_log is not None:
+            flat = self.table.key_log.lookup(ids.reshape(-1))
+            keys = [flat[i * k:(i + 1) * k] for i in range(ids.shape[0])]
+        ids_t, scores_t = torch.from_numpy(ids), torch.from_numpy(scores)
+        if single:
+            return TopK(ids_t[0], scores_t[0], keys[0] if keys is not None else None)
+        return TopK(ids_t, scores_t, keys)
+
+    def recall(self, queries, k: int) -> float:
+        """Share of the exact top k (``table.top_k``) that :meth:`search` returns."""
+        exact = self.table.top_k(queries, k, metric=self.metric).ids.reshape(-1, k).numpy()
+        approx = self.search(queries, k).ids.reshape(-1, k).numpy()
+        hits = sum(np.isin(a[a >= 0], e[e >= 0]).sum() for a, e in zip(approx, exact))
+        return float(hits / max((exact >= 0).sum(), 1))

@@ -1,0 +1,59 @@
+"""ApproximateIndex (faiss): high recall against exact top_k, rebuilds as rows change."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import dynembed as de
+
+pytest.importorskip("faiss", reason="faiss-cpu is part of the test extra")
+
+
+def table_with(n: int, dim: int = 16, **options) -> de.DynamicTable:
+    table = de.DynamicTable(de.TableConfig(dim=dim, seed=1, optimizer=de.optim.SGD(lr=1.0),
+                                           **options))
+    rows = torch.randn(n, dim, generator=torch.Generator().manual_seed(0))
+    table.insert_or_assign(np.arange(n) * 7 + 3, rows)
+    return table
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+@pytest.mark.parametrize("metric", ["dot", "cosine"])
+def test_recall_against_exact_top_k_is_high(kind, metric):
+    table = table_with(20_000)
+    index = de.ApproximateIndex(table, kind=kind, metric=metric, nprobe=128, ef_search=128)
+    queries = torch.randn(50, 16, generator=torch.Generator().manual_seed(1))
+    assert index.recall(queries, 10) >= 0.9
+    found = index.search(queries, 10).ids
+    assert table.contains(found.reshape(-1).numpy()).all()
+
+
+def test_the_index_follows_the_table_when_rebuilt():
+    table = table_with(2_000)
+    index = de.ApproximateIndex(table, kind="ivf", nprobe=64, rebuild_every=1)
+    assert index.rebuild() == 2_000 and not index.stale
+    query = torch.zeros(16)
+    query[0] = 1.0
+    table.insert_or_assign([10**9], 100 * query.reshape(1, -1))  # a new, best row
+    assert index.stale
+    assert index.search(query, 1).ids.item() != 10**9  # not rebuilt yet: no update applied
+    table.apply_gradients(np.array([3]), table.index.find(np.array([3])),
+                          torch.zeros(1, 16))  # one optimizer update
+    assert index.search(query, 1).ids.item() == 10**9  # rebuilt before the search
+    table.erase([10**9])
+    index.rebuild()
+    assert index.search(query, 1).ids.item() != 10**9
+
+
+def test_strings_and_bad_options():
+    table = de.DynamicTable(de.TableConfig(dim=4, seed=1, key_log=True))
+    table.insert_or_assign(["apple", "banana", "cherry"], torch.eye(3, 4))
+    index = de.ApproximateIndex(table, kind="hnsw")
+    got = index.search(torch.tensor([0.0, 0.0, 1.0, 0.0]), 5)
+    assert got.keys[0] == "cherry" and got.ids[3:].tolist() == [-1, -1]
+    with pytest.raises(ValueError, match="kind"):
+        de.ApproximateIndex(table, kind="lsh")
+    with pytest.raises(ValueError, match="nprobe"):
+        de.ApproximateIndex(table, nprobe=0)
