@@ -41,9 +41,11 @@ class TopK(NamedTuple):
 
 def _merge(best_scores: torch.Tensor, best_ids: torch.Tensor, scores: torch.Tensor,
            ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k best of the running best and a new chunk's candidates."""
-    all_scores = torch.cat([best_scores, scores], dim=1)
-    all_ids = torch.cat([best_ids, ids.expand(scores.shape[0], -1)], dim=1)
+    """The k best of the running best and a chunk's scores: the chunk's own top k first,
+    so the merge handles 2k columns, not the chunk's width."""
+    top, where = torch.topk(scores, min(k, scores.shape[1]), dim=1)
+    all_scores = torch.cat([best_scores, top], dim=1)
+    all_ids = torch.cat([best_ids, ids[where]], dim=1)
     top, where = torch.topk(all_scores, min(k, all_scores.shape[1]), dim=1)
     return top, torch.gather(all_ids, 1, where)
 
