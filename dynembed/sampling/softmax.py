@@ -166,8 +166,10 @@ def _candidates(output, inputs, labels, *, num_sampled, sampler, remove_accident
     cand_slots[cand_inverse[:unique_pos.shape[0]]] = pos_slots  # EMPTY if not admitted
     if training and table.trainable and torch.is_grad_enabled():
         rows = _GatherRows.apply(output._anchor, table, cand_ids, cand_slots, None)
-    else:
+    elif training:
         rows = table.gather(cand_slots)
+    else:  # evaluation: rows in the store or a lazily opened checkpoint are read too
+        rows = table._find_gather(cand_ids)[0]
     if normalize:
         rows = torch.nn.functional.normalize(rows, dim=1)
         inputs = torch.nn.functional.normalize(inputs, dim=1)
