@@ -157,6 +157,7 @@ RATIOS = {
                                    "full_softmax_examples_per_s_1M"),
     "top_k_vs_torch": ("top_k_queries_per_s", "torch_topk_queries_per_s"),
     "top_k_vs_torch_chunked": ("top_k_queries_per_s", "torch_topk_chunked_queries_per_s"),
+    "ann_vs_exact_top_k": ("ann_queries_per_s", "top_k_queries_per_s"),
     "recall20_vs_bpr": ("two_tower_recall20", "bpr_recall20"),
     "ndcg20_vs_bpr": ("two_tower_ndcg20", "bpr_ndcg20"),
     "recall20_vs_popularity": ("two_tower_recall20", "popularity_recall20"),
@@ -167,7 +168,7 @@ TARGETS = {
     "recall20_vs_bpr": (">=", 1.0),
 }
 REPORTED_RATIOS = ("sampled_vs_full_softmax_100k", "top_k_vs_torch", "top_k_vs_torch_chunked",
-                   "ndcg20_vs_bpr", "recall20_vs_popularity")
+                   "ann_vs_exact_top_k", "ndcg20_vs_bpr", "recall20_vs_popularity")
 
 DIM = 64
 LR = 0.05  # Adagrad learning rate of both softmax models
@@ -480,6 +481,35 @@ def phase_top_k(p: Phase) -> None:
         raise AssertionError("chunked torch top-k differs from the whole-matrix top-k")
     p.log(f"top_k checked against torch.topk: max score difference {err:.1e}, "
           f"{100 * same:.3f}% identical ids at identical ranks")
+    _approximate(p, de, table, queries, res, k, cfg)
+
+
+def _approximate(p: Phase, de, table, queries, exact, k: int, cfg: dict) -> None:
+    """de.ApproximateIndex (faiss IVF-Flat, 4 sqrt(rows) lists, an eighth of them probed)
+    on the same rows: build seconds, queries/s (median of ``repeats`` calls) and recall@k
+    against the exact top k. The rows are i.i.d. Gaussian, the hardest case for an
+    inverted index (no clusters), so the recall is a lower bound."""
+    nlist = int(4 * np.sqrt(len(table)))
+    try:
+        index = de.ApproximateIndex(table, kind="ivf", nlist=nlist, nprobe=max(1, nlist // 8))
+    except ImportError as e:  # faiss is optional
+        p.info["ann"] = f"unavailable: {e}"
+        return
+    t = time.perf_counter()
+    index.rebuild()
+    build_s = time.perf_counter() - t
+    index.search(queries[:2], k)  # warm-up
+    seconds = [_timed(lambda _i: index.search(queries, k), 1) for _ in range(cfg["repeats"])]
+    _record(p, "ann_queries_per_s", seconds, queries.shape[0])
+    approx = index.search(queries, k).ids.numpy()
+    wanted = exact.ids.numpy()
+    recall = float(np.mean([np.isin(a, e).mean() for a, e in zip(approx, wanted)]))
+    p.metrics["ann_recall_at_k"] = recall
+    p.info.update(ann_build_s=round(build_s, 2), ann_recall_at_k=recall,
+                  ann=f"faiss IVF-Flat, nlist {nlist}, nprobe {max(1, nlist // 8)}, "
+                      "inner product")
+    p.log(f"ApproximateIndex: built in {build_s:.1f}s, "
+          f"{fmt_rate(p.metrics['ann_queries_per_s'])} queries/s, recall@{k} {recall:.3f}")
 
 
 # ============================================================================================
@@ -798,6 +828,10 @@ def render(report: dict) -> str:
     if "same_ids_share" in tk:
         L.append(f"  checked: max score difference {tk['max_score_diff']:.1e}, "
                  f"{100 * tk['same_ids_share']:.3f}% identical ids at identical ranks")
+    row("de.ApproximateIndex (faiss IVF-Flat, 1/8 of lists)", "ann_queries_per_s")
+    if "ann_recall_at_k" in tk:
+        L.append(f"  approximate: recall@{TOPK_K} {tk['ann_recall_at_k']:.3f} against the exact "
+                 f"top k, index built in {tk['ann_build_s']:.1f}s")
     gw = info.get("gowalla", {})
     split = gw.get("split", {})
     chosen = gw.get("bpr", {}).get("chosen", {})

@@ -121,3 +121,22 @@ def test_bad_arguments_are_named():
         de.sampled_softmax_loss(out, torch.zeros(1, D), [1], num_sampled=2, reduction="avg")
     with pytest.raises(TypeError, match="DynamicEmbedding"):
         de.sampled_softmax_loss(out.table, torch.zeros(1, D), [1], num_sampled=2)
+
+
+@pytest.mark.parametrize("sampler", [Uniform(), Unigram(), LogUniform()])
+def test_training_is_deterministic_with_seeds(sampler):
+    def run():
+        out = output_table(optimizer=de.optim.Adagrad(lr=0.1))
+        x = torch.randn(8, D, generator=torch.Generator().manual_seed(4))
+        rng = np.random.default_rng(11)
+        losses = []
+        for step in range(5):
+            loss = de.sampled_softmax_loss(out, x, list(range(step, step + 8)), num_sampled=6,
+                                           sampler=sampler, generator=rng)
+            loss.backward()
+            losses.append(loss.item())
+        return losses, out.table.export()
+
+    (la, ea), (lb, eb) = run(), run()
+    assert la == lb
+    assert torch.equal(ea.ids, eb.ids) and torch.equal(ea.weights, eb.weights)
