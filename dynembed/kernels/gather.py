@@ -34,21 +34,44 @@ def segment_sum(values, segment, segments):
     return out
 
 
-@adaptive(lambda meta, slots, occurrences, step: slots.size)
+@adaptive(lambda meta, flags, slots, occurrences, step: slots.size)
 @nb.njit(parallel=True, cache=True)
-def touch_rows(meta, slots, occurrences, step):
-    """Records a training lookup: ``count += occurrences`` and ``last_step = step``.
+def touch_rows(meta, flags, slots, occurrences, step):
+    """Records a training lookup: ``count += occurrences``, ``last_step = step`` and the
+    row's changed flag (for delta checkpoints) set.
 
     Args:
         meta: (capacity, 3) int64 arena metadata (id, count, last step), in place.
+        flags: (m,) uint8 changed flags by slot, in place; slots past its end are skipped.
         slots: (u,) int64 distinct slots (so parallel updates never collide).
         occurrences: (u,) int64 lookups of each slot in this call.
         step: the table's step.
+
+    Returns:
+        How many slots were past the end of ``flags`` (the caller grows it and marks them).
     """
     n = slots.shape[0]
+    missed = 0
     for i in nb.prange(n):
         if i + PREFETCH_DISTANCE < n:
             prefetch(meta, slots[i + PREFETCH_DISTANCE])
         r = slots[i]
         meta[r, 1] += occurrences[i]
         meta[r, 2] = step
+        if r < flags.shape[0]:
+            flags[r] = 1
+        else:
+            missed += 1
+    return missed
+
+
+@nb.njit(cache=True, nogil=True)
+def set_flags(flags, slots):
+    """``flags[slots] = 1`` for the slots inside ``flags``; returns how many were not."""
+    missed = 0
+    for s in slots:
+        if s < flags.shape[0]:
+            flags[s] = 1
+        else:
+            missed += 1
+    return missed

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from dynembed.kernels.gather import set_flags
+
 
 class ChangeTracker:
     """Changes since checkpoint ``since`` (None: never saved or loaded)."""
@@ -26,14 +28,17 @@ class ChangeTracker:
 
     def mark(self, slots: np.ndarray) -> None:
         """Rows at ``slots`` changed."""
-        if slots.shape[0] == 0:
-            return
+        if slots.shape[0] and set_flags(self.flags, slots):
+            self.grow(slots)
+
+    def grow(self, slots: np.ndarray) -> None:
+        """Makes room for every slot of ``slots`` and marks them (the rare path of
+        :meth:`mark` and of lookups, whose kernel marks in place)."""
         top = int(slots.max()) + 1
-        if top > self.flags.shape[0]:
-            grown = np.zeros(max(top, 2 * self.flags.shape[0], 1024), dtype=np.uint8)
-            grown[:self.flags.shape[0]] = self.flags
-            self.flags = grown
-        self.flags[slots] = 1
+        grown = np.zeros(max(top, 2 * self.flags.shape[0], 1024), dtype=np.uint8)
+        grown[:self.flags.shape[0]] = self.flags
+        self.flags = grown
+        set_flags(self.flags, slots)
 
     def changed(self, slots: np.ndarray) -> np.ndarray:
         """(n,) bool, whether the rows at ``slots`` changed."""

@@ -236,9 +236,9 @@ class DynamicTable(RowLifecycle, TableSnapshot, TableSearch):
         if training:
             self.step += 1
             live = slots if missed == 0 else slots[slots != EMPTY]
-            touch_rows(self.arena.np("meta"), live, counts if missed == 0 else
-                       counts[slots != EMPTY], self.step)
-            self.changes.mark(live)
+            if touch_rows(self.arena.np("meta"), self.changes.flags, live,
+                          counts if missed == 0 else counts[slots != EMPTY], self.step):
+                self.changes.grow(live)  # the kernel also marks the rows changed
             if self.tier is not None:
                 self.tier.mark(live)
             if self.evictor is not None:
