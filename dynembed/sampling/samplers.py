@@ -72,15 +72,16 @@ class Uniform(CandidateSampler):
         if size == 0 or num == 0:
             return np.empty(0, np.int64)
         meta = table.arena.np("meta")
+        if size * 8 < high:  # mostly free slots (after erasures): draw among the live ones
+            _, live = table.index.items()
+            return meta[live[rng.integers(0, size, num)], ID].copy()
         out, have = [], 0
-        for _ in range(64):  # rejection of free slots; each round expects num live hits
+        while have < num:  # rejection of free slots; each round expects the rest, 8x at most
             need = num - have
-            slots = rng.integers(0, high, int(need * high / size) + 16)
+            slots = rng.integers(0, high, min(int(need * high / size) + 16, 8 * need + 16))
             slots = slots[meta[slots, LAST_STEP] != FREE_STEP][:need]
             out.append(meta[slots, ID].copy())
             have += slots.shape[0]
-            if have == num:
-                break
         return np.concatenate(out)
 
     def log_expected_count(self, table, ids, num):
@@ -95,6 +96,7 @@ class _Snapshot:
     p_by_id: np.ndarray  # p of each of by_id
     step: int
     size: int
+    table: int  # id() of the table it describes (a sampler may serve several)
 
 
 @dataclass
@@ -115,13 +117,14 @@ class _FrequencySampler(CandidateSampler):
         """The current snapshot of the live rows' probabilities (refreshed when stale)."""
         snap = self._snapshot
         size = table.size()
-        if (snap is None or table.step - snap.step >= self.refresh_every
+        if (snap is None or snap.table != id(table)
+                or table.step - snap.step >= self.refresh_every
                 or abs(size - snap.size) > max(snap.size // 10, 0) or snap.size == 0):
             ids, counts = _live(table)
             order, p = self._weights(counts)
             ids = ids[order]
             by = np.argsort(ids)
-            snap = _Snapshot(ids, np.cumsum(p), ids[by], p[by], table.step, size)
+            snap = _Snapshot(ids, np.cumsum(p), ids[by], p[by], table.step, size, id(table))
             self._snapshot = snap
         return snap
 
@@ -178,7 +181,7 @@ class InBatch(CandidateSampler):
     of the live rows' counts is refreshed like the frequency samplers' snapshots."""
 
     refresh_every: int = 1000
-    _total: tuple[int, int, float] | None = field(default=None, init=False, repr=False)
+    _total: tuple[int, int, float, int] | None = field(default=None, init=False, repr=False)
 
     def sample(self, table, num, rng, positives):
         return np.unique(positives)
@@ -189,9 +192,11 @@ class InBatch(CandidateSampler):
     def log_expected_count(self, table, ids, num):
         """log(batch positives * the id's share of the live rows' training counts)."""
         cached = self._total
-        if (cached is None or table.step - cached[0] >= self.refresh_every
+        if (cached is None or cached[3] != id(table)
+                or table.step - cached[0] >= self.refresh_every
                 or abs(table.size() - cached[1]) > cached[1] // 10):
-            cached = (table.step, table.size(), float(max(_live(table)[1].sum(), 1)))
+            cached = (table.step, table.size(), float(max(_live(table)[1].sum(), 1)),
+                      id(table))
             self._total = cached
         slots = table.index.find(ids)
         counts = np.ones(ids.shape[0])

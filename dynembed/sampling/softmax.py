@@ -16,6 +16,7 @@ table's sparse optimizer, once per distinct row.
 
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple
 
 import numpy as np
@@ -25,8 +26,13 @@ from dynembed.kernels.hash_index import unique_inverse
 from dynembed.keys.convert import to_jagged
 from dynembed.nn._autograd import _GatherRows, index_rows
 from dynembed.nn.embedding import DynamicEmbedding
-from dynembed.sampling.samplers import CandidateSampler, Uniform
+from dynembed.sampling.samplers import CandidateSampler, InBatch, Uniform
 from dynembed.table.index import EMPTY
+
+log = logging.getLogger(__name__)
+MASKED = -1e9
+"""Logit of padding and masked candidates in :class:`SampledLogits` (finite, so that
+``torch.nn.functional.cross_entropy(logits, targets)`` works; exp() of it is 0)."""
 
 
 class SampledLogits(NamedTuple):
@@ -34,8 +40,8 @@ class SampledLogits(NamedTuple):
 
     Attributes:
         logits: (B, P + S) float32: the example's positives (padded to P, the most of any
-            example; padding is -inf) then the S sampled candidates (-inf where masked as
-            accidental hits); logQ-corrected when asked.
+            example; padding is :data:`MASKED`) then the S sampled candidates
+            (:data:`MASKED` where masked as accidental hits); logQ-corrected when asked.
         targets: (B, P + S) float32 target distribution: 1/p_b over the example's p_b
             positives, 0 elsewhere.
         sampled_ids: (S,) int64 ids of the sampled candidates.
@@ -64,7 +70,17 @@ def _labels(output: DynamicEmbedding, labels, batch: int):
         empty = int(np.flatnonzero(np.diff(bounds) == 0)[0])
         raise ValueError(f"labels: example {empty} has no positive key; every example needs "
                          "at least one")
-    return keys.ids, bounds, keys.strings, keys.ids if keys.strings is not None else None
+    ids = keys.ids
+    example = np.repeat(np.arange(batch), np.diff(bounds))
+    order = np.lexsort((ids, example))  # a key repeated in one example counts once
+    by_pair, by_example = ids[order], example[order]
+    first = np.ones(ids.shape[0], dtype=bool)
+    first[1:] = (by_pair[1:] != by_pair[:-1]) | (by_example[1:] != by_example[:-1])
+    if not first.all():
+        ids = by_pair[first]
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(by_example[first],
+                                                            minlength=batch))])
+    return ids, bounds, keys.strings, keys.ids if keys.strings is not None else None
 
 
 def _accidental_hits(pos_ids: np.ndarray, example: np.ndarray,
@@ -127,7 +143,9 @@ def sampled_logits(output: DynamicEmbedding, inputs: torch.Tensor, labels, *,
     targets = torch.zeros((batch, width + c.sampled_ids.shape[0]))
     targets[torch.from_numpy(example), torch.from_numpy(column)] = torch.from_numpy(
         1.0 / c.positives[example]).to(torch.float32)
-    return SampledLogits(torch.cat([c.true_logits, c.neg_logits], 1), targets, c.sampled_ids)
+    logits = torch.cat([c.true_logits, c.neg_logits], 1)
+    logits = logits.masked_fill(torch.isinf(logits), MASKED)
+    return SampledLogits(logits, targets, c.sampled_ids)
 
 
 def _candidates(output, inputs, labels, *, num_sampled, sampler, remove_accidental_hits,
@@ -151,16 +169,19 @@ def _candidates(output, inputs, labels, *, num_sampled, sampler, remove_accident
     example = np.repeat(np.arange(batch), np.diff(bounds))
     training = output.training and not table.read_only
 
-    # Candidates: the distinct positives (a training lookup) and the negatives (read only).
+    # Candidates: the distinct positives (a training lookup, first: it may evict rows) and
+    # then the negatives, drawn from the rows alive after it (read only).
     unique_pos, pos_inverse, pos_counts = unique_inverse(pos_ids)
-    sampled = sampler.sample(table, num_sampled, rng, unique_pos)
-    neg_slots = table.index.find(sampled)
-    sampled = sampled[neg_slots != EMPTY]  # rows evicted since a snapshot are skipped
     if training:
         pos_slots = table.lookup_slots(unique_pos, pos_counts, insert=True, strings=strings,
                                        string_ids=string_ids)
     else:
         pos_slots = table.index.find(unique_pos)
+    sampled = sampler.sample(table, num_sampled, rng, unique_pos)
+    sampled = sampled[table.index.find(sampled) != EMPTY]  # stale snapshot rows skipped
+    if num_sampled and sampled.shape[0] == 0 and not isinstance(sampler, InBatch):
+        log.warning("sampled softmax: the output table has no row in memory to draw "
+                    "negatives from; the loss covers the positives only")
     cand_ids, cand_inverse, _ = unique_inverse(np.concatenate([unique_pos, sampled]))
     cand_slots = table.index.find(cand_ids)
     cand_slots[cand_inverse[:unique_pos.shape[0]]] = pos_slots  # EMPTY if not admitted

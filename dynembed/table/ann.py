@@ -64,6 +64,8 @@ class ApproximateIndex:
         self.nlist, self.nprobe, self.m, self.ef_search = nlist, nprobe, m, ef_search
         self.rebuild_every = rebuild_every
         self.index = None
+        self.ids = np.empty(0, np.int64)
+        """The id of each faiss row (faiss numbers rows 0..n-1; ids may be negative)."""
         self.rows = 0
         self._built_at: tuple[int, int, int] | None = None  # (update step, erasures, size)
 
@@ -78,61 +80,75 @@ class ApproximateIndex:
         faiss = self._faiss
         parts = list(self.table._search_chunks(1 << 16))
         ids = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int64)
-        rows = (torch.cat([p[1] for p in parts]).numpy().astype(np.float32, copy=False)
-                if parts else np.empty((0, self.table.dim), np.float32))
-        rows = np.ascontiguousarray(rows)
-        if self.metric == "cosine":
+        rows = np.array(torch.cat([p[1] for p in parts]).numpy() if parts else
+                        np.empty((0, self.table.dim)), dtype=np.float32, copy=True)
+        if self.metric == "cosine" and rows.shape[0]:
             faiss.normalize_L2(rows)
         dim, n = self.table.dim, ids.shape[0]
         if self.kind == "hnsw":
-            inner = faiss.IndexHNSWFlat(dim, self.m, faiss.METRIC_INNER_PRODUCT)
-            inner.hnsw.efSearch = self.ef_search
+            index = faiss.IndexHNSWFlat(dim, self.m, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efSearch = self.ef_search
         else:
-            nlist = self.nlist or max(1, min(int(4 * np.sqrt(max(n, 1))), max(n // 39, 1)))
-            quantizer = faiss.IndexFlatIP(dim)
-            inner = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            nlist = self.nlist or int(4 * np.sqrt(max(n, 1)))
+            nlist = max(1, min(nlist, n // 39 if n >= 39 else 1))  # faiss wants 39 per list
+            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist,
+                                       faiss.METRIC_INNER_PRODUCT)
             if n:
-                inner.train(rows)
-            inner.nprobe = min(self.nprobe, nlist)
-        index = faiss.IndexIDMap2(inner)
+                index.train(rows)
+            index.nprobe = min(self.nprobe, nlist)
         if n:
-            index.add_with_ids(rows, ids)
-        self.index, self.rows = index, n
+            index.add(rows)  # faiss numbers rows 0..n-1; ids are kept beside it
+        self.index, self.ids, self.rows = index, ids, n
         t = self.table
         self._built_at = (t.update_step, t.erasures, t.size())
         return n
 
     def search(self, queries, k: int) -> TopK:
-        """Approximate :meth:`DynamicTable.top_k` (same result type; -1 / -inf where fewer
-        than k rows are found)."""
+        """Approximate :meth:`DynamicTable.top_k` (same result type; past the rows found,
+        ids are -1 and scores -inf: tell padding by the score, as any id is a valid key)."""
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an int >= 1, got {k!r}")
         if self.index is None or (self.rebuild_every is not None and self._built_at is not None
                                   and self.table.update_step - self._built_at[0]
                                   >= self.rebuild_every):
             self.rebuild()
-        q = torch.as_tensor(queries).detach().to(torch.float32)
+        q = torch.as_tensor(queries).detach()
         single = q.dim() == 1
-        q = np.ascontiguousarray((q.reshape(1, -1) if single else q).numpy())
+        q = np.array((q.reshape(1, -1) if single else q).numpy(), dtype=np.float32,
+                     copy=True)  # a copy: faiss normalises in place
         if q.ndim != 2 or q.shape[1] != self.table.dim:
             raise ValueError(f"queries must have shape (q, {self.table.dim}) or "
                              f"({self.table.dim},), got {tuple(q.shape)}")
-        if self.metric == "cosine":
-            self._faiss.normalize_L2(q)
-        scores, ids = self.index.search(q, k)
-        scores[ids < 0] = -np.inf
+        if self.rows == 0:
+            scores = np.full((q.shape[0], k), -np.inf, dtype=np.float32)
+            found = np.full((q.shape[0], k), -1, dtype=np.int64)
+        else:
+            if self.metric == "cosine":
+                self._faiss.normalize_L2(q)
+            scores, positions = self.index.search(q, k)
+            missing = positions < 0
+            found = self.ids[np.where(missing, 0, positions)]
+            found[missing] = -1
+            scores[missing] = -np.inf
         keys = None
         if self.table.key_log is not None:
-            flat = self.table.key_log.lookup(ids.reshape(-1))
-            keys = [flat[i * k:(i + 1) * k] for i in range(ids.shape[0])]
-        ids_t, scores_t = torch.from_numpy(ids), torch.from_numpy(scores)
+            flat = self.table.key_log.lookup(found.reshape(-1))
+            keys = [flat[i * k:(i + 1) * k] for i in range(found.shape[0])]
+            for row, score in zip(keys, scores):
+                for j in np.flatnonzero(np.isinf(score)):
+                    row[j] = None
+        ids_t, scores_t = torch.from_numpy(found), torch.from_numpy(scores)
         if single:
             return TopK(ids_t[0], scores_t[0], keys[0] if keys is not None else None)
         return TopK(ids_t, scores_t, keys)
 
     def recall(self, queries, k: int) -> float:
         """Share of the exact top k (``table.top_k``) that :meth:`search` returns."""
-        exact = self.table.top_k(queries, k, metric=self.metric).ids.reshape(-1, k).numpy()
-        approx = self.search(queries, k).ids.reshape(-1, k).numpy()
-        hits = sum(np.isin(a[a >= 0], e[e >= 0]).sum() for a, e in zip(approx, exact))
-        return float(hits / max((exact >= 0).sum(), 1))
+        exact = self.table.top_k(queries, k, metric=self.metric)
+        approx = self.search(queries, k)
+        e_ids, e_ok = exact.ids.reshape(-1, k).numpy(), ~np.isinf(exact.scores.reshape(-1, k)
+                                                                  .numpy())
+        a_ids, a_ok = approx.ids.reshape(-1, k).numpy(), ~np.isinf(approx.scores.reshape(-1, k)
+                                                                   .numpy())
+        hits = sum(np.isin(a[ao], e[eo]).sum() for a, ao, e, eo in zip(a_ids, a_ok, e_ids, e_ok))
+        return float(hits / max(e_ok.sum(), 1))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 import dynembed as de
 from dynembed.sampling import InBatch, LogUniform, Uniform, Unigram
@@ -86,3 +87,20 @@ def test_snapshots_refresh_when_the_table_changes():
 def test_bad_sampler_options_are_named(make):
     with pytest.raises(ValueError, match="power|refresh_every"):
         make()
+
+
+def test_uniform_on_a_mostly_empty_arena_stays_cheap_and_live():
+    table = de.DynamicTable(de.TableConfig(dim=2, seed=1))
+    table.insert_or_assign(np.arange(200_000), torch.zeros(200_000, 2))
+    table.erase(np.arange(1, 200_000))  # one live row, 200k slots
+    ids = Uniform().sample(table, 512, np.random.default_rng(0), np.empty(0))
+    assert ids.shape == (512,) and (ids == 0).all()
+
+
+def test_one_sampler_can_serve_two_tables():
+    a, b = counted_table(40), counted_table(40)
+    b.erase(np.arange(2, 40))  # b keeps only id 1
+    sampler = Unigram()
+    sampler.sample(a, 10, np.random.default_rng(0), np.empty(0))
+    drawn = sampler.sample(b, 50, np.random.default_rng(0), np.empty(0))
+    assert drawn.tolist() == [1] * 50  # b's own snapshot, not a's

@@ -77,10 +77,13 @@ def test_accidental_hits_are_masked_and_targets_spread_over_positives():
                             generator=5)
     sampled = got.sampled_ids
     negatives = got.logits[:, 3:]
-    assert torch.isinf(negatives[0, torch.from_numpy(np.isin(sampled, [1, 2, 3]))]).all()
-    assert torch.isinf(negatives[1, torch.from_numpy(sampled == 4)]).all()
-    assert torch.isfinite(negatives[0, torch.from_numpy(~np.isin(sampled, [1, 2, 3]))]).all()
-    assert torch.isinf(got.logits[1, 1:3]).all()  # padding of the one-positive example
+    masked = de.sampling.softmax.MASKED
+    assert (negatives[0, torch.from_numpy(np.isin(sampled, [1, 2, 3]))] == masked).all()
+    assert (negatives[1, torch.from_numpy(sampled == 4)] == masked).all()
+    assert (negatives[0, torch.from_numpy(~np.isin(sampled, [1, 2, 3]))] > masked).all()
+    assert (got.logits[1, 1:3] == masked).all()  # padding of the one-positive example
+    loss = torch.nn.functional.cross_entropy(got.logits, got.targets)  # a standard loss
+    assert torch.isfinite(loss)
     torch.testing.assert_close(got.targets.sum(1), torch.ones(2))
     assert got.targets[0, :3].tolist() == pytest.approx([1 / 3] * 3)
 
@@ -140,3 +143,25 @@ def test_training_is_deterministic_with_seeds(sampler):
     (la, ea), (lb, eb) = run(), run()
     assert la == lb
     assert torch.equal(ea.ids, eb.ids) and torch.equal(ea.weights, eb.weights)
+
+
+def test_a_positive_repeated_in_an_example_counts_once():
+    out = output_table()
+    out.eval()
+    x = torch.randn(1, D, generator=torch.Generator().manual_seed(6))
+    once = de.sampled_softmax_loss(out, x, [[1]], num_sampled=0)
+    twice = de.sampled_softmax_loss(out, x, [[1, 1]], num_sampled=0)
+    assert once.item() == pytest.approx(0.0) and twice.item() == pytest.approx(0.0)
+
+
+def test_negatives_are_drawn_after_the_positives_lookup_under_a_budget():
+    out = de.DynamicEmbedding(dim=D, optimizer=de.optim.SGD(lr=0.1), seed=1, max_rows=10,
+                              eviction=de.policy.LRU(), initializer=de.init.Normal(std=1.0))
+    out.table.lookup_slots(np.arange(10), np.ones(10, np.int64), insert=True)  # full
+    x = torch.randn(2, D, generator=torch.Generator().manual_seed(7))
+    got = de.sampled_logits(out, x, [100, 101], num_sampled=20, generator=0)
+    assert out.table.contains(got.sampled_ids).all()  # every negative is a live row
+    rows = out.table.find(got.sampled_ids).values
+    expected = x @ rows.T - float(np.log(20 / len(out.table)))
+    hits = torch.from_numpy(np.isin(got.sampled_ids, [100, 101]))
+    torch.testing.assert_close(got.logits[:, 1:][:, ~hits], expected[:, ~hits])

@@ -57,3 +57,18 @@ def test_strings_and_bad_options():
         de.ApproximateIndex(table, kind="lsh")
     with pytest.raises(ValueError, match="nprobe"):
         de.ApproximateIndex(table, nprobe=0)
+
+
+def test_negative_ids_empty_tables_and_caller_queries_are_handled():
+    table = de.DynamicTable(de.TableConfig(dim=8, seed=1))
+    index = de.ApproximateIndex(table, metric="cosine")
+    empty = index.search(torch.ones(8), 3)
+    assert torch.isinf(empty.scores).all()
+    keys = np.arange(-500, 500) * 1_000_003  # half the ids negative
+    table.insert_or_assign(keys, torch.randn(1000, 8, generator=torch.Generator().manual_seed(5)))
+    index = de.ApproximateIndex(table, metric="cosine", nlist=10_000, nprobe=10_000)
+    query = torch.randn(2, 8, generator=torch.Generator().manual_seed(6))
+    before = query.clone()
+    assert index.recall(query, 10) == 1.0
+    assert (index.search(query, 10).ids < 0).any()  # negative ids come back as results
+    assert torch.equal(query, before)  # the caller's tensor is not normalised in place
