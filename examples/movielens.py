@@ -151,7 +151,8 @@ class LikeModel(nn.Module):
                 name: de.TableConfig(
                     dim=dim, optimizer=de.optim.Adagrad(lr=emb_lr),
                     store=de.storage.RocksDBStore(store_dir / name) if store_dir else None,
-                    max_rows=rows_in_memory)
+                    max_rows=rows_in_memory,
+                    key_log=True)  # dynembed inspect shows the strings behind the ids
                 for name in tables
             },
             features={

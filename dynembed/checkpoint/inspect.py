@@ -24,6 +24,15 @@ logger = logging.getLogger(__name__)
 _STEP = re.compile(r"step-(\d+)")
 
 
+def _brief(value):
+    """A value of ``extra`` as shown: small values whole, big ones summarised."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist() if value.numel() <= 8 else f"tensor{tuple(value.shape)}"
+    if isinstance(value, (dict, list, tuple)) and len(repr(value)) > 80:
+        return f"{type(value).__name__} of {len(value)}"
+    return value
+
+
 def _top_keys(chain, name: str, entry: dict, top: int) -> list[dict]:
     """The ``top`` rows with the highest counts (streamed), with their strings when the
     table kept a key log."""
@@ -71,9 +80,7 @@ def describe(path: str | os.PathLike, *, top: int = 10) -> dict:
     extra = None
     if manifest.get("dense"):
         dense = torch.load(folder / manifest["dense"], weights_only=True)
-        extra = {k: (v.tolist() if isinstance(v, torch.Tensor) and v.numel() <= 8 else
-                     (f"tensor{tuple(v.shape)}" if isinstance(v, torch.Tensor) else v))
-                 for k, v in (dense.get("extra") or {}).items()}
+        extra = {k: _brief(v) for k, v in (dense.get("extra") or {}).items()}
     tables = {}
     for name, entry in manifest["tables"].items():
         size = sum(manifest["files"][s["rows_file"]]["bytes"] for s in entry["shards"])
