@@ -54,16 +54,7 @@ def _rows_of(table: DynamicTable, ids: np.ndarray) -> tuple[np.ndarray, RowBlock
 def _all_hashes(table: DynamicTable) -> np.ndarray:
     """Sorted bucket hashes of every live id (memory, store, lazily opened checkpoint)."""
     parts = [table.index.bucket_hashes()]
-    if table.tier is not None:
-        for block in table.tier.scan():
-            parts.append(bucket_hash(block.ids[table.index.find(block.ids) == EMPTY]))
-    if table.base is not None:
-        for ids, _ in table.base.chunks():
-            keep = table.index.find(ids) == EMPTY
-            if table.tier is not None and keep.any():
-                idx = np.flatnonzero(keep)
-                keep[idx[table.tier.get(ids[idx])[0]]] = False
-            parts.append(bucket_hash(ids[keep]))
+    parts += [bucket_hash(block.ids) for block in table.rows_below_memory()]
     hashes = np.concatenate(parts)
     del parts
     hashes.sort()

@@ -17,7 +17,6 @@ import torch
 
 from dynembed.table.arena import LAST_STEP
 from dynembed.table.eviction import FREE_STEP
-from dynembed.table.index import EMPTY
 
 METRICS = ("dot", "cosine")
 DEFAULT_CHUNK_ROWS = 1 << 16
@@ -61,19 +60,8 @@ class TableSearch:
             live = np.flatnonzero(meta[start:stop, LAST_STEP] != FREE_STEP) + start
             if live.shape[0]:
                 yield meta[live, 0].copy(), self.arena.weights[torch.from_numpy(live)]
-        if self.tier is not None:
-            for block in self.tier.scan():
-                keep = self.index.find(block.ids) == EMPTY
-                if keep.any():
-                    yield block.ids[keep], torch.from_numpy(block.weights[keep])
-        if self.base is not None:
-            for block in self.base.rows(chunk_rows):
-                keep = self.index.find(block.ids) == EMPTY
-                if self.tier is not None and keep.any():
-                    idx = np.flatnonzero(keep)
-                    keep[idx[self.tier.get(block.ids[idx])[0]]] = False
-                if keep.any():
-                    yield block.ids[keep], torch.from_numpy(block.weights[keep])
+        for block in self.rows_below_memory(chunk_rows):
+            yield block.ids, torch.from_numpy(block.weights)
 
     def top_k(self, queries, k: int, *, metric: str = "dot", keys=None,
               chunk_rows: int = DEFAULT_CHUNK_ROWS) -> TopK:

@@ -7,6 +7,8 @@ streaming, chunked checkpoints are :mod:`dynembed.checkpoint`'s job).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 
@@ -27,20 +29,27 @@ class TableSnapshot:
         order, then rows only in the store, then rows of a lazily opened checkpoint not
         read yet (whole table; it must fit in memory)."""
         _, slots = self.index.items()
-        parts = [self.arena.rows(np.sort(slots))]
+        parts = [self.arena.rows(np.sort(slots)), *self.rows_below_memory()]
+        rows = RowBlock.concat(parts, self.dim, self.arena.state_width)
+        return TableExport(*(torch.from_numpy(x) for x in (
+            rows.ids, rows.weights, rows.state, rows.counts, rows.last_step)))
+
+    def rows_below_memory(self, chunk_rows: int = 1 << 16) -> Iterator[RowBlock]:
+        """The live rows with no copy in memory, a block at a time: the store's, then those
+        of a lazily opened checkpoint that neither memory nor the store has (newer)."""
         if self.tier is not None:
             for block in self.tier.scan():
-                parts.append(block.take(self.index.find(block.ids) == EMPTY))
-        if self.base is not None:  # rows of a lazily opened checkpoint not read yet
-            for block in self.base.rows():
+                keep = self.index.find(block.ids) == EMPTY
+                if keep.any():
+                    yield block.take(keep)
+        if self.base is not None:
+            for block in self.base.rows(chunk_rows):
                 keep = self.index.find(block.ids) == EMPTY
                 if self.tier is not None and keep.any():
                     idx = np.flatnonzero(keep)
                     keep[idx[self.tier.get(block.ids[idx])[0]]] = False
-                parts.append(block.take(keep))
-        rows = RowBlock.concat(parts, self.dim, self.arena.state_width)
-        return TableExport(*(torch.from_numpy(x) for x in (
-            rows.ids, rows.weights, rows.state, rows.counts, rows.last_step)))
+                if keep.any():
+                    yield block.take(keep)
 
     def to_numpy(self) -> dict[str, np.ndarray]:
         """Live rows as numpy arrays: ``id`` (r,), ``vector`` (r, dim), ``count`` (r,),
