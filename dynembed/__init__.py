@@ -8,12 +8,23 @@ and a compiled CPU engine::
     v = emb(["cat", "dog", "cat"])   # (3, 64); new keys get rows
 """
 
-from dynembed import checkpoint, metrics, optim, policy, sampling, storage
+from dynembed import (
+    checkpoint,
+    distributed,
+    metrics,
+    optim,
+    policy,
+    sampling,
+    storage,
+    train,
+)
 from dynembed import policy as init
 from dynembed.errors import (
     CheckpointCorruptError,
     CheckpointError,
     CheckpointNotFoundError,
+    ConfigMismatchError,
+    DistributedError,
     DynembedError,
     KeyInputError,
     KeyValueError,
@@ -56,6 +67,8 @@ __all__ = [
     "CheckpointCorruptError",
     "CheckpointError",
     "CheckpointNotFoundError",
+    "ConfigMismatchError",
+    "DistributedError",
     "DynamicEmbedding",
     "DynamicEmbeddingBag",
     "DynamicTable",
@@ -82,6 +95,7 @@ __all__ = [
     "TopK",
     "__version__",
     "checkpoint",
+    "distributed",
     "get_num_threads",
     "hash_bytes",
     "hash_strings",
@@ -96,4 +110,5 @@ __all__ = [
     "sparse_step",
     "sparse_zero_grad",
     "storage",
+    "train",
 ]

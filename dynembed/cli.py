@@ -1,4 +1,4 @@
-"""The ``dynembed`` command line: ``dynembed inspect CKPT``."""
+"""The ``dynembed`` command line: ``dynembed inspect CKPT``, ``dynembed train SCRIPT``."""
 
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ def _print_summary(info: dict, out) -> None:
 
 
 def _inspect(args) -> int:
+    """``dynembed inspect``."""
     from dynembed.checkpoint import manifest as mf
     from dynembed.checkpoint.inspect import describe, history, plot_history
 
@@ -77,15 +78,54 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("--plot", metavar="PNG",
                          help="draw rows per table across the directory's checkpoints")
     inspect.add_argument("--json", action="store_true", help="print JSON")
+    inspect.set_defaults(run=_inspect)
+    _add_train(commands)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.top < 0:
+    if args.command == "inspect" and args.top < 0:
         parser.error("--top must be >= 0")
+    if args.command == "train" and args.script is None:
+        parser.error("give the training script (or -m and a module)")
     try:
-        return _inspect(args)
-    except DynembedError as e:
+        return args.run(args)
+    except (DynembedError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+
+
+def _add_train(commands) -> None:
+    train = commands.add_parser(
+        "train", help="run a training script on torchrun (elastic, restarts on failure)",
+        description="Runs SCRIPT with torchrun: c10d rendezvous, restarts on failure, worker "
+                    "logs in --log-dir, and a progress bar fed by the script's "
+                    "dynembed.train.Runtime. Arguments after the script go to it.")
+    train.add_argument("--nnodes", default="1", help="nodes: N, or MIN:MAX (elastic)")
+    train.add_argument("--nproc-per-node", type=int, default=1, help="workers per node")
+    train.add_argument("--max-restarts", type=int, default=3,
+                       help="restarts of the workers after failures before giving up")
+    train.add_argument("--rdzv-endpoint", default=None,
+                       help="HOST:PORT of the rendezvous (needed with several nodes)")
+    train.add_argument("--rdzv-id", default="dynembed", help="job id shared by its nodes")
+    train.add_argument("--log-dir", default="runs/logs", help="worker logs and progress")
+    train.add_argument("--tee", action="store_true", help="also show the workers' output")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("-m", dest="module", action="store_true",
+                       help="SCRIPT is a module to run as python -m SCRIPT")
+    train.add_argument("script", nargs="?", default=None, help="the training script")
+    train.add_argument("script_args", nargs=argparse.REMAINDER,
+                       help="arguments of the script")
+    train.set_defaults(run=_train)
+
+
+def _train(args) -> int:
+    from dynembed.train.launch import LaunchConfig, launch
+
+    config = LaunchConfig(script=args.script, script_args=list(args.script_args),
+                          module=args.module, nnodes=args.nnodes,
+                          nproc_per_node=args.nproc_per_node,
+                          max_restarts=args.max_restarts, rdzv_endpoint=args.rdzv_endpoint,
+                          rdzv_id=args.rdzv_id, log_dir=args.log_dir, tee=args.tee)
+    return launch(config, show_progress=not args.no_progress)
 
 
 if __name__ == "__main__":

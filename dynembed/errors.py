@@ -73,3 +73,11 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 class CheckpointCorruptError(CheckpointError):
     """A checkpoint file is truncated or damaged (bad magic, version, size or checksum); the
     message names the file and the part that failed."""
+
+
+class DistributedError(DynembedError):
+    """A distributed job cannot go on: ranks disagree, or a collective failed or timed out."""
+
+
+class ConfigMismatchError(DistributedError, ValueError):
+    """Ranks of one job built different tables (dims, optimizers, ...)."""

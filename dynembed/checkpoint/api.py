@@ -79,6 +79,11 @@ def _gather_tables(model: nn.Module | None, tables: dict | None) -> dict[str, Dy
     return found
 
 
+def _replicated(table: DynamicTable) -> bool:
+    """Every rank holds all of the table's rows (each saves its buckets, loads them all)."""
+    return table.config.placement == "replicated"
+
+
 def _rank_name(rank: int, world_size: int) -> str:
     return f"rank-{rank:05d}-of-{world_size:05d}"
 
@@ -114,7 +119,8 @@ def save(path: str | os.PathLike, model: nn.Module | None = None,
         parent: for a delta checkpoint, the checkpoint the tables were last saved to or
             restored from; only rows changed since are written.
         rank, world_size: this process's place in a job; each rank saves its own table
-            shards (dense state and ``extra`` come from rank 0).
+            shards (dense state and ``extra`` come from rank 0; a table with
+            ``placement="replicated"`` saves the rows of this rank's buckets).
         num_buckets: key buckets of the rows files (a power of two).
         chunk_rows: rows copied at a time (bounds the extra memory of the save).
 
@@ -177,7 +183,7 @@ def save(path: str | os.PathLike, model: nn.Module | None = None,
         written = write_shard(table, staging / rows_name, num_buckets=num_buckets,
                               parent=parent_rows,
                               buckets=rank_buckets(rank, world_size, num_buckets),
-                              chunk_rows=chunk_rows)
+                              clip=_replicated(table), chunk_rows=chunk_rows)
         aux_name = f"tables/{name}/rank-{rank:05d}.aux.pt"
         torch.save(table.aux_state(), staging / aux_name)
         part["files"][rows_name] = {"bytes": written.bytes}
@@ -313,7 +319,8 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
         background_rows: with ``lazy``, rows each training lookup also loads, so the whole
             table arrives over time (0: only what lookups ask for).
         rank, world_size: this process's place in a job: its tables take the rows of the
-            buckets it owns, whatever world size wrote the checkpoint.
+            buckets it owns, whatever world size wrote the checkpoint (tables with
+            ``placement="replicated"`` take every bucket).
         strict: every table and dense parameter must be in the checkpoint.
         chunk_rows: rows loaded at a time (bounds the extra memory of an eager load).
 
@@ -355,9 +362,10 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
         auxes = [torch.load(folder / s["aux"], weights_only=True) for s in shards]
         own = next((i for i, s in enumerate(shards) if s["rank"] == writer), 0)
         others = [a for i, a in enumerate(auxes) if i != own]
-        layers = _lazy_rows(chain, name, buckets, table, strict=True).layers
+        table_buckets = range(manifest["num_buckets"]) if _replicated(table) else buckets
+        layers = _lazy_rows(chain, name, table_buckets, table, strict=True).layers
         check_fits(table, layers)
-        plans.append((table, layers, auxes[own], others))
+        plans.append((table, table_buckets, layers, auxes[own], others))
     extra = None
     if manifest.get("dense") is not None:  # first: a model that does not fit changes nothing
         dense = torch.load(folder / manifest["dense"], weights_only=True)
@@ -371,8 +379,8 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
             else:
                 optimizer.load_state_dict(dense["optimizer"])
         extra = dense["extra"]
-    for table, layers, aux, others in plans:
-        restore(table, layers, buckets, aux, others, since=manifest["id"], lazy=lazy,
+    for table, table_buckets, layers, aux, others in plans:
+        restore(table, layers, table_buckets, aux, others, since=manifest["id"], lazy=lazy,
                 background_rows=background_rows, chunk_rows=chunk_rows)
     return extra
 

@@ -70,11 +70,20 @@ def _check_owned(hashes: np.ndarray, buckets: range, num_buckets: int, path: Pat
         raise CheckpointError(
             f"{path}: the table holds keys of buckets {int(ends[0])}..{int(ends[1])} but this "
             f"rank owns buckets {buckets.start}..{buckets.stop - 1}; a sharded table must "
-            "hold only its own keys (a replicated table is saved by one rank, world_size=1)")
+            "hold only its own keys (shard the model with de.distributed.shard_model, or "
+            "give a table that every rank holds whole placement='replicated')")
+
+
+def _in_buckets(hashes: np.ndarray, buckets: range, num_buckets: int) -> np.ndarray:
+    """The (sorted) hashes that fall in ``buckets``."""
+    if len(buckets) == num_buckets:
+        return hashes
+    bucket = bucket_of_hash(hashes, num_buckets)
+    return hashes[(bucket >= buckets.start) & (bucket < buckets.stop)]
 
 
 def write_shard(table: DynamicTable, path: Path, *, num_buckets: int, parent: LazyRows | None,
-                buckets: range | None = None,
+                buckets: range | None = None, clip: bool = False,
                 chunk_rows: int = DEFAULT_CHUNK_ROWS) -> ShardWritten:
     """Writes the table's rows (full) or its changes since ``parent`` (delta) to ``path``.
 
@@ -85,13 +94,18 @@ def write_shard(table: DynamicTable, path: Path, *, num_buckets: int, parent: La
         parent: the parent checkpoint's rows of this table, for a delta; None for a full
             save.
         buckets: the buckets this shard owns (None: all).
+        clip: write only the rows of ``buckets`` (a replicated table, whose every rank
+            holds every row, writes its part); otherwise rows outside them are an error.
         chunk_rows: rows copied at a time.
 
     Raises:
         CheckpointError: the table holds keys of buckets it does not own.
     """
+    buckets = buckets or range(num_buckets)
     if parent is None:
         hashes = _all_hashes(table)
+        if clip:
+            hashes = _in_buckets(hashes, buckets, num_buckets)
         deleted_ids = np.empty(0, dtype=np.int64)
         present_mask = None
     else:
@@ -99,6 +113,8 @@ def write_shard(table: DynamicTable, path: Path, *, num_buckets: int, parent: La
         hashes.sort()
         if hashes.shape[0]:  # distinct (hashes are a bijection of ids)
             hashes = hashes[np.concatenate([[True], hashes[1:] != hashes[:-1]])]
+        if clip:
+            hashes = _in_buckets(hashes, buckets, num_buckets)
         present_mask = np.zeros(hashes.shape[0], dtype=bool)
         for start in range(0, hashes.shape[0], chunk_rows):
             ids = id_of_hash(hashes[start:start + chunk_rows])
@@ -110,7 +126,7 @@ def write_shard(table: DynamicTable, path: Path, *, num_buckets: int, parent: La
             present_mask[start:start + chunk_rows] = present
         deleted_ids = id_of_hash(hashes[~present_mask])
         hashes = hashes[present_mask]
-    _check_owned(hashes, buckets or range(num_buckets), num_buckets, path)
+    _check_owned(hashes, buckets, num_buckets, path)
     writer = RowsFileWriter(str(path), dim=table.dim, width=table.arena.state_width,
                             num_buckets=num_buckets, rows=hashes.shape[0],
                             deleted=deleted_ids.shape[0])

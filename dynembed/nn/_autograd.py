@@ -95,6 +95,10 @@ def rows_for(table: DynamicTable, anchor: torch.Tensor, unique_ids: np.ndarray,
         (u, dim) float32 rows, or (n, dim) with ``inverse``; the default vector for ids
         without a row.
     """
+    if table.router is not None:  # a distributed job: the rows live on their owners
+        rows = table.router.rows(table, anchor, unique_ids, counts, training=training,
+                                 strings=strings, string_ids=string_ids)
+        return rows if inverse is None else index_rows(rows, inverse)
     insert = training and not table.read_only
     if not insert:  # evaluation: read rows, never change the table
         rows = table.read_unique(unique_ids, counts)

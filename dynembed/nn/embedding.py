@@ -50,12 +50,12 @@ class DynamicEmbedding(SingleTableModule):
             KeyValueError: an int key outside the int64 range.
         """
         batch = self.table.ids_of(keys)
-        if not self.training or self.table.read_only:
+        if (not self.training or self.table.read_only) and self.table.router is None:
             # Reads need no dedup: probe every key, then one gather.
             out = self.table.read(batch.ids)
         else:
             unique, inverse, counts = unique_inverse(batch.ids)
-            out = rows_for(self.table, self._anchor, unique, counts, training=True,
+            out = rows_for(self.table, self._anchor, unique, counts, training=self.training,
                            inverse=inverse, strings=batch.strings, string_ids=batch.ids)
         return out.reshape(*batch.shape, self.dim)
 

@@ -15,6 +15,9 @@ from dynembed.storage.base import EmbeddingStore
 from dynembed.table.budget import parse_bytes
 from dynembed.table.tiering import WRITE_POLICIES
 
+PLACEMENTS = ("sharded", "replicated")
+"""Values of :attr:`TableConfig.placement`."""
+
 UPDATE_MODES = ("fused", "deferred")
 NONFINITE_POLICIES = ("raise", "skip")
 
@@ -79,6 +82,11 @@ class TableConfig:
     write_policy: str = "back"
     """"back": rows reach the store when evicted or flushed. "through": also after every
     update (slower; the store is always current)."""
+    placement: str = "sharded"
+    """Where a distributed job (``dynembed.distributed``) keeps the rows: "sharded" splits
+    them across ranks by key bucket (each row on one rank); "replicated" keeps every row on
+    every rank (for small tables: no row exchange at lookup, gradients are all-gathered).
+    A single process ignores it."""
 
     def __post_init__(self) -> None:
         if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim <= 0:
@@ -106,6 +114,8 @@ class TableConfig:
             raise ValueError(f"initial_capacity must be an int >= 0, got "
                              f"{self.initial_capacity!r}")
         self._check_tiers()
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
         if self.device != "cpu":
             raise ValueError(f"device must be 'cpu' in this release, got {self.device!r}; "
                              "GPU tables are planned")

@@ -111,6 +111,9 @@ class DynamicTable(RowLifecycle, TableSnapshot, TableSearch):
         below memory and the store; None once fully loaded or for a table never restored."""
         self.changes = ChangeTracker()
         """Rows changed since the last checkpoint, for delta checkpoints."""
+        self.router = None
+        """In a distributed job, what routes the modules' lookups and gradients to the ranks
+        owning the rows (set by :func:`dynembed.distributed.shard_model`); None: local."""
         self.max_rows = self._row_limit()
         """The most rows memory holds (from memory_budget / max_rows), None if unbounded."""
         self.arena.limit = self.max_rows

@@ -1,0 +1,109 @@
+"""Collectives of the row exchange: variable-sized all-to-all and all-gather, counted.
+
+Every rank calls these in the same order (the modules' lookups run in the same order on
+every rank). Sizes travel first (one small all-to-all), then the payload in one call, so a
+lookup costs two collectives each way. Bytes sent and received are counted for
+:class:`Traffic` (benchmarks report bytes exchanged per step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Traffic:
+    """Bytes this rank sent to and received from other ranks through the row exchange
+    (its own part, which stays local, is not counted)."""
+
+    sent: int = 0
+    received: int = 0
+    exchanges: int = 0
+    """Payload collectives run (each lookup and each backward is one or two)."""
+
+    def reset(self) -> None:
+        """Sets every counter to zero."""
+        self.sent = self.received = self.exchanges = 0
+
+
+class Exchange:
+    """All-to-all and all-gather of variable-sized row blocks within one process group.
+
+    Args:
+        group: the process group (its own, so row traffic never interleaves with DDP's
+            gradient all-reduce on the default group).
+        rank, world_size: this process's place in ``group``.
+    """
+
+    def __init__(self, group, rank: int, world_size: int) -> None:
+        self.group, self.rank, self.world_size = group, rank, world_size
+        self.traffic = Traffic()
+
+    def splits(self, send: np.ndarray) -> np.ndarray:
+        """(W,) int64 sizes each rank sends to this one, given (W,) sizes this one sends."""
+        out = torch.empty(self.world_size, dtype=torch.int64)
+        dist.all_to_all_single(out, torch.from_numpy(np.ascontiguousarray(send, np.int64)),
+                               group=self.group)
+        return out.numpy()
+
+    def all_to_all(self, rows: torch.Tensor, send: np.ndarray, recv: np.ndarray) -> torch.Tensor:
+        """Sends ``rows[sum(send[:r]) : sum(send[:r+1])]`` to rank r.
+
+        Args:
+            rows: (sum(send), *trailing) contiguous CPU tensor, grouped by destination.
+            send: (W,) rows for each rank.
+            recv: (W,) rows from each rank (see :meth:`splits`).
+
+        Returns:
+            (sum(recv), *trailing), grouped by source rank.
+        """
+        rows = rows.contiguous()
+        out = rows.new_empty((int(recv.sum()), *rows.shape[1:]))
+        dist.all_to_all_single(out, rows, output_split_sizes=recv.tolist(),
+                               input_split_sizes=send.tolist(), group=self.group)
+        row_bytes = rows[:1].numel() * rows.element_size() if rows.dim() > 1 else \
+            rows.element_size()
+        self._count(int(send.sum() - send[self.rank]) * row_bytes,
+                    int(recv.sum() - recv[self.rank]) * row_bytes)
+        return out
+
+    def all_gather(self, rows: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        """Every rank's ``rows``, concatenated in rank order.
+
+        Args:
+            rows: (n_r, *trailing) CPU tensor (n_r may differ by rank).
+
+        Returns:
+            ((sum n_r, *trailing) tensor, (W,) int64 n_r of each rank).
+        """
+        sizes = torch.zeros(self.world_size, dtype=torch.int64)
+        dist.all_gather_into_tensor(sizes, torch.tensor([rows.shape[0]], dtype=torch.int64),
+                                    group=self.group)
+        sizes = sizes.numpy()
+        longest = int(sizes.max()) if sizes.shape[0] else 0
+        padded = rows.new_zeros((longest, *rows.shape[1:]))
+        padded[:rows.shape[0]] = rows
+        out = rows.new_empty((self.world_size * longest, *rows.shape[1:]))
+        dist.all_gather_into_tensor(out, padded.contiguous(), group=self.group)
+        keep = np.concatenate([np.arange(r * longest, r * longest + sizes[r])
+                               for r in range(self.world_size)])
+        row_bytes = padded[:1].numel() * padded.element_size() if padded.dim() > 1 else \
+            padded.element_size()
+        self._count((self.world_size - 1) * longest * row_bytes,
+                    (self.world_size - 1) * longest * row_bytes)
+        return out[torch.from_numpy(keep)], sizes
+
+    def all_reduce_max(self, values: np.ndarray) -> np.ndarray:
+        """Element-wise maximum of (k,) int64 ``values`` over the ranks."""
+        tensor = torch.from_numpy(np.array(values, dtype=np.int64))
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
+        return tensor.numpy()
+
+    def _count(self, sent: int, received: int) -> None:
+        self.traffic.sent += sent
+        self.traffic.received += received
+        self.traffic.exchanges += 1

@@ -1,0 +1,174 @@
+"""shard_model(): turn a model's dynamic tables into a distributed job's sharded tables.
+
+Every rank builds the same model, then calls :func:`shard_model` (the training runtime
+does). It checks that all ranks built the same tables (a mismatch fails on every rank with
+one message, instead of a hang or silently different rows), agrees on the tables' seeds,
+and attaches a router to each table: sharded by key bucket, or replicated for tables with
+``placement="replicated"``.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+
+import numpy as np
+import torch.distributed as dist
+from torch import nn
+
+from dynembed.distributed.exchange import Exchange, Traffic
+from dynembed.distributed.router import ReplicatedRouter, ShardedRouter
+from dynembed.errors import ConfigMismatchError
+from dynembed.keys.buckets import (
+    NUM_BUCKETS,
+    bucket_of_hash,
+    buckets_of,
+    check_num_buckets,
+    rank_buckets,
+)
+from dynembed.nn._base import named_tables
+from dynembed.table.table import DynamicTable
+
+
+@dataclass
+class ShardPlan:
+    """The tables of a sharded model and the exchange their rows travel through."""
+
+    exchange: Exchange
+    sharded: dict[str, DynamicTable]
+    replicated: dict[str, DynamicTable]
+
+    @property
+    def traffic(self) -> Traffic:
+        """Bytes this rank exchanged for lookups and gradients so far."""
+        return self.exchange.traffic
+
+
+def _fingerprint(table: DynamicTable) -> dict[str, str]:
+    """What must be equal on every rank for the table's rows to mean the same thing."""
+    c = table.config
+    out = {"dim": str(table.dim), "state width": str(table.arena.state_width),
+           "optimizer": repr(c.optimizer), "initializer": repr(c.initializer),
+           "hash_seed": str(c.hash_seed), "placement": c.placement,
+           "update_mode": c.update_mode, "admission": repr(c.admission),
+           "key_log": str(c.key_log)}
+    if c.seed is not None:
+        out["seed"] = str(c.seed)
+    return out
+
+
+def check_same_tables(tables: dict[str, DynamicTable], group=None) -> None:
+    """Raises ConfigMismatchError on every rank unless all ranks have the same tables.
+
+    Raises:
+        ConfigMismatchError: names every difference: table names, then fields by table.
+    """
+    mine = {name: _fingerprint(table) for name, table in sorted(tables.items())}
+    everyone: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    problems = []
+    reference = everyone[0]
+    for rank, theirs in enumerate(everyone[1:], start=1):
+        if sorted(theirs) != sorted(reference):
+            problems.append(f"rank 0 has tables {sorted(reference)} but rank {rank} has "
+                            f"{sorted(theirs)}")
+            continue
+        for name, fields in theirs.items():
+            for field in sorted(set(fields) | set(reference[name])):
+                a, b = reference[name].get(field), fields.get(field)
+                if a != b:
+                    problems.append(f"table {name!r}: {field} is {a} on rank 0 but {b} on "
+                                    f"rank {rank}")
+    if problems:
+        raise ConfigMismatchError(
+            "the ranks of this job built different tables: " + "; ".join(problems[:8])
+            + ("; ..." if len(problems) > 8 else "")
+            + ". Every rank must build the same model (the same TableConfig per table): "
+            "check per-rank arguments and config files")
+
+
+def _agree_on_seeds(tables: dict[str, DynamicTable], group) -> None:
+    """Tables without a configured seed drew one per process; take rank 0's everywhere so a
+    key's initial vector is the same whichever rank creates it."""
+    seeds = [t.seed for _, t in sorted(tables.items())]
+    holder = [seeds]
+    dist.broadcast_object_list(holder, src=dist.get_global_rank(group, 0) if group else 0,
+                               group=group)
+    for (_, table), seed in zip(sorted(tables.items()), holder[0]):
+        if table.seed != seed:
+            table.seed = seed
+            if table.admitter is not None:
+                table.admitter = table.config.admission.create(seed)
+
+
+def _check_own_rows(name: str, table: DynamicTable, rank: int, world_size: int,
+                    num_buckets: int) -> None:
+    if table.size() == 0:
+        return
+    buckets = bucket_of_hash(table.index.bucket_hashes(), num_buckets)
+    own = rank_buckets(rank, world_size, num_buckets)
+    if buckets.min() < own.start or buckets.max() >= own.stop:
+        raise ValueError(f"table {name!r} already holds rows of other ranks' buckets; "
+                         "shard the model before training it, then restore checkpoints "
+                         "(each rank loads only its buckets)")
+
+
+def shard_model(model: nn.Module, *, group=None, num_buckets: int = NUM_BUCKETS,
+                timeout: float = 300.0) -> ShardPlan:
+    """Makes the dynamic tables of ``model`` the shards of a distributed job.
+
+    Call it on every rank after ``torch.distributed.init_process_group`` and before the
+    first lookup. From then on every module lookup is a collective: every rank must look up
+    the same modules in the same order, with the same mode (train or eval), and back-propagate
+    through every training lookup.
+
+    Args:
+        model: the model holding the tables (the same on every rank).
+        group: the process group of the job (None: the default group).
+        num_buckets: key buckets (must match the checkpoints'; a power of two).
+        timeout: seconds a row exchange may wait for other ranks before failing.
+
+    Returns:
+        The :class:`ShardPlan` (tables by placement, traffic counters).
+
+    Raises:
+        ConfigMismatchError: ranks built different tables (raised on every rank).
+        ValueError: a sharded table already holds rows other ranks own.
+        RuntimeError: torch.distributed is not initialised.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("shard_model needs torch.distributed initialised; use "
+                           "de.train.Runtime, or call torch.distributed.init_process_group")
+    check_num_buckets(num_buckets)
+    tables = named_tables(model)
+    check_same_tables(tables, group)
+    world_size, rank = dist.get_world_size(group), dist.get_rank(group)
+    ranks = None if group is None else dist.get_process_group_ranks(group)
+    exchange_group = dist.new_group(ranks=ranks, backend="gloo",
+                                    timeout=datetime.timedelta(seconds=timeout))
+    exchange = Exchange(exchange_group, rank, world_size)
+    _agree_on_seeds(tables, group)
+    plan = ShardPlan(exchange, {}, {})
+    for name, table in tables.items():
+        if table.config.placement == "replicated":
+            table.router = ReplicatedRouter(exchange)
+            plan.replicated[name] = table
+        else:
+            _check_own_rows(name, table, rank, world_size, num_buckets)
+            table.router = ShardedRouter(exchange, num_buckets=num_buckets)
+            plan.sharded[name] = table
+    return plan
+
+
+def unshard_model(model: nn.Module) -> None:
+    """Detaches the routers: the tables answer lookups from their local rows again."""
+    for table in named_tables(model).values():
+        table.router = None
+
+
+def owned_ids_mask(ids: np.ndarray, rank: int, world_size: int,
+                   num_buckets: int = NUM_BUCKETS) -> np.ndarray:
+    """(n,) bool: which of (n,) int64 ids rank ``rank`` of ``world_size`` owns."""
+    own = rank_buckets(rank, world_size, num_buckets)
+    buckets = buckets_of(ids, num_buckets)
+    return (buckets >= own.start) & (buckets < own.stop)

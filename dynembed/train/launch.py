@@ -1,0 +1,136 @@
+"""``dynembed train``: torchrun with sane defaults for elastic jobs, and a progress bar.
+
+    dynembed train --nproc-per-node 2 train.py --steps 1000
+    dynembed train --nnodes 1:4 --rdzv-endpoint head:29400 --rdzv-id job7 -m my.train
+
+It runs ``python -m torch.distributed.run`` with c10d rendezvous (no etcd), restarts on
+failure (``--max-restarts``), each worker's output in ``--log-dir``, and shows the job's
+progress from the file rank 0 of a :class:`~dynembed.train.Runtime` writes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dynembed.train.progress import PROGRESS_ENV, read_progress
+
+TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+"""Environment for torchrun. Workers of a restarted group must not share the agent's store
+with the group before it: they would read the dead workers' addresses from it and fail to
+connect (pytorch/pytorch#135712); with this set, each group's rank 0 hosts a fresh store."""
+
+
+@dataclass(kw_only=True)
+class LaunchConfig:
+    """What ``dynembed train`` passes to torchrun."""
+
+    script: str
+    """The training script (a path), or a module with ``module=True``."""
+    script_args: list[str] = field(default_factory=list)
+    """Arguments of the script."""
+    module: bool = False
+    """Run ``script`` as a module (``python -m``)."""
+    nnodes: str = "1"
+    """Nodes: N, or MIN:MAX for an elastic job."""
+    nproc_per_node: int = 1
+    """Worker processes per node."""
+    max_restarts: int = 3
+    """Restarts of the worker group after failures before the job fails."""
+    rdzv_endpoint: str | None = None
+    """host:port of the c10d rendezvous; None on one node picks a free local port."""
+    rdzv_id: str = "dynembed"
+    """Job id shared by the nodes of one job."""
+    log_dir: str = "runs/logs"
+    """Where each worker's stdout/stderr go (one folder per attempt and rank)."""
+    tee: bool = False
+    """Also copy the workers' output to this terminal."""
+
+    def __post_init__(self) -> None:
+        parts = self.nnodes.split(":")
+        if not 1 <= len(parts) <= 2 or not all(p.isdigit() and int(p) >= 1 for p in parts) \
+                or int(parts[0]) > int(parts[-1]):
+            raise ValueError(f"nnodes must be N or MIN:MAX with 1 <= MIN <= MAX, got "
+                             f"{self.nnodes!r}")
+        for name in ("nproc_per_node", "max_restarts"):
+            value = getattr(self, name)
+            low = 1 if name == "nproc_per_node" else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if self.rdzv_endpoint is None and parts[-1] != "1":
+            raise ValueError("a job over several nodes needs --rdzv-endpoint HOST:PORT (the "
+                             "same on every node, e.g. the first node's address)")
+
+    def torchrun_argv(self) -> list[str]:
+        """The torchrun command line."""
+        argv = [sys.executable, "-m", "torch.distributed.run",
+                f"--nnodes={self.nnodes}", f"--nproc-per-node={self.nproc_per_node}",
+                f"--max-restarts={self.max_restarts}", "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={self.rdzv_endpoint or 'localhost:0'}",
+                f"--rdzv-id={self.rdzv_id}", f"--log-dir={self.log_dir}", "--redirects=3"]
+        if self.tee:
+            argv.append("--tee=3")
+        if self.module:
+            argv.append("-m")
+        return argv + [self.script, *self.script_args]
+
+
+def launch(config: LaunchConfig, *, show_progress: bool = True,
+           poll_seconds: float = 0.5) -> int:
+    """Runs the job to its end and returns torchrun's exit code.
+
+    SIGINT and SIGTERM are passed on to torchrun, which stops the workers (they checkpoint
+    first when they use a Runtime).
+    """
+    Path(config.log_dir).mkdir(parents=True, exist_ok=True)
+    progress_path = Path(config.log_dir) / "progress.json"
+    progress_path.unlink(missing_ok=True)
+    env = dict(os.environ, **{PROGRESS_ENV: str(progress_path.resolve())}, **TORCHRUN_ENV)
+    proc = subprocess.Popen(config.torchrun_argv(), env=env)
+
+    def forward(signum, frame):
+        proc.send_signal(signal.SIGTERM)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    bar = None
+    try:
+        while proc.poll() is None:
+            time.sleep(poll_seconds)
+            if show_progress:
+                bar = _show(progress_path, bar)
+        if show_progress:
+            bar = _show(progress_path, bar)
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        if bar is not None:
+            bar.close()
+    code = proc.returncode
+    print(f"dynembed train: torchrun exited with code {code}; worker logs in "
+          f"{config.log_dir}", file=sys.stderr)
+    return code
+
+
+def _show(path: Path, bar):
+    """Updates the progress bar from the progress file; returns it (made on first data)."""
+    from tqdm import tqdm
+
+    state = read_progress(path)
+    if state is None:
+        return bar
+    if bar is None:
+        bar = tqdm(total=state.get("total"), unit="step", dynamic_ncols=True)
+    if state.get("total") and bar.total != state["total"]:
+        bar.total = state["total"]
+    bar.n = state["step"]
+    bar.set_description(f"{state['state']} ranks={state['world_size']} "
+                        f"restarts={state['restart_count']}", refresh=False)
+    bar.set_postfix({k: f"{v:.4g}" for k, v in state.get("metrics", {}).items()},
+                    refresh=False)
+    bar.refresh()
+    return bar

@@ -1,0 +1,352 @@
+"""Runtime: one training script that runs alone or under torchrun, and survives restarts.
+
+    with de.train.Runtime(checkpoint_dir="runs/ckpt", every_steps=500) as rt:
+        model = rt.prepare(build_model())            # shard tables, DDP for dense params
+        opt = torch.optim.Adam(model.parameters())
+        rt.restore(opt)                              # latest good checkpoint, lazily
+        for step in rt.steps(total_steps):           # resumes at the restored step
+            idx = rt.batch_indices(step, batch_size, len(data))
+            loss = loss_fn(model(data[idx]))
+            loss.backward(); opt.step(); opt.zero_grad()
+            rt.log(loss=loss.item())
+
+torchrun restarts every worker after a failure or a change of membership; each restart runs
+the script from the top, and :meth:`Runtime.restore` picks up the newest checkpoint that
+every rank can load, with each rank taking its buckets whatever world size wrote it. A
+checkpoint is written every ``every_steps`` steps or ``every_seconds`` seconds (the ranks
+agree at each step boundary) and when SIGTERM arrives (torchrun forwards it when a job is
+stopped or rescaled): then :meth:`steps` ends and :attr:`preempted` is True.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dynembed.checkpoint import manifest as mf
+from dynembed.checkpoint.api import load
+from dynembed.checkpoint.manager import CheckpointManager
+from dynembed.distributed.exchange import Exchange
+from dynembed.distributed.plan import ShardPlan, shard_model
+from dynembed.distributed.process_group import JobEnv, init_process_group
+from dynembed.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointNotFoundError,
+)
+from dynembed.keys.buckets import NUM_BUCKETS
+from dynembed.train.data import global_batch, rank_part
+from dynembed.train.progress import PROGRESS_ENV, ProgressFile
+
+logger = logging.getLogger(__name__)
+
+
+def _positive_or_none(name: str, value, kind=int) -> None:
+    if value is None:
+        return
+    ok = (int, float) if kind is float else int
+    if isinstance(value, bool) or not isinstance(value, ok) or value <= 0:
+        raise ValueError(f"{name} must be a positive {'number' if kind is float else 'int'} "
+                         f"or None, got {value!r}")
+
+
+class Runtime:
+    """Runs a training loop as one process or as a rank of a torchrun job.
+
+    Args:
+        checkpoint_dir: where checkpoints go (shared by every rank and node). None: no
+            checkpoints, and nothing is restored.
+        every_steps: checkpoint after every step that is a multiple of this.
+        every_seconds: ... or when this many seconds passed since the last checkpoint.
+        keep_last: checkpoints kept (with the delta chains they need).
+        max_chain: deltas before a chain is compacted into a full checkpoint.
+        lazy_restore: restore tables lazily (rows are read from the checkpoint as keys come
+            back), so the first step after a restart does not wait for the whole table.
+        background_rows: with ``lazy_restore``, rows loaded by each training lookup so the
+            whole table arrives over time.
+        timeout: seconds a collective may wait for the other ranks before failing.
+        backend: process group backend ("gloo" on CPU; None picks it).
+        ddp: wrap models with trainable dense parameters in DistributedDataParallel.
+        handle_sigterm: checkpoint and stop at the next step boundary on SIGTERM.
+        progress_file: where rank 0 writes progress (default: ``$DYNEMBED_PROGRESS_FILE``).
+        num_buckets: key buckets of sharding and checkpoints.
+
+    Raises:
+        ValueError: a bad argument (named).
+    """
+
+    def __init__(self, checkpoint_dir: str | os.PathLike | None = None, *,
+                 every_steps: int | None = None, every_seconds: float | None = None,
+                 keep_last: int = 3, max_chain: int = 8, lazy_restore: bool = True,
+                 background_rows: int = 0, timeout: float = 300.0, backend: str | None = None,
+                 ddp: bool = True, handle_sigterm: bool = True,
+                 progress_file: str | os.PathLike | None = None,
+                 num_buckets: int = NUM_BUCKETS) -> None:
+        _positive_or_none("every_steps", every_steps)
+        _positive_or_none("every_seconds", every_seconds, float)
+        _positive_or_none("timeout", timeout, float)
+        if checkpoint_dir is None and (every_steps or every_seconds):
+            raise ValueError("every_steps/every_seconds need checkpoint_dir=")
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.every_steps, self.every_seconds = every_steps, every_seconds
+        self.keep_last, self.max_chain = keep_last, max_chain
+        self.lazy_restore, self.background_rows = lazy_restore, background_rows
+        self.timeout, self.backend, self.use_ddp = float(timeout), backend, ddp
+        self.handle_sigterm, self.num_buckets = handle_sigterm, num_buckets
+        self.env = JobEnv.from_environ()
+        self.progress = ProgressFile(progress_file or os.environ.get(PROGRESS_ENV)
+                                     if self.env.rank == 0 else None)
+        self.step = 0
+        """Steps completed (the data position)."""
+        self.total: int | None = None
+        self.extra: dict = {}
+        """User state saved with every checkpoint and restored by :meth:`restore` (plain
+        values: tensors, numbers, str, lists and dicts of them)."""
+        self.preempted = False
+        """SIGTERM arrived: the loop stopped after a checkpoint; exit without more work."""
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.plan: ShardPlan | None = None
+        self.manager: CheckpointManager | None = None
+        self.metrics: dict = {}
+        self._control: Exchange | None = None
+        self._sigterm = threading.Event()
+        self._old_handler = None
+        self._last_saved: int | None = None
+        self._last_save_time = time.monotonic()
+        self._started = self._owns_group = False
+
+    # ------------------------------------------------------------------ job
+    @property
+    def rank(self) -> int:
+        return self.env.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    @property
+    def distributed(self) -> bool:
+        """More than one rank."""
+        return self.env.world_size > 1
+
+    def start(self) -> Runtime:
+        """Starts the process group (under torchrun), installs the SIGTERM handler and
+        removes partial checkpoints a crash left (rank 0, before every rank goes on)."""
+        if self._started:
+            return self
+        self._owns_group = init_process_group(self.env, backend=self.backend,
+                                              timeout=self.timeout)
+        if self.distributed:
+            group = dist.new_group(backend="gloo",
+                                   timeout=datetime.timedelta(seconds=self.timeout))
+            self._control = Exchange(group, self.rank, self.world_size)
+        if self.handle_sigterm and threading.current_thread() is threading.main_thread():
+            self._old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        if self.checkpoint_dir is not None:
+            self.manager = CheckpointManager(self.checkpoint_dir, keep_last=self.keep_last,
+                                             max_chain=self.max_chain, rank=self.rank,
+                                             world_size=self.world_size,
+                                             num_buckets=self.num_buckets)
+            if self.rank == 0:  # no rank is saving yet: any partial directory is a crash's
+                for entry in self.checkpoint_dir.iterdir():
+                    if entry.name.endswith(".partial") and entry.is_dir():
+                        logger.info("removing partial checkpoint %s", entry)
+                        shutil.rmtree(entry, ignore_errors=True)
+            self.barrier()
+        self._started = True
+        logger.info("rank %d of %d started (restart %d)", self.rank, self.world_size,
+                    self.env.restart_count)
+        return self
+
+    def close(self) -> None:
+        """Restores the SIGTERM handler and ends the process group this runtime started."""
+        if self._old_handler is not None:
+            signal.signal(signal.SIGTERM, self._old_handler)
+            self._old_handler = None
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self._owns_group = self._started = False
+
+    def __enter__(self) -> Runtime:  # noqa: PYI034 (typing.Self needs Python 3.11)
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _on_sigterm(self, signum, frame) -> None:
+        if self._sigterm.is_set():  # a second SIGTERM: stop now
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        logger.warning("rank %d: SIGTERM; checkpointing at the next step boundary", self.rank)
+        self._sigterm.set()
+
+    def barrier(self) -> None:
+        """Waits for every rank (no-op alone)."""
+        if self._control is not None:
+            dist.barrier(group=self._control.group)
+
+    # ------------------------------------------------------------------ model
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Makes ``model`` this job's: tables sharded (or replicated) across ranks and the
+        dense part in DistributedDataParallel. Alone, returns ``model`` unchanged.
+
+        Returns:
+            The module to call in the training loop. Checkpoints always hold ``model``
+            itself, so they load at any world size.
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self._require_started()
+        self.model = model
+        if not self.distributed:
+            return model
+        self.plan = shard_model(model, num_buckets=self.num_buckets, timeout=self.timeout)
+        if self.use_ddp and any(p.requires_grad for p in model.parameters()):
+            return nn.parallel.DistributedDataParallel(model)
+        return model
+
+    # ------------------------------------------------------------------ checkpoints
+    def restore(self, optimizer: torch.optim.Optimizer | None = None) -> dict:
+        """Restores the newest checkpoint that every rank can load into the prepared model
+        and ``optimizer``; a damaged one is skipped for the one before it.
+
+        Returns:
+            :attr:`extra` (empty on a fresh start). :attr:`step` is the restored step.
+
+        Raises:
+            CheckpointError: there are checkpoints but none loads (or they do not fit).
+        """
+        self._require_started()
+        if self.model is None:
+            raise RuntimeError("call prepare(model) before restore()")
+        self.optimizer = optimizer
+        if self.manager is None:
+            return self.extra
+        candidates = [str(p) for p in reversed(self.manager.checkpoints())]
+        if self._control is not None:  # rank 0's list: every rank tries the same ones
+            holder = [candidates]
+            dist.broadcast_object_list(holder, src=0, group=self._control.group)
+            candidates = holder[0]
+        for path in candidates:
+            loaded, error = self._try_load(path)
+            if self._control is not None:
+                loaded = not self._control.all_reduce_max(np.array([0 if loaded else 1]))[0]
+            if loaded:
+                logger.info("rank %d restored %s at step %d", self.rank, path, self.step)
+                return self.extra
+            logger.warning("checkpoint %s does not load on every rank (%s); trying an "
+                           "older one", path, error or "another rank failed")
+        if candidates:
+            raise CheckpointError(f"no checkpoint in {self.checkpoint_dir} loads "
+                                  f"({len(candidates)} tried); see the warnings above")
+        return self.extra
+
+    def _try_load(self, path: str) -> tuple[bool, str | None]:
+        try:
+            for folder, manifest in mf.chain(path):
+                mf.check_files(folder, manifest)
+            saved = load(path, self.model, self.optimizer, lazy=self.lazy_restore,
+                         background_rows=self.background_rows if self.lazy_restore else 0,
+                         rank=self.rank, world_size=self.world_size) or {}
+        except (CheckpointCorruptError, CheckpointNotFoundError) as e:
+            return False, str(e)  # damaged or gone: an older one may load
+        self.step = int(saved.get("step", 0))
+        self.extra = dict(saved.get("user", {}))
+        self._last_saved, self._last_save_time = self.step, time.monotonic()
+        return True, None
+
+    def checkpoint(self) -> Path | None:
+        """Saves a checkpoint of the current step now (every rank must call it).
+
+        Returns:
+            The committed checkpoint (on every rank), or None without ``checkpoint_dir``.
+        """
+        self._require_started()
+        if self.manager is None or self.model is None:
+            return None
+        extra = {"step": self.step, "world_size": self.world_size, "user": self.extra}
+        self.manager.save(self.step, self.model, self.optimizer, extra)
+        self.barrier()  # every rank sees the commit before the next save picks its parent
+        self._last_saved, self._last_save_time = self.step, time.monotonic()
+        path = self.checkpoint_dir / f"step-{self.step:010d}"
+        if not path.exists():
+            path = path.with_name(path.name + "-full")
+        return path
+
+    # ------------------------------------------------------------------ loop
+    def steps(self, total: int) -> Iterator[int]:
+        """Yields the steps still to run, ``self.step`` .. ``total - 1``; after each one,
+        counts it, checkpoints when due, and stops early (after a checkpoint) on SIGTERM.
+        A final checkpoint is written at ``total``.
+        """
+        if isinstance(total, bool) or not isinstance(total, int) or total < 0:
+            raise ValueError(f"total must be an int >= 0, got {total!r}")
+        self._require_started()
+        self.total = total
+        self._report("running", force=True)
+        while self.step < total:
+            yield self.step
+            self.step += 1
+            stop, timed = self._agree()
+            due = (self.every_steps is not None and self.step % self.every_steps == 0) or timed
+            if due or stop:
+                self.checkpoint()
+            if stop:
+                self.preempted = True
+                self._report("preempted", force=True)
+                logger.warning("rank %d stopped at step %d after SIGTERM", self.rank,
+                               self.step)
+                return
+            self._report("running")
+        if self._last_saved != self.step:
+            self.checkpoint()
+        self._report("done", force=True)
+
+    def _agree(self) -> tuple[bool, bool]:
+        """(stop, time to checkpoint), agreed by every rank."""
+        timed = (self.every_seconds is not None and self.manager is not None
+                 and time.monotonic() - self._last_save_time >= self.every_seconds)
+        flags = np.array([self._sigterm.is_set(), timed], dtype=np.int64)
+        if self._control is not None:
+            flags = self._control.all_reduce_max(flags)
+        return bool(flags[0]), bool(flags[1])
+
+    def batch_indices(self, step: int, batch_size: int, num_samples: int, *, seed: int = 0,
+                      shuffle: bool = True) -> np.ndarray:
+        """This rank's sample indices of global batch ``step`` (see
+        :mod:`dynembed.train.data`): the same step covers the same samples whatever the
+        world size, so a resumed job continues exactly where it stopped.
+
+        Returns:
+            (about batch_size / world_size,) int64 indices into the data set.
+        """
+        indices = global_batch(step, batch_size, num_samples, seed=seed, shuffle=shuffle)
+        return rank_part(indices, self.rank, self.world_size)
+
+    def log(self, **metrics) -> None:
+        """Records numbers shown with the progress (e.g. ``loss=...``)."""
+        self.metrics.update({k: float(v) for k, v in metrics.items()})
+
+    def _report(self, state: str, *, force: bool = False) -> None:
+        self.progress.write(step=self.step, total=self.total, state=state,
+                            world_size=self.world_size,
+                            restart_count=self.env.restart_count, metrics=self.metrics,
+                            force=force)
+
+    def _require_started(self) -> None:
+        if not self._started:
+            raise RuntimeError("the runtime is not started; use `with Runtime(...) as rt:` "
+                               "or call rt.start()")

@@ -1,0 +1,69 @@
+"""Running the test worker alone, under torchrun, or through `dynembed train` (with timeouts)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dynembed.train.launch import TORCHRUN_ENV
+
+WORKER = str(Path(__file__).with_name("train_worker.py"))
+TIMEOUT = 240
+
+
+def run_alone(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, WORKER, *args], capture_output=True, text=True,
+                          timeout=TIMEOUT, check=False)
+
+
+def run_torchrun(nproc: int, *args: str, max_restarts: int = 0, log_dir: Path | None = None,
+                 cli: bool = False) -> subprocess.CompletedProcess:
+    """Runs the worker on ``nproc`` local ranks with c10d rendezvous on a free port."""
+    if cli:
+        cmd = [sys.executable, "-m", "dynembed", "train", f"--nproc-per-node={nproc}",
+               f"--max-restarts={max_restarts}", "--no-progress"]
+        if log_dir is not None:
+            cmd.append(f"--log-dir={log_dir}")
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
+               f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
+               "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0",
+               "--monitor-interval=0.2"]
+        if log_dir is not None:
+            cmd += [f"--log-dir={log_dir}", "--redirects=3"]
+    return subprocess.run([*cmd, WORKER, *args], capture_output=True, text=True,
+                          timeout=TIMEOUT, env=dict(os.environ, **TORCHRUN_ENV), check=False)
+
+
+def check(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, (f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}"
+                                    f"\nstderr:\n{result.stderr[-6000:]}")
+
+
+def rows_union(files: list[Path], table: str) -> dict[int, np.ndarray]:
+    """id -> concatenated (weights, optimizer state) over the ranks' dumps of a table."""
+    out: dict[int, np.ndarray] = {}
+    for file in files:
+        rows = torch.load(file, weights_only=True)["rows"][table]
+        values = torch.cat([rows["weights"], rows["state"]], dim=1).numpy()
+        for i, key in enumerate(rows["ids"].tolist()):
+            assert key not in out or table == "country", f"id {key} on two ranks"
+            out[key] = values[i]
+    return out
+
+
+def assert_same_rows(a: dict[int, np.ndarray], b: dict[int, np.ndarray], *, exact: bool,
+                     atol: float = 2e-5) -> None:
+    assert set(a) == set(b), f"{len(set(a) ^ set(b))} ids differ ({len(a)} vs {len(b)})"
+    keys = sorted(a)
+    left = np.stack([a[k] for k in keys])
+    right = np.stack([b[k] for k in keys])
+    if exact:
+        np.testing.assert_array_equal(left, right)
+    else:
+        np.testing.assert_allclose(left, right, rtol=1e-4, atol=atol)

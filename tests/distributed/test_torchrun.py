@@ -1,0 +1,121 @@
+"""Real torchrun jobs on loopback (gloo, CPU): equivalence, failures, elasticity, mismatches."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import torch
+
+from dynembed.checkpoint.manager import CheckpointManager
+from tests.distributed.helpers import (
+    assert_same_rows,
+    check,
+    rows_union,
+    run_alone,
+    run_torchrun,
+)
+
+
+def _final(out, world_size):
+    return sorted(out.glob(f"final-w{world_size}-r*.pt"))
+
+
+def test_two_ranks_train_like_one_process(tmp_path):
+    """Same data, seeds and global batch: 2 ranks (through `dynembed train`) give the rows,
+    the dense weights and the losses of 1 process."""
+    check(run_alone("--out", str(tmp_path / "one"), "--steps", "12"))
+    check(run_torchrun(2, "--out", str(tmp_path / "two"), "--steps", "12", cli=True,
+                       log_dir=tmp_path / "logs"))
+    one, two = tmp_path / "one", tmp_path / "two"
+    for table in ("ids", "country"):
+        assert_same_rows(rows_union(_final(one, 1), table),
+                         rows_union(_final(two, 2), table), exact=False)
+    # the replicated table is the same on both ranks, bit for bit
+    r0 = torch.load(_final(two, 2)[0], weights_only=True)["rows"]["country"]
+    assert_same_rows(rows_union([_final(two, 2)[0]], "country"),
+                     rows_union([_final(two, 2)[1]], "country"), exact=True)
+    assert r0["ids"].shape[0] == 8
+    # the sharded table holds every id exactly once, each on its owner
+    ids0, ids1 = (set(torch.load(f, weights_only=True)["rows"]["ids"]["ids"].tolist())
+                  for f in _final(two, 2))
+    assert ids0 and ids1 and not ids0 & ids1
+    dense1 = torch.load(_final(one, 1)[0], weights_only=True)["dense"]
+    for f in _final(two, 2):
+        dense2 = torch.load(f, weights_only=True)["dense"]
+        for name in dense1:
+            torch.testing.assert_close(dense1[name], dense2[name], rtol=1e-4, atol=2e-5)
+    loss1 = [json.loads(line)["loss"] for line in (one / "loss.jsonl").read_text().splitlines()]
+    loss2 = [json.loads(line)["loss"] for line in (two / "loss.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose(loss1, loss2, rtol=1e-4)
+    progress = json.loads((tmp_path / "logs" / "progress.json").read_text())
+    assert progress["state"] == "done" and progress["step"] == 12
+    assert progress["world_size"] == 2
+
+
+def test_sigkill_of_a_worker_restarts_and_completes(tmp_path):
+    """Rank 1 is SIGKILLed at step 13; torchrun restarts the group, which resumes from the
+    checkpoint of step 10 (at most one interval lost) and finishes all 30 steps."""
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+    result = run_torchrun(2, "--out", str(out), "--ckpt", str(ckpt), "--steps", "30",
+                          "--every", "5", "--kill-rank", "1", "--kill-step", "13",
+                          max_restarts=2, log_dir=tmp_path / "logs")
+    check(result)
+    assert (out / "killed").read_text() == "13"
+    restored = {f.name: torch.load(f, weights_only=True)["step"]
+                for f in out.glob("restored-*.pt")}
+    assert restored["restored-w2-r0-a0.pt"] == 0
+    assert restored["restored-w2-r0-a1.pt"] == restored["restored-w2-r1-a1.pt"] == 10
+    assert 13 - restored["restored-w2-r1-a1.pt"] <= 5
+    for f in _final(out, 2):
+        assert torch.load(f, weights_only=True)["step"] == 30
+    losses = [json.loads(line) for line in (out / "loss.jsonl").read_text().splitlines()
+              if line]
+    assert losses[-1]["step"] == 30 and losses[-1]["attempt"] == 1
+    by_step = {r["step"]: r["loss"] for r in losses}  # the restarted attempt's, at the end
+    assert sorted(by_step) == list(range(1, 31))
+    first, last = np.mean([by_step[s] for s in range(1, 6)]), \
+        np.mean([by_step[s] for s in range(26, 31)])
+    assert last < first - 0.02, (first, last)
+    # nothing corrupt on disk: no partial directory, and the newest checkpoint loads
+    assert not list(ckpt.glob("*.partial"))
+    manager = CheckpointManager(ckpt)
+    assert manager.latest().name.startswith("step-0000000030")
+
+
+def test_world_size_2_3_1_keeps_every_vector(tmp_path):
+    """A job restarted with 3 ranks, then 1, takes its buckets from the latest checkpoint:
+    each key's vector and optimizer state right after the change equal those before."""
+    ckpt = tmp_path / "ckpt"
+    common = ["--ckpt", str(ckpt), "--every", "5"]
+    check(run_torchrun(2, "--out", str(tmp_path / "a"), "--steps", "10", *common))
+    check(run_torchrun(3, "--out", str(tmp_path / "b"), "--steps", "20", *common))
+    check(run_alone("--out", str(tmp_path / "c"), "--steps", "30", *common))
+    for before, after, w_before, w_after in (("a", "b", 2, 3), ("b", "c", 3, 1)):
+        restored = sorted((tmp_path / after).glob(f"restored-w{w_after}-r*-a0.pt"))
+        assert len(restored) == w_after
+        for f in restored:
+            assert torch.load(f, weights_only=True)["step"] == (10 if after == "b" else 20)
+        for table in ("ids", "country"):
+            want = rows_union(_final(tmp_path / before, w_before), table)
+            got = rows_union(restored, table)
+            assert len(want) > (100 if table == "ids" else 7)
+            assert_same_rows(want, got, exact=True)
+    assert torch.load(_final(tmp_path / "c", 1)[0], weights_only=True)["step"] == 30
+
+
+def test_mismatched_tables_fail_fast_on_every_rank(tmp_path):
+    """Rank 1 builds its table with dim 9: both ranks stop with the same clear error well
+    before the collective timeout, instead of hanging."""
+    started = time.monotonic()
+    result = run_torchrun(2, "--out", str(tmp_path / "out"), "--dim-on-rank-1", "9",
+                          "--timeout", "120", log_dir=tmp_path / "logs")
+    elapsed = time.monotonic() - started
+    assert result.returncode != 0
+    assert elapsed < 100, elapsed
+    logs = {p.parent.name: p.read_text() for p in (tmp_path / "logs").rglob("stderr.log")}
+    assert sorted(logs) == ["0", "1"], logs.keys()
+    for text in logs.values():
+        assert "ConfigMismatchError" in text
+        assert "table 'embeddings.tables.ids': dim is 8 on rank 0 but 9 on rank 1" in text
