@@ -123,8 +123,11 @@ def _show(path: Path, bar):
     state = read_progress(path)
     if state is None:
         return bar
-    if bar is None:
-        bar = tqdm(total=state.get("total"), unit="step", dynamic_ncols=True)
+    if bar is None:  # it starts where a resumed job starts
+        bar = tqdm(total=state.get("total"), initial=state["step"], unit="step",
+                   dynamic_ncols=True)
+    elif bar.n == state["step"] and state["state"] != "running":
+        return bar  # finished: leave the final rate alone
     if state.get("total") and bar.total != state["total"]:
         bar.total = state["total"]
     bar.n = state["step"]

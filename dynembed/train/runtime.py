@@ -249,6 +249,9 @@ class Runtime:
                 return self.extra
             logger.warning("checkpoint %s does not load on every rank (%s); trying an "
                            "older one", path, error or "another rank failed")
+            if self.rank == 0 and Path(path).exists():  # every rank has tried it by now
+                # kept for inspection, out of the way: training will save that step again
+                os.replace(path, f"{path}.damaged")
         if candidates:
             raise CheckpointError(f"no checkpoint in {self.checkpoint_dir} loads "
                                   f"({len(candidates)} tried); see the warnings above")

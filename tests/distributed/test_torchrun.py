@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
 import torch
 
 from dynembed.checkpoint.manager import CheckpointManager
+from dynembed.train.progress import read_progress
 from tests.distributed.helpers import (
+    WORKER,
     assert_same_rows,
     check,
     rows_union,
@@ -119,3 +124,40 @@ def test_mismatched_tables_fail_fast_on_every_rank(tmp_path):
     for text in logs.values():
         assert "ConfigMismatchError" in text
         assert "table 'embeddings.tables.ids': dim is 8 on rank 0 but 9 on rank 1" in text
+
+
+def test_sigterm_checkpoints_the_current_step_and_resume_loses_nothing(tmp_path):
+    """`dynembed train` passes SIGTERM to torchrun, which passes it to the workers: they
+    agree on a step boundary, checkpoint it and stop; the next run resumes at that step."""
+    out, ckpt, logs = tmp_path / "out", tmp_path / "ckpt", tmp_path / "logs"
+    cmd = [sys.executable, "-m", "dynembed", "train", "--nproc-per-node=2", "--no-progress",
+           f"--log-dir={logs}", WORKER, "--out", str(out), "--ckpt", str(ckpt),
+           "--steps", "400", "--every", "1000", "--step-sleep", "0.05"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            progress = read_progress(logs / "progress.json")
+            if progress is not None and progress["step"] >= 5:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the job made no progress")
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    progress = read_progress(logs / "progress.json")
+    assert progress["state"] == "preempted"
+    stopped = progress["step"]
+    assert 5 <= stopped < 400
+    saved = CheckpointManager(ckpt).latest()
+    assert saved is not None and saved.name == f"step-{stopped:010d}"
+    assert not list(ckpt.glob("*.partial"))
+    assert not list(out.glob("final-*.pt"))  # preempted: the script stopped after the save
+    check(run_torchrun(2, "--out", str(out), "--ckpt", str(ckpt), "--steps",
+                       str(stopped + 3), "--every", "1000"))
+    restored = [torch.load(f, weights_only=True)["step"]
+                for f in out.glob("restored-w2-r*-a0.pt")]
+    assert restored == [stopped, stopped]

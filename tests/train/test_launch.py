@@ -1,0 +1,50 @@
+"""`dynembed train`: the torchrun command it builds, and its argument checks."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from dynembed import cli
+from dynembed.train import launch as launch_module
+from dynembed.train.launch import LaunchConfig
+
+
+def test_torchrun_command_has_c10d_restarts_and_logs():
+    argv = LaunchConfig(script="train.py", script_args=["--steps", "3"], nproc_per_node=2,
+                        log_dir="L").torchrun_argv()
+    assert argv[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    for flag in ("--nnodes=1", "--nproc-per-node=2", "--max-restarts=3",
+                 "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0", "--log-dir=L",
+                 "--redirects=3"):
+        assert flag in argv
+    assert argv[-3:] == ["train.py", "--steps", "3"]
+    elastic = LaunchConfig(script="m.train", module=True, nnodes="1:4",
+                           rdzv_endpoint="head:29400", rdzv_id="job7").torchrun_argv()
+    assert "--nnodes=1:4" in elastic and "--rdzv-endpoint=head:29400" in elastic
+    assert elastic[-2:] == ["-m", "m.train"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"nnodes": "0"}, "nnodes must be"),
+    ({"nnodes": "3:2"}, "nnodes must be"),
+    ({"nnodes": "a"}, "nnodes must be"),
+    ({"nproc_per_node": 0}, "nproc_per_node must be"),
+    ({"max_restarts": -1}, "max_restarts must be"),
+    ({"nnodes": "1:2"}, "needs --rdzv-endpoint"),
+])
+def test_bad_launch_settings_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LaunchConfig(script="train.py", **kwargs)
+
+
+def test_cli_passes_script_arguments_through(monkeypatch):
+    seen = []
+    monkeypatch.setattr(launch_module, "launch",
+                        lambda config, show_progress: seen.append(config) or 0)
+    assert cli.main(["train", "--nproc-per-node", "2", "-m", "pkg.job", "--steps", "5",
+                     "-m", "x"]) == 0
+    assert seen[0].module and seen[0].script == "pkg.job"
+    assert seen[0].script_args == ["--steps", "5", "-m", "x"]
+    assert cli.main(["train", "--nnodes", "1:2", "job.py"]) == 1  # no rendezvous endpoint

@@ -1,0 +1,134 @@
+"""The training runtime in one process: the loop, checkpoints, restore, SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import dynembed as de
+from dynembed.checkpoint.rows_file import RowsFile
+from dynembed.distributed.process_group import JobEnv
+from dynembed.train.runtime import Runtime
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = de.DynamicEmbedding(dim=4, optimizer=de.optim.Adagrad(lr=0.1), seed=5)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, keys):
+        return self.head(self.emb(keys)).squeeze(1)
+
+
+def _train(rt: Runtime, model: nn.Module, opt, total: int, on_step=None) -> list[int]:
+    done = []
+    for step in rt.steps(total):
+        keys = torch.from_numpy(rt.batch_indices(step, 8, 50) * 7 - 100)
+        model(keys).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        done.append(step)
+        if on_step is not None:
+            on_step(step)
+    return done
+
+
+def _fresh(tmp_path, **options):
+    rt = Runtime(tmp_path / "ckpt", **options).start()
+    model = Tiny()
+    net = rt.prepare(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return rt, model, net, opt
+
+
+def test_alone_the_runtime_runs_the_loop_and_saves_every_n_steps(tmp_path):
+    rt, model, net, opt = _fresh(tmp_path, every_steps=3)
+    assert net is model and not rt.distributed  # nothing to wrap alone
+    assert rt.restore(opt) == {} and rt.step == 0
+    rt.extra["note"] = "kept"
+    assert _train(rt, net, opt, 7) == list(range(7))
+    names = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert names == ["step-0000000003", "step-0000000006", "step-0000000007"]
+    rt.close()
+
+    rt2, model2, _, opt2 = _fresh(tmp_path, every_steps=3)
+    assert rt2.restore(opt2) == {"note": "kept"} and rt2.step == 7
+    ids = model.emb.table.export().ids.numpy()
+    np.testing.assert_array_equal(model2.emb.table.find(ids).values.numpy(),
+                                  model.emb.table.find(ids).values.numpy())
+    torch.testing.assert_close(model2.head.weight, model.head.weight)
+    assert _train(rt2, model2, opt2, 9) == [7, 8]  # resumes at the restored step
+    rt2.close()
+
+
+def test_every_seconds_saves_when_the_interval_passed(tmp_path):
+    rt, _, net, opt = _fresh(tmp_path, every_seconds=1e-9)
+    rt.restore(opt)
+    _train(rt, net, opt, 3)
+    assert len(list((tmp_path / "ckpt").glob("step-*"))) == 3
+    rt.close()
+
+
+def test_sigterm_checkpoints_at_the_next_step_boundary_and_stops(tmp_path):
+    rt, _, net, opt = _fresh(tmp_path, every_steps=100)
+    rt.restore(opt)
+    done = _train(rt, net, opt, 50,
+                  on_step=lambda s: s == 4 and os.kill(os.getpid(), signal.SIGTERM))
+    assert done == [0, 1, 2, 3, 4] and rt.preempted and rt.step == 5
+    assert [p.name for p in (tmp_path / "ckpt").glob("step-*")] == ["step-0000000005"]
+    rt.close()
+    assert signal.getsignal(signal.SIGTERM) is not rt._on_sigterm  # handler given back
+
+
+def test_restore_skips_a_damaged_checkpoint_for_the_one_before(tmp_path):
+    rt, _, net, opt = _fresh(tmp_path, every_steps=2, max_chain=1)
+    rt.restore(opt)
+    _train(rt, net, opt, 4)
+    rt.close()
+    rows = next((tmp_path / "ckpt" / "step-0000000004").rglob("*.rows"))
+    offset, size = RowsFile(str(rows)).layout.offsets["records"]
+    data = bytearray(rows.read_bytes())
+    data[offset + size // 2] ^= 0x01  # same size: only the block checksums can tell
+    rows.write_bytes(bytes(data))
+    rt2, _, net2, opt2 = _fresh(tmp_path, every_steps=2, max_chain=1, lazy_restore=False)
+    rt2.restore(opt2)
+    assert rt2.step == 2
+    assert (tmp_path / "ckpt" / "step-0000000004.damaged").exists()
+    _train(rt2, net2, opt2, 4)  # step 4 can be saved again
+    assert (tmp_path / "ckpt" / "step-0000000004").exists()
+    rt2.close()
+
+
+def test_misuse_is_explained(tmp_path):
+    with pytest.raises(ValueError, match="every_steps must be"):
+        Runtime(tmp_path, every_steps=0)
+    with pytest.raises(ValueError, match="need checkpoint_dir"):
+        Runtime(None, every_steps=5)
+    rt = Runtime(tmp_path)
+    with pytest.raises(RuntimeError, match="not started"):
+        rt.prepare(Tiny())
+    rt.start()
+    with pytest.raises(RuntimeError, match="prepare"):
+        rt.restore()
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        rt.prepare("model")
+    with pytest.raises(ValueError, match="total must be"):
+        next(rt.steps(-1))
+    rt.close()
+
+
+def test_job_env_reads_torchrun_variables():
+    assert JobEnv.from_environ({}) == JobEnv()
+    env = JobEnv.from_environ({"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "0",
+                               "TORCHELASTIC_RESTART_COUNT": "1"})
+    assert (env.rank, env.world_size, env.restart_count, env.launched) == (2, 4, 1, True)
+    with pytest.raises(ValueError, match="RANK must be an integer"):
+        JobEnv.from_environ({"RANK": "x", "WORLD_SIZE": "2"})
+    with pytest.raises(ValueError, match="do not describe a job"):
+        JobEnv.from_environ({"RANK": "2", "WORLD_SIZE": "2"})
