@@ -106,6 +106,8 @@ def _add_train(commands) -> None:
     train.add_argument("--rdzv-endpoint", default=None,
                        help="HOST:PORT of the rendezvous (needed with several nodes)")
     train.add_argument("--rdzv-id", default="dynembed", help="job id shared by its nodes")
+    train.add_argument("--rdzv-conf", default=None,
+                       help="more rendezvous settings, e.g. join_timeout=600,last_call_timeout=5")
     train.add_argument("--log-dir", default="runs/logs", help="worker logs and progress")
     train.add_argument("--tee", action="store_true", help="also show the workers' output")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -124,7 +126,8 @@ def _train(args) -> int:
                           module=args.module, nnodes=args.nnodes,
                           nproc_per_node=args.nproc_per_node,
                           max_restarts=args.max_restarts, rdzv_endpoint=args.rdzv_endpoint,
-                          rdzv_id=args.rdzv_id, log_dir=args.log_dir, tee=args.tee)
+                          rdzv_id=args.rdzv_id, rdzv_conf=args.rdzv_conf,
+                          log_dir=args.log_dir, tee=args.tee)
     return launch(config, show_progress=not args.no_progress)
 
 

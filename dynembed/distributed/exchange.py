@@ -14,6 +14,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+# torch 2.13 renamed all_gather_into_tensor (which now warns) to all_gather_single
+_all_gather_impl = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _all_gather(out: torch.Tensor, tensor: torch.Tensor, group) -> None:
+    _all_gather_impl(out, tensor, group=group)
+
 
 @dataclass
 class Traffic:
@@ -81,14 +88,13 @@ class Exchange:
             ((sum n_r, *trailing) tensor, (W,) int64 n_r of each rank).
         """
         sizes = torch.zeros(self.world_size, dtype=torch.int64)
-        dist.all_gather_into_tensor(sizes, torch.tensor([rows.shape[0]], dtype=torch.int64),
-                                    group=self.group)
+        _all_gather(sizes, torch.tensor([rows.shape[0]], dtype=torch.int64), self.group)
         sizes = sizes.numpy()
         longest = int(sizes.max()) if sizes.shape[0] else 0
         padded = rows.new_zeros((longest, *rows.shape[1:]))
         padded[:rows.shape[0]] = rows
         out = rows.new_empty((self.world_size * longest, *rows.shape[1:]))
-        dist.all_gather_into_tensor(out, padded.contiguous(), group=self.group)
+        _all_gather(out, padded.contiguous(), self.group)
         keep = np.concatenate([np.arange(r * longest, r * longest + sizes[r])
                                for r in range(self.world_size)])
         row_bytes = padded[:1].numel() * padded.element_size() if padded.dim() > 1 else \

@@ -46,6 +46,9 @@ class LaunchConfig:
     """host:port of the c10d rendezvous; None on one node picks a free local port."""
     rdzv_id: str = "dynembed"
     """Job id shared by the nodes of one job."""
+    rdzv_conf: str | None = None
+    """More rendezvous settings, e.g. ``join_timeout=600,last_call_timeout=5`` (seconds to
+    wait for the minimum nodes, and for more nodes once the minimum is there)."""
     log_dir: str = "runs/logs"
     """Where each worker's stdout/stderr go (one folder per attempt and rank)."""
     tee: bool = False
@@ -73,6 +76,8 @@ class LaunchConfig:
                 f"--max-restarts={self.max_restarts}", "--rdzv-backend=c10d",
                 f"--rdzv-endpoint={self.rdzv_endpoint or 'localhost:0'}",
                 f"--rdzv-id={self.rdzv_id}", f"--log-dir={self.log_dir}", "--redirects=3"]
+        if self.rdzv_conf:
+            argv.append(f"--rdzv-conf={self.rdzv_conf}")
         if self.tee:
             argv.append("--tee=3")
         if self.module:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,6 +14,7 @@ import numpy as np
 import torch
 
 from dynembed.checkpoint.manager import CheckpointManager
+from dynembed.train.launch import TORCHRUN_ENV
 from dynembed.train.progress import read_progress
 from tests.distributed.helpers import (
     WORKER,
@@ -161,3 +164,49 @@ def test_sigterm_checkpoints_the_current_step_and_resume_loses_nothing(tmp_path)
     restored = [torch.load(f, weights_only=True)["step"]
                 for f in out.glob("restored-w2-r*-a0.pt")]
     assert restored == [stopped, stopped]
+
+
+def test_a_node_joining_scales_the_job_up_without_losing_a_step(tmp_path):
+    """Two torchrun agents (two 'nodes' on loopback) with --nnodes=1:2: the first trains
+    alone; when the second joins, torchrun stops the workers (SIGTERM: they checkpoint),
+    and the group of 2 resumes at that very step and finishes the job."""
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2",
+           "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+           "--rdzv-id=scale-up", "--rdzv-conf=last_call_timeout=1", "--max-restarts=3",
+           "--monitor-interval=0.2", WORKER, "--out", str(out), "--ckpt", str(ckpt),
+           "--steps", "150", "--every", "1000", "--step-sleep", "0.05"]
+    env = dict(os.environ, **TORCHRUN_ENV, DYNEMBED_PROGRESS_FILE=str(tmp_path / "p.json"))
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
+    second = None
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            progress = read_progress(tmp_path / "p.json")
+            if progress is not None and progress["step"] >= 5:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the first node made no progress")
+        assert progress["world_size"] == 1
+        second = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True)
+        for proc in (first, second):
+            _, err = proc.communicate(timeout=180)
+            assert proc.returncode == 0, err[-4000:]
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    assert torch.load(out / "restored-w1-r0-a0.pt", weights_only=True)["step"] == 0
+    resumed = [torch.load(out / f"restored-w2-r{r}-a0.pt", weights_only=True)["step"]
+               for r in (0, 1)]
+    assert resumed[0] == resumed[1] >= 5
+    for f in _final(out, 2):
+        assert torch.load(f, weights_only=True)["step"] == 150
+    steps = [json.loads(line)["step"] for line in (out / "loss.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 151))  # every step ran once: nothing lost, nothing redone
