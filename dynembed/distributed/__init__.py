@@ -16,14 +16,14 @@ from dynembed.distributed.plan import (
     unshard_model,
 )
 from dynembed.distributed.process_group import JobEnv, init_process_group
-from dynembed.distributed.router import ReplicatedRouter, ShardedRouter
+from dynembed.distributed.router import Lookup, Router
 
 __all__ = [
     "Exchange",
     "JobEnv",
-    "ReplicatedRouter",
+    "Lookup",
+    "Router",
     "ShardPlan",
-    "ShardedRouter",
     "Traffic",
     "check_same_tables",
     "init_process_group",

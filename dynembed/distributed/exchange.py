@@ -78,18 +78,22 @@ class Exchange:
                     int(recv.sum() - recv[self.rank]) * row_bytes)
         return out
 
-    def all_gather(self, rows: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+    def all_gather(self, rows: torch.Tensor,
+                   sizes: np.ndarray | None = None) -> tuple[torch.Tensor, np.ndarray]:
         """Every rank's ``rows``, concatenated in rank order.
 
         Args:
             rows: (n_r, *trailing) CPU tensor (n_r may differ by rank).
+            sizes: (W,) n_r of every rank when the caller knows them (saves a collective).
 
         Returns:
             ((sum n_r, *trailing) tensor, (W,) int64 n_r of each rank).
         """
-        sizes = torch.zeros(self.world_size, dtype=torch.int64)
-        _all_gather(sizes, torch.tensor([rows.shape[0]], dtype=torch.int64), self.group)
-        sizes = sizes.numpy()
+        if sizes is None:
+            gathered = torch.zeros(self.world_size, dtype=torch.int64)
+            _all_gather(gathered, torch.tensor([rows.shape[0]], dtype=torch.int64),
+                        self.group)
+            sizes = gathered.numpy()
         longest = int(sizes.max()) if sizes.shape[0] else 0
         padded = rows.new_zeros((longest, *rows.shape[1:]))
         padded[:rows.shape[0]] = rows

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dynembed.distributed.exchange import Exchange, Traffic
-from dynembed.distributed.router import ReplicatedRouter, ShardedRouter
+from dynembed.distributed.router import Router
 from dynembed.errors import ConfigMismatchError
 from dynembed.keys.buckets import (
     NUM_BUCKETS,
@@ -149,14 +149,14 @@ def shard_model(model: nn.Module, *, group=None, num_buckets: int = NUM_BUCKETS,
     exchange = Exchange(exchange_group, rank, world_size)
     _agree_on_seeds(tables, group)
     plan = ShardPlan(exchange, {}, {})
+    router = Router(exchange, num_buckets=num_buckets)
     for name, table in tables.items():
         if table.config.placement == "replicated":
-            table.router = ReplicatedRouter(exchange)
             plan.replicated[name] = table
         else:
             _check_own_rows(name, table, rank, world_size, num_buckets)
-            table.router = ShardedRouter(exchange, num_buckets=num_buckets)
             plan.sharded[name] = table
+        table.router = router
     return plan
 
 

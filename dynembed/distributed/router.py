@@ -1,14 +1,19 @@
-"""Routers: how a module's lookup reaches rows that live on other ranks.
+"""The router: how a module's lookups reach rows that live on other ranks.
 
-A :class:`ShardedRouter` sends each distinct id to the rank that owns its key bucket; the
-owner merges the requests of all ranks (so a key's count and its one optimizer update cover
-the whole global batch), looks the ids up in its table shard and sends the rows back.
-Backward sends each row's gradient to the owner, which sums the parts and applies the
-sparse optimizer once.
+A module's lookup touches one or several tables (an EmbeddingCollection looks every table
+up in one call); the router serves all of them with a fixed number of collectives, however
+many tables there are:
 
-A :class:`ReplicatedRouter` keeps every row on every rank: a training lookup all-gathers the
-ranks' ids so every replica inserts and touches the same rows, and backward all-gathers the
-gradients so every replica applies the same update. Evaluation reads the local replica.
+- *sharded* tables: each distinct id goes to the rank that owns its key bucket. One
+  all-to-all of sizes and one of ``(id, count, table)`` triples carry the requests; each
+  owner merges the requests of all ranks per table (so a key's count and its one optimizer
+  update cover the whole global batch), looks the ids up in its shard, and one all-to-all
+  of the packed rows (tables of any dims, flattened) brings them back. Backward sends each
+  row's gradient to its owner the same way; the owner sums the parts per id and applies
+  the sparse optimizer once.
+- *replicated* tables: a training lookup all-gathers the ranks' ``(id, count, table)``
+  triples so every replica inserts and touches the same rows, and backward all-gathers the
+  gradients so every replica applies the same update. Evaluation reads the local replica.
 
 Gradients are averaged over ranks (scaled by 1/W, as DDP averages dense gradients), so a job
 of W ranks with a global batch of B trains like one process with batch B.
@@ -23,6 +28,7 @@ from dynembed.distributed.exchange import Exchange
 from dynembed.kernels.gather import segment_sum
 from dynembed.kernels.hash_index import unique_inverse
 from dynembed.keys.buckets import NUM_BUCKETS, buckets_of, rank_of_bucket
+from dynembed.nn._autograd import Lookup
 from dynembed.table.arena import take_rows
 from dynembed.table.table import DynamicTable
 
@@ -34,24 +40,31 @@ def _merge(ids: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     return unique, inverse, summed.astype(np.int64)
 
 
-def _log_strings(table: DynamicTable, strings, string_ids) -> None:
-    # The requesting rank logs its own string keys (the owner never sees the strings);
+def _cells(offsets: np.ndarray, entries: np.ndarray, dim: int) -> np.ndarray:
+    """Flat positions of the rows of ``entries`` in a buffer where entry k's row starts at
+    ``offsets[k]``: (len(entries) * dim,) int64."""
+    return (offsets[entries][:, None] + np.arange(dim)).ravel()
+
+
+def _log_strings(lookup: Lookup) -> None:
+    # The requesting rank logs its own string keys (owners never see the strings);
     # checkpoints merge every rank's log.
-    if table.key_log is not None and strings is not None and len(strings):
-        table.key_log.add(string_ids, strings)
+    table = lookup.table
+    if table.key_log is not None and lookup.strings is not None and len(lookup.strings):
+        table.key_log.add(lookup.string_ids, lookup.strings)
 
 
-class _Lookup:
-    """What one training lookup needs again in backward."""
+class _Update:
+    """One table's gradient step after a routed lookup: the merged ids and their slots."""
 
     def __init__(self, table: DynamicTable, ids: np.ndarray, slots: np.ndarray,
-                 inverse: np.ndarray, erasures: int) -> None:
+                 inverse: np.ndarray) -> None:
         self.table, self.ids, self.slots, self.inverse = table, ids, slots, inverse
-        self.erasures = erasures
+        self.erasures = table.erasures
 
-    def apply(self, grads: torch.Tensor, scale: float) -> None:
-        """Sums the gradient parts of each id and updates the rows."""
-        summed = segment_sum(grads.to(torch.float32).contiguous().numpy(), self.inverse,
+    def apply(self, grads: np.ndarray, scale: float) -> None:
+        """Sums the (entries, dim) gradient parts per id, scales, and updates the rows."""
+        summed = segment_sum(np.ascontiguousarray(grads, dtype=np.float32), self.inverse,
                              self.ids.shape[0])
         if scale != 1.0:
             summed *= np.float32(scale)
@@ -60,30 +73,37 @@ class _Lookup:
 
 
 class _RoutedRows(torch.autograd.Function):
-    """Rows fetched by a router; backward hands the gradient back to the router."""
+    """Rows fetched by the router, one output per table; backward hands the gradients back
+    to the router (one exchange for all tables)."""
 
     @staticmethod
-    def forward(ctx, anchor: torch.Tensor, fetched: tuple) -> torch.Tensor:
-        rows, ctx.route_backward = fetched  # a tuple: autograd does not see rows as an input
-        return rows
+    def forward(ctx, anchor: torch.Tensor, fetched: tuple):
+        rows, ctx.route_backward = fetched  # a tuple: autograd does not see rows as inputs
+        return tuple(rows)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        ctx.route_backward(grad)
+    def backward(ctx, *grads):
+        ctx.route_backward(grads)
         return None, None
 
 
-class ShardedRouter:
-    """Routes a table's lookups to the owners of the ids' buckets.
+def _trains(table: DynamicTable, training: bool) -> bool:
+    return training and not table.read_only
+
+
+def _needs_grad(table: DynamicTable, training: bool) -> bool:
+    return _trains(table, training) and table.trainable and torch.is_grad_enabled()
+
+
+class Router:
+    """Routes the lookups and gradients of a job's tables (shared by all of them).
 
     Args:
         exchange: the collectives of the job's row-exchange group.
         num_buckets: key buckets (the checkpoints' unit; rank r owns a contiguous range).
-        grad_scale: factor on the summed gradient of each row (1/W: the average over ranks,
-            matching DDP).
+        grad_scale: factor on the summed gradient of each row (default 1/W: the average
+            over ranks, matching DDP).
     """
-
-    placement = "sharded"
 
     def __init__(self, exchange: Exchange, *, num_buckets: int = NUM_BUCKETS,
                  grad_scale: float | None = None) -> None:
@@ -99,85 +119,152 @@ class ShardedRouter:
     def rows(self, table: DynamicTable, anchor: torch.Tensor, unique_ids: np.ndarray,
              counts: np.ndarray, *, training: bool, strings=None,
              string_ids: np.ndarray | None = None) -> torch.Tensor:
-        """Rows of this rank's distinct ids, fetched from their owners.
+        """Rows of one table's distinct ids (see :meth:`rows_many`)."""
+        return self.rows_many([Lookup(table, unique_ids, counts, strings, string_ids)],
+                              anchor, training=training)[0]
 
-        Every rank must call it for the same lookups in the same order (a collective).
+    def rows_many(self, lookups: list[Lookup], anchor: torch.Tensor, *,
+                  training: bool) -> list[torch.Tensor]:
+        """Rows of each lookup's distinct ids, from their owners (sharded tables) or the
+        local replica (replicated ones).
+
+        Every rank must call it for the same tables in the same order and mode (a
+        collective).
 
         Args:
-            table: this rank's shard of the table.
+            lookups: one per table of the module's call.
             anchor: the module's grad anchor.
-            unique_ids: (u,) int64 distinct ids; counts: (u,) their occurrences.
             training: insert missing rows and track gradients (the module's mode).
-            strings, string_ids: original string keys, for the key log.
 
         Returns:
-            (u, dim) float32, differentiable when training with grad enabled.
+            One (u, dim) float32 tensor per lookup, differentiable when training with grad
+            enabled.
         """
+        out: list[torch.Tensor | None] = [None] * len(lookups)
+        for placement, serve in (("sharded", self._sharded), ("replicated", self._replicated)):
+            which = [i for i, lk in enumerate(lookups)
+                     if lk.table.config.placement == placement]
+            if which:
+                for i, rows in zip(which, serve([lookups[i] for i in which], anchor,
+                                                training)):
+                    out[i] = rows
+        return out
+
+    # ------------------------------------------------------------------ sharded tables
+    def _sharded(self, lookups: list[Lookup], anchor: torch.Tensor,
+                 training: bool) -> list[torch.Tensor]:
         ex = self.exchange
-        order = np.argsort(self.owners(unique_ids), kind="stable")
-        send = np.bincount(self.owners(unique_ids[order]), minlength=ex.world_size)
+        sizes = np.array([lk.ids.shape[0] for lk in lookups])
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        dims = np.array([lk.table.dim for lk in lookups])
+        table_of = np.repeat(np.arange(len(lookups)), sizes)
+        ids = np.concatenate([lk.ids for lk in lookups])
+        owners = self.owners(ids)
+        order = np.argsort(owners, kind="stable")  # by owner, then table, then id
+        send = np.bincount(owners, minlength=ex.world_size)
         recv = ex.splits(send)
-        request = torch.from_numpy(np.stack([unique_ids[order], counts[order]], axis=1))
-        got = ex.all_to_all(request, send, recv).numpy()
-        ids, inverse, merged = _merge(got[:, 0].copy(), got[:, 1].copy())
-        insert = training and not table.read_only
-        if insert:
-            slots = table.lookup_slots(ids, merged, insert=True)
-            owned = table.gather(slots)
-            _log_strings(table, strings, string_ids)
-        else:
-            slots, owned = None, table.read_unique(ids, merged)
-        back = ex.all_to_all(take_rows(owned, inverse), recv, send)
-        rows = torch.empty_like(back)
-        rows[torch.from_numpy(order)] = back
-        if not (insert and table.trainable and torch.is_grad_enabled()):
+        request = np.stack([ids[order], np.concatenate([lk.counts for lk in lookups])[order],
+                            table_of[order]], axis=1)
+        got = ex.all_to_all(torch.from_numpy(request), send, recv).numpy()
+
+        # Owner: merge every rank's requests per table, look them up, pack the rows.
+        got_table = got[:, 2]
+        got_width = dims[got_table]
+        got_offsets = np.concatenate([[0], np.cumsum(got_width)])
+        packed = np.empty(int(got_offsets[-1]), dtype=np.float32)
+        updates: list[tuple[int, _Update, np.ndarray]] = []
+        for t, lk in enumerate(lookups):
+            entries = np.flatnonzero(got_table == t)
+            merged_ids, inverse, counts = _merge(got[entries, 0], got[entries, 1])
+            if _trains(lk.table, training):
+                slots = lk.table.lookup_slots(merged_ids, counts, insert=True)
+                owned = lk.table.gather(slots)
+                if _needs_grad(lk.table, training):
+                    updates.append((t, _Update(lk.table, merged_ids, slots, inverse), entries))
+            else:
+                owned = lk.table.read_unique(merged_ids, counts)
+            packed[_cells(got_offsets, entries, dims[t])] = \
+                take_rows(owned, inverse).numpy().ravel()
+        source = np.repeat(np.arange(ex.world_size), recv)
+        floats_back = np.bincount(source, weights=got_width, minlength=ex.world_size)
+        floats_mine = np.bincount(owners[order], weights=dims[table_of[order]],
+                                  minlength=ex.world_size)
+        floats_back, floats_mine = floats_back.astype(np.int64), floats_mine.astype(np.int64)
+        back = ex.all_to_all(torch.from_numpy(packed), floats_back, floats_mine).numpy()
+
+        # Requester: unpack the rows in each table's id order.
+        sent_table = table_of[order]
+        sent_offsets = np.concatenate([[0], np.cumsum(dims[sent_table])])
+        rows, where = [], []
+        for t, lk in enumerate(lookups):
+            entries = np.flatnonzero(sent_table == t)
+            position = order[entries] - starts[t]  # index into the lookup's ids
+            block = np.empty((lk.ids.shape[0], dims[t]), dtype=np.float32)
+            block[position] = back[_cells(sent_offsets, entries, dims[t])].reshape(-1, dims[t])
+            rows.append(torch.from_numpy(block))
+            where.append((entries, position))
+            if _trains(lk.table, training):
+                _log_strings(lk)
+        if not updates:
             return rows
-        lookup = _Lookup(table, ids, slots, inverse, table.erasures)
 
-        def backward(grad: torch.Tensor) -> None:
-            parts = ex.all_to_all(grad.to(torch.float32)[torch.from_numpy(order)], send, recv)
-            lookup.apply(parts, self.grad_scale)
+        def backward(grads) -> None:
+            flat = np.zeros(int(sent_offsets[-1]), dtype=np.float32)
+            for t, (entries, position) in enumerate(where):
+                if grads[t] is not None:
+                    g = grads[t].detach().to(torch.float32).numpy()
+                    flat[_cells(sent_offsets, entries, dims[t])] = g[position].ravel()
+            parts = ex.all_to_all(torch.from_numpy(flat), floats_mine, floats_back).numpy()
+            for t, update, entries in updates:
+                cells = _cells(got_offsets, entries, dims[t])
+                update.apply(parts[cells].reshape(-1, dims[t]), self.grad_scale)
 
-        return _RoutedRows.apply(anchor, (rows, backward))
+        return list(_RoutedRows.apply(anchor, (rows, backward)))
 
-
-class ReplicatedRouter:
-    """Keeps a (small) table whole on every rank, in step.
-
-    Args:
-        exchange: the collectives of the job's row-exchange group.
-        grad_scale: factor on the summed gradient of each row (default 1/W).
-    """
-
-    placement = "replicated"
-
-    def __init__(self, exchange: Exchange, *, grad_scale: float | None = None) -> None:
-        self.exchange = exchange
-        self.grad_scale = 1.0 / exchange.world_size if grad_scale is None else grad_scale
-
-    def rows(self, table: DynamicTable, anchor: torch.Tensor, unique_ids: np.ndarray,
-             counts: np.ndarray, *, training: bool, strings=None,
-             string_ids: np.ndarray | None = None) -> torch.Tensor:
-        """Rows of this rank's distinct ids from the local replica (see
-        :meth:`ShardedRouter.rows` for the arguments). Training lookups are collectives;
-        evaluation is local."""
-        if not training or table.read_only:
-            return table.read_unique(unique_ids, counts)
+    # ------------------------------------------------------------------ replicated tables
+    def _replicated(self, lookups: list[Lookup], anchor: torch.Tensor,
+                    training: bool) -> list[torch.Tensor]:
+        if not training:  # every rank holds every row: read locally
+            return [lk.table.read_unique(lk.ids, lk.counts) for lk in lookups]
         ex = self.exchange
-        request = torch.from_numpy(np.stack([unique_ids, counts], axis=1))
-        everyone, sizes = ex.all_gather(request)
+        sizes = np.array([lk.ids.shape[0] for lk in lookups])
+        dims = np.array([lk.table.dim for lk in lookups])
+        request = np.stack([np.concatenate([lk.ids for lk in lookups]),
+                            np.concatenate([lk.counts for lk in lookups]),
+                            np.repeat(np.arange(len(lookups)), sizes)], axis=1)
+        everyone, per_rank = ex.all_gather(torch.from_numpy(request))
         everyone = everyone.numpy()
-        ids, inverse, merged = _merge(everyone[:, 0].copy(), everyone[:, 1].copy())
-        slots = table.lookup_slots(ids, merged, insert=True)  # the same on every replica
-        _log_strings(table, strings, string_ids)
-        start = int(sizes[:ex.rank].sum())
-        rows = table.gather(slots[inverse[start:start + unique_ids.shape[0]]])
-        if not (table.trainable and torch.is_grad_enabled()):
+        source = np.repeat(np.arange(ex.world_size), per_rank)
+        table_of = everyone[:, 2]
+        offsets = np.concatenate([[0], np.cumsum(dims[table_of])])
+        rows, updates = [], []
+        for t, lk in enumerate(lookups):
+            entries = np.flatnonzero(table_of == t)
+            merged_ids, inverse, counts = _merge(everyone[entries, 0], everyone[entries, 1])
+            if not _trains(lk.table, training):  # a read-only replica: read locally
+                rows.append(lk.table.read_unique(lk.ids, lk.counts))
+                continue
+            slots = lk.table.lookup_slots(merged_ids, counts, insert=True)  # on every replica
+            _log_strings(lk)
+            mine = inverse[source[entries] == ex.rank]  # this rank's ids, in its order
+            rows.append(lk.table.gather(slots[mine]))
+            if _needs_grad(lk.table, training):
+                updates.append((t, _Update(lk.table, merged_ids, slots, inverse), entries))
+        if not updates:
             return rows
-        lookup = _Lookup(table, ids, slots, inverse, table.erasures)
+        floats = np.bincount(source, weights=dims[table_of],
+                             minlength=ex.world_size).astype(np.int64)
 
-        def backward(grad: torch.Tensor) -> None:
-            parts, _ = ex.all_gather(grad.to(torch.float32).contiguous())
-            lookup.apply(parts, self.grad_scale)
+        def backward(grads) -> None:
+            flat = [np.zeros(0, dtype=np.float32)]
+            for t, lk in enumerate(lookups):
+                g = grads[t]
+                flat.append(np.zeros(sizes[t] * dims[t], dtype=np.float32) if g is None
+                            else g.detach().to(torch.float32).numpy().ravel())
+            parts, _ = ex.all_gather(torch.from_numpy(np.concatenate(flat)), sizes=floats)
+            parts = parts.numpy()
+            for t, update, entries in updates:
+                cells = _cells(offsets, entries, dims[t])
+                update.apply(parts[cells].reshape(-1, dims[t]), self.grad_scale)
 
-        return _RoutedRows.apply(anchor, (rows, backward))
+        return list(_RoutedRows.apply(anchor, (rows, backward)))

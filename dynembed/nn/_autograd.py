@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 
@@ -74,6 +76,43 @@ def index_rows(rows: torch.Tensor, inverse: np.ndarray) -> torch.Tensor:
     if rows.requires_grad:
         return _IndexRows.apply(rows, inverse)
     return take_rows(rows, inverse)
+
+
+class Lookup(NamedTuple):
+    """One table's part of a module's lookup call (what a distributed router serves)."""
+
+    table: DynamicTable
+    ids: np.ndarray
+    """(u,) int64 distinct ids."""
+    counts: np.ndarray
+    """(u,) int64 occurrences of each."""
+    strings: list | None = None
+    """The call's original string keys, for the key log ..."""
+    string_ids: np.ndarray | None = None
+    """... and their ids."""
+
+
+def rows_for_many(lookups: list[Lookup], anchor: torch.Tensor, *,
+                  training: bool) -> list[torch.Tensor]:
+    """Rows of several tables' distinct ids for one module call: (u_t, dim_t) each.
+
+    Tables of a distributed job are served together by their router (a fixed number of
+    collectives for all of them); the others one by one (see :func:`rows_for`).
+    """
+    out: list[torch.Tensor | None] = [None] * len(lookups)
+    routed: dict[int, list[int]] = {}
+    for i, lk in enumerate(lookups):
+        if lk.table.router is not None:
+            routed.setdefault(id(lk.table.router), []).append(i)
+        else:
+            out[i] = rows_for(lk.table, anchor, lk.ids, lk.counts, training=training,
+                              strings=lk.strings, string_ids=lk.string_ids)
+    for which in routed.values():
+        router = lookups[which[0]].table.router
+        for i, rows in zip(which, router.rows_many([lookups[i] for i in which], anchor,
+                                                   training=training)):
+            out[i] = rows
+    return out
 
 
 def rows_for(table: DynamicTable, anchor: torch.Tensor, unique_ids: np.ndarray,

@@ -12,7 +12,7 @@ import torch
 from dynembed.errors import KeyInputError
 from dynembed.kernels.hash_index import unique_inverse
 from dynembed.keys.convert import KeyBatch, to_jagged, to_key_batch
-from dynembed.nn._autograd import index_rows, rows_for
+from dynembed.nn._autograd import Lookup, index_rows, rows_for_many
 from dynembed.nn._base import TableModule
 from dynembed.nn.bag import check_mode, pool
 from dynembed.table.config import TableConfig
@@ -147,7 +147,7 @@ class EmbeddingCollection(TableModule):
             batch, bounds = self._convert(name, spec, inputs[name], table)
             by_table.setdefault(spec.table, []).append((name, batch, bounds))
 
-        outputs: dict[str, torch.Tensor] = {}
+        lookups, inverses = [], []
         for table_name, group in by_table.items():
             table = self.tables[table_name]
             ids = np.concatenate([b.ids for _, b, _ in group])
@@ -155,8 +155,12 @@ class EmbeddingCollection(TableModule):
             if table.key_log is not None and all(b.strings is not None for _, b, _ in group):
                 strings = list(itertools.chain.from_iterable(b.strings for _, b, _ in group))
             unique, inverse, counts = unique_inverse(ids)
-            rows = rows_for(table, self._anchor, unique, counts, training=self.training,
-                            strings=strings, string_ids=ids)
+            lookups.append(Lookup(table, unique, counts, strings, ids))
+            inverses.append(inverse)
+        all_rows = rows_for_many(lookups, self._anchor, training=self.training)
+        outputs: dict[str, torch.Tensor] = {}
+        for (table_name, group), rows, inverse in zip(by_table.items(), all_rows, inverses):
+            table = self.tables[table_name]
             start = 0
             for name, batch, bounds in group:
                 part = inverse[start:start + batch.ids.shape[0]]

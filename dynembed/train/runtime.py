@@ -46,6 +46,7 @@ from dynembed.errors import (
     CheckpointError,
     CheckpointNotFoundError,
 )
+from dynembed.kernels._threads import get_num_threads, set_num_threads
 from dynembed.keys.buckets import NUM_BUCKETS
 from dynembed.train.data import global_batch, rank_part
 from dynembed.train.progress import PROGRESS_ENV, ProgressFile
@@ -60,6 +61,14 @@ def _positive_or_none(name: str, value, kind=int) -> None:
     if isinstance(value, bool) or not isinstance(value, ok) or value <= 0:
         raise ValueError(f"{name} must be a positive {'number' if kind is float else 'int'} "
                          f"or None, got {value!r}")
+
+
+def _share_cores(env: JobEnv) -> None:
+    """Ranks on one machine split its cores between their compiled kernels (as torchrun sets
+    OMP_NUM_THREADS=1 for torch), unless DYNEMBED_NUM_THREADS says otherwise."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    if env.launched and local > 1 and "DYNEMBED_NUM_THREADS" not in os.environ:
+        set_num_threads(max(1, min(get_num_threads(), (os.cpu_count() or 1) // local)))
 
 
 class Runtime:
@@ -149,6 +158,7 @@ class Runtime:
             return self
         self._owns_group = init_process_group(self.env, backend=self.backend,
                                               timeout=self.timeout)
+        _share_cores(self.env)
         if self.distributed:
             group = dist.new_group(backend="gloo",
                                    timeout=datetime.timedelta(seconds=self.timeout))
