@@ -37,7 +37,7 @@ def test_two_ranks_train_like_one_process(tmp_path):
     check(run_torchrun(2, "--out", str(tmp_path / "two"), "--steps", "12", cli=True,
                        log_dir=tmp_path / "logs"))
     one, two = tmp_path / "one", tmp_path / "two"
-    for table in ("ids", "country"):
+    for table in ("ids", "country", "bag"):
         assert_same_rows(rows_union(_final(one, 1), table),
                          rows_union(_final(two, 2), table), exact=False)
     # the replicated table is the same on both ranks, bit for bit
@@ -105,7 +105,7 @@ def test_world_size_2_3_1_keeps_every_vector(tmp_path):
         assert len(restored) == w_after
         for f in restored:
             assert torch.load(f, weights_only=True)["step"] == (10 if after == "b" else 20)
-        for table in ("ids", "country"):
+        for table in ("ids", "country", "bag"):
             want = rows_union(_final(tmp_path / before, w_before), table)
             got = rows_union(restored, table)
             assert len(want) > (100 if table == "ids" else 7)

@@ -53,18 +53,21 @@ class Model(nn.Module):
             features={"user": "ids",
                       "tags": de.FeatureConfig(table="ids", pooling="mean"),
                       "country": "country"})
-        self.mlp = nn.Sequential(nn.Linear(2 * dim + 4, 16), nn.ReLU(), nn.Linear(16, 1))
+        # a module of its own (the one-table path of the router), with momentum
+        self.tag_bag = de.DynamicEmbeddingBag(dim=3, mode="sum", seed=13,
+                                              optimizer=de.optim.SGD(lr=0.05, momentum=0.9))
+        self.mlp = nn.Sequential(nn.Linear(2 * dim + 4 + 3, 16), nn.ReLU(), nn.Linear(16, 1))
 
     def forward(self, batch: dict) -> torch.Tensor:
-        x = self.embeddings({"user": torch.from_numpy(batch["users"]),
-                             "tags": [list(t) for t in batch["tags"]],
+        tags = [list(t) for t in batch["tags"]]
+        x = self.embeddings({"user": torch.from_numpy(batch["users"]), "tags": tags,
                              "country": list(batch["country"])}, concat=True)
-        return self.mlp(x).squeeze(1)
+        return self.mlp(torch.cat([x, self.tag_bag(tags)], dim=1)).squeeze(1)
 
 
 def rows_of(model: Model) -> dict:
     out = {}
-    for name, table in model.embeddings.tables.items():
+    for name, table in {**model.embeddings.tables, "bag": model.tag_bag.table}.items():
         export = table.export()
         out[name] = {"ids": export.ids, "weights": export.weights, "state": export.optimizer_state, "counts": export.counts}
     return out
