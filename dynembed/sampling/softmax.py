@@ -158,6 +158,11 @@ def _candidates(output, inputs, labels, *, num_sampled, sampler, remove_accident
             or not temperature > 0:
         raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
     table = output.table
+    if table.router is not None:
+        raise ValueError("sampled softmax: the output table is part of a distributed job "
+                         "(sharded or replicated across ranks), which sampled softmax does not "
+                         "support yet; keep the output table out of the model given to "
+                         "de.distributed.shard_model / Runtime.prepare")
     if inputs.dim() != 2 or inputs.shape[1] != table.dim:
         raise ValueError(f"inputs must have shape (batch, {table.dim}), got "
                          f"{tuple(inputs.shape)}")
