@@ -1,0 +1,56 @@
+"""Token authorization, as TorchServe does it: Bearer tokens kept in a key file.
+
+The server makes a management token (required by default) and an inference token (required
+only when inference authorization is on) and writes them to ``key_file.json``, created
+readable by its owner only (mode 0600). Tokens are compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import secrets
+from pathlib import Path
+
+
+class Tokens:
+    """The server's tokens.
+
+    Args:
+        management: require the management token on the management API.
+        inference: require the inference token on the inference API.
+        key_file: where to write the tokens (None: nowhere).
+    """
+
+    def __init__(self, *, management: bool = True, inference: bool = False,
+                 key_file: str | os.PathLike | None = None) -> None:
+        self.required = {"management": management, "inference": inference}
+        self.keys = {"management": secrets.token_urlsafe(24),
+                     "inference": secrets.token_urlsafe(24)}
+        self.key_file = Path(key_file) if key_file is not None else None
+        if self.key_file is not None and any(self.required.values()):
+            self._write()
+
+    def _write(self) -> None:
+        self.key_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.key_file.with_name(f".{self.key_file.name}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({api: {"key": key} for api, key in self.keys.items()
+                       if self.required[api]}, f, indent=1)
+        os.replace(tmp, self.key_file)
+
+    def allows(self, api: str, authorization: str | None) -> bool:
+        """Whether a request to ``api`` with this Authorization header may proceed."""
+        if not self.required[api]:
+            return True
+        if not authorization or not authorization.startswith("Bearer "):
+            return False
+        return hmac.compare_digest(authorization[7:].strip().encode(),
+                                   self.keys[api].encode())
+
+    def remove_file(self) -> None:
+        """Deletes the key file (at shutdown, as TorchServe does)."""
+        if self.key_file is not None:
+            self.key_file.unlink(missing_ok=True)

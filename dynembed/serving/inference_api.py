@@ -1,0 +1,232 @@
+"""The inference API: TorchServe's, KServe v1's and the Open Inference Protocol v2's paths.
+
+    GET  /ping                                   {"status": "Healthy"}
+    POST /predictions/{model}[/{version}]        body: one example or a list of examples
+    POST /v1/models/{model}:predict              {"instances": [...]} -> {"predictions": [...]}
+    GET  /v1/models/{model}                      {"name": ..., "ready": true}
+    GET  /v2, /v2/health/live, /v2/health/ready
+    GET  /v2/models/{model}[/versions/{v}]       metadata: inputs, outputs
+    GET  /v2/models/{model}[/versions/{v}]/ready
+    POST /v2/models/{model}[/versions/{v}]/infer tensors in, tensors out
+
+TorchServe-style errors are ``{"code", "type", "message"}``; v2 errors are ``{"error"}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+import numpy as np
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+import dynembed
+from dynembed.serving.handler import InputError
+from dynembed.serving.registry import ServingError, bad_request
+
+
+class Limits:
+    """Per-request limits of the inference API."""
+
+    def __init__(self, max_request_bytes: int) -> None:
+        self.max_request_bytes = max_request_bytes
+
+
+def error_response(e: ServingError, *, v2: bool = False) -> JSONResponse:
+    if v2:
+        return JSONResponse({"error": e.message}, status_code=e.status)
+    return JSONResponse({"code": e.status, "type": e.kind, "message": e.message},
+                        status_code=e.status)
+
+
+async def read_json(request: Request, limit: int):
+    """The request's JSON body.
+
+    Raises:
+        ServingError: 413 over ``limit`` bytes, 400 not JSON.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ServingError(413, "RequestEntityTooLargeException",
+                           f"request body of {declared} bytes is over the limit of {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ServingError(413, "RequestEntityTooLargeException",
+                               f"request body is over the limit of {limit} bytes")
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad_request(f"the request body is not valid JSON: {e}") from None
+
+
+class InferenceAPI:
+    """Routes of the inference API over a registry."""
+
+    def __init__(self, registry, metrics, limits: Limits) -> None:
+        self.registry, self.metrics, self.limits = registry, metrics, limits
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/ping", self.ping, methods=["GET"]),
+            Route("/predictions/{model}", self.predictions, methods=["POST", "PUT"]),
+            Route("/predictions/{model}/{version}", self.predictions, methods=["POST", "PUT"]),
+            Route("/v1/models/{model}:predict", self.kserve_predict, methods=["POST"]),
+            Route("/v1/models/{model}", self.kserve_status, methods=["GET"]),
+            Route("/v2", self.v2_server, methods=["GET"]),
+            Route("/v2/health/live", self.v2_live, methods=["GET"]),
+            Route("/v2/health/ready", self.v2_ready, methods=["GET"]),
+            Route("/v2/models/{model}", self.v2_metadata, methods=["GET"]),
+            Route("/v2/models/{model}/versions/{version}", self.v2_metadata, methods=["GET"]),
+            Route("/v2/models/{model}/ready", self.v2_model_ready, methods=["GET"]),
+            Route("/v2/models/{model}/versions/{version}/ready", self.v2_model_ready,
+                  methods=["GET"]),
+            Route("/v2/models/{model}/infer", self.v2_infer, methods=["POST"]),
+            Route("/v2/models/{model}/versions/{version}/infer", self.v2_infer,
+                  methods=["POST"]),
+        ]
+
+    async def ping(self, request: Request) -> Response:
+        return JSONResponse({"status": "Healthy"})
+
+    async def _run(self, entry, examples: list) -> list:
+        """Validates and runs examples on a model version's batcher."""
+        examples = entry.handler.validate(examples)
+        try:
+            return await entry.batcher.submit(examples, timeout=entry.response_timeout_s)
+        except asyncio.TimeoutError:
+            raise ServingError(503, "ServiceUnavailableException",
+                               f"model {entry.name} {entry.version} did not answer within "
+                               f"{entry.response_timeout_s} s") from None
+
+    async def _serve(self, request: Request, body_to_examples, make_response, *,
+                     v2: bool = False) -> Response:
+        started = time.perf_counter()
+        name = request.path_params["model"]
+        entry, status = None, 500
+        try:
+            entry = self.registry.get(name, request.path_params.get("version"))
+            data = await read_json(request, self.limits.max_request_bytes)
+            examples, single = body_to_examples(data, entry)
+            results = await self._run(entry, examples)
+            status = 200
+            return make_response(results, single, entry, data)
+        except InputError as e:
+            status = 400
+            return error_response(bad_request(str(e)), v2=v2)
+        except ServingError as e:
+            status = e.status
+            return error_response(e, v2=v2)
+        finally:
+            if entry is not None:
+                self.metrics.on_request(entry.name, entry.version, status,
+                                        time.perf_counter() - started)
+
+    async def predictions(self, request: Request) -> Response:
+        def examples(data, entry):
+            return ([data] if isinstance(data, dict) else data), isinstance(data, dict)
+
+        def respond(results, single, entry, data):
+            return JSONResponse(results[0] if single else results)
+
+        return await self._serve(request, examples, respond)
+
+    async def kserve_predict(self, request: Request) -> Response:
+        def examples(data, entry):
+            if not isinstance(data, dict) or not isinstance(data.get("instances"), list):
+                raise bad_request('KServe v1 requests are {"instances": [example, ...]}')
+            return data["instances"], False
+
+        def respond(results, single, entry, data):
+            return JSONResponse({"predictions": results})
+
+        return await self._serve(request, examples, respond)
+
+    async def kserve_status(self, request: Request) -> Response:
+        try:
+            entry = self.registry.get(request.path_params["model"])
+        except ServingError as e:
+            return error_response(e)
+        return JSONResponse({"name": entry.name, "ready": True})
+
+    async def v2_server(self, request: Request) -> Response:
+        return JSONResponse({"name": "dynembed", "version": dynembed.__version__,
+                             "extensions": []})
+
+    async def v2_live(self, request: Request) -> Response:
+        return JSONResponse({"live": True})
+
+    async def v2_ready(self, request: Request) -> Response:
+        return JSONResponse({"ready": True})
+
+    async def v2_metadata(self, request: Request) -> Response:
+        try:
+            entry = self.registry.get(request.path_params["model"],
+                                      request.path_params.get("version"))
+        except ServingError as e:
+            return error_response(e, v2=True)
+        manifest = entry.handler.package.manifest
+        inputs = [{"name": f, "datatype": "INT64" if spec["type"] == "int64" else "BYTES",
+                   "shape": [-1] if spec["pooling"] is None else [-1, -1]}
+                  for f, spec in manifest["features"].items()]
+        return JSONResponse({
+            "name": entry.name,
+            "versions": sorted(self.registry.models.get(entry.name, {})),
+            "platform": "dynembed",
+            "inputs": inputs,
+            "outputs": [{"name": "output", "datatype": "FP32",
+                         "shape": [-1, *manifest["dense"]["output_shape"]]}]})
+
+    async def v2_model_ready(self, request: Request) -> Response:
+        try:
+            entry = self.registry.get(request.path_params["model"],
+                                      request.path_params.get("version"))
+        except ServingError as e:
+            return error_response(e, v2=True)
+        return JSONResponse({"name": entry.name, "ready": True})
+
+    async def v2_infer(self, request: Request) -> Response:
+        return await self._serve(request, _v2_examples, _v2_response, v2=True)
+
+
+def _v2_examples(data, entry) -> tuple[list, bool]:
+    """Open Inference Protocol tensors (one per feature, first dimension = examples) ->
+    examples."""
+    if not isinstance(data, dict) or not isinstance(data.get("inputs"), list):
+        raise bad_request('v2 requests are {"inputs": [{"name", "shape", "datatype", '
+                          '"data"}, ...]}')
+    columns, n = {}, None
+    for i, tensor in enumerate(data["inputs"]):
+        if not isinstance(tensor, dict) or not {"name", "shape", "datatype", "data"} <= \
+                set(tensor):
+            raise bad_request(f"inputs[{i}] must have name, shape, datatype and data")
+        shape, values = tensor["shape"], tensor["data"]
+        if not isinstance(shape, list) or not shape or not isinstance(values, list):
+            raise bad_request(f"inputs[{i}] ({tensor['name']!r}): shape must be a non-empty "
+                              "list and data a list")
+        if shape[0] != len(values):
+            raise bad_request(f"inputs[{i}] ({tensor['name']!r}): shape[0] is {shape[0]} but "
+                              f"data holds {len(values)} examples (give one entry per "
+                              "example; a pooled feature's entry is a list of keys)")
+        if n is not None and len(values) != n:
+            raise bad_request(f"inputs[{i}] ({tensor['name']!r}) has {len(values)} examples, "
+                              f"other inputs {n}")
+        n = len(values)
+        columns[tensor["name"]] = values
+    if n is None:
+        raise bad_request("inputs is empty")
+    return [{name: values[k] for name, values in columns.items()} for k in range(n)], False
+
+
+def _v2_response(results, single, entry, data) -> Response:
+    array = np.asarray(results, dtype=np.float32)
+    return JSONResponse({"model_name": entry.name, "model_version": entry.version,
+                         "id": str(data.get("id") or uuid.uuid4()),
+                         "outputs": [{"name": "output", "datatype": "FP32",
+                                      "shape": list(array.shape),
+                                      "data": array.ravel().tolist()}]})

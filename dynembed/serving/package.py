@@ -1,0 +1,299 @@
+"""Model packages: what ``dynembed export`` writes and the server loads.
+
+A package is a directory::
+
+    MANIFEST.json     name, version, features and their types, tables, handler, versions
+    dense.pt2         the dense part of the model as a torch.export program
+    tables/           the embedding tables as a dynembed checkpoint (opened lazily)
+
+Loading a package parses JSON, loads the exported program with ``weights_only`` enforced
+(torch would otherwise fall back to unpickling) and opens the checkpoint: nothing from the
+package is unpickled or run. Tables are rebuilt from the manifest's plain fields; their
+optimizer comes from a fixed list of dynembed's optimizer classes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import re
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import dynembed
+from dynembed import optim
+from dynembed.checkpoint.api import load, save
+from dynembed.errors import DynembedError
+from dynembed.nn.collection import EmbeddingCollection, FeatureConfig
+from dynembed.table.config import TableConfig
+from dynembed.table.table import DynamicTable
+
+MANIFEST = "MANIFEST.json"
+FORMAT = "dynembed-model-package"
+FORMAT_VERSION = 1
+BUILTIN_HANDLER = "dynembed.embedding_model"
+"""The built-in handler: features -> embedding collection -> dense program -> outputs."""
+OUTPUTS = ("identity", "sigmoid", "softmax")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_OPTIMIZERS = {cls.__name__: cls for cls in (optim.SGD, optim.Adagrad, optim.RowWiseAdagrad,
+                                             optim.Adam, optim.FTRL)}
+_SAFE_LOAD = threading.Lock()
+
+
+class PackageError(DynembedError, ValueError):
+    """A model package is missing, malformed, or asks for something not allowed."""
+
+
+def check_name(value: str, arg: str) -> str:
+    """Returns ``value`` if it is a model name or version: letters, digits, ``_.-``."""
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise ValueError(f"{arg} must be 1-128 letters, digits, '_', '.' or '-' (not starting "
+                         f"with a symbol), got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Package:
+    """A loaded package: what the handler needs to answer requests."""
+
+    path: Path
+    manifest: dict
+    embeddings: EmbeddingCollection
+    dense: nn.Module
+
+    @property
+    def name(self) -> str:
+        return self.manifest["model"]["name"]
+
+    @property
+    def version(self) -> str:
+        return self.manifest["model"]["version"]
+
+    @property
+    def handler(self) -> str:
+        return self.manifest["model"]["handler"]
+
+
+def _feature_types(embeddings: EmbeddingCollection, given: dict | None) -> dict[str, str]:
+    types = dict(given or {})
+    for name in embeddings.features:
+        types.setdefault(name, "string")
+        if types[name] not in ("string", "int64"):
+            raise ValueError(f"feature_types[{name!r}] must be 'string' or 'int64', got "
+                             f"{types[name]!r}")
+    unknown = sorted(set(types) - set(embeddings.features))
+    if unknown:
+        raise ValueError(f"feature_types names features the collection does not have: "
+                         f"{unknown}")
+    return types
+
+
+def _table_entry(table: DynamicTable) -> dict:
+    c = table.config
+    opt = c.optimizer
+    return {"dim": c.dim, "hash_seed": c.hash_seed, "default_value": c.default_value
+            if isinstance(c.default_value, (int, float)) else list(c.default_value),
+            "key_log": c.key_log,
+            "optimizer": None if opt is None else {"type": type(opt).__name__,
+                                                   "fields": dataclasses.asdict(opt)}}
+
+
+def export_package(path: str | os.PathLike, *, embeddings: EmbeddingCollection,
+                   dense: nn.Module, name: str, version: str = "1.0",
+                   feature_types: dict[str, str] | None = None, output: str = "identity",
+                   description: str = "", example_batch: int = 4) -> Path:
+    """Writes a model package: the tables as a checkpoint, the dense part exported.
+
+    The served model computes ``output(dense(embeddings(features, concat=True)))``: every
+    feature is looked up (unpooled features take one key per example, pooled ones a list),
+    the rows are concatenated in feature order into a (B, total_dim) tensor, and ``dense``
+    maps it to (B,) or (B, k).
+
+    Args:
+        path: the package directory to create (must not exist).
+        embeddings: the trained collection (its tables are saved whole).
+        dense: the dense module, traced by ``torch.export`` with a dynamic batch size.
+        name, version: the model's name and version (letters, digits, ``_.-``).
+        feature_types: feature -> "string" or "int64" (default "string"), for request
+            validation and the Open Inference Protocol's metadata.
+        output: "identity", "sigmoid" or "softmax", applied to ``dense``'s output.
+        description: free text kept in the manifest.
+        example_batch: batch size of the example input used to trace ``dense``.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        FileExistsError: ``path`` exists.
+        ValueError, TypeError: a bad argument (named); ``dense`` does not export.
+    """
+    target = Path(path)
+    check_name(name, "name")
+    check_name(version, "version")
+    if not isinstance(embeddings, EmbeddingCollection):
+        raise TypeError(f"embeddings must be a de.EmbeddingCollection, got "
+                        f"{type(embeddings).__name__}")
+    if not isinstance(dense, nn.Module):
+        raise TypeError(f"dense must be a torch.nn.Module, got {type(dense).__name__}")
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    if target.exists():
+        raise FileExistsError(f"{target} exists; packages are never overwritten")
+    types = _feature_types(embeddings, feature_types)
+    total_dim = sum(embeddings.tables[f.table].dim for f in embeddings.features.values())
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        was_training = dense.training
+        dense.eval()
+        example = torch.zeros(example_batch, total_dim)
+        batch = torch.export.Dim("batch", min=1, max=1 << 24)
+        try:
+            program = torch.export.export(dense, (example,), dynamic_shapes=({0: batch},))
+        except Exception as e:
+            raise ValueError(f"dense could not be exported with torch.export (input "
+                             f"(B, {total_dim})): {e}") from e
+        finally:
+            dense.train(was_training)
+        out_shape = list(program.module()(example).shape[1:])
+        torch.export.save(program, staging / "dense.pt2")
+        save(staging / "tables", tables=dict(embeddings.tables))
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "model": {"name": name, "version": version, "handler": BUILTIN_HANDLER,
+                      "description": description, "created": time.time(),
+                      "created_with": {"dynembed": dynembed.__version__,
+                                       "torch": torch.__version__,
+                                       "python": platform.python_version()}},
+            "features": {fname: {"table": f.table, "pooling": f.pooling, "type": types[fname]}
+                         for fname, f in embeddings.features.items()},
+            "tables": {tname: _table_entry(t) for tname, t in embeddings.tables.items()},
+            "dense": {"file": "dense.pt2", "input_dim": total_dim,
+                      "output_shape": out_shape},
+            "output": {"transform": output},
+            "checkpoint": "tables"}
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The manifest of the package at ``path``, checked.
+
+    Raises:
+        PackageError: no package there, or a malformed manifest (named field).
+    """
+    folder = Path(path)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise PackageError(f"{folder} is not a model package (no {MANIFEST}); write one "
+                           "with `dynembed export` or de.serving.export_package") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PackageError(f"{folder / MANIFEST} is not valid JSON: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise PackageError(f"{folder / MANIFEST}: format must be {FORMAT!r}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise PackageError(f"{folder / MANIFEST}: format_version "
+                           f"{manifest.get('format_version')!r} is not supported (this "
+                           f"dynembed reads {FORMAT_VERSION})")
+    try:
+        check_name(manifest["model"]["name"], "model.name")
+        check_name(manifest["model"]["version"], "model.version")
+        for fname, f in manifest["features"].items():
+            if f["table"] not in manifest["tables"] or f["type"] not in ("string", "int64"):
+                raise ValueError(f"feature {fname!r} is malformed: {f}")
+        if manifest["output"]["transform"] not in OUTPUTS:
+            raise ValueError(f"output.transform {manifest['output']['transform']!r}")
+        int(manifest["dense"]["input_dim"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise PackageError(f"{folder / MANIFEST} is malformed: {e}") from None
+    return manifest
+
+
+def _optimizer(entry: dict | None):
+    if entry is None:
+        return None
+    cls = _OPTIMIZERS.get(entry.get("type"))
+    if cls is None:
+        raise PackageError(f"unknown optimizer type {entry.get('type')!r}; expected one of "
+                           f"{sorted(_OPTIMIZERS)}")
+    try:
+        return cls(**entry["fields"])
+    except (TypeError, ValueError) as e:
+        raise PackageError(f"optimizer {entry['type']}: {e}") from None
+
+
+def build_embeddings(manifest: dict) -> EmbeddingCollection:
+    """An empty read-only collection with the package's tables and features."""
+    tables = {}
+    for tname, t in manifest["tables"].items():
+        try:
+            tables[tname] = TableConfig(
+                dim=int(t["dim"]), hash_seed=int(t["hash_seed"]),
+                default_value=t["default_value"], optimizer=_optimizer(t["optimizer"]),
+                key_log=bool(t.get("key_log", False)), read_only=True)
+        except (KeyError, TypeError, ValueError) as e:
+            raise PackageError(f"table {tname!r} of the manifest is malformed: {e}") from None
+    features = {fname: FeatureConfig(table=f["table"], pooling=f["pooling"])
+                for fname, f in manifest["features"].items()}
+    return EmbeddingCollection(tables=tables, features=features).eval()
+
+
+@contextlib.contextmanager
+def _weights_only():
+    """torch.export.load falls back to full unpickling when a weights-only load fails;
+    forcing weights-only makes a hostile package fail instead."""
+    with _SAFE_LOAD:
+        old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+        os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+        try:
+            yield
+        finally:
+            if old is None:
+                del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
+            else:
+                os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
+
+
+def load_dense(path: Path) -> nn.Module:
+    """The package's dense program as a callable module (weights only, never unpickled)."""
+    try:
+        with _weights_only():
+            program = torch.export.load(path)
+    except Exception as e:  # noqa: BLE001 - a damaged or hostile file: say which
+        raise PackageError(f"{path}: not a loadable torch.export program ({e})") from None
+    return program.module()
+
+
+def load_tables(embeddings: EmbeddingCollection, checkpoint: str | os.PathLike) -> None:
+    """Opens a checkpoint's rows for ``embeddings``' tables, lazily (O(1) in table size)."""
+    load(checkpoint, tables=dict(embeddings.tables), lazy=True, strict=False)
+
+
+def open_package(path: str | os.PathLike) -> Package:
+    """Loads a package for serving: tables read-only and lazily opened.
+
+    Raises:
+        PackageError: not a package, malformed, or its files do not load.
+        CheckpointError: the tables' checkpoint is damaged.
+    """
+    folder = Path(path)
+    manifest = read_manifest(folder)
+    embeddings = build_embeddings(manifest)
+    load_tables(embeddings, folder / manifest["checkpoint"])
+    dense = load_dense(folder / manifest["dense"]["file"])
+    return Package(folder, manifest, embeddings, dense)

@@ -1,0 +1,212 @@
+"""The models a server holds: versions, the default version, workers, batching settings.
+
+Models register only from packages inside the model store directory: a ``url`` is a path
+relative to the store (a package directory), resolved and checked to stay inside it, so a
+registration can never download anything or read elsewhere on the machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dynembed.errors import DynembedError
+from dynembed.serving.batching import Batcher
+from dynembed.serving.handler import make_handler
+from dynembed.serving.package import PackageError, check_name, open_package
+
+
+class ServingError(DynembedError):
+    """An API error: an HTTP status, TorchServe's error type and a message."""
+
+    def __init__(self, status: int, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.kind, self.message = status, kind, message
+
+
+def not_found(message: str) -> ServingError:
+    return ServingError(404, "ModelNotFoundException", message)
+
+
+def bad_request(message: str) -> ServingError:
+    return ServingError(400, "BadRequestException", message)
+
+
+@dataclass
+class ModelVersion:
+    """One registered version of a model."""
+
+    name: str
+    version: str
+    url: str
+    handler: object
+    batcher: Batcher
+    batch_size: int
+    max_batch_delay_ms: float
+    min_workers: int
+    max_workers: int
+    response_timeout_s: float
+    loaded_at_startup: bool
+    registered: float = field(default_factory=time.time)
+
+    def describe(self) -> dict:
+        """TorchServe's describe-model entry."""
+        workers = [{"id": f"{self.name}-{self.version}-{i}", "startTime": self.registered,
+                    "status": "READY", "memoryUsage": 0, "pid": 0, "gpu": False,
+                    "gpuUsage": "N/A"} for i in range(self.batcher.workers)]
+        return {"modelName": self.name, "modelVersion": self.version, "modelUrl": self.url,
+                "runtime": "python", "minWorkers": self.min_workers,
+                "maxWorkers": self.max_workers, "batchSize": self.batch_size,
+                "maxBatchDelay": self.max_batch_delay_ms, "responseTimeout":
+                self.response_timeout_s, "loadedAtStartup": self.loaded_at_startup,
+                "workers": workers,
+                "jobQueueStatus": {"remainingCapacity": 0, "pendingRequests":
+                                   self.batcher.pending}}
+
+
+class Registry:
+    """Registered models by name and version.
+
+    Args:
+        model_store: the directory packages are registered from.
+        allow_custom_handlers: model names whose packages may run their own handler code.
+        on_batch: metrics callback ``(model, version, BatchStats)``.
+    """
+
+    def __init__(self, model_store: str | Path, *, allow_custom_handlers=(),
+                 on_batch=None) -> None:
+        self.model_store = Path(model_store).resolve()
+        if not self.model_store.is_dir():
+            raise ValueError(f"model_store {model_store} is not a directory")
+        self.allow_custom = set(allow_custom_handlers)
+        self.on_batch = on_batch
+        self.models: dict[str, dict[str, ModelVersion]] = {}
+        self.defaults: dict[str, str] = {}
+        self._lock = asyncio.Lock()
+
+    def resolve_url(self, url: str) -> Path:
+        """The package directory ``url`` names inside the model store.
+
+        Raises:
+            ServingError: 400 for a URL with a scheme or outside the store, 404 if missing.
+        """
+        if not url or "://" in url:
+            raise bad_request(f"url must name a package in the model store (a relative "
+                              f"path), got {url!r}; downloads are not supported")
+        path = (self.model_store / url).resolve()
+        if path != self.model_store and self.model_store not in path.parents:
+            raise bad_request(f"url {url!r} is outside the model store; register only "
+                              "packages inside it")
+        if not path.is_dir():
+            raise not_found(f"Model not found in model store: {url}")
+        return path
+
+    async def register(self, url: str, *, name: str | None = None, initial_workers: int = 1,
+                       batch_size: int = 1, max_batch_delay_ms: float = 100.0,
+                       response_timeout_s: float = 120.0,
+                       loaded_at_startup: bool = False) -> ModelVersion:
+        """Loads the package at ``url`` and starts its workers.
+
+        Raises:
+            ServingError: 400 bad arguments or package, 404 no such package, 409 the
+                version is registered already.
+        """
+        for arg, value, low in (("initial_workers", initial_workers, 1),
+                                ("batch_size", batch_size, 1)):
+            if not isinstance(value, int) or value < low:
+                raise bad_request(f"{arg} must be an integer >= {low}, got {value!r}")
+        if max_batch_delay_ms < 0 or response_timeout_s <= 0:
+            raise bad_request("max_batch_delay must be >= 0 and response_timeout > 0")
+        path = self.resolve_url(url)
+        loop = asyncio.get_running_loop()
+        try:
+            package = await loop.run_in_executor(None, open_package, path)
+            if name is not None:
+                check_name(name, "model_name")
+                if name != package.name:
+                    raise PackageError(f"model_name {name!r} differs from the package's name "
+                                       f"{package.name!r}")
+            handler = make_handler(package, allow_custom=package.name in self.allow_custom)
+        except (PackageError, ValueError) as e:
+            raise bad_request(str(e)) from None
+        async with self._lock:
+            versions = self.models.setdefault(package.name, {})
+            if package.version in versions:
+                raise ServingError(409, "ConflictStatusException",
+                                   f"Model version {package.version} is already registered "
+                                   f"for model {package.name}")
+            batcher = Batcher(handler.predict, batch_size=batch_size,
+                              max_batch_delay_ms=max_batch_delay_ms, workers=initial_workers,
+                              on_batch=self._batch_callback(package.name, package.version))
+            await batcher.start()
+            entry = ModelVersion(package.name, package.version, url, handler, batcher,
+                                 batch_size, max_batch_delay_ms, initial_workers,
+                                 initial_workers, response_timeout_s, loaded_at_startup)
+            versions[package.version] = entry
+            self.defaults.setdefault(package.name, package.version)
+        return entry
+
+    def _batch_callback(self, name: str, version: str):
+        if self.on_batch is None:
+            return None
+        return lambda stats: self.on_batch(name, version, stats)
+
+    def get(self, name: str, version: str | None = None) -> ModelVersion:
+        """A registered version (the default one without ``version``).
+
+        Raises:
+            ServingError: 404 unknown model or version.
+        """
+        versions = self.models.get(name)
+        if not versions:
+            raise not_found(f"Model not found: {name}")
+        version = version or self.defaults[name]
+        if version not in versions:
+            raise not_found(f"Model version not found: {name} {version}")
+        return versions[version]
+
+    async def scale(self, name: str, version: str | None, *, min_worker: int | None,
+                    max_worker: int | None) -> ModelVersion:
+        """Sets a version's workers to ``min_worker`` (bounded by ``max_worker``)."""
+        entry = self.get(name, version)
+        low = entry.min_workers if min_worker is None else min_worker
+        high = max(low, entry.max_workers if max_worker is None else max_worker)
+        if not isinstance(low, int) or low < 1 or high < low:
+            raise bad_request(f"min_worker must be an integer >= 1 and <= max_worker, got "
+                              f"min_worker={min_worker!r}, max_worker={max_worker!r}")
+        entry.min_workers, entry.max_workers = low, high
+        await entry.batcher.scale(low)
+        return entry
+
+    def set_default(self, name: str, version: str) -> None:
+        self.get(name, version)
+        self.defaults[name] = version
+
+    async def unregister(self, name: str, version: str | None) -> ModelVersion:
+        """Removes a version after its accepted requests finish.
+
+        Raises:
+            ServingError: 404 unknown; 400 removing the default version while others exist
+                (set another default first, as TorchServe asks).
+        """
+        async with self._lock:
+            entry = self.get(name, version)
+            versions = self.models[name]
+            if entry.version == self.defaults[name] and len(versions) > 1:
+                raise bad_request(f"version {entry.version} is the default of model {name}; "
+                                  "set another default version before unregistering it")
+            del versions[entry.version]
+            if not versions:
+                del self.models[name]
+                del self.defaults[name]
+        await entry.batcher.stop()
+        return entry
+
+    def all_versions(self) -> list[ModelVersion]:
+        return [v for versions in self.models.values() for v in versions.values()]
+
+    async def close(self) -> None:
+        """Finishes accepted requests of every model and stops their workers."""
+        await asyncio.gather(*(v.batcher.stop() for v in self.all_versions()))

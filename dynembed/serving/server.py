@@ -1,0 +1,279 @@
+"""ModelServer: the inference, management and metrics APIs on three loopback ports.
+
+One uvicorn server listens on the three sockets and hands each request to the app of the
+port it arrived on, so there is one event loop, one signal handler and one graceful
+shutdown: on SIGTERM or SIGINT the server stops accepting connections, finishes every
+request it accepted (queued ones included), then stops the models' workers.
+
+A model can follow a training job's checkpoint directory (``follow``): when a newer
+checkpoint commits, it is opened lazily into new tables that replace the live ones between
+batches, so requests never fail or wait for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from dynembed.checkpoint.manager import CheckpointManager
+from dynembed.serving.auth import Tokens
+from dynembed.serving.inference_api import InferenceAPI, Limits
+from dynembed.serving.management_api import ManagementAPI
+from dynembed.serving.metrics import ServingMetrics
+from dynembed.serving.registry import Registry, ServingError
+
+logger = logging.getLogger(__name__)
+
+
+def parse_address(value: str, arg: str) -> tuple[str, int]:
+    """``host:port`` (or ``http://host:port``) -> (host, port).
+
+    Raises:
+        ValueError: not host:port with a port in [0, 65535].
+    """
+    text = value.split("://", 1)[-1].rstrip("/")
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{arg} must be host:port (e.g. 127.0.0.1:8080), got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+@dataclass(kw_only=True)
+class ServerConfig:
+    """What a :class:`ModelServer` serves and how."""
+
+    model_store: str
+    """Directory of model packages; models register only from here."""
+    models: dict[str, str] = field(default_factory=dict)
+    """Models to register at startup: name -> package path in the store."""
+    inference_address: str = "127.0.0.1:8080"
+    management_address: str = "127.0.0.1:8081"
+    metrics_address: str = "127.0.0.1:8082"
+    management_auth: bool = True
+    """Require the management token (Bearer) on the management API."""
+    inference_auth: bool = False
+    """Require the inference token on the inference API."""
+    key_file: str | None = "key_file.json"
+    """Where the tokens are written (mode 0600); removed at shutdown."""
+    default_workers: int = 1
+    batch_size: int = 1
+    max_batch_delay_ms: int = 100
+    response_timeout_s: int = 120
+    max_request_bytes: int = 6_553_500
+    """Request bodies over this are refused (413), as TorchServe's max_request_size."""
+    follow: dict[str, str] = field(default_factory=dict)
+    """model name -> a training job's checkpoint directory to follow."""
+    follow_interval_s: float = 5.0
+    allow_custom_handlers: tuple[str, ...] = ()
+    """Model names whose packages may run their own handler code."""
+    graceful_timeout_s: float = 30.0
+    """How long shutdown waits for accepted requests."""
+
+    def __post_init__(self) -> None:
+        for name in ("inference_address", "management_address", "metrics_address"):
+            parse_address(getattr(self, name), name)
+        for name in ("default_workers", "batch_size", "max_request_bytes",
+                     "response_timeout_s"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.max_batch_delay_ms < 0:
+            raise ValueError(f"max_batch_delay_ms must be >= 0, got {self.max_batch_delay_ms}")
+        unknown = sorted(set(self.follow) - set(self.models))
+        if unknown:
+            raise ValueError(f"follow names models not in models: {unknown}")
+
+
+class _Auth:
+    """ASGI middleware: 401 unless the request carries the API's token."""
+
+    def __init__(self, app, tokens: Tokens, api: str) -> None:
+        self.app, self.tokens, self.api = app, tokens, api
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = dict(scope.get("headers") or [])
+            value = headers.get(b"authorization")
+            if not self.tokens.allows(self.api, value.decode("latin-1") if value else None):
+                response = JSONResponse({"code": 401, "type": "InvalidKeyException",
+                                         "message": "Token Authorization failed. Token "
+                                         "either incorrect, expired, or not provided "
+                                         f"correctly (the {self.api} key in the key file)"},
+                                        status_code=401)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def _not_found(request: Request, exc) -> Response:
+    return JSONResponse({"code": 404, "type": "ResourceNotFoundException",
+                         "message": f"Requested resource is not found: {request.url.path}"},
+                        status_code=404)
+
+
+async def _bad_method(request: Request, exc) -> Response:
+    return JSONResponse({"code": 405, "type": "MethodNotAllowedException",
+                         "message": f"{request.method} is not allowed on {request.url.path}"},
+                        status_code=405)
+
+
+class ModelServer:
+    """The model server.
+
+    Args:
+        config: the :class:`ServerConfig`.
+    """
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.registry = Registry(config.model_store,
+                                 allow_custom_handlers=config.allow_custom_handlers)
+        self.metrics = ServingMetrics(self.registry)
+        self.registry.on_batch = self.metrics.on_batch
+        self.tokens = Tokens(management=config.management_auth,
+                             inference=config.inference_auth, key_file=config.key_file)
+        defaults = {"initial_workers": config.default_workers, "batch_size": config.batch_size,
+                    "max_batch_delay_ms": config.max_batch_delay_ms,
+                    "response_timeout_s": config.response_timeout_s}
+        errors = {404: _not_found, 405: _bad_method}
+        inference = Starlette(routes=InferenceAPI(
+            self.registry, self.metrics, Limits(config.max_request_bytes)).routes(),
+            exception_handlers=errors)
+        management = Starlette(routes=ManagementAPI(self.registry, defaults).routes(),
+                               exception_handlers=errors)
+        metrics = Starlette(routes=[Route("/metrics", self._metrics, methods=["GET"])],
+                            exception_handlers=errors)
+        self.apps = {"inference": _Auth(inference, self.tokens, "inference"),
+                     "management": _Auth(management, self.tokens, "management"),
+                     "metrics": metrics}
+        self.sockets: dict[str, socket.socket] = {}
+        self._by_port: dict[int, object] = {}
+        self._followers: list[asyncio.Task] = []
+        self._server: uvicorn.Server | None = None
+
+    # ------------------------------------------------------------------ ASGI
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        app = self._by_port.get(scope.get("server", (None, None))[1])
+        if app is None:  # one socket only (e.g. a test client): inference
+            app = self.apps["inference"]
+        await app(scope, receive, send)
+
+    async def _lifespan(self, receive, send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.start_models()
+                except Exception as e:
+                    logger.exception("startup failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(e)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.stop_models()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _metrics(self, request: Request) -> Response:
+        return Response(generate_latest(self.metrics.registry),
+                        media_type=CONTENT_TYPE_LATEST)
+
+    # ------------------------------------------------------------------ models
+    async def start_models(self) -> None:
+        """Registers the configured models and starts following checkpoint directories.
+
+        Raises:
+            ServingError: a configured model does not load.
+        """
+        for name, url in self.config.models.items():
+            try:
+                entry = await self.registry.register(
+                    url, name=name, initial_workers=self.config.default_workers,
+                    batch_size=self.config.batch_size,
+                    max_batch_delay_ms=self.config.max_batch_delay_ms,
+                    response_timeout_s=self.config.response_timeout_s,
+                    loaded_at_startup=True)
+            except ServingError as e:
+                raise ServingError(e.status, e.kind, f"model {name}={url}: {e.message}") \
+                    from None
+            logger.info("serving %s %s from %s", entry.name, entry.version, url)
+        for name, directory in self.config.follow.items():
+            self._followers.append(asyncio.create_task(self._follow(name, Path(directory))))
+
+    async def stop_models(self) -> None:
+        """Stops following, finishes accepted requests, stops the workers."""
+        for task in self._followers:
+            task.cancel()
+        await asyncio.gather(*self._followers, return_exceptions=True)
+        await self.registry.close()
+        self.tokens.remove_file()
+
+    async def _follow(self, name: str, directory: Path) -> None:
+        """Applies each newer checkpoint of ``directory`` to model ``name``'s tables."""
+        applied = None
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                if directory.is_dir():
+                    latest = await loop.run_in_executor(
+                        None, lambda: CheckpointManager(directory).latest())
+                    if latest is not None and latest != applied:
+                        for entry in list(self.registry.models.get(name, {}).values()):
+                            await loop.run_in_executor(None, entry.handler.refresh, latest)
+                            self.metrics.refreshes.labels(entry.name, entry.version).inc()
+                        logger.info("model %s now serves the tables of %s", name, latest)
+                        applied = latest
+            except Exception:
+                logger.exception("could not apply the newest checkpoint of %s", directory)
+            await asyncio.sleep(self.config.follow_interval_s)
+
+    # ------------------------------------------------------------------ running
+    def bind(self) -> dict[str, tuple[str, int]]:
+        """Opens the three listening sockets (port 0 picks a free one); returns the
+        addresses by API."""
+        out = {}
+        for api in ("inference", "management", "metrics"):
+            host, port = parse_address(getattr(self.config, f"{api}_address"), api)
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(2048)
+            sock.set_inheritable(True)
+            self.sockets[api] = sock
+            bound = sock.getsockname()[:2]
+            self._by_port[bound[1]] = self.apps[api]
+            out[api] = (bound[0], bound[1])
+        return out
+
+    async def serve(self) -> None:
+        """Serves until SIGTERM/SIGINT (or :meth:`shutdown`), then shuts down gracefully."""
+        if not self.sockets:
+            self.bind()
+        config = uvicorn.Config(self, lifespan="on", log_level="warning",
+                                timeout_graceful_shutdown=self.config.graceful_timeout_s,
+                                limit_concurrency=None, backlog=2048, access_log=False)
+        self._server = uvicorn.Server(config)
+        await self._server.serve(sockets=list(self.sockets.values()))
+
+    def shutdown(self) -> None:
+        """Asks a running :meth:`serve` to stop (graceful)."""
+        if self._server is not None:
+            self._server.should_exit = True
+
+    def run(self) -> None:
+        """Blocking :meth:`serve`."""
+        asyncio.run(self.serve())
+
