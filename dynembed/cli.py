@@ -1,10 +1,11 @@
-"""The ``dynembed`` command line: ``dynembed inspect CKPT``, ``dynembed train SCRIPT``."""
+"""The ``dynembed`` command line: ``inspect``, ``train``, ``export`` and ``serve``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -80,8 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.set_defaults(run=_inspect)
     _add_train(commands)
+    _add_export(commands)
+    _add_serve(commands)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    level = logging.INFO if args.command == "serve" else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "inspect" and args.top < 0:
         parser.error("--top must be >= 0")
     if args.command == "train" and args.script is None:
@@ -129,6 +133,125 @@ def _train(args) -> int:
                           rdzv_id=args.rdzv_id, rdzv_conf=args.rdzv_conf,
                           log_dir=args.log_dir, tee=args.tee)
     return launch(config, show_progress=not args.no_progress)
+
+
+def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
+    out = {}
+    for value in values or []:
+        name, sep, target = value.partition("=")
+        if not sep or not name or not target:
+            raise ValueError(f"{flag} takes NAME=VALUE, got {value!r}")
+        out[name] = target
+    return out
+
+
+def _add_export(commands) -> None:
+    export = commands.add_parser(
+        "export", help="write a model package for dynembed serve",
+        description="Builds the model with FACTORY (module:function, your code), restores "
+                    "a training checkpoint into it, and writes a package: the dense part as "
+                    "a torch.export program, the tables as a checkpoint. The model must have "
+                    "serving_parts() returning a dict with embeddings, dense and optionally "
+                    "feature_types and output (else attributes embeddings and dense).")
+    export.add_argument("--factory", required=True, help="module:function building the model")
+    export.add_argument("--checkpoint", required=True,
+                        help="a checkpoint, or a directory of checkpoints (the newest)")
+    export.add_argument("--name", required=True, help="model name")
+    export.add_argument("--version", default="1.0", help="model version")
+    export.add_argument("--out", required=True, help="the package directory to create "
+                                                     "(e.g. model-store/NAME-VERSION)")
+    export.add_argument("--output", default=None, choices=["identity", "sigmoid", "softmax"],
+                        help="transform of the dense output (default: the model's choice)")
+    export.set_defaults(run=_export)
+
+
+def _export(args) -> int:
+    import importlib
+
+    from dynembed.checkpoint.api import load
+    from dynembed.checkpoint.manager import CheckpointManager
+    from dynembed.serving.package import export_package
+
+    module_name, _, function = args.factory.partition(":")
+    if not function:
+        raise ValueError(f"--factory must be module:function, got {args.factory!r}")
+    model = getattr(importlib.import_module(module_name), function)()
+    checkpoint = Path(args.checkpoint)
+    if not (checkpoint / "MANIFEST.json").exists():
+        latest = CheckpointManager(checkpoint).latest()
+        if latest is None:
+            raise ValueError(f"--checkpoint {checkpoint}: no checkpoint there")
+        checkpoint = latest
+    load(checkpoint, model, strict=False)
+    parts = model.serving_parts() if hasattr(model, "serving_parts") else {
+        "embeddings": model.embeddings, "dense": model.dense}
+    path = export_package(args.out, embeddings=parts["embeddings"], dense=parts["dense"],
+                          name=args.name, version=args.version,
+                          feature_types=parts.get("feature_types"),
+                          output=args.output or parts.get("output", "identity"))
+    print(f"wrote {path} from {checkpoint}")
+    return 0
+
+
+def _add_serve(commands) -> None:
+    serve = commands.add_parser(
+        "serve", help="serve model packages (TorchServe, KServe v1 and v2 APIs)",
+        description="Serves packages of --model-store: inference API (TorchServe, KServe v1, "
+                    "Open Inference Protocol v2), management API (TorchServe's) and "
+                    "Prometheus metrics, on loopback by default. The management API needs "
+                    "the token written to --key-file.")
+    serve.add_argument("--model-store", required=True, help="directory of model packages")
+    serve.add_argument("--models", nargs="*", metavar="NAME=PACKAGE",
+                       help="models to serve at startup (package paths in the store)")
+    serve.add_argument("--inference-address", default="127.0.0.1:8080")
+    serve.add_argument("--management-address", default="127.0.0.1:8081")
+    serve.add_argument("--metrics-address", default="127.0.0.1:8082")
+    serve.add_argument("--disable-token-auth", action="store_true",
+                       help="no token on the management API (anyone who reaches the port "
+                            "can register and remove models)")
+    serve.add_argument("--inference-token-auth", action="store_true",
+                       help="require the inference token on the inference API")
+    serve.add_argument("--key-file", default="key_file.json",
+                       help="where the tokens are written (mode 0600)")
+    serve.add_argument("--workers", type=int, default=1, help="workers per model")
+    serve.add_argument("--batch-size", type=int, default=1, help="most examples per batch")
+    serve.add_argument("--max-batch-delay", type=int, default=100,
+                       help="ms a batch waits to fill up")
+    serve.add_argument("--response-timeout", type=int, default=120, help="seconds")
+    serve.add_argument("--max-request-size", type=int, default=6_553_500, help="bytes")
+    serve.add_argument("--follow", nargs="*", metavar="NAME=CHECKPOINT_DIR",
+                       help="apply newer checkpoints of a training job to a model's tables")
+    serve.add_argument("--follow-interval", type=float, default=5.0, help="seconds")
+    serve.add_argument("--allow-custom-handler", nargs="*", metavar="NAME", default=[],
+                       help="models whose packages may run their own handler code")
+    serve.set_defaults(run=_serve)
+
+
+def _serve(args) -> int:
+    from dynembed.serving.server import ModelServer, ServerConfig
+
+    config = ServerConfig(
+        model_store=args.model_store, models=_pairs(args.models, "--models"),
+        inference_address=args.inference_address,
+        management_address=args.management_address, metrics_address=args.metrics_address,
+        management_auth=not args.disable_token_auth, inference_auth=args.inference_token_auth,
+        key_file=args.key_file, default_workers=args.workers, batch_size=args.batch_size,
+        max_batch_delay_ms=args.max_batch_delay, response_timeout_s=args.response_timeout,
+        max_request_bytes=args.max_request_size, follow=_pairs(args.follow, "--follow"),
+        follow_interval_s=args.follow_interval,
+        allow_custom_handlers=tuple(args.allow_custom_handler))
+    server = ModelServer(config)
+    addresses = server.bind()
+    for api, (host, port) in addresses.items():
+        print(f"{api} API on http://{host}:{port}", file=sys.stderr)
+    if config.management_auth:
+        print(f"management token in {config.key_file}", file=sys.stderr)
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again with
+    # the handlers found at start: a finished graceful shutdown exits 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: sys.exit(0))
+    server.run()
+    return 0
 
 
 if __name__ == "__main__":

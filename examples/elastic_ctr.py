@@ -19,7 +19,9 @@ table per categorical feature, bags of words for titles and genres, an MLP), wri
 - global batches are the same whatever the world size (each rank takes its part), so the
   data position is just the step.
 
-At the end rank 0 prints the test AUC and log loss (every rank scores its part).
+At the end rank 0 prints the test AUC and log loss (every rank scores its part). The
+trained model is served with ``dynembed export --factory examples.elastic_ctr:serving_model``
+and ``dynembed serve`` (see ``serving_model``).
 """
 
 from __future__ import annotations
@@ -69,6 +71,22 @@ class ElasticLikeModel(nn.Module):
 
     def forward(self, features: dict) -> torch.Tensor:
         return self.mlp(self.embeddings(features, concat=True)).squeeze(-1)
+
+    def serving_parts(self) -> dict:
+        """What ``dynembed export`` packages: the tables, the dense part (embeddings ->
+        one logit per example) and the request features' types."""
+        return {"embeddings": self.embeddings, "dense": nn.Sequential(self.mlp, nn.Flatten(0)),
+                "feature_types": {"user_id": "int64", "movie_id": "int64"},
+                "output": "sigmoid"}
+
+
+def serving_model(dim: int = 16) -> ElasticLikeModel:
+    """The model with the default settings and no store, for ``dynembed export``::
+
+        dynembed export --factory examples.elastic_ctr:serving_model \\
+            --checkpoint runs/elastic_ctr/checkpoints --name ctr --out store/ctr-1.0
+    """
+    return ElasticLikeModel(dim, 0.05, seed=0, rows_in_memory=None, store_for=lambda _: None)
 
 
 def parse_args(argv):

@@ -31,6 +31,7 @@ from torch import nn
 
 import dynembed
 from dynembed import optim
+from dynembed.checkpoint import manifest as checkpoint_manifest
 from dynembed.checkpoint.api import load, save
 from dynembed.errors import DynembedError
 from dynembed.nn.collection import EmbeddingCollection, FeatureConfig
@@ -279,9 +280,31 @@ def load_dense(path: Path) -> nn.Module:
     return program.module()
 
 
+def _checkpoint_names(tables: dict, saved: list[str], checkpoint) -> dict:
+    """Maps the package's table names to a checkpoint's: the same name, or the one saved
+    name ending in ``.<name>`` (a training job saves ``<module path>.tables.<name>``)."""
+    out = {}
+    for name, table in tables.items():
+        if name in saved:
+            out[name] = table
+            continue
+        matches = [s for s in saved if s.endswith(f".{name}")]
+        if len(matches) != 1:
+            raise PackageError(f"checkpoint {checkpoint} has no single table for {name!r} "
+                               f"(its tables: {sorted(saved)})")
+        out[matches[0]] = table
+    return out
+
+
 def load_tables(embeddings: EmbeddingCollection, checkpoint: str | os.PathLike) -> None:
-    """Opens a checkpoint's rows for ``embeddings``' tables, lazily (O(1) in table size)."""
-    load(checkpoint, tables=dict(embeddings.tables), lazy=True, strict=False)
+    """Opens a checkpoint's rows for ``embeddings``' tables, lazily (O(1) in table size).
+
+    The checkpoint may be the package's own or one of the training job's (its tables named
+    by their path in the model, e.g. ``embeddings.tables.user``).
+    """
+    saved = list(checkpoint_manifest.read(checkpoint)["tables"])
+    tables = _checkpoint_names(dict(embeddings.tables), saved, checkpoint)
+    load(checkpoint, tables=tables, lazy=True, strict=False)
 
 
 def open_package(path: str | os.PathLike) -> Package:

@@ -1,0 +1,111 @@
+"""The batcher alone: batches by size and delay, scaling, draining, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from dynembed.serving.batching import Batcher
+
+
+def _recording(delay: float = 0.0):
+    seen = []
+
+    def predict(examples):
+        seen.append(list(examples))
+        time.sleep(delay)
+        return [x * 10 for x in examples]
+
+    return predict, seen
+
+
+def test_requests_are_grouped_up_to_batch_size_and_answered_in_order():
+    async def main():
+        predict, seen = _recording(0.05)
+        batcher = Batcher(predict, batch_size=4, max_batch_delay_ms=200, workers=1)
+        await batcher.start()
+        results = await asyncio.gather(*(batcher.submit([i]) for i in range(10)))
+        await batcher.stop()
+        return results, seen
+
+    results, seen = asyncio.run(main())
+    assert results == [[i * 10] for i in range(10)]
+    assert all(len(batch) <= 4 for batch in seen)
+    assert sum(len(b) for b in seen) == 10 and len(seen) < 10  # batched
+
+
+def test_a_lone_request_waits_at_most_the_batch_delay():
+    async def main():
+        predict, seen = _recording()
+        batcher = Batcher(predict, batch_size=64, max_batch_delay_ms=30, workers=1)
+        await batcher.start()
+        result = await asyncio.wait_for(batcher.submit([1, 2]), 5)
+        await batcher.stop()
+        return result, seen
+
+    result, seen = asyncio.run(main())
+    assert result == [10, 20] and seen == [[1, 2]]
+
+
+def test_workers_run_batches_in_parallel_and_scale():
+    async def main():
+        running, peak, lock = [0], [0], threading.Lock()
+
+        def predict(examples):
+            with lock:
+                running[0] += 1
+                peak[0] = max(peak[0], running[0])
+            time.sleep(0.05)
+            with lock:
+                running[0] -= 1
+            return examples
+
+        batcher = Batcher(predict, batch_size=1, workers=1)
+        await batcher.start()
+        await asyncio.gather(*(batcher.submit([i]) for i in range(4)))
+        single = peak[0]
+        await batcher.scale(4)
+        assert batcher.workers == 4
+        await asyncio.gather(*(batcher.submit([i]) for i in range(8)))
+        await batcher.scale(2)
+        await asyncio.sleep(0.05)
+        workers = batcher.workers
+        await batcher.stop()
+        return single, peak[0], workers
+
+    single, peak, workers = asyncio.run(main())
+    assert single == 1 and peak >= 2 and workers == 2
+
+
+def test_stop_finishes_every_accepted_request():
+    async def main():
+        predict, _ = _recording(0.02)
+        batcher = Batcher(predict, batch_size=2, max_batch_delay_ms=10, workers=1)
+        await batcher.start()
+        pending = [asyncio.create_task(batcher.submit([i])) for i in range(9)]
+        await asyncio.sleep(0)  # queued
+        await batcher.stop()
+        return [task.result() for task in pending]
+
+    assert asyncio.run(main()) == [[i * 10] for i in range(9)]
+
+
+def test_a_failing_batch_fails_its_requests_only():
+    async def main():
+        def predict(examples):
+            if "bad" in examples:
+                raise RuntimeError("boom")
+            return examples
+
+        batcher = Batcher(predict, batch_size=1, workers=1)
+        await batcher.start()
+        with pytest.raises(RuntimeError, match="boom"):
+            await batcher.submit(["bad"])
+        ok = await batcher.submit(["good"])
+        await batcher.stop()
+        return ok
+
+    assert asyncio.run(main()) == ["good"]

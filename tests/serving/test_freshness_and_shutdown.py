@@ -1,0 +1,119 @@
+"""Live tables follow a training job's checkpoints under load; shutdown loses nothing."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+from torch import nn
+
+import dynembed as de
+from tests.serving.helpers import (
+    columns,
+    examples,
+    expected,
+    make_model,
+    start_server,
+    write_package,
+)
+
+
+class Trained(nn.Module):
+    """A training job's model: its checkpoints name tables by path (embeddings.tables.*)."""
+
+    def __init__(self, coll, dense) -> None:
+        super().__init__()
+        self.embeddings, self.dense = coll, dense
+
+
+def _load(url: str, batch: list[dict], stop: threading.Event, results: list) -> None:
+    with httpx.Client(timeout=30) as client:
+        while not stop.is_set():
+            response = client.post(url, json=batch)
+            results.append((response.status_code, response.json()))
+
+
+def test_a_new_checkpoint_reaches_live_tables_without_a_failed_request(tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    coll, dense = write_package(store)
+    ckpt = tmp_path / "ckpt"
+    manager = de.checkpoint.CheckpointManager(ckpt)
+    model = Trained(coll, dense)
+    manager.save(1, model)
+    batch = examples(16, seed=4) + [{"user": "fresh-user", "item": "i1", "tags": []}]
+    server = start_server(store, models={"ctr": "ctr-1.0"}, batch_size=8,
+                          max_batch_delay_ms=2, follow={"ctr": str(ckpt)},
+                          follow_interval_s=0.1)
+    url = server.inference + "/predictions/ctr"
+    try:
+        before = httpx.post(url, json=batch).json()
+        assert before == pytest.approx(expected(coll, dense, batch), rel=1e-6)
+        stop, results = threading.Event(), []
+        load = [threading.Thread(target=_load, args=(url, batch, stop, results))
+                for _ in range(4)]
+        for thread in load:
+            thread.start()
+        # training goes on: the new user gets a row, old rows move; a delta checkpoint
+        coll.train()
+        for step in range(3):
+            out = dense(coll(columns(batch), concat=True))
+            (out - 1).pow(2).mean().backward()
+        manager.save(2, model)
+        deadline = time.monotonic() + 30
+        while server.server.registry.get("ctr").handler.refreshes < 2 and \
+                time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # more requests on the new tables
+        stop.set()
+        for thread in load:
+            thread.join(30)
+        after = httpx.post(url, json=batch).json()
+    finally:
+        server.stop()
+    assert len(results) > 20
+    assert {status for status, _ in results} == {200}  # zero failed requests
+    # the served tables are the new checkpoint's (the dense part is the package's)
+    want = expected(coll, dense, batch)
+    assert after == pytest.approx(want, rel=1e-5)
+    assert after != pytest.approx(before, rel=1e-5)
+
+
+def test_graceful_shutdown_answers_every_accepted_request(store):
+    folder, (coll, dense) = store
+    server = start_server(folder, models={"ctr": "ctr-1.0"}, batch_size=64,
+                          max_batch_delay_ms=300)
+    batch = examples(3, seed=1)
+    replies: list = []
+
+    def ask():
+        try:
+            replies.append(httpx.post(server.inference + "/predictions/ctr", json=batch,
+                                      timeout=30))
+        except httpx.HTTPError as e:
+            replies.append(e)
+
+    askers = [threading.Thread(target=ask) for _ in range(24)]
+    for thread in askers:
+        thread.start()
+    deadline = time.monotonic() + 10
+    entry = server.server.registry.get("ctr")
+    while entry.batcher.pending < 1 and time.monotonic() < deadline:
+        time.sleep(0.005)  # requests are queued, waiting for the batch delay
+    server.stop()
+    for thread in askers:
+        thread.join(30)
+    assert len(replies) == 24
+    assert all(isinstance(r, httpx.Response) and r.status_code == 200 for r in replies), \
+        [r if not isinstance(r, httpx.Response) else r.status_code for r in replies]
+    assert replies[0].json() == pytest.approx(expected(coll, dense, batch), rel=1e-6)
+
+
+def test_make_model_is_deterministic():
+    a, b = make_model(3), make_model(3)
+    batch = examples(4)
+    assert expected(*a, batch) == expected(*b, batch)
+    assert torch.equal(a[1][0].weight, b[1][0].weight)
