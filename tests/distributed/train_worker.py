@@ -45,7 +45,7 @@ def make_data(n: int, seed: int = 7) -> dict[str, np.ndarray]:
 class Model(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
-        opt = de.optim.Adagrad(lr=0.1)
+        opt = de.optim.Adagrad(lr=0.3)
         self.embeddings = de.EmbeddingCollection(
             tables={"ids": de.TableConfig(dim=dim, optimizer=opt, seed=11, key_log=True),
                     "country": de.TableConfig(dim=4, optimizer=opt, seed=12,
@@ -96,7 +96,7 @@ def main() -> int:
         dim = args.dim_on_rank_1 if (args.dim_on_rank_1 and rt.rank == 1) else args.dim
         model = Model(dim)
         net = rt.prepare(model)
-        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
         rt.restore(opt)
         tag = f"w{rt.world_size}-r{rt.rank}"
         torch.save({"step": rt.step, "rows": rows_of(model)},
