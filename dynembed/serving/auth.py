@@ -36,6 +36,7 @@ class Tokens:
         self.key_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.key_file.with_name(f".{self.key_file.name}.{os.getpid()}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # a leftover file keeps its mode through O_CREAT
         with os.fdopen(fd, "w") as f:
             json.dump({api: {"key": key} for api, key in self.keys.items()
                        if self.required[api]}, f, indent=1)

@@ -17,6 +17,11 @@ from dataclasses import dataclass, field
 _STOP = object()
 
 
+def _expire(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(asyncio.TimeoutError())
+
+
 @dataclass
 class _Request:
     examples: list
@@ -86,11 +91,17 @@ class Batcher:
             asyncio.TimeoutError: no result within ``timeout`` seconds.
             Exception: whatever the handler raised for the batch.
         """
-        future = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Request(examples, future))
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.put_nowait(_Request(examples, future))  # unbounded: never blocks
         if timeout is None:
             return await future
-        return await asyncio.wait_for(asyncio.shield(future), timeout)
+        # one timer per request (asyncio.wait_for would start a task per request)
+        timer = loop.call_later(timeout, _expire, future)
+        try:
+            return await future
+        finally:
+            timer.cancel()
 
     async def stop(self) -> None:
         """Finishes every accepted request, then stops the workers and their threads."""

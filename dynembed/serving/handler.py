@@ -12,8 +12,10 @@ operator allowed it for that model name (``dynembed serve --allow-custom-handler
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,30 @@ def _check_key(value, kind: str, where: str) -> None:
         raise InputError(f"{where} must be a string key, got {value!r}")
 
 
+def _float64_copy(dense, input_dim: int):
+    """A float64 copy of the dense program, or None where it does not run in float64.
+
+    float32 matrix products round differently for different batch sizes (the kernels block
+    the batch dimension differently), so an example's prediction would depend on the batch
+    it happened to join. Computing in float64 and rounding the result to float32 makes it
+    independent of the batch (a float64 difference survives the rounding only at a float32
+    rounding boundary).
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dense64 = copy.deepcopy(dense).double()
+        x = torch.linspace(-1, 1, 3 * input_dim).reshape(3, input_dim)
+        with torch.no_grad():
+            y32, y64 = dense(x), dense64(x.double())
+        if y64.dtype != torch.float64 or not torch.allclose(y64.float(), y32, rtol=1e-4,
+                                                            atol=1e-5):
+            return None
+        return dense64
+    except Exception:  # noqa: BLE001 - a program with fixed dtypes inside: stay float32
+        return None
+
+
 class EmbeddingModelHandler:
     """The built-in handler: ``output(dense(embeddings(features, concat=True)))``.
 
@@ -51,6 +77,9 @@ class EmbeddingModelHandler:
         self.transform = package.manifest["output"]["transform"]
         self._swap = threading.Lock()
         self.refreshes = 0
+        self.dense64 = _float64_copy(package.dense, int(package.manifest["dense"]["input_dim"]))
+        """The dense program in float64 (None: it runs in float32, and a prediction may
+        differ in its last bit with the batch it joined)."""
 
     def validate(self, examples) -> list[dict]:
         """Checks a request's examples; returns them as a list.
@@ -97,15 +126,16 @@ class EmbeddingModelHandler:
 
     @torch.no_grad()
     def predict(self, examples: list[dict]) -> list:
-        """Predictions for validated examples: one float (or list) per example."""
+        """Predictions for validated examples: one float (or list) per example, the same
+        whatever batch the examples were run in (see :attr:`dense64`)."""
         embeddings = self.embeddings  # one consistent set of tables for the whole batch
         x = embeddings(self._columns(examples), concat=True)
-        y = self.package.dense(x)
+        y = self.package.dense(x) if self.dense64 is None else self.dense64(x.double())
         if self.transform == "sigmoid":
             y = torch.sigmoid(y)
         elif self.transform == "softmax":
             y = torch.softmax(y, dim=-1)
-        return y.tolist()
+        return y.float().tolist()
 
     def refresh(self, checkpoint: str | Path) -> None:
         """Serves the tables of a newer checkpoint (of the training job) from now on.
@@ -158,8 +188,12 @@ def make_handler(package: Package, *, allow_custom: bool):
     module_spec = importlib.util.spec_from_file_location(f"dynembed_handler_{package.name}",
                                                          source)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    handler = getattr(module, cls_name)(package)
+    try:
+        module_spec.loader.exec_module(module)
+        handler = getattr(module, cls_name)(package)
+    except Exception as e:  # noqa: BLE001 - the operator's handler code failed: say where
+        raise PackageError(f"custom handler {spec!r} of model {package.name!r} failed to "
+                           f"load: {type(e).__name__}: {e}") from None
     for method in ("validate", "predict"):
         if not callable(getattr(handler, method, None)):
             raise PackageError(f"custom handler {cls_name} has no {method}() method")

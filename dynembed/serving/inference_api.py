@@ -194,32 +194,89 @@ class InferenceAPI:
         return await self._serve(request, _v2_examples, _v2_response, v2=True)
 
 
+_V2_INTS = frozenset(("INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32",
+                      "UINT64"))
+
+
+def _v2_rows(tensor: dict, pooled: bool | None, where: str) -> list:
+    """One entry per example from a v2 input tensor: a key (unpooled) or a list of keys
+    (pooled). ``data`` may be flat (row-major, ``shape`` gives the rows) or nested, one row
+    per example; a pooled feature's nested rows may differ in length when ``shape`` is
+    ``[batch]``."""
+    shape, data = tensor["shape"], tensor["data"]
+    if not isinstance(shape, list) or not 1 <= len(shape) <= 2 or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise bad_request(f"{where}: shape must be [batch] or [batch, n] of non-negative "
+                          f"integers, got {shape!r}")
+    if not isinstance(data, list):
+        raise bad_request(f"{where}: data must be a list, got {type(data).__name__}")
+    if pooled is None:  # not an input of the model: validation names it
+        pooled = any(isinstance(v, list) for v in data)
+    if any(isinstance(v, list) for v in data):  # nested: one row per example
+        if len(data) != shape[0]:
+            raise bad_request(f"{where}: shape[0] is {shape[0]} but data holds {len(data)} "
+                              "rows (one row per example)")
+        if not all(isinstance(v, list) for v in data):
+            raise bad_request(f"{where}: data mixes lists and keys")
+        if len(shape) == 2 and any(len(v) != shape[1] for v in data):
+            raise bad_request(f"{where}: shape is {shape} but not every row holds {shape[1]} "
+                              "keys")
+        if pooled:
+            return data
+        if len(shape) != 2 or shape[1] != 1:
+            raise bad_request(f"{where} is not pooled: one key per example, shape [batch] "
+                              f"or [batch, 1], got shape {shape} with nested data")
+        return [v[0] for v in data]
+    size = shape[0] * (shape[1] if len(shape) == 2 else 1)
+    if len(data) != size:
+        raise bad_request(f"{where}: shape {shape} holds {size} values but data has "
+                          f"{len(data)}")
+    if not pooled:
+        if len(shape) == 2 and shape[1] != 1:
+            raise bad_request(f"{where} is not pooled: one key per example, shape [batch] "
+                              f"or [batch, 1], got {shape}")
+        return data
+    if len(shape) != 2:
+        raise bad_request(f"{where} is pooled: give shape [batch, keys] with flat data, or "
+                          "one list of keys per example")
+    return [data[k * shape[1]:(k + 1) * shape[1]] for k in range(shape[0])]
+
+
 def _v2_examples(data, entry) -> tuple[list, bool]:
     """Open Inference Protocol tensors (one per feature, first dimension = examples) ->
     examples."""
-    if not isinstance(data, dict) or not isinstance(data.get("inputs"), list):
+    if not isinstance(data, dict) or not isinstance(data.get("inputs"), list) or \
+            not data["inputs"]:
         raise bad_request('v2 requests are {"inputs": [{"name", "shape", "datatype", '
-                          '"data"}, ...]}')
+                          '"data"}, ...]} with at least one input')
+    features = getattr(entry.handler, "features", None) or {}
     columns, n = {}, None
     for i, tensor in enumerate(data["inputs"]):
         if not isinstance(tensor, dict) or not {"name", "shape", "datatype", "data"} <= \
                 set(tensor):
             raise bad_request(f"inputs[{i}] must have name, shape, datatype and data")
-        shape, values = tensor["shape"], tensor["data"]
-        if not isinstance(shape, list) or not shape or not isinstance(values, list):
-            raise bad_request(f"inputs[{i}] ({tensor['name']!r}): shape must be a non-empty "
-                              "list and data a list")
-        if shape[0] != len(values):
-            raise bad_request(f"inputs[{i}] ({tensor['name']!r}): shape[0] is {shape[0]} but "
-                              f"data holds {len(values)} examples (give one entry per "
-                              "example; a pooled feature's entry is a list of keys)")
+        name = tensor["name"]
+        where = f"input {name!r}"
+        if not isinstance(name, str) or name in columns:
+            raise bad_request(f"inputs[{i}]: {where} is not a string or given twice")
+        spec = features.get(name)
+        if spec is not None:
+            want = "INT64" if spec["type"] == "int64" else "BYTES"
+            if tensor["datatype"] not in (_V2_INTS if want == "INT64" else {"BYTES"}):
+                raise bad_request(f"{where}: datatype {tensor['datatype']!r} does not fit the "
+                                  f"feature, which takes {want}")
+        values = _v2_rows(tensor, None if spec is None else spec["pooling"] is not None,
+                          where)
         if n is not None and len(values) != n:
-            raise bad_request(f"inputs[{i}] ({tensor['name']!r}) has {len(values)} examples, "
-                              f"other inputs {n}")
+            raise bad_request(f"{where} has {len(values)} examples, other inputs {n}")
         n = len(values)
-        columns[tensor["name"]] = values
-    if n is None:
-        raise bad_request("inputs is empty")
+        columns[name] = values
+    if features:
+        missing = [f for f in features if f not in columns]
+        unknown = [f for f in columns if f not in features]
+        if missing or unknown:
+            raise bad_request(f"missing inputs {missing}, unknown inputs {unknown}; the model "
+                              f"takes {list(features)}")
     return [{name: values[k] for name, values in columns.items()} for k in range(n)], False
 
 

@@ -167,6 +167,5 @@ class ManagementAPI:
     @_handles_errors
     async def unregister(self, request: Request) -> Response:
         name, version = request.path_params["model"], request.path_params.get("version")
-        entry = await self.registry.unregister(name, version)
-        return JSONResponse({"status": f'Model "{name}" version {entry.version} '
-                                       "unregistered"})
+        await self.registry.unregister(name, version)
+        return JSONResponse({"status": f'Model "{name}" unregistered'})

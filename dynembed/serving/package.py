@@ -8,14 +8,20 @@ A package is a directory::
 
 Loading a package parses JSON, loads the exported program with ``weights_only`` enforced
 (torch would otherwise fall back to unpickling) and opens the checkpoint: nothing from the
-package is unpickled or run. Tables are rebuilt from the manifest's plain fields; their
-optimizer comes from a fixed list of dynembed's optimizer classes.
+package is unpickled or run. ``torch.export.load`` alone does not guarantee that: it
+``eval``s the program's symbolic shape expressions (``sympy.sympify``), ``exec``s its input
+guards and unpickles "opaque object" constants with plain ``pickle``. So the archive is
+checked first (:func:`check_archive`): shape expressions and guards must be built from an
+allowlist of tokens, and constants other than tensors are refused. Tables are rebuilt from
+the manifest's plain fields; their optimizer comes from a fixed list of dynembed's optimizer
+classes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import os
 import platform
@@ -23,6 +29,8 @@ import re
 import shutil
 import threading
 import time
+import tokenize
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -214,13 +222,26 @@ def read_manifest(path: str | os.PathLike) -> dict:
     try:
         check_name(manifest["model"]["name"], "model.name")
         check_name(manifest["model"]["version"], "model.version")
+        if not isinstance(manifest["model"]["handler"], str):
+            raise TypeError(f"model.handler must be a string, got "
+                             f"{manifest['model']['handler']!r}")
+        if not manifest["features"]:
+            raise ValueError("features is empty")
         for fname, f in manifest["features"].items():
-            if f["table"] not in manifest["tables"] or f["type"] not in ("string", "int64"):
+            if f["table"] not in manifest["tables"] or f["type"] not in ("string", "int64") \
+                    or not isinstance(f["pooling"], (str, type(None))):
                 raise ValueError(f"feature {fname!r} is malformed: {f}")
         if manifest["output"]["transform"] not in OUTPUTS:
             raise ValueError(f"output.transform {manifest['output']['transform']!r}")
         int(manifest["dense"]["input_dim"])
-    except (KeyError, TypeError, ValueError) as e:
+        for field, value in (("dense.file", manifest["dense"]["file"]),
+                             ("checkpoint", manifest["checkpoint"])):
+            inside = (folder / str(value)).resolve()
+            if not isinstance(value, str) or folder.resolve() not in inside.parents:
+                raise ValueError(f"{field} must be a path inside the package, got {value!r}")
+    except KeyError as e:
+        raise PackageError(f"{folder / MANIFEST} is malformed: missing field {e}") from None
+    except (AttributeError, TypeError, ValueError) as e:
         raise PackageError(f"{folder / MANIFEST} is malformed: {e}") from None
     return manifest
 
@@ -270,14 +291,109 @@ def _weights_only():
                 os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
 
 
+_SYMPY_NAMES = frozenset((
+    "Symbol", "Dummy", "Integer", "Rational", "Float", "Add", "Mul", "Pow", "Mod", "Max",
+    "Min", "Abs", "floor", "ceiling", "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "Equality",
+    "Unequality", "StrictLessThan", "StrictGreaterThan", "LessThan", "GreaterThan", "And",
+    "Or", "Not", "Piecewise", "ExprCondPair", "true", "false", "True", "False", "oo", "zoo",
+    "nan", "Infinity", "NegativeInfinity", "NaN", "ComplexInfinity", "Half", "One", "Zero",
+    "NegativeOne", "BooleanTrue", "BooleanFalse", "S", "pi", "E"))
+_SYMBOL = re.compile(r"^[a-z]{1,3}\d+$")
+_SYMPY_STRING = re.compile(r"""^(['"])[A-Za-z0-9_.+-]*\1$""")
+_SYMPY_OPS = frozenset(("(", ")", ",", "=", "+", "-", "*", "/", "**", "//", "%", "<", ">",
+                        "<=", ">=", "==", "!=", "&", "|", "~"))
+_GUARD_TERM = re.compile(r"L(?:\['[A-Za-z_]\w*'\]|\[\d+\])+"
+                         r"(?:\.(?:size|stride)\(\)\[\d+\]|\.storage_offset\(\))?"
+                         r"|math\.(?:isnan|isinf|inf)\b")
+_GUARD_REST = re.compile(r"^(?:[\d\s()+*/%<>=!&|~-]|\b(?:and|or|not|True|False)\b)*$")
+_OBJECT_CONSTANTS = ("custom_obj_", "opaque_obj_")
+
+
+def _sympy_functions() -> frozenset:
+    import sympy
+    from torch.utils._sympy import functions
+
+    return frozenset(n for n, obj in vars(functions).items()
+                     if isinstance(obj, type) and issubclass(obj, sympy.Basic))
+
+
+def _check_sym_expr(text, allowed: frozenset) -> None:
+    """A symbolic shape expression (which torch parses with ``eval``) holds only sympy
+    constructors, symbol names, numbers and arithmetic: no attribute, subscript or other
+    name."""
+    if not isinstance(text, str) or len(text) > 10_000:
+        raise ValueError(f"symbolic expression {text!r:.80} is not a short string")
+    tokens = [t for t in tokenize.generate_tokens(io.StringIO(text).readline)
+              if t.type not in (tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER)]
+    for i, t in enumerate(tokens):
+        after = tokens[i + 1].string if i + 1 < len(tokens) else ""
+        if t.type == tokenize.NAME:
+            keyword = after == "=" and not t.string.startswith("_")
+            if not (keyword or t.string in allowed or _SYMBOL.match(t.string)):
+                raise ValueError(f"symbolic expression {text!r:.200} uses {t.string!r}")
+        elif t.type == tokenize.STRING:
+            if not _SYMPY_STRING.match(t.string):
+                raise ValueError(f"symbolic expression {text!r:.200} holds the string "
+                                 f"{t.string!r:.80}")
+        elif t.type == tokenize.OP:
+            if t.string not in _SYMPY_OPS:
+                raise ValueError(f"symbolic expression {text!r:.200} uses {t.string!r}")
+        elif t.type != tokenize.NUMBER:
+            raise ValueError(f"symbolic expression {text!r:.200} is not an expression")
+
+
+def _check_guard(text) -> None:
+    """An input guard (which torch runs with ``exec``) compares input sizes and numbers."""
+    if not isinstance(text, str) or len(text) > 10_000 or \
+            not _GUARD_REST.match(_GUARD_TERM.sub(" 0 ", text)):
+        raise ValueError(f"input guard {text!r:.200} is not a comparison of input sizes")
+
+
+def check_archive(path: str | os.PathLike) -> None:
+    """Refuses a dense program whose loading would run code from the file.
+
+    Raises:
+        PackageError: not a zip archive, unreadable JSON, or a shape expression, input
+            guard or non-tensor constant that torch would ``eval``, ``exec`` or unpickle.
+    """
+    try:
+        allowed = _SYMPY_NAMES | _sympy_functions()
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if not info.filename.endswith(".json"):
+                    continue
+                stack = [json.loads(archive.read(info))]
+                while stack:
+                    node = stack.pop()
+                    if isinstance(node, list):
+                        stack.extend(node)
+                    elif isinstance(node, dict):
+                        for key, value in node.items():
+                            if key == "expr_str":
+                                _check_sym_expr(value, allowed)
+                            elif key == "guards_code":
+                                for guard in value if isinstance(value, list) else [value]:
+                                    _check_guard(guard)
+                            elif key == "path_name" and isinstance(value, str) and \
+                                    value.startswith(_OBJECT_CONSTANTS):
+                                raise ValueError(f"constant {value!r} is a pickled object; "
+                                                 "only tensors are loaded")
+                            else:
+                                stack.append(value)
+    except (OSError, zipfile.BadZipFile, UnicodeDecodeError, ValueError,
+            tokenize.TokenError, SyntaxError) as e:
+        raise PackageError(f"{path}: not a dense program dynembed loads ({e})") from None
+
+
 def load_dense(path: Path) -> nn.Module:
     """The package's dense program as a callable module (weights only, never unpickled)."""
+    check_archive(path)
     try:
         with _weights_only():
             program = torch.export.load(path)
+            return program.module()
     except Exception as e:  # noqa: BLE001 - a damaged or hostile file: say which
         raise PackageError(f"{path}: not a loadable torch.export program ({e})") from None
-    return program.module()
 
 
 def _checkpoint_names(tables: dict, saved: list[str], checkpoint) -> dict:

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dynembed.errors import DynembedError
+from dynembed.errors import CheckpointError, DynembedError
 from dynembed.serving.batching import Batcher
 from dynembed.serving.handler import make_handler
 from dynembed.serving.package import PackageError, check_name, open_package
@@ -129,7 +129,7 @@ class Registry:
                     raise PackageError(f"model_name {name!r} differs from the package's name "
                                        f"{package.name!r}")
             handler = make_handler(package, allow_custom=package.name in self.allow_custom)
-        except (PackageError, ValueError) as e:
+        except (PackageError, CheckpointError, ValueError) as e:
             raise bad_request(str(e)) from None
         async with self._lock:
             versions = self.models.setdefault(package.name, {})
@@ -164,15 +164,17 @@ class Registry:
             raise not_found(f"Model not found: {name}")
         version = version or self.defaults[name]
         if version not in versions:
-            raise not_found(f"Model version not found: {name} {version}")
+            raise ServingError(404, "ModelVersionNotFoundException",
+                               f"Model version: {version} does not exist for model: {name}")
         return versions[version]
 
     async def scale(self, name: str, version: str | None, *, min_worker: int | None,
                     max_worker: int | None) -> ModelVersion:
-        """Sets a version's workers to ``min_worker`` (bounded by ``max_worker``)."""
+        """Sets a version's workers to ``min_worker`` (bounded by ``max_worker``, which
+        defaults to ``min_worker`` as in TorchServe)."""
         entry = self.get(name, version)
         low = entry.min_workers if min_worker is None else min_worker
-        high = max(low, entry.max_workers if max_worker is None else max_worker)
+        high = low if max_worker is None else max_worker
         if not isinstance(low, int) or low < 1 or high < low:
             raise bad_request(f"min_worker must be an integer >= 1 and <= max_worker, got "
                               f"min_worker={min_worker!r}, max_worker={max_worker!r}")
@@ -188,15 +190,17 @@ class Registry:
         """Removes a version after its accepted requests finish.
 
         Raises:
-            ServingError: 404 unknown; 400 removing the default version while others exist
-                (set another default first, as TorchServe asks).
+            ServingError: 404 unknown; 403 removing the default version while others exist
+                (set another default first; TorchServe's code and message).
         """
         async with self._lock:
             entry = self.get(name, version)
             versions = self.models[name]
             if entry.version == self.defaults[name] and len(versions) > 1:
-                raise bad_request(f"version {entry.version} is the default of model {name}; "
-                                  "set another default version before unregistering it")
+                raise ServingError(403, "InvalidModelVersionException",
+                                   f"Cannot remove default version for model {name}; set "
+                                   "another default version before unregistering "
+                                   f"{entry.version}")
             del versions[entry.version]
             if not versions:
                 del self.models[name]

@@ -1,0 +1,110 @@
+"""The prediction endpoints as plain ASGI, ahead of the router.
+
+``POST /predictions/{model}[/{version}]`` and ``POST /v1/models/{model}:predict`` carry
+nearly all of a server's traffic. Under load the event loop's time per request, not the
+model, limits throughput; so these two skip the framework (route matching, request
+objects, exception middleware: about half of the loop's time per request, measured with
+py-spy) and parse and write JSON with orjson. They answer exactly as the starlette routes
+in :mod:`dynembed.serving.inference_api` (same checks, codes, error shapes and metrics);
+every other path goes to those.
+"""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+
+from dynembed.serving.handler import InputError
+from dynembed.serving.registry import ServingError, bad_request
+
+_JSON = [(b"content-type", b"application/json")]
+
+
+def _route(path: str) -> tuple[str, str, str | None] | None:
+    """(kind, model, version) for a prediction path, else None."""
+    parts = path.split("/")
+    if len(parts) in (3, 4) and parts[1] == "predictions" and all(parts[2:]):
+        return "torchserve", parts[2], parts[3] if len(parts) == 4 else None
+    if len(parts) == 4 and parts[1] == "v1" and parts[2] == "models" and \
+            parts[3].endswith(":predict") and len(parts[3]) > 8:
+        return "kserve", parts[3][:-8], None
+    return None
+
+
+class FastPredictions:
+    """ASGI app: the prediction endpoints, falling back to ``app`` for everything else.
+
+    Args:
+        app: the inference API's full app.
+        api: its :class:`~dynembed.serving.inference_api.InferenceAPI` (registry, metrics,
+            limits, and the shared validate-and-run step).
+    """
+
+    def __init__(self, app, api) -> None:
+        self.app, self.api = app, api
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT"):
+            return await self.app(scope, receive, send)
+        route = _route(scope["path"])
+        if route is None or (route[0] == "kserve" and scope["method"] != "POST"):
+            return await self.app(scope, receive, send)
+        await self._predict(route, scope, receive, send)
+
+    async def _predict(self, route, scope, receive, send) -> None:
+        kind, name, version = route
+        started = time.perf_counter()
+        entry, status, body = None, 500, None
+        try:
+            entry = self.api.registry.get(name, version)
+            data = await self._read(scope, receive)
+            if kind == "kserve":
+                if not isinstance(data, dict) or not isinstance(data.get("instances"), list):
+                    raise bad_request('KServe v1 requests are {"instances": [example, ...]}')
+                results = await self.api._run(entry, data["instances"])
+                body = orjson.dumps({"predictions": results})
+            else:
+                single = isinstance(data, dict)
+                results = await self.api._run(entry, [data] if single else data)
+                body = orjson.dumps(results[0] if single else results)
+            status = 200
+        except InputError as e:
+            status, body = 400, _error(400, "BadRequestException", str(e))
+        except ServingError as e:
+            status, body = e.status, _error(e.status, e.kind, e.message)
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [*_JSON, (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+        if entry is not None:
+            self.api.metrics.on_request(entry.name, entry.version, status,
+                                        time.perf_counter() - started)
+
+    async def _read(self, scope, receive):
+        limit = self.api.limits.max_request_bytes
+        for key, value in scope["headers"]:
+            if key == b"content-length" and value.isdigit() and int(value) > limit:
+                raise ServingError(413, "RequestEntityTooLargeException",
+                                   f"request body of {int(value)} bytes is over the limit of "
+                                   f"{limit}")
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise bad_request("the client went away before sending the whole body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise ServingError(413, "RequestEntityTooLargeException",
+                                   f"request body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        try:
+            return orjson.loads(b"".join(chunks))
+        except orjson.JSONDecodeError as e:
+            raise bad_request(f"the request body is not valid JSON: {e}") from None
+
+
+def _error(status: int, kind: str, message: str) -> bytes:
+    return orjson.dumps({"code": status, "type": kind, "message": message})

@@ -1,0 +1,371 @@
+"""The inference API over HTTP: TorchServe's, KServe v1's and the Open Inference Protocol's
+paths, their answers, and every error code (TorchServe's error shape, v2's {"error"})."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import httpx
+import pytest
+import torch
+from torch import nn
+
+import dynembed as de
+from dynembed.serving import export_package
+from tests.serving.helpers import examples, expected, start_server, write_package
+
+
+def _ids_model():
+    """A collection whose ``user`` feature takes int64 keys (``item`` strings, ``tags`` a
+    pooled list of strings), trained a few steps, and its dense part."""
+    torch.manual_seed(7)
+    coll = de.EmbeddingCollection(
+        tables={"user": de.TableConfig(dim=4, optimizer=de.optim.Adagrad(lr=0.1), seed=1),
+                "item": de.TableConfig(dim=3, optimizer=de.optim.Adagrad(lr=0.1), seed=2),
+                "tags": de.TableConfig(dim=2, optimizer=de.optim.SGD(lr=0.1), seed=3)},
+        features={"user": "user", "item": "item",
+                  "tags": de.FeatureConfig(table="tags", pooling="sum")})
+    dense = nn.Sequential(nn.Linear(9, 4), nn.Tanh(), nn.Linear(4, 1), nn.Flatten(0))
+    opt = torch.optim.SGD(dense.parameters(), lr=0.1)
+    for step in range(3):
+        batch = _ids_examples(16, step)
+        cols = {"user": torch.tensor([e["user"] for e in batch]),
+                "item": [e["item"] for e in batch], "tags": [e["tags"] for e in batch]}
+        dense(coll(cols, concat=True)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return coll, dense
+
+
+def _ids_examples(n: int, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    pick = lambda k: int(torch.randint(0, k, (1,), generator=g))
+    return [{"user": pick(40) * 1_000_003 - 7, "item": f"i{pick(20)}",
+             "tags": [f"t{pick(10)}" for _ in range(pick(4))]} for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    store = tmp_path_factory.mktemp("inference") / "store"
+    store.mkdir()
+    ctr = write_package(store)
+    coll, dense = _ids_model()
+    export_package(store / "ids-1.0", embeddings=coll, dense=dense, name="ids",
+                   version="1.0", feature_types={"user": "int64"})
+    return store, ctr
+
+
+@pytest.fixture(scope="module")
+def server(models):
+    store, _ = models
+    running = start_server(store, models={"ctr": "ctr-1.0", "ids": "ids-1.0"},
+                           batch_size=8, max_batch_delay_ms=2)
+    yield running
+    running.stop()
+
+
+def _post(server, path: str, **kwargs) -> httpx.Response:
+    return httpx.post(server.inference + path, timeout=30, **kwargs)
+
+
+def _get(server, path: str) -> httpx.Response:
+    return httpx.get(server.inference + path, timeout=30)
+
+
+def _torchserve_error(response: httpx.Response, code: int, kind: str | None = None) -> str:
+    assert response.status_code == code, response.text
+    body = response.json()
+    assert set(body) == {"code", "type", "message"} and body["code"] == code
+    if kind is not None:
+        assert body["type"] == kind
+    return body["message"]
+
+
+def _v2_error(response: httpx.Response, code: int) -> str:
+    assert response.status_code == code, response.text
+    body = response.json()
+    assert set(body) == {"error"} and isinstance(body["error"], str)
+    return body["error"]
+
+
+# ---------------------------------------------------------------------- TorchServe
+def test_ping(server):
+    response = _get(server, "/ping")
+    assert response.status_code == 200 and response.json() == {"status": "Healthy"}
+
+
+def test_predictions_take_one_example_or_a_list(models, server):
+    _, (coll, dense) = models
+    batch = examples(6, seed=21) + examples(2, seed=22, unseen=True)
+    listed = _post(server, "/predictions/ctr", json=batch)
+    assert listed.status_code == 200
+    assert listed.json() == pytest.approx(expected(coll, dense, batch), rel=1e-6, abs=1e-7)
+    one = _post(server, "/predictions/ctr", json=batch[3])
+    assert one.status_code == 200 and isinstance(one.json(), float)
+    assert one.json() == listed.json()[3]
+    versioned = _post(server, "/predictions/ctr/1.0", json=batch)
+    assert versioned.status_code == 200 and versioned.json() == listed.json()
+    assert _post(server, "/predictions/ctr", json=[batch[0]]).json() == [listed.json()[0]]
+
+
+def test_predictions_refuse_bad_inputs_naming_the_feature(server):
+    good = examples(1, seed=3)[0]
+    cases = [({"user": good["user"], "item": good["item"]}, "tags"),            # missing
+             ({**good, "age": "3"}, "age"),                                       # unknown
+             ({**good, "user": 17}, "user"),                                      # key type
+             ({**good, "tags": "t1"}, "tags"),                                    # not a list
+             ({**good, "tags": ["t1", 2]}, "tags"),                               # key in list
+             ([good, {**good, "item": None}], "item")]                            # 2nd example
+    for body, feature in cases:
+        message = _torchserve_error(_post(server, "/predictions/ctr", json=body), 400,
+                                    "BadRequestException")
+        assert repr(feature) in message or feature in message, (body, message)
+    for body in ([], "text", 3, [1, 2]):
+        _torchserve_error(_post(server, "/predictions/ctr", json=body), 400)
+
+
+# ---------------------------------------------------------------------- KServe v1
+def test_kserve_v1_predict_and_model_status(server):
+    batch = examples(5, seed=31)
+    reference = _post(server, "/predictions/ctr", json=batch).json()
+    response = _post(server, "/v1/models/ctr:predict", json={"instances": batch})
+    assert response.status_code == 200 and response.json() == {"predictions": reference}
+    status = _get(server, "/v1/models/ctr")
+    assert status.status_code == 200 and status.json() == {"name": "ctr", "ready": True}
+    for body in ({"inputs": batch}, batch, {"instances": "x"}):
+        _torchserve_error(_post(server, "/v1/models/ctr:predict", json=body), 400)
+    message = _torchserve_error(_post(server, "/v1/models/ctr:predict",
+                                      json={"instances": [{"user": "u1"}]}), 400)
+    assert "item" in message and "tags" in message
+
+
+# ---------------------------------------------------------------------- v2
+def test_v2_server_metadata_and_health(server):
+    meta = _get(server, "/v2")
+    assert meta.status_code == 200
+    assert meta.json() == {"name": "dynembed", "version": de.__version__, "extensions": []}
+    assert _get(server, "/v2/health/live").json() == {"live": True}
+    assert _get(server, "/v2/health/ready").json() == {"ready": True}
+    assert _get(server, "/v2/health/live").status_code == 200
+    assert _get(server, "/v2/health/ready").status_code == 200
+
+
+def test_v2_model_metadata_and_readiness(server):
+    want = {"name": "ids", "versions": ["1.0"], "platform": "dynembed",
+            "inputs": [{"name": "user", "datatype": "INT64", "shape": [-1]},
+                       {"name": "item", "datatype": "BYTES", "shape": [-1]},
+                       {"name": "tags", "datatype": "BYTES", "shape": [-1, -1]}],
+            "outputs": [{"name": "output", "datatype": "FP32", "shape": [-1]}]}
+    for path in ("/v2/models/ids", "/v2/models/ids/versions/1.0"):
+        response = _get(server, path)
+        assert response.status_code == 200 and response.json() == want
+    ctr = _get(server, "/v2/models/ctr").json()
+    assert [i["datatype"] for i in ctr["inputs"]] == ["BYTES", "BYTES", "BYTES"]
+    for path in ("/v2/models/ids/ready", "/v2/models/ids/versions/1.0/ready"):
+        response = _get(server, path)
+        assert response.status_code == 200 and response.json() == {"name": "ids",
+                                                                   "ready": True}
+
+
+def _v2_body(batch: list[dict], request_id: str | None = "42") -> dict:
+    body = {"inputs": [
+        {"name": "user", "shape": [len(batch)], "datatype": "INT64",
+         "data": [e["user"] for e in batch]},
+        {"name": "item", "shape": [len(batch)], "datatype": "BYTES",
+         "data": [e["item"] for e in batch]},
+        {"name": "tags", "shape": [len(batch)], "datatype": "BYTES",
+         "data": [e["tags"] for e in batch]}]}
+    if request_id is not None:
+        body["id"] = request_id
+    return body
+
+
+def test_v2_infer_int64_bytes_and_a_pooled_feature(server):
+    batch = _ids_examples(5, seed=41)
+    batch[1]["tags"] = []  # a pooled feature with no keys
+    reference = _post(server, "/predictions/ids", json=batch).json()
+    assert len(reference) == 5 and len(set(reference)) > 1
+    for path in ("/v2/models/ids/infer", "/v2/models/ids/versions/1.0/infer"):
+        response = _post(server, path, json=_v2_body(batch))
+        assert response.status_code == 200, response.text
+        assert response.json() == {
+            "model_name": "ids", "model_version": "1.0", "id": "42",
+            "outputs": [{"name": "output", "datatype": "FP32", "shape": [5],
+                         "data": reference}]}
+    no_id = _post(server, "/v2/models/ids/infer", json=_v2_body(batch, None)).json()
+    assert no_id["outputs"][0]["data"] == reference and no_id["id"]
+    # the same tensors flattened (row-major) or one row per example, [batch, 1]
+    fixed = [{**e, "tags": ["t1", f"t{k}"]} for k, e in enumerate(batch)]
+    nested = _v2_body(fixed)
+    flat = _v2_body(fixed)
+    flat["inputs"][0] = {"name": "user", "shape": [5, 1], "datatype": "INT64",
+                         "data": [[e["user"]] for e in fixed]}
+    flat["inputs"][2] = {"name": "tags", "shape": [5, 2], "datatype": "BYTES",
+                         "data": [key for e in fixed for key in e["tags"]]}
+    answers = [_post(server, "/v2/models/ids/infer", json=body).json()["outputs"][0]["data"]
+               for body in (nested, flat)]
+    assert answers[0] == answers[1] == _post(server, "/predictions/ids", json=fixed).json()
+
+
+def _without(body: dict, name: str) -> dict:
+    return {**body, "inputs": [t for t in body["inputs"] if t["name"] != name]}
+
+
+def _replace(body: dict, name: str, **fields) -> dict:
+    return {**body, "inputs": [{**t, **fields} if t["name"] == name else t
+                               for t in body["inputs"]]}
+
+
+def test_v2_infer_refuses_bad_tensors_naming_the_input(server):
+    good = _v2_body(_ids_examples(3, seed=51))
+    cases = {
+        "missing": (_without(good, "tags"), "tags"),
+        "unknown": ({**good, "inputs": good["inputs"] + [
+            {"name": "age", "shape": [3], "datatype": "INT64", "data": [1, 2, 3]}]}, "age"),
+        "key type": (_replace(good, "user", data=["a", "b", "c"]), "user"),
+        "float key": (_replace(good, "user", data=[1.5, 2, 3]), "user"),
+        "datatype": (_replace(good, "user", datatype="BYTES"), "user"),
+        "bytes datatype": (_replace(good, "item", datatype="FP32"), "item"),
+        "shape vs data": (_replace(good, "item", shape=[4]), "item"),
+        "batch sizes": (_replace(good, "item", shape=[2], data=["i1", "i2"]), "item"),
+        "unpooled 2-d": (_replace(good, "item", shape=[3, 2],
+                                  data=["i1", "i2", "i3", "i4", "i5", "i6"]), "item"),
+        "pooled flat": (_replace(good, "tags", data=["t1", "t2", "t3"]), "tags"),
+        "pooled rows": (_replace(good, "tags", shape=[3, 2],
+                                 data=[["t1", "t2"], ["t1"], ["t1", "t2"]]), "tags"),
+        "3-d": (_replace(good, "item", shape=[3, 1, 1]), "item"),
+        "negative": (_replace(good, "item", shape=[-1]), "item"),
+        "twice": ({**good, "inputs": good["inputs"] + good["inputs"][:1]}, "user"),
+    }
+    for case, (body, name) in cases.items():
+        message = _v2_error(_post(server, "/v2/models/ids/infer", json=body), 400)
+        assert re.search(rf"\b{name}\b", message), (case, message)
+    for body in ({}, {"inputs": []}, {"inputs": "x"}, [], {"inputs": [{"name": "user"}]}):
+        _v2_error(_post(server, "/v2/models/ids/infer", json=body), 400)
+
+
+# ---------------------------------------------------------------------- errors
+@pytest.mark.parametrize("method, path, v2", [
+    ("POST", "/predictions/nope", False), ("POST", "/predictions/nope/1.0", False),
+    ("POST", "/v1/models/nope:predict", False), ("GET", "/v1/models/nope", False),
+    ("GET", "/v2/models/nope", True), ("GET", "/v2/models/nope/versions/1.0", True),
+    ("GET", "/v2/models/nope/ready", True), ("GET", "/v2/models/nope/versions/1.0/ready", True),
+    ("POST", "/v2/models/nope/infer", True), ("POST", "/v2/models/nope/versions/1.0/infer", True),
+])
+def test_an_unknown_model_is_404(server, method, path, v2):
+    body = {"instances": examples(1)} if "v1" in path else \
+        _v2_body(_ids_examples(1)) if v2 else examples(1)
+    response = httpx.request(method, server.inference + path, json=body, timeout=30)
+    if v2:
+        assert "nope" in _v2_error(response, 404)
+    else:
+        assert "nope" in _torchserve_error(response, 404, "ModelNotFoundException")
+
+
+@pytest.mark.parametrize("method, path, v2", [
+    ("POST", "/predictions/ids/9.9", False), ("GET", "/v2/models/ids/versions/9.9", True),
+    ("GET", "/v2/models/ids/versions/9.9/ready", True),
+    ("POST", "/v2/models/ids/versions/9.9/infer", True),
+])
+def test_an_unknown_version_is_404(server, method, path, v2):
+    body = _v2_body(_ids_examples(1)) if v2 else _ids_examples(1)
+    response = httpx.request(method, server.inference + path, json=body, timeout=30)
+    message = _v2_error(response, 404) if v2 else \
+        _torchserve_error(response, 404, "ModelVersionNotFoundException")
+    assert "9.9" in message and "ids" in message
+
+
+@pytest.mark.parametrize("path, v2", [("/predictions/ctr", False),
+                                      ("/predictions/ctr/1.0", False),
+                                      ("/v1/models/ctr:predict", False),
+                                      ("/v2/models/ctr/infer", True)])
+def test_malformed_json_is_400(server, path, v2):
+    for content in (b'{"user": "u1", ', b"\xff\xfe not utf-8", b""):
+        response = _post(server, path, content=content,
+                         headers={"content-type": "application/json"})
+        message = _v2_error(response, 400) if v2 else \
+            _torchserve_error(response, 400, "BadRequestException")
+        assert "JSON" in message
+
+
+def test_a_body_over_max_request_bytes_is_413(models, tmp_path):
+    store, _ = models
+    small = start_server(store, models={"ctr": "ctr-1.0"}, max_request_bytes=2000,
+                         key_file=str(tmp_path / "key_file.json"))
+    try:
+        ok = examples(3, seed=61)
+        assert httpx.post(small.inference + "/predictions/ctr", json=ok).status_code == 200
+        big = examples(200, seed=62)
+
+        def chunks():  # no content-length: the server counts while reading
+            payload = httpx.Request("POST", "http://x", json=big).read()
+            for start in range(0, len(payload), 512):
+                yield payload[start:start + 512]
+
+        for path in ("/predictions/ctr", "/v1/models/ctr:predict"):
+            body = big if path.startswith("/pred") else {"instances": big}
+            response = httpx.post(small.inference + path, json=body, timeout=30)
+            assert "2000" in _torchserve_error(response, 413, "RequestEntityTooLargeException")
+        streamed = httpx.post(small.inference + "/predictions/ctr", content=chunks(),
+                              headers={"content-type": "application/json"}, timeout=30)
+        _torchserve_error(streamed, 413, "RequestEntityTooLargeException")
+        v2 = httpx.post(small.inference + "/v2/models/ctr/infer", timeout=30,
+                        json={"inputs": [{"name": "item", "shape": [3000],
+                                          "datatype": "BYTES", "data": ["i1"] * 3000}]})
+        _v2_error(v2, 413)
+        # the server still answers after refusing
+        assert httpx.post(small.inference + "/predictions/ctr", json=ok).status_code == 200
+    finally:
+        small.stop()
+
+
+def test_unknown_paths_are_404_and_wrong_methods_405(server):
+    for path in ("/nope", "/predictions", "/v2/models", "/v2/models/ctr/explain"):
+        message = _torchserve_error(_get(server, path), 404, "ResourceNotFoundException")
+        assert path in message
+    management = httpx.get(server.management + "/nope", headers=server.token())
+    _torchserve_error(management, 404, "ResourceNotFoundException")
+    for method, path in (("GET", "/predictions/ctr"), ("DELETE", "/predictions/ctr/1.0"),
+                         ("POST", "/ping"), ("GET", "/v2/models/ctr/infer"),
+                         ("POST", "/v2/health/live"), ("PUT", "/v1/models/ctr")):
+        response = httpx.request(method, server.inference + path, timeout=30)
+        assert method in _torchserve_error(response, 405, "MethodNotAllowedException")
+
+
+# ---------------------------------------------------------------------- batching
+def _batch_count(server) -> float:
+    text = httpx.get(server.metrics + "/metrics").text
+    match = re.search(r'^dynembed_serving_batch_size_count\{model="ctr",version="1.0"\} (\S+)',
+                      text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_batched_answers_are_identical_to_unbatched(models, tmp_path):
+    store, _ = models
+    requests = [[e] for e in examples(48, seed=71)] + \
+        [examples(3, seed=72 + k, unseen=k % 2 == 1) for k in range(8)]
+
+    async def ask(url: str) -> list:
+        async with httpx.AsyncClient(timeout=60) as client:
+            responses = await asyncio.gather(*(client.post(url + "/predictions/ctr", json=r)
+                                               for r in requests))
+        assert all(r.status_code == 200 for r in responses)
+        return [r.json() for r in responses]
+
+    unbatched = start_server(store, models={"ctr": "ctr-1.0"}, batch_size=1,
+                             max_batch_delay_ms=0, key_file=str(tmp_path / "a.json"))
+    try:
+        alone = asyncio.run(ask(unbatched.inference))
+        # one request per batch: every request ran alone
+        assert _batch_count(unbatched) == len(requests)
+    finally:
+        unbatched.stop()
+    batched = start_server(store, models={"ctr": "ctr-1.0"}, batch_size=16,
+                           max_batch_delay_ms=100, key_file=str(tmp_path / "b.json"))
+    try:
+        together = asyncio.run(ask(batched.inference))
+        assert _batch_count(batched) < len(requests) / 2  # requests did share batches
+    finally:
+        batched.stop()
+    assert together == alone  # exactly, bit for bit

@@ -1,0 +1,317 @@
+"""The management API over HTTP: TorchServe's paths, parameters, status codes and JSON."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import time
+
+import httpx
+import pytest
+
+from tests.serving.helpers import examples, start_server, write_package
+
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory):
+    """ctr 1.0 and 2.0 (different seeds, so different answers) and copies of 1.0 renamed
+    m0..m4, exported once for the module."""
+    folder = tmp_path_factory.mktemp("packages")
+    write_package(folder, version="1.0", seed=0)
+    write_package(folder, version="2.0", seed=1)
+    for k in range(5):
+        _copy(folder / "ctr-1.0", folder / f"m{k}-1.0", name=f"m{k}")
+    return folder
+
+
+def _copy(source, target, *, name: str | None = None, version: str | None = None):
+    shutil.copytree(source, target)
+    manifest = json.loads((target / "MANIFEST.json").read_text())
+    manifest["model"]["name"] = name or manifest["model"]["name"]
+    manifest["model"]["version"] = version or manifest["model"]["version"]
+    (target / "MANIFEST.json").write_text(json.dumps(manifest))
+
+
+@pytest.fixture
+def store(packages, tmp_path):
+    folder = tmp_path / "store"
+    shutil.copytree(packages, folder)
+    return folder
+
+
+@pytest.fixture
+def server(store):
+    running = start_server(store, batch_size=4, max_batch_delay_ms=1)
+    yield running
+    running.stop()
+
+
+class Client:
+    """The management API with the right token."""
+
+    def __init__(self, running) -> None:
+        self.running, self.headers = running, running.token()
+
+    def __call__(self, method: str, path: str, **params) -> httpx.Response:
+        return httpx.request(method, self.running.management + path, params=params,
+                             headers=self.headers, timeout=30)
+
+    def register(self, url: str, **params) -> httpx.Response:
+        return self("POST", "/models", url=url, **params)
+
+    def models(self) -> list[str]:
+        response = self("GET", "/models")
+        assert response.status_code == 200
+        return [m["modelName"] for m in response.json()["models"]]
+
+    def describe(self, path: str) -> list[dict]:
+        response = self("GET", "/models/" + path)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def predict(self, path: str, batch: list[dict]) -> httpx.Response:
+        return httpx.post(self.running.inference + "/predictions/" + path, json=batch,
+                          timeout=30)
+
+
+@pytest.fixture
+def api(server):
+    return Client(server)
+
+
+def _error(response: httpx.Response, code: int, kind: str | None = None) -> str:
+    assert response.status_code == code, response.text
+    body = response.json()
+    assert set(body) == {"code", "type", "message"} and body["code"] == code
+    if kind is not None:
+        assert body["type"] == kind, body
+    return body["message"]
+
+
+def _wait(condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+# ---------------------------------------------------------------------- register
+def test_register_synchronously(api):
+    assert api.models() == []
+    response = api.register("ctr-1.0")
+    assert response.status_code == 200
+    assert response.json() == {"status": 'Model "ctr" Version: 1.0 registered with 1 '
+                                         "initial workers"}
+    assert api("GET", "/models").json() == {"models": [{"modelName": "ctr",
+                                                        "modelUrl": "ctr-1.0"}]}
+    assert api.predict("ctr", examples(3)).status_code == 200
+    response = api.register("m1-1.0", initial_workers=2, batch_size=3, max_batch_delay=7,
+                            response_timeout=9, synchronous="true")
+    assert response.status_code == 200 and "2 initial workers" in response.json()["status"]
+    [described] = api.describe("m1")
+    assert (described["minWorkers"], described["maxWorkers"], len(described["workers"]),
+            described["batchSize"], described["maxBatchDelay"],
+            described["responseTimeout"]) == (2, 2, 2, 3, 7, 9)
+    assert described["loadedAtStartup"] is False
+
+
+def test_register_asynchronously(api):
+    response = api.register("ctr-1.0", synchronous="false", initial_workers=2)
+    assert response.status_code == 202 and "status" in response.json()
+    _wait(lambda: "ctr" in api.models())
+    _wait(lambda: len(api.describe("ctr")[0]["workers"]) == 2)
+    assert api.predict("ctr", examples(2)).status_code == 200
+
+
+def test_register_twice_is_409(api, store):
+    assert api.register("ctr-1.0").status_code == 200
+    message = _error(api.register("ctr-1.0"), 409, "ConflictStatusException")
+    assert "1.0" in message and "ctr" in message
+    _copy(store / "ctr-1.0", store / "ctr-again")  # same name and version, other folder
+    _error(api.register("ctr-again"), 409, "ConflictStatusException")
+    assert [d["modelUrl"] for d in api.describe("ctr/all")] == ["ctr-1.0"]
+
+
+def test_register_without_url_is_400(api):
+    assert "url" in _error(api("POST", "/models"), 400, "BadRequestException")
+    assert "url" in _error(api.register(""), 400, "BadRequestException")
+    assert api.models() == []
+
+
+def test_register_refuses_urls_outside_the_model_store(api, store, tmp_path):
+    outside = tmp_path / "outside-1.0"
+    shutil.copytree(store / "ctr-1.0", outside)  # a valid package, but not in the store
+    (store / "link").symlink_to(outside, target_is_directory=True)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    try:
+        for url in ("../outside-1.0", str(outside), "ctr-1.0/../../outside-1.0", "link",
+                    f"http://127.0.0.1:{port}/ctr.mar", f"https://127.0.0.1:{port}/x",
+                    f"file://{outside}", "s3://bucket/ctr.mar", "/etc"):
+            message = _error(api.register(url), 400, "BadRequestException")
+            assert "model store" in message or "downloads" in message, (url, message)
+            _error(api.register(url, synchronous="false"), 400)
+        with pytest.raises(BlockingIOError):  # nothing tried to fetch a URL
+            listener.accept()
+    finally:
+        listener.close()
+    assert api.models() == [] and api.running.server.registry.models == {}
+
+
+def test_register_a_missing_package_is_404_and_a_bad_one_400(api, store):
+    assert "nope" in _error(api.register("nope"), 404, "ModelNotFoundException")
+    _error(api.register("nope", synchronous="false"), 404)
+    (store / "empty").mkdir()
+    assert "not a model package" in _error(api.register("empty"), 400)
+    (store / "ctr-1.0" / "MANIFEST.json").write_text("{")
+    assert "JSON" in _error(api.register("ctr-1.0"), 400)
+    assert api.models() == []
+
+
+def test_register_with_bad_parameters_is_400(api):
+    for params in ({"initial_workers": "two"}, {"initial_workers": "0"},
+                   {"batch_size": "0"}, {"batch_size": "1.5"}, {"max_batch_delay": "-1"},
+                   {"max_batch_delay": "soon"}, {"response_timeout": "0"},
+                   {"synchronous": "maybe"}, {"model_name": "other"},
+                   {"model_name": "../x"}):
+        message = _error(api.register("ctr-1.0", **params), 400, "BadRequestException")
+        assert next(iter(params)) in message, (params, message)
+    assert api.models() == []
+
+
+# ---------------------------------------------------------------------- list, describe
+def test_list_models_paginates(api):
+    for k in (3, 0, 4, 1, 2):
+        assert api.register(f"m{k}-1.0").status_code == 200
+    pages, token = [], None
+    while True:
+        params = {"limit": 2} if token is None else {"limit": 2, "next_page_token": token}
+        body = api("GET", "/models", **params).json()
+        pages.append([m["modelName"] for m in body["models"]])
+        token = body.get("nextPageToken")
+        if token is None:
+            break
+        assert isinstance(token, str)
+    assert pages == [["m0", "m1"], ["m2", "m3"], ["m4"]]
+    assert api("GET", "/models", limit=10).json() == {
+        "models": [{"modelName": f"m{k}", "modelUrl": f"m{k}-1.0"} for k in range(5)]}
+    assert api("GET", "/models", limit=2, next_page_token=4).json() == {
+        "models": [{"modelName": "m4", "modelUrl": "m4-1.0"}]}
+    assert api("GET", "/models", next_page_token=9).json() == {"models": []}
+    for params in ({"limit": "0"}, {"limit": "x"}, {"next_page_token": "-1"},
+                   {"next_page_token": "abc"}):
+        _error(api("GET", "/models", **params), 400, "BadRequestException")
+
+
+def test_describe_default_specific_and_all_versions(api):
+    assert api.register("ctr-1.0").status_code == 200
+    assert api.register("ctr-2.0").status_code == 200
+    [default] = api.describe("ctr")
+    assert default["modelName"] == "ctr" and default["modelVersion"] == "1.0"
+    assert default["modelUrl"] == "ctr-1.0"
+    for field in ("runtime", "minWorkers", "maxWorkers", "batchSize", "maxBatchDelay",
+                  "loadedAtStartup", "workers", "jobQueueStatus"):
+        assert field in default, field
+    assert set(default["jobQueueStatus"]) == {"remainingCapacity", "pendingRequests"}
+    worker = default["workers"][0]
+    assert worker["status"] == "READY" and {"id", "startTime", "gpu", "memoryUsage"} <= \
+        set(worker)
+    assert [d["modelVersion"] for d in api.describe("ctr/2.0")] == ["2.0"]
+    assert [d["modelVersion"] for d in api.describe("ctr/all")] == ["1.0", "2.0"]
+    assert "nope" in _error(api("GET", "/models/nope"), 404, "ModelNotFoundException")
+    _error(api("GET", "/models/nope/all"), 404, "ModelNotFoundException")
+    assert "9.9" in _error(api("GET", "/models/ctr/9.9"), 404,
+                           "ModelVersionNotFoundException")
+
+
+# ---------------------------------------------------------------------- scale
+def test_scale_workers_synchronously(api):
+    assert api.register("ctr-1.0").status_code == 200
+    assert api.register("ctr-2.0").status_code == 200
+    response = api("PUT", "/models/ctr", min_worker=3, synchronous="true")
+    assert response.status_code == 200
+    assert response.json() == {"status": "Workers scaled to 3 for model: ctr, version: 1.0"}
+    [described] = api.describe("ctr")
+    assert (described["minWorkers"], described["maxWorkers"], len(described["workers"])) \
+        == (3, 3, 3)
+    assert len(api.describe("ctr/2.0")[0]["workers"]) == 1  # only the default version
+    response = api("PUT", "/models/ctr/2.0", min_worker=2, max_worker=4, synchronous="true")
+    assert response.status_code == 200 and "version: 2.0" in response.json()["status"]
+    [described] = api.describe("ctr/2.0")
+    assert (described["minWorkers"], described["maxWorkers"], len(described["workers"])) \
+        == (2, 4, 2)
+    assert api("PUT", "/models/ctr", min_worker=1, synchronous="true").status_code == 200
+    _wait(lambda: len(api.describe("ctr")[0]["workers"]) == 1)
+    assert api.predict("ctr", examples(3)).status_code == 200
+    for params in ({"min_worker": "3", "max_worker": "2"}, {"min_worker": "0"},
+                   {"min_worker": "x"}, {"synchronous": "sometimes"}):
+        _error(api("PUT", "/models/ctr", **params), 400, "BadRequestException")
+    _error(api("PUT", "/models/nope", min_worker=2), 404, "ModelNotFoundException")
+    _error(api("PUT", "/models/ctr/9.9", min_worker=2), 404, "ModelVersionNotFoundException")
+
+
+def test_scale_workers_asynchronously(api):
+    assert api.register("ctr-1.0").status_code == 200
+    response = api("PUT", "/models/ctr", min_worker=3)  # synchronous defaults to false
+    assert response.status_code == 202
+    assert response.json() == {"status": "Processing worker updates..."}
+    _wait(lambda: len(api.describe("ctr")[0]["workers"]) == 3)
+    assert api("PUT", "/models/ctr/1.0", min_worker=2,
+               synchronous="false").status_code == 202
+    _wait(lambda: len(api.describe("ctr")[0]["workers"]) == 2)
+
+
+# ---------------------------------------------------------------------- versions
+def test_set_default_version_moves_predictions(api):
+    assert api.register("ctr-1.0").status_code == 200
+    assert api.register("ctr-2.0").status_code == 200
+    batch = examples(6, seed=5)
+    one, two = (api.predict(f"ctr/{v}", batch).json() for v in ("1.0", "2.0"))
+    assert one != two  # different seeds, different answers
+    assert api.predict("ctr", batch).json() == one  # the first registered is the default
+    response = api("PUT", "/models/ctr/2.0/set-default")
+    assert response.status_code == 200
+    assert response.json() == {"status": 'Default version successfully updated for model '
+                                         '"ctr" to "2.0"'}
+    assert api.predict("ctr", batch).json() == two
+    assert api.describe("ctr")[0]["modelVersion"] == "2.0"
+    _error(api("PUT", "/models/ctr/9.9/set-default"), 404, "ModelVersionNotFoundException")
+    _error(api("PUT", "/models/nope/1.0/set-default"), 404, "ModelNotFoundException")
+    assert api.predict("ctr", batch).json() == two
+
+
+def test_unregister_versions(api):
+    assert api.register("ctr-1.0").status_code == 200
+    assert api.register("ctr-2.0").status_code == 200
+    batch = examples(2)
+    # the default version goes last (TorchServe: 403 while other versions exist)
+    for path in ("/models/ctr", "/models/ctr/1.0"):
+        message = _error(api("DELETE", path), 403, "InvalidModelVersionException")
+        assert "Cannot remove default version for model ctr" in message
+    assert api.predict("ctr/1.0", batch).status_code == 200
+    response = api("DELETE", "/models/ctr/2.0")
+    assert response.status_code == 200 and response.json() == {
+        "status": 'Model "ctr" unregistered'}
+    _error(api.predict("ctr/2.0", batch), 404, "ModelVersionNotFoundException")
+    _error(api("GET", "/models/ctr/2.0"), 404, "ModelVersionNotFoundException")
+    _error(api("DELETE", "/models/ctr/2.0"), 404, "ModelVersionNotFoundException")
+    assert [d["modelVersion"] for d in api.describe("ctr/all")] == ["1.0"]
+    assert api("DELETE", "/models/ctr").status_code == 200  # the last, default, version
+    assert api.models() == []
+    _error(api.predict("ctr", batch), 404, "ModelNotFoundException")
+    _error(api("DELETE", "/models/ctr"), 404, "ModelNotFoundException")
+    assert api.register("ctr-2.0").status_code == 200  # and it can come back
+    assert api.predict("ctr", batch).status_code == 200
+
+
+def test_models_loaded_at_startup(store):
+    running = start_server(store, models={"ctr": "ctr-1.0"}, default_workers=2)
+    try:
+        [described] = Client(running).describe("ctr")
+        assert described["loadedAtStartup"] is True and len(described["workers"]) == 2
+    finally:
+        running.stop()

@@ -1,0 +1,223 @@
+"""Model packages: export and open round trip, and every refusal naming its problem."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+from dynembed.serving import (
+    EmbeddingModelHandler,
+    PackageError,
+    export_package,
+    open_package,
+)
+from dynembed.serving.package import (
+    BUILTIN_HANDLER,
+    FORMAT,
+    FORMAT_VERSION,
+    read_manifest,
+)
+from tests.serving.helpers import examples, expected, make_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model(seed=3)
+
+
+@pytest.fixture(scope="module")
+def exported(model, tmp_path_factory):
+    coll, dense = model
+    return export_package(tmp_path_factory.mktemp("package") / "ctr-1.0", embeddings=coll,
+                          dense=dense, name="ctr", version="1.0", output="sigmoid",
+                          description="click-through", feature_types={"user": "string"})
+
+
+def test_export_and_open_round_trip(model, exported):
+    coll, dense = model
+    package = open_package(exported)
+    assert (package.name, package.version, package.handler) == ("ctr", "1.0",
+                                                                 BUILTIN_HANDLER)
+    manifest = package.manifest
+    assert manifest["format"] == FORMAT and manifest["format_version"] == FORMAT_VERSION
+    assert manifest["model"]["description"] == "click-through"
+    assert manifest["features"] == {
+        "user": {"table": "user", "pooling": None, "type": "string"},
+        "item": {"table": "item", "pooling": None, "type": "string"},
+        "tags": {"table": "tags", "pooling": "mean", "type": "string"}}
+    assert {name: t["dim"] for name, t in manifest["tables"].items()} == \
+        {"user": 4, "item": 4, "tags": 3}
+    assert manifest["dense"] == {"file": "dense.pt2", "input_dim": 11, "output_shape": []}
+    assert manifest["output"] == {"transform": "sigmoid"}
+    assert sorted(p.name for p in exported.iterdir()) == ["MANIFEST.json", "dense.pt2",
+                                                          "tables"]
+    assert not exported.with_name("ctr-1.0.partial").exists()
+    batch = examples(30, seed=4) + examples(5, seed=5, unseen=True)
+    got = EmbeddingModelHandler(package).predict(batch)
+    assert got == pytest.approx(expected(coll, dense, batch), rel=1e-6, abs=1e-7)
+    # read-only tables: serving inserts nothing, not even for unseen keys
+    sizes = {name: len(t) for name, t in package.embeddings.tables.items()}
+    EmbeddingModelHandler(package).predict(examples(5, seed=6, unseen=True))
+    assert {name: len(t) for name, t in package.embeddings.tables.items()} == sizes
+    assert dense.training  # export left the caller's module as it was
+
+
+def test_int64_features_and_softmax_output(tmp_path):
+    import dynembed as de
+
+    coll = de.EmbeddingCollection(tables={"user": de.TableConfig(dim=3, seed=1)},
+                                  features={"user": "user"})
+    dense = nn.Linear(3, 4)
+    path = export_package(tmp_path / "p", embeddings=coll, dense=dense, name="ids",
+                          feature_types={"user": "int64"}, output="softmax")
+    package = open_package(path)
+    assert package.manifest["features"]["user"]["type"] == "int64"
+    assert package.manifest["dense"]["output_shape"] == [4]
+    assert package.version == "1.0"
+    rows = EmbeddingModelHandler(package).predict([{"user": 5}, {"user": -(2**63)}])
+    assert len(rows) == 2 and all(len(r) == 4 and sum(r) == pytest.approx(1) for r in rows)
+
+
+def test_export_refuses_an_existing_path(model, exported):
+    coll, dense = model
+    before = sorted(p.name for p in exported.iterdir())
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        export_package(exported, embeddings=coll, dense=dense, name="ctr")
+    assert sorted(p.name for p in exported.iterdir()) == before
+    assert open_package(exported).name == "ctr"
+
+
+@pytest.mark.parametrize("arg, value", [
+    ("name", ""), ("name", "../evil"), ("name", "-x"), ("name", "a b"), ("name", "a" * 129),
+    ("name", "x/y"), ("version", "1/0"), ("version", ".."), ("version", ""),
+    ("name", 5)])
+def test_export_refuses_bad_names(model, tmp_path, arg, value):
+    coll, dense = model
+    kwargs = {"name": "ctr", "version": "1.0", arg: value}
+    with pytest.raises(ValueError, match=rf"^{arg} must be"):
+        export_package(tmp_path / "p", embeddings=coll, dense=dense, **kwargs)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_refuses_bad_arguments(model, tmp_path):
+    coll, dense = model
+    target = tmp_path / "p"
+    with pytest.raises(ValueError, match="output must be one of"):
+        export_package(target, embeddings=coll, dense=dense, name="c", output="relu")
+    with pytest.raises(ValueError, match=r"feature_types\['user'\]"):
+        export_package(target, embeddings=coll, dense=dense, name="c",
+                       feature_types={"user": "float"})
+    with pytest.raises(ValueError, match="age"):
+        export_package(target, embeddings=coll, dense=dense, name="c",
+                       feature_types={"age": "int64"})
+    with pytest.raises(TypeError, match="embeddings"):
+        export_package(target, embeddings=dense, dense=dense, name="c")
+    with pytest.raises(TypeError, match="dense"):
+        export_package(target, embeddings=coll, dense=lambda x: x, name="c")
+    assert list(tmp_path.iterdir()) == []
+
+
+class _DataDependent(nn.Module):
+    """Branches on a value: torch.export cannot trace it."""
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return x.sum(1)
+        return -x.sum(1)
+
+
+def test_export_refuses_a_dense_module_that_does_not_export(model, tmp_path):
+    coll, _ = model
+    dense = _DataDependent()
+    with pytest.raises(ValueError, match=r"torch.export \(input \(B, 11\)\)"):
+        export_package(tmp_path / "p", embeddings=coll, dense=dense, name="ctr")
+    assert list(tmp_path.iterdir()) == []  # no package, no partial directory
+    assert dense.training
+
+
+def _edit(manifest: dict, path: str, value=None, *, delete: bool = False) -> None:
+    *parents, last = path.split(".")
+    node = manifest
+    for key in parents:
+        node = node[key]
+    if delete:
+        del node[last]
+    else:
+        node[last] = value
+
+
+@pytest.mark.parametrize("path, value, delete, problem", [
+    ("format", "torchserve-mar", False, "format must be 'dynembed-model-package'"),
+    ("format", None, True, "format must be"),
+    ("format_version", 2, False, "format_version 2 is not supported"),
+    ("format_version", "1", False, "format_version '1' is not supported"),
+    ("format_version", None, True, "format_version None is not supported"),
+    ("model", None, True, "missing field 'model'"),
+    ("model.name", None, True, "missing field 'name'"),
+    ("model.version", None, True, "missing field 'version'"),
+    ("model.handler", None, True, "missing field 'handler'"),
+    ("features", None, True, "missing field 'features'"),
+    ("tables", None, True, "missing field 'tables'"),
+    ("output", None, True, "missing field 'output'"),
+    ("dense", None, True, "missing field 'dense'"),
+    ("dense.input_dim", None, True, "missing field 'input_dim'"),
+    ("checkpoint", None, True, "missing field 'checkpoint'"),
+    ("features.tags.pooling", None, True, "missing field 'pooling'"),
+    ("model.name", "../evil", False, "model.name must be"),
+    ("model.version", "1 0", False, "model.version must be"),
+    ("model.handler", ["x"], False, "model.handler must be a string"),
+    ("features", {}, False, "features is empty"),
+    ("features", ["user"], False, "malformed"),
+    ("features.user.table", "nope", False, "feature 'user' is malformed"),
+    ("features.user.type", "float", False, "feature 'user' is malformed"),
+    ("features.tags.pooling", 3, False, "feature 'tags' is malformed"),
+    ("output.transform", "relu", False, "output.transform 'relu'"),
+    ("dense.input_dim", "eleven", False, "eleven"),
+    ("dense.file", "../other/dense.pt2", False, "dense.file must be a path inside"),
+    ("dense.file", "/etc/hostname", False, "dense.file must be a path inside"),
+    ("checkpoint", "/tmp", False, "checkpoint must be a path inside"),
+    ("checkpoint", 5, False, "checkpoint must be a path inside"),
+    ("tables.user.optimizer.type", "Evil", False, "unknown optimizer type 'Evil'"),
+    ("tables.user.optimizer.fields", {"lr": 0.1, "bogus": 1}, False, "optimizer Adagrad"),
+    ("tables.user.dim", None, True, "table 'user' of the manifest is malformed"),
+])
+def test_manifest_errors_name_the_problem(exported, tmp_path, path, value, delete, problem):
+    target = tmp_path / "p"
+    shutil.copytree(exported, target)
+    manifest = json.loads((target / "MANIFEST.json").read_text())
+    _edit(manifest, path, value, delete=delete)
+    (target / "MANIFEST.json").write_text(json.dumps(manifest))
+    with pytest.raises(PackageError) as raised:
+        open_package(target)
+    assert problem in str(raised.value)
+
+
+def test_not_a_package(tmp_path, exported):
+    with pytest.raises(PackageError, match="is not a model package"):
+        open_package(tmp_path)
+    target = tmp_path / "p"
+    shutil.copytree(exported, target)
+    (target / "MANIFEST.json").write_text('{"format": ')
+    with pytest.raises(PackageError, match="is not valid JSON"):
+        read_manifest(target)
+    (target / "MANIFEST.json").write_text("[1, 2]")
+    with pytest.raises(PackageError, match="format must be"):
+        read_manifest(target)
+
+
+def test_damaged_files_are_package_errors(exported, tmp_path):
+    target = tmp_path / "p"
+    shutil.copytree(exported, target)
+    (target / "dense.pt2").write_bytes(b"not a zip")
+    with pytest.raises(PackageError, match="dense.pt2"):
+        open_package(target)
+    (target / "dense.pt2").unlink()
+    with pytest.raises(PackageError, match="dense.pt2"):
+        open_package(target)
+    shutil.copy(exported / "dense.pt2", target / "dense.pt2")
+    assert torch.equal(open_package(target).dense(torch.ones(2, 11)),
+                       open_package(exported).dense(torch.ones(2, 11)))
