@@ -63,6 +63,7 @@ class ServingMetrics:
         self.refreshes = Counter("dynembed_serving_checkpoint_refreshes",
                                  "Newer training checkpoints applied to live tables.",
                                  labels, registry=self.registry)
+        self._children: dict = {}
         if models is not None:
             self.registry.register(_TableCollector(models))
 
@@ -75,5 +76,11 @@ class ServingMetrics:
 
     def on_request(self, model: str, version: str, status: int, seconds: float) -> None:
         """Records one inference request."""
-        self.requests.labels(model, version, str(status)).inc()
-        self.latency.labels(model, version).observe(seconds)
+        key = (model, version, status)
+        children = self._children.get(key)
+        if children is None:  # labels() costs a lock and a dict lookup per call: keep them
+            children = self._children[key] = (self.requests.labels(model, version,
+                                                                   str(status)),
+                                              self.latency.labels(model, version))
+        children[0].inc()
+        children[1].observe(seconds)

@@ -285,7 +285,8 @@ class ModelServer:
             self.bind()
         config = uvicorn.Config(self, lifespan="on", log_level="warning",
                                 timeout_graceful_shutdown=self.config.graceful_timeout_s,
-                                limit_concurrency=None, backlog=2048, access_log=False)
+                                limit_concurrency=None, backlog=2048, access_log=False,
+                                server_header=False, date_header=False)
         self._server = uvicorn.Server(config)
         await self._server.serve(sockets=list(self.sockets.values()))
 
