@@ -33,6 +33,10 @@ def set_num_threads(threads: int) -> None:
     if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= limit:
         raise ValueError(f"threads must be an int in [1, {limit}], got {threads!r}")
     _threads = threads
+    # numba's own count too: kernels restore it after running, and with numba's OpenMP
+    # layer that count is libgomp's, which torch shares (restoring the default would give
+    # torch every core again, e.g. 2 threads per rank of a 2-rank job on 2 cores)
+    nb.set_num_threads(threads)
 
 
 def get_num_threads() -> int:

@@ -28,6 +28,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from dynembed.checkpoint.manager import CheckpointManager
+from dynembed.kernels._threads import get_num_threads, set_num_threads
 from dynembed.serving.auth import Tokens
 from dynembed.serving.fast_path import FastPredictions
 from dynembed.serving.inference_api import InferenceAPI, Limits
@@ -82,7 +83,7 @@ class ServerConfig:
     graceful_timeout_s: float = 30.0
     """How long shutdown waits for accepted requests."""
     torch_threads: int = 1
-    """torch's intra-op threads. Serving runs many small batches on several workers, where
+    """torch's intra-op threads (and dynembed's kernels'). Serving runs many small batches on several workers, where
     parallel ops only contend for cores (measured: 8x slower batches with 2 threads on 2
     busy cores); 1 is best unless batches are large and workers few."""
 
@@ -148,6 +149,7 @@ class ModelServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         torch.set_num_threads(config.torch_threads)
+        set_num_threads(min(config.torch_threads, get_num_threads()))  # dynembed's kernels
         self.registry = Registry(config.model_store,
                                  allow_custom_handlers=config.allow_custom_handlers)
         self.metrics = ServingMetrics(self.registry)

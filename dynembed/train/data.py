@@ -10,6 +10,8 @@ that restarts with another number of ranks resumes exactly where it stopped.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 
@@ -19,10 +21,14 @@ def _check(name: str, value, low: int) -> int:
     return int(value)
 
 
+@functools.lru_cache(maxsize=2)  # the current epoch and the next: one shuffle per epoch
 def epoch_order(num_samples: int, epoch: int, seed: int) -> np.ndarray:
-    """(num_samples,) int64: the order in which epoch ``epoch`` visits the samples."""
+    """(num_samples,) int64: the order in which epoch ``epoch`` visits the samples
+    (read-only; cached)."""
     rng = np.random.default_rng([seed, epoch])
-    return rng.permutation(num_samples).astype(np.int64)
+    order = rng.permutation(num_samples).astype(np.int64)
+    order.flags.writeable = False
+    return order
 
 
 def global_batch(step: int, batch_size: int, num_samples: int, *, seed: int = 0,

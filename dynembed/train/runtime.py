@@ -68,7 +68,9 @@ def _share_cores(env: JobEnv) -> None:
     OMP_NUM_THREADS=1 for torch), unless DYNEMBED_NUM_THREADS says otherwise."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     if env.launched and local > 1 and "DYNEMBED_NUM_THREADS" not in os.environ:
-        set_num_threads(max(1, min(get_num_threads(), (os.cpu_count() or 1) // local)))
+        threads = max(1, min(get_num_threads(), (os.cpu_count() or 1) // local))
+        set_num_threads(threads)
+        torch.set_num_threads(min(torch.get_num_threads(), threads))
 
 
 class Runtime:
