@@ -3,7 +3,10 @@
 Each worker is a coroutine that takes the first waiting request, then keeps taking more
 until the batch holds ``batch_size`` examples or ``max_batch_delay`` ms have passed, and
 runs the handler on one thread of the model's pool (torch and dynembed's kernels release
-the GIL, so workers overlap). Results go back to each request's future. Scaling adds or
+the GIL, so workers overlap). Under low load it does not wait: a request that finds the
+queue empty right after a batch of one request runs at once (at concurrency 1 waiting
+only adds the delay to every answer); as soon as requests meet in the queue, batches
+fill again. Results go back to each request's future. Scaling adds or
 stops workers; stopping drains what was accepted.
 """
 
@@ -115,6 +118,7 @@ class Batcher:
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
+        last = 0  # requests in this worker's previous batch
         while True:
             first = await self._queue.get()
             if first is _STOP:
@@ -126,8 +130,8 @@ class Batcher:
                     item = self._queue.get_nowait()
                 except asyncio.QueueEmpty:
                     wait = deadline - loop.time()
-                    if wait <= 0:
-                        break
+                    if wait <= 0 or (len(batch) == 1 and last == 1):
+                        break  # a lone request after a lone request: low load, run it now
                     try:
                         item = await asyncio.wait_for(self._queue.get(), wait)
                     except asyncio.TimeoutError:
@@ -137,6 +141,7 @@ class Batcher:
                     break
                 batch.append(item)
                 size += len(item.examples)
+            last = len(batch)
             await self._run(batch, loop)
             if stop:
                 return
