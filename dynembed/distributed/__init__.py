@@ -11,7 +11,6 @@ from dynembed.distributed.exchange import Exchange, Traffic
 from dynembed.distributed.plan import (
     ShardPlan,
     check_same_tables,
-    owned_ids_mask,
     shard_model,
     unshard_model,
 )
@@ -27,7 +26,6 @@ __all__ = [
     "Traffic",
     "check_same_tables",
     "init_process_group",
-    "owned_ids_mask",
     "shard_model",
     "unshard_model",
 ]

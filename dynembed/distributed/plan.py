@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime
 from dataclasses import dataclass
 
-import numpy as np
 import torch.distributed as dist
 from torch import nn
 
@@ -22,7 +21,6 @@ from dynembed.errors import ConfigMismatchError
 from dynembed.keys.buckets import (
     NUM_BUCKETS,
     bucket_of_hash,
-    buckets_of,
     check_num_buckets,
     rank_buckets,
 )
@@ -165,10 +163,3 @@ def unshard_model(model: nn.Module) -> None:
     for table in named_tables(model).values():
         table.router = None
 
-
-def owned_ids_mask(ids: np.ndarray, rank: int, world_size: int,
-                   num_buckets: int = NUM_BUCKETS) -> np.ndarray:
-    """(n,) bool: which of (n,) int64 ids rank ``rank`` of ``world_size`` owns."""
-    own = rank_buckets(rank, world_size, num_buckets)
-    buckets = buckets_of(ids, num_buckets)
-    return (buckets >= own.start) & (buckets < own.stop)
