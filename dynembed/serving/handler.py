@@ -22,7 +22,13 @@ import numpy as np
 import torch
 
 from dynembed.errors import DynembedError
-from dynembed.serving.package import BUILTIN_HANDLER, Package, PackageError, load_tables
+from dynembed.serving.package import (
+    BUILTIN_HANDLER,
+    Package,
+    PackageError,
+    build_embeddings,
+    load_tables,
+)
 
 
 class InputError(DynembedError, ValueError):
@@ -143,8 +149,6 @@ class EmbeddingModelHandler:
         The checkpoint is opened lazily into new tables, which replace the live ones in one
         assignment: a batch in flight finishes with the tables it started with.
         """
-        from dynembed.serving.package import build_embeddings
-
         fresh = build_embeddings(self.package.manifest)
         load_tables(fresh, checkpoint)
         with self._swap:
