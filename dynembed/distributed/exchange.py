@@ -30,7 +30,8 @@ class Traffic:
     sent: int = 0
     received: int = 0
     exchanges: int = 0
-    """Payload collectives run (each lookup and each backward is one or two)."""
+    """Payload collectives run (each lookup and each backward is one or two); the size
+    exchanges before them count in the bytes, not here."""
 
     def reset(self) -> None:
         """Sets every counter to zero."""
@@ -55,6 +56,7 @@ class Exchange:
         out = torch.empty(self.world_size, dtype=torch.int64)
         dist.all_to_all_single(out, torch.from_numpy(np.ascontiguousarray(send, np.int64)),
                                group=self.group)
+        self._count(8 * (self.world_size - 1), 8 * (self.world_size - 1), payload=False)
         return out.numpy()
 
     def all_to_all(self, rows: torch.Tensor, send: np.ndarray, recv: np.ndarray) -> torch.Tensor:
@@ -94,6 +96,7 @@ class Exchange:
             _all_gather(gathered, torch.tensor([rows.shape[0]], dtype=torch.int64),
                         self.group)
             sizes = gathered.numpy()
+            self._count(8 * (self.world_size - 1), 8 * (self.world_size - 1), payload=False)
         longest = int(sizes.max()) if sizes.shape[0] else 0
         padded = rows.new_zeros((longest, *rows.shape[1:]))
         padded[:rows.shape[0]] = rows
@@ -113,7 +116,7 @@ class Exchange:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
         return tensor.numpy()
 
-    def _count(self, sent: int, received: int) -> None:
+    def _count(self, sent: int, received: int, *, payload: bool = True) -> None:
         self.traffic.sent += sent
         self.traffic.received += received
-        self.traffic.exchanges += 1
+        self.traffic.exchanges += payload

@@ -35,7 +35,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dynembed.checkpoint import manifest as mf
 from dynembed.checkpoint.api import load
 from dynembed.checkpoint.manager import CheckpointManager
 from dynembed.distributed.exchange import Exchange
@@ -270,9 +269,7 @@ class Runtime:
         return self.extra
 
     def _try_load(self, path: str) -> tuple[bool, str | None]:
-        try:
-            for folder, manifest in mf.chain(path):
-                mf.check_files(folder, manifest)
+        try:  # load() checks every file of the chain first
             saved = load(path, self.model, self.optimizer, lazy=self.lazy_restore,
                          background_rows=self.background_rows if self.lazy_restore else 0,
                          rank=self.rank, world_size=self.world_size) or {}
