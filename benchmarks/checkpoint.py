@@ -300,22 +300,29 @@ def _synthetic_bytes(de, cfg: dict, n: int) -> int:
 
 def _write_synthetic(de, cfg: dict, path: Path, n: int) -> int:
     """Writes a committed checkpoint of an n-row SGD table ``"t"`` without building it:
-    ``save`` of an empty table gives the dense and aux files and the manifest; its rows file
-    is replaced by one written a chunk at a time, and the manifest gets its size and row
-    counts. Returns the rows file's bytes."""
+    ``save`` of an empty table gives the dense and aux files and the manifest, then
+    :func:`fill_synthetic_rows` writes the rows. Returns the rows file's bytes."""
+    de.checkpoint.save(path, tables={"t": _table(de, cfg, "sgd")}, extra={"step": 1})
+    return fill_synthetic_rows(path, "t", n, cfg["seed"] + 7)
+
+
+def fill_synthetic_rows(path: Path, table: str, n: int, seed: int) -> int:
+    """Replaces the (empty) rows file of ``table`` in the committed one-shard checkpoint at
+    ``path`` by one of n synthetic rows (:func:`_synthetic_ids`, random weights and state),
+    written a chunk at a time, and gives the manifest its size and row counts. Returns the
+    rows file's bytes."""
     from dynembed.checkpoint import manifest as mf
     from dynembed.checkpoint.rows_file import RowsFileWriter
     from dynembed.storage.rows import RowBlock
-    de.checkpoint.save(path, tables={"t": _table(de, cfg, "sgd")}, extra={"step": 1})
     manifest = mf.read(path)
-    entry = manifest["tables"]["t"]
+    entry = manifest["tables"][table]
     shard = entry["shards"][0]
     rows_file = path / shard["rows_file"]
     rows_file.unlink()
     dim, width = entry["dim"], entry["state_width"]
     writer = RowsFileWriter(str(rows_file), dim=dim, width=width,
                             num_buckets=manifest["num_buckets"], rows=n)
-    rng = np.random.default_rng(cfg["seed"] + 7)
+    rng = np.random.default_rng(seed)
     try:
         for s in range(0, n, FILL_CHUNK):
             c = min(FILL_CHUNK, n - s)

@@ -150,14 +150,13 @@ from benchmarks._common import (
     zipf_ranks,
 )
 from benchmarks.checkpoint import (
-    FILL_CHUNK,
     _counts,
     _evict,
     _files,
     _need_disk,
     _resident_share,
-    _synthetic_ids,
     _tree_bytes,
+    fill_synthetic_rows,
 )
 
 MODULE = "benchmarks.distributed"
@@ -430,44 +429,16 @@ def phase_recovery(p: Phase) -> None:
 def _write_checkpoint(cfg: dict, path: Path, n: int) -> int:
     """A 1-process job's checkpoint of the first-step model with an n-row table, without
     building it: ``save`` of the empty model gives the dense and aux files and the
-    manifest; the table's rows file is replaced by one written a chunk at a time (the
-    synthetic rows of :mod:`benchmarks.checkpoint`), and the manifest gets its size and
-    row counts. Returns the rows file's bytes."""
+    manifest, then :func:`benchmarks.checkpoint.fill_synthetic_rows` writes the table's
+    rows. Returns the rows file's bytes."""
     import torch
 
     import dynembed as de
     from benchmarks.distributed_worker import FIRST_STEP_TABLE, RESTORED_STEP, BigModel
-    from dynembed.checkpoint import manifest as mf
-    from dynembed.checkpoint.rows_file import RowsFileWriter
-    from dynembed.storage.rows import RowBlock
     model = BigModel(cfg["first_step_dim"])
     opt = torch.optim.SGD(model.dense.parameters(), lr=0.01)
     de.checkpoint.save(path, model, opt, {"step": RESTORED_STEP, "world_size": 1, "user": {}})
-    manifest = mf.read(path)
-    entry = manifest["tables"][FIRST_STEP_TABLE]
-    shard = entry["shards"][0]
-    rows_file = path / shard["rows_file"]
-    rows_file.unlink()
-    dim, width = entry["dim"], entry["state_width"]
-    writer = RowsFileWriter(str(rows_file), dim=dim, width=width,
-                            num_buckets=manifest["num_buckets"], rows=n)
-    rng = np.random.default_rng(cfg["seed"] + 7)
-    try:
-        for s in range(0, n, FILL_CHUNK):
-            c = min(FILL_CHUNK, n - s)
-            writer.append(RowBlock(_synthetic_ids(np.arange(s, s + c), n),
-                                   rng.standard_normal((c, dim), np.float32),
-                                   rng.random((c, width), np.float32),
-                                   np.ones(c, np.int64), np.zeros(c, np.int64)))
-        nbytes = writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
-    shard.update(rows=n, live_change=n)
-    entry.update(rows=n, live_rows=n)
-    manifest["files"][shard["rows_file"]]["bytes"] = nbytes
-    mf.write_atomic(path / mf.MANIFEST, mf.encode(manifest))
-    return nbytes
+    return fill_synthetic_rows(path, FIRST_STEP_TABLE, n, cfg["seed"] + 7)
 
 
 def _read_all(path: Path) -> None:

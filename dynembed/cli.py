@@ -132,7 +132,10 @@ def _train(args) -> int:
                           max_restarts=args.max_restarts, rdzv_endpoint=args.rdzv_endpoint,
                           rdzv_id=args.rdzv_id, rdzv_conf=args.rdzv_conf,
                           log_dir=args.log_dir, tee=args.tee)
-    return launch(config, show_progress=not args.no_progress)
+    code = launch(config, show_progress=not args.no_progress)
+    print(f"dynembed train: torchrun exited with code {code}; worker logs in "
+          f"{config.log_dir}", file=sys.stderr)
+    return code
 
 
 def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:

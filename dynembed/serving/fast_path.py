@@ -4,9 +4,9 @@
 nearly all of a server's traffic. Under load the event loop's time per request, not the
 model, limits throughput; so these two skip the framework (route matching, request
 objects, exception middleware: about half of the loop's time per request, measured with
-py-spy) and parse and write JSON with orjson. They answer exactly as the starlette routes
-in :mod:`dynembed.serving.inference_api` (same checks, codes, error shapes and metrics);
-every other path goes to those.
+py-spy) and parse and write JSON with orjson. They share the validate-and-run step, the
+error shape and the metrics of :mod:`dynembed.serving.inference_api`, whose routes answer
+every other path (and other methods on these ones: 405).
 """
 
 from __future__ import annotations

@@ -74,9 +74,10 @@ class InferenceAPI:
     def routes(self) -> list[Route]:
         return [
             Route("/ping", self.ping, methods=["GET"]),
-            Route("/predictions/{model}", self.predictions, methods=["POST", "PUT"]),
-            Route("/predictions/{model}/{version}", self.predictions, methods=["POST", "PUT"]),
-            Route("/v1/models/{model}:predict", self.kserve_predict, methods=["POST"]),
+            Route("/predictions/{model}", self._fast_path_only, methods=["POST", "PUT"]),
+            Route("/predictions/{model}/{version}", self._fast_path_only,
+                  methods=["POST", "PUT"]),
+            Route("/v1/models/{model}:predict", self._fast_path_only, methods=["POST"]),
             Route("/v1/models/{model}", self.kserve_status, methods=["GET"]),
             Route("/v2", self.v2_server, methods=["GET"]),
             Route("/v2/health/live", self.v2_live, methods=["GET"]),
@@ -127,25 +128,10 @@ class InferenceAPI:
                 self.metrics.on_request(entry.name, entry.version, status,
                                         time.perf_counter() - started)
 
-    async def predictions(self, request: Request) -> Response:
-        def examples(data, entry):
-            return ([data] if isinstance(data, dict) else data), isinstance(data, dict)
-
-        def respond(results, single, entry, data):
-            return JSONResponse(results[0] if single else results)
-
-        return await self._serve(request, examples, respond)
-
-    async def kserve_predict(self, request: Request) -> Response:
-        def examples(data, entry):
-            if not isinstance(data, dict) or not isinstance(data.get("instances"), list):
-                raise bad_request('KServe v1 requests are {"instances": [example, ...]}')
-            return data["instances"], False
-
-        def respond(results, single, entry, data):
-            return JSONResponse({"predictions": results})
-
-        return await self._serve(request, examples, respond)
+    async def _fast_path_only(self, request: Request) -> Response:
+        # POST/PUT to these paths are answered by fast_path.FastPredictions before the
+        # router; the routes exist so that other methods get TorchServe's 405.
+        raise AssertionError(f"{request.url.path} is served by FastPredictions")
 
     async def kserve_status(self, request: Request) -> Response:
         try:

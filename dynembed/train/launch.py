@@ -115,10 +115,7 @@ def launch(config: LaunchConfig, *, show_progress: bool = True,
             signal.signal(s, handler)
         if bar is not None:
             bar.close()
-    code = proc.returncode
-    print(f"dynembed train: torchrun exited with code {code}; worker logs in "
-          f"{config.log_dir}", file=sys.stderr)
-    return code
+    return proc.returncode
 
 
 def _show(path: Path, bar):
