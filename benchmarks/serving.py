@@ -67,7 +67,8 @@ class DynembedServer:
                "--models", "ctr=ctr-1.0", "--inference-address", "127.0.0.1:0",
                "--management-address", "127.0.0.1:0", "--metrics-address", "127.0.0.1:0",
                "--key-file", str(store.parent / "key_file.json"), "--workers", str(workers),
-               "--batch-size", str(batch_size), "--max-batch-delay", str(max_batch_delay_ms)]
+               "--batch-size", str(batch_size), "--max-batch-delay", str(max_batch_delay_ms),
+               "--preload"]
         self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True)
         self.urls: dict[str, str] = {}
         self._lines: list[str] = []

@@ -1,28 +1,40 @@
 """Dynamic batching: requests of one model version are grouped and run on worker threads.
 
-Each worker is a coroutine that takes the first waiting request, then keeps taking more
-until the batch holds ``batch_size`` examples or ``max_batch_delay`` ms have passed, and
-runs the handler on one thread of the model's pool (torch and dynembed's kernels release
-the GIL, so workers overlap). Under low load it does not wait: a request that finds the
-queue empty right after a batch of one request runs at once (at concurrency 1 waiting
-only adds the delay to every answer); as soon as requests meet in the queue, batches
-fill again. Results go back to each request's future. Scaling adds or
-stops workers; stopping drains what was accepted.
+Requests wait in one queue. A free worker takes a batch (whole requests, up to
+``batch_size`` examples) as soon as one of these holds:
+
+- the queue holds ``batch_size`` examples;
+- the oldest request has waited ``max_batch_delay`` ms (TorchServe's rule);
+- the queue holds as many examples as this worker's previous batch. Under steady load each
+  batch's answers bring back about as many requests as it had, so waiting for more only
+  adds the delay to every answer: at concurrency 1 a lone request runs at once, at
+  concurrency 8 a batch of 8 does not wait for 64. When load rises the next batch is
+  larger anyway (what arrived while the previous batch ran), so batches grow back.
+
+It runs the handler on one thread of the model's pool (torch and dynembed's kernels release
+the GIL, so workers overlap) and gives each request its slice of the results. Workers sleep
+on a future of their own and are woken only when a batch is due, not for every request.
+Scaling adds or stops workers; stopping drains what was accepted. A request whose caller
+gave up (timeout) before its batch started is not run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-
-_STOP = object()
 
 
 def _expire(future: asyncio.Future) -> None:
     if not future.done():
         future.set_exception(asyncio.TimeoutError())
+
+
+def _wake(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 @dataclass
@@ -47,8 +59,8 @@ class Batcher:
 
     Args:
         predict: examples -> one result per example (called on a worker thread).
-        batch_size: most examples per batch (>= 1).
-        max_batch_delay_ms: most time the first request of a batch waits for more.
+        batch_size: most examples per batch (>= 1); a request with more runs alone.
+        max_batch_delay_ms: most time a request waits for its batch to fill.
         workers: worker count (>= 1).
         on_batch: called with :class:`BatchStats` after every batch.
     """
@@ -58,10 +70,15 @@ class Batcher:
         self.predict = predict
         self.batch_size, self.max_batch_delay_ms = batch_size, max_batch_delay_ms
         self.on_batch = on_batch
-        self._queue: asyncio.Queue | None = None
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._queued_examples = 0
+        # sleeping workers: (their wake-up, the queued examples that make a batch due)
+        self._sleeping: list[tuple[asyncio.Future, int]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task] = []
         self._pool: ThreadPoolExecutor | None = None
         self._target = workers
+        self._draining = False
 
     @property
     def workers(self) -> int:
@@ -70,11 +87,11 @@ class Batcher:
     @property
     def pending(self) -> int:
         """Requests waiting for a worker."""
-        return self._queue.qsize() if self._queue is not None else 0
+        return len(self._queue)
 
     async def start(self) -> None:
         """Starts the workers (in the running event loop)."""
-        self._queue = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
         self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="dynembed-model")
         await self.scale(self._target)
 
@@ -83,9 +100,9 @@ class Batcher:
         self._tasks = [t for t in self._tasks if not t.done()]
         self._target = workers
         while len(self._tasks) < workers:
-            self._tasks.append(asyncio.create_task(self._work()))
-        for _ in range(len(self._tasks) - workers):
-            await self._queue.put(_STOP)
+            self._tasks.append(self._loop.create_task(self._work()))
+        if len(self._tasks) > workers:
+            self._wake_all()  # the ones to stop notice at the top of their loop
 
     async def submit(self, examples: list, timeout: float | None = None) -> list:
         """Queues a request's examples and waits for their results.
@@ -94,13 +111,15 @@ class Batcher:
             asyncio.TimeoutError: no result within ``timeout`` seconds.
             Exception: whatever the handler raised for the batch.
         """
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._queue.put_nowait(_Request(examples, future))  # unbounded: never blocks
+        future = self._loop.create_future()
+        self._queue.append(_Request(examples, future))
+        self._queued_examples += len(examples)
+        if self._sleeping:
+            self._wake_one()
         if timeout is None:
             return await future
         # one timer per request (asyncio.wait_for would start a task per request)
-        timer = loop.call_later(timeout, _expire, future)
+        timer = self._loop.call_later(timeout, _expire, future)
         try:
             return await future
         finally:
@@ -108,49 +127,91 @@ class Batcher:
 
     async def stop(self) -> None:
         """Finishes every accepted request, then stops the workers and their threads."""
-        if self._queue is None:
+        if self._loop is None:
             return
-        for _ in self._tasks:
-            await self._queue.put(_STOP)
+        self._draining = True
+        self._wake_all()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         self._pool.shutdown(wait=True)
 
-    async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
-        last = 0  # requests in this worker's previous batch
-        while True:
-            first = await self._queue.get()
-            if first is _STOP:
-                return
-            batch, size, stop = [first], len(first.examples), False
-            deadline = loop.time() + self.max_batch_delay_ms / 1000
-            while size < self.batch_size:
-                try:
-                    item = self._queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    wait = deadline - loop.time()
-                    if wait <= 0 or (len(batch) == 1 and last == 1):
-                        break  # a lone request after a lone request: low load, run it now
-                    try:
-                        item = await asyncio.wait_for(self._queue.get(), wait)
-                    except asyncio.TimeoutError:
-                        break
-                if item is _STOP:
-                    stop = True
-                    break
-                batch.append(item)
-                size += len(item.examples)
-            last = len(batch)
-            await self._run(batch, loop)
-            if stop:
+    # ------------------------------------------------------------------ workers
+    def _wake_one(self) -> None:
+        """Wakes a sleeping worker for which the queue now holds a batch."""
+        for i, (future, enough) in enumerate(self._sleeping):
+            if self._queued_examples >= enough:
+                del self._sleeping[i]
+                _wake(future)
                 return
 
-    async def _run(self, batch: list[_Request], loop) -> None:
+    def _wake_all(self) -> None:
+        sleeping, self._sleeping = self._sleeping, []
+        for future, _ in sleeping:
+            _wake(future)
+
+    async def _sleep(self, enough: int, deadline: float | None = None) -> None:
+        """Waits until the queue holds ``enough`` examples, a stop or a scale, or until
+        ``deadline`` (``time.perf_counter`` seconds)."""
+        future = self._loop.create_future()
+        entry = (future, enough)
+        self._sleeping.append(entry)
+        timer = None
+        if deadline is not None:
+            timer = self._loop.call_later(max(0.0, deadline - time.perf_counter()), _wake,
+                                          future)
+        try:
+            await future
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if entry in self._sleeping:
+                self._sleeping.remove(entry)
+
+    def _due(self, enough: int) -> float | None:
+        """None if a batch should run now, else the time (perf_counter) it will be due."""
+        if self._draining or self._queued_examples >= enough:
+            return None
+        deadline = self._queue[0].enqueued + self.max_batch_delay_ms / 1000
+        return None if deadline <= time.perf_counter() else deadline
+
+    def _take(self) -> list[_Request]:
+        batch, size = [], 0
+        while self._queue and (not batch or size + len(self._queue[0].examples)
+                               <= self.batch_size):
+            request = self._queue.popleft()
+            self._queued_examples -= len(request.examples)
+            if request.future.done():  # timed out while queued: nobody waits for it
+                continue
+            batch.append(request)
+            size += len(request.examples)
+        return batch
+
+    async def _work(self) -> None:
+        previous = 0  # examples in this worker's previous batch
+        while True:
+            if self.workers > self._target and not self._draining:
+                self._tasks.remove(asyncio.current_task())
+                return
+            if not self._queue:
+                if self._draining:
+                    return
+                await self._sleep(1)
+                continue
+            enough = min(self.batch_size, max(previous, 1))
+            due = self._due(enough)
+            if due is not None:
+                await self._sleep(enough, due)
+                continue
+            batch = self._take()
+            if batch:
+                previous = sum(len(r.examples) for r in batch)
+                await self._run(batch)
+
+    async def _run(self, batch: list[_Request]) -> None:
         started = time.perf_counter()
         examples = [e for request in batch for e in request.examples]
         try:
-            results = await loop.run_in_executor(self._pool, self.predict, examples)
+            results = await self._loop.run_in_executor(self._pool, self.predict, examples)
         except Exception as e:  # noqa: BLE001 - the batch's requests get the error
             for request in batch:
                 if not request.future.done():

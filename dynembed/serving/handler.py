@@ -146,11 +146,12 @@ class EmbeddingModelHandler:
     def refresh(self, checkpoint: str | Path) -> None:
         """Serves the tables of a newer checkpoint (of the training job) from now on.
 
-        The checkpoint is opened lazily into new tables, which replace the live ones in one
-        assignment: a batch in flight finishes with the tables it started with.
+        The checkpoint is opened into new tables (lazily, or read into memory if the package
+        was preloaded), which replace the live ones in one assignment: a batch in flight
+        finishes with the tables it started with.
         """
         fresh = build_embeddings(self.package.manifest)
-        load_tables(fresh, checkpoint)
+        load_tables(fresh, checkpoint, preload=self.package.preloaded)
         with self._swap:
             self.embeddings = fresh
             self.refreshes += 1

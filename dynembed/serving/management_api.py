@@ -1,7 +1,8 @@
 """The management API, with TorchServe's paths, parameters, status codes and error shape.
 
     POST   /models?url=&model_name=&initial_workers=&batch_size=&max_batch_delay=
-                  &response_timeout=&synchronous=          register from the model store
+                  &response_timeout=&synchronous=&preload= register from the model store
+                  (preload, dynembed's: read the tables into memory now, true/false)
     GET    /models?limit=&next_page_token=                 list (paginated)
     GET    /models/{model}[/{version}|/all]                describe
     PUT    /models/{model}[/{version}]?min_worker=&max_worker=&synchronous=   scale
@@ -60,7 +61,7 @@ class ManagementAPI:
 
     Args:
         registry: the server's models.
-        defaults: registration defaults (``batch_size``, ``max_batch_delay_ms``,
+        defaults: registration defaults (``batch_size``, ``max_batch_delay_ms``, ``preload``,
             ``response_timeout_s``, ``initial_workers``).
     """
 
@@ -95,7 +96,8 @@ class ManagementAPI:
             "max_batch_delay_ms": _int(request, "max_batch_delay",
                                        self.defaults["max_batch_delay_ms"]),
             "response_timeout_s": _int(request, "response_timeout",
-                                       self.defaults["response_timeout_s"], low=1)}
+                                       self.defaults["response_timeout_s"], low=1),
+            "preload": _bool(request, "preload", self.defaults["preload"])}
         self.registry.resolve_url(url)  # 400/404 now, even for an asynchronous call
         if not _bool(request, "synchronous", True):
             task = asyncio.create_task(self._register_later(url, options))

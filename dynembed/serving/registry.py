@@ -8,6 +8,7 @@ registration can never download anything or read elsewhere on the machine.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,9 +106,10 @@ class Registry:
 
     async def register(self, url: str, *, name: str | None = None, initial_workers: int = 1,
                        batch_size: int = 1, max_batch_delay_ms: float = 100.0,
-                       response_timeout_s: float = 120.0,
+                       response_timeout_s: float = 120.0, preload: bool = False,
                        loaded_at_startup: bool = False) -> ModelVersion:
-        """Loads the package at ``url`` and starts its workers.
+        """Loads the package at ``url`` (with ``preload``, its tables' rows into memory; see
+        :func:`~dynembed.serving.package.open_package`) and starts its workers.
 
         Raises:
             ServingError: 400 bad arguments or package, 404 no such package, 409 the
@@ -122,7 +124,8 @@ class Registry:
         path = self.resolve_url(url)
         loop = asyncio.get_running_loop()
         try:
-            package = await loop.run_in_executor(None, open_package, path)
+            package = await loop.run_in_executor(
+                None, functools.partial(open_package, path, preload=preload))
             if name is not None:
                 check_name(name, "model_name")
                 if name != package.name:

@@ -31,6 +31,7 @@ from dynembed.checkpoint.manager import CheckpointManager
 from dynembed.kernels._threads import get_num_threads, set_num_threads
 from dynembed.serving.auth import Tokens
 from dynembed.serving.fast_path import FastPredictions
+from dynembed.serving.http_protocol import CoalescingHttpProtocol
 from dynembed.serving.inference_api import InferenceAPI, Limits
 from dynembed.serving.management_api import ManagementAPI
 from dynembed.serving.metrics import ServingMetrics
@@ -71,6 +72,10 @@ class ServerConfig:
     """Where the tokens are written (mode 0600); removed at shutdown."""
     default_workers: int = 1
     batch_size: int = 1
+    preload: bool = False
+    """Read models' tables into memory when they register (and when a followed checkpoint
+    is applied) instead of opening them lazily; the management API's ``preload`` parameter
+    overrides it per registration."""
     max_batch_delay_ms: int = 100
     response_timeout_s: int = 120
     max_request_bytes: int = 6_553_500
@@ -83,9 +88,10 @@ class ServerConfig:
     graceful_timeout_s: float = 30.0
     """How long shutdown waits for accepted requests."""
     torch_threads: int = 1
-    """torch's intra-op threads (and dynembed's kernels'). Serving runs many small batches on several workers, where
-    parallel ops only contend for cores (measured: 8x slower batches with 2 threads on 2
-    busy cores); 1 is best unless batches are large and workers few."""
+    """torch's intra-op threads (and dynembed's kernels'). Serving runs many small batches
+    on several workers, where parallel ops only contend for cores (measured: 8x slower
+    batches with 2 threads on 2 busy cores); 1 is best unless batches are large and
+    workers few."""
 
     def __post_init__(self) -> None:
         for name in ("inference_address", "management_address", "metrics_address"):
@@ -158,7 +164,8 @@ class ModelServer:
                              inference=config.inference_auth, key_file=config.key_file)
         defaults = {"initial_workers": config.default_workers, "batch_size": config.batch_size,
                     "max_batch_delay_ms": config.max_batch_delay_ms,
-                    "response_timeout_s": config.response_timeout_s}
+                    "response_timeout_s": config.response_timeout_s,
+                    "preload": config.preload}
         errors = {404: _not_found, 405: _bad_method}
         api = InferenceAPI(self.registry, self.metrics, Limits(config.max_request_bytes))
         inference = FastPredictions(Starlette(routes=api.routes(), exception_handlers=errors),
@@ -224,7 +231,7 @@ class ModelServer:
                     batch_size=self.config.batch_size,
                     max_batch_delay_ms=self.config.max_batch_delay_ms,
                     response_timeout_s=self.config.response_timeout_s,
-                    loaded_at_startup=True)
+                    preload=self.config.preload, loaded_at_startup=True)
             except ServingError as e:
                 raise ServingError(e.status, e.kind, f"model {name}={url}: {e.message}") \
                     from None
@@ -285,10 +292,11 @@ class ModelServer:
         """Serves until SIGTERM/SIGINT (or :meth:`shutdown`), then shuts down gracefully."""
         if not self.sockets:
             self.bind()
-        config = uvicorn.Config(self, lifespan="on", log_level="warning",
+        config = uvicorn.Config(self, http=CoalescingHttpProtocol, lifespan="on",
+                                log_level="warning",
                                 timeout_graceful_shutdown=self.config.graceful_timeout_s,
                                 limit_concurrency=None, backlog=2048, access_log=False,
-                                server_header=False, date_header=False)
+                                proxy_headers=False, server_header=False, date_header=False)
         self._server = uvicorn.Server(config)
         await self._server.serve(sockets=list(self.sockets.values()))
 
@@ -298,6 +306,12 @@ class ModelServer:
             self._server.should_exit = True
 
     def run(self) -> None:
-        """Blocking :meth:`serve`."""
-        asyncio.run(self.serve())
+        """Blocking :meth:`serve`, on uvloop where it is installed (its transports write
+        in C: measured 10-20% more requests/s than asyncio's loop under load)."""
+        try:
+            import uvloop
+        except ImportError:
+            asyncio.run(self.serve())
+        else:
+            uvloop.run(self.serve())
 

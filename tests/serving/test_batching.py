@@ -109,3 +109,61 @@ def test_a_failing_batch_fails_its_requests_only():
         return ok
 
     assert asyncio.run(main()) == ["good"]
+
+
+async def _until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.005)
+
+
+def _gated():
+    gate, seen = threading.Event(), []
+
+    def predict(examples):
+        seen.append(list(examples))
+        gate.wait(10)
+        return examples
+
+    return predict, gate, seen
+
+
+def test_a_batch_runs_once_as_many_examples_wait_as_in_the_previous_batch():
+    async def main():
+        predict, gate, seen = _gated()
+        batcher = Batcher(predict, batch_size=64, max_batch_delay_ms=60_000, workers=1)
+        await batcher.start()
+        first = asyncio.ensure_future(batcher.submit([0]))  # an idle worker: at once
+        await _until(lambda: len(seen) == 1)
+        queued = [asyncio.ensure_future(batcher.submit([i])) for i in (1, 2, 3)]
+        await asyncio.sleep(0)
+        gate.set()
+        # 3 queued >= 1 in the previous batch: no waiting for the 60 s delay or 64 examples
+        await asyncio.wait_for(asyncio.gather(first, *queued), 10)
+        waiting = [asyncio.ensure_future(batcher.submit([i])) for i in (4, 5)]
+        await asyncio.sleep(0.2)
+        assert not any(w.done() for w in waiting) and len(seen) == 2  # 2 < 3: they wait
+        waiting.append(asyncio.ensure_future(batcher.submit([6])))
+        await asyncio.wait_for(asyncio.gather(*waiting), 10)
+        await batcher.stop()
+        return seen
+
+    assert asyncio.run(main()) == [[0], [1, 2, 3], [4, 5, 6]]
+
+
+def test_a_request_that_timed_out_in_the_queue_is_not_run():
+    async def main():
+        predict, gate, seen = _gated()
+        batcher = Batcher(predict, batch_size=1, workers=1)
+        await batcher.start()
+        first = asyncio.ensure_future(batcher.submit([0]))
+        await _until(lambda: len(seen) == 1)
+        with pytest.raises(asyncio.TimeoutError):
+            await batcher.submit([1], timeout=0.05)  # queued behind the held batch
+        gate.set()
+        assert await first == [0] and await batcher.submit([2]) == [2]
+        await batcher.stop()
+        return seen
+
+    assert asyncio.run(main()) == [[0], [2]]

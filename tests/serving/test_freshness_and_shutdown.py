@@ -87,6 +87,17 @@ def test_graceful_shutdown_answers_every_accepted_request(store):
     server = start_server(folder, models={"ctr": "ctr-1.0"}, batch_size=64,
                           max_batch_delay_ms=300)
     batch = examples(3, seed=1)
+    entry = server.server.registry.get("ctr")
+    # Hold the first batch in the handler so that the other requests are queued (accepted,
+    # not answered) when the shutdown starts.
+    gate, predict, held = threading.Event(), entry.batcher.predict, []
+
+    def held_predict(examples):
+        held.append(len(examples) // len(batch))  # requests in this batch
+        gate.wait(30)
+        return predict(examples)
+
+    entry.batcher.predict = held_predict
     replies: list = []
 
     def ask():
@@ -99,11 +110,17 @@ def test_graceful_shutdown_answers_every_accepted_request(store):
     askers = [threading.Thread(target=ask) for _ in range(24)]
     for thread in askers:
         thread.start()
-    deadline = time.monotonic() + 10
-    entry = server.server.registry.get("ctr")
-    while entry.batcher.pending < 1 and time.monotonic() < deadline:
-        time.sleep(0.005)  # requests are queued, waiting for the batch delay
-    server.stop()
+    deadline = time.monotonic() + 20
+    while sum(held) + entry.batcher.pending < 24 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert held and entry.batcher.pending == 24 - held[0]  # the rest are queued
+    stopper = threading.Thread(target=server.stop)
+    stopper.start()
+    time.sleep(0.2)  # the shutdown has begun: no new connections
+    with pytest.raises(httpx.ConnectError):
+        httpx.post(server.inference + "/predictions/ctr", json=batch, timeout=5)
+    gate.set()
+    stopper.join(30)
     for thread in askers:
         thread.join(30)
     assert len(replies) == 24

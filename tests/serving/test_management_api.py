@@ -116,6 +116,18 @@ def test_register_synchronously(api):
     assert described["loadedAtStartup"] is False
 
 
+def test_register_with_preload_reads_the_tables_into_memory(api):
+    assert api.register("ctr-1.0", preload="true").status_code == 200
+    assert api.register("m1-1.0").status_code == 200  # the server's default: lazily
+    registry = api.running.server.registry
+    preloaded = registry.get("ctr").handler.embeddings.tables.values()
+    lazy = registry.get("m1").handler.embeddings.tables.values()
+    assert all(t.base is None and len(t) > 0 for t in preloaded)
+    assert all(t.base is not None and len(t) == 0 for t in lazy)
+    batch = examples(6)
+    assert api.predict("ctr", batch).json() == api.predict("m1", batch).json()
+
+
 def test_register_asynchronously(api):
     response = api.register("ctr-1.0", synchronous="false", initial_workers=2)
     assert response.status_code == 202 and "status" in response.json()
@@ -176,7 +188,7 @@ def test_register_with_bad_parameters_is_400(api):
     for params in ({"initial_workers": "two"}, {"initial_workers": "0"},
                    {"batch_size": "0"}, {"batch_size": "1.5"}, {"max_batch_delay": "-1"},
                    {"max_batch_delay": "soon"}, {"response_timeout": "0"},
-                   {"synchronous": "maybe"}, {"model_name": "other"},
+                   {"synchronous": "maybe"}, {"preload": "yes"}, {"model_name": "other"},
                    {"model_name": "../x"}):
         message = _error(api.register("ctr-1.0", **params), 400, "BadRequestException")
         assert next(iter(params)) in message, (params, message)

@@ -66,6 +66,21 @@ def test_export_and_open_round_trip(model, exported):
     assert dense.training  # export left the caller's module as it was
 
 
+def test_preloaded_tables_answer_from_memory_like_lazy_ones(model, exported):
+    coll, _ = model
+    lazy, eager = open_package(exported), open_package(exported, preload=True)
+    assert not lazy.preloaded and eager.preloaded
+    for name, table in eager.embeddings.tables.items():
+        assert lazy.embeddings.tables[name].base is not None  # rows still in the files
+        assert table.base is None and len(table) == len(coll.tables[name])  # all in memory
+    batch = examples(30, seed=4) + examples(5, seed=5, unseen=True)
+    lazy_handler, eager_handler = EmbeddingModelHandler(lazy), EmbeddingModelHandler(eager)
+    assert eager_handler.predict(batch) == lazy_handler.predict(batch)
+    stats = eager_handler.table_stats()["user"]
+    assert (stats["hits"], stats["defaults_served"], stats["loaded"]) == (30, 5, 0)
+    assert lazy_handler.table_stats()["user"]["loaded"] > 0  # read from the checkpoint
+
+
 def test_int64_features_and_softmax_output(tmp_path):
     import dynembed as de
 

@@ -1,0 +1,58 @@
+"""The serving metrics' histograms against prometheus_client's own Histogram."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry, Histogram
+
+from dynembed.serving.batching import BatchStats
+from dynembed.serving.metrics import _LATENCY_BUCKETS, ArrayHistogram, ServingMetrics
+
+
+def _samples(registry: CollectorRegistry, name: str) -> dict:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in registry.collect() if family.name == name for s in family.samples}
+
+
+@pytest.mark.parametrize("count", [0, 1, 7, ArrayHistogram.FOLD_AT - 1,
+                                   ArrayHistogram.FOLD_AT, 3 * ArrayHistogram.FOLD_AT + 5])
+def test_array_histogram_matches_prometheus_histogram(count):
+    rng = np.random.default_rng(count)
+    # values on the bounds too: a bound's bucket includes it (le = "less or equal")
+    values = np.concatenate([rng.exponential(0.01, count), rng.choice(_LATENCY_BUCKETS, count)])
+    ours_registry, reference_registry = CollectorRegistry(), CollectorRegistry()
+    ours = ArrayHistogram("h", "help", _LATENCY_BUCKETS, ours_registry)
+    reference = Histogram("h", "help", ["model", "version"], buckets=_LATENCY_BUCKETS,
+                          registry=reference_registry)
+    for i, value in enumerate(values):
+        labels = ("m", "1") if i % 3 else ("n", "2")
+        reference.labels(*labels).observe(value)
+        if i % 2:
+            ours.add(labels, float(value))
+        else:
+            ours.add_many(labels, [float(value)])
+    got = _samples(ours_registry, "h")
+    want = {k: v for k, v in _samples(reference_registry, "h").items()
+            if not k[0].endswith("_created")}
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-9), key
+
+
+def test_serving_metrics_count_requests_and_batches():
+    metrics = ServingMetrics()
+    for status in (200, 200, 400):
+        metrics.on_request("ctr", "1.0", status, 0.002)
+    metrics.on_batch("ctr", "1.0", BatchStats(size=5, requests=2, queue_s=[0.001, 0.003],
+                                              run_s=0.004))
+    requests = _samples(metrics.registry, "dynembed_serving_requests")
+    assert requests[("dynembed_serving_requests_total", (("model", "ctr"), ("status", "200"),
+                                                         ("version", "1.0")))] == 2
+    queue = _samples(metrics.registry, "dynembed_serving_queue_seconds")
+    labels = (("model", "ctr"), ("version", "1.0"))
+    assert queue[("dynembed_serving_queue_seconds_count", labels)] == 2
+    assert queue[("dynembed_serving_queue_seconds_sum", labels)] == pytest.approx(0.004)
+    size = _samples(metrics.registry, "dynembed_serving_batch_size")
+    assert size[("dynembed_serving_batch_size_bucket", (("le", "4.0"), *labels))] == 0
+    assert size[("dynembed_serving_batch_size_bucket", (("le", "8.0"), *labels))] == 1
