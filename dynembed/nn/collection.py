@@ -114,6 +114,25 @@ class EmbeddingCollection(TableModule):
             batch, bounds = to_jagged(value, hash_seed=seed, arg=arg)
         return batch, bounds
 
+    def _rows(self, by_table: dict) -> tuple[list[torch.Tensor], list[np.ndarray]]:
+        """Per table: rows and the row of each of its keys (features in order)."""
+        ids_by_table = [np.concatenate([b.ids for _, b, _ in group])
+                        for group in by_table.values()]
+        tables = [self.tables[name] for name in by_table]
+        if all((not self.training or t.read_only) and t.router is None for t in tables):
+            # Reads need no dedup (as DynamicEmbedding's): probe every key, one gather.
+            return ([t.read(ids) for t, ids in zip(tables, ids_by_table)],
+                    [np.arange(ids.shape[0]) for ids in ids_by_table])
+        lookups, inverses = [], []
+        for table, group, ids in zip(tables, by_table.values(), ids_by_table):
+            strings = None
+            if table.key_log is not None and all(b.strings is not None for _, b, _ in group):
+                strings = list(itertools.chain.from_iterable(b.strings for _, b, _ in group))
+            unique, inverse, counts = unique_inverse(ids)
+            lookups.append(Lookup(table, unique, counts, strings, ids))
+            inverses.append(inverse)
+        return rows_for_many(lookups, self._anchor, training=self.training), inverses
+
     def forward(self, inputs: Mapping[str, object], *, concat: bool = False,
                 per_sample_weights: Mapping[str, torch.Tensor] | None = None):
         """Looks up every feature.
@@ -147,17 +166,7 @@ class EmbeddingCollection(TableModule):
             batch, bounds = self._convert(name, spec, inputs[name], table)
             by_table.setdefault(spec.table, []).append((name, batch, bounds))
 
-        lookups, inverses = [], []
-        for table_name, group in by_table.items():
-            table = self.tables[table_name]
-            ids = np.concatenate([b.ids for _, b, _ in group])
-            strings = None
-            if table.key_log is not None and all(b.strings is not None for _, b, _ in group):
-                strings = list(itertools.chain.from_iterable(b.strings for _, b, _ in group))
-            unique, inverse, counts = unique_inverse(ids)
-            lookups.append(Lookup(table, unique, counts, strings, ids))
-            inverses.append(inverse)
-        all_rows = rows_for_many(lookups, self._anchor, training=self.training)
+        all_rows, inverses = self._rows(by_table)
         outputs: dict[str, torch.Tensor] = {}
         for (table_name, group), rows, inverse in zip(by_table.items(), all_rows, inverses):
             table = self.tables[table_name]

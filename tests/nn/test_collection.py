@@ -118,3 +118,25 @@ def test_stats_by_table_name():
     stats = coll.stats()
     assert set(stats) == {"words", "user"}
     assert stats["words"].rows == 4 and stats["user"].rows == 2
+
+
+def test_eval_reads_every_key_without_inserting_and_counts_each_occurrence():
+    coll = _collection()
+    coll(BATCH)  # training: the rows exist
+    with torch.no_grad():
+        trained = coll(BATCH)  # the training path (dedup, one call per table)
+    coll.eval()
+    batch = {**BATCH, "query": [["shoe", "unseen"], ["red", "hat"]], "user_id": [7, 99]}
+    before = {name: t.stats().totals for name, t in coll.named_tables().items()}
+    out = coll(batch)
+    torch.testing.assert_close(out["title"], trained["title"])
+    torch.testing.assert_close(out["query"][1], trained["query"][1])
+    shoe = coll.tables["words"].find(["shoe"]).values[0]
+    torch.testing.assert_close(out["query"][0], shoe / 2)  # the unseen key adds zeros
+    torch.testing.assert_close(out["user_id"][1], torch.zeros(3))
+    assert coll.tables["words"].size() == 4 and coll.tables["user"].size() == 2
+    words = coll.tables["words"].stats().totals
+    assert words.hits - before["tables.words"].hits == 6  # per occurrence: shoe twice
+    assert words.defaults_served - before["tables.words"].defaults_served == 1
+    users = coll.tables["user"].stats().totals
+    assert users.defaults_served - before["tables.user"].defaults_served == 1
