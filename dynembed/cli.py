@@ -217,6 +217,9 @@ def _add_serve(commands) -> None:
     serve.add_argument("--key-file", default="key_file.json",
                        help="where the tokens are written (mode 0600)")
     serve.add_argument("--workers", type=int, default=1, help="workers per model")
+    serve.add_argument("--processes", type=int, default=1,
+                       help="processes answering the inference API on its port (Linux): "
+                            "more cores for HTTP and JSON work, a copy of the models each")
     serve.add_argument("--preload", action="store_true",
                        help="read the tables into memory at registration instead of opening "
                             "them lazily (slower start, faster lookups)")
@@ -241,7 +244,8 @@ def _serve(args) -> int:
         inference_address=args.inference_address,
         management_address=args.management_address, metrics_address=args.metrics_address,
         management_auth=not args.disable_token_auth, inference_auth=args.inference_token_auth,
-        key_file=args.key_file, default_workers=args.workers, batch_size=args.batch_size, preload=args.preload,
+        key_file=args.key_file, default_workers=args.workers, batch_size=args.batch_size,
+        preload=args.preload, processes=args.processes,
         max_batch_delay_ms=args.max_batch_delay, response_timeout_s=args.response_timeout,
         max_request_bytes=args.max_request_size, follow=_pairs(args.follow, "--follow"),
         follow_interval_s=args.follow_interval,

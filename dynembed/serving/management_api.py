@@ -162,7 +162,7 @@ class ManagementAPI:
     @_handles_errors
     async def set_default(self, request: Request) -> Response:
         name, version = request.path_params["model"], request.path_params["version"]
-        self.registry.set_default(name, version)
+        await self.registry.set_default(name, version)
         return JSONResponse({"status": f'Default version successfully updated for model '
                                        f'"{name}" to "{version}"'})
 

@@ -50,7 +50,16 @@ class ModelVersion:
     max_workers: int
     response_timeout_s: float
     loaded_at_startup: bool
+    preload: bool = False
     registered: float = field(default_factory=time.time)
+
+    def options(self) -> dict:
+        """The :meth:`Registry.register` arguments that made this version (with its
+        current worker count)."""
+        return {"name": self.name, "initial_workers": self.min_workers,
+                "batch_size": self.batch_size, "max_batch_delay_ms": self.max_batch_delay_ms,
+                "response_timeout_s": self.response_timeout_s, "preload": self.preload,
+                "loaded_at_startup": self.loaded_at_startup}
 
     def describe(self) -> dict:
         """TorchServe's describe-model entry."""
@@ -74,6 +83,11 @@ class Registry:
         model_store: the directory packages are registered from.
         allow_custom_handlers: model names whose packages may run their own handler code.
         on_batch: metrics callback ``(model, version, BatchStats)``.
+
+    ``mirror``, when set (a server with several processes), is awaited as
+    ``mirror(operation, *args)`` after each change (``register``, ``scale``,
+    ``set_default``, ``unregister``) so the other processes make it too; a registration
+    it fails is undone here.
     """
 
     def __init__(self, model_store: str | Path, *, allow_custom_handlers=(),
@@ -86,6 +100,7 @@ class Registry:
         self.models: dict[str, dict[str, ModelVersion]] = {}
         self.defaults: dict[str, str] = {}
         self._lock = asyncio.Lock()
+        self.mirror = None
 
     def resolve_url(self, url: str) -> Path:
         """The package directory ``url`` names inside the model store.
@@ -146,9 +161,16 @@ class Registry:
             await batcher.start()
             entry = ModelVersion(package.name, package.version, url, handler, batcher,
                                  batch_size, max_batch_delay_ms, initial_workers,
-                                 initial_workers, response_timeout_s, loaded_at_startup)
+                                 initial_workers, response_timeout_s, loaded_at_startup,
+                                 preload)
             versions[package.version] = entry
             self.defaults.setdefault(package.name, package.version)
+        if self.mirror is not None:
+            try:
+                await self.mirror("register", url, entry.options())
+            except ServingError:
+                await self._remove(entry)
+                raise
         return entry
 
     def _batch_callback(self, name: str, version: str):
@@ -183,11 +205,15 @@ class Registry:
                               f"min_worker={min_worker!r}, max_worker={max_worker!r}")
         entry.min_workers, entry.max_workers = low, high
         await entry.batcher.scale(low)
+        if self.mirror is not None:
+            await self.mirror("scale", entry.name, entry.version, low, high)
         return entry
 
-    def set_default(self, name: str, version: str) -> None:
+    async def set_default(self, name: str, version: str) -> None:
         self.get(name, version)
         self.defaults[name] = version
+        if self.mirror is not None:
+            await self.mirror("set_default", name, version)
 
     async def unregister(self, name: str, version: str | None) -> ModelVersion:
         """Removes a version after its accepted requests finish.
@@ -209,7 +235,22 @@ class Registry:
                 del self.models[name]
                 del self.defaults[name]
         await entry.batcher.stop()
+        if self.mirror is not None:
+            await self.mirror("unregister", entry.name, entry.version)
         return entry
+
+    async def _remove(self, entry: ModelVersion) -> None:
+        """Takes out a version whose registration failed elsewhere."""
+        async with self._lock:
+            versions = self.models.get(entry.name, {})
+            if versions.get(entry.version) is entry:
+                del versions[entry.version]
+                if not versions:
+                    del self.models[entry.name]
+                    del self.defaults[entry.name]
+                elif self.defaults[entry.name] == entry.version:
+                    self.defaults[entry.name] = next(iter(versions))
+        await entry.batcher.stop()
 
     def all_versions(self) -> list[ModelVersion]:
         return [v for versions in self.models.values() for v in versions.values()]

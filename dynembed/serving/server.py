@@ -13,9 +13,11 @@ batches, so requests never fail or wait for it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import socket
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +38,7 @@ from dynembed.serving.inference_api import InferenceAPI, Limits
 from dynembed.serving.management_api import ManagementAPI
 from dynembed.serving.metrics import ServingMetrics
 from dynembed.serving.registry import Registry, ServingError
+from dynembed.serving.replicas import Replicas, merged_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +90,10 @@ class ServerConfig:
     """Model names whose packages may run their own handler code."""
     graceful_timeout_s: float = 30.0
     """How long shutdown waits for accepted requests."""
+    processes: int = 1
+    """Processes answering the inference API on its port (Linux; see
+    :mod:`dynembed.serving.replicas`): each has its own event loop and a copy of every
+    model, so the HTTP and JSON work of requests spreads over more cores."""
     torch_threads: int = 1
     """torch's intra-op threads (and dynembed's kernels'). Serving runs many small batches
     on several workers, where parallel ops only contend for cores (measured: 8x slower
@@ -97,11 +104,15 @@ class ServerConfig:
         for name in ("inference_address", "management_address", "metrics_address"):
             parse_address(getattr(self, name), name)
         for name in ("default_workers", "batch_size", "max_request_bytes",
-                     "response_timeout_s", "torch_threads"):
+                     "response_timeout_s", "torch_threads", "processes"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if self.max_batch_delay_ms < 0:
             raise ValueError(f"max_batch_delay_ms must be >= 0, got {self.max_batch_delay_ms}")
+        if self.processes > 1 and (sys.platform != "linux"
+                                   or not hasattr(socket, "SO_REUSEPORT")):
+            raise ValueError(f"processes={self.processes} needs Linux (SO_REUSEPORT); use "
+                             "processes=1 here")
         unknown = sorted(set(self.follow) - set(self.models))
         if unknown:
             raise ValueError(f"follow names models not in models: {unknown}")
@@ -150,10 +161,13 @@ class ModelServer:
 
     Args:
         config: the :class:`ServerConfig`.
+        replica: this is a replica process of a server with several (inference API only,
+            models given by the first process; :mod:`dynembed.serving.replicas`).
     """
 
-    def __init__(self, config: ServerConfig) -> None:
-        self.config = config
+    def __init__(self, config: ServerConfig, *, replica: bool = False) -> None:
+        self.config, self.replica = config, replica
+        self.replicas: Replicas | None = None
         torch.set_num_threads(config.torch_threads)
         set_num_threads(min(config.torch_threads, get_num_threads()))  # dynembed's kernels
         self.registry = Registry(config.model_store,
@@ -214,8 +228,10 @@ class ModelServer:
                 return
 
     async def _metrics(self, request: Request) -> Response:
-        return Response(generate_latest(self.metrics.registry),
-                        media_type=CONTENT_TYPE_LATEST)
+        body = generate_latest(self.metrics.registry)
+        if self.replicas is not None:
+            body = merged_metrics([body, *await self.replicas.metrics()])
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     # ------------------------------------------------------------------ models
     async def start_models(self) -> None:
@@ -236,16 +252,35 @@ class ModelServer:
                 raise ServingError(e.status, e.kind, f"model {name}={url}: {e.message}") \
                     from None
             logger.info("serving %s %s from %s", entry.name, entry.version, url)
+        if self.config.processes > 1 and not self.replica:
+            host, port = self.sockets["inference"].getsockname()[:2]
+            bound = dataclasses.replace(self.config, inference_address=f"[{host}]:{port}"
+                                        if ":" in host else f"{host}:{port}")
+            self.replicas = Replicas(bound, self.tokens.keys, self.config.processes - 1)
+            await self.replicas.start(self.registry)
+            self.registry.mirror = self.replicas.mirror
         for name, directory in self.config.follow.items():
             self._followers.append(asyncio.create_task(self._follow(name, Path(directory))))
 
     async def stop_models(self) -> None:
-        """Stops following, finishes accepted requests, stops the workers."""
+        """Stops following, finishes accepted requests, stops the workers and replicas."""
         for task in self._followers:
             task.cancel()
         await asyncio.gather(*self._followers, return_exceptions=True)
+        if self.replicas is not None:
+            await self.replicas.stop()
         await self.registry.close()
         self.tokens.remove_file()
+
+    async def refresh(self, name: str, checkpoint: str | Path) -> None:
+        """Serves the tables of ``checkpoint`` in every version of model ``name`` (and in
+        the replicas)."""
+        loop = asyncio.get_running_loop()
+        for entry in list(self.registry.models.get(name, {}).values()):
+            await loop.run_in_executor(None, entry.handler.refresh, checkpoint)
+            self.metrics.refreshes.labels(entry.name, entry.version).inc()
+        if self.replicas is not None:
+            await self.replicas.refresh(name, str(checkpoint))
 
     async def _follow(self, name: str, directory: Path) -> None:
         """Applies each newer checkpoint of ``directory`` to model ``name``'s tables."""
@@ -257,9 +292,7 @@ class ModelServer:
                     latest = await loop.run_in_executor(
                         None, lambda: CheckpointManager(directory).latest())
                     if latest is not None and latest != applied:
-                        for entry in list(self.registry.models.get(name, {}).values()):
-                            await loop.run_in_executor(None, entry.handler.refresh, latest)
-                            self.metrics.refreshes.labels(entry.name, entry.version).inc()
+                        await self.refresh(name, latest)
                         logger.info("model %s now serves the tables of %s", name, latest)
                         applied = latest
             except Exception:
@@ -267,17 +300,20 @@ class ModelServer:
             await asyncio.sleep(self.config.follow_interval_s)
 
     # ------------------------------------------------------------------ running
-    def bind(self) -> dict[str, tuple[str, int]]:
-        """Opens the three listening sockets (port 0 picks a free one); returns the
-        addresses by API."""
+    def bind(self, apis=("inference", "management", "metrics")) -> dict[str, tuple[str, int]]:
+        """Opens the APIs' listening sockets (port 0 picks a free one); returns the
+        addresses by API. With several processes the inference socket is opened with
+        ``SO_REUSEPORT``, which the replicas' sockets join."""
         out = {}
-        for api in ("inference", "management", "metrics"):
+        for api in apis:
             host, port = parse_address(getattr(self.config, f"{api}_address"), api)
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             # proto IPPROTO_TCP (not 0): asyncio sets TCP_NODELAY on accepted connections
             # only then; without it Nagle + delayed ACKs add ~40 ms to every response
             sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if api == "inference" and (self.config.processes > 1 or self.replica):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.bind((host, port))
             sock.listen(2048)
@@ -305,13 +341,15 @@ class ModelServer:
         if self._server is not None:
             self._server.should_exit = True
 
-    def run(self) -> None:
-        """Blocking :meth:`serve`, on uvloop where it is installed (its transports write
-        in C: measured 10-20% more requests/s than asyncio's loop under load)."""
+    def run(self, main=None) -> None:
+        """Blocking :meth:`serve` (or ``main()``), on uvloop where it is installed (its
+        transports write in C: measured 10-20% more requests/s than asyncio's loop under
+        load)."""
+        coroutine = self.serve() if main is None else main()
         try:
             import uvloop
         except ImportError:
-            asyncio.run(self.serve())
+            asyncio.run(coroutine)
         else:
-            uvloop.run(self.serve())
+            uvloop.run(coroutine)
 

@@ -38,6 +38,14 @@ def make_model(seed: int = 0):
     return coll, dense
 
 
+class Trained(nn.Module):
+    """A training job's model: its checkpoints name tables by path (embeddings.tables.*)."""
+
+    def __init__(self, coll, dense) -> None:
+        super().__init__()
+        self.embeddings, self.dense = coll, dense
+
+
 def examples(n: int, seed: int = 0, unseen: bool = False) -> list[dict]:
     """n request examples; ``unseen`` draws keys training never saw."""
     g = torch.Generator().manual_seed(seed)

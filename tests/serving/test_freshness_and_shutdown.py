@@ -8,10 +8,10 @@ import time
 import httpx
 import pytest
 import torch
-from torch import nn
 
 import dynembed as de
 from tests.serving.helpers import (
+    Trained,
     columns,
     examples,
     expected,
@@ -19,14 +19,6 @@ from tests.serving.helpers import (
     start_server,
     write_package,
 )
-
-
-class Trained(nn.Module):
-    """A training job's model: its checkpoints name tables by path (embeddings.tables.*)."""
-
-    def __init__(self, coll, dense) -> None:
-        super().__init__()
-        self.embeddings, self.dense = coll, dense
 
 
 def _load(url: str, batch: list[dict], stop: threading.Event, results: list) -> None:

@@ -1,0 +1,132 @@
+"""A server with several processes: replicas answer on the same port and follow every
+change made through the first process (real processes, real sockets)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+import time
+
+import httpx
+import pytest
+
+import dynembed as de
+from dynembed.serving import ServerConfig
+from tests.serving.helpers import (
+    Trained,
+    columns,
+    examples,
+    expected,
+    start_server,
+    write_package,
+)
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux",
+                                reason="several processes need Linux's SO_REUSEPORT")
+
+
+def _answers(url: str, batch: list[dict], connections: int = 40) -> list:
+    """(status, body) of one request on each of ``connections`` new connections (the
+    kernel spreads new connections over the processes)."""
+    out = []
+    for _ in range(connections):
+        response = httpx.post(url, json=batch, timeout=30)
+        out.append((response.status_code, response.json()))
+    return out
+
+
+def _requests_by_process(server) -> dict[str, float]:
+    text = httpx.get(server.metrics + "/metrics", timeout=30).text
+    counts: dict[str, float] = {}
+    for match in re.finditer(r'^dynembed_serving_requests_total\{(.*)\} (\S+)$', text, re.MULTILINE):
+        process = re.search(r'process="(\d+)"', match.group(1)).group(1)
+        counts[process] = counts.get(process, 0) + float(match.group(2))
+    return counts
+
+
+def _eventually(condition, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_replicas_share_the_port_and_follow_management_and_checkpoints(tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    coll, dense = write_package(store, version="1.0", seed=0)
+    coll2, dense2 = write_package(store, version="2.0", seed=1)
+    manager = de.checkpoint.CheckpointManager(tmp_path / "ckpt")
+    manager.save(1, Trained(coll, dense))  # the tables the package has
+    server = start_server(store, models={"ctr": "ctr-1.0"}, processes=2, batch_size=4,
+                          max_batch_delay_ms=1, follow={"ctr": str(tmp_path / "ckpt")},
+                          follow_interval_s=0.1)
+    batch = examples(5, seed=7)
+    url = server.inference + "/predictions/ctr"
+    try:
+        answers = _answers(url, batch)
+        assert {status for status, _ in answers} == {200}
+        for _, body in answers:
+            assert body == pytest.approx(expected(coll, dense, batch), rel=1e-6)
+        by_process = _requests_by_process(server)
+        assert set(by_process) == {"0", "1"} and sum(by_process.values()) == 40
+
+        # training goes on: every process serves the new checkpoint's tables
+        coll.train()
+        for step in range(3):
+            dense(coll(columns(batch), concat=True)).sub(1).pow(2).mean().backward()
+        manager.save(2, Trained(coll, dense))
+        want = expected(coll, dense, batch)
+        assert want != pytest.approx(answers[0][1], rel=1e-6)  # the tables moved
+        _eventually(lambda: all(body == pytest.approx(want, rel=1e-6)
+                                for _, body in _answers(url, batch)))
+
+        manage = lambda method, path, **params: httpx.request(
+            method, server.management + path, params=params, headers=server.token(),
+            timeout=60)
+        assert manage("POST", "/models", url="ctr-2.0").status_code == 200
+        assert manage("PUT", "/models/ctr/2.0/set-default").status_code == 200
+        for status, body in _answers(url, batch):
+            assert status == 200
+            assert body == pytest.approx(expected(coll2, dense2, batch), rel=1e-6)
+        assert manage("DELETE", "/models/ctr/1.0").status_code == 200
+        assert {status for status, _ in _answers(url + "/1.0", batch)} == {404}
+    finally:
+        server.stop()
+    assert not any(p.is_alive() for p in server.server.replicas._procs)  # stopped too
+
+
+def test_a_replica_that_dies_is_started_again_with_the_current_models(tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    write_package(store, version="1.0", seed=0)
+    coll2, dense2 = write_package(store, version="2.0", seed=1)
+    server = start_server(store, models={"ctr": "ctr-1.0"}, processes=2, batch_size=4,
+                          max_batch_delay_ms=1)
+    batch = examples(3, seed=2)
+    try:
+        response = httpx.post(server.management + "/models", params={"url": "ctr-2.0"},
+                              headers=server.token(), timeout=60)
+        assert response.status_code == 200  # registered after the replica started
+        replicas = server.server.replicas
+        old = replicas._procs[0]
+        os.kill(old.pid, signal.SIGKILL)
+        _eventually(lambda: replicas._procs[0] is not old and replicas._procs[0].is_alive())
+        answers = []
+        # every answer is right, and the new replica (once serving) answers some of them
+        _eventually(lambda: answers.extend(_answers(server.inference +
+                                                    "/predictions/ctr/2.0", batch, 10))
+                    or _requests_by_process(server).get("1", 0) > 0)
+        assert {status for status, _ in answers} == {200}
+        for _, body in answers:
+            assert body == pytest.approx(expected(coll2, dense2, batch), rel=1e-6)
+    finally:
+        server.stop()
+
+
+def test_processes_must_be_a_positive_int(tmp_path):
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="processes"):
+            ServerConfig(model_store=str(tmp_path), processes=bad)
