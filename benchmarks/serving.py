@@ -20,10 +20,13 @@ as JSON objects, Zipf keys, 1% of users and items unseen.
   authorization and per-request logs are off, as for dynembed.
 
 Both first answer the same 256 requests, checked against the reference scores. Each server
-gets the best of a small sweep of batching settings (``--sweep``: batch size / max delay
-pairs, measured at concurrency 64), one worker each (2 cores: a second worker was slower for
-both), torch on one thread. Then for each concurrency of ``--concurrency`` (1, 8, 64) the
-two servers take ``--duration`` seconds of closed-loop load each (``benchmarks.loadgen``:
+gets the best of a small sweep (``--sweep``: batch size / max delay / processes, measured at
+concurrency 64), torch on one thread. "Processes" is dynembed's ``--processes`` (event
+loops answering the port; the tables are read into memory at registration, ``--preload``,
+as the peer holds its rows in Python dicts) and TorchServe's backend workers (its Java
+frontend already uses every core for HTTP). Then for each concurrency of ``--concurrency``
+(1, 8, 64) the two servers take ``--duration`` seconds of closed-loop load each
+(``benchmarks.loadgen``:
 wrk with a Lua script if installed, else a Python client in its own process), alternating
 which goes first, ``--repeats`` times; the report has medians of requests/s and of p50/p99
 latency. Target: ``throughput_vs_torchserve_c64`` >= 2 with ``p99_vs_torchserve_c64`` <= 1.
@@ -55,20 +58,21 @@ from benchmarks.serving_peer.torchserve_peer import (
 )
 
 MODULE = "benchmarks.serving"
-SWEEP = ((8, 2), (32, 2), (64, 2))
+SWEEP = ((8, 2, 1), (32, 2, 1), (64, 2, 1), (32, 2, 2), (64, 2, 2))
+"""(batch size, max batch delay ms, processes) tried by each server."""
 
 
 class DynembedServer:
     """``dynembed serve`` in a child process on free loopback ports."""
 
     def __init__(self, store: Path, *, batch_size: int, max_batch_delay_ms: int,
-                 workers: int = 1) -> None:
+                 processes: int = 1, workers: int = 1) -> None:
         cmd = [sys.executable, "-m", "dynembed", "serve", "--model-store", str(store),
                "--models", "ctr=ctr-1.0", "--inference-address", "127.0.0.1:0",
                "--management-address", "127.0.0.1:0", "--metrics-address", "127.0.0.1:0",
                "--key-file", str(store.parent / "key_file.json"), "--workers", str(workers),
                "--batch-size", str(batch_size), "--max-batch-delay", str(max_batch_delay_ms),
-               "--preload"]
+               "--preload", "--processes", str(processes)]
         self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True)
         self.urls: dict[str, str] = {}
         self._lines: list[str] = []
@@ -119,27 +123,29 @@ def _load(url: str, bodies, concurrency: int, args) -> dict:
     return run_load(url, bodies, concurrency, args.duration, args.warmup)
 
 
-def _sweep(start, bodies, args, name: str) -> tuple[tuple[int, int], dict]:
-    """The batching setting with the most requests/s at concurrency 64."""
+def _sweep(start, bodies, args, name: str) -> tuple[tuple[int, int, int], dict]:
+    """The (batch size, delay, processes) setting with the most requests/s at concurrency
+    64."""
     best = None
-    for batch_size, delay in args.sweep:
-        with contextlib.closing(start(batch_size, delay)) as server:
+    for batch_size, delay, processes in args.sweep:
+        with contextlib.closing(start(batch_size, delay, processes)) as server:
             r = run_load(server.predict_url, bodies, 64, args.sweep_duration, args.warmup)
-        eprint(f"  {name} batch {batch_size} / {delay} ms: {r['requests_per_s']:,.0f} req/s, "
-               f"p99 {r['p99_ms']:.1f} ms, errors {r['errors']}")
+        eprint(f"  {name} batch {batch_size} / {delay} ms / {processes} processes: "
+               f"{r['requests_per_s']:,.0f} req/s, p99 {r['p99_ms']:.1f} ms, "
+               f"errors {r['errors']}")
         if r["errors"] == 0 and (best is None or r["requests_per_s"] > best[1]["requests_per_s"]):
-            best = ((batch_size, delay), r)
+            best = ((batch_size, delay, processes), r)
     if best is None:
         raise RuntimeError(f"{name}: every batching setting had errors")
     return best
 
 
-def _parse_sweep(text: str) -> list[tuple[int, int]]:
-    pairs = []
+def _parse_sweep(text: str) -> list[tuple[int, int, int]]:
+    settings = []
     for part in text.split(","):
-        size, _, delay = part.partition("/")
-        pairs.append((int(size), int(delay)))
-    return pairs
+        size, delay, *processes = part.split("/")
+        settings.append((int(size), int(delay), int(processes[0]) if processes else 1))
+    return settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, help="runs per server and concurrency (default 3, "
                                                 "quick 1)")
     ap.add_argument("--sweep", type=_parse_sweep,
-                    default=list(SWEEP), help="batch/delay_ms pairs tried (default 8/2,32/2,64/2)")
+                    default=list(SWEEP), help="batch/delay_ms/processes settings tried "
+                                              "(default 8/2/1,32/2/1,64/2/1,32/2/2,64/2/2)")
     ap.add_argument("--sweep-duration", type=float, default=None,
                     help="seconds per sweep run (default 5, quick 3)")
     ap.add_argument("--torchserve-venv", help="TorchServe venv (default ~/.cache/dynembed/...)")
@@ -182,14 +189,15 @@ def main(argv: list[str] | None = None) -> int:
         want = np.asarray(ctr_model.reference_scores(check, tables, ctr_model.make_dense(
             workload)), dtype=np.float64).ravel()
 
-        def start_dynembed(batch_size, delay):
-            server = DynembedServer(store, batch_size=batch_size, max_batch_delay_ms=delay)
+        def start_dynembed(batch_size, delay, processes):
+            server = DynembedServer(store, batch_size=batch_size, max_batch_delay_ms=delay,
+                                    processes=processes)
             server.close = server.stop
             return server
 
-        def start_peer(batch_size, delay):
+        def start_peer(batch_size, delay, workers):
             server = start_torchserve(mar, env, batch_size=batch_size,
-                                      max_batch_delay_ms=delay)
+                                      max_batch_delay_ms=delay, workers=workers)
             server.close = server.stop
             return server
 
@@ -259,10 +267,12 @@ def _report(argv, args, workload, levels, results, ours_cfg, peer_cfg, env, t_st
                        "warmup_s": args.warmup, "repeats": args.repeats,
                        "concurrency": levels, "load_engine": engine,
                        "dynembed_batching": {"batch_size": ours_cfg[0],
-                                             "max_batch_delay_ms": ours_cfg[1]},
+                                             "max_batch_delay_ms": ours_cfg[1],
+                                             "processes": ours_cfg[2]},
                        "torchserve_batching": {"batch_size": peer_cfg[0],
-                                               "max_batch_delay_ms": peer_cfg[1]},
-                       "sweep": args.sweep, "workers": 1,
+                                               "max_batch_delay_ms": peer_cfg[1],
+                                               "workers": peer_cfg[2]},
+                       "sweep": args.sweep, "model_workers": 1,
                        "workload": {"users": workload.n_users, "items": workload.n_items},
                        "torchserve": env.versions, "git_dirty": dirty,
                        "wall_s": round(time.perf_counter() - t_start, 1),
