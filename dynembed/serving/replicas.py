@@ -61,6 +61,11 @@ class Replicas:
         self._watcher: asyncio.Task | None = None
         self._stopping = False
 
+    @property
+    def processes(self) -> list:
+        """The replicas' current ``multiprocessing.Process`` objects (None: not started)."""
+        return list(self._procs)
+
     async def start(self, registry) -> None:
         """Starts every replica with ``registry``'s models and keeps them running.
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from dynembed.serving.batching import BatchStats
 from dynembed.serving.metrics import _LATENCY_BUCKETS, ArrayHistogram, ServingMetrics
+from dynembed.serving.replicas import merged_metrics
 
 
 def _samples(registry: CollectorRegistry, name: str) -> dict:
@@ -56,3 +58,20 @@ def test_serving_metrics_count_requests_and_batches():
     size = _samples(metrics.registry, "dynembed_serving_batch_size")
     assert size[("dynembed_serving_batch_size_bucket", (("le", "4.0"), *labels))] == 0
     assert size[("dynembed_serving_batch_size_bucket", (("le", "8.0"), *labels))] == 1
+
+
+def test_merged_metrics_label_each_process_and_keep_every_series():
+    texts = []
+    for requests in (3, 5):
+        metrics = ServingMetrics()
+        for _ in range(requests):
+            metrics.on_request("ctr", "1.0", 200, 0.002)
+        texts.append(generate_latest(metrics.registry))
+    families = {f.name: f for f in text_string_to_metric_families(
+        merged_metrics(texts).decode())}
+    counts = {s.labels["process"]: s.value
+              for s in families["dynembed_serving_requests"].samples
+              if s.name.endswith("_total")}
+    assert counts == {"0": 3, "1": 5}
+    latency = families["dynembed_serving_request_latency_seconds"]
+    assert {s.labels["process"] for s in latency.samples} == {"0", "1"}

@@ -40,7 +40,8 @@ def _answers(url: str, batch: list[dict], connections: int = 40) -> list:
 def _requests_by_process(server) -> dict[str, float]:
     text = httpx.get(server.metrics + "/metrics", timeout=30).text
     counts: dict[str, float] = {}
-    for match in re.finditer(r'^dynembed_serving_requests_total\{(.*)\} (\S+)$', text, re.MULTILINE):
+    series = r'^dynembed_serving_requests_total\{(.*)\} (\S+)$'
+    for match in re.finditer(series, text, re.MULTILINE):
         process = re.search(r'process="(\d+)"', match.group(1)).group(1)
         counts[process] = counts.get(process, 0) + float(match.group(2))
     return counts
@@ -95,7 +96,7 @@ def test_replicas_share_the_port_and_follow_management_and_checkpoints(tmp_path)
         assert {status for status, _ in _answers(url + "/1.0", batch)} == {404}
     finally:
         server.stop()
-    assert not any(p.is_alive() for p in server.server.replicas._procs)  # stopped too
+    assert not any(p.is_alive() for p in server.server.replicas.processes)  # stopped too
 
 
 def test_a_replica_that_dies_is_started_again_with_the_current_models(tmp_path):
@@ -111,9 +112,10 @@ def test_a_replica_that_dies_is_started_again_with_the_current_models(tmp_path):
                               headers=server.token(), timeout=60)
         assert response.status_code == 200  # registered after the replica started
         replicas = server.server.replicas
-        old = replicas._procs[0]
+        old = replicas.processes[0]
         os.kill(old.pid, signal.SIGKILL)
-        _eventually(lambda: replicas._procs[0] is not old and replicas._procs[0].is_alive())
+        _eventually(lambda: replicas.processes[0] is not old
+                    and replicas.processes[0].is_alive())
         answers = []
         # every answer is right, and the new replica (once serving) answers some of them
         _eventually(lambda: answers.extend(_answers(server.inference +
