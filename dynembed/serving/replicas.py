@@ -12,8 +12,11 @@ metrics APIs:
   unregister) and every checkpoint a follower applies is made in the replicas too, over a
   pipe to each, before the API answers (a registration that fails in a replica is undone);
 - ``/metrics`` shows every process's series, labelled ``process="0"`` .. ``"N-1"``;
-- a replica that dies is started again with the current models; a replica whose first
-  process is gone (the pipe closes) shuts itself down gracefully.
+- a replica that dies is started again with the current models (and the checkpoints
+  applied to them); changes made meanwhile reach it through that replay, so management
+  calls never wait for or fail on a replica that is down; a replica whose first process is
+  gone (the pipe closes) shuts itself down gracefully; replicas run in their own process
+  group, so a terminal's Ctrl-C reaches only the first process, which stops them.
 
 A replica starts empty, receives the current models over its pipe, and only then opens
 the port, so it never answers "model not found" for a model the server has.
@@ -41,6 +44,10 @@ _CALL_TIMEOUT_S = 600.0
 """Longest a replica may take for one command (a preloaded registration reads tables)."""
 
 
+class _Gone(ServingError):
+    """A replica did not answer: it died, or is stuck."""
+
+
 class Replicas:
     """The replica processes of a server (parent side).
 
@@ -57,6 +64,9 @@ class Replicas:
         self._procs: list = [None] * count
         self._pipes: list = [None] * count
         self._locks = [asyncio.Lock() for _ in range(count)]
+        self._serving = [False] * count
+        self._changes = asyncio.Lock()  # a change reaches a replica by mirror or by replay
+        self._checkpoints: dict[tuple[str, str], str] = {}  # applied per (model, version)
         self._registry = None
         self._watcher: asyncio.Task | None = None
         self._stopping = False
@@ -84,11 +94,16 @@ class Replicas:
         child_end.close()
         self._procs[i], self._pipes[i] = proc, parent_end
         registry = self._registry
-        for entry in registry.all_versions():
-            await self._call(i, "register", entry.url, entry.options())
-        for name, version in registry.defaults.items():
-            await self._call(i, "set_default", name, version)
-        await self._call(i, "serve")
+        async with self._changes:  # the models as they are now; later changes: mirror
+            for entry in registry.all_versions():
+                await self._call(i, "register", entry.url, entry.options())
+                checkpoint = self._checkpoints.get((entry.name, entry.version))
+                if checkpoint is not None:
+                    await self._call(i, "refresh", entry.name, checkpoint, entry.version)
+            for name, version in registry.defaults.items():
+                await self._call(i, "set_default", name, version)
+            await self._call(i, "serve")
+            self._serving[i] = True
         logger.info("replica %d (pid %d) serves %d model versions", i + 1, proc.pid,
                     len(registry.all_versions()))
 
@@ -101,6 +116,7 @@ class Replicas:
                     continue
                 logger.error("replica %d (pid %d) exited with code %s; starting it again",
                              i + 1, proc.pid, proc.exitcode)
+                self._serving[i] = False
                 async with self._locks[i]:
                     self._pipes[i].close()
                 try:
@@ -112,7 +128,8 @@ class Replicas:
         """Sends one command to replica ``i`` and returns its result.
 
         Raises:
-            ServingError: the replica failed the command, or is gone (500).
+            ServingError: the replica failed the command.
+            _Gone: the replica did not answer (500).
         """
         pipe = self._pipes[i]
 
@@ -126,38 +143,55 @@ class Replicas:
             try:
                 ok, result = await asyncio.get_running_loop().run_in_executor(None, exchange)
             except (OSError, EOFError, TimeoutError) as e:
-                raise ServingError(500, "InternalServerException",
-                                   f"replica process {i + 1} did not answer {command[0]}: "
-                                   f"{e}") from None
+                raise _Gone(500, "InternalServerException",
+                            f"replica process {i + 1} did not answer {command[0]}: "
+                            f"{e}") from None
         if not ok:
             status, kind, message = result
             raise ServingError(status, kind, f"replica process {i + 1}: {message}")
         return result
 
     async def mirror(self, operation: str, *args) -> None:
-        """Makes a registry change in every replica (the registry's ``mirror`` hook); a
-        registration is undone in the replicas that made it if another one failed."""
-        results = await asyncio.gather(*(self._call(i, operation, *args)
-                                         for i in range(self.count)),
+        """Makes a registry change in every serving replica (the registry's ``mirror``
+        hook); a registration is undone in the replicas that made it if another one failed.
+        A replica that is down gets the change when it is started again."""
+        async with self._changes:
+            await self._mirror(operation, *args)
+
+    async def _mirror(self, operation: str, *args) -> None:
+        serving = [i for i in range(self.count) if self._serving[i]]
+        results = await asyncio.gather(*(self._call(i, operation, *args) for i in serving),
                                        return_exceptions=True)
-        failed = [r for r in results if isinstance(r, BaseException)]
+        for i, result in zip(serving, results):
+            if isinstance(result, _Gone):  # died: the watcher replays the current state
+                logger.error("%s; it will get the current models when it starts again",
+                             result.message)
+                self._serving[i] = False
+        failed = [r for r in results if isinstance(r, BaseException)
+                  and not isinstance(r, _Gone)]
         if not failed:
             return
         if operation == "register":
             entry = args[1]
-            for i, result in enumerate(results):
+            for i, result in zip(serving, results):
                 if not isinstance(result, BaseException):
                     await self._call(i, "unregister", entry["name"], result)
         raise failed[0]
 
-    async def refresh(self, name: str, checkpoint: str) -> None:
-        """Applies a newer checkpoint to model ``name``'s tables in every replica."""
-        await self.mirror("refresh", name, checkpoint)
+    async def refresh(self, name: str, versions: list[str], checkpoint: str) -> None:
+        """Applies a newer checkpoint to these versions of model ``name`` in every
+        replica (and in replicas started later)."""
+        async with self._changes:
+            for version in versions:
+                self._checkpoints[(name, version)] = checkpoint
+                await self._mirror("refresh", name, checkpoint, version)
 
-    async def metrics(self) -> list[bytes]:
-        """Each replica's metrics, in the text format."""
-        return list(await asyncio.gather(*(self._call(i, "metrics")
-                                           for i in range(self.count))))
+    async def metrics(self) -> dict[int, bytes]:
+        """The serving replicas' metrics in the text format, by process number (1..)."""
+        serving = [i for i in range(self.count) if self._serving[i]]
+        results = await asyncio.gather(*(self._call(i, "metrics") for i in serving),
+                                       return_exceptions=True)
+        return {i + 1: r for i, r in zip(serving, results) if not isinstance(r, BaseException)}
 
     async def stop(self) -> None:
         """Stops the replicas gracefully (each finishes the requests it accepted)."""
@@ -181,11 +215,11 @@ class Replicas:
             pipe.close()
 
 
-def merged_metrics(texts: list[bytes]) -> bytes:
-    """One exposition of several processes' metrics, each series labelled with its
-    process's index in ``texts`` (``process="0"``, ...)."""
+def merged_metrics(texts: dict[int, bytes]) -> bytes:
+    """One exposition of several processes' metrics (text format, by process number), each
+    series labelled with its process (``process="0"``, ...)."""
     families: dict[str, object] = {}
-    for index, text in enumerate(texts):
+    for index, text in sorted(texts.items()):
         for family in text_string_to_metric_families(text.decode()):
             merged = families.get(family.name)
             if merged is None:
@@ -220,6 +254,7 @@ def replica_main(config, keys: dict, pipe, index: int) -> None:
 
     logging.basicConfig(level=logging.WARNING,
                         format=f"%(asctime)s replica {index} %(levelname)s %(message)s")
+    os.setpgrp()  # a terminal's Ctrl-C goes to the first process, which stops replicas
     config = dataclasses.replace(config, models={}, follow={}, processes=1, key_file=None)
     server = ModelServer(config, replica=True)
     server.tokens.keys = dict(keys)
@@ -282,8 +317,8 @@ class _Replica:
                 await registry.unregister(*args)
                 result = None
             elif operation == "refresh":
-                name, checkpoint = args
-                await self.server.refresh(name, checkpoint)
+                name, checkpoint, version = args
+                await self.server.refresh(name, checkpoint, versions=[version])
                 result = None
             elif operation == "metrics":
                 result = generate_latest(self.server.metrics.registry)

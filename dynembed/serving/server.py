@@ -230,7 +230,7 @@ class ModelServer:
     async def _metrics(self, request: Request) -> Response:
         body = generate_latest(self.metrics.registry)
         if self.replicas is not None:
-            body = merged_metrics([body, *await self.replicas.metrics()])
+            body = merged_metrics({0: body, **await self.replicas.metrics()})
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     # ------------------------------------------------------------------ models
@@ -272,15 +272,18 @@ class ModelServer:
         await self.registry.close()
         self.tokens.remove_file()
 
-    async def refresh(self, name: str, checkpoint: str | Path) -> None:
-        """Serves the tables of ``checkpoint`` in every version of model ``name`` (and in
-        the replicas)."""
+    async def refresh(self, name: str, checkpoint: str | Path,
+                      versions: list[str] | None = None) -> None:
+        """Serves the tables of ``checkpoint`` in model ``name``'s versions (all by
+        default), here and in the replicas."""
         loop = asyncio.get_running_loop()
-        for entry in list(self.registry.models.get(name, {}).values()):
+        entries = [e for e in list(self.registry.models.get(name, {}).values())
+                   if versions is None or e.version in versions]
+        for entry in entries:
             await loop.run_in_executor(None, entry.handler.refresh, checkpoint)
             self.metrics.refreshes.labels(entry.name, entry.version).inc()
         if self.replicas is not None:
-            await self.replicas.refresh(name, str(checkpoint))
+            await self.replicas.refresh(name, [e.version for e in entries], str(checkpoint))
 
     async def _follow(self, name: str, directory: Path) -> None:
         """Applies each newer checkpoint of ``directory`` to model ``name``'s tables."""

@@ -61,17 +61,17 @@ def test_serving_metrics_count_requests_and_batches():
 
 
 def test_merged_metrics_label_each_process_and_keep_every_series():
-    texts = []
-    for requests in (3, 5):
+    texts = {}
+    for process, requests in ((0, 3), (2, 5)):  # process 1 is down: not in the scrape
         metrics = ServingMetrics()
         for _ in range(requests):
             metrics.on_request("ctr", "1.0", 200, 0.002)
-        texts.append(generate_latest(metrics.registry))
+        texts[process] = generate_latest(metrics.registry)
     families = {f.name: f for f in text_string_to_metric_families(
         merged_metrics(texts).decode())}
     counts = {s.labels["process"]: s.value
               for s in families["dynembed_serving_requests"].samples
               if s.name.endswith("_total")}
-    assert counts == {"0": 3, "1": 5}
+    assert counts == {"0": 3, "2": 5}
     latency = families["dynembed_serving_request_latency_seconds"]
-    assert {s.labels["process"] for s in latency.samples} == {"0", "1"}
+    assert {s.labels["process"] for s in latency.samples} == {"0", "2"}

@@ -102,28 +102,43 @@ def test_replicas_share_the_port_and_follow_management_and_checkpoints(tmp_path)
 def test_a_replica_that_dies_is_started_again_with_the_current_models(tmp_path):
     store = tmp_path / "store"
     store.mkdir()
-    write_package(store, version="1.0", seed=0)
+    coll, dense = write_package(store, version="1.0", seed=0)
     coll2, dense2 = write_package(store, version="2.0", seed=1)
+    manager = de.checkpoint.CheckpointManager(tmp_path / "ckpt")
+    manager.save(1, Trained(coll, dense))
     server = start_server(store, models={"ctr": "ctr-1.0"}, processes=2, batch_size=4,
-                          max_batch_delay_ms=1)
+                          max_batch_delay_ms=1, follow={"ctr": str(tmp_path / "ckpt")},
+                          follow_interval_s=0.1)
     batch = examples(3, seed=2)
+    url = server.inference + "/predictions/ctr"
     try:
-        response = httpx.post(server.management + "/models", params={"url": "ctr-2.0"},
-                              headers=server.token(), timeout=60)
-        assert response.status_code == 200  # registered after the replica started
         replicas = server.server.replicas
         old = replicas.processes[0]
+        assert os.getpgid(old.pid) == old.pid  # its own group: Ctrl-C reaches the first
+        coll.train()  # a newer checkpoint, applied everywhere
+        dense(coll(columns(batch), concat=True)).sub(1).pow(2).mean().backward()
+        manager.save(2, Trained(coll, dense))
+        want = expected(coll, dense, batch)
+        _eventually(lambda: all(body == pytest.approx(want, rel=1e-6)
+                                for _, body in _answers(url, batch)))
+
         os.kill(old.pid, signal.SIGKILL)
+        # a change while the replica is down neither waits for it nor fails
+        response = httpx.post(server.management + "/models", params={"url": "ctr-2.0"},
+                              headers=server.token(), timeout=60)
+        assert response.status_code == 200
         _eventually(lambda: replicas.processes[0] is not old
                     and replicas.processes[0].is_alive())
-        answers = []
-        # every answer is right, and the new replica (once serving) answers some of them
-        _eventually(lambda: answers.extend(_answers(server.inference +
-                                                    "/predictions/ctr/2.0", batch, 10))
-                    or _requests_by_process(server).get("1", 0) > 0)
-        assert {status for status, _ in answers} == {200}
-        for _, body in answers:
-            assert body == pytest.approx(expected(coll2, dense2, batch), rel=1e-6)
+        answers, answers2 = [], []
+        # the new replica (once serving) answers some requests, with the newest checkpoint's
+        # tables for 1.0 and with 2.0, registered while it was down
+        _eventually(lambda: answers.extend(_answers(url + "/1.0", batch, 10))
+                    or answers2.extend(_answers(url + "/2.0", batch, 10))
+                    or _requests_by_process(server).get("1", 0) > 20)
+        assert {status for status, _ in answers + answers2} == {200}
+        for (_, body), (_, body2) in zip(answers, answers2):
+            assert body == pytest.approx(want, rel=1e-6)
+            assert body2 == pytest.approx(expected(coll2, dense2, batch), rel=1e-6)
     finally:
         server.stop()
 
