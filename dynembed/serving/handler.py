@@ -35,6 +35,9 @@ class InputError(DynembedError, ValueError):
     """A request's inputs do not fit the model (HTTP 400); the message says what and where."""
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
 def _check_key(value, kind: str, where: str) -> None:
     if kind == "int64":
         if isinstance(value, bool) or not isinstance(value, int) or not \
@@ -80,6 +83,10 @@ class EmbeddingModelHandler:
         self.embeddings = package.embeddings
         """The live tables; :meth:`refresh` swaps in newer ones between batches."""
         self.features = package.manifest["features"]
+        self._names = frozenset(self.features)
+        self._key_types = [(name, spec["pooling"] is not None,
+                            int if spec["type"] == "int64" else str)
+                           for name, spec in self.features.items()]
         self.transform = package.manifest["output"]["transform"]
         self._swap = threading.Lock()
         self.refreshes = 0
@@ -100,25 +107,49 @@ class EmbeddingModelHandler:
             raise InputError("the request must be a JSON object of feature -> keys, or a "
                              "non-empty list of them")
         for i, example in enumerate(examples):
-            if not isinstance(example, dict):
-                raise InputError(f"example {i} must be a JSON object of feature -> keys, got "
-                                 f"{type(example).__name__}")
-            missing = [f for f in self.features if f not in example]
-            unknown = [f for f in example if f not in self.features]
-            if missing or unknown:
-                raise InputError(f"example {i}: missing features {missing}, unknown features "
-                                 f"{unknown}; the model takes {list(self.features)}")
-            for name, spec in self.features.items():
-                value, where = example[name], f"example {i}, feature {name!r}"
-                if spec["pooling"] is None:
-                    _check_key(value, spec["type"], where)
-                else:
-                    if not isinstance(value, list):
-                        raise InputError(f"{where} is pooled: give a list of keys, got "
-                                         f"{value!r}")
-                    for j, key in enumerate(value):
-                        _check_key(key, spec["type"], f"{where}[{j}]")
+            if not self._plainly_valid(example):
+                self._check(i, example)  # raises, naming the example and feature
         return examples
+
+    def _plainly_valid(self, example) -> bool:
+        """True for an example of exactly the features, string keys where strings are
+        expected and lists where pooled (the common case, checked without per-feature
+        messages: this runs on the event loop for every request)."""
+        if type(example) is not dict or example.keys() != self._names:
+            return False
+        for name, pooled, key_type in self._key_types:
+            keys = example[name]
+            if pooled:
+                if type(keys) is not list or not all(type(k) is key_type for k in keys):
+                    return False
+                if key_type is int and keys and not (_INT64_MIN <= min(keys)
+                                                     and max(keys) <= _INT64_MAX):
+                    return False
+            elif type(keys) is not key_type or (key_type is int
+                                                and not _INT64_MIN <= keys <= _INT64_MAX):
+                return False
+        return True
+
+    def _check(self, i: int, example) -> None:
+        """Raises InputError for what is wrong with example ``i`` (if anything)."""
+        if not isinstance(example, dict):
+            raise InputError(f"example {i} must be a JSON object of feature -> keys, got "
+                             f"{type(example).__name__}")
+        missing = [f for f in self.features if f not in example]
+        unknown = [f for f in example if f not in self.features]
+        if missing or unknown:
+            raise InputError(f"example {i}: missing features {missing}, unknown features "
+                             f"{unknown}; the model takes {list(self.features)}")
+        for name, spec in self.features.items():
+            value, where = example[name], f"example {i}, feature {name!r}"
+            if spec["pooling"] is None:
+                _check_key(value, spec["type"], where)
+            else:
+                if not isinstance(value, list):
+                    raise InputError(f"{where} is pooled: give a list of keys, got "
+                                     f"{value!r}")
+                for j, key in enumerate(value):
+                    _check_key(key, spec["type"], f"{where}[{j}]")
 
     def _columns(self, examples: list[dict]) -> dict:
         columns = {}

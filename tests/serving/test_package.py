@@ -7,6 +7,8 @@ import shutil
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from dynembed.serving import (
@@ -15,6 +17,7 @@ from dynembed.serving import (
     export_package,
     open_package,
 )
+from dynembed.serving.handler import InputError
 from dynembed.serving.package import (
     BUILTIN_HANDLER,
     FORMAT,
@@ -236,3 +239,46 @@ def test_damaged_files_are_package_errors(exported, tmp_path):
     shutil.copy(exported / "dense.pt2", target / "dense.pt2")
     assert torch.equal(open_package(target).dense(torch.ones(2, 11)),
                        open_package(exported).dense(torch.ones(2, 11)))
+
+
+@pytest.fixture(scope="module")
+def mixed_handler(tmp_path_factory):
+    """A handler of int64 and string features, pooled and not."""
+    import dynembed as de
+
+    coll = de.EmbeddingCollection(
+        tables={"user": de.TableConfig(dim=2, seed=1), "word": de.TableConfig(dim=2, seed=2)},
+        features={"user": "user", "seen": de.FeatureConfig(table="user", pooling="sum"),
+                  "word": "word", "query": de.FeatureConfig(table="word", pooling="mean")})
+    path = export_package(tmp_path_factory.mktemp("mixed") / "p", embeddings=coll,
+                          dense=nn.Linear(8, 1), name="mixed",
+                          feature_types={"user": "int64", "seen": "int64"})
+    return EmbeddingModelHandler(open_package(path))
+
+
+_KEYS = st.one_of(st.integers(-(2**64), 2**64), st.sampled_from([-(2**63), 2**63 - 1, 2**63]),
+                  st.booleans(), st.floats(allow_nan=False), st.text(max_size=3), st.none())
+_VALUES = st.one_of(_KEYS, st.lists(_KEYS, max_size=4), st.lists(st.lists(_KEYS, max_size=2),
+                                                                   max_size=2))
+
+
+@settings(max_examples=400, deadline=None)
+@given(example=st.dictionaries(st.sampled_from(["user", "seen", "word", "query", "extra"]),
+                               _VALUES, max_size=5))
+def test_the_fast_validation_accepts_exactly_what_the_detailed_one_does(mixed_handler,
+                                                                         example):
+    try:
+        mixed_handler._check(0, example)
+        detailed = True
+    except InputError:
+        detailed = False
+    assert mixed_handler._plainly_valid(example) == detailed
+
+
+def test_validate_names_the_bad_example_and_feature(mixed_handler):
+    good = {"user": 1, "seen": [2, -(2**63)], "word": "a", "query": ["b", "c"]}
+    assert mixed_handler.validate([good, good]) == [good, good]
+    with pytest.raises(InputError, match=r"example 1, feature 'seen'\[1\]"):
+        mixed_handler.validate([good, {**good, "seen": [2, 2**63]}])
+    with pytest.raises(InputError, match=r"example 0, feature 'user'"):
+        mixed_handler.validate([{**good, "user": True}])
