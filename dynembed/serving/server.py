@@ -8,6 +8,9 @@ request it accepted (queued ones included), then stops the models' workers.
 A model can follow a training job's checkpoint directory (``follow``): when a newer
 checkpoint commits, it is opened lazily into new tables that replace the live ones between
 batches, so requests never fail or wait for it.
+
+With ``processes > 1`` replica processes answer the inference port too (see
+:mod:`dynembed.serving.replicas`); this process keeps the management and metrics APIs.
 """
 
 from __future__ import annotations
