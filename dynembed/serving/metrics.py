@@ -69,11 +69,7 @@ class ArrayHistogram(Collector):
 
     def add(self, labels: tuple[str, str], value: float) -> None:
         """Observes one value (counted at the next fold)."""
-        with self._lock:
-            pending = self._pending.setdefault(labels, [])
-            pending.append(value)
-            if len(pending) >= self.FOLD_AT:
-                self._fold(labels, pending)
+        self.add_many(labels, (value,))
 
     def add_many(self, labels: tuple[str, str], values) -> None:
         """Observes every value of ``values`` (a sequence of floats)."""

@@ -54,16 +54,27 @@ def _eventually(condition, timeout: float = 60) -> None:
         time.sleep(0.1)
 
 
-def test_replicas_share_the_port_and_follow_management_and_checkpoints(tmp_path):
+def _two_processes(tmp_path):
+    """A server of 2 processes serving ctr 1.0 (ctr 2.0 in the store, not registered),
+    following a checkpoint directory that holds the package's tables.
+
+    Returns:
+        (running server, checkpoint manager, (coll, dense) of 1.0, (coll, dense) of 2.0)
+    """
     store = tmp_path / "store"
     store.mkdir()
-    coll, dense = write_package(store, version="1.0", seed=0)
-    coll2, dense2 = write_package(store, version="2.0", seed=1)
+    v1, v2 = write_package(store, version="1.0", seed=0), write_package(store, version="2.0",
+                                                                       seed=1)
     manager = de.checkpoint.CheckpointManager(tmp_path / "ckpt")
-    manager.save(1, Trained(coll, dense))  # the tables the package has
+    manager.save(1, Trained(*v1))
     server = start_server(store, models={"ctr": "ctr-1.0"}, processes=2, batch_size=4,
                           max_batch_delay_ms=1, follow={"ctr": str(tmp_path / "ckpt")},
                           follow_interval_s=0.1)
+    return server, manager, v1, v2
+
+
+def test_replicas_share_the_port_and_follow_management_and_checkpoints(tmp_path):
+    server, manager, (coll, dense), (coll2, dense2) = _two_processes(tmp_path)
     batch = examples(5, seed=7)
     url = server.inference + "/predictions/ctr"
     try:
@@ -100,15 +111,7 @@ def test_replicas_share_the_port_and_follow_management_and_checkpoints(tmp_path)
 
 
 def test_a_replica_that_dies_is_started_again_with_the_current_models(tmp_path):
-    store = tmp_path / "store"
-    store.mkdir()
-    coll, dense = write_package(store, version="1.0", seed=0)
-    coll2, dense2 = write_package(store, version="2.0", seed=1)
-    manager = de.checkpoint.CheckpointManager(tmp_path / "ckpt")
-    manager.save(1, Trained(coll, dense))
-    server = start_server(store, models={"ctr": "ctr-1.0"}, processes=2, batch_size=4,
-                          max_batch_delay_ms=1, follow={"ctr": str(tmp_path / "ckpt")},
-                          follow_interval_s=0.1)
+    server, manager, (coll, dense), (coll2, dense2) = _two_processes(tmp_path)
     batch = examples(3, seed=2)
     url = server.inference + "/predictions/ctr"
     try:
