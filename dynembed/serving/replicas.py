@@ -25,7 +25,6 @@ the port, so it never answers "model not found" for a model the server has.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import multiprocessing
 import os
@@ -56,10 +55,12 @@ class Replicas:
             inference address bound (its real port).
         keys: the server's tokens (``Tokens.keys``), so replicas accept the same ones.
         count: replica processes to run.
+        target: the replica processes' main function, called as
+            ``target(config, keys, pipe, number)`` (module-level, for spawning).
     """
 
-    def __init__(self, config, keys: dict, count: int) -> None:
-        self.config, self.keys, self.count = config, keys, count
+    def __init__(self, config, keys: dict, count: int, target) -> None:
+        self.config, self.keys, self.count, self.target = config, keys, count, target
         self._context = multiprocessing.get_context("spawn")
         self._procs: list = [None] * count
         self._pipes: list = [None] * count
@@ -88,7 +89,7 @@ class Replicas:
 
     async def _start(self, i: int) -> None:
         parent_end, child_end = self._context.Pipe()
-        proc = self._context.Process(target=replica_main, name=f"dynembed-replica-{i + 1}",
+        proc = self._context.Process(target=self.target, name=f"dynembed-replica-{i + 1}",
                                      args=(self.config, self.keys, child_end, i + 1))
         proc.start()
         child_end.close()
@@ -247,22 +248,13 @@ class _Families(Collector):
 
 
 # ---------------------------------------------------------------------- replica side
-def replica_main(config, keys: dict, pipe, index: int) -> None:
-    """A replica process: applies the first process's commands, then serves the inference
-    API on the shared port until SIGTERM or until the first process is gone."""
-    from dynembed.serving.server import ModelServer  # the replica's own imports
+class ReplicaCommands:
+    """Runs the first process's commands in a replica's event loop (replica side).
 
-    logging.basicConfig(level=logging.WARNING,
-                        format=f"%(asctime)s replica {index} %(levelname)s %(message)s")
-    os.setpgrp()  # a terminal's Ctrl-C goes to the first process, which stops replicas
-    config = dataclasses.replace(config, models={}, follow={}, processes=1, key_file=None)
-    server = ModelServer(config, replica=True)
-    server.tokens.keys = dict(keys)
-    server.run(_Replica(server, pipe).main)
-
-
-class _Replica:
-    """Runs the first process's commands in a replica's event loop."""
+    Args:
+        server: the replica's :class:`~dynembed.serving.server.ModelServer`.
+        pipe: its end of the pipe to the first process.
+    """
 
     def __init__(self, server, pipe) -> None:
         self.server, self.pipe = server, pipe

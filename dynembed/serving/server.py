@@ -19,6 +19,7 @@ import asyncio
 import dataclasses
 import gc
 import logging
+import os
 import socket
 import sys
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ from dynembed.serving.inference_api import InferenceAPI, Limits
 from dynembed.serving.management_api import ManagementAPI
 from dynembed.serving.metrics import ServingMetrics
 from dynembed.serving.registry import Registry, ServingError
-from dynembed.serving.replicas import Replicas, merged_metrics
+from dynembed.serving.replicas import ReplicaCommands, Replicas, merged_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -259,7 +260,8 @@ class ModelServer:
             host, port = self.sockets["inference"].getsockname()[:2]
             bound = dataclasses.replace(self.config, inference_address=f"[{host}]:{port}"
                                         if ":" in host else f"{host}:{port}")
-            self.replicas = Replicas(bound, self.tokens.keys, self.config.processes - 1)
+            self.replicas = Replicas(bound, self.tokens.keys, self.config.processes - 1,
+                                     replica_main)
             await self.replicas.start(self.registry)
             self.registry.mirror = self.replicas.mirror
         for name, directory in self.config.follow.items():
@@ -359,3 +361,15 @@ class ModelServer:
         else:
             uvloop.run(coroutine)
 
+
+def replica_main(config: ServerConfig, keys: dict, pipe, number: int) -> None:
+    """A replica process's main (spawned by :class:`~dynembed.serving.replicas.Replicas`):
+    applies the first process's commands, then serves the inference API on the shared port
+    until SIGTERM or until the first process is gone."""
+    logging.basicConfig(level=logging.WARNING,
+                        format=f"%(asctime)s replica {number} %(levelname)s %(message)s")
+    os.setpgrp()  # a terminal's Ctrl-C goes to the first process, which stops replicas
+    config = dataclasses.replace(config, models={}, follow={}, processes=1, key_file=None)
+    server = ModelServer(config, replica=True)
+    server.tokens.keys = dict(keys)
+    server.run(ReplicaCommands(server, pipe).main)
