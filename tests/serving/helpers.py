@@ -126,3 +126,22 @@ def start_server(store: Path, **options) -> Running:
         raise RuntimeError("the server did not start within 60 s")
     return Running(server, thread, urls["inference"], urls["management"], urls["metrics"],
                    Path(config.key_file))
+
+
+def torchserve_error(response: httpx.Response, code: int, kind: str | None = None) -> str:
+    """The message of a TorchServe-shaped error ``{"code", "type", "message"}``, checking
+    the status, the shape and (if given) the type."""
+    assert response.status_code == code, response.text
+    body = response.json()
+    assert set(body) == {"code", "type", "message"} and body["code"] == code
+    if kind is not None:
+        assert body["type"] == kind, body
+    return body["message"]
+
+
+def eventually(condition, timeout: float = 20.0) -> None:
+    """Polls ``condition()`` until it is true; fails after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)

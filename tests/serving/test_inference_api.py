@@ -13,7 +13,13 @@ from torch import nn
 
 import dynembed as de
 from dynembed.serving import export_package
-from tests.serving.helpers import examples, expected, start_server, write_package
+from tests.serving.helpers import (
+    examples,
+    expected,
+    start_server,
+    torchserve_error,
+    write_package,
+)
 
 
 def _ids_model():
@@ -73,15 +79,6 @@ def _get(server, path: str) -> httpx.Response:
     return httpx.get(server.inference + path, timeout=30)
 
 
-def _torchserve_error(response: httpx.Response, code: int, kind: str | None = None) -> str:
-    assert response.status_code == code, response.text
-    body = response.json()
-    assert set(body) == {"code", "type", "message"} and body["code"] == code
-    if kind is not None:
-        assert body["type"] == kind
-    return body["message"]
-
-
 def _v2_error(response: httpx.Response, code: int) -> str:
     assert response.status_code == code, response.text
     body = response.json()
@@ -118,11 +115,11 @@ def test_predictions_refuse_bad_inputs_naming_the_feature(server):
              ({**good, "tags": ["t1", 2]}, "tags"),                               # key in list
              ([good, {**good, "item": None}], "item")]                            # 2nd example
     for body, feature in cases:
-        message = _torchserve_error(_post(server, "/predictions/ctr", json=body), 400,
+        message = torchserve_error(_post(server, "/predictions/ctr", json=body), 400,
                                     "BadRequestException")
         assert repr(feature) in message or feature in message, (body, message)
     for body in ([], "text", 3, [1, 2]):
-        _torchserve_error(_post(server, "/predictions/ctr", json=body), 400)
+        torchserve_error(_post(server, "/predictions/ctr", json=body), 400)
 
 
 # ---------------------------------------------------------------------- KServe v1
@@ -134,8 +131,8 @@ def test_kserve_v1_predict_and_model_status(server):
     status = _get(server, "/v1/models/ctr")
     assert status.status_code == 200 and status.json() == {"name": "ctr", "ready": True}
     for body in ({"inputs": batch}, batch, {"instances": "x"}):
-        _torchserve_error(_post(server, "/v1/models/ctr:predict", json=body), 400)
-    message = _torchserve_error(_post(server, "/v1/models/ctr:predict",
+        torchserve_error(_post(server, "/v1/models/ctr:predict", json=body), 400)
+    message = torchserve_error(_post(server, "/v1/models/ctr:predict",
                                       json={"instances": [{"user": "u1"}]}), 400)
     assert "item" in message and "tags" in message
 
@@ -260,7 +257,7 @@ def test_an_unknown_model_is_404(server, method, path, v2):
     if v2:
         assert "nope" in _v2_error(response, 404)
     else:
-        assert "nope" in _torchserve_error(response, 404, "ModelNotFoundException")
+        assert "nope" in torchserve_error(response, 404, "ModelNotFoundException")
 
 
 @pytest.mark.parametrize("method, path, v2", [
@@ -272,7 +269,7 @@ def test_an_unknown_version_is_404(server, method, path, v2):
     body = _v2_body(_ids_examples(1)) if v2 else _ids_examples(1)
     response = httpx.request(method, server.inference + path, json=body, timeout=30)
     message = _v2_error(response, 404) if v2 else \
-        _torchserve_error(response, 404, "ModelVersionNotFoundException")
+        torchserve_error(response, 404, "ModelVersionNotFoundException")
     assert "9.9" in message and "ids" in message
 
 
@@ -285,7 +282,7 @@ def test_malformed_json_is_400(server, path, v2):
         response = _post(server, path, content=content,
                          headers={"content-type": "application/json"})
         message = _v2_error(response, 400) if v2 else \
-            _torchserve_error(response, 400, "BadRequestException")
+            torchserve_error(response, 400, "BadRequestException")
         assert "JSON" in message
 
 
@@ -306,10 +303,10 @@ def test_a_body_over_max_request_bytes_is_413(models, tmp_path):
         for path in ("/predictions/ctr", "/v1/models/ctr:predict"):
             body = big if path.startswith("/pred") else {"instances": big}
             response = httpx.post(small.inference + path, json=body, timeout=30)
-            assert "2000" in _torchserve_error(response, 413, "RequestEntityTooLargeException")
+            assert "2000" in torchserve_error(response, 413, "RequestEntityTooLargeException")
         streamed = httpx.post(small.inference + "/predictions/ctr", content=chunks(),
                               headers={"content-type": "application/json"}, timeout=30)
-        _torchserve_error(streamed, 413, "RequestEntityTooLargeException")
+        torchserve_error(streamed, 413, "RequestEntityTooLargeException")
         v2 = httpx.post(small.inference + "/v2/models/ctr/infer", timeout=30,
                         json={"inputs": [{"name": "item", "shape": [3000],
                                           "datatype": "BYTES", "data": ["i1"] * 3000}]})
@@ -322,15 +319,15 @@ def test_a_body_over_max_request_bytes_is_413(models, tmp_path):
 
 def test_unknown_paths_are_404_and_wrong_methods_405(server):
     for path in ("/nope", "/predictions", "/v2/models", "/v2/models/ctr/explain"):
-        message = _torchserve_error(_get(server, path), 404, "ResourceNotFoundException")
+        message = torchserve_error(_get(server, path), 404, "ResourceNotFoundException")
         assert path in message
     management = httpx.get(server.management + "/nope", headers=server.token())
-    _torchserve_error(management, 404, "ResourceNotFoundException")
+    torchserve_error(management, 404, "ResourceNotFoundException")
     for method, path in (("GET", "/predictions/ctr"), ("DELETE", "/predictions/ctr/1.0"),
                          ("POST", "/ping"), ("GET", "/v2/models/ctr/infer"),
                          ("POST", "/v2/health/live"), ("PUT", "/v1/models/ctr")):
         response = httpx.request(method, server.inference + path, timeout=30)
-        assert method in _torchserve_error(response, 405, "MethodNotAllowedException")
+        assert method in torchserve_error(response, 405, "MethodNotAllowedException")
 
 
 # ---------------------------------------------------------------------- batching

@@ -5,12 +5,17 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-import time
 
 import httpx
 import pytest
 
-from tests.serving.helpers import examples, start_server, write_package
+from tests.serving.helpers import (
+    eventually,
+    examples,
+    start_server,
+    torchserve_error,
+    write_package,
+)
 
 
 @pytest.fixture(scope="module")
@@ -80,22 +85,6 @@ def api(server):
     return Client(server)
 
 
-def _error(response: httpx.Response, code: int, kind: str | None = None) -> str:
-    assert response.status_code == code, response.text
-    body = response.json()
-    assert set(body) == {"code", "type", "message"} and body["code"] == code
-    if kind is not None:
-        assert body["type"] == kind, body
-    return body["message"]
-
-
-def _wait(condition, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 # ---------------------------------------------------------------------- register
 def test_register_synchronously(api):
     assert api.models() == []
@@ -131,23 +120,23 @@ def test_register_with_preload_reads_the_tables_into_memory(api):
 def test_register_asynchronously(api):
     response = api.register("ctr-1.0", synchronous="false", initial_workers=2)
     assert response.status_code == 202 and "status" in response.json()
-    _wait(lambda: "ctr" in api.models())
-    _wait(lambda: len(api.describe("ctr")[0]["workers"]) == 2)
+    eventually(lambda: "ctr" in api.models())
+    eventually(lambda: len(api.describe("ctr")[0]["workers"]) == 2)
     assert api.predict("ctr", examples(2)).status_code == 200
 
 
 def test_register_twice_is_409(api, store):
     assert api.register("ctr-1.0").status_code == 200
-    message = _error(api.register("ctr-1.0"), 409, "ConflictStatusException")
+    message = torchserve_error(api.register("ctr-1.0"), 409, "ConflictStatusException")
     assert "1.0" in message and "ctr" in message
     _copy(store / "ctr-1.0", store / "ctr-again")  # same name and version, other folder
-    _error(api.register("ctr-again"), 409, "ConflictStatusException")
+    torchserve_error(api.register("ctr-again"), 409, "ConflictStatusException")
     assert [d["modelUrl"] for d in api.describe("ctr/all")] == ["ctr-1.0"]
 
 
 def test_register_without_url_is_400(api):
-    assert "url" in _error(api("POST", "/models"), 400, "BadRequestException")
-    assert "url" in _error(api.register(""), 400, "BadRequestException")
+    assert "url" in torchserve_error(api("POST", "/models"), 400, "BadRequestException")
+    assert "url" in torchserve_error(api.register(""), 400, "BadRequestException")
     assert api.models() == []
 
 
@@ -164,9 +153,9 @@ def test_register_refuses_urls_outside_the_model_store(api, store, tmp_path):
         for url in ("../outside-1.0", str(outside), "ctr-1.0/../../outside-1.0", "link",
                     f"http://127.0.0.1:{port}/ctr.mar", f"https://127.0.0.1:{port}/x",
                     f"file://{outside}", "s3://bucket/ctr.mar", "/etc"):
-            message = _error(api.register(url), 400, "BadRequestException")
+            message = torchserve_error(api.register(url), 400, "BadRequestException")
             assert "model store" in message or "downloads" in message, (url, message)
-            _error(api.register(url, synchronous="false"), 400)
+            torchserve_error(api.register(url, synchronous="false"), 400)
         with pytest.raises(BlockingIOError):  # nothing tried to fetch a URL
             listener.accept()
     finally:
@@ -175,12 +164,12 @@ def test_register_refuses_urls_outside_the_model_store(api, store, tmp_path):
 
 
 def test_register_a_missing_package_is_404_and_a_bad_one_400(api, store):
-    assert "nope" in _error(api.register("nope"), 404, "ModelNotFoundException")
-    _error(api.register("nope", synchronous="false"), 404)
+    assert "nope" in torchserve_error(api.register("nope"), 404, "ModelNotFoundException")
+    torchserve_error(api.register("nope", synchronous="false"), 404)
     (store / "empty").mkdir()
-    assert "not a model package" in _error(api.register("empty"), 400)
+    assert "not a model package" in torchserve_error(api.register("empty"), 400)
     (store / "ctr-1.0" / "MANIFEST.json").write_text("{")
-    assert "JSON" in _error(api.register("ctr-1.0"), 400)
+    assert "JSON" in torchserve_error(api.register("ctr-1.0"), 400)
     assert api.models() == []
 
 
@@ -190,7 +179,7 @@ def test_register_with_bad_parameters_is_400(api):
                    {"max_batch_delay": "soon"}, {"response_timeout": "0"},
                    {"synchronous": "maybe"}, {"preload": "yes"}, {"model_name": "other"},
                    {"model_name": "../x"}):
-        message = _error(api.register("ctr-1.0", **params), 400, "BadRequestException")
+        message = torchserve_error(api.register("ctr-1.0", **params), 400, "BadRequestException")
         assert next(iter(params)) in message, (params, message)
     assert api.models() == []
 
@@ -216,7 +205,7 @@ def test_list_models_paginates(api):
     assert api("GET", "/models", next_page_token=9).json() == {"models": []}
     for params in ({"limit": "0"}, {"limit": "x"}, {"next_page_token": "-1"},
                    {"next_page_token": "abc"}):
-        _error(api("GET", "/models", **params), 400, "BadRequestException")
+        torchserve_error(api("GET", "/models", **params), 400, "BadRequestException")
 
 
 def test_describe_default_specific_and_all_versions(api):
@@ -234,9 +223,9 @@ def test_describe_default_specific_and_all_versions(api):
         set(worker)
     assert [d["modelVersion"] for d in api.describe("ctr/2.0")] == ["2.0"]
     assert [d["modelVersion"] for d in api.describe("ctr/all")] == ["1.0", "2.0"]
-    assert "nope" in _error(api("GET", "/models/nope"), 404, "ModelNotFoundException")
-    _error(api("GET", "/models/nope/all"), 404, "ModelNotFoundException")
-    assert "9.9" in _error(api("GET", "/models/ctr/9.9"), 404,
+    assert "nope" in torchserve_error(api("GET", "/models/nope"), 404, "ModelNotFoundException")
+    torchserve_error(api("GET", "/models/nope/all"), 404, "ModelNotFoundException")
+    assert "9.9" in torchserve_error(api("GET", "/models/ctr/9.9"), 404,
                            "ModelVersionNotFoundException")
 
 
@@ -257,13 +246,14 @@ def test_scale_workers_synchronously(api):
     assert (described["minWorkers"], described["maxWorkers"], len(described["workers"])) \
         == (2, 4, 2)
     assert api("PUT", "/models/ctr", min_worker=1, synchronous="true").status_code == 200
-    _wait(lambda: len(api.describe("ctr")[0]["workers"]) == 1)
+    eventually(lambda: len(api.describe("ctr")[0]["workers"]) == 1)
     assert api.predict("ctr", examples(3)).status_code == 200
     for params in ({"min_worker": "3", "max_worker": "2"}, {"min_worker": "0"},
                    {"min_worker": "x"}, {"synchronous": "sometimes"}):
-        _error(api("PUT", "/models/ctr", **params), 400, "BadRequestException")
-    _error(api("PUT", "/models/nope", min_worker=2), 404, "ModelNotFoundException")
-    _error(api("PUT", "/models/ctr/9.9", min_worker=2), 404, "ModelVersionNotFoundException")
+        torchserve_error(api("PUT", "/models/ctr", **params), 400, "BadRequestException")
+    torchserve_error(api("PUT", "/models/nope", min_worker=2), 404, "ModelNotFoundException")
+    torchserve_error(api("PUT", "/models/ctr/9.9", min_worker=2), 404,
+                     "ModelVersionNotFoundException")
 
 
 def test_scale_workers_asynchronously(api):
@@ -271,10 +261,10 @@ def test_scale_workers_asynchronously(api):
     response = api("PUT", "/models/ctr", min_worker=3)  # synchronous defaults to false
     assert response.status_code == 202
     assert response.json() == {"status": "Processing worker updates..."}
-    _wait(lambda: len(api.describe("ctr")[0]["workers"]) == 3)
+    eventually(lambda: len(api.describe("ctr")[0]["workers"]) == 3)
     assert api("PUT", "/models/ctr/1.0", min_worker=2,
                synchronous="false").status_code == 202
-    _wait(lambda: len(api.describe("ctr")[0]["workers"]) == 2)
+    eventually(lambda: len(api.describe("ctr")[0]["workers"]) == 2)
 
 
 # ---------------------------------------------------------------------- versions
@@ -291,8 +281,9 @@ def test_set_default_version_moves_predictions(api):
                                          '"ctr" to "2.0"'}
     assert api.predict("ctr", batch).json() == two
     assert api.describe("ctr")[0]["modelVersion"] == "2.0"
-    _error(api("PUT", "/models/ctr/9.9/set-default"), 404, "ModelVersionNotFoundException")
-    _error(api("PUT", "/models/nope/1.0/set-default"), 404, "ModelNotFoundException")
+    torchserve_error(api("PUT", "/models/ctr/9.9/set-default"), 404,
+                     "ModelVersionNotFoundException")
+    torchserve_error(api("PUT", "/models/nope/1.0/set-default"), 404, "ModelNotFoundException")
     assert api.predict("ctr", batch).json() == two
 
 
@@ -302,20 +293,20 @@ def test_unregister_versions(api):
     batch = examples(2)
     # the default version goes last (TorchServe: 403 while other versions exist)
     for path in ("/models/ctr", "/models/ctr/1.0"):
-        message = _error(api("DELETE", path), 403, "InvalidModelVersionException")
+        message = torchserve_error(api("DELETE", path), 403, "InvalidModelVersionException")
         assert "Cannot remove default version for model ctr" in message
     assert api.predict("ctr/1.0", batch).status_code == 200
     response = api("DELETE", "/models/ctr/2.0")
     assert response.status_code == 200 and response.json() == {
         "status": 'Model "ctr" unregistered'}
-    _error(api.predict("ctr/2.0", batch), 404, "ModelVersionNotFoundException")
-    _error(api("GET", "/models/ctr/2.0"), 404, "ModelVersionNotFoundException")
-    _error(api("DELETE", "/models/ctr/2.0"), 404, "ModelVersionNotFoundException")
+    torchserve_error(api.predict("ctr/2.0", batch), 404, "ModelVersionNotFoundException")
+    torchserve_error(api("GET", "/models/ctr/2.0"), 404, "ModelVersionNotFoundException")
+    torchserve_error(api("DELETE", "/models/ctr/2.0"), 404, "ModelVersionNotFoundException")
     assert [d["modelVersion"] for d in api.describe("ctr/all")] == ["1.0"]
     assert api("DELETE", "/models/ctr").status_code == 200  # the last, default, version
     assert api.models() == []
-    _error(api.predict("ctr", batch), 404, "ModelNotFoundException")
-    _error(api("DELETE", "/models/ctr"), 404, "ModelNotFoundException")
+    torchserve_error(api.predict("ctr", batch), 404, "ModelNotFoundException")
+    torchserve_error(api("DELETE", "/models/ctr"), 404, "ModelNotFoundException")
     assert api.register("ctr-2.0").status_code == 200  # and it can come back
     assert api.predict("ctr", batch).status_code == 200
 

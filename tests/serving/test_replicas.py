@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import sys
-import time
 
 import httpx
 import pytest
@@ -17,6 +16,7 @@ from dynembed.serving import ServerConfig
 from tests.serving.helpers import (
     Trained,
     columns,
+    eventually,
     examples,
     expected,
     start_server,
@@ -45,13 +45,6 @@ def _requests_by_process(server) -> dict[str, float]:
         process = re.search(r'process="(\d+)"', match.group(1)).group(1)
         counts[process] = counts.get(process, 0) + float(match.group(2))
     return counts
-
-
-def _eventually(condition, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
 
 
 def _two_processes(tmp_path):
@@ -92,8 +85,8 @@ def test_replicas_share_the_port_and_follow_management_and_checkpoints(tmp_path)
         manager.save(2, Trained(coll, dense))
         want = expected(coll, dense, batch)
         assert want != pytest.approx(answers[0][1], rel=1e-6)  # the tables moved
-        _eventually(lambda: all(body == pytest.approx(want, rel=1e-6)
-                                for _, body in _answers(url, batch)))
+        eventually(lambda: all(body == pytest.approx(want, rel=1e-6)
+                               for _, body in _answers(url, batch)), timeout=60)
 
         manage = lambda method, path, **params: httpx.request(
             method, server.management + path, params=params, headers=server.token(),
@@ -122,22 +115,22 @@ def test_a_replica_that_dies_is_started_again_with_the_current_models(tmp_path):
         dense(coll(columns(batch), concat=True)).sub(1).pow(2).mean().backward()
         manager.save(2, Trained(coll, dense))
         want = expected(coll, dense, batch)
-        _eventually(lambda: all(body == pytest.approx(want, rel=1e-6)
-                                for _, body in _answers(url, batch)))
+        eventually(lambda: all(body == pytest.approx(want, rel=1e-6)
+                               for _, body in _answers(url, batch)), timeout=60)
 
         os.kill(old.pid, signal.SIGKILL)
         # a change while the replica is down neither waits for it nor fails
         response = httpx.post(server.management + "/models", params={"url": "ctr-2.0"},
                               headers=server.token(), timeout=60)
         assert response.status_code == 200
-        _eventually(lambda: replicas.processes[0] is not old
-                    and replicas.processes[0].is_alive())
+        eventually(lambda: replicas.processes[0] is not old
+                   and replicas.processes[0].is_alive(), timeout=60)
         answers, answers2 = [], []
         # the new replica (once serving) answers some requests, with the newest checkpoint's
         # tables for 1.0 and with 2.0, registered while it was down
-        _eventually(lambda: answers.extend(_answers(url + "/1.0", batch, 10))
-                    or answers2.extend(_answers(url + "/2.0", batch, 10))
-                    or _requests_by_process(server).get("1", 0) > 20)
+        eventually(lambda: answers.extend(_answers(url + "/1.0", batch, 10))
+                   or answers2.extend(_answers(url + "/2.0", batch, 10))
+                   or _requests_by_process(server).get("1", 0) > 20, timeout=60)
         assert {status for status, _ in answers + answers2} == {200}
         for (_, body), (_, body2) in zip(answers, answers2):
             assert body == pytest.approx(want, rel=1e-6)

@@ -29,7 +29,13 @@ from dynembed.serving import (
 )
 from dynembed.serving.auth import Tokens
 from dynembed.serving.server import parse_address
-from tests.serving.helpers import Running, examples, start_server, write_package
+from tests.serving.helpers import (
+    Running,
+    examples,
+    start_server,
+    torchserve_error,
+    write_package,
+)
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +53,6 @@ def store(package, tmp_path):
     return folder
 
 
-def _error(response: httpx.Response, code: int, kind: str | None = None) -> str:
-    assert response.status_code == code, response.text
-    body = response.json()
-    assert set(body) == {"code", "type", "message"} and body["code"] == code
-    if kind is not None:
-        assert body["type"] == kind, body
-    return body["message"]
-
-
 # ---------------------------------------------------------------------- tokens
 def test_the_management_api_needs_its_token(store):
     running = start_server(store)
@@ -65,9 +62,9 @@ def test_the_management_api_needs_its_token(store):
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": key},
                         {"Authorization": f"Basic {key}"}, {"Authorization": "Bearer"},
                         {"Authorization": f"Bearer {key}x"}):
-            _error(httpx.get(url, headers=headers), 401, "InvalidKeyException")
-            _error(httpx.post(url, params={"url": "ctr-1.0"}, headers=headers), 401)
-            _error(httpx.delete(url + "/ctr", headers=headers), 401)
+            torchserve_error(httpx.get(url, headers=headers), 401, "InvalidKeyException")
+            torchserve_error(httpx.post(url, params={"url": "ctr-1.0"}, headers=headers), 401)
+            torchserve_error(httpx.delete(url + "/ctr", headers=headers), 401)
         assert running.server.registry.models == {}  # nothing happened
         assert httpx.get(url, headers=running.token()).status_code == 200
         assert httpx.post(url, params={"url": "ctr-1.0"},
@@ -112,7 +109,8 @@ def test_inference_authorization_when_turned_on(store):
         # health probes stay open (they carry no data; Kubernetes calls them without a token)
         for probe in ("/ping", "/v2/health/live", "/v2/health/ready"):
             assert httpx.get(running.inference + probe).status_code == 200
-        _error(httpx.get(running.inference + "/v2/models/ctr"), 401, "InvalidKeyException")
+        torchserve_error(httpx.get(running.inference + "/v2/models/ctr"), 401,
+                         "InvalidKeyException")
         keys = json.loads(running.key_file.read_text())
         assert set(keys) == {"management", "inference"}
         assert keys["management"]["key"] != keys["inference"]["key"]
@@ -124,12 +122,12 @@ def test_inference_authorization_when_turned_on(store):
                  ("/v2/models/ctr/infer", v2)]
         for path, body in calls:
             url = running.inference + path
-            _error(httpx.post(url, json=body), 401, "InvalidKeyException")
-            _error(httpx.post(url, json=body, headers=running.token("management")), 401)
+            torchserve_error(httpx.post(url, json=body), 401, "InvalidKeyException")
+            torchserve_error(httpx.post(url, json=body, headers=running.token("management")), 401)
             assert httpx.post(url, json=body,
                               headers=running.token("inference")).status_code == 200
-        _error(httpx.get(running.management + "/models", headers=running.token("inference")),
-               401)
+        torchserve_error(httpx.get(running.management + "/models",
+                                   headers=running.token("inference")), 401)
         assert httpx.get(running.management + "/models",
                          headers=running.token()).status_code == 200
     finally:
@@ -220,7 +218,7 @@ def test_a_custom_handler_is_refused_unless_allowed(store):
         try:
             response = httpx.post(running.management + "/models",
                                   params={"url": "custom-1.0"}, headers=running.token())
-            message = _error(response, 400, "BadRequestException")
+            message = torchserve_error(response, 400, "BadRequestException")
             assert "custom handler" in message and "allow" in message
             assert running.server.registry.models == {}
         finally:
@@ -262,7 +260,7 @@ def test_a_malformed_custom_handler_is_400_even_when_allowed(store):
         for k, (handler, problem) in enumerate(cases):
             response = httpx.post(running.management + "/models",
                                   params={"url": f"custom-{k}"}, headers=running.token())
-            assert problem in _error(response, 400, "BadRequestException"), handler
+            assert problem in torchserve_error(response, 400, "BadRequestException"), handler
         assert not (store / "imported").exists()
         assert running.server.registry.models == {}
     finally:
@@ -343,7 +341,7 @@ def test_a_hostile_package_is_refused_by_the_server(store, tmp_path):
         for k in range(len(HOSTILE)):
             response = httpx.post(running.management + "/models", params={"url": f"evil-{k}"},
                                   headers=running.token(), timeout=30)
-            assert "dense.pt2" in _error(response, 400, "BadRequestException")
+            assert "dense.pt2" in torchserve_error(response, 400, "BadRequestException")
         assert running.server.registry.models == {}
         assert not marker.exists()
         # the untouched package still loads and serves
