@@ -16,7 +16,7 @@ from hypothesis.stateful import (
 )
 
 from dynembed.kernels.gather import segment_sum
-from dynembed.kernels.hash_index import unique_inverse
+from dynembed.kernels.hash_index import _dedup, unique_inverse
 from dynembed.table.index import EMPTY, HashIndex
 
 MASK64 = (1 << 64) - 1
@@ -339,6 +339,16 @@ def test_unique_inverse_large_and_empty():
     assert np.array_equal(inverse, exp[1]) and np.array_equal(counts, exp[2])
     unique, inverse, counts = unique_inverse(np.empty(0, dtype=np.int64))
     assert unique.shape == inverse.shape == counts.shape == (0,)
+
+
+def test_dedup_with_a_wide_position_table():
+    """Batches of 2**31 keys or more get an int64 position table; the kernel must give the
+    same answer with it (too large to build here, so the kernel is called directly)."""
+    rng = np.random.default_rng(1)
+    ids = rng.integers(-300, 300, size=5_000).astype(np.int64)
+    wide = _dedup(ids, np.full(16_384, EMPTY, dtype=np.int64))
+    for got, expected in zip(wide, unique_inverse(ids)):
+        assert got.dtype == np.int64 and np.array_equal(got, expected)
 
 
 # ----------------------------------------------------------------------------- segment_sum
