@@ -136,7 +136,7 @@ class ManagementAPI:
             entries = sorted(self.registry.models[name].values(), key=lambda v: v.version)
         else:
             entries = [self.registry.get(name, version)]
-        return JSONResponse([e.describe() for e in entries])
+        return JSONResponse([self.registry.describe(e) for e in entries])
 
     @_handles_errors
     async def scale(self, request: Request) -> Response:

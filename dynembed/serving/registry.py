@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,11 +62,19 @@ class ModelVersion:
                 "response_timeout_s": self.response_timeout_s, "preload": self.preload,
                 "loaded_at_startup": self.loaded_at_startup}
 
-    def describe(self) -> dict:
-        """TorchServe's describe-model entry."""
-        workers = [{"id": f"{self.name}-{self.version}-{i}", "startTime": self.registered,
-                    "status": "READY", "memoryUsage": 0, "pid": 0, "gpu": False,
-                    "gpuUsage": "N/A"} for i in range(self.batcher.workers)]
+    def describe(self, pids: list[int]) -> dict:
+        """TorchServe's describe-model entry.
+
+        Args:
+            pids: the processes serving this version (the first process, then its
+                replicas); each runs this version's workers, so each worker is listed with
+                its process's id and resident memory.
+        """
+        workers = [{"id": f"{self.name}-{self.version}-{k * self.batcher.workers + i}",
+                    "startTime": self.registered, "status": "READY",
+                    "memoryUsage": resident_bytes(pid), "pid": pid, "gpu": False,
+                    "gpuUsage": "N/A"}
+                   for k, pid in enumerate(pids) for i in range(self.batcher.workers)]
         return {"modelName": self.name, "modelVersion": self.version, "modelUrl": self.url,
                 "runtime": "python", "minWorkers": self.min_workers,
                 "maxWorkers": self.max_workers, "batchSize": self.batch_size,
@@ -74,6 +83,15 @@ class ModelVersion:
                 "workers": workers,
                 "jobQueueStatus": {"remainingCapacity": 0, "pendingRequests":
                                    self.batcher.pending}}
+
+
+def resident_bytes(pid: int) -> int:
+    """Resident memory of process ``pid`` in bytes (Linux ``/proc``), 0 where unknown."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 class Registry:
@@ -101,6 +119,14 @@ class Registry:
         self.defaults: dict[str, str] = {}
         self._lock = asyncio.Lock()
         self.mirror = None
+        self.replica_pids = list
+        """Returns the pids of the replica processes serving now (a server with several
+        processes sets it); describe lists their workers too."""
+
+    def describe(self, entry: ModelVersion) -> dict:
+        """TorchServe's describe-model entry of ``entry``, with the workers of every
+        serving process."""
+        return entry.describe([os.getpid(), *self.replica_pids()])
 
     def resolve_url(self, url: str) -> Path:
         """The package directory ``url`` names inside the model store.

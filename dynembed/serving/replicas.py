@@ -77,6 +77,11 @@ class Replicas:
         """The replicas' current ``multiprocessing.Process`` objects (None: not started)."""
         return list(self._procs)
 
+    def serving_pids(self) -> list[int]:
+        """Process ids of the replicas that serve now (started, given the models, alive)."""
+        return [proc.pid for proc, serving in zip(self._procs, self._serving)
+                if serving and proc is not None and proc.is_alive()]
+
     async def start(self, registry) -> None:
         """Starts every replica with ``registry``'s models and keeps them running.
 

@@ -264,6 +264,7 @@ class ModelServer:
                                      replica_main)
             await self.replicas.start(self.registry)
             self.registry.mirror = self.replicas.mirror
+            self.registry.replica_pids = self.replicas.serving_pids
         for name, directory in self.config.follow.items():
             self._followers.append(asyncio.create_task(self._follow(name, Path(directory))))
 

@@ -77,6 +77,16 @@ def test_replicas_share_the_port_and_follow_management_and_checkpoints(tmp_path)
             assert body == pytest.approx(expected(coll, dense, batch), rel=1e-6)
         by_process = _requests_by_process(server)
         assert set(by_process) == {"0", "1"} and sum(by_process.values()) == 40
+        # describe lists the workers of both processes
+        [described] = httpx.get(server.management + "/models/ctr", headers=server.token(),
+                                timeout=30).json()
+        workers = described["workers"]
+        pids = [w["pid"] for w in workers]
+        replica = server.server.replicas.processes[0].pid
+        assert sorted(set(pids)) == sorted({os.getpid(), replica})
+        assert pids.count(os.getpid()) == pids.count(replica) >= 1
+        assert len({w["id"] for w in workers}) == len(workers)
+        assert all(w["memoryUsage"] > 0 for w in workers)
 
         # training goes on: every process serves the new checkpoint's tables
         coll.train()
@@ -132,6 +142,10 @@ def test_a_replica_that_dies_is_started_again_with_the_current_models(tmp_path):
                    or answers2.extend(_answers(url + "/2.0", batch, 10))
                    or _requests_by_process(server).get("1", 0) > 20, timeout=60)
         assert {status for status, _ in answers + answers2} == {200}
+        described = httpx.get(server.management + "/models/ctr/all", headers=server.token(),
+                              timeout=30).json()
+        assert {w["pid"] for d in described for w in d["workers"]} == {
+            os.getpid(), replicas.processes[0].pid}  # the new replica, not the killed one
         for (_, body), (_, body2) in zip(answers, answers2):
             assert body == pytest.approx(want, rel=1e-6)
             assert body2 == pytest.approx(expected(coll2, dense2, batch), rel=1e-6)
