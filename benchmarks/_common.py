@@ -435,6 +435,15 @@ def run_phase(name: str, workdir: Path, run: Callable[[Phase], None]) -> int:
     return rc
 
 
+def child_env(extra: dict | None = None) -> dict:
+    """This process's environment plus ``extra``, with the repository root first on
+    ``PYTHONPATH`` so a child process imports ``benchmarks`` and ``dynembed`` from here."""
+    env = dict(os.environ, **(extra or {}))
+    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"]
+                                          if env.get("PYTHONPATH") else "")
+    return env
+
+
 def spawn_phase(module: str, name: str, workdir: Path, timeout: float) -> dict:
     """Parent side: runs ``python -m <module> --_phase <name> --_workdir <workdir>`` in the
     repository root, echoes its output to stderr, and returns the results it wrote.
@@ -445,8 +454,7 @@ def spawn_phase(module: str, name: str, workdir: Path, timeout: float) -> dict:
     count as its own. A child that timed out (it is killed) or exited non-zero without
     recording an error gets ``info["error"]``, with the last lines of its output.
     """
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env = child_env()
     cmd = [sys.executable, "-m", module, "--_phase", name, "--_workdir", str(workdir)]
     t = time.perf_counter()
     busy0, own0 = cpu_busy_seconds(), own_cpu_seconds()

@@ -113,6 +113,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import os
 import shutil
@@ -132,12 +133,14 @@ from benchmarks._common import (
     add_harness_args,
     build_report,
     check_quiet_at_start,
+    child_env,
     eprint,
     evaluate_target,
     fmt_rate,
     loadavg,
     metric_row,
     parse_phases,
+    ratio_of,
     record_run_options,
     report_footer,
     report_header,
@@ -236,9 +239,7 @@ def launch(nproc: int, worker_args: list[str], *, log_dir: Path, timeout: float,
                "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0",
                f"--monitor-interval={MONITOR_INTERVAL}", f"--log-dir={log_dir}",
                "--redirects=3", "-m", WORKER, *worker_args]
-    env = dict(os.environ, **TORCHRUN_ENV, **(env_extra or {}))
-    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"]
-                                          if env.get("PYTHONPATH") else "")
+    env = child_env({**TORCHRUN_ENV, **(env_extra or {})})
     t = time.perf_counter()
     with open(log_dir / "launcher.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log,
@@ -301,9 +302,15 @@ def _make_click_log(cfg: dict, folder: Path) -> Path:
     return data
 
 
-def _common_args(cfg: dict) -> list[str]:
-    return ["--dim", str(cfg["dim"]), "--batch", str(cfg["batch"]), "--seed", str(cfg["seed"]),
-            "--timeout", str(cfg["collective_timeout"])]
+def _common_args(cfg: dict, dim: int | None = None) -> list[str]:
+    return ["--dim", str(dim or cfg["dim"]), "--batch", str(cfg["batch"]),
+            "--seed", str(cfg["seed"]), "--timeout", str(cfg["collective_timeout"])]
+
+
+def _payload_bytes(dim: int) -> int:
+    """Bytes a remote key costs on the wire: its request plus its row there and its
+    gradient back."""
+    return REQUEST_BYTES + 2 * 4 * dim
 
 
 # ============================================================================================
@@ -362,7 +369,7 @@ def phase_throughput(p: Phase) -> None:
         # each rank's distinct keys live on the other rank with probability (W-1)/W
         remote = p.metrics["rank_unique_keys_per_step"] / 2
         p.metrics["bytes_per_remote_key"] = p.metrics["bytes_per_step"] / remote
-        p.info.update(runs=runs, payload_bytes_per_remote_key=REQUEST_BYTES + 2 * 4 * cfg["dim"],
+        p.info.update(runs=runs, payload_bytes_per_remote_key=_payload_bytes(cfg["dim"]),
                       keys_per_sample=per_sample)
         p.log(f"1 process {fmt_rate(p.metrics['samples_per_s_1proc']).strip()} samples, "
               f"2 processes {fmt_rate(p.metrics['samples_per_s_2proc']).strip()}, 2 x 1 thread "
@@ -473,8 +480,7 @@ def phase_first_step(p: Phase, n: int) -> None:
         args = ["--mode", "first_step", "--ckpt", str(ckpt), "--out", str(out),
                 "--scratch", str(folder), "--rows", str(n),
                 "--restarts", str(cfg["restarts"]), "--timed-steps", str(cfg["timed_steps"]),
-                "--dim", str(cfg["first_step_dim"]), "--batch", str(cfg["batch"]),
-                "--seed", str(cfg["seed"]), "--timeout", str(cfg["collective_timeout"])]
+                *_common_args(cfg, cfg["first_step_dim"])]
         r = _run(p, f"first step {label}", 2, args, out)
         res = json.loads((out / "first_step.json").read_text())
         recs = {m: [x for x in res["records"] if x["mode"] == m] for m in ("warm", "cold")}
@@ -605,11 +611,7 @@ def build_config(args) -> dict:
 
 
 def compute_ratios(metrics: dict, cfg: dict) -> tuple[dict, dict]:
-    def ratio(a, b):
-        x, y = metrics.get(a), metrics.get(b)
-        ok = isinstance(x, (int, float)) and isinstance(y, (int, float)) and y > 0
-        return x / y if ok else None
-
+    ratio = functools.partial(ratio_of, metrics)
     small, large = _label(min(cfg["sizes"])), _label(max(cfg["sizes"]))
     ratios = {
         "throughput_2_vs_1": ratio("samples_per_s_2proc", "samples_per_s_1proc"),
@@ -665,7 +667,7 @@ def render(report: dict) -> str:
                  f"{_ms(m.get(f'step_s_{name}'))}/step, of which rt.batch_indices "
                  f"{_ms(m.get(f'batch_indices_s_per_step_{name}'))}")
     L.append("2) Row exchange per step (2 processes; DDP's dense all-reduce not counted)")
-    payload = f"payload {REQUEST_BYTES + 8 * cfg['dim']} B"
+    payload = f"payload {_payload_bytes(cfg['dim'])} B"
     for label, text in (
             ("bytes exchanged per step (sum over ranks)",
              _num(m.get("bytes_per_step"), 2**20, ".2f", " MiB")),

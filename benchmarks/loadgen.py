@@ -132,6 +132,15 @@ def _percentile(sorted_values: list[float], q: float) -> float | None:
     return sorted_values[k]
 
 
+def _child_env() -> dict:
+    """This environment with the repository root first on ``PYTHONPATH`` (children run
+    ``-m benchmarks.loadgen``)."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
 def _run_child(cmd: list[str], timeout_s: float, **kw) -> tuple[subprocess.CompletedProcess,
                                                                  float, float]:
     """Runs ``cmd``; (completed process, its own CPU seconds, wall seconds). The CPU time
@@ -333,9 +342,7 @@ def _run_python(url: str, bodies: list[bytes], concurrency: int, duration_s: flo
         spec.write_text(json.dumps({"url": url, "bodies": str(bfile), "concurrency": concurrency,
                                     "duration_s": duration_s, "warmup_s": warmup_s,
                                     "headers": dict(headers), "timeout_s": timeout_s}))
-        env = dict(os.environ)
-        root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env = _child_env()
         done, cpu, wall = _run_child([sys.executable, "-m", "benchmarks.loadgen", "--_child",
                                       str(spec)], duration_s + warmup_s + timeout_s + 60,
                                      env=env)
@@ -483,9 +490,7 @@ def trivial_server() -> Iterator[str]:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env = _child_env()
     proc = subprocess.Popen([sys.executable, "-m", "benchmarks.loadgen", "--_serve",
                              str(port)], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
                             env=env, text=True)
