@@ -81,7 +81,7 @@ class FastPredictions:
                                         time.perf_counter() - started)
 
     async def _read(self, scope, receive):
-        limit = self.api.limits.max_request_bytes
+        limit = self.api.max_request_bytes
         for key, value in scope["headers"]:
             if key == b"content-length" and value.isdigit() and int(value) > limit:
                 raise ServingError(413, "RequestEntityTooLargeException",

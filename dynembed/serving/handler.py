@@ -41,7 +41,7 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 def _check_key(value, kind: str, where: str) -> None:
     if kind == "int64":
         if isinstance(value, bool) or not isinstance(value, int) or not \
-                -(2**63) <= value < 2**63:
+                _INT64_MIN <= value <= _INT64_MAX:
             raise InputError(f"{where} must be an int64 key, got {value!r}")
     elif not isinstance(value, str):
         raise InputError(f"{where} must be a string key, got {value!r}")
@@ -189,12 +189,9 @@ class EmbeddingModelHandler:
 
     def table_stats(self) -> dict:
         """Per table: lookups' hits, misses, default vectors served, rows loaded."""
-        out = {}
-        for name, table in self.embeddings.tables.items():
-            totals = table.stats().totals
-            out[name] = {"hits": totals.hits, "misses": totals.misses,
-                         "defaults_served": totals.defaults_served, "loaded": totals.loaded}
-        return out
+        return {name: {k: getattr(stats.totals, k)
+                       for k in ("hits", "misses", "defaults_served", "loaded")}
+                for name, stats in self.embeddings.stats().items()}
 
 
 def make_handler(package: Package, *, allow_custom: bool):

@@ -29,13 +29,6 @@ from dynembed.serving.handler import InputError
 from dynembed.serving.registry import ServingError, bad_request
 
 
-class Limits:
-    """Per-request limits of the inference API."""
-
-    def __init__(self, max_request_bytes: int) -> None:
-        self.max_request_bytes = max_request_bytes
-
-
 def error_response(e: ServingError, *, v2: bool = False) -> JSONResponse:
     if v2:
         return JSONResponse({"error": e.message}, status_code=e.status)
@@ -68,8 +61,18 @@ async def read_json(request: Request, limit: int):
 class InferenceAPI:
     """Routes of the inference API over a registry."""
 
-    def __init__(self, registry, metrics, limits: Limits) -> None:
-        self.registry, self.metrics, self.limits = registry, metrics, limits
+    def __init__(self, registry, metrics, max_request_bytes: int) -> None:
+        self.registry, self.metrics = registry, metrics
+        self.max_request_bytes = max_request_bytes
+
+    def _entry(self, request: Request):
+        """The model version a request's path names (its default version without one).
+
+        Raises:
+            ServingError: 404 for an unknown model or version.
+        """
+        return self.registry.get(request.path_params["model"],
+                                 request.path_params.get("version"))
 
     def routes(self) -> list[Route]:
         return [
@@ -105,29 +108,6 @@ class InferenceAPI:
                                f"model {entry.name} {entry.version} did not answer within "
                                f"{entry.response_timeout_s} s") from None
 
-    async def _serve(self, request: Request, body_to_examples, make_response, *,
-                     v2: bool = False) -> Response:
-        started = time.perf_counter()
-        name = request.path_params["model"]
-        entry, status = None, 500
-        try:
-            entry = self.registry.get(name, request.path_params.get("version"))
-            data = await read_json(request, self.limits.max_request_bytes)
-            examples, single = body_to_examples(data, entry)
-            results = await self._run(entry, examples)
-            status = 200
-            return make_response(results, single, entry, data)
-        except InputError as e:
-            status = 400
-            return error_response(bad_request(str(e)), v2=v2)
-        except ServingError as e:
-            status = e.status
-            return error_response(e, v2=v2)
-        finally:
-            if entry is not None:
-                self.metrics.on_request(entry.name, entry.version, status,
-                                        time.perf_counter() - started)
-
     async def _fast_path_only(self, request: Request) -> Response:
         # POST/PUT to these paths are answered by fast_path.FastPredictions before the
         # router; the routes exist so that other methods get TorchServe's 405.
@@ -135,7 +115,7 @@ class InferenceAPI:
 
     async def kserve_status(self, request: Request) -> Response:
         try:
-            entry = self.registry.get(request.path_params["model"])
+            entry = self._entry(request)
         except ServingError as e:
             return error_response(e)
         return JSONResponse({"name": entry.name, "ready": True})
@@ -152,8 +132,7 @@ class InferenceAPI:
 
     async def v2_metadata(self, request: Request) -> Response:
         try:
-            entry = self.registry.get(request.path_params["model"],
-                                      request.path_params.get("version"))
+            entry = self._entry(request)
         except ServingError as e:
             return error_response(e, v2=True)
         manifest = entry.handler.package.manifest
@@ -170,14 +149,32 @@ class InferenceAPI:
 
     async def v2_model_ready(self, request: Request) -> Response:
         try:
-            entry = self.registry.get(request.path_params["model"],
-                                      request.path_params.get("version"))
+            entry = self._entry(request)
         except ServingError as e:
             return error_response(e, v2=True)
         return JSONResponse({"name": entry.name, "ready": True})
 
     async def v2_infer(self, request: Request) -> Response:
-        return await self._serve(request, _v2_examples, _v2_response, v2=True)
+        """Open Inference Protocol predictions (the TorchServe-style paths are answered by
+        :class:`~dynembed.serving.fast_path.FastPredictions`)."""
+        started = time.perf_counter()
+        entry, status = None, 500
+        try:
+            entry = self._entry(request)
+            data = await read_json(request, self.max_request_bytes)
+            results = await self._run(entry, _v2_examples(data, entry))
+            status = 200
+            return _v2_response(results, entry, data)
+        except InputError as e:
+            status = 400
+            return error_response(bad_request(str(e)), v2=True)
+        except ServingError as e:
+            status = e.status
+            return error_response(e, v2=True)
+        finally:
+            if entry is not None:
+                self.metrics.on_request(entry.name, entry.version, status,
+                                        time.perf_counter() - started)
 
 
 _V2_INTS = frozenset(("INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32",
@@ -228,7 +225,7 @@ def _v2_rows(tensor: dict, pooled: bool | None, where: str) -> list:
     return [data[k * shape[1]:(k + 1) * shape[1]] for k in range(shape[0])]
 
 
-def _v2_examples(data, entry) -> tuple[list, bool]:
+def _v2_examples(data, entry) -> list[dict]:
     """Open Inference Protocol tensors (one per feature, first dimension = examples) ->
     examples."""
     if not isinstance(data, dict) or not isinstance(data.get("inputs"), list) or \
@@ -263,10 +260,10 @@ def _v2_examples(data, entry) -> tuple[list, bool]:
         if missing or unknown:
             raise bad_request(f"missing inputs {missing}, unknown inputs {unknown}; the model "
                               f"takes {list(features)}")
-    return [{name: values[k] for name, values in columns.items()} for k in range(n)], False
+    return [{name: values[k] for name, values in columns.items()} for k in range(n)]
 
 
-def _v2_response(results, single, entry, data) -> Response:
+def _v2_response(results, entry, data) -> Response:
     array = np.asarray(results, dtype=np.float32)
     return JSONResponse({"model_name": entry.name, "model_version": entry.version,
                          "id": str(data.get("id") or uuid.uuid4()),

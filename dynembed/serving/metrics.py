@@ -89,8 +89,7 @@ class ArrayHistogram(Collector):
         counts += np.bincount(np.searchsorted(self.bounds, values, side="left"),
                               minlength=len(counts))
         self._sums[labels] += float(values.sum())
-        if labels in self._pending:
-            self._pending[labels] = []
+        self._pending[labels] = []
 
     def collect(self):
         family = HistogramMetricFamily(self.name, self.documentation,

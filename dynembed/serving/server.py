@@ -38,7 +38,7 @@ from dynembed.kernels._threads import get_num_threads, set_num_threads
 from dynembed.serving.auth import Tokens
 from dynembed.serving.fast_path import FastPredictions
 from dynembed.serving.http_protocol import CoalescingHttpProtocol
-from dynembed.serving.inference_api import InferenceAPI, Limits
+from dynembed.serving.inference_api import InferenceAPI
 from dynembed.serving.management_api import ManagementAPI
 from dynembed.serving.metrics import ServingMetrics
 from dynembed.serving.registry import Registry, ServingError
@@ -185,7 +185,7 @@ class ModelServer:
                     "response_timeout_s": config.response_timeout_s,
                     "preload": config.preload}
         errors = {404: _not_found, 405: _bad_method}
-        api = InferenceAPI(self.registry, self.metrics, Limits(config.max_request_bytes))
+        api = InferenceAPI(self.registry, self.metrics, config.max_request_bytes)
         inference = FastPredictions(Starlette(routes=api.routes(), exception_handlers=errors),
                                     api)
         management = Starlette(routes=ManagementAPI(self.registry, defaults).routes(),
