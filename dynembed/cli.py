@@ -171,6 +171,7 @@ def _add_export(commands) -> None:
 def _export(args) -> int:
     import importlib
 
+    from dynembed.checkpoint import manifest as mf
     from dynembed.checkpoint.api import load
     from dynembed.checkpoint.manager import CheckpointManager
     from dynembed.serving.package import export_package
@@ -180,7 +181,7 @@ def _export(args) -> int:
         raise ValueError(f"--factory must be module:function, got {args.factory!r}")
     model = getattr(importlib.import_module(module_name), function)()
     checkpoint = Path(args.checkpoint)
-    if not (checkpoint / "MANIFEST.json").exists():
+    if not (checkpoint / mf.MANIFEST).exists():
         latest = CheckpointManager(checkpoint).latest()
         if latest is None:
             raise ValueError(f"--checkpoint {checkpoint}: no checkpoint there")

@@ -15,11 +15,7 @@ import torch
 import torch.distributed as dist
 
 # torch 2.13 renamed all_gather_into_tensor (which now warns) to all_gather_single
-_all_gather_impl = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
-def _all_gather(out: torch.Tensor, tensor: torch.Tensor, group) -> None:
-    _all_gather_impl(out, tensor, group=group)
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 @dataclass
@@ -94,14 +90,14 @@ class Exchange:
         if sizes is None:
             gathered = torch.zeros(self.world_size, dtype=torch.int64)
             _all_gather(gathered, torch.tensor([rows.shape[0]], dtype=torch.int64),
-                        self.group)
+                        group=self.group)
             sizes = gathered.numpy()
             self._count(8 * (self.world_size - 1), 8 * (self.world_size - 1), payload=False)
         longest = int(sizes.max()) if sizes.shape[0] else 0
         padded = rows.new_zeros((longest, *rows.shape[1:]))
         padded[:rows.shape[0]] = rows
         out = rows.new_empty((self.world_size * longest, *rows.shape[1:]))
-        _all_gather(out, padded.contiguous(), self.group)
+        _all_gather(out, padded.contiguous(), group=self.group)
         keep = np.concatenate([np.arange(r * longest, r * longest + sizes[r])
                                for r in range(self.world_size)])
         row_bytes = padded[:1].numel() * padded.element_size() if padded.dim() > 1 else \

@@ -40,10 +40,38 @@ def _merge(ids: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     return unique, inverse, summed.astype(np.int64)
 
 
-def _cells(offsets: np.ndarray, entries: np.ndarray, dim: int) -> np.ndarray:
-    """Flat positions of the rows of ``entries`` in a buffer where entry k's row starts at
-    ``offsets[k]``: (len(entries) * dim,) int64."""
-    return (offsets[entries][:, None] + np.arange(dim)).ravel()
+class _Packing:
+    """Where each entry's row lies in a flat float32 buffer holding several tables' rows
+    back to back (entry k's row starts at ``offsets[k]``).
+
+    With one row width for every entry the buffer is a plain (entries, width) array and
+    rows move by row index; mixed widths need every float's position, which costs about
+    ten times as much (writing 65,536 rows of 64: 7.7 ms against 0.8 ms).
+
+    Args:
+        widths: (entries,) int64 row width of each entry, in buffer order.
+    """
+
+    def __init__(self, widths: np.ndarray) -> None:
+        self.offsets = np.concatenate([[0], np.cumsum(widths)])
+        self.size = int(self.offsets[-1])
+        self._uniform = bool(widths.size) and bool((widths == widths[0]).all())
+
+    def _cells(self, entries: np.ndarray, dim: int) -> np.ndarray:
+        return (self.offsets[entries][:, None] + np.arange(dim)).ravel()
+
+    def take(self, buf: np.ndarray, entries: np.ndarray, dim: int) -> np.ndarray:
+        """(len(entries), dim) rows of ``entries`` (all of width ``dim``) from ``buf``."""
+        if self._uniform:
+            return buf.reshape(-1, dim)[entries]
+        return buf[self._cells(entries, dim)].reshape(-1, dim)
+
+    def put(self, buf: np.ndarray, entries: np.ndarray, rows: np.ndarray) -> None:
+        """Writes (len(entries), dim) ``rows`` as the rows of ``entries`` in ``buf``."""
+        if self._uniform:
+            buf.reshape(-1, rows.shape[1])[entries] = rows
+        else:
+            buf[self._cells(entries, rows.shape[1])] = rows.ravel()
 
 
 def _log_strings(lookup: Lookup) -> None:
@@ -170,8 +198,8 @@ class Router:
         # Owner: merge every rank's requests per table, look them up, pack the rows.
         got_table = got[:, 2]
         got_width = dims[got_table]
-        got_offsets = np.concatenate([[0], np.cumsum(got_width)])
-        packed = np.empty(int(got_offsets[-1]), dtype=np.float32)
+        got_packing = _Packing(got_width)
+        packed = np.empty(got_packing.size, dtype=np.float32)
         updates: list[tuple[int, _Update, np.ndarray]] = []
         for t, lk in enumerate(lookups):
             entries = np.flatnonzero(got_table == t)
@@ -183,8 +211,7 @@ class Router:
                     updates.append((t, _Update(lk.table, merged_ids, slots, inverse), entries))
             else:
                 owned = lk.table.read_unique(merged_ids, counts)
-            packed[_cells(got_offsets, entries, dims[t])] = \
-                take_rows(owned, inverse).numpy().ravel()
+            got_packing.put(packed, entries, take_rows(owned, inverse).numpy())
         source = np.repeat(np.arange(ex.world_size), recv)
         floats_back = np.bincount(source, weights=got_width, minlength=ex.world_size)
         floats_mine = np.bincount(owners[order], weights=dims[table_of[order]],
@@ -194,13 +221,13 @@ class Router:
 
         # Requester: unpack the rows in each table's id order.
         sent_table = table_of[order]
-        sent_offsets = np.concatenate([[0], np.cumsum(dims[sent_table])])
+        sent_packing = _Packing(dims[sent_table])
         rows, where = [], []
         for t, lk in enumerate(lookups):
             entries = np.flatnonzero(sent_table == t)
             position = order[entries] - starts[t]  # index into the lookup's ids
             block = np.empty((lk.ids.shape[0], dims[t]), dtype=np.float32)
-            block[position] = back[_cells(sent_offsets, entries, dims[t])].reshape(-1, dims[t])
+            block[position] = sent_packing.take(back, entries, dims[t])
             rows.append(torch.from_numpy(block))
             where.append((entries, position))
             if _trains(lk.table, training):
@@ -209,15 +236,14 @@ class Router:
             return rows
 
         def backward(grads) -> None:
-            flat = np.zeros(int(sent_offsets[-1]), dtype=np.float32)
+            flat = np.zeros(sent_packing.size, dtype=np.float32)
             for t, (entries, position) in enumerate(where):
                 if grads[t] is not None:
                     g = grads[t].detach().to(torch.float32).numpy()
-                    flat[_cells(sent_offsets, entries, dims[t])] = g[position].ravel()
+                    sent_packing.put(flat, entries, g[position])
             parts = ex.all_to_all(torch.from_numpy(flat), floats_mine, floats_back).numpy()
             for t, update, entries in updates:
-                cells = _cells(got_offsets, entries, dims[t])
-                update.apply(parts[cells].reshape(-1, dims[t]), self.grad_scale)
+                update.apply(got_packing.take(parts, entries, dims[t]), self.grad_scale)
 
         return list(_RoutedRows.apply(anchor, (rows, backward)))
 
@@ -236,14 +262,14 @@ class Router:
         everyone = everyone.numpy()
         source = np.repeat(np.arange(ex.world_size), per_rank)
         table_of = everyone[:, 2]
-        offsets = np.concatenate([[0], np.cumsum(dims[table_of])])
+        packing = _Packing(dims[table_of])
         rows, updates = [], []
         for t, lk in enumerate(lookups):
-            entries = np.flatnonzero(table_of == t)
-            merged_ids, inverse, counts = _merge(everyone[entries, 0], everyone[entries, 1])
             if not _trains(lk.table, training):  # a read-only replica: read locally
                 rows.append(lk.table.read_unique(lk.ids, lk.counts))
                 continue
+            entries = np.flatnonzero(table_of == t)
+            merged_ids, inverse, counts = _merge(everyone[entries, 0], everyone[entries, 1])
             slots = lk.table.lookup_slots(merged_ids, counts, insert=True)  # on every replica
             _log_strings(lk)
             mine = inverse[source[entries] == ex.rank]  # this rank's ids, in its order
@@ -256,7 +282,7 @@ class Router:
                              minlength=ex.world_size).astype(np.int64)
 
         def backward(grads) -> None:
-            flat = [np.zeros(0, dtype=np.float32)]
+            flat = []
             for t, lk in enumerate(lookups):
                 g = grads[t]
                 flat.append(np.zeros(sizes[t] * dims[t], dtype=np.float32) if g is None
@@ -264,7 +290,6 @@ class Router:
             parts, _ = ex.all_gather(torch.from_numpy(np.concatenate(flat)), sizes=floats)
             parts = parts.numpy()
             for t, update, entries in updates:
-                cells = _cells(offsets, entries, dims[t])
-                update.apply(parts[cells].reshape(-1, dims[t]), self.grad_scale)
+                update.apply(packing.take(parts, entries, dims[t]), self.grad_scale)
 
         return list(_RoutedRows.apply(anchor, (rows, backward)))

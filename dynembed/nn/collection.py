@@ -114,15 +114,15 @@ class EmbeddingCollection(TableModule):
             batch, bounds = to_jagged(value, hash_seed=seed, arg=arg)
         return batch, bounds
 
-    def _rows(self, by_table: dict) -> tuple[list[torch.Tensor], list[np.ndarray]]:
-        """Per table: rows and the row of each of its keys (features in order)."""
+    def _rows(self, by_table: dict) -> tuple[list[torch.Tensor], list[np.ndarray | None]]:
+        """Per table: rows and the row of each of its keys (features in order); None where
+        the rows are already one per key, in order."""
         ids_by_table = [np.concatenate([b.ids for _, b, _ in group])
                         for group in by_table.values()]
         tables = [self.tables[name] for name in by_table]
         if all((not self.training or t.read_only) and t.router is None for t in tables):
             # Reads need no dedup (as DynamicEmbedding's): probe every key, one gather.
-            return ([t.read(ids) for t, ids in zip(tables, ids_by_table)],
-                    [np.arange(ids.shape[0]) for ids in ids_by_table])
+            return [t.read(ids) for t, ids in zip(tables, ids_by_table)], [None] * len(tables)
         lookups, inverses = [], []
         for table, group, ids in zip(tables, by_table.values(), ids_by_table):
             strings = None
@@ -172,13 +172,17 @@ class EmbeddingCollection(TableModule):
             table = self.tables[table_name]
             start = 0
             for name, batch, bounds in group:
-                part = inverse[start:start + batch.ids.shape[0]]
-                start += batch.ids.shape[0]
+                stop = start + batch.ids.shape[0]
                 pooling = self.features[name].pooling
-                if pooling is None:
-                    outputs[name] = index_rows(rows, part).reshape(*batch.shape, table.dim)
-                else:
+                if pooling is not None:
+                    part = np.arange(start, stop) if inverse is None else inverse[start:stop]
                     outputs[name] = pool(rows, part, bounds, pooling, weights.get(name))
+                elif inverse is None:  # one row per key already: this feature's slice
+                    outputs[name] = rows[start:stop].reshape(*batch.shape, table.dim)
+                else:
+                    keyed = index_rows(rows, inverse[start:stop])
+                    outputs[name] = keyed.reshape(*batch.shape, table.dim)
+                start = stop
         ordered = {name: outputs[name] for name in self.features}
         if not concat:
             return ordered

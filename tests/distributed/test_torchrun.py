@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import numpy as np
 import torch
 
 from dynembed.checkpoint.manager import CheckpointManager
+from dynembed.testing.redis_server import free_port
 from dynembed.train.launch import TORCHRUN_ENV
 from dynembed.train.progress import read_progress
 from tests.distributed.helpers import (
@@ -171,9 +171,7 @@ def test_a_node_joining_scales_the_job_up_without_losing_a_step(tmp_path):
     alone; when the second joins, torchrun stops the workers (SIGTERM: they checkpoint),
     and the group of 2 resumes at that very step and finishes the job."""
     out, ckpt = tmp_path / "out", tmp_path / "ckpt"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2",
            "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
            "--rdzv-id=scale-up", "--rdzv-conf=last_call_timeout=1", "--max-restarts=3",
