@@ -736,6 +736,27 @@ def verdict(passed: bool | None) -> str:
     return "n/a" if passed is None else ("PASS" if passed else "FAIL")
 
 
+def _three_places(name: str, value: float) -> str:
+    return f"{value:.3f}"
+
+
+def targets_table(report: dict, others: list[str], note: str,
+                  fmt: Callable[[str, float], str] = _three_places) -> list[str]:
+    """The report's "Ratios and targets" lines: every target with its verdict, then the
+    ratios named in ``others`` (no target) marked ``note``; ``fmt(name, value)`` formats a
+    target's value."""
+    lines = [f"{'Ratios and targets':<52s} {'value':>10s}   {'target':>7s}   result"]
+    for name, t in report["targets"].items():
+        v = t["value"]
+        val = "-" if v is None else fmt(name, v)
+        lines.append(f"  {name:<50s} {val:>10s}   {t['target']:>7s}   {verdict(t['pass'])}")
+    for name in others:
+        v = report["ratios"].get(name)
+        lines.append(f"  {name:<50s} {'-' if v is None else f'{v:.3f}':>10s}   {'':>7s}   "
+                     f"{note}")
+    return lines
+
+
 def report_footer(report: dict, rule: int) -> list[str]:
     """The closing lines: targets passed/failed, the phases other processes disturbed,
     errors, and a closing rule ``rule`` characters wide."""

@@ -103,7 +103,7 @@ from benchmarks._common import (
     run_sizes,
     settle,
     splitmix64,
-    verdict,
+    targets_table,
     write_report,
 )
 
@@ -819,15 +819,9 @@ def render(report: dict) -> str:
                  f"({info.get('delta', {}).get('payload_bytes_per_row', '-')} B); chain "
                  f"restore {'ok' if info.get('delta', {}).get('chain_restore_ok') else 'FAILED'}")
     L.append("-" * W)
-    L.append(f"{'Ratios and targets':<52s} {'value':>10s}   {'target':>7s}   result")
-    for name, t in report["targets"].items():
-        v = t["value"]
-        val = "-" if v is None else (f"{v:.4f}" if name.startswith("first_lookup_s_")
-                                     else f"{v:.3f}")
-        L.append(f"  {name:<50s} {val:>10s}   {t['target']:>7s}   {verdict(t['pass'])}")
-    for name in REFERENCE_RATIOS:
-        v = report["ratios"].get(name)
-        L.append(f"  {name:<50s} {'-' if v is None else f'{v:.3f}':>10s}   {'':>7s}   (reference)")
+    L.extend(targets_table(report, list(REFERENCE_RATIOS), "(reference)",
+                           lambda name, v: f"{v:.4f}" if name.startswith("first_lookup_s_")
+                           else f"{v:.3f}"))
     L.extend(report_footer(report, W))
     return "\n".join(L)
 

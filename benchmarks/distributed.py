@@ -148,7 +148,7 @@ from benchmarks._common import (
     run_phases,
     run_sizes,
     splitmix64,
-    verdict,
+    targets_table,
     write_report,
     zipf_ranks,
 )
@@ -708,15 +708,8 @@ def render(report: dict) -> str:
                  f"{_secs(m.get(f'restore_warm_s_{lb}')):>9s} "
                  f"{_secs(m.get(f'first_step_warm_s_{lb}')):>9s}")
     L.append("-" * W)
-    L.append(f"{'Ratios and targets':<52s} {'value':>10s}   {'target':>7s}   result")
-    for name, t in report["targets"].items():
-        v = t["value"]
-        L.append(f"  {name:<50s} {'-' if v is None else f'{v:.3f}':>10s}   "
-                 f"{t['target']:>7s}   {verdict(t['pass'])}")
-    for name, v in report["ratios"].items():
-        if name not in report["targets"]:
-            L.append(f"  {name:<50s} {'-' if v is None else f'{v:.3f}':>10s}   {'':>7s}   "
-                     "(informational)")
+    L.extend(targets_table(report, [n for n in report["ratios"] if n not in report["targets"]],
+                           "(informational)"))
     L.extend(report_footer(report, W))
     return "\n".join(L)
 

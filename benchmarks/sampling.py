@@ -134,7 +134,7 @@ from benchmarks._common import (
     run_sizes,
     settle,
     splitmix64,
-    verdict,
+    targets_table,
     write_report,
     zipf_ranks,
 )
@@ -855,14 +855,7 @@ def render(report: dict) -> str:
             f"lr {r['lr']:g}: {r['best_valid']['recall@20']:.4f} at epoch {r['best_epoch']}"
             for r in runs) + f"; median epoch {_q(m.get('bpr_epoch_s'), 2)} s")
     L.append("-" * W)
-    L.append(f"{'Ratios and targets':<52s} {'value':>10s}   {'target':>7s}   result")
-    for name, t in report["targets"].items():
-        v = t["value"]
-        L.append(f"  {name:<50s} {'-' if v is None else f'{v:.3f}':>10s}   "
-                 f"{t['target']:>7s}   {verdict(t['pass'])}")
-    for name in REPORTED_RATIOS:
-        v = report["ratios"].get(name)
-        L.append(f"  {name:<50s} {'-' if v is None else f'{v:.3f}':>10s}   {'':>7s}   (reported)")
+    L.extend(targets_table(report, list(REPORTED_RATIOS), "(reported)"))
     L.extend(report_footer(report, W))
     return "\n".join(L)
 
