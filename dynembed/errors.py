@@ -58,7 +58,8 @@ class StoreFullError(StoreError):
 
 
 class StoreCorruptError(StoreError):
-    """A stored row does not decode: bad magic, unknown version, or the wrong size or dims."""
+    """A stored row does not decode (bad magic, unknown version, the wrong size or dims), or
+    the store's own files are damaged (e.g. a RocksDB block checksum mismatch)."""
 
 
 class CheckpointError(DynembedError):

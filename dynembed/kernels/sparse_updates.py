@@ -49,9 +49,15 @@ def _prefetch_ahead(weights, state, slots, i):
 @nb.njit(parallel=True, fastmath=True, cache=True)
 def sgd_update(weights, momentum_buf, slots, grads, lr, weight_decay, max_norm,
                momentum, dampening, nesterov):
-    """SGD with optional (lazy) momentum, as torch.optim.SGD on the touched rows."""
+    """SGD with optional (lazy) momentum, as torch.optim.SGD on the touched rows.
+
+    With dampening, ``momentum_buf`` has one more column than the weights: 0 until the row's
+    first update, which (as torch's first step) sets the buffer to the gradient undamped.
+    Without dampening a zero buffer gives the same first step, so no column is needed.
+    """
     # Inner loops run over 1-D row views: contiguous, so LLVM vectorises them.
     dim = weights.shape[1]
+    tracked = momentum_buf.shape[1] > dim
     for i in nb.prange(slots.shape[0]):
         _prefetch_ahead(weights, momentum_buf, slots, i)
         w = weights[slots[i]]
@@ -59,9 +65,14 @@ def sgd_update(weights, momentum_buf, slots, grads, lr, weight_decay, max_norm,
         scale = _clip_scale(grads, i, max_norm)
         if momentum != 0.0:
             buf = momentum_buf[slots[i]]
+            damp = _ONE - dampening
+            if tracked:
+                if buf[dim] == 0.0:
+                    damp = _ONE
+                buf[dim] = _ONE
             for j in range(dim):
                 g = g_row[j] * scale + weight_decay * w[j]
-                b = momentum * buf[j] + (_ONE - dampening) * g
+                b = momentum * buf[j] + damp * g
                 buf[j] = b
                 w[j] -= lr * (g + momentum * b if nesterov else b)
         else:

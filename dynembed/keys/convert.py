@@ -180,6 +180,9 @@ def _offsets_array(offsets, arg: str) -> np.ndarray:
         arr = np.asarray(offsets)
         if arr.size and arr.dtype.kind not in "iu":
             raise KeyInputError(f"{arg}: offsets must be integers, got {arr.dtype}")
+        if arr.dtype == np.uint64 and arr.size and arr.max() > np.iinfo(np.int64).max:
+            raise KeyValueError(f"{arg}: offsets must be positions into the values, got "
+                                f"{int(arr.max())}")
         arr = arr.astype(np.int64)
     if arr.ndim != 1:
         raise KeyValueError(f"{arg}: offsets must be 1-D, got shape {tuple(arr.shape)}")
@@ -210,9 +213,12 @@ def validate_offsets(offsets, n: int, *, include_last_offset: bool = False,
                                 f"equal the number of values ({n}), got {int(arr[-1])}")
         bounds = arr
     else:
+        if arr.size == 0 and n:
+            raise KeyValueError(f"{arg}: offsets is empty but there are {n} values, which "
+                                "would belong to no bag; give one offset per bag, starting "
+                                "with 0")
         bounds = np.append(arr, n)
     if bounds[0] != 0:
-        # Also catches empty offsets with values present, which would drop every value.
         raise KeyValueError(f"{arg}: the first offset must be 0 (the first bag starts at the "
                             f"first value), got {int(bounds[0])}")
     steps = np.diff(bounds)
@@ -222,6 +228,21 @@ def validate_offsets(offsets, n: int, *, include_last_offset: bool = False,
                             f"values ({n}); entry {bad + 1} ({int(bounds[bad + 1])}) is "
                             f"smaller than entry {bad} ({int(bounds[bad])})")
     return bounds
+
+
+def _check_array_bags(bags, arg: str) -> None:
+    """Raises unless every array or tensor bag is 1-D and not bool (torch.cat would flatten
+    a 2-D bag into the next bags' keys, and promote bools among int bags to ids)."""
+    for i, bag in enumerate(bags):
+        if isinstance(bag, (np.ndarray, torch.Tensor)):
+            if bag.ndim != 1:
+                raise KeyValueError(
+                    f"{arg}: bag {i} is a {bag.ndim}-D {type(bag).__name__} of shape "
+                    f"{tuple(bag.shape)}; each bag must be 1-D (one sample's keys). Flatten "
+                    "it, or pass a 2-D tensor as the whole batch for fixed-size bags")
+            if bag.dtype in (torch.bool, np.bool_):
+                raise KeyInputError(f"{arg}: bag {i} holds bools; keys must be integers "
+                                    "(int64 ids) or str/bytes. Use .long() if they are ids")
 
 
 def to_jagged(values, offsets=None, *, include_last_offset: bool = False,
@@ -261,10 +282,12 @@ def to_jagged(values, offsets=None, *, include_last_offset: bool = False,
             raise KeyInputError(f"{arg}: without offsets, bags must be given as a list of "
                                 "lists (one list of keys per sample), a 2-D tensor, or flat "
                                 "values with offsets=.")
+        if any(issubclass(t, (np.ndarray, torch.Tensor)) for t in bag_types):
+            _check_array_bags(values, arg)
         lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
         bounds = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
         if bag_types and all(issubclass(t, torch.Tensor) for t in bag_types):
-            flat = torch.cat([b.reshape(-1) for b in values]) if lengths.sum() else []
+            flat = torch.cat(values) if lengths.sum() else []
         else:
             flat = list(itertools.chain.from_iterable(values))
         return to_key_batch(flat, hash_seed=hash_seed, arg=arg), bounds

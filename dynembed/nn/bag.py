@@ -23,7 +23,7 @@ def check_mode(mode: str, arg: str = "mode") -> None:
 
 
 def pool(rows: torch.Tensor, inverse: np.ndarray, bounds: np.ndarray, mode: str,
-         per_sample_weights=None) -> torch.Tensor:
+         per_sample_weights=None, arg: str = "per_sample_weights") -> torch.Tensor:
     """Pools rows per bag with torch's fused kernel.
 
     Args:
@@ -32,6 +32,7 @@ def pool(rows: torch.Tensor, inverse: np.ndarray, bounds: np.ndarray, mode: str,
         bounds: (B + 1,) int64 bag boundaries.
         mode: "sum", "mean" or "max".
         per_sample_weights: optional (n,) float weights (mode "sum" only).
+        arg: the weights' name in error messages.
 
     Returns:
         (B, dim); empty bags give zeros.
@@ -41,17 +42,17 @@ def pool(rows: torch.Tensor, inverse: np.ndarray, bounds: np.ndarray, mode: str,
     """
     if per_sample_weights is not None:
         if mode != "sum":
-            raise ValueError(f"per_sample_weights needs mode='sum', got mode={mode!r}")
+            raise ValueError(f"{arg} needs mode='sum', got mode={mode!r}")
         per_sample_weights = torch.as_tensor(per_sample_weights)
         if not per_sample_weights.dtype.is_floating_point:
-            raise TypeError("per_sample_weights must be floating point, got "
-                            f"{per_sample_weights.dtype}")
+            raise TypeError(f"{arg} must be floating point, got {per_sample_weights.dtype}")
         if tuple(per_sample_weights.shape) != (inverse.shape[0],):
-            raise ValueError(f"per_sample_weights must have shape ({inverse.shape[0]},), one "
-                             f"weight per value, got {tuple(per_sample_weights.shape)}")
+            raise ValueError(f"{arg} must have shape ({inverse.shape[0]},), one weight per "
+                             f"value, got {tuple(per_sample_weights.shape)}")
         per_sample_weights = per_sample_weights.to(rows.dtype)
     if rows.shape[0] == 0:  # only empty bags: embedding_bag needs a non-empty weight
-        return rows.new_zeros((bounds.shape[0] - 1, rows.shape[1]))
+        # + rows.sum() (a zero) keeps the result in the graph, so backward() still works
+        return rows.new_zeros((bounds.shape[0] - 1, rows.shape[1])) + rows.sum()
     return F.embedding_bag(torch.from_numpy(inverse), rows, torch.from_numpy(bounds),
                            mode=mode, per_sample_weights=per_sample_weights,
                            include_last_offset=True)

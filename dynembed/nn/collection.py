@@ -85,6 +85,9 @@ class EmbeddingCollection(TableModule):
             self.tables[name] = spec
         if features is None:
             features = {name: FeatureConfig(table=name) for name in self.tables}
+        if not isinstance(features, Mapping):
+            raise TypeError("features must be a dict of feature name -> FeatureConfig or "
+                            f"table name (or None), got {type(features).__name__}")
         self.features: dict[str, FeatureConfig] = {}
         for name, spec in features.items():
             spec = FeatureConfig(table=spec) if isinstance(spec, str) else spec
@@ -133,6 +136,22 @@ class EmbeddingCollection(TableModule):
             inverses.append(inverse)
         return rows_for_many(lookups, self._anchor, training=self.training), inverses
 
+    def _check_weights(self, per_sample_weights) -> Mapping:
+        """The weights by feature; raises for names that are not pooled features."""
+        if per_sample_weights is None:
+            return {}
+        if not isinstance(per_sample_weights, Mapping):
+            raise TypeError("per_sample_weights must be a dict of feature name -> (n,) "
+                            f"weights, got {type(per_sample_weights).__name__}")
+        for name in per_sample_weights:
+            if name not in self.features:
+                raise KeyInputError(f"per_sample_weights[{name!r}]: no such feature; "
+                                    f"features are {list(self.features)}")
+            if self.features[name].pooling is None:
+                raise ValueError(f"per_sample_weights[{name!r}]: the feature is not pooled; "
+                                 "weights apply to features with pooling='sum'")
+        return per_sample_weights
+
     def forward(self, inputs: Mapping[str, object], *, concat: bool = False,
                 per_sample_weights: Mapping[str, torch.Tensor] | None = None):
         """Looks up every feature.
@@ -148,8 +167,10 @@ class EmbeddingCollection(TableModule):
             dict feature name -> tensor, or the concatenated (B, total_dim) tensor.
 
         Raises:
-            KeyInputError: a feature is missing or unknown, or its keys are bad.
-            ValueError: ``concat`` with outputs of different batch sizes or ranks.
+            KeyInputError: a feature is missing or unknown (in ``inputs`` or
+                ``per_sample_weights``), or its keys are bad.
+            ValueError: ``concat`` with outputs of different batch sizes or ranks; weights
+                for a feature that is not pooled with "sum", or of the wrong length.
         """
         if not isinstance(inputs, Mapping):
             raise KeyInputError(f"inputs must be a dict of feature name -> keys, got "
@@ -159,7 +180,7 @@ class EmbeddingCollection(TableModule):
         if missing or unknown:
             raise KeyInputError(f"inputs: missing features {missing}, unknown features "
                                 f"{unknown}; expected exactly {list(self.features)}")
-        weights = per_sample_weights or {}
+        weights = self._check_weights(per_sample_weights)
         by_table: dict[str, list[tuple[str, KeyBatch, np.ndarray | None]]] = {}
         for name, spec in self.features.items():
             table = self.tables[spec.table]
@@ -176,7 +197,8 @@ class EmbeddingCollection(TableModule):
                 pooling = self.features[name].pooling
                 if pooling is not None:
                     part = np.arange(start, stop) if inverse is None else inverse[start:stop]
-                    outputs[name] = pool(rows, part, bounds, pooling, weights.get(name))
+                    outputs[name] = pool(rows, part, bounds, pooling, weights.get(name),
+                                         arg=f"per_sample_weights[{name!r}]")
                 elif inverse is None:  # one row per key already: this feature's slice
                     outputs[name] = rows[start:stop].reshape(*batch.shape, table.dim)
                 else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +30,8 @@ class Adam(SparseOptimizer):
         super().__post_init__()
         check_positive("eps", self.eps)
         if (not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2
-                or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas)):
+                or not all(isinstance(b, numbers.Real) and not isinstance(b, bool) and 0 <= b < 1
+                            for b in self.betas)):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
 
     def state_width(self, dim: int) -> int:

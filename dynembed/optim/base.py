@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import abc
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
 
 
 def check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
-    """Raises ValueError naming ``name`` unless ``value`` is a finite number > 0 (or >= 0)."""
-    ok = isinstance(value, (int, float)) and math.isfinite(value)
+    """Raises ValueError naming ``name`` unless ``value`` is a finite number > 0 (or >= 0).
+
+    Python and numpy numbers count; bools do not (``lr=True`` is a mistake, not 1.0).
+    """
+    ok = (isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+          and math.isfinite(value))
     ok = ok and (value >= 0 if allow_zero else value > 0)
     if not ok:
         bound = ">= 0" if allow_zero else "> 0"

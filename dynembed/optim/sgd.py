@@ -31,12 +31,17 @@ class SGD(SparseOptimizer):
         if self.momentum >= 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
         check_positive("dampening", self.dampening, allow_zero=True)
+        if not isinstance(self.nesterov, bool):
+            raise TypeError(f"nesterov must be True or False, got {self.nesterov!r}")
         if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
             raise ValueError("nesterov=True needs momentum > 0 and dampening == 0; "
                              f"got momentum={self.momentum!r}, dampening={self.dampening!r}")
 
     def state_width(self, dim: int) -> int:
-        return dim if self.momentum else 0
+        # With dampening, one more value per row records whether its buffer has started.
+        if not self.momentum:
+            return 0
+        return dim + 1 if self.dampening else dim
 
     def apply(self, weights, state, slots, grads, step) -> None:
         f32 = np.float32

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import numbers
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,6 +68,11 @@ class EvictionPolicy:
         """(n,) bool rows to evict at a sweep even under the budget; None if never."""
         return None
 
+    @property
+    def expires(self) -> bool:
+        """Whether :meth:`expired` can ever name a row (scheduled sweeps need it)."""
+        return type(self).expired is not EvictionPolicy.expired
+
 
 @dataclass(frozen=True, kw_only=True)
 class LRU(EvictionPolicy):
@@ -88,11 +94,14 @@ class LFU(EvictionPolicy):
     """Rows below this score are expired at sweeps."""
 
     def __post_init__(self) -> None:
-        if self.half_life is not None and (not isinstance(self.half_life, (int, float))
-                                           or not self.half_life > 0):
+        if self.half_life is not None and (not isinstance(self.half_life, numbers.Real)
+                                           or isinstance(self.half_life, bool)
+                                           or not 0 < self.half_life < math.inf):
             raise ValueError(f"half_life must be None or a number of steps > 0, got "
                              f"{self.half_life!r}")
-        if self.min_score is not None and not isinstance(self.min_score, (int, float)):
+        if self.min_score is not None and (not isinstance(self.min_score, numbers.Real)
+                                           or isinstance(self.min_score, bool)
+                                           or math.isnan(self.min_score)):
             raise ValueError(f"min_score must be None or a number, got {self.min_score!r}")
 
     def scores(self, rows):
@@ -104,6 +113,10 @@ class LFU(EvictionPolicy):
 
     def expired(self, rows):
         return None if self.min_score is None else self.scores(rows) < self.min_score
+
+    @property
+    def expires(self) -> bool:
+        return self.min_score is not None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -163,3 +176,7 @@ class ScoreFunction(EvictionPolicy):
 
     def expired(self, rows):
         return None if self.min_score is None else self.scores(rows) < self.min_score
+
+    @property
+    def expires(self) -> bool:
+        return self.min_score is not None

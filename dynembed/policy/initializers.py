@@ -8,6 +8,7 @@ initial vector depends only on (seed, key), never on insertion order, process or
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +17,8 @@ from dynembed.kernels import init_rows as k
 
 
 def _finite(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or not math.isfinite(value):
+    if (not isinstance(value, numbers.Real) or isinstance(value, bool)
+            or not math.isfinite(value)):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
@@ -98,8 +100,10 @@ class Normal(Initializer):
 
     def __post_init__(self) -> None:
         _finite("mean", self.mean)
-        if self.std is not None and (not isinstance(self.std, (int, float)) or not self.std > 0):
-            raise ValueError(f"std must be a number > 0, got {self.std!r}")
+        if self.std is not None:
+            _finite("std", self.std)
+            if not self.std > 0:
+                raise ValueError(f"std must be a finite number > 0, got {self.std!r}")
 
     def _std(self, dim: int) -> float:
         return 1.0 / math.sqrt(dim) if self.std is None else float(self.std)

@@ -16,7 +16,12 @@ from itertools import islice
 import numpy as np
 import rocksdict
 
-from dynembed.errors import StoreError, StoreFullError, StoreLockedError
+from dynembed.errors import (
+    StoreCorruptError,
+    StoreError,
+    StoreFullError,
+    StoreLockedError,
+)
 from dynembed.storage.base import EmbeddingStore
 from dynembed.storage.rows import decode_ids, encode_ids
 
@@ -26,13 +31,19 @@ _ROW_KEY_BYTES = 8
 
 def _translate(name: str, action: str, exc: Exception) -> StoreError:
     text = str(exc)
-    if "lock" in text.lower():
+    # RocksDB's own words: "While lock file: <dir>/LOCK: ..." (a bare "lock" would also
+    # match "block checksum mismatch", which is corruption).
+    if "lock file" in text or "/LOCK" in text:
         return StoreLockedError(
             f"{name}: cannot {action}: the directory is locked by another process or another "
             f"open store in this one ({text}); close the other user or pick another path")
     if "No space left" in text or "ENOSPC" in text:
         return StoreFullError(f"{name}: cannot {action}: the disk is full ({text}); free "
                               "space or move the store to a larger volume")
+    if text.startswith("Corruption") or "Corruption:" in text:
+        return StoreCorruptError(
+            f"{name}: cannot {action}: RocksDB found damaged files ({text}); restore the "
+            "directory from a backup, or load the table's last checkpoint over a new store")
     return StoreError(f"{name}: cannot {action}: {text}")
 
 

@@ -136,9 +136,14 @@ class TableConfig:
                                       or value <= 0):
                 raise ValueError(f"{name} must be an int > 0" + (
                     "" if name == "sweep_rows" else " or None") + f", got {value!r}")
-        if self.evict_every is not None and self.eviction is None:
-            raise ValueError("evict_every needs an eviction policy that expires rows, "
-                             "e.g. eviction=de.policy.TTL(steps=10_000)")
+        if self.evict_every is not None and (self.eviction is None
+                                             or not self.eviction.expires):
+            raise ValueError(
+                "evict_every runs sweeps that evict expired rows, so it needs an eviction "
+                "policy that expires rows, e.g. eviction=de.policy.TTL(steps=10_000) or "
+                f"de.policy.LFU(min_score=...); got eviction={self.eviction!r}. Without "
+                "expiry, rows leave only to stay under max_rows/memory_budget or by "
+                "table.evict(rows)")
         if self.store is not None and not isinstance(self.store, EmbeddingStore):
             raise TypeError("store must be a de.storage store such as "
                             f"de.storage.RocksDBStore(path), got {type(self.store).__name__}")

@@ -108,7 +108,7 @@ class Evictor:
         slots = np.arange(start, stop, dtype=np.int64)
         slots = slots[(meta[slots, 2] != FREE_STEP) & (meta[slots, 2] != step)]
         mask = self.policy.expired(self._view(meta, slots, step))
-        return slots if mask is None else slots[mask]
+        return slots[:0] if mask is None else slots[mask]  # None: the policy never expires
 
     def sweep_range(self, high_water: int, step: int) -> tuple[int, int] | None:
         """The slot range a scheduled sweep examines at this step, or None."""

@@ -365,13 +365,15 @@ class DynamicTable(RowLifecycle, TableSnapshot, TableSearch):
             self._pending.append((ids, grads, self.erasures if epoch is None else epoch))
             return
         admitted = slots != EMPTY
-        self.counters.unadmitted_gradients += int(np.count_nonzero(~admitted))
+        if not admitted.all():  # counted here, and not again as skipped by _apply
+            self.counters.unadmitted_gradients += int(np.count_nonzero(~admitted))
+            ids, slots = ids[admitted], slots[admitted]
+            grads = grads[torch.from_numpy(admitted)]
         if epoch is None or epoch != self.erasures:  # rows erased or evicted since the lookup
-            slots = self._resolve_again(ids, admitted, epoch)
+            slots = self._resolve_again(ids, epoch)
         self._apply(ids, slots, grads.numpy())
 
-    def _resolve_again(self, ids: np.ndarray, admitted: np.ndarray,
-                       epoch: int | None) -> np.ndarray:
+    def _resolve_again(self, ids: np.ndarray, epoch: int | None) -> np.ndarray:
         """Current slots of ids looked up at erasure epoch ``epoch``: rows evicted since are
         found again (read back from the store if need be); rows erased since, even if their
         key has a new row now, get EMPTY (their gradient is skipped and counted). With
@@ -381,10 +383,10 @@ class DynamicTable(RowLifecycle, TableSnapshot, TableSearch):
             self._fill_missing(ids, np.ones_like(ids), slots, create=CREATE_NONE,
                                step=self.step)
         wiped, erased = (False, ids[:0]) if epoch is None else self._erased_since(epoch)
-        gone = ~admitted | wiped
-        if erased.shape[0]:
-            gone |= np.isin(ids, erased)
-        slots[gone] = EMPTY
+        if wiped:
+            slots[:] = EMPTY
+        elif erased.shape[0]:
+            slots[np.isin(ids, erased)] = EMPTY
         return slots
 
     def _apply(self, ids: np.ndarray, slots: np.ndarray, grads: np.ndarray, *,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -62,16 +63,26 @@ def test_only_empty_bags():
     bag = de.DynamicEmbeddingBag(dim=3, mode="sum", optimizer=de.optim.SGD(lr=0.1))
     out = bag([[], []])
     assert out.shape == (2, 3) and torch.equal(out, torch.zeros(2, 3))
+    assert out.requires_grad  # still in the graph, as nn.EmbeddingBag's output
+    (out * 2).sum().backward()
+    assert bag.table.size() == 0 and bag.stats().totals.updated_rows == 0
 
 
 @pytest.mark.parametrize("values, offsets, error, match", [
     ([1, 2, 3], [1, 2], KeyValueError, "first offset"),
+    ([1, 2, 3], [], KeyValueError, "offsets is empty but there are 3 values"),
+    ([1, 2], np.array([0, 2**64 - 1], dtype=np.uint64), KeyValueError, str(2**64 - 1)),
     ([1, 2, 3], [0, 2, 1], KeyValueError, "non-decreasing"),
     ([1, 2, 3], [0, 5], KeyValueError, "offsets"),
     ([1, 2, 3], [[0, 1]], KeyValueError, "1-D"),
     ([1, 2, 3], torch.tensor([0.0, 1.0]), KeyInputError, "integers"),
     ([[[1]], [[2]]], None, KeyInputError, "nest"),
     ([1, 2, 3], None, KeyInputError, "offsets"),
+    # a 2-D bag once spilled its keys into the next bags
+    ([torch.tensor([[1, 2], [3, 4]]), torch.tensor([5])], None, KeyValueError, "bag 0 is a 2-D"),
+    ([np.array([1]), np.array([[2, 3]])], None, KeyValueError, "bag 1 is a 2-D"),
+    ([torch.tensor(1), torch.tensor([2])], None, KeyValueError, "bag 0 is a 0-D"),
+    ([torch.tensor([5]), torch.tensor([True])], None, KeyInputError, "bag 1 holds bools"),
 ])
 def test_bad_bags_raise_clear_errors(values, offsets, error, match):
     bag = de.DynamicEmbeddingBag(dim=2, mode="sum")

@@ -67,6 +67,24 @@ def test_values_offsets_input_and_per_sample_weights():
         ["red"]).values[0])
 
 
+@pytest.mark.parametrize("weights, error, match", [
+    ({"titel": torch.ones(3)}, KeyInputError, r"per_sample_weights\['titel'\]: no such"),
+    ({"user_id": torch.ones(2)}, ValueError, r"per_sample_weights\['user_id'\]: .*not pooled"),
+    ({"query": torch.ones(3)}, ValueError, r"per_sample_weights\['query'\] needs mode='sum'"),
+    ({"title": torch.ones(4)}, ValueError, r"per_sample_weights\['title'\] must have shape"),
+    ([torch.ones(3)], TypeError, "per_sample_weights must be a dict"),
+])
+def test_bad_per_sample_weights_name_the_feature(weights, error, match):
+    """Weights under a misspelled or unpooled feature were once dropped silently."""
+    with pytest.raises(error, match=match):
+        _collection()(BATCH, per_sample_weights=weights)
+
+
+def test_features_must_be_a_dict():
+    with pytest.raises(TypeError, match="features must be a dict"):
+        de.EmbeddingCollection(tables={"w": de.TableConfig(dim=2)}, features=["w"])
+
+
 def test_state_dict_round_trip():
     coll = _collection()
     coll(BATCH)["title"].sum().backward()

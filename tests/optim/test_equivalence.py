@@ -105,6 +105,37 @@ def test_sgd_momentum_matches_lazy_reference():
     torch.testing.assert_close(_train_dynamic(emb, ids), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_sgd_dampening_starts_each_row_as_torch_does():
+    """torch's first step sets the buffer to the gradient undamped; lazily, so does each
+    row's first update here (and a row's later updates damp)."""
+    lr, mom, damp = 0.05, 0.9, 0.5
+
+    def update(w, state, rows, g):
+        buf = state.setdefault("buf", np.zeros_like(w))
+        started = state.setdefault("started", np.zeros(w.shape[0], dtype=bool))
+        first = ~started[rows]
+        buf[rows] = np.where(first[:, None], g, mom * buf[rows] + (1 - damp) * g)
+        started[rows] = True
+        w[rows] -= lr * buf[rows]
+
+    emb, ids = _dynamic(de.optim.SGD(lr=lr, momentum=mom, dampening=damp))
+    expected = _reference_run(emb, ids, update)
+    torch.testing.assert_close(_train_dynamic(emb, ids), expected, rtol=1e-4, atol=1e-5)
+
+    # One parameter touched every step: exactly torch.optim.SGD.
+    emb = de.DynamicEmbedding(dim=DIM, optimizer=de.optim.SGD(lr=lr, momentum=mom,
+                                                               dampening=damp), seed=3)
+    key = torch.tensor([7])
+    ref = torch.nn.Parameter(emb.table.find_or_insert(key).values.clone())
+    opt = torch.optim.SGD([ref], lr=lr, momentum=mom, dampening=damp)
+    for _, target in zip(range(5), _batches()):
+        _loss(emb(key), target[1][:1]).backward()
+        opt.zero_grad()
+        _loss(ref, target[1][:1]).backward()
+        opt.step()
+    torch.testing.assert_close(emb.table.find(key).values, ref.detach(), rtol=1e-5, atol=1e-6)
+
+
 def test_nesterov_matches_lazy_reference():
     lr, mom = 0.05, 0.5
 
@@ -179,7 +210,7 @@ def test_max_grad_norm_clips_each_row():
 
 @pytest.mark.parametrize("field, value", [
     ("lr", 0), ("lr", -1.0), ("lr", float("nan")), ("weight_decay", -0.1),
-    ("max_grad_norm", 0.0),
+    ("max_grad_norm", 0.0), ("lr", True), ("weight_decay", float("inf")),
 ])
 def test_bad_hyperparameters_name_the_field(field, value):
     kwargs = {"lr": 0.1, field: value}
@@ -187,7 +218,14 @@ def test_bad_hyperparameters_name_the_field(field, value):
         de.optim.SGD(**kwargs)
 
 
+def test_numpy_hyperparameters_are_numbers():
+    assert de.optim.SGD(lr=np.float32(0.1), weight_decay=np.float64(0.0)).lr == np.float32(0.1)
+    assert de.optim.Adam(lr=0.1, betas=(np.float32(0.9), 0.99)).betas[0] == np.float32(0.9)
+
+
 def test_bad_optimizer_specific_fields():
+    with pytest.raises(TypeError, match="nesterov must be True or False"):
+        de.optim.SGD(lr=0.1, momentum=0.9, nesterov="no")
     with pytest.raises(ValueError, match="momentum"):
         de.optim.SGD(lr=0.1, momentum=1.0)
     with pytest.raises(ValueError, match="nesterov"):

@@ -348,6 +348,7 @@ def test_unadmitted_key_gets_default_vector_and_no_gradient_then_trains():
     assert totals.not_admitted == 4 and totals.defaults_served == 4
     assert totals.unadmitted_gradients == 3 and totals.updated_rows == 2
     assert totals.inserts == 2
+    assert totals.skipped_gradients == 0  # unadmitted rows are not counted twice
 
 
 def test_unadmitted_keys_in_eval_are_not_recorded():
@@ -370,6 +371,7 @@ def test_deferred_mode_counts_unadmitted_gradients():
     emb.sparse_step()
     totals = emb.stats().totals
     assert totals.unadmitted_gradients == 2 and totals.updated_rows == 0
+    assert totals.skipped_gradients == 0
     assert emb.table.size() == 0
 
 

@@ -122,7 +122,8 @@ def test_lfu_min_score_expires_rows_at_explicit_evict():
 
 
 @pytest.mark.parametrize("kw", [{"half_life": 0}, {"half_life": -1}, {"half_life": "1"},
-                                {"min_score": "low"}])
+                                {"half_life": True}, {"half_life": float("inf")},
+                                {"min_score": "low"}, {"min_score": float("nan")}])
 def test_lfu_arguments_are_validated(kw):
     with pytest.raises(ValueError, match=next(iter(kw))):
         de.policy.LFU(**kw)

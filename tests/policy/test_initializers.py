@@ -78,6 +78,8 @@ def test_seed_none_draws_from_torch_generator():
 @pytest.mark.parametrize("make, match", [
     (lambda: de.init.Uniform(low=1.0, high=0.0), "low"),
     (lambda: de.init.Normal(std=0.0), "std"),
+    (lambda: de.init.Normal(std=float("inf")), "std"),
+    (lambda: de.init.TruncatedNormal(mean=True), "mean"),
     (lambda: de.init.TruncatedNormal(a=1.0, b=-1.0), "a must be"),
     (lambda: de.init.Constant(value=float("inf")), "value"),
 ])

@@ -54,6 +54,27 @@ def test_rocksdb_locked_by_another_process(tmp_path):
     RocksDBStore(path).close()  # free again once the holder is gone
 
 
+def test_rocksdb_damaged_file_is_corruption_not_a_lock(tmp_path):
+    """RocksDB's "block checksum mismatch" contains "lock"; it must not read as locked."""
+    path = tmp_path / "db"
+    store = RocksDBStore(path)
+    store.bind(4, 0)
+    n = 2000
+    store.put(RowBlock(np.arange(n), np.ones((n, 4), np.float32), np.zeros((n, 0), np.float32),
+                       np.zeros(n, np.int64), np.zeros(n, np.int64)))
+    store.close()  # closing flushes the memtable into an SST file
+    sst = sorted(path.glob("*.sst"))[0]
+    with open(sst, "r+b") as f:  # damage the first data block
+        f.seek(100)
+        f.write(b"\xff" * 64)
+    store = RocksDBStore(path, cache_bytes=1 << 20)
+    with pytest.raises(StoreCorruptError, match="damaged") as info:
+        store.bind(4, 0)  # reads the store's layout record
+        store.get(np.arange(n))
+    assert not isinstance(info.value, StoreLockedError) and str(path) in str(info.value)
+    store.close()
+
+
 def test_rocksdb_sigkill_while_writing_keeps_every_flushed_row(tmp_path):
     path = tmp_path / "db"
     writer = python(f"""

@@ -268,11 +268,33 @@ def test_no_sweep_without_evict_every():
     assert not t.contains([1]).any()
 
 
-def test_evict_every_needs_an_eviction_policy():
+def test_evict_every_needs_an_eviction_policy_that_expires_rows():
     with pytest.raises(ValueError, match="evict_every"):
         de.TableConfig(dim=4, evict_every=5)
     with pytest.raises(ValueError, match="evict_every"):
         de.TableConfig(dim=4, eviction=de.policy.LRU(), evict_every=0)
+    for never in (de.policy.LRU(), de.policy.LFU(half_life=3.0),
+                  de.policy.ScoreFunction(fn=lambda c, s, now: c)):
+        with pytest.raises(ValueError, match="expires rows"):
+            de.TableConfig(dim=4, eviction=never, evict_every=5)
+    for expiring in (de.policy.TTL(steps=3), de.policy.LFU(min_score=1.0),
+                     de.policy.ScoreFunction(fn=lambda c, s, now: c, min_score=1.0)):
+        assert de.TableConfig(dim=4, eviction=expiring, evict_every=5).evict_every == 5
+
+
+@pytest.mark.parametrize("policy", [de.policy.LRU(), de.policy.LFU(half_life=3.0),
+                                    de.policy.ScoreFunction(fn=lambda c, s, now: c)])
+def test_evict_with_a_policy_that_never_expires_only_gets_under_budget(policy):
+    """None from ``expired`` means nothing expires: an explicit evict() under the budget
+    removes no row (it once removed every row not looked up this step)."""
+    t = _table(max_rows=100, eviction=policy)
+    for start in (0, 10, 20):
+        _lookup(t, range(start, start + 10))
+    assert t.evict() == 0
+    assert t.size() == 30 and t.stats().totals.discarded == 0
+    t.max_rows = 25
+    assert t.evict() == 5
+    assert t.size() == 25
 
 
 def test_explicit_evict_removes_expired_rows_then_gets_under_budget():
