@@ -63,7 +63,7 @@ def test_rocksdb_damaged_file_is_corruption_not_a_lock(tmp_path):
     store.put(RowBlock(np.arange(n), np.ones((n, 4), np.float32), np.zeros((n, 0), np.float32),
                        np.zeros(n, np.int64), np.zeros(n, np.int64)))
     store.close()  # closing flushes the memtable into an SST file
-    sst = sorted(path.glob("*.sst"))[0]
+    sst = min(path.glob("*.sst"))
     with open(sst, "r+b") as f:  # damage the first data block
         f.seek(100)
         f.write(b"\xff" * 64)
