@@ -110,6 +110,7 @@ class EmbeddingStore(ABC):
         for ids, values in self._scan(batch_size):
             if ids.shape[0]:
                 yield codec.decode_present(ids, values)
+        self._check_open()  # a store closed mid-scan ends it with an error, not early
 
     def size(self) -> int:
         """Rows stored (exact; may cost a scan on some backends, see each backend)."""

@@ -15,6 +15,7 @@ by redis-py's own ``Retry``, a bounded number of times, then raise
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from itertools import chain
 from urllib.parse import urlsplit, urlunsplit
@@ -79,8 +80,10 @@ class RedisStore(EmbeddingStore):
             raise ValueError(f"retries must be an int >= 0, got {retries!r}")
         for arg, value in (("backoff_base", backoff_base), ("backoff_cap", backoff_cap),
                            ("timeout", timeout)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{arg} must be a number of seconds > 0, got {value!r}")
+            if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                    or not 0 < value < math.inf):
+                raise ValueError(f"{arg} must be a finite number of seconds > 0, got "
+                                 f"{value!r}")
         self.url, self.namespace, self.shards, self.cluster = url, namespace, shards, cluster
         self.retries = retries
         self.name = f"RedisStore({_redact(url)!r}, namespace={namespace!r})"

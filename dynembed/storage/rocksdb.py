@@ -9,6 +9,7 @@ it returns, so a process killed at any moment reopens with every completed batch
 from __future__ import annotations
 
 import os
+import weakref
 from collections import Counter, deque
 from collections.abc import Iterator
 from itertools import islice
@@ -94,6 +95,9 @@ class RocksDBStore(EmbeddingStore):
     def __init__(self, path: str | os.PathLike, *, create: bool = True,
                  cache_bytes: int = 256 << 20, background_io: bool = False) -> None:
         super().__init__()
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a directory path (str or os.PathLike), got "
+                            f"{type(path).__name__}")
         self.path = os.fspath(path)
         self.background_io = bool(background_io)
         self.name = f"RocksDBStore({self.path!r})"
@@ -103,6 +107,7 @@ class RocksDBStore(EmbeddingStore):
         if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes <= 0:
             raise ValueError(f"cache_bytes must be an int > 0, got {cache_bytes!r}")
         options = rocksdb_options(create=create, cache_bytes=cache_bytes)
+        self._scans: weakref.WeakSet = weakref.WeakSet()
         try:
             self._db = rocksdict.Rdict(self.path, options)
         except Exception as exc:  # rocksdict raises plain Exception with RocksDB's message
@@ -134,6 +139,11 @@ class RocksDBStore(EmbeddingStore):
 
     def _scan(self, batch_size: int) -> Iterator[tuple[np.ndarray, list]]:
         self._check_open()
+        scan = self._scan_snapshot(batch_size)
+        self._scans.add(scan)  # close() ends it: its snapshot would keep the directory open
+        return scan
+
+    def _scan_snapshot(self, batch_size: int) -> Iterator[tuple[np.ndarray, list]]:
         snapshot = self._db.snapshot()  # a consistent view while the table keeps writing
         try:
             items = snapshot.items()
@@ -172,6 +182,8 @@ class RocksDBStore(EmbeddingStore):
             raise _translate(self.name, "flush", exc) from exc
 
     def _close(self) -> None:
+        for scan in list(self._scans):
+            scan.close()
         self._db.close()
 
     def disk_bytes(self) -> int:

@@ -80,8 +80,10 @@ class TableConfig:
     read through it and evicted rows are written to it. None keeps rows in memory only, and
     evicted rows are discarded (and counted)."""
     write_policy: str = "back"
-    """"back": rows reach the store when evicted or flushed. "through": also after every
-    update (slower; the store is always current)."""
+    """"back": rows reach the store when evicted or flushed. "through": also right after
+    every change of weights or optimizer state (optimizer updates, ``assign``,
+    ``insert_or_assign``; slower). Either way new rows that nothing changed yet, and the
+    lookup counts and steps, reach the store when evicted or flushed."""
     placement: str = "sharded"
     """Where a distributed job (``dynembed.distributed``) keeps the rows: "sharded" splits
     them across ranks by key bucket (each row on one rank); "replicated" keeps every row on

@@ -165,6 +165,7 @@ class RowLifecycle:
             call.inserts += n_new
             call.not_admitted += int(fresh_counts[~admit].sum()) if create != CREATE_NONE else 0
         else:
+            self.counters.loaded += n_loaded
             self.counters.inserts += n_new
         return got, created
 

@@ -159,6 +159,9 @@ class TableSnapshot:
         Raises:
             StateDictError: a tensor is missing, or dim / optimizer state width differ from
                 this table's config.
+            StoreError: the table's store failed. The rows in memory and the counters are
+                unchanged; the store may already hold some of the state's rows (or still
+                some it lacks), so retry the load before training on.
         """
         required = ("ids", "weights", "optimizer_state", "counts", "last_step", "meta")
         absent = [k for k in required if k not in state]
@@ -187,18 +190,20 @@ class TableSnapshot:
             raise StateDictError(f"state dict has {n} rows but the memory budget holds "
                                  f"{self.max_rows}; raise memory_budget / max_rows or give "
                                  "the table a store= to hold the rest")
-        if self.tier is not None:  # the new rows first, in one batch: a failure changes nothing
+        if self.tier is not None:
+            # Every store call before memory changes, so a failing store leaves memory as it
+            # was: list the stored rows the state does not have (a read), write the state's
+            # rows (one batch), then delete those.
+            stale = [b.ids[~np.isin(b.ids, ids)] for b in self.tier.scan()]
+            stale = np.concatenate(stale) if stale else ids[:0]
             self.tier.put(RowBlock(
                 ids, state["weights"].to(torch.float32).numpy(),
                 state["optimizer_state"].to(torch.float32).numpy(),
                 state["counts"].to(torch.int64).numpy(),
                 state["last_step"].to(torch.int64).numpy()))
-        self._clear_memory()
-        if self.tier is not None:  # then the stored rows the state does not have
-            stale = [b.ids[~np.isin(b.ids, ids)] for b in self.tier.scan()]
-            stale = np.concatenate(stale) if stale else ids[:0]
             if stale.shape[0]:
                 self.tier.delete(stale)
+        self._clear_memory()
         self.load_aux_state(state)
         if self.tier is not None:  # the rows wait in the store and fault in when looked up
             return

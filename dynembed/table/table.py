@@ -60,6 +60,12 @@ class DynamicTable(RowLifecycle, TableSnapshot, TableSearch):
     """A growable map from int64 ids to trainable rows, optionally bounded in memory over a
     store (admission, eviction and read-through in :class:`RowLifecycle`).
 
+    When the store fails (``StoreError``) a call changes nothing in memory, with two
+    exceptions. A batch with more distinct keys than half the memory budget goes in chunks
+    that fit, and the chunks before the failing one stay applied. With
+    ``write_policy="through"`` the write comes after the change, which stays in memory,
+    marked for the next flush or eviction.
+
     Args:
         config: the table's :class:`TableConfig`.
 
@@ -420,12 +426,22 @@ class DynamicTable(RowLifecycle, TableSnapshot, TableSearch):
 
     def _changed(self, slots: np.ndarray) -> None:
         """Marks rows changed for the store and the next checkpoint; write-through writes
-        them at once."""
+        them at once.
+
+        Raises:
+            StoreError: a write-through failed; the change stays in memory, marked.
+        """
         self.changes.mark(slots)
         if self.tier is not None:
             self.tier.mark(slots)
             if self.tier.write_through:
-                self.counters.store_writes += self.tier.write(slots)
+                try:
+                    self.counters.store_writes += self.tier.write(slots)
+                except StoreError as exc:
+                    raise type(exc)(
+                        f"{exc}; write-through failed after the change was made in memory: "
+                        "the rows stay marked and the next flush() or eviction writes them, "
+                        "so do not apply the change again") from exc
 
     def step_optimizer(self) -> None:
         """Applies the gradients queued in deferred mode (summed per key), then clears them.
@@ -511,6 +527,7 @@ class DynamicTable(RowLifecycle, TableSnapshot, TableSearch):
 
         Raises:
             ReadOnlyTableError: the table is read-only.
+            StoreError: the store failed (what stays applied: see the class docstring).
         """
         self._check_writable("find_or_insert")
         batch = self.ids_of(keys)
@@ -546,6 +563,7 @@ class DynamicTable(RowLifecycle, TableSnapshot, TableSearch):
         Raises:
             ReadOnlyTableError: the table is read-only.
             ValueError: shapes do not match.
+            StoreError: the store failed (what stays applied: see the class docstring).
         """
         self._check_writable("insert_or_assign")
         batch = self.ids_of(keys)
@@ -575,6 +593,7 @@ class DynamicTable(RowLifecycle, TableSnapshot, TableSearch):
 
         Raises:
             ReadOnlyTableError: the table is read-only.
+            StoreError: the store failed (what stays applied: see the class docstring).
         """
         self._check_writable("assign")
         ids = self.ids_of(keys).ids
@@ -617,11 +636,16 @@ class DynamicTable(RowLifecycle, TableSnapshot, TableSearch):
         return removed
 
     def clear(self) -> None:
-        """Removes every row, from memory and from the store (capacity is kept)."""
+        """Removes every row, from memory and from the store (capacity is kept); all of them
+        are counted as erased."""
         self._check_writable("clear")
+        stored_only = 0
         if self.tier is not None:
+            for block in self.tier.scan():
+                stored_only += int(np.count_nonzero(self.index.find(block.ids) == EMPTY))
             self.tier.clear()
         self._clear_memory()
+        self.counters.erased += stored_only
 
     def _clear_memory(self) -> None:
         self.changes.wipe()

@@ -204,6 +204,16 @@ def test_redis_store_argument_errors():
         RedisStore(namespace="a", retries=-1)
     with pytest.raises(ValueError, match="timeout"):
         RedisStore(namespace="a", timeout=0)
+    for arg in ("timeout", "backoff_base", "backoff_cap"):
+        for value in (float("nan"), float("inf")):
+            with pytest.raises(ValueError, match=f"{arg} must be a finite number"):
+                RedisStore(namespace="a", **{arg: value})
+
+
+def test_rocksdb_store_path_must_be_a_path():
+    for bad in (123, None):
+        with pytest.raises(TypeError, match="path must be a directory path"):
+            RocksDBStore(bad)
 
 
 def test_rowblock_take_and_concat():
@@ -229,3 +239,17 @@ def test_transient_redis_outage_is_retried_with_backoff():
         assert found.all()
         assert np.array_equal(got.weights, rows(range(10)).weights)
         store.close()
+
+
+def test_rocksdb_close_ends_an_unfinished_scan(tmp_path):
+    """A scan's snapshot once kept the directory open after close(): reopening it failed as
+    locked, and the scan went on reading the closed store."""
+    store = RocksDBStore(tmp_path / "db")
+    store.bind(2, 0)
+    store.put(rows(list(range(10)), dim=2, width=0))
+    scan = store.scan(batch_size=2)
+    assert next(scan).ids.shape[0] >= 1
+    store.close()
+    RocksDBStore(tmp_path / "db").close()  # the directory is free
+    with pytest.raises(de.StoreError, match="is closed"):
+        next(scan)  # an error, never a silently shortened scan

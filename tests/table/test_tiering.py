@@ -381,3 +381,73 @@ def test_load_state_dict_that_fails_to_write_changes_nothing(redis_server):
     assert torch.equal(loaded["ids"], state["ids"][order])
     assert torch.equal(loaded["weights"], state["weights"][order])
     store.close()
+
+
+def test_load_state_dict_whose_store_delete_fails_keeps_memory():
+    """Every store call runs before memory changes: a failing delete (of the stored rows the
+    state lacks) once left memory wiped with half a load applied."""
+
+    class FailingDeletes(MemoryStore):
+        fail = True
+
+        def _delete(self, ids):
+            if self.fail:
+                raise de.StoreError(f"{self.name}: delete refused")
+            return super()._delete(ids)
+
+    store = FailingDeletes()
+    emb = train(de.DynamicEmbedding(dim=2, optimizer=de.optim.SGD(lr=0.1), seed=1,
+                                    max_rows=2, store=store), [[1, 2]])
+    state = emb.table.state_dict()
+    train(emb, [[3, 4], [5, 6]])  # rows the state lacks, some evicted to the store
+    before = by_id(emb.table.export())
+    in_memory = emb.table.size()
+    with pytest.raises(de.StoreError, match="delete refused"):
+        emb.table.load_state_dict(state)
+    assert emb.table.size() == in_memory
+    assert all(torch.equal(before[k], by_id(emb.table.export())[k]) for k in ("ids", "counts"))
+    store.fail = False
+    emb.table.load_state_dict(state)  # the retry completes the load
+    assert sorted(emb.table.export().ids.tolist()) == [1, 2]
+
+
+def test_failed_write_through_says_the_update_is_in_memory_and_flush_writes_it():
+    class FailingPuts(MemoryStore):
+        fail = False
+
+        def _put(self, ids, values):
+            if self.fail:
+                raise de.StoreError(f"{self.name}: write refused")
+            return super()._put(ids, values)
+
+    store = FailingPuts()
+    emb = de.DynamicEmbedding(dim=2, optimizer=de.optim.SGD(lr=0.5), seed=1, store=store,
+                              write_policy="through")
+    train(emb, [[1]])
+    before = emb.table.find([1]).values.clone()
+    out = emb(torch.tensor([1])).sum()
+    store.fail = True
+    with pytest.raises(de.StoreError, match="do not apply the change again"):
+        out.backward()
+    updated = emb.table.find([1]).values
+    torch.testing.assert_close(updated, before - 0.5)  # applied once, in memory
+    store.fail = False
+    assert emb.table.flush() == 1  # the marked row is written now
+    found, rows = store.get(np.array([1]))
+    assert found.all() and np.array_equal(rows.weights, updated.numpy())
+
+
+def test_clear_counts_stored_rows_and_read_backs_count_as_loaded():
+    emb = train(de.DynamicEmbedding(dim=2, optimizer=de.optim.SGD(lr=0.1), seed=1, max_rows=4,
+                                    store=MemoryStore()), [[2 * i, 2 * i + 1] for i in range(5)])
+    assert emb.table.size() == 4 and len(emb.table.export().ids) == 10
+    emb.table.clear()
+    assert emb.table.stats().totals.erased == 10  # once 4: the rows in memory only
+
+    table = DynamicTable(TableConfig(dim=2, seed=1, max_rows=4, store=MemoryStore()))
+    table.find_or_insert(torch.arange(4))
+    table.evict(rows=4)
+    before = table.stats().totals
+    table.find_or_insert(torch.arange(4))  # every row read back from the store
+    after = table.stats().totals
+    assert after.loaded - before.loaded == 4 and after.inserts == before.inserts
