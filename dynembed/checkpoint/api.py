@@ -16,6 +16,7 @@ rows changed since its parent and the ids deleted since, and names the parent.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import shutil
@@ -41,22 +42,33 @@ from dynembed.nn._base import named_tables, without_tables
 from dynembed.table.table import DynamicTable
 
 DENSE = "dense.pt"
-_PLAIN = (str, int, float, bool, type(None), torch.Tensor)
+# Exact types: torch.save pickles a subclass (np.float64 is a float, an IntEnum an int, a
+# namedtuple a tuple) as its own class, which weights_only=True then refuses to load.
+_PLAIN = (str, int, float, bool, type(None), torch.dtype, torch.device, torch.Size)
+_MAPPINGS = (dict, collections.OrderedDict)
 
 
 def _check_plain(value, where: str) -> None:
     """Raises TypeError unless ``value`` loads with ``torch.load(weights_only=True)``."""
-    if isinstance(value, dict):
+    kind = type(value)
+    if kind in _MAPPINGS:
         for k, v in value.items():
             _check_plain(k, f"{where} key")
             _check_plain(v, f"{where}[{k!r}]")
-    elif isinstance(value, (list, tuple)):
+    elif kind in (list, tuple):
         for i, v in enumerate(value):
             _check_plain(v, f"{where}[{i}]")
-    elif not isinstance(value, _PLAIN):
-        raise TypeError(f"{where} is a {type(value).__name__}; checkpoints hold only tensors, "
-                        "numbers, str, bool, None and dicts/lists of them (they load with "
-                        "weights_only=True); convert it first")
+    elif kind not in _PLAIN and not isinstance(value, torch.Tensor):
+        raise TypeError(f"{where} is a {kind.__module__}.{kind.__qualname__}; checkpoints hold "
+                        "only tensors, Python numbers, str, bool, None and dicts/lists of them "
+                        "(they load with weights_only=True); convert it first, e.g. float(x), "
+                        "int(x), dict(x), list(x)")
+
+
+def check_chunk_rows(chunk_rows: int) -> None:
+    """Raises ValueError unless ``chunk_rows`` is an int >= 1."""
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be an int >= 1, got {chunk_rows!r}")
 
 
 def _check_rank(rank: int, world_size: int) -> None:
@@ -137,14 +149,19 @@ def save(path: str | os.PathLike, model: nn.Module | None = None,
     target = Path(path)
     _check_rank(rank, world_size)
     check_num_buckets(num_buckets)
-    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be an int >= 1, got {chunk_rows!r}")
+    check_chunk_rows(chunk_rows)
     if optimizer is not None and not hasattr(optimizer, "state_dict"):
         raise TypeError(f"optimizer must be a torch optimizer, got {type(optimizer).__name__}")
     if extra is not None:
         if not isinstance(extra, dict):
             raise TypeError(f"extra must be a dict, got {type(extra).__name__}")
         _check_plain(extra, "extra")
+    if rank == 0:  # what rank 0 saves must load: an optimizer's lr may be a numpy float
+        if model is not None:
+            with without_tables():
+                _check_plain(model.state_dict(), "model.state_dict()")
+        if optimizer is not None:
+            _check_plain(optimizer.state_dict(), "optimizer.state_dict()")
     found = _gather_tables(model, tables)
     if not found and model is None and optimizer is None and extra is None:
         raise ValueError("nothing to save: give model=, optimizer=, extra= or tables=")
@@ -218,7 +235,7 @@ def save(path: str | os.PathLike, model: nn.Module | None = None,
             os.fsync(f.fileno())
     mf.write_atomic(staging / "parts" / f"rank-{rank:05d}.json", json.dumps(part).encode())
     for table in found.values():
-        table.changes.reset(checkpoint_id)
+        table.mark_saved(checkpoint_id)
     info = {"id": checkpoint_id, "world_size": world_size, "num_buckets": num_buckets,
             "parent": parent_manifest, "parent_path": parent}
     return _commit(staging, target, info)
@@ -331,11 +348,13 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
         CheckpointNotFoundError: no committed checkpoint at ``path``.
         CheckpointCorruptError: a file is missing, truncated or damaged (named).
         CheckpointError: a table is not in the checkpoint or does not fit it.
+        ValueError: a bad ``rank``/``world_size``, ``background_rows`` or ``chunk_rows``.
     """
     _check_rank(rank, world_size)
     if isinstance(background_rows, bool) or not isinstance(background_rows, int) \
             or background_rows < 0:
         raise ValueError(f"background_rows must be an int >= 0, got {background_rows!r}")
+    check_chunk_rows(chunk_rows)
     found = _gather_tables(model, tables)
     chain = mf.chain(path)
     for folder, manifest in chain:

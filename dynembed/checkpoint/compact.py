@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from dynembed.checkpoint import manifest as mf
-from dynembed.checkpoint.api import DENSE
+from dynembed.checkpoint.api import DENSE, check_chunk_rows
 from dynembed.checkpoint.lazy import DEFAULT_CHUNK_ROWS, LazyRows
 from dynembed.checkpoint.rows_file import RowsFile, RowsFileWriter
 from dynembed.keys.buckets import rank_buckets
@@ -36,7 +36,9 @@ def compact(path: str | os.PathLike, out: str | os.PathLike, *,
         FileExistsError: ``out`` exists.
         CheckpointNotFoundError, CheckpointCorruptError: a link of the chain is missing or
             damaged.
+        ValueError: ``chunk_rows`` is not an int >= 1.
     """
+    check_chunk_rows(chunk_rows)
     target = Path(out)
     if target.exists():
         raise FileExistsError(f"{target} exists; give compact() a new directory")

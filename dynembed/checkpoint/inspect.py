@@ -102,8 +102,8 @@ def history(directory: str | os.PathLike) -> list[dict]:
     directory name ``step-N``, else None)."""
     out = []
     for entry in sorted(Path(directory).iterdir()):
-        if not (entry / mf.MANIFEST).exists():
-            continue
+        if entry.name.endswith(".damaged") or not (entry / mf.MANIFEST).exists():
+            continue  # set aside by CheckpointManager.restore
         try:
             manifest = mf.read(entry)
         except CheckpointError as e:

@@ -29,6 +29,31 @@ READERS = 1
 consumer: measured slower)."""
 
 
+class _IdSet:
+    """A growing set of int64 ids (a hash index whose rows are unused)."""
+
+    def __init__(self) -> None:
+        self._index = HashIndex()
+        self._rows = 0
+
+    @property
+    def size(self) -> int:
+        return self._index.size
+
+    def add(self, ids: np.ndarray) -> None:
+        ids = np.unique(ids)
+        self._index.reserve(self._index.size + ids.shape[0])
+        slots = self._index.find(ids)
+        _, _, self._rows = self._index.insert_missing(ids, slots, np.empty(0, np.int64), 0,
+                                                      self._rows)
+
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        """(n,) bool."""
+        if not self._index.size:
+            return np.zeros(ids.shape[0], dtype=bool)
+        return self._index.find(ids) != EMPTY
+
+
 class LazyRows:
     """The rows of a chain of checkpoints (layers, newest first) for one table.
 
@@ -46,8 +71,8 @@ class LazyRows:
         files = self.files
         self.num_buckets = files[0].num_buckets if files else 0
         self._partial = bool(files) and len(buckets) < self.num_buckets
-        self._hidden = HashIndex()
-        self._hidden_rows = 0
+        self._hidden = _IdSet()
+        self._outdated = _IdSet()
         self.pending: Iterator[RowBlock] | None = None
         """The background load's position (see :func:`load_step`)."""
         self.carry: tuple[np.ndarray, np.ndarray] | None = None
@@ -79,15 +104,20 @@ class LazyRows:
 
     def hide(self, ids: np.ndarray) -> None:
         """Hides the checkpoint's rows of ``ids`` (erased or discarded by the table)."""
-        ids = np.unique(ids)
-        self._hidden.reserve(self._hidden.size + ids.shape[0])
-        slots = self._hidden.find(ids)
-        _, _, self._hidden_rows = self._hidden.insert_missing(
-            ids, slots, np.empty(0, np.int64), 0, self._hidden_rows)
+        self._hidden.add(ids)
 
     def hidden(self, ids: np.ndarray) -> np.ndarray:
         """(n,) bool, whether each id is hidden."""
-        return self._hidden.find(ids) != EMPTY
+        return self._hidden.contains(ids)
+
+    def outdate(self, ids: np.ndarray) -> None:
+        """Records that the table's rows of ``ids`` differ from (or are not in) these
+        checkpoints; a later save cleared their changed marks, not this."""
+        self._outdated.add(ids)
+
+    def outdated(self, ids: np.ndarray) -> np.ndarray:
+        """(n,) bool, whether each id's row may differ from the checkpoints' copy."""
+        return self._outdated.contains(ids)
 
     def get(self, ids: np.ndarray) -> tuple[np.ndarray, RowBlock]:
         """The newest visible checkpoint rows of distinct ids.
@@ -151,7 +181,8 @@ class LazyRows:
         (see :mod:`dynembed.kernels.records`)."""
         steps = list(self._steps(chunk_rows))
         # the next chunk is read (I/O and checksums, without the GIL) while this one is used
-        with ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="dynembed-read") as pool:
+        pool = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="dynembed-read")
+        try:
             ahead = deque(pool.submit(self._merge, *step) for step in steps[:READERS])
             for i in range(len(steps)):
                 ids, records = ahead.popleft().result()
@@ -162,6 +193,10 @@ class LazyRows:
                     ids, records = ids[keep], records[keep]
                 if ids.shape[0]:
                     yield ids, records
+        finally:
+            # Not waiting: an unfinished generator may be closed by the garbage collector at
+            # any point of another thread's code, where joining threads can deadlock.
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def rows(self, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[RowBlock]:
         """:meth:`chunks` as RowBlocks (copies)."""
@@ -215,6 +250,8 @@ class LazyRows:
     def close(self) -> None:
         """Drops the files (the table no longer reads from the checkpoint)."""
         self.layers = []
+        if self.pending is not None:
+            self.pending.close()  # now, not whenever the garbage collector gets to it
         self.pending = None
 
 

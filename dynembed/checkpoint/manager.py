@@ -33,7 +33,7 @@ from dynembed.table.table import DynamicTable
 
 logger = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^step-(\d{10})(-full)?$")
+_NAME = re.compile(r"^step-(\d{10,})(-full)?$")  # zero-padded to 10 digits, more past 10^10
 
 
 def _positive(name: str, value, *, allow_none: bool = True, kind=int) -> None:

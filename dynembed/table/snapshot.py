@@ -15,6 +15,8 @@ import torch
 from dynembed.errors import StateDictError
 from dynembed.keys.key_log import KeyLog
 from dynembed.storage.rows import RowBlock
+from dynembed.table.arena import ID, LAST_STEP
+from dynembed.table.eviction import FREE_STEP
 from dynembed.table.index import EMPTY
 from dynembed.table.results import TableExport
 
@@ -114,6 +116,22 @@ class TableSnapshot:
         if self.admitter is not None:
             state.update({f"admission.{k}": v for k, v in self.admitter.state_dict().items()})
         return state
+
+    def mark_saved(self, checkpoint_id: str) -> None:
+        """The table now equals checkpoint ``checkpoint_id``: the next delta starts here.
+
+        A lazily opened checkpoint (``base``) still holds the old copies of the rows changed
+        since it was opened. Those ids are recorded as outdated there before their changed
+        marks are cleared, so that evicting such a row later (without a store) discards it,
+        counted, instead of leaving the stale copy to be read back.
+        """
+        if self.base is not None:
+            top = min(self.changes.flags.shape[0], self._high_water)
+            meta = self.arena.np("meta")[:top]
+            changed = (self.changes.flags[:top] != 0) & (meta[:, LAST_STEP] != FREE_STEP)
+            if changed.any():
+                self.base.outdate(meta[changed, ID])
+        self.changes.reset(checkpoint_id)
 
     def check_shape(self, dim: int, width: int, source: str = "state dict") -> None:
         """Raises StateDictError unless rows of (dim, width) fit this table."""

@@ -177,3 +177,31 @@ def test_without_a_store_rows_evicted_unchanged_stay_in_the_checkpoint(saved):
     ids = table.export().ids.numpy()
     assert lazy.contains(ids).all()  # ...but no checkpoint row was lost
     np.testing.assert_array_equal(lazy.find(ids).values, table.find(ids).values)
+
+
+def test_rows_changed_then_saved_are_not_read_back_stale_after_eviction(tmp_path):
+    """A save clears the changed marks, but the lazily opened checkpoint keeps the old
+    copies: a changed (or new) row evicted after a delta save was once read back with its
+    pre-delta value (or vanished uncounted), and later checkpoints disagreed with the table."""
+    import torch
+
+    def table():
+        return make_table(max_rows=100, eviction=de.policy.LRU())
+
+    original = table()
+    original.insert_or_assign(np.arange(50), torch.zeros(50, original.dim))
+    de.checkpoint.save(tmp_path / "c0", tables={"t": original})
+    lazy = table()
+    de.checkpoint.load(tmp_path / "c0", tables={"t": lazy}, lazy=True)
+    lazy.insert_or_assign(np.array([7, 99]), torch.full((2, lazy.dim), 5.0))
+    lazy.find_or_insert(np.array([3]))  # read back unchanged: may fall back on the checkpoint
+    de.checkpoint.save(tmp_path / "c1", tables={"t": lazy}, parent=tmp_path / "c0")
+    discarded = lazy.counters.discarded
+    lazy.evict(len(lazy))
+    assert lazy.counters.discarded - discarded == 2  # 7 and 99: gone, and counted
+    assert not lazy.contains([7, 99]).any()
+    assert lazy.contains([3]).all()  # unchanged: still in the checkpoint
+    de.checkpoint.save(tmp_path / "c2", tables={"t": lazy}, parent=tmp_path / "c1")
+    restored = table()
+    de.checkpoint.load(tmp_path / "c2", tables={"t": restored})
+    assert_same_rows(lazy, restored)  # the live table and its checkpoint agree

@@ -118,8 +118,19 @@ def test_restore_falls_back_on_an_older_checkpoint_when_rows_are_damaged(tmp_pat
     assert manager.restore(tables={"t": restored}) == {"step": 1}
     assert_same_rows(first, restored)
     assert (tmp_path / "step-0000000002.damaged").exists()  # kept aside, so that step 2
+    assert [h["step"] for h in de.checkpoint.history(tmp_path)] == [1]  # and not listed
     train(restored, batches(2, 500, seed=3))                 # can be saved again
     assert manager.save(2, tables={"t": restored}) == tmp_path / "step-0000000002"
+
+
+def test_steps_past_ten_digits_are_found(tmp_path):
+    manager = de.checkpoint.CheckpointManager(tmp_path, keep_last=2)
+    table = make_table()
+    train(table, batches(1, 100))
+    manager.save(9_999_999_999, tables={"t": table})
+    path = manager.save(10**10, tables={"t": table})
+    assert path.name == "step-10000000000" and manager.latest() == path
+    assert [p.name for p in manager.checkpoints()] == ["step-9999999999", "step-10000000000"]
 
 
 def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(tmp_path):

@@ -135,6 +135,31 @@ def test_eager_load_into_a_tiered_table_streams_rows_into_the_store(tmp_path):
     small.close()
 
 
+def test_save_refuses_values_that_would_not_load_with_weights_only(tmp_path):
+    """Subclasses of plain types pickle as their own class: such a checkpoint was committed
+    and then could not be loaded (weights_only=True)."""
+    import collections
+    import enum
+
+    class Phase(enum.IntEnum):
+        TRAIN = 1
+
+    table = make_table()
+    for name, value in [("loss", np.float64(0.5)), ("phase", Phase.TRAIN),
+                        ("pair", collections.namedtuple("P", "a b")(1, 2)),
+                        ("counts", collections.defaultdict(int, a=1))]:
+        with pytest.raises(TypeError, match=rf"extra\['{name}'\] is a .*convert it first"):
+            de.checkpoint.save(tmp_path / name, tables={"t": table}, extra={name: value})
+        assert not (tmp_path / name).exists()
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=np.float64(0.1))  # e.g. from a scheduler
+    with pytest.raises(TypeError, match=r"optimizer.state_dict\(\)\['param_groups'\]"):
+        de.checkpoint.save(tmp_path / "o", model, opt)
+    extra = {"ordered": collections.OrderedDict(a=1), "size": torch.Size([2]), "t": (1, 2.0)}
+    de.checkpoint.save(tmp_path / "ok", model, extra=extra)
+    assert de.checkpoint.load(tmp_path / "ok", model) == extra
+
+
 def test_bad_arguments_and_mismatches_are_named(tmp_path):
     table = make_table()
     train(table, batches(2, 100))
@@ -144,11 +169,20 @@ def test_bad_arguments_and_mismatches_are_named(tmp_path):
         de.checkpoint.save(tmp_path / "x", tables={"t": table}, extra={"f": object()})
     with pytest.raises(ValueError, match="rank"):
         de.checkpoint.save(tmp_path / "x", tables={"t": table}, rank=2, world_size=2)
+    for chunk_rows in (None, 0, -5, 2.0):
+        with pytest.raises(ValueError, match="chunk_rows must be an int >= 1"):
+            de.checkpoint.save(tmp_path / "x", tables={"t": table}, chunk_rows=chunk_rows)
     with pytest.raises(ValueError, match="num_buckets"):
         de.checkpoint.save(tmp_path / "x", tables={"t": table}, num_buckets=1000)
     de.checkpoint.save(tmp_path / "c", tables={"t": table})
     with pytest.raises(FileExistsError, match="never overwritten"):
         de.checkpoint.save(tmp_path / "c", tables={"t": table})
+    for chunk_rows in (None, -5):  # checked before the table is cleared
+        with pytest.raises(ValueError, match="chunk_rows must be an int >= 1"):
+            de.checkpoint.load(tmp_path / "c", tables={"t": table}, chunk_rows=chunk_rows)
+        with pytest.raises(ValueError, match="chunk_rows must be an int >= 1"):
+            de.checkpoint.compact(tmp_path / "c", tmp_path / "y", chunk_rows=chunk_rows)
+    assert len(table) > 0 and not (tmp_path / "y").exists()
     with pytest.raises(de.CheckpointError, match="dim 8.*dim=8"):
         de.checkpoint.load(tmp_path / "c", tables={"t": make_table(dim=4)})
     with pytest.raises(de.CheckpointError, match="optimizer"):
