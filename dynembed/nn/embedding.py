@@ -18,7 +18,8 @@ class DynamicEmbedding(SingleTableModule):
         dim: row width; the other keyword arguments are :class:`TableConfig` fields
             (``optimizer``, ``initializer``, ``seed``, ``update_mode``, ...).
         config: a whole :class:`TableConfig` instead of ``dim`` and options.
-        table: an existing :class:`DynamicTable` to share instead.
+        table: an existing :class:`DynamicTable` to share instead (see
+            ``TableConfig.update_mode`` for how shared tables are updated).
 
     Example:
         >>> emb = de.DynamicEmbedding(dim=64, optimizer=de.optim.Adagrad(lr=0.05))

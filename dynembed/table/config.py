@@ -47,7 +47,10 @@ class TableConfig:
     """Vector returned for unseen keys in eval or read-only mode: a number or dim numbers."""
     update_mode: str = "fused"
     """"fused": rows update inside backward (fastest). "deferred": backward accumulates and
-    ``step()`` applies, for gradient accumulation."""
+    ``step()`` applies, for gradient accumulation. Fused, each lookup's backward is its own
+    update, so a table looked up by several modules (or calls) in one step gets several
+    updates; deferred sums them per key into one, as torch does for a shared
+    ``nn.Embedding``. (``EmbeddingCollection`` features sharing a table are one lookup.)"""
     nonfinite_grads: str = "raise"
     """What a NaN/inf gradient row does: "raise" (nothing is applied) or "skip" (the row is
     left unchanged and counted in stats.skipped_gradients)."""
