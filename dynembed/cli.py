@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give the training script (or -m and a module)")
     try:
         return args.run(args)
-    except (DynembedError, ValueError) as e:
+    except (DynembedError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

@@ -20,7 +20,7 @@ class Tokens:
     Args:
         management: require the management token on the management API.
         inference: require the inference token on the inference API.
-        key_file: where to write the tokens (None: nowhere).
+        key_file: where :meth:`publish` writes the tokens (None: nowhere).
     """
 
     def __init__(self, *, management: bool = True, inference: bool = False,
@@ -29,8 +29,14 @@ class Tokens:
         self.keys = {"management": secrets.token_urlsafe(24),
                      "inference": secrets.token_urlsafe(24)}
         self.key_file = Path(key_file) if key_file is not None else None
-        if self.key_file is not None and any(self.required.values()):
+        self._published = False
+
+    def publish(self) -> None:
+        """Writes the key file, if a token is required (once the server holds its ports:
+        a server that fails to start must not replace a running server's tokens)."""
+        if self.key_file is not None and any(self.required.values()) and not self._published:
             self._write()
+            self._published = True
 
     def _write(self) -> None:
         self.key_file.parent.mkdir(parents=True, exist_ok=True)
@@ -52,6 +58,7 @@ class Tokens:
                                    self.keys[api].encode())
 
     def remove_file(self) -> None:
-        """Deletes the key file (at shutdown, as TorchServe does)."""
-        if self.key_file is not None:
+        """Deletes the key file this server wrote (at shutdown, as TorchServe does)."""
+        if self._published:
             self.key_file.unlink(missing_ok=True)
+            self._published = False

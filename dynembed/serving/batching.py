@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
 
 
 def _expire(future: asyncio.Future) -> None:
@@ -32,9 +35,19 @@ def _expire(future: asyncio.Future) -> None:
         future.set_exception(asyncio.TimeoutError())
 
 
+def _log_failure(task: asyncio.Task) -> None:
+    """A worker that died of an error (a bug: handler errors go to the requests) says so."""
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("a batching worker stopped on an error", exc_info=task.exception())
+
+
 def _wake(future: asyncio.Future) -> None:
     if not future.done():
         future.set_result(None)
+
+
+class BatcherStopped(RuntimeError):
+    """The batcher takes no more requests: its model version is being unregistered."""
 
 
 @dataclass
@@ -100,7 +113,9 @@ class Batcher:
         self._tasks = [t for t in self._tasks if not t.done()]
         self._target = workers
         while len(self._tasks) < workers:
-            self._tasks.append(self._loop.create_task(self._work()))
+            task = self._loop.create_task(self._work())
+            task.add_done_callback(_log_failure)
+            self._tasks.append(task)
         if len(self._tasks) > workers:
             self._wake_all()  # the ones to stop notice at the top of their loop
 
@@ -108,9 +123,12 @@ class Batcher:
         """Queues a request's examples and waits for their results.
 
         Raises:
+            BatcherStopped: :meth:`stop` has begun (its workers would never take it).
             asyncio.TimeoutError: no result within ``timeout`` seconds.
             Exception: whatever the handler raised for the batch.
         """
+        if self._draining:
+            raise BatcherStopped("the batcher is stopping")
         future = self._loop.create_future()
         self._queue.append(_Request(examples, future))
         self._queued_examples += len(examples)

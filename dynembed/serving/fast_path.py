@@ -11,12 +11,15 @@ every other path (and other methods on these ones: 405).
 
 from __future__ import annotations
 
+import logging
 import time
 
 import orjson
 
 from dynembed.serving.handler import InputError
 from dynembed.serving.registry import ServingError, bad_request
+
+logger = logging.getLogger(__name__)
 
 _JSON = [(b"content-type", b"application/json")]
 
@@ -73,6 +76,9 @@ class FastPredictions:
             status, body = 400, _error(400, "BadRequestException", str(e))
         except ServingError as e:
             status, body = e.status, _error(e.status, e.kind, e.message)
+        except Exception as e:
+            logger.exception("prediction failed")
+            body = _error(500, "InternalServerException", f"prediction failed: {e}")
         await send({"type": "http.response.start", "status": status,
                     "headers": [*_JSON, (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})

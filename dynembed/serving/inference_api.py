@@ -15,16 +15,17 @@ TorchServe-style errors are ``{"code", "type", "message"}``; v2 errors are ``{"e
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 
 import numpy as np
+import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import dynembed
+from dynembed.serving.batching import BatcherStopped
 from dynembed.serving.handler import InputError
 from dynembed.serving.registry import ServingError, bad_request
 
@@ -53,9 +54,18 @@ async def read_json(request: Request, limit: int):
             raise ServingError(413, "RequestEntityTooLargeException",
                                f"request body is over the limit of {limit} bytes")
     try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return orjson.loads(bytes(body))  # as the fast path: nesting past 1024 is an error
+    except orjson.JSONDecodeError as e:
         raise bad_request(f"the request body is not valid JSON: {e}") from None
+
+
+async def _submit(entry, examples: list) -> list:
+    try:
+        return await entry.batcher.submit(examples, timeout=entry.response_timeout_s)
+    except asyncio.TimeoutError:
+        raise ServingError(503, "ServiceUnavailableException",
+                           f"model {entry.name} {entry.version} did not answer within "
+                           f"{entry.response_timeout_s} s") from None
 
 
 class InferenceAPI:
@@ -99,14 +109,22 @@ class InferenceAPI:
         return JSONResponse({"status": "Healthy"})
 
     async def _run(self, entry, examples: list) -> list:
-        """Validates and runs examples on a model version's batcher."""
-        examples = entry.handler.validate(examples)
+        """Validates and runs examples on a model version's batcher.
+
+        Raises:
+            ServingError: 503 when the model does not answer in time; 404 when the version
+                was unregistered while the request's body arrived.
+        """
         try:
-            return await entry.batcher.submit(examples, timeout=entry.response_timeout_s)
-        except asyncio.TimeoutError:
-            raise ServingError(503, "ServiceUnavailableException",
-                               f"model {entry.name} {entry.version} did not answer within "
-                               f"{entry.response_timeout_s} s") from None
+            return await _submit(entry, entry.handler.validate(examples))
+        except BatcherStopped:
+            # Unregistered after the request found it: run it on the version registered
+            # again under the same name, if any (404 if none).
+            current = self.registry.get(entry.name, entry.version)
+            if current is entry:
+                raise ServingError(503, "ServiceUnavailableException",
+                                   f"model {entry.name} {entry.version} is stopping") from None
+            return await _submit(current, current.handler.validate(examples))
 
     async def _fast_path_only(self, request: Request) -> Response:
         # POST/PUT to these paths are answered by fast_path.FastPredictions before the
@@ -245,7 +263,8 @@ def _v2_examples(data, entry) -> list[dict]:
         spec = features.get(name)
         if spec is not None:
             want = "INT64" if spec["type"] == "int64" else "BYTES"
-            if tensor["datatype"] not in (_V2_INTS if want == "INT64" else {"BYTES"}):
+            if not isinstance(tensor["datatype"], str) or \
+                    tensor["datatype"] not in (_V2_INTS if want == "INT64" else {"BYTES"}):
                 raise bad_request(f"{where}: datatype {tensor['datatype']!r} does not fit the "
                                   f"feature, which takes {want}")
         values = _v2_rows(tensor, None if spec is None else spec["pooling"] is not None,

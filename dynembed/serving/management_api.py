@@ -20,12 +20,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from dynembed.serving.inference_api import error_response
-from dynembed.serving.registry import ServingError, bad_request
+from dynembed.serving.registry import MAX_WORKERS, ServingError, bad_request
 
 logger = logging.getLogger(__name__)
 
 
-def _int(request: Request, name: str, default=None, *, low: int = 0):
+def _int(request: Request, name: str, default=None, *, low: int = 0,
+         high: int = 2**31 - 1):
+    """An integer query parameter in [low, high] (TorchServe's are Java ints)."""
     raw = request.query_params.get(name)
     if raw is None or raw == "":
         return default
@@ -33,8 +35,8 @@ def _int(request: Request, name: str, default=None, *, low: int = 0):
         value = int(raw)
     except ValueError:
         raise bad_request(f"parameter {name} must be an integer, got {raw!r}") from None
-    if value < low:
-        raise bad_request(f"parameter {name} must be >= {low}, got {value}")
+    if not low <= value <= high:
+        raise bad_request(f"parameter {name} must be in [{low}, {high}], got {value}")
     return value
 
 
@@ -91,7 +93,7 @@ class ManagementAPI:
         options = {
             "name": request.query_params.get("model_name") or None,
             "initial_workers": _int(request, "initial_workers",
-                                    self.defaults["initial_workers"], low=1),
+                                    self.defaults["initial_workers"], low=1, high=MAX_WORKERS),
             "batch_size": _int(request, "batch_size", self.defaults["batch_size"], low=1),
             "max_batch_delay_ms": _int(request, "max_batch_delay",
                                        self.defaults["max_batch_delay_ms"]),
@@ -141,8 +143,8 @@ class ManagementAPI:
     @_handles_errors
     async def scale(self, request: Request) -> Response:
         name, version = request.path_params["model"], request.path_params.get("version")
-        min_worker = _int(request, "min_worker", None, low=1)
-        max_worker = _int(request, "max_worker", None, low=1)
+        min_worker = _int(request, "min_worker", None, low=1, high=MAX_WORKERS)
+        max_worker = _int(request, "max_worker", None, low=1, high=MAX_WORKERS)
         synchronous = _bool(request, "synchronous", False)
         if min_worker is not None and max_worker is not None and min_worker > max_worker:
             raise bad_request(f"min_worker ({min_worker}) must be <= max_worker "

@@ -227,6 +227,10 @@ def read_manifest(path: str | os.PathLike) -> dict:
         if not isinstance(manifest["model"]["handler"], str):
             raise TypeError(f"model.handler must be a string, got "
                              f"{manifest['model']['handler']!r}")
+        for field in ("features", "tables"):
+            if not isinstance(manifest[field], dict):
+                raise TypeError(f"{field} must be an object of name -> entry, got "
+                                f"{type(manifest[field]).__name__}")
         if not manifest["features"]:
             raise ValueError("features is empty")
         for fname, f in manifest["features"].items():
@@ -251,13 +255,15 @@ def read_manifest(path: str | os.PathLike) -> dict:
 def _optimizer(entry: dict | None):
     if entry is None:
         return None
+    if not isinstance(entry, dict):
+        raise PackageError(f"optimizer must be an object with type and fields, got {entry!r}")
     cls = _OPTIMIZERS.get(entry.get("type"))
     if cls is None:
         raise PackageError(f"unknown optimizer type {entry.get('type')!r}; expected one of "
                            f"{sorted(_OPTIMIZERS)}")
     try:
         return cls(**entry["fields"])
-    except (TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise PackageError(f"optimizer {entry['type']}: {e}") from None
 
 

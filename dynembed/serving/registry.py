@@ -19,6 +19,9 @@ from dynembed.serving.batching import Batcher
 from dynembed.serving.handler import make_handler
 from dynembed.serving.package import PackageError, check_name, open_package
 
+MAX_WORKERS = 1024
+"""Most workers one model version may have (each is a task on the event loop)."""
+
 
 class ServingError(DynembedError):
     """An API error: an HTTP status, TorchServe's error type and a message."""
@@ -53,6 +56,8 @@ class ModelVersion:
     loaded_at_startup: bool
     preload: bool = False
     registered: float = field(default_factory=time.time)
+    checkpoint: str | None = None
+    """The checkpoint whose tables it serves (None: its package's)."""
 
     def options(self) -> dict:
         """The :meth:`Registry.register` arguments that made this version (with its
@@ -137,11 +142,15 @@ class Registry:
         if not url or "://" in url:
             raise bad_request(f"url must name a package in the model store (a relative "
                               f"path), got {url!r}; downloads are not supported")
-        path = (self.model_store / url).resolve()
-        if path != self.model_store and self.model_store not in path.parents:
-            raise bad_request(f"url {url!r} is outside the model store; register only "
-                              "packages inside it")
-        if not path.is_dir():
+        try:
+            path = (self.model_store / url).resolve()
+            if path != self.model_store and self.model_store not in path.parents:
+                raise bad_request(f"url {url!r} is outside the model store; register only "
+                                  "packages inside it")
+            found = path.is_dir()
+        except (ValueError, OSError) as e:  # a NUL byte, a name too long for the system
+            raise bad_request(f"url {url!r} is not a usable path: {e}") from None
+        if not found:
             raise not_found(f"Model not found in model store: {url}")
         return path
 
@@ -156,12 +165,14 @@ class Registry:
             ServingError: 400 bad arguments or package, 404 no such package, 409 the
                 version is registered already.
         """
-        for arg, value, low in (("initial_workers", initial_workers, 1),
-                                ("batch_size", batch_size, 1)):
-            if not isinstance(value, int) or value < low:
-                raise bad_request(f"{arg} must be an integer >= {low}, got {value!r}")
-        if max_batch_delay_ms < 0 or response_timeout_s <= 0:
-            raise bad_request("max_batch_delay must be >= 0 and response_timeout > 0")
+        for arg, value, high in (("initial_workers", initial_workers, MAX_WORKERS),
+                                 ("batch_size", batch_size, 2**31 - 1)):
+            if not isinstance(value, int) or not 1 <= value <= high:
+                raise bad_request(f"{arg} must be an integer in [1, {high}], got {value!r}")
+        for arg, value, low in (("max_batch_delay", max_batch_delay_ms, 0),
+                                ("response_timeout", response_timeout_s, 1e-3)):
+            if not low <= value <= 2**31 - 1:  # also refuses NaN
+                raise bad_request(f"{arg} must be in [{low:g}, {2**31 - 1}], got {value!r}")
         path = self.resolve_url(url)
         loop = asyncio.get_running_loop()
         try:
@@ -226,9 +237,10 @@ class Registry:
         entry = self.get(name, version)
         low = entry.min_workers if min_worker is None else min_worker
         high = low if max_worker is None else max_worker
-        if not isinstance(low, int) or low < 1 or high < low:
-            raise bad_request(f"min_worker must be an integer >= 1 and <= max_worker, got "
-                              f"min_worker={min_worker!r}, max_worker={max_worker!r}")
+        if not isinstance(low, int) or not 1 <= low <= high <= MAX_WORKERS:
+            raise bad_request(f"min_worker must be an integer in [1, max_worker] and "
+                              f"max_worker at most {MAX_WORKERS}, got min_worker="
+                              f"{min_worker!r}, max_worker={max_worker!r}")
         entry.min_workers, entry.max_workers = low, high
         await entry.batcher.scale(low)
         if self.mirror is not None:

@@ -19,6 +19,7 @@ import asyncio
 import dataclasses
 import gc
 import logging
+import math
 import os
 import socket
 import sys
@@ -88,7 +89,8 @@ class ServerConfig:
     max_request_bytes: int = 6_553_500
     """Request bodies over this are refused (413), as TorchServe's max_request_size."""
     follow: dict[str, str] = field(default_factory=dict)
-    """model name -> a training job's checkpoint directory to follow."""
+    """model name -> a training job's checkpoint directory to follow: every version of the
+    model, also one registered later, serves the tables of its newest checkpoint."""
     follow_interval_s: float = 5.0
     allow_custom_handlers: tuple[str, ...] = ()
     """Model names whose packages may run their own handler code."""
@@ -111,8 +113,13 @@ class ServerConfig:
                      "response_timeout_s", "torch_threads", "processes"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        if self.max_batch_delay_ms < 0:
+        if not 0 <= self.max_batch_delay_ms < math.inf:
             raise ValueError(f"max_batch_delay_ms must be >= 0, got {self.max_batch_delay_ms}")
+        for name in ("follow_interval_s", "graceful_timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not 0 < value < math.inf:
+                raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
         if self.processes > 1 and (sys.platform != "linux"
                                    or not hasattr(socket, "SO_REUSEPORT")):
             raise ValueError(f"processes={self.processes} needs Linux (SO_REUSEPORT); use "
@@ -290,20 +297,25 @@ class ModelServer:
             self.metrics.refreshes.labels(entry.name, entry.version).inc()
         if self.replicas is not None:
             await self.replicas.refresh(name, [e.version for e in entries], str(checkpoint))
+        for entry in entries:
+            entry.checkpoint = str(checkpoint)
 
     async def _follow(self, name: str, directory: Path) -> None:
-        """Applies each newer checkpoint of ``directory`` to model ``name``'s tables."""
-        applied = None
+        """Applies each newer checkpoint of ``directory`` to model ``name``'s tables, and
+        the newest one to versions registered since (again, or new)."""
         loop = asyncio.get_running_loop()
         while True:
             try:
                 if directory.is_dir():
                     latest = await loop.run_in_executor(
                         None, lambda: CheckpointManager(directory).latest())
-                    if latest is not None and latest != applied:
-                        await self.refresh(name, latest)
-                        logger.info("model %s now serves the tables of %s", name, latest)
-                        applied = latest
+                    behind = [] if latest is None else [
+                        e.version for e in list(self.registry.models.get(name, {}).values())
+                        if e.checkpoint != str(latest)]
+                    if behind:
+                        await self.refresh(name, latest, behind)
+                        logger.info("model %s %s now serves the tables of %s", name,
+                                    behind, latest)
             except Exception:
                 logger.exception("could not apply the newest checkpoint of %s", directory)
             await asyncio.sleep(self.config.follow_interval_s)
@@ -324,13 +336,23 @@ class ModelServer:
             if api == "inference" and (self.config.processes > 1 or self.replica):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.bind((host, port))
+            try:
+                sock.bind((host, port))
+            except OSError as e:
+                sock.close()
+                for opened in self.sockets.values():
+                    opened.close()
+                self.sockets.clear()
+                raise OSError(e.errno, f"cannot listen on {host}:{port} for the {api} API: "
+                                       f"{e.strerror} (another server there? pick another "
+                                       f"--{api}-address)") from None
             sock.listen(2048)
             sock.set_inheritable(True)
             self.sockets[api] = sock
             bound = sock.getsockname()[:2]
             self._by_port[bound[1]] = self.apps[api]
             out[api] = (bound[0], bound[1])
+        self.tokens.publish()
         return out
 
     async def serve(self) -> None:

@@ -13,6 +13,7 @@ import dynembed as de
 from tests.serving.helpers import (
     Trained,
     columns,
+    eventually,
     examples,
     expected,
     make_model,
@@ -72,6 +73,31 @@ def test_a_new_checkpoint_reaches_live_tables_without_a_failed_request(tmp_path)
     want = expected(coll, dense, batch)
     assert after == pytest.approx(want, rel=1e-5)
     assert after != pytest.approx(before, rel=1e-5)
+
+
+def test_a_followed_model_registered_again_serves_the_followed_checkpoint(tmp_path):
+    """The follower once refreshed only when a newer checkpoint came: a version registered
+    again served its package's old tables until training saved another one."""
+    store = tmp_path / "store"
+    store.mkdir()
+    coll, dense = write_package(store)
+    batch = examples(8, seed=4)
+    coll.train()
+    for _ in range(3):
+        (dense(coll(columns(batch), concat=True)) - 1).pow(2).mean().backward()
+    de.checkpoint.CheckpointManager(tmp_path / "ckpt").save(1, Trained(coll, dense))
+    want = expected(coll, dense, batch)
+    server = start_server(store, models={"ctr": "ctr-1.0"}, follow={"ctr": str(tmp_path / "ckpt")},
+                          follow_interval_s=0.1)
+    url, headers = server.inference + "/predictions/ctr", server.token()
+    try:
+        eventually(lambda: httpx.post(url, json=batch).json() == pytest.approx(want, rel=1e-5))
+        assert httpx.delete(server.management + "/models/ctr", headers=headers).status_code == 200
+        assert httpx.post(server.management + "/models", params={"url": "ctr-1.0"},
+                          headers=headers).status_code == 200
+        eventually(lambda: httpx.post(url, json=batch).json() == pytest.approx(want, rel=1e-5))
+    finally:
+        server.stop()
 
 
 def test_graceful_shutdown_answers_every_accepted_request(store):

@@ -234,6 +234,7 @@ def test_v2_infer_refuses_bad_tensors_naming_the_input(server):
         "3-d": (_replace(good, "item", shape=[3, 1, 1]), "item"),
         "negative": (_replace(good, "item", shape=[-1]), "item"),
         "twice": ({**good, "inputs": good["inputs"] + good["inputs"][:1]}, "user"),
+        "list datatype": (_replace(good, "user", datatype=[]), "user"),  # once a 500
     }
     for case, (body, name) in cases.items():
         message = _v2_error(_post(server, "/v2/models/ids/infer", json=body), 400)
@@ -278,7 +279,8 @@ def test_an_unknown_version_is_404(server, method, path, v2):
                                       ("/v1/models/ctr:predict", False),
                                       ("/v2/models/ctr/infer", True)])
 def test_malformed_json_is_400(server, path, v2):
-    for content in (b'{"user": "u1", ', b"\xff\xfe not utf-8", b""):
+    for content in (b'{"user": "u1", ', b"\xff\xfe not utf-8", b"",
+                    b"[" * 2000 + b"]" * 2000):  # too deep (json.loads once raised: 500)
         response = _post(server, path, content=content,
                          headers={"content-type": "application/json"})
         message = _v2_error(response, 400) if v2 else \

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import time
 
 import httpx
 import pytest
@@ -165,6 +166,15 @@ def test_register_refuses_urls_outside_the_model_store(api, store, tmp_path):
 
 def test_register_a_missing_package_is_404_and_a_bad_one_400(api, store):
     assert "nope" in torchserve_error(api.register("nope"), 404, "ModelNotFoundException")
+    for url in ("ctr\x00x", "a" * 300):  # once 500s (a NUL byte, a name too long)
+        assert "not a usable path" in torchserve_error(api.register(url), 400)
+    for name, change in (("opt-str", lambda m: m["tables"]["user"].update(optimizer="Adagrad")),
+                         ("tables-list", lambda m: m.update(tables=list(m["tables"])))):
+        _copy(store / "ctr-1.0", store / name)
+        manifest = json.loads((store / name / "MANIFEST.json").read_text())
+        change(manifest)
+        (store / name / "MANIFEST.json").write_text(json.dumps(manifest))
+        torchserve_error(api.register(name), 400, "BadRequestException")  # once a 500
     torchserve_error(api.register("nope", synchronous="false"), 404)
     (store / "empty").mkdir()
     assert "not a model package" in torchserve_error(api.register("empty"), 400)
@@ -178,7 +188,8 @@ def test_register_with_bad_parameters_is_400(api):
                    {"batch_size": "0"}, {"batch_size": "1.5"}, {"max_batch_delay": "-1"},
                    {"max_batch_delay": "soon"}, {"response_timeout": "0"},
                    {"synchronous": "maybe"}, {"preload": "yes"}, {"model_name": "other"},
-                   {"model_name": "../x"}):
+                   {"model_name": "../x"}, {"max_batch_delay": str(10**400)},
+                   {"initial_workers": "100000"}, {"response_timeout": str(2**31)}):
         message = torchserve_error(api.register("ctr-1.0", **params), 400, "BadRequestException")
         assert next(iter(params)) in message, (params, message)
     assert api.models() == []
@@ -309,6 +320,22 @@ def test_unregister_versions(api):
     torchserve_error(api("DELETE", "/models/ctr"), 404, "ModelNotFoundException")
     assert api.register("ctr-2.0").status_code == 200  # and it can come back
     assert api.predict("ctr", batch).status_code == 200
+
+
+def test_a_request_in_flight_when_its_model_is_unregistered_gets_404_at_once(api):
+    """It found the model, then its body arrived after the unregister: it once waited the
+    whole response_timeout on the stopped batcher, then got 503."""
+    assert api.register("ctr-1.0", response_timeout=60).status_code == 200
+    body = json.dumps(examples(1)[0]).encode()
+    host, port = api.running.inference.rsplit("/", 1)[1].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(b"POST /predictions/ctr HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:5])
+        time.sleep(0.5)  # the server reads the headers and finds the model meanwhile
+        assert api("DELETE", "/models/ctr").status_code == 200
+        conn.sendall(body[5:])
+        reply = conn.recv(65536).decode()
+    assert reply.startswith("HTTP/1.1 404") and "ModelNotFoundException" in reply
 
 
 def test_models_loaded_at_startup(store):

@@ -105,7 +105,11 @@ def test_replicas_share_the_port_and_follow_management_and_checkpoints(tmp_path)
         assert manage("PUT", "/models/ctr/2.0/set-default").status_code == 200
         for status, body in _answers(url, batch):
             assert status == 200
-            assert body == pytest.approx(expected(coll2, dense2, batch), rel=1e-6)
+        # the new version's dense part, over the followed checkpoint's tables
+        want2 = expected(coll, dense2, batch)
+        assert want2 != pytest.approx(expected(coll2, dense2, batch), rel=1e-6)
+        eventually(lambda: all(body == pytest.approx(want2, rel=1e-6)
+                               for _, body in _answers(url, batch)), timeout=60)
         assert manage("DELETE", "/models/ctr/1.0").status_code == 200
         assert {status for status, _ in _answers(url + "/1.0", batch)} == {404}
     finally:
@@ -114,7 +118,7 @@ def test_replicas_share_the_port_and_follow_management_and_checkpoints(tmp_path)
 
 
 def test_a_replica_that_dies_is_started_again_with_the_current_models(tmp_path):
-    server, manager, (coll, dense), (coll2, dense2) = _two_processes(tmp_path)
+    server, manager, (coll, dense), (_, dense2) = _two_processes(tmp_path)
     batch = examples(3, seed=2)
     url = server.inference + "/predictions/ctr"
     try:
@@ -135,20 +139,24 @@ def test_a_replica_that_dies_is_started_again_with_the_current_models(tmp_path):
         assert response.status_code == 200
         eventually(lambda: replicas.processes[0] is not old
                    and replicas.processes[0].is_alive(), timeout=60)
-        answers, answers2 = [], []
-        # the new replica (once serving) answers some requests, with the newest checkpoint's
-        # tables for 1.0 and with 2.0, registered while it was down
-        eventually(lambda: answers.extend(_answers(url + "/1.0", batch, 10))
-                   or answers2.extend(_answers(url + "/2.0", batch, 10))
-                   or _requests_by_process(server).get("1", 0) > 20, timeout=60)
-        assert {status for status, _ in answers + answers2} == {200}
+        # the new replica (once serving) answers requests with the newest checkpoint's
+        # tables, for 1.0 and for 2.0, registered while it was down (its own dense part)
+        want2 = expected(coll, dense2, batch)
+
+        def settled() -> bool:
+            round1 = _answers(url + "/1.0", batch, 10)
+            round2 = _answers(url + "/2.0", batch, 10)
+            return all(status == 200 and body == pytest.approx(want, rel=1e-6)
+                       for status, body in round1) and \
+                all(status == 200 and body == pytest.approx(want2, rel=1e-6)
+                    for status, body in round2) and \
+                _requests_by_process(server).get("1", 0) > 20
+
+        eventually(settled, timeout=60)
         described = httpx.get(server.management + "/models/ctr/all", headers=server.token(),
                               timeout=30).json()
         assert {w["pid"] for d in described for w in d["workers"]} == {
             os.getpid(), replicas.processes[0].pid}  # the new replica, not the killed one
-        for (_, body), (_, body2) in zip(answers, answers2):
-            assert body == pytest.approx(want, rel=1e-6)
-            assert body2 == pytest.approx(expected(coll2, dense2, batch), rel=1e-6)
     finally:
         server.stop()
 
@@ -157,3 +165,11 @@ def test_processes_must_be_a_positive_int(tmp_path):
     for bad in (0, -1, 1.5):
         with pytest.raises(ValueError, match="processes"):
             ServerConfig(model_store=str(tmp_path), processes=bad)
+
+
+def test_follow_interval_and_graceful_timeout_must_be_positive(tmp_path):
+    """follow_interval_s=0 once rescanned the checkpoint directory in a tight loop."""
+    for name in ("follow_interval_s", "graceful_timeout_s"):
+        for bad in (0, -1.0, float("nan"), float("inf"), True):
+            with pytest.raises(ValueError, match=name):
+                ServerConfig(model_store=str(tmp_path), **{name: bad})

@@ -11,6 +11,8 @@ import pathlib
 import pickle
 import shutil
 import stat
+import subprocess
+import sys
 import threading
 import time
 import zipfile
@@ -141,6 +143,30 @@ def test_management_authorization_can_be_turned_off(store):
         assert not running.key_file.exists()  # no token required, none written
     finally:
         running.stop()
+    other = running.key_file
+    other.write_text('{"management": {"key": "another-servers-token"}}')
+    running = start_server(store, management_auth=False, key_file=str(other))
+    running.stop()
+    assert other.exists()  # another server's key file is not this one's to delete
+
+
+def test_a_server_that_cannot_bind_leaves_the_running_servers_key_file(store, tmp_path):
+    running = start_server(store, key_file=str(tmp_path / "key_file.json"))
+    try:
+        before = running.key_file.read_text()
+        taken = running.inference.rsplit(":", 1)[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "dynembed", "serve", "--model-store", str(store),
+             "--inference-address", f"127.0.0.1:{taken}", "--management-address",
+             "127.0.0.1:0", "--metrics-address", "127.0.0.1:0",
+             "--key-file", str(running.key_file)],
+            capture_output=True, text=True, timeout=120, check=False)
+        assert result.returncode == 1
+        assert result.stderr.strip().splitlines()[-1].startswith(
+            f"error: [Errno 98] cannot listen on 127.0.0.1:{taken} for the inference API")
+        assert running.key_file.read_text() == before
+    finally:
+        running.stop()
 
 
 def test_the_key_file_is_private_and_removed_at_shutdown(store, tmp_path):
@@ -165,6 +191,8 @@ def test_a_leftover_temporary_key_file_does_not_widen_the_mode(tmp_path):
     leftover.write_text("stale")
     leftover.chmod(0o644)
     tokens = Tokens(key_file=key_file)
+    assert not key_file.exists()  # written once the server holds its ports
+    tokens.publish()
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     assert json.loads(key_file.read_text()) == {"management": {"key": tokens.keys[
         "management"]}}
