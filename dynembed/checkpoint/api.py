@@ -382,9 +382,16 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
         own = next((i for i, s in enumerate(shards) if s["rank"] == writer), 0)
         others = [a for i, a in enumerate(auxes) if i != own]
         table_buckets = range(manifest["num_buckets"]) if _replicated(table) else buckets
+        # a shard held keys of only its buckets: merge the admission state of those that
+        # held some of ours (replicas each saw every key: theirs is the same state)
+        held = [rank_buckets(s["rank"], manifest["world_size"], manifest["num_buckets"])
+                for s in shards]
+        admissions = [] if _replicated(table) else [
+            auxes[i] for i, r in enumerate(held) if i != own
+            and r.start < table_buckets.stop and table_buckets.start < r.stop]
         layers = _lazy_rows(chain, name, table_buckets, table, strict=True).layers
         check_fits(table, layers)
-        plans.append((table, table_buckets, layers, auxes[own], others))
+        plans.append((table, table_buckets, layers, auxes[own], others, admissions))
     extra = None
     if manifest.get("dense") is not None:  # first: a model that does not fit changes nothing
         dense = torch.load(folder / manifest["dense"], weights_only=True)
@@ -398,9 +405,10 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
             else:
                 optimizer.load_state_dict(dense["optimizer"])
         extra = dense["extra"]
-    for table, table_buckets, layers, aux, others in plans:
+    for table, table_buckets, layers, aux, others, admissions in plans:
         restore(table, layers, table_buckets, aux, others, since=manifest["id"], lazy=lazy,
-                background_rows=background_rows, chunk_rows=chunk_rows)
+                background_rows=background_rows, chunk_rows=chunk_rows,
+                admissions=admissions)
     return extra
 
 

@@ -170,7 +170,8 @@ def check_fits(table: DynamicTable, layers: list[list[RowsFile]]) -> None:
 def restore(table: DynamicTable, layers: list[list[RowsFile]], buckets: range,
             aux: dict[str, torch.Tensor], key_logs: list[dict[str, torch.Tensor]], *,
             since: str, lazy: bool, background_rows: int = 0,
-            chunk_rows: int = DEFAULT_CHUNK_ROWS) -> None:
+            chunk_rows: int = DEFAULT_CHUNK_ROWS,
+            admissions: list[dict[str, torch.Tensor]] = ()) -> None:
     """Replaces the table's rows (memory and store) with a checkpoint's.
 
     Args:
@@ -193,7 +194,7 @@ def restore(table: DynamicTable, layers: list[list[RowsFile]], buckets: range,
     if table.tier is not None:
         table.tier.clear()  # rows written after the checkpoint are newer than its cut
     table._clear_memory()
-    table.load_aux_state(aux, key_logs)
+    table.load_aux_state(aux, key_logs, admissions)
     base = LazyRows(layers, buckets, table.dim, table.arena.state_width)
     base.background_rows = background_rows if lazy else 0
     table.base = base

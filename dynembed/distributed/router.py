@@ -55,20 +55,23 @@ class _Packing:
     def __init__(self, widths: np.ndarray) -> None:
         self.offsets = np.concatenate([[0], np.cumsum(widths)])
         self.size = int(self.offsets[-1])
-        self._uniform = bool(widths.size) and bool((widths == widths[0]).all())
+        uniform = bool(widths.size) and bool((widths == widths[0]).all())
+        self._width = int(widths[0]) if uniform else None
+        """The one width of every entry (None if mixed). A table of another width may still
+        ask for its entries: it has none in this buffer."""
 
     def _cells(self, entries: np.ndarray, dim: int) -> np.ndarray:
         return (self.offsets[entries][:, None] + np.arange(dim)).ravel()
 
     def take(self, buf: np.ndarray, entries: np.ndarray, dim: int) -> np.ndarray:
         """(len(entries), dim) rows of ``entries`` (all of width ``dim``) from ``buf``."""
-        if self._uniform:
+        if self._width == dim:
             return buf.reshape(-1, dim)[entries]
         return buf[self._cells(entries, dim)].reshape(-1, dim)
 
     def put(self, buf: np.ndarray, entries: np.ndarray, rows: np.ndarray) -> None:
         """Writes (len(entries), dim) ``rows`` as the rows of ``entries`` in ``buf``."""
-        if self._uniform:
+        if self._width == rows.shape[1]:
             buf.reshape(-1, rows.shape[1])[entries] = rows
         else:
             buf[self._cells(entries, rows.shape[1])] = rows.ravel()

@@ -57,6 +57,10 @@ class Admitter:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restores :meth:`state_dict`."""
 
+    def merge_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Adds the keys another shard's admitter saw (its :meth:`state_dict`): a table
+        restored on fewer ranks owns the keys of several old shards."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class AdmissionPolicy:
@@ -118,6 +122,11 @@ class _SketchAdmitter(Admitter):
                              f"{self.sketch.shape}; use the same width and depth")
         self.sketch[...] = sketch
         self.decayed_at = int(state["decayed_at"])
+
+    def merge_state_dict(self, state):
+        # Each shard counted only its own keys: the sum is every key's count (saturating).
+        total = self.sketch.astype(np.int64) + state["sketch"].numpy()
+        self.sketch[...] = np.minimum(total, np.iinfo(self.sketch.dtype).max)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -205,6 +214,9 @@ class _BloomAdmitter(Admitter):
             raise ValueError(f"admission Bloom filter has {bits.shape[0] * 64} bits, this "
                              f"policy's has {self.bits.shape[0] * 64}; use the same sizes")
         self.bits[...] = bits
+
+    def merge_state_dict(self, state):
+        self.bits |= state["bits"].numpy().view(np.uint64)
 
 
 @dataclass(frozen=True, kw_only=True)

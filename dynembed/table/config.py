@@ -57,7 +57,10 @@ class TableConfig:
     read_only: bool = False
     """Serving mode: no inserts or updates in any mode; mutating verbs raise."""
     key_log: bool = False
-    """Keep id -> original string for string keys, to list and export real keys."""
+    """Keep id -> original string for string keys, to list and export real keys. In a
+    distributed job each rank logs the strings it looked up, not those of the rows it
+    holds; checkpoints merge every rank's log, so a restored table (and ``dynembed
+    inspect``) has them all, while a live shard may show None for keys other ranks sent."""
     initial_capacity: int = 0
     """Rows to reserve up front (the table grows on demand anyway)."""
     device: str = "cpu"

@@ -145,9 +145,12 @@ class TableSnapshot:
                 "optimizer the state was saved with")
 
     def load_aux_state(self, state: dict[str, torch.Tensor],
-                       key_logs: list[dict[str, torch.Tensor]] = ()) -> None:
+                       key_logs: list[dict[str, torch.Tensor]] = (),
+                       admissions: list[dict[str, torch.Tensor]] = ()) -> None:
         """Restores counters, seed, key log and admission state from :meth:`aux_state`
-        (rows untouched). ``key_logs``: more key logs to merge in (other shards')."""
+        (rows untouched). ``key_logs``, ``admissions``: other shards' aux states whose key
+        logs, and whose admission state (shards that held some of this table's buckets),
+        are merged in."""
         meta = state["meta"].tolist()
         if meta[0] != STATE_VERSION:
             raise StateDictError(f"state dict version {meta[0]} is not supported (this "
@@ -170,6 +173,11 @@ class TableSnapshot:
                          if k.startswith("admission.")}
             if admission:
                 self.admitter.load_state_dict(admission)
+            for other in admissions:
+                part = {k[len("admission."):]: v for k, v in other.items()
+                        if k.startswith("admission.")}
+                if part:
+                    self.admitter.merge_state_dict(part)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Replaces the table's rows and counters with a saved state.

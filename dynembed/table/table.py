@@ -399,7 +399,12 @@ class DynamicTable(RowLifecycle, TableSnapshot, TableSearch):
                new_step: bool = True) -> int:
         """Runs the optimizer on rows whose slot is not EMPTY (the others are counted as
         skipped); returns how many were updated. ``new_step`` False reuses the current
-        update step (later chunks of one deferred step)."""
+        update step (later chunks of one deferred step).
+
+        Each call is an optimizer step even without a row to update, as torch counts a step
+        for a parameter whose sparse gradient is empty: so the shards of a distributed
+        table, some of which get no rows in a step, keep one step count (Adam's bias
+        correction, Adagrad's learning-rate decay)."""
         valid = slots != EMPTY
         bad = nonfinite_rows(grads)
         n_bad = int(np.count_nonzero(bad))
@@ -413,11 +418,11 @@ class DynamicTable(RowLifecycle, TableSnapshot, TableSearch):
             valid &= ~bad
         n_valid = int(np.count_nonzero(valid))
         self.counters.skipped_gradients += grads.shape[0] - n_valid
+        self.update_step += 1 if new_step else 0
         if n_valid == 0:
             return 0
         if n_valid < grads.shape[0]:
             slots, grads = slots[valid], np.ascontiguousarray(grads[valid])
-        self.update_step += 1 if new_step else 0
         self.optimizer.apply(self.arena.np("weights"), self.arena.np("state"), slots, grads,
                              self.update_step)
         self.counters.updated_rows += n_valid
@@ -470,6 +475,7 @@ class DynamicTable(RowLifecycle, TableSnapshot, TableSearch):
         ids = np.concatenate([k[0] for k in kept])
         grads = torch.cat([k[1] for k in kept])
         if ids.shape[0] == 0:
+            self.update_step += 1  # a step all the same (see _apply)
             return
         unique, inverse, counts = unique_inverse(ids)
         summed = torch.zeros((unique.shape[0], self.dim), dtype=torch.float32)
@@ -477,8 +483,7 @@ class DynamicTable(RowLifecycle, TableSnapshot, TableSearch):
         summed = summed.numpy()
         if self.config.nonfinite_grads == "raise" and nonfinite_rows(summed).any():
             self._apply(unique, np.full(unique.shape[0], EMPTY), summed)  # raises first
-        applied = 0
-        for part in self._chunks(unique.shape[0]):
+        for chunk, part in enumerate(self._chunks(unique.shape[0])):
             slots = self.index.find(unique[part])
             if self.tier is not None:
                 try:
@@ -487,8 +492,8 @@ class DynamicTable(RowLifecycle, TableSnapshot, TableSearch):
                 except StoreError:
                     self.counters.skipped_gradients += unique.shape[0] - part.start
                     raise
-            applied += self._apply(unique[part], slots, np.ascontiguousarray(summed[part]),
-                                   new_step=applied == 0)
+            self._apply(unique[part], slots, np.ascontiguousarray(summed[part]),
+                        new_step=chunk == 0)
 
     def zero_grad(self) -> None:
         """Drops gradients queued in deferred mode without applying them."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 import os
 import shutil
 import signal
@@ -57,7 +58,7 @@ def _positive_or_none(name: str, value, kind=int) -> None:
     if value is None:
         return
     ok = (int, float) if kind is float else int
-    if isinstance(value, bool) or not isinstance(value, ok) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, ok) or not 0 < value < math.inf:
         raise ValueError(f"{name} must be a positive {'number' if kind is float else 'int'} "
                          f"or None, got {value!r}")
 

@@ -95,3 +95,26 @@ def test_a_table_missing_on_a_rank_fails_the_commit(tmp_path):
     with pytest.raises(de.CheckpointError, match="every rank must save every sharded table"):
         de.checkpoint.save(tmp_path / "c", tables={"t": shards[1]}, rank=1, world_size=2,
                            num_buckets=16)
+
+
+@pytest.mark.parametrize("policy", [de.policy.FrequencyAdmission(threshold=2, width=1024, depth=2),
+                                    de.policy.BloomAdmission(expected_keys=1000)])
+def test_admission_state_of_every_old_shard_reaches_the_rank_that_owns_its_keys(tmp_path,
+                                                                               policy):
+    """Restoring 2 shards on 1 once kept only the first shard's admission state: a key the
+    second shard had seen once was refused again."""
+    buckets = 16
+    ids = np.arange(200, dtype=np.int64)
+    owner = rank_of_bucket(buckets_of(ids, buckets), 2, buckets)
+    seen = [ids[owner == rank][:5] for rank in range(2)]  # each shard sees its keys once
+    for rank in range(2):
+        shard = make_table(admission=policy)
+        shard.lookup_slots(seen[rank], np.ones(5, dtype=np.int64), insert=True)
+        assert len(shard) == 0  # not admitted yet
+        de.checkpoint.save(tmp_path / "c", tables={"t": shard}, rank=rank, world_size=2,
+                           num_buckets=buckets)
+    whole = make_table(admission=policy)
+    de.checkpoint.load(tmp_path / "c", tables={"t": whole})
+    both = np.concatenate(seen)
+    whole.lookup_slots(both, np.ones(10, dtype=np.int64), insert=True)  # the second sighting
+    assert whole.contains(both).all()

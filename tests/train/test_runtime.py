@@ -108,6 +108,10 @@ def test_restore_skips_a_damaged_checkpoint_for_the_one_before(tmp_path):
 def test_misuse_is_explained(tmp_path):
     with pytest.raises(ValueError, match="every_steps must be"):
         Runtime(tmp_path, every_steps=0)
+    for name in ("timeout", "every_seconds"):
+        for bad in (float("nan"), float("inf")):  # once failed later, unnamed, or never fired
+            with pytest.raises(ValueError, match=f"{name} must be a positive number"):
+                Runtime(tmp_path, **{name: bad})
     with pytest.raises(ValueError, match="need checkpoint_dir"):
         Runtime(None, every_steps=5)
     rt = Runtime(tmp_path)

@@ -1,0 +1,139 @@
+"""Two gloo ranks in spawned processes against one process on the concatenated batches:
+steps where a shard gets no keys, and tables of two dims whose keys sit on different ranks."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pickle
+import traceback
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import dynembed as de
+from dynembed.distributed import shard_model
+from dynembed.keys.buckets import NUM_BUCKETS, buckets_of, rank_of_bucket
+
+WORLD = 2
+
+
+def _owned_by(rank: int, n: int) -> list[int]:
+    ids = np.arange(1000, dtype=np.int64)
+    owner = rank_of_bucket(buckets_of(ids, NUM_BUCKETS), WORLD, NUM_BUCKETS)
+    return ids[owner == rank][:n].tolist()
+
+
+A, B = _owned_by(0, 4), _owned_by(1, 4)
+# per step, each rank's keys: in steps 2 and 3 rank 1's shard gets no key at all
+STEPS = [[[A[0], B[0]], [A[1], B[1]]], [[A[0]], [A[1]]], [[A[2]], [A[0]]], [[B[0]], [B[1]]]]
+
+
+def _adam(mode: str) -> de.DynamicEmbedding:
+    return de.DynamicEmbedding(dim=4, optimizer=de.optim.Adam(lr=0.1), seed=3, update_mode=mode)
+
+
+def _mixed() -> de.EmbeddingCollection:
+    return de.EmbeddingCollection(tables={
+        "a": de.TableConfig(dim=4, optimizer=de.optim.SGD(lr=0.1), seed=1),
+        "b": de.TableConfig(dim=3, optimizer=de.optim.SGD(lr=0.1), seed=2)})
+
+
+def _coef(step: int, rows: int, dim: int) -> torch.Tensor:
+    return torch.randn(16, dim, generator=torch.Generator().manual_seed(step))[:rows]
+
+
+def _train_adam(emb, mode: str, keys_per_step, offsets, scale: float) -> None:
+    """Loss: sum(rows * coef) * scale, linear: the ranks' gradients, averaged by the router
+    (as DDP), equal one process's on all the keys with scale 1/W."""
+    for step, keys in enumerate(keys_per_step):
+        out = emb(torch.tensor(keys, dtype=torch.int64))
+        coef = _coef(step, offsets[step] + len(keys), 4)[offsets[step]:]
+        ((out * coef).sum() * scale).backward()
+        if mode == "deferred":
+            de.sparse_step(emb)
+
+
+def _rows(table) -> dict:
+    export = table.export()
+    return {int(i): torch.cat([w, s]).numpy() for i, w, s in
+            zip(export.ids, export.weights, export.optimizer_state)}
+
+
+def _worker(rank: int, init: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank,
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    try:
+        result = {}
+        for mode in ("fused", "deferred"):
+            emb = _adam(mode)
+            shard_model(emb)
+            offsets = [len(step[0]) if rank else 0 for step in STEPS]
+            _train_adam(emb, mode, [step[rank] for step in STEPS], offsets, 1.0)
+            result[mode] = (_rows(emb.table), emb.table.update_step)
+        coll = _mixed()
+        shard_model(coll)
+        out_rows = coll({"a": torch.tensor([A[rank]]), "b": torch.tensor([B[rank]])},
+                        concat=True)
+        out_rows.sum().backward()
+        result["mixed"] = {name: _rows(t) for name, t in coll.tables.items()}
+        error = None
+    except BaseException:  # noqa: BLE001 - reported to the test
+        result, error = None, traceback.format_exc()
+    with open(os.path.join(out, f"rank{rank}.pkl"), "wb") as f:
+        pickle.dump((result, error), f)
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ranks")
+    mp.start_processes(_worker, args=(str(folder / "init"), str(folder)), nprocs=WORLD,
+                       join=True, start_method="spawn")
+    results = []
+    for rank in range(WORLD):
+        with open(folder / f"rank{rank}.pkl", "rb") as f:
+            result, error = pickle.load(f)
+        assert error is None, error
+        results.append(result)
+    return results
+
+
+def _union(parts: list[dict]) -> dict:
+    merged = {}
+    for part in parts:
+        assert not set(part) & set(merged), "a row on two ranks"
+        merged.update(part)
+    return merged
+
+
+@pytest.mark.parametrize("mode", ["fused", "deferred"])
+def test_shards_that_get_no_keys_keep_the_step_count(ranks, mode):
+    """A shard without keys in a step once kept its update step, so Adam's bias correction
+    (and Adagrad's lr decay) moved its rows differently from one process."""
+    reference = _adam(mode)
+    _train_adam(reference, mode, [step[0] + step[1] for step in STEPS], [0] * len(STEPS),
+                1 / WORLD)
+    assert [r[mode][1] for r in ranks] == [reference.table.update_step] * WORLD
+    expected, got = _rows(reference.table), _union([r[mode][0] for r in ranks])
+    assert set(got) == set(expected)
+    for key, row in expected.items():
+        np.testing.assert_allclose(got[key], row, rtol=1e-5, atol=1e-6)
+
+
+def test_tables_of_two_dims_whose_keys_sit_on_different_ranks(ranks):
+    """Each owner gets keys of one table only: its buffer holds one width, and the other
+    table's empty part once reshaped it by the wrong dim (ValueError on both ranks)."""
+    reference = _mixed()
+    out = reference({"a": torch.tensor(A[:2]), "b": torch.tensor(B[:2])}, concat=True)
+    (out.sum() / WORLD).backward()
+    for name, table in reference.tables.items():
+        got = _union([r["mixed"][name] for r in ranks])
+        expected = _rows(table)
+        assert set(got) == set(expected)
+        for key, row in expected.items():
+            np.testing.assert_allclose(got[key], row, rtol=1e-6)
