@@ -88,6 +88,11 @@ class Uniform(CandidateSampler):
         return np.full(ids.shape[0], np.log(num / max(table.size(), 1)))
 
 
+def _check_refresh_every(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"refresh_every must be an int >= 1, got {value!r}")
+
+
 @dataclass
 class _Snapshot:
     ids: np.ndarray  # live ids in draw order
@@ -99,15 +104,13 @@ class _Snapshot:
     table: int  # id() of the table it describes (a sampler may serve several)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _FrequencySampler(CandidateSampler):
     refresh_every: int = 1000
     _snapshot: _Snapshot | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.refresh_every, bool) or not isinstance(self.refresh_every, int) \
-                or self.refresh_every < 1:
-            raise ValueError(f"refresh_every must be an int >= 1, got {self.refresh_every!r}")
+        _check_refresh_every(self.refresh_every)
 
     @abc.abstractmethod
     def _weights(self, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -147,7 +150,7 @@ class _FrequencySampler(CandidateSampler):
         return np.log(num * p)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LogUniform(_FrequencySampler):
     """Zipfian over frequency ranks: the most counted row is rank 0."""
 
@@ -158,7 +161,7 @@ class LogUniform(_FrequencySampler):
         return order, p
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Unigram(_FrequencySampler):
     """p(row) proportional to max(count, 1) ** power."""
 
@@ -175,13 +178,16 @@ class Unigram(_FrequencySampler):
         return np.arange(counts.shape[0]), w / w.sum()
 
 
-@dataclass
+@dataclass(kw_only=True)
 class InBatch(CandidateSampler):
     """The batch's positives are everyone's negatives (no extra rows are read). The total
     of the live rows' counts is refreshed like the frequency samplers' snapshots."""
 
     refresh_every: int = 1000
     _total: tuple[int, int, float, int] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        _check_refresh_every(self.refresh_every)
 
     def sample(self, table, num, rng, positives):
         return np.unique(positives)

@@ -17,6 +17,7 @@ table's sparse optimizer, once per distinct row.
 from __future__ import annotations
 
 import logging
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -155,8 +156,18 @@ def _candidates(output, inputs, labels, *, num_sampled, sampler, remove_accident
     if isinstance(num_sampled, bool) or not isinstance(num_sampled, int) or num_sampled < 0:
         raise ValueError(f"num_sampled must be an int >= 0, got {num_sampled!r}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not temperature > 0:
-        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+            or not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if sampler is not None and not isinstance(sampler, CandidateSampler):
+        raise TypeError(f"sampler must be a de.sampling sampler such as "
+                        f"de.sampling.Uniform(), got {type(sampler).__name__}")
+    if generator is not None and not isinstance(generator, (int, np.random.Generator)) \
+            or isinstance(generator, bool):
+        raise TypeError(f"generator must be None, an int seed or a numpy Generator, got "
+                        f"{type(generator).__name__}")
+    if not isinstance(inputs, torch.Tensor):
+        raise TypeError(f"inputs must be a (batch, dim) float tensor, got "
+                        f"{type(inputs).__name__}")
     table = output.table
     if table.router is not None:
         raise ValueError("sampled softmax: the output table is part of a distributed job "
@@ -204,7 +215,7 @@ def _candidates(output, inputs, labels, *, num_sampled, sampler, remove_accident
     neg_rows = index_rows(rows, cand_inverse[unique_pos.shape[0]:])
 
     # Positive logits, padded to the most positives of any example.
-    width = int(np.diff(bounds).max())
+    width = int(np.diff(bounds).max()) if batch else 0
     column = np.arange(pos_ids.shape[0]) - bounds[example]
     true_logits = torch.full((batch, width), float("-inf"))
     flat = (inputs[torch.from_numpy(example)] * pos_rows).sum(1)
@@ -245,7 +256,7 @@ def sampled_softmax_loss(output: DynamicEmbedding, inputs: torch.Tensor, labels,
         >>> words = de.DynamicEmbedding(dim=64, optimizer=de.optim.Adagrad(lr=0.1))
         >>> out = de.DynamicEmbedding(dim=64, optimizer=de.optim.Adagrad(lr=0.1))
         >>> loss = de.sampled_softmax_loss(out, words(centers), contexts, num_sampled=64,
-        ...                                sampler=de.sampling.Unigram(0.75))
+        ...                                sampler=de.sampling.Unigram(power=0.75))
         >>> loss.backward()
     """
     if reduction not in ("mean", "sum", "none"):

@@ -67,13 +67,15 @@ class ApproximateIndex:
         self.ids = np.empty(0, np.int64)
         """The id of each faiss row (faiss numbers rows 0..n-1; ids may be negative)."""
         self.rows = 0
-        self._built_at: tuple[int, int, int] | None = None  # (update step, erasures, size)
+        # (update step, writes, erasures, size) at the last build
+        self._built_at: tuple[int, int, int, int] | None = None
 
     @property
     def stale(self) -> bool:
-        """Whether the table changed (updates, inserts, removals) since the last build."""
+        """Whether the table changed (updates, assigns, inserts, removals) since the last
+        build."""
         t = self.table
-        return self._built_at != (t.update_step, t.erasures, t.size())
+        return self._built_at is None or self._built_at[1:] != (t.writes, t.erasures, t.size())
 
     def rebuild(self) -> int:
         """Builds the index from every live row now; returns the rows indexed."""
@@ -100,7 +102,7 @@ class ApproximateIndex:
             index.add(rows)  # faiss numbers rows 0..n-1; ids are kept beside it
         self.index, self.ids, self.rows = index, ids, n
         t = self.table
-        self._built_at = (t.update_step, t.erasures, t.size())
+        self._built_at = (t.update_step, t.writes, t.erasures, t.size())
         return n
 
     def search(self, queries, k: int) -> TopK:

@@ -140,8 +140,8 @@ class TableConfig:
             parse_bytes(self.memory_budget, "memory_budget")
         for name in ("max_rows", "evict_every", "sweep_rows"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value <= 0):
+            if (value is not None or name == "sweep_rows") and (
+                    isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ValueError(f"{name} must be an int > 0" + (
                     "" if name == "sweep_rows" else " or None") + f", got {value!r}")
         if self.evict_every is not None and (self.eviction is None

@@ -101,6 +101,9 @@ class DynamicTable(RowLifecycle, TableSnapshot, TableSearch):
         """Training lookups so far; the clock of ``last_step``."""
         self.update_step = 0
         """Optimizer updates applied so far (Adam's bias correction, Adagrad's lr decay)."""
+        self.writes = 0
+        """Calls that changed rows' values (updates, assigns): tells a derived structure,
+        such as an approximate search index, that it is stale."""
         self.erasures = 0
         self._erase_log: deque = deque(maxlen=4096)  # (epoch, erased ids or None: all)
         self._erase_log_floor = 0
@@ -436,6 +439,7 @@ class DynamicTable(RowLifecycle, TableSnapshot, TableSearch):
         Raises:
             StoreError: a write-through failed; the change stays in memory, marked.
         """
+        self.writes += 1
         self.changes.mark(slots)
         if self.tier is not None:
             self.tier.mark(slots)
@@ -670,7 +674,7 @@ class DynamicTable(RowLifecycle, TableSnapshot, TableSearch):
             self.key_log = KeyLog()
 
     def _check_rows(self, name: str, rows, n: int, width: int) -> torch.Tensor:
-        rows = torch.as_tensor(rows)
+        rows = torch.as_tensor(rows).detach()  # values, never a link into the caller's graph
         if rows.shape != (n, width):
             raise ValueError(f"{name} must have shape ({n}, {width}), got {tuple(rows.shape)}")
         if not rows.dtype.is_floating_point:

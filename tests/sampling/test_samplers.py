@@ -83,10 +83,19 @@ def test_snapshots_refresh_when_the_table_changes():
     assert sampler.snapshot(table) is not before
 
 
-@pytest.mark.parametrize("make", [lambda: Unigram(power=2), lambda: Unigram(refresh_every=0)])
+@pytest.mark.parametrize("make", [lambda: Unigram(power=2), lambda: Unigram(refresh_every=0),
+                                  lambda: InBatch(refresh_every=0),
+                                  lambda: InBatch(refresh_every="often")])
 def test_bad_sampler_options_are_named(make):
     with pytest.raises(ValueError, match="power|refresh_every"):
         make()
+
+
+def test_sampler_options_are_keywords():
+    """Unigram(0.75) once set refresh_every (refused), and Unigram(1) a refresh every step."""
+    with pytest.raises(TypeError, match="positional"):
+        Unigram(1)
+    assert Unigram(power=1.0).power == 1.0 and Unigram(power=1.0).refresh_every == 1000
 
 
 def test_uniform_on_a_mostly_empty_arena_stays_cheap_and_live():

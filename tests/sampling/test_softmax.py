@@ -124,6 +124,15 @@ def test_bad_arguments_are_named():
         de.sampled_softmax_loss(out, torch.zeros(1, D), [1], num_sampled=2, reduction="avg")
     with pytest.raises(TypeError, match="DynamicEmbedding"):
         de.sampled_softmax_loss(out.table, torch.zeros(1, D), [1], num_sampled=2)
+    with pytest.raises(TypeError, match="sampler must be"):
+        de.sampled_softmax_loss(out, torch.zeros(1, D), [1], num_sampled=2, sampler="unigram")
+    with pytest.raises(TypeError, match="generator must be"):
+        de.sampled_softmax_loss(out, torch.zeros(1, D), [1], num_sampled=2, generator="seed")
+    with pytest.raises(TypeError, match="inputs must be"):
+        de.sampled_softmax_loss(out, np.zeros((1, D)), [1], num_sampled=2)
+    with pytest.raises(ValueError, match="temperature"):
+        de.sampled_softmax_loss(out, torch.zeros(1, D), [1], num_sampled=2,
+                                temperature=float("inf"))
 
 
 @pytest.mark.parametrize("sampler", [Uniform(), Unigram(), LogUniform()])

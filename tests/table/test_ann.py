@@ -72,3 +72,17 @@ def test_negative_ids_empty_tables_and_caller_queries_are_handled():
     assert index.recall(query, 10) == 1.0
     assert (index.search(query, 10).ids < 0).any()  # negative ids come back as results
     assert torch.equal(query, before)  # the caller's tensor is not normalised in place
+
+
+def test_overwriting_rows_makes_the_index_stale():
+    """insert_or_assign / assign of existing keys changed no counter the index looked at, so
+    it kept serving the old vectors as fresh."""
+    table = table_with(100)
+    index = de.ApproximateIndex(table, kind="ivf", nprobe=64)
+    index.rebuild()
+    assert not index.stale
+    table.assign([3], torch.zeros(1, 16))
+    assert index.stale
+    index.rebuild()
+    table.insert_or_assign([4], torch.ones(1, 16))
+    assert index.stale

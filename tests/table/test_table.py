@@ -42,6 +42,18 @@ def test_insert_or_assign_and_assign():
         t.insert_or_assign([1], torch.zeros(2, 2))
 
 
+def test_assigned_values_that_require_grad_are_copied_not_linked():
+    """Values in an autograd graph once pulled the arena into it: every later numpy view
+    of the weights (inserts, updates, state_dict) raised."""
+    t = _table(dim=2)
+    values = torch.ones(2, 2, requires_grad=True) * 3
+    t.insert_or_assign([1, 2], values)
+    t.assign([2], values[:1])
+    assert not t.arena.weights.requires_grad and t.arena.weights.grad_fn is None
+    assert t.find_or_insert([3]).inserted.all()  # a new row: a numpy write into the arena
+    assert torch.equal(t.state_dict()["weights"][:2], torch.full((2, 2), 3.0))
+
+
 def test_insert_or_assign_with_optimizer_state():
     t = _table(dim=2, optimizer=de.optim.Adagrad(lr=0.1))
     t.insert_or_assign([9], torch.ones(1, 2), optimizer_state=torch.full((1, 2), 3.0))
