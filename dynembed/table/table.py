@@ -100,7 +100,9 @@ class DynamicTable(RowLifecycle, TableSnapshot, TableSearch):
         self.step = 0
         """Training lookups so far; the clock of ``last_step``."""
         self.update_step = 0
-        """Optimizer updates applied so far (Adam's bias correction, Adagrad's lr decay)."""
+        """Optimizer steps so far, one per backward (fused) or per step with gradients
+        (deferred), also those that left every row as it was; Adam's bias correction and
+        Adagrad's lr decay count them."""
         self.writes = 0
         """Calls that changed rows' values (updates, assigns): tells a derived structure,
         such as an approximate search index, that it is stale."""
