@@ -650,13 +650,13 @@ class DynamicTable(RowLifecycle, TableSnapshot, TableSearch):
         """Removes every row, from memory and from the store (capacity is kept); all of them
         are counted as erased."""
         self._check_writable("clear")
-        stored_only = 0
+        erased = self.size()
         if self.tier is not None:
             for block in self.tier.scan():
-                stored_only += int(np.count_nonzero(self.index.find(block.ids) == EMPTY))
+                erased += int(np.count_nonzero(self.index.find(block.ids) == EMPTY))
             self.tier.clear()
         self._clear_memory()
-        self.counters.erased += stored_only
+        self.counters.erased += erased
 
     def _clear_memory(self) -> None:
         self.changes.wipe()
@@ -665,7 +665,6 @@ class DynamicTable(RowLifecycle, TableSnapshot, TableSearch):
             self.base = None
         if self.tier is not None:
             self.tier.forget(np.arange(self.tier.dirty.shape[0]))
-        self.counters.erased += self.size()
         self.arena.np("meta")[:self._high_water, LAST_STEP] = FREE_STEP
         self._log_removal(None, wipe=True)
         self.index.clear()
