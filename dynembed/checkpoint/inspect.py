@@ -102,7 +102,7 @@ def history(directory: str | os.PathLike) -> list[dict]:
     directory name ``step-N``, else None)."""
     out = []
     for entry in sorted(Path(directory).iterdir()):
-        if entry.name.endswith(".damaged") or not (entry / mf.MANIFEST).exists():
+        if ".damaged" in entry.name or not (entry / mf.MANIFEST).exists():
             continue  # set aside by CheckpointManager.restore
         try:
             manifest = mf.read(entry)

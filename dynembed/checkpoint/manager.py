@@ -45,6 +45,22 @@ def _positive(name: str, value, *, allow_none: bool = True, kind=int) -> None:
                          f"{' or None' if allow_none else ''}, got {value!r}")
 
 
+def set_aside(path: str | os.PathLike) -> Path | None:
+    """Renames a damaged checkpoint ``<name>.damaged`` (``.damaged-2``, ... if that step was
+    set aside before), out of the way of the save that will make that step again; returns
+    the new path, or None if another process moved it first."""
+    path = Path(path)
+    target, n = path.with_name(path.name + ".damaged"), 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.damaged-{n}")
+    try:
+        os.rename(path, target)
+    except FileNotFoundError:
+        return None
+    return target
+
+
 class CheckpointManager:
     """Saves checkpoints of a training job into one directory and finds the one to resume.
 
@@ -52,7 +68,9 @@ class CheckpointManager:
         directory: where checkpoints go (created if needed).
         keep_last: how many of the newest checkpoints to keep (their delta chains too).
         every_steps: :meth:`maybe_save` saves when this many steps passed since the last.
-        every_seconds: ... or when this many seconds passed.
+        every_seconds: ... or when this many seconds passed (one process only: each rank's
+            clock would pick other steps; a job of several ranks uses ``every_steps``, or
+            :class:`dynembed.train.Runtime`, whose ranks agree).
         max_chain: a delta chain longer than this is compacted into a full checkpoint
             (1: every save is full).
         rank, world_size: this process's place in a job (each rank calls save; the last
@@ -75,6 +93,10 @@ class CheckpointManager:
         _positive("every_steps", every_steps)
         _positive("every_seconds", every_seconds, kind=float)
         _positive("max_chain", max_chain, allow_none=False)
+        if every_seconds is not None and world_size != 1:
+            raise ValueError("every_seconds needs world_size=1: each rank's clock would pick "
+                             "another step, and no checkpoint would get every rank's part; "
+                             "use every_steps, or de.train.Runtime(every_seconds=...)")
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.keep_last, self.max_chain = keep_last, max_chain
@@ -220,7 +242,7 @@ class CheckpointManager:
                 logger.warning("skipping damaged checkpoint %s: %s", path, e)
                 tried.append(path)
                 if self.world_size == 1:  # out of the way: training will save that step again
-                    os.replace(path, path.with_name(path.name + ".damaged"))
+                    set_aside(path)
                 continue
             except CheckpointNotFoundError as e:
                 logger.warning("skipping checkpoint %s: %s", path, e)

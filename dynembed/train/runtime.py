@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dynembed.checkpoint.api import load
-from dynembed.checkpoint.manager import CheckpointManager
+from dynembed.checkpoint.manager import CheckpointManager, set_aside
 from dynembed.distributed.exchange import Exchange
 from dynembed.distributed.plan import ShardPlan, shard_model
 from dynembed.distributed.process_group import JobEnv, init_process_group
@@ -107,6 +107,8 @@ class Runtime:
                  num_buckets: int = NUM_BUCKETS) -> None:
         _positive_or_none("every_steps", every_steps)
         _positive_or_none("every_seconds", every_seconds, float)
+        if timeout is None:
+            raise ValueError("timeout must be a positive number of seconds, got None")
         _positive_or_none("timeout", timeout, float)
         if checkpoint_dir is None and (every_steps or every_seconds):
             raise ValueError("every_steps/every_seconds need checkpoint_dir=")
@@ -136,6 +138,7 @@ class Runtime:
         self._sigterm = threading.Event()
         self._old_handler = None
         self._last_saved: int | None = None
+        self._restored: str | None = None  # the checkpoint a lazy restore reads from
         self._last_save_time = time.monotonic()
         self._started = self._owns_group = False
 
@@ -195,7 +198,13 @@ class Runtime:
     def __enter__(self) -> Runtime:  # noqa: PYI034 (typing.Self needs Python 3.11)
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, error, traceback) -> None:
+        if isinstance(error, CheckpointCorruptError) and self._restored is not None:
+            # A lazily restored checkpoint checks its rows when they are read: it proved
+            # damaged, so the restart falls back on an older one instead of failing again.
+            logger.error("rank %d: the restored checkpoint %s is damaged (%s); setting it "
+                         "aside for the restart", self.rank, self._restored, error)
+            set_aside(self._restored)
         self.close()
 
     def _on_sigterm(self, signum, frame) -> None:
@@ -261,9 +270,9 @@ class Runtime:
                 return self.extra
             logger.warning("checkpoint %s does not load on every rank (%s); trying an "
                            "older one", path, error or "another rank failed")
-            if self.rank == 0 and Path(path).exists():  # every rank has tried it by now
+            if self.rank == 0:  # every rank has tried it by now
                 # kept for inspection, out of the way: training will save that step again
-                os.replace(path, f"{path}.damaged")
+                set_aside(path)
         if candidates:
             raise CheckpointError(f"no checkpoint in {self.checkpoint_dir} loads "
                                   f"({len(candidates)} tried); see the warnings above")
@@ -279,6 +288,7 @@ class Runtime:
         self.step = int(saved.get("step", 0))
         self.extra = dict(saved.get("user", {}))
         self._last_saved, self._last_save_time = self.step, time.monotonic()
+        self._restored = path if self.lazy_restore else None
         return True, None
 
     def checkpoint(self) -> Path | None:
@@ -290,11 +300,15 @@ class Runtime:
         self._require_started()
         if self.manager is None or self.model is None:
             return None
+        path = self.checkpoint_dir / f"step-{self.step:010d}"
+        if self._last_saved == self.step:  # saved (or restored) already
+            for done in (path, path.with_name(path.name + "-full")):
+                if done.exists():
+                    return done
         extra = {"step": self.step, "world_size": self.world_size, "user": self.extra}
         self.manager.save(self.step, self.model, self.optimizer, extra)
         self.barrier()  # every rank sees the commit before the next save picks its parent
         self._last_saved, self._last_save_time = self.step, time.monotonic()
-        path = self.checkpoint_dir / f"step-{self.step:010d}"
         if not path.exists():
             path = path.with_name(path.name + "-full")
         return path

@@ -103,11 +103,60 @@ def test_restore_skips_a_damaged_checkpoint_for_the_one_before(tmp_path):
     _train(rt2, net2, opt2, 4)  # step 4 can be saved again
     assert (tmp_path / "ckpt" / "step-0000000004").exists()
     rt2.close()
+    _damage(tmp_path / "ckpt" / "step-0000000004")  # the same step damaged a second time
+    rt3, _, _, opt3 = _fresh(tmp_path, every_steps=2, max_chain=1, lazy_restore=False)
+    rt3.restore(opt3)  # once: OSError, step-...4.damaged exists
+    assert rt3.step == 2 and (tmp_path / "ckpt" / "step-0000000004.damaged-2").exists()
+    rt3.close()
+
+
+def _damage(checkpoint) -> None:
+    rows = next(checkpoint.rglob("*.rows"))
+    offset, size = RowsFile(str(rows)).layout.offsets["records"]
+    data = bytearray(rows.read_bytes())
+    data[offset + size // 2] ^= 0x01  # same size: only the block checksums can tell
+    rows.write_bytes(bytes(data))
+
+
+def test_a_lazily_restored_checkpoint_found_damaged_in_training_is_set_aside(tmp_path):
+    """A lazy restore checks rows as it reads them: the damage showed only in training, and
+    every restart restored the same checkpoint and failed again."""
+    rt, _, net, opt = _fresh(tmp_path, every_steps=2, max_chain=1)
+    rt.restore(opt)
+    _train(rt, net, opt, 4)
+    rt.close()
+    _damage(tmp_path / "ckpt" / "step-0000000004")
+    with pytest.raises(de.CheckpointCorruptError):
+        with Runtime(tmp_path / "ckpt", every_steps=2, max_chain=1) as rt:
+            model = Tiny()
+            net = rt.prepare(model)
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            rt.restore(opt)
+            assert rt.step == 4  # restored lazily: the damage is not read yet
+            _train(rt, net, opt, 8)
+    assert (tmp_path / "ckpt" / "step-0000000004.damaged").exists()
+    rt, _, net, opt = _fresh(tmp_path, every_steps=2, max_chain=1)  # the restart
+    rt.restore(opt)
+    assert rt.step == 2
+    assert _train(rt, net, opt, 6) == [2, 3, 4, 5]
+    rt.close()
+
+
+def test_checkpoint_of_a_step_saved_already_returns_it(tmp_path):
+    rt, _, net, opt = _fresh(tmp_path, every_steps=2)
+    rt.restore(opt)
+    _train(rt, net, opt, 3)  # the loop's last step is saved at its end
+    assert rt.checkpoint() == tmp_path / "ckpt" / "step-0000000003"  # once FileExistsError
+    rt.close()
 
 
 def test_misuse_is_explained(tmp_path):
     with pytest.raises(ValueError, match="every_steps must be"):
         Runtime(tmp_path, every_steps=0)
+    with pytest.raises(ValueError, match="timeout must be a positive number"):
+        Runtime(tmp_path, timeout=None)
+    with pytest.raises(ValueError, match="every_seconds needs world_size=1"):
+        de.checkpoint.CheckpointManager(tmp_path / "m", every_seconds=60, world_size=2)
     for name in ("timeout", "every_seconds"):
         for bad in (float("nan"), float("inf")):  # once failed later, unnamed, or never fired
             with pytest.raises(ValueError, match=f"{name} must be a positive number"):
