@@ -126,14 +126,14 @@ def test_a_lazily_restored_checkpoint_found_damaged_in_training_is_set_aside(tmp
     _train(rt, net, opt, 4)
     rt.close()
     _damage(tmp_path / "ckpt" / "step-0000000004")
-    with pytest.raises(de.CheckpointCorruptError):
-        with Runtime(tmp_path / "ckpt", every_steps=2, max_chain=1) as rt:
-            model = Tiny()
-            net = rt.prepare(model)
-            opt = torch.optim.SGD(model.parameters(), lr=0.1)
-            rt.restore(opt)
-            assert rt.step == 4  # restored lazily: the damage is not read yet
-            _train(rt, net, opt, 8)
+    with pytest.raises(de.CheckpointCorruptError), \
+            Runtime(tmp_path / "ckpt", every_steps=2, max_chain=1) as rt:
+        model = Tiny()
+        net = rt.prepare(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        rt.restore(opt)
+        assert rt.step == 4  # restored lazily: the damage is not read yet
+        _train(rt, net, opt, 8)
     assert (tmp_path / "ckpt" / "step-0000000004.damaged").exists()
     rt, _, net, opt = _fresh(tmp_path, every_steps=2, max_chain=1)  # the restart
     rt.restore(opt)
