@@ -112,3 +112,13 @@ __all__ = [
     "storage",
     "train",
 ]
+
+
+def __getattr__(name: str):
+    # The serving stack (uvicorn, starlette) loads on first use of ``de.serving``, so that
+    # training jobs do not import it.
+    if name == "serving":
+        import importlib
+
+        return importlib.import_module("dynembed.serving")
+    raise AttributeError(f"module 'dynembed' has no attribute {name!r}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -45,6 +46,14 @@ def _inspect(args) -> int:
     from dynembed.checkpoint.inspect import describe, history, plot_history
 
     path = Path(args.checkpoint)
+    if not path.is_dir():
+        print(f"error: checkpoint {path}: no such directory", file=sys.stderr)
+        return 2
+    if (path / "MANIFEST.json").exists() and '"dynembed-model-package"' in \
+            (path / "MANIFEST.json").read_text(errors="replace"):
+        print(f"error: {path} is a model package; inspect its tables: {path / 'tables'}",
+              file=sys.stderr)
+        return 2
     directory = path if not (path / mf.MANIFEST).exists() else path.parent
     if not (path / mf.MANIFEST).exists():  # a directory of checkpoints: show the newest
         points = history(path)
@@ -177,18 +186,34 @@ def _export(args) -> int:
     from dynembed.serving.package import export_package
 
     module_name, _, function = args.factory.partition(":")
-    if not function:
+    if not module_name or not function:
         raise ValueError(f"--factory must be module:function, got {args.factory!r}")
-    model = getattr(importlib.import_module(module_name), function)()
+    if os.getcwd() not in sys.path:  # as `python -m`: the factory's module may live here
+        sys.path.insert(0, os.getcwd())
     checkpoint = Path(args.checkpoint)
+    if not checkpoint.is_dir():
+        raise ValueError(f"--checkpoint {checkpoint}: no such directory")
+    try:
+        factory = getattr(importlib.import_module(module_name), function)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"--factory {args.factory}: {e}") from None
+    if not callable(factory):
+        raise ValueError(  # noqa: TRY004 - a bad --factory value, printed by main
+            f"--factory {args.factory}: not a function that builds the model")
+    model = factory()
     if not (checkpoint / mf.MANIFEST).exists():
         latest = CheckpointManager(checkpoint).latest()
         if latest is None:
             raise ValueError(f"--checkpoint {checkpoint}: no checkpoint there")
         checkpoint = latest
-    load(checkpoint, model, strict=False)
-    parts = model.serving_parts() if hasattr(model, "serving_parts") else {
-        "embeddings": model.embeddings, "dense": model.dense}
+    load(checkpoint, model)  # strict: every table and weight of the model must be there
+    if hasattr(model, "serving_parts"):
+        parts = model.serving_parts()
+    elif hasattr(model, "embeddings") and hasattr(model, "dense"):
+        parts = {"embeddings": model.embeddings, "dense": model.dense}
+    else:
+        raise ValueError(f"--factory {args.factory}: the model needs serving_parts() or "
+                         "embeddings and dense attributes")
     path = export_package(args.out, embeddings=parts["embeddings"], dense=parts["dense"],
                           name=args.name, version=args.version,
                           feature_types=parts.get("feature_types"),
@@ -237,20 +262,41 @@ def _add_serve(commands) -> None:
     serve.set_defaults(run=_serve)
 
 
+_SERVE_FLAGS = {"default_workers": "--workers", "batch_size": "--batch-size",
+                "max_batch_delay_ms": "--max-batch-delay",
+                "response_timeout_s": "--response-timeout",
+                "max_request_bytes": "--max-request-size", "processes": "--processes",
+                "follow_interval_s": "--follow-interval", "follow": "--follow"}
+
+
 def _serve(args) -> int:
+    from dynembed.serving.package import read_manifest
     from dynembed.serving.server import ModelServer, ServerConfig
 
-    config = ServerConfig(
-        model_store=args.model_store, models=_pairs(args.models, "--models"),
-        inference_address=args.inference_address,
-        management_address=args.management_address, metrics_address=args.metrics_address,
-        management_auth=not args.disable_token_auth, inference_auth=args.inference_token_auth,
-        key_file=args.key_file, default_workers=args.workers, batch_size=args.batch_size,
-        preload=args.preload, processes=args.processes,
-        max_batch_delay_ms=args.max_batch_delay, response_timeout_s=args.response_timeout,
-        max_request_bytes=args.max_request_size, follow=_pairs(args.follow, "--follow"),
-        follow_interval_s=args.follow_interval,
-        allow_custom_handlers=tuple(args.allow_custom_handler))
+    try:
+        config = ServerConfig(
+            model_store=args.model_store, models=_pairs(args.models, "--models"),
+            inference_address=args.inference_address,
+            management_address=args.management_address,
+            metrics_address=args.metrics_address,
+            management_auth=not args.disable_token_auth,
+            inference_auth=args.inference_token_auth, key_file=args.key_file,
+            default_workers=args.workers, batch_size=args.batch_size, preload=args.preload,
+            processes=args.processes, max_batch_delay_ms=args.max_batch_delay,
+            response_timeout_s=args.response_timeout, max_request_bytes=args.max_request_size,
+            follow=_pairs(args.follow, "--follow"), follow_interval_s=args.follow_interval,
+            allow_custom_handlers=tuple(args.allow_custom_handler))
+    except ValueError as e:  # name the flag, not the config field
+        field = str(e).split(" ", 1)[0]
+        if field in _SERVE_FLAGS:
+            raise ValueError(f"{_SERVE_FLAGS[field]}: {e}") from None
+        raise
+    store = Path(config.model_store).resolve()
+    for name, url in config.models.items():  # before the server starts: a clear error
+        package = (store / url).resolve()
+        if store not in package.parents:
+            raise ValueError(f"--models {name}={url}: not a package inside --model-store")
+        read_manifest(package)  # PackageError (a ValueError) naming what is wrong
     server = ModelServer(config)
     addresses = server.bind()
     for api, (host, port) in addresses.items():

@@ -198,7 +198,7 @@ _GCIDE_TOKENS = "tokens.txt"  # lowercase words, one line per dictionary line
 
 
 def load_gcide_tokens(cache_dir: str | os.PathLike[str] | None = None) -> list[str]:
-    """The GCIDE dictionary's text as lowercase word tokens (about 4.6M).
+    """The GCIDE dictionary's text as lowercase word tokens (about 5.4M).
 
     Downloaded once with ``apt-get download dict-gcide`` (Debian's package; GPL-2+, so it
     is fetched at run time and never committed) and cached as plain tokens under the cache
