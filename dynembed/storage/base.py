@@ -59,20 +59,21 @@ class EmbeddingStore(ABC):
             StoreCorruptError: the store holds rows of another dim or optimizer width.
         """
         self._check_open()
+        want = {"layout": LAYOUT_VERSION, "dim": dim, "width": width, **self._layout()}
         meta = self._get_meta()
-        want = {"layout": LAYOUT_VERSION, "dim": dim, "width": width}
-        if meta is not None:
-            try:
-                have = json.loads(bytes(meta))
-            except ValueError:
-                raise StoreCorruptError(f"{self.name}: its description record is not JSON; "
-                                        "the store is corrupted or not a dynembed store") from None
-            if have != want:
-                raise StoreCorruptError(
-                    f"{self.name} holds rows with {have}, but the table needs {want}; use "
-                    "another path/namespace or a table with the same dim and optimizer")
-        else:
+        if meta is None:  # a new store: describe it, unless another process just did
             self._put_meta(json.dumps(want).encode())
+            meta = self._get_meta()
+        try:
+            have = json.loads(bytes(meta))
+        except ValueError:
+            raise StoreCorruptError(f"{self.name}: its description record is not JSON; "
+                                    "the store is corrupted or not a dynembed store") from None
+        # a record from before a field existed (e.g. Redis shards) leaves it unchecked
+        if any(have.get(key, value) != value for key, value in want.items()):
+            raise StoreCorruptError(
+                f"{self.name} holds rows with {have}, but the table needs {want}; use "
+                "another path/namespace or a table (and store options) that match")
         self.codec = RowCodec(dim, width, self.name)
 
     def get(self, ids) -> tuple[np.ndarray, RowBlock]:
@@ -157,6 +158,10 @@ class EmbeddingStore(ABC):
                              "table, or call bind(dim, width) first")
         return self.codec
 
+    def _layout(self) -> dict:
+        """Backend options that decide where rows live, recorded and checked by bind."""
+        return {}
+
     # ------------------------------------------------------------------ backend primitives
     @abstractmethod
     def _get(self, ids: np.ndarray) -> list:
@@ -184,7 +189,7 @@ class EmbeddingStore(ABC):
 
     @abstractmethod
     def _put_meta(self, value: bytes) -> None:
-        """Writes the description record."""
+        """Writes the description record if there is none (a shared store keeps the first)."""
 
     def _flush(self) -> None:
         """Makes writes durable (no-op by default)."""

@@ -4,13 +4,17 @@ Rows of a table are spread over ``shards`` Redis hashes named ``{namespace}:{{sh
 (the braces are a Redis Cluster hash tag, so shards land on different cluster nodes while
 each hash stays on one). A batch becomes one pipelined HMGET / HSET / HDEL per shard it
 touches, in a MULTI/EXEC transaction on a standalone server, so it applies whole or not at
-all. Redis Cluster has no transactions across nodes: there a failed batch may be partly
-written; writes are idempotent, and a table never drops rows from memory until the write
-that holds them succeeded, so a retry (or the next eviction) completes it.
+all (Redis does not roll back a command that fails inside EXEC, which only a key of another
+type written into the namespace by another program causes). Redis Cluster has no
+transactions across nodes: there a failed batch may be partly written; writes are
+idempotent, and a table never drops rows from memory until the write that holds them
+succeeded, so a retry (or the next eviction) completes it.
 
 Transient errors (connection refused or reset, timeouts) are retried with exponential backoff
-by redis-py's own ``Retry``, a bounded number of times, then raise
-:class:`~dynembed.errors.StoreUnavailableError`.
+by redis-py's own ``Retry`` (around the cluster pipeline too, which itself retries without
+waiting), a bounded number of times, then raise
+:class:`~dynembed.errors.StoreUnavailableError`. The namespace's description record holds
+dim, optimizer width and ``shards``; a store opened with others is refused.
 """
 
 from __future__ import annotations
@@ -27,7 +31,12 @@ import redis.exceptions as rex
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from dynembed.errors import StoreError, StoreFullError, StoreUnavailableError
+from dynembed.errors import (
+    StoreCorruptError,
+    StoreError,
+    StoreFullError,
+    StoreUnavailableError,
+)
 from dynembed.storage.base import EmbeddingStore
 from dynembed.storage.rows import decode_ids, encode_ids
 
@@ -90,6 +99,9 @@ class RedisStore(EmbeddingStore):
         self._shard_bits = np.uint64(64 - shards.bit_length() + 1)
         self._keys = [f"{namespace}:{{{s:x}}}".encode() for s in range(shards)]
         self._meta_key = f"{namespace}:meta".encode()
+        self._retry = Retry(ExponentialBackoff(cap=backoff_cap, base=backoff_base), retries,
+                            supported_errors=(rex.ConnectionError, rex.TimeoutError,
+                                              rex.ClusterDownError))
         kwargs = {"retry": Retry(ExponentialBackoff(cap=backoff_cap, base=backoff_base),
                                   retries),
                       "retry_on_error": [rex.ConnectionError, rex.TimeoutError],
@@ -147,11 +159,15 @@ class RedisStore(EmbeddingStore):
         """
         self._check_open()
         if self.cluster:  # no transactions across nodes
-            pipe = self._client.pipeline(transaction=False)
-            for name, *args in commands:
-                pipe.execute_command(name.decode(), *args)
-            try:
+
+            def run() -> list:
+                pipe = self._client.pipeline(transaction=False)
+                for name, *args in commands:
+                    pipe.execute_command(name.decode(), *args)
                 return pipe.execute()
+
+            try:  # the cluster pipeline retries without waiting: back off between tries
+                return self._retry.call_with_retry(run, lambda _error: None)
             except (rex.RedisError, rex.RedisClusterException) as exc:
                 raise self._translate(action, exc) from exc
         packed = [hiredis.pack_command(c) for c in commands]
@@ -218,7 +234,13 @@ class RedisStore(EmbeddingStore):
                 except (rex.RedisError, rex.RedisClusterException) as exc:
                     raise self._translate("scan", exc) from exc
                 if found:
-                    ids = decode_ids(list(found.keys()))
+                    fields = list(found.keys())
+                    if set(map(len, fields)) != {8}:  # not an id: not this store's
+                        raise StoreCorruptError(
+                            f"{self.name}: hash {key.decode()!r} holds a field that is not "
+                            "a row id (8 bytes); another program wrote into this namespace: "
+                            "remove the field or use another namespace")
+                    ids = decode_ids(fields)
                     # HSCAN may repeat a field when the hash is resized during the scan
                     fresh = ~np.isin(ids, seen)
                     seen = np.concatenate([seen, ids[fresh]])
@@ -237,7 +259,12 @@ class RedisStore(EmbeddingStore):
         return self._send("read", [(b"GET", self._meta_key)], write=False)[0]
 
     def _put_meta(self, value: bytes) -> None:
-        self._send("write", [(b"SET", self._meta_key, value)], write=True)
+        # NX: of two machines binding a new namespace at once, the first one's record wins
+        # and the other checks against it
+        self._send("write", [(b"SET", self._meta_key, value, b"NX")], write=True)
+
+    def _layout(self) -> dict:
+        return {"shards": self.shards}  # which hash holds an id depends on it
 
     def _close(self) -> None:
         self._client.close()

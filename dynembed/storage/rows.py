@@ -121,8 +121,22 @@ class RowCodec:
         self.itemsize = self.dtype.itemsize
 
     def encode(self, rows: RowBlock) -> list[bytes]:
-        """One ``bytes`` record per row."""
-        rec = np.empty(len(rows), dtype=self.dtype)
+        """One ``bytes`` record per row.
+
+        Raises:
+            ValueError: a column of the wrong shape or dtype (numpy would broadcast or
+                cast it, and the rows would not read back as written).
+        """
+        n = len(rows)
+        for name, shape, dtype in (("weights", (n, self.dim), np.float32),
+                                   ("state", (n, self.width), np.float32),
+                                   ("counts", (n,), np.int64), ("last_step", (n,), np.int64)):
+            column = getattr(rows, name)
+            if column.shape != shape or column.dtype != dtype:
+                raise ValueError(f"rows.{name} must be {np.dtype(dtype).name} of shape {shape} "
+                                 f"for {self.store}, got {column.dtype} of shape "
+                                 f"{column.shape}")
+        rec = np.empty(n, dtype=self.dtype)
         rec["magic"], rec["version"], rec["flags"] = MAGIC, LAYOUT_VERSION, 0
         rec["dim"], rec["width"] = self.dim, self.width
         rec["count"], rec["last_step"] = rows.counts, rows.last_step

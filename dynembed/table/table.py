@@ -654,9 +654,24 @@ class DynamicTable(RowLifecycle, TableSnapshot, TableSearch):
         if self.tier is not None:
             for block in self.tier.scan():
                 erased += int(np.count_nonzero(self.index.find(block.ids) == EMPTY))
-            self.tier.clear()
+            self.clear_store()
         self._clear_memory()
         self.counters.erased += erased
+
+    def clear_store(self) -> None:
+        """Empties the store.
+
+        Raises:
+            StoreError: the store failed part way (it may have lost some rows): every row in
+                memory is marked changed, so that it reaches the store again when evicted
+                or flushed instead of vanishing.
+        """
+        try:
+            self.tier.clear()
+        except StoreError:
+            live = self.arena.np("meta")[:self._high_water, LAST_STEP] != FREE_STEP
+            self.tier.mark(np.flatnonzero(live))
+            raise
 
     def _clear_memory(self) -> None:
         self.changes.wipe()

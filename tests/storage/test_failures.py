@@ -253,3 +253,82 @@ def test_rocksdb_close_ends_an_unfinished_scan(tmp_path):
     RocksDBStore(tmp_path / "db").close()  # the directory is free
     with pytest.raises(de.StoreError, match="is closed"):
         next(scan)  # an error, never a silently shortened scan
+
+
+def test_redis_store_reopened_with_other_shards_is_refused(redis_server):
+    """Which hash holds an id depends on shards: another count once bound, then found 3 of
+    100 rows and stored duplicates."""
+    store = RedisStore(redis_server.url, namespace="reshard", shards=64)
+    store.bind(4, 2)
+    store.put(rows(list(range(100))))
+    store.close()
+    other = RedisStore(redis_server.url, namespace="reshard", shards=4)
+    with pytest.raises(StoreCorruptError, match="'shards': 64"):
+        other.bind(4, 2)
+    other.close()
+
+
+def test_two_stores_binding_a_new_namespace_at_once_agree_on_its_layout(redis_server):
+    """Both read "no record", then both wrote theirs: rows of two dims in one namespace."""
+    first = RedisStore(redis_server.url, namespace="race")
+    second = RedisStore(redis_server.url, namespace="race")
+    missed = first._get_meta  # the first reads before the second writes
+    first._get_meta = lambda: None
+    second.bind(8, 0)
+    first._get_meta = lambda: (setattr(first, "_get_meta", missed), None)[1]
+    with pytest.raises(StoreCorruptError, match="'dim': 8"):
+        first.bind(4, 0)
+    first.close()
+    second.close()
+
+
+def test_redis_cluster_backs_off_while_a_node_is_down():
+    """The cluster pipeline retried without waiting: 20 retries were spent in 0.03 s on a
+    node down for half a second."""
+    from dynembed.testing.redis_server import RedisCluster
+
+    with RedisCluster() as cluster:
+        store = RedisStore(cluster.url, namespace="ct", shards=16, cluster=True, retries=20,
+                           backoff_base=0.05, backoff_cap=0.2, timeout=1.0)
+        store.bind(2, 0)
+        block = rows(list(range(50)), dim=2, width=0)
+        store.put(block)
+        node = cluster.servers[1]
+        node.stop()
+        restart = threading.Timer(0.5, node.start)
+        restart.start()
+        try:
+            store.put(block)  # waits out the outage
+        finally:
+            restart.join()
+        found, _ = store.get(block.ids)
+        assert found.all()
+        store.close()
+
+
+def test_a_foreign_field_in_a_redis_hash_is_named_corruption(redis_server):
+    import redis
+
+    store = RedisStore(redis_server.url, namespace="stray", shards=1)
+    store.bind(4, 2)
+    store.put(rows([1, 2, 3]))
+    admin = redis.Redis.from_url(redis_server.url)
+    admin.hset(store._keys[0], b"not-an-id", b"x")  # once a bare numpy reshape error
+    admin.close()
+    with pytest.raises(StoreCorruptError, match="holds a field that is not a row id"):
+        list(store.scan())
+    store.close()
+
+
+@pytest.mark.parametrize("column, bad", [
+    ("weights", np.ones((3, 1), np.float32)), ("weights", np.ones((3, 4), np.float64)),
+    ("state", np.ones((1, 2), np.float32)), ("counts", np.ones(1, np.int64))])
+def test_rows_of_the_wrong_shape_or_dtype_are_refused(column, bad):
+    """numpy once broadcast or cast them: stored rows that did not read back as written."""
+    store = de.storage.MemoryStore()
+    store.bind(4, 2)
+    block = rows([1, 2, 3])
+    setattr(block, column, bad)
+    with pytest.raises(ValueError, match=f"rows.{column} must be"):
+        store.put(block)
+    assert store.size() == 0

@@ -455,3 +455,29 @@ def test_clear_counts_stored_rows_and_read_backs_count_as_loaded():
     table.find_or_insert(torch.arange(4))  # every row read back from the store
     after = table.stats().totals
     assert after.loaded - before.loaded == 4 and after.inserts == before.inserts
+
+
+def test_a_clear_that_fails_part_way_loses_no_row_still_in_memory():
+    """Stored copies deleted before the failure, of rows clean in memory: those rows were
+    never written again, and vanished at their eviction."""
+
+    class PartialDeletes(MemoryStore):
+        fail = False
+
+        def _delete(self, ids):
+            if self.fail:
+                super()._delete(ids[: ids.shape[0] // 2])
+                raise de.StoreError(f"{self.name}: delete cut short")
+            return super()._delete(ids)
+
+    store = PartialDeletes()
+    table = DynamicTable(TableConfig(dim=2, seed=1, max_rows=40, store=store))
+    table.find_or_insert(np.arange(40))
+    table.flush()  # every row stored and clean
+    store.fail = True
+    with pytest.raises(de.StoreError, match="cut short"):
+        table.clear()
+    store.fail = False
+    assert table.contains(np.arange(40)).all()
+    table.evict(rows=40)  # everything leaves memory: written back, not dropped
+    assert table.contains(np.arange(40)).all()
