@@ -24,7 +24,11 @@ def parse_bytes(value: str | int, arg: str = "memory_budget") -> int:
     if match is None or match.group(2).upper() not in _UNITS:
         raise ValueError(f"{arg} must be a size such as '2GiB', '512MB' or an int of bytes, "
                          f"got {value!r}")
-    size = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    unit = _UNITS[match.group(2).upper()]
+    if unit == 1 and not float(match.group(1)).is_integer():
+        raise ValueError(f"{arg} of {value!r} is a fraction of a byte; give a whole number of "
+                         "bytes or a unit, e.g. '1.5GiB'")
+    size = int(float(match.group(1)) * unit)
     if size <= 0:
         raise ValueError(f"{arg} must be > 0 bytes, got {value!r}")
     return size

@@ -144,7 +144,7 @@ def test_bytes_allocated_stay_within_the_memory_budget(budget):
     assert t.stats().totals.discarded > 0
 
 
-@pytest.mark.parametrize("bad", ["lots", "-1GiB", "2 parsecs", 0, -5, "0B"])
+@pytest.mark.parametrize("bad", ["lots", "-1GiB", "2 parsecs", 0, -5, "0B", "1.5", "2.5B"])
 def test_memory_budget_is_validated(bad):
     with pytest.raises(ValueError, match="memory_budget"):
         de.TableConfig(dim=4, memory_budget=bad)
