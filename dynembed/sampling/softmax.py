@@ -29,6 +29,7 @@ from dynembed.nn._autograd import _GatherRows, index_rows
 from dynembed.nn.embedding import DynamicEmbedding
 from dynembed.sampling.samplers import CandidateSampler, InBatch, Uniform
 from dynembed.table.index import EMPTY
+from dynembed.table.stats import CallStats
 
 log = logging.getLogger(__name__)
 MASKED = -1e9
@@ -206,7 +207,13 @@ def _candidates(output, inputs, labels, *, num_sampled, sampler, remove_accident
     elif training:
         rows = table.gather(cand_slots)
     else:  # evaluation: rows in the store or a lazily opened checkpoint are read too
-        rows = table._find_gather(cand_ids)[0]
+        rows, missing = table._find_gather(cand_ids)
+        # counted as a read of the labels (the negatives are the loss's own business)
+        absent = int(pos_counts[missing[cand_inverse[:unique_pos.shape[0]]]].sum())
+        call = CallStats(keys=pos_ids.shape[0], hits=pos_ids.shape[0] - absent,
+                         misses=absent, defaults_served=absent)
+        table.last_call = call
+        table.counters.add_call(call)
     if normalize:
         rows = torch.nn.functional.normalize(rows, dim=1)
         inputs = torch.nn.functional.normalize(inputs, dim=1)

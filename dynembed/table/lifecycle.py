@@ -228,6 +228,7 @@ class RowLifecycle:
             if fresh.any():
                 counts, last, weights, state = columns_of(records[fresh], self.dim)
                 self.tier.put(RowBlock(ids[fresh], weights, state, counts, last))
+                self.counters.store_writes += int(np.count_nonzero(fresh))
             return ids.shape[0]
         handled = ids.shape[0]
         if self.max_rows is not None:
@@ -362,12 +363,12 @@ class RowLifecycle:
         """
         if self.tier is None:
             return 0
+        before = self.counters.store_writes
         if self.base is not None:
-            self.base.load_all(self)
-        written = self.tier.write(self.tier.dirty_slots(), only_dirty=False)
-        self.counters.store_writes += written
+            self.base.load_all(self)  # its rows go to the store (counted as writes)
+        self.counters.store_writes += self.tier.write(self.tier.dirty_slots(), only_dirty=False)
         self.tier.flush()
-        return written
+        return self.counters.store_writes - before
 
     def prefetch(self, keys) -> None:
         """Starts reading the stored rows of keys absent from memory, in the background, so

@@ -7,6 +7,7 @@ streaming, chunked checkpoints are :mod:`dynembed.checkpoint`'s job).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import numpy as np
@@ -105,12 +106,14 @@ class TableSnapshot:
 
     def aux_state(self) -> dict[str, torch.Tensor]:
         """Everything but the rows: ``meta`` (int64: version, dim, state_width, step,
-        update_step, seed), ``key_log.*`` with the key log, ``admission.*`` with an
-        admission policy."""
+        update_step, seed), ``counters.*`` (the cumulative stats), ``key_log.*`` with the
+        key log, ``admission.*`` with an admission policy."""
         state = {"meta": torch.tensor([STATE_VERSION, self.dim, self.arena.state_width,
                                        self.step, self.update_step,
                                        np.uint64(self.seed).view(np.int64)],
                                       dtype=torch.int64)}
+        state.update({f"counters.{f.name}": torch.tensor(getattr(self.counters, f.name))
+                      for f in dataclasses.fields(self.counters)})
         if self.key_log is not None:
             state.update({f"key_log.{k}": v for k, v in self.key_log.state_dict().items()})
         if self.admitter is not None:
@@ -157,6 +160,9 @@ class TableSnapshot:
                                  f"dynembed reads version {STATE_VERSION})")
         self.check_shape(meta[1], meta[2])
         self.step, self.update_step = meta[3], meta[4]
+        for f in dataclasses.fields(self.counters):  # absent from states saved before
+            if f"counters.{f.name}" in state:
+                setattr(self.counters, f.name, int(state[f"counters.{f.name}"]))
         self.seed = int(np.int64(meta[5]).view(np.uint64))
         if self.key_log is not None:
             self.key_log = KeyLog()

@@ -685,6 +685,8 @@ class DynamicTable(RowLifecycle, TableSnapshot, TableSearch):
         self.index.clear()
         self._free_top = 0
         self._high_water = 0
+        # deferred gradients of rows that are gone: skipped, as after an erase
+        self.counters.skipped_gradients += sum(ids.shape[0] for ids, _, _ in self._pending)
         self._pending = []
         if self.key_log is not None:
             self.key_log = KeyLog()

@@ -441,12 +441,14 @@ def test_clear_counts_stored_rows_and_read_backs_count_as_loaded():
     emb = train(de.DynamicEmbedding(dim=2, optimizer=de.optim.SGD(lr=0.1), seed=1, max_rows=4,
                                     store=MemoryStore()), [[2 * i, 2 * i + 1] for i in range(5)])
     assert emb.table.size() == 4 and len(emb.table.export().ids) == 10
-    state = emb.table.state_dict()
     emb.table.clear()
     assert emb.table.stats().totals.erased == 10  # once 4: the rows in memory only
-    emb.table.load_state_dict(state)  # replaces rows: not an erase
-    emb.table.load_state_dict(state)
-    assert emb.table.stats().totals.erased == 10
+    train(emb, [[1, 2, 3]])
+    state = emb.table.state_dict()
+    train(emb, [[4, 5, 6]])
+    emb.table.load_state_dict(state)  # the saved counters; the rows it replaces are no erase
+    totals = emb.table.stats().totals
+    assert totals.erased == 10 and totals.inserts == int(state["counters.inserts"])
 
     table = DynamicTable(TableConfig(dim=2, seed=1, max_rows=4, store=MemoryStore()))
     table.find_or_insert(torch.arange(4))
