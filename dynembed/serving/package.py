@@ -44,6 +44,7 @@ from dynembed.checkpoint.api import load, save
 from dynembed.errors import DynembedError
 from dynembed.nn.collection import EmbeddingCollection, FeatureConfig
 from dynembed.table.config import TableConfig
+from dynembed.table.stats import Counters
 from dynembed.table.table import DynamicTable
 
 MANIFEST = "MANIFEST.json"
@@ -426,11 +427,14 @@ def load_tables(embeddings: EmbeddingCollection, checkpoint: str | os.PathLike, 
     with ``preload`` read into memory now.
 
     The checkpoint may be the package's own or one of the training job's (its tables named
-    by their path in the model, e.g. ``embeddings.tables.user``).
+    by their path in the model, e.g. ``embeddings.tables.user``). The tables' counters start
+    at zero: they count what serving does, not what training did.
     """
     saved = list(checkpoint_manifest.read(checkpoint)["tables"])
     tables = _checkpoint_names(dict(embeddings.tables), saved, checkpoint)
     load(checkpoint, tables=tables, lazy=not preload, strict=False)
+    for table in tables.values():
+        table.counters = Counters()
 
 
 def open_package(path: str | os.PathLike, *, preload: bool = False) -> Package:
