@@ -40,6 +40,15 @@ def _print_summary(info: dict, out) -> None:
             print(f"    top keys by count: {keys}", file=out)
 
 
+def _is_model_package(path: Path) -> bool:
+    from dynembed.serving.package import FORMAT, MANIFEST
+
+    try:
+        return json.loads((path / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):  # absent, not JSON, not an object
+        return False
+
+
 def _inspect(args) -> int:
     """``dynembed inspect``."""
     from dynembed.checkpoint import manifest as mf
@@ -49,8 +58,7 @@ def _inspect(args) -> int:
     if not path.is_dir():
         print(f"error: checkpoint {path}: no such directory", file=sys.stderr)
         return 2
-    if (path / "MANIFEST.json").exists() and '"dynembed-model-package"' in \
-            (path / "MANIFEST.json").read_text(errors="replace"):
+    if _is_model_package(path):
         print(f"error: {path} is a model package; inspect its tables: {path / 'tables'}",
               file=sys.stderr)
         return 2

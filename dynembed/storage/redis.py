@@ -99,11 +99,10 @@ class RedisStore(EmbeddingStore):
         self._shard_bits = np.uint64(64 - shards.bit_length() + 1)
         self._keys = [f"{namespace}:{{{s:x}}}".encode() for s in range(shards)]
         self._meta_key = f"{namespace}:meta".encode()
-        self._retry = Retry(ExponentialBackoff(cap=backoff_cap, base=backoff_base), retries,
-                            supported_errors=(rex.ConnectionError, rex.TimeoutError,
-                                              rex.ClusterDownError))
-        kwargs = {"retry": Retry(ExponentialBackoff(cap=backoff_cap, base=backoff_base),
-                                  retries),
+        backoff = ExponentialBackoff(cap=backoff_cap, base=backoff_base)
+        self._retry = Retry(backoff, retries, supported_errors=(
+            rex.ConnectionError, rex.TimeoutError, rex.ClusterDownError))
+        kwargs = {"retry": Retry(backoff, retries),
                       "retry_on_error": [rex.ConnectionError, rex.TimeoutError],
                       "socket_timeout": timeout, "socket_connect_timeout": timeout}
         try:
