@@ -59,8 +59,12 @@ from dynembed.table import (
     TableStats,
     TopK,
 )
+from dynembed.table._memory import keep_freed_memory
 
 __version__ = "0.1.0"
+
+# Batch-sized buffers are reused instead of faulted in again every step (see the module).
+keep_freed_memory()
 
 __all__ = [
     "ApproximateIndex",
