@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from dynembed.kernels import hash_index as k
+from dynembed.kernels._threads import get_num_threads
 from dynembed.table._memory import host_empty
 
 EMPTY = k.EMPTY
@@ -64,6 +65,22 @@ class HashIndex:
     def find(self, ids: np.ndarray) -> np.ndarray:
         """(n,) int64 slot per id, EMPTY where absent."""
         return k.index_find(self.table, ids)
+
+    def find_rows(self, ids: np.ndarray, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Slots of ids, copying each present id's row of ``rows`` into ``out`` in the same
+        pass (faster than :meth:`find` and a gather).
+
+        Args:
+            ids: (n,) int64 ids.
+            rows: (m, dim) float32 rows by slot.
+            out: (n, dim) float32; rows of absent ids are left as they are.
+
+        Returns:
+            (n,) int64 slot per id, EMPTY where absent.
+        """
+        slots = np.empty(ids.shape[0], dtype=np.int64)
+        k.index_find_rows(self.table, ids, rows, out, slots, get_num_threads())
+        return slots
 
     def insert_missing(self, ids: np.ndarray, slots: np.ndarray, free_rows: np.ndarray,
                        free_top: int, high_water: int) -> tuple[int, int, int]:

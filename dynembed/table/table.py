@@ -268,9 +268,17 @@ class DynamicTable(RowLifecycle, TableSnapshot, TableSearch):
         """Rows of ids (the default where absent) and the absent mask. With a store, rows
         not in memory are read from it in one batch and served without entering memory,
         so reads never evict and any batch size works."""
-        slots = self.index.find(ids)
-        missing = slots == EMPTY
-        out = self.gather(slots, missing=missing)
+        if self.arena.device.type == "cpu":  # probe and copy in one compiled pass
+            rows = np.empty((ids.shape[0], self.dim), dtype=np.float32)
+            slots = self.index.find_rows(ids, self.arena.np("weights"), rows)
+            out = torch.from_numpy(rows)
+            missing = slots == EMPTY
+            if missing.any():
+                out[torch.from_numpy(missing)] = self._default
+        else:
+            slots = self.index.find(ids)
+            missing = slots == EMPTY
+            out = self.gather(slots, missing=missing)
         if call is not None:
             call.misses = int(np.count_nonzero(missing) if counts is None
                               else counts[missing].sum())

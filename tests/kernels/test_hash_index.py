@@ -129,9 +129,22 @@ def check_against(harness: Harness, model: Model, probe: list[int]) -> None:
     found = index.find(queries)
     expected = [model.slots.get(k, EMPTY) for k in queries.tolist()]
     assert found.tolist() == expected
+    check_find_rows(index, queries, expected)
     ids, slots = index.items()
     assert dict(zip(ids.tolist(), slots.tolist())) == model.slots
     assert len(ids) == index.size
+
+
+def check_find_rows(index: HashIndex, queries: np.ndarray, expected: list[int]) -> None:
+    """find_rows gives find's slots, copies each present key's row and leaves the output
+    rows of absent keys untouched."""
+    slots = np.asarray(expected, dtype=np.int64)
+    rows = np.arange((max(slots.max(initial=0), 0) + 1) * 3, dtype=np.float32).reshape(-1, 3)
+    out = np.full((queries.shape[0], 3), -7.0, dtype=np.float32)
+    assert index.find_rows(queries, rows, out).tolist() == expected
+    present = slots != EMPTY
+    np.testing.assert_array_equal(out[present], rows[slots[present]])
+    assert (out[~present] == -7.0).all()
 
 
 class HashIndexMachine(RuleBasedStateMachine):

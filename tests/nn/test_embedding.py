@@ -71,6 +71,28 @@ def test_eval_mode_never_inserts_and_counts_defaults():
     assert stats.totals.defaults_served == 2
 
 
+def test_eval_read_of_a_large_batch_matches_the_table_rows_and_defaults():
+    # Above the kernels' serial cutoff, so the probe-and-copy read runs on every thread.
+    emb = de.DynamicEmbedding(dim=8, optimizer=de.optim.SGD(lr=0.1), seed=3,
+                              default_value=-2.0)
+    rng = np.random.default_rng(5)
+    present = rng.choice(1 << 40, size=30_000, replace=False) - (1 << 39)
+    with torch.no_grad():
+        emb(torch.from_numpy(present))
+    absent = present + (1 << 40)  # outside the range drawn from: never inserted
+    keys = np.where(rng.random(70_000) < 0.8, rng.choice(present, 70_000), rng.choice(absent, 70_000))
+    exported = emb.table.export()  # the reference: every row, read in slot order
+    row_of = dict(zip(exported.ids.tolist(), range(exported.ids.shape[0])))
+    hit = np.isin(keys, present)
+    expected = torch.full((keys.shape[0], 8), -2.0)
+    expected[torch.from_numpy(hit)] = exported.weights[[row_of[k] for k in keys[hit].tolist()]]
+    emb.eval()
+    out = emb(torch.from_numpy(keys))
+    assert torch.equal(out, expected)
+    assert emb.stats().last_call.defaults_served == int((~hit).sum()) > 0
+    assert emb.table.size() == 30_000
+
+
 def test_read_only_table_serves_and_refuses_writes():
     emb = de.DynamicEmbedding(dim=4, read_only=True, default_value=[1.0, 2.0, 3.0, 4.0])
     out = emb(["a", "b"])  # training mode, still no inserts
