@@ -70,6 +70,38 @@ def zipf_ranks(rng: np.random.Generator, a: float, n_max: int, size: int) -> np.
 # --------------------------------------------------------------------------------------------
 
 
+def _pass_source(batches) -> Callable[[int], Sequence[object]]:
+    return batches if callable(batches) else (lambda _rep: batches)
+
+
+def _warm_up(fn, get, warmup: int, min_warmup_s: float, max_warmup: int) -> int:
+    """Untimed passes: at least ``warmup``, and more (up to ``max_warmup``) until
+    ``min_warmup_s`` seconds have gone by. Returns the passes run."""
+    t_warm = time.perf_counter()
+    w = 0
+    while w < warmup or (w < max_warmup and time.perf_counter() - t_warm < min_warmup_s):
+        for b in get(-1 - w):
+            fn(b)
+        w += 1
+    return w
+
+
+def _timed_pass(fn, bs: Sequence[object]) -> float:
+    """Seconds of one pass of ``fn`` over ``bs``, with the garbage collector off (as in
+    timeit) after a collection."""
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        t0 = time.perf_counter()
+        for b in bs:
+            fn(b)
+        return time.perf_counter() - t0
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def time_batches(fn: Callable[[object], object], batches: Sequence[object] | Callable[[int], Sequence[object]],
                  *, keys_per_batch: int, repeats: int, warmup: int,
                  min_warmup_s: float = 0.0, max_warmup: int = 50) -> dict:
@@ -85,31 +117,42 @@ def time_batches(fn: Callable[[object], object], batches: Sequence[object] | Cal
 
     Returns a dict with the per-pass seconds, the keys per pass, and median/min/max keys/s.
     """
-    get = batches if callable(batches) else (lambda _rep: batches)
-    t_warm = time.perf_counter()
-    w = 0
-    while w < warmup or (w < max_warmup and time.perf_counter() - t_warm < min_warmup_s):
-        for b in get(-1 - w):
-            fn(b)
-        w += 1
-    samples: list[float] = []
-    keys_per_pass = 0
+    return time_interleaved({"": (fn, batches)}, keys_per_batch=keys_per_batch,
+                            repeats=repeats, warmup=warmup, min_warmup_s=min_warmup_s,
+                            max_warmup=max_warmup)[""]
+
+
+def time_interleaved(entries: dict[str, tuple[Callable[[object], object], object]], *,
+                     keys_per_batch: int, repeats: int, warmup: int,
+                     min_warmup_s: float = 0.0, max_warmup: int = 50) -> dict[str, dict]:
+    """Times several systems on the same batches with their timed passes interleaved.
+
+    Each entry ``name: (fn, batches)`` is warmed up as in :func:`time_batches`; then every
+    repeat times one pass of each system, one right after the other (the order reversed
+    every other repeat, so no system always runs first). A cloud VM's speed drifts by tens
+    of percent over minutes (neighbours, memory placement), so systems timed minutes apart
+    can differ by more than the effect measured; systems timed back to back see the same
+    machine, and the ratio of their i-th passes cancels the drift.
+
+    Returns:
+        name -> the dict :func:`time_batches` returns, ``samples_s[i]`` of every system
+        from the same repeat ``i``.
+    """
+    sources = {name: _pass_source(batches) for name, (_, batches) in entries.items()}
+    warm = {name: _warm_up(fn, sources[name], warmup, min_warmup_s, max_warmup)
+            for name, (fn, _) in entries.items()}
+    samples: dict[str, list[float]] = {name: [] for name in entries}
+    keys_per_pass: dict[str, int] = {}
+    names = list(entries)
     for rep in range(repeats):
-        bs = get(rep)
-        keys_per_pass = len(bs) * keys_per_batch
-        gc.collect()
-        was_enabled = gc.isenabled()
-        gc.disable()
-        try:
-            t0 = time.perf_counter()
-            for b in bs:
-                fn(b)
-            samples.append(time.perf_counter() - t0)
-        finally:
-            if was_enabled:
-                gc.enable()
-    out = summarize(samples, keys_per_pass)
-    out["warmup_passes"] = w
+        for name in (names if rep % 2 == 0 else names[::-1]):
+            bs = sources[name](rep)
+            keys_per_pass[name] = len(bs) * keys_per_batch
+            samples[name].append(_timed_pass(entries[name][0], bs))
+    out = {}
+    for name in names:
+        out[name] = summarize(samples[name], keys_per_pass[name])
+        out[name]["warmup_passes"] = warm[name]
     return out
 
 
@@ -376,17 +419,28 @@ class Phase:
         ``cfg["min_warmup_s"]`` seconds; an explicit ``warmup`` is that many passes and no
         minimum time (for inputs each pass consumes, such as inserts of new keys).
         """
+        return self.time_together({metric: (fn, batches)}, keys_per_batch=keys_per_batch,
+                                  repeats=repeats, warmup=warmup)[metric]
+
+    def time_together(self, entries: dict[str, tuple], *, keys_per_batch: int | None = None,
+                      repeats: int | None = None, warmup: int | None = None) -> dict:
+        """Like :meth:`time` for several ``metric: (fn, batches)`` entries whose timed
+        passes interleave (:func:`time_interleaved`); records the metrics as one group in
+        ``info["timed_together"]``, so their ratios can be taken pass by pass."""
         fixed = warmup is not None  # a fixed warm-up (inserts: each pass consumes new keys)
-        r = time_batches(fn, batches, keys_per_batch=keys_per_batch or self.cfg["batch"],
-                         repeats=repeats or self.cfg["repeats"],
-                         warmup=warmup if fixed else self.cfg["warmup"],
-                         min_warmup_s=0.0 if fixed else self.cfg["min_warmup_s"])
-        self.metrics[metric] = r["keys_per_s"]
-        self.spread[metric] = (r["keys_per_s_max"] - r["keys_per_s_min"]) / r["keys_per_s"]
-        self.samples[metric] = r["samples_s"]
-        self.log(f"{metric:<44s} {fmt_rate(r['keys_per_s'])}  "
-                 f"(min {fmt_rate(r['keys_per_s_min']).strip()}, max {fmt_rate(r['keys_per_s_max']).strip()})")
-        return r
+        res = time_interleaved(entries, keys_per_batch=keys_per_batch or self.cfg["batch"],
+                               repeats=repeats or self.cfg["repeats"],
+                               warmup=warmup if fixed else self.cfg["warmup"],
+                               min_warmup_s=0.0 if fixed else self.cfg["min_warmup_s"])
+        if len(entries) > 1:
+            self.info.setdefault("timed_together", []).append(list(entries))
+        for metric, r in res.items():
+            self.metrics[metric] = r["keys_per_s"]
+            self.spread[metric] = (r["keys_per_s_max"] - r["keys_per_s_min"]) / r["keys_per_s"]
+            self.samples[metric] = r["samples_s"]
+            self.log(f"{metric:<44s} {fmt_rate(r['keys_per_s'])}  "
+                     f"(min {fmt_rate(r['keys_per_s_min']).strip()}, max {fmt_rate(r['keys_per_s_max']).strip()})")
+        return res
 
     def record_dynembed(self, de) -> None:
         """Records the version and kernel thread count of the imported dynembed ``de``."""
@@ -658,6 +712,22 @@ def ratio_of(metrics: dict, num: str, den: str) -> float | None:
     a, b = metrics.get(num), metrics.get(den)
     ok = isinstance(a, (int, float)) and isinstance(b, (int, float)) and b > 0
     return (a / b) if ok else None
+
+
+def timed_together(results: PhaseResults, num: str, den: str) -> bool:
+    """Whether metrics ``num`` and ``den`` were timed in one interleaved group."""
+    return any(num in g and den in g for info in results.info.values()
+               for g in info.get("timed_together", ()))
+
+
+def paired_ratio(results: PhaseResults, num: str, den: str) -> float | None:
+    """The throughput ratio ``num / den``: where the two were timed together, the median
+    over repeats of ``seconds[den][i] / seconds[num][i]`` (both passes of repeat i ran back
+    to back on the same keys); otherwise the ratio of their medians (:func:`ratio_of`)."""
+    if not timed_together(results, num, den):
+        return ratio_of(results.metrics, num, den)
+    t_num, t_den = results.samples_s[num], results.samples_s[den]
+    return statistics.median(b / a for a, b in zip(t_num, t_den))
 
 
 def build_report(module: str, argv: list[str] | None, cfg: dict, results: PhaseResults,

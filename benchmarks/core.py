@@ -13,10 +13,16 @@ hot rows are scattered over the table) and row -> id through SplitMix64 (a bijec
 are distinct and spread over the whole int64 range). dynembed gets the ids; the baselines get
 the row indices. dynembed's warm tables are filled with the ids of rows 0..N-1 in row order.
 
-Each system runs in its own child process (``--_phase``), so one system's memory (freed or
-fragmented heap, optimizer state) can't colour the next one's timings or RSS, and peak memory
-is that of the largest single system. A throughput is keys per second over one pass through
-all batches, median over ``--repeats`` timed passes after ``warmup`` untimed ones.
+Each optimizer runs in its own child process (``--_phase``), holding dynembed's table and
+that optimizer's baselines (torch sparse, FBGEMM; the Adagrad process also the lookup and
+insert baselines), so one optimizer's memory can't colour the next one's timings or RSS.
+dynembed's resident bytes are measured before any baseline allocates. Inside a process the
+systems are timed together: every repeat times one pass of each, back to back (the order
+reversed every other repeat). This VM's speed drifts by tens of percent over minutes, more
+than some of the targets' margins; passes run back to back see the same machine, so each
+ratio is the median over repeats of the per-pass ratio. A throughput is keys per second over
+one pass through all batches, median over ``--repeats`` timed passes after ``warmup``
+untimed ones.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import numpy as np
 from benchmarks._common import (
     WORDS_EXPECTED,
     Phase,
+    PhaseResults,
     add_harness_args,
     build_report,
     check_quiet_at_start,
@@ -42,8 +49,8 @@ from benchmarks._common import (
     fmt_rate,
     loadavg,
     metric_row,
+    paired_ratio,
     parse_phases,
-    ratio_of,
     read_words,
     record_run_options,
     report_footer,
@@ -54,6 +61,7 @@ from benchmarks._common import (
     run_sizes,
     settle,
     splitmix64,
+    timed_together,
     verdict,
     write_report,
     zipf_ranks,
@@ -66,7 +74,7 @@ FULL = {"rows": 10_000_000, "n_batches": 8, "repeats": 7, "warmup": 2}
 QUICK = {"rows": 1_000_000, "n_batches": 4, "repeats": 5, "warmup": 1}
 
 DYNEMBED_OPTIMIZERS = ("adagrad", "sgd", "rowwise_adagrad", "adam")
-PHASES = ("torch", "fbgemm") + tuple(f"dynembed_{o}" for o in DYNEMBED_OPTIMIZERS) + ("strings",)
+PHASES = DYNEMBED_OPTIMIZERS + ("strings",)
 
 # name: (numerator metric, denominator metric)
 RATIOS = {
@@ -122,76 +130,43 @@ def _insert_batches(cfg: dict, new_batches: list):
     return get
 
 
-def phase_torch(p: Phase) -> None:
-    """index_select, nn.Embedding, Python dict -> nn.Embedding, torch sparse optimizers."""
-    import warnings
+TORCH_OPTIMIZERS = ("sgd", "adagrad", "adam")
+"""Optimizers with a torch sparse baseline (Adam's is SparseAdam)."""
+FBGEMM_OPTIMIZERS = ("sgd", "rowwise_adagrad")
+"""Optimizers with an FBGEMM fused baseline (EXACT_SGD, EXACT_ROWWISE_ADAGRAD)."""
 
+
+def _torch_embedding(p: Phase):
+    """nn.Embedding(N, dim, sparse=True) seeded from the run's seed."""
     import torch
-    warnings.filterwarnings("ignore", message="Sparse invariant checks")
-    cfg = p.cfg
-    n, d = cfg["rows"], cfg["dim"]
-    rows_b, ids_b, grad = _tensors(p.data)
-    torch.manual_seed(cfg["seed"])
+    n, d = p.cfg["rows"], p.cfg["dim"]
+    torch.manual_seed(p.cfg["seed"])
     t = time.perf_counter()
     emb = torch.nn.Embedding(n, d, sparse=True)
     p.log(f"nn.Embedding({n:,}, {d}, sparse=True) built in {time.perf_counter() - t:.1f}s")
-    w = emb.weight.detach()
-
-    with torch.no_grad():
-        p.time("torch_index_select_keys_per_s", lambda b: torch.index_select(w, 0, b), rows_b)
-        p.time("torch_embedding_lookup_keys_per_s", lambda b: emb(b), rows_b)
-
-    # Python dict id -> row feeding nn.Embedding.
-    t = time.perf_counter()
-    table = dict(zip(splitmix64(np.arange(n, dtype=np.int64)).tolist(), range(n)))
-    p.log(f"python dict of {len(table):,} ids built in {time.perf_counter() - t:.1f}s")
-    getter = table.__getitem__
-
-    def dict_lookup(ids):
-        rows = torch.tensor(list(map(getter, ids.tolist())), dtype=torch.int64)
-        return emb(rows)
-
-    with torch.no_grad():
-        ok = torch.equal(dict_lookup(ids_b[0]), torch.index_select(w, 0, rows_b[0]))
-        p.info["python_dict_matches_index_select"] = bool(ok)
-        p.time("python_dict_lookup_keys_per_s", dict_lookup, ids_b)
-
-    new_b = [torch.from_numpy(x) for x in p.data["new_id_batches"]]
-
-    def dict_insert(ids):
-        start = len(table)
-        table.update(zip(ids.tolist(), range(start, start + ids.numel())))
-
-    before = len(table)
-    p.time("python_dict_insert_keys_per_s", dict_insert, _insert_batches(cfg, new_b),
-           warmup=cfg["insert_warmup"])
-    p.info["python_dict_inserted"] = len(table) - before
-    table = getter = None  # frees the dict (the closures above keep only these names)
-    settle()
-
-    optimizers = {
-        "sgd": lambda: torch.optim.SGD(emb.parameters(), lr=cfg["lr"]["sgd"]),
-        "adagrad": lambda: torch.optim.Adagrad(emb.parameters(), lr=cfg["lr"]["adagrad"]),
-        "adam": lambda: torch.optim.SparseAdam(emb.parameters(), lr=cfg["lr"]["adam"]),
-    }
-    for name, make in optimizers.items():
-        opt = make()
-
-        def step(idx, opt=opt):
-            opt.zero_grad()
-            out = emb(idx)
-            out.backward(grad)
-            opt.step()
-
-        p.time(f"torch_sparse_train_{name}_keys_per_s", step, rows_b)
-        del opt, step
-        emb.weight.grad = None
-        settle()
+    return emb
 
 
-def phase_fbgemm(p: Phase) -> None:
-    """FBGEMM table-batched embedding on CPU (one table), EXACT_SGD and EXACT_ROWWISE_ADAGRAD."""
+def _torch_step(p: Phase, emb, opt_name: str, grad):
+    """The torch sparse training step for ``opt_name`` (a fresh torch optimizer)."""
+    import torch
+    lr = p.cfg["lr"][opt_name]
+    opt = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad,
+           "adam": torch.optim.SparseAdam}[opt_name](emb.parameters(), lr=lr)
+
+    def step(idx):
+        opt.zero_grad()
+        out = emb(idx)
+        out.backward(grad)
+        opt.step()
+    return step
+
+
+def _fbgemm_table(p: Phase, opt_name: str, rows_b):
+    """FBGEMM's CPU table-batched embedding (one table) with the fused ``opt_name`` update,
+    or None (the metrics marked unavailable) when fbgemm is missing or fails."""
     cfg = p.cfg
+    metric = f"fbgemm_train_{opt_name}_keys_per_s"
     try:
         import torch
         from fbgemm_gpu.split_embedding_configs import EmbOptimType
@@ -205,52 +180,37 @@ def phase_fbgemm(p: Phase) -> None:
         )
     except Exception as e:  # noqa: BLE001 - ImportError, or a broken native build
         p.log(f"fbgemm unavailable: {e!r}")
-        for m in ("fbgemm_train_sgd_keys_per_s", "fbgemm_train_rowwise_adagrad_keys_per_s",
-                  "fbgemm_lookup_keys_per_s"):
-            p.metrics[m] = UNAVAILABLE
+        p.metrics[metric] = UNAVAILABLE
+        if opt_name == "sgd":
+            p.metrics["fbgemm_lookup_keys_per_s"] = UNAVAILABLE
         p.info["fbgemm_unavailable"] = repr(e)
-        return
+        return None
     import warnings
     warnings.filterwarnings("ignore")
     n, d, bsz = cfg["rows"], cfg["dim"], cfg["batch"]
-    rows_b, _, grad = _tensors(p.data)
     offsets = torch.arange(bsz + 1, dtype=torch.int64)  # bag size 1: one row per output
-    ots = {"sgd": (EmbOptimType.EXACT_SGD, {"learning_rate": cfg["lr"]["sgd"]}),
-           "rowwise_adagrad": (EmbOptimType.EXACT_ROWWISE_ADAGRAD,
-                               {"learning_rate": cfg["lr"]["rowwise_adagrad"], "eps": 1e-8})}
-    for name, (ot, kw) in ots.items():
-        tbe = None
-        for pooling in (PoolingMode.NONE, PoolingMode.SUM):
-            try:
-                t = time.perf_counter()
-                tbe = SplitTableBatchedEmbeddingBagsCodegen(
-                    [(n, d, EmbeddingLocation.HOST, ComputeDevice.CPU)], optimizer=ot,
-                    pooling_mode=pooling, **kw)
-                with torch.no_grad():
-                    out = tbe(rows_b[0], offsets)
-                if tuple(out.shape) != (bsz, d):
-                    raise RuntimeError(f"unexpected output shape {tuple(out.shape)}")
-                p.info[f"fbgemm_{name}_pooling_mode"] = pooling.name
-                p.log(f"{ot.name} table ({n:,} x {d}, pooling {pooling.name}) built in "
-                      f"{time.perf_counter() - t:.1f}s")
-                break
-            except Exception as e:  # noqa: BLE001 - any failure: try the next pooling mode
-                p.log(f"{ot.name} with pooling {pooling.name} failed: {e!r}")
-                tbe = None
-        if tbe is None:
-            p.metrics[f"fbgemm_train_{name}_keys_per_s"] = UNAVAILABLE
-            continue
-        if name == "sgd":
+    ot, kw = {"sgd": (EmbOptimType.EXACT_SGD, {"learning_rate": cfg["lr"]["sgd"]}),
+              "rowwise_adagrad": (EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+                                  {"learning_rate": cfg["lr"]["rowwise_adagrad"], "eps": 1e-8}),
+              }[opt_name]
+    for pooling in (PoolingMode.NONE, PoolingMode.SUM):
+        try:
+            t = time.perf_counter()
+            tbe = SplitTableBatchedEmbeddingBagsCodegen(
+                [(n, d, EmbeddingLocation.HOST, ComputeDevice.CPU)], optimizer=ot,
+                pooling_mode=pooling, **kw)
             with torch.no_grad():
-                p.time("fbgemm_lookup_keys_per_s", lambda b, tbe=tbe: tbe(b, offsets), rows_b)
-
-        def step(idx, tbe=tbe):
-            out = tbe(idx, offsets)
-            out.backward(grad)
-
-        p.time(f"fbgemm_train_{name}_keys_per_s", step, rows_b)
-        del tbe, step
-        settle()
+                out = tbe(rows_b[0], offsets)
+            if tuple(out.shape) != (bsz, d):
+                raise RuntimeError(f"unexpected output shape {tuple(out.shape)}")
+            p.info[f"fbgemm_{opt_name}_pooling_mode"] = pooling.name
+            p.log(f"{ot.name} table ({n:,} x {d}, pooling {pooling.name}) built in "
+                  f"{time.perf_counter() - t:.1f}s")
+            return lambda idx: tbe(idx, offsets)
+        except Exception as e:  # noqa: BLE001 - any failure: try the next pooling mode
+            p.log(f"{ot.name} with pooling {pooling.name} failed: {e!r}")
+    p.metrics[metric] = UNAVAILABLE
+    return None
 
 
 def _import_dynembed(p: Phase, metrics: tuple[str, ...]):
@@ -273,23 +233,13 @@ def _make_opt(de, name: str, cfg: dict):
     return cls(lr=cfg["lr"][name])
 
 
-def phase_dynembed(p: Phase, opt_name: str) -> None:
-    """Fill a table to N rows (insert throughput, RSS), then train; lookups/inserts for adagrad."""
+def _filled_table(p: Phase, de, opt_name: str, ids_b, grad):
+    """A dynembed table filled with the N ids of the id space: records the fill rate and
+    the resident bytes per row (measured before any baseline allocates)."""
+    import torch
     cfg = p.cfg
     n, d, bsz = cfg["rows"], cfg["dim"], cfg["batch"]
     main = opt_name == "adagrad"
-    expected = [f"dynembed_train_{opt_name}_keys_per_s"]
-    if main:
-        expected += ["dynembed_lookup_keys_per_s", "dynembed_find_keys_per_s",
-                     "dynembed_lookup_eval_keys_per_s", "dynembed_insert_new_keys_per_s",
-                     "dynembed_fill_keys_per_s", "dynembed_rss_bytes_per_row",
-                     "dynembed_payload_bytes_per_row"]
-    de = _import_dynembed(p, tuple(expected))
-    if de is None:
-        return
-    import torch
-    _, ids_b, grad = _tensors(p.data)
-
     opt = _make_opt(de, opt_name, cfg)
     try:
         state_floats = int(opt.state_width(d))
@@ -349,41 +299,132 @@ def phase_dynembed(p: Phase, opt_name: str) -> None:
         p.metrics["dynembed_rss_bytes_per_row"] = bpr
         p.metrics["dynembed_payload_bytes_per_row"] = payload
     del fill_ids
-
     found = emb.table.find(ids_b[0]).found
     p.info[f"{opt_name}_all_batch_keys_found"] = bool(found.all())
+    return emb
 
-    emb.train()
-    if main:
-        with torch.no_grad():
-            out = emb(ids_b[0])
+
+def _time_lookups(p: Phase, emb, torch_emb, rows_b, ids_b) -> dict:
+    """Lookups on the warm table and the lookup baselines, interleaved. Returns the Python
+    dict id -> row (kept for the insert reference)."""
+    import torch
+    n = p.cfg["rows"]
+    w = torch_emb.weight.detach()
+    t = time.perf_counter()
+    table = dict(zip(splitmix64(np.arange(n, dtype=np.int64)).tolist(), range(n)))
+    p.log(f"python dict of {len(table):,} ids built in {time.perf_counter() - t:.1f}s")
+    getter = table.__getitem__
+
+    def dict_lookup(ids):
+        rows = torch.tensor(list(map(getter, ids.tolist())), dtype=torch.int64)
+        return torch_emb(rows)
+
+    entries = {
+        "torch_index_select_keys_per_s": (lambda b: torch.index_select(w, 0, b), rows_b),
+        "torch_embedding_lookup_keys_per_s": (torch_emb, rows_b),
+        "python_dict_lookup_keys_per_s": (dict_lookup, ids_b),
+    }
+    if emb is not None:
+        def eval_lookup(ids):
+            emb.train(False)  # a read, as the baselines
+            return emb(ids)
+
+        def train_lookup(ids):
+            emb.train(True)  # also counts every key in the row metadata
+            return emb(ids)
+
+        entries["dynembed_lookup_eval_keys_per_s"] = (eval_lookup, ids_b)
+        entries["dynembed_lookup_keys_per_s"] = (train_lookup, ids_b)
+        entries["dynembed_find_keys_per_s"] = (emb.table.find, ids_b)
+    with torch.no_grad():
+        ok = torch.equal(dict_lookup(ids_b[0]), torch.index_select(w, 0, rows_b[0]))
+        p.info["python_dict_matches_index_select"] = bool(ok)
+        if emb is not None:
+            out = eval_lookup(ids_b[0])
             p.info["lookup_output"] = [list(out.shape), str(out.dtype)]
-            p.time("dynembed_lookup_keys_per_s", lambda b: emb(b), ids_b)
-        p.time("dynembed_find_keys_per_s", lambda b: emb.table.find(b), ids_b)
-        emb.eval()
-        with torch.no_grad():
-            p.time("dynembed_lookup_eval_keys_per_s", lambda b: emb(b), ids_b)
+        p.time_together(entries)
+    if emb is not None:
         emb.train()
         p.info["table_size_after_lookups"] = int(emb.table.size())
+    return table
 
-    def step(ids):
-        out = emb(ids)
-        out.backward(grad)
 
-    p.time(f"dynembed_train_{opt_name}_keys_per_s", step, ids_b)
-    p.info[f"{opt_name}_table_size_after_train"] = int(emb.table.size())
+def _time_inserts(p: Phase, emb, table: dict) -> None:
+    """Inserts of never-seen ids: dynembed's find_or_insert and dict.update, interleaved."""
+    import torch
+    cfg = p.cfg
+    new_b = [torch.from_numpy(x) for x in p.data["new_id_batches"]]
 
-    if main:
-        new_b = [torch.from_numpy(x) for x in p.data["new_id_batches"]]
-        before = int(emb.table.size())
-        p.time("dynembed_insert_new_keys_per_s", lambda b: emb.table.find_or_insert(b),
-               _insert_batches(cfg, new_b), warmup=cfg["insert_warmup"])
-        p.info["insert_table_size_before"] = before
+    def dict_insert(ids):
+        start = len(table)
+        table.update(zip(ids.tolist(), range(start, start + ids.numel())))
+
+    entries = {"python_dict_insert_keys_per_s": (dict_insert, _insert_batches(cfg, new_b))}
+    before = len(table), (int(emb.table.size()) if emb is not None else 0)
+    if emb is not None:
+        entries["dynembed_insert_new_keys_per_s"] = (emb.table.find_or_insert,
+                                                     _insert_batches(cfg, new_b))
+    p.time_together(entries, warmup=cfg["insert_warmup"])
+    p.info["python_dict_inserted"] = len(table) - before[0]
+    if emb is not None:
+        p.info["insert_table_size_before"] = before[1]
         p.info["insert_table_size_after"] = int(emb.table.size())
 
 
+def phase_optimizer(p: Phase, opt_name: str) -> None:
+    """One optimizer: dynembed's table filled to N rows (fill rate, RSS), then training
+    steps timed together with the same optimizer's baselines (torch sparse, FBGEMM);
+    Adagrad's phase also times the lookups and inserts with theirs."""
+    main = opt_name == "adagrad"
+    metric = f"dynembed_train_{opt_name}_keys_per_s"
+    expected = [metric, f"dynembed_fill_{opt_name}_keys_per_s"]
+    if main:
+        expected += ["dynembed_lookup_keys_per_s", "dynembed_find_keys_per_s",
+                     "dynembed_lookup_eval_keys_per_s", "dynembed_insert_new_keys_per_s",
+                     "dynembed_fill_keys_per_s", "dynembed_rss_bytes_per_row",
+                     "dynembed_payload_bytes_per_row"]
+    import warnings
+
+    import torch
+    warnings.filterwarnings("ignore", message="Sparse invariant checks")
+    rows_b, ids_b, grad = _tensors(p.data)
+    de = _import_dynembed(p, tuple(expected))
+    emb = _filled_table(p, de, opt_name, ids_b, grad) if de is not None else None
+    torch_emb = _torch_embedding(p) if opt_name in TORCH_OPTIMIZERS else None
+    table = _time_lookups(p, emb, torch_emb, rows_b, ids_b) if main else None
+
+    steps = {}
+    if emb is not None:
+        def step(ids):
+            out = emb(ids)
+            out.backward(grad)
+        steps[metric] = (step, ids_b)
+    if torch_emb is not None:
+        steps[f"torch_sparse_train_{opt_name}_keys_per_s"] = (
+            _torch_step(p, torch_emb, opt_name, grad), rows_b)
+    tbe = _fbgemm_table(p, opt_name, rows_b) if opt_name in FBGEMM_OPTIMIZERS else None
+    if tbe is not None:
+        if opt_name == "sgd":
+            with torch.no_grad():
+                p.time("fbgemm_lookup_keys_per_s", tbe, rows_b)
+
+        def fbgemm_step(idx):
+            tbe(idx).backward(grad)
+        steps[f"fbgemm_train_{opt_name}_keys_per_s"] = (fbgemm_step, rows_b)
+    p.time_together(steps)
+    if emb is not None:
+        p.info[f"{opt_name}_table_size_after_train"] = int(emb.table.size())
+    if main:
+        # The inserts grow the arena past its reservation (a copy of every row): free the
+        # torch baseline's weights and optimizer state first.
+        steps = torch_emb = tbe = None
+        settle()
+        _time_inserts(p, emb, table)
+
+
 def phase_strings(p: Phase) -> None:
-    """String-key lookup on the English word list: dynembed vs Python dict -> index_select."""
+    """String-key lookup on the English word list: dynembed vs Python dict -> index_select,
+    timed together."""
     cfg = p.cfg
     import torch
     words = read_words(Path(cfg["words_path"]))
@@ -405,56 +446,36 @@ def phase_strings(p: Phase) -> None:
     def dict_lookup(batch):
         return torch.index_select(weight, 0, torch.tensor(list(map(getter, batch)), dtype=torch.int64))
 
-    with torch.no_grad():
-        p.time("python_dict_string_lookup_keys_per_s", dict_lookup, fresh)
-    vocab = getter = weight = None  # frees them (dict_lookup keeps only these names)
-    settle()
-
+    entries = {"python_dict_string_lookup_keys_per_s": (dict_lookup, fresh)}
     de = _import_dynembed(p, ("dynembed_string_lookup_keys_per_s",
                               "dynembed_string_fill_keys_per_s"))
-    if de is None:
-        return
-    emb = de.DynamicEmbedding(dim=d, optimizer=de.optim.SGD(lr=cfg["lr"]["sgd"]), seed=cfg["seed"])
-    emb.train()
-    chunks = [words[s:s + bsz] for s in range(0, nw, bsz)]
-    try:
-        emb.table.find_or_insert(chunks[0][:16])  # does the table take str keys directly?
-        insert = emb.table.find_or_insert
-        p.info["string_fill_call"] = "table.find_or_insert(list[str])"
-    except Exception as e:  # noqa: BLE001 - any failure: fall back to emb(list[str])
-        p.log(f"table.find_or_insert(list[str]) failed ({type(e).__name__}: {e}); "
-              "filling with no-grad emb(list[str]) in train mode")
-
-        def insert(batch):
-            with torch.no_grad():
-                emb(batch)
-        p.info["string_fill_call"] = "no_grad emb(list[str]) in train mode"
-    t = time.perf_counter()
-    for c in chunks:
-        insert(c)
-    t_fill = time.perf_counter() - t
-    size = int(emb.table.size())
-    p.info["string_table_size_after_fill"] = size
-    p.metrics["dynembed_string_fill_keys_per_s"] = nw / t_fill
-    p.log(f"filled {size:,} string rows in {t_fill:.2f}s ({fmt_rate(nw / t_fill).strip()})")
+    if de is not None:
+        emb = de.DynamicEmbedding(dim=d, optimizer=de.optim.SGD(lr=cfg["lr"]["sgd"]),
+                                  seed=cfg["seed"])
+        emb.train()
+        t = time.perf_counter()
+        for s in range(0, nw, bsz):
+            emb.table.find_or_insert(words[s:s + bsz])
+        t_fill = time.perf_counter() - t
+        size = int(emb.table.size())
+        p.info["string_table_size_after_fill"] = size
+        p.metrics["dynembed_string_fill_keys_per_s"] = nw / t_fill
+        p.log(f"filled {size:,} string rows in {t_fill:.2f}s ({fmt_rate(nw / t_fill).strip()})")
+        entries["dynembed_string_lookup_keys_per_s"] = (emb, fresh)
     with torch.no_grad():
-        p.time("dynembed_string_lookup_keys_per_s", lambda b: emb(b), fresh)
-    p.info["string_table_size_after_lookup"] = int(emb.table.size())
+        p.time_together(entries)
+    if de is not None:
+        p.info["string_table_size_after_lookup"] = int(emb.table.size())
 
 
 def run_system(p: Phase) -> None:
     """Runs the phase named ``p.name`` (in the child process)."""
-    name = p.name
-    if name == "torch":
-        phase_torch(p)
-    elif name == "fbgemm":
-        phase_fbgemm(p)
-    elif name.startswith("dynembed_"):
-        phase_dynembed(p, name[len("dynembed_"):])
-    elif name == "strings":
+    if p.name in DYNEMBED_OPTIMIZERS:
+        phase_optimizer(p, p.name)
+    elif p.name == "strings":
         phase_strings(p)
     else:
-        raise ValueError(f"unknown phase {name!r}")
+        raise ValueError(f"unknown phase {p.name!r}")
 
 
 # ============================================================================================
@@ -483,7 +504,11 @@ def build_config(args) -> dict:
                       "id splitmix64(row) as int64; baselines index rows, dynembed gets ids",
         "grad": "fixed N(0,1)*1e-3 float32 tensor (batch, dim) passed to out.backward(grad)",
         "timing": "keys/s over one pass through all batches; median of `repeats` passes after "
-                  "at least `warmup` untimed passes and `min_warmup_s` of warm-up; gc disabled while timed; one child process per system",
+                  "at least `warmup` untimed passes and `min_warmup_s` of warm-up; gc disabled "
+                  "while timed; one child process per optimizer (and one for string keys), in "
+                  "which dynembed and that optimizer's baselines are timed together: each "
+                  "repeat times one pass of every system back to back (order reversed every "
+                  "other repeat); paired ratios are medians of the per-pass ratios",
         "python_dict_baseline": "torch.tensor(list(map(d.__getitem__, ids.tolist()))) -> "
                                 "nn.Embedding forward (no grad)",
         "torch_sparse_step": "optimizer.zero_grad(); out = emb(idx); out.backward(grad); "
@@ -520,11 +545,14 @@ def make_data(cfg: dict, words: list[str] | None) -> dict:
     return data
 
 
-def compute_ratios(metrics: dict) -> tuple[dict, dict]:
+def compute_ratios(results: PhaseResults) -> tuple[dict, dict]:
+    """Each ratio pass by pass where its two metrics were timed together
+    (:func:`paired_ratio`), else as the ratio of their medians."""
     ratios, targets = {}, {}
     for name, (num, den) in RATIOS.items():
-        ratios[name] = ratio_of(metrics, num, den)
+        ratios[name] = paired_ratio(results, num, den)
         targets[name] = evaluate_target(*TARGETS[name], ratios[name])
+        targets[name]["timed_together"] = timed_together(results, num, den)
     return ratios, targets
 
 
@@ -586,7 +614,10 @@ def render(report: dict) -> str:
     for name, t in report["targets"].items():
         v = t["value"]
         val = "-" if v is None else (f"{v:.3f}" if v < 100 else f"{v:.1f}")
-        L.append(f"  {name:<48s} {val:>10s}   {t['target']:>7s}   {verdict(t['pass'])}")
+        paired = "  (paired)" if t.get("timed_together") else ""
+        L.append(f"  {name:<48s} {val:>10s}   {t['target']:>7s}   {verdict(t['pass'])}{paired}")
+    L.append("  (paired): both systems timed in one process, passes interleaved; the ratio is the "
+             "median of the per-pass ratios")
     L.extend(report_footer(report, 92))
     return "\n".join(L)
 
@@ -645,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
                          timeout=args.phase_timeout or (600 if cfg["quick"] else 1800),
                          wait_quiet_s=args.wait_quiet, retries=args.retries)
 
-    ratios, targets = compute_ratios(results.metrics)
+    ratios, targets = compute_ratios(results)
     report = build_report(MODULE, argv, cfg, results, t_start, ratios, targets)
     write_report(report, render(report), args.json)
     return 0
