@@ -70,8 +70,9 @@ def index_find_rows(buckets, ids, rows, out, slots, shares):
     key, in two passes. Here each thread takes a contiguous share of the keys in blocks: it
     probes a block (its buckets were prefetched during the previous block) and prefetches
     the block's rows, prefetches the next block's buckets, then copies the block's rows, so
-    both kinds of miss are in flight together (10M-row table, 65,536 Zipf keys: 1.51 against
-    1.67 ms for the two passes).
+    both kinds of miss are in flight together (10M-row table, 65,536 Zipf keys: 1.40 against
+    1.59 ms for the two passes, A/B in one process; less when other work evicts the caches
+    between reads, see BENCHMARKS.md).
 
     Args:
         buckets: (capacity, 2) int64 index buckets.

@@ -22,7 +22,6 @@ as it is.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import mmap
 import os
 import platform
@@ -79,7 +78,7 @@ def keep_freed_memory() -> bool:
     if platform.libc_ver()[0] != "glibc":
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the process's own symbols, glibc's among them
         ok = (libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
               and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1)
     except (OSError, AttributeError):  # no usable libc: nothing to tune
