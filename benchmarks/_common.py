@@ -128,11 +128,13 @@ def time_interleaved(entries: dict[str, tuple[Callable[[object], object], object
     """Times several systems on the same batches with their timed passes interleaved.
 
     Each entry ``name: (fn, batches)`` is warmed up as in :func:`time_batches`; then every
-    repeat times one pass of each system, one right after the other (the order reversed
-    every other repeat, so no system always runs first). A cloud VM's speed drifts by tens
-    of percent over minutes (neighbours, memory placement), so systems timed minutes apart
-    can differ by more than the effect measured; systems timed back to back see the same
-    machine, and the ratio of their i-th passes cancels the drift.
+    repeat times one pass of each system, one after the other, the order rotated by one
+    system each repeat so every system takes every place in turn (and, with three or more,
+    none ever follows its own pass: the one before a pass leaves the caches to it). A cloud
+    VM's speed drifts by tens of percent over minutes (neighbours, memory placement), so
+    systems timed minutes apart can differ by more than the effect measured; systems timed
+    in the same repeat see the same machine, and the ratio of their i-th passes cancels the
+    drift.
 
     Returns:
         name -> the dict :func:`time_batches` returns, ``samples_s[i]`` of every system
@@ -145,7 +147,8 @@ def time_interleaved(entries: dict[str, tuple[Callable[[object], object], object
     keys_per_pass: dict[str, int] = {}
     names = list(entries)
     for rep in range(repeats):
-        for name in (names if rep % 2 == 0 else names[::-1]):
+        shift = rep % len(names)
+        for name in names[shift:] + names[:shift]:
             bs = sources[name](rep)
             keys_per_pass[name] = len(bs) * keys_per_batch
             samples[name].append(_timed_pass(entries[name][0], bs))
@@ -722,8 +725,9 @@ def timed_together(results: PhaseResults, num: str, den: str) -> bool:
 
 def paired_ratio(results: PhaseResults, num: str, den: str) -> float | None:
     """The throughput ratio ``num / den``: where the two were timed together, the median
-    over repeats of ``seconds[den][i] / seconds[num][i]`` (both passes of repeat i ran back
-    to back on the same keys); otherwise the ratio of their medians (:func:`ratio_of`)."""
+    over repeats of ``seconds[den][i] / seconds[num][i]`` (both passes of repeat i ran in
+    the same repeat, over the same batches, so the seconds' ratio is the keys/s ratio);
+    otherwise the ratio of their medians (:func:`ratio_of`)."""
     if not timed_together(results, num, den):
         return ratio_of(results.metrics, num, den)
     t_num, t_den = results.samples_s[num], results.samples_s[den]

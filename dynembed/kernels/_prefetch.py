@@ -19,33 +19,46 @@ PREFETCH_DISTANCE = 8
 _FLOATS_PER_LINE = 16  # 64-byte cache lines of float32 (int64 rows get every other line)
 
 
-@intrinsic
-def prefetch(typingctx, array, index):
-    """Hints the CPU to load the cache line holding ``array[index, 0, ...]``; no effect on
-    results. ``index`` must be a valid index along the first axis."""
-    if not isinstance(array, types.Array) or not isinstance(index, types.Integer):
-        return None
+def _prefetch_intrinsic(write: int):
+    """An intrinsic that prefetches the line of ``array[index, 0, ...]``, asking for it in
+    the exclusive state when ``write`` is 1 (the loop will write it) and shared when 0 (a
+    read: threads reading the same hot line then do not take it from each other)."""
 
-    def codegen(context, builder, signature, args):
-        array_type = signature.args[0]
-        ary = context.make_array(array_type)(context, builder, args[0])
-        first = context.cast(builder, args[1], signature.args[1], types.intp)
-        zero = context.get_constant(types.intp, 0)
-        indices = [first] + [zero] * (array_type.ndim - 1)
-        ptr = cgutils.get_item_pointer2(context, builder, ary.data,
-                                        cgutils.unpack_tuple(builder, ary.shape),
-                                        cgutils.unpack_tuple(builder, ary.strides),
-                                        array_type.layout, indices)
-        i8p = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        # rw=1 (the loops write the rows), locality=3 (keep in all cache levels), data cache.
-        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 1), ir.Constant(i32, 3),
-                          ir.Constant(i32, 1)])
-        return context.get_dummy_value()
+    def typer(typingctx, array, index):
+        if not isinstance(array, types.Array) or not isinstance(index, types.Integer):
+            return None
 
-    return types.void(array, index), codegen
+        def codegen(context, builder, signature, args):
+            array_type = signature.args[0]
+            ary = context.make_array(array_type)(context, builder, args[0])
+            first = context.cast(builder, args[1], signature.args[1], types.intp)
+            zero = context.get_constant(types.intp, 0)
+            indices = [first] + [zero] * (array_type.ndim - 1)
+            ptr = cgutils.get_item_pointer2(context, builder, ary.data,
+                                            cgutils.unpack_tuple(builder, ary.shape),
+                                            cgutils.unpack_tuple(builder, ary.strides),
+                                            array_type.layout, indices)
+            i8p = ir.IntType(8).as_pointer()
+            i32 = ir.IntType(32)
+            fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+            # rw, locality=3 (keep in all cache levels), data cache.
+            builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, write),
+                              ir.Constant(i32, 3), ir.Constant(i32, 1)])
+            return context.get_dummy_value()
+
+        return types.void(array, index), codegen
+
+    typer.__name__ = "prefetch" if write else "prefetch_read"
+    return intrinsic(typer)
+
+
+prefetch = _prefetch_intrinsic(1)
+"""``prefetch(array, index)``: hints the CPU to load the cache line holding
+``array[index, 0, ...]`` for writing; no effect on results. ``index`` must be a valid index
+along the first axis."""
+prefetch_read = _prefetch_intrinsic(0)
+"""Like :data:`prefetch`, for a line the loop only reads."""
 
 
 @nb.njit(inline="always", cache=True)
@@ -54,3 +67,11 @@ def prefetch_row(array, row):
     view = array[row]
     for c in range(0, view.shape[0], _FLOATS_PER_LINE):
         prefetch(view, c)
+
+
+@nb.njit(inline="always", cache=True)
+def prefetch_row_read(array, row):
+    """Like :func:`prefetch_row`, for a row the loop only reads."""
+    view = array[row]
+    for c in range(0, view.shape[0], _FLOATS_PER_LINE):
+        prefetch_read(view, c)

@@ -13,7 +13,12 @@ import numba as nb
 import numpy as np
 
 from dynembed.kernels._hashing import bucket_mix, mix64
-from dynembed.kernels._prefetch import PREFETCH_DISTANCE, prefetch, prefetch_row
+from dynembed.kernels._prefetch import (
+    PREFETCH_DISTANCE,
+    prefetch,
+    prefetch_read,
+    prefetch_row_read,
+)
 from dynembed.kernels._threads import adaptive
 
 EMPTY = -1
@@ -52,7 +57,7 @@ def index_find(buckets, ids):
     out = np.empty(n, dtype=np.int64)
     for i in nb.prange(n):
         if i + PREFETCH_DISTANCE < n:  # the bucket of a later key: probes are cache misses
-            prefetch(buckets, _home(ids[i + PREFETCH_DISTANCE], mask))
+            prefetch_read(buckets, _home(ids[i + PREFETCH_DISTANCE], mask))
         out[i] = _probe(buckets, ids[i], mask)
     return out
 
@@ -90,16 +95,16 @@ def index_find_rows(buckets, ids, rows, out, slots, shares):
         lo = share * per
         hi = min(n, lo + per)
         for i in range(lo, min(hi, lo + FIND_ROWS_BLOCK)):
-            prefetch(buckets, _home(ids[i], mask))
+            prefetch_read(buckets, _home(ids[i], mask))
         for start in range(lo, hi, FIND_ROWS_BLOCK):
             end = min(hi, start + FIND_ROWS_BLOCK)
             for i in range(start, end):
                 r = _probe(buckets, ids[i], mask)
                 slots[i] = r
                 if r != EMPTY:
-                    prefetch_row(rows, r)
+                    prefetch_row_read(rows, r)
             for i in range(end, min(hi, end + FIND_ROWS_BLOCK)):
-                prefetch(buckets, _home(ids[i], mask))
+                prefetch_read(buckets, _home(ids[i], mask))
             for i in range(start, end):
                 r = slots[i]
                 if r != EMPTY:

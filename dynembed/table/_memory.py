@@ -12,11 +12,17 @@ Every lookup and training step allocates and frees batch-sized buffers (a 65,536
 is 16 MiB). By default glibc serves such sizes with ``mmap`` or trims them off the top of the
 heap when freed, so the next step faults every page in again and the kernel zeroes it. On a
 virtual machine such a fault costs several microseconds: interleaved with torch's own steps, a
-16 MiB output took 4,096 faults and 30 ms instead of 6 ms. :func:`keep_freed_memory` raises
-both thresholds once, at import, so freed buffers are reused; the process then keeps up to
-``TRIM_THRESHOLD`` bytes of freed heap instead of returning them to the kernel. Set the
-environment variable ``DYNEMBED_MALLOC_TUNING=0`` before importing dynembed to leave malloc
-as it is.
+16 MiB output took 4,096 faults and 30 ms instead of 6 ms. :func:`keep_freed_memory`, called
+once at import, raises both thresholds so freed buffers are reused.
+
+The price is memory held: blocks under ``MMAP_THRESHOLD`` now come from the heap, and a freed
+one stays resident until it is reused, returned to the kernel only from the top of the heap
+and only beyond ``TRIM_THRESHOLD`` free there. A freed block below a live one is never
+returned, so a process can keep more resident memory than it uses, in each of glibc's arenas
+(one per allocating thread, up to eight per core). Forked workers inherit the settings;
+spawned ones get them when they import dynembed. With another allocator preloaded (jemalloc,
+tcmalloc) the call changes nothing. Set the environment variable ``DYNEMBED_MALLOC_TUNING=0``
+before importing dynembed to leave malloc as it is.
 """
 
 from __future__ import annotations
@@ -24,7 +30,6 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-import platform
 
 import numpy as np
 
@@ -54,34 +59,44 @@ def host_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return np.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 
-MMAP_THRESHOLD = 256 << 20
+MMAP_THRESHOLD = 64 << 20
 """Allocations below this come from the heap, not from their own ``mmap``."""
-TRIM_THRESHOLD = 1 << 30
-"""Freed memory at the top of the heap is returned to the kernel only beyond this."""
+TRIM_THRESHOLD = 512 << 20
+"""Freed memory at the top of the heap is returned to the kernel only beyond this (256 MiB
+still let a torch SparseAdam step trim buffers the next dynembed step faulted in again)."""
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
+_OPT_OUT = ("0", "false", "no", "off")
 
 malloc_tuned = False
 """Whether :func:`keep_freed_memory` changed malloc's thresholds in this process."""
 
 
+def _glibc() -> bool:
+    """Whether the C library this process runs on is glibc."""
+    try:
+        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except (ValueError, OSError, AttributeError):  # not a GNU system
+        return False
+
+
 def keep_freed_memory() -> bool:
     """Sets glibc's mmap and trim thresholds (see the module docs) unless the environment
-    variable ``DYNEMBED_MALLOC_TUNING`` is ``0``. Does nothing where the C library is not
-    glibc.
+    variable ``DYNEMBED_MALLOC_TUNING`` is ``0`` (or ``false``, ``no``, ``off``). Does
+    nothing where the C library is not glibc.
 
     Returns:
-        Whether the thresholds were set.
+        Whether both thresholds were set.
     """
     global malloc_tuned
-    if os.environ.get("DYNEMBED_MALLOC_TUNING", "1").strip() == "0":
+    if os.environ.get("DYNEMBED_MALLOC_TUNING", "1").strip().lower() in _OPT_OUT:
         return False
-    if platform.libc_ver()[0] != "glibc":
+    if not _glibc():
         return False
     try:
-        libc = ctypes.CDLL(None)  # the process's own symbols, glibc's among them
-        ok = (libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
-              and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1)
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own symbols, glibc's among them
     except (OSError, AttributeError):  # no usable libc: nothing to tune
         return False
-    malloc_tuned = malloc_tuned or ok
-    return ok
+    mmap_set = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+    trim_set = mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    malloc_tuned = malloc_tuned or mmap_set or trim_set
+    return mmap_set and trim_set

@@ -72,7 +72,8 @@ class HashIndex:
 
         Args:
             ids: (n,) int64 ids.
-            rows: (m, dim) float32 rows by slot.
+            rows: (m, dim) float32 rows by slot; every slot in the index must be below m
+                (the table's arena; the kernel does not bounds-check).
             out: (n, dim) float32; rows of absent ids are left as they are.
 
         Returns:
