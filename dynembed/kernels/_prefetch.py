@@ -49,7 +49,7 @@ def _prefetch_intrinsic(write: int):
 
         return types.void(array, index), codegen
 
-    typer.__name__ = "prefetch" if write else "prefetch_read"
+    typer.__name__ = typer.__qualname__ = "prefetch" if write else "prefetch_read"
     return intrinsic(typer)
 
 
