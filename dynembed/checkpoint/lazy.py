@@ -204,14 +204,19 @@ class LazyRows:
             counts, last, weights, state = columns_of(records, self.dim)
             yield RowBlock(ids, weights, state, counts, last)
 
-    def count(self, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> int:
-        """Visible rows of the owned buckets (reads ids only)."""
-        total = 0
+    def ids(self, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[np.ndarray]:
+        """The ids of the visible rows of the owned buckets, about ``chunk_rows`` at a time
+        (reads ids only)."""
         for first, stop in self._steps(chunk_rows):
             ids = self._merge(first, stop, ids_only=True)[0]
-            total += ids.shape[0] - (int(np.count_nonzero(self.hidden(ids)))
-                                     if self._hidden.size else 0)
-        return total
+            if ids.shape[0] and self._hidden.size:
+                ids = ids[~self.hidden(ids)]
+            if ids.shape[0]:
+                yield ids
+
+    def count(self, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> int:
+        """Visible rows of the owned buckets (reads ids only)."""
+        return sum(ids.shape[0] for ids in self.ids(chunk_rows))
 
     def _merge(self, first: int, stop: int, *,
                ids_only: bool = False) -> tuple[np.ndarray, np.ndarray | None]:

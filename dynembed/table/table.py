@@ -658,13 +658,27 @@ class DynamicTable(RowLifecycle, TableSnapshot, TableSearch):
         """Removes every row, from memory and from the store (capacity is kept); all of them
         are counted as erased."""
         self._check_writable("clear")
-        erased = self.size()
+        erased = self.size() + self._rows_only_below()
         if self.tier is not None:
-            for block in self.tier.scan():
-                erased += int(np.count_nonzero(self.index.find(block.ids) == EMPTY))
             self.clear_store()
         self._clear_memory()
         self.counters.erased += erased
+
+    def _rows_only_below(self) -> int:
+        """Live rows with no copy in memory: in the store, or in a lazily opened checkpoint
+        and not read yet (ids only; a checkpoint's rows the store also holds count once)."""
+        below = 0
+        if self.tier is not None:
+            for block in self.tier.scan():
+                below += int(np.count_nonzero(self.index.find(block.ids) == EMPTY))
+        if self.base is not None:
+            for ids in self.base.ids():
+                keep = self.index.find(ids) == EMPTY
+                if self.tier is not None and keep.any():
+                    idx = np.flatnonzero(keep)
+                    keep[idx[self.tier.get(ids[idx])[0]]] = False
+                below += int(np.count_nonzero(keep))
+        return below
 
     def clear_store(self) -> None:
         """Empties the store.

@@ -45,6 +45,33 @@ def test_a_lazily_restored_table_trains_like_an_eager_one(saved):
     assert_same_rows(eager, lazy)
 
 
+def test_clear_counts_every_row_once_including_those_not_read_yet(saved):
+    path, table = saved
+    lazy = make_table()
+    de.checkpoint.load(path, tables={"t": lazy}, lazy=True)
+    ids = table.export().ids.numpy()
+    train(lazy, [ids[:300]])  # 300 rows in memory, the rest only in the checkpoint
+    lazy.erase(ids[300:310])  # hidden: gone already, counted then
+    before = lazy.counters.erased
+    assert before == 10
+    lazy.clear()
+    assert lazy.counters.erased - before == len(table) - 10
+    assert len(lazy) == 0 and not lazy.contains(ids).any()
+
+
+def test_clear_of_a_tiered_lazy_table_counts_rows_in_store_and_checkpoint_once(saved):
+    path, table = saved
+    tiered = make_table(store=de.storage.MemoryStore(), max_rows=100)
+    de.checkpoint.load(path, tables={"t": tiered}, lazy=True)
+    ids = table.export().ids.numpy()
+    train(tiered, [ids[i:i + 50] for i in range(0, 300, 50)])  # 200 of them evicted to the store
+    train(tiered, [np.arange(10**12, 10**12 + 50)])  # 50 new ids: 50 more go to the store
+    assert tiered.tier.store.size() >= 200
+    tiered.clear()
+    assert tiered.counters.erased == len(table) + 50  # each row once, wherever it was
+    assert tiered.tier.store.size() == 0 and not tiered.contains(ids).any()
+
+
 def test_erased_and_discarded_rows_do_not_come_back_from_the_checkpoint(saved):
     path, table = saved
     lazy = make_table(max_rows=500, eviction=de.policy.LRU())
