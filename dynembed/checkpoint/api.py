@@ -117,7 +117,7 @@ def _shared_id(staging: Path) -> str:
 def save(path: str | os.PathLike, model: nn.Module | None = None,
          optimizer: torch.optim.Optimizer | None = None, extra: dict | None = None, *,
          tables: dict[str, DynamicTable] | None = None, parent: str | os.PathLike | None = None,
-         rank: int = 0, world_size: int = 1, num_buckets: int = NUM_BUCKETS,
+         rank: int = 0, world_size: int = 1, num_buckets: int | None = None,
          chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Path | None:
     """Saves a checkpoint of every table in ``model`` (and ``tables``), the model's dense
     state, the optimizer's state and ``extra`` (e.g. ``{"step": 100}``).
@@ -133,7 +133,8 @@ def save(path: str | os.PathLike, model: nn.Module | None = None,
         rank, world_size: this process's place in a job; each rank saves its own table
             shards (dense state and ``extra`` come from rank 0; a table with
             ``placement="replicated"`` saves the rows of this rank's buckets).
-        num_buckets: key buckets of the rows files (a power of two).
+        num_buckets: key buckets of the rows files (a power of two); by default the
+            parent's for a delta (a delta must use its parent's) and 4,096 otherwise.
         chunk_rows: rows copied at a time (bounds the extra memory of the save).
 
     Returns:
@@ -148,7 +149,8 @@ def save(path: str | os.PathLike, model: nn.Module | None = None,
     """
     target = Path(path)
     _check_rank(rank, world_size)
-    check_num_buckets(num_buckets)
+    if num_buckets is not None:
+        check_num_buckets(num_buckets)
     check_chunk_rows(chunk_rows)
     if optimizer is not None and not hasattr(optimizer, "state_dict"):
         raise TypeError(f"optimizer must be a torch optimizer, got {type(optimizer).__name__}")
@@ -175,14 +177,21 @@ def save(path: str | os.PathLike, model: nn.Module | None = None,
     parent_chain = mf.chain(parent) if parent is not None else None
     parent_manifest = parent_chain[-1][1] if parent_chain else None
     if parent_manifest is not None:
-        if parent_manifest["num_buckets"] != num_buckets:
-            num_buckets = parent_manifest["num_buckets"]
+        if num_buckets is not None and num_buckets != parent_manifest["num_buckets"]:
+            raise ValueError(
+                f"num_buckets={num_buckets} differs from the parent's "
+                f"{parent_manifest['num_buckets']} ({parent}): a delta checkpoint uses its "
+                "parent's buckets; leave num_buckets out, or save a full checkpoint "
+                "(parent=None)")
+        num_buckets = parent_manifest["num_buckets"]
         for name, table in found.items():
             if table.changes.wiped or table.changes.since != parent_manifest["id"]:
                 raise CheckpointError(
                     f"table {name!r} tracks its changes since checkpoint "
                     f"{table.changes.since}, not {parent_manifest['id']} ({parent}); save a "
                     "full checkpoint (parent=None)")
+    elif num_buckets is None:
+        num_buckets = NUM_BUCKETS
     staging = target.with_name(target.name + ".partial")
     if world_size == 1 and staging.exists():
         shutil.rmtree(staging)  # a crashed earlier attempt

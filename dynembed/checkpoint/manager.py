@@ -75,7 +75,8 @@ class CheckpointManager:
             (1: every save is full).
         rank, world_size: this process's place in a job (each rank calls save; the last
             one to write commits, cleans up and compacts).
-        num_buckets: key buckets of the rows files.
+        num_buckets: key buckets of the rows files of a full checkpoint (deltas keep their
+            chain's).
 
     Example:
         >>> manager = de.checkpoint.CheckpointManager("runs/ckpt", every_steps=1000)
@@ -165,8 +166,10 @@ class CheckpointManager:
         found = _gather_tables(model, tables)
         parent = self._parent_for(found)
         path = self.directory / f"step-{step:010d}"
+        # a delta keeps its chain's buckets (the chain may come from another setting)
         done = save(path, model, optimizer, extra, tables=tables, parent=parent,
-                    rank=self.rank, world_size=self.world_size, num_buckets=self.num_buckets)
+                    rank=self.rank, world_size=self.world_size,
+                    num_buckets=None if parent is not None else self.num_buckets)
         self._last_step, self._last_time = step, time.monotonic()
         if done is not None:
             if mf.read(done)["chain_length"] > self.max_chain:

@@ -35,6 +35,24 @@ def test_a_delta_holds_exactly_the_changed_rows_and_the_deletions(tmp_path):
     assert_same_rows(table, restored)
 
 
+def test_a_delta_keeps_its_parents_buckets_and_refuses_other_ones(tmp_path):
+    table = make_table()
+    table.insert_or_assign(np.arange(1_000), torch.zeros(1_000, 8))
+    de.checkpoint.save(tmp_path / "c0", tables={"t": table}, num_buckets=64)
+    table.assign(np.arange(10), torch.ones(10, 8))
+    with pytest.raises(ValueError, match=r"num_buckets=4096 differs from the parent's 64"):
+        de.checkpoint.save(tmp_path / "c1", tables={"t": table}, parent=tmp_path / "c0",
+                           num_buckets=4096)
+    assert not (tmp_path / "c1").exists()
+    de.checkpoint.save(tmp_path / "c1", tables={"t": table}, parent=tmp_path / "c0")
+    assert manifest(tmp_path / "c1")["num_buckets"] == 64
+    de.checkpoint.save(tmp_path / "c2", tables={"t": table})  # a full one: the default
+    assert manifest(tmp_path / "c2")["num_buckets"] == 4096
+    restored = make_table()
+    de.checkpoint.load(tmp_path / "c1", tables={"t": restored})
+    assert_same_rows(table, restored)
+
+
 @pytest.mark.parametrize("lazy", [False, True])
 def test_a_chain_of_deltas_restores_like_the_live_table(tmp_path, lazy):
     table = make_table()
