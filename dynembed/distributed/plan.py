@@ -49,7 +49,11 @@ def _fingerprint(table: DynamicTable) -> dict[str, str]:
            "optimizer": repr(c.optimizer), "initializer": repr(c.initializer),
            "hash_seed": str(c.hash_seed), "placement": c.placement,
            "update_mode": c.update_mode, "admission": repr(c.admission),
-           "key_log": str(c.key_log)}
+           "key_log": str(c.key_log), "read_only": str(c.read_only),
+           "default_value": repr(c.default_value), "nonfinite_grads": c.nonfinite_grads,
+           "eviction": repr(c.eviction)}
+    # Memory budgets and stores stay per rank: machines may differ, and each rank's store
+    # has its own path or namespace.
     if c.seed is not None:
         out["seed"] = str(c.seed)
     return out

@@ -62,3 +62,23 @@ def test_shard_model_needs_a_process_group():
 def test_placement_is_validated():
     with pytest.raises(ValueError, match="placement must be one of"):
         de.TableConfig(dim=4, placement="everywhere")
+
+
+def test_the_fingerprint_compares_what_changes_what_rows_mean_but_not_budgets():
+    from dynembed.distributed.plan import _fingerprint
+
+    def table(**options):
+        config = {"dim": 4, "optimizer": de.optim.SGD(lr=0.1), "seed": 1, **options}
+        return de.DynamicTable(de.TableConfig(**config))
+
+    base = _fingerprint(table())
+    for field, options in {"read_only": {"read_only": True},
+                           "default_value": {"default_value": 0.5},
+                           "nonfinite_grads": {"nonfinite_grads": "skip"},
+                           "eviction": {"eviction": de.policy.LFU(), "max_rows": 100},
+                           "optimizer": {"optimizer": de.optim.SGD(lr=0.2)}}.items():
+        other = _fingerprint(table(**options))
+        assert {k for k in base if base[k] != other.get(k)} == {field}, field
+    # machines may differ: a rank's memory budget is its own
+    assert _fingerprint(table(max_rows=100)) == base
+    assert _fingerprint(table(memory_budget="64MB")) == base
