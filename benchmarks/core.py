@@ -166,7 +166,6 @@ def _fbgemm_table(p: Phase, opt_name: str, rows_b):
     """FBGEMM's CPU table-batched embedding (one table) with the fused ``opt_name`` update,
     or None (the metrics marked unavailable) when fbgemm is missing or fails."""
     cfg = p.cfg
-    metric = f"fbgemm_train_{opt_name}_keys_per_s"
     try:
         import torch
         from fbgemm_gpu.split_embedding_configs import EmbOptimType
@@ -180,11 +179,8 @@ def _fbgemm_table(p: Phase, opt_name: str, rows_b):
         )
     except Exception as e:  # noqa: BLE001 - ImportError, or a broken native build
         p.log(f"fbgemm unavailable: {e!r}")
-        p.metrics[metric] = UNAVAILABLE
-        if opt_name == "sgd":
-            p.metrics["fbgemm_lookup_keys_per_s"] = UNAVAILABLE
         p.info["fbgemm_unavailable"] = repr(e)
-        return None
+        return _fbgemm_unavailable(p, opt_name)
     import warnings
     warnings.filterwarnings("ignore")
     n, d, bsz = cfg["rows"], cfg["dim"], cfg["batch"]
@@ -209,8 +205,14 @@ def _fbgemm_table(p: Phase, opt_name: str, rows_b):
             return lambda idx: tbe(idx, offsets)
         except Exception as e:  # noqa: BLE001 - any failure: try the next pooling mode
             p.log(f"{ot.name} with pooling {pooling.name} failed: {e!r}")
-    p.metrics[metric] = UNAVAILABLE
-    return None
+    return _fbgemm_unavailable(p, opt_name)
+
+
+def _fbgemm_unavailable(p: Phase, opt_name: str) -> None:
+    """Marks the FBGEMM metrics of ``opt_name``'s phase unavailable."""
+    p.metrics[f"fbgemm_train_{opt_name}_keys_per_s"] = UNAVAILABLE
+    if opt_name == "sgd":
+        p.metrics["fbgemm_lookup_keys_per_s"] = UNAVAILABLE
 
 
 def _import_dynembed(p: Phase, metrics: tuple[str, ...]):
