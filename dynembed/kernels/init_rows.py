@@ -64,14 +64,13 @@ def _normal_cdf(x):
 @nb.njit(cache=True)
 def _normal_quantile(p):
     """x with Phi(x) = p, for 0 < p < 1 (accurate to about 1e-15 after one Halley step)."""
-    if p < 0.02425:
-        q = math.sqrt(-2.0 * math.log(p))
+    tail = min(p, 1.0 - p)
+    if tail < 0.02425:  # the tails: the lower one's formula, mirrored for the upper
+        q = math.sqrt(-2.0 * math.log(tail))
         x = ((((((_QC[0] * q + _QC[1]) * q + _QC[2]) * q + _QC[3]) * q + _QC[4]) * q + _QC[5])
              / ((((_QD[0] * q + _QD[1]) * q + _QD[2]) * q + _QD[3]) * q + 1.0))
-    elif p > 1.0 - 0.02425:
-        q = math.sqrt(-2.0 * math.log(1.0 - p))
-        x = -((((((_QC[0] * q + _QC[1]) * q + _QC[2]) * q + _QC[3]) * q + _QC[4]) * q + _QC[5])
-              / ((((_QD[0] * q + _QD[1]) * q + _QD[2]) * q + _QD[3]) * q + 1.0))
+        if p > 0.5:
+            x = -x
     else:
         q = p - 0.5
         r = q * q

@@ -47,12 +47,29 @@ class TableSnapshot:
                     yield block.take(keep)
         if self.base is not None:
             for block in self.base.rows(chunk_rows):
-                keep = self.index.find(block.ids) == EMPTY
-                if self.tier is not None and keep.any():
-                    idx = np.flatnonzero(keep)
-                    keep[idx[self.tier.get(block.ids[idx])[0]]] = False
+                keep = self._only_in_base(block.ids)
                 if keep.any():
                     yield block.take(keep)
+
+    def count_below_memory(self) -> int:
+        """How many rows :meth:`rows_below_memory` would give (reads ids only)."""
+        below = 0
+        if self.tier is not None:
+            for block in self.tier.scan():
+                below += int(np.count_nonzero(self.index.find(block.ids) == EMPTY))
+        if self.base is not None:
+            for ids in self.base.ids():
+                below += int(np.count_nonzero(self._only_in_base(ids)))
+        return below
+
+    def _only_in_base(self, ids: np.ndarray) -> np.ndarray:
+        """(n,) bool: which of a lazily opened checkpoint's ids neither memory nor the store
+        holds (the checkpoint's copy is the live one)."""
+        keep = self.index.find(ids) == EMPTY
+        if self.tier is not None and keep.any():
+            idx = np.flatnonzero(keep)
+            keep[idx[self.tier.get(ids[idx])[0]]] = False
+        return keep
 
     def to_numpy(self) -> dict[str, np.ndarray]:
         """Live rows as numpy arrays: ``id`` (r,), ``vector`` (r, dim), ``count`` (r,),

@@ -65,7 +65,7 @@ def _run_faults(env: dict[str, str]) -> tuple[bool, int]:
     return tuned == "True", int(faults)
 
 
-@pytest.mark.skipif(not _glibc(), reason="malloc tuning is glibc's")
+@pytest.mark.skipif(not _glibc(), reason="mallopt thresholds exist only in glibc; this C library has none to set")
 def test_import_keeps_freed_batch_buffers_instead_of_faulting_them_in_again():
     # 16 buffers of 36-56 MiB, 720 MiB in all: 360 faults if each is a mapping of its own
     # faulted in anew, even with 2 MiB pages (numpy asks for huge pages); 184,320 with 4 KiB.

@@ -1,0 +1,164 @@
+"""Gradients into rows: the optimizer applied at once (fused) or queued (deferred).
+
+:class:`TableUpdates` is a mixin of :class:`~dynembed.table.table.DynamicTable`. Rows may
+have been evicted or erased between a lookup and its backward: evicted rows get their
+gradient (read back from the store if need be), erased ones do not (skipped and counted).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dynembed.errors import NonFiniteGradientError, StoreError
+from dynembed.kernels.hash_index import unique_inverse
+from dynembed.kernels.sparse_updates import nonfinite_rows
+from dynembed.table.index import EMPTY
+from dynembed.table.lifecycle import CREATE_NONE
+
+
+class TableUpdates:
+    """The update methods of a table (mixin; see module doc)."""
+
+    def apply_gradients(self, ids: np.ndarray, slots: np.ndarray, grads: torch.Tensor, *,
+                        erasures_at_lookup: int | None = None) -> None:
+        """Applies the optimizer to rows, or queues the gradients in deferred mode.
+
+        Args:
+            ids: (u,) int64 distinct ids the gradient rows belong to.
+            slots: (u,) int64 their slots at lookup time (EMPTY rows are skipped).
+            grads: (u, dim) combined gradient per id.
+            erasures_at_lookup: ``self.erasures`` when the slots were looked up. If rows were
+                removed since (or this is None), the ids are looked up again: rows evicted
+                since get their gradient (read back from the store if need be), rows erased
+                since do not (skipped and counted), even if their key has a new row.
+
+        Raises:
+            NonFiniteGradientError: a row is NaN/inf and ``nonfinite_grads="raise"``; nothing
+                was applied.
+        """
+        if not self.trainable:
+            return
+        grads = grads.detach().to("cpu", torch.float32).contiguous()
+        epoch = erasures_at_lookup
+        if self.config.update_mode == "deferred":
+            admitted = slots != EMPTY
+            if not admitted.all():
+                self.counters.unadmitted_gradients += int(np.count_nonzero(~admitted))
+                ids, grads = ids[admitted], grads[torch.from_numpy(admitted)]
+            self._pending.append((ids, grads, self.erasures if epoch is None else epoch))
+            return
+        admitted = slots != EMPTY
+        if not admitted.all():  # counted here, and not again as skipped by _apply
+            self.counters.unadmitted_gradients += int(np.count_nonzero(~admitted))
+            ids, slots = ids[admitted], slots[admitted]
+            grads = grads[torch.from_numpy(admitted)]
+        if epoch is None or epoch != self.erasures:  # rows erased or evicted since the lookup
+            slots = self._resolve_again(ids, epoch)
+        self._apply(ids, slots, grads.numpy())
+
+    def _resolve_again(self, ids: np.ndarray, epoch: int | None) -> np.ndarray:
+        """Current slots of ids looked up at erasure epoch ``epoch``: rows evicted since are
+        found again (read back from the store if need be); rows erased since, even if their
+        key has a new row now, get EMPTY (their gradient is skipped and counted). With
+        ``epoch`` None (unknown) only the current slots are found."""
+        slots = self.index.find(ids)
+        if self.tier is not None:
+            self._fill_missing(ids, np.ones_like(ids), slots, create=CREATE_NONE,
+                               step=self.step)
+        wiped, erased = (False, ids[:0]) if epoch is None else self._erased_since(epoch)
+        if wiped:
+            slots[:] = EMPTY
+        elif erased.shape[0]:
+            slots[np.isin(ids, erased)] = EMPTY
+        return slots
+
+    def _apply(self, ids: np.ndarray, slots: np.ndarray, grads: np.ndarray, *,
+               new_step: bool = True) -> int:
+        """Runs the optimizer on rows whose slot is not EMPTY (the others are counted as
+        skipped); returns how many were updated. ``new_step`` False reuses the current
+        update step (later chunks of one deferred step).
+
+        Each call is an optimizer step even without a row to update, as torch counts a step
+        for a parameter whose sparse gradient is empty: so the shards of a distributed
+        table, some of which get no rows in a step, keep one step count (Adam's bias
+        correction, Adagrad's learning-rate decay)."""
+        valid = slots != EMPTY
+        bad = nonfinite_rows(grads)
+        n_bad = int(np.count_nonzero(bad))
+        if n_bad:
+            self.counters.nonfinite_gradients += n_bad
+            if self.config.nonfinite_grads == "raise":
+                raise NonFiniteGradientError(
+                    f"{n_bad} of {grads.shape[0]} gradient rows hold NaN or inf; no row was "
+                    "updated. Fix the loss (e.g. clamp logits), or set "
+                    "nonfinite_grads='skip' to drop such rows and count them.")
+            valid &= ~bad
+        n_valid = int(np.count_nonzero(valid))
+        self.counters.skipped_gradients += grads.shape[0] - n_valid
+        self.update_step += 1 if new_step else 0
+        if n_valid == 0:
+            return 0
+        if n_valid < grads.shape[0]:
+            slots, grads = slots[valid], np.ascontiguousarray(grads[valid])
+        self.optimizer.apply(self.arena.np("weights"), self.arena.np("state"), slots, grads,
+                             self.update_step)
+        self.counters.updated_rows += n_valid
+        self._changed(slots)
+        return n_valid
+
+    def step_optimizer(self) -> None:
+        """Applies the gradients queued in deferred mode (summed per key), then clears them.
+
+        Rows evicted to the store since their lookup are read back first; keys erased since
+        are skipped and counted.
+
+        Under a memory budget the keys are updated in chunks that fit, all with the same
+        optimizer step.
+
+        Raises:
+            StoreError: reading evicted rows back failed; later chunks stay unapplied and
+                the gradients are dropped (counted as skipped).
+        """
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        kept = []
+        for ids, grads, epoch in pending:  # drop gradients of keys erased since the lookup
+            if epoch != self.erasures:
+                wiped, erased = self._erased_since(epoch)
+                keep = np.zeros(ids.shape[0], bool) if wiped else ~np.isin(ids, erased)
+                self.counters.skipped_gradients += int(np.count_nonzero(~keep))
+                ids, grads = ids[keep], grads[torch.from_numpy(keep)]
+            kept.append((ids, grads))
+        ids = np.concatenate([k[0] for k in kept])
+        grads = torch.cat([k[1] for k in kept])
+        if ids.shape[0] == 0:
+            self.update_step += 1  # a step all the same (see _apply)
+            return
+        unique, inverse, counts = unique_inverse(ids)
+        summed = torch.zeros((unique.shape[0], self.dim), dtype=torch.float32)
+        summed.index_add_(0, torch.from_numpy(inverse), grads)
+        summed = summed.numpy()
+        if self.config.nonfinite_grads == "raise" and nonfinite_rows(summed).any():
+            self._apply(unique, np.full(unique.shape[0], EMPTY), summed)  # raises first
+        for chunk, part in enumerate(self._chunks(unique.shape[0])):
+            slots = self.index.find(unique[part])
+            if self.tier is not None:
+                try:
+                    self._fill_missing(unique[part], counts[part], slots, create=CREATE_NONE,
+                                       step=self.step)
+                except StoreError:
+                    self.counters.skipped_gradients += unique.shape[0] - part.start
+                    raise
+            self._apply(unique[part], slots, np.ascontiguousarray(summed[part]),
+                        new_step=chunk == 0)
+
+    def zero_grad(self) -> None:
+        """Drops gradients queued in deferred mode without applying them."""
+        self._pending = []
+
+    @property
+    def has_pending_gradients(self) -> bool:
+        """Whether deferred-mode gradients wait for :meth:`step_optimizer`."""
+        return bool(self._pending)
