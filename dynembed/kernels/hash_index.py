@@ -19,6 +19,7 @@ from dynembed.kernels._prefetch import (
     prefetch_read,
     prefetch_row_read,
 )
+from dynembed.kernels._streaming import copy_row_streaming, store_fence
 from dynembed.kernels._threads import adaptive
 
 EMPTY = -1
@@ -66,9 +67,9 @@ FIND_ROWS_BLOCK = 32
 """Keys per block of :func:`index_find_rows` (16 to 32 measured best; 64 is slower)."""
 
 
-@adaptive(lambda buckets, ids, rows, out, slots, shares: ids.size)
+@adaptive(lambda buckets, ids, rows, out, slots, shares, stream: ids.size)
 @nb.njit(parallel=True, cache=True, nogil=True)
-def index_find_rows(buckets, ids, rows, out, slots, shares):
+def index_find_rows(buckets, ids, rows, out, slots, shares, stream):
     """Finds each id's slot and copies its row, in one pass.
 
     A read that probes every key and then gathers the rows misses the cache twice per cold
@@ -77,7 +78,7 @@ def index_find_rows(buckets, ids, rows, out, slots, shares):
     the block's rows, prefetches the next block's buckets, then copies the block's rows, so
     both kinds of miss are in flight together (10M-row table, 65,536 Zipf keys: 1.40 against
     1.59 ms for the two passes, A/B in one process; less when other work evicts the caches
-    between reads, see BENCHMARKS.md).
+    between reads, see BENCHMARKS.md). Large outputs are written with streaming stores.
 
     Args:
         buckets: (capacity, 2) int64 index buckets.
@@ -86,6 +87,8 @@ def index_find_rows(buckets, ids, rows, out, slots, shares):
         out: (n, dim) float32, filled where the id is present (other rows left as they are).
         slots: (n,) int64, filled with each id's slot, ``EMPTY`` where absent.
         shares: how many contiguous shares to split the keys into (the threads).
+        stream: write ``out`` with streaming stores (see :mod:`._streaming`; the caller
+            checks :func:`~._streaming.can_stream`).
     """
     mask = buckets.shape[0] - 1
     n = ids.shape[0]
@@ -107,11 +110,17 @@ def index_find_rows(buckets, ids, rows, out, slots, shares):
                 prefetch_read(buckets, _home(ids[i], mask))
             for i in range(start, end):
                 r = slots[i]
-                if r != EMPTY:
+                if r == EMPTY:
+                    continue
+                if stream:
+                    copy_row_streaming(out[i], rows[r])
+                else:
                     src = rows[r]
                     dst = out[i]
                     for j in range(dim):
                         dst[j] = src[j]
+        if stream:
+            store_fence()
 
 
 @nb.njit(cache=True, nogil=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from dynembed.kernels import hash_index as k
+from dynembed.kernels._streaming import can_stream
 from dynembed.kernels._threads import get_num_threads
 from dynembed.table._memory import host_empty
 
@@ -74,13 +75,15 @@ class HashIndex:
             ids: (n,) int64 ids.
             rows: (m, dim) float32 rows by slot; every slot in the index must be below m
                 (the table's arena; the kernel does not bounds-check).
-            out: (n, dim) float32; rows of absent ids are left as they are.
+            out: (n, dim) float32; rows of absent ids are left as they are. A large output
+                whose rows are 32-byte aligned (e.g. from ``torch.empty``) is written with
+                streaming stores, which skip reading its lines first.
 
         Returns:
             (n,) int64 slot per id, EMPTY where absent.
         """
         slots = np.empty(ids.shape[0], dtype=np.int64)
-        k.index_find_rows(self.table, ids, rows, out, slots, get_num_threads())
+        k.index_find_rows(self.table, ids, rows, out, slots, get_num_threads(), can_stream(out))
         return slots
 
     def insert_missing(self, ids: np.ndarray, slots: np.ndarray, free_rows: np.ndarray,

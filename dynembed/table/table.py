@@ -268,9 +268,9 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch):
         not in memory are read from it in one batch and served without entering memory,
         so reads never evict and any batch size works."""
         if self.arena.device.type == "cpu":  # probe and copy in one compiled pass
-            rows = np.empty((ids.shape[0], self.dim), dtype=np.float32)
-            slots = self.index.find_rows(ids, self.arena.np("weights"), rows)
-            out = torch.from_numpy(rows)
+            # torch's allocations are 64-byte aligned, so large outputs can be streamed
+            out = torch.empty((ids.shape[0], self.dim), dtype=torch.float32)
+            slots = self.index.find_rows(ids, self.arena.np("weights"), out.numpy())
             missing = slots == EMPTY
             if missing.any():
                 out[torch.from_numpy(missing)] = self._default
@@ -338,7 +338,7 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch):
     def gather(self, slots: np.ndarray, *, missing: np.ndarray | None = None) -> torch.Tensor:
         """(u, dim) rows at ``slots``; the default vector where a slot is EMPTY.
 
-        The copy is :func:`take_rows` (numpy below 16K rows, torch's threads above).
+        The copy is :func:`take_rows` (compiled and prefetching on the CPU).
 
         Args:
             slots: (u,) int64 slots.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -15,8 +16,9 @@ from hypothesis.stateful import (
     rule,
 )
 
+from dynembed.kernels._streaming import STREAM_FROM_BYTES, can_stream
 from dynembed.kernels.gather import segment_sum
-from dynembed.kernels.hash_index import _dedup, unique_inverse
+from dynembed.kernels.hash_index import _dedup, index_find_rows, unique_inverse
 from dynembed.table.index import EMPTY, HashIndex
 
 MASK64 = (1 << 64) - 1
@@ -304,6 +306,69 @@ def test_large_batches_with_default_threads():
         assert h.erase(arr(gone)).tolist() == expected
         model.free.extend(s for s in expected if s != EMPTY)
         check_against(h, model, [I64_MIN, I64_MAX, 0])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dim", [8, 64])
+def test_find_rows_streamed_matches_plain(threads, dim):
+    """The kernel's streaming-store copy gives what the plain copy gives, rows of absent keys
+    untouched, in every thread share (share ends that are not multiples of the block)."""
+    rng = np.random.default_rng(5)
+    h = Harness(0)
+    keys = rng.choice(1 << 40, size=3_000, replace=False).astype(np.int64)
+    h.insert(keys)
+    index = h.index
+    rows = rng.standard_normal((3_000, dim)).astype(np.float32)
+    queries = np.concatenate([rng.choice(keys, 4_001), rng.integers(1 << 41, 1 << 42, 999)])
+    rng.shuffle(queries)
+    results = []
+    previous = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        for stream in (False, True):
+            out = torch.full((queries.shape[0], dim), -7.0).numpy()  # 64-byte aligned
+            found = np.empty(queries.shape[0], dtype=np.int64)
+            index_find_rows(index.table, queries, rows, out, found, threads, stream)
+            results.append((out, found))
+    finally:
+        numba.set_num_threads(previous)
+    (plain, plain_slots), (streamed, streamed_slots) = results
+    np.testing.assert_array_equal(streamed_slots, plain_slots)
+    np.testing.assert_array_equal(streamed, plain)
+    present = plain_slots != EMPTY
+    assert 0 < present.sum() < queries.shape[0]
+    np.testing.assert_array_equal(streamed[present], rows[plain_slots[present]])
+    assert (streamed[~present] == -7.0).all()
+
+
+def test_can_stream_only_large_aligned_outputs():
+    rows = STREAM_FROM_BYTES // (64 * 4)
+    assert can_stream(torch.empty(rows, 64).numpy())
+    assert not can_stream(torch.empty(rows - 1, 64).numpy())  # small: may still be cached
+    assert not can_stream(torch.empty(rows * 6, 12).numpy())  # rows not 32-byte aligned
+    assert can_stream(torch.empty(rows + 1, 64).numpy()[1:])  # 256-byte rows stay aligned
+    misaligned = torch.empty(rows * 64 + 1).numpy()[1:].reshape(rows, 64)
+    assert not can_stream(misaligned)
+    assert not can_stream(torch.empty(rows, 128).numpy()[:, :64])  # not C-contiguous
+    assert not can_stream(torch.empty(rows, 64, dtype=torch.float64).numpy())
+
+
+def test_find_rows_streams_a_large_output_correctly():
+    """HashIndex.find_rows on an output large enough to stream."""
+    rng = np.random.default_rng(6)
+    h, model = Harness(0), Model()
+    keys = rng.integers(-2**62, 2**62, size=40_000)
+    model.insert(keys.tolist())
+    h.insert(arr(keys))
+    queries = np.concatenate([rng.choice(keys, 30_000), rng.integers(0, 10, 3_000)])
+    rows = rng.standard_normal((h.high_water, 64)).astype(np.float32)
+    out = torch.full((queries.shape[0], 64), -7.0).numpy()
+    assert can_stream(out)
+    expected = np.array([model.slots.get(k, EMPTY) for k in queries.tolist()])
+    np.testing.assert_array_equal(h.index.find_rows(queries, rows, out), expected)
+    present = expected != EMPTY
+    np.testing.assert_array_equal(out[present], rows[expected[present]])
+    assert (out[~present] == -7.0).all()
 
 
 def test_insert_missing_gives_duplicates_one_slot():
