@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dynembed.kernels._threads import get_num_threads
+from dynembed.kernels.gather import gather_rows
 from dynembed.kernels.records import HEAD_WORDS, pack_records, unpack_records
 from dynembed.storage.rows import RowBlock
 from dynembed.table._memory import host_empty
@@ -137,22 +139,32 @@ class RowArena:
         return getattr(self, name).numpy()
 
 
-SMALL_TAKE_ROWS = 1 << 14
-"""Row gathers up to this many rows copy with numpy on the calling thread."""
+_GATHERED_DTYPES = (torch.float32, torch.float64, torch.int32, torch.int64)
+"""Dtypes :func:`take_rows` copies with the compiled gather (others: ``index_select``)."""
 
 
 def take_rows(source: torch.Tensor, index: np.ndarray) -> torch.Tensor:
     """``source[index]`` (rows) as a new tensor.
 
-    Small gathers run in numpy on the calling thread: as fast as torch's ``index_select``
-    up to about 16K rows, and they do not wake torch's OpenMP threads, which spin after each
-    parallel op and take cores from whatever else runs (a loopback Redis server measured
-    34% more rows/s with them quiet). Large gathers use ``index_select`` (parallel).
+    On the CPU a compiled gather copies the rows (:func:`~dynembed.kernels.gather.gather_rows`,
+    prefetching, on the calling thread for small gathers). It keeps a training step on numba's
+    threads: torch's OpenMP threads spin after each parallel op and take cores from whatever
+    runs next (a loopback Redis server measured 34% more rows/s with them quiet).
 
     Args:
-        source: (n, d) CPU tensor.
+        source: (n, d) tensor.
         index: (u,) int64 row numbers.
+
+    Raises:
+        IndexError: an index outside [0, n).
     """
-    if index.shape[0] <= SMALL_TAKE_ROWS and source.device.type == "cpu":
-        return torch.from_numpy(source.detach().numpy().take(index, axis=0))
-    return source.index_select(0, torch.from_numpy(index))
+    if source.device.type != "cpu" or source.dim() != 2 or source.dtype not in _GATHERED_DTYPES:
+        return source.index_select(0, torch.from_numpy(index).to(source.device))
+    source = source.detach().contiguous()
+    out = torch.empty((index.shape[0], source.shape[1]), dtype=source.dtype)
+    bad = gather_rows(source.numpy(), np.ascontiguousarray(index, dtype=np.int64), out.numpy(),
+                      get_num_threads())
+    if bad:
+        raise IndexError(f"take_rows: {bad} of {index.shape[0]} indices outside "
+                         f"[0, {source.shape[0]})")
+    return out
