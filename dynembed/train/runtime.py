@@ -53,6 +53,9 @@ from dynembed.train.progress import PROGRESS_ENV, ProgressFile
 
 logger = logging.getLogger(__name__)
 
+_LOADED, _DAMAGED, _FAILED = 0, 1, 2
+"""A rank's outcome of loading a checkpoint during restore, worst last."""
+
 
 def _positive_or_none(name: str, value, kind=int) -> None:
     if value is None:
@@ -248,7 +251,10 @@ class Runtime:
             :attr:`extra` (empty on a fresh start). :attr:`step` is the restored step.
 
         Raises:
-            CheckpointError: there are checkpoints but none loads (or they do not fit).
+            CheckpointError: there are checkpoints but none loads (or they do not fit), or
+                loading failed unexpectedly on another rank (every rank stops at once).
+            Exception: an unexpected error while loading (I/O, memory, ...), raised on the
+                rank where it happened after the other ranks were told.
         """
         self._require_started()
         if self.model is None:
@@ -262,9 +268,21 @@ class Runtime:
             dist.broadcast_object_list(holder, src=0, group=self._control.group)
             candidates = holder[0]
         for path in candidates:
-            loaded, error = self._try_load(path)
+            loaded, error, failure = self._try_load(path)
             if self._control is not None:
-                loaded = not self._control.all_reduce_max(np.array([0 if loaded else 1]))[0]
+                # every rank learns the worst outcome: an unexpected error on one rank stops
+                # them all now, instead of leaving the others in the next collective until
+                # the timeout
+                status = _FAILED if failure is not None else _LOADED if loaded else _DAMAGED
+                worst, failed_rank = self._control.all_reduce_max(
+                    np.array([status, self.rank if failure is not None else -1]))
+                if worst == _FAILED and failure is None:
+                    raise CheckpointError(
+                        f"restoring {path} failed on rank {failed_rank} (see that rank's "
+                        "log for the error); every rank stops")
+                loaded = worst == _LOADED
+            if failure is not None:
+                raise failure
             if loaded:
                 logger.info("rank %d restored %s at step %d", self.rank, path, self.step)
                 return self.extra
@@ -278,18 +296,24 @@ class Runtime:
                                   f"({len(candidates)} tried); see the warnings above")
         return self.extra
 
-    def _try_load(self, path: str) -> tuple[bool, str | None]:
+    def _try_load(self, path: str) -> tuple[bool, str | None, Exception | None]:
+        """(loaded, why not, the unexpected error to raise after telling the other ranks)."""
         try:  # load() checks every file of the chain first
             saved = load(path, self.model, self.optimizer, lazy=self.lazy_restore,
                          background_rows=self.background_rows if self.lazy_restore else 0,
                          rank=self.rank, world_size=self.world_size) or {}
         except (CheckpointCorruptError, CheckpointNotFoundError) as e:
-            return False, str(e)  # damaged or gone: an older one may load
+            return False, str(e), None  # damaged or gone: an older one may load
+        except Exception as e:  # re-raised by restore(), after every rank was told
+            if self._control is None:
+                raise
+            logger.error("rank %d: restoring %s failed: %r", self.rank, path, e)
+            return False, str(e), e
         self.step = int(saved.get("step", 0))
         self.extra = dict(saved.get("user", {}))
         self._last_saved, self._last_save_time = self.step, time.monotonic()
         self._restored = path if self.lazy_restore else None
-        return True, None
+        return True, None, None
 
     def checkpoint(self) -> Path | None:
         """Saves a checkpoint of the current step now (every rank must call it).

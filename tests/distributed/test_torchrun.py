@@ -129,6 +129,29 @@ def test_mismatched_tables_fail_fast_on_every_rank(tmp_path):
         assert "table 'embeddings.tables.ids': dim is 8 on rank 0 but 9 on rank 1" in text
 
 
+def test_an_unexpected_restore_error_on_one_rank_stops_every_rank_at_once(tmp_path):
+    """Rank 1's restore hits an I/O error (not a damaged checkpoint): rank 1 raises it,
+    rank 0 raises a CheckpointError naming rank 1, both well before the collective timeout,
+    and the checkpoint is not set aside (it is not damaged)."""
+    ckpt = tmp_path / "ckpt"
+    check(run_torchrun(2, "--out", str(tmp_path / "a"), "--ckpt", str(ckpt), "--steps", "5",
+                       "--every", "5"))
+    started = time.monotonic()
+    result = run_torchrun(2, "--out", str(tmp_path / "b"), "--ckpt", str(ckpt), "--steps",
+                          "10", "--fail-restore-rank", "1", "--timeout", "120",
+                          log_dir=tmp_path / "logs")
+    elapsed = time.monotonic() - started
+    assert result.returncode != 0
+    assert elapsed < 100, elapsed
+    logs = {p.parent.name: p.read_text() for p in (tmp_path / "logs").rglob("stderr.log")}
+    assert sorted(logs) == ["0", "1"], logs.keys()
+    assert "OSError: [Errno 5] injected I/O error reading the checkpoint" in logs["1"]
+    assert "CheckpointError: restoring" in logs["0"]
+    assert "failed on rank 1" in logs["0"]
+    assert not list((tmp_path / "b").glob("restored-*.pt"))  # no rank went on to train
+    assert [p.name for p in ckpt.iterdir()] == ["step-0000000005"]
+
+
 def test_sigterm_checkpoints_the_current_step_and_resume_loses_nothing(tmp_path):
     """`dynembed train` passes SIGTERM to torchrun, which passes it to the workers: they
     agree on a step boundary, checkpoint it and stop; the next run resumes at that step."""

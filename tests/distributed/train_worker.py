@@ -14,6 +14,7 @@ loss of every step to ``loss.jsonl``. ``--kill-rank/--kill-step`` SIGKILLs one r
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import signal
@@ -87,6 +88,8 @@ def main() -> int:
     p.add_argument("--kill-step", type=int, default=None)
     p.add_argument("--step-sleep", type=float, default=0.0)
     p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--fail-restore-rank", type=int, default=None,
+                   help="this rank's restore hits an I/O error (injected)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -97,6 +100,10 @@ def main() -> int:
         model = Model(dim)
         net = rt.prepare(model)
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        if rt.rank == args.fail_restore_rank:
+            def failing_load(*_args, **_kwargs):
+                raise OSError(errno.EIO, "injected I/O error reading the checkpoint")
+            de.train.runtime.load = failing_load
         rt.restore(opt)
         tag = f"w{rt.world_size}-r{rt.rank}"
         torch.save({"step": rt.step, "rows": rows_of(model)},
