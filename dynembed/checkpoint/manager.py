@@ -4,8 +4,9 @@ Checkpoints live in one directory as ``step-<step>`` (full or delta) and ``step-
 (a delta chain compacted into a full checkpoint with the same id). The first save is full;
 later saves are deltas against the latest checkpoint while the tables track their changes
 since it, and a chain longer than ``max_chain`` is compacted. The ``keep_last`` newest
-checkpoints are kept with every checkpoint their chains need; older ones, and partial
-directories left by a crash, are removed.
+checkpoints are kept with every checkpoint their chains need; older ones, partial
+directories left by a crash, and checkpoints set aside as damaged once older than every kept
+one, are removed.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from dynembed.table.table import DynamicTable
 logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step-(\d{10,})(-full)?$")  # zero-padded to 10 digits, more past 10^10
+_SET_ASIDE = re.compile(r"^step-(\d{10,})(-full)?\.damaged(-\d+)?$")
 
 
 def _positive(name: str, value, *, allow_none: bool = True, kind=int) -> None:
@@ -191,9 +193,10 @@ class CheckpointManager:
         return None
 
     def cleanup(self) -> list[Path]:
-        """Removes checkpoints beyond ``keep_last`` that no kept chain needs and, in a
-        single-process job, partial directories left by a crash (with several ranks one
-        may be in progress; the job's runtime removes those); returns what was removed."""
+        """Removes checkpoints beyond ``keep_last`` that no kept chain needs, those set aside
+        as damaged once older than every kept one and, in a single-process job, partial
+        directories left by a crash (with several ranks one may be in progress; the job's
+        runtime removes those); returns what was removed."""
         removed = []
         committed = self.checkpoints()
         keep = set()
@@ -206,11 +209,29 @@ class CheckpointManager:
             if path.resolve() not in keep:
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
+        removed += self._remove_old_set_aside(committed[-self.keep_last:])
         if self.world_size == 1:  # with several ranks a partial one may be in progress
             for entry in self.directory.iterdir():
                 if entry.name.endswith(".partial") and entry.is_dir():
                     shutil.rmtree(entry, ignore_errors=True)
                     removed.append(entry)
+        return removed
+
+    def _remove_old_set_aside(self, kept: list[Path]) -> list[Path]:
+        """Removes checkpoints set aside as damaged (:func:`set_aside`) once they are older
+        than every kept checkpoint: kept for inspection while they are recent, they would
+        otherwise pile up over a long job's restarts."""
+        if not kept:  # nothing loads: keep the evidence
+            return []
+        oldest_kept = int(_NAME.match(kept[0].name).group(1))
+        removed = []
+        for entry in self.directory.iterdir():
+            match = _SET_ASIDE.match(entry.name)
+            if match and entry.is_dir() and int(match.group(1)) < oldest_kept:
+                logger.info("removing %s, set aside as damaged and now older than every "
+                            "kept checkpoint", entry)
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
         return removed
 
     # ------------------------------------------------------------------ restoring

@@ -148,3 +148,39 @@ def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(tmp_path):
     with pytest.raises(de.CheckpointCorruptError, match="every checkpoint"):
         manager.restore(tables={"t": make_table()})
     assert manager.checkpoints() == []
+
+
+def test_checkpoints_set_aside_as_damaged_go_once_older_than_every_kept_one(tmp_path):
+    from dynembed.checkpoint.manager import set_aside
+
+    manager = de.checkpoint.CheckpointManager(tmp_path, keep_last=2, max_chain=1)
+    table = make_table()
+    train(table, batches(1, 100))
+    manager.save(1, tables={"t": table})
+    for _ in range(2):  # step 2 found damaged twice, saved again each time
+        manager.save(2, tables={"t": table})
+        set_aside(tmp_path / "step-0000000002")
+    manager.save(2, tables={"t": table})
+    (tmp_path / "notes").mkdir()  # not the manager's: never touched
+    (tmp_path / "step-0000000001.damaged.txt").write_text("a user's file")
+    aside = ["step-0000000002.damaged", "step-0000000002.damaged-2"]
+    assert sorted(p.name for p in tmp_path.glob("*.damaged*") if p.is_dir()) == aside
+    manager.save(3, tables={"t": table})  # kept: 2 and 3; the set-aside step 2 stays
+    assert all((tmp_path / name).is_dir() for name in aside)
+    manager.save(4, tables={"t": table})  # kept: 3 and 4; step 2 is out of the window
+    assert not any((tmp_path / name).exists() for name in aside)
+    assert (tmp_path / "notes").is_dir()
+    assert (tmp_path / "step-0000000001.damaged.txt").read_text() == "a user's file"
+    assert [p.name for p in manager.checkpoints()] == ["step-0000000003", "step-0000000004"]
+
+
+def test_set_aside_checkpoints_stay_while_nothing_else_loads(tmp_path):
+    from dynembed.checkpoint.manager import set_aside
+
+    manager = de.checkpoint.CheckpointManager(tmp_path, keep_last=1)
+    table = make_table()
+    train(table, batches(1, 100))
+    manager.save(1, tables={"t": table})
+    set_aside(tmp_path / "step-0000000001")
+    assert manager.cleanup() == []  # the only evidence of what went wrong
+    assert (tmp_path / "step-0000000001.damaged").is_dir()
