@@ -10,7 +10,8 @@ many tables there are:
   update cover the whole global batch), looks the ids up in its shard, and one all-to-all
   of the packed rows (tables of any dims, flattened) brings them back. Backward sends each
   row's gradient to its owner the same way; the owner sums the parts per id and applies
-  the sparse optimizer once.
+  the sparse optimizer once. Each rank's part carries a flag: whether it computed NaN or
+  inf gradients for a table that raises on them, so every rank raises, not only the owner.
 - *replicated* tables: a training lookup all-gathers the ranks' ``(id, count, table)``
   triples so every replica inserts and touches the same rows, and backward all-gathers the
   gradients so every replica applies the same update. Evaluation reads the local replica.
@@ -25,8 +26,10 @@ import numpy as np
 import torch
 
 from dynembed.distributed.exchange import Exchange
+from dynembed.errors import NonFiniteGradientError
 from dynembed.kernels.gather import segment_sum
 from dynembed.kernels.hash_index import unique_inverse
+from dynembed.kernels.sparse_updates import nonfinite_rows
 from dynembed.keys.buckets import NUM_BUCKETS, buckets_of, rank_of_bucket
 from dynembed.nn._autograd import Lookup
 from dynembed.table.arena import take_rows
@@ -75,6 +78,29 @@ class _Packing:
             buf.reshape(-1, rows.shape[1])[entries] = rows
         else:
             buf[self._cells(entries, rows.shape[1])] = rows.ravel()
+
+
+def _count_nonfinite(table: DynamicTable, grads: np.ndarray) -> int:
+    """Counts (in the table's stats) and returns the rows of ``grads`` holding NaN or inf."""
+    bad = int(np.count_nonzero(nonfinite_rows(np.ascontiguousarray(grads))))
+    table.counters.nonfinite_gradients += bad
+    return bad
+
+
+def _flagged(widths: np.ndarray, per_rank: np.ndarray,
+             flag_width: int) -> tuple[_Packing, np.ndarray, np.ndarray]:
+    """The packing of a buffer grouped by rank (``per_rank[r]`` entries of ``widths`` for
+    rank r) with one more entry of ``flag_width`` floats after each rank's entries, whose
+    first float carries a flag. Flag entries as wide as the rows keep a one-width buffer a
+    plain (rows, dim) array.
+
+    Returns:
+        (packing, (entries,) index of each entry in it, (W,) index of each rank's flag).
+    """
+    ends = np.cumsum(per_rank)
+    rank_of_entry = np.repeat(np.arange(per_rank.shape[0]), per_rank)
+    return (_Packing(np.insert(widths, ends, flag_width)),
+            np.arange(widths.shape[0]) + rank_of_entry, ends + np.arange(per_rank.shape[0]))
 
 
 def _log_strings(lookup: Lookup) -> None:
@@ -238,15 +264,38 @@ class Router:
         if not updates:
             return rows
 
+        raising = [t for t, update, _ in updates if update.table.config.nonfinite_grads == "raise"]
+        # Gradients go back with one flag entry per rank: whether the sender computed NaN or
+        # inf gradients for a table that raises on them, so every rank raises (before any
+        # row changes), not only the owners of those rows.
+        flag_width = int(dims[0])
+        sent_flagged, sent_index, sent_flags = _flagged(dims[sent_table], send, flag_width)
+        got_flagged, got_index, got_flags = _flagged(got_width, recv, flag_width)
+
         def backward(grads) -> None:
-            flat = np.zeros(sent_packing.size, dtype=np.float32)
+            flat = np.zeros(sent_flagged.size, dtype=np.float32)
+            flag = 0
             for t, (entries, position) in enumerate(where):
                 if grads[t] is not None:
-                    g = grads[t].detach().to(torch.float32).numpy()
-                    sent_packing.put(flat, entries, g[position])
-            parts = ex.all_to_all(torch.from_numpy(flat), floats_mine, floats_back).numpy()
+                    g = grads[t].detach().to(torch.float32).numpy()[position]
+                    if t in raising and _count_nonfinite(lookups[t].table, g) and not flag:
+                        flag = t + 1
+                    sent_flagged.put(flat, sent_index[entries], g)
+            flat[sent_flagged.offsets[sent_flags]] = flag
+            parts = ex.all_to_all(torch.from_numpy(flat), floats_mine + flag_width,
+                                  floats_back + flag_width).numpy()
+            flags = parts[got_flagged.offsets[got_flags]].astype(np.int64)
+            if flags.any():
+                bad_rank = int(np.flatnonzero(flags)[0])
+                t = int(flags[bad_rank]) - 1
+                raise NonFiniteGradientError(
+                    f"rank {bad_rank} computed NaN or inf gradients for a table with "
+                    f"nonfinite_grads='raise' (table {t} of this lookup, dim {dims[t]}); no "
+                    "row was updated on any rank. Fix the loss (e.g. clamp logits), or set "
+                    "nonfinite_grads='skip' to drop such rows and count them.")
             for t, update, entries in updates:
-                update.apply(got_packing.take(parts, entries, dims[t]), self.grad_scale)
+                update.apply(got_flagged.take(parts, got_index[entries], dims[t]),
+                             self.grad_scale)
 
         return list(_RoutedRows.apply(anchor, (rows, backward)))
 

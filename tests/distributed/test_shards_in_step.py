@@ -63,6 +63,28 @@ def _rows(table) -> dict:
             zip(export.ids, export.weights, export.optimizer_state)}
 
 
+def _nonfinite_step(rank: int) -> dict:
+    """Rank 0 sends a NaN gradient for a row rank 1 owns (nonfinite_grads='raise', the
+    default); then both ranks take a finite step."""
+    emb = de.DynamicEmbedding(dim=4, optimizer=de.optim.SGD(lr=0.1), seed=5)
+    shard_model(emb)
+    keys = torch.tensor([B[0], A[1]] if rank == 0 else [A[0], B[1]])
+    out = emb(keys)
+    before = _rows(emb.table)
+    grad = torch.ones_like(out)
+    if rank == 0:
+        grad[0, 1] = float("nan")
+    try:
+        out.backward(grad)
+        raised = None
+    except de.NonFiniteGradientError as e:
+        raised = str(e)
+    unchanged = _rows(emb.table)
+    emb(keys).sum().backward()  # the ranks are still in step: the job can go on
+    return {"raised": raised, "before": before, "unchanged": unchanged,
+            "after": _rows(emb.table), "counted": emb.table.counters.nonfinite_gradients}
+
+
 def _worker(rank: int, init: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank,
@@ -81,6 +103,7 @@ def _worker(rank: int, init: str, out: str) -> None:
                         concat=True)
         out_rows.sum().backward()
         result["mixed"] = {name: _rows(t) for name, t in coll.tables.items()}
+        result["nonfinite"] = _nonfinite_step(rank)
         error = None
     except BaseException:  # noqa: BLE001 - reported to the test
         result, error = None, traceback.format_exc()
@@ -137,3 +160,19 @@ def test_tables_of_two_dims_whose_keys_sit_on_different_ranks(ranks):
         assert set(got) == set(expected)
         for key, row in expected.items():
             np.testing.assert_allclose(got[key], row, rtol=1e-6)
+
+
+def test_a_nonfinite_gradient_sent_to_another_owner_stops_every_rank(ranks):
+    """Rank 0's NaN gradient is for a row rank 1 owns: both ranks raise (not only the
+    owner), no row changed on either, the rank that computed it counts it, and the next
+    step runs on both (no rank left waiting in a collective)."""
+    for rank, result in enumerate(ranks):
+        got = result["nonfinite"]
+        assert got["raised"] is not None, f"rank {rank} did not raise"
+        assert "rank 0 computed NaN or inf gradients" in got["raised"]
+        assert "no row was updated on any rank" in got["raised"]
+        assert got["unchanged"].keys() == got["before"].keys() and len(got["before"]) == 2
+        for key, row in got["before"].items():
+            np.testing.assert_array_equal(got["unchanged"][key], row)
+            assert not np.array_equal(got["after"][key], row)  # the finite step applied
+        assert got["counted"] == (1 if rank == 0 else 0)
