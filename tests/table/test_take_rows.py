@@ -26,13 +26,14 @@ def test_take_rows_matches_indexing(dtype, n):
         assert torch.equal(source, kept)
 
 
+@pytest.mark.parametrize("n", [500, 70_000])  # serial and threaded kernels
 @pytest.mark.parametrize("bad", [-1, 1_000, 2**40])
-def test_take_rows_rejects_out_of_range_indices(bad):
+def test_take_rows_rejects_out_of_range_indices(bad, n):
     source = torch.arange(12_000, dtype=torch.float32).reshape(1_000, 12)
     before = source.clone()
-    index = np.arange(500, dtype=np.int64)
-    index[123] = bad
-    with pytest.raises(IndexError, match=r"1 of 500 indices outside \[0, 1000\)"):
+    index = np.arange(n, dtype=np.int64) % 1_000
+    index[[123, n - 1]] = bad
+    with pytest.raises(IndexError, match=rf"2 of {n} indices outside \[0, 1000\)"):
         take_rows(source, index)
     assert torch.equal(source, before)
 
