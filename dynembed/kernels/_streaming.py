@@ -85,10 +85,12 @@ def copy_row_streaming(dst, src):
         _stream_lanes(dst, src, at)
 
 
-def can_stream(out: np.ndarray) -> bool:
-    """Whether a kernel should write ``out`` (2-D C-contiguous float32) with streaming stores:
-    large enough, and every row aligned to :data:`STREAM_ALIGN` bytes."""
-    return (out.nbytes >= STREAM_FROM_BYTES and out.dtype == np.float32
-            and out.ndim == 2 and out.flags.c_contiguous
-            and out.ctypes.data % STREAM_ALIGN == 0
-            and out.strides[0] % STREAM_ALIGN == 0)
+def can_stream(out: np.ndarray, rows: np.ndarray) -> bool:
+    """Whether a kernel copying rows of ``rows`` into ``out`` should write ``out`` with
+    streaming stores: ``out`` large enough, both float32, C-contiguous and of one row length
+    (a multiple of 8), every output row aligned to :data:`STREAM_ALIGN` bytes."""
+    return (out.nbytes >= STREAM_FROM_BYTES and out.dtype == rows.dtype == np.float32
+            and out.ndim == rows.ndim == 2 and out.shape[1] == rows.shape[1]
+            and out.shape[1] % _LANES == 0
+            and out.flags.c_contiguous and rows.flags.c_contiguous
+            and out.ctypes.data % STREAM_ALIGN == 0)

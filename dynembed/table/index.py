@@ -83,7 +83,8 @@ class HashIndex:
             (n,) int64 slot per id, EMPTY where absent.
         """
         slots = np.empty(ids.shape[0], dtype=np.int64)
-        k.index_find_rows(self.table, ids, rows, out, slots, get_num_threads(), can_stream(out))
+        k.index_find_rows(self.table, ids, rows, out, slots, get_num_threads(),
+                          can_stream(out, rows))
         return slots
 
     def insert_missing(self, ids: np.ndarray, slots: np.ndarray, free_rows: np.ndarray,

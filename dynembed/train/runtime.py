@@ -290,7 +290,11 @@ class Runtime:
                            "older one", path, error or "another rank failed")
             if self.rank == 0:  # every rank has tried it by now
                 # kept for inspection, out of the way: training will save that step again
-                set_aside(path)
+                try:
+                    set_aside(path)
+                except OSError as e:  # the others go on to the next candidate: so does 0
+                    logger.warning("could not set %s aside (%s); the next save of that "
+                                   "step will fail until it is moved", path, e)
         if candidates:
             raise CheckpointError(f"no checkpoint in {self.checkpoint_dir} loads "
                                   f"({len(candidates)} tried); see the warnings above")

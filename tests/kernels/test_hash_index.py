@@ -341,16 +341,24 @@ def test_find_rows_streamed_matches_plain(threads, dim):
     assert (streamed[~present] == -7.0).all()
 
 
-def test_can_stream_only_large_aligned_outputs():
+def test_can_stream_only_large_aligned_outputs_of_the_rows_width():
     rows = STREAM_FROM_BYTES // (64 * 4)
-    assert can_stream(torch.empty(rows, 64).numpy())
-    assert not can_stream(torch.empty(rows - 1, 64).numpy())  # small: may still be cached
-    assert not can_stream(torch.empty(rows * 6, 12).numpy())  # rows not 32-byte aligned
-    assert can_stream(torch.empty(rows + 1, 64).numpy()[1:])  # 256-byte rows stay aligned
+    source = np.zeros((10, 64), dtype=np.float32)
+    assert can_stream(torch.empty(rows, 64).numpy(), source)
+    assert not can_stream(torch.empty(rows - 1, 64).numpy(), source)  # small: may be cached
+    assert not can_stream(torch.empty(rows * 6, 12).numpy(), source[:, :12].copy())  # 48 B rows
+    assert can_stream(torch.empty(rows + 1, 64).numpy()[1:], source)  # 256 B rows stay aligned
     misaligned = torch.empty(rows * 64 + 1).numpy()[1:].reshape(rows, 64)
-    assert not can_stream(misaligned)
-    assert not can_stream(torch.empty(rows, 128).numpy()[:, :64])  # not C-contiguous
-    assert not can_stream(torch.empty(rows, 64, dtype=torch.float64).numpy())
+    assert not can_stream(misaligned, source)
+    assert not can_stream(torch.empty(rows, 128).numpy()[:, :64], source)  # not C-contiguous
+    assert not can_stream(torch.empty(rows, 64, dtype=torch.float64).numpy(), source)
+    # one long row: numpy calls it C-contiguous whatever its stride, so the length decides
+    wide = torch.empty(2, rows * 64 + 8).numpy()[:1, :rows * 64 + 3]
+    assert not can_stream(wide, np.zeros((1, wide.shape[1]), dtype=np.float32))
+    # the source rows must have the output's width and be contiguous (the copy reads whole
+    # output rows from them)
+    assert not can_stream(torch.empty(rows, 64).numpy(), np.zeros((10, 32), np.float32))
+    assert not can_stream(torch.empty(rows, 64).numpy(), np.zeros((10, 128), np.float32)[:, :64])
 
 
 def test_find_rows_streams_a_large_output_correctly():
@@ -363,7 +371,7 @@ def test_find_rows_streams_a_large_output_correctly():
     queries = np.concatenate([rng.choice(keys, 30_000), rng.integers(0, 10, 3_000)])
     rows = rng.standard_normal((h.high_water, 64)).astype(np.float32)
     out = torch.full((queries.shape[0], 64), -7.0).numpy()
-    assert can_stream(out)
+    assert can_stream(out, rows)
     expected = np.array([model.slots.get(k, EMPTY) for k in queries.tolist()])
     np.testing.assert_array_equal(h.index.find_rows(queries, rows, out), expected)
     present = expected != EMPTY

@@ -110,6 +110,31 @@ def test_restore_skips_a_damaged_checkpoint_for_the_one_before(tmp_path):
     rt3.close()
 
 
+def test_restore_goes_on_when_a_damaged_checkpoint_cannot_be_set_aside(tmp_path, monkeypatch,
+                                                                       caplog):
+    """The rename fails (say, a read-only directory): the restore still falls back on the
+    older checkpoint, and says why the damaged one stays where it is."""
+    from dynembed.train import runtime
+
+    rt, _, net, opt = _fresh(tmp_path, every_steps=2, max_chain=1)
+    rt.restore(opt)
+    _train(rt, net, opt, 4)
+    rt.close()
+    _damage(tmp_path / "ckpt" / "step-0000000004")
+
+    def refuse(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(runtime, "set_aside", refuse)
+    rt2, _, _, opt2 = _fresh(tmp_path, every_steps=2, max_chain=1, lazy_restore=False)
+    with caplog.at_level("WARNING", logger="dynembed.train.runtime"):
+        rt2.restore(opt2)
+    assert rt2.step == 2
+    assert (tmp_path / "ckpt" / "step-0000000004").exists()
+    assert "could not set" in caplog.text and "Permission denied" in caplog.text
+    rt2.close()
+
+
 def _damage(checkpoint) -> None:
     rows = next(checkpoint.rglob("*.rows"))
     offset, size = RowsFile(str(rows)).layout.offsets["records"]
