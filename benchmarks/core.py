@@ -362,14 +362,14 @@ def _time_inserts(p: Phase, emb, table: dict) -> None:
         table.update(zip(ids.tolist(), range(start, start + ids.numel())))
 
     entries = {"python_dict_insert_keys_per_s": (dict_insert, _insert_batches(cfg, new_b))}
-    before = len(table), (int(emb.table.size()) if emb is not None else 0)
+    dict_before = len(table)
     if emb is not None:
+        p.info["insert_table_size_before"] = int(emb.table.size())
         entries["dynembed_insert_new_keys_per_s"] = (emb.table.find_or_insert,
                                                      _insert_batches(cfg, new_b))
     p.time_together(entries, warmup=cfg["insert_warmup"])
-    p.info["python_dict_inserted"] = len(table) - before[0]
+    p.info["python_dict_inserted"] = len(table) - dict_before
     if emb is not None:
-        p.info["insert_table_size_before"] = before[1]
         p.info["insert_table_size_after"] = int(emb.table.size())
 
 

@@ -14,6 +14,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from dynembed.kernels._llvm import element_pointer
+
 PREFETCH_DISTANCE = 8
 """How many rows ahead the loops prefetch (4 to 8 measured best; 16 is worse)."""
 _FLOATS_PER_LINE = 16  # 64-byte cache lines of float32 (int64 rows get every other line)
@@ -29,15 +31,8 @@ def _prefetch_intrinsic(write: int):
             return None
 
         def codegen(context, builder, signature, args):
-            array_type = signature.args[0]
-            ary = context.make_array(array_type)(context, builder, args[0])
-            first = context.cast(builder, args[1], signature.args[1], types.intp)
-            zero = context.get_constant(types.intp, 0)
-            indices = [first] + [zero] * (array_type.ndim - 1)
-            ptr = cgutils.get_item_pointer2(context, builder, ary.data,
-                                            cgutils.unpack_tuple(builder, ary.shape),
-                                            cgutils.unpack_tuple(builder, ary.strides),
-                                            array_type.layout, indices)
+            ptr = element_pointer(context, builder, signature.args[0], args[0], args[1],
+                                  signature.args[1])
             i8p = ir.IntType(8).as_pointer()
             i32 = ir.IntType(32)
             fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])

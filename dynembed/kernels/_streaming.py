@@ -21,8 +21,9 @@ import numba as nb
 import numpy as np
 from llvmlite import ir
 from numba import types
-from numba.core import cgutils
 from numba.extending import intrinsic
+
+from dynembed.kernels._llvm import element_pointer
 
 _LANES = 8
 """float32 lanes per streamed store: 32 bytes, one AVX register (two SSE stores without AVX)."""
@@ -31,15 +32,6 @@ STREAM_ALIGN = _LANES * 4
 STREAM_FROM_BYTES = 8 << 20
 """Outputs from this size up are streamed (a quarter of a 32 MiB L3); smaller ones are more
 likely to be still cached when the next layer reads them."""
-
-
-def _element_pointer(context, builder, array_type, array, index, index_type):
-    ary = context.make_array(array_type)(context, builder, array)
-    at = context.cast(builder, index, index_type, types.intp)
-    return cgutils.get_item_pointer2(context, builder, ary.data,
-                                     cgutils.unpack_tuple(builder, ary.shape),
-                                     cgutils.unpack_tuple(builder, ary.strides),
-                                     array_type.layout, [at])
 
 
 @intrinsic
@@ -52,9 +44,9 @@ def _stream_lanes(typingctx, dst, src, at):
 
     def codegen(context, builder, signature, args):
         vector = ir.VectorType(ir.FloatType(), _LANES).as_pointer()
-        source = _element_pointer(context, builder, signature.args[1], args[1], args[2],
+        source = element_pointer(context, builder, signature.args[1], args[1], args[2],
                                   signature.args[2])
-        target = _element_pointer(context, builder, signature.args[0], args[0], args[2],
+        target = element_pointer(context, builder, signature.args[0], args[0], args[2],
                                   signature.args[2])
         value = builder.load(builder.bitcast(source, vector), align=4)
         store = builder.store(value, builder.bitcast(target, vector), align=STREAM_ALIGN)

@@ -41,18 +41,14 @@ class TableUpdates:
             return
         grads = grads.detach().to("cpu", torch.float32).contiguous()
         epoch = erasures_at_lookup
-        if self.config.update_mode == "deferred":
-            admitted = slots != EMPTY
-            if not admitted.all():
-                self.counters.unadmitted_gradients += int(np.count_nonzero(~admitted))
-                ids, grads = ids[admitted], grads[torch.from_numpy(admitted)]
-            self._pending.append((ids, grads, self.erasures if epoch is None else epoch))
-            return
         admitted = slots != EMPTY
         if not admitted.all():  # counted here, and not again as skipped by _apply
             self.counters.unadmitted_gradients += int(np.count_nonzero(~admitted))
             ids, slots = ids[admitted], slots[admitted]
             grads = grads[torch.from_numpy(admitted)]
+        if self.config.update_mode == "deferred":
+            self._pending.append((ids, grads, self.erasures if epoch is None else epoch))
+            return
         if epoch is None or epoch != self.erasures:  # rows erased or evicted since the lookup
             slots = self._resolve_again(ids, epoch)
         self._apply(ids, slots, grads.numpy())
