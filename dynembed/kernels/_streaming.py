@@ -7,12 +7,16 @@ core's few outstanding-miss slots. A streaming store writes the whole line witho
 it. On the development VM (10M-row table, 65,536 Zipf keys) a read went from 1.37 to 0.99 ms
 per batch, and from 1.55 to 1.39 ms when each pass followed a cache-thrashing one; with a
 consumer that reads the output at once (``nn.Linear(64, 16)``) from 2.54 to 2.42 ms, so the
-consumer loses nothing: an output this large has mostly left the caches anyway. Where the
-source rows are already cached (expanding distinct rows to keys), streaming measured slower
-(0.93 against 0.85 ms), so only arena reads use it.
+consumer loses nothing: an output this large has mostly left the caches anyway. A training
+step's expansion of its distinct rows to one row per key (``take_rows``) streams too: the
+16 MiB it writes no longer evicts what the step's later stages read. That gain is small
+(65,536-key SGD steps on a 10M-row table after a cache-thrashing torch step: whole steps
+0.96-1.00x the time in three A/B runs; the stages timed inside the step 3.61-4.01 ->
+3.61-3.83 ms, and 5.57 -> 5.37 ms with an ``nn.Linear`` reading the output), but it never
+measured slower.
 
-Streaming needs every row of the output aligned to :data:`STREAM_ALIGN` bytes; callers check
-with :func:`can_stream`.
+Streaming needs every row of the output aligned to :data:`STREAM_ALIGN` bytes and a whole
+number of 32-byte stores long; callers check with :func:`can_stream`.
 """
 
 from __future__ import annotations
@@ -25,30 +29,37 @@ from numba.extending import intrinsic
 
 from dynembed.kernels._llvm import element_pointer
 
-_LANES = 8
-"""float32 lanes per streamed store: 32 bytes, one AVX register (two SSE stores without AVX)."""
-STREAM_ALIGN = _LANES * 4
-"""Bytes every streamed row must be aligned to."""
+STREAM_ALIGN = 32
+"""Bytes per streamed store (one AVX register; two SSE stores without AVX), and the alignment
+every streamed row needs."""
 STREAM_FROM_BYTES = 8 << 20
 """Outputs from this size up are streamed (a quarter of a 32 MiB L3); smaller ones are more
 likely to be still cached when the next layer reads them."""
+STREAM_DTYPES = (np.float32, np.float64, np.int32, np.int64)
+"""Row dtypes the streaming copy handles."""
 
 
 @intrinsic
-def _stream_lanes(typingctx, dst, src, at):
-    """``dst[at:at + 8] = src[at:at + 8]`` with a non-temporal store (``dst + at`` aligned)."""
+def _stream_store(typingctx, dst, src, at):
+    """``dst[at:at + k] = src[at:at + k]``, ``k`` elements making :data:`STREAM_ALIGN` bytes,
+    with a non-temporal store (``dst + at`` aligned)."""
     if not (isinstance(dst, types.Array) and isinstance(src, types.Array)
-            and dst.ndim == 1 and src.ndim == 1 and dst.dtype == types.float32
-            and src.dtype == types.float32 and isinstance(at, types.Integer)):
+            and dst.ndim == 1 and src.ndim == 1 and dst.dtype == src.dtype
+            and isinstance(dst.dtype, (types.Float, types.Integer))
+            and STREAM_ALIGN % (dst.dtype.bitwidth // 8) == 0
+            and isinstance(at, types.Integer)):
         return None
+    lanes = STREAM_ALIGN // (dst.dtype.bitwidth // 8)
 
     def codegen(context, builder, signature, args):
-        vector = ir.VectorType(ir.FloatType(), _LANES).as_pointer()
+        element = context.get_value_type(signature.args[0].dtype)
+        vector = ir.VectorType(element, lanes).as_pointer()
         source = element_pointer(context, builder, signature.args[1], args[1], args[2],
                                   signature.args[2])
         target = element_pointer(context, builder, signature.args[0], args[0], args[2],
                                   signature.args[2])
-        value = builder.load(builder.bitcast(source, vector), align=4)
+        value = builder.load(builder.bitcast(source, vector),
+                             align=signature.args[1].dtype.bitwidth // 8)
         store = builder.store(value, builder.bitcast(target, vector), align=STREAM_ALIGN)
         store.set_metadata("nontemporal",
                            builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
@@ -71,18 +82,21 @@ def store_fence(typingctx):
 
 @nb.njit(inline="always", cache=True)
 def copy_row_streaming(dst, src):
-    """``dst[:] = src`` (1-D float32, length a multiple of 8) with streaming stores; ``dst``
-    aligned to :data:`STREAM_ALIGN` bytes."""
-    for at in range(0, dst.shape[0], _LANES):
-        _stream_lanes(dst, src, at)
+    """``dst[:] = src`` (1-D, one of :data:`STREAM_DTYPES`, a whole number of
+    :data:`STREAM_ALIGN`-byte stores long) with streaming stores; ``dst`` aligned to
+    :data:`STREAM_ALIGN` bytes."""
+    for at in range(0, dst.shape[0], STREAM_ALIGN // dst.itemsize):
+        _stream_store(dst, src, at)
 
 
 def can_stream(out: np.ndarray, rows: np.ndarray) -> bool:
     """Whether a kernel copying rows of ``rows`` into ``out`` should write ``out`` with
-    streaming stores: ``out`` large enough, both float32, C-contiguous and of one row length
-    (a multiple of 8), every output row aligned to :data:`STREAM_ALIGN` bytes."""
-    return (out.nbytes >= STREAM_FROM_BYTES and out.dtype == rows.dtype == np.float32
+    streaming stores: ``out`` large enough, both of one dtype in :data:`STREAM_DTYPES`,
+    C-contiguous and of one row length (a whole number of :data:`STREAM_ALIGN`-byte stores),
+    every output row aligned to :data:`STREAM_ALIGN` bytes."""
+    return (out.nbytes >= STREAM_FROM_BYTES and out.dtype == rows.dtype
+            and out.dtype in STREAM_DTYPES
             and out.ndim == rows.ndim == 2 and out.shape[1] == rows.shape[1]
-            and out.shape[1] % _LANES == 0
+            and out.shape[1] * out.itemsize % STREAM_ALIGN == 0
             and out.flags.c_contiguous and rows.flags.c_contiguous
             and out.ctypes.data % STREAM_ALIGN == 0)

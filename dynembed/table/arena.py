@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dynembed.kernels._streaming import can_stream
 from dynembed.kernels._threads import get_num_threads
 from dynembed.kernels.gather import gather_rows
 from dynembed.kernels.records import HEAD_WORDS, pack_records, unpack_records
@@ -147,7 +148,8 @@ def take_rows(source: torch.Tensor, index: np.ndarray) -> torch.Tensor:
     """``source[index]`` (rows) as a new tensor.
 
     On the CPU a compiled gather copies the rows (:func:`~dynembed.kernels.gather.gather_rows`,
-    prefetching, on the calling thread for small gathers). It keeps a training step on numba's
+    prefetching, on the calling thread for small gathers, with streaming stores for large
+    outputs: see :mod:`dynembed.kernels._streaming`). It keeps a training step on numba's
     threads: torch's OpenMP threads spin after each parallel op and take cores from whatever
     runs next (a loopback Redis server measured 34% more rows/s with them quiet).
 
@@ -162,8 +164,9 @@ def take_rows(source: torch.Tensor, index: np.ndarray) -> torch.Tensor:
         return source.index_select(0, torch.from_numpy(index).to(source.device))
     source = source.detach().contiguous()
     out = torch.empty((index.shape[0], source.shape[1]), dtype=source.dtype)
-    bad = gather_rows(source.numpy(), np.ascontiguousarray(index, dtype=np.int64), out.numpy(),
-                      get_num_threads())
+    rows, written = source.numpy(), out.numpy()
+    bad = gather_rows(rows, np.ascontiguousarray(index, dtype=np.int64), written,
+                      get_num_threads(), can_stream(written, rows))
     if bad:
         raise IndexError(f"take_rows: {bad} of {index.shape[0]} indices outside "
                          f"[0, {source.shape[0]})")

@@ -351,7 +351,14 @@ def test_can_stream_only_large_aligned_outputs_of_the_rows_width():
     misaligned = torch.empty(rows * 64 + 1).numpy()[1:].reshape(rows, 64)
     assert not can_stream(misaligned, source)
     assert not can_stream(torch.empty(rows, 128).numpy()[:, :64], source)  # not C-contiguous
-    assert not can_stream(torch.empty(rows, 64, dtype=torch.float64).numpy(), source)
+    assert not can_stream(torch.empty(rows, 64, dtype=torch.float64).numpy(), source)  # dtypes
+    assert can_stream(torch.empty(rows, 64, dtype=torch.float64).numpy(), source.astype(np.float64))
+    many = rows * 16  # rows of 4 elements: 32 B of int64 stream, 16 B of int32 do not
+    assert can_stream(torch.empty(many, 4, dtype=torch.int64).numpy(), np.zeros((9, 4), np.int64))
+    assert not can_stream(torch.empty(many * 2, 4, dtype=torch.int32).numpy(),
+                          np.zeros((9, 4), np.int32))
+    assert not can_stream(torch.empty(rows * 2, 64, dtype=torch.float16).numpy(),
+                          np.zeros((9, 64), np.float16))  # no streaming copy for this dtype
     # one long row: numpy calls it C-contiguous whatever its stride, so the length decides
     wide = torch.empty(2, rows * 64 + 8).numpy()[:1, :rows * 64 + 3]
     assert not can_stream(wide, np.zeros((1, wide.shape[1]), dtype=np.float32))

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from dynembed.kernels._streaming import STREAM_FROM_BYTES, can_stream
+from dynembed.kernels._threads import get_num_threads, set_num_threads
 from dynembed.table.arena import take_rows
 
 
@@ -42,3 +44,23 @@ def test_take_rows_of_a_non_contiguous_source_and_index():
     source = torch.arange(4_000, dtype=torch.float32).reshape(200, 20)[:, ::2]
     index = np.arange(400, dtype=np.int64)[::2] % 200
     assert torch.equal(take_rows(source, index), source[torch.from_numpy(index)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int32, torch.int64])
+@pytest.mark.parametrize("dim", [8, 64])
+def test_take_rows_streams_large_outputs_correctly(dtype, dim):
+    """Outputs of at least STREAM_FROM_BYTES are written with streaming stores; the rows
+    must still be exact, on one thread and on several."""
+    rng = np.random.default_rng(dim)
+    source = torch.from_numpy(rng.standard_normal((3_000, dim)) * 1e6).to(dtype)
+    n = STREAM_FROM_BYTES // (dim * source.element_size()) + 5
+    index = rng.integers(0, 3_000, size=n)
+    assert can_stream(torch.empty(n, dim, dtype=dtype).numpy(), source.numpy())
+    expected = source[torch.from_numpy(index)]
+    assert torch.equal(take_rows(source, index), expected)
+    previous = get_num_threads()
+    set_num_threads(1)
+    try:
+        assert torch.equal(take_rows(source, index), expected)
+    finally:
+        set_num_threads(previous)
