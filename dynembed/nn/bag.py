@@ -22,8 +22,34 @@ def check_mode(mode: str, arg: str = "mode") -> None:
         raise ValueError(f"{arg} must be one of {POOLING_MODES}, got {mode!r}")
 
 
+def bag_weights(per_sample_weights, mode: str, bounds: np.ndarray,
+                arg: str = "per_sample_weights") -> torch.Tensor | None:
+    """Checks per-value weights against the bags, before any row is looked up (a call with
+    bad weights leaves the table as it was).
+
+    Args:
+        per_sample_weights: None, or float weights: (n,), (B, L) for bags of one size L, or a
+            list of lists shaped like the bags (Python numbers of any type).
+        mode: the pooling mode; weights need "sum".
+        bounds: (B + 1,) int64 bag boundaries, from 0 to the number of values n.
+        arg: the weights' name in error messages.
+
+    Returns:
+        (n,) weights, or None.
+
+    Raises:
+        TypeError: weights that are not floating point numbers.
+        ValueError: weights that do not match the bags, or a mode other than "sum".
+    """
+    if per_sample_weights is None:
+        return None
+    if mode != "sum":
+        raise ValueError(f"{arg} needs mode='sum', got mode={mode!r}")
+    return _weights_per_value(per_sample_weights, bounds, arg)
+
+
 def pool(rows: torch.Tensor, inverse: np.ndarray, bounds: np.ndarray, mode: str,
-         per_sample_weights=None, arg: str = "per_sample_weights") -> torch.Tensor:
+         weights: torch.Tensor | None = None) -> torch.Tensor:
     """Pools rows per bag with torch's fused kernel.
 
     Args:
@@ -31,31 +57,60 @@ def pool(rows: torch.Tensor, inverse: np.ndarray, bounds: np.ndarray, mode: str,
         inverse: (n,) int64 index into ``rows`` of each value.
         bounds: (B + 1,) int64 bag boundaries.
         mode: "sum", "mean" or "max".
-        per_sample_weights: optional (n,) float weights (mode "sum" only).
-        arg: the weights' name in error messages.
+        weights: optional (n,) float weights from :func:`bag_weights` (mode "sum").
 
     Returns:
         (B, dim); empty bags give zeros.
-
-    Raises:
-        ValueError: per_sample_weights with the wrong shape or a mode other than "sum".
     """
-    if per_sample_weights is not None:
-        if mode != "sum":
-            raise ValueError(f"{arg} needs mode='sum', got mode={mode!r}")
-        per_sample_weights = torch.as_tensor(per_sample_weights)
-        if not per_sample_weights.dtype.is_floating_point:
-            raise TypeError(f"{arg} must be floating point, got {per_sample_weights.dtype}")
-        if tuple(per_sample_weights.shape) != (inverse.shape[0],):
-            raise ValueError(f"{arg} must have shape ({inverse.shape[0]},), one weight per "
-                             f"value, got {tuple(per_sample_weights.shape)}")
-        per_sample_weights = per_sample_weights.to(rows.dtype)
+    if weights is not None:
+        weights = weights.to(rows.dtype)
     if rows.shape[0] == 0:  # only empty bags: embedding_bag needs a non-empty weight
         # + rows.sum() (a zero) keeps the result in the graph, so backward() still works
         return rows.new_zeros((bounds.shape[0] - 1, rows.shape[1])) + rows.sum()
     return F.embedding_bag(torch.from_numpy(inverse), rows, torch.from_numpy(bounds),
-                           mode=mode, per_sample_weights=per_sample_weights,
-                           include_last_offset=True)
+                           mode=mode, per_sample_weights=weights, include_last_offset=True)
+
+
+def _weights_per_value(weights, bounds: np.ndarray, arg: str) -> torch.Tensor:
+    """(n,) weights, one per value, from flat weights, a (B, L) tensor of fixed-size bags'
+    weights, or a list of lists shaped like the bags.
+
+    Raises:
+        TypeError: weights that are not floating point numbers.
+        ValueError: weights whose shape does not match the bags.
+    """
+    lengths = np.diff(bounds)
+    n = int(bounds[-1])  # bounds start at 0 and end at the number of values
+    if isinstance(weights, (list, tuple)) and any(isinstance(w, (list, tuple)) for w in weights):
+        if len(weights) != lengths.shape[0]:
+            raise ValueError(f"{arg} as a list of lists must hold one list per bag "
+                             f"({lengths.shape[0]} bags), got {len(weights)} lists")
+        flat = [b for b, w in enumerate(weights) if not isinstance(w, (list, tuple))]
+        if flat:
+            raise ValueError(f"{arg}[{flat[0]}] must be a list of the bag's weights (as the "
+                             f"other entries), got {type(weights[flat[0]]).__name__}")
+        given = np.fromiter(map(len, weights), dtype=np.int64, count=len(weights))
+        wrong = np.flatnonzero(given != lengths)
+        if wrong.shape[0]:
+            b = int(wrong[0])
+            raise ValueError(f"{arg}[{b}] has {given[b]} weights but bag {b} has "
+                             f"{lengths[b]} keys: give one weight per key")
+        weights = [w for bag in weights for w in bag]
+    try:  # Python numbers are weights whatever their type; arrays keep theirs, as in torch
+        tensor = torch.as_tensor(weights, dtype=torch.float32 if isinstance(weights, (list, tuple))
+                                 else None)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"{arg} must be floating point weights (a tensor, array or list), "
+                        f"got {type(weights).__name__}: {e}") from None
+    if not tensor.dtype.is_floating_point:
+        raise TypeError(f"{arg} must be floating point, got {tensor.dtype}")
+    if (tensor.dim() == 2 and tensor.shape[0] == lengths.shape[0]
+            and bool((lengths == tensor.shape[1]).all())):
+        tensor = tensor.reshape(-1)  # weights of fixed-size bags, as nn.EmbeddingBag takes
+    if tuple(tensor.shape) != (n,):
+        raise ValueError(f"{arg} must have shape ({n},), one weight per value (or one list "
+                         f"of weights per bag), got {tuple(tensor.shape)}")
+    return tensor
 
 
 class DynamicEmbeddingBag(SingleTableModule):
@@ -89,7 +144,8 @@ class DynamicEmbeddingBag(SingleTableModule):
                 integer tensor of fixed-size bags.
             offsets: (B,) start of each bag in ``values`` (or (B + 1,) with
                 ``include_last_offset``).
-            per_sample_weights: optional (n,) float weights, mode "sum" only.
+            per_sample_weights: optional float weights, mode "sum" only: (n,) for flat
+                values, (B, L) for a (B, L) tensor, or a list of lists shaped like the bags.
             include_last_offset: as in ``torch.nn.EmbeddingBag``.
 
         Returns:
@@ -98,16 +154,20 @@ class DynamicEmbeddingBag(SingleTableModule):
         Raises:
             KeyInputError, KeyValueError: bad keys, nesting deeper than bags of keys, or
                 offsets that do not match the values.
+            TypeError, ValueError: weights that are not floating point or do not match the
+                bags, or weights with a mode other than "sum" (see :func:`bag_weights`).
         """
         batch, bounds = to_jagged(values, offsets, include_last_offset=include_last_offset,
                                   hash_seed=self.table.config.hash_seed)
-        return self._pool(batch, bounds, per_sample_weights)
+        weights = bag_weights(per_sample_weights, self.mode, bounds)
+        return self._pool(batch, bounds, weights)
 
-    def _pool(self, batch: KeyBatch, bounds: np.ndarray, per_sample_weights) -> torch.Tensor:
+    def _pool(self, batch: KeyBatch, bounds: np.ndarray,
+              weights: torch.Tensor | None) -> torch.Tensor:
         unique, inverse, counts = unique_inverse(batch.ids)
         rows = rows_for(self.table, self._anchor, unique, counts, training=self.training,
                         strings=batch.strings, string_ids=batch.ids)
-        return pool(rows, inverse, bounds, self.mode, per_sample_weights)
+        return pool(rows, inverse, bounds, self.mode, weights)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, mode={self.mode!r}, rows={self.table.size()}"

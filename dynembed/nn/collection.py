@@ -14,7 +14,7 @@ from dynembed.kernels.hash_index import unique_inverse
 from dynembed.keys.convert import KeyBatch, to_jagged, to_key_batch
 from dynembed.nn._autograd import Lookup, index_rows, rows_for_many
 from dynembed.nn._base import TableModule
-from dynembed.nn.bag import check_mode, pool
+from dynembed.nn.bag import bag_weights, check_mode, pool
 from dynembed.table.config import TableConfig
 from dynembed.table.stats import TableStats
 from dynembed.table.table import DynamicTable
@@ -161,7 +161,9 @@ class EmbeddingCollection(TableModule):
                 ``(values, offsets)`` tuple, or a 2-D tensor). Every feature must be given.
             concat: return one (B, sum of dims) tensor in feature order instead of a dict;
                 every output must then be (B, dim) with the same B.
-            per_sample_weights: optional feature name -> (n,) weights, for "sum" features.
+            per_sample_weights: optional feature name -> weights, for "sum" features, in
+                any shape :func:`~dynembed.nn.bag.bag_weights` takes; checked before any
+                lookup.
 
         Returns:
             dict feature name -> tensor, or the concatenated (B, total_dim) tensor.
@@ -180,12 +182,16 @@ class EmbeddingCollection(TableModule):
         if missing or unknown:
             raise KeyInputError(f"inputs: missing features {missing}, unknown features "
                                 f"{unknown}; expected exactly {list(self.features)}")
-        weights = self._check_weights(per_sample_weights)
+        given = self._check_weights(per_sample_weights)
         by_table: dict[str, list[tuple[str, KeyBatch, np.ndarray | None]]] = {}
+        weights: dict[str, torch.Tensor] = {}
         for name, spec in self.features.items():
             table = self.tables[spec.table]
             batch, bounds = self._convert(name, spec, inputs[name], table)
             by_table.setdefault(spec.table, []).append((name, batch, bounds))
+            if name in given:  # checked before any lookup: bad weights change no table
+                weights[name] = bag_weights(given[name], spec.pooling, bounds,
+                                            arg=f"per_sample_weights[{name!r}]")
 
         all_rows, inverses = self._rows(by_table)
         outputs: dict[str, torch.Tensor] = {}
@@ -197,8 +203,7 @@ class EmbeddingCollection(TableModule):
                 pooling = self.features[name].pooling
                 if pooling is not None:
                     part = np.arange(start, stop) if inverse is None else inverse[start:stop]
-                    outputs[name] = pool(rows, part, bounds, pooling, weights.get(name),
-                                         arg=f"per_sample_weights[{name!r}]")
+                    outputs[name] = pool(rows, part, bounds, pooling, weights.get(name))
                 elif inverse is None:  # one row per key already: this feature's slice
                     outputs[name] = rows[start:stop].reshape(*batch.shape, table.dim)
                 else:

@@ -47,6 +47,38 @@ def test_per_sample_weights_match_torch():
     assert w.grad is not None and w.grad.abs().sum() > 0
 
 
+def test_per_sample_weights_in_every_shape_the_values_come_in():
+    """Flat weights, a list of lists shaped like the bags (Python numbers of any type) and a
+    (B, L) tensor for fixed-size bags weigh the same values the same way."""
+    bag, ref = _pair("sum")
+    idx = torch.tensor([0, 1, 2, 2])
+    flat_w = torch.tensor([0.5, 2.0, -1.0, 3.0])
+    expected = ref(idx, torch.tensor([0, 2]), per_sample_weights=flat_w)
+    bags = [[KEYS[0].item(), KEYS[1].item()], [KEYS[2].item(), KEYS[2].item()]]
+    torch.testing.assert_close(bag(bags, per_sample_weights=[[0.5, 2], [-1, 3.0]]), expected)
+    torch.testing.assert_close(bag(torch.tensor(bags), per_sample_weights=flat_w.reshape(2, 2)),
+                               expected)
+    with_empty = bag(bags + [[]], per_sample_weights=[[0.5, 2], [-1, 3.0], []])
+    torch.testing.assert_close(with_empty[:2], expected)
+    assert torch.equal(with_empty[2], torch.zeros(4))
+
+
+@pytest.mark.parametrize("weights, error, match", [
+    ([[0.5], [1.0, 2.0]], ValueError, r"per_sample_weights\[0\] has 1 weights but bag 0 has 2"),
+    ([[0.5, 1.0]], ValueError, r"one list per bag \(2 bags\), got 1 lists"),
+    ([[0.5, 1.0], 2.0], ValueError, r"per_sample_weights\[1\] must be a list"),
+    ([["a", 1.0], [2.0, 3.0]], TypeError, "per_sample_weights must be floating point weights"),
+    ("0.5", TypeError, "per_sample_weights must be floating point weights"),
+    (torch.tensor([1, 2, 3, 4]), TypeError, "per_sample_weights must be floating point"),
+    (torch.ones(4, 1), ValueError, r"must have shape \(4,\).*got \(4, 1\)"),
+])
+def test_bad_per_sample_weights_name_the_argument(weights, error, match):
+    bag = de.DynamicEmbeddingBag(dim=2, mode="sum")
+    with pytest.raises(error, match=match):
+        bag([[1, 2], [3, 4]], per_sample_weights=weights)
+    assert bag.table.size() == 0  # nothing was inserted for a call that failed
+
+
 def test_input_forms_agree():
     bag = de.DynamicEmbeddingBag(dim=3, mode="mean", seed=0)
     lists = bag([["a", "b"], ["c"], []])

@@ -72,12 +72,23 @@ def test_values_offsets_input_and_per_sample_weights():
     ({"user_id": torch.ones(2)}, ValueError, r"per_sample_weights\['user_id'\]: .*not pooled"),
     ({"query": torch.ones(3)}, ValueError, r"per_sample_weights\['query'\] needs mode='sum'"),
     ({"title": torch.ones(4)}, ValueError, r"per_sample_weights\['title'\] must have shape"),
+    ({"title": [[1.0], [2.0]]}, ValueError, r"per_sample_weights\['title'\]\[0\] has 1 weights"),
     ([torch.ones(3)], TypeError, "per_sample_weights must be a dict"),
 ])
 def test_bad_per_sample_weights_name_the_feature(weights, error, match):
-    """Weights under a misspelled or unpooled feature were once dropped silently."""
+    """Weights under a misspelled or unpooled feature were once dropped silently; bad
+    weights are found before any table changes."""
+    coll = _collection()
     with pytest.raises(error, match=match):
-        _collection()(BATCH, per_sample_weights=weights)
+        coll(BATCH, per_sample_weights=weights)
+    assert coll.tables["words"].size() == 0 and coll.tables["user"].size() == 0
+
+
+def test_per_sample_weights_as_lists_shaped_like_the_bags():
+    coll = _collection()
+    flat = coll(BATCH, per_sample_weights={"title": torch.tensor([2.0, 0.0, 1.0])})
+    lists = coll(BATCH, per_sample_weights={"title": [[2, 0], [1]]})
+    torch.testing.assert_close(lists["title"], flat["title"])
 
 
 def test_features_must_be_a_dict():
