@@ -191,10 +191,11 @@ def restore(table: DynamicTable, layers: list[list[RowsFile]], buckets: range,
             (never half-loaded); a lazy one raises when a lookup reads the damaged block.
     """
     check_fits(table, layers)
+    decoded = table.read_aux_state(aux, key_logs, admissions)  # fails before any change
     if table.tier is not None:
         table.clear_store()  # rows written after the checkpoint are newer than its cut
     table._clear_memory()
-    table.load_aux_state(aux, key_logs, admissions)
+    table.apply_aux_state(decoded)
     base = LazyRows(layers, buckets, table.dim, table.arena.state_width)
     base.background_rows = background_rows if lazy else 0
     table.base = base

@@ -75,8 +75,19 @@ class KeyLog:
                 "lengths": torch.from_numpy(lengths)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Replaces the log with a saved one."""
+        """Replaces the log with a saved one.
+
+        Raises:
+            ValueError: the tensors do not fit together (a key's string would be lost).
+            KeyError: one of them is missing.
+        """
         ids = state["ids"].numpy()
+        lengths = state["lengths"].numpy()
         whole = state["utf8"].numpy().tobytes().decode("utf-8", "surrogatepass")
-        strings = _split_joined(whole, state["lengths"].numpy()) if ids.size else []
+        if lengths.shape != ids.shape or (
+                ids.size and int(lengths.sum()) + ids.size - 1 != len(whole)):
+            raise ValueError(f"key log 'lengths' ({lengths.shape[0]} entries, "
+                             f"{int(lengths.sum())} code points) does not fit 'ids' "
+                             f"({ids.shape[0]}) and 'utf8' ({len(whole)} code points)")
+        strings = _split_joined(whole, lengths) if ids.size else []
         self._strings = dict(zip(ids.tolist(), strings))

@@ -28,7 +28,8 @@ class FeatureConfig:
     """Name of the table the feature's keys are looked up in (tables may be shared)."""
     pooling: str | None = None
     """None: one key per sample, output (*shape, dim). "sum", "mean" or "max": a bag of keys
-    per sample (list of lists, (values, offsets) or a 2-D tensor), output (B, dim)."""
+    per sample (a list of lists, a ``(values, offsets)`` tuple or a 2-D tensor), output
+    (B, dim). A tuple of two is always ``(values, offsets)``: give bags as a list."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.table, str):
@@ -38,8 +39,9 @@ class FeatureConfig:
 
 
 def _is_values_offsets(value) -> bool:
-    return (isinstance(value, tuple) and len(value) == 2
-            and isinstance(value[1], (torch.Tensor, np.ndarray)))
+    # Any tuple of two, whatever holds the offsets (a list too, as DynamicEmbeddingBag takes
+    # them): reading (values, [0, 2]) as two bags once trained the offsets as keys.
+    return isinstance(value, tuple) and len(value) == 2
 
 
 class EmbeddingCollection(TableModule):
@@ -128,11 +130,14 @@ class EmbeddingCollection(TableModule):
             return [t.read(ids) for t, ids in zip(tables, ids_by_table)], [None] * len(tables)
         lookups, inverses = [], []
         for table, group, ids in zip(tables, by_table.values(), ids_by_table):
-            strings = None
-            if table.key_log is not None and all(b.strings is not None for _, b, _ in group):
-                strings = list(itertools.chain.from_iterable(b.strings for _, b, _ in group))
+            strings = string_ids = None
+            if table.key_log is not None:  # the string features' keys (others are ints)
+                named = [b for _, b, _ in group if b.strings is not None]
+                if named:
+                    strings = list(itertools.chain.from_iterable(b.strings for b in named))
+                    string_ids = np.concatenate([b.ids for b in named])
             unique, inverse, counts = unique_inverse(ids)
-            lookups.append(Lookup(table, unique, counts, strings, ids))
+            lookups.append(Lookup(table, unique, counts, strings, string_ids))
             inverses.append(inverse)
         return rows_for_many(lookups, self._anchor, training=self.training), inverses
 
@@ -185,13 +190,21 @@ class EmbeddingCollection(TableModule):
         given = self._check_weights(per_sample_weights)
         by_table: dict[str, list[tuple[str, KeyBatch, np.ndarray | None]]] = {}
         weights: dict[str, torch.Tensor] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
+        # Everything that can fail is checked before the lookup, which changes the tables.
         for name, spec in self.features.items():
             table = self.tables[spec.table]
             batch, bounds = self._convert(name, spec, inputs[name], table)
             by_table.setdefault(spec.table, []).append((name, batch, bounds))
-            if name in given:  # checked before any lookup: bad weights change no table
+            if name in given:
                 weights[name] = bag_weights(given[name], spec.pooling, bounds,
                                             arg=f"per_sample_weights[{name!r}]")
+            shapes[name] = ((bounds.shape[0] - 1, table.dim) if bounds is not None
+                            else (*batch.shape, table.dim))
+        if concat and (any(len(s) != 2 for s in shapes.values())
+                       or len({s[0] for s in shapes.values()}) > 1):
+            raise ValueError("concat=True needs every feature output to be (B, dim) with one "
+                             f"B; got shapes {shapes}")
 
         all_rows, inverses = self._rows(by_table)
         outputs: dict[str, torch.Tensor] = {}
@@ -213,10 +226,6 @@ class EmbeddingCollection(TableModule):
         ordered = {name: outputs[name] for name in self.features}
         if not concat:
             return ordered
-        shapes = {name: tuple(t.shape) for name, t in ordered.items()}
-        if any(len(s) != 2 for s in shapes.values()) or len({s[0] for s in shapes.values()}) > 1:
-            raise ValueError("concat=True needs every feature output to be (B, dim) with one "
-                             f"B; got shapes {shapes}")
         return torch.cat(list(ordered.values()), dim=1)
 
     def extra_repr(self) -> str:

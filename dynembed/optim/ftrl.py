@@ -33,6 +33,12 @@ class FTRL(SparseOptimizer):
         check_positive("l2", self.l2, allow_zero=True)
         check_positive("initial_accumulator_value", self.initial_accumulator_value,
                        allow_zero=True)
+        if self.beta == 0 and self.l2 == 0 and self.initial_accumulator_value == 0:
+            # The weight's denominator is (beta + sqrt(n)) / alpha + l2: with all three 0 it
+            # is 0 for a coordinate whose squared gradients underflow (n stays 0, z not).
+            raise ValueError("beta, l2 and initial_accumulator_value are all 0, so a weight "
+                             "can divide by zero; make beta > 0 (the default is 1.0), l2 > 0 "
+                             "or initial_accumulator_value > 0")
 
     def state_width(self, dim: int) -> int:
         return 2 * dim

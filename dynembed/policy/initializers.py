@@ -29,6 +29,12 @@ class Initializer:
     def _params(self, dim: int) -> tuple[int, float, float, float, float]:
         raise NotImplementedError
 
+    def check(self, dim: int) -> None:
+        """Raises ValueError if this initializer cannot fill rows of width ``dim`` (e.g. a
+        Uniform bound left to its 1/sqrt(dim) default that crosses the other bound); tables
+        call it when they are configured, before any row exists."""
+        self._params(dim)
+
     def fill(self, weights: np.ndarray, slots: np.ndarray, ids: np.ndarray, seed: int) -> None:
         """Writes initial vectors in place.
 
@@ -85,7 +91,9 @@ class Uniform(Initializer):
         low = -bound if self.low is None else float(self.low)
         high = bound if self.high is None else float(self.high)
         if not low < high:
-            raise ValueError(f"low must be < high, got low={low!r}, high={high!r}")
+            raise ValueError(f"low must be < high, got low={low!r}, high={high!r} (a bound "
+                             f"left as None is -/+1/sqrt(dim) = -/+{bound:.4g} at dim={dim}); "
+                             "give both bounds")
         return k.UNIFORM, low, high, 0.0, 0.0
 
 
@@ -112,6 +120,11 @@ class Normal(Initializer):
         return k.NORMAL, float(self.mean), self._std(dim), 0.0, 0.0
 
 
+_TAIL_LIMIT = 35.0
+"""TruncatedNormal cuts, in standard deviations, beyond which float64 quantiles break down
+(the normal density underflows near 38)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class TruncatedNormal(Normal):
     """N(mean, std^2) restricted to [mean + a*std, mean + b*std] (a, b in std units)."""
@@ -127,6 +140,12 @@ class TruncatedNormal(Normal):
         _finite("b", self.b)
         if not self.a < self.b:
             raise ValueError(f"a must be < b, got a={self.a!r}, b={self.b!r}")
+        if self.a >= _TAIL_LIMIT or self.b <= -_TAIL_LIMIT:
+            raise ValueError(f"the window [a, b] = [{self.a!r}, {self.b!r}] lies beyond "
+                             f"{_TAIL_LIMIT:g} standard deviations, where the sampler's "
+                             "float64 quantiles fail; shift mean instead")
 
     def _params(self, dim):
-        return k.TRUNCATED_NORMAL, float(self.mean), self._std(dim), float(self.a), float(self.b)
+        # Cuts past the limit move to it: the mass beyond is below 1e-260 of the window's.
+        a, b = max(float(self.a), -_TAIL_LIMIT), min(float(self.b), _TAIL_LIMIT)
+        return k.TRUNCATED_NORMAL, float(self.mean), self._std(dim), a, b

@@ -44,12 +44,25 @@ class RowArena:
         self.device = torch.device(device)
         self.limit: int | None = None
         """Capacity the arena never grows past (a table's row budget), None for no limit."""
-        self._alloc(0)
+        self.weights, self.state, self.meta = self._alloc(0)
 
-    def _alloc(self, capacity: int) -> None:
-        self.weights = self._empty((capacity, self.dim), torch.float32)
-        self.state = self._empty((capacity, self.state_width), torch.float32)
-        self.meta = self._empty((capacity, 3), torch.int64)
+    def _alloc(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """New (weights, state, meta) of ``capacity`` rows, all or none.
+
+        Raises:
+            MemoryError: one of them could not be allocated (the arena is unchanged).
+        """
+        try:
+            return (self._empty((capacity, self.dim), torch.float32),
+                    self._empty((capacity, self.state_width), torch.float32),
+                    self._empty((capacity, 3), torch.int64))
+        except (MemoryError, OSError, RuntimeError) as e:  # mmap's ENOMEM, torch's OOM
+            need = capacity * self.bytes_per_row()
+            raise MemoryError(
+                f"cannot allocate a table arena of {capacity:,} rows ({need / 2**30:.2f} GiB "
+                f"at {self.bytes_per_row()} bytes per row): {e}. The table is unchanged; "
+                "free memory, set a memory_budget / max_rows, or give the table a store= "
+                "for the rows that do not fit") from e
 
     def _empty(self, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
         if self.device.type == "cpu":  # huge-page backed host memory for big arenas
@@ -98,11 +111,11 @@ class RowArena:
         """Grows to exactly ``capacity`` slots if that is more than now."""
         if capacity <= self.capacity:
             return
-        old = self.tensors()
+        grown = self._alloc(capacity)  # all three first: a failure leaves the arena whole
         used = self.capacity
-        self._alloc(capacity)
-        for name, tensor in self.tensors().items():
-            tensor[:used].copy_(old[name])
+        for new, old in zip(grown, (self.weights, self.state, self.meta)):
+            new[:used].copy_(old)
+        self.weights, self.state, self.meta = grown
 
     def rows(self, slots: np.ndarray) -> RowBlock:
         """Copies of the rows at ``slots`` with their optimizer state and metadata."""

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from dynembed.keys.hashing import DEFAULT_HASH_SEED, check_hash_seed
 from dynembed.optim.base import SparseOptimizer
@@ -20,6 +23,11 @@ PLACEMENTS = ("sharded", "replicated")
 
 UPDATE_MODES = ("fused", "deferred")
 NONFINITE_POLICIES = ("raise", "skip")
+
+
+_INT_FIELDS = ("dim", "seed", "hash_seed", "initial_capacity", "max_rows", "evict_every",
+               "sweep_rows")
+"""Fields given as numpy integers are turned into Python ints."""
 
 
 @dataclass(kw_only=True)
@@ -97,6 +105,10 @@ class TableConfig:
     A single process ignores it."""
 
     def __post_init__(self) -> None:
+        for name in _INT_FIELDS:  # numpy integers (from arr.max(), np.prod) are ints here
+            value = getattr(self, name)
+            if isinstance(value, np.integer):
+                setattr(self, name, int(value))
         if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim <= 0:
             raise ValueError(f"dim must be an int > 0, got {self.dim!r}")
         if self.optimizer is not None and not isinstance(self.optimizer, SparseOptimizer):
@@ -106,6 +118,10 @@ class TableConfig:
         if not isinstance(self.initializer, Initializer):
             raise TypeError("initializer must be a de.init initializer such as "
                             f"de.init.Normal(std=0.01), got {type(self.initializer).__name__}")
+        try:  # bounds that depend on dim fail here, not at the first insert
+            self.initializer.check(self.dim)
+        except ValueError as e:
+            raise ValueError(f"initializer {self.initializer!r} at dim={self.dim}: {e}") from None
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or not 0 <= self.seed < 2**64):
             raise ValueError(f"seed must be None or an int in [0, 2**64), got {self.seed!r}")
@@ -163,8 +179,8 @@ class TableConfig:
 
     def _check_default_value(self) -> None:
         value = self.default_value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            values = [value]
+        if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+            values = [float(value)]
         else:
             try:
                 values = [float(v) for v in value]

@@ -22,6 +22,50 @@ from dynembed.table.index import EMPTY
 from dynembed.table.results import TableExport
 
 STATE_VERSION = 1
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class AuxState:
+    """What :meth:`TableSnapshot.read_aux_state` decoded, for
+    :meth:`TableSnapshot.apply_aux_state`."""
+
+    step: int
+    update_step: int
+    seed: int
+    counters: dict[str, int]
+    key_log: KeyLog | None
+    admitter: object | None
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
+
+
+def _part(state: dict, prefix: str) -> dict:
+    """The entries of ``state`` under ``prefix``, without it."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _meta_entries(state: dict) -> list[int]:
+    """``state["meta"]`` as ints, checked: six entries or more, this version.
+
+    Raises:
+        StateDictError: absent, malformed or another version.
+    """
+    meta = state.get("meta")
+    if (not isinstance(meta, torch.Tensor) or meta.dim() != 1 or meta.shape[0] < 6
+            or meta.dtype != torch.int64):
+        raise StateDictError("state dict 'meta' must be a 1-D int64 tensor of at least 6 "
+                             f"entries (as DynamicTable.state_dict() writes), got "
+                             f"{_describe(meta)}")
+    entries = meta.tolist()
+    if entries[0] != STATE_VERSION:
+        raise StateDictError(f"state dict version {entries[0]} is not supported (this "
+                             f"dynembed reads version {STATE_VERSION})")
+    return entries
 
 
 class TableSnapshot:
@@ -111,7 +155,7 @@ class TableSnapshot:
         """The table as plain tensors: live rows (slot order), optimizer state, metadata.
 
         Keys: ``ids``, ``weights``, ``optimizer_state``, ``counts``, ``last_step``,
-        ``meta`` (int64: version, dim, state_width, step, update_step, seed),
+        ``meta`` (int64: version, dim, state_width, step, update_step, seed, hash_seed),
         ``key_log.*`` when the key log is on, ``admission.*`` with an admission policy.
         """
         export = self.export()
@@ -123,11 +167,13 @@ class TableSnapshot:
 
     def aux_state(self) -> dict[str, torch.Tensor]:
         """Everything but the rows: ``meta`` (int64: version, dim, state_width, step,
-        update_step, seed), ``counters.*`` (the cumulative stats), ``key_log.*`` with the
-        key log, ``admission.*`` with an admission policy."""
+        update_step, seed, hash_seed; states saved before hash_seed have six), ``counters.*``
+        (the cumulative stats), ``key_log.*`` with the key log, ``admission.*`` with an
+        admission policy."""
         state = {"meta": torch.tensor([STATE_VERSION, self.dim, self.arena.state_width,
                                        self.step, self.update_step,
-                                       np.uint64(self.seed).view(np.int64)],
+                                       np.uint64(self.seed).view(np.int64),
+                                       np.uint64(self.config.hash_seed).view(np.int64)],
                                       dtype=torch.int64)}
         state.update({f"counters.{f.name}": torch.tensor(getattr(self.counters, f.name))
                       for f in dataclasses.fields(self.counters)})
@@ -168,46 +214,90 @@ class TableSnapshot:
                        key_logs: list[dict[str, torch.Tensor]] = (),
                        admissions: list[dict[str, torch.Tensor]] = ()) -> None:
         """Restores counters, seed, key log and admission state from :meth:`aux_state`
-        (rows untouched). ``key_logs``, ``admissions``: other shards' aux states whose key
-        logs, and whose admission state (shards that held some of this table's buckets),
-        are merged in."""
-        meta = state["meta"].tolist()
-        if meta[0] != STATE_VERSION:
-            raise StateDictError(f"state dict version {meta[0]} is not supported (this "
-                                 f"dynembed reads version {STATE_VERSION})")
+        (rows untouched): :meth:`read_aux_state` then :meth:`apply_aux_state`.
+
+        Raises:
+            StateDictError: see :meth:`read_aux_state`; nothing changed.
+        """
+        self.apply_aux_state(self.read_aux_state(state, key_logs, admissions))
+
+    def read_aux_state(self, state: dict[str, torch.Tensor],
+                       key_logs: list[dict[str, torch.Tensor]] = (),
+                       admissions: list[dict[str, torch.Tensor]] = ()) -> AuxState:
+        """Checks and decodes :meth:`aux_state` tensors without changing the table, so a
+        load can fail before it clears anything.
+
+        Args:
+            state: this table's aux state (or a whole state dict).
+            key_logs: other shards' aux states whose key logs are merged in.
+            admissions: other shards' aux states whose admission state is merged in.
+
+        Raises:
+            StateDictError: a malformed ``meta`` or counter, another version, dim,
+                optimizer state width or hash_seed, or a key log / admission state that does
+                not load.
+        """
+        meta = _meta_entries(state)
         self.check_shape(meta[1], meta[2])
-        self.step, self.update_step = meta[3], meta[4]
+        if len(meta) > 6:  # states saved before hash_seed have six entries
+            saved = int(np.int64(meta[6]).view(np.uint64))
+            if saved != self.config.hash_seed:
+                raise StateDictError(
+                    f"state dict was saved with hash_seed={saved} but the table has "
+                    f"hash_seed={self.config.hash_seed}: its string keys would map to other "
+                    f"ids; build the table with hash_seed={saved}")
+        counters = {}
         for f in dataclasses.fields(self.counters):  # absent from states saved before
-            if f"counters.{f.name}" in state:
-                setattr(self.counters, f.name, int(state[f"counters.{f.name}"]))
-        self.seed = int(np.int64(meta[5]).view(np.uint64))
+            name = f"counters.{f.name}"
+            if name in state:
+                value = state[name]
+                if (not isinstance(value, torch.Tensor) or value.numel() != 1
+                        or value.dtype.is_floating_point or value.dtype.is_complex):
+                    raise StateDictError(f"state dict '{name}' must be a one-element integer "
+                                         f"tensor, got {_describe(value)}")
+                counters[f.name] = int(value)
+        seed = int(np.int64(meta[5]).view(np.uint64))
+        try:
+            key_log = None
+            if self.key_log is not None:
+                key_log = KeyLog()
+                for source in (state, *key_logs):
+                    part = _part(source, "key_log.")
+                    if part:
+                        log = KeyLog()
+                        log.load_state_dict(part)
+                        key_log.merge(log)
+            admitter = None
+            if self.admitter is not None:  # its hashes follow the (restored) table seed
+                admitter = self.config.admission.create(seed)
+                if _part(state, "admission."):
+                    admitter.load_state_dict(_part(state, "admission."))
+                for other in admissions:
+                    if _part(other, "admission."):
+                        admitter.merge_state_dict(_part(other, "admission."))
+        except (ValueError, KeyError, IndexError, TypeError, RuntimeError) as e:
+            if isinstance(e, StateDictError):
+                raise
+            raise StateDictError(f"state dict's key log or admission state does not load: "
+                                 f"{e}") from e
+        return AuxState(meta[3], meta[4], seed, counters, key_log, admitter)
+
+    def apply_aux_state(self, aux: AuxState) -> None:
+        """Sets what :meth:`read_aux_state` decoded (cannot fail)."""
+        self.step, self.update_step, self.seed = aux.step, aux.update_step, aux.seed
+        for name, value in aux.counters.items():
+            setattr(self.counters, name, value)
         if self.key_log is not None:
-            self.key_log = KeyLog()
-            for source in (state, *key_logs):
-                part = {k[len("key_log."):]: v for k, v in source.items()
-                        if k.startswith("key_log.")}
-                if part:
-                    log = KeyLog()
-                    log.load_state_dict(part)
-                    self.key_log.merge(log)
-        if self.admitter is not None:  # its hashes follow the (restored) table seed
-            self.admitter = self.config.admission.create(self.seed)
-            admission = {k[len("admission."):]: v for k, v in state.items()
-                         if k.startswith("admission.")}
-            if admission:
-                self.admitter.load_state_dict(admission)
-            for other in admissions:
-                part = {k[len("admission."):]: v for k, v in other.items()
-                        if k.startswith("admission.")}
-                if part:
-                    self.admitter.merge_state_dict(part)
+            self.key_log = aux.key_log
+        if self.admitter is not None:
+            self.admitter = aux.admitter
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Replaces the table's rows and counters with a saved state.
 
         Raises:
-            StateDictError: a tensor is missing, or dim / optimizer state width differ from
-                this table's config.
+            StateDictError: a tensor is missing or malformed, or dim / optimizer state width
+                / hash_seed differ from this table's config; the table is unchanged.
             StoreError: the table's store failed. The rows in memory and the counters are
                 unchanged; the store may already hold some of the state's rows (or still
                 some it lacks), so retry the load before training on.
@@ -217,12 +307,9 @@ class TableSnapshot:
         if absent:
             raise StateDictError(f"state dict lacks {absent}; expected the tensors written by "
                                  "DynamicTable.state_dict()")
-        meta = state["meta"].tolist()
-        if meta[0] != STATE_VERSION:
-            raise StateDictError(f"state dict version {meta[0]} is not supported (this "
-                                 f"dynembed reads version {STATE_VERSION})")
+        aux = self.read_aux_state(state)  # every check before anything changes
+        meta = _meta_entries(state)
         dim, width = meta[1], meta[2]
-        self.check_shape(dim, width)
         n = state["ids"].shape[0]
         for name, width_ in (("weights", dim), ("optimizer_state", width)):
             if tuple(state[name].shape) != (n, width_):
@@ -232,6 +319,9 @@ class TableSnapshot:
             if tuple(state[name].shape) != (n,):
                 raise StateDictError(f"state dict '{name}' has shape "
                                      f"{tuple(state[name].shape)}, expected ({n},)")
+        if state["ids"].dim() != 1 or state["ids"].dtype not in _INT_DTYPES:
+            raise StateDictError(f"state dict 'ids' must be a 1-D integer tensor, got "
+                                 f"{_describe(state['ids'])}")
         ids = state["ids"].to(torch.int64).numpy()
         if np.unique(ids).shape[0] != n:
             raise StateDictError("state dict 'ids' holds duplicates; it is corrupted")
@@ -253,7 +343,7 @@ class TableSnapshot:
             if stale.shape[0]:
                 self.tier.delete(stale)
         self._clear_memory()
-        self.load_aux_state(state)
+        self.apply_aux_state(aux)
         if self.tier is not None:  # the rows wait in the store and fault in when looked up
             return
         self.reserve(n)

@@ -85,10 +85,11 @@ class TableUpdates:
         if n_bad:
             self.counters.nonfinite_gradients += n_bad
             if self.config.nonfinite_grads == "raise":
+                self.counters.skipped_gradients += grads.shape[0]
                 raise NonFiniteGradientError(
                     f"{n_bad} of {grads.shape[0]} gradient rows hold NaN or inf; no row was "
-                    "updated. Fix the loss (e.g. clamp logits), or set "
-                    "nonfinite_grads='skip' to drop such rows and count them.")
+                    "updated (all counted in skipped_gradients). Fix the loss (e.g. clamp "
+                    "logits), or set nonfinite_grads='skip' to drop such rows and count them.")
             valid &= ~bad
         n_valid = int(np.count_nonzero(valid))
         self.counters.skipped_gradients += grads.shape[0] - n_valid
@@ -115,6 +116,8 @@ class TableUpdates:
         Raises:
             StoreError: reading evicted rows back failed; later chunks stay unapplied and
                 the gradients are dropped (counted as skipped).
+            NonFiniteGradientError: a summed row is NaN/inf and ``nonfinite_grads="raise"``;
+                no row changed, and the queued gradients were dropped (counted as skipped).
         """
         if not self._pending:
             return
@@ -137,7 +140,12 @@ class TableUpdates:
         summed.index_add_(0, torch.from_numpy(inverse), grads)
         summed = summed.numpy()
         if self.config.nonfinite_grads == "raise" and nonfinite_rows(summed).any():
-            self._apply(unique, np.full(unique.shape[0], EMPTY), summed)  # raises first
+            try:
+                self._apply(unique, np.full(unique.shape[0], EMPTY), summed)  # raises first
+            except NonFiniteGradientError as e:
+                raise NonFiniteGradientError(
+                    f"{e} The gradients queued by {len(pending)} backward call(s) since the "
+                    "last step_optimizer() were dropped.") from None
         for chunk, part in enumerate(self._chunks(unique.shape[0])):
             slots = self.index.find(unique[part])
             if self.tier is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -118,6 +119,9 @@ def test_errors():
         coll({**BATCH, "user_id": [1.5, 2.5]})
     with pytest.raises(ValueError, match="concat"):
         coll({**BATCH, "user_id": [7, 8, 9]}, concat=True)
+    # every error above came before the lookup: no table changed
+    assert coll.tables["words"].size() == coll.tables["user"].size() == 0
+    assert coll.tables["words"].stats().totals.lookup_calls == 0
     with pytest.raises(ValueError, match="not in tables"):
         de.EmbeddingCollection(tables={"a": de.TableConfig(dim=2)}, features={"f": "b"})
     with pytest.raises(ValueError, match="pooling"):
@@ -139,6 +143,33 @@ def test_key_log_on_a_shared_table_records_every_feature():
     coll({"title": [["red", "shoe"]], "query": [["hat"]]})
     table = coll.tables["words"]
     assert sorted(table.keys_of(table.export().ids)) == ["hat", "red", "shoe"]
+
+
+def test_key_log_keeps_the_strings_beside_an_empty_or_int_feature():
+    """An empty bag list (no strings) or an int feature on the same table once kept every
+    string of the call out of the key log."""
+    coll = de.EmbeddingCollection(
+        tables={"words": de.TableConfig(dim=2, key_log=True)},
+        features={"title": de.FeatureConfig(table="words", pooling="mean"),
+                  "query": de.FeatureConfig(table="words", pooling="mean"),
+                  "raw": "words"})
+    coll({"title": [["red", "shoe"]], "query": [[]], "raw": [7]})
+    table = coll.tables["words"]
+    ids = table.export().ids
+    assert sorted(map(str, table.keys_of(ids))) == ["None", "red", "shoe"]
+    assert table.keys_of(table.find([7]).ids if hasattr(table.find([7]), "ids")
+                         else np.array([7]))[0] is None
+
+
+@pytest.mark.parametrize("offsets", [[0, 2], (0, 2), np.array([0, 2]), torch.tensor([0, 2])])
+def test_values_and_offsets_of_any_sequence_type(offsets):
+    """(values, offsets) with list offsets was once read as two bags, training the offsets
+    as keys."""
+    coll = _collection()
+    out = coll({"title": ([10, 11, 12], offsets), "query": [[1], [2]], "user_id": [7, 8]})
+    bag = de.DynamicEmbeddingBag(table=coll.tables["words"], mode="sum")
+    torch.testing.assert_close(out["title"], bag([[10, 11], [12]]))
+    assert sorted(coll.tables["words"].export().ids.tolist()) == [1, 2, 10, 11, 12]
 
 
 def test_stats_by_table_name():

@@ -170,6 +170,20 @@ def test_nonfinite_gradient_raises_and_applies_nothing():
         _nan_loss(emb([1, 2])).backward()
     assert torch.equal(emb.table.find([1, 2]).values, before)
     assert emb.stats().totals.nonfinite_gradients == 1
+    assert emb.stats().totals.skipped_gradients == 2  # both rows went unapplied
+
+
+def test_deferred_nonfinite_gradient_says_the_queue_was_dropped_and_counts_it():
+    emb = de.DynamicEmbedding(dim=2, optimizer=de.optim.SGD(lr=1.0), seed=0,
+                              update_mode="deferred")
+    before = emb.table.find_or_insert([1, 2, 3]).values.clone()
+    emb([3]).sum().backward()
+    _nan_loss(emb([1, 2])).backward()
+    with pytest.raises(NonFiniteGradientError, match=r"queued by 2 backward call\(s\).*dropped"):
+        emb.table.step_optimizer()
+    assert torch.equal(emb.table.find([1, 2, 3]).values, before)
+    assert not emb.table.has_pending_gradients
+    assert emb.stats().totals.skipped_gradients == 3
 
 
 def test_nonfinite_gradient_skip_policy_counts_and_updates_the_rest():

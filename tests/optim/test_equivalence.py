@@ -236,3 +236,7 @@ def test_bad_optimizer_specific_fields():
         de.optim.Adagrad(lr=0.1, eps=0)
     with pytest.raises(ValueError, match="l1"):
         de.optim.FTRL(lr=0.1, l1=-1)
+    # a zero denominator once gave -inf weights for gradients whose square underflows
+    with pytest.raises(ValueError, match="beta, l2 and initial_accumulator_value are all 0"):
+        de.optim.FTRL(lr=0.1, beta=0, initial_accumulator_value=0)
+    de.optim.FTRL(lr=0.1, beta=0, initial_accumulator_value=0, l2=0.1)

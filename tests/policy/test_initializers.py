@@ -98,7 +98,23 @@ def test_seed_none_draws_from_torch_generator():
     (lambda: de.init.TruncatedNormal(mean=True), "mean"),
     (lambda: de.init.TruncatedNormal(a=1.0, b=-1.0), "a must be"),
     (lambda: de.init.Constant(value=float("inf")), "value"),
+    (lambda: de.init.TruncatedNormal(a=38.0, b=39.0), "beyond 35 standard deviations"),
+    (lambda: de.init.TruncatedNormal(a=-41.0, b=-40.0), "beyond 35 standard deviations"),
+    # a bound left to its 1/sqrt(dim) default is checked when the table is configured
+    (lambda: de.TableConfig(dim=4, initializer=de.init.Uniform(low=1.0)),
+     r"at dim=4: low must be < high, got low=1.0, high=0.5"),
 ])
 def test_bad_parameters(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+@pytest.mark.parametrize("a, b", [(33.0, 36.0), (-36.0, -34.0), (-60.0, 1.0)])
+def test_truncated_normal_cuts_past_35_std_move_to_it(a, b):
+    """The sampler's quantiles overflow near 38 std (NaN rows once): cuts beyond 35 are
+    moved to 35, where the mass beyond is negligible."""
+    t = de.DynamicTable(de.TableConfig(
+        dim=8, seed=1, initializer=de.init.TruncatedNormal(std=1.0, a=a, b=b)))
+    v = t.find_or_insert(np.arange(500)).values.numpy()
+    assert np.isfinite(v).all()
+    assert v.min() >= max(a, -35.0) and v.max() <= min(b, 35.0)

@@ -149,3 +149,81 @@ def test_state_dict_rejects_corrupted_input():
     bad_shape = dict(state, counts=torch.zeros(5, dtype=torch.int64))
     with pytest.raises(de.StateDictError, match="counts"):
         _table().load_state_dict(bad_shape)
+
+
+def _with_rows():
+    t = de.DynamicTable(de.TableConfig(
+        dim=4, optimizer=de.optim.Adagrad(lr=0.1), seed=3, key_log=True,
+        admission=de.policy.FrequencyAdmission(threshold=1, width=2048)))
+    t.find_or_insert(["a", "b"])
+    t.step = 3
+    return t
+
+
+@pytest.mark.parametrize("corrupt, match", [
+    (lambda s: dict(s, meta=s["meta"][:3]), "'meta' must be a 1-D int64 tensor of at least 6"),
+    (lambda s: dict(s, **{"counters.inserts": torch.tensor([1, 2])}),
+     "'counters.inserts' must be a one-element integer tensor"),
+    (lambda s: dict(s, ids=s["ids"].double()), "'ids' must be a 1-D integer tensor"),
+    (lambda s: dict(s, **{"admission.sketch": torch.zeros(4, 1024, dtype=torch.int32)}),
+     "admission state does not load"),
+    (lambda s: dict(s, **{"key_log.lengths": torch.tensor([1])}), "key log"),
+])
+def test_a_failing_load_leaves_the_table_as_it_was(corrupt, match):
+    """Every check runs before the table is cleared (a bad admission sketch, meta or counter
+    once left an empty table behind)."""
+    source, target = _with_rows(), _with_rows()
+    target.find_or_insert(["c"])
+    before = target.state_dict()
+    with pytest.raises(de.StateDictError, match=match):
+        target.load_state_dict(corrupt(source.state_dict()))
+    after = target.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_state_remembers_hash_seed():
+    """String keys hash with the table's hash_seed: a state loaded into a table with another
+    one would silently miss every string key."""
+    a = de.DynamicTable(de.TableConfig(dim=2, hash_seed=7))
+    a.find_or_insert(["cat"])
+    state = a.state_dict()
+    with pytest.raises(de.StateDictError, match="hash_seed=7 but the table has hash_seed=0"):
+        de.DynamicTable(de.TableConfig(dim=2)).load_state_dict(state)
+    b = de.DynamicTable(de.TableConfig(dim=2, hash_seed=7))
+    b.load_state_dict(state)
+    assert torch.equal(b.find(["cat"]).values, a.find(["cat"]).values)
+    old = dict(state, meta=state["meta"][:6])  # saved before hash_seed was recorded
+    de.DynamicTable(de.TableConfig(dim=2)).load_state_dict(old)
+
+
+def test_an_arena_that_cannot_grow_stays_whole(monkeypatch):
+    """Growth allocates weights, state and metadata before replacing any: running out of
+    memory for the last one once left new zeroed weights beside the old metadata."""
+    from dynembed.table.arena import RowArena
+    t = de.DynamicTable(de.TableConfig(dim=3, optimizer=de.optim.Adagrad(lr=0.1)))
+    t.insert_or_assign([1, 2], torch.ones(2, 3))
+    real, calls = RowArena._empty, []
+
+    def third_fails(self, shape, dtype):
+        calls.append(shape)
+        if len(calls) == 3:
+            raise OSError(12, "Cannot allocate memory")
+        return real(self, shape, dtype)
+
+    monkeypatch.setattr(RowArena, "_empty", third_fails)
+    capacity = t.arena.capacity
+    with pytest.raises(MemoryError, match="table is unchanged"):
+        t.reserve(capacity * 4)
+    monkeypatch.setattr(RowArena, "_empty", real)
+    assert t.arena.capacity == capacity == t.arena.state.shape[0] == t.arena.meta.shape[0]
+    assert torch.equal(t.find([1, 2]).values, torch.ones(2, 3))
+    t.find_or_insert(np.arange(100, 100 + 3 * capacity))  # grows normally afterwards
+    assert torch.equal(t.find([1, 2]).values, torch.ones(2, 3))
+
+
+def test_config_takes_numpy_integers():
+    cfg = de.TableConfig(dim=np.int64(4), seed=np.uint64(3), max_rows=np.int32(10),
+                         initial_capacity=np.int64(8), default_value=np.float32(0.5))
+    assert type(cfg.dim) is int and cfg.dim == 4 and type(cfg.seed) is int
+    assert torch.equal(de.DynamicTable(cfg).find([5]).values, torch.full((1, 4), 0.5))
