@@ -89,7 +89,8 @@ def _describe_mixed(seq: Sequence, first: type, arg: str) -> DynembedError:
         if isinstance(x, (bool, np.bool_)):
             return KeyInputError(f"{arg}: item {i} is the bool {x!r}; keys must be int64 ids, "
                                  "str or bytes. Convert flags to ints first if they are ids.")
-        if isinstance(x, int) and not -2**63 <= x <= _INT64_MAX:
+        if (isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+                and not -2**63 <= int(x) <= _INT64_MAX):
             return KeyValueError(f"{arg}: item {i}: {_OUT_OF_RANGE}.")
         if not isinstance(x, allowed):
             return KeyInputError(
@@ -118,9 +119,16 @@ def _from_list(seq: Sequence, arg: str, hash_seed: int) -> KeyBatch:
     except (ValueError, OverflowError, TypeError):
         raise _describe_mixed(seq, first, arg) from None
     # numpy turns True into 1 when ints come first: look for bools explicitly (C-level scan).
-    if arr.dtype.kind not in "iu" or arr.ndim != 1 or not {bool, np.bool_}.isdisjoint(
-            map(type, seq)):
+    if arr.ndim != 1 or not {bool, np.bool_}.isdisjoint(map(type, seq)):
         raise _describe_mixed(seq, first, arg)
+    if arr.dtype.kind == "f" and all(isinstance(x, (int, np.integer)) for x in seq):
+        # numpy has no dtype for uint64 beside negative ints and chose float64: go by value
+        try:
+            arr = np.array([int(x) for x in seq], dtype=np.int64)
+        except OverflowError:
+            raise _describe_mixed(seq, first, arg) from None
+    if arr.dtype.kind not in "iu" or (arr.dtype == np.uint64 and arr.max() > _INT64_MAX):
+        raise _describe_mixed(seq, first, arg)  # names the item
     return KeyBatch(_check_int_array(arr, arg), (n,), INT_KEYS)
 
 
@@ -142,6 +150,12 @@ def to_key_batch(keys, *, hash_seed: int = DEFAULT_HASH_SEED, arg: str = "keys")
         KeyValueError (a ValueError): an integer outside the int64 range.
     """
     if isinstance(keys, torch.Tensor):
+        if keys.layout != torch.strided:
+            raise KeyInputError(f"{arg}: got a {keys.layout} tensor; keys must be a dense "
+                                "integer tensor (e.g. sparse.values() or .to_dense()).")
+        if keys.device.type == "meta":
+            raise KeyInputError(f"{arg}: got a tensor on the meta device, which holds no "
+                                "values; pass the keys on the cpu (or another real device).")
         if keys.dtype.is_floating_point or keys.dtype.is_complex or keys.dtype == torch.bool:
             raise KeyInputError(f"{arg}: got a {keys.dtype} tensor; keys must be an integer "
                                 "tensor (int64 ids), or str/bytes. Use tensor.long() if the "
@@ -221,6 +235,10 @@ def validate_offsets(offsets, n: int, *, include_last_offset: bool = False,
     if bounds[0] != 0:
         raise KeyValueError(f"{arg}: the first offset must be 0 (the first bag starts at the "
                             f"first value), got {int(bounds[0])}")
+    if arr.size and arr.max() > n:
+        bad = int(np.argmax(arr > n))
+        raise KeyValueError(f"{arg}: entry {bad} ({int(arr[bad])}) points past the end of "
+                            f"the values ({n}); offsets are positions into the values")
     steps = np.diff(bounds)
     if steps.size and steps.min() < 0:
         bad = int(np.argmax(steps < 0))
@@ -271,7 +289,8 @@ def to_jagged(values, offsets=None, *, include_last_offset: bool = False,
             raise KeyValueError(f"{arg}: with offsets, values must be 1-D, got shape "
                                 f"{batch.shape}")
         return batch, validate_offsets(offsets, batch.ids.size,
-                                       include_last_offset=include_last_offset)
+                                       include_last_offset=include_last_offset,
+                                       arg="offsets" if arg == "values" else f"{arg} offsets")
     if isinstance(values, (torch.Tensor, np.ndarray)) and values.ndim == 2:
         batch = to_key_batch(values, hash_seed=hash_seed, arg=arg)
         rows, width = batch.shape
@@ -287,7 +306,14 @@ def to_jagged(values, offsets=None, *, include_last_offset: bool = False,
         lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
         bounds = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
         if bag_types and all(issubclass(t, torch.Tensor) for t in bag_types):
-            flat = torch.cat(values) if lengths.sum() else []
+            # one dtype first: torch.cat cannot promote int64 with uint32/uint64
+            dtypes = {v.dtype for v in values}
+            same = values if len(dtypes) == 1 else [
+                v if v.dtype == torch.uint64 else v.to(torch.int64) for v in values]
+            if len({v.dtype for v in same}) > 1:  # uint64 beside others: check the range
+                same = [torch.from_numpy(_check_int_array(v.detach().cpu().numpy(), arg))
+                        for v in same]
+            flat = torch.cat(same) if lengths.sum() else []
         else:
             flat = list(itertools.chain.from_iterable(values))
         return to_key_batch(flat, hash_seed=hash_seed, arg=arg), bounds

@@ -96,12 +96,18 @@ class TableModule(nn.Module):
                                       unexpected_keys, error_msgs)
         if not _WITH_TABLES.get():
             return
-        for name, table in names.items():
-            if not ours[name]:
-                missing_keys.append(f"{prefix}{name}.weights")
-                continue
+        given = {name: part for name, part in ours.items() if part}
+        missing_keys.extend(f"{prefix}{name}.weights" for name in names if name not in given)
+        for name, part in given.items():  # all checked before any loads: all or none change
             try:
-                table.load_state_dict(ours[name])
+                names[name].check_state_dict(part)
+            except StateDictError as e:
+                raise StateDictError(f"table '{prefix}{name}': {e}") from None
+            unexpected_keys.extend(f"{prefix}{name}.{k}"
+                                   for k in names[name].unused_state_keys(part))
+        for name, part in given.items():
+            try:
+                names[name].load_state_dict(part)
             except StateDictError as e:
                 raise StateDictError(f"table '{prefix}{name}': {e}") from None
 

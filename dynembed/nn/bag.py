@@ -104,6 +104,9 @@ def _weights_per_value(weights, bounds: np.ndarray, arg: str) -> torch.Tensor:
                         f"got {type(weights).__name__}: {e}") from None
     if not tensor.dtype.is_floating_point:
         raise TypeError(f"{arg} must be floating point, got {tensor.dtype}")
+    if tensor.device.type == "meta" or tensor.layout != torch.strided:
+        raise TypeError(f"{arg} must be a dense tensor with values (on the cpu), got a "
+                        f"{tensor.layout} tensor on {tensor.device}")
     if (tensor.dim() == 2 and tensor.shape[0] == lengths.shape[0]
             and bool((lengths == tensor.shape[1]).all())):
         tensor = tensor.reshape(-1)  # weights of fixed-size bags, as nn.EmbeddingBag takes

@@ -22,6 +22,7 @@ from dynembed.table.index import EMPTY
 from dynembed.table.results import TableExport
 
 STATE_VERSION = 1
+_ROW_KEYS = ("ids", "weights", "optimizer_state", "counts", "last_step")
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
@@ -292,22 +293,22 @@ class TableSnapshot:
         if self.admitter is not None:
             self.admitter = aux.admitter
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Replaces the table's rows and counters with a saved state.
+    def check_state_dict(self, state: dict[str, torch.Tensor]) -> tuple[np.ndarray, AuxState]:
+        """Checks a state dict against this table without changing anything (what
+        :meth:`load_state_dict` does first; a module holding several tables checks them all
+        before loading any).
+
+        Returns:
+            The state's (n,) int64 ids and its decoded aux state.
 
         Raises:
-            StateDictError: a tensor is missing or malformed, or dim / optimizer state width
-                / hash_seed differ from this table's config; the table is unchanged.
-            StoreError: the table's store failed. The rows in memory and the counters are
-                unchanged; the store may already hold some of the state's rows (or still
-                some it lacks), so retry the load before training on.
+            StateDictError: see :meth:`load_state_dict`.
         """
-        required = ("ids", "weights", "optimizer_state", "counts", "last_step", "meta")
-        absent = [k for k in required if k not in state]
+        absent = [k for k in (*_ROW_KEYS, "meta") if k not in state]
         if absent:
             raise StateDictError(f"state dict lacks {absent}; expected the tensors written by "
                                  "DynamicTable.state_dict()")
-        aux = self.read_aux_state(state)  # every check before anything changes
+        aux = self.read_aux_state(state)
         meta = _meta_entries(state)
         dim, width = meta[1], meta[2]
         n = state["ids"].shape[0]
@@ -329,6 +330,30 @@ class TableSnapshot:
             raise StateDictError(f"state dict has {n} rows but the memory budget holds "
                                  f"{self.max_rows}; raise memory_budget / max_rows or give "
                                  "the table a store= to hold the rest")
+        return ids, aux
+
+    def unused_state_keys(self, state: dict[str, torch.Tensor]) -> list[str]:
+        """Keys of ``state`` this table would not load: unknown names, or a key log /
+        admission state for a table without one (so a module can report them as unexpected
+        rather than drop them silently)."""
+        known = set(_ROW_KEYS) | {"meta"} | {f"counters.{f.name}"
+                                              for f in dataclasses.fields(self.counters)}
+        prefixes = (("key_log.",) if self.key_log is not None else ()) + (
+            ("admission.",) if self.admitter is not None else ())
+        return [k for k in state if k not in known and not k.startswith(prefixes)]
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Replaces the table's rows and counters with a saved state.
+
+        Raises:
+            StateDictError: a tensor is missing or malformed, or dim / optimizer state width
+                / hash_seed differ from this table's config; the table is unchanged.
+            StoreError: the table's store failed. The rows in memory and the counters are
+                unchanged; the store may already hold some of the state's rows (or still
+                some it lacks), so retry the load before training on.
+        """
+        ids, aux = self.check_state_dict(state)
+        n = ids.shape[0]
         if self.tier is not None:
             # Every store call before memory changes, so a failing store leaves memory as it
             # was: list the stored rows the state does not have (a read), write the state's

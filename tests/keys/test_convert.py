@@ -371,9 +371,49 @@ def test_decreasing_offsets(offsets):
     jag_raises(KeyValueError, "offsets.*non-decreasing", [1, 2, 3], offsets)
 
 
-@pytest.mark.parametrize("offsets", [[0, 4], [0, 1, 100], np.array([0, 3, 4])], ids=repr)
-def test_offsets_past_the_end(offsets):
-    jag_raises(KeyValueError, "offsets", [1, 2, 3], offsets)
+@pytest.mark.parametrize("offsets, entry", [([0, 4], 1), ([0, 1, 100], 2),
+                                           (np.array([0, 3, 4]), 2)], ids=repr)
+def test_offsets_past_the_end(offsets, entry):
+    """The message names the entry the caller gave (not the end appended to it)."""
+    jag_raises(KeyValueError, rf"offsets: entry {entry} \(\d+\) points past the end of the "
+               r"values \(3\)", [1, 2, 3], offsets)
+
+
+def test_offsets_errors_name_the_values_argument():
+    jag_raises(KeyValueError, r"inputs\['q'\] offsets: the first offset must be 0", [1, 2],
+               [1], arg="inputs['q']")
+
+
+@pytest.mark.parametrize("keys", [[np.uint64(5), -1], [np.uint64(5), np.int64(-1)],
+                                  [2**63 - 1, np.uint64(2**63 - 1), -2**63]], ids=repr)
+def test_int_lists_numpy_has_no_one_dtype_for(keys):
+    """uint64 beside negative ints: numpy makes float64 of them, the keys are still ids."""
+    assert ids_of(keys) == [int(k) for k in keys]
+
+
+@pytest.mark.parametrize("keys, item", [([2**63], 0), ([1, 2**63], 1),
+                                        ([np.uint64(2**63)], 0)], ids=repr)
+def test_int_list_items_past_int64_are_named(keys, item):
+    with pytest.raises(KeyValueError, match=rf"{ARG}: item {item}: an int key is outside"):
+        to_key_batch(keys, arg=ARG)
+
+
+@pytest.mark.parametrize("keys, match", [
+    (torch.tensor([1, 2], device="meta"), "meta device"),
+    (torch.tensor([[0, 1]]).to_sparse(), "sparse_coo tensor; keys must be a dense"),
+], ids=["meta", "sparse"])
+def test_tensors_without_plain_values_raise(keys, match):
+    with pytest.raises(KeyInputError, match=rf"{ARG}: .*{match}"):
+        to_key_batch(keys, arg=ARG)
+
+
+def test_tensor_bags_of_mixed_integer_dtypes():
+    bags = [torch.tensor([1, -2]), torch.tensor([3], dtype=torch.uint32),
+            torch.tensor([4], dtype=torch.uint64)]
+    batch, bounds = to_jagged(bags)
+    assert batch.ids.tolist() == [1, -2, 3, 4] and bounds.tolist() == [0, 2, 3, 4]
+    with pytest.raises(KeyValueError, match="uint64 key exceeds the int64 range"):
+        to_jagged([torch.tensor([1]), torch.tensor([2**63], dtype=torch.uint64)])
 
 
 def test_offsets_past_the_end_with_include_last_offset():

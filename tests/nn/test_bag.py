@@ -71,6 +71,7 @@ def test_per_sample_weights_in_every_shape_the_values_come_in():
     ("0.5", TypeError, "per_sample_weights must be floating point weights"),
     (torch.tensor([1, 2, 3, 4]), TypeError, "per_sample_weights must be floating point"),
     (torch.ones(4, 1), ValueError, r"must have shape \(4,\).*got \(4, 1\)"),
+    (torch.ones(4, device="meta"), TypeError, "dense tensor with values"),  # garbage once
 ])
 def test_bad_per_sample_weights_name_the_argument(weights, error, match):
     bag = de.DynamicEmbeddingBag(dim=2, mode="sum")
