@@ -17,6 +17,7 @@ rows changed since its parent and the ids deleted since, and names the parent.
 from __future__ import annotations
 
 import collections
+import copy
 import json
 import os
 import shutil
@@ -31,7 +32,7 @@ from dynembed.checkpoint import manifest as mf
 from dynembed.checkpoint.lazy import DEFAULT_CHUNK_ROWS, LazyRows
 from dynembed.checkpoint.rows_file import RowsFile
 from dynembed.checkpoint.table_io import check_fits, restore, write_shard
-from dynembed.errors import CheckpointError
+from dynembed.errors import CheckpointError, StateDictError
 from dynembed.keys.buckets import (
     NUM_BUCKETS,
     check_num_buckets,
@@ -75,9 +76,20 @@ def _check_rank(rank: int, world_size: int) -> None:
     rank_buckets(rank, world_size)  # raises ValueError naming the bad argument
 
 
+def _checkpoint_path(path) -> Path:
+    """``path`` as a Path; raises TypeError naming it if it is not one."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike checkpoint directory, got "
+                        f"{type(path).__name__}")
+    return Path(path)
+
+
 def _gather_tables(model: nn.Module | None, tables: dict | None) -> dict[str, DynamicTable]:
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
+    if tables is not None and not isinstance(tables, dict):
+        raise TypeError(f"tables must be a dict of name -> DynamicTable, got "
+                        f"{type(tables).__name__}; e.g. tables={{'items': table}}")
     found = named_tables(model) if model is not None else {}
     for name, table in (tables or {}).items():
         if not isinstance(name, str) or not name or "/" in name:
@@ -147,7 +159,7 @@ def save(path: str | os.PathLike, model: nn.Module | None = None,
             parent is not the checkpoint the tables' changes are tracked since.
         ValueError, TypeError: a bad argument (named in the message).
     """
-    target = Path(path)
+    target = _checkpoint_path(path)
     _check_rank(rank, world_size)
     if num_buckets is not None:
         check_num_buckets(num_buckets)
@@ -170,6 +182,10 @@ def save(path: str | os.PathLike, model: nn.Module | None = None,
     if target.exists():
         raise FileExistsError(f"{target} exists; checkpoints are never overwritten, choose a "
                               "new path (CheckpointManager names them by step)")
+    blocking = next((p for p in target.parents if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise NotADirectoryError(f"path: {blocking} is a file, so no checkpoint can be made "
+                                 f"under it at {target}; choose a path inside a directory")
     for name, table in found.items():
         if table.has_pending_gradients:
             raise CheckpointError(f"table {name!r} holds deferred gradients not applied yet; "
@@ -360,6 +376,9 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
         ValueError: a bad ``rank``/``world_size``, ``background_rows`` or ``chunk_rows``.
     """
     _check_rank(rank, world_size)
+    _checkpoint_path(path)
+    if not isinstance(lazy, bool):
+        raise TypeError(f"lazy must be True or False, got {lazy!r}")
     if isinstance(background_rows, bool) or not isinstance(background_rows, int) \
             or background_rows < 0:
         raise ValueError(f"background_rows must be an int >= 0, got {background_rows!r}")
@@ -400,25 +419,65 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
             and r.start < table_buckets.stop and table_buckets.start < r.stop]
         layers = _lazy_rows(chain, name, table_buckets, table, strict=True).layers
         check_fits(table, layers)
-        plans.append((table, table_buckets, layers, auxes[own], others, admissions))
+        aux = _decoded_aux(name, table, folder, auxes[own], others, admissions, strict=strict)
+        plans.append((table, table_buckets, layers, aux))
     extra = None
     if manifest.get("dense") is not None:  # first: a model that does not fit changes nothing
         dense = torch.load(folder / manifest["dense"], weights_only=True)
+        if optimizer is not None and dense["optimizer"] is None and strict:
+            raise CheckpointError(f"checkpoint {folder} holds no optimizer state")
+        _load_dense(model, optimizer, dense, strict=strict, folder=folder)
+        extra = dense["extra"]
+    for table, table_buckets, layers, aux in plans:
+        restore(table, layers, table_buckets, aux, since=manifest["id"], lazy=lazy,
+                background_rows=background_rows, chunk_rows=chunk_rows)
+    return extra
+
+
+def _decoded_aux(name: str, table: DynamicTable, folder: Path, aux: dict, others: list,
+                 admissions: list, *, strict: bool):
+    """The table's aux state decoded (so a mismatch fails before any table changes).
+
+    Raises:
+        CheckpointError: the key log or admission state does not fit the table, or (with
+            ``strict``) the checkpoint holds a key log / admission state the table lacks.
+    """
+    unused = sorted({k.split(".")[0] for k in table.unused_state_keys(aux)})
+    if unused and strict:
+        raise CheckpointError(
+            f"table {name!r} of checkpoint {folder} holds {unused} state that this table "
+            "has no place for (built without key_log=True / an admission policy?); build it "
+            "like the saved one, or pass strict=False to drop that state")
+    try:
+        return table.read_aux_state(aux, others, admissions)
+    except StateDictError as e:
+        raise CheckpointError(f"table {name!r} of checkpoint {folder} does not fit this "
+                              f"table: {e}") from None
+
+
+def _load_dense(model: nn.Module | None, optimizer: torch.optim.Optimizer | None,
+                dense: dict, *, strict: bool, folder: Path) -> None:
+    """Loads the dense model and optimizer state, all or nothing: a failure (a missing
+    parameter, an optimizer of another shape) puts back what was there and re-raises."""
+    with without_tables():
+        saved_model = ({k: v.detach().clone() for k, v in model.state_dict().items()}
+                       if model is not None else None)
+    saved_optimizer = copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None
+    try:
         if model is not None and dense["model"] is not None:
             with without_tables():
                 model.load_state_dict(dense["model"], strict=strict)
-        if optimizer is not None:
-            if dense["optimizer"] is None:
-                if strict:
-                    raise CheckpointError(f"checkpoint {folder} holds no optimizer state")
-            else:
-                optimizer.load_state_dict(dense["optimizer"])
-        extra = dense["extra"]
-    for table, table_buckets, layers, aux, others, admissions in plans:
-        restore(table, layers, table_buckets, aux, others, since=manifest["id"], lazy=lazy,
-                background_rows=background_rows, chunk_rows=chunk_rows,
-                admissions=admissions)
-    return extra
+        if optimizer is not None and dense["optimizer"] is not None:
+            optimizer.load_state_dict(dense["optimizer"])
+    except Exception as e:
+        with without_tables():
+            if saved_model is not None:
+                model.load_state_dict(saved_model)
+        if saved_optimizer is not None:
+            optimizer.load_state_dict(saved_optimizer)
+        e.add_note(f"checkpoint {folder}: its dense state does not fit; the model and "
+                   "optimizer were left as they were")
+        raise
 
 
 def _check_config(name: str, table: DynamicTable, entry: dict, folder: Path) -> None:

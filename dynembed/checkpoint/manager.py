@@ -101,7 +101,12 @@ class CheckpointManager:
                              "another step, and no checkpoint would get every rank's part; "
                              "use every_steps, or de.train.Runtime(every_seconds=...)")
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise NotADirectoryError(f"directory: {directory} is (or lies under) a file, not "
+                                     "a directory; give the directory to keep checkpoints "
+                                     "in") from None
         self.keep_last, self.max_chain = keep_last, max_chain
         self.every_steps, self.every_seconds = every_steps, every_seconds
         self.rank, self.world_size, self.num_buckets = rank, world_size, num_buckets

@@ -71,7 +71,7 @@ def read(path: str | os.PathLike) -> dict:
     file = Path(path) / MANIFEST
     try:
         raw = file.read_bytes()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # NotADirectory: ``path`` is a file
         raise CheckpointNotFoundError(
             f"{path}: no committed checkpoint here ({MANIFEST} is missing); give a "
             "checkpoint directory, or use CheckpointManager.latest() to find one") from None

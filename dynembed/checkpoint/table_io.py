@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from dynembed.checkpoint.lazy import DEFAULT_CHUNK_ROWS, LazyRows, load_step
 from dynembed.checkpoint.rows_file import RowsFile, RowsFileWriter
@@ -20,6 +19,7 @@ from dynembed.keys.buckets import bucket_hash, bucket_of_hash, id_of_hash
 from dynembed.storage.rows import RowBlock
 from dynembed.table.arena import ID
 from dynembed.table.index import EMPTY
+from dynembed.table.snapshot import AuxState
 from dynembed.table.table import DynamicTable
 
 
@@ -168,18 +168,16 @@ def check_fits(table: DynamicTable, layers: list[list[RowsFile]]) -> None:
 
 
 def restore(table: DynamicTable, layers: list[list[RowsFile]], buckets: range,
-            aux: dict[str, torch.Tensor], key_logs: list[dict[str, torch.Tensor]], *,
-            since: str, lazy: bool, background_rows: int = 0,
-            chunk_rows: int = DEFAULT_CHUNK_ROWS,
-            admissions: list[dict[str, torch.Tensor]] = ()) -> None:
+            aux: AuxState, *, since: str, lazy: bool, background_rows: int = 0,
+            chunk_rows: int = DEFAULT_CHUNK_ROWS) -> None:
     """Replaces the table's rows (memory and store) with a checkpoint's.
 
     Args:
         table: the table.
         layers: the table's rows files per checkpoint of the chain, newest first.
         buckets: the buckets this table owns.
-        aux: its counters, seed, key log and admission state (``aux_state``).
-        key_logs: other shards' aux states whose key logs are merged in.
+        aux: its counters, seed, key log and admission state, decoded by
+            ``table.read_aux_state`` (before anything changes).
         since: the checkpoint's id (deltas saved next are relative to it).
         lazy: open the rows for lookups to fault in, instead of loading them now.
         background_rows: with ``lazy``, rows loaded by each training lookup.
@@ -191,11 +189,10 @@ def restore(table: DynamicTable, layers: list[list[RowsFile]], buckets: range,
             (never half-loaded); a lazy one raises when a lookup reads the damaged block.
     """
     check_fits(table, layers)
-    decoded = table.read_aux_state(aux, key_logs, admissions)  # fails before any change
     if table.tier is not None:
         table.clear_store()  # rows written after the checkpoint are newer than its cut
     table._clear_memory()
-    table.apply_aux_state(decoded)
+    table.apply_aux_state(aux)
     base = LazyRows(layers, buckets, table.dim, table.arena.state_width)
     base.background_rows = background_rows if lazy else 0
     table.base = base

@@ -101,6 +101,9 @@ class RocksDBStore(EmbeddingStore):
         self.path = os.fspath(path)
         self.background_io = bool(background_io)
         self.name = f"RocksDBStore({self.path!r})"
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise StoreError(f"{self.name}: path is a file, not a directory; give a "
+                             "directory for the store (RocksDB keeps several files in it)")
         if not create and not os.path.isdir(self.path):
             raise StoreError(f"{self.name}: the directory does not exist; pass create=True "
                              "to make a new store")

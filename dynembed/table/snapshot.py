@@ -279,8 +279,10 @@ class TableSnapshot:
         except (ValueError, KeyError, IndexError, TypeError, RuntimeError) as e:
             if isinstance(e, StateDictError):
                 raise
+            why = (f"it lacks the tensor {e.args[0]!r} (saved with another admission "
+                   "policy?)" if isinstance(e, KeyError) else str(e))
             raise StateDictError(f"state dict's key log or admission state does not load: "
-                                 f"{e}") from e
+                                 f"{why}") from e
         return AuxState(meta[3], meta[4], seed, counters, key_log, admitter)
 
     def apply_aux_state(self, aux: AuxState) -> None:

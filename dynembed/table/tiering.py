@@ -16,6 +16,7 @@ after a prefetch drop the rows it staged. A background failure is raised by the 
 
 from __future__ import annotations
 
+import weakref
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -74,7 +75,15 @@ class Tier:
     """
 
     def __init__(self, store: EmbeddingStore, write_policy: str, arena: RowArena) -> None:
+        owner = getattr(store, "_tier", None)
+        if owner is not None and owner() is not None:
+            # Two tables over one store overwrite each other's rows (ids are per table),
+            # and restoring either would clear the other's.
+            raise ValueError(f"store {store.name} already holds another live table's rows; "
+                             "give each table its own store (another path, or another "
+                             "namespace/prefix)")
         store.bind(arena.dim, arena.state_width)
+        store._tier = weakref.ref(self)
         self.store, self.write_policy, self.arena = store, write_policy, arena
         self.dirty = np.zeros(0, dtype=bool)
         self._pending: deque[_Pending] = deque()

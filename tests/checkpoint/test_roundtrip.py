@@ -205,3 +205,87 @@ def test_deferred_gradients_must_be_applied_before_a_save(tmp_path):
         de.checkpoint.save(tmp_path / "c", emb)
     de.sparse_step(emb)
     de.checkpoint.save(tmp_path / "c", emb)
+
+
+class _TwoTables(torch.nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.a = de.DynamicEmbedding(dim=4, optimizer=de.optim.Adagrad(lr=0.1), seed=1)
+        self.b = de.DynamicEmbedding(dim=4, optimizer=de.optim.Adagrad(lr=0.1), seed=2,
+                                     admission=de.policy.FrequencyAdmission(threshold=1,
+                                                                            width=width))
+        self.lin = torch.nn.Linear(4, 1)
+
+
+def test_a_load_that_does_not_fit_changes_nothing(tmp_path):
+    """The second table's admission state (another sketch width) once failed only after
+    the dense weights and the first table were replaced; a dense optimizer of another
+    shape, after the model's weights were."""
+    src = _TwoTables(1024)
+    for module in (src.a, src.b):
+        module(torch.arange(10)).sum().backward()
+    opt = torch.optim.Adam(src.lin.parameters())
+    src.lin(torch.ones(1, 4)).sum().backward()
+    opt.step()
+    de.checkpoint.save(tmp_path / "c", src, opt)
+
+    dst = _TwoTables(2048)
+    dst.a(torch.arange(100, 105)).sum().backward()
+    lin, rows = dst.lin.weight.detach().clone(), sorted(dst.a.table.export().ids.tolist())
+    with pytest.raises(de.CheckpointError, match=r"table 'b.table' .*sketch has shape"):
+        de.checkpoint.load(tmp_path / "c", dst)
+    assert torch.equal(dst.lin.weight, lin) and sorted(dst.a.table.export().ids.tolist()) == rows
+
+    fits = _TwoTables(1024)
+    lin = fits.lin.weight.detach().clone()
+    other = torch.optim.Adam([fits.lin.weight])  # one parameter where the saved group had two
+    with pytest.raises(ValueError, match="parameter group") as info:
+        de.checkpoint.load(tmp_path / "c", fits, other)
+    assert "left as they were" in "".join(info.value.__notes__)
+    assert torch.equal(fits.lin.weight, lin) and len(fits.a.table) == 0
+    assert other.state_dict()["state"] == {}
+
+
+def test_strict_load_refuses_state_the_table_has_no_place_for(tmp_path):
+    logged = de.DynamicEmbedding(dim=2, key_log=True,
+                                 admission=de.policy.BloomAdmission(expected_keys=1000))
+    for _ in range(3):  # admitted once seen again
+        logged(["cat", "dog"])
+    assert len(logged.table) == 2
+    de.checkpoint.save(tmp_path / "c", logged)
+    plain = de.DynamicEmbedding(dim=2)
+    with pytest.raises(de.CheckpointError, match=r"\['admission', 'key_log'\] state .*strict=False"):
+        de.checkpoint.load(tmp_path / "c", plain)
+    assert len(plain.table) == 0
+    de.checkpoint.load(tmp_path / "c", plain, strict=False)  # drops them, as asked
+    assert len(plain.table) == 2
+
+
+def test_one_store_object_cannot_serve_two_live_tables(tmp_path):
+    store = RocksDBStore(tmp_path / "db")
+    first = de.DynamicEmbedding(dim=2, store=store, max_rows=4)
+    with pytest.raises(ValueError, match="already holds another live table's rows"):
+        de.DynamicEmbedding(dim=2, store=store, max_rows=4)
+    for start in range(0, 12, 3):  # the first table still works with its store
+        first(torch.arange(start, start + 3))
+    assert torch.equal(first.table.contains(torch.arange(12)), torch.ones(12, dtype=torch.bool))
+
+
+def test_paths_and_arguments_of_the_wrong_kind_are_named(tmp_path):
+    table = make_table()
+    afile = tmp_path / "afile"
+    afile.write_text("not a checkpoint")
+    with pytest.raises(NotADirectoryError, match=r"path: .*afile is a file"):
+        de.checkpoint.save(afile / "ck", tables={"t": table})
+    with pytest.raises(de.CheckpointNotFoundError, match="no committed checkpoint"):
+        de.checkpoint.load(afile, tables={"t": table})
+    with pytest.raises(NotADirectoryError, match="directory: .*not a directory"):
+        de.checkpoint.CheckpointManager(afile / "x")
+    with pytest.raises(TypeError, match="tables must be a dict"):
+        de.checkpoint.save(tmp_path / "c", tables=[table])
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike"):
+        de.checkpoint.save(None, tables={"t": table})
+    de.checkpoint.save(tmp_path / "c", tables={"t": table})
+    with pytest.raises(TypeError, match="lazy must be True or False"):
+        de.checkpoint.load(tmp_path / "c", tables={"t": table}, lazy="no")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "c"]

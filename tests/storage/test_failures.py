@@ -184,7 +184,7 @@ def test_corrupted_row_in_redis_is_detected(redis_server):
 def test_rocksdb_path_that_is_a_file(tmp_path):
     path = tmp_path / "file"
     path.write_text("not a database")
-    with pytest.raises(de.StoreError, match="cannot open"):
+    with pytest.raises(de.StoreError, match="path is a file, not a directory"):
         RocksDBStore(path)
 
 
