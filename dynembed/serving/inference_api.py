@@ -15,6 +15,7 @@ TorchServe-style errors are ``{"code", "type", "message"}``; v2 errors are ``{"e
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 
@@ -28,6 +29,8 @@ import dynembed
 from dynembed.serving.batching import BatcherStopped
 from dynembed.serving.handler import InputError
 from dynembed.serving.registry import ServingError, bad_request
+
+logger = logging.getLogger(__name__)
 
 
 def error_response(e: ServingError, *, v2: bool = False) -> JSONResponse:
@@ -108,8 +111,13 @@ class InferenceAPI:
     async def ping(self, request: Request) -> Response:
         return JSONResponse({"status": "Healthy"})
 
-    async def _run(self, entry, examples: list) -> list:
+    async def _run(self, entry, examples: list, requested: str | None) -> list:
         """Validates and runs examples on a model version's batcher.
+
+        Args:
+            entry: the version the request was routed to.
+            examples: the request's examples.
+            requested: the version the request named (None: the model's default).
 
         Raises:
             ServingError: 503 when the model does not answer in time; 404 when the version
@@ -118,9 +126,9 @@ class InferenceAPI:
         try:
             return await _submit(entry, entry.handler.validate(examples))
         except BatcherStopped:
-            # Unregistered after the request found it: run it on the version registered
-            # again under the same name, if any (404 if none).
-            current = self.registry.get(entry.name, entry.version)
+            # Unregistered after the request found it: run it on what the request named now
+            # (the current default if it named none), if any (404 if none).
+            current = self.registry.get(entry.name, requested)
             if current is entry:
                 raise ServingError(503, "ServiceUnavailableException",
                                    f"model {entry.name} {entry.version} is stopping") from None
@@ -180,7 +188,8 @@ class InferenceAPI:
         try:
             entry = self._entry(request)
             data = await read_json(request, self.max_request_bytes)
-            results = await self._run(entry, _v2_examples(data, entry))
+            results = await self._run(entry, _v2_examples(data, entry),
+                                      request.path_params.get("version"))
             status = 200
             return _v2_response(results, entry, data)
         except InputError as e:
@@ -189,6 +198,11 @@ class InferenceAPI:
         except ServingError as e:
             status = e.status
             return error_response(e, v2=True)
+        except Exception:  # a JSON 500 (as the fast path's), not Starlette's text one
+            logger.exception("v2 prediction failed")
+            return error_response(ServingError(500, "InternalServerException",
+                                               "prediction failed; see the server log"),
+                                  v2=True)
         finally:
             if entry is not None:
                 self.metrics.on_request(entry.name, entry.version, status,

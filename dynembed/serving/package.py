@@ -241,6 +241,11 @@ def read_manifest(path: str | os.PathLike) -> dict:
         if manifest["output"]["transform"] not in OUTPUTS:
             raise ValueError(f"output.transform {manifest['output']['transform']!r}")
         int(manifest["dense"]["input_dim"])
+        shape = manifest["dense"]["output_shape"]
+        if not isinstance(shape, list) or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+            raise ValueError(f"dense.output_shape must be a list of positive ints, got "
+                             f"{shape!r}")
         for field, value in (("dense.file", manifest["dense"]["file"]),
                              ("checkpoint", manifest["checkpoint"])):
             inside = (folder / str(value)).resolve()

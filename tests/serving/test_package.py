@@ -195,6 +195,9 @@ def _edit(manifest: dict, path: str, value=None, *, delete: bool = False) -> Non
     ("features.tags.pooling", 3, False, "feature 'tags' is malformed"),
     ("output.transform", "relu", False, "output.transform 'relu'"),
     ("dense.input_dim", "eleven", False, "eleven"),
+    ("dense.output_shape", None, True, "missing field 'output_shape'"),  # a 500 later, once
+    ("dense.output_shape", [0], False, "dense.output_shape must be a list of positive ints"),
+    ("dense.output_shape", "1", False, "dense.output_shape must be a list of positive ints"),
     ("dense.file", "../other/dense.pt2", False, "dense.file must be a path inside"),
     ("dense.file", "/etc/hostname", False, "dense.file must be a path inside"),
     ("checkpoint", "/tmp", False, "checkpoint must be a path inside"),
