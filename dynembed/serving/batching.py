@@ -143,15 +143,31 @@ class Batcher:
         finally:
             timer.cancel()
 
-    async def stop(self) -> None:
-        """Finishes every accepted request, then stops the workers and their threads."""
+    async def stop(self, timeout: float | None = None) -> None:
+        """Finishes every accepted request, then stops the workers and their threads.
+
+        Args:
+            timeout: seconds to wait for the accepted requests (None: as long as they
+                take). Past it, a batch still in the handler is abandoned: its requests get
+                :class:`BatcherStopped`, and its thread is left to finish on its own, so a
+                stuck handler cannot hold up an unregister or a shutdown.
+        """
         if self._loop is None:
             return
         self._draining = True
         self._wake_all()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        pending = set()
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+            logger.warning("%d batch(es) still in the handler after %.1f s; their requests "
+                           "were answered as stopped and their threads left to finish",
+                           len(pending), timeout)
         self._tasks = []
-        self._pool.shutdown(wait=True)
+        self._pool.shutdown(wait=not pending, cancel_futures=True)
 
     # ------------------------------------------------------------------ workers
     def _wake_one(self) -> None:
@@ -230,6 +246,11 @@ class Batcher:
         examples = [e for request in batch for e in request.examples]
         try:
             results = await self._loop.run_in_executor(self._pool, self.predict, examples)
+        except asyncio.CancelledError:  # abandoned by stop(timeout): nobody will answer
+            for request in batch:
+                if not request.future.done():
+                    request.future.set_exception(BatcherStopped("the batcher stopped"))
+            raise
         except Exception as e:  # noqa: BLE001 - the batch's requests get the error
             for request in batch:
                 if not request.future.done():

@@ -272,7 +272,8 @@ class Registry:
             if not versions:
                 del self.models[name]
                 del self.defaults[name]
-        await entry.batcher.stop()
+        # its accepted requests wait at most response_timeout_s anyway
+        await entry.batcher.stop(timeout=entry.response_timeout_s)
         if self.mirror is not None:
             await self.mirror("unregister", entry.name, entry.version)
         return entry
@@ -293,6 +294,7 @@ class Registry:
     def all_versions(self) -> list[ModelVersion]:
         return [v for versions in self.models.values() for v in versions.values()]
 
-    async def close(self) -> None:
-        """Finishes accepted requests of every model and stops their workers."""
-        await asyncio.gather(*(v.batcher.stop() for v in self.all_versions()))
+    async def close(self, timeout: float | None = None) -> None:
+        """Finishes accepted requests of every model (waiting at most ``timeout`` seconds,
+        see :meth:`Batcher.stop`) and stops their workers."""
+        await asyncio.gather(*(v.batcher.stop(timeout) for v in self.all_versions()))

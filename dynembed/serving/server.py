@@ -282,7 +282,7 @@ class ModelServer:
         await asyncio.gather(*self._followers, return_exceptions=True)
         if self.replicas is not None:
             await self.replicas.stop()
-        await self.registry.close()
+        await self.registry.close(self.config.graceful_timeout_s)
         self.tokens.remove_file()
 
     async def refresh(self, name: str, checkpoint: str | Path,

@@ -167,3 +167,34 @@ def test_a_request_that_timed_out_in_the_queue_is_not_run():
         return seen
 
     assert asyncio.run(main()) == [[0], [2]]
+
+
+def test_stop_with_a_timeout_abandons_a_stuck_batch():
+    """A handler stuck in a batch once held an unregister and the server's shutdown for as
+    long as it ran: past the timeout its requests are answered as stopped and stop returns
+    while the handler still runs, leaving its thread to finish on its own."""
+    from dynembed.serving.batching import BatcherStopped
+    release, inside = threading.Event(), threading.Event()
+
+    def predict(examples):
+        inside.set()
+        release.wait(60)
+        inside.clear()
+        return list(examples)
+
+    async def main():
+        batcher = Batcher(predict, batch_size=1, workers=1)
+        await batcher.start()
+        stuck = asyncio.ensure_future(batcher.submit([1]))
+        while not inside.is_set():
+            await asyncio.sleep(0.01)
+        await batcher.stop(timeout=0.2)
+        still_inside = inside.is_set()  # stop returned before the handler did
+        with pytest.raises(BatcherStopped):
+            await stuck
+        return still_inside
+
+    try:
+        assert asyncio.run(main())
+    finally:
+        release.set()
