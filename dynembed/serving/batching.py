@@ -46,6 +46,11 @@ def _wake(future: asyncio.Future) -> None:
         future.set_result(None)
 
 
+class NoWorkers(RuntimeError):
+    """The batcher is scaled to 0 workers: nothing would take a request (TorchServe lets a
+    model be registered or scaled to 0 and answers 503 until it is scaled up)."""
+
+
 class BatcherStopped(RuntimeError):
     """The batcher takes no more requests: its model version is being unregistered."""
 
@@ -74,7 +79,7 @@ class Batcher:
         predict: examples -> one result per example (called on a worker thread).
         batch_size: most examples per batch (>= 1); a request with more runs alone.
         max_batch_delay_ms: most time a request waits for its batch to fill.
-        workers: worker count (>= 1).
+        workers: worker count (>= 0; with 0, :meth:`submit` raises :class:`NoWorkers`).
         on_batch: called with :class:`BatchStats` after every batch.
     """
 
@@ -124,11 +129,14 @@ class Batcher:
 
         Raises:
             BatcherStopped: :meth:`stop` has begun (its workers would never take it).
+            NoWorkers: the batcher is scaled to 0 workers.
             asyncio.TimeoutError: no result within ``timeout`` seconds.
             Exception: whatever the handler raised for the batch.
         """
         if self._draining:
             raise BatcherStopped("the batcher is stopping")
+        if self._target == 0:
+            raise NoWorkers("the batcher has 0 workers")
         future = self._loop.create_future()
         self._queue.append(_Request(examples, future))
         self._queued_examples += len(examples)

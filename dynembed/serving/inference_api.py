@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import dynembed
-from dynembed.serving.batching import BatcherStopped
+from dynembed.serving.batching import BatcherStopped, NoWorkers
 from dynembed.serving.handler import InputError
 from dynembed.serving.registry import ServingError, bad_request
 
@@ -65,6 +65,11 @@ async def read_json(request: Request, limit: int):
 async def _submit(entry, examples: list) -> list:
     try:
         return await entry.batcher.submit(examples, timeout=entry.response_timeout_s)
+    except NoWorkers:  # TorchServe's answer for a model scaled to 0 workers
+        raise ServingError(503, "ServiceUnavailableException",
+                           f"No worker is available to serve request for model: "
+                           f"{entry.name} {entry.version}; scale it up, e.g. PUT "
+                           f"/models/{entry.name}?min_worker=1") from None
     except asyncio.TimeoutError:
         raise ServingError(503, "ServiceUnavailableException",
                            f"model {entry.name} {entry.version} did not answer within "

@@ -93,7 +93,7 @@ class ManagementAPI:
         options = {
             "name": request.query_params.get("model_name") or None,
             "initial_workers": _int(request, "initial_workers",
-                                    self.defaults["initial_workers"], low=1, high=MAX_WORKERS),
+                                    self.defaults["initial_workers"], low=0, high=MAX_WORKERS),
             "batch_size": _int(request, "batch_size", self.defaults["batch_size"], low=1),
             "max_batch_delay_ms": _int(request, "max_batch_delay",
                                        self.defaults["max_batch_delay_ms"]),
@@ -143,8 +143,8 @@ class ManagementAPI:
     @_handles_errors
     async def scale(self, request: Request) -> Response:
         name, version = request.path_params["model"], request.path_params.get("version")
-        min_worker = _int(request, "min_worker", None, low=1, high=MAX_WORKERS)
-        max_worker = _int(request, "max_worker", None, low=1, high=MAX_WORKERS)
+        min_worker = _int(request, "min_worker", None, low=0, high=MAX_WORKERS)
+        max_worker = _int(request, "max_worker", None, low=0, high=MAX_WORKERS)
         synchronous = _bool(request, "synchronous", False)
         if min_worker is not None and max_worker is not None and min_worker > max_worker:
             raise bad_request(f"min_worker ({min_worker}) must be <= max_worker "

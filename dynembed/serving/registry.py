@@ -165,10 +165,11 @@ class Registry:
             ServingError: 400 bad arguments or package, 404 no such package, 409 the
                 version is registered already.
         """
-        for arg, value, high in (("initial_workers", initial_workers, MAX_WORKERS),
-                                 ("batch_size", batch_size, 2**31 - 1)):
-            if not isinstance(value, int) or not 1 <= value <= high:
-                raise bad_request(f"{arg} must be an integer in [1, {high}], got {value!r}")
+        for arg, value, low, high in (("initial_workers", initial_workers, 0, MAX_WORKERS),
+                                      ("batch_size", batch_size, 1, 2**31 - 1)):
+            if not isinstance(value, int) or not low <= value <= high:
+                raise bad_request(f"{arg} must be an integer in [{low}, {high}], got "
+                                  f"{value!r}")
         for arg, value, low in (("max_batch_delay", max_batch_delay_ms, 0),
                                 ("response_timeout", response_timeout_s, 1e-3)):
             if not low <= value <= 2**31 - 1:  # also refuses NaN
@@ -237,8 +238,8 @@ class Registry:
         entry = self.get(name, version)
         low = entry.min_workers if min_worker is None else min_worker
         high = low if max_worker is None else max_worker
-        if not isinstance(low, int) or not 1 <= low <= high <= MAX_WORKERS:
-            raise bad_request(f"min_worker must be an integer in [1, max_worker] and "
+        if not isinstance(low, int) or not 0 <= low <= high <= MAX_WORKERS:
+            raise bad_request(f"min_worker must be an integer in [0, max_worker] and "
                               f"max_worker at most {MAX_WORKERS}, got min_worker="
                               f"{min_worker!r}, max_worker={max_worker!r}")
         entry.min_workers, entry.max_workers = low, high

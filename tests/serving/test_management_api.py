@@ -184,7 +184,7 @@ def test_register_a_missing_package_is_404_and_a_bad_one_400(api, store):
 
 
 def test_register_with_bad_parameters_is_400(api):
-    for params in ({"initial_workers": "two"}, {"initial_workers": "0"},
+    for params in ({"initial_workers": "two"}, {"initial_workers": "-1"},
                    {"batch_size": "0"}, {"batch_size": "1.5"}, {"max_batch_delay": "-1"},
                    {"max_batch_delay": "soon"}, {"response_timeout": "0"},
                    {"synchronous": "maybe"}, {"preload": "yes"}, {"model_name": "other"},
@@ -259,7 +259,7 @@ def test_scale_workers_synchronously(api):
     assert api("PUT", "/models/ctr", min_worker=1, synchronous="true").status_code == 200
     eventually(lambda: len(api.describe("ctr")[0]["workers"]) == 1)
     assert api.predict("ctr", examples(3)).status_code == 200
-    for params in ({"min_worker": "3", "max_worker": "2"}, {"min_worker": "0"},
+    for params in ({"min_worker": "3", "max_worker": "2"}, {"min_worker": "-1"},
                    {"min_worker": "x"}, {"synchronous": "sometimes"}):
         torchserve_error(api("PUT", "/models/ctr", **params), 400, "BadRequestException")
     torchserve_error(api("PUT", "/models/nope", min_worker=2), 404, "ModelNotFoundException")
@@ -357,6 +357,23 @@ def test_a_request_for_the_default_version_follows_it_while_its_body_arrives(api
     assert reply.startswith("HTTP/1.1 200"), reply
     assert [json.loads(reply.split("\r\n\r\n", 1)[1])] == api.predict("ctr/2.0", [
         examples(1)[0]]).json()
+
+
+def test_zero_workers_as_in_torchserve(api):
+    """TorchServe registers with 0 workers (its default) and scales to 0; predictions then
+    answer 503 until the model is scaled up (both were refused with 400)."""
+    response = api.register("ctr-1.0", initial_workers=0)
+    assert response.status_code == 200 and "0 initial workers" in response.json()["status"]
+    batch = examples(2)
+    message = torchserve_error(api.predict("ctr", batch), 503, "ServiceUnavailableException")
+    assert "No worker is available" in message and "min_worker=1" in message
+    assert api("PUT", "/models/ctr", min_worker=1, synchronous="true").status_code == 200
+    assert api.predict("ctr", batch).status_code == 200
+    assert api("PUT", "/models/ctr", min_worker=0, max_worker=0,
+               synchronous="true").status_code == 200
+    [described] = api.describe("ctr")
+    assert (described["minWorkers"], described["maxWorkers"], described["workers"]) == (0, 0, [])
+    torchserve_error(api.predict("ctr", batch), 503, "ServiceUnavailableException")
 
 
 def test_models_loaded_at_startup(store):
