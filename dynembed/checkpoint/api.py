@@ -23,6 +23,7 @@ import os
 import shutil
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import torch
@@ -419,7 +420,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
             and r.start < table_buckets.stop and table_buckets.start < r.stop]
         layers = _lazy_rows(chain, name, table_buckets, table, strict=True).layers
         check_fits(table, layers)
-        aux = _decoded_aux(name, table, folder, auxes[own], others, admissions, strict=strict)
+        aux = _decoded_aux(name, table, folder, auxes[own], others, admissions)
         plans.append((table, table_buckets, layers, aux))
     extra = None
     if manifest.get("dense") is not None:  # first: a model that does not fit changes nothing
@@ -435,19 +436,19 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
 
 
 def _decoded_aux(name: str, table: DynamicTable, folder: Path, aux: dict, others: list,
-                 admissions: list, *, strict: bool):
+                 admissions: list):
     """The table's aux state decoded (so a mismatch fails before any table changes).
 
+    Warns about a key log / admission state the table has no place for (dropped).
+
     Raises:
-        CheckpointError: the key log or admission state does not fit the table, or (with
-            ``strict``) the checkpoint holds a key log / admission state the table lacks.
+        CheckpointError: the key log or admission state does not fit the table.
     """
     unused = sorted({k.split(".")[0] for k in table.unused_state_keys(aux)})
-    if unused and strict:
-        raise CheckpointError(
-            f"table {name!r} of checkpoint {folder} holds {unused} state that this table "
-            "has no place for (built without key_log=True / an admission policy?); build it "
-            "like the saved one, or pass strict=False to drop that state")
+    if unused:  # a warning, not an error: a job may resume with an option turned off
+        warnings.warn(f"table {name!r} of checkpoint {folder} holds {unused} state that this "
+                      "table has no place for (built without key_log=True / an admission "
+                      "policy?); it is not loaded", stacklevel=3)
     try:
         return table.read_aux_state(aux, others, admissions)
     except StateDictError as e:
@@ -455,14 +456,27 @@ def _decoded_aux(name: str, table: DynamicTable, folder: Path, aux: dict, others
                               f"table: {e}") from None
 
 
+def _snapshot(take):
+    """``take()`` for a rollback, or None where that state cannot be copied now (a lazy
+    module not yet run, an optimizer that must consolidate first): no rollback then."""
+    try:
+        with without_tables():
+            return take()
+    except Exception:  # noqa: BLE001 - a best effort; the load itself goes on
+        return None
+
+
 def _load_dense(model: nn.Module | None, optimizer: torch.optim.Optimizer | None,
                 dense: dict, *, strict: bool, folder: Path) -> None:
-    """Loads the dense model and optimizer state, all or nothing: a failure (a missing
-    parameter, an optimizer of another shape) puts back what was there and re-raises."""
-    with without_tables():
-        saved_model = ({k: v.detach().clone() for k, v in model.state_dict().items()}
-                       if model is not None else None)
-    saved_optimizer = copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None
+    """Loads the dense model and optimizer state, all or nothing where their state can be
+    copied first: a failure (a missing parameter, an optimizer of another shape) puts back
+    what was there and re-raises."""
+    saved_model = _snapshot(lambda: {k: v.detach().clone() if isinstance(v, torch.Tensor)
+                                     else copy.deepcopy(v)
+                                     for k, v in model.state_dict().items()}) \
+        if model is not None else None
+    saved_optimizer = _snapshot(lambda: copy.deepcopy(optimizer.state_dict())) \
+        if optimizer is not None else None
     try:
         if model is not None and dense["model"] is not None:
             with without_tables():

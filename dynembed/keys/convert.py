@@ -308,6 +308,11 @@ def to_jagged(values, offsets=None, *, include_last_offset: bool = False,
         if bag_types and all(issubclass(t, torch.Tensor) for t in bag_types):
             # one dtype first: torch.cat cannot promote int64 with uint32/uint64
             dtypes = {v.dtype for v in values}
+            if len(dtypes) > 1:
+                for i, v in enumerate(values):
+                    if v.dtype.is_floating_point or v.dtype.is_complex or v.dtype == torch.bool:
+                        raise KeyInputError(f"{arg}: bag {i} is a {v.dtype} tensor; keys must "
+                                            "be integers (int64 ids) or str/bytes")
             same = values if len(dtypes) == 1 else [
                 v if v.dtype == torch.uint64 else v.to(torch.int64) for v in values]
             if len({v.dtype for v in same}) > 1:  # uint64 beside others: check the range

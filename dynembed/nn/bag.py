@@ -81,7 +81,8 @@ def _weights_per_value(weights, bounds: np.ndarray, arg: str) -> torch.Tensor:
     """
     lengths = np.diff(bounds)
     n = int(bounds[-1])  # bounds start at 0 and end at the number of values
-    if isinstance(weights, (list, tuple)) and any(isinstance(w, (list, tuple)) for w in weights):
+    if isinstance(weights, (list, tuple)) and any(  # C-level scan of the element types
+            issubclass(t, (list, tuple)) for t in set(map(type, weights))):
         if len(weights) != lengths.shape[0]:
             raise ValueError(f"{arg} as a list of lists must hold one list per bag "
                              f"({lengths.shape[0]} bags), got {len(weights)} lists")

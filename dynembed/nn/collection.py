@@ -29,7 +29,8 @@ class FeatureConfig:
     pooling: str | None = None
     """None: one key per sample, output (*shape, dim). "sum", "mean" or "max": a bag of keys
     per sample (a list of lists, a ``(values, offsets)`` tuple or a 2-D tensor), output
-    (B, dim). A tuple of two is always ``(values, offsets)``: give bags as a list."""
+    (B, dim). ``(values, offsets)`` needs offsets as a tensor or array (a tuple of two flat
+    lists is refused as ambiguous)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.table, str):
@@ -38,10 +39,27 @@ class FeatureConfig:
             check_mode(self.pooling, "pooling")
 
 
-def _is_values_offsets(value) -> bool:
-    # Any tuple of two, whatever holds the offsets (a list too, as DynamicEmbeddingBag takes
-    # them): reading (values, [0, 2]) as two bags once trained the offsets as keys.
-    return isinstance(value, tuple) and len(value) == 2
+def _is_values_offsets(value, arg: str) -> bool:
+    """Whether a pooled feature's input is ``(values, offsets)`` rather than bags.
+
+    Offsets as a tensor or array say so. A tuple of two flat int lists could be either
+    (``zip(*samples)`` gives two bags), and guessing once trained offsets as keys: it is
+    refused.
+    """
+    if not (isinstance(value, tuple) and len(value) == 2):
+        return False
+    if isinstance(value[1], (torch.Tensor, np.ndarray)):
+        return True
+    flat = [not any(issubclass(t, (list, tuple, np.ndarray, torch.Tensor))
+                    for t in set(map(type, part)))
+            for part in value if isinstance(part, (list, tuple))]
+    ints = isinstance(value[1], (list, tuple)) and all(
+        issubclass(t, (int, np.integer)) for t in set(map(type, value[1])))
+    if len(flat) == 2 and all(flat) and ints:
+        raise KeyInputError(f"{arg}: a tuple of two flat lists is ambiguous: (values, "
+                            "offsets) or two bags? Give offsets as a tensor, e.g. (values, "
+                            "torch.tensor(offsets)), or the bags as a list of lists")
+    return False
 
 
 class EmbeddingCollection(TableModule):
@@ -113,7 +131,7 @@ class EmbeddingCollection(TableModule):
         seed = table.config.hash_seed
         if spec.pooling is None:
             batch, bounds = to_key_batch(value, hash_seed=seed, arg=arg), None
-        elif _is_values_offsets(value):
+        elif _is_values_offsets(value, arg):
             batch, bounds = to_jagged(value[0], value[1], hash_seed=seed, arg=arg)
         else:
             batch, bounds = to_jagged(value, hash_seed=seed, arg=arg)

@@ -123,6 +123,16 @@ class Batcher:
             self._tasks.append(task)
         if len(self._tasks) > workers:
             self._wake_all()  # the ones to stop notice at the top of their loop
+        if workers == 0:  # nothing will take what waits: answer it now, as new requests
+            self._fail_queued(NoWorkers("the batcher was scaled to 0 workers"))
+
+    def _fail_queued(self, error: Exception) -> None:
+        """Answers every request still waiting for a worker with ``error``."""
+        while self._queue:
+            request = self._queue.popleft()
+            if not request.future.done():
+                request.future.set_exception(error)
+        self._queued_examples = 0
 
     async def submit(self, examples: list, timeout: float | None = None) -> list:
         """Queues a request's examples and waits for their results.
@@ -175,6 +185,7 @@ class Batcher:
                            "were answered as stopped and their threads left to finish",
                            len(pending), timeout)
         self._tasks = []
+        self._fail_queued(BatcherStopped("the batcher stopped"))  # behind an abandoned batch
         self._pool.shutdown(wait=not pending, cancel_futures=True)
 
     # ------------------------------------------------------------------ workers

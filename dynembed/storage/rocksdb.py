@@ -79,7 +79,9 @@ class RocksDBStore(EmbeddingStore):
 
     Args:
         path: directory of the database (created if missing). One table per directory; a
-            directory is open in one store object of one process at a time.
+            directory is open in one store object of one process at a time, and a store
+            object serves the table built over it last (an older one then fails on its
+            next store call).
         create: create the directory if it does not exist.
         cache_bytes: RocksDB block cache for reads of rows not in the memtable.
         background_io: let tables write evicted rows on a background thread (rocksdict

@@ -75,20 +75,29 @@ class Tier:
     """
 
     def __init__(self, store: EmbeddingStore, write_policy: str, arena: RowArena) -> None:
-        owner = getattr(store, "_tier", None)
-        if owner is not None and owner() is not None:
-            # Two tables over one store overwrite each other's rows (ids are per table),
-            # and restoring either would clear the other's.
-            raise ValueError(f"store {store.name} already holds another live table's rows; "
-                             "give each table its own store (another path, or another "
-                             "namespace/prefix)")
         store.bind(arena.dim, arena.state_width)
+        # The newest table over a store object owns it (rebuilding a model over the same
+        # store takes it over); an older table still alive then fails on its next store
+        # call instead of writing over the new table's rows.
         store._tier = weakref.ref(self)
-        self.store, self.write_policy, self.arena = store, write_policy, arena
+        self._store, self.write_policy, self.arena = store, write_policy, arena
         self.dirty = np.zeros(0, dtype=bool)
         self._pending: deque[_Pending] = deque()
         self._staged: _Staged | None = None
         self._worker: ThreadPoolExecutor | None = None
+
+    @property
+    def store(self) -> EmbeddingStore:
+        """The backend, while this table owns it.
+
+        Raises:
+            StoreError: a table built later over the same store object took it over.
+        """
+        if self._store._tier() is not self:
+            raise StoreError(f"{self._store.name} was taken over by a table built later over "
+                             "the same store object; this table can no longer use it. Give "
+                             "each live table its own store (another path or namespace)")
+        return self._store
 
     @property
     def write_through(self) -> bool:
@@ -291,4 +300,5 @@ class Tier:
         if self._worker is not None:
             self._worker.shutdown(wait=True)
             self._worker = None
-        self.store.close()
+        if self._store._tier() is self:  # a table that took the store over closes it
+            self._store.close()

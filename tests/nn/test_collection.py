@@ -160,15 +160,26 @@ def test_key_log_keeps_the_strings_beside_an_empty_or_int_feature():
     assert table.keys_of(np.array([7])) == [None]  # the int key has no string
 
 
-@pytest.mark.parametrize("offsets", [[0, 2], (0, 2), np.array([0, 2]), torch.tensor([0, 2])])
-def test_values_and_offsets_of_any_sequence_type(offsets):
-    """(values, offsets) with list offsets was once read as two bags, training the offsets
-    as keys."""
+@pytest.mark.parametrize("offsets", [np.array([0, 2]), torch.tensor([0, 2])])
+def test_values_and_offsets_with_offsets_as_an_array(offsets):
     coll = _collection()
     out = coll({"title": ([10, 11, 12], offsets), "query": [[1], [2]], "user_id": [7, 8]})
     bag = de.DynamicEmbeddingBag(table=coll.tables["words"], mode="sum")
     torch.testing.assert_close(out["title"], bag([[10, 11], [12]]))
     assert sorted(coll.tables["words"].export().ids.tolist()) == [1, 2, 10, 11, 12]
+
+
+def test_a_tuple_of_two_flat_int_lists_is_refused_as_ambiguous():
+    """(values, [0, 2]) was once read as two bags, training the offsets as keys; read as
+    (values, offsets) it silently re-cut a two-sample batch made with zip(*samples)."""
+    coll = _collection()
+    with pytest.raises(KeyInputError, match=r"inputs\['title'\]: a tuple of two flat lists "
+                                            "is ambiguous"):
+        coll({"title": ([10, 11, 12], [0, 2]), "query": [[1], [2]], "user_id": [7, 8]})
+    assert coll.tables["words"].size() == 0
+    # bags that cannot be offsets stay bags, tuple or not
+    out = coll({"title": (["red", "shoe"], ["hat"]), "query": [[1], [2]], "user_id": [7, 8]})
+    assert out["title"].shape == (2, 4)
 
 
 def test_stats_by_table_name():

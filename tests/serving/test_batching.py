@@ -188,13 +188,52 @@ def test_stop_with_a_timeout_abandons_a_stuck_batch():
         stuck = asyncio.ensure_future(batcher.submit([1]))
         while not inside.is_set():
             await asyncio.sleep(0.01)
+        queued = asyncio.ensure_future(batcher.submit([2]))  # behind the stuck batch
+        await asyncio.sleep(0.05)
         await batcher.stop(timeout=0.2)
         still_inside = inside.is_set()  # stop returned before the handler did
-        with pytest.raises(BatcherStopped):
-            await stuck
+        for request in (stuck, queued):
+            with pytest.raises(BatcherStopped):
+                await request
         return still_inside
 
     try:
         assert asyncio.run(main())
+    finally:
+        release.set()
+
+
+def test_scaling_to_zero_answers_what_waits_and_what_comes():
+    """Scaled to 0 (as TorchServe allows), queued requests once waited for a worker that
+    never came."""
+    from dynembed.serving.batching import NoWorkers
+    release, inside = threading.Event(), threading.Event()
+
+    def predict(examples):
+        inside.set()
+        release.wait(60)
+        return list(examples)
+
+    async def main():
+        batcher = Batcher(predict, batch_size=1, workers=1)
+        await batcher.start()
+        running = asyncio.ensure_future(batcher.submit([1]))
+        while not inside.is_set():
+            await asyncio.sleep(0.01)
+        queued = asyncio.ensure_future(batcher.submit([2]))
+        await asyncio.sleep(0.05)
+        await batcher.scale(0)
+        with pytest.raises(NoWorkers):
+            await queued
+        with pytest.raises(NoWorkers):
+            await batcher.submit([3])
+        release.set()
+        assert await running == [1]  # the batch in the handler finishes
+        await batcher.scale(1)
+        assert await batcher.submit([4]) == [4]
+        await batcher.stop()
+
+    try:
+        asyncio.run(main())
     finally:
         release.set()
