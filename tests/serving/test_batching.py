@@ -169,11 +169,8 @@ def test_a_request_that_timed_out_in_the_queue_is_not_run():
     assert asyncio.run(main()) == [[0], [2]]
 
 
-def test_stop_with_a_timeout_abandons_a_stuck_batch():
-    """A handler stuck in a batch once held an unregister and the server's shutdown for as
-    long as it ran: past the timeout its requests are answered as stopped and stop returns
-    while the handler still runs, leaving its thread to finish on its own."""
-    from dynembed.serving.batching import BatcherStopped
+def _held_handler():
+    """A handler that holds each batch until ``release`` is set; ``inside`` while it holds."""
     release, inside = threading.Event(), threading.Event()
 
     def predict(examples):
@@ -182,14 +179,30 @@ def test_stop_with_a_timeout_abandons_a_stuck_batch():
         inside.clear()
         return list(examples)
 
+    return predict, release, inside
+
+
+async def _one_held_one_queued(predict, inside):
+    """A one-worker batcher with request [1] in the handler and [2] queued behind it."""
+    batcher = Batcher(predict, batch_size=1, workers=1)
+    await batcher.start()
+    held = asyncio.ensure_future(batcher.submit([1]))
+    while not inside.is_set():
+        await asyncio.sleep(0.01)
+    queued = asyncio.ensure_future(batcher.submit([2]))
+    await asyncio.sleep(0.05)
+    return batcher, held, queued
+
+
+def test_stop_with_a_timeout_abandons_a_stuck_batch():
+    """A handler stuck in a batch once held an unregister and the server's shutdown for as
+    long as it ran: past the timeout its requests are answered as stopped and stop returns
+    while the handler still runs, leaving its thread to finish on its own."""
+    from dynembed.serving.batching import BatcherStopped
+    predict, release, inside = _held_handler()
+
     async def main():
-        batcher = Batcher(predict, batch_size=1, workers=1)
-        await batcher.start()
-        stuck = asyncio.ensure_future(batcher.submit([1]))
-        while not inside.is_set():
-            await asyncio.sleep(0.01)
-        queued = asyncio.ensure_future(batcher.submit([2]))  # behind the stuck batch
-        await asyncio.sleep(0.05)
+        batcher, stuck, queued = await _one_held_one_queued(predict, inside)
         await batcher.stop(timeout=0.2)
         still_inside = inside.is_set()  # stop returned before the handler did
         for request in (stuck, queued):
@@ -207,21 +220,10 @@ def test_scaling_to_zero_answers_what_waits_and_what_comes():
     """Scaled to 0 (as TorchServe allows), queued requests once waited for a worker that
     never came."""
     from dynembed.serving.batching import NoWorkers
-    release, inside = threading.Event(), threading.Event()
-
-    def predict(examples):
-        inside.set()
-        release.wait(60)
-        return list(examples)
+    predict, release, inside = _held_handler()
 
     async def main():
-        batcher = Batcher(predict, batch_size=1, workers=1)
-        await batcher.start()
-        running = asyncio.ensure_future(batcher.submit([1]))
-        while not inside.is_set():
-            await asyncio.sleep(0.01)
-        queued = asyncio.ensure_future(batcher.submit([2]))
-        await asyncio.sleep(0.05)
+        batcher, running, queued = await _one_held_one_queued(predict, inside)
         await batcher.scale(0)
         with pytest.raises(NoWorkers):
             await queued
