@@ -73,6 +73,16 @@ def check_chunk_rows(chunk_rows: int) -> None:
         raise ValueError(f"chunk_rows must be an int >= 1, got {chunk_rows!r}")
 
 
+def check_restore_options(lazy: bool, background_rows: int, lazy_arg: str = "lazy") -> None:
+    """Raises TypeError / ValueError naming a non-bool ``lazy`` or a ``background_rows``
+    that is not an int >= 0."""
+    if not isinstance(lazy, bool):
+        raise TypeError(f"{lazy_arg} must be True or False, got {lazy!r}")
+    if isinstance(background_rows, bool) or not isinstance(background_rows, int) \
+            or background_rows < 0:
+        raise ValueError(f"background_rows must be an int >= 0, got {background_rows!r}")
+
+
 def _check_rank(rank: int, world_size: int) -> None:
     rank_buckets(rank, world_size)  # raises ValueError naming the bad argument
 
@@ -378,11 +388,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
     """
     _check_rank(rank, world_size)
     _checkpoint_path(path)
-    if not isinstance(lazy, bool):
-        raise TypeError(f"lazy must be True or False, got {lazy!r}")
-    if isinstance(background_rows, bool) or not isinstance(background_rows, int) \
-            or background_rows < 0:
-        raise ValueError(f"background_rows must be an int >= 0, got {background_rows!r}")
+    check_restore_options(lazy, background_rows)
     check_chunk_rows(chunk_rows)
     found = _gather_tables(model, tables)
     chain = mf.chain(path)
@@ -489,8 +495,14 @@ def _load_dense(model: nn.Module | None, optimizer: torch.optim.Optimizer | None
                 model.load_state_dict(saved_model)
         if saved_optimizer is not None:
             optimizer.load_state_dict(saved_optimizer)
-        e.add_note(f"checkpoint {folder}: its dense state does not fit; the model and "
-                   "optimizer were left as they were")
+        if (model is None or saved_model is not None) and (
+                optimizer is None or saved_optimizer is not None):
+            e.add_note(f"checkpoint {folder}: its dense state does not fit; the model and "
+                       "optimizer were left as they were")
+        else:
+            e.add_note(f"checkpoint {folder}: its dense state does not fit, and the model "
+                       "or optimizer could not be copied first (e.g. a lazy module not yet "
+                       "run): it may be partly loaded")
         raise
 
 

@@ -309,8 +309,9 @@ def to_jagged(values, offsets=None, *, include_last_offset: bool = False,
             # one dtype first: torch.cat cannot promote int64 with uint32/uint64
             dtypes = {v.dtype for v in values}
             if len(dtypes) > 1:
-                for i, v in enumerate(values):
-                    if v.dtype.is_floating_point or v.dtype.is_complex or v.dtype == torch.bool:
+                for i, v in enumerate(values):  # an empty bag's dtype says nothing
+                    if v.numel() and (v.dtype.is_floating_point or v.dtype.is_complex
+                                      or v.dtype == torch.bool):
                         raise KeyInputError(f"{arg}: bag {i} is a {v.dtype} tensor; keys must "
                                             "be integers (int64 ids) or str/bytes")
             same = values if len(dtypes) == 1 else [

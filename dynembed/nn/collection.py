@@ -42,24 +42,30 @@ class FeatureConfig:
 def _is_values_offsets(value, arg: str) -> bool:
     """Whether a pooled feature's input is ``(values, offsets)`` rather than bags.
 
-    Offsets as a tensor or array say so. A tuple of two flat int lists could be either
-    (``zip(*samples)`` gives two bags), and guessing once trained offsets as keys: it is
-    refused.
+    A tuple of two is ``(values, offsets)`` when its second part can be offsets: a tensor or
+    array, or a non-empty flat list of ints. Reading ``(values, [0, 2])`` as two bags once
+    trained the offsets as keys. Two flat int lists could be either (``zip(*samples)`` gives
+    two bags) and are refused.
     """
     if not (isinstance(value, tuple) and len(value) == 2):
         return False
-    if isinstance(value[1], (torch.Tensor, np.ndarray)):
+    values, offsets = value
+    if isinstance(offsets, (torch.Tensor, np.ndarray)):
         return True
-    flat = [not any(issubclass(t, (list, tuple, np.ndarray, torch.Tensor))
-                    for t in set(map(type, part)))
-            for part in value if isinstance(part, (list, tuple))]
-    ints = isinstance(value[1], (list, tuple)) and all(
-        issubclass(t, (int, np.integer)) for t in set(map(type, value[1])))
-    if len(flat) == 2 and all(flat) and ints:
-        raise KeyInputError(f"{arg}: a tuple of two flat lists is ambiguous: (values, "
+    if not (isinstance(offsets, (list, tuple)) and offsets
+            and _only(offsets, (int, np.integer))):
+        return False  # an empty bag, or a bag of strings or lists: bags
+    if isinstance(values, (list, tuple)) and _only(values, (int, np.integer)):
+        raise KeyInputError(f"{arg}: a tuple of two flat int lists is ambiguous: (values, "
                             "offsets) or two bags? Give offsets as a tensor, e.g. (values, "
                             "torch.tensor(offsets)), or the bags as a list of lists")
-    return False
+    return True
+
+
+def _only(items, kinds) -> bool:
+    """Whether every item is one of ``kinds`` (bools excluded); a C-level scan of types."""
+    types = set(map(type, items))
+    return all(issubclass(t, kinds) and not issubclass(t, (bool, np.bool_)) for t in types)
 
 
 class EmbeddingCollection(TableModule):

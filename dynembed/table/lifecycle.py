@@ -9,6 +9,8 @@ was.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from dynembed.errors import MemoryBudgetError
@@ -392,9 +394,15 @@ class RowLifecycle:
         Raises:
             StoreError: the final write failed; the store stays open so it can be retried.
         """
-        if self.tier is not None:
+        if self.tier is None:
+            return
+        if self.tier.owns_store:
             self.flush()
-            self.tier.close()
+        elif self.tier.dirty.any():
+            warnings.warn(f"{int(self.tier.dirty.sum())} changed rows of this table were not "
+                          "written: a table built later over the same store object took "
+                          "the store over", stacklevel=2)
+        self.tier.close()
 
     def _stored_only(self, unique: np.ndarray, slots: np.ndarray) -> np.ndarray:
         """(u,) bool: ids absent from memory that the store (or lazy checkpoint) holds."""

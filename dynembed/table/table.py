@@ -133,6 +133,8 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch):
         self._discard_log = DiscardLog(f"table(dim={self.dim})")
         if config.initial_capacity:
             self.reserve(config.initial_capacity)
+        if self.tier is not None:  # last: a construction that failed takes no store
+            self.tier.claim()
 
     def _row_limit(self) -> int | None:
         limits = [self.config.max_rows] if self.config.max_rows else []

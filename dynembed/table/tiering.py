@@ -76,15 +76,33 @@ class Tier:
 
     def __init__(self, store: EmbeddingStore, write_policy: str, arena: RowArena) -> None:
         store.bind(arena.dim, arena.state_width)
-        # The newest table over a store object owns it (rebuilding a model over the same
-        # store takes it over); an older table still alive then fails on its next store
-        # call instead of writing over the new table's rows.
-        store._tier = weakref.ref(self)
         self._store, self.write_policy, self.arena = store, write_policy, arena
         self.dirty = np.zeros(0, dtype=bool)
         self._pending: deque[_Pending] = deque()
         self._staged: _Staged | None = None
         self._worker: ThreadPoolExecutor | None = None
+
+    def claim(self) -> None:
+        """Makes this tier the store object's owner; the table calls it once it is fully
+        built (a construction that fails takes nothing).
+
+        The newest table over a store object owns it (rebuilding a model over the same store
+        takes it over); an older table still alive then fails on its next store call instead
+        of writing over the new table's rows. Writes it had queued land first.
+        """
+        previous = self._owner()
+        if previous is not None and previous is not self:
+            previous.drain()
+        self._store._tier = weakref.ref(self)
+
+    def _owner(self) -> Tier | None:
+        ref = getattr(self._store, "_tier", None)
+        return ref() if ref is not None else None
+
+    @property
+    def owns_store(self) -> bool:
+        """Whether no table built later over the same store object took it over."""
+        return self._owner() in (self, None)
 
     @property
     def store(self) -> EmbeddingStore:
@@ -93,7 +111,7 @@ class Tier:
         Raises:
             StoreError: a table built later over the same store object took it over.
         """
-        if self._store._tier() is not self:
+        if not self.owns_store:
             raise StoreError(f"{self._store.name} was taken over by a table built later over "
                              "the same store object; this table can no longer use it. Give "
                              "each live table its own store (another path or namespace)")
@@ -290,9 +308,11 @@ class Tier:
         return self.store.scan()
 
     def flush(self) -> None:
-        """Waits for the queue and makes the store durable."""
+        """Waits for the queue and makes the store durable (a store taken over by another
+        table is that table's to flush)."""
         self.drain()
-        self.store.flush()
+        if self.owns_store:
+            self._store.flush()
 
     def close(self) -> None:
         """Waits for the queue, stops the background thread and closes the store."""
@@ -300,5 +320,5 @@ class Tier:
         if self._worker is not None:
             self._worker.shutdown(wait=True)
             self._worker = None
-        if self._store._tier() is self:  # a table that took the store over closes it
+        if self.owns_store:  # else the table that took the store over closes it
             self._store.close()

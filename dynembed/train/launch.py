@@ -91,7 +91,14 @@ def launch(config: LaunchConfig, *, show_progress: bool = True,
 
     SIGINT and SIGTERM are passed on to torchrun, which stops the workers (they checkpoint
     first when they use a Runtime).
+
+    Raises:
+        ValueError: the script is not a file (else every worker fails at start, torchrun
+            restarts them all ``max_restarts`` times and shows only an exit code).
     """
+    if not config.module and not os.path.isfile(config.script):
+        raise ValueError(f"script {config.script!r} is not a file; give the training "
+                         "script's path, or -m for a module")
     Path(config.log_dir).mkdir(parents=True, exist_ok=True)
     progress_path = Path(config.log_dir) / "progress.json"
     progress_path.unlink(missing_ok=True)

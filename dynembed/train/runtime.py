@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dynembed.checkpoint.api import load
+from dynembed.checkpoint.api import check_restore_options, load
 from dynembed.checkpoint.manager import CheckpointManager, set_aside
 from dynembed.distributed.exchange import Exchange
 from dynembed.distributed.plan import ShardPlan, shard_model
@@ -47,7 +47,7 @@ from dynembed.errors import (
     CheckpointNotFoundError,
 )
 from dynembed.kernels._threads import get_num_threads, set_num_threads
-from dynembed.keys.buckets import NUM_BUCKETS
+from dynembed.keys.buckets import NUM_BUCKETS, check_num_buckets
 from dynembed.train.data import global_batch, rank_part
 from dynembed.train.progress import PROGRESS_ENV, ProgressFile
 
@@ -98,7 +98,7 @@ class Runtime:
         num_buckets: key buckets of sharding and checkpoints.
 
     Raises:
-        ValueError: a bad argument (named).
+        ValueError, TypeError: a bad argument (named).
     """
 
     def __init__(self, checkpoint_dir: str | os.PathLike | None = None, *,
@@ -115,6 +115,12 @@ class Runtime:
         _positive_or_none("timeout", timeout, float)
         if checkpoint_dir is None and (every_steps or every_seconds):
             raise ValueError("every_steps/every_seconds need checkpoint_dir=")
+        # checked here, not at the first checkpoint or restart (after training)
+        for name, value in (("keep_last", keep_last), ("max_chain", max_chain)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_restore_options(lazy_restore, background_rows, "lazy_restore")
+        check_num_buckets(num_buckets)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.every_steps, self.every_seconds = every_steps, every_seconds
         self.keep_last, self.max_chain = keep_last, max_chain
@@ -164,6 +170,13 @@ class Runtime:
         removes partial checkpoints a crash left (rank 0, before every rank goes on)."""
         if self._started:
             return self
+        try:
+            return self._start()
+        except BaseException:  # leave no handler or process group behind
+            self.close()
+            raise
+
+    def _start(self) -> Runtime:
         self._owns_group = init_process_group(self.env, backend=self.backend,
                                               timeout=self.timeout)
         _share_cores(self.env)

@@ -278,6 +278,13 @@ def test_a_table_built_over_a_store_object_takes_it_over(tmp_path):
     for start in range(12, 18, 3):  # the second table trains on
         second(torch.arange(start, start + 3))
     assert bool(second.table.contains(torch.arange(18)).all())
+    first.table.close()  # leaves the store to its owner
+    assert not store.closed
+    with pytest.raises(ValueError, match="memory_budget"):  # a failed construction ...
+        de.DynamicEmbedding(dim=2, store=store, memory_budget="10B")
+    second(torch.arange(18, 21))  # ... takes nothing from the live table
+    second.table.close()
+    assert store.closed
 
 
 def test_paths_and_arguments_of_the_wrong_kind_are_named(tmp_path):

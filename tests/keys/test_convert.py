@@ -414,6 +414,8 @@ def test_tensor_bags_of_mixed_integer_dtypes():
     assert batch.ids.tolist() == [1, -2, 3, 4] and bounds.tolist() == [0, 2, 3, 4]
     with pytest.raises(KeyValueError, match="uint64 key exceeds the int64 range"):
         to_jagged([torch.tensor([1]), torch.tensor([2**63], dtype=torch.uint64)])
+    batch, bounds = to_jagged([torch.tensor([1, 2]), torch.tensor([])])  # empty: no dtype
+    assert batch.ids.tolist() == [1, 2] and bounds.tolist() == [0, 2, 2]
     for bad in (torch.tensor([1.5, 2.7]), torch.tensor([1j])):  # never cast to keys
         with pytest.raises(KeyInputError, match=rf"{ARG}: bag 1 is a {bad.dtype} tensor"):
             to_jagged([torch.tensor([3]), bad], arg=ARG)

@@ -173,13 +173,28 @@ def test_a_tuple_of_two_flat_int_lists_is_refused_as_ambiguous():
     """(values, [0, 2]) was once read as two bags, training the offsets as keys; read as
     (values, offsets) it silently re-cut a two-sample batch made with zip(*samples)."""
     coll = _collection()
-    with pytest.raises(KeyInputError, match=r"inputs\['title'\]: a tuple of two flat lists "
-                                            "is ambiguous"):
+    with pytest.raises(KeyInputError, match=r"inputs\['title'\]: a tuple of two flat int "
+                                            "lists is ambiguous"):
         coll({"title": ([10, 11, 12], [0, 2]), "query": [[1], [2]], "user_id": [7, 8]})
     assert coll.tables["words"].size() == 0
     # bags that cannot be offsets stay bags, tuple or not
     out = coll({"title": (["red", "shoe"], ["hat"]), "query": [[1], [2]], "user_id": [7, 8]})
     assert out["title"].shape == (2, 4)
+    out = coll({"title": ([10, 11], []), "query": [[1], [2]], "user_id": [7, 8]})
+    assert out["title"].shape == (2, 4)  # an empty second bag
+
+
+@pytest.mark.parametrize("values", [np.array([10, 11, 12]), torch.tensor([10, 11, 12]),
+                                    ["a", "b", "c"], np.array(["a", "b", "c"])], ids=repr)
+def test_values_with_offsets_as_a_list(values):
+    """Values that cannot be a bag beside an int list: (values, offsets), never two bags
+    (which trained the offsets as keys)."""
+    coll = _collection()
+    out = coll({"title": (values, [0, 2]), "query": [[1], [2]], "user_id": [7, 8]})
+    bag = de.DynamicEmbeddingBag(table=coll.tables["words"], mode="sum")
+    keys = list(values.tolist() if hasattr(values, "tolist") else values)
+    torch.testing.assert_close(out["title"], bag([keys[:2], keys[2:]]))
+    assert 0 not in coll.tables["words"].export().ids.tolist()
 
 
 def test_stats_by_table_name():

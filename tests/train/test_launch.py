@@ -48,3 +48,13 @@ def test_cli_passes_script_arguments_through(monkeypatch):
     assert seen[0].module and seen[0].script == "pkg.job"
     assert seen[0].script_args == ["--steps", "5", "-m", "x"]
     assert cli.main(["train", "--nnodes", "1:2", "job.py"]) == 1  # no rendezvous endpoint
+
+
+def test_a_script_that_is_not_a_file_is_refused_before_torchrun(tmp_path, capsys):
+    """Every worker once failed at start, was restarted max_restarts times, and the CLI
+    showed only torchrun's exit code."""
+    missing = str(tmp_path / "no_such_script.py")
+    with pytest.raises(ValueError, match="is not a file"):
+        launch_module.launch(LaunchConfig(script=missing, log_dir=str(tmp_path / "logs")))
+    assert cli.main(["train", missing]) == 1
+    assert "is not a file" in capsys.readouterr().err

@@ -188,6 +188,16 @@ def test_misuse_is_explained(tmp_path):
                 Runtime(tmp_path, **{name: bad})
     with pytest.raises(ValueError, match="need checkpoint_dir"):
         Runtime(None, every_steps=5)
+    # once accepted: the job trained, then failed at its first checkpoint or restart
+    for options, message in (({"keep_last": 0}, "keep_last must be a positive int"),
+                             ({"max_chain": None}, "max_chain must be a positive int"),
+
+                             ({"background_rows": -5}, "background_rows must be an int >= 0"),
+                             ({"num_buckets": 3}, "num_buckets must be a power of two")):
+        with pytest.raises(ValueError, match=message):
+            Runtime(tmp_path, **options)
+    with pytest.raises(TypeError, match="lazy_restore must be True or False"):
+        Runtime(tmp_path, lazy_restore="no")
     rt = Runtime(tmp_path)
     with pytest.raises(RuntimeError, match="not started"):
         rt.prepare(Tiny())
