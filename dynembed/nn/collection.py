@@ -29,8 +29,8 @@ class FeatureConfig:
     pooling: str | None = None
     """None: one key per sample, output (*shape, dim). "sum", "mean" or "max": a bag of keys
     per sample (a list of lists, a ``(values, offsets)`` tuple or a 2-D tensor), output
-    (B, dim). ``(values, offsets)`` needs offsets as a tensor or array (a tuple of two flat
-    lists is refused as ambiguous)."""
+    (B, dim). Offsets may be a tensor, an array or a list, but a tuple of two flat int
+    lists is refused as ambiguous (two bags?): give such offsets as a tensor."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.table, str):
