@@ -99,18 +99,14 @@ class EmbeddingCollection(TableModule):
         super().__init__()
         if not isinstance(tables, Mapping) or not tables:
             raise ValueError("tables must be a non-empty dict of name -> TableConfig")
-        self.tables: dict[str, DynamicTable] = {}
         for name, spec in tables.items():
             if not isinstance(name, str) or not name or "." in name:
                 raise ValueError(f"table names must be non-empty str without '.', got {name!r}")
-            if isinstance(spec, TableConfig):
-                spec = DynamicTable(spec)
-            if not isinstance(spec, DynamicTable):
+            if not isinstance(spec, (TableConfig, DynamicTable)):
                 raise TypeError(f"tables[{name!r}] must be a TableConfig or DynamicTable, got "
                                 f"{type(spec).__name__}")
-            self.tables[name] = spec
         if features is None:
-            features = {name: FeatureConfig(table=name) for name in self.tables}
+            features = {name: FeatureConfig(table=name) for name in tables}
         if not isinstance(features, Mapping):
             raise TypeError("features must be a dict of feature name -> FeatureConfig or "
                             f"table name (or None), got {type(features).__name__}")
@@ -120,10 +116,14 @@ class EmbeddingCollection(TableModule):
             if not isinstance(spec, FeatureConfig):
                 raise TypeError(f"features[{name!r}] must be a FeatureConfig or a table name, "
                                 f"got {type(spec).__name__}")
-            if spec.table not in self.tables:
+            if spec.table not in tables:
                 raise ValueError(f"features[{name!r}] uses table {spec.table!r}, which is not "
-                                 f"in tables {sorted(self.tables)}")
+                                 f"in tables {sorted(tables)}")
             self.features[name] = spec
+        # built last: a table over a store takes it over, so a bad argument must fail first
+        self.tables: dict[str, DynamicTable] = {
+            name: spec if isinstance(spec, DynamicTable) else DynamicTable(spec)
+            for name, spec in tables.items()}
 
     def named_tables(self) -> dict[str, DynamicTable]:
         return {f"tables.{name}": table for name, table in self.tables.items()}

@@ -16,6 +16,7 @@ after a prefetch drop the rows it staged. A background failure is raised by the 
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,6 +28,8 @@ from dynembed.errors import StoreError
 from dynembed.storage.base import EmbeddingStore
 from dynembed.storage.rows import RowBlock
 from dynembed.table.arena import RowArena
+
+logger = logging.getLogger(__name__)
 
 WRITE_POLICIES = ("back", "through")
 MAX_PENDING_WRITES = 2
@@ -93,7 +96,15 @@ class Tier:
         previous = self._owner()
         if previous is not None and previous is not self:
             previous.drain()
+        # an owner since collected: its executor still runs what it queued
+        for pending in list(getattr(self._store, "_queued_writes", ())):
+            try:
+                pending.future.result()
+            except Exception:
+                logger.warning("a queued write of a table no longer alive failed",
+                               exc_info=True)
         self._store._tier = weakref.ref(self)
+        self._store._queued_writes = self._pending
 
     def _owner(self) -> Tier | None:
         ref = getattr(self._store, "_tier", None)
@@ -101,8 +112,11 @@ class Tier:
 
     @property
     def owns_store(self) -> bool:
-        """Whether no table built later over the same store object took it over."""
-        return self._owner() in (self, None)
+        """Whether no table built later over the same store object took it over (a table
+        taken over never gets the store back, even once the newer one is gone: its rows
+        are older)."""
+        ref = getattr(self._store, "_tier", None)
+        return ref is None or ref() is self
 
     @property
     def store(self) -> EmbeddingStore:

@@ -96,9 +96,10 @@ def launch(config: LaunchConfig, *, show_progress: bool = True,
         ValueError: the script is not a file (else every worker fails at start, torchrun
             restarts them all ``max_restarts`` times and shows only an exit code).
     """
-    if not config.module and not os.path.isfile(config.script):
-        raise ValueError(f"script {config.script!r} is not a file; give the training "
-                         "script's path, or -m for a module")
+    if not config.module and not (os.path.isfile(config.script) or os.path.isfile(
+            os.path.join(config.script, "__main__.py"))):  # python runs both
+        raise ValueError(f"script {config.script!r} is not a file (or a directory with a "
+                         "__main__.py); give the training script's path, or -m for a module")
     Path(config.log_dir).mkdir(parents=True, exist_ok=True)
     progress_path = Path(config.log_dir) / "progress.json"
     progress_path.unlink(missing_ok=True)

@@ -280,6 +280,9 @@ def test_a_table_built_over_a_store_object_takes_it_over(tmp_path):
     assert bool(second.table.contains(torch.arange(18)).all())
     first.table.close()  # leaves the store to its owner
     assert not store.closed
+    with pytest.raises(ValueError, match="not in tables"):  # a failed collection ...
+        de.EmbeddingCollection(tables={"t": de.TableConfig(dim=2, store=store)},
+                               features={"f": "nope"})
     with pytest.raises(ValueError, match="memory_budget"):  # a failed construction ...
         de.DynamicEmbedding(dim=2, store=store, memory_budget="10B")
     second(torch.arange(18, 21))  # ... takes nothing from the live table
@@ -332,3 +335,23 @@ def test_a_model_whose_state_cannot_be_copied_first_still_loads(tmp_path):
     de.checkpoint.load(tmp_path / "c", dst)
     assert torch.equal(dst.head.weight, src.head.weight) and dst.note == {"kind": "saved"}
     assert torch.equal(dst.emb([1, 2]), src.emb([1, 2]))
+
+
+def test_a_table_taken_over_never_gets_the_store_back():
+    """Once the newer table was gone, the older one counted as the owner again and wrote its
+    stale rows over the newer ones."""
+    import gc
+    store = de.storage.MemoryStore()
+    first = de.DynamicTable(de.TableConfig(dim=2, store=store))
+    first.insert_or_assign([1], torch.ones(1, 2))
+    first.flush()
+    second = de.DynamicTable(de.TableConfig(dim=2, store=store))
+    second.insert_or_assign([1], torch.full((1, 2), 2.0))
+    second.flush()
+    del second
+    gc.collect()
+    first.insert_or_assign([1], torch.full((1, 2), 3.0))
+    with pytest.raises(de.StoreError, match="taken over"):
+        first.flush()
+    third = de.DynamicTable(de.TableConfig(dim=2, store=store))
+    assert torch.equal(third.find([1]).values, torch.full((1, 2), 2.0))

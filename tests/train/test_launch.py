@@ -50,7 +50,8 @@ def test_cli_passes_script_arguments_through(monkeypatch):
     assert cli.main(["train", "--nnodes", "1:2", "job.py"]) == 1  # no rendezvous endpoint
 
 
-def test_a_script_that_is_not_a_file_is_refused_before_torchrun(tmp_path, capsys):
+def test_a_script_that_is_not_a_file_is_refused_before_torchrun(tmp_path, capsys,
+                                                               monkeypatch):
     """Every worker once failed at start, was restarted max_restarts times, and the CLI
     showed only torchrun's exit code."""
     missing = str(tmp_path / "no_such_script.py")
@@ -58,3 +59,27 @@ def test_a_script_that_is_not_a_file_is_refused_before_torchrun(tmp_path, capsys
         launch_module.launch(LaunchConfig(script=missing, log_dir=str(tmp_path / "logs")))
     assert cli.main(["train", missing]) == 1
     assert "is not a file" in capsys.readouterr().err
+    package = tmp_path / "job"  # a directory python runs through its __main__.py passes
+    package.mkdir()
+    (package / "__main__.py").write_text("")
+    seen = []
+    monkeypatch.setattr(launch_module.subprocess, "Popen",
+                        lambda argv, env: seen.append(argv) or _Done())
+    assert launch_module.launch(LaunchConfig(script=str(package), log_dir=str(tmp_path / "l")),
+                                show_progress=False) == 0
+    assert seen and seen[0][-1] == str(package)
+
+
+class _Done:
+    """A torchrun that has already exited with 0."""
+
+    returncode = 0
+
+    def poll(self):
+        return 0
+
+    def wait(self, timeout=None):
+        return 0
+
+    def send_signal(self, signum):
+        pass
