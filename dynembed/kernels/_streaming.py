@@ -89,6 +89,17 @@ def copy_row_streaming(dst, src):
         _stream_store(dst, src, at)
 
 
+@nb.njit(inline="always", cache=True)
+def copy_row(dst, src, stream):
+    """``dst[:] = src``, with streaming stores when ``stream`` (see
+    :func:`copy_row_streaming` for what that needs)."""
+    if stream:
+        copy_row_streaming(dst, src)
+    else:
+        for j in range(dst.shape[0]):
+            dst[j] = src[j]
+
+
 def can_stream(out: np.ndarray, rows: np.ndarray) -> bool:
     """Whether a kernel copying rows of ``rows`` into ``out`` should write ``out`` with
     streaming stores: ``out`` large enough, both of one dtype in :data:`STREAM_DTYPES`,

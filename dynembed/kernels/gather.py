@@ -7,7 +7,7 @@ import numba as nb
 import numpy as np
 
 from dynembed.kernels._prefetch import PREFETCH_DISTANCE, prefetch, prefetch_row_read
-from dynembed.kernels._streaming import copy_row_streaming, store_fence
+from dynembed.kernels._streaming import copy_row, store_fence
 from dynembed.kernels._threads import adaptive
 
 
@@ -35,7 +35,6 @@ def gather_rows(source, index, out, shares, stream):
     """
     n = index.shape[0]
     m = source.shape[0]
-    dim = source.shape[1]
     per = (n + shares - 1) // shares
     bad = 0
     for share in nb.prange(shares):
@@ -50,13 +49,7 @@ def gather_rows(source, index, out, shares, stream):
             if r < 0 or r >= m:
                 bad += 1
                 continue
-            if stream:
-                copy_row_streaming(out[i], source[r])
-            else:
-                src = source[r]
-                dst = out[i]
-                for j in range(dim):
-                    dst[j] = src[j]
+            copy_row(out[i], source[r], stream)
         if stream:
             store_fence()
     return bad

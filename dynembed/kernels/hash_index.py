@@ -19,7 +19,7 @@ from dynembed.kernels._prefetch import (
     prefetch_read,
     prefetch_row_read,
 )
-from dynembed.kernels._streaming import copy_row_streaming, store_fence
+from dynembed.kernels._streaming import copy_row, store_fence
 from dynembed.kernels._threads import adaptive
 
 EMPTY = -1
@@ -92,7 +92,6 @@ def index_find_rows(buckets, ids, rows, out, slots, shares, stream):
     """
     mask = buckets.shape[0] - 1
     n = ids.shape[0]
-    dim = rows.shape[1]
     per = (n + shares - 1) // shares
     for share in nb.prange(shares):
         lo = share * per
@@ -112,13 +111,7 @@ def index_find_rows(buckets, ids, rows, out, slots, shares, stream):
                 r = slots[i]
                 if r == EMPTY:
                     continue
-                if stream:
-                    copy_row_streaming(out[i], rows[r])
-                else:
-                    src = rows[r]
-                    dst = out[i]
-                    for j in range(dim):
-                        dst[j] = src[j]
+                copy_row(out[i], rows[r], stream)
         if stream:
             store_fence()
 

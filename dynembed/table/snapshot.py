@@ -277,8 +277,6 @@ class TableSnapshot:
                     if _part(other, "admission."):
                         admitter.merge_state_dict(_part(other, "admission."))
         except (ValueError, KeyError, IndexError, TypeError, RuntimeError) as e:
-            if isinstance(e, StateDictError):
-                raise
             why = (f"it lacks the tensor {e.args[0]!r} (saved with another admission "
                    "policy?)" if isinstance(e, KeyError) else str(e))
             raise StateDictError(f"state dict's key log or admission state does not load: "
@@ -310,9 +308,8 @@ class TableSnapshot:
         if absent:
             raise StateDictError(f"state dict lacks {absent}; expected the tensors written by "
                                  "DynamicTable.state_dict()")
-        aux = self.read_aux_state(state)
-        meta = _meta_entries(state)
-        dim, width = meta[1], meta[2]
+        aux = self.read_aux_state(state)  # also checks the state's dim and width are ours
+        dim, width = self.dim, self.arena.state_width
         n = state["ids"].shape[0]
         for name, width_ in (("weights", dim), ("optimizer_state", width)):
             if tuple(state[name].shape) != (n, width_):
