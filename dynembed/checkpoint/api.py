@@ -287,7 +287,7 @@ def _commit(staging: Path, target: Path, info: dict) -> Path | None:
     try:
         fd = os.open(staging / "COMMIT", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         os.close(fd)
-    except FileExistsError:
+    except (FileExistsError, FileNotFoundError):  # another rank commits, or has committed
         return None
     tables, files, dense = {}, {}, None
     expected = (info["id"], info["num_buckets"],
@@ -332,10 +332,13 @@ def _commit(staging: Path, target: Path, info: dict) -> Path | None:
         "created": time.time(), "world_size": world_size,
         "num_buckets": info["num_buckets"], "dense": dense, "tables": tables, "files": files}
     mf.write_atomic(staging / mf.MANIFEST, mf.encode(manifest))
-    for scratch in (staging / "ID", staging / "COMMIT"):  # only the manifest's files stay
-        scratch.unlink()
+    (staging / "ID").unlink()
     shutil.rmtree(staging / "parts")
+    # COMMIT goes only after the rename: a rank that found every part a moment ago and
+    # tries to commit too then finds COMMIT or no staging directory. Removed earlier, it let
+    # that rank commit again and read parts being deleted.
     os.replace(staging, target)
+    (target / "COMMIT").unlink()  # only the manifest's files stay
     mf.fsync_dir(target.parent)
     return target
 

@@ -118,3 +118,30 @@ def test_admission_state_of_every_old_shard_reaches_the_rank_that_owns_its_keys(
     both = np.concatenate(seen)
     whole.lookup_slots(both, np.ones(10, dtype=np.int64), insert=True)  # the second sighting
     assert whole.contains(both).all()
+
+
+def test_a_second_rank_that_finds_every_part_does_not_commit_again(tmp_path, monkeypatch):
+    """Two ranks can both find every part written; the first commits. The commit marker was
+    removed before the parts, so the second could take it and read parts being deleted (a
+    2-to-3-rank torchrun job failed so)."""
+    from dynembed.checkpoint import api
+    shards = split(make_table(), 2, 16)
+    de.checkpoint.save(tmp_path / "c", tables={"t": shards[0]}, rank=0, world_size=2,
+                       num_buckets=16)
+    staging, target = tmp_path / "c.partial", tmp_path / "c"
+    late = []
+    real_rmtree = api.shutil.rmtree
+
+    def rmtree_then_late_rank(path, *args, **kwargs):
+        if path == staging / "parts":  # the committer is between its manifest and rename
+            info = {"id": "x", "world_size": 2, "num_buckets": 16, "parent": None,
+                    "parent_path": None}
+            late.append(api._commit(staging, target, info))
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(api.shutil, "rmtree", rmtree_then_late_rank)
+    done = de.checkpoint.save(target, tables={"t": shards[1]}, rank=1, world_size=2,
+                              num_buckets=16)
+    assert done == target and late == [None]
+    assert sorted(p.name for p in target.iterdir() if p.is_file()) == ["MANIFEST.json"]
+    de.checkpoint.load(target, tables={"t": make_table()})
