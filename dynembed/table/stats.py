@@ -31,7 +31,7 @@ class Counters(CallStats):
     """Cumulative counters since the table was made (or reset)."""
 
     lookup_calls: int = 0
-    """Lookup calls."""
+    """Lookup calls: module calls, and the table's ``find`` / ``find_or_insert``."""
     erased: int = 0
     """Rows removed by erase or clear."""
     updated_rows: int = 0

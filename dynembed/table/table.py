@@ -329,13 +329,17 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch):
         Returns:
             (n, dim) float32, not attached to autograd.
         """
+        return self._read_counted(ids)[0]
+
+    def _read_counted(self, ids: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """:meth:`read`, also returning the (n,) bool mask of ids without a row."""
         call = CallStats(keys=ids.shape[0])
         out, missing = self._find_gather(ids, call)
         call.hits = ids.shape[0] - call.misses
         call.defaults_served = int(np.count_nonzero(missing))
         self.last_call = call
         self.counters.add_call(call)
-        return out
+        return out, missing
 
     def gather(self, slots: np.ndarray, *, missing: np.ndarray | None = None) -> torch.Tensor:
         """(u, dim) rows at ``slots``; the default vector where a slot is EMPTY.
@@ -378,7 +382,8 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch):
 
     # ----------------------------------------------------------------- public verbs
     def find(self, keys) -> FindResult:
-        """Rows of keys without inserting or touching metadata.
+        """Rows of keys without inserting or touching metadata; a lookup call in the stats,
+        as an eval-mode lookup.
 
         Args:
             keys: (n,) keys (int64 ids, or str/bytes).
@@ -386,7 +391,7 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch):
         Returns:
             FindResult(values (n, dim), found (n,) bool); default vector where not found.
         """
-        values, missing = self._find_gather(self.ids_of(keys).ids)
+        values, missing = self._read_counted(self.ids_of(keys).ids)
         return FindResult(values, torch.from_numpy(~missing))
 
     def contains(self, keys) -> torch.Tensor:
@@ -397,7 +402,7 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch):
 
     def find_or_insert(self, keys) -> InsertResult:
         """Rows of keys, creating (initialising) missing ones, admission aside. Does not
-        touch metadata.
+        touch metadata. A lookup call in the stats (its new rows count as inserts).
 
         Returns:
             InsertResult(values (n, dim), inserted (n,) bool).
@@ -411,13 +416,19 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch):
         unique, inverse, counts = unique_inverse(batch.ids)
         values = torch.empty((unique.shape[0], self.dim), dtype=torch.float32)
         created = np.zeros(unique.shape[0], dtype=bool)
+        call = CallStats(keys=batch.ids.shape[0])
         for part in self._chunks(unique.shape[0]):
             slots = self.index.find(unique[part])
+            call.misses += int(counts[part][slots == EMPTY].sum())
             created[part] = self._fill_missing(unique[part], counts[part], slots,
-                                               create=CREATE_ALL, step=self.step)[1]
+                                               create=CREATE_ALL, step=self.step,
+                                               call=call)[1]
             values[part] = self.gather(slots)
         if created.any() and self.key_log is not None and batch.strings is not None:
             self.key_log.add(batch.ids, batch.strings)
+        call.hits = call.keys - call.misses
+        self.last_call = call
+        self.counters.add_call(call)
         pick = torch.from_numpy(inverse)
         return InsertResult(values.index_select(0, pick), torch.from_numpy(created[inverse]))
 
@@ -502,13 +513,16 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch):
         self._check_writable("erase")
         unique = unique_inverse(self.ids_of(keys).ids)[0]
         slots = self.index.find(unique)
-        stored_only = int(np.count_nonzero(self._stored_only(unique, slots)))
+        stored = self._stored_only(unique, slots)
         if self.tier is not None:
             self.tier.delete(unique)  # first: it may fail
-        freed = self._release(unique, erased=True)
+        # Only keys that had a row start an erasure epoch: lookups of absent keys have no
+        # gradient to protect, and every epoch makes pending backward passes resolve again.
+        present = unique[(slots != EMPTY) | stored]
+        freed = self._release(present, erased=True) if present.shape[0] else present
         if self.key_log is not None:
             self.key_log.discard(unique)
-        removed = int(freed.shape[0]) + stored_only
+        removed = int(freed.shape[0]) + int(np.count_nonzero(stored))
         self.counters.erased += removed
         return removed
 

@@ -216,11 +216,11 @@ def test_eval_reads_every_key_without_inserting_and_counts_each_occurrence():
     out = coll(batch)
     torch.testing.assert_close(out["title"], trained["title"])
     torch.testing.assert_close(out["query"][1], trained["query"][1])
+    words = coll.tables["words"].stats().totals
     shoe = coll.tables["words"].find(["shoe"]).values[0]
     torch.testing.assert_close(out["query"][0], shoe / 2)  # the unseen key adds zeros
     torch.testing.assert_close(out["user_id"][1], torch.zeros(3))
     assert coll.tables["words"].size() == 4 and coll.tables["user"].size() == 2
-    words = coll.tables["words"].stats().totals
     assert words.hits - before["tables.words"].hits == 6  # per occurrence: shoe twice
     assert words.defaults_served - before["tables.words"].defaults_served == 1
     users = coll.tables["user"].stats().totals

@@ -159,6 +159,18 @@ def test_fused_gradient_for_row_erased_and_reused_before_backward_is_skipped():
     assert emb.stats().totals.skipped_gradients == 1
 
 
+
+def test_erasing_absent_keys_between_lookup_and_backward_skips_no_gradient():
+    # more no-op erases than the bounded erase log holds: they must not count as erasures
+    emb = de.DynamicEmbedding(dim=2, optimizer=de.optim.SGD(lr=1.0), seed=0)
+    before = emb.table.find_or_insert([1]).values.clone()
+    out = emb([1])
+    for _ in range(4100):
+        assert emb.table.erase([12345]) == 0
+    out.sum().backward()
+    torch.testing.assert_close(emb.table.find([1]).values, before - 1.0)
+    assert emb.stats().totals.skipped_gradients == 0
+
 def _nan_loss(out):
     return (out * torch.tensor([[1.0, 1.0], [math.nan, 1.0]])).sum()
 

@@ -54,3 +54,24 @@ def test_counters_survive_a_checkpoint(tmp_path):
     de.checkpoint.load(tmp_path / "c", restored)
     assert restored.stats().totals == before
     assert before.keys == 5 and before.defaults_served == 1 and before.updated_rows == 3
+
+
+def test_find_and_find_or_insert_are_counted_lookup_calls():
+    """Rows created by find_or_insert once counted nowhere: totals.inserts stayed 0 while
+    the table held them."""
+    table = de.DynamicTable(de.TableConfig(dim=4, eviction=de.policy.LRU(),
+                                           store=MemoryStore()))
+    table.find_or_insert(torch.tensor([1, 2, 2, 3]))
+    call = table.last_call
+    assert (call.keys, call.hits, call.misses, call.inserts) == (4, 0, 4, 3)
+    assert table.evict(3) == 3  # all to the store
+    table.find_or_insert(torch.tensor([1, 3, 4]))
+    call = table.last_call
+    assert (call.keys, call.hits, call.misses, call.inserts, call.loaded) == (3, 0, 3, 1, 2)
+    found = table.find(torch.tensor([4, 5, 5]))
+    assert found.found.tolist() == [True, False, False]
+    call = table.last_call
+    assert (call.keys, call.hits, call.defaults_served) == (3, 1, 2)
+    totals = table.stats().totals
+    assert (totals.lookup_calls, totals.inserts, totals.keys) == (3, 4, 10)
+    assert table.size() == 3 and table.count_below_memory() == 1
