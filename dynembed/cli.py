@@ -262,6 +262,9 @@ def _add_serve(commands) -> None:
                        help="ms a batch waits to fill up")
     serve.add_argument("--response-timeout", type=int, default=120, help="seconds")
     serve.add_argument("--max-request-size", type=int, default=6_553_500, help="bytes")
+    serve.add_argument("--job-queue-size", type=int, default=100,
+                       help="requests that may wait for a worker per model version and "
+                            "process; more get 503 at once (TorchServe's job_queue_size)")
     serve.add_argument("--follow", nargs="*", metavar="NAME=CHECKPOINT_DIR",
                        help="apply newer checkpoints of a training job to a model's tables")
     serve.add_argument("--follow-interval", type=float, default=5.0, help="seconds")
@@ -274,6 +277,7 @@ _SERVE_FLAGS = {"default_workers": "--workers", "batch_size": "--batch-size",
                 "max_batch_delay_ms": "--max-batch-delay",
                 "response_timeout_s": "--response-timeout",
                 "max_request_bytes": "--max-request-size", "processes": "--processes",
+                "job_queue_size": "--job-queue-size",
                 "follow_interval_s": "--follow-interval", "follow": "--follow"}
 
 
@@ -292,6 +296,7 @@ def _serve(args) -> int:
             default_workers=args.workers, batch_size=args.batch_size, preload=args.preload,
             processes=args.processes, max_batch_delay_ms=args.max_batch_delay,
             response_timeout_s=args.response_timeout, max_request_bytes=args.max_request_size,
+            job_queue_size=args.job_queue_size,
             follow=_pairs(args.follow, "--follow"), follow_interval_s=args.follow_interval,
             allow_custom_handlers=tuple(args.allow_custom_handler))
     except ValueError as e:  # name the flag, not the config field

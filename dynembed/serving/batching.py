@@ -55,6 +55,12 @@ class BatcherStopped(RuntimeError):
     """The batcher takes no more requests: its model version is being unregistered."""
 
 
+class QueueFull(RuntimeError):
+    """The batcher's queue holds its limit of requests (TorchServe's ``job_queue_size``):
+    the request is refused at once instead of waiting behind a backlog it would time out
+    in."""
+
+
 @dataclass
 class _Request:
     examples: list
@@ -81,12 +87,15 @@ class Batcher:
         max_batch_delay_ms: most time a request waits for its batch to fill.
         workers: worker count (>= 0; with 0, :meth:`submit` raises :class:`NoWorkers`).
         on_batch: called with :class:`BatchStats` after every batch.
+        max_queued: most requests waiting for a worker (None: no limit); past it
+            :meth:`submit` raises :class:`QueueFull`.
     """
 
     def __init__(self, predict, *, batch_size: int = 1, max_batch_delay_ms: float = 0.0,
-                 workers: int = 1, on_batch=None) -> None:
+                 workers: int = 1, on_batch=None, max_queued: int | None = None) -> None:
         self.predict = predict
         self.batch_size, self.max_batch_delay_ms = batch_size, max_batch_delay_ms
+        self.max_queued = max_queued
         self.on_batch = on_batch
         self._queue: collections.deque[_Request] = collections.deque()
         self._queued_examples = 0
@@ -106,6 +115,11 @@ class Batcher:
     def pending(self) -> int:
         """Requests waiting for a worker."""
         return len(self._queue)
+
+    @property
+    def remaining_capacity(self) -> int | None:
+        """Requests the queue takes before it is full (None: no limit)."""
+        return None if self.max_queued is None else max(0, self.max_queued - len(self._queue))
 
     async def start(self) -> None:
         """Starts the workers (in the running event loop)."""
@@ -140,6 +154,7 @@ class Batcher:
         Raises:
             BatcherStopped: :meth:`stop` has begun (its workers would never take it).
             NoWorkers: the batcher is scaled to 0 workers.
+            QueueFull: ``max_queued`` requests already wait.
             asyncio.TimeoutError: no result within ``timeout`` seconds.
             Exception: whatever the handler raised for the batch.
         """
@@ -147,6 +162,8 @@ class Batcher:
             raise BatcherStopped("the batcher is stopping")
         if self._target == 0:
             raise NoWorkers("the batcher has 0 workers")
+        if self.max_queued is not None and len(self._queue) >= self.max_queued:
+            raise QueueFull(f"{len(self._queue)} requests are queued")
         future = self._loop.create_future()
         self._queue.append(_Request(examples, future))
         self._queued_examples += len(examples)

@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import dynembed
-from dynembed.serving.batching import BatcherStopped, NoWorkers
+from dynembed.serving.batching import BatcherStopped, NoWorkers, QueueFull
 from dynembed.serving.handler import InputError
 from dynembed.serving.registry import ServingError, bad_request
 
@@ -70,6 +70,12 @@ async def _submit(entry, examples: list) -> list:
                            f"No worker is available to serve request for model: "
                            f"{entry.name} {entry.version}; scale it up, e.g. PUT "
                            f"/models/{entry.name}?min_worker=1") from None
+    except QueueFull as e:
+        raise ServingError(503, "ServiceUnavailableException",
+                           f"model {entry.name} {entry.version} is overloaded: {e} "
+                           f"(job_queue_size); retry later, add workers (PUT "
+                           f"/models/{entry.name}?min_worker=N) or raise --job-queue-size"
+                           ) from None
     except asyncio.TimeoutError:
         raise ServingError(503, "ServiceUnavailableException",
                            f"model {entry.name} {entry.version} did not answer within "

@@ -86,8 +86,8 @@ class ModelVersion:
                 "maxBatchDelay": self.max_batch_delay_ms, "responseTimeout":
                 self.response_timeout_s, "loadedAtStartup": self.loaded_at_startup,
                 "workers": workers,
-                "jobQueueStatus": {"remainingCapacity": 0, "pendingRequests":
-                                   self.batcher.pending}}
+                "jobQueueStatus": {"remainingCapacity": self.batcher.remaining_capacity,
+                                   "pendingRequests": self.batcher.pending}}
 
 
 def resident_bytes(pid: int) -> int:
@@ -114,12 +114,13 @@ class Registry:
     """
 
     def __init__(self, model_store: str | Path, *, allow_custom_handlers=(),
-                 on_batch=None) -> None:
+                 on_batch=None, job_queue_size: int | None = None) -> None:
         self.model_store = Path(model_store).resolve()
         if not self.model_store.is_dir():
             raise ValueError(f"model_store {model_store} is not a directory")
         self.allow_custom = set(allow_custom_handlers)
         self.on_batch = on_batch
+        self.job_queue_size = job_queue_size
         self.models: dict[str, dict[str, ModelVersion]] = {}
         self.defaults: dict[str, str] = {}
         self._lock = asyncio.Lock()
@@ -195,7 +196,8 @@ class Registry:
                                    f"for model {package.name}")
             batcher = Batcher(handler.predict, batch_size=batch_size,
                               max_batch_delay_ms=max_batch_delay_ms, workers=initial_workers,
-                              on_batch=self._batch_callback(package.name, package.version))
+                              on_batch=self._batch_callback(package.name, package.version),
+                              max_queued=self.job_queue_size)
             await batcher.start()
             entry = ModelVersion(package.name, package.version, url, handler, batcher,
                                  batch_size, max_batch_delay_ms, initial_workers,

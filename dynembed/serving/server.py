@@ -88,6 +88,9 @@ class ServerConfig:
     response_timeout_s: int = 120
     max_request_bytes: int = 6_553_500
     """Request bodies over this are refused (413), as TorchServe's max_request_size."""
+    job_queue_size: int = 100
+    """Requests that may wait for a worker, per model version and process, as TorchServe's
+    job_queue_size; more are answered 503 at once rather than queued behind a backlog."""
     follow: dict[str, str] = field(default_factory=dict)
     """model name -> a training job's checkpoint directory to follow: every version of the
     model, also one registered later, serves the tables of its newest checkpoint."""
@@ -110,7 +113,7 @@ class ServerConfig:
         for name in ("inference_address", "management_address", "metrics_address"):
             parse_address(getattr(self, name), name)
         for name in ("default_workers", "batch_size", "max_request_bytes",
-                     "response_timeout_s", "torch_threads", "processes"):
+                     "response_timeout_s", "torch_threads", "processes", "job_queue_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if not 0 <= self.max_batch_delay_ms < math.inf:
@@ -182,7 +185,8 @@ class ModelServer:
         torch.set_num_threads(config.torch_threads)
         set_num_threads(min(config.torch_threads, get_num_threads()))  # dynembed's kernels
         self.registry = Registry(config.model_store,
-                                 allow_custom_handlers=config.allow_custom_handlers)
+                                 allow_custom_handlers=config.allow_custom_handlers,
+                                 job_queue_size=config.job_queue_size)
         self.metrics = ServingMetrics(self.registry)
         self.registry.on_batch = self.metrics.on_batch
         self.tokens = Tokens(management=config.management_auth,

@@ -54,6 +54,9 @@ def test_export_names_a_bad_factory_and_creates_no_directory(tmp_path):
 def test_serve_names_the_flag_and_a_missing_startup_model(store):
     line = _error_line(_dynembed("serve", "--model-store", str(store), "--workers", "0"), 1)
     assert line.startswith("error: --workers: ")
+    line = _error_line(_dynembed("serve", "--model-store", str(store), "--job-queue-size",
+                                 "0"), 1)
+    assert line.startswith("error: --job-queue-size: job_queue_size must be an integer >= 1")
     line = _error_line(_dynembed("serve", "--model-store", str(store), "--models",
                                  "ctr=../elsewhere"), 1)
     assert line == "error: --models ctr=../elsewhere: not a package inside --model-store"

@@ -239,3 +239,30 @@ def test_scaling_to_zero_answers_what_waits_and_what_comes():
         asyncio.run(main())
     finally:
         release.set()
+
+
+def test_a_full_queue_refuses_at_once_and_takes_again_when_it_drains():
+    from dynembed.serving.batching import QueueFull
+    predict, release, inside = _held_handler()
+
+    async def main():
+        batcher = Batcher(predict, batch_size=1, workers=1, max_queued=1)
+        await batcher.start()
+        assert batcher.remaining_capacity == 1
+        held = asyncio.ensure_future(batcher.submit([1]))
+        while not inside.is_set():
+            await asyncio.sleep(0.01)
+        queued = asyncio.ensure_future(batcher.submit([2]))
+        await asyncio.sleep(0.05)
+        assert (batcher.pending, batcher.remaining_capacity) == (1, 0)
+        with pytest.raises(QueueFull, match="1 requests are queued"):
+            await batcher.submit([3])
+        release.set()
+        assert (await held, await queued) == ([1], [2])
+        assert await batcher.submit([4]) == [4]
+        await batcher.stop()
+
+    try:
+        asyncio.run(main())
+    finally:
+        release.set()

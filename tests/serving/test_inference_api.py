@@ -319,6 +319,56 @@ def test_a_body_over_max_request_bytes_is_413(models, tmp_path):
         small.stop()
 
 
+
+def test_requests_past_job_queue_size_are_503_at_once(models, tmp_path):
+    """The queue was unbounded: under overload every request waited behind the backlog
+    until it timed out, and describe said remainingCapacity 0 with nothing queued."""
+    import threading
+    store, _ = models
+    small = start_server(store, models={"ctr": "ctr-1.0"}, job_queue_size=1,
+                         max_batch_delay_ms=0, key_file=str(tmp_path / "key_file.json"))
+    headers = small.token()
+    describe = lambda: httpx.get(small.management + "/models/ctr", headers=headers,
+                                 timeout=30).json()[0]["jobQueueStatus"]
+    try:
+        assert describe() == {"remainingCapacity": 1, "pendingRequests": 0}
+        batcher = small.server.registry.get("ctr", None).batcher
+        release, inside, served = threading.Event(), threading.Event(), batcher.predict
+
+        def held(batch):  # holds the one worker, so the next request stays queued
+            inside.set()
+            release.wait(30)
+            return served(batch)
+
+        batcher.predict = held
+        answers = {}
+
+        def send(name):
+            answers[name] = _post(small, "/predictions/ctr", json=examples(1, seed=5))
+
+        first = threading.Thread(target=send, args=("running",))
+        first.start()
+        assert inside.wait(30)
+        second = threading.Thread(target=send, args=("queued",))
+        second.start()
+        for _ in range(300):
+            if batcher.pending == 1:
+                break
+            threading.Event().wait(0.01)
+        assert describe() == {"remainingCapacity": 0, "pendingRequests": 1}
+        refused = _post(small, "/predictions/ctr", json=examples(1, seed=6))
+        message = torchserve_error(refused, 503, "ServiceUnavailableException")
+        assert "job_queue_size" in message and "overloaded" in message
+        release.set()
+        first.join(30)
+        second.join(30)
+        assert answers["running"].status_code == answers["queued"].status_code == 200
+        batcher.predict = served
+        assert _post(small, "/predictions/ctr", json=examples(1, seed=6)).status_code == 200
+    finally:
+        release.set()
+        small.stop()
+
 def test_unknown_paths_are_404_and_wrong_methods_405(server):
     for path in ("/nope", "/predictions", "/v2/models", "/v2/models/ctr/explain"):
         message = torchserve_error(_get(server, path), 404, "ResourceNotFoundException")
