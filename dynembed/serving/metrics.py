@@ -137,6 +137,10 @@ class ServingMetrics:
         self.refreshes = Counter("dynembed_serving_checkpoint_refreshes",
                                  "Newer training checkpoints applied to live tables.",
                                  labels, registry=self.registry)
+        self.refresh_failures = Counter(
+            "dynembed_serving_checkpoint_refresh_failures",
+            "Attempts to apply a followed checkpoint that failed (the model keeps serving "
+            "its tables as they were).", ["model"], registry=self.registry)
         self._request_counters: dict = {}
         if models is not None:
             self.registry.register(_TableCollector(models))

@@ -308,6 +308,8 @@ class ModelServer:
         """Applies each newer checkpoint of ``directory`` to model ``name``'s tables, and
         the newest one to versions registered since (again, or new)."""
         loop = asyncio.get_running_loop()
+        reported = None  # the failure logged last: a checkpoint that cannot be applied is
+        # retried every interval, but its traceback is logged once, not every interval
         while True:
             try:
                 if directory.is_dir():
@@ -320,8 +322,15 @@ class ModelServer:
                         await self.refresh(name, latest, behind)
                         logger.info("model %s %s now serves the tables of %s", name,
                                     behind, latest)
-            except Exception:
-                logger.exception("could not apply the newest checkpoint of %s", directory)
+                reported = None
+            except Exception as e:
+                self.metrics.refresh_failures.labels(name).inc()
+                failure = f"{type(e).__name__}: {e}"
+                if failure != reported:
+                    logger.exception("could not apply the newest checkpoint of %s (retried "
+                                     "every %s s; logged again only if the error changes)",
+                                     directory, self.config.follow_interval_s)
+                reported = failure
             await asyncio.sleep(self.config.follow_interval_s)
 
     # ------------------------------------------------------------------ running

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -152,3 +153,32 @@ def test_make_model_is_deterministic():
     batch = examples(4)
     assert expected(*a, batch) == expected(*b, batch)
     assert torch.equal(a[1][0].weight, b[1][0].weight)
+
+
+def test_a_checkpoint_that_cannot_be_applied_is_logged_once_and_counted(tmp_path, caplog):
+    """The follower logged a full traceback every interval for as long as the newest
+    checkpoint could not be applied, and no metric showed it."""
+    store = tmp_path / "store"
+    store.mkdir()
+    coll, dense = write_package(store)
+    ckpt = tmp_path / "ckpt"
+    manager = de.checkpoint.CheckpointManager(ckpt)
+    manager.save(1, de.DynamicEmbedding(dim=2))  # another model's tables
+    caplog.set_level(logging.ERROR, logger="dynembed.serving.server")
+    server = start_server(store, models={"ctr": "ctr-1.0"}, follow={"ctr": str(ckpt)},
+                          follow_interval_s=0.02)
+    metric = 'dynembed_serving_checkpoint_refresh_failures_total{model="ctr"}'
+
+    def failures() -> float:
+        text = httpx.get(server.metrics + "/metrics", timeout=30).text
+        return next((float(line.split()[-1]) for line in text.splitlines()
+                     if line.startswith(metric)), 0.0)
+
+    try:
+        eventually(lambda: failures() >= 5)
+        logged = [r for r in caplog.records if "could not apply" in r.getMessage()]
+        assert len(logged) == 1 and logged[0].exc_info is not None
+        manager.save(2, Trained(coll, dense))  # the job's own tables: applied
+        eventually(lambda: server.server.registry.get("ctr").handler.refreshes >= 1)
+    finally:
+        server.stop()
