@@ -15,8 +15,9 @@ rows in memory (a table over a store samples its working set) and are never inse
   the table's counts (the sampling-bias correction of two-tower retrieval).
 
 The frequency samplers keep a snapshot of the live rows' counts and refresh it every
-``refresh_every`` training steps of the table (or when its size changed by a tenth), so
-a draw costs O(num log N), not O(N).
+``refresh_every`` training steps of the table, when rows equal to a tenth of it entered or
+left memory since (growth, eviction under a budget, erasure), or when all its rows were
+replaced (a clear, a state loaded), so a draw costs O(num log N), not O(N).
 """
 
 from __future__ import annotations
@@ -29,6 +30,19 @@ import numpy as np
 from dynembed.table.arena import COUNT, ID, LAST_STEP
 from dynembed.table.eviction import FREE_STEP
 from dynembed.table.index import EMPTY
+
+
+def _churn(table) -> tuple[int, int]:
+    """(rows that entered or left the table's memory so far, times all rows were replaced)."""
+    c = table.counters
+    return c.inserts + c.loaded + c.evicted + c.discarded + c.erased, table.wipes
+
+
+def _stale(table, step: int, size: int, churn: tuple[int, int], refresh_every: int) -> bool:
+    """Whether what was read of ``table`` at (step, size, churn) is out of date."""
+    moved, wipes = _churn(table)
+    return (table.step - step >= refresh_every or wipes != churn[1]
+            or moved - churn[0] > size // 10 or size == 0)
 
 
 def _live(table) -> tuple[np.ndarray, np.ndarray]:
@@ -101,6 +115,7 @@ class _Snapshot:
     p_by_id: np.ndarray  # p of each of by_id
     step: int
     size: int
+    churn: tuple[int, int]  # _churn(table) when taken
     table: int  # id() of the table it describes (a sampler may serve several)
 
 
@@ -119,15 +134,14 @@ class _FrequencySampler(CandidateSampler):
     def snapshot(self, table) -> _Snapshot:
         """The current snapshot of the live rows' probabilities (refreshed when stale)."""
         snap = self._snapshot
-        size = table.size()
         if (snap is None or snap.table != id(table)
-                or table.step - snap.step >= self.refresh_every
-                or abs(size - snap.size) > max(snap.size // 10, 0) or snap.size == 0):
+                or _stale(table, snap.step, snap.size, snap.churn, self.refresh_every)):
             ids, counts = _live(table)
             order, p = self._weights(counts)
             ids = ids[order]
             by = np.argsort(ids)
-            snap = _Snapshot(ids, np.cumsum(p), ids[by], p[by], table.step, size, id(table))
+            snap = _Snapshot(ids, np.cumsum(p), ids[by], p[by], table.step, table.size(),
+                             _churn(table), id(table))
             self._snapshot = snap
         return snap
 
@@ -184,7 +198,9 @@ class InBatch(CandidateSampler):
     of the live rows' counts is refreshed like the frequency samplers' snapshots."""
 
     refresh_every: int = 1000
-    _total: tuple[int, int, float, int] | None = field(default=None, init=False, repr=False)
+    # (step, size, churn, total count, id(table)) when read
+    _total: tuple | None = field(default=None, init=False,
+                                                            repr=False)
 
     def __post_init__(self) -> None:
         _check_refresh_every(self.refresh_every)
@@ -198,14 +214,13 @@ class InBatch(CandidateSampler):
     def log_expected_count(self, table, ids, num):
         """log(batch positives * the id's share of the live rows' training counts)."""
         cached = self._total
-        if (cached is None or cached[3] != id(table)
-                or table.step - cached[0] >= self.refresh_every
-                or abs(table.size() - cached[1]) > cached[1] // 10):
-            cached = (table.step, table.size(), float(max(_live(table)[1].sum(), 1)),
-                      id(table))
+        if (cached is None or cached[4] != id(table)
+                or _stale(table, *cached[:3], self.refresh_every)):
+            cached = (table.step, table.size(), _churn(table),
+                      float(max(_live(table)[1].sum(), 1)), id(table))
             self._total = cached
         slots = table.index.find(ids)
         counts = np.ones(ids.shape[0])
         live = slots != EMPTY
         counts[live] = np.maximum(table.arena.np("meta")[slots[live], COUNT], 1)
-        return np.log(num * counts / cached[2])
+        return np.log(num * counts / cached[3])

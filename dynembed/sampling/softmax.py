@@ -178,6 +178,11 @@ def _candidates(output, inputs, labels, *, num_sampled, sampler, remove_accident
     if inputs.dim() != 2 or inputs.shape[1] != table.dim:
         raise ValueError(f"inputs must have shape (batch, {table.dim}), got "
                          f"{tuple(inputs.shape)}")
+    if not inputs.is_floating_point():
+        raise TypeError(f"inputs must be a float tensor, got {inputs.dtype}")
+    # rows are float32: inputs of a float64 or bfloat16 model are scored in float32, and
+    # their gradient flows back through the cast
+    inputs = inputs.to(torch.float32)
     sampler = sampler or Uniform()
     rng = generator if isinstance(generator, np.random.Generator) else \
         np.random.default_rng(generator)
@@ -194,11 +199,13 @@ def _candidates(output, inputs, labels, *, num_sampled, sampler, remove_accident
                                        string_ids=string_ids)
     else:
         pos_slots = table.index.find(unique_pos)
-    sampled = sampler.sample(table, num_sampled, rng, unique_pos)
-    sampled = sampled[table.index.find(sampled) != EMPTY]  # stale snapshot rows skipped
+    drawn = sampler.sample(table, num_sampled, rng, unique_pos)
+    sampled = drawn[table.index.find(drawn) != EMPTY]  # rows gone since a snapshot skipped
     if num_sampled and sampled.shape[0] == 0 and not isinstance(sampler, InBatch):
-        log.warning("sampled softmax: the output table has no row in memory to draw "
-                    "negatives from; the loss covers the positives only")
+        log.warning("sampled softmax: %s; the loss covers the positives only",
+                    "the output table has no row in memory to draw negatives from"
+                    if table.size() == 0 else
+                    f"all {drawn.shape[0]} negatives drawn had left memory")
     cand_ids, cand_inverse, _ = unique_inverse(np.concatenate([unique_pos, sampled]))
     cand_slots = table.index.find(cand_ids)
     cand_slots[cand_inverse[:unique_pos.shape[0]]] = pos_slots  # EMPTY if not admitted
@@ -276,8 +283,8 @@ def sampled_softmax_loss(output: DynamicEmbedding, inputs: torch.Tensor, labels,
     # of [positives, negatives] taken in two parts (no (B, P + S) tensor is built)
     log_z = torch.logaddexp(torch.logsumexp(c.true_logits, 1),
                             torch.logsumexp(c.neg_logits, 1)
-                            if c.neg_logits.shape[1] else torch.full_like(
-                                c.true_logits[:, 0], float("-inf")))
+                            if c.neg_logits.shape[1] else
+                            torch.full((c.true_logits.shape[0],), float("-inf")))
     positives = torch.from_numpy(c.positives).to(c.true_logits.dtype)
     true_sum = torch.where(torch.isinf(c.true_logits), torch.zeros_like(c.true_logits),
                            c.true_logits).sum(1)

@@ -106,10 +106,13 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch):
         """Calls that changed rows' values (updates, assigns): tells a derived structure,
         such as an approximate search index, that it is stale."""
         self.erasures = 0
+        """Calls that removed rows (erase, eviction, clear, load); slots looked up before a
+        change of this number are checked before they receive gradients."""
         self._erase_log: deque = deque(maxlen=4096)  # (epoch, erased ids or None: all)
         self._erase_log_floor = 0
-        """Calls that removed rows (erase, clear, load); slots looked up before a change of
-        this number are checked before they receive gradients."""
+        self.wipes = 0
+        """Times every row was replaced at once (clear, load): tells derived structures,
+        such as a sampler's snapshot, that nothing they hold is current."""
         self._pending: list[tuple[np.ndarray, torch.Tensor]] = []
         self.counters = Counters()
         self.last_call = CallStats()
@@ -552,6 +555,7 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch):
             raise
 
     def _clear_memory(self) -> None:
+        self.wipes += 1
         self.changes.wipe()
         if self.base is not None:
             self.base.close()

@@ -113,3 +113,37 @@ def test_one_sampler_can_serve_two_tables():
     sampler.sample(a, 10, np.random.default_rng(0), np.empty(0))
     drawn = sampler.sample(b, 50, np.random.default_rng(0), np.empty(0))
     assert drawn.tolist() == [1] * 50  # b's own snapshot, not a's
+
+
+@pytest.mark.parametrize("make", [Unigram, LogUniform])
+def test_snapshots_follow_rows_replaced_under_a_budget(make):
+    """The size stays at the budget while eviction replaces rows: the snapshot once kept
+    the evicted ids, whose draws were dropped, until no negative was left at all."""
+    out = de.DynamicEmbedding(dim=4, seed=1, optimizer=de.optim.SGD(lr=0.1), max_rows=300,
+                              store=de.storage.MemoryStore())
+    sampler, rng = make(), np.random.default_rng(0)
+    for step in range(20):
+        labels = torch.arange(step * 50, step * 50 + 50)
+        got = de.sampled_logits(out, torch.randn(50, 4), labels, num_sampled=64,
+                                sampler=sampler, generator=rng).sampled_ids
+        assert got.shape[0] == 64, step  # every draw is a row in memory
+    assert out.table.stats().totals.evicted > 600
+
+
+@pytest.mark.parametrize("make", [Unigram, InBatch])
+def test_a_loaded_state_refreshes_the_snapshot(make):
+    """A loaded state of the same size and step left the old snapshot in place: draws and
+    probabilities described rows that were gone."""
+    table = counted_table()
+    sampler = make()
+    sampler.log_expected_count(table, np.array([1]), 10)
+    n = table.size()
+    other = de.DynamicTable(de.TableConfig(dim=4, seed=1, optimizer=de.optim.SGD(lr=0.1)))
+    other.lookup_slots(np.arange(1000, 1000 + n), np.full(n, 7), insert=True)
+    assert (other.size(), other.step) == (n, table.step)
+    table.load_state_dict(other.state_dict())
+    got = reported(sampler, table, np.arange(1000, 1000 + n), draws=n)
+    np.testing.assert_allclose(got, 1 / n)  # equal counts over the loaded rows
+    if isinstance(sampler, Unigram):
+        drawn = sampler.sample(table, 50, np.random.default_rng(0), np.empty(0, np.int64))
+        assert set(drawn.tolist()) <= set(range(1000, 1000 + n))

@@ -174,3 +174,31 @@ def test_negatives_are_drawn_after_the_positives_lookup_under_a_budget():
     expected = x @ rows.T - float(np.log(20 / len(out.table)))
     hits = torch.from_numpy(np.isin(got.sampled_ids, [100, 101]))
     torch.testing.assert_close(got.logits[:, 1:][:, ~hits], expected[:, ~hits])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_inputs_of_other_float_dtypes_are_scored_in_float32(dtype):
+    """float64 and bfloat16 inputs failed inside torch with an unnamed dtype mismatch."""
+    out = output_table(de.optim.SGD(lr=0.1))
+    x = torch.randn(4, D).to(dtype).requires_grad_(True)
+    kwargs = {"num_sampled": 5, "generator": 0}
+    loss = de.sampled_softmax_loss(out, x, [1, 2, 3, 4], **kwargs)
+    want = de.sampled_softmax_loss(output_table(de.optim.SGD(lr=0.1)), x.detach().float(),
+                                   [1, 2, 3, 4], **kwargs)
+    torch.testing.assert_close(loss, want)
+    loss.backward()
+    assert x.grad.dtype == dtype and torch.isfinite(x.grad.float()).all()
+    with pytest.raises(TypeError, match="inputs must be a float tensor, got torch.int64"):
+        de.sampled_softmax_loss(out, torch.zeros(1, D, dtype=torch.int64), [1], num_sampled=2)
+
+
+@pytest.mark.parametrize("sampler,num", [(InBatch(), 5), (Uniform(), 0)])
+def test_an_empty_batch_without_negatives(sampler, num):
+    """It raised an IndexError; the mean of no examples is NaN, as torch's cross_entropy."""
+    out = output_table()
+    none = de.sampled_softmax_loss(out, torch.zeros(0, D), torch.empty(0, dtype=torch.int64),
+                                   num_sampled=num, sampler=sampler, reduction="none")
+    assert none.shape == (0,)
+    mean = de.sampled_softmax_loss(out, torch.zeros(0, D), [], num_sampled=num,
+                                   sampler=sampler)
+    assert torch.isnan(mean)
