@@ -19,19 +19,43 @@ import numpy as np
 
 
 class StepClock:
-    """Wall-clock time of table steps, sampled at most once a second (bounded memory), so a
-    time-to-live in seconds can be turned into a step."""
+    """Wall-clock time of table steps, so a time-to-live in seconds can be turned into a step.
 
-    def __init__(self) -> None:
+    Args:
+        horizon_s: the longest time back it will be asked about (a TTL's seconds; None:
+            nothing reads it, so nothing is recorded). It samples the step at most once per
+            ``max(1 s, horizon_s / 4096)`` and forgets samples older than the horizon
+            (keeping the last one before it), so its memory stays bounded however long the
+            job runs (it once kept one sample per second forever: 180 MiB a month).
+    """
+
+    def __init__(self, horizon_s: float | None = math.inf) -> None:
+        self.horizon_s = horizon_s
+        finite = horizon_s is not None and math.isfinite(horizon_s)
+        self.resolution_s = max(1.0, horizon_s / 4096) if finite else 1.0
         self.steps: list[int] = []
         self.times: list[float] = []
 
     def tick(self, step: int, now: float | None = None) -> None:
         """Records that ``step`` happened at ``now`` (default: time.time())."""
+        if self.horizon_s is None:
+            return
         now = time.time() if now is None else now
-        if not self.times or now - self.times[-1] >= 1.0:
+        if not self.times or now - self.times[-1] >= self.resolution_s:
             self.steps.append(step)
             self.times.append(now)
+            # forget what is past the horizon but the last sample before it, in amortised
+            # chunks (half the list at least) so ticks stay O(1)
+            old = bisect.bisect_left(self.times, now - self.horizon_s) - 1
+            if old > 0 and 2 * old >= len(self.times):
+                del self.steps[:old], self.times[:old]
+
+    def reset(self, step: int, now: float | None = None) -> None:
+        """Starts again from ``step`` at ``now``: the steps of a loaded state happened at no
+        known time, so its rows count as seen at the load (their time to live starts)."""
+        self.steps.clear()
+        self.times.clear()
+        self.tick(step, now)
 
     def last_step_before(self, t: float) -> int:
         """The last recorded step that happened before time ``t`` (-1 if none)."""
@@ -72,6 +96,12 @@ class EvictionPolicy:
     def expires(self) -> bool:
         """Whether :meth:`expired` can ever name a row (scheduled sweeps need it)."""
         return type(self).expired is not EvictionPolicy.expired
+
+    @property
+    def clock_horizon_s(self) -> float | None:
+        """How far back the policy asks ``rows.clock`` about, in seconds (None: it never
+        reads the clock)."""
+        return None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,7 +157,8 @@ class TTL(EvictionPolicy):
     steps: int | None = None
     """Time to live in table steps (training lookups)."""
     seconds: float | None = None
-    """Time to live in wall-clock seconds (resolution: one second)."""
+    """Time to live in wall-clock seconds (resolution: one second, or seconds / 4096 if
+    coarser). Rows of a loaded state count as seen at the load."""
 
     def __post_init__(self) -> None:
         if (self.steps is None) == (self.seconds is None):
@@ -142,6 +173,10 @@ class TTL(EvictionPolicy):
 
     def scores(self, rows):
         return rows.last_step.astype(np.float64)
+
+    @property
+    def clock_horizon_s(self) -> float | None:
+        return self.seconds
 
     def expired(self, rows):
         if self.steps is not None:

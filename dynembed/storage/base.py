@@ -105,12 +105,16 @@ class EmbeddingStore(ABC):
 
     def scan(self, batch_size: int = 65536) -> Iterator[RowBlock]:
         """Every stored row, in blocks of at most ``batch_size`` (order is the backend's)."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+                or batch_size <= 0:
             raise ValueError(f"batch_size must be an int > 0, got {batch_size!r}")
+        batch_size = int(batch_size)
         codec = self._codec()
         for ids, values in self._scan(batch_size):
-            if ids.shape[0]:
-                yield codec.decode_present(ids, values)
+            # a backend may answer more at once (Redis's HSCAN COUNT is only a hint)
+            for start in range(0, ids.shape[0], batch_size):
+                yield codec.decode_present(ids[start:start + batch_size],
+                                           values[start:start + batch_size])
         self._check_open()  # a store closed mid-scan ends it with an error, not early
 
     def size(self) -> int:

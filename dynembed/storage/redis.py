@@ -45,6 +45,22 @@ _MULTI = hiredis.pack_command((b"MULTI",))
 _EXEC = hiredis.pack_command((b"EXEC",))
 
 
+_CREDENTIALS = (rex.AuthenticationError, rex.AuthorizationError)
+"""Refused credentials; redis-py files them under ConnectionError, which is retried."""
+
+
+class _Retry(Retry):
+    """redis-py's Retry, giving up at once on refused credentials: retrying cannot fix a
+    password, and the backoff only delayed the error."""
+
+    def call_with_retry(self, do, fail, is_retryable=None, with_failure_count=False):
+        def retryable(error: Exception) -> bool:
+            return not isinstance(error, _CREDENTIALS) and (
+                is_retryable is None or is_retryable(error))
+
+        return super().call_with_retry(do, fail, retryable, with_failure_count)
+
+
 def _redact(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
@@ -100,9 +116,9 @@ class RedisStore(EmbeddingStore):
         self._keys = [f"{namespace}:{{{s:x}}}".encode() for s in range(shards)]
         self._meta_key = f"{namespace}:meta".encode()
         backoff = ExponentialBackoff(cap=backoff_cap, base=backoff_base)
-        self._retry = Retry(backoff, retries, supported_errors=(
+        self._retry = _Retry(backoff, retries, supported_errors=(
             rex.ConnectionError, rex.TimeoutError, rex.ClusterDownError))
-        kwargs = {"retry": Retry(backoff, retries),
+        kwargs = {"retry": _Retry(backoff, retries),
                       "retry_on_error": [rex.ConnectionError, rex.TimeoutError],
                       "socket_timeout": timeout, "socket_connect_timeout": timeout}
         try:
@@ -119,6 +135,11 @@ class RedisStore(EmbeddingStore):
     # ------------------------------------------------------------------ helpers
     def _translate(self, action: str, exc: Exception) -> StoreError:
         text = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, _CREDENTIALS):
+            return StoreError(
+                f"{self.name}: cannot {action}: the server refused the credentials ({text}); "
+                "give the right user and password in the URL "
+                "(redis://user:password@host:port/db)")
         if isinstance(exc, (rex.ConnectionError, rex.TimeoutError,
                             rex.ClusterDownError)) or "connect" in text.lower():
             return StoreUnavailableError(

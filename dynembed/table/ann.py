@@ -114,13 +114,13 @@ class ApproximateIndex:
                                   and self.table.update_step - self._built_at[0]
                                   >= self.rebuild_every):
             self.rebuild()
-        q = torch.as_tensor(queries).detach()
-        single = q.dim() == 1
-        q = np.array((q.reshape(1, -1) if single else q).numpy(), dtype=np.float32,
-                     copy=True)  # a copy: faiss normalises in place
+        given = torch.as_tensor(queries).detach()
+        single = given.dim() == 1
+        q = np.array((given.reshape(1, -1) if single else given).to(torch.float32).numpy(),
+                     dtype=np.float32, copy=True)  # a copy: faiss normalises in place
         if q.ndim != 2 or q.shape[1] != self.table.dim:
             raise ValueError(f"queries must have shape (q, {self.table.dim}) or "
-                             f"({self.table.dim},), got {tuple(q.shape)}")
+                             f"({self.table.dim},), got {tuple(given.shape)}")
         if self.rows == 0:
             scores = np.full((q.shape[0], k), -np.inf, dtype=np.float32)
             found = np.full((q.shape[0], k), -1, dtype=np.int64)

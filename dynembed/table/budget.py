@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
+
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
@@ -16,7 +18,8 @@ def parse_bytes(value: str | int, arg: str = "memory_budget") -> int:
         ValueError: not a positive size with a known unit (B, KB, MB, GB, TB, KiB, MiB, GiB,
             TiB).
     """
-    if isinstance(value, int) and not isinstance(value, bool):
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        value = int(value)
         if value <= 0:
             raise ValueError(f"{arg} must be > 0 bytes, got {value}")
         return value

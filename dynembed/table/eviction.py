@@ -56,7 +56,7 @@ class Evictor:
                  sweep_every: int | None, sweep_rows: int = 1 << 16) -> None:
         self.policy, self.max_rows = policy, max_rows
         self.sweep_every, self.sweep_rows = sweep_every, sweep_rows
-        self.clock = StepClock()
+        self.clock = StepClock(policy.clock_horizon_s)
         self._hand = 0
         self._sweep_at: int | None = None  # next slot of a running sweep, None when idle
         self._protect = np.zeros(0, dtype=bool)

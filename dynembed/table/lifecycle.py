@@ -58,7 +58,10 @@ class RowLifecycle:
     def _push_free(self, slots: np.ndarray) -> None:
         need = self._free_top + slots.shape[0]
         if need > self._free.shape[0]:
-            grown = np.empty(max(need, 2 * self._free.shape[0]), dtype=np.int64)
+            # never past the arena's capacity (all its slots free): the memory budget counts
+            # 8 bytes a row for this stack, and doubling went past it
+            grown = np.empty(max(need, min(2 * self._free.shape[0], self.arena.capacity)),
+                             dtype=np.int64)
             grown[:self._free_top] = self._free[:self._free_top]
             self._free = grown
         self._free[self._free_top:need] = slots
@@ -337,9 +340,10 @@ class RowLifecycle:
         if self.evictor is None:
             raise ValueError("the table has no eviction policy; make it with eviction= "
                              "(e.g. de.policy.LRU()) or a memory_budget")
-        if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int)
-                                 or rows < 0):
+        if rows is not None and (isinstance(rows, bool)
+                                 or not isinstance(rows, (int, np.integer)) or rows < 0):
             raise ValueError(f"rows must be None or an int >= 0, got {rows!r}")
+        rows = None if rows is None else int(rows)
         self._check_writable("evict")
         meta, live = self.arena.np("meta"), self._high_water
         nothing = np.empty(0, dtype=np.int64)

@@ -86,7 +86,7 @@ class TableSnapshot:
         """The live rows with no copy in memory, a block at a time: the store's, then those
         of a lazily opened checkpoint that neither memory nor the store has (newer)."""
         if self.tier is not None:
-            for block in self.tier.scan():
+            for block in self.tier.scan(chunk_rows):
                 keep = self.index.find(block.ids) == EMPTY
                 if keep.any():
                     yield block.take(keep)
@@ -286,6 +286,8 @@ class TableSnapshot:
     def apply_aux_state(self, aux: AuxState) -> None:
         """Sets what :meth:`read_aux_state` decoded (cannot fail)."""
         self.step, self.update_step, self.seed = aux.step, aux.update_step, aux.seed
+        if self.evictor is not None:  # the clock's steps before the load mean nothing now
+            self.evictor.clock.reset(self.step)
         for name, value in aux.counters.items():
             setattr(self.counters, name, value)
         if self.key_log is not None:
@@ -319,6 +321,9 @@ class TableSnapshot:
             if tuple(state[name].shape) != (n,):
                 raise StateDictError(f"state dict '{name}' has shape "
                                      f"{tuple(state[name].shape)}, expected ({n},)")
+            if n and int(state[name].min()) < 0:  # -1 marks a free slot in the arena
+                raise StateDictError(f"state dict '{name}' holds {int(state[name].min())}; "
+                                     f"{name} are >= 0 (use 0 for rows never looked up)")
         if state["ids"].dim() != 1 or state["ids"].dtype not in _INT_DTYPES:
             raise StateDictError(f"state dict 'ids' must be a 1-D integer tensor, got "
                                  f"{_describe(state['ids'])}")

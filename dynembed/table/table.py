@@ -540,19 +540,19 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch):
         self.counters.erased += erased
 
     def clear_store(self) -> None:
-        """Empties the store.
+        """Empties the store. The rows in memory stay and are marked changed, so that they
+        reach the store again when evicted or flushed instead of vanishing (they once were
+        marked clean, and an eviction then dropped them uncounted).
 
         Raises:
-            StoreError: the store failed part way (it may have lost some rows): every row in
-                memory is marked changed, so that it reaches the store again when evicted
-                or flushed instead of vanishing.
+            StoreError: the store failed part way (it may have lost some rows); the rows in
+                memory are marked changed all the same.
         """
         try:
             self.tier.clear()
-        except StoreError:
+        finally:
             live = self.arena.np("meta")[:self._high_water, LAST_STEP] != FREE_STEP
             self.tier.mark(np.flatnonzero(live))
-            raise
 
     def _clear_memory(self) -> None:
         self.wipes += 1

@@ -316,10 +316,10 @@ class Tier:
         self.store.clear()
         self.dirty[:] = False
 
-    def scan(self):
-        """Every stored row (after the queue), in blocks."""
+    def scan(self, batch_size: int = 1 << 16):
+        """Every stored row (after the queue), in blocks of at most ``batch_size``."""
         self.drain()
-        return self.store.scan()
+        return self.store.scan(batch_size)
 
     def flush(self) -> None:
         """Waits for the queue and makes the store durable (a store taken over by another

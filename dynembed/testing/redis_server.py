@@ -15,6 +15,8 @@ import tempfile
 import time
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from typing_extensions import Self
 
 
@@ -57,7 +59,9 @@ def redis_server_binary() -> str:
 
 
 def _wait_ready(port: int, proc: subprocess.Popen, timeout: float) -> None:
-    client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.2)
+    # no client-side retries (redis-py retries with a backoff by default): this loop polls
+    client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.2,
+                         retry=Retry(NoBackoff(), 0))
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
@@ -66,6 +70,8 @@ def _wait_ready(port: int, proc: subprocess.Popen, timeout: float) -> None:
             try:
                 client.ping()
                 return
+            except (redis.AuthenticationError, redis.ResponseError):
+                return  # it answers, asking for a password (--requirepass)
             except redis.ConnectionError:
                 time.sleep(0.02)
         raise TimeoutError(f"redis-server on port {port} not ready after {timeout} s")
@@ -101,7 +107,11 @@ class RedisServer:
         if self.maxmemory:
             args += ["--maxmemory", self.maxmemory, "--maxmemory-policy", "noeviction"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_ready(self.port, self.proc, timeout)
+        try:
+            _wait_ready(self.port, self.proc, timeout)
+        except BaseException:  # never leave a server running that nobody will stop
+            self.stop()
+            raise
         return self
 
     def stop(self, timeout: float = 5.0) -> None:

@@ -262,3 +262,38 @@ def test_score_function_must_be_callable():
 def test_eviction_must_be_a_policy():
     with pytest.raises(TypeError, match="eviction"):
         de.TableConfig(dim=4, eviction="lru")
+
+
+def test_the_step_clock_keeps_only_what_its_ttl_can_ask_about():
+    """It kept one sample per second forever: 2.6M samples (180 MiB) after a month."""
+    clock = StepClock(horizon_s=60)
+    start = 1_000_000.0
+    for second in range(30 * 86_400 // 10):  # a month of ticks every 10 s
+        clock.tick(second, now=start + 10 * second)
+    assert len(clock.times) <= 2 * 60 // 10 + 2
+    now = start + 10 * (30 * 86_400 // 10 - 1)
+    assert clock.last_step_before(now - 60) == 30 * 86_400 // 10 - 8  # the sample before
+    long = StepClock(horizon_s=86_400 * 365)
+    for minute in range(20_000):
+        long.tick(minute, now=start + 60 * minute)
+    assert long.resolution_s == 86_400 * 365 / 4096 and len(long.times) <= 2_000
+    none = StepClock(horizon_s=None)
+    none.tick(5)
+    assert none.times == []
+    assert _table(de.policy.LRU()).evictor.clock.horizon_s is None  # LRU never reads it
+    assert _table(de.policy.TTL(seconds=30)).evictor.clock.horizon_s == 30
+
+
+def test_ttl_seconds_counts_rows_of_a_loaded_state_from_the_load():
+    """Loading a state with an earlier step kept the clock's samples of the later steps:
+    rows looked up after the load counted as older than the TTL and were evicted at once."""
+    t = _table(de.policy.TTL(seconds=2))
+    state = t.state_dict()  # step 0
+    now = time.time()
+    for step, age in ((1, 10.0), (97, 5.0), (193, 3.0), (288, 0.5)):
+        t.evictor.clock.tick(step, now=now - age)
+    t.step = 288
+    t.load_state_dict(state)
+    _lookup(t, [42])
+    _lookup(t, [43])
+    assert t.evict() == 0 and _present(t, [42, 43]) == [42, 43]

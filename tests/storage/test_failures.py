@@ -16,6 +16,7 @@ import torch
 import dynembed as de
 from dynembed.errors import (
     StoreCorruptError,
+    StoreError,
     StoreFullError,
     StoreLockedError,
     StoreUnavailableError,
@@ -332,3 +333,15 @@ def test_rows_of_the_wrong_shape_or_dtype_are_refused(column, bad):
     with pytest.raises(ValueError, match=f"rows.{column} must be"):
         store.put(block)
     assert store.size() == 0
+
+
+def test_refused_redis_credentials_fail_at_once_naming_them():
+    """A wrong password was retried with backoff and reported as an unreachable server."""
+    with RedisServer(extra=("--requirepass", "s3cret")) as server:
+        good = f"redis://:s3cret@127.0.0.1:{server.port}/0"
+        RedisStore(good, namespace="auth", retries=5, backoff_base=1.0).close()
+        for url in (server.url, f"redis://:wrong@127.0.0.1:{server.port}/0"):
+            with pytest.raises(StoreError, match="refused the credentials") as info:
+                RedisStore(url, namespace="auth", retries=5, backoff_base=1.0)
+            assert not isinstance(info.value, StoreUnavailableError)
+            assert "wrong" not in str(info.value)  # the password stays redacted

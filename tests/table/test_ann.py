@@ -86,3 +86,16 @@ def test_overwriting_rows_makes_the_index_stale():
     index.rebuild()
     table.insert_or_assign([4], torch.ones(1, 16))
     assert index.stale
+
+
+def test_queries_of_any_float_dtype_and_a_wrong_width_named_as_given():
+    table = de.DynamicTable(de.TableConfig(dim=4, seed=1, initializer=de.init.Normal(std=1)))
+    table.find_or_insert(torch.arange(50))
+    index = de.ApproximateIndex(table)
+    queries = torch.randn(3, 4)
+    want = index.search(queries, 5)
+    got = index.search(queries.to(torch.bfloat16).to(torch.float32), 5)  # reference
+    assert index.search(queries.to(torch.bfloat16), 5).ids.tolist() == got.ids.tolist()
+    assert index.search(queries.double(), 5).ids.tolist() == want.ids.tolist()
+    with pytest.raises(ValueError, match=r"got \(5,\)"):
+        index.search(torch.randn(5), 5)

@@ -227,3 +227,17 @@ def test_config_takes_numpy_integers():
                          initial_capacity=np.int64(8), default_value=np.float32(0.5))
     assert type(cfg.dim) is int and cfg.dim == 4 and type(cfg.seed) is int
     assert torch.equal(de.DynamicTable(cfg).find([5]).values, torch.full((1, 4), 0.5))
+
+
+@pytest.mark.parametrize("name", ["last_step", "counts"])
+def test_a_state_with_negative_steps_or_counts_is_refused(name):
+    """last_step -1 (the arena's mark of a free slot) made loaded rows invisible to top_k,
+    samplers and eviction, and Uniform sampling never returned."""
+    source = de.DynamicTable(de.TableConfig(dim=2))
+    source.find_or_insert(torch.arange(3))
+    state = source.state_dict()
+    state[name] = torch.tensor([0, -1, 2])
+    table = de.DynamicTable(de.TableConfig(dim=2))
+    with pytest.raises(de.errors.StateDictError, match=f"'{name}' holds -1"):
+        table.load_state_dict(state)
+    assert table.size() == 0

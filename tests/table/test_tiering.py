@@ -483,3 +483,48 @@ def test_a_clear_that_fails_part_way_loses_no_row_still_in_memory():
     assert table.contains(np.arange(40)).all()
     table.evict(rows=40)  # everything leaves memory: written back, not dropped
     assert table.contains(np.arange(40)).all()
+
+
+def test_clear_store_keeps_the_rows_in_memory_reaching_the_store():
+    """clear_store marked the rows in memory clean: an eviction then dropped them, uncounted,
+    and flush wrote nothing."""
+    store = MemoryStore()
+    table = de.DynamicTable(de.TableConfig(dim=4, seed=1, store=store,
+                                           eviction=de.policy.LRU()))
+    before = table.find_or_insert(torch.arange(4)).values.clone()
+    table.flush()
+    table.clear_store()
+    assert store.size() == 0 and table.size() == 4
+    assert table.evict(4) == 4
+    assert store.size() == 4 and table.contains(torch.arange(4)).all()
+    torch.testing.assert_close(table.find(torch.arange(4)).values, before)
+
+
+def test_stored_rows_are_read_in_blocks_of_chunk_rows():
+    """rows_below_memory read the store in blocks of 65,536 whatever chunk_rows said, so
+    top_k(chunk_rows=) did not bound its score blocks for stored rows."""
+    table = de.DynamicTable(de.TableConfig(dim=4, seed=1, store=MemoryStore(),
+                                           eviction=de.policy.LRU()))
+    table.find_or_insert(torch.arange(500))
+    table.evict(450)
+    blocks = [len(b) for b in table.rows_below_memory(chunk_rows=64)]
+    assert sum(blocks) == 450 and max(blocks) <= 64
+
+
+@pytest.mark.parametrize("free", ["erase", "evict"])
+def test_freeing_rows_in_batches_stays_within_the_memory_budget(free):
+    """The free-slot stack doubled past the 8 bytes a row the budget counts for it."""
+    table = DynamicTable(TableConfig(dim=16, optimizer=de.optim.Adagrad(lr=0.1),
+                                     memory_budget=np.int64(256 * 1024), store=MemoryStore(),
+                                     eviction=de.policy.LRU()))
+    n = table.max_rows
+    ids = np.arange(n, dtype=np.int64)
+    table.lookup_slots(ids, np.ones(n, dtype=np.int64), insert=True)
+    if free == "erase":
+        table.erase(ids[:-1])
+        table.erase(ids[-1:])
+    else:
+        table.evict(np.int64(n - 1))
+        table.evict(1)
+    assert table.size() == 0
+    assert table.stats().bytes_allocated <= 256 * 1024
