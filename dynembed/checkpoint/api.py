@@ -403,6 +403,11 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
         if unknown and model is not None:
             raise CheckpointError(f"checkpoint {folder} has tables {unknown} that the model "
                                   "does not; pass strict=False to ignore them")
+    routed = sorted({t.router.num_buckets for t in found.values() if t.router is not None})
+    if routed and routed != [manifest["num_buckets"]]:  # keys would load on other ranks
+        raise CheckpointError(f"checkpoint {folder} has {manifest['num_buckets']} key buckets "
+                              f"but the model was sharded with {routed[0]}; shard it with "
+                              f"num_buckets={manifest['num_buckets']} (Runtime or shard_model)")
     buckets = rank_buckets(rank, world_size, manifest["num_buckets"])
     plans = []
     for name, table in found.items():  # open and check the tables before changing anything

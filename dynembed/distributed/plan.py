@@ -10,6 +10,7 @@ and attaches a router to each table: sharded by key bucket, or replicated for ta
 from __future__ import annotations
 
 import datetime
+import math
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -42,10 +43,11 @@ class ShardPlan:
         return self.exchange.traffic
 
 
-def _fingerprint(table: DynamicTable) -> dict[str, str]:
+def _fingerprint(table: DynamicTable, num_buckets: int) -> dict[str, str]:
     """What must be equal on every rank for the table's rows to mean the same thing."""
     c = table.config
-    out = {"dim": str(table.dim), "state width": str(table.arena.state_width),
+    out = {"num_buckets": str(num_buckets),  # who owns a key
+           "dim": str(table.dim), "state width": str(table.arena.state_width),
            "optimizer": repr(c.optimizer), "initializer": repr(c.initializer),
            "hash_seed": str(c.hash_seed), "placement": c.placement,
            "update_mode": c.update_mode, "admission": repr(c.admission),
@@ -53,21 +55,34 @@ def _fingerprint(table: DynamicTable) -> dict[str, str]:
            "default_value": repr(c.default_value), "nonfinite_grads": c.nonfinite_grads,
            "eviction": repr(c.eviction)}
     # Memory budgets and stores stay per rank: machines may differ, and each rank's store
-    # has its own path or namespace.
+    # has its own path or namespace. But a replica without a store discards what its limit
+    # evicts, so replicas with different limits would hold different rows.
+    if c.placement == "replicated" and c.store is None:
+        out["row limit (max_rows / memory_budget) of a replica without a store"] = \
+            str(table.max_rows)
     if c.seed is not None:
         out["seed"] = str(c.seed)
     return out
 
 
-def check_same_tables(tables: dict[str, DynamicTable], group=None) -> None:
-    """Raises ConfigMismatchError on every rank unless all ranks have the same tables.
+def check_same_tables(tables: dict[str, DynamicTable], group=None, *,
+                      num_buckets: int = NUM_BUCKETS) -> None:
+    """Raises on every rank unless all ranks have the same tables, and no sharded table
+    already holds rows that another rank owns.
 
     Raises:
         ConfigMismatchError: names every difference: table names, then fields by table.
+        ValueError: a rank's sharded table holds rows of other ranks' buckets (named).
     """
-    mine = {name: _fingerprint(table) for name, table in sorted(tables.items())}
-    everyone: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, mine, group=group)
+    world_size, rank = dist.get_world_size(group), dist.get_rank(group)
+    mine = {name: _fingerprint(table, num_buckets) for name, table in sorted(tables.items())}
+    foreign = [name for name, table in sorted(tables.items())
+               if table.config.placement != "replicated"
+               and _holds_foreign_rows(table, rank, world_size, num_buckets)]
+    everyone: list = [None] * world_size
+    dist.all_gather_object(everyone, (mine, foreign), group=group)
+    holders = [f"rank {r}: {names}" for r, (_, names) in enumerate(everyone) if names]
+    everyone = [fingerprints for fingerprints, _ in everyone]
     problems = []
     reference = everyone[0]
     for rank, theirs in enumerate(everyone[1:], start=1):
@@ -87,6 +102,10 @@ def check_same_tables(tables: dict[str, DynamicTable], group=None) -> None:
             + ("; ..." if len(problems) > 8 else "")
             + ". Every rank must build the same model (the same TableConfig per table): "
             "check per-rank arguments and config files")
+    if holders:  # raised on every rank: one rank alone would leave the others waiting
+        raise ValueError(f"tables already hold rows of other ranks' buckets ({'; '.join(holders)}"
+                         "); shard the model before training it, then restore checkpoints "
+                         "(each rank loads only its buckets)")
 
 
 def _agree_on_seeds(tables: dict[str, DynamicTable], group) -> None:
@@ -103,16 +122,13 @@ def _agree_on_seeds(tables: dict[str, DynamicTable], group) -> None:
                 table.admitter = table.config.admission.create(seed)
 
 
-def _check_own_rows(name: str, table: DynamicTable, rank: int, world_size: int,
-                    num_buckets: int) -> None:
+def _holds_foreign_rows(table: DynamicTable, rank: int, world_size: int,
+                        num_buckets: int) -> bool:
     if table.size() == 0:
-        return
+        return False
     buckets = bucket_of_hash(table.index.bucket_hashes(), num_buckets)
     own = rank_buckets(rank, world_size, num_buckets)
-    if buckets.min() < own.start or buckets.max() >= own.stop:
-        raise ValueError(f"table {name!r} already holds rows of other ranks' buckets; "
-                         "shard the model before training it, then restore checkpoints "
-                         "(each rank loads only its buckets)")
+    return bool(buckets.min() < own.start or buckets.max() >= own.stop)
 
 
 def shard_model(model: nn.Module, *, group=None, num_buckets: int = NUM_BUCKETS,
@@ -135,15 +151,23 @@ def shard_model(model: nn.Module, *, group=None, num_buckets: int = NUM_BUCKETS,
 
     Raises:
         ConfigMismatchError: ranks built different tables (raised on every rank).
-        ValueError: a sharded table already holds rows other ranks own.
+        ValueError: a sharded table already holds rows other ranks own (raised on every
+            rank); a bad ``timeout`` or ``num_buckets``.
+        TypeError: ``model`` is not a torch module.
         RuntimeError: torch.distributed is not initialised.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module holding dynembed tables, got "
+                        f"{type(model).__name__}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+            or not 0 < timeout < math.inf:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("shard_model needs torch.distributed initialised; use "
                            "de.train.Runtime, or call torch.distributed.init_process_group")
     check_num_buckets(num_buckets)
     tables = named_tables(model)
-    check_same_tables(tables, group)
+    check_same_tables(tables, group, num_buckets=num_buckets)
     world_size, rank = dist.get_world_size(group), dist.get_rank(group)
     ranks = None if group is None else dist.get_process_group_ranks(group)
     exchange_group = dist.new_group(ranks=ranks, backend="gloo",
@@ -156,7 +180,6 @@ def shard_model(model: nn.Module, *, group=None, num_buckets: int = NUM_BUCKETS,
         if table.config.placement == "replicated":
             plan.replicated[name] = table
         else:
-            _check_own_rows(name, table, rank, world_size, num_buckets)
             plan.sharded[name] = table
         table.router = router
     return plan

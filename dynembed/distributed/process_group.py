@@ -34,11 +34,17 @@ class JobEnv:
         """Reads the launcher's variables (``os.environ`` by default).
 
         Raises:
-            ValueError: a variable is set but not a valid number.
+            ValueError: a variable is set but not a valid number, or only one of ``RANK``
+                and ``WORLD_SIZE`` is set.
         """
         env = os.environ if environ is None else environ
-        if "RANK" not in env or "WORLD_SIZE" not in env:
+        if "RANK" not in env and "WORLD_SIZE" not in env:
             return cls()
+        if "RANK" not in env or "WORLD_SIZE" not in env:  # each process would train alone
+            given, missing = ("RANK", "WORLD_SIZE") if "RANK" in env else ("WORLD_SIZE", "RANK")
+            raise ValueError(f"environment variable {given} is set but {missing} is not; a "
+                             "launcher sets both (start workers with torchrun or dynembed "
+                             f"train), or unset {given} to run one process")
         values = {}
         for key, name in (("RANK", "rank"), ("WORLD_SIZE", "world_size"),
                           ("LOCAL_RANK", "local_rank"),

@@ -110,9 +110,9 @@ class Runtime:
                  num_buckets: int = NUM_BUCKETS) -> None:
         _positive_or_none("every_steps", every_steps)
         _positive_or_none("every_seconds", every_seconds, float)
-        if timeout is None:
-            raise ValueError("timeout must be a positive number of seconds, got None")
-        _positive_or_none("timeout", timeout, float)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+                or not 0 < timeout < math.inf:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         if checkpoint_dir is None and (every_steps or every_seconds):
             raise ValueError("every_steps/every_seconds need checkpoint_dir=")
         # checked here, not at the first checkpoint or restart (after training)

@@ -71,14 +71,53 @@ def test_the_fingerprint_compares_what_changes_what_rows_mean_but_not_budgets():
         config = {"dim": 4, "optimizer": de.optim.SGD(lr=0.1), "seed": 1, **options}
         return de.DynamicTable(de.TableConfig(**config))
 
-    base = _fingerprint(table())
+    base = _fingerprint(table(), 4096)
     for field, options in {"read_only": {"read_only": True},
                            "default_value": {"default_value": 0.5},
                            "nonfinite_grads": {"nonfinite_grads": "skip"},
                            "eviction": {"eviction": de.policy.LFU(), "max_rows": 100},
                            "optimizer": {"optimizer": de.optim.SGD(lr=0.2)}}.items():
-        other = _fingerprint(table(**options))
+        other = _fingerprint(table(**options), 4096)
         assert {k for k in base if base[k] != other.get(k)} == {field}, field
     # machines may differ: a rank's memory budget is its own
-    assert _fingerprint(table(max_rows=100)) == base
-    assert _fingerprint(table(memory_budget="64MB")) == base
+    assert _fingerprint(table(max_rows=100), 4096) == base
+    assert _fingerprint(table(memory_budget="64MB"), 4096) == base
+
+    # ... except a replica without a store, which discards what its limit evicts
+    replica = _fingerprint(table(placement="replicated"), 4096)
+    assert _fingerprint(table(placement="replicated", max_rows=100), 4096) != replica
+    stored = [_fingerprint(table(placement="replicated", max_rows=rows,
+                                 store=de.storage.MemoryStore()), 4096) for rows in (100, 200)]
+    assert stored[0] == stored[1]  # evicted rows stay in the store: limits may differ
+    assert _fingerprint(table(), 1024) != base  # key ownership
+
+
+def test_shard_model_names_bad_arguments(group_of_one):
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        shard_model("model")
+    for bad in (0, -5, None, "10", float("inf"), True):
+        with pytest.raises(ValueError, match="timeout must be a positive number of seconds"):
+            shard_model(_model(), timeout=bad)
+
+
+def test_a_checkpoint_of_other_key_buckets_is_refused_by_a_sharded_model(group_of_one,
+                                                                          tmp_path):
+    """Restored with other buckets than the router's, keys loaded on ranks never asked for
+    them: their owners served defaults or made fresh rows."""
+    source = _model()
+    out = source({"big": torch.arange(50), "small": ["a"]})
+    (out["big"].sum() + out["small"].sum()).backward()
+    de.checkpoint.save(tmp_path / "c", source, num_buckets=4096)
+    routed = _model()
+    shard_model(routed, num_buckets=1024)
+    with pytest.raises(de.errors.CheckpointError, match="num_buckets=4096"):
+        de.checkpoint.load(tmp_path / "c", routed)
+    assert routed.tables["big"].size() == 0
+
+
+def test_a_half_set_launcher_environment_is_refused():
+    from dynembed.distributed import JobEnv
+    for env, given in (({"WORLD_SIZE": "2"}, "WORLD_SIZE"), ({"RANK": "1"}, "RANK")):
+        with pytest.raises(ValueError, match=f"{given} is set but"):
+            JobEnv.from_environ(env)
+    assert JobEnv.from_environ({}).world_size == 1

@@ -1,0 +1,107 @@
+"""shard_model's checks on two gloo ranks (spawned processes): what one rank alone got
+wrong fails on every rank, with one message, and the job can still go on."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pickle
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import dynembed as de
+from dynembed.distributed import shard_model
+
+WORLD = 2
+
+
+def _emb(**options) -> de.DynamicEmbedding:
+    return de.DynamicEmbedding(dim=2, optimizer=de.optim.SGD(lr=0.1), seed=1, **options)
+
+
+def _attempt(build) -> str | None:
+    """shard_model on what ``build()`` returns; the error it raised on this rank, if any."""
+    try:
+        shard_model(build(), timeout=30)
+    except (ValueError, TypeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _warm(rank: int) -> de.DynamicEmbedding:
+    emb = _emb()
+    if rank == 0:  # a lookup before sharding, on rank 0 only
+        emb(torch.arange(100)).sum().backward()
+    return emb
+
+
+def _worker(rank: int, init: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank,
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    try:
+        result = {
+            "foreign_rows": _attempt(lambda: _warm(rank)),
+            "replica_limits": _attempt(lambda: _emb(placement="replicated",
+                                                    max_rows=100 if rank else 200)),
+        }
+        try:
+            shard_model(_emb(), num_buckets=4096 if rank == 0 else 1024, timeout=30)
+            result["num_buckets"] = None
+        except de.errors.ConfigMismatchError as e:
+            result["num_buckets"] = str(e)
+        emb = _emb()  # after all that, the ranks are still in step
+        shard_model(emb, timeout=30)
+        emb(torch.tensor([rank, 10 + rank])).sum().backward()
+        result["then"] = emb.table.size()
+        error = None
+    except BaseException:  # noqa: BLE001 - reported to the test
+        result, error = None, traceback.format_exc()
+    with open(os.path.join(out, f"rank{rank}.pkl"), "wb") as f:
+        pickle.dump((result, error), f)
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("plan_ranks")
+    mp.start_processes(_worker, args=(str(folder / "init"), str(folder)), nprocs=WORLD,
+                       join=True, start_method="spawn")
+    results = []
+    for rank in range(WORLD):
+        with open(folder / f"rank{rank}.pkl", "rb") as f:
+            result, error = pickle.load(f)
+        assert error is None, error
+        results.append(result)
+    return results
+
+
+def test_rows_of_other_ranks_on_one_rank_fail_on_every_rank(ranks):
+    """Only rank 0 raised; rank 1 went on and timed out in its first lookup."""
+    for result in ranks:
+        assert result["foreign_rows"] is not None
+        assert "already hold rows of other ranks' buckets (rank 0: ['table'])" in \
+            result["foreign_rows"]
+
+
+def test_different_num_buckets_fail_on_every_rank(ranks):
+    """Ranks disagreed on who owns a key, and a key got a row on two ranks."""
+    for result in ranks:
+        assert result["num_buckets"] is not None
+        assert "num_buckets is 4096 on rank 0 but 1024 on rank 1" in result["num_buckets"]
+
+
+def test_replicas_without_a_store_need_one_row_limit(ranks):
+    """A replica with a smaller limit discarded rows the others kept: one key read
+    different vectors on different ranks."""
+    for result in ranks:
+        assert "row limit (max_rows / memory_budget) of a replica without a store is 200 " \
+               "on rank 0 but 100 on rank 1" in result["replica_limits"]
+
+
+def test_the_job_goes_on_after_the_refusals(ranks):
+    assert sum(result["then"] for result in ranks) == 4
