@@ -362,7 +362,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"test AUC {history[-1]['test_auc']:.4f}, test log loss {history[-1]['test_logloss']:.4f}")
         position.update(epoch=epoch + 1, batch=0, rng=rng.bit_generator.state, loss_sum=0.0,
                         seen=0)
-        if manager.latest() is None or manager.latest().name != f"step-{position['step']:010d}":
+        latest = manager.latest()  # step-N, or step-N-full once compacted
+        if latest is None or int(latest.name.split("-")[1]) != position["step"]:
             save(force=True)  # the end of an epoch is always a checkpoint
     if stopped:
         print(f"stopped after step {position['step']:,} as asked (--stop-after); the latest "

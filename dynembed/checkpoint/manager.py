@@ -165,14 +165,18 @@ class CheckpointManager:
             The committed checkpoint, or None while other ranks still write theirs.
 
         Raises:
-            FileExistsError: a checkpoint for ``step`` exists.
+            FileExistsError: a checkpoint for ``step`` exists (also as ``step-N-full``).
             CheckpointError, ValueError, TypeError: see :func:`dynembed.checkpoint.save`.
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be an int >= 0, got {step!r}")
+        path = self.directory / f"step-{step:010d}"
+        compacted = path.with_name(path.name + "-full")
+        if compacted.exists():  # a second step-N beside it: restore would take the older
+            raise FileExistsError(f"{compacted} exists (step {step}, compacted); checkpoints "
+                                  "are never overwritten")
         found = _gather_tables(model, tables)
         parent = self._parent_for(found)
-        path = self.directory / f"step-{step:010d}"
         # a delta keeps its chain's buckets (the chain may come from another setting)
         done = save(path, model, optimizer, extra, tables=tables, parent=parent,
                     rank=self.rank, world_size=self.world_size,

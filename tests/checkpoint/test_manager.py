@@ -29,6 +29,21 @@ def test_saves_full_then_deltas_and_compacts_long_chains(tmp_path):
     assert_same_rows(table, restored)
 
 
+
+def test_a_step_saved_again_after_its_compaction_is_refused(tmp_path):
+    """step-N was accepted beside step-N-full, and restore then took step-N-full (the
+    older state): the MovieLens example's --resume failed on every try."""
+    manager = de.checkpoint.CheckpointManager(tmp_path, keep_last=10, max_chain=2)
+    table = make_table()
+    for step in (1, 2, 3):
+        train(table, batches(1, 100, seed=step))
+        manager.save(step, tables={"t": table}, extra={"step": step})
+    assert manager.latest().name == "step-0000000003-full"
+    with pytest.raises(FileExistsError, match="step-0000000003-full exists"):
+        manager.save(3, tables={"t": table}, extra={"newer": True})
+    assert [p.name for p in manager.checkpoints()][-1] == "step-0000000003-full"
+    assert manager.restore(tables={"t": make_table()}) == {"step": 3}
+
 def test_keep_last_keeps_the_chains_it_needs(tmp_path):
     manager = de.checkpoint.CheckpointManager(tmp_path, keep_last=2, max_chain=100)
     table = make_table()

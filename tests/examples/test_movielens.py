@@ -66,15 +66,18 @@ def test_an_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(movielens
     from examples import movielens
 
     def run(name, *more):
-        return movielens.main(["--max-rows", "10000", "--epochs", "2", "--seed", "1",
+        return movielens.main(["--max-rows", "20000", "--epochs", "2", "--seed", "1",
                                "--no-progress", "--rows-in-memory", "600",
                                "--checkpoint-every", "7",
                                "--store-dir", str(tmp_path / name / "tables"),
                                "--checkpoint-dir", str(tmp_path / name / "ckpt"), *more])
 
     straight = run("straight")
-    assert run("cut", "--stop-after", "20")["stopped_at"] == 20  # step 14 is the latest
-    assert run("cut", "--resume", "--stop-after", "40")["stopped_at"] == 40  # epoch 2 now
+    # 63 steps an epoch: its end, step 63, is the 9th save, compacted to step-63-full (the
+    # example once saved step 63 again beside it, and every --resume then failed)
+    cut = run("cut", "--stop-after", "65")
+    assert cut["stopped_at"] == 65 and cut["latest_checkpoint"].name == "step-0000000063-full"
+    assert run("cut", "--resume", "--stop-after", "100")["stopped_at"] == 100  # mid epoch 2
     resumed = run("cut", "--resume")
     assert resumed["test_auc"] == straight["test_auc"]
     assert resumed["test_logloss"] == straight["test_logloss"]
