@@ -10,7 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
-from dynembed.errors import DynembedError
+from dynembed.errors import CheckpointError, DynembedError
 
 
 def _human(n: float) -> str:
@@ -57,6 +57,9 @@ def _inspect(args) -> int:
     path = Path(args.checkpoint)
     if not path.is_dir():
         print(f"error: checkpoint {path}: no such directory", file=sys.stderr)
+        return 2
+    if args.plot and Path(args.plot).suffix.lower() != ".png":
+        print(f"error: --plot {args.plot}: give a .png file", file=sys.stderr)
         return 2
     if _is_model_package(path):
         print(f"error: {path} is a model package; inspect its tables: {path / 'tables'}",
@@ -143,12 +146,16 @@ def _add_train(commands) -> None:
 def _train(args) -> int:
     from dynembed.train.launch import LaunchConfig, launch
 
-    config = LaunchConfig(script=args.script, script_args=list(args.script_args),
-                          module=args.module, nnodes=args.nnodes,
-                          nproc_per_node=args.nproc_per_node,
-                          max_restarts=args.max_restarts, rdzv_endpoint=args.rdzv_endpoint,
-                          rdzv_id=args.rdzv_id, rdzv_conf=args.rdzv_conf,
-                          log_dir=args.log_dir, tee=args.tee)
+    try:
+        config = LaunchConfig(script=args.script, script_args=list(args.script_args),
+                              module=args.module, nnodes=args.nnodes,
+                              nproc_per_node=args.nproc_per_node,
+                              max_restarts=args.max_restarts,
+                              rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id,
+                              rdzv_conf=args.rdzv_conf, log_dir=args.log_dir, tee=args.tee)
+    except ValueError as e:
+        raise _with_flag(e, {"nnodes": "--nnodes", "nproc_per_node": "--nproc-per-node",
+                             "max_restarts": "--max-restarts"}) from None
     code = launch(config, show_progress=not args.no_progress)
     print(f"dynembed train: torchrun exited with code {code}; worker logs in "
           f"{config.log_dir}", file=sys.stderr)
@@ -190,9 +197,12 @@ def _export(args) -> int:
 
     from dynembed.checkpoint import manifest as mf
     from dynembed.checkpoint.api import load
+    from dynembed.checkpoint.inspect import history
     from dynembed.checkpoint.manager import CheckpointManager
-    from dynembed.serving.package import export_package
+    from dynembed.serving.package import check_name, export_package
 
+    check_name(args.name, "--name")  # before any work
+    check_name(args.version, "--version")
     module_name, _, function = args.factory.partition(":")
     if not module_name or not function:
         raise ValueError(f"--factory must be module:function, got {args.factory!r}")
@@ -210,11 +220,21 @@ def _export(args) -> int:
             f"--factory {args.factory}: not a function that builds the model")
     model = factory()
     if not (checkpoint / mf.MANIFEST).exists():
+        # a CheckpointManager's step-N folders, else (as inspect) the newest of any others
         latest = CheckpointManager(checkpoint).latest()
         if latest is None:
-            raise ValueError(f"--checkpoint {checkpoint}: no checkpoint there")
+            found = history(checkpoint)
+            if not found:
+                raise ValueError(f"--checkpoint {checkpoint}: no checkpoint there")
+            latest = Path(found[-1]["path"])
         checkpoint = latest
-    load(checkpoint, model)  # strict: every table and weight of the model must be there
+    try:  # strict: every table and weight of the model must be there
+        load(checkpoint, model)
+    except CheckpointError as e:
+        raise ValueError(f"--checkpoint {checkpoint} does not fit the model --factory "
+                         f"{args.factory} builds: "
+                         + str(e).replace("; pass strict=False to ignore them", "")
+                         + "; the factory must build the model that was trained") from None
     if hasattr(model, "serving_parts"):
         parts = model.serving_parts()
     elif hasattr(model, "embeddings") and hasattr(model, "dense"):
@@ -273,7 +293,17 @@ def _add_serve(commands) -> None:
     serve.set_defaults(run=_serve)
 
 
+def _with_flag(error: ValueError, flags: dict[str, str]) -> ValueError:
+    """``error`` of a config field (its message starts with the field's name), naming the
+    command-line flag the user gave instead."""
+    field = str(error).split(" ", 1)[0]
+    return ValueError(f"{flags[field]}: {error}") if field in flags else error
+
+
 _SERVE_FLAGS = {"default_workers": "--workers", "batch_size": "--batch-size",
+                "inference_address": "--inference-address",
+                "management_address": "--management-address",
+                "metrics_address": "--metrics-address",
                 "max_batch_delay_ms": "--max-batch-delay",
                 "response_timeout_s": "--response-timeout",
                 "max_request_bytes": "--max-request-size", "processes": "--processes",
@@ -299,11 +329,8 @@ def _serve(args) -> int:
             job_queue_size=args.job_queue_size,
             follow=_pairs(args.follow, "--follow"), follow_interval_s=args.follow_interval,
             allow_custom_handlers=tuple(args.allow_custom_handler))
-    except ValueError as e:  # name the flag, not the config field
-        field = str(e).split(" ", 1)[0]
-        if field in _SERVE_FLAGS:
-            raise ValueError(f"{_SERVE_FLAGS[field]}: {e}") from None
-        raise
+    except ValueError as e:
+        raise _with_flag(e, _SERVE_FLAGS) from None
     store = Path(config.model_store).resolve()
     for name, url in config.models.items():  # before the server starts: a clear error
         package = (store / url).resolve()

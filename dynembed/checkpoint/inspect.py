@@ -25,12 +25,19 @@ _STEP = re.compile(r"step-(\d+)")
 
 
 def _brief(value):
-    """A value of ``extra`` as shown: small values whole, big ones summarised."""
+    """A value of ``extra`` as shown (plain JSON types): small values whole, big ones
+    summarised, tensors and other objects inside containers too."""
     if isinstance(value, torch.Tensor):
         return value.tolist() if value.numel() <= 8 else f"tensor{tuple(value.shape)}"
     if isinstance(value, (dict, list, tuple)) and len(repr(value)) > 80:
         return f"{type(value).__name__} of {len(value)}"
-    return value
+    if isinstance(value, dict):
+        return {str(k): _brief(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_brief(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)  # e.g. a numpy scalar: shown, never a JSON error
 
 
 def _top_keys(chain, name: str, entry: dict, top: int) -> list[dict]:
@@ -102,8 +109,9 @@ def history(directory: str | os.PathLike) -> list[dict]:
     directory name ``step-N``, else None)."""
     out = []
     for entry in sorted(Path(directory).iterdir()):
-        if ".damaged" in entry.name or not (entry / mf.MANIFEST).exists():
-            continue  # set aside by CheckpointManager.restore
+        if ".damaged" in entry.name or entry.name.endswith(".partial") \
+                or not (entry / mf.MANIFEST).exists():
+            continue  # set aside by CheckpointManager.restore, or never committed
         try:
             manifest = mf.read(entry)
         except CheckpointError as e:

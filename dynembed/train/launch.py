@@ -82,34 +82,62 @@ class LaunchConfig:
             argv.append("--tee=3")
         if self.module:
             argv.append("-m")
-        return argv + [self.script, *self.script_args]
+        # "--": torchrun's parser would otherwise read the script's options too, and fail on
+        # any that abbreviates one of its own (--max, --log, --node, ...)
+        return argv + ["--", self.script, *self.script_args]
+
+
+_FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_FIND_MODULE = "import importlib.util, sys; sys.exit(importlib.util.find_spec(sys.argv[1]) is None)"
+
+
+def _check_script(config: LaunchConfig) -> None:
+    """Fails early on a script that cannot start: else every worker fails at start, torchrun
+    restarts them all ``max_restarts`` times and shows only an exit code."""
+    if config.module:
+        # as the workers will: python -m, with the working directory on the path
+        found = subprocess.run([sys.executable, "-c", _FIND_MODULE, config.script],
+                               capture_output=True, text=True, timeout=120, check=False)
+        if found.returncode != 0:
+            why = (found.stderr.strip().splitlines() or ["not found"])[-1]
+            raise ValueError(f"-m {config.script}: no such module importable from "
+                             f"{os.getcwd()} ({why})")
+    elif not (os.path.isfile(config.script)
+              or os.path.isfile(os.path.join(config.script, "__main__.py"))):  # python runs both
+        raise ValueError(f"script {config.script!r} is not a file (or a directory with a "
+                         "__main__.py); give the training script's path, or -m for a module")
 
 
 def launch(config: LaunchConfig, *, show_progress: bool = True,
            poll_seconds: float = 0.5) -> int:
-    """Runs the job to its end and returns torchrun's exit code.
+    """Runs the job to its end and returns torchrun's exit code (128 + N when signal N
+    stopped it, as a shell reports).
 
-    SIGINT and SIGTERM are passed on to torchrun, which stops the workers (they checkpoint
-    first when they use a Runtime).
+    torchrun runs in a session of its own, so a Ctrl-C in the terminal reaches only this
+    launcher: SIGINT, SIGTERM and SIGHUP are passed on to torchrun as SIGTERM, which it
+    passes to the workers; a :class:`~dynembed.train.Runtime` then checkpoints at the next
+    step boundary and stops. (A Ctrl-C used to reach the workers directly as SIGINT, and
+    they died before checkpointing.)
 
     Raises:
-        ValueError: the script is not a file (else every worker fails at start, torchrun
-            restarts them all ``max_restarts`` times and shows only an exit code).
+        ValueError: the script is not a file, or ``-m``'s module cannot be found.
+        OSError: ``log_dir`` cannot be made.
     """
-    if not config.module and not (os.path.isfile(config.script) or os.path.isfile(
-            os.path.join(config.script, "__main__.py"))):  # python runs both
-        raise ValueError(f"script {config.script!r} is not a file (or a directory with a "
-                         "__main__.py); give the training script's path, or -m for a module")
+    _check_script(config)
+    if Path(config.log_dir).exists() and not Path(config.log_dir).is_dir():
+        raise ValueError(f"--log-dir {config.log_dir}: is a file; give a directory")
     Path(config.log_dir).mkdir(parents=True, exist_ok=True)
     progress_path = Path(config.log_dir) / "progress.json"
     progress_path.unlink(missing_ok=True)
     env = dict(os.environ, **{PROGRESS_ENV: str(progress_path.resolve())}, **TORCHRUN_ENV)
-    proc = subprocess.Popen(config.torchrun_argv(), env=env)
+    proc = subprocess.Popen(config.torchrun_argv(), env=env, start_new_session=True)
+    stopped_by: list[int] = []
 
     def forward(signum, frame):
+        stopped_by.append(signum)
         proc.send_signal(signal.SIGTERM)
 
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, forward) for s in _FORWARDED}
     bar = None
     try:
         while proc.poll() is None:
@@ -123,7 +151,12 @@ def launch(config: LaunchConfig, *, show_progress: bool = True,
             signal.signal(s, handler)
         if bar is not None:
             bar.close()
-    return proc.returncode
+        if proc.poll() is None:  # this launcher failed: do not leave the job running
+            proc.terminate()
+            proc.wait()
+    if stopped_by and proc.returncode != 0:  # torchrun exits 1 after passing a signal on
+        return 128 + stopped_by[0]
+    return proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
 
 
 def _show(path: Path, bar):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
 import numpy as np
+import torch
 
 import dynembed as de
 
@@ -55,3 +57,24 @@ def test_inspect_of_a_damaged_checkpoint_fails_with_the_reason(tmp_path):
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 1
     assert "manifest is damaged" in result.stderr
+
+
+def test_inspect_json_with_tensors_in_extra_and_a_partial_checkpoint(tmp_path):
+    """A tensor nested in extra (Runtime saves the user's dict under "user") ended --json
+    with a traceback; a step-N.partial left by a crash was shown as the newest."""
+    from dynembed.checkpoint.inspect import history
+    table = de.DynamicTable(de.TableConfig(dim=2, seed=1))
+    table.find_or_insert(np.arange(10))
+    manager = de.checkpoint.CheckpointManager(tmp_path, keep_last=10)
+    extra = {"user": {"best": torch.tensor(0.25), "n": [torch.tensor(3)]}, "step": 1}
+    manager.save(1, tables={"t": table}, extra=extra)
+    partial = tmp_path / "step-0000000002.partial"
+    shutil.copytree(tmp_path / "step-0000000001", partial)  # a manifest, never renamed
+    assert [h["path"] for h in history(tmp_path)] == [str(tmp_path / "step-0000000001")]
+    result = subprocess.run([sys.executable, "-m", "dynembed", "inspect", str(tmp_path),
+                             "--json"], capture_output=True, text=True, timeout=120,
+                            check=False)
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["path"] == str(tmp_path / "step-0000000001")
+    assert info["extra"]["user"] == {"best": 0.25, "n": [3]}

@@ -10,6 +10,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import torch
 
 from dynembed.checkpoint.manager import CheckpointManager
@@ -152,14 +153,18 @@ def test_an_unexpected_restore_error_on_one_rank_stops_every_rank_at_once(tmp_pa
     assert [p.name for p in ckpt.iterdir()] == ["step-0000000005"]
 
 
-def test_sigterm_checkpoints_the_current_step_and_resume_loses_nothing(tmp_path):
+@pytest.mark.parametrize("how", ["sigterm", "ctrl-c"])
+def test_sigterm_checkpoints_the_current_step_and_resume_loses_nothing(tmp_path, how):
     """`dynembed train` passes SIGTERM to torchrun, which passes it to the workers: they
-    agree on a step boundary, checkpoint it and stop; the next run resumes at that step."""
+    agree on a step boundary, checkpoint it and stop; the next run resumes at that step.
+    A Ctrl-C (SIGINT to the terminal's whole process group) does the same: it once reached
+    the workers directly, and they died before checkpointing."""
     out, ckpt, logs = tmp_path / "out", tmp_path / "ckpt", tmp_path / "logs"
     cmd = [sys.executable, "-m", "dynembed", "train", "--nproc-per-node=2", "--no-progress",
            f"--log-dir={logs}", WORKER, "--out", str(out), "--ckpt", str(ckpt),
            "--steps", "400", "--every", "1000", "--step-sleep", "0.05"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # a terminal's process group of its own
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -169,11 +174,15 @@ def test_sigterm_checkpoints_the_current_step_and_resume_loses_nothing(tmp_path)
             time.sleep(0.1)
         else:
             raise AssertionError("the job made no progress")
-        proc.send_signal(signal.SIGTERM)
+        if how == "sigterm":
+            proc.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(proc.pid, signal.SIGINT)
         proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
+    assert proc.returncode == 128 + (signal.SIGTERM if how == "sigterm" else signal.SIGINT)
     progress = read_progress(logs / "progress.json")
     assert progress["state"] == "preempted"
     stopped = progress["step"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -19,11 +20,11 @@ def test_torchrun_command_has_c10d_restarts_and_logs():
                  "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0", "--log-dir=L",
                  "--redirects=3"):
         assert flag in argv
-    assert argv[-3:] == ["train.py", "--steps", "3"]
+    assert argv[-4:] == ["--", "train.py", "--steps", "3"]
     elastic = LaunchConfig(script="m.train", module=True, nnodes="1:4",
                            rdzv_endpoint="head:29400", rdzv_id="job7").torchrun_argv()
     assert "--nnodes=1:4" in elastic and "--rdzv-endpoint=head:29400" in elastic
-    assert elastic[-2:] == ["-m", "m.train"]
+    assert elastic[-3:] == ["-m", "--", "m.train"]
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -64,7 +65,7 @@ def test_a_script_that_is_not_a_file_is_refused_before_torchrun(tmp_path, capsys
     (package / "__main__.py").write_text("")
     seen = []
     monkeypatch.setattr(launch_module.subprocess, "Popen",
-                        lambda argv, env: seen.append(argv) or _Done())
+                        lambda argv, env, start_new_session: seen.append(argv) or _Done())
     assert launch_module.launch(LaunchConfig(script=str(package), log_dir=str(tmp_path / "l")),
                                 show_progress=False) == 0
     assert seen and seen[0][-1] == str(package)
@@ -83,3 +84,31 @@ class _Done:
 
     def send_signal(self, signum):
         pass
+
+
+def test_script_options_that_abbreviate_torchrun_options_reach_the_script(tmp_path):
+    """torchrun read them as its own: --max was 'ambiguous' and the job never started."""
+    script = tmp_path / "echo_args.py"
+    script.write_text("import json, os, sys\n"
+                      "if os.environ['RANK'] == '0':\n"
+                      "    open(sys.argv[1], 'w').write(json.dumps(sys.argv[2:]))\n")
+    seen = tmp_path / "argv.json"
+    args = ["--log", "x", "--max", "5", "--node", "3", "--run", "exp1", "-m", "y"]
+    code = launch_module.launch(LaunchConfig(script=str(script), script_args=[str(seen), *args],
+                                             max_restarts=0, log_dir=str(tmp_path / "logs")),
+                                show_progress=False)
+    assert code == 0 and json.loads(seen.read_text()) == args
+
+
+def test_a_missing_module_or_a_log_dir_that_is_a_file_is_refused_before_torchrun(
+        tmp_path, capsys, monkeypatch):
+    """-m of a missing module ran 4 failing attempts, and the terminal said only FAILED."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "--log-dir", "logs", "-m", "no_such_module_xyz"]) == 1
+    assert "-m no_such_module_xyz: no such module importable from" in capsys.readouterr().err
+    (tmp_path / "job.py").write_text("")
+    (tmp_path / "afile").write_text("")
+    assert cli.main(["train", "--log-dir", "afile", "job.py"]) == 1
+    assert "--log-dir afile: is a file" in capsys.readouterr().err
+    (tmp_path / "localjob.py").write_text("")  # a module in the working directory is found
+    launch_module._check_script(LaunchConfig(script="localjob", module=True))
