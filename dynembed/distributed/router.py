@@ -10,8 +10,10 @@ many tables there are:
   update cover the whole global batch), looks the ids up in its shard, and one all-to-all
   of the packed rows (tables of any dims, flattened) brings them back. Backward sends each
   row's gradient to its owner the same way; the owner sums the parts per id and applies
-  the sparse optimizer once. Each rank's part carries a flag: whether it computed NaN or
-  inf gradients for a table that raises on them, so every rank raises, not only the owner.
+  the sparse optimizer once. Each rank's part of both row exchanges carries a flag, so a
+  failure on one rank raises on every rank in the same collective (and the ranks stay in
+  step): forward, whether the owner's lookup failed (a memory budget, a store); backward,
+  whether the requester computed NaN or inf gradients for a table that raises on them.
 - *replicated* tables: a training lookup all-gathers the ranks' ``(id, count, table)``
   triples so every replica inserts and touches the same rows, and backward all-gathers the
   gradients so every replica applies the same update. Evaluation reads the local replica.
@@ -26,13 +28,14 @@ import numpy as np
 import torch
 
 from dynembed.distributed.exchange import Exchange
-from dynembed.errors import NonFiniteGradientError
+from dynembed.errors import DistributedError, NonFiniteGradientError
 from dynembed.kernels.gather import segment_sum
 from dynembed.kernels.hash_index import unique_inverse
 from dynembed.kernels.sparse_updates import nonfinite_rows
 from dynembed.keys.buckets import NUM_BUCKETS, buckets_of, rank_of_bucket
 from dynembed.nn._autograd import Lookup
 from dynembed.table.arena import take_rows
+from dynembed.table.index import EMPTY
 from dynembed.table.table import DynamicTable
 
 
@@ -87,20 +90,67 @@ def _count_nonfinite(table: DynamicTable, grads: np.ndarray) -> int:
     return bad
 
 
-def _flagged(widths: np.ndarray, per_rank: np.ndarray,
-             flag_width: int) -> tuple[_Packing, np.ndarray, np.ndarray]:
+def _flagged(widths: np.ndarray, per_rank: np.ndarray, flag_width: int,
+             trailer: np.ndarray | None = None) -> tuple[_Packing, np.ndarray, np.ndarray]:
     """The packing of a buffer grouped by rank (``per_rank[r]`` entries of ``widths`` for
-    rank r) with one more entry of ``flag_width`` floats after each rank's entries, whose
-    first float carries a flag. Flag entries as wide as the rows keep a one-width buffer a
-    plain (rows, dim) array.
+    rank r) with a trailer of ``trailer[r]`` (default 1) more entries of ``flag_width``
+    floats after each rank's entries: its first float carries a flag, the rest what the
+    caller puts there. Trailer entries as wide as the rows keep a one-width buffer a plain
+    (rows, dim) array.
 
     Returns:
-        (packing, (entries,) index of each entry in it, (W,) index of each rank's flag).
+        (packing, (entries,) index of each entry in it, (W,) index of each rank's first
+        trailer entry).
     """
+    trailer = np.ones_like(per_rank) if trailer is None else trailer
     ends = np.cumsum(per_rank)
+    before = np.cumsum(trailer) - trailer  # trailer entries ahead of each rank's rows
     rank_of_entry = np.repeat(np.arange(per_rank.shape[0]), per_rank)
-    return (_Packing(np.insert(widths, ends, flag_width)),
-            np.arange(widths.shape[0]) + rank_of_entry, ends + np.arange(per_rank.shape[0]))
+    return (_Packing(np.insert(widths, np.repeat(ends, trailer), flag_width)),
+            np.arange(widths.shape[0]) + before[rank_of_entry], ends + before)
+
+
+def _masks_admission(table: DynamicTable, training: bool) -> bool:
+    """Whether requesters must learn which of their rows the owner admitted: only then can
+    a NaN gradient be on a row without one, which must not raise (see ``_sharded``). Config
+    only (not ``torch.is_grad_enabled``), so every rank sizes the exchange alike."""
+    return (_trains(table, training) and table.trainable and table.config.admission is not None
+            and table.config.nonfinite_grads == "raise")
+
+
+def _trailers(rows: np.ndarray, flag_width: int, masks: bool) -> np.ndarray:
+    """(W,) trailer entries after each rank's ``rows[r]`` rows: the flag float, then with
+    ``masks`` one bit per row packed 8 to a float (exact small integers)."""
+    if not masks:
+        return np.ones_like(rows)
+    return -(-(1 + (rows + 7) // 8) // flag_width)
+
+
+def _put_masks(buf: np.ndarray, at: np.ndarray, bits: np.ndarray, per_rank: np.ndarray) -> None:
+    """Writes each rank's part of the (n,) bool ``bits`` (``per_rank[r]`` in rank order) as
+    bytes from float ``at[r]`` of ``buf``."""
+    for r, part in enumerate(np.split(bits, np.cumsum(per_rank)[:-1])):
+        packed = np.packbits(part)
+        buf[at[r]:at[r] + packed.shape[0]] = packed
+
+
+def _take_masks(buf: np.ndarray, at: np.ndarray, per_rank: np.ndarray) -> np.ndarray:
+    """The (sum(per_rank),) bool bits written by :func:`_put_masks`, in rank order."""
+    return np.concatenate([
+        np.unpackbits(buf[a:a + (n + 7) // 8].astype(np.uint8), count=int(n)).astype(bool)
+        for a, n in zip(at, per_rank)])
+
+
+def _lookup_failed(flags: np.ndarray, dims: np.ndarray) -> DistributedError:
+    """The error of ranks whose owner lookup did not fail, given the (W,) flags (table + 1,
+    0 if fine) that the owners sent."""
+    failed = ", ".join(f"rank {r} (table {int(flags[r]) - 1} of this lookup, dim "
+                       f"{dims[int(flags[r]) - 1]})" for r in np.flatnonzero(flags))
+    return DistributedError(
+        f"the lookup failed on the owner of some of its rows: {failed}; no rank got its rows. "
+        "That rank raised the cause (e.g. MemoryBudgetError: raise its memory_budget / "
+        "max_rows or use smaller batches; StoreError: check its store). Every rank raised "
+        "in this call, so the ranks are still in step: skip the batch on every rank or stop.")
 
 
 def _log_strings(lookup: Lookup) -> None:
@@ -196,6 +246,11 @@ class Router:
         Returns:
             One (u, dim) float32 tensor per lookup, differentiable when training with grad
             enabled.
+
+        Raises:
+            DistributedError: the lookup failed on the owner of some rows (another rank),
+                which raised the cause itself (e.g. MemoryBudgetError, StoreError). Every
+                rank raises in the same call, so the ranks stay in step.
         """
         out: list[torch.Tensor | None] = [None] * len(lookups)
         for placement, serve in (("sharded", self._sharded), ("replicated", self._replicated)):
@@ -224,41 +279,75 @@ class Router:
                             table_of[order]], axis=1)
         got = ex.all_to_all(torch.from_numpy(request), send, recv).numpy()
 
-        # Owner: merge every rank's requests per table, look them up, pack the rows.
+        # Owner: merge every rank's requests per table, look them up, pack the rows. The
+        # rows go back with a trailer per rank (see _flagged): a flag, table + 1 if this
+        # owner's lookup failed, so every rank raises in this collective instead of
+        # waiting in it for a rank that raised before it (and the ranks stay in step).
         got_table = got[:, 2]
         got_width = dims[got_table]
-        got_packing = _Packing(got_width)
-        packed = np.empty(got_packing.size, dtype=np.float32)
+        sent_table = table_of[order]
+        flag_width = int(dims[0])
+        # A gradient row of a key its owner did not admit (slot EMPTY: it read the default
+        # vector) is dropped by the owner before the optimizer, so, as in one process, its
+        # NaN must not raise. Requesters flag NaN for every rank before owners see the
+        # gradients, so owners tell them which rows they admitted: one bit per row in the
+        # trailer, and only for lookups with a table that needs it (1/(8 * dim) more bytes).
+        # An owner-side check would need one more collective per backward to tell the
+        # other ranks; a column per row would cost 1/dim and break the one-width buffer.
+        masked = [t for t, lk in enumerate(lookups) if _masks_admission(lk.table, training)]
+        trailer_back = _trailers(recv, flag_width, bool(masked))
+        trailer_mine = _trailers(send, flag_width, bool(masked))
+        got_flagged, got_index, got_flags = _flagged(got_width, recv, flag_width, trailer_back)
+        packed = np.empty(got_flagged.size, dtype=np.float32)
+        admitted = np.ones(got.shape[0], dtype=bool) if masked else None
         updates: list[tuple[int, _Update, np.ndarray]] = []
+        failure, failed = None, 0
         for t, lk in enumerate(lookups):
             entries = np.flatnonzero(got_table == t)
             merged_ids, inverse, counts = _merge(got[entries, 0], got[entries, 1])
-            if _trains(lk.table, training):
-                slots = lk.table.lookup_slots(merged_ids, counts, insert=True)
-                owned = lk.table.gather(slots)
-                if _needs_grad(lk.table, training):
-                    updates.append((t, _Update(lk.table, merged_ids, slots, inverse), entries))
-            else:
-                owned = lk.table.read_unique(merged_ids, counts)
-            got_packing.put(packed, entries, take_rows(owned, inverse).numpy())
+            try:
+                if _trains(lk.table, training):
+                    slots = lk.table.lookup_slots(merged_ids, counts, insert=True)
+                    owned = lk.table.gather(slots)
+                    if _needs_grad(lk.table, training):
+                        updates.append((t, _Update(lk.table, merged_ids, slots, inverse),
+                                        entries))
+                    if t in masked:
+                        admitted[entries] = (slots != EMPTY)[inverse]
+                else:
+                    owned = lk.table.read_unique(merged_ids, counts)
+            except Exception as error:  # noqa: BLE001 - raised on every rank, after the exchange
+                failure, failed = error, t + 1
+                break
+            got_flagged.put(packed, got_index[entries], take_rows(owned, inverse).numpy())
+        packed[got_flagged.offsets[got_flags]] = failed
+        if masked:
+            _put_masks(packed, got_flagged.offsets[got_flags] + 1, admitted, recv)
         source = np.repeat(np.arange(ex.world_size), recv)
         floats_back = np.bincount(source, weights=got_width, minlength=ex.world_size)
-        floats_mine = np.bincount(owners[order], weights=dims[table_of[order]],
+        floats_mine = np.bincount(owners[order], weights=dims[sent_table],
                                   minlength=ex.world_size)
         floats_back, floats_mine = floats_back.astype(np.int64), floats_mine.astype(np.int64)
-        back = ex.all_to_all(torch.from_numpy(packed), floats_back, floats_mine).numpy()
+        back = ex.all_to_all(torch.from_numpy(packed), floats_back + trailer_back * flag_width,
+                             floats_mine + trailer_mine * flag_width).numpy()
 
-        # Requester: unpack the rows in each table's id order.
-        sent_table = table_of[order]
-        sent_packing = _Packing(dims[sent_table])
+        # Requester: check the owners' flags, unpack the rows in each table's id order.
+        sent_flagged, sent_index, sent_flags = _flagged(dims[sent_table], send, flag_width,
+                                                        trailer_mine)
+        flags = back[sent_flagged.offsets[sent_flags]].astype(np.int64)
+        if flags.any():
+            raise failure if failure is not None else _lookup_failed(flags, dims)
+        admitted_mine = (_take_masks(back, sent_flagged.offsets[sent_flags] + 1, send)
+                         if masked else None)
         rows, where = [], []
         for t, lk in enumerate(lookups):
             entries = np.flatnonzero(sent_table == t)
             position = order[entries] - starts[t]  # index into the lookup's ids
             block = np.empty((lk.ids.shape[0], dims[t]), dtype=np.float32)
-            block[position] = sent_packing.take(back, entries, dims[t])
+            block[position] = sent_flagged.take(back, sent_index[entries], dims[t])
             rows.append(torch.from_numpy(block))
-            where.append((entries, position))
+            # the rows whose NaN gradients raise: those with a row on their owner
+            where.append((entries, position, admitted_mine[entries] if t in masked else None))
             if _trains(lk.table, training):
                 _log_strings(lk)
         if not updates:
@@ -267,18 +356,21 @@ class Router:
         raising = [t for t, update, _ in updates if update.table.config.nonfinite_grads == "raise"]
         # Gradients go back with one flag entry per rank: whether the sender computed NaN or
         # inf gradients for a table that raises on them, so every rank raises (before any
-        # row changes), not only the owners of those rows.
-        flag_width = int(dims[0])
-        sent_flagged, sent_index, sent_flags = _flagged(dims[sent_table], send, flag_width)
-        got_flagged, got_index, got_flags = _flagged(got_width, recv, flag_width)
+        # row changes), not only the owners of those rows. The forward's buffers have the
+        # same layout, without the admitted bits.
+        if masked:
+            sent_flagged, sent_index, sent_flags = _flagged(dims[sent_table], send, flag_width)
+            got_flagged, got_index, got_flags = _flagged(got_width, recv, flag_width)
 
         def backward(grads) -> None:
             flat = np.zeros(sent_flagged.size, dtype=np.float32)
             flag = 0
-            for t, (entries, position) in enumerate(where):
+            for t, (entries, position, admitted_rows) in enumerate(where):
                 if grads[t] is not None:
                     g = grads[t].detach().to(torch.float32).numpy()[position]
-                    if t in raising and _count_nonfinite(lookups[t].table, g) and not flag:
+                    checked = g if admitted_rows is None else g[admitted_rows]
+                    if t in raising and _count_nonfinite(lookups[t].table, checked) \
+                            and not flag:
                         flag = t + 1
                     sent_flagged.put(flat, sent_index[entries], g)
             flat[sent_flagged.offsets[sent_flags]] = flag

@@ -1,0 +1,228 @@
+"""Failures inside a routed lookup on two gloo ranks (spawned processes): an owner whose
+lookup raises, and NaN gradients on keys their owner did not admit."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pickle
+import time
+import traceback
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import dynembed as de
+from dynembed.distributed import shard_model
+from dynembed.errors import StoreError
+from dynembed.keys.buckets import NUM_BUCKETS, buckets_of, rank_of_bucket
+
+WORLD = 2
+COLLECTIVE_TIMEOUT = 20  # seconds a collective may wait: a rank left waiting fails by then
+DEADLINE = 120  # seconds for all ranks of one scenario, start-up included
+
+
+def _owned_by(rank: int, n: int) -> list[int]:
+    ids = np.arange(5000, dtype=np.int64)
+    owner = rank_of_bucket(buckets_of(ids, NUM_BUCKETS), WORLD, NUM_BUCKETS)
+    return ids[owner == rank][:n].tolist()
+
+
+A, B = _owned_by(0, 120), _owned_by(1, 120)
+
+
+def _error(call) -> tuple[str, str] | None:
+    """(type name, message) of what ``call()`` raised, or None."""
+    try:
+        call()
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        return type(e).__name__, str(e)
+    return None
+
+
+def _step(model, keys) -> None:
+    out = model(keys)
+    out = torch.cat(list(out.values()), dim=1) if isinstance(out, dict) else out
+    out.sum().backward()
+
+
+# ---------------------------------------------------------------- scenarios, run per rank
+def _owner_over_budget(rank: int) -> dict:
+    """Rank 0's row limit (2) is below what rank 1 asks of it at once (4 rows)."""
+    emb = de.DynamicEmbedding(dim=2, optimizer=de.optim.SGD(lr=1.0), seed=1,
+                              max_rows=2 if rank == 0 else None)
+    shard_model(emb, timeout=COLLECTIVE_TIMEOUT)
+    keys = torch.tensor(A[:4] if rank == 1 else B[:1])
+    first = _error(lambda: _step(emb, keys))
+    # the job catches the error and goes on with a batch that fits: still in step
+    second = _error(lambda: _step(emb, torch.tensor([A[5]] if rank == 1 else [B[5]])))
+    return {"first": first, "second": second}
+
+
+class _FailingStore(de.storage.MemoryStore):
+    """A store whose reads fail while ``fail`` is set."""
+
+    fail = False
+
+    def _get(self, ids):
+        if self.fail:
+            raise StoreError("store read failed (injected by the test)")
+        return super()._get(ids)
+
+
+def _owner_store_fails(rank: int) -> dict:
+    """Table "b" (the second of the lookup, dim 3) of rank 1 cannot read its store."""
+    stores = {"a": _FailingStore(), "b": _FailingStore()}
+    coll = de.EmbeddingCollection(tables={
+        "a": de.TableConfig(dim=4, optimizer=de.optim.SGD(lr=0.1), seed=1, store=stores["a"]),
+        "b": de.TableConfig(dim=3, optimizer=de.optim.SGD(lr=0.1), seed=2, store=stores["b"])})
+    shard_model(coll, timeout=COLLECTIVE_TIMEOUT)
+    stores["b"].fail = rank == 1
+    keys = {"a": torch.tensor([A[rank], B[rank]]), "b": torch.tensor([A[rank], B[rank]])}
+    first = _error(lambda: _step(coll, keys))
+    stores["b"].fail = False
+    second = _error(lambda: _step(coll, keys))
+    return {"first": first, "second": second}
+
+
+def _admission_model() -> de.EmbeddingCollection:
+    """A table whose keys need two sightings (dim 3, first in the lookup: its trailer
+    entries are 3 floats wide) next to one of another dim without admission."""
+    return de.EmbeddingCollection(tables={
+        "a": de.TableConfig(dim=3, optimizer=de.optim.SGD(lr=0.1), seed=1,
+                            admission=de.policy.FrequencyAdmission(threshold=2)),
+        "b": de.TableConfig(dim=4, optimizer=de.optim.SGD(lr=0.1), seed=2)})
+
+
+def _admission_keys(rank: int) -> dict[str, torch.Tensor]:
+    """Per owner, 15 keys seen twice (admitted) and 15 seen once (not admitted: they read
+    the zero default) for table "a", shuffled; 30 distinct ids per owner is 4 bytes of
+    admitted bits, more than one trailer entry."""
+    keys = []
+    for owned in (A, B):
+        mine = owned[rank * 30:(rank + 1) * 30]
+        keys += mine[:15] * 2 + mine[15:]
+    keys = np.random.default_rng(rank).permutation(keys)
+    return {"a": torch.tensor(keys), "b": torch.tensor(keys[:20])}
+
+
+def _normalized_loss(out: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
+    """x / |x| per row: NaN (0/0) on the zero default row of a key that was not admitted."""
+    return sum((o / o.norm(dim=1, keepdim=True)).sum() for o in out.values()) * scale
+
+
+def _rows(table) -> dict[int, np.ndarray]:
+    export = table.export()
+    return {int(i): w.numpy() for i, w in zip(export.ids, export.weights)}
+
+
+def _totals(table) -> tuple[int, int, int]:
+    t = table.stats().totals
+    return t.updated_rows, t.unadmitted_gradients, t.nonfinite_gradients
+
+
+def _nan_on_unadmitted(rank: int) -> dict:
+    """NaN gradients only on keys that were not admitted; then a NaN on an admitted key."""
+    coll = _admission_model()
+    shard_model(coll, timeout=COLLECTIVE_TIMEOUT)
+    error = _error(lambda: _normalized_loss(coll(_admission_keys(rank)), 1.0).backward())
+    result = {"error": error, "rows": {n: _rows(t) for n, t in coll.tables.items()},
+              "totals": {n: _totals(t) for n, t in coll.tables.items()}}
+    # rank 0's NaN for a key that rank 1 owns and admitted (seen twice, now in memory)
+    out = coll({"a": torch.tensor([B[0], A[rank]]), "b": torch.tensor([B[0]])})
+    grad = torch.ones_like(out["a"])
+    if rank == 0:
+        grad[0, 0] = float("nan")
+    result["admitted_nan"] = _error(lambda: out["a"].backward(grad))
+    return result
+
+
+SCENARIOS = {"owner_over_budget": _owner_over_budget, "owner_store_fails": _owner_store_fails,
+             "nan_on_unadmitted": _nan_on_unadmitted}
+
+
+def _worker(rank: int, scenario: str, init: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank,
+                            world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT))
+    try:
+        result, error = SCENARIOS[scenario](rank), None
+    except BaseException:  # noqa: BLE001 - reported to the test
+        result, error = None, traceback.format_exc()
+    with open(os.path.join(out, f"rank{rank}.pkl"), "wb") as f:
+        pickle.dump((result, error), f)
+    dist.destroy_process_group()
+
+
+def _run(scenario: str, folder) -> list[dict]:
+    """Runs a scenario on WORLD ranks; fails (and kills them) past DEADLINE seconds."""
+    context = mp.start_processes(_worker, args=(scenario, str(folder / "init"), str(folder)),
+                                 nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + DEADLINE
+    try:
+        while not context.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"{scenario}: ranks still running after {DEADLINE}s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    results = []
+    for rank in range(WORLD):
+        with open(folder / f"rank{rank}.pkl", "rb") as f:
+            result, error = pickle.load(f)
+        assert error is None, f"rank {rank}:\n{error}"
+        results.append(result)
+    return results
+
+
+# ---------------------------------------------------------------------------- tests
+def test_an_owner_over_its_budget_raises_on_every_rank(tmp_path):
+    """The owner's MemoryBudgetError once left rank 1 waiting in the rows all-to-all (a gloo
+    error later), and rank 0's next lookup paired with the wrong collective."""
+    owner, requester = _run("owner_over_budget", tmp_path)
+    assert owner["first"][0] == "MemoryBudgetError", owner["first"]
+    assert requester["first"][0] == "DistributedError", requester["first"]
+    assert "rank 0 (table 0 of this lookup, dim 2)" in requester["first"][1]
+    assert owner["second"] is None and requester["second"] is None, "the ranks left step"
+
+
+def test_a_failing_store_on_one_owner_names_its_rank_and_table(tmp_path):
+    """Rank 1's store of table "b" fails: rank 1 raises the StoreError, rank 0 a
+    DistributedError naming rank 1 and table 1 (dim 3); the retry runs on both."""
+    requester, owner = _run("owner_store_fails", tmp_path)
+    assert owner["first"] == ("StoreError", "store read failed (injected by the test)")
+    assert requester["first"][0] == "DistributedError", requester["first"]
+    assert "rank 1 (table 1 of this lookup, dim 3)" in requester["first"][1]
+    assert owner["second"] is None and requester["second"] is None, "the ranks left step"
+
+
+def test_nan_gradients_of_unadmitted_keys_are_dropped_as_in_one_process(tmp_path):
+    """The requester flagged every row's NaN before the owner dropped the rows it did not
+    admit, so both ranks raised NonFiniteGradientError where one process drops and counts
+    them (unadmitted_gradients) and applies the rest. A NaN on an admitted key still
+    raises on every rank."""
+    ranks = _run("nan_on_unadmitted", tmp_path)
+    reference = _admission_model()
+    both = [_admission_keys(rank) for rank in range(WORLD)]
+    keys = {n: torch.cat([k[n] for k in both]) for n in both[0]}
+    _normalized_loss(reference(keys), 1 / WORLD).backward()
+    assert reference.tables["a"].stats().totals.unadmitted_gradients == 60  # as designed
+    for rank, result in enumerate(ranks):
+        assert result["error"] is None, f"rank {rank}: {result['error']}"
+    for name, table in reference.tables.items():
+        expected, got = _rows(table), {}
+        for result in ranks:
+            got.update(result["rows"][name])
+        assert set(got) == set(expected), name
+        for key, row in expected.items():
+            np.testing.assert_allclose(got[key], row, rtol=1e-5, atol=1e-6)
+        totals = np.sum([result["totals"][name] for result in ranks], axis=0)
+        assert tuple(totals) == _totals(table), name
+    for rank, result in enumerate(ranks):
+        assert result["admitted_nan"] is not None, f"rank {rank} did not raise"
+        kind, message = result["admitted_nan"]
+        assert kind == "NonFiniteGradientError" and "rank 0 computed" in message, message
