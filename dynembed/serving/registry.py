@@ -125,6 +125,10 @@ class Registry:
         self.defaults: dict[str, str] = {}
         self._lock = asyncio.Lock()
         self.mirror = None
+        self.changes = 0
+        """Changes made so far (a count); each change's number goes to ``mirror`` as
+        ``change=``, so a replica started again from the registry as it was after change c
+        skips the mirrored changes up to c."""
         self.replica_pids = list
         """Returns the pids of the replica processes serving now (a server with several
         processes sets it); describe lists their workers too."""
@@ -205,9 +209,10 @@ class Registry:
                                  preload)
             versions[package.version] = entry
             self.defaults.setdefault(package.name, package.version)
+            change = self._changed()
         if self.mirror is not None:
             try:
-                await self.mirror("register", url, entry.options())
+                await self.mirror("register", url, entry.options(), change=change)
             except ServingError:
                 await self._remove(entry)
                 raise
@@ -245,16 +250,18 @@ class Registry:
                               f"max_worker at most {MAX_WORKERS}, got min_worker="
                               f"{min_worker!r}, max_worker={max_worker!r}")
         entry.min_workers, entry.max_workers = low, high
+        change = self._changed()
         await entry.batcher.scale(low)
         if self.mirror is not None:
-            await self.mirror("scale", entry.name, entry.version, low, high)
+            await self.mirror("scale", entry.name, entry.version, low, high, change=change)
         return entry
 
     async def set_default(self, name: str, version: str) -> None:
         self.get(name, version)
         self.defaults[name] = version
+        change = self._changed()
         if self.mirror is not None:
-            await self.mirror("set_default", name, version)
+            await self.mirror("set_default", name, version, change=change)
 
     async def unregister(self, name: str, version: str | None) -> ModelVersion:
         """Removes a version after its accepted requests finish.
@@ -275,11 +282,16 @@ class Registry:
             if not versions:
                 del self.models[name]
                 del self.defaults[name]
+            change = self._changed()
         # its accepted requests wait at most response_timeout_s anyway
         await entry.batcher.stop(timeout=entry.response_timeout_s)
         if self.mirror is not None:
-            await self.mirror("unregister", entry.name, entry.version)
+            await self.mirror("unregister", entry.name, entry.version, change=change)
         return entry
+
+    def _changed(self) -> int:
+        self.changes += 1
+        return self.changes
 
     async def _remove(self, entry: ModelVersion) -> None:
         """Takes out a version whose registration failed elsewhere."""
@@ -292,6 +304,7 @@ class Registry:
                     del self.defaults[entry.name]
                 elif self.defaults[entry.name] == entry.version:
                     self.defaults[entry.name] = next(iter(versions))
+            self._changed()
         await entry.batcher.stop()
 
     def all_versions(self) -> list[ModelVersion]:

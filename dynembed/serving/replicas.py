@@ -13,8 +13,9 @@ metrics APIs:
   pipe to each, before the API answers (a registration that fails in a replica is undone);
 - ``/metrics`` shows every process's series, labelled ``process="0"`` .. ``"N-1"``;
 - a replica that dies is started again with the current models (and the checkpoints
-  applied to them); changes made meanwhile reach it through that replay, so management
-  calls never wait for or fail on a replica that is down; a replica whose first process is
+  applied to them); changes made while it is down reach it through that replay, so
+  management calls never fail on a replica that is down (those made while it loads the
+  models wait for it); a replica whose first process is
   gone (the pipe closes) shuts itself down gracefully; replicas run in their own process
   group, so a terminal's Ctrl-C reaches only the first process, which stops them.
 
@@ -66,6 +67,7 @@ class Replicas:
         self._pipes: list = [None] * count
         self._locks = [asyncio.Lock() for _ in range(count)]
         self._serving = [False] * count
+        self._replayed = [0] * count  # the registry's changes each replica got by replay
         self._changes = asyncio.Lock()  # a change reaches a replica by mirror or by replay
         self._checkpoints: dict[tuple[str, str], str] = {}  # applied per (model, version)
         self._registry = None
@@ -101,17 +103,24 @@ class Replicas:
         self._procs[i], self._pipes[i] = proc, parent_end
         registry = self._registry
         async with self._changes:  # the models as they are now; later changes: mirror
-            for entry in registry.all_versions():
-                await self._call(i, "register", entry.url, entry.options())
-                checkpoint = self._checkpoints.get((entry.name, entry.version))
+            # One snapshot, taken at once: the registry may change during the awaits below
+            # (a change is made here first, then mirrored), and the replica must get one
+            # consistent state (it once got the default of a model registered meanwhile,
+            # which it did not have, and never served again).
+            changes = registry.changes
+            entries = [(e.url, e.options(), e.name, e.version) for e in registry.all_versions()]
+            defaults = dict(registry.defaults)
+            for url, options, name, version in entries:
+                await self._call(i, "register", url, options)
+                checkpoint = self._checkpoints.get((name, version))
                 if checkpoint is not None:
-                    await self._call(i, "refresh", entry.name, checkpoint, entry.version)
-            for name, version in registry.defaults.items():
+                    await self._call(i, "refresh", name, checkpoint, version)
+            for name, version in defaults.items():
                 await self._call(i, "set_default", name, version)
             await self._call(i, "serve")
-            self._serving[i] = True
+            self._replayed[i], self._serving[i] = changes, True
         logger.info("replica %d (pid %d) serves %d model versions", i + 1, proc.pid,
-                    len(registry.all_versions()))
+                    len(entries))
 
     async def _watch(self) -> None:
         """Starts again a replica that died."""
@@ -128,7 +137,9 @@ class Replicas:
                 try:
                     await self._start(i)
                 except Exception:
-                    logger.exception("replica %d did not start", i + 1)
+                    logger.exception("replica %d did not start; trying again", i + 1)
+                    if self._procs[i].is_alive():  # so the next round starts it again
+                        self._procs[i].kill()
 
     async def _call(self, i: int, *command):
         """Sends one command to replica ``i`` and returns its result.
@@ -157,15 +168,17 @@ class Replicas:
             raise ServingError(status, kind, f"replica process {i + 1}: {message}")
         return result
 
-    async def mirror(self, operation: str, *args) -> None:
+    async def mirror(self, operation: str, *args, change: int | None = None) -> None:
         """Makes a registry change in every serving replica (the registry's ``mirror``
         hook); a registration is undone in the replicas that made it if another one failed.
-        A replica that is down gets the change when it is started again."""
+        A replica that is down gets the change when it is started again, and one started
+        again after the change (``change``: its number in the registry) already has it."""
         async with self._changes:
-            await self._mirror(operation, *args)
+            await self._mirror(operation, *args, change=change)
 
-    async def _mirror(self, operation: str, *args) -> None:
-        serving = [i for i in range(self.count) if self._serving[i]]
+    async def _mirror(self, operation: str, *args, change: int | None = None) -> None:
+        serving = [i for i in range(self.count) if self._serving[i]
+                   and (change is None or change > self._replayed[i])]
         results = await asyncio.gather(*(self._call(i, operation, *args) for i in serving),
                                        return_exceptions=True)
         for i, result in zip(serving, results):

@@ -173,3 +173,33 @@ def test_follow_interval_and_graceful_timeout_must_be_positive(tmp_path):
         for bad in (0, -1.0, float("nan"), float("inf"), True):
             with pytest.raises(ValueError, match=name):
                 ServerConfig(model_store=str(tmp_path), **{name: bad})
+
+
+def test_a_model_registered_while_a_replica_starts_again_reaches_it(tmp_path):
+    """The replay read the models, then (seconds later, once the replica had booted) the
+    defaults: a model registered in between had a default the replica was never given, its
+    start failed, and the live but idle replica was never started again."""
+    server, _, _, _ = _two_processes(tmp_path)
+    other = write_package(tmp_path / "store", name="other", version="1.0", seed=3)
+    batch = examples(3, seed=2)
+    try:
+        replicas = server.server.replicas
+        old = replicas.processes[0]
+        os.kill(old.pid, signal.SIGKILL)
+        eventually(lambda: replicas.processes[0] is not old
+                   and replicas.processes[0].is_alive(), timeout=60)  # booting: replaying
+        response = httpx.post(server.management + "/models", params={"url": "other-1.0"},
+                              headers=server.token(), timeout=120)
+        assert response.status_code == 200
+        want = expected(*other, batch)
+        url = server.inference + "/predictions/other"
+
+        def both_serve_it() -> bool:
+            return all(status == 200 and body == pytest.approx(want, rel=1e-6)
+                       for status, body in _answers(url, batch, 10)) \
+                and _requests_by_process(server).get("1", 0) > 0
+
+        eventually(both_serve_it, timeout=60)
+        assert replicas.serving_pids() == [replicas.processes[0].pid]
+    finally:
+        server.stop()
