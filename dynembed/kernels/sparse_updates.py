@@ -20,6 +20,11 @@ from dynembed.kernels._threads import adaptive
 
 _ONE = np.float32(1.0)
 _EXPONENT = np.uint32(0x7F800000)
+_FAST = {"contract", "nsz", "reassoc", "arcp"}
+"""LLVM's fast-math flags that let the row loops vectorise, without those that assume no
+NaN or inf ("nnan", "ninf") or approximate functions ("afn"): with them, a finite gradient
+whose square overflows (|g| > 1.8e19) made Adagrad and Adam rows NaN where torch leaves
+them as they were."""
 
 
 @nb.njit(inline="always", cache=True)
@@ -46,9 +51,9 @@ def _prefetch_ahead(weights, state, slots, i):
 
 
 @adaptive(lambda weights, state, slots, grads, *rest: grads.size)
-@nb.njit(parallel=True, fastmath=True, cache=True)
+@nb.njit(parallel=True, fastmath=_FAST, cache=True)
 def sgd_update(weights, momentum_buf, slots, grads, lr, weight_decay, max_norm,
-               momentum, dampening, nesterov):
+               momentum, one_minus_dampening, nesterov):
     """SGD with optional (lazy) momentum, as torch.optim.SGD on the touched rows.
 
     With dampening, ``momentum_buf`` has one more column than the weights: 0 until the row's
@@ -65,7 +70,7 @@ def sgd_update(weights, momentum_buf, slots, grads, lr, weight_decay, max_norm,
         scale = _clip_scale(grads, i, max_norm)
         if momentum != 0.0:
             buf = momentum_buf[slots[i]]
-            damp = _ONE - dampening
+            damp = one_minus_dampening
             if tracked:
                 if buf[dim] == 0.0:
                     damp = _ONE
@@ -81,7 +86,7 @@ def sgd_update(weights, momentum_buf, slots, grads, lr, weight_decay, max_norm,
 
 
 @adaptive(lambda weights, state, slots, grads, *rest: grads.size)
-@nb.njit(parallel=True, fastmath=True, cache=True)
+@nb.njit(parallel=True, fastmath=_FAST, cache=True)
 def adagrad_update(weights, sum_sq, slots, grads, clr, weight_decay, max_norm, eps):
     """Element-wise Adagrad, as torch.optim.Adagrad: ``w -= clr * g / (sqrt(G) + eps)``."""
     dim = weights.shape[1]
@@ -99,7 +104,7 @@ def adagrad_update(weights, sum_sq, slots, grads, clr, weight_decay, max_norm, e
 
 
 @adaptive(lambda weights, state, slots, grads, *rest: grads.size)
-@nb.njit(parallel=True, fastmath=True, cache=True)
+@nb.njit(parallel=True, fastmath=_FAST, cache=True)
 def rowwise_adagrad_update(weights, row_sum, slots, grads, lr, weight_decay, max_norm, eps):
     """Row-wise Adagrad (FBGEMM's EXACT_ROWWISE_ADAGRAD): one accumulator per row."""
     dim = weights.shape[1]
@@ -121,13 +126,14 @@ def rowwise_adagrad_update(weights, row_sum, slots, grads, lr, weight_decay, max
 
 
 @adaptive(lambda weights, state, slots, grads, *rest: grads.size)
-@nb.njit(parallel=True, fastmath=True, cache=True)
+@nb.njit(parallel=True, fastmath=_FAST, cache=True)
 def adam_update(weights, moments, slots, grads, step_size, weight_decay, max_norm,
-                beta1, beta2, eps):
+                one_minus_beta1, one_minus_beta2, eps):
     """Lazy Adam, as torch.optim.SparseAdam: only touched rows move, one global step.
 
     ``moments[:, :dim]`` is the first moment and ``moments[:, dim:]`` the second;
-    ``step_size = lr * sqrt(1 - beta2**t) / (1 - beta1**t)``.
+    ``step_size = lr * sqrt(1 - beta2**t) / (1 - beta1**t)``. ``1 - beta`` come computed
+    in float64 (as torch's ``alpha=1 - beta``): float32's 1 - float32(0.99999) is 7e-4 off.
     """
     dim = weights.shape[1]
     for i in nb.prange(slots.shape[0]):
@@ -138,8 +144,8 @@ def adam_update(weights, moments, slots, grads, step_size, weight_decay, max_nor
         scale = _clip_scale(grads, i, max_norm)
         for j in range(dim):
             g = g_row[j] * scale + weight_decay * w[j]
-            m = mv[j] + (g - mv[j]) * (_ONE - beta1)
-            v = mv[dim + j] + (g * g - mv[dim + j]) * (_ONE - beta2)
+            m = mv[j] + (g - mv[j]) * one_minus_beta1
+            v = mv[dim + j] + (g * g - mv[dim + j]) * one_minus_beta2
             mv[j] = m
             mv[dim + j] = v
             w[j] -= step_size * m / (np.sqrt(v) + eps)

@@ -41,7 +41,7 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         if ctx.inverse is not None:
-            grad = grad.to(torch.float32).contiguous().numpy()
+            grad = grad.detach().to(torch.float32).contiguous().numpy()
             grad = torch.from_numpy(segment_sum(grad, ctx.inverse, ctx.ids.shape[0]))
         ctx.table.apply_gradients(ctx.ids, ctx.slots, grad, erasures_at_lookup=ctx.erasures)
         return None, None, None, None, None
@@ -61,7 +61,7 @@ class _IndexRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.to(torch.float32).contiguous().numpy()
+        grad = grad.detach().to(torch.float32).contiguous().numpy()
         summed = segment_sum(grad, ctx.inverse, ctx.segments)
         return torch.from_numpy(summed), None
 

@@ -42,4 +42,4 @@ class Adam(SparseOptimizer):
         step_size = self.lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
         f32 = np.float32
         adam_update(weights, state, slots, grads, f32(step_size), self._wd, self._clip,
-                    f32(beta1), f32(beta2), f32(self.eps))
+                    f32(1 - beta1), f32(1 - beta2), f32(self.eps))

@@ -46,4 +46,4 @@ class SGD(SparseOptimizer):
     def apply(self, weights, state, slots, grads, step) -> None:
         f32 = np.float32
         sgd_update(weights, state, slots, grads, f32(self.lr), self._wd, self._clip,
-                   f32(self.momentum), f32(self.dampening), bool(self.nesterov))
+                   f32(self.momentum), f32(1 - self.dampening), bool(self.nesterov))

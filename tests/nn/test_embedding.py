@@ -367,3 +367,23 @@ def test_module_inside_a_model_trains_with_dense_optimizer():
         losses.append(loss.item())
     assert losses[-1] < 0.25 * losses[0]
     assert list(dict(model.named_parameters())) == ["head.weight", "head.bias"]
+
+
+def test_backward_with_create_graph_updates_as_a_plain_backward():
+    """create_graph=True (gradient penalties on the dense part) failed: numpy() of a
+    gradient that requires grad."""
+    def run(create_graph: bool):
+        torch.manual_seed(0)
+        head = torch.nn.Linear(4, 1)
+        emb = de.DynamicEmbedding(dim=4, optimizer=de.optim.SGD(lr=0.1), seed=2)
+        coll = de.EmbeddingCollection(
+            tables={"t": de.TableConfig(dim=4, optimizer=de.optim.SGD(lr=0.1), seed=2)},
+            features={"a": "t", "b": "t"})
+        out = head(emb(torch.tensor([1, 2, 1]))).pow(2).sum()
+        parts = coll({"a": torch.tensor([1, 2]), "b": torch.tensor([2, 3])})
+        out = out + head(parts["a"] + parts["b"]).pow(2).sum()
+        out.backward(create_graph=create_graph)
+        return emb.table.find([1, 2]).values, coll.tables["t"].find([1, 2, 3]).values
+
+    for plain, graph in zip(run(False), run(True)):
+        torch.testing.assert_close(graph, plain)
