@@ -6,6 +6,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
+from dynembed.kernels._llvm import FAST
 from dynembed.kernels._prefetch import PREFETCH_DISTANCE, prefetch, prefetch_row_read
 from dynembed.kernels._streaming import copy_row, store_fence
 from dynembed.kernels._threads import adaptive
@@ -55,7 +56,7 @@ def gather_rows(source, index, out, shares, stream):
     return bad
 
 
-@nb.njit(fastmath=True, cache=True)
+@nb.njit(fastmath=FAST, cache=True)
 def segment_sum(values, segment, segments):
     """Sums rows of ``values`` that share a segment.
 

@@ -15,16 +15,12 @@ import math
 import numba as nb
 import numpy as np
 
+from dynembed.kernels._llvm import FAST
 from dynembed.kernels._prefetch import PREFETCH_DISTANCE, prefetch_row
 from dynembed.kernels._threads import adaptive
 
 _ONE = np.float32(1.0)
 _EXPONENT = np.uint32(0x7F800000)
-_FAST = {"contract", "nsz", "reassoc", "arcp"}
-"""LLVM's fast-math flags that let the row loops vectorise, without those that assume no
-NaN or inf ("nnan", "ninf") or approximate functions ("afn"): with them, a finite gradient
-whose square overflows (|g| > 1.8e19) made Adagrad and Adam rows NaN where torch leaves
-them as they were."""
 
 
 @nb.njit(inline="always", cache=True)
@@ -51,7 +47,7 @@ def _prefetch_ahead(weights, state, slots, i):
 
 
 @adaptive(lambda weights, state, slots, grads, *rest: grads.size)
-@nb.njit(parallel=True, fastmath=_FAST, cache=True)
+@nb.njit(parallel=True, fastmath=FAST, cache=True)
 def sgd_update(weights, momentum_buf, slots, grads, lr, weight_decay, max_norm,
                momentum, one_minus_dampening, nesterov):
     """SGD with optional (lazy) momentum, as torch.optim.SGD on the touched rows.
@@ -86,7 +82,7 @@ def sgd_update(weights, momentum_buf, slots, grads, lr, weight_decay, max_norm,
 
 
 @adaptive(lambda weights, state, slots, grads, *rest: grads.size)
-@nb.njit(parallel=True, fastmath=_FAST, cache=True)
+@nb.njit(parallel=True, fastmath=FAST, cache=True)
 def adagrad_update(weights, sum_sq, slots, grads, clr, weight_decay, max_norm, eps):
     """Element-wise Adagrad, as torch.optim.Adagrad: ``w -= clr * g / (sqrt(G) + eps)``."""
     dim = weights.shape[1]
@@ -104,7 +100,7 @@ def adagrad_update(weights, sum_sq, slots, grads, clr, weight_decay, max_norm, e
 
 
 @adaptive(lambda weights, state, slots, grads, *rest: grads.size)
-@nb.njit(parallel=True, fastmath=_FAST, cache=True)
+@nb.njit(parallel=True, fastmath=FAST, cache=True)
 def rowwise_adagrad_update(weights, row_sum, slots, grads, lr, weight_decay, max_norm, eps):
     """Row-wise Adagrad (FBGEMM's EXACT_ROWWISE_ADAGRAD): one accumulator per row."""
     dim = weights.shape[1]
@@ -126,7 +122,7 @@ def rowwise_adagrad_update(weights, row_sum, slots, grads, lr, weight_decay, max
 
 
 @adaptive(lambda weights, state, slots, grads, *rest: grads.size)
-@nb.njit(parallel=True, fastmath=_FAST, cache=True)
+@nb.njit(parallel=True, fastmath=FAST, cache=True)
 def adam_update(weights, moments, slots, grads, step_size, weight_decay, max_norm,
                 one_minus_beta1, one_minus_beta2, eps):
     """Lazy Adam, as torch.optim.SparseAdam: only touched rows move, one global step.
