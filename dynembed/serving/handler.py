@@ -30,6 +30,9 @@ from dynembed.serving.package import (
     load_tables,
 )
 
+_TABLE_COUNTERS = ("hits", "misses", "defaults_served", "loaded")
+"""The table counters the handler reports (see :meth:`EmbeddingModelHandler.table_stats`)."""
+
 
 class InputError(DynembedError, ValueError):
     """A request's inputs do not fit the model (HTTP 400); the message says what and where."""
@@ -89,6 +92,7 @@ class EmbeddingModelHandler:
                            for name, spec in self.features.items()]
         self.transform = package.manifest["output"]["transform"]
         self._swap = threading.Lock()
+        self._retired: dict[str, dict[str, int]] = {}  # totals of tables swapped out
         self.refreshes = 0
         self.dense64 = _float64_copy(package.dense, int(package.manifest["dense"]["input_dim"]))
         """The dense program in float64 (None: it runs in float32, and a prediction may
@@ -184,13 +188,20 @@ class EmbeddingModelHandler:
         fresh = build_embeddings(self.package.manifest)
         load_tables(fresh, checkpoint, preload=self.package.preloaded)
         with self._swap:
+            self._retired = self._totals()  # counters go on from here, never back to 0
             self.embeddings = fresh
             self.refreshes += 1
 
     def table_stats(self) -> dict:
-        """Per table: lookups' hits, misses, default vectors served, rows loaded."""
-        return {name: {k: getattr(stats.totals, k)
-                       for k in ("hits", "misses", "defaults_served", "loaded")}
+        """Per table: lookups' hits, misses, default vectors served, rows loaded, since the
+        handler was made (across refreshes; a batch still running on swapped-out tables
+        is not counted)."""
+        with self._swap:
+            return self._totals()
+
+    def _totals(self) -> dict:
+        return {name: {k: getattr(stats.totals, k) + self._retired.get(name, {}).get(k, 0)
+                       for k in _TABLE_COUNTERS}
                 for name, stats in self.embeddings.stats().items()}
 
 

@@ -82,6 +82,12 @@ async def _submit(entry, examples: list) -> list:
                            f"{entry.response_timeout_s} s") from None
 
 
+def _ready(entry) -> bool:
+    """Whether a version can answer now: scaled to 0 workers it answers 503, so a readiness
+    probe must not send it traffic."""
+    return entry.batcher.workers > 0
+
+
 class InferenceAPI:
     """Routes of the inference API over a registry."""
 
@@ -155,7 +161,7 @@ class InferenceAPI:
             entry = self._entry(request)
         except ServingError as e:
             return error_response(e)
-        return JSONResponse({"name": entry.name, "ready": True})
+        return JSONResponse({"name": entry.name, "ready": _ready(entry)})
 
     async def v2_server(self, request: Request) -> Response:
         return JSONResponse({"name": "dynembed", "version": dynembed.__version__,
@@ -189,7 +195,7 @@ class InferenceAPI:
             entry = self._entry(request)
         except ServingError as e:
             return error_response(e, v2=True)
-        return JSONResponse({"name": entry.name, "ready": True})
+        return JSONResponse({"name": entry.name, "ready": _ready(entry)})
 
     async def v2_infer(self, request: Request) -> Response:
         """Open Inference Protocol predictions (the TorchServe-style paths are answered by

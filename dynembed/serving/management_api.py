@@ -150,6 +150,9 @@ class ManagementAPI:
             raise bad_request(f"min_worker ({min_worker}) must be <= max_worker "
                               f"({max_worker})")
         entry = self.registry.get(name, version)
+        # checked now: an asynchronous scale's own errors reach nobody (it once answered
+        # 202 and dropped a scale that was out of bounds)
+        self.registry.worker_bounds(entry, min_worker, max_worker)
         if not synchronous:
             task = asyncio.create_task(self.registry.scale(
                 name, entry.version, min_worker=min_worker, max_worker=max_worker))

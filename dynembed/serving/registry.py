@@ -241,20 +241,37 @@ class Registry:
     async def scale(self, name: str, version: str | None, *, min_worker: int | None,
                     max_worker: int | None) -> ModelVersion:
         """Sets a version's workers to ``min_worker`` (bounded by ``max_worker``, which
-        defaults to ``min_worker`` as in TorchServe)."""
+        defaults to ``min_worker`` as in TorchServe).
+
+        Raises:
+            ServingError: 404 unknown version; 400 bad bounds (see :meth:`worker_bounds`).
+        """
         entry = self.get(name, version)
-        low = entry.min_workers if min_worker is None else min_worker
-        high = low if max_worker is None else max_worker
-        if not isinstance(low, int) or not 0 <= low <= high <= MAX_WORKERS:
-            raise bad_request(f"min_worker must be an integer in [0, max_worker] and "
-                              f"max_worker at most {MAX_WORKERS}, got min_worker="
-                              f"{min_worker!r}, max_worker={max_worker!r}")
+        low, high = self.worker_bounds(entry, min_worker, max_worker)
         entry.min_workers, entry.max_workers = low, high
         change = self._changed()
         await entry.batcher.scale(low)
         if self.mirror is not None:
             await self.mirror("scale", entry.name, entry.version, low, high, change=change)
         return entry
+
+    @staticmethod
+    def worker_bounds(entry: ModelVersion, min_worker: int | None,
+                      max_worker: int | None) -> tuple[int, int]:
+        """The (min, max) workers a scale of ``entry`` would set (unset bounds: its current
+        minimum, and the minimum).
+
+        Raises:
+            ServingError: 400 unless 0 <= min <= max <= MAX_WORKERS.
+        """
+        low = entry.min_workers if min_worker is None else min_worker
+        high = low if max_worker is None else max_worker
+        if not isinstance(low, int) or not 0 <= low <= high <= MAX_WORKERS:
+            raise bad_request(f"min_worker must be an integer in [0, max_worker] and "
+                              f"max_worker at most {MAX_WORKERS}, got min_worker="
+                              f"{min_worker!r}, max_worker={max_worker!r} (min_worker is "
+                              f"{entry.min_workers} now)")
+        return low, high
 
     async def set_default(self, name: str, version: str) -> None:
         self.get(name, version)

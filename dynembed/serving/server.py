@@ -132,6 +132,16 @@ class ServerConfig:
             raise ValueError(f"follow names models not in models: {unknown}")
 
 
+def _check_free(family: int, host: str, port: int) -> None:
+    """Raises OSError if something listens on ``host:port``. A socket with SO_REUSEPORT
+    binds beside another such socket of the same user: two servers would then share the
+    port silently, each answering part of the requests with its own models. A bind
+    without it fails if anything holds the port."""
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no owner
+        probe.bind((host, port))
+
+
 _HEALTH = frozenset({"/ping", "/v2/health/live", "/v2/health/ready"})
 """Health probes carry no data; load balancers and Kubernetes call them without a token."""
 
@@ -350,6 +360,9 @@ class ModelServer:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
+                if api == "inference" and self.config.processes > 1 and not self.replica \
+                        and port != 0:
+                    _check_free(family, host, port)
                 sock.bind((host, port))
             except OSError as e:
                 sock.close()

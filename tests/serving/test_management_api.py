@@ -383,3 +383,25 @@ def test_models_loaded_at_startup(store):
         assert described["loadedAtStartup"] is True and len(described["workers"]) == 2
     finally:
         running.stop()
+
+
+def test_an_asynchronous_scale_out_of_bounds_is_refused_at_once(api):
+    """It answered 202 and the background task dropped it (only asyncio logged why)."""
+    assert api.register("ctr-1.0", initial_workers=3).status_code == 200
+    for synchronous in ("false", "true"):
+        response = api("PUT", "/models/ctr", max_worker=2, synchronous=synchronous)
+        message = torchserve_error(response, 400, "BadRequestException")
+        assert "min_worker is 3 now" in message
+    [described] = api.describe("ctr")
+    assert (described["minWorkers"], len(described["workers"])) == (3, 3)
+
+
+def test_a_version_with_no_workers_is_not_ready(api):
+    """Scaled to 0 it answers 503, but readiness probes were told it was ready."""
+    assert api.register("ctr-1.0", initial_workers=0).status_code == 200
+    for path in ("/v1/models/ctr", "/v2/models/ctr/ready"):
+        response = httpx.get(api.running.inference + path, timeout=30)
+        assert response.status_code == 200 and response.json()["ready"] is False, path
+    assert api("PUT", "/models/ctr", min_worker=1, synchronous="true").status_code == 200
+    for path in ("/v1/models/ctr", "/v2/models/ctr/ready"):
+        assert httpx.get(api.running.inference + path, timeout=30).json()["ready"] is True

@@ -203,3 +203,26 @@ def test_a_model_registered_while_a_replica_starts_again_reaches_it(tmp_path):
         assert replicas.serving_pids() == [replicas.processes[0].pid]
     finally:
         server.stop()
+
+
+def test_a_second_server_of_several_processes_cannot_share_a_busy_port(tmp_path):
+    """SO_REUSEPORT let it bind beside another server's socket: the kernel then split
+    requests between two servers with different models."""
+    import socket
+
+    from dynembed.serving import ModelServer
+    taken = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # as a server's own
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(8)
+    port = taken.getsockname()[1]
+    try:
+        server = ModelServer(ServerConfig(model_store=str(tmp_path), processes=2,
+                                          inference_address=f"127.0.0.1:{port}",
+                                          management_address="127.0.0.1:0",
+                                          metrics_address="127.0.0.1:0", key_file=None))
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"):
+            server.bind()
+    finally:
+        taken.close()
