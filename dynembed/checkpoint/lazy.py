@@ -270,8 +270,11 @@ def load_step(table, rows: int | None = None, chunk_rows: int = DEFAULT_CHUNK_RO
     meanwhile (an eager restore), so no id needs looking up first.
 
     Returns:
-        True when nothing is left to load (the table no longer reads the checkpoint), False
-        when rows remain (the budget limit reached, or ``rows`` loaded).
+        True when nothing is left to load, False when rows remain (the budget limit
+        reached, or ``rows`` loaded). The table stops reading the checkpoint then, unless
+        rows were dropped from memory after the stream passed them (a table without a store
+        evicts rows unchanged since the checkpoint by dropping them: the checkpoint holds
+        them); it then keeps the checkpoint for lookups to fault those in.
     """
     base = table.base
     if base is None:
@@ -288,6 +291,10 @@ def load_step(table, rows: int | None = None, chunk_rows: int = DEFAULT_CHUNK_RO
                 base.pending = None
                 raise
             if base.carry is None:
+                base.pending = None
+                if any(table._only_in_base(ids).any() for ids in base.ids(chunk_rows)):
+                    base.background_rows = 0  # streamed once: the rest faults in
+                    return True
                 base.close()
                 table.base = None
                 return True

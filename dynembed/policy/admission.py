@@ -124,9 +124,11 @@ class _SketchAdmitter(Admitter):
         self.decayed_at = int(state["decayed_at"])
 
     def merge_state_dict(self, state):
-        # Each shard counted only its own keys: the sum is every key's count (saturating).
-        total = self.sketch.astype(np.int64) + state["sketch"].numpy()
-        self.sketch[...] = np.minimum(total, np.iinfo(self.sketch.dtype).max)
+        # The counter-wise max, not the sum: a shard may hold a copy of counts it inherited
+        # when a job grew (each rank got the whole sketch), and summing those copies when
+        # the job shrank again doubled them at every round trip. Since a key is counted by
+        # one shard only, the max still never under-counts any key (and collides less).
+        np.maximum(self.sketch, state["sketch"].numpy(), out=self.sketch)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -145,3 +145,28 @@ def test_a_second_rank_that_finds_every_part_does_not_commit_again(tmp_path, mon
     assert done == target and late == [None]
     assert sorted(p.name for p in target.iterdir() if p.is_file()) == ["MANIFEST.json"]
     de.checkpoint.load(target, tables={"t": make_table()})
+
+
+def test_admission_counts_do_not_double_when_a_job_grows_and_shrinks_again(tmp_path):
+    """Growing gave every rank the whole sketch; shrinking summed the copies: every 1 -> 2
+    -> 1 round trip doubled the counts, and keys got rows before their threshold."""
+    policy = de.policy.FrequencyAdmission(threshold=3, width=1024, depth=2)
+    one = make_table(admission=policy)
+    one.lookup_slots(np.array([5]), np.ones(1, dtype=np.int64), insert=True)  # seen once
+    de.checkpoint.save(tmp_path / "w1", tables={"t": one})
+    for trip in range(3):
+        for rank in range(2):
+            shard = make_table(admission=policy)
+            de.checkpoint.load(tmp_path / "w1", tables={"t": shard}, rank=rank, world_size=2)
+            de.checkpoint.save(tmp_path / f"w2-{trip}", tables={"t": shard}, rank=rank,
+                               world_size=2)
+        (tmp_path / "w1").rename(tmp_path / f"old-{trip}")
+        back = make_table(admission=policy)
+        de.checkpoint.load(tmp_path / f"w2-{trip}", tables={"t": back})
+        de.checkpoint.save(tmp_path / "w1", tables={"t": back})
+    back = make_table(admission=policy)
+    de.checkpoint.load(tmp_path / "w1", tables={"t": back})
+    back.lookup_slots(np.array([5]), np.ones(1, dtype=np.int64), insert=True)  # 2nd sighting
+    assert not back.contains(np.array([5])).any()
+    back.lookup_slots(np.array([5]), np.ones(1, dtype=np.int64), insert=True)  # the 3rd
+    assert back.contains(np.array([5])).all()
