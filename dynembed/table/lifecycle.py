@@ -111,7 +111,8 @@ class RowLifecycle:
 
     # ------------------------------------------------------------------ read-through
     def _fill_missing(self, unique: np.ndarray, counts: np.ndarray, slots: np.ndarray, *,
-                      create: str, step: int, call=None) -> tuple[np.ndarray, np.ndarray]:
+                      create: str, step: int, call=None,
+                      keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Gives rows to the ids whose slot is EMPTY, in place in ``slots``.
 
         Rows come from the store when it has them, else are created: never
@@ -126,6 +127,8 @@ class RowLifecycle:
             create: which missing ids get new rows.
             step: the table step of the call (admission's clock).
             call: the call's CallStats, updated (loaded, inserts, not_admitted).
+            keep: more slots to keep in memory if the budget allows (the rows of a chunked
+                call's later chunks).
 
         Returns:
             ((u,) bool ids that got a row by this call (loaded or new), (u,) bool ids whose
@@ -152,7 +155,7 @@ class RowLifecycle:
         else:
             admit = self.admitter.decide(fresh_ids, fresh_counts, step)
         n_loaded, n_new = int(np.count_nonzero(found)), int(np.count_nonzero(admit))
-        self._make_room(n_loaded + n_new, protect=slots[~missing])
+        self._make_room(n_loaded + n_new, protect=slots[~missing], keep=keep)
         # ---- no failure past this point: memory changes
         if create == CREATE_ADMITTED and self.admitter is not None:
             self.admitter.record(fresh_ids, fresh_counts, step)
@@ -263,8 +266,10 @@ class RowLifecycle:
             self.tier.forget(slots[from_store])
 
     # ------------------------------------------------------------------ eviction
-    def _make_room(self, incoming: int, *, protect: np.ndarray) -> None:
-        """Evicts rows so that ``incoming`` more fit under the budget.
+    def _make_room(self, incoming: int, *, protect: np.ndarray,
+                   keep: np.ndarray | None = None) -> None:
+        """Evicts rows so that ``incoming`` more fit under the budget, never those in
+        ``protect``, and those in ``keep`` only when the rest do not make room.
 
         Raises:
             MemoryBudgetError: ``incoming`` plus the protected rows exceed the budget.
@@ -281,6 +286,11 @@ class RowLifecycle:
                 f"one lookup needs {incoming + protect.shape[0]} rows in memory at once but "
                 f"the budget holds {limit}; raise memory_budget / max_rows or use smaller "
                 "batches")
+        if keep is not None and keep.shape[0]:
+            # as many as leave ``need`` rows to evict (a chunked call's later keys: evicted
+            # without a store, they would come back as new rows, their state lost)
+            spare = self.size() - protect.shape[0] - need - limit // 128
+            protect = np.concatenate([protect, keep[:max(spare, 0)]])
         # evict a little more than needed so that a full table does not evict every call
         victims = self.evictor.victims(self.arena.np("meta"), self._high_water,
                                        need + limit // 128, protect, self.step)

@@ -420,12 +420,13 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch):
         values = torch.empty((unique.shape[0], self.dim), dtype=torch.float32)
         created = np.zeros(unique.shape[0], dtype=bool)
         call = CallStats(keys=batch.ids.shape[0])
+        later = self._later_chunks(unique)
         for part in self._chunks(unique.shape[0]):
             slots = self.index.find(unique[part])
             call.misses += int(counts[part][slots == EMPTY].sum())
             created[part] = self._fill_missing(unique[part], counts[part], slots,
                                                create=CREATE_ALL, step=self.step,
-                                               call=call)[1]
+                                               call=call, keep=later(part))[1]
             values[part] = self.gather(slots)
         if created.any() and self.key_log is not None and batch.strings is not None:
             self.key_log.add(batch.ids, batch.strings)
@@ -440,6 +441,19 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch):
         whole batch without a budget)."""
         step = n if self.max_rows is None else max(1, self.max_rows // 2)
         return [slice(start, start + step) for start in range(0, n, max(step, 1))]
+
+    def _later_chunks(self, unique: np.ndarray):
+        """For a call over the :meth:`_chunks` of ``unique``: a function of a chunk giving
+        the slots, in memory when the call began, of the chunks after it (to keep there)."""
+        if self.max_rows is None or unique.shape[0] <= self.max_rows // 2:
+            return lambda part: None
+        resident = self.index.find(unique)
+
+        def later(part: slice) -> np.ndarray:
+            rest = resident[part.stop:]
+            return rest[rest != EMPTY]
+
+        return later
 
     def insert_or_assign(self, keys, values: torch.Tensor, *,
                          optimizer_state: torch.Tensor | None = None) -> None:
@@ -464,10 +478,12 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch):
             optimizer_state = self._check_rows("optimizer_state", optimizer_state, n,
                                                self.arena.state_width)
         unique, last = _last_occurrence(batch.ids)
+        later = self._later_chunks(unique)
         for part in self._chunks(unique.shape[0]):
             slots = self.index.find(unique[part])
             _, created = self._fill_missing(unique[part], np.ones_like(slots), slots,
-                                            create=CREATE_ALL, step=self.step)
+                                            create=CREATE_ALL, step=self.step,
+                                            keep=later(part))
             if created.any() and self.key_log is not None and batch.strings is not None:
                 self.key_log.add(batch.ids, batch.strings)
             rows, pick = torch.from_numpy(slots), torch.from_numpy(last[part])
@@ -491,10 +507,11 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch):
         values = self._check_rows("values", values, ids.shape[0], self.dim)
         unique, last = _last_occurrence(ids)
         found = np.zeros(unique.shape[0], dtype=bool)
+        later = self._later_chunks(unique)
         for part in self._chunks(unique.shape[0]):
             slots = self.index.find(unique[part])
             self._fill_missing(unique[part], np.ones_like(slots), slots, create=CREATE_NONE,
-                               step=self.step)
+                               step=self.step, keep=later(part))
             hit = slots != EMPTY
             rows, pick = torch.from_numpy(slots[hit]), torch.from_numpy(last[part][hit])
             self.arena.weights[rows] = values[pick]

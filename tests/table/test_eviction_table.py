@@ -424,3 +424,28 @@ def test_gradient_of_a_row_evicted_before_backward_is_not_lost_silently():
     else:
         assert totals.skipped_gradients == 1, "the dropped gradient was not counted"
         assert totals.updated_rows == updated, "a dropped gradient was counted as an update"
+
+
+@pytest.mark.parametrize("verb", ["insert_or_assign", "find_or_insert"])
+def test_a_chunked_call_does_not_evict_the_rows_its_later_chunks_write(verb):
+    """A call of more keys than max_rows / 2 runs in chunks; an earlier chunk's eviction
+    discarded (no store) the existing row of a key in a later chunk, which then came back
+    as a new row: its optimizer state and count reset, its vector re-initialised."""
+    table = de.DynamicTable(de.TableConfig(dim=2, optimizer=de.optim.Adam(lr=0.1), seed=1,
+                                           max_rows=4, eviction=de.policy.LRU()))
+    emb = de.DynamicEmbedding(table=table)
+    for key in (10, 11, 12, 13):  # 10 is the least recently used row
+        emb(torch.tensor([key])).sum().backward()
+    before = table.find([10]).values.clone()
+    state = table.export()
+    row = state.ids.tolist().index(10)
+    keys, values = torch.tensor([1, 2, 10]), torch.zeros(3, 2)
+    if verb == "insert_or_assign":
+        table.insert_or_assign(keys, values)
+    else:
+        torch.testing.assert_close(table.find_or_insert(keys).values[2], before[0])
+    after = table.export()
+    assert 10 in after.ids.tolist()
+    i = after.ids.tolist().index(10)
+    torch.testing.assert_close(after.optimizer_state[i], state.optimizer_state[row])
+    assert after.counts[i] == state.counts[row] == 1
