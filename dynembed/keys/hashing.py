@@ -40,7 +40,9 @@ def hash_strings(keys: Sequence[str], hash_seed: int = DEFAULT_HASH_SEED) -> np.
 
     Raises:
         TypeError: an element is not a str (from ``str.join``; callers rephrase it).
+        ValueError: ``hash_seed`` is not an int in [0, 2**64).
     """
+    check_hash_seed(hash_seed)
     # One C-level join and encode, then a compiled pass: no per-key Python work.
     n = len(keys)
     joined = _SEPARATOR.join(keys).encode("utf-8", "surrogatepass")
@@ -52,6 +54,7 @@ def hash_strings(keys: Sequence[str], hash_seed: int = DEFAULT_HASH_SEED) -> np.
 
 def hash_bytes(keys: Sequence[bytes], hash_seed: int = DEFAULT_HASH_SEED) -> np.ndarray:
     """Ids of bytes keys; same contract as :func:`hash_strings`."""
+    check_hash_seed(hash_seed)
     n = len(keys)
     joined = b"".join(keys)
     lengths = np.fromiter(map(len, keys), dtype=np.int64, count=n)

@@ -153,6 +153,11 @@ def sparse_step(model: nn.Module) -> None:
 
     Call it where you call your dense optimizer's ``step()`` when tables use
     ``update_mode="deferred"`` (gradient accumulation).
+
+    Raises:
+        NonFiniteGradientError: a summed gradient row is NaN or inf and the table has
+            ``nonfinite_grads="raise"``; that table's queued gradients are dropped.
+        StoreError: reading evicted rows back failed.
     """
     for module in model.modules():
         if isinstance(module, TableModule):

@@ -160,6 +160,9 @@ class DynamicEmbeddingBag(SingleTableModule):
                 offsets that do not match the values.
             TypeError, ValueError: weights that are not floating point or do not match the
                 bags, or weights with a mode other than "sum" (see :func:`bag_weights`).
+            MemoryBudgetError: a training lookup needs more distinct rows at once than
+                ``memory_budget`` / ``max_rows`` hold.
+            StoreError: the table's store failed; memory is unchanged.
         """
         batch, bounds = to_jagged(values, offsets, include_last_offset=include_last_offset,
                                   hash_seed=self.table.config.hash_seed)

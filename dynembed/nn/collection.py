@@ -202,6 +202,9 @@ class EmbeddingCollection(TableModule):
                 ``per_sample_weights``), or its keys are bad.
             ValueError: ``concat`` with outputs of different batch sizes or ranks; weights
                 for a feature that is not pooled with "sum", or of the wrong length.
+            MemoryBudgetError: a training lookup needs more distinct rows at once than
+                ``memory_budget`` / ``max_rows`` hold.
+            StoreError: the table's store failed; memory is unchanged.
         """
         if not isinstance(inputs, Mapping):
             raise KeyInputError(f"inputs must be a dict of feature name -> keys, got "

@@ -49,6 +49,9 @@ class DynamicEmbedding(SingleTableModule):
         Raises:
             KeyInputError: keys of an unsupported type (float, bool, None, mixed, nested).
             KeyValueError: an int key outside the int64 range.
+            MemoryBudgetError: a training lookup needs more distinct rows at once than
+                ``memory_budget`` / ``max_rows`` hold.
+            StoreError: the table's store failed; memory is unchanged.
         """
         batch = self.table.ids_of(keys)
         if (not self.training or self.table.read_only) and self.table.router is None:

@@ -54,8 +54,9 @@ class TableConfig:
     default_value: float | Sequence[float] = 0.0
     """Vector returned for unseen keys in eval or read-only mode: a number or dim numbers."""
     update_mode: str = "fused"
-    """"fused": rows update inside backward (fastest). "deferred": backward accumulates and
-    ``step()`` applies, for gradient accumulation. Fused, each lookup's backward is its own
+    """"fused": rows update inside backward (fastest). "deferred": backward queues the
+    gradients and ``de.sparse_step(model)`` (``table.step_optimizer()``) applies them, for
+    gradient accumulation. Fused, each lookup's backward is its own
     update, so a table looked up by several modules (or calls) in one step gets several
     updates; deferred sums them per key into one, as torch does for a shared
     ``nn.Embedding``. (``EmbeddingCollection`` features sharing a table are one lookup.)"""

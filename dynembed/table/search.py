@@ -26,9 +26,9 @@ class TopK(NamedTuple):
     """Result of :meth:`TableSearch.top_k`.
 
     Attributes:
-        ids: (q, k) int64 ids of the best rows per query, best first; -1 past the last row
-            when the table has fewer than k candidates.
-        scores: (q, k) float32 their scores (-inf past the last row).
+        ids: (q, k) int64 ids of the best rows per query, best first ((k,) for one (dim,)
+            query); -1 past the last row when the table has fewer than k candidates.
+        scores: (q, k) (or (k,)) float32 their scores (-inf past the last row).
         keys: per query, the original strings of ``ids`` (None where unknown) when the
             table keeps a key log, else None.
     """
@@ -76,7 +76,8 @@ class TableSearch:
             chunk_rows: rows scored at a time (bounds memory: chunk_rows x q scores).
 
         Returns:
-            :class:`TopK` with (q, k) ids and scores, best first.
+            :class:`TopK` with (q, k) ids and scores, best first ((k,) when ``queries`` is
+            one (dim,) vector).
 
         Raises:
             ValueError: bad ``k``, ``metric``, ``chunk_rows`` or query shape.

@@ -169,7 +169,13 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch):
         return self.optimizer is not None and not self.read_only
 
     def reserve(self, rows: int) -> None:
-        """Pre-sizes the arena and the index for ``rows`` live rows (no effect if smaller)."""
+        """Pre-sizes the arena and the index for ``rows`` live rows (no effect if smaller;
+        at most ``max_rows``).
+
+        Raises:
+            ValueError: ``rows`` is not an int >= 0.
+            MemoryError: the arena of that size cannot be allocated.
+        """
         if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 0:
             raise ValueError(f"rows must be an int >= 0, got {rows!r}")
         rows = int(rows) if self.max_rows is None else min(int(rows), self.max_rows)
@@ -500,6 +506,7 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch):
 
         Raises:
             ReadOnlyTableError: the table is read-only.
+            ValueError: ``values`` is not (n, dim).
             StoreError: the store failed (what stays applied: see the class docstring).
         """
         self._check_writable("assign")
@@ -548,7 +555,13 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch):
 
     def clear(self) -> None:
         """Removes every row, from memory and from the store (capacity is kept); all of them
-        are counted as erased."""
+        are counted as erased.
+
+        Raises:
+            ReadOnlyTableError: the table is read-only.
+            StoreError: the store failed part way (see :meth:`clear_store`); memory is
+                unchanged.
+        """
         self._check_writable("clear")
         erased = self.size() + self.count_below_memory()
         if self.tier is not None:

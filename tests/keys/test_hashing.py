@@ -154,3 +154,11 @@ def test_ids_identical_in_a_fresh_process():
         assert here == reference_ids(keys, seed)
         assert child[str(seed)] == [here, here]
 
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64, 1.5, True])
+def test_hash_functions_name_a_bad_seed(seed):
+    """An out-of-range seed ended in numpy's OverflowError."""
+    for hash_keys, keys in ((de.hash_strings, ["a"]), (de.hash_bytes, [b"a"])):
+        with pytest.raises(ValueError, match=r"hash_seed must be an int in \[0, 2\*\*64\)"):
+            hash_keys(keys, seed)
