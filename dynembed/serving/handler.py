@@ -47,7 +47,10 @@ def _check_key(value, kind: str, where: str) -> None:
                 _INT64_MIN <= value <= _INT64_MAX:
             raise InputError(f"{where} must be an int64 key, got {value!r}")
     elif not isinstance(value, str):
-        raise InputError(f"{where} must be a string key, got {value!r}")
+        hint = ("; the package declares this feature's keys as strings (export_package's "
+                "default): a model trained on int ids is exported with feature_types="
+                "{feature: 'int64'}") if isinstance(value, int) else ""
+        raise InputError(f"{where} must be a string key, got {value!r}{hint}")
 
 
 def _float64_copy(dense, input_dim: int):

@@ -226,6 +226,9 @@ class InferenceAPI:
                                         time.perf_counter() - started)
 
 
+_RAGGED = ("; for bags of different lengths give shape [batch] and one list of keys per "
+           "example in data")
+
 _V2_INTS = frozenset(("INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32",
                       "UINT64"))
 
@@ -239,7 +242,7 @@ def _v2_rows(tensor: dict, pooled: bool | None, where: str) -> list:
     if not isinstance(shape, list) or not 1 <= len(shape) <= 2 or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise bad_request(f"{where}: shape must be [batch] or [batch, n] of non-negative "
-                          f"integers, got {shape!r}")
+                          f"integers, got {shape!r}{_RAGGED}")
     if not isinstance(data, list):
         raise bad_request(f"{where}: data must be a list, got {type(data).__name__}")
     if pooled is None:  # not an input of the model: validation names it
@@ -252,7 +255,7 @@ def _v2_rows(tensor: dict, pooled: bool | None, where: str) -> list:
             raise bad_request(f"{where}: data mixes lists and keys")
         if len(shape) == 2 and any(len(v) != shape[1] for v in data):
             raise bad_request(f"{where}: shape is {shape} but not every row holds {shape[1]} "
-                              "keys")
+                              f"keys{_RAGGED}")
         if pooled:
             return data
         if len(shape) != 2 or shape[1] != 1:

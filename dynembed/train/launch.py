@@ -134,6 +134,10 @@ def launch(config: LaunchConfig, *, show_progress: bool = True,
     stopped_by: list[int] = []
 
     def forward(signum, frame):
+        if not stopped_by:  # said once, before torchrun's own report of the signal
+            print(f"dynembed train: {signal.Signals(signum).name}: asking the workers to "
+                  "stop (SIGTERM); a Runtime checkpoints its current step first, and the "
+                  "same command resumes from it", file=sys.stderr, flush=True)
         stopped_by.append(signum)
         proc.send_signal(signal.SIGTERM)
 

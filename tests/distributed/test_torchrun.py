@@ -178,11 +178,12 @@ def test_sigterm_checkpoints_the_current_step_and_resume_loses_nothing(tmp_path,
             proc.send_signal(signal.SIGTERM)
         else:
             os.killpg(proc.pid, signal.SIGINT)
-        proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 128 + (signal.SIGTERM if how == "sigterm" else signal.SIGINT)
+    assert "asking the workers to stop (SIGTERM)" in err
     progress = read_progress(logs / "progress.json")
     assert progress["state"] == "preempted"
     stopped = progress["step"]

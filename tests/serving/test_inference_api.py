@@ -120,6 +120,10 @@ def test_predictions_refuse_bad_inputs_naming_the_feature(server):
         assert repr(feature) in message or feature in message, (body, message)
     for body in ([], "text", 3, [1, 2]):
         torchserve_error(_post(server, "/predictions/ctr", json=body), 400)
+    # an int id for a feature the package declares as strings says how to export it
+    message = torchserve_error(_post(server, "/predictions/ctr", json={**good, "user": 17}),
+                               400)
+    assert "feature_types={feature: 'int64'}" in message
 
 
 # ---------------------------------------------------------------------- KServe v1
@@ -241,6 +245,13 @@ def test_v2_infer_refuses_bad_tensors_naming_the_input(server):
         assert re.search(rf"\b{name}\b", message), (case, message)
     for body in ({}, {"inputs": []}, {"inputs": "x"}, [], {"inputs": [{"name": "user"}]}):
         _v2_error(_post(server, "/v2/models/ids/infer", json=body), 400)
+    # bags of different lengths: the error says how to send them, and that way works
+    for bad in (_replace(good, "tags", shape=[3, -1]),
+                _replace(good, "tags", shape=[3, 2], data=[["t1", "t2"], ["t1"], []])):
+        message = _v2_error(_post(server, "/v2/models/ids/infer", json=bad), 400)
+        assert "give shape [batch] and one list of keys per example" in message
+    ragged = _replace(good, "tags", shape=[3], data=[["t1", "t2"], ["t1"], []])
+    assert _post(server, "/v2/models/ids/infer", json=ragged).status_code == 200
 
 
 # ---------------------------------------------------------------------- errors
