@@ -422,14 +422,21 @@ def phase_throughput(p: Phase) -> None:
         nbytes_all, resident = [], {}
         for rep in range(cfg["repeats"]):
             ck, raw = folder / f"full-{rep}", folder / f"raw-{rep}.bin"
-            settle()
-            t = time.perf_counter()
-            de.checkpoint.save(ck, tables={"t": table}, extra={"step": rep})
-            s["save"].append(time.perf_counter() - t)
-            nbytes = _tree_bytes(ck)
-            nbytes_all.append(nbytes)
-            settle()
-            s["write"].append(_raw_write(raw, nbytes, buf))
+
+            def save(ck=ck, rep=rep) -> None:
+                settle()
+                t = time.perf_counter()
+                de.checkpoint.save(ck, tables={"t": table}, extra={"step": rep})
+                s["save"].append(time.perf_counter() - t)
+                nbytes_all.append(_tree_bytes(ck))
+
+            def write(raw=raw) -> None:  # as many bytes as the (same-sized) saves write
+                settle()
+                s["write"].append(_raw_write(raw, nbytes_all[-1], buf))
+
+            # which goes first alternates (the first save gives the size to write)
+            for step in ((save, write) if rep % 2 == 0 else (write, save)):
+                step()
 
             def load(key: str, ck=ck) -> None:
                 fresh = _table(de, cfg, "adagrad")

@@ -252,12 +252,17 @@ def _report(argv, args, workload, levels, results, ours_cfg, peer_cfg, env, t_st
                                              / metrics[f"torchserve_p99_ms_c{c}"])
     targets = {}
     if 64 in levels:
+        # answers with errors count in requests/s: a cell with errors decides nothing
+        clean = not errors.get("dynembed_c64") and not errors.get("torchserve_c64")
         targets["throughput_vs_torchserve_c64"] = {
             "target": ">= 2", "value": ratios["throughput_vs_torchserve_c64"],
-            "met": ratios["throughput_vs_torchserve_c64"] >= 2}
+            "met": clean and ratios["throughput_vs_torchserve_c64"] >= 2}
         targets["p99_vs_torchserve_c64"] = {
             "target": "<= 1", "value": ratios["p99_vs_torchserve_c64"],
-            "met": ratios["p99_vs_torchserve_c64"] <= 1}
+            "met": clean and ratios["p99_vs_torchserve_c64"] <= 1}
+        if not clean:
+            for entry in targets.values():
+                entry["note"] = "not met: requests failed at concurrency 64 (see errors)"
     commit, dirty = git_commit(REPO_ROOT)
     engine = next(iter(results["dynembed"].values()))[0].get("engine")
     return {"benchmark": MODULE, "metrics": metrics, "ratios": ratios, "targets": targets,
