@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -32,17 +33,28 @@ from dynembed.table.eviction import FREE_STEP
 from dynembed.table.index import EMPTY
 
 
-def _churn(table) -> tuple[int, int]:
-    """(rows that entered or left the table's memory so far, times all rows were replaced)."""
-    c = table.counters
-    return c.inserts + c.loaded + c.evicted + c.discarded + c.erased, table.wipes
+class _Stamp(NamedTuple):
+    """When something derived from a table's live rows was read (see :meth:`stale`)."""
 
+    table: int  # id() of the table (a sampler may serve several)
+    step: int
+    size: int
+    moved: int  # rows that had entered or left its memory
+    wipes: int  # times all its rows had been replaced
 
-def _stale(table, step: int, size: int, churn: tuple[int, int], refresh_every: int) -> bool:
-    """Whether what was read of ``table`` at (step, size, churn) is out of date."""
-    moved, wipes = _churn(table)
-    return (table.step - step >= refresh_every or wipes != churn[1]
-            or moved - churn[0] > size // 10 or size == 0)
+    @classmethod
+    def of(cls, table) -> _Stamp:
+        c = table.counters
+        return cls(id(table), table.step, table.size(),
+                   c.inserts + c.loaded + c.evicted + c.discarded + c.erased, table.wipes)
+
+    def stale(self, table, refresh_every: int) -> bool:
+        """Whether ``table`` has changed enough since: another table, ``refresh_every``
+        steps, a tenth of the rows in or out of memory, or all of them replaced."""
+        now = _Stamp.of(table)
+        return (now.table != self.table or now.step - self.step >= refresh_every
+                or now.wipes != self.wipes or now.moved - self.moved > self.size // 10
+                or self.size == 0)
 
 
 def _live(table) -> tuple[np.ndarray, np.ndarray]:
@@ -113,10 +125,7 @@ class _Snapshot:
     cumulative: np.ndarray  # (n,) float64 running sum of weights (draw by searchsorted)
     by_id: np.ndarray  # ids sorted, for probability lookups
     p_by_id: np.ndarray  # p of each of by_id
-    step: int
-    size: int
-    churn: tuple[int, int]  # _churn(table) when taken
-    table: int  # id() of the table it describes (a sampler may serve several)
+    stamp: _Stamp
 
 
 @dataclass(kw_only=True)
@@ -134,14 +143,12 @@ class _FrequencySampler(CandidateSampler):
     def snapshot(self, table) -> _Snapshot:
         """The current snapshot of the live rows' probabilities (refreshed when stale)."""
         snap = self._snapshot
-        if (snap is None or snap.table != id(table)
-                or _stale(table, snap.step, snap.size, snap.churn, self.refresh_every)):
+        if snap is None or snap.stamp.stale(table, self.refresh_every):
             ids, counts = _live(table)
             order, p = self._weights(counts)
             ids = ids[order]
             by = np.argsort(ids)
-            snap = _Snapshot(ids, np.cumsum(p), ids[by], p[by], table.step, table.size(),
-                             _churn(table), id(table))
+            snap = _Snapshot(ids, np.cumsum(p), ids[by], p[by], _Stamp.of(table))
             self._snapshot = snap
         return snap
 
@@ -198,9 +205,8 @@ class InBatch(CandidateSampler):
     of the live rows' counts is refreshed like the frequency samplers' snapshots."""
 
     refresh_every: int = 1000
-    # (step, size, churn, total count, id(table)) when read
-    _total: tuple | None = field(default=None, init=False,
-                                                            repr=False)
+    _total: tuple[_Stamp, float] | None = field(default=None, init=False, repr=False)
+    """The live rows' total count, and when it was read."""
 
     def __post_init__(self) -> None:
         _check_refresh_every(self.refresh_every)
@@ -213,14 +219,10 @@ class InBatch(CandidateSampler):
 
     def log_expected_count(self, table, ids, num):
         """log(batch positives * the id's share of the live rows' training counts)."""
-        cached = self._total
-        if (cached is None or cached[4] != id(table)
-                or _stale(table, *cached[:3], self.refresh_every)):
-            cached = (table.step, table.size(), _churn(table),
-                      float(max(_live(table)[1].sum(), 1)), id(table))
-            self._total = cached
+        if self._total is None or self._total[0].stale(table, self.refresh_every):
+            self._total = (_Stamp.of(table), float(max(_live(table)[1].sum(), 1)))
         slots = table.index.find(ids)
         counts = np.ones(ids.shape[0])
         live = slots != EMPTY
         counts[live] = np.maximum(table.arena.np("meta")[slots[live], COUNT], 1)
-        return np.log(num * counts / cached[3])
+        return np.log(num * counts / self._total[1])

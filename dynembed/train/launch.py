@@ -10,6 +10,7 @@ progress from the file rank 0 of a :class:`~dynembed.train.Runtime` writes.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -19,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dynembed.train.progress import PROGRESS_ENV, read_progress
+
+logger = logging.getLogger(__name__)
 
 TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 """Environment for torchrun. Workers of a restarted group must not share the agent's store
@@ -135,9 +138,9 @@ def launch(config: LaunchConfig, *, show_progress: bool = True,
 
     def forward(signum, frame):
         if not stopped_by:  # said once, before torchrun's own report of the signal
-            print(f"dynembed train: {signal.Signals(signum).name}: asking the workers to "
-                  "stop (SIGTERM); a Runtime checkpoints its current step first, and the "
-                  "same command resumes from it", file=sys.stderr, flush=True)
+            logger.warning("%s: asking the workers to stop (SIGTERM); a Runtime checkpoints "
+                           "its current step first, and the same command resumes from it",
+                           signal.Signals(signum).name)
         stopped_by.append(signum)
         proc.send_signal(signal.SIGTERM)
 

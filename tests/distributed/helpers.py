@@ -1,14 +1,20 @@
-"""Running the test worker alone, under torchrun, or through `dynembed train` (with timeouts)."""
+"""Running the test worker alone, under torchrun, or through `dynembed train` (with timeouts);
+running a function on spawned gloo ranks."""
 
 from __future__ import annotations
 
+import datetime
 import os
+import pickle
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from dynembed.train.launch import TORCHRUN_ENV
 
@@ -67,3 +73,30 @@ def assert_same_rows(a: dict[int, np.ndarray], b: dict[int, np.ndarray], *, exac
         np.testing.assert_array_equal(left, right)
     else:
         np.testing.assert_allclose(left, right, rtol=1e-4, atol=atol)
+
+
+def _rank_main(rank: int, body, world: int, folder: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        result, error = body(rank), None
+    except BaseException:  # noqa: BLE001 - reported to the test
+        result, error = None, traceback.format_exc()
+    with open(os.path.join(folder, f"rank{rank}.pkl"), "wb") as f:
+        pickle.dump((result, error), f)
+    dist.destroy_process_group()
+
+
+def run_ranks(body, folder: Path, world: int = 2) -> list:
+    """``body(rank)`` on ``world`` spawned processes joined in a gloo group (``body`` must
+    be a module-level function); the results by rank. Fails with a rank's traceback."""
+    mp.start_processes(_rank_main, args=(body, world, str(folder)), nprocs=world, join=True,
+                       start_method="spawn")
+    results = []
+    for rank in range(world):
+        with open(folder / f"rank{rank}.pkl", "rb") as f:
+            result, error = pickle.load(f)
+        assert error is None, error
+        results.append(result)
+    return results

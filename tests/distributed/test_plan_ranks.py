@@ -3,18 +3,12 @@ wrong fails on every rank, with one message, and the job can still go on."""
 
 from __future__ import annotations
 
-import datetime
-import os
-import pickle
-import traceback
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import dynembed as de
 from dynembed.distributed import shard_model
+from tests.distributed.helpers import run_ranks
 
 WORLD = 2
 
@@ -39,45 +33,27 @@ def _warm(rank: int) -> de.DynamicEmbedding:
     return emb
 
 
-def _worker(rank: int, init: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank,
-                            world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+def _body(rank: int) -> dict:
+    result = {
+        "foreign_rows": _attempt(lambda: _warm(rank)),
+        "replica_limits": _attempt(lambda: _emb(placement="replicated",
+                                                max_rows=100 if rank else 200)),
+    }
     try:
-        result = {
-            "foreign_rows": _attempt(lambda: _warm(rank)),
-            "replica_limits": _attempt(lambda: _emb(placement="replicated",
-                                                    max_rows=100 if rank else 200)),
-        }
-        try:
-            shard_model(_emb(), num_buckets=4096 if rank == 0 else 1024, timeout=30)
-            result["num_buckets"] = None
-        except de.errors.ConfigMismatchError as e:
-            result["num_buckets"] = str(e)
-        emb = _emb()  # after all that, the ranks are still in step
-        shard_model(emb, timeout=30)
-        emb(torch.tensor([rank, 10 + rank])).sum().backward()
-        result["then"] = emb.table.size()
-        error = None
-    except BaseException:  # noqa: BLE001 - reported to the test
-        result, error = None, traceback.format_exc()
-    with open(os.path.join(out, f"rank{rank}.pkl"), "wb") as f:
-        pickle.dump((result, error), f)
-    dist.destroy_process_group()
+        shard_model(_emb(), num_buckets=4096 if rank == 0 else 1024, timeout=30)
+        result["num_buckets"] = None
+    except de.errors.ConfigMismatchError as e:
+        result["num_buckets"] = str(e)
+    emb = _emb()  # after all that, the ranks are still in step
+    shard_model(emb, timeout=30)
+    emb(torch.tensor([rank, 10 + rank])).sum().backward()
+    result["then"] = emb.table.size()
+    return result
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("plan_ranks")
-    mp.start_processes(_worker, args=(str(folder / "init"), str(folder)), nprocs=WORLD,
-                       join=True, start_method="spawn")
-    results = []
-    for rank in range(WORLD):
-        with open(folder / f"rank{rank}.pkl", "rb") as f:
-            result, error = pickle.load(f)
-        assert error is None, error
-        results.append(result)
-    return results
+    return run_ranks(_body, tmp_path_factory.mktemp("plan_ranks"), WORLD)
 
 
 def test_rows_of_other_ranks_on_one_rank_fail_on_every_rank(ranks):

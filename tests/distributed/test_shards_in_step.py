@@ -3,20 +3,14 @@ steps where a shard gets no keys, and tables of two dims whose keys sit on diffe
 
 from __future__ import annotations
 
-import datetime
-import os
-import pickle
-import traceback
-
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import dynembed as de
 from dynembed.distributed import shard_model
 from dynembed.keys.buckets import NUM_BUCKETS, buckets_of, rank_of_bucket
+from tests.distributed.helpers import run_ranks
 
 WORLD = 2
 
@@ -85,45 +79,26 @@ def _nonfinite_step(rank: int) -> dict:
             "after": _rows(emb.table), "counted": emb.table.counters.nonfinite_gradients}
 
 
-def _worker(rank: int, init: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank,
-                            world_size=WORLD, timeout=datetime.timedelta(seconds=60))
-    try:
-        result = {}
-        for mode in ("fused", "deferred"):
-            emb = _adam(mode)
-            shard_model(emb)
-            offsets = [len(step[0]) if rank else 0 for step in STEPS]
-            _train_adam(emb, mode, [step[rank] for step in STEPS], offsets, 1.0)
-            result[mode] = (_rows(emb.table), emb.table.update_step)
-        coll = _mixed()
-        shard_model(coll)
-        out_rows = coll({"a": torch.tensor([A[rank]]), "b": torch.tensor([B[rank]])},
-                        concat=True)
-        out_rows.sum().backward()
-        result["mixed"] = {name: _rows(t) for name, t in coll.tables.items()}
-        result["nonfinite"] = _nonfinite_step(rank)
-        error = None
-    except BaseException:  # noqa: BLE001 - reported to the test
-        result, error = None, traceback.format_exc()
-    with open(os.path.join(out, f"rank{rank}.pkl"), "wb") as f:
-        pickle.dump((result, error), f)
-    dist.destroy_process_group()
+def _body(rank: int) -> dict:
+    result = {}
+    for mode in ("fused", "deferred"):
+        emb = _adam(mode)
+        shard_model(emb)
+        offsets = [len(step[0]) if rank else 0 for step in STEPS]
+        _train_adam(emb, mode, [step[rank] for step in STEPS], offsets, 1.0)
+        result[mode] = (_rows(emb.table), emb.table.update_step)
+    coll = _mixed()
+    shard_model(coll)
+    out_rows = coll({"a": torch.tensor([A[rank]]), "b": torch.tensor([B[rank]])}, concat=True)
+    out_rows.sum().backward()
+    result["mixed"] = {name: _rows(t) for name, t in coll.tables.items()}
+    result["nonfinite"] = _nonfinite_step(rank)
+    return result
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ranks")
-    mp.start_processes(_worker, args=(str(folder / "init"), str(folder)), nprocs=WORLD,
-                       join=True, start_method="spawn")
-    results = []
-    for rank in range(WORLD):
-        with open(folder / f"rank{rank}.pkl", "rb") as f:
-            result, error = pickle.load(f)
-        assert error is None, error
-        results.append(result)
-    return results
+    return run_ranks(_body, tmp_path_factory.mktemp("ranks"), WORLD)
 
 
 def _union(parts: list[dict]) -> dict:

@@ -182,6 +182,15 @@ def _held_handler():
     return predict, release, inside
 
 
+def _run_releasing(main, release: threading.Event) -> None:
+    """Runs the test's ``main()``; releases the held handler whatever happens, so its
+    thread never outlives the test."""
+    try:
+        asyncio.run(main())
+    finally:
+        release.set()
+
+
 async def _one_held_one_queued(predict, inside):
     """A one-worker batcher with request [1] in the handler and [2] queued behind it."""
     batcher = Batcher(predict, batch_size=1, workers=1)
@@ -235,10 +244,7 @@ def test_scaling_to_zero_answers_what_waits_and_what_comes():
         assert await batcher.submit([4]) == [4]
         await batcher.stop()
 
-    try:
-        asyncio.run(main())
-    finally:
-        release.set()
+    _run_releasing(main, release)
 
 
 def test_a_full_queue_refuses_at_once_and_takes_again_when_it_drains():
@@ -262,7 +268,4 @@ def test_a_full_queue_refuses_at_once_and_takes_again_when_it_drains():
         assert await batcher.submit([4]) == [4]
         await batcher.stop()
 
-    try:
-        asyncio.run(main())
-    finally:
-        release.set()
+    _run_releasing(main, release)
