@@ -100,9 +100,10 @@ class ManagementAPI:
             "response_timeout_s": _int(request, "response_timeout",
                                        self.defaults["response_timeout_s"], low=1),
             "preload": _bool(request, "preload", self.defaults["preload"])}
-        self.registry.resolve_url(url)  # 400/404 now, even for an asynchronous call
         if not _bool(request, "synchronous", True):
-            task = asyncio.create_task(self._register_later(url, options))
+            # 400/404/409 now: what the manifest shows wrong would otherwise only be logged
+            reservation = self.registry.reserve(url, options["name"])
+            task = asyncio.create_task(self._register_later(url, options, reservation))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
             return JSONResponse({"status": f"Model registration for {url} accepted; check "
@@ -112,9 +113,9 @@ class ManagementAPI:
                                        f"registered with {entry.batcher.workers} initial "
                                        "workers"})
 
-    async def _register_later(self, url: str, options: dict) -> None:
+    async def _register_later(self, url: str, options: dict, reservation) -> None:
         try:
-            await self.registry.register(url, **options)
+            await self.registry.register(url, **options, reservation=reservation)
         except ServingError as e:
             logger.error("registration of %s failed: %s", url, e.message)
 

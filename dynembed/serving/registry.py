@@ -17,7 +17,12 @@ from pathlib import Path
 from dynembed.errors import CheckpointError, DynembedError
 from dynembed.serving.batching import Batcher
 from dynembed.serving.handler import make_handler
-from dynembed.serving.package import PackageError, check_name, open_package
+from dynembed.serving.package import (
+    PackageError,
+    check_name,
+    open_package,
+    read_manifest,
+)
 
 MAX_WORKERS = 1024
 """Most workers one model version may have (each is a task on the event loop)."""
@@ -99,6 +104,21 @@ def resident_bytes(pid: int) -> int:
         return 0
 
 
+@dataclass
+class Reservation:
+    """A version being registered: :meth:`Registry.reserve` checked it and holds its
+    (name, version) until :meth:`release`, so a second registration of it is refused at
+    once (409) rather than failing after loading its package."""
+
+    path: Path
+    name: str
+    version: str
+    _pending: set = field(repr=False)
+
+    def release(self) -> None:
+        self._pending.discard((self.name, self.version))
+
+
 class Registry:
     """Registered models by name and version.
 
@@ -124,6 +144,7 @@ class Registry:
         self.models: dict[str, dict[str, ModelVersion]] = {}
         self.defaults: dict[str, str] = {}
         self._lock = asyncio.Lock()
+        self._pending: set[tuple[str, str]] = set()
         self.mirror = None
         self.changes = 0
         """Changes made so far (a count); each change's number goes to ``mirror`` as
@@ -159,36 +180,96 @@ class Registry:
             raise not_found(f"Model not found in model store: {url}")
         return path
 
+    def reserve(self, url: str, name: str | None = None) -> Reservation:
+        """Checks that the package at ``url`` can be registered, from its manifest alone
+        (the tables are not opened), and holds its version until the registration ends.
+
+        An asynchronous registration calls this before it answers 202, so a duplicate
+        version or a wrong ``model_name`` is refused to the caller instead of only logged.
+
+        Args:
+            url: the package's path in the model store.
+            name: the ``model_name`` the caller gave, or None.
+
+        Raises:
+            ServingError: 400 bad url, manifest or name, 404 no such package, 409 the
+                version is registered already or being registered.
+        """
+        path = self.resolve_url(url)
+        try:
+            model = read_manifest(path)["model"]
+            if name is not None:
+                check_name(name, "model_name")
+                if name != model["name"]:
+                    raise PackageError(f"model_name {name!r} differs from the package's name "
+                                       f"{model['name']!r}")
+        except (PackageError, ValueError) as e:
+            raise bad_request(str(e)) from None
+        key = (model["name"], model["version"])
+        if key in self._pending or key[1] in self.models.get(key[0], {}):
+            raise ServingError(409, "ConflictStatusException",
+                               f"Model version {key[1]} is already registered for model "
+                               f"{key[0]}" + (" (its registration is in progress)"
+                                              if key in self._pending else ""))
+        self._pending.add(key)
+        return Reservation(path, key[0], key[1], self._pending)
+
     async def register(self, url: str, *, name: str | None = None, initial_workers: int = 1,
                        batch_size: int = 1, max_batch_delay_ms: float = 100.0,
                        response_timeout_s: float = 120.0, preload: bool = False,
-                       loaded_at_startup: bool = False) -> ModelVersion:
+                       loaded_at_startup: bool = False,
+                       reservation: Reservation | None = None) -> ModelVersion:
         """Loads the package at ``url`` (with ``preload``, its tables' rows into memory; see
         :func:`~dynembed.serving.package.open_package`) and starts its workers.
+
+        Args:
+            reservation: from :meth:`reserve` for this ``url`` (an asynchronous
+                registration); released here, whatever the outcome. Without it the
+                registration reserves its version itself.
 
         Raises:
             ServingError: 400 bad arguments or package, 404 no such package, 409 the
                 version is registered already.
         """
-        for arg, value, low, high in (("initial_workers", initial_workers, 0, MAX_WORKERS),
-                                      ("batch_size", batch_size, 1, 2**31 - 1)):
-            if not isinstance(value, int) or not low <= value <= high:
-                raise bad_request(f"{arg} must be an integer in [{low}, {high}], got "
-                                  f"{value!r}")
-        for arg, value, low in (("max_batch_delay", max_batch_delay_ms, 0),
-                                ("response_timeout", response_timeout_s, 1e-3)):
-            if not low <= value <= 2**31 - 1:  # also refuses NaN
-                raise bad_request(f"{arg} must be in [{low:g}, {2**31 - 1}], got {value!r}")
-        path = self.resolve_url(url)
+        try:
+            for arg, value, low, high in (("initial_workers", initial_workers, 0, MAX_WORKERS),
+                                          ("batch_size", batch_size, 1, 2**31 - 1)):
+                if not isinstance(value, int) or not low <= value <= high:
+                    raise bad_request(f"{arg} must be an integer in [{low}, {high}], got "
+                                      f"{value!r}")
+            for arg, value, low in (("max_batch_delay", max_batch_delay_ms, 0),
+                                    ("response_timeout", response_timeout_s, 1e-3)):
+                if not low <= value <= 2**31 - 1:  # also refuses NaN
+                    raise bad_request(f"{arg} must be in [{low:g}, {2**31 - 1}], got "
+                                      f"{value!r}")
+            if reservation is None:
+                reservation = self.reserve(url, name)
+            entry, change = await self._load(reservation, url, initial_workers, batch_size,
+                                             max_batch_delay_ms, response_timeout_s, preload,
+                                             loaded_at_startup)
+        finally:
+            if reservation is not None:
+                reservation.release()
+        if self.mirror is not None:
+            try:
+                await self.mirror("register", url, entry.options(), change=change)
+            except ServingError:
+                await self._remove(entry)
+                raise
+        return entry
+
+    async def _load(self, reservation: Reservation, url: str, initial_workers: int,
+                    batch_size: int, max_batch_delay_ms: float, response_timeout_s: float,
+                    preload: bool, loaded_at_startup: bool) -> tuple[ModelVersion, int]:
+        """Opens a reserved package and adds it with its workers started; returns the
+        version and the change's number."""
         loop = asyncio.get_running_loop()
         try:
             package = await loop.run_in_executor(
-                None, functools.partial(open_package, path, preload=preload))
-            if name is not None:
-                check_name(name, "model_name")
-                if name != package.name:
-                    raise PackageError(f"model_name {name!r} differs from the package's name "
-                                       f"{package.name!r}")
+                None, functools.partial(open_package, reservation.path, preload=preload))
+            if (package.name, package.version) != (reservation.name, reservation.version):
+                # its manifest was rewritten while it loaded
+                raise PackageError(f"the package at {url!r} changed while it was registered")
             handler = make_handler(package, allow_custom=package.name in self.allow_custom)
         except (PackageError, CheckpointError, ValueError) as e:
             raise bad_request(str(e)) from None
@@ -209,14 +290,7 @@ class Registry:
                                  preload)
             versions[package.version] = entry
             self.defaults.setdefault(package.name, package.version)
-            change = self._changed()
-        if self.mirror is not None:
-            try:
-                await self.mirror("register", url, entry.options(), change=change)
-            except ServingError:
-                await self._remove(entry)
-                raise
-        return entry
+            return entry, self._changed()
 
     def _batch_callback(self, name: str, version: str):
         if self.on_batch is None:

@@ -126,6 +126,42 @@ def test_register_asynchronously(api):
     assert api.predict("ctr", examples(2)).status_code == 200
 
 
+def test_an_asynchronous_registration_is_refused_at_once_for_what_its_manifest_shows(
+        api, store):
+    """A duplicate version or a wrong model_name answered 202; the failure was only logged."""
+    assert api.register("ctr-1.0").status_code == 200
+    for url in ("ctr-1.0", "m1-1.0"):  # registered already; the other is fine
+        assert api.register(url, synchronous="false").status_code == (
+            409 if url == "ctr-1.0" else 202)
+    torchserve_error(api.register("ctr-1.0", synchronous="false"), 409,
+                     "ConflictStatusException")
+    message = torchserve_error(api.register("m2-1.0", synchronous="false", model_name="m3"),
+                               400, "BadRequestException")
+    assert "model_name 'm3'" in message
+    (store / "not-a-package").mkdir()
+    torchserve_error(api.register("not-a-package", synchronous="false"), 400,
+                     "BadRequestException")
+    eventually(lambda: "m1" in api.models())
+    assert sorted(api.models()) == ["ctr", "m1"]
+
+
+def test_a_version_being_registered_is_reserved_until_its_registration_ends(api, store):
+    """Two asynchronous registrations of one version: the second is refused while the first
+    loads; one whose tables fail to open frees its version again."""
+    _copy(store / "m1-1.0", store / "m1-again")
+    assert api.register("m1-1.0", synchronous="false").status_code == 202
+    message = torchserve_error(api.register("m1-again", synchronous="false"), 409,
+                               "ConflictStatusException")
+    assert "m1" in message
+    eventually(lambda: "m1" in api.models())
+    shutil.rmtree(store / "m2-1.0" / "tables")  # its manifest is fine, its tables are gone
+    assert api.register("m2-1.0", synchronous="false").status_code == 202
+    registry = api.running.server.registry
+    eventually(lambda: not registry._pending)
+    assert "m2" not in api.models()
+    torchserve_error(api.register("m2-1.0"), 400, "BadRequestException")  # not 409
+
+
 def test_register_twice_is_409(api, store):
     assert api.register("ctr-1.0").status_code == 200
     message = torchserve_error(api.register("ctr-1.0"), 409, "ConflictStatusException")
