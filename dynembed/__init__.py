@@ -19,6 +19,7 @@ from dynembed import (
     train,
 )
 from dynembed import policy as init
+from dynembed._version import __version__
 from dynembed.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -60,8 +61,6 @@ from dynembed.table import (
     TopK,
 )
 from dynembed.table._memory import keep_freed_memory
-
-__version__ = "0.1.0"
 
 # Batch-sized buffers are reused instead of faulted in again every step (see the module).
 keep_freed_memory()

@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-import dynembed
+from dynembed._version import __version__
 from dynembed.serving.batching import BatcherStopped, NoWorkers, QueueFull
 from dynembed.serving.handler import InputError
 from dynembed.serving.registry import ServingError, bad_request
@@ -164,7 +164,7 @@ class InferenceAPI:
         return JSONResponse({"name": entry.name, "ready": _ready(entry)})
 
     async def v2_server(self, request: Request) -> Response:
-        return JSONResponse({"name": "dynembed", "version": dynembed.__version__,
+        return JSONResponse({"name": "dynembed", "version": __version__,
                              "extensions": []})
 
     async def v2_live(self, request: Request) -> Response:

@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import dynembed
 from dynembed import optim
+from dynembed._version import __version__
 from dynembed.checkpoint import manifest as checkpoint_manifest
 from dynembed.checkpoint.api import load, save
 from dynembed.errors import DynembedError
@@ -184,7 +184,7 @@ def export_package(path: str | os.PathLike, *, embeddings: EmbeddingCollection,
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "model": {"name": name, "version": version, "handler": BUILTIN_HANDLER,
                       "description": description, "created": time.time(),
-                      "created_with": {"dynembed": dynembed.__version__,
+                      "created_with": {"dynembed": __version__,
                                        "torch": torch.__version__,
                                        "python": platform.python_version()}},
             "features": {fname: {"table": f.table, "pooling": f.pooling, "type": types[fname]}

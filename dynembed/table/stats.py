@@ -12,9 +12,11 @@ class CallStats:
     keys: int = 0
     """Keys looked up (with duplicates)."""
     hits: int = 0
-    """Keys whose row existed."""
+    """Keys whose row was in memory."""
     misses: int = 0
-    """Keys whose row did not exist (inserted in training, default vector otherwise)."""
+    """Keys whose row was not in memory: read from the store or a lazily opened checkpoint
+    (see ``loaded``), inserted in training, or answered with the default vector (see
+    ``defaults_served``)."""
     inserts: int = 0
     """Rows created by the call."""
     defaults_served: int = 0
@@ -23,7 +25,8 @@ class CallStats:
     not_admitted: int = 0
     """Keys refused a row by the admission policy (they get the default vector)."""
     loaded: int = 0
-    """Rows read from the store into memory (misses of memory that the store answered)."""
+    """Rows read from the store or a lazily opened checkpoint (misses of memory they
+    answered); a training lookup brings them into memory, a read serves them without."""
 
 
 @dataclass
