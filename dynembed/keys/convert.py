@@ -166,6 +166,12 @@ def to_key_batch(keys, *, hash_seed: int = DEFAULT_HASH_SEED, arg: str = "keys")
         else:
             ids = keys.detach().to("cpu", torch.int64).contiguous().reshape(-1).numpy()
         return KeyBatch(ids, shape, INT_KEYS if ids.size else NO_KEYS)
+    if isinstance(keys, np.ma.MaskedArray):  # its masked entries are missing values
+        if np.ma.getmaskarray(keys).any():
+            raise KeyInputError(f"{arg}: a masked array with {int(keys.mask.sum())} masked "
+                                "(missing) keys; drop them or fill them with real keys "
+                                "first (e.g. keys.compressed())")
+        keys = np.asarray(keys.data)
     if isinstance(keys, np.ndarray):
         if keys.dtype.kind in "USO":
             if keys.ndim != 1:
@@ -187,7 +193,8 @@ def to_key_batch(keys, *, hash_seed: int = DEFAULT_HASH_SEED, arg: str = "keys")
 
 def _offsets_array(offsets, arg: str) -> np.ndarray:
     if isinstance(offsets, torch.Tensor):
-        if offsets.dtype.is_floating_point or offsets.dtype == torch.bool:
+        if offsets.dtype.is_floating_point or offsets.dtype.is_complex \
+                or offsets.dtype == torch.bool:
             raise KeyInputError(f"{arg}: offsets must be integers, got {offsets.dtype}")
         arr = offsets.detach().to("cpu", torch.int64).numpy()
     else:

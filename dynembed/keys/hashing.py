@@ -53,9 +53,19 @@ def hash_strings(keys: Sequence[str], hash_seed: int = DEFAULT_HASH_SEED) -> np.
 
 
 def hash_bytes(keys: Sequence[bytes], hash_seed: int = DEFAULT_HASH_SEED) -> np.ndarray:
-    """Ids of bytes keys; same contract as :func:`hash_strings`."""
+    """Ids of bytes keys; same contract as :func:`hash_strings`.
+
+    Raises:
+        TypeError: an element is not bytes or bytearray. ``b"".join`` takes any buffer
+            (a numpy array, a memoryview), whose ``len`` need not be its size in bytes: the
+            later keys would hash shifted bytes, and the kernel could read past the end.
+    """
     check_hash_seed(hash_seed)
     n = len(keys)
+    kinds = set(map(type, keys))  # a C-level scan
+    if not all(issubclass(t, (bytes, bytearray)) for t in kinds):
+        other = next(t for t in kinds if not issubclass(t, (bytes, bytearray)))
+        raise TypeError(f"sequence item: expected bytes or bytearray, {other.__name__} found")
     joined = b"".join(keys)
     lengths = np.fromiter(map(len, keys), dtype=np.int64, count=n)
     buf = np.frombuffer(joined, dtype=np.uint8)

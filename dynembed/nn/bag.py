@@ -6,6 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dynembed.errors import KeyInputError
 from dynembed.kernels.hash_index import unique_inverse
 from dynembed.keys.convert import KeyBatch, to_jagged
 from dynembed.nn._autograd import rows_for
@@ -97,9 +98,22 @@ def _weights_per_value(weights, bounds: np.ndarray, arg: str) -> torch.Tensor:
             raise ValueError(f"{arg}[{b}] has {given[b]} weights but bag {b} has "
                              f"{lengths[b]} keys: give one weight per key")
         weights = [w for bag in weights for w in bag]
+    # one tensor per weight: stacked, so a gradient reaches them (torch.as_tensor would copy
+    # their values and cut them from the graph, with only a warning)
+    per_weight = isinstance(weights, (list, tuple)) and any(
+        issubclass(t, torch.Tensor) for t in set(map(type, weights)))
+    if per_weight:
+        wrong = [w.dtype for w in weights
+                 if isinstance(w, torch.Tensor) and not w.dtype.is_floating_point]
+        if wrong:
+            raise TypeError(f"{arg} must be floating point, got a {wrong[0]} tensor among them")
     try:  # Python numbers are weights whatever their type; arrays keep theirs, as in torch
-        tensor = torch.as_tensor(weights, dtype=torch.float32 if isinstance(weights, (list, tuple))
-                                 else None)
+        if per_weight:
+            tensor = torch.stack([w.reshape(()).to(torch.float32) if isinstance(w, torch.Tensor)
+                                  else torch.tensor(w, dtype=torch.float32) for w in weights])
+        else:
+            tensor = torch.as_tensor(
+                weights, dtype=torch.float32 if isinstance(weights, (list, tuple)) else None)
     except (TypeError, ValueError, RuntimeError) as e:
         raise TypeError(f"{arg} must be floating point weights (a tensor, array or list), "
                         f"got {type(weights).__name__}: {e}") from None
@@ -164,6 +178,15 @@ class DynamicEmbeddingBag(SingleTableModule):
                 ``memory_budget`` / ``max_rows`` hold.
             StoreError: the table's store failed; memory is unchanged.
         """
+        if (offsets is None and isinstance(values, tuple) and len(values) == 2
+                and isinstance(values[1], (torch.Tensor, np.ndarray)) and values[1].ndim == 1):
+            # EmbeddingCollection reads such a tuple as (values, offsets): refused here, so
+            # the same input never means two things in the two modules
+            raise KeyInputError(
+                "values: a tuple of two whose second part is a 1-D tensor or array could be "
+                "(values, offsets) or two bags; EmbeddingCollection reads it as (values, "
+                "offsets). Here give offsets as their own argument, bag(values, offsets), or "
+                "the bags as a list: bag([bag0, bag1])")
         batch, bounds = to_jagged(values, offsets, include_last_offset=include_last_offset,
                                   hash_seed=self.table.config.hash_seed)
         weights = bag_weights(per_sample_weights, self.mode, bounds)

@@ -110,6 +110,9 @@ class EmbeddingCollection(TableModule):
         if not isinstance(features, Mapping):
             raise TypeError("features must be a dict of feature name -> FeatureConfig or "
                             f"table name (or None), got {type(features).__name__}")
+        if not features:
+            raise ValueError("features must name at least one feature (or be None: one "
+                             "feature per table, named like it)")
         self.features: dict[str, FeatureConfig] = {}
         for name, spec in features.items():
             spec = FeatureConfig(table=spec) if isinstance(spec, str) else spec

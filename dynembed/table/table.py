@@ -254,8 +254,9 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch):
                                               step=self.step + 1, call=call)
             if call.inserts and self.key_log is not None and strings is not None:
                 logged = np.isin(string_ids, unique_ids[created])  # not the refused keys
-                self.key_log.add(string_ids[logged],
-                                 np.asarray(strings, dtype=object)[logged].tolist())
+                # fromiter, not asarray: equal-length bytearrays would become a 2-D array
+                kept = np.fromiter(strings, dtype=object, count=len(strings))[logged]
+                self.key_log.add(string_ids[logged], kept.tolist())
             missed = int(counts[missing & ~got].sum())
         if training:
             self.step += 1

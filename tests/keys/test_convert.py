@@ -470,3 +470,29 @@ def test_jagged_values_errors_name_the_argument():
     jag_raises(KeyInputError, "bag_keys", "abc", arg="bag_keys")
     jag_raises(KeyValueError, "bag_keys.*1-D", np.array([[1, 2]]), [0], arg="bag_keys")
     jag_raises(KeyInputError, "bag_keys", [1.0, 2.0], [0], arg="bag_keys")
+
+
+def test_bytes_keys_beside_other_buffers_are_refused():
+    """b"".join takes any buffer, whose len need not be its size in bytes: the later keys
+    hashed shifted bytes (a valid key got another id) and a large len read past the end."""
+    cat = to_key_batch([b"cat"]).ids[0]
+    for other in (np.array([1.5]), memoryview(b"xy"), np.zeros((50_000_000, 0))):
+        raises(KeyInputError, [b"a", other, b"cat"])
+    with pytest.raises(TypeError, match="bytes or bytearray"):
+        hash_bytes([b"a", memoryview(b"cat")])
+    assert to_key_batch([b"a", bytearray(b"x"), b"cat"]).ids[2] == cat
+    with pytest.raises(KeyInputError, match="values"):
+        to_jagged([[b"a"], [np.arange(3)]])
+
+
+def test_masked_arrays_refuse_their_masked_keys():
+    """Masked (missing) entries were looked up as keys."""
+    raises(KeyInputError, np.ma.array([1, 2, 3], mask=[0, 1, 0]), "masked")
+    batch = to_key_batch(np.ma.array([1, 2, 3], mask=[0, 0, 0]))
+    assert batch.ids.tolist() == [1, 2, 3]
+
+
+def test_complex_offsets_are_refused():
+    """The imaginary part was dropped with only a warning."""
+    jag_raises(KeyInputError, "offsets must be integers", [1, 2, 3],
+               torch.tensor([0, 1 + 5j]))

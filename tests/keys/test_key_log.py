@@ -166,3 +166,11 @@ def test_table_key_log_through_torch_save(tmp_path):
     fresh.load_state_dict(torch.load(path, weights_only=True))
     assert fresh.keys_of(hash_strings(keys)) == [None, "a\x00b", "日本", "😀"]
     assert fresh.keys_of(hash_bytes([b"raw\xff"])) == ["raw\udcff"]
+
+
+def test_equal_length_bytearray_keys_are_logged_as_strings():
+    """numpy made a 2-D int array of them: the log held lists, and state_dict failed."""
+    emb = de.DynamicEmbedding(dim=2, key_log=True)
+    emb([bytearray(b"ab"), bytearray(b"cd")])
+    assert emb.table.key_log.lookup(hash_strings(["ab", "cd"])) == ["ab", "cd"]
+    emb.state_dict()  # saves

@@ -132,3 +132,32 @@ def test_bad_per_sample_weights_and_mode():
         bag([[1, 2]], per_sample_weights=torch.ones(3))
     with pytest.raises(ValueError, match="mode"):
         de.DynamicEmbeddingBag(dim=2, mode="median")
+
+
+def test_a_tuple_the_collection_reads_as_values_and_offsets_is_refused():
+    """(values, offsets-like tensor): EmbeddingCollection pools it as values and offsets,
+    the bag module pooled it as two bags, so one input gave two answers."""
+    bag = de.DynamicEmbeddingBag(dim=2, mode="sum")
+    for second in (torch.tensor([0, 2]), np.array([0, 2])):
+        with pytest.raises(KeyInputError, match=r"values: .*bag\(values, offsets\)"):
+            bag((torch.tensor([5, 6, 7]), second))
+    coll = de.EmbeddingCollection(tables={"t": bag.table},
+                                  features={"f": de.FeatureConfig(table="t", pooling="sum")})
+    read = coll({"f": (torch.tensor([5, 6, 7]), torch.tensor([0, 2]))})["f"]
+    assert torch.equal(read, bag(torch.tensor([5, 6, 7]), torch.tensor([0, 2])))
+    assert bag([torch.tensor([5, 6, 7]), torch.tensor([0, 2])]).shape == (2, 2)  # a list
+
+
+def test_weights_given_one_tensor_each_get_their_gradient():
+    """A list (of lists) of 0-d tensors went through torch.as_tensor, which copied the
+    values and cut them from the graph: the weights' gradient stayed None."""
+    bag = de.DynamicEmbeddingBag(dim=2, mode="sum", optimizer=None)  # rows stay as they are
+    w = torch.tensor([0.5, 2.0, 3.0], requires_grad=True)
+    bag([[1, 2], [3]], per_sample_weights=w).sum().backward()
+    expected, w.grad = w.grad.clone(), None
+    for given in ([[w[0], w[1]], [w[2]]], [w[0], w[1], w[2]]):
+        bag([[1, 2], [3]], per_sample_weights=given).sum().backward()
+        assert torch.allclose(w.grad, expected)
+        w.grad = None
+    with pytest.raises(TypeError, match="per_sample_weights must be floating point"):
+        bag([[1], [2]], per_sample_weights=[[torch.tensor(1)], [2.0]])

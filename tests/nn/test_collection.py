@@ -92,6 +92,12 @@ def test_per_sample_weights_as_lists_shaped_like_the_bags():
     torch.testing.assert_close(lists["title"], flat["title"])
 
 
+def test_features_must_name_one_at_least():
+    """An empty dict was accepted; concat=True then failed inside torch.cat."""
+    with pytest.raises(ValueError, match="features must name at least one feature"):
+        de.EmbeddingCollection(tables={"t": de.TableConfig(dim=2)}, features={})
+
+
 def test_features_must_be_a_dict():
     with pytest.raises(TypeError, match="features must be a dict"):
         de.EmbeddingCollection(tables={"w": de.TableConfig(dim=2)}, features=["w"])
