@@ -29,6 +29,9 @@ from dataclasses import dataclass, field
 
 logger = logging.getLogger(__name__)
 
+STOP_WAIT_S = 30.0
+"""Longest a scale-down waits for the workers it stops to finish their batch."""
+
 
 def _expire(future: asyncio.Future) -> None:
     if not future.done():
@@ -128,7 +131,9 @@ class Batcher:
         await self.scale(self._target)
 
     async def scale(self, workers: int) -> None:
-        """Sets the worker count; workers stopped finish their current batch first."""
+        """Sets the worker count and returns once it holds: workers stopped finish their
+        current batch first, and this waits for them, up to :data:`STOP_WAIT_S` (so a
+        synchronous scale-down reports the count it made, not workers still finishing)."""
         self._tasks = [t for t in self._tasks if not t.done()]
         self._target = workers
         while len(self._tasks) < workers:
@@ -139,6 +144,12 @@ class Batcher:
             self._wake_all()  # the ones to stop notice at the top of their loop
         if workers == 0:  # nothing will take what waits: answer it now, as new requests
             self._fail_queued(NoWorkers("the batcher was scaled to 0 workers"))
+        # a later scale may have changed the target meanwhile: then this one is done too;
+        # and a batch that never ends (a hung model) must not hold the caller for good
+        deadline = time.monotonic() + STOP_WAIT_S
+        while (self.workers > self._target and self._target == workers
+               and time.monotonic() < deadline):
+            await asyncio.sleep(0.005)
 
     def _fail_queued(self, error: Exception) -> None:
         """Answers every request still waiting for a worker with ``error``."""

@@ -21,7 +21,7 @@ import uuid
 
 import numpy as np
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -51,11 +51,14 @@ async def read_json(request: Request, limit: int):
         raise ServingError(413, "RequestEntityTooLargeException",
                            f"request body of {declared} bytes is over the limit of {limit}")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ServingError(413, "RequestEntityTooLargeException",
-                               f"request body is over the limit of {limit} bytes")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise ServingError(413, "RequestEntityTooLargeException",
+                                   f"request body is over the limit of {limit} bytes")
+    except ClientDisconnect:  # the client's doing, as on the fast path: not a 500
+        raise bad_request("the client went away before sending the whole body") from None
     try:
         return orjson.loads(bytes(body))  # as the fast path: nesting past 1024 is an error
     except orjson.JSONDecodeError as e:
@@ -274,6 +277,12 @@ def _v2_rows(tensor: dict, pooled: bool | None, where: str) -> list:
     if len(shape) != 2:
         raise bad_request(f"{where} is pooled: give shape [batch, keys] with flat data, or "
                           "one list of keys per example")
+    if shape[1] == 0 and shape[0]:
+        # any batch size fits no data: [2**40, 0] once built that many empty bags on the
+        # event loop, from a 78-byte body
+        raise bad_request(f"{where}: shape {shape} with flat data describes examples without "
+                          "keys or data; give empty bags as one empty list per example, "
+                          "with shape [batch]")
     return [data[k * shape[1]:(k + 1) * shape[1]] for k in range(shape[0])]
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -25,23 +26,37 @@ from dynembed.serving.registry import MAX_WORKERS, ServingError, bad_request
 logger = logging.getLogger(__name__)
 
 
+def _param(request: Request, name: str) -> str | None:
+    """A query parameter's one value (None if absent).
+
+    Raises:
+        ServingError: 400 if given more than once (Starlette would take the last value,
+            TorchServe the first: ``min_worker=1&min_worker=0`` is refused, not guessed).
+    """
+    values = request.query_params.getlist(name)
+    if len(values) > 1:
+        raise bad_request(f"parameter {name} is given {len(values)} times ({values}); give "
+                          "it once")
+    return values[0] if values else None
+
+
 def _int(request: Request, name: str, default=None, *, low: int = 0,
          high: int = 2**31 - 1):
     """An integer query parameter in [low, high] (TorchServe's are Java ints)."""
-    raw = request.query_params.get(name)
+    raw = _param(request, name)
     if raw is None or raw == "":
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise bad_request(f"parameter {name} must be an integer, got {raw!r}") from None
+    # ASCII digits only: int() also reads "1_0", " 1" and other scripts' digits
+    if not re.fullmatch(r"-?[0-9]+", raw):
+        raise bad_request(f"parameter {name} must be an integer, got {raw!r}")
+    value = int(raw)
     if not low <= value <= high:
         raise bad_request(f"parameter {name} must be in [{low}, {high}], got {value}")
     return value
 
 
 def _bool(request: Request, name: str, default: bool) -> bool:
-    raw = request.query_params.get(name)
+    raw = _param(request, name)
     if raw is None or raw == "":
         return default
     if raw.lower() not in ("true", "false"):
@@ -86,12 +101,12 @@ class ManagementAPI:
 
     @_handles_errors
     async def register(self, request: Request) -> Response:
-        url = request.query_params.get("url")
+        url = _param(request, "url")
         if not url:
             raise bad_request("Parameter url is required: the package's path in the model "
                               "store")
         options = {
-            "name": request.query_params.get("model_name") or None,
+            "name": _param(request, "model_name") or None,
             "initial_workers": _int(request, "initial_workers",
                                     self.defaults["initial_workers"], low=0, high=MAX_WORKERS),
             "batch_size": _int(request, "batch_size", self.defaults["batch_size"], low=1),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 
 import httpx
 import pytest
@@ -14,6 +15,7 @@ from torch import nn
 import dynembed as de
 from dynembed.serving import export_package
 from tests.serving.helpers import (
+    eventually,
     examples,
     expected,
     start_server,
@@ -239,6 +241,10 @@ def test_v2_infer_refuses_bad_tensors_naming_the_input(server):
         "negative": (_replace(good, "item", shape=[-1]), "item"),
         "twice": ({**good, "inputs": good["inputs"] + good["inputs"][:1]}, "user"),
         "list datatype": (_replace(good, "user", datatype=[]), "user"),  # once a 500
+        # any batch fits [batch, 0] with no data: [2**40, 0] built that many bags, blocking
+        # the event loop from a 78-byte body
+        "empty flat bags": ({"inputs": [{"name": "tags", "shape": [2**40, 0],
+                                         "datatype": "BYTES", "data": []}]}, "tags"),
     }
     for case, (body, name) in cases.items():
         message = _v2_error(_post(server, "/v2/models/ids/infer", json=body), 400)
@@ -252,6 +258,26 @@ def test_v2_infer_refuses_bad_tensors_naming_the_input(server):
         assert "give shape [batch] and one list of keys per example" in message
     ragged = _replace(good, "tags", shape=[3], data=[["t1", "t2"], ["t1"], []])
     assert _post(server, "/v2/models/ids/infer", json=ragged).status_code == 200
+
+
+def _requests_by_status(server, model: str) -> dict[str, float]:
+    text = httpx.get(server.metrics + "/metrics", timeout=30).text
+    pattern = rf'dynembed_serving_requests_total{{model="{model}",status="(\d+)",[^}}]*}} (\S+)'
+    return {m.group(1): float(m.group(2)) for m in re.finditer(pattern, text)}
+
+
+def test_a_client_gone_before_its_body_ends_is_a_400_not_a_500(server):
+    """The v2 path logged a traceback and counted a 500 (the fast path said 400)."""
+    before = _requests_by_status(server, "ids")
+    for k, path in enumerate(("/v2/models/ids/infer", "/predictions/ids")):
+        port = int(server.inference.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
+                      .encode() + b'{"inputs": [')
+        want = before.get("400", 0) + k + 1
+        eventually(lambda want=want: _requests_by_status(server, "ids").get("400", 0) == want)
+    after = _requests_by_status(server, "ids")
+    assert after.get("500", 0) == before.get("500", 0)
 
 
 # ---------------------------------------------------------------------- errors

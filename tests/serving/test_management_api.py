@@ -292,12 +292,20 @@ def test_scale_workers_synchronously(api):
     [described] = api.describe("ctr/2.0")
     assert (described["minWorkers"], described["maxWorkers"], len(described["workers"])) \
         == (2, 4, 2)
-    assert api("PUT", "/models/ctr", min_worker=1, synchronous="true").status_code == 200
-    eventually(lambda: len(api.describe("ctr")[0]["workers"]) == 1)
+    # down: answered once the stopped workers are gone (it said 3 while they finished)
+    response = api("PUT", "/models/ctr", min_worker=1, synchronous="true")
+    assert response.json() == {"status": "Workers scaled to 1 for model: ctr, version: 1.0"}
+    assert len(api.describe("ctr")[0]["workers"]) == 1
     assert api.predict("ctr", examples(3)).status_code == 200
     for params in ({"min_worker": "3", "max_worker": "2"}, {"min_worker": "-1"},
-                   {"min_worker": "x"}, {"synchronous": "sometimes"}):
+                   {"min_worker": "x"}, {"synchronous": "sometimes"}, {"min_worker": "1_0"},
+                   {"min_worker": " 1"}, {"min_worker": "\u0663"}):
         torchserve_error(api("PUT", "/models/ctr", **params), 400, "BadRequestException")
+    # a parameter given twice is refused, not read as its last value (TorchServe: first)
+    response = httpx.put(api.running.management + "/models/ctr?min_worker=2&min_worker=0",
+                         headers=api.headers, timeout=30)
+    assert "given 2 times" in torchserve_error(response, 400, "BadRequestException")
+    assert len(api.describe("ctr")[0]["workers"]) == 1
     torchserve_error(api("PUT", "/models/nope", min_worker=2), 404, "ModelNotFoundException")
     torchserve_error(api("PUT", "/models/ctr/9.9", min_worker=2), 404,
                      "ModelVersionNotFoundException")
