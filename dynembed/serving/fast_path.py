@@ -17,7 +17,7 @@ import time
 import orjson
 
 from dynembed.serving.handler import InputError
-from dynembed.serving.registry import ServingError, bad_request
+from dynembed.serving.registry import ServingError, bad_request, check_json_body
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,8 @@ class FastPredictions:
     async def _read(self, scope, receive):
         limit = self.api.max_request_bytes
         for key, value in scope["headers"]:
+            if key == b"content-type":
+                check_json_body(value.decode("latin-1"))
             if key == b"content-length" and value.isdigit() and int(value) > limit:
                 raise ServingError(413, "RequestEntityTooLargeException",
                                    f"request body of {int(value)} bytes is over the limit of "

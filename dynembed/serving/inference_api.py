@@ -28,7 +28,7 @@ from starlette.routing import Route
 from dynembed._version import __version__
 from dynembed.serving.batching import BatcherStopped, NoWorkers, QueueFull
 from dynembed.serving.handler import InputError
-from dynembed.serving.registry import ServingError, bad_request
+from dynembed.serving.registry import ServingError, bad_request, check_json_body
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ async def read_json(request: Request, limit: int):
     Raises:
         ServingError: 413 over ``limit`` bytes, 400 not JSON.
     """
+    check_json_body(request.headers.get("content-type"))
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ServingError(413, "RequestEntityTooLargeException",

@@ -44,6 +44,19 @@ def bad_request(message: str) -> ServingError:
     return ServingError(400, "BadRequestException", message)
 
 
+def check_json_body(content_type: str | None) -> None:
+    """Refuses a form upload, which would otherwise fail as JSON that does not parse.
+
+    Raises:
+        ServingError: 415 for a ``multipart/form-data`` or URL-encoded form body.
+    """
+    kind = (content_type or "").split(";", 1)[0].strip().lower()
+    if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        raise ServingError(415, "UnsupportedMediaTypeException",
+                           f"{kind} bodies are not supported: send the examples as a JSON "
+                           "body (Content-Type: application/json)")
+
+
 @dataclass
 class ModelVersion:
     """One registered version of a model."""

@@ -311,6 +311,21 @@ def test_an_unknown_version_is_404(server, method, path, v2):
     assert "9.9" in message and "ids" in message
 
 
+@pytest.mark.parametrize("path, v2", [("/predictions/ids", False),
+                                      ("/v1/models/ids:predict", False),
+                                      ("/v2/models/ids/infer", True)])
+def test_a_form_upload_is_415_and_says_to_send_json(server, path, v2):
+    """curl -F data=@file (TorchServe takes it) got "not valid JSON: no digit after sign"."""
+    for upload in ({"files": {"data": ("x.json", b"[]")}}, {"data": {"data": "[]"}}):
+        response = httpx.post(server.inference + path, timeout=30, **upload)
+        message = _v2_error(response, 415) if v2 else \
+            torchserve_error(response, 415, "UnsupportedMediaTypeException")
+        assert "send the examples as a JSON body" in message
+    assert _post(server, path, json=_v2_body(_ids_examples(2)) if v2 else
+                 ({"instances": _ids_examples(2)} if "v1" in path
+                  else _ids_examples(2))).status_code == 200
+
+
 @pytest.mark.parametrize("path, v2", [("/predictions/ctr", False),
                                       ("/predictions/ctr/1.0", False),
                                       ("/v1/models/ctr:predict", False),
