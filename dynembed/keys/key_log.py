@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -21,19 +22,27 @@ def _split_joined(whole: str, lengths: np.ndarray) -> list[str]:
     return [whole[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
 
 
+def _bytes_tensor(blob: bytes) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(blob, dtype=np.uint8).copy())
+
+
 class KeyLog:
     """Remembers the str/bytes key behind each id it is shown.
 
-    Kept in a dict filled by C-level ``dict.update(zip(...))`` calls; its state is plain
+    Kept in dicts filled by C-level ``dict.update(zip(...))`` calls; its state is plain
     tensors (UTF-8 bytes and lengths) so it saves with ``torch.save(weights_only=True)``.
-    Bytes keys are logged decoded as UTF-8 with surrogate escapes.
+    Bytes keys that are UTF-8 are logged as the str they spell, which hashes to the same id.
+    Other bytes keys are logged as bytes: no str hashes to their id (a str hashes its
+    ``surrogatepass`` UTF-8 bytes), so a str would lead back to another row.
     """
 
     def __init__(self) -> None:
         self._strings: dict[int, str] = {}
+        self._raw: dict[int, bytes] = {}
+        """Keys that are bytes but not UTF-8 (rare)."""
 
     def __len__(self) -> int:
-        return len(self._strings)
+        return len(self._strings) + len(self._raw)
 
     def add(self, ids: np.ndarray, keys: Sequence) -> None:
         """Records ``keys[i]`` as the key of ``ids[i]``.
@@ -42,37 +51,74 @@ class KeyLog:
             ids: (n,) int64.
             keys: n str, or n bytes.
         """
+        ids = ids.tolist()
         if len(keys) and isinstance(keys[0], (bytes, bytearray)):
-            parts = b"\x00".join(keys).decode("utf-8", "surrogateescape").split(_SEP)
-            if len(parts) != len(keys):  # a key holds a NUL byte: decode one by one (rare)
-                parts = [bytes(k).decode("utf-8", "surrogateescape") for k in keys]
+            try:
+                parts = b"\x00".join(keys).decode("utf-8").split(_SEP)
+            except UnicodeDecodeError:  # some key is not UTF-8: sort them one by one (rare)
+                parts = None
+            if parts is None or len(parts) != len(keys):  # or a key holds a NUL byte
+                self._add_one_by_one(ids, keys)
+                return
             keys = parts
-        self._strings.update(zip(ids.tolist(), keys))
+        self._strings.update(zip(ids, keys))
+        if self._raw:
+            self._forget(self._raw, ids)
 
-    def lookup(self, ids: np.ndarray) -> list[str | None]:
-        """The string of each id, None where it was never logged."""
-        return list(map(self._strings.get, ids.tolist()))
+    def _add_one_by_one(self, ids: list[int], keys: Sequence) -> None:
+        for i, key in zip(ids, keys):
+            try:
+                self._strings[i] = bytes(key).decode("utf-8")
+                self._raw.pop(i, None)
+            except UnicodeDecodeError:
+                self._raw[i] = bytes(key)
+                self._strings.pop(i, None)
+
+    def lookup(self, ids: np.ndarray) -> list[str | bytes | None]:
+        """The key of each id (str, or bytes for bytes keys that are not UTF-8), None where
+        it was never logged."""
+        found = list(map(self._strings.get, ids.tolist()))
+        if self._raw:
+            raw = map(self._raw.get, ids.tolist())
+            found = [s if s is not None else r for s, r in zip(found, raw)]
+        return found
 
     def merge(self, other: KeyLog) -> None:
         """Adds every id -> key of ``other`` (its key wins where both have one)."""
+        if self._raw and other._strings:
+            self._forget(self._raw, other._strings)
+        if other._raw:
+            self._forget(self._strings, other._raw)
         self._strings.update(other._strings)
+        self._raw.update(other._raw)
 
     def discard(self, ids: np.ndarray) -> None:
         """Forgets ids (their rows were erased)."""
-        keep = self._strings
-        for _ in map(keep.pop, ids.tolist(), [None] * len(ids)):
+        ids = ids.tolist()
+        self._forget(self._strings, ids)
+        if self._raw:
+            self._forget(self._raw, ids)
+
+    @staticmethod
+    def _forget(entries: dict, ids) -> None:
+        for _ in map(entries.pop, ids, itertools.repeat(None)):
             pass
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """{'ids': (n,) int64, 'utf8': (bytes,) uint8 NUL-joined keys, 'lengths': (n,) int64}."""
+        """{'ids': (n,) int64, 'utf8': (bytes,) uint8 NUL-joined keys, 'lengths': (n,) int64
+        code points}, plus 'raw_ids', 'raw' and 'raw_lengths' (bytes) alike for the bytes
+        keys that are not UTF-8."""
         n = len(self._strings)
         ids = np.fromiter(self._strings.keys(), dtype=np.int64, count=n)
         strings = list(self._strings.values())
         lengths = np.fromiter(map(len, strings), dtype=np.int64, count=n)
         blob = _SEP.join(strings).encode("utf-8", "surrogatepass")
-        utf8 = np.frombuffer(blob, dtype=np.uint8).copy()
-        return {"ids": torch.from_numpy(ids), "utf8": torch.from_numpy(utf8),
-                "lengths": torch.from_numpy(lengths)}
+        raw = list(self._raw.values())
+        return {"ids": torch.from_numpy(ids), "utf8": _bytes_tensor(blob),
+                "lengths": torch.from_numpy(lengths),
+                "raw_ids": torch.tensor(list(self._raw.keys()), dtype=torch.int64),
+                "raw": _bytes_tensor(b"".join(raw)),
+                "raw_lengths": torch.tensor(list(map(len, raw)), dtype=torch.int64)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Replaces the log with a saved one.
@@ -90,4 +136,16 @@ class KeyLog:
                              f"{int(lengths.sum())} code points) does not fit 'ids' "
                              f"({ids.shape[0]}) and 'utf8' ({len(whole)} code points)")
         strings = _split_joined(whole, lengths) if ids.size else []
+        raw = {}
+        if "raw_ids" in state:  # (older states have no such part, and no such keys)
+            raw_ids, raw_lengths = state["raw_ids"].numpy(), state["raw_lengths"].numpy()
+            blob = state["raw"].numpy().tobytes()
+            if raw_lengths.shape != raw_ids.shape or int(raw_lengths.sum()) != len(blob) \
+                    or (raw_lengths < 0).any():
+                raise ValueError(f"key log 'raw_lengths' ({raw_lengths.shape[0]} entries, "
+                                 f"{int(raw_lengths.sum())} bytes) does not fit 'raw_ids' "
+                                 f"({raw_ids.shape[0]}) and 'raw' ({len(blob)} bytes)")
+            ends = np.cumsum(raw_lengths).tolist()
+            raw = {i: blob[a:b] for i, a, b in zip(raw_ids.tolist(), [0, *ends], ends)}
         self._strings = dict(zip(ids.tolist(), strings))
+        self._raw = raw

@@ -140,8 +140,9 @@ class TableSnapshot:
         frame["vector"] = list(vectors)
         return frame
 
-    def keys_of(self, ids) -> list[str | None]:
-        """Original strings of ids from the key log (None where unknown).
+    def keys_of(self, ids) -> list[str | bytes | None]:
+        """Original keys of ids from the key log (None where unknown): str, or bytes for
+        bytes keys that are not UTF-8.
 
         Raises:
             RuntimeError: the table was made without ``key_log=True``.
