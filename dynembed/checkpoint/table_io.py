@@ -190,7 +190,7 @@ def restore(table: DynamicTable, layers: list[list[RowsFile]], buckets: range,
     """
     check_fits(table, layers)
     if table.tier is not None:
-        table.clear_store()  # rows written after the checkpoint are newer than its cut
+        table._empty_store()  # rows written after the checkpoint are newer than its cut
     table._clear_memory()
     table.apply_aux_state(aux)
     base = LazyRows(layers, buckets, table.dim, table.arena.state_width)
@@ -204,7 +204,7 @@ def restore(table: DynamicTable, layers: list[list[RowsFile]], buckets: range,
             load_step(table, None, chunk_rows, into_empty=True)
         except BaseException:  # a damaged block: never leave a half-loaded table
             if table.tier is not None:
-                table.clear_store()
+                table._empty_store()
             table._clear_memory()
             raise
     table.changes.reset(since)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from dynembed.errors import (
+    MemoryBudgetError,
     ReadOnlyTableError,
     StoreError,
 )
@@ -419,11 +420,13 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch):
 
         Raises:
             ReadOnlyTableError: the table is read-only.
+            MemoryBudgetError: more distinct keys than ``max_rows`` and no store.
             StoreError: the store failed (what stays applied: see the class docstring).
         """
         self._check_writable("find_or_insert")
         batch = self.ids_of(keys)
         unique, inverse, counts = unique_inverse(batch.ids)
+        self._check_fits_without_store(unique.shape[0], "find_or_insert")
         values = torch.empty((unique.shape[0], self.dim), dtype=torch.float32)
         created = np.zeros(unique.shape[0], dtype=bool)
         call = CallStats(keys=batch.ids.shape[0])
@@ -448,6 +451,21 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch):
         whole batch without a budget)."""
         step = n if self.max_rows is None else max(1, self.max_rows // 2)
         return [slice(start, start + step) for start in range(0, n, max(step, 1))]
+
+    def _check_fits_without_store(self, distinct: int, verb: str) -> None:
+        """Refuses a write of more distinct keys than memory holds when there is no store:
+        its own rows would be discarded to make room for its later ones, and come back as
+        new rows with their state lost.
+
+        Raises:
+            MemoryBudgetError: ``distinct`` is over ``max_rows`` and there is no store.
+        """
+        if self.tier is None and self.max_rows is not None and distinct > self.max_rows:
+            raise MemoryBudgetError(
+                f"{verb} of {distinct} distinct keys needs them in memory at once, but the "
+                f"budget holds {self.max_rows} rows and the table has no store to keep the "
+                "rest; split the call into batches of at most max_rows keys, raise "
+                "memory_budget / max_rows, or give the table a store")
 
     def _later_chunks(self, unique: np.ndarray):
         """For a call over the :meth:`_chunks` of ``unique``: a function of a chunk giving
@@ -475,6 +493,7 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch):
         Raises:
             ReadOnlyTableError: the table is read-only.
             ValueError: shapes do not match.
+            MemoryBudgetError: more distinct keys than ``max_rows`` and no store.
             StoreError: the store failed (what stays applied: see the class docstring).
         """
         self._check_writable("insert_or_assign")
@@ -485,6 +504,7 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch):
             optimizer_state = self._check_rows("optimizer_state", optimizer_state, n,
                                                self.arena.state_width)
         unique, last = _last_occurrence(batch.ids)
+        self._check_fits_without_store(unique.shape[0], "insert_or_assign")
         later = self._later_chunks(unique)
         for part in self._chunks(unique.shape[0]):
             slots = self.index.find(unique[part])
@@ -508,12 +528,16 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch):
         Raises:
             ReadOnlyTableError: the table is read-only.
             ValueError: ``values`` is not (n, dim).
+            MemoryBudgetError: more distinct keys than ``max_rows``, a lazily opened
+                checkpoint to read them from and no store.
             StoreError: the store failed (what stays applied: see the class docstring).
         """
         self._check_writable("assign")
         ids = self.ids_of(keys).ids
         values = self._check_rows("values", values, ids.shape[0], self.dim)
         unique, last = _last_occurrence(ids)
+        if self.base is not None:  # else no row enters memory: nothing is evicted
+            self._check_fits_without_store(unique.shape[0], "assign")
         found = np.zeros(unique.shape[0], dtype=bool)
         later = self._later_chunks(unique)
         for part in self._chunks(unique.shape[0]):
@@ -566,18 +590,42 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch):
         self._check_writable("clear")
         erased = self.size() + self.count_below_memory()
         if self.tier is not None:
-            self.clear_store()
+            self._empty_store()
         self._clear_memory()
         self.counters.erased += erased
 
-    def clear_store(self) -> None:
+    def clear_store(self) -> int:
         """Empties the store. The rows in memory stay and are marked changed, so that they
         reach the store again when evicted or flushed instead of vanishing (they once were
         marked clean, and an eviction then dropped them uncounted).
 
+        Rows that lived only in the store are erased, as by :meth:`erase`: counted, listed
+        as deleted in the next delta checkpoint, hidden in a lazily opened checkpoint (whose
+        older copy would otherwise come back), and their pending gradients are skipped.
+
+        Returns:
+            How many rows were erased (those only in the store).
+
         Raises:
-            StoreError: the store failed part way (it may have lost some rows); the rows in
-                memory are marked changed all the same.
+            StoreError: the store failed part way (it may have lost some rows, still read
+                as present); the rows in memory are marked changed all the same.
+        """
+        blocks = [block.ids[self.index.find(block.ids) == EMPTY] for block in self.tier.scan()]
+        only_stored = np.concatenate(blocks) if blocks else np.empty(0, dtype=np.int64)
+        self._empty_store()
+        if only_stored.shape[0]:
+            self._release(only_stored, erased=True)
+            if self.key_log is not None:
+                self.key_log.discard(only_stored)
+            self.counters.erased += only_stored.shape[0]
+        return int(only_stored.shape[0])
+
+    def _empty_store(self) -> None:
+        """Empties the store and marks the rows in memory changed (see :meth:`clear_store`),
+        for callers that wipe memory next (so nothing needs erasing one by one).
+
+        Raises:
+            StoreError: the store failed part way; the rows are marked all the same.
         """
         try:
             self.tier.clear()

@@ -449,3 +449,27 @@ def test_a_chunked_call_does_not_evict_the_rows_its_later_chunks_write(verb):
     i = after.ids.tolist().index(10)
     torch.testing.assert_close(after.optimizer_state[i], state.optimizer_state[row])
     assert after.counts[i] == state.counts[row] == 1
+
+
+@pytest.mark.parametrize("verb", ["insert_or_assign", "find_or_insert", "assign"])
+def test_a_write_of_more_keys_than_memory_holds_without_a_store_is_refused(verb, tmp_path):
+    """With no store, the call discarded rows it had just written (or existing rows of its
+    own later keys, which came back re-initialised) to make room for the rest."""
+    table = de.DynamicTable(de.TableConfig(dim=2, optimizer=de.optim.Adagrad(lr=0.1), seed=1,
+                                           max_rows=8, eviction=de.policy.LRU()))
+    table.insert_or_assign(torch.arange(8), torch.ones(8, 2))
+    if verb == "assign":  # rows enter memory only from a lazily opened checkpoint
+        de.checkpoint.save(tmp_path / "c", tables={"t": table})
+        de.checkpoint.load(tmp_path / "c", tables={"t": table}, lazy=True)
+    before = table.export()
+    keys = torch.arange(-1, 8)  # nine distinct keys
+    call = {"insert_or_assign": lambda: table.insert_or_assign(keys, torch.zeros(9, 2)),
+            "find_or_insert": lambda: table.find_or_insert(keys),
+            "assign": lambda: table.assign(keys, torch.zeros(9, 2))}[verb]
+    with pytest.raises(MemoryBudgetError, match=rf"{verb} of 9 distinct keys.*no store"):
+        call()
+    after = table.export()
+    assert after.ids.tolist() == before.ids.tolist() and table.stats().totals.discarded == 0
+    torch.testing.assert_close(after.weights, before.weights)
+    # as many distinct keys as the budget holds still work, in chunks
+    assert table.find_or_insert(torch.arange(8)).inserted.sum() == 0

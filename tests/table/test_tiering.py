@@ -500,6 +500,44 @@ def test_clear_store_keeps_the_rows_in_memory_reaching_the_store():
     torch.testing.assert_close(table.find(torch.arange(4)).values, before)
 
 
+def _small_stored_table(**options):
+    return de.DynamicTable(de.TableConfig(dim=4, optimizer=de.optim.SGD(lr=0.1), seed=1,
+                                          max_rows=4, store=MemoryStore(), **options))
+
+
+def test_clear_store_erases_the_rows_only_the_store_held(tmp_path):
+    """They were gone but recorded nowhere: a delta saved next loaded them back, a lazily
+    opened checkpoint's older copy came back, and a pending gradient landed on a new row
+    of the same key."""
+    table = _small_stored_table()
+    table.insert_or_assign(torch.arange(8), torch.ones(8, 4))  # 4 in memory, 4 in the store
+    de.checkpoint.save(tmp_path / "a", tables={"t": table})
+    in_memory = table.index.find(np.arange(8)) != -1
+    assert in_memory.sum() == 4 and table.contains(torch.arange(8)).all()
+    assert table.clear_store() == 4 and table.stats().totals.erased == 4
+    assert table.contains(torch.arange(8)).tolist() == in_memory.tolist()
+    de.checkpoint.save(tmp_path / "b", tables={"t": table}, parent=tmp_path / "a")
+    loaded = _small_stored_table()
+    de.checkpoint.load(tmp_path / "b", tables={"t": loaded})
+    assert loaded.contains(torch.arange(8)).tolist() == in_memory.tolist()
+
+    lazy = _small_stored_table()
+    de.checkpoint.load(tmp_path / "a", tables={"t": lazy}, lazy=True)
+    lazy.assign(torch.tensor([7]), torch.full((1, 4), 2.0))
+    lazy.evict(4)  # the newer row 7 goes to the store
+    lazy.clear_store()
+    assert not lazy.find(torch.tensor([7])).found.any()  # not the checkpoint's 1.0
+
+    emb = de.DynamicEmbedding(table=_small_stored_table(update_mode="deferred"))
+    emb(torch.tensor([42])).sum().backward()  # queued
+    emb.table.evict(4)
+    emb.table.clear_store()  # row 42 is gone
+    emb.table.insert_or_assign(torch.tensor([42]), torch.zeros(1, 4))
+    de.sparse_step(emb)
+    assert torch.equal(emb.table.find(torch.tensor([42])).values, torch.zeros(1, 4))
+    assert emb.table.stats().totals.skipped_gradients == 1
+
+
 def test_stored_rows_are_read_in_blocks_of_chunk_rows():
     """rows_below_memory read the store in blocks of 65,536 whatever chunk_rows said, so
     top_k(chunk_rows=) did not bound its score blocks for stored rows."""
