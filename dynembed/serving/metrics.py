@@ -9,6 +9,7 @@ was a tenth of the event loop's time under load.
 
 from __future__ import annotations
 
+import collections
 import threading
 
 import numpy as np
@@ -40,6 +41,28 @@ class _TableCollector(Collector):
                 for key, family in families.items():
                     family.add_metric([entry.name, entry.version, table], values[key])
         yield from families.values()
+
+
+class ResponseCounter(Collector):
+    """HTTP responses by API and status, of every request an API answered: also those
+    that named no model (404), lacked the token (401) or used a wrong method (405), which
+    the per-model request counter never sees. Counted on the event loop (no lock)."""
+
+    def __init__(self, registry) -> None:
+        self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        registry.register(self)
+
+    def collect(self):
+        family = CounterMetricFamily("dynembed_serving_http_responses",
+                                     "HTTP responses by API and status code.",
+                                     labels=["api", "status"])
+        for labels, count in sorted(self.counts.items()):
+            family.add_metric(list(labels), count)
+        yield family
+
+    def describe(self):
+        return [CounterMetricFamily("dynembed_serving_http_responses", "",
+                                    labels=["api", "status"])]
 
 
 class ArrayHistogram(Collector):
@@ -141,6 +164,7 @@ class ServingMetrics:
             "dynembed_serving_checkpoint_refresh_failures",
             "Attempts to apply a followed checkpoint that failed (the model keeps serving "
             "its tables as they were).", ["model"], registry=self.registry)
+        self.responses = ResponseCounter(self.registry)
         self._request_counters: dict = {}
         if models is not None:
             self.registry.register(_TableCollector(models))

@@ -146,6 +146,26 @@ _HEALTH = frozenset({"/ping", "/v2/health/live", "/v2/health/ready"})
 """Health probes carry no data; load balancers and Kubernetes call them without a token."""
 
 
+class _CountResponses:
+    """ASGI middleware: counts every response of an API by status (see
+    :class:`~dynembed.serving.metrics.ResponseCounter`)."""
+
+    def __init__(self, app, counts, api: str) -> None:
+        self.app, self.counts, self.api = app, counts, api
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def counted(message):
+            if message["type"] == "http.response.start":
+                self.counts[(self.api, str(message["status"]))] += 1
+            await send(message)
+
+        await self.app(scope, receive, counted)
+
+
 class _Auth:
     """ASGI middleware: 401 unless the request carries the API's token."""
 
@@ -213,9 +233,11 @@ class ModelServer:
                                exception_handlers=errors)
         metrics = Starlette(routes=[Route("/metrics", self._metrics, methods=["GET"])],
                             exception_handlers=errors)
-        self.apps = {"inference": _Auth(inference, self.tokens, "inference"),
-                     "management": _Auth(management, self.tokens, "management"),
-                     "metrics": metrics}
+        counts = self.metrics.responses.counts
+        self.apps = {api: _CountResponses(app, counts, api) for api, app in (
+            ("inference", _Auth(inference, self.tokens, "inference")),
+            ("management", _Auth(management, self.tokens, "management")),
+            ("metrics", metrics))}
         self.sockets: dict[str, socket.socket] = {}
         self._by_port: dict[int, object] = {}
         self._followers: list[asyncio.Task] = []

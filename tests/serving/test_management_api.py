@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import time
@@ -449,3 +450,25 @@ def test_a_version_with_no_workers_is_not_ready(api):
     assert api("PUT", "/models/ctr", min_worker=1, synchronous="true").status_code == 200
     for path in ("/v1/models/ctr", "/v2/models/ctr/ready"):
         assert httpx.get(api.running.inference + path, timeout=30).json()["ready"] is True
+
+
+def test_every_response_is_counted_by_api_and_status(api):
+    """Requests that named no model (404), lacked the token (401) or used a wrong method
+    (405) reached no counter: only requests that resolved to a model version were."""
+    def responses() -> dict:
+        text = httpx.get(api.running.metrics + "/metrics", timeout=30).text
+        pattern = r'dynembed_serving_http_responses_total\{api="(\w+)",status="(\d+)"\} (\S+)'
+        return {(a, s): float(v) for a, s, v in re.findall(pattern, text)}
+
+    assert api.register("ctr-1.0").status_code == 200
+    before = responses()
+    assert httpx.post(api.running.inference + "/predictions/nope", json=[],
+                      timeout=30).status_code == 404
+    assert httpx.get(api.running.inference + "/predictions/ctr", timeout=30).status_code == 405
+    assert api.predict("ctr", examples(2)).status_code == 200
+    assert httpx.get(api.running.management + "/models", timeout=30).status_code == 401
+    assert api("GET", "/models").status_code == 200
+    after = responses()
+    for key in (("inference", "404"), ("inference", "405"), ("inference", "200"),
+                ("management", "401"), ("management", "200")):
+        assert after.get(key, 0) == before.get(key, 0) + 1, key
