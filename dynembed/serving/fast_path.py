@@ -17,7 +17,12 @@ import time
 import orjson
 
 from dynembed.serving.handler import InputError
-from dynembed.serving.registry import ServingError, bad_request, check_json_body
+from dynembed.serving.registry import (
+    ServingError,
+    bad_request,
+    check_json_body,
+    read_within,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +66,7 @@ class FastPredictions:
         entry, status, body = None, 500, None
         try:
             entry = self.api.registry.get(name, version)
-            data = await self._read(scope, receive)
+            data = await read_within(self._read(scope, receive), entry.response_timeout_s)
             if kind == "kserve":
                 if not isinstance(data, dict) or not isinstance(data.get("instances"), list):
                     raise bad_request('KServe v1 requests are {"instances": [example, ...]}')

@@ -28,7 +28,12 @@ from starlette.routing import Route
 from dynembed._version import __version__
 from dynembed.serving.batching import BatcherStopped, NoWorkers, QueueFull
 from dynembed.serving.handler import InputError
-from dynembed.serving.registry import ServingError, bad_request, check_json_body
+from dynembed.serving.registry import (
+    ServingError,
+    bad_request,
+    check_json_body,
+    read_within,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +213,8 @@ class InferenceAPI:
         entry, status = None, 500
         try:
             entry = self._entry(request)
-            data = await read_json(request, self.max_request_bytes)
+            data = await read_within(read_json(request, self.max_request_bytes),
+                                     entry.response_timeout_s)
             results = await self._run(entry, _v2_examples(data, entry),
                                       request.path_params.get("version"))
             status = 200

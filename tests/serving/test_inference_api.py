@@ -340,6 +340,27 @@ def test_malformed_json_is_400(server, path, v2):
         assert "JSON" in message
 
 
+def test_a_body_that_does_not_arrive_in_time_is_408(models, tmp_path):
+    """Headers, then too little of the body: the request waited for the rest for good,
+    holding its connection and task."""
+    store, _ = models
+    running = start_server(store, models={"ctr": "ctr-1.0"}, response_timeout_s=1,
+                           key_file=str(tmp_path / "key_file.json"))
+    try:
+        port = int(running.inference.rsplit(":", 1)[1])
+        for path in ("/predictions/ctr", "/v2/models/ctr/infer"):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+                          "\r\n[".encode())
+                head = s.recv(4096).decode()  # waits at most the socket's 10 s
+            assert head.startswith("HTTP/1.1 408"), (path, head)
+            assert "did not arrive within 1 s" in head
+        assert httpx.post(running.inference + "/predictions/ctr", json=examples(2),
+                          timeout=30).status_code == 200
+    finally:
+        running.stop()
+
+
 def test_a_body_over_max_request_bytes_is_413(models, tmp_path):
     store, _ = models
     small = start_server(store, models={"ctr": "ctr-1.0"}, max_request_bytes=2000,
