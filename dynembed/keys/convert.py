@@ -150,6 +150,10 @@ def to_key_batch(keys, *, hash_seed: int = DEFAULT_HASH_SEED, arg: str = "keys")
         KeyValueError (a ValueError): an integer outside the int64 range.
     """
     if isinstance(keys, torch.Tensor):
+        if keys.is_nested:
+            raise KeyInputError(f"{arg}: got a nested tensor; give bags of keys as a list of "
+                                "tensors (DynamicEmbeddingBag, a pooled feature), or flat keys "
+                                "as a dense tensor")
         if keys.layout != torch.strided:
             raise KeyInputError(f"{arg}: got a {keys.layout} tensor; keys must be a dense "
                                 "integer tensor (e.g. sparse.values() or .to_dense()).")
@@ -186,6 +190,11 @@ def to_key_batch(keys, *, hash_seed: int = DEFAULT_HASH_SEED, arg: str = "keys")
     if isinstance(keys, (list, tuple)):
         return _from_list(keys, arg, hash_seed)
     if hasattr(keys, "to_numpy"):  # pandas Series / Index
+        missing = keys.isna() if hasattr(keys, "isna") else None
+        if missing is not None and bool(np.asarray(missing).any()):
+            raise KeyInputError(f"{arg}: {int(np.asarray(missing).sum())} missing values "
+                                "(NA/NaN/None) among the keys; drop them (.dropna()) or fill "
+                                "them with real keys first")
         return to_key_batch(np.asarray(keys.to_numpy()), hash_seed=hash_seed, arg=arg)
     raise KeyInputError(f"{arg}: unsupported key container {type(keys).__name__}; "
                         f"expected {_ACCEPTED}")
@@ -291,6 +300,10 @@ def to_jagged(values, offsets=None, *, include_last_offset: bool = False,
             the values and nesting deeper than a list of lists.
     """
     if offsets is not None:
+        if isinstance(values, (list, tuple)) and values and any(
+                issubclass(t, (list, tuple)) for t in set(map(type, values))):
+            raise KeyInputError(f"{arg}: bags given as a list of lists carry their own "
+                                "bounds; drop offsets=, or give flat values with offsets")
         batch = to_key_batch(values, hash_seed=hash_seed, arg=arg)
         if len(batch.shape) != 1:
             raise KeyValueError(f"{arg}: with offsets, values must be 1-D, got shape "

@@ -146,7 +146,7 @@ def test_empty_inputs():
 
 
 def test_pandas_series_and_index():
-    pd = pytest.importorskip("pandas")
+    import pandas as pd
     assert ids_of(pd.Series([4, 5, 6])) == [4, 5, 6]
     assert ids_of(pd.Series(np.array([4, 5], dtype=np.int32))) == [4, 5]
     assert ids_of(pd.Series(STRS), hash_seed=2) == hash_strings(STRS, 2).tolist()
@@ -496,3 +496,17 @@ def test_complex_offsets_are_refused():
     """The imaginary part was dropped with only a warning."""
     jag_raises(KeyInputError, "offsets must be integers", [1, 2, 3],
                torch.tensor([0, 1 + 5j]))
+
+
+def test_unclear_errors_now_say_what_is_wrong():
+    """pandas NA keys were reported as float64 keys to cast; a nested tensor failed inside
+    torch; a list of lists with offsets was told to use bags (it already was bags)."""
+    import pandas as pd
+    raises(KeyInputError, pd.Series([1, None, 3], dtype="Int64"), "1 missing values")
+    raises(KeyInputError, pd.Series(["a", None]), "missing values")
+    assert to_key_batch(pd.Series([1, 2, 3], dtype="Int64")).ids.tolist() == [1, 2, 3]
+    nested = torch.nested.nested_tensor([torch.tensor([1, 2]), torch.tensor([3])],
+                                        layout=torch.jagged)
+    raises(KeyInputError, nested, "nested tensor")
+    jag_raises(KeyInputError, "values: bags given as a list of lists.*drop offsets=",
+               [[1, 2], [3]], [0, 2])
