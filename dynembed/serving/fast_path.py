@@ -17,12 +17,8 @@ import time
 import orjson
 
 from dynembed.serving.handler import InputError
-from dynembed.serving.registry import (
-    ServingError,
-    bad_request,
-    check_json_body,
-    read_within,
-)
+from dynembed.serving.inference_api import check_json_body, read_within
+from dynembed.serving.registry import ServingError, bad_request
 
 logger = logging.getLogger(__name__)
 

@@ -44,36 +44,6 @@ def bad_request(message: str) -> ServingError:
     return ServingError(400, "BadRequestException", message)
 
 
-async def read_within(read, seconds: float):
-    """Awaits the coroutine ``read`` (a request body's reading) for at most ``seconds``.
-
-    A client that sends its headers and then too little of its body would otherwise hold
-    a connection and a task for good.
-
-    Raises:
-        ServingError: 408 when the body did not arrive in time.
-    """
-    try:
-        return await asyncio.wait_for(read, seconds)
-    except asyncio.TimeoutError:
-        raise ServingError(408, "RequestTimeoutException",
-                           f"the request body did not arrive within {seconds:g} s (the "
-                           "model version's response timeout)") from None
-
-
-def check_json_body(content_type: str | None) -> None:
-    """Refuses a form upload, which would otherwise fail as JSON that does not parse.
-
-    Raises:
-        ServingError: 415 for a ``multipart/form-data`` or URL-encoded form body.
-    """
-    kind = (content_type or "").split(";", 1)[0].strip().lower()
-    if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        raise ServingError(415, "UnsupportedMediaTypeException",
-                           f"{kind} bodies are not supported: send the examples as a JSON "
-                           "body (Content-Type: application/json)")
-
-
 @dataclass
 class ModelVersion:
     """One registered version of a model."""
