@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from collections.abc import Callable
 
 import numba as nb
@@ -44,14 +45,32 @@ def get_num_threads() -> int:
     return _threads
 
 
+_one_at_a_time = threading.Lock()
+_layer: str | None = None
+
+
+def _serialised() -> bool:
+    """Whether parallel kernels must run one at a time. numba's ``workqueue`` threading
+    layer, what it falls back to where neither OpenMP (libgomp) nor TBB loads, aborts the
+    process when two threads run parallel kernels at once (a model server runs several);
+    and until a first kernel has run, the layer is not chosen yet."""
+    global _layer
+    if _layer is None:
+        try:
+            _layer = nb.threading_layer()
+        except ValueError:  # no parallel kernel has run yet
+            return True
+    return _layer == "workqueue"
+
+
 def adaptive(work: Callable[..., int]):
     """Decorates a ``parallel=True`` kernel to run on ``get_num_threads()`` threads, or on one
-    when ``work(*args)`` (array elements touched) is small.
+    when ``work(*args)`` (array elements touched) is small; under numba's ``workqueue``
+    layer, one kernel at a time in the process (see :func:`_serialised`).
     """
 
     def wrap(kernel):
-        @functools.wraps(kernel)
-        def call(*args):
+        def run(args):
             threads = _threads if _threads > 1 and work(*args) >= SERIAL_BELOW else 1
             previous = nb.get_num_threads()
             if threads == previous:
@@ -61,6 +80,13 @@ def adaptive(work: Callable[..., int]):
                 return kernel(*args)
             finally:
                 nb.set_num_threads(previous)
+
+        @functools.wraps(kernel)
+        def call(*args):
+            if _serialised():
+                with _one_at_a_time:
+                    return run(args)
+            return run(args)
 
         return call
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import numba
 import pytest
 import torch
@@ -31,3 +36,28 @@ def test_same_weights_with_one_or_all_threads():
 def test_bad_thread_counts_are_refused(bad):
     with pytest.raises(ValueError, match="threads"):
         de.set_num_threads(bad)
+
+
+def test_threads_sharing_a_table_survive_numba_workqueue_layer():
+    """Where neither OpenMP nor TBB loads, numba falls back to its workqueue layer, which
+    aborted the process (SIGABRT) when two threads ran parallel kernels at once: a model
+    server with two workers did."""
+    script = textwrap.dedent("""
+        import threading
+        import numba, numpy as np
+        import dynembed as de
+        table = de.DynamicTable(de.TableConfig(dim=16))
+        table.insert_or_assign(np.arange(100_000), np.ones((100_000, 16), np.float32))
+        def read():
+            for _ in range(100):
+                assert table.read(np.arange(40_000)).shape == (40_000, 16)
+        threads = [threading.Thread(target=read) for _ in range(4)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        print(numba.threading_layer())
+    """)
+    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, check=False,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "workqueue"
