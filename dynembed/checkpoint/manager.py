@@ -36,6 +36,15 @@ logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step-(\d{10,})(-full)?$")  # zero-padded to 10 digits, more past 10^10
 _SET_ASIDE = re.compile(r"^step-(\d{10,})(-full)?\.damaged(-\d+)?$")
+_RELISTS = 5
+"""Times :meth:`CheckpointManager.latest` lists the directory again when it changes while a
+checkpoint is checked."""
+
+
+def step_of(path: str | os.PathLike) -> int | None:
+    """The step in a checkpoint directory's name (``step-N`` or ``step-N-full``), or None."""
+    match = _NAME.match(Path(path).name)
+    return int(match.group(1)) if match else None
 
 
 def _positive(name: str, value, *, allow_none: bool = True, kind=int) -> None:
@@ -126,15 +135,30 @@ class CheckpointManager:
     def latest(self) -> Path | None:
         """The newest checkpoint whose chain is whole and whose files have their sizes (and
         CRCs, for the small ones; rows files check their blocks as they are read), or
-        None. Others are skipped with a warning."""
-        for path in reversed(self.checkpoints()):
+        None. Others are skipped with a warning.
+
+        A checkpoint that fails its check because it is being replaced (a compaction
+        renames ``step-N-full`` in and deletes ``step-N``; a cleanup deletes old ones) is
+        not a reason to fall back to an older one: the directory is listed again first, up
+        to a few times, so a reader never sees the newest step go back.
+        """
+        listing, relists = self.checkpoints(), 0
+        i = len(listing) - 1
+        while i >= 0:
             try:
-                for folder, manifest in mf.chain(path):
+                for folder, manifest in mf.chain(listing[i]):
                     mf.check_files(folder, manifest)
             except CheckpointError as e:
-                logger.warning("skipping checkpoint %s: %s", path, e)
+                if relists < _RELISTS:
+                    again = self.checkpoints()
+                    if again != listing:  # the directory changed under us: look again
+                        listing, relists = again, relists + 1
+                        i = len(listing) - 1
+                        continue
+                logger.warning("skipping checkpoint %s: %s", listing[i], e)
+                i -= 1
                 continue
-            return path
+            return listing[i]
         return None
 
     # ------------------------------------------------------------------ saving

@@ -34,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from dynembed.checkpoint.manager import CheckpointManager
+from dynembed.checkpoint.manager import CheckpointManager, step_of
 from dynembed.kernels._threads import get_num_threads, set_num_threads
 from dynembed.serving.auth import Tokens
 from dynembed.serving.fast_path import FastPredictions
@@ -144,6 +144,19 @@ def _check_free(family: int, host: str, port: int) -> None:
 
 _HEALTH = frozenset({"/ping", "/v2/health/live", "/v2/health/ready"})
 """Health probes carry no data; load balancers and Kubernetes call them without a token."""
+
+
+def _older(serving: str | None, latest: Path) -> bool:
+    """Whether a version serving checkpoint ``serving`` (None: its package's tables) should
+    move to ``latest``: never to an older step (a listing taken while the training job
+    compacted once named the step before)."""
+    if serving is None:
+        return True
+    if serving == str(latest):
+        return False
+    now, new = step_of(serving), step_of(latest)
+    return now is None or new is None or new > now or (
+        new == now and latest.name.endswith("-full") and not serving.endswith("-full"))
 
 
 class _CountResponses:
@@ -343,19 +356,26 @@ class ModelServer:
         reported = None  # the failure logged last: a checkpoint that cannot be applied is
         # retried every interval, but its traceback is logged once, not every interval
         while True:
+            latest = None
             try:
                 if directory.is_dir():
                     latest = await loop.run_in_executor(
                         None, lambda: CheckpointManager(directory).latest())
                     behind = [] if latest is None else [
                         e.version for e in list(self.registry.models.get(name, {}).values())
-                        if e.checkpoint != str(latest)]
+                        if _older(e.checkpoint, latest)]
                     if behind:
                         await self.refresh(name, latest, behind)
                         logger.info("model %s %s now serves the tables of %s", name,
                                     behind, latest)
                 reported = None
             except Exception as e:
+                if latest is not None and not latest.exists():
+                    # deleted while it was opened (a compaction or cleanup of the training
+                    # job): not a failure; the next interval takes the newer one
+                    logger.debug("checkpoint %s went away while it was applied", latest)
+                    await asyncio.sleep(self.config.follow_interval_s)
+                    continue
                 self.metrics.refresh_failures.labels(name).inc()
                 failure = f"{type(e).__name__}: {e}"
                 if failure != reported:

@@ -199,3 +199,43 @@ def test_set_aside_checkpoints_stay_while_nothing_else_loads(tmp_path):
     set_aside(tmp_path / "step-0000000001")
     assert manager.cleanup() == []  # the only evidence of what went wrong
     assert (tmp_path / "step-0000000001.damaged").is_dir()
+
+
+def test_latest_never_goes_back_while_a_compaction_replaces_the_newest(tmp_path, monkeypatch):
+    """latest() listed step-N, found it half deleted by the compaction that had just written
+    step-N-full, and fell back to step-(N-1): a server following the directory swapped
+    the older tables in."""
+    import shutil
+
+    manager = de.checkpoint.CheckpointManager(tmp_path, keep_last=10, max_chain=10)
+    table = make_table()
+    for step in (1, 2):
+        train(table, batches(1, 100, seed=step))
+        manager.save(step, tables={"t": table}, extra={"step": step})
+    newest = tmp_path / "step-0000000002"
+    check_files, compacting = mf.check_files, []
+
+    def compacted_meanwhile(folder, manifest):
+        if folder == newest and not compacting:  # the compaction runs now
+            compacting.append(True)
+            de.checkpoint.compact(newest, tmp_path / "step-0000000002-full")
+            shutil.rmtree(newest)
+            raise de.CheckpointCorruptError(f"{newest}: a file is missing")
+        return check_files(folder, manifest)
+
+    monkeypatch.setattr(mf, "check_files", compacted_meanwhile)
+    assert manager.latest() == tmp_path / "step-0000000002-full"
+
+
+def test_a_follower_moves_only_to_newer_steps():
+    from pathlib import Path
+
+    from dynembed.serving.server import _older
+
+    latest = Path("/c/step-0000000005")
+    assert _older(None, latest) and _older("/c/step-0000000004-full", latest)
+    assert not _older("/c/step-0000000005", latest)
+    assert not _older("/c/step-0000000006", latest)  # a listing that lagged: not back
+    assert _older("/c/step-0000000005", Path("/c/step-0000000005-full"))  # same state,
+    assert not _older("/c/step-0000000005-full", latest)  # whose delta is being deleted
+    assert _older("/elsewhere/model.pt", latest)  # not a step: follow the directory
