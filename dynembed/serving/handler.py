@@ -29,6 +29,7 @@ from dynembed.serving.package import (
     build_embeddings,
     load_tables,
 )
+from dynembed.table.stats import Counters
 
 _TABLE_COUNTERS = ("hits", "misses", "defaults_served", "loaded")
 """The table counters the handler reports (see :meth:`EmbeddingModelHandler.table_stats`)."""
@@ -95,7 +96,8 @@ class EmbeddingModelHandler:
                            for name, spec in self.features.items()]
         self.transform = package.manifest["output"]["transform"]
         self._swap = threading.Lock()
-        self._retired: dict[str, dict[str, int]] = {}  # totals of tables swapped out
+        self._retired: dict[str, dict[str, int]] = {}  # totals of tables swapped out ...
+        self._retiring: dict[str, Counters] = {}  # ... but the last ones', still counting
         self.refreshes = 0
         self.dense64 = _float64_copy(package.dense, int(package.manifest["dense"]["input_dim"]))
         """The dense program in float64 (None: it runs in float32, and a prediction may
@@ -191,21 +193,31 @@ class EmbeddingModelHandler:
         fresh = build_embeddings(self.package.manifest)
         load_tables(fresh, checkpoint, preload=self.package.preloaded)
         with self._swap:
-            self._retired = self._totals()  # counters go on from here, never back to 0
+            # counters go on from here, never back to 0; the swapped-out tables' own stay
+            # live until the next refresh, for the batches still running on them
+            self._retired = self._sum(self._retired, self._retiring)
+            self._retiring = {name: table.counters
+                              for name, table in self.embeddings.tables.items()}
             self.embeddings = fresh
             self.refreshes += 1
 
     def table_stats(self) -> dict:
         """Per table: lookups' hits, misses, default vectors served, rows loaded, since the
-        handler was made (across refreshes; a batch still running on swapped-out tables
-        is not counted)."""
+        handler was made (across refreshes; a batch that outlives two refreshes on
+        swapped-out tables is counted up to the second)."""
         with self._swap:
-            return self._totals()
+            live = {name: table.counters for name, table in self.embeddings.tables.items()}
+            return self._sum(self._sum(self._retired, self._retiring), live)
 
-    def _totals(self) -> dict:
-        return {name: {k: getattr(stats.totals, k) + self._retired.get(name, {}).get(k, 0)
-                       for k in _TABLE_COUNTERS}
-                for name, stats in self.embeddings.stats().items()}
+    @staticmethod
+    def _sum(totals: dict[str, dict[str, int]], counters: dict[str, Counters]) -> dict:
+        out = {name: dict(values) for name, values in totals.items()}
+        for name, table_counters in counters.items():
+            now = table_counters.snapshot()
+            into = out.setdefault(name, dict.fromkeys(_TABLE_COUNTERS, 0))
+            for k in _TABLE_COUNTERS:
+                into[k] += getattr(now, k)
+        return out
 
 
 def make_handler(package: Package, *, allow_custom: bool):

@@ -27,12 +27,14 @@ class HashIndex:
     """
 
     def __init__(self, entries: int = 0) -> None:
-        self._alloc(buckets_for(entries))
+        self.table = self._empty(buckets_for(entries))
         self.size = 0
 
-    def _alloc(self, buckets: int) -> None:
-        self.table = host_empty((buckets, 2), np.int64)
-        self.table[:, k.ROW] = EMPTY
+    @staticmethod
+    def _empty(buckets: int) -> np.ndarray:
+        table = host_empty((buckets, 2), np.int64)
+        table[:, k.ROW] = EMPTY
+        return table
 
     @property
     def keys(self) -> np.ndarray:
@@ -59,9 +61,9 @@ class HashIndex:
         buckets = buckets_for(entries)
         if buckets <= self.buckets:
             return
-        old = self.table
-        self._alloc(buckets)
-        k.index_rehash(old, self.table)
+        grown = self._empty(buckets)
+        k.index_rehash(self.table, grown)
+        self.table = grown  # filled first: a reader never sees the new buckets empty
 
     def find(self, ids: np.ndarray) -> np.ndarray:
         """(n,) int64 slot per id, EMPTY where absent."""

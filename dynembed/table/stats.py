@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 from dataclasses import dataclass, field, fields
+
+_ADDING = threading.Lock()
+"""Held while a call's counts are added or the totals copied: a model server's workers
+look tables up from several threads at once (one lock for every table: it is held for
+microseconds)."""
 
 
 @dataclass
@@ -54,10 +61,16 @@ class Counters(CallStats):
     """Rows written to the store (evictions, flushes, write-through)."""
 
     def add_call(self, call: CallStats) -> None:
-        """Adds one call's counts to the totals."""
-        for f in fields(CallStats):
-            setattr(self, f.name, getattr(self, f.name) + getattr(call, f.name))
-        self.lookup_calls += 1
+        """Adds one call's counts to the totals (thread-safe with :meth:`snapshot`)."""
+        with _ADDING:
+            for f in fields(CallStats):
+                setattr(self, f.name, getattr(self, f.name) + getattr(call, f.name))
+            self.lookup_calls += 1
+
+    def snapshot(self) -> Counters:
+        """A copy, never taken half way through an :meth:`add_call`."""
+        with _ADDING:
+            return dataclasses.replace(self)
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,12 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch):
     ``write_policy="through"`` the write comes after the change, which stays in memory,
     marked for the next flush or eviction.
 
+    Threads: reads (eval-mode lookups, :meth:`read`, :meth:`find`) may run from many threads
+    at once, as a model server's workers do, and their counters add up exactly. A call
+    that changes the table (a training lookup, an update, an insert, erase, evict, load)
+    needs it to itself: a read running beside one may see a key absent or another key's
+    row. Guard a table that is trained and read at once with a lock of your own.
+
     Args:
         config: the table's :class:`TableConfig`.
 
@@ -191,7 +197,7 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch):
             bytes_used=self.size() * per_row + self.index.nbytes,
             bytes_allocated=self.capacity() * per_row + self.index.nbytes + self._free.nbytes,
             payload_bytes_per_row=4 * (self.dim + self.arena.state_width),
-            totals=dataclasses.replace(self.counters),
+            totals=self.counters.snapshot(),
             last_call=dataclasses.replace(self.last_call))
 
     def reset_stats(self) -> None:

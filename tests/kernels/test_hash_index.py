@@ -469,3 +469,25 @@ def test_segment_sum_wide_rows():
     got = segment_sum(values, segment, 41)
     assert np.array_equal(got, expected)
     assert not got[40].any()  # a segment with no rows sums to zero
+
+
+def test_a_growing_index_keeps_answering_until_its_new_buckets_are_filled(monkeypatch):
+    """reserve() put the new, empty buckets in place before filling them: a read from
+    another thread meanwhile found present keys absent."""
+    import dynembed.table.index as index_module
+
+    index = HashIndex(8)
+    ids = np.arange(8, dtype=np.int64) * 7919
+    slots = np.full(8, EMPTY, dtype=np.int64)
+    index.insert_missing(ids, slots, np.empty(0, dtype=np.int64), 0, 0)
+    seen_during = []
+    rehash = index_module.k.index_rehash
+
+    def rehash_and_read(old, new):
+        seen_during.append(index.find(ids))  # what a concurrent reader gets meanwhile
+        rehash(old, new)
+
+    monkeypatch.setattr(index_module.k, "index_rehash", rehash_and_read)
+    index.reserve(1000)
+    assert len(seen_during) == 1 and (seen_during[0] == slots).all()
+    assert (index.find(ids) == slots).all()

@@ -300,3 +300,16 @@ def test_table_counters_go_on_across_a_refresh(exported):
     after = handler.table_stats()
     assert after["user"]["misses"] == 24  # lazily opened: every lookup reads the files
     assert all(after[t][k] >= before[t][k] for t in before for k in before[t])
+
+
+def test_a_batch_still_running_on_swapped_out_tables_is_counted(exported):
+    """A refresh took a copy of the old tables' counters: what a batch in flight on them
+    counted afterwards was lost (0.3% of the keys over 60 refreshes under load)."""
+    handler = EmbeddingModelHandler(open_package(exported))
+    in_flight = handler.embeddings  # a batch took these tables just before the refresh
+    handler.refresh(exported / "tables")
+    in_flight(handler._columns(examples(6, seed=9)), concat=True)  # ... and ends now
+    assert handler.table_stats()["user"]["misses"] == 6
+    handler.refresh(exported / "tables")  # a second refresh keeps them
+    assert handler.table_stats()["user"]["misses"] == 6
+

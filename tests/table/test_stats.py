@@ -3,6 +3,10 @@ the totals survive a checkpoint."""
 
 from __future__ import annotations
 
+import sys
+import threading
+
+import numpy as np
 import torch
 
 import dynembed as de
@@ -75,3 +79,24 @@ def test_find_and_find_or_insert_are_counted_lookup_calls():
     totals = table.stats().totals
     assert (totals.lookup_calls, totals.inserts, totals.keys) == (3, 4, 10)
     assert table.size() == 3 and table.count_below_memory() == 1
+
+
+def test_table_counters_count_every_key_looked_up_from_many_threads():
+    """Counters.add_call read and wrote each field unlocked: lookups from a server's worker
+    threads lost counts, and hits + misses could differ from the keys."""
+    table = de.DynamicTable(de.TableConfig(dim=4))
+    table.insert_or_assign(np.arange(1000), np.ones((1000, 4), np.float32))
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+    try:
+        def read():
+            for k in range(300):
+                table.read(np.arange(k % 7 * 200, k % 7 * 200 + 50))
+        threads = [threading.Thread(target=read) for _ in range(8)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+    finally:
+        sys.setswitchinterval(previous)
+    totals = table.stats().totals
+    assert (totals.keys, totals.lookup_calls) == (8 * 300 * 50, 8 * 300)
+    assert totals.hits + totals.misses == totals.keys
