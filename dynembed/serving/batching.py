@@ -29,6 +29,9 @@ from dataclasses import dataclass, field
 
 logger = logging.getLogger(__name__)
 
+MAX_WORKERS = 1024
+"""Most workers one model version may have (each is a task on the event loop, and a thread
+while it runs a batch)."""
 STOP_WAIT_S = 30.0
 """Longest a scale-down waits for the workers it stops to finish their batch."""
 
@@ -127,7 +130,10 @@ class Batcher:
     async def start(self) -> None:
         """Starts the workers (in the running event loop)."""
         self._loop = asyncio.get_running_loop()
-        self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="dynembed-model")
+        # threads start as batches need them: one per busy worker (64 once capped them, so
+        # workers past 64 only queued while described as ready)
+        self._pool = ThreadPoolExecutor(max_workers=MAX_WORKERS,
+                                        thread_name_prefix="dynembed-model")
         await self.scale(self._target)
 
     async def scale(self, workers: int) -> None:

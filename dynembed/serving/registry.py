@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dynembed.errors import CheckpointError, DynembedError
-from dynembed.serving.batching import Batcher
+from dynembed.serving.batching import MAX_WORKERS, Batcher
 from dynembed.serving.handler import make_handler
 from dynembed.serving.package import (
     PackageError,
@@ -23,9 +23,6 @@ from dynembed.serving.package import (
     open_package,
     read_manifest,
 )
-
-MAX_WORKERS = 1024
-"""Most workers one model version may have (each is a task on the event loop)."""
 
 
 class ServingError(DynembedError):
@@ -145,6 +142,7 @@ class Registry:
         self.defaults: dict[str, str] = {}
         self._lock = asyncio.Lock()
         self._pending: set[tuple[str, str]] = set()
+        self._scaling = asyncio.Lock()
         self.mirror = None
         self.changes = 0
         """Changes made so far (a count); each change's number goes to ``mirror`` as
@@ -320,13 +318,17 @@ class Registry:
         Raises:
             ServingError: 404 unknown version; 400 bad bounds (see :meth:`worker_bounds`).
         """
-        entry = self.get(name, version)
-        low, high = self.worker_bounds(entry, min_worker, max_worker)
-        entry.min_workers, entry.max_workers = low, high
-        change = self._changed()
-        await entry.batcher.scale(low)
-        if self.mirror is not None:
-            await self.mirror("scale", entry.name, entry.version, low, high, change=change)
+        # one scale at a time: a scale-down waits for busy workers, and a scale that
+        # overtook it was mirrored first, leaving the replicas at the older count
+        async with self._scaling:
+            entry = self.get(name, version)
+            low, high = self.worker_bounds(entry, min_worker, max_worker)
+            entry.min_workers, entry.max_workers = low, high
+            change = self._changed()
+            await entry.batcher.scale(low)
+            if self.mirror is not None:
+                await self.mirror("scale", entry.name, entry.version, low, high,
+                                  change=change)
         return entry
 
     @staticmethod

@@ -269,3 +269,26 @@ def test_a_full_queue_refuses_at_once_and_takes_again_when_it_drains():
         await batcher.stop()
 
     _run_releasing(main, release)
+
+
+def test_every_worker_gets_a_thread_past_64():
+    """The thread pool had 64 threads whatever the workers: with more, batches queued for a
+    thread while every worker was described as ready (here they would wait for good)."""
+    import threading
+
+    workers = 70
+    together = threading.Barrier(workers, timeout=20)
+
+    def predict(batch):
+        together.wait()  # returns only once all 70 batches run at the same time
+        return batch
+
+    async def main():
+        batcher = Batcher(predict, batch_size=1, max_batch_delay_ms=0, workers=workers)
+        await batcher.start()
+        try:
+            return await asyncio.gather(*(batcher.submit([i]) for i in range(workers)))
+        finally:
+            await batcher.stop()
+
+    assert asyncio.run(main()) == [[i] for i in range(workers)]

@@ -3,6 +3,7 @@ change made through the first process (real processes, real sockets)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -226,3 +227,39 @@ def test_a_second_server_of_several_processes_cannot_share_a_busy_port(tmp_path)
             server.bind()
     finally:
         taken.close()
+
+
+def test_scales_reach_the_replicas_in_the_order_they_were_made(tmp_path):
+    """A scale-down waits for busy workers; a scale-up made meanwhile returned first and was
+    mirrored first, so the replicas ended at the older count (1 against 4)."""
+    from dynembed.serving.registry import Registry
+
+    store = tmp_path / "store"
+    write_package(store)
+    mirrored = []
+
+    async def scenario():
+        registry = Registry(store)
+        entry = await registry.register("ctr-1.0", initial_workers=3)
+        scale = entry.batcher.scale
+
+        async def slow_down(workers):  # as if a stopped worker finished a long batch
+            if workers < entry.batcher.workers:
+                await asyncio.sleep(0.3)
+            await scale(workers)
+
+        async def mirror(*args, change):
+            mirrored.append((change, args[3]))
+
+        entry.batcher.scale, registry.mirror = slow_down, mirror
+        down = asyncio.create_task(registry.scale("ctr", None, min_worker=1, max_worker=None))
+        await asyncio.sleep(0.05)
+        await registry.scale("ctr", None, min_worker=4, max_worker=None)
+        await down
+        final = entry.min_workers
+        await entry.batcher.stop()
+        return final
+
+    final = asyncio.run(scenario())
+    assert final == 4 and mirrored[-1][1] == final
+    assert [change for change, _ in mirrored] == sorted(change for change, _ in mirrored)
