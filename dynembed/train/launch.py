@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dynembed.train.progress import PROGRESS_ENV, read_progress
+from dynembed.train.runtime import REPEAT_GRACE_S
 
 logger = logging.getLogger(__name__)
 
@@ -135,9 +136,19 @@ def launch(config: LaunchConfig, *, show_progress: bool = True,
     env = dict(os.environ, **{PROGRESS_ENV: str(progress_path.resolve())}, **TORCHRUN_ENV)
     proc = subprocess.Popen(config.torchrun_argv(), env=env, start_new_session=True)
     stopped_by: list[int] = []
+    first = [0.0]
 
     def forward(signum, frame):
+        now = time.monotonic()
+        if stopped_by and now - first[0] < REPEAT_GRACE_S:
+            # a second Ctrl-C, or a scheduler signalling every process: passed on, it made
+            # the workers stop at once, before their checkpoint
+            logger.warning("%s again: already stopping (a checkpoint is being written); "
+                           "repeat it %d s or more after the first to stop at once",
+                           signal.Signals(signum).name, REPEAT_GRACE_S)
+            return
         if not stopped_by:  # said once, before torchrun's own report of the signal
+            first[0] = now
             logger.warning("%s: asking the workers to stop (SIGTERM); a Runtime checkpoints "
                            "its current step first, and the same command resumes from it",
                            signal.Signals(signum).name)

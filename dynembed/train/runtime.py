@@ -53,6 +53,10 @@ from dynembed.train.progress import PROGRESS_ENV, ProgressFile
 
 logger = logging.getLogger(__name__)
 
+REPEAT_GRACE_S = 10
+"""A SIGTERM this soon after the first is the same stop again and is ignored; a later one
+stops at once, without a checkpoint (the launcher passes signals on by the same rule)."""
+
 _LOADED, _DAMAGED, _FAILED = 0, 1, 2
 """A rank's outcome of loading a checkpoint during restore, worst last."""
 
@@ -145,6 +149,7 @@ class Runtime:
         self.metrics: dict = {}
         self._control: Exchange | None = None
         self._sigterm = threading.Event()
+        self._sigterm_at = 0.0
         self._old_handler = None
         self._last_saved: int | None = None
         self._restored: str | None = None  # the checkpoint a lazy restore reads from
@@ -215,6 +220,8 @@ class Runtime:
         return self.start()
 
     def __exit__(self, kind, error, traceback) -> None:
+        if error is not None and self._started:
+            self._report("failed", force=True)  # not "running" for good
         if isinstance(error, CheckpointCorruptError) and self._restored is not None:
             # A lazily restored checkpoint checks its rows when they are read: it proved
             # damaged, so the restart falls back on an older one instead of failing again.
@@ -224,10 +231,21 @@ class Runtime:
         self.close()
 
     def _on_sigterm(self, signum, frame) -> None:
-        if self._sigterm.is_set():  # a second SIGTERM: stop now
+        now = time.monotonic()
+        if self._sigterm.is_set():
+            if now - self._sigterm_at < REPEAT_GRACE_S:
+                # the same stop again (systemd and SLURM signal every process of the job,
+                # and torchrun passes its own on): not a reason to lose the checkpoint
+                return
+            logger.warning("rank %d: SIGTERM again, %.0f s after the first; stopping now, "
+                           "without a checkpoint", self.rank, now - self._sigterm_at)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
-        logger.warning("rank %d: SIGTERM; checkpointing at the next step boundary", self.rank)
+            return
+        logger.warning("rank %d: SIGTERM; checkpointing at the next step boundary (another "
+                       "SIGTERM %d s or more later stops at once)", self.rank,
+                       REPEAT_GRACE_S)
+        self._sigterm_at = now
         self._sigterm.set()
 
     def barrier(self) -> None:
@@ -359,6 +377,11 @@ class Runtime:
         """Yields the steps still to run, ``self.step`` .. ``total - 1``; after each one,
         counts it, checkpoints when due, and stops early (after a checkpoint) on SIGTERM.
         A final checkpoint is written at ``total``.
+
+        Leaving the loop with ``break`` counts the step being run as done (break after its
+        update, e.g. on early stopping); call :meth:`checkpoint` then to save it. (Without
+        that count, a checkpoint saved after a break held the step's update under the step
+        before, and a resume trained that batch twice.)
         """
         if isinstance(total, bool) or not isinstance(total, int) or total < 0:
             raise ValueError(f"total must be an int >= 0, got {total!r}")
@@ -366,7 +389,12 @@ class Runtime:
         self.total = total
         self._report("running", force=True)
         while self.step < total:
-            yield self.step
+            try:
+                yield self.step
+            except GeneratorExit:  # the loop was left (break): its body ran this step
+                self.step += 1
+                self._report("stopped", force=True)
+                raise
             self.step += 1
             stop, timed = self._agree()
             due = (self.every_steps is not None and self.step % self.every_steps == 0) or timed

@@ -153,41 +153,53 @@ def test_an_unexpected_restore_error_on_one_rank_stops_every_rank_at_once(tmp_pa
     assert [p.name for p in ckpt.iterdir()] == ["step-0000000005"]
 
 
-@pytest.mark.parametrize("how", ["sigterm", "ctrl-c"])
+@pytest.mark.parametrize("how", ["sigterm", "ctrl-c", "ctrl-c twice", "every process"])
 def test_sigterm_checkpoints_the_current_step_and_resume_loses_nothing(tmp_path, how):
     """`dynembed train` passes SIGTERM to torchrun, which passes it to the workers: they
     agree on a step boundary, checkpoint it and stop; the next run resumes at that step.
     A Ctrl-C (SIGINT to the terminal's whole process group) does the same: it once reached
-    the workers directly, and they died before checkpointing."""
+    the workers directly, and they died before checkpointing. So did a second Ctrl-C, and
+    SIGTERM to every process of the job at once (systemd, SLURM): a worker took the second
+    SIGTERM (its own and torchrun's) for "stop now"."""
     out, ckpt, logs = tmp_path / "out", tmp_path / "ckpt", tmp_path / "logs"
+    twice = how in ("ctrl-c twice", "every process")  # the second signal lands mid-step
+    first_step = 2 if twice else 5
     cmd = [sys.executable, "-m", "dynembed", "train", "--nproc-per-node=2", "--no-progress",
            f"--log-dir={logs}", WORKER, "--out", str(out), "--ckpt", str(ckpt),
-           "--steps", "400", "--every", "1000", "--step-sleep", "0.05"]
+           "--steps", "400", "--every", "1000", "--step-sleep", "1.0" if twice else "0.05"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # a terminal's process group of its own
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             progress = read_progress(logs / "progress.json")
-            if progress is not None and progress["step"] >= 5:
+            if progress is not None and progress["step"] >= first_step:
                 break
             time.sleep(0.1)
         else:
             raise AssertionError("the job made no progress")
         if how == "sigterm":
             proc.send_signal(signal.SIGTERM)
+        elif how == "every process":
+            with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+                torchrun = int(f.read().split()[0])  # the leader of the workers' group
+            proc.send_signal(signal.SIGTERM)
+            os.killpg(torchrun, signal.SIGTERM)
         else:
             os.killpg(proc.pid, signal.SIGINT)
+            if how == "ctrl-c twice":
+                time.sleep(0.1)
+                os.killpg(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 128 + (signal.SIGTERM if how == "sigterm" else signal.SIGINT)
+    assert proc.returncode == 128 + (signal.SIGINT if "ctrl-c" in how else signal.SIGTERM)
     assert "asking the workers to stop (SIGTERM)" in err
     progress = read_progress(logs / "progress.json")
     assert progress["state"] == "preempted"
     stopped = progress["step"]
-    assert 5 <= stopped < 400
+    assert first_step <= stopped < 400
     saved = CheckpointManager(ckpt).latest()
     assert saved is not None and saved.name == f"step-{stopped:010d}"
     assert not list(ckpt.glob("*.partial"))

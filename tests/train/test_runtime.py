@@ -220,3 +220,34 @@ def test_job_env_reads_torchrun_variables():
         JobEnv.from_environ({"RANK": "x", "WORLD_SIZE": "2"})
     with pytest.raises(ValueError, match="do not describe a job"):
         JobEnv.from_environ({"RANK": "2", "WORLD_SIZE": "2"})
+
+
+def test_leaving_the_loop_with_break_counts_the_step_it_ran(tmp_path):
+    """After a break, rt.step was still the step whose update had run: a checkpoint then
+    held that update under the step before, and the resumed run trained the batch twice."""
+    torch.manual_seed(0)  # the same head in both runs
+    rt, model, net, opt = _fresh(tmp_path / "a", every_steps=100)
+    rt.restore(opt)
+    _train(rt, net, opt, 7)
+    rt.close()
+
+    torch.manual_seed(0)
+    rt, _, net, opt = _fresh(tmp_path / "b", every_steps=100)
+    rt.restore(opt)
+    for step in rt.steps(7):  # early stopping after step 3's update
+        keys = torch.from_numpy(rt.batch_indices(step, 8, 50) * 7 - 100)
+        net(keys).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        if step == 3:
+            break
+    assert rt.step == 4 and rt.checkpoint().name == "step-0000000004"
+    rt.close()
+    rt, resumed, net, opt = _fresh(tmp_path / "b", every_steps=100)
+    rt.restore(opt)
+    assert _train(rt, net, opt, 7) == [4, 5, 6]
+    rt.close()
+    torch.testing.assert_close(resumed.head.weight, model.head.weight)
+    ids = model.emb.table.export().ids.numpy()
+    np.testing.assert_array_equal(resumed.emb.table.find(ids).values.numpy(),
+                                  model.emb.table.find(ids).values.numpy())
