@@ -132,6 +132,9 @@ def _add_train(commands) -> None:
     train.add_argument("--rdzv-id", default="dynembed", help="job id shared by its nodes")
     train.add_argument("--rdzv-conf", default=None,
                        help="more rendezvous settings, e.g. join_timeout=600,last_call_timeout=5")
+    train.add_argument("--stop-timeout", type=int, default=120,
+                       help="seconds the workers get to checkpoint after a stop before they "
+                            "are killed")
     train.add_argument("--log-dir", default="runs/logs", help="worker logs and progress")
     train.add_argument("--tee", action="store_true", help="also show the workers' output")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -152,10 +155,12 @@ def _train(args) -> int:
                               nproc_per_node=args.nproc_per_node,
                               max_restarts=args.max_restarts,
                               rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id,
-                              rdzv_conf=args.rdzv_conf, log_dir=args.log_dir, tee=args.tee)
+                              rdzv_conf=args.rdzv_conf, log_dir=args.log_dir, tee=args.tee,
+                              stop_timeout=args.stop_timeout)
     except ValueError as e:
         raise _with_flag(e, {"nnodes": "--nnodes", "nproc_per_node": "--nproc-per-node",
-                             "max_restarts": "--max-restarts"}) from None
+                             "max_restarts": "--max-restarts",
+                             "stop_timeout": "--stop-timeout"}) from None
     code = launch(config, show_progress=not args.no_progress)
     print(f"dynembed train: torchrun exited with code {code}; worker logs in "
           f"{config.log_dir}", file=sys.stderr)

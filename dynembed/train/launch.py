@@ -57,6 +57,9 @@ class LaunchConfig:
     """Where each worker's stdout/stderr go (one folder per attempt and rank)."""
     tee: bool = False
     """Also copy the workers' output to this terminal."""
+    stop_timeout: int = 120
+    """Seconds the workers get to checkpoint and exit after a stop (SIGTERM) before torchrun
+    kills them (torchrun's own default, 30, cut large tables' saves short)."""
 
     def __post_init__(self) -> None:
         parts = self.nnodes.split(":")
@@ -64,9 +67,9 @@ class LaunchConfig:
                 or int(parts[0]) > int(parts[-1]):
             raise ValueError(f"nnodes must be N or MIN:MAX with 1 <= MIN <= MAX, got "
                              f"{self.nnodes!r}")
-        for name in ("nproc_per_node", "max_restarts"):
+        for name in ("nproc_per_node", "max_restarts", "stop_timeout"):
             value = getattr(self, name)
-            low = 1 if name == "nproc_per_node" else 0
+            low = 0 if name == "max_restarts" else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         if self.rdzv_endpoint is None and parts[-1] != "1":
@@ -79,7 +82,8 @@ class LaunchConfig:
                 f"--nnodes={self.nnodes}", f"--nproc-per-node={self.nproc_per_node}",
                 f"--max-restarts={self.max_restarts}", "--rdzv-backend=c10d",
                 f"--rdzv-endpoint={self.rdzv_endpoint or 'localhost:0'}",
-                f"--rdzv-id={self.rdzv_id}", f"--log-dir={self.log_dir}", "--redirects=3"]
+                f"--rdzv-id={self.rdzv_id}", f"--log-dir={self.log_dir}", "--redirects=3",
+                f"--shutdown-timeout={self.stop_timeout}"]
         if self.rdzv_conf:
             argv.append(f"--rdzv-conf={self.rdzv_conf}")
         if self.tee:
@@ -92,6 +96,27 @@ class LaunchConfig:
 
 
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Run first in torchrun's process, then replaced by torchrun (exec keeps the setting):
+# prctl(PR_SET_PDEATHSIG, SIGTERM) asks Linux for a SIGTERM when the launcher dies; a
+# launcher already gone by then is checked for. (Not a preexec_fn: unsafe with threads.)
+_STOP_WITH_PARENT = (
+    "import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, signal.SIGTERM); "
+    "os.getppid() == int(sys.argv[1]) or sys.exit(128 + signal.SIGTERM); "
+    "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])")
+
+
+def _stopping_with_this_process(argv: list[str]) -> list[str]:
+    """``argv`` (a ``python ...`` command) made to get SIGTERM when this process dies.
+
+    torchrun runs in a session of its own (see :func:`launch`), so a launcher killed with
+    SIGKILL, or by the OOM killer, left the whole job running, and the same command run
+    again raced it for the checkpoints. With this, torchrun stops its workers as for any
+    SIGTERM: they checkpoint and exit. Linux only; elsewhere ``argv`` as it is.
+    """
+    if not sys.platform.startswith("linux"):
+        return argv
+    return [sys.executable, "-c", _STOP_WITH_PARENT, str(os.getpid()), *argv[1:]]
+
 _FIND_MODULE = "import importlib.util, sys; sys.exit(importlib.util.find_spec(sys.argv[1]) is None)"
 
 
@@ -134,7 +159,8 @@ def launch(config: LaunchConfig, *, show_progress: bool = True,
     progress_path = Path(config.log_dir) / "progress.json"
     progress_path.unlink(missing_ok=True)
     env = dict(os.environ, **{PROGRESS_ENV: str(progress_path.resolve())}, **TORCHRUN_ENV)
-    proc = subprocess.Popen(config.torchrun_argv(), env=env, start_new_session=True)
+    proc = subprocess.Popen(_stopping_with_this_process(config.torchrun_argv()), env=env,
+                            start_new_session=True)
     stopped_by: list[int] = []
     first = [0.0]
 

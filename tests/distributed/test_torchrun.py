@@ -211,6 +211,42 @@ def test_sigterm_checkpoints_the_current_step_and_resume_loses_nothing(tmp_path,
     assert restored == [stopped, stopped]
 
 
+def test_a_launcher_killed_outright_stops_the_job_with_a_checkpoint(tmp_path):
+    """torchrun runs in a session of its own: a `dynembed train` killed with SIGKILL (or by
+    the OOM killer) left torchrun and its workers running, and the same command run again
+    raced them for the checkpoints."""
+    out, ckpt, logs = tmp_path / "out", tmp_path / "ckpt", tmp_path / "logs"
+    cmd = [sys.executable, "-m", "dynembed", "train", "--nproc-per-node=2", "--no-progress",
+           f"--log-dir={logs}", WORKER, "--out", str(out), "--ckpt", str(ckpt),
+           "--steps", "400", "--every", "1000", "--step-sleep", "0.05"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    torchrun = None
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            progress = read_progress(logs / "progress.json")
+            if progress is not None and progress["step"] >= 5:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the job made no progress")
+        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+            torchrun = int(f.read().split()[0])
+        proc.kill()
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and os.path.exists(f"/proc/{torchrun}"):
+            time.sleep(0.2)
+        assert not os.path.exists(f"/proc/{torchrun}"), "the job outlived its launcher"
+    finally:
+        if torchrun is not None and os.path.exists(f"/proc/{torchrun}"):
+            os.killpg(torchrun, signal.SIGKILL)
+    assert read_progress(logs / "progress.json")["state"] == "preempted"
+    saved = CheckpointManager(ckpt).latest()
+    assert saved is not None and not list(ckpt.glob("*.partial"))
+
+
 def test_a_node_joining_scales_the_job_up_without_losing_a_step(tmp_path):
     """Two torchrun agents (two 'nodes' on loopback) with --nnodes=1:2: the first trains
     alone; when the second joins, torchrun stops the workers (SIGTERM: they checkpoint),

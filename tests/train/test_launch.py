@@ -18,7 +18,7 @@ def test_torchrun_command_has_c10d_restarts_and_logs():
     assert argv[:3] == [sys.executable, "-m", "torch.distributed.run"]
     for flag in ("--nnodes=1", "--nproc-per-node=2", "--max-restarts=3",
                  "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0", "--log-dir=L",
-                 "--redirects=3"):
+                 "--redirects=3", "--shutdown-timeout=120"):
         assert flag in argv
     assert argv[-4:] == ["--", "train.py", "--steps", "3"]
     elastic = LaunchConfig(script="m.train", module=True, nnodes="1:4",
@@ -33,6 +33,7 @@ def test_torchrun_command_has_c10d_restarts_and_logs():
     ({"nnodes": "a"}, "nnodes must be"),
     ({"nproc_per_node": 0}, "nproc_per_node must be"),
     ({"max_restarts": -1}, "max_restarts must be"),
+    ({"stop_timeout": 0}, "stop_timeout must be"),
     ({"nnodes": "1:2"}, "needs --rdzv-endpoint"),
 ])
 def test_bad_launch_settings_are_refused(kwargs, message):
