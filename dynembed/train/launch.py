@@ -149,13 +149,17 @@ def launch(config: LaunchConfig, *, show_progress: bool = True,
     they died before checkpointing.)
 
     Raises:
-        ValueError: the script is not a file, or ``-m``'s module cannot be found.
-        OSError: ``log_dir`` cannot be made.
+        ValueError: the script is not a file, ``-m``'s module cannot be found, or
+            ``log_dir`` is a file or cannot be made.
     """
     _check_script(config)
     if Path(config.log_dir).exists() and not Path(config.log_dir).is_dir():
         raise ValueError(f"--log-dir {config.log_dir}: is a file; give a directory")
-    Path(config.log_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        Path(config.log_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--log-dir {config.log_dir}: cannot be made ({e.strerror}); give "
+                         "a directory this user may write") from None
     progress_path = Path(config.log_dir) / "progress.json"
     progress_path.unlink(missing_ok=True)
     env = dict(os.environ, **{PROGRESS_ENV: str(progress_path.resolve())}, **TORCHRUN_ENV)

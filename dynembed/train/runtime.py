@@ -53,12 +53,31 @@ from dynembed.train.progress import PROGRESS_ENV, ProgressFile
 
 logger = logging.getLogger(__name__)
 
+SAVE_WAIT_S = 3600.0
+"""Longest the ranks wait for each other after a checkpoint (which may compact a chain)."""
 REPEAT_GRACE_S = 10
 """A SIGTERM this soon after the first is the same stop again and is ignored; a later one
 stops at once, without a checkpoint (the launcher passes signals on by the same rule)."""
 
 _LOADED, _DAMAGED, _FAILED = 0, 1, 2
 """A rank's outcome of loading a checkpoint during restore, worst last."""
+
+
+def _check_writable(directory: Path, rank: int) -> None:
+    """Refuses a checkpoint directory this process cannot write, before any training (it
+    was found at the first save, and under torchrun every restart trained again first).
+
+    Raises:
+        PermissionError: a probe file cannot be made in ``directory`` (named).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / f".write-probe-{os.getpid()}-{rank}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"checkpoint_dir {directory}: cannot write there ({e.strerror});"
+                              " give a directory this user may write") from None
 
 
 def _positive_or_none(name: str, value, kind=int) -> None:
@@ -148,6 +167,7 @@ class Runtime:
         self.manager: CheckpointManager | None = None
         self.metrics: dict = {}
         self._control: Exchange | None = None
+        self._after_save = None  # the process group of the wait after a save
         self._sigterm = threading.Event()
         self._sigterm_at = 0.0
         self._old_handler = None
@@ -189,9 +209,14 @@ class Runtime:
             group = dist.new_group(backend="gloo",
                                    timeout=datetime.timedelta(seconds=self.timeout))
             self._control = Exchange(group, self.rank, self.world_size)
+            # gloo waits as long as a group's timeout: the wait after a save (which may
+            # compact a whole chain, on rank 0 alone) gets a group of its own
+            self._after_save = dist.new_group(backend="gloo", timeout=datetime.timedelta(
+                seconds=max(self.timeout, SAVE_WAIT_S)))
         if self.handle_sigterm and threading.current_thread() is threading.main_thread():
             self._old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         if self.checkpoint_dir is not None:
+            _check_writable(self.checkpoint_dir, self.rank)
             self.manager = CheckpointManager(self.checkpoint_dir, keep_last=self.keep_last,
                                              max_chain=self.max_chain, rank=self.rank,
                                              world_size=self.world_size,
@@ -366,7 +391,11 @@ class Runtime:
                     return done
         extra = {"step": self.step, "world_size": self.world_size, "user": self.extra}
         self.manager.save(self.step, self.model, self.optimizer, extra)
-        self.barrier()  # every rank sees the commit before the next save picks its parent
+        # every rank sees the commit before the next save picks its parent; the wait holds
+        # a compaction of the whole chain (rank 0 alone), which outlasted the collective
+        # timeout on large tables and cost a restart at each one
+        if self._after_save is not None:
+            dist.barrier(group=self._after_save)
         self._last_saved, self._last_save_time = self.step, time.monotonic()
         if not path.exists():
             path = path.with_name(path.name + "-full")

@@ -211,6 +211,18 @@ def test_sigterm_checkpoints_the_current_step_and_resume_loses_nothing(tmp_path,
     assert restored == [stopped, stopped]
 
 
+def test_a_save_longer_than_the_collective_timeout_does_not_fail_the_job(tmp_path):
+    """Rank 0 compacts a chain alone while the others wait after the save: the wait took
+    the collective timeout (300 s), and a compaction longer than that failed the job (one
+    restart per compaction)."""
+    result = run_torchrun(2, "--out", str(tmp_path / "out"), "--ckpt", str(tmp_path / "c"),
+                          "--steps", "6", "--every", "3", "--timeout", "2",
+                          "--slow-save", "4")
+    check(result)
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [
+        "step-0000000003", "step-0000000006"]
+
+
 def test_a_launcher_killed_outright_stops_the_job_with_a_checkpoint(tmp_path):
     """torchrun runs in a session of its own: a `dynembed train` killed with SIGKILL (or by
     the OOM killer) left torchrun and its workers running, and the same command run again

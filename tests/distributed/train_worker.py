@@ -74,6 +74,22 @@ def rows_of(model: Model) -> dict:
     return out
 
 
+def _slow_saves_on_rank_0(seconds: float) -> None:
+    import os
+    import time
+
+    from dynembed.checkpoint.manager import CheckpointManager
+    save = CheckpointManager.save
+
+    def slow(self, *args, **kwargs):
+        result = save(self, *args, **kwargs)
+        if os.environ.get("RANK") == "0":
+            time.sleep(seconds)
+        return result
+
+    CheckpointManager.save = slow
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -90,7 +106,11 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--fail-restore-rank", type=int, default=None,
                    help="this rank's restore hits an I/O error (injected)")
+    p.add_argument("--slow-save", type=float, default=0.0,
+                   help="rank 0's saves take this many seconds longer (as a compaction)")
     args = p.parse_args()
+    if args.slow_save:
+        _slow_saves_on_rank_0(args.slow_save)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)

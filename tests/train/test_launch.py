@@ -111,5 +111,7 @@ def test_a_missing_module_or_a_log_dir_that_is_a_file_is_refused_before_torchrun
     (tmp_path / "afile").write_text("")
     assert cli.main(["train", "--log-dir", "afile", "job.py"]) == 1
     assert "--log-dir afile: is a file" in capsys.readouterr().err
+    assert cli.main(["train", "--log-dir", "afile/logs", "job.py"]) == 1  # once a bare OSError
+    assert "--log-dir afile/logs: cannot be made" in capsys.readouterr().err
     (tmp_path / "localjob.py").write_text("")  # a module in the working directory is found
     launch_module._check_script(LaunchConfig(script="localjob", module=True))

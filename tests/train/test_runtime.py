@@ -251,3 +251,10 @@ def test_leaving_the_loop_with_break_counts_the_step_it_ran(tmp_path):
     ids = model.emb.table.export().ids.numpy()
     np.testing.assert_array_equal(resumed.emb.table.find(ids).values.numpy(),
                                   model.emb.table.find(ids).values.numpy())
+
+
+def test_a_checkpoint_dir_that_cannot_be_written_is_refused_at_start():
+    """It was found at the first save, after the training (and under torchrun again after
+    every restart). /proc/self is a directory no one may write, root included."""
+    with pytest.raises(PermissionError, match="checkpoint_dir /proc/self: cannot write"):
+        Runtime("/proc/self", every_steps=2).start()
