@@ -340,8 +340,11 @@ def to_jagged(values, offsets=None, *, include_last_offset: bool = False,
                 same = [torch.from_numpy(_check_int_array(v.detach().cpu().numpy(), arg))
                         for v in same]
             flat = torch.cat(same) if lengths.sum() else []
-        else:
-            flat = list(itertools.chain.from_iterable(values))
+        else:  # lists beside arrays or tensors: the arrays' keys as Python ints too (a 0-d
+            # tensor first made the batch read as nested, whatever came after)
+            flat = list(itertools.chain.from_iterable(
+                v.tolist() if isinstance(v, (np.ndarray, torch.Tensor)) else v
+                for v in values))
         return to_key_batch(flat, hash_seed=hash_seed, arg=arg), bounds
     raise KeyInputError(f"{arg}: bags need offsets=, a list of lists, or a 2-D tensor; got "
                         f"{type(values).__name__} without offsets")

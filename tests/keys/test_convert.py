@@ -510,3 +510,11 @@ def test_unclear_errors_now_say_what_is_wrong():
     raises(KeyInputError, nested, "nested tensor")
     jag_raises(KeyInputError, "values: bags given as a list of lists.*drop offsets=",
                [[1, 2], [3]], [0, 2])
+
+
+def test_bags_mixing_tensors_and_lists_convert_in_any_order():
+    """[tensor, list] failed as "nesting deeper than allowed" where [list, tensor] worked."""
+    for bags in ([torch.tensor([1, 2]), [3]], [np.array([1, 2]), [3]], [[1, 2], torch.tensor([3])]):
+        batch, bounds = to_jagged(bags)
+        assert batch.ids.tolist() == [1, 2, 3] and bounds.tolist() == [0, 2, 3]
+    jag_raises(KeyInputError, "values", [torch.tensor([1.5]), [3]])
