@@ -132,9 +132,9 @@ def _add_train(commands) -> None:
     train.add_argument("--rdzv-id", default="dynembed", help="job id shared by its nodes")
     train.add_argument("--rdzv-conf", default=None,
                        help="more rendezvous settings, e.g. join_timeout=600,last_call_timeout=5")
-    train.add_argument("--stop-timeout", type=int, default=120,
+    train.add_argument("--stop-timeout", type=int, default=None,
                        help="seconds the workers get to checkpoint after a stop before they "
-                            "are killed")
+                            "are killed (default: TORCH_ELASTIC_SHUTDOWN_TIMEOUT, else 120)")
     train.add_argument("--log-dir", default="runs/logs", help="worker logs and progress")
     train.add_argument("--tee", action="store_true", help="also show the workers' output")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")

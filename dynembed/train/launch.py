@@ -57,9 +57,11 @@ class LaunchConfig:
     """Where each worker's stdout/stderr go (one folder per attempt and rank)."""
     tee: bool = False
     """Also copy the workers' output to this terminal."""
-    stop_timeout: int = 120
+    stop_timeout: int | None = None
     """Seconds the workers get to checkpoint and exit after a stop (SIGTERM) before torchrun
-    kills them (torchrun's own default, 30, cut large tables' saves short)."""
+    kills them. None: ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` where set (as in the Kubernetes
+    manifests), else :data:`DEFAULT_STOP_TIMEOUT` (torchrun's own default, 30, cut large
+    tables' saves short)."""
 
     def __post_init__(self) -> None:
         parts = self.nnodes.split(":")
@@ -70,6 +72,8 @@ class LaunchConfig:
         for name in ("nproc_per_node", "max_restarts", "stop_timeout"):
             value = getattr(self, name)
             low = 0 if name == "max_restarts" else 1
+            if value is None and name == "stop_timeout":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         if self.rdzv_endpoint is None and parts[-1] != "1":
@@ -82,8 +86,9 @@ class LaunchConfig:
                 f"--nnodes={self.nnodes}", f"--nproc-per-node={self.nproc_per_node}",
                 f"--max-restarts={self.max_restarts}", "--rdzv-backend=c10d",
                 f"--rdzv-endpoint={self.rdzv_endpoint or 'localhost:0'}",
-                f"--rdzv-id={self.rdzv_id}", f"--log-dir={self.log_dir}", "--redirects=3",
-                f"--shutdown-timeout={self.stop_timeout}"]
+                f"--rdzv-id={self.rdzv_id}", f"--log-dir={self.log_dir}", "--redirects=3"]
+        if self.stop_timeout is not None or _SHUTDOWN_ENV not in os.environ:
+            argv.append(f"--shutdown-timeout={self.stop_timeout or DEFAULT_STOP_TIMEOUT}")
         if self.rdzv_conf:
             argv.append(f"--rdzv-conf={self.rdzv_conf}")
         if self.tee:
@@ -95,6 +100,9 @@ class LaunchConfig:
         return argv + ["--", self.script, *self.script_args]
 
 
+DEFAULT_STOP_TIMEOUT = 120
+"""Seconds the workers get to checkpoint after a stop, unless told otherwise."""
+_SHUTDOWN_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # Run first in torchrun's process, then replaced by torchrun (exec keeps the setting):
 # prctl(PR_SET_PDEATHSIG, SIGTERM) asks Linux for a SIGTERM when the launcher dies; a

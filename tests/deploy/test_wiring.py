@@ -72,13 +72,17 @@ class _Spawned(Exception):
 def _dynembed_train_argv(args: list[str], monkeypatch, tmp_path) -> list[str]:
     """The command line ``dynembed train ARGS`` would start (stopped at subprocess.Popen)."""
     from dynembed import cli
+    from dynembed.train import launch
 
     real_popen = subprocess.Popen
 
     def spawn(argv, *args, **kwargs):
-        if list(argv)[1:2] == ["-c"]:  # its check that -m's module exists (in the image)
+        argv = list(argv)
+        if argv[1:3] == ["-c", launch._STOP_WITH_PARENT]:  # torchrun, tied to the launcher
+            raise _Spawned([argv[0], *argv[4:]])
+        if argv[1:2] == ["-c"]:  # its check that -m's module exists (in the image)
             return real_popen([sys.executable, "-c", ""], *args, **kwargs)
-        raise _Spawned(list(argv))
+        raise _Spawned(argv)
 
     monkeypatch.setattr(subprocess, "Popen", spawn)
     monkeypatch.chdir(tmp_path)  # it creates its log directory
@@ -143,6 +147,8 @@ def test_statefulset_runs_dynembed_train_with_pod_0_as_rendezvous(monkeypatch, t
     container = _container(sts["spec"]["template"]["spec"])
     assert container["command"] == ["dynembed", "train"]
 
+    for name, value in _env(container).items():  # the pod's environment: the launcher's
+        monkeypatch.setenv(name, value)
     argv = _dynembed_train_argv(container["args"], monkeypatch, tmp_path)
     assert argv[1:3] == ["-m", "torch.distributed.run"]
     config, cmd_args = _torchrun(argv[3:], _env(container), monkeypatch, tmp_path)

@@ -18,7 +18,7 @@ def test_torchrun_command_has_c10d_restarts_and_logs():
     assert argv[:3] == [sys.executable, "-m", "torch.distributed.run"]
     for flag in ("--nnodes=1", "--nproc-per-node=2", "--max-restarts=3",
                  "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0", "--log-dir=L",
-                 "--redirects=3", "--shutdown-timeout=120"):
+                 "--redirects=3"):
         assert flag in argv
     assert argv[-4:] == ["--", "train.py", "--steps", "3"]
     elastic = LaunchConfig(script="m.train", module=True, nnodes="1:4",
@@ -115,3 +115,18 @@ def test_a_missing_module_or_a_log_dir_that_is_a_file_is_refused_before_torchrun
     assert "--log-dir afile/logs: cannot be made" in capsys.readouterr().err
     (tmp_path / "localjob.py").write_text("")  # a module in the working directory is found
     launch_module._check_script(LaunchConfig(script="localjob", module=True))
+
+
+def test_the_stop_timeout_comes_from_the_flag_the_environment_or_120(monkeypatch):
+    """torchrun gave the workers 30 s to checkpoint after a stop; an explicit default would
+    also have overridden TORCH_ELASTIC_SHUTDOWN_TIMEOUT set by a deployment."""
+    def timeout(**kwargs):
+        argv = LaunchConfig(script="train.py", **kwargs).torchrun_argv()
+        return [a for a in argv if a.startswith("--shutdown-timeout")]
+
+    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
+    assert timeout() == ["--shutdown-timeout=120"]
+    assert timeout(stop_timeout=600) == ["--shutdown-timeout=600"]
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "240")
+    assert timeout() == []  # torchrun reads the variable
+    assert timeout(stop_timeout=600) == ["--shutdown-timeout=600"]
