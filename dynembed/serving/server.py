@@ -146,10 +146,10 @@ _HEALTH = frozenset({"/ping", "/v2/health/live", "/v2/health/ready"})
 """Health probes carry no data; load balancers and Kubernetes call them without a token."""
 
 
-def _older(serving: str | None, latest: Path) -> bool:
-    """Whether a version serving checkpoint ``serving`` (None: its package's tables) should
-    move to ``latest``: never to an older step (a listing taken while the training job
-    compacted once named the step before)."""
+def _behind(serving: str | None, latest: Path) -> bool:
+    """Whether a version serving checkpoint ``serving`` (None: its package's tables) is
+    behind ``latest`` and should move to it: never to an older step (a listing taken while
+    the training job compacted once named the step before)."""
     if serving is None:
         return True
     if serving == str(latest):
@@ -363,7 +363,7 @@ class ModelServer:
                         None, lambda: CheckpointManager(directory).latest())
                     behind = [] if latest is None else [
                         e.version for e in list(self.registry.models.get(name, {}).values())
-                        if _older(e.checkpoint, latest)]
+                        if _behind(e.checkpoint, latest)]
                     if behind:
                         await self.refresh(name, latest, behind)
                         logger.info("model %s %s now serves the tables of %s", name,

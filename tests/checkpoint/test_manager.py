@@ -230,12 +230,12 @@ def test_latest_never_goes_back_while_a_compaction_replaces_the_newest(tmp_path,
 def test_a_follower_moves_only_to_newer_steps():
     from pathlib import Path
 
-    from dynembed.serving.server import _older
+    from dynembed.serving.server import _behind
 
     latest = Path("/c/step-0000000005")
-    assert _older(None, latest) and _older("/c/step-0000000004-full", latest)
-    assert not _older("/c/step-0000000005", latest)
-    assert not _older("/c/step-0000000006", latest)  # a listing that lagged: not back
-    assert _older("/c/step-0000000005", Path("/c/step-0000000005-full"))  # same state,
-    assert not _older("/c/step-0000000005-full", latest)  # whose delta is being deleted
-    assert _older("/elsewhere/model.pt", latest)  # not a step: follow the directory
+    assert _behind(None, latest) and _behind("/c/step-0000000004-full", latest)
+    assert not _behind("/c/step-0000000005", latest)
+    assert not _behind("/c/step-0000000006", latest)  # a listing that lagged: not back
+    assert _behind("/c/step-0000000005", Path("/c/step-0000000005-full"))  # same state,
+    assert not _behind("/c/step-0000000005-full", latest)  # whose delta is being deleted
+    assert _behind("/elsewhere/model.pt", latest)  # not a step: follow the directory
