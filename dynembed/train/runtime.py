@@ -156,6 +156,8 @@ class Runtime:
         self.step = 0
         """Steps completed (the data position)."""
         self.total: int | None = None
+        self._state = "starting"  # the last state reported to the progress file
+        self._left_at: int | None = None  # the step counted when the loop was left
         self.extra: dict = {}
         """User state saved with every checkpoint and restored by :meth:`restore` (plain
         values: tensors, numbers, str, lists and dicts of them)."""
@@ -245,6 +247,9 @@ class Runtime:
         return self.start()
 
     def __exit__(self, kind, error, traceback) -> None:
+        if error is not None and self._left_at == self.step:
+            # the loop was left by this error, not a break: its step did not complete
+            self.step -= 1
         if error is not None and self._started:
             self._report("failed", force=True)  # not "running" for good
         if isinstance(error, CheckpointCorruptError) and self._restored is not None:
@@ -397,6 +402,7 @@ class Runtime:
         if self._after_save is not None:
             dist.barrier(group=self._after_save)
         self._last_saved, self._last_save_time = self.step, time.monotonic()
+        self._report(self._state, force=True)  # the saved step, not a throttled older one
         if not path.exists():
             path = path.with_name(path.name + "-full")
         return path
@@ -410,7 +416,8 @@ class Runtime:
         Leaving the loop with ``break`` counts the step being run as done (break after its
         update, e.g. on early stopping); call :meth:`checkpoint` then to save it. (Without
         that count, a checkpoint saved after a break held the step's update under the step
-        before, and a resume trained that batch twice.)
+        before, and a resume trained that batch twice.) An error that leaves the loop and
+        the runtime's ``with`` block does not count its step.
         """
         if isinstance(total, bool) or not isinstance(total, int) or total < 0:
             raise ValueError(f"total must be an int >= 0, got {total!r}")
@@ -422,6 +429,7 @@ class Runtime:
                 yield self.step
             except GeneratorExit:  # the loop was left (break): its body ran this step
                 self.step += 1
+                self._left_at = self.step  # (undone by __exit__ if an error left it)
                 self._report("stopped", force=True)
                 raise
             self.step += 1
@@ -466,6 +474,7 @@ class Runtime:
         self.metrics.update({k: float(v) for k, v in metrics.items()})
 
     def _report(self, state: str, *, force: bool = False) -> None:
+        self._state = state
         self.progress.write(step=self.step, total=self.total, state=state,
                             world_size=self.world_size,
                             restart_count=self.env.restart_count, metrics=self.metrics,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -258,3 +259,24 @@ def test_a_checkpoint_dir_that_cannot_be_written_is_refused_at_start():
     every restart). /proc/self is a directory no one may write, root included."""
     with pytest.raises(PermissionError, match="checkpoint_dir /proc/self: cannot write"):
         Runtime("/proc/self", every_steps=2).start()
+
+
+def test_the_progress_file_shows_every_checkpointed_step(tmp_path):
+    """Writes were throttled to one per 0.5 s and a checkpoint forced none: a job that
+    failed after saving step 5 said step 0, still running."""
+    progress = tmp_path / "progress.json"
+    rt = Runtime(tmp_path / "ckpt", every_steps=2, progress_file=progress).start()
+    model = Tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rt.prepare(model)
+    rt.restore(opt)
+    seen = []
+    with pytest.raises(RuntimeError, match="boom"), rt:
+        for step in rt.steps(10):
+            model(torch.tensor([step])).sum().backward()
+            seen.append(json.loads(progress.read_text())["step"])
+            if step == 6:
+                raise RuntimeError("boom")
+    assert (seen[2], seen[4], seen[6]) == (2, 4, 6)  # each saved step shown at once
+    final = json.loads(progress.read_text())
+    assert final["state"] == "failed" and final["step"] == 6  # step 6 did not complete
