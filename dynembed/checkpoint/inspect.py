@@ -63,7 +63,9 @@ def _top_keys(chain, name: str, entry: dict, top: int) -> list[dict]:
             part.load_state_dict({k[len("key_log."):]: v for k, v in aux.items()
                                   if k.startswith("key_log.")})
             log.merge(part)
-        strings = log.lookup(best_ids)
+        # a bytes key that is not UTF-8 is shown as its Python literal (b'\xff...'): the
+        # summary is printed and written as JSON, which has no bytes
+        strings = [repr(k) if isinstance(k, bytes) else k for k in log.lookup(best_ids)]
     return [{"id": int(i), "key": s, "count": int(c)}
             for i, s, c in zip(best_ids, strings, best_counts)]
 

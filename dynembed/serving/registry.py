@@ -142,7 +142,7 @@ class Registry:
         self.defaults: dict[str, str] = {}
         self._lock = asyncio.Lock()
         self._pending: set[tuple[str, str]] = set()
-        self._scaling = asyncio.Lock()
+        self._scaling: dict[tuple[str, str], asyncio.Lock] = {}  # one per version
         self.mirror = None
         self.changes = 0
         """Changes made so far (a count); each change's number goes to ``mirror`` as
@@ -318,9 +318,10 @@ class Registry:
         Raises:
             ServingError: 404 unknown version; 400 bad bounds (see :meth:`worker_bounds`).
         """
-        # one scale at a time: a scale-down waits for busy workers, and a scale that
-        # overtook it was mirrored first, leaving the replicas at the older count
-        async with self._scaling:
+        # one scale of a version at a time: a scale-down waits for busy workers, and a
+        # scale that overtook it was mirrored first, leaving the replicas at the older count
+        key = (name, self.get(name, version).version)
+        async with self._scaling.setdefault(key, asyncio.Lock()):
             entry = self.get(name, version)
             low, high = self.worker_bounds(entry, min_worker, max_worker)
             entry.min_workers, entry.max_workers = low, high

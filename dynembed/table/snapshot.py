@@ -118,7 +118,8 @@ class TableSnapshot:
 
     def to_numpy(self) -> dict[str, np.ndarray]:
         """Live rows as numpy arrays: ``id`` (r,), ``vector`` (r, dim), ``count`` (r,),
-        ``last_step`` (r,), and ``key`` (r,) object array of strings with the key log."""
+        ``last_step`` (r,), and ``key`` (r,) object array of the keys with the key log
+        (str; bytes for bytes keys that are not UTF-8)."""
         export = self.export()
         out = {"id": export.ids.numpy(), "vector": export.weights.numpy(),
                "count": export.counts.numpy(), "last_step": export.last_step.numpy()}

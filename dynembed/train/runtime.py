@@ -157,7 +157,8 @@ class Runtime:
         """Steps completed (the data position)."""
         self.total: int | None = None
         self._state = "starting"  # the last state reported to the progress file
-        self._left_at: int | None = None  # the step counted when the loop was left
+        self._left_at: int | None = None  # the step the loop was left at (break, error)
+        self._stop_asked = False
         self.extra: dict = {}
         """User state saved with every checkpoint and restored by :meth:`restore` (plain
         values: tensors, numbers, str, lists and dicts of them)."""
@@ -247,9 +248,6 @@ class Runtime:
         return self.start()
 
     def __exit__(self, kind, error, traceback) -> None:
-        if error is not None and self._left_at == self.step:
-            # the loop was left by this error, not a break: its step did not complete
-            self.step -= 1
         if error is not None and self._started:
             self._report("failed", force=True)  # not "running" for good
         if isinstance(error, CheckpointCorruptError) and self._restored is not None:
@@ -394,6 +392,12 @@ class Runtime:
             for done in (path, path.with_name(path.name + "-full")):
                 if done.exists():
                     return done
+        if self._left_at == self.step:
+            logger.warning(
+                "rank %d: checkpointing step %d after the loop was left in it (break): if "
+                "its update ran, this checkpoint holds it under step %d and a resume trains "
+                "that batch again; end a loop early with rt.stop() instead", self.rank,
+                self.step, self.step)
         extra = {"step": self.step, "world_size": self.world_size, "user": self.extra}
         self.manager.save(self.step, self.model, self.optimizer, extra)
         # every rank sees the commit before the next save picks its parent; the wait holds
@@ -413,29 +417,28 @@ class Runtime:
         counts it, checkpoints when due, and stops early (after a checkpoint) on SIGTERM.
         A final checkpoint is written at ``total``.
 
-        Leaving the loop with ``break`` counts the step being run as done (break after its
-        update, e.g. on early stopping); call :meth:`checkpoint` then to save it. (Without
-        that count, a checkpoint saved after a break held the step's update under the step
-        before, and a resume trained that batch twice.) An error that leaves the loop and
-        the runtime's ``with`` block does not count its step.
+        To end the loop early (early stopping), call :meth:`stop` in the step's body: the
+        step is counted, checkpointed, and the loop ends (on every rank at the same step).
+        A ``break`` cannot tell a body that ran from one that never started (``zip`` with a
+        data loader that ran out pulls a step and drops it), so it leaves the step
+        uncounted; a checkpoint after it warns, since it would hold the step's update under
+        the step before and a resume would train that batch again.
         """
         if isinstance(total, bool) or not isinstance(total, int) or total < 0:
             raise ValueError(f"total must be an int >= 0, got {total!r}")
         self._require_started()
-        self.total = total
+        self.total, self._left_at = total, None
         self._report("running", force=True)
         while self.step < total:
             try:
                 yield self.step
-            except GeneratorExit:  # the loop was left (break): its body ran this step
-                self.step += 1
-                self._left_at = self.step  # (undone by __exit__ if an error left it)
-                self._report("stopped", force=True)
+            except GeneratorExit:  # left with break (or by an error): the step is unknown
+                self._left_at = self.step
                 raise
             self.step += 1
-            stop, timed = self._agree()
+            stop, timed, asked = self._agree()
             due = (self.every_steps is not None and self.step % self.every_steps == 0) or timed
-            if due or stop:
+            if due or stop or asked:
                 self.checkpoint()
             if stop:
                 self.preempted = True
@@ -443,19 +446,29 @@ class Runtime:
                 logger.warning("rank %d stopped at step %d after SIGTERM", self.rank,
                                self.step)
                 return
+            if asked:
+                self._report("stopped", force=True)
+                return
             self._report("running")
         if self._last_saved != self.step:
             self.checkpoint()
         self._report("done", force=True)
 
-    def _agree(self) -> tuple[bool, bool]:
-        """(stop, time to checkpoint), agreed by every rank."""
+    def stop(self) -> None:
+        """Ends :meth:`steps` after the current step: it is counted and checkpointed, and
+        the loop ends; any rank asking stops every rank at the same step. Use it for early
+        stopping instead of ``break`` (see :meth:`steps`)."""
+        self._stop_asked = True
+
+    def _agree(self) -> tuple[bool, bool, bool]:
+        """(SIGTERM, time to checkpoint, stop asked), agreed by every rank."""
         timed = (self.every_seconds is not None and self.manager is not None
                  and time.monotonic() - self._last_save_time >= self.every_seconds)
-        flags = np.array([self._sigterm.is_set(), timed], dtype=np.int64)
+        flags = np.array([self._sigterm.is_set(), timed, self._stop_asked], dtype=np.int64)
         if self._control is not None:
             flags = self._control.all_reduce_max(flags)
-        return bool(flags[0]), bool(flags[1])
+        self._stop_asked = False
+        return bool(flags[0]), bool(flags[1]), bool(flags[2])
 
     def batch_indices(self, step: int, batch_size: int, num_samples: int, *, seed: int = 0,
                       shuffle: bool = True) -> np.ndarray:

@@ -78,3 +78,16 @@ def test_inspect_json_with_tensors_in_extra_and_a_partial_checkpoint(tmp_path):
     info = json.loads(result.stdout)
     assert info["path"] == str(tmp_path / "step-0000000001")
     assert info["extra"]["user"] == {"best": 0.25, "n": [3]}
+
+
+def test_inspect_json_shows_a_bytes_key_that_is_not_utf8(tmp_path, capsys):
+    """The key log keeps such keys as bytes, which JSON has no type for: --json failed."""
+    from dynembed import cli
+
+    table = de.DynamicTable(de.TableConfig(dim=2, seed=1, key_log=True))
+    table.find_or_insert([b"\xff\xfe", b"ok"])
+    de.checkpoint.save(tmp_path / "c", tables={"t": table})
+    assert cli.main(["inspect", str(tmp_path / "c"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    keys = {entry["key"] for entry in info["tables"]["t"]["top_keys"]}
+    assert keys == {"b'\\xff\\xfe'", "ok"}

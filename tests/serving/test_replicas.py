@@ -263,3 +263,37 @@ def test_scales_reach_the_replicas_in_the_order_they_were_made(tmp_path):
     final = asyncio.run(scenario())
     assert final == 4 and mirrored[-1][1] == final
     assert [change for change, _ in mirrored] == sorted(change for change, _ in mirrored)
+
+
+def test_a_slow_scale_down_holds_back_no_other_model(tmp_path):
+    """One lock for every model made a scale of model b wait for model a's scale-down."""
+    import time
+
+    from dynembed.serving.registry import Registry
+
+    store = tmp_path / "store"
+    write_package(store, name="a")
+    write_package(store, name="b")
+
+    async def scenario():
+        registry = Registry(store)
+        a = await registry.register("a-1.0", initial_workers=3)
+        b = await registry.register("b-1.0", initial_workers=1)
+        scale = a.batcher.scale
+
+        async def slow_down(workers):
+            await asyncio.sleep(2.0)  # as if a stopped worker finished a long batch
+            await scale(workers)
+
+        a.batcher.scale = slow_down
+        down = asyncio.create_task(registry.scale("a", None, min_worker=1, max_worker=None))
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        await registry.scale("b", None, min_worker=2, max_worker=None)
+        took = time.monotonic() - started
+        await down
+        for entry in (a, b):
+            await entry.batcher.stop()
+        return took
+
+    assert asyncio.run(scenario()) < 1.0

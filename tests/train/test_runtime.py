@@ -223,9 +223,11 @@ def test_job_env_reads_torchrun_variables():
         JobEnv.from_environ({"RANK": "2", "WORLD_SIZE": "2"})
 
 
-def test_leaving_the_loop_with_break_counts_the_step_it_ran(tmp_path):
+def test_stop_ends_the_loop_after_counting_and_saving_the_step(tmp_path, caplog):
     """After a break, rt.step was still the step whose update had run: a checkpoint then
-    held that update under the step before, and the resumed run trained the batch twice."""
+    held that update under the step before, and the resumed run trained the batch twice.
+    rt.stop() counts and saves the step; a break leaves it uncounted (a zip with a data
+    loader that ran out drops a step that never ran) and a checkpoint after it warns."""
     torch.manual_seed(0)  # the same head in both runs
     rt, model, net, opt = _fresh(tmp_path / "a", every_steps=100)
     rt.restore(opt)
@@ -235,14 +237,9 @@ def test_leaving_the_loop_with_break_counts_the_step_it_ran(tmp_path):
     torch.manual_seed(0)
     rt, _, net, opt = _fresh(tmp_path / "b", every_steps=100)
     rt.restore(opt)
-    for step in rt.steps(7):  # early stopping after step 3's update
-        keys = torch.from_numpy(rt.batch_indices(step, 8, 50) * 7 - 100)
-        net(keys).pow(2).mean().backward()
-        opt.step()
-        opt.zero_grad()
-        if step == 3:
-            break
-    assert rt.step == 4 and rt.checkpoint().name == "step-0000000004"
+    assert _train(rt, net, opt, 7, on_step=lambda s: s == 3 and rt.stop()) == [0, 1, 2, 3]
+    assert rt.step == 4 and not rt.preempted
+    assert [p.name for p in (tmp_path / "b" / "ckpt").iterdir()] == ["step-0000000004"]
     rt.close()
     rt, resumed, net, opt = _fresh(tmp_path / "b", every_steps=100)
     rt.restore(opt)
@@ -252,6 +249,16 @@ def test_leaving_the_loop_with_break_counts_the_step_it_ran(tmp_path):
     ids = model.emb.table.export().ids.numpy()
     np.testing.assert_array_equal(resumed.emb.table.find(ids).values.numpy(),
                                   model.emb.table.find(ids).values.numpy())
+
+    rt, _, net, opt = _fresh(tmp_path / "c", every_steps=100)
+    rt.restore(opt)
+    for step, _batch in zip(rt.steps(7), range(3)):  # the loader runs out after 3
+        pass
+    assert rt.step == 3  # step 3 was pulled by zip and never ran
+    with caplog.at_level("WARNING", logger="dynembed.train.runtime"):
+        rt.checkpoint()
+    assert "the loop was left in it" in caplog.text
+    rt.close()
 
 
 def test_a_checkpoint_dir_that_cannot_be_written_is_refused_at_start():
