@@ -261,6 +261,9 @@ class InferenceAPI:
                                         time.perf_counter() - started)
 
 
+MAX_EMPTY_BAGS = 4096
+"""Most examples a v2 pooled input of shape ``[batch, 0]`` (no data) may describe."""
+
 _RAGGED = ("; for bags of different lengths give shape [batch] and one list of keys per "
            "example in data")
 
@@ -309,12 +312,12 @@ def _v2_rows(tensor: dict, pooled: bool | None, where: str) -> list:
     if len(shape) != 2:
         raise bad_request(f"{where} is pooled: give shape [batch, keys] with flat data, or "
                           "one list of keys per example")
-    if shape[1] == 0 and shape[0]:
+    if shape[1] == 0 and shape[0] > MAX_EMPTY_BAGS:
         # any batch size fits no data: [2**40, 0] once built that many empty bags on the
         # event loop, from a 78-byte body
-        raise bad_request(f"{where}: shape {shape} with flat data describes examples without "
-                          "keys or data; give empty bags as one empty list per example, "
-                          "with shape [batch]")
+        raise bad_request(f"{where}: shape {shape} with flat data describes {shape[0]} "
+                          f"examples without keys or data (at most {MAX_EMPTY_BAGS} that way); "
+                          "give empty bags as one empty list per example, with shape [batch]")
     return [data[k * shape[1]:(k + 1) * shape[1]] for k in range(shape[0])]
 
 

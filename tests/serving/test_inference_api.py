@@ -258,6 +258,8 @@ def test_v2_infer_refuses_bad_tensors_naming_the_input(server):
         assert "give shape [batch] and one list of keys per example" in message
     ragged = _replace(good, "tags", shape=[3], data=[["t1", "t2"], ["t1"], []])
     assert _post(server, "/v2/models/ids/infer", json=ragged).status_code == 200
+    no_tags = _replace(good, "tags", shape=[3, 0], data=[])  # three empty bags: fine
+    assert _post(server, "/v2/models/ids/infer", json=no_tags).status_code == 200
 
 
 def _requests_by_status(server, model: str) -> dict[str, float]:
