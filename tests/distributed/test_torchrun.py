@@ -153,6 +153,30 @@ def test_an_unexpected_restore_error_on_one_rank_stops_every_rank_at_once(tmp_pa
     assert [p.name for p in ckpt.iterdir()] == ["step-0000000005"]
 
 
+def _wait_for_step(progress_file, step: int) -> dict:
+    """The job's progress once it reached ``step`` (fails after 120 s)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        progress = read_progress(progress_file)
+        if progress is not None and progress["step"] >= step:
+            return progress
+        time.sleep(0.1)
+    raise AssertionError("the job made no progress")
+
+
+def _train_cli(out, ckpt, logs, step_sleep: str) -> list[str]:
+    """`dynembed train` of the worker on 2 ranks for 400 steps, checkpointing only at a stop."""
+    return [sys.executable, "-m", "dynembed", "train", "--nproc-per-node=2", "--no-progress",
+            f"--log-dir={logs}", WORKER, "--out", str(out), "--ckpt", str(ckpt),
+            "--steps", "400", "--every", "1000", "--step-sleep", step_sleep]
+
+
+def _torchrun_of(launcher: subprocess.Popen) -> int:
+    """The pid of the torchrun a `dynembed train` started (its session's leader)."""
+    with open(f"/proc/{launcher.pid}/task/{launcher.pid}/children") as f:
+        return int(f.read().split()[0])
+
+
 @pytest.mark.parametrize("how", ["sigterm", "ctrl-c", "ctrl-c twice", "every process"])
 def test_sigterm_checkpoints_the_current_step_and_resume_loses_nothing(tmp_path, how):
     """`dynembed train` passes SIGTERM to torchrun, which passes it to the workers: they
@@ -164,25 +188,15 @@ def test_sigterm_checkpoints_the_current_step_and_resume_loses_nothing(tmp_path,
     out, ckpt, logs = tmp_path / "out", tmp_path / "ckpt", tmp_path / "logs"
     twice = how in ("ctrl-c twice", "every process")  # the second signal lands mid-step
     first_step = 2 if twice else 5
-    cmd = [sys.executable, "-m", "dynembed", "train", "--nproc-per-node=2", "--no-progress",
-           f"--log-dir={logs}", WORKER, "--out", str(out), "--ckpt", str(ckpt),
-           "--steps", "400", "--every", "1000", "--step-sleep", "1.0" if twice else "0.05"]
+    cmd = _train_cli(out, ckpt, logs, "1.0" if twice else "0.05")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # a terminal's process group of its own
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            progress = read_progress(logs / "progress.json")
-            if progress is not None and progress["step"] >= first_step:
-                break
-            time.sleep(0.1)
-        else:
-            raise AssertionError("the job made no progress")
+        _wait_for_step(logs / "progress.json", first_step)
         if how == "sigterm":
             proc.send_signal(signal.SIGTERM)
         elif how == "every process":
-            with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
-                torchrun = int(f.read().split()[0])  # the leader of the workers' group
+            torchrun = _torchrun_of(proc)  # the leader of the workers' group
             proc.send_signal(signal.SIGTERM)
             os.killpg(torchrun, signal.SIGTERM)
         else:
@@ -228,23 +242,12 @@ def test_a_launcher_killed_outright_stops_the_job_with_a_checkpoint(tmp_path):
     the OOM killer) left torchrun and its workers running, and the same command run again
     raced them for the checkpoints."""
     out, ckpt, logs = tmp_path / "out", tmp_path / "ckpt", tmp_path / "logs"
-    cmd = [sys.executable, "-m", "dynembed", "train", "--nproc-per-node=2", "--no-progress",
-           f"--log-dir={logs}", WORKER, "--out", str(out), "--ckpt", str(ckpt),
-           "--steps", "400", "--every", "1000", "--step-sleep", "0.05"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(_train_cli(out, ckpt, logs, "0.05"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     torchrun = None
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            progress = read_progress(logs / "progress.json")
-            if progress is not None and progress["step"] >= 5:
-                break
-            time.sleep(0.1)
-        else:
-            raise AssertionError("the job made no progress")
-        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
-            torchrun = int(f.read().split()[0])
+        _wait_for_step(logs / "progress.json", 5)
+        torchrun = _torchrun_of(proc)
         proc.kill()
         proc.wait(timeout=30)
         deadline = time.monotonic() + 120
@@ -275,15 +278,7 @@ def test_a_node_joining_scales_the_job_up_without_losing_a_step(tmp_path):
                              text=True)
     second = None
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            progress = read_progress(tmp_path / "p.json")
-            if progress is not None and progress["step"] >= 5:
-                break
-            time.sleep(0.1)
-        else:
-            raise AssertionError("the first node made no progress")
-        assert progress["world_size"] == 1
+        assert _wait_for_step(tmp_path / "p.json", 5)["world_size"] == 1
         second = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True)
         for proc in (first, second):
