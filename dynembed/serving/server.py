@@ -264,6 +264,11 @@ class ModelServer:
         app = self._by_port.get(scope.get("server", (None, None))[1])
         if app is None:  # one socket only (e.g. a test client): inference
             app = self.apps["inference"]
+        path = scope.get("path", "")
+        if len(path) > 1 and path.endswith("/"):
+            # TorchServe reads /predictions/m/ as /predictions/m; Starlette would answer a
+            # 307 redirect, which curl and many clients do not follow with a POST body
+            scope = {**scope, "path": path.rstrip("/") or "/"}
         await app(scope, receive, send)
 
     async def _lifespan(self, receive, send) -> None:

@@ -457,6 +457,21 @@ def test_unknown_paths_are_404_and_wrong_methods_405(server):
         assert method in torchserve_error(response, 405, "MethodNotAllowedException")
 
 
+def test_a_trailing_slash_names_the_same_path_as_in_torchserve(server):
+    batch = examples(3, seed=23)
+    plain = _post(server, "/predictions/ctr", json=batch)
+    for path in ("/predictions/ctr/", "/predictions/ctr/1.0/", "/predictions/ctr//"):
+        slashed = _post(server, path, json=batch)
+        assert slashed.status_code == 200, (path, slashed.text)
+        assert slashed.json() == plain.json()
+    assert _get(server, "/ping/").json() == {"status": "Healthy"}
+    assert _get(server, "/v2/models/ctr/ready/").status_code == 200
+    models = httpx.get(server.management + "/models/", headers=server.token(), timeout=30)
+    assert models.status_code == 200, models.text
+    assert {m["modelName"] for m in models.json()["models"]} == {"ctr", "ids"}
+    torchserve_error(_get(server, "/nope/"), 404, "ResourceNotFoundException")
+
+
 # ---------------------------------------------------------------------- batching
 def _batch_count(server) -> float:
     text = httpx.get(server.metrics + "/metrics").text
