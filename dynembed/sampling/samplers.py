@@ -44,9 +44,7 @@ class _Stamp(NamedTuple):
 
     @classmethod
     def of(cls, table) -> _Stamp:
-        c = table.counters
-        return cls(id(table), table.step, table.size(),
-                   c.inserts + c.loaded + c.evicted + c.discarded + c.erased, table.wipes)
+        return cls(id(table), table.step, table.size(), table.rows_moved, table.wipes)
 
     def stale(self, table, refresh_every: int) -> bool:
         """Whether ``table`` has changed enough since: another table, ``refresh_every``

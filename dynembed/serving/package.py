@@ -44,7 +44,6 @@ from dynembed.checkpoint.api import load, save
 from dynembed.errors import DynembedError
 from dynembed.nn.collection import EmbeddingCollection, FeatureConfig
 from dynembed.table.config import TableConfig
-from dynembed.table.stats import Counters
 from dynembed.table.table import DynamicTable
 
 MANIFEST = "MANIFEST.json"
@@ -439,7 +438,7 @@ def load_tables(embeddings: EmbeddingCollection, checkpoint: str | os.PathLike, 
     tables = _checkpoint_names(dict(embeddings.tables), saved, checkpoint)
     load(checkpoint, tables=tables, lazy=not preload, strict=False)
     for table in tables.values():
-        table.counters = Counters()
+        table.reset_stats()
 
 
 def open_package(path: str | os.PathLike, *, preload: bool = False) -> Package:

@@ -122,6 +122,7 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch):
         such as a sampler's snapshot, that nothing they hold is current."""
         self._pending: list[tuple[np.ndarray, torch.Tensor]] = []
         self.counters = Counters()
+        self._moved_before_reset = 0  # rows_moved of counters that reset_stats() zeroed
         self.last_call = CallStats()
         self.admitter = config.admission.create(self.seed) if config.admission else None
         self.tier = Tier(config.store, config.write_policy, self.arena) if config.store \
@@ -201,9 +202,19 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch):
             last_call=dataclasses.replace(self.last_call))
 
     def reset_stats(self) -> None:
-        """Zeroes the counters (sizes are unaffected)."""
+        """Zeroes the counters (sizes are unaffected; :attr:`rows_moved` goes on)."""
+        self._moved_before_reset = self.rows_moved
         self.counters = Counters()
         self.last_call = CallStats()
+
+    @property
+    def rows_moved(self) -> int:
+        """Rows that entered or left memory since the table was made (inserted, loaded,
+        evicted, discarded, erased). Unlike the counters it never goes back, so derived
+        structures (a sampler's snapshot) can tell how much changed since they looked."""
+        c = self.counters
+        return self._moved_before_reset + c.inserts + c.loaded + c.evicted + c.discarded \
+            + c.erased
 
     # ----------------------------------------------------------------- key handling
     def ids_of(self, keys, *, arg: str = "keys"):

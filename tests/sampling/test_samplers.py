@@ -147,3 +147,34 @@ def test_a_loaded_state_refreshes_the_snapshot(make):
     if isinstance(sampler, Unigram):
         drawn = sampler.sample(table, 50, np.random.default_rng(0), np.empty(0, np.int64))
         assert set(drawn.tolist()) <= set(range(1000, 1000 + n))
+
+
+@pytest.mark.parametrize("make", [Unigram, InBatch])
+def test_reset_stats_does_not_hide_rows_that_left_from_the_snapshot(make):
+    """Staleness was read from the counters, which reset_stats() zeroes: after it, erasing
+    half the rows never refreshed the snapshot, and half the draws were erased keys."""
+    table = counted_table()
+    sampler = make()
+    sampler.log_expected_count(table, np.array([1]), 10)  # the snapshot is taken
+    table.reset_stats()
+    live = np.array(sorted(set(range(40)) - set(range(0, 40, 3))))
+    table.erase(live[: live.shape[0] // 2])
+    kept = live[live.shape[0] // 2:]
+    counts = (kept + 1).astype(float)
+    got = reported(sampler, table, kept, draws=kept.shape[0])
+    if isinstance(sampler, Unigram):
+        np.testing.assert_allclose(got, counts ** 0.75 / (counts ** 0.75).sum(), rtol=1e-9)
+        drawn = sampler.sample(table, 1000, np.random.default_rng(0), np.empty(0, np.int64))
+        assert set(drawn.tolist()) <= set(kept.tolist())
+    else:
+        np.testing.assert_allclose(got, counts / counts.sum(), rtol=1e-9)
+
+
+def test_rows_moved_survives_reset_stats():
+    table = counted_table()
+    moved = table.rows_moved
+    assert moved == table.counters.inserts + table.counters.erased > 0
+    table.reset_stats()
+    assert table.rows_moved == moved
+    table.erase(np.array([1, 2]))
+    assert table.rows_moved == moved + 2
