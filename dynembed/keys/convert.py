@@ -279,6 +279,36 @@ def _check_array_bags(bags, arg: str) -> None:
                                     "(int64 ids) or str/bytes. Use .long() if they are ids")
 
 
+def is_values_offsets(value, arg: str) -> bool:
+    """Whether bags given as ``value`` (a pooled feature's input, labels) are
+    ``(values, offsets)`` rather than a sequence of bags.
+
+    A tuple of two is ``(values, offsets)`` when its second part can be offsets: a tensor or
+    array, or a non-empty flat list of ints. Reading ``(values, [0, 2])`` as two bags once
+    trained the offsets as keys. Two flat int lists could be either (``zip(*samples)`` gives
+    two bags) and are refused.
+    """
+    if not (isinstance(value, tuple) and len(value) == 2):
+        return False
+    values, offsets = value
+    if isinstance(offsets, (torch.Tensor, np.ndarray)):
+        return True
+    if not (isinstance(offsets, (list, tuple)) and offsets
+            and _only(offsets, (int, np.integer))):
+        return False  # an empty bag, or a bag of strings or lists: bags
+    if isinstance(values, (list, tuple)) and _only(values, (int, np.integer)):
+        raise KeyInputError(f"{arg}: a tuple of two flat int lists is ambiguous: (values, "
+                            "offsets) or two bags? Give offsets as a tensor, e.g. (values, "
+                            "torch.tensor(offsets)), or the bags as a list of lists")
+    return True
+
+
+def _only(items, kinds) -> bool:
+    """Whether every item is one of ``kinds`` (bools excluded); a C-level scan of types."""
+    types = set(map(type, items))
+    return all(issubclass(t, kinds) and not issubclass(t, (bool, np.bool_)) for t in types)
+
+
 def to_jagged(values, offsets=None, *, include_last_offset: bool = False,
               hash_seed: int = DEFAULT_HASH_SEED, arg: str = "values") -> tuple[KeyBatch, np.ndarray]:
     """Converts bags of keys to flat ids and bag boundaries.

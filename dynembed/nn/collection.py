@@ -11,7 +11,7 @@ import torch
 
 from dynembed.errors import KeyInputError
 from dynembed.kernels.hash_index import unique_inverse
-from dynembed.keys.convert import KeyBatch, to_jagged, to_key_batch
+from dynembed.keys.convert import KeyBatch, is_values_offsets, to_jagged, to_key_batch
 from dynembed.nn._autograd import Lookup, index_rows, rows_for_many
 from dynembed.nn._base import TableModule
 from dynembed.nn.bag import bag_weights, check_mode, pool
@@ -39,35 +39,6 @@ class FeatureConfig:
             check_mode(self.pooling, "pooling")
 
 
-def _is_values_offsets(value, arg: str) -> bool:
-    """Whether a pooled feature's input is ``(values, offsets)`` rather than bags.
-
-    A tuple of two is ``(values, offsets)`` when its second part can be offsets: a tensor or
-    array, or a non-empty flat list of ints. Reading ``(values, [0, 2])`` as two bags once
-    trained the offsets as keys. Two flat int lists could be either (``zip(*samples)`` gives
-    two bags) and are refused.
-    """
-    if not (isinstance(value, tuple) and len(value) == 2):
-        return False
-    values, offsets = value
-    if isinstance(offsets, (torch.Tensor, np.ndarray)):
-        return True
-    if not (isinstance(offsets, (list, tuple)) and offsets
-            and _only(offsets, (int, np.integer))):
-        return False  # an empty bag, or a bag of strings or lists: bags
-    if isinstance(values, (list, tuple)) and _only(values, (int, np.integer)):
-        raise KeyInputError(f"{arg}: a tuple of two flat int lists is ambiguous: (values, "
-                            "offsets) or two bags? Give offsets as a tensor, e.g. (values, "
-                            "torch.tensor(offsets)), or the bags as a list of lists")
-    return True
-
-
-def _only(items, kinds) -> bool:
-    """Whether every item is one of ``kinds`` (bools excluded); a C-level scan of types."""
-    types = set(map(type, items))
-    return all(issubclass(t, kinds) and not issubclass(t, (bool, np.bool_)) for t in types)
-
-
 class EmbeddingCollection(TableModule):
     """Several named features over several dynamic tables.
 
@@ -91,7 +62,8 @@ class EmbeddingCollection(TableModule):
         torch.Size([1, 20])
 
     Raises:
-        ValueError: an empty or badly named table map, or a feature naming an unknown table.
+        ValueError: an empty or badly named table map, one DynamicTable under two names, a
+            feature name that is not a non-empty str, or a feature naming an unknown table.
     """
 
     def __init__(self, tables: Mapping[str, TableConfig | DynamicTable],
@@ -105,6 +77,12 @@ class EmbeddingCollection(TableModule):
             if not isinstance(spec, (TableConfig, DynamicTable)):
                 raise TypeError(f"tables[{name!r}] must be a TableConfig or DynamicTable, got "
                                 f"{type(spec).__name__}")
+        named = {}
+        for name, spec in tables.items():  # under two names, each step would update it twice
+            if isinstance(spec, DynamicTable) and named.setdefault(id(spec), name) != name:
+                raise ValueError(f"tables[{named[id(spec)]!r}] and tables[{name!r}] are the "
+                                 "same DynamicTable; name it once and point several features "
+                                 f"at it (features={{...: {named[id(spec)]!r}}})")
         if features is None:
             features = {name: FeatureConfig(table=name) for name in tables}
         if not isinstance(features, Mapping):
@@ -115,6 +93,8 @@ class EmbeddingCollection(TableModule):
                              "feature per table, named like it)")
         self.features: dict[str, FeatureConfig] = {}
         for name, spec in features.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"feature names must be non-empty str, got {name!r}")
             spec = FeatureConfig(table=spec) if isinstance(spec, str) else spec
             if not isinstance(spec, FeatureConfig):
                 raise TypeError(f"features[{name!r}] must be a FeatureConfig or a table name, "
@@ -140,7 +120,7 @@ class EmbeddingCollection(TableModule):
         seed = table.config.hash_seed
         if spec.pooling is None:
             batch, bounds = to_key_batch(value, hash_seed=seed, arg=arg), None
-        elif _is_values_offsets(value, arg):
+        elif is_values_offsets(value, arg):
             batch, bounds = to_jagged(value[0], value[1], hash_seed=seed, arg=arg)
         else:
             batch, bounds = to_jagged(value, hash_seed=seed, arg=arg)
@@ -203,6 +183,7 @@ class EmbeddingCollection(TableModule):
         Raises:
             KeyInputError: a feature is missing or unknown (in ``inputs`` or
                 ``per_sample_weights``), or its keys are bad.
+            TypeError: ``concat`` is not a bool.
             ValueError: ``concat`` with outputs of different batch sizes or ranks; weights
                 for a feature that is not pooled with "sum", or of the wrong length.
             MemoryBudgetError: a training lookup needs more distinct rows at once than
@@ -212,6 +193,8 @@ class EmbeddingCollection(TableModule):
         if not isinstance(inputs, Mapping):
             raise KeyInputError(f"inputs must be a dict of feature name -> keys, got "
                                 f"{type(inputs).__name__}")
+        if not isinstance(concat, bool):
+            raise TypeError(f"concat must be True or False, got {concat!r}")
         missing = [f for f in self.features if f not in inputs]
         unknown = [f for f in inputs if f not in self.features]
         if missing or unknown:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from dynembed.kernels.hash_index import unique_inverse
-from dynembed.keys.convert import to_jagged
+from dynembed.keys.convert import is_values_offsets, to_jagged
 from dynembed.nn._autograd import _GatherRows, index_rows
 from dynembed.nn.embedding import DynamicEmbedding
 from dynembed.sampling.samplers import CandidateSampler, InBatch, Uniform
@@ -57,10 +57,11 @@ class SampledLogits(NamedTuple):
 def _labels(output: DynamicEmbedding, labels, batch: int):
     """(flat label ids, (B + 1,) bounds, strings, string ids) of the labels."""
     seed = output.table.config.hash_seed
-    if isinstance(labels, tuple) and len(labels) == 2:
+    if is_values_offsets(labels, "labels"):
         keys, bounds = to_jagged(labels[0], labels[1], hash_seed=seed, arg="labels")
     elif (isinstance(labels, (torch.Tensor, np.ndarray)) and labels.ndim == 1) or (
-            isinstance(labels, list) and labels and not isinstance(labels[0], (list, tuple))):
+            isinstance(labels, (list, tuple)) and labels
+            and not isinstance(labels[0], (list, tuple))):
         # one positive per example: flat keys, one offset each
         keys, bounds = to_jagged(labels, np.arange(len(labels)), hash_seed=seed, arg="labels")
     else:
@@ -118,8 +119,9 @@ def sampled_logits(output: DynamicEmbedding, inputs: torch.Tensor, labels, *,
     Args:
         output: the output embedding (its table holds one row per output key).
         inputs: (B, dim) activations.
-        labels: positives per example: a (B,) tensor/array or list of keys (one each), a
-            list of B lists of keys, or (flat keys, offsets).
+        labels: positives per example: a (B,) tensor/array, list or tuple of keys (one
+            each), a list of B lists of keys, or (flat keys, offsets) with the offsets a
+            tensor or array (two flat int lists are refused as ambiguous).
         num_sampled: negatives drawn for the batch (ignored by :class:`InBatch`).
         sampler: a :class:`CandidateSampler` (default :class:`Uniform`).
         remove_accidental_hits: mask a negative that is one of the example's positives.
@@ -166,6 +168,10 @@ def _candidates(output, inputs, labels, *, num_sampled, sampler, remove_accident
             or isinstance(generator, bool):
         raise TypeError(f"generator must be None, an int seed or a numpy Generator, got "
                         f"{type(generator).__name__}")
+    for name, flag in (("remove_accidental_hits", remove_accidental_hits),
+                       ("logq_correction", logq_correction), ("normalize", normalize)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
     if not isinstance(inputs, torch.Tensor):
         raise TypeError(f"inputs must be a (batch, dim) float tensor, got "
                         f"{type(inputs).__name__}")

@@ -98,6 +98,28 @@ def test_features_must_name_one_at_least():
         de.EmbeddingCollection(tables={"t": de.TableConfig(dim=2)}, features={})
 
 
+def test_one_table_under_two_names_is_refused():
+    """Each name was looked up and updated on its own: two optimizer steps per step, and
+    the state dict held the table twice."""
+    table = de.DynamicTable(de.TableConfig(dim=2, optimizer=de.optim.Adagrad(lr=0.1)))
+    with pytest.raises(ValueError, match=r"tables\['a'\] and tables\['b'\] are the same"):
+        de.EmbeddingCollection(tables={"a": table, "b": table})
+    coll = de.EmbeddingCollection(tables={"a": table}, features={"x": "a", "y": "a"})
+    coll({"x": [1, 2], "y": [2, 3]})["x"].sum().backward()
+    assert table.update_step == 1
+
+
+@pytest.mark.parametrize("name", [1, "", None])
+def test_feature_names_must_be_non_empty_str(name):
+    with pytest.raises(ValueError, match="feature names must be non-empty str"):
+        de.EmbeddingCollection(tables={"a": de.TableConfig(dim=2)}, features={name: "a"})
+
+
+def test_concat_must_be_a_bool():
+    with pytest.raises(TypeError, match="concat must be True or False, got 'yes'"):
+        _collection()(BATCH, concat="yes")
+
+
 def test_features_must_be_a_dict():
     with pytest.raises(TypeError, match="features must be a dict"):
         de.EmbeddingCollection(tables={"w": de.TableConfig(dim=2)}, features=["w"])

@@ -202,3 +202,31 @@ def test_an_empty_batch_without_negatives(sampler, num):
     mean = de.sampled_softmax_loss(out, torch.zeros(0, D), [], num_sampled=num,
                                    sampler=sampler)
     assert torch.isnan(mean)
+
+
+def test_labels_given_as_a_tuple():
+    """Every 2-tuple was read as (keys, offsets): ([10, 11], [0, 1]) trained one positive
+    per example where [[10, 11], [0, 1]] gives two, and (3, 7) was an unsupported
+    container."""
+    out, x = output_table(), torch.randn(2, D)
+
+    def positives(labels):
+        return de.sampled_logits(out, x, labels, num_sampled=0, generator=0) \
+            .targets.gt(0).sum(1).tolist()
+
+    with pytest.raises(de.errors.KeyInputError, match="labels: a tuple of two flat int lists"):
+        positives(([10, 11], [0, 1]))
+    assert positives((3, 7)) == positives([3, 7]) == [1, 1]
+    assert positives(("a", "b")) == [1, 1]
+    assert positives((torch.tensor([4, 5, 6]), torch.tensor([0, 1]))) == [1, 2]
+    assert positives(([4, 5, 6], np.array([0, 2]))) == [2, 1]
+
+
+@pytest.mark.parametrize("flag", ["remove_accidental_hits", "logq_correction", "normalize"])
+@pytest.mark.parametrize("value", ["no", None, 1])
+def test_flags_must_be_bools(flag, value):
+    """normalize="no" switched cosine scoring on and logq_correction=None turned the
+    correction off, silently."""
+    with pytest.raises(TypeError, match=f"{flag} must be True or False, got {value!r}"):
+        de.sampled_softmax_loss(output_table(), torch.randn(2, D), [1, 2], num_sampled=3,
+                                **{flag: value})
