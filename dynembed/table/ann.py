@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dynembed.table.search import METRICS, TopK
+from dynembed.table.search import METRICS, TableSearch, TopK
 
 KINDS = ("ivf", "hnsw")
 
@@ -40,9 +40,11 @@ class ApproximateIndex:
         nprobe: lists searched per query (ivf).
         ef_search: candidates kept while searching (hnsw).
         rebuild_every: rebuild before a search once the table applied this many optimizer
-            updates since the last build (None: only on demand).
+            updates since the last build (None: only on demand). Rows erased since the
+            build are never answered, rebuilt or not.
 
     Raises:
+        TypeError: ``table`` is not a table.
         ValueError: a bad option (named).
         ImportError: faiss is not installed.
     """
@@ -50,6 +52,9 @@ class ApproximateIndex:
     def __init__(self, table, *, metric: str = "dot", kind: str = "ivf",
                  nlist: int | None = None, nprobe: int = 16, m: int = 32,
                  ef_search: int = 64, rebuild_every: int | None = None) -> None:
+        if not isinstance(table, TableSearch):
+            raise TypeError(f"table must be a DynamicTable (e.g. emb.table), got "
+                            f"{type(table).__name__}")
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
         if kind not in KINDS:
@@ -132,6 +137,8 @@ class ApproximateIndex:
             found = self.ids[np.where(missing, 0, positions)]
             found[missing] = -1
             scores[missing] = -np.inf
+            if self._built_at[2] != self.table.erasures:
+                found, scores = self._without_removed(found, scores)
         keys = None
         if self.table.key_log is not None:
             flat = self.table.key_log.lookup(found.reshape(-1))
@@ -143,6 +150,19 @@ class ApproximateIndex:
         if single:
             return TopK(ids_t[0], scores_t[0], keys[0] if keys is not None else None)
         return TopK(ids_t, scores_t, keys)
+
+    def _without_removed(self, found: np.ndarray, scores: np.ndarray):
+        """Answers whose row was erased since the build become padding (at the end of their
+        row): an answer must be a key the table has. Evicted rows are still in the store."""
+        answered = ~np.isinf(scores)
+        dropped = ~answered
+        dropped[answered] = ~self.table.contains(torch.from_numpy(found[answered])).numpy()
+        if dropped.sum() == (~answered).sum():
+            return found, scores
+        order = np.argsort(dropped, axis=1, kind="stable")  # the kept ones first, in order
+        found = np.take_along_axis(np.where(dropped, -1, found), order, axis=1)
+        scores = np.take_along_axis(np.where(dropped, -np.inf, scores), order, axis=1)
+        return found, scores.astype(np.float32)
 
     def recall(self, queries, k: int) -> float:
         """Share of the exact top k (``table.top_k``) that :meth:`search` returns."""

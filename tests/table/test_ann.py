@@ -47,6 +47,30 @@ def test_the_index_follows_the_table_when_rebuilt():
     assert index.search(query, 1).ids.item() != 10**9
 
 
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_rows_erased_since_the_build_are_never_answered(kind):
+    """The index answered erased ids until rebuilt, even with rebuild_every=1 (an erase
+    is no optimizer update)."""
+    table = table_with(500, key_log=True)
+    index = de.ApproximateIndex(table, kind=kind, nprobe=64, ef_search=128, rebuild_every=1)
+    queries = torch.randn(8, 16, generator=torch.Generator().manual_seed(2))
+    before = index.search(queries, 5)
+    gone = before.ids[:, 0].unique()
+    table.erase(gone.numpy())
+    after = index.search(queries, 5)
+    for row, old, scores, keys in zip(after.ids, before.ids, after.scores, after.keys):
+        kept = old[~torch.isin(old, gone)]
+        assert row[:kept.shape[0]].tolist() == kept.tolist()  # the rest, in score order
+        assert row[kept.shape[0]:].eq(-1).all() and scores[kept.shape[0]:].isinf().all()
+        assert keys[kept.shape[0]:] == [None] * (5 - kept.shape[0])
+    assert not torch.isin(after.ids, gone).any()
+
+
+def test_the_table_must_be_a_table():
+    with pytest.raises(TypeError, match="table must be a DynamicTable.*got str"):
+        de.ApproximateIndex("notatable")
+
+
 def test_strings_and_bad_options():
     table = de.DynamicTable(de.TableConfig(dim=4, seed=1, key_log=True))
     table.insert_or_assign(["apple", "banana", "cherry"], torch.eye(3, 4))
