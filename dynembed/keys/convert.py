@@ -327,8 +327,17 @@ def to_jagged(values, offsets=None, *, include_last_offset: bool = False,
 
     Raises:
         KeyInputError, KeyValueError: as :func:`to_key_batch`, plus offsets that do not match
-            the values and nesting deeper than a list of lists.
+            the values, ``include_last_offset`` without offsets, and nesting deeper than a
+            list of lists.
+        TypeError: ``include_last_offset`` is not a bool.
     """
+    if not isinstance(include_last_offset, bool):
+        raise TypeError(f"include_last_offset must be True or False, got "
+                        f"{include_last_offset!r}")
+    if offsets is None and include_last_offset:
+        raise KeyInputError(f"{arg}: include_last_offset=True describes offsets, but none "
+                            "were given (bags as a list of lists or a 2-D tensor carry their "
+                            "own bounds); drop it, or give flat values with offsets")
     if offsets is not None:
         if isinstance(values, (list, tuple)) and values and any(
                 issubclass(t, (list, tuple)) for t in set(map(type, values))):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dynembed.table.search import METRICS, TableSearch, TopK
+from dynembed.table.search import METRICS, TableSearch, TopK, query_matrix
 
 KINDS = ("ivf", "hnsw")
 
@@ -119,9 +119,9 @@ class ApproximateIndex:
                                   and self.table.update_step - self._built_at[0]
                                   >= self.rebuild_every):
             self.rebuild()
-        given = torch.as_tensor(queries).detach()
+        given = query_matrix(queries)
         single = given.dim() == 1
-        q = np.array((given.reshape(1, -1) if single else given).to(torch.float32).numpy(),
+        q = np.array((given.reshape(1, -1) if single else given).numpy(),
                      dtype=np.float32, copy=True)  # a copy: faiss normalises in place
         if q.ndim != 2 or q.shape[1] != self.table.dim:
             raise ValueError(f"queries must have shape (q, {self.table.dim}) or "

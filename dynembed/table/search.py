@@ -49,6 +49,27 @@ def _merge(best_scores: torch.Tensor, best_ids: torch.Tensor, scores: torch.Tens
     return top, torch.gather(all_ids, 1, where)
 
 
+def query_matrix(queries) -> torch.Tensor:
+    """Queries as a float32 tensor, detached (shape as given).
+
+    Raises:
+        TypeError: ``queries`` are not numbers.
+        ValueError: a query holds NaN or inf (its scores would rank rows at random).
+    """
+    try:
+        q = torch.as_tensor(queries).detach()
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"queries must be a float tensor or array of shape (q, dim) or "
+                        f"(dim,), got {type(queries).__name__}: {e}") from None
+    if q.dtype == torch.bool or q.is_complex():
+        raise TypeError(f"queries must be a float tensor or array, got {q.dtype}")
+    q = q.to(torch.float32)
+    if not torch.isfinite(q).all():
+        raise ValueError("queries hold NaN or inf; scores of such a query rank rows at "
+                         "random. Fix the model output, or drop those queries")
+    return q
+
+
 class TableSearch:
     """Top-k search (mixin; see module doc)."""
 
@@ -80,7 +101,9 @@ class TableSearch:
             one (dim,) vector).
 
         Raises:
-            ValueError: bad ``k``, ``metric``, ``chunk_rows`` or query shape.
+            ValueError: bad ``k``, ``metric``, ``chunk_rows`` or query shape, or a query
+                holding NaN or inf.
+            TypeError: ``queries`` are not numbers.
         """
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an int >= 1, got {k!r}")
@@ -88,7 +111,7 @@ class TableSearch:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
         if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
             raise ValueError(f"chunk_rows must be an int >= 1, got {chunk_rows!r}")
-        q = torch.as_tensor(queries).detach().to(torch.float32)
+        q = query_matrix(queries)
         single = q.dim() == 1
         q = q.reshape(1, -1) if single else q
         if q.dim() != 2 or q.shape[1] != self.dim:

@@ -123,6 +123,17 @@ def test_bad_bags_raise_clear_errors(values, offsets, error, match):
         bag(values, offsets)
 
 
+def test_include_last_offset_needs_offsets_and_a_bool():
+    """It was ignored for a list of lists, and any truthy value counted as True."""
+    bag = de.DynamicEmbeddingBag(dim=2, mode="sum")
+    with pytest.raises(KeyInputError, match="include_last_offset=True describes offsets"):
+        bag([[1], [2]], include_last_offset=True)
+    with pytest.raises(TypeError, match="include_last_offset must be True or False"):
+        bag(torch.tensor([1, 2]), torch.tensor([0, 1, 2]), include_last_offset="yes")
+    assert bag(torch.tensor([1, 2]), torch.tensor([0, 1, 2]),
+               include_last_offset=True).shape == (2, 2)
+
+
 def test_bad_per_sample_weights_and_mode():
     bag = de.DynamicEmbeddingBag(dim=2, mode="mean")
     with pytest.raises(ValueError, match="per_sample_weights"):

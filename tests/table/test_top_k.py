@@ -70,6 +70,19 @@ def test_top_k_returns_strings_with_the_key_log():
     assert got.keys == [["cherry", "date"]]
 
 
+@pytest.mark.parametrize("queries,error,match", [
+    ("abc", TypeError, "queries must be a float tensor or array.*got str"),
+    (torch.ones(8, dtype=torch.bool), TypeError, "queries must be a float tensor.*bool"),
+    (torch.tensor([float("nan")] + [0.0] * 7), ValueError, "queries hold NaN or inf"),
+    (np.full((2, 8), np.inf), ValueError, "queries hold NaN or inf"),
+])
+def test_bad_queries_are_named(queries, error, match):
+    """A str query was a bare torch error; a NaN query ranked rows at random."""
+    table = filled(n=10)
+    with pytest.raises(error, match=match):
+        table.top_k(queries, 2)
+
+
 @pytest.mark.parametrize("kwargs,match", [({"k": 0}, "k must"), ({"metric": "l2"}, "metric"),
                                           ({"chunk_rows": 0}, "chunk_rows")])
 def test_bad_arguments_are_named(kwargs, match):
