@@ -106,7 +106,8 @@ def init_rows(weights, slots, ids, seed, kind, p0, p1, p2, p3):
         ids: (n,) int64 the key of each row.
         seed: uint64 initialiser seed.
         kind: one of ZEROS, UNIFORM, NORMAL, TRUNCATED_NORMAL, CONSTANT.
-        p0, p1, p2, p3: the initialiser's parameters (low/high, mean/std, mean/std/a/b, value).
+        p0, p1, p2, p3: the initialiser's parameters (low/high and the first and last
+            float32 in [low, high); mean/std; mean/std/a/b; value).
     """
     dim = weights.shape[1]
     for i in nb.prange(slots.shape[0]):
@@ -118,7 +119,9 @@ def init_rows(weights, slots, ids, seed, kind, p0, p1, p2, p3):
             elif kind == CONSTANT:
                 v = p0
             elif kind == UNIFORM:
-                v = p0 + (p1 - p0) * _uniform01(base, j)
+                # p2, p3: the float32 values nearest inside [low, high), so the rounding to
+                # float32 below never lands on high
+                v = min(max(p0 + (p1 - p0) * _uniform01(base, j), p2), p3)
             elif kind == NORMAL:
                 v = p0 + p1 * _standard_normal(base, j)
             else:

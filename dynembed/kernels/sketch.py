@@ -92,17 +92,17 @@ def bloom_test_and_set(bits, ids, seeds, set_bits):
 
 
 @nb.njit(cache=True)
-def coin_flips(ids, step, seed, threshold):
-    """One pseudo-random draw per (id, step): True where it falls below ``threshold``.
+def coin_flips(ids, step, seed, thresholds):
+    """One pseudo-random draw per (id, step): True where it falls below the id's threshold.
 
     Args:
         ids: (n,) int64.
         step: the table step (a new draw every step).
         seed: uint64 policy seed.
-        threshold: uint64, probability * 2**64.
+        thresholds: (n,) uint64, each id's probability * 2**64.
     """
     out = np.empty(ids.shape[0], dtype=np.bool_)
     salt = mix64(np.uint64(step) ^ seed)
     for i in range(ids.shape[0]):
-        out[i] = mix64(np.uint64(ids[i]) ^ salt) < threshold
+        out[i] = mix64(np.uint64(ids[i]) ^ salt) < thresholds[i]
     return out

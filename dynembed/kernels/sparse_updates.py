@@ -21,6 +21,7 @@ from dynembed.kernels._threads import adaptive
 
 _ONE = np.float32(1.0)
 _EXPONENT = np.uint32(0x7F800000)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @nb.njit(inline="always", cache=True)
@@ -164,8 +165,10 @@ def ftrl_update(weights, zn, slots, grads, alpha, weight_decay, max_norm, beta, 
         for j in range(dim):
             w = np.float64(w_row[j])
             g = g_row[j] * scale + weight_decay * w
-            n_old = st[dim + j]
-            n_new = n_old + g * g
+            # n is stored in float32: capped at its largest value, so one huge (finite)
+            # gradient does not make n inf and every later sigma inf - inf = NaN
+            n_old = min(np.float64(st[dim + j]), _FLOAT32_MAX)
+            n_new = min(n_old + g * g, _FLOAT32_MAX)
             sigma = (math.sqrt(n_new) - math.sqrt(n_old)) / alpha
             z = st[j] + g - sigma * w
             st[j] = z

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dynembed._args import plain_fields
+
 
 def check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
     """Raises ValueError naming ``name`` unless ``value`` is a finite number > 0 (or >= 0).
@@ -41,6 +43,7 @@ class SparseOptimizer(abc.ABC):
     """If set, each row's combined gradient is rescaled to at most this L2 norm."""
 
     def __post_init__(self) -> None:
+        plain_fields(self)
         check_positive("lr", self.lr)
         check_positive("weight_decay", self.weight_decay, allow_zero=True)
         if self.max_grad_norm is not None:

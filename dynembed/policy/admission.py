@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dynembed._args import check_in, check_int, plain_fields
 from dynembed.kernels import sketch as k
 
 _SEED_MIX = 0x9E3779B97F4A7C15
@@ -23,11 +24,6 @@ _SEED_MIX = 0x9E3779B97F4A7C15
 def _seeds(seed: int, n: int) -> np.ndarray:
     """n distinct uint64 hash seeds derived from one policy seed."""
     return (np.arange(1, n + 1, dtype=np.uint64) * np.uint64(_SEED_MIX)) ^ np.uint64(seed)
-
-
-def _positive_int(name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def _power_of_two(value: int) -> int:
@@ -153,40 +149,48 @@ class FrequencyAdmission(AdmissionPolicy):
     """Steps between decays; None never decays."""
 
     def __post_init__(self) -> None:
-        _positive_int("threshold", self.threshold)
-        _positive_int("width", self.width)
-        _positive_int("depth", self.depth)
-        if not isinstance(self.decay, (int, float)) or not 0.0 <= self.decay < 1.0:
-            raise ValueError(f"decay must be a number in [0, 1), got {self.decay!r}")
+        plain_fields(self)
+        check_int("threshold", self.threshold)
+        check_int("width", self.width)
+        check_int("depth", self.depth)
+        check_in("decay", self.decay, 0.0, 1.0, high_open=True)
         if self.decay_every is not None:
-            _positive_int("decay_every", self.decay_every)
+            check_int("decay_every", self.decay_every)
 
     def create(self, seed: int) -> Admitter:
         return _SketchAdmitter(self, seed)
 
 
 # ---------------------------------------------------------------------- probabilistic
+_BELOW_2_64 = 2.0**64 - 2048  # the largest float64 below 2**64 (it casts to uint64)
+
+
 class _CoinAdmitter(Admitter):
     def __init__(self, probability: float, seed: int) -> None:
-        self.threshold = np.uint64(min(2**64 - 1, int(probability * 2.0**64)))
+        self.probability = probability
         self.seed = np.uint64(seed ^ _SEED_MIX)
 
     def decide(self, ids, counts, step):
-        return k.coin_flips(ids, step, self.seed, self.threshold)
+        # a key looked up n times in the call passes with 1 - (1 - p)**n, as n calls would
+        chance = -np.expm1(counts * np.log1p(-self.probability)) if self.probability < 1 \
+            else np.ones(ids.shape[0])
+        thresholds = np.minimum(chance * 2.0**64, _BELOW_2_64).astype(np.uint64)
+        thresholds[chance >= 1.0] = np.iinfo(np.uint64).max
+        return k.coin_flips(ids, step, self.seed, thresholds)
 
 
 @dataclass(frozen=True, kw_only=True)
 class ProbabilisticAdmission(AdmissionPolicy):
-    """Each lookup of an unseen key admits it with ``probability`` (a key seen n times gets a
-    row with probability 1 - (1 - p)**n). The draw depends on (seed, key, step) only."""
+    """Each lookup of an unseen key admits it with ``probability``: a key seen n times, in
+    one call or over several, gets a row with probability 1 - (1 - p)**n. The draw depends
+    on (seed, key, step, the key's count in the call) only."""
 
     probability: float
     """Chance of admission per lookup, in (0, 1]."""
 
     def __post_init__(self) -> None:
-        if (not isinstance(self.probability, (int, float)) or isinstance(self.probability, bool)
-                or not 0.0 < self.probability <= 1.0):
-            raise ValueError(f"probability must be a number in (0, 1], got {self.probability!r}")
+        plain_fields(self)
+        check_in("probability", self.probability, 0.0, 1.0, low_open=True)
 
     def create(self, seed: int) -> Admitter:
         return _CoinAdmitter(float(self.probability), seed)
@@ -233,11 +237,10 @@ class BloomAdmission(AdmissionPolicy):
     """Chance that an unseen key passes as seen once ``expected_keys`` are in."""
 
     def __post_init__(self) -> None:
-        _positive_int("expected_keys", self.expected_keys)
-        if not isinstance(self.false_positive_rate, float) or not \
-                0.0 < self.false_positive_rate < 1.0:
-            raise ValueError("false_positive_rate must be a float in (0, 1), got "
-                             f"{self.false_positive_rate!r}")
+        plain_fields(self)
+        check_int("expected_keys", self.expected_keys)
+        check_in("false_positive_rate", self.false_positive_rate, 0.0, 1.0, low_open=True,
+                 high_open=True)
 
     def create(self, seed: int) -> Admitter:
         return _BloomAdmitter(self, seed)

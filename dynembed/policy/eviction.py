@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import bisect
 import math
-import numbers
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+from dynembed._args import check_int, check_score, is_real, plain_fields
 
 
 class StepClock:
@@ -124,15 +125,12 @@ class LFU(EvictionPolicy):
     """Rows below this score are expired at sweeps."""
 
     def __post_init__(self) -> None:
-        if self.half_life is not None and (not isinstance(self.half_life, numbers.Real)
-                                           or isinstance(self.half_life, bool)
+        plain_fields(self)
+        if self.half_life is not None and (not is_real(self.half_life)
                                            or not 0 < self.half_life < math.inf):
             raise ValueError(f"half_life must be None or a number of steps > 0, got "
                              f"{self.half_life!r}")
-        if self.min_score is not None and (not isinstance(self.min_score, numbers.Real)
-                                           or isinstance(self.min_score, bool)
-                                           or math.isnan(self.min_score)):
-            raise ValueError(f"min_score must be None or a number, got {self.min_score!r}")
+        check_score("min_score", self.min_score)
 
     def scores(self, rows):
         score = rows.counts.astype(np.float64)
@@ -161,12 +159,12 @@ class TTL(EvictionPolicy):
     coarser). Rows of a loaded state count as seen at the load."""
 
     def __post_init__(self) -> None:
+        plain_fields(self)
         if (self.steps is None) == (self.seconds is None):
             raise ValueError("TTL needs exactly one of steps= or seconds=, e.g. TTL(steps=1000)")
-        if self.steps is not None and (isinstance(self.steps, bool)
-                                       or not isinstance(self.steps, int) or self.steps <= 0):
-            raise ValueError(f"steps must be an int > 0, got {self.steps!r}")
-        if self.seconds is not None and (not isinstance(self.seconds, (int, float))
+        if self.steps is not None:
+            check_int("steps", self.steps)
+        if self.seconds is not None and (not is_real(self.seconds)
                                          or not math.isfinite(self.seconds)
                                          or self.seconds <= 0):
             raise ValueError(f"seconds must be a number > 0, got {self.seconds!r}")
@@ -199,8 +197,10 @@ class ScoreFunction(EvictionPolicy):
     """Rows below this score are expired at sweeps."""
 
     def __post_init__(self) -> None:
+        plain_fields(self)
         if not callable(self.fn):
             raise TypeError(f"fn must be callable(counts, last_step, step), got {self.fn!r}")
+        check_score("min_score", self.min_score)
 
     def scores(self, rows):
         score = np.asarray(self.fn(rows.counts, rows.last_step, rows.step), dtype=np.float64)

@@ -8,17 +8,16 @@ initial vector depends only on (seed, key), never on insertion order, process or
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
 
+from dynembed._args import is_real, plain_fields
 from dynembed.kernels import init_rows as k
 
 
 def _finite(name: str, value: float) -> None:
-    if (not isinstance(value, numbers.Real) or isinstance(value, bool)
-            or not math.isfinite(value)):
+    if not is_real(value) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
@@ -64,6 +63,7 @@ class Constant(Initializer):
     """The constant."""
 
     def __post_init__(self) -> None:
+        plain_fields(self)
         _finite("value", self.value)
 
     def _params(self, dim):
@@ -80,6 +80,7 @@ class Uniform(Initializer):
     """Upper bound; None means ``1/sqrt(dim)``."""
 
     def __post_init__(self) -> None:
+        plain_fields(self)
         for name in ("low", "high"):
             if getattr(self, name) is not None:
                 _finite(name, getattr(self, name))
@@ -94,7 +95,15 @@ class Uniform(Initializer):
             raise ValueError(f"low must be < high, got low={low!r}, high={high!r} (a bound "
                              f"left as None is -/+1/sqrt(dim) = -/+{bound:.4g} at dim={dim}); "
                              "give both bounds")
-        return k.UNIFORM, low, high, 0.0, 0.0
+        first, last = np.float32(low), np.float32(high)
+        if first < low:
+            first = np.nextafter(first, np.float32(np.inf))
+        if last >= high:
+            last = np.nextafter(last, np.float32(-np.inf))
+        if first > last:
+            raise ValueError(f"no float32 value lies in [low, high) = [{low!r}, {high!r}); "
+                             "widen the bounds")
+        return k.UNIFORM, low, high, float(first), float(last)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,6 +116,7 @@ class Normal(Initializer):
     """Standard deviation; None means ``1/sqrt(dim)``."""
 
     def __post_init__(self) -> None:
+        plain_fields(self)
         _finite("mean", self.mean)
         if self.std is not None:
             _finite("std", self.std)

@@ -7,6 +7,9 @@ formula applied with numpy to the rows each batch touches.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -222,8 +225,24 @@ def test_bad_hyperparameters_name_the_field(field, value):
 
 
 def test_numpy_hyperparameters_are_numbers():
-    assert de.optim.SGD(lr=np.float32(0.1), weight_decay=np.float64(0.0)).lr == np.float32(0.1)
-    assert de.optim.Adam(lr=0.1, betas=(np.float32(0.9), 0.99)).betas[0] == np.float32(0.9)
+    """Kept as numpy scalars, they made export_package's JSON manifest fail."""
+    sgd = de.optim.SGD(lr=np.float32(0.1), weight_decay=np.float64(0.0))
+    assert sgd.lr == np.float32(0.1) and type(sgd.lr) is float
+    adam = de.optim.Adam(lr=0.1, betas=(np.float32(0.9), 0.99))
+    assert adam.betas[0] == np.float32(0.9) and type(adam.betas[0]) is float
+    assert json.loads(json.dumps(dataclasses.asdict(adam)))["betas"][0] == adam.betas[0]
+    assert repr(sgd) == repr(de.optim.SGD(lr=float(np.float32(0.1))))
+
+
+def test_ftrl_stays_finite_after_a_gradient_whose_square_overflows_float32():
+    """n (float32) became inf at |g| = 1e20; every later step then made the row NaN
+    (sqrt(inf) - sqrt(inf)), uncounted."""
+    emb = de.DynamicEmbedding(dim=3, optimizer=de.optim.FTRL(lr=0.1), seed=1)
+    for g in (1e20, 1.0, -1.0):
+        out = emb(torch.tensor([7]))
+        out.backward(torch.full_like(out, g))
+        assert torch.isfinite(emb.table.find([7]).values).all(), g
+    assert emb.table.stats().totals.nonfinite_gradients == 0
 
 
 def test_bad_optimizer_specific_fields():

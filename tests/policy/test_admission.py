@@ -245,6 +245,17 @@ def test_probabilistic_draws_again_at_every_lookup():
     assert abs(t.size() - want * N_COIN) < 5 * sigma
 
 
+def test_probabilistic_counts_every_occurrence_within_a_call():
+    """A key seen 4 times in one call had one coin (p), not 1 - (1 - p)**4 as documented
+    and as FrequencyAdmission counts occurrences."""
+    p = 0.3
+    t = _table(de.policy.ProbabilisticAdmission(probability=p), seed=3)
+    _lookup(t, np.arange(N_COIN), np.full(N_COIN, 4))
+    want = 1 - (1 - p) ** 4
+    sigma = math.sqrt(N_COIN * want * (1 - want))
+    assert abs(t.size() - want * N_COIN) < 5 * sigma
+
+
 def test_probabilistic_admission_is_deterministic_per_seed():
     def admitted(seed):
         t = _table(de.policy.ProbabilisticAdmission(probability=0.5), seed=seed)
@@ -379,3 +390,29 @@ def test_find_or_insert_bypasses_admission():
     t = _table(de.policy.FrequencyAdmission(threshold=5, width=WIDE))
     assert t.find_or_insert([1, 2]).inserted.all()
     assert t.size() == 2 and t.stats().totals.not_admitted == 0
+
+
+@pytest.mark.parametrize("make, field, plain", [
+    (lambda: de.policy.FrequencyAdmission(threshold=np.int64(3)), "threshold", 3),
+    (lambda: de.policy.FrequencyAdmission(decay=np.float32(0.5), decay_every=10), "decay", 0.5),
+    (lambda: de.policy.ProbabilisticAdmission(probability=np.float64(0.25)), "probability",
+     0.25),
+    (lambda: de.policy.BloomAdmission(false_positive_rate=np.float32(0.5)),
+     "false_positive_rate", 0.5),
+])
+def test_numpy_numbers_are_taken_as_python_numbers(make, field, plain):
+    """They were refused with "must be an int >= 1, got np.int64(3)" (optimizers take them);
+    kept, they would not serialise to JSON."""
+    policy = make()
+    value = getattr(policy, field)
+    assert value == plain and type(value) is type(plain)
+
+
+@pytest.mark.parametrize("make, arg", [
+    (lambda: de.policy.FrequencyAdmission(decay=False, decay_every=10), "decay"),
+    (lambda: de.policy.FrequencyAdmission(threshold=np.bool_(True)), "threshold"),
+    (lambda: de.policy.BloomAdmission(false_positive_rate=True), "false_positive_rate"),
+])
+def test_bools_are_not_numbers(make, arg):
+    with pytest.raises(ValueError, match=f"{arg} must be"):
+        make()

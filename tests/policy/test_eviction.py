@@ -215,6 +215,18 @@ def test_ttl_arguments_are_validated(kw):
         de.policy.TTL(**kw)
 
 
+def test_ttl_takes_numpy_numbers_as_python_numbers():
+    assert de.policy.TTL(steps=np.int64(100)) == de.policy.TTL(steps=100)
+    assert type(de.policy.TTL(seconds=np.float32(2.5)).seconds) is float
+
+
+@pytest.mark.parametrize("min_score", ["high", float("nan"), True])
+def test_score_function_min_score_is_validated(min_score):
+    """"high" failed inside numpy at the first sweep; NaN silently never expired a row."""
+    with pytest.raises(ValueError, match="min_score must be None or a number"):
+        de.policy.ScoreFunction(fn=lambda c, last, s: c, min_score=min_score)
+
+
 # ---------------------------------------------------------------------- user score
 def test_score_function_sets_a_custom_order():
     # Most recently used goes first (MRU): score = -last_step.

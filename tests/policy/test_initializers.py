@@ -34,6 +34,19 @@ def test_uniform_bounds_and_moments():
     assert np.abs(d).max() <= 0.25 and d.max() > 0.24
 
 
+def test_uniform_never_reaches_high():
+    """Drawn in float64 and rounded to float32, a value could land on high: half of them
+    with bounds one float32 step apart, and key 473344 of seed 1 at [0, 1)."""
+    high = 1.0 + 2**-23
+    v = _init(de.init.Uniform(low=1.0, high=high), seed=1)
+    assert (v == 1.0).all()
+    row = _init(de.init.Uniform(low=0.0, high=1.0), dim=64, seed=1,
+                ids=torch.tensor([473344]))
+    assert row.max() < 1.0 and row[0, 22] == np.float32(1.0 - 2**-24)
+    with pytest.raises(ValueError, match="no float32 value lies in"):
+        _init(de.init.Uniform(low=1.0, high=1.0 + 2**-30))
+
+
 def test_normal_moments():
     v = _init(de.init.Normal(mean=1.0, std=2.0))
     assert abs(v.mean() - 1.0) < 0.03 and abs(v.std() - 2.0) < 0.03

@@ -1,0 +1,53 @@
+"""Checks of config arguments (policies, optimizers): Python and numpy numbers count, bools
+do not (``decay=False`` is a mistake, not 0.0), and every refusal names the argument."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+
+import numpy as np
+
+
+def plain_fields(config) -> None:
+    """Replaces numpy scalars among a frozen dataclass's fields with Python numbers, so the
+    config prints, compares and serialises (JSON: checkpoints, packages) as if given so."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, np.generic):
+            object.__setattr__(config, field.name, value.item())
+        elif isinstance(value, tuple) and any(isinstance(v, np.generic) for v in value):
+            object.__setattr__(config, field.name, tuple(
+                v.item() if isinstance(v, np.generic) else v for v in value))
+
+
+def is_real(value) -> bool:
+    """Whether ``value`` is a real number that is not a bool (Python or numpy)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def check_int(name: str, value, minimum: int = 1) -> None:
+    """Raises ValueError naming ``name`` unless ``value`` is an integer >= ``minimum``."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_)) \
+            or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def check_in(name: str, value, low: float, high: float, *, low_open: bool = False,
+             high_open: bool = False) -> None:
+    """Raises ValueError naming ``name`` unless ``value`` is a number in the interval
+    (``low_open``/``high_open`` exclude the bound)."""
+    ok = is_real(value) and not math.isnan(value) and (
+        value > low if low_open else value >= low) and (
+        value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+
+
+def check_score(name: str, value) -> None:
+    """Raises ValueError naming ``name`` unless ``value`` is None or a number (not NaN:
+    nothing compares below it, so it would silently never expire a row)."""
+    if value is not None and (not is_real(value) or math.isnan(value)):
+        raise ValueError(f"{name} must be None or a number, got {value!r}")
