@@ -124,10 +124,18 @@ def _agree_on_seeds(tables: dict[str, DynamicTable], group) -> None:
 
 def _holds_foreign_rows(table: DynamicTable, rank: int, world_size: int,
                         num_buckets: int) -> bool:
+    """Whether the table's memory or lazily opened checkpoint holds rows of buckets this
+    rank does not own. (A store is not scanned: that can take long, and a shared store
+    holds the other shards' rows by design.)"""
+    own = rank_buckets(rank, world_size, num_buckets)
+    base = table.base
+    if base is not None and any(base.layers) and (
+            base.num_buckets != num_buckets
+            or base.buckets.start < own.start or base.buckets.stop > own.stop):
+        return True  # a checkpoint opened lazily before sharding: its rows are all here
     if table.size() == 0:
         return False
     buckets = bucket_of_hash(table.index.bucket_hashes(), num_buckets)
-    own = rank_buckets(rank, world_size, num_buckets)
     return bool(buckets.min() < own.start or buckets.max() >= own.stop)
 
 
@@ -181,6 +189,9 @@ def shard_model(model: nn.Module, *, group=None, num_buckets: int = NUM_BUCKETS,
             plan.replicated[name] = table
         else:
             plan.sharded[name] = table
+            if table.tier is not None and table.tier.store.shared:
+                # the other shards keep their rows in the same store
+                table.tier.owned = (rank_buckets(rank, world_size, num_buckets), num_buckets)
         table.router = router
     return plan
 
@@ -189,4 +200,6 @@ def unshard_model(model: nn.Module) -> None:
     """Detaches the routers: the tables answer lookups from their local rows again."""
     for table in named_tables(model).values():
         table.router = None
+        if table.tier is not None:
+            table.tier.owned = None
 

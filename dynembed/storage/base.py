@@ -47,6 +47,11 @@ class EmbeddingStore(ABC):
     packs every argument in Python) would hold the GIL and stall the training thread.
     Off by default; a store's constructor or attribute turns it on."""
 
+    shared: bool = False
+    """Whether processes on several machines may use this very store at once (a Redis
+    namespace): the shards of a distributed table then see each other's rows in it, and
+    each one scans and clears only the rows of the key buckets it owns."""
+
     def __init__(self) -> None:
         self.codec: RowCodec | None = None
         self.closed = False

@@ -88,6 +88,8 @@ class RedisStore(EmbeddingStore):
         StoreUnavailableError: the server cannot be reached.
     """
 
+    shared = True  # one namespace may hold the rows of every shard of a table
+
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, namespace: str,
                  shards: int = 64, cluster: bool = False, retries: int = 3,
                  backoff_base: float = 0.05, backoff_cap: float = 1.0,

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dynembed.errors import StoreError
+from dynembed.keys.buckets import bucket_hash, bucket_of_hash
 from dynembed.storage.base import EmbeddingStore
 from dynembed.storage.rows import RowBlock
 from dynembed.table.arena import RowArena
@@ -84,6 +85,9 @@ class Tier:
         self._pending: deque[_Pending] = deque()
         self._staged: _Staged | None = None
         self._worker: ThreadPoolExecutor | None = None
+        self.owned: tuple[range, int] | None = None
+        """(buckets, num_buckets) of a distributed table's shard over a shared store: the
+        other shards' rows in the store are theirs, never scanned or cleared here."""
 
     def claim(self) -> None:
         """Makes this tier the store object's owner; the table calls it once it is fully
@@ -310,16 +314,34 @@ class Tier:
         self.store.delete(ids)
 
     def clear(self) -> None:
-        """Empties the store and forgets every mark and prefetch."""
+        """Empties the store (of this shard's rows, see :attr:`owned`) and forgets every
+        mark and prefetch."""
         self.drain()
         self._staged = None
-        self.store.clear()
+        if self.owned is None:
+            self.store.clear()
+        else:  # the ids first: a store need not allow deletes while it is scanned
+            ids = [block.ids for block in self.scan()]
+            for chunk in ids:
+                self.store.delete(chunk)
         self.dirty[:] = False
 
     def scan(self, batch_size: int = 1 << 16):
-        """Every stored row (after the queue), in blocks of at most ``batch_size``."""
+        """Every stored row (of this shard, see :attr:`owned`) after the queue, in blocks of
+        at most ``batch_size``."""
         self.drain()
-        return self.store.scan(batch_size)
+        blocks = self.store.scan(batch_size)
+        return blocks if self.owned is None else self._own(blocks)
+
+    def _own(self, blocks):
+        buckets, num_buckets = self.owned
+        for block in blocks:
+            bucket = bucket_of_hash(bucket_hash(block.ids), num_buckets)
+            mine = (bucket >= buckets.start) & (bucket < buckets.stop)
+            if mine.all():
+                yield block
+            elif mine.any():
+                yield block.take(mine)
 
     def flush(self) -> None:
         """Waits for the queue and makes the store durable (a store taken over by another

@@ -3,8 +3,11 @@ wrong fails on every rank, with one message, and the job can still go on."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
+import torch.distributed as dist
 
 import dynembed as de
 from dynembed.distributed import shard_model
@@ -33,9 +36,22 @@ def _warm(rank: int) -> de.DynamicEmbedding:
     return emb
 
 
-def _body(rank: int) -> dict:
+def _lazily_restored(folder: str, rank: int) -> de.DynamicEmbedding:
+    """A checkpoint of one process (every bucket) opened lazily before sharding."""
+    if rank == 0:
+        whole = _emb()
+        whole(torch.arange(100)).sum().backward()
+        de.checkpoint.save(f"{folder}/whole", whole)
+    dist.barrier()
+    emb = _emb()
+    de.checkpoint.load(f"{folder}/whole", emb, lazy=True)
+    return emb
+
+
+def _body(folder: str, rank: int) -> dict:
     result = {
         "foreign_rows": _attempt(lambda: _warm(rank)),
+        "lazy_checkpoint": _attempt(lambda: _lazily_restored(folder, rank)),
         "replica_limits": _attempt(lambda: _emb(placement="replicated",
                                                 max_rows=100 if rank else 200)),
     }
@@ -53,7 +69,8 @@ def _body(rank: int) -> dict:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    return run_ranks(_body, tmp_path_factory.mktemp("plan_ranks"), WORLD)
+    folder = tmp_path_factory.mktemp("plan_ranks")
+    return run_ranks(functools.partial(_body, str(folder)), folder, WORLD)
 
 
 def test_rows_of_other_ranks_on_one_rank_fail_on_every_rank(ranks):
@@ -62,6 +79,14 @@ def test_rows_of_other_ranks_on_one_rank_fail_on_every_rank(ranks):
         assert result["foreign_rows"] is not None
         assert "already hold rows of other ranks' buckets (rank 0: ['table'])" in \
             result["foreign_rows"]
+
+
+def test_a_checkpoint_opened_lazily_before_sharding_is_refused(ranks):
+    """Only memory was checked: each rank then answered and saved every row of the lazy
+    checkpoint, and the first save failed."""
+    for result in ranks:
+        assert "already hold rows of other ranks' buckets (rank 0: ['table']; rank 1: " \
+            "['table'])" in result["lazy_checkpoint"]
 
 
 def test_different_num_buckets_fail_on_every_rank(ranks):
