@@ -17,7 +17,7 @@ import time
 import orjson
 
 from dynembed.serving.handler import InputError
-from dynembed.serving.inference_api import check_json_body, read_within
+from dynembed.serving.inference_api import check_json_body, parse_json, read_within
 from dynembed.serving.registry import ServingError, bad_request
 
 logger = logging.getLogger(__name__)
@@ -88,10 +88,10 @@ class FastPredictions:
                                         time.perf_counter() - started)
 
     async def _read(self, scope, receive):
-        limit = self.api.max_request_bytes
+        limit, form = self.api.max_request_bytes, False
         for key, value in scope["headers"]:
             if key == b"content-type":
-                check_json_body(value.decode("latin-1"))
+                form = check_json_body(value.decode("latin-1"))
             if key == b"content-length" and value.isdigit() and int(value) > limit:
                 raise ServingError(413, "RequestEntityTooLargeException",
                                    f"request body of {int(value)} bytes is over the limit of "
@@ -109,10 +109,7 @@ class FastPredictions:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        try:
-            return orjson.loads(b"".join(chunks))
-        except orjson.JSONDecodeError as e:
-            raise bad_request(f"the request body is not valid JSON: {e}") from None
+        return parse_json(b"".join(chunks), form)
 
 
 def _error(status: int, kind: str, message: str) -> bytes:

@@ -57,17 +57,45 @@ async def read_within(read, seconds: float):
                            "model version's response timeout)") from None
 
 
-def check_json_body(content_type: str | None) -> None:
-    """Refuses a form upload, which would otherwise fail as JSON that does not parse.
+_FORM = "application/x-www-form-urlencoded"
+
+
+def _unsupported(kind: str) -> ServingError:
+    return ServingError(415, "UnsupportedMediaTypeException",
+                        f"{kind} bodies are not supported: send the examples as a JSON body "
+                        "(Content-Type: application/json)")
+
+
+def check_json_body(content_type: str | None) -> bool:
+    """Refuses a multipart form upload, which would otherwise fail as JSON that does not
+    parse. A URL-encoded body may still be JSON: ``curl -d '{...}'`` labels its JSON so,
+    and TorchServe takes it; see :func:`parse_json`.
+
+    Returns:
+        Whether the body is labelled URL-encoded.
 
     Raises:
-        ServingError: 415 for a ``multipart/form-data`` or URL-encoded form body.
+        ServingError: 415 for a ``multipart/form-data`` body.
     """
     kind = (content_type or "").split(";", 1)[0].strip().lower()
-    if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        raise ServingError(415, "UnsupportedMediaTypeException",
-                           f"{kind} bodies are not supported: send the examples as a JSON "
-                           "body (Content-Type: application/json)")
+    if kind == "multipart/form-data":
+        raise _unsupported(kind)
+    return kind == _FORM
+
+
+def parse_json(body: bytes, form: bool):
+    """The JSON in a request body (labelled URL-encoded if ``form``).
+
+    Raises:
+        ServingError: 415 for a URL-encoded body that is a real form, 400 for other bodies
+            that are not JSON (nesting past 1024 levels included, as orjson refuses it).
+    """
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        if form:
+            raise _unsupported(_FORM) from None
+        raise bad_request(f"the request body is not valid JSON: {e}") from None
 
 
 async def read_json(request: Request, limit: int):
@@ -76,7 +104,7 @@ async def read_json(request: Request, limit: int):
     Raises:
         ServingError: 413 over ``limit`` bytes, 400 not JSON.
     """
-    check_json_body(request.headers.get("content-type"))
+    form = check_json_body(request.headers.get("content-type"))
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ServingError(413, "RequestEntityTooLargeException",
@@ -90,10 +118,7 @@ async def read_json(request: Request, limit: int):
                                    f"request body is over the limit of {limit} bytes")
     except ClientDisconnect:  # the client's doing, as on the fast path: not a 500
         raise bad_request("the client went away before sending the whole body") from None
-    try:
-        return orjson.loads(bytes(body))  # as the fast path: nesting past 1024 is an error
-    except orjson.JSONDecodeError as e:
-        raise bad_request(f"the request body is not valid JSON: {e}") from None
+    return parse_json(bytes(body), form)
 
 
 async def _submit(entry, examples: list) -> list:

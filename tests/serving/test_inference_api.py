@@ -4,6 +4,7 @@ paths, their answers, and every error code (TorchServe's error shape, v2's {"err
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import socket
 
@@ -326,6 +327,22 @@ def test_a_form_upload_is_415_and_says_to_send_json(server, path, v2):
     assert _post(server, path, json=_v2_body(_ids_examples(2)) if v2 else
                  ({"instances": _ids_examples(2)} if "v1" in path
                   else _ids_examples(2))).status_code == 200
+
+
+@pytest.mark.parametrize("path, v2", [("/predictions/ids", False),
+                                      ("/v1/models/ids:predict", False),
+                                      ("/v2/models/ids/infer", True)])
+def test_json_sent_as_curl_d_sends_it_is_read_as_json(server, path, v2):
+    """curl -d labels a JSON body application/x-www-form-urlencoded (TorchServe reads it):
+    the README's own curl example got a 415."""
+    examples = _ids_examples(3)
+    body = _v2_body(examples) if v2 else (
+        {"instances": examples} if "v1" in path else examples)
+    plain = _post(server, path, json=body)
+    labelled = _post(server, path, content=json.dumps(body).encode(),
+                     headers={"content-type": "application/x-www-form-urlencoded"})
+    assert plain.status_code == labelled.status_code == 200, labelled.text
+    assert labelled.json() == plain.json()
 
 
 @pytest.mark.parametrize("path, v2", [("/predictions/ctr", False),
