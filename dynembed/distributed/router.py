@@ -170,11 +170,16 @@ class _Update:
         self.erasures = table.erasures
 
     def apply(self, grads: np.ndarray, scale: float) -> None:
-        """Sums the (entries, dim) gradient parts per id, scales, and updates the rows."""
-        summed = segment_sum(np.ascontiguousarray(grads, dtype=np.float32), self.inverse,
-                             self.ids.shape[0])
+        """Scales the (entries, dim) gradient parts, sums them per id and updates the rows.
+
+        Scaled first: the W ranks' parts of a large gradient could overflow to inf as a sum
+        where the one-process gradient (their scaled sum) does not, and then only this
+        owner would raise (NonFiniteGradientError) while the other ranks went on.
+        """
+        grads = np.ascontiguousarray(grads, dtype=np.float32)
         if scale != 1.0:
-            summed *= np.float32(scale)
+            grads = grads * np.float32(scale)
+        summed = segment_sum(grads, self.inverse, self.ids.shape[0])
         self.table.apply_gradients(self.ids, self.slots, torch.from_numpy(summed),
                                    erasures_at_lookup=self.erasures)
 

@@ -73,8 +73,22 @@ def query_matrix(queries) -> torch.Tensor:
 class TableSearch:
     """Top-k search (mixin; see module doc)."""
 
+    def _refuse_a_shard(self, verb: str) -> None:
+        """Raises for a shard of a distributed table: its rows are a part of the table's.
+
+        Raises:
+            ValueError: the table is sharded across ranks.
+        """
+        if self.router is not None and self.config.placement != "replicated":
+            raise ValueError(f"{verb}: this table is sharded across the ranks of a "
+                             "distributed job, and this rank holds only its shard's rows, so "
+                             "a search here would miss the others'. Search a table restored "
+                             "whole from a checkpoint in one process (or make the table "
+                             "placement='replicated')")
+
     def _search_chunks(self, chunk_rows: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         """(ids, weights) of every live row, a chunk at a time: memory, store, checkpoint."""
+        self._refuse_a_shard("search")
         meta = self.arena.np("meta")
         for start in range(0, self._high_water, chunk_rows):
             stop = min(start + chunk_rows, self._high_water)
@@ -102,9 +116,10 @@ class TableSearch:
 
         Raises:
             ValueError: bad ``k``, ``metric``, ``chunk_rows`` or query shape, or a query
-                holding NaN or inf.
+                holding NaN or inf; the table is a shard of a distributed table.
             TypeError: ``queries`` are not numbers.
         """
+        self._refuse_a_shard("top_k")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an int >= 1, got {k!r}")
         if metric not in METRICS:

@@ -428,6 +428,34 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch):
         slots = self.index.find(ids)
         return torch.from_numpy((slots != EMPTY) | self._stored_only(ids, slots))
 
+    def owned(self, keys) -> torch.Tensor:
+        """(n,) bool, whether this process holds the rows of each key: in a distributed job
+        the keys of this rank's shard of a sharded table; otherwise every key. Table-level
+        writes (find_or_insert, insert_or_assign, assign) take only owned keys."""
+        ids = self.ids_of(keys).ids
+        return torch.from_numpy(self._owned_ids(ids))
+
+    def _owned_ids(self, ids: np.ndarray) -> np.ndarray:
+        if self.router is None or self.config.placement == "replicated":
+            return np.ones(ids.shape[0], dtype=bool)
+        return self.router.owners(ids) == self.router.exchange.rank
+
+    def _refuse_foreign(self, ids: np.ndarray, verb: str) -> None:
+        """Raises for keys of other ranks' shards: a row written here would never train (its
+        lookups go to the owner) and the next checkpoint would refuse the table.
+
+        Raises:
+            ValueError: some ids belong to other ranks' shards.
+        """
+        if self.router is None or self.config.placement == "replicated" or not ids.shape[0]:
+            return
+        foreign = np.flatnonzero(~self._owned_ids(ids))
+        if foreign.shape[0]:
+            raise ValueError(
+                f"{verb}: {foreign.shape[0]} of {ids.shape[0]} keys belong to other ranks' "
+                f"shards of this distributed table (e.g. id {int(ids[foreign[0]])}); nothing "
+                "was written. Write each key on the rank that owns it: keys[table.owned(keys)]")
+
     def find_or_insert(self, keys) -> InsertResult:
         """Rows of keys, creating (initialising) missing ones, admission aside. Does not
         touch metadata. A lookup call in the stats (its new rows count as inserts).
@@ -437,11 +465,13 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch):
 
         Raises:
             ReadOnlyTableError: the table is read-only.
+            ValueError: keys of other ranks' shards (see :meth:`owned`).
             MemoryBudgetError: more distinct keys than ``max_rows`` and no store.
             StoreError: the store failed (what stays applied: see the class docstring).
         """
         self._check_writable("find_or_insert")
         batch = self.ids_of(keys)
+        self._refuse_foreign(batch.ids, "find_or_insert")
         unique, inverse, counts = unique_inverse(batch.ids)
         self._check_fits_without_store(unique.shape[0], "find_or_insert")
         values = torch.empty((unique.shape[0], self.dim), dtype=torch.float32)
@@ -509,12 +539,14 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch):
 
         Raises:
             ReadOnlyTableError: the table is read-only.
-            ValueError: shapes do not match.
+            ValueError: shapes do not match; keys of other ranks' shards (see
+                :meth:`owned`).
             MemoryBudgetError: more distinct keys than ``max_rows`` and no store.
             StoreError: the store failed (what stays applied: see the class docstring).
         """
         self._check_writable("insert_or_assign")
         batch = self.ids_of(keys)
+        self._refuse_foreign(batch.ids, "insert_or_assign")
         n = batch.ids.shape[0]
         values = self._check_rows("values", values, n, self.dim)
         if optimizer_state is not None:
@@ -544,13 +576,15 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch):
 
         Raises:
             ReadOnlyTableError: the table is read-only.
-            ValueError: ``values`` is not (n, dim).
+            ValueError: ``values`` is not (n, dim); keys of other ranks' shards (see
+                :meth:`owned`).
             MemoryBudgetError: more distinct keys than ``max_rows``, a lazily opened
                 checkpoint to read them from and no store.
             StoreError: the store failed (what stays applied: see the class docstring).
         """
         self._check_writable("assign")
         ids = self.ids_of(keys).ids
+        self._refuse_foreign(ids, "assign")
         values = self._check_rows("values", values, ids.shape[0], self.dim)
         unique, last = _last_occurrence(ids)
         if self.base is not None:  # else no row enters memory: nothing is evicted

@@ -48,6 +48,27 @@ def _lazily_restored(folder: str, rank: int) -> de.DynamicEmbedding:
     return emb
 
 
+def _failure(call) -> str | None:
+    try:
+        call()
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _table_verbs_on_a_shard() -> dict:
+    emb = _emb()
+    shard_model(emb, timeout=30)
+    keys = torch.arange(100)
+    foreign = _failure(lambda: emb.table.insert_or_assign(keys, torch.ones(100, 2)))
+    created = _failure(lambda: emb.table.find_or_insert(keys))
+    mine = keys[emb.table.owned(keys)]
+    emb.table.insert_or_assign(mine, torch.ones(mine.shape[0], 2))
+    return {"foreign_write": foreign, "foreign_create": created, "owned": mine.tolist(),
+            "size": emb.table.size(),
+            "top_k": _failure(lambda: emb.table.top_k(torch.ones(2), 3))}
+
+
 def _body(folder: str, rank: int) -> dict:
     result = {
         "foreign_rows": _attempt(lambda: _warm(rank)),
@@ -60,6 +81,7 @@ def _body(folder: str, rank: int) -> dict:
         result["num_buckets"] = None
     except de.errors.ConfigMismatchError as e:
         result["num_buckets"] = str(e)
+    result.update(_table_verbs_on_a_shard())
     emb = _emb()  # after all that, the ranks are still in step
     shard_model(emb, timeout=30)
     emb(torch.tensor([rank, 10 + rank])).sum().backward()
@@ -106,3 +128,16 @@ def test_replicas_without_a_store_need_one_row_limit(ranks):
 
 def test_the_job_goes_on_after_the_refusals(ranks):
     assert sum(result["then"] for result in ranks) == 4
+
+
+def test_table_level_writes_on_a_shard_take_only_its_keys(ranks):
+    """insert_or_assign of every key on every rank kept foreign copies that never trained,
+    and the first checkpoint then failed; top_k searched only the local shard."""
+    owned = [set(result["owned"]) for result in ranks]
+    assert owned[0].isdisjoint(owned[1]) and owned[0] | owned[1] == set(range(100))
+    for result in ranks:
+        assert result["size"] == len(result["owned"])
+        for verb in ("foreign_write", "foreign_create"):
+            assert "keys belong to other ranks' shards" in result[verb]
+            assert "keys[table.owned(keys)]" in result[verb]
+        assert "top_k: this table is sharded across the ranks" in result["top_k"]

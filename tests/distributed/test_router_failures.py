@@ -139,8 +139,23 @@ def _nan_on_unadmitted(rank: int) -> dict:
     return result
 
 
+BIG = 2.5e38  # below float32's largest (3.4e38), above half of it
+
+
+def _large_finite_gradients(rank: int) -> dict:
+    """Both ranks' gradients of one key are BIG / 2 * 2 each: finite, and so is their
+    average (the one-process gradient of the global batch)."""
+    emb = de.DynamicEmbedding(dim=2, optimizer=de.optim.SGD(lr=1e-40), seed=1)
+    shard_model(emb, timeout=COLLECTIVE_TIMEOUT)
+    out = emb(torch.tensor([A[0], A[0]]))
+    error = _error(lambda: (out.sum(1) * BIG).mean().backward())
+    then = _error(lambda: _step(emb, torch.tensor([A[1], B[1]])))  # still in step
+    return {"error": error, "then": then, "totals": _totals(emb.table)}
+
+
 SCENARIOS = {"owner_over_budget": _owner_over_budget, "owner_store_fails": _owner_store_fails,
-             "nan_on_unadmitted": _nan_on_unadmitted}
+             "nan_on_unadmitted": _nan_on_unadmitted,
+             "large_finite_gradients": _large_finite_gradients}
 
 
 def _worker(rank: int, scenario: str, init: str, out: str) -> None:
@@ -226,3 +241,15 @@ def test_nan_gradients_of_unadmitted_keys_are_dropped_as_in_one_process(tmp_path
         assert result["admitted_nan"] is not None, f"rank {rank} did not raise"
         kind, message = result["admitted_nan"]
         assert kind == "NonFiniteGradientError" and "rank 0 computed" in message, message
+
+
+def test_large_finite_gradients_update_as_in_one_process(tmp_path):
+    """The owner summed the ranks' parts before scaling them by 1/W: the sum overflowed to
+    inf, and the owner alone raised NonFiniteGradientError while the other rank went on
+    (one process sees no inf)."""
+    reference = de.DynamicEmbedding(dim=2, optimizer=de.optim.SGD(lr=1e-40), seed=1)
+    (reference(torch.tensor([A[0]] * 4)).sum(1) * BIG).mean().backward()  # no error
+    owner, other = _run("large_finite_gradients", tmp_path)
+    for result in (owner, other):
+        assert result["error"] is None and result["then"] is None, result
+    assert owner["totals"][2] == 0  # no nonfinite gradient anywhere
