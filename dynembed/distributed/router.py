@@ -111,11 +111,13 @@ def _flagged(widths: np.ndarray, per_rank: np.ndarray, flag_width: int,
 
 
 def _masks_admission(table: DynamicTable, training: bool) -> bool:
-    """Whether requesters must learn which of their rows the owner admitted: only then can
-    a NaN gradient be on a row without one, which must not raise (see ``_sharded``). Config
-    only (not ``torch.is_grad_enabled``), so every rank sizes the exchange alike."""
-    return (_trains(table, training) and table.trainable and table.config.admission is not None
-            and table.config.nonfinite_grads == "raise")
+    """Whether requesters must learn which of their rows the owner admitted: a NaN gradient
+    on a row without one must not raise (see ``_sharded``), and a key log keeps only the
+    keys that got a row. Config only (not ``torch.is_grad_enabled``), so every rank sizes
+    the exchange alike."""
+    c = table.config
+    return _trains(table, training) and c.admission is not None and (
+        (table.trainable and c.nonfinite_grads == "raise") or table.key_log is not None)
 
 
 def _trailers(rows: np.ndarray, flag_width: int, masks: bool) -> np.ndarray:
@@ -153,12 +155,21 @@ def _lookup_failed(flags: np.ndarray, dims: np.ndarray) -> DistributedError:
         "in this call, so the ranks are still in step: skip the batch on every rank or stop.")
 
 
-def _log_strings(lookup: Lookup) -> None:
-    # The requesting rank logs its own string keys (owners never see the strings);
-    # checkpoints merge every rank's log.
+def _log_strings(lookup: Lookup, admitted: np.ndarray | None = None) -> None:
+    """The requesting rank logs its own string keys (owners never see the strings);
+    checkpoints merge every rank's log. With ``admitted`` ((u,) bool over the lookup's
+    ids), only the keys that got a row, as in one process: the refused long tail would
+    otherwise grow the log without bound."""
     table = lookup.table
-    if table.key_log is not None and lookup.strings is not None and len(lookup.strings):
+    if table.key_log is None or lookup.strings is None or not len(lookup.strings):
+        return
+    if admitted is None or admitted.all():
         table.key_log.add(lookup.string_ids, lookup.strings)
+        return
+    logged = np.isin(lookup.string_ids, lookup.ids[admitted])
+    if logged.any():
+        kept = np.fromiter(lookup.strings, dtype=object, count=len(lookup.strings))[logged]
+        table.key_log.add(lookup.string_ids[logged], kept.tolist())
 
 
 class _Update:
@@ -168,6 +179,14 @@ class _Update:
                  inverse: np.ndarray) -> None:
         self.table, self.ids, self.slots, self.inverse = table, ids, slots, inverse
         self.erasures = table.erasures
+
+    def count_dropped(self) -> None:
+        """Counts the update's rows as dropped (not admitted, or skipped): a NaN elsewhere
+        made every rank raise before any row changed."""
+        admitted = int(np.count_nonzero(self.slots != EMPTY))
+        counters = self.table.counters
+        counters.unadmitted_gradients += self.slots.shape[0] - admitted
+        counters.skipped_gradients += admitted
 
     def apply(self, grads: np.ndarray, scale: float) -> None:
         """Scales the (entries, dim) gradient parts, sums them per id and updates the rows.
@@ -354,7 +373,11 @@ class Router:
             # the rows whose NaN gradients raise: those with a row on their owner
             where.append((entries, position, admitted_mine[entries] if t in masked else None))
             if _trains(lk.table, training):
-                _log_strings(lk)
+                admitted_ids = None
+                if t in masked:
+                    admitted_ids = np.zeros(lk.ids.shape[0], dtype=bool)
+                    admitted_ids[position] = admitted_mine[entries]
+                _log_strings(lk, admitted_ids)
         if not updates:
             return rows
 
@@ -385,6 +408,8 @@ class Router:
             if flags.any():
                 bad_rank = int(np.flatnonzero(flags)[0])
                 t = int(flags[bad_rank]) - 1
+                for _, update, _ in updates:  # none applied: counted as in one process
+                    update.count_dropped()
                 raise NonFiniteGradientError(
                     f"rank {bad_rank} computed NaN or inf gradients for a table with "
                     f"nonfinite_grads='raise' (table {t} of this lookup, dim {dims[t]}); no "
@@ -420,8 +445,8 @@ class Router:
             entries = np.flatnonzero(table_of == t)
             merged_ids, inverse, counts = _merge(everyone[entries, 0], everyone[entries, 1])
             slots = lk.table.lookup_slots(merged_ids, counts, insert=True)  # on every replica
-            _log_strings(lk)
             mine = inverse[source[entries] == ex.rank]  # this rank's ids, in its order
+            _log_strings(lk, slots[mine] != EMPTY)
             rows.append(lk.table.gather(slots[mine]))
             if _needs_grad(lk.table, training):
                 updates.append((t, _Update(lk.table, merged_ids, slots, inverse), entries))

@@ -74,9 +74,11 @@ def _nonfinite_step(rank: int) -> dict:
     except de.NonFiniteGradientError as e:
         raised = str(e)
     unchanged = _rows(emb.table)
+    skipped = emb.table.counters.skipped_gradients
     emb(keys).sum().backward()  # the ranks are still in step: the job can go on
     return {"raised": raised, "before": before, "unchanged": unchanged,
-            "after": _rows(emb.table), "counted": emb.table.counters.nonfinite_gradients}
+            "after": _rows(emb.table), "counted": emb.table.counters.nonfinite_gradients,
+            "skipped": skipped}
 
 
 def _body(rank: int) -> dict:
@@ -151,3 +153,6 @@ def test_a_nonfinite_gradient_sent_to_another_owner_stops_every_rank(ranks):
             np.testing.assert_array_equal(got["unchanged"][key], row)
             assert not np.array_equal(got["after"][key], row)  # the finite step applied
         assert got["counted"] == (1 if rank == 0 else 0)
+        # each owner counts the rows it did not update (2 each: 4 in all, as one process
+        # counts its 4 summed rows), so nothing is dropped silently
+        assert got["skipped"] == 2

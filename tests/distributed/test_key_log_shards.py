@@ -1,0 +1,46 @@
+"""The key log of a distributed table with admission keeps only the keys that got a row,
+as in one process (two gloo ranks in spawned processes)."""
+
+from __future__ import annotations
+
+import dynembed as de
+from dynembed.distributed import shard_model
+from tests.distributed.helpers import run_ranks
+
+WORLD = 2
+ONCE = [f"rare{i}" for i in range(40)]  # seen once: refused
+TWICE = [f"kept{i}" for i in range(20)]  # seen twice in one step: admitted
+
+
+def _table(placement: str) -> de.DynamicEmbedding:
+    return de.DynamicEmbedding(dim=2, optimizer=de.optim.SGD(lr=0.1), seed=1, key_log=True,
+                               admission=de.policy.FrequencyAdmission(threshold=2),
+                               placement=placement)
+
+
+def _body(rank: int) -> dict:
+    logged = {}
+    for placement in ("sharded", "replicated"):
+        emb = _table(placement)
+        shard_model(emb, timeout=30)
+        emb(ONCE[rank::WORLD] + TWICE[rank::WORLD] * 2).sum().backward()
+        log = emb.table.key_log
+        logged[placement] = {
+            "entries": len(log),
+            "rare": sum(k is not None for k in log.lookup(emb.table.ids_of(ONCE).ids)),
+            "kept": [k for k in log.lookup(emb.table.ids_of(TWICE).ids) if k is not None]}
+    return logged
+
+
+def test_refused_keys_stay_out_of_the_key_log(tmp_path):
+    """Each rank logged every string it asked for: one process logs 20 keys, each rank
+    logged its 30, the refused long tail included (the log grew without bound)."""
+    one = _table("sharded")
+    one(ONCE + TWICE * 2).sum().backward()
+    assert len(one.table.key_log) == one.table.size() == 20
+    ranks = run_ranks(_body, tmp_path, WORLD)
+    for placement in ("sharded", "replicated"):
+        for rank, result in enumerate(ranks):
+            got = result[placement]
+            assert got["rare"] == 0, (placement, rank)
+            assert got["kept"] == TWICE[rank::WORLD] and got["entries"] == 10, (placement, got)
