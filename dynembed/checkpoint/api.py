@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -435,6 +436,11 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
         layers = _lazy_rows(chain, name, table_buckets, table, strict=True).layers
         check_fits(table, layers)
         aux = _decoded_aux(name, table, folder, auxes[own], others, admissions)
+        if not _replicated(table) and manifest["world_size"] != world_size:
+            # each shard counted its own keys: the job's counters are their sum, which
+            # the rank of bucket 0 takes (one shard's, or the total on every rank, lied)
+            aux = dataclasses.replace(
+                aux, counters=_job_counters(auxes, table_buckets.start == 0))
         plans.append((table, table_buckets, layers, aux))
     extra = None
     if manifest.get("dense") is not None:  # first: a model that does not fit changes nothing
@@ -468,6 +474,17 @@ def _decoded_aux(name: str, table: DynamicTable, folder: Path, aux: dict, others
     except StateDictError as e:
         raise CheckpointError(f"table {name!r} of checkpoint {folder} does not fit this "
                               f"table: {e}") from None
+
+
+def _job_counters(auxes: list[dict], mine: bool) -> dict[str, int]:
+    """The sum of the shards' ``counters.*`` (zeros unless ``mine``)."""
+    total: dict[str, int] = {}
+    for aux in auxes:
+        for key, value in aux.items():
+            if key.startswith("counters."):
+                name = key.removeprefix("counters.")
+                total[name] = total.get(name, 0) + int(value)
+    return total if mine else dict.fromkeys(total, 0)
 
 
 def _snapshot(take):

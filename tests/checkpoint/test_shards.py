@@ -55,6 +55,29 @@ def test_n_shards_save_then_m_shards_load(tmp_path, writers, readers, lazy):
     np.testing.assert_array_equal(np.sort(everything), reference["ids"])
 
 
+@pytest.mark.parametrize("writers,readers", [(2, 1), (1, 2), (2, 3)])
+def test_counters_follow_a_change_of_world_size(tmp_path, writers, readers):
+    """Each reader took one writer's counters: 2 -> 1 kept rank 0's keys only, 1 -> 2 gave
+    both ranks the whole job's (their sum doubled). Now they sum to the job's, which the
+    rank of bucket 0 holds."""
+    whole = make_table()
+    train(whole, batches(6, 400))
+    shards = split(whole, writers, 64)
+    for rank, shard in enumerate(shards):
+        shard.counters.keys, shard.counters.updated_rows = 100 * (rank + 1), 7 * (rank + 1)
+        de.checkpoint.save(tmp_path / "c", tables={"t": shard}, rank=rank,
+                           world_size=writers, num_buckets=64)
+    restored = []
+    for rank in range(readers):
+        shard = make_table()
+        de.checkpoint.load(tmp_path / "c", tables={"t": shard}, rank=rank,
+                           world_size=readers)
+        restored.append(shard.counters)
+    assert [c.keys for c in restored] == [sum(100 * (r + 1) for r in range(writers))] + \
+        [0] * (readers - 1)
+    assert sum(c.updated_rows for c in restored) == sum(7 * (r + 1) for r in range(writers))
+
+
 def test_a_partial_multi_rank_save_is_not_a_checkpoint(tmp_path):
     shards = split(make_table(), 2, 16)
     assert de.checkpoint.save(tmp_path / "c", tables={"t": shards[0]}, rank=0,
