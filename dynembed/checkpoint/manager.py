@@ -12,24 +12,27 @@ one, are removed.
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import os
 import re
 import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from dynembed.checkpoint import manifest as mf
-from dynembed.checkpoint.api import _gather_tables, load, save
+from dynembed.checkpoint.api import _check_rank, _gather_tables, load, save
 from dynembed.checkpoint.compact import compact
 from dynembed.errors import (
     CheckpointCorruptError,
     CheckpointError,
     CheckpointNotFoundError,
 )
-from dynembed.keys.buckets import NUM_BUCKETS
+from dynembed.keys.buckets import NUM_BUCKETS, check_num_buckets
 from dynembed.table.table import DynamicTable
 
 logger = logging.getLogger(__name__)
@@ -50,9 +53,10 @@ def step_of(path: str | os.PathLike) -> int | None:
 def _positive(name: str, value, *, allow_none: bool = True, kind=int) -> None:
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) \
-            or value <= 0:
-        raise ValueError(f"{name} must be a {'number' if kind is float else 'int'} > 0"
+    wanted = numbers.Real if kind is float else numbers.Integral
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, wanted) \
+            or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a {'finite number' if kind is float else 'int'} > 0"
                          f"{' or None' if allow_none else ''}, got {value!r}")
 
 
@@ -105,6 +109,8 @@ class CheckpointManager:
         _positive("every_steps", every_steps)
         _positive("every_seconds", every_seconds, kind=float)
         _positive("max_chain", max_chain, allow_none=False)
+        _check_rank(rank, world_size)  # here, not at the first save hours later
+        check_num_buckets(num_buckets)
         if every_seconds is not None and world_size != 1:
             raise ValueError("every_seconds needs world_size=1: each rank's clock would pick "
                              "another step, and no checkpoint would get every rank's part; "
@@ -174,7 +180,15 @@ class CheckpointManager:
     def maybe_save(self, step: int, model: nn.Module | None = None,
                    optimizer: torch.optim.Optimizer | None = None, extra: dict | None = None,
                    *, tables: dict[str, DynamicTable] | None = None) -> Path | None:
-        """Saves if :meth:`due`; returns the committed checkpoint or None."""
+        """Saves if :meth:`due`; returns the committed checkpoint or None.
+
+        Raises:
+            ValueError: the manager has neither ``every_steps`` nor ``every_seconds`` (it
+                would never save).
+        """
+        if self.every_steps is None and self.every_seconds is None:
+            raise ValueError("maybe_save never saves without every_steps or every_seconds: "
+                             "give one to CheckpointManager, or call save() to save now")
         if not self.due(step):
             return None
         return self.save(step, model, optimizer, extra, tables=tables)
@@ -190,15 +204,26 @@ class CheckpointManager:
 
         Raises:
             FileExistsError: a checkpoint for ``step`` exists (also as ``step-N-full``).
-            CheckpointError, ValueError, TypeError: see :func:`dynembed.checkpoint.save`.
+            ValueError: ``step`` is before the newest checkpoint's (retention keeps the
+                newest steps, so it would delete this one at once).
+            CheckpointError, TypeError: see :func:`dynembed.checkpoint.save`.
         """
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        if isinstance(step, (bool, np.bool_)) or not isinstance(step, numbers.Integral) \
+                or step < 0:
             raise ValueError(f"step must be an int >= 0, got {step!r}")
+        step = int(step)
         path = self.directory / f"step-{step:010d}"
         compacted = path.with_name(path.name + "-full")
         if compacted.exists():  # a second step-N beside it: restore would take the older
             raise FileExistsError(f"{compacted} exists (step {step}, compacted); checkpoints "
                                   "are never overwritten")
+        newest = self.latest()  # a damaged newer one is no reason to refuse
+        if newest is not None and step_of(newest) > step:
+            raise ValueError(
+                f"step={step} is before the newest checkpoint in {self.directory} "
+                f"({newest.name}): keep_last keeps the newest steps, so this one would be "
+                "deleted as soon as it is saved. Resume the step count (restore() gives it "
+                "back), or save a new run into a new directory")
         found = _gather_tables(model, tables)
         parent = self._parent_for(found)
         # a delta keeps its chain's buckets (the chain may come from another setting)
@@ -211,7 +236,7 @@ class CheckpointManager:
                 full = compact(done, done.with_name(done.name + "-full"))
                 shutil.rmtree(done)
                 done = full
-            self.cleanup()
+            self.cleanup(keeping=done)
         return done
 
     def _parent_for(self, tables: dict[str, DynamicTable]) -> Path | None:
@@ -225,15 +250,16 @@ class CheckpointManager:
             return latest
         return None
 
-    def cleanup(self) -> list[Path]:
+    def cleanup(self, *, keeping: Path | None = None) -> list[Path]:
         """Removes checkpoints beyond ``keep_last`` that no kept chain needs, those set aside
         as damaged once older than every kept one and, in a single-process job, partial
         directories left by a crash (with several ranks one may be in progress; the job's
-        runtime removes those); returns what was removed."""
+        runtime removes those); returns what was removed. ``keeping`` (the checkpoint just
+        saved) stays with its chain whatever newer steps a damaged run left."""
         removed = []
         committed = self.checkpoints()
         keep = set()
-        for path in committed[-self.keep_last:]:
+        for path in committed[-self.keep_last:] + ([keeping] if keeping is not None else []):
             try:
                 keep.update(folder for folder, _ in mf.chain(path))
             except CheckpointError:

@@ -88,10 +88,50 @@ def test_restore_of_an_empty_directory_is_a_fresh_start(tmp_path):
 
 @pytest.mark.parametrize("options,match", [
     ({"keep_last": 0}, "keep_last"), ({"every_steps": -1}, "every_steps"),
-    ({"every_seconds": 0}, "every_seconds"), ({"max_chain": True}, "max_chain")])
+    ({"every_seconds": 0}, "every_seconds"), ({"max_chain": True}, "max_chain"),
+    # these were accepted and failed at the first save (hours later), or never saved
+    ({"every_seconds": float("nan")}, "every_seconds"),
+    ({"every_seconds": float("inf")}, "every_seconds"),
+    ({"rank": 5, "world_size": 2}, "rank"), ({"world_size": 0}, "world_size"),
+    ({"num_buckets": 3}, "num_buckets")])
 def test_bad_manager_options_name_the_argument(tmp_path, options, match):
     with pytest.raises(ValueError, match=match):
         de.checkpoint.CheckpointManager(tmp_path, **options)
+
+
+def test_a_step_before_the_newest_checkpoint_is_refused(tmp_path):
+    """Retention keeps the newest steps: a new run counting from 1 in the same directory
+    had each save deleted at once by its own cleanup (save returned a path that was gone,
+    and a restart went back to the old run's step)."""
+    manager = de.checkpoint.CheckpointManager(tmp_path, keep_last=2)
+    table = make_table()
+    train(table, batches(1, 100))
+    manager.save(100, tables={"t": table})
+    manager.save(200, tables={"t": table})
+    with pytest.raises(ValueError, match="step=1 is before the newest checkpoint"):
+        manager.save(1, tables={"t": table})
+    assert [p.name for p in manager.checkpoints()] == ["step-0000000100", "step-0000000200"]
+    assert manager.save(np.int64(300), tables={"t": table}).name == "step-0000000300"
+
+
+def test_a_save_after_a_fallback_below_a_damaged_newer_checkpoint_is_kept(tmp_path):
+    """A job of several ranks does not set a damaged checkpoint aside: after resuming from
+    the step before it, each save ranked below it, and keep_last deleted it at once."""
+    manager = de.checkpoint.CheckpointManager(tmp_path, keep_last=1)
+    table = make_table()
+    train(table, batches(1, 100))
+    manager.save(100, tables={"t": table})
+    newer = manager.save(200, tables={"t": table})
+    (newer / mf.read(newer)["tables"]["t"]["shards"][0]["aux"]).write_bytes(b"damaged")
+    assert manager.latest().name == "step-0000000100"
+    saved = manager.save(150, tables={"t": table})
+    assert saved.exists() and manager.latest() == saved
+
+
+def test_maybe_save_without_a_schedule_is_an_error(tmp_path):
+    manager = de.checkpoint.CheckpointManager(tmp_path)
+    with pytest.raises(ValueError, match="maybe_save never saves without every_steps"):
+        manager.maybe_save(1, tables={"t": make_table()})
 
 
 def test_a_restored_table_continues_the_delta_chain(tmp_path):
