@@ -10,7 +10,22 @@ import signal
 import sys
 from pathlib import Path
 
+from dynembed._version import __version__
 from dynembed.errors import CheckpointError, DynembedError
+
+_DESCRIPTION = ("dynembed: dynamic embedding tables for PyTorch. Inspect checkpoints, train "
+                "on torchrun, export model packages and serve them.")
+"""The top-level --help text (plain: the module docstring is reStructuredText)."""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none to show (None, an off
+    switch, an empty list)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _human(n: float) -> str:
@@ -90,26 +105,29 @@ def _inspect(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dynembed`` command."""
-    parser = argparse.ArgumentParser(prog="dynembed", description=__doc__)
+    parser = argparse.ArgumentParser(prog="dynembed", description=_DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"dynembed {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     inspect = commands.add_parser(
-        "inspect", help="what a checkpoint holds, and rows per table over a directory")
+        "inspect", help="what a checkpoint holds, and rows per table over a directory",
+        formatter_class=_HelpFormatter)
     inspect.add_argument("checkpoint", help="a checkpoint, or a directory of checkpoints")
     inspect.add_argument("--top", type=int, default=10, help="top keys by count per table")
     inspect.add_argument("--plot", metavar="PNG",
                          help="draw rows per table across the directory's checkpoints")
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.set_defaults(run=_inspect)
-    _add_train(commands)
+    train = _add_train(commands)
     _add_export(commands)
     _add_serve(commands)
     args = parser.parse_args(argv)
     level = logging.INFO if args.command == "serve" else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # the subcommand's parser: its usage line is the one that helps
     if args.command == "inspect" and args.top < 0:
-        parser.error("--top must be >= 0")
+        inspect.error(f"--top must be >= 0 (0: no top keys), got {args.top}")
     if args.command == "train" and args.script is None:
-        parser.error("give the training script (or -m and a module)")
+        train.error("give the training script (or -m and a module)")
     try:
         return args.run(args)
     except (DynembedError, ValueError, OSError) as e:
@@ -117,9 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _add_train(commands) -> None:
+def _add_train(commands) -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train", help="run a training script on torchrun (elastic, restarts on failure)",
+        formatter_class=_HelpFormatter,
         description="Runs SCRIPT with torchrun: c10d rendezvous, restarts on failure, worker "
                     "logs in --log-dir, and a progress bar fed by the script's "
                     "dynembed.train.Runtime. Arguments after the script go to it.")
@@ -127,10 +146,10 @@ def _add_train(commands) -> None:
     train.add_argument("--nproc-per-node", type=int, default=1, help="workers per node")
     train.add_argument("--max-restarts", type=int, default=3,
                        help="restarts of the workers after failures before giving up")
-    train.add_argument("--rdzv-endpoint", default=None,
+    train.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
                        help="HOST:PORT of the rendezvous (needed with several nodes)")
     train.add_argument("--rdzv-id", default="dynembed", help="job id shared by its nodes")
-    train.add_argument("--rdzv-conf", default=None,
+    train.add_argument("--rdzv-conf", default=None, metavar="KEY=VALUE[,...]",
                        help="more rendezvous settings, e.g. join_timeout=600,last_call_timeout=5")
     train.add_argument("--stop-timeout", type=int, default=None,
                        help="seconds the workers get to checkpoint after a stop before they "
@@ -144,6 +163,7 @@ def _add_train(commands) -> None:
     train.add_argument("script_args", nargs=argparse.REMAINDER,
                        help="arguments of the script")
     train.set_defaults(run=_train)
+    return train
 
 
 def _train(args) -> int:
@@ -160,7 +180,9 @@ def _train(args) -> int:
     except ValueError as e:
         raise _with_flag(e, {"nnodes": "--nnodes", "nproc_per_node": "--nproc-per-node",
                              "max_restarts": "--max-restarts",
-                             "stop_timeout": "--stop-timeout"}) from None
+                             "stop_timeout": "--stop-timeout",
+                             "rdzv_endpoint": "--rdzv-endpoint",
+                             "rdzv_conf": "--rdzv-conf"}) from None
     code = launch(config, show_progress=not args.no_progress)
     print(f"dynembed train: torchrun exited with code {code}; worker logs in "
           f"{config.log_dir}", file=sys.stderr)
@@ -180,6 +202,7 @@ def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
 def _add_export(commands) -> None:
     export = commands.add_parser(
         "export", help="write a model package for dynembed serve",
+        formatter_class=_HelpFormatter,
         description="Builds the model with FACTORY (module:function, your code), restores "
                     "a training checkpoint into it, and writes a package: the dense part as "
                     "a torch.export program, the tables as a checkpoint. The model must have "
@@ -197,8 +220,37 @@ def _add_export(commands) -> None:
     export.set_defaults(run=_export)
 
 
+def _new_path(value: str, flag: str, example: str) -> Path:
+    """``value``, a path this command will create, checked before any work: it has a name,
+    and its directory exists or is made now (as writing it would, a moment too late to say
+    which flag was wrong).
+
+    Args:
+        value: the path given.
+        flag: the option that gave it, for the error.
+        example: an example of a good value, for the error.
+
+    Raises:
+        ValueError: no name, or its directory cannot be made (named with ``flag``).
+    """
+    path = Path(value)
+    if not path.name:
+        raise ValueError(f"{flag} {value!r}: no name; give a path such as {example}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        why = ("a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError))
+               else e.strerror)
+        raise ValueError(f"{flag} {value}: cannot make its directory {path.parent} ({why}); "
+                         "give a path in a directory this user may write") from None
+    return path
+
+
 def _export(args) -> int:
     import importlib
+    from inspect import signature
+
+    import torch
 
     from dynembed.checkpoint import manifest as mf
     from dynembed.checkpoint.api import load
@@ -223,7 +275,22 @@ def _export(args) -> int:
     if not callable(factory):
         raise ValueError(  # noqa: TRY004 - a bad --factory value, printed by main
             f"--factory {args.factory}: not a function that builds the model")
+    try:  # the arguments, checked without calling: a TypeError raised inside the factory
+        signature(factory).bind()  # is a bug in it, which its traceback shows best
+    except TypeError as e:
+        raise ValueError(f"--factory {args.factory}: {e}; give a function that builds the "
+                         "model without arguments") from None
+    except ValueError:  # no signature to read (some builtins): calling it will tell
+        pass
+    out = _new_path(args.out, "--out", "model-store/NAME-VERSION")
+    if out.exists():
+        raise ValueError(f"--out {out}: exists; packages are never overwritten: give a new "
+                         "directory (e.g. with another --version)")
     model = factory()
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(  # noqa: TRY004 - a bad --factory value, printed by main
+            f"--factory {args.factory}: returned {type(model).__name__}, not a "
+            "torch.nn.Module; give a function that builds the model")
     if not (checkpoint / mf.MANIFEST).exists():
         # a CheckpointManager's step-N folders, else (as inspect) the newest of any others
         latest = CheckpointManager(checkpoint).latest()
@@ -258,6 +325,7 @@ def _export(args) -> int:
 def _add_serve(commands) -> None:
     serve = commands.add_parser(
         "serve", help="serve model packages (TorchServe, KServe v1 and v2 APIs)",
+        formatter_class=_HelpFormatter,
         description="Serves packages of --model-store: inference API (TorchServe, KServe v1, "
                     "Open Inference Protocol v2), management API (TorchServe's) and "
                     "Prometheus metrics, on loopback by default. The management API needs "
@@ -265,9 +333,12 @@ def _add_serve(commands) -> None:
     serve.add_argument("--model-store", required=True, help="directory of model packages")
     serve.add_argument("--models", nargs="*", metavar="NAME=PACKAGE",
                        help="models to serve at startup (package paths in the store)")
-    serve.add_argument("--inference-address", default="127.0.0.1:8080")
-    serve.add_argument("--management-address", default="127.0.0.1:8081")
-    serve.add_argument("--metrics-address", default="127.0.0.1:8082")
+    serve.add_argument("--inference-address", default="127.0.0.1:8080",
+                       help="HOST:PORT of the inference API")
+    serve.add_argument("--management-address", default="127.0.0.1:8081",
+                       help="HOST:PORT of the management API")
+    serve.add_argument("--metrics-address", default="127.0.0.1:8082",
+                       help="HOST:PORT of the Prometheus metrics API")
     serve.add_argument("--disable-token-auth", action="store_true",
                        help="no token on the management API (anyone who reaches the port "
                             "can register and remove models)")
@@ -286,6 +357,9 @@ def _add_serve(commands) -> None:
     serve.add_argument("--max-batch-delay", type=int, default=100,
                        help="ms a batch waits to fill up")
     serve.add_argument("--response-timeout", type=int, default=120, help="seconds")
+    serve.add_argument("--graceful-timeout", type=float, default=30.0, metavar="SECONDS",
+                       help="seconds a shutdown (SIGTERM, Ctrl-C) waits for accepted "
+                            "requests")
     serve.add_argument("--max-request-size", type=int, default=6_553_500, help="bytes")
     serve.add_argument("--job-queue-size", type=int, default=100,
                        help="requests that may wait for a worker per model version and "
@@ -301,7 +375,7 @@ def _add_serve(commands) -> None:
 def _with_flag(error: ValueError, flags: dict[str, str]) -> ValueError:
     """``error`` of a config field (its message starts with the field's name), naming the
     command-line flag the user gave instead."""
-    field = str(error).split(" ", 1)[0]
+    field = str(error).split(" ", 1)[0].split("=", 1)[0]  # also "processes=2 needs ..."
     return ValueError(f"{flags[field]}: {error}") if field in flags else error
 
 
@@ -313,7 +387,45 @@ _SERVE_FLAGS = {"default_workers": "--workers", "batch_size": "--batch-size",
                 "response_timeout_s": "--response-timeout",
                 "max_request_bytes": "--max-request-size", "processes": "--processes",
                 "job_queue_size": "--job-queue-size",
-                "follow_interval_s": "--follow-interval", "follow": "--follow"}
+                "follow_interval_s": "--follow-interval", "follow": "--follow",
+                "model_store": "--model-store", "graceful_timeout_s": "--graceful-timeout"}
+
+
+def _check_follow(config) -> None:
+    """Refuses a ``--follow`` path that is not a directory; warns of one that does not
+    exist: the server waits for it (training may not have started), so a typo would
+    otherwise go unnoticed forever."""
+    for name, directory in config.follow.items():
+        path = Path(directory)
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"--follow {name}={directory}: not a directory; give the "
+                             "training job's checkpoint directory")
+        if not path.exists():
+            print(f"warning: --follow {name}={directory}: no such directory (yet); model "
+                  f"{name} serves its package's tables until checkpoints appear there",
+                  file=sys.stderr)
+
+
+def _check_custom_handlers(config, store: Path) -> None:
+    """Warns of an ``--allow-custom-handler`` name no model in ``--models`` or package in
+    the store has (a typo?); not an error: such a package may be added and registered
+    later through the management API."""
+    from dynembed.serving.package import read_manifest
+
+    unknown = [n for n in config.allow_custom_handlers if n not in config.models]
+    if not unknown:
+        return
+    packaged = set()
+    for folder in store.iterdir():
+        try:
+            packaged.add(read_manifest(folder)["model"]["name"])
+        except (ValueError, OSError):  # not a package
+            pass
+    for name in unknown:
+        if name not in packaged:
+            print(f"warning: --allow-custom-handler {name}: no model of that name in "
+                  "--models or --model-store; it applies only if one is registered later",
+                  file=sys.stderr)
 
 
 def _serve(args) -> int:
@@ -333,16 +445,23 @@ def _serve(args) -> int:
             response_timeout_s=args.response_timeout, max_request_bytes=args.max_request_size,
             job_queue_size=args.job_queue_size,
             follow=_pairs(args.follow, "--follow"), follow_interval_s=args.follow_interval,
-            allow_custom_handlers=tuple(args.allow_custom_handler))
+            allow_custom_handlers=tuple(args.allow_custom_handler),
+            graceful_timeout_s=args.graceful_timeout)
+        server = ModelServer(config)  # checks model_store
     except ValueError as e:
         raise _with_flag(e, _SERVE_FLAGS) from None
+    tokens = config.management_auth or config.inference_auth  # else no key file is written
+    if tokens and _new_path(config.key_file, "--key-file", "key_file.json").is_dir():
+        raise ValueError(f"--key-file {config.key_file}: is a directory; give a file path "
+                         f"(e.g. {Path(config.key_file) / 'key_file.json'})")
     store = Path(config.model_store).resolve()
     for name, url in config.models.items():  # before the server starts: a clear error
         package = (store / url).resolve()
         if store not in package.parents:
             raise ValueError(f"--models {name}={url}: not a package inside --model-store")
         read_manifest(package)  # PackageError (a ValueError) naming what is wrong
-    server = ModelServer(config)
+    _check_follow(config)
+    _check_custom_handlers(config, store)
     addresses = server.bind()
     for api, (host, port) in addresses.items():
         print(f"{api} API on http://{host}:{port}", file=sys.stderr)

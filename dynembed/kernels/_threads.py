@@ -93,5 +93,13 @@ def adaptive(work: Callable[..., int]):
     return wrap
 
 
-if "DYNEMBED_NUM_THREADS" in os.environ:
-    set_num_threads(int(os.environ["DYNEMBED_NUM_THREADS"]))
+_ENV = "DYNEMBED_NUM_THREADS"
+if _ENV in os.environ:
+    try:
+        set_num_threads(int(os.environ[_ENV]))
+    except ValueError:
+        # raised at import: the message must say which setting is wrong, as the traceback
+        # only shows this module; from None hides int()'s "invalid literal" error
+        raise ValueError(f"environment variable {_ENV} must be an int in [1, "
+                         f"{nb.config.NUMBA_NUM_THREADS}] (numba's thread count), got "
+                         f"{os.environ[_ENV]!r}; fix it or unset it") from None

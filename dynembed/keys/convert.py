@@ -95,7 +95,7 @@ def _describe_mixed(seq: Sequence, first: type, arg: str) -> DynembedError:
         if not isinstance(x, allowed):
             return KeyInputError(
                 f"{arg}: mixed key types: item 0 is {first.__name__} but item {i} is "
-                f"{type(x).__name__}. A batch must be all str/bytes or all int ids; "
+                f"{type(x).__name__}. A batch must be all str, all bytes, or all int ids; "
                 "convert them to one type (e.g. str(x) for every key).")
     return KeyInputError(f"{arg}: keys could not be converted; expected {_ACCEPTED}")
 

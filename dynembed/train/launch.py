@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -76,6 +77,16 @@ class LaunchConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        # checked here: torchrun fails on a bad --rdzv-conf with a traceback, and takes an
+        # endpoint without a port as HOST:29400, then waits for it for minutes
+        if self.rdzv_endpoint is not None and not _is_endpoint(self.rdzv_endpoint):
+            raise ValueError(f"rdzv_endpoint must be HOST:PORT with a port in 1..65535 (e.g. "
+                             f"head:29400, or [::1]:29400 for IPv6), got "
+                             f"{self.rdzv_endpoint!r}")
+        if self.rdzv_conf and not all(key.strip() and value.strip() for key, _, value in
+                                      (p.partition("=") for p in self.rdzv_conf.split(","))):
+            raise ValueError(f"rdzv_conf must be KEY=VALUE[,KEY=VALUE...] (e.g. "
+                             f"join_timeout=600,last_call_timeout=5), got {self.rdzv_conf!r}")
         if self.rdzv_endpoint is None and parts[-1] != "1":
             raise ValueError("a job over several nodes needs --rdzv-endpoint HOST:PORT (the "
                              "same on every node, e.g. the first node's address)")
@@ -98,6 +109,17 @@ class LaunchConfig:
         # "--": torchrun's parser would otherwise read the script's options too, and fail on
         # any that abbreviates one of its own (--max, --log, --node, ...)
         return argv + ["--", self.script, *self.script_args]
+
+
+def _is_endpoint(value: str) -> bool:
+    """Whether ``value`` is HOST:PORT (an IPv6 host in brackets) with a port in 1..65535."""
+    host, _, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:  # an IPv6 address without brackets: its port cannot be told apart
+        return False
+    return (re.fullmatch(r"[\w.:-]+", host) is not None  # what torchrun accepts
+            and re.fullmatch(r"[0-9]{1,5}", port) is not None and 1 <= int(port) <= 65535)
 
 
 DEFAULT_STOP_TIMEOUT = 120

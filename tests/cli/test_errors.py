@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import re
+import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from dynembed.cli import main
 from tests.serving.helpers import write_package
 
 
@@ -109,6 +113,136 @@ def test_export_names_bad_names_a_mismatched_model_and_finds_hand_saved_checkpoi
     assert "does not fit the model --factory" in line and "strict=False" not in line
 
 
+def test_train_checks_the_rendezvous_flags_before_torchrun_starts(tmp_path):
+    from dynembed.train.launch import LaunchConfig
+
+    script = tmp_path / "job.py"
+    script.write_text("")
+    logs = tmp_path / "logs"
+    for flags, name in ((["--rdzv-conf", "garbage"], "--rdzv-conf"),
+                        (["--rdzv-conf", "join_timeout=600,"], "--rdzv-conf"),
+                        (["--rdzv-endpoint", "nohostport"], "--rdzv-endpoint"),
+                        (["--rdzv-endpoint", "head:70000"], "--rdzv-endpoint"),
+                        (["--rdzv-endpoint", "::1:29400"], "--rdzv-endpoint")):
+        # once: a torchrun traceback, or torchrun waiting minutes for HOST:29400
+        line = _error_line(_dynembed("train", "--log-dir", str(logs), *flags, str(script)), 1)
+        assert line.startswith(f"error: {name}: "), line
+        assert "KEY=VALUE" in line or "HOST:PORT" in line
+    assert not logs.exists()  # refused before the launch
+    for endpoint in ("head:29400", "10.0.0.1:1", "[::1]:29400"):
+        argv = LaunchConfig(script="job.py", nnodes="1:2", rdzv_endpoint=endpoint,
+                            rdzv_conf="join_timeout=600,last_call_timeout=5").torchrun_argv()
+        assert f"--rdzv-endpoint={endpoint}" in argv
+
+
+def test_export_checks_the_factory_and_out_before_loading_the_checkpoint(tmp_path):
+    checkpoint = tmp_path / "ck"
+    _save_one(checkpoint / "step-0000000001")  # fits no model below: loading it would fail
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    (tmp_path / "taken").mkdir()
+    here = "tests.cli.test_errors"
+    for factory, out, message in (
+            ("os:getcwd", "o", "--factory os:getcwd: returned str, not a torch.nn.Module"),
+            (f"{here}:needs_dim", "o", f"--factory {here}:needs_dim: missing a required"),
+            (f"{here}:build", "file/m-1.0", f"--out {blocker}/m-1.0: cannot make its dir"),
+            (f"{here}:build", "taken", f"--out {tmp_path}/taken: exists"),
+            (f"{here}:build", "", "--out '': no name")):
+        line = _error_line(_dynembed("export", "--factory", factory, "--checkpoint",
+                                     str(checkpoint), "--name", "m", "--out",
+                                     str(tmp_path / out) if out else ""), 1)
+        assert line.startswith(f"error: {message}"), line
+    assert not (tmp_path / "o").exists()
+
+
+def test_serve_names_the_flag_of_the_store_key_file_and_graceful_timeout(store, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    absent = tmp_path / "absent"
+    line = _error_line(_dynembed("serve", "--model-store", str(absent)), 1)
+    assert line == f"error: --model-store: model_store {absent} is not a directory"
+    for key_file, message in (("", "'': no name"),
+                              (str(blocker / "k.json"), f"{blocker}/k.json: cannot make its "),
+                              (str(tmp_path), f"{tmp_path}: is a directory")):
+        line = _error_line(_dynembed("serve", "--model-store", str(store), "--key-file",
+                                     key_file), 1)
+        assert line.startswith(f"error: --key-file {message}"), line
+    line = _error_line(_dynembed("serve", "--model-store", str(store), "--graceful-timeout",
+                                 "0"), 1)
+    assert line.startswith("error: --graceful-timeout: graceful_timeout_s must be"), line
+
+
+def _serve_until_bind(store, *flags: str) -> subprocess.CompletedProcess:
+    """``dynembed serve`` up to its bind, which fails: the port is taken (so no server runs
+    on, and every check before the bind has been made)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _dynembed("serve", "--model-store", str(store), "--disable-token-auth",
+                           "--inference-address", f"127.0.0.1:{port}",
+                           "--management-address", "127.0.0.1:0",
+                           "--metrics-address", "127.0.0.1:0", *flags)
+    assert "cannot listen on" in _error_line(result, 1)
+    return result
+
+
+def test_serve_warns_of_a_missing_follow_dir_and_an_unknown_custom_handler(store, tmp_path):
+    absent = tmp_path / "not-yet"
+    result = _serve_until_bind(store, "--models", "ctr=ctr-1.0", "--follow",
+                               f"ctr={absent}", "--allow-custom-handler", "ctr", "nobody")
+    assert f"warning: --follow ctr={absent}: no such directory" in result.stderr
+    assert "warning: --allow-custom-handler nobody: no model of that name" in result.stderr
+    assert "--allow-custom-handler ctr" not in result.stderr
+    # a package of the store may be registered later: not a typo
+    result = _serve_until_bind(store, "--allow-custom-handler", "ctr")
+    assert "warning" not in result.stderr
+    a_file = store / "ctr-1.0" / "MANIFEST.json"
+    line = _error_line(_dynembed("serve", "--model-store", str(store), "--models",
+                                 "ctr=ctr-1.0", "--follow", f"ctr={a_file}"), 1)
+    assert line.endswith("not a directory; give the training job's checkpoint directory")
+
+
+def test_help_has_defaults_plain_text_and_the_version(capsys):
+    from dynembed._version import __version__
+
+    def output(*argv):
+        with pytest.raises(SystemExit) as exit_:
+            main(list(argv))
+        assert exit_.value.code == 0
+        return " ".join(capsys.readouterr().out.split())  # unwrapped
+
+    assert output("--version") == f"dynembed {__version__}"
+    assert "``" not in output("--help")  # once: the module docstring's markup
+    serve = output("serve", "--help")
+    assert "HOST:PORT of the inference API (default: 127.0.0.1:8080)" in serve
+    assert "--graceful-timeout SECONDS" in serve
+    assert "(default: runs/logs)" in output("train", "--help")
+
+
+def test_usage_errors_show_the_subcommands_usage(capsys):
+    for argv, usage in ((["inspect", "x", "--top", "-1"], "usage: dynembed inspect"),
+                        (["train"], "usage: dynembed train")):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(usage), err  # once: the top-level usage
+
+
+@pytest.mark.parametrize("value", ["abc", "0", str(10**6)])
+def test_a_bad_num_threads_variable_is_named_at_import(value):
+    result = subprocess.run([sys.executable, "-c", "import dynembed"], capture_output=True,
+                            text=True, timeout=120, check=False,
+                            env={**os.environ, "DYNEMBED_NUM_THREADS": value})
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"ValueError: environment variable DYNEMBED_NUM_THREADS must be an "
+                        rf"int in \[1, \d+\] \(numba's thread count\), got '{value}'; fix "
+                        "it or unset it", last), last
+    assert "invalid literal" not in result.stderr
+
+
 class Model(torch.nn.Module):
     def __init__(self, embeddings, dense):
         super().__init__()
@@ -118,6 +252,11 @@ class Model(torch.nn.Module):
 def build():
     from tests.serving.helpers import make_model
     return Model(*make_model(0))
+
+
+def needs_dim(dim):
+    from tests.serving.helpers import make_model
+    return Model(*make_model(dim))
 
 
 def build_other():

@@ -232,6 +232,8 @@ def test_mixed_str_and_int_raise(keys):
 def test_mixed_message_names_both_types():
     raises(KeyInputError, ["a", 1], "str.*int")
     raises(KeyInputError, [1, "a"], "int.*str")
+    # str and bytes do not mix either: the message once said "all str/bytes"
+    raises(KeyInputError, ["a", b"a"], "all str, all bytes, or all int ids")
 
 
 @pytest.mark.parametrize("keys", [
