@@ -167,6 +167,28 @@ class RedisStore(EmbeddingStore):
                   if bounds[s + 1] > bounds[s]]
         return order, groups
 
+    def _lost(self, action: str) -> StoreCorruptError:
+        return StoreCorruptError(
+            f"{self.name}: cannot {action}: the server no longer holds this namespace's "
+            "description record, so its rows are gone too (a restart without persistence, a "
+            "FLUSHALL, or eviction under a maxmemory policy); rows read now would be made "
+            "anew from the initializer. Restore the table from a checkpoint, and run Redis "
+            "with persistence (appendonly) and maxmemory-policy noeviction")
+
+    def _send_rows(self, action: str, commands: list[tuple], *, write: bool) -> list:
+        """:meth:`_send` of commands on rows, with a check in the same pipeline that the
+        namespace's description record is still there: a server that lost its data answers
+        every read as "absent" and takes every write, so nothing else would notice.
+
+        Raises:
+            StoreCorruptError: the record is gone (for a write, after the batch was sent).
+        """
+        *replies, present = self._send(action, [*commands, (b"EXISTS", self._meta_key)],
+                                       write=write)
+        if not present:
+            raise self._lost(action)
+        return replies
+
     def _send(self, action: str, commands: list[tuple], *, write: bool) -> list:
         """Runs commands as one pipeline (MULTI/EXEC for writes on a standalone server).
 
@@ -226,8 +248,8 @@ class RedisStore(EmbeddingStore):
     def _get(self, ids: np.ndarray) -> list:
         order, groups = self._by_shard(ids)
         fields = encode_ids(ids[order])
-        answers = self._send("read", [(b"HMGET", self._keys[s], *fields[a:b])
-                                      for s, a, b in groups], write=False)
+        answers = self._send_rows("read", [(b"HMGET", self._keys[s], *fields[a:b])
+                                           for s, a, b in groups], write=False)
         out = np.empty(ids.shape[0], dtype=object)
         out[order] = list(chain.from_iterable(answers))
         return out.tolist()
@@ -237,17 +259,19 @@ class RedisStore(EmbeddingStore):
         fields = encode_ids(ids[order])
         ordered = np.array(values, dtype=object)[order].tolist() if len(groups) > 1 else values
         # HSET key f1 v1 f2 v2 ..., the pairs interleaved in C
-        self._send("write", [(b"HSET", self._keys[s],
-                              *chain.from_iterable(zip(fields[a:b], ordered[a:b])))
-                             for s, a, b in groups], write=True)
+        self._send_rows("write", [(b"HSET", self._keys[s],
+                                   *chain.from_iterable(zip(fields[a:b], ordered[a:b])))
+                                  for s, a, b in groups], write=True)
 
     def _delete(self, ids: np.ndarray) -> None:
         order, groups = self._by_shard(ids)
         fields = encode_ids(ids[order])
-        self._send("delete", [(b"HDEL", self._keys[s], *fields[a:b]) for s, a, b in groups],
-                   write=True)
+        self._send_rows("delete", [(b"HDEL", self._keys[s], *fields[a:b])
+                                   for s, a, b in groups], write=True)
 
     def _scan(self, batch_size: int) -> Iterator[tuple[np.ndarray, list]]:
+        if self._get_meta() is None:  # else a lost namespace would scan as empty
+            raise self._lost("scan")
         for key in self._keys:
             cursor, seen = 0, np.empty(0, dtype=np.int64)
             while True:
@@ -274,8 +298,8 @@ class RedisStore(EmbeddingStore):
                     break
 
     def _count(self) -> int:
-        return int(sum(self._send("count", [(b"HLEN", key) for key in self._keys],
-                                  write=False)))
+        return int(sum(self._send_rows("count", [(b"HLEN", key) for key in self._keys],
+                                       write=False)))
 
     def _get_meta(self) -> bytes | None:
         return self._send("read", [(b"GET", self._meta_key)], write=False)[0]

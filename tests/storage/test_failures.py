@@ -225,7 +225,8 @@ def test_rowblock_take_and_concat():
 
 
 def test_transient_redis_outage_is_retried_with_backoff():
-    with RedisServer() as server:
+    # a server with persistence: one without comes back empty (see the next test)
+    with RedisServer(extra=("--appendonly", "yes")) as server:
         store = RedisStore(server.url, namespace="flaky", retries=40, backoff_base=0.02,
                            backoff_cap=0.2, timeout=1.0)
         store.bind(4, 2)
@@ -239,6 +240,26 @@ def test_transient_redis_outage_is_retried_with_backoff():
         found, got = store.get(np.arange(10, dtype=np.int64))
         assert found.all()
         assert np.array_equal(got.weights, rows(range(10)).weights)
+        store.close()
+
+
+def test_a_redis_server_that_lost_its_data_is_named_not_read_as_empty():
+    """Restarted without persistence, the server answered every row as absent: training
+    went on, silently making the trained rows anew from the initializer."""
+    with RedisServer() as server:
+        store = RedisStore(server.url, namespace="lost", retries=40, backoff_base=0.02,
+                           backoff_cap=0.2, timeout=1.0)
+        emb = de.DynamicEmbedding(dim=4, optimizer=de.optim.SGD(lr=0.1), seed=1,
+                                  max_rows=50, store=store)
+        for step in range(8):
+            emb(torch.arange(step * 40, step * 40 + 40)).sum().backward()
+        assert store.size() > 0
+        server.stop()
+        server.start()  # no persistence: the namespace is gone
+        for call in (lambda: emb(torch.arange(0, 40)), lambda: list(store.scan()),
+                     store.size, lambda: store.delete(np.arange(3, dtype=np.int64))):
+            with pytest.raises(StoreCorruptError, match="no longer holds this namespace"):
+                call()
         store.close()
 
 
