@@ -57,14 +57,23 @@ class EmbeddingStore(ABC):
         self.closed = False
 
     # ------------------------------------------------------------------ protocol
-    def bind(self, dim: int, width: int) -> None:
+    def bind(self, dim: int, width: int, meaning: dict | None = None) -> None:
         """Fixes the row layout; checks it against what the store already holds.
 
+        Args:
+            dim: row width.
+            width: optimizer state floats per row.
+            meaning: more that rows of the same layout must share to mean the same (a
+                table gives its optimizer and string hash seed: Adam's moments read as
+                FTRL's state, or keys hashed with another seed, would be silently wrong).
+
         Raises:
-            StoreCorruptError: the store holds rows of another dim or optimizer width.
+            StoreCorruptError: the store holds rows of another dim, optimizer width or
+                meaning.
         """
         self._check_open()
-        want = {"layout": LAYOUT_VERSION, "dim": dim, "width": width, **self._layout()}
+        want = {"layout": LAYOUT_VERSION, "dim": dim, "width": width, **self._layout(),
+                **(meaning or {})}
         meta = self._get_meta()
         if meta is None:  # a new store: describe it, unless another process just did
             self._put_meta(json.dumps(want).encode())

@@ -125,8 +125,8 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch):
         self._moved_before_reset = 0  # rows_moved of counters that reset_stats() zeroed
         self.last_call = CallStats()
         self.admitter = config.admission.create(self.seed) if config.admission else None
-        self.tier = Tier(config.store, config.write_policy, self.arena) if config.store \
-            else None
+        self.tier = Tier(config.store, config.write_policy, self.arena,
+                         self._store_meaning()) if config.store else None
         self.base = None
         """Rows of a checkpoint opened lazily (:mod:`dynembed.checkpoint`), read on first use
         below memory and the store; None once fully loaded or for a table never restored."""
@@ -427,6 +427,15 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch):
         ids = self.ids_of(keys).ids
         slots = self.index.find(ids)
         return torch.from_numpy((slots != EMPTY) | self._stored_only(ids, slots))
+
+    def _store_meaning(self) -> dict:
+        """What a store's rows must share with this table besides their layout: the string
+        hash seed, and the optimizer when the table has one (a table without one, e.g. for
+        evaluation, reads a trained table's rows whatever their optimizer)."""
+        meaning = {"hash_seed": self.config.hash_seed}
+        if self.config.optimizer is not None:
+            meaning["optimizer"] = type(self.config.optimizer).__name__
+        return meaning
 
     def owned(self, keys) -> torch.Tensor:
         """(n,) bool, whether this process holds the rows of each key: in a distributed job

@@ -76,10 +76,13 @@ class Tier:
         write_policy: "back" (write when evicted or flushed, in the background) or
             "through" (on every update, synchronously).
         arena: the table's row arena.
+        meaning: what else the store's rows must share with the table (see
+            :meth:`EmbeddingStore.bind`).
     """
 
-    def __init__(self, store: EmbeddingStore, write_policy: str, arena: RowArena) -> None:
-        store.bind(arena.dim, arena.state_width)
+    def __init__(self, store: EmbeddingStore, write_policy: str, arena: RowArena,
+                 meaning: dict | None = None) -> None:
+        store.bind(arena.dim, arena.state_width, meaning)
         self._store, self.write_policy, self.arena = store, write_policy, arena
         self.dirty = np.zeros(0, dtype=bool)
         self._pending: deque[_Pending] = deque()

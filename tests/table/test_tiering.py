@@ -566,3 +566,29 @@ def test_freeing_rows_in_batches_stays_within_the_memory_budget(free):
         table.evict(1)
     assert table.size() == 0
     assert table.stats().bytes_allocated <= 256 * 1024
+
+
+def test_a_store_of_another_optimizer_or_hash_seed_is_refused(tmp_path):
+    """Only dim and state width were checked: an FTRL table took an Adam table's rows
+    (same width: the moments read as z and n), and a table of another hash_seed opened
+    the store and found none of its string keys."""
+    path = str(tmp_path / "db")
+    adam = de.DynamicEmbedding(dim=4, optimizer=de.optim.Adam(lr=0.1), seed=1, max_rows=20,
+                               store=RocksDBStore(path))
+    train(adam, [np.arange(i * 10, i * 10 + 15) for i in range(5)])
+    adam.table.close()
+    for options, field in (({"optimizer": de.optim.FTRL(lr=0.1)}, "'optimizer': 'Adam'"),
+                           ({"optimizer": de.optim.Adam(lr=0.1), "hash_seed": 7},
+                            "'hash_seed': 0")):
+        store = RocksDBStore(path)
+        with pytest.raises(de.errors.StoreCorruptError, match=field):
+            de.DynamicEmbedding(dim=4, seed=1, store=store, **options)
+        store.close()
+    sgd_path = str(tmp_path / "sgd")
+    sgd = de.DynamicEmbedding(dim=4, optimizer=de.optim.SGD(lr=0.1), seed=1, max_rows=20,
+                              store=RocksDBStore(sgd_path))
+    train(sgd, [np.arange(15), np.arange(15, 30)])
+    sgd.table.close()
+    reader = de.DynamicEmbedding(dim=4, seed=1, store=RocksDBStore(sgd_path))  # no optimizer
+    assert reader.table.count_below_memory() > 0  # an evaluation table reads trained rows
+    reader.table.close()
