@@ -81,14 +81,18 @@ def _inspect(args) -> int:
               file=sys.stderr)
         return 2
     directory = path if not (path / mf.MANIFEST).exists() else path.parent
-    if not (path / mf.MANIFEST).exists():  # a directory of checkpoints: show the newest
+    if (path / mf.MANIFEST).exists():
+        info = describe(path, top=args.top)
+    else:  # a directory of checkpoints: show the newest that is whole
         points = history(path)
         if not points:
             print(f"error: {path} is neither a checkpoint nor a directory of checkpoints",
                   file=sys.stderr)
             return 2
-        path = Path(points[-1]["path"])
-    info = describe(path, top=args.top)
+        info = _newest_whole(points, args.top)
+        if info is None:
+            print(f"error: every checkpoint in {path} is damaged (see above)", file=sys.stderr)
+            return 1
     if args.json:
         info["history"] = history(directory)
         print(json.dumps(info, indent=1))
@@ -101,6 +105,20 @@ def _inspect(args) -> int:
         plot_history(directory, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
+
+
+def _newest_whole(points: list[dict], top: int) -> dict | None:
+    """``describe`` of the newest of ``points`` (oldest first) whose files are whole; the
+    damaged ones after it are reported on stderr (a restore skips them too)."""
+    from dynembed.checkpoint.inspect import describe
+
+    for point in reversed(points):
+        try:
+            return describe(point["path"], top=top)
+        except CheckpointError as e:
+            print(f"warning: skipping damaged checkpoint {point['path']}: {e}",
+                  file=sys.stderr)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

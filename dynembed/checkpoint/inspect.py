@@ -81,7 +81,10 @@ def describe(path: str | os.PathLike, *, top: int = 10) -> dict:
     Raises:
         CheckpointNotFoundError, CheckpointCorruptError: a link of the chain is missing,
             or a file is damaged.
+        ValueError: ``top`` is not an int >= 0.
     """
+    if isinstance(top, bool) or not isinstance(top, int) or top < 0:
+        raise ValueError(f"top must be an int >= 0 (0: no top keys), got {top!r}")
     chain = mf.chain(path)
     for link, link_manifest in chain:
         mf.check_files(link, link_manifest)

@@ -70,6 +70,10 @@ def _redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+MAX_SHARDS = 1 << 16
+"""Most hashes a table may be spread over (a key name each is kept, and a scan visits each)."""
+
+
 class RedisStore(EmbeddingStore):
     """Rows in a Redis server or Redis Cluster.
 
@@ -84,7 +88,7 @@ class RedisStore(EmbeddingStore):
         timeout: socket connect/read timeout in seconds.
 
     Raises:
-        ValueError: a bad argument (the message names it).
+        ValueError, TypeError: a bad argument (the message names it).
         StoreUnavailableError: the server cannot be reached.
     """
 
@@ -101,8 +105,11 @@ class RedisStore(EmbeddingStore):
             raise ValueError(f"namespace must be a non-empty str without braces, got "
                              f"{namespace!r}")
         if (isinstance(shards, bool) or not isinstance(shards, int) or shards <= 0
-                or shards & (shards - 1)):
-            raise ValueError(f"shards must be a power of two >= 1, got {shards!r}")
+                or shards & (shards - 1) or shards > MAX_SHARDS):
+            raise ValueError(f"shards must be a power of two in [1, {MAX_SHARDS}], got "
+                             f"{shards!r}")
+        if not isinstance(cluster, bool):
+            raise TypeError(f"cluster must be True or False, got {cluster!r}")
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ValueError(f"retries must be an int >= 0, got {retries!r}")
         for arg, value in (("backoff_base", backoff_base), ("backoff_cap", backoff_cap),

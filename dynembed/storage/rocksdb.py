@@ -92,6 +92,7 @@ class RocksDBStore(EmbeddingStore):
     Raises:
         StoreLockedError: another process (or store object) has the directory open.
         StoreError: the directory cannot be opened (not a database, permissions).
+        TypeError, ValueError: a bad argument (named).
     """
 
     def __init__(self, path: str | os.PathLike, *, create: bool = True,
@@ -100,8 +101,11 @@ class RocksDBStore(EmbeddingStore):
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a directory path (str or os.PathLike), got "
                             f"{type(path).__name__}")
+        for arg, value in (("create", create), ("background_io", background_io)):
+            if not isinstance(value, bool):  # "no" would be true
+                raise TypeError(f"{arg} must be True or False, got {value!r}")
         self.path = os.fspath(path)
-        self.background_io = bool(background_io)
+        self.background_io = background_io
         self.name = f"RocksDBStore({self.path!r})"
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise StoreError(f"{self.name}: path is a file, not a directory; give a "

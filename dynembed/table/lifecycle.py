@@ -403,12 +403,12 @@ class RowLifecycle:
 
     def close(self) -> None:
         """Flushes every changed row to the store, then closes the store (no-op without
-        one). The table must not be used afterwards.
+        one, or once closed). The table must not be used afterwards.
 
         Raises:
             StoreError: the final write failed; the store stays open so it can be retried.
         """
-        if self.tier is None:
+        if self.tier is None or self.tier.closed:
             return
         if self.tier.owns_store:
             self.flush()

@@ -8,9 +8,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 import dynembed as de
+from dynembed import cli
 
 
 def test_inspect_prints_tables_top_keys_and_draws_the_history(tmp_path):
@@ -57,6 +59,37 @@ def test_inspect_of_a_damaged_checkpoint_fails_with_the_reason(tmp_path):
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 1
     assert "manifest is damaged" in result.stderr
+
+
+def test_inspect_of_a_directory_shows_the_newest_whole_checkpoint(tmp_path, capsys):
+    """A damaged newest checkpoint failed the whole command, where a restore goes on with
+    the one before it."""
+    table = de.DynamicTable(de.TableConfig(dim=2, optimizer=de.optim.SGD(lr=0.1), seed=1))
+    manager = de.checkpoint.CheckpointManager(tmp_path, keep_last=5)
+    for step in (1, 2):
+        table.find_or_insert(np.arange(step * 10))
+        manager.save(step, tables={"t": table})
+    newest = manager.checkpoints()[-1]
+    shard = de.checkpoint.manifest.read(newest)["tables"]["t"]["shards"][0]
+    (newest / shard["aux"]).write_bytes(b"damaged")
+    assert cli.main(["inspect", str(tmp_path), "--json"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["path"].endswith("step-0000000001")
+    assert "skipping damaged checkpoint" in out.err and "step-0000000002" in out.err
+    for point in manager.checkpoints():  # every one damaged: an error, not a summary
+        aux = de.checkpoint.manifest.read(point)["tables"]["t"]["shards"][0]["aux"]
+        (point / aux).write_bytes(b"damaged")
+    assert cli.main(["inspect", str(tmp_path)]) == 1
+    assert "every checkpoint in" in capsys.readouterr().err
+
+
+def test_describe_checks_top(tmp_path):
+    table = de.DynamicTable(de.TableConfig(dim=2, seed=1))
+    de.checkpoint.save(tmp_path / "c", tables={"t": table})
+    from dynembed.checkpoint.inspect import describe
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="top must be an int >= 0"):
+            describe(tmp_path / "c", top=bad)
 
 
 def test_inspect_json_with_tensors_in_extra_and_a_partial_checkpoint(tmp_path):

@@ -209,6 +209,18 @@ def test_redis_store_argument_errors():
         for value in (float("nan"), float("inf")):
             with pytest.raises(ValueError, match=f"{arg} must be a finite number"):
                 RedisStore(namespace="a", **{arg: value})
+    # 2**22 shards built millions of key names before failing for memory; "no" was true
+    with pytest.raises(ValueError, match=r"shards must be a power of two in \[1, 65536\]"):
+        RedisStore(namespace="a", shards=2**22)
+    with pytest.raises(TypeError, match="cluster must be True or False, got 'no'"):
+        RedisStore(namespace="a", cluster="no")
+
+
+@pytest.mark.parametrize("arg", ["create", "background_io"])
+def test_rocksdb_store_flags_must_be_bools(tmp_path, arg):
+    """background_io="no" turned background I/O on; create="no" was rocksdict's error."""
+    with pytest.raises(TypeError, match=f"{arg} must be True or False, got 'no'"):
+        RocksDBStore(tmp_path / "db", **{arg: "no"})
 
 
 def test_rocksdb_store_path_must_be_a_path():

@@ -592,3 +592,14 @@ def test_a_store_of_another_optimizer_or_hash_seed_is_refused(tmp_path):
     reader = de.DynamicEmbedding(dim=4, seed=1, store=RocksDBStore(sgd_path))  # no optimizer
     assert reader.table.count_below_memory() > 0  # an evaluation table reads trained rows
     reader.table.close()
+
+
+def test_close_twice_is_a_no_op(tmp_path):
+    """The second close raised "is closed; open a new store object", though closing a
+    store is documented as idempotent."""
+    emb = de.DynamicEmbedding(dim=2, optimizer=de.optim.SGD(lr=0.1), seed=1, max_rows=8,
+                              store=RocksDBStore(str(tmp_path / "db")))
+    train(emb, [np.arange(8), np.arange(8, 16)])
+    emb.table.close()
+    emb.table.close()
+    assert emb.table.tier.closed
