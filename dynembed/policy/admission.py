@@ -151,8 +151,16 @@ class FrequencyAdmission(AdmissionPolicy):
     def __post_init__(self) -> None:
         plain_fields(self)
         check_int("threshold", self.threshold)
+        if self.threshold > _COUNTER_MAX:  # counters saturate there: never admitted
+            raise ValueError(f"threshold must be at most {_COUNTER_MAX} (the sketch's int32 "
+                             f"counters stop there), got {self.threshold!r}")
         check_int("width", self.width)
         check_int("depth", self.depth)
+        if self.depth * _power_of_two(self.width) > _MAX_COUNTERS:
+            raise ValueError(f"width x depth must be at most {_MAX_COUNTERS:,} counters "
+                             f"({_MAX_COUNTERS * 4 >> 30} GiB), got width={self.width!r}, "
+                             f"depth={self.depth!r}; a sketch of 4 x 2**20 (16 MiB) suits "
+                             "hundreds of millions of keys")
         check_in("decay", self.decay, 0.0, 1.0, high_open=True)
         if self.decay_every is not None:
             check_int("decay_every", self.decay_every)
@@ -162,6 +170,10 @@ class FrequencyAdmission(AdmissionPolicy):
 
 
 # ---------------------------------------------------------------------- probabilistic
+_COUNTER_MAX = 2**31 - 1
+"""Where the sketch's int32 counters saturate."""
+_MAX_COUNTERS = 1 << 30
+"""Most counters a sketch may have (4 GiB)."""
 _BELOW_2_64 = 2.0**64 - 2048  # the largest float64 below 2**64 (it casts to uint64)
 
 

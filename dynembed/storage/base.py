@@ -81,8 +81,11 @@ class EmbeddingStore(ABC):
         try:
             have = json.loads(bytes(meta))
         except ValueError:
-            raise StoreCorruptError(f"{self.name}: its description record is not JSON; "
-                                    "the store is corrupted or not a dynembed store") from None
+            have = None
+        if not isinstance(have, dict) or "dim" not in have:
+            raise StoreCorruptError(f"{self.name}: its description record is not a dynembed "
+                                    "store's (not a JSON object with the row layout); the "
+                                    "store is corrupted, or another program wrote it")
         # a record from before a field existed (e.g. Redis shards) leaves it unchecked
         if any(have.get(key, value) != value for key, value in want.items()):
             raise StoreCorruptError(

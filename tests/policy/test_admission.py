@@ -211,6 +211,16 @@ def test_decay_must_be_below_one(decay):
         de.policy.FrequencyAdmission(decay=decay, decay_every=10)
 
 
+def test_sketch_bounds_are_named():
+    """threshold 2**40 was accepted though int32 counters stop at 2**31 - 1 (no key was ever
+    admitted); width 2**40 failed with numpy's MemoryError naming no argument."""
+    with pytest.raises(ValueError, match="threshold must be at most 2147483647"):
+        de.policy.FrequencyAdmission(threshold=2**40)
+    with pytest.raises(ValueError, match="width x depth must be at most"):
+        de.policy.FrequencyAdmission(width=2**40)
+    de.policy.FrequencyAdmission(threshold=2**31 - 1)
+
+
 def test_same_seed_same_sketch_hashes():
     a = de.policy.FrequencyAdmission(width=256).create(7)
     b = de.policy.FrequencyAdmission(width=256).create(7)

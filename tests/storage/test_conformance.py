@@ -205,3 +205,13 @@ def test_every_int64_id_is_a_row_key_even_the_smallest(store):
     assert sorted(np.concatenate([b.ids for b in store.scan()]).tolist()) == [-(2**63), 0]
     store.delete(np.array([-(2**63)], dtype=np.int64))
     assert store.size() == 1
+
+
+@pytest.mark.parametrize("record", [b"[1, 2]", b"{}", b"not json", b"7"])
+def test_a_description_record_of_another_program_is_named_corruption(record):
+    """A JSON record that is not an object was a bare AttributeError; {} passed as a store
+    of any layout."""
+    store = MemoryStore()
+    store._put_meta(record)
+    with pytest.raises(StoreCorruptError, match="not a dynembed store's"):
+        store.bind(4, 2)
