@@ -17,8 +17,8 @@ def plain_fields(config) -> None:
         value = getattr(config, field.name)
         if isinstance(value, np.generic):
             object.__setattr__(config, field.name, value.item())
-        elif isinstance(value, tuple) and any(isinstance(v, np.generic) for v in value):
-            object.__setattr__(config, field.name, tuple(
+        elif isinstance(value, (tuple, list)) and any(isinstance(v, np.generic) for v in value):
+            object.__setattr__(config, field.name, type(value)(
                 v.item() if isinstance(v, np.generic) else v for v in value))
 
 

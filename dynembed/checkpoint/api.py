@@ -450,6 +450,11 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
         _load_dense(model, optimizer, dense, strict=strict, folder=folder)
         extra = dense["extra"]
     for table, table_buckets, layers, aux in plans:
+        if (table.tier is not None and table.tier.store.shared and table.tier.owned is None
+                and len(table_buckets) < manifest["num_buckets"]):
+            # a shard over a store the ranks share, restored before shard_model: it must
+            # clear (and later scan) only its own rows there, as once sharded
+            table.tier.owned = (table_buckets, manifest["num_buckets"])
         restore(table, layers, table_buckets, aux, since=manifest["id"], lazy=lazy,
                 background_rows=background_rows, chunk_rows=chunk_rows)
     return extra

@@ -127,6 +127,9 @@ class CheckpointManager:
         self.rank, self.world_size, self.num_buckets = rank, world_size, num_buckets
         self._last_step: int | None = None
         self._last_time = time.monotonic()
+        self._damaged: set[str] = set()
+        """Checkpoints :meth:`restore` found damaged in their rows (which :meth:`latest`
+        does not read) but could not set aside (a job of several ranks)."""
 
     # ------------------------------------------------------------------ finding
     def checkpoints(self) -> list[Path]:
@@ -143,6 +146,9 @@ class CheckpointManager:
         CRCs, for the small ones; rows files check their blocks as they are read), or
         None. Others are skipped with a warning.
 
+        Checkpoints whose rows this manager's :meth:`restore` found damaged are skipped
+        too.
+
         A checkpoint that fails its check because it is being replaced (a compaction
         renames ``step-N-full`` in and deletes ``step-N``; a cleanup deletes old ones) is
         not a reason to fall back to an older one: the directory is listed again first, up
@@ -151,6 +157,9 @@ class CheckpointManager:
         listing, relists = self.checkpoints(), 0
         i = len(listing) - 1
         while i >= 0:
+            if listing[i].name in self._damaged:  # a restore found its rows damaged
+                i -= 1
+                continue
             try:
                 for folder, manifest in mf.chain(listing[i]):
                     mf.check_files(folder, manifest)
@@ -225,7 +234,7 @@ class CheckpointManager:
                 "deleted as soon as it is saved. Resume the step count (restore() gives it "
                 "back), or save a new run into a new directory")
         found = _gather_tables(model, tables)
-        parent = self._parent_for(found)
+        parent = self._parent_for(found, newest)
         # a delta keeps its chain's buckets (the chain may come from another setting)
         done = save(path, model, optimizer, extra, tables=tables, parent=parent,
                     rank=self.rank, world_size=self.world_size,
@@ -239,10 +248,9 @@ class CheckpointManager:
             self.cleanup(keeping=done)
         return done
 
-    def _parent_for(self, tables: dict[str, DynamicTable]) -> Path | None:
+    def _parent_for(self, tables: dict[str, DynamicTable], latest: Path | None) -> Path | None:
         if self.max_chain == 1 or not tables:
             return None
-        latest = self.latest()
         if latest is None:
             return None
         latest_id = mf.read(latest)["id"]
@@ -326,6 +334,8 @@ class CheckpointManager:
                 tried.append(path)
                 if self.world_size == 1:  # out of the way: training will save that step again
                     set_aside(path)
+                else:  # another rank may still read it: remembered instead (see latest)
+                    self._damaged.add(path.name)
                 continue
             except CheckpointNotFoundError as e:
                 logger.warning("skipping checkpoint %s: %s", path, e)

@@ -158,9 +158,10 @@ class FrequencyAdmission(AdmissionPolicy):
         check_int("depth", self.depth)
         if self.depth * _power_of_two(self.width) > _MAX_COUNTERS:
             raise ValueError(f"width x depth must be at most {_MAX_COUNTERS:,} counters "
-                             f"({_MAX_COUNTERS * 4 >> 30} GiB), got width={self.width!r}, "
-                             f"depth={self.depth!r}; a sketch of 4 x 2**20 (16 MiB) suits "
-                             "hundreds of millions of keys")
+                             f"({_MAX_COUNTERS * 4 >> 30} GiB), got width={self.width!r} "
+                             f"(rounded up to the power of two {_power_of_two(self.width):,}) "
+                             f"and depth={self.depth!r}; a sketch of 4 x 2**20 (16 MiB) "
+                             "suits hundreds of millions of keys")
         check_in("decay", self.decay, 0.0, 1.0, high_open=True)
         if self.decay_every is not None:
             check_int("decay_every", self.decay_every)

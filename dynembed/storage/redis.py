@@ -190,6 +190,8 @@ class RedisStore(EmbeddingStore):
         Raises:
             StoreCorruptError: the record is gone (for a write, after the batch was sent).
         """
+        if self.codec is None:  # not bound yet: there is no record to lose
+            return self._send(action, commands, write=write)
         *replies, present = self._send(action, [*commands, (b"EXISTS", self._meta_key)],
                                        write=write)
         if not present:
@@ -277,7 +279,7 @@ class RedisStore(EmbeddingStore):
                                    for s, a, b in groups], write=True)
 
     def _scan(self, batch_size: int) -> Iterator[tuple[np.ndarray, list]]:
-        if self._get_meta() is None:  # else a lost namespace would scan as empty
+        if self.codec is not None and self._get_meta() is None:  # else it scans as empty
             raise self._lost("scan")
         for key in self._keys:
             cursor, seen = 0, np.empty(0, dtype=np.int64)

@@ -153,11 +153,18 @@ class ApproximateIndex:
 
     def _without_removed(self, found: np.ndarray, scores: np.ndarray):
         """Answers whose row was erased since the build become padding (at the end of their
-        row): an answer must be a key the table has. Evicted rows are still in the store."""
+        row): an answer must be a key the table has. Only ids the table logged as erased
+        (or all, after a wipe) are looked up again, once each: rows evicted to the store
+        are not removed, and reading them back for every search would be slow."""
         answered = ~np.isinf(scores)
+        wiped, erased = self.table._erased_since(self._built_at[2])
+        suspect = answered if wiped else answered & np.isin(found, erased)
+        if not suspect.any():
+            return found, scores
+        ids, where = np.unique(found[suspect], return_inverse=True)
         dropped = ~answered
-        dropped[answered] = ~self.table.contains(torch.from_numpy(found[answered])).numpy()
-        if dropped.sum() == (~answered).sum():
+        dropped[suspect] = ~self.table.contains(torch.from_numpy(ids)).numpy()[where]
+        if not dropped[suspect].any():
             return found, scores
         order = np.argsort(dropped, axis=1, kind="stable")  # the kept ones first, in order
         found = np.take_along_axis(np.where(dropped, -1, found), order, axis=1)

@@ -408,7 +408,7 @@ class RowLifecycle:
         Raises:
             StoreError: the final write failed; the store stays open so it can be retried.
         """
-        if self.tier is None or self.tier.closed:
+        if self.tier is None or self._closed:
             return
         if self.tier.owns_store:
             self.flush()
@@ -417,6 +417,7 @@ class RowLifecycle:
                           "written: a table built later over the same store object took "
                           "the store over", stacklevel=2)
         self.tier.close()
+        self._closed = True
 
     def _stored_only(self, unique: np.ndarray, slots: np.ndarray) -> np.ndarray:
         """(u,) bool: ids absent from memory that the store (or lazy checkpoint) holds."""

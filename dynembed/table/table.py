@@ -123,6 +123,7 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch):
         self._pending: list[tuple[np.ndarray, torch.Tensor]] = []
         self.counters = Counters()
         self._moved_before_reset = 0  # rows_moved of counters that reset_stats() zeroed
+        self._closed = False  # close() ran to its end
         self.last_call = CallStats()
         self.admitter = config.admission.create(self.seed) if config.admission else None
         self.tier = Tier(config.store, config.write_policy, self.arena,
@@ -440,7 +441,7 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch):
     def owned(self, keys) -> torch.Tensor:
         """(n,) bool, whether this process holds the rows of each key: in a distributed job
         the keys of this rank's shard of a sharded table; otherwise every key. Table-level
-        writes (find_or_insert, insert_or_assign, assign) take only owned keys."""
+        writes (find_or_insert, insert_or_assign, assign, erase) take only owned keys."""
         ids = self.ids_of(keys).ids
         return torch.from_numpy(self._owned_ids(ids))
 
@@ -620,10 +621,13 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch):
 
         Raises:
             ReadOnlyTableError: the table is read-only.
+            ValueError: keys of other ranks' shards (see :meth:`owned`); over a store the
+                ranks share, their rows are the owners'.
             StoreError: the store failed; nothing was removed.
         """
         self._check_writable("erase")
         unique = unique_inverse(self.ids_of(keys).ids)[0]
+        self._refuse_foreign(unique, "erase")
         slots = self.index.find(unique)
         stored = self._stored_only(unique, slots)
         if self.tier is not None:

@@ -118,11 +118,6 @@ class Tier:
         return ref() if ref is not None else None
 
     @property
-    def closed(self) -> bool:
-        """Whether the store object was closed."""
-        return self._store.closed
-
-    @property
     def owns_store(self) -> bool:
         """Whether no table built later over the same store object took it over (a table
         taken over never gets the store back, even once the newer one is gone: its rows

@@ -128,6 +128,35 @@ def test_a_save_after_a_fallback_below_a_damaged_newer_checkpoint_is_kept(tmp_pa
     assert saved.exists() and manager.latest() == saved
 
 
+def test_ranks_that_fell_back_from_damaged_rows_save_again(tmp_path):
+    """With several ranks a checkpoint whose rows turn out damaged is not set aside, and
+    latest() (which reads no rows) still named it: every save after the fallback was
+    refused as older than it."""
+    import torch
+
+    def model():
+        emb = de.DynamicEmbedding(dim=4, optimizer=de.optim.SGD(lr=0.1), seed=1,
+                                  placement="replicated")
+        emb.table.find_or_insert(torch.arange(5000))
+        return emb
+
+    models = [model(), model()]
+    managers = [de.checkpoint.CheckpointManager(tmp_path, rank=r, world_size=2, keep_last=3)
+                for r in (0, 1)]
+    for step in (80, 90, 100):
+        for manager, emb in zip(managers, models):
+            manager.save(step, emb, extra={"step": step})
+    rows = max((tmp_path / "step-0000000100").rglob("*.rows"), key=lambda p: p.stat().st_size)
+    data = bytearray(rows.read_bytes())
+    for at in (len(data) // 3, len(data) // 2, 2 * len(data) // 3):  # inside row blocks
+        data[at] ^= 0xFF
+    rows.write_bytes(bytes(data))
+    assert [m.restore(e) for m, e in zip(managers, models)] == [{"step": 90}] * 2
+    assert managers[0].latest().name == "step-0000000090"
+    saved = [m.save(95, e, extra={"step": 95}) for m, e in zip(managers, models)]
+    assert saved[1].name == "step-0000000095" and managers[1].latest() == saved[1]
+
+
 def test_maybe_save_without_a_schedule_is_an_error(tmp_path):
     manager = de.checkpoint.CheckpointManager(tmp_path)
     with pytest.raises(ValueError, match="maybe_save never saves without every_steps"):

@@ -62,9 +62,11 @@ def _table_verbs_on_a_shard() -> dict:
     keys = torch.arange(100)
     foreign = _failure(lambda: emb.table.insert_or_assign(keys, torch.ones(100, 2)))
     created = _failure(lambda: emb.table.find_or_insert(keys))
+    erased = _failure(lambda: emb.table.erase(keys))
     mine = keys[emb.table.owned(keys)]
     emb.table.insert_or_assign(mine, torch.ones(mine.shape[0], 2))
-    return {"foreign_write": foreign, "foreign_create": created, "owned": mine.tolist(),
+    return {"foreign_write": foreign, "foreign_create": created, "foreign_erase": erased,
+            "owned": mine.tolist(),
             "size": emb.table.size(),
             "top_k": _failure(lambda: emb.table.top_k(torch.ones(2), 3))}
 
@@ -137,7 +139,7 @@ def test_table_level_writes_on_a_shard_take_only_its_keys(ranks):
     assert owned[0].isdisjoint(owned[1]) and owned[0] | owned[1] == set(range(100))
     for result in ranks:
         assert result["size"] == len(result["owned"])
-        for verb in ("foreign_write", "foreign_create"):
+        for verb in ("foreign_write", "foreign_create", "foreign_erase"):
             assert "keys belong to other ranks' shards" in result[verb]
             assert "keys[table.owned(keys)]" in result[verb]
         assert "top_k: this table is sharded across the ranks" in result["top_k"]

@@ -45,12 +45,23 @@ def _body(url: str, folder: str, rank: int) -> dict:
     de.checkpoint.load(f"{folder}/ck", restored, rank=rank, world_size=WORLD)
     dist.barrier()
     after_load = _rows(restored)
+    # restored before shard_model (eagerly, into memory and the store): each rank clears
+    # only its own rows of the namespace then too
+    early = de.DynamicEmbedding(dim=2, optimizer=de.optim.SGD(lr=0.1), seed=1, max_rows=64,
+                                store=de.storage.RedisStore(url, namespace="shared-ns:users"))
+    for turn in range(WORLD):  # one after the other: rank 1's clear follows rank 0's load
+        if turn == rank:
+            de.checkpoint.load(f"{folder}/ck", early, rank=rank, world_size=WORLD)
+        dist.barrier()
+    shard_model(early, timeout=30)
+    dist.barrier()
+    early_rows = _rows(early)
     dist.barrier()
     if rank == 0:
         restored.table.clear_store()  # rank 1's rows stay in the namespace
     dist.barrier()
     return {"trained": trained, "restored": after_load, "after_clear": _rows(restored),
-            "in_memory": restored.table.size()}
+            "in_memory": restored.table.size(), "restored_early": early_rows}
 
 
 def test_shards_over_one_redis_namespace_save_restore_and_clear_their_own_rows(
@@ -65,7 +76,7 @@ def test_shards_over_one_redis_namespace_save_restore_and_clear_their_own_rows(
         ids = np.array(sorted(got["trained"]), dtype=np.int64)
         owners = rank_of_bucket(buckets_of(ids, NUM_BUCKETS), WORLD, NUM_BUCKETS)
         assert (owners == rank).all()  # a shard lists only the rows it owns
-        assert got["restored"] == got["trained"]
+        assert got["restored"] == got["restored_early"] == got["trained"]
         everything.update(got["trained"])
     assert len(everything) == 300  # every key once, on its owner
     assert len(results[0]["after_clear"]) == results[0]["in_memory"] < 150

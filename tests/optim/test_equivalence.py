@@ -231,6 +231,8 @@ def test_numpy_hyperparameters_are_numbers():
     adam = de.optim.Adam(lr=0.1, betas=(np.float32(0.9), 0.99))
     assert adam.betas[0] == np.float32(0.9) and type(adam.betas[0]) is float
     assert json.loads(json.dumps(dataclasses.asdict(adam)))["betas"][0] == adam.betas[0]
+    listed = de.optim.Adam(lr=0.1, betas=[np.float32(0.9), np.float32(0.99)])
+    assert json.dumps(dataclasses.asdict(listed))  # a list of numpy floats too
     assert repr(sgd) == repr(de.optim.SGD(lr=float(np.float32(0.1))))
 
 

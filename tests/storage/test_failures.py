@@ -273,6 +273,10 @@ def test_a_redis_server_that_lost_its_data_is_named_not_read_as_empty():
             with pytest.raises(StoreCorruptError, match="no longer holds this namespace"):
                 call()
         store.close()
+        fresh = RedisStore(server.url, namespace="never-bound")  # nothing to lose yet
+        assert fresh.size() == 0
+        fresh.delete(np.arange(3, dtype=np.int64))
+        fresh.close()
 
 
 def test_rocksdb_close_ends_an_unfinished_scan(tmp_path):

@@ -123,3 +123,28 @@ def test_queries_of_any_float_dtype_and_a_wrong_width_named_as_given():
     assert index.search(queries.double(), 5).ids.tolist() == want.ids.tolist()
     with pytest.raises(ValueError, match=r"got \(5,\)"):
         index.search(torch.randn(5), 5)
+
+
+class _CountingStore(de.storage.MemoryStore):
+    """A MemoryStore that counts the rows read from it."""
+
+    reads = 0
+
+    def _get(self, ids):
+        self.reads += len(ids)
+        return super()._get(ids)
+
+
+def test_searches_after_evictions_read_nothing_from_the_store():
+    """Any eviction (which removes no row) made every later search look every answer up
+    again, reading the evicted ones back from the store."""
+    store = _CountingStore()
+    emb = de.DynamicEmbedding(dim=8, optimizer=de.optim.SGD(lr=0.1), seed=1, max_rows=500,
+                              store=store)
+    emb.table.find_or_insert(torch.arange(4000))  # most rows evicted to the store
+    index = de.ApproximateIndex(emb.table, kind="ivf", nprobe=64)
+    index.rebuild()
+    emb(torch.arange(10_000, 10_200)).sum().backward()  # evicts more rows
+    store.reads = 0
+    got = index.search(torch.randn(20, 8, generator=torch.Generator().manual_seed(3)), 10)
+    assert store.reads == 0 and not got.scores.isinf().any()

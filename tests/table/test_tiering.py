@@ -602,4 +602,15 @@ def test_close_twice_is_a_no_op(tmp_path):
     train(emb, [np.arange(8), np.arange(8, 16)])
     emb.table.close()
     emb.table.close()
-    assert emb.table.tier.closed
+    assert emb.table.tier._store.closed
+
+
+def test_close_after_the_store_was_closed_still_says_the_rows_are_not_written(tmp_path):
+    """A second-close shortcut that read the store's flag returned quietly here, and the
+    table's changed rows were lost without a word."""
+    store = RocksDBStore(str(tmp_path / "db"))
+    emb = de.DynamicEmbedding(dim=2, optimizer=de.optim.SGD(lr=0.1), seed=1, store=store)
+    train(emb, [np.arange(8)])
+    store.close()
+    with pytest.raises(de.errors.StoreError, match="is closed"):
+        emb.table.close()
