@@ -27,6 +27,18 @@ def is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
+def check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    """Raises ValueError naming ``name`` unless ``value`` is a finite number > 0 (or >= 0).
+
+    Python and numpy numbers count; bools do not (``lr=True`` is a mistake, not 1.0).
+    """
+    ok = is_real(value) and math.isfinite(value)
+    ok = ok and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
 def check_int(name: str, value, minimum: int = 1) -> None:
     """Raises ValueError naming ``name`` unless ``value`` is an integer >= ``minimum``."""
     if not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_)) \

@@ -12,18 +12,16 @@ one, are removed.
 from __future__ import annotations
 
 import logging
-import math
-import numbers
 import os
 import re
 import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
+from dynembed._args import check_int, check_positive
 from dynembed.checkpoint import manifest as mf
 from dynembed.checkpoint.api import _check_rank, _gather_tables, load, save
 from dynembed.checkpoint.compact import compact
@@ -53,11 +51,10 @@ def step_of(path: str | os.PathLike) -> int | None:
 def _positive(name: str, value, *, allow_none: bool = True, kind=int) -> None:
     if value is None and allow_none:
         return
-    wanted = numbers.Real if kind is float else numbers.Integral
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, wanted) \
-            or not 0 < value < math.inf:
-        raise ValueError(f"{name} must be a {'finite number' if kind is float else 'int'} > 0"
-                         f"{' or None' if allow_none else ''}, got {value!r}")
+    if kind is float:
+        check_positive(name, value)
+    else:
+        check_int(name, value)
 
 
 def set_aside(path: str | os.PathLike) -> Path | None:
@@ -217,9 +214,7 @@ class CheckpointManager:
                 newest steps, so it would delete this one at once).
             CheckpointError, TypeError: see :func:`dynembed.checkpoint.save`.
         """
-        if isinstance(step, (bool, np.bool_)) or not isinstance(step, numbers.Integral) \
-                or step < 0:
-            raise ValueError(f"step must be an int >= 0, got {step!r}")
+        check_int("step", step, minimum=0)
         step = int(step)
         path = self.directory / f"step-{step:010d}"
         compacted = path.with_name(path.name + "-full")

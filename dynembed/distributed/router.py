@@ -165,11 +165,8 @@ def _log_strings(lookup: Lookup, admitted: np.ndarray | None = None) -> None:
         return
     if admitted is None or admitted.all():
         table.key_log.add(lookup.string_ids, lookup.strings)
-        return
-    logged = np.isin(lookup.string_ids, lookup.ids[admitted])
-    if logged.any():
-        kept = np.fromiter(lookup.strings, dtype=object, count=len(lookup.strings))[logged]
-        table.key_log.add(lookup.string_ids[logged], kept.tolist())
+    else:
+        table.key_log.add_among(lookup.string_ids, lookup.strings, lookup.ids[admitted])
 
 
 class _Update:

@@ -44,6 +44,23 @@ class KeyLog:
     def __len__(self) -> int:
         return len(self._strings) + len(self._raw)
 
+    def add_among(self, ids: np.ndarray, keys: Sequence, among: np.ndarray) -> None:
+        """:meth:`add` of the keys whose id is one of ``among`` (the ids that got a row:
+        keys refused by admission stay out of the log).
+
+        Args:
+            ids: (n,) int64.
+            keys: n str, or n bytes.
+            among: (m,) int64 ids to keep.
+        """
+        logged = np.isin(ids, among)
+        if logged.all():
+            self.add(ids, keys)
+        elif logged.any():
+            # fromiter, not asarray: equal-length bytearrays would become a 2-D array
+            kept = np.fromiter(keys, dtype=object, count=len(keys))[logged]
+            self.add(ids[logged], kept.tolist())
+
     def add(self, ids: np.ndarray, keys: Sequence) -> None:
         """Records ``keys[i]`` as the key of ``ids[i]``.
 

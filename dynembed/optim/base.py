@@ -9,26 +9,11 @@ checkpoints).
 from __future__ import annotations
 
 import abc
-import math
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
 
-from dynembed._args import plain_fields
-
-
-def check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
-    """Raises ValueError naming ``name`` unless ``value`` is a finite number > 0 (or >= 0).
-
-    Python and numpy numbers count; bools do not (``lr=True`` is a mistake, not 1.0).
-    """
-    ok = (isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
-          and math.isfinite(value))
-    ok = ok and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+from dynembed._args import check_positive, plain_fields
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -79,7 +79,7 @@ class TableSearch:
         Raises:
             ValueError: the table is sharded across ranks.
         """
-        if self.router is not None and self.config.placement != "replicated":
+        if self.is_shard:
             raise ValueError(f"{verb}: this table is sharded across the ranks of a "
                              "distributed job, and this rank holds only its shard's rows, so "
                              "a search here would miss the others'. Search a table restored "

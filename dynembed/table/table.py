@@ -36,6 +36,7 @@ from dynembed.table.lifecycle import (
     CREATE_NONE,
     RowLifecycle,
 )
+from dynembed.table.ownership import TableOwnership
 from dynembed.table.results import FindResult, InsertResult
 from dynembed.table.search import TableSearch
 from dynembed.table.snapshot import TableSnapshot
@@ -56,7 +57,7 @@ def _last_occurrence(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return unique, last
 
 
-class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch):
+class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch, TableOwnership):
     """A growable map from int64 ids to trainable rows, optionally bounded in memory over a
     store (admission, eviction and read-through in :class:`RowLifecycle`).
 
@@ -272,10 +273,7 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch):
             got, created = self._fill_missing(unique_ids, counts, slots, create=create,
                                               step=self.step + 1, call=call)
             if call.inserts and self.key_log is not None and strings is not None:
-                logged = np.isin(string_ids, unique_ids[created])  # not the refused keys
-                # fromiter, not asarray: equal-length bytearrays would become a 2-D array
-                kept = np.fromiter(strings, dtype=object, count=len(strings))[logged]
-                self.key_log.add(string_ids[logged], kept.tolist())
+                self.key_log.add_among(string_ids, strings, unique_ids[created])
             missed = int(counts[missing & ~got].sum())
         if training:
             self.step += 1
@@ -437,34 +435,6 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch):
         if self.config.optimizer is not None:
             meaning["optimizer"] = type(self.config.optimizer).__name__
         return meaning
-
-    def owned(self, keys) -> torch.Tensor:
-        """(n,) bool, whether this process holds the rows of each key: in a distributed job
-        the keys of this rank's shard of a sharded table; otherwise every key. Table-level
-        writes (find_or_insert, insert_or_assign, assign, erase) take only owned keys."""
-        ids = self.ids_of(keys).ids
-        return torch.from_numpy(self._owned_ids(ids))
-
-    def _owned_ids(self, ids: np.ndarray) -> np.ndarray:
-        if self.router is None or self.config.placement == "replicated":
-            return np.ones(ids.shape[0], dtype=bool)
-        return self.router.owners(ids) == self.router.exchange.rank
-
-    def _refuse_foreign(self, ids: np.ndarray, verb: str) -> None:
-        """Raises for keys of other ranks' shards: a row written here would never train (its
-        lookups go to the owner) and the next checkpoint would refuse the table.
-
-        Raises:
-            ValueError: some ids belong to other ranks' shards.
-        """
-        if self.router is None or self.config.placement == "replicated" or not ids.shape[0]:
-            return
-        foreign = np.flatnonzero(~self._owned_ids(ids))
-        if foreign.shape[0]:
-            raise ValueError(
-                f"{verb}: {foreign.shape[0]} of {ids.shape[0]} keys belong to other ranks' "
-                f"shards of this distributed table (e.g. id {int(ids[foreign[0]])}); nothing "
-                "was written. Write each key on the rank that owns it: keys[table.owned(keys)]")
 
     def find_or_insert(self, keys) -> InsertResult:
         """Rows of keys, creating (initialising) missing ones, admission aside. Does not

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dynembed.errors import StoreError
-from dynembed.keys.buckets import bucket_hash, bucket_of_hash
+from dynembed.keys.buckets import buckets_of
 from dynembed.storage.base import EmbeddingStore
 from dynembed.storage.rows import RowBlock
 from dynembed.table.arena import RowArena
@@ -339,7 +339,7 @@ class Tier:
     def _own(self, blocks):
         buckets, num_buckets = self.owned
         for block in blocks:
-            bucket = bucket_of_hash(bucket_hash(block.ids), num_buckets)
+            bucket = buckets_of(block.ids, num_buckets)
             mine = (bucket >= buckets.start) & (bucket < buckets.stop)
             if mine.all():
                 yield block

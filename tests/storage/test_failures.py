@@ -130,14 +130,21 @@ def snapshot(table):
             table.arena.meta.clone(), table.step, table.size())
 
 
+def _trained(store, optimizer, max_rows: int, batches) -> de.DynamicEmbedding:
+    """A dim-4 table over ``store``, trained on ``batches`` (its rows spill to the store)."""
+    emb = de.DynamicEmbedding(dim=4, optimizer=optimizer, seed=1, max_rows=max_rows,
+                              store=store)
+    for keys in batches:
+        emb(keys).sum().backward()
+    return emb
+
+
 def test_redis_stopped_mid_run_raises_and_leaves_the_table_intact():
     with RedisServer() as server:
         store = RedisStore(server.url, namespace="mid", retries=2, backoff_base=0.01,
                            backoff_cap=0.05, timeout=0.5)
-        emb = de.DynamicEmbedding(dim=4, optimizer=de.optim.Adagrad(lr=0.1), seed=1,
-                                  max_rows=64, store=store)
-        for step in range(20):
-            emb(torch.arange(step * 16, step * 16 + 32)).sum().backward()
+        emb = _trained(store, de.optim.Adagrad(lr=0.1), 64,
+                       [torch.arange(step * 16, step * 16 + 32) for step in range(20)])
         assert emb.table.stats().totals.evicted > 0
         before = snapshot(emb.table)
         server.stop()
@@ -261,10 +268,8 @@ def test_a_redis_server_that_lost_its_data_is_named_not_read_as_empty():
     with RedisServer() as server:
         store = RedisStore(server.url, namespace="lost", retries=40, backoff_base=0.02,
                            backoff_cap=0.2, timeout=1.0)
-        emb = de.DynamicEmbedding(dim=4, optimizer=de.optim.SGD(lr=0.1), seed=1,
-                                  max_rows=50, store=store)
-        for step in range(8):
-            emb(torch.arange(step * 40, step * 40 + 40)).sum().backward()
+        emb = _trained(store, de.optim.SGD(lr=0.1), 50,
+                       [torch.arange(step * 40, step * 40 + 40) for step in range(8)])
         assert store.size() > 0
         server.stop()
         server.start()  # no persistence: the namespace is gone
