@@ -89,10 +89,14 @@ def index_find_rows(buckets, ids, rows, out, slots, shares, stream):
         shares: how many contiguous shares to split the keys into (the threads).
         stream: write ``out`` with streaming stores (see :mod:`._streaming`; the caller
             checks :func:`~._streaming.can_stream`).
+
+    Returns:
+        How many ids were absent (so a caller with none skips a pass over ``slots``).
     """
     mask = buckets.shape[0] - 1
     n = ids.shape[0]
     per = (n + shares - 1) // shares
+    absent = 0
     for share in nb.prange(shares):
         lo = share * per
         hi = min(n, lo + per)
@@ -110,10 +114,12 @@ def index_find_rows(buckets, ids, rows, out, slots, shares, stream):
             for i in range(start, end):
                 r = slots[i]
                 if r == EMPTY:
+                    absent += 1
                     continue
                 copy_row(out[i], rows[r], stream)
         if stream:
             store_fence()
+    return absent
 
 
 @nb.njit(cache=True, nogil=True)

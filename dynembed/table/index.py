@@ -69,7 +69,8 @@ class HashIndex:
         """(n,) int64 slot per id, EMPTY where absent."""
         return k.index_find(self.table, ids)
 
-    def find_rows(self, ids: np.ndarray, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
+    def find_rows(self, ids: np.ndarray, rows: np.ndarray,
+                  out: np.ndarray) -> tuple[np.ndarray, int]:
         """Slots of ids, copying each present id's row of ``rows`` into ``out`` in the same
         pass (faster than :meth:`find` and a gather).
 
@@ -82,12 +83,13 @@ class HashIndex:
                 streaming stores, which skip reading its lines first.
 
         Returns:
-            (n,) int64 slot per id, EMPTY where absent.
+            (slots, absent): the (n,) int64 slot per id, EMPTY where absent, and how many
+            ids were absent.
         """
         slots = np.empty(ids.shape[0], dtype=np.int64)
-        k.index_find_rows(self.table, ids, rows, out, slots, get_num_threads(),
-                          can_stream(out, rows))
-        return slots
+        absent = k.index_find_rows(self.table, ids, rows, out, slots, get_num_threads(),
+                                   can_stream(out, rows))
+        return slots, int(absent)
 
     def insert_missing(self, ids: np.ndarray, slots: np.ndarray, free_rows: np.ndarray,
                        free_top: int, high_water: int) -> tuple[int, int, int]:

@@ -299,18 +299,19 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch, Table
         if self.arena.device.type == "cpu":  # probe and copy in one compiled pass
             # torch's allocations are 64-byte aligned, so large outputs can be streamed
             out = torch.empty((ids.shape[0], self.dim), dtype=torch.float32)
-            slots = self.index.find_rows(ids, self.arena.np("weights"), out.numpy())
-            missing = slots == EMPTY
-            if missing.any():
+            slots, absent = self.index.find_rows(ids, self.arena.np("weights"), out.numpy())
+            # a warm table's reads find every key: skip the passes over the slots
+            missing = slots == EMPTY if absent else np.zeros(ids.shape[0], dtype=bool)
+            if absent:
                 out[torch.from_numpy(missing)] = self._default
         else:
             slots = self.index.find(ids)
             missing = slots == EMPTY
+            absent = int(np.count_nonzero(missing))
             out = self.gather(slots, missing=missing)
         if call is not None:
-            call.misses = int(np.count_nonzero(missing) if counts is None
-                              else counts[missing].sum())
-        if (self.tier is not None or self.base is not None) and missing.any():
+            call.misses = absent if counts is None else int(counts[missing].sum())
+        if (self.tier is not None or self.base is not None) and absent:
             pos = np.flatnonzero(missing)
             unique, inverse, _ = unique_inverse(ids[pos])
             found, stored, _ = self._read_below(unique)
@@ -363,7 +364,7 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch, Table
         call = CallStats(keys=ids.shape[0])
         out, missing = self._find_gather(ids, call)
         call.hits = ids.shape[0] - call.misses
-        call.defaults_served = int(np.count_nonzero(missing))
+        call.defaults_served = int(np.count_nonzero(missing)) if call.misses else 0
         self.last_call = call
         self.counters.add_call(call)
         return out, missing

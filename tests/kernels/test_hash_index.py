@@ -143,8 +143,10 @@ def check_find_rows(index: HashIndex, queries: np.ndarray, expected: list[int]) 
     slots = np.asarray(expected, dtype=np.int64)
     rows = np.arange((max(slots.max(initial=0), 0) + 1) * 3, dtype=np.float32).reshape(-1, 3)
     out = np.full((queries.shape[0], 3), -7.0, dtype=np.float32)
-    assert index.find_rows(queries, rows, out).tolist() == expected
+    found, absent = index.find_rows(queries, rows, out)
+    assert found.tolist() == expected
     present = slots != EMPTY
+    assert absent == np.count_nonzero(~present)
     np.testing.assert_array_equal(out[present], rows[slots[present]])
     assert (out[~present] == -7.0).all()
 
@@ -380,8 +382,10 @@ def test_find_rows_streams_a_large_output_correctly():
     out = torch.full((queries.shape[0], 64), -7.0).numpy()
     assert can_stream(out, rows)
     expected = np.array([model.slots.get(k, EMPTY) for k in queries.tolist()])
-    np.testing.assert_array_equal(h.index.find_rows(queries, rows, out), expected)
+    found, absent = h.index.find_rows(queries, rows, out)
+    np.testing.assert_array_equal(found, expected)
     present = expected != EMPTY
+    assert absent == np.count_nonzero(~present)
     np.testing.assert_array_equal(out[present], rows[expected[present]])
     assert (out[~present] == -7.0).all()
 
