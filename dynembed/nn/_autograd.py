@@ -36,6 +36,7 @@ class _GatherRows(torch.autograd.Function):
                 slots: np.ndarray, inverse: np.ndarray | None) -> torch.Tensor:
         ctx.table, ctx.ids, ctx.slots, ctx.inverse = table, ids, slots, inverse
         ctx.erasures = table.erasures
+        ctx.marks = table.changes.resets  # the lookup marked the slots changed
         return _gather(table, slots, inverse)
 
     @staticmethod
@@ -43,7 +44,8 @@ class _GatherRows(torch.autograd.Function):
         if ctx.inverse is not None:
             grad = grad.detach().to(torch.float32).contiguous().numpy()
             grad = torch.from_numpy(segment_sum(grad, ctx.inverse, ctx.ids.shape[0]))
-        ctx.table.apply_gradients(ctx.ids, ctx.slots, grad, erasures_at_lookup=ctx.erasures)
+        ctx.table.apply_gradients(ctx.ids, ctx.slots, grad, erasures_at_lookup=ctx.erasures,
+                                  marked_at=ctx.marks)
         return None, None, None, None, None
 
 

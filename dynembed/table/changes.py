@@ -25,6 +25,15 @@ class ChangeTracker:
         self.removed: list[np.ndarray] = []
         self.wiped = True
         self.since: str | None = None
+        self.resets = 0
+        """Times every flag was cleared at once (a checkpoint taken or loaded, a wipe):
+        flags set since the last one still stand (see :meth:`marks_stand`)."""
+
+    def marks_stand(self, resets: int) -> bool:
+        """Whether flags set when :attr:`resets` was ``resets`` are still set (no checkpoint
+        or wipe cleared them since; rows that leave memory change the table's erasure count,
+        which callers check too)."""
+        return resets == self.resets
 
     def mark(self, slots: np.ndarray) -> None:
         """Rows at ``slots`` changed."""
@@ -67,6 +76,7 @@ class ChangeTracker:
         self.flags[:] = 0
         self.moved, self.removed = [], []
         self.wiped = True
+        self.resets += 1
 
     def candidates(self, slot_ids: np.ndarray) -> np.ndarray:
         """Ids that may differ from the checkpoint, possibly repeated: ``slot_ids`` is the
@@ -81,3 +91,4 @@ class ChangeTracker:
         self.moved, self.removed = [], []
         self.wiped = False
         self.since = since
+        self.resets += 1

@@ -388,15 +388,17 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch, Table
         rows[torch.from_numpy(missing)] = self._default
         return rows
 
-    def _changed(self, slots: np.ndarray) -> None:
-        """Marks rows changed for the store and the next checkpoint; write-through writes
-        them at once.
+    def _changed(self, slots: np.ndarray, *, marked: bool = False) -> None:
+        """Marks rows changed for the store and the next checkpoint (for the store only when
+        ``marked``: the checkpoint's marks are set already); write-through writes them at
+        once.
 
         Raises:
             StoreError: a write-through failed; the change stays in memory, marked.
         """
         self.writes += 1
-        self.changes.mark(slots)
+        if not marked:
+            self.changes.mark(slots)
         if self.tier is not None:
             self.tier.mark(slots)
             if self.tier.write_through:

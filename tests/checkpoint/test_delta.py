@@ -85,6 +85,42 @@ def test_a_chain_of_deltas_restores_like_the_live_table(tmp_path, lazy):
     assert_same_rows(table, latest)
 
 
+@pytest.mark.parametrize("deferred", [False, True])
+def test_an_update_after_a_checkpoint_taken_between_lookup_and_backward_is_in_the_delta(
+        tmp_path, deferred):
+    """The lookup marks its rows changed, and backward skips marking them again; a
+    checkpoint taken in between clears the marks, so backward must set them."""
+    emb = de.DynamicEmbedding(dim=8, optimizer=de.optim.SGD(lr=0.5), seed=7,
+                              update_mode="deferred" if deferred else "fused")
+    keys = torch.tensor([3, 5, 3, 9])
+    emb(keys).sum().backward()
+    emb.table.step_optimizer()
+    out = emb(keys)  # marks rows 3, 5, 9 changed
+    de.checkpoint.save(tmp_path / "c0", tables={"t": emb.table})  # clears the marks
+    out.sum().backward()  # fused: updates the rows now
+    emb.table.step_optimizer()  # deferred: now
+    de.checkpoint.save(tmp_path / "c1", tables={"t": emb.table}, parent=tmp_path / "c0")
+    assert manifest(tmp_path / "c1")["tables"]["t"]["rows"] == 3
+    restored = make_table(optimizer=de.optim.SGD(lr=0.5))
+    de.checkpoint.load(tmp_path / "c1", tables={"t": restored})
+    assert_same_rows(emb.table, restored)
+
+
+def test_a_training_step_marks_its_rows_changed_once(monkeypatch):
+    """The lookup's metadata kernel marks the rows; the update in backward does not mark
+    them a second time (unless a checkpoint cleared the marks in between, above)."""
+    emb = de.DynamicEmbedding(dim=8, optimizer=de.optim.SGD(lr=0.5), seed=7)
+    emb(torch.arange(100)).sum().backward()
+    marked = []
+    real = emb.table.changes.mark
+    monkeypatch.setattr(emb.table.changes, "mark",
+                        lambda slots: (marked.append(slots), real(slots)))
+    emb(torch.tensor([0, 1, 1, 2])).sum().backward()
+    assert marked == []
+    assert emb.table.changes.changed(emb.table.index.find(np.arange(3))).all()
+    assert emb.table.counters.updated_rows == 103
+
+
 def test_delta_size_is_proportional_to_the_changed_rows(tmp_path):
     table = make_table()
     table.insert_or_assign(np.arange(50_000), torch.zeros(50_000, 8))
