@@ -180,7 +180,8 @@ def ftrl_update(weights, zn, slots, grads, alpha, weight_decay, max_norm, beta, 
                 w_row[j] = -(z - sign * l1) / ((beta + math.sqrt(n_new)) / alpha + l2)
 
 
-@nb.njit(cache=True)
+@adaptive(lambda grads: grads.size)
+@nb.njit(parallel=True, cache=True)
 def nonfinite_rows(grads):
     """(n,) bool: whether row i of ``grads`` (n, dim) float32 holds a NaN or an inf.
 
@@ -190,7 +191,7 @@ def nonfinite_rows(grads):
     n = grads.shape[0]
     bits = grads.view(np.uint32)
     out = np.empty(n, dtype=np.bool_)
-    for i in range(n):
+    for i in nb.prange(n):
         row = bits[i]
         bad = np.uint32(0)
         for j in range(row.shape[0]):
