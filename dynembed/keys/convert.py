@@ -171,7 +171,7 @@ def to_key_batch(keys, *, hash_seed: int = DEFAULT_HASH_SEED, arg: str = "keys")
             ids = keys.detach()
             if ids.dtype != torch.int64 or ids.device.type != "cpu":  # skip a no-op call
                 ids = ids.to("cpu", torch.int64)
-            ids = ids.reshape(-1).numpy()  # copies only if not contiguous
+            ids = ids.contiguous().reshape(-1).numpy()
         return KeyBatch(ids, shape, INT_KEYS if ids.size else NO_KEYS)
     if isinstance(keys, np.ma.MaskedArray):  # its masked entries are missing values
         if np.ma.getmaskarray(keys).any():

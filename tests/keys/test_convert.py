@@ -49,6 +49,9 @@ def test_torch_non_contiguous_and_3d():
     batch = to_key_batch(base.t())  # (3, 2), not contiguous
     assert batch.shape == (3, 2)
     assert batch.ids.tolist() == base.t().reshape(-1).tolist() == [0, 3, 1, 4, 2, 5]
+    strided = torch.arange(10, dtype=torch.int64)[::2]  # 1-D, a view with stride 2
+    batch = to_key_batch(strided)
+    assert batch.ids.flags.c_contiguous and batch.ids.tolist() == [0, 2, 4, 6, 8]
     cube = torch.arange(24, dtype=torch.int32).reshape(2, 3, 4)
     batch = to_key_batch(cube)
     assert batch.shape == (2, 3, 4) and batch.ids.tolist() == list(range(24))
