@@ -206,13 +206,18 @@ def _candidates(output, inputs, labels, *, num_sampled, sampler, remove_accident
     else:
         pos_slots = table.index.find(unique_pos)
     drawn = sampler.sample(table, num_sampled, rng, unique_pos)
-    sampled = drawn[table.index.find(drawn) != EMPTY]  # rows gone since a snapshot skipped
+    # In-batch negatives in eval are the positives with a row anywhere: rows in the store
+    # or a lazily opened checkpoint are read below, and only then is it known which exist.
+    # Otherwise negatives are rows in memory (rows gone since a snapshot are skipped).
+    in_batch_read = not training and isinstance(sampler, InBatch)
+    sampled = drawn if in_batch_read else drawn[table.index.find(drawn) != EMPTY]
     if num_sampled and sampled.shape[0] == 0 and not isinstance(sampler, InBatch):
         log.warning("sampled softmax: %s; the loss covers the positives only",
                     "the output table has no row in memory to draw negatives from"
                     if table.size() == 0 else
                     f"all {drawn.shape[0]} negatives drawn had left memory")
     cand_ids, cand_inverse, _ = unique_inverse(np.concatenate([unique_pos, sampled]))
+    neg_inverse = cand_inverse[unique_pos.shape[0]:]
     cand_slots = table.index.find(cand_ids)
     cand_slots[cand_inverse[:unique_pos.shape[0]]] = pos_slots  # EMPTY if not admitted
     if training and table.trainable and torch.is_grad_enabled():
@@ -227,12 +232,15 @@ def _candidates(output, inputs, labels, *, num_sampled, sampler, remove_accident
                          misses=absent, defaults_served=absent)
         table.last_call = call
         table.counters.add_call(call)
+        if in_batch_read:  # a label without a row is no negative, as in training
+            has_row = ~missing[neg_inverse]
+            sampled, neg_inverse = sampled[has_row], neg_inverse[has_row]
     if normalize:
         rows = torch.nn.functional.normalize(rows, dim=1)
         inputs = torch.nn.functional.normalize(inputs, dim=1)
     inputs = inputs / temperature
     pos_rows = index_rows(rows, cand_inverse[:unique_pos.shape[0]][pos_inverse])
-    neg_rows = index_rows(rows, cand_inverse[unique_pos.shape[0]:])
+    neg_rows = index_rows(rows, neg_inverse)
 
     # Positive logits, padded to the most positives of any example.
     width = int(np.diff(bounds).max()) if batch else 0

@@ -230,3 +230,29 @@ def test_flags_must_be_bools(flag, value):
     with pytest.raises(TypeError, match=f"{flag} must be True or False, got {value!r}"):
         de.sampled_softmax_loss(output_table(), torch.randn(2, D), [1, 2], num_sampled=3,
                                 **{flag: value})
+
+
+def test_in_batch_negatives_in_eval_include_positives_whose_rows_are_in_the_store():
+    """Eval reads positives from the store, but the in-batch negatives were the positives
+    found in memory only, so evicting rows changed the eval logits (fewer negatives)."""
+    out = de.DynamicEmbedding(dim=D, seed=3, optimizer=de.optim.SGD(lr=0.1),
+                              initializer=de.init.Normal(std=1.0), max_rows=100,
+                              eviction=de.policy.LRU(), store=de.storage.MemoryStore())
+    out(torch.arange(8)).sum().backward()
+    out.eval()
+    x = torch.randn(4, D, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 3, 5, 7])
+    # without the log-q correction: it reads training counts from memory only
+    before = de.sampled_logits(out, x, labels, num_sampled=0, sampler=InBatch(),
+                               logq_correction=False)
+    assert out.table.evict(rows=6) == 6  # most of the batch's rows now live in the store
+    assert len(out.table) == 2
+    after = de.sampled_logits(out, x, labels, num_sampled=0, sampler=InBatch(),
+                              logq_correction=False)
+    assert sorted(after.sampled_ids.tolist()) == [0, 3, 5, 7]
+    np.testing.assert_array_equal(after.sampled_ids, before.sampled_ids)
+    torch.testing.assert_close(after.logits, before.logits)
+    # a label with a row nowhere is no negative (as a training lookup that did not admit it)
+    unseen = de.sampled_logits(out, x, torch.tensor([0, 3, 5, 99]), num_sampled=0,
+                               sampler=InBatch())
+    assert sorted(unseen.sampled_ids.tolist()) == [0, 3, 5]
