@@ -168,10 +168,7 @@ def to_key_batch(keys, *, hash_seed: int = DEFAULT_HASH_SEED, arg: str = "keys")
         if keys.dtype == torch.uint64:  # numpy's check catches values above int64's range
             ids = _check_int_array(keys.detach().cpu().numpy(), arg)
         else:
-            ids = keys.detach()
-            if ids.dtype != torch.int64 or ids.device.type != "cpu":  # skip a no-op call
-                ids = ids.to("cpu", torch.int64)
-            ids = ids.contiguous().reshape(-1).numpy()
+            ids = keys.detach().to("cpu", torch.int64).contiguous().reshape(-1).numpy()
         return KeyBatch(ids, shape, INT_KEYS if ids.size else NO_KEYS)
     if isinstance(keys, np.ma.MaskedArray):  # its masked entries are missing values
         if np.ma.getmaskarray(keys).any():

@@ -61,7 +61,7 @@ class DynamicEmbedding(SingleTableModule):
             unique, inverse, counts = unique_inverse(batch.ids)
             out = rows_for(self.table, self._anchor, unique, counts, training=self.training,
                            inverse=inverse, strings=batch.strings, string_ids=batch.ids)
-        return out if len(batch.shape) == 1 else out.reshape(*batch.shape, self.dim)
+        return out.reshape(*batch.shape, self.dim)
 
     def extra_repr(self) -> str:
         opt = type(self.table.optimizer).__name__ if self.table.optimizer else None
