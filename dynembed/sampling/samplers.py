@@ -78,8 +78,19 @@ class CandidateSampler(abc.ABC):
         """
 
     @abc.abstractmethod
-    def log_expected_count(self, table, ids: np.ndarray, num: int) -> np.ndarray:
-        """(n,) float64 ``log(num * p(id))`` for each id (the logQ correction)."""
+    def log_expected_count(self, table, ids: np.ndarray, num: int,
+                           counts: np.ndarray | None = None) -> np.ndarray:
+        """(n,) float64 ``log(num * p(id))`` for each id (the logQ correction).
+
+        Args:
+            table: the output table.
+            ids: (n,) int64 ids.
+            num: the draws (see :meth:`draws`).
+            counts: (n,) int64 training counts of the ids' rows where the caller read them
+                wherever the rows live (eval reads rows in the store without bringing them
+                into memory); None: counts are read from memory. Only samplers whose
+                probability of a given id depends on its own count use them.
+        """
 
     def draws(self, num: int, positives: np.ndarray) -> int:
         """How many candidates one :meth:`sample` call draws (the ``num`` of the expected
@@ -108,7 +119,7 @@ class Uniform(CandidateSampler):
             have += slots.shape[0]
         return np.concatenate(out)
 
-    def log_expected_count(self, table, ids, num):
+    def log_expected_count(self, table, ids, num, counts=None):
         return np.full(ids.shape[0], np.log(num / max(table.size(), 1)))
 
 
@@ -159,7 +170,8 @@ class _FrequencySampler(CandidateSampler):
                           snap.ids.shape[0] - 1)
         return snap.ids[pick]
 
-    def log_expected_count(self, table, ids, num):
+    def log_expected_count(self, table, ids, num, counts=None):
+        # p comes from the snapshot of the rows drawn from (memory), not from ``counts``
         snap = self.snapshot(table)
         p = np.full(ids.shape[0], snap.p_by_id.min() if snap.p_by_id.shape[0] else 1.0)
         if snap.by_id.shape[0]:
@@ -215,12 +227,18 @@ class InBatch(CandidateSampler):
     def draws(self, num, positives):
         return max(int(np.unique(positives).shape[0]), 1)
 
-    def log_expected_count(self, table, ids, num):
-        """log(batch positives * the id's share of the live rows' training counts)."""
+    def log_expected_count(self, table, ids, num, counts=None):
+        """log(batch positives * the id's share of the live rows' training counts).
+
+        The total is over the rows in memory, the same for every id, so it shifts all
+        logits alike and leaves the softmax as it is; what matters is each id's own count,
+        taken from ``counts`` where given (rows in the store count as much as in memory).
+        """
         if self._total is None or self._total[0].stale(table, self.refresh_every):
             self._total = (_Stamp.of(table), float(max(_live(table)[1].sum(), 1)))
-        slots = table.index.find(ids)
-        counts = np.ones(ids.shape[0])
-        live = slots != EMPTY
-        counts[live] = np.maximum(table.arena.np("meta")[slots[live], COUNT], 1)
-        return np.log(num * counts / self._total[1])
+        if counts is None:
+            slots = table.index.find(ids)
+            counts = np.zeros(ids.shape[0], dtype=np.int64)
+            live = slots != EMPTY
+            counts[live] = table.arena.np("meta")[slots[live], COUNT]
+        return np.log(num * np.maximum(counts, 1) / self._total[1])

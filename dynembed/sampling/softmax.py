@@ -220,6 +220,7 @@ def _candidates(output, inputs, labels, *, num_sampled, sampler, remove_accident
     neg_inverse = cand_inverse[unique_pos.shape[0]:]
     cand_slots = table.index.find(cand_ids)
     cand_slots[cand_inverse[:unique_pos.shape[0]]] = pos_slots  # EMPTY if not admitted
+    cand_counts = None  # the candidates' training counts, where read beyond memory
     if training and table.trainable and torch.is_grad_enabled():
         rows = _GatherRows.apply(output._anchor, table, cand_ids, cand_slots, None)
     elif training:
@@ -235,6 +236,8 @@ def _candidates(output, inputs, labels, *, num_sampled, sampler, remove_accident
         if in_batch_read:  # a label without a row is no negative, as in training
             has_row = ~missing[neg_inverse]
             sampled, neg_inverse = sampled[has_row], neg_inverse[has_row]
+            if logq_correction:  # counts of rows in the store too (training brings them in)
+                cand_counts = table.training_counts(cand_ids)
     if normalize:
         rows = torch.nn.functional.normalize(rows, dim=1)
         inputs = torch.nn.functional.normalize(inputs, dim=1)
@@ -248,15 +251,19 @@ def _candidates(output, inputs, labels, *, num_sampled, sampler, remove_accident
     true_logits = torch.full((batch, width), float("-inf"))
     flat = (inputs[torch.from_numpy(example)] * pos_rows).sum(1)
     draws = sampler.draws(num_sampled, unique_pos)
+
+    def log_q(ids, at_candidates):
+        counts = None if cand_counts is None else cand_counts[at_candidates]
+        return torch.from_numpy(
+            sampler.log_expected_count(table, ids, draws, counts).astype(np.float32))
+
     if logq_correction:
-        flat = flat - torch.from_numpy(
-            sampler.log_expected_count(table, pos_ids, draws).astype(np.float32))
+        flat = flat - log_q(pos_ids, cand_inverse[:unique_pos.shape[0]][pos_inverse])
     true_logits = true_logits.index_put((torch.from_numpy(example), torch.from_numpy(column)),
                                         flat)
     neg_logits = inputs @ neg_rows.T  # (B, S): changed in place below, no copies
     if logq_correction and sampled.shape[0]:
-        neg_logits.sub_(torch.from_numpy(
-            sampler.log_expected_count(table, sampled, draws).astype(np.float32)))
+        neg_logits.sub_(log_q(sampled, neg_inverse))
     if remove_accidental_hits and sampled.shape[0]:
         rows_hit, cols_hit = _accidental_hits(pos_ids, example, sampled)
         if rows_hit.shape[0]:

@@ -14,6 +14,7 @@ import warnings
 import numpy as np
 
 from dynembed.errors import MemoryBudgetError
+from dynembed.kernels.hash_index import unique_inverse
 from dynembed.kernels.records import columns_of
 from dynembed.storage.rows import RowBlock
 from dynembed.table.arena import COUNT, ID, LAST_STEP
@@ -176,6 +177,33 @@ class RowLifecycle:
             self.counters.loaded += n_loaded
             self.counters.inserts += n_new
         return got, created
+
+    def training_counts(self, ids: np.ndarray) -> np.ndarray:
+        """Training lookups counted on each id's row, wherever the row lives: in memory,
+        else in the store or the lazily opened checkpoint (read there, not brought into
+        memory).
+
+        Args:
+            ids: (n,) int64 ids (repeats allowed).
+
+        Returns:
+            (n,) int64 counts; 0 where the id has no row anywhere.
+
+        Raises:
+            StoreError: the store failed (nothing changed).
+        """
+        slots = self.index.find(ids)
+        counts = np.zeros(ids.shape[0], dtype=np.int64)
+        here = slots != EMPTY
+        counts[here] = self.arena.np("meta")[slots[here], COUNT]
+        if (self.tier is not None or self.base is not None) and not here.all():
+            absent = np.flatnonzero(~here)
+            unique, inverse, _ = unique_inverse(ids[absent])
+            found, rows, _ = self._read_below(unique)
+            below = np.zeros(unique.shape[0], dtype=np.int64)
+            below[found] = rows.counts
+            counts[absent] = below[inverse]
+        return counts
 
     def _read_below(self, ids: np.ndarray) -> tuple[np.ndarray, object, np.ndarray]:
         """Rows of distinct ids absent from memory, from the store, else from the lazily

@@ -242,7 +242,8 @@ def test_in_batch_negatives_in_eval_include_positives_whose_rows_are_in_the_stor
     out.eval()
     x = torch.randn(4, D, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([0, 3, 5, 7])
-    # without the log-q correction: it reads training counts from memory only
+    # uncorrected: the correction's total covers memory's rows, which shifts every logit
+    # alike (the loss stays; see the next test)
     before = de.sampled_logits(out, x, labels, num_sampled=0, sampler=InBatch(),
                                logq_correction=False)
     assert out.table.evict(rows=6) == 6  # most of the batch's rows now live in the store
@@ -256,3 +257,28 @@ def test_in_batch_negatives_in_eval_include_positives_whose_rows_are_in_the_stor
     unseen = de.sampled_logits(out, x, torch.tensor([0, 3, 5, 99]), num_sampled=0,
                                sampler=InBatch())
     assert sorted(unseen.sampled_ids.tolist()) == [0, 3, 5]
+
+
+def test_in_batch_logq_correction_in_eval_counts_rows_in_the_store():
+    """The correction read training counts from memory only, so in eval a positive whose
+    row was evicted counted as 1 and evicting rows changed the eval loss."""
+    out = de.DynamicEmbedding(dim=D, seed=3, optimizer=de.optim.SGD(lr=0.1),
+                              initializer=de.init.Normal(std=1.0), max_rows=100,
+                              eviction=de.policy.LRU(), store=de.storage.MemoryStore())
+    ids = np.arange(8)
+    out.table.lookup_slots(ids, (ids + 1) ** 2, insert=True)  # skewed counts
+    out.eval()
+    x = torch.randn(4, D, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 3, 5, 7])
+
+    def loss(**kwargs):
+        return de.sampled_softmax_loss(out, x, labels, num_sampled=0, sampler=InBatch(),
+                                       reduction="none", **kwargs)
+
+    before = loss()
+    assert out.table.evict(rows=6) == 6
+    assert len(out.table) == 2  # at least two positives live in the store only
+    np.testing.assert_array_equal(out.table.training_counts(np.array([7, 3, 7, 99])),
+                                  [64, 16, 64, 0])
+    torch.testing.assert_close(loss(), before)
+    assert not torch.allclose(loss(logq_correction=False), before)  # the counts matter
