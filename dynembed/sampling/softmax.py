@@ -128,7 +128,11 @@ def sampled_logits(output: DynamicEmbedding, inputs: torch.Tensor, labels, *,
         logq_correction: subtract log(expected count) of each candidate from its logit.
         normalize: score by cosine (inputs and rows L2-normalised) instead of dot product.
         temperature: logits are divided by it (before the correction).
-        generator: numpy Generator or seed for the draws (None: fresh entropy).
+        generator: the draws' randomness: a numpy Generator; or an int seed >= 0, with
+            which the draws depend on (seed, the table's step), so a run and its resume
+            from a checkpoint draw alike while every training step gets new negatives (an
+            eval, which leaves the step as it is, draws the same ones each call); or None
+            for fresh entropy.
 
     Returns:
         :class:`SampledLogits`.
@@ -168,6 +172,8 @@ def _candidates(output, inputs, labels, *, num_sampled, sampler, remove_accident
             or isinstance(generator, bool):
         raise TypeError(f"generator must be None, an int seed or a numpy Generator, got "
                         f"{type(generator).__name__}")
+    if isinstance(generator, int) and generator < 0:
+        raise ValueError(f"generator: an int seed must be >= 0, got {generator}")
     for name, flag in (("remove_accidental_hits", remove_accidental_hits),
                        ("logq_correction", logq_correction), ("normalize", normalize)):
         if not isinstance(flag, bool):
@@ -190,8 +196,10 @@ def _candidates(output, inputs, labels, *, num_sampled, sampler, remove_accident
     # their gradient flows back through the cast
     inputs = inputs.to(torch.float32)
     sampler = sampler or Uniform()
-    rng = generator if isinstance(generator, np.random.Generator) else \
-        np.random.default_rng(generator)
+    if isinstance(generator, np.random.Generator):
+        rng = generator
+    else:  # a fixed seed alone would draw the same negatives at every step
+        rng = np.random.default_rng(None if generator is None else (generator, table.step))
     batch = inputs.shape[0]
     pos_ids, bounds, strings, string_ids = _labels(output, labels, batch)
     example = np.repeat(np.arange(batch), np.diff(bounds))

@@ -63,10 +63,10 @@ def test_training_updates_positives_and_negatives_without_inserting_negatives():
     old = {int(i): w for i, w in zip(before.ids, before.weights)}
     changed = {int(i) for i, w in zip(after.ids, after.weights)
                if int(i) in old and not torch.equal(w, old[int(i)])}
-    sampled = got.sampled_ids
-    assert changed == {5, 7} | set(sampled.tolist())
+    sampled = set(got.sampled_ids.tolist())
+    assert changed == ({5, 7} | sampled) - {100, 101}  # the positives' new rows are not in old
     counts = dict(zip(after.ids.tolist(), after.counts.tolist()))
-    assert all(counts[i] == (i + 1) ** 2 for i in sampled.tolist() if i not in (5, 7))
+    assert all(counts[i] == (i + 1) ** 2 for i in sampled - {5, 7, 100, 101})
 
 
 def test_accidental_hits_are_masked_and_targets_spread_over_positives():
@@ -282,3 +282,27 @@ def test_in_batch_logq_correction_in_eval_counts_rows_in_the_store():
                                   [64, 16, 64, 0])
     torch.testing.assert_close(loss(), before)
     assert not torch.allclose(loss(logq_correction=False), before)  # the counts matter
+
+
+def test_an_int_generator_draws_new_negatives_each_training_step_reproducibly():
+    """An int seed re-seeded every call, so every training step drew the same negatives."""
+    def run():
+        out = output_table(de.optim.SGD(lr=0.1))
+        x = torch.randn(2, D, generator=torch.Generator().manual_seed(8))
+        drawn = []
+        for _ in range(3):
+            got = de.sampled_logits(out, x, [1, 2], num_sampled=10, generator=7)
+            got.logits.sum().backward()
+            drawn.append(got.sampled_ids.tolist())
+        out.eval()
+        evals = [de.sampled_logits(out, x, [1, 2], num_sampled=10, generator=7)
+                 .sampled_ids.tolist() for _ in range(2)]
+        return drawn, evals
+
+    drawn, evals = run()
+    assert drawn[0] != drawn[1] != drawn[2]
+    assert evals[0] == evals[1]  # eval leaves the step, so its draws repeat
+    assert run() == (drawn, evals)  # the same seed and steps draw the same again
+    with pytest.raises(ValueError, match="generator: an int seed must be >= 0, got -1"):
+        de.sampled_logits(output_table(), torch.zeros(1, D), [1], num_sampled=2,
+                          generator=-1)
