@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 
 import torch
 from torch import nn
@@ -25,6 +26,33 @@ def without_tables():
         yield
     finally:
         _WITH_TABLES.reset(token)
+
+
+_UNTRACED: dict = {}
+"""Module forwards wrapped by ``torch.compiler.disable``, made on first use under
+torch.compile (making one imports torch._dynamo, a second: never at import)."""
+
+
+def untraced(forward):
+    """Makes a module's ``forward`` run outside torch.compile's graph (a graph break).
+
+    A lookup runs numba kernels and numpy code on the keys, which torch.compile cannot
+    trace (it failed inside numba's dispatcher). Eager calls pay one
+    ``torch.compiler.is_compiling()``; under torch.compile, which reads that as True while
+    it traces, the call goes to a ``torch.compiler.disable`` copy of ``forward``, so the
+    rows come out as a graph input and their backward still updates the table.
+    """
+
+    @functools.wraps(forward)
+    def call(self, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            disabled = _UNTRACED.get(forward)
+            if disabled is None:
+                disabled = _UNTRACED[forward] = torch.compiler.disable(forward)
+            return disabled(self, *args, **kwargs)
+        return forward(self, *args, **kwargs)
+
+    return call
 
 
 def named_tables(model: nn.Module) -> dict[str, DynamicTable]:

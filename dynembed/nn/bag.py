@@ -10,7 +10,7 @@ from dynembed.errors import KeyInputError
 from dynembed.kernels.hash_index import unique_inverse
 from dynembed.keys.convert import KeyBatch, to_jagged
 from dynembed.nn._autograd import rows_for
-from dynembed.nn._base import SingleTableModule
+from dynembed.nn._base import SingleTableModule, untraced
 from dynembed.table.config import TableConfig
 from dynembed.table.table import DynamicTable
 
@@ -153,6 +153,7 @@ class DynamicEmbeddingBag(SingleTableModule):
         super().__init__(dim, table, config, options)
         self.mode = mode
 
+    @untraced
     def forward(self, values, offsets=None, per_sample_weights=None, *,
                 include_last_offset: bool = False) -> torch.Tensor:
         """Pools each bag's rows.

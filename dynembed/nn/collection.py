@@ -13,7 +13,7 @@ from dynembed.errors import KeyInputError
 from dynembed.kernels.hash_index import unique_inverse
 from dynembed.keys.convert import KeyBatch, is_values_offsets, to_jagged, to_key_batch
 from dynembed.nn._autograd import Lookup, index_rows, rows_for_many
-from dynembed.nn._base import TableModule
+from dynembed.nn._base import TableModule, untraced
 from dynembed.nn.bag import bag_weights, check_mode, pool
 from dynembed.table.config import TableConfig
 from dynembed.table.stats import TableStats
@@ -164,6 +164,7 @@ class EmbeddingCollection(TableModule):
                                  "weights apply to features with pooling='sum'")
         return per_sample_weights
 
+    @untraced
     def forward(self, inputs: Mapping[str, object], *, concat: bool = False,
                 per_sample_weights: Mapping[str, torch.Tensor] | None = None):
         """Looks up every feature.

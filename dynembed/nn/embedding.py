@@ -6,7 +6,7 @@ import torch
 
 from dynembed.kernels.hash_index import unique_inverse
 from dynembed.nn._autograd import rows_for
-from dynembed.nn._base import SingleTableModule
+from dynembed.nn._base import SingleTableModule, untraced
 from dynembed.table.config import TableConfig
 from dynembed.table.table import DynamicTable
 
@@ -36,6 +36,7 @@ class DynamicEmbedding(SingleTableModule):
                  table: DynamicTable | None = None, **options) -> None:
         super().__init__(dim, table, config, options)
 
+    @untraced
     def forward(self, keys) -> torch.Tensor:
         """Looks keys up.
 

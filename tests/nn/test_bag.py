@@ -172,3 +172,17 @@ def test_weights_given_one_tensor_each_get_their_gradient():
         w.grad = None
     with pytest.raises(TypeError, match="per_sample_weights must be floating point"):
         bag([[1], [2]], per_sample_weights=[[torch.tensor(1)], [2.0]])
+
+
+def test_a_torch_compiled_bag_pools_and_trains_as_an_eager_one():
+    """torch.compile traced into the lookup's numba kernels and failed."""
+    def run(compiled: bool):
+        bag = de.DynamicEmbeddingBag(dim=4, mode="sum", optimizer=de.optim.SGD(lr=0.1), seed=2)
+        step = lambda values, offsets, w: bag(values, offsets, w).pow(2).sum()
+        if compiled:
+            step = torch.compile(step, backend="eager")
+        weights = torch.tensor([1.0, 2.0, 3.0])
+        step(torch.tensor([1, 2, 1]), torch.tensor([0, 1]), weights).backward()
+        return bag.table.find([1, 2]).values
+
+    torch.testing.assert_close(run(True), run(False))

@@ -280,3 +280,16 @@ def test_table_tensors_nothing_loads_are_reported_as_unexpected():
     with pytest.raises(RuntimeError, match="Unexpected key"):
         de.DynamicEmbedding(dim=2).load_state_dict(state)
     assert logged.load_state_dict(logged.state_dict()).unexpected_keys == []
+
+
+def test_a_torch_compiled_collection_trains_as_an_eager_one():
+    """torch.compile traced into the lookup's numba kernels and failed."""
+    def run(compiled: bool):
+        coll = _collection()
+        step = lambda batch: coll(batch, concat=True).pow(2).sum()
+        if compiled:
+            step = torch.compile(step, backend="eager")
+        step(BATCH).backward()
+        return coll.tables["words"].find(["red", "shoe", "blue", "hat"]).values
+
+    torch.testing.assert_close(run(True), run(False))

@@ -387,3 +387,25 @@ def test_backward_with_create_graph_updates_as_a_plain_backward():
 
     for plain, graph in zip(run(False), run(True)):
         torch.testing.assert_close(graph, plain)
+
+
+def test_a_torch_compiled_model_looks_up_and_trains_as_an_eager_one():
+    """torch.compile traced into the lookup's numba kernels and failed ("exception table
+    entry start instruction has no offset", or a KeyError from numba's parfors): the
+    lookup must run outside the traced graph."""
+    def run(compiled: bool):
+        torch.manual_seed(0)
+        head = torch.nn.Linear(4, 1)
+        emb = de.DynamicEmbedding(dim=4, optimizer=de.optim.SGD(lr=0.1), seed=2)
+        step = lambda keys: head(emb(keys)).pow(2).sum()
+        if compiled:
+            step = torch.compile(step, backend="eager")
+        for keys in (torch.tensor([1, 2, 1]), torch.tensor([[3, 4], [1, 5]]), ["a", "b"]):
+            step(keys).backward()
+        rows = torch.cat([emb.table.find([1, 2, 3, 4, 5]).values,
+                          emb.table.find(["a", "b"]).values])
+        return rows, emb.stats().totals
+
+    (eager, eager_totals), (compiled, compiled_totals) = run(False), run(True)
+    torch.testing.assert_close(compiled, eager)
+    assert compiled_totals == eager_totals
