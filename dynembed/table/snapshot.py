@@ -41,8 +41,27 @@ class AuxState:
 
 def _describe(value) -> str:
     if isinstance(value, torch.Tensor):
-        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+        where = ("" if value.layout == torch.strided and value.device.type != "meta"
+                 else f" ({value.layout} on {value.device})")
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}{where}"
     return type(value).__name__
+
+
+def _check_row_tensor(name: str, value, *, floating: bool) -> None:
+    """Raises StateDictError unless ``value`` is a dense tensor with values, of floating
+    point (weights, optimizer state) or integer (ids, counts, steps) numbers.
+
+    Checked before the table is cleared: a sparse tensor failed only when written into
+    the arena, a meta tensor left the old arena's values in the rows, and complex or
+    fractional numbers lost a part with at most a warning.
+    """
+    ok = (isinstance(value, torch.Tensor) and value.layout == torch.strided
+          and value.device.type != "meta"
+          and (value.dtype.is_floating_point if floating else value.dtype in _INT_DTYPES))
+    if not ok:
+        kind = "floating point" if floating else "integer"
+        raise StateDictError(f"state dict '{name}' must be a dense {kind} tensor (as "
+                             f"DynamicTable.state_dict() writes), got {_describe(value)}")
 
 
 def _part(state: dict, prefix: str) -> dict:
@@ -313,8 +332,15 @@ class TableSnapshot:
             raise StateDictError(f"state dict lacks {absent}; expected the tensors written by "
                                  "DynamicTable.state_dict()")
         aux = self.read_aux_state(state)  # also checks the state's dim and width are ours
+        ids = state["ids"]
+        if (not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.dtype not in _INT_DTYPES
+                or ids.layout != torch.strided or ids.device.type == "meta"):
+            raise StateDictError(f"state dict 'ids' must be a 1-D integer tensor, got "
+                                 f"{_describe(ids)}")
+        for name in ("weights", "optimizer_state", "counts", "last_step"):
+            _check_row_tensor(name, state[name], floating=name in ("weights", "optimizer_state"))
         dim, width = self.dim, self.arena.state_width
-        n = state["ids"].shape[0]
+        n = ids.shape[0]
         for name, width_ in (("weights", dim), ("optimizer_state", width)):
             if tuple(state[name].shape) != (n, width_):
                 raise StateDictError(f"state dict '{name}' has shape "
@@ -326,10 +352,7 @@ class TableSnapshot:
             if n and int(state[name].min()) < 0:  # -1 marks a free slot in the arena
                 raise StateDictError(f"state dict '{name}' holds {int(state[name].min())}; "
                                      f"{name} are >= 0 (use 0 for rows never looked up)")
-        if state["ids"].dim() != 1 or state["ids"].dtype not in _INT_DTYPES:
-            raise StateDictError(f"state dict 'ids' must be a 1-D integer tensor, got "
-                                 f"{_describe(state['ids'])}")
-        ids = state["ids"].to(torch.int64).numpy()
+        ids = ids.to("cpu", torch.int64).numpy()
         if np.unique(ids).shape[0] != n:
             raise StateDictError("state dict 'ids' holds duplicates; it is corrupted")
         if self.tier is None and self.max_rows is not None and n > self.max_rows:
@@ -367,10 +390,10 @@ class TableSnapshot:
             stale = [b.ids[~np.isin(b.ids, ids)] for b in self.tier.scan()]
             stale = np.concatenate(stale) if stale else ids[:0]
             self.tier.put(RowBlock(
-                ids, state["weights"].to(torch.float32).numpy(),
-                state["optimizer_state"].to(torch.float32).numpy(),
-                state["counts"].to(torch.int64).numpy(),
-                state["last_step"].to(torch.int64).numpy()))
+                ids, state["weights"].to("cpu", torch.float32).numpy(),
+                state["optimizer_state"].to("cpu", torch.float32).numpy(),
+                state["counts"].to("cpu", torch.int64).numpy(),
+                state["last_step"].to("cpu", torch.int64).numpy()))
             if stale.shape[0]:
                 self.tier.delete(stale)
         self._clear_memory()
@@ -381,7 +404,7 @@ class TableSnapshot:
         slots = self.index.find(ids)
         self._allocate(ids, slots, n)
         t = torch.from_numpy(slots)
-        self.arena.weights[t] = state["weights"].to(torch.float32)
-        self.arena.state[t] = state["optimizer_state"].to(torch.float32)
-        self.arena.counts[t] = state["counts"].to(torch.int64)
-        self.arena.last_step[t] = state["last_step"].to(torch.int64)
+        self.arena.weights[t] = state["weights"].to("cpu", torch.float32)
+        self.arena.state[t] = state["optimizer_state"].to("cpu", torch.float32)
+        self.arena.counts[t] = state["counts"].to("cpu", torch.int64)
+        self.arena.last_step[t] = state["last_step"].to("cpu", torch.int64)

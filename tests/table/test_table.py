@@ -168,6 +168,24 @@ def _with_rows():
     (lambda s: dict(s, **{"admission.sketch": torch.zeros(4, 1024, dtype=torch.int32)}),
      "admission state does not load"),
     (lambda s: dict(s, **{"key_log.lengths": torch.tensor([1])}), "key log"),
+    # row tensors of the wrong kind: an IndexError, an AttributeError, or a load that went
+    # on (a sparse tensor failed after the table was cleared; a meta tensor left the old
+    # arena's values as the rows; a complex or float one lost its imaginary or fractional
+    # part with at most a warning)
+    (lambda s: dict(s, ids=torch.tensor(5)), "'ids' must be a 1-D integer tensor"),
+    (lambda s: dict(s, ids=s["ids"].numpy()), "'ids' must be a 1-D integer tensor"),
+    (lambda s: dict(s, weights=s["weights"].to_sparse()),
+     "'weights' must be a dense floating point tensor"),
+    (lambda s: dict(s, weights=torch.empty(s["weights"].shape, device="meta")),
+     "'weights' must be a dense floating point tensor"),
+    (lambda s: dict(s, weights=s["weights"].to(torch.complex64)),
+     "'weights' must be a dense floating point tensor"),
+    (lambda s: dict(s, optimizer_state=s["optimizer_state"].long()),
+     "'optimizer_state' must be a dense floating point tensor"),
+    (lambda s: dict(s, counts=s["counts"].double() + 0.5),
+     "'counts' must be a dense integer tensor"),
+    (lambda s: dict(s, last_step=s["last_step"].tolist()),
+     "'last_step' must be a dense integer tensor"),
 ])
 def test_a_failing_load_leaves_the_table_as_it_was(corrupt, match):
     """Every check runs before the table is cleared (a bad admission sketch, meta or counter
