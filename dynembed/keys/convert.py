@@ -315,7 +315,7 @@ def to_jagged(values, offsets=None, *, include_last_offset: bool = False,
 
     Args:
         values: flat keys with ``offsets``; or a list of lists (bags); or a 2-D integer
-            tensor/array (B, L) of fixed-size bags.
+            tensor/array, or a 2-D str/bytes/object array, (B, L) of fixed-size bags.
         offsets: (B,) starts of bags (or (B + 1,) with ``include_last_offset``), only with
             flat values.
         include_last_offset: as in ``torch.nn.EmbeddingBag``.
@@ -351,8 +351,10 @@ def to_jagged(values, offsets=None, *, include_last_offset: bool = False,
                                        include_last_offset=include_last_offset,
                                        arg="offsets" if arg == "values" else f"{arg} offsets")
     if isinstance(values, (torch.Tensor, np.ndarray)) and values.ndim == 2:
+        rows, width = values.shape
+        if isinstance(values, np.ndarray) and values.dtype.kind in "USO":
+            values = values.reshape(-1)  # string keys convert as a flat 1-D array
         batch = to_key_batch(values, hash_seed=hash_seed, arg=arg)
-        rows, width = batch.shape
         return batch, np.arange(rows + 1, dtype=np.int64) * width
     if isinstance(values, (list, tuple)):
         bag_types = set(map(type, values))  # C-level scan; the checks below see each type once

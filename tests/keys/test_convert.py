@@ -523,3 +523,17 @@ def test_bags_mixing_tensors_and_lists_convert_in_any_order():
         batch, bounds = to_jagged(bags)
         assert batch.ids.tolist() == [1, 2, 3] and bounds.tolist() == [0, 2, 3]
     jag_raises(KeyInputError, "values", [torch.tensor([1.5]), [3]])
+
+
+@pytest.mark.parametrize("dtype", ["U", "S", object])
+def test_two_dimensional_string_array_is_fixed_size_bags(dtype):
+    """A (B, L) str / bytes / object array was refused with "flatten them or use bags"
+    although it was given as bags; it is B bags of L keys, as a 2-D integer array."""
+    keys = [["red", "shoe"], ["blue", "hat"], ["red", "hat"]]
+    values = np.array([[k.encode() for k in bag] for bag in keys] if dtype == "S" else keys,
+                      dtype=dtype)
+    batch, bounds = to_jagged(values)
+    expected, expected_bounds = to_jagged(keys)
+    assert np.array_equal(batch.ids, expected.ids)
+    assert bounds.tolist() == expected_bounds.tolist() == [0, 2, 4, 6]
+    assert batch.kind == "str" and list(batch.strings) == values.reshape(-1).tolist()
