@@ -387,7 +387,9 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
     Raises:
         CheckpointNotFoundError: no committed checkpoint at ``path``.
         CheckpointCorruptError: a file is missing, truncated or damaged (named).
-        CheckpointError: a table is not in the checkpoint or does not fit it.
+        CheckpointError: a table is not in the checkpoint or does not fit it; with
+            ``strict``, the checkpoint holds no dense state for a model that has some, or
+            no optimizer state for ``optimizer``.
         ValueError: a bad ``rank``/``world_size``, ``background_rows`` or ``chunk_rows``.
     """
     _check_rank(rank, world_size)
@@ -443,10 +445,12 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
                 aux, counters=_job_counters(auxes, table_buckets.start == 0))
         plans.append((table, table_buckets, layers, aux))
     extra = None
-    if manifest.get("dense") is not None:  # first: a model that does not fit changes nothing
+    dense = None
+    if manifest.get("dense") is not None:
         dense = torch.load(folder / manifest["dense"], weights_only=True)
-        if optimizer is not None and dense["optimizer"] is None and strict:
-            raise CheckpointError(f"checkpoint {folder} holds no optimizer state")
+    if strict:  # before anything changes, as the checks of the tables above
+        _check_dense_saved(model, optimizer, dense, folder)
+    if dense is not None:  # first: a model that does not fit changes nothing
         _load_dense(model, optimizer, dense, strict=strict, folder=folder)
         extra = dense["extra"]
     for table, table_buckets, layers, aux in plans:
@@ -458,6 +462,31 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
         restore(table, layers, table_buckets, aux, since=manifest["id"], lazy=lazy,
                 background_rows=background_rows, chunk_rows=chunk_rows)
     return extra
+
+
+def _check_dense_saved(model: nn.Module | None, optimizer: torch.optim.Optimizer | None,
+                       dense: dict | None, folder: Path) -> None:
+    """Raises CheckpointError where a strict load would leave the model's dense state or
+    the optimizer's as they are because the checkpoint holds none (saved with ``tables=``
+    only, or without ``model=`` / ``optimizer=``): the load would otherwise restore the
+    tables and keep, say, a freshly initialised head without a word.
+
+    A model whose state is all in its tables has no dense state to miss.
+    """
+    if model is not None and (dense is None or dense["model"] is None):
+        with without_tables():
+            names = sorted(model.state_dict())
+        if names:
+            shown = names[:5] + (["..."] if len(names) > 5 else [])
+            raise CheckpointError(
+                f"checkpoint {folder} holds no dense model state (it was saved without "
+                f"model=) but the model has dense state {shown}; load a checkpoint saved "
+                "with model=, or pass strict=False to restore only the tables")
+    if optimizer is not None and (dense is None or dense["optimizer"] is None):
+        raise CheckpointError(
+            f"checkpoint {folder} holds no optimizer state (it was saved without "
+            "optimizer=); load a checkpoint saved with optimizer=, or pass strict=False to "
+            "leave the optimizer as it is")
 
 
 def _decoded_aux(name: str, table: DynamicTable, folder: Path, aux: dict, others: list,

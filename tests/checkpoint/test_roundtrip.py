@@ -355,3 +355,41 @@ def test_a_table_taken_over_never_gets_the_store_back():
         first.flush()
     third = de.DynamicTable(de.TableConfig(dim=2, store=store))
     assert torch.equal(third.find([1]).values, torch.full((1, 2), 2.0))
+
+
+def test_a_strict_load_refuses_a_checkpoint_without_the_models_dense_state(tmp_path):
+    """A checkpoint saved with tables= only (or with extra= but no model=) once loaded into
+    a model with dense weights under strict=True without a word: its tables were restored,
+    its Linear kept its random initialisation (and `dynembed export` packaged that)."""
+    torch.manual_seed(0)
+
+    def model():
+        m = torch.nn.Module()
+        m.emb = de.DynamicEmbedding(dim=4, optimizer=de.optim.SGD(lr=0.1), seed=1)
+        m.head = torch.nn.Linear(4, 1)
+        return m
+
+    src = model()
+    src.emb(torch.arange(10)).sum().backward()
+    de.checkpoint.save(tmp_path / "tables-only", tables={"emb.table": src.emb.table})
+    de.checkpoint.save(tmp_path / "extra-only", tables={"emb.table": src.emb.table},
+                       extra={"step": 1})
+    for name in ("tables-only", "extra-only"):
+        dst = model()
+        head = dst.head.weight.detach().clone()
+        with pytest.raises(de.CheckpointError,
+                           match=rf"{name} holds no dense model state .*\['head.bias', "
+                                 r"'head.weight'\].*strict=False"):
+            de.checkpoint.load(tmp_path / name, dst)
+        assert torch.equal(dst.head.weight, head) and len(dst.emb.table) == 0  # untouched
+        with pytest.raises(de.CheckpointError, match=rf"{name} holds no optimizer state"):
+            de.checkpoint.load(tmp_path / name, tables={"emb.table": dst.emb.table},
+                               optimizer=torch.optim.SGD(dst.head.parameters(), lr=0.1))
+        # not strict: the tables load, the dense weights stay as they are
+        de.checkpoint.load(tmp_path / name, dst, strict=False)
+        assert torch.equal(dst.head.weight, head)
+        assert_same_rows(src.emb.table, dst.emb.table)
+    only_tables = torch.nn.Module()  # no dense state to miss: loads strictly
+    only_tables.emb = de.DynamicEmbedding(dim=4, optimizer=de.optim.SGD(lr=0.1), seed=1)
+    de.checkpoint.load(tmp_path / "tables-only", only_tables)
+    assert_same_rows(src.emb.table, only_tables.emb.table)
