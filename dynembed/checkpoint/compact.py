@@ -86,8 +86,11 @@ def compact(path: str | os.PathLike, out: str | os.PathLike, *,
     for file in files:
         with open(staging / file, "rb+") as f:
             os.fsync(f.fileno())
-    for folder in {(staging / file).parent for file in files}:
-        mf.fsync_dir(folder)
+    # every folder between a file and the staging directory (``tables/`` too): the
+    # manifest below commits them, and the caller may delete the delta chain next
+    folders = {parent for file in files for parent in Path(file).parents}
+    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        mf.fsync_dir(staging / folder)
     manifest = {**newest, "kind": "full", "parent": None, "chain_length": 1,
                 "compacted": time.time(), "tables": tables, "files": files}
     mf.write_atomic(staging / mf.MANIFEST, mf.encode(manifest))

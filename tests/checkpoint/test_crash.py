@@ -13,7 +13,7 @@ import pytest
 import dynembed as de
 
 from .crash_worker import state_at
-from .helpers import assert_same_rows, make_table
+from .helpers import assert_same_rows, batches, make_table, train
 
 WORKER = Path(__file__).with_name("crash_worker.py")
 
@@ -72,3 +72,41 @@ def test_sigkill_at_any_moment_leaves_a_loadable_latest_checkpoint(tmp_path, del
     manager.cleanup()  # a fresh manager removes what the crash left
     assert not list(tmp_path.glob("*.partial"))
     print(f"killed after {committed[-1] if committed else 0} commits; restored {step}")
+
+
+@pytest.mark.parametrize("how", ["save", "compact"])
+def test_every_directory_is_synced_before_the_manifest_commits(tmp_path, monkeypatch, how):
+    """A power loss after the commit must not lose a directory entry the manifest's files
+    lie under. compact() synced the files and their own folders but not ``tables/``, whose
+    entry for each table's folder could then vanish while the manifest stayed, and the
+    CheckpointManager deletes the delta it compacted right after."""
+    from dynembed.checkpoint import api
+    from dynembed.checkpoint import manifest as mf
+
+    table, other = make_table(), make_table()
+    train(table, batches(2, 1000))
+    api.save(tmp_path / "c0", tables={"t": table, "u": other}, extra={"step": 1})
+    train(table, batches(1, 1000, seed=2))
+    if how == "compact":
+        api.save(tmp_path / "c1", tables={"t": table, "u": other}, parent=tmp_path / "c0")
+    synced, missing = set(), []
+    original_sync, original_write = mf.fsync_dir, mf.write_atomic
+
+    def fsync_dir(path):
+        synced.add(Path(path).resolve())
+        original_sync(path)
+
+    def write_atomic(path, data):
+        if path.name == mf.MANIFEST:  # the commit: everything under it must be durable
+            staging = path.parent.resolve()
+            missing.extend(str(d.relative_to(staging)) for d in staging.rglob("*")
+                           if d.is_dir() and d.name != "parts" and d.resolve() not in synced)
+        original_write(path, data)
+
+    monkeypatch.setattr(mf, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(mf, "write_atomic", write_atomic)
+    if how == "save":
+        api.save(tmp_path / "c1", tables={"t": table, "u": other}, parent=tmp_path / "c0")
+    else:
+        de.checkpoint.compact(tmp_path / "c1", tmp_path / "c1-full")
+    assert missing == []
