@@ -309,11 +309,13 @@ class CheckpointManager:
             Its ``extra`` dict (``{}`` if it has none), or None when there is no checkpoint
             yet (a fresh start).
 
-        A damaged checkpoint is renamed ``<name>.damaged`` (single-process jobs), so that
-        the training that follows can save that step again; it is kept for inspection.
+        A damaged checkpoint (or a delta whose parent is gone) is renamed
+        ``<name>.damaged`` (single-process jobs), so that the training that follows can save
+        that step again; it is kept for inspection.
 
         Raises:
-            CheckpointCorruptError: there are checkpoints, but every one is damaged.
+            CheckpointCorruptError: there are checkpoints, but every one is damaged (or
+                misses a parent).
         """
         tried = []
         for path in reversed(self.checkpoints()):
@@ -324,16 +326,18 @@ class CheckpointManager:
                 extra = load(path, model, optimizer, tables=tables, lazy=lazy,
                              background_rows=background_rows, rank=self.rank,
                              world_size=self.world_size, strict=strict)
-            except CheckpointCorruptError as e:  # damaged: fall back on an older one
+            except (CheckpointCorruptError, CheckpointNotFoundError) as e:
+                if isinstance(e, CheckpointNotFoundError) and not (path / mf.MANIFEST).exists():
+                    logger.warning("skipping checkpoint %s: %s", path, e)  # removed meanwhile
+                    continue
+                # damaged, or a delta whose parent is gone: it never loads again, and left
+                # in place it would stop training from saving that step again
                 logger.warning("skipping damaged checkpoint %s: %s", path, e)
                 tried.append(path)
                 if self.world_size == 1:  # out of the way: training will save that step again
                     set_aside(path)
                 else:  # another rank may still read it: remembered instead (see latest)
                     self._damaged.add(path.name)
-                continue
-            except CheckpointNotFoundError as e:
-                logger.warning("skipping checkpoint %s: %s", path, e)
                 continue
             self._last_step = (extra or {}).get("step") if isinstance(extra, dict) else None
             self._last_time = time.monotonic()

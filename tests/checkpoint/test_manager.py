@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -308,3 +310,31 @@ def test_a_follower_moves_only_to_newer_steps():
     assert _behind("/c/step-0000000005", Path("/c/step-0000000005-full"))  # same state,
     assert not _behind("/c/step-0000000005-full", latest)  # whose delta is being deleted
     assert _behind("/elsewhere/model.pt", latest)  # not a step: follow the directory
+
+
+def test_a_delta_whose_parent_is_gone_is_set_aside_so_its_step_can_be_saved_again(tmp_path):
+    """restore() skipped a delta whose parent was gone (deleted by hand, lost with a disk)
+    but left it in place: the training that resumed from an older checkpoint then failed
+    with FileExistsError when it reached that step again, at every restart."""
+    manager = de.checkpoint.CheckpointManager(tmp_path, keep_last=5)
+    table = make_table()
+    for step in (1, 2, 3):
+        train(table, batches(1, 500, seed=step))
+        manager.save(step, tables={"t": table}, extra={"step": step})
+    shutil.rmtree(tmp_path / "step-0000000002")  # step 3's parent
+    restored = make_table()
+    resumed = de.checkpoint.CheckpointManager(tmp_path, keep_last=5)
+    assert resumed.restore(tables={"t": restored}) == {"step": 1}
+    assert (tmp_path / "step-0000000003.damaged").is_dir()  # kept for inspection
+    for step in (2, 3):
+        train(restored, batches(1, 500, seed=step))
+        assert resumed.save(step, tables={"t": restored}, extra={"step": step}) is not None
+    again = make_table()
+    assert de.checkpoint.CheckpointManager(tmp_path).restore(tables={"t": again}) == {"step": 3}
+    assert_same_rows(table, again)
+    # every checkpoint unloadable: an error, not a fresh start over them
+    shutil.rmtree(tmp_path / "step-0000000001")
+    for path in tmp_path.glob("step-*-full"):
+        shutil.rmtree(path)
+    with pytest.raises(de.CheckpointCorruptError, match="every checkpoint"):
+        de.checkpoint.CheckpointManager(tmp_path).restore(tables={"t": make_table()})
