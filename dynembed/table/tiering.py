@@ -11,12 +11,15 @@ has them; ``prefetch(ids)`` reads rows of an upcoming batch on the same thread. 
 releases the GIL while it works, so this I/O can overlap the training step. One worker thread runs every background task in
 order, so a prefetch never reads a row older than a write queued before it; writes queued
 after a prefetch drop the rows it staged. A background failure is raised by the next call
-(the batch stays queued and readable) and retried by it, so no row is ever lost.
+(the batch stays queued and readable) and retried by it, so no row is ever lost. Reads
+may run from many threads at once (eval, serving): a lock guards the queue and the prefetch,
+and each read walks a snapshot of the queue.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import weakref
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -88,6 +91,9 @@ class Tier:
         self._pending: deque[_Pending] = deque()
         self._staged: _Staged | None = None
         self._worker: ThreadPoolExecutor | None = None
+        self._lock = threading.RLock()
+        """Guards the queue and the prefetch: reads (eval lookups, serving) may run from many
+        threads at once, and each of them settles the queue."""
         self.owned: tuple[range, int] | None = None
         """(buckets, num_buckets) of a distributed table's shard over a shared store: the
         other shards' rows in the store are theirs, never scanned or cleared here."""
@@ -173,20 +179,21 @@ class Tier:
         queued write holds newer copies of (those may have landed already); if it fails
         again its error is raised and the batch stays queued (and readable).
         """
-        while self._pending and (wait > 0 or self._pending[0].future.done()):
-            head = self._pending[0]
-            try:
-                head.future.result()
-            except StoreError:
-                rows = head.rows
-                newer = [p.rows.ids for p in list(self._pending)[1:]]
-                if newer:
-                    rows = rows.take(~np.isin(rows.ids, np.concatenate(newer)))
-                # a prefetch read while this batch was missing from the store is stale
-                self._invalidate(rows.ids)
-                self.store.put(rows)  # raises if the store still fails
-            self._pending.popleft()
-            wait -= 1
+        with self._lock:  # two readers could pop the same landed write, or one not landed
+            while self._pending and (wait > 0 or self._pending[0].future.done()):
+                head = self._pending[0]
+                try:
+                    head.future.result()
+                except StoreError:
+                    rows = head.rows
+                    newer = [p.rows.ids for p in list(self._pending)[1:]]
+                    if newer:
+                        rows = rows.take(~np.isin(rows.ids, np.concatenate(newer)))
+                    # a prefetch read while this batch was missing from the store is stale
+                    self._invalidate(rows.ids)
+                    self.store.put(rows)  # raises if the store still fails
+                self._pending.popleft()
+                wait -= 1
 
     def drain(self) -> None:
         """Waits until every queued write is in the store (raising its error, if any)."""
@@ -194,35 +201,40 @@ class Tier:
 
     def _invalidate(self, ids: np.ndarray) -> None:
         """Ids about to change in the store no longer match a prefetch's copies."""
-        staged = self._staged
-        if staged is None or ids.shape[0] == 0:
-            return
-        if staged.valid is None:  # still reading: drop them when it is consumed
-            staged.stale.append(ids.copy())
-        else:
-            staged.valid[_positions(staged.ids, ids)[1]] = False
+        with self._lock:
+            staged = self._staged
+            if staged is None or ids.shape[0] == 0:
+                return
+            if staged.valid is None:  # still reading: drop them when it is consumed
+                staged.stale.append(ids.copy())
+            else:
+                staged.valid[_positions(staged.ids, ids)[1]] = False
 
     # ------------------------------------------------------------------ reads
     def prefetch(self, ids: np.ndarray) -> None:
         """Starts reading ``ids`` (distinct, absent from memory) from the store in the
         background; a later :meth:`get` takes them from there. Replaces an earlier
         prefetch."""
-        self._settle()
-        ids = np.unique(ids)
-        self._staged = _Staged(ids, self._submit(self.store.get, ids), stale=[])
+        with self._lock:
+            self._settle()
+            ids = np.unique(ids)
+            self._staged = _Staged(ids, self._submit(self.store.get, ids), stale=[])
 
     def _take_staged(self) -> _Staged | None:
-        staged = self._staged
-        if staged is not None and staged.valid is None:
-            try:
-                staged.found, staged.rows = staged.future.result()
-            except StoreError:
-                self._staged = None  # a failed prefetch only costs the synchronous read
-                return None
-            staged.valid = np.ones(staged.ids.shape[0], dtype=bool)
-            for ids in staged.stale:
-                self._invalidate(ids)
-        return staged
+        with self._lock:  # concurrent readers: one consumes it, the others see it whole
+            staged = self._staged
+            if staged is not None and staged.valid is None:
+                try:
+                    found, rows = staged.future.result()
+                except StoreError:
+                    self._staged = None  # a failed prefetch only costs the synchronous read
+                    return None
+                valid = np.ones(staged.ids.shape[0], dtype=bool)
+                stale = staged.stale
+                if stale:
+                    valid[_positions(staged.ids, np.concatenate(stale))[1]] = False
+                staged.found, staged.rows, staged.valid = found, rows, valid
+            return staged
 
     def get(self, ids: np.ndarray) -> tuple[np.ndarray, RowBlock]:
         """Rows of distinct ids from the write queue, a prefetch, or the store, newest first.
@@ -233,20 +245,24 @@ class Tier:
         Raises:
             StoreError: the store failed (nothing changed).
         """
-        self._settle()
+        with self._lock:
+            # a snapshot: the queue may be settled by another reader while this one walks
+            # it (a write popped has landed, so the store answers for it as well)
+            self._settle()
+            pending = list(self._pending)
+            staged = self._take_staged()
         n = ids.shape[0]
         found = np.zeros(n, dtype=bool)
         answered = np.zeros(n, dtype=bool)
         source = np.full(n, -1, dtype=np.int64)  # block of each found row
         row_of = np.zeros(n, dtype=np.int64)  # its row in that block
         blocks: list[RowBlock] = []
-        for pending in reversed(self._pending):
-            where, pos = _positions(pending.rows.ids, ids, among=~answered)
+        for queued in reversed(pending):
+            where, pos = _positions(queued.rows.ids, ids, among=~answered)
             if where.shape[0]:
                 found[where] = answered[where] = True
                 source[where], row_of[where] = len(blocks), pos
-                blocks.append(pending.rows)
-        staged = self._take_staged()
+                blocks.append(queued.rows)
         if staged is not None:
             where, pos = _positions(staged.ids, ids, among=~answered)
             usable = staged.valid[pos]
@@ -300,7 +316,8 @@ class Tier:
             self.store.put(rows)
         else:
             rows = rows.take(np.argsort(rows.ids))
-            self._pending.append(_Pending(rows, self._submit(self.store.put, rows)))
+            with self._lock:  # readers snapshot the queue under it
+                self._pending.append(_Pending(rows, self._submit(self.store.put, rows)))
         self.dirty[slots] = False
         return int(slots.shape[0])
 

@@ -11,6 +11,7 @@ import torch
 
 import dynembed as de
 from dynembed.errors import StoreError
+from dynembed.table import tiering
 
 
 class GatedStore(de.storage.MemoryStore):
@@ -163,3 +164,42 @@ def test_a_failing_sweep_leaves_the_lookup_undone():
     emb(torch.tensor([3, 2])).sum().backward()  # the retried lookup counts once
     assert sorted(emb.table.export().counts.tolist()) == [1, 1, 2]
     assert np.array_equal(emb.table.contains([1, 2, 3]).numpy(), [True, True, True])
+
+
+def test_reads_from_two_threads_while_queued_writes_land_see_every_row(monkeypatch):
+    """Reads may run from many threads at once (eval, serving), and each settles the write
+    queue: a reader walked the queue while another popped the writes that had landed
+    ("deque mutated during iteration"; "pop from an empty deque" when both popped)."""
+    store = de.storage.MemoryStore()
+    store.background_io = True
+    gate = threading.Event()
+    store._put = lambda ids, values, put=store._put: (gate.wait(10), put(ids, values))
+    emb = de.DynamicEmbedding(dim=2, optimizer=de.optim.SGD(lr=0.5), seed=1, max_rows=8,
+                              store=store)
+    emb(torch.arange(8)).sum().backward()
+    table = emb.table
+    table.evict(rows=4)  # two writes queued, held by the gate
+    table.evict(rows=4)
+    assert len(table.tier._pending) == 2 and table.size() == 0
+    expected = reference(1, keys=tuple(range(8)))
+    reader_a = threading.get_ident()
+    walked, other_done = threading.Event(), threading.Event()
+    positions = tiering._positions
+
+    def interleave(*args, **kwargs):
+        # reader A, inside its walk of the queue: the writes land and reader B runs
+        if threading.get_ident() == reader_a and not walked.is_set():
+            walked.set()
+            gate.set()
+            for pending in list(table.tier._pending):
+                pending.future.result(timeout=10)
+            other = threading.Thread(target=lambda: (table.find(torch.arange(8)),
+                                                     other_done.set()))
+            other.start()
+            other.join(10)
+        return positions(*args, **kwargs)
+
+    monkeypatch.setattr(tiering, "_positions", interleave)
+    got = table.find(torch.arange(8))
+    assert walked.is_set() and other_done.is_set()
+    assert got.found.all() and torch.equal(got.values, expected)
