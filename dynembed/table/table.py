@@ -641,12 +641,17 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch, Table
         older copy would otherwise come back), and their pending gradients are skipped.
 
         Returns:
-            How many rows were erased (those only in the store).
+            How many rows were erased (those only in the store); 0 without a store.
 
         Raises:
+            ReadOnlyTableError: the table is read-only (its store may be shared with the
+                table that trains it).
             StoreError: the store failed part way (it may have lost some rows, still read
                 as present); the rows in memory are marked changed all the same.
         """
+        self._check_writable("clear_store")
+        if self.tier is None:
+            return 0
         blocks = [block.ids[self.index.find(block.ids) == EMPTY] for block in self.tier.scan()]
         only_stored = np.concatenate(blocks) if blocks else np.empty(0, dtype=np.int64)
         self._empty_store()

@@ -614,3 +614,17 @@ def test_close_after_the_store_was_closed_still_says_the_rows_are_not_written(tm
     store.close()
     with pytest.raises(de.errors.StoreError, match="is closed"):
         emb.table.close()
+
+
+def test_clear_store_without_a_store_or_on_a_read_only_table():
+    """Without a store it raised a bare AttributeError; on a read-only table (a serving
+    copy over the store a training job writes) it emptied the shared store."""
+    assert de.DynamicTable(de.TableConfig(dim=4)).clear_store() == 0
+    store = MemoryStore()
+    trained = de.DynamicTable(de.TableConfig(dim=4, seed=1, store=store))
+    trained.find_or_insert(torch.arange(4))
+    trained.flush()
+    reader = de.DynamicTable(de.TableConfig(dim=4, store=store, read_only=True))
+    with pytest.raises(de.errors.ReadOnlyTableError, match="clear_store: the table is read-only"):
+        reader.clear_store()
+    assert store.size() == 4
