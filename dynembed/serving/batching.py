@@ -112,6 +112,8 @@ class Batcher:
         self._pool: ThreadPoolExecutor | None = None
         self._target = workers
         self._draining = False
+        self._stopped = False
+        self._abandoned = False  # a stop left a stuck batch's thread running
 
     @property
     def workers(self) -> int:
@@ -203,8 +205,11 @@ class Batcher:
                 take). Past it, a batch still in the handler is abandoned: its requests get
                 :class:`BatcherStopped`, and its thread is left to finish on its own, so a
                 stuck handler cannot hold up an unregister or a shutdown.
+
+        Stopping again does nothing (a server gives up on stuck batches at its graceful
+        timeout, then stops every batcher at its lifespan shutdown).
         """
-        if self._loop is None:
+        if self._loop is None or self._stopped:
             return
         self._draining = True
         self._wake_all()
@@ -220,7 +225,11 @@ class Batcher:
                            len(pending), timeout)
         self._tasks = []
         self._fail_queued(BatcherStopped("the batcher stopped"))  # behind an abandoned batch
-        self._pool.shutdown(wait=not pending, cancel_futures=True)
+        # no stop (this one, or one running beside it) may wait here for the thread of an
+        # abandoned batch: it may never end
+        self._abandoned = self._abandoned or bool(pending)
+        self._stopped = True
+        self._pool.shutdown(wait=not self._abandoned, cancel_futures=True)
 
     # ------------------------------------------------------------------ workers
     def _wake_one(self) -> None:

@@ -201,6 +201,50 @@ class _Auth:
         await self.app(scope, receive, send)
 
 
+_ABANDON_WAIT_S = 0.1
+"""When the graceful timeout has run out, how long the workers get to finish a batch they
+have just started before it is abandoned."""
+_BACKSTOP_S = 1.0
+"""How long after the graceful timeout uvicorn itself cancels the requests still running
+(a backstop: by then the abandoned batches' requests have been answered)."""
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, whose graceful shutdown answers stuck requests in time.
+
+    uvicorn waits ``timeout_graceful_shutdown`` for the accepted requests, then cancels
+    them (each answered with a plain-text 500) and only then sends the lifespan shutdown,
+    which stops the models' workers and would wait the graceful timeout again for a batch
+    stuck in a handler. So when the graceful timeout runs out, ``give_up`` abandons what is
+    still in the handlers first: those requests are answered as stopped (503) and uvicorn's
+    own timeout is only a backstop.
+
+    Args:
+        config: uvicorn's config (its ``timeout_graceful_shutdown`` the backstop).
+        give_up: coroutine function abandoning the batches still running.
+        grace_s: the graceful timeout.
+    """
+
+    def __init__(self, config: uvicorn.Config, give_up, grace_s: float) -> None:
+        super().__init__(config)
+        self._give_up, self._grace_s = give_up, grace_s
+
+    async def shutdown(self, sockets=None) -> None:
+        loop = asyncio.get_running_loop()
+        giving_up: list[asyncio.Task] = []
+
+        def overdue() -> None:
+            if self.server_state.tasks:  # requests unanswered (not a slow lifespan shutdown)
+                giving_up.append(loop.create_task(self._give_up()))
+
+        timer = loop.call_later(self._grace_s, overdue)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
+            await asyncio.gather(*giving_up, return_exceptions=True)
+
+
 async def _not_found(request: Request, exc) -> Response:
     return JSONResponse({"code": 404, "type": "ResourceNotFoundException",
                          "message": f"Requested resource is not found: {request.url.path}"},
@@ -211,6 +255,15 @@ async def _bad_method(request: Request, exc) -> Response:
     return JSONResponse({"code": 405, "type": "MethodNotAllowedException",
                          "message": f"{request.method} is not allowed on {request.url.path}"},
                         status_code=405)
+
+
+async def _internal_error(request: Request, exc) -> Response:
+    # Starlette's own answer is plain text, which a TorchServe client cannot read; the
+    # traceback is logged by the server (Starlette raises the error on after answering)
+    return JSONResponse({"code": 500, "type": "InternalServerException",
+                         "message": f"{request.method} {request.url.path} failed: "
+                                    f"{type(exc).__name__}; see the server's log"},
+                        status_code=500)
 
 
 class ModelServer:
@@ -238,7 +291,7 @@ class ModelServer:
                     "max_batch_delay_ms": config.max_batch_delay_ms,
                     "response_timeout_s": config.response_timeout_s,
                     "preload": config.preload}
-        errors = {404: _not_found, 405: _bad_method}
+        errors = {404: _not_found, 405: _bad_method, 500: _internal_error}
         api = InferenceAPI(self.registry, self.metrics, config.max_request_bytes)
         inference = FastPredictions(Starlette(routes=api.routes(), exception_handlers=errors),
                                     api)
@@ -432,13 +485,22 @@ class ModelServer:
         """Serves until SIGTERM/SIGINT (or :meth:`shutdown`), then shuts down gracefully."""
         if not self.sockets:
             self.bind()
+        grace = self.config.graceful_timeout_s
         config = uvicorn.Config(self, http=CoalescingHttpProtocol, lifespan="on",
                                 log_level="warning",
-                                timeout_graceful_shutdown=self.config.graceful_timeout_s,
+                                timeout_graceful_shutdown=grace + _BACKSTOP_S,
                                 limit_concurrency=None, backlog=2048, access_log=False,
                                 proxy_headers=False, server_header=False, date_header=False)
-        self._server = uvicorn.Server(config)
+        self._server = _Server(config, self._give_up, grace)
         await self._server.serve(sockets=list(self.sockets.values()))
+
+    async def _give_up(self) -> None:
+        """Abandons the batches still in the handlers when the graceful timeout ran out:
+        their requests, and those queued behind them, are answered as stopped (503)."""
+        logger.warning("the graceful timeout (%s s) ran out with requests unanswered; "
+                       "abandoning the batches still in the handlers",
+                       self.config.graceful_timeout_s)
+        await self.registry.close(_ABANDON_WAIT_S)
 
     def shutdown(self) -> None:
         """Asks a running :meth:`serve` to stop (graceful)."""

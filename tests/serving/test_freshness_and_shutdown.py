@@ -19,6 +19,7 @@ from tests.serving.helpers import (
     expected,
     make_model,
     start_server,
+    torchserve_error,
     write_package,
 )
 
@@ -182,3 +183,44 @@ def test_a_checkpoint_that_cannot_be_applied_is_logged_once_and_counted(tmp_path
         eventually(lambda: server.server.registry.get("ctr").handler.refreshes >= 1)
     finally:
         server.stop()
+
+
+def test_a_stuck_handler_holds_shutdown_at_most_the_graceful_timeout(store):
+    """A batch stuck in the handler held the shutdown twice the graceful timeout (uvicorn
+    waited it out, then the workers' stop waited again) and every accepted request got
+    uvicorn's plain-text 500 when it cancelled them; they get TorchServe's JSON 503."""
+    folder, _ = store
+    grace = 2.0
+    server = start_server(folder, models={"ctr": "ctr-1.0"}, batch_size=1,
+                          max_batch_delay_ms=1, graceful_timeout_s=grace)
+    entry = server.server.registry.get("ctr")
+    gate, predict = threading.Event(), entry.batcher.predict
+    entry.batcher.predict = lambda examples: (gate.wait(60), predict(examples))[1]
+    replies: list = []
+
+    def ask():
+        try:
+            replies.append(httpx.post(server.inference + "/predictions/ctr",
+                                      json=examples(1), timeout=60))
+        except httpx.HTTPError as e:
+            replies.append(e)
+
+    askers = [threading.Thread(target=ask) for _ in range(3)]
+    try:
+        for thread in askers:
+            thread.start()
+        eventually(lambda: entry.batcher.pending == 2)  # one in the handler, two queued
+        started = time.monotonic()
+        server.server.shutdown()
+        server.thread.join(30)
+        took = time.monotonic() - started
+        for thread in askers:
+            thread.join(30)
+    finally:
+        gate.set()
+    assert not server.thread.is_alive()
+    assert took < grace + 1.5, f"shutdown took {took:.1f} s with graceful_timeout {grace} s"
+    assert len(replies) == 3
+    for reply in replies:
+        assert isinstance(reply, httpx.Response), reply
+        torchserve_error(reply, 503, "ServiceUnavailableException")
