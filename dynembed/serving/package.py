@@ -215,6 +215,9 @@ def read_manifest(path: str | os.PathLike) -> dict:
                            "with `dynembed export` or de.serving.export_package") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PackageError(f"{folder / MANIFEST} is not valid JSON: {e}") from None
+    except OSError as e:  # not a readable file: a directory, a mode the server may not read
+        raise PackageError(f"{folder / MANIFEST} cannot be read ({e.strerror}); make it a "
+                           "file the server's user may read") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise PackageError(f"{folder / MANIFEST}: format must be {FORMAT!r}")
     if manifest.get("format_version") != FORMAT_VERSION:

@@ -271,6 +271,9 @@ class Registry:
             handler = make_handler(package, allow_custom=package.name in self.allow_custom)
         except (PackageError, CheckpointError, ValueError) as e:
             raise bad_request(str(e)) from None
+        except OSError as e:  # a package file the server cannot read: say which
+            raise bad_request(f"package {url!r} could not be read: {e}; make its files "
+                              "readable by the server's user") from None
         async with self._lock:
             versions = self.models.setdefault(package.name, {})
             if package.version in versions:

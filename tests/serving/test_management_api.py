@@ -472,3 +472,74 @@ def test_every_response_is_counted_by_api_and_status(api):
     for key in (("inference", "404"), ("inference", "405"), ("inference", "200"),
                 ("management", "401"), ("management", "200")):
         assert after.get(key, 0) == before.get(key, 0) + 1, key
+
+
+def test_a_package_file_that_cannot_be_read_is_400_naming_it(api, store):
+    """A package file the server cannot open (here a directory where a file belongs; the
+    same OSError as a file the server's user may not read) was a plain-text 500."""
+    for name, broken in (("unreadable-manifest", "MANIFEST.json"),
+                         ("unreadable-tables", "tables/MANIFEST.json")):
+        _copy(store / "ctr-1.0", store / name)
+        (store / name / broken).unlink()
+        (store / name / broken).mkdir()
+        for synchronous in ("true", "false"):
+            response = api.register(name, synchronous=synchronous)
+            if broken == "MANIFEST.json" or synchronous == "true":
+                message = torchserve_error(response, 400, "BadRequestException")
+                assert str(store / name / broken) in message, message
+    eventually(lambda: not api.running.server.registry._pending)
+    assert api.models() == []
+    assert api.register("ctr-1.0").status_code == 200  # the version was not left reserved
+
+
+def test_an_unexpected_management_error_is_a_torchserve_json_500(api, monkeypatch):
+    """Starlette answered an unexpected error with a plain-text 500, which a TorchServe
+    client cannot read as ``{"code", "type", "message"}``."""
+    assert api.register("ctr-1.0").status_code == 200
+
+    def broken(entry):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(api.running.server.registry, "describe", broken)
+    torchserve_error(api("GET", "/models/ctr"), 500, "InternalServerException")
+
+
+def test_a_request_that_follows_the_default_reports_the_version_that_answered(api):
+    """A v2 request found 1.0 as the default; the default moved to 2.0 and 1.0 was
+    unregistered before its body arrived: 2.0 answered, but the reply's model_version and
+    the request metrics named 1.0."""
+    assert api.register("ctr-1.0", response_timeout=60).status_code == 200
+    assert api.register("ctr-2.0").status_code == 200
+    example = examples(1)[0]
+    body = json.dumps({"inputs": [
+        {"name": "user", "shape": [1], "datatype": "BYTES", "data": [example["user"]]},
+        {"name": "item", "shape": [1], "datatype": "BYTES", "data": [example["item"]]},
+        {"name": "tags", "shape": [1], "datatype": "BYTES", "data": [example["tags"]]}]}
+                      ).encode()
+    host, port = api.running.inference.rsplit("/", 1)[1].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(b"POST /v2/models/ctr/infer HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:5])
+        time.sleep(0.5)  # the server reads the headers and finds the default (1.0)
+        assert api("PUT", "/models/ctr/2.0/set-default").status_code == 200
+        assert api("DELETE", "/models/ctr/1.0").status_code == 200
+        conn.sendall(body[5:])
+        reply = conn.recv(65536).decode()
+    assert reply.startswith("HTTP/1.1 200"), reply
+    answer = json.loads(reply.split("\r\n\r\n", 1)[1])
+    assert answer["model_version"] == "2.0"
+    assert answer["outputs"][0]["data"] == api.predict("ctr/2.0", [example]).json()
+    text = httpx.get(api.running.metrics + "/metrics", timeout=30).text
+    requests = dict(re.findall(r'dynembed_serving_requests_total\{model="ctr",status="200",'
+                               r'version="([\d.]+)"\} (\S+)', text))
+    assert requests == {"2.0": "2.0"}  # this request and the check's, none for 1.0
+
+
+def test_a_version_without_workers_says_how_to_scale_that_version(api):
+    """The 503 of a non-default version scaled to 0 told the client to PUT
+    /models/ctr?min_worker=1, which scales the default version, not the one asked for."""
+    assert api.register("ctr-1.0").status_code == 200
+    assert api.register("ctr-2.0", initial_workers=0).status_code == 200
+    message = torchserve_error(api.predict("ctr/2.0", examples(1)), 503,
+                               "ServiceUnavailableException")
+    assert "PUT /models/ctr/2.0?min_worker=1" in message, message
