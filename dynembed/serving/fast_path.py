@@ -66,11 +66,12 @@ class FastPredictions:
             if kind == "kserve":
                 if not isinstance(data, dict) or not isinstance(data.get("instances"), list):
                     raise bad_request('KServe v1 requests are {"instances": [example, ...]}')
-                results = await self.api._run(entry, data["instances"], version)
+                entry, results = await self.api._run(entry, data["instances"], version)
                 body = orjson.dumps({"predictions": results})
             else:
                 single = isinstance(data, dict)
-                results = await self.api._run(entry, [data] if single else data, version)
+                entry, results = await self.api._run(entry, [data] if single else data,
+                                                     version)
                 body = orjson.dumps(results[0] if single else results)
             status = 200
         except InputError as e:

@@ -124,17 +124,18 @@ async def read_json(request: Request, limit: int):
 async def _submit(entry, examples: list) -> list:
     try:
         return await entry.batcher.submit(examples, timeout=entry.response_timeout_s)
+    # the scaling hints name the version: /models/{name} alone scales the default one
     except NoWorkers:  # TorchServe's answer for a model scaled to 0 workers
         raise ServingError(503, "ServiceUnavailableException",
                            f"No worker is available to serve request for model: "
                            f"{entry.name} {entry.version}; scale it up, e.g. PUT "
-                           f"/models/{entry.name}?min_worker=1") from None
+                           f"/models/{entry.name}/{entry.version}?min_worker=1") from None
     except QueueFull as e:
         raise ServingError(503, "ServiceUnavailableException",
                            f"model {entry.name} {entry.version} is overloaded: {e} "
                            f"(job_queue_size); retry later, add workers (PUT "
-                           f"/models/{entry.name}?min_worker=N) or raise --job-queue-size"
-                           ) from None
+                           f"/models/{entry.name}/{entry.version}?min_worker=N) or raise "
+                           "--job-queue-size") from None
     except asyncio.TimeoutError:
         raise ServingError(503, "ServiceUnavailableException",
                            f"model {entry.name} {entry.version} did not answer within "
@@ -187,7 +188,7 @@ class InferenceAPI:
     async def ping(self, request: Request) -> Response:
         return JSONResponse({"status": "Healthy"})
 
-    async def _run(self, entry, examples: list, requested: str | None) -> list:
+    async def _run(self, entry, examples: list, requested: str | None) -> tuple[object, list]:
         """Validates and runs examples on a model version's batcher.
 
         Args:
@@ -195,12 +196,17 @@ class InferenceAPI:
             examples: the request's examples.
             requested: the version the request named (None: the model's default).
 
+        Returns:
+            The version that answered (``entry``, or the default the request followed when
+            ``entry`` was unregistered meanwhile; replies and metrics name this one) and
+            the results.
+
         Raises:
             ServingError: 503 when the model does not answer in time; 404 when the version
                 was unregistered while the request's body arrived.
         """
         try:
-            return await _submit(entry, entry.handler.validate(examples))
+            return entry, await _submit(entry, entry.handler.validate(examples))
         except BatcherStopped:
             # Unregistered after the request found it: run it on what the request named now
             # (the current default if it named none), if any (404 if none).
@@ -208,7 +214,7 @@ class InferenceAPI:
             if current is entry:
                 raise ServingError(503, "ServiceUnavailableException",
                                    f"model {entry.name} {entry.version} is stopping") from None
-            return await _submit(current, current.handler.validate(examples))
+            return current, await _submit(current, current.handler.validate(examples))
 
     async def _fast_path_only(self, request: Request) -> Response:
         # POST/PUT to these paths are answered by fast_path.FastPredictions before the
@@ -265,8 +271,8 @@ class InferenceAPI:
             entry = self._entry(request)
             data = await read_within(read_json(request, self.max_request_bytes),
                                      entry.response_timeout_s)
-            results = await self._run(entry, _v2_examples(data, entry),
-                                      request.path_params.get("version"))
+            entry, results = await self._run(entry, _v2_examples(data, entry),
+                                             request.path_params.get("version"))
             status = 200
             return _v2_response(results, entry, data)
         except InputError as e:
