@@ -9,7 +9,9 @@ and attaches a router to each table: sharded by key bucket, or replicated for ta
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import functools
 import math
 from dataclasses import dataclass
 
@@ -43,23 +45,43 @@ class ShardPlan:
         return self.exchange.traffic
 
 
+def _describe(value) -> str:
+    """``repr(value)``, but the same in every process: a function's repr holds its address,
+    which differs per process, so a policy holding one (``ScoreFunction(fn=...)``) would
+    never match across ranks. Functions are named by module and qualified name instead."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = ", ".join(f"{f.name}={_describe(getattr(value, f.name))}"
+                           for f in dataclasses.fields(value) if f.repr)
+        return f"{type(value).__qualname__}({fields})"
+    if isinstance(value, functools.partial):
+        args = [_describe(a) for a in value.args]
+        args += [f"{k}={_describe(v)}" for k, v in sorted(value.keywords.items())]
+        return f"functools.partial({', '.join([_describe(value.func), *args])})"
+    if callable(value) and hasattr(value, "__qualname__") and not isinstance(value, type):
+        return f"{getattr(value, '__module__', None)}.{value.__qualname__}"
+    return repr(value)
+
+
 def _fingerprint(table: DynamicTable, num_buckets: int) -> dict[str, str]:
     """What must be equal on every rank for the table's rows to mean the same thing."""
     c = table.config
     out = {"num_buckets": str(num_buckets),  # who owns a key
            "dim": str(table.dim), "state width": str(table.arena.state_width),
-           "optimizer": repr(c.optimizer), "initializer": repr(c.initializer),
+           "optimizer": _describe(c.optimizer), "initializer": _describe(c.initializer),
            "hash_seed": str(c.hash_seed), "placement": c.placement,
-           "update_mode": c.update_mode, "admission": repr(c.admission),
+           "update_mode": c.update_mode, "admission": _describe(c.admission),
            "key_log": str(c.key_log), "read_only": str(c.read_only),
            "default_value": repr(c.default_value), "nonfinite_grads": c.nonfinite_grads,
-           "eviction": repr(c.eviction)}
+           "eviction": _describe(c.eviction)}
     # Memory budgets and stores stay per rank: machines may differ, and each rank's store
     # has its own path or namespace. But a replica without a store discards what its limit
-    # evicts, so replicas with different limits would hold different rows.
+    # or its sweeps for expired rows evict, so replicas whose limits or sweeps differ would
+    # hold different rows.
     if c.placement == "replicated" and c.store is None:
         out["row limit (max_rows / memory_budget) of a replica without a store"] = \
             str(table.max_rows)
+        out["evict_every of a replica without a store"] = str(c.evict_every)
+        out["sweep_rows of a replica without a store"] = str(c.sweep_rows)
     if c.seed is not None:
         out["seed"] = str(c.seed)
     return out
