@@ -23,6 +23,7 @@ replaced (a clear, a state loaded), so a draw costs O(num log N), not O(N).
 from __future__ import annotations
 
 import abc
+import weakref
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -36,7 +37,9 @@ from dynembed.table.index import EMPTY
 class _Stamp(NamedTuple):
     """When something derived from a table's live rows was read (see :meth:`stale`)."""
 
-    table: int  # id() of the table (a sampler may serve several)
+    # The table itself, weakly: a sampler may serve several, and id(table) is no identity
+    # (a table created after another was freed often gets its id, and then its snapshot).
+    table: weakref.ref
     step: int
     size: int
     moved: int  # rows that had entered or left its memory
@@ -44,13 +47,14 @@ class _Stamp(NamedTuple):
 
     @classmethod
     def of(cls, table) -> _Stamp:
-        return cls(id(table), table.step, table.size(), table.rows_moved, table.wipes)
+        return cls(weakref.ref(table), table.step, table.size(), table.rows_moved,
+                   table.wipes)
 
     def stale(self, table, refresh_every: int) -> bool:
         """Whether ``table`` has changed enough since: another table, ``refresh_every``
         steps, a tenth of the rows in or out of memory, or all of them replaced."""
         now = _Stamp.of(table)
-        return (now.table != self.table or now.step - self.step >= refresh_every
+        return (self.table() is not table or now.step - self.step >= refresh_every
                 or now.wipes != self.wipes or now.moved - self.moved > self.size // 10
                 or self.size == 0)
 
@@ -91,6 +95,12 @@ class CandidateSampler(abc.ABC):
                 into memory); None: counts are read from memory. Only samplers whose
                 probability of a given id depends on its own count use them.
         """
+
+    def __getstate__(self) -> dict:
+        # Cached snapshots hold their table by weak reference, which does not pickle; a
+        # copy in another process serves other tables anyway, so it starts without them.
+        return {name: None if name in ("_snapshot", "_total") else value
+                for name, value in self.__dict__.items()}
 
     def draws(self, num: int, positives: np.ndarray) -> int:
         """How many candidates one :meth:`sample` call draws (the ``num`` of the expected
