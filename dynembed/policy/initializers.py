@@ -15,10 +15,37 @@ import numpy as np
 from dynembed._args import is_real, plain_fields
 from dynembed.kernels import init_rows as k
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 
 def _finite(name: str, value: float) -> None:
-    if not is_real(value) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    # Rows are float32: a parameter beyond its range filled new rows with inf.
+    if not is_real(value) or not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
+        raise ValueError(f"{name} must be a finite number within the float32 range "
+                         f"(|{name}| <= {_FLOAT32_MAX:.4g}), got {value!r}")
+
+
+def _float32_inside(low: float, high: float, what: str, *,
+                    high_open: bool = False) -> tuple[float, float]:
+    """The least and greatest float32 values in [low, high] (or [low, high)): rows are
+    rounded to float32, which can carry a value drawn inside the bounds outside them.
+
+    The comparisons are made in float64: numpy compares a float32 with a Python float in
+    float32, where a bound that is no float32 number equals its rounding, which is how
+    Uniform once let values fall below ``low``.
+
+    Raises:
+        ValueError: no float32 value lies in the interval.
+    """
+    first, last = np.float32(low), np.float32(high)
+    if float(first) < low:
+        first = np.nextafter(first, np.float32(np.inf))
+    if high_open or float(last) > high:  # open: the rounding of high is left out too
+        last = np.nextafter(last, np.float32(-np.inf))
+    if not first <= last:
+        raise ValueError(f"no float32 value lies in {what} = [{low!r}, {high!r}"
+                         f"{')' if high_open else ']'}; widen it")
+    return float(first), float(last)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,15 +122,8 @@ class Uniform(Initializer):
             raise ValueError(f"low must be < high, got low={low!r}, high={high!r} (a bound "
                              f"left as None is -/+1/sqrt(dim) = -/+{bound:.4g} at dim={dim}); "
                              "give both bounds")
-        first, last = np.float32(low), np.float32(high)
-        if first < low:
-            first = np.nextafter(first, np.float32(np.inf))
-        if last >= high:
-            last = np.nextafter(last, np.float32(-np.inf))
-        if first > last:
-            raise ValueError(f"no float32 value lies in [low, high) = [{low!r}, {high!r}); "
-                             "widen the bounds")
-        return k.UNIFORM, low, high, float(first), float(last)
+        first, last = _float32_inside(low, high, "[low, high)", high_open=True)
+        return k.UNIFORM, low, high, first, last
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -158,4 +178,23 @@ class TruncatedNormal(Normal):
     def _params(self, dim):
         # Cuts past the limit move to it: the mass beyond is below 1e-260 of the window's.
         a, b = max(float(self.a), -_TAIL_LIMIT), min(float(self.b), _TAIL_LIMIT)
-        return k.TRUNCATED_NORMAL, float(self.mean), self._std(dim), a, b
+        mean, std = float(self.mean), self._std(dim)
+        self._window(mean, std, a, b)  # refuses a window that holds no float32 value
+        return k.TRUNCATED_NORMAL, mean, std, a, b
+
+    @staticmethod
+    def _window(mean: float, std: float, a: float, b: float) -> tuple[float, float]:
+        return _float32_inside(mean + a * std, mean + b * std, "the window "
+                               "[mean + a*std, mean + b*std]")
+
+    def fill(self, weights: np.ndarray, slots: np.ndarray, ids: np.ndarray, seed: int) -> None:
+        """Writes initial vectors in place (see :meth:`Initializer.fill`), each element in
+        [mean + a*std, mean + b*std] after its rounding to float32."""
+        super().fill(weights, slots, ids, seed)
+        _, mean, std, a, b = self._params(weights.shape[1])
+        first, last = self._window(mean, std, a, b)
+        # The kernel draws inside the window in float64; where a bound is no float32 number
+        # the rounding can step past it (a narrow window: 0.3% of the values), so the new
+        # rows are clamped to the float32 values inside, in one batched pass.
+        if slots.shape[0]:
+            weights[slots] = np.clip(weights[slots], first, last)

@@ -131,3 +131,38 @@ def test_truncated_normal_cuts_past_35_std_move_to_it(a, b):
     v = t.find_or_insert(np.arange(500)).values.numpy()
     assert np.isfinite(v).all()
     assert v.min() >= max(a, -35.0) and v.max() <= min(b, 35.0)
+
+
+@pytest.mark.parametrize("mean, std, a, b", [(0.1, 0.3, 6.0, 6.0001), (0.1, 0.3, -1e-5, 1e-5)])
+def test_truncated_normal_stays_in_bounds_after_rounding_to_float32(mean, std, a, b):
+    """Drawn in float64 inside [mean + a*std, mean + b*std] and rounded to float32, values
+    of a window whose bounds are no float32 numbers landed outside it (0.3% of them)."""
+    v = _init(de.init.TruncatedNormal(mean=mean, std=std, a=a, b=b), dim=16)
+    assert v.min() >= mean + a * std and v.max() <= mean + b * std
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: de.init.Constant(value=1e300), "value"),
+    (lambda: de.init.Normal(mean=-1e39), "mean"),
+    (lambda: de.init.Normal(std=1e300), "std"),
+    (lambda: de.init.Uniform(low=-1e308, high=0.0), "low"),
+    (lambda: de.init.Uniform(low=0.0, high=1e39), "high"),
+])
+def test_parameters_beyond_float32_are_refused(make, match):
+    """Rows are float32: Constant(value=1e300) or Normal(mean=1e300) filled every new row
+    with inf, and Uniform(low=-1e308, high=1e308) gave every element 3.4e38."""
+    with pytest.raises(ValueError, match=rf"{match} must be .*float32"):
+        make()
+
+
+def test_a_window_holding_no_float32_value_is_refused():
+    with pytest.raises(ValueError, match="no float32 value lies in"):
+        de.TableConfig(dim=4, initializer=de.init.TruncatedNormal(mean=1.0, std=1e-9,
+                                                                  a=0.1, b=0.2))
+
+
+def test_uniform_never_falls_below_a_low_that_is_no_float32_number():
+    """float32(0.7) < 0.7, but numpy compared them in float32 (equal), so the bound was not
+    moved up and 0.4% of the values of Uniform(low=0.7, high=0.70001) fell below low."""
+    v = _init(de.init.Uniform(low=0.7, high=0.70001), dim=16)
+    assert v.min() >= 0.7 and v.max() < 0.70001
