@@ -383,6 +383,23 @@ def test_a_request_in_flight_when_its_model_is_unregistered_gets_404_at_once(api
     assert reply.startswith("HTTP/1.1 404") and "ModelNotFoundException" in reply
 
 
+def _post_while_the_default_moves(api, path: bytes, body: bytes) -> str:
+    """POSTs ``body`` to ``path`` of model ctr (default 1.0, also 2.0 registered), moving
+    the default to 2.0 and unregistering 1.0 after the headers and before the rest of the
+    body; returns the raw HTTP reply, asserted to be a 200."""
+    host, port = api.running.inference.rsplit("/", 1)[1].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % (path, len(body)) + body[:5])
+        time.sleep(0.5)  # the server reads the headers and finds the default (1.0)
+        assert api("PUT", "/models/ctr/2.0/set-default").status_code == 200
+        assert api("DELETE", "/models/ctr/1.0").status_code == 200
+        conn.sendall(body[5:])
+        reply = conn.recv(65536).decode()
+    assert reply.startswith("HTTP/1.1 200"), reply
+    return reply
+
+
 def test_a_request_for_the_default_version_follows_it_while_its_body_arrives(api):
     """It found version 1.0 as the default; the default moved to 2.0 and 1.0 was
     unregistered before its body arrived: it once got 404 naming 1.0, a version it never
@@ -390,16 +407,7 @@ def test_a_request_for_the_default_version_follows_it_while_its_body_arrives(api
     assert api.register("ctr-1.0", response_timeout=60).status_code == 200
     assert api.register("ctr-2.0").status_code == 200
     body = json.dumps(examples(1)[0]).encode()
-    host, port = api.running.inference.rsplit("/", 1)[1].rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=30) as conn:
-        conn.sendall(b"POST /predictions/ctr HTTP/1.1\r\nHost: x\r\nContent-Type: "
-                     b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:5])
-        time.sleep(0.5)  # the server reads the headers and finds the default (1.0)
-        assert api("PUT", "/models/ctr/2.0/set-default").status_code == 200
-        assert api("DELETE", "/models/ctr/1.0").status_code == 200
-        conn.sendall(body[5:])
-        reply = conn.recv(65536).decode()
-    assert reply.startswith("HTTP/1.1 200"), reply
+    reply = _post_while_the_default_moves(api, b"/predictions/ctr", body)
     assert [json.loads(reply.split("\r\n\r\n", 1)[1])] == api.predict("ctr/2.0", [
         examples(1)[0]]).json()
 
@@ -516,16 +524,7 @@ def test_a_request_that_follows_the_default_reports_the_version_that_answered(ap
         {"name": "item", "shape": [1], "datatype": "BYTES", "data": [example["item"]]},
         {"name": "tags", "shape": [1], "datatype": "BYTES", "data": [example["tags"]]}]}
                       ).encode()
-    host, port = api.running.inference.rsplit("/", 1)[1].rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=30) as conn:
-        conn.sendall(b"POST /v2/models/ctr/infer HTTP/1.1\r\nHost: x\r\nContent-Type: "
-                     b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:5])
-        time.sleep(0.5)  # the server reads the headers and finds the default (1.0)
-        assert api("PUT", "/models/ctr/2.0/set-default").status_code == 200
-        assert api("DELETE", "/models/ctr/1.0").status_code == 200
-        conn.sendall(body[5:])
-        reply = conn.recv(65536).decode()
-    assert reply.startswith("HTTP/1.1 200"), reply
+    reply = _post_while_the_default_moves(api, b"/v2/models/ctr/infer", body)
     answer = json.loads(reply.split("\r\n\r\n", 1)[1])
     assert answer["model_version"] == "2.0"
     assert answer["outputs"][0]["data"] == api.predict("ctr/2.0", [example]).json()
