@@ -205,11 +205,16 @@ class CheckpointManager:
         """Saves a checkpoint for ``step`` now: a delta against the latest checkpoint when
         every table tracks its changes since it, else full.
 
+        A single-process job whose latest checkpoint turns out damaged while the delta is
+        written (its rows are read to count the table's live rows) saves the step in full.
+
         Returns:
             The committed checkpoint, or None while other ranks still write theirs.
 
         Raises:
             FileExistsError: a checkpoint for ``step`` exists (also as ``step-N-full``).
+            CheckpointCorruptError: with several ranks, the latest checkpoint, which the
+                delta needs, is damaged (restart the job; see :meth:`restore`).
             ValueError: ``step`` is before the newest checkpoint's (retention keeps the
                 newest steps, so it would delete this one at once).
             CheckpointError, TypeError: see :func:`dynembed.checkpoint.save`.
@@ -230,10 +235,25 @@ class CheckpointManager:
                 "back), or save a new run into a new directory")
         found = _gather_tables(model, tables)
         parent = self._parent_for(found, newest)
-        # a delta keeps its chain's buckets (the chain may come from another setting)
-        done = save(path, model, optimizer, extra, tables=tables, parent=parent,
-                    rank=self.rank, world_size=self.world_size,
-                    num_buckets=None if parent is not None else self.num_buckets)
+        try:
+            # a delta keeps its chain's buckets (the chain may come from another setting)
+            done = save(path, model, optimizer, extra, tables=tables, parent=parent,
+                        rank=self.rank, world_size=self.world_size,
+                        num_buckets=None if parent is not None else self.num_buckets)
+        except CheckpointCorruptError as e:
+            if parent is None:
+                raise
+            if self.world_size > 1:  # the ranks would have to agree on a full save first
+                raise CheckpointCorruptError(
+                    f"{e}; step {step} cannot be saved as a delta of it. Restart the job: "
+                    "restore() sets damaged checkpoints aside, and the next save is then "
+                    "made on a sound one") from e
+            # A delta of a damaged parent would never load, and every later save would fail
+            # the same way: this step is saved in full (the damaged one is left to cleanup).
+            logger.warning("the latest checkpoint %s is damaged (%s); saving step %d in full",
+                           parent, e, step)
+            done = save(path, model, optimizer, extra, tables=tables, rank=self.rank,
+                        world_size=self.world_size, num_buckets=self.num_buckets)
         self._last_step, self._last_time = step, time.monotonic()
         if done is not None:
             if mf.read(done)["chain_length"] > self.max_chain:

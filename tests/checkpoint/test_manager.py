@@ -338,3 +338,26 @@ def test_a_delta_whose_parent_is_gone_is_set_aside_so_its_step_can_be_saved_agai
         shutil.rmtree(path)
     with pytest.raises(de.CheckpointCorruptError, match="every checkpoint"):
         de.checkpoint.CheckpointManager(tmp_path).restore(tables={"t": make_table()})
+
+
+def test_a_save_on_a_damaged_latest_checkpoint_is_made_in_full(tmp_path):
+    """The delta save reads the latest checkpoint's rows (to count the live rows): damaged
+    ones made every later save fail with advice to load an earlier checkpoint, so training
+    could not checkpoint again until a restart."""
+    table = make_table()
+    train(table, batches(5, 5000, size=2000))
+    manager = de.checkpoint.CheckpointManager(tmp_path, keep_last=3)
+    manager.save(1, tables={"t": table})
+    rows = next((tmp_path / "step-0000000001" / "tables" / "t").glob("*.rows"))
+    damaged = bytearray(rows.read_bytes())
+    damaged[8192 + 100] ^= 0xFF  # same size: found only when read
+    rows.write_bytes(bytes(damaged))
+    train(table, batches(1, 5000, size=2000, seed=9))
+    second = manager.save(2, tables={"t": table})
+    assert mf.read(second)["kind"] == "full"
+    train(table, batches(1, 5000, size=2000, seed=10))
+    third = manager.save(3, tables={"t": table})
+    assert mf.read(third)["kind"] == "delta"  # on the full one
+    restored = make_table()
+    de.checkpoint.load(third, tables={"t": restored})
+    assert_same_rows(restored, table)
