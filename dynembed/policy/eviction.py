@@ -187,7 +187,8 @@ class ScoreFunction(EvictionPolicy):
     """A user-supplied score: ``fn(counts, last_step, step) -> scores`` on whole arrays.
 
     ``counts`` and ``last_step`` are (n,) int64 arrays, ``step`` the table's step; the result
-    must be (n,) numbers, larger meaning keep. With ``min_score``, sweeps also evict rows
+    must be (n,) numbers, larger meaning keep, never NaN (``inf`` keeps a row as long as any
+    other can go, ``-inf`` sends it first). With ``min_score``, sweeps also evict rows
     scoring below it.
     """
 
@@ -203,10 +204,23 @@ class ScoreFunction(EvictionPolicy):
         check_score("min_score", self.min_score)
 
     def scores(self, rows):
+        """(n,) float64 scores from ``fn``.
+
+        Raises:
+            ValueError: ``fn`` returned a shape other than (n,), or a NaN score.
+        """
         score = np.asarray(self.fn(rows.counts, rows.last_step, rows.step), dtype=np.float64)
         if score.shape != rows.counts.shape:
             raise ValueError(f"the eviction score function returned shape {score.shape} for "
                              f"{rows.counts.shape[0]} rows; it must return one score per row")
+        # NaN compares neither below nor above anything: argpartition puts it last, so such
+        # rows would never be evicted (nor expired by min_score), without a word
+        nan = np.count_nonzero(np.isnan(score))
+        if nan:
+            raise ValueError(f"the eviction policy ScoreFunction(fn={self.fn!r}) returned "
+                             f"{nan} NaN scores of {score.shape[0]} rows; NaN orders no row, "
+                             "so those rows would never be evicted. Make fn return numbers "
+                             "(e.g. np.nan_to_num(score, nan=-np.inf) to evict them first)")
         return score
 
     def expired(self, rows):

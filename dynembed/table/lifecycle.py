@@ -33,7 +33,8 @@ class RowLifecycle:
         """Inserts ids whose slot is EMPTY and initialises their rows; returns the new mask.
 
         The first ``skip_init`` new rows are left uninitialised (the caller fills them, e.g.
-        with rows read from the store).
+        with rows read from the store). The others start with count 0 and ``last_step =
+        self.step + 1``: a row inserted between training steps lives from the next one.
         """
         new_mask = slots == EMPTY
         reusable = self._free_top
@@ -50,7 +51,10 @@ class RowLifecycle:
         if self.arena.state_width:
             self.arena.np("state")[new_slots] = self._initial_state
         meta[new_slots, COUNT] = 0
-        meta[new_slots, LAST_STEP] = self.step
+        # the step the next training lookup will have (a training lookup's own new rows get
+        # it anyway): stamped with the last one, a row inserted after a pause counted as seen
+        # back then, and the next step's sweep expired it under TTL(seconds=) at once
+        meta[new_slots, LAST_STEP] = self.step + 1
         self.changes.mark(new_slots)  # rows filled by the caller equal the checkpoint
         if self.tier is not None:
             self.tier.mark(slots[new_mask])

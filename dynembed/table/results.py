@@ -39,7 +39,8 @@ class TableExport(NamedTuple):
         weights: (r, dim) float32 vectors.
         optimizer_state: (r, state_width) float32 optimizer state.
         counts: (r,) int64 times each key was looked up in training.
-        last_step: (r,) int64 table step at which each key was last looked up in training.
+        last_step: (r,) int64 table step at which each key was last looked up in training
+            (a row inserted without training: the step after its insert).
     """
 
     ids: torch.Tensor

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 import dynembed as de
 from dynembed.policy.eviction import RowView, StepClock
@@ -309,3 +310,45 @@ def test_ttl_seconds_counts_rows_of_a_loaded_state_from_the_load():
     _lookup(t, [42])
     _lookup(t, [43])
     assert t.evict() == 0 and _present(t, [42, 43]) == [42, 43]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_score_function_nan_scores_raise_naming_the_policy(bad):
+    """NaN scores sorted last in numpy's argpartition: those rows were silently never
+    evicted (and never expired: NaN < min_score is False). +-inf are plain scores."""
+    def fn(counts, last_step, step):
+        score = last_step.astype(np.float64)
+        score[:3] = bad
+        return score
+
+    t = _table(de.policy.ScoreFunction(fn=fn))
+    _lookup(t, [1, 2, 3, 4, 5, 6])
+    if not np.isnan(bad):  # inf keeps a row, -inf evicts it first: an order, not an error
+        assert t.evict(rows=3) == 3
+        assert _present(t, [1, 2, 3, 4, 5, 6]) == ([1, 2, 3] if bad > 0 else [4, 5, 6])
+        return
+    with pytest.raises(ValueError, match=r"ScoreFunction.*3 NaN scores? of 6 rows"):
+        t.evict(rows=2)
+    assert t.size() == 6 and t.stats().totals.discarded == 0
+
+
+def test_rows_inserted_between_steps_live_from_the_next_step():
+    """insert_or_assign stamped new rows with the last training step: after a pause longer
+    than TTL(seconds=), the next step's sweep expired a row inserted a moment before; with
+    TTL(steps=) it aged one step more than a row first trained at the next step."""
+    t = _table(de.policy.TTL(seconds=60), evict_every=1)
+    _lookup(t, [1])  # step 1
+    t.evictor.clock.times[-1] -= 3600  # step 1 happened an hour ago: training paused
+    t.insert_or_assign([2], torch.ones(1, 4))  # inserted now
+    assert t.export().last_step.tolist() == [1, 2]  # 2: the step the next lookup will have
+    _lookup(t, [3])  # step 2 (its sweep expires 1, seen an hour ago)
+    assert _present(t, [1, 2, 3]) == [2, 3]
+    assert t.evict() == 0
+
+    t = _table(de.policy.TTL(steps=2))
+    _lookup(t, [1])  # step 1
+    t.insert_or_assign([2], torch.ones(1, 4))
+    _lookup(t, [3])  # step 2: 2 and 3 are equally fresh
+    _lookup(t, [4])
+    _lookup(t, [4])  # step 4: 1 is 3 steps old, 2 and 3 are 2
+    assert t.evict() == 1 and _present(t, [1, 2, 3]) == [2, 3]

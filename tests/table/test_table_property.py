@@ -227,9 +227,10 @@ class TableMachine(RuleBasedStateMachine):
             expected = np.stack([self.model[i] for i in ids])
             assert same_bits(exported.weights, expected)
         assert exported.weights.shape == (len(ids), DIM)
-        # Only find_or_insert/insert_or_assign were used: no training metadata.
+        # Only find_or_insert/insert_or_assign were used: no training metadata (rows
+        # inserted between training steps count as seen at the next one).
         assert exported.counts.tolist() == [0] * len(ids)
-        assert exported.last_step.tolist() == [0] * len(ids)
+        assert exported.last_step.tolist() == [self.table.step + 1] * len(ids)
 
     # ------------------------------------------------------------------ invariants
     @invariant()
