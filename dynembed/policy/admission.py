@@ -210,11 +210,20 @@ class ProbabilisticAdmission(AdmissionPolicy):
 
 
 # ---------------------------------------------------------------------- Bloom filter
+_MAX_BLOOM_BITS = 1 << 35
+"""Most bits a Bloom filter may have (4 GiB, the count-min sketch's cap)."""
+
+
+def _bloom_bits(expected_keys: int, false_positive_rate: float) -> int:
+    """Bits of the optimal filter for these sizes, rounded up to a power of two."""
+    optimal = -expected_keys * math.log(false_positive_rate) / math.log(2) ** 2
+    return _power_of_two(max(64, math.ceil(optimal)))
+
+
 class _BloomAdmitter(Admitter):
     def __init__(self, policy: BloomAdmission, seed: int) -> None:
-        n, p = policy.expected_keys, policy.false_positive_rate
-        bits = _power_of_two(max(64, math.ceil(-n * math.log(p) / math.log(2) ** 2)))
-        probes = max(1, round(bits / n * math.log(2)))
+        bits = _bloom_bits(policy.expected_keys, policy.false_positive_rate)
+        probes = max(1, round(bits / policy.expected_keys * math.log(2)))
         self.bits = np.zeros(bits // 64, dtype=np.uint64)
         self.seeds = _seeds(seed, probes)
 
@@ -242,7 +251,12 @@ class _BloomAdmitter(Admitter):
 class BloomAdmission(AdmissionPolicy):
     """A key gets a row at its second lookup call: the first one only enters it in a Bloom
     filter ("seen before"). Sized for ``expected_keys`` at ``false_positive_rate`` (a false
-    positive admits a key at its first lookup)."""
+    positive admits a key at its first lookup): about ``-expected_keys * ln(rate) / ln(2)**2``
+    bits rounded up to a power of two, at most 2**35 bits (4 GiB).
+
+    Raises:
+        ValueError: an argument is out of range, or the filter would pass 4 GiB.
+    """
 
     expected_keys: int = 10_000_000
     """Distinct keys the filter is sized for."""
@@ -254,6 +268,16 @@ class BloomAdmission(AdmissionPolicy):
         check_int("expected_keys", self.expected_keys)
         check_in("false_positive_rate", self.false_positive_rate, 0.0, 1.0, low_open=True,
                  high_open=True)
+        # checked here, not at create(): a huge filter failed in numpy's allocation at the
+        # table's creation, naming neither argument
+        bits = _bloom_bits(self.expected_keys, self.false_positive_rate)
+        if bits > _MAX_BLOOM_BITS:
+            raise ValueError(f"expected_keys={self.expected_keys!r} at "
+                             f"false_positive_rate={self.false_positive_rate!r} needs a Bloom "
+                             f"filter of {bits:,} bits (rounded up to a power of two); it may "
+                             f"have at most {_MAX_BLOOM_BITS:,} bits "
+                             f"({_MAX_BLOOM_BITS >> 33} GiB). Lower expected_keys or raise "
+                             "false_positive_rate: 10**9 keys at 0.01 take 2 GiB")
 
     def create(self, seed: int) -> Admitter:
         return _BloomAdmitter(self, seed)

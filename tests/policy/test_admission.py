@@ -426,3 +426,13 @@ def test_numpy_numbers_are_taken_as_python_numbers(make, field, plain):
 def test_bools_are_not_numbers(make, arg):
     with pytest.raises(ValueError, match=f"{arg} must be"):
         make()
+
+
+@pytest.mark.parametrize("kw", [{"expected_keys": 10**13},
+                                {"expected_keys": 10**9, "false_positive_rate": 1e-300}])
+def test_bloom_size_is_capped_and_the_arguments_named(kw):
+    """A huge expected_keys or a tiny false_positive_rate tried to allocate terabytes at the
+    table's creation (numpy's MemoryError, naming no argument)."""
+    with pytest.raises(ValueError, match="expected_keys.*false_positive_rate.*at most"):
+        de.policy.BloomAdmission(**kw)
+    de.policy.BloomAdmission(expected_keys=10**9, false_positive_rate=1e-6)  # 4 GiB: the most
