@@ -26,9 +26,12 @@ class TopK(NamedTuple):
     """Result of :meth:`TableSearch.top_k`.
 
     Attributes:
-        ids: (q, k) int64 ids of the best rows per query, best first ((k,) for one (dim,)
-            query); -1 past the last row when the table has fewer than k candidates.
-        scores: (q, k) (or (k,)) float32 their scores (-inf past the last row).
+        ids: (q, k) int64 ids of the best rows per query, best first, equal scores by
+            smallest id ((k,) for one (dim,) query); -1 past the last row when the table has
+            fewer than k candidates.
+        scores: (q, k) (or (k,)) float32 their scores (-inf past the last row). A score
+            that is NaN (a row holding NaN, or infinities that cancel) counts, and is
+            reported, as -inf.
         keys: per query, the original strings of ``ids`` (None where unknown) when the
             table keeps a key log, else None.
     """
@@ -38,15 +41,62 @@ class TopK(NamedTuple):
     keys: list[list[str | None]] | None
 
 
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def _best(scores: torch.Tensor, ids: torch.Tensor, k: int
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best columns of each row: highest score first, ties by smallest id, NaN as -inf.
+
+    torch.topk ranks NaN above everything and picks among tied scores in no stated order,
+    which made results change with ``chunk_rows``; this order is total, so the result is
+    the same however the rows are chunked. The common case (no NaN, no tie at the cut)
+    costs one topk of k + 1 columns.
+
+    Args:
+        scores: (q, n) float32 scores (overwritten where NaN).
+        ids: (n,) or (q, n) int64 ids of the columns, distinct within a row.
+        k: columns to keep (fewer if n < k).
+
+    Returns:
+        (q, min(k, n)) scores and ids, best first.
+    """
+    ids = ids.expand(scores.shape)
+    m = min(k, scores.shape[1])
+    top, where = torch.topk(scores, min(m + 1, scores.shape[1]), dim=1)
+    if torch.isnan(top[:, 0]).any():  # topk ranks NaN first: a row has one iff its top does
+        scores.masked_fill_(torch.isnan(scores), float("-inf"))
+        top, where = torch.topk(scores, min(m + 1, scores.shape[1]), dim=1)
+    if top.shape[1] > m:
+        # the (m+1)-th best equal to the m-th: a run of equal scores straddles the cut and
+        # topk kept an arbitrary part of it; redo those queries with a key that ranks the
+        # run by id
+        straddles = top[:, m - 1] == top[:, m]
+        top, where = top[:, :m], where[:, :m]
+        if straddles.any():
+            rows = torch.nonzero(straddles).squeeze(1)
+            sub, cut = scores[rows], top[rows, m - 1:]
+            # ~id is decreasing in id; the run beats what scores below it, and what scores
+            # above it (fewer than m columns, all kept) beats the run
+            key = (torch.bitwise_not(ids[rows]).masked_fill(sub < cut, _INT64_MIN)
+                   .masked_fill(sub > cut, _INT64_MAX))
+            where[rows] = torch.topk(key, m, dim=1).indices
+            top[rows] = torch.gather(sub, 1, where[rows])
+    chosen = torch.gather(ids, 1, where)
+    # best first, ties by id: sort by id, then stably by score
+    by_id = torch.argsort(chosen, dim=1)
+    top, chosen = torch.gather(top, 1, by_id), torch.gather(chosen, 1, by_id)
+    by_score = torch.argsort(top, dim=1, descending=True, stable=True)
+    return torch.gather(top, 1, by_score), torch.gather(chosen, 1, by_score)
+
+
 def _merge(best_scores: torch.Tensor, best_ids: torch.Tensor, scores: torch.Tensor,
            ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best of the running best and a chunk's scores: the chunk's own top k first,
     so the merge handles 2k columns, not the chunk's width."""
-    top, where = torch.topk(scores, min(k, scores.shape[1]), dim=1)
-    all_scores = torch.cat([best_scores, top], dim=1)
-    all_ids = torch.cat([best_ids, ids[where]], dim=1)
-    top, where = torch.topk(all_scores, min(k, all_scores.shape[1]), dim=1)
-    return top, torch.gather(all_ids, 1, where)
+    top, top_ids = _best(scores, ids, k)
+    return _best(torch.cat([best_scores, top], dim=1), torch.cat([best_ids, top_ids], dim=1),
+                 k)
 
 
 def query_matrix(queries) -> torch.Tensor:
@@ -112,7 +162,9 @@ class TableSearch:
 
         Returns:
             :class:`TopK` with (q, k) ids and scores, best first ((k,) when ``queries`` is
-            one (dim,) vector).
+            one (dim,) vector). Equal scores are ordered by id, smallest first, and a NaN
+            score (from a row holding NaN, or infinities that cancel) ranks as -inf, below
+            every real score, so the result does not depend on ``chunk_rows``.
 
         Raises:
             ValueError: bad ``k``, ``metric``, ``chunk_rows`` or query shape, or a query

@@ -92,3 +92,53 @@ def test_bad_arguments_are_named(kwargs, match):
         table.top_k(torch.zeros(8), **args)
     with pytest.raises(ValueError, match="queries must have shape"):
         table.top_k(torch.zeros(3), 2)
+
+
+def test_nan_scores_never_outrank_real_ones():
+    """torch.topk ranks NaN as the largest value: a row holding NaN came first for every
+    query. It now ranks as -inf (below every real score)."""
+    table = de.DynamicTable(de.TableConfig(dim=4, seed=1))
+    weights = torch.arange(40, dtype=torch.float32).reshape(10, 4) / 40
+    weights[3] = float("nan")
+    table.insert_or_assign(np.arange(10), weights)
+    for chunk_rows in (1, 4, 1 << 16):
+        got = table.top_k(torch.ones(2, 4), 3, chunk_rows=chunk_rows)
+        assert got.ids.tolist() == [[9, 8, 7]] * 2
+        assert torch.isfinite(got.scores).all()
+        last = table.top_k(torch.ones(4), 10, chunk_rows=chunk_rows)
+        assert last.ids[-1] == 3 and last.scores[-1] == float("-inf")
+
+
+def test_ties_are_broken_by_id_whatever_the_chunk_size():
+    """The order of tied scores came from torch.topk and changed with chunk_rows."""
+    table = de.DynamicTable(de.TableConfig(dim=4, seed=1))
+    ids = np.random.default_rng(0).permutation(50) * 7 - 100  # slot order is not id order
+    weights = torch.ones(50, 4)
+    weights[ids.argsort()[:5]] = 2.0  # the five smallest ids score highest
+    table.insert_or_assign(ids, weights)
+    by_id = np.sort(ids)
+    want = [by_id[:5].tolist() + by_id[5:12].tolist()]
+    for chunk_rows in (1, 3, 7, 16, 1 << 16):
+        got = table.top_k(torch.ones(1, 4), 12, chunk_rows=chunk_rows)
+        assert got.ids.tolist() == want, chunk_rows
+        among = table.top_k(torch.ones(1, 4), 12, keys=ids, chunk_rows=chunk_rows)
+        assert among.ids.tolist() == want, chunk_rows
+
+
+def test_ties_and_nan_match_a_lexicographic_brute_force_per_query():
+    """Queries of one call that tie at the cut and queries that do not, NaN rows among them:
+    every chunking gives the (score desc, id asc) order."""
+    table = de.DynamicTable(de.TableConfig(dim=2, seed=1))
+    ids = np.random.default_rng(1).permutation(60) * 5 - 150
+    weights = torch.tensor(np.random.default_rng(2).integers(0, 3, (60, 2)), dtype=torch.float32)
+    weights[:4, 0] = float("nan")
+    table.insert_or_assign(ids, weights)
+    queries = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.5, -0.25]])
+    export = table.export()
+    scores = torch.nan_to_num(queries @ export.weights.T, nan=float("-inf")).numpy()
+    for chunk_rows in (1, 6, 13, 1 << 16):
+        got = table.top_k(queries, 9, chunk_rows=chunk_rows)
+        for row, query_scores in enumerate(scores):
+            order = np.lexsort((export.ids.numpy(), -query_scores))[:9]
+            assert got.ids[row].tolist() == export.ids.numpy()[order].tolist(), chunk_rows
+            assert got.scores[row].tolist() == query_scores[order].tolist()
