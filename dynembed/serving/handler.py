@@ -78,14 +78,55 @@ def _float64_copy(dense, input_dim: int):
         return None
 
 
+def check_dense(package: Package) -> None:
+    """Checks that the package's dense program takes what the built-in handler feeds it and
+    answers the shape its manifest declares, by one run on a zero input (2 examples).
+
+    Without this a package whose program does not fit its manifest (a hand-edited manifest,
+    a ``dense.pt2`` from another export) registers fine and then fails every prediction.
+
+    Raises:
+        PackageError: ``dense.input_dim`` is not the features' total width, the program
+            does not run on a ``(2, input_dim)`` input, or its output is not
+            ``(2, *dense.output_shape)``.
+    """
+    manifest = package.manifest
+    tables, dense = manifest["tables"], manifest["dense"]
+    widths = {f: int(tables[spec["table"]]["dim"]) for f, spec in manifest["features"].items()}
+    width, input_dim = sum(widths.values()), int(dense["input_dim"])
+    if input_dim != width:
+        raise PackageError(f"package {package.name!r}: dense.input_dim is {input_dim} but its "
+                           f"features' rows are {width} wide together ({widths}); re-export "
+                           "the package (dynembed export) or correct dense.input_dim")
+    expected = [2, *dense["output_shape"]]
+    try:
+        with torch.no_grad():
+            y = package.dense(torch.zeros(2, input_dim))
+    except Exception as e:  # noqa: BLE001 - whatever the program raises: it does not fit
+        raise PackageError(f"package {package.name!r}: its dense program does not run on the "
+                           f"(batch, {input_dim}) input its manifest declares "
+                           f"(dense.input_dim): {type(e).__name__}: {e}; re-export the "
+                           "package with the dense module trained on these features") from None
+    if not isinstance(y, torch.Tensor) or list(y.shape) != expected:
+        got = list(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise PackageError(f"package {package.name!r}: its dense program answers {got} for 2 "
+                           f"examples, but its manifest declares dense.output_shape "
+                           f"{dense['output_shape']} (so {expected}); re-export the package")
+
+
 class EmbeddingModelHandler:
     """The built-in handler: ``output(dense(embeddings(features, concat=True)))``.
 
     Args:
         package: the loaded package.
+
+    Raises:
+        PackageError: its dense program does not fit its manifest (see
+            :func:`check_dense`).
     """
 
     def __init__(self, package: Package) -> None:
+        check_dense(package)
         self.package = package
         self.embeddings = package.embeddings
         """The live tables; :meth:`refresh` swaps in newer ones between batches."""
@@ -233,9 +274,10 @@ def make_handler(package: Package, *, allow_custom: bool):
         raise PackageError(f"unknown handler {spec!r}; expected {BUILTIN_HANDLER!r} or "
                            "'custom:<file>.py:<Class>'")
     if not allow_custom:
-        raise PackageError(f"model {package.name!r} asks for the custom handler {spec!r}, "
-                           "which runs code from the package; the operator must allow it "
-                           f"(dynembed serve --allow-custom-handler {package.name})")
+        raise PackageError(f"package {package.name!r} asks for the custom handler {spec!r}, "
+                           "which runs code from the package; the operator must allow it by "
+                           "the package's name, whatever name it is served under (dynembed "
+                           f"serve --allow-custom-handler {package.name})")
     try:
         _, file, cls_name = spec.split(":")
     except ValueError:

@@ -109,7 +109,10 @@ class Reservation:
 
     path: Path
     name: str
+    """The name it is served under: the caller's ``model_name``, else the package's."""
     version: str
+    package_name: str
+    """The name in the package's manifest when it was reserved."""
     _pending: set = field(repr=False)
 
     def release(self) -> None:
@@ -119,9 +122,14 @@ class Reservation:
 class Registry:
     """Registered models by name and version.
 
+    A model is served under the ``name`` given at registration (TorchServe's
+    ``model_name``), else its package's name; one package registered under two names is two
+    independent models (each with its own handler, tables, workers and metrics).
+
     Args:
         model_store: the directory packages are registered from.
-        allow_custom_handlers: model names whose packages may run their own handler code.
+        allow_custom_handlers: package names (the ``model.name`` of their manifests) whose
+            packages may run their own handler code, whatever name they are served under.
         on_batch: metrics callback ``(model, version, BatchStats)``.
 
     ``mirror``, when set (a server with several processes), is awaited as
@@ -183,11 +191,13 @@ class Registry:
         (the tables are not opened), and holds its version until the registration ends.
 
         An asynchronous registration calls this before it answers 202, so a duplicate
-        version or a wrong ``model_name`` is refused to the caller instead of only logged.
+        version or a malformed ``model_name`` is refused to the caller instead of only
+        logged.
 
         Args:
             url: the package's path in the model store.
-            name: the ``model_name`` the caller gave, or None.
+            name: the ``model_name`` the caller gave (the name to serve the package under,
+                as in TorchServe), or None for the package's own name.
 
         Raises:
             ServingError: 400 bad url, manifest or name, 404 no such package, 409 the
@@ -198,19 +208,16 @@ class Registry:
             model = read_manifest(path)["model"]
             if name is not None:
                 check_name(name, "model_name")
-                if name != model["name"]:
-                    raise PackageError(f"model_name {name!r} differs from the package's name "
-                                       f"{model['name']!r}")
         except (PackageError, ValueError) as e:
             raise bad_request(str(e)) from None
-        key = (model["name"], model["version"])
+        key = (name or model["name"], model["version"])
         if key in self._pending or key[1] in self.models.get(key[0], {}):
             raise ServingError(409, "ConflictStatusException",
                                f"Model version {key[1]} is already registered for model "
                                f"{key[0]}" + (" (its registration is in progress)"
                                               if key in self._pending else ""))
         self._pending.add(key)
-        return Reservation(path, key[0], key[1], self._pending)
+        return Reservation(path, key[0], key[1], model["name"], self._pending)
 
     async def register(self, url: str, *, name: str | None = None, initial_workers: int = 1,
                        batch_size: int = 1, max_batch_delay_ms: float = 100.0,
@@ -221,9 +228,11 @@ class Registry:
         :func:`~dynembed.serving.package.open_package`) and starts its workers.
 
         Args:
-            reservation: from :meth:`reserve` for this ``url`` (an asynchronous
-                registration); released here, whatever the outcome. Without it the
-                registration reserves its version itself.
+            name: the name to serve it under (TorchServe's ``model_name``); None: the
+                package's name.
+            reservation: from :meth:`reserve` for this ``url`` and ``name`` (an
+                asynchronous registration); released here, whatever the outcome. Without it
+                the registration reserves its version itself.
 
         Raises:
             ServingError: 400 bad arguments or package, 404 no such package, 409 the
@@ -265,32 +274,35 @@ class Registry:
         try:
             package = await loop.run_in_executor(
                 None, functools.partial(open_package, reservation.path, preload=preload))
-            if (package.name, package.version) != (reservation.name, reservation.version):
+            if (package.name, package.version) != (reservation.package_name,
+                                                   reservation.version):
                 # its manifest was rewritten while it loaded
                 raise PackageError(f"the package at {url!r} changed while it was registered")
+            # the allowance names the package (the code that would run), not the name it is
+            # served under: a model_name must not let a caller run another package's code
             handler = make_handler(package, allow_custom=package.name in self.allow_custom)
         except (PackageError, CheckpointError, ValueError) as e:
             raise bad_request(str(e)) from None
         except OSError as e:  # a package file the server cannot read: say which
             raise bad_request(f"package {url!r} could not be read: {e}; make its files "
                               "readable by the server's user") from None
+        name, version = reservation.name, reservation.version
         async with self._lock:
-            versions = self.models.setdefault(package.name, {})
-            if package.version in versions:
+            versions = self.models.setdefault(name, {})
+            if version in versions:
                 raise ServingError(409, "ConflictStatusException",
-                                   f"Model version {package.version} is already registered "
-                                   f"for model {package.name}")
+                                   f"Model version {version} is already registered for "
+                                   f"model {name}")
             batcher = Batcher(handler.predict, batch_size=batch_size,
                               max_batch_delay_ms=max_batch_delay_ms, workers=initial_workers,
-                              on_batch=self._batch_callback(package.name, package.version),
+                              on_batch=self._batch_callback(name, version),
                               max_queued=self.job_queue_size)
             await batcher.start()
-            entry = ModelVersion(package.name, package.version, url, handler, batcher,
-                                 batch_size, max_batch_delay_ms, initial_workers,
-                                 initial_workers, response_timeout_s, loaded_at_startup,
-                                 preload)
-            versions[package.version] = entry
-            self.defaults.setdefault(package.name, package.version)
+            entry = ModelVersion(name, version, url, handler, batcher, batch_size,
+                                 max_batch_delay_ms, initial_workers, initial_workers,
+                                 response_timeout_s, loaded_at_startup, preload)
+            versions[version] = entry
+            self.defaults.setdefault(name, version)
             return entry, self._changed()
 
     def _batch_callback(self, name: str, version: str):

@@ -68,7 +68,8 @@ class ServerConfig:
     model_store: str
     """Directory of model packages; models register only from here."""
     models: dict[str, str] = field(default_factory=dict)
-    """Models to register at startup: name -> package path in the store."""
+    """Models to register at startup: name to serve it under (TorchServe's ``model_name``;
+    it need not be the package's own) -> package path in the store."""
     inference_address: str = "127.0.0.1:8080"
     management_address: str = "127.0.0.1:8081"
     metrics_address: str = "127.0.0.1:8082"
@@ -96,7 +97,8 @@ class ServerConfig:
     model, also one registered later, serves the tables of its newest checkpoint."""
     follow_interval_s: float = 5.0
     allow_custom_handlers: tuple[str, ...] = ()
-    """Model names whose packages may run their own handler code."""
+    """Package names (``model.name`` in their manifests) whose packages may run their own
+    handler code, whatever name they are served under."""
     graceful_timeout_s: float = 30.0
     """How long shutdown waits for accepted requests."""
     processes: int = 1

@@ -224,3 +224,32 @@ def test_a_stuck_handler_holds_shutdown_at_most_the_graceful_timeout(store):
     for reply in replies:
         assert isinstance(reply, httpx.Response), reply
         torchserve_error(reply, 503, "ServiceUnavailableException")
+
+
+def test_a_model_served_under_another_name_follows_checkpoints_by_that_name(tmp_path):
+    """--follow NAME=DIR names the model as it is served: the package ctr served as
+    "ranker" follows the training job, the same package served as "ctr" keeps its own
+    tables (each registration has its own tables)."""
+    store = tmp_path / "store"
+    store.mkdir()
+    coll, dense = write_package(store)
+    batch = examples(8, seed=4)
+    packaged = expected(coll, dense, batch)
+    coll.train()
+    for _ in range(3):
+        (dense(coll(columns(batch), concat=True)) - 1).pow(2).mean().backward()
+    de.checkpoint.CheckpointManager(tmp_path / "ckpt").save(1, Trained(coll, dense))
+    trained = expected(coll, dense, batch)
+    assert trained != pytest.approx(packaged, rel=1e-5)
+    server = start_server(store, models={"ranker": "ctr-1.0", "ctr": "ctr-1.0"},
+                          follow={"ranker": str(tmp_path / "ckpt")}, follow_interval_s=0.1)
+    try:
+        url = server.inference + "/predictions/"
+        eventually(lambda: httpx.post(url + "ranker", json=batch).json()
+                   == pytest.approx(trained, rel=1e-5))
+        assert httpx.post(url + "ctr", json=batch).json() == pytest.approx(packaged, rel=1e-5)
+        metrics = httpx.get(server.metrics + "/metrics").text
+        assert 'dynembed_serving_checkpoint_refreshes_total{model="ranker",version="1.0"} 1.0' \
+            in metrics
+    finally:
+        server.stop()

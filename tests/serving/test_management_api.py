@@ -10,6 +10,8 @@ import time
 
 import httpx
 import pytest
+import torch
+from torch import nn
 
 from tests.serving.helpers import (
     eventually,
@@ -136,9 +138,9 @@ def test_an_asynchronous_registration_is_refused_at_once_for_what_its_manifest_s
             409 if url == "ctr-1.0" else 202)
     torchserve_error(api.register("ctr-1.0", synchronous="false"), 409,
                      "ConflictStatusException")
-    message = torchserve_error(api.register("m2-1.0", synchronous="false", model_name="m3"),
-                               400, "BadRequestException")
-    assert "model_name 'm3'" in message
+    message = torchserve_error(api.register("m2-1.0", synchronous="false",
+                                            model_name="../m3"), 400, "BadRequestException")
+    assert "model_name" in message
     (store / "not-a-package").mkdir()
     torchserve_error(api.register("not-a-package", synchronous="false"), 400,
                      "BadRequestException")
@@ -224,11 +226,120 @@ def test_register_with_bad_parameters_is_400(api):
     for params in ({"initial_workers": "two"}, {"initial_workers": "-1"},
                    {"batch_size": "0"}, {"batch_size": "1.5"}, {"max_batch_delay": "-1"},
                    {"max_batch_delay": "soon"}, {"response_timeout": "0"},
-                   {"synchronous": "maybe"}, {"preload": "yes"}, {"model_name": "other"},
+                   {"synchronous": "maybe"}, {"preload": "yes"},
                    {"model_name": "../x"}, {"max_batch_delay": str(10**400)},
                    {"initial_workers": "100000"}, {"response_timeout": str(2**31)}):
         message = torchserve_error(api.register("ctr-1.0", **params), 400, "BadRequestException")
         assert next(iter(params)) in message, (params, message)
+    assert api.models() == []
+
+
+def test_model_name_serves_a_package_under_another_name(api):
+    """As TorchServe's model_name: the package answers under that name only, and that name
+    is used by every API (it was refused with a 400 unless it was the package's own)."""
+    response = api.register("ctr-1.0", model_name="ranker")
+    assert response.status_code == 200, response.text
+    assert response.json()["status"].startswith('Model "ranker" Version: 1.0 registered')
+    assert api.models() == ["ranker"]
+    batch = examples(5)
+    answer = api.predict("ranker", batch)
+    assert answer.status_code == 200
+    torchserve_error(api.predict("ctr", batch), 404, "ModelNotFoundException")
+    [described] = api.describe("ranker")
+    assert (described["modelName"], described["modelVersion"]) == ("ranker", "1.0")
+    assert described["workers"][0]["id"].startswith("ranker-1.0-")
+    v2 = httpx.post(api.running.inference + "/v2/models/ranker/infer", timeout=30, json={
+        "inputs": [{"name": "user", "datatype": "BYTES", "shape": [1], "data": ["u1"]},
+                   {"name": "item", "datatype": "BYTES", "shape": [1], "data": ["i1"]},
+                   {"name": "tags", "datatype": "BYTES", "shape": [1], "data": [["t1"]]}]})
+    assert v2.status_code == 200 and v2.json()["model_name"] == "ranker", v2.text
+    metrics = httpx.get(api.running.metrics + "/metrics", timeout=30).text
+    assert re.search(r'^dynembed_serving_requests_total\{model="ranker",status="200",'
+                     r'version="1.0"\} 2.0$', metrics, re.MULTILINE), metrics
+    assert 'model="ctr"' not in metrics
+    assert api("PUT", "/models/ranker", min_worker=3, synchronous="true").status_code == 200
+    assert len(api.describe("ranker")[0]["workers"]) == 3
+    assert api("DELETE", "/models/ranker").status_code == 200
+    assert api.models() == []
+    torchserve_error(api.predict("ranker", batch), 404, "ModelNotFoundException")
+
+
+def test_one_package_under_two_names_is_two_independent_models(api):
+    """Each name has its own versions, default, workers and lifetime; a version of a name is
+    still unique (409), also while its registration is in progress."""
+    assert api.register("ctr-1.0").status_code == 200
+    assert api.register("ctr-1.0", model_name="ranker").status_code == 200
+    torchserve_error(api.register("ctr-1.0", model_name="ranker"), 409,
+                     "ConflictStatusException")
+    torchserve_error(api.register("ctr-1.0"), 409, "ConflictStatusException")
+    assert api.register("ctr-2.0", model_name="ranker").status_code == 200
+    assert sorted(api.models()) == ["ctr", "ranker"]
+    batch = examples(6)
+    first = api.predict("ctr", batch).json()
+    assert api.predict("ranker", batch).json() == first  # ranker's default: its first, 1.0
+    assert api("PUT", "/models/ranker/2.0/set-default").status_code == 200
+    second = api.predict("ranker", batch).json()
+    assert second != first and api.predict("ctr", batch).json() == first
+    torchserve_error(api("GET", "/models/ctr/2.0"), 404, "ModelVersionNotFoundException")
+    assert api("PUT", "/models/ranker/1.0", min_worker=2, synchronous="true").status_code == 200
+    assert len(api.describe("ranker/1.0")[0]["workers"]) == 2
+    assert len(api.describe("ctr")[0]["workers"]) == 1
+    assert api("DELETE", "/models/ranker/1.0").status_code == 200
+    assert api.predict("ctr", batch).json() == first
+    assert api.predict("ranker/2.0", batch).json() == second
+    # an asynchronous registration under a name reserves that name's version at once
+    assert api.register("ctr-1.0", model_name="m9", synchronous="false").status_code == 202
+    torchserve_error(api.register("ctr-1.0", model_name="m9", synchronous="false"), 409,
+                     "ConflictStatusException")
+    eventually(lambda: "m9" in api.models())
+    assert api.predict("m9", batch).json() == first
+
+
+def test_models_loaded_at_startup_under_another_name(store):
+    """ServerConfig.models (``dynembed serve --models NAME=PACKAGE``) serves the package
+    under NAME, also twice under two names (the server refused to start)."""
+    running = start_server(store, models={"ranker": "ctr-1.0", "ctr": "ctr-1.0"})
+    client = Client(running)
+    try:
+        assert sorted(client.models()) == ["ctr", "ranker"]
+        [described] = client.describe("ranker")
+        assert described["modelName"] == "ranker" and described["loadedAtStartup"] is True
+        batch = examples(4)
+        assert client.predict("ranker", batch).json() == client.predict("ctr", batch).json()
+        assert client("PUT", "/models/ranker", min_worker=2,
+                      synchronous="true").status_code == 200
+        assert len(client.describe("ranker")[0]["workers"]) == 2
+        assert client("DELETE", "/models/ranker").status_code == 200
+        assert client.models() == ["ctr"]
+        assert client.predict("ctr", batch).status_code == 200
+    finally:
+        running.stop()
+
+
+def _replace_dense(package, dense, width: int) -> None:
+    """Writes ``dense`` (exported for a (batch, width) input) as the package's program."""
+    batch = torch.export.Dim("batch", min=1, max=1 << 24)
+    program = torch.export.export(dense.eval(), (torch.zeros(4, width),),
+                                  dynamic_shapes=({0: batch},))
+    torch.export.save(program, package / "dense.pt2")
+
+
+def test_a_dense_program_that_does_not_fit_its_manifest_is_refused_at_registration(
+        api, store):
+    """It registered, and every prediction then failed with a 500."""
+    _copy(store / "ctr-1.0", store / "narrow", name="narrow")
+    _replace_dense(store / "narrow", nn.Sequential(nn.Linear(7, 1), nn.Flatten(0)), 7)
+    _copy(store / "ctr-1.0", store / "wide-out", name="wideout")
+    _replace_dense(store / "wide-out", nn.Linear(11, 2), 11)  # (B, 2); the manifest says (B,)
+    _copy(store / "ctr-1.0", store / "bad-dim", name="baddim")
+    manifest = json.loads((store / "bad-dim" / "MANIFEST.json").read_text())
+    manifest["dense"]["input_dim"] = 12
+    (store / "bad-dim" / "MANIFEST.json").write_text(json.dumps(manifest))
+    for url, problem in (("narrow", "does not run on the (batch, 11) input"),
+                         ("wide-out", "answers [2, 2]"),
+                         ("bad-dim", "dense.input_dim is 12 but its features' rows are 11")):
+        message = torchserve_error(api.register(url), 400, "BadRequestException")
+        assert problem in message and "re-export" in message, message
     assert api.models() == []
 
 

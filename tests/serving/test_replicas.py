@@ -297,3 +297,28 @@ def test_a_slow_scale_down_holds_back_no_other_model(tmp_path):
         return took
 
     assert asyncio.run(scenario()) < 1.0
+
+
+def test_a_model_registered_under_another_name_reaches_the_replicas_by_that_name(tmp_path):
+    """The replicas register what the first process did under the name it was given (the
+    package ctr 2.0 as "ranker"), and unregister it by that name."""
+    server, _, _, (coll2, dense2) = _two_processes(tmp_path)
+    batch = examples(3, seed=9)
+    headers = server.token()
+    try:
+        response = httpx.post(server.management + "/models", headers=headers, timeout=60,
+                              params={"url": "ctr-2.0", "model_name": "ranker"})
+        assert response.status_code == 200, response.text
+        answers = _answers(server.inference + "/predictions/ranker", batch)
+        assert {status for status, _ in answers} == {200}
+        assert all(body == pytest.approx(expected(coll2, dense2, batch), rel=1e-6)
+                   for _, body in answers)
+        assert set(_requests_by_process(server)) == {"0", "1"}
+        assert httpx.delete(server.management + "/models/ranker", headers=headers,
+                            timeout=60).status_code == 200
+        answers = _answers(server.inference + "/predictions/ranker", batch, connections=10)
+        assert {status for status, _ in answers} == {404}
+        assert {s for s, _ in _answers(server.inference + "/predictions/ctr", batch,
+                                       connections=10)} == {200}
+    finally:
+        server.stop()

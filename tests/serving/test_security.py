@@ -394,3 +394,28 @@ def test_the_archive_check_keeps_real_guards_and_shape_expressions(tmp_path):
     module = load_dense(tmp_path / "pairs.pt2")
     x = torch.arange(30.0).reshape(3, 10)
     assert torch.equal(module(x), Pairs()(x))
+
+
+def test_a_custom_handler_is_allowed_by_its_package_name_not_the_name_it_is_served_under(
+        store):
+    """A model_name must not let a management caller run a package's code under a name the
+    operator allowed for another package; the allowed package may be served under any name."""
+    custom = _custom_package(store)  # its package name is ctr
+    running = start_server(store, allow_custom_handlers=("other",))
+    try:
+        response = httpx.post(running.management + "/models", headers=running.token(),
+                              params={"url": "custom-1.0", "model_name": "other"})
+        message = torchserve_error(response, 400, "BadRequestException")
+        assert "--allow-custom-handler ctr" in message and "package's name" in message
+        assert not (custom / "imported").exists()  # its code never ran
+    finally:
+        running.stop()
+    running = start_server(store, allow_custom_handlers=("ctr",))
+    try:
+        response = httpx.post(running.management + "/models", headers=running.token(),
+                              params={"url": "custom-1.0", "model_name": "other"})
+        assert response.status_code == 200, response.text
+        answer = httpx.post(running.inference + "/predictions/other", json=[{"user": "abc"}])
+        assert answer.status_code == 200 and answer.json() == [3.0]
+    finally:
+        running.stop()
