@@ -436,3 +436,15 @@ def test_bloom_size_is_capped_and_the_arguments_named(kw):
     with pytest.raises(ValueError, match="expected_keys.*false_positive_rate.*at most"):
         de.policy.BloomAdmission(**kw)
     de.policy.BloomAdmission(expected_keys=10**9, false_positive_rate=1e-6)  # 4 GiB: the most
+
+
+@pytest.mark.parametrize("kw", [{"expected_keys": 1000, "false_positive_rate": 1e-300},
+                                {"expected_keys": 1826, "false_positive_rate": 1e-15}])
+def test_bloom_probes_per_key_are_capped_and_the_arguments_named(kw):
+    """A tiny false_positive_rate with few expected_keys fit the size cap but gave about
+    1,000 hash probes per key, so every lookup was slow."""
+    with pytest.raises(ValueError, match="false_positive_rate.*expected_keys.*at most 80 "
+                                         "hash probes.*1e-12"):
+        de.policy.BloomAdmission(**kw)
+    for n in (1, 285, 1142, 10**6):  # 1e-12 fits the cap at any size (80 probes at 285)
+        de.policy.BloomAdmission(expected_keys=n, false_positive_rate=1e-12)
