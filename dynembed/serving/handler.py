@@ -78,9 +78,36 @@ def _float64_copy(dense, input_dim: int):
         return None
 
 
+def check_input_dim(manifest: dict) -> None:
+    """Checks that a package's ``dense.input_dim`` is the total width of its features'
+    tables: the width of the rows the built-in handler concatenates for the dense program.
+
+    It needs the manifest only (as :func:`~dynembed.serving.package.read_manifest` checked
+    it), so a registration checks it before loading anything, and an asynchronous one
+    refuses such a package instead of answering 202 and only logging the failure.
+
+    Raises:
+        PackageError: the widths differ, or a table's ``dim`` is missing or not an integer.
+    """
+    name, tables = manifest["model"]["name"], manifest["tables"]
+    try:
+        widths = {f: int(tables[spec["table"]]["dim"])
+                  for f, spec in manifest["features"].items()}
+    except (KeyError, TypeError, ValueError) as e:
+        raise PackageError(f"package {name!r}: a table of its manifest has no integer dim "
+                           f"({type(e).__name__}: {e}); re-export the package (dynembed "
+                           "export)") from None
+    width, input_dim = sum(widths.values()), int(manifest["dense"]["input_dim"])
+    if input_dim != width:
+        raise PackageError(f"package {name!r}: dense.input_dim is {input_dim} but its "
+                           f"features' rows are {width} wide together ({widths}); re-export "
+                           "the package (dynembed export) or correct dense.input_dim")
+
+
 def check_dense(package: Package) -> None:
     """Checks that the package's dense program takes what the built-in handler feeds it and
-    answers the shape its manifest declares, by one run on a zero input (2 examples).
+    answers the shape its manifest declares: :func:`check_input_dim`, then one run on a zero
+    input (2 examples).
 
     Without this a package whose program does not fit its manifest (a hand-edited manifest,
     a ``dense.pt2`` from another export) registers fine and then fails every prediction.
@@ -90,14 +117,11 @@ def check_dense(package: Package) -> None:
             does not run on a ``(2, input_dim)`` input, or its output is not
             ``(2, *dense.output_shape)``.
     """
-    manifest = package.manifest
-    tables, dense = manifest["tables"], manifest["dense"]
-    widths = {f: int(tables[spec["table"]]["dim"]) for f, spec in manifest["features"].items()}
-    width, input_dim = sum(widths.values()), int(dense["input_dim"])
-    if input_dim != width:
-        raise PackageError(f"package {package.name!r}: dense.input_dim is {input_dim} but its "
-                           f"features' rows are {width} wide together ({widths}); re-export "
-                           "the package (dynembed export) or correct dense.input_dim")
+    # again here, not only in Registry.reserve: a handler is also made from a package opened
+    # directly (open_package), and a manifest may be rewritten between reservation and load
+    check_input_dim(package.manifest)
+    dense = package.manifest["dense"]
+    input_dim = int(dense["input_dim"])
     expected = [2, *dense["output_shape"]]
     try:
         with torch.no_grad():

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from dynembed.errors import CheckpointError, DynembedError
 from dynembed.serving.batching import MAX_WORKERS, Batcher
-from dynembed.serving.handler import make_handler
+from dynembed.serving.handler import check_input_dim, make_handler
 from dynembed.serving.package import (
+    BUILTIN_HANDLER,
     PackageError,
     check_name,
     open_package,
@@ -191,8 +192,10 @@ class Registry:
         (the tables are not opened), and holds its version until the registration ends.
 
         An asynchronous registration calls this before it answers 202, so a duplicate
-        version or a malformed ``model_name`` is refused to the caller instead of only
-        logged.
+        version, a malformed ``model_name`` or, for the built-in handler, a
+        ``dense.input_dim`` that is not its features' total width is refused to the caller
+        instead of only logged. (Whether the dense program runs needs it loaded: that is
+        checked when the handler is made.)
 
         Args:
             url: the package's path in the model store.
@@ -205,9 +208,12 @@ class Registry:
         """
         path = self.resolve_url(url)
         try:
-            model = read_manifest(path)["model"]
+            manifest = read_manifest(path)
+            model = manifest["model"]
             if name is not None:
                 check_name(name, "model_name")
+            if model["handler"] == BUILTIN_HANDLER:  # a custom handler feeds its own input
+                check_input_dim(manifest)
         except (PackageError, ValueError) as e:
             raise bad_request(str(e)) from None
         key = (name or model["name"], model["version"])

@@ -343,6 +343,21 @@ def test_a_dense_program_that_does_not_fit_its_manifest_is_refused_at_registrati
     assert api.models() == []
 
 
+def test_an_asynchronous_registration_of_a_wrong_input_dim_is_refused_before_the_202(
+        api, store):
+    """It answered 202 and the mismatch was only logged once the package had loaded."""
+    _copy(store / "ctr-1.0", store / "bad-dim", name="baddim")
+    manifest = json.loads((store / "bad-dim" / "MANIFEST.json").read_text())
+    manifest["dense"]["input_dim"] = 12
+    (store / "bad-dim" / "MANIFEST.json").write_text(json.dumps(manifest))
+    message = torchserve_error(api.register("bad-dim", synchronous="false"), 400,
+                               "BadRequestException")
+    assert "dense.input_dim is 12 but its features' rows are 11" in message, message
+    assert "re-export" in message, message
+    assert not api.running.server.registry._pending  # its version is not held
+    assert api.models() == []
+
+
 # ---------------------------------------------------------------------- list, describe
 def test_list_models_paginates(api):
     for k in (3, 0, 4, 1, 2):
