@@ -76,10 +76,27 @@ def _inspect(args) -> int:
     if args.plot and Path(args.plot).suffix.lower() != ".png":
         print(f"error: --plot {args.plot}: give a .png file", file=sys.stderr)
         return 2
+    if args.plot:  # else writing it fails after the whole summary, naming no flag
+        try:
+            plot = _new_path(args.plot, "--plot", "rows.png")
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if plot.is_dir():
+            print(f"error: --plot {args.plot}: is a directory; give a file path (e.g. "
+                  f"{plot / 'rows.png'})", file=sys.stderr)
+            return 2
     if _is_model_package(path):
         print(f"error: {path} is a model package; inspect its tables: {path / 'tables'}",
               file=sys.stderr)
         return 2
+    if not (path / mf.MANIFEST).exists():
+        # a model store: else each package is reported as a damaged checkpoint
+        packages = sorted(child for child in path.iterdir() if _is_model_package(child))
+        if packages:
+            print(f"error: {path} is a model store; inspect a package's tables: "
+                  f"{packages[0] / 'tables'}", file=sys.stderr)
+            return 2
     directory = path if not (path / mf.MANIFEST).exists() else path.parent
     if (path / mf.MANIFEST).exists():
         info = describe(path, top=args.top)
@@ -200,19 +217,34 @@ def _train(args) -> int:
                              "max_restarts": "--max-restarts",
                              "stop_timeout": "--stop-timeout",
                              "rdzv_endpoint": "--rdzv-endpoint",
-                             "rdzv_conf": "--rdzv-conf"}) from None
+                             "rdzv_conf": "--rdzv-conf", "rdzv_id": "--rdzv-id",
+                             "log_dir": "--log-dir"}) from None
     code = launch(config, show_progress=not args.no_progress)
     print(f"dynembed train: torchrun exited with code {code}; worker logs in "
           f"{config.log_dir}", file=sys.stderr)
     return code
 
 
-def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
-    out = {}
+def _pairs(values: list[str] | None, flag: str, metavar: str) -> dict[str, str]:
+    """``NAME=VALUE`` arguments of ``flag`` as a dict.
+
+    Args:
+        values: the arguments given (None: the flag was not given).
+        flag: the option, for errors.
+        metavar: its ``NAME=...`` form, for errors.
+
+    Raises:
+        ValueError: an argument is not ``NAME=VALUE``, or a name is given twice (a dict
+            would keep only the last, silently).
+    """
+    out: dict[str, str] = {}
     for value in values or []:
         name, sep, target = value.partition("=")
         if not sep or not name or not target:
-            raise ValueError(f"{flag} takes NAME=VALUE, got {value!r}")
+            raise ValueError(f"{flag} takes {metavar}, got {value!r}")
+        if name in out:
+            raise ValueError(f"{flag} {name}: given twice ({name}={out[name]}, {value}); "
+                             "give each name once")
         out[name] = target
     return out
 
@@ -286,6 +318,9 @@ def _export(args) -> int:
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_dir():
         raise ValueError(f"--checkpoint {checkpoint}: no such directory")
+    if _is_model_package(checkpoint):  # else read as a checkpoint: "manifest is damaged"
+        raise ValueError(f"--checkpoint {checkpoint}: is a model package, not a training "
+                         "checkpoint; give the training job's checkpoints")
     try:
         factory = getattr(importlib.import_module(module_name), function)
     except (ImportError, AttributeError) as e:
@@ -349,7 +384,8 @@ def _add_serve(commands) -> None:
                     "Prometheus metrics, on loopback by default. The management API needs "
                     "the token written to --key-file.")
     serve.add_argument("--model-store", required=True, help="directory of model packages")
-    serve.add_argument("--models", nargs="*", metavar="NAME=PACKAGE",
+    # action="extend": a repeated flag adds to the list (by default it replaced it)
+    serve.add_argument("--models", nargs="*", action="extend", metavar="NAME=PACKAGE",
                        help="models to serve at startup (package paths in the store)")
     serve.add_argument("--inference-address", default="127.0.0.1:8080",
                        help="HOST:PORT of the inference API")
@@ -382,11 +418,15 @@ def _add_serve(commands) -> None:
     serve.add_argument("--job-queue-size", type=int, default=100,
                        help="requests that may wait for a worker per model version and "
                             "process; more get 503 at once (TorchServe's job_queue_size)")
-    serve.add_argument("--follow", nargs="*", metavar="NAME=CHECKPOINT_DIR",
+    serve.add_argument("--follow", nargs="*", action="extend",
+                       metavar="NAME=CHECKPOINT_DIR",
                        help="apply newer checkpoints of a training job to a model's tables")
     serve.add_argument("--follow-interval", type=float, default=5.0, help="seconds")
-    serve.add_argument("--allow-custom-handler", nargs="*", metavar="NAME", default=[],
-                       help="models whose packages may run their own handler code")
+    serve.add_argument("--allow-custom-handler", nargs="*", action="extend", metavar="NAME",
+                       default=[],
+                       help="packages that may run their own handler code, by their "
+                            "name (model.name in MANIFEST.json), whatever name they are "
+                            "served under; repeatable")
     serve.set_defaults(run=_serve)
 
 
@@ -425,25 +465,37 @@ def _check_follow(config) -> None:
 
 
 def _check_custom_handlers(config, store: Path) -> None:
-    """Warns of an ``--allow-custom-handler`` name no model in ``--models`` or package in
-    the store has (a typo?); not an error: such a package may be added and registered
-    later through the management API."""
+    """Warns of an ``--allow-custom-handler`` name that no package in the store (nor in
+    ``--models``) has: allowances name packages (``model.name`` in MANIFEST.json), so a
+    typo, or the name a package is served under (``--models NAME=...``), allows nothing.
+    Not an error: such a package may be added and registered later.
+
+    Args:
+        config: the server's config (``allow_custom_handlers``, ``models``).
+        store: the model store, resolved.
+    """
     from dynembed.serving.package import read_manifest
 
-    unknown = [n for n in config.allow_custom_handlers if n not in config.models]
-    if not unknown:
-        return
-    packaged = set()
-    for folder in store.iterdir():
+    def package_name(folder: Path) -> str | None:
         try:
-            packaged.add(read_manifest(folder)["model"]["name"])
+            return read_manifest(folder)["model"]["name"]
         except (ValueError, OSError):  # not a package
-            pass
-    for name in unknown:
-        if name not in packaged:
+            return None
+
+    # --models may name packages in subfolders, which iterdir does not see
+    served = {name: package_name(store / url) for name, url in config.models.items()}
+    packaged = {package_name(folder) for folder in store.iterdir()} | set(served.values())
+    for name in config.allow_custom_handlers:
+        if name in packaged:
+            continue
+        if name in served:
+            print(f"warning: --allow-custom-handler {name}: no package of that name; "
+                  f"--models {name}={config.models[name]} serves package {served[name]} "
+                  f"(allow it with --allow-custom-handler {served[name]})", file=sys.stderr)
+        else:
             print(f"warning: --allow-custom-handler {name}: no model of that name in "
-                  "--models or --model-store; it applies only if one is registered later",
-                  file=sys.stderr)
+                  "--model-store (allowances name packages: model.name in their "
+                  "MANIFEST.json); it applies only if one is added later", file=sys.stderr)
 
 
 def _serve(args) -> int:
@@ -452,7 +504,7 @@ def _serve(args) -> int:
 
     try:
         config = ServerConfig(
-            model_store=args.model_store, models=_pairs(args.models, "--models"),
+            model_store=args.model_store, models=_pairs(args.models, "--models", "NAME=PACKAGE"),
             inference_address=args.inference_address,
             management_address=args.management_address,
             metrics_address=args.metrics_address,
@@ -462,7 +514,8 @@ def _serve(args) -> int:
             processes=args.processes, max_batch_delay_ms=args.max_batch_delay,
             response_timeout_s=args.response_timeout, max_request_bytes=args.max_request_size,
             job_queue_size=args.job_queue_size,
-            follow=_pairs(args.follow, "--follow"), follow_interval_s=args.follow_interval,
+            follow=_pairs(args.follow, "--follow", "NAME=CHECKPOINT_DIR"),
+            follow_interval_s=args.follow_interval,
             allow_custom_handlers=tuple(args.allow_custom_handler),
             graceful_timeout_s=args.graceful_timeout)
         server = ModelServer(config)  # checks model_store

@@ -87,6 +87,14 @@ class LaunchConfig:
                                       (p.partition("=") for p in self.rdzv_conf.split(","))):
             raise ValueError(f"rdzv_conf must be KEY=VALUE[,KEY=VALUE...] (e.g. "
                              f"join_timeout=600,last_call_timeout=5), got {self.rdzv_conf!r}")
+        # torchrun takes an empty --rdzv-id as "none" and draws a random one per node (the
+        # nodes of one job then never meet), and an empty --log-dir as a temporary directory
+        if not self.rdzv_id.strip():
+            raise ValueError(f"rdzv_id must be a job id, the same on every node (e.g. "
+                             f"dynembed or job7), got {self.rdzv_id!r}")
+        if not self.log_dir.strip():
+            raise ValueError("log_dir must be a directory for the workers' logs (e.g. "
+                             "runs/logs), got ''")
         if self.rdzv_endpoint is None and parts[-1] != "1":
             raise ValueError("a job over several nodes needs --rdzv-endpoint HOST:PORT (the "
                              "same on every node, e.g. the first node's address)")

@@ -270,3 +270,98 @@ def _save_one(path):
     table = de.DynamicTable(de.TableConfig(dim=2))
     table.find_or_insert(torch.arange(3))
     de.checkpoint.save(path, tables={"t": table})
+
+
+def _serve_with_a_taken_port(store, *flags: str) -> subprocess.CompletedProcess:
+    """``dynembed serve`` that cannot start serving (its inference port is taken), so it
+    ends either with a refusal of ``flags`` or at its bind."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        return _dynembed("serve", "--model-store", str(store), "--disable-token-auth",
+                         "--inference-address", f"127.0.0.1:{port}",
+                         "--management-address", "127.0.0.1:0",
+                         "--metrics-address", "127.0.0.1:0", *flags)
+
+
+def test_serve_warns_of_a_custom_handler_allowance_naming_a_served_name(store):
+    # ctr-1.0 served as "clicks": allowances name packages, so "clicks" allows nothing
+    result = _serve_until_bind(store, "--models", "clicks=ctr-1.0",
+                               "--allow-custom-handler", "clicks")
+    assert ("warning: --allow-custom-handler clicks: no package of that name; --models "
+            "clicks=ctr-1.0 serves package ctr (allow it with --allow-custom-handler ctr)"
+            in result.stderr), result.stderr
+    result = _serve_until_bind(store, "--models", "clicks=ctr-1.0",
+                               "--allow-custom-handler", "ctr")
+    assert "warning" not in result.stderr
+
+
+def test_serve_keeps_every_repeated_list_flag_and_refuses_a_name_given_twice(store):
+    # once: a repeated flag replaced the values before it, silently
+    result = _serve_until_bind(store, "--allow-custom-handler", "nobody",
+                               "--allow-custom-handler", "ctr")
+    assert "warning: --allow-custom-handler nobody: no" in result.stderr, result.stderr
+    line = _error_line(_serve_with_a_taken_port(store, "--models", "x=absent",
+                                                "--models", "ctr=ctr-1.0"), 1)
+    assert "absent" in line and "is not a model package" in line, line
+    # once: the last of the two served, the first was dropped without a word
+    for flags, message in (
+            (["--models", "ctr=ctr-1.0", "ctr=absent"],
+             "--models ctr: given twice (ctr=ctr-1.0, ctr=absent); give each name once"),
+            (["--models", "ctr=ctr-1.0", "--follow", "ctr=a", "--follow", "ctr=b"],
+             "--follow ctr: given twice (ctr=a, ctr=b); give each name once")):
+        line = _error_line(_serve_with_a_taken_port(store, *flags), 1)
+        assert line == f"error: {message}", line
+    line = _error_line(_serve_with_a_taken_port(store, "--models", "ctr"), 1)
+    assert line == "error: --models takes NAME=PACKAGE, got 'ctr'", line
+
+
+def test_inspect_checks_where_the_plot_goes_before_printing(tmp_path):
+    checkpoint = tmp_path / "ck"
+    _save_one(checkpoint / "step-0000000001")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    (tmp_path / "dir.png").mkdir()
+    for plot, message in ((blocker / "rows.png", "cannot make its directory"),
+                          (tmp_path / "dir.png", "is a directory")):
+        # once: the whole summary, then "error: [Errno 20] Not a directory: ..."
+        result = _dynembed("inspect", str(checkpoint), "--plot", str(plot))
+        line = _error_line(result, 2)
+        assert line.startswith(f"error: --plot {plot}: {message}"), line
+        assert result.stdout == ""
+    plot = tmp_path / "new" / "rows.png"  # a missing directory is made, as for --out
+    result = _dynembed("inspect", str(checkpoint), "--plot", str(plot))
+    assert result.returncode == 0, result.stderr
+    assert plot.is_file()
+
+
+def test_train_refuses_an_empty_log_dir_or_rendezvous_id(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text("raise SystemExit('the job ran')")
+    # once: torchrun ran with its logs in a temporary directory ("worker logs in "), or
+    # with a random rendezvous id per node (nodes of one job never met)
+    for flags, message in ((["--log-dir", ""], "--log-dir: log_dir must be a directory"),
+                           (["--rdzv-id", ""], "--rdzv-id: rdzv_id must be")):
+        line = _error_line(_dynembed("train", "--max-restarts", "0", *flags, str(script),
+                                     cwd=tmp_path), 1)
+        assert line.startswith(f"error: {message}"), line
+
+
+def test_export_names_a_model_package_given_as_the_checkpoint(tmp_path, store):
+    line = _error_line(_dynembed("export", "--factory", "tests.cli.test_errors:build",
+                                 "--checkpoint", str(store / "ctr-1.0"), "--name", "m",
+                                 "--out", str(tmp_path / "o")), 1)
+    # once: "... the manifest is damaged (bad JSON or checksum); load an earlier checkpoint"
+    assert line == (f"error: --checkpoint {store / 'ctr-1.0'}: is a model package, not a "
+                    "training checkpoint; give the training job's checkpoints"), line
+    assert not (tmp_path / "o").exists()
+
+
+def test_inspect_of_a_model_store_points_at_a_package(store):
+    result = _dynembed("inspect", str(store))
+    # once: "skipping .../ctr-1.0: ... the manifest is damaged (bad JSON or checksum)"
+    assert "damaged" not in result.stderr, result.stderr
+    line = _error_line(result, 2)
+    assert line == (f"error: {store} is a model store; inspect a package's tables: "
+                    f"{store / 'ctr-1.0' / 'tables'}"), line
