@@ -31,7 +31,6 @@ import numpy as np
 
 from dynembed.table.arena import COUNT, ID, LAST_STEP
 from dynembed.table.eviction import FREE_STEP
-from dynembed.table.index import EMPTY
 
 
 class _Stamp(NamedTuple):
@@ -246,9 +245,6 @@ class InBatch(CandidateSampler):
         """
         if self._total is None or self._total[0].stale(table, self.refresh_every):
             self._total = (_Stamp.of(table), float(max(_live(table)[1].sum(), 1)))
-        if counts is None:
-            slots = table.index.find(ids)
-            counts = np.zeros(ids.shape[0], dtype=np.int64)
-            live = slots != EMPTY
-            counts[live] = table.arena.np("meta")[slots[live], COUNT]
+        if counts is None:  # training: the lookup brought every existing row into memory
+            counts = table.training_counts(ids, below=False)
         return np.log(num * np.maximum(counts, 1) / self._total[1])

@@ -182,13 +182,15 @@ class RowLifecycle:
             self.counters.inserts += n_new
         return got, created
 
-    def training_counts(self, ids: np.ndarray) -> np.ndarray:
+    def training_counts(self, ids: np.ndarray, *, below: bool = True) -> np.ndarray:
         """Training lookups counted on each id's row, wherever the row lives: in memory,
         else in the store or the lazily opened checkpoint (read there, not brought into
         memory).
 
         Args:
             ids: (n,) int64 ids (repeats allowed).
+            below: also read the rows absent from memory from the store or checkpoint;
+                False counts rows in memory only (0 for the others).
 
         Returns:
             (n,) int64 counts; 0 where the id has no row anywhere.
@@ -200,7 +202,7 @@ class RowLifecycle:
         counts = np.zeros(ids.shape[0], dtype=np.int64)
         here = slots != EMPTY
         counts[here] = self.arena.np("meta")[slots[here], COUNT]
-        if (self.tier is not None or self.base is not None) and not here.all():
+        if below and (self.tier is not None or self.base is not None) and not here.all():
             absent = np.flatnonzero(~here)
             unique, inverse, _ = unique_inverse(ids[absent])
             found, rows, _ = self._read_below(unique)
@@ -417,6 +419,50 @@ class RowLifecycle:
         self.counters.store_writes += self.tier.write(self.tier.dirty_slots(), only_dirty=False)
         self.tier.flush()
         return self.counters.store_writes - before
+
+    def clear_store(self) -> int:
+        """Empties the store. The rows in memory stay and are marked changed, so that they
+        reach the store again when evicted or flushed instead of vanishing (they once were
+        marked clean, and an eviction then dropped them uncounted).
+
+        Rows that lived only in the store are erased, as by :meth:`erase`: counted, listed
+        as deleted in the next delta checkpoint, hidden in a lazily opened checkpoint (whose
+        older copy would otherwise come back), and their pending gradients are skipped.
+
+        Returns:
+            How many rows were erased (those only in the store); 0 without a store.
+
+        Raises:
+            ReadOnlyTableError: the table is read-only (its store may be shared with the
+                table that trains it).
+            StoreError: the store failed part way (it may have lost some rows, still read
+                as present); the rows in memory are marked changed all the same.
+        """
+        self._check_writable("clear_store")
+        if self.tier is None:
+            return 0
+        blocks = [block.ids[self.index.find(block.ids) == EMPTY] for block in self.tier.scan()]
+        only_stored = np.concatenate(blocks) if blocks else np.empty(0, dtype=np.int64)
+        self._empty_store()
+        if only_stored.shape[0]:
+            self._release(only_stored, erased=True)
+            if self.key_log is not None:
+                self.key_log.discard(only_stored)
+            self.counters.erased += only_stored.shape[0]
+        return int(only_stored.shape[0])
+
+    def _empty_store(self) -> None:
+        """Empties the store and marks the rows in memory changed (see :meth:`clear_store`),
+        for callers that wipe memory next (so nothing needs erasing one by one).
+
+        Raises:
+            StoreError: the store failed part way; the rows are marked all the same.
+        """
+        try:
+            self.tier.clear()
+        finally:
+            live = self.arena.np("meta")[:self._high_water, LAST_STEP] != FREE_STEP
+            self.tier.mark(np.flatnonzero(live))
 
     def prefetch(self, keys) -> None:
         """Starts reading the stored rows of keys absent from memory, in the background, so

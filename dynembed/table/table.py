@@ -631,50 +631,6 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch, Table
         self._clear_memory()
         self.counters.erased += erased
 
-    def clear_store(self) -> int:
-        """Empties the store. The rows in memory stay and are marked changed, so that they
-        reach the store again when evicted or flushed instead of vanishing (they once were
-        marked clean, and an eviction then dropped them uncounted).
-
-        Rows that lived only in the store are erased, as by :meth:`erase`: counted, listed
-        as deleted in the next delta checkpoint, hidden in a lazily opened checkpoint (whose
-        older copy would otherwise come back), and their pending gradients are skipped.
-
-        Returns:
-            How many rows were erased (those only in the store); 0 without a store.
-
-        Raises:
-            ReadOnlyTableError: the table is read-only (its store may be shared with the
-                table that trains it).
-            StoreError: the store failed part way (it may have lost some rows, still read
-                as present); the rows in memory are marked changed all the same.
-        """
-        self._check_writable("clear_store")
-        if self.tier is None:
-            return 0
-        blocks = [block.ids[self.index.find(block.ids) == EMPTY] for block in self.tier.scan()]
-        only_stored = np.concatenate(blocks) if blocks else np.empty(0, dtype=np.int64)
-        self._empty_store()
-        if only_stored.shape[0]:
-            self._release(only_stored, erased=True)
-            if self.key_log is not None:
-                self.key_log.discard(only_stored)
-            self.counters.erased += only_stored.shape[0]
-        return int(only_stored.shape[0])
-
-    def _empty_store(self) -> None:
-        """Empties the store and marks the rows in memory changed (see :meth:`clear_store`),
-        for callers that wipe memory next (so nothing needs erasing one by one).
-
-        Raises:
-            StoreError: the store failed part way; the rows are marked all the same.
-        """
-        try:
-            self.tier.clear()
-        finally:
-            live = self.arena.np("meta")[:self._high_water, LAST_STEP] != FREE_STEP
-            self.tier.mark(np.flatnonzero(live))
-
     def _clear_memory(self) -> None:
         self.wipes += 1
         self.changes.wipe()
