@@ -219,8 +219,10 @@ def _trains(table: DynamicTable, training: bool) -> bool:
     return training and not table.read_only
 
 
-def _needs_grad(table: DynamicTable, training: bool) -> bool:
-    return _trains(table, training) and table.trainable and torch.is_grad_enabled()
+def _needs_grad(table: DynamicTable, training: bool, anchor: torch.Tensor) -> bool:
+    # anchor: the calling module's, which requires_grad_(False) freezes
+    return (_trains(table, training) and table.trainable and anchor.requires_grad
+            and torch.is_grad_enabled())
 
 
 class Router:
@@ -330,7 +332,7 @@ class Router:
                 if _trains(lk.table, training):
                     slots = lk.table.lookup_slots(merged_ids, counts, insert=True)
                     owned = lk.table.gather(slots)
-                    if _needs_grad(lk.table, training):
+                    if _needs_grad(lk.table, training, anchor):
                         updates.append((t, _Update(lk.table, merged_ids, slots, inverse),
                                         entries))
                     if t in masked:
@@ -445,7 +447,7 @@ class Router:
             mine = inverse[source[entries] == ex.rank]  # this rank's ids, in its order
             _log_strings(lk, slots[mine] != EMPTY)
             rows.append(lk.table.gather(slots[mine]))
-            if _needs_grad(lk.table, training):
+            if _needs_grad(lk.table, training, anchor):
                 updates.append((t, _Update(lk.table, merged_ids, slots, inverse), entries))
         if not updates:
             return rows

@@ -146,6 +146,6 @@ def rows_for(table: DynamicTable, anchor: torch.Tensor, unique_ids: np.ndarray,
         return rows if inverse is None else take_rows(rows, inverse)
     slots = table.lookup_slots(unique_ids, counts, insert=insert, strings=strings,
                                string_ids=string_ids)
-    if insert and table.trainable and torch.is_grad_enabled():
+    if insert and table.trainable and anchor.requires_grad and torch.is_grad_enabled():
         return _GatherRows.apply(anchor, table, unique_ids, slots, inverse)
     return _gather(table, slots, inverse)

@@ -98,6 +98,45 @@ class TableModule(nn.Module):
         super().__init__()
         # Rows are not Parameters; this zero-size tensor ties lookups into autograd.
         self._anchor = torch.empty(0, requires_grad=True)
+        # Where outputs go: rows live in host memory as float32 whatever .to() asks.
+        self._output_dtype = torch.float32
+        self._output_device = torch.device("cpu")
+
+    def requires_grad_(self, requires_grad: bool = True) -> TableModule:
+        """Freezes (``False``) or unfreezes this module's lookups.
+
+        A frozen module's rows get no gradient, so neither backward nor
+        :func:`sparse_step` changes them; in train mode its lookups still insert and count
+        new keys (a frozen ``nn.Embedding`` also returns rows for every index). Call it on
+        the dynembed module itself: a parent's ``requires_grad_`` reaches only its
+        Parameters, and rows are not Parameters. Another module sharing the same table
+        still trains it.
+
+        Raises:
+            TypeError: ``requires_grad`` is not a bool.
+        """
+        if not isinstance(requires_grad, bool):
+            raise TypeError(f"requires_grad must be True or False, got {requires_grad!r}")
+        super().requires_grad_(requires_grad)
+        self._anchor.requires_grad_(requires_grad)
+        return self
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .cuda(), .half(), .double() ... reach every module through _apply: the
+        # rows stay in host memory as float32, and lookups deliver their outputs where
+        # and as the model asked (autograd brings the gradient back). fn is applied to a
+        # float32 CPU tensor, as it is to a float parameter; a non-float result (.type()
+        # with an int type) leaves the outputs as they were.
+        probe = fn(torch.empty(0))
+        if probe.is_floating_point():
+            self._output_dtype, self._output_device = probe.dtype, probe.device
+        return super()._apply(fn, recurse)
+
+    def _deliver(self, out: torch.Tensor) -> torch.Tensor:
+        """``out`` on the device and in the float dtype this module was moved to."""
+        if out.dtype != self._output_dtype or out.device != self._output_device:
+            return out.to(device=self._output_device, dtype=self._output_dtype)
+        return out
 
     def named_tables(self) -> dict[str, DynamicTable]:
         """Tables owned by this module, by state-dict name."""

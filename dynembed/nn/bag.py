@@ -64,7 +64,7 @@ def pool(rows: torch.Tensor, inverse: np.ndarray, bounds: np.ndarray, mode: str,
         (B, dim); empty bags give zeros.
     """
     if weights is not None:
-        weights = weights.to(rows.dtype)
+        weights = weights.to(rows.device, rows.dtype)  # e.g. a GPU model's weights
     if rows.shape[0] == 0:  # only empty bags: embedding_bag needs a non-empty weight
         # + rows.sum() (a zero) keeps the result in the graph, so backward() still works
         return rows.new_zeros((bounds.shape[0] - 1, rows.shape[1])) + rows.sum()
@@ -168,7 +168,8 @@ class DynamicEmbeddingBag(SingleTableModule):
             include_last_offset: as in ``torch.nn.EmbeddingBag``.
 
         Returns:
-            (B, dim) float32.
+            (B, dim) float32, or on the device and in the float dtype the module was moved
+            to (as :class:`DynamicEmbedding`).
 
         Raises:
             KeyInputError, KeyValueError: bad keys, nesting deeper than bags of keys, or
@@ -198,7 +199,7 @@ class DynamicEmbeddingBag(SingleTableModule):
         unique, inverse, counts = unique_inverse(batch.ids)
         rows = rows_for(self.table, self._anchor, unique, counts, training=self.training,
                         strings=batch.strings, string_ids=batch.ids)
-        return pool(rows, inverse, bounds, self.mode, weights)
+        return self._deliver(pool(rows, inverse, bounds, self.mode, weights))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, mode={self.mode!r}, rows={self.table.size()}"

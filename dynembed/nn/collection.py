@@ -179,7 +179,9 @@ class EmbeddingCollection(TableModule):
                 lookup.
 
         Returns:
-            dict feature name -> tensor, or the concatenated (B, total_dim) tensor.
+            dict feature name -> tensor, or the concatenated (B, total_dim) tensor; float32
+            on the CPU, or on the device and in the float dtype the module was moved to
+            (as :class:`DynamicEmbedding`).
 
         Raises:
             KeyInputError: a feature is missing or unknown (in ``inputs`` or
@@ -239,8 +241,8 @@ class EmbeddingCollection(TableModule):
                 start = stop
         ordered = {name: outputs[name] for name in self.features}
         if not concat:
-            return ordered
-        return torch.cat(list(ordered.values()), dim=1)
+            return {name: self._deliver(out) for name, out in ordered.items()}
+        return self._deliver(torch.cat(list(ordered.values()), dim=1))
 
     def extra_repr(self) -> str:
         return ", ".join(f"{n}->{s.table}" + (f"({s.pooling})" if s.pooling else "")

@@ -45,7 +45,9 @@ class DynamicEmbedding(SingleTableModule):
                 or 1-D array of str or bytes.
 
         Returns:
-            (*keys.shape, dim) float32.
+            (*keys.shape, dim) float32 on the CPU, or on the device and in the float dtype
+            the module was moved to (``.to()``, ``.cuda()``, ``.half()``: the rows stay in
+            host memory as float32).
 
         Raises:
             KeyInputError: keys of an unsupported type (float, bool, None, mixed, nested).
@@ -62,7 +64,7 @@ class DynamicEmbedding(SingleTableModule):
             unique, inverse, counts = unique_inverse(batch.ids)
             out = rows_for(self.table, self._anchor, unique, counts, training=self.training,
                            inverse=inverse, strings=batch.strings, string_ids=batch.ids)
-        return out.reshape(*batch.shape, self.dim)
+        return self._deliver(out.reshape(*batch.shape, self.dim))
 
     def extra_repr(self) -> str:
         opt = type(self.table.optimizer).__name__ if self.table.optimizer else None

@@ -41,7 +41,7 @@ class SampledLogits(NamedTuple):
     """Logits over each example's positives and the shared negatives.
 
     Attributes:
-        logits: (B, P + S) float32: the example's positives (padded to P, the most of any
+        logits: (B, P + S) float32 on the inputs' device: the example's positives (padded to P, the most of any
             example; padding is :data:`MASKED`) then the S sampled candidates
             (:data:`MASKED` where masked as accidental hits); logQ-corrected when asked.
         targets: (B, P + S) float32 target distribution: 1/p_b over the example's p_b
@@ -102,6 +102,7 @@ def _accidental_hits(pos_ids: np.ndarray, example: np.ndarray,
 
 
 class _Candidates(NamedTuple):
+    device: torch.device  # the inputs' (the logits are computed on the CPU, by the rows)
     true_logits: torch.Tensor  # (B, P), -inf padding
     neg_logits: torch.Tensor  # (B, S), -inf at accidental hits
     positives: np.ndarray  # (B,) int64 positives per example
@@ -153,7 +154,7 @@ def sampled_logits(output: DynamicEmbedding, inputs: torch.Tensor, labels, *,
         1.0 / c.positives[example]).to(torch.float32)
     logits = torch.cat([c.true_logits, c.neg_logits], 1)
     logits = logits.masked_fill(torch.isinf(logits), MASKED)
-    return SampledLogits(logits, targets, c.sampled_ids)
+    return SampledLogits(logits.to(c.device), targets.to(c.device), c.sampled_ids)
 
 
 def _candidates(output, inputs, labels, *, num_sampled, sampler, remove_accidental_hits,
@@ -192,9 +193,10 @@ def _candidates(output, inputs, labels, *, num_sampled, sampler, remove_accident
                          f"{tuple(inputs.shape)}")
     if not inputs.is_floating_point():
         raise TypeError(f"inputs must be a float tensor, got {inputs.dtype}")
-    # rows are float32: inputs of a float64 or bfloat16 model are scored in float32, and
-    # their gradient flows back through the cast
-    inputs = inputs.to(torch.float32)
+    # rows are float32 in host memory: inputs of a float64 or bfloat16 model, or of one on a
+    # GPU, are scored in float32 on the CPU, and their gradient flows back through the copy
+    device = inputs.device
+    inputs = inputs.to("cpu", torch.float32)
     sampler = sampler or Uniform()
     if isinstance(generator, np.random.Generator):
         rng = generator
@@ -229,7 +231,8 @@ def _candidates(output, inputs, labels, *, num_sampled, sampler, remove_accident
     cand_slots = table.index.find(cand_ids)
     cand_slots[cand_inverse[:unique_pos.shape[0]]] = pos_slots  # EMPTY if not admitted
     cand_counts = None  # the candidates' training counts, where read beyond memory
-    if training and table.trainable and torch.is_grad_enabled():
+    if training and table.trainable and output._anchor.requires_grad \
+            and torch.is_grad_enabled():
         rows = _GatherRows.apply(output._anchor, table, cand_ids, cand_slots, None)
     elif training:
         rows = table.gather(cand_slots)
@@ -277,7 +280,7 @@ def _candidates(output, inputs, labels, *, num_sampled, sampler, remove_accident
         if rows_hit.shape[0]:
             neg_logits.index_put_((torch.from_numpy(rows_hit), torch.from_numpy(cols_hit)),
                                   torch.tensor(float("-inf")))
-    return _Candidates(true_logits, neg_logits, np.diff(bounds), sampled)
+    return _Candidates(device, true_logits, neg_logits, np.diff(bounds), sampled)
 
 
 def sampled_softmax_loss(output: DynamicEmbedding, inputs: torch.Tensor, labels, *,
@@ -292,8 +295,9 @@ def sampled_softmax_loss(output: DynamicEmbedding, inputs: torch.Tensor, labels,
     ``"none"`` (a (B,) loss per example).
 
     Returns:
-        The loss (a scalar, or (B,) with ``reduction="none"``); ``backward()`` updates the
-        output rows of the positives and the negatives (and whatever produced ``inputs``).
+        The float32 loss on the inputs' device (a scalar, or (B,) with
+        ``reduction="none"``); ``backward()`` updates the output rows of the positives and
+        the negatives (and whatever produced ``inputs``).
 
     Example:
         >>> words = de.DynamicEmbedding(dim=64, optimizer=de.optim.Adagrad(lr=0.1))
@@ -318,6 +322,6 @@ def sampled_softmax_loss(output: DynamicEmbedding, inputs: torch.Tensor, labels,
     true_sum = torch.where(torch.isinf(c.true_logits), torch.zeros_like(c.true_logits),
                            c.true_logits).sum(1)
     per_example = log_z - true_sum / positives
-    if reduction == "none":
-        return per_example
-    return per_example.sum() if reduction == "sum" else per_example.mean()
+    if reduction != "none":
+        per_example = per_example.sum() if reduction == "sum" else per_example.mean()
+    return per_example.to(c.device)

@@ -81,8 +81,27 @@ def _nonfinite_step(rank: int) -> dict:
             "skipped": skipped}
 
 
+def _frozen_step(rank: int) -> dict:
+    """Both ranks freeze a sharded table, train a dense weight on its rows, then unfreeze
+    it and take a step (the collectives of a step stay paired on every rank)."""
+    emb = de.DynamicEmbedding(dim=4, optimizer=de.optim.SGD(lr=0.1), seed=5)
+    shard_model(emb)
+    keys = torch.tensor([A[0], B[0]] if rank == 0 else [A[1], B[1]])
+    emb(keys)
+    before = _rows(emb.table)
+    emb.requires_grad_(False)
+    weight = torch.ones(4, requires_grad=True)
+    out = emb(keys)
+    (out * weight).sum().backward()
+    frozen = {"requires_grad": out.requires_grad, "rows": _rows(emb.table),
+              "dense_grad": weight.grad is not None}
+    emb.requires_grad_(True)
+    emb(keys).sum().backward()
+    return {"before": before, "frozen": frozen, "after": _rows(emb.table)}
+
+
 def _body(rank: int) -> dict:
-    result = {}
+    result = {"frozen": _frozen_step(rank)}
     for mode in ("fused", "deferred"):
         emb = _adam(mode)
         shard_model(emb)
@@ -156,3 +175,16 @@ def test_a_nonfinite_gradient_sent_to_another_owner_stops_every_rank(ranks):
         # each owner counts the rows it did not update (2 each: 4 in all, as one process
         # counts its 4 summed rows), so nothing is dropped silently
         assert got["skipped"] == 2
+
+
+def test_a_frozen_sharded_table_keeps_its_rows_on_every_owner(ranks):
+    """requires_grad_(False) on a sharded module: no owner updates a row (not even for
+    another rank's keys), the dense part still trains, and unfreezing trains again."""
+    for r in ranks:
+        got = r["frozen"]
+        assert not got["frozen"]["requires_grad"] and got["frozen"]["dense_grad"]
+        assert set(got["frozen"]["rows"]) == set(got["before"])
+        for key, row in got["before"].items():
+            np.testing.assert_array_equal(got["frozen"]["rows"][key], row)
+        assert any(not np.array_equal(got["after"][k], row)
+                   for k, row in got["before"].items())
