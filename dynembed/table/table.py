@@ -149,6 +149,24 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch, Table
         if self.tier is not None:  # last: a construction that failed takes no store
             self.tier.claim()
 
+    def __getstate__(self) -> dict:
+        # Pickling (torch.save(model), copy.deepcopy) copies the rows in memory. Rows kept
+        # elsewhere would be shared with the original (a store, which both copies would
+        # write) or cannot travel (an open checkpoint file, a process group): refused here,
+        # by name, instead of a TypeError about an Rdict or a WeakSet deep inside.
+        held = [what for what, part in (("a store", self.tier),
+                                        ("a lazily opened checkpoint", self.base),
+                                        ("a distributed job's router", self.router))
+                if part is not None]
+        if held:
+            raise TypeError(
+                f"a DynamicTable with {' and '.join(held)} cannot be pickled or copied "
+                "(torch.save(model), copy.deepcopy): its rows are not all in memory, and a "
+                "copy would share or lose the rest. Save the model with "
+                "de.checkpoint.save(path, model) (or torch.save(model.state_dict(), path)) "
+                "and load that into a model built with its own store")
+        return self.__dict__.copy()
+
     def _row_limit(self) -> int | None:
         limits = [self.config.max_rows] if self.config.max_rows else []
         if self.config.memory_budget is not None:
