@@ -22,6 +22,7 @@ from dynembed.kernels._threads import adaptive
 _ONE = np.float32(1.0)
 _EXPONENT = np.uint32(0x7F800000)
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+_FLOAT32_MAX_F32 = np.float32(_FLOAT32_MAX)
 
 
 @nb.njit(inline="always", cache=True)
@@ -131,6 +132,11 @@ def adam_update(weights, moments, slots, grads, step_size, weight_decay, max_nor
     ``moments[:, :dim]`` is the first moment and ``moments[:, dim:]`` the second;
     ``step_size = lr * sqrt(1 - beta2**t) / (1 - beta1**t)``. ``1 - beta`` come computed
     in float64 (as torch's ``alpha=1 - beta``): float32's 1 - float32(0.99999) is 7e-4 off.
+
+    A second moment that overflowed to inf (a finite gradient above 1.8e19: the row is
+    left as it was, as torch does) is read as float32's largest value: SparseAdam's
+    ``v + (g * g - v) * (1 - beta2)`` is inf - inf = NaN on the row's next update, which
+    made the row NaN, uncounted; capped, it decays as it would from a huge finite value.
     """
     dim = weights.shape[1]
     for i in nb.prange(slots.shape[0]):
@@ -142,7 +148,8 @@ def adam_update(weights, moments, slots, grads, step_size, weight_decay, max_nor
         for j in range(dim):
             g = g_row[j] * scale + weight_decay * w[j]
             m = mv[j] + (g - mv[j]) * one_minus_beta1
-            v = mv[dim + j] + (g * g - mv[dim + j]) * one_minus_beta2
+            v_old = min(mv[dim + j], _FLOAT32_MAX_F32)
+            v = v_old + (g * g - v_old) * one_minus_beta2
             mv[j] = m
             mv[dim + j] = v
             w[j] -= step_size * m / (np.sqrt(v) + eps)
@@ -170,7 +177,8 @@ def ftrl_update(weights, zn, slots, grads, alpha, weight_decay, max_norm, beta, 
             n_old = min(np.float64(st[dim + j]), _FLOAT32_MAX)
             n_new = min(n_old + g * g, _FLOAT32_MAX)
             sigma = (math.sqrt(n_new) - math.sqrt(n_old)) / alpha
-            z = st[j] + g - sigma * w
+            # z is stored in float32 too: kept within its range for the same reason
+            z = min(max(st[j] + g - sigma * w, -_FLOAT32_MAX), _FLOAT32_MAX)
             st[j] = z
             st[dim + j] = n_new
             if abs(z) <= l1:

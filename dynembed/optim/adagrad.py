@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dynembed.kernels.sparse_updates import adagrad_update, rowwise_adagrad_update
-from dynembed.optim.base import SparseOptimizer, check_positive
+from dynembed.optim.base import SparseOptimizer, check_eps, check_positive
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -23,7 +23,7 @@ class Adagrad(SparseOptimizer):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_positive("eps", self.eps)
+        check_eps("eps", self.eps)
         check_positive("initial_accumulator_value", self.initial_accumulator_value,
                        allow_zero=True)
         check_positive("lr_decay", self.lr_decay, allow_zero=True)
@@ -54,7 +54,7 @@ class RowWiseAdagrad(SparseOptimizer):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_positive("eps", self.eps)
+        check_eps("eps", self.eps)
         check_positive("initial_accumulator_value", self.initial_accumulator_value,
                        allow_zero=True)
 

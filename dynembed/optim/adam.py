@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dynembed.kernels.sparse_updates import adam_update
-from dynembed.optim.base import SparseOptimizer, check_positive
+from dynembed.optim.base import SparseOptimizer, check_eps
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,11 +28,14 @@ class Adam(SparseOptimizer):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_positive("eps", self.eps)
+        check_eps("eps", self.eps)
         if (not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2
                 or not all(isinstance(b, numbers.Real) and not isinstance(b, bool) and 0 <= b < 1
                             for b in self.betas)):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        # A tuple whatever was given (a list comes back from JSON manifests), so that equal
+        # configs compare equal and the frozen config stays hashable.
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
 
     def state_width(self, dim: int) -> int:
         return 2 * dim

@@ -15,6 +15,20 @@ import numpy as np
 
 from dynembed._args import check_positive, plain_fields
 
+_FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+
+
+def check_eps(name: str, value: float) -> None:
+    """Raises ValueError naming ``name`` unless ``value`` is a finite number that float32,
+    in which the kernels add it to a root, holds as a normal number: a smaller one rounds to
+    0 (or nearly), and a zero gradient element then gives 0 / 0, a NaN weight."""
+    check_positive(name, value)
+    if value < _FLOAT32_TINY:
+        raise ValueError(f"{name} must be at least {_FLOAT32_TINY:.4g} (float32's smallest "
+                         f"normal number), got {value!r}: the kernels add it in float32, "
+                         "where it rounds to 0 and a zero gradient makes the weight NaN; "
+                         "use e.g. 1e-10")
+
 
 @dataclass(frozen=True, kw_only=True)
 class SparseOptimizer(abc.ABC):
