@@ -35,6 +35,8 @@ COUNTERS = {
     "unadmitted_gradients":     ("unadmitted_gradients",
                                  "Gradient rows dropped: key not admitted."),
     "nonfinite_gradients":      ("nonfinite_gradients", "Gradient rows with NaN or inf."),
+    "zeroed_gradients":         ("zeroed_gradients",
+                                 "Deferred gradient rows dropped by zero_grad()."),
     "erased_rows":              ("erased", "Rows removed by erase or clear."),
 }
 

@@ -57,6 +57,9 @@ class Counters(CallStats):
     """Gradient rows that held NaN or inf."""
     unadmitted_gradients: int = 0
     """Gradient rows dropped because their key was not admitted (it has no row)."""
+    zeroed_gradients: int = 0
+    """Deferred-mode gradient rows dropped by ``zero_grad()`` before a step applied them
+    (asked for, so not counted as skipped)."""
     evicted: int = 0
     """Rows moved out of memory by eviction and kept in the store."""
     discarded: int = 0

@@ -39,11 +39,16 @@ class TableUpdates:
                 random writes, 4% of a 65,536-key SGD step).
 
         Raises:
+            ValueError, TypeError: the arrays do not have the shapes and types above;
+                nothing was applied.
             NonFiniteGradientError: a row is NaN/inf and ``nonfinite_grads="raise"``; nothing
                 was applied.
+            StoreError: reading rows evicted since the lookup back failed; nothing was
+                applied and the gradients were dropped (counted as skipped).
         """
         if not self.trainable:
             return
+        self._check_gradient_batch(ids, slots, grads)
         grads = grads.detach().to("cpu", torch.float32).contiguous()
         epoch = erasures_at_lookup
         admitted = slots != EMPTY
@@ -56,9 +61,31 @@ class TableUpdates:
             return
         marked = marked_at is not None and self.changes.marks_stand(marked_at)
         if epoch is None or epoch != self.erasures:  # rows erased or evicted since the lookup
-            slots = self._resolve_again(ids, epoch)
+            try:
+                slots = self._resolve_again(ids, epoch)
+            except StoreError:  # nothing applied: every gradient of the call is dropped
+                self.counters.skipped_gradients += ids.shape[0]
+                raise
             marked = False  # rows read back since have new slots
         self._apply(ids, slots, grads.numpy(), marked=marked)
+
+    def _check_gradient_batch(self, ids, slots, grads) -> None:
+        """Refuses arrays that do not fit together: the kernels read ``grads[i]`` for every
+        slot without bounds checks, so a short or narrow ``grads`` would be read past its
+        end (and the skipped count would go negative)."""
+        for name, array in (("ids", ids), ("slots", slots)):
+            if not isinstance(array, np.ndarray) or array.dtype != np.int64 or array.ndim != 1:
+                raise TypeError(f"{name} must be a (u,) int64 numpy array, got "
+                                f"{getattr(array, 'dtype', type(array).__name__)} of shape "
+                                f"{getattr(array, 'shape', None)}")
+        if slots.shape != ids.shape:
+            raise ValueError(f"slots must have one entry per id, shape {ids.shape}, got "
+                             f"{slots.shape}")
+        if not isinstance(grads, torch.Tensor):
+            raise TypeError(f"grads must be a torch.Tensor, got {type(grads).__name__}")
+        if tuple(grads.shape) != (ids.shape[0], self.dim):
+            raise ValueError(f"grads must have shape ({ids.shape[0]}, {self.dim}): one row "
+                             f"of the table's dim per id, got {tuple(grads.shape)}")
 
     def _resolve_again(self, ids: np.ndarray, epoch: int | None) -> np.ndarray:
         """Current slots of ids looked up at erasure epoch ``epoch``: rows evicted since are
@@ -123,7 +150,9 @@ class TableUpdates:
 
         Raises:
             StoreError: reading evicted rows back failed; later chunks stay unapplied and
-                the gradients are dropped (counted as skipped).
+                the gradients are dropped (counted as skipped). Or a write-through failed
+                after rows changed in memory: every chunk is applied first (the rows stay
+                marked for the next flush), then the first such error is raised.
             NonFiniteGradientError: a summed row is NaN/inf and ``nonfinite_grads="raise"``;
                 no row changed, and the queued gradients were dropped (counted as skipped).
         """
@@ -154,6 +183,7 @@ class TableUpdates:
                 raise NonFiniteGradientError(
                     f"{e} The gradients queued by {len(pending)} backward call(s) since the "
                     "last step_optimizer() were dropped.") from None
+        write_error = None
         for chunk, part in enumerate(self._chunks(unique.shape[0])):
             slots = self.index.find(unique[part])
             if self.tier is not None:
@@ -163,11 +193,20 @@ class TableUpdates:
                 except StoreError:
                     self.counters.skipped_gradients += unique.shape[0] - part.start
                     raise
-            self._apply(unique[part], slots, np.ascontiguousarray(summed[part]),
-                        new_step=chunk == 0)
+            try:
+                self._apply(unique[part], slots, np.ascontiguousarray(summed[part]),
+                            new_step=chunk == 0)
+            except StoreError as e:
+                # A write-through failed after this chunk changed in memory (its rows stay
+                # marked): stopping here would drop the later chunks' gradients uncounted.
+                write_error = write_error or e
+        if write_error is not None:
+            raise write_error
 
     def zero_grad(self) -> None:
-        """Drops gradients queued in deferred mode without applying them."""
+        """Drops gradients queued in deferred mode without applying them (their rows are
+        counted in ``zeroed_gradients``)."""
+        self.counters.zeroed_gradients += sum(ids.shape[0] for ids, _, _ in self._pending)
         self._pending = []
 
     @property

@@ -134,9 +134,14 @@ def test_deferred_zero_grad_drops_pending():
     emb = de.DynamicEmbedding(dim=2, optimizer=de.optim.SGD(lr=1.0), update_mode="deferred")
     emb([1]).sum().backward()
     before = emb.table.find([1]).values.clone()
+    emb([1, 2]).sum().backward()  # two backward calls queued: 3 gradient rows
     de.sparse_zero_grad(emb)
     de.sparse_step(emb)
     assert torch.equal(emb.table.find([1]).values, before)
+    totals = emb.stats().totals
+    assert totals.zeroed_gradients == 3 and totals.skipped_gradients == 0
+    de.sparse_zero_grad(emb)  # nothing queued: nothing more counted
+    assert emb.stats().totals.zeroed_gradients == 3
 
 
 def test_deferred_gradient_of_erased_key_is_skipped_and_counted():
