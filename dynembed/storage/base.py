@@ -13,6 +13,7 @@ store and the cause.
 from __future__ import annotations
 
 import json
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 
@@ -29,6 +30,15 @@ def _as_ids(ids, arg: str = "ids") -> np.ndarray:
         raise ValueError(f"{arg} must be a 1-D int64 array, got shape {ids.shape} and dtype "
                          f"{ids.dtype}; convert keys with table.ids_of(keys).ids")
     return np.ascontiguousarray(ids)
+
+
+def _as_size(arg: str, value, minimum: int) -> int:
+    """``value`` as a Python int: numpy integers count (JSON cannot write them into the
+    description record), bools and other numbers do not."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) \
+            or value < minimum:
+        raise ValueError(f"{arg} must be an int >= {minimum}, got {value!r}")
+    return int(value)
 
 
 class EmbeddingStore(ABC):
@@ -70,8 +80,10 @@ class EmbeddingStore(ABC):
         Raises:
             StoreCorruptError: the store holds rows of another dim, optimizer width or
                 meaning.
+            ValueError: dim is not an int >= 1, or width not an int >= 0.
         """
         self._check_open()
+        dim, width = _as_size("dim", dim, 1), _as_size("width", width, 0)
         want = {"layout": LAYOUT_VERSION, "dim": dim, "width": width, **self._layout(),
                 **(meaning or {})}
         meta = self._get_meta()
@@ -110,8 +122,9 @@ class EmbeddingStore(ABC):
 
     def put(self, rows: RowBlock) -> None:
         """Writes rows (insert or overwrite), all or none."""
+        codec = self._codec()  # a closed or unbound store refuses even an empty batch
         if len(rows):
-            self._put(_as_ids(rows.ids, "rows.ids"), self._codec().encode(rows))
+            self._put(_as_ids(rows.ids, "rows.ids"), codec.encode(rows))
 
     def delete(self, ids) -> None:
         """Removes ids (absent ids are ignored), all or none."""
@@ -130,6 +143,7 @@ class EmbeddingStore(ABC):
         for ids, values in self._scan(batch_size):
             # a backend may answer more at once (Redis's HSCAN COUNT is only a hint)
             for start in range(0, ids.shape[0], batch_size):
+                self._check_open()  # closed between two blocks: stop, even mid-answer
                 yield codec.decode_present(ids[start:start + batch_size],
                                            values[start:start + batch_size])
         self._check_open()  # a store closed mid-scan ends it with an error, not early

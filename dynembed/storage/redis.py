@@ -20,9 +20,10 @@ dim, optimizer width and ``shards``; a store opened with others is refused.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator
 from itertools import chain
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import hiredis
 import numpy as np
@@ -31,6 +32,7 @@ import redis.exceptions as rex
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from dynembed._args import is_real
 from dynembed.errors import (
     StoreCorruptError,
     StoreError,
@@ -70,6 +72,55 @@ def _redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+_DECODING_OPTIONS = ("decode_responses", "encoding", "encoding_errors")
+"""URL options that make redis-py decode replies to str: the store's records are binary."""
+
+
+def _check_url(url: str, cluster: bool) -> None:
+    """Refuses URLs that redis-py would misread silently (its path parser drops a path that
+    is not a bare number and uses database 0: ``/1/`` is 1, but ``/0/x`` and ``/a`` are 0, and
+    ``/1/2`` is 12) or that would decode binary rows to str.
+
+    Raises:
+        ValueError: naming ``url`` (password redacted), what is wrong and the expected form.
+    """
+    shown = _redact(url)
+    form = "expected redis://[user:password@]host:port/db (rediss:// for TLS, unix:///path)"
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 (parsing it is the check)
+    except ValueError as exc:
+        raise ValueError(f"url {shown!r} has a bad port ({exc}); {form}") from exc
+    query = parse_qs(parts.query)
+    decoding = [name for name in _DECODING_OPTIONS if name in query]
+    if decoding:
+        raise ValueError(f"url {shown!r} sets {', '.join(decoding)}: RedisStore reads its "
+                         "binary rows as bytes; remove the option from the URL")
+    db = 0
+    if parts.scheme != "unix" and parts.path not in ("", "/"):
+        number = parts.path[1:].rstrip("/")  # redis-py reads "/1/" as database 1 too
+        if not number.isdigit():
+            raise ValueError(f"url {shown!r} has the path {parts.path!r}, which is not a "
+                             f"database number; {form}")
+        db = int(number)
+    if "db" in query:
+        if not query["db"][0].isdigit():
+            raise ValueError(f"url {shown!r} has db={query['db'][0]!r}, which is not a "
+                             f"database number; {form}")
+        db = int(query["db"][0])
+    if cluster and db != 0:
+        raise ValueError(f"url {shown!r} names database {db}, but a Redis Cluster has only "
+                         "database 0: drop it from the URL (the namespace keeps tables apart)")
+
+
+def _as_int(name: str, value, minimum: int) -> int:
+    """``value`` as a Python int (numpy integers count, bools do not)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) \
+            or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
 MAX_SHARDS = 1 << 16
 """Most hashes a table may be spread over (a key name each is kept, and a scan visits each)."""
 
@@ -104,20 +155,24 @@ class RedisStore(EmbeddingStore):
         if not isinstance(namespace, str) or not namespace or "{" in namespace:
             raise ValueError(f"namespace must be a non-empty str without braces, got "
                              f"{namespace!r}")
-        if (isinstance(shards, bool) or not isinstance(shards, int) or shards <= 0
-                or shards & (shards - 1) or shards > MAX_SHARDS):
+        if (isinstance(shards, (bool, np.bool_)) or not isinstance(shards, numbers.Integral)
+                or shards <= 0 or shards & (shards - 1) or shards > MAX_SHARDS):
             raise ValueError(f"shards must be a power of two in [1, {MAX_SHARDS}], got "
                              f"{shards!r}")
+        shards = int(shards)  # numpy integers have no bit_length
         if not isinstance(cluster, bool):
             raise TypeError(f"cluster must be True or False, got {cluster!r}")
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+        retries = _as_int("retries", retries, 0)
+        seconds = {}
         for arg, value in (("backoff_base", backoff_base), ("backoff_cap", backoff_cap),
                            ("timeout", timeout)):
-            if (not isinstance(value, (int, float)) or isinstance(value, bool)
-                    or not 0 < value < math.inf):
+            if not is_real(value) or not 0 < value < math.inf:
                 raise ValueError(f"{arg} must be a finite number of seconds > 0, got "
                                  f"{value!r}")
+            seconds[arg] = float(value)
+        backoff_base, backoff_cap, timeout = (seconds["backoff_base"], seconds["backoff_cap"],
+                                              seconds["timeout"])
+        _check_url(url, cluster)
         self.url, self.namespace, self.shards, self.cluster = url, namespace, shards, cluster
         self.retries = retries
         self.name = f"RedisStore({_redact(url)!r}, namespace={namespace!r})"
@@ -128,20 +183,48 @@ class RedisStore(EmbeddingStore):
         self._retry = _Retry(backoff, retries, supported_errors=(
             rex.ConnectionError, rex.TimeoutError, rex.ClusterDownError))
         kwargs = {"retry": _Retry(backoff, retries),
-                      "retry_on_error": [rex.ConnectionError, rex.TimeoutError],
-                      "socket_timeout": timeout, "socket_connect_timeout": timeout}
+                  "retry_on_error": [rex.ConnectionError, rex.TimeoutError],
+                  "socket_timeout": timeout, "socket_connect_timeout": timeout}
+        self._client = None
         try:
-            if cluster:
+            self._connect(url, kwargs)
+        except BaseException:
+            if self._client is not None:  # no socket outlives a store that was never made
+                self._client.close()
+            raise
+
+    def _connect(self, url: str, kwargs: dict) -> None:
+        try:
+            if self.cluster:
                 self._client = redis.cluster.RedisCluster.from_url(url, **kwargs)
             else:
                 self._client = redis.Redis.from_url(url, **kwargs)
             self._client.ping()
-        except rex.RedisError as exc:
-            raise self._translate("connect", exc) from exc
+            if not self.cluster:
+                self._refuse_cluster_node()
+        except (TypeError, ValueError) as exc:  # redis-py's own checks of URL options
+            raise ValueError(f"url {_redact(url)!r} has an option redis-py refuses ({exc}); "
+                             "fix or remove it") from exc
         except rex.RedisClusterException as exc:
+            if "not enabled" in str(exc):  # "Cluster mode is not enabled on this node"
+                raise StoreError(f"{self.name}: cannot connect: the server is not a Redis "
+                                 f"Cluster node ({exc}); pass cluster=False") from exc
+            raise self._translate("connect", exc) from exc
+        except rex.RedisError as exc:
             raise self._translate("connect", exc) from exc
 
     # ------------------------------------------------------------------ helpers
+    def _refuse_cluster_node(self) -> None:
+        """A cluster node answers commands for its own slots only, so cluster=False over one
+        worked for some ids and failed with MOVED for others, mid-training."""
+        try:
+            enabled = self._client.info("cluster").get("cluster_enabled")
+        except rex.ResponseError:  # INFO renamed or not permitted: cannot tell, go on
+            return
+        if enabled in (1, "1"):
+            raise StoreError(f"{self.name}: cannot connect: the server is a Redis Cluster "
+                             "node; pass cluster=True")
+
     def _translate(self, action: str, exc: Exception) -> StoreError:
         text = f"{type(exc).__name__}: {exc}"
         if isinstance(exc, _CREDENTIALS):
@@ -284,6 +367,9 @@ class RedisStore(EmbeddingStore):
         for key in self._keys:
             cursor, seen = 0, np.empty(0, dtype=np.int64)
             while True:
+                # redis-py reconnects a closed client on demand: a scan left open would go
+                # on reading (and leave a socket behind) after close()
+                self._check_open()
                 try:
                     cursor, found = self._client.hscan(key, cursor, count=batch_size)
                 except (rex.RedisError, rex.RedisClusterException) as exc:
@@ -305,6 +391,10 @@ class RedisStore(EmbeddingStore):
                     yield ids[fresh], values
                 if cursor == 0:
                     break
+        # a server that lost its data during the scan answers the rest of it as empty
+        # hashes: a scan cut short must fail, not pass for the whole store
+        if self.codec is not None and self._get_meta() is None:
+            raise self._lost("scan")
 
     def _count(self) -> int:
         return int(sum(self._send_rows("count", [(b"HLEN", key) for key in self._keys],

@@ -8,6 +8,7 @@ it returns, so a process killed at any moment reopens with every completed batch
 
 from __future__ import annotations
 
+import numbers
 import os
 import weakref
 from collections import Counter, deque
@@ -46,6 +47,24 @@ def _translate(name: str, action: str, exc: Exception) -> StoreError:
             f"{name}: cannot {action}: RocksDB found damaged files ({text}); restore the "
             "directory from a backup, or load the table's last checkpoint over a new store")
     return StoreError(f"{name}: cannot {action}: {text}")
+
+
+_ROCKSDB_FILES = ("LOCK", "LOG", "IDENTITY", "CURRENT", "rocksdict-config.json")
+_ROCKSDB_PREFIXES = ("LOG.old.", "MANIFEST-", "OPTIONS-")
+_ROCKSDB_SUFFIXES = (".log", ".sst", ".blob", ".dbtmp")
+_MOUNT_ENTRIES = ("lost+found",)
+
+
+def _foreign_files(path: str) -> list[str]:
+    """Entries of an existing directory without a database that RocksDB did not make (a
+    checkpoint or data directory given as the store's by mistake); empty if it has one."""
+    if not os.path.isdir(path) or os.path.exists(os.path.join(path, "CURRENT")):
+        return []
+    return sorted(name for name in os.listdir(path)
+                  if name not in _ROCKSDB_FILES and not name.startswith(_ROCKSDB_PREFIXES)
+                  and not name.endswith(_ROCKSDB_SUFFIXES)
+                  # a mounted volume's root (ext4's lost+found, NFS's .snapshot) is fine
+                  and name not in _MOUNT_ENTRIES and not name.startswith("."))
 
 
 def rocksdb_options(*, create: bool = True, cache_bytes: int = 256 << 20) -> rocksdict.Options:
@@ -91,7 +110,8 @@ class RocksDBStore(EmbeddingStore):
 
     Raises:
         StoreLockedError: another process (or store object) has the directory open.
-        StoreError: the directory cannot be opened (not a database, permissions).
+        StoreError: the directory cannot be opened (not a database, permissions), or holds
+            other files and no database.
         TypeError, ValueError: a bad argument (named).
     """
 
@@ -113,8 +133,16 @@ class RocksDBStore(EmbeddingStore):
         if not create and not os.path.isdir(self.path):
             raise StoreError(f"{self.name}: the directory does not exist; pass create=True "
                              "to make a new store")
-        if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes <= 0:
-            raise ValueError(f"cache_bytes must be an int > 0, got {cache_bytes!r}")
+        foreign = _foreign_files(self.path)
+        if foreign:
+            raise StoreError(
+                f"{self.name}: the directory holds files that are not a RocksDB database's "
+                f"(e.g. {foreign[0]!r}) and no database; RocksDB would add its files among "
+                "them. Give the store an empty or new directory of its own")
+        if isinstance(cache_bytes, (bool, np.bool_)) \
+                or not isinstance(cache_bytes, numbers.Integral) or cache_bytes <= 0:
+            raise ValueError(f"cache_bytes must be an int > 0 (bytes), got {cache_bytes!r}")
+        cache_bytes = int(cache_bytes)  # rocksdict takes Python ints only
         options = rocksdb_options(create=create, cache_bytes=cache_bytes)
         self._scans: weakref.WeakSet = weakref.WeakSet()
         try:
