@@ -22,6 +22,15 @@ from dynembed.table.index import EMPTY
 from dynembed.table.results import TableExport
 
 STATE_VERSION = 1
+_STATE_LAYOUTS = {"SGD": 1, "Adagrad": 2, "RowWiseAdagrad": 3, "Adam": 4, "FTRL": 5}
+"""What each optimizer's state floats mean, saved as ``meta[7]``: states of one width mean
+different things (SGD's momentum and Adagrad's sums of squares; Adam's moments and FTRL's
+z and n), and one read as the other trains rows into NaN. 0: none, or an optimizer of the
+user's own (not checked)."""
+
+
+def _state_layout(optimizer) -> int:
+    return 0 if optimizer is None else _STATE_LAYOUTS.get(type(optimizer).__name__, 0)
 _ROW_KEYS = ("ids", "weights", "optimizer_state", "counts", "last_step")
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -177,7 +186,8 @@ class TableSnapshot:
         """The table as plain tensors: live rows (slot order), optimizer state, metadata.
 
         Keys: ``ids``, ``weights``, ``optimizer_state``, ``counts``, ``last_step``,
-        ``meta`` (int64: version, dim, state_width, step, update_step, seed, hash_seed),
+        ``meta`` (int64: version, dim, state_width, step, update_step, seed, hash_seed,
+        state layout),
         ``key_log.*`` when the key log is on, ``admission.*`` with an admission policy.
         """
         export = self.export()
@@ -189,13 +199,15 @@ class TableSnapshot:
 
     def aux_state(self) -> dict[str, torch.Tensor]:
         """Everything but the rows: ``meta`` (int64: version, dim, state_width, step,
-        update_step, seed, hash_seed; states saved before hash_seed have six), ``counters.*``
+        update_step, seed, hash_seed, state layout (which optimizer's state it is); states
+        saved before hash_seed have six entries, before the layout seven), ``counters.*``
         (the cumulative stats), ``key_log.*`` with the key log, ``admission.*`` with an
         admission policy."""
         state = {"meta": torch.tensor([STATE_VERSION, self.dim, self.arena.state_width,
                                        self.step, self.update_step,
                                        np.uint64(self.seed).view(np.int64),
-                                       np.uint64(self.config.hash_seed).view(np.int64)],
+                                       np.uint64(self.config.hash_seed).view(np.int64),
+                                       _state_layout(self.optimizer)],
                                       dtype=torch.int64)}
         state.update({f"counters.{f.name}": torch.tensor(getattr(self.counters, f.name))
                       for f in dataclasses.fields(self.counters)})
@@ -256,11 +268,19 @@ class TableSnapshot:
 
         Raises:
             StateDictError: a malformed ``meta`` or counter, another version, dim,
-                optimizer state width or hash_seed, or a key log / admission state that does
-                not load.
+                optimizer state width or kind, or hash_seed, or a key log / admission state
+                that does not load.
         """
         meta = _meta_entries(state)
         self.check_shape(meta[1], meta[2])
+        saved_layout, layout = (meta[7] if len(meta) > 7 else 0), _state_layout(self.optimizer)
+        if meta[2] and saved_layout and layout and saved_layout != layout:
+            names = {code: name for name, code in _STATE_LAYOUTS.items()}
+            raise StateDictError(
+                f"state dict holds {names.get(saved_layout, saved_layout)}'s optimizer state "
+                f"but the table's optimizer is {type(self.optimizer).__name__}, which would "
+                "read it as its own (same width, another meaning: rows would train into NaN); "
+                f"build the table with optimizer={names.get(saved_layout, '?')}(...)")
         if len(meta) > 6:  # states saved before hash_seed have six entries
             saved = int(np.int64(meta[6]).view(np.uint64))
             if saved != self.config.hash_seed:

@@ -259,3 +259,31 @@ def test_a_state_with_negative_steps_or_counts_is_refused(name):
     with pytest.raises(de.errors.StateDictError, match=f"'{name}' holds -1"):
         table.load_state_dict(state)
     assert table.size() == 0
+
+
+@pytest.mark.parametrize("saved, other", [
+    (de.optim.SGD(lr=0.1, momentum=0.9), de.optim.Adagrad(lr=0.1)),
+    (de.optim.Adagrad(lr=0.1), de.optim.SGD(lr=0.1, momentum=0.9)),
+    (de.optim.Adam(lr=0.1), de.optim.FTRL(lr=0.1)),
+    (de.optim.FTRL(lr=0.1), de.optim.Adam(lr=0.1)),
+])
+def test_optimizer_state_of_another_optimizer_of_the_same_width_is_refused(saved, other):
+    """SGD's momentum (possibly negative) loaded as Adagrad's sums of squares made rows NaN:
+    only the width was checked, and these widths are equal."""
+    a = de.DynamicTable(de.TableConfig(dim=3, optimizer=saved))
+    a.find_or_insert([1, 2])
+    state = a.state_dict()
+    b = de.DynamicTable(de.TableConfig(dim=3, optimizer=other))
+    assert b.arena.state_width == a.arena.state_width
+    b.find_or_insert([5])
+    with pytest.raises(de.StateDictError, match=f"holds {type(saved).__name__}'s optimizer "
+                                                f"state.*optimizer={type(saved).__name__}"):
+        b.load_state_dict(state)
+    assert b.size() == 1  # unchanged
+    de.DynamicTable(de.TableConfig(dim=3, optimizer=saved)).load_state_dict(state)
+    # a state saved before the layout was recorded, and a table without an optimizer
+    # (evaluation) load as before
+    b.load_state_dict(dict(state, meta=state["meta"][:7]))
+    de.DynamicTable(de.TableConfig(dim=3)).load_state_dict(
+        de.DynamicTable(de.TableConfig(dim=3)).state_dict())
+
