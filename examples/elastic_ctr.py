@@ -38,6 +38,7 @@ import torch.distributed as dist
 from torch import nn
 
 import dynembed as de
+from examples._cli import int_at_least, positive_float
 from examples.datasets import DatasetUnavailableError, load_movielens_100k
 from examples.movielens import (
     FEATURES,
@@ -92,22 +93,23 @@ def serving_model(dim: int = 16) -> ElasticLikeModel:
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m examples.elastic_ctr", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=1000, help="global training steps")
-    p.add_argument("--batch-size", type=int, default=256, help="global batch (all ranks)")
-    p.add_argument("--dim", type=int, default=16)
-    p.add_argument("--emb-lr", type=float, default=0.05, help="Adagrad, embeddings")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam, MLP")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-rows", type=int, default=None, help="a subset of the ratings")
+    p.add_argument("--steps", type=int_at_least(0), default=1000, help="global training steps")
+    p.add_argument("--batch-size", type=int_at_least(1), default=256, help="global batch (all ranks)")
+    p.add_argument("--dim", type=int_at_least(1), default=16)
+    p.add_argument("--emb-lr", type=positive_float, default=0.05, help="Adagrad, embeddings")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam, MLP")
+    p.add_argument("--seed", type=int_at_least(0), default=0)
+    p.add_argument("--max-rows", type=int_at_least(3), default=None,
+                   help="a subset of this many ratings (at least 3: a train and a test part)")
     p.add_argument("--checkpoint-dir", default="runs/elastic_ctr/checkpoints")
-    p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--checkpoint-every", type=int_at_least(1), default=200)
     p.add_argument("--fresh", action="store_true",
                    help="start from scratch: ignore (remove) earlier checkpoints")
     p.add_argument("--store-dir", default="runs/elastic_ctr/tables",
                    help="RocksDB directories (one per rank and table)")
     p.add_argument("--redis-url", default=None,
                    help="keep evicted rows in this Redis server instead (shared by ranks)")
-    p.add_argument("--rows-in-memory", type=int, default=1000,
+    p.add_argument("--rows-in-memory", type=int_at_least(1), default=1000,
                    help="rows per table and rank in RAM; the rest live in the store")
     p.add_argument("--cache-dir", default=None)
     return p.parse_args(argv)

@@ -27,6 +27,8 @@ import torch
 from tqdm import tqdm
 
 import dynembed as de
+from examples._cli import int_at_least, positive_float
+from examples.datasets import DatasetUnavailableError
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gowalla"
 
@@ -51,6 +53,8 @@ def load(data_dir: Path, max_users: int | None):
 
     Raises:
         FileNotFoundError: the split files are missing.
+        DatasetUnavailableError: the train split holds no check-ins (of users below
+            ``max_users``): there would be nothing to train on.
     """
     splits = []
     for name in ("train", "valid", "test"):
@@ -59,6 +63,10 @@ def load(data_dir: Path, max_users: int | None):
             raise FileNotFoundError(f"{path} not found; point --data-dir at the Gowalla "
                                     "split (../shared/data/gowalla)")
         splits.append(read_split(path, max_users))
+    if not any(len(items) for items in splits[0].values()):
+        below = "" if max_users is None else f" of users below --max-users {max_users}"
+        raise DatasetUnavailableError(f"{data_dir / 'train.txt'} holds no check-ins{below}: "
+                                      "nothing to train on")
     return splits
 
 
@@ -128,15 +136,15 @@ def parse_args(argv):
         "\n")[0])
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA,
                    help="folder with train.txt, valid.txt, test.txt")
-    p.add_argument("--max-users", type=int, default=None, help="only users below this id")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=2048)
-    p.add_argument("--num-sampled", type=int, default=2048,
+    p.add_argument("--max-users", type=int_at_least(1), default=None, help="only users below this id")
+    p.add_argument("--epochs", type=int_at_least(0), default=20)
+    p.add_argument("--dim", type=int_at_least(1), default=64)
+    p.add_argument("--batch-size", type=int_at_least(1), default=2048)
+    p.add_argument("--num-sampled", type=int_at_least(1), default=2048,
                    help="negatives per batch, uniform over the item rows")
-    p.add_argument("--temperature", type=float, default=0.1)
-    p.add_argument("--lr", type=float, default=0.1, help="Adagrad learning rate")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=positive_float, default=0.1)
+    p.add_argument("--lr", type=positive_float, default=0.1, help="Adagrad learning rate")
+    p.add_argument("--seed", type=int_at_least(0), default=0)
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -196,5 +204,5 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, DatasetUnavailableError) as exc:
         sys.exit(f"error: {exc}")

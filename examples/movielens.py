@@ -57,6 +57,7 @@ from torch import nn
 from tqdm import tqdm
 
 import dynembed as de
+from examples._cli import int_at_least, positive_float
 from examples.datasets import DatasetUnavailableError, load_movielens_100k
 
 # ---------------------------------------------------------------------------
@@ -245,29 +246,31 @@ def parse_args(argv):
         prog="python -m examples.movielens",
         description="Train a 'liked it' (rating >= 4) model on MovieLens 100k with dynembed tables.",
     )
-    p.add_argument("--epochs", type=int, default=3, help="passes over the train split")
-    p.add_argument("--batch-size", type=int, default=256, help="ratings per training step")
-    p.add_argument("--dim", type=int, default=16, help="embedding dimension of every table")
-    p.add_argument("--emb-lr", type=float, default=0.05, help="Adagrad learning rate, embeddings")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate, MLP")
-    p.add_argument("--max-rows", type=int, default=None, help="use a random subset of this many ratings")
+    p.add_argument("--epochs", type=int_at_least(1), default=3, help="passes over the train split")
+    p.add_argument("--batch-size", type=int_at_least(1), default=256, help="ratings per training step")
+    p.add_argument("--dim", type=int_at_least(1), default=16, help="embedding dimension of every table")
+    p.add_argument("--emb-lr", type=positive_float, default=0.05, help="Adagrad learning rate, embeddings")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate, MLP")
+    # 3 ratings at least: the 80/20 split must leave a test rating and a train rating
+    p.add_argument("--max-rows", type=int_at_least(3), default=None,
+                   help="use a random subset of this many ratings (at least 3)")
     p.add_argument("--split", choices=["random", "time"], default="random",
                    help="random 80/20 (default), or time: test on the newest 20%% of ratings, "
                         "mostly by users never seen in training")
-    p.add_argument("--seed", type=int, default=0, help="seeds the subset, split, shuffling and init")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="seeds the subset, split, shuffling and init")
     p.add_argument("--store-dir", default="runs/movielens/tables",
                    help="RocksDB directories of the tables (emptied at the start of a run)")
-    p.add_argument("--rows-in-memory", type=int, default=1000,
+    p.add_argument("--rows-in-memory", type=int_at_least(1), default=1000,
                    help="rows each table keeps in RAM; the rest live in RocksDB")
     p.add_argument("--in-memory", action="store_true",
                    help="no storage tier: unbounded tables in RAM only")
     p.add_argument("--checkpoint-dir", default="runs/movielens/checkpoints",
                    help="where checkpoints go (emptied at the start of a run without --resume)")
-    p.add_argument("--checkpoint-every", type=int, default=100,
+    p.add_argument("--checkpoint-every", type=int_at_least(1), default=100,
                    help="training steps between checkpoints (also one at each epoch's end)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in --checkpoint-dir")
-    p.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
+    p.add_argument("--stop-after", type=int_at_least(0), default=None, metavar="STEPS",
                    help="stop after this many training steps (an interrupted job; --resume it)")
     p.add_argument("--cache-dir", default=None, help="data cache (default: $DYNEMBED_CACHE or ~/.cache/dynembed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars, only per-epoch lines")
@@ -328,8 +331,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     y_test = test_df["label"].to_numpy()
     history = position["history"]
-    stopped, unseen = False, None
+    def stop_due() -> bool:
+        return args.stop_after is not None and position["step"] >= args.stop_after
+
+    # Checked before the first step too: `--stop-after 0`, or a resumed run already at or
+    # past it, trains nothing more (it once trained one step past it).
+    stopped, unseen = stop_due(), None
     for epoch in range(position["epoch"], args.epochs + 1):
+        if stopped:
+            break
         if epoch != position["epoch"]:  # a new epoch: its order is drawn now
             position.update(epoch=epoch, batch=0, rng=rng.bit_generator.state, loss_sum=0.0,
                             seen=0)
@@ -349,7 +359,7 @@ def main(argv: list[str] | None = None) -> dict:
             bar.set_postfix(loss=f"{position['loss_sum'] / position['seen']:.4f}",
                             refresh=False)
             save()
-            if args.stop_after is not None and position["step"] >= args.stop_after:
+            if stop_due():
                 stopped = True
                 break
         if stopped:
@@ -366,8 +376,11 @@ def main(argv: list[str] | None = None) -> dict:
         if latest is None or int(latest.name.split("-")[1]) != position["step"]:
             save(force=True)  # the end of an epoch is always a checkpoint
     if stopped:
-        print(f"stopped after step {position['step']:,} as asked (--stop-after); the latest "
-              f"checkpoint is {manager.latest()}: continue with --resume")
+        latest = manager.latest()
+        print(f"stopped after step {position['step']:,} as asked (--stop-after); " + (
+            f"the latest checkpoint is {latest}: continue with --resume" if latest else
+            f"no checkpoint yet (every {args.checkpoint_every} steps and at each epoch's "
+            "end), so --resume would start from scratch"))
         for table in model.embeddings.tables.values():
             table.close()
         return {"stopped_at": position["step"], "latest_checkpoint": manager.latest()}

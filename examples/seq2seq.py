@@ -33,6 +33,7 @@ from torch import nn
 from tqdm import tqdm
 
 import dynembed as de
+from examples._cli import int_at_least, positive_float
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "multi30k"
 BOS, EOS = "<s>", "</s>"
@@ -158,16 +159,16 @@ def unigram_cross_entropy(train_tgt, test_tgt) -> float:
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m examples.seq2seq",
                                 description=__doc__.split("\n")[0])
-    p.add_argument("--max-pairs", type=int, default=None)
-    p.add_argument("--max-len", type=int, default=20, help="words kept per sentence")
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-sampled", type=int, default=512)
-    p.add_argument("--lr", type=float, default=0.1, help="Adagrad learning rate, tables")
-    p.add_argument("--dense-lr", type=float, default=2e-3, help="Adam learning rate, GRUs")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-pairs", type=int_at_least(1), default=None)
+    p.add_argument("--max-len", type=int_at_least(1), default=20, help="words kept per sentence")
+    p.add_argument("--epochs", type=int_at_least(0), default=8)
+    p.add_argument("--dim", type=int_at_least(1), default=128)
+    p.add_argument("--hidden", type=int_at_least(1), default=256)
+    p.add_argument("--batch-size", type=int_at_least(1), default=64)
+    p.add_argument("--num-sampled", type=int_at_least(1), default=512)
+    p.add_argument("--lr", type=positive_float, default=0.1, help="Adagrad learning rate, tables")
+    p.add_argument("--dense-lr", type=positive_float, default=2e-3, help="Adam learning rate, GRUs")
+    p.add_argument("--seed", type=int_at_least(0), default=0)
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 

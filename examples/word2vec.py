@@ -32,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 import dynembed as de
+from examples._cli import int_at_least, positive_float
 from examples.datasets import DatasetUnavailableError, load_gcide_tokens
 
 MULTI30K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "multi30k"
@@ -85,16 +86,16 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m examples.word2vec",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--corpus", choices=["gcide", "multi30k"], default="gcide")
-    p.add_argument("--max-tokens", type=int, default=None)
-    p.add_argument("--epochs", type=float, default=1.0,
+    p.add_argument("--max-tokens", type=int_at_least(1), default=None)
+    p.add_argument("--epochs", type=positive_float, default=1.0,
                    help="pairs drawn = epochs x tokens x window")
-    p.add_argument("--dim", type=int, default=100)
-    p.add_argument("--window", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--num-sampled", type=int, default=256)
-    p.add_argument("--min-count", type=int, default=5)
-    p.add_argument("--lr", type=float, default=0.2, help="Adagrad learning rate")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dim", type=int_at_least(1), default=100)
+    p.add_argument("--window", type=int_at_least(1), default=5)
+    p.add_argument("--batch-size", type=int_at_least(1), default=4096)
+    p.add_argument("--num-sampled", type=int_at_least(1), default=256)
+    p.add_argument("--min-count", type=int_at_least(1), default=5)
+    p.add_argument("--lr", type=positive_float, default=0.2, help="Adagrad learning rate")
+    p.add_argument("--seed", type=int_at_least(0), default=0)
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -105,6 +106,10 @@ def main(argv: list[str] | None = None) -> dict:
     rng = np.random.default_rng(args.seed)
     tokens = load_tokens(args.corpus, args.max_tokens)
     print(f"{args.corpus}: {tokens.shape[0]:,} tokens")
+    if tokens.shape[0] <= 2 * args.window:  # no center word has a whole window around it
+        raise SystemExit(f"error: {tokens.shape[0]:,} tokens are too few for --window "
+                         f"{args.window}: skip-gram needs more than {2 * args.window} "
+                         "(raise --max-tokens or lower --window)")
     words, contexts = build(args.dim, args.lr, args.min_count, args.seed)
     sampler = de.sampling.Unigram(power=0.75, refresh_every=200)
     steps = max(1, int(args.epochs * tokens.shape[0] * args.window / args.batch_size))

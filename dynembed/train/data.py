@@ -14,6 +14,8 @@ import functools
 
 import numpy as np
 
+_INT64_MAX = 2**63 - 1
+
 
 def _check(name: str, value, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
@@ -36,11 +38,17 @@ def global_batch(step: int, batch_size: int, num_samples: int, *, seed: int = 0,
     """(batch_size,) int64 sample indices of global batch ``step``.
 
     Raises:
-        ValueError: a negative step, or sizes < 1.
+        ValueError: a negative step or seed, sizes < 1, or a step whose samples lie past
+            int64.
     """
     step = _check("step", step, 0)
     batch_size = _check("batch_size", batch_size, 1)
     num_samples = _check("num_samples", num_samples, 1)
+    # numpy's seeding refuses negative seeds without naming the argument
+    seed = _check("seed", seed, 0)
+    if (step + 1) * batch_size - 1 > _INT64_MAX:  # positions are int64
+        raise ValueError(f"step {step} with batch_size {batch_size} lies past the int64 "
+                         "sample positions")
     positions = step * batch_size + np.arange(batch_size, dtype=np.int64)
     epochs, offsets = np.divmod(positions, num_samples)
     if not shuffle:
@@ -59,12 +67,22 @@ def rank_part(indices: np.ndarray, rank: int, world_size: int) -> np.ndarray:
     of W: each rank averages its loss over its part and gradients are averaged over ranks.
     """
     world_size = _check("world_size", world_size, 1)
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+    # numpy ints are accepted, as for world_size (an environment parsed with numpy)
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) \
+            or not 0 <= rank < world_size:
         raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
+    rank = int(rank)
     bounds = np.linspace(0, indices.shape[0], world_size + 1).round().astype(np.int64)
     return indices[bounds[rank]:bounds[rank + 1]]
 
 
 def epoch_of(step: int, batch_size: int, num_samples: int) -> int:
-    """The epoch the first sample of global batch ``step`` belongs to."""
+    """The epoch the first sample of global batch ``step`` belongs to.
+
+    Raises:
+        ValueError: a negative step, or sizes < 1 (checked as in :func:`global_batch`).
+    """
+    step = _check("step", step, 0)
+    batch_size = _check("batch_size", batch_size, 1)
+    num_samples = _check("num_samples", num_samples, 1)
     return (step * batch_size) // num_samples
