@@ -329,6 +329,11 @@ class RedisStore(EmbeddingStore):
         except (rex.RedisError, rex.RedisClusterException) as exc:
             conn.disconnect()  # unread replies may be left on it
             raise self._translate(action, exc) from exc
+        except BaseException:
+            # e.g. Ctrl-C between two reads: the rest of this batch's replies would be read
+            # by the next batch as its own rows
+            conn.disconnect()
+            raise
         finally:
             pool.release(conn)
         for reply in replies:
