@@ -6,15 +6,8 @@ Only the MovieLens runs need data (the cached MovieLens 100k, else one download)
 when it is neither cached nor downloadable.
 """
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
-
-_ROOT = str(Path(__file__).resolve().parents[2])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
 
 from examples import elastic_ctr, gowalla, movielens, seq2seq, word2vec
 from examples.datasets import (
@@ -67,14 +60,6 @@ def test_edge_values_that_make_sense_are_accepted():
     assert movielens.parse_args(["--stop-after", "0"]).stop_after == 0
     assert gowalla.parse_args(["--epochs", "0"]).epochs == 0  # the untrained baseline
     assert word2vec.parse_args(["--epochs", "0.5"]).epochs == 0.5
-
-
-@pytest.fixture(scope="module")
-def movielens_available():
-    try:
-        load_movielens_100k()
-    except DatasetUnavailableError as exc:
-        pytest.skip(f"MovieLens 100k is not cached and could not be downloaded: {exc}")
 
 
 def test_stop_after_is_never_overshot(movielens_available, tmp_path, capsys):

