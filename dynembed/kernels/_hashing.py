@@ -49,14 +49,20 @@ def _merge(acc, val):
 
 @nb.njit(cache=True)
 def xxh64(buf, start, end, seed):
-    """XXH64 of ``buf[start:end]`` (uint8) with a uint64 ``seed``; the reference algorithm."""
+    """XXH64 of ``buf[start:end]`` (uint8) with a uint64 ``seed``; the reference algorithm.
+
+    ``seed`` may arrive as any integer type (a Python int is typed int64): it is read as
+    uint64 first. numba keeps ``int64 + uint64`` an int64, whose right shifts (in the
+    rotations and the final avalanche) copy the sign bit: other digests than XXH64's.
+    """
+    seed64 = np.uint64(seed)
     p = start
     length = end - start
     if length >= 32:
-        v1 = seed + _P1 + _P2
-        v2 = seed + _P2
-        v3 = seed
-        v4 = seed - _P1
+        v1 = seed64 + _P1 + _P2
+        v2 = seed64 + _P2
+        v3 = seed64
+        v4 = seed64 - _P1
         limit = end - 32
         while p <= limit:
             v1 = _round(v1, _read64(buf, p))
@@ -70,7 +76,7 @@ def xxh64(buf, start, end, seed):
         h = _merge(h, v3)
         h = _merge(h, v4)
     else:
-        h = seed + _P5
+        h = seed64 + _P5
     h += np.uint64(length)
     while p + 8 <= end:
         h ^= _round(_U0, _read64(buf, p))
@@ -93,8 +99,15 @@ def xxh64(buf, start, end, seed):
 
 
 @nb.njit(inline="always", cache=True)
-def mix64(x):
-    """MurmurHash3's 64-bit finaliser: a bijection on uint64 that spreads every input bit."""
+def mix64(value):
+    """MurmurHash3's 64-bit finaliser: a bijection on uint64 that spreads every input bit.
+
+    ``value`` of any integer type is read as uint64 first: numba keeps ``int64 ^ uint64``
+    an int64, whose right shifts copy the sign bit, so an int64 seed (a Python int, an int64
+    seed array) gave the initialisers, sketches, Bloom filters and coin flips other values
+    than the same seed as uint64.
+    """
+    x = np.uint64(value)
     x ^= x >> np.uint64(33)
     x *= np.uint64(0xFF51AFD7ED558CCD)
     x ^= x >> np.uint64(33)

@@ -10,11 +10,13 @@ with 2 threads, 7.1 ms with 1.
 from __future__ import annotations
 
 import functools
+import numbers
 import os
 import threading
 from collections.abc import Callable
 
 import numba as nb
+import numpy as np
 
 SERIAL_BELOW = 1 << 14
 """Kernels whose work (array elements touched) is below this always run single-threaded."""
@@ -31,8 +33,11 @@ def set_num_threads(threads: int) -> None:
     """
     global _threads
     limit = nb.config.NUMBA_NUM_THREADS
-    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= limit:
+    # any integer (numpy's too, as the config checks take them), never a bool
+    if isinstance(threads, (bool, np.bool_)) or not isinstance(threads, numbers.Integral) \
+            or not 1 <= threads <= limit:
         raise ValueError(f"threads must be an int in [1, {limit}], got {threads!r}")
+    threads = int(threads)
     _threads = threads
     # numba's own count too: kernels restore it after running, and with numba's OpenMP
     # layer that count is libgomp's, which torch shares (restoring the default would give

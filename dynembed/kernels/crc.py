@@ -70,10 +70,15 @@ def crc32c_hardware(buf, start, end, tables):
     """CRC-32C of ``buf[start:end]`` (uint8) with the SSE4.2 instruction (``tables``
     unused; same signature as :func:`crc32c_software`)."""
     crc = np.uint64(0xFFFFFFFF)
-    words = (end - start) // 8
-    for w in buf[start:start + 8 * words].view(np.uint64):
-        crc = _crc32c_u64(crc, w)
-    for p in range(start + 8 * words, end):
+    tail = start
+    # 8 bytes at a time through a uint64 view, which needs adjacent bytes: a strided buffer
+    # (where the view raised, though the software CRC takes it) goes byte by byte
+    if buf.strides[0] == 1:
+        words = (end - start) // 8
+        for w in buf[start:start + 8 * words].view(np.uint64):
+            crc = _crc32c_u64(crc, w)
+        tail = start + 8 * words
+    for p in range(tail, end):
         crc = _crc32c_u8(crc, np.uint64(buf[p]))
     return np.uint32(crc ^ np.uint64(0xFFFFFFFF))
 

@@ -123,12 +123,15 @@ def index_find_rows(buckets, ids, rows, out, slots, shares, stream):
 
 
 @nb.njit(cache=True, nogil=True)
-def index_insert(buckets, ids, slots, free_rows, free_top, high_water):
+def index_insert(buckets, ids, slots, free_rows, free_top, high_water, room):
     """Inserts the ids whose ``slots`` entry is ``EMPTY``, giving each a row slot.
 
     Slots come from ``free_rows`` (a stack of freed rows) first, then from ``high_water``
-    upward. The caller guarantees room in both the index and the arena. Duplicate ids in
-    ``ids`` are inserted once and all their entries get the same slot.
+    upward. The caller guarantees room in the arena. Duplicate ids in ``ids`` are inserted
+    once and all their entries get the same slot. At most ``room`` new ids are inserted: a
+    probe only ends at an empty bucket, so one insert too many into a full index never
+    returned (nor did any later probe of an absent id); the caller grows the index and calls
+    again for the ids still ``EMPTY``.
 
     Args:
         buckets: the index buckets (modified in place).
@@ -137,9 +140,12 @@ def index_insert(buckets, ids, slots, free_rows, free_top, high_water):
         free_rows: (m,) int64 stack of reusable slots.
         free_top: number of valid entries on ``free_rows``.
         high_water: first never-used arena row.
+        room: how many new ids the index may take (at most its empty buckets less one).
 
     Returns:
-        (inserted, free_top, high_water): how many ids were new and the updated allocators.
+        (inserted, free_top, high_water, stop): how many ids were new, the updated
+        allocators, and the position in ``ids`` where the room ran out (``n`` if it did not:
+        every id has its slot).
     """
     mask = buckets.shape[0] - 1
     inserted = 0
@@ -151,6 +157,8 @@ def index_insert(buckets, ids, slots, free_rows, free_top, high_water):
         while True:
             r = buckets[b, ROW]
             if r == EMPTY:
+                if inserted >= room:
+                    return inserted, free_top, high_water, i
                 if free_top > 0:
                     free_top -= 1
                     r = free_rows[free_top]
@@ -165,7 +173,7 @@ def index_insert(buckets, ids, slots, free_rows, free_top, high_water):
                 break
             b = (b + 1) & mask
         slots[i] = r
-    return inserted, free_top, high_water
+    return inserted, free_top, high_water, ids.shape[0]
 
 
 @nb.njit(cache=True, nogil=True)
@@ -258,16 +266,41 @@ def index_bucket_hashes(buckets, size):
     return out
 
 
+def as_ids(ids: np.ndarray) -> np.ndarray:
+    """``ids`` as the (n,) int64 array the kernels take: int64 as it is, uint64 as the int64
+    of the same bits (how hashed ids are made), other integers by value.
+
+    The kernels compare an id with the int64 keys of the index; numba compares int64 with
+    uint64 (and floats) in float64, so such arrays found the wrong rows, or none, and floats
+    deduplicated 1.0 and 1.5 as two copies of id 1.
+
+    Raises:
+        TypeError: ``ids`` is not an integer array.
+    """
+    ids = np.asarray(ids)
+    if ids.dtype == np.int64:
+        return ids
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"ids must be an integer array (int64 ids), got dtype {ids.dtype}")
+    if ids.dtype.itemsize == 8:
+        return ids.view(np.int64)
+    return ids.astype(np.int64)
+
+
 def unique_inverse(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Deduplicates ids in first-occurrence order.
 
     Args:
-        ids: (n,) int64.
+        ids: (n,) int64 (other integer arrays are read as :func:`as_ids` says).
 
     Returns:
         (unique (u,) int64, inverse (n,) int64 with ``unique[inverse] == ids``,
         counts (u,) int64 occurrences of each unique id).
+
+    Raises:
+        TypeError: ``ids`` is not an integer array.
     """
+    ids = as_ids(ids)
     n = ids.shape[0]
     cap = 16
     while cap < 2 * n:

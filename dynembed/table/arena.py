@@ -173,13 +173,15 @@ def take_rows(source: torch.Tensor, index: np.ndarray) -> torch.Tensor:
     Raises:
         IndexError: an index outside [0, n).
     """
+    # one index for both paths: torch.from_numpy refuses negative strides, and index_select
+    # refuses uint64 indices that the compiled gather takes
+    index = np.ascontiguousarray(index, dtype=np.int64)
     if source.device.type != "cpu" or source.dim() != 2 or source.dtype not in _GATHERED_DTYPES:
         return source.index_select(0, torch.from_numpy(index).to(source.device))
     source = source.detach().contiguous()
     out = torch.empty((index.shape[0], source.shape[1]), dtype=source.dtype)
     rows, written = source.numpy(), out.numpy()
-    bad = gather_rows(rows, np.ascontiguousarray(index, dtype=np.int64), written,
-                      get_num_threads(), can_stream(written, rows))
+    bad = gather_rows(rows, index, written, get_num_threads(), can_stream(written, rows))
     if bad:
         raise IndexError(f"take_rows: {bad} of {index.shape[0]} indices outside "
                          f"[0, {source.shape[0]})")

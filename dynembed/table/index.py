@@ -21,6 +21,10 @@ def buckets_for(entries: int) -> int:
 class HashIndex:
     """Maps int64 ids (any value) to int64 arena slots.
 
+    Every method takes ids as :func:`~dynembed.kernels.hash_index.as_ids` reads them: int64,
+    uint64 as the int64 of the same bits, other integer arrays by value; others raise
+    TypeError.
+
     Capacity is a power of two kept at most 75% full; erase shifts entries back, so there
     are no tombstones. ``table`` is a (buckets, 2) host numpy array of (id, slot) pairs used
     directly by the numba kernels.
@@ -67,7 +71,7 @@ class HashIndex:
 
     def find(self, ids: np.ndarray) -> np.ndarray:
         """(n,) int64 slot per id, EMPTY where absent."""
-        return k.index_find(self.table, ids)
+        return k.index_find(self.table, k.as_ids(ids))
 
     def find_rows(self, ids: np.ndarray, rows: np.ndarray,
                   out: np.ndarray) -> tuple[np.ndarray, int]:
@@ -86,6 +90,7 @@ class HashIndex:
             (slots, absent): the (n,) int64 slot per id, EMPTY where absent, and how many
             ids were absent.
         """
+        ids = k.as_ids(ids)
         slots = np.empty(ids.shape[0], dtype=np.int64)
         absent = k.index_find_rows(self.table, ids, rows, out, slots, get_num_threads(),
                                    can_stream(out, rows))
@@ -95,16 +100,27 @@ class HashIndex:
                        free_top: int, high_water: int) -> tuple[int, int, int]:
         """Gives a slot to every id whose entry in ``slots`` is EMPTY (see kernel docs).
 
-        The caller reserves room for the new entries first.
+        The caller reserves room for the new entries first (one rehash, not several); if it
+        reserved too little, the index grows here rather than pass its load limit.
         """
-        inserted, free_top, high_water = k.index_insert(
-            self.table, ids, slots, free_rows, free_top, high_water)
-        self.size += inserted
-        return inserted, free_top, high_water
+        ids = k.as_ids(ids)
+        total = 0
+        start = 0
+        while True:
+            room = int(self.buckets * _MAX_LOAD) - self.size
+            inserted, free_top, high_water, stop = k.index_insert(
+                self.table, ids[start:], slots[start:], free_rows, free_top, high_water, room)
+            self.size += inserted
+            total += inserted
+            if stop == ids.shape[0] - start:
+                return total, free_top, high_water
+            start += stop
+            # at most every id left is new (duplicates make it fewer)
+            self.reserve(self.size + ids.shape[0] - start)
 
     def erase(self, ids: np.ndarray) -> np.ndarray:
         """Removes ids; returns the freed slot per id, EMPTY where absent."""
-        freed = k.index_erase(self.table, ids)
+        freed = k.index_erase(self.table, k.as_ids(ids))
         self.size -= int(np.count_nonzero(freed != EMPTY))
         return freed
 

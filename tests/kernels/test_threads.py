@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import numba
+import numpy as np
 import pytest
 import torch
 
@@ -32,10 +33,24 @@ def test_same_weights_with_one_or_all_threads():
     assert torch.equal(_train(1), _train(numba.config.NUMBA_NUM_THREADS))
 
 
-@pytest.mark.parametrize("bad", [0, -1, 1.5, True, numba.config.NUMBA_NUM_THREADS + 1])
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, np.bool_(True), np.float64(1.0),
+                                 numba.config.NUMBA_NUM_THREADS + 1,
+                                 np.int64(numba.config.NUMBA_NUM_THREADS + 1)])
 def test_bad_thread_counts_are_refused(bad):
     with pytest.raises(ValueError, match="threads"):
         de.set_num_threads(bad)
+
+
+@pytest.mark.parametrize("kind", [np.int64, np.int32, np.uint8])
+def test_numpy_integer_thread_counts_are_taken(kind):
+    """Like every config check, numpy integers count as ints (they were refused)."""
+    previous = de.get_num_threads()
+    try:
+        de.set_num_threads(kind(1))
+        assert de.get_num_threads() == 1 and type(de.get_num_threads()) is int
+        assert numba.get_num_threads() == 1
+    finally:
+        de.set_num_threads(previous)
 
 
 def test_threads_sharing_a_table_survive_numba_workqueue_layer():

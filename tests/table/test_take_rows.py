@@ -64,3 +64,17 @@ def test_take_rows_streams_large_outputs_correctly(dtype, dim):
         assert torch.equal(take_rows(source, index), expected)
     finally:
         set_num_threads(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # compiled and torch paths
+def test_take_rows_takes_any_integer_index_on_every_path(dtype):
+    """torch's path (dtypes the gather does not handle, other devices) refused a reversed
+    index (negative strides) and a uint64 one, which the compiled gather takes."""
+    source = torch.arange(40, dtype=torch.float32).reshape(20, 2).to(dtype)
+    reversed_index = np.arange(12, dtype=np.int64)[::-3]
+    assert torch.equal(take_rows(source, reversed_index),
+                       source[torch.from_numpy(reversed_index.copy())])
+    narrow = np.array([3, 0, 19], dtype=np.uint64)
+    assert torch.equal(take_rows(source, narrow), source[[3, 0, 19]])
+    with pytest.raises(IndexError):
+        take_rows(source, np.array([2**63], dtype=np.uint64))  # wraps to a negative index
