@@ -98,6 +98,8 @@ class LaunchConfig:
         if self.rdzv_endpoint is None and parts[-1] != "1":
             raise ValueError("a job over several nodes needs --rdzv-endpoint HOST:PORT (the "
                              "same on every node, e.g. the first node's address)")
+        if self.stop_timeout is None:
+            _check_shutdown_env()
 
     def torchrun_argv(self) -> list[str]:
         """The torchrun command line."""
@@ -133,6 +135,32 @@ def _is_endpoint(value: str) -> bool:
 DEFAULT_STOP_TIMEOUT = 120
 """Seconds the workers get to checkpoint after a stop, unless told otherwise."""
 _SHUTDOWN_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
+
+
+def _check_shutdown_env() -> None:
+    """Refuses a ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` that torchrun would fail on or misuse.
+
+    Without ``--stop-timeout`` torchrun reads the variable itself, after the launch: an
+    empty or non-numeric value (a manifest's ``value: ""``) failed it with a bare
+    ``invalid literal for int()``, and a value below 1 killed the workers before they
+    could checkpoint.
+
+    Raises:
+        ValueError: the variable is set but not a whole number of seconds >= 1 (named).
+    """
+    raw = os.environ.get(_SHUTDOWN_ENV)
+    if raw is None:
+        return
+    try:
+        seconds = int(raw)  # as torchrun parses it
+    except ValueError:
+        seconds = None
+    if seconds is None or seconds < 1:
+        raise ValueError(f"environment variable {_SHUTDOWN_ENV} must be a whole number of "
+                         f"seconds >= 1 (the time the workers get to checkpoint after a "
+                         f"stop), got {raw!r}; fix or unset it, or give --stop-timeout")
+
+
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # Run first in torchrun's process, then replaced by torchrun (exec keeps the setting):
 # prctl(PR_SET_PDEATHSIG, SIGTERM) asks Linux for a SIGTERM when the launcher dies; a

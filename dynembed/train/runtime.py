@@ -24,6 +24,7 @@ import datetime
 import logging
 import math
 import os
+import random
 import shutil
 import signal
 import threading
@@ -89,14 +90,81 @@ def _positive_or_none(name: str, value, kind=int) -> None:
                          f"or None, got {value!r}")
 
 
+def _env_int(name: str, default: int, low: int, high: int | None = None) -> int:
+    """The integer in environment variable ``name`` (``default`` when unset or empty).
+
+    Raises:
+        ValueError: the variable is not an integer in ``[low, high]`` (named: ``int()``'s
+            own message did not say which variable was wrong).
+    """
+    raw = os.environ.get(name, "")
+    if not raw.strip():
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < low or (high is not None and value > high):
+        bound = f"in {low}..{high}" if high is not None else f">= {low}"
+        raise ValueError(f"environment variable {name} must be an integer {bound}, got "
+                         f"{raw!r}; start workers with torchrun (or dynembed train), which "
+                         "sets it")
+    return value
+
+
+def _check_rendezvous_env() -> None:
+    """Refuses a missing or malformed ``MASTER_ADDR``/``MASTER_PORT`` before the process
+    group starts: torch named a missing one, but took ``MASTER_PORT=abc`` with a bare
+    ``invalid literal for int()``.
+
+    Raises:
+        ValueError: a variable is missing or malformed (named, with the fix).
+    """
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if not os.environ.get(name, "").strip():
+            raise ValueError(f"environment variable {name} is not set, but RANK and "
+                             "WORLD_SIZE say this process is one of several: start workers "
+                             "with torchrun (or dynembed train), which sets MASTER_ADDR and "
+                             "MASTER_PORT, or set both to the address of rank 0")
+    _env_int("MASTER_PORT", 0, 1, 65535)
+
+
 def _share_cores(env: JobEnv) -> None:
     """Ranks on one machine split its cores between their compiled kernels (as torchrun sets
     OMP_NUM_THREADS=1 for torch), unless DYNEMBED_NUM_THREADS says otherwise."""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    local = _env_int("LOCAL_WORLD_SIZE", 1, 1)
     if env.launched and local > 1 and "DYNEMBED_NUM_THREADS" not in os.environ:
         threads = max(1, min(get_num_threads(), (os.cpu_count() or 1) // local))
         set_num_threads(threads)
         torch.set_num_threads(min(torch.get_num_threads(), threads))
+
+
+def _rng_state() -> dict:
+    """This process's global random generators (torch, CUDA once used, numpy, Python) as
+    plain tensors and numbers, so a checkpoint holds them and loads with weights_only."""
+    version, words, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(cached)},
+             "python": {"version": version, "words": torch.tensor(words, dtype=torch.int64),
+                        "gauss": gauss}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    """Puts back what :func:`_rng_state` took."""
+    torch.set_rng_state(state["torch"])
+    numpy = state["numpy"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"],
+                         numpy["has_gauss"], numpy["gauss"]))
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["words"].tolist()), python["gauss"]))
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
+        torch.cuda.set_rng_state_all(cuda)
 
 
 class Runtime:
@@ -159,6 +227,9 @@ class Runtime:
         self._state = "starting"  # the last state reported to the progress file
         self._left_at: int | None = None  # the step the loop was left at (break, error)
         self._stop_asked = False
+        self._in_step = False  # between yielding a step and its end: a save now is early
+        self._save_asked = False  # checkpoint() called inside a step: save at its end
+        self._saved_rng: list | None = None  # every rank's generators, of the restored step
         self.extra: dict = {}
         """User state saved with every checkpoint and restored by :meth:`restore` (plain
         values: tensors, numbers, str, lists and dicts of them)."""
@@ -205,9 +276,11 @@ class Runtime:
             raise
 
     def _start(self) -> Runtime:
+        _share_cores(self.env)  # first: it checks LOCAL_WORLD_SIZE
+        if self.distributed and not dist.is_initialized():
+            _check_rendezvous_env()
         self._owns_group = init_process_group(self.env, backend=self.backend,
                                               timeout=self.timeout)
-        _share_cores(self.env)
         if self.distributed:
             group = dist.new_group(backend="gloo",
                                    timeout=datetime.timedelta(seconds=self.timeout))
@@ -236,12 +309,21 @@ class Runtime:
         return self
 
     def close(self) -> None:
-        """Restores the SIGTERM handler and ends the process group this runtime started."""
+        """Restores the SIGTERM handler and ends the process group this runtime started, or,
+        in a process group the caller started, the groups it made for itself (the sharded
+        model's stays: the caller may still run the model in that group)."""
         if self._old_handler is not None:
             signal.signal(signal.SIGTERM, self._old_handler)
             self._old_handler = None
-        if self._owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+        if dist.is_initialized():
+            if self._owns_group:
+                dist.destroy_process_group()
+            else:  # each runtime left two gloo groups (their sockets and threads) behind
+                for group in (self._control.group if self._control is not None else None,
+                              self._after_save):
+                    if group is not None:
+                        dist.destroy_process_group(group)
+        self._control = self._after_save = None
         self._owns_group = self._started = False
 
     def __enter__(self) -> Runtime:  # noqa: PYI034 (typing.Self needs Python 3.11)
@@ -344,6 +426,7 @@ class Runtime:
                 raise failure
             if loaded:
                 logger.info("rank %d restored %s at step %d", self.rank, path, self.step)
+                self._restore_rng()
                 return self.extra
             logger.warning("checkpoint %s does not load on every rank (%s); trying an "
                            "older one", path, error or "another rank failed")
@@ -374,18 +457,55 @@ class Runtime:
             return False, str(e), e
         self.step = int(saved.get("step", 0))
         self.extra = dict(saved.get("user", {}))
+        self._saved_rng = saved.get("rng")
         self._last_saved, self._last_save_time = self.step, time.monotonic()
         self._restored = path if self.lazy_restore else None
         return True, None, None
 
+    def _restore_rng(self) -> None:
+        """Gives this rank the random generators it had at the restored step, so dropout
+        masks, sampled negatives, ... continue as in a run that never stopped (a restarted
+        script seeds them as at step 0, and drew step 0's numbers again). At another world
+        size the ranks' streams cannot continue: the script's own seeding stays."""
+        states = self._saved_rng
+        if not states:  # a checkpoint written without them
+            return
+        if len(states) != self.world_size:
+            logger.info("rank %d: random generators left as seeded: the checkpoint holds "
+                        "those of %d ranks, this job has %d", self.rank, len(states),
+                        self.world_size)
+            return
+        _set_rng_state(states[self.rank])
+
+    def _gather_rng(self) -> list | None:
+        """Every rank's random generators, on rank 0 (which writes ``extra``); else None."""
+        state = _rng_state()
+        if self._control is None:
+            return [state]
+        states = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(state, states, dst=0, group=self._control.group)
+        return states
+
     def checkpoint(self) -> Path | None:
         """Saves a checkpoint of the current step now (every rank must call it).
 
+        Called inside the body of a :meth:`steps` loop, it asks for a checkpoint at the end
+        of that step instead (on every rank, as :meth:`stop` does) and returns None: the
+        step's update may have run already, and saved under the step's own number, a resume
+        trained that batch a second time.
+
+        The checkpoint also holds every rank's global random generators (torch, CUDA, numpy,
+        Python); :meth:`restore` gives them back when the world size is the same.
+
         Returns:
-            The committed checkpoint (on every rank), or None without ``checkpoint_dir``.
+            The committed checkpoint (on every rank), or None without ``checkpoint_dir``
+            (or inside a step).
         """
         self._require_started()
         if self.manager is None or self.model is None:
+            return None
+        if self._in_step:
+            self._save_asked = True
             return None
         path = self.checkpoint_dir / f"step-{self.step:010d}"
         if self._last_saved == self.step:  # saved (or restored) already
@@ -398,7 +518,8 @@ class Runtime:
                 "its update ran, this checkpoint holds it under step %d and a resume trains "
                 "that batch again; end a loop early with rt.stop() instead", self.rank,
                 self.step, self.step)
-        extra = {"step": self.step, "world_size": self.world_size, "user": self.extra}
+        extra = {"step": self.step, "world_size": self.world_size, "user": self.extra,
+                 "rng": self._gather_rng()}
         self.manager.save(self.step, self.model, self.optimizer, extra)
         # every rank sees the commit before the next save picks its parent; the wait holds
         # a compaction of the whole chain (rank 0 alone), which outlasted the collective
@@ -430,14 +551,18 @@ class Runtime:
         self.total, self._left_at = total, None
         self._report("running", force=True)
         while self.step < total:
+            self._in_step = True
             try:
                 yield self.step
             except GeneratorExit:  # left with break (or by an error): the step is unknown
                 self._left_at = self.step
                 raise
+            finally:
+                self._in_step = False
             self.step += 1
-            stop, timed, asked = self._agree()
-            due = (self.every_steps is not None and self.step % self.every_steps == 0) or timed
+            stop, timed, asked, save = self._agree()
+            due = (self.every_steps is not None and self.step % self.every_steps == 0) \
+                or timed or save
             if due or stop or asked:
                 self.checkpoint()
             if stop:
@@ -460,15 +585,17 @@ class Runtime:
         stopping instead of ``break`` (see :meth:`steps`)."""
         self._stop_asked = True
 
-    def _agree(self) -> tuple[bool, bool, bool]:
-        """(SIGTERM, time to checkpoint, stop asked), agreed by every rank."""
+    def _agree(self) -> tuple[bool, bool, bool, bool]:
+        """(SIGTERM, time to checkpoint, stop asked, checkpoint asked), agreed by every
+        rank."""
         timed = (self.every_seconds is not None and self.manager is not None
                  and time.monotonic() - self._last_save_time >= self.every_seconds)
-        flags = np.array([self._sigterm.is_set(), timed, self._stop_asked], dtype=np.int64)
+        flags = np.array([self._sigterm.is_set(), timed, self._stop_asked, self._save_asked],
+                         dtype=np.int64)
         if self._control is not None:
             flags = self._control.all_reduce_max(flags)
-        self._stop_asked = False
-        return bool(flags[0]), bool(flags[1]), bool(flags[2])
+        self._stop_asked = self._save_asked = False
+        return bool(flags[0]), bool(flags[1]), bool(flags[2]), bool(flags[3])
 
     def batch_indices(self, step: int, batch_size: int, num_samples: int, *, seed: int = 0,
                       shuffle: bool = True) -> np.ndarray:

@@ -130,3 +130,24 @@ def test_the_stop_timeout_comes_from_the_flag_the_environment_or_120(monkeypatch
     monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "240")
     assert timeout() == []  # torchrun reads the variable
     assert timeout(stop_timeout=600) == ["--shutdown-timeout=600"]
+
+
+@pytest.mark.parametrize("value", ["", "abc", "0", "-5", "1.5"])
+def test_a_bad_shutdown_timeout_in_the_environment_is_refused_before_torchrun(
+        monkeypatch, capsys, value):
+    """Without --stop-timeout torchrun reads TORCH_ELASTIC_SHUTDOWN_TIMEOUT itself: an
+    empty or non-numeric one (a manifest's `value: ""`) failed it with a traceback ending in
+    `invalid literal for int()`, naming no variable; 0 or less killed the workers before
+    they could checkpoint."""
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", value)
+    with pytest.raises(ValueError, match="TORCH_ELASTIC_SHUTDOWN_TIMEOUT must be a whole "
+                                         "number of seconds >= 1"):
+        LaunchConfig(script="train.py")
+    assert cli.main(["train", "train.py"]) == 1
+    err = capsys.readouterr().err
+    assert f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT must be a whole number of seconds >= 1 (the " \
+           f"time the workers get to checkpoint after a stop), got {value!r}" in err
+    assert "--stop-timeout" in err  # the other way to fix it
+    # --stop-timeout takes its place: torchrun then never reads the variable
+    argv = LaunchConfig(script="train.py", stop_timeout=60).torchrun_argv()
+    assert "--shutdown-timeout=60" in argv

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 
 import numpy as np
@@ -287,3 +288,97 @@ def test_the_progress_file_shows_every_checkpointed_step(tmp_path):
     assert (seen[2], seen[4], seen[6]) == (2, 4, 6)  # each saved step shown at once
     final = json.loads(progress.read_text())
     assert final["state"] == "failed" and final["step"] == 6  # step 6 did not complete
+
+
+def test_a_checkpoint_asked_inside_a_step_is_saved_at_its_end(tmp_path):
+    """rt.checkpoint() in the loop's body, after the update, saved it under the step's own
+    number: the resumed job trained that batch a second time. Now the save waits for the
+    end of the step, and the resumed job ends with the weights of a job never stopped."""
+    torch.manual_seed(0)
+    rt, model, net, opt = _fresh(tmp_path / "a", every_steps=100)
+    rt.restore(opt)
+    _train(rt, net, opt, 6)
+    rt.close()
+
+    torch.manual_seed(0)
+    rt, _, net, opt = _fresh(tmp_path / "b", every_steps=100)
+    rt.restore(opt)
+    asked = []
+    with pytest.raises(RuntimeError, match="crash"):
+        for step in rt.steps(6):
+            if step == 4:
+                raise RuntimeError("crash")  # before step 4's update
+            keys = torch.from_numpy(rt.batch_indices(step, 8, 50) * 7 - 100)
+            net(keys).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            if step == 2:
+                asked.append(rt.checkpoint())  # after the update of step 2
+    rt.close()
+    assert asked == [None]
+    assert [p.name for p in (tmp_path / "b" / "ckpt").iterdir()] == ["step-0000000003"]
+    rt, resumed, net, opt = _fresh(tmp_path / "b", every_steps=100)
+    rt.restore(opt)
+    assert rt.step == 3 and _train(rt, net, opt, 6) == [3, 4, 5]
+    rt.close()
+    torch.testing.assert_close(resumed.head.weight, model.head.weight)
+    ids = model.emb.table.export().ids.numpy()
+    np.testing.assert_array_equal(resumed.emb.table.find(ids).values.numpy(),
+                                  model.emb.table.find(ids).values.numpy())
+
+
+def _seed_everything(seed: int) -> None:
+    """What a training script does at its top, on every start and restart."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _draws() -> list:
+    """Numbers a step draws from the global generators (dropout, sampled negatives)."""
+    return [*torch.rand(2).tolist(), *np.random.rand(2).tolist(), random.random(),
+            random.gauss(0, 1), float(np.random.normal())]
+
+
+def test_a_resumed_job_draws_the_random_numbers_of_a_job_never_stopped(tmp_path):
+    """The checkpoint held no random generator state: the restarted script seeded them as at
+    step 0, so step 3 after a resume drew step 0's dropout masks and negatives again."""
+    def run(folder, total, seen):
+        rt, _, _, opt = _fresh(folder, every_steps=3)
+        rt.restore(opt)
+        for step in rt.steps(total):
+            seen[step] = _draws()
+        rt.close()
+
+    whole, resumed = {}, {}
+    _seed_everything(7)
+    run(tmp_path / "a", 6, whole)
+    _seed_everything(7)
+    run(tmp_path / "b", 3, resumed)
+    _seed_everything(7)  # the restarted script
+    run(tmp_path / "b", 6, resumed)
+    assert sorted(resumed) == list(range(6))
+    assert resumed == whole
+
+
+@pytest.mark.parametrize("variables, message", [
+    ({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "abc"},
+     "MASTER_PORT must be an integer in 1..65535, got 'abc'"),
+    ({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "99999"},
+     "MASTER_PORT must be an integer in 1..65535, got '99999'"),
+    ({"MASTER_PORT": "29500"}, "MASTER_ADDR is not set"),
+    ({"WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "two"},  # no process group to start
+     "LOCAL_WORLD_SIZE must be an integer >= 1, got 'two'"),
+])
+def test_a_malformed_launcher_environment_is_named(monkeypatch, variables, message):
+    """torch took MASTER_PORT=abc (or 99999) with an error naming no variable, and a bad
+    LOCAL_WORLD_SIZE failed in int() after the process group had started."""
+    for name in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=message):
+        Runtime(None, timeout=5).start()
+    assert not torch.distributed.is_initialized()  # nothing started, nothing left
