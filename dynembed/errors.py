@@ -73,7 +73,12 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 
 class CheckpointCorruptError(CheckpointError):
     """A checkpoint file is truncated or damaged (bad magic, version, size or checksum); the
-    message names the file and the part that failed."""
+    message names the file and the part that failed, and ``path`` is that file (or the
+    checkpoint directory), where known: what a restart must set aside."""
+
+    def __init__(self, message: str = "", *, path=None) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class DistributedError(DynembedError):

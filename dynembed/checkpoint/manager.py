@@ -246,8 +246,9 @@ class CheckpointManager:
             if self.world_size > 1:  # the ranks would have to agree on a full save first
                 raise CheckpointCorruptError(
                     f"{e}; step {step} cannot be saved as a delta of it. Restart the job: "
-                    "restore() sets damaged checkpoints aside, and the next save is then "
-                    "made on a sound one") from e
+                    "the Runtime sets the damaged checkpoint aside on its way out (as "
+                    "restore() does with damage it finds), and the next save is then made "
+                    "on a sound one", path=e.path) from e
             # A delta of a damaged parent would never load, and every later save would fail
             # the same way: this step is saved in full (the damaged one is left to cleanup).
             logger.warning("the latest checkpoint %s is damaged (%s); saving step %d in full",

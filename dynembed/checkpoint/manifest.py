@@ -83,11 +83,11 @@ def read(path: str | os.PathLike) -> dict:
         ok, manifest = False, {}
     if not ok:
         raise CheckpointCorruptError(f"{file}: the manifest is damaged (bad JSON or "
-                                     "checksum); load an earlier checkpoint")
+                                     "checksum); load an earlier checkpoint", path=file)
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise CheckpointCorruptError(
             f"{file}: format {manifest.get('format')!r} version {manifest.get('version')!r} "
-            f"is not {FORMAT!r} version {VERSION}; upgrade dynembed")
+            f"is not {FORMAT!r} version {VERSION}; upgrade dynembed", path=file)
     return manifest
 
 
@@ -104,13 +104,14 @@ def check_files(path: Path, manifest: dict) -> None:
             size = file.stat().st_size
         except FileNotFoundError:
             raise CheckpointCorruptError(f"{file}: missing; the checkpoint is incomplete, "
-                                         "load an earlier one") from None
+                                         "load an earlier one", path=file) from None
         if size != info["bytes"]:
             raise CheckpointCorruptError(f"{file}: {size} bytes, the manifest says "
-                                         f"{info['bytes']} (truncated or replaced)")
+                                         f"{info['bytes']} (truncated or replaced)", path=file)
         if "crc32" in info and file_crc(file) != info["crc32"]:
             raise CheckpointCorruptError(f"{file}: its CRC-32 does not match the manifest; "
-                                         "the file is damaged, load an earlier checkpoint")
+                                         "the file is damaged, load an earlier checkpoint",
+                                         path=file)
 
 
 def chain(path: str | os.PathLike) -> list[tuple[Path, dict]]:
@@ -138,8 +139,8 @@ def chain(path: str | os.PathLike) -> list[tuple[Path, dict]]:
         if parent_manifest["id"] != parent["id"]:
             raise CheckpointCorruptError(
                 f"{here}: its parent {there} is checkpoint {parent_manifest['id']}, not "
-                f"{parent['id']} that the delta was written against")
+                f"{parent['id']} that the delta was written against", path=here)
         here = there
         if len(out) > 10_000:
-            raise CheckpointCorruptError(f"{path}: the delta chain loops")
+            raise CheckpointCorruptError(f"{path}: the delta chain loops", path=path)
     return out[::-1]

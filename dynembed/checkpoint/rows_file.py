@@ -372,7 +372,7 @@ class RowsFile:
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
                 self._fd = os.dup(f.fileno())
         except FileNotFoundError:
-            raise CheckpointCorruptError(f"{path}: the file is missing") from None
+            raise CheckpointCorruptError(f"{path}: the file is missing", path=path) from None
         if hasattr(mmap, "MADV_RANDOM"):
             self._map.madvise(mmap.MADV_RANDOM)
         lay = self.layout
@@ -432,7 +432,7 @@ class RowsFile:
 
     def _corrupt(self, part: str, why: str):
         raise CheckpointCorruptError(f"{self.path}: {part}: {why}; the checkpoint file is "
-                                     "damaged, load an earlier checkpoint")
+                                     "damaged, load an earlier checkpoint", path=self.path)
 
     def _column(self, name: str, dtype, width: int = 0) -> np.ndarray:
         off, nbytes = self.layout.offsets[name]

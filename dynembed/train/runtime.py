@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dynembed.checkpoint.api import check_restore_options, load
-from dynembed.checkpoint.manager import CheckpointManager, set_aside
+from dynembed.checkpoint.manager import CheckpointManager, set_aside, step_of
 from dynembed.distributed.exchange import Exchange
 from dynembed.distributed.plan import ShardPlan, shard_model
 from dynembed.distributed.process_group import JobEnv, init_process_group
@@ -332,13 +332,34 @@ class Runtime:
     def __exit__(self, kind, error, traceback) -> None:
         if error is not None and self._started:
             self._report("failed", force=True)  # not "running" for good
-        if isinstance(error, CheckpointCorruptError) and self._restored is not None:
-            # A lazily restored checkpoint checks its rows when they are read: it proved
-            # damaged, so the restart falls back on an older one instead of failing again.
-            logger.error("rank %d: the restored checkpoint %s is damaged (%s); setting it "
-                         "aside for the restart", self.rank, self._restored, error)
-            set_aside(self._restored)
+        damaged = self._damaged_checkpoint(error)
+        if damaged is not None:
+            # A lazily restored checkpoint checks its rows when they are read, and a delta
+            # save reads its parent's: the one proved damaged is set aside, so the restart
+            # falls back on an older one instead of failing again.
+            logger.error("rank %d: checkpoint %s is damaged (%s); setting it aside for the "
+                         "restart", self.rank, damaged, error)
+            set_aside(damaged)
         self.close()
+
+    def _damaged_checkpoint(self, error: BaseException | None) -> Path | None:
+        """The checkpoint that ``error`` found damaged: the one of this job's holding the
+        damaged file, the lazily restored one where the error names no file (or a file of
+        it); None for others (never a sound checkpoint: a damaged newer parent once had
+        the restored one set aside, and deleted later)."""
+        if not isinstance(error, CheckpointCorruptError):
+            return None
+        restored = None if self._restored is None else Path(self._restored).resolve()
+        if error.path is None:
+            return restored
+        file = Path(error.path).resolve()
+        if restored is not None and (file == restored or restored in file.parents):
+            return restored
+        root = self.checkpoint_dir.resolve() if self.checkpoint_dir is not None else None
+        for folder in (file, *file.parents):
+            if folder.parent == root and step_of(folder) is not None:
+                return folder
+        return None
 
     def _on_sigterm(self, signum, frame) -> None:
         now = time.monotonic()

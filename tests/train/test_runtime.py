@@ -382,3 +382,47 @@ def test_a_malformed_launcher_environment_is_named(monkeypatch, variables, messa
     with pytest.raises(ValueError, match=message):
         Runtime(None, timeout=5).start()
     assert not torch.distributed.is_initialized()  # nothing started, nothing left
+
+
+def test_a_damaged_newer_checkpoint_is_set_aside_and_the_restored_one_kept(tmp_path):
+    """The error of a damaged file in a checkpoint saved after the (lazy) restore, as a
+    delta save of several ranks raises when it reads its parent, once had the sound
+    restored checkpoint set aside (and deleted later) while the damaged one stayed newest."""
+    rt, _, net, opt = _fresh(tmp_path, every_steps=2, max_chain=1)
+    rt.restore(opt)
+    _train(rt, net, opt, 4)
+    rt.close()
+    newer = tmp_path / "ckpt" / "step-0000000006"
+    with pytest.raises(de.CheckpointCorruptError), \
+            Runtime(tmp_path / "ckpt", every_steps=2, max_chain=1) as rt:
+        model = Tiny()
+        net = rt.prepare(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        rt.restore(opt)
+        assert rt.step == 4  # restored lazily from step 4
+        _train(rt, net, opt, 6)  # saves step 6
+        rows = next(newer.rglob("*.rows"))
+        rows.write_bytes(rows.read_bytes()[:-8])
+        RowsFile(str(rows))  # a save reading its parent finds the damage
+    assert (tmp_path / "ckpt" / "step-0000000006.damaged").exists()
+    assert (tmp_path / "ckpt" / "step-0000000004").exists()
+    rt, _, net, opt = _fresh(tmp_path, every_steps=2, max_chain=1)  # the restart
+    rt.restore(opt)
+    assert rt.step == 4
+    rt.close()
+
+
+def test_a_damage_outside_the_job_sets_nothing_aside(tmp_path):
+    rt, _, net, opt = _fresh(tmp_path, every_steps=2, max_chain=1)
+    rt.restore(opt)
+    _train(rt, net, opt, 2)
+    rt.close()
+    other = tmp_path / "elsewhere.rows"
+    other.write_bytes(next((tmp_path / "ckpt").rglob("*.rows")).read_bytes()[:-8])
+    with pytest.raises(de.CheckpointCorruptError), \
+            Runtime(tmp_path / "ckpt", every_steps=2, max_chain=1) as rt:
+        model = Tiny()
+        rt.prepare(model)
+        rt.restore(torch.optim.SGD(model.parameters(), lr=0.1))
+        RowsFile(str(other))  # e.g. a file the script opened itself
+    assert (tmp_path / "ckpt" / "step-0000000002").exists()
