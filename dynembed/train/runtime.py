@@ -230,6 +230,7 @@ class Runtime:
         self._in_step = False  # between yielding a step and its end: a save now is early
         self._save_asked = False  # checkpoint() called inside a step: save at its end
         self._saved_rng: list | None = None  # every rank's generators, of the restored step
+        self._restore_called = False  # steps() and checkpoint() need it with checkpoints
         self.extra: dict = {}
         """User state saved with every checkpoint and restored by :meth:`restore` (plain
         values: tensors, numbers, str, lists and dicts of them)."""
@@ -422,6 +423,7 @@ class Runtime:
         if self.model is None:
             raise RuntimeError("call prepare(model) before restore()")
         self.optimizer = optimizer
+        self._restore_called = True
         if self.manager is None:
             return self.extra
         candidates = [str(p) for p in reversed(self.manager.checkpoints())]
@@ -525,6 +527,7 @@ class Runtime:
         self._require_started()
         if self.manager is None or self.model is None:
             return None
+        self._require_restored()
         if self._in_step:
             self._save_asked = True
             return None
@@ -569,6 +572,7 @@ class Runtime:
         if isinstance(total, bool) or not isinstance(total, int) or total < 0:
             raise ValueError(f"total must be an int >= 0, got {total!r}")
         self._require_started()
+        self._require_restored()
         self.total, self._left_at = total, None
         self._report("running", force=True)
         while self.step < total:
@@ -645,3 +649,14 @@ class Runtime:
         if not self._started:
             raise RuntimeError("the runtime is not started; use `with Runtime(...) as rt:` "
                                "or call rt.start()")
+
+    def _require_restored(self) -> None:
+        # Without it, a job with checkpoints started again at step 0 and failed at its first
+        # save, after training; and on a fresh run the checkpoints held no optimizer state,
+        # so the resume that passed one was refused.
+        if self.manager is not None and not self._restore_called:
+            raise RuntimeError(
+                f"call rt.restore(optimizer) before training with checkpoint_dir "
+                f"{self.checkpoint_dir}: it resumes from the newest checkpoint there (on a "
+                "fresh run it finds none and starts at step 0) and gives the checkpoints the "
+                "dense optimizer to save")

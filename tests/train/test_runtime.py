@@ -426,3 +426,22 @@ def test_a_damage_outside_the_job_sets_nothing_aside(tmp_path):
         rt.restore(torch.optim.SGD(model.parameters(), lr=0.1))
         RowsFile(str(other))  # e.g. a file the script opened itself
     assert (tmp_path / "ckpt" / "step-0000000002").exists()
+
+
+def test_training_with_checkpoints_needs_restore_first(tmp_path):
+    """Forgetting rt.restore(opt) went unnoticed: the checkpoints held no optimizer state
+    (so the resume that passed one was refused), and with checkpoints there the job started
+    again at step 0 and failed at its first save, after training."""
+    rt, _, net, opt = _fresh(tmp_path, every_steps=2)
+    with pytest.raises(RuntimeError, match=r"call rt\.restore\(optimizer\) before training"):
+        next(rt.steps(4))
+    with pytest.raises(RuntimeError, match=r"call rt\.restore\(optimizer\)"):
+        rt.checkpoint()
+    assert not list((tmp_path / "ckpt").glob("step-*"))
+    rt.restore(opt)  # a fresh run: finds nothing, starts at 0
+    assert _train(rt, net, opt, 2) == [0, 1]
+    rt.close()
+    alone = Runtime().start()  # no checkpoints: nothing to restore, no need to
+    alone.prepare(Tiny())
+    assert list(alone.steps(2)) == [0, 1]
+    alone.close()
