@@ -124,10 +124,11 @@ class TableModule(nn.Module):
     def _apply(self, fn, recurse=True):
         # .to(), .cuda(), .half(), .double() ... reach every module through _apply: the
         # rows stay in host memory as float32, and lookups deliver their outputs where
-        # and as the model asked (autograd brings the gradient back). fn is applied to a
-        # float32 CPU tensor, as it is to a float parameter; a non-float result (.type()
+        # and as the model asked (autograd brings the gradient back). fn is applied to an
+        # empty tensor of the outputs' current dtype and device, as it is to a float
+        # parameter, so .half() then .to(device) keeps float16; a non-float result (.type()
         # with an int type) leaves the outputs as they were.
-        probe = fn(torch.empty(0))
+        probe = fn(torch.empty(0, dtype=self._output_dtype, device=self._output_device))
         if probe.is_floating_point():
             self._output_dtype, self._output_device = probe.dtype, probe.device
         return super()._apply(fn, recurse)

@@ -137,6 +137,16 @@ def test_moving_keeps_rows_float32_and_values_exact_up_to_the_cast():
     np.testing.assert_array_equal(got.detach().numpy(), ref.double().numpy())
 
 
+@pytest.mark.parametrize("then", [lambda m: m.to("cpu"), lambda m: m.cpu(),
+                                  lambda m: m.share_memory(), lambda m: m.to(device="cpu")])
+def test_a_move_without_a_dtype_keeps_the_dtype_given_before(then):
+    """A device-only .to() after .half() once applied to a float32 probe, so the outputs
+    went back to float32 while the model stayed float16."""
+    model = nn.Sequential(_emb(), nn.Linear(4, 1)).to(torch.bfloat16)
+    then(model)
+    assert model(torch.tensor([1, 2])).dtype == torch.bfloat16
+
+
 def test_an_int_type_leaves_the_outputs_as_they_were():
     emb = _emb().half()
     emb.type(torch.int64)  # only what is floating changes dtype, as for Parameters
