@@ -61,6 +61,7 @@ from dynembed.table import (
     TopK,
 )
 from dynembed.table._memory import keep_freed_memory
+from dynembed.table.loss_scale import loss_scale
 
 # Batch-sized buffers are reused instead of faulted in again every step (see the module).
 keep_freed_memory()
@@ -103,6 +104,7 @@ __all__ = [
     "hash_bytes",
     "hash_strings",
     "init",
+    "loss_scale",
     "metrics",
     "optim",
     "policy",

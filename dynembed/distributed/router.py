@@ -36,6 +36,7 @@ from dynembed.keys.buckets import NUM_BUCKETS, buckets_of, rank_of_bucket
 from dynembed.nn._autograd import Lookup
 from dynembed.table.arena import take_rows
 from dynembed.table.index import EMPTY
+from dynembed.table.loss_scale import current_loss_scale
 from dynembed.table.table import DynamicTable
 
 
@@ -390,14 +391,17 @@ class Router:
             got_flagged, got_index, got_flags = _flagged(got_width, recv, flag_width)
 
         def backward(grads) -> None:
+            # within de.loss_scale an overflow in any table skips every rank's update of
+            # this backward (as the scaler skips its step) instead of raising
+            scaled = current_loss_scale() is not None
             flat = np.zeros(sent_flagged.size, dtype=np.float32)
             flag = 0
             for t, (entries, position, admitted_rows) in enumerate(where):
                 if grads[t] is not None:
                     g = grads[t].detach().to(torch.float32).numpy()[position]
                     checked = g if admitted_rows is None else g[admitted_rows]
-                    if t in raising and _count_nonfinite(lookups[t].table, checked) \
-                            and not flag:
+                    if (scaled or t in raising) \
+                            and _count_nonfinite(lookups[t].table, checked) and not flag:
                         flag = t + 1
                     sent_flagged.put(flat, sent_index[entries], g)
             flat[sent_flagged.offsets[sent_flags]] = flag
@@ -409,6 +413,8 @@ class Router:
                 t = int(flags[bad_rank]) - 1
                 for _, update, _ in updates:  # none applied: counted as in one process
                     update.count_dropped()
+                if scaled:
+                    return
                 raise NonFiniteGradientError(
                     f"rank {bad_rank} computed NaN or inf gradients for a table with "
                     f"nonfinite_grads='raise' (table {t} of this lookup, dim {dims[t]}); no "

@@ -15,6 +15,7 @@ from dynembed.kernels.hash_index import unique_inverse
 from dynembed.kernels.sparse_updates import nonfinite_rows
 from dynembed.table.index import EMPTY
 from dynembed.table.lifecycle import CREATE_NONE
+from dynembed.table.loss_scale import current_loss_scale
 
 
 class TableUpdates:
@@ -42,7 +43,9 @@ class TableUpdates:
             ValueError, TypeError: the arrays do not have the shapes and types above;
                 nothing was applied.
             NonFiniteGradientError: a row is NaN/inf and ``nonfinite_grads="raise"``; nothing
-                was applied.
+                was applied. Within :func:`~dynembed.table.loss_scale.loss_scale` the
+                gradient is divided by the loss scale first, and an overflow skips the whole
+                update (counted) instead.
             StoreError: reading rows evicted since the lookup back failed; nothing was
                 applied and the gradients were dropped (counted as skipped).
         """
@@ -56,6 +59,11 @@ class TableUpdates:
             self.counters.unadmitted_gradients += int(np.count_nonzero(~admitted))
             ids, slots = ids[admitted], slots[admitted]
             grads = grads[torch.from_numpy(admitted)]
+        scale = current_loss_scale()
+        if scale is not None:
+            grads = grads / scale
+            if self._overflowed(grads.numpy()):
+                return
         if self.config.update_mode == "deferred":
             self._pending.append((ids, grads, self.erasures if epoch is None else epoch))
             return
@@ -68,6 +76,17 @@ class TableUpdates:
                 raise
             marked = False  # rows read back since have new slots
         self._apply(ids, slots, grads.numpy(), marked=marked)
+
+    def _overflowed(self, grads: np.ndarray) -> bool:
+        """Within :func:`~dynembed.table.loss_scale.loss_scale`: whether the gradient
+        overflowed (a row holds inf or NaN), in which case this backward's update is
+        skipped, as the scaler skips its step, and counted (not raised: the scaler lowers
+        its scale and the next step goes on)."""
+        bad = int(np.count_nonzero(nonfinite_rows(grads)))
+        if bad:
+            self.counters.nonfinite_gradients += bad
+            self.counters.skipped_gradients += grads.shape[0]
+        return bad > 0
 
     def _check_gradient_batch(self, ids, slots, grads) -> None:
         """Refuses arrays that do not fit together: the kernels read ``grads[i]`` for every

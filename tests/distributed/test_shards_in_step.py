@@ -100,8 +100,34 @@ def _frozen_step(rank: int) -> dict:
     return {"before": before, "frozen": frozen, "after": _rows(emb.table)}
 
 
+def _scaled_steps(rank: int) -> dict:
+    """Within de.loss_scale: a scaled step trains the sharded rows as an unscaled one, and
+    an overflow on rank 0 alone skips the step on every rank, without raising."""
+    keys = torch.tensor([A[0], B[0]] if rank == 0 else [A[1], B[1]])
+    got = {}
+    for scale in (None, 1024.0):
+        emb = de.DynamicEmbedding(dim=4, optimizer=de.optim.SGD(lr=0.1), seed=5)
+        shard_model(emb)
+        loss = (emb(keys) * _coef(rank, 2, 4)).sum()
+        if scale is None:
+            loss.backward()
+        else:
+            with de.loss_scale(scale):
+                (loss * scale).backward()
+        got[scale] = _rows(emb.table)
+    before = _rows(emb.table)
+    out = emb(keys)
+    grad = torch.ones_like(out)
+    if rank == 0:
+        grad[1, 2] = float("inf")
+    with de.loss_scale(1024.0):
+        out.backward(grad)  # no NonFiniteGradientError on either rank
+    return {"unscaled": got[None], "scaled": got[1024.0], "before": before,
+            "after_overflow": _rows(emb.table)}
+
+
 def _body(rank: int) -> dict:
-    result = {"frozen": _frozen_step(rank)}
+    result = {"frozen": _frozen_step(rank), "scaled": _scaled_steps(rank)}
     for mode in ("fused", "deferred"):
         emb = _adam(mode)
         shard_model(emb)
@@ -188,3 +214,13 @@ def test_a_frozen_sharded_table_keeps_its_rows_on_every_owner(ranks):
             np.testing.assert_array_equal(got["frozen"]["rows"][key], row)
         assert any(not np.array_equal(got["after"][k], row)
                    for k, row in got["before"].items())
+
+
+def test_loss_scaled_steps_train_as_unscaled_and_an_overflow_skips_every_rank(ranks):
+    for r in ranks:
+        got = r["scaled"]
+        assert set(got["scaled"]) == set(got["unscaled"])
+        for key, row in got["unscaled"].items():
+            np.testing.assert_array_equal(got["scaled"][key], row)
+        for key, row in got["before"].items():
+            np.testing.assert_array_equal(got["after_overflow"][key], row)

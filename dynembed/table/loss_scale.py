@@ -1,0 +1,76 @@
+"""Mixed precision with loss scaling: gradients reach the tables unscaled.
+
+With ``torch.amp.GradScaler`` a model's backward runs on ``scaler.scale(loss)``; the scaler
+unscales the gradients of the torch optimizer's parameters before their step and skips the
+step when they overflowed. A table's update runs inside backward (fused) or is queued there
+(deferred), before the scaler sees anything, so it would apply gradients ``scale`` times too
+large (65,536 by default). Within :func:`loss_scale`, every table divides its gradient by the
+current scale first and, when it overflowed (inf or NaN), skips its update for that backward
+(counted in ``nonfinite_gradients`` and ``skipped_gradients``) as the scaler skips its step,
+instead of raising :class:`~dynembed.errors.NonFiniteGradientError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+from dynembed._args import is_real
+
+_ACTIVE: list = []
+"""The scales of the open :func:`loss_scale` blocks, innermost last. Process-wide, not a
+context variable: autograd may run a node on one of its own threads, which would not see
+the caller's context."""
+
+
+@contextlib.contextmanager
+def loss_scale(scale) -> Iterator[None]:
+    """Backward passes within this block give tables their gradient divided by ``scale``.
+
+    Args:
+        scale: a ``torch.amp.GradScaler`` (its scale is read at each backward, so the block
+            may hold the whole loop, across the scaler's updates; a disabled scaler changes
+            nothing), or a fixed finite number > 0.
+
+    Raises:
+        TypeError: ``scale`` is neither a number nor a scaler (an object with
+            ``get_scale()`` and ``is_enabled()``).
+        ValueError: a number that is not finite and > 0.
+
+    Example:
+        >>> scaler = torch.amp.GradScaler("cuda")
+        >>> with de.loss_scale(scaler):
+        ...     with torch.autocast("cuda", dtype=torch.float16):
+        ...         loss = loss_fn(model(batch))
+        ...     scaler.scale(loss).backward()      # tables update with the true gradient
+        >>> scaler.step(opt); scaler.update()
+    """
+    if hasattr(scale, "get_scale") and hasattr(scale, "is_enabled"):
+        pass
+    elif not is_real(scale):
+        raise TypeError("scale must be a torch.amp.GradScaler or a number > 0, got "
+                        f"{type(scale).__name__}")
+    elif not 0 < scale < math.inf:
+        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+    _ACTIVE.append(scale)
+    try:
+        yield
+    finally:
+        for i in range(len(_ACTIVE) - 1, -1, -1):  # this block's entry (by identity)
+            if _ACTIVE[i] is scale:
+                del _ACTIVE[i]
+                break
+
+
+def current_loss_scale() -> float | None:
+    """The scale a gradient arriving now carries, or None outside :func:`loss_scale` (or
+    with a disabled scaler): then gradients are used as they are."""
+    if not _ACTIVE:
+        return None
+    scale = _ACTIVE[-1]
+    if is_real(scale):
+        return float(scale)
+    if not scale.is_enabled():
+        return None
+    return float(scale.get_scale())
