@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from dynembed.kernels.gather import segment_sum
 from dynembed.table.arena import take_rows
@@ -117,6 +119,23 @@ def rows_for_many(lookups: list[Lookup], anchor: torch.Tensor, *,
     return out
 
 
+def _warn_if_local_in_a_job(table: DynamicTable) -> None:
+    """Warns once per table that trains on its own in a process group of several ranks: a
+    model wrapped in plain DistributedDataParallel (not shard_model / Runtime.prepare)
+    trained a different copy of the table on every rank, and a rank's checkpoint then held
+    only its own keys, silently."""
+    if table.__dict__.get("_warned_local") or not dist.is_available() \
+            or not dist.is_initialized() or dist.get_world_size() < 2:
+        return
+    table._warned_local = True
+    warnings.warn(
+        f"a dynembed table trains on its own on rank {dist.get_rank()} of "
+        f"{dist.get_world_size()}: its rows are not sharded or replicated, so every rank "
+        "trains a different copy (DistributedDataParallel syncs Parameters only). Call "
+        "de.distributed.shard_model(model) (or Runtime.prepare) before training; a table "
+        "meant to stay local is a separate model", stacklevel=4)
+
+
 def rows_for(table: DynamicTable, anchor: torch.Tensor, unique_ids: np.ndarray,
              counts: np.ndarray, *, training: bool, inverse: np.ndarray | None = None,
              strings=None, string_ids: np.ndarray | None = None) -> torch.Tensor:
@@ -144,6 +163,8 @@ def rows_for(table: DynamicTable, anchor: torch.Tensor, unique_ids: np.ndarray,
     if not insert:  # evaluation: read rows, never change the table
         rows = table.read_unique(unique_ids, counts)
         return rows if inverse is None else take_rows(rows, inverse)
+    if insert and table.trainable:
+        _warn_if_local_in_a_job(table)
     slots = table.lookup_slots(unique_ids, counts, insert=insert, strings=strings,
                                string_ids=string_ids)
     if insert and table.trainable and anchor.requires_grad and torch.is_grad_enabled():

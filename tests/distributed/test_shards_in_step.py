@@ -126,8 +126,26 @@ def _scaled_steps(rank: int) -> dict:
             "after_overflow": _rows(emb.table)}
 
 
+def _local_table_warnings(rank: int) -> dict:
+    """A table trained without shard_model in a group of 2 (as under plain DDP) warns once;
+    a sharded one does not."""
+    import warnings
+    out = {}
+    for sharded in (False, True):
+        emb = de.DynamicEmbedding(dim=4, optimizer=de.optim.SGD(lr=0.1))
+        if sharded:
+            shard_model(emb)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                emb(torch.tensor([A[rank], B[rank]])).sum().backward()
+        out[sharded] = [str(w.message) for w in seen if "trains on its own" in str(w.message)]
+    return out
+
+
 def _body(rank: int) -> dict:
-    result = {"frozen": _frozen_step(rank), "scaled": _scaled_steps(rank)}
+    result = {"frozen": _frozen_step(rank), "scaled": _scaled_steps(rank),
+              "local": _local_table_warnings(rank)}
     for mode in ("fused", "deferred"):
         emb = _adam(mode)
         shard_model(emb)
@@ -224,3 +242,11 @@ def test_loss_scaled_steps_train_as_unscaled_and_an_overflow_skips_every_rank(ra
             np.testing.assert_array_equal(got["scaled"][key], row)
         for key, row in got["before"].items():
             np.testing.assert_array_equal(got["after_overflow"][key], row)
+
+
+def test_a_table_left_local_in_a_job_warns_once(ranks):
+    """Under plain DistributedDataParallel every rank silently trained its own copy."""
+    for rank, r in enumerate(ranks):
+        assert len(r["local"][False]) == 1
+        assert f"rank {rank} of 2" in r["local"][False][0] and "shard_model" in r["local"][False][0]
+        assert r["local"][True] == []
