@@ -47,6 +47,7 @@ from dynembed.nn import (
     DynamicEmbeddingBag,
     EmbeddingCollection,
     FeatureConfig,
+    set_sparse_lr,
     sparse_step,
     sparse_zero_grad,
 )
@@ -112,6 +113,7 @@ __all__ = [
     "sampled_softmax_loss",
     "sampling",
     "set_num_threads",
+    "set_sparse_lr",
     "sparse_step",
     "sparse_zero_grad",
     "storage",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 
 import torch
@@ -237,3 +238,31 @@ def sparse_zero_grad(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, TableModule):
             module.sparse_zero_grad()
+
+
+def set_sparse_lr(model: nn.Module | DynamicTable, lr: float) -> None:
+    """Sets the learning rate of every dynembed table in ``model`` (or of one table): call
+    it where a torch learning-rate scheduler steps, for warm-up or decay.
+
+    Sparse optimizers are frozen configs that ``torch.optim.lr_scheduler`` cannot see; this
+    replaces each table's optimizer (and its config's, which checkpoints and ``inspect``
+    report) with one of learning rate ``lr``, keeping the optimizer state. Tables without
+    an optimizer are left as they are.
+
+    Raises:
+        TypeError: ``model`` is neither a module nor a table.
+        ValueError: ``lr`` is not a finite number > 0 (checked before any table changes).
+    """
+    if isinstance(model, DynamicTable):
+        tables = [model]
+    elif isinstance(model, nn.Module):
+        tables = list(named_tables(model).values())
+    else:
+        raise TypeError(f"model must be a torch.nn.Module or a DynamicTable, got "
+                        f"{type(model).__name__}")
+    new = [None if t.optimizer is None else dataclasses.replace(t.optimizer, lr=lr)
+           for t in tables]  # each validates lr: all built before any is set
+    for table, optimizer in zip(tables, new):
+        if optimizer is not None:
+            table.optimizer = optimizer
+            table.config = dataclasses.replace(table.config, optimizer=optimizer)

@@ -57,3 +57,38 @@ def test_an_eps_that_float32_rounds_to_zero_is_refused(make):
 def test_every_bad_hyperparameter_is_refused_naming_it(cls, field, value):
     with pytest.raises(ValueError, match=field):
         cls(**{"lr": 0.1, field: value})
+
+
+def test_set_sparse_lr_changes_every_table_and_keeps_the_state(tmp_path):
+    """A schedule (warm-up, decay) had no way in: the optimizers are frozen configs that
+    torch's schedulers cannot see."""
+    import torch
+
+    import dynembed as de
+    coll = de.EmbeddingCollection(
+        tables={"a": de.TableConfig(dim=2, optimizer=de.optim.Adagrad(lr=0.1)),
+                "b": de.TableConfig(dim=2, optimizer=de.optim.Adam(lr=0.1)),
+                "c": de.TableConfig(dim=2)},  # no optimizer: left as it is
+        features={"x": "a", "y": "b", "z": "c"})
+    inputs = {"x": torch.tensor([1]), "y": torch.tensor([1]), "z": torch.tensor([1])}
+    sum(v.sum() for v in coll(inputs).values()).backward()
+    state = coll.tables["a"].state_dict()["optimizer_state"].clone()
+    de.set_sparse_lr(coll, 0.01)
+    assert coll.tables["a"].optimizer.lr == 0.01 and coll.tables["b"].optimizer.lr == 0.01
+    assert coll.tables["a"].config.optimizer.lr == 0.01  # what checkpoints report
+    assert coll.tables["c"].optimizer is None
+    assert torch.equal(coll.tables["a"].state_dict()["optimizer_state"], state)
+    w = coll.tables["a"].find(torch.tensor([1])).values.clone()
+    sum(v.sum() for v in coll(inputs).values()).backward()
+    acc = state[0] + 1.0  # Adagrad: sum of squared gradients (each element's gradient 1)
+    expected = w - 0.01 / (acc.sqrt() + 1e-10)
+    torch.testing.assert_close(coll.tables["a"].find(torch.tensor([1])).values, expected)
+    de.checkpoint.save(tmp_path / "ck", coll)
+    assert "lr=0.01" in (tmp_path / "ck" / "MANIFEST.json").read_text()
+    with pytest.raises(ValueError, match="lr must be"):
+        de.set_sparse_lr(coll, 0.0)
+    assert coll.tables["b"].optimizer.lr == 0.01  # nothing changed
+    with pytest.raises(TypeError, match="torch.nn.Module or a DynamicTable"):
+        de.set_sparse_lr("model", 0.1)
+    de.set_sparse_lr(coll.tables["a"], 0.5)
+    assert coll.tables["a"].optimizer.lr == 0.5
