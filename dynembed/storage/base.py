@@ -1,13 +1,15 @@
 """EmbeddingStore: the protocol every storage tier implements.
 
 A store keeps rows (weights, optimizer state, metadata) of one table by id, in the binary
-layout of :mod:`dynembed.storage.rows`, plus one description record (layout, dims) kept
-apart from the rows so that every int64 id is a valid key. The public verbs take and
-return :class:`RowBlock` batches; a backend implements a few byte-level primitives
-(``_get``, ``_put``, ``_delete``, ``_scan``, ``_count``, ``_get_meta``, ``_put_meta``,
-``_flush``, ``_close``) on ids and encoded records. Each primitive must
-apply a batch whole or not at all and raise a :class:`~dynembed.errors.StoreError` naming the
-store and the cause.
+layout of :mod:`dynembed.storage.rows`, plus one description record (layout, dims) and one
+clock record (the table's step counters at its last flush, see :meth:`EmbeddingStore.
+write_clock`), both kept apart from the rows so that every int64 id is a valid key. The
+public verbs take and return :class:`RowBlock` batches; a backend implements a few
+byte-level primitives (``_get``, ``_put``, ``_delete``, ``_scan``, ``_count``,
+``_get_meta``, ``_put_meta``, ``_get_clock``, ``_put_clock``, ``_delete_clock``,
+``_flush``, ``_close``) on ids and encoded records. Each primitive must apply a batch whole
+or not at all and raise a :class:`~dynembed.errors.StoreError` naming the store and the
+cause.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import json
 import numbers
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 from typing_extensions import Self
@@ -39,6 +41,52 @@ def _as_size(arg: str, value, minimum: int) -> int:
             or value < minimum:
         raise ValueError(f"{arg} must be an int >= {minimum}, got {value!r}")
     return int(value)
+
+
+CLOCK_FIELDS = ("step", "update_step")
+"""What a table records of its clock in its store: its training lookups (the clock of the
+rows' ``last_step``, which eviction and TTL compare with) and its optimizer steps (Adam's
+bias correction, Adagrad's lr decay)."""
+
+
+def _encode_clock(clock: Mapping[str, int]) -> bytes:
+    """The clock record of a table's ``{"step": s, "update_step": u}``.
+
+    Raises:
+        TypeError: ``clock`` is not a mapping.
+        ValueError: a field of :data:`CLOCK_FIELDS` is missing or not an int >= 0.
+    """
+    if not isinstance(clock, Mapping):
+        raise TypeError(f"clock must be a mapping of {CLOCK_FIELDS}, got {type(clock).__name__}")
+    missing = [name for name in CLOCK_FIELDS if name not in clock]
+    if missing:
+        raise ValueError(f"clock lacks {missing}; give every one of {CLOCK_FIELDS}")
+    return json.dumps({name: _as_size(name, clock[name], 0) for name in CLOCK_FIELDS},
+                      sort_keys=True).encode()
+
+
+def _decode_clock(name: str, raw) -> dict[str, int]:
+    """A clock record read back; a field it lacks counts as 0, one it has but this version
+    does not know is ignored (a later version may record more).
+
+    Raises:
+        StoreCorruptError: the record is not a JSON object of ints >= 0.
+    """
+    try:
+        have = json.loads(bytes(raw))
+    except ValueError:
+        have = None
+    clock = {}
+    for field in CLOCK_FIELDS:
+        value = have.get(field, 0) if isinstance(have, dict) else None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise StoreCorruptError(
+                f"{name}: its clock record is not a dynembed table's (a JSON object of step "
+                f"counters, got {bytes(raw)[:80]!r}); the store is corrupted, or another "
+                "program wrote it. Remove it with store.drop_clock() to reopen the table "
+                "from step 0")
+        clock[field] = value
+    return clock
 
 
 class EmbeddingStore(ABC):
@@ -88,6 +136,9 @@ class EmbeddingStore(ABC):
                 **(meaning or {})}
         meta = self._get_meta()
         if meta is None:  # a new store: describe it, unless another process just did
+            # a clock without a description (a Redis server that evicted or lost the latter)
+            # describes rows no longer here: a table must not adopt it
+            self._delete_clock()
             self._put_meta(json.dumps(want).encode())
             meta = self._get_meta()
         try:
@@ -154,9 +205,47 @@ class EmbeddingStore(ABC):
         return self._count()
 
     def clear(self) -> None:
-        """Removes every row (the layout description stays)."""
+        """Removes every row and the clock record (the layout description stays)."""
+        self.drop_clock()  # first: rows without a clock are safe, a clock without them not
         for block in self.scan():
             self.delete(block.ids)
+
+    def read_clock(self) -> dict[str, int] | None:
+        """The clock the table recorded with :meth:`write_clock` at its last flush.
+
+        Returns:
+            ``{"step": s, "update_step": u}``, or None if the store holds no clock record
+            (a new store, one emptied since, or one written before stores kept a clock).
+
+        Raises:
+            StoreCorruptError: the record is not a clock record.
+        """
+        self._check_open()
+        raw = self._get_clock()
+        return None if raw is None else _decode_clock(self.name, raw)
+
+    def write_clock(self, clock: Mapping[str, int]) -> None:
+        """Records the clock of the table whose rows the store holds (one small record,
+        overwritten). Call it after the rows it describes are written, never before: a
+        process that dies between the two then leaves a clock behind the rows, which a
+        reopened table treats as recent (kept longer, never expired early), never one ahead
+        of them.
+
+        Args:
+            clock: ``{"step": s, "update_step": u}``, ints >= 0.
+
+        Raises:
+            ValueError, TypeError: ``clock`` lacks a field or holds a bad value.
+            StoreError: the store is closed, unbound, or failed.
+        """
+        self._codec()  # a closed or unbound store refuses it, as a put
+        self._put_clock(_encode_clock(clock))
+
+    def drop_clock(self) -> None:
+        """Removes the clock record (absent is fine): for a table about to replace the rows
+        with an older state (a checkpoint), whose clock then goes back."""
+        self._check_open()
+        self._delete_clock()
 
     def flush(self) -> None:
         """Makes every write so far durable as far as the backend allows."""
@@ -225,6 +314,18 @@ class EmbeddingStore(ABC):
     @abstractmethod
     def _put_meta(self, value: bytes) -> None:
         """Writes the description record if there is none (a shared store keeps the first)."""
+
+    # A backend written before stores kept a clock keeps none (tables over it start from
+    # step 0, as they always did): these three are not abstract.
+    def _get_clock(self) -> bytes | None:
+        """The clock record, None if absent (or if the backend keeps none)."""
+        return None
+
+    def _put_clock(self, value: bytes) -> None:
+        """Writes (overwrites) the clock record, after every write made before it."""
+
+    def _delete_clock(self) -> None:
+        """Removes the clock record if there is one."""
 
     def _flush(self) -> None:
         """Makes writes durable (no-op by default)."""

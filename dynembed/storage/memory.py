@@ -25,6 +25,7 @@ class MemoryStore(EmbeddingStore):
         self.name = f"MemoryStore(at {id(self):#x})"
         self._rows: dict[bytes, bytes] = {}
         self._meta: bytes | None = None
+        self._clock: bytes | None = None
         self._lock = threading.Lock()
 
     def _get(self, ids: np.ndarray) -> list:
@@ -55,3 +56,12 @@ class MemoryStore(EmbeddingStore):
 
     def _put_meta(self, value: bytes) -> None:
         self._meta = value
+
+    def _get_clock(self) -> bytes | None:
+        return self._clock
+
+    def _put_clock(self, value: bytes) -> None:
+        self._clock = value
+
+    def _delete_clock(self) -> None:
+        self._clock = None

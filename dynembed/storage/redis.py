@@ -14,7 +14,10 @@ Transient errors (connection refused or reset, timeouts) are retried with expone
 by redis-py's own ``Retry`` (around the cluster pipeline too, which itself retries without
 waiting), a bounded number of times, then raise
 :class:`~dynembed.errors.StoreUnavailableError`. The namespace's description record holds
-dim, optimizer width and ``shards``; a store opened with others is refused.
+dim, optimizer width and ``shards``; a store opened with others is refused. The table's clock
+record (``{namespace}:clock``) is written after the rows it describes, on the same
+connection: a standalone server applies and persists (AOF, RDB) them in that order. Redis
+Cluster keeps it on another node than most rows, with no order between nodes.
 """
 
 from __future__ import annotations
@@ -179,6 +182,7 @@ class RedisStore(EmbeddingStore):
         self._shard_bits = np.uint64(64 - shards.bit_length() + 1)
         self._keys = [f"{namespace}:{{{s:x}}}".encode() for s in range(shards)]
         self._meta_key = f"{namespace}:meta".encode()
+        self._clock_key = f"{namespace}:clock".encode()
         backoff = ExponentialBackoff(cap=backoff_cap, base=backoff_base)
         self._retry = _Retry(backoff, retries, supported_errors=(
             rex.ConnectionError, rex.TimeoutError, rex.ClusterDownError))
@@ -412,6 +416,17 @@ class RedisStore(EmbeddingStore):
         # NX: of two machines binding a new namespace at once, the first one's record wins
         # and the other checks against it
         self._send("write", [(b"SET", self._meta_key, value, b"NX")], write=True)
+
+    def _get_clock(self) -> bytes | None:
+        return self._send("read", [(b"GET", self._clock_key)], write=False)[0]
+
+    def _put_clock(self, value: bytes) -> None:
+        # with the description record's check: a server that lost the rows must not be
+        # told the table's clock as if it held them
+        self._send_rows("write", [(b"SET", self._clock_key, value)], write=True)
+
+    def _delete_clock(self) -> None:
+        self._send("write", [(b"DEL", self._clock_key)], write=True)
 
     def _layout(self) -> dict:
         return {"shards": self.shards}  # which hash holds an id depends on it

@@ -3,7 +3,8 @@
 Uses the rocksdict package in raw mode (bytes keys and values, no pickling). A batch put or
 delete is one RocksDB WriteBatch, applied atomically and logged to the write-ahead log before
 it returns, so a process killed at any moment reopens with every completed batch intact;
-:meth:`flush` also syncs the log to disk, which survives a machine crash.
+:meth:`flush` also syncs the log to disk, which survives a machine crash. The description
+and clock records live under keys of other lengths than a row's 8 bytes.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dynembed.storage.base import EmbeddingStore
 from dynembed.storage.rows import decode_ids, encode_ids
 
 _META_KEY = b"dynembed:meta"  # not 8 bytes long, so never a row's key
+_CLOCK_KEY = b"dynembed:clock"  # nor this
 _ROW_KEY_BYTES = 8
 
 
@@ -211,6 +213,21 @@ class RocksDBStore(EmbeddingStore):
 
     def _put_meta(self, value: bytes) -> None:
         self._write("write", lambda b: b.put(_META_KEY, value))
+
+    def _get_clock(self) -> bytes | None:
+        self._check_open()
+        try:
+            return self._db.get(_CLOCK_KEY)
+        except Exception as exc:
+            raise _translate(self.name, "read", exc) from exc
+
+    def _put_clock(self, value: bytes) -> None:
+        # the write-ahead log keeps writes in order and recovery replays a prefix of it, so
+        # a clock written after rows never survives a crash without them
+        self._write("write", lambda b: b.put(_CLOCK_KEY, value))
+
+    def _delete_clock(self) -> None:
+        self._write("write", lambda b: b.delete(_CLOCK_KEY))
 
     def _flush(self) -> None:
         try:

@@ -401,9 +401,16 @@ class RowLifecycle:
         return done
 
     def flush(self) -> int:
-        """Writes every row changed since it was last written to the store and makes the
-        store durable, so the store alone holds the whole table (rows of a lazily opened
-        checkpoint not read yet are moved into the store first).
+        """Writes every row changed since it was last written to the store, then the table's
+        clock (``step``, ``update_step``; not by a read-only table), and makes the store
+        durable, so the store alone holds the whole table (rows of a lazily opened
+        checkpoint not read yet are moved into the store first): a table built over it
+        later, in any process, trains on as this one would.
+
+        Rows evicted after a flush reach the store without the clock: a process that dies
+        before the next flush leaves the store's clock behind those rows (safe, see
+        :meth:`~dynembed.storage.EmbeddingStore.write_clock`), so resume exactly from a
+        flush or a checkpoint.
 
         Returns:
             Rows written (0 without a store).
@@ -417,8 +424,32 @@ class RowLifecycle:
         if self.base is not None:
             self.base.load_all(self)  # its rows go to the store (counted as writes)
         self.counters.store_writes += self.tier.write(self.tier.dirty_slots(), only_dirty=False)
-        self.tier.flush()
+        self.tier.flush(None if self.read_only else self.clock())
         return self.counters.store_writes - before
+
+    def clock(self) -> dict[str, int]:
+        """What :meth:`flush` records in the store so that a table reopened over it
+        continues: ``{"step": training lookups, "update_step": optimizer steps}``."""
+        return {"step": int(self.step), "update_step": int(self.update_step)}
+
+    def _adopt_store_clock(self) -> None:
+        """Continues from the clock recorded in the store by the last flush, so a table
+        reopened over it trains on as the one that wrote it would: Adam's bias correction
+        and Adagrad's lr decay count on, and the rows' ``last_step`` (up to that clock) are
+        compared by eviction and TTL with a step after them, not before. Never backwards
+        (the max with the table's own); a store without a clock record (new, emptied, or
+        written before stores kept one) leaves the clock as it is.
+
+        Raises:
+            StoreError: the store failed, or its clock record is damaged.
+        """
+        clock = self.tier.read_clock()
+        if clock is None:
+            return
+        self.step = max(self.step, clock["step"])
+        self.update_step = max(self.update_step, clock["update_step"])
+        if self.evictor is not None:  # as after a checkpoint: the rows' times are unknown
+            self.evictor.clock.reset(self.step)
 
     def clear_store(self) -> int:
         """Empties the store. The rows in memory stay and are marked changed, so that they

@@ -335,12 +335,15 @@ class Tier:
 
     def clear(self) -> None:
         """Empties the store (of this shard's rows, see :attr:`owned`) and forgets every
-        mark and prefetch."""
+        mark and prefetch. The clock record goes too, first (for a shard, the one its
+        ranks share): it belongs to rows no longer there, and a checkpoint restored next
+        brings an older clock, recorded at the next flush."""
         self.drain()
         self._staged = None
         if self.owned is None:
             self.store.clear()
         else:  # the ids first: a store need not allow deletes while it is scanned
+            self.store.drop_clock()
             ids = [block.ids for block in self.scan()]
             for chunk in ids:
                 self.store.delete(chunk)
@@ -363,11 +366,27 @@ class Tier:
             elif mine.any():
                 yield block.take(mine)
 
-    def flush(self) -> None:
-        """Waits for the queue and makes the store durable (a store taken over by another
-        table is that table's to flush)."""
+    def read_clock(self) -> dict[str, int] | None:
+        """The clock a table recorded in the store at its last flush (None: none). Read by
+        a table being built, before it claims the store from the table it replaces."""
+        return self._store.read_clock()
+
+    def drop_clock(self) -> None:
+        """Removes the store's clock record (see :meth:`EmbeddingStore.drop_clock`)."""
+        self.store.drop_clock()
+
+    def flush(self, clock: dict[str, int] | None = None) -> None:
+        """Waits for the queue, records ``clock`` (if given) after every row, and makes the
+        store durable (a store taken over by another table is that table's to flush).
+
+        Args:
+            clock: the table's ``{"step", "update_step"}``; None records nothing (a
+                read-only table, which must not move the clock of the table training it).
+        """
         self.drain()
         if self.owns_store:
+            if clock is not None:  # after the rows: never a clock ahead of them
+                self._store.write_clock(clock)
             self._store.flush()
 
     def close(self) -> None:

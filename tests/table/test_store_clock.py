@@ -1,0 +1,269 @@
+"""A table's clock (``step``, ``update_step``) travels with its rows through the store: a
+table reopened over a flushed store trains on as the one that wrote it would have.
+
+It once restarted at step 0: Adam's bias correction and Adagrad's lr decay began again (the
+next Adam update of trained rows was 41% larger than in-process continuation), and rows
+carried ``last_step`` values ahead of the new table's clock, so TTL never expired them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import redis
+import rocksdict
+import torch
+
+import dynembed as de
+from dynembed.storage import RedisStore, RocksDBStore
+from dynembed.table.index import EMPTY
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+KEYS = ["a", "b", "c", "d"]
+_namespaces = itertools.count()
+
+
+def _emb(optimizer, store=None, **kwargs) -> de.DynamicEmbedding:
+    return de.DynamicEmbedding(dim=4, optimizer=optimizer, seed=2, store=store, **kwargs)
+
+
+def _train(emb, steps: int, keys=KEYS) -> None:
+    for _ in range(steps):
+        emb(keys).pow(2).sum().backward()
+
+
+def _rows(emb) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights and optimizer state of KEYS (brought into memory if stored only)."""
+    table = emb.table
+    table.find_or_insert(KEYS)  # reads stored rows in; creates none (all exist)
+    slots = table.index.find(table.ids_of(KEYS).ids)
+    index = torch.from_numpy(slots)
+    return table.arena.weights[index].clone(), table.arena.state[index].clone()
+
+
+def _assert_same_rows(got, want) -> None:
+    for a, b in zip(got, want):
+        assert torch.equal(a, b), (a - b).abs().max()
+
+
+class _Backend:
+    """Opens the same store (a RocksDB directory or a Redis namespace) again and again."""
+
+    def __init__(self, kind: str, tmp_path, request) -> None:
+        self.kind = kind
+        self.path = tmp_path / "db"
+        self.namespace = f"clock{next(_namespaces)}"
+        self.url = request.getfixturevalue("redis_server").url if kind == "redis" else None
+
+    def open(self):
+        if self.kind == "rocksdb":
+            return RocksDBStore(self.path)
+        return RedisStore(self.url, namespace=self.namespace, shards=4)
+
+    def remove_clock_record(self) -> None:
+        """What a store written before stores kept a clock looks like: the raw record
+        removed with the backend's own client (the store must be closed)."""
+        if self.kind == "rocksdb":
+            db = rocksdict.Rdict(str(self.path), rocksdict.Options(raw_mode=True))
+            try:
+                assert db.get(b"dynembed:clock") is not None
+                db.delete(b"dynembed:clock")
+            finally:
+                db.close()
+        else:
+            client = redis.Redis.from_url(self.url)
+            try:
+                assert client.delete(f"{self.namespace}:clock".encode()) == 1
+            finally:
+                client.close()
+
+
+@pytest.fixture(params=["rocksdb", "redis"])
+def backend(request, tmp_path) -> _Backend:
+    return _Backend(request.param, tmp_path, request)
+
+
+_TRAIN_AND_FLUSH = """
+    import os
+    import dynembed as de
+    emb = de.DynamicEmbedding(dim=4, optimizer=de.optim.Adam(lr=0.01), seed=2,
+                              store=de.storage.RocksDBStore({path!r}))
+    for _ in range(50):
+        emb({keys!r}).pow(2).sum().backward()
+    emb.table.flush()
+    print(emb.table.step, emb.table.update_step, flush=True)
+    os._exit(0)  # no close(): the flush alone must leave the store complete
+"""
+
+
+def test_adam_reopened_in_another_process_continues_bit_exactly(tmp_path):
+    """The README's journey: train, flush, reopen the store in another process."""
+    path = str(tmp_path / "db")
+    code = textwrap.dedent(_TRAIN_AND_FLUSH.format(path=path, keys=KEYS))
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["50", "50"]
+    # in-process continuation, the reference
+    continued = _emb(de.optim.Adam(lr=0.01), RocksDBStore(tmp_path / "ref"))
+    _train(continued, 50)
+    continued.table.flush()
+    reopened = _emb(de.optim.Adam(lr=0.01), RocksDBStore(path))
+    assert (reopened.table.step, reopened.table.update_step) == (50, 50)
+    _assert_same_rows(_rows(reopened), _rows(continued))  # the store held every row
+    for _ in range(3):
+        _train(continued, 1)
+        _train(reopened, 1)
+        _assert_same_rows(_rows(reopened), _rows(continued))
+    assert (reopened.table.step, reopened.table.update_step) == (53, 53)
+    continued.table.close()
+    reopened.table.close()
+
+
+def test_adagrad_lr_decay_continues_after_close_and_reopen(backend):
+    def adagrad():
+        return de.optim.Adagrad(lr=0.1, lr_decay=0.5)
+
+    continued = _emb(adagrad())
+    _train(continued, 20)
+    writer = _emb(adagrad(), backend.open())
+    _train(writer, 20)
+    writer.table.close()  # close flushes: rows, then the clock
+    reopened = _emb(adagrad(), backend.open())
+    assert (reopened.table.step, reopened.table.update_step) == (20, 20)
+    _train(continued, 5)
+    _train(reopened, 5)
+    _assert_same_rows(_rows(reopened), _rows(continued))
+    reopened.table.close()
+
+
+def test_a_store_without_a_clock_record_opens_at_step_0_and_gets_one_at_the_next_flush(
+        backend):
+    """A store written before stores kept a clock keeps working."""
+    writer = _emb(de.optim.Adam(lr=0.01), backend.open())
+    _train(writer, 10)
+    trained = _rows(writer)
+    writer.table.close()
+    backend.remove_clock_record()
+    old = _emb(de.optim.Adam(lr=0.01), backend.open())
+    assert (old.table.step, old.table.update_step) == (0, 0)
+    assert old.table.tier.store.read_clock() is None
+    _assert_same_rows(_rows(old), trained)  # its rows read as before
+    _train(old, 3)
+    old.table.flush()
+    assert old.table.tier.store.read_clock() == {"step": 3, "update_step": 3}
+    old.table.close()
+    again = _emb(de.optim.Adam(lr=0.01), backend.open())
+    assert (again.table.step, again.table.update_step) == (3, 3)
+    again.table.close()
+
+
+def test_a_checkpoint_restored_over_a_store_brings_its_own_clock(backend, tmp_path):
+    """The checkpoint's clock wins over the one the store recorded since."""
+    reference = _emb(de.optim.Adam(lr=0.01))
+    _train(reference, 20)
+    writer = _emb(de.optim.Adam(lr=0.01), backend.open())
+    _train(writer, 20)
+    de.checkpoint.save(tmp_path / "ck", writer)
+    _train(writer, 30)
+    writer.table.close()  # the store's clock: 50
+    restored = _emb(de.optim.Adam(lr=0.01), backend.open())
+    assert restored.table.step == 50
+    de.checkpoint.load(tmp_path / "ck", restored)
+    assert (restored.table.step, restored.table.update_step) == (20, 20)
+    # until the next flush the store has no clock rather than one ahead of its rows
+    assert restored.table.tier.store.read_clock() is None
+    _train(reference, 1)
+    _train(restored, 1)
+    _assert_same_rows(_rows(restored), _rows(reference))
+    restored.table.close()
+    reopened = _emb(de.optim.Adam(lr=0.01), backend.open())
+    assert (reopened.table.step, reopened.table.update_step) == (21, 21)
+    _train(reference, 2)
+    _train(reopened, 2)
+    _assert_same_rows(_rows(reopened), _rows(reference))
+    reopened.table.close()
+
+
+def test_load_state_dict_over_a_store_never_leaves_its_clock_ahead_of_the_rows(
+        redis_server):
+    """Between the load and the next flush, another process opening the namespace must not
+    see the store's newer clock over the state's older rows."""
+    namespace = f"clock{next(_namespaces)}"
+
+    def store():
+        return RedisStore(redis_server.url, namespace=namespace, shards=4)
+
+    emb = _emb(de.optim.Adam(lr=0.01), store())
+    _train(emb, 20)
+    state = emb.table.state_dict()
+    _train(emb, 30)
+    emb.table.flush()
+    assert store().read_clock() == {"step": 50, "update_step": 50}
+    emb.table.load_state_dict(state)
+    assert store().read_clock() is None  # the rows are step 20's: no clock of step 50
+    emb.table.flush()
+    assert store().read_clock() == {"step": 20, "update_step": 20}
+    reopened = _emb(de.optim.Adam(lr=0.01), store())
+    assert (reopened.table.step, reopened.table.update_step) == (20, 20)
+    emb.table.close()
+    reopened.table.close()
+
+
+def test_a_state_dict_that_does_not_load_keeps_the_stores_clock(redis_server):
+    namespace = f"clock{next(_namespaces)}"
+    emb = _emb(de.optim.Adam(lr=0.01),
+               RedisStore(redis_server.url, namespace=namespace, shards=4))
+    _train(emb, 5)
+    emb.table.flush()
+    state = emb.table.state_dict()
+    state["weights"] = state["weights"][:, :2]  # another dim
+    with pytest.raises(de.StateDictError):
+        emb.table.load_state_dict(state)
+    assert emb.table.tier.store.read_clock() == {"step": 5, "update_step": 5}
+    emb.table.close()
+
+
+def test_a_read_only_table_reads_the_clock_and_never_writes_it(redis_server):
+    """A serving table over the namespace its trainer writes must not move the clock."""
+    namespace = f"clock{next(_namespaces)}"
+
+    def store():
+        return RedisStore(redis_server.url, namespace=namespace, shards=4)
+
+    trainer = _emb(de.optim.Adam(lr=0.01), store())
+    _train(trainer, 30)
+    trainer.table.flush()
+    server = _emb(de.optim.Adam(lr=0.01), store(), read_only=True)
+    assert server.table.step == 30
+    _train(trainer, 10)
+    trainer.table.flush()
+    server.table.flush()
+    server.table.close()  # closing flushes too
+    assert store().read_clock() == {"step": 40, "update_step": 40}
+    trainer.table.close()
+
+
+def test_ttl_counts_from_the_reopened_clock(tmp_path):
+    """Rows keep their last_step in the store; the reopened table's clock continues past
+    them, so TTL(steps=) expires a row as the table that wrote it would have."""
+    def make():
+        return _emb(de.optim.SGD(lr=0.1), RocksDBStore(tmp_path / "db"),
+                    eviction=de.policy.TTL(steps=10))
+
+    emb = make()
+    _train(emb, 1, ["old", "new"])
+    _train(emb, 29, ["new"])  # step 30: "old" was last seen 29 steps ago
+    emb.table.close()
+    reopened = make()
+    assert reopened.table.step == 30
+    reopened.table.find_or_insert(["old", "new"])  # into memory, metadata as stored
+    assert reopened.table.evict() == 1  # "old" expired, "new" (seen at step 30) not
+    assert reopened.table.index.find(reopened.table.ids_of(["new"]).ids)[0] != EMPTY
+    assert reopened.table.contains(["old"]).item()  # evicted to the store, not lost
+    reopened.table.close()
