@@ -354,7 +354,9 @@ def _export(args) -> int:
             latest = Path(found[-1]["path"])
         checkpoint = latest
     try:  # strict: every table and weight of the model must be there
-        load(checkpoint, model)
+        # a factory may build the tables without the admission policy they trained with:
+        # the package's tables never admit keys, so that state is dropped without a warning
+        load(checkpoint, model, dropped=("admission",))
     except CheckpointError as e:
         raise ValueError(f"--checkpoint {checkpoint} does not fit the model --factory "
                          f"{args.factory} builds: "

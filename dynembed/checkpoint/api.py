@@ -359,11 +359,15 @@ def _lazy_rows(chain: list[tuple[Path, dict]], name: str, buckets: range, table:
     return LazyRows(layers, buckets, table.dim, table.arena.state_width)
 
 
+DROPPABLE = ("admission", "key_log")
+"""The table state :func:`load` may drop without a warning (its ``dropped``)."""
+
+
 def load(path: str | os.PathLike, model: nn.Module | None = None,
          optimizer: torch.optim.Optimizer | None = None, *,
          tables: dict[str, DynamicTable] | None = None, lazy: bool = False,
          background_rows: int = 0, rank: int = 0, world_size: int = 1, strict: bool = True,
-         chunk_rows: int = DEFAULT_CHUNK_ROWS) -> dict | None:
+         chunk_rows: int = DEFAULT_CHUNK_ROWS, dropped: tuple[str, ...] = ()) -> dict | None:
     """Restores a checkpoint (base plus deltas) into ``model``, ``optimizer`` and ``tables``.
 
     Args:
@@ -380,6 +384,11 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
             ``placement="replicated"`` take every bucket).
         strict: every table and dense parameter must be in the checkpoint.
         chunk_rows: rows loaded at a time (bounds the extra memory of an eager load).
+        dropped: state among :data:`DROPPABLE` that tables built without a place for it
+            drop quietly. Otherwise such state warns (a table built without
+            ``key_log=True`` or an admission policy by mistake); the library's own loads
+            into tables built so on purpose (a model package's read-only tables admit no
+            keys) pass ``("admission",)``.
 
     Returns:
         The ``extra`` dict given to :func:`save` (None if none).
@@ -390,8 +399,12 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
         CheckpointError: a table is not in the checkpoint or does not fit it; with
             ``strict``, the checkpoint holds no dense state for a model that has some, or
             no optimizer state for ``optimizer``.
-        ValueError: a bad ``rank``/``world_size``, ``background_rows`` or ``chunk_rows``.
+        ValueError: a bad ``rank``/``world_size``, ``background_rows``, ``chunk_rows`` or
+            ``dropped``.
     """
+    unknown = sorted(set(dropped) - set(DROPPABLE))
+    if unknown:
+        raise ValueError(f"dropped must name state among {list(DROPPABLE)}, got {unknown}")
     _check_rank(rank, world_size)
     _checkpoint_path(path)
     check_restore_options(lazy, background_rows)
@@ -437,7 +450,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
             and r.start < table_buckets.stop and table_buckets.start < r.stop]
         layers = _lazy_rows(chain, name, table_buckets, table, strict=True).layers
         check_fits(table, layers)
-        aux = _decoded_aux(name, table, folder, auxes[own], others, admissions)
+        aux = _decoded_aux(name, table, folder, auxes[own], others, admissions, dropped)
         if not _replicated(table) and manifest["world_size"] != world_size:
             # each shard counted its own keys: the job's counters are their sum, which
             # the rank of bucket 0 takes (one shard's, or the total on every rank, lied)
@@ -490,19 +503,20 @@ def _check_dense_saved(model: nn.Module | None, optimizer: torch.optim.Optimizer
 
 
 def _decoded_aux(name: str, table: DynamicTable, folder: Path, aux: dict, others: list,
-                 admissions: list):
+                 admissions: list, dropped: tuple[str, ...]):
     """The table's aux state decoded (so a mismatch fails before any table changes).
 
-    Warns about a key log / admission state the table has no place for (dropped).
+    Warns about a key log / admission state the table has no place for (dropped), unless
+    the caller drops that state on purpose (named in ``dropped``).
 
     Raises:
         CheckpointError: the key log or admission state does not fit the table.
     """
-    unused = sorted({k.split(".")[0] for k in table.unused_state_keys(aux)})
+    unused = sorted({k.split(".")[0] for k in table.unused_state_keys(aux)} - set(dropped))
     if unused:  # a warning, not an error: a job may resume with an option turned off
         warnings.warn(f"table {name!r} of checkpoint {folder} holds {unused} state that this "
                       "table has no place for (built without key_log=True / an admission "
-                      "policy?); it is not loaded", stacklevel=3)
+                      "policy?); it is not loaded", stacklevel=4)
     try:
         return table.read_aux_state(aux, others, admissions)
     except StateDictError as e:

@@ -17,7 +17,12 @@ import time
 import orjson
 
 from dynembed.serving.handler import InputError
-from dynembed.serving.inference_api import check_json_body, parse_json, read_within
+from dynembed.serving.inference_api import (
+    check_json_body,
+    exact_input_error,
+    parse_json,
+    read_within,
+)
 from dynembed.serving.registry import ServingError, bad_request
 
 logger = logging.getLogger(__name__)
@@ -59,23 +64,22 @@ class FastPredictions:
     async def _predict(self, route, scope, receive, send) -> None:
         kind, name, version = route
         started = time.perf_counter()
-        entry, status, body = None, 500, None
+        entry, status, body, raw = None, 500, None, b""
         try:
             entry = self.api.registry.get(name, version)
-            data = await read_within(self._read(scope, receive), entry.response_timeout_s)
+            raw, form = await read_within(self._read(scope, receive), entry.response_timeout_s)
+            data = parse_json(raw, form)
+            entry, results = await self.api._run(entry, _examples(kind, data), version)
             if kind == "kserve":
-                if not isinstance(data, dict) or not isinstance(data.get("instances"), list):
-                    raise bad_request('KServe v1 requests are {"instances": [example, ...]}')
-                entry, results = await self.api._run(entry, data["instances"], version)
                 body = orjson.dumps({"predictions": results})
             else:
-                single = isinstance(data, dict)
-                entry, results = await self.api._run(entry, [data] if single else data,
-                                                     version)
-                body = orjson.dumps(results[0] if single else results)
+                body = orjson.dumps(results[0] if isinstance(data, dict) else results)
             status = 200
         except InputError as e:
-            status, body = 400, _error(400, "BadRequestException", str(e))
+            refused = entry  # the version that validated it (_run leaves entry as it was)
+            exact = exact_input_error(e, raw, lambda data: refused.handler.validate(
+                _examples(kind, data)))
+            status, body = 400, _error(400, "BadRequestException", str(exact))
         except ServingError as e:
             status, body = e.status, _error(e.status, e.kind, e.message)
         except Exception as e:
@@ -88,7 +92,9 @@ class FastPredictions:
             self.api.metrics.on_request(entry.name, entry.version, status,
                                         time.perf_counter() - started)
 
-    async def _read(self, scope, receive):
+    async def _read(self, scope, receive) -> tuple[bytes, bool]:
+        """The request body, and whether it is labelled URL-encoded (for
+        :func:`~dynembed.serving.inference_api.parse_json`)."""
         limit, form = self.api.max_request_bytes, False
         for key, value in scope["headers"]:
             if key == b"content-type":
@@ -110,7 +116,21 @@ class FastPredictions:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        return parse_json(b"".join(chunks), form)
+        return b"".join(chunks), form
+
+
+def _examples(kind: str, data):
+    """The examples of a request's JSON: a KServe v1 body's instances, else the body (one
+    example or a list; the handler's validation refuses anything else).
+
+    Raises:
+        ServingError: 400 for a KServe v1 body without a list of instances.
+    """
+    if kind == "kserve":
+        if not isinstance(data, dict) or not isinstance(data.get("instances"), list):
+            raise bad_request('KServe v1 requests are {"instances": [example, ...]}')
+        return data["instances"]
+    return [data] if isinstance(data, dict) else data
 
 
 def _error(status: int, kind: str, message: str) -> bytes:

@@ -44,9 +44,11 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 def _check_key(value, kind: str, where: str) -> None:
     if kind == "int64":
-        if isinstance(value, bool) or not isinstance(value, int) or not \
-                _INT64_MIN <= value <= _INT64_MAX:
+        if isinstance(value, bool) or not isinstance(value, int):
             raise InputError(f"{where} must be an int64 key, got {value!r}")
+        if not _INT64_MIN <= value <= _INT64_MAX:
+            raise InputError(f"{where} must be an int64 key, got {value}, outside the int64 "
+                             "range [-2**63, 2**63 - 1]")
     elif not isinstance(value, str):
         hint = ("; the package declares this feature's keys as strings (export_package's "
                 "default): a model trained on int ids is exported with feature_types="

@@ -15,7 +15,9 @@ TorchServe-style errors are ``{"code", "type", "message"}``; v2 errors are ``{"e
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
 import time
 import uuid
 
@@ -98,8 +100,42 @@ def parse_json(body: bytes, form: bool):
         raise bad_request(f"the request body is not valid JSON: {e}") from None
 
 
-async def read_json(request: Request, limit: int):
-    """The request's JSON body.
+_LONG_INTEGER = re.compile(rb"\d{19}")
+"""Digits of an integer orjson may have read as a float (it reads one outside
+[-2**63, 2**64) as the nearest float; the shortest such one has 19 digits)."""
+
+
+def exact_input_error(error: InputError, body: bytes, validate) -> InputError:
+    """The error that ``validate(data)`` raises for ``body`` read with every integer exact.
+
+    orjson reads an integer outside [-2**63, 2**64) as the nearest float, so a key of 2**70
+    was refused as ``1.1805916207174113e+21``, a number the client never sent. Only here,
+    for a request refused anyway, is the body read again by the standard library (which
+    keeps integers exact) and validated again, for a message that shows what was sent:
+    requests that pass validation keep orjson's speed.
+
+    Args:
+        error: what validating orjson's reading of ``body`` raised.
+        body: the request body (valid JSON: orjson read it).
+        validate: validates parsed request JSON as the request's path does.
+
+    Returns:
+        The exact reading's InputError, or ``error`` where the body holds no integer
+        orjson may have changed or the exact reading raises no InputError.
+    """
+    if not _LONG_INTEGER.search(body):
+        return error
+    try:
+        validate(json.loads(body))
+    except InputError as exact:
+        return exact
+    except Exception:  # noqa: BLE001 - e.g. RecursionError at a nesting orjson takes
+        return error
+    return error
+
+
+async def read_json(request: Request, limit: int) -> tuple[bytes, object]:
+    """The request's body and its JSON.
 
     Raises:
         ServingError: 413 over ``limit`` bytes, 400 not JSON.
@@ -118,7 +154,8 @@ async def read_json(request: Request, limit: int):
                                    f"request body is over the limit of {limit} bytes")
     except ClientDisconnect:  # the client's doing, as on the fast path: not a 500
         raise bad_request("the client went away before sending the whole body") from None
-    return parse_json(bytes(body), form)
+    body = bytes(body)
+    return body, parse_json(body, form)
 
 
 async def _submit(entry, examples: list) -> list:
@@ -266,18 +303,21 @@ class InferenceAPI:
         """Open Inference Protocol predictions (the TorchServe-style paths are answered by
         :class:`~dynembed.serving.fast_path.FastPredictions`)."""
         started = time.perf_counter()
-        entry, status = None, 500
+        entry, status, body = None, 500, b""
         try:
             entry = self._entry(request)
-            data = await read_within(read_json(request, self.max_request_bytes),
-                                     entry.response_timeout_s)
+            body, data = await read_within(read_json(request, self.max_request_bytes),
+                                           entry.response_timeout_s)
             entry, results = await self._run(entry, _v2_examples(data, entry),
                                              request.path_params.get("version"))
             status = 200
             return _v2_response(results, entry, data)
         except InputError as e:
             status = 400
-            return error_response(bad_request(str(e)), v2=True)
+            refused = entry  # the version that validated it (_run leaves entry as it was)
+            exact = exact_input_error(e, body, lambda data: refused.handler.validate(
+                _v2_examples(data, refused)))
+            return error_response(bad_request(str(exact)), v2=True)
         except ServingError as e:
             status = e.status
             return error_response(e, v2=True)

@@ -435,11 +435,15 @@ def load_tables(embeddings: EmbeddingCollection, checkpoint: str | os.PathLike, 
 
     The checkpoint may be the package's own or one of the training job's (its tables named
     by their path in the model, e.g. ``embeddings.tables.user``). The tables' counters start
-    at zero: they count what serving does, not what training did.
+    at zero: they count what serving does, not what training did. The checkpoint's
+    admission state is not loaded (serving tables admit nothing), without a warning.
     """
     saved = list(checkpoint_manifest.read(checkpoint)["tables"])
     tables = _checkpoint_names(dict(embeddings.tables), saved, checkpoint)
-    load(checkpoint, tables=tables, lazy=not preload, strict=False)
+    # serving tables are built without an admission policy on purpose (read-only, they
+    # admit nothing): the training job's admission state is dropped without a warning,
+    # which would name a table option the user has no say in here
+    load(checkpoint, tables=tables, lazy=not preload, strict=False, dropped=("admission",))
     for table in tables.values():
         table.reset_stats()
 

@@ -16,6 +16,7 @@ With ``processes > 1`` replica processes answer the inference port too (see
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -109,7 +110,8 @@ class ServerConfig:
     """torch's intra-op threads (and dynembed's kernels'). Serving runs many small batches
     on several workers, where parallel ops only contend for cores (measured: 8x slower
     batches with 2 threads on 2 busy cores); 1 is best unless batches are large and
-    workers few."""
+    workers few. Set for the whole process while the server serves, and set back to the
+    previous values when it stops."""
 
     def __post_init__(self) -> None:
         for name in ("inference_address", "management_address", "metrics_address"):
@@ -268,8 +270,34 @@ async def _internal_error(request: Request, exc) -> Response:
                         status_code=500)
 
 
+@contextlib.contextmanager
+def _serving_threads(threads: int):
+    """torch's intra-op threads and dynembed's kernel threads set to ``threads`` (dynembed's
+    at most its current count) for the block, and the previous settings given back after.
+
+    Both settings are the whole process's: kept after serving, they slowed down the
+    training or evaluation that a process runs on after a server it started has stopped.
+    """
+    before = torch.get_num_threads(), get_num_threads()
+    torch.set_num_threads(threads)
+    set_num_threads(min(threads, before[1]))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        set_num_threads(before[1])
+
+
 class ModelServer:
     """The model server.
+
+    Constructing one changes nothing in the process. While it serves (:meth:`run` or
+    :meth:`serve`, until they return after :meth:`shutdown` or a signal) torch's intra-op
+    threads and dynembed's kernel threads are ``config.torch_threads`` (see
+    :attr:`ServerConfig.torch_threads`); both are process-wide (torch's for the thread that
+    serves and every thread that runs its first torch op meanwhile, as the handlers'
+    workers do), so other work in the process may run on them while the server serves.
+    They are set back to what they were when serving ends.
 
     Args:
         config: the :class:`ServerConfig`.
@@ -280,8 +308,6 @@ class ModelServer:
     def __init__(self, config: ServerConfig, *, replica: bool = False) -> None:
         self.config, self.replica = config, replica
         self.replicas: Replicas | None = None
-        torch.set_num_threads(config.torch_threads)
-        set_num_threads(min(config.torch_threads, get_num_threads()))  # dynembed's kernels
         self.registry = Registry(config.model_store,
                                  allow_custom_handlers=config.allow_custom_handlers,
                                  job_queue_size=config.job_queue_size)
@@ -494,7 +520,8 @@ class ModelServer:
                                 limit_concurrency=None, backlog=2048, access_log=False,
                                 proxy_headers=False, server_header=False, date_header=False)
         self._server = _Server(config, self._give_up, grace)
-        await self._server.serve(sockets=list(self.sockets.values()))
+        with _serving_threads(self.config.torch_threads):
+            await self._server.serve(sockets=list(self.sockets.values()))
 
     async def _give_up(self) -> None:
         """Abandons the batches still in the handlers when the graceful timeout ran out:
@@ -505,7 +532,9 @@ class ModelServer:
         await self.registry.close(_ABANDON_WAIT_S)
 
     def shutdown(self) -> None:
-        """Asks a running :meth:`serve` to stop (graceful)."""
+        """Asks a running :meth:`serve` to stop (graceful). It returns once the accepted
+        requests are answered and the workers stopped, with the process's thread settings
+        as they were before it started."""
         if self._server is not None:
             self._server.should_exit = True
 
@@ -513,13 +542,18 @@ class ModelServer:
         """Blocking :meth:`serve` (or ``main()``), on uvloop where it is installed (its
         transports write in C: measured 10-20% more requests/s than asyncio's loop under
         load)."""
-        coroutine = self.serve() if main is None else main()
         try:
             import uvloop
         except ImportError:
-            asyncio.run(coroutine)
-        else:
-            uvloop.run(coroutine)
+            uvloop = None
+        # the serving threads from the start: a replica's main loads its models before
+        # it serves, and those loads run on the server's settings too
+        with _serving_threads(self.config.torch_threads):
+            coroutine = self.serve() if main is None else main()
+            if uvloop is None:
+                asyncio.run(coroutine)
+            else:
+                uvloop.run(coroutine)
 
 
 def replica_main(config: ServerConfig, keys: dict, pipe, number: int) -> None:

@@ -69,7 +69,14 @@ class TableConfig:
     """Keep id -> original string for string keys, to list and export real keys. In a
     distributed job each rank logs the strings it looked up, not those of the rows it
     holds; checkpoints merge every rank's log, so a restored table (and ``dynembed
-    inspect``) has them all, while a live shard may show None for keys other ranks sent."""
+    inspect``) has them all, while a live shard may show None for keys other ranks sent.
+
+    The log is a Python dict in process memory, outside ``memory_budget`` / ``max_rows``
+    and not counted by ``stats()``: about 140 bytes plus the key's length per key (some
+    200 bytes for 50-character keys). Without a store, rows evicted to stay within the
+    budget take their keys out of the log; with a ``store`` evicted rows stay in the table
+    (in the store), so the log keeps every key the table ever logged however small the
+    memory budget. It is also saved whole in every checkpoint."""
     initial_capacity: int = 0
     """Rows to reserve up front (the table grows on demand anyway)."""
     device: str = "cpu"

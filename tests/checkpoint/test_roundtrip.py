@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -259,6 +261,26 @@ def test_a_load_warns_about_state_the_table_has_no_place_for(tmp_path):
     with pytest.warns(UserWarning, match=r"holds \['admission', 'key_log'\] state .*not loaded"):
         de.checkpoint.load(tmp_path / "c", plain)
     assert len(plain.table) == 2
+
+
+def test_load_with_dropped_is_quiet_only_about_the_state_it_names(tmp_path):
+    """The library's own loads into tables built without admission on purpose (serving's)
+    drop that state quietly; any other unused state still warns."""
+    logged = de.DynamicEmbedding(dim=2, key_log=True,
+                                 admission=de.policy.BloomAdmission(expected_keys=1000))
+    for _ in range(3):
+        logged(["cat", "dog"])
+    de.checkpoint.save(tmp_path / "c", logged)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet = de.DynamicEmbedding(dim=2, key_log=True)
+        de.checkpoint.load(tmp_path / "c", quiet, dropped=("admission",))
+    assert len(quiet.table) == 2
+    plain = de.DynamicEmbedding(dim=2)
+    with pytest.warns(UserWarning, match=r"holds \['key_log'\] state .*not loaded"):
+        de.checkpoint.load(tmp_path / "c", plain, dropped=("admission",))
+    with pytest.raises(ValueError, match="dropped must name state among"):
+        de.checkpoint.load(tmp_path / "c", plain, dropped=("rows",))
 
 
 def test_a_table_built_over_a_store_object_takes_it_over(tmp_path):

@@ -265,6 +265,40 @@ def build_other():
                                         features={"x": "other"}), torch.nn.Linear(2, 1))
 
 
+def _small(admission=None) -> Model:
+    import dynembed as de
+    torch.manual_seed(0)
+    return Model(de.EmbeddingCollection(
+        tables={"t": de.TableConfig(dim=2, seed=1, admission=admission)},
+        features={"x": "t"}), torch.nn.Linear(2, 1))
+
+
+def build_without_admission():
+    """The trained model's tables without their admission policy (of no use to serving)."""
+    return _small()
+
+
+def test_export_of_a_checkpoint_with_admission_state_does_not_warn(tmp_path):
+    """Exporting a job whose tables admitted keys warned that the tables were 'built
+    without ... an admission policy?': a package's tables never admit keys, so that state
+    is dropped on purpose, and the warning blamed the user for it."""
+    import dynembed as de
+
+    trained = _small(de.policy.BloomAdmission(expected_keys=100))
+    for _ in range(2):  # admitted when seen again
+        trained.embeddings({"x": ["a", "b"]})
+    assert len(trained.embeddings.tables["t"]) == 2
+    de.checkpoint.save(tmp_path / "ckpt", trained)
+    factory = "tests.cli.test_errors:build_without_admission"
+    result = _dynembed("export", "--factory", factory, "--checkpoint", str(tmp_path / "ckpt"),
+                       "--name", "m", "--out", str(tmp_path / "m-1.0"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Warning" not in result.stderr and "no place for" not in result.stderr, \
+        result.stderr[-2000:]
+    package = de.serving.open_package(tmp_path / "m-1.0", preload=True)
+    assert len(package.embeddings.tables["t"]) == 2  # the rows, without the admission state
+
+
 def _save_one(path):
     import dynembed as de
     table = de.DynamicTable(de.TableConfig(dim=2))

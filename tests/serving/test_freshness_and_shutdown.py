@@ -253,3 +253,44 @@ def test_a_model_served_under_another_name_follows_checkpoints_by_that_name(tmp_
             in metrics
     finally:
         server.stop()
+
+
+def _torch_threads_of_a_new_thread() -> int:
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    thread.start()
+    thread.join(30)
+    return seen[0]
+
+
+def test_a_server_sets_its_threads_while_it_serves_and_gives_them_back(store):
+    """ModelServer(config) set torch's and dynembed's kernel threads to torch_threads for
+    good: training or evaluation in the same process ran on 1 thread after the server
+    stopped. Constructing one changes nothing now; serving sets them, stopping restores."""
+    import numba
+
+    folder, _ = store
+    saved = torch.get_num_threads(), de.get_num_threads()
+    kernels = min(2, numba.config.NUMBA_NUM_THREADS)
+    torch.set_num_threads(2)
+    de.set_num_threads(kernels)
+    try:
+        server = start_server(folder, models={"ctr": "ctr-1.0"}, torch_threads=1)
+        try:
+            # torch's setting is per thread once a thread ran an op: a new thread (as the
+            # handlers' workers are) starts on the one set last
+            assert (_torch_threads_of_a_new_thread(), de.get_num_threads()) == (1, 1)
+            answer = httpx.post(server.inference + "/predictions/ctr", json=examples(2),
+                                timeout=30)
+            assert answer.status_code == 200, answer.text
+        finally:
+            server.stop()
+        assert (torch.get_num_threads(), de.get_num_threads()) == (2, kernels)
+        assert _torch_threads_of_a_new_thread() == 2
+        constructed = de.serving.ModelServer(de.serving.ServerConfig(
+            model_store=str(folder), key_file=None, torch_threads=1))
+        assert constructed.registry.models == {}
+        assert (torch.get_num_threads(), de.get_num_threads()) == (2, kernels)
+    finally:
+        torch.set_num_threads(saved[0])
+        de.set_num_threads(saved[1])

@@ -129,6 +129,32 @@ def test_predictions_refuse_bad_inputs_naming_the_feature(server):
     assert "feature_types={feature: 'int64'}" in message
 
 
+def test_a_key_past_64_bits_is_named_as_sent(server):
+    """orjson reads an integer outside [-2**63, 2**64) as a float: a key of 2**70 was
+    refused as 'got 1.1805916207174113e+21', which the client never sent (and 2**70 + 1
+    read the same). The error shows the integer exactly, on every prediction path."""
+    good = _ids_examples(1, seed=61)[0]
+    for key in (2**70 + 1, -(2**63) - 1, 2**64, 2**63):
+        for path, body in (("/predictions/ids", {**good, "user": key}),
+                           ("/predictions/ids", [good, {**good, "user": key}]),
+                           ("/v1/models/ids:predict", {"instances": [{**good, "user": key}]})):
+            message = torchserve_error(_post(server, path, json=body), 400,
+                                       "BadRequestException")
+            assert f"feature 'user' must be an int64 key, got {key}, outside" in message, \
+                (path, message)
+        bad = _replace(_v2_body([good]), "user", data=[key])
+        message = _v2_error(_post(server, "/v2/models/ids/infer", json=bad), 400)
+        assert f"feature 'user' must be an int64 key, got {key}, outside" in message
+    # a string feature given such a number, and a float sent as one, shown as sent
+    message = torchserve_error(_post(server, "/predictions/ids",
+                                     json={**good, "item": 2**70 + 1}), 400)
+    assert f"feature 'item' must be a string key, got {2**70 + 1};" in message
+    message = torchserve_error(_post(server, "/predictions/ids",
+                                     content=b'{"user": 1e21, "item": "i1", "tags": []}',
+                                     headers={"content-type": "application/json"}), 400)
+    assert "feature 'user' must be an int64 key, got 1e+21" in message
+
+
 # ---------------------------------------------------------------------- KServe v1
 def test_kserve_v1_predict_and_model_status(server):
     batch = examples(5, seed=31)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -312,4 +313,30 @@ def test_a_batch_still_running_on_swapped_out_tables_is_counted(exported):
     assert handler.table_stats()["user"]["misses"] == 6
     handler.refresh(exported / "tables")  # a second refresh keeps them
     assert handler.table_stats()["user"]["misses"] == 6
+
+
+def test_tables_that_admitted_keys_open_and_refresh_without_a_warning(tmp_path):
+    """Every open and every followed checkpoint of a model whose tables had an admission
+    policy warned that the tables were 'built without ... an admission policy?': serving
+    tables are built without one on purpose (they admit nothing), so the warning blamed the
+    user for the library's choice."""
+    import dynembed as de
+
+    coll = de.EmbeddingCollection(tables={"t": de.TableConfig(
+        dim=2, seed=1, optimizer=de.optim.SGD(lr=0.1), key_log=True,
+        admission=de.policy.BloomAdmission(expected_keys=100))})
+    for _ in range(2):  # admitted when seen again
+        coll({"t": ["a", "b"]})
+    assert len(coll.tables["t"]) == 2
+    path = export_package(tmp_path / "m-1.0", embeddings=coll, dense=nn.Linear(2, 1),
+                          name="m", version="1.0")
+    de.checkpoint.save(tmp_path / "job", nn.ModuleDict({"embeddings": coll}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lazy, eager = open_package(path), open_package(path, preload=True)
+        handler = EmbeddingModelHandler(eager)
+        handler.refresh(tmp_path / "job")  # a followed training checkpoint
+    assert len(eager.embeddings.tables["t"]) == 2
+    assert len(handler.embeddings.tables["t"]) == 2
+    assert handler.predict([{"t": "a"}]) == EmbeddingModelHandler(lazy).predict([{"t": "a"}])
 
