@@ -204,22 +204,21 @@ class RocksDBStore(EmbeddingStore):
             total += Counter(map(len, chunk))[_ROW_KEY_BYTES]
         return total
 
-    def _get_meta(self) -> bytes | None:
+    def _get_record(self, key: bytes) -> bytes | None:
         self._check_open()
         try:
-            return self._db.get(_META_KEY)
+            return self._db.get(key)
         except Exception as exc:
             raise _translate(self.name, "read", exc) from exc
+
+    def _get_meta(self) -> bytes | None:
+        return self._get_record(_META_KEY)
 
     def _put_meta(self, value: bytes) -> None:
         self._write("write", lambda b: b.put(_META_KEY, value))
 
     def _get_clock(self) -> bytes | None:
-        self._check_open()
-        try:
-            return self._db.get(_CLOCK_KEY)
-        except Exception as exc:
-            raise _translate(self.name, "read", exc) from exc
+        return self._get_record(_CLOCK_KEY)
 
     def _put_clock(self, value: bytes) -> None:
         # the write-ahead log keeps writes in order and recovery replays a prefix of it, so
