@@ -46,6 +46,15 @@ def untraced(forward):
 
     @functools.wraps(forward)
     def call(self, *args, **kwargs):
+        if torch.jit.is_tracing() or torch.compiler.is_exporting():
+            # a trace would bake this call's rows in as constants (torch.jit.trace only
+            # warned, and answered every key with them); torch.export failed deep inside
+            raise TypeError(
+                f"{type(self).__name__} cannot be traced or exported (torch.jit.trace, "
+                "torch.export): its lookups run compiled kernels on the keys' values, so a "
+                "trace would hold this batch's rows as constants. Export the dense part "
+                "alone, or package the model for serving with dynembed export / "
+                "de.serving.export_package; torch.compile works (the lookup runs eagerly)")
         if torch.compiler.is_compiling():
             disabled = _UNTRACED.get(forward)
             if disabled is None:

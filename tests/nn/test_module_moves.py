@@ -165,3 +165,15 @@ def test_sampled_softmax_of_a_half_model_scores_in_float32():
     logits = de.sampled_logits(out, inputs, torch.tensor([1, 2, 3]), num_sampled=4,
                                generator=0)
     assert logits.logits.device == inputs.device and logits.targets.device == inputs.device
+
+
+def test_tracing_or_exporting_a_model_is_refused_by_name():
+    """torch.jit.trace answered every key with the traced batch's rows (only a warning);
+    torch.export failed inside with '.numpy() is not supported for tensor subclasses'."""
+    model = nn.Sequential(_emb(), nn.Linear(4, 1))
+    keys = torch.tensor([1, 2])
+    with pytest.raises(TypeError, match="cannot be traced or exported"):
+        torch.jit.trace(model, (keys,))
+    with pytest.raises(TypeError, match="cannot be traced or exported"):
+        torch.export.export(model, (keys,))
+    assert model(keys).shape == (2, 1)  # eager still works
