@@ -58,6 +58,11 @@ class JobEnv:
         if values["world_size"] < 1 or not 0 <= values["rank"] < values["world_size"]:
             raise ValueError(f"RANK={values['rank']} and WORLD_SIZE={values['world_size']} "
                              "do not describe a job (need 0 <= RANK < WORLD_SIZE)")
+        for key, name in (("LOCAL_RANK", "local_rank"),
+                          ("TORCHELASTIC_RESTART_COUNT", "restart_count")):
+            if values[name] < 0:  # a negative local rank would pick a device from the end
+                raise ValueError(f"environment variable {key} must be >= 0, got "
+                                 f"{values[name]}; start workers with torchrun")
         return cls(launched=True, **values)
 
 

@@ -222,6 +222,9 @@ def test_job_env_reads_torchrun_variables():
         JobEnv.from_environ({"RANK": "x", "WORLD_SIZE": "2"})
     with pytest.raises(ValueError, match="do not describe a job"):
         JobEnv.from_environ({"RANK": "2", "WORLD_SIZE": "2"})
+    for key in ("LOCAL_RANK", "TORCHELASTIC_RESTART_COUNT"):  # once taken as they were
+        with pytest.raises(ValueError, match=f"{key} must be >= 0, got -1"):
+            JobEnv.from_environ({"RANK": "0", "WORLD_SIZE": "2", key: "-1"})
 
 
 def test_stop_ends_the_loop_after_counting_and_saving_the_step(tmp_path, caplog):
