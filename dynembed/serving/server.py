@@ -370,6 +370,7 @@ class ModelServer:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.stop_models()
+                gc.unfreeze()  # the process may go on (a server started in a notebook, a test)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -283,8 +284,10 @@ def test_a_server_sets_its_threads_while_it_serves_and_gives_them_back(store):
             answer = httpx.post(server.inference + "/predictions/ctr", json=examples(2),
                                 timeout=30)
             assert answer.status_code == 200, answer.text
+            assert gc.get_freeze_count() > 0  # startup froze what it loaded
         finally:
             server.stop()
+        assert gc.get_freeze_count() == 0  # and gave it back to the collector
         assert (torch.get_num_threads(), de.get_num_threads()) == (2, kernels)
         assert _torch_threads_of_a_new_thread() == 2
         constructed = de.serving.ModelServer(de.serving.ServerConfig(
