@@ -130,10 +130,14 @@ def sampled_logits(output: DynamicEmbedding, inputs: torch.Tensor, labels, *,
         normalize: score by cosine (inputs and rows L2-normalised) instead of dot product.
         temperature: logits are divided by it (before the correction).
         generator: the draws' randomness: a numpy Generator; or an int seed >= 0, with
-            which the draws depend on (seed, the table's step), so a run and its resume
-            from a checkpoint draw alike while every training step gets new negatives (an
-            eval, which leaves the step as it is, draws the same ones each call); or None
-            for fresh entropy.
+            which the random numbers depend on (seed, the table's step), so every training
+            step gets new negatives, two runs from the start draw alike, and an eval (which
+            leaves the step as it is) draws the same ones each call; or None for fresh
+            entropy. After a checkpoint restore the same numbers pick other negatives
+            except with :class:`InBatch`: :class:`Uniform` picks memory slots, which rows
+            take in another order, and the frequency samplers draw from a snapshot of the
+            rows in memory taken at another step (after a lazy restore, of the few rows
+            loaded so far).
 
     Returns:
         :class:`SampledLogits`.

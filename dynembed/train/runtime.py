@@ -331,7 +331,10 @@ class Runtime:
         return self.start()
 
     def __exit__(self, kind, error, traceback) -> None:
-        if error is not None and self._started:
+        # sys.exit() after a preemption (as the docs suggest, for a scheduler to requeue
+        # the job) is the stop the loop already reported, not a failure
+        stopped = isinstance(error, SystemExit) and self.preempted
+        if error is not None and self._started and not stopped:
             self._report("failed", force=True)  # not "running" for good
         damaged = self._damaged_checkpoint(error)
         if damaged is not None:

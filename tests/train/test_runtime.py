@@ -6,6 +6,7 @@ import json
 import os
 import random
 import signal
+import sys
 
 import numpy as np
 import pytest
@@ -448,3 +449,26 @@ def test_training_with_checkpoints_needs_restore_first(tmp_path):
     alone.prepare(Tiny())
     assert list(alone.steps(2)) == [0, 1]
     alone.close()
+
+
+def test_exiting_after_a_preemption_reports_preempted_not_failed(tmp_path):
+    """The docs suggest sys.exit(143) when rt.preempted; the progress file then said
+    "failed" after every clean stop."""
+    progress = tmp_path / "progress.json"
+    with pytest.raises(SystemExit), \
+            Runtime(tmp_path / "ckpt", every_steps=100, progress_file=progress) as rt:
+        model = Tiny()
+        net = rt.prepare(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        rt.restore(opt)
+        _train(rt, net, opt, 50, on_step=lambda s: s == 2 and os.kill(os.getpid(),
+                                                                        signal.SIGTERM))
+        assert rt.preempted
+        sys.exit(143)
+    assert json.loads(progress.read_text())["state"] == "preempted"
+    with pytest.raises(SystemExit), \
+            Runtime(tmp_path / "ckpt2", every_steps=100, progress_file=progress) as rt:
+        rt.prepare(Tiny())
+        rt.restore()
+        sys.exit(1)  # not after a preemption: a failure
+    assert json.loads(progress.read_text())["state"] == "failed"
