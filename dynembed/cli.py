@@ -67,7 +67,7 @@ def _is_model_package(path: Path) -> bool:
 def _inspect(args) -> int:
     """``dynembed inspect``."""
     from dynembed.checkpoint import manifest as mf
-    from dynembed.checkpoint.inspect import describe, history, plot_history
+    from dynembed.checkpoint.inspect import describe, history, history_of, plot_history
 
     path = Path(args.checkpoint)
     if not path.is_dir():
@@ -97,7 +97,6 @@ def _inspect(args) -> int:
             print(f"error: {path} is a model store; inspect a package's tables: "
                   f"{packages[0] / 'tables'}", file=sys.stderr)
             return 2
-    directory = path if not (path / mf.MANIFEST).exists() else path.parent
     if (path / mf.MANIFEST).exists():
         info = describe(path, top=args.top)
     else:  # a directory of checkpoints: show the newest that is whole
@@ -111,15 +110,15 @@ def _inspect(args) -> int:
             print(f"error: every checkpoint in {path} is damaged (see above)", file=sys.stderr)
             return 1
     if args.json:
-        info["history"] = history(directory)
+        info["history"] = history_of(path)
         print(json.dumps(info, indent=1))
     else:
         _print_summary(info, sys.stdout)
-        for point in history(directory):
+        for point in history_of(path):
             rows = ", ".join(f"{n} {r:,}" for n, r in point["rows"].items())
             print(f"  {Path(point['path']).name} ({point['kind']}): {rows}")
     if args.plot:
-        plot_history(directory, args.plot)
+        plot_history(path, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
 

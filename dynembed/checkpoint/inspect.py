@@ -130,8 +130,22 @@ def history(directory: str | os.PathLike) -> list[dict]:
     return out
 
 
+def history_of(path: str | os.PathLike) -> list[dict]:
+    """:func:`history` of what ``path`` belongs to: a directory of checkpoints, or one
+    checkpoint with its job's others (``step-N`` siblings, as a CheckpointManager keeps
+    them). A checkpoint named otherwise stands alone: the directory beside it may hold
+    anything (another model's checkpoint was listed as this one's history)."""
+    path = Path(path)
+    if not (path / mf.MANIFEST).exists():
+        return history(path)
+    if _STEP.match(path.name):
+        return [p for p in history(path.parent) if _STEP.match(Path(p["path"]).name)]
+    return [p for p in history(path.parent) if Path(p["path"]) == path]
+
+
 def plot_history(directory: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Draws rows per table across the checkpoints of ``directory`` into a PNG.
+    """Draws rows per table across the checkpoints of ``directory`` (or, for one
+    checkpoint, of :func:`history_of` it) into a PNG.
 
     Raises:
         ValueError: the directory holds no checkpoint.
@@ -141,7 +155,7 @@ def plot_history(directory: str | os.PathLike, out: str | os.PathLike) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = history(directory)
+    points = history_of(directory)
     if not points:
         raise ValueError(f"{directory} holds no committed checkpoint to plot")
     by_step = all(p["step"] is not None for p in points)

@@ -124,3 +124,19 @@ def test_inspect_json_shows_a_bytes_key_that_is_not_utf8(tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     keys = {entry["key"] for entry in info["tables"]["t"]["top_keys"]}
     assert keys == {"b'\\xff\\xfe'", "ok"}
+
+
+def test_inspect_of_a_lone_checkpoint_lists_it_alone(tmp_path):
+    """`dynembed inspect runs/ck` listed the unrelated checkpoint `runs/ck2` beside it as
+    its history; a CheckpointManager's step-N checkpoints still list their siblings."""
+    a = de.DynamicTable(de.TableConfig(dim=2))
+    a.find_or_insert(np.arange(5))
+    de.checkpoint.save(tmp_path / "ck", tables={"a": a})
+    b = de.DynamicTable(de.TableConfig(dim=3))
+    b.find_or_insert(np.arange(48))
+    de.checkpoint.save(tmp_path / "ck2", tables={"other": b})
+    result = subprocess.run([sys.executable, "-m", "dynembed", "inspect",
+                             str(tmp_path / "ck"), "--json"], capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert [h["rows"] for h in json.loads(result.stdout)["history"]] == [{"a": 5}]
