@@ -535,6 +535,8 @@ def spawn_phase(module: str, name: str, workdir: Path, timeout: float) -> dict:
         rc = None
     th.join(timeout=10)
     wall = time.perf_counter() - t
+    if not th.is_alive():  # the pump has read the pipe to its end (else it still reads it)
+        proc.stdout.close()
     foreign = max(0.0, (cpu_busy_seconds() - busy0) - (own_cpu_seconds() - own0))
     share = foreign / (wall * (os.cpu_count() or 1))
     path = workdir / f"{name}.json"
