@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import NamedTuple
 
 import numpy as np
@@ -119,15 +120,19 @@ def rows_for_many(lookups: list[Lookup], anchor: torch.Tensor, *,
     return out
 
 
+_WARNED_LOCAL: weakref.WeakSet = weakref.WeakSet()
+"""Tables warned about by :func:`_warn_if_local_in_a_job` (once each)."""
+
+
 def _warn_if_local_in_a_job(table: DynamicTable) -> None:
     """Warns once per table that trains on its own in a process group of several ranks: a
     model wrapped in plain DistributedDataParallel (not shard_model / Runtime.prepare)
     trained a different copy of the table on every rank, and a rank's checkpoint then held
     only its own keys, silently."""
-    if table.__dict__.get("_warned_local") or not dist.is_available() \
-            or not dist.is_initialized() or dist.get_world_size() < 2:
+    if table in _WARNED_LOCAL or not dist.is_available() or not dist.is_initialized() \
+            or dist.get_world_size() < 2:
         return
-    table._warned_local = True
+    _WARNED_LOCAL.add(table)
     warnings.warn(
         f"a dynembed table trains on its own on rank {dist.get_rank()} of "
         f"{dist.get_world_size()}: its rows are not sharded or replicated, so every rank "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -27,23 +28,10 @@ from dynembed.kernels.records import (
 )
 from dynembed.kernels.strings import hash_bytes_by_lengths, hash_utf8_by_codepoints
 from dynembed.table.index import EMPTY, HashIndex
+from tests.kernels.test_hash_index import I64_MAX, I64_MIN, MASK64
+from tests.kernels.test_hash_index import mix64 as ref_mix64
 
-xxhash = pytest.importorskip("xxhash")
-
-MASK64 = (1 << 64) - 1
-I64_MIN, I64_MAX = -2**63, 2**63 - 1
 SEEDS = [0, 1, 7, 2**32 + 5, 2**63 - 1, 2**63, 2**64 - 1]
-
-
-def ref_mix64(x: int) -> int:
-    """MurmurHash3's finaliser, written independently of the kernel."""
-    x &= MASK64
-    x ^= x >> 33
-    x = (x * 0xFF51AFD7ED558CCD) & MASK64
-    x ^= x >> 33
-    x = (x * 0xC4CEB9FE1A85EC53) & MASK64
-    x ^= x >> 33
-    return x
 
 
 def ref_crc32c(data: bytes) -> int:

@@ -14,6 +14,7 @@ import pytest
 import redis
 
 from dynembed.testing import RedisCluster, RedisServer
+from dynembed.testing.redis_server import _bindable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -40,13 +41,7 @@ def served_by(url: str) -> int:
         client.close()
 
 
-def free_port_is(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+free_port_is = _bindable  # whether nothing listens on a loopback port
 
 
 def bounded(call, seconds: float = 120.0):

@@ -51,6 +51,13 @@ def _assert_same_rows(got, want) -> None:
         assert torch.equal(a, b), (a - b).abs().max()
 
 
+def _train_alike(reference, other, steps: int) -> None:
+    """Trains both ``steps`` steps; their rows must then be equal, bit for bit."""
+    _train(reference, steps)
+    _train(other, steps)
+    _assert_same_rows(_rows(other), _rows(reference))
+
+
 class _Backend:
     """Opens the same store (a RocksDB directory or a Redis namespace) again and again."""
 
@@ -117,9 +124,7 @@ def test_adam_reopened_in_another_process_continues_bit_exactly(tmp_path):
     assert (reopened.table.step, reopened.table.update_step) == (50, 50)
     _assert_same_rows(_rows(reopened), _rows(continued))  # the store held every row
     for _ in range(3):
-        _train(continued, 1)
-        _train(reopened, 1)
-        _assert_same_rows(_rows(reopened), _rows(continued))
+        _train_alike(continued, reopened, 1)
     assert (reopened.table.step, reopened.table.update_step) == (53, 53)
     continued.table.close()
     reopened.table.close()
@@ -136,9 +141,7 @@ def test_adagrad_lr_decay_continues_after_close_and_reopen(backend):
     writer.table.close()  # close flushes: rows, then the clock
     reopened = _emb(adagrad(), backend.open())
     assert (reopened.table.step, reopened.table.update_step) == (20, 20)
-    _train(continued, 5)
-    _train(reopened, 5)
-    _assert_same_rows(_rows(reopened), _rows(continued))
+    _train_alike(continued, reopened, 5)
     reopened.table.close()
 
 
@@ -178,15 +181,11 @@ def test_a_checkpoint_restored_over_a_store_brings_its_own_clock(backend, tmp_pa
     assert (restored.table.step, restored.table.update_step) == (20, 20)
     # until the next flush the store has no clock rather than one ahead of its rows
     assert restored.table.tier.store.read_clock() is None
-    _train(reference, 1)
-    _train(restored, 1)
-    _assert_same_rows(_rows(restored), _rows(reference))
+    _train_alike(reference, restored, 1)
     restored.table.close()
     reopened = _emb(de.optim.Adam(lr=0.01), backend.open())
     assert (reopened.table.step, reopened.table.update_step) == (21, 21)
-    _train(reference, 2)
-    _train(reopened, 2)
-    _assert_same_rows(_rows(reopened), _rows(reference))
+    _train_alike(reference, reopened, 2)
     reopened.table.close()
 
 

@@ -228,18 +228,30 @@ def test_job_env_reads_torchrun_variables():
             JobEnv.from_environ({"RANK": "0", "WORLD_SIZE": "2", key: "-1"})
 
 
+def _uninterrupted(folder, steps: int) -> nn.Module:
+    """The model of a run that trains ``steps`` steps without stopping (the reference)."""
+    torch.manual_seed(0)  # the same head as the run compared with it
+    rt, model, net, opt = _fresh(folder, every_steps=100)
+    rt.restore(opt)
+    _train(rt, net, opt, steps)
+    rt.close()
+    torch.manual_seed(0)
+    return model
+
+
+def _assert_same_model(got: nn.Module, want: nn.Module) -> None:
+    torch.testing.assert_close(got.head.weight, want.head.weight)
+    ids = want.emb.table.export().ids.numpy()
+    np.testing.assert_array_equal(got.emb.table.find(ids).values.numpy(),
+                                  want.emb.table.find(ids).values.numpy())
+
+
 def test_stop_ends_the_loop_after_counting_and_saving_the_step(tmp_path, caplog):
     """After a break, rt.step was still the step whose update had run: a checkpoint then
     held that update under the step before, and the resumed run trained the batch twice.
     rt.stop() counts and saves the step; a break leaves it uncounted (a zip with a data
     loader that ran out drops a step that never ran) and a checkpoint after it warns."""
-    torch.manual_seed(0)  # the same head in both runs
-    rt, model, net, opt = _fresh(tmp_path / "a", every_steps=100)
-    rt.restore(opt)
-    _train(rt, net, opt, 7)
-    rt.close()
-
-    torch.manual_seed(0)
+    model = _uninterrupted(tmp_path / "a", 7)
     rt, _, net, opt = _fresh(tmp_path / "b", every_steps=100)
     rt.restore(opt)
     assert _train(rt, net, opt, 7, on_step=lambda s: s == 3 and rt.stop()) == [0, 1, 2, 3]
@@ -250,10 +262,7 @@ def test_stop_ends_the_loop_after_counting_and_saving_the_step(tmp_path, caplog)
     rt.restore(opt)
     assert _train(rt, net, opt, 7) == [4, 5, 6]
     rt.close()
-    torch.testing.assert_close(resumed.head.weight, model.head.weight)
-    ids = model.emb.table.export().ids.numpy()
-    np.testing.assert_array_equal(resumed.emb.table.find(ids).values.numpy(),
-                                  model.emb.table.find(ids).values.numpy())
+    _assert_same_model(resumed, model)
 
     rt, _, net, opt = _fresh(tmp_path / "c", every_steps=100)
     rt.restore(opt)
@@ -298,13 +307,7 @@ def test_a_checkpoint_asked_inside_a_step_is_saved_at_its_end(tmp_path):
     """rt.checkpoint() in the loop's body, after the update, saved it under the step's own
     number: the resumed job trained that batch a second time. Now the save waits for the
     end of the step, and the resumed job ends with the weights of a job never stopped."""
-    torch.manual_seed(0)
-    rt, model, net, opt = _fresh(tmp_path / "a", every_steps=100)
-    rt.restore(opt)
-    _train(rt, net, opt, 6)
-    rt.close()
-
-    torch.manual_seed(0)
+    model = _uninterrupted(tmp_path / "a", 6)
     rt, _, net, opt = _fresh(tmp_path / "b", every_steps=100)
     rt.restore(opt)
     asked = []
@@ -325,10 +328,7 @@ def test_a_checkpoint_asked_inside_a_step_is_saved_at_its_end(tmp_path):
     rt.restore(opt)
     assert rt.step == 3 and _train(rt, net, opt, 6) == [3, 4, 5]
     rt.close()
-    torch.testing.assert_close(resumed.head.weight, model.head.weight)
-    ids = model.emb.table.export().ids.numpy()
-    np.testing.assert_array_equal(resumed.emb.table.find(ids).values.numpy(),
-                                  model.emb.table.find(ids).values.numpy())
+    _assert_same_model(resumed, model)
 
 
 def _seed_everything(seed: int) -> None:
