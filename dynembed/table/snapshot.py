@@ -404,6 +404,10 @@ class TableSnapshot:
         ids, aux = self.check_state_dict(state)
         n = ids.shape[0]
         if self.tier is not None:
+            # The store's clock goes first: until the next flush records the state's (older)
+            # clock, a table reopened over the store must not take the store's, ahead of
+            # the state's rows.
+            self.tier.drop_clock()
             # Every store call before memory changes, so a failing store leaves memory as it
             # was: list the stored rows the state does not have (a read), write the state's
             # rows (one batch), then delete those.

@@ -168,23 +168,6 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch, Table
                 "and load that into a model built with its own store")
         return self.__dict__.copy()
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Replaces the table's rows and counters with a saved state (see
-        :meth:`TableSnapshot.load_state_dict`).
-
-        Over a store, its clock record goes first, once the state is known to load: the
-        state's rows and clock are older than the store's, and until the next flush records
-        the state's clock the store must not offer its own (ahead of the rows) to a table
-        reopened over it.
-
-        Raises:
-            StateDictError, StoreError: as :meth:`TableSnapshot.load_state_dict`.
-        """
-        if self.tier is not None:
-            self.check_state_dict(state)  # a state that does not load changes nothing
-            self.tier.drop_clock()
-        super().load_state_dict(state)
-
     def _row_limit(self) -> int | None:
         limits = [self.config.max_rows] if self.config.max_rows else []
         if self.config.memory_budget is not None:
