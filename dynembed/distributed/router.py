@@ -36,7 +36,7 @@ from dynembed.keys.buckets import NUM_BUCKETS, buckets_of, rank_of_bucket
 from dynembed.nn._autograd import Lookup
 from dynembed.table.arena import take_rows
 from dynembed.table.index import EMPTY
-from dynembed.table.loss_scale import current_loss_scale
+from dynembed.table.loss_scale import current_loss_scale, report_overflow
 from dynembed.table.table import DynamicTable
 
 
@@ -413,7 +413,8 @@ class Router:
                 t = int(flags[bad_rank]) - 1
                 for _, update, _ in updates:  # none applied: counted as in one process
                     update.count_dropped()
-                if scaled:
+                if scaled:  # every rank's scaler backs off, as every rank skipped
+                    report_overflow()
                     return
                 raise NonFiniteGradientError(
                     f"rank {bad_rank} computed NaN or inf gradients for a table with "

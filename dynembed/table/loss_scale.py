@@ -7,16 +7,25 @@ step when they overflowed. A table's update runs inside backward (fused) or is q
 large (65,536 by default). Within :func:`loss_scale`, every table divides its gradient by the
 current scale first and, when it overflowed (inf or NaN), skips its update for that backward
 (counted in ``nonfinite_gradients`` and ``skipped_gradients``) as the scaler skips its step,
-instead of raising :class:`~dynembed.errors.NonFiniteGradientError`.
+instead of raising :class:`~dynembed.errors.NonFiniteGradientError`, and tells the scaler,
+so that its next ``update()`` lowers the scale even when only a table's gradient overflowed
+(else every later step would overflow in that table too and it would never train).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import warnings
+from collections import defaultdict
 from collections.abc import Iterator
 
+import torch
+
 from dynembed._args import is_real
+
+_OVERFLOW_KEY = "dynembed tables"
+"""Under which a GradScaler holds the tables' overflow among its optimizers' inf checks."""
 
 _ACTIVE: list = []
 """The scales of the open :func:`loss_scale` blocks, innermost last. Process-wide, not a
@@ -74,3 +83,28 @@ def current_loss_scale() -> float | None:
     if not scale.is_enabled():
         return None
     return float(scale.get_scale())
+
+
+def report_overflow() -> None:
+    """Tells the innermost block's GradScaler that a table's gradient overflowed in this
+    backward, so that its next ``update()`` backs the scale off as for an optimizer whose
+    gradients overflowed. Nothing to do for a fixed scale or outside a block.
+
+    A GradScaler learns of overflows only from the optimizers it unscales; a table updates
+    inside backward, so it records its overflow where ``update()`` reads them (one inf
+    check among the optimizers', which ``update()`` clears). torch is pinned, and a scaler
+    that does not keep them so is warned about rather than left silently at a scale that
+    overflows every step.
+    """
+    if not _ACTIVE or is_real(_ACTIVE[-1]) or not _ACTIVE[-1].is_enabled():
+        return
+    scaler = _ACTIVE[-1]
+    states, scale = getattr(scaler, "_per_optimizer_states", None), getattr(scaler, "_scale", None)
+    if not isinstance(states, defaultdict) or not isinstance(scale, torch.Tensor):
+        warnings.warn(f"a table's gradient overflowed, but this {type(scaler).__name__} does "
+                      "not take inf checks as torch.amp.GradScaler 2.13 does, so its scale "
+                      "stays as it is; lower it with scaler.update(new_scale)",
+                      RuntimeWarning, stacklevel=2)
+        return
+    found = torch.ones((), dtype=torch.float32, device=scale.device)
+    states[_OVERFLOW_KEY]["found_inf_per_device"][scale.device] = found

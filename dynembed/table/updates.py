@@ -15,7 +15,7 @@ from dynembed.kernels.hash_index import unique_inverse
 from dynembed.kernels.sparse_updates import nonfinite_rows
 from dynembed.table.index import EMPTY
 from dynembed.table.lifecycle import CREATE_NONE
-from dynembed.table.loss_scale import current_loss_scale
+from dynembed.table.loss_scale import current_loss_scale, report_overflow
 
 
 class TableUpdates:
@@ -80,12 +80,13 @@ class TableUpdates:
     def _overflowed(self, grads: np.ndarray) -> bool:
         """Within :func:`~dynembed.table.loss_scale.loss_scale`: whether the gradient
         overflowed (a row holds inf or NaN), in which case this backward's update is
-        skipped, as the scaler skips its step, and counted (not raised: the scaler lowers
-        its scale and the next step goes on)."""
+        skipped, as the scaler skips its step, and counted (not raised: the scaler is told,
+        lowers its scale and the next step goes on)."""
         bad = int(np.count_nonzero(nonfinite_rows(grads)))
         if bad:
             self.counters.nonfinite_gradients += bad
             self.counters.skipped_gradients += grads.shape[0]
+            report_overflow()
         return bad > 0
 
     def _check_gradient_batch(self, ids, slots, grads) -> None:

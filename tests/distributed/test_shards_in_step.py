@@ -122,8 +122,14 @@ def _scaled_steps(rank: int) -> dict:
         grad[1, 2] = float("inf")
     with de.loss_scale(1024.0):
         out.backward(grad)  # no NonFiniteGradientError on either rank
+    # with a GradScaler each rank's scaler backs off, as each rank skipped: rank 1's own
+    # gradient is finite, and without being told its scaler would keep its scale
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    with de.loss_scale(scaler):
+        scaler.scale((emb(keys) * grad).sum()).backward()
+    scaler.update()
     return {"unscaled": got[None], "scaled": got[1024.0], "before": before,
-            "after_overflow": _rows(emb.table)}
+            "after_overflow": _rows(emb.table), "scaler_after_overflow": scaler.get_scale()}
 
 
 def _local_table_warnings(rank: int) -> dict:
@@ -242,6 +248,7 @@ def test_loss_scaled_steps_train_as_unscaled_and_an_overflow_skips_every_rank(ra
             np.testing.assert_array_equal(got["scaled"][key], row)
         for key, row in got["before"].items():
             np.testing.assert_array_equal(got["after_overflow"][key], row)
+        assert got["scaler_after_overflow"] == 512.0
 
 
 def test_a_table_left_local_in_a_job_warns_once(ranks):

@@ -98,6 +98,46 @@ def test_an_overflowed_step_is_skipped_and_counted_and_training_goes_on(mode):
     assert not torch.equal(_rows(model), before)
 
 
+@pytest.mark.parametrize("mode", ["fused", "deferred"])
+def test_an_overflow_in_a_table_alone_lowers_the_scalers_scale(mode):
+    """The scaler learned of overflows only from its optimizers: with finite dense
+    gradients it kept a scale at which the table overflowed (and skipped) every step."""
+    model = Model(mode)
+    opt = torch.optim.SGD(model.head.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**120, growth_interval=1)
+    with de.loss_scale(scaler):
+        for step in range(2):
+            # the head's gradient is finite, the table's is 1e20 * 2**120 (or 2**119) = inf
+            loss = model.head(torch.ones(1, 4)).sum() + (model.emb(KEYS[0]) * 1e20).sum()
+            scaler.scale(loss).backward()
+            assert all(torch.isfinite(p.grad).all() for p in model.head.parameters())
+            scaler.step(opt)
+            scaler.update()
+            if mode == "deferred":
+                de.sparse_step(model)
+            opt.zero_grad()
+            assert scaler.get_scale() == 2.0 ** (119 - step)
+    assert model.emb.stats().totals.skipped_gradients == 6
+    scaler.scale(model.head(torch.ones(1, 4)).sum()).backward()  # nothing to report now
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**119  # grown again (growth_interval=1), not backed off
+
+
+def test_a_scaler_that_takes_no_inf_checks_is_warned_about():
+    class FixedScaler:  # a scaler of the user's own: get_scale() and is_enabled() only
+        def get_scale(self):
+            return 2.0**127
+
+        def is_enabled(self):
+            return True
+
+    model = Model()
+    with de.loss_scale(FixedScaler()), pytest.warns(RuntimeWarning, match="scale stays"):
+        (model.emb(KEYS[0]) * 1e20 * 2.0**127).sum().backward()
+    assert model.emb.stats().totals.skipped_gradients == 3
+
+
 def test_outside_the_block_and_with_a_disabled_scaler_gradients_are_as_given():
     model = Model()
     model(KEYS[0])
