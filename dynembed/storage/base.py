@@ -46,7 +46,9 @@ def _as_size(arg: str, value, minimum: int) -> int:
 CLOCK_FIELDS = ("step", "update_step")
 """What a table records of its clock in its store: its training lookups (the clock of the
 rows' ``last_step``, which eviction and TTL compare with) and its optimizer steps (Adam's
-bias correction, Adagrad's lr decay)."""
+bias correction, Adagrad's lr decay). The record may also hold the table's initializer
+``seed`` (an int in [0, 2**64)), so new keys after a reopen get the rows they would have
+got without it."""
 
 
 def _encode_clock(clock: Mapping[str, int]) -> bytes:
@@ -61,13 +63,18 @@ def _encode_clock(clock: Mapping[str, int]) -> bytes:
     missing = [name for name in CLOCK_FIELDS if name not in clock]
     if missing:
         raise ValueError(f"clock lacks {missing}; give every one of {CLOCK_FIELDS}")
-    return json.dumps({name: _as_size(name, clock[name], 0) for name in CLOCK_FIELDS},
-                      sort_keys=True).encode()
+    record = {name: _as_size(name, clock[name], 0) for name in CLOCK_FIELDS}
+    if clock.get("seed") is not None:
+        record["seed"] = _as_size("seed", clock["seed"], 0)
+        if record["seed"] >= 2**64:
+            raise ValueError(f"seed must be an int in [0, 2**64), got {record['seed']}")
+    return json.dumps(record, sort_keys=True).encode()
 
 
 def _decode_clock(name: str, raw) -> dict[str, int]:
-    """A clock record read back; a field it lacks counts as 0, one it has but this version
-    does not know is ignored (a later version may record more).
+    """A clock record read back; a step field it lacks counts as 0, a ``seed`` it lacks is
+    left out (records from before stores kept it), a field this version does not know is
+    ignored (a later version may record more).
 
     Raises:
         StoreCorruptError: the record is not a JSON object of ints >= 0.
@@ -77,9 +84,11 @@ def _decode_clock(name: str, raw) -> dict[str, int]:
     except ValueError:
         have = None
     clock = {}
-    for field in CLOCK_FIELDS:
+    recorded = CLOCK_FIELDS + (("seed",) if isinstance(have, dict) and "seed" in have else ())
+    for field in recorded:
         value = have.get(field, 0) if isinstance(have, dict) else None
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0 \
+                or (field == "seed" and value >= 2**64):
             raise StoreCorruptError(
                 f"{name}: its clock record is not a dynembed table's (a JSON object of step "
                 f"counters, got {bytes(raw)[:80]!r}); the store is corrupted, or another "
@@ -214,8 +223,9 @@ class EmbeddingStore(ABC):
         """The clock the table recorded with :meth:`write_clock` at its last flush.
 
         Returns:
-            ``{"step": s, "update_step": u}``, or None if the store holds no clock record
-            (a new store, one emptied since, or one written before stores kept a clock).
+            ``{"step": s, "update_step": u}`` plus ``"seed"`` if one was recorded, or None if
+            the store holds no clock record (a new store, one emptied since, or one written
+            before stores kept a clock).
 
         Raises:
             StoreCorruptError: the record is not a clock record.
@@ -232,7 +242,8 @@ class EmbeddingStore(ABC):
         of them.
 
         Args:
-            clock: ``{"step": s, "update_step": u}``, ints >= 0.
+            clock: ``{"step": s, "update_step": u}``, ints >= 0, and optionally ``"seed"``,
+                an int in [0, 2**64) (None: not recorded).
 
         Raises:
             ValueError, TypeError: ``clock`` lacks a field or holds a bad value.

@@ -429,8 +429,10 @@ class RowLifecycle:
 
     def clock(self) -> dict[str, int]:
         """What :meth:`flush` records in the store so that a table reopened over it
-        continues: ``{"step": training lookups, "update_step": optimizer steps}``."""
-        return {"step": int(self.step), "update_step": int(self.update_step)}
+        continues: ``{"step": training lookups, "update_step": optimizer steps, "seed":
+        the initializer seed}``."""
+        return {"step": int(self.step), "update_step": int(self.update_step),
+                "seed": int(self.seed)}
 
     def _adopt_store_clock(self) -> None:
         """Continues from the clock recorded in the store by the last flush, so a table
@@ -440,6 +442,10 @@ class RowLifecycle:
         (the max with the table's own); a store without a clock record (new, emptied, or
         written before stores kept one) leaves the clock as it is.
 
+        The recorded initializer seed is taken, as a checkpoint's restore takes its own:
+        keys new to the store then get the rows they would have got in the table that wrote
+        it (with ``seed=None`` each process draws another).
+
         Raises:
             StoreError: the store failed, or its clock record is damaged.
         """
@@ -448,6 +454,10 @@ class RowLifecycle:
             return
         self.step = max(self.step, clock["step"])
         self.update_step = max(self.update_step, clock["update_step"])
+        if clock.get("seed", self.seed) != self.seed:
+            self.seed = clock["seed"]
+            if self.admitter is not None:  # its hashes follow the table seed; it saw no key
+                self.admitter = self.config.admission.create(self.seed)
         if self.evictor is not None:  # as after a checkpoint: the rows' times are unknown
             self.evictor.clock.reset(self.step)
 

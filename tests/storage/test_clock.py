@@ -32,6 +32,13 @@ def test_the_clock_round_trips_and_is_overwritten(store):
     assert store.read_clock() == {"step": 2**62, "update_step": 0}
 
 
+def test_the_seed_round_trips_and_records_without_one_read_without_one(store):
+    store.write_clock({"step": 7, "update_step": 5, "seed": 2**64 - 1})
+    assert store.read_clock() == {"step": 7, "update_step": 5, "seed": 2**64 - 1}
+    store.write_clock({"step": 8, "update_step": 6, "seed": None})  # not recorded
+    assert store.read_clock() == {"step": 8, "update_step": 6}
+
+
 def test_the_clock_is_not_a_row(store):
     store.put(rows([1, 2, 3]))
     store.write_clock({"step": 3, "update_step": 3})
@@ -54,7 +61,10 @@ def test_clear_and_drop_clock_remove_the_clock(store):
 @pytest.mark.parametrize("clock, error", [
     ({"step": 1}, ValueError), ({"step": -1, "update_step": 0}, ValueError),
     ({"step": 1.5, "update_step": 0}, ValueError),
-    ({"step": True, "update_step": 0}, ValueError), ([1, 2], TypeError)])
+    ({"step": True, "update_step": 0}, ValueError), ([1, 2], TypeError),
+    ({"step": 1, "update_step": 0, "seed": -1}, ValueError),
+    ({"step": 1, "update_step": 0, "seed": 2**64}, ValueError),
+    ({"step": 1, "update_step": 0, "seed": 1.5}, ValueError)])
 def test_a_bad_clock_is_refused_and_the_record_kept(store, clock, error):
     store.write_clock({"step": 1, "update_step": 1})
     with pytest.raises(error):
@@ -68,6 +78,13 @@ def test_a_damaged_clock_record_is_corruption(store):
         store.read_clock()
     store.drop_clock()  # the way out the message names
     assert store.read_clock() is None
+
+
+@pytest.mark.parametrize("seed", [b"-1", b"1.5", b"true", str(2**64).encode()])
+def test_a_damaged_seed_is_corruption(store, seed):
+    store._put_clock(b'{"step": 4, "update_step": 3, "seed": ' + seed + b"}")
+    with pytest.raises(StoreCorruptError, match="clock record"):
+        store.read_clock()
 
 
 def test_a_later_version_s_fields_are_ignored(store):

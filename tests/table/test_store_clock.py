@@ -159,7 +159,7 @@ def test_a_store_without_a_clock_record_opens_at_step_0_and_gets_one_at_the_next
     _assert_same_rows(_rows(old), trained)  # its rows read as before
     _train(old, 3)
     old.table.flush()
-    assert old.table.tier.store.read_clock() == {"step": 3, "update_step": 3}
+    assert old.table.tier.store.read_clock() == {"step": 3, "update_step": 3, "seed": 2}
     old.table.close()
     again = _emb(de.optim.Adam(lr=0.01), backend.open())
     assert (again.table.step, again.table.update_step) == (3, 3)
@@ -203,11 +203,11 @@ def test_load_state_dict_over_a_store_never_leaves_its_clock_ahead_of_the_rows(
     state = emb.table.state_dict()
     _train(emb, 30)
     emb.table.flush()
-    assert store().read_clock() == {"step": 50, "update_step": 50}
+    assert store().read_clock() == {"step": 50, "update_step": 50, "seed": 2}
     emb.table.load_state_dict(state)
     assert store().read_clock() is None  # the rows are step 20's: no clock of step 50
     emb.table.flush()
-    assert store().read_clock() == {"step": 20, "update_step": 20}
+    assert store().read_clock() == {"step": 20, "update_step": 20, "seed": 2}
     reopened = _emb(de.optim.Adam(lr=0.01), store())
     assert (reopened.table.step, reopened.table.update_step) == (20, 20)
     emb.table.close()
@@ -224,7 +224,7 @@ def test_a_state_dict_that_does_not_load_keeps_the_stores_clock(redis_server):
     state["weights"] = state["weights"][:, :2]  # another dim
     with pytest.raises(de.StateDictError):
         emb.table.load_state_dict(state)
-    assert emb.table.tier.store.read_clock() == {"step": 5, "update_step": 5}
+    assert emb.table.tier.store.read_clock() == {"step": 5, "update_step": 5, "seed": 2}
     emb.table.close()
 
 
@@ -244,7 +244,7 @@ def test_a_read_only_table_reads_the_clock_and_never_writes_it(redis_server):
     trainer.table.flush()
     server.table.flush()
     server.table.close()  # closing flushes too
-    assert store().read_clock() == {"step": 40, "update_step": 40}
+    assert store().read_clock() == {"step": 40, "update_step": 40, "seed": 2}
     trainer.table.close()
 
 
@@ -265,4 +265,29 @@ def test_ttl_counts_from_the_reopened_clock(tmp_path):
     assert reopened.table.evict() == 1  # "old" expired, "new" (seen at step 30) not
     assert reopened.table.index.find(reopened.table.ids_of(["new"]).ids)[0] != EMPTY
     assert reopened.table.contains(["old"]).item()  # evicted to the store, not lost
+    reopened.table.close()
+
+
+def test_a_table_without_a_seed_takes_the_stores_so_new_keys_start_alike(backend):
+    """With seed=None each process draws its own seed: after a reopen, keys new to the
+    store got other initial rows and admission coins than in the table that wrote it (a
+    checkpoint's restore took its seed; the store's clock did not)."""
+    def emb(store=None, seed=None):
+        return de.DynamicEmbedding(dim=4, optimizer=de.optim.SGD(lr=0.1), store=store,
+                                   seed=seed, initializer=de.init.Normal(std=1.0),
+                                   admission=de.policy.ProbabilisticAdmission(probability=0.5))
+
+    torch.manual_seed(11)
+    writer = emb(backend.open())
+    reference = emb(seed=writer.table.seed)  # the writer, trained on without a reopen
+    for table in (writer, reference):
+        _train(table, 2, ["a", "b"])
+    writer.table.close()
+    torch.manual_seed(12)  # another process: another drawn seed
+    reopened = emb(backend.open())
+    assert reopened.table.seed == reference.table.seed
+    new = [f"new{i}" for i in range(64)]
+    got, want = reopened(new), reference(new)
+    assert torch.equal(got, want)  # the same coins, and the same initial rows
+    assert 0 < int((want != 0).any(1).sum()) < len(new)
     reopened.table.close()
