@@ -71,7 +71,7 @@ def _inspect(args) -> int:
 
     path = Path(args.checkpoint)
     if not path.is_dir():
-        print(f"error: checkpoint {path}: no such directory", file=sys.stderr)
+        print(f"error: checkpoint {path}: {_not_a_directory(path)}", file=sys.stderr)
         return 2
     if args.plot and Path(args.plot).suffix.lower() != ".png":
         print(f"error: --plot {args.plot}: give a .png file", file=sys.stderr)
@@ -111,7 +111,8 @@ def _inspect(args) -> int:
             return 1
     if args.json:
         info["history"] = history_of(path)
-        print(json.dumps(info, indent=1))
+        # allow_nan=False: never NaN / Infinity, which are not JSON (describe spells them)
+        print(json.dumps(info, indent=1, allow_nan=False))
     else:
         _print_summary(info, sys.stdout)
         for point in history_of(path):
@@ -121,6 +122,16 @@ def _inspect(args) -> int:
         plot_history(path, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
+
+
+def _not_a_directory(path: Path) -> str:
+    """Why ``path``, given as a checkpoint, cannot be one: it is absent, or not a directory
+    (a file was once reported as "no such directory", which sent users looking for a
+    missing path)."""
+    if path.exists():
+        return ("not a directory; give a checkpoint (a directory with MANIFEST.json) or a "
+                "directory of checkpoints")
+    return "no such directory"
 
 
 def _newest_whole(points: list[dict], top: int) -> dict | None:
@@ -316,7 +327,7 @@ def _export(args) -> int:
         sys.path.insert(0, os.getcwd())
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_dir():
-        raise ValueError(f"--checkpoint {checkpoint}: no such directory")
+        raise ValueError(f"--checkpoint {checkpoint}: {_not_a_directory(checkpoint)}")
     if _is_model_package(checkpoint):  # else read as a checkpoint: "manifest is damaged"
         raise ValueError(f"--checkpoint {checkpoint}: is a model package, not a training "
                          "checkpoint; give the training job's checkpoints")
@@ -503,9 +514,17 @@ def _serve(args) -> int:
     from dynembed.serving.package import read_manifest
     from dynembed.serving.server import ModelServer, ServerConfig
 
+    models = _pairs(args.models, "--models", "NAME=PACKAGE")
+    follow = _pairs(args.follow, "--follow", "NAME=CHECKPOINT_DIR")
+    # checked here: ServerConfig's "follow names models not in models: [...]" named neither
+    # the flag to add nor its value
+    for name, directory in follow.items():
+        if name not in models:
+            raise ValueError(f"--follow {name}={directory}: no model {name} in --models; "
+                             f"serve it at startup with --models {name}=PACKAGE")
     try:
         config = ServerConfig(
-            model_store=args.model_store, models=_pairs(args.models, "--models", "NAME=PACKAGE"),
+            model_store=args.model_store, models=models,
             inference_address=args.inference_address,
             management_address=args.management_address,
             metrics_address=args.metrics_address,
@@ -515,7 +534,7 @@ def _serve(args) -> int:
             processes=args.processes, max_batch_delay_ms=args.max_batch_delay,
             response_timeout_s=args.response_timeout, max_request_bytes=args.max_request_size,
             job_queue_size=args.job_queue_size,
-            follow=_pairs(args.follow, "--follow", "NAME=CHECKPOINT_DIR"),
+            follow=follow,
             follow_interval_s=args.follow_interval,
             allow_custom_handlers=tuple(args.allow_custom_handler),
             graceful_timeout_s=args.graceful_timeout)

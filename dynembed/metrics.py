@@ -19,15 +19,19 @@ from prometheus_client.registry import Collector
 from dynembed.table.table import DynamicTable
 
 COUNTERS = {
-    # metric suffix              counter field           help
+    # metric suffix (+ _total)   counter field           help
+    "lookup_calls":             ("lookup_calls",
+                                 "Lookup calls (module calls, find, find_or_insert)."),
     "lookups_keys":             ("keys", "Keys looked up (with duplicates)."),
     "hits":                     ("hits", "Keys whose row was in memory."),
     "misses":                   ("misses", "Keys whose row was not in memory."),
     "inserts":                  ("inserts", "Rows created."),
     "defaults_served":          ("defaults_served", "Keys answered with the default vector."),
     "not_admitted":             ("not_admitted", "Keys refused a row by admission."),
-    "loaded_rows":              ("loaded", "Rows read from the store."),
-    "evicted_rows":             ("evicted", "Rows evicted from memory to the store."),
+    "loaded_rows":              ("loaded",
+                                 "Rows read from the store or a lazily opened checkpoint."),
+    "evicted_rows":             ("evicted",
+                                 "Rows evicted, kept in the store or a lazily opened checkpoint."),
     "discarded_rows":           ("discarded", "Rows evicted with no store (lost)."),
     "store_written_rows":       ("store_writes", "Rows written to the store."),
     "updated_rows":             ("updated_rows", "Row updates applied by the optimizer."),
@@ -39,6 +43,18 @@ COUNTERS = {
                                  "Deferred gradient rows dropped by zero_grad()."),
     "erased_rows":              ("erased", "Rows removed by erase or clear."),
 }
+"""Every field of :class:`~dynembed.table.stats.Counters`, as a counter."""
+
+GAUGES = {
+    # metric name suffix  (TableStats field, unit, help); the unit ends the name, as
+    # Prometheus' naming conventions ask (dynembed_table_allocated_bytes)
+    "rows":             ("rows", "", "Rows in memory."),
+    "capacity_rows":    ("capacity", "", "Rows the arena holds before it grows."),
+    "used":             ("bytes_used", "bytes", "Bytes of the rows in memory and the index."),
+    "allocated":        ("bytes_allocated", "bytes",
+                         "Bytes allocated for rows and index (capacity, not only rows)."),
+}
+"""The sizes of :class:`~dynembed.table.stats.TableStats`, as gauges."""
 
 
 class TableCollector(Collector):
@@ -55,18 +71,26 @@ class TableCollector(Collector):
                                 f"{type(table).__name__}")
         self.tables = dict(tables)
 
+    def _families(self) -> Iterator[tuple]:
+        """(family without samples, its value in a TableStats) of every metric."""
+        for suffix, (field, text) in COUNTERS.items():
+            yield (CounterMetricFamily(f"dynembed_table_{suffix}", text, labels=["table"]),
+                   lambda s, field=field: getattr(s.totals, field))
+        for suffix, (field, unit, text) in GAUGES.items():
+            yield (GaugeMetricFamily(f"dynembed_table_{suffix}", text, labels=["table"],
+                                     unit=unit),
+                   lambda s, field=field: getattr(s, field))
+
+    def describe(self) -> Iterator:
+        """The families :meth:`collect` yields, for the registry to refuse a second
+        collector of them: a custom registry (which does not call :meth:`collect` to find
+        out) otherwise exported every family twice, which Prometheus' formats forbid."""
+        for family, _ in self._families():
+            yield family
+
     def collect(self) -> Iterator:
         stats = {name: table.stats() for name, table in self.tables.items()}
-        for suffix, (field, text) in COUNTERS.items():
-            family = CounterMetricFamily(f"dynembed_table_{suffix}", text, labels=["table"])
-            for name, s in stats.items():
-                family.add_metric([name], getattr(s.totals, field))
-            yield family
-        for suffix, text, read in (
-                ("rows", "Rows in memory.", lambda s: s.rows),
-                ("bytes_allocated", "Bytes allocated for rows and index.",
-                 lambda s: s.bytes_allocated)):
-            family = GaugeMetricFamily(f"dynembed_table_{suffix}", text, labels=["table"])
+        for family, read in self._families():
             for name, s in stats.items():
                 family.add_metric([name], read(s))
             yield family
@@ -74,7 +98,23 @@ class TableCollector(Collector):
 
 def register_tables(tables: Mapping[str, DynamicTable],
                     registry: CollectorRegistry = REGISTRY) -> TableCollector:
-    """Registers a :class:`TableCollector` for ``tables``; returns it (to unregister)."""
+    """Registers a :class:`TableCollector` for ``tables``; returns it (to unregister).
+
+    Register every table of a registry in one call (merge the dicts:
+    ``{**model_a.tables, **model_b.tables}``): each metric family may appear once per
+    scrape.
+
+    Raises:
+        TypeError: a value of ``tables`` is not a DynamicTable.
+        ValueError: the registry exports ``dynembed_table_*`` metrics already.
+    """
     collector = TableCollector(tables)
-    registry.register(collector)
+    try:
+        registry.register(collector)
+    except ValueError as e:
+        raise ValueError(
+            "this registry exports dynembed_table_* metrics already (an earlier "
+            "register_tables call?): Prometheus takes each metric family once per scrape, "
+            "so register every table in one call, e.g. register_tables({**a.tables, "
+            "**b.tables}), or registry.unregister() the earlier collector first") from e
     return collector

@@ -6,6 +6,7 @@ Used by ``dynembed inspect``; everything is also available as plain dicts for sc
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -24,11 +25,23 @@ logger = logging.getLogger(__name__)
 _STEP = re.compile(r"step-(\d+)")
 
 
+def _finite(value):
+    """``value`` (a number, or nested lists of them) with NaN and infinities as the strings
+    "nan", "inf" and "-inf": JSON has no literal for them, and ``json.dumps`` would write
+    NaN / Infinity, which strict parsers (jq, JavaScript) refuse. A best loss kept in
+    ``extra`` starts at inf."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(float(value))  # float(): a numpy float64 is a float, with another repr
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _brief(value):
     """A value of ``extra`` as shown (plain JSON types): small values whole, big ones
     summarised, tensors and other objects inside containers too."""
     if isinstance(value, torch.Tensor):
-        return value.tolist() if value.numel() <= 8 else f"tensor{tuple(value.shape)}"
+        return _finite(value.tolist()) if value.numel() <= 8 else f"tensor{tuple(value.shape)}"
     if isinstance(value, (dict, list, tuple)) and len(repr(value)) > 80:
         return f"{type(value).__name__} of {len(value)}"
     if isinstance(value, dict):
@@ -36,7 +49,7 @@ def _brief(value):
     if isinstance(value, (list, tuple)):
         return [_brief(v) for v in value]
     if value is None or isinstance(value, (bool, int, float, str)):
-        return value
+        return _finite(value)
     return repr(value)  # e.g. a numpy scalar: shown, never a JSON error
 
 

@@ -51,8 +51,9 @@ class Counters(CallStats):
     updated_rows: int = 0
     """Row updates applied by the optimizer."""
     skipped_gradients: int = 0
-    """Gradient rows not applied: non-finite (policy "skip") or whose key was erased between
-    forward and the update."""
+    """Gradient rows not applied: non-finite (policy "skip"; with "raise", or in a loss
+    scale's overflowed step, every row of that update), whose key was erased between
+    forward and the update, or dropped because the store failed."""
     nonfinite_gradients: int = 0
     """Gradient rows that held NaN or inf."""
     unadmitted_gradients: int = 0
@@ -61,7 +62,8 @@ class Counters(CallStats):
     """Deferred-mode gradient rows dropped by ``zero_grad()`` before a step applied them
     (asked for, so not counted as skipped)."""
     evicted: int = 0
-    """Rows moved out of memory by eviction and kept in the store."""
+    """Rows moved out of memory by eviction and kept: in the store, or (without one) in
+    the lazily opened checkpoint they were read from, unchanged since."""
     discarded: int = 0
     """Rows evicted with no store to keep them: lost, and logged (rate-limited)."""
     store_writes: int = 0
@@ -85,7 +87,8 @@ class TableStats:
     """A snapshot of a table's size and counters (see :meth:`DynamicTable.stats`)."""
 
     rows: int
-    """Live rows."""
+    """Live rows in memory (rows only in the store or a lazily opened checkpoint are not
+    counted: see ``DynamicTable.count_below_memory``)."""
     capacity: int
     """Rows the arena can hold before it grows."""
     bytes_used: int

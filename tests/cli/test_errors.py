@@ -399,3 +399,26 @@ def test_inspect_of_a_model_store_points_at_a_package(store):
     line = _error_line(result, 2)
     assert line == (f"error: {store} is a model store; inspect a package's tables: "
                     f"{store / 'ctr-1.0' / 'tables'}"), line
+
+
+def test_a_file_given_as_the_checkpoint_is_not_called_missing(tmp_path):
+    """Once: a file given as the checkpoint was reported as "no such directory", which sent
+    users looking for a missing path."""
+    a_file = tmp_path / "MANIFEST.json"
+    a_file.write_text("{}")
+    line = _error_line(_dynembed("inspect", str(a_file)), 2)
+    assert line == (f"error: checkpoint {a_file}: not a directory; give a checkpoint (a "
+                    "directory with MANIFEST.json) or a directory of checkpoints"), line
+    line = _error_line(_dynembed("export", "--factory", "tests.cli.test_errors:build",
+                                 "--checkpoint", str(a_file), "--name", "m", "--out",
+                                 str(tmp_path / "o")), 1)
+    assert line.startswith(f"error: --checkpoint {a_file}: not a directory; "), line
+
+
+def test_serve_names_a_followed_model_missing_from_models(store, tmp_path):
+    """Once: "error: --follow: follow names models not in models: ['ctr']", which named
+    neither the flag to add nor its value."""
+    line = _error_line(_dynembed("serve", "--model-store", str(store), "--follow",
+                                 f"ctr={tmp_path}"), 1)
+    assert line == (f"error: --follow ctr={tmp_path}: no model ctr in --models; serve it at "
+                    "startup with --models ctr=PACKAGE"), line

@@ -1,0 +1,35 @@
+"""``dynembed inspect --json`` prints JSON that strict parsers read."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+import dynembed as de
+from dynembed import cli
+
+
+def _strict(text: str):
+    """``json.loads`` refusing NaN and Infinity, as jq and JavaScript do."""
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_inspect_json_spells_out_non_finite_numbers_of_extra(tmp_path, capsys):
+    """Once: a best loss that starts at inf (or a NaN) in ``extra`` was printed as the bare
+    Infinity / NaN, which is not JSON (jq and JSON.parse refuse the whole output)."""
+    table = de.DynamicTable(de.TableConfig(dim=2, seed=1))
+    table.find_or_insert(torch.arange(3))
+    extra = {"best_loss": float("inf"), "last_loss": float("nan"),
+             "floor": float("-inf"), "curve": torch.tensor([1.0, float("nan")]),
+             "nested": {"loss": float("inf")}, "step": 7}
+    de.checkpoint.save(tmp_path / "c", tables={"t": table}, extra=extra)
+    assert cli.main(["inspect", str(tmp_path / "c"), "--json"]) == 0
+    info = _strict(capsys.readouterr().out)
+    assert info["extra"] == {"best_loss": "inf", "last_loss": "nan", "floor": "-inf",
+                             "curve": [1.0, "nan"], "nested": {"loss": "inf"}, "step": 7}
+    assert info["tables"]["t"]["rows"] == 3
+    assert cli.main(["inspect", str(tmp_path / "c")]) == 0  # the text summary shows them too
+    assert "'best_loss': 'inf'" in capsys.readouterr().out
