@@ -174,7 +174,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train" and args.script is None:
         train.error("give the training script (or -m and a module)")
     try:
-        return args.run(args)
+        code = args.run(args)
+        sys.stdout.flush()  # here, where a reader gone is caught, not in the exit's flush
+        return code
+    except BrokenPipeError:
+        # the reader left (`dynembed inspect ... | head`): not an error of this command.
+        # stdout goes to /dev/null, so that the interpreter's final flush fails no more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (DynembedError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import torch
 
@@ -33,3 +36,20 @@ def test_inspect_json_spells_out_non_finite_numbers_of_extra(tmp_path, capsys):
     assert info["tables"]["t"]["rows"] == 3
     assert cli.main(["inspect", str(tmp_path / "c")]) == 0  # the text summary shows them too
     assert "'best_loss': 'inf'" in capsys.readouterr().out
+
+
+def test_a_reader_that_leaves_early_is_no_error(tmp_path):
+    """`dynembed inspect ... | head`: once "error: [Errno 32] Broken pipe" and exit 1."""
+    table = de.DynamicTable(de.TableConfig(dim=2, seed=1))
+    table.find_or_insert(torch.arange(3))
+    de.checkpoint.save(tmp_path / "c", tables={"t": table})
+    reader, writer = os.pipe()
+    os.close(reader)  # gone before the command writes a byte
+    try:
+        done = subprocess.run([sys.executable, "-m", "dynembed", "inspect", str(tmp_path / "c")],
+                              stdout=writer, stderr=subprocess.PIPE,
+                              text=True, timeout=120, check=False)
+    finally:
+        os.close(writer)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
