@@ -241,11 +241,14 @@ def _candidates(output, inputs, labels, *, num_sampled, sampler, remove_accident
     elif training:
         rows = table.gather(cand_slots)
     else:  # evaluation: rows in the store or a lazily opened checkpoint are read too
-        rows, missing = table._find_gather(cand_ids)
-        # counted as a read of the labels (the negatives are the loss's own business)
-        absent = int(pos_counts[missing[cand_inverse[:unique_pos.shape[0]]]].sum())
-        call = CallStats(keys=pos_ids.shape[0], hits=pos_ids.shape[0] - absent,
-                         misses=absent, defaults_served=absent)
+        # counted as a read of the labels, as an eval lookup of them counts (a label whose
+        # row is in the store: a miss, loaded); the negatives are the loss's own business
+        label_counts = np.zeros(cand_ids.shape[0], dtype=np.int64)
+        label_counts[cand_inverse[:unique_pos.shape[0]]] = pos_counts
+        call = CallStats(keys=pos_ids.shape[0])
+        rows, missing = table._find_gather(cand_ids, call, label_counts)
+        call.hits = call.keys - call.misses
+        call.defaults_served = int(label_counts[missing].sum())
         table.last_call = call
         table.counters.add_call(call)
         if in_batch_read:  # a label without a row is no negative, as in training

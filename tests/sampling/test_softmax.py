@@ -259,6 +259,31 @@ def test_in_batch_negatives_in_eval_include_positives_whose_rows_are_in_the_stor
     assert sorted(unseen.sampled_ids.tolist()) == [0, 3, 5]
 
 
+@pytest.mark.parametrize("sampler", [Uniform(), InBatch()])
+def test_eval_counts_the_labels_as_an_eval_lookup_of_them_does(sampler):
+    """Labels whose rows were in the store were counted as hits in memory, not as misses
+    read from the store (``loaded``), unlike an eval lookup of the same labels."""
+    def trained():
+        out = de.DynamicEmbedding(dim=D, seed=3, optimizer=de.optim.SGD(lr=0.1),
+                                  max_rows=100, eviction=de.policy.LRU(),
+                                  store=de.storage.MemoryStore())
+        out(torch.arange(8)).sum().backward()
+        assert out.table.evict(rows=5) == 5
+        out.eval()
+        return out
+
+    labels = torch.tensor([0, 3, 3, 5, 7, 99])  # a repeat, and a label with no row anywhere
+    looked_up = trained()
+    looked_up(labels)
+    scored = trained()
+    de.sampled_logits(scored, torch.randn(6, D), labels, num_sampled=4, sampler=sampler,
+                      generator=0)
+    want = looked_up.stats()
+    assert want.last_call.loaded > 0 and want.last_call.defaults_served == 1
+    assert scored.stats().last_call == want.last_call
+    assert scored.stats().totals == want.totals
+
+
 def test_in_batch_logq_correction_in_eval_counts_rows_in_the_store():
     """The correction read training counts from memory only, so in eval a positive whose
     row was evicted counted as 1 and evicting rows changed the eval loss."""
