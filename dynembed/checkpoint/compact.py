@@ -34,14 +34,24 @@ def compact(path: str | os.PathLike, out: str | os.PathLike, *,
 
     Raises:
         FileExistsError: ``out`` exists.
+        NotADirectoryError: ``out`` lies under a file.
         CheckpointNotFoundError, CheckpointCorruptError: a link of the chain is missing or
             damaged.
+        TypeError: ``path`` or ``out`` is not a str or os.PathLike.
         ValueError: ``chunk_rows`` is not an int >= 1.
     """
+    for name, value in (("path", path), ("out", out)):
+        if not isinstance(value, (str, os.PathLike)):  # Path() would not name which one
+            raise TypeError(f"{name} must be a str or os.PathLike checkpoint directory, got "
+                            f"{type(value).__name__}")
     check_chunk_rows(chunk_rows)
     target = Path(out)
     if target.exists():
         raise FileExistsError(f"{target} exists; give compact() a new directory")
+    blocking = next((p for p in target.parents if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise NotADirectoryError(f"out: {blocking} is a file, so no checkpoint can be made "
+                                 f"under it at {target}; choose a path inside a directory")
     chain = mf.chain(path)
     for folder, manifest in chain:
         mf.check_files(folder, manifest)

@@ -3,7 +3,8 @@
 A restored table keeps a :class:`LazyRows` as its ``base``: lookups that miss memory and the
 store binary-search the memory-mapped rows files of the checkpoint (newest delta first, a
 deletion in a newer delta hiding older rows) and copy the rows they find into the table.
-Opening costs the same for any table size; each lookup pays for the rows it faults in.
+Opening reads each file's index (checksums and row offsets, about 0.15% of its bytes) and
+no row; each lookup pays for the rows it faults in.
 Ids the table erases or discards afterwards are hidden, so the checkpoint's copy never
 comes back. :meth:`rows` streams the newest visible version of every row in bucket-hash
 order, a bounded chunk at a time (full loads, compaction, full saves).
@@ -11,6 +12,7 @@ order, a bounded chunk at a time (full loads, compaction, full saves).
 
 from __future__ import annotations
 
+import numbers
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +24,7 @@ from dynembed.kernels.records import HEAD_WORDS, columns_of
 from dynembed.keys.buckets import bucket_hash, bucket_of_hash
 from dynembed.storage.rows import RowBlock
 from dynembed.table.index import EMPTY, HashIndex
+from dynembed.table.table import DynamicTable
 
 DEFAULT_CHUNK_ROWS = 1 << 16
 READERS = 1
@@ -179,24 +182,12 @@ class LazyRows:
         """The newest visible version of every row of the owned buckets, in bucket-hash
         order, about ``chunk_rows`` rows at a time (whole buckets), as ``(ids, records)``
         (see :mod:`dynembed.kernels.records`)."""
-        steps = list(self._steps(chunk_rows))
-        # the next chunk is read (I/O and checksums, without the GIL) while this one is used
-        pool = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="dynembed-read")
-        try:
-            ahead = deque(pool.submit(self._merge, *step) for step in steps[:READERS])
-            for i in range(len(steps)):
-                ids, records = ahead.popleft().result()
-                if i + READERS < len(steps):
-                    ahead.append(pool.submit(self._merge, *steps[i + READERS]))
-                if ids.shape[0] and self._hidden.size:  # here: hide() may run meanwhile
-                    keep = ~self.hidden(ids)
-                    ids, records = ids[keep], records[keep]
-                if ids.shape[0]:
-                    yield ids, records
-        finally:
-            # Not waiting: an unfinished generator may be closed by the garbage collector at
-            # any point of another thread's code, where joining threads can deadlock.
-            pool.shutdown(wait=False, cancel_futures=True)
+        # A generator of the layers, not of ``self``: the background load keeps it in
+        # ``self.pending``, and a generator holding ``self`` made a reference cycle, so a
+        # table dropped in the middle of a load kept the checkpoint's files open (their
+        # descriptors, mappings and, once deleted, disk space) until a full garbage collection.
+        return _chunks(self.layers, self.dim, self.width, list(self._steps(chunk_rows)),
+                       self._hidden)
 
     def rows(self, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[RowBlock]:
         """:meth:`chunks` as RowBlocks (copies)."""
@@ -220,37 +211,8 @@ class LazyRows:
 
     def _merge(self, first: int, stop: int, *,
                ids_only: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        """(ids, records) of buckets [first, stop): per id, the newest layer's row, unless
-        its newest entry is a deletion. ``ids_only`` reads no records (None)."""
-        ids, records, deleted, layer_of, dead_layer = [], [], [], [], []
-        for rank, layer in enumerate(self.layers):
-            for f in layer:
-                start, end = f.row_range(first, stop)
-                if end > start:
-                    part_ids, part_records = f.read_records(start, end, ids_only=ids_only)
-                    ids.append(part_ids)
-                    records.append(part_records)
-                    layer_of.append(np.full(end - start, rank))
-                lo, hi = f.deleted_range(first, stop)
-                if hi > lo:
-                    deleted.append(f.read_deleted(lo, hi))
-                    dead_layer.append(np.full(hi - lo, rank))
-        if len(ids) == 1 and not deleted:
-            return ids[0], records[0]  # one file: already in order, nothing to resolve
-        words = HEAD_WORDS + self.dim + self.width
-        live_ids = np.concatenate(ids) if ids else np.empty(0, np.int64)
-        live = None if ids_only else (np.concatenate(records) if records else
-                                      np.empty((0, words), np.uint32))
-        dead = np.concatenate(deleted) if deleted else np.empty(0, np.int64)
-        every = np.concatenate([live_ids, dead])
-        layer = np.concatenate(layer_of + dead_layer) if every.shape[0] else every
-        hashes = bucket_hash(every)
-        order = np.lexsort((layer, hashes))  # by hash, newest layer first
-        first_of = np.ones(order.shape[0], dtype=bool)
-        first_of[1:] = hashes[order[1:]] != hashes[order[:-1]]
-        winners = order[first_of]
-        winners = winners[winners < live_ids.shape[0]]
-        return live_ids[winners], None if ids_only else live[winners]
+        """See :func:`_merge`."""
+        return _merge(self.layers, self.dim, self.width, first, stop, ids_only=ids_only)
 
     def close(self) -> None:
         """Drops the files (the table no longer reads from the checkpoint)."""
@@ -258,6 +220,103 @@ class LazyRows:
         if self.pending is not None:
             self.pending.close()  # now, not whenever the garbage collector gets to it
         self.pending = None
+
+
+def _chunks(layers: list[list[RowsFile]], dim: int, width: int,
+            steps: list[tuple[int, int]], hidden: _IdSet
+            ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """:meth:`LazyRows.chunks`: the merged rows of each bucket range, read one range ahead.
+
+    Args:
+        layers: the rows files per checkpoint, newest first.
+        dim, width: row width and optimizer state width.
+        steps: ``(first, stop)`` bucket ranges, in order.
+        hidden: ids to skip (erased or discarded by the table, also while this runs).
+    """
+    # the next chunk is read (I/O and checksums, without the GIL) while this one is used
+    pool = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="dynembed-read")
+    try:
+        ahead = deque(pool.submit(_merge, layers, dim, width, *step)
+                      for step in steps[:READERS])
+        for i in range(len(steps)):
+            ids, records = ahead.popleft().result()
+            if i + READERS < len(steps):
+                ahead.append(pool.submit(_merge, layers, dim, width, *steps[i + READERS]))
+            if ids.shape[0] and hidden.size:  # here: hide() may run meanwhile
+                keep = ~hidden.contains(ids)
+                ids, records = ids[keep], records[keep]
+            if ids.shape[0]:
+                yield ids, records
+    finally:
+        # Not waiting: an unfinished generator may be closed by the garbage collector at
+        # any point of another thread's code, where joining threads can deadlock.
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _merge(layers: list[list[RowsFile]], dim: int, width: int, first: int, stop: int, *,
+           ids_only: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """(ids, records) of buckets [first, stop): per id, the newest layer's row, unless
+    its newest entry is a deletion.
+
+    Args:
+        layers: the rows files per checkpoint, newest first.
+        dim, width: row width and optimizer state width.
+        first, stop: the bucket range.
+        ids_only: read no records (None is returned for them).
+    """
+    ids, records, deleted, layer_of, dead_layer = [], [], [], [], []
+    for rank, layer in enumerate(layers):
+        for f in layer:
+            start, end = f.row_range(first, stop)
+            if end > start:
+                part_ids, part_records = f.read_records(start, end, ids_only=ids_only)
+                ids.append(part_ids)
+                records.append(part_records)
+                layer_of.append(np.full(end - start, rank))
+            lo, hi = f.deleted_range(first, stop)
+            if hi > lo:
+                deleted.append(f.read_deleted(lo, hi))
+                dead_layer.append(np.full(hi - lo, rank))
+    if len(ids) == 1 and not deleted:
+        return ids[0], records[0]  # one file: already in order, nothing to resolve
+    words = HEAD_WORDS + dim + width
+    live_ids = np.concatenate(ids) if ids else np.empty(0, np.int64)
+    live = None if ids_only else (np.concatenate(records) if records else
+                                  np.empty((0, words), np.uint32))
+    dead = np.concatenate(deleted) if deleted else np.empty(0, np.int64)
+    every = np.concatenate([live_ids, dead])
+    layer = np.concatenate(layer_of + dead_layer) if every.shape[0] else every
+    hashes = bucket_hash(every)
+    order = np.lexsort((layer, hashes))  # by hash, newest layer first
+    first_of = np.ones(order.shape[0], dtype=bool)
+    first_of[1:] = hashes[order[1:]] != hashes[order[:-1]]
+    winners = order[first_of]
+    winners = winners[winners < live_ids.shape[0]]
+    return live_ids[winners], None if ids_only else live[winners]
+
+
+def _is_count(value) -> bool:
+    """Whether ``value`` is an int >= 1 (Python or numpy; a bool is a mistake, not 1)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)) \
+        and value >= 1
+
+
+def _check_load_step_args(table, rows, chunk_rows) -> None:
+    """Raises TypeError / ValueError naming a bad argument of :func:`load_step`.
+
+    A fractional ``rows`` once looped forever (each pass loaded ``int(rows left)`` = 0
+    rows and never used up the budget); 0 or a negative number loaded nothing and reported
+    rows left, so ``while not load_step(table, n)`` never ended either.
+    """
+    if not isinstance(table, DynamicTable):
+        raise TypeError(f"table must be a DynamicTable restored with "
+                        f"de.checkpoint.load(..., lazy=True), got {type(table).__name__}")
+    if rows is not None and not _is_count(rows):
+        raise ValueError(f"rows must be None (load every remaining row) or an int >= 1 "
+                         f"(rows to load now), got {rows!r}")
+    if not _is_count(chunk_rows):
+        raise ValueError(f"chunk_rows must be an int >= 1 (rows read at a time), got "
+                         f"{chunk_rows!r}")
 
 
 def load_step(table, rows: int | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS, *,
@@ -269,20 +328,32 @@ def load_step(table, rows: int | None = None, chunk_rows: int = DEFAULT_CHUNK_RO
     ``into_empty``: the table held nothing when the load started and gets no other rows
     meanwhile (an eager restore), so no id needs looking up first.
 
+    Args:
+        table: a table restored with ``de.checkpoint.load(..., lazy=True)`` (a table with
+            nothing left to load returns True at once).
+        rows: the most rows to load now, an int >= 1; None loads every remaining row.
+        chunk_rows: rows read from the checkpoint at a time, an int >= 1.
+        into_empty: see above (internal).
+
     Returns:
         True when nothing is left to load, False when rows remain (the budget limit
         reached, or ``rows`` loaded). The table stops reading the checkpoint then, unless
         rows were dropped from memory after the stream passed them (a table without a store
         evicts rows unchanged since the checkpoint by dropping them: the checkpoint holds
         them); it then keeps the checkpoint for lookups to fault those in.
+
+    Raises:
+        TypeError: ``table`` is not a DynamicTable.
+        ValueError: ``rows`` or ``chunk_rows`` is not an int >= 1.
     """
+    _check_load_step_args(table, rows, chunk_rows)
     base = table.base
     if base is None:
         return True
     if base.pending is None:
         base.pending = base.chunks(chunk_rows)
         base.carry = None
-    budget = float("inf") if rows is None else rows
+    budget = float("inf") if rows is None else int(rows)
     while budget > 0:
         if base.carry is None:
             try:
@@ -292,7 +363,12 @@ def load_step(table, rows: int | None = None, chunk_rows: int = DEFAULT_CHUNK_RO
                 raise
             if base.carry is None:
                 base.pending = None
-                if any(table._only_in_base(ids).any() for ids in base.ids(chunk_rows)):
+                # Only a table without a store drops rows the stream brought in (evicted
+                # unchanged). With one, every streamed row went to the store (or memory or
+                # the store had a newer one) and leaves it only hidden here (erased), so
+                # this pass, which reads every row back from the store, is skipped.
+                if table.tier is None and any(table._only_in_base(ids).any()
+                                              for ids in base.ids(chunk_rows)):
                     base.background_rows = 0  # streamed once: the rest faults in
                     return True
                 base.close()

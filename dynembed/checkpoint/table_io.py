@@ -54,7 +54,15 @@ def _rows_of(table: DynamicTable, ids: np.ndarray) -> tuple[np.ndarray, RowBlock
 def _all_hashes(table: DynamicTable) -> np.ndarray:
     """Sorted bucket hashes of every live id (memory, store, lazily opened checkpoint)."""
     parts = [table.index.bucket_hashes()]
-    parts += [bucket_hash(block.ids) for block in table.rows_below_memory()]
+    if table.tier is not None:
+        for block in table.tier.scan():
+            parts.append(bucket_hash(block.ids[table.index.find(block.ids) == EMPTY]))
+    if table.base is not None:
+        # The ids alone, as table.rows_below_memory() would give them: it reads every
+        # record of the checkpoint (most of a lazily opened table) only for their ids, and
+        # the copy that follows reads the records of those rows again.
+        for ids in table.base.ids():
+            parts.append(bucket_hash(ids[table._only_in_base(ids)]))
     hashes = np.concatenate(parts)
     del parts
     hashes.sort()
@@ -167,6 +175,20 @@ def check_fits(table: DynamicTable, layers: list[list[RowsFile]]) -> None:
                 raise CheckpointError(str(e)) from None
 
 
+def _rows_to_load(base: LazyRows, chunk_rows: int) -> int:
+    """How many rows an eager load of ``base`` brings in: the file rows of its buckets for
+    one checkpoint, the merged count (ids only) for a chain.
+
+    The rows of every layer of a chain were once summed: a row changed in each delta counted
+    once per layer, so a chain of 9 reserved memory (and the index, which is written
+    whole) for up to 9 times the table.
+    """
+    first, stop = base.buckets.start, base.buckets.stop
+    if len(base.layers) == 1:  # a full checkpoint: no row twice, no deletion
+        return sum(int(np.diff(f.row_range(first, stop))[0]) for f in base.layers[0])
+    return base.count(chunk_rows)
+
+
 def restore(table: DynamicTable, layers: list[list[RowsFile]], buckets: range,
             aux: AuxState, *, since: str, lazy: bool, background_rows: int = 0,
             chunk_rows: int = DEFAULT_CHUNK_ROWS) -> None:
@@ -197,10 +219,9 @@ def restore(table: DynamicTable, layers: list[list[RowsFile]], buckets: range,
     base.background_rows = background_rows if lazy else 0
     table.base = base
     if not lazy:
-        if table.tier is None:  # size memory once instead of growing it chunk by chunk
-            table.reserve(sum(int(np.diff(f.row_range(buckets.start, buckets.stop))[0])
-                              for layer in layers for f in layer))
         try:
+            if table.tier is None:  # size memory once instead of growing it chunk by chunk
+                table.reserve(_rows_to_load(base, chunk_rows))
             load_step(table, None, chunk_rows, into_empty=True)
         except BaseException:  # a damaged block: never leave a half-loaded table
             if table.tier is not None:

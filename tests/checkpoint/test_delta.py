@@ -175,3 +175,37 @@ def test_a_delta_whose_parent_is_gone_is_refused_by_name(tmp_path):
     shutil.rmtree(tmp_path / "a")
     with pytest.raises(de.CheckpointNotFoundError, match="needs its parent"):
         de.checkpoint.load(tmp_path / "b", tables={"t": make_table()})
+
+
+def test_compact_names_a_bad_path_or_out(tmp_path):
+    """Path(123) raised "expected str, bytes or os.PathLike object, not int" without saying
+    which argument; an ``out`` under a file failed with a bare OS error on a .partial path."""
+    table = make_table()
+    train(table, batches(1, 100))
+    de.checkpoint.save(tmp_path / "c", tables={"t": table})
+    with pytest.raises(TypeError, match=r"^path must be a str or os.PathLike .*got int"):
+        de.checkpoint.compact(123, tmp_path / "out")
+    with pytest.raises(TypeError, match=r"^out must be a str or os.PathLike .*got NoneType"):
+        de.checkpoint.compact(tmp_path / "c", None)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match=r"^out: .*file is a file"):
+        de.checkpoint.compact(tmp_path / "c", tmp_path / "file" / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "file"]
+
+
+def test_an_eager_load_of_a_chain_reserves_memory_for_the_live_rows_only(tmp_path):
+    """The eager load sized memory by the rows of every layer of the chain: rows changed in
+    each delta counted once per layer, so a chain of 5 reserved 5 times the table."""
+    table = make_table()
+    table.insert_or_assign(np.arange(5_000), torch.zeros(5_000, 8))
+    de.checkpoint.save(tmp_path / "c0", tables={"t": table})
+    for k in range(1, 5):
+        table.assign(np.arange(5_000), torch.full((5_000, 8), float(k)))  # every row
+        table.erase(np.arange(k * 10))
+        de.checkpoint.save(tmp_path / f"c{k}", tables={"t": table},
+                           parent=tmp_path / f"c{k - 1}")
+    restored = make_table()
+    de.checkpoint.load(tmp_path / "c4", tables={"t": restored})
+    assert_same_rows(table, restored)
+    assert len(restored) == 5_000 - 40
+    assert restored.capacity() < 1.5 * len(restored)  # was 24,900: 5,000 per layer

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import gc
+import os
+
 import numpy as np
 import pytest
 
 import dynembed as de
+from dynembed.checkpoint.lazy import DEFAULT_CHUNK_ROWS
 from dynembed.checkpoint.rows_file import RowsFile
 
 from .helpers import assert_same_rows, batches, make_table, rows_by_id, train
@@ -259,3 +263,113 @@ def test_rows_changed_then_saved_are_not_read_back_stale_after_eviction(tmp_path
     restored = table()
     de.checkpoint.load(tmp_path / "c2", tables={"t": restored})
     assert_same_rows(lazy, restored)  # the live table and its checkpoint agree
+
+
+@pytest.mark.parametrize("rows", [2.5, 0, -1, True, "100"])
+def test_load_step_refuses_a_bad_rows_by_name(saved, rows):
+    """A fractional ``rows`` looped forever (each pass loaded int(rows left) = 0 rows);
+    0 or less loaded nothing and reported rows left, so ``while not load_step(...)`` spun."""
+    path, _ = saved
+    lazy = make_table()
+    de.checkpoint.load(path, tables={"t": lazy}, lazy=True)
+    with pytest.raises(ValueError, match=r"rows must be None \(load every remaining row\) "
+                                         r"or an int >= 1 .*got"):
+        de.checkpoint.load_step(lazy, rows)
+    with pytest.raises(ValueError, match=r"chunk_rows must be an int >= 1"):
+        de.checkpoint.load_step(lazy, 10, chunk_rows=0)
+    with pytest.raises(TypeError, match=r"table must be a DynamicTable .*got str"):
+        de.checkpoint.load_step("t")
+    assert len(lazy) == 0  # nothing was loaded by the refused calls
+    assert de.checkpoint.load_step(lazy, np.int64(10)) is False  # numpy ints are ints
+    assert len(lazy) == 10
+
+
+def _files_open_under(folder) -> tuple[int, int]:
+    """(descriptors, mappings) this process holds on files under ``folder``."""
+    folder = str(folder.resolve())
+    fds = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            fds += os.readlink(f"/proc/self/fd/{fd}").startswith(folder)
+        except OSError:  # closed meanwhile (the listing's own descriptor)
+            pass
+    with open("/proc/self/maps") as f:
+        maps = sum(folder in line for line in f)
+    return fds, maps
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux /proc")
+def test_a_table_dropped_during_a_background_load_lets_its_files_go(saved):
+    """The background load's generator held the LazyRows that holds it (a reference cycle):
+    a table dropped in the middle of a load kept the checkpoint's descriptors and mappings
+    (and the disk space of deleted checkpoints) until a full garbage collection."""
+    path, _ = saved
+    gc.collect()
+    assert _files_open_under(path) == (0, 0)
+    gc.disable()  # only reference counting: what a cycle would keep, stays
+    try:
+        lazy = make_table()
+        de.checkpoint.load(path, tables={"t": lazy}, lazy=True, background_rows=100)
+        train(lazy, [np.array([1])])  # the background load starts reading
+        assert lazy.base.pending is not None
+        # one chunk: no read-ahead still in flight on the reader thread (it holds the files
+        # until it finishes, whatever happens to the table)
+        assert len(list(lazy.base._steps(DEFAULT_CHUNK_ROWS))) == 1
+        assert _files_open_under(path) != (0, 0)
+        del lazy
+        assert _files_open_under(path) == (0, 0)
+    finally:
+        gc.enable()
+
+
+def _bytes_read() -> int:
+    """Bytes this process has read with read()/pread() (not through memory maps)."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="needs Linux /proc")
+def test_a_full_save_of_a_lazy_table_reads_the_checkpoint_ids_not_its_records(tmp_path):
+    """The save's sort order took the ids of the rows left in the checkpoint from
+    rows_below_memory(), which streams every record (most of a lazily opened table) only
+    for their ids; the copy then read those records again."""
+    import torch
+
+    source = make_table(dim=64)
+    source.insert_or_assign(np.arange(20_000), torch.randn(20_000, 64))
+    de.checkpoint.save(tmp_path / "c0", tables={"t": source})
+    lazy = make_table(dim=64)
+    de.checkpoint.load(tmp_path / "c0", tables={"t": lazy}, lazy=True)
+    train(lazy, [np.arange(100)])
+    records = RowsFile(str(next((tmp_path / "c0").glob("tables/t/*.rows")))).layout \
+        .offsets["records"][1]
+    before = _bytes_read()
+    de.checkpoint.save(tmp_path / "c1", tables={"t": lazy})  # full
+    read = _bytes_read() - before
+    assert read < records / 4  # the copy reads records through the map
+    restored = make_table(dim=64)
+    de.checkpoint.load(tmp_path / "c1", tables={"t": restored})
+    assert_same_rows(lazy, restored)
+
+
+def test_moving_a_checkpoint_into_the_store_does_not_read_it_all_back(saved):
+    """At the end of the stream, a check for rows dropped from memory behind it read every
+    checkpoint row back from the store (one get each: a second pass over RocksDB or Redis),
+    though with a store no row is dropped: each went to the store, or had a newer copy."""
+    path, table = saved
+
+    class CountingStore(de.storage.MemoryStore):
+        rows_read = 0
+
+        def _get(self, ids):
+            CountingStore.rows_read += ids.shape[0]
+            return super()._get(ids)
+
+    tiered = make_table(store=CountingStore(), max_rows=100)
+    de.checkpoint.load(path, tables={"t": tiered}, lazy=True)
+    train(tiered, [np.arange(50)])
+    CountingStore.rows_read = 0
+    tiered.flush()  # the unread checkpoint rows go to the store
+    assert tiered.base is None
+    assert CountingStore.rows_read <= len(table)  # was twice: once more at the end
+    assert tiered.tier.store.size() == len(tiered.export().ids) >= len(table)
