@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dynembed._args import check_int
 from dynembed.checkpoint import manifest as mf
 from dynembed.checkpoint.lazy import DEFAULT_CHUNK_ROWS, LazyRows
 from dynembed.checkpoint.rows_file import RowsFile
@@ -69,9 +70,8 @@ def _check_plain(value, where: str) -> None:
 
 
 def check_chunk_rows(chunk_rows: int) -> None:
-    """Raises ValueError unless ``chunk_rows`` is an int >= 1."""
-    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be an int >= 1, got {chunk_rows!r}")
+    """Raises ValueError unless ``chunk_rows`` is an int >= 1 (Python or numpy)."""
+    check_int("chunk_rows", chunk_rows)
 
 
 def check_restore_options(lazy: bool, background_rows: int, lazy_arg: str = "lazy") -> None:
@@ -79,9 +79,7 @@ def check_restore_options(lazy: bool, background_rows: int, lazy_arg: str = "laz
     that is not an int >= 0."""
     if not isinstance(lazy, bool):
         raise TypeError(f"{lazy_arg} must be True or False, got {lazy!r}")
-    if isinstance(background_rows, bool) or not isinstance(background_rows, int) \
-            or background_rows < 0:
-        raise ValueError(f"background_rows must be an int >= 0, got {background_rows!r}")
+    check_int("background_rows", background_rows, minimum=0)
 
 
 def _check_rank(rank: int, world_size: int) -> None:
@@ -104,8 +102,7 @@ def _gather_tables(model: nn.Module | None, tables: dict | None) -> dict[str, Dy
                         f"{type(tables).__name__}; e.g. tables={{'items': table}}")
     found = named_tables(model) if model is not None else {}
     for name, table in (tables or {}).items():
-        if not isinstance(name, str) or not name or "/" in name:
-            raise ValueError(f"tables keys must be non-empty names without '/', got {name!r}")
+        _check_table_name(name)
         if not isinstance(table, DynamicTable):
             raise TypeError(f"tables[{name!r}] must be a DynamicTable, got "
                             f"{type(table).__name__}")
@@ -113,6 +110,15 @@ def _gather_tables(model: nn.Module | None, tables: dict | None) -> dict[str, Dy
             raise ValueError(f"tables[{name!r}] clashes with the model's table of that name")
         found[name] = table
     return found
+
+
+def _check_table_name(name) -> None:
+    """Raises ValueError unless ``name`` (a key of ``tables``) can name a table's folder of a
+    checkpoint: "." and ".." once wrote the rows file into the checkpoint (or its parent)
+    itself. A model's tables are named by their modules, which refuse such names."""
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\0" in name:
+        raise ValueError("tables keys must be non-empty names without '/', other than '.' "
+                         f"and '..' (each names a folder of the checkpoint), got {name!r}")
 
 
 def _replicated(table: DynamicTable) -> bool:
@@ -176,6 +182,7 @@ def save(path: str | os.PathLike, model: nn.Module | None = None,
     if num_buckets is not None:
         check_num_buckets(num_buckets)
     check_chunk_rows(chunk_rows)
+    chunk_rows = int(chunk_rows)  # a numpy int is fine, as Python's
     if optimizer is not None and not hasattr(optimizer, "state_dict"):
         raise TypeError(f"optimizer must be a torch optimizer, got {type(optimizer).__name__}")
     if extra is not None:
@@ -409,6 +416,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
     _checkpoint_path(path)
     check_restore_options(lazy, background_rows)
     check_chunk_rows(chunk_rows)
+    background_rows, chunk_rows = int(background_rows), int(chunk_rows)
     found = _gather_tables(model, tables)
     chain = mf.chain(path)
     for folder, manifest in chain:

@@ -253,7 +253,8 @@ class RowLifecycle:
             ids: (n,) int64 distinct ids, in the checkpoint's order.
             records: (n, 4 + dim + state_width) uint32 packed rows
                 (:mod:`dynembed.kernels.records`).
-            absent: the caller knows no id has a row yet (skips looking them up).
+            absent: the caller knows no id has a row yet, in memory or the store (skips
+                looking them up: an eager restore into a store read every row's key back).
 
         Returns:
             How many leading rows were handled; fewer than given only when memory is full.
@@ -265,7 +266,7 @@ class RowLifecycle:
                  else self.index.find(ids) == EMPTY)
         if self.tier is not None:
             idx = np.flatnonzero(fresh)
-            if idx.shape[0]:
+            if idx.shape[0] and not absent:  # absent: the store was emptied for the load
                 fresh[idx[self.tier.get(ids[idx])[0]]] = False
             if fresh.any():
                 counts, last, weights, state = columns_of(records[fresh], self.dim)

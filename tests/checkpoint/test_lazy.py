@@ -373,3 +373,24 @@ def test_moving_a_checkpoint_into_the_store_does_not_read_it_all_back(saved):
     assert tiered.base is None
     assert CountingStore.rows_read <= len(table)  # was twice: once more at the end
     assert tiered.tier.store.size() == len(tiered.export().ids) >= len(table)
+
+
+def test_an_eager_load_into_a_store_reads_nothing_back_from_it(saved):
+    """The restore empties the store first, yet each streamed row's key was looked up in
+    it (a pass of gets over RocksDB or Redis as long as the table)."""
+    path, table = saved
+
+    class CountingStore(de.storage.MemoryStore):
+        rows_read = 0
+
+        def _get(self, ids):
+            CountingStore.rows_read += ids.shape[0]
+            return super()._get(ids)
+
+    tiered = make_table(store=CountingStore(), max_rows=100)
+    train(tiered, [np.arange(1000, 1050)])  # rows the load replaces
+    CountingStore.rows_read = 0
+    de.checkpoint.load(path, tables={"t": tiered})
+    assert CountingStore.rows_read == 0
+    got, want = tiered.export(), table.export()
+    assert sorted(got.ids.tolist()) == sorted(want.ids.tolist())

@@ -162,6 +162,27 @@ def test_save_refuses_values_that_would_not_load_with_weights_only(tmp_path):
     assert de.checkpoint.load(tmp_path / "ok", model) == extra
 
 
+@pytest.mark.parametrize("name", [".", "..", "", "a/b", 3])
+def test_a_table_name_that_is_no_folder_name_is_refused(tmp_path, name):
+    """Once "." and ".." were taken: the rows file went into the checkpoint (or its parent)
+    itself, and compacting it failed with FileExistsError."""
+    table = make_table()
+    with pytest.raises(ValueError, match="names without '/', other than '.' and '..'"):
+        de.checkpoint.save(tmp_path / "x", tables={name: table})
+    assert not (tmp_path / "x").exists()
+
+
+def test_numpy_ints_count_as_ints(tmp_path):
+    table = make_table()
+    train(table, batches(2, 100))
+    de.checkpoint.save(tmp_path / "c", tables={"t": table}, chunk_rows=np.int64(64))
+    loaded = make_table()
+    de.checkpoint.load(tmp_path / "c", tables={"t": loaded}, chunk_rows=np.int32(64),
+                       lazy=True, background_rows=np.int64(10))
+    assert sorted(loaded.export().ids.tolist()) == sorted(table.export().ids.tolist())
+    de.checkpoint.compact(tmp_path / "c", tmp_path / "d", chunk_rows=np.int64(64))
+
+
 def test_bad_arguments_and_mismatches_are_named(tmp_path):
     table = make_table()
     train(table, batches(2, 100))
