@@ -19,6 +19,13 @@ metrics APIs:
   gone (the pipe closes) shuts itself down gracefully; replicas run in their own process
   group, so a terminal's Ctrl-C reaches only the first process, which stops them.
 
+On SIGTERM the first process stops accepting connections on the port while the replicas go
+on, answers the requests sent to it, then stops the replicas, which do the same. Each
+process's socket has an accept queue of its own, whose connections the kernel resets when
+the socket closes: every process accepts what waits there as it closes it (see
+:mod:`dynembed.serving.server`), so the requests sent before the SIGTERM are answered,
+not reset.
+
 A replica starts empty, receives the current models over its pipe, and only then opens
 the port, so it never answers "model not found" for a model the server has.
 """

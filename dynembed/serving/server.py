@@ -2,8 +2,12 @@
 
 One uvicorn server listens on the three sockets and hands each request to the app of the
 port it arrived on, so there is one event loop, one signal handler and one graceful
-shutdown: on SIGTERM or SIGINT the server stops accepting connections, finishes every
-request it accepted (queued ones included), then stops the models' workers.
+shutdown: on SIGTERM or SIGINT the server stops accepting connections, answers every
+request sent to it before the signal, then stops the models' workers. Those requests
+include the ones on connections the kernel has queued on its sockets but the server has
+not accepted yet (it accepts them as it closes the sockets, which would reset them), the
+ones that have arrived on a connection but are not read yet
+(:mod:`dynembed.serving.http_protocol`), and those that wait for a worker.
 
 A model can follow a training job's checkpoint directory (``follow``): when a newer
 checkpoint commits, it is opened lazily into new tables that replace the live ones between
@@ -214,7 +218,11 @@ _BACKSTOP_S = 1.0
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, whose graceful shutdown answers stuck requests in time.
+    """uvicorn's server, whose graceful shutdown loses no queued connection and answers
+    stuck requests in time.
+
+    It accepts the connections waiting on its listening sockets as it closes them (see
+    :meth:`shutdown`), so they are answered, not reset.
 
     uvicorn waits ``timeout_graceful_shutdown`` for the accepted requests, then cancels
     them (each answered with a plain-text 500) and only then sends the lifespan shutdown,
@@ -234,6 +242,15 @@ class _Server(uvicorn.Server):
         self._give_up, self._grace_s = give_up, grace_s
 
     async def shutdown(self, sockets=None) -> None:
+        # Closing a listening socket resets the connections queued on it (handshake done,
+        # request maybe sent, not accepted yet), and with SO_REUSEPORT every process has a
+        # queue of its own. So they are accepted first, and the sockets closed in the same
+        # step of the loop (nothing queues in between; uvicorn's shutdown finds them
+        # closed), then served as the connections accepted before.
+        queued = _accept_queued(sockets or [])
+        for server in self.servers:
+            server.close()
+        await self._serve_accepted(queued)
         loop = asyncio.get_running_loop()
         giving_up: list[asyncio.Task] = []
 
@@ -247,6 +264,43 @@ class _Server(uvicorn.Server):
         finally:
             timer.cancel()
             await asyncio.gather(*giving_up, return_exceptions=True)
+
+    async def _serve_accepted(self, connections: list[socket.socket]) -> None:
+        """Serves connections accepted outside uvicorn as uvicorn serves its own."""
+        if not connections:
+            return
+        loop = asyncio.get_running_loop()
+        config = self.config
+
+        def protocol():  # uvicorn's own factory (Server.startup)
+            return config.http_protocol_class(config=config, server_state=self.server_state,
+                                              app_state=self.lifespan.state)
+
+        results = await asyncio.gather(
+            *(loop.connect_accepted_socket(protocol, conn) for conn in connections),
+            return_exceptions=True)
+        for conn, result in zip(connections, results):
+            if isinstance(result, BaseException):  # e.g. reset by its client meanwhile
+                conn.close()
+
+
+def _accept_queued(sockets: list[socket.socket]) -> list[socket.socket]:
+    """The connections waiting in the accept queues of listening ``sockets``, accepted."""
+    accepted = []
+    for sock in sockets:
+        sock.setblocking(False)  # as the loop set it: take what waits, never wait
+        while True:
+            try:
+                accepted.append(sock.accept()[0])
+            except ConnectionAbortedError:  # its client gave up while it waited
+                continue
+            except BlockingIOError:  # none left
+                break
+            except OSError as e:  # e.g. out of file descriptors: those left are reset
+                logger.error("cannot accept the connections waiting on %s at shutdown: %s",
+                             sock.getsockname(), e)
+                break
+    return accepted
 
 
 async def _not_found(request: Request, exc) -> Response:

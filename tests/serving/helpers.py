@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import re
+import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -126,6 +131,68 @@ def start_server(store: Path, **options) -> Running:
         raise RuntimeError("the server did not start within 60 s")
     return Running(server, thread, urls["inference"], urls["management"], urls["metrics"],
                    Path(config.key_file))
+
+
+def start_cli_server(args: list[str], ready: str) -> tuple[subprocess.Popen, dict[str, str]]:
+    """Starts ``dynembed serve ARGS`` (its own process) and waits until it answers 200 on
+    ``ready`` (a path of the inference API).
+
+    Returns:
+        (the process, the URLs it printed by API: inference, management, metrics)
+    """
+    proc = subprocess.Popen([sys.executable, "-m", "dynembed", "serve", *args],
+                            stderr=subprocess.PIPE, text=True)
+    urls, lines = {}, []
+
+    def read():
+        for line in proc.stderr:
+            lines.append(line)
+            match = re.match(r"(\w+) API on (http://\S+)", line)
+            if match:
+                urls[match.group(1)] = match.group(2)
+
+    threading.Thread(target=read, daemon=True).start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError("dynembed serve exited:\n" + "".join(lines))
+        if len(urls) == 3:
+            try:
+                if httpx.get(urls["inference"] + "/ping").status_code == 200 and \
+                        httpx.get(urls["inference"] + ready).status_code == 200:
+                    return proc, urls
+            except httpx.HTTPError:
+                pass
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("dynembed serve did not come up:\n" + "".join(lines))
+
+
+def predict_request(batch: list[dict], model: str = "ctr") -> bytes:
+    """An HTTP/1.1 request (kept alive) predicting ``batch`` with ``model``, as sent on a
+    socket."""
+    body = json.dumps(batch).encode()
+    return (f"POST /predictions/{model} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode() + body
+
+
+def read_answer(sock: socket.socket, timeout: float = 60):
+    """(status, headers, body: parsed if JSON) of the response read from ``sock``, or the
+    name of the error that came instead (``ConnectionResetError``, ``RemoteDisconnected``,
+    ...)."""
+    sock.settimeout(timeout)
+    try:
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        body = response.read()
+    except (OSError, http.client.HTTPException) as e:
+        return type(e).__name__
+    try:
+        body = json.loads(body)
+    except ValueError:
+        body = body.decode(errors="replace")
+    return response.status, dict(response.getheaders()), body
 
 
 def torchserve_error(response: httpx.Response, code: int, kind: str | None = None) -> str:

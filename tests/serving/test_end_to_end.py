@@ -5,12 +5,9 @@ MovieLens 100k (downloaded once, cached; skips with the reason if it cannot be h
 
 from __future__ import annotations
 
-import re
 import signal
 import subprocess
 import sys
-import threading
-import time
 
 import httpx
 import numpy as np
@@ -20,6 +17,7 @@ import torch
 from dynembed.checkpoint.api import load
 from dynembed.checkpoint.manager import CheckpointManager
 from examples.datasets import DatasetUnavailableError, load_movielens_100k
+from tests.serving.helpers import start_cli_server
 
 
 @pytest.fixture(scope="module")
@@ -48,36 +46,6 @@ def _requests(movielens, n: int) -> tuple[list[dict], dict]:
     return examples, features
 
 
-def _start_server(args: list[str]) -> tuple[subprocess.Popen, dict[str, str]]:
-    proc = subprocess.Popen([sys.executable, "-m", "dynembed", "serve", *args],
-                            stderr=subprocess.PIPE, text=True)
-    urls, lines = {}, []
-
-    def read():
-        for line in proc.stderr:
-            lines.append(line)
-            match = re.match(r"(\w+) API on (http://\S+)", line)
-            if match:
-                urls[match.group(1)] = match.group(2)
-
-    threading.Thread(target=read, daemon=True).start()
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError("dynembed serve exited:\n" + "".join(lines))
-        if len(urls) == 3:
-            try:
-                if httpx.get(urls["inference"] + "/ping").status_code == 200 and \
-                        httpx.get(urls["inference"] + "/v2/models/ctr/ready").status_code \
-                        == 200:
-                    return proc, urls
-            except httpx.HTTPError:
-                pass
-        time.sleep(0.1)
-    proc.kill()
-    raise AssertionError("dynembed serve did not come up:\n" + "".join(lines))
-
-
 def test_train_export_serve_and_the_answers_match(movielens, tmp_path):
     from examples import elastic_ctr
 
@@ -101,12 +69,13 @@ def test_train_export_serve_and_the_answers_match(movielens, tmp_path):
     with torch.no_grad():
         want = torch.sigmoid(model(features)).numpy()
 
-    proc, urls = _start_server(["--model-store", str(store), "--models", "ctr=ctr-1.0",
-                                "--inference-address", "127.0.0.1:0",
-                                "--management-address", "127.0.0.1:0",
-                                "--metrics-address", "127.0.0.1:0",
-                                "--key-file", str(tmp_path / "key_file.json"),
-                                "--batch-size", "32", "--max-batch-delay", "5"])
+    proc, urls = start_cli_server(["--model-store", str(store), "--models", "ctr=ctr-1.0",
+                                   "--inference-address", "127.0.0.1:0",
+                                   "--management-address", "127.0.0.1:0",
+                                   "--metrics-address", "127.0.0.1:0",
+                                   "--key-file", str(tmp_path / "key_file.json"),
+                                   "--batch-size", "32", "--max-batch-delay", "5"],
+                                  ready="/v2/models/ctr/ready")
     try:
         got = []
         for start in range(0, len(examples), 50):

@@ -1,13 +1,20 @@
 """A server with several processes: replicas answer on the same port and follow every
-change made through the first process (real processes, real sockets)."""
+change made through the first process, and a SIGTERM loses no request (real processes,
+real sockets)."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import os
 import re
 import signal
+import socket
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -20,6 +27,9 @@ from tests.serving.helpers import (
     eventually,
     examples,
     expected,
+    predict_request,
+    read_answer,
+    start_cli_server,
     start_server,
     write_package,
 )
@@ -209,8 +219,6 @@ def test_a_model_registered_while_a_replica_starts_again_reaches_it(tmp_path):
 def test_a_second_server_of_several_processes_cannot_share_a_busy_port(tmp_path):
     """SO_REUSEPORT let it bind beside another server's socket: the kernel then split
     requests between two servers with different models."""
-    import socket
-
     from dynembed.serving import ModelServer
     taken = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -267,8 +275,6 @@ def test_scales_reach_the_replicas_in_the_order_they_were_made(tmp_path):
 
 def test_a_slow_scale_down_holds_back_no_other_model(tmp_path):
     """One lock for every model made a scale of model b wait for model a's scale-down."""
-    import time
-
     from dynembed.serving.registry import Registry
 
     store = tmp_path / "store"
@@ -322,3 +328,102 @@ def test_a_model_registered_under_another_name_reaches_the_replicas_by_that_name
                                        connections=10)} == {200}
     finally:
         server.stop()
+
+
+# ------------------------------------------------------------ SIGTERM loses no connection
+def _proc_status(pid: int, field: str) -> str:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return line.split()[1]
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def _stopped(pid: int) -> bool:
+    return _proc_status(pid, "State") in ("T", "t")
+
+
+def _term_pending(pid: int) -> bool:
+    """Whether a SIGTERM waits to be delivered to (stopped) process ``pid``."""
+    return bool(int(_proc_status(pid, "ShdPnd"), 16) & (1 << (signal.SIGTERM - 1)))
+
+
+def _replica_of(pid: int) -> int:
+    """The replica process of server ``pid`` (its child started by multiprocessing's spawn,
+    not the resource tracker)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            argv = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):  # gone meanwhile
+            continue
+        if ppid == pid and b"--multiprocessing-fork" in argv:
+            return int(stat.parent.name)
+    raise AssertionError(f"server pid {pid} has no replica process")
+
+
+def test_sigterm_answers_every_request_sent_before_it(tmp_path):
+    """``dynembed serve --processes 2`` answers every request sent before its SIGTERM.
+
+    Each process listens on a socket of its own (SO_REUSEPORT), with its own accept queue:
+    closing it at shutdown reset the connections still queued there, whose clients had
+    sent their requests. To queue them every time, both processes are stopped (SIGSTOP)
+    while 48 new connections open and send a request, and 16 kept-alive ones their second
+    one; each process is let go once its SIGTERM waits (the replica's comes from the first
+    process, when it is done), past its event loop's 0.1 s tick, so that the loop starts
+    the shutdown before it polls a socket, as a busy loop does when it sees the SIGTERM
+    before the connections that queued meanwhile. Before the fix every new connection was
+    reset, and most kept-alive ones, in every run (12 of 12); each process gets some of
+    the 48 new connections except with probability 2^-47.
+    """
+    store = tmp_path / "store"
+    store.mkdir()
+    coll, dense = write_package(store)
+    proc, urls = start_cli_server([
+        "--model-store", str(store), "--models", "ctr=ctr-1.0", "--processes", "2",
+        "--inference-address", "127.0.0.1:0", "--management-address", "127.0.0.1:0",
+        "--metrics-address", "127.0.0.1:0", "--disable-token-auth",
+        "--key-file", str(tmp_path / "key_file.json"),
+        "--batch-size", "16", "--max-batch-delay", "5"], ready="/v2/models/ctr/ready")
+    batch = examples(3, seed=4)
+    request = predict_request(batch)
+    address = urls["inference"].removeprefix("http://").rsplit(":", 1)
+    pids, opened, answers = [proc.pid], [], []
+    try:
+        eventually(lambda: 'process="1"' in httpx.get(urls["metrics"] + "/metrics").text,
+                   timeout=60)  # the replica serves
+        pids.append(_replica_of(proc.pid))
+        kept = [socket.create_connection((address[0], int(address[1]))) for _ in range(16)]
+        opened += kept
+        for sock in kept:  # kept alive after a first answer
+            sock.sendall(request)
+            assert read_answer(sock)[0] == 200
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        eventually(lambda: all(_stopped(pid) for pid in pids))
+        fresh = [socket.create_connection((address[0], int(address[1]))) for _ in range(48)]
+        opened += fresh
+        for sock in opened:
+            sock.sendall(request)
+        proc.send_signal(signal.SIGTERM)
+        for pid in pids:  # the first process sends the replica its SIGTERM once it is done
+            eventually(lambda pid=pid: _term_pending(pid), timeout=60)
+            time.sleep(0.3)
+            os.kill(pid, signal.SIGCONT)
+        answers = [read_answer(sock) for sock in opened]
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        for sock in opened:
+            sock.close()
+        try:
+            code = proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    want = expected(coll, dense, batch)
+    failed = collections.Counter(a if isinstance(a, str) else a[0] for a in answers
+                                 if isinstance(a, str) or a[0] != 200)
+    assert not failed, f"{sum(failed.values())} of {len(answers)} requests failed: {failed}"
+    assert all(body == pytest.approx(want, rel=1e-6) for _, _, body in answers)
+    assert code == 0
