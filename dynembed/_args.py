@@ -39,11 +39,13 @@ def check_positive(name: str, value: float, *, allow_zero: bool = False) -> None
         raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
 
 
-def check_int(name: str, value, minimum: int = 1) -> None:
-    """Raises ValueError naming ``name`` unless ``value`` is an integer >= ``minimum``."""
+def check_int(name: str, value, minimum: int = 1) -> int:
+    """``value`` as a Python int; raises ValueError naming ``name`` unless it is an integer
+    (Python or numpy) >= ``minimum``."""
     if not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_)) \
             or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
 
 
 def check_in(name: str, value, low: float, high: float, *, low_open: bool = False,

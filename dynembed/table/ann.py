@@ -5,9 +5,10 @@ approximate index answers in a fraction of the time. ``ApproximateIndex`` builds
 IVF-Flat (inverted lists, ``nprobe`` lists searched per query) or HNSW index from every
 live row (memory, store, lazily opened checkpoint), keyed by row id. Rows change as the
 table trains, so the index is rebuilt on demand (:meth:`rebuild`) or automatically before a
-search once the table has applied ``rebuild_every`` optimizer updates since the last build
-(``stale`` says whether it has changed at all). :meth:`recall` measures it against the
-exact search. Needs ``faiss-cpu`` (``pip install 'dynembed[ann]'``).
+search once the table has applied ``rebuild_every`` optimizer updates since the last build,
+or was cleared or loaded (``stale`` says whether it has changed at all). Rows holding NaN or
+inf are left out. :meth:`recall` measures it against the exact search. Needs ``faiss-cpu``
+(``pip install 'dynembed[ann]'``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dynembed._args import check_int
 from dynembed.table.search import METRICS, TableSearch, TopK, query_matrix
 
 KINDS = ("ivf", "hnsw")
@@ -35,13 +37,15 @@ class ApproximateIndex:
     Args:
         table: the table.
         metric: ``"dot"`` or ``"cosine"``.
-        kind: ``"ivf"`` (IVF-Flat; ``nlist`` lists, default 4 * sqrt(rows)) or ``"hnsw"``
-            (``m`` links per node).
+        kind: ``"ivf"`` (IVF-Flat; ``nlist`` lists, default 4 * sqrt(rows), at most one
+            per 39 rows, as faiss's k-means wants) or ``"hnsw"`` (``m`` >= 2 links per
+            node).
         nprobe: lists searched per query (ivf).
         ef_search: candidates kept while searching (hnsw).
         rebuild_every: rebuild before a search once the table applied this many optimizer
-            updates since the last build (None: only on demand). Rows erased since the
-            build are never answered, rebuilt or not.
+            updates since the last build, or was cleared or loaded since (a load replaces
+            every row, and may set the update count back); None: only on demand. Rows
+            erased since the build are never answered, rebuilt or not.
 
     Raises:
         TypeError: ``table`` is not a table.
@@ -59,11 +63,11 @@ class ApproximateIndex:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        for name, value in (("nprobe", nprobe), ("m", m), ("ef_search", ef_search),
-                            ("nlist", nlist), ("rebuild_every", rebuild_every)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value < 1):
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        nprobe, ef_search = check_int("nprobe", nprobe), check_int("ef_search", ef_search)
+        m = check_int("m", m, minimum=2)  # faiss's HNSW with one link crashes the process
+        nlist = None if nlist is None else check_int("nlist", nlist)
+        if rebuild_every is not None:
+            rebuild_every = check_int("rebuild_every", rebuild_every)
         self._faiss = _faiss()
         self.table, self.metric, self.kind = table, metric, kind
         self.nlist, self.nprobe, self.m, self.ef_search = nlist, nprobe, m, ef_search
@@ -74,6 +78,7 @@ class ApproximateIndex:
         self.rows = 0
         # (update step, writes, erasures, size) at the last build
         self._built_at: tuple[int, int, int, int] | None = None
+        self._wipes_at = 0  # table.wipes at the last build
 
     @property
     def stale(self) -> bool:
@@ -83,12 +88,24 @@ class ApproximateIndex:
         return self._built_at is None or self._built_at[1:] != (t.writes, t.erasures, t.size())
 
     def rebuild(self) -> int:
-        """Builds the index from every live row now; returns the rows indexed."""
+        """Builds the index from every live row now; returns the rows indexed.
+
+        Rows holding NaN or inf are left out: their scores are not numbers (``top_k`` ranks
+        a NaN score last) and faiss's k-means refuses them, so one diverged row made every
+        rebuild of an ivf index raise.
+        """
         faiss = self._faiss
-        parts = list(self.table._search_chunks(1 << 16))
-        ids = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int64)
-        rows = np.array(torch.cat([p[1] for p in parts]).numpy() if parts else
-                        np.empty((0, self.table.dim)), dtype=np.float32, copy=True)
+        id_parts, row_parts = [], []
+        for ids, rows in self.table._search_chunks(1 << 16):
+            rows = rows.numpy()
+            finite = np.isfinite(rows).all(axis=1)
+            id_parts.append(ids if finite.all() else ids[finite])
+            row_parts.append(rows if finite.all() else rows[finite])
+        ids = np.concatenate(id_parts) if id_parts else np.empty(0, np.int64)
+        # one copy of the rows (the parts are copies already): faiss normalises it in place
+        rows = (np.concatenate(row_parts).astype(np.float32, copy=False) if row_parts
+                else np.empty((0, self.table.dim), np.float32))
+        del row_parts
         if self.metric == "cosine" and rows.shape[0]:
             faiss.normalize_L2(rows)
         dim, n = self.table.dim, ids.shape[0]
@@ -108,21 +125,48 @@ class ApproximateIndex:
         self.index, self.ids, self.rows = index, ids, n
         t = self.table
         self._built_at = (t.update_step, t.writes, t.erasures, t.size())
+        self._wipes_at = t.wipes
         return n
 
+    def _due(self) -> bool:
+        """Whether :meth:`search` rebuilds first: never built, or ``rebuild_every`` is set
+        and the table applied that many updates since the build, or every row was replaced
+        (a clear or a load, after which ``update_step`` may be lower than at the build, and
+        counting from there waited for the old count)."""
+        if self.index is None:
+            return True
+        if self.rebuild_every is None:
+            return False
+        t = self.table
+        return (t.wipes != self._wipes_at
+                or t.update_step - self._built_at[0] >= self.rebuild_every)
+
     def search(self, queries, k: int) -> TopK:
-        """Approximate :meth:`DynamicTable.top_k` (same result type; past the rows found,
-        ids are -1 and scores -inf: tell padding by the score, as any id is a valid key)."""
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be an int >= 1, got {k!r}")
-        if self.index is None or (self.rebuild_every is not None and self._built_at is not None
-                                  and self.table.update_step - self._built_at[0]
-                                  >= self.rebuild_every):
+        """Approximate :meth:`DynamicTable.top_k`, rebuilding first if due (see
+        ``rebuild_every``).
+
+        Args:
+            queries: (q, dim) or (dim,) float tensor or array (any layout).
+            k: rows per query, >= 1.
+
+        Returns:
+            :class:`TopK` as ``top_k``'s: (q, k) ids and scores ((k,) for one (dim,) query),
+            best first; past the rows found, ids are -1 and scores -inf (tell padding by the
+            score, as any id is a valid key).
+
+        Raises:
+            ValueError: bad ``k`` or query shape, or a query holding NaN or inf.
+            TypeError: ``queries`` are not numbers.
+        """
+        k = check_int("k", k)
+        if self._due():
             self.rebuild()
         given = query_matrix(queries)
         single = given.dim() == 1
+        # a C-ordered copy: faiss normalises in place, and reads only C-contiguous arrays
+        # (a transposed, sliced or expanded tensor was refused with faiss's own error)
         q = np.array((given.reshape(1, -1) if single else given).numpy(),
-                     dtype=np.float32, copy=True)  # a copy: faiss normalises in place
+                     dtype=np.float32, order="C", copy=True)
         if q.ndim != 2 or q.shape[1] != self.table.dim:
             raise ValueError(f"queries must have shape (q, {self.table.dim}) or "
                              f"({self.table.dim},), got {tuple(given.shape)}")
@@ -172,12 +216,76 @@ class ApproximateIndex:
         return found, scores.astype(np.float32)
 
     def recall(self, queries, k: int) -> float:
-        """Share of the exact top k (``table.top_k``) that :meth:`search` returns."""
+        """Share of the exact top k (``table.top_k``) that :meth:`search` finds, rows tied
+        at the cut counted as found.
+
+        The exact search breaks a tie at the k-th score by id and the index by chance, so a
+        row that scores exactly as the exact k-th (e.g. one of several equal vectors) stands
+        in for a tied exact answer the index did not return (at most as many as the exact
+        answer holds). Scores are computed from the table's rows as they are now, so a stale
+        index is measured against the current table.
+
+        Args:
+            queries: (q, dim) or (dim,) float tensor.
+            k: neighbours per query, >= 1.
+
+        Returns:
+            Found answers / exact answers (rows with a finite score), over every query; 0.0
+            when there is no exact answer (no rows, or no queries).
+
+        Raises:
+            ValueError: bad ``k`` or queries (as :meth:`DynamicTable.top_k`).
+        """
         exact = self.table.top_k(queries, k, metric=self.metric)
         approx = self.search(queries, k)
-        e_ids, e_ok = exact.ids.reshape(-1, k).numpy(), ~np.isinf(exact.scores.reshape(-1, k)
-                                                                  .numpy())
-        a_ids, a_ok = approx.ids.reshape(-1, k).numpy(), ~np.isinf(approx.scores.reshape(-1, k)
-                                                                   .numpy())
-        hits = sum(np.isin(a[ao], e[eo]).sum() for a, ao, e, eo in zip(a_ids, a_ok, e_ids, e_ok))
-        return float(hits / max(e_ok.sum(), 1))
+        e_ids, e_ok = exact.ids.reshape(-1, k), ~torch.isinf(exact.scores.reshape(-1, k))
+        a_ids, a_ok = approx.ids.reshape(-1, k), ~torch.isinf(approx.scores.reshape(-1, k))
+        wanted = e_ok.sum(1)  # (q,) exact answers: best first, so a prefix of each row
+        # answers in the exact top k, found by sorting (vectorised over queries); counting
+        # the valid exact ids equal to an answer, so that padding (-1) never matches a row
+        # whose id is -1
+        e_sorted, order = torch.sort(e_ids, dim=1)
+        valid = torch.nn.functional.pad(torch.cumsum(torch.gather(e_ok, 1, order), 1), (1, 0))
+        first = torch.searchsorted(e_sorted, a_ids, side="left")
+        last = torch.searchsorted(e_sorted, a_ids, side="right")
+        in_exact = a_ok & (torch.gather(valid, 1, last) > torch.gather(valid, 1, first))
+        # ties at the cut, both sides scored by one arithmetic (a float32 matrix product
+        # rounds a row's score by where the row sits in it, so equal vectors differ there)
+        q = query_matrix(queries).reshape(-1, self.table.dim)
+        scores = self._scores(q, torch.cat([e_ids, a_ids], 1))
+        e_scores, a_scores = scores[:, :k], scores[:, k:]
+        cut = torch.gather(e_scores, 1, (wanted - 1).clamp(min=0).unsqueeze(1))
+        e_tied = (e_ok & (e_scores == cut)).sum(1)
+        a_tied = a_ok & (a_scores == cut)
+        stand_ins = torch.minimum(e_tied - (a_tied & in_exact).sum(1),
+                                  (a_tied & ~in_exact).sum(1))
+        hits = in_exact.sum(1) + stand_ins
+        return float(hits.sum()) / max(int(wanted.sum()), 1)
+
+    def _scores(self, q: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Scores of the current rows of ids against their query, in float64.
+
+        Each score is a sum of exactly computed products in a fixed order, so rows with
+        equal vectors score equally wherever they sit.
+
+        Args:
+            q: (q, dim) float32 queries.
+            ids: (q, j) int64 ids per query.
+
+        Returns:
+            (q, j) float64; -inf where an id has no row.
+        """
+        unique, inverse = np.unique(ids.numpy(), return_inverse=True)
+        rows, missing = self.table._find_gather(unique)
+        if self.metric == "cosine":
+            q, rows = (torch.nn.functional.normalize(q, dim=1),
+                       torch.nn.functional.normalize(rows, dim=1))
+        q, rows = q.double(), rows.double()
+        out = torch.empty(ids.shape, dtype=torch.float64)
+        inverse = torch.from_numpy(inverse.reshape(ids.shape))
+        step = max(1, (1 << 22) // max(1, ids.shape[1] * q.shape[1]))  # bounded memory
+        for start in range(0, ids.shape[0], step):
+            part = slice(start, start + step)
+            out[part] = (rows[inverse[part]] * q[part, None, :]).sum(-1)
+        out[torch.from_numpy(missing)[inverse]] = float("-inf")
+        return out

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from dynembed._args import check_int
 from dynembed.table.arena import LAST_STEP
 from dynembed.table.eviction import FREE_STEP
 
@@ -32,8 +33,9 @@ class TopK(NamedTuple):
         scores: (q, k) (or (k,)) float32 their scores (-inf past the last row). A score
             that is NaN (a row holding NaN, or infinities that cancel) counts, and is
             reported, as -inf.
-        keys: per query, the original strings of ``ids`` (None where unknown) when the
-            table keeps a key log, else None.
+        keys: with a key log, the original keys of ``ids`` (str, or bytes for bytes keys
+            that are not UTF-8; None where unknown): a list of k per query, or one list of
+            k for one (dim,) query; None without a key log.
     """
 
     ids: torch.Tensor
@@ -164,7 +166,10 @@ class TableSearch:
             :class:`TopK` with (q, k) ids and scores, best first ((k,) when ``queries`` is
             one (dim,) vector). Equal scores are ordered by id, smallest first, and a NaN
             score (from a row holding NaN, or infinities that cancel) ranks as -inf, below
-            every real score, so the result does not depend on ``chunk_rows``.
+            every real score, so chunking never reorders equal scores. Scores are float32
+            matrix products, whose last bit can change with ``chunk_rows`` and the number
+            of queries (the BLAS kernel rounds by shape): rows whose scores differ only by
+            such rounding, e.g. rows with equal vectors, may come in another order.
 
         Raises:
             ValueError: bad ``k``, ``metric``, ``chunk_rows`` or query shape, or a query
@@ -172,12 +177,10 @@ class TableSearch:
             TypeError: ``queries`` are not numbers.
         """
         self._refuse_a_shard("top_k")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be an int >= 1, got {k!r}")
+        k = check_int("k", k)
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-        if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
-            raise ValueError(f"chunk_rows must be an int >= 1, got {chunk_rows!r}")
+        chunk_rows = check_int("chunk_rows", chunk_rows)
         q = query_matrix(queries)
         single = q.dim() == 1
         q = q.reshape(1, -1) if single else q
