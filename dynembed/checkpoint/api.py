@@ -419,8 +419,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
     background_rows, chunk_rows = int(background_rows), int(chunk_rows)
     found = _gather_tables(model, tables)
     chain = mf.chain(path)
-    for folder, manifest in chain:
-        mf.check_files(folder, manifest)
+    mf.check_chain(chain)
     folder, manifest = chain[-1]
     if strict:
         unknown = sorted(set(manifest["tables"]) - set(found))

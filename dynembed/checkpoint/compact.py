@@ -53,8 +53,7 @@ def compact(path: str | os.PathLike, out: str | os.PathLike, *,
         raise NotADirectoryError(f"out: {blocking} is a file, so no checkpoint can be made "
                                  f"under it at {target}; choose a path inside a directory")
     chain = mf.chain(path)
-    for folder, manifest in chain:
-        mf.check_files(folder, manifest)
+    mf.check_chain(chain)
     newest_dir, newest = chain[-1]
     staging = target.with_name(target.name + ".partial")
     if staging.exists():

@@ -158,8 +158,7 @@ class CheckpointManager:
                 i -= 1
                 continue
             try:
-                for folder, manifest in mf.chain(listing[i]):
-                    mf.check_files(folder, manifest)
+                mf.check_chain(mf.chain(listing[i]))
             except CheckpointError as e:
                 if relists < _RELISTS:
                     again = self.checkpoints()
@@ -341,8 +340,7 @@ class CheckpointManager:
         tried = []
         for path in reversed(self.checkpoints()):
             try:
-                for folder, manifest in mf.chain(path):
-                    mf.check_files(folder, manifest)
+                mf.check_chain(mf.chain(path))
                 logger.info("restoring checkpoint %s", path)
                 extra = load(path, model, optimizer, tables=tables, lazy=lazy,
                              background_rows=background_rows, rank=self.rank,

@@ -91,9 +91,27 @@ def read(path: str | os.PathLike) -> dict:
     return manifest
 
 
-def check_files(path: Path, manifest: dict) -> None:
+def check_chain(links: list[tuple[Path, dict]]) -> None:
+    """Checks the files a restore of a chain (:func:`chain`) reads: every link's with their
+    sizes, and the newest link's with their CRC-32 too.
+
+    The small files (dense state, per-table aux state with the whole key log) are read
+    from the newest link only; the older links give their rows files, whose blocks check
+    their own CRCs as they are read. Checking every link's small files read up to
+    ``max_chain`` key logs at each save (the manager looks for the newest sound
+    checkpoint), and one damaged in an older link, which no restore of the newest reads,
+    made the newest count as damaged.
+
+    Raises:
+        CheckpointCorruptError: a file is missing, truncated, or fails its CRC.
+    """
+    for i, (folder, manifest) in enumerate(links):
+        check_files(folder, manifest, crc=i == len(links) - 1)
+
+
+def check_files(path: Path, manifest: dict, *, crc: bool = True) -> None:
     """Checks that every file the manifest lists is there with its size (and CRC-32 where
-    the manifest has one).
+    the manifest has one, unless ``crc`` is False).
 
     Raises:
         CheckpointCorruptError: a file is missing, truncated, or fails its CRC.
@@ -108,7 +126,7 @@ def check_files(path: Path, manifest: dict) -> None:
         if size != info["bytes"]:
             raise CheckpointCorruptError(f"{file}: {size} bytes, the manifest says "
                                          f"{info['bytes']} (truncated or replaced)", path=file)
-        if "crc32" in info and file_crc(file) != info["crc32"]:
+        if crc and "crc32" in info and file_crc(file) != info["crc32"]:
             raise CheckpointCorruptError(f"{file}: its CRC-32 does not match the manifest; "
                                          "the file is damaged, load an earlier checkpoint",
                                          path=file)

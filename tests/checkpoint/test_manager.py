@@ -32,6 +32,29 @@ def test_saves_full_then_deltas_and_compacts_long_chains(tmp_path):
 
 
 
+def test_small_files_of_older_links_are_not_read_nor_a_reason_to_fall_back(tmp_path):
+    """The newest link's dense and aux files are the ones a restore reads (the older links
+    give rows, checked block by block): every link's were CRC-checked at each save, and one
+    damaged in an older link made the newest count as damaged too."""
+    manager = de.checkpoint.CheckpointManager(tmp_path, keep_last=10, max_chain=10)
+    table = make_table(key_log=True)
+    for step in (1, 2):
+        train(table, batches(2, 1000, seed=step))
+        manager.save(step, tables={"t": table}, extra={"step": step})
+    first = manager.checkpoints()[0]
+    aux = next(first.glob("tables/t/*.aux.pt"))
+    data = bytearray(aux.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, another CRC
+    aux.write_bytes(bytes(data))
+    assert manager.latest() == manager.checkpoints()[1]
+    restored = make_table(key_log=True)
+    assert manager.restore(tables={"t": restored}) == {"step": 2}
+    assert_same_rows(table, restored)
+    de.checkpoint.compact(manager.checkpoints()[1], tmp_path / "compacted")
+    with pytest.raises(de.CheckpointCorruptError, match="CRC-32"):  # its own are checked
+        de.checkpoint.load(first, tables={"t": make_table(key_log=True)})
+
+
 def test_a_step_saved_again_after_its_compaction_is_refused(tmp_path):
     """step-N was accepted beside step-N-full, and restore then took step-N-full (the
     older state): the MovieLens example's --resume failed on every try."""
@@ -286,13 +309,13 @@ def test_latest_never_goes_back_while_a_compaction_replaces_the_newest(tmp_path,
     newest = tmp_path / "step-0000000002"
     check_files, compacting = mf.check_files, []
 
-    def compacted_meanwhile(folder, manifest):
+    def compacted_meanwhile(folder, manifest, **options):
         if folder == newest and not compacting:  # the compaction runs now
             compacting.append(True)
             de.checkpoint.compact(newest, tmp_path / "step-0000000002-full")
             shutil.rmtree(newest)
             raise de.CheckpointCorruptError(f"{newest}: a file is missing")
-        return check_files(folder, manifest)
+        return check_files(folder, manifest, **options)
 
     monkeypatch.setattr(mf, "check_files", compacted_meanwhile)
     assert manager.latest() == tmp_path / "step-0000000002-full"
