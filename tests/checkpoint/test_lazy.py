@@ -352,26 +352,29 @@ def test_a_full_save_of_a_lazy_table_reads_the_checkpoint_ids_not_its_records(tm
     assert_same_rows(lazy, restored)
 
 
+class _CountingStore(de.storage.MemoryStore):
+    """A MemoryStore that counts the rows read from it (all instances together)."""
+
+    rows_read = 0
+
+    def _get(self, ids):
+        _CountingStore.rows_read += ids.shape[0]
+        return super()._get(ids)
+
+
 def test_moving_a_checkpoint_into_the_store_does_not_read_it_all_back(saved):
     """At the end of the stream, a check for rows dropped from memory behind it read every
     checkpoint row back from the store (one get each: a second pass over RocksDB or Redis),
     though with a store no row is dropped: each went to the store, or had a newer copy."""
     path, table = saved
 
-    class CountingStore(de.storage.MemoryStore):
-        rows_read = 0
-
-        def _get(self, ids):
-            CountingStore.rows_read += ids.shape[0]
-            return super()._get(ids)
-
-    tiered = make_table(store=CountingStore(), max_rows=100)
+    tiered = make_table(store=_CountingStore(), max_rows=100)
     de.checkpoint.load(path, tables={"t": tiered}, lazy=True)
     train(tiered, [np.arange(50)])
-    CountingStore.rows_read = 0
+    _CountingStore.rows_read = 0
     tiered.flush()  # the unread checkpoint rows go to the store
     assert tiered.base is None
-    assert CountingStore.rows_read <= len(table)  # was twice: once more at the end
+    assert _CountingStore.rows_read <= len(table)  # was twice: once more at the end
     assert tiered.tier.store.size() == len(tiered.export().ids) >= len(table)
 
 
@@ -380,17 +383,10 @@ def test_an_eager_load_into_a_store_reads_nothing_back_from_it(saved):
     it (a pass of gets over RocksDB or Redis as long as the table)."""
     path, table = saved
 
-    class CountingStore(de.storage.MemoryStore):
-        rows_read = 0
-
-        def _get(self, ids):
-            CountingStore.rows_read += ids.shape[0]
-            return super()._get(ids)
-
-    tiered = make_table(store=CountingStore(), max_rows=100)
+    tiered = make_table(store=_CountingStore(), max_rows=100)
     train(tiered, [np.arange(1000, 1050)])  # rows the load replaces
-    CountingStore.rows_read = 0
+    _CountingStore.rows_read = 0
     de.checkpoint.load(path, tables={"t": tiered})
-    assert CountingStore.rows_read == 0
+    assert _CountingStore.rows_read == 0
     got, want = tiered.export(), table.export()
     assert sorted(got.ids.tolist()) == sorted(want.ids.tolist())
