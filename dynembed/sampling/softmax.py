@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
+import weakref
 from typing import NamedTuple
 
 import numpy as np
@@ -32,6 +34,24 @@ from dynembed.table.index import EMPTY
 from dynembed.table.stats import CallStats
 
 log = logging.getLogger(__name__)
+
+_WARNED_PARTLY_LOADED: weakref.WeakSet = weakref.WeakSet()
+"""Output tables warned about drawing from a lazily opened checkpoint's rows in memory."""
+
+
+def _warn_partly_loaded(table) -> None:
+    """Warns once per table that its negatives come from the rows in memory only, while a
+    lazily opened checkpoint holds the rest: after a lazy restore (the Runtime's), a model
+    trained against the few rows looked up since, e.g. 800 of 4,000 in 50 steps."""
+    if table in _WARNED_PARTLY_LOADED:
+        return
+    _WARNED_PARTLY_LOADED.add(table)
+    warnings.warn(
+        f"sampled softmax: the output table was restored lazily and has {table.size():,} "
+        "rows in memory so far; negatives are drawn from those only (InBatch's correction "
+        "counts only them), not from the checkpoint's rows not read yet. Load them first "
+        "with de.checkpoint.load_step(table), or restore with background_rows",
+        RuntimeWarning, stacklevel=4)
 MASKED = -1e9
 """Logit of padding and masked candidates in :class:`SampledLogits` (finite, so that
 ``torch.nn.functional.cross_entropy(logits, targets)`` works; exp() of it is 0)."""
@@ -219,6 +239,8 @@ def _candidates(output, inputs, labels, *, num_sampled, sampler, remove_accident
                                        string_ids=string_ids)
     else:
         pos_slots = table.index.find(unique_pos)
+    if table.base is not None:
+        _warn_partly_loaded(table)
     drawn = sampler.sample(table, num_sampled, rng, unique_pos)
     # In-batch negatives in eval are the positives with a row anywhere: rows in the store
     # or a lazily opened checkpoint are read below, and only then is it known which exist.
@@ -315,6 +337,12 @@ def sampled_softmax_loss(output: DynamicEmbedding, inputs: torch.Tensor, labels,
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if num_sampled == 0 and not isinstance(sampler, InBatch):
+        warnings.warn("sampled_softmax_loss with num_sampled=0 and no InBatch sampler has no "
+                      "negatives: an example's positives are compared with each other only, "
+                      "so one with a single positive has loss 0 and trains nothing; give "
+                      "num_sampled > 0 or sampler=de.sampling.InBatch()",
+                      RuntimeWarning, stacklevel=2)
     c = _candidates(output, inputs, labels, num_sampled=num_sampled, sampler=sampler,
                     remove_accidental_hits=remove_accidental_hits,
                     logq_correction=logq_correction, normalize=normalize,

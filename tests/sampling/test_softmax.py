@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -158,9 +160,48 @@ def test_a_positive_repeated_in_an_example_counts_once():
     out = output_table()
     out.eval()
     x = torch.randn(1, D, generator=torch.Generator().manual_seed(6))
-    once = de.sampled_softmax_loss(out, x, [[1]], num_sampled=0)
-    twice = de.sampled_softmax_loss(out, x, [[1, 1]], num_sampled=0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "sampled_softmax_loss with num_sampled=0")  # hence 0
+        once = de.sampled_softmax_loss(out, x, [[1]], num_sampled=0)
+        twice = de.sampled_softmax_loss(out, x, [[1, 1]], num_sampled=0)
     assert once.item() == pytest.approx(0.0) and twice.item() == pytest.approx(0.0)
+
+
+def test_a_loss_without_negatives_is_warned_about():
+    """num_sampled=0 with a sampler that draws: every single-positive example's loss was 0,
+    silently, and nothing trained."""
+    out = output_table()
+    x = torch.randn(2, D)
+    with pytest.warns(RuntimeWarning, match="num_sampled=0 and no InBatch sampler"):
+        loss = de.sampled_softmax_loss(out, x, [1, 2], num_sampled=0, sampler=Unigram())
+    assert loss.item() == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # InBatch draws its negatives from the batch
+        de.sampled_softmax_loss(out, x, [1, 2], num_sampled=0, sampler=InBatch())
+        de.sampled_softmax_loss(out, x, [1, 2], num_sampled=2)
+
+
+def test_a_lazily_restored_output_table_is_warned_about_once(tmp_path):
+    """After a lazy restore the negatives came only from the rows looked up since (800 of
+    4,000 after 50 steps of 16 labels), silently."""
+    out = output_table()
+    with torch.no_grad():
+        out(torch.arange(100))
+    de.checkpoint.save(tmp_path / "c", out)
+    restored = output_table()
+    de.checkpoint.load(tmp_path / "c", restored, lazy=True)
+    x = torch.randn(2, D)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        de.sampled_logits(restored, x, [1, 2], num_sampled=4)
+        de.sampled_logits(restored, x, [3, 4], num_sampled=4)  # once per table
+    warned = [w for w in seen if "restored lazily and has 2 rows in memory" in str(w.message)]
+    assert len(warned) == 1 and warned[0].category is RuntimeWarning
+    assert warned[0].filename == __file__  # points at the caller
+    de.checkpoint.load_step(restored.table)  # the way out the message names
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        de.sampled_logits(restored, x, [1, 2], num_sampled=4)
 
 
 def test_negatives_are_drawn_after_the_positives_lookup_under_a_budget():
@@ -196,11 +237,14 @@ def test_inputs_of_other_float_dtypes_are_scored_in_float32(dtype):
 def test_an_empty_batch_without_negatives(sampler, num):
     """It raised an IndexError; the mean of no examples is NaN, as torch's cross_entropy."""
     out = output_table()
-    none = de.sampled_softmax_loss(out, torch.zeros(0, D), torch.empty(0, dtype=torch.int64),
-                                   num_sampled=num, sampler=sampler, reduction="none")
-    assert none.shape == (0,)
-    mean = de.sampled_softmax_loss(out, torch.zeros(0, D), [], num_sampled=num,
-                                   sampler=sampler)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "sampled_softmax_loss with num_sampled=0")
+        none = de.sampled_softmax_loss(out, torch.zeros(0, D),
+                                       torch.empty(0, dtype=torch.int64), num_sampled=num,
+                                       sampler=sampler, reduction="none")
+        assert none.shape == (0,)
+        mean = de.sampled_softmax_loss(out, torch.zeros(0, D), [], num_sampled=num,
+                                       sampler=sampler)
     assert torch.isnan(mean)
 
 
