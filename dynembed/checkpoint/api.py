@@ -66,7 +66,8 @@ def _check_plain(value, where: str) -> None:
         raise TypeError(f"{where} is a {kind.__module__}.{kind.__qualname__}; checkpoints hold "
                         "only tensors, Python numbers, str, bool, None and dicts/lists of them "
                         "(they load with weights_only=True); convert it first, e.g. float(x), "
-                        "int(x), dict(x), list(x)")
+                        "int(x), dict(x), x.tolist() or torch.from_numpy(x) for a numpy array "
+                        "(list(x) would hold numpy scalars)")
 
 
 def check_chunk_rows(chunk_rows: int) -> None:

@@ -190,6 +190,10 @@ def test_bad_arguments_and_mismatches_are_named(tmp_path):
         de.checkpoint.save(tmp_path / "x")
     with pytest.raises(TypeError, match=r"extra\['f'\]"):
         de.checkpoint.save(tmp_path / "x", tables={"t": table}, extra={"f": object()})
+    # the fix named for an array works (list(x) once named: numpy scalars, refused again)
+    with pytest.raises(TypeError, match=r"x\.tolist\(\) or torch\.from_numpy\(x\)"):
+        de.checkpoint.save(tmp_path / "x", tables={"t": table}, extra={"a": np.arange(3)})
+    de.checkpoint.save(tmp_path / "a", tables={"t": table}, extra={"a": np.arange(3).tolist()})
     with pytest.raises(ValueError, match="rank"):
         de.checkpoint.save(tmp_path / "x", tables={"t": table}, rank=2, world_size=2)
     for chunk_rows in (None, 0, -5, 2.0):
