@@ -125,14 +125,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     train_df, test_df = split(build_examples(ratings, users, items), "random", 0.2, args.seed)
     train, test = Batches(train_df), Batches(test_df)
 
-    with de.train.Runtime(args.checkpoint_dir, every_steps=args.checkpoint_every) as rt:
+    # used_stores="clear": a rank's rows come from the checkpoint it restores (lazily), or
+    # on a fresh start from nothing, never from what an earlier run left in its store
+    with de.train.Runtime(args.checkpoint_dir, every_steps=args.checkpoint_every,
+                          used_stores="clear") as rt:
         if args.fresh and rt.rank == 0:
             for old in Path(args.checkpoint_dir).glob("step-*"):
                 shutil.rmtree(old)
         rt.barrier()
-        # A rank's rows come from the checkpoint it restores (lazily), never from what an
-        # earlier run left in its store.
-        shutil.rmtree(Path(args.store_dir) / f"rank-{rt.rank}", ignore_errors=True)
 
         def store_for(table: str):
             if args.redis_url:
@@ -145,9 +145,6 @@ def main(argv: list[str] | None = None) -> dict | None:
         net = rt.prepare(model)
         opt = torch.optim.Adam(model.mlp.parameters(), lr=args.lr)
         rt.restore(opt)
-        if rt.step == 0 and args.redis_url:  # a fresh start: forget what Redis holds
-            for table in model.embeddings.tables.values():
-                table.clear()
         if rt.rank == 0:
             print(f"rank 0 of {rt.world_size}: {len(train_df):,} train ratings, starting at "
                   f"step {rt.step} of {args.steps} (restart {rt.env.restart_count})")

@@ -462,6 +462,28 @@ class RowLifecycle:
         if self.evictor is not None:  # as after a checkpoint: the rows' times are unknown
             self.evictor.clock.reset(self.step)
 
+    def holds_stored_rows(self) -> bool:
+        """Whether the store holds a row of this table (of this shard's buckets); stops at
+        the first one found.
+
+        Raises:
+            StoreError: the store failed.
+        """
+        return self.tier is not None and any(block.ids.shape[0] for block in self.tier.scan())
+
+    def start_over(self) -> None:
+        """Empties the table, store included, and sets its clock back to 0: the table as
+        built over an empty store (its clock was taken from the store's record).
+
+        Raises:
+            ReadOnlyTableError: the table is read-only.
+            StoreError: the store failed part way (see :meth:`clear_store`).
+        """
+        self.clear()
+        self.step = self.update_step = 0
+        if self.evictor is not None:
+            self.evictor.clock.reset(0)
+
     def clear_store(self) -> int:
         """Empties the store. The rows in memory stay and are marked changed, so that they
         reach the store again when evicted or flushed instead of vanishing (they once were

@@ -49,6 +49,7 @@ from dynembed.errors import (
 )
 from dynembed.kernels._threads import get_num_threads, set_num_threads
 from dynembed.keys.buckets import NUM_BUCKETS, check_num_buckets
+from dynembed.nn._base import named_tables
 from dynembed.train.data import global_batch, rank_part
 from dynembed.train.progress import PROGRESS_ENV, ProgressFile
 
@@ -167,6 +168,10 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+USED_STORES = ("refuse", "clear", "keep")
+"""What a fresh start may do with stores that hold rows (``Runtime(used_stores=)``)."""
+
+
 class Runtime:
     """Runs a training loop as one process or as a rank of a torchrun job.
 
@@ -187,6 +192,12 @@ class Runtime:
         handle_sigterm: checkpoint and stop at the next step boundary on SIGTERM.
         progress_file: where rank 0 writes progress (default: ``$DYNEMBED_PROGRESS_FILE``).
         num_buckets: key buckets of sharding and checkpoints.
+        used_stores: what a fresh start (no checkpoint to restore) does with tables whose
+            stores hold rows already, from an earlier run or from an attempt of this job
+            that failed before its first checkpoint: ``"refuse"`` (raise, naming them;
+            after a torchrun restart they are that attempt's and are cleared), ``"clear"``
+            (empty them, as a restore empties them), or ``"keep"`` (start from them, and
+            checkpoint step 0 at once so that a restart starts from them again).
 
     Raises:
         ValueError, TypeError: a bad argument (named).
@@ -198,8 +209,10 @@ class Runtime:
                  background_rows: int = 0, timeout: float = 300.0, backend: str | None = None,
                  ddp: bool = True, handle_sigterm: bool = True,
                  progress_file: str | os.PathLike | None = None,
-                 num_buckets: int = NUM_BUCKETS) -> None:
+                 num_buckets: int = NUM_BUCKETS, used_stores: str = "refuse") -> None:
         _positive_or_none("every_steps", every_steps)
+        if used_stores not in USED_STORES:
+            raise ValueError(f"used_stores must be one of {USED_STORES}, got {used_stores!r}")
         _positive_or_none("every_seconds", every_seconds, float)
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
                 or not 0 < timeout < math.inf:
@@ -218,6 +231,7 @@ class Runtime:
         self.lazy_restore, self.background_rows = lazy_restore, background_rows
         self.timeout, self.backend, self.use_ddp = float(timeout), backend, ddp
         self.handle_sigterm, self.num_buckets = handle_sigterm, num_buckets
+        self.used_stores = used_stores
         self.env = JobEnv.from_environ()
         self.progress = ProgressFile(progress_file or os.environ.get(PROGRESS_ENV)
                                      if self.env.rank == 0 else None)
@@ -466,7 +480,51 @@ class Runtime:
         if candidates:
             raise CheckpointError(f"no checkpoint in {self.checkpoint_dir} loads "
                                   f"({len(candidates)} tried); see the warnings above")
+        self._fresh_start()
         return self.extra
+
+    def _fresh_start(self) -> None:
+        """Applies ``used_stores`` to the tables whose stores hold rows at a fresh start.
+
+        A restore empties the stores and loads the checkpoint's rows; a fresh start once
+        left them as they were, so a job restarted before its first checkpoint trained on
+        the rows its failed attempt had evicted (and the lookup counts of both attempts),
+        and a new job on the rows of an earlier one, silently. After a torchrun restart
+        with no checkpoint the rows can only be the failed attempt's (rows found by the
+        first attempt were refused, or kept with a checkpoint of step 0), so they are
+        cleared.
+
+        Raises:
+            RuntimeError: ``used_stores="refuse"`` and a store holds rows (every rank).
+        """
+        tables = named_tables(self.model)
+        used = sorted(name for name, table in tables.items() if table.holds_stored_rows())
+        anywhere = bool(used)
+        if self._control is not None:  # every rank acts alike
+            anywhere = bool(self._control.all_reduce_max(np.array([int(anywhere)]))[0])
+        if not anywhere:
+            return
+        mode = self.used_stores
+        if mode == "refuse" and self.env.restart_count > 0:
+            mode = "clear"
+        if mode == "refuse":
+            raise RuntimeError(
+                f"rank {self.rank}: no checkpoint in {self.checkpoint_dir}, but the stores "
+                f"of tables {used or '(on another rank)'} hold rows, from an "
+                "earlier run or a run that stopped before its first checkpoint; starting over "
+                "them would train on those rows. Pass Runtime(used_stores='clear') to empty "
+                "them, or used_stores='keep' to start from them on purpose")
+        if mode == "clear":
+            for name, table in tables.items():
+                if table.tier is not None:
+                    logger.warning("rank %d: fresh start: emptying the store of table %s, "
+                                   "which holds rows from before", self.rank, name)
+                    table.start_over()
+            return
+        logger.warning("rank %d: fresh start over the rows the stores of tables %s hold; "
+                       "checkpointing step 0 so that a restart starts from them again",
+                       self.rank, used)
+        self.checkpoint()
 
     def _try_load(self, path: str) -> tuple[bool, str | None, Exception | None]:
         """(loaded, why not, the unexpected error to raise after telling the other ranks)."""
