@@ -52,10 +52,10 @@ class Tokens:
         """Whether a request to ``api`` with this Authorization header may proceed."""
         if not self.required[api]:
             return True
-        if not authorization or not authorization.startswith("Bearer "):
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer":  # auth schemes are case-insensitive (RFC 9110 11.1)
             return False
-        return hmac.compare_digest(authorization[7:].strip().encode(),
-                                   self.keys[api].encode())
+        return hmac.compare_digest(token.strip().encode(), self.keys[api].encode())
 
     def remove_file(self) -> None:
         """Deletes the key file this server wrote (at shutdown, as TorchServe does)."""

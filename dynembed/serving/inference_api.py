@@ -185,6 +185,12 @@ def _ready(entry) -> bool:
     return entry.batcher.workers > 0
 
 
+def _readiness(body: dict, ready: bool) -> JSONResponse:
+    """An Open Inference Protocol readiness answer: 200 when ready, else 503 (the status
+    code is the answer; the body says it too)."""
+    return JSONResponse(body, status_code=200 if ready else 503)
+
+
 class InferenceAPI:
     """Routes of the inference API over a registry."""
 
@@ -273,7 +279,12 @@ class InferenceAPI:
         return JSONResponse({"live": True})
 
     async def v2_ready(self, request: Request) -> Response:
-        return JSONResponse({"ready": True})
+        # Open Inference Protocol: the server is ready when every model is (here, the
+        # default version of each, which unversioned requests reach); the status code
+        # carries the answer, so that an HTTP readiness probe reads it. It once answered
+        # 200 {"ready": true} with a model scaled to 0 workers, answering 503s.
+        ready = all(_ready(self.registry.get(name)) for name in list(self.registry.defaults))
+        return _readiness({"ready": ready}, ready)
 
     async def v2_metadata(self, request: Request) -> Response:
         try:
@@ -297,7 +308,8 @@ class InferenceAPI:
             entry = self._entry(request)
         except ServingError as e:
             return error_response(e, v2=True)
-        return JSONResponse({"name": entry.name, "ready": _ready(entry)})
+        ready = _ready(entry)
+        return _readiness({"name": entry.name, "ready": ready}, ready)
 
     async def v2_infer(self, request: Request) -> Response:
         """Open Inference Protocol predictions (the TorchServe-style paths are answered by

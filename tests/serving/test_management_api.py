@@ -576,14 +576,22 @@ def test_an_asynchronous_scale_out_of_bounds_is_refused_at_once(api):
 
 
 def test_a_version_with_no_workers_is_not_ready(api):
-    """Scaled to 0 it answers 503, but readiness probes were told it was ready."""
+    """Scaled to 0 it answers 503, but readiness probes were told it was ready: the Open
+    Inference Protocol's answers are status codes (200 ready, else 4xx/5xx), and the
+    server's readiness answered 200 {"ready": true} whatever its models' state."""
+    def get(path):
+        return httpx.get(api.running.inference + path, timeout=30)
+
     assert api.register("ctr-1.0", initial_workers=0).status_code == 200
-    for path in ("/v1/models/ctr", "/v2/models/ctr/ready"):
-        response = httpx.get(api.running.inference + path, timeout=30)
-        assert response.status_code == 200 and response.json()["ready"] is False, path
+    response = get("/v1/models/ctr")  # KServe v1: a status in the body
+    assert response.status_code == 200 and response.json()["ready"] is False
+    for path in ("/v2/models/ctr/ready", "/v2/health/ready"):
+        response = get(path)
+        assert response.status_code == 503 and response.json()["ready"] is False, path
     assert api("PUT", "/models/ctr", min_worker=1, synchronous="true").status_code == 200
-    for path in ("/v1/models/ctr", "/v2/models/ctr/ready"):
-        assert httpx.get(api.running.inference + path, timeout=30).json()["ready"] is True
+    for path in ("/v1/models/ctr", "/v2/models/ctr/ready", "/v2/health/ready"):
+        response = get(path)
+        assert response.status_code == 200 and response.json()["ready"] is True, path
 
 
 def test_every_response_is_counted_by_api_and_status(api):

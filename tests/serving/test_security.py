@@ -71,6 +71,10 @@ def test_the_management_api_needs_its_token(store):
         assert httpx.get(url, headers=running.token()).status_code == 200
         assert httpx.post(url, params={"url": "ctr-1.0"},
                           headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        # the scheme's case does not matter (RFC 9110): "bearer" was refused with a 401
+        for scheme in ("bearer", "BEARER"):
+            assert httpx.get(url, headers={"Authorization": f"{scheme} {key}"}
+                             ).status_code == 200
         # inference stays open by default, and its key is not written
         assert httpx.post(running.inference + "/predictions/ctr",
                           json=examples(2)).status_code == 200
