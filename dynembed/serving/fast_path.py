@@ -82,9 +82,12 @@ class FastPredictions:
             status, body = 400, _error(400, "BadRequestException", str(exact))
         except ServingError as e:
             status, body = e.status, _error(e.status, e.kind, e.message)
-        except Exception as e:
+        except Exception:
             logger.exception("prediction failed")
-            body = _error(500, "InternalServerException", f"prediction failed: {e}")
+            # the cause is the server's to log: its text may name server files (a damaged
+            # checkpoint's path), which clients must not learn
+            body = _error(500, "InternalServerException", "prediction failed; see the server "
+                          "log")
         await send({"type": "http.response.start", "status": status,
                     "headers": [*_JSON, (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import logging
 import threading
 import warnings
 from pathlib import Path
@@ -21,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dynembed.errors import DynembedError
+from dynembed.errors import CheckpointCorruptError, DynembedError
+from dynembed.nn.collection import EmbeddingCollection
 from dynembed.serving.package import (
     BUILTIN_HANDLER,
     Package,
@@ -30,6 +32,8 @@ from dynembed.serving.package import (
     load_tables,
 )
 from dynembed.table.stats import Counters
+
+logger = logging.getLogger(__name__)
 
 _TABLE_COUNTERS = ("hits", "misses", "defaults_served", "loaded")
 """The table counters the handler reports (see :meth:`EmbeddingModelHandler.table_stats`)."""
@@ -166,6 +170,12 @@ class EmbeddingModelHandler:
         self._retired: dict[str, dict[str, int]] = {}  # totals of tables swapped out ...
         self._retiring: dict[str, Counters] = {}  # ... but the last ones', still counting
         self.refreshes = 0
+        self._previous: EmbeddingCollection | None = None
+        """The tables the last refresh replaced, served again if the new ones turn out
+        damaged (see :meth:`predict`)."""
+        self.fallbacks = 0
+        """Times a refreshed checkpoint turned out damaged and the tables before it were
+        served again."""
         self.dense64 = _float64_copy(package.dense, int(package.manifest["dense"]["input_dim"]))
         """The dense program in float64 (None: it runs in float32, and a prediction may
         differ in its last bit with the batch it joined)."""
@@ -242,7 +252,11 @@ class EmbeddingModelHandler:
         """Predictions for validated examples: one float (or list) per example, the same
         whatever batch the examples were run in (see :attr:`dense64`)."""
         embeddings = self.embeddings  # one consistent set of tables for the whole batch
-        x = embeddings(self._columns(examples), concat=True)
+        columns = self._columns(examples)
+        try:
+            x = embeddings(columns, concat=True)
+        except CheckpointCorruptError as e:
+            x = self._fall_back(embeddings, e)(columns, concat=True)
         y = self.package.dense(x) if self.dense64 is None else self.dense64(x.double())
         if self.transform == "sigmoid":
             y = torch.sigmoid(y)
@@ -265,8 +279,36 @@ class EmbeddingModelHandler:
             self._retired = self._sum(self._retired, self._retiring)
             self._retiring = {name: table.counters
                               for name, table in self.embeddings.tables.items()}
+            # lazily opened tables are kept to fall back to (a preloaded refresh read every
+            # block already, and keeping its tables would hold the rows twice)
+            self._previous = None if self.package.preloaded else self.embeddings
             self.embeddings = fresh
             self.refreshes += 1
+
+    def _fall_back(self, failed: EmbeddingCollection, error: Exception) -> EmbeddingCollection:
+        """The tables to run a batch on again after ``failed`` raised ``error`` (a damaged
+        block of the checkpoint they were opened from): those the last refresh replaced.
+
+        A lazily opened checkpoint checks each block when a lookup first reads it, so a
+        damaged followed checkpoint once answered 500 to every request that touched the
+        block, for as long as it was the newest. The follower does not apply it again;
+        a newer checkpoint is applied as usual.
+
+        Raises:
+            CheckpointCorruptError: ``error``, when there are no tables to fall back to
+                (the package's own checkpoint is damaged).
+        """
+        with self._swap:
+            if self.embeddings is failed:
+                if self._previous is None:
+                    raise error
+                logger.error("the tables refreshed last read a damaged checkpoint (%s); "
+                             "serving the tables before them again", error)
+                self._retiring = {name: table.counters  # they stop counting; the older
+                                  for name, table in failed.tables.items()}  # are live again
+                self.embeddings, self._previous = self._previous, None
+                self.fallbacks += 1
+            return self.embeddings
 
     def table_stats(self) -> dict:
         """Per table: lookups' hits, misses, default vectors served, rows loaded, since the

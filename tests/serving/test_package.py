@@ -340,3 +340,44 @@ def test_tables_that_admitted_keys_open_and_refresh_without_a_warning(tmp_path):
     assert len(handler.embeddings.tables["t"]) == 2
     assert handler.predict([{"t": "a"}]) == EmbeddingModelHandler(lazy).predict([{"t": "a"}])
 
+
+
+def _damaged_copy(checkpoint, to):
+    """A copy of ``checkpoint`` with one byte flipped in the middle of every table's
+    records: the size stays, only the block checksums can tell."""
+    from dynembed.checkpoint.rows_file import RowsFile
+    shutil.copytree(checkpoint, to)
+    for rows in to.rglob("*.rows"):
+        offset, size = RowsFile(str(rows)).layout.offsets["records"]
+        data = bytearray(rows.read_bytes())
+        data[offset + size // 2] ^= 0x01
+        rows.write_bytes(bytes(data))
+    return to
+
+
+def test_a_refreshed_checkpoint_found_damaged_falls_back_to_the_tables_before(
+        exported, tmp_path):
+    """A lazily opened checkpoint checks a block when a lookup first reads it: a damaged
+    followed checkpoint answered 500 to every request that touched the block (naming the
+    server's file), for as long as it was the newest."""
+    handler = EmbeddingModelHandler(open_package(exported))
+    batch = examples(20, seed=7)
+    want = handler.predict(batch)
+    served = handler.embeddings
+    handler.refresh(_damaged_copy(exported / "tables", tmp_path / "damaged"))
+    assert handler.predict(batch) == want  # this batch too, on the tables before
+    assert handler.embeddings is served and handler.fallbacks == 1
+    assert handler.predict(batch) == want
+    handler.refresh(exported / "tables")  # a newer sound checkpoint is taken as usual
+    assert handler.predict(batch) == want and handler.embeddings is not served
+
+
+def test_a_damaged_package_checkpoint_has_nothing_to_fall_back_to(exported, tmp_path):
+    from dynembed.errors import CheckpointCorruptError
+    package = tmp_path / "ctr-1.0"
+    shutil.copytree(exported, package, ignore=shutil.ignore_patterns("tables"))
+    _damaged_copy(exported / "tables", package / "tables")
+    handler = EmbeddingModelHandler(open_package(package))
+    with pytest.raises(CheckpointCorruptError, match="checksum"):
+        handler.predict(examples(20, seed=7))
+    assert handler.fallbacks == 0

@@ -423,3 +423,21 @@ def test_a_custom_handler_is_allowed_by_its_package_name_not_the_name_it_is_serv
         assert answer.status_code == 200 and answer.json() == [3.0]
     finally:
         running.stop()
+
+
+def test_a_failed_prediction_names_no_server_file(package, tmp_path):
+    """A damaged checkpoint block answered "prediction failed: /srv/.../rank-0.rows:
+    records: block 13 fails its checksum": the server's paths went to every client."""
+    from tests.serving.test_package import _damaged_copy
+    folder = tmp_path / "store"
+    shutil.copytree(package, folder / "ctr-1.0", ignore=shutil.ignore_patterns("tables"))
+    _damaged_copy(package / "tables", folder / "ctr-1.0" / "tables")
+    running = start_server(folder, models={"ctr": "ctr-1.0"})
+    try:
+        response = httpx.post(running.inference + "/predictions/ctr",
+                              json=examples(50, seed=7), timeout=30)
+        assert response.status_code == 500
+        assert response.json()["message"] == "prediction failed; see the server log"
+        assert str(tmp_path) not in response.text
+    finally:
+        running.stop()
