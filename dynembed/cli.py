@@ -322,7 +322,7 @@ def _export(args) -> int:
     from dynembed.checkpoint import manifest as mf
     from dynembed.checkpoint.api import load
     from dynembed.checkpoint.inspect import history
-    from dynembed.checkpoint.manager import CheckpointManager
+    from dynembed.checkpoint.manager import CheckpointManager, step_of
     from dynembed.serving.package import check_name, export_package
 
     check_name(args.name, "--name")  # before any work
@@ -389,7 +389,8 @@ def _export(args) -> int:
     path = export_package(args.out, embeddings=parts["embeddings"], dense=parts["dense"],
                           name=args.name, version=args.version,
                           feature_types=parts.get("feature_types"),
-                          output=args.output or parts.get("output", "identity"))
+                          output=args.output or parts.get("output", "identity"),
+                          source_step=step_of(checkpoint))
     print(f"wrote {path} from {checkpoint}")
     return 0
 

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from dynembed import optim
+from dynembed._args import check_int
 from dynembed._version import __version__
 from dynembed.checkpoint import manifest as checkpoint_manifest
 from dynembed.checkpoint.api import load, save
@@ -121,7 +122,8 @@ def _table_entry(table: DynamicTable) -> dict:
 def export_package(path: str | os.PathLike, *, embeddings: EmbeddingCollection,
                    dense: nn.Module, name: str, version: str = "1.0",
                    feature_types: dict[str, str] | None = None, output: str = "identity",
-                   description: str = "", example_batch: int = 4) -> Path:
+                   description: str = "", example_batch: int = 4,
+                   source_step: int | None = None) -> Path:
     """Writes a model package: the tables as a checkpoint, the dense part exported.
 
     The served model computes ``output(dense(embeddings(features, concat=True)))``: every
@@ -139,6 +141,9 @@ def export_package(path: str | os.PathLike, *, embeddings: EmbeddingCollection,
         output: "identity", "sigmoid" or "softmax", applied to ``dense``'s output.
         description: free text kept in the manifest.
         example_batch: batch size of the example input used to trace ``dense``.
+        source_step: the training step of the checkpoint the tables come from (recorded:
+            a server that follows the training job's checkpoints then moves only to newer
+            ones, not back to an older one at startup); None: unknown.
 
     Returns:
         ``path``.
@@ -157,6 +162,8 @@ def export_package(path: str | os.PathLike, *, embeddings: EmbeddingCollection,
         raise TypeError(f"dense must be a torch.nn.Module, got {type(dense).__name__}")
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    if source_step is not None:
+        source_step = check_int("source_step", source_step, minimum=0)
     if target.exists():
         raise FileExistsError(f"{target} exists; packages are never overwritten")
     types = _feature_types(embeddings, feature_types)
@@ -193,6 +200,8 @@ def export_package(path: str | os.PathLike, *, embeddings: EmbeddingCollection,
                       "output_shape": out_shape},
             "output": {"transform": output},
             "checkpoint": "tables"}
+        if source_step is not None:
+            manifest["source"] = {"step": source_step}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
         os.replace(staging, target)
     except BaseException:
@@ -253,11 +262,19 @@ def read_manifest(path: str | os.PathLike) -> dict:
             inside = (folder / str(value)).resolve()
             if not isinstance(value, str) or folder.resolve() not in inside.parents:
                 raise ValueError(f"{field} must be a path inside the package, got {value!r}")
+        if "source" in manifest:
+            check_int("source.step", manifest["source"]["step"], minimum=0)
     except KeyError as e:
         raise PackageError(f"{folder / MANIFEST} is malformed: missing field {e}") from None
     except (AttributeError, TypeError, ValueError) as e:
         raise PackageError(f"{folder / MANIFEST} is malformed: {e}") from None
     return manifest
+
+
+def source_step(manifest: dict) -> int | None:
+    """The training step a package's tables come from (``export_package(source_step=)``),
+    or None if it was not recorded."""
+    return manifest.get("source", {}).get("step")
 
 
 def _optimizer(entry: dict | None):

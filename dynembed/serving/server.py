@@ -47,6 +47,7 @@ from dynembed.serving.http_protocol import CoalescingHttpProtocol
 from dynembed.serving.inference_api import InferenceAPI
 from dynembed.serving.management_api import ManagementAPI
 from dynembed.serving.metrics import ServingMetrics
+from dynembed.serving.package import source_step
 from dynembed.serving.registry import Registry, ServingError
 from dynembed.serving.replicas import ReplicaCommands, Replicas, merged_metrics
 
@@ -155,16 +156,36 @@ _HEALTH = frozenset({"/ping", "/v2/health/live", "/v2/health/ready"})
 
 
 def _behind(serving: str | None, latest: Path) -> bool:
-    """Whether a version serving checkpoint ``serving`` (None: its package's tables) is
-    behind ``latest`` and should move to it: never to an older step (a listing taken while
-    the training job compacted once named the step before)."""
+    """Whether a version serving checkpoint ``serving`` (None: its package's tables) should
+    move to ``latest``: a newer step (or its compacted copy); an older step only once the
+    one served is gone with no compacted copy of it, i.e. the training job started over in
+    the directory (the server once served the abandoned run's tables, from deleted files,
+    until the new run passed that step). A listing taken while the job compacted once
+    named the step before: with the checkpoint served still there, that is no reason."""
     if serving is None:
         return True
     if serving == str(latest):
         return False
     now, new = step_of(serving), step_of(latest)
-    return now is None or new is None or new > now or (
-        new == now and latest.name.endswith("-full") and not serving.endswith("-full"))
+    if now is None or new is None or new > now:
+        return True
+    if new == now:
+        return latest.name.endswith("-full") and not serving.endswith("-full")
+    compacted = serving.removesuffix("-full") + "-full"
+    return not Path(serving).exists() and not Path(compacted).exists()
+
+
+def _moves_to(entry, latest: Path) -> bool:
+    """Whether a version should serve ``latest`` of the directory it follows: as
+    :func:`_behind`, and a version still serving its package's tables only for a step after
+    the one they were exported from (a package exported at step 80 took step 25 at once)."""
+    package = getattr(entry.handler, "package", None)  # a custom handler may have none
+    exported = (source_step(package.manifest)
+                if entry.checkpoint is None and package is not None else None)
+    new = step_of(latest)
+    if exported is not None and new is not None and new <= exported:
+        return False
+    return _behind(entry.checkpoint, latest)
 
 
 class _CountResponses:
@@ -504,7 +525,7 @@ class ModelServer:
                         None, lambda: CheckpointManager(directory).latest())
                     behind = [] if latest is None else [
                         e.version for e in list(self.registry.models.get(name, {}).values())
-                        if _behind(e.checkpoint, latest)]
+                        if _moves_to(e, latest)]
                     if behind:
                         await self.refresh(name, latest, behind)
                         logger.info("model %s %s now serves the tables of %s", name,

@@ -321,18 +321,25 @@ def test_latest_never_goes_back_while_a_compaction_replaces_the_newest(tmp_path,
     assert manager.latest() == tmp_path / "step-0000000002-full"
 
 
-def test_a_follower_moves_only_to_newer_steps():
-    from pathlib import Path
-
+def test_a_follower_moves_to_newer_steps_and_back_only_when_its_run_is_gone(tmp_path):
     from dynembed.serving.server import _behind
 
-    latest = Path("/c/step-0000000005")
-    assert _behind(None, latest) and _behind("/c/step-0000000004-full", latest)
-    assert not _behind("/c/step-0000000005", latest)
-    assert not _behind("/c/step-0000000006", latest)  # a listing that lagged: not back
-    assert _behind("/c/step-0000000005", Path("/c/step-0000000005-full"))  # same state,
-    assert not _behind("/c/step-0000000005-full", latest)  # whose delta is being deleted
+    c = tmp_path / "c"
+    for name in ("step-0000000005", "step-0000000006"):
+        (c / name).mkdir(parents=True)
+    latest = c / "step-0000000005"
+    assert _behind(None, latest) and _behind(str(c / "step-0000000004-full"), latest)
+    assert not _behind(str(latest), latest)
+    assert not _behind(str(c / "step-0000000006"), latest)  # a listing that lagged: not back
+    assert _behind(str(latest), c / "step-0000000005-full")  # the same state, compacted
+    assert not _behind(str(c / "step-0000000005-full"), latest)  # whose delta is deleted
     assert _behind("/elsewhere/model.pt", latest)  # not a step: follow the directory
+    # the run started over: the step served is gone (with no compacted copy), and the
+    # server once kept its tables until the new run passed that step
+    (c / "step-0000000006").rmdir()
+    assert _behind(str(c / "step-0000000006"), latest)
+    (c / "step-0000000006-full").mkdir()  # ... unless a compaction replaced it
+    assert not _behind(str(c / "step-0000000006"), latest)
 
 
 def test_a_delta_whose_parent_is_gone_is_set_aside_so_its_step_can_be_saved_again(tmp_path):

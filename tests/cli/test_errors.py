@@ -113,6 +113,21 @@ def test_export_names_bad_names_a_mismatched_model_and_finds_hand_saved_checkpoi
     assert "does not fit the model --factory" in line and "strict=False" not in line
 
 
+def test_export_records_the_step_its_tables_come_from(tmp_path):
+    """So that a server following the training job moves only to newer steps: a package
+    exported at step 80 once took the directory's step 25 at startup."""
+    import dynembed as de
+    from dynembed.serving.package import read_manifest, source_step
+    from tests.serving.helpers import make_model
+
+    manager = de.checkpoint.CheckpointManager(tmp_path / "ckpt")
+    manager.save(7, Model(*make_model(0)))
+    result = _dynembed("export", "--factory", "tests.cli.test_errors:build", "--checkpoint",
+                       str(tmp_path / "ckpt"), "--name", "m", "--out", str(tmp_path / "m"))
+    assert result.returncode == 0, result.stderr
+    assert source_step(read_manifest(tmp_path / "m")) == 7
+
+
 def test_train_checks_the_rendezvous_flags_before_torchrun_starts(tmp_path):
     from dynembed.train.launch import LaunchConfig
 

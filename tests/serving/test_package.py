@@ -381,3 +381,35 @@ def test_a_damaged_package_checkpoint_has_nothing_to_fall_back_to(exported, tmp_
     with pytest.raises(CheckpointCorruptError, match="checksum"):
         handler.predict(examples(20, seed=7))
     assert handler.fallbacks == 0
+
+
+def test_a_package_records_its_source_step_and_a_follower_moves_only_past_it(
+        model, tmp_path):
+    """A package exported from step 80 of a training job, following the job's directory,
+    took its step 25 at startup: older tables than its own."""
+    import types
+
+    from dynembed.serving.package import source_step
+    from dynembed.serving.server import _moves_to
+    coll, dense = model
+    path = export_package(tmp_path / "p", embeddings=coll, dense=dense, name="ctr",
+                          source_step=80)
+    assert source_step(read_manifest(path)) == 80
+    handler = EmbeddingModelHandler(open_package(path))
+    fresh = types.SimpleNamespace(checkpoint=None, handler=handler)  # serves the package's
+    assert not _moves_to(fresh, tmp_path / "ckpt" / "step-0000000025")
+    assert not _moves_to(fresh, tmp_path / "ckpt" / "step-0000000080")
+    assert _moves_to(fresh, tmp_path / "ckpt" / "step-0000000081")
+    unknown = export_package(tmp_path / "q", embeddings=coll, dense=dense, name="ctr")
+    assert source_step(read_manifest(unknown)) is None
+    fresh.handler = EmbeddingModelHandler(open_package(unknown))
+    assert _moves_to(fresh, tmp_path / "ckpt" / "step-0000000025")  # as before
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="source_step must be an int >= 0"):
+            export_package(tmp_path / "r", embeddings=coll, dense=dense, name="ctr",
+                           source_step=bad)
+    manifest = json.loads((path / "MANIFEST.json").read_text())
+    manifest["source"] = {"step": "80"}
+    (path / "MANIFEST.json").write_text(json.dumps(manifest))
+    with pytest.raises(PackageError, match="source.step must be an int >= 0"):
+        read_manifest(path)
