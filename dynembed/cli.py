@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from dynembed._version import __version__
@@ -219,7 +220,7 @@ def _add_train(commands) -> argparse.ArgumentParser:
 
 
 def _train(args) -> int:
-    from dynembed.train.launch import LaunchConfig, launch
+    from dynembed.train.launch import LaunchConfig, last_failure, launch
 
     try:
         config = LaunchConfig(script=args.script, script_args=list(args.script_args),
@@ -236,9 +237,14 @@ def _train(args) -> int:
                              "rdzv_endpoint": "--rdzv-endpoint",
                              "rdzv_conf": "--rdzv-conf", "rdzv_id": "--rdzv-id",
                              "log_dir": "--log-dir"}) from None
+    started = time.time()
     code = launch(config, show_progress=not args.no_progress)
     print(f"dynembed train: torchrun exited with code {code}; worker logs in "
           f"{config.log_dir}", file=sys.stderr)
+    failure = last_failure(config.log_dir, started) if code not in (0, 130, 143) else None
+    if failure is not None:  # the cause, which torchrun's own report leaves out
+        print(f"dynembed train: the last worker error, from {failure[0]}:\n{failure[1]}",
+              file=sys.stderr)
     return code
 
 

@@ -273,6 +273,34 @@ def launch(config: LaunchConfig, *, show_progress: bool = True,
     return proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
 
 
+def last_failure(log_dir: str | os.PathLike, since: float = 0.0,
+                 lines: int = 20) -> tuple[Path, str] | None:
+    """The newest worker log under ``log_dir`` written since ``since`` (a ``time.time()``)
+    that holds a traceback, and its last ``lines`` lines: after a failed job, the cause
+    (torchrun itself reports only the exit code and ``error_file: <N/A>``; the worker's
+    error is in its log).
+
+    Returns:
+        (the log file, its last lines), or None if no worker log holds a traceback.
+    """
+    logs = []
+    for log in Path(log_dir).rglob("stderr.log"):
+        try:
+            written = log.stat().st_mtime
+        except OSError:  # removed meanwhile
+            continue
+        if written >= since:  # not an earlier job's
+            logs.append((written, log))
+    for _, log in sorted(logs, reverse=True):
+        try:
+            text = log.read_text(errors="replace")
+        except OSError:
+            continue
+        if "Traceback (most recent call last)" in text:
+            return log, "\n".join(text.rstrip().splitlines()[-lines:])
+    return None
+
+
 def _show(path: Path, bar):
     """Updates the progress bar from the progress file; returns it (made on first data)."""
     from tqdm import tqdm

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 
 import pytest
@@ -151,3 +153,22 @@ def test_a_bad_shutdown_timeout_in_the_environment_is_refused_before_torchrun(
     # --stop-timeout takes its place: torchrun then never reads the variable
     argv = LaunchConfig(script="train.py", stop_timeout=60).torchrun_argv()
     assert "--shutdown-timeout=60" in argv
+
+
+def test_a_failed_job_shows_the_worker_error(tmp_path):
+    """torchrun reported only "exit code 1" and "error_file: <N/A>"; the cause was in a
+    worker log under --log-dir."""
+    script = tmp_path / "fails.py"
+    script.write_text("raise ValueError('the real cause: bad feature spec')\n")
+    logs = tmp_path / "logs"
+    old = logs / "earlier" / "attempt_0" / "0" / "stderr.log"  # an earlier job's error
+    old.parent.mkdir(parents=True)
+    old.write_text("Traceback (most recent call last):\nKeyError: 'an old error'\n")
+    os.utime(old, (1, 1))
+    done = subprocess.run([sys.executable, "-m", "dynembed", "train", "--max-restarts", "0",
+                           "--no-progress", "--log-dir", str(logs), str(script)],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 1
+    tail = done.stderr.split("the last worker error, from ", 1)[1]
+    assert "ValueError: the real cause: bad feature spec" in tail
+    assert "an old error" not in tail and str(logs) in tail
