@@ -12,7 +12,12 @@ import time
 from pathlib import Path
 
 from dynembed._version import __version__
-from dynembed.errors import CheckpointError, DynembedError
+from dynembed.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    DynembedError,
+)
 
 _DESCRIPTION = ("dynembed: dynamic embedding tables for PyTorch. Inspect checkpoints, train "
                 "on torchrun, export model packages and serve them.")
@@ -367,24 +372,34 @@ def _export(args) -> int:
         raise ValueError(  # noqa: TRY004 - a bad --factory value, printed by main
             f"--factory {args.factory}: returned {type(model).__name__}, not a "
             "torch.nn.Module; give a function that builds the model")
-    if not (checkpoint / mf.MANIFEST).exists():
-        # a CheckpointManager's step-N folders, else (as inspect) the newest of any others
-        latest = CheckpointManager(checkpoint).latest()
-        if latest is None:
-            found = history(checkpoint)
-            if not found:
-                raise ValueError(f"--checkpoint {checkpoint}: no checkpoint there")
-            latest = Path(found[-1]["path"])
-        checkpoint = latest
-    try:  # strict: every table and weight of the model must be there
-        # a factory may build the tables without the admission policy they trained with:
-        # the package's tables never admit keys, so that state is dropped without a warning
-        load(checkpoint, model, dropped=("admission",))
-    except CheckpointError as e:
-        raise ValueError(f"--checkpoint {checkpoint} does not fit the model --factory "
-                         f"{args.factory} builds: "
-                         + str(e).replace("; pass strict=False to ignore them", "")
-                         + "; the factory must build the model that was trained") from None
+    if (checkpoint / mf.MANIFEST).exists():
+        candidates = [checkpoint]
+    else:  # a directory: its newest checkpoint, and the ones before if that is damaged
+        # a CheckpointManager's step-N folders, else (as inspect) any others
+        candidates = CheckpointManager(checkpoint).checkpoints()[::-1] \
+            or [Path(found["path"]) for found in history(checkpoint)][::-1]
+        if not candidates:
+            raise ValueError(f"--checkpoint {checkpoint}: no checkpoint there")
+    for checkpoint in candidates:
+        try:  # strict: every table and weight of the model must be there
+            # a factory may build the tables without the admission policy they trained
+            # with: the package's tables never admit keys, so that state is dropped
+            # without a warning
+            load(checkpoint, model, dropped=("admission",))
+            break
+        except (CheckpointCorruptError, CheckpointNotFoundError) as e:
+            # damage is no misfit ("does not fit the model" sent users to their factory)
+            if checkpoint == candidates[-1]:
+                raise ValueError(f"--checkpoint {checkpoint} cannot be read ({e}) and there "
+                                 "is no older checkpoint to export; export another") from None
+            print(f"warning: {checkpoint} cannot be read ({e}); trying the one before",
+                  file=sys.stderr)
+        except CheckpointError as e:
+            raise ValueError(f"--checkpoint {checkpoint} does not fit the model --factory "
+                             f"{args.factory} builds: "
+                             + str(e).replace("; pass strict=False to ignore them", "")
+                             + "; the factory must build the model that was trained") \
+                from None
     if hasattr(model, "serving_parts"):
         parts = model.serving_parts()
     elif hasattr(model, "embeddings") and hasattr(model, "dense"):

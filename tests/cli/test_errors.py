@@ -128,6 +128,35 @@ def test_export_records_the_step_its_tables_come_from(tmp_path):
     assert source_step(read_manifest(tmp_path / "m")) == 7
 
 
+def test_export_of_a_damaged_checkpoint_says_so_and_takes_the_one_before(tmp_path):
+    """It said the checkpoint "does not fit the model --factory builds", which sent users to
+    their factory, and did not fall back to the sound checkpoint before (inspect does)."""
+    import dynembed as de
+    from dynembed.checkpoint.rows_file import RowsFile
+    from tests.serving.helpers import make_model
+
+    manager = de.checkpoint.CheckpointManager(tmp_path / "ckpt", max_chain=1)
+    model = Model(*make_model(0))
+    manager.save(1, model)
+    manager.save(2, model)
+    newest = tmp_path / "ckpt" / "step-0000000002"
+    for rows in newest.rglob("*.rows"):
+        offset, size = RowsFile(str(rows)).layout.offsets["records"]
+        data = bytearray(rows.read_bytes())
+        data[offset + size // 2] ^= 0x01
+        rows.write_bytes(bytes(data))
+    result = _dynembed("export", "--factory", "tests.cli.test_errors:build", "--checkpoint",
+                       str(tmp_path / "ckpt"), "--name", "m", "--out", str(tmp_path / "m"))
+    assert result.returncode == 0, result.stderr
+    assert f"warning: {newest} cannot be read" in result.stderr
+    assert f"from {tmp_path / 'ckpt' / 'step-0000000001'}" in result.stdout
+    line = _error_line(_dynembed("export", "--factory", "tests.cli.test_errors:build",
+                                 "--checkpoint", str(newest), "--name", "m", "--out",
+                                 str(tmp_path / "m2")), 1)
+    assert line.startswith(f"error: --checkpoint {newest} cannot be read (") \
+        and "no older checkpoint" in line, line
+
+
 def test_train_checks_the_rendezvous_flags_before_torchrun_starts(tmp_path):
     from dynembed.train.launch import LaunchConfig
 
