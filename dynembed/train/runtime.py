@@ -497,7 +497,9 @@ class Runtime:
         Raises:
             RuntimeError: ``used_stores="refuse"`` and a store holds rows (every rank).
         """
-        tables = named_tables(self.model)
+        # a read-only table's store holds the rows it reads (e.g. frozen pretrained ones)
+        tables = {name: table for name, table in named_tables(self.model).items()
+                  if table.tier is not None and not table.read_only}
         used = sorted(name for name, table in tables.items() if table.holds_stored_rows())
         anywhere = bool(used)
         if self._control is not None:  # every rank acts alike
@@ -515,11 +517,10 @@ class Runtime:
                 "them would train on those rows. Pass Runtime(used_stores='clear') to empty "
                 "them, or used_stores='keep' to start from them on purpose")
         if mode == "clear":
-            for name, table in tables.items():
-                if table.tier is not None:
-                    logger.warning("rank %d: fresh start: emptying the store of table %s, "
-                                   "which holds rows from before", self.rank, name)
-                    table.start_over()
+            logger.warning("rank %d: fresh start: emptying the stores of tables %s, which "
+                           "hold rows from before", self.rank, used or "(on another rank)")
+            for table in tables.values():  # each rank its own rows (of a shared store)
+                table.start_over()
             return
         logger.warning("rank %d: fresh start over the rows the stores of tables %s hold; "
                        "checkpointing step 0 so that a restart starts from them again",

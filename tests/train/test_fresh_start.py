@@ -118,3 +118,17 @@ def test_an_empty_store_needs_nothing(tmp_path):
     model = _attempt(tmp_path, 2)
     assert model.emb.table.step == 2 and not list((tmp_path / "ckpt").glob("step-*"))
     assert len(_rows(tmp_path, "db")) == 16  # 2 steps of 8 keys
+
+
+def test_a_read_only_table_over_a_store_is_no_used_store(tmp_path):
+    """A read-only table's store holds the rows it reads (frozen, pretrained ones)."""
+    _attempt(tmp_path, 3, store="pretrained")
+    rt = Runtime(tmp_path / "ckpt2").start()
+    model = nn.Module()
+    model.emb = de.DynamicEmbedding(dim=4, optimizer=de.optim.Adagrad(lr=0.1), read_only=True,
+                                    store=de.storage.RocksDBStore(tmp_path / "pretrained"))
+    rt.prepare(model)
+    rt.restore()
+    assert model.emb.table.count_below_memory() > 0  # kept
+    rt.close()
+    model.emb.table.close()
