@@ -70,9 +70,10 @@ def _check_plain(value, where: str) -> None:
                         "(list(x) would hold numpy scalars)")
 
 
-def check_chunk_rows(chunk_rows: int) -> None:
-    """Raises ValueError unless ``chunk_rows`` is an int >= 1 (Python or numpy)."""
-    check_int("chunk_rows", chunk_rows)
+def check_chunk_rows(chunk_rows: int) -> int:
+    """``chunk_rows`` as a Python int; raises ValueError unless it is an int >= 1 (Python
+    or numpy)."""
+    return check_int("chunk_rows", chunk_rows)
 
 
 def check_restore_options(lazy: bool, background_rows: int, lazy_arg: str = "lazy") -> None:
@@ -87,12 +88,21 @@ def _check_rank(rank: int, world_size: int) -> None:
     rank_buckets(rank, world_size)  # raises ValueError naming the bad argument
 
 
-def _checkpoint_path(path) -> Path:
-    """``path`` as a Path; raises TypeError naming it if it is not one."""
+def checkpoint_path(path, arg: str = "path") -> Path:
+    """``path`` as a Path; raises TypeError naming ``arg`` if it is not one."""
     if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or os.PathLike checkpoint directory, got "
+        raise TypeError(f"{arg} must be a str or os.PathLike checkpoint directory, got "
                         f"{type(path).__name__}")
     return Path(path)
+
+
+def check_not_under_a_file(target: Path, arg: str) -> None:
+    """Raises NotADirectoryError naming ``arg`` if a checkpoint cannot be made at ``target``
+    because one of its parents is a file."""
+    blocking = next((p for p in target.parents if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise NotADirectoryError(f"{arg}: {blocking} is a file, so no checkpoint can be made "
+                                 f"under it at {target}; choose a path inside a directory")
 
 
 def _gather_tables(model: nn.Module | None, tables: dict | None) -> dict[str, DynamicTable]:
@@ -178,12 +188,11 @@ def save(path: str | os.PathLike, model: nn.Module | None = None,
             parent is not the checkpoint the tables' changes are tracked since.
         ValueError, TypeError: a bad argument (named in the message).
     """
-    target = _checkpoint_path(path)
+    target = checkpoint_path(path)
     _check_rank(rank, world_size)
     if num_buckets is not None:
         check_num_buckets(num_buckets)
-    check_chunk_rows(chunk_rows)
-    chunk_rows = int(chunk_rows)  # a numpy int is fine, as Python's
+    chunk_rows = check_chunk_rows(chunk_rows)
     if optimizer is not None and not hasattr(optimizer, "state_dict"):
         raise TypeError(f"optimizer must be a torch optimizer, got {type(optimizer).__name__}")
     if extra is not None:
@@ -202,10 +211,7 @@ def save(path: str | os.PathLike, model: nn.Module | None = None,
     if target.exists():
         raise FileExistsError(f"{target} exists; checkpoints are never overwritten, choose a "
                               "new path (CheckpointManager names them by step)")
-    blocking = next((p for p in target.parents if p.exists()), None)
-    if blocking is not None and not blocking.is_dir():
-        raise NotADirectoryError(f"path: {blocking} is a file, so no checkpoint can be made "
-                                 f"under it at {target}; choose a path inside a directory")
+    check_not_under_a_file(target, "path")
     for name, table in found.items():
         if table.has_pending_gradients:
             raise CheckpointError(f"table {name!r} holds deferred gradients not applied yet; "
@@ -414,10 +420,9 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
     if unknown:
         raise ValueError(f"dropped must name state among {list(DROPPABLE)}, got {unknown}")
     _check_rank(rank, world_size)
-    _checkpoint_path(path)
+    checkpoint_path(path)
     check_restore_options(lazy, background_rows)
-    check_chunk_rows(chunk_rows)
-    background_rows, chunk_rows = int(background_rows), int(chunk_rows)
+    background_rows, chunk_rows = int(background_rows), check_chunk_rows(chunk_rows)
     found = _gather_tables(model, tables)
     chain = mf.chain(path)
     mf.check_chain(chain)

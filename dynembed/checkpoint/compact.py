@@ -14,7 +14,12 @@ import time
 from pathlib import Path
 
 from dynembed.checkpoint import manifest as mf
-from dynembed.checkpoint.api import DENSE, check_chunk_rows
+from dynembed.checkpoint.api import (
+    DENSE,
+    check_chunk_rows,
+    check_not_under_a_file,
+    checkpoint_path,
+)
 from dynembed.checkpoint.lazy import DEFAULT_CHUNK_ROWS, LazyRows
 from dynembed.checkpoint.rows_file import RowsFile, RowsFileWriter
 from dynembed.keys.buckets import rank_buckets
@@ -40,18 +45,12 @@ def compact(path: str | os.PathLike, out: str | os.PathLike, *,
         TypeError: ``path`` or ``out`` is not a str or os.PathLike.
         ValueError: ``chunk_rows`` is not an int >= 1.
     """
-    for name, value in (("path", path), ("out", out)):
-        if not isinstance(value, (str, os.PathLike)):  # Path() would not name which one
-            raise TypeError(f"{name} must be a str or os.PathLike checkpoint directory, got "
-                            f"{type(value).__name__}")
+    checkpoint_path(path)
+    target = checkpoint_path(out, "out")
     check_chunk_rows(chunk_rows)
-    target = Path(out)
     if target.exists():
         raise FileExistsError(f"{target} exists; give compact() a new directory")
-    blocking = next((p for p in target.parents if p.exists()), None)
-    if blocking is not None and not blocking.is_dir():
-        raise NotADirectoryError(f"out: {blocking} is a file, so no checkpoint can be made "
-                                 f"under it at {target}; choose a path inside a directory")
+    check_not_under_a_file(target, "out")
     chain = mf.chain(path)
     mf.check_chain(chain)
     newest_dir, newest = chain[-1]

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from dynembed._args import check_int
 from dynembed.checkpoint.rows_file import RowsFile
 from dynembed.kernels.records import HEAD_WORDS, columns_of
 from dynembed.keys.buckets import bucket_hash, bucket_of_hash
@@ -295,12 +296,6 @@ def _merge(layers: list[list[RowsFile]], dim: int, width: int, first: int, stop:
     return live_ids[winners], None if ids_only else live[winners]
 
 
-def _is_count(value) -> bool:
-    """Whether ``value`` is an int >= 1 (Python or numpy; a bool is a mistake, not 1)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)) \
-        and value >= 1
-
-
 def _check_load_step_args(table, rows, chunk_rows) -> None:
     """Raises TypeError / ValueError naming a bad argument of :func:`load_step`.
 
@@ -311,12 +306,11 @@ def _check_load_step_args(table, rows, chunk_rows) -> None:
     if not isinstance(table, DynamicTable):
         raise TypeError(f"table must be a DynamicTable restored with "
                         f"de.checkpoint.load(..., lazy=True), got {type(table).__name__}")
-    if rows is not None and not _is_count(rows):
+    if rows is not None and (not isinstance(rows, numbers.Integral)
+                             or isinstance(rows, (bool, np.bool_)) or rows < 1):
         raise ValueError(f"rows must be None (load every remaining row) or an int >= 1 "
                          f"(rows to load now), got {rows!r}")
-    if not _is_count(chunk_rows):
-        raise ValueError(f"chunk_rows must be an int >= 1 (rows read at a time), got "
-                         f"{chunk_rows!r}")
+    check_int("chunk_rows", chunk_rows)
 
 
 def load_step(table, rows: int | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS, *,

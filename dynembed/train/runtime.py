@@ -24,7 +24,6 @@ import datetime
 import logging
 import math
 import os
-import random
 import shutil
 import signal
 import threading
@@ -47,11 +46,12 @@ from dynembed.errors import (
     CheckpointError,
     CheckpointNotFoundError,
 )
-from dynembed.kernels._threads import get_num_threads, set_num_threads
 from dynembed.keys.buckets import NUM_BUCKETS, check_num_buckets
 from dynembed.nn._base import named_tables
 from dynembed.train.data import global_batch, rank_part
+from dynembed.train.environment import check_rendezvous_env, share_cores
 from dynembed.train.progress import PROGRESS_ENV, ProgressFile
+from dynembed.train.rng import rng_state, set_rng_state
 
 logger = logging.getLogger(__name__)
 
@@ -89,83 +89,6 @@ def _positive_or_none(name: str, value, kind=int) -> None:
     if isinstance(value, bool) or not isinstance(value, ok) or not 0 < value < math.inf:
         raise ValueError(f"{name} must be a positive {'number' if kind is float else 'int'} "
                          f"or None, got {value!r}")
-
-
-def _env_int(name: str, default: int, low: int, high: int | None = None) -> int:
-    """The integer in environment variable ``name`` (``default`` when unset or empty).
-
-    Raises:
-        ValueError: the variable is not an integer in ``[low, high]`` (named: ``int()``'s
-            own message did not say which variable was wrong).
-    """
-    raw = os.environ.get(name, "")
-    if not raw.strip():
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = None
-    if value is None or value < low or (high is not None and value > high):
-        bound = f"in {low}..{high}" if high is not None else f">= {low}"
-        raise ValueError(f"environment variable {name} must be an integer {bound}, got "
-                         f"{raw!r}; start workers with torchrun (or dynembed train), which "
-                         "sets it")
-    return value
-
-
-def _check_rendezvous_env() -> None:
-    """Refuses a missing or malformed ``MASTER_ADDR``/``MASTER_PORT`` before the process
-    group starts: torch named a missing one, but took ``MASTER_PORT=abc`` with a bare
-    ``invalid literal for int()``.
-
-    Raises:
-        ValueError: a variable is missing or malformed (named, with the fix).
-    """
-    for name in ("MASTER_ADDR", "MASTER_PORT"):
-        if not os.environ.get(name, "").strip():
-            raise ValueError(f"environment variable {name} is not set, but RANK and "
-                             "WORLD_SIZE say this process is one of several: start workers "
-                             "with torchrun (or dynembed train), which sets MASTER_ADDR and "
-                             "MASTER_PORT, or set both to the address of rank 0")
-    _env_int("MASTER_PORT", 0, 1, 65535)
-
-
-def _share_cores(env: JobEnv) -> None:
-    """Ranks on one machine split its cores between their compiled kernels (as torchrun sets
-    OMP_NUM_THREADS=1 for torch), unless DYNEMBED_NUM_THREADS says otherwise."""
-    local = _env_int("LOCAL_WORLD_SIZE", 1, 1)
-    if env.launched and local > 1 and "DYNEMBED_NUM_THREADS" not in os.environ:
-        threads = max(1, min(get_num_threads(), (os.cpu_count() or 1) // local))
-        set_num_threads(threads)
-        torch.set_num_threads(min(torch.get_num_threads(), threads))
-
-
-def _rng_state() -> dict:
-    """This process's global random generators (torch, CUDA once used, numpy, Python) as
-    plain tensors and numbers, so a checkpoint holds them and loads with weights_only."""
-    version, words, gauss = random.getstate()
-    _, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
-    state = {"torch": torch.get_rng_state(),
-             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "gauss": float(cached)},
-             "python": {"version": version, "words": torch.tensor(words, dtype=torch.int64),
-                        "gauss": gauss}}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    """Puts back what :func:`_rng_state` took."""
-    torch.set_rng_state(state["torch"])
-    numpy = state["numpy"]
-    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"],
-                         numpy["has_gauss"], numpy["gauss"]))
-    python = state["python"]
-    random.setstate((python["version"], tuple(python["words"].tolist()), python["gauss"]))
-    cuda = state.get("cuda")
-    if cuda is not None and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
-        torch.cuda.set_rng_state_all(cuda)
 
 
 USED_STORES = ("refuse", "clear", "keep")
@@ -291,9 +214,9 @@ class Runtime:
             raise
 
     def _start(self) -> Runtime:
-        _share_cores(self.env)  # first: it checks LOCAL_WORLD_SIZE
+        share_cores(self.env)  # first: it checks LOCAL_WORLD_SIZE
         if self.distributed and not dist.is_initialized():
-            _check_rendezvous_env()
+            check_rendezvous_env()
         self._owns_group = init_process_group(self.env, backend=self.backend,
                                               timeout=self.timeout)
         if self.distributed:
@@ -560,11 +483,11 @@ class Runtime:
                         "those of %d ranks, this job has %d", self.rank, len(states),
                         self.world_size)
             return
-        _set_rng_state(states[self.rank])
+        set_rng_state(states[self.rank])
 
     def _gather_rng(self) -> list | None:
         """Every rank's random generators, on rank 0 (which writes ``extra``); else None."""
-        state = _rng_state()
+        state = rng_state()
         if self._control is None:
             return [state]
         states = [None] * self.world_size if self.rank == 0 else None

@@ -298,7 +298,6 @@ def _files_open_under(folder) -> tuple[int, int]:
     return fds, maps
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux /proc")
 def test_a_table_dropped_during_a_background_load_lets_its_files_go(saved):
     """The background load's generator held the LazyRows that holds it (a reference cycle):
     a table dropped in the middle of a load kept the checkpoint's descriptors and mappings
@@ -328,7 +327,6 @@ def _bytes_read() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="needs Linux /proc")
 def test_a_full_save_of_a_lazy_table_reads_the_checkpoint_ids_not_its_records(tmp_path):
     """The save's sort order took the ids of the rows left in the checkpoint from
     rows_below_memory(), which streams every record (most of a lazily opened table) only
