@@ -71,7 +71,7 @@ class HashIndex:
 
     def find(self, ids: np.ndarray) -> np.ndarray:
         """(n,) int64 slot per id, EMPTY where absent."""
-        return k.index_find(self.table, k.as_ids(ids))
+        return k.index_find(self.table, k.as_ids(ids), get_num_threads())
 
     def find_rows(self, ids: np.ndarray, rows: np.ndarray,
                   out: np.ndarray) -> tuple[np.ndarray, int]:
