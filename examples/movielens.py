@@ -314,7 +314,9 @@ def main(argv: list[str] | None = None) -> dict:
     position = {"step": 0, "epoch": 1, "batch": 0, "rng": rng.bit_generator.state,
                 "history": [], "loss_sum": 0.0, "seen": 0}
     if args.resume:
-        restored = manager.restore(model, dense_opt, lazy=True)
+        # with no checkpoint, the stores can only hold the rows of a run that stopped
+        # before its first one: emptied, as a restore would
+        restored = manager.restore(model, dense_opt, lazy=True, used_stores="clear")
         if restored is None:
             print(f"no checkpoint in {checkpoints}: starting from scratch")
         else:

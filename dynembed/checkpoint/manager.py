@@ -25,6 +25,12 @@ from dynembed._args import check_int, check_positive
 from dynembed.checkpoint import manifest as mf
 from dynembed.checkpoint.api import _check_rank, _gather_tables, load, save
 from dynembed.checkpoint.compact import compact
+from dynembed.checkpoint.fresh_start import (
+    check_used_stores,
+    tables_with_stores,
+    used_store_names,
+    used_stores_error,
+)
 from dynembed.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -320,10 +326,23 @@ class CheckpointManager:
     def restore(self, model: nn.Module | None = None,
                 optimizer: torch.optim.Optimizer | None = None, *,
                 tables: dict[str, DynamicTable] | None = None, lazy: bool = False,
-                background_rows: int = 0, strict: bool = True) -> dict | None:
+                background_rows: int = 0, strict: bool = True,
+                used_stores: str = "refuse") -> dict | None:
         """Restores the newest checkpoint that loads (see :func:`dynembed.checkpoint.load`):
         one whose files turn out damaged while loading is skipped (logged) for the one
         before it.
+
+        Args:
+            model, optimizer, tables, lazy, background_rows, strict: as
+                :func:`dynembed.checkpoint.load`.
+            used_stores: what a fresh start (no checkpoint) does with tables whose stores
+                hold rows already, from an earlier run or from a run that stopped before its
+                first checkpoint (training over them would silently go on from that run's
+                rows): ``"refuse"`` (raise, naming them), ``"clear"`` (empty them, as a
+                restore does) or ``"keep"`` (start from them on purpose; save a checkpoint
+                soon, so that a restart starts from them again). Each rank decides for its
+                own tables: a job of several ranks should pass ``"clear"`` or ``"keep"``,
+                or use :class:`dynembed.train.Runtime`, whose ranks agree.
 
         Returns:
             Its ``extra`` dict (``{}`` if it has none), or None when there is no checkpoint
@@ -336,7 +355,11 @@ class CheckpointManager:
         Raises:
             CheckpointCorruptError: there are checkpoints, but every one is damaged (or
                 misses a parent).
+            RuntimeError: a fresh start with ``used_stores="refuse"`` over stores that
+                hold rows.
+            ValueError: ``used_stores`` is not one of the three.
         """
+        check_used_stores(used_stores)
         tried = []
         for path in reversed(self.checkpoints()):
             try:
@@ -364,4 +387,22 @@ class CheckpointManager:
         if tried:
             raise CheckpointCorruptError(f"every checkpoint in {self.directory} is damaged "
                                          f"({[p.name for p in tried]}); nothing to resume")
+        self._fresh_start(_gather_tables(model, tables), used_stores)
         return None
+
+    def _fresh_start(self, tables: dict[str, DynamicTable], used_stores: str) -> None:
+        """Applies ``used_stores`` to the tables whose stores hold rows (see
+        :meth:`restore`)."""
+        tables = tables_with_stores(tables)
+        used = used_store_names(tables)
+        if not used or used_stores == "keep":
+            if used:
+                logger.warning("fresh start over the rows the stores of tables %s hold", used)
+            return
+        if used_stores == "refuse":
+            raise used_stores_error(f"no checkpoint in {self.directory}", used,
+                                    "restore(used_stores='{mode}')")
+        logger.warning("fresh start: emptying the stores of tables %s, which hold rows "
+                       "from before", used)
+        for table in tables.values():
+            table.start_over()

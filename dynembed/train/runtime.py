@@ -37,6 +37,12 @@ import torch.distributed as dist
 from torch import nn
 
 from dynembed.checkpoint.api import check_restore_options, load
+from dynembed.checkpoint.fresh_start import (
+    check_used_stores,
+    tables_with_stores,
+    used_store_names,
+    used_stores_error,
+)
 from dynembed.checkpoint.manager import CheckpointManager, set_aside, step_of
 from dynembed.distributed.exchange import Exchange
 from dynembed.distributed.plan import ShardPlan, shard_model
@@ -91,10 +97,6 @@ def _positive_or_none(name: str, value, kind=int) -> None:
                          f"or None, got {value!r}")
 
 
-USED_STORES = ("refuse", "clear", "keep")
-"""What a fresh start may do with stores that hold rows (``Runtime(used_stores=)``)."""
-
-
 class Runtime:
     """Runs a training loop as one process or as a rank of a torchrun job.
 
@@ -134,8 +136,7 @@ class Runtime:
                  progress_file: str | os.PathLike | None = None,
                  num_buckets: int = NUM_BUCKETS, used_stores: str = "refuse") -> None:
         _positive_or_none("every_steps", every_steps)
-        if used_stores not in USED_STORES:
-            raise ValueError(f"used_stores must be one of {USED_STORES}, got {used_stores!r}")
+        check_used_stores(used_stores)
         _positive_or_none("every_seconds", every_seconds, float)
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
                 or not 0 < timeout < math.inf:
@@ -420,10 +421,8 @@ class Runtime:
         Raises:
             RuntimeError: ``used_stores="refuse"`` and a store holds rows (every rank).
         """
-        # a read-only table's store holds the rows it reads (e.g. frozen pretrained ones)
-        tables = {name: table for name, table in named_tables(self.model).items()
-                  if table.tier is not None and not table.read_only}
-        used = sorted(name for name, table in tables.items() if table.holds_stored_rows())
+        tables = tables_with_stores(named_tables(self.model))
+        used = used_store_names(tables)
         anywhere = bool(used)
         if self._control is not None:  # every rank acts alike
             anywhere = bool(self._control.all_reduce_max(np.array([int(anywhere)]))[0])
@@ -433,12 +432,8 @@ class Runtime:
         if mode == "refuse" and self.env.restart_count > 0:
             mode = "clear"
         if mode == "refuse":
-            raise RuntimeError(
-                f"rank {self.rank}: no checkpoint in {self.checkpoint_dir}, but the stores "
-                f"of tables {used or '(on another rank)'} hold rows, from an "
-                "earlier run or a run that stopped before its first checkpoint; starting over "
-                "them would train on those rows. Pass Runtime(used_stores='clear') to empty "
-                "them, or used_stores='keep' to start from them on purpose")
+            raise used_stores_error(f"rank {self.rank}: no checkpoint in {self.checkpoint_dir}",
+                                    used or "(on another rank)", "Runtime(used_stores='{mode}')")
         if mode == "clear":
             logger.warning("rank %d: fresh start: emptying the stores of tables %s, which "
                            "hold rows from before", self.rank, used or "(on another rank)")
