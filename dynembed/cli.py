@@ -372,6 +372,7 @@ def _export(args) -> int:
         raise ValueError(  # noqa: TRY004 - a bad --factory value, printed by main
             f"--factory {args.factory}: returned {type(model).__name__}, not a "
             "torch.nn.Module; give a function that builds the model")
+    _refuse_stores(model, args.factory)
     if (checkpoint / mf.MANIFEST).exists():
         candidates = [checkpoint]
     else:  # a directory: its newest checkpoint, and the ones before if that is damaged
@@ -414,6 +415,23 @@ def _export(args) -> int:
                           source_step=step_of(checkpoint))
     print(f"wrote {path} from {checkpoint}")
     return 0
+
+
+def _refuse_stores(model, factory: str) -> None:
+    """Raises ValueError if the factory built tables over stores: loading the checkpoint
+    empties each table's store and writes the checkpoint's rows into it, so an export from
+    a factory that reuses the training job's store paths once replaced the rows (and the
+    clock) of that job's stores, silently."""
+    from dynembed.nn._base import named_tables
+
+    stored = sorted(name for name, table in named_tables(model).items()
+                    if table.tier is not None)
+    if stored:
+        raise ValueError(
+            f"--factory {factory}: builds tables {stored} over stores; loading the checkpoint "
+            "into them would replace the rows those stores hold with the checkpoint's. Give a "
+            "factory that builds the model without store= (the package takes every row from "
+            "the checkpoint)")
 
 
 def _add_serve(commands) -> None:
