@@ -358,7 +358,16 @@ def to_jagged(values, offsets=None, *, include_last_offset: bool = False,
         return batch, np.arange(rows + 1, dtype=np.int64) * width
     if isinstance(values, (list, tuple)):
         bag_types = set(map(type, values))  # C-level scan; the checks below see each type once
-        if not all(issubclass(t, (list, tuple, np.ndarray, torch.Tensor)) for t in bag_types):
+        kinds = (list, tuple, np.ndarray, torch.Tensor)
+        if not all(issubclass(t, kinds) for t in bag_types):
+            if any(issubclass(t, kinds) for t in bag_types):  # bags beside a stray: name it
+                i = next(i for i, v in enumerate(values) if not isinstance(v, kinds))
+                shown = repr(values[i])
+                shown = shown if len(shown) <= 40 else shown[:37] + "..."
+                raise KeyInputError(f"{arg}: bag {i} is {shown} ({type(values[i]).__name__}), "
+                                    "not a list of keys; every bag must be a list (or 1-D "
+                                    "tensor) of one sample's keys, e.g. [] for none or [key] "
+                                    "for one")
             raise KeyInputError(f"{arg}: without offsets, bags must be given as a list of "
                                 "lists (one list of keys per sample), a 2-D tensor, or flat "
                                 "values with offsets=.")
@@ -387,5 +396,10 @@ def to_jagged(values, offsets=None, *, include_last_offset: bool = False,
                 v.tolist() if isinstance(v, (np.ndarray, torch.Tensor)) else v
                 for v in values))
         return to_key_batch(flat, hash_seed=hash_seed, arg=arg), bounds
+    got, hint = type(values).__name__, ""
+    if isinstance(values, (np.ndarray, torch.Tensor)):
+        got = f"{values.ndim}-D {got}"
+        if values.dtype == object and values.ndim == 1:
+            hint = " (an object array of bags, e.g. a pandas column: pass values.tolist())"
     raise KeyInputError(f"{arg}: bags need offsets=, a list of lists, or a 2-D tensor; got "
-                        f"{type(values).__name__} without offsets")
+                        f"{got} without offsets{hint}")

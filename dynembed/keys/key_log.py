@@ -50,7 +50,7 @@ class KeyLog:
 
         Args:
             ids: (n,) int64.
-            keys: n str, or n bytes.
+            keys: n str or bytes (as :meth:`add`).
             among: (m,) int64 ids to keep.
         """
         logged = np.isin(ids, among)
@@ -66,8 +66,19 @@ class KeyLog:
 
         Args:
             ids: (n,) int64.
-            keys: n str, or n bytes.
+            keys: n str or bytes; one call may mix them (the features of a collection
+                that share a table are logged together, and each may use either).
         """
+        byte_kinds = [issubclass(t, (bytes, bytearray)) for t in set(map(type, keys))]
+        if any(byte_kinds) and not all(byte_kinds):
+            # str and bytes: each kind by its own path (the str path stored bytes as if
+            # they were strings, which broke state_dict; the bytes path raised mid-lookup)
+            is_bytes = np.fromiter(map(isinstance, keys, itertools.repeat((bytes, bytearray))),
+                                   dtype=bool, count=len(keys))
+            kept = np.fromiter(keys, dtype=object, count=len(keys))
+            self.add(ids[~is_bytes], kept[~is_bytes].tolist())
+            self.add(ids[is_bytes], kept[is_bytes].tolist())
+            return
         ids = ids.tolist()
         if len(keys) and isinstance(keys[0], (bytes, bytearray)):
             try:

@@ -78,9 +78,30 @@ def named_tables(model: nn.Module) -> dict[str, DynamicTable]:
     return out
 
 
+_TORCH_HINTS = {
+    "include_last_offset": "include_last_offset is an argument of forward: "
+                           "bag(values, offsets, include_last_offset=True)",
+    "num_embeddings": "num_embeddings: there is no vocabulary size, rows are created as keys "
+                      "arrive (max_rows= or memory_budget= bound them)",
+    "embedding_dim": "embedding_dim is dim=",
+}
+"""How to say what torch.nn.Embedding(Bag)'s constructor arguments are called here."""
+
+
 def make_table(dim, table: DynamicTable | None, config: TableConfig | None,
                options: dict) -> DynamicTable:
-    """Builds the table of a module from exactly one of ``table``, ``config`` or ``dim``."""
+    """Builds the table of a module from exactly one of ``table``, ``config`` or ``dim``.
+
+    Raises:
+        TypeError: an option that is no TableConfig field (torch's constructor arguments
+            say what they are called here), or not exactly one of the three.
+    """
+    fields = [f.name for f in dataclasses.fields(TableConfig) if f.name != "dim"]
+    unknown = sorted(set(options) - set(fields))
+    if unknown:  # e.g. torch's constructor arguments: TableConfig's error named only them
+        hints = [_TORCH_HINTS[name] for name in unknown if name in _TORCH_HINTS]
+        raise TypeError(f"unknown table option(s) {unknown}: the keywords beside dim= are "
+                        f"TableConfig fields {fields}" + "".join(f"; {h}" for h in hints))
     given = [name for name, v in (("dim", dim), ("config", config), ("table", table))
              if v is not None]
     if len(given) != 1:

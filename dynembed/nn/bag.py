@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from dynembed.errors import KeyInputError
 from dynembed.kernels.hash_index import unique_inverse
-from dynembed.keys.convert import KeyBatch, to_jagged
+from dynembed.keys.convert import KeyBatch, is_values_offsets, to_jagged
 from dynembed.nn._autograd import rows_for
 from dynembed.nn._base import SingleTableModule, untraced
 from dynembed.table.config import TableConfig
@@ -30,7 +30,8 @@ def bag_weights(per_sample_weights, mode: str, bounds: np.ndarray,
 
     Args:
         per_sample_weights: None, or float weights: (n,), (B, L) for bags of one size L, or a
-            list of lists shaped like the bags (Python numbers of any type).
+            list of each bag's weights, shaped like the bags (lists of Python numbers of any
+            type, or 1-D float tensors or arrays).
         mode: the pooling mode; weights need "sum".
         bounds: (B + 1,) int64 bag boundaries, from 0 to the number of values n.
         arg: the weights' name in error messages.
@@ -72,9 +73,24 @@ def pool(rows: torch.Tensor, inverse: np.ndarray, bounds: np.ndarray, mode: str,
                            mode=mode, per_sample_weights=weights, include_last_offset=True)
 
 
+_ARRAYS = (np.ndarray, torch.Tensor)
+
+
+def _per_bag(weights) -> bool:
+    """Whether ``weights`` is a list with one entry per bag (lists, or 1-D tensors or arrays
+    other than a single weight) rather than one per value (numbers, 0-d tensors)."""
+    if not isinstance(weights, (list, tuple)):
+        return False
+    kinds = set(map(type, weights))  # a C-level scan of the element types
+    if any(issubclass(t, (list, tuple)) for t in kinds):
+        return True
+    return any(issubclass(t, _ARRAYS) for t in kinds) and any(
+        isinstance(w, _ARRAYS) and w.ndim > 0 and tuple(w.shape) != (1,) for w in weights)
+
+
 def _weights_per_value(weights, bounds: np.ndarray, arg: str) -> torch.Tensor:
     """(n,) weights, one per value, from flat weights, a (B, L) tensor of fixed-size bags'
-    weights, or a list of lists shaped like the bags.
+    weights, or a list of each bag's weights (lists or 1-D tensors).
 
     Raises:
         TypeError: weights that are not floating point numbers.
@@ -82,22 +98,33 @@ def _weights_per_value(weights, bounds: np.ndarray, arg: str) -> torch.Tensor:
     """
     lengths = np.diff(bounds)
     n = int(bounds[-1])  # bounds start at 0 and end at the number of values
-    if isinstance(weights, (list, tuple)) and any(  # C-level scan of the element types
-            issubclass(t, (list, tuple)) for t in set(map(type, weights))):
+    if _per_bag(weights):
         if len(weights) != lengths.shape[0]:
             raise ValueError(f"{arg} as a list of lists must hold one list per bag "
                              f"({lengths.shape[0]} bags), got {len(weights)} lists")
-        flat = [b for b, w in enumerate(weights) if not isinstance(w, (list, tuple))]
+        flat = [b for b, w in enumerate(weights) if not (
+            isinstance(w, (list, tuple)) or isinstance(w, _ARRAYS) and w.ndim == 1)]
         if flat:
-            raise ValueError(f"{arg}[{flat[0]}] must be a list of the bag's weights (as the "
-                             f"other entries), got {type(weights[flat[0]]).__name__}")
+            w = weights[flat[0]]
+            shape = f" of shape {tuple(w.shape)}" if isinstance(w, _ARRAYS) else ""
+            raise ValueError(f"{arg}[{flat[0]}] must be the bag's weights, a list or a 1-D "
+                             f"tensor (as the other entries), got {type(w).__name__}{shape}")
         given = np.fromiter(map(len, weights), dtype=np.int64, count=len(weights))
         wrong = np.flatnonzero(given != lengths)
         if wrong.shape[0]:
             b = int(wrong[0])
             raise ValueError(f"{arg}[{b}] has {given[b]} weights but bag {b} has "
                              f"{lengths[b]} keys: give one weight per key")
-        weights = [w for bag in weights for w in bag]
+        if all(isinstance(w, _ARRAYS) for w in weights):
+            # a tensor (or array) per bag, as bags of keys may come: concatenated, which
+            # keeps their graph (torch.cat would also turn int weights beside floats to float)
+            parts = [torch.as_tensor(w) for w in weights]
+            wrong = [p.dtype for p in parts if p.numel() and not p.dtype.is_floating_point]
+            if wrong:
+                raise TypeError(f"{arg} must be floating point, got a {wrong[0]} bag among them")
+            weights = torch.cat(parts)
+        else:
+            weights = [w for bag in weights for w in bag]
     # one tensor per weight: stacked, so a gradient reaches them (torch.as_tensor would copy
     # their values and cut them from the graph, with only a warning)
     per_weight = isinstance(weights, (list, tuple)) and any(
@@ -129,6 +156,21 @@ def _weights_per_value(weights, bounds: np.ndarray, arg: str) -> torch.Tensor:
         raise ValueError(f"{arg} must have shape ({n},), one weight per value (or one list "
                          f"of weights per bag), got {tuple(tensor.shape)}")
     return tensor
+
+
+def _read_as_values_offsets(values) -> bool:
+    """Whether EmbeddingCollection reads ``values`` as ``(values, offsets)`` (see
+    :func:`~dynembed.keys.convert.is_values_offsets`): a tuple of two whose second part is a
+    1-D tensor or array, or a flat list of ints beside values that are not one. Two flat int
+    lists, which the collection refuses as ambiguous, are two bags here."""
+    if not (isinstance(values, tuple) and len(values) == 2):
+        return False
+    if isinstance(values[1], (torch.Tensor, np.ndarray)) and values[1].ndim != 1:
+        return False  # a bag of another shape: to_jagged names it
+    try:
+        return is_values_offsets(values, "values")
+    except KeyInputError:
+        return False
 
 
 class DynamicEmbeddingBag(SingleTableModule):
@@ -164,7 +206,8 @@ class DynamicEmbeddingBag(SingleTableModule):
             offsets: (B,) start of each bag in ``values`` (or (B + 1,) with
                 ``include_last_offset``).
             per_sample_weights: optional float weights, mode "sum" only: (n,) for flat
-                values, (B, L) for a (B, L) tensor, or a list of lists shaped like the bags.
+                values, (B, L) for a (B, L) tensor, or a list of each bag's weights (lists or
+                1-D tensors) shaped like the bags.
             include_last_offset: as in ``torch.nn.EmbeddingBag``.
 
         Returns:
@@ -180,15 +223,14 @@ class DynamicEmbeddingBag(SingleTableModule):
                 ``memory_budget`` / ``max_rows`` hold.
             StoreError: the table's store failed; memory is unchanged.
         """
-        if (offsets is None and isinstance(values, tuple) and len(values) == 2
-                and isinstance(values[1], (torch.Tensor, np.ndarray)) and values[1].ndim == 1):
+        if offsets is None and _read_as_values_offsets(values):
             # EmbeddingCollection reads such a tuple as (values, offsets): refused here, so
             # the same input never means two things in the two modules
             raise KeyInputError(
-                "values: a tuple of two whose second part is a 1-D tensor or array could be "
-                "(values, offsets) or two bags; EmbeddingCollection reads it as (values, "
-                "offsets). Here give offsets as their own argument, bag(values, offsets), or "
-                "the bags as a list: bag([bag0, bag1])")
+                "values: a tuple of two whose second part looks like offsets (a 1-D tensor or "
+                "array, or a list of ints) may be (values, offsets) or two bags; "
+                "EmbeddingCollection reads it as (values, offsets). Here give offsets as their "
+                "own argument, bag(values, offsets), or the bags as a list: bag([bag0, bag1])")
         batch, bounds = to_jagged(values, offsets, include_last_offset=include_last_offset,
                                   hash_seed=self.table.config.hash_seed)
         weights = bag_weights(per_sample_weights, self.mode, bounds)

@@ -62,8 +62,9 @@ class EmbeddingCollection(TableModule):
         torch.Size([1, 20])
 
     Raises:
-        ValueError: an empty or badly named table map, one DynamicTable under two names, a
-            feature name that is not a non-empty str, or a feature naming an unknown table.
+        ValueError: an empty or badly named table map, one DynamicTable under two names,
+            two tables over one store object, a feature name that is not a non-empty str, or
+            a feature naming an unknown table.
     """
 
     def __init__(self, tables: Mapping[str, TableConfig | DynamicTable],
@@ -83,6 +84,18 @@ class EmbeddingCollection(TableModule):
                 raise ValueError(f"tables[{named[id(spec)]!r}] and tables[{name!r}] are the "
                                  "same DynamicTable; name it once and point several features "
                                  f"at it (features={{...: {named[id(spec)]!r}}})")
+        stores = {}
+        for name, spec in tables.items():
+            # the table built later takes the store object over and the earlier one fails
+            # at its first lookup, with an error that names neither table
+            store = (spec.config if isinstance(spec, DynamicTable) else spec).store
+            if store is not None and stores.setdefault(id(store), name) != name:
+                first = stores[id(store)]
+                raise ValueError(f"tables[{first!r}] and tables[{name!r}] use the same store "
+                                 f"object: tables[{name!r}] would take it over and "
+                                 f"tables[{first!r}] fail at its first lookup. Give each table "
+                                 "a store of its own (another path or namespace), e.g. a "
+                                 "TableConfig per table rather than one for both")
         if features is None:
             features = {name: FeatureConfig(table=name) for name in tables}
         if not isinstance(features, Mapping):

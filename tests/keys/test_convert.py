@@ -537,3 +537,16 @@ def test_two_dimensional_string_array_is_fixed_size_bags(dtype):
     assert np.array_equal(batch.ids, expected.ids)
     assert bounds.tolist() == expected_bounds.tolist() == [0, 2, 4, 6]
     assert batch.kind == "str" and list(batch.strings) == values.reshape(-1).tolist()
+
+
+@pytest.mark.parametrize("values, match", [
+    ([["red", "shoe"], "hat"], r"bag 1 is 'hat' \(str\), not a list of keys"),  # not 3 bags
+    ([[1, 2], 3], r"bag 1 is 3 \(int\), not a list of keys.*\[key\] for one"),
+    ([[1], None, [2]], r"bag 1 is None \(NoneType\).*\[\] for none"),
+    (np.array([[1], [2, 3]], dtype=object), r"1-D ndarray without offsets.*values.tolist\(\)"),
+    (torch.ones(2, 2, 2, dtype=torch.long), "got 3-D Tensor without offsets"),
+])
+def test_bags_beside_something_else_name_it(values, match):
+    """A stray key among bags (or an object array of bags, as a pandas column holds them)
+    got only "bags must be given as a list of lists", naming neither the bag nor the fix."""
+    jag_raises(KeyInputError, match, values)

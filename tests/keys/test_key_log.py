@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -189,3 +190,18 @@ def test_equal_length_bytearray_keys_are_logged_as_strings():
     emb([bytearray(b"ab"), bytearray(b"cd")])
     assert emb.table.key_log.lookup(hash_strings(["ab", "cd"])) == ["ab", "cd"]
     emb.state_dict()  # saves
+
+
+@pytest.mark.parametrize("keys, logged", [
+    (["cat", b"fish", b"\xff\xfe", "\u00e9"], ["cat", "fish", b"\xff\xfe", "\u00e9"]),
+    ([b"fish", "cat", b"\xff\xfe"], ["fish", "cat", b"\xff\xfe"]),
+])
+def test_str_and_bytes_keys_in_one_call(keys, logged, tmp_path):
+    """The features of a collection that share a table are logged in one call, one feature
+    str and another bytes: the bytes were once stored as str (state_dict then raised), or
+    the call raised mid-lookup when the bytes came first."""
+    key_ids = np.concatenate([ids([k]) for k in keys])
+    log = KeyLog()
+    log.add(key_ids, keys)
+    assert log.lookup(key_ids) == logged
+    assert saved_and_loaded(log, tmp_path).lookup(key_ids) == logged

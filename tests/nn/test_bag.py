@@ -66,7 +66,9 @@ def test_per_sample_weights_in_every_shape_the_values_come_in():
 @pytest.mark.parametrize("weights, error, match", [
     ([[0.5], [1.0, 2.0]], ValueError, r"per_sample_weights\[0\] has 1 weights but bag 0 has 2"),
     ([[0.5, 1.0]], ValueError, r"one list per bag \(2 bags\), got 1 lists"),
-    ([[0.5, 1.0], 2.0], ValueError, r"per_sample_weights\[1\] must be a list"),
+    ([[0.5, 1.0], 2.0], ValueError, r"per_sample_weights\[1\] must be the bag's weights"),
+    ([torch.ones(2, 1), torch.ones(2)], ValueError, r"\[0\] must be .* 1-D .* shape \(2, 1\)"),
+    ([torch.tensor([1, 2]), torch.tensor([3, 4])], TypeError, "floating point, got a torch.int64"),
     ([["a", 1.0], [2.0, 3.0]], TypeError, "per_sample_weights must be floating point weights"),
     ("0.5", TypeError, "per_sample_weights must be floating point weights"),
     (torch.tensor([1, 2, 3, 4]), TypeError, "per_sample_weights must be floating point"),
@@ -78,6 +80,25 @@ def test_bad_per_sample_weights_name_the_argument(weights, error, match):
     with pytest.raises(error, match=match):
         bag([[1, 2], [3, 4]], per_sample_weights=weights)
     assert bag.table.size() == 0  # nothing was inserted for a call that failed
+
+
+def test_per_sample_weights_as_one_tensor_or_array_per_bag():
+    """Bags of keys may come as one tensor each; their weights so given raised a TypeError
+    saying they were not floating point ("shape '[]' is invalid for input of size 2")."""
+    bag = de.DynamicEmbeddingBag(dim=2, mode="sum", seed=0, optimizer=None)
+    bags = [torch.tensor([1, 2]), torch.tensor([3]), torch.tensor([], dtype=torch.int64)]
+    w = torch.tensor([0.5, 2.0, 3.0], requires_grad=True)
+    expected = bag(bags, per_sample_weights=w)
+    expected.pow(2).sum().backward()
+    grad, w.grad = w.grad.clone(), None
+    out = bag(bags, per_sample_weights=[w[:2], w[2:], w[3:]])
+    torch.testing.assert_close(out, expected)
+    out.pow(2).sum().backward()
+    torch.testing.assert_close(w.grad, grad)  # the graph reaches the weights
+    as_arrays = [np.array([0.5, 2.0]), np.array([3.0], dtype=np.float32), np.array([])]
+    torch.testing.assert_close(bag(bags, per_sample_weights=as_arrays), expected)
+    mixed = [w[:2].detach(), [3.0], []]
+    torch.testing.assert_close(bag(bags, per_sample_weights=mixed), expected)
 
 
 def test_input_forms_agree():
@@ -149,9 +170,14 @@ def test_a_tuple_the_collection_reads_as_values_and_offsets_is_refused():
     """(values, offsets-like tensor): EmbeddingCollection pools it as values and offsets,
     the bag module pooled it as two bags, so one input gave two answers."""
     bag = de.DynamicEmbeddingBag(dim=2, mode="sum")
-    for second in (torch.tensor([0, 2]), np.array([0, 2])):
+    # offsets as a list: the bag trained them as the keys of a second bag
+    for second in (torch.tensor([0, 2]), np.array([0, 2]), [0, 2]):
         with pytest.raises(KeyInputError, match=r"values: .*bag\(values, offsets\)"):
             bag((torch.tensor([5, 6, 7]), second))
+    with pytest.raises(KeyInputError, match=r"values: .*bag\(values, offsets\)"):
+        bag((["a", "b", "c"], [0, 2]))
+    assert bag.table.size() == 0
+    assert bag(([5, 6, 7], [0, 2])).shape == (2, 2)  # the collection refuses it as ambiguous
     coll = de.EmbeddingCollection(tables={"t": bag.table},
                                   features={"f": de.FeatureConfig(table="t", pooling="sum")})
     read = coll({"f": (torch.tensor([5, 6, 7]), torch.tensor([0, 2]))})["f"]

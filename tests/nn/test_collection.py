@@ -109,6 +109,21 @@ def test_one_table_under_two_names_is_refused():
     assert table.update_step == 1
 
 
+def test_two_tables_over_one_store_object_are_refused(tmp_path):
+    """One TableConfig (with its store) under two names built two tables over one store
+    object: the second took it over, and the first failed at its first lookup with an error
+    naming neither table."""
+    config = de.TableConfig(dim=2, store=de.storage.MemoryStore())
+    with pytest.raises(ValueError, match=r"tables\['a'\] and tables\['b'\] use the same store"):
+        de.EmbeddingCollection(tables={"a": config, "b": config})
+    table = de.DynamicTable(de.TableConfig(dim=2, store=de.storage.RocksDBStore(tmp_path / "s")))
+    with pytest.raises(ValueError, match=r"tables\['t'\] and tables\['u'\] use the same store"):
+        de.EmbeddingCollection(tables={"t": table, "u": table.config})
+    table.find_or_insert([1])  # the table given keeps its store
+    coll = de.EmbeddingCollection(tables={"a": config, "b": de.TableConfig(dim=2)})
+    assert coll({"a": [1], "b": [1]})["a"].shape == (1, 2)
+
+
 @pytest.mark.parametrize("name", [1, "", None])
 def test_feature_names_must_be_non_empty_str(name):
     with pytest.raises(ValueError, match="feature names must be non-empty str"):
@@ -293,3 +308,24 @@ def test_a_torch_compiled_collection_trains_as_an_eager_one():
         return coll.tables["words"].find(["red", "shoe", "blue", "hat"]).values
 
     torch.testing.assert_close(run(True), run(False))
+
+
+@pytest.mark.parametrize("order", [("words", "raw"), ("raw", "words")])
+def test_key_log_of_a_table_shared_by_a_str_and_a_bytes_feature(order, tmp_path):
+    """One feature's keys str, another's bytes, on one logged table: the lookup raised after
+    inserting the rows (bytes first), or the log took the bytes as str and the state dict
+    could not be saved."""
+    coll = de.EmbeddingCollection(
+        tables={"t": de.TableConfig(dim=2, key_log=True)},
+        features={name: de.FeatureConfig(table="t", pooling="sum") for name in order})
+    coll({"words": [["cat", "dog"]], "raw": [[b"fish", b"\xff\xfe"]]})
+    table = coll.tables["t"]
+    keys = ["cat", "dog", "fish", b"\xff\xfe"]
+    wanted = np.concatenate([table.ids_of([k]).ids for k in keys])
+    assert table.keys_of(wanted) == keys
+    assert table.stats().totals.inserts == 4
+    torch.save(coll.state_dict(), tmp_path / "coll.pt")
+    fresh = de.EmbeddingCollection(tables={"t": de.TableConfig(dim=2, key_log=True)},
+                                   features={name: "t" for name in order})
+    fresh.load_state_dict(torch.load(tmp_path / "coll.pt", weights_only=True))
+    assert fresh.tables["t"].keys_of(wanted) == keys

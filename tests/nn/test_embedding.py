@@ -342,6 +342,20 @@ def test_bad_config_names_the_field(kwargs, match):
         de.DynamicEmbedding(**kwargs)
 
 
+@pytest.mark.parametrize("module, kwargs, match", [
+    (de.DynamicEmbeddingBag, {"dim": 4, "include_last_offset": True},
+     r"\['include_last_offset'\].*an argument of forward"),
+    (de.DynamicEmbedding, {"num_embeddings": 10, "embedding_dim": 4},
+     r"\['embedding_dim', 'num_embeddings'\].*embedding_dim is dim=.*no vocabulary size"),
+    (de.DynamicEmbedding, {"dim": 4, "optimiser": None}, r"\['optimiser'\].*'optimizer'"),
+])
+def test_unknown_options_name_themselves_and_the_fields(module, kwargs, match):
+    """TableConfig's own error named only the keyword (include_last_offset, a torch
+    constructor argument, is a forward argument here), or a missing dim came first."""
+    with pytest.raises(TypeError, match=match):
+        module(**kwargs)
+
+
 def test_torch_optimizer_passed_as_table_optimizer_is_refused():
     with pytest.raises(TypeError, match="sparse optimizer"):
         de.DynamicEmbedding(dim=4, optimizer=torch.optim.SGD)
