@@ -31,12 +31,21 @@ class FeatureConfig:
     per sample (a list of lists, a ``(values, offsets)`` tuple or a 2-D tensor), output
     (B, dim). Offsets may be a tensor, an array or a list, but a tuple of two flat int
     lists is refused as ambiguous (two bags?): give such offsets as a tensor."""
+    weighted: bool = False
+    """The feature's keys come with weights (``per_sample_weights``, pooling "sum"): every
+    lookup must give them, and a served model takes them with each request (see
+    :mod:`dynembed.serving`), rather than pooling the bag unweighted."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.table, str):
             raise TypeError(f"table must be a table name (str), got {self.table!r}")
         if self.pooling is not None:
             check_mode(self.pooling, "pooling")
+        if not isinstance(self.weighted, bool):
+            raise TypeError(f"weighted must be True or False, got {self.weighted!r}")
+        if self.weighted and self.pooling != "sum":
+            raise ValueError(f"weighted=True needs pooling='sum' (weights scale the keys of a "
+                             f"summed bag), got pooling={self.pooling!r}")
 
 
 class EmbeddingCollection(TableModule):
@@ -116,6 +125,9 @@ class EmbeddingCollection(TableModule):
                 raise ValueError(f"features[{name!r}] uses table {spec.table!r}, which is not "
                                  f"in tables {sorted(tables)}")
             self.features[name] = spec
+        self.weights_given: set[str] = set()
+        """Features looked up with ``per_sample_weights`` in this process; an export refuses
+        those not declared ``weighted`` (they would be served unweighted)."""
         # built last: a table over a store takes it over, so a bad argument must fail first
         self.tables: dict[str, DynamicTable] = {
             name: spec if isinstance(spec, DynamicTable) else DynamicTable(spec)
@@ -162,9 +174,10 @@ class EmbeddingCollection(TableModule):
         return rows_for_many(lookups, self._anchor, training=self.training), inverses
 
     def _check_weights(self, per_sample_weights) -> Mapping:
-        """The weights by feature; raises for names that are not pooled features."""
+        """The weights by feature; raises for names that are not pooled features, and for
+        features declared ``weighted`` without them."""
         if per_sample_weights is None:
-            return {}
+            per_sample_weights = {}
         if not isinstance(per_sample_weights, Mapping):
             raise TypeError("per_sample_weights must be a dict of feature name -> (n,) "
                             f"weights, got {type(per_sample_weights).__name__}")
@@ -175,6 +188,12 @@ class EmbeddingCollection(TableModule):
             if self.features[name].pooling is None:
                 raise ValueError(f"per_sample_weights[{name!r}]: the feature is not pooled; "
                                  "weights apply to features with pooling='sum'")
+        unweighted = [name for name, spec in self.features.items()
+                      if spec.weighted and name not in per_sample_weights]
+        if unweighted:
+            raise KeyInputError(f"per_sample_weights: no weights for features {unweighted}, "
+                                "declared weighted=True; give them (per_sample_weights="
+                                "{name: weights})")
         return per_sample_weights
 
     @untraced
@@ -198,7 +217,8 @@ class EmbeddingCollection(TableModule):
 
         Raises:
             KeyInputError: a feature is missing or unknown (in ``inputs`` or
-                ``per_sample_weights``), or its keys are bad.
+                ``per_sample_weights``), or its keys are bad; a feature declared
+                ``weighted`` has no weights.
             TypeError: ``concat`` is not a bool.
             ValueError: ``concat`` with outputs of different batch sizes or ranks; weights
                 for a feature that is not pooled with "sum", or of the wrong length.
@@ -235,6 +255,7 @@ class EmbeddingCollection(TableModule):
             raise ValueError("concat=True needs every feature output to be (B, dim) with one "
                              f"B; got shapes {shapes}")
 
+        self.weights_given.update(weights)
         all_rows, inverses = self._rows(by_table)
         outputs: dict[str, torch.Tensor] = {}
         for (table_name, group), rows, inverse in zip(by_table.items(), all_rows, inverses):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import logging
+import math
 import threading
 import warnings
 from pathlib import Path
@@ -41,6 +42,27 @@ _TABLE_COUNTERS = ("hits", "misses", "defaults_served", "loaded")
 
 class InputError(DynembedError, ValueError):
     """A request's inputs do not fit the model (HTTP 400); the message says what and where."""
+
+
+def _check_weighted(value, where: str) -> list:
+    """Checks a weighted feature's ``{"keys": [...], "weights": [...]}``; returns its keys
+    (for the caller's key checks).
+
+    Raises:
+        InputError: not such an object, weights that are not finite numbers, or not one
+            weight per key.
+    """
+    if not isinstance(value, dict) or set(value) != {"keys", "weights"}:
+        raise InputError(f"{where} is weighted: give {{\"keys\": [...], \"weights\": [...]}}, "
+                         f"one weight per key, got {value!r}")
+    keys, weights = value["keys"], value["weights"]
+    if not isinstance(weights, list) or not all(
+            type(w) in (int, float) and math.isfinite(w) for w in weights):
+        raise InputError(f"{where}: weights must be a list of finite numbers, got {weights!r}")
+    if isinstance(keys, list) and len(keys) != len(weights):
+        raise InputError(f"{where}: {len(keys)} keys but {len(weights)} weights; give one "
+                         "weight per key")
+    return keys
 
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -165,6 +187,7 @@ class EmbeddingModelHandler:
         self._key_types = [(name, spec["pooling"] is not None,
                             int if spec["type"] == "int64" else str)
                            for name, spec in self.features.items()]
+        self._weighted = [name for name, spec in self.features.items() if spec["weighted"]]
         self.transform = package.manifest["output"]["transform"]
         self._swap = threading.Lock()
         self._retired: dict[str, dict[str, int]] = {}  # totals of tables swapped out ...
@@ -201,7 +224,7 @@ class EmbeddingModelHandler:
         """True for an example of exactly the features, string keys where strings are
         expected and lists where pooled (the common case, checked without per-feature
         messages: this runs on the event loop for every request)."""
-        if type(example) is not dict or example.keys() != self._names:
+        if type(example) is not dict or example.keys() != self._names or self._weighted:
             return False
         for name, pooled, key_type in self._key_types:
             keys = example[name]
@@ -231,32 +254,42 @@ class EmbeddingModelHandler:
             if spec["pooling"] is None:
                 _check_key(value, spec["type"], where)
             else:
+                if spec["weighted"]:
+                    value = _check_weighted(value, where)
                 if not isinstance(value, list):
                     raise InputError(f"{where} is pooled: give a list of keys, got "
                                      f"{value!r}")
                 for j, key in enumerate(value):
                     _check_key(key, spec["type"], f"{where}[{j}]")
 
-    def _columns(self, examples: list[dict]) -> dict:
+    def _columns(self, examples: list[dict]) -> tuple[dict, dict | None]:
+        """(feature -> keys of every example, feature -> (n,) float32 weights of every key
+        of the weighted features, or None without any)."""
         columns = {}
         for name, spec in self.features.items():
             values = [e[name] for e in examples]
             if spec["pooling"] is None and spec["type"] == "int64":
                 columns[name] = torch.from_numpy(np.array(values, dtype=np.int64))
+            elif spec["weighted"]:
+                columns[name] = [v["keys"] for v in values]
             else:
                 columns[name] = values
-        return columns
+        if not self._weighted:
+            return columns, None
+        weights = {name: torch.tensor([w for e in examples for w in e[name]["weights"]],
+                                      dtype=torch.float32) for name in self._weighted}
+        return columns, weights
 
     @torch.no_grad()
     def predict(self, examples: list[dict]) -> list:
         """Predictions for validated examples: one float (or list) per example, the same
         whatever batch the examples were run in (see :attr:`dense64`)."""
         embeddings = self.embeddings  # one consistent set of tables for the whole batch
-        columns = self._columns(examples)
+        columns, weights = self._columns(examples)
         try:
-            x = embeddings(columns, concat=True)
+            x = embeddings(columns, concat=True, per_sample_weights=weights)
         except CheckpointCorruptError as e:
-            x = self._fall_back(embeddings, e)(columns, concat=True)
+            x = self._fall_back(embeddings, e)(columns, concat=True, per_sample_weights=weights)
         y = self.package.dense(x) if self.dense64 is None else self.dense64(x.double())
         if self.transform == "sigmoid":
             y = torch.sigmoid(y)

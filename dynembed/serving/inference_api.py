@@ -295,6 +295,8 @@ class InferenceAPI:
         inputs = [{"name": f, "datatype": "INT64" if spec["type"] == "int64" else "BYTES",
                    "shape": [-1] if spec["pooling"] is None else [-1, -1]}
                   for f, spec in manifest["features"].items()]
+        inputs += [{"name": f + WEIGHTS_SUFFIX, "datatype": "FP32", "shape": [-1, -1]}
+                   for f, spec in manifest["features"].items() if spec.get("weighted")]
         return JSONResponse({
             "name": entry.name,
             "versions": sorted(self.registry.models.get(entry.name, {})),
@@ -404,9 +406,14 @@ def _v2_rows(tensor: dict, pooled: bool | None, where: str) -> list:
     return [data[k * shape[1]:(k + 1) * shape[1]] for k in range(shape[0])]
 
 
+WEIGHTS_SUFFIX = ".weights"
+"""A v2 request gives a weighted feature's weights as the input named like the feature with
+this suffix, shaped like its keys."""
+
+
 def _v2_examples(data, entry) -> list[dict]:
-    """Open Inference Protocol tensors (one per feature, first dimension = examples) ->
-    examples."""
+    """Open Inference Protocol tensors (one per feature, first dimension = examples; and one
+    per weighted feature's weights, named ``<feature>.weights``) -> examples."""
     if not isinstance(data, dict) or not isinstance(data.get("inputs"), list) or \
             not data["inputs"]:
         raise bad_request('v2 requests are {"inputs": [{"name", "shape", "datatype", '
@@ -422,7 +429,14 @@ def _v2_examples(data, entry) -> list[dict]:
         if not isinstance(name, str) or name in columns:
             raise bad_request(f"inputs[{i}]: {where} is not a string or given twice")
         spec = features.get(name)
-        if spec is not None:
+        weights_of = features.get(name[:-len(WEIGHTS_SUFFIX)]) \
+            if name.endswith(WEIGHTS_SUFFIX) else None
+        if weights_of is not None and weights_of.get("weighted"):
+            spec = {"pooling": "sum"}  # a list per example; the handler checks the numbers
+            if tensor["datatype"] not in ("FP16", "FP32", "FP64"):
+                raise bad_request(f"{where}: datatype {tensor['datatype']!r}: weights take "
+                                  "FP32 (or FP16, FP64)")
+        elif spec is not None:
             want = "INT64" if spec["type"] == "int64" else "BYTES"
             if not isinstance(tensor["datatype"], str) or \
                     tensor["datatype"] not in (_V2_INTS if want == "INT64" else {"BYTES"}):
@@ -435,11 +449,17 @@ def _v2_examples(data, entry) -> list[dict]:
         n = len(values)
         columns[name] = values
     if features:
-        missing = [f for f in features if f not in columns]
-        unknown = [f for f in columns if f not in features]
+        takes = list(features) + [f + WEIGHTS_SUFFIX for f, spec in features.items()
+                                  if spec.get("weighted")]
+        missing = [f for f in takes if f not in columns]
+        unknown = [f for f in columns if f not in takes]
         if missing or unknown:
             raise bad_request(f"missing inputs {missing}, unknown inputs {unknown}; the model "
-                              f"takes {list(features)}")
+                              f"takes {takes}")
+        for f in takes[len(features):]:  # each weighted feature's keys and weights together
+            name = f[:-len(WEIGHTS_SUFFIX)]
+            columns[name] = [{"keys": keys, "weights": weights}
+                             for keys, weights in zip(columns[name], columns.pop(f))]
     return [{name: values[k] for name, values in columns.items()} for k in range(n)]
 
 

@@ -127,8 +127,8 @@ def export_package(path: str | os.PathLike, *, embeddings: EmbeddingCollection,
     """Writes a model package: the tables as a checkpoint, the dense part exported.
 
     The served model computes ``output(dense(embeddings(features, concat=True)))``: every
-    feature is looked up (unpooled features take one key per example, pooled ones a list),
-    the rows are concatenated in feature order into a (B, total_dim) tensor, and ``dense``
+    feature is looked up (unpooled features take one key per example, pooled ones a list,
+    and features declared ``weighted`` their keys and weights), the rows are concatenated in feature order into a (B, total_dim) tensor, and ``dense``
     maps it to (B,) or (B, k).
 
     Args:
@@ -150,7 +150,8 @@ def export_package(path: str | os.PathLike, *, embeddings: EmbeddingCollection,
 
     Raises:
         FileExistsError: ``path`` exists.
-        ValueError, TypeError: a bad argument (named); ``dense`` does not export.
+        ValueError, TypeError: a bad argument (named); ``dense`` does not export; a feature
+            looked up with ``per_sample_weights`` that is not declared ``weighted``.
     """
     target = Path(path)
     check_name(name, "name")
@@ -167,6 +168,13 @@ def export_package(path: str | os.PathLike, *, embeddings: EmbeddingCollection,
     if target.exists():
         raise FileExistsError(f"{target} exists; packages are never overwritten")
     types = _feature_types(embeddings, feature_types)
+    unweighted = sorted(f for f in embeddings.weights_given
+                        if not embeddings.features[f].weighted)
+    if unweighted:  # served without their weights, the bags would be pooled unweighted
+        raise ValueError(f"embeddings: features {unweighted} were looked up with "
+                         "per_sample_weights but are not declared weighted, so the served "
+                         "model would pool them unweighted; declare them FeatureConfig(..., "
+                         "weighted=True), and requests give their weights")
     total_dim = sum(embeddings.tables[f.table].dim for f in embeddings.features.values())
     staging = target.with_name(target.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -193,7 +201,8 @@ def export_package(path: str | os.PathLike, *, embeddings: EmbeddingCollection,
                       "created_with": {"dynembed": __version__,
                                        "torch": torch.__version__,
                                        "python": platform.python_version()}},
-            "features": {fname: {"table": f.table, "pooling": f.pooling, "type": types[fname]}
+            "features": {fname: {"table": f.table, "pooling": f.pooling, "type": types[fname],
+                                 "weighted": f.weighted}
                          for fname, f in embeddings.features.items()},
             "tables": {tname: _table_entry(t) for tname, t in embeddings.tables.items()},
             "dense": {"file": "dense.pt2", "input_dim": total_dim,
@@ -247,7 +256,8 @@ def read_manifest(path: str | os.PathLike) -> dict:
             raise ValueError("features is empty")
         for fname, f in manifest["features"].items():
             if f["table"] not in manifest["tables"] or f["type"] not in ("string", "int64") \
-                    or not isinstance(f["pooling"], (str, type(None))):
+                    or not isinstance(f["pooling"], (str, type(None))) \
+                    or not isinstance(f.setdefault("weighted", False), bool):  # older: none
                 raise ValueError(f"feature {fname!r} is malformed: {f}")
         if manifest["output"]["transform"] not in OUTPUTS:
             raise ValueError(f"output.transform {manifest['output']['transform']!r}")
@@ -303,7 +313,8 @@ def build_embeddings(manifest: dict) -> EmbeddingCollection:
                 key_log=bool(t.get("key_log", False)), read_only=True)
         except (KeyError, TypeError, ValueError) as e:
             raise PackageError(f"table {tname!r} of the manifest is malformed: {e}") from None
-    features = {fname: FeatureConfig(table=f["table"], pooling=f["pooling"])
+    features = {fname: FeatureConfig(table=f["table"], pooling=f["pooling"],
+                                     weighted=f["weighted"])
                 for fname, f in manifest["features"].items()}
     return EmbeddingCollection(tables=tables, features=features).eval()
 

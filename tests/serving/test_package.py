@@ -50,9 +50,9 @@ def test_export_and_open_round_trip(model, exported):
     assert manifest["format"] == FORMAT and manifest["format_version"] == FORMAT_VERSION
     assert manifest["model"]["description"] == "click-through"
     assert manifest["features"] == {
-        "user": {"table": "user", "pooling": None, "type": "string"},
-        "item": {"table": "item", "pooling": None, "type": "string"},
-        "tags": {"table": "tags", "pooling": "mean", "type": "string"}}
+        "user": {"table": "user", "pooling": None, "type": "string", "weighted": False},
+        "item": {"table": "item", "pooling": None, "type": "string", "weighted": False},
+        "tags": {"table": "tags", "pooling": "mean", "type": "string", "weighted": False}}
     assert {name: t["dim"] for name, t in manifest["tables"].items()} == \
         {"user": 4, "item": 4, "tags": 3}
     assert manifest["dense"] == {"file": "dense.pt2", "input_dim": 11, "output_shape": []}
@@ -309,7 +309,7 @@ def test_a_batch_still_running_on_swapped_out_tables_is_counted(exported):
     handler = EmbeddingModelHandler(open_package(exported))
     in_flight = handler.embeddings  # a batch took these tables just before the refresh
     handler.refresh(exported / "tables")
-    in_flight(handler._columns(examples(6, seed=9)), concat=True)  # ... and ends now
+    in_flight(handler._columns(examples(6, seed=9))[0], concat=True)  # ... and ends now
     assert handler.table_stats()["user"]["misses"] == 6
     handler.refresh(exported / "tables")  # a second refresh keeps them
     assert handler.table_stats()["user"]["misses"] == 6
