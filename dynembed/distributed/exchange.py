@@ -47,13 +47,29 @@ class Exchange:
         self.group, self.rank, self.world_size = group, rank, world_size
         self.traffic = Traffic()
 
-    def splits(self, send: np.ndarray) -> np.ndarray:
-        """(W,) int64 sizes each rank sends to this one, given (W,) sizes this one sends."""
-        out = torch.empty(self.world_size, dtype=torch.int64)
-        dist.all_to_all_single(out, torch.from_numpy(np.ascontiguousarray(send, np.int64)),
-                               group=self.group)
-        self._count(8 * (self.world_size - 1), 8 * (self.world_size - 1), payload=False)
-        return out.numpy()
+    def splits(self, send: np.ndarray, tag: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Sizes each rank sends to this one, and every rank's ``tag``.
+
+        The tag rides along with the sizes (no extra collective) so that a caller can check
+        that every rank entered the same collective for the same purpose: ranks that pair
+        different calls (another module, or eval on one rank and training on another)
+        would otherwise swap payloads of other sizes, which gloo answers by aborting the
+        process, or, when the sizes happen to match, by silently mixing up rows.
+
+        Args:
+            send: (W,) sizes this rank sends to each rank.
+            tag: int64 describing the call (equal on every rank when they are in step).
+
+        Returns:
+            ((W,) int64 sizes each rank sends to this one, (W,) int64 tag of each rank).
+        """
+        message = np.empty((self.world_size, 2), dtype=np.int64)
+        message[:, 0], message[:, 1] = send, tag
+        out = torch.empty((self.world_size, 2), dtype=torch.int64)
+        dist.all_to_all_single(out, torch.from_numpy(message), group=self.group)
+        self._count(16 * (self.world_size - 1), 16 * (self.world_size - 1), payload=False)
+        out = out.numpy()
+        return out[:, 0].copy(), out[:, 1].copy()
 
     def all_to_all(self, rows: torch.Tensor, send: np.ndarray, recv: np.ndarray) -> torch.Tensor:
         """Sends ``rows[sum(send[:r]) : sum(send[:r+1])]`` to rank r.

@@ -205,7 +205,7 @@ def shard_model(model: nn.Module, *, group=None, num_buckets: int = NUM_BUCKETS,
     exchange = Exchange(exchange_group, rank, world_size)
     _agree_on_seeds(tables, group)
     plan = ShardPlan(exchange, {}, {})
-    router = Router(exchange, num_buckets=num_buckets)
+    router = Router(exchange, num_buckets=num_buckets, tables=tables)
     for name, table in tables.items():
         if table.config.placement == "replicated":
             plan.replicated[name] = table

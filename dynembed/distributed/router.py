@@ -16,13 +16,22 @@ many tables there are:
   whether the requester computed NaN or inf gradients for a table that raises on them.
 - *replicated* tables: a training lookup all-gathers the ranks' ``(id, count, table)``
   triples so every replica inserts and touches the same rows, and backward all-gathers the
-  gradients so every replica applies the same update. Evaluation reads the local replica.
+  gradients so every replica applies the same update. A replica's lookup can fail alone
+  (its own store or memory budget), so one more small all-gather of a flag per training
+  lookup makes every rank raise then. Evaluation reads the local replica.
+
+The sizes that open a lookup carry a tag of the call (placement, tables, dims, mode): ranks
+that pair different lookups (another module, or one rank in eval mode) raise at once on
+every rank, instead of swapping payloads, which gloo answers by aborting the process or,
+when the sizes match by chance, by mixing up the tables' rows.
 
 Gradients are averaged over ranks (scaled by 1/W, as DDP averages dense gradients), so a job
 of W ranks with a global batch of B trains like one process with batch B.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 import torch
@@ -144,16 +153,24 @@ def _take_masks(buf: np.ndarray, at: np.ndarray, per_rank: np.ndarray) -> np.nda
         for a, n in zip(at, per_rank)])
 
 
-def _lookup_failed(flags: np.ndarray, dims: np.ndarray) -> DistributedError:
+def _lookup_failed(flags: np.ndarray, dims: np.ndarray, *,
+                   replicated: bool = False) -> DistributedError:
     """The error of ranks whose owner lookup did not fail, given the (W,) flags (table + 1,
-    0 if fine) that the owners sent."""
+    0 if fine) that the owners (with ``replicated``, the replicas) sent."""
     failed = ", ".join(f"rank {r} (table {int(flags[r]) - 1} of this lookup, dim "
                        f"{dims[int(flags[r]) - 1]})" for r in np.flatnonzero(flags))
+    where = "a replica of a replicated table" if replicated else \
+        "the owner of some of its rows"
+    # the other replicas took the lookup (rows inserted and counted): only a restore makes
+    # the replicas equal again
+    after = (", but the other replicas took the lookup, so the replicas may now differ: "
+             "restore the last checkpoint on every rank, or stop." if replicated else
+             ": skip the batch on every rank or stop.")
     return DistributedError(
-        f"the lookup failed on the owner of some of its rows: {failed}; no rank got its rows. "
+        f"the lookup failed on {where}: {failed}; no rank got its rows. "
         "That rank raised the cause (e.g. MemoryBudgetError: raise its memory_budget / "
         "max_rows or use smaller batches; StoreError: check its store). Every rank raised "
-        "in this call, so the ranks are still in step: skip the batch on every rank or stop.")
+        "in this call, so the ranks are still in step" + after)
 
 
 def _log_strings(lookup: Lookup, admitted: np.ndarray | None = None) -> None:
@@ -234,13 +251,52 @@ class Router:
         num_buckets: key buckets (the checkpoints' unit; rank r owns a contiguous range).
         grad_scale: factor on the summed gradient of each row (default 1/W: the average
             over ranks, matching DDP).
+        tables: the job's tables by name (the same names on every rank): lookups name them
+            in the check that every rank makes the same lookup.
     """
 
     def __init__(self, exchange: Exchange, *, num_buckets: int = NUM_BUCKETS,
-                 grad_scale: float | None = None) -> None:
+                 grad_scale: float | None = None,
+                 tables: dict[str, DynamicTable] | None = None) -> None:
         self.exchange = exchange
         self.num_buckets = num_buckets
         self.grad_scale = 1.0 / exchange.world_size if grad_scale is None else grad_scale
+        self._names = {id(table): name for name, table in (tables or {}).items()}
+
+    def _open(self, placement: str, lookups: list[Lookup], training: bool,
+              send: np.ndarray) -> np.ndarray:
+        """Exchanges the sizes that open a lookup, tagged with what this rank looks up, and
+        raises on every rank unless every rank makes the same lookup.
+
+        Args:
+            placement: of the lookup's tables ("sharded" or "replicated").
+            lookups: the tables looked up, in order.
+            training: the module's mode.
+            send: (W,) sizes this rank sends to each rank.
+
+        Returns:
+            (W,) int64 sizes each rank sends to this one.
+
+        Raises:
+            DistributedError: ranks made different lookups (other tables, or another mode);
+                raised on every rank, in this collective, before any row changed.
+        """
+        what = (f"{placement} tables "
+                + ", ".join(f"{self._names.get(id(lk.table), '?')!r} (dim {lk.table.dim})"
+                            for lk in lookups)
+                + f" in {'training' if training else 'eval'} mode")
+        # a hash of the text, not hash(): str hashes differ per process
+        tag = int.from_bytes(hashlib.blake2b(what.encode(), digest_size=8).digest(),
+                             "little", signed=True)
+        recv, tags = self.exchange.splits(send, tag)
+        others = np.flatnonzero(tags != tag)
+        if others.size:  # every rank sees every tag, so every rank raises here
+            raise DistributedError(
+                f"ranks {others.tolist()} made a different lookup than rank "
+                f"{self.exchange.rank}, which looked up {what}; no rows were exchanged. Every "
+                "rank must look up the same modules in the same order and mode (train/eval), "
+                "and back-propagate through every training lookup")
+        return recv
 
     def owners(self, ids: np.ndarray) -> np.ndarray:
         """(n,) int64 rank owning each of (n,) int64 ids."""
@@ -272,9 +328,10 @@ class Router:
             enabled.
 
         Raises:
-            DistributedError: the lookup failed on the owner of some rows (another rank),
-                which raised the cause itself (e.g. MemoryBudgetError, StoreError). Every
-                rank raises in the same call, so the ranks stay in step.
+            DistributedError: the lookup failed on the owner of some rows (or on a replica:
+                another rank), which raised the cause itself (e.g. MemoryBudgetError,
+                StoreError); or the ranks made different lookups (other tables, or another
+                mode). Every rank raises in the same call, so the ranks stay in step.
         """
         out: list[torch.Tensor | None] = [None] * len(lookups)
         for placement, serve in (("sharded", self._sharded), ("replicated", self._replicated)):
@@ -298,7 +355,7 @@ class Router:
         owners = self.owners(ids)
         order = np.argsort(owners, kind="stable")  # by owner, then table, then id
         send = np.bincount(owners, minlength=ex.world_size)
-        recv = ex.splits(send)
+        recv = self._open("sharded", lookups, training, send)
         request = np.stack([ids[order], np.concatenate([lk.counts for lk in lookups])[order],
                             table_of[order]], axis=1)
         got = ex.all_to_all(torch.from_numpy(request), send, recv).numpy()
@@ -438,19 +495,43 @@ class Router:
         request = np.stack([np.concatenate([lk.ids for lk in lookups]),
                             np.concatenate([lk.counts for lk in lookups]),
                             np.repeat(np.arange(len(lookups)), sizes)], axis=1)
-        everyone, per_rank = ex.all_gather(torch.from_numpy(request))
+        per_rank = self._open("replicated", lookups, training,
+                              np.full(ex.world_size, request.shape[0]))
+        everyone, _ = ex.all_gather(torch.from_numpy(request), sizes=per_rank)
         everyone = everyone.numpy()
         source = np.repeat(np.arange(ex.world_size), per_rank)
         table_of = everyone[:, 2]
         packing = _Packing(dims[table_of])
-        rows, updates = [], []
+        # Each replica looks up with its own store and memory budget, so one can fail
+        # alone; a flag per rank makes every rank raise here, instead of the others going
+        # on to a backward (or next lookup) that this rank never joins.
+        found: list = []
+        failure, failed = None, 0
         for t, lk in enumerate(lookups):
-            if not _trains(lk.table, training):  # a read-only replica: read locally
-                rows.append(lk.table.read_unique(lk.ids, lk.counts))
+            try:
+                if not _trains(lk.table, training):  # a read-only replica: read locally
+                    found.append(lk.table.read_unique(lk.ids, lk.counts))
+                    continue
+                entries = np.flatnonzero(table_of == t)
+                merged_ids, inverse, counts = _merge(everyone[entries, 0],
+                                                     everyone[entries, 1])
+                slots = lk.table.lookup_slots(merged_ids, counts, insert=True)
+            except Exception as error:  # noqa: BLE001 - raised on every rank, after the flags
+                failure, failed = error, t + 1
+                break
+            found.append((entries, merged_ids, inverse, slots))
+        flags, _ = ex.all_gather(torch.tensor([failed], dtype=torch.int64),
+                                 sizes=np.ones(ex.world_size, dtype=np.int64))
+        flags = flags.numpy()
+        if flags.any():
+            raise failure if failure is not None else \
+                _lookup_failed(flags, dims, replicated=True)
+        rows, updates = [], []
+        for t, (lk, got) in enumerate(zip(lookups, found)):
+            if isinstance(got, torch.Tensor):
+                rows.append(got)
                 continue
-            entries = np.flatnonzero(table_of == t)
-            merged_ids, inverse, counts = _merge(everyone[entries, 0], everyone[entries, 1])
-            slots = lk.table.lookup_slots(merged_ids, counts, insert=True)  # on every replica
+            entries, merged_ids, inverse, slots = got
             mine = inverse[source[entries] == ex.rank]  # this rank's ids, in its order
             _log_strings(lk, slots[mine] != EMPTY)
             rows.append(lk.table.gather(slots[mine]))

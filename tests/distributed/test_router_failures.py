@@ -1,5 +1,6 @@
 """Failures inside a routed lookup on two gloo ranks (spawned processes): an owner whose
-lookup raises, and NaN gradients on keys their owner did not admit."""
+lookup raises, a replica whose lookup raises, ranks that make different lookups, and NaN
+gradients on keys their owner did not admit."""
 
 from __future__ import annotations
 
@@ -153,9 +154,59 @@ def _large_finite_gradients(rank: int) -> dict:
     return {"error": error, "then": then, "totals": _totals(emb.table)}
 
 
+def _replica_store_fails(rank: int) -> dict:
+    """A replicated table (after a sharded one in the same lookup) whose store fails on
+    rank 1 only."""
+    store = _FailingStore()
+    coll = de.EmbeddingCollection(tables={
+        "s": de.TableConfig(dim=3, optimizer=de.optim.SGD(lr=0.1), seed=1),
+        "r": de.TableConfig(dim=4, optimizer=de.optim.SGD(lr=0.1), seed=2, store=store,
+                            placement="replicated")})
+    shard_model(coll, timeout=COLLECTIVE_TIMEOUT)
+    store.fail = rank == 1
+    keys = {"s": torch.tensor([A[rank], B[rank]]), "r": torch.tensor([A[rank], B[rank]])}
+    first = _error(lambda: _step(coll, keys))
+    store.fail = False
+    second = _error(lambda: _step(coll, keys))
+    return {"first": first, "second": second}
+
+
+class _Model(torch.nn.Module):
+    """Sharded modules "a" and "b" (alike but for the seed), "c" of another dim, and a
+    replicated "r" of the same dim."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        sgd = de.optim.SGD(lr=0.1)
+        self.a = de.DynamicEmbedding(dim=4, optimizer=sgd, seed=1)
+        self.b = de.DynamicEmbedding(dim=4, optimizer=sgd, seed=2)
+        self.c = de.DynamicEmbedding(dim=3, optimizer=sgd, seed=3)
+        self.r = de.DynamicEmbedding(dim=4, optimizer=sgd, seed=4, placement="replicated")
+
+
+def _different_lookups(rank: int) -> dict:
+    """Rank 0 looks up "a" in training mode each time; rank 1 another module, or "a" in
+    eval mode. Then both take the same step."""
+    model = _Model()
+    shard_model(model, timeout=COLLECTIVE_TIMEOUT)
+    keys = torch.tensor([A[rank], B[rank]])
+    out = {}
+    for case, other in (("same dim", model.b), ("other dim", model.c),
+                        ("replicated", model.r), ("eval", model.a)):
+        module = model.a if rank == 0 else other
+        module.train(case != "eval" or rank == 0)
+        out[case] = _error(lambda m=module: _step(m, keys) if m.training else m(keys))
+        module.train()
+    out["rows"] = {name: getattr(model, name).table.size() for name in "abcr"}
+    out["then"] = _error(lambda: _step(model.a, keys))  # still in step
+    return out
+
+
 SCENARIOS = {"owner_over_budget": _owner_over_budget, "owner_store_fails": _owner_store_fails,
              "nan_on_unadmitted": _nan_on_unadmitted,
-             "large_finite_gradients": _large_finite_gradients}
+             "large_finite_gradients": _large_finite_gradients,
+             "replica_store_fails": _replica_store_fails,
+             "different_lookups": _different_lookups}
 
 
 def _worker(rank: int, scenario: str, init: str, out: str) -> None:
@@ -253,3 +304,33 @@ def test_large_finite_gradients_update_as_in_one_process(tmp_path):
     for result in (owner, other):
         assert result["error"] is None and result["then"] is None, result
     assert owner["totals"][2] == 0  # no nonfinite gradient anywhere
+
+
+def test_a_failing_store_on_one_replica_raises_on_every_rank(tmp_path):
+    """Rank 1's replica raised its StoreError while rank 0 went on to the backward's
+    all-gather, which rank 1 paired with its next lookup: gloo aborted both processes."""
+    requester, replica = _run("replica_store_fails", tmp_path)
+    assert replica["first"] == ("StoreError", "store read failed (injected by the test)")
+    assert requester["first"][0] == "DistributedError", requester["first"]
+    assert "replica of a replicated table: rank 1 (table 0 of this lookup, dim 4)" in \
+        requester["first"][1]
+    assert requester["second"] is None and replica["second"] is None, "the ranks left step"
+
+
+def test_ranks_that_make_different_lookups_raise_on_every_rank(tmp_path):
+    """Another module of the same dim silently took the other rank's keys into the wrong
+    table; another dim, a replicated module or eval mode on one rank aborted the processes
+    (gloo: payloads of other sizes). Now every rank raises at the first collective, before
+    any row changes, and the next step runs."""
+    ranks = _run("different_lookups", tmp_path)
+    for rank, result in enumerate(ranks):
+        for case in ("same dim", "other dim", "replicated", "eval"):
+            kind, message = result[case] or (None, None)
+            assert kind == "DistributedError", f"rank {rank}, {case}: {result[case]}"
+            assert f"ranks [{1 - rank}] made a different lookup than rank {rank}" in message
+        assert result["rows"] == {"a": 0, "b": 0, "c": 0, "r": 0}, "rows changed"
+        assert result["then"] is None, f"rank {rank}: {result['then']}"
+    assert "looked up sharded tables 'a.table' (dim 4) in training mode" in \
+        ranks[0]["eval"][1]
+    assert "looked up sharded tables 'a.table' (dim 4) in eval mode" in ranks[1]["eval"][1]
+    assert "replicated tables 'r.table' (dim 4)" in ranks[1]["replicated"][1]
