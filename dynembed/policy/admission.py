@@ -88,6 +88,8 @@ class _SketchAdmitter(Admitter):
         self.seeds = _seeds(seed, policy.depth)
         self.sketch = np.zeros((policy.depth, _power_of_two(policy.width)), dtype=np.int32)
         self.decayed_at = 0
+        self.scale = _DECAY_SCALE if policy.decay_every else 1
+        """Counter units per lookup (see _DECAY_SCALE)."""
 
     def _decay_until(self, step: int) -> None:
         """Applies the decays due by ``step`` (idempotent: only the periods not yet applied,
@@ -101,22 +103,34 @@ class _SketchAdmitter(Admitter):
 
     def decide(self, ids, counts, step):
         self._decay_until(step)
-        return k.cms_estimate(self.sketch, ids, counts, self.seeds) >= self.policy.threshold
+        return k.cms_estimate(self.sketch, ids, counts * self.scale, self.seeds) \
+            >= self.policy.threshold * self.scale
 
     def record(self, ids, counts, step):
         self._decay_until(step)
-        k.cms_add(self.sketch, ids, counts, self.seeds)
+        k.cms_add(self.sketch, ids, counts * self.scale, self.seeds)
 
     def state_dict(self):
         return {"sketch": torch.from_numpy(self.sketch.copy()),
-                "decayed_at": torch.tensor(self.decayed_at)}
+                "decayed_at": torch.tensor(self.decayed_at),
+                "scale": torch.tensor(self.scale)}
+
+    def _counters(self, state) -> np.ndarray:
+        """A saved sketch in this admitter's counter units (states saved before the scale
+        existed, or by a policy with or without decay, count in other units)."""
+        sketch = state["sketch"].numpy()
+        saved = int(state["scale"]) if "scale" in state else 1
+        if saved == self.scale:
+            return sketch
+        return np.minimum(sketch.astype(np.int64) * self.scale // saved,
+                          _COUNTER_MAX).astype(np.int32)
 
     def load_state_dict(self, state):
         sketch = state["sketch"].numpy()
         if sketch.shape != self.sketch.shape:
             raise ValueError(f"admission sketch has shape {sketch.shape}, this policy's has "
                              f"{self.sketch.shape}; use the same width and depth")
-        self.sketch[...] = sketch
+        self.sketch[...] = self._counters(state)
         self.decayed_at = int(state["decayed_at"])
 
     def merge_state_dict(self, state):
@@ -124,7 +138,7 @@ class _SketchAdmitter(Admitter):
         # when a job grew (each rank got the whole sketch), and summing those copies when
         # the job shrank again doubled them at every round trip. Since a key is counted by
         # one shard only, the max still never under-counts any key (and collides less).
-        np.maximum(self.sketch, state["sketch"].numpy(), out=self.sketch)
+        np.maximum(self.sketch, self._counters(state), out=self.sketch)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,7 +148,8 @@ class FrequencyAdmission(AdmissionPolicy):
     Counts live in a count-min sketch of ``depth`` rows of ``width`` int32 counters (fixed
     memory: 4 * depth * width bytes, 16 MiB by default), which never under-counts; with
     ``decay`` every counter is multiplied by it each ``decay_every`` steps, so old popularity
-    fades.
+    fades (decaying counts are kept in 1/65536ths of a lookup, so that a decay takes off
+    the fraction it names from small counts too, and stop at 32,767 lookups).
     """
 
     threshold: int = 2
@@ -154,6 +169,11 @@ class FrequencyAdmission(AdmissionPolicy):
         if self.threshold > _COUNTER_MAX:  # counters saturate there: never admitted
             raise ValueError(f"threshold must be at most {_COUNTER_MAX} (the sketch's int32 "
                              f"counters stop there), got {self.threshold!r}")
+        if self.decay_every is not None and self.threshold > _COUNTER_MAX // _DECAY_SCALE:
+            raise ValueError(f"threshold must be at most {_COUNTER_MAX // _DECAY_SCALE} with "
+                             f"decay_every (decaying counts are kept in 1/{_DECAY_SCALE} of a "
+                             f"lookup and stop there), got {self.threshold!r}; lower it, or "
+                             "drop decay_every")
         check_int("width", self.width)
         check_int("depth", self.depth)
         if self.depth * _power_of_two(self.width) > _MAX_COUNTERS:
@@ -176,6 +196,13 @@ _COUNTER_MAX = 2**31 - 1
 _MAX_COUNTERS = 1 << 30
 """Most counters a sketch may have (4 GiB)."""
 _BELOW_2_64 = 2.0**64 - 2048  # the largest float64 below 2**64 (it casts to uint64)
+_DECAY_SCALE = 1 << 16
+"""Counter units per lookup in a sketch whose counts decay. Decayed counters are truncated
+to integers, and with one unit per lookup every decay took a whole lookup off each count
+below 1 / (1 - decay): with decay=0.99 a count of 5 went to 4, not 4.95, and a key looked
+up at every step under decay_every=1 never counted past 1, so it was never admitted at any
+threshold above 1. In 1/65536ths of a lookup the truncation costs at most that much per
+decay. Counts then saturate at 32,767 lookups (ample for a threshold)."""
 
 
 class _CoinAdmitter(Admitter):

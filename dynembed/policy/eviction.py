@@ -9,6 +9,7 @@ its budget the table evicts the rows with the lowest scores; scheduled sweeps an
 from __future__ import annotations
 
 import bisect
+import inspect
 import math
 import time
 from collections.abc import Callable
@@ -201,6 +202,21 @@ class ScoreFunction(EvictionPolicy):
         plain_fields(self)
         if not callable(self.fn):
             raise TypeError(f"fn must be callable(counts, last_step, step), got {self.fn!r}")
+        # checked here: a function of other arguments failed only at the first eviction,
+        # deep inside a training lookup, with a TypeError that named neither fn nor policy
+        try:
+            signature = inspect.signature(self.fn)
+        except ValueError:  # some builtins publish none: a wrong one fails at its first call
+            signature = None
+        if signature is not None:
+            try:
+                signature.bind(None, None, None)
+            except TypeError as e:
+                raise TypeError(
+                    f"fn must take the three arguments (counts, last_step, step), got "
+                    f"{self.fn!r} with signature {signature} ({e}); e.g. ScoreFunction("
+                    "fn=lambda counts, last_step, step: counts - 0.01 * (step - last_step))"
+                ) from None
         check_score("min_score", self.min_score)
 
     def scores(self, rows):

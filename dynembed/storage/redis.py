@@ -242,9 +242,15 @@ class RedisStore(EmbeddingStore):
                 f"{self.name}: cannot {action}: the server is unreachable after "
                 f"{self.retries} retries ({text}); check that it runs and the URL is right")
         if "OOM" in text or "maxmemory" in text:
+            # a standalone server runs a write batch in MULTI/EXEC, which refuses it whole;
+            # a cluster pipeline has no transaction: the nodes with room took their part
+            applied = ("part of this batch may have been written (Redis Cluster has no "
+                       "transactions across nodes; a table keeps the rows in memory and "
+                       "writes them again)" if self.cluster
+                       else "nothing of this batch was applied")
             return StoreFullError(
-                f"{self.name}: cannot {action}: the server is out of memory ({text}); nothing "
-                "of this batch was applied; raise its maxmemory or use another store")
+                f"{self.name}: cannot {action}: the server is out of memory ({text}); "
+                f"{applied}; raise its maxmemory or use another store")
         return StoreError(f"{self.name}: cannot {action}: {text}")
 
     def _shard_of(self, ids: np.ndarray) -> np.ndarray:

@@ -5,12 +5,21 @@ delete is one RocksDB WriteBatch, applied atomically and logged to the write-ahe
 it returns, so a process killed at any moment reopens with every completed batch intact;
 :meth:`flush` also syncs the log to disk, which survives a machine crash. The description
 and clock records live under keys of other lengths than a row's 8 bytes.
+
+A write that fails on an I/O error (a full disk, a file system gone read-only) leaves
+RocksDB refusing every later write with the same error until the database is reopened
+(rocksdict has no ``Resume``), even once the cause is fixed. The store therefore reopens
+the directory at the next write after such a failure: the batches written before it are
+in the log and come back, the failed one was never applied (a torn log record is dropped
+at recovery), and reads go on meanwhile.
 """
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import os
+import threading
 import weakref
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -73,7 +82,8 @@ def rocksdb_options(*, create: bool = True, cache_bytes: int = 256 << 20) -> roc
     """The options a :class:`RocksDBStore` opens its directory with (raw bytes mode).
 
     Args:
-        create: create the directory if it does not exist.
+        create: make a new store (the directory too) if there is none; False opens an
+            existing store only.
         cache_bytes: block cache size.
     """
     options = rocksdict.Options(raw_mode=True)
@@ -103,7 +113,8 @@ class RocksDBStore(EmbeddingStore):
             directory is open in one store object of one process at a time, and a store
             object serves the table built over it last (an older one then fails on its
             next store call).
-        create: create the directory if it does not exist.
+        create: make a new store (the directory too) if there is none; False opens an
+            existing store only.
         cache_bytes: RocksDB block cache for reads of rows not in the memtable.
         background_io: let tables write evicted rows on a background thread (rocksdict
             releases the GIL inside RocksDB). Off by default: on 2 cores it measured no
@@ -123,6 +134,12 @@ class RocksDBStore(EmbeddingStore):
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a directory path (str or os.PathLike), got "
                             f"{type(path).__name__}")
+        if not isinstance(os.fspath(path), str) or not os.fspath(path):
+            # rocksdict writes its rocksdict-config.json into the current directory for ""
+            # before RocksDB refuses it with "While mkdir if missing: No such file"
+            raise ValueError(f"path must be a non-empty directory path (str), got {path!r}; "
+                             "give the directory the store keeps its files in, e.g. "
+                             "'tables/query'")
         for arg, value in (("create", create), ("background_io", background_io)):
             if not isinstance(value, bool):  # "no" would be true
                 raise TypeError(f"{arg} must be True or False, got {value!r}")
@@ -135,6 +152,12 @@ class RocksDBStore(EmbeddingStore):
         if not create and not os.path.isdir(self.path):
             raise StoreError(f"{self.name}: the directory does not exist; pass create=True "
                              "to make a new store")
+        if not create and not os.path.exists(os.path.join(self.path, "CURRENT")):
+            # RocksDB said only "CURRENT: does not exist (create_if_missing is false)", after
+            # leaving its lock, log and rocksdict's config file in the directory
+            raise StoreError(f"{self.name}: the directory holds no store (no RocksDB "
+                             "database); pass create=True to make a new store there, or give "
+                             "the directory of an existing one")
         foreign = _foreign_files(self.path)
         if foreign:
             raise StoreError(
@@ -145,21 +168,66 @@ class RocksDBStore(EmbeddingStore):
                 or not isinstance(cache_bytes, numbers.Integral) or cache_bytes <= 0:
             raise ValueError(f"cache_bytes must be an int > 0 (bytes), got {cache_bytes!r}")
         cache_bytes = int(cache_bytes)  # rocksdict takes Python ints only
-        options = rocksdb_options(create=create, cache_bytes=cache_bytes)
+        self._options = rocksdb_options(create=create, cache_bytes=cache_bytes)
         self._scans: weakref.WeakSet = weakref.WeakSet()
+        self._failed: type[StoreError] | None = None
+        """The kind of error of a failed write or flush, until a reopen clears RocksDB's
+        failed state (see the module docstring); None while writes work. (Not the error
+        itself: its traceback would keep the failed batch alive.)"""
+        self._recovering = threading.Lock()  # a background writer and a retry may both try
         try:
-            self._db = rocksdict.Rdict(self.path, options)
+            self._db = rocksdict.Rdict(self.path, self._options)
         except Exception as exc:  # rocksdict raises plain Exception with RocksDB's message
             raise _translate(self.name, "open", exc) from exc
 
     def _write(self, action: str, fill) -> None:
         self._check_open()
+        self._recover()
         batch = rocksdict.WriteBatch(raw_mode=True)
         fill(batch)
         try:
             self._db.write(batch)
         except Exception as exc:
-            raise _translate(self.name, action, exc) from exc
+            error = _translate(self.name, action, exc)
+            self._failed = type(error)
+            raise error from exc
+
+    def _recover(self) -> None:
+        """Reopens the database after a write or flush failed, so that writes work again
+        once the cause is gone (RocksDB keeps failing them until a reopen).
+
+        Raises:
+            StoreError: a scan is open (it holds the database), or the reopen failed (e.g.
+                the disk is still full); reads then go on from a read-only handle, and the
+                next write tries again.
+        """
+        if self._failed is None:
+            return
+        with self._recovering:
+            if self._failed is not None:
+                self._reopen()
+
+    def _reopen(self) -> None:
+        """The body of :meth:`_recover`, under its lock."""
+        if any(scan.gi_frame is not None for scan in self._scans):
+            # closing the scan's snapshot would cut it short, and while it lives the
+            # directory stays locked
+            raise self._failed(f"{self.name}: cannot recover from the failed write before "
+                               "this one: the store reopens its directory for that, but a "
+                               "scan of it is still open; finish or close the scan first")
+        with contextlib.suppress(Exception):  # it repeats the failed write's error, and closes
+            self._db.close()
+        try:
+            self._db = rocksdict.Rdict(self.path, self._options)
+        except Exception as exc:
+            error = _translate(self.name, "reopen after a failed write", exc)
+            if not isinstance(error, StoreLockedError):  # else the old handle still serves
+                with contextlib.suppress(Exception):  # else reads fail too, naming the store
+                    self._db = rocksdict.Rdict(
+                        self.path, self._options,
+                        access_type=rocksdict.AccessType.read_only(False))
+            raise error from exc
+        self._failed = None
 
     def _get(self, ids: np.ndarray) -> list:
         self._check_open()
@@ -229,15 +297,24 @@ class RocksDBStore(EmbeddingStore):
         self._write("write", lambda b: b.delete(_CLOCK_KEY))
 
     def _flush(self) -> None:
+        self._recover()
         try:
             self._db.flush_wal(True)
         except Exception as exc:
-            raise _translate(self.name, "flush", exc) from exc
+            error = _translate(self.name, "flush", exc)
+            self._failed = type(error)
+            raise error from exc
 
     def _close(self) -> None:
         for scan in list(self._scans):
             scan.close()
-        self._db.close()
+        try:
+            self._db.close()
+        except Exception as exc:
+            # after a failed write, rocksdict closes the handle but raises RocksDB's
+            # "Writer has previous error": the error already reported, not a new one
+            if self._failed is None:
+                raise _translate(self.name, "close", exc) from exc
 
     def disk_bytes(self) -> int:
         """Bytes of the directory's files (SST, log, manifest) on disk."""

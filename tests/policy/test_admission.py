@@ -35,9 +35,10 @@ def _lookup(table, keys, counts=None):
 
 
 def _estimates(admitter, ids):
-    """The sketch's current count of each id (estimate with nothing added)."""
+    """The sketch's current count of each id (estimate with nothing added), in lookups."""
     ids = np.asarray(ids, dtype=np.int64)
-    return k.cms_estimate(admitter.sketch, ids, np.zeros_like(ids), admitter.seeds)
+    return k.cms_estimate(admitter.sketch, ids, np.zeros_like(ids), admitter.seeds) \
+        / getattr(admitter, "scale", 1)
 
 
 # ---------------------------------------------------------------------- admit all
@@ -170,6 +171,54 @@ def test_decay_zero_forgets_everything():
     _lookup(t, [6])  # step 2: the decay zeroes the sketch before 6 is added
     assert _estimates(t.admitter, [5])[0] == 0
     assert (_lookup(t, [5]) == EMPTY).all()
+
+
+def test_a_key_looked_up_at_every_step_under_slow_decay_is_admitted():
+    """Decayed integer counters were truncated: with decay=0.99 each step, every count below
+    100 lost a whole lookup per step, so a key looked up at every step stayed at 1 and was
+    never admitted. Its count is 1, 1.99, 2.97, then 3.94 >= 3 at the 4th lookup."""
+    pol = de.policy.FrequencyAdmission(threshold=3, width=WIDE, decay=0.99, decay_every=1)
+    t = _table(pol)
+    admitted = [bool((_lookup(t, [7]) != EMPTY).all()) for _ in range(6)]
+    assert admitted == [False, False, False, True, True, True]
+
+
+@pytest.mark.parametrize("decay, periods, want", [(0.9, 1, 4.5), (0.99, 1, 4.95),
+                                                  (0.5, 3, 0.625), (0.999, 10, 5 * 0.999**10)])
+def test_decay_takes_off_the_fraction_it_names(decay, periods, want):
+    admitter = de.policy.FrequencyAdmission(threshold=2, width=WIDE, decay=decay,
+                                            decay_every=10).create(0)
+    ids = np.array([5], dtype=np.int64)
+    admitter.record(ids, np.array([5]), 1)
+    admitter.decide(ids, np.ones(1, dtype=np.int64), 1 + 10 * periods)  # applies the decays
+    assert _estimates(admitter, ids)[0] == pytest.approx(want, abs=periods / 2**16)
+
+
+def test_a_sketch_saved_before_counts_were_scaled_loads_as_the_same_counts():
+    decaying = de.policy.FrequencyAdmission(threshold=3, width=WIDE, decay=0.5, decay_every=10)
+    ids = np.array([5, 6], dtype=np.int64)
+    old = de.policy.FrequencyAdmission(threshold=3, width=WIDE).create(0)
+    old.record(ids, np.array([2, 40_000]), 1)
+    state = {key: value for key, value in old.state_dict().items() if key != "scale"}
+    admitter = decaying.create(0)
+    admitter.load_state_dict(state)  # integer counts, as saved before
+    saturated = (2**31 - 1) / 2**16  # 40,000 lookups saturate the scaled counters
+    assert _estimates(admitter, ids).tolist() == [2, saturated]
+    merged = decaying.create(0)
+    merged.merge_state_dict(state)
+    assert _estimates(merged, ids).tolist() == [2, saturated]
+    again = de.policy.FrequencyAdmission(threshold=3, width=WIDE).create(0)
+    again.load_state_dict(admitter.state_dict())  # and back into a policy without decay
+    assert _estimates(again, ids).tolist() == [2, 32767]
+    assert not again.decide(ids[:1], np.zeros(1, dtype=np.int64), 2).any()
+    assert again.decide(ids[:1], np.ones(1, dtype=np.int64), 2).all()  # 2 + 1 reaches 3
+
+
+def test_a_decaying_threshold_beyond_the_scaled_counters_is_refused():
+    with pytest.raises(ValueError, match=r"threshold must be at most 32767 with decay_every"):
+        de.policy.FrequencyAdmission(threshold=40_000, decay_every=10)
+    de.policy.FrequencyAdmission(threshold=32767, decay_every=10)
+    de.policy.FrequencyAdmission(threshold=40_000)
 
 
 def test_sketch_memory_is_fixed():

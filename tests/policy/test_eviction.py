@@ -272,6 +272,21 @@ def test_score_function_must_be_callable():
         de.policy.ScoreFunction(fn=3)
 
 
+@pytest.mark.parametrize("fn", [lambda counts: counts, lambda c, last, s, extra: c])
+def test_score_function_of_other_arguments_is_refused_when_made(fn):
+    """It was accepted, and the first eviction failed inside a training lookup with a
+    TypeError naming neither fn nor the policy."""
+    with pytest.raises(TypeError, match=r"fn must take the three arguments \(counts, "
+                                        r"last_step, step\).*signature"):
+        de.policy.ScoreFunction(fn=fn)
+
+
+@pytest.mark.parametrize("fn", [lambda *args: args[0], lambda c, last, s, scale=1.0: c * scale,
+                                np.maximum])  # np.maximum: (x1, x2, out), it binds
+def test_score_functions_that_take_three_arguments_are_accepted(fn):
+    de.policy.ScoreFunction(fn=fn)
+
+
 def test_eviction_must_be_a_policy():
     with pytest.raises(TypeError, match="eviction"):
         de.TableConfig(dim=4, eviction="lru")
