@@ -11,7 +11,13 @@ import torch
 
 from dynembed.errors import KeyInputError
 from dynembed.kernels.hash_index import unique_inverse
-from dynembed.keys.convert import KeyBatch, is_values_offsets, to_jagged, to_key_batch
+from dynembed.keys.convert import (
+    NO_KEYS,
+    KeyBatch,
+    is_values_offsets,
+    to_jagged,
+    to_key_batch,
+)
 from dynembed.nn._autograd import Lookup, index_rows, rows_for_many
 from dynembed.nn._base import TableModule, untraced
 from dynembed.nn.bag import bag_weights, check_mode, pool
@@ -125,6 +131,9 @@ class EmbeddingCollection(TableModule):
                 raise ValueError(f"features[{name!r}] uses table {spec.table!r}, which is not "
                                  f"in tables {sorted(tables)}")
             self.features[name] = spec
+        self.key_kinds: dict[str, set[str]] = {}
+        """Feature -> the kinds of keys (``"int"``, ``"str"``) it was looked up with in this
+        process; an export takes them as the features' types."""
         self.weights_given: set[str] = set()
         """Features looked up with ``per_sample_weights`` in this process; an export refuses
         those not declared ``weighted`` (they would be served unweighted)."""
@@ -245,6 +254,8 @@ class EmbeddingCollection(TableModule):
             table = self.tables[spec.table]
             batch, bounds = self._convert(name, spec, inputs[name], table)
             by_table.setdefault(spec.table, []).append((name, batch, bounds))
+            if batch.kind != NO_KEYS:
+                self.key_kinds.setdefault(name, set()).add(batch.kind)
             if name in given:
                 weights[name] = bag_weights(given[name], spec.pooling, bounds,
                                             arg=f"per_sample_weights[{name!r}]")

@@ -95,13 +95,30 @@ class Package:
         return self.manifest["model"]["handler"]
 
 
+_KIND_OF_TYPE = {"string": "str", "int64": "int"}
+
+
 def _feature_types(embeddings: EmbeddingCollection, given: dict | None) -> dict[str, str]:
+    """Each feature's key type: as given, else as the feature was looked up in this process
+    (int keys: "int64"), else "string".
+
+    Raises:
+        ValueError: a type other than "string" or "int64", an unknown feature, or a type
+            that contradicts the keys the feature was looked up with (requests would hash to
+            other ids than training's, and every key would get the default vector).
+    """
     types = dict(given or {})
     for name in embeddings.features:
-        types.setdefault(name, "string")
+        seen = embeddings.key_kinds.get(name, set())
+        types.setdefault(name, "int64" if seen == {"int"} else "string")
         if types[name] not in ("string", "int64"):
             raise ValueError(f"feature_types[{name!r}] must be 'string' or 'int64', got "
                              f"{types[name]!r}")
+        if seen and _KIND_OF_TYPE[types[name]] not in seen:
+            raise ValueError(f"feature_types[{name!r}] is {types[name]!r}, but the feature was "
+                             f"looked up with {'int' if seen == {'int'} else 'string'} keys; "
+                             "requests would hash to other ids than training's and get "
+                             "default vectors. Give the type it was trained with")
     unknown = sorted(set(types) - set(embeddings.features))
     if unknown:
         raise ValueError(f"feature_types names features the collection does not have: "
@@ -136,8 +153,9 @@ def export_package(path: str | os.PathLike, *, embeddings: EmbeddingCollection,
         embeddings: the trained collection (its tables are saved whole).
         dense: the dense module, traced by ``torch.export`` with a dynamic batch size.
         name, version: the model's name and version (letters, digits, ``_.-``).
-        feature_types: feature -> "string" or "int64" (default "string"), for request
-            validation and the Open Inference Protocol's metadata.
+        feature_types: feature -> "string" or "int64", for request validation and the
+            Open Inference Protocol's metadata; default: the kind of keys the feature was
+            looked up with in this process (int: "int64"), else "string".
         output: "identity", "sigmoid" or "softmax", applied to ``dense``'s output.
         description: free text kept in the manifest.
         example_batch: batch size of the example input used to trace ``dense``.

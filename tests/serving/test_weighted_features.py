@@ -129,3 +129,23 @@ def test_older_packages_without_the_field_read_as_unweighted(tmp_path):
     (path / MANIFEST).write_text(json.dumps(manifest))
     handler = EmbeddingModelHandler(open_package(path))
     assert handler.predict(handler.validate([{"title": ["a"], "user": "u"}]))
+
+
+def test_feature_types_default_to_the_keys_the_features_were_looked_up_with(tmp_path):
+    """An int-keyed feature exported with the default type "string" was served string keys
+    hashing to other ids: every request got default vectors, counted but never refused."""
+    coll = de.EmbeddingCollection(tables={"user": de.TableConfig(dim=2, seed=1),
+                                          "word": de.TableConfig(dim=2, seed=2)},
+                                  features={"user": "user", "word": "word"})
+    dense = nn.Sequential(nn.Linear(4, 1), nn.Flatten(0))
+    coll({"user": torch.tensor([269, 7]), "word": ["a", "b"]})
+    path = export_package(tmp_path / "p", embeddings=coll, dense=dense, name="m")
+    features = json.loads((path / MANIFEST).read_text())["features"]
+    assert (features["user"]["type"], features["word"]["type"]) == ("int64", "string")
+    handler = EmbeddingModelHandler(open_package(path))
+    handler.predict(handler.validate([{"user": 269, "word": "a"}]))
+    assert handler.table_stats()["user"]["defaults_served"] == 0
+    with pytest.raises(ValueError, match=r"feature_types\['user'\] is 'string', but the "
+                                         "feature was looked up with int keys"):
+        export_package(tmp_path / "q", embeddings=coll, dense=dense, name="m",
+                       feature_types={"user": "string"})
