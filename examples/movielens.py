@@ -374,8 +374,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"test AUC {history[-1]['test_auc']:.4f}, test log loss {history[-1]['test_logloss']:.4f}")
         position.update(epoch=epoch + 1, batch=0, rng=rng.bit_generator.state, loss_sum=0.0,
                         seen=0)
-        latest = manager.latest()  # step-N, or step-N-full once compacted
-        if latest is None or int(latest.name.split("-")[1]) != position["step"]:
+        if manager.latest_step() != position["step"]:  # unless maybe_save saved it
             save(force=True)  # the end of an epoch is always a checkpoint
     if stopped:
         latest = manager.latest()

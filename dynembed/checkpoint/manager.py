@@ -144,6 +144,13 @@ class CheckpointManager:
                 found.append((int(match.group(1)), bool(match.group(2)), entry))
         return [p for _, _, p in sorted(found)]
 
+    def latest_step(self) -> int | None:
+        """The step of :meth:`latest` (None without a checkpoint): e.g. to save at the end
+        of an epoch unless :meth:`maybe_save` saved that step already (a second
+        :meth:`save` of a step raises)."""
+        newest = self.latest()
+        return None if newest is None else step_of(newest)
+
     def latest(self) -> Path | None:
         """The newest checkpoint whose chain is whole and whose files have their sizes (and
         CRCs, for the small ones; rows files check their blocks as they are read), or
@@ -230,7 +237,8 @@ class CheckpointManager:
         compacted = path.with_name(path.name + "-full")
         if compacted.exists():  # a second step-N beside it: restore would take the older
             raise FileExistsError(f"{compacted} exists (step {step}, compacted); checkpoints "
-                                  "are never overwritten")
+                                  "are never overwritten (latest_step() says whether a step "
+                                  "was saved already)")
         newest = self.latest()  # a damaged newer one is no reason to refuse
         if newest is not None and step_of(newest) > step:
             raise ValueError(

@@ -391,3 +391,22 @@ def test_a_save_on_a_damaged_latest_checkpoint_is_made_in_full(tmp_path):
     restored = make_table()
     de.checkpoint.load(third, tables={"t": restored})
     assert_same_rows(restored, table)
+
+
+def test_latest_step_says_whether_a_step_was_saved(tmp_path):
+    """A second save of a step raises; latest_step() tells a loop that maybe_save saved it
+    already (examples parsed the directory name for it), compacted ones included."""
+    manager = de.checkpoint.CheckpointManager(tmp_path, every_steps=2, max_chain=1)
+    assert manager.latest_step() is None
+    table = make_table()
+    for step in range(1, 6):
+        train(table, batches(1, 100, seed=step))
+        manager.maybe_save(step, tables={"t": table})
+        assert manager.latest_step() == (None if step == 1 else step - step % 2)
+    compacting = de.checkpoint.CheckpointManager(tmp_path / "c", max_chain=2)
+    for step in range(1, 4):  # full, delta, then the chain compacted: step-3-full
+        compacting.save(step, tables={"t": table})
+    assert compacting.latest().name == "step-0000000003-full"
+    assert compacting.latest_step() == 3
+    with pytest.raises(FileExistsError, match="latest_step"):
+        compacting.save(3, tables={"t": table})
