@@ -38,13 +38,12 @@ def tables_with_stores(tables: Mapping[str, DynamicTable]) -> dict[str, DynamicT
 
 
 def used_store_names(tables: Mapping[str, DynamicTable]) -> list[str]:
-    """Sorted names of the tables of :func:`tables_with_stores` whose stores hold rows.
+    """Sorted names of ``tables`` (from :func:`tables_with_stores`) whose stores hold rows.
 
     Raises:
         StoreError: a store failed.
     """
-    return sorted(name for name, table in tables_with_stores(tables).items()
-                  if table.holds_stored_rows())
+    return sorted(name for name, table in tables.items() if table.holds_stored_rows())
 
 
 def used_stores_error(where: str, used: list[str] | str, fix: str) -> RuntimeError:

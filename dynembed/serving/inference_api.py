@@ -295,8 +295,8 @@ class InferenceAPI:
         inputs = [{"name": f, "datatype": "INT64" if spec["type"] == "int64" else "BYTES",
                    "shape": [-1] if spec["pooling"] is None else [-1, -1]}
                   for f, spec in manifest["features"].items()]
-        inputs += [{"name": f + WEIGHTS_SUFFIX, "datatype": "FP32", "shape": [-1, -1]}
-                   for f, spec in manifest["features"].items() if spec.get("weighted")]
+        inputs += [{"name": name, "datatype": "FP32", "shape": [-1, -1]}
+                   for name in _weight_inputs(manifest["features"])]
         return JSONResponse({
             "name": entry.name,
             "versions": sorted(self.registry.models.get(entry.name, {})),
@@ -411,6 +411,11 @@ WEIGHTS_SUFFIX = ".weights"
 this suffix, shaped like its keys."""
 
 
+def _weight_inputs(features: dict) -> list[str]:
+    """The v2 inputs of the weighted features' weights, in feature order."""
+    return [f + WEIGHTS_SUFFIX for f, spec in features.items() if spec.get("weighted")]
+
+
 def _v2_examples(data, entry) -> list[dict]:
     """Open Inference Protocol tensors (one per feature, first dimension = examples; and one
     per weighted feature's weights, named ``<feature>.weights``) -> examples."""
@@ -449,8 +454,7 @@ def _v2_examples(data, entry) -> list[dict]:
         n = len(values)
         columns[name] = values
     if features:
-        takes = list(features) + [f + WEIGHTS_SUFFIX for f, spec in features.items()
-                                  if spec.get("weighted")]
+        takes = list(features) + _weight_inputs(features)
         missing = [f for f in takes if f not in columns]
         unknown = [f for f in columns if f not in takes]
         if missing or unknown:

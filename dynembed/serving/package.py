@@ -145,8 +145,8 @@ def export_package(path: str | os.PathLike, *, embeddings: EmbeddingCollection,
 
     The served model computes ``output(dense(embeddings(features, concat=True)))``: every
     feature is looked up (unpooled features take one key per example, pooled ones a list,
-    and features declared ``weighted`` their keys and weights), the rows are concatenated in feature order into a (B, total_dim) tensor, and ``dense``
-    maps it to (B,) or (B, k).
+    and features declared ``weighted`` their keys and weights), the rows are concatenated
+    in feature order into a (B, total_dim) tensor, and ``dense`` maps it to (B,) or (B, k).
 
     Args:
         path: the package directory to create (must not exist).
@@ -273,9 +273,10 @@ def read_manifest(path: str | os.PathLike) -> dict:
         if not manifest["features"]:
             raise ValueError("features is empty")
         for fname, f in manifest["features"].items():
+            f.setdefault("weighted", False)  # packages written before the field
             if f["table"] not in manifest["tables"] or f["type"] not in ("string", "int64") \
                     or not isinstance(f["pooling"], (str, type(None))) \
-                    or not isinstance(f.setdefault("weighted", False), bool):  # older: none
+                    or not isinstance(f["weighted"], bool):
                 raise ValueError(f"feature {fname!r} is malformed: {f}")
         if manifest["output"]["transform"] not in OUTPUTS:
             raise ValueError(f"output.transform {manifest['output']['transform']!r}")
