@@ -202,6 +202,9 @@ def to_key_batch(keys, *, hash_seed: int = DEFAULT_HASH_SEED, arg: str = "keys")
 
 def _offsets_array(offsets, arg: str) -> np.ndarray:
     if isinstance(offsets, torch.Tensor):
+        if offsets.device.type == "meta":
+            raise KeyInputError(f"{arg}: got offsets on the meta device, which hold no "
+                                "values; pass the offsets on the cpu (or another real device).")
         if offsets.dtype.is_floating_point or offsets.dtype.is_complex \
                 or offsets.dtype == torch.bool:
             raise KeyInputError(f"{arg}: offsets must be integers, got {offsets.dtype}")

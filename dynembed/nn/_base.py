@@ -6,6 +6,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import warnings
 
 import torch
 from torch import nn
@@ -34,6 +35,13 @@ _UNTRACED: dict = {}
 torch.compile (making one imports torch._dynamo, a second: never at import)."""
 
 
+_EAGER_REASON = (
+    "dynembed lookups run eagerly (compiled kernels on the keys' values, which torch.compile "
+    "cannot trace); the graph breaks around them, so fullgraph=True cannot hold a model "
+    "with dynembed tables: compile without it, or compile the dense part alone")
+"""Why a lookup breaks torch.compile's graph (torch shows it, e.g. under fullgraph=True)."""
+
+
 def untraced(forward):
     """Makes a module's ``forward`` run outside torch.compile's graph (a graph break).
 
@@ -55,10 +63,19 @@ def untraced(forward):
                 "trace would hold this batch's rows as constants. Export the dense part "
                 "alone, or package the model for serving with dynembed export / "
                 "de.serving.export_package; torch.compile works (the lookup runs eagerly)")
+        if torch._C._are_functorch_transforms_active():
+            # the keys arrive as functorch wrappers without storage: the conversion failed
+            # with "Cannot access data pointer of Tensor that doesn't have storage"
+            raise TypeError(
+                f"{type(self).__name__} cannot run under torch.func transforms (vmap, grad, "
+                "jacrev, ...): its lookups run compiled kernels on the keys' values. Look the "
+                "rows up outside the transform and pass them in as a tensor "
+                "(torch.func.functional_call works on the dense part)")
         if torch.compiler.is_compiling():
             disabled = _UNTRACED.get(forward)
             if disabled is None:
-                disabled = _UNTRACED[forward] = torch.compiler.disable(forward)
+                disabled = _UNTRACED[forward] = torch.compiler.disable(
+                    forward, reason=_EAGER_REASON)
             return disabled(self, *args, **kwargs)
         return forward(self, *args, **kwargs)
 
@@ -78,12 +95,32 @@ def named_tables(model: nn.Module) -> dict[str, DynamicTable]:
     return out
 
 
+_LOAD_TORCH_WEIGHT = ("insert the rows of a (V, dim) weight matrix W as keys 0..V-1 with "
+                      "emb.table.insert_or_assign(torch.arange(V), W)")
+_NO_WEIGHT_MATRIX = {
+    "weight": "a dynamic table has no weight matrix (rows are created as keys arrive); read "
+              "rows with emb.table.find(keys).weights or emb.table.export(), and "
+              + _LOAD_TORCH_WEIGHT,
+    "num_embeddings": "there is no vocabulary size; emb.table.size() is the rows held now",
+    "embedding_dim": "the row width is emb.dim",
+}
+"""What to use instead of torch.nn.Embedding's attributes."""
+
+
 _TORCH_HINTS = {
     "include_last_offset": "include_last_offset is an argument of forward: "
                            "bag(values, offsets, include_last_offset=True)",
     "num_embeddings": "num_embeddings: there is no vocabulary size, rows are created as keys "
                       "arrive (max_rows= or memory_budget= bound them)",
     "embedding_dim": "embedding_dim is dim=",
+    "max_norm": "max_norm / norm_type: rows are not renormalised on lookup (the optimizer's "
+                "max_grad_norm= clips each row's gradient, a different thing)",
+    "scale_grad_by_freq": "scale_grad_by_freq: a key's gradients are summed, never scaled by "
+                          "its count in the batch",
+    "sparse": "sparse=: updates are always sparse here (only the touched rows change), the "
+              "argument is not needed",
+    "_weight": "_weight / from_pretrained: " + _LOAD_TORCH_WEIGHT,
+    "_freeze": "_freeze: call emb.requires_grad_(False) on the dynembed module",
 }
 """How to say what torch.nn.Embedding(Bag)'s constructor arguments are called here."""
 
@@ -99,7 +136,9 @@ def make_table(dim, table: DynamicTable | None, config: TableConfig | None,
     fields = [f.name for f in dataclasses.fields(TableConfig) if f.name != "dim"]
     unknown = sorted(set(options) - set(fields))
     if unknown:  # e.g. torch's constructor arguments: TableConfig's error named only them
-        hints = [_TORCH_HINTS[name] for name in unknown if name in _TORCH_HINTS]
+        aliases = {"norm_type": "max_norm"}
+        hints = list(dict.fromkeys(_TORCH_HINTS[aliases.get(name, name)] for name in unknown
+                                   if aliases.get(name, name) in _TORCH_HINTS))
         raise TypeError(f"unknown table option(s) {unknown}: the keywords beside dim= are "
                         f"TableConfig fields {fields}" + "".join(f"; {h}" for h in hints))
     given = [name for name, v in (("dim", dim), ("config", config), ("table", table))
@@ -174,6 +213,7 @@ class TableModule(nn.Module):
         """Tables owned by this module, by state-dict name."""
         raise NotImplementedError
 
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if not _WITH_TABLES.get():
@@ -196,6 +236,11 @@ class TableModule(nn.Module):
         if not _WITH_TABLES.get():
             return
         given = {name: part for name, part in ours.items() if part}
+        if not given and f"{prefix}weight" in rest:
+            # a warning, not an error: strict=False loads of the dense part stay possible
+            # (torch hands every module strict=True, whatever the caller asked)
+            warnings.warn(f"'{prefix}weight' looks like a torch.nn.Embedding's weight, which "
+                          "a dynamic table does not load; " + _LOAD_TORCH_WEIGHT, stacklevel=2)
         missing_keys.extend(f"{prefix}{name}.weights" for name in names if name not in given)
         for name, part in given.items():  # all checked before any loads: all or none change
             try:
@@ -233,6 +278,14 @@ class SingleTableModule(TableModule):
     def dim(self) -> int:
         """Row width."""
         return self.table.dim
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError as e:
+            if name in _NO_WEIGHT_MATRIX:  # torch.nn.Embedding's names, e.g. in migrated code
+                raise AttributeError(f"{e}: {_NO_WEIGHT_MATRIX[name]}") from None
+            raise
 
     def named_tables(self) -> dict[str, DynamicTable]:
         return {"table": self.table}

@@ -149,13 +149,15 @@ class EmbeddingCollection(TableModule):
         """Sizes and counters of each table, by table name."""
         return {name: table.stats() for name, table in self.tables.items()}
 
-    def _convert(self, name: str, spec: FeatureConfig, value, table: DynamicTable):
+    def _convert(self, name: str, spec: FeatureConfig, value, table: DynamicTable,
+                 include_last_offset: bool):
         arg = f"inputs[{name!r}]"
         seed = table.config.hash_seed
         if spec.pooling is None:
             batch, bounds = to_key_batch(value, hash_seed=seed, arg=arg), None
         elif is_values_offsets(value, arg):
-            batch, bounds = to_jagged(value[0], value[1], hash_seed=seed, arg=arg)
+            batch, bounds = to_jagged(value[0], value[1], include_last_offset=include_last_offset,
+                                      hash_seed=seed, arg=arg)
         else:
             batch, bounds = to_jagged(value, hash_seed=seed, arg=arg)
         return batch, bounds
@@ -207,7 +209,8 @@ class EmbeddingCollection(TableModule):
 
     @untraced
     def forward(self, inputs: Mapping[str, object], *, concat: bool = False,
-                per_sample_weights: Mapping[str, torch.Tensor] | None = None):
+                per_sample_weights: Mapping[str, torch.Tensor] | None = None,
+                include_last_offset: bool = False):
         """Looks up every feature.
 
         Args:
@@ -218,6 +221,9 @@ class EmbeddingCollection(TableModule):
             per_sample_weights: optional feature name -> weights, for "sum" features, in
                 any shape :func:`~dynembed.nn.bag.bag_weights` takes; checked before any
                 lookup.
+            include_last_offset: the offsets of every ``(values, offsets)`` input end with
+                the number of values, as TorchRec's ``JaggedTensor.offsets()`` (B + 1
+                entries for B bags); as in ``torch.nn.EmbeddingBag``.
 
         Returns:
             dict feature name -> tensor, or the concatenated (B, total_dim) tensor; float32
@@ -228,7 +234,7 @@ class EmbeddingCollection(TableModule):
             KeyInputError: a feature is missing or unknown (in ``inputs`` or
                 ``per_sample_weights``), or its keys are bad; a feature declared
                 ``weighted`` has no weights.
-            TypeError: ``concat`` is not a bool.
+            TypeError: ``concat`` or ``include_last_offset`` is not a bool.
             ValueError: ``concat`` with outputs of different batch sizes or ranks; weights
                 for a feature that is not pooled with "sum", or of the wrong length.
             MemoryBudgetError: a training lookup needs more distinct rows at once than
@@ -238,8 +244,9 @@ class EmbeddingCollection(TableModule):
         if not isinstance(inputs, Mapping):
             raise KeyInputError(f"inputs must be a dict of feature name -> keys, got "
                                 f"{type(inputs).__name__}")
-        if not isinstance(concat, bool):
-            raise TypeError(f"concat must be True or False, got {concat!r}")
+        for arg, flag in (("concat", concat), ("include_last_offset", include_last_offset)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{arg} must be True or False, got {flag!r}")
         missing = [f for f in self.features if f not in inputs]
         unknown = [f for f in inputs if f not in self.features]
         if missing or unknown:
@@ -252,7 +259,7 @@ class EmbeddingCollection(TableModule):
         # Everything that can fail is checked before the lookup, which changes the tables.
         for name, spec in self.features.items():
             table = self.tables[spec.table]
-            batch, bounds = self._convert(name, spec, inputs[name], table)
+            batch, bounds = self._convert(name, spec, inputs[name], table, include_last_offset)
             by_table.setdefault(spec.table, []).append((name, batch, bounds))
             if batch.kind != NO_KEYS:
                 self.key_kinds.setdefault(name, set()).add(batch.kind)

@@ -444,6 +444,11 @@ def test_float_offsets(offsets):
     jag_raises(KeyInputError, "offsets.*integers", [1, 2, 3], offsets)
 
 
+def test_offsets_on_the_meta_device():
+    jag_raises(KeyInputError, "offsets on the meta device.*pass the offsets on the cpu",
+               [1, 2, 3], torch.tensor([0, 1], device="meta"))
+
+
 @pytest.mark.parametrize("offsets", [[0, 2], [0, 1, 2], [0]], ids=repr)
 def test_include_last_offset_with_wrong_last(offsets):
     jag_raises(KeyValueError, "offsets.*last offset must equal the number of values",

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dynembed as de
-from dynembed.errors import KeyInputError
+from dynembed.errors import KeyInputError, KeyValueError
 
 
 def _collection(optimizer=None):
@@ -210,6 +210,22 @@ def test_values_and_offsets_with_offsets_as_an_array(offsets):
     bag = de.DynamicEmbeddingBag(table=coll.tables["words"], mode="sum")
     torch.testing.assert_close(out["title"], bag([[10, 11], [12]]))
     assert sorted(coll.tables["words"].export().ids.tolist()) == [1, 2, 10, 11, 12]
+
+
+def test_torchrec_style_offsets_with_include_last_offset():
+    """TorchRec's offsets end with the number of values: read as starts they gave B + 1
+    bags, the last one empty, silently (the collection had no include_last_offset)."""
+    coll = _collection()
+    out = coll({"title": ([10, 11, 12], torch.tensor([0, 2, 3])), "query": [[1], [2]],
+                "user_id": [7, 8]}, include_last_offset=True, concat=True)
+    bag = de.DynamicEmbeddingBag(table=coll.tables["words"], mode="sum")
+    torch.testing.assert_close(out[:, :4], bag([[10, 11], [12]]))
+    with pytest.raises(KeyValueError, match=r"inputs\['title'\] offsets: with include_last_offset"
+                                            r"=True the last offset must equal"):
+        coll({"title": ([10, 11, 12], torch.tensor([0, 2])), "query": [[1], [2]],
+              "user_id": [7, 8]}, include_last_offset=True)
+    with pytest.raises(TypeError, match="include_last_offset must be True or False"):
+        coll(BATCH, include_last_offset=1)
 
 
 def test_a_tuple_of_two_flat_int_lists_is_refused_as_ambiguous():

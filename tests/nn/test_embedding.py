@@ -348,6 +348,12 @@ def test_bad_config_names_the_field(kwargs, match):
     (de.DynamicEmbedding, {"num_embeddings": 10, "embedding_dim": 4},
      r"\['embedding_dim', 'num_embeddings'\].*embedding_dim is dim=.*no vocabulary size"),
     (de.DynamicEmbedding, {"dim": 4, "optimiser": None}, r"\['optimiser'\].*'optimizer'"),
+    (de.DynamicEmbedding, {"dim": 4, "max_norm": 1.0, "norm_type": 2.0},
+     r"\['max_norm', 'norm_type'\].*not renormalised.*max_grad_norm=[^;]*$"),
+    (de.DynamicEmbeddingBag, {"dim": 4, "scale_grad_by_freq": True, "sparse": True},
+     r"never scaled by its count.*always sparse"),
+    (de.DynamicEmbedding, {"dim": 4, "_weight": None, "_freeze": True},
+     r"requires_grad_\(False\).*insert_or_assign\(torch.arange\(V\), W\)"),
 ])
 def test_unknown_options_name_themselves_and_the_fields(module, kwargs, match):
     """TableConfig's own error named only the keyword (include_last_offset, a torch
@@ -428,3 +434,24 @@ def test_a_torch_compiled_model_looks_up_and_trains_as_an_eager_one():
     (eager, eager_totals), (compiled, compiled_totals) = run(False), run(True)
     torch.testing.assert_close(compiled, eager)
     assert compiled_totals == eager_totals
+
+
+def test_torch_embedding_attributes_and_state_say_what_to_use():
+    """Migrated code that read emb.weight, or loaded an nn.Embedding's state dict, got a
+    bare AttributeError / a missing 'table.weights' with no way forward."""
+    emb = de.DynamicEmbedding(dim=4)
+    for name, match in (("weight", r"no weight matrix.*insert_or_assign"),
+                        ("num_embeddings", "no vocabulary size"),
+                        ("embedding_dim", r"emb\.dim")):
+        with pytest.raises(AttributeError, match=rf"no attribute '{name}': .*{match}"):
+            getattr(emb, name)
+        assert not hasattr(emb, name)
+    model = torch.nn.Sequential(de.DynamicEmbedding(dim=4), torch.nn.Linear(4, 1))
+    torch_state = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 1)).state_dict()
+    hint = r"'0.weight' looks like a torch.nn.Embedding's weight.*insert_or_assign"
+    with pytest.warns(UserWarning, match=hint), pytest.raises(RuntimeError, match="0.weight"):
+        model.load_state_dict(torch_state)
+    with pytest.warns(UserWarning, match=hint):  # non-strict loads of the dense part work
+        result = model.load_state_dict(torch_state, strict=False)
+    assert torch.equal(model[1].weight, torch_state["1.weight"])
+    assert result.missing_keys == ["0.table.weights"] and result.unexpected_keys == ["0.weight"]

@@ -177,3 +177,16 @@ def test_tracing_or_exporting_a_model_is_refused_by_name():
     with pytest.raises(TypeError, match="cannot be traced or exported"):
         torch.export.export(model, (keys,))
     assert model(keys).shape == (2, 1)  # eager still works
+
+
+def test_torch_func_transforms_are_refused_by_name():
+    """Under vmap / grad the keys arrive as functorch wrappers without storage: the lookup
+    failed inside the key conversion with 'Cannot access data pointer of Tensor that
+    doesn't have storage'."""
+    emb = _emb()
+    with pytest.raises(TypeError, match="cannot run under torch.func transforms"):
+        torch.func.vmap(emb)(torch.tensor([[1, 2]]))
+    with pytest.raises(TypeError, match="cannot run under torch.func transforms"):
+        torch.func.grad(lambda w: (emb(torch.tensor([1])) * w).sum())(torch.tensor(1.0))
+    assert emb.table.size() == 0  # refused before any key was inserted
+    assert torch.func.functional_call(emb, {}, (torch.tensor([1, 2]),)).shape == (2, 4)
