@@ -72,6 +72,7 @@ def _fingerprint(table: DynamicTable, num_buckets: int) -> dict[str, str]:
            "update_mode": c.update_mode, "admission": _describe(c.admission),
            "key_log": str(c.key_log), "read_only": str(c.read_only),
            "default_value": repr(c.default_value), "nonfinite_grads": c.nonfinite_grads,
+           "padding key id": str(table.padding_id),
            "eviction": _describe(c.eviction)}
     # Memory budgets and stores stay per rank: machines may differ, and each rank's store
     # has its own path or namespace. But a replica without a store discards what its limit

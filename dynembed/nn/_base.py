@@ -121,6 +121,7 @@ _TORCH_HINTS = {
               "argument is not needed",
     "_weight": "_weight / from_pretrained: " + _LOAD_TORCH_WEIGHT,
     "_freeze": "_freeze: call emb.requires_grad_(False) on the dynembed module",
+    "padding_idx": "padding_idx is padding_key= (any one key: an int id, str or bytes)",
 }
 """How to say what torch.nn.Embedding(Bag)'s constructor arguments are called here."""
 

@@ -11,6 +11,7 @@ from dynembed.kernels.hash_index import unique_inverse
 from dynembed.keys.convert import KeyBatch, is_values_offsets, to_jagged
 from dynembed.nn._autograd import rows_for
 from dynembed.nn._base import SingleTableModule, untraced
+from dynembed.nn._padding import drop_padding_from_bags
 from dynembed.table.config import TableConfig
 from dynembed.table.table import DynamicTable
 
@@ -234,6 +235,8 @@ class DynamicEmbeddingBag(SingleTableModule):
         batch, bounds = to_jagged(values, offsets, include_last_offset=include_last_offset,
                                   hash_seed=self.table.config.hash_seed)
         weights = bag_weights(per_sample_weights, self.mode, bounds)
+        batch, bounds, weights = drop_padding_from_bags(batch, bounds, weights,
+                                                        self.table.padding_id)
         return self._pool(batch, bounds, weights)
 
     def _pool(self, batch: KeyBatch, bounds: np.ndarray,

@@ -20,6 +20,7 @@ from dynembed.keys.convert import (
 )
 from dynembed.nn._autograd import Lookup, index_rows, rows_for_many
 from dynembed.nn._base import TableModule, untraced
+from dynembed.nn._padding import drop_padding, drop_padding_from_bags, restore_padding
 from dynembed.nn.bag import bag_weights, check_mode, pool
 from dynembed.table.config import TableConfig
 from dynembed.table.stats import TableStats
@@ -256,11 +257,11 @@ class EmbeddingCollection(TableModule):
         by_table: dict[str, list[tuple[str, KeyBatch, np.ndarray | None]]] = {}
         weights: dict[str, torch.Tensor] = {}
         shapes: dict[str, tuple[int, ...]] = {}
+        kept: dict[str, np.ndarray] = {}  # unpooled features with padding keys: the others
         # Everything that can fail is checked before the lookup, which changes the tables.
         for name, spec in self.features.items():
             table = self.tables[spec.table]
             batch, bounds = self._convert(name, spec, inputs[name], table, include_last_offset)
-            by_table.setdefault(spec.table, []).append((name, batch, bounds))
             if batch.kind != NO_KEYS:
                 self.key_kinds.setdefault(name, set()).add(batch.kind)
             if name in given:
@@ -268,6 +269,16 @@ class EmbeddingCollection(TableModule):
                                             arg=f"per_sample_weights[{name!r}]")
             shapes[name] = ((bounds.shape[0] - 1, table.dim) if bounds is not None
                             else (*batch.shape, table.dim))
+            if bounds is not None:
+                batch, bounds, bag_w = drop_padding_from_bags(batch, bounds, weights.get(name),
+                                                              table.padding_id)
+                if bag_w is not None:
+                    weights[name] = bag_w
+            else:
+                batch, keep = drop_padding(batch, table.padding_id)
+                if keep is not None:
+                    kept[name] = keep
+            by_table.setdefault(spec.table, []).append((name, batch, bounds))
         if concat and (any(len(s) != 2 for s in shapes.values())
                        or len({s[0] for s in shapes.values()}) > 1):
             raise ValueError("concat=True needs every feature output to be (B, dim) with one "
@@ -285,11 +296,10 @@ class EmbeddingCollection(TableModule):
                 if pooling is not None:
                     part = np.arange(start, stop) if inverse is None else inverse[start:stop]
                     outputs[name] = pool(rows, part, bounds, pooling, weights.get(name))
-                elif inverse is None:  # one row per key already: this feature's slice
-                    outputs[name] = rows[start:stop].reshape(*batch.shape, table.dim)
                 else:
-                    keyed = index_rows(rows, inverse[start:stop])
-                    outputs[name] = keyed.reshape(*batch.shape, table.dim)
+                    keyed = (rows[start:stop] if inverse is None  # one row per key already
+                             else index_rows(rows, inverse[start:stop]))
+                    outputs[name] = restore_padding(keyed, kept.get(name)).reshape(shapes[name])
                 start = stop
         ordered = {name: outputs[name] for name in self.features}
         if not concat:

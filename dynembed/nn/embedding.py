@@ -7,6 +7,7 @@ import torch
 from dynembed.kernels.hash_index import unique_inverse
 from dynembed.nn._autograd import rows_for
 from dynembed.nn._base import SingleTableModule, untraced
+from dynembed.nn._padding import drop_padding, restore_padding
 from dynembed.table.config import TableConfig
 from dynembed.table.table import DynamicTable
 
@@ -57,13 +58,15 @@ class DynamicEmbedding(SingleTableModule):
             StoreError: the table's store failed; memory is unchanged.
         """
         batch = self.table.ids_of(keys)
+        kept, keep = drop_padding(batch, self.table.padding_id)
         if (not self.training or self.table.read_only) and self.table.router is None:
             # Reads need no dedup: probe every key, then one gather.
-            out = self.table.read(batch.ids)
+            out = self.table.read(kept.ids)
         else:
-            unique, inverse, counts = unique_inverse(batch.ids)
+            unique, inverse, counts = unique_inverse(kept.ids)
             out = rows_for(self.table, self._anchor, unique, counts, training=self.training,
-                           inverse=inverse, strings=batch.strings, string_ids=batch.ids)
+                           inverse=inverse, strings=kept.strings, string_ids=kept.ids)
+        out = restore_padding(out, keep)
         return self._deliver(out.reshape(*batch.shape, self.dim))
 
     def extra_repr(self) -> str:

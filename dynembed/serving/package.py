@@ -131,7 +131,7 @@ def _table_entry(table: DynamicTable) -> dict:
     opt = c.optimizer
     return {"dim": c.dim, "hash_seed": c.hash_seed, "default_value": c.default_value
             if isinstance(c.default_value, (int, float)) else list(c.default_value),
-            "key_log": c.key_log,
+            "key_log": c.key_log, "padding_id": table.padding_id,
             "optimizer": None if opt is None else {"type": type(opt).__name__,
                                                    "fields": dataclasses.asdict(opt)}}
 
@@ -329,7 +329,8 @@ def build_embeddings(manifest: dict) -> EmbeddingCollection:
             tables[tname] = TableConfig(
                 dim=int(t["dim"]), hash_seed=int(t["hash_seed"]),
                 default_value=t["default_value"], optimizer=_optimizer(t["optimizer"]),
-                key_log=bool(t.get("key_log", False)), read_only=True)
+                key_log=bool(t.get("key_log", False)), padding_key=t.get("padding_id"),
+                read_only=True)
         except (KeyError, TypeError, ValueError) as e:
             raise PackageError(f"table {tname!r} of the manifest is malformed: {e}") from None
     features = {fname: FeatureConfig(table=f["table"], pooling=f["pooling"],

@@ -9,7 +9,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dynembed.keys.hashing import DEFAULT_HASH_SEED, check_hash_seed
+from dynembed.keys.hashing import (
+    DEFAULT_HASH_SEED,
+    check_hash_seed,
+    hash_bytes,
+    hash_strings,
+)
 from dynembed.optim.base import SparseOptimizer
 from dynembed.policy.admission import AdmissionPolicy
 from dynembed.policy.eviction import EvictionPolicy
@@ -53,6 +58,13 @@ class TableConfig:
     """Seed of the string -> id hash (XXH64). Tables that must agree on ids share it."""
     default_value: float | Sequence[float] = 0.0
     """Vector returned for unseen keys in eval or read-only mode: a number or dim numbers."""
+    padding_key: int | str | bytes | None = None
+    """A key that stands for no key, as ``torch.nn.Embedding``'s ``padding_idx``: the pad of
+    padded (B, L) batches. Module lookups never give it a row: it looks up as zeros, gets no
+    gradient and is not counted (not a hit, miss or insert), and bags leave it out
+    (``mode="mean"`` divides by the other keys; a bag of pads only is zeros). A str or bytes
+    key hashes with ``hash_seed`` like any other. Table verbs (``find_or_insert``, ...)
+    treat it as an ordinary key."""
     update_mode: str = "fused"
     """"fused": rows update inside backward (fastest). "deferred": backward queues the
     gradients and ``de.sparse_step(model)`` (``table.step_optimizer()``) applies them, for
@@ -135,6 +147,7 @@ class TableConfig:
             raise ValueError(f"seed must be None or an int in [0, 2**64), got {self.seed!r}")
         check_hash_seed(self.hash_seed)
         self._check_default_value()
+        self._check_padding_key()
         if self.update_mode not in UPDATE_MODES:
             raise ValueError(f"update_mode must be one of {UPDATE_MODES}, got "
                              f"{self.update_mode!r}")
@@ -184,6 +197,28 @@ class TableConfig:
                              f"{self.write_policy!r}")
         if self.write_policy == "through" and self.store is None:
             raise ValueError("write_policy='through' needs a store; pass store=")
+
+    def _check_padding_key(self) -> None:
+        key = self.padding_key
+        if isinstance(key, np.integer):
+            key = self.padding_key = int(key)
+        if key is None or isinstance(key, (str, bytes)):
+            return
+        if isinstance(key, bool) or not isinstance(key, int):
+            raise TypeError("padding_key must be None or one key (an int id, str or bytes), "
+                            f"got {type(key).__name__} {key!r}")
+        if not -2**63 <= key < 2**63:
+            raise ValueError(f"padding_key must be an int64 id, got {key}")
+
+    def padding_id(self) -> int | None:
+        """The id of :attr:`padding_key` (str and bytes hashed with :attr:`hash_seed`), or
+        None."""
+        key = self.padding_key
+        if isinstance(key, str):
+            return int(hash_strings([key], self.hash_seed)[0])
+        if isinstance(key, bytes):
+            return int(hash_bytes([key], self.hash_seed)[0])
+        return key
 
     def _check_default_value(self) -> None:
         value = self.default_value

@@ -98,6 +98,8 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch, Table
         self._default = torch.as_tensor(config.default_value, dtype=torch.float32).expand(
             self.dim).clone()
         self.read_only = config.read_only
+        self.padding_id = config.padding_id()
+        """Id of ``config.padding_key`` (None without one): modules drop it before lookups."""
         self.key_log = KeyLog() if config.key_log else None
         self.arena = RowArena(self.dim, width, config.device)
         self.index = HashIndex()

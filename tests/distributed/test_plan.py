@@ -76,7 +76,8 @@ def test_the_fingerprint_compares_what_changes_what_rows_mean_but_not_budgets():
                            "default_value": {"default_value": 0.5},
                            "nonfinite_grads": {"nonfinite_grads": "skip"},
                            "eviction": {"eviction": de.policy.LFU(), "max_rows": 100},
-                           "optimizer": {"optimizer": de.optim.SGD(lr=0.2)}}.items():
+                           "optimizer": {"optimizer": de.optim.SGD(lr=0.2)},
+                           "padding key id": {"padding_key": "<pad>"}}.items():
         other = _fingerprint(table(**options), 4096)
         assert {k for k in base if base[k] != other.get(k)} == {field}, field
     # machines may differ: a rank's memory budget is its own

@@ -352,6 +352,7 @@ def test_bad_config_names_the_field(kwargs, match):
      r"\['max_norm', 'norm_type'\].*not renormalised.*max_grad_norm=[^;]*$"),
     (de.DynamicEmbeddingBag, {"dim": 4, "scale_grad_by_freq": True, "sparse": True},
      r"never scaled by its count.*always sparse"),
+    (de.DynamicEmbeddingBag, {"dim": 4, "padding_idx": 0}, r"padding_idx is padding_key="),
     (de.DynamicEmbedding, {"dim": 4, "_weight": None, "_freeze": True},
      r"requires_grad_\(False\).*insert_or_assign\(torch.arange\(V\), W\)"),
 ])
