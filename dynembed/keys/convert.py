@@ -25,7 +25,7 @@ NO_KEYS = "empty"
 
 _INT64_MAX = np.iinfo(np.int64).max
 _ACCEPTED = ("a torch integer tensor, a numpy int/str/bytes array, or a list of int, "
-             "str or bytes")
+             "str or bytes (or a (B, L) list of such lists)")
 
 
 @dataclass(frozen=True)
@@ -81,8 +81,9 @@ def _describe_mixed(seq: Sequence, first: type, arg: str) -> DynembedError:
                                  "values or map them to a sentinel key such as '<missing>'.")
         if isinstance(x, (list, tuple, np.ndarray, torch.Tensor)):
             return KeyInputError(f"{arg}: item {i} is a {type(x).__name__}; nesting is deeper "
-                                 "than allowed here. Pass a flat sequence of keys, or use "
-                                 "DynamicEmbeddingBag / (values, offsets) for bags of keys.")
+                                 "than allowed here. Pass a flat sequence of keys or a (B, L) "
+                                 "list of equal-length lists, or use DynamicEmbeddingBag / "
+                                 "(values, offsets) for bags of keys.")
         if isinstance(x, (float, np.floating)):
             return KeyInputError(f"{arg}: item {i} is the float {x!r}; keys must be int64 ids, "
                                  "str or bytes.")
@@ -132,12 +133,31 @@ def _from_list(seq: Sequence, arg: str, hash_seed: int) -> KeyBatch:
     return KeyBatch(_check_int_array(arr, arg), (n,), INT_KEYS)
 
 
+def _reshaped(flat: KeyBatch, shape: tuple[int, ...]) -> KeyBatch:
+    return KeyBatch(flat.ids, tuple(shape), flat.kind, flat.strings)
+
+
+def _from_rows(rows: Sequence, arg: str, hash_seed: int) -> KeyBatch:
+    """A (B, L) batch given as B lists of L keys each (e.g. padded token sequences)."""
+    lengths = set(map(len, rows)) if all(isinstance(r, (list, tuple)) for r in rows) else None
+    if lengths is None or len(lengths) > 1:
+        shown = [len(r) if isinstance(r, (list, tuple)) else type(r).__name__
+                 for r in rows[:8]]  # error path only
+        raise KeyInputError(
+            f"{arg}: a nested list must be (B, L): B lists of keys, all of one length L; got "
+            f"rows of {shown}{' ...' if len(rows) > 8 else ''}. Pad the rows (padding_key= "
+            "names the pad), or use DynamicEmbeddingBag / (values, offsets) for bags of "
+            "keys of different lengths.")
+    flat = _from_list(list(itertools.chain.from_iterable(rows)), arg, hash_seed)
+    return _reshaped(flat, (len(rows), lengths.pop()))
+
+
 def to_key_batch(keys, *, hash_seed: int = DEFAULT_HASH_SEED, arg: str = "keys") -> KeyBatch:
     """Converts one batch of keys to ids.
 
     Args:
-        keys: a torch integer tensor of any shape, a numpy array, or a flat list/tuple of
-            int, str or bytes.
+        keys: a torch integer tensor or a numpy array of any shape, a flat list/tuple of
+            int, str or bytes, or a (B, L) list of B such lists of one length L.
         hash_seed: seed of the string hash.
         arg: the argument name used in error messages.
 
@@ -177,17 +197,17 @@ def to_key_batch(keys, *, hash_seed: int = DEFAULT_HASH_SEED, arg: str = "keys")
                                 "first (e.g. keys.compressed())")
         keys = np.asarray(keys.data)
     if isinstance(keys, np.ndarray):
-        if keys.dtype.kind in "USO":
-            if keys.ndim != 1:
-                raise KeyInputError(f"{arg}: string/object arrays must be 1-D, got shape "
-                                    f"{keys.shape}; flatten them or use bags.")
-            return _from_list(keys.tolist(), arg, hash_seed)
+        if keys.dtype.kind in "USO":  # any shape, as int keys: the output keeps it
+            flat = _from_list(keys.reshape(-1).tolist(), arg, hash_seed)
+            return flat if keys.ndim == 1 else _reshaped(flat, keys.shape)
         ids = _check_int_array(keys, arg)
         return KeyBatch(ids, tuple(keys.shape), INT_KEYS if ids.size else NO_KEYS)
     if isinstance(keys, (str, bytes, bytearray)):
         raise KeyInputError(f"{arg}: got a single {type(keys).__name__}; pass a list of keys, "
                             f"e.g. [{keys!r}].")
     if isinstance(keys, (list, tuple)):
+        if keys and isinstance(keys[0], (list, tuple)):
+            return _from_rows(keys, arg, hash_seed)
         return _from_list(keys, arg, hash_seed)
     if hasattr(keys, "to_numpy"):  # pandas Series / Index
         missing = keys.isna() if hasattr(keys, "isna") else None
@@ -398,6 +418,8 @@ def to_jagged(values, offsets=None, *, include_last_offset: bool = False,
             flat = list(itertools.chain.from_iterable(
                 v.tolist() if isinstance(v, (np.ndarray, torch.Tensor)) else v
                 for v in values))
+        if isinstance(flat, list):  # a bag is flat: a list inside one is nesting too deep
+            return _from_list(flat, arg, hash_seed), bounds
         return to_key_batch(flat, hash_seed=hash_seed, arg=arg), bounds
     got, hint = type(values).__name__, ""
     if isinstance(values, (np.ndarray, torch.Tensor)):

@@ -240,11 +240,34 @@ def test_mixed_message_names_both_types():
 
 
 @pytest.mark.parametrize("keys", [
-    [[1, 2], [3]], [1, [2]], [["a"], ["b"]], [(1, 2)], [np.array([1])],
-    [torch.tensor([1])], [[]],
+    [[1, 2], [3]], [1, [2]], [["a"], "b"], [[[1]], [[2]]], [np.array([1])],
+    [torch.tensor([1])],
 ], ids=repr)
-def test_nested_lists_as_flat_keys_raise(keys):
+def test_nested_lists_that_are_not_b_by_l_raise(keys):
     raises(KeyInputError, keys)
+
+
+def test_ragged_rows_name_their_lengths_and_the_fixes():
+    with pytest.raises(KeyInputError, match=r"must be \(B, L\).*rows of \[1, 2\]\. Pad the "
+                                            r"rows \(padding_key="):
+        to_key_batch([["a"], ["b", "c"]], arg=ARG)
+
+
+@pytest.mark.parametrize("keys, shape", [
+    ([["a", "b", "c"], ["d", "e", "f"]], (2, 3)), ((("a",), ("b",)), (2, 1)),
+    ([[1, 2], [3, 4]], (2, 2)), ([[], []], (2, 0)),
+    (np.array([["a", "b"], ["c", "d"]]), (2, 2)), (np.array([[b"a"], [b"b"]]), (2, 1)),
+    (np.array([["a", "b"], ["c", "d"]], dtype=object), (2, 2)),
+], ids=repr)
+def test_b_by_l_keys_keep_their_shape(keys, shape):
+    """Padded token sequences as nested lists or 2-D string arrays were refused (only int
+    tensors kept a shape), with a hint to use bags, which pool the sequence away."""
+    batch = to_key_batch(keys)
+    flat = to_key_batch(list(np.asarray(keys, dtype=object).reshape(-1)))
+    assert batch.shape == shape and batch.ids.tolist() == flat.ids.tolist()
+    assert (batch.strings is None) == (flat.strings is None)
+    if flat.strings is not None:  # the key log's strings, in the ids' order
+        assert list(batch.strings) == list(flat.strings)
 
 
 @pytest.mark.parametrize("keys", ["cat", "", b"cat", bytearray(b"cat")], ids=repr)
@@ -256,11 +279,6 @@ def test_single_string_raises(keys):
                          ids=lambda k: type(k).__name__)
 def test_unsupported_containers_raise(keys):
     raises(KeyInputError, keys)
-
-
-def test_multidimensional_string_arrays_raise():
-    raises(KeyInputError, np.array([["a", "b"]]))
-    raises(KeyInputError, np.array([[b"a"]]))
 
 
 @pytest.mark.parametrize("keys", [[2**63], [-2**63 - 1], [2**64], [2**100], [-2**64],

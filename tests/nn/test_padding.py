@@ -137,3 +137,14 @@ def test_padding_key_ids():
     assert seeded.padding_id() == int(emb.table.ids_of(["<pad>"]).ids[0])
     assert seeded.padding_id() == de.TableConfig(dim=D, padding_key=b"<pad>",
                                                  hash_seed=7).padding_id()
+
+
+def test_padded_string_sequences_as_nested_lists():
+    """A (B, L) batch of padded token lists: it was refused (only int tensors kept a shape)
+    with a hint to use bags, which pool the sequence away."""
+    emb = de.DynamicEmbedding(dim=D, padding_key="<pad>", key_log=True, seed=0)
+    out = emb([["a", "man", "runs"], ["a", "dog", "<pad>"]])
+    assert out.shape == (2, 3, D) and not out[1, 2].any()
+    torch.testing.assert_close(out[0, 0], out[1, 0])
+    torch.testing.assert_close(out.reshape(-1, D)[[0, 1, 2, 4]], emb(["a", "man", "runs", "dog"]))
+    assert sorted(emb.table.keys_of(emb.table.export().ids)) == ["a", "dog", "man", "runs"]
