@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 import weakref
 from typing import NamedTuple
@@ -11,6 +13,8 @@ import torch
 import torch.distributed as dist
 
 from dynembed.kernels.gather import segment_sum
+from dynembed.optim.adam import Adam
+from dynembed.optim.sgd import SGD
 from dynembed.table.arena import take_rows
 from dynembed.table.table import DynamicTable
 
@@ -23,6 +27,61 @@ def _gather(table: DynamicTable, slots: np.ndarray, inverse: np.ndarray | None) 
     """
     rows = table.gather(slots)
     return rows if inverse is None else take_rows(rows, inverse)
+
+
+_STEPPED_IN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""Fused table -> (the autograd graph task, i.e. one ``backward()`` call, that last stepped
+it; the ids it stepped in that task)."""
+_WARNED_TWICE: weakref.WeakSet = weakref.WeakSet()
+"""Tables warned about by :func:`_note_fused_step` (once each)."""
+_LIBRARY_DIRS = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(torch.__file__))
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside dynembed and torch (the user's call,
+    behind a varying number of module and autograd frames)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _two_steps_differ(optimizer, first: np.ndarray, second: np.ndarray) -> bool:
+    """Whether two optimizer steps, on the ids ``first`` then ``second`` with gradients taken
+    at the same weights, differ from one step on the summed gradient (torch's): for the
+    optimizers that count steps (Adam's bias correction, Adagrad's lr_decay) always;
+    otherwise where a row is in both, except for plain SGD, whose steps add up."""
+    if isinstance(optimizer, Adam) or getattr(optimizer, "lr_decay", 0):
+        return True
+    if (isinstance(optimizer, SGD) and optimizer.momentum == 0
+            and optimizer.weight_decay == 0 and optimizer.max_grad_norm is None):
+        return False
+    return bool(np.isin(second, first).any())
+
+
+def _note_fused_step(table: DynamicTable, ids: np.ndarray) -> None:
+    """Warns once per table that one ``backward()`` steps in a way that differs from torch:
+    two lookups of it in one graph, fused mode, each lookup's backward its own optimizer
+    step. Such models silently differed from torch's one step on the summed gradient (the
+    README said so, but nothing told a user whose two-tower or tied-embedding model did)."""
+    if table.config.update_mode != "fused" or table in _WARNED_TWICE:
+        return
+    task = torch._C._current_graph_task_id()
+    last = _STEPPED_IN.get(table)
+    if last is None or last[0] != task:
+        _STEPPED_IN[table] = (task, ids)
+        return
+    if not _two_steps_differ(table.optimizer, last[1], ids):
+        _STEPPED_IN[table] = (task, np.concatenate([last[1], ids]))
+        return
+    _WARNED_TWICE.add(table)
+    warnings.warn(
+        f"one backward() stepped a dynembed table (dim={table.dim}, "
+        f"{type(table.optimizer).__name__}) twice: it was looked up twice in this graph, and "
+        "in update_mode='fused' (the default) each lookup's backward is its own optimizer "
+        "step, not one step on the summed gradient as torch takes. Look the keys up in one "
+        "call (concatenated), or use update_mode='deferred' with de.sparse_step(model)",
+        stacklevel=_caller_stacklevel())
 
 
 class _GatherRows(torch.autograd.Function):
@@ -44,6 +103,7 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        _note_fused_step(ctx.table, ctx.ids)
         if ctx.inverse is not None:
             grad = grad.detach().to(torch.float32).contiguous().numpy()
             grad = torch.from_numpy(segment_sum(grad, ctx.inverse, ctx.ids.shape[0]))

@@ -7,6 +7,8 @@ gradient (read back from the store if need be), erased ones do not (skipped and 
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -16,6 +18,11 @@ from dynembed.kernels.sparse_updates import nonfinite_rows
 from dynembed.table.index import EMPTY
 from dynembed.table.lifecycle import CREATE_NONE
 from dynembed.table.loss_scale import current_loss_scale, report_overflow
+
+QUEUED_BACKWARDS_WARNING = 1024
+"""Backward calls queued in deferred mode without a step at which a table warns (once per
+accumulation: gradient accumulation queues a few; a forgotten ``sparse_step`` queues one per
+step, trains nothing and grows without end)."""
 
 
 class TableUpdates:
@@ -66,6 +73,14 @@ class TableUpdates:
                 return
         if self.config.update_mode == "deferred":
             self._pending.append((ids, grads, self.erasures if epoch is None else epoch))
+            if len(self._pending) == QUEUED_BACKWARDS_WARNING:
+                queued = sum(g.nbytes for _, g, _ in self._pending)
+                warnings.warn(
+                    f"a deferred dynembed table (dim={self.dim}) has the gradients of "
+                    f"{len(self._pending)} backward calls queued ({queued / 2**20:.0f} MiB) and "
+                    "no optimizer step: nothing trains until de.sparse_step(model) (or "
+                    "table.step_optimizer()) applies them; call it where the dense optimizer "
+                    "steps", RuntimeWarning, stacklevel=2)
             return
         marked = marked_at is not None and self.changes.marks_stand(marked_at)
         if epoch is None or epoch != self.erasures:  # rows erased or evicted since the lookup
