@@ -139,7 +139,8 @@ def _reshaped(flat: KeyBatch, shape: tuple[int, ...]) -> KeyBatch:
 
 def _from_rows(rows: Sequence, arg: str, hash_seed: int) -> KeyBatch:
     """A (B, L) batch given as B lists of L keys each (e.g. padded token sequences)."""
-    lengths = set(map(len, rows)) if all(isinstance(r, (list, tuple)) for r in rows) else None
+    rows_are_lists = all(issubclass(t, (list, tuple)) for t in set(map(type, rows)))
+    lengths = set(map(len, rows)) if rows_are_lists else None
     if lengths is None or len(lengths) > 1:
         shown = [len(r) if isinstance(r, (list, tuple)) else type(r).__name__
                  for r in rows[:8]]  # error path only

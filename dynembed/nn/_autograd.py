@@ -34,7 +34,8 @@ _STEPPED_IN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 it; the ids it stepped in that task)."""
 _WARNED_TWICE: weakref.WeakSet = weakref.WeakSet()
 """Tables warned about by :func:`_note_fused_step` (once each)."""
-_LIBRARY_DIRS = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(torch.__file__))
+_LIBRARY_DIRS = tuple(os.path.dirname(path) + os.sep
+                      for path in (os.path.dirname(__file__), torch.__file__))
 
 
 def _caller_stacklevel() -> int:

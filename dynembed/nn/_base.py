@@ -214,7 +214,6 @@ class TableModule(nn.Module):
         """Tables owned by this module, by state-dict name."""
         raise NotImplementedError
 
-
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if not _WITH_TABLES.get():
