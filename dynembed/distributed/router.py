@@ -42,7 +42,7 @@ from dynembed.kernels.gather import segment_sum
 from dynembed.kernels.hash_index import unique_inverse
 from dynembed.kernels.sparse_updates import nonfinite_rows
 from dynembed.keys.buckets import NUM_BUCKETS, buckets_of, rank_of_bucket
-from dynembed.nn._autograd import Lookup
+from dynembed.nn._autograd import Lookup, note_fused_step
 from dynembed.table.arena import take_rows
 from dynembed.table.index import EMPTY
 from dynembed.table.loss_scale import current_loss_scale, report_overflow
@@ -214,6 +214,7 @@ class _Update:
         if scale != 1.0:
             grads = grads * np.float32(scale)
         summed = segment_sum(grads, self.inverse, self.ids.shape[0])
+        note_fused_step(self.table, self.ids)
         self.table.apply_gradients(self.ids, self.slots, torch.from_numpy(summed),
                                    erasures_at_lookup=self.erasures)
 

@@ -149,7 +149,8 @@ def _from_rows(rows: Sequence, arg: str, hash_seed: int) -> KeyBatch:
             f"rows of {shown}{' ...' if len(rows) > 8 else ''}. Pad the rows (padding_key= "
             "names the pad), or use DynamicEmbeddingBag / (values, offsets) for bags of "
             "keys of different lengths.")
-    flat = _from_list(list(itertools.chain.from_iterable(rows)), arg, hash_seed)
+    flat = _from_list(list(itertools.chain.from_iterable(rows)),
+                      f"{arg} (flattened row by row)", hash_seed)
     return _reshaped(flat, (len(rows), lengths.pop()))
 
 
@@ -166,8 +167,8 @@ def to_key_batch(keys, *, hash_seed: int = DEFAULT_HASH_SEED, arg: str = "keys")
         The :class:`KeyBatch`.
 
     Raises:
-        KeyInputError (a TypeError): float, bool, None, mixed str and int, nested lists, or
-            an unsupported container.
+        KeyInputError (a TypeError): float, bool, None, mixed str and int, nested lists that
+            are not (B, L), or an unsupported container.
         KeyValueError (a ValueError): an integer outside the int64 range.
     """
     if isinstance(keys, torch.Tensor):
@@ -199,6 +200,11 @@ def to_key_batch(keys, *, hash_seed: int = DEFAULT_HASH_SEED, arg: str = "keys")
         keys = np.asarray(keys.data)
     if isinstance(keys, np.ndarray):
         if keys.dtype.kind in "USO":  # any shape, as int keys: the output keeps it
+            if keys.dtype.kind == "O" and keys.size \
+                    and isinstance(keys.flat[0], (list, tuple, np.ndarray, torch.Tensor)):
+                raise KeyInputError(f"{arg}: an object array of {type(keys.flat[0]).__name__}s "
+                                    "(e.g. a pandas column of lists); pass keys.tolist(), a "
+                                    "(B, L) list of equal-length lists")
             flat = _from_list(keys.reshape(-1).tolist(), arg, hash_seed)
             return flat if keys.ndim == 1 else _reshaped(flat, keys.shape)
         ids = _check_int_array(keys, arg)

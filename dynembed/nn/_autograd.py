@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
 import warnings
 import weakref
 from typing import NamedTuple
@@ -12,6 +10,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dynembed._caller import warn_at_caller
 from dynembed.kernels.gather import segment_sum
 from dynembed.optim.adam import Adam
 from dynembed.optim.sgd import SGD
@@ -30,59 +29,57 @@ def _gather(table: DynamicTable, slots: np.ndarray, inverse: np.ndarray | None) 
 
 
 _STEPPED_IN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-"""Fused table -> (the autograd graph task, i.e. one ``backward()`` call, that last stepped
-it; the ids it stepped in that task)."""
+"""Fused table -> (the autograd graph task, i.e. the ``backward()`` call, that last stepped
+it; the ids of its first step in that task, None once a second step was checked)."""
 _WARNED_TWICE: weakref.WeakSet = weakref.WeakSet()
-"""Tables warned about by :func:`_note_fused_step` (once each)."""
-_LIBRARY_DIRS = tuple(os.path.dirname(path) + os.sep
-                      for path in (os.path.dirname(__file__), torch.__file__))
+"""Tables warned about by :func:`note_fused_step` (once each)."""
 
 
-def _caller_stacklevel() -> int:
-    """The ``stacklevel`` of the first frame outside dynembed and torch (the user's call,
-    behind a varying number of module and autograd frames)."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
-        frame, level = frame.f_back, level + 1
-    return level
+def _steps_add_up(optimizer) -> bool:
+    """Whether any two steps on gradients taken at the same weights equal one step on their
+    sum: plain SGD (no momentum, weight decay or clipping)."""
+    return (isinstance(optimizer, SGD) and optimizer.momentum == 0
+            and optimizer.weight_decay == 0 and optimizer.max_grad_norm is None)
 
 
-def _two_steps_differ(optimizer, first: np.ndarray, second: np.ndarray) -> bool:
-    """Whether two optimizer steps, on the ids ``first`` then ``second`` with gradients taken
-    at the same weights, differ from one step on the summed gradient (torch's): for the
-    optimizers that count steps (Adam's bias correction, Adagrad's lr_decay) always;
-    otherwise where a row is in both, except for plain SGD, whose steps add up."""
-    if isinstance(optimizer, Adam) or getattr(optimizer, "lr_decay", 0):
-        return True
-    if (isinstance(optimizer, SGD) and optimizer.momentum == 0
-            and optimizer.weight_decay == 0 and optimizer.max_grad_norm is None):
-        return False
-    return bool(np.isin(second, first).any())
+def _counts_steps(optimizer) -> bool:
+    """Whether the optimizer's update depends on the table's step count (Adam's bias
+    correction, Adagrad's lr_decay): two steps then differ from one even on other rows."""
+    return isinstance(optimizer, Adam) or bool(getattr(optimizer, "lr_decay", 0))
 
 
-def _note_fused_step(table: DynamicTable, ids: np.ndarray) -> None:
-    """Warns once per table that one ``backward()`` steps in a way that differs from torch:
-    two lookups of it in one graph, fused mode, each lookup's backward its own optimizer
-    step. Such models silently differed from torch's one step on the summed gradient (the
-    README said so, but nothing told a user whose two-tower or tied-embedding model did)."""
-    if table.config.update_mode != "fused" or table in _WARNED_TWICE:
+def note_fused_step(table: DynamicTable, ids: np.ndarray) -> None:
+    """Warns once per table when one ``backward()`` steps it twice in a way that differs from
+    torch's one step on the summed gradient: two lookups of it in one graph, in fused mode,
+    where each lookup's backward is its own optimizer step (the README said so, but nothing
+    told a user whose two-tower or tied-embedding model did it).
+
+    The first two steps of a backward are compared (the ids of the first are kept until
+    then): they differ where a row is in both, or always for an optimizer that counts steps.
+    Later steps of the same backward are not checked, so a long chain of lookups (one per
+    time step of a sequence) costs nothing more.
+    """
+    if table.config.update_mode != "fused" or table in _WARNED_TWICE \
+            or _steps_add_up(table.optimizer):
         return
     task = torch._C._current_graph_task_id()
     last = _STEPPED_IN.get(table)
     if last is None or last[0] != task:
         _STEPPED_IN[table] = (task, ids)
         return
-    if not _two_steps_differ(table.optimizer, last[1], ids):
-        _STEPPED_IN[table] = (task, np.concatenate([last[1], ids]))
+    first = last[1]
+    if first is None:  # the first two steps of this backward were checked already
         return
-    _WARNED_TWICE.add(table)
-    warnings.warn(
-        f"one backward() stepped a dynembed table (dim={table.dim}, "
-        f"{type(table.optimizer).__name__}) twice: it was looked up twice in this graph, and "
-        "in update_mode='fused' (the default) each lookup's backward is its own optimizer "
-        "step, not one step on the summed gradient as torch takes. Look the keys up in one "
-        "call (concatenated), or use update_mode='deferred' with de.sparse_step(model)",
-        stacklevel=_caller_stacklevel())
+    _STEPPED_IN[table] = (task, None)
+    if _counts_steps(table.optimizer) or np.isin(ids, first).any():
+        _WARNED_TWICE.add(table)
+        warn_at_caller(
+            f"one backward() stepped a dynembed table (dim={table.dim}, "
+            f"{type(table.optimizer).__name__}) twice: it was looked up twice in this graph, "
+            "and in update_mode='fused' (the default) each lookup's backward is its own "
+            "optimizer step, not one step on the summed gradient as torch takes. Look the "
+            "keys up in one call (concatenated), or use update_mode='deferred' with "
+            "de.sparse_step(model)")
 
 
 class _GatherRows(torch.autograd.Function):
@@ -104,7 +101,7 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        _note_fused_step(ctx.table, ctx.ids)
+        note_fused_step(ctx.table, ctx.ids)
         if ctx.inverse is not None:
             grad = grad.detach().to(torch.float32).contiguous().numpy()
             grad = torch.from_numpy(segment_sum(grad, ctx.inverse, ctx.ids.shape[0]))

@@ -6,11 +6,11 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
-import warnings
 
 import torch
 from torch import nn
 
+from dynembed._caller import warn_at_caller
 from dynembed.errors import StateDictError
 from dynembed.table.config import TableConfig
 from dynembed.table.stats import TableStats
@@ -42,6 +42,19 @@ _EAGER_REASON = (
 """Why a lookup breaks torch.compile's graph (torch shows it, e.g. under fullgraph=True)."""
 
 
+def _transformed(args: tuple, kwargs: dict) -> bool:
+    """Whether a tensor among a lookup's arguments (or a collection's feature inputs, or
+    a (values, offsets) pair) is wrapped by a torch.func transform."""
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    for value in (*args, *kwargs.values()):
+        parts = value.values() if isinstance(value, dict) else (value,)
+        for part in parts:
+            items = part if isinstance(part, tuple) else (part,)
+            if any(isinstance(x, torch.Tensor) and wrapped(x) for x in items):
+                return True
+    return False
+
+
 def untraced(forward):
     """Makes a module's ``forward`` run outside torch.compile's graph (a graph break).
 
@@ -63,9 +76,9 @@ def untraced(forward):
                 "trace would hold this batch's rows as constants. Export the dense part "
                 "alone, or package the model for serving with dynembed export / "
                 "de.serving.export_package; torch.compile works (the lookup runs eagerly)")
-        if torch._C._are_functorch_transforms_active():
-            # the keys arrive as functorch wrappers without storage: the conversion failed
-            # with "Cannot access data pointer of Tensor that doesn't have storage"
+        if torch._C._are_functorch_transforms_active() and _transformed(args, kwargs):
+            # keys (or offsets, weights) as functorch wrappers have no storage: the conversion
+            # failed with "Cannot access data pointer of Tensor that doesn't have storage"
             raise TypeError(
                 f"{type(self).__name__} cannot run under torch.func transforms (vmap, grad, "
                 "jacrev, ...): its lookups run compiled kernels on the keys' values. Look the "
@@ -99,7 +112,7 @@ _LOAD_TORCH_WEIGHT = ("insert the rows of a (V, dim) weight matrix W as keys 0..
                       "emb.table.insert_or_assign(torch.arange(V), W)")
 _NO_WEIGHT_MATRIX = {
     "weight": "a dynamic table has no weight matrix (rows are created as keys arrive); read "
-              "rows with emb.table.find(keys).weights or emb.table.export(), and "
+              "rows with emb.table.find(keys).values or emb.table.export(), and "
               + _LOAD_TORCH_WEIGHT,
     "num_embeddings": "there is no vocabulary size; emb.table.size() is the rows held now",
     "embedding_dim": "the row width is emb.dim",
@@ -239,8 +252,8 @@ class TableModule(nn.Module):
         if not given and f"{prefix}weight" in rest:
             # a warning, not an error: strict=False loads of the dense part stay possible
             # (torch hands every module strict=True, whatever the caller asked)
-            warnings.warn(f"'{prefix}weight' looks like a torch.nn.Embedding's weight, which "
-                          "a dynamic table does not load; " + _LOAD_TORCH_WEIGHT, stacklevel=2)
+            warn_at_caller(f"'{prefix}weight' looks like a torch.nn.Embedding's weight, "
+                           "which a dynamic table does not load; " + _LOAD_TORCH_WEIGHT)
         missing_keys.extend(f"{prefix}{name}.weights" for name in names if name not in given)
         for name, part in given.items():  # all checked before any loads: all or none change
             try:

@@ -55,6 +55,15 @@ class FeatureConfig:
                              f"summed bag), got pooling={self.pooling!r}")
 
 
+def _reads_as_values_offsets(value: tuple) -> bool:
+    """Whether a pooled feature would read the pair ``value`` as (values, offsets), or
+    refuse it as ambiguous (two flat int lists)."""
+    try:
+        return is_values_offsets(value, "")
+    except KeyInputError:
+        return True
+
+
 class EmbeddingCollection(TableModule):
     """Several named features over several dynamic tables.
 
@@ -155,6 +164,13 @@ class EmbeddingCollection(TableModule):
         arg = f"inputs[{name!r}]"
         seed = table.config.hash_seed
         if spec.pooling is None:
+            if isinstance(value, tuple) and len(value) == 2 and _reads_as_values_offsets(value):
+                # (B, L) keys as two rows would train the offsets as keys
+                raise KeyInputError(
+                    f"{arg}: the feature is not pooled, but got a pair that reads as (values, "
+                    "offsets) (pooled features take it so); give its keys (one per example, "
+                    "or B lists of L keys as a list), or declare it pooled "
+                    "(FeatureConfig(pooling=...))")
             batch, bounds = to_key_batch(value, hash_seed=seed, arg=arg), None
         elif is_values_offsets(value, arg):
             batch, bounds = to_jagged(value[0], value[1], include_last_offset=include_last_offset,

@@ -42,8 +42,9 @@ class DynamicEmbedding(SingleTableModule):
         """Looks keys up.
 
         Args:
-            keys: int64 ids as a tensor of any shape (or numpy array / list), or a flat list
-                or 1-D array of str or bytes.
+            keys: int64 ids or str / bytes keys: a tensor or numpy array of any shape, a
+                flat list, or a (B, L) list of equal-length lists. The table's
+                ``padding_key`` looks up as zeros (see :class:`TableConfig`).
 
         Returns:
             (*keys.shape, dim) float32 on the CPU, or on the device and in the float dtype

@@ -28,6 +28,7 @@ import torch
 from dynembed.kernels.hash_index import unique_inverse
 from dynembed.keys.convert import is_values_offsets, to_jagged
 from dynembed.nn._autograd import _GatherRows, index_rows
+from dynembed.nn._padding import drop_padding_from_bags
 from dynembed.nn.embedding import DynamicEmbedding
 from dynembed.sampling.samplers import CandidateSampler, InBatch, Uniform
 from dynembed.table.index import EMPTY
@@ -89,10 +90,14 @@ def _labels(output: DynamicEmbedding, labels, batch: int):
     if bounds.shape[0] - 1 != batch:
         raise ValueError(f"labels has {bounds.shape[0] - 1} examples but inputs has {batch}; "
                          "give one (or more) positive keys per row of inputs")
+    # the padding key is no label: it never gets a row (so it is never drawn either)
+    keys, bounds, _ = drop_padding_from_bags(keys, bounds, None, output.table.padding_id)
     if (np.diff(bounds) == 0).any():
         empty = int(np.flatnonzero(np.diff(bounds) == 0)[0])
-        raise ValueError(f"labels: example {empty} has no positive key; every example needs "
-                         "at least one")
+        padding = "" if output.table.padding_id is None else \
+            " (the padding key is not one: leave padded positions out of inputs and labels)"
+        raise ValueError(f"labels: example {empty} has no positive key{padding}; every "
+                         "example needs at least one")
     ids = keys.ids
     example = np.repeat(np.arange(batch), np.diff(bounds))
     order = np.lexsort((ids, example))  # a key repeated in one example counts once

@@ -124,6 +124,8 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch, Table
         """Times every row was replaced at once (clear, load): tells derived structures,
         such as a sampler's snapshot, that nothing they hold is current."""
         self._pending: list[tuple[np.ndarray, torch.Tensor]] = []
+        self._queued_backwards = 0  # backward calls (graph tasks) queued in _pending ...
+        self._queued_task = -1  # ... and the last one's id
         self.counters = Counters()
         self._moved_before_reset = 0  # rows_moved of counters that reset_stats() zeroed
         self._closed = False  # close() ran to its end

@@ -7,11 +7,10 @@ gradient (read back from the store if need be), erased ones do not (skipped and 
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
 
+from dynembed._caller import warn_at_caller
 from dynembed.errors import NonFiniteGradientError, StoreError
 from dynembed.kernels.hash_index import unique_inverse
 from dynembed.kernels.sparse_updates import nonfinite_rows
@@ -73,14 +72,7 @@ class TableUpdates:
                 return
         if self.config.update_mode == "deferred":
             self._pending.append((ids, grads, self.erasures if epoch is None else epoch))
-            if len(self._pending) == QUEUED_BACKWARDS_WARNING:
-                queued = sum(g.nbytes for _, g, _ in self._pending)
-                warnings.warn(
-                    f"a deferred dynembed table (dim={self.dim}) has the gradients of "
-                    f"{len(self._pending)} backward calls queued ({queued / 2**20:.0f} MiB) and "
-                    "no optimizer step: nothing trains until de.sparse_step(model) (or "
-                    "table.step_optimizer()) applies them; call it where the dense optimizer "
-                    "steps", RuntimeWarning, stacklevel=2)
+            self._count_queued_backward()
             return
         marked = marked_at is not None and self.changes.marks_stand(marked_at)
         if epoch is None or epoch != self.erasures:  # rows erased or evicted since the lookup
@@ -91,6 +83,24 @@ class TableUpdates:
                 raise
             marked = False  # rows read back since have new slots
         self._apply(ids, slots, grads.numpy(), marked=marked)
+
+    def _count_queued_backward(self) -> None:
+        """Counts the backward calls (autograd graph tasks) whose gradients wait in the
+        deferred queue, and warns when they reach :data:`QUEUED_BACKWARDS_WARNING`."""
+        task = torch._C._current_graph_task_id()  # -1 outside a backward (direct calls)
+        if len(self._pending) == 1:  # the queue was empty (a step or a reset emptied it)
+            self._queued_backwards, self._queued_task = 1, task
+        elif task != self._queued_task or task == -1:
+            self._queued_backwards += 1
+            self._queued_task = task
+            if self._queued_backwards == QUEUED_BACKWARDS_WARNING:
+                queued = sum(g.nbytes for _, g, _ in self._pending)
+                warn_at_caller(
+                    f"a deferred dynembed table (dim={self.dim}) has the gradients of "
+                    f"{self._queued_backwards} backward calls queued ({queued / 2**20:.0f} "
+                    "MiB) and no optimizer step: nothing trains until de.sparse_step(model) "
+                    "(or table.step_optimizer()) applies them; call it where the dense "
+                    "optimizer steps", RuntimeWarning)
 
     def _overflowed(self, grads: np.ndarray) -> bool:
         """Within :func:`~dynembed.table.loss_scale.loss_scale`: whether the gradient

@@ -122,3 +122,14 @@ def test_a_half_set_launcher_environment_is_refused():
         with pytest.raises(ValueError, match=f"{given} is set but"):
             JobEnv.from_environ(env)
     assert JobEnv.from_environ({}).world_size == 1
+
+
+@pytest.mark.parametrize("placement", ["sharded", "replicated"])
+def test_a_routed_table_stepped_twice_in_one_backward_warns(group_of_one, placement):
+    """The owner applies each routed lookup's update on its own, as a local fused table
+    does, so a routed table looked up twice in one graph steps twice too."""
+    emb = de.DynamicEmbedding(dim=4, optimizer=de.optim.Adagrad(lr=0.1), placement=placement)
+    shard_model(emb)
+    with pytest.warns(UserWarning, match="one backward\\(\\) stepped a dynembed table") as caught:
+        (emb(torch.tensor([1, 2])) * emb(torch.tensor([2, 3]))).sum().backward()
+    assert caught[0].filename == __file__

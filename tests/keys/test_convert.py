@@ -247,6 +247,20 @@ def test_nested_lists_that_are_not_b_by_l_raise(keys):
     raises(KeyInputError, keys)
 
 
+def test_object_arrays_of_lists_and_mixed_rows_say_what_to_pass():
+    with pytest.raises(KeyInputError, match=r"object array of lists .* pass keys\.tolist\(\)"):
+        to_key_batch(_object_array([["a", "b"], ["c", "d"]]), arg=ARG)
+    with pytest.raises(KeyInputError, match=rf"{ARG} \(flattened row by row\): mixed key "
+                                            r"types: item 0 is str but item 2 is int"):
+        to_key_batch([["a", "b"], [1, 2]], arg=ARG)
+
+
+def _object_array(rows: list) -> np.ndarray:
+    arr = np.empty(len(rows), dtype=object)
+    arr[:] = rows
+    return arr
+
+
 def test_ragged_rows_name_their_lengths_and_the_fixes():
     with pytest.raises(KeyInputError, match=r"must be \(B, L\).*rows of \[1, 2\]\. Pad the "
                                             r"rows \(padding_key="):

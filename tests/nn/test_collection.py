@@ -345,3 +345,15 @@ def test_key_log_of_a_table_shared_by_a_str_and_a_bytes_feature(order, tmp_path)
                                    features={name: "t" for name in order})
     fresh.load_state_dict(torch.load(tmp_path / "coll.pt", weights_only=True))
     assert fresh.tables["t"].keys_of(wanted) == keys
+
+
+@pytest.mark.parametrize("value", [([10, 11], [0, 1]), (["a", "b"], torch.tensor([0, 1]))],
+                         ids=["two-int-lists", "values-offsets"])
+def test_an_unpooled_feature_refuses_a_values_offsets_pair(value):
+    """(B, L) keys may come as B lists; a pair that a pooled feature reads as (values,
+    offsets) was taken as two rows, training the offsets as keys."""
+    coll = de.EmbeddingCollection(tables={"t": de.TableConfig(dim=2)}, features={"ids": "t"})
+    with pytest.raises(KeyInputError, match=r"inputs\['ids'\]: the feature is not pooled"):
+        coll({"ids": value})
+    assert coll.tables["t"].size() == 0
+    assert coll({"ids": (["a", "b"], ["c", "d"])})["ids"].shape == (2, 2, 2)  # two rows

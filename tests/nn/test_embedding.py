@@ -441,7 +441,9 @@ def test_torch_embedding_attributes_and_state_say_what_to_use():
     """Migrated code that read emb.weight, or loaded an nn.Embedding's state dict, got a
     bare AttributeError / a missing 'table.weights' with no way forward."""
     emb = de.DynamicEmbedding(dim=4)
-    for name, match in (("weight", r"no weight matrix.*insert_or_assign"),
+    emb.table.insert_or_assign([1], torch.ones(1, 4))
+    assert emb.table.find([1]).values.shape == (1, 4)  # what the weight hint names
+    for name, match in (("weight", r"no weight matrix.*find\(keys\)\.values.*insert_or_assign"),
                         ("num_embeddings", "no vocabulary size"),
                         ("embedding_dim", r"emb\.dim")):
         with pytest.raises(AttributeError, match=rf"no attribute '{name}': .*{match}"):
@@ -452,7 +454,8 @@ def test_torch_embedding_attributes_and_state_say_what_to_use():
     hint = r"'0.weight' looks like a torch.nn.Embedding's weight.*insert_or_assign"
     with pytest.warns(UserWarning, match=hint), pytest.raises(RuntimeError, match="0.weight"):
         model.load_state_dict(torch_state)
-    with pytest.warns(UserWarning, match=hint):  # non-strict loads of the dense part work
-        result = model.load_state_dict(torch_state, strict=False)
+    with pytest.warns(UserWarning, match=hint) as caught:  # non-strict loads of the dense
+        result = model.load_state_dict(torch_state, strict=False)  # part work
+    assert caught[0].filename == __file__
     assert torch.equal(model[1].weight, torch_state["1.weight"])
     assert result.missing_keys == ["0.table.weights"] and result.unexpected_keys == ["0.weight"]

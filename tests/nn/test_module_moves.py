@@ -190,3 +190,6 @@ def test_torch_func_transforms_are_refused_by_name():
         torch.func.grad(lambda w: (emb(torch.tensor([1])) * w).sum())(torch.tensor(1.0))
     assert emb.table.size() == 0  # refused before any key was inserted
     assert torch.func.functional_call(emb, {}, (torch.tensor([1, 2]),)).shape == (2, 4)
+    keys = torch.tensor([1, 2])  # made outside: vmap maps only the dense input (a read)
+    out = torch.func.vmap(lambda x: emb.eval()(keys).sum(0) * x)(torch.ones(3))
+    assert out.shape == (3, 4)

@@ -81,7 +81,20 @@ def test_a_forgotten_sparse_step_warns(monkeypatch):
         emb(KEYS_A).sum().backward()
         assert len(caught) == 1 and "3 backward calls queued" in str(caught[0].message)
         assert "de.sparse_step(model)" in str(caught[0].message)
+        assert caught[0].filename == __file__
         de.sparse_step(emb)
         for _ in range(2):
             emb(KEYS_A).sum().backward()
         assert len(caught) == 1  # the count starts again after a step
+
+
+def test_many_lookups_in_one_backward_are_one_queued_backward(monkeypatch):
+    """The count is of backward calls, not of the lookups whose gradients one holds."""
+    monkeypatch.setattr(updates, "QUEUED_BACKWARDS_WARNING", 3)
+    emb = de.DynamicEmbedding(dim=4, optimizer=de.optim.Adagrad(lr=0.1),
+                              update_mode="deferred")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            sum(emb(KEYS_A).sum() for _ in range(5)).backward()
+        de.sparse_step(emb)

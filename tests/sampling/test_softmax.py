@@ -375,3 +375,25 @@ def test_an_int_generator_draws_new_negatives_each_training_step_reproducibly():
     with pytest.raises(ValueError, match="generator: an int seed must be >= 0, got -1"):
         de.sampled_logits(output_table(), torch.zeros(1, D), [1], num_sampled=2,
                           generator=-1)
+
+
+def test_padding_labels_are_dropped_and_never_get_rows():
+    """A padded label bag trained the pad as a positive (it got a row, and then could be
+    drawn as a negative): the padding key is no key anywhere."""
+    def make():
+        items = de.DynamicEmbedding(dim=4, optimizer=de.optim.SGD(lr=0.1), padding_key=0,
+                                    seed=1)
+        items.table.find_or_insert(torch.arange(1, 9))
+        return items
+
+    inputs = torch.randn(2, 4)
+    items = make()
+    padded = de.sampled_softmax_loss(items, inputs, [[5, 0, 0], [6, 7, 0]], num_sampled=4,
+                                     generator=3)
+    plain = de.sampled_softmax_loss(make(), inputs, [[5], [6, 7]], num_sampled=4, generator=3)
+    torch.testing.assert_close(padded, plain)
+    padded.backward()
+    assert not items.table.contains(torch.tensor([0])).any()
+    with pytest.raises(ValueError, match=r"example 1 has no positive key \(the padding key is "
+                                         r"not one"):
+        de.sampled_softmax_loss(items, inputs, [[5], [0, 0]], num_sampled=4)
