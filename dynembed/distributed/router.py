@@ -42,7 +42,7 @@ from dynembed.kernels.gather import segment_sum
 from dynembed.kernels.hash_index import unique_inverse
 from dynembed.kernels.sparse_updates import nonfinite_rows
 from dynembed.keys.buckets import NUM_BUCKETS, buckets_of, rank_of_bucket
-from dynembed.nn._autograd import Lookup, note_fused_step
+from dynembed.nn._autograd import Lookup, anchor_grad, note_fused_step
 from dynembed.table.arena import take_rows
 from dynembed.table.index import EMPTY
 from dynembed.table.loss_scale import current_loss_scale, report_overflow
@@ -226,12 +226,13 @@ class _RoutedRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, anchor: torch.Tensor, fetched: tuple):
         rows, ctx.route_backward = fetched  # a tuple: autograd does not see rows as inputs
+        ctx.anchor = (anchor.dtype, anchor.device)
         return tuple(rows)
 
     @staticmethod
     def backward(ctx, *grads):
         ctx.route_backward(grads)
-        return None, None
+        return anchor_grad(*ctx.anchor), None
 
 
 def _trains(table: DynamicTable, training: bool) -> bool:

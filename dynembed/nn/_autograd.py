@@ -82,6 +82,12 @@ def note_fused_step(table: DynamicTable, ids: np.ndarray) -> None:
             "de.sparse_step(model)")
 
 
+def anchor_grad(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The (empty) gradient of a module's anchor: every backward of a lookup gives one, so
+    DistributedDataParallel sees the anchor Parameter used, as any other."""
+    return torch.empty(0, dtype=dtype, device=device)
+
+
 class _GatherRows(torch.autograd.Function):
     """Rows of distinct ids (or of every key) as a dense tensor; backward updates the table.
 
@@ -95,6 +101,7 @@ class _GatherRows(torch.autograd.Function):
     def forward(ctx, anchor: torch.Tensor, table: DynamicTable, ids: np.ndarray,
                 slots: np.ndarray, inverse: np.ndarray | None) -> torch.Tensor:
         ctx.table, ctx.ids, ctx.slots, ctx.inverse = table, ids, slots, inverse
+        ctx.anchor = (anchor.dtype, anchor.device)
         ctx.erasures = table.erasures
         ctx.marks = table.changes.resets  # the lookup marked the slots changed
         return _gather(table, slots, inverse)
@@ -107,7 +114,7 @@ class _GatherRows(torch.autograd.Function):
             grad = torch.from_numpy(segment_sum(grad, ctx.inverse, ctx.ids.shape[0]))
         ctx.table.apply_gradients(ctx.ids, ctx.slots, grad, erasures_at_lookup=ctx.erasures,
                                   marked_at=ctx.marks)
-        return None, None, None, None, None
+        return anchor_grad(*ctx.anchor), None, None, None, None
 
 
 class _IndexRows(torch.autograd.Function):

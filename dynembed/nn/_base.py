@@ -108,6 +108,18 @@ def named_tables(model: nn.Module) -> dict[str, DynamicTable]:
     return out
 
 
+def anchor_names(model: nn.Module) -> list[str]:
+    """Qualified names of the dynembed modules' zero-size anchor Parameters in ``model``."""
+    return [f"{path}._anchor" if path else "_anchor" for path, m in model.named_modules()
+            if isinstance(m, TableModule)]
+
+
+def dense_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """``model``'s Parameters other than the dynembed modules' zero-size anchors."""
+    anchors = {id(m._anchor) for m in model.modules() if isinstance(m, TableModule)}
+    return [p for p in model.parameters() if id(p) not in anchors]
+
+
 _LOAD_TORCH_WEIGHT = ("insert the rows of a (V, dim) weight matrix W as keys 0..V-1 with "
                       "emb.table.insert_or_assign(torch.arange(V), W)")
 _NO_WEIGHT_MATRIX = {
@@ -180,8 +192,11 @@ class TableModule(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        # Rows are not Parameters; this zero-size tensor ties lookups into autograd.
-        self._anchor = torch.empty(0, requires_grad=True)
+        # Rows are not Parameters; this zero-size Parameter ties lookups into autograd
+        # (each training lookup's backward gives it an empty gradient, so DDP counts it
+        # used), and freezing the model the torch way (model.requires_grad_(False), or each
+        # of its parameters) reaches it. It is left out of state dicts.
+        self._anchor = nn.Parameter(torch.empty(0))
         # Where outputs go: rows live in host memory as float32 whatever .to() asks.
         self._output_dtype = torch.float32
         self._output_device = torch.device("cpu")
@@ -191,10 +206,11 @@ class TableModule(nn.Module):
 
         A frozen module's rows get no gradient, so neither backward nor
         :func:`sparse_step` changes them; in train mode its lookups still insert and count
-        new keys (a frozen ``nn.Embedding`` also returns rows for every index). Call it on
-        the dynembed module itself: a parent's ``requires_grad_`` reaches only its
-        Parameters, and rows are not Parameters. Another module sharing the same table
-        still trains it.
+        new keys (a frozen ``nn.Embedding`` also returns rows for every index). A parent's
+        ``requires_grad_(False)`` freezes it too, as does setting ``requires_grad`` on
+        each of the model's parameters: the module's one Parameter, a zero-size anchor, is
+        what its lookups' gradients hang on. Another module sharing the same table still
+        trains it.
 
         Raises:
             TypeError: ``requires_grad`` is not a bool.
@@ -227,8 +243,16 @@ class TableModule(nn.Module):
         """Tables owned by this module, by state-dict name."""
         raise NotImplementedError
 
+    def _freeze_anchor_of_untrainable_tables(self) -> None:
+        """Subclasses call it once their tables are set: without a trainable table (no
+        optimizer, read-only) no lookup gives the anchor a gradient, and a Parameter that
+        requires one but never gets it stops DistributedDataParallel at its next step."""
+        if not any(t.trainable for t in self.named_tables().values()):
+            self._anchor.requires_grad_(False)
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination.pop(f"{prefix}_anchor", None)  # no state: state dicts stay as they were
         if not _WITH_TABLES.get():
             return
         for name, table in self.named_tables().items():
@@ -244,8 +268,11 @@ class TableModule(nn.Module):
             ours[name] = {k[len(head):]: v for k, v in state_dict.items() if k.startswith(head)}
         rest = {k: v for k, v in state_dict.items()
                 if not any(k.startswith(f"{prefix}{n}.") for n in names)}
+        anchor = f"{prefix}_anchor"
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        if anchor in missing_keys and anchor not in state_dict:  # never saved (no state)
+            missing_keys.remove(anchor)
         if not _WITH_TABLES.get():
             return
         given = {name: part for name, part in ours.items() if part}
@@ -286,6 +313,7 @@ class SingleTableModule(TableModule):
                  config: TableConfig | None, options: dict) -> None:
         super().__init__()
         self.table = make_table(dim, table, config, options)
+        self._freeze_anchor_of_untrainable_tables()
 
     @property
     def dim(self) -> int:

@@ -151,6 +151,7 @@ class EmbeddingCollection(TableModule):
         self.tables: dict[str, DynamicTable] = {
             name: spec if isinstance(spec, DynamicTable) else DynamicTable(spec)
             for name, spec in tables.items()}
+        self._freeze_anchor_of_untrainable_tables()
 
     def named_tables(self) -> dict[str, DynamicTable]:
         return {f"tables.{name}": table for name, table in self.tables.items()}

@@ -53,7 +53,7 @@ from dynembed.errors import (
     CheckpointNotFoundError,
 )
 from dynembed.keys.buckets import NUM_BUCKETS, check_num_buckets
-from dynembed.nn._base import named_tables
+from dynembed.nn._base import anchor_names, dense_parameters, named_tables
 from dynembed.train.data import global_batch, rank_part
 from dynembed.train.environment import check_rendezvous_env, share_cores
 from dynembed.train.progress import PROGRESS_ENV, ProgressFile
@@ -95,6 +95,18 @@ def _positive_or_none(name: str, value, kind=int) -> None:
     if isinstance(value, bool) or not isinstance(value, ok) or not 0 < value < math.inf:
         raise ValueError(f"{name} must be a positive {'number' if kind is float else 'int'} "
                          f"or None, got {value!r}")
+
+
+def wrap_dense_part(model: nn.Module) -> nn.parallel.DistributedDataParallel:
+    """``model`` in DistributedDataParallel, which syncs its dense Parameters.
+
+    The tables' anchors are left out: they hold nothing to sync, and an anchor that gets no
+    gradient in a step (a dynembed module in eval mode, a frozen table) stopped DDP at its
+    next step ("parameters that were not used in producing loss").
+    """
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        model, anchor_names(model))
+    return nn.parallel.DistributedDataParallel(model)
 
 
 class Runtime:
@@ -342,8 +354,8 @@ class Runtime:
         if not self.distributed:
             return model
         self.plan = shard_model(model, num_buckets=self.num_buckets, timeout=self.timeout)
-        if self.use_ddp and any(p.requires_grad for p in model.parameters()):
-            return nn.parallel.DistributedDataParallel(model)
+        if self.use_ddp and any(p.requires_grad for p in dense_parameters(model)):
+            return wrap_dense_part(model)
         return model
 
     # ------------------------------------------------------------------ checkpoints

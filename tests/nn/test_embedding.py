@@ -392,7 +392,33 @@ def test_module_inside_a_model_trains_with_dense_optimizer():
         dense.step()
         losses.append(loss.item())
     assert losses[-1] < 0.25 * losses[0]
-    assert list(dict(model.named_parameters())) == ["head.weight", "head.bias"]
+    # rows are no Parameters: the table's only one is its zero-size anchor
+    params = dict(model.named_parameters())
+    assert list(params) == ["emb._anchor", "head.weight", "head.bias"]
+    assert params["emb._anchor"].numel() == 0
+    assert [p.shape for p in de.nn.dense_parameters(model)] == [(1, 8), (1,)]
+    assert "emb._anchor" not in model.state_dict()
+
+
+def test_freezing_a_model_the_torch_way_freezes_its_tables():
+    """model.requires_grad_(False), or requires_grad set on each of model.parameters(),
+    froze every torch layer but the tables went on training, silently (a teacher model,
+    a frozen backbone)."""
+    for freeze in (lambda m: m.requires_grad_(False),
+                   lambda m: [p.requires_grad_(False) for p in m.parameters()]):
+        model = torch.nn.Sequential(de.DynamicEmbedding(dim=4, optimizer=de.optim.SGD(lr=1.0)),
+                                    torch.nn.Linear(4, 1))
+        keys = torch.tensor([1, 2])
+        model[0](keys)
+        before = model[0].table.find(keys).values.clone()
+        freeze(model)
+        out = model(keys)
+        assert not out.requires_grad
+        torch.testing.assert_close(model[0].table.find(keys).values, before)
+        model.requires_grad_(True)
+        model(keys).sum().backward()  # unfrozen: trains again
+        assert not torch.equal(model[0].table.find(keys).values, before)
+        assert model[0]._anchor.grad.shape == (0,)
 
 
 def test_backward_with_create_graph_updates_as_a_plain_backward():

@@ -147,9 +147,14 @@ def test_a_move_without_a_dtype_keeps_the_dtype_given_before(then):
     assert model(torch.tensor([1, 2])).dtype == torch.bfloat16
 
 
-def test_an_int_type_leaves_the_outputs_as_they_were():
+def test_an_int_type_is_refused_as_by_torch_modules():
+    """The anchor is a float Parameter, so .type(int) fails as on nn.Embedding, and the
+    module is left as it was."""
     emb = _emb().half()
-    emb.type(torch.int64)  # only what is floating changes dtype, as for Parameters
+    with pytest.raises(RuntimeError, match="floating point"):
+        torch.nn.Embedding(2, 4).type(torch.int64)
+    with pytest.raises(RuntimeError, match="floating point"):
+        emb.type(torch.int64)
     assert emb(torch.tensor([1])).dtype == torch.float16
 
 

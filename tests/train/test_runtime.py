@@ -472,3 +472,31 @@ def test_exiting_after_a_preemption_reports_preempted_not_failed(tmp_path):
         rt.restore()
         sys.exit(1)  # not after a preemption: a failure
     assert json.loads(progress.read_text())["state"] == "failed"
+
+
+def test_the_dense_part_in_ddp_leaves_the_tables_anchors_out(tmp_path):
+    """The anchors are Parameters (so freezing a model freezes its tables); one that got no
+    gradient in a step, as a dynembed module in eval mode gives none, stopped
+    DistributedDataParallel at the next step."""
+    import torch.distributed as dist
+
+    from dynembed.train.runtime import wrap_dense_part
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        model = nn.Sequential(de.DynamicEmbedding(dim=4, optimizer=de.optim.Adagrad(lr=0.1)),
+                              nn.Linear(4, 1))
+        model[0].eval()  # a read: no gradient reaches the anchor
+        ddp = wrap_dense_part(model)
+        for _ in range(3):
+            ddp(torch.tensor([1, 2])).sum().backward()
+        assert model[1].weight.grad is not None
+        plain = nn.parallel.DistributedDataParallel(
+            nn.Sequential(de.DynamicEmbedding(dim=4, optimizer=de.optim.Adagrad(lr=0.1)).eval(),
+                          nn.Linear(4, 1)))
+        with pytest.raises(RuntimeError, match="not used in producing loss"):
+            for _ in range(3):  # the failure the wrapper avoids
+                plain(torch.tensor([1, 2])).sum().backward()
+    finally:
+        dist.destroy_process_group()
