@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import itertools
 import json
 import os
 import shutil
@@ -42,7 +43,7 @@ from dynembed.keys.buckets import (
     rank_buckets,
     rank_of_bucket,
 )
-from dynembed.nn._base import named_tables, without_tables
+from dynembed.nn._base import TableModule, named_tables, without_tables
 from dynembed.table.table import DynamicTable
 
 DENSE = "dense.pt"
@@ -558,6 +559,29 @@ def _snapshot(take):
         return None
 
 
+def _with_anchors(saved: dict, optimizer: torch.optim.Optimizer,
+                  model: nn.Module | None) -> dict:
+    """A dense optimizer state saved before dynembed modules had their anchor Parameter,
+    fitted to an optimizer over ``model.parameters()``, which holds the anchors: each group
+    the saved one's parameters, in order, with the anchors (which have no state) among
+    them where they are now. Any other state is returned as it is (torch checks it)."""
+    if model is None or len(saved.get("param_groups", ())) != len(optimizer.param_groups):
+        return saved
+    anchors = {id(m._anchor) for m in model.modules() if isinstance(m, TableModule)}
+    fresh = itertools.count(1 + max((i for g in saved["param_groups"] for i in g["params"]),
+                                    default=-1))
+    groups, fitted = [], False
+    for group, old in zip(optimizer.param_groups, saved["param_groups"]):
+        dense = [p for p in group["params"] if id(p) not in anchors]
+        if len(dense) != len(old["params"]):
+            return saved  # not that case: torch's own check names the mismatch
+        fitted |= len(dense) != len(group["params"])  # this group holds anchors
+        ids = iter(old["params"])
+        groups.append({**old, "params": [next(fresh) if id(p) in anchors else next(ids)
+                                         for p in group["params"]]})
+    return {**saved, "param_groups": groups} if fitted else saved
+
+
 def _load_dense(model: nn.Module | None, optimizer: torch.optim.Optimizer | None,
                 dense: dict, *, strict: bool, folder: Path) -> None:
     """Loads the dense model and optimizer state, all or nothing where their state can be
@@ -574,7 +598,7 @@ def _load_dense(model: nn.Module | None, optimizer: torch.optim.Optimizer | None
             with without_tables():
                 model.load_state_dict(dense["model"], strict=strict)
         if optimizer is not None and dense["optimizer"] is not None:
-            optimizer.load_state_dict(dense["optimizer"])
+            optimizer.load_state_dict(_with_anchors(dense["optimizer"], optimizer, model))
     except Exception as e:
         with without_tables():
             if saved_model is not None:
