@@ -25,6 +25,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from dynembed._caller import warn_at_caller
 from dynembed.kernels.hash_index import unique_inverse
 from dynembed.keys.convert import is_values_offsets, to_jagged
 from dynembed.nn._autograd import _GatherRows, index_rows
@@ -352,6 +353,14 @@ def sampled_softmax_loss(output: DynamicEmbedding, inputs: torch.Tensor, labels,
                     remove_accidental_hits=remove_accidental_hits,
                     logq_correction=logq_correction, normalize=normalize,
                     temperature=temperature, generator=generator)
+    if isinstance(sampler, InBatch) and not torch.isfinite(c.neg_logits).any():
+        # every in-batch candidate was an example's own positive (masked as a hit)
+        warn_at_caller("sampled_softmax_loss with InBatch found no negatives in this batch "
+                       "(one example, or every example has the same positives): the loss "
+                       "compares an example's positives with each other only and trains "
+                       "nothing for one with a single positive; use larger batches, or "
+                       "num_sampled > 0 with a sampler that draws from the table",
+                       RuntimeWarning)
     # -log p(positive) averaged over an example's positives, with the partition function
     # of [positives, negatives] taken in two parts (no (B, P + S) tensor is built)
     log_z = torch.logaddexp(torch.logsumexp(c.true_logits, 1),

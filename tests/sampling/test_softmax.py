@@ -397,3 +397,18 @@ def test_padding_labels_are_dropped_and_never_get_rows():
     with pytest.raises(ValueError, match=r"example 1 has no positive key \(the padding key is "
                                          r"not one"):
         de.sampled_softmax_loss(items, inputs, [[5], [0, 0]], num_sampled=4)
+
+
+def test_in_batch_negatives_warn_when_a_batch_has_none():
+    """A batch of one (or of one shared positive) masked every in-batch candidate as an
+    accidental hit: loss 0, nothing trained, no word."""
+    items = de.DynamicEmbedding(dim=4, optimizer=de.optim.SGD(lr=0.1), seed=1)
+    for labels in ([5], [5, 5, 5]):
+        with pytest.warns(RuntimeWarning, match="InBatch found no negatives") as caught:
+            loss = de.sampled_softmax_loss(items, torch.randn(len(labels), 4), labels,
+                                           num_sampled=0, sampler=InBatch())
+        assert float(loss) == 0.0 and caught[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        de.sampled_softmax_loss(items, torch.randn(3, 4), [5, 6, 7], num_sampled=0,
+                                sampler=InBatch())
