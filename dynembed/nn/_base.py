@@ -217,9 +217,7 @@ class TableModule(nn.Module):
         """
         if not isinstance(requires_grad, bool):
             raise TypeError(f"requires_grad must be True or False, got {requires_grad!r}")
-        super().requires_grad_(requires_grad)
-        self._anchor.requires_grad_(requires_grad)
-        return self
+        return super().requires_grad_(requires_grad)  # the anchor is a Parameter
 
     def _apply(self, fn, recurse=True):
         # .to(), .cuda(), .half(), .double() ... reach every module through _apply: the
