@@ -43,7 +43,7 @@ from dynembed.keys.buckets import (
     rank_buckets,
     rank_of_bucket,
 )
-from dynembed.nn._base import TableModule, named_tables, without_tables
+from dynembed.nn._base import anchor_ids, named_tables, without_tables
 from dynembed.table.table import DynamicTable
 
 DENSE = "dense.pt"
@@ -567,7 +567,7 @@ def _with_anchors(saved: dict, optimizer: torch.optim.Optimizer,
     them where they are now. Any other state is returned as it is (torch checks it)."""
     if model is None or len(saved.get("param_groups", ())) != len(optimizer.param_groups):
         return saved
-    anchors = {id(m._anchor) for m in model.modules() if isinstance(m, TableModule)}
+    anchors = anchor_ids(model)
     fresh = itertools.count(1 + max((i for g in saved["param_groups"] for i in g["params"]),
                                     default=-1))
     groups, fitted = [], False

@@ -114,9 +114,14 @@ def anchor_names(model: nn.Module) -> list[str]:
             if isinstance(m, TableModule)]
 
 
+def anchor_ids(model: nn.Module) -> set[int]:
+    """``id()`` of each dynembed module's zero-size anchor Parameter in ``model``."""
+    return {id(m._anchor) for m in model.modules() if isinstance(m, TableModule)}
+
+
 def dense_parameters(model: nn.Module) -> list[nn.Parameter]:
     """``model``'s Parameters other than the dynembed modules' zero-size anchors."""
-    anchors = {id(m._anchor) for m in model.modules() if isinstance(m, TableModule)}
+    anchors = anchor_ids(model)
     return [p for p in model.parameters() if id(p) not in anchors]
 
 

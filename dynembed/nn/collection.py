@@ -55,7 +55,7 @@ class FeatureConfig:
                              f"summed bag), got pooling={self.pooling!r}")
 
 
-def _reads_as_values_offsets(value: tuple) -> bool:
+def _reads_as_values_offsets(value) -> bool:
     """Whether a pooled feature would read the pair ``value`` as (values, offsets), or
     refuse it as ambiguous (two flat int lists)."""
     try:
@@ -165,7 +165,7 @@ class EmbeddingCollection(TableModule):
         arg = f"inputs[{name!r}]"
         seed = table.config.hash_seed
         if spec.pooling is None:
-            if isinstance(value, tuple) and len(value) == 2 and _reads_as_values_offsets(value):
+            if _reads_as_values_offsets(value):
                 # (B, L) keys as two rows would train the offsets as keys
                 raise KeyInputError(
                     f"{arg}: the feature is not pooled, but got a pair that reads as (values, "
