@@ -125,12 +125,15 @@ def rowwise_adagrad_update(weights, row_sum, slots, grads, lr, weight_decay, max
 
 @adaptive(lambda weights, state, slots, grads, *rest: grads.size)
 @nb.njit(parallel=True, fastmath=FAST, cache=True)
-def adam_update(weights, moments, slots, grads, step_size, weight_decay, max_norm,
+def adam_update(weights, moments, slots, grads, step_size, weight_decay, keep, max_norm,
                 one_minus_beta1, one_minus_beta2, eps):
     """Lazy Adam, as torch.optim.SparseAdam: only touched rows move, one global step.
 
     ``moments[:, :dim]`` is the first moment and ``moments[:, dim:]`` the second;
-    ``step_size = lr * sqrt(1 - beta2**t) / (1 - beta1**t)``. ``1 - beta`` come computed
+    ``step_size = lr * sqrt(1 - beta2**t) / (1 - beta1**t)``. ``weight_decay`` is the L2
+    penalty added to the gradient and ``keep`` the factor each row is multiplied by before
+    its step (``1 - lr * weight_decay`` for AdamW's decoupled decay, else 1, which leaves
+    every weight exact). ``1 - beta`` come computed
     in float64 (as torch's ``alpha=1 - beta``): float32's 1 - float32(0.99999) is 7e-4 off.
 
     A second moment that overflowed to inf (a finite gradient above 1.8e19: the row is
@@ -152,7 +155,7 @@ def adam_update(weights, moments, slots, grads, step_size, weight_decay, max_nor
             v = v_old + (g * g - v_old) * one_minus_beta2
             mv[j] = m
             mv[dim + j] = v
-            w[j] -= step_size * m / (np.sqrt(v) + eps)
+            w[j] = w[j] * keep - step_size * m / (np.sqrt(v) + eps)
 
 
 @adaptive(lambda weights, state, slots, grads, *rest: grads.size)

@@ -92,3 +92,14 @@ def test_set_sparse_lr_changes_every_table_and_keeps_the_state(tmp_path):
         de.set_sparse_lr("model", 0.1)
     de.set_sparse_lr(coll.tables["a"], 0.5)
     assert coll.tables["a"].optimizer.lr == 0.5
+
+
+def test_adamw_is_adam_with_decoupled_weight_decay_and_torchs_defaults():
+    adamw = de.optim.AdamW(lr=0.01)
+    assert adamw == de.optim.Adam(lr=0.01, weight_decay=1e-2, decoupled_weight_decay=True)
+    fields = json.loads(json.dumps(dataclasses.asdict(adamw)))
+    assert de.optim.Adam(**fields) == adamw  # what checkpoints and packages record
+    with pytest.raises(TypeError, match="decoupled_weight_decay must be True or False"):
+        de.optim.Adam(lr=0.1, decoupled_weight_decay="yes")
+    with pytest.raises(ValueError, match="weight_decay"):
+        de.optim.AdamW(weight_decay=-1.0)

@@ -287,3 +287,45 @@ def test_a_finite_gradient_whose_square_overflows_updates_as_torch(optimizer, re
     got = emb.table.find([7]).values
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, ref.weight.detach())
+
+
+def _batches_touching_every_row(seed: int = 1):
+    """Every id once plus 64 random draws per batch: a lazy optimizer then steps every row
+    every batch, as a dense one does."""
+    for idx, target in _batches(seed):
+        every = torch.arange(VOCAB)
+        yield torch.cat([every, idx]), torch.cat([torch.zeros(VOCAB, DIM), target])
+
+
+@pytest.mark.parametrize("make_ours", [
+    lambda: de.optim.AdamW(lr=0.01, weight_decay=0.5),
+    lambda: de.optim.Adam(lr=0.01, weight_decay=0.5, decoupled_weight_decay=True),
+])
+def test_adamw_matches_torch_adamw_where_every_row_is_touched(make_ours):
+    emb, ids = _dynamic(make_ours())
+    ref = torch.nn.Embedding(VOCAB, DIM)
+    with torch.no_grad():
+        ref.weight.copy_(_initial(emb, ids))
+    opt = torch.optim.AdamW(ref.parameters(), lr=0.01, weight_decay=0.5)
+    coupled, _ = _dynamic(de.optim.Adam(lr=0.01, weight_decay=0.5))
+    for idx, target in _batches_touching_every_row():
+        opt.zero_grad()
+        _loss(ref(idx), target).backward()
+        opt.step()
+        _loss(emb(ids[idx]), target).backward()
+        _loss(coupled(ids[idx]), target).backward()
+    got = emb.table.find(ids).values
+    torch.testing.assert_close(got, ref.weight.detach(), rtol=1e-4, atol=1e-5)
+    # the decay is decoupled: Adam's L2 penalty, rescaled by the moments, ends elsewhere
+    assert (coupled.table.find(ids).values - got).abs().max() > 1e-3
+
+
+def test_adamw_decays_only_the_rows_a_batch_touches():
+    """Lazy, as the moments: a row no batch touches keeps its value."""
+    emb = de.DynamicEmbedding(dim=4, optimizer=de.optim.AdamW(lr=0.1, weight_decay=0.5),
+                              seed=1, initializer=de.init.Normal(std=1.0))
+    emb(torch.tensor([1, 2])).sum().backward()
+    resting = emb.table.find([1]).values.clone()
+    for _ in range(3):
+        emb(torch.tensor([2])).sum().backward()
+    assert torch.equal(emb.table.find([1]).values, resting)
