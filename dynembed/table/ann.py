@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dynembed._args import check_int
+from dynembed._args import check_in, check_int
 from dynembed.table.search import METRICS, TableSearch, TopK, query_matrix
 
 KINDS = ("ivf", "hnsw")
@@ -236,8 +236,59 @@ class ApproximateIndex:
         Raises:
             ValueError: bad ``k`` or queries (as :meth:`DynamicTable.top_k`).
         """
+        k = check_int("k", k)
+        return self._recall_of(self.search(queries, k),
+                               self.table.top_k(queries, k, metric=self.metric), queries, k)
+
+    def tune(self, queries, k: int, target_recall: float = 0.95) -> float:
+        """Searches more of the index until :meth:`recall` on ``queries`` reaches
+        ``target_recall``, and keeps that setting (rebuilding first if due).
+
+        Doubles ``nprobe`` (ivf; at most every list, an exhaustive search) or ``ef_search``
+        (hnsw; at most the rows indexed) from its current value and keeps the first setting
+        that reaches the target, or the largest. Each setting costs one search of the
+        queries; the exact answers are computed once. Tune on queries like those you will
+        search with (e.g. a sample of the query tower's outputs): recall depends on where
+        the queries fall, and an index over rows without cluster structure needs to search
+        far more of itself than one over clustered rows.
+
+        Args:
+            queries: (q, dim) or (dim,) float tensor.
+            k: neighbours per query, >= 1.
+            target_recall: in (0, 1].
+
+        Returns:
+            The recall reached (0.0 when there is no exact answer: no rows or no queries).
+
+        Raises:
+            ValueError: bad ``k``, ``target_recall`` or queries.
+        """
+        k = check_int("k", k)
+        check_in("target_recall", target_recall, 0.0, 1.0, low_open=True)
+        if self._due():
+            self.rebuild()
         exact = self.table.top_k(queries, k, metric=self.metric)
-        approx = self.search(queries, k)
+        while True:
+            reached = self._recall_of(self.search(queries, k), exact, queries, k)
+            if reached >= target_recall or self.rows == 0 or not self._search_more():
+                return reached
+
+    def _search_more(self) -> bool:
+        """Doubles how much of the index a search visits; False if it visits all already."""
+        if self.kind == "hnsw":
+            if self.ef_search >= self.rows:
+                return False
+            self.ef_search = min(2 * self.ef_search, self.rows)
+            self.index.hnsw.efSearch = self.ef_search
+        else:
+            if self.index.nprobe >= self.index.nlist:
+                return False
+            self.nprobe = min(2 * self.index.nprobe, self.index.nlist)
+            self.index.nprobe = self.nprobe
+        return True
+
+    def _recall_of(self, approx: TopK, exact: TopK, queries, k: int) -> float:
+        """:meth:`recall` of the answers ``approx`` against ``exact``."""
         e_ids, e_ok = exact.ids.reshape(-1, k), ~torch.isinf(exact.scores.reshape(-1, k))
         a_ids, a_ok = approx.ids.reshape(-1, k), ~torch.isinf(approx.scores.reshape(-1, k))
         wanted = e_ok.sum(1)  # (q,) exact answers: best first, so a prefix of each row

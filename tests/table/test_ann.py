@@ -247,3 +247,40 @@ def test_recall_counts_rows_tied_at_the_cut_as_found(kind):
     # a tie is no free pass: the (dot) index, stale, misses three better rows
     table.insert_or_assign([-5, -6, -7], 10 * rows[:3])
     assert index.recall(query, 10) == pytest.approx(0.7)
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_tune_searches_more_until_the_target_recall_and_keeps_it(kind):
+    """Rows without cluster structure: the default settings fall short of 0.95."""
+    table = table_with(20_000, dim=32)
+    index = de.ApproximateIndex(table, kind=kind, ef_search=1)
+    gen = torch.Generator().manual_seed(3)
+    queries, fresh = torch.randn(64, 32, generator=gen), torch.randn(64, 32, generator=gen)
+    before = index.recall(queries, 10)
+    setting = (index.nprobe, index.ef_search)
+    assert before < 0.95
+    reached = index.tune(queries, 10, target_recall=0.95)
+    assert reached >= 0.95 and reached == index.recall(queries, 10)
+    assert (index.nprobe, index.ef_search) != setting
+    assert index.recall(fresh, 10) > before  # the setting carries to other queries
+    index.rebuild()  # kept across a rebuild
+    assert index.recall(queries, 10) >= 0.9
+
+
+def test_tune_keeps_a_setting_that_reaches_the_target_and_stops_at_an_exhaustive_search():
+    table = table_with(2_000)
+    index = de.ApproximateIndex(table, nlist=16, nprobe=16)
+    queries = torch.randn(8, 16, generator=torch.Generator().manual_seed(4))
+    assert index.tune(queries, 5, target_recall=0.5) == 1.0 and index.nprobe == 16
+    small = de.ApproximateIndex(table, nlist=16, nprobe=1)
+    assert small.tune(queries, 5, target_recall=1.0) == 1.0
+    assert small.index.nprobe <= 16
+    empty = de.ApproximateIndex(table_with(0))
+    assert empty.tune(queries, 5) == 0.0
+
+
+@pytest.mark.parametrize("target", [0, 1.5, float("nan"), "high"])
+def test_tune_refuses_a_bad_target_naming_it(target):
+    index = de.ApproximateIndex(table_with(100))
+    with pytest.raises(ValueError, match="target_recall"):
+        index.tune(torch.randn(2, 16), 5, target_recall=target)
