@@ -88,38 +88,22 @@ def ranking_metrics(ranked: np.ndarray, truth: list[np.ndarray], k: int = 20) ->
     return {"recall@20": float(np.mean(recall)), "ndcg@20": float(np.mean(ndcg))}
 
 
-def rank_excluding(score_chunks, seen: list[np.ndarray], k: int = 20) -> np.ndarray:
-    """(U, k) best items per user after dropping the user's seen items.
-
-    ``score_chunks`` yields ``(first user, ids (c, m), scores (c, m))`` candidates per chunk
-    of users, best first, with ``m`` at least k more than any of the chunk's seen items.
-    """
-    out = []
-    for first, ids, _ in score_chunks:
-        for offset, row in enumerate(ids):
-            keep = row[~np.isin(row, seen[first + offset])]
-            out.append(keep[:k])
-    return np.stack(out)
-
-
 def evaluate_two_tower(users: de.DynamicEmbedding, items: de.DynamicEmbedding,
                        test_users: np.ndarray, seen: list[np.ndarray], truth,
                        chunk: int = 1024) -> dict:
-    """Recall@20 / NDCG@20 of the two-tower model, ranking with ``items.table.top_k``."""
+    """Recall@20 / NDCG@20 of the two-tower model, ranking with ``items.table.top_k``
+    (each user's seen items excluded)."""
     users.eval()
-
-    def chunks():
-        for start in range(0, len(test_users), chunk):
-            part = test_users[start:start + chunk]
-            with torch.no_grad():
-                queries = users(torch.from_numpy(part))
-            extra = max(len(seen[start + i]) for i in range(len(part)))
-            best = items.table.top_k(queries, 20 + extra, metric="cosine")
-            yield start, best.ids.numpy(), best.scores.numpy()
-
-    metrics = ranking_metrics(rank_excluding(chunks(), seen), truth)
+    ranked = []
+    for start in range(0, len(test_users), chunk):
+        part = test_users[start:start + chunk]
+        with torch.no_grad():
+            queries = users(torch.from_numpy(part))
+        best = items.table.top_k(queries, 20, metric="cosine",
+                                 exclude=seen[start:start + len(part)])
+        ranked.append(best.ids.numpy())
     users.train()
-    return metrics
+    return ranking_metrics(np.concatenate(ranked), truth)
 
 
 def evaluate_popularity(train_items: np.ndarray, seen: list[np.ndarray], truth) -> dict:

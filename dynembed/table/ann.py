@@ -17,7 +17,14 @@ import numpy as np
 import torch
 
 from dynembed._args import check_in, check_int
-from dynembed.table.search import METRICS, TableSearch, TopK, query_matrix
+from dynembed.table.search import (
+    METRICS,
+    TableSearch,
+    TopK,
+    drop_excluded,
+    exclusions,
+    query_matrix,
+)
 
 KINDS = ("ivf", "hnsw")
 
@@ -141,13 +148,14 @@ class ApproximateIndex:
         return (t.wipes != self._wipes_at
                 or t.update_step - self._built_at[0] >= self.rebuild_every)
 
-    def search(self, queries, k: int) -> TopK:
+    def search(self, queries, k: int, *, exclude=None) -> TopK:
         """Approximate :meth:`DynamicTable.top_k`, rebuilding first if due (see
         ``rebuild_every``).
 
         Args:
             queries: (q, dim) or (dim,) float tensor or array (any layout).
             k: rows per query, >= 1.
+            exclude: rows never to answer, per query, as ``top_k``'s ``exclude``.
 
         Returns:
             :class:`TopK` as ``top_k``'s: (q, k) ids and scores ((k,) for one (dim,) query),
@@ -155,8 +163,10 @@ class ApproximateIndex:
             score, as any id is a valid key).
 
         Raises:
-            ValueError: bad ``k`` or query shape, or a query holding NaN or inf.
+            ValueError: bad ``k``, query shape or ``exclude``, or a query holding NaN or
+                inf.
             TypeError: ``queries`` are not numbers.
+            KeyInputError: bad keys in ``exclude``.
         """
         k = check_int("k", k)
         if self._due():
@@ -170,19 +180,25 @@ class ApproximateIndex:
         if q.ndim != 2 or q.shape[1] != self.table.dim:
             raise ValueError(f"queries must have shape (q, {self.table.dim}) or "
                              f"({self.table.dim},), got {tuple(given.shape)}")
+        excluded = None if exclude is None else exclusions(self.table, exclude, q.shape[0],
+                                                            single)
+        # with exclusions, the best k + (most any query excludes) hold k others
+        depth = k if excluded is None else k + excluded.most
         if self.rows == 0:
             scores = np.full((q.shape[0], k), -np.inf, dtype=np.float32)
             found = np.full((q.shape[0], k), -1, dtype=np.int64)
         else:
             if self.metric == "cosine":
                 self._faiss.normalize_L2(q)
-            scores, positions = self.index.search(q, k)
+            scores, positions = self.index.search(q, depth)
             missing = positions < 0
             found = self.ids[np.where(missing, 0, positions)]
             found[missing] = -1
             scores[missing] = -np.inf
             if self._built_at[2] != self.table.erasures:
                 found, scores = self._without_removed(found, scores)
+            if excluded is not None:
+                found, scores = drop_excluded(found, scores, excluded, k)
         keys = None
         if self.table.key_log is not None:
             flat = self.table.key_log.lookup(found.reshape(-1))

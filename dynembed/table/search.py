@@ -122,6 +122,79 @@ def query_matrix(queries) -> torch.Tensor:
     return q
 
 
+class Exclusions(NamedTuple):
+    """Rows a search must not answer, per query (see :func:`exclusions`)."""
+
+    queries: np.ndarray
+    """(e,) int64 query of each excluded id."""
+    ids: np.ndarray
+    """(e,) int64 excluded ids (distinct within a query)."""
+    most: int
+    """The most ids one query excludes: a search asks for that many more answers."""
+
+
+def exclusions(table, exclude, n_queries: int, single: bool) -> Exclusions:
+    """The ``exclude=`` argument of a search as (query, id) pairs.
+
+    Args:
+        table: converts keys to ids (its hash seed).
+        exclude: for one (dim,) query, keys or ids (any form a lookup takes); for (q, dim)
+            queries, a sequence of q such collections (empty ones included).
+        n_queries: q.
+        single: the search has one (dim,) query.
+
+    Raises:
+        ValueError: not one collection per query (named ``exclude``).
+        KeyInputError: bad keys, named ``exclude[i]``.
+    """
+    if single:
+        per_query = [exclude]
+    else:
+        if isinstance(exclude, (str, bytes)) or not hasattr(exclude, "__len__") \
+                or len(exclude) != n_queries:
+            raise ValueError(f"exclude must hold one collection of keys per query ({n_queries} "
+                             f"queries), got {type(exclude).__name__}"
+                             + (f" of length {len(exclude)}" if hasattr(exclude, "__len__")
+                                else "") + "; e.g. [['a', 'b'], [], ...]")
+        per_query = exclude
+    id_lists = [np.unique(table.ids_of(keys, arg="exclude" if single else f"exclude[{i}]")
+                          .ids.reshape(-1)) for i, keys in enumerate(per_query)]
+    sizes = np.array([ids.shape[0] for ids in id_lists], dtype=np.int64)
+    ids = np.concatenate(id_lists) if id_lists else np.empty(0, np.int64)
+    return Exclusions(np.repeat(np.arange(len(id_lists), dtype=np.int64), sizes), ids,
+                      int(sizes.max(initial=0)))
+
+
+def drop_excluded(ids: np.ndarray, scores: np.ndarray, excluded: Exclusions, k: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The first k answers per query that are not excluded, in order, padded with id -1 and
+    score -inf.
+
+    Args:
+        ids: (q, m) int64 answers, best first, m >= k.
+        scores: (q, m) float32.
+        excluded: the pairs to drop.
+        k: answers to keep per query.
+
+    Returns:
+        (q, k) ids and scores.
+    """
+    if excluded.ids.shape[0]:
+        # a (query, id) pair as one int64: the query times the distinct ids, plus the id's
+        # rank among them (np.isin on pairs, vectorised)
+        universe, rank = np.unique(np.concatenate([excluded.ids, ids.reshape(-1)]),
+                                   return_inverse=True)
+        n, e = universe.shape[0], excluded.ids.shape[0]
+        excluded_pairs = excluded.queries * n + rank[:e]
+        answer_pairs = (np.arange(ids.shape[0], dtype=np.int64)[:, None] * n
+                        + rank[e:].reshape(ids.shape))
+        dropped = np.isin(answer_pairs, excluded_pairs)
+        order = np.argsort(dropped, axis=1, kind="stable")  # the kept ones first, in order
+        ids = np.take_along_axis(np.where(dropped, -1, ids), order, axis=1)
+        scores = np.take_along_axis(np.where(dropped, -np.inf, scores), order, axis=1)
+    return ids[:, :k], scores[:, :k].astype(np.float32)
+
+
 class TableSearch:
     """Top-k search (mixin; see module doc)."""
 
@@ -150,7 +223,7 @@ class TableSearch:
         for block in self.rows_below_memory(chunk_rows):
             yield block.ids, torch.from_numpy(block.weights)
 
-    def top_k(self, queries, k: int, *, metric: str = "dot", keys=None,
+    def top_k(self, queries, k: int, *, metric: str = "dot", keys=None, exclude=None,
               chunk_rows: int = DEFAULT_CHUNK_ROWS) -> TopK:
         """The k live rows that score highest against each query, exactly.
 
@@ -160,6 +233,9 @@ class TableSearch:
             metric: ``"dot"`` (inner product) or ``"cosine"``.
             keys: optional candidates (keys or int64 ids): only these rows are scored
                 (absent ones are ignored).
+            exclude: rows never to answer, per query (e.g. the items a user has seen):
+                for one (dim,) query, keys or ids; for (q, dim) queries, a sequence of q
+                such collections. The k answers are the best of the other rows.
             chunk_rows: rows scored at a time (bounds memory: chunk_rows x q scores).
 
         Returns:
@@ -172,9 +248,10 @@ class TableSearch:
             such rounding, e.g. rows with equal vectors, may come in another order.
 
         Raises:
-            ValueError: bad ``k``, ``metric``, ``chunk_rows`` or query shape, or a query
-                holding NaN or inf; the table is a shard of a distributed table.
+            ValueError: bad ``k``, ``metric``, ``chunk_rows``, query shape or ``exclude``,
+                or a query holding NaN or inf; the table is a shard of a distributed table.
             TypeError: ``queries`` are not numbers.
+            KeyInputError: bad keys in ``keys`` or ``exclude``.
         """
         self._refuse_a_shard("top_k")
         k = check_int("k", k)
@@ -187,6 +264,9 @@ class TableSearch:
         if q.dim() != 2 or q.shape[1] != self.dim:
             raise ValueError(f"queries must have shape (q, {self.dim}) or ({self.dim},), got "
                              f"{tuple(torch.as_tensor(queries).shape)}")
+        excluded = None if exclude is None else exclusions(self, exclude, q.shape[0], single)
+        # with exclusions, the best k + (most any query excludes) hold k others
+        depth = k if excluded is None else k + excluded.most
         if metric == "cosine":
             q = torch.nn.functional.normalize(q, dim=1)
         best_scores = torch.full((q.shape[0], 0), float("-inf"))
@@ -200,12 +280,15 @@ class TableSearch:
                 rows = torch.nn.functional.normalize(rows, dim=1)
             scores = q @ rows.T
             best_scores, best_ids = _merge(best_scores, best_ids, scores,
-                                           torch.from_numpy(ids), k)
-        if best_scores.shape[1] < k:  # fewer candidates than k
-            pad = k - best_scores.shape[1]
+                                           torch.from_numpy(ids), depth)
+        if best_scores.shape[1] < depth:  # fewer candidates
+            pad = depth - best_scores.shape[1]
             best_scores = torch.cat([best_scores, torch.full((q.shape[0], pad),
                                                              float("-inf"))], 1)
             best_ids = torch.cat([best_ids, torch.full((q.shape[0], pad), -1)], 1)
+        if excluded is not None:
+            kept = drop_excluded(best_ids.numpy(), best_scores.numpy(), excluded, k)
+            best_ids, best_scores = torch.from_numpy(kept[0]), torch.from_numpy(kept[1])
         found_keys = None
         if self.key_log is not None:
             flat = self.key_log.lookup(best_ids.reshape(-1).numpy())

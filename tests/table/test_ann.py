@@ -284,3 +284,17 @@ def test_tune_refuses_a_bad_target_naming_it(target):
     index = de.ApproximateIndex(table_with(100))
     with pytest.raises(ValueError, match="target_recall"):
         index.tune(torch.randn(2, 16), 5, target_recall=target)
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_search_excludes_rows_per_query_as_top_k_does(kind):
+    table = table_with(400)
+    index = de.ApproximateIndex(table, kind=kind, nlist=4, nprobe=4, ef_search=400)
+    queries = torch.randn(3, 16, generator=torch.Generator().manual_seed(6))
+    best = table.top_k(queries, 5).ids
+    exclude = [best[0, :2], [], best[2]]
+    got = index.search(queries, 5, exclude=exclude)
+    assert torch.equal(got.ids, table.top_k(queries, 5, exclude=exclude).ids)
+    assert not np.isin(got.ids[2].numpy(), best[2].numpy()).any()
+    one = index.search(queries[0], 5, exclude=best[0, :2])
+    assert torch.equal(one.ids, got.ids[0])

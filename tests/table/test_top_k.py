@@ -142,3 +142,58 @@ def test_ties_and_nan_match_a_lexicographic_brute_force_per_query():
             order = np.lexsort((export.ids.numpy(), -query_scores))[:9]
             assert got.ids[row].tolist() == export.ids.numpy()[order].tolist(), chunk_rows
             assert got.scores[row].tolist() == query_scores[order].tolist()
+
+
+def reference_excluding(table, queries, k, exclude):
+    """Brute force: per query, drop the excluded ids, then best score first, ties by id."""
+    export = table.export()
+    scores = (queries @ export.weights.T).numpy()
+    out_ids, out_scores = [], []
+    for i, row in enumerate(scores):
+        banned = np.isin(export.ids.numpy(), np.asarray(exclude[i], dtype=np.int64))
+        order = np.lexsort((export.ids.numpy(), -row))
+        order = order[~banned[order]][:k]
+        pad = k - order.shape[0]
+        out_ids.append(np.concatenate([export.ids.numpy()[order], np.full(pad, -1)]))
+        out_scores.append(np.concatenate([row[order], np.full(pad, -np.inf)]))
+    return np.stack(out_ids), np.stack(out_scores).astype(np.float32)
+
+
+@pytest.mark.parametrize("chunk_rows", [7, 1 << 16])
+def test_top_k_excluding_rows_per_query_equals_brute_force(chunk_rows):
+    table = filled(n=60)
+    queries = torch.randn(4, 8, generator=torch.Generator().manual_seed(5))
+    best = table.top_k(queries, 10).ids.numpy()
+    exclude = [best[0, :3],                      # the three best
+               [],                               # nothing
+               list(best[2, ::2]) + [987654321],  # every other one, and an absent key
+               np.arange(60) * 13 - 5000]        # every row: all padding
+    got = table.top_k(queries, 10, exclude=exclude, chunk_rows=chunk_rows)
+    ids, scores = reference_excluding(table, queries, 10, exclude)
+    assert torch.equal(got.ids, torch.from_numpy(ids))
+    torch.testing.assert_close(got.scores, torch.from_numpy(scores))
+    assert not np.isin(got.ids[0].numpy(), best[0, :3]).any()
+    assert got.ids[3].tolist() == [-1] * 10
+
+
+def test_top_k_excludes_string_keys_for_one_query_and_reports_the_rest():
+    table = de.DynamicTable(de.TableConfig(dim=4, seed=1, key_log=True))
+    words = ["cat", "dog", "emu", "fox", "gnu"]
+    table.insert_or_assign(words, torch.eye(5, 4) * torch.arange(5, 0, -1).unsqueeze(1))
+    query = torch.ones(4)
+    assert table.top_k(query, 2).keys == ["cat", "dog"]
+    got = table.top_k(query, 2, exclude=["cat", "emu"])
+    assert got.keys == ["dog", "fox"]
+    assert got.ids.tolist() == table.ids_of(["dog", "fox"]).ids.tolist()
+
+
+def test_bad_exclusions_are_named():
+    table = filled(n=20)
+    queries = torch.randn(2, 8)
+    with pytest.raises(ValueError, match=r"exclude must hold one collection of keys per "
+                                         r"query \(2 queries\), got list of length 1"):
+        table.top_k(queries, 3, exclude=[[1, 2]])
+    with pytest.raises(ValueError, match="exclude must hold"):
+        table.top_k(queries, 3, exclude="ab")
+    with pytest.raises(de.KeyInputError, match=r"exclude\[1\]"):
+        table.top_k(queries, 3, exclude=[[1], [1.5]])
