@@ -33,6 +33,7 @@ COUNTERS = {
     "evicted_rows":             ("evicted",
                                  "Rows evicted, kept in the store or a lazily opened checkpoint."),
     "discarded_rows":           ("discarded", "Rows evicted with no store (lost)."),
+    "expired_rows":             ("expired", "Rows expired by the eviction policy (removed)."),
     "store_written_rows":       ("store_writes", "Rows written to the store."),
     "updated_rows":             ("updated_rows", "Row updates applied by the optimizer."),
     "skipped_gradients":        ("skipped_gradients", "Gradient rows not applied."),

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dynembed._caller import warn_at_caller
 from dynembed.keys.hashing import (
     DEFAULT_HASH_SEED,
     check_hash_seed,
@@ -189,6 +190,11 @@ class TableConfig:
                 f"de.policy.LFU(min_score=...); got eviction={self.eviction!r}. Without "
                 "expiry, rows leave only to stay under max_rows/memory_budget or by "
                 "table.evict(rows)")
+        if self.evict_every is None and self.eviction is not None and self.eviction.expires:
+            warn_at_caller(
+                f"eviction={self.eviction!r} expires rows only at sweeps, and evict_every is "
+                "not set: expired rows stay until you call table.evict() (under a budget "
+                "they merely leave first). Set evict_every=N to sweep every N steps")
         if self.store is not None and not isinstance(self.store, EmbeddingStore):
             raise TypeError("store must be a de.storage store such as "
                             f"de.storage.RocksDBStore(path), got {type(self.store).__name__}")

@@ -110,6 +110,16 @@ class Evictor:
         mask = self.policy.expired(self._view(meta, slots, step))
         return slots[:0] if mask is None else slots[mask]  # None: the policy never expires
 
+    def expired_rows(self, counts: np.ndarray, last_step: np.ndarray,
+                     step: int) -> np.ndarray | None:
+        """(n,) bool: which rows of the given metadata (rows outside memory: the store's, a
+        checkpoint's) the policy calls expired at ``step``, none of this step's; None if
+        the policy never expires rows."""
+        if not self.policy.expires:
+            return None
+        mask = self.policy.expired(RowView(counts, last_step, step, self.clock))
+        return None if mask is None else mask & (last_step != step)
+
     def sweep_range(self, high_water: int, step: int) -> tuple[int, int] | None:
         """The slot range a scheduled sweep examines at this step, or None."""
         if self.sweep_every is None:

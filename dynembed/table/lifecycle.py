@@ -151,6 +151,9 @@ class RowLifecycle:
         miss_pos = np.flatnonzero(missing)
         miss_ids, miss_counts = unique[miss_pos], counts[miss_pos]
         found, stored, from_store = self._read_below(miss_ids)
+        if create != CREATE_NONE and found.any():
+            found, stored, from_store = self._drop_expired_below(miss_ids, found, stored,
+                                                                 from_store, step)
         fresh = ~found
         fresh_ids, fresh_counts = miss_ids[fresh], miss_counts[fresh]
         if create == CREATE_NONE:
@@ -210,6 +213,25 @@ class RowLifecycle:
             below[found] = rows.counts
             counts[absent] = below[inverse]
         return counts
+
+    def _drop_expired_below(self, ids: np.ndarray, found: np.ndarray, stored: RowBlock,
+                            from_store: np.ndarray, step: int):
+        """:meth:`_read_below`'s answer less the rows the policy calls expired at ``step``,
+        which are removed (:meth:`_expire_ids`): a training lookup must not bring back a
+        row that a sweep would have removed had it been in memory; its key is new again.
+
+        Raises:
+            StoreError: the store failed; nothing was removed.
+        """
+        if self.evictor is None:
+            return found, stored, from_store
+        mask = self.evictor.expired_rows(stored.counts, stored.last_step, step)
+        if mask is None or not mask.any():
+            return found, stored, from_store
+        self._expire_ids(stored.ids[mask])
+        found = found.copy()
+        found[np.flatnonzero(found)[mask]] = False
+        return found, stored.take(~mask), from_store[~mask]
 
     def _read_below(self, ids: np.ndarray) -> tuple[np.ndarray, object, np.ndarray]:
         """Rows of distinct ids absent from memory, from the store, else from the lazily
@@ -367,16 +389,59 @@ class RowLifecycle:
         span = self.evictor.sweep_range(self._high_water, step)
         if span is not None:
             expired = self.evictor.expired(self.arena.np("meta"), *span, step)
-            self._evict_slots(expired[~np.isin(expired, protect)])
+            self._expire_slots(expired[~np.isin(expired, protect)])
+
+    def _expire_slots(self, slots: np.ndarray) -> int:
+        """Removes the rows at ``slots``, which the policy expired, as :meth:`_expire_ids`."""
+        if slots.shape[0] == 0:
+            return 0
+        return self._expire_ids(self.arena.np("meta")[slots, ID].copy())
+
+    def _expire_ids(self, ids: np.ndarray) -> int:
+        """Removes the rows of distinct ids the policy expired, wherever they are: memory,
+        the store, a lazily opened checkpoint. An expired row is forgotten, as if erased:
+        moved to the store it came back when its key returned (and the store only grew).
+        Counted as ``expired``.
+
+        Raises:
+            StoreError: the store failed; nothing was removed.
+        """
+        if self.tier is not None:
+            self.tier.delete(ids)  # first: it may fail
+        self._release(ids, erased=True)
+        if self.key_log is not None:
+            self.key_log.discard(ids)
+        self.counters.expired += int(ids.shape[0])
+        return int(ids.shape[0])
+
+    def _expire_below(self, chunk_rows: int = 1 << 16) -> int:
+        """Removes the expired rows that are not in memory (the store's, and a lazily opened
+        checkpoint's): one pass over them. The ids are gathered first, as a store need not
+        allow deletes while it is scanned.
+
+        Raises:
+            StoreError: the store failed; the rows not yet removed stay.
+        """
+        found = []
+        for block in self.rows_below_memory(chunk_rows):
+            mask = self.evictor.expired_rows(block.counts, block.last_step, self.step)
+            if mask is not None and mask.any():
+                found.append(block.ids[mask])
+        return sum(self._expire_ids(ids) for ids in found)
 
     def evict(self, rows: int | None = None) -> int:
         """Evicts rows now: the ``rows`` lowest-scoring ones, or (None) every expired row
         and enough of the lowest-scoring ones to get under the budget.
 
-        Evicted rows go to the store, or are discarded and counted without one.
+        Evicted rows go to the store, or are discarded and counted without one. Expired
+        rows (TTL, or below ``min_score``) are removed everywhere and counted as
+        ``expired``; with ``rows=None`` that includes one pass over the rows in the store
+        and in a lazily opened checkpoint, which scheduled sweeps (``evict_every``, over
+        memory) never visit: call it now and then (e.g. before a checkpoint) to reclaim
+        the store's space.
 
         Returns:
-            Rows evicted.
+            Rows evicted or expired.
 
         Raises:
             ValueError: ``rows`` is not an int >= 0, or the table has no eviction policy.
@@ -395,7 +460,9 @@ class RowLifecycle:
         if rows is not None:
             return self._evict_slots(self.evictor.victims(meta, live, rows, nothing, self.step,
                                                           whole=True))
-        done = self._evict_slots(self.evictor.expired(meta, 0, live, self.step))
+        done = self._expire_slots(self.evictor.expired(meta, 0, live, self.step))
+        if self.tier is not None or self.base is not None:
+            done += self._expire_below()
         if self.max_rows is not None and self.size() > self.max_rows:
             done += self._evict_slots(self.evictor.victims(
                 meta, live, self.size() - self.max_rows, nothing, self.step, whole=True))

@@ -66,6 +66,9 @@ class Counters(CallStats):
     the lazily opened checkpoint they were read from, unchanged since."""
     discarded: int = 0
     """Rows evicted with no store to keep them: lost, and logged (rate-limited)."""
+    expired: int = 0
+    """Rows the eviction policy expired (TTL, or below ``min_score``), removed from memory,
+    the store and a lazily opened checkpoint alike."""
     store_writes: int = 0
     """Rows written to the store (evictions, flushes, write-through)."""
 

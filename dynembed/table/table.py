@@ -235,11 +235,12 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch, Table
     @property
     def rows_moved(self) -> int:
         """Rows that entered or left memory since the table was made (inserted, loaded,
-        evicted, discarded, erased). Unlike the counters it never goes back, so derived
-        structures (a sampler's snapshot) can tell how much changed since they looked."""
+        evicted, discarded, expired, erased). Unlike the counters it never goes back, so
+        derived structures (a sampler's snapshot) can tell how much changed since they
+        looked."""
         c = self.counters
         return self._moved_before_reset + c.inserts + c.loaded + c.evicted + c.discarded \
-            + c.erased
+            + c.expired + c.erased
 
     # ----------------------------------------------------------------- key handling
     def ids_of(self, keys, *, arg: str = "keys"):

@@ -2,10 +2,11 @@
 
 The model keeps every key's (count, last step) and which keys are in memory, and checks
 each training lookup of a small table (whose eviction window is the whole arena, so the
-choice is exact) over a store: the sweep evicts exactly the rows the documented policy
-calls expired, the budget evicts exactly ``need + max_rows // 128`` rows, none of this
-lookup's, and none scoring above a row that stays; at the end the store and memory hold
-every key's metadata as the model does (nothing lost). Ties may go either way, so the model
+choice is exact) over a store: the sweep removes exactly the rows the documented policy
+calls expired (from the store too, as a lookup does rows it reads back expired), the budget
+evicts exactly ``need + max_rows // 128`` rows, none of this lookup's, and none scoring
+above a row that stays; at the end the store and memory hold every other key's metadata as
+the model does (nothing lost). Ties may go either way, so the model
 follows the table's choice among equal scores.
 """
 
@@ -61,7 +62,7 @@ def test_training_lookups_evict_as_the_documented_policy_says(policy, limit, cal
                                            evict_every=evict_every, store=MemoryStore()))
     meta: dict[int, list[int]] = {}  # key -> [count, last step]
     memory: set[int] = set()
-    step = 0
+    step, expired_rows = 0, 0
     for call in calls:
         counts: dict[int, int] = {}
         for key, n in call:
@@ -83,6 +84,13 @@ def test_training_lookups_evict_as_the_documented_policy_says(policy, limit, cal
                                step)
             swept = {k for k, e in zip(old, expired) if e}
         assert swept <= evicted, "an expired row stayed through the sweep"
+        # expired rows are removed, not kept below memory; so are the call's own rows read
+        # back from the store expired (their keys start again)
+        back = [k for k in sorted(here - memory) if k in meta and meta[k][1] != step]
+        stale = _expired(policy, [meta[k][0] for k in back], [meta[k][1] for k in back], step)
+        for key in swept | {k for k, e in zip(back, stale) if e}:
+            del meta[key]
+            expired_rows += 1
         budget = evicted - swept
         left = [k for k in candidates if k not in swept]
         need = len(memory) - len(swept) + len(here - memory) - limit
@@ -107,3 +115,4 @@ def test_training_lookups_evict_as_the_documented_policy_says(policy, limit, cal
     assert got == meta, "an evicted row's metadata did not survive the store"
     totals = table.stats().totals
     assert totals.discarded == 0 and totals.evicted == totals.store_writes
+    assert totals.expired == expired_rows
