@@ -11,6 +11,8 @@ import numpy as np
 from dynembed.kernels.sparse_updates import adam_update
 from dynembed.optim.base import SparseOptimizer, check_eps
 
+_FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+
 
 @dataclass(frozen=True, kw_only=True)
 class Adam(SparseOptimizer):
@@ -21,8 +23,9 @@ class Adam(SparseOptimizer):
 
     ``weight_decay`` is an L2 penalty added to the gradient, as in ``torch.optim.Adam``; with
     ``decoupled_weight_decay=True`` (or :func:`AdamW`) each touched row is instead multiplied
-    by ``1 - lr * weight_decay`` before its Adam step, as in ``torch.optim.AdamW``. Like the
-    moments, the decay is lazy: rows a batch does not touch keep their values.
+    by ``1 - lr * weight_decay`` before its Adam step, and ``eps`` is added after the bias
+    correction, both as in ``torch.optim.AdamW``. Like the moments, the decay is lazy: rows
+    a batch does not touch keep their values.
     """
 
     lr: float = 1e-3
@@ -54,12 +57,17 @@ class Adam(SparseOptimizer):
         beta1, beta2 = (float(b) for b in self.betas)
         step_size = self.lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
         f32 = np.float32
-        if self.decoupled_weight_decay:  # torch's AdamW: w *= 1 - lr * wd, then the step
+        if self.decoupled_weight_decay:
+            # torch's AdamW: w *= 1 - lr * wd, then the step, whose eps is added after the
+            # bias correction (sqrt(v) / sqrt(1 - beta2**t) + eps), where SparseAdam adds it
+            # before: the kernel's form with eps * sqrt(1 - beta2**t) (with gradients near
+            # 1e-7 the two differ by 3x at step 1)
             l2, keep = f32(0), f32(1 - self.lr * self.weight_decay)
+            eps = max(self.eps * math.sqrt(1 - beta2**step), _FLOAT32_TINY)
         else:
-            l2, keep = self._wd, f32(1)
+            l2, keep, eps = self._wd, f32(1), self.eps
         adam_update(weights, state, slots, grads, f32(step_size), l2, keep, self._clip,
-                    f32(1 - beta1), f32(1 - beta2), f32(self.eps))
+                    f32(1 - beta1), f32(1 - beta2), f32(eps))
 
 
 def AdamW(*, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,

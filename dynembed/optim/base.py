@@ -37,7 +37,8 @@ class SparseOptimizer(abc.ABC):
     lr: float
     """Learning rate."""
     weight_decay: float = 0.0
-    """L2 penalty added to each touched row's gradient (``g + weight_decay * w``), as in torch."""
+    """L2 penalty added to each touched row's gradient (``g + weight_decay * w``), as in torch
+    (``Adam(decoupled_weight_decay=True)`` / ``AdamW`` decay the weights instead)."""
     max_grad_norm: float | None = None
     """If set, each row's combined gradient is rescaled to at most this L2 norm."""
 

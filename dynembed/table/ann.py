@@ -17,12 +17,11 @@ import numpy as np
 import torch
 
 from dynembed._args import check_in, check_int
+from dynembed.table.exclusions import Exclusions
 from dynembed.table.search import (
     METRICS,
     TableSearch,
     TopK,
-    drop_excluded,
-    exclusions,
     query_matrix,
 )
 
@@ -169,8 +168,6 @@ class ApproximateIndex:
             KeyInputError: bad keys in ``exclude``.
         """
         k = check_int("k", k)
-        if self._due():
-            self.rebuild()
         given = query_matrix(queries)
         single = given.dim() == 1
         # a C-ordered copy: faiss normalises in place, and reads only C-contiguous arrays
@@ -180,25 +177,20 @@ class ApproximateIndex:
         if q.ndim != 2 or q.shape[1] != self.table.dim:
             raise ValueError(f"queries must have shape (q, {self.table.dim}) or "
                              f"({self.table.dim},), got {tuple(given.shape)}")
-        excluded = None if exclude is None else exclusions(self.table, exclude, q.shape[0],
-                                                            single)
-        # with exclusions, the best k + (most any query excludes) hold k others
-        depth = k if excluded is None else k + excluded.most
+        excluded = (None if exclude is None
+                    else Exclusions.of(self.table, exclude, q.shape[0], single))
+        if self._due():  # after the arguments are checked: a rebuild takes a while
+            self.rebuild()
         if self.rows == 0:
             scores = np.full((q.shape[0], k), -np.inf, dtype=np.float32)
             found = np.full((q.shape[0], k), -1, dtype=np.int64)
         else:
             if self.metric == "cosine":
                 self._faiss.normalize_L2(q)
-            scores, positions = self.index.search(q, depth)
-            missing = positions < 0
-            found = self.ids[np.where(missing, 0, positions)]
-            found[missing] = -1
-            scores[missing] = -np.inf
-            if self._built_at[2] != self.table.erasures:
-                found, scores = self._without_removed(found, scores)
-            if excluded is not None:
-                found, scores = drop_excluded(found, scores, excluded, k)
+            if excluded is None:
+                found, scores = self._answers(q, k)
+            else:
+                found, scores = self._answers_excluding(q, k, excluded)
         keys = None
         if self.table.key_log is not None:
             flat = self.table.key_log.lookup(found.reshape(-1))
@@ -210,6 +202,34 @@ class ApproximateIndex:
         if single:
             return TopK(ids_t[0], scores_t[0], keys[0] if keys is not None else None)
         return TopK(ids_t, scores_t, keys)
+
+    def _answers(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(q, k) ids and scores of the index's answers, erased rows made padding."""
+        scores, positions = self.index.search(q, k)
+        missing = positions < 0
+        found = self.ids[np.where(missing, 0, positions)]
+        found[missing] = -1
+        scores[missing] = -np.inf
+        if self._built_at[2] != self.table.erasures:
+            found, scores = self._without_removed(found, scores)
+        return found, scores
+
+    def _answers_excluding(self, q: np.ndarray, k: int, excluded: Exclusions
+                           ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`_answers` without each query's excluded rows. The index is asked for k
+        more answers than the excluded rows it holds, so k others remain; queries are
+        searched in groups by that count rounded up to a power of two, so one long list
+        does not deepen every query's search."""
+        extra = excluded.counts_among(self.ids)
+        depth = np.where(extra > 0, 1 << np.ceil(np.log2(np.maximum(extra, 1))).astype(
+            np.int64), 0)
+        found = np.full((q.shape[0], k), -1, dtype=np.int64)
+        scores = np.full((q.shape[0], k), -np.inf, dtype=np.float32)
+        for more in np.unique(depth):
+            group = np.flatnonzero(depth == more)
+            ids, group_scores = self._answers(q[group], k + int(more))
+            found[group], scores[group] = excluded.subset(group).drop(ids, group_scores, k)
+        return found, scores
 
     def _without_removed(self, found: np.ndarray, scores: np.ndarray):
         """Answers whose row was erased since the build become padding (at the end of their
@@ -260,9 +280,11 @@ class ApproximateIndex:
         """Searches more of the index until :meth:`recall` on ``queries`` reaches
         ``target_recall``, and keeps that setting (rebuilding first if due).
 
-        Doubles ``nprobe`` (ivf; at most every list, an exhaustive search) or ``ef_search``
-        (hnsw; at most the rows indexed) from its current value and keeps the first setting
-        that reaches the target, or the largest. Each setting costs one search of the
+        Rebuilds first if the table changed since the build. Doubles ``nprobe`` (ivf; at
+        most every list, an exhaustive search) or ``ef_search`` (hnsw; at most the rows
+        indexed) from its current value and keeps the first setting that reaches the
+        target, or the largest; with no exact answer (no rows, no queries) it changes
+        nothing. Each setting costs one search of the
         queries; the exact answers are computed once. Tune on queries like those you will
         search with (e.g. a sample of the query tower's outputs): recall depends on where
         the queries fall, and an index over rows without cluster structure needs to search
@@ -281,12 +303,14 @@ class ApproximateIndex:
         """
         k = check_int("k", k)
         check_in("target_recall", target_recall, 0.0, 1.0, low_open=True)
-        if self._due():
-            self.rebuild()
+        if self._due() or self.stale:  # measured against the current rows: no setting of
+            self.rebuild()             # an index of older ones reaches the target
         exact = self.table.top_k(queries, k, metric=self.metric)
+        if not torch.isfinite(exact.scores).any():  # no rows, or no queries: nothing to tune
+            return self._recall_of(self.search(queries, k), exact, queries, k)
         while True:
             reached = self._recall_of(self.search(queries, k), exact, queries, k)
-            if reached >= target_recall or self.rows == 0 or not self._search_more():
+            if reached >= target_recall or not self._search_more():
                 return reached
 
     def _search_more(self) -> bool:

@@ -18,6 +18,7 @@ import torch
 from dynembed._args import check_int
 from dynembed.table.arena import LAST_STEP
 from dynembed.table.eviction import FREE_STEP
+from dynembed.table.exclusions import Exclusions
 
 METRICS = ("dot", "cosine")
 DEFAULT_CHUNK_ROWS = 1 << 16
@@ -122,79 +123,6 @@ def query_matrix(queries) -> torch.Tensor:
     return q
 
 
-class Exclusions(NamedTuple):
-    """Rows a search must not answer, per query (see :func:`exclusions`)."""
-
-    queries: np.ndarray
-    """(e,) int64 query of each excluded id."""
-    ids: np.ndarray
-    """(e,) int64 excluded ids (distinct within a query)."""
-    most: int
-    """The most ids one query excludes: a search asks for that many more answers."""
-
-
-def exclusions(table, exclude, n_queries: int, single: bool) -> Exclusions:
-    """The ``exclude=`` argument of a search as (query, id) pairs.
-
-    Args:
-        table: converts keys to ids (its hash seed).
-        exclude: for one (dim,) query, keys or ids (any form a lookup takes); for (q, dim)
-            queries, a sequence of q such collections (empty ones included).
-        n_queries: q.
-        single: the search has one (dim,) query.
-
-    Raises:
-        ValueError: not one collection per query (named ``exclude``).
-        KeyInputError: bad keys, named ``exclude[i]``.
-    """
-    if single:
-        per_query = [exclude]
-    else:
-        if isinstance(exclude, (str, bytes)) or not hasattr(exclude, "__len__") \
-                or len(exclude) != n_queries:
-            raise ValueError(f"exclude must hold one collection of keys per query ({n_queries} "
-                             f"queries), got {type(exclude).__name__}"
-                             + (f" of length {len(exclude)}" if hasattr(exclude, "__len__")
-                                else "") + "; e.g. [['a', 'b'], [], ...]")
-        per_query = exclude
-    id_lists = [np.unique(table.ids_of(keys, arg="exclude" if single else f"exclude[{i}]")
-                          .ids.reshape(-1)) for i, keys in enumerate(per_query)]
-    sizes = np.array([ids.shape[0] for ids in id_lists], dtype=np.int64)
-    ids = np.concatenate(id_lists) if id_lists else np.empty(0, np.int64)
-    return Exclusions(np.repeat(np.arange(len(id_lists), dtype=np.int64), sizes), ids,
-                      int(sizes.max(initial=0)))
-
-
-def drop_excluded(ids: np.ndarray, scores: np.ndarray, excluded: Exclusions, k: int
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """The first k answers per query that are not excluded, in order, padded with id -1 and
-    score -inf.
-
-    Args:
-        ids: (q, m) int64 answers, best first, m >= k.
-        scores: (q, m) float32.
-        excluded: the pairs to drop.
-        k: answers to keep per query.
-
-    Returns:
-        (q, k) ids and scores.
-    """
-    if excluded.ids.shape[0]:
-        # a (query, id) pair as one int64: the query times the distinct ids, plus the id's
-        # rank among them (np.isin on pairs, vectorised)
-        universe, rank = np.unique(np.concatenate([excluded.ids, ids.reshape(-1)]),
-                                   return_inverse=True)
-        n, e = universe.shape[0], excluded.ids.shape[0]
-        excluded_pairs = excluded.queries * n + rank[:e]
-        answer_pairs = (np.arange(ids.shape[0], dtype=np.int64)[:, None] * n
-                        + rank[e:].reshape(ids.shape))
-        dropped = np.isin(answer_pairs, excluded_pairs)
-        order = np.argsort(dropped, axis=1, kind="stable")  # the kept ones first, in order
-        ids = np.take_along_axis(np.where(dropped, -1, ids), order, axis=1)
-        scores = np.take_along_axis(np.where(dropped, -np.inf, scores), order, axis=1)
-    return ids[:, :k], scores[:, :k].astype(np.float32)
-
-
 class TableSearch:
     """Top-k search (mixin; see module doc)."""
 
@@ -234,8 +162,10 @@ class TableSearch:
             keys: optional candidates (keys or int64 ids): only these rows are scored
                 (absent ones are ignored).
             exclude: rows never to answer, per query (e.g. the items a user has seen):
-                for one (dim,) query, keys or ids; for (q, dim) queries, a sequence of q
-                such collections. The k answers are the best of the other rows.
+                for one (dim,) query, keys or ids (a list, set, array or tensor); for
+                (q, dim) queries, a sequence of q such collections. The k answers are the
+                best of the other rows (rows scoring -inf, e.g. holding NaN, may give way to
+                padding).
             chunk_rows: rows scored at a time (bounds memory: chunk_rows x q scores).
 
         Returns:
@@ -264,9 +194,7 @@ class TableSearch:
         if q.dim() != 2 or q.shape[1] != self.dim:
             raise ValueError(f"queries must have shape (q, {self.dim}) or ({self.dim},), got "
                              f"{tuple(torch.as_tensor(queries).shape)}")
-        excluded = None if exclude is None else exclusions(self, exclude, q.shape[0], single)
-        # with exclusions, the best k + (most any query excludes) hold k others
-        depth = k if excluded is None else k + excluded.most
+        excluded = None if exclude is None else Exclusions.of(self, exclude, q.shape[0], single)
         if metric == "cosine":
             q = torch.nn.functional.normalize(q, dim=1)
         best_scores = torch.full((q.shape[0], 0), float("-inf"))
@@ -279,15 +207,18 @@ class TableSearch:
             if metric == "cosine":
                 rows = torch.nn.functional.normalize(rows, dim=1)
             scores = q @ rows.T
+            if excluded is not None:  # below every row; dropped if still among the best
+                rows_of, columns = excluded.pairs_in(ids)
+                scores[torch.from_numpy(rows_of), torch.from_numpy(columns)] = float("-inf")
             best_scores, best_ids = _merge(best_scores, best_ids, scores,
-                                           torch.from_numpy(ids), depth)
-        if best_scores.shape[1] < depth:  # fewer candidates
-            pad = depth - best_scores.shape[1]
+                                           torch.from_numpy(ids), k)
+        if best_scores.shape[1] < k:  # fewer candidates than k
+            pad = k - best_scores.shape[1]
             best_scores = torch.cat([best_scores, torch.full((q.shape[0], pad),
                                                              float("-inf"))], 1)
             best_ids = torch.cat([best_ids, torch.full((q.shape[0], pad), -1)], 1)
-        if excluded is not None:
-            kept = drop_excluded(best_ids.numpy(), best_scores.numpy(), excluded, k)
+        if excluded is not None:  # masked rows among the best: only fewer than k others
+            kept = excluded.drop(best_ids.numpy(), best_scores.numpy(), k)
             best_ids, best_scores = torch.from_numpy(kept[0]), torch.from_numpy(kept[1])
         found_keys = None
         if self.key_log is not None:

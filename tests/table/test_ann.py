@@ -298,3 +298,19 @@ def test_search_excludes_rows_per_query_as_top_k_does(kind):
     assert not np.isin(got.ids[2].numpy(), best[2].numpy()).any()
     one = index.search(queries[0], 5, exclude=best[0, :2])
     assert torch.equal(one.ids, got.ids[0])
+
+
+def test_tune_rebuilds_an_index_of_older_rows_and_leaves_settings_without_queries():
+    """Scored against the table's current rows, a stale index reached no target and was
+    left searching everything."""
+    table = table_with(5_000)
+    index = de.ApproximateIndex(table, kind="hnsw", ef_search=64)
+    index.rebuild()
+    table.insert_or_assign(np.arange(5_000) * 7 + 3,
+                           3 * torch.randn(5_000, 16, generator=torch.Generator().manual_seed(8)))
+    queries = torch.randn(20, 16, generator=torch.Generator().manual_seed(9))
+    assert index.tune(queries, 10, target_recall=0.9) >= 0.9
+    assert index.ef_search < 5_000 and not index.stale
+    setting = (index.nprobe, index.ef_search)
+    assert index.tune(torch.empty(0, 16), 10) == 0.0
+    assert (index.nprobe, index.ef_search) == setting

@@ -197,3 +197,41 @@ def test_bad_exclusions_are_named():
         table.top_k(queries, 3, exclude="ab")
     with pytest.raises(de.KeyInputError, match=r"exclude\[1\]"):
         table.top_k(queries, 3, exclude=[[1], [1.5]])
+
+
+def test_exclusions_in_every_collection_form_agree():
+    table = filled(n=60)
+    queries = torch.randn(3, 8, generator=torch.Generator().manual_seed(6))
+    best = table.top_k(queries, 6).ids
+    as_lists = [best[0, :2].tolist(), [], best[2, 1:4].tolist()]
+    expected = table.top_k(queries, 6, exclude=as_lists).ids
+    forms = [
+        [best[0, :2], torch.tensor([], dtype=torch.int64), best[2, 1:4]],  # int tensors
+        [best[0, :2].numpy(), np.array([]), best[2, 1:4].numpy()],  # an empty float array
+        [set(as_lists[0]), set(), frozenset(as_lists[2])],  # sets, as "seen items" are
+        tuple(as_lists),
+        [as_lists[0] + [10**15, 10**15], [-(2**63)], as_lists[2]],  # absent keys, repeats
+    ]
+    for form in forms:
+        assert torch.equal(table.top_k(queries, 6, exclude=form).ids, expected), form
+
+
+def test_one_key_per_query_is_refused_as_not_a_collection():
+    """A 1-D tensor of q ids was read as one id per query; a list of ints as a bad key."""
+    table = filled(n=20)
+    queries = torch.randn(3, 8)
+    for exclude in (torch.tensor([1, 2, 3]), [1, 2, 3], np.array([1, 2, 3])):
+        with pytest.raises(TypeError, match=r"exclude\[0\] must be a collection of keys"):
+            table.top_k(queries, 3, exclude=exclude)
+
+
+def test_a_long_exclusion_list_of_one_query_leaves_the_others_as_they_were():
+    table = filled(n=300)
+    queries = torch.randn(4, 8, generator=torch.Generator().manual_seed(7))
+    ids = table.export().ids.numpy()
+    exclude = [ids[:250], [], [], np.arange(10**12, 10**12 + 100_000)]  # most: absent
+    got = table.top_k(queries, 5, exclude=exclude, chunk_rows=64)
+    plain = table.top_k(queries, 5)
+    assert torch.equal(got.ids[1:], plain.ids[1:])
+    expected = reference_excluding(table, queries[:1], 5, [ids[:250]])[0]
+    assert got.ids[0].tolist() == expected[0].tolist()
