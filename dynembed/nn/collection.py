@@ -151,6 +151,8 @@ class EmbeddingCollection(TableModule):
         self.tables: dict[str, DynamicTable] = {
             name: spec if isinstance(spec, DynamicTable) else DynamicTable(spec)
             for name, spec in tables.items()}
+        for name, table in self.tables.items():
+            table.name = table.name or f"table {name!r}"  # told apart in the logs
         self._freeze_anchor_of_untrainable_tables()
 
     def named_tables(self) -> dict[str, DynamicTable]:

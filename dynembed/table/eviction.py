@@ -27,17 +27,19 @@ log = logging.getLogger("dynembed.eviction")
 class DiscardLog:
     """Rate-limited warning about rows discarded for lack of a store (one line a minute)."""
 
-    def __init__(self, table: str, interval: float = 60.0) -> None:
-        self.table, self.interval = table, interval
+    def __init__(self, interval: float = 60.0) -> None:
+        self.interval = interval
         self.pending, self.total, self.last = 0, 0, -float("inf")
 
-    def add(self, rows: int) -> None:
+    def add(self, rows: int, table: str) -> None:
+        """Counts ``rows`` discarded from ``table`` (its name in the line), and logs them
+        (with those not logged yet) unless a line went out less than a minute ago."""
         self.pending += rows
         self.total += rows
         now = time.monotonic()
         if now - self.last >= self.interval:
             log.warning("%s: discarded %d evicted rows (%d in total) because the table has no "
-                        "store; give it store= to keep them", self.table, self.pending,
+                        "store; give it store= to keep them", table, self.pending,
                         self.total)
             self.pending, self.last = 0, now
 

@@ -80,7 +80,9 @@ class Exclusions:
             size = f" of length {len(exclude)}" if hasattr(exclude, "__len__") else ""
             raise ValueError(f"exclude must hold one collection of keys per query "
                              f"({n_queries} queries), got {type(exclude).__name__}{size}; "
-                             "e.g. [['a', 'b'], [], ...]")
+                             "e.g. [['a', 'b'], [], ...]. For one query, give a (dim,) "
+                             "vector (not (1, dim), e.g. find(...).values[0]) and exclude "
+                             "as one collection")
         entries = list(exclude)
         if entries and all(_is_int_array(e) and e.ndim == 1 for e in entries):
             # integer arrays (the common case: item ids): converted in one call

@@ -376,7 +376,7 @@ class RowLifecycle:
             self.counters.evicted += slots.shape[0]
         else:
             self.counters.discarded += slots.shape[0]
-            self._discard_log.add(slots.shape[0])
+            self._discard_log.add(slots.shape[0], self.name or f"table(dim={self.dim})")
             if self.key_log is not None:
                 self.key_log.discard(ids)
         self._release(ids, erased=self.tier is None)

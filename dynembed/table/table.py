@@ -147,7 +147,10 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch, Table
         policy = config.eviction or (LRU() if self.max_rows is not None else None)
         self.evictor = (Evictor(policy, self.max_rows, config.evict_every, config.sweep_rows)
                         if policy is not None else None)
-        self._discard_log = DiscardLog(f"table(dim={self.dim})")
+        self.name: str | None = None
+        """What logs call the table (``EmbeddingCollection`` names its tables); None:
+        ``table(dim=...)``."""
+        self._discard_log = DiscardLog()
         if config.initial_capacity:
             self.reserve(config.initial_capacity)
         if self.tier is not None:

@@ -473,3 +473,15 @@ def test_a_write_of_more_keys_than_memory_holds_without_a_store_is_refused(verb,
     torch.testing.assert_close(after.weights, before.weights)
     # as many distinct keys as the budget holds still work, in chunks
     assert table.find_or_insert(torch.arange(8)).inserted.sum() == 0
+
+
+def test_the_discard_line_names_the_collections_table(caplog):
+    """Two tables of one collection both logged "table(dim=4)": not told apart."""
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    coll = de.EmbeddingCollection(tables={
+        "user": de.TableConfig(dim=4, optimizer=de.optim.SGD(lr=0.1), max_rows=3),
+        "item": de.TableConfig(dim=4, optimizer=de.optim.SGD(lr=0.1), max_rows=3)})
+    coll({"user": torch.arange(3), "item": torch.arange(3)})
+    coll({"user": torch.arange(3, 6), "item": torch.arange(3, 6)})
+    lines = sorted(r.getMessage().split(":")[0] for r in _discard_records(caplog))
+    assert lines == ["table 'item'", "table 'user'"]
