@@ -133,8 +133,8 @@ def adam_update(weights, moments, slots, grads, step_size, weight_decay, keep, m
     ``step_size = lr * sqrt(1 - beta2**t) / (1 - beta1**t)``. ``weight_decay`` is the L2
     penalty added to the gradient and ``keep`` the factor each row is multiplied by before
     its step (``1 - lr * weight_decay`` for AdamW's decoupled decay, else 1, which leaves
-    every weight exact). ``1 - beta`` come computed
-    in float64 (as torch's ``alpha=1 - beta``): float32's 1 - float32(0.99999) is 7e-4 off.
+    every weight exact). ``1 - beta`` come computed in float64 (as torch's
+    ``alpha=1 - beta``): float32's 1 - float32(0.99999) is 7e-4 off.
 
     A second moment that overflowed to inf (a finite gradient above 1.8e19: the row is
     left as it was, as torch does) is read as float32's largest value: SparseAdam's

@@ -18,12 +18,7 @@ import torch
 
 from dynembed._args import check_in, check_int
 from dynembed.table.exclusions import Exclusions
-from dynembed.table.search import (
-    METRICS,
-    TableSearch,
-    TopK,
-    query_matrix,
-)
+from dynembed.table.search import METRICS, TableSearch, TopK, query_matrix
 
 KINDS = ("ivf", "hnsw")
 
@@ -221,8 +216,9 @@ class ApproximateIndex:
         searched in groups by that count rounded up to a power of two, so one long list
         does not deepen every query's search."""
         extra = excluded.counts_among(self.ids)
-        depth = np.where(extra > 0, 1 << np.ceil(np.log2(np.maximum(extra, 1))).astype(
-            np.int64), 0)
+        depth = np.zeros_like(extra)
+        some = extra > 0
+        depth[some] = 2 ** np.ceil(np.log2(extra[some])).astype(np.int64)
         found = np.full((q.shape[0], k), -1, dtype=np.int64)
         scores = np.full((q.shape[0], k), -np.inf, dtype=np.float32)
         for more in np.unique(depth):
@@ -278,17 +274,17 @@ class ApproximateIndex:
 
     def tune(self, queries, k: int, target_recall: float = 0.95) -> float:
         """Searches more of the index until :meth:`recall` on ``queries`` reaches
-        ``target_recall``, and keeps that setting (rebuilding first if due).
+        ``target_recall``, and keeps that setting.
 
         Rebuilds first if the table changed since the build. Doubles ``nprobe`` (ivf; at
         most every list, an exhaustive search) or ``ef_search`` (hnsw; at most the rows
         indexed) from its current value and keeps the first setting that reaches the
         target, or the largest; with no exact answer (no rows, no queries) it changes
-        nothing. Each setting costs one search of the
-        queries; the exact answers are computed once. Tune on queries like those you will
-        search with (e.g. a sample of the query tower's outputs): recall depends on where
-        the queries fall, and an index over rows without cluster structure needs to search
-        far more of itself than one over clustered rows.
+        nothing. Each setting costs one search of the queries; the exact answers are
+        computed once. Tune on queries like those you will search with (e.g. a sample of
+        the query tower's outputs): recall depends on where the queries fall, and an index
+        over rows without cluster structure needs to search far more of itself than one
+        over clustered rows.
 
         Args:
             queries: (q, dim) or (dim,) float tensor.

@@ -461,7 +461,7 @@ class RowLifecycle:
             return self._evict_slots(self.evictor.victims(meta, live, rows, nothing, self.step,
                                                           whole=True))
         done = self._expire_slots(self.evictor.expired(meta, 0, live, self.step))
-        if self.tier is not None or self.base is not None:
+        if self.evictor.policy.expires and (self.tier is not None or self.base is not None):
             done += self._expire_below()
         if self.max_rows is not None and self.size() > self.max_rows:
             done += self._evict_slots(self.evictor.victims(
