@@ -89,13 +89,14 @@ def parse_json(body: bytes, form: bool):
     """The JSON in a request body (labelled URL-encoded if ``form``).
 
     Raises:
-        ServingError: 415 for a URL-encoded body that is a real form, 400 for other bodies
-            that are not JSON (nesting past 1024 levels included, as orjson refuses it).
+        ServingError: 415 for a URL-encoded body that is a real form (``a=1&b=2``), 400 for
+            other bodies that are not JSON (nesting past 1024 levels included, as orjson
+            refuses it), also broken JSON sent as ``curl -d '{...'``.
     """
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as e:
-        if form:
+        if form and body.lstrip()[:1] not in (b"{", b"["):
             raise _unsupported(_FORM) from None
         raise bad_request(f"the request body is not valid JSON: {e}") from None
 

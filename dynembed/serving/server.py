@@ -268,6 +268,8 @@ class _Server(uvicorn.Server):
         # queue of its own. So they are accepted first, and the sockets closed in the same
         # step of the loop (nothing queues in between; uvicorn's shutdown finds them
         # closed), then served as the connections accepted before.
+        logger.info("shutting down: no new connections; answering the %d accepted "
+                    "request(s) (at most %s s)", len(self.server_state.tasks), self._grace_s)
         queued = _accept_queued(sockets or [])
         for server in self.servers:
             server.close()
@@ -383,6 +385,7 @@ class ModelServer:
     def __init__(self, config: ServerConfig, *, replica: bool = False) -> None:
         self.config, self.replica = config, replica
         self.replicas: Replicas | None = None
+        self._followed: set[str] = set()  # models whose first followed checkpoint was logged
         self.registry = Registry(config.model_store,
                                  allow_custom_handlers=config.allow_custom_handlers,
                                  job_queue_size=config.job_queue_size)
@@ -528,8 +531,17 @@ class ModelServer:
                         if _moves_to(e, latest)]
                     if behind:
                         await self.refresh(name, latest, behind)
-                        logger.info("model %s %s now serves the tables of %s", name,
-                                    behind, latest)
+                        # the first time at WARNING: the answers now come from these
+                        # tables under the package's dense part, which no training
+                        # snapshot had (the checkpoint's dense part is not applied)
+                        first = name not in self._followed
+                        self._followed.add(name)
+                        logger.log(logging.WARNING if first else logging.INFO,
+                                   "model %s %s now serves the tables of %s%s", name, behind,
+                                   latest, " under the package's dense part (a followed "
+                                   "checkpoint updates the tables only; export a new "
+                                   "package version to update the dense part)" if first
+                                   else "")
                 reported = None
             except Exception as e:
                 if latest is not None and not latest.exists():
@@ -598,6 +610,7 @@ class ModelServer:
         self._server = _Server(config, self._give_up, grace)
         with _serving_threads(self.config.torch_threads):
             await self._server.serve(sockets=list(self.sockets.values()))
+        logger.info("stopped")
 
     async def _give_up(self) -> None:
         """Abandons the batches still in the handlers when the graceful timeout ran out:

@@ -186,6 +186,31 @@ def test_a_checkpoint_that_cannot_be_applied_is_logged_once_and_counted(tmp_path
         server.stop()
 
 
+def test_the_first_followed_checkpoint_warns_that_the_dense_part_stays(tmp_path, caplog):
+    """Served answers came from new tables under the package's dense layers, a model no
+    training snapshot had, and only an INFO line said the tables changed."""
+    store = tmp_path / "store"
+    store.mkdir()
+    coll, dense = write_package(store)
+    ckpt = tmp_path / "ckpt"
+    manager = de.checkpoint.CheckpointManager(ckpt)
+    caplog.set_level(logging.INFO, logger="dynembed.serving.server")
+    server = start_server(store, models={"ctr": "ctr-1.0"}, follow={"ctr": str(ckpt)},
+                          follow_interval_s=0.02)
+    try:
+        for step in (1, 2):
+            manager.save(step, Trained(coll, dense))
+            eventually(lambda n=step: server.server.registry.get("ctr").handler.refreshes >= n)
+        eventually(lambda: sum("now serves the tables" in r.getMessage()
+                               for r in caplog.records) >= 2)
+    finally:
+        server.stop()
+    lines = [r for r in caplog.records if "now serves the tables" in r.getMessage()]
+    assert [r.levelno for r in lines[:2]] == [logging.WARNING, logging.INFO]
+    assert "under the package's dense part" in lines[0].getMessage()
+    assert any(r.getMessage() == "stopped" for r in caplog.records)
+
+
 def test_a_stuck_handler_holds_shutdown_at_most_the_graceful_timeout(store):
     """A batch stuck in the handler held the shutdown twice the graceful timeout (uvicorn
     waited it out, then the workers' stop waited again) and every accepted request got

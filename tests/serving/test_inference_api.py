@@ -369,6 +369,12 @@ def test_json_sent_as_curl_d_sends_it_is_read_as_json(server, path, v2):
                      headers={"content-type": "application/x-www-form-urlencoded"})
     assert plain.status_code == labelled.status_code == 200, labelled.text
     assert labelled.json() == plain.json()
+    # broken JSON sent so got a 415 "URL-encoded bodies are not supported": say what broke
+    broken = _post(server, path, content=json.dumps(body).encode()[:-1],
+                   headers={"content-type": "application/x-www-form-urlencoded"})
+    message = _v2_error(broken, 400) if v2 else \
+        torchserve_error(broken, 400, "BadRequestException")
+    assert "not valid JSON" in message
 
 
 @pytest.mark.parametrize("path, v2", [("/predictions/ctr", False),
