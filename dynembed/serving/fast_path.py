@@ -69,7 +69,11 @@ class FastPredictions:
             entry = self.api.registry.get(name, version)
             raw, form = await read_within(self._read(scope, receive), entry.response_timeout_s)
             data = parse_json(raw, form)
-            entry, results = await self.api._run(entry, _examples(kind, data), version)
+            examples = _examples(kind, data)
+            if kind == "kserve" and not examples:  # no instances: no predictions (KServe)
+                results = []
+            else:
+                entry, results = await self.api._run(entry, examples, version)
             if kind == "kserve":
                 body = orjson.dumps({"predictions": results})
             else:

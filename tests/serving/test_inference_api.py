@@ -168,6 +168,9 @@ def test_kserve_v1_predict_and_model_status(server):
     message = torchserve_error(_post(server, "/v1/models/ctr:predict",
                                       json={"instances": [{"user": "u1"}]}), 400)
     assert "item" in message and "tags" in message
+    # no instances, no predictions (was a 400 in the TorchServe path's words)
+    empty = _post(server, "/v1/models/ctr:predict", json={"instances": []})
+    assert empty.status_code == 200 and empty.json() == {"predictions": []}
 
 
 # ---------------------------------------------------------------------- v2
