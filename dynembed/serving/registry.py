@@ -90,7 +90,10 @@ class ModelVersion:
                 self.response_timeout_s, "loadedAtStartup": self.loaded_at_startup,
                 "workers": workers,
                 "jobQueueStatus": {"remainingCapacity": self.batcher.remaining_capacity,
-                                   "pendingRequests": self.batcher.pending}}
+                                   "pendingRequests": self.batcher.pending},
+                # dynembed's: which tables answer (a followed checkpoint's, under the
+                # package's dense part; None: the package's own)
+                "tablesCheckpoint": self.checkpoint}
 
 
 def resident_bytes(pid: int) -> int:

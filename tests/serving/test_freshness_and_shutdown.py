@@ -203,6 +203,9 @@ def test_the_first_followed_checkpoint_warns_that_the_dense_part_stays(tmp_path,
             eventually(lambda n=step: server.server.registry.get("ctr").handler.refreshes >= n)
         eventually(lambda: sum("now serves the tables" in r.getMessage()
                                for r in caplog.records) >= 2)
+        described = httpx.get(server.management + "/models/ctr", timeout=30,
+                              headers=server.token()).json()[0]
+        assert described["tablesCheckpoint"].endswith("step-0000000002")
     finally:
         server.stop()
     lines = [r for r in caplog.records if "now serves the tables" in r.getMessage()]

@@ -392,6 +392,7 @@ def test_describe_default_specific_and_all_versions(api):
                   "loadedAtStartup", "workers", "jobQueueStatus"):
         assert field in default, field
     assert set(default["jobQueueStatus"]) == {"remainingCapacity", "pendingRequests"}
+    assert default["tablesCheckpoint"] is None  # the package's own tables
     worker = default["workers"][0]
     assert worker["status"] == "READY" and {"id", "startTime", "gpu", "memoryUsage"} <= \
         set(worker)
