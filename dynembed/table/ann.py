@@ -159,7 +159,7 @@ class ApproximateIndex:
         Raises:
             ValueError: bad ``k``, query shape or ``exclude``, or a query holding NaN or
                 inf.
-            TypeError: ``queries`` are not numbers.
+            TypeError: ``queries`` are not numbers, or an ``exclude`` entry is one key.
             KeyInputError: bad keys in ``exclude``.
         """
         k = check_int("k", k)

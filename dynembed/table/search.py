@@ -180,7 +180,7 @@ class TableSearch:
         Raises:
             ValueError: bad ``k``, ``metric``, ``chunk_rows``, query shape or ``exclude``,
                 or a query holding NaN or inf; the table is a shard of a distributed table.
-            TypeError: ``queries`` are not numbers.
+            TypeError: ``queries`` are not numbers, or an ``exclude`` entry is one key.
             KeyInputError: bad keys in ``keys`` or ``exclude``.
         """
         self._refuse_a_shard("top_k")
