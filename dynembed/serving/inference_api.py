@@ -270,7 +270,10 @@ class InferenceAPI:
             entry = self._entry(request)
         except ServingError as e:
             return error_response(e)
-        return JSONResponse({"name": entry.name, "ready": _ready(entry)})
+        # as KServe's own v1 server: 503 for a model not ready (its body says so too), so a
+        # readiness probe on the status code is not told a model scaled to 0 is ready
+        ready = _ready(entry)
+        return _readiness({"name": entry.name, "ready": ready}, ready)
 
     async def v2_server(self, request: Request) -> Response:
         return JSONResponse({"name": "dynembed", "version": __version__,

@@ -584,9 +584,7 @@ def test_a_version_with_no_workers_is_not_ready(api):
         return httpx.get(api.running.inference + path, timeout=30)
 
     assert api.register("ctr-1.0", initial_workers=0).status_code == 200
-    response = get("/v1/models/ctr")  # KServe v1: a status in the body
-    assert response.status_code == 200 and response.json()["ready"] is False
-    for path in ("/v2/models/ctr/ready", "/v2/health/ready"):
+    for path in ("/v1/models/ctr", "/v2/models/ctr/ready", "/v2/health/ready"):
         response = get(path)
         assert response.status_code == 503 and response.json()["ready"] is False, path
     assert api("PUT", "/models/ctr", min_worker=1, synchronous="true").status_code == 200
