@@ -427,6 +427,7 @@ def _v2_examples(data, entry) -> list[dict]:
             not data["inputs"]:
         raise bad_request('v2 requests are {"inputs": [{"name", "shape", "datatype", '
                           '"data"}, ...]} with at least one input')
+    _check_v2_outputs(data.get("outputs"))
     features = getattr(entry.handler, "features", None) or {}
     columns, n = {}, None
     for i, tensor in enumerate(data["inputs"]):
@@ -469,6 +470,19 @@ def _v2_examples(data, entry) -> list[dict]:
             columns[name] = [{"keys": keys, "weights": weights}
                              for keys, weights in zip(columns[name], columns.pop(f))]
     return [{name: values[k] for name, values in columns.items()} for k in range(n)]
+
+
+def _check_v2_outputs(outputs) -> None:
+    """Refuses requested outputs the model does not have (its one output is ``output``):
+    an unknown name was ignored, and the client got an output it had not asked for."""
+    if outputs is None:
+        return
+    if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
+        raise bad_request('outputs must be a list of {"name": ...} objects, e.g. '
+                          '[{"name": "output"}]')
+    unknown = [o.get("name") for o in outputs if o.get("name") != "output"]
+    if unknown:
+        raise bad_request(f"unknown outputs {unknown}; the model has one output, 'output'")
 
 
 def _v2_response(results, entry, data) -> Response:

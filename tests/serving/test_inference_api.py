@@ -228,6 +228,14 @@ def test_v2_infer_int64_bytes_and_a_pooled_feature(server):
                          "data": reference}]}
     no_id = _post(server, "/v2/models/ids/infer", json=_v2_body(batch, None)).json()
     assert no_id["outputs"][0]["data"] == reference and no_id["id"]
+    asked = _post(server, "/v2/models/ids/infer",
+                  json={**_v2_body(batch), "outputs": [{"name": "output"}]})
+    assert asked.json()["outputs"][0]["data"] == reference
+    # an output the model does not have was ignored, answered with one not asked for
+    for outputs in ([{"name": "probability"}], "output", [{"name": "output"}, "x"]):
+        response = _post(server, "/v2/models/ids/infer",
+                         json={**_v2_body(batch), "outputs": outputs})
+        assert response.status_code == 400 and "output" in response.json()["error"], outputs
     # the same tensors flattened (row-major) or one row per example, [batch, 1]
     fixed = [{**e, "tags": ["t1", f"t{k}"]} for k, e in enumerate(batch)]
     nested = _v2_body(fixed)
