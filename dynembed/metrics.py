@@ -23,13 +23,16 @@ COUNTERS = {
     "lookup_calls":             ("lookup_calls",
                                  "Lookup calls (module calls, find, find_or_insert)."),
     "lookups_keys":             ("keys", "Keys looked up (with duplicates)."),
-    "hits":                     ("hits", "Keys whose row was in memory."),
-    "misses":                   ("misses", "Keys whose row was not in memory."),
+    "hits":                     ("hits", ("Keys whose row was in memory (per key; a lazily "
+                                 "opened table's reads keep no row in memory).")),
+    "misses":                   ("misses", ("Keys whose row was not in memory (per key, "
+                                 "duplicates included).")),
     "inserts":                  ("inserts", "Rows created."),
     "defaults_served":          ("defaults_served", "Keys answered with the default vector."),
     "not_admitted":             ("not_admitted", "Keys refused a row by admission."),
     "loaded_rows":              ("loaded",
-                                 "Rows read from the store or a lazily opened checkpoint."),
+                                 ("Rows read from the store or a lazily opened checkpoint "
+                                 "(per distinct row, where misses count keys).")),
     "evicted_rows":             ("evicted",
                                  "Rows evicted, kept in the store or a lazily opened checkpoint."),
     "discarded_rows":           ("discarded", "Rows evicted with no store (lost)."),
