@@ -9,9 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dynembed.kernels.sparse_updates import adam_update
-from dynembed.optim.base import SparseOptimizer, check_eps
-
-_FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+from dynembed.optim.base import _FLOAT32_TINY, SparseOptimizer, check_eps
 
 
 @dataclass(frozen=True, kw_only=True)

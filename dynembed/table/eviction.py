@@ -108,8 +108,8 @@ class Evictor:
     def expired(self, meta: np.ndarray, start: int, stop: int, step: int) -> np.ndarray:
         """Slots in [start, stop) holding rows the policy calls expired (not this step's)."""
         slots = np.arange(start, stop, dtype=np.int64)
-        slots = slots[(meta[slots, 2] != FREE_STEP) & (meta[slots, 2] != step)]
-        mask = self.policy.expired(self._view(meta, slots, step))
+        slots = slots[meta[slots, 2] != FREE_STEP]
+        mask = self.expired_rows(meta[slots, 1], meta[slots, 2], step)
         return slots[:0] if mask is None else slots[mask]  # None: the policy never expires
 
     def expired_rows(self, counts: np.ndarray, last_step: np.ndarray,

@@ -152,8 +152,8 @@ class RowLifecycle:
         miss_ids, miss_counts = unique[miss_pos], counts[miss_pos]
         found, stored, from_store = self._read_below(miss_ids)
         if create != CREATE_NONE and found.any():
-            found, stored, from_store = self._drop_expired_below(miss_ids, found, stored,
-                                                                 from_store, step)
+            found, stored, from_store = self._drop_expired_below(found, stored, from_store,
+                                                                 step)
         fresh = ~found
         fresh_ids, fresh_counts = miss_ids[fresh], miss_counts[fresh]
         if create == CREATE_NONE:
@@ -214,8 +214,8 @@ class RowLifecycle:
             counts[absent] = below[inverse]
         return counts
 
-    def _drop_expired_below(self, ids: np.ndarray, found: np.ndarray, stored: RowBlock,
-                            from_store: np.ndarray, step: int):
+    def _drop_expired_below(self, found: np.ndarray, stored: RowBlock, from_store: np.ndarray,
+                            step: int):
         """:meth:`_read_below`'s answer less the rows the policy calls expired at ``step``,
         which are removed (:meth:`_expire_ids`): a training lookup must not bring back a
         row that a sweep would have removed had it been in memory; its key is new again.
