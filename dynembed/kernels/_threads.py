@@ -5,6 +5,11 @@ Kernels use numba's thread pool (all cores by default) for batches of at least
 team costs tens of microseconds on a quiet machine and milliseconds on a busy one, more than
 a small batch takes. Measured on 2 cores, 65,536-key Adagrad steps on a 10M-row table: 5.5 ms
 with 2 threads, 7.1 ms with 1.
+
+In a process forked after numba started its thread pool (a ``DataLoader`` worker, a
+``multiprocessing`` fork, a forked snapshot), kernels run as compiled serial copies: GNU
+OpenMP cannot run in such a child, and numba's OpenMP layer kills it with SIGTERM
+("Terminating: fork() called from a process already using GNU OpenMP").
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import functools
 import numbers
 import os
 import threading
+import types
 from collections.abc import Callable
 
 import numba as nb
@@ -68,10 +74,48 @@ def _serialised() -> bool:
     return _layer == "workqueue"
 
 
+_forked_from_pool = False
+"""Whether this process was forked from one whose numba thread pool had started."""
+
+
+def _note_fork_in_child() -> None:
+    global _forked_from_pool
+    if not _forked_from_pool:
+        try:
+            nb.threading_layer()  # raises until the pool has started
+        except ValueError:
+            return
+        _forked_from_pool = True
+
+
+os.register_at_fork(after_in_child=_note_fork_in_child)
+
+_serial_copies: dict = {}
+
+
+def _serial_copy(kernel):
+    """``kernel`` (a ``parallel=True`` numba dispatcher) compiled without threads: ``prange``
+    runs as ``range``, and no thread pool is touched. Compiled on first use."""
+    copy = _serial_copies.get(kernel)
+    if copy is None:
+        f = kernel.py_func
+        twin = types.FunctionType(f.__code__, f.__globals__, f.__name__, f.__defaults__,
+                                  f.__closure__)
+        # numba's on-disk cache keys a kernel by module, name and line, not by its options:
+        # under the same name the serial copy would replace the parallel one in the cache
+        twin.__qualname__ = f"{f.__qualname__}_serial"
+        twin.__module__ = f.__module__
+        options = {**kernel.targetoptions, "parallel": False}
+        options.pop("nopython", None)  # njit's own
+        copy = _serial_copies[kernel] = nb.njit(cache=True, **options)(twin)
+    return copy
+
+
 def adaptive(work: Callable[..., int]):
     """Decorates a ``parallel=True`` kernel to run on ``get_num_threads()`` threads, or on one
     when ``work(*args)`` (array elements touched) is small; under numba's ``workqueue``
-    layer, one kernel at a time in the process (see :func:`_serialised`).
+    layer, one kernel at a time in the process (see :func:`_serialised`); in a process
+    forked after the pool started, as a serial copy (see the module's docs).
     """
 
     def wrap(kernel):
@@ -88,6 +132,8 @@ def adaptive(work: Callable[..., int]):
 
         @functools.wraps(kernel)
         def call(*args):
+            if _forked_from_pool:  # first: a lock held at the fork stays held in the child
+                return _serial_copy(kernel)(*args)
             if _serialised():
                 with _one_at_a_time:
                     return run(args)

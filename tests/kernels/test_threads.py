@@ -76,3 +76,41 @@ def test_threads_sharing_a_table_survive_numba_workqueue_layer():
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "workqueue"
+
+
+class _LookupsInWorker(torch.utils.data.Dataset):
+    """Each item: an eval read of a trained table, and a training step on a fresh one."""
+
+    def __init__(self, trained: de.DynamicEmbedding):
+        self.trained = trained
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int):
+        return _read_and_train(self.trained)
+
+
+def _read_and_train(trained: de.DynamicEmbedding) -> tuple[torch.Tensor, torch.Tensor]:
+    keys = np.arange(40_000)  # large enough for the parallel path
+    trained.eval()
+    read = trained(keys)
+    fresh = de.DynamicEmbedding(dim=8, optimizer=de.optim.Adagrad(lr=0.1), seed=5)
+    (fresh(keys) ** 2).sum().backward()
+    return read, fresh.table.find(keys).values
+
+
+def test_kernels_run_in_a_worker_forked_after_the_thread_pool_started():
+    """A DataLoader worker forked after numba's OpenMP pool had started was killed by
+    SIGTERM ("fork() called from a process already using GNU OpenMP") at its first large
+    lookup; it now runs the kernels as serial copies, with the same results."""
+    trained = de.DynamicEmbedding(dim=8, optimizer=de.optim.SGD(lr=0.1), seed=4)
+    (trained(torch.arange(60_000)) ** 2).sum().backward()  # starts the pool here
+    numba.threading_layer()  # raises if it has not
+    loader = torch.utils.data.DataLoader(_LookupsInWorker(trained), batch_size=None,
+                                         num_workers=1, multiprocessing_context="fork",
+                                         timeout=300)
+    (read, stepped), = list(loader)
+    want_read, want_stepped = _read_and_train(trained)
+    assert torch.equal(read, want_read) and torch.equal(stepped, want_stepped)
+    assert not torch.equal(stepped[:1], torch.zeros_like(stepped[:1]))
