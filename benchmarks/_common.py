@@ -128,13 +128,14 @@ def time_interleaved(entries: dict[str, tuple[Callable[[object], object], object
     """Times several systems on the same batches with their timed passes interleaved.
 
     Each entry ``name: (fn, batches)`` is warmed up as in :func:`time_batches`; then every
-    repeat times one pass of each system, one after the other, the order rotated by one
-    system each repeat so every system takes every place in turn (and, with three or more,
-    none ever follows its own pass: the one before a pass leaves the caches to it). A cloud
-    VM's speed drifts by tens of percent over minutes (neighbours, memory placement), so
-    systems timed minutes apart can differ by more than the effect measured; systems timed
-    in the same repeat see the same machine, and the ratio of their i-th passes cancels the
-    drift.
+    repeat times one pass of each system, one after the other, in the orders of
+    :func:`balanced_orders`: every system takes every place, and follows every other
+    system equally often (a pass leaves the machine to the next: warm caches, spinning
+    OpenMP threads, or an idle core that is slow to wake after a single-threaded pass). A
+    cloud VM's speed drifts by tens of percent over minutes (neighbours, memory placement),
+    so systems timed minutes apart can differ by more than the effect measured; systems
+    timed in the same repeat see the same machine, and the ratio of their i-th passes
+    cancels the drift.
 
     Returns:
         name -> the dict :func:`time_batches` returns, ``samples_s[i]`` of every system
@@ -146,9 +147,9 @@ def time_interleaved(entries: dict[str, tuple[Callable[[object], object], object
     samples: dict[str, list[float]] = {name: [] for name in entries}
     keys_per_pass: dict[str, int] = {}
     names = list(entries)
+    orders = balanced_orders(len(names))
     for rep in range(repeats):
-        shift = rep % len(names)
-        for name in names[shift:] + names[:shift]:
+        for name in (names[i] for i in orders[rep % len(orders)]):
             bs = sources[name](rep)
             keys_per_pass[name] = len(bs) * keys_per_batch
             samples[name].append(_timed_pass(entries[name][0], bs))
@@ -157,6 +158,32 @@ def time_interleaved(entries: dict[str, tuple[Callable[[object], object], object
         out[name] = summarize(samples[name], keys_per_pass[name])
         out[name]["warmup_passes"] = warm[name]
     return out
+
+
+def balanced_orders(n: int) -> list[list[int]]:
+    """Orders of ``n`` systems, one per repeat, balanced for what comes just before.
+
+    A Williams design (the crossover trials' answer to carry-over): over its rows every
+    system takes every place, and within rows it directly follows each other system
+    equally often (once for even ``n``, twice in the 2n rows for odd ``n``). Rotating one
+    order instead kept every system behind the same neighbour for the whole run: the
+    lookup phase timed dynembed's read right after the Python dict's single-threaded pass
+    every time, when the idle second core was slow to wake.
+
+    Returns:
+        Rows of a permutation of ``range(n)`` each (``[[0, 1], [1, 0]]`` for 2 systems).
+    """
+    base, low, high = [0], 1, n - 1
+    while low <= high:  # 0, 1, n-1, 2, n-2, ...
+        base.append(low)
+        low += 1
+        if low <= high:
+            base.append(high)
+            high -= 1
+    rows = [[(i + r) % n for i in base] for r in range(n)]
+    if n % 2 and n > 1:  # odd: the mirror rows even out who follows whom
+        rows += [row[::-1] for row in rows]
+    return rows
 
 
 def summarize(samples: list[float], keys_per_pass: int) -> dict:

@@ -17,8 +17,8 @@ Each optimizer runs in its own child process (``--_phase``), holding dynembed's 
 that optimizer's baselines (torch sparse, FBGEMM; the Adagrad process also the lookup and
 insert baselines), so one optimizer's memory can't colour the next one's timings or RSS.
 dynembed's resident bytes are measured before any baseline allocates. Inside a process the
-systems are timed together: every repeat times one pass of each, one after the other (the
-order rotated by one system each repeat). This VM's speed drifts by tens of percent over minutes, more
+systems are timed together: every repeat times one pass of each, one after the other, in
+orders where each system follows every other equally often. This VM's speed drifts by tens of percent over minutes, more
 than some of the targets' margins; passes of one repeat see the same machine, so each
 ratio is the median over repeats of the per-pass ratio. A throughput is keys per second over
 one pass through all batches, median over ``--repeats`` timed passes after ``warmup``
@@ -512,8 +512,9 @@ def build_config(args) -> dict:
                   "at least `warmup` untimed passes and `min_warmup_s` of warm-up; gc disabled "
                   "while timed; one child process per optimizer (and one for string keys), in "
                   "which dynembed and that optimizer's baselines are timed together: each "
-                  "repeat times one pass of every system, one after the other (order rotated "
-                  "by one system each repeat); paired ratios are medians of the per-pass "
+                  "repeat times one pass of every system, one after the other (Williams-design "
+                  "orders: each system in every place, after every other equally often); "
+                  "paired ratios are medians of the per-pass "
                   "ratios",
         "python_dict_baseline": "torch.tensor(list(map(d.__getitem__, ids.tolist()))) -> "
                                 "nn.Embedding forward (no grad)",

@@ -117,6 +117,7 @@ from benchmarks._common import (
     REPO_ROOT,
     Phase,
     add_harness_args,
+    balanced_orders,
     build_report,
     check_quiet_at_start,
     eprint,
@@ -240,7 +241,8 @@ def _warm(fn, cfg: dict) -> tuple[int, float]:
 def _compare(p: Phase, systems: dict, cfg: dict, work_per_call: float) -> dict:
     """Times the ``systems`` ({metric: fn(i)}) in alternating segments: each warmed up
     (``_warm``), a segment of each is as many calls as take about ``cfg["segment_s"]``
-    (at least one), ``cfg["repeats"]`` segments each, the order rotating every repeat.
+    (at least one), ``cfg["repeats"]`` segments each, in the orders of
+    :func:`balanced_orders`.
     Records metric = work per segment / median segment seconds. Returns the calls per
     segment of each."""
     calls = {}
@@ -251,9 +253,9 @@ def _compare(p: Phase, systems: dict, cfg: dict, work_per_call: float) -> dict:
               "segment")
     seconds: dict[str, list[float]] = {m: [] for m in systems}
     names = list(systems)
+    orders = balanced_orders(len(names))
     for rep in range(cfg["repeats"]):
-        shift = rep % len(names)
-        for metric in names[shift:] + names[:shift]:
+        for metric in (names[i] for i in orders[rep % len(orders)]):
             seconds[metric].append(_timed(systems[metric], calls[metric]))
     for metric in names:
         _record(p, metric, seconds[metric], work_per_call * calls[metric])
