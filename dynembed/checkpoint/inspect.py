@@ -127,9 +127,9 @@ def history(directory: str | os.PathLike) -> list[dict]:
     directory name ``step-N``, else None)."""
     out = []
     for entry in sorted(Path(directory).iterdir()):
-        if ".damaged" in entry.name or entry.name.endswith(".partial") \
+        if ".damaged" in entry.name or entry.name.endswith((".partial", ".deleting")) \
                 or not (entry / mf.MANIFEST).exists():
-            continue  # set aside by CheckpointManager.restore, or never committed
+            continue  # set aside by CheckpointManager.restore, never committed, or going
         try:
             manifest = mf.read(entry)
         except CheckpointError as e:

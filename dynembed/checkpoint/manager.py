@@ -63,6 +63,23 @@ def _positive(name: str, value, *, allow_none: bool = True, kind=int) -> None:
         check_int(name, value)
 
 
+_DELETING = ".deleting"
+
+
+def _delete(path: Path) -> None:
+    """Removes a checkpoint directory, renamed ``<name>.deleting`` first: ``rmtree`` is not
+    atomic, and a crash in the middle of it left a ``step-N`` without its manifest, which no
+    listing showed, no cleanup removed, and which made a later save of step N fail."""
+    doomed = path.with_name(path.name + _DELETING)
+    if doomed.exists():  # an earlier deletion of a checkpoint of that name was cut short
+        shutil.rmtree(doomed, ignore_errors=True)
+    try:
+        os.rename(path, doomed)
+    except FileNotFoundError:  # another rank's cleanup took it first
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def set_aside(path: str | os.PathLike) -> Path | None:
     """Renames a damaged checkpoint ``<name>.damaged`` (``.damaged-2``, ... if that step was
     set aside before), out of the way of the save that will make that step again; returns
@@ -272,7 +289,7 @@ class CheckpointManager:
         if done is not None:
             if mf.read(done)["chain_length"] > self.max_chain:
                 full = compact(done, done.with_name(done.name + "-full"))
-                shutil.rmtree(done)
+                _delete(done)
                 done = full
             self.cleanup(keeping=done)
         return done
@@ -289,10 +306,11 @@ class CheckpointManager:
 
     def cleanup(self, *, keeping: Path | None = None) -> list[Path]:
         """Removes checkpoints beyond ``keep_last`` that no kept chain needs, those set aside
-        as damaged once older than every kept one and, in a single-process job, partial
-        directories left by a crash (with several ranks one may be in progress; the job's
-        runtime removes those); returns what was removed. ``keeping`` (the checkpoint just
-        saved) stays with its chain whatever newer steps a damaged run left."""
+        as damaged once older than every kept one, what a crash left of a deletion and, in
+        a single-process job, partial directories left by a crash (with several ranks one
+        may be in progress; the job's runtime removes those); returns what was removed.
+        ``keeping`` (the checkpoint just saved) stays with its chain whatever newer steps a
+        damaged run left."""
         removed = []
         committed = self.checkpoints()
         keep = set()
@@ -303,14 +321,21 @@ class CheckpointManager:
                 keep.add(path.resolve())
         for path in committed:
             if path.resolve() not in keep:
-                shutil.rmtree(path, ignore_errors=True)
+                _delete(path)
                 removed.append(path)
         removed += self._remove_old_set_aside(committed[-self.keep_last:])
-        if self.world_size == 1:  # with several ranks a partial one may be in progress
-            for entry in self.directory.iterdir():
-                if entry.name.endswith(".partial") and entry.is_dir():
-                    shutil.rmtree(entry, ignore_errors=True)
-                    removed.append(entry)
+        for entry in self.directory.iterdir():
+            if not entry.is_dir():
+                continue
+            # a committed step-N has its manifest from the moment it appears (a rename), so
+            # one without it is what an older version's interrupted deletion left
+            leftover = entry.name.endswith(_DELETING) or (
+                _NAME.match(entry.name) and not (entry / mf.MANIFEST).exists())
+            # with several ranks a partial one may be in progress
+            partial = self.world_size == 1 and entry.name.endswith(".partial")
+            if leftover or partial:
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
         return removed
 
     def _remove_old_set_aside(self, kept: list[Path]) -> list[Path]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -410,3 +411,45 @@ def test_latest_step_says_whether_a_step_was_saved(tmp_path):
     assert compacting.latest_step() == 3
     with pytest.raises(FileExistsError, match="latest_step"):
         compacting.save(3, tables={"t": table})
+
+
+def test_a_deletion_cut_short_is_finished_by_the_next_cleanup(tmp_path, monkeypatch):
+    """rmtree is not atomic: a crash after it had removed an old checkpoint's manifest left
+    a step-N directory that no listing showed and no cleanup removed (and that made a
+    later save of step N fail)."""
+    import dynembed.checkpoint.manager as manager_module
+
+    manager = de.checkpoint.CheckpointManager(tmp_path, keep_last=1, max_chain=1)
+    table = make_table()
+    train(table, batches(2, 500))
+    manager.save(1, tables={"t": table})
+
+    real_rmtree = shutil.rmtree
+
+    def killed_midway(path, ignore_errors=False):
+        if "step-0000000001" not in str(path):  # the save's own staging
+            return real_rmtree(path, ignore_errors=ignore_errors)
+        (Path(path) / mf.MANIFEST).unlink()
+        raise KeyboardInterrupt  # the process dies here
+
+    monkeypatch.setattr(manager_module.shutil, "rmtree", killed_midway)
+    train(table, batches(2, 500, seed=3))
+    with pytest.raises(KeyboardInterrupt):
+        manager.save(2, tables={"t": table})  # committed, then its cleanup is cut short
+    monkeypatch.undo()
+
+    restarted = de.checkpoint.CheckpointManager(tmp_path, keep_last=1, max_chain=1)
+    assert [p.name for p in restarted.checkpoints()] == ["step-0000000002"]
+    restarted.cleanup()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-0000000002"]
+
+
+def test_cleanup_removes_a_step_directory_without_its_manifest(tmp_path):
+    """What an older version's interrupted deletion left: a committed directory always has
+    its manifest (it is renamed into place complete), so one without is debris."""
+    manager = de.checkpoint.CheckpointManager(tmp_path, keep_last=2)
+    manager.save(3, tables={"t": make_table()})
+    (tmp_path / "step-0000000001" / "tables").mkdir(parents=True)
+    assert tmp_path / "step-0000000001" in manager.cleanup()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-0000000003"]
+    manager.save(4, tables={"t": make_table()})
