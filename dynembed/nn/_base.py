@@ -15,6 +15,7 @@ from dynembed.errors import StateDictError
 from dynembed.table.config import TableConfig
 from dynembed.table.stats import TableStats
 from dynembed.table.table import DynamicTable
+from dynembed.table.updates import step_together
 
 _WITH_TABLES = contextvars.ContextVar("dynembed_state_dict_tables", default=True)
 
@@ -299,9 +300,9 @@ class TableModule(nn.Module):
                 raise StateDictError(f"table '{prefix}{name}': {e}") from None
 
     def sparse_step(self) -> None:
-        """Applies deferred-mode gradients of every table (no-op in fused mode)."""
-        for table in self.named_tables().values():
-            table.step_optimizer()
+        """Applies deferred-mode gradients of every table (no-op in fused mode), as one
+        step: see :func:`sparse_step`."""
+        step_together(self.named_tables())
 
     def sparse_zero_grad(self) -> None:
         """Drops deferred-mode gradients not yet applied."""
@@ -350,18 +351,33 @@ def sparse_step(model: nn.Module) -> None:
     Call it where you call your dense optimizer's ``step()`` when tables use
     ``update_mode="deferred"`` (gradient accumulation).
 
+    Every table's gradients are summed and checked before any row changes, so a batch
+    with NaN/inf gradients changes no table.
+
     Raises:
-        NonFiniteGradientError: a summed gradient row is NaN or inf and the table has
-            ``nonfinite_grads="raise"``; that table's queued gradients are dropped.
+        NonFiniteGradientError: a summed gradient row is NaN or inf and its table has
+            ``nonfinite_grads="raise"`` (named in the message); no table changed, and every
+            table's queued gradients were dropped (counted in ``skipped_gradients``).
         StoreError: reading evicted rows back failed.
+        TypeError: ``model`` is not a module.
     """
-    for module in model.modules():
-        if isinstance(module, TableModule):
-            module.sparse_step()
+    _check_model(model, "table.step_optimizer()")
+    step_together(named_tables(model))
+
+
+def _check_model(model, table_verb: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be the torch.nn.Module holding dynembed modules, got "
+                        f"{type(model).__name__}; for one table call {table_verb}")
 
 
 def sparse_zero_grad(model: nn.Module) -> None:
-    """Drops the deferred sparse gradients of every dynembed module inside ``model``."""
+    """Drops the deferred sparse gradients of every dynembed module inside ``model``.
+
+    Raises:
+        TypeError: ``model`` is not a module.
+    """
+    _check_model(model, "table.zero_grad()")
     for module in model.modules():
         if isinstance(module, TableModule):
             module.sparse_zero_grad()

@@ -166,8 +166,9 @@ class TableUpdates:
             self.counters.nonfinite_gradients += n_bad
             if self.config.nonfinite_grads == "raise":
                 self.counters.skipped_gradients += grads.shape[0]
+                named = f"table {self.name!r}: " if self.name else ""
                 raise NonFiniteGradientError(
-                    f"{n_bad} of {grads.shape[0]} gradient rows hold NaN or inf; no row was "
+                    f"{named}{n_bad} of {grads.shape[0]} gradient rows hold NaN or inf; no row was "
                     "updated (all counted in skipped_gradients). Fix the loss (e.g. clamp "
                     "logits), or set nonfinite_grads='skip' to drop such rows and count them.")
             valid &= ~bad
@@ -201,8 +202,19 @@ class TableUpdates:
             NonFiniteGradientError: a summed row is NaN/inf and ``nonfinite_grads="raise"``;
                 no row changed, and the queued gradients were dropped (counted as skipped).
         """
+        queued = self._sum_queued()
+        if queued is not None:
+            self._apply_queued(*queued)
+
+    def _sum_queued(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """Takes the queued gradients and sums them per key: ``(unique ids, counts, (u, dim)
+        summed rows)``, or None when nothing is queued. Changes no row.
+
+        Raises:
+            NonFiniteGradientError: as :meth:`step_optimizer` (the gradients are dropped).
+        """
         if not self._pending:
-            return
+            return None
         pending, self._pending = self._pending, []
         kept = []
         for ids, grads, epoch in pending:  # drop gradients of keys erased since the lookup
@@ -215,8 +227,7 @@ class TableUpdates:
         ids = np.concatenate([k[0] for k in kept])
         grads = torch.cat([k[1] for k in kept])
         if ids.shape[0] == 0:
-            self.update_step += 1  # a step all the same (see _apply)
-            return
+            return ids, ids, np.zeros((0, self.dim), np.float32)
         unique, inverse, counts = unique_inverse(ids)
         summed = torch.zeros((unique.shape[0], self.dim), dtype=torch.float32)
         summed.index_add_(0, torch.from_numpy(inverse), grads)
@@ -228,6 +239,13 @@ class TableUpdates:
                 raise NonFiniteGradientError(
                     f"{e} The gradients queued by {len(pending)} backward call(s) since the "
                     "last step_optimizer() were dropped.") from None
+        return unique, counts, summed
+
+    def _apply_queued(self, unique: np.ndarray, counts: np.ndarray, summed: np.ndarray) -> None:
+        """The second half of :meth:`step_optimizer`: applies :meth:`_sum_queued`'s rows."""
+        if unique.shape[0] == 0:
+            self.update_step += 1  # a step all the same (see _apply)
+            return
         write_error = None
         for chunk, part in enumerate(self._chunks(unique.shape[0])):
             slots = self.index.find(unique[part])
@@ -258,3 +276,41 @@ class TableUpdates:
     def has_pending_gradients(self) -> bool:
         """Whether deferred-mode gradients wait for :meth:`step_optimizer`."""
         return bool(self._pending)
+
+
+def step_together(tables: dict[str, TableUpdates]) -> None:
+    """Applies the deferred gradients of several tables as one step (``de.sparse_step``).
+
+    Every table's gradients are summed and checked before any row changes: when one table
+    raises for NaN/inf gradients, no table changes and every table's queued gradients are
+    dropped (counted in ``skipped_gradients``), so a caller that skips the bad batch starts
+    the next one clean (applying the tables one by one left the first ones stepped and the
+    last ones still queued, to be applied twice).
+
+    Args:
+        tables: the tables by the name errors should give them.
+
+    Raises:
+        NonFiniteGradientError: a table's summed gradients hold NaN/inf and it has
+            ``nonfinite_grads="raise"``; the message names it.
+        StoreError: as :meth:`TableUpdates.step_optimizer`.
+    """
+    summed = []
+    for name, table in tables.items():
+        try:
+            summed.append((table, table._sum_queued()))
+        except NonFiniteGradientError as e:
+            for other, queued in summed:  # summed already: taken from their queues
+                if queued is not None:
+                    other.counters.skipped_gradients += queued[0].shape[0]
+            for other in list(tables.values())[len(summed) + 1:]:
+                other.counters.skipped_gradients += sum(ids.shape[0]
+                                                        for ids, _, _ in other._pending)
+                other._pending = []
+            named = "" if table.name else f"table {name!r}: "
+            raise NonFiniteGradientError(
+                f"{named}{e} No table changed: the other tables' queued gradients were "
+                "dropped too (counted in skipped_gradients).") from None
+    for table, queued in summed:
+        if queued is not None:
+            table._apply_queued(*queued)

@@ -86,3 +86,39 @@ def test_state_dict_round_trip_mid_training_goes_on_as_uninterrupted(name, mode)
     straight = _train(optimizer, mode)
     assert torch.isfinite(straight).all()
     assert torch.equal(_train(optimizer, mode, restart_at=4), straight)
+
+
+def test_sparse_step_with_nan_in_one_table_changes_no_table():
+    """sparse_step applied tables one by one: with NaN in the middle one, the first was
+    stepped on the bad batch and the last kept its gradients queued, to be applied twice
+    by the next step (-0.2 where -0.1 was due). The error named no table."""
+    tables = [de.DynamicEmbedding(dim=2, optimizer=de.optim.SGD(lr=0.1), seed=s,
+                                  update_mode="deferred") for s in range(3)]
+    model = torch.nn.ModuleDict({"first": tables[0], "middle": tables[1], "last": tables[2]})
+    keys = [1, 2]
+    before = [t.table.find_or_insert(keys).values.clone() for t in tables]
+
+    def backward(nan_in_middle: bool):
+        loss = tables[0](keys).sum() + tables[2](keys).sum()
+        middle = tables[1](keys).sum()
+        (loss + (middle * float("nan") if nan_in_middle else middle)).backward()
+
+    backward(nan_in_middle=True)
+    with pytest.raises(de.errors.NonFiniteGradientError, match="'middle.table'.*No table changed"):
+        de.sparse_step(model)
+    for t, b in zip(tables, before):
+        assert torch.equal(t.table.find(keys).values, b)
+        assert not t.table.has_pending_gradients
+        assert t.stats().totals.skipped_gradients == 2
+
+    backward(nan_in_middle=False)  # the caller skipped the bad batch: the next step is clean
+    de.sparse_step(model)
+    for t, b in zip(tables, before):
+        torch.testing.assert_close(t.table.find(keys).values, b - 0.1)
+
+
+@pytest.mark.parametrize("step", [de.sparse_step, de.sparse_zero_grad])
+def test_sparse_step_of_something_not_a_module_names_the_argument(step):
+    table = de.DynamicTable(de.TableConfig(dim=2))
+    with pytest.raises(TypeError, match="model must be the torch.nn.Module.*table"):
+        step(table)
