@@ -25,7 +25,7 @@ def check_mode(mode: str, arg: str = "mode") -> None:
 
 
 def bag_weights(per_sample_weights, mode: str, bounds: np.ndarray,
-                arg: str = "per_sample_weights") -> torch.Tensor | None:
+                arg: str = "per_sample_weights", nonfinite: str = "raise") -> torch.Tensor | None:
     """Checks per-value weights against the bags, before any row is looked up (a call with
     bad weights leaves the table as it was).
 
@@ -36,19 +36,32 @@ def bag_weights(per_sample_weights, mode: str, bounds: np.ndarray,
         mode: the pooling mode; weights need "sum".
         bounds: (B + 1,) int64 bag boundaries, from 0 to the number of values n.
         arg: the weights' name in error messages.
+        nonfinite: the table's ``nonfinite_grads``: with "raise", NaN/inf weights are
+            refused here (they would give NaN outputs and a gradient error blaming the loss).
 
     Returns:
         (n,) weights, or None.
 
     Raises:
         TypeError: weights that are not floating point numbers.
-        ValueError: weights that do not match the bags, or a mode other than "sum".
+        ValueError: weights that do not match the bags, or a mode other than "sum", or
+            NaN/inf weights under ``nonfinite="raise"``.
     """
     if per_sample_weights is None:
         return None
     if mode != "sum":
         raise ValueError(f"{arg} needs mode='sum', got mode={mode!r}")
-    return _weights_per_value(per_sample_weights, bounds, arg)
+    weights = _weights_per_value(per_sample_weights, bounds, arg)
+    if nonfinite == "raise":
+        bad = ~torch.isfinite(weights.detach())
+        if bool(bad.any()):
+            first = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"{arg} holds {int(bad.sum())} NaN or inf weights (the first at value "
+                f"{first}: {float(weights[first])}); fix or drop them, or give the table "
+                "nonfinite_grads='skip' to let them through (their rows' gradients are then "
+                "skipped and counted)")
+    return weights
 
 
 def pool(rows: torch.Tensor, inverse: np.ndarray, bounds: np.ndarray, mode: str,
@@ -234,7 +247,8 @@ class DynamicEmbeddingBag(SingleTableModule):
                 "own argument, bag(values, offsets), or the bags as a list: bag([bag0, bag1])")
         batch, bounds = to_jagged(values, offsets, include_last_offset=include_last_offset,
                                   hash_seed=self.table.config.hash_seed)
-        weights = bag_weights(per_sample_weights, self.mode, bounds)
+        weights = bag_weights(per_sample_weights, self.mode, bounds,
+                              nonfinite=self.table.config.nonfinite_grads)
         batch, bounds, weights = drop_padding_from_bags(batch, bounds, weights,
                                                         self.table.padding_id)
         return self._pool(batch, bounds, weights)

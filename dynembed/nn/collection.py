@@ -285,7 +285,8 @@ class EmbeddingCollection(TableModule):
                 self.key_kinds.setdefault(name, set()).add(batch.kind)
             if name in given:
                 weights[name] = bag_weights(given[name], spec.pooling, bounds,
-                                            arg=f"per_sample_weights[{name!r}]")
+                                            arg=f"per_sample_weights[{name!r}]",
+                                            nonfinite=table.config.nonfinite_grads)
             shapes[name] = ((bounds.shape[0] - 1, table.dim) if bounds is not None
                             else (*batch.shape, table.dim))
             if bounds is not None:

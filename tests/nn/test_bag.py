@@ -74,6 +74,10 @@ def test_per_sample_weights_in_every_shape_the_values_come_in():
     (torch.tensor([1, 2, 3, 4]), TypeError, "per_sample_weights must be floating point"),
     (torch.ones(4, 1), ValueError, r"must have shape \(4,\).*got \(4, 1\)"),
     (torch.ones(4, device="meta"), TypeError, "dense tensor with values"),  # garbage once
+    # NaN weights gave NaN outputs, then a gradient error that blamed the loss
+    ([[0.5, float("nan")], [1.0, 2.0]], ValueError,
+     r"per_sample_weights holds 1 NaN or inf weights \(the first at value 1: nan\)"),
+    (torch.tensor([1.0, 2.0, float("inf"), float("-inf")]), ValueError, "2 NaN or inf .*'skip'"),
 ])
 def test_bad_per_sample_weights_name_the_argument(weights, error, match):
     bag = de.DynamicEmbeddingBag(dim=2, mode="sum")
@@ -212,3 +216,18 @@ def test_a_torch_compiled_bag_pools_and_trains_as_an_eager_one():
         return bag.table.find([1, 2]).values
 
     torch.testing.assert_close(run(True), run(False))
+
+
+def test_nonfinite_weights_pass_where_the_table_skips_nonfinite_gradients():
+    """nonfinite_grads='skip' lets NaN weights through, as it lets their gradients through
+    to be skipped and counted."""
+    bag = de.DynamicEmbeddingBag(dim=2, mode="sum", nonfinite_grads="skip",
+                                 optimizer=de.optim.SGD(lr=0.1))
+    out = bag([[1, 2], [3, 4]], per_sample_weights=[[0.5, float("nan")], [1.0, 2.0]])
+    assert out[0].isnan().all() and out[1].isfinite().all()
+    before = bag.table.find([1, 2]).values.clone()
+    out.sum().backward()  # the NaN-weighted key's row gets a NaN gradient: skipped, counted
+    assert bag.stats().totals.nonfinite_gradients == 1
+    after = bag.table.find([1, 2]).values
+    torch.testing.assert_close(after[0], before[0] - 0.05)
+    assert torch.equal(after[1], before[1])

@@ -75,6 +75,8 @@ def test_values_offsets_input_and_per_sample_weights():
     ({"title": torch.ones(4)}, ValueError, r"per_sample_weights\['title'\] must have shape"),
     ({"title": [[1.0], [2.0]]}, ValueError, r"per_sample_weights\['title'\]\[0\] has 1 weights"),
     ([torch.ones(3)], TypeError, "per_sample_weights must be a dict"),
+    ({"title": torch.tensor([1.0, float("nan"), 1.0])}, ValueError,
+     r"per_sample_weights\['title'\] holds 1 NaN or inf"),
 ])
 def test_bad_per_sample_weights_name_the_feature(weights, error, match):
     """Weights under a misspelled or unpooled feature were once dropped silently; bad
