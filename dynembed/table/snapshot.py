@@ -158,13 +158,18 @@ class TableSnapshot:
     def to_pandas(self):
         """Live rows as a pandas DataFrame, one row per key (needs pandas).
 
-        Columns: ``id``, ``key`` (with the key log), ``count``, ``last_step`` and ``vector``
-        (a (dim,) float32 array per row).
+        Columns: ``id``, ``key`` (with the key log; object dtype: str, bytes for bytes keys
+        that are not UTF-8, None where unknown), ``count``, ``last_step`` and ``vector`` (a
+        (dim,) float32 array per row).
         """
         import pandas as pd  # optional dependency, only for this export
 
         arrays = self.to_numpy()
         vectors = arrays.pop("vector")
+        if "key" in arrays:
+            # object, not pandas' str dtype: that one stores UTF-8 and failed the whole export
+            # on one key with a lone surrogate (text decoded with errors="surrogateescape")
+            arrays["key"] = pd.Series(arrays["key"], dtype=object)
         frame = pd.DataFrame(arrays)
         frame["vector"] = list(vectors)
         return frame

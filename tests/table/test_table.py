@@ -287,3 +287,16 @@ def test_optimizer_state_of_another_optimizer_of_the_same_width_is_refused(saved
     de.DynamicTable(de.TableConfig(dim=3)).load_state_dict(
         de.DynamicTable(de.TableConfig(dim=3)).state_dict())
 
+
+
+def test_pandas_export_keeps_keys_utf8_cannot_hold():
+    """A key with a lone surrogate (text decoded with errors="surrogateescape") is a valid
+    str key; pandas' str dtype failed the whole export on it."""
+    pytest.importorskip("pandas")
+    odd = b"caf\xe9".decode("utf-8", errors="surrogateescape")
+    emb = de.DynamicEmbedding(dim=3, key_log=True, seed=0)
+    emb(["ok", odd])  # all str (with bytes among them the column was object already)
+    frame = emb.table.to_pandas()
+    assert set(frame["key"]) == {"ok", odd}
+    for key, vector in zip(frame["key"], frame["vector"]):
+        assert np.array_equal(vector, emb.table.find([key]).values.numpy()[0])
