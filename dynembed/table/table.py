@@ -13,7 +13,9 @@ from collections import deque
 
 import numpy as np
 import torch
+import torch.utils.data
 
+from dynembed._caller import warn_at_caller
 from dynembed.errors import (
     MemoryBudgetError,
     ReadOnlyTableError,
@@ -81,6 +83,9 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch, Table
         >>> table.find_or_insert(["cat", "dog"]).values.shape
         torch.Size([2, 4])
     """
+
+    _warned_in_worker = False
+    """Whether a change in a DataLoader worker was warned about (set on the instance)."""
 
     def __init__(self, config: TableConfig) -> None:
         if not isinstance(config, TableConfig):
@@ -172,7 +177,10 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch, Table
                 "(torch.save(model), copy.deepcopy): its rows are not all in memory, and a "
                 "copy would share or lose the rest. Save the model with "
                 "de.checkpoint.save(path, model) (or torch.save(model.state_dict(), path)) "
-                "and load that into a model built with its own store")
+                "and load that into a model built with its own store. (A spawned DataLoader "
+                "worker gets its dataset and collate_fn pickled: keep tables out of them, "
+                "convert keys to ids there, e.g. with de.hash_strings, and look the ids up in "
+                "the training loop.)")
         return self.__dict__.copy()
 
     def _row_limit(self) -> int | None:
@@ -259,6 +267,22 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch, Table
         if self.read_only:
             raise ReadOnlyTableError(f"{verb}: the table is read-only (read_only=True, for "
                                      "serving); make a writable table to change rows")
+        self._warn_if_in_data_worker(verb)
+
+    def _warn_if_in_data_worker(self, verb: str) -> None:
+        """Warns (once per table and process) when a DataLoader worker changes the table:
+        it changes the worker's copy (forked or unpickled), which the training process
+        never sees, so rows, counts and key-log entries made there vanish silently."""
+        if self._warned_in_worker or torch.utils.data.get_worker_info() is None:
+            return
+        self._warned_in_worker = True
+        warn_at_caller(
+            f"{verb} in a DataLoader worker: it changes the worker's copy of "
+            f"{self.name or 'the table'}, and the training process never sees the rows, "
+            "counts or logged keys it makes. Look keys up in the training loop (or in eval "
+            "mode, or on a read_only table, in the worker); to move only the string hashing "
+            "into workers, convert keys there with table.ids_of(keys).ids or "
+            "de.hash_strings and look the int ids up in the training process.")
 
     # ----------------------------------------------------------------- slot-level path
     def lookup_slots(self, unique_ids: np.ndarray, counts: np.ndarray, *, insert: bool,
@@ -284,6 +308,8 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch, Table
             StoreError: the store failed; the table is unchanged.
             MemoryBudgetError: the call needs more rows at once than the budget holds.
         """
+        if insert:
+            self._warn_if_in_data_worker("a training lookup")
         if insert and self.base is not None and self.base.background_rows:
             self.base.advance(self)  # first: it changes slots
         call = CallStats(keys=int(counts.sum()))

@@ -98,3 +98,36 @@ def test_many_lookups_in_one_backward_are_one_queued_backward(monkeypatch):
         for _ in range(2):
             sum(emb(KEYS_A).sum() for _ in range(5)).backward()
         de.sparse_step(emb)
+
+
+class _LookupInCollate:
+    """A collate_fn that looks keys up, recording the warnings it raises in the worker."""
+
+    def __init__(self, emb, train: bool):
+        self.emb, self.train = emb, train
+
+    def __call__(self, keys):
+        self.emb.train(self.train)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with torch.no_grad():
+                self.emb(keys)
+                self.emb(keys)
+        return [str(w.message) for w in caught], self.emb.table.size()
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_a_training_lookup_in_a_data_loader_worker_warns_once(train):
+    """A train-mode lookup in a collate_fn inserted rows into the worker's copy of the
+    table, which the training process never saw, and nothing said so."""
+    emb = de.DynamicEmbedding(dim=2, optimizer=de.optim.SGD(lr=0.1))
+    loader = torch.utils.data.DataLoader(["cat", "dog"], batch_size=2, num_workers=1,
+                                         collate_fn=_LookupInCollate(emb, train),
+                                         multiprocessing_context="fork", timeout=120)
+    (messages, rows_in_worker), = list(loader)
+    assert emb.table.size() == 0  # the main process's table
+    if train:
+        assert rows_in_worker == 2
+        assert len(messages) == 1 and "a training lookup in a DataLoader worker" in messages[0]
+    else:
+        assert messages == [] and rows_in_worker == 0
