@@ -56,9 +56,24 @@ def _print_summary(info: dict, out) -> None:
               f"({t['rows_in_files']:,} rows, {t['deleted']:,} deletions)", file=out)
         print(f"    optimizer {t['optimizer']}", file=out)
         if t["top_keys"]:
-            keys = ", ".join(f"{k['key'] if k['key'] is not None else k['id']} ({k['count']})"
-                             for k in t["top_keys"])
+            keys = ", ".join(f"{_shown_key(k)} ({k['count']})" for k in t["top_keys"])
             print(f"    top keys by count: {keys}", file=out)
+
+
+_SHOWN_KEY_CHARS = 60
+"""Longer logged keys are cut in summaries (a whole query or document may be a key)."""
+
+
+def _shown_key(entry: dict) -> str:
+    """A top key as the summary shows it: the id if the key is not logged, else its repr
+    (so "" and keys holding ", " or control characters read unambiguously; a bytes key
+    comes as its literal already), cut short."""
+    if entry["key"] is None:
+        return str(entry["id"])
+    shown = entry["key"] if entry.get("key_is_bytes") else repr(entry["key"])
+    if len(shown) > _SHOWN_KEY_CHARS:
+        shown = f"{shown[:_SHOWN_KEY_CHARS - 3]}... ({len(shown):,} chars)"
+    return shown
 
 
 def _is_model_package(path: Path) -> bool:

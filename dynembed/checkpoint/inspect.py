@@ -66,7 +66,7 @@ def _top_keys(chain, name: str, entry: dict, top: int) -> list[dict]:
         counts = np.concatenate([best_counts, block.counts])
         keep = np.argsort(-counts, kind="stable")[:top]
         best_ids, best_counts = ids[keep], counts[keep]
-    strings = [None] * best_ids.shape[0]
+    keys = [None] * best_ids.shape[0]
     if entry.get("key_log"):
         folder, manifest = chain[-1]
         log = KeyLog()
@@ -76,11 +76,12 @@ def _top_keys(chain, name: str, entry: dict, top: int) -> list[dict]:
             part.load_state_dict({k[len("key_log."):]: v for k, v in aux.items()
                                   if k.startswith("key_log.")})
             log.merge(part)
-        # a bytes key that is not UTF-8 is shown as its Python literal (b'\xff...'): the
-        # summary is printed and written as JSON, which has no bytes
-        strings = [repr(k) if isinstance(k, bytes) else k for k in log.lookup(best_ids)]
-    return [{"id": int(i), "key": s, "count": int(c)}
-            for i, s, c in zip(best_ids, strings, best_counts)]
+        keys = log.lookup(best_ids)
+    # a bytes key that is not UTF-8 is given as its Python literal (b'\xff...'), and
+    # key_is_bytes says so: the summary is printed and written as JSON, which has no bytes
+    return [{"id": int(i), "key": repr(k) if isinstance(k, bytes) else k, "count": int(c),
+             "key_is_bytes": isinstance(k, bytes)}
+            for i, k, c in zip(best_ids, keys, best_counts)]
 
 
 def describe(path: str | os.PathLike, *, top: int = 10) -> dict:

@@ -49,7 +49,7 @@ def test_inspect_prints_tables_top_keys_and_draws_the_history(tmp_path):
                           text=True, timeout=120, check=False)
     assert text.returncode == 0, text.stderr
     assert "table words: 62 rows, dim 4" in text.stdout
-    assert "the (100)" in text.stdout
+    assert "'the' (100)" in text.stdout
 
 
 def test_inspect_of_a_damaged_checkpoint_fails_with_the_reason(tmp_path):

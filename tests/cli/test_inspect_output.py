@@ -53,3 +53,19 @@ def test_a_reader_that_leaves_early_is_no_error(tmp_path):
         os.close(writer)
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
+
+
+def test_summary_shows_top_keys_quoted_and_long_ones_cut(tmp_path, capsys):
+    """Keys were printed raw: a 20,000-character query key flooded the terminal, "" was
+    invisible, and keys holding ", " made the list ambiguous."""
+    emb = de.DynamicEmbedding(dim=2, key_log=True, seed=1)
+    long_key = "q:" + "x" * 20_000
+    emb(["", long_key, "a, b", long_key, ""])
+    emb([b"\xff" * 100])  # bytes that are not UTF-8, logged as bytes
+    de.checkpoint.save(tmp_path / "c", emb)
+    assert cli.main(["inspect", str(tmp_path / "c")]) == 0
+    top = next(line for line in capsys.readouterr().out.splitlines() if "top keys" in line)
+    assert "'' (2)" in top and "'a, b' (1)" in top
+    assert "... (20,004 chars) (2)" in top  # of its repr, quotes included
+    assert " b'\\xff\\xff" in top and "... (403 chars) (1)" in top
+    assert len(top) < 400
