@@ -575,8 +575,8 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch, Table
 
         Raises:
             ReadOnlyTableError: the table is read-only.
-            ValueError: shapes do not match; keys of other ranks' shards (see
-                :meth:`owned`).
+            ValueError: shapes do not match, or a row holds NaN/inf (nothing is written);
+                keys of other ranks' shards (see :meth:`owned`).
             MemoryBudgetError: more distinct keys than ``max_rows`` and no store.
             StoreError: the store failed (what stays applied: see the class docstring).
         """
@@ -612,8 +612,8 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch, Table
 
         Raises:
             ReadOnlyTableError: the table is read-only.
-            ValueError: ``values`` is not (n, dim); keys of other ranks' shards (see
-                :meth:`owned`).
+            ValueError: ``values`` is not (n, dim) or holds NaN/inf (nothing is written);
+                keys of other ranks' shards (see :meth:`owned`).
             MemoryBudgetError: more distinct keys than ``max_rows``, a lazily opened
                 checkpoint to read them from and no store.
             StoreError: the store failed (what stays applied: see the class docstring).
@@ -709,4 +709,11 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch, Table
             raise ValueError(f"{name} must have shape ({n}, {width}), got {tuple(rows.shape)}")
         if not rows.dtype.is_floating_point:
             raise TypeError(f"{name} must be floating point, got {rows.dtype}")
-        return rows.to(torch.float32)
+        rows = rows.to(torch.float32)
+        bad = ~torch.isfinite(rows).all(dim=1)
+        if bool(bad.any()):  # such a row poisons every later lookup and update of its key
+            raise ValueError(
+                f"{name} holds NaN or inf in {int(bad.sum())} of {n} rows (the first is row "
+                f"{int(bad.nonzero()[0, 0])}); fix those values or leave their keys out "
+                "(float64 values beyond float32's range become inf). Nothing was written.")
+        return rows

@@ -42,6 +42,25 @@ def test_insert_or_assign_and_assign():
         t.insert_or_assign([1], torch.zeros(2, 2))
 
 
+@pytest.mark.parametrize("write", ["insert_or_assign", "assign", "state"])
+def test_rows_holding_nan_or_inf_are_refused_and_nothing_is_written(write):
+    """They were written silently, poisoning every later lookup and update of the key."""
+    t = _table(dim=2, optimizer=de.optim.Adagrad(lr=0.1))
+    t.insert_or_assign([1, 2], torch.ones(2, 2))
+    before = t.export()
+    bad = torch.tensor([[0.0, 0.0], [float("nan"), 1.0], [1e300, 0.0]], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"holds NaN or inf in 2 of 3 rows \(the first is row 1\)"):
+        if write == "insert_or_assign":
+            t.insert_or_assign([1, 2, 3], bad)
+        elif write == "assign":
+            t.assign([1, 2, 3], bad)
+        else:
+            t.insert_or_assign([1, 2, 3], torch.zeros(3, 2), optimizer_state=bad)
+    after = t.export()
+    assert t.size() == 2 and torch.equal(after.weights, before.weights)
+    assert torch.equal(after.optimizer_state, before.optimizer_state)
+
+
 def test_assigned_values_that_require_grad_are_copied_not_linked():
     """Values in an autograd graph once pulled the arena into it: every later numpy view
     of the weights (inserts, updates, state_dict) raised."""
