@@ -431,8 +431,11 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
     if strict:
         unknown = sorted(set(manifest["tables"]) - set(found))
         if unknown and model is not None:
+            unmatched = sorted(set(found) - set(manifest["tables"]))
+            renamed = (f"; the model's tables {unmatched} are not in it (renamed?)"
+                       if unmatched else "")
             raise CheckpointError(f"checkpoint {folder} has tables {unknown} that the model "
-                                  "does not; pass strict=False to ignore them")
+                                  f"does not{renamed}; pass strict=False to ignore them")
     routed = sorted({t.router.num_buckets for t in found.values() if t.router is not None})
     if routed and routed != [manifest["num_buckets"]]:  # keys would load on other ranks
         raise CheckpointError(f"checkpoint {folder} has {manifest['num_buckets']} key buckets "

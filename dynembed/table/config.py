@@ -41,8 +41,10 @@ class TableConfig:
     """Configuration of one dynamic table.
 
     Raises:
-        ValueError: a field has a bad value; the message names the field.
-        TypeError: a field has the wrong type.
+        ValueError: a field has a bad value (a number of the wrong type too, e.g.
+            ``dim="16"``); the message names the field.
+        TypeError: a field that takes an object (optimizer, initializer, policy, store)
+            gets another type.
     """
 
     dim: int

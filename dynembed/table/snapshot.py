@@ -180,11 +180,20 @@ class TableSnapshot:
 
         Raises:
             RuntimeError: the table was made without ``key_log=True``.
+            TypeError: ``ids`` are not int64 ids (e.g. the keys themselves).
         """
         if self.key_log is None:
             raise RuntimeError("this table keeps no key log; make it with key_log=True to "
                                "recover the strings behind ids")
-        return self.key_log.lookup(np.asarray(torch.as_tensor(ids, dtype=torch.int64)))
+        try:
+            ids = torch.as_tensor(ids)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"ids must be int64 ids (a tensor, array or list of ints), got "
+                            f"{type(ids).__name__} ({e}); keys_of maps ids back to the keys "
+                            "(table.ids_of(keys).ids gives the ids of keys)") from None
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise TypeError(f"ids must be int64 ids, got a {ids.dtype} tensor")
+        return self.key_log.lookup(ids.to(torch.int64).reshape(-1).numpy())
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, torch.Tensor]:

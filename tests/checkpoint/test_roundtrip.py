@@ -440,3 +440,19 @@ def test_a_strict_load_refuses_a_checkpoint_without_the_models_dense_state(tmp_p
     only_tables.emb = de.DynamicEmbedding(dim=4, optimizer=de.optim.SGD(lr=0.1), seed=1)
     de.checkpoint.load(tmp_path / "tables-only", only_tables)
     assert_same_rows(src.emb.table, only_tables.emb.table)
+
+
+def test_a_table_missing_from_the_model_names_the_models_unmatched_tables(tmp_path):
+    """A renamed table was reported only as the checkpoint's table the model lacks; the
+    model's own name for it makes the rename plain."""
+    def model(name):
+        return de.EmbeddingCollection(tables={name: de.TableConfig(dim=2)},
+                                      features={"t": de.FeatureConfig(table=name)})
+
+    saved = model("words")
+    saved({"t": ["a"]})
+    de.checkpoint.save(tmp_path / "c", saved)
+    with pytest.raises(de.errors.CheckpointError,
+                       match=r"has tables \['tables.words'\] .*the model's tables "
+                             r"\['tables.tokens'\] are not in it \(renamed\?\)"):
+        de.checkpoint.load(tmp_path / "c", model("tokens"))

@@ -141,6 +141,10 @@ def test_key_log_lists_real_strings():
     assert t.keys_of(t.export().ids) == ["naïve"]
     with pytest.raises(RuntimeError, match="key_log=True"):
         _table().keys_of([1])
+    with pytest.raises(TypeError, match=r"ids must be int64 ids .*table.ids_of\(keys\).ids"):
+        t.keys_of(["naïve"])  # the keys themselves: was "too many dimensions 'str'"
+    with pytest.raises(TypeError, match="got a torch.float32 tensor"):
+        t.keys_of(torch.tensor([1.5]))
 
 
 def test_to_numpy_and_pandas_export():
