@@ -1,4 +1,5 @@
-"""Which keys a shard of a distributed table holds.
+"""Who may change a table: not a read-only one, nor, unnoticed, a DataLoader worker's
+copy; in a distributed job, only the keys of this rank's shard.
 
 :class:`TableOwnership` is a mixin of :class:`~dynembed.table.table.DynamicTable`. In a
 distributed job (:func:`dynembed.distributed.shard_model` sets ``table.router``) a sharded
@@ -10,10 +11,38 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.utils.data
+
+from dynembed._caller import warn_at_caller
+from dynembed.errors import ReadOnlyTableError
 
 
 class TableOwnership:
     """The ownership checks of a table (mixin; see module doc)."""
+
+    _warned_in_worker = False
+    """Whether a change in a DataLoader worker was warned about (set on the instance)."""
+
+    def _check_writable(self, verb: str) -> None:
+        if self.read_only:
+            raise ReadOnlyTableError(f"{verb}: the table is read-only (read_only=True, for "
+                                     "serving); make a writable table to change rows")
+        self._warn_if_in_data_worker(verb)
+
+    def _warn_if_in_data_worker(self, verb: str) -> None:
+        """Warns (once per table and process) when a DataLoader worker changes the table:
+        it changes the worker's copy (forked or unpickled), which the training process
+        never sees, so rows, counts and key-log entries made there vanish silently."""
+        if self._warned_in_worker or torch.utils.data.get_worker_info() is None:
+            return
+        self._warned_in_worker = True
+        warn_at_caller(
+            f"{verb} in a DataLoader worker: it changes the worker's copy of "
+            f"{self.name or 'the table'}, and the training process never sees the rows, "
+            "counts or logged keys it makes. Look keys up in the training loop (or in eval "
+            "mode, or on a read_only table, in the worker); to move only the string hashing "
+            "into workers, convert keys there with table.ids_of(keys).ids or "
+            "de.hash_strings and look the int ids up in the training process.")
 
     @property
     def is_shard(self) -> bool:

@@ -13,12 +13,9 @@ from collections import deque
 
 import numpy as np
 import torch
-import torch.utils.data
 
-from dynembed._caller import warn_at_caller
 from dynembed.errors import (
     MemoryBudgetError,
-    ReadOnlyTableError,
     StoreError,
 )
 from dynembed.kernels.gather import touch_rows
@@ -83,9 +80,6 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch, Table
         >>> table.find_or_insert(["cat", "dog"]).values.shape
         torch.Size([2, 4])
     """
-
-    _warned_in_worker = False
-    """Whether a change in a DataLoader worker was warned about (set on the instance)."""
 
     def __init__(self, config: TableConfig) -> None:
         if not isinstance(config, TableConfig):
@@ -262,27 +256,6 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch, Table
         about 2**-64 per pair. A single batch must not mix them.
         """
         return to_key_batch(keys, hash_seed=self.config.hash_seed, arg=arg)
-
-    def _check_writable(self, verb: str) -> None:
-        if self.read_only:
-            raise ReadOnlyTableError(f"{verb}: the table is read-only (read_only=True, for "
-                                     "serving); make a writable table to change rows")
-        self._warn_if_in_data_worker(verb)
-
-    def _warn_if_in_data_worker(self, verb: str) -> None:
-        """Warns (once per table and process) when a DataLoader worker changes the table:
-        it changes the worker's copy (forked or unpickled), which the training process
-        never sees, so rows, counts and key-log entries made there vanish silently."""
-        if self._warned_in_worker or torch.utils.data.get_worker_info() is None:
-            return
-        self._warned_in_worker = True
-        warn_at_caller(
-            f"{verb} in a DataLoader worker: it changes the worker's copy of "
-            f"{self.name or 'the table'}, and the training process never sees the rows, "
-            "counts or logged keys it makes. Look keys up in the training loop (or in eval "
-            "mode, or on a read_only table, in the worker); to move only the string hashing "
-            "into workers, convert keys there with table.ids_of(keys).ids or "
-            "de.hash_strings and look the int ids up in the training process.")
 
     # ----------------------------------------------------------------- slot-level path
     def lookup_slots(self, unique_ids: np.ndarray, counts: np.ndarray, *, insert: bool,

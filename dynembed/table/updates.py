@@ -272,6 +272,11 @@ class TableUpdates:
         self.counters.zeroed_gradients += sum(ids.shape[0] for ids, _, _ in self._pending)
         self._pending = []
 
+    def _drop_queued(self) -> None:
+        """Drops the queued gradients unapplied, counted in ``skipped_gradients``."""
+        self.counters.skipped_gradients += sum(ids.shape[0] for ids, _, _ in self._pending)
+        self._pending = []
+
     @property
     def has_pending_gradients(self) -> bool:
         """Whether deferred-mode gradients wait for :meth:`step_optimizer`."""
@@ -304,9 +309,7 @@ def step_together(tables: dict[str, TableUpdates]) -> None:
                 if queued is not None:
                     other.counters.skipped_gradients += queued[0].shape[0]
             for other in list(tables.values())[len(summed) + 1:]:
-                other.counters.skipped_gradients += sum(ids.shape[0]
-                                                        for ids, _, _ in other._pending)
-                other._pending = []
+                other._drop_queued()
             named = "" if table.name else f"table {name!r}: "
             raise NonFiniteGradientError(
                 f"{named}{e} No table changed: the other tables' queued gradients were "
