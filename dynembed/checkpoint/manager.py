@@ -383,7 +383,10 @@ class CheckpointManager:
 
         A damaged checkpoint (or a delta whose parent is gone) is renamed
         ``<name>.damaged`` (single-process jobs), so that the training that follows can save
-        that step again; it is kept for inspection.
+        that step again; it is kept for inspection. With ``lazy=True`` rows are checked as
+        they are read: damage found then is remembered beside the file (see
+        :func:`~dynembed.checkpoint.manifest.mark_damaged`), so the next restore falls back
+        instead of restoring that checkpoint again.
 
         Raises:
             CheckpointCorruptError: there are checkpoints, but every one is damaged (or

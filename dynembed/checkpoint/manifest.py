@@ -109,15 +109,49 @@ def check_chain(links: list[tuple[Path, dict]]) -> None:
         check_files(folder, manifest, crc=i == len(links) - 1)
 
 
+DAMAGE_MARK = ".damaged"
+"""Suffix of the marker file :func:`mark_damaged` leaves beside a damaged file."""
+
+
+def mark_damaged(file: str | os.PathLike, reason: str) -> None:
+    """Remembers that ``file`` of a committed checkpoint was found damaged when read, in a
+    marker file beside it (``<file>.damaged``, holding ``reason``), which
+    :func:`check_files` then reports.
+
+    Rows files check their blocks only as they are read, so a lazy restore accepted a
+    checkpoint with a damaged block and training failed at the first read of it; a job
+    restarted with a plain :class:`~dynembed.checkpoint.CheckpointManager` restored the
+    same checkpoint and failed again, for ever. Where the marker cannot be written (a
+    read-only checkpoint), nothing is remembered: the damage is found again at its read.
+    """
+    marker = Path(f"{file}{DAMAGE_MARK}")
+    try:
+        with open(marker, "x") as f:
+            f.write(reason)
+    except OSError:  # marked already, or a read-only checkpoint
+        pass
+
+
 def check_files(path: Path, manifest: dict, *, crc: bool = True) -> None:
     """Checks that every file the manifest lists is there with its size (and CRC-32 where
-    the manifest has one, unless ``crc`` is False).
+    the manifest has one, unless ``crc`` is False), and that no earlier read found it
+    damaged (:func:`mark_damaged`).
 
     Raises:
-        CheckpointCorruptError: a file is missing, truncated, or fails its CRC.
+        CheckpointCorruptError: a file is missing, truncated, fails its CRC, or was found
+            damaged when it was read.
     """
     for name, info in manifest["files"].items():
         file = path / name
+        marker = file.with_name(file.name + DAMAGE_MARK)
+        if marker.exists():
+            try:
+                reason = marker.read_text(errors="replace").strip()
+            except OSError:  # removed meanwhile: the name says enough
+                reason = ""
+            raise CheckpointCorruptError(
+                f"{file}: found damaged when it was read ({reason or 'see ' + str(marker)}); "
+                "load an earlier checkpoint", path=file)
         try:
             size = file.stat().st_size
         except FileNotFoundError:

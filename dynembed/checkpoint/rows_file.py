@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import numba as nb
 import numpy as np
 
+from dynembed.checkpoint.manifest import mark_damaged
 from dynembed.errors import CheckpointCorruptError
 from dynembed.kernels import crc
 from dynembed.kernels.records import HEAD_WORDS, columns_of, records_of
@@ -431,7 +432,11 @@ class RowsFile:
         return lay
 
     def _corrupt(self, part: str, why: str):
-        raise CheckpointCorruptError(f"{self.path}: {part}: {why}; the checkpoint file is "
+        """Raises the damage found, remembered beside the file first (see
+        :func:`~dynembed.checkpoint.manifest.mark_damaged`)."""
+        message = f"{part}: {why}"
+        mark_damaged(self.path, message)
+        raise CheckpointCorruptError(f"{self.path}: {message}; the checkpoint file is "
                                      "damaged, load an earlier checkpoint", path=self.path)
 
     def _column(self, name: str, dtype, width: int = 0) -> np.ndarray:

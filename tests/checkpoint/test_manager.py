@@ -233,6 +233,49 @@ def test_restore_falls_back_on_an_older_checkpoint_when_rows_are_damaged(tmp_pat
     assert manager.save(2, tables={"t": restored}) == tmp_path / "step-0000000002"
 
 
+def test_damage_a_lazy_restore_reads_in_training_is_not_restored_again(tmp_path):
+    """A lazy restore checks rows only as it reads them: training failed at the damaged
+    block, and every restart with a plain manager restored the same checkpoint and failed
+    at the same read again."""
+    manager = de.checkpoint.CheckpointManager(tmp_path, keep_last=5, max_chain=1)
+    table = make_table()
+    train(table, batches(2, 500))
+    manager.save(1, tables={"t": table}, extra={"step": 1})
+    first = make_table()
+    de.checkpoint.load(tmp_path / "step-0000000001", tables={"t": first})
+    train(table, batches(2, 500, seed=3))
+    manager.save(2, tables={"t": table}, extra={"step": 2})
+    rows = next((tmp_path / "step-0000000002").glob("tables/t/*.rows"))
+    _flip_a_records_byte(rows)
+    lazy = make_table()
+    assert de.checkpoint.CheckpointManager(tmp_path).restore(
+        tables={"t": lazy}, lazy=True) == {"step": 2}  # its blocks are not read yet
+    with pytest.raises(de.CheckpointCorruptError, match="checksum"):
+        lazy.export()  # reads every row: the damaged block too
+    assert rows.with_name(rows.name + mf.DAMAGE_MARK).exists()
+    with pytest.raises(de.CheckpointCorruptError, match="found damaged when it was read"):
+        mf.check_chain(mf.chain(tmp_path / "step-0000000002"))
+
+    restarted = make_table()
+    manager = de.checkpoint.CheckpointManager(tmp_path, keep_last=5, max_chain=1)
+    assert manager.restore(tables={"t": restarted}, lazy=True) == {"step": 1}
+    assert_same_rows(first, restarted)
+    assert (tmp_path / "step-0000000002.damaged").exists()
+    train(restarted, batches(2, 500, seed=3))  # and step 2 can be saved again
+    assert manager.save(2, tables={"t": restarted}) == tmp_path / "step-0000000002"
+
+
+def _flip_a_records_byte(rows: Path) -> None:
+    """Damages a block of a rows file's records, keeping its size (only the block's
+    checksum can tell)."""
+    from dynembed.checkpoint.rows_file import RowsFile
+
+    offset, size = RowsFile(str(rows)).layout.offsets["records"]
+    data = bytearray(rows.read_bytes())
+    data[offset + size // 2] ^= 0x01
+    rows.write_bytes(bytes(data))
+
+
 def test_steps_past_ten_digits_are_found(tmp_path):
     manager = de.checkpoint.CheckpointManager(tmp_path, keep_last=2)
     table = make_table()
