@@ -39,6 +39,30 @@ def check_positive(name: str, value: float, *, allow_zero: bool = False) -> None
         raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
 
 
+def check_bool(name: str, value) -> bool:
+    """``value`` as a Python bool; raises TypeError naming ``name`` unless it is a bool
+    (Python or numpy): ``read_only="false"`` is truthy, and would quietly do the opposite."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def check_names(name: str, value) -> tuple[str, ...]:
+    """``value``, an iterable of str, as a tuple; raises TypeError naming ``name`` for a
+    single str (iterating it would give its characters) or items that are not str."""
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be a list of names, got the single string {value!r}; "
+                        f"wrap it: [{value!r}]")
+    try:
+        names = tuple(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a list of names, got {type(value).__name__}") from None
+    bad = [v for v in names if not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"{name} must hold str names, got {bad[0]!r}")
+    return names
+
+
 def check_int(name: str, value, minimum: int = 1) -> int:
     """``value`` as a Python int; raises ValueError naming ``name`` unless it is an integer
     (Python or numpy) >= ``minimum``."""

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dynembed._args import check_int
+from dynembed._args import check_bool, check_int, check_names
 from dynembed.checkpoint import manifest as mf
 from dynembed.checkpoint.lazy import DEFAULT_CHUNK_ROWS, LazyRows
 from dynembed.checkpoint.rows_file import RowsFile
@@ -89,11 +89,14 @@ def _check_rank(rank: int, world_size: int) -> None:
     rank_buckets(rank, world_size)  # raises ValueError naming the bad argument
 
 
-def checkpoint_path(path, arg: str = "path") -> Path:
-    """``path`` as a Path; raises TypeError naming ``arg`` if it is not one."""
+def checkpoint_path(path, arg: str = "path", what: str = "checkpoint directory") -> Path:
+    """``path`` as a Path; raises TypeError naming ``arg`` if it is not one, and ValueError
+    if it is empty (``Path("")`` is the current directory)."""
     if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"{arg} must be a str or os.PathLike checkpoint directory, got "
+        raise TypeError(f"{arg} must be a str or os.PathLike {what}, got "
                         f"{type(path).__name__}")
+    if not os.fspath(path):
+        raise ValueError(f"{arg} is empty; give the {what} (\".\" for the current one)")
     return Path(path)
 
 
@@ -217,7 +220,7 @@ def save(path: str | os.PathLike, model: nn.Module | None = None,
         if table.has_pending_gradients:
             raise CheckpointError(f"table {name!r} holds deferred gradients not applied yet; "
                                   "call de.sparse_step(model) before saving")
-    parent_chain = mf.chain(parent) if parent is not None else None
+    parent_chain = mf.chain(checkpoint_path(parent, "parent")) if parent is not None else None
     parent_manifest = parent_chain[-1][1] if parent_chain else None
     if parent_manifest is not None:
         if num_buckets is not None and num_buckets != parent_manifest["num_buckets"]:
@@ -417,6 +420,8 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
         ValueError: a bad ``rank``/``world_size``, ``background_rows``, ``chunk_rows`` or
             ``dropped``.
     """
+    check_bool("strict", strict)
+    dropped = check_names("dropped", dropped)
     unknown = sorted(set(dropped) - set(DROPPABLE))
     if unknown:
         raise ValueError(f"dropped must name state among {list(DROPPABLE)}, got {unknown}")

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from dynembed.checkpoint import manifest as mf
+from dynembed.checkpoint.api import checkpoint_path
 from dynembed.checkpoint.lazy import LazyRows
 from dynembed.checkpoint.rows_file import RowsFile
 from dynembed.errors import CheckpointError
@@ -99,7 +100,7 @@ def describe(path: str | os.PathLike, *, top: int = 10) -> dict:
     """
     if isinstance(top, bool) or not isinstance(top, int) or top < 0:
         raise ValueError(f"top must be an int >= 0 (0: no top keys), got {top!r}")
-    chain = mf.chain(path)
+    chain = mf.chain(checkpoint_path(path))
     for link, link_manifest in chain:
         mf.check_files(link, link_manifest)
     folder, manifest = chain[-1]
@@ -127,7 +128,7 @@ def history(directory: str | os.PathLike) -> list[dict]:
     ``[{"path", "step", "created", "kind", "rows": {table: rows}}]`` (step from the
     directory name ``step-N``, else None)."""
     out = []
-    for entry in sorted(Path(directory).iterdir()):
+    for entry in sorted(checkpoint_path(directory, "directory").iterdir()):
         if ".damaged" in entry.name or entry.name.endswith((".partial", ".deleting")) \
                 or not (entry / mf.MANIFEST).exists():
             continue  # set aside by CheckpointManager.restore, never committed, or going
@@ -149,7 +150,7 @@ def history_of(path: str | os.PathLike) -> list[dict]:
     checkpoint with its job's others (``step-N`` siblings, as a CheckpointManager keeps
     them). A checkpoint named otherwise stands alone: the directory beside it may hold
     anything (another model's checkpoint was listed as this one's history)."""
-    path = Path(path)
+    path = checkpoint_path(path)
     if not (path / mf.MANIFEST).exists():
         return history(path)
     if _STEP.match(path.name):
@@ -169,7 +170,8 @@ def plot_history(directory: str | os.PathLike, out: str | os.PathLike) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = history_of(directory)
+    checkpoint_path(out, "out", "PNG file")
+    points = history_of(checkpoint_path(directory, "directory"))
     if not points:
         raise ValueError(f"{directory} holds no committed checkpoint to plot")
     by_step = all(p["step"] is not None for p in points)

@@ -23,7 +23,13 @@ from torch import nn
 
 from dynembed._args import check_int, check_positive
 from dynembed.checkpoint import manifest as mf
-from dynembed.checkpoint.api import _check_rank, _gather_tables, load, save
+from dynembed.checkpoint.api import (
+    _check_rank,
+    _gather_tables,
+    checkpoint_path,
+    load,
+    save,
+)
 from dynembed.checkpoint.compact import compact
 from dynembed.checkpoint.fresh_start import (
     check_used_stores,
@@ -52,6 +58,15 @@ def step_of(path: str | os.PathLike) -> int | None:
     """The step in a checkpoint directory's name (``step-N`` or ``step-N-full``), or None."""
     match = _NAME.match(Path(path).name)
     return int(match.group(1)) if match else None
+
+
+def _check_step(step) -> int:
+    """``step`` as a Python int; raises ValueError unless it is an int in [0, 2**63) (a
+    larger one named a directory that every later, smaller step was refused beside)."""
+    step = check_int("step", step, minimum=0)
+    if step >= 2**63:
+        raise ValueError(f"step must be below 2**63, got {step}")
+    return step
 
 
 def _positive(name: str, value, *, allow_none: bool = True, kind=int) -> None:
@@ -135,7 +150,7 @@ class CheckpointManager:
             raise ValueError("every_seconds needs world_size=1: each rank's clock would pick "
                              "another step, and no checkpoint would get every rank's part; "
                              "use every_steps, or de.train.Runtime(every_seconds=...)")
-        self.directory = Path(directory)
+        self.directory = checkpoint_path(directory, "directory", "directory for checkpoints")
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
@@ -219,8 +234,9 @@ class CheckpointManager:
 
         Raises:
             ValueError: the manager has neither ``every_steps`` nor ``every_seconds`` (it
-                would never save).
+                would never save), or ``step`` is not an int in [0, 2**63).
         """
+        step = _check_step(step)
         if self.every_steps is None and self.every_seconds is None:
             raise ValueError("maybe_save never saves without every_steps or every_seconds: "
                              "give one to CheckpointManager, or call save() to save now")
@@ -244,12 +260,12 @@ class CheckpointManager:
             FileExistsError: a checkpoint for ``step`` exists (also as ``step-N-full``).
             CheckpointCorruptError: with several ranks, the latest checkpoint, which the
                 delta needs, is damaged (restart the job; see :meth:`restore`).
-            ValueError: ``step`` is before the newest checkpoint's (retention keeps the
-                newest steps, so it would delete this one at once).
+            ValueError: ``step`` is not an int in [0, 2**63), or is before the newest
+                checkpoint's (retention keeps the newest steps, so it would delete this one
+                at once).
             CheckpointError, TypeError: see :func:`dynembed.checkpoint.save`.
         """
-        check_int("step", step, minimum=0)
-        step = int(step)
+        step = _check_step(step)
         path = self.directory / f"step-{step:010d}"
         compacted = path.with_name(path.name + "-full")
         if compacted.exists():  # a second step-N beside it: restore would take the older

@@ -198,6 +198,8 @@ def to_key_batch(keys, *, hash_seed: int = DEFAULT_HASH_SEED, arg: str = "keys")
                                 "(missing) keys; drop them or fill them with real keys "
                                 "first (e.g. keys.compressed())")
         keys = np.asarray(keys.data)
+    if isinstance(keys, np.generic) and not isinstance(keys, (str, bytes)):
+        keys = np.asarray(keys)  # a numpy scalar (np.int64(3)) reads as the 0-d array does
     if isinstance(keys, np.ndarray):
         if keys.dtype.kind in "USO":  # any shape, as int keys: the output keeps it
             if keys.dtype.kind == "O" and keys.size \

@@ -28,6 +28,19 @@ def check_hash_seed(hash_seed: int) -> None:
         raise ValueError(f"hash_seed must be an int in [0, 2**64), got {hash_seed!r}")
 
 
+def _count_keys(keys, kind: type) -> int:
+    """``len(keys)``; raises TypeError for one key given alone (a str would hash its
+    characters) or for something that is not a sequence."""
+    if isinstance(keys, (str, bytes, bytearray)):
+        raise TypeError(f"keys must be a list of {kind.__name__} keys, got a single "
+                        f"{type(keys).__name__} {keys[:40]!r}; wrap it: [key]")
+    try:
+        return len(keys)
+    except TypeError:
+        raise TypeError(f"keys must be a list of {kind.__name__} keys, got "
+                        f"{type(keys).__name__}") from None
+
+
 def hash_strings(keys: Sequence[str], hash_seed: int = DEFAULT_HASH_SEED) -> np.ndarray:
     """Ids of string keys.
 
@@ -39,13 +52,16 @@ def hash_strings(keys: Sequence[str], hash_seed: int = DEFAULT_HASH_SEED) -> np.
         (n,) int64 ids.
 
     Raises:
-        TypeError: an element is not a str (from ``str.join``; callers rephrase it).
+        TypeError: ``keys`` is a single str or not a sequence, or an element is not a str.
         ValueError: ``hash_seed`` is not an int in [0, 2**64).
     """
     check_hash_seed(hash_seed)
+    n = _count_keys(keys, str)
     # One C-level join and encode, then a compiled pass: no per-key Python work.
-    n = len(keys)
-    joined = _SEPARATOR.join(keys).encode("utf-8", "surrogatepass")
+    try:
+        joined = _SEPARATOR.join(keys).encode("utf-8", "surrogatepass")
+    except TypeError as e:  # "sequence item 0: expected str instance, int found"
+        raise TypeError(f"keys must hold only str: {e}") from None
     lengths = np.fromiter(map(len, keys), dtype=np.int64, count=n)
     buf = np.frombuffer(joined, dtype=np.uint8)
     digests = hash_utf8_by_codepoints(buf, lengths, 1, np.uint64(hash_seed))
@@ -61,11 +77,11 @@ def hash_bytes(keys: Sequence[bytes], hash_seed: int = DEFAULT_HASH_SEED) -> np.
             later keys would hash shifted bytes, and the kernel could read past the end.
     """
     check_hash_seed(hash_seed)
-    n = len(keys)
+    n = _count_keys(keys, bytes)
     kinds = set(map(type, keys))  # a C-level scan
     if not all(issubclass(t, (bytes, bytearray)) for t in kinds):
         other = next(t for t in kinds if not issubclass(t, (bytes, bytearray)))
-        raise TypeError(f"sequence item: expected bytes or bytearray, {other.__name__} found")
+        raise TypeError(f"keys must hold only bytes or bytearray: {other.__name__} found")
     joined = b"".join(keys)
     lengths = np.fromiter(map(len, keys), dtype=np.int64, count=n)
     buf = np.frombuffer(joined, dtype=np.uint8)

@@ -6,6 +6,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import warnings
 
 import torch
 from torch import nn
@@ -408,4 +409,6 @@ def set_sparse_lr(model: nn.Module | DynamicTable, lr: float) -> None:
     for table, optimizer in zip(tables, new):
         if optimizer is not None:
             table.optimizer = optimizer
-            table.config = dataclasses.replace(table.config, optimizer=optimizer)
+            with warnings.catch_warnings():  # the config's warnings came when it was made
+                warnings.simplefilter("ignore")
+                table.config = dataclasses.replace(table.config, optimizer=optimizer)

@@ -31,6 +31,9 @@ class Adagrad(SparseOptimizer):
     def state_width(self, dim: int) -> int:
         return dim
 
+    def nonnegative_state(self, dim: int) -> slice:
+        return slice(0, dim)
+
     def initial_state(self, dim: int) -> np.ndarray:
         return np.full(dim, self.initial_accumulator_value, dtype=np.float32)
 
@@ -60,6 +63,9 @@ class RowWiseAdagrad(SparseOptimizer):
 
     def state_width(self, dim: int) -> int:
         return 1
+
+    def nonnegative_state(self, dim: int) -> slice:
+        return slice(0, 1)
 
     def initial_state(self, dim: int) -> np.ndarray:
         return np.full(1, self.initial_accumulator_value, dtype=np.float32)

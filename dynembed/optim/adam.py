@@ -51,6 +51,9 @@ class Adam(SparseOptimizer):
     def state_width(self, dim: int) -> int:
         return 2 * dim
 
+    def nonnegative_state(self, dim: int) -> slice:
+        return slice(dim, 2 * dim)  # the second moments
+
     def apply(self, weights, state, slots, grads, step) -> None:
         beta1, beta2 = (float(b) for b in self.betas)
         step_size = self.lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)

@@ -9,13 +9,16 @@ checkpoints).
 from __future__ import annotations
 
 import abc
+import dataclasses
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from dynembed._args import check_positive, plain_fields
+from dynembed._args import check_positive, is_real, plain_fields
 
 _FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def check_eps(name: str, value: float) -> None:
@@ -48,6 +51,18 @@ class SparseOptimizer(abc.ABC):
         check_positive("weight_decay", self.weight_decay, allow_zero=True)
         if self.max_grad_norm is not None:
             check_positive("max_grad_norm", self.max_grad_norm)
+        self._check_float32_range()
+
+    def _check_float32_range(self) -> None:
+        """Raises ValueError naming the first number field beyond float32's range: the
+        kernels compute in float32, where ``lr=1e39`` is inf and every updated row becomes
+        NaN or inf without a gradient being counted as bad."""
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if is_real(value) and math.isfinite(value) and abs(value) > _FLOAT32_MAX:
+                raise ValueError(f"{field.name} must be within float32's range (about "
+                                 f"3.4e38), got {value!r}: the kernels compute in float32, "
+                                 "where it is inf")
 
     @property
     def _clip(self) -> float:
@@ -60,6 +75,11 @@ class SparseOptimizer(abc.ABC):
     @abc.abstractmethod
     def state_width(self, dim: int) -> int:
         """Number of float32 state values per row for rows of width ``dim``."""
+
+    def nonnegative_state(self, dim: int) -> slice | None:
+        """The columns of a row's state that hold sums of squares (never negative; the
+        update takes their square root), or None."""
+        return None
 
     def initial_state(self, dim: int) -> np.ndarray:
         """(state_width,) float32 state of a new row; zeros unless the rule says otherwise."""

@@ -43,6 +43,9 @@ class FTRL(SparseOptimizer):
     def state_width(self, dim: int) -> int:
         return 2 * dim
 
+    def nonnegative_state(self, dim: int) -> slice:
+        return slice(dim, 2 * dim)  # n, the sums of squared gradients
+
     def initial_state(self, dim: int) -> np.ndarray:
         state = np.zeros(2 * dim, dtype=np.float32)
         state[dim:] = self.initial_accumulator_value

@@ -41,7 +41,7 @@ from dynembed import optim
 from dynembed._args import check_int
 from dynembed._version import __version__
 from dynembed.checkpoint import manifest as checkpoint_manifest
-from dynembed.checkpoint.api import load, save
+from dynembed.checkpoint.api import checkpoint_path, load, save
 from dynembed.errors import DynembedError
 from dynembed.nn.collection import EmbeddingCollection, FeatureConfig
 from dynembed.table.config import TableConfig
@@ -107,6 +107,9 @@ def _feature_types(embeddings: EmbeddingCollection, given: dict | None) -> dict[
             that contradicts the keys the feature was looked up with (requests would hash to
             other ids than training's, and every key would get the default vector).
     """
+    if given is not None and not isinstance(given, dict):
+        raise TypeError(f"feature_types must be a dict of feature -> 'string' or 'int64', "
+                        f"e.g. {{'user': 'int64'}}, got {type(given).__name__}")
     types = dict(given or {})
     for name in embeddings.features:
         seen = embeddings.key_kinds.get(name, set())
@@ -158,7 +161,8 @@ def export_package(path: str | os.PathLike, *, embeddings: EmbeddingCollection,
             looked up with in this process (int: "int64"), else "string".
         output: "identity", "sigmoid" or "softmax", applied to ``dense``'s output.
         description: free text kept in the manifest.
-        example_batch: batch size of the example input used to trace ``dense``.
+        example_batch: batch size of the example input used to trace ``dense`` (>= 2:
+            ``torch.export`` makes a batch of 1 a constant).
         source_step: the training step of the checkpoint the tables come from (recorded:
             a server that follows the training job's checkpoints then moves only to newer
             ones, not back to an older one at startup); None: unknown.
@@ -183,6 +187,9 @@ def export_package(path: str | os.PathLike, *, embeddings: EmbeddingCollection,
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
     if source_step is not None:
         source_step = check_int("source_step", source_step, minimum=0)
+    # torch.export specialises a batch of 1 (or 0) to a constant: the served model would
+    # take no other batch size
+    example_batch = check_int("example_batch", example_batch, minimum=2)
     if target.exists():
         raise FileExistsError(f"{target} exists; packages are never overwritten")
     types = _feature_types(embeddings, feature_types)
@@ -511,7 +518,7 @@ def open_package(path: str | os.PathLike, *, preload: bool = False) -> Package:
         PackageError: not a package, malformed, or its files do not load.
         CheckpointError: the tables' checkpoint is damaged.
     """
-    folder = Path(path)
+    folder = checkpoint_path(path, "path", "package directory")
     manifest = read_manifest(folder)
     embeddings = build_embeddings(manifest)
     load_tables(embeddings, folder / manifest["checkpoint"], preload=preload)

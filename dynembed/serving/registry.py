@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dynembed._args import check_names
 from dynembed.errors import CheckpointError, DynembedError
 from dynembed.serving.batching import MAX_WORKERS, Batcher
 from dynembed.serving.handler import check_input_dim, make_handler
@@ -147,7 +148,7 @@ class Registry:
         self.model_store = Path(model_store).resolve()
         if not self.model_store.is_dir():
             raise ValueError(f"model_store {model_store} is not a directory")
-        self.allow_custom = set(allow_custom_handlers)
+        self.allow_custom = set(check_names("allow_custom_handlers", allow_custom_handlers))
         self.on_batch = on_batch
         self.job_queue_size = job_queue_size
         self.models: dict[str, dict[str, ModelVersion]] = {}

@@ -39,6 +39,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from dynembed._args import check_bool, check_names, is_real
 from dynembed.checkpoint.manager import CheckpointManager, step_of
 from dynembed.kernels._threads import get_num_threads, set_num_threads
 from dynembed.serving.auth import Tokens
@@ -123,10 +124,16 @@ class ServerConfig:
             parse_address(getattr(self, name), name)
         for name in ("default_workers", "batch_size", "max_request_bytes",
                      "response_timeout_s", "torch_threads", "processes", "job_queue_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        if not 0 <= self.max_batch_delay_ms < math.inf:
-            raise ValueError(f"max_batch_delay_ms must be >= 0, got {self.max_batch_delay_ms}")
+            value = getattr(self, name)  # True is an int: max_request_bytes=True is 1 byte
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("management_auth", "inference_auth", "preload"):
+            setattr(self, name, check_bool(name, getattr(self, name)))
+        self.allow_custom_handlers = check_names("allow_custom_handlers",
+                                                 self.allow_custom_handlers)
+        delay = self.max_batch_delay_ms
+        if not is_real(delay) or not 0 <= delay < math.inf:
+            raise ValueError(f"max_batch_delay_ms must be a number >= 0, got {delay!r}")
         for name in ("follow_interval_s", "graceful_timeout_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) \

@@ -8,7 +8,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
+from dynembed._args import check_bool
 from dynembed._caller import warn_at_caller
 from dynembed.keys.hashing import (
     DEFAULT_HASH_SEED,
@@ -36,9 +38,11 @@ _INT_FIELDS = ("dim", "seed", "hash_seed", "initial_capacity", "max_rows", "evic
 """Fields given as numpy integers are turned into Python ints."""
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class TableConfig:
-    """Configuration of one dynamic table.
+    """Configuration of one dynamic table, checked when made and frozen after (a field set
+    later would skip the checks; ``dataclasses.replace(config, dim=32)`` makes a checked
+    copy).
 
     Raises:
         ValueError: a field has a bad value (a number of the wrong type too, e.g.
@@ -95,7 +99,8 @@ class TableConfig:
     initial_capacity: int = 0
     """Rows to reserve up front (the table grows on demand anyway)."""
     device: str = "cpu"
-    """Where rows live. Only "cpu" is supported in this release."""
+    """Where rows live. Only "cpu" (or ``torch.device("cpu")``) is supported in this
+    release."""
     admission: AdmissionPolicy | None = None
     """Which unseen keys get a row (None admits all). Keys not admitted get the default
     vector and no gradient; both are counted in stats."""
@@ -131,7 +136,7 @@ class TableConfig:
         for name in _INT_FIELDS:  # numpy integers (from arr.max(), np.prod) are ints here
             value = getattr(self, name)
             if isinstance(value, np.integer):
-                setattr(self, name, int(value))
+                object.__setattr__(self, name, int(value))
         if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim <= 0:
             raise ValueError(f"dim must be an int > 0, got {self.dim!r}")
         if self.optimizer is not None and not isinstance(self.optimizer, SparseOptimizer):
@@ -161,9 +166,13 @@ class TableConfig:
                 or self.initial_capacity < 0):
             raise ValueError(f"initial_capacity must be an int >= 0, got "
                              f"{self.initial_capacity!r}")
+        object.__setattr__(self, "read_only", check_bool("read_only", self.read_only))
+        object.__setattr__(self, "key_log", check_bool("key_log", self.key_log))
         self._check_tiers()
         if self.placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        if isinstance(self.device, torch.device) and str(self.device) == "cpu":
+            object.__setattr__(self, "device", "cpu")  # as torch's own modules take it
         if self.device != "cpu":
             raise ValueError(f"device must be 'cpu' in this release, got {self.device!r}; "
                              "GPU tables are planned")
@@ -209,7 +218,8 @@ class TableConfig:
     def _check_padding_key(self) -> None:
         key = self.padding_key
         if isinstance(key, np.integer):
-            key = self.padding_key = int(key)
+            key = int(key)
+            object.__setattr__(self, "padding_key", key)
         if key is None or isinstance(key, (str, bytes)):
             return
         if isinstance(key, bool) or not isinstance(key, int):
@@ -234,6 +244,8 @@ class TableConfig:
             values = [float(value)]
         else:
             try:
+                if isinstance(value, (str, bytes)):  # "1234" would read as four digits
+                    raise TypeError(value)
                 values = [float(v) for v in value]
             except (TypeError, ValueError):
                 raise ValueError("default_value must be a number or a sequence of dim numbers, "

@@ -603,9 +603,9 @@ class RowLifecycle:
         Args:
             keys: (n,) keys (int64 ids, or str/bytes).
         """
+        ids = self.ids_of(keys, arg="keys").ids  # checked with or without a store
         if self.tier is None:
             return
-        ids = self.ids_of(keys, arg="keys").ids
         absent = ids[self.index.find(ids) == EMPTY]
         if absent.shape[0]:
             self.tier.prefetch(absent)

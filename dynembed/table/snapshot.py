@@ -8,7 +8,7 @@ streaming, chunked checkpoints are :mod:`dynembed.checkpoint`'s job).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import torch
@@ -33,6 +33,29 @@ def _state_layout(optimizer) -> int:
     return 0 if optimizer is None else _STATE_LAYOUTS.get(type(optimizer).__name__, 0)
 _ROW_KEYS = ("ids", "weights", "optimizer_state", "counts", "last_step")
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _check_row_values(weights: torch.Tensor, state: torch.Tensor, optimizer) -> None:
+    """Raises StateDictError where a state dict's rows would poison training: NaN or inf
+    weights, NaN optimizer state, or a negative accumulator (a square root of it is NaN at
+    the row's next update). The optimizer state may hold +inf: second moments that
+    overflowed, which the kernels read as float32's largest value."""
+    if weights.numel() and not bool(torch.isfinite(weights).all()):
+        raise StateDictError("state dict 'weights' holds NaN or inf; such a row poisons every "
+                             "later lookup and update of its key (drop those rows, or save "
+                             "the state from before the training diverged)")
+    if not state.numel():
+        return
+    if bool(torch.isnan(state).any()):
+        raise StateDictError("state dict 'optimizer_state' holds NaN; the rows' next "
+                             "updates would be NaN")
+    columns = optimizer.nonnegative_state(weights.shape[1]) if optimizer is not None else None
+    if columns is not None and bool((state[:, columns] < 0).any()):
+        raise StateDictError(
+            f"state dict 'optimizer_state' holds negative values where "
+            f"{type(optimizer).__name__} keeps sums of squared gradients (columns "
+            f"{columns.start}:{columns.stop}); it was not saved by this optimizer, or is "
+            "corrupted")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,6 +335,13 @@ class TableSnapshot:
                     raise StateDictError(f"state dict '{name}' must be a one-element integer "
                                          f"tensor, got {_describe(value)}")
                 counters[f.name] = int(value)
+                if counters[f.name] < 0:
+                    raise StateDictError(f"state dict '{name}' is {counters[f.name]}; "
+                                         "counters are >= 0")
+        for name, value in (("step", meta[3]), ("update_step", meta[4])):
+            if int(value) < 0:
+                raise StateDictError(f"state dict 'meta' holds {name}={int(value)}; steps "
+                                     "are >= 0")
         seed = int(np.int64(meta[5]).view(np.uint64))
         try:
             key_log = None
@@ -361,6 +391,9 @@ class TableSnapshot:
         Raises:
             StateDictError: see :meth:`load_state_dict`.
         """
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be the dict of tensors state_dict() returns, got "
+                            f"{type(state).__name__}")
         absent = [k for k in (*_ROW_KEYS, "meta") if k not in state]
         if absent:
             raise StateDictError(f"state dict lacks {absent}; expected the tensors written by "
@@ -379,6 +412,7 @@ class TableSnapshot:
             if tuple(state[name].shape) != (n, width_):
                 raise StateDictError(f"state dict '{name}' has shape "
                                      f"{tuple(state[name].shape)}, expected ({n}, {width_})")
+        _check_row_values(state["weights"], state["optimizer_state"], self.optimizer)
         for name in ("counts", "last_step"):
             if tuple(state[name].shape) != (n,):
                 raise StateDictError(f"state dict '{name}' has shape "

@@ -548,8 +548,9 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch, Table
 
         Raises:
             ReadOnlyTableError: the table is read-only.
-            ValueError: shapes do not match, or a row holds NaN/inf (nothing is written);
-                keys of other ranks' shards (see :meth:`owned`).
+            ValueError: shapes do not match, a row holds NaN/inf, or ``optimizer_state``
+                a negative sum of squares (nothing is written); keys of other ranks'
+                shards (see :meth:`owned`).
             MemoryBudgetError: more distinct keys than ``max_rows`` and no store.
             StoreError: the store failed (what stays applied: see the class docstring).
         """
@@ -561,6 +562,7 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch, Table
         if optimizer_state is not None:
             optimizer_state = self._check_rows("optimizer_state", optimizer_state, n,
                                                self.arena.state_width)
+            self._check_accumulators(optimizer_state)
         unique, last = _last_occurrence(batch.ids)
         self._check_fits_without_store(unique.shape[0], "insert_or_assign")
         later = self._later_chunks(unique)
@@ -676,7 +678,21 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch, Table
         if self.key_log is not None:
             self.key_log = KeyLog()
 
+    def _check_accumulators(self, state: torch.Tensor) -> None:
+        """Raises ValueError where optimizer state gives a negative sum of squares (its
+        square root at the row's next update is NaN)."""
+        columns = self.optimizer.nonnegative_state(self.dim) if self.optimizer else None
+        if columns is not None and state.numel() and bool((state[:, columns] < 0).any()):
+            raise ValueError(
+                f"optimizer_state holds negative values in columns {columns.start}:"
+                f"{columns.stop}, where {type(self.optimizer).__name__} keeps sums of squared "
+                "gradients (>= 0); give state exported from a table with this optimizer. "
+                "Nothing was written.")
+
     def _check_rows(self, name: str, rows, n: int, width: int) -> torch.Tensor:
+        if rows is None or isinstance(rows, (str, bytes)):
+            raise TypeError(f"{name} must be a ({n}, {width}) float tensor (or array), got "
+                            f"{type(rows).__name__}")
         rows = torch.as_tensor(rows).detach()  # values, never a link into the caller's graph
         if rows.shape != (n, width):
             raise ValueError(f"{name} must have shape ({n}, {width}), got {tuple(rows.shape)}")

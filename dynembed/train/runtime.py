@@ -36,7 +36,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dynembed.checkpoint.api import check_restore_options, load
+from dynembed._args import check_bool
+from dynembed.checkpoint.api import check_restore_options, checkpoint_path, load
 from dynembed.checkpoint.fresh_start import (
     check_used_stores,
     tables_with_stores,
@@ -161,7 +162,15 @@ class Runtime:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         check_restore_options(lazy_restore, background_rows, "lazy_restore")
         check_num_buckets(num_buckets)
-        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        ddp, handle_sigterm = check_bool("ddp", ddp), check_bool("handle_sigterm", handle_sigterm)
+        if backend is not None and not isinstance(backend, str):
+            raise TypeError(f"backend must be None (picked for the device) or a "
+                            f"torch.distributed backend name such as 'gloo', got {backend!r}")
+        self.checkpoint_dir = (checkpoint_path(checkpoint_dir, "checkpoint_dir",
+                                               "directory for checkpoints")
+                               if checkpoint_dir is not None else None)
+        if progress_file is not None:
+            checkpoint_path(progress_file, "progress_file", "file path")
         self.every_steps, self.every_seconds = every_steps, every_seconds
         self.keep_last, self.max_chain = keep_last, max_chain
         self.lazy_restore, self.background_rows = lazy_restore, background_rows
@@ -367,6 +376,7 @@ class Runtime:
             :attr:`extra` (empty on a fresh start). :attr:`step` is the restored step.
 
         Raises:
+            TypeError: ``optimizer`` is not a torch optimizer.
             CheckpointError: there are checkpoints but none loads (or they do not fit), or
                 loading failed unexpectedly on another rank (every rank stops at once).
             Exception: an unexpected error while loading (I/O, memory, ...), raised on the
@@ -375,6 +385,12 @@ class Runtime:
         self._require_started()
         if self.model is None:
             raise RuntimeError("call prepare(model) before restore()")
+        if optimizer is not None and not (hasattr(optimizer, "state_dict")
+                                          and hasattr(optimizer, "load_state_dict")):
+            # else it failed at the first checkpoint, after training steps had run
+            raise TypeError(f"optimizer must be the dense part's torch optimizer (or None), "
+                            f"got {type(optimizer).__name__}; a de.optim optimizer belongs to "
+                            "the tables, and is checkpointed with them")
         self.optimizer = optimizer
         self._restore_called = True
         if self.manager is None:
