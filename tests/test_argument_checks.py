@@ -143,9 +143,17 @@ def test_prefetch_checks_keys_without_a_store_too():
         de.DynamicEmbedding(dim=4).table.prefetch([1.0])
 
 
-def test_insert_or_assign_of_no_values_names_them():
-    with pytest.raises(TypeError, match=r"values must be a \(1, 4\) float tensor"):
-        de.DynamicEmbedding(dim=4).table.insert_or_assign([1], None)
+@pytest.mark.parametrize("values, match", [
+    (None, r"values must be a \(1, 4\) float tensor"),
+    (np.array([[None, 1, 2, 3]], dtype=object), r"values must be a \(1, 4\) float tensor"),
+    ([["a", "b", "c", "d"]], r"values must be a \(1, 4\) float tensor"),
+    (torch.ones(1, 4, device="meta"), "meta device"),
+])
+def test_insert_or_assign_of_values_that_are_not_numbers_names_them(values, match):
+    table = de.DynamicEmbedding(dim=4).table
+    with pytest.raises(TypeError, match=match):
+        table.insert_or_assign([1], values)
+    assert table.size() == 0
 
 
 def test_set_sparse_lr_does_not_warn_again(recwarn):

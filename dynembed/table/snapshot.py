@@ -20,6 +20,7 @@ from dynembed.table.arena import ID, LAST_STEP
 from dynembed.table.eviction import FREE_STEP
 from dynembed.table.index import EMPTY
 from dynembed.table.results import TableExport
+from dynembed.table.row_values import check_state_dict_rows
 
 STATE_VERSION = 1
 _STATE_LAYOUTS = {"SGD": 1, "Adagrad": 2, "RowWiseAdagrad": 3, "Adam": 4, "FTRL": 5}
@@ -33,29 +34,6 @@ def _state_layout(optimizer) -> int:
     return 0 if optimizer is None else _STATE_LAYOUTS.get(type(optimizer).__name__, 0)
 _ROW_KEYS = ("ids", "weights", "optimizer_state", "counts", "last_step")
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
-
-
-def _check_row_values(weights: torch.Tensor, state: torch.Tensor, optimizer) -> None:
-    """Raises StateDictError where a state dict's rows would poison training: NaN or inf
-    weights, NaN optimizer state, or a negative accumulator (a square root of it is NaN at
-    the row's next update). The optimizer state may hold +inf: second moments that
-    overflowed, which the kernels read as float32's largest value."""
-    if weights.numel() and not bool(torch.isfinite(weights).all()):
-        raise StateDictError("state dict 'weights' holds NaN or inf; such a row poisons every "
-                             "later lookup and update of its key (drop those rows, or save "
-                             "the state from before the training diverged)")
-    if not state.numel():
-        return
-    if bool(torch.isnan(state).any()):
-        raise StateDictError("state dict 'optimizer_state' holds NaN; the rows' next "
-                             "updates would be NaN")
-    columns = optimizer.nonnegative_state(weights.shape[1]) if optimizer is not None else None
-    if columns is not None and bool((state[:, columns] < 0).any()):
-        raise StateDictError(
-            f"state dict 'optimizer_state' holds negative values where "
-            f"{type(optimizer).__name__} keeps sums of squared gradients (columns "
-            f"{columns.start}:{columns.stop}); it was not saved by this optimizer, or is "
-            "corrupted")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -412,7 +390,7 @@ class TableSnapshot:
             if tuple(state[name].shape) != (n, width_):
                 raise StateDictError(f"state dict '{name}' has shape "
                                      f"{tuple(state[name].shape)}, expected ({n}, {width_})")
-        _check_row_values(state["weights"], state["optimizer_state"], self.optimizer)
+        check_state_dict_rows(state["weights"], state["optimizer_state"], self.optimizer)
         for name in ("counts", "last_step"):
             if tuple(state[name].shape) != (n,):
                 raise StateDictError(f"state dict '{name}' has shape "

@@ -37,6 +37,7 @@ from dynembed.table.lifecycle import (
 )
 from dynembed.table.ownership import TableOwnership
 from dynembed.table.results import FindResult, InsertResult
+from dynembed.table.row_values import check_accumulators, checked_rows
 from dynembed.table.search import TableSearch
 from dynembed.table.snapshot import TableSnapshot
 from dynembed.table.stats import CallStats, Counters, TableStats
@@ -558,11 +559,11 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch, Table
         batch = self.ids_of(keys)
         self._refuse_foreign(batch.ids, "insert_or_assign")
         n = batch.ids.shape[0]
-        values = self._check_rows("values", values, n, self.dim)
+        values = checked_rows("values", values, n, self.dim)
         if optimizer_state is not None:
-            optimizer_state = self._check_rows("optimizer_state", optimizer_state, n,
-                                               self.arena.state_width)
-            self._check_accumulators(optimizer_state)
+            optimizer_state = checked_rows("optimizer_state", optimizer_state, n,
+                                           self.arena.state_width)
+            check_accumulators(self.optimizer, self.dim, optimizer_state)
         unique, last = _last_occurrence(batch.ids)
         self._check_fits_without_store(unique.shape[0], "insert_or_assign")
         later = self._later_chunks(unique)
@@ -596,7 +597,7 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch, Table
         self._check_writable("assign")
         ids = self.ids_of(keys).ids
         self._refuse_foreign(ids, "assign")
-        values = self._check_rows("values", values, ids.shape[0], self.dim)
+        values = checked_rows("values", values, ids.shape[0], self.dim)
         unique, last = _last_occurrence(ids)
         if self.base is not None:  # else no row enters memory: nothing is evicted
             self._check_fits_without_store(unique.shape[0], "assign")
@@ -677,32 +678,3 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch, Table
         self._pending = []
         if self.key_log is not None:
             self.key_log = KeyLog()
-
-    def _check_accumulators(self, state: torch.Tensor) -> None:
-        """Raises ValueError where optimizer state gives a negative sum of squares (its
-        square root at the row's next update is NaN)."""
-        columns = self.optimizer.nonnegative_state(self.dim) if self.optimizer else None
-        if columns is not None and state.numel() and bool((state[:, columns] < 0).any()):
-            raise ValueError(
-                f"optimizer_state holds negative values in columns {columns.start}:"
-                f"{columns.stop}, where {type(self.optimizer).__name__} keeps sums of squared "
-                "gradients (>= 0); give state exported from a table with this optimizer. "
-                "Nothing was written.")
-
-    def _check_rows(self, name: str, rows, n: int, width: int) -> torch.Tensor:
-        if rows is None or isinstance(rows, (str, bytes)):
-            raise TypeError(f"{name} must be a ({n}, {width}) float tensor (or array), got "
-                            f"{type(rows).__name__}")
-        rows = torch.as_tensor(rows).detach()  # values, never a link into the caller's graph
-        if rows.shape != (n, width):
-            raise ValueError(f"{name} must have shape ({n}, {width}), got {tuple(rows.shape)}")
-        if not rows.dtype.is_floating_point:
-            raise TypeError(f"{name} must be floating point, got {rows.dtype}")
-        rows = rows.to(torch.float32)
-        bad = ~torch.isfinite(rows).all(dim=1)
-        if bool(bad.any()):  # such a row poisons every later lookup and update of its key
-            raise ValueError(
-                f"{name} holds NaN or inf in {int(bad.sum())} of {n} rows (the first is row "
-                f"{int(bad.nonzero()[0, 0])}); fix those values or leave their keys out "
-                "(float64 values beyond float32's range become inf). Nothing was written.")
-        return rows
