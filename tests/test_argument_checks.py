@@ -246,3 +246,8 @@ def test_custom_handler_names_are_not_split_into_letters(tmp_path):
     with pytest.raises(TypeError, match="single string 'ctr'"):
         Registry(tmp_path, allow_custom_handlers="ctr")
     assert Registry(tmp_path, allow_custom_handlers=["ctr"]).allow_custom == {"ctr"}
+
+
+def test_a_list_of_0d_tensors_says_how_to_pass_them():
+    with pytest.raises(de.KeyInputError, match="0-d Tensor; pass the keys as one tensor"):
+        de.DynamicEmbedding(dim=2)([torch.tensor(1), torch.tensor(2)])

@@ -79,6 +79,10 @@ def _describe_mixed(seq: Sequence, first: type, arg: str) -> DynembedError:
         if x is None:
             return KeyInputError(f"{arg}: item {i} is None; None is not a key. Drop missing "
                                  "values or map them to a sentinel key such as '<missing>'.")
+        if isinstance(x, (np.ndarray, torch.Tensor)) and x.ndim == 0:
+            return KeyInputError(f"{arg}: item {i} is a 0-d {type(x).__name__}; pass the keys "
+                                 "as one tensor or array (torch.stack(items)), or as plain "
+                                 "ints (item.item())")
         if isinstance(x, (list, tuple, np.ndarray, torch.Tensor)):
             return KeyInputError(f"{arg}: item {i} is a {type(x).__name__}; nesting is deeper "
                                  "than allowed here. Pass a flat sequence of keys or a (B, L) "

@@ -25,7 +25,8 @@ def check_mode(mode: str, arg: str = "mode") -> None:
 
 
 def bag_weights(per_sample_weights, mode: str, bounds: np.ndarray,
-                arg: str = "per_sample_weights", nonfinite: str = "raise") -> torch.Tensor | None:
+                arg: str = "per_sample_weights", nonfinite: str = "raise",
+                mode_arg: str = "mode") -> torch.Tensor | None:
     """Checks per-value weights against the bags, before any row is looked up (a call with
     bad weights leaves the table as it was).
 
@@ -38,6 +39,8 @@ def bag_weights(per_sample_weights, mode: str, bounds: np.ndarray,
         arg: the weights' name in error messages.
         nonfinite: the table's ``nonfinite_grads``: with "raise", NaN/inf weights are
             refused here (they would give NaN outputs and a gradient error blaming the loss).
+        mode_arg: the mode's name in error messages (a collection's feature says
+            ``pooling``).
 
     Returns:
         (n,) weights, or None.
@@ -50,7 +53,7 @@ def bag_weights(per_sample_weights, mode: str, bounds: np.ndarray,
     if per_sample_weights is None:
         return None
     if mode != "sum":
-        raise ValueError(f"{arg} needs mode='sum', got mode={mode!r}")
+        raise ValueError(f"{arg} needs {mode_arg}='sum', got {mode_arg}={mode!r}")
     weights = _weights_per_value(per_sample_weights, bounds, arg)
     if nonfinite == "raise":
         bad = ~torch.isfinite(weights.detach())

@@ -286,7 +286,8 @@ class EmbeddingCollection(TableModule):
             if name in given:
                 weights[name] = bag_weights(given[name], spec.pooling, bounds,
                                             arg=f"per_sample_weights[{name!r}]",
-                                            nonfinite=table.config.nonfinite_grads)
+                                            nonfinite=table.config.nonfinite_grads,
+                                            mode_arg="pooling")
             shapes[name] = ((bounds.shape[0] - 1, table.dim) if bounds is not None
                             else (*batch.shape, table.dim))
             if bounds is not None:

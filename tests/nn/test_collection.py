@@ -71,7 +71,7 @@ def test_values_offsets_input_and_per_sample_weights():
 @pytest.mark.parametrize("weights, error, match", [
     ({"titel": torch.ones(3)}, KeyInputError, r"per_sample_weights\['titel'\]: no such"),
     ({"user_id": torch.ones(2)}, ValueError, r"per_sample_weights\['user_id'\]: .*not pooled"),
-    ({"query": torch.ones(3)}, ValueError, r"per_sample_weights\['query'\] needs mode='sum'"),
+    ({"query": torch.ones(3)}, ValueError, r"per_sample_weights\['query'\] needs pooling='sum'"),
     ({"title": torch.ones(4)}, ValueError, r"per_sample_weights\['title'\] must have shape"),
     ({"title": [[1.0], [2.0]]}, ValueError, r"per_sample_weights\['title'\]\[0\] has 1 weights"),
     ([torch.ones(3)], TypeError, "per_sample_weights must be a dict"),
