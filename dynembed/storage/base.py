@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import numbers
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 
@@ -122,6 +123,10 @@ class EmbeddingStore(ABC):
     def __init__(self) -> None:
         self.codec: RowCodec | None = None
         self.closed = False
+        self._bound: tuple[int, int, dict | None] | None = None
+        """The arguments of the last :meth:`bind`."""
+        self._bound_meta: bytes | None = None
+        """The description record the store had when it was bound."""
 
     # ------------------------------------------------------------------ protocol
     def bind(self, dim: int, width: int, meaning: dict | None = None) -> None:
@@ -148,7 +153,10 @@ class EmbeddingStore(ABC):
             # a clock without a description (a Redis server that evicted or lost the latter)
             # describes rows no longer here: a table must not adopt it
             self._delete_clock()
-            self._put_meta(json.dumps(want).encode())
+            # the token tells this description from one written again after the store lost
+            # its data (see RedisStore), whose layout would be the same
+            record = {**want, "incarnation": uuid.uuid4().hex}
+            self._put_meta(json.dumps(record).encode())
             meta = self._get_meta()
         try:
             have = json.loads(bytes(meta))
@@ -164,6 +172,7 @@ class EmbeddingStore(ABC):
                 f"{self.name} holds rows with {have}, but the table needs {want}; use "
                 "another path/namespace or a table (and store options) that match")
         self.codec = RowCodec(dim, width, self.name)
+        self._bound, self._bound_meta = (dim, width, meaning), bytes(meta)
 
     def get(self, ids) -> tuple[np.ndarray, RowBlock]:
         """Reads rows of ids in one batched call.

@@ -22,6 +22,7 @@ Cluster keeps it on another node than most rows, with no order between nodes.
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 from collections.abc import Iterator
@@ -44,6 +45,8 @@ from dynembed.errors import (
 )
 from dynembed.storage.base import EmbeddingStore
 from dynembed.storage.rows import decode_ids, encode_ids
+
+logger = logging.getLogger(__name__)
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing spreads sequential ids over shards
 _MULTI = hiredis.pack_command((b"MULTI",))
@@ -269,27 +272,51 @@ class RedisStore(EmbeddingStore):
 
     def _lost(self, action: str) -> StoreCorruptError:
         return StoreCorruptError(
-            f"{self.name}: cannot {action}: the server no longer holds this namespace's "
-            "description record, so its rows are gone too (a restart without persistence, a "
-            "FLUSHALL, or eviction under a maxmemory policy); rows read now would be made "
-            "anew from the initializer. Restore the table from a checkpoint, and run Redis "
-            "with persistence (appendonly) and maxmemory-policy noeviction")
+            f"{self.name}: cannot {action}: the server no longer holds the description "
+            "record this namespace had when the table opened it (it is gone, or was written "
+            "again by another process), so its rows are gone too (a restart without "
+            "persistence, a FLUSHALL, or eviction under a maxmemory policy); rows read now "
+            "would be made anew from the initializer. Restore the table from a checkpoint "
+            "(which empties the namespace and describes it again), and run Redis with "
+            "persistence (appendonly) and maxmemory-policy noeviction")
+
+    def _intact(self, meta: bytes | None) -> bool:
+        """Whether ``meta`` (the record read now) is the one the table bound to: after a
+        loss, another process (an evaluation table over the same namespace) may describe
+        it again with the same layout, and a check for its presence passed while the
+        trained rows read back as new ones."""
+        return meta is not None and bytes(meta) == self._bound_meta
 
     def _send_rows(self, action: str, commands: list[tuple], *, write: bool) -> list:
         """:meth:`_send` of commands on rows, with a check in the same pipeline that the
-        namespace's description record is still there: a server that lost its data answers
-        every read as "absent" and takes every write, so nothing else would notice.
+        namespace's description record is still the one bound to: a server that lost its
+        data answers every read as "absent" and takes every write, so nothing else would
+        notice.
 
         Raises:
-            StoreCorruptError: the record is gone (for a write, after the batch was sent).
+            StoreCorruptError: the record is gone or another (for a write, after the batch
+                was sent).
         """
         if self.codec is None:  # not bound yet: there is no record to lose
             return self._send(action, commands, write=write)
-        *replies, present = self._send(action, [*commands, (b"EXISTS", self._meta_key)],
-                                       write=write)
-        if not present:
+        *replies, meta = self._send(action, [*commands, (b"GET", self._meta_key)],
+                                    write=write)
+        if not self._intact(meta):
             raise self._lost(action)
         return replies
+
+    def clear(self) -> None:
+        """Removes every row and the clock record. A namespace whose data the server lost
+        (see :meth:`_lost`) is described again first: a restore from a checkpoint empties
+        the store before writing the checkpoint's rows, and failed there with the same
+        error that told the user to restore."""
+        self._codec()
+        if not self._intact(self._get_meta()):
+            logger.warning("%s: the server lost this namespace's data; describing it again "
+                           "before emptying it", self.name)
+            self.codec = None
+            self.bind(*self._bound)
+        super().clear()
 
     def _send(self, action: str, commands: list[tuple], *, write: bool) -> list:
         """Runs commands as one pipeline (MULTI/EXEC for writes on a standalone server).
@@ -377,7 +404,8 @@ class RedisStore(EmbeddingStore):
                                    for s, a, b in groups], write=True)
 
     def _scan(self, batch_size: int) -> Iterator[tuple[np.ndarray, list]]:
-        if self.codec is not None and self._get_meta() is None:  # else it scans as empty
+        # a namespace that lost its data scans as empty: refused, as every row command
+        if self.codec is not None and not self._intact(self._get_meta()):
             raise self._lost("scan")
         for key in self._keys:
             cursor, seen = 0, np.empty(0, dtype=np.int64)
@@ -408,7 +436,7 @@ class RedisStore(EmbeddingStore):
                     break
         # a server that lost its data during the scan answers the rest of it as empty
         # hashes: a scan cut short must fail, not pass for the whole store
-        if self.codec is not None and self._get_meta() is None:
+        if self.codec is not None and not self._intact(self._get_meta()):
             raise self._lost("scan")
 
     def _count(self) -> int:

@@ -275,13 +275,43 @@ def test_a_redis_server_that_lost_its_data_is_named_not_read_as_empty():
         server.start()  # no persistence: the namespace is gone
         for call in (lambda: emb(torch.arange(0, 40)), lambda: list(store.scan()),
                      store.size, lambda: store.delete(np.arange(3, dtype=np.int64))):
-            with pytest.raises(StoreCorruptError, match="no longer holds this namespace"):
+            with pytest.raises(StoreCorruptError, match="no longer holds the description"):
                 call()
         store.close()
         fresh = RedisStore(server.url, namespace="never-bound")  # nothing to lose yet
         assert fresh.size() == 0
         fresh.delete(np.arange(3, dtype=np.int64))
         fresh.close()
+
+
+def test_a_lost_namespace_described_again_by_another_process_is_still_named(tmp_path):
+    """After the server lost its data, an evaluation table opened over the namespace wrote
+    its description record again; the trainer's check (is a record there?) passed, and the
+    rows it had evicted came back made anew from the initializer, uncounted. The restore
+    the error asks for then failed with the same error."""
+    with RedisServer() as server:
+        store = RedisStore(server.url, namespace="relost", timeout=1.0)
+        emb = _trained(store, de.optim.SGD(lr=0.1), 50,
+                       [torch.arange(step * 40, step * 40 + 40) for step in range(8)])
+        saved = de.checkpoint.save(tmp_path / "ckpt", emb)
+        server.stop()
+        server.start()  # no persistence: the namespace is gone
+        evaluator = de.DynamicEmbedding(
+            dim=4, optimizer=de.optim.SGD(lr=0.1), seed=1, read_only=True,
+            store=RedisStore(server.url, namespace="relost", timeout=1.0))
+        assert evaluator(torch.arange(3)).abs().sum() == 0  # described again, empty
+        with pytest.raises(StoreCorruptError, match="written again by another process"):
+            emb(torch.arange(0, 40))
+        de.checkpoint.load(saved, emb)  # empties the namespace, describes it again
+        reference = de.DynamicEmbedding(dim=4, optimizer=de.optim.SGD(lr=0.1), seed=1)
+        de.checkpoint.load(saved, reference)
+        keys = torch.arange(0, 320)
+        emb.eval()
+        reference.eval()
+        with torch.no_grad():
+            assert torch.equal(emb(keys), reference(keys))  # store rows read back exact
+        evaluator.table.close()
+        store.close()
 
 
 def test_rocksdb_close_ends_an_unfinished_scan(tmp_path):

@@ -140,7 +140,7 @@ def test_a_redis_server_that_lost_its_data_mid_scan_fails_the_scan():
         seen = len(next(scan))
         server.stop()
         server.start()  # no persistence: the namespace is gone
-        with pytest.raises(StoreCorruptError, match="no longer holds this namespace"):
+        with pytest.raises(StoreCorruptError, match="no longer holds the description"):
             for block in scan:
                 seen += len(block)
         assert seen < 2000
