@@ -14,7 +14,11 @@ microseconds)."""
 
 @dataclass
 class CallStats:
-    """What one lookup call did, counted per key occurrence."""
+    """What one lookup call did: ``keys``, ``hits``, ``misses``, ``defaults_served`` and
+    ``not_admitted`` count key occurrences (``[1, 1, 1, 2]`` is four keys), while
+    ``inserts`` and ``loaded`` count rows (one per distinct key). So ``keys == hits +
+    misses`` always, but ``misses`` exceeds ``loaded + inserts + defaults_served`` when a
+    missed key occurs more than once."""
 
     keys: int = 0
     """Keys looked up (with duplicates)."""
