@@ -13,6 +13,7 @@ import warnings
 
 import numpy as np
 
+from dynembed._caller import warn_at_caller
 from dynembed.errors import MemoryBudgetError
 from dynembed.kernels.hash_index import unique_inverse
 from dynembed.kernels.records import columns_of
@@ -514,11 +515,24 @@ class RowLifecycle:
         keys new to the store then get the rows they would have got in the table that wrote
         it (with ``seed=None`` each process draws another).
 
+        A store that holds rows but no clock was written to and then neither flushed nor
+        closed (its process crashed, or a checkpoint restore dropped the clock and the job
+        stopped before its next flush): a training table warns, as it starts at step 0 with
+        its own seed over rows from some later step.
+
         Raises:
             StoreError: the store failed, or its clock record is damaged.
         """
         clock = self.tier.read_clock()
         if clock is None:
+            if not self.read_only and self.tier.holds_rows():
+                warn_at_caller(
+                    f"{self.tier.store_name} holds rows but no clock record: the table that "
+                    "wrote them did not flush or close it (a crash?), so they are rows of "
+                    "some later step, and this table starts at step 0 with its own seed. For "
+                    "an exact resume restore a checkpoint (CheckpointManager.restore and "
+                    "Runtime ask what to do with such a store: used_stores=), or empty the "
+                    "store with table.start_over()")
             return
         self.step = max(self.step, clock["step"])
         self.update_step = max(self.update_step, clock["update_step"])

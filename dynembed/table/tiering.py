@@ -145,6 +145,11 @@ class Tier:
         return self._store
 
     @property
+    def store_name(self) -> str:
+        """The backend's name for messages (also once another table took it over)."""
+        return self._store.name
+
+    @property
     def write_through(self) -> bool:
         return self.write_policy == "through"
 
@@ -370,6 +375,15 @@ class Tier:
         """The clock a table recorded in the store at its last flush (None: none). Read by
         a table being built, before it claims the store from the table it replaces."""
         return self._store.read_clock()
+
+    def holds_rows(self) -> bool:
+        """Whether the store holds any row; read as :meth:`read_clock` is, by a table being
+        built. Stops at the first block."""
+        blocks = self._store.scan(1024)
+        try:
+            return any(block.ids.shape[0] for block in blocks)
+        finally:
+            blocks.close()
 
     def drop_clock(self) -> None:
         """Removes the store's clock record (see :meth:`EmbeddingStore.drop_clock`)."""

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import redis
@@ -152,7 +153,8 @@ def test_a_store_without_a_clock_record_opens_at_step_0_and_gets_one_at_the_next
     trained = _rows(writer)
     writer.table.close()
     backend.remove_clock_record()
-    old = _emb(de.optim.Adam(lr=0.01), backend.open())
+    with pytest.warns(UserWarning, match="holds rows but no clock record"):
+        old = _emb(de.optim.Adam(lr=0.01), backend.open())
     assert (old.table.step, old.table.update_step) == (0, 0)
     assert old.table.tier.store.read_clock() is None
     _assert_same_rows(_rows(old), trained)  # its rows read as before
@@ -290,3 +292,27 @@ def test_a_table_without_a_seed_takes_the_stores_so_new_keys_start_alike(backend
     assert torch.equal(got, want)  # the same coins, and the same initial rows
     assert 0 < int((want != 0).any(1).sum()) < len(new)
     reopened.table.close()
+
+
+def test_a_store_left_without_a_flush_warns_the_table_that_opens_it():
+    """A table reopened over a store whose writer crashed before flushing started at step 0
+    with its own seed over rows from later steps, silently (a plain script, without the
+    checkpoint manager's used_stores check)."""
+    store = de.storage.MemoryStore()
+    crashed = de.DynamicEmbedding(dim=4, optimizer=de.optim.SGD(lr=0.1), seed=1, max_rows=8,
+                                  store=store)
+    for step in range(5):  # rows spill to the store; no flush, no close
+        crashed(torch.arange(step * 8, step * 8 + 8)).sum().backward()
+    assert store.size() > 0 and store.read_clock() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        de.DynamicEmbedding(dim=4, seed=1, store=store, read_only=True)  # a reader: quiet
+    with pytest.warns(UserWarning, match="holds rows but no clock record") as caught:
+        reopened = de.DynamicEmbedding(dim=4, optimizer=de.optim.SGD(lr=0.1), seed=1,
+                                       max_rows=8, store=store)
+    assert caught[0].filename == __file__
+    reopened.table.flush()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # flushed: the clock is there
+        de.DynamicEmbedding(dim=4, optimizer=de.optim.SGD(lr=0.1), seed=1, max_rows=8,
+                            store=store)
