@@ -207,9 +207,9 @@ def test_a_restored_table_continues_the_delta_chain(tmp_path):
                           np.sort(restarted.export().ids.numpy()))
 
 
-def test_restore_falls_back_on_an_older_checkpoint_when_rows_are_damaged(tmp_path):
-    from dynembed.checkpoint.rows_file import RowsFile
-
+def _two_checkpoints(tmp_path):
+    """A manager's steps 1 and 2 (full checkpoints) of a trained table, and the table as
+    step 1 loads it."""
     manager = de.checkpoint.CheckpointManager(tmp_path, keep_last=5, max_chain=1)
     table = make_table()
     train(table, batches(2, 500))
@@ -218,11 +218,12 @@ def test_restore_falls_back_on_an_older_checkpoint_when_rows_are_damaged(tmp_pat
     de.checkpoint.load(tmp_path / "step-0000000001", tables={"t": first})
     train(table, batches(2, 500, seed=3))
     manager.save(2, tables={"t": table}, extra={"step": 2})
-    rows = next((tmp_path / "step-0000000002").glob("tables/t/*.rows"))
-    offset = RowsFile(str(rows)).layout.offsets["records"][0] + 7
-    data = bytearray(rows.read_bytes())
-    data[offset] ^= 0x40  # same size: only the block checksum can tell
-    rows.write_bytes(bytes(data))
+    return manager, first
+
+
+def test_restore_falls_back_on_an_older_checkpoint_when_rows_are_damaged(tmp_path):
+    manager, first = _two_checkpoints(tmp_path)
+    _flip_a_records_byte(next((tmp_path / "step-0000000002").glob("tables/t/*.rows")))
     assert manager.latest() == tmp_path / "step-0000000002"
     restored = make_table()
     assert manager.restore(tables={"t": restored}) == {"step": 1}
@@ -237,14 +238,7 @@ def test_damage_a_lazy_restore_reads_in_training_is_not_restored_again(tmp_path)
     """A lazy restore checks rows only as it reads them: training failed at the damaged
     block, and every restart with a plain manager restored the same checkpoint and failed
     at the same read again."""
-    manager = de.checkpoint.CheckpointManager(tmp_path, keep_last=5, max_chain=1)
-    table = make_table()
-    train(table, batches(2, 500))
-    manager.save(1, tables={"t": table}, extra={"step": 1})
-    first = make_table()
-    de.checkpoint.load(tmp_path / "step-0000000001", tables={"t": first})
-    train(table, batches(2, 500, seed=3))
-    manager.save(2, tables={"t": table}, extra={"step": 2})
+    _, first = _two_checkpoints(tmp_path)
     rows = next((tmp_path / "step-0000000002").glob("tables/t/*.rows"))
     _flip_a_records_byte(rows)
     lazy = make_table()
@@ -291,13 +285,7 @@ def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(tmp_path):
     table = make_table()
     train(table, batches(2, 500))
     manager.save(1, tables={"t": table})
-    from dynembed.checkpoint.rows_file import RowsFile
-
-    rows = next((tmp_path / "step-0000000001").glob("tables/t/*.rows"))
-    offset, size = RowsFile(str(rows)).layout.offsets["records"]
-    data = bytearray(rows.read_bytes())
-    data[offset + size // 2] ^= 0x01
-    rows.write_bytes(bytes(data))
+    _flip_a_records_byte(next((tmp_path / "step-0000000001").glob("tables/t/*.rows")))
     with pytest.raises(de.CheckpointCorruptError, match="every checkpoint"):
         manager.restore(tables={"t": make_table()})
     assert manager.checkpoints() == []
