@@ -251,3 +251,14 @@ def test_custom_handler_names_are_not_split_into_letters(tmp_path):
 def test_a_list_of_0d_tensors_says_how_to_pass_them():
     with pytest.raises(de.KeyInputError, match="0-d Tensor; pass the keys as one tensor"):
         de.DynamicEmbedding(dim=2)([torch.tensor(1), torch.tensor(2)])
+
+
+@pytest.mark.parametrize("make", [lambda: de.DynamicEmbedding(dim=4),
+                                  lambda: de.DynamicEmbeddingBag(dim=4)])
+def test_a_table_module_refuses_the_meta_device(make):
+    """``emb.to("meta")`` was accepted: lookups then inserted rows and returned meta
+    outputs, and backward failed inside torch."""
+    emb = make()
+    with pytest.raises(RuntimeError, match="cannot move to the meta device"):
+        emb.to("meta")
+    assert emb.to(torch.float16)(torch.tensor([[1, 2]])).dtype == torch.float16  # unchanged

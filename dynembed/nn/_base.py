@@ -234,6 +234,11 @@ class TableModule(nn.Module):
         # parameter, so .half() then .to(device) keeps float16; a non-float result (.type()
         # with an int type) leaves the outputs as they were.
         probe = fn(torch.empty(0, dtype=self._output_dtype, device=self._output_device))
+        if probe.device.type == "meta":  # lookups gave meta outputs that backward refused
+            raise RuntimeError(
+                f"{type(self).__name__} cannot move to the meta device: its rows are data in "
+                "host memory, and its outputs must be real tensors. Move the rest of the "
+                "model (its dense modules), or build the tables after the meta-device step")
         if probe.is_floating_point():
             self._output_dtype, self._output_device = probe.dtype, probe.device
         return super()._apply(fn, recurse)
