@@ -673,8 +673,6 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch, Table
         self.index.clear()
         self._free_top = 0
         self._high_water = 0
-        # deferred gradients of rows that are gone: skipped, as after an erase
-        self.counters.skipped_gradients += sum(ids.shape[0] for ids, _, _ in self._pending)
-        self._pending = []
+        self._drop_queued()  # deferred gradients of rows that are gone, as after an erase
         if self.key_log is not None:
             self.key_log = KeyLog()
