@@ -13,6 +13,7 @@ import torch
 import dynembed as de
 from dynembed.serving.registry import Registry
 from dynembed.serving.server import ServerConfig
+from dynembed.table.index import HashIndex
 
 
 @pytest.mark.parametrize("flag", ["read_only", "key_log"])
@@ -34,6 +35,33 @@ def test_a_table_config_is_frozen_once_checked():
     assert dataclasses.replace(config, dim=8).dim == 8
     with pytest.raises(ValueError, match="dim must be an int > 0"):
         dataclasses.replace(config, dim=-3)
+
+
+def test_a_huge_dim_is_refused_by_the_config():
+    """``dim=2**40`` (a typo) passed the config and failed in torch's allocator, a
+    RuntimeError naming no argument."""
+    assert de.TableConfig(dim=de.table.config.MAX_DIM).dim == de.table.config.MAX_DIM
+    with pytest.raises(ValueError, match=r"dim must be an int > 0 and at most 1,048,576"):
+        de.DynamicEmbedding(dim=2**40)
+
+
+@pytest.mark.parametrize("rows", [2**62, 2**45])
+def test_a_reservation_beyond_memory_is_a_memory_error_leaving_the_table(rows):
+    """``reserve(2**62)`` raised numpy's "array is too big" ValueError, unlike the
+    MemoryError (table unchanged) of any other size that does not fit."""
+    emb = de.DynamicEmbedding(dim=4, optimizer=de.optim.SGD(lr=0.1))
+    before = emb(torch.tensor([1, 2])).detach().clone()
+    with pytest.raises(MemoryError, match="cannot allocate a table arena.*table is unchanged"):
+        emb.table.reserve(rows)
+    assert torch.equal(emb(torch.tensor([1, 2])), before)
+    assert emb.table.size() == 2
+
+
+def test_an_index_beyond_memory_is_a_memory_error_leaving_the_index():
+    index = HashIndex(4)
+    with pytest.raises(MemoryError, match="cannot allocate a hash index.*unchanged"):
+        index.reserve(2**61)
+    assert index.buckets == 16
 
 
 def test_torch_cpu_device_is_taken_like_the_string():

@@ -301,7 +301,7 @@ class TableModule(nn.Module):
                                    for k in names[name].unused_state_keys(part))
         for name, part in given.items():
             try:
-                names[name].load_state_dict(part)
+                names[name].load_state_dict(part, strict=False)  # reported above
             except StateDictError as e:
                 raise StateDictError(f"table '{prefix}{name}': {e}") from None
 

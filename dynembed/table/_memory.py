@@ -28,6 +28,7 @@ before importing dynembed to leave malloc as it is.
 from __future__ import annotations
 
 import ctypes
+import math
 import mmap
 import os
 
@@ -46,12 +47,20 @@ def host_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     Args:
         shape: array shape.
         dtype: numpy dtype.
+
+    Raises:
+        MemoryError: the memory cannot be had, or is more than the address space holds.
     """
     dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize  # Python ints: no int64 wrap-around
+    if nbytes >= 1 << 63:  # numpy and mmap each refuse it in their own words
+        raise MemoryError(f"{nbytes:,} bytes is more than a process can address")
     if nbytes < _HUGE_FROM_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
         return np.empty(shape, dtype=dtype)
-    buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError as e:  # ENOMEM: the same error np.empty gives
+        raise MemoryError(f"cannot map {nbytes:,} bytes: {e}") from e
     try:
         buffer.madvise(mmap.MADV_HUGEPAGE)
     except OSError:  # kernel without THP: a normal mapping is still fine

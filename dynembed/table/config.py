@@ -33,6 +33,10 @@ UPDATE_MODES = ("fused", "deferred")
 NONFINITE_POLICIES = ("raise", "skip")
 
 
+MAX_DIM = 1 << 20
+"""Widest row a table takes (4 MiB of float32 weights per row): far past any embedding in use,
+low enough that a typo such as ``dim=2**40`` is refused here, not by the allocator."""
+
 _INT_FIELDS = ("dim", "seed", "hash_seed", "initial_capacity", "max_rows", "evict_every",
                "sweep_rows")
 """Fields given as numpy integers are turned into Python ints."""
@@ -52,7 +56,7 @@ class TableConfig:
     """
 
     dim: int
-    """Width of each row (embedding dimension), > 0."""
+    """Width of each row (embedding dimension), in [1, MAX_DIM]."""
     optimizer: SparseOptimizer | None = None
     """Sparse update rule for the rows; None freezes the table (outputs need no grad)."""
     initializer: Initializer = field(default_factory=Uniform)
@@ -137,8 +141,10 @@ class TableConfig:
             value = getattr(self, name)
             if isinstance(value, np.integer):
                 object.__setattr__(self, name, int(value))
-        if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim <= 0:
-            raise ValueError(f"dim must be an int > 0, got {self.dim!r}")
+        if isinstance(self.dim, bool) or not isinstance(self.dim, int) \
+                or not 0 < self.dim <= MAX_DIM:
+            raise ValueError(f"dim must be an int > 0 and at most {MAX_DIM:,} (MAX_DIM), got "
+                             f"{self.dim!r}")
         if self.optimizer is not None and not isinstance(self.optimizer, SparseOptimizer):
             raise TypeError("optimizer must be a dynembed sparse optimizer such as "
                             f"de.optim.Adagrad(lr=0.05), got {type(self.optimizer).__name__}; "

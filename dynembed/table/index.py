@@ -61,11 +61,22 @@ class HashIndex:
         return self.table.nbytes
 
     def reserve(self, entries: int) -> None:
-        """Rehashes into more buckets if ``entries`` would exceed the load limit."""
+        """Rehashes into more buckets if ``entries`` would exceed the load limit.
+
+        Raises:
+            MemoryError: the new buckets cannot be allocated (the index is unchanged).
+        """
         buckets = buckets_for(entries)
         if buckets <= self.buckets:
             return
-        grown = self._empty(buckets)
+        try:
+            grown = self._empty(buckets)
+        except MemoryError as e:
+            raise MemoryError(
+                f"cannot allocate a hash index of {buckets:,} buckets for {entries:,} rows "
+                f"({buckets * 16 / 2**30:.2f} GiB): {e}. The table is unchanged; free memory, "
+                "set a memory_budget / max_rows, or give the table a store= for the rows "
+                "that do not fit") from e
         k.index_rehash(self.table, grown)
         self.table = grown  # filled first: a reader never sees the new buckets empty
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import torch
 
+from dynembed._args import check_bool
 from dynembed.errors import StateDictError
 from dynembed.keys.key_log import KeyLog
 from dynembed.storage.rows import RowBlock
@@ -417,17 +418,30 @@ class TableSnapshot:
             ("admission.",) if self.admitter is not None else ())
         return [k for k in state if k not in known and not k.startswith(prefixes)]
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
         """Replaces the table's rows and counters with a saved state.
 
+        Args:
+            state: what :meth:`state_dict` returned.
+            strict: refuse keys this table would not load (see :meth:`unused_state_keys`:
+                a misspelt name, a key log or admission state for a table without one);
+                with False they are ignored.
+
         Raises:
-            StateDictError: a tensor is missing or malformed, or dim / optimizer state width
-                / hash_seed differ from this table's config; the table is unchanged.
+            StateDictError: a tensor is missing or malformed, a key is unused under
+                ``strict``, or dim / optimizer state width / hash_seed differ from this
+                table's config; the table is unchanged.
+            TypeError: ``strict`` is not a bool.
             StoreError: the table's store failed. The rows in memory and the counters are
                 unchanged; the store may already hold some of the state's rows (or still
                 some it lacks), so retry the load before training on.
         """
         ids, aux = self.check_state_dict(state)
+        if check_bool("strict", strict) and (unused := self.unused_state_keys(state)):
+            raise StateDictError(
+                f"state dict has keys this table would not load: {unused[:8]}; a key log or "
+                "admission state needs a table built with key_log=True / that admission "
+                "policy, or pass strict=False to leave them out")
         n = ids.shape[0]
         if self.tier is not None:
             # The store's clock goes first: until the next flush records the state's (older)

@@ -284,6 +284,25 @@ def test_a_state_with_negative_steps_or_counts_is_refused(name):
     assert table.size() == 0
 
 
+@pytest.mark.parametrize("extra", ["weight", "key_log.ids"])
+def test_a_table_load_refuses_keys_it_would_drop_unless_told(extra):
+    """A misspelt or foreign key (a key log's strings into a table without one) was ignored:
+    the strings silently did not come along."""
+    source = de.DynamicTable(de.TableConfig(dim=2))
+    source.find_or_insert(torch.arange(3))
+    state = source.state_dict()
+    state[extra] = torch.zeros(3)
+    table = de.DynamicTable(de.TableConfig(dim=2))
+    with pytest.raises(de.errors.StateDictError, match=rf"would not load: \['{extra}'\].*"
+                                                       "strict=False"):
+        table.load_state_dict(state)
+    assert table.size() == 0
+    with pytest.raises(TypeError, match="strict must be True or False"):
+        table.load_state_dict(state, strict="no")
+    table.load_state_dict(state, strict=False)
+    assert torch.equal(table.find(torch.arange(3)).values, source.find(torch.arange(3)).values)
+
+
 @pytest.mark.parametrize("saved, other", [
     (de.optim.SGD(lr=0.1, momentum=0.9), de.optim.Adagrad(lr=0.1)),
     (de.optim.Adagrad(lr=0.1), de.optim.SGD(lr=0.1, momentum=0.9)),
