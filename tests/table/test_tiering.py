@@ -357,6 +357,21 @@ def test_key_log_keeps_only_keys_that_got_rows():
     assert emb.table.keys_of(emb.table.ids_of(["a", "b"]).ids) == [None, "b"]
 
 
+def test_insert_or_assign_past_the_budget_logs_its_keys_once(monkeypatch):
+    """The batch's strings were logged again for every budget-sized chunk: quadratic in the
+    batch (160k keys over 2,000 rows took 8.5 s)."""
+    table = de.DynamicTable(de.TableConfig(dim=2, optimizer=de.optim.SGD(lr=0.1), key_log=True,
+                                           max_rows=4, store=MemoryStore()))
+    calls = []
+    add = table.key_log.add
+    monkeypatch.setattr(table.key_log, "add", lambda *a: calls.append(1) or add(*a))
+    keys = [f"k{i}" for i in range(20)]
+    table.insert_or_assign(keys, torch.arange(40.0).reshape(20, 2))
+    assert len(calls) == 1
+    export = table.export()
+    assert sorted(table.keys_of(export.ids)) == sorted(keys)
+
+
 def test_load_state_dict_that_fails_to_write_changes_nothing(redis_server):
     import redis
 
