@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -141,7 +143,7 @@ def _weights_per_value(weights, bounds: np.ndarray, arg: str) -> torch.Tensor:
                 raise TypeError(f"{arg} must be floating point, got a {wrong[0]} bag among them")
             weights = torch.cat(parts)
         else:
-            weights = [w for bag in weights for w in bag]
+            weights = list(itertools.chain.from_iterable(weights))  # in C: no per-weight loop
     # one tensor per weight: stacked, so a gradient reaches them (torch.as_tensor would copy
     # their values and cut them from the graph, with only a warning)
     per_weight = isinstance(weights, (list, tuple)) and any(
