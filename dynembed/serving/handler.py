@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import itertools
 import logging
-import math
 import threading
 import warnings
 from pathlib import Path
@@ -44,6 +44,23 @@ class InputError(DynembedError, ValueError):
     """A request's inputs do not fit the model (HTTP 400); the message says what and where."""
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_WEIGHTED_FIELDS = frozenset(("keys", "weights"))
+
+
+def _finite_weights(weights) -> bool:
+    """Whether ``weights`` is a list of numbers (not bools) that stay finite as float32,
+    checked in C (this runs on the event loop for every request): a JSON ``1e39``, or an
+    integer of 400 digits, became an inf weight and an inf or NaN prediction."""
+    if type(weights) is not list or not set(map(type, weights)) <= {int, float}:
+        return False
+    try:
+        values = np.array(weights, dtype=np.float64)
+    except OverflowError:  # an int beyond float64
+        return False
+    return bool((np.abs(values) <= _FLOAT32_MAX).all())  # NaN compares False
+
+
 def _check_weighted(value, where: str) -> list:
     """Checks a weighted feature's ``{"keys": [...], "weights": [...]}``; returns its keys
     (for the caller's key checks).
@@ -52,13 +69,13 @@ def _check_weighted(value, where: str) -> list:
         InputError: not such an object, weights that are not finite numbers, or not one
             weight per key.
     """
-    if not isinstance(value, dict) or set(value) != {"keys", "weights"}:
+    if not isinstance(value, dict) or value.keys() != _WEIGHTED_FIELDS:
         raise InputError(f"{where} is weighted: give {{\"keys\": [...], \"weights\": [...]}}, "
                          f"one weight per key, got {value!r}")
     keys, weights = value["keys"], value["weights"]
-    if not isinstance(weights, list) or not all(
-            type(w) in (int, float) and math.isfinite(w) for w in weights):
-        raise InputError(f"{where}: weights must be a list of finite numbers, got {weights!r}")
+    if not _finite_weights(weights):
+        raise InputError(f"{where}: weights must be a list of finite numbers (within "
+                         f"float32's range), got {weights!r}")
     if isinstance(keys, list) and len(keys) != len(weights):
         raise InputError(f"{where}: {len(keys)} keys but {len(weights)} weights; give one "
                          "weight per key")
@@ -185,7 +202,7 @@ class EmbeddingModelHandler:
         self.features = package.manifest["features"]
         self._names = frozenset(self.features)
         self._key_types = [(name, spec["pooling"] is not None,
-                            int if spec["type"] == "int64" else str)
+                            int if spec["type"] == "int64" else str, spec["weighted"])
                            for name, spec in self.features.items()]
         self._weighted = [name for name, spec in self.features.items() if spec["weighted"]]
         self.transform = package.manifest["output"]["transform"]
@@ -222,14 +239,22 @@ class EmbeddingModelHandler:
 
     def _plainly_valid(self, example) -> bool:
         """True for an example of exactly the features, string keys where strings are
-        expected and lists where pooled (the common case, checked without per-feature
-        messages: this runs on the event loop for every request)."""
-        if type(example) is not dict or example.keys() != self._names or self._weighted:
+        expected, lists where pooled and one finite weight per key where weighted (the
+        common case, checked in C without per-feature messages: this runs on the event loop
+        for every request)."""
+        if type(example) is not dict or example.keys() != self._names:
             return False
-        for name, pooled, key_type in self._key_types:
+        for name, pooled, key_type, weighted in self._key_types:
             keys = example[name]
+            if weighted:
+                if type(keys) is not dict or keys.keys() != _WEIGHTED_FIELDS:
+                    return False
+                keys, weights = keys["keys"], keys["weights"]
+                if type(keys) is not list or not _finite_weights(weights) \
+                        or len(weights) != len(keys):
+                    return False
             if pooled:
-                if type(keys) is not list or not all(type(k) is key_type for k in keys):
+                if type(keys) is not list or not set(map(type, keys)) <= {key_type}:
                     return False
                 if key_type is int and keys and not (_INT64_MIN <= min(keys)
                                                      and max(keys) <= _INT64_MAX):
@@ -276,8 +301,9 @@ class EmbeddingModelHandler:
                 columns[name] = values
         if not self._weighted:
             return columns, None
-        weights = {name: torch.tensor([w for e in examples for w in e[name]["weights"]],
-                                      dtype=torch.float32) for name in self._weighted}
+        weights = {name: torch.tensor(list(itertools.chain.from_iterable(
+                       e[name]["weights"] for e in examples)), dtype=torch.float32)
+                   for name in self._weighted}
         return columns, weights
 
     @torch.no_grad()

@@ -372,13 +372,15 @@ def _v2_rows(tensor: dict, pooled: bool | None, where: str) -> list:
                           f"integers, got {shape!r}{_RAGGED}")
     if not isinstance(data, list):
         raise bad_request(f"{where}: data must be a list, got {type(data).__name__}")
+    types = set(map(type, data))  # JSON gives plain lists; in C, not a loop per key
+    nested = list in types
     if pooled is None:  # not an input of the model: validation names it
-        pooled = any(isinstance(v, list) for v in data)
-    if any(isinstance(v, list) for v in data):  # nested: one row per example
+        pooled = nested
+    if nested:  # one row per example
         if len(data) != shape[0]:
             raise bad_request(f"{where}: shape[0] is {shape[0]} but data holds {len(data)} "
                               "rows (one row per example)")
-        if not all(isinstance(v, list) for v in data):
+        if types != {list}:
             raise bad_request(f"{where}: data mixes lists and keys")
         if len(shape) == 2 and any(len(v) != shape[1] for v in data):
             raise bad_request(f"{where}: shape is {shape} but not every row holds {shape[1]} "

@@ -67,6 +67,9 @@ def test_a_weighted_feature_is_served_with_its_weights(tmp_path):
     ({"keys": ["red"], "weights": ["1"]}, "weights must be a list of finite numbers"),
     ({"keys": ["red"], "weights": [float("nan")]}, "finite numbers"),
     ({"keys": ["red"], "weights": [True]}, "finite numbers"),
+    # float32's inf as weights gave inf or NaN predictions; a 400-digit int an OverflowError
+    ({"keys": ["red"], "weights": [1e39]}, r"finite numbers \(within float32's range\)"),
+    ({"keys": ["red"], "weights": [-(10**400)]}, "finite numbers"),
     ({"keys": [1], "weights": [1.0]}, r"\[0\] must be a string key"),
 ])
 def test_bad_weighted_values_are_named(tmp_path, value, problem):
@@ -75,6 +78,20 @@ def test_bad_weighted_values_are_named(tmp_path, value, problem):
         export_package(tmp_path / "p", embeddings=coll, dense=dense, name="m")))
     with pytest.raises(InputError, match=r"example 0, feature 'title'.*" + problem):
         handler.validate([{"title": value, "user": "u"}])
+
+
+def test_good_weighted_examples_take_the_fast_check_and_bad_ones_do_not(tmp_path):
+    """Every weighted example went through the per-key checks that name what is wrong,
+    a Python call per key and weight on the server's event loop."""
+    coll, dense = _model()
+    handler = EmbeddingModelHandler(open_package(
+        export_package(tmp_path / "p", embeddings=coll, dense=dense, name="m")))
+    good = {"title": {"keys": ["red", "hat"], "weights": [0.5, 2]}, "user": "u"}
+    assert handler._plainly_valid(good)
+    for title in ({"keys": ["red", "hat"], "weights": [0.5]}, {"keys": ["red"]},
+                  {"keys": ["red"], "weights": [float("inf")]}, {"keys": [1], "weights": [1.0]},
+                  ["red"]):
+        assert not handler._plainly_valid({**good, "title": title})
 
 
 def test_v2_requests_give_weights_as_their_own_input(tmp_path):
