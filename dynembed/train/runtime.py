@@ -24,6 +24,7 @@ import datetime
 import logging
 import math
 import os
+import secrets
 import shutil
 import signal
 import threading
@@ -68,6 +69,15 @@ REPEAT_GRACE_S = 10
 """A SIGTERM this soon after the first is the same stop again and is ignored; a later one
 stops at once, without a checkpoint (the launcher passes signals on by the same rule)."""
 
+PEER_PREEMPTED_EXIT = 75
+"""Exit code (EX_TEMPFAIL) of a worker whose loop a SIGTERM to another rank stopped, under
+torchrun's elastic agent: a failure to its agent, which starts the workers again with the
+ranks still there, resuming from the checkpoint just written. Exiting 0 told the agent the
+job was done, and a scaled-down job ended as a success part way through."""
+SHARED_PROBE_WAIT_S = 5.0
+"""How long a rank looks for rank 0's probe in ``checkpoint_dir`` (a network file system
+may show a new file late)."""
+
 _LOADED, _DAMAGED, _FAILED = 0, 1, 2
 """A rank's outcome of loading a checkpoint during restore, worst last."""
 
@@ -87,6 +97,19 @@ def _check_writable(directory: Path, rank: int) -> None:
     except OSError as e:
         raise PermissionError(f"checkpoint_dir {directory}: cannot write there ({e.strerror});"
                               " give a directory this user may write") from None
+
+
+def _appears(*paths: Path, wait_s: float) -> Path | None:
+    """The first of ``paths`` that exists, or comes to within ``wait_s`` seconds; None if
+    none does."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        for path in paths:
+            if path.exists():
+                return path
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.05)
 
 
 def _positive_or_none(name: str, value, kind=int) -> None:
@@ -262,6 +285,7 @@ class Runtime:
                     if entry.name.endswith(".partial") and entry.is_dir():
                         logger.info("removing partial checkpoint %s", entry)
                         shutil.rmtree(entry, ignore_errors=True)
+            self._check_shared_directory()
             self.barrier()
         self._started = True
         logger.info("rank %d of %d started (restart %d)", self.rank, self.world_size,
@@ -323,6 +347,37 @@ class Runtime:
             if folder.parent == root and step_of(folder) is not None:
                 return folder
         return None
+
+    def _check_shared_directory(self) -> None:
+        """Refuses a ``checkpoint_dir`` the ranks do not all share, before any training.
+
+        Each rank writes its part of a checkpoint there and the last one commits it, so
+        with a directory per node (a node-local disk) no checkpoint was ever committed:
+        training ended well, and every restart began again at step 0. Rank 0 writes a probe
+        file and every rank looks for it.
+
+        Raises:
+            ValueError: some rank does not see the probe (the ranks are named), on every rank.
+        """
+        if self._control is None:
+            return
+        token = secrets.randbits(62) + 1 if self.rank == 0 else 0
+        if self.rank == 0:
+            (self.checkpoint_dir / f".shared-probe-{token:x}").write_bytes(b"")
+        token = int(self._control.all_reduce_max(np.array([token]))[0])
+        probe = self.checkpoint_dir / f".shared-probe-{token:x}"
+        blind = np.zeros(self.world_size, dtype=np.int64)
+        blind[self.rank] = _appears(probe, wait_s=SHARED_PROBE_WAIT_S) is None
+        blind = self._control.all_reduce_max(blind)
+        if self.rank == 0:
+            probe.unlink(missing_ok=True)
+        if blind.any():
+            raise ValueError(
+                f"checkpoint_dir {self.checkpoint_dir} is not shared by every rank: rank(s) "
+                f"{np.flatnonzero(blind).tolist()} do not see the file rank 0 wrote there. "
+                "Every rank writes its part of each checkpoint into checkpoint_dir and the "
+                "last one commits it; give all ranks one directory on shared storage (a "
+                "network file system, a ReadWriteMany volume)")
 
     def _on_sigterm(self, signum, frame) -> None:
         now = time.monotonic()
@@ -531,6 +586,10 @@ class Runtime:
         Returns:
             The committed checkpoint (on every rank), or None without ``checkpoint_dir``
             (or inside a step).
+
+        Raises:
+            CheckpointError: this rank does not see the checkpoint committed after every
+                rank wrote its part (``checkpoint_dir`` is not shared).
         """
         self._require_started()
         if self.manager is None or self.model is None:
@@ -558,11 +617,16 @@ class Runtime:
         # timeout on large tables and cost a restart at each one
         if self._after_save is not None:
             dist.barrier(group=self._after_save)
+        committed = _appears(path, path.with_name(path.name + "-full"),
+                             wait_s=SHARED_PROBE_WAIT_S)
+        if committed is None:
+            raise CheckpointError(
+                f"rank {self.rank}: checkpoint of step {self.step} was not committed in "
+                f"{self.checkpoint_dir} after every rank wrote its part; checkpoint_dir must "
+                "be one directory every rank shares, and nothing else may write there")
         self._last_saved, self._last_save_time = self.step, time.monotonic()
         self._report(self._state, force=True)  # the saved step, not a throttled older one
-        if not path.exists():
-            path = path.with_name(path.name + "-full")
-        return path
+        return committed
 
     # ------------------------------------------------------------------ loop
     def steps(self, total: int) -> Iterator[int]:
@@ -576,6 +640,11 @@ class Runtime:
         data loader that ran out pulls a step and drops it), so it leaves the step
         uncounted; a checkpoint after it warns, since it would hold the step's update under
         the step before and a resume would train that batch again.
+
+        Raises:
+            SystemExit: code :data:`PEER_PREEMPTED_EXIT`, under torchrun's elastic agent, on
+                the ranks a SIGTERM to another rank stopped (after the checkpoint), so that
+                torchrun starts the workers again with the ranks still there.
         """
         if isinstance(total, bool) or not isinstance(total, int) or total < 0:
             raise ValueError(f"total must be an int >= 0, got {total!r}")
@@ -601,8 +670,17 @@ class Runtime:
             if stop:
                 self.preempted = True
                 self._report("preempted", force=True)
-                logger.warning("rank %d stopped at step %d after SIGTERM", self.rank,
-                               self.step)
+                if self._sigterm.is_set():
+                    logger.warning("rank %d stopped at step %d after SIGTERM", self.rank,
+                                   self.step)
+                    return
+                logger.warning("rank %d stopped at step %d: another rank got SIGTERM",
+                               self.rank, self.step)
+                if "TORCHELASTIC_RUN_ID" in os.environ:  # under torchrun's elastic agent
+                    logger.warning("rank %d: exiting with code %d so that torchrun starts the "
+                                   "workers again with the ranks still there (they resume "
+                                   "from this checkpoint)", self.rank, PEER_PREEMPTED_EXIT)
+                    raise SystemExit(PEER_PREEMPTED_EXIT)
                 return
             if asked:
                 self._report("stopped", force=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 from dynembed.train.runtime import Runtime
@@ -32,3 +33,51 @@ def test_runtimes_in_the_callers_process_group_leave_no_groups_behind(tmp_path):
     for first, last in run_ranks(_runtimes_one_after_another, tmp_path):
         # five more runtimes each left ten here; a file or two more is not a group
         assert last - first < 5, (first, last)
+
+
+def _peer_sigterm_and_unshared_dir(rank: int, folder: str) -> dict:
+    """Two runtimes on a rank: one over a directory of its own (refused at start), then one
+    in which rank 0 alone gets SIGTERM at step 2."""
+    import signal
+
+    import torch
+
+    from dynembed.train.runtime import PEER_PREEMPTED_EXIT
+    from tests.train.test_runtime import Tiny, _train
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", TORCHELASTIC_RUN_ID="test")
+    out = {}
+    try:
+        Runtime(f"{folder}/own-{rank}", timeout=60).start()
+    except ValueError as e:
+        out["unshared"] = str(e)
+    rt = Runtime(f"{folder}/shared", every_steps=100, timeout=60).start()
+    try:
+        model = Tiny()
+        net = rt.prepare(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        rt.restore(opt)
+        try:
+            _train(rt, net, opt, 50, on_step=lambda s: rank == 0 and s == 2
+                   and os.kill(os.getpid(), signal.SIGTERM))
+            out["exit"] = None
+        except SystemExit as e:
+            out["exit"] = e.code
+        out.update(step=rt.step, preempted=rt.preempted, peer_code=PEER_PREEMPTED_EXIT)
+    finally:
+        rt.close()
+    return out
+
+
+def test_a_sigterm_to_one_rank_saves_and_the_others_exit_for_a_restart(tmp_path):
+    """Under torchrun's elastic agent, a rank stopped by another's SIGTERM exited 0: its
+    agent took the job for done, and a scaled-down job ended as a success part way through.
+    A checkpoint_dir per node committed no checkpoint at all, silently."""
+    results = run_ranks(functools.partial(_peer_sigterm_and_unshared_dir, folder=str(tmp_path)),
+                        tmp_path)
+    for rank, out in enumerate(results):
+        assert "is not shared by every rank: rank(s) [1] do not see" in out["unshared"]
+        assert out["step"] == 3 and out["preempted"]
+        assert out["exit"] == (None if rank == 0 else out["peer_code"])
+    assert (tmp_path / "shared" / "step-0000000003").is_dir()  # committed
+    assert not list((tmp_path / "own-0").glob(".shared-probe-*"))
