@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -28,6 +29,7 @@ import uuid
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -39,6 +41,7 @@ from dynembed.checkpoint.table_io import check_fits, restore, write_shard
 from dynembed.errors import CheckpointError, StateDictError
 from dynembed.keys.buckets import (
     NUM_BUCKETS,
+    buckets_of,
     check_num_buckets,
     rank_buckets,
     rank_of_bucket,
@@ -473,6 +476,11 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
         layers = _lazy_rows(chain, name, table_buckets, table, strict=True).layers
         check_fits(table, layers)
         aux = _decoded_aux(name, table, folder, auxes[own], others, admissions, dropped)
+        if aux.key_log is not None and len(table_buckets) < manifest["num_buckets"]:
+            # every rank logs the strings it asked for, and a save keeps each rank's log:
+            # merged whole, each shard held every key's string (W copies in W ranks)
+            aux.key_log.keep_only(functools.partial(
+                _in_buckets, buckets=table_buckets, num_buckets=manifest["num_buckets"]))
         if not _replicated(table) and manifest["world_size"] != world_size:
             # each shard counted its own keys: the job's counters are their sum, which
             # the rank of bucket 0 takes (one shard's, or the total on every rank, lied)
@@ -544,6 +552,12 @@ def _decoded_aux(name: str, table: DynamicTable, folder: Path, aux: dict, others
     except StateDictError as e:
         raise CheckpointError(f"table {name!r} of checkpoint {folder} does not fit this "
                               f"table: {e}") from None
+
+
+def _in_buckets(ids: np.ndarray, buckets: range, num_buckets: int) -> np.ndarray:
+    """(n,) bool: whether each id's bucket is in ``buckets``."""
+    of = buckets_of(ids, num_buckets)
+    return (of >= buckets.start) & (of < buckets.stop)
 
 
 def _job_counters(auxes: list[dict], mine: bool) -> dict[str, int]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -126,6 +126,13 @@ class KeyLog:
         self._forget(self._strings, ids)
         if self._raw:
             self._forget(self._raw, ids)
+
+    def keep_only(self, keep: Callable[[np.ndarray], np.ndarray]) -> None:
+        """Forgets every id for which ``keep`` ((n,) int64 ids -> (n,) bool) is False."""
+        for entries in (self._strings, self._raw):
+            if entries:
+                ids = np.fromiter(entries.keys(), dtype=np.int64, count=len(entries))
+                self._forget(entries, ids[~keep(ids)].tolist())
 
     @staticmethod
     def _forget(entries: dict, ids) -> None:

@@ -11,14 +11,15 @@ from dynembed.keys.buckets import buckets_of, rank_buckets, rank_of_bucket
 from .helpers import batches, make_table, rows_by_id, train
 
 
-def split(table: de.DynamicTable, world: int, num_buckets: int) -> list[de.DynamicTable]:
+def split(table: de.DynamicTable, world: int, num_buckets: int,
+          **options) -> list[de.DynamicTable]:
     """The table's rows split over ``world`` shard tables by bucket owner."""
     rows = table.export()
     owner = rank_of_bucket(buckets_of(rows.ids.numpy(), num_buckets), world, num_buckets)
     shards = []
     for rank in range(world):
         mine = np.flatnonzero(owner == rank)
-        shard = make_table()
+        shard = make_table(**options)
         shard.insert_or_assign(rows.ids[mine], rows.weights[mine],
                                optimizer_state=rows.optimizer_state[mine])
         shards.append(shard)
@@ -193,3 +194,27 @@ def test_admission_counts_do_not_double_when_a_job_grows_and_shrinks_again(tmp_p
     assert not back.contains(np.array([5])).any()
     back.lookup_slots(np.array([5]), np.ones(1, dtype=np.int64), insert=True)  # the 3rd
     assert back.contains(np.array([5])).all()
+
+
+def test_each_rank_restores_the_key_log_of_its_own_buckets(tmp_path):
+    """Each rank logs the strings it asked for, whoever owns them, and a load merged every
+    rank's log: each shard then held every key's string, and saved it again (W copies)."""
+    buckets = 16
+    keys = [f"word{i}" for i in range(200)]
+    whole = make_table(key_log=True)
+    whole.find_or_insert(keys)
+    for rank, shard in enumerate(split(whole, 2, buckets, key_log=True)):
+        shard.key_log.add(whole.ids_of(keys).ids, keys)  # as the router leaves it: all asked
+        de.checkpoint.save(tmp_path / "c", tables={"t": shard}, rank=rank, world_size=2,
+                           num_buckets=buckets)
+    for readers in (1, 2, 3):
+        logged = set()
+        for rank in range(readers):
+            shard = make_table(key_log=True)
+            de.checkpoint.load(tmp_path / "c", tables={"t": shard}, rank=rank,
+                               world_size=readers)
+            ids = shard.export().ids.numpy()
+            assert len(shard.key_log) == ids.shape[0]  # its own rows' strings, only
+            assert None not in shard.keys_of(ids)
+            logged |= set(shard.keys_of(ids))
+        assert logged == set(keys)
