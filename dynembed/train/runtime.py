@@ -53,6 +53,7 @@ from dynembed.errors import (
     CheckpointCorruptError,
     CheckpointError,
     CheckpointNotFoundError,
+    ConfigMismatchError,
 )
 from dynembed.keys.buckets import NUM_BUCKETS, check_num_buckets
 from dynembed.nn._base import anchor_names, dense_parameters, named_tables
@@ -287,6 +288,7 @@ class Runtime:
                         shutil.rmtree(entry, ignore_errors=True)
             self._check_shared_directory()
             self.barrier()
+        self._check_same_on_every_rank(every_steps=self.every_steps)
         self._started = True
         logger.info("rank %d of %d started (restart %d)", self.rank, self.world_size,
                     self.env.restart_count)
@@ -347,6 +349,21 @@ class Runtime:
             if folder.parent == root and step_of(folder) is not None:
                 return folder
         return None
+
+    def _check_same_on_every_rank(self, **values: int | None) -> None:
+        """Raises ConfigMismatchError on every rank unless each value is the same on every
+        rank: with different ``every_steps`` or ``total``, one rank waited in a checkpoint
+        or a step the others never joined, and failed at the timeout naming neither."""
+        if self._control is None:
+            return
+        mine = np.array([-1 if v is None else v for v in values.values()], dtype=np.int64)
+        high = self._control.all_reduce_max(np.concatenate([mine, -mine]))
+        differ = [f"{name} (from {-low} to {top}; -1 is None)"
+                  for name, top, low in zip(values, high[:len(mine)], high[len(mine):])
+                  if top != -low]
+        if differ:
+            raise ConfigMismatchError(f"the ranks were given different {', '.join(differ)}; "
+                                      "give every rank the same values")
 
     def _check_shared_directory(self) -> None:
         """Refuses a ``checkpoint_dir`` the ranks do not all share, before any training.
@@ -642,6 +659,7 @@ class Runtime:
         the step before and a resume would train that batch again.
 
         Raises:
+            ConfigMismatchError: the ranks were given different ``total``s.
             SystemExit: code :data:`PEER_PREEMPTED_EXIT`, under torchrun's elastic agent, on
                 the ranks a SIGTERM to another rank stopped (after the checkpoint), so that
                 torchrun starts the workers again with the ranks still there.
@@ -650,6 +668,7 @@ class Runtime:
             raise ValueError(f"total must be an int >= 0, got {total!r}")
         self._require_started()
         self._require_restored()
+        self._check_same_on_every_rank(total=total)
         self.total, self._left_at = total, None
         self._report("running", force=True)
         while self.step < total:

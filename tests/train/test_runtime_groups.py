@@ -36,12 +36,13 @@ def test_runtimes_in_the_callers_process_group_leave_no_groups_behind(tmp_path):
 
 
 def _peer_sigterm_and_unshared_dir(rank: int, folder: str) -> dict:
-    """Two runtimes on a rank: one over a directory of its own (refused at start), then one
-    in which rank 0 alone gets SIGTERM at step 2."""
+    """Runtimes refused for what differs by rank (a directory of its own, every_steps,
+    total), then one in which rank 0 alone gets SIGTERM at step 2."""
     import signal
 
     import torch
 
+    from dynembed.errors import ConfigMismatchError
     from dynembed.train.runtime import PEER_PREEMPTED_EXIT
     from tests.train.test_runtime import Tiny, _train
 
@@ -51,6 +52,17 @@ def _peer_sigterm_and_unshared_dir(rank: int, folder: str) -> dict:
         Runtime(f"{folder}/own-{rank}", timeout=60).start()
     except ValueError as e:
         out["unshared"] = str(e)
+    try:
+        Runtime(f"{folder}/every", every_steps=10 + rank, timeout=60).start()
+    except ConfigMismatchError as e:
+        out["every"] = str(e)
+    with Runtime(f"{folder}/total", timeout=60) as rt:
+        rt.prepare(Tiny())
+        rt.restore()
+        try:
+            next(iter(rt.steps(5 + rank)))
+        except ConfigMismatchError as e:
+            out["total"] = str(e)
     rt = Runtime(f"{folder}/shared", every_steps=100, timeout=60).start()
     try:
         model = Tiny()
@@ -69,14 +81,17 @@ def _peer_sigterm_and_unshared_dir(rank: int, folder: str) -> dict:
     return out
 
 
-def test_a_sigterm_to_one_rank_saves_and_the_others_exit_for_a_restart(tmp_path):
+def test_what_differs_by_rank_is_refused_and_a_sigterm_to_one_rank_restarts_the_rest(tmp_path):
     """Under torchrun's elastic agent, a rank stopped by another's SIGTERM exited 0: its
     agent took the job for done, and a scaled-down job ended as a success part way through.
-    A checkpoint_dir per node committed no checkpoint at all, silently."""
+    A checkpoint_dir per node committed no checkpoint at all, silently, and ranks given
+    different every_steps or totals failed at the collective timeout, naming neither."""
     results = run_ranks(functools.partial(_peer_sigterm_and_unshared_dir, folder=str(tmp_path)),
                         tmp_path)
     for rank, out in enumerate(results):
         assert "is not shared by every rank: rank(s) [1] do not see" in out["unshared"]
+        assert "different every_steps (from 10 to 11" in out["every"]
+        assert "different total (from 5 to 6" in out["total"]
         assert out["step"] == 3 and out["preempted"]
         assert out["exit"] == (None if rank == 0 else out["peer_code"])
     assert (tmp_path / "shared" / "step-0000000003").is_dir()  # committed
