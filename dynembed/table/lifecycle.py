@@ -489,6 +489,8 @@ class RowLifecycle:
         """
         if self.tier is None:
             return 0
+        if not self.read_only:  # it records this table's clock over the rows
+            self._warn_unclocked_store()
         before = self.counters.store_writes
         if self.base is not None:
             self.base.load_all(self)  # its rows go to the store (counted as writes)
@@ -517,8 +519,11 @@ class RowLifecycle:
 
         A store that holds rows but no clock was written to and then neither flushed nor
         closed (its process crashed, or a checkpoint restore dropped the clock and the job
-        stopped before its next flush): a training table warns, as it starts at step 0 with
-        its own seed over rows from some later step.
+        stopped before its next flush): a training table warns at its first write (a
+        training lookup, a row verb, a flush), as it would start at step 0 with its own seed
+        over rows from some later step. A checkpoint restored or the store emptied before
+        that settles it quietly: a job restarted under torchrun, whose restore deals with
+        the store, warned at every restart.
 
         Raises:
             StoreError: the store failed, or its clock record is damaged.
@@ -526,13 +531,13 @@ class RowLifecycle:
         clock = self.tier.read_clock()
         if clock is None:
             if not self.read_only and self.tier.holds_rows():
-                warn_at_caller(
+                self._unclocked_store = (
                     f"{self.tier.store_name} holds rows but no clock record: the table that "
                     "wrote them did not flush or close it (a crash?), so they are rows of "
-                    "some later step, and this table starts at step 0 with its own seed. For "
-                    "an exact resume restore a checkpoint (CheckpointManager.restore and "
-                    "Runtime ask what to do with such a store: used_stores=), or empty the "
-                    "store with table.start_over()")
+                    "some later step, and this table went on from step 0 with its own seed. "
+                    "For an exact resume restore a checkpoint before training "
+                    "(CheckpointManager.restore and Runtime ask what to do with such a "
+                    "store: used_stores=), or empty the store with table.start_over()")
             return
         self.step = max(self.step, clock["step"])
         self.update_step = max(self.update_step, clock["update_step"])
@@ -542,6 +547,16 @@ class RowLifecycle:
                 self.admitter = self.config.admission.create(self.seed)
         if self.evictor is not None:  # as after a checkpoint: the rows' times are unknown
             self.evictor.clock.reset(self.step)
+
+    _unclocked_store: str | None = None
+    """The warning of :meth:`_adopt_store_clock`, until the first write gives it or a
+    restore or an emptied store makes it moot."""
+
+    def _warn_unclocked_store(self) -> None:
+        """Gives the warning :meth:`_adopt_store_clock` kept, once, at the first write."""
+        if self._unclocked_store is not None:
+            message, self._unclocked_store = self._unclocked_store, None
+            warn_at_caller(message)
 
     def holds_stored_rows(self) -> bool:
         """Whether the store holds a row of this table (of this shard's buckets); stops at
@@ -560,6 +575,7 @@ class RowLifecycle:
             ReadOnlyTableError: the table is read-only.
             StoreError: the store failed part way (see :meth:`clear_store`).
         """
+        self._unclocked_store = None  # first: starting over settles it
         self.clear()
         self.step = self.update_step = 0
         if self.evictor is not None:
@@ -583,6 +599,7 @@ class RowLifecycle:
             StoreError: the store failed part way (it may have lost some rows, still read
                 as present); the rows in memory are marked changed all the same.
         """
+        self._unclocked_store = None  # first: emptying the store settles it
         self._check_writable("clear_store")
         if self.tier is None:
             return 0

@@ -153,11 +153,11 @@ def test_a_store_without_a_clock_record_opens_at_step_0_and_gets_one_at_the_next
     trained = _rows(writer)
     writer.table.close()
     backend.remove_clock_record()
-    with pytest.warns(UserWarning, match="holds rows but no clock record"):
-        old = _emb(de.optim.Adam(lr=0.01), backend.open())
+    old = _emb(de.optim.Adam(lr=0.01), backend.open())
     assert (old.table.step, old.table.update_step) == (0, 0)
     assert old.table.tier.store.read_clock() is None
-    _assert_same_rows(_rows(old), trained)  # its rows read as before
+    with pytest.warns(UserWarning, match="holds rows but no clock record"):
+        _assert_same_rows(_rows(old), trained)  # its rows read as before
     _train(old, 3)
     old.table.flush()
     assert old.table.tier.store.read_clock() == {"step": 3, "update_step": 3, "seed": 2}
@@ -307,12 +307,39 @@ def test_a_store_left_without_a_flush_warns_the_table_that_opens_it():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         de.DynamicEmbedding(dim=4, seed=1, store=store, read_only=True)  # a reader: quiet
-    with pytest.warns(UserWarning, match="holds rows but no clock record") as caught:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # at the first write, not at construction
         reopened = de.DynamicEmbedding(dim=4, optimizer=de.optim.SGD(lr=0.1), seed=1,
                                        max_rows=8, store=store)
-    assert caught[0].filename == __file__
-    reopened.table.flush()
+    with pytest.warns(UserWarning, match="holds rows but no clock record") as caught:
+        reopened(torch.arange(3)).sum().backward()
+    assert len(caught) == 1 and caught[0].filename == __file__
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # flushed: the clock is there
+        warnings.simplefilter("error")
+        reopened(torch.arange(3)).sum().backward()  # once
+        reopened.table.flush()
+        # flushed: the clock is there
         de.DynamicEmbedding(dim=4, optimizer=de.optim.SGD(lr=0.1), seed=1, max_rows=8,
-                            store=store)
+                            store=store)(torch.arange(3)).sum().backward()
+
+
+@pytest.mark.parametrize("settle", ["restore", "start_over", "clear_store"])
+def test_a_store_left_without_a_flush_is_settled_quietly_by_a_restore_first(settle):
+    """A job restarted under torchrun builds its tables (over the store the failed attempt
+    left) and then restores, which deals with the store: each restart warned all the same."""
+    store = de.storage.MemoryStore()
+    crashed = de.DynamicEmbedding(dim=4, optimizer=de.optim.SGD(lr=0.1), seed=1, max_rows=8,
+                                  store=store)
+    saved = crashed.table.state_dict()
+    for step in range(5):
+        crashed(torch.arange(step * 8, step * 8 + 8)).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reopened = de.DynamicEmbedding(dim=4, optimizer=de.optim.SGD(lr=0.1), seed=1,
+                                       max_rows=8, store=store)
+        if settle == "restore":
+            reopened.table.load_state_dict(saved)
+        else:
+            getattr(reopened.table, settle)()
+        reopened(torch.arange(3)).sum().backward()
+        reopened.table.flush()
