@@ -224,8 +224,15 @@ class ScoreFunction(EvictionPolicy):
 
         Raises:
             ValueError: ``fn`` returned a shape other than (n,), or a NaN score.
+            TypeError: ``fn`` returned what is not numbers (strings, None).
         """
-        score = np.asarray(self.fn(rows.counts, rows.last_step, rows.step), dtype=np.float64)
+        returned = self.fn(rows.counts, rows.last_step, rows.step)
+        try:
+            score = np.asarray(returned, dtype=np.float64)
+        except (TypeError, ValueError) as e:  # strings, None, objects: numpy's words only
+            raise TypeError(f"the eviction policy ScoreFunction(fn={self.fn!r}) returned "
+                            f"{type(returned).__name__} {returned!r:.80}, not numbers ({e}); "
+                            "fn must return one number per row") from None
         if score.shape != rows.counts.shape:
             raise ValueError(f"the eviction score function returned shape {score.shape} for "
                              f"{rows.counts.shape[0]} rows; it must return one score per row")

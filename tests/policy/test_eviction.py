@@ -268,6 +268,17 @@ def test_score_function_with_bad_shape_raises_and_evicts_nothing(bad):
     assert t.size() == 5 and t.stats().totals.discarded == 0
 
 
+@pytest.mark.parametrize("bad", [lambda c, last, s: np.full(c.shape[0], "high"),
+                                 lambda c, last, s: "keep"])
+def test_score_function_returning_strings_is_named_and_evicts_nothing(bad):
+    """numpy's "could not convert string to float" named neither fn nor the policy."""
+    t = _table(de.policy.ScoreFunction(fn=bad))
+    _lookup(t, [1, 2, 3, 4, 5])
+    with pytest.raises(TypeError, match=r"ScoreFunction\(fn=.*returned .*not numbers"):
+        t.evict(rows=2)
+    assert t.size() == 5 and t.stats().totals.discarded == 0
+
+
 def test_score_function_must_be_callable():
     with pytest.raises(TypeError, match="fn"):
         de.policy.ScoreFunction(fn=3)
