@@ -740,8 +740,22 @@ class Runtime:
         return rank_part(indices, self.rank, self.world_size)
 
     def log(self, **metrics) -> None:
-        """Records numbers shown with the progress (e.g. ``loss=...``)."""
-        self.metrics.update({k: float(v) for k, v in metrics.items()})
+        """Records numbers shown with the progress (e.g. ``loss=...``).
+
+        Raises:
+            TypeError: a value is not a number (a Python or numpy number, or a one-element
+                tensor); nothing is recorded.
+        """
+        values = {}
+        for name, value in metrics.items():
+            try:
+                if isinstance(value, (str, bytes)):
+                    raise TypeError  # float("1.5") would take it
+                values[name] = float(value)
+            except (TypeError, ValueError, RuntimeError):  # a tensor of more elements
+                raise TypeError(f"log({name}=...) must be a number (e.g. loss.item()), got "
+                                f"{type(value).__name__} {value!r:.60}") from None
+        self.metrics.update(values)
 
     def _report(self, state: str, *, force: bool = False) -> None:
         self._state = state

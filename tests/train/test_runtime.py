@@ -211,6 +211,13 @@ def test_misuse_is_explained(tmp_path):
         rt.prepare("model")
     with pytest.raises(ValueError, match="total must be"):
         next(rt.steps(-1))
+    # float("0.5") took a string; a 2-element tensor gave torch's own words
+    for bad in ("0.5", torch.ones(2), None):
+        with pytest.raises(TypeError, match=r"log\(loss=...\) must be a number"):
+            rt.log(auc=0.7, loss=bad)
+    assert "auc" not in rt.metrics  # nothing recorded
+    rt.log(loss=torch.tensor([0.25]), auc=np.float32(0.5))
+    assert rt.metrics == {"loss": 0.25, "auc": 0.5}
     rt.close()
 
 
