@@ -290,3 +290,16 @@ def test_a_table_module_refuses_the_meta_device(make):
     with pytest.raises(RuntimeError, match="cannot move to the meta device"):
         emb.to("meta")
     assert emb.to(torch.float16)(torch.tensor([[1, 2]])).dtype == torch.float16  # unchanged
+
+
+@pytest.mark.parametrize("query", [
+    lambda emb, q: emb.table.top_k(q, k=2),
+    lambda emb, q: de.sampled_softmax_loss(emb, q, torch.arange(2), num_sampled=3),
+])
+def test_meta_queries_are_named(query):
+    """torch's "item() cannot be called on meta tensors" / "Cannot copy out of meta
+    tensor" named neither the argument nor the fix."""
+    emb = de.DynamicEmbedding(dim=4, optimizer=de.optim.SGD(lr=0.1))
+    emb(torch.arange(10))
+    with pytest.raises(ValueError, match="on the meta device, which holds no values"):
+        query(emb, torch.zeros(2, 4, device="meta"))

@@ -223,6 +223,9 @@ def _candidates(output, inputs, labels, *, num_sampled, sampler, remove_accident
                          f"{tuple(inputs.shape)}")
     if not inputs.is_floating_point():
         raise TypeError(f"inputs must be a float tensor, got {inputs.dtype}")
+    if inputs.is_meta:  # torch: "Cannot copy out of meta tensor; no data!"
+        raise ValueError("inputs are on the meta device, which holds no values; give real "
+                         "tensors (build the model on a real device, or call .to('cpu'))")
     # rows are float32 in host memory: inputs of a float64 or bfloat16 model, or of one on a
     # GPU, are scored in float32 on the CPU, and their gradient flows back through the copy
     device = inputs.device

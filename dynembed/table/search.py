@@ -116,6 +116,9 @@ def query_matrix(queries) -> torch.Tensor:
                         f"(dim,), got {type(queries).__name__}: {e}") from None
     if q.dtype == torch.bool or q.is_complex():
         raise TypeError(f"queries must be a float tensor or array, got {q.dtype}")
+    if q.device.type == "meta":  # no values to score (torch: "item() ... meta tensors")
+        raise ValueError("queries are on the meta device, which holds no values; give real "
+                         "tensors (build the model on a real device, or call .to('cpu'))")
     q = q.to(torch.float32)
     if not torch.isfinite(q).all():
         raise ValueError("queries hold NaN or inf; scores of such a query rank rows at "
