@@ -45,7 +45,7 @@ from dynembed.keys.buckets import NUM_BUCKETS, buckets_of, rank_of_bucket
 from dynembed.nn._autograd import Lookup, anchor_grad, note_fused_step
 from dynembed.table.arena import take_rows
 from dynembed.table.index import EMPTY
-from dynembed.table.loss_scale import current_loss_scale, report_overflow
+from dynembed.table.loss_scale import current_loss_scale, report_inf_check
 from dynembed.table.table import DynamicTable
 
 
@@ -467,13 +467,14 @@ class Router:
             parts = ex.all_to_all(torch.from_numpy(flat), floats_mine + flag_width,
                                   floats_back + flag_width).numpy()
             flags = parts[got_flagged.offsets[got_flags]].astype(np.int64)
+            if scaled:  # every rank's scaler backs off when any rank's table overflowed
+                report_inf_check(bool(flags.any()))
             if flags.any():
                 bad_rank = int(np.flatnonzero(flags)[0])
                 t = int(flags[bad_rank]) - 1
                 for _, update, _ in updates:  # none applied: counted as in one process
                     update.count_dropped()
-                if scaled:  # every rank's scaler backs off, as every rank skipped
-                    report_overflow()
+                if scaled:  # skipped on every rank (reported above), as the scaler skips
                     return
                 raise NonFiniteGradientError(
                     f"rank {bad_rank} computed NaN or inf gradients for a table with "

@@ -85,26 +85,32 @@ def current_loss_scale() -> float | None:
     return float(scale.get_scale())
 
 
-def report_overflow() -> None:
-    """Tells the innermost block's GradScaler that a table's gradient overflowed in this
+def report_inf_check(overflowed: bool) -> None:
+    """Tells the innermost block's GradScaler whether a table's gradient overflowed in this
     backward, so that its next ``update()`` backs the scale off as for an optimizer whose
     gradients overflowed. Nothing to do for a fixed scale or outside a block.
 
     A GradScaler learns of overflows only from the optimizers it unscales; a table updates
-    inside backward, so it records its overflow where ``update()`` reads them (one inf
-    check among the optimizers', which ``update()`` clears). torch is pinned, and a scaler
-    that does not keep them so is warned about rather than left silently at a scale that
-    overflows every step.
+    inside backward, so it records its check where ``update()`` reads them (one inf check
+    among the optimizers', which ``update()`` clears; an overflow stays recorded until
+    then). Every backward records one, overflow or not: ``update()`` refuses to run
+    without any ("No inf checks were recorded"), so a model of tables alone could call it
+    only after an overflow. torch is pinned, and a scaler that does not keep them so is
+    warned about at an overflow rather than left silently at a scale that overflows every
+    step.
     """
     if not _ACTIVE or is_real(_ACTIVE[-1]) or not _ACTIVE[-1].is_enabled():
         return
     scaler = _ACTIVE[-1]
     states, scale = getattr(scaler, "_per_optimizer_states", None), getattr(scaler, "_scale", None)
     if not isinstance(states, defaultdict) or not isinstance(scale, torch.Tensor):
-        warnings.warn(f"a table's gradient overflowed, but this {type(scaler).__name__} does "
-                      "not take inf checks as torch.amp.GradScaler 2.13 does, so its scale "
-                      "stays as it is; lower it with scaler.update(new_scale)",
-                      RuntimeWarning, stacklevel=2)
+        if overflowed:
+            warnings.warn(f"a table's gradient overflowed, but this {type(scaler).__name__} "
+                          "does not take inf checks as torch.amp.GradScaler 2.13 does, so its "
+                          "scale stays as it is; lower it with scaler.update(new_scale)",
+                          RuntimeWarning, stacklevel=2)
         return
-    found = torch.ones((), dtype=torch.float32, device=scale.device)
-    states[_OVERFLOW_KEY]["found_inf_per_device"][scale.device] = found
+    checks = states[_OVERFLOW_KEY]["found_inf_per_device"]
+    if overflowed or scale.device not in checks:
+        checks[scale.device] = torch.full((), float(overflowed), dtype=torch.float32,
+                                          device=scale.device)

@@ -16,7 +16,7 @@ from dynembed.kernels.hash_index import unique_inverse
 from dynembed.kernels.sparse_updates import nonfinite_rows
 from dynembed.table.index import EMPTY
 from dynembed.table.lifecycle import CREATE_NONE
-from dynembed.table.loss_scale import current_loss_scale, report_overflow
+from dynembed.table.loss_scale import current_loss_scale, report_inf_check
 
 QUEUED_BACKWARDS_WARNING = 1024
 """Backward calls queued in deferred mode without a step at which a table warns (once per
@@ -111,7 +111,7 @@ class TableUpdates:
         if bad:
             self.counters.nonfinite_gradients += bad
             self.counters.skipped_gradients += grads.shape[0]
-            report_overflow()
+        report_inf_check(bad > 0)
         return bad > 0
 
     def _check_gradient_batch(self, ids, slots, grads) -> None:

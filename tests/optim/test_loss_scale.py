@@ -124,6 +124,32 @@ def test_an_overflow_in_a_table_alone_lowers_the_scalers_scale(mode):
     assert scaler.get_scale() == 2.0**119  # grown again (growth_interval=1), not backed off
 
 
+@pytest.mark.parametrize("mode", ["fused", "deferred"])
+def test_a_model_of_tables_alone_updates_its_scaler_every_step(mode):
+    """update() found inf checks only after an overflow: on every other step a model with
+    no dense parameters got "No inf checks were recorded prior to update"."""
+    emb = Model(mode).emb
+    reference = Model(mode).emb
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**120, growth_interval=2)
+    with de.loss_scale(scaler):
+        for step, keys in enumerate(KEYS):
+            scale = 1e20 if step == 1 else 1.0  # the second step overflows in the table
+            scaler.scale((emb(keys) * scale).sum()).backward()
+            scaler.update()
+            if mode == "deferred":
+                emb.table.step_optimizer()
+    for step, keys in enumerate(KEYS):  # unscaled, without the overflowed step's update
+        looked_up = reference(keys)
+        if step != 1:
+            looked_up.sum().backward()
+            if mode == "deferred":
+                reference.table.step_optimizer()
+    assert scaler.get_scale() == 2.0**119  # backed off once, not yet grown again
+    assert emb.stats().totals.skipped_gradients == 3  # the distinct keys of step 1
+    assert torch.equal(emb.table.find(torch.arange(1, 7)).values,
+                       reference.table.find(torch.arange(1, 7)).values)
+
+
 def test_a_scaler_that_takes_no_inf_checks_is_warned_about():
     class FixedScaler:  # a scaler of the user's own: get_scale() and is_enabled() only
         def get_scale(self):
