@@ -303,3 +303,18 @@ def test_meta_queries_are_named(query):
     emb(torch.arange(10))
     with pytest.raises(ValueError, match="on the meta device, which holds no values"):
         query(emb, torch.zeros(2, 4, device="meta"))
+
+
+def test_sampled_softmax_takes_numpy_integers():
+    """``num_sampled=np.int64(5)`` was "must be an int", a numpy seed a TypeError."""
+    emb = de.DynamicEmbedding(dim=4, optimizer=de.optim.SGD(lr=0.1), seed=0)
+    emb(torch.arange(20))
+    emb.eval()  # the same draws at every call (training steps draw anew)
+    inputs = torch.ones(2, 4)
+    numpy_args = de.sampled_softmax_loss(emb, inputs, torch.arange(2), num_sampled=np.int64(5),
+                                         generator=np.int64(3))
+    plain = de.sampled_softmax_loss(emb, inputs, torch.arange(2), num_sampled=5, generator=3)
+    assert torch.equal(numpy_args, plain)
+    with pytest.raises(TypeError, match="generator must be None"):
+        de.sampled_softmax_loss(emb, inputs, torch.arange(2), num_sampled=5,
+                                generator=np.bool_(True))

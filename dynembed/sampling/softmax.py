@@ -196,20 +196,26 @@ def _candidates(output, inputs, labels, *, num_sampled, sampler, remove_accident
                 logq_correction, normalize, temperature, generator) -> _Candidates:
     if not isinstance(output, DynamicEmbedding):
         raise TypeError(f"output must be a DynamicEmbedding, got {type(output).__name__}")
-    if isinstance(num_sampled, bool) or not isinstance(num_sampled, int) or num_sampled < 0:
+    # numpy integers too (a size from an array's shape or a config read with numpy)
+    if isinstance(num_sampled, (bool, np.bool_)) \
+            or not isinstance(num_sampled, (int, np.integer)) or num_sampled < 0:
         raise ValueError(f"num_sampled must be an int >= 0, got {num_sampled!r}")
+    num_sampled = int(num_sampled)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
             or not 0 < temperature < math.inf:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if sampler is not None and not isinstance(sampler, CandidateSampler):
         raise TypeError(f"sampler must be a de.sampling sampler such as "
                         f"de.sampling.Uniform(), got {type(sampler).__name__}")
-    if generator is not None and not isinstance(generator, (int, np.random.Generator)) \
-            or isinstance(generator, bool):
+    if generator is not None and not isinstance(generator, (int, np.integer,
+                                                             np.random.Generator)) \
+            or isinstance(generator, (bool, np.bool_)):
         raise TypeError(f"generator must be None, an int seed or a numpy Generator, got "
                         f"{type(generator).__name__}")
-    if isinstance(generator, int) and generator < 0:
-        raise ValueError(f"generator: an int seed must be >= 0, got {generator}")
+    if isinstance(generator, (int, np.integer)):
+        if generator < 0:
+            raise ValueError(f"generator: an int seed must be >= 0, got {generator}")
+        generator = int(generator)
     for name, flag in (("remove_accidental_hits", remove_accidental_hits),
                        ("logq_correction", logq_correction), ("normalize", normalize)):
         if not isinstance(flag, bool):

@@ -14,6 +14,8 @@ import functools
 
 import numpy as np
 
+from dynembed._args import check_bool
+
 _INT64_MAX = 2**63 - 1
 
 
@@ -40,7 +42,9 @@ def global_batch(step: int, batch_size: int, num_samples: int, *, seed: int = 0,
     Raises:
         ValueError: a negative step or seed, sizes < 1, or a step whose samples lie past
             int64.
+        TypeError: ``shuffle`` is not a bool (``shuffle="no"`` is truthy).
     """
+    shuffle = check_bool("shuffle", shuffle)
     step = _check("step", step, 0)
     batch_size = _check("batch_size", batch_size, 1)
     num_samples = _check("num_samples", num_samples, 1)
@@ -65,7 +69,19 @@ def rank_part(indices: np.ndarray, rank: int, world_size: int) -> np.ndarray:
 
     For a job of W ranks to train exactly like one process, make the batch size a multiple
     of W: each rank averages its loss over its part and gradients are averaged over ranks.
+
+    Args:
+        indices: (n,) the global batch (an array, tensor or list).
+
+    Raises:
+        TypeError: ``indices`` is not one-dimensional.
+        ValueError: ``rank`` or ``world_size`` out of range.
     """
+    if not hasattr(indices, "shape"):  # a list: sliced as an array, returned as one
+        indices = np.asarray(indices)
+    if len(indices.shape) != 1:
+        raise TypeError(f"indices must be a 1-D batch of sample indices, got shape "
+                        f"{tuple(indices.shape)}")
     world_size = _check("world_size", world_size, 1)
     # numpy ints are accepted, as for world_size (an environment parsed with numpy)
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) \

@@ -41,3 +41,12 @@ def test_rank_parts_cover_the_batch_in_order(batch, world):
 def test_bad_arguments_are_named(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_shuffle_takes_only_bools_and_rank_part_takes_lists():
+    """``shuffle="no"`` shuffled (a truthy string); a list batch gave AttributeError."""
+    with pytest.raises(TypeError, match="shuffle must be True or False"):
+        global_batch(0, 4, 10, shuffle="no")
+    with pytest.raises(TypeError, match="indices must be a 1-D batch"):
+        rank_part(np.zeros((2, 2)), 0, 2)
+    np.testing.assert_array_equal(rank_part([5, 6, 7], 1, 2), [7])
