@@ -86,4 +86,5 @@ class DistributedError(DynembedError):
 
 
 class ConfigMismatchError(DistributedError, ValueError):
-    """Ranks of one job built different tables (dims, optimizers, ...)."""
+    """Ranks of one job built different tables (dims, optimizers, ...) or were given
+    different training settings (``every_steps``, ``total``)."""

@@ -52,7 +52,7 @@ def host_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         MemoryError: the memory cannot be had, or is more than the address space holds.
     """
     dtype = np.dtype(dtype)
-    nbytes = math.prod(shape) * dtype.itemsize  # Python ints: no int64 wrap-around
+    nbytes = math.prod(map(int, shape)) * dtype.itemsize  # Python ints: no int64 wrap
     if nbytes >= 1 << 63:  # numpy and mmap each refuse it in their own words
         raise MemoryError(f"{nbytes:,} bytes is more than a process can address")
     if nbytes < _HUGE_FROM_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):

@@ -74,7 +74,7 @@ class HashIndex:
         except MemoryError as e:
             raise MemoryError(
                 f"cannot allocate a hash index of {buckets:,} buckets for {entries:,} rows "
-                f"({buckets * 16 / 2**30:.2f} GiB): {e}. The table is unchanged; free memory, "
+                f"({buckets * 16 / 2**30:.2f} GiB): {e}. The index is unchanged; free memory, "
                 "set a memory_budget / max_rows, or give the table a store= for the rows "
                 "that do not fit") from e
         k.index_rehash(self.table, grown)

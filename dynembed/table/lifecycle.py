@@ -9,7 +9,9 @@ was.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -552,6 +554,17 @@ class RowLifecycle:
     """The warning of :meth:`_adopt_store_clock`, until the first write gives it or a
     restore or an emptied store makes it moot."""
 
+    @contextlib.contextmanager
+    def _settling_unclocked_store(self) -> Iterator[None]:
+        """Within: a write that empties the store, which settles the warning of
+        :meth:`_adopt_store_clock` (not given); kept for the next write if it fails."""
+        pending, self._unclocked_store = self._unclocked_store, None
+        try:
+            yield
+        except BaseException:
+            self._unclocked_store = pending
+            raise
+
     def _warn_unclocked_store(self) -> None:
         """Gives the warning :meth:`_adopt_store_clock` kept, once, at the first write."""
         if self._unclocked_store is not None:
@@ -575,8 +588,8 @@ class RowLifecycle:
             ReadOnlyTableError: the table is read-only.
             StoreError: the store failed part way (see :meth:`clear_store`).
         """
-        self._unclocked_store = None  # first: starting over settles it
-        self.clear()
+        with self._settling_unclocked_store():
+            self.clear()
         self.step = self.update_step = 0
         if self.evictor is not None:
             self.evictor.clock.reset(0)
@@ -599,13 +612,14 @@ class RowLifecycle:
             StoreError: the store failed part way (it may have lost some rows, still read
                 as present); the rows in memory are marked changed all the same.
         """
-        self._unclocked_store = None  # first: emptying the store settles it
-        self._check_writable("clear_store")
-        if self.tier is None:
-            return 0
-        blocks = [block.ids[self.index.find(block.ids) == EMPTY] for block in self.tier.scan()]
-        only_stored = np.concatenate(blocks) if blocks else np.empty(0, dtype=np.int64)
-        self._empty_store()
+        with self._settling_unclocked_store():
+            self._check_writable("clear_store")
+            if self.tier is None:
+                return 0
+            blocks = [block.ids[self.index.find(block.ids) == EMPTY]
+                      for block in self.tier.scan()]
+            only_stored = np.concatenate(blocks) if blocks else np.empty(0, dtype=np.int64)
+            self._empty_store()
         if only_stored.shape[0]:
             self._release(only_stored, erased=True)
             if self.key_log is not None:

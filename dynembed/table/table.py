@@ -213,7 +213,8 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch, Table
 
         Raises:
             ValueError: ``rows`` is not an int >= 0.
-            MemoryError: the arena of that size cannot be allocated.
+            MemoryError: the arena or the index of that size cannot be allocated (the rows
+                stay; the arena may have grown already when the index cannot).
         """
         if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 0:
             raise ValueError(f"rows must be an int >= 0, got {rows!r}")

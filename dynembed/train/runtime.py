@@ -75,9 +75,10 @@ PEER_PREEMPTED_EXIT = 75
 torchrun's elastic agent: a failure to its agent, which starts the workers again with the
 ranks still there, resuming from the checkpoint just written. Exiting 0 told the agent the
 job was done, and a scaled-down job ended as a success part way through."""
-SHARED_PROBE_WAIT_S = 5.0
-"""How long a rank looks for rank 0's probe in ``checkpoint_dir`` (a network file system
-may show a new file late)."""
+SHARED_WAIT_S = 30.0
+"""How long a rank looks for rank 0's probe, or a committed checkpoint, in
+``checkpoint_dir`` before calling the directory not shared (a network file system may show
+a new file late; the wait is spent only when the file does not come)."""
 
 _LOADED, _DAMAGED, _FAILED = 0, 1, 2
 """A rank's outcome of loading a checkpoint during restore, worst last."""
@@ -100,14 +101,20 @@ def _check_writable(directory: Path, rank: int) -> None:
                               " give a directory this user may write") from None
 
 
-def _appears(*paths: Path, wait_s: float) -> Path | None:
-    """The first of ``paths`` that exists, or comes to within ``wait_s`` seconds; None if
-    none does."""
+def _listed(directory: Path, *names: str, wait_s: float) -> Path | None:
+    """The first of ``names`` listed in ``directory``, now or within ``wait_s`` seconds; None
+    if none is. Listing, not ``exists()``: an NFS client keeps the "not found" of a name
+    asked for before another node made it for its attribute-cache time (a save asks for
+    the checkpoint's name before it commits), while opening the directory reads it anew."""
     deadline = time.monotonic() + wait_s
     while True:
-        for path in paths:
-            if path.exists():
-                return path
+        try:
+            listed = set(os.listdir(directory))
+        except FileNotFoundError:
+            listed = set()
+        for name in names:
+            if name in listed:
+                return directory / name
         if time.monotonic() >= deadline:
             return None
         time.sleep(0.05)
@@ -250,7 +257,15 @@ class Runtime:
 
     def start(self) -> Runtime:
         """Starts the process group (under torchrun), installs the SIGTERM handler and
-        removes partial checkpoints a crash left (rank 0, before every rank goes on)."""
+        removes partial checkpoints a crash left (rank 0, before every rank goes on).
+
+        Raises:
+            ValueError: (on every rank) some rank does not see the probe file rank 0 wrote
+                in ``checkpoint_dir``, which must be one directory every rank shares.
+            ConfigMismatchError: (on every rank) the ranks were given different
+                ``every_steps``.
+            PermissionError: ``checkpoint_dir`` cannot be written.
+        """
         if self._started:
             return self
         try:
@@ -358,7 +373,8 @@ class Runtime:
             return
         mine = np.array([-1 if v is None else v for v in values.values()], dtype=np.int64)
         high = self._control.all_reduce_max(np.concatenate([mine, -mine]))
-        differ = [f"{name} (from {-low} to {top}; -1 is None)"
+        shown = {-1: None}  # the encoding of None
+        differ = [f"{name} (from {shown.get(-low, -low)} to {shown.get(top, top)})"
                   for name, top, low in zip(values, high[:len(mine)], high[len(mine):])
                   if top != -low]
         if differ:
@@ -378,16 +394,22 @@ class Runtime:
         """
         if self._control is None:
             return
-        token = secrets.randbits(62) + 1 if self.rank == 0 else 0
+        token = 0  # stays 0 where rank 0 could not write it: every rank raises
         if self.rank == 0:
-            (self.checkpoint_dir / f".shared-probe-{token:x}").write_bytes(b"")
+            drawn = secrets.randbits(62) + 1
+            try:
+                (self.checkpoint_dir / f".shared-probe-{drawn:x}").write_bytes(b"")
+                token = drawn
+            except OSError as e:
+                logger.error("rank 0: cannot write a probe in %s: %s", self.checkpoint_dir, e)
         token = int(self._control.all_reduce_max(np.array([token]))[0])
-        probe = self.checkpoint_dir / f".shared-probe-{token:x}"
+        probe = f".shared-probe-{token:x}"
         blind = np.zeros(self.world_size, dtype=np.int64)
-        blind[self.rank] = _appears(probe, wait_s=SHARED_PROBE_WAIT_S) is None
+        blind[self.rank] = token == 0 or _listed(self.checkpoint_dir, probe,
+                                                 wait_s=SHARED_WAIT_S) is None
         blind = self._control.all_reduce_max(blind)
         if self.rank == 0:
-            probe.unlink(missing_ok=True)
+            (self.checkpoint_dir / probe).unlink(missing_ok=True)
         if blind.any():
             raise ValueError(
                 f"checkpoint_dir {self.checkpoint_dir} is not shared by every rank: rank(s) "
@@ -605,8 +627,8 @@ class Runtime:
             (or inside a step).
 
         Raises:
-            CheckpointError: this rank does not see the checkpoint committed after every
-                rank wrote its part (``checkpoint_dir`` is not shared).
+            CheckpointError: on every rank, when some rank does not see the checkpoint
+                committed after every rank wrote its part (``checkpoint_dir`` is not shared).
         """
         self._require_started()
         if self.manager is None or self.model is None:
@@ -634,13 +656,18 @@ class Runtime:
         # timeout on large tables and cost a restart at each one
         if self._after_save is not None:
             dist.barrier(group=self._after_save)
-        committed = _appears(path, path.with_name(path.name + "-full"),
-                             wait_s=SHARED_PROBE_WAIT_S)
-        if committed is None:
+        committed = _listed(self.checkpoint_dir, path.name, path.name + "-full",
+                            wait_s=SHARED_WAIT_S)
+        blind = np.zeros(self.world_size, dtype=np.int64)
+        blind[self.rank] = committed is None
+        if self._control is not None:  # every rank raises, or none
+            blind = self._control.all_reduce_max(blind)
+        if blind.any():
             raise CheckpointError(
-                f"rank {self.rank}: checkpoint of step {self.step} was not committed in "
-                f"{self.checkpoint_dir} after every rank wrote its part; checkpoint_dir must "
-                "be one directory every rank shares, and nothing else may write there")
+                f"rank(s) {np.flatnonzero(blind).tolist()} do not see the checkpoint of step "
+                f"{self.step} committed in {self.checkpoint_dir} after every rank wrote its "
+                "part; checkpoint_dir must be one directory every rank shares, and nothing "
+                "else may write there")
         self._last_saved, self._last_save_time = self.step, time.monotonic()
         self._report(self._state, force=True)  # the saved step, not a throttled older one
         return committed
@@ -664,8 +691,8 @@ class Runtime:
                 the ranks a SIGTERM to another rank stopped (after the checkpoint), so that
                 torchrun starts the workers again with the ranks still there.
         """
-        if isinstance(total, bool) or not isinstance(total, int) or total < 0:
-            raise ValueError(f"total must be an int >= 0, got {total!r}")
+        if isinstance(total, bool) or not isinstance(total, int) or not 0 <= total < 2**63:
+            raise ValueError(f"total must be an int in [0, 2**63), got {total!r}")
         self._require_started()
         self._require_restored()
         self._check_same_on_every_rank(total=total)

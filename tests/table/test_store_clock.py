@@ -343,3 +343,25 @@ def test_a_store_left_without_a_flush_is_settled_quietly_by_a_restore_first(sett
             getattr(reopened.table, settle)()
         reopened(torch.arange(3)).sum().backward()
         reopened.table.flush()
+
+
+def test_a_failed_start_over_keeps_the_warning_for_the_next_write(monkeypatch):
+    store = de.storage.MemoryStore()
+    crashed = de.DynamicEmbedding(dim=4, optimizer=de.optim.SGD(lr=0.1), seed=1, max_rows=8,
+                                  store=store)
+    for step in range(5):
+        crashed(torch.arange(step * 8, step * 8 + 8)).sum().backward()
+    reopened = de.DynamicEmbedding(dim=4, optimizer=de.optim.SGD(lr=0.1), seed=1,
+                                   max_rows=8, store=store)
+
+    def fail():
+        raise de.StoreError("the store is down")
+
+    monkeypatch.setattr(store, "clear", fail)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(de.StoreError, match="down"):
+            reopened.table.start_over()
+    monkeypatch.undo()
+    with pytest.warns(UserWarning, match="holds rows but no clock record"):
+        reopened(torch.arange(3)).sum().backward()

@@ -42,16 +42,28 @@ def _peer_sigterm_and_unshared_dir(rank: int, folder: str) -> dict:
 
     import torch
 
-    from dynembed.errors import ConfigMismatchError
-    from dynembed.train.runtime import PEER_PREEMPTED_EXIT
+    from dynembed.errors import CheckpointError, ConfigMismatchError
+    from dynembed.train import runtime
     from tests.train.test_runtime import Tiny, _train
 
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", TORCHELASTIC_RUN_ID="test")
+    runtime.SHARED_WAIT_S = 0.5  # how long a missing file is waited for
     out = {}
     try:
         Runtime(f"{folder}/own-{rank}", timeout=60).start()
     except ValueError as e:
         out["unshared"] = str(e)
+    probe = Runtime._check_shared_directory
+    Runtime._check_shared_directory = lambda self: None  # the save's own check, then
+    try:
+        with Runtime(f"{folder}/own-{rank}", timeout=60) as rt:
+            rt.prepare(Tiny())
+            rt.restore()
+            rt.checkpoint()
+    except CheckpointError as e:
+        out["uncommitted"] = str(e)
+    finally:
+        Runtime._check_shared_directory = probe
     try:
         Runtime(f"{folder}/every", every_steps=10 + rank, timeout=60).start()
     except ConfigMismatchError as e:
@@ -75,7 +87,7 @@ def _peer_sigterm_and_unshared_dir(rank: int, folder: str) -> dict:
             out["exit"] = None
         except SystemExit as e:
             out["exit"] = e.code
-        out.update(step=rt.step, preempted=rt.preempted, peer_code=PEER_PREEMPTED_EXIT)
+        out.update(step=rt.step, preempted=rt.preempted, peer_code=runtime.PEER_PREEMPTED_EXIT)
     finally:
         rt.close()
     return out
@@ -90,6 +102,8 @@ def test_what_differs_by_rank_is_refused_and_a_sigterm_to_one_rank_restarts_the_
                         tmp_path)
     for rank, out in enumerate(results):
         assert "is not shared by every rank: rank(s) [1] do not see" in out["unshared"]
+        assert "rank(s) [0, 1] do not see the checkpoint of step 0 committed" \
+            in out["uncommitted"]
         assert "different every_steps (from 10 to 11" in out["every"]
         assert "different total (from 5 to 6" in out["total"]
         assert out["step"] == 3 and out["preempted"]
