@@ -475,12 +475,11 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
             and r.start < table_buckets.stop and table_buckets.start < r.stop]
         layers = _lazy_rows(chain, name, table_buckets, table, strict=True).layers
         check_fits(table, layers)
-        aux = _decoded_aux(name, table, folder, auxes[own], others, admissions, dropped)
-        if aux.key_log is not None and len(table_buckets) < manifest["num_buckets"]:
-            # every rank logs the strings it asked for, and a save keeps each rank's log:
-            # merged whole, each shard held every key's string (W copies in W ranks)
-            aux.key_log.keep_only(functools.partial(
-                _in_buckets, buckets=table_buckets, num_buckets=manifest["num_buckets"]))
+        # every rank logs the strings it asked for, and a save keeps each rank's log: merged
+        # whole, each shard held every key's string (W copies in W ranks)
+        keep = None if len(table_buckets) == manifest["num_buckets"] else functools.partial(
+            _in_buckets, buckets=table_buckets, num_buckets=manifest["num_buckets"])
+        aux = _decoded_aux(name, table, folder, auxes[own], others, admissions, dropped, keep)
         if not _replicated(table) and manifest["world_size"] != world_size:
             # each shard counted its own keys: the job's counters are their sum, which
             # the rank of bucket 0 takes (one shard's, or the total on every rank, lied)
@@ -533,8 +532,9 @@ def _check_dense_saved(model: nn.Module | None, optimizer: torch.optim.Optimizer
 
 
 def _decoded_aux(name: str, table: DynamicTable, folder: Path, aux: dict, others: list,
-                 admissions: list, dropped: tuple[str, ...]):
-    """The table's aux state decoded (so a mismatch fails before any table changes).
+                 admissions: list, dropped: tuple[str, ...], keep_ids=None):
+    """The table's aux state decoded (so a mismatch fails before any table changes), its
+    key log cut to the ids ``keep_ids`` keeps (see ``DynamicTable.read_aux_state``).
 
     Warns about a key log / admission state the table has no place for (dropped), unless
     the caller drops that state on purpose (named in ``dropped``).
@@ -548,7 +548,7 @@ def _decoded_aux(name: str, table: DynamicTable, folder: Path, aux: dict, others
                       "table has no place for (built without key_log=True / an admission "
                       "policy?); it is not loaded", stacklevel=4)
     try:
-        return table.read_aux_state(aux, others, admissions)
+        return table.read_aux_state(aux, others, admissions, keep_ids)
     except StateDictError as e:
         raise CheckpointError(f"table {name!r} of checkpoint {folder} does not fit this "
                               f"table: {e}") from None

@@ -8,7 +8,7 @@ streaming, chunked checkpoints are :mod:`dynembed.checkpoint`'s job).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -273,7 +273,8 @@ class TableSnapshot:
 
     def read_aux_state(self, state: dict[str, torch.Tensor],
                        key_logs: list[dict[str, torch.Tensor]] = (),
-                       admissions: list[dict[str, torch.Tensor]] = ()) -> AuxState:
+                       admissions: list[dict[str, torch.Tensor]] = (),
+                       keep_ids: Callable[[np.ndarray], np.ndarray] | None = None) -> AuxState:
         """Checks and decodes :meth:`aux_state` tensors without changing the table, so a
         load can fail before it clears anything.
 
@@ -281,6 +282,9 @@ class TableSnapshot:
             state: this table's aux state (or a whole state dict).
             key_logs: other shards' aux states whose key logs are merged in.
             admissions: other shards' aux states whose admission state is merged in.
+            keep_ids: (n,) int64 ids -> (n,) bool, which key-log entries to keep (a shard's
+                own buckets); each log is cut before it is merged, so a restore never holds
+                every shard's strings at once. None keeps them all.
 
         Raises:
             StateDictError: a malformed ``meta`` or counter, another version, dim,
@@ -331,6 +335,8 @@ class TableSnapshot:
                     if part:
                         log = KeyLog()
                         log.load_state_dict(part)
+                        if keep_ids is not None:
+                            log.keep_only(keep_ids)
                         key_log.merge(log)
             admitter = None
             if self.admitter is not None:  # its hashes follow the (restored) table seed
