@@ -24,7 +24,6 @@ import datetime
 import logging
 import math
 import os
-import secrets
 import shutil
 import signal
 import threading
@@ -53,10 +52,10 @@ from dynembed.errors import (
     CheckpointCorruptError,
     CheckpointError,
     CheckpointNotFoundError,
-    ConfigMismatchError,
 )
 from dynembed.keys.buckets import NUM_BUCKETS, check_num_buckets
 from dynembed.nn._base import anchor_names, dense_parameters, named_tables
+from dynembed.train import rank_checks
 from dynembed.train.data import global_batch, rank_part
 from dynembed.train.environment import check_rendezvous_env, share_cores
 from dynembed.train.progress import PROGRESS_ENV, ProgressFile
@@ -75,49 +74,8 @@ PEER_PREEMPTED_EXIT = 75
 torchrun's elastic agent: a failure to its agent, which starts the workers again with the
 ranks still there, resuming from the checkpoint just written. Exiting 0 told the agent the
 job was done, and a scaled-down job ended as a success part way through."""
-SHARED_WAIT_S = 30.0
-"""How long a rank looks for rank 0's probe, or a committed checkpoint, in
-``checkpoint_dir`` before calling the directory not shared (a network file system may show
-a new file late; the wait is spent only when the file does not come)."""
-
 _LOADED, _DAMAGED, _FAILED = 0, 1, 2
 """A rank's outcome of loading a checkpoint during restore, worst last."""
-
-
-def _check_writable(directory: Path, rank: int) -> None:
-    """Refuses a checkpoint directory this process cannot write, before any training (it
-    was found at the first save, and under torchrun every restart trained again first).
-
-    Raises:
-        PermissionError: a probe file cannot be made in ``directory`` (named).
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    probe = directory / f".write-probe-{os.getpid()}-{rank}"
-    try:
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise PermissionError(f"checkpoint_dir {directory}: cannot write there ({e.strerror});"
-                              " give a directory this user may write") from None
-
-
-def _listed(directory: Path, *names: str, wait_s: float) -> Path | None:
-    """The first of ``names`` listed in ``directory``, now or within ``wait_s`` seconds; None
-    if none is. Listing, not ``exists()``: an NFS client keeps the "not found" of a name
-    asked for before another node made it for its attribute-cache time (a save asks for
-    the checkpoint's name before it commits), while opening the directory reads it anew."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            listed = set(os.listdir(directory))
-        except FileNotFoundError:
-            listed = set()
-        for name in names:
-            if name in listed:
-                return directory / name
-        if time.monotonic() >= deadline:
-            return None
-        time.sleep(0.05)
 
 
 def _positive_or_none(name: str, value, kind=int) -> None:
@@ -291,7 +249,7 @@ class Runtime:
         if self.handle_sigterm and threading.current_thread() is threading.main_thread():
             self._old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         if self.checkpoint_dir is not None:
-            _check_writable(self.checkpoint_dir, self.rank)
+            rank_checks.check_writable(self.checkpoint_dir, self.rank)
             self.manager = CheckpointManager(self.checkpoint_dir, keep_last=self.keep_last,
                                              max_chain=self.max_chain, rank=self.rank,
                                              world_size=self.world_size,
@@ -301,9 +259,10 @@ class Runtime:
                     if entry.name.endswith(".partial") and entry.is_dir():
                         logger.info("removing partial checkpoint %s", entry)
                         shutil.rmtree(entry, ignore_errors=True)
-            self._check_shared_directory()
+            rank_checks.check_shared_directory(self._control, self.checkpoint_dir, self.rank,
+                                               self.world_size)
             self.barrier()
-        self._check_same_on_every_rank(every_steps=self.every_steps)
+        rank_checks.check_same_on_every_rank(self._control, every_steps=self.every_steps)
         self._started = True
         logger.info("rank %d of %d started (restart %d)", self.rank, self.world_size,
                     self.env.restart_count)
@@ -364,59 +323,6 @@ class Runtime:
             if folder.parent == root and step_of(folder) is not None:
                 return folder
         return None
-
-    def _check_same_on_every_rank(self, **values: int | None) -> None:
-        """Raises ConfigMismatchError on every rank unless each value is the same on every
-        rank: with different ``every_steps`` or ``total``, one rank waited in a checkpoint
-        or a step the others never joined, and failed at the timeout naming neither."""
-        if self._control is None:
-            return
-        mine = np.array([-1 if v is None else v for v in values.values()], dtype=np.int64)
-        high = self._control.all_reduce_max(np.concatenate([mine, -mine]))
-        shown = {-1: None}  # the encoding of None
-        differ = [f"{name} (from {shown.get(-low, -low)} to {shown.get(top, top)})"
-                  for name, top, low in zip(values, high[:len(mine)], high[len(mine):])
-                  if top != -low]
-        if differ:
-            raise ConfigMismatchError(f"the ranks were given different {', '.join(differ)}; "
-                                      "give every rank the same values")
-
-    def _check_shared_directory(self) -> None:
-        """Refuses a ``checkpoint_dir`` the ranks do not all share, before any training.
-
-        Each rank writes its part of a checkpoint there and the last one commits it, so
-        with a directory per node (a node-local disk) no checkpoint was ever committed:
-        training ended well, and every restart began again at step 0. Rank 0 writes a probe
-        file and every rank looks for it.
-
-        Raises:
-            ValueError: some rank does not see the probe (the ranks are named), on every rank.
-        """
-        if self._control is None:
-            return
-        token = 0  # stays 0 where rank 0 could not write it: every rank raises
-        if self.rank == 0:
-            drawn = secrets.randbits(62) + 1
-            try:
-                (self.checkpoint_dir / f".shared-probe-{drawn:x}").write_bytes(b"")
-                token = drawn
-            except OSError as e:
-                logger.error("rank 0: cannot write a probe in %s: %s", self.checkpoint_dir, e)
-        token = int(self._control.all_reduce_max(np.array([token]))[0])
-        probe = f".shared-probe-{token:x}"
-        blind = np.zeros(self.world_size, dtype=np.int64)
-        blind[self.rank] = token == 0 or _listed(self.checkpoint_dir, probe,
-                                                 wait_s=SHARED_WAIT_S) is None
-        blind = self._control.all_reduce_max(blind)
-        if self.rank == 0:
-            (self.checkpoint_dir / probe).unlink(missing_ok=True)
-        if blind.any():
-            raise ValueError(
-                f"checkpoint_dir {self.checkpoint_dir} is not shared by every rank: rank(s) "
-                f"{np.flatnonzero(blind).tolist()} do not see the file rank 0 wrote there. "
-                "Every rank writes its part of each checkpoint into checkpoint_dir and the "
-                "last one commits it; give all ranks one directory on shared storage (a "
-                "network file system, a ReadWriteMany volume)")
 
     def _on_sigterm(self, signum, frame) -> None:
         now = time.monotonic()
@@ -656,18 +562,8 @@ class Runtime:
         # timeout on large tables and cost a restart at each one
         if self._after_save is not None:
             dist.barrier(group=self._after_save)
-        committed = _listed(self.checkpoint_dir, path.name, path.name + "-full",
-                            wait_s=SHARED_WAIT_S)
-        blind = np.zeros(self.world_size, dtype=np.int64)
-        blind[self.rank] = committed is None
-        if self._control is not None:  # every rank raises, or none
-            blind = self._control.all_reduce_max(blind)
-        if blind.any():
-            raise CheckpointError(
-                f"rank(s) {np.flatnonzero(blind).tolist()} do not see the checkpoint of step "
-                f"{self.step} committed in {self.checkpoint_dir} after every rank wrote its "
-                "part; checkpoint_dir must be one directory every rank shares, and nothing "
-                "else may write there")
+        committed = rank_checks.check_committed(self._control, path, self.step, self.rank,
+                                                self.world_size)
         self._last_saved, self._last_save_time = self.step, time.monotonic()
         self._report(self._state, force=True)  # the saved step, not a throttled older one
         return committed
@@ -695,7 +591,7 @@ class Runtime:
             raise ValueError(f"total must be an int in [0, 2**63), got {total!r}")
         self._require_started()
         self._require_restored()
-        self._check_same_on_every_rank(total=total)
+        rank_checks.check_same_on_every_rank(self._control, total=total)
         self.total, self._left_at = total, None
         self._report("running", force=True)
         while self.step < total:

@@ -43,18 +43,18 @@ def _peer_sigterm_and_unshared_dir(rank: int, folder: str) -> dict:
     import torch
 
     from dynembed.errors import CheckpointError, ConfigMismatchError
-    from dynembed.train import runtime
+    from dynembed.train import rank_checks, runtime
     from tests.train.test_runtime import Tiny, _train
 
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", TORCHELASTIC_RUN_ID="test")
-    runtime.SHARED_WAIT_S = 0.5  # how long a missing file is waited for
+    rank_checks.SHARED_WAIT_S = 0.5  # how long a missing file is waited for
     out = {}
     try:
         Runtime(f"{folder}/own-{rank}", timeout=60).start()
     except ValueError as e:
         out["unshared"] = str(e)
-    probe = Runtime._check_shared_directory
-    Runtime._check_shared_directory = lambda self: None  # the save's own check, then
+    probe = rank_checks.check_shared_directory
+    rank_checks.check_shared_directory = lambda *args: None  # the save's own check, then
     try:
         with Runtime(f"{folder}/own-{rank}", timeout=60) as rt:
             rt.prepare(Tiny())
@@ -63,7 +63,7 @@ def _peer_sigterm_and_unshared_dir(rank: int, folder: str) -> dict:
     except CheckpointError as e:
         out["uncommitted"] = str(e)
     finally:
-        Runtime._check_shared_directory = probe
+        rank_checks.check_shared_directory = probe
     try:
         Runtime(f"{folder}/every", every_steps=10 + rank, timeout=60).start()
     except ConfigMismatchError as e:
