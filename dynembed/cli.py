@@ -427,7 +427,7 @@ def _export(args) -> int:
                           name=args.name, version=args.version,
                           feature_types=parts.get("feature_types"),
                           output=args.output or parts.get("output", "identity"),
-                          source_step=step_of(checkpoint))
+                          source_step=step_of(checkpoint), model=model)
     print(f"wrote {path} from {checkpoint}")
     return 0
 

@@ -38,7 +38,7 @@ from dynembed.checkpoint import manifest as mf
 from dynembed.checkpoint.lazy import DEFAULT_CHUNK_ROWS, LazyRows
 from dynembed.checkpoint.rows_file import RowsFile
 from dynembed.checkpoint.table_io import check_fits, restore, write_shard
-from dynembed.errors import CheckpointError, StateDictError
+from dynembed.errors import CheckpointCorruptError, CheckpointError, StateDictError
 from dynembed.keys.buckets import (
     NUM_BUCKETS,
     buckets_of,
@@ -504,6 +504,32 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
         restore(table, layers, table_buckets, aux, since=manifest["id"], lazy=lazy,
                 background_rows=background_rows, chunk_rows=chunk_rows)
     return extra
+
+
+def read_dense_model(path: str | os.PathLike) -> dict[str, torch.Tensor] | None:
+    """The model state (``model.state_dict()``, table rows aside) saved in the checkpoint
+    at ``path``, or None where it was saved without ``model=``.
+
+    Reads the one small file, checked against the manifest's size and CRC-32 first, not
+    the tables: a server takes the dense weights of the checkpoint whose tables it serves.
+
+    Raises:
+        CheckpointNotFoundError: ``path`` holds no committed checkpoint.
+        CheckpointCorruptError: the manifest or the dense state's file is damaged.
+    """
+    folder = checkpoint_path(path)
+    manifest = mf.read(folder)
+    name = manifest.get("dense")
+    if name is None:
+        return None
+    mf.check_files(folder, {"files": {name: manifest["files"][name]}})
+    try:
+        dense = torch.load(folder / name, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a file that passed its CRC and still fails
+        raise CheckpointCorruptError(f"{folder / name}: the dense state does not load ({e}); "
+                                     "load an earlier checkpoint", path=folder / name) \
+            from None
+    return dense["model"]
 
 
 def _check_dense_saved(model: nn.Module | None, optimizer: torch.optim.Optimizer | None,

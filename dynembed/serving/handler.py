@@ -19,12 +19,14 @@ import logging
 import threading
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from dynembed.errors import CheckpointCorruptError, DynembedError
 from dynembed.nn.collection import EmbeddingCollection
+from dynembed.serving import dense_source
 from dynembed.serving.package import (
     BUILTIN_HANDLER,
     Package,
@@ -35,6 +37,16 @@ from dynembed.serving.package import (
 from dynembed.table.stats import Counters
 
 logger = logging.getLogger(__name__)
+
+
+class _Served(NamedTuple):
+    """What answers a batch, swapped as one: tables and dense program of one checkpoint."""
+
+    embeddings: EmbeddingCollection
+    dense: torch.nn.Module
+    dense64: torch.nn.Module | None
+    """The dense program in float64 (None: it runs in float32, and a prediction may differ
+    in its last bit with the batch it joined)."""
 
 _TABLE_COUNTERS = ("hits", "misses", "defaults_served", "loaded")
 """The table counters the handler reports (see :meth:`EmbeddingModelHandler.table_stats`)."""
@@ -197,8 +209,6 @@ class EmbeddingModelHandler:
     def __init__(self, package: Package) -> None:
         check_dense(package)
         self.package = package
-        self.embeddings = package.embeddings
-        """The live tables; :meth:`refresh` swaps in newer ones between batches."""
         self.features = package.manifest["features"]
         self._names = frozenset(self.features)
         self._key_types = [(name, spec["pooling"] is not None,
@@ -210,15 +220,32 @@ class EmbeddingModelHandler:
         self._retired: dict[str, dict[str, int]] = {}  # totals of tables swapped out ...
         self._retiring: dict[str, Counters] = {}  # ... but the last ones', still counting
         self.refreshes = 0
-        self._previous: EmbeddingCollection | None = None
-        """The tables the last refresh replaced, served again if the new ones turn out
-        damaged (see :meth:`predict`)."""
+        self._dense_names = package.manifest["dense"].get(dense_source.FIELD)
+        """Where the dense weights live in the training model (None: not recorded, and a
+        refresh changes the tables only)."""
+        self._served = self._serving(package.embeddings, package.dense)
+        """What answers now; :meth:`refresh` swaps in a newer one between batches."""
+        self._previous: _Served | None = None
+        """What the last refresh replaced, served again if its tables turn out damaged (see
+        :meth:`predict`)."""
         self.fallbacks = 0
         """Times a refreshed checkpoint turned out damaged and the tables before it were
         served again."""
-        self.dense64 = _float64_copy(package.dense, int(package.manifest["dense"]["input_dim"]))
-        """The dense program in float64 (None: it runs in float32, and a prediction may
-        differ in its last bit with the batch it joined)."""
+
+    def _serving(self, embeddings: EmbeddingCollection, dense) -> _Served:
+        return _Served(embeddings, dense,
+                       _float64_copy(dense, int(self.package.manifest["dense"]["input_dim"])))
+
+    @property
+    def embeddings(self) -> EmbeddingCollection:
+        """The live tables."""
+        return self._served.embeddings
+
+    @property
+    def follows_dense(self) -> bool:
+        """Whether :meth:`refresh` serves the checkpoint's dense weights too (the package
+        was exported with the training model), not only its tables."""
+        return bool(self._dense_names)
 
     def validate(self, examples) -> list[dict]:
         """Checks a request's examples; returns them as a list.
@@ -309,14 +336,15 @@ class EmbeddingModelHandler:
     @torch.no_grad()
     def predict(self, examples: list[dict]) -> list:
         """Predictions for validated examples: one float (or list) per example, the same
-        whatever batch the examples were run in (see :attr:`dense64`)."""
-        embeddings = self.embeddings  # one consistent set of tables for the whole batch
+        whatever batch the examples were run in (see :class:`_Served`)."""
+        served = self._served  # one consistent model (tables, dense) for the whole batch
         columns, weights = self._columns(examples)
         try:
-            x = embeddings(columns, concat=True, per_sample_weights=weights)
+            x = served.embeddings(columns, concat=True, per_sample_weights=weights)
         except CheckpointCorruptError as e:
-            x = self._fall_back(embeddings, e)(columns, concat=True, per_sample_weights=weights)
-        y = self.package.dense(x) if self.dense64 is None else self.dense64(x.double())
+            served = self._fall_back(served, e)
+            x = served.embeddings(columns, concat=True, per_sample_weights=weights)
+        y = served.dense(x) if served.dense64 is None else served.dense64(x.double())
         if self.transform == "sigmoid":
             y = torch.sigmoid(y)
         elif self.transform == "softmax":
@@ -324,14 +352,22 @@ class EmbeddingModelHandler:
         return y.float().tolist()
 
     def refresh(self, checkpoint: str | Path) -> None:
-        """Serves the tables of a newer checkpoint (of the training job) from now on.
+        """Serves the tables of a newer checkpoint (of the training job) from now on, and
+        its dense weights where the package recorded where they are (:attr:`follows_dense`).
 
         The checkpoint is opened into new tables (lazily, or read into memory if the package
-        was preloaded), which replace the live ones in one assignment: a batch in flight
-        finishes with the tables it started with.
+        was preloaded), which replace the live ones, with the dense program, in one
+        assignment: a batch in flight finishes with the model it started with.
+
+        Raises:
+            CheckpointError: the checkpoint does not fit the package (nothing changes).
         """
+        # the dense weights first: a checkpoint they do not fit is refused before a preload
+        dense = self.package.dense if not self._dense_names else \
+            dense_source.dense_from_checkpoint(self.package.dense, self._dense_names, checkpoint)
         fresh = build_embeddings(self.package.manifest)
         load_tables(fresh, checkpoint, preload=self.package.preloaded)
+        served = self._serving(fresh, dense)
         with self._swap:
             # counters go on from here, never back to 0; the swapped-out tables' own stay
             # live until the next refresh, for the batches still running on them
@@ -340,13 +376,14 @@ class EmbeddingModelHandler:
                               for name, table in self.embeddings.tables.items()}
             # lazily opened tables are kept to fall back to (a preloaded refresh read every
             # block already, and keeping its tables would hold the rows twice)
-            self._previous = None if self.package.preloaded else self.embeddings
-            self.embeddings = fresh
+            self._previous = None if self.package.preloaded else self._served
+            self._served = served
             self.refreshes += 1
 
-    def _fall_back(self, failed: EmbeddingCollection, error: Exception) -> EmbeddingCollection:
-        """The tables to run a batch on again after ``failed`` raised ``error`` (a damaged
-        block of the checkpoint they were opened from): those the last refresh replaced.
+    def _fall_back(self, failed: _Served, error: Exception) -> _Served:
+        """The model to run a batch on again after ``failed``'s tables raised ``error`` (a
+        damaged block of the checkpoint they were opened from): the one the last refresh
+        replaced, dense weights included.
 
         A lazily opened checkpoint checks each block when a lookup first reads it, so a
         damaged followed checkpoint once answered 500 to every request that touched the
@@ -358,16 +395,16 @@ class EmbeddingModelHandler:
                 (the package's own checkpoint is damaged).
         """
         with self._swap:
-            if self.embeddings is failed:
+            if self._served is failed:
                 if self._previous is None:
                     raise error
                 logger.error("the tables refreshed last read a damaged checkpoint (%s); "
-                             "serving the tables before them again", error)
+                             "serving the model before them again", error)
                 self._retiring = {name: table.counters  # they stop counting; the older
-                                  for name, table in failed.tables.items()}  # are live again
-                self.embeddings, self._previous = self._previous, None
+                                  for name, table in failed.embeddings.tables.items()}
+                self._served, self._previous = self._previous, None
                 self.fallbacks += 1
-            return self.embeddings
+            return self._served
 
     def table_stats(self) -> dict:
         """Per table: lookups' hits, misses, default vectors served, rows loaded, since the

@@ -163,7 +163,7 @@ class ServingMetrics:
         self.refresh_failures = Counter(
             "dynembed_serving_checkpoint_refresh_failures",
             "Attempts to apply a followed checkpoint that failed (the model keeps serving "
-            "its tables as they were).", ["model"], registry=self.registry)
+            "as it was).", ["model"], registry=self.registry)
         self.responses = ResponseCounter(self.registry)
         self._request_counters: dict = {}
         if models is not None:

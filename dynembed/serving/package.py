@@ -30,6 +30,7 @@ import shutil
 import threading
 import time
 import tokenize
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ from dynembed.checkpoint import manifest as checkpoint_manifest
 from dynembed.checkpoint.api import checkpoint_path, load, save
 from dynembed.errors import DynembedError
 from dynembed.nn.collection import EmbeddingCollection, FeatureConfig
+from dynembed.serving import dense_source
 from dynembed.table.config import TableConfig
 from dynembed.table.table import DynamicTable
 
@@ -143,7 +145,7 @@ def export_package(path: str | os.PathLike, *, embeddings: EmbeddingCollection,
                    dense: nn.Module, name: str, version: str = "1.0",
                    feature_types: dict[str, str] | None = None, output: str = "identity",
                    description: str = "", example_batch: int = 4,
-                   source_step: int | None = None) -> Path:
+                   source_step: int | None = None, model: nn.Module | None = None) -> Path:
     """Writes a model package: the tables as a checkpoint, the dense part exported.
 
     The served model computes ``output(dense(embeddings(features, concat=True)))``: every
@@ -166,6 +168,11 @@ def export_package(path: str | os.PathLike, *, embeddings: EmbeddingCollection,
         source_step: the training step of the checkpoint the tables come from (recorded:
             a server that follows the training job's checkpoints then moves only to newer
             ones, not back to an older one at startup); None: unknown.
+        model: the whole trained model that ``dense``'s layers are part of. The package
+            then records where each of ``dense``'s weights lives in it, and a server that
+            follows the training job's checkpoints (``--follow``) serves each one's dense
+            weights with its tables. None: the dense part stays as exported (and a followed
+            checkpoint updates the tables only).
 
     Returns:
         ``path``.
@@ -183,6 +190,8 @@ def export_package(path: str | os.PathLike, *, embeddings: EmbeddingCollection,
                         f"{type(embeddings).__name__}")
     if not isinstance(dense, nn.Module):
         raise TypeError(f"dense must be a torch.nn.Module, got {type(dense).__name__}")
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
     if source_step is not None:
@@ -201,6 +210,13 @@ def export_package(path: str | os.PathLike, *, embeddings: EmbeddingCollection,
                          "model would pool them unweighted; declare them FeatureConfig(..., "
                          "weighted=True), and requests give their weights")
     total_dim = sum(embeddings.tables[f.table].dim for f in embeddings.features.values())
+    from_model = None
+    if model is not None:
+        from_model, unmatched = dense_source.dense_state_names(dense, model)
+        if unmatched:
+            warnings.warn(f"dense state {unmatched[:5]} is not model's own (built for "
+                          "serving?): a followed checkpoint leaves it as exported",
+                          stacklevel=2)
     staging = target.with_name(target.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -236,6 +252,8 @@ def export_package(path: str | os.PathLike, *, embeddings: EmbeddingCollection,
             "checkpoint": "tables"}
         if source_step is not None:
             manifest["source"] = {"step": source_step}
+        if from_model:
+            manifest["dense"][dense_source.FIELD] = from_model
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
         os.replace(staging, target)
     except BaseException:
@@ -523,4 +541,10 @@ def open_package(path: str | os.PathLike, *, preload: bool = False) -> Package:
     embeddings = build_embeddings(manifest)
     load_tables(embeddings, folder / manifest["checkpoint"], preload=preload)
     dense = load_dense(folder / manifest["dense"]["file"])
+    if dense_source.FIELD in manifest["dense"]:
+        try:
+            dense_source.check_state_names(manifest["dense"][dense_source.FIELD], dense,
+                                           f"dense.{dense_source.FIELD}")
+        except ValueError as e:
+            raise PackageError(f"{folder / MANIFEST} is malformed: {e}") from None
     return Package(folder, manifest, embeddings, dense, preloaded=preload)

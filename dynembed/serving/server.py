@@ -392,7 +392,7 @@ class ModelServer:
     def __init__(self, config: ServerConfig, *, replica: bool = False) -> None:
         self.config, self.replica = config, replica
         self.replicas: Replicas | None = None
-        self._followed: set[str] = set()  # models whose first followed checkpoint was logged
+        self._followed: set[str] = set()  # models warned of serving tables-only follows
         self.registry = Registry(config.model_store,
                                  allow_custom_handlers=config.allow_custom_handlers,
                                  job_queue_size=config.job_queue_size)
@@ -521,6 +521,21 @@ class ModelServer:
         for entry in entries:
             entry.checkpoint = str(checkpoint)
 
+    def _warn_tables_only(self, name: str, versions: list[str]) -> None:
+        """Warns once per model of versions that serve a followed checkpoint's tables under
+        the package's dense layers (exported without the training model), a pairing no
+        training step had."""
+        entries = self.registry.models.get(name, {})
+        stale = [v for v in versions if v in entries
+                 and not getattr(entries[v].handler, "follows_dense", False)]
+        if stale and name not in self._followed:
+            self._followed.add(name)
+            logger.warning("model %s %s serves the followed checkpoint's tables under the "
+                           "package's dense part: the package does not record where its "
+                           "dense weights are in the training model; export it with "
+                           "`dynembed export` (or export_package(model=...)) to follow the "
+                           "dense part too", name, stale)
+
     async def _follow(self, name: str, directory: Path) -> None:
         """Applies each newer checkpoint of ``directory`` to model ``name``'s tables, and
         the newest one to versions registered since (again, or new)."""
@@ -538,17 +553,8 @@ class ModelServer:
                         if _moves_to(e, latest)]
                     if behind:
                         await self.refresh(name, latest, behind)
-                        # the first time at WARNING: the answers now come from these
-                        # tables under the package's dense part, which no training
-                        # snapshot had (the checkpoint's dense part is not applied)
-                        first = name not in self._followed
-                        self._followed.add(name)
-                        logger.log(logging.WARNING if first else logging.INFO,
-                                   "model %s %s now serves the tables of %s%s", name, behind,
-                                   latest, " under the package's dense part (a followed "
-                                   "checkpoint updates the tables only; export a new "
-                                   "package version to update the dense part)" if first
-                                   else "")
+                        logger.info("model %s %s now serves %s", name, behind, latest)
+                        self._warn_tables_only(name, behind)
                 reported = None
             except Exception as e:
                 if latest is not None and not latest.exists():

@@ -113,9 +113,11 @@ def test_export_names_bad_names_a_mismatched_model_and_finds_hand_saved_checkpoi
     assert "does not fit the model --factory" in line and "strict=False" not in line
 
 
-def test_export_records_the_step_its_tables_come_from(tmp_path):
+def test_export_records_the_step_its_tables_come_from_and_where_its_dense_weights_are(
+        tmp_path):
     """So that a server following the training job moves only to newer steps: a package
-    exported at step 80 once took the directory's step 25 at startup."""
+    exported at step 80 once took the directory's step 25 at startup. And so that it
+    serves each followed checkpoint's dense layers, not the export's under new tables."""
     import dynembed as de
     from dynembed.serving.package import read_manifest, source_step
     from tests.serving.helpers import make_model
@@ -125,7 +127,10 @@ def test_export_records_the_step_its_tables_come_from(tmp_path):
     result = _dynembed("export", "--factory", "tests.cli.test_errors:build", "--checkpoint",
                        str(tmp_path / "ckpt"), "--name", "m", "--out", str(tmp_path / "m"))
     assert result.returncode == 0, result.stderr
-    assert source_step(read_manifest(tmp_path / "m")) == 7
+    manifest = read_manifest(tmp_path / "m")
+    assert source_step(manifest) == 7
+    assert manifest["dense"]["state_from_model"] == {
+        name: f"dense.{name}" for name in build().dense.state_dict()}
 
 
 def test_export_of_a_damaged_checkpoint_says_so_and_takes_the_one_before(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 import threading
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 import dynembed as de
+from dynembed.serving import export_package
 from tests.serving.helpers import (
     Trained,
     columns,
@@ -186,7 +188,7 @@ def test_a_checkpoint_that_cannot_be_applied_is_logged_once_and_counted(tmp_path
         server.stop()
 
 
-def test_the_first_followed_checkpoint_warns_that_the_dense_part_stays(tmp_path, caplog):
+def test_a_package_without_its_model_warns_once_that_the_dense_part_stays(tmp_path, caplog):
     """Served answers came from new tables under the package's dense layers, a model no
     training snapshot had, and only an INFO line said the tables changed."""
     store = tmp_path / "store"
@@ -201,17 +203,48 @@ def test_the_first_followed_checkpoint_warns_that_the_dense_part_stays(tmp_path,
         for step in (1, 2):
             manager.save(step, Trained(coll, dense))
             eventually(lambda n=step: server.server.registry.get("ctr").handler.refreshes >= n)
-        eventually(lambda: sum("now serves the tables" in r.getMessage()
-                               for r in caplog.records) >= 2)
+        eventually(lambda: sum("now serves" in r.getMessage() for r in caplog.records) >= 2)
         described = httpx.get(server.management + "/models/ctr", timeout=30,
                               headers=server.token()).json()[0]
         assert described["tablesCheckpoint"].endswith("step-0000000002")
     finally:
         server.stop()
-    lines = [r for r in caplog.records if "now serves the tables" in r.getMessage()]
-    assert [r.levelno for r in lines[:2]] == [logging.WARNING, logging.INFO]
-    assert "under the package's dense part" in lines[0].getMessage()
+    assert {r.levelno for r in caplog.records if "now serves" in r.getMessage()} == \
+        {logging.INFO}
+    warned = [r for r in caplog.records if "under the package's dense part" in r.getMessage()]
+    assert [r.levelno for r in warned] == [logging.WARNING]
     assert any(r.getMessage() == "stopped" for r in caplog.records)
+
+
+def test_a_package_exported_with_its_model_follows_the_dense_layers_too(tmp_path, caplog):
+    """A followed checkpoint changed the tables only, so a server answered with step N's
+    tables under the export's dense layers: a model no training step had."""
+    store = tmp_path / "store"
+    store.mkdir()
+    coll, dense = make_model(seed=2)
+    model = Trained(coll, dense)
+    export_package(store / "ctr-1.0", embeddings=coll, dense=dense, name="ctr",
+                   output="sigmoid", model=model)
+    exported_dense = copy.deepcopy(dense)
+    batch = examples(16, seed=4)
+    opt = torch.optim.SGD(dense.parameters(), lr=0.5)
+    coll.train()
+    for _ in range(3):
+        (dense(coll(columns(batch), concat=True)) - 1).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    de.checkpoint.CheckpointManager(tmp_path / "ckpt").save(1, model)
+    want = expected(coll, dense, batch)
+    assert want != pytest.approx(expected(coll, exported_dense, batch), rel=1e-4)
+    caplog.set_level(logging.INFO, logger="dynembed.serving.server")
+    server = start_server(store, models={"ctr": "ctr-1.0"}, follow={"ctr": str(tmp_path / "ckpt")},
+                          follow_interval_s=0.05)
+    try:
+        eventually(lambda: httpx.post(server.inference + "/predictions/ctr",
+                                      json=batch).json() == pytest.approx(want, rel=1e-5))
+    finally:
+        server.stop()
+    assert not any("dense part" in r.getMessage() for r in caplog.records)
 
 
 def test_a_stuck_handler_holds_shutdown_at_most_the_graceful_timeout(store):

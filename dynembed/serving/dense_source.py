@@ -1,0 +1,110 @@
+"""Where a package's dense weights live in the training model, so a server that follows
+the training job's checkpoints serves each checkpoint's dense layers with its tables.
+
+Tables and dense layers are trained together: the tables of step 9,000 under the dense
+layers of step 1,000 (the package's) are a model nobody trained. At export the package
+records, for each entry of the dense part's ``state_dict()``, its name in the training
+model's (found by identity: ``serving_parts()`` may wrap the model's layers in a new
+module). A followed checkpoint's ``dense.pt`` holds the model's ``state_dict()``, from
+which :func:`dense_from_checkpoint` builds the dense program with those weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+
+import torch
+from torch import nn
+
+from dynembed.checkpoint.api import read_dense_model
+from dynembed.errors import CheckpointError
+
+FIELD = "state_from_model"
+"""The manifest's ``dense`` field: dense state name -> the training model's state name."""
+
+
+def dense_state_names(dense: nn.Module, model: nn.Module) -> tuple[dict[str, str], list[str]]:
+    """Names each entry of ``dense.state_dict()`` by its name in ``model.state_dict()``.
+
+    Args:
+        dense: the dense part being exported.
+        model: the whole trained model ``dense`` is (made of) a part of.
+
+    Returns:
+        ``(names, unmatched)``: dense name -> model name for the entries that are the
+        model's own tensors, and the dense names that are not (built for serving: they
+        stay as exported).
+    """
+    owners = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        owners.setdefault(id(tensor), name)  # a tied weight: its first name, as saved
+    names, unmatched = {}, []
+    for name, tensor in dense.state_dict(keep_vars=True).items():
+        if id(tensor) in owners:
+            names[name] = owners[id(tensor)]
+        else:
+            unmatched.append(name)
+    return names, unmatched
+
+
+def check_state_names(names, dense: nn.Module, where: str) -> None:
+    """Checks a manifest's :data:`FIELD` against the loaded dense program.
+
+    Raises:
+        ValueError: not an object of string -> string, or naming state the program lacks.
+    """
+    if not isinstance(names, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in names.items()):
+        raise ValueError(f"{where} must be an object of dense state name -> model state "
+                         f"name, got {type(names).__name__}")
+    unknown = sorted(set(names) - set(dense.state_dict()))
+    if unknown:
+        raise ValueError(f"{where} names state {unknown[:5]} that the dense program does not "
+                         "have; re-export the package")
+
+
+def dense_from_checkpoint(dense: nn.Module, names: dict[str, str],
+                          checkpoint: str | os.PathLike) -> nn.Module:
+    """A copy of ``dense`` holding the weights of the training checkpoint ``checkpoint``.
+
+    Args:
+        dense: the package's dense program (not changed).
+        names: dense state name -> the training model's state name (:data:`FIELD`).
+        checkpoint: a checkpoint of the training job, saved with ``model=``.
+
+    Returns:
+        The new program; entries not in ``names`` keep the package's values.
+
+    Raises:
+        CheckpointError: the checkpoint holds no model state, or lacks an entry, or holds
+            one of another shape (named).
+        CheckpointCorruptError: its dense state's file is damaged.
+    """
+    saved = read_dense_model(checkpoint)
+    if saved is None:
+        raise CheckpointError(f"checkpoint {checkpoint} holds no dense model state (it was "
+                              "saved without model=), but this package serves the dense "
+                              "layers of the checkpoint it follows; save the training "
+                              "job's checkpoints with model= (Runtime does)")
+    current = dense.state_dict()
+    missing = sorted(m for m in names.values() if m not in saved)
+    if missing:
+        raise CheckpointError(f"checkpoint {checkpoint}: its model state lacks {missing[:5]}, "
+                              "which the package's dense part takes; the training model "
+                              "changed since the export: export a new package")
+    state = {}
+    for name, source in names.items():
+        value = saved[source]
+        if value.shape != current[name].shape:
+            raise CheckpointError(f"checkpoint {checkpoint}: {source} has shape "
+                                  f"{tuple(value.shape)}, the package's dense {name} "
+                                  f"{tuple(current[name].shape)}; export a new package")
+        state[name] = value.to(current[name].dtype)
+    with warnings.catch_warnings():  # torch's deprecation notes on copying a program
+        warnings.simplefilter("ignore", FutureWarning)
+        fresh = copy.deepcopy(dense)
+    with torch.no_grad():
+        fresh.load_state_dict(state, strict=False)
+    return fresh

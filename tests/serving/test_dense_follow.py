@@ -1,0 +1,166 @@
+"""A package exported with its training model serves each followed checkpoint's dense
+layers with its tables: one model that training had, never new tables under old layers."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+import dynembed as de
+from dynembed.checkpoint.api import read_dense_model
+from dynembed.errors import CheckpointCorruptError, CheckpointError
+from dynembed.serving import (
+    EmbeddingModelHandler,
+    PackageError,
+    export_package,
+    open_package,
+)
+from dynembed.serving.dense_source import FIELD
+from tests.serving.helpers import Trained, columns, examples, expected, make_model
+
+
+def _train(coll, dense, steps: int = 3) -> None:
+    """Moves both the tables and the dense layers, as a training job does."""
+    opt = torch.optim.SGD(dense.parameters(), lr=0.5)
+    coll.train()
+    for step in range(steps):
+        batch = examples(16, seed=40 + step)
+        (dense(coll(columns(batch), concat=True)) - 1).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.fixture
+def job(tmp_path):
+    """(package path, model, dense as exported): a package exported with its model."""
+    coll, dense = make_model(seed=5)
+    model = Trained(coll, dense)
+    path = export_package(tmp_path / "ctr-1.0", embeddings=coll, dense=dense, name="ctr",
+                          output="sigmoid", model=model)
+    return path, model, copy.deepcopy(dense)
+
+
+def test_export_records_where_each_dense_weight_lives_in_the_model(job):
+    path, model, _ = job
+    names = json.loads((path / "MANIFEST.json").read_text())["dense"][FIELD]
+    assert names == {name: f"dense.{name}" for name in model.dense.state_dict()}
+
+
+def test_a_refresh_serves_the_checkpoints_dense_layers_with_its_tables(job, tmp_path):
+    """A followed checkpoint changed the tables only: answers came from step N's tables
+    under the export's dense layers, a model no training step had."""
+    path, model, exported_dense = job
+    handler = EmbeddingModelHandler(open_package(path))
+    assert handler.follows_dense
+    _train(model.embeddings, model.dense)
+    de.checkpoint.save(tmp_path / "step-1", model)
+    batch = examples(20, seed=7)
+    want = expected(model.embeddings, model.dense, batch)
+    tables_only = expected(model.embeddings, exported_dense, batch)
+    assert want != pytest.approx(tables_only, rel=1e-4)  # the dense layers did move
+    handler.refresh(tmp_path / "step-1")
+    assert handler.predict(batch) == pytest.approx(want, rel=1e-6)
+    # the package's program is kept as it was: the next refresh starts from it again
+    assert open_package(path).dense(torch.ones(2, 11)).tolist() == \
+        handler.package.dense(torch.ones(2, 11)).tolist()
+
+
+def test_a_wrapped_dense_part_maps_the_models_weights_and_keeps_its_own(tmp_path):
+    """serving_parts() may wrap the model's layers in a new module; the new module's own
+    weights are not the model's: they stay as exported (and the export says so)."""
+    coll, dense = make_model(seed=6)
+    model = Trained(coll, dense)
+    # the model's own layers, then a head built for serving
+    head = nn.Sequential(dense, nn.Unflatten(0, (-1, 1)), nn.Linear(1, 1), nn.Flatten(0))
+    with pytest.warns(UserWarning, match=r"\['2.weight', '2.bias'\] is not model's own"):
+        path = export_package(tmp_path / "m-1.0", embeddings=coll, dense=head, name="m",
+                              model=model)
+    names = json.loads((path / "MANIFEST.json").read_text())["dense"][FIELD]
+    assert names == {f"0.{n}": f"dense.{n}" for n in dense.state_dict()}
+    handler = EmbeddingModelHandler(open_package(path))
+    _train(coll, dense)
+    de.checkpoint.save(tmp_path / "step-1", model)
+    handler.refresh(tmp_path / "step-1")
+    batch = examples(8, seed=2)
+    coll.eval()
+    with torch.no_grad():
+        want = head(coll(columns(batch), concat=True)).tolist()
+    assert handler.predict(batch) == pytest.approx(want, rel=1e-6)
+
+
+def test_a_checkpoint_without_dense_state_is_refused_and_nothing_changes(job, tmp_path):
+    path, model, _ = job
+    handler = EmbeddingModelHandler(open_package(path))
+    batch = examples(10, seed=3)
+    before = handler.predict(batch)
+    _train(model.embeddings, model.dense)
+    de.checkpoint.save(tmp_path / "tables-only", tables={
+        f"embeddings.tables.{n}": t for n, t in model.embeddings.tables.items()})
+    with pytest.raises(CheckpointError, match="holds no dense model state .* with model="):
+        handler.refresh(tmp_path / "tables-only")
+    assert handler.predict(batch) == before and handler.refreshes == 0
+
+
+def test_a_checkpoint_of_a_changed_model_is_refused_naming_the_weight(job, tmp_path):
+    path, model, _ = job
+    handler = EmbeddingModelHandler(open_package(path))
+    batch = examples(10, seed=3)
+    before = handler.predict(batch)
+    wider = Trained(model.embeddings, nn.Sequential(nn.Linear(11, 16), nn.ReLU(),
+                                                    nn.Linear(16, 1), nn.Flatten(0)))
+    de.checkpoint.save(tmp_path / "wider", wider)
+    with pytest.raises(CheckpointError, match=r"dense.0.weight has shape \(16, 11\), the "
+                                              r"package's dense 0.weight \(8, 11\)"):
+        handler.refresh(tmp_path / "wider")
+    renamed = Trained(model.embeddings, nn.Sequential(nn.Linear(11, 8)))
+    de.checkpoint.save(tmp_path / "renamed", renamed)
+    with pytest.raises(CheckpointError, match=r"lacks \['dense.2.bias'"):
+        handler.refresh(tmp_path / "renamed")
+    assert handler.predict(batch) == before and handler.refreshes == 0
+
+
+def test_a_damaged_refresh_falls_back_to_the_dense_layers_before_too(job, tmp_path):
+    """The fall-back to the tables before a damaged checkpoint must bring their dense
+    layers back with them, not keep the damaged checkpoint's."""
+    from tests.serving.test_package import _damaged_copy
+    path, model, _ = job
+    handler = EmbeddingModelHandler(open_package(path))
+    batch = examples(20, seed=7)
+    want = handler.predict(batch)
+    _train(model.embeddings, model.dense)
+    de.checkpoint.save(tmp_path / "step-1", model)
+    handler.refresh(_damaged_copy(tmp_path / "step-1", tmp_path / "damaged"))
+    assert handler.predict(batch) == want and handler.fallbacks == 1
+
+
+def test_a_malformed_mapping_is_refused_at_open(job, tmp_path):
+    path, _, _ = job
+    for bad in ({"nope.weight": "dense.0.weight"}, ["0.weight"], {"0.weight": 3}):
+        copy_path = tmp_path / "bad"
+        shutil.rmtree(copy_path, ignore_errors=True)
+        shutil.copytree(path, copy_path)
+        manifest = json.loads((copy_path / "MANIFEST.json").read_text())
+        manifest["dense"][FIELD] = bad
+        (copy_path / "MANIFEST.json").write_text(json.dumps(manifest))
+        with pytest.raises(PackageError, match=f"dense.{FIELD}"):
+            open_package(copy_path)
+
+
+def test_read_dense_model_checks_the_file_and_says_none_without_one(tmp_path):
+    coll, dense = make_model(seed=1)
+    de.checkpoint.save(tmp_path / "with", Trained(coll, dense))
+    saved = read_dense_model(tmp_path / "with")
+    assert saved["dense.0.weight"].equal(dense[0].weight)
+    de.checkpoint.save(tmp_path / "without", tables=dict(coll.tables))
+    assert read_dense_model(tmp_path / "without") is None
+    file = tmp_path / "with" / "dense.pt"
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    file.write_bytes(bytes(data))
+    with pytest.raises(CheckpointCorruptError, match="dense.pt: its CRC-32 does not match"):
+        read_dense_model(tmp_path / "with")
