@@ -417,9 +417,10 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
     Raises:
         CheckpointNotFoundError: no committed checkpoint at ``path``.
         CheckpointCorruptError: a file is missing, truncated or damaged (named).
-        CheckpointError: a table is not in the checkpoint or does not fit it; with
-            ``strict``, the checkpoint holds no dense state for a model that has some, or
-            no optimizer state for ``optimizer``.
+        CheckpointError: a table is not in the checkpoint or does not fit it; the dense
+            state does not fit ``model`` or ``optimizer`` (torch's error is the cause; they
+            are left as they were); with ``strict``, the checkpoint holds no dense state
+            for a model that has some, or no optimizer state for ``optimizer``.
         ValueError: a bad ``rank``/``world_size``, ``background_rows``, ``chunk_rows`` or
             ``dropped``.
     """
@@ -634,7 +635,12 @@ def _load_dense(model: nn.Module | None, optimizer: torch.optim.Optimizer | None
                 dense: dict, *, strict: bool, folder: Path) -> None:
     """Loads the dense model and optimizer state, all or nothing where their state can be
     copied first: a failure (a missing parameter, an optimizer of another shape) puts back
-    what was there and re-raises."""
+    what was there.
+
+    Raises:
+        CheckpointError: the state does not fit (torch's error, which names the parameters,
+            is its cause and in its message).
+    """
     saved_model = _snapshot(lambda: {k: v.detach().clone() if isinstance(v, torch.Tensor)
                                      else copy.deepcopy(v)
                                      for k, v in model.state_dict().items()}) \
@@ -655,13 +661,15 @@ def _load_dense(model: nn.Module | None, optimizer: torch.optim.Optimizer | None
             optimizer.load_state_dict(saved_optimizer)
         if (model is None or saved_model is not None) and (
                 optimizer is None or saved_optimizer is not None):
-            e.add_note(f"checkpoint {folder}: its dense state does not fit; the model and "
-                       "optimizer were left as they were")
+            left = "the model and optimizer were left as they were"
         else:
-            e.add_note(f"checkpoint {folder}: its dense state does not fit, and the model "
-                       "or optimizer could not be copied first (e.g. a lazy module not yet "
-                       "run): it may be partly loaded")
-        raise
+            left = ("the model or optimizer could not be copied first (e.g. a lazy module "
+                    "not yet run): it may be partly loaded")
+        # a CheckpointError, not torch's RuntimeError: callers (`dynembed export`, a
+        # server's follower) tell a checkpoint that does not fit from a bug this way
+        why = " ".join(str(e).split())  # one line: torch lists the parameters on many
+        raise CheckpointError(f"checkpoint {folder}: its dense state does not fit "
+                              f"({type(e).__name__}: {why}); {left}") from e
 
 
 def _check_config(name: str, table: DynamicTable, entry: dict, folder: Path) -> None:

@@ -133,6 +133,23 @@ def test_export_records_the_step_its_tables_come_from_and_where_its_dense_weight
         name: f"dense.{name}" for name in build().dense.state_dict()}
 
 
+def test_export_from_a_factory_with_other_dense_layers_says_which_in_one_line(tmp_path):
+    """The tables fit but the dense layers do not: torch's RuntimeError came out of
+    `dynembed export` as a traceback."""
+    import dynembed as de
+    from tests.serving.helpers import make_model
+
+    de.checkpoint.CheckpointManager(tmp_path / "ckpt").save(3, Model(*make_model(0)))
+    line = _error_line(_dynembed("export", "--factory", "tests.cli.test_errors:build_wider",
+                                 "--checkpoint", str(tmp_path / "ckpt"), "--name", "m",
+                                 "--out", str(tmp_path / "m")), 1)
+    assert line.startswith(f"error: --checkpoint {tmp_path / 'ckpt' / 'step-0000000003'} "
+                           "does not fit the model --factory tests.cli.test_errors:build_wider "
+                           "builds: checkpoint ")
+    assert "its dense state does not fit (RuntimeError: " in line
+    assert "size mismatch for dense.0.weight" in line and not (tmp_path / "m").exists()
+
+
 def test_export_of_a_damaged_checkpoint_says_so_and_takes_the_one_before(tmp_path):
     """It said the checkpoint "does not fit the model --factory builds", which sent users to
     their factory, and did not fall back to the sound checkpoint before (inspect does)."""
@@ -306,6 +323,13 @@ def build():
 def needs_dim(dim):
     from tests.serving.helpers import make_model
     return Model(*make_model(dim))
+
+
+def build_wider():
+    """The trained model's tables under wider dense layers than were trained."""
+    from tests.serving.helpers import make_model
+    return Model(make_model(0)[0], torch.nn.Sequential(
+        torch.nn.Linear(11, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1), torch.nn.Flatten(0)))
 
 
 def build_other():
