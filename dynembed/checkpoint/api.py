@@ -524,8 +524,8 @@ def read_dense_model(path: str | os.PathLike) -> dict[str, torch.Tensor] | None:
     if name is None:
         return None
     mf.check_files(folder, {"files": {name: manifest["files"][name]}})
-    try:
-        dense = torch.load(folder / name, weights_only=True)
+    try:  # mapped: the optimizer state in the same file is never copied into memory
+        dense = torch.load(folder / name, weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - a file that passed its CRC and still fails
         raise CheckpointCorruptError(f"{folder / name}: the dense state does not load ({e}); "
                                      "load an earlier checkpoint", path=folder / name) \
