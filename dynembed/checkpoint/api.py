@@ -490,7 +490,10 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
     extra = None
     dense = None
     if manifest.get("dense") is not None:
-        dense = torch.load(folder / manifest["dense"], weights_only=True)
+        # a job that trained on a GPU saved cuda tensors: on a machine without one they
+        # load on the CPU (load_state_dict copies them to the model's device)
+        dense = torch.load(folder / manifest["dense"], weights_only=True,
+                           map_location=None if torch.cuda.is_available() else "cpu")
     if strict:  # before anything changes, as the checks of the tables above
         _check_dense_saved(model, optimizer, dense, folder)
     if dense is not None:  # first: a model that does not fit changes nothing
@@ -517,18 +520,23 @@ def read_dense_model(path: str | os.PathLike) -> dict[str, torch.Tensor] | None:
     Raises:
         CheckpointNotFoundError: ``path`` holds no committed checkpoint.
         CheckpointCorruptError: the manifest or the dense state's file is damaged.
+        CheckpointError: the file is sound but does not load (e.g. written by a newer
+            torch).
     """
     folder = checkpoint_path(path)
     manifest = mf.read(folder)
     name = manifest.get("dense")
     if name is None:
         return None
+    if name not in manifest["files"]:
+        raise CheckpointCorruptError(f"{folder / mf.MANIFEST}: names the dense state {name} "
+                                     "but lists no such file", path=folder)
     mf.check_files(folder, {"files": {name: manifest["files"][name]}})
-    try:  # mapped: the optimizer state in the same file is never copied into memory
-        dense = torch.load(folder / name, weights_only=True, mmap=True)
-    except Exception as e:  # noqa: BLE001 - a file that passed its CRC and still fails
-        raise CheckpointCorruptError(f"{folder / name}: the dense state does not load ({e}); "
-                                     "load an earlier checkpoint", path=folder / name) \
+    try:  # mapped: the optimizer state in the same file is never copied into memory; on
+        # the CPU: a job that trained its dense layers on a GPU saved cuda tensors
+        dense = torch.load(folder / name, weights_only=True, mmap=True, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - it passed its CRC: not damage, say what failed
+        raise CheckpointError(f"{folder / name}: the dense state does not load: {e}") \
             from None
     return dense["model"]
 

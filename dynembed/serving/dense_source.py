@@ -20,6 +20,7 @@ from torch import nn
 
 from dynembed.checkpoint.api import read_dense_model
 from dynembed.errors import CheckpointError
+from dynembed.nn._base import without_tables
 
 FIELD = "state_from_model"
 """The manifest's ``dense`` field: dense state name -> the training model's state name."""
@@ -37,16 +38,28 @@ def dense_state_names(dense: nn.Module, model: nn.Module) -> tuple[dict[str, str
         model's own tensors, and the dense names that are not (built for serving: they
         stay as exported).
     """
+    with without_tables():  # the names only: not a copy of every table's rows
+        model_state = model.state_dict(keep_vars=True)
+    dense_state = dense.state_dict(keep_vars=True)  # both kept alive: ids stay unique
     owners = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
+    for name, tensor in model_state.items():
         owners.setdefault(id(tensor), name)  # a tied weight: its first name, as saved
     names, unmatched = {}, []
-    for name, tensor in dense.state_dict(keep_vars=True).items():
+    for name, tensor in dense_state.items():
         if id(tensor) in owners:
             names[name] = owners[id(tensor)]
         else:
             unmatched.append(name)
     return names, unmatched
+
+
+_WRAPPERS = frozenset({"_orig_mod", "module"})
+"""Name segments that wrappers add to a saved state's names: ``torch.compile``'s and
+DDP's (a job that saves its wrapped model itself; Runtime saves the model unwrapped)."""
+
+
+def _unwrapped(name: str) -> str:
+    return ".".join(part for part in name.split(".") if part not in _WRAPPERS)
 
 
 def check_state_names(names, dense: nn.Module, where: str) -> None:
@@ -89,6 +102,9 @@ def dense_from_checkpoint(dense: nn.Module, names: dict[str, str],
                               "layers of the checkpoint it follows; save the training "
                               "job's checkpoints with model= (Runtime does)")
     current = dense.state_dict()
+    if not all(m in saved for m in names.values()):  # saved from a wrapped model?
+        saved = {_unwrapped(k): v for k, v in saved.items()}
+        names = {k: _unwrapped(v) for k, v in names.items()}
     missing = sorted(m for m in names.values() if m not in saved)
     if missing:
         raise CheckpointError(f"checkpoint {checkpoint}: its model state lacks {missing[:5]}, "

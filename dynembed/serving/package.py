@@ -213,7 +213,12 @@ def export_package(path: str | os.PathLike, *, embeddings: EmbeddingCollection,
     from_model = None
     if model is not None:
         from_model, unmatched = dense_source.dense_state_names(dense, model)
-        if unmatched:
+        if unmatched and not from_model:
+            warnings.warn("dense shares no weight with model (a copy?), so a server "
+                          "following the training job's checkpoints will serve dense as "
+                          "exported under newer tables; pass the model's own modules as "
+                          "dense", stacklevel=2)
+        elif unmatched:
             warnings.warn(f"dense state {unmatched[:5]} is not model's own (built for "
                           "serving?): a followed checkpoint leaves it as exported",
                           stacklevel=2)

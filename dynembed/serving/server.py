@@ -508,18 +508,33 @@ class ModelServer:
 
     async def refresh(self, name: str, checkpoint: str | Path,
                       versions: list[str] | None = None) -> None:
-        """Serves the tables of ``checkpoint`` in model ``name``'s versions (all by
-        default), here and in the replicas."""
+        """Serves ``checkpoint`` in model ``name``'s versions (all by default), here and in
+        the replicas, each version on its own: one that the checkpoint does not fit (its
+        package's dense part is of another shape) keeps what it served, and the others
+        move on (they once all waited for it, or one re-applied the checkpoint for ever).
+
+        Raises:
+            Exception: the first version's failure, after the others were refreshed.
+        """
         loop = asyncio.get_running_loop()
         entries = [e for e in list(self.registry.models.get(name, {}).values())
                    if versions is None or e.version in versions]
+        done, failure = [], None
         for entry in entries:
-            await loop.run_in_executor(None, entry.handler.refresh, checkpoint)
+            try:
+                await loop.run_in_executor(None, entry.handler.refresh, checkpoint)
+            except Exception as e:  # noqa: BLE001 - raised below, after the other versions
+                logger.debug("version %s of %s: %r", entry.version, name, e)
+                failure = failure or e
+                continue
             self.metrics.refreshes.labels(entry.name, entry.version).inc()
-        if self.replicas is not None:
-            await self.replicas.refresh(name, [e.version for e in entries], str(checkpoint))
-        for entry in entries:
+            done.append(entry)
+        if self.replicas is not None and done:
+            await self.replicas.refresh(name, [e.version for e in done], str(checkpoint))
+        for entry in done:
             entry.checkpoint = str(checkpoint)
+        if failure is not None:
+            raise failure
 
     def _warn_tables_only(self, name: str, versions: list[str]) -> None:
         """Warns once per model of versions that serve a followed checkpoint's tables under
@@ -552,9 +567,15 @@ class ModelServer:
                         e.version for e in list(self.registry.models.get(name, {}).values())
                         if _moves_to(e, latest)]
                     if behind:
-                        await self.refresh(name, latest, behind)
-                        logger.info("model %s %s now serves %s", name, behind, latest)
-                        self._warn_tables_only(name, behind)
+                        try:
+                            await self.refresh(name, latest, behind)
+                        finally:  # also the versions that moved when another failed
+                            moved = [e.version for e in list(
+                                         self.registry.models.get(name, {}).values())
+                                     if e.version in behind and e.checkpoint == str(latest)]
+                            if moved:
+                                logger.info("model %s %s now serves %s", name, moved, latest)
+                                self._warn_tables_only(name, moved)
                 reported = None
             except Exception as e:
                 if latest is not None and not latest.exists():

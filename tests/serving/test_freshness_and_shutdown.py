@@ -358,3 +358,49 @@ def test_a_server_sets_its_threads_while_it_serves_and_gives_them_back(store):
     finally:
         torch.set_num_threads(saved[0])
         de.set_num_threads(saved[1])
+
+
+def test_a_version_the_checkpoint_does_not_fit_holds_back_no_other_version(tmp_path):
+    """1.0 was exported before the job's dense layers grew, 2.0 after: the followed
+    checkpoint fits 2.0 only. The server refreshed the versions in one go and stopped at
+    1.0's failure, so 2.0 never moved (or, registered first, re-applied the checkpoint at
+    every interval, its move never recorded)."""
+    from torch import nn
+    store = tmp_path / "store"
+    store.mkdir()
+    coll, dense = make_model(seed=0)
+    export_package(store / "ctr-1.0", embeddings=coll, dense=dense, name="ctr",
+                   version="1.0", output="sigmoid", model=Trained(coll, dense))
+    torch.manual_seed(1)
+    wider = nn.Sequential(nn.Linear(11, 16), nn.ReLU(), nn.Linear(16, 1), nn.Flatten(0))
+    model = Trained(coll, wider)
+    export_package(store / "ctr-2.0", embeddings=coll, dense=wider, name="ctr",
+                   version="2.0", output="sigmoid", model=model)
+    ckpt = tmp_path / "ckpt"
+    server = start_server(store, models={"ctr": "ctr-2.0"}, follow={"ctr": str(ckpt)},
+                          follow_interval_s=0.05)
+    try:
+        assert httpx.post(server.management + "/models", params={"url": "ctr-1.0"},
+                          headers=server.token()).status_code == 200
+        opt = torch.optim.SGD(wider.parameters(), lr=0.5)
+        coll.train()
+        for step in range(3):
+            (wider(coll(columns(examples(16, seed=50 + step)), concat=True)) - 1) \
+                .pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        de.checkpoint.CheckpointManager(ckpt).save(1, model)
+        batch = examples(8, seed=3)
+        want = expected(coll, wider, batch)
+        url = server.inference + "/predictions/ctr/2.0"
+        eventually(lambda: httpx.post(url, json=batch).json() == pytest.approx(want, rel=1e-5))
+        failures = lambda: sum(
+            float(line.split()[-1]) for line in httpx.get(server.metrics + "/metrics")
+            .text.splitlines() if line.startswith("dynembed_serving_checkpoint_refresh_fail"))
+        eventually(lambda: failures() >= 5)  # 1.0 is retried, and fails, interval after
+    finally:  # interval; 2.0 does not move again
+        server.stop()
+    entries = server.server.registry.models["ctr"]
+    assert entries["2.0"].handler.refreshes == 1 and entries["1.0"].handler.refreshes == 0
+    assert entries["2.0"].checkpoint.endswith("step-0000000001")
+    assert entries["1.0"].checkpoint is None
