@@ -14,6 +14,7 @@ cause.
 
 from __future__ import annotations
 
+import base64
 import json
 import numbers
 import uuid
@@ -49,7 +50,9 @@ CLOCK_FIELDS = ("step", "update_step")
 rows' ``last_step``, which eviction and TTL compare with) and its optimizer steps (Adam's
 bias correction, Adagrad's lr decay). The record may also hold the table's initializer
 ``seed`` (an int in [0, 2**64)), so new keys after a reopen get the rows they would have
-got without it."""
+got without it, its admission policy's state (``admission``: bytes, stored as base64),
+so keys counted before the flush are admitted when they would have been without it, and
+how many strings its key log held (``logged_keys``), which the store does not keep."""
 
 
 def _encode_clock(clock: Mapping[str, int]) -> bytes:
@@ -69,6 +72,13 @@ def _encode_clock(clock: Mapping[str, int]) -> bytes:
         record["seed"] = _as_size("seed", clock["seed"], 0)
         if record["seed"] >= 2**64:
             raise ValueError(f"seed must be an int in [0, 2**64), got {record['seed']}")
+    if clock.get("logged_keys") is not None:
+        record["logged_keys"] = _as_size("logged_keys", clock["logged_keys"], 0)
+    if clock.get("admission") is not None:
+        if not isinstance(clock["admission"], bytes):
+            raise TypeError(f"clock's admission must be bytes, got "
+                            f"{type(clock['admission']).__name__}")
+        record["admission"] = base64.b64encode(clock["admission"]).decode()
     return json.dumps(record, sort_keys=True).encode()
 
 
@@ -85,7 +95,8 @@ def _decode_clock(name: str, raw) -> dict[str, int]:
     except ValueError:
         have = None
     clock = {}
-    recorded = CLOCK_FIELDS + (("seed",) if isinstance(have, dict) and "seed" in have else ())
+    recorded = CLOCK_FIELDS + ((tuple(f for f in ("seed", "logged_keys") if f in have))
+                               if isinstance(have, dict) else ())
     for field in recorded:
         value = have.get(field, 0) if isinstance(have, dict) else None
         if isinstance(value, bool) or not isinstance(value, int) or value < 0 \
@@ -96,6 +107,14 @@ def _decode_clock(name: str, raw) -> dict[str, int]:
                 "program wrote it. Remove it with store.drop_clock() to reopen the table "
                 "from step 0")
         clock[field] = value
+    if isinstance(have, dict) and "admission" in have:
+        try:
+            clock["admission"] = base64.b64decode(have["admission"], validate=True)
+        except (TypeError, ValueError):
+            raise StoreCorruptError(f"{name}: its clock record's admission state is not "
+                                    "base64; the store is corrupted, or another program "
+                                    "wrote it. Remove it with store.drop_clock() to reopen "
+                                    "the table from step 0") from None
     return clock
 
 
@@ -232,8 +251,8 @@ class EmbeddingStore(ABC):
         """The clock the table recorded with :meth:`write_clock` at its last flush.
 
         Returns:
-            ``{"step": s, "update_step": u}`` plus ``"seed"`` if one was recorded, or None if
-            the store holds no clock record (a new store, one emptied since, or one written
+            ``{"step": s, "update_step": u}`` plus ``"seed"`` and ``"admission"`` (bytes) if
+            they were recorded, or None if the store holds no clock record (a new store, one emptied since, or one written
             before stores kept a clock).
 
         Raises:
@@ -252,7 +271,7 @@ class EmbeddingStore(ABC):
 
         Args:
             clock: ``{"step": s, "update_step": u}``, ints >= 0, and optionally ``"seed"``,
-                an int in [0, 2**64) (None: not recorded).
+                an int in [0, 2**64), and ``"admission"``, bytes (None: not recorded).
 
         Raises:
             ValueError, TypeError: ``clock`` lacks a field or holds a bad value.

@@ -10,10 +10,13 @@ was.
 from __future__ import annotations
 
 import contextlib
+import io
 import warnings
+import zlib
 from collections.abc import Iterator
 
 import numpy as np
+import torch
 
 from dynembed._caller import warn_at_caller
 from dynembed.errors import MemoryBudgetError
@@ -492,7 +495,7 @@ class RowLifecycle:
         if self.tier is None:
             return 0
         if not self.read_only:  # it records this table's clock over the rows
-            self._warn_unclocked_store()
+            self._warn_pending_store()
         before = self.counters.store_writes
         if self.base is not None:
             self.base.load_all(self)  # its rows go to the store (counted as writes)
@@ -500,12 +503,23 @@ class RowLifecycle:
         self.tier.flush(None if self.read_only else self.clock())
         return self.counters.store_writes - before
 
-    def clock(self) -> dict[str, int]:
+    def clock(self) -> dict:
         """What :meth:`flush` records in the store so that a table reopened over it
         continues: ``{"step": training lookups, "update_step": optimizer steps, "seed":
-        the initializer seed}``."""
-        return {"step": int(self.step), "update_step": int(self.update_step),
-                "seed": int(self.seed)}
+        the initializer seed, "logged_keys": strings in the key log}``, and
+        ``"admission"``, the admission policy's state (compressed), except in a store the
+        shards of a sharded table share (each shard's state is its own; a checkpoint keeps
+        them)."""
+        clock = {"step": int(self.step), "update_step": int(self.update_step),
+                 "seed": int(self.seed),
+                 "logged_keys": None if self.key_log is None else len(self.key_log)}
+        shared = (self.is_shard and self.tier is not None and self.tier.owns_store
+                  and self.tier.store.shared)
+        if self.admitter is not None and not shared:
+            buffer = io.BytesIO()
+            torch.save(self.admitter.state_dict(), buffer)
+            clock["admission"] = zlib.compress(buffer.getvalue(), 1)  # mostly zeros
+        return clock
 
     def _adopt_store_clock(self) -> None:
         """Continues from the clock recorded in the store by the last flush, so a table
@@ -533,7 +547,7 @@ class RowLifecycle:
         clock = self.tier.read_clock()
         if clock is None:
             if not self.read_only and self.tier.holds_rows():
-                self._unclocked_store = (
+                self._pending_store_warning = (
                     f"{self.tier.store_name} holds rows but no clock record: the table that "
                     "wrote them did not flush or close it (a crash?), so they are rows of "
                     "some later step, and this table went on from step 0 with its own seed. "
@@ -547,28 +561,53 @@ class RowLifecycle:
             self.seed = clock["seed"]
             if self.admitter is not None:  # its hashes follow the table seed; it saw no key
                 self.admitter = self.config.admission.create(self.seed)
+        if self.admitter is not None and clock.get("admission") is not None:
+            self._adopt_store_admission(clock["admission"])
         if self.evictor is not None:  # as after a checkpoint: the rows' times are unknown
             self.evictor.clock.reset(self.step)
+        if self.key_log is not None and not self.read_only and clock.get("logged_keys"):
+            # the strings live in checkpoints, not in the store: said at the first write,
+            # unless a checkpoint's restore (which brings them) comes first
+            self._pending_store_warning = (
+                f"{self.tier.store_name} holds rows of an earlier table but not the "
+                f"{clock['logged_keys']:,} strings of its key log (checkpoints keep them; "
+                "stores keep rows): those rows' keys are not listed until they are looked "
+                "up again. Restore a checkpoint to have every key's string")
 
-    _unclocked_store: str | None = None
+    def _adopt_store_admission(self, raw: bytes) -> None:
+        """Takes the admission state a flush recorded, so keys counted before it are
+        admitted as they would have been without the reopen (a policy built with other
+        settings starts empty, with a warning)."""
+        try:
+            state = torch.load(io.BytesIO(zlib.decompress(raw)), weights_only=True)
+            admitter = self.config.admission.create(self.seed)
+            admitter.load_state_dict(state)
+        except Exception as e:  # noqa: BLE001 - another policy's or damaged: start afresh
+            warn_at_caller(f"{self.tier.store_name}: the admission state its last flush "
+                           f"recorded does not load into this table's policy ({e}); "
+                           "admission starts empty (keys are counted from now on)")
+            return
+        self.admitter = admitter
+
+    _pending_store_warning: str | None = None
     """The warning of :meth:`_adopt_store_clock`, until the first write gives it or a
     restore or an emptied store makes it moot."""
 
     @contextlib.contextmanager
-    def _settling_unclocked_store(self) -> Iterator[None]:
+    def _settling_pending_store(self) -> Iterator[None]:
         """Within: a write that empties the store, which settles the warning of
         :meth:`_adopt_store_clock` (not given); kept for the next write if it fails."""
-        pending, self._unclocked_store = self._unclocked_store, None
+        pending, self._pending_store_warning = self._pending_store_warning, None
         try:
             yield
         except BaseException:
-            self._unclocked_store = pending
+            self._pending_store_warning = pending
             raise
 
-    def _warn_unclocked_store(self) -> None:
+    def _warn_pending_store(self) -> None:
         """Gives the warning :meth:`_adopt_store_clock` kept, once, at the first write."""
-        if self._unclocked_store is not None:
-            message, self._unclocked_store = self._unclocked_store, None
+        if self._pending_store_warning is not None:
+            message, self._pending_store_warning = self._pending_store_warning, None
             warn_at_caller(message)
 
     def holds_stored_rows(self) -> bool:
@@ -588,7 +627,7 @@ class RowLifecycle:
             ReadOnlyTableError: the table is read-only.
             StoreError: the store failed part way (see :meth:`clear_store`).
         """
-        with self._settling_unclocked_store():
+        with self._settling_pending_store():
             self.clear()
         self.step = self.update_step = 0
         if self.evictor is not None:
@@ -612,7 +651,7 @@ class RowLifecycle:
             StoreError: the store failed part way (it may have lost some rows, still read
                 as present); the rows in memory are marked changed all the same.
         """
-        with self._settling_unclocked_store():
+        with self._settling_pending_store():
             self._check_writable("clear_store")
             if self.tier is None:
                 return 0

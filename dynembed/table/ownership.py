@@ -28,7 +28,7 @@ class TableOwnership:
             raise ReadOnlyTableError(f"{verb}: the table is read-only (read_only=True, for "
                                      "serving); make a writable table to change rows")
         self._warn_if_in_data_worker(verb)
-        self._warn_unclocked_store()
+        self._warn_pending_store()
 
     def _warn_if_in_data_worker(self, verb: str) -> None:
         """Warns (once per table and process) when a DataLoader worker changes the table:

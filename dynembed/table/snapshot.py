@@ -355,7 +355,7 @@ class TableSnapshot:
 
     def apply_aux_state(self, aux: AuxState) -> None:
         """Sets what :meth:`read_aux_state` decoded (cannot fail)."""
-        self._unclocked_store = None  # a restored clock: the store's rows are settled
+        self._pending_store_warning = None  # a restored clock: the store's rows are settled
         self.step, self.update_step, self.seed = aux.step, aux.update_step, aux.seed
         if self.evictor is not None:  # the clock's steps before the load mean nothing now
             self.evictor.clock.reset(self.step)

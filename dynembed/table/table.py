@@ -286,7 +286,7 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch, Table
         if insert:
             self._warn_if_in_data_worker("a training lookup")
             if not self.read_only:
-                self._warn_unclocked_store()
+                self._warn_pending_store()
         if insert and self.base is not None and self.base.background_rows:
             self.base.advance(self)  # first: it changes slots
         call = CallStats(keys=int(counts.sum()))

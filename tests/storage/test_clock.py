@@ -129,3 +129,16 @@ def test_a_redis_clock_left_without_its_description_is_not_adopted(redis_server)
     finally:
         client.close()
         first.close()
+
+
+def test_admission_state_and_logged_keys_round_trip(store):
+    state = bytes(range(256)) * 3
+    store.write_clock({"step": 7, "update_step": 5, "seed": 1, "admission": state,
+                       "logged_keys": 12})
+    assert store.read_clock() == {"step": 7, "update_step": 5, "seed": 1,
+                                  "admission": state, "logged_keys": 12}
+    with pytest.raises(TypeError, match="admission must be bytes"):
+        store.write_clock({"step": 1, "update_step": 1, "admission": "text"})
+    store._put_clock(b'{"step": 4, "update_step": 3, "admission": "not base64!"}')
+    with pytest.raises(StoreCorruptError, match="admission state is not base64"):
+        store.read_clock()

@@ -365,3 +365,85 @@ def test_a_failed_start_over_keeps_the_warning_for_the_next_write(monkeypatch):
     monkeypatch.undo()
     with pytest.warns(UserWarning, match="holds rows but no clock record"):
         reopened(torch.arange(3)).sum().backward()
+
+
+@pytest.mark.parametrize("policy, sightings", [
+    (de.policy.FrequencyAdmission(threshold=3), 3),
+    (de.policy.BloomAdmission(expected_keys=1000), 2)])
+def test_admission_counts_go_on_after_a_flush_and_reopen(backend, policy, sightings):
+    """The store kept rows and clock but not the admission state: a key seen twice before
+    the reopen started counting again, so 113 of 417 rows an uninterrupted run admitted
+    were missing 20 steps after the reopen."""
+    def emb(store=None):
+        return de.DynamicEmbedding(dim=4, optimizer=de.optim.SGD(lr=0.1), seed=3,
+                                   store=store, admission=policy)
+
+    # keys seen once short of admission before the reopen, once after; and one-off keys
+    batches = [[f"x{i}" for i in range(6)] + [f"once{b}"] for b in range(sightings + 1)]
+    writer, reference = emb(backend.open()), emb()
+    for batch in batches[:sightings - 1]:
+        for table in (writer, reference):
+            table(batch).sum().backward()
+    writer.table.close()
+    reopened = emb(backend.open())
+    for batch in batches[sightings - 1:]:
+        for table in (reopened, reference):
+            table(batch).sum().backward()
+    got, want = reopened.table.export(), reference.table.export()
+    assert sorted(got.ids.tolist()) == sorted(want.ids.tolist())
+    assert len(want.ids) == 6  # the x keys, and none of the one-off keys
+    assert torch.equal(reopened(["x0"]), reference(["x0"]))  # trained alike since
+    reopened.table.close()
+
+
+def test_admission_state_of_other_settings_starts_empty_with_a_warning(tmp_path):
+    store = lambda: RocksDBStore(tmp_path / "db")
+    writer = de.DynamicEmbedding(dim=2, seed=1, store=store(), optimizer=de.optim.SGD(lr=0.1),
+                                 admission=de.policy.FrequencyAdmission(threshold=2, width=64))
+    writer(["a"]).sum().backward()
+    writer.table.close()
+    with pytest.warns(UserWarning, match="admission state its last flush recorded does not "
+                                         "load .* admission starts empty"):
+        reopened = de.DynamicEmbedding(
+            dim=2, seed=1, store=store(), optimizer=de.optim.SGD(lr=0.1),
+            admission=de.policy.FrequencyAdmission(threshold=2, width=128))
+    reopened(["a"]).sum().backward()  # counted once now: not admitted yet
+    assert len(reopened.table.export().ids) == 0
+    reopened.table.close()
+
+
+def test_a_reopened_store_says_at_the_first_write_that_its_strings_are_in_checkpoints(
+        tmp_path):
+    """A key-logged table reopened over a flushed store listed its stored rows' keys as
+    None, silently: the store keeps rows, the key log lives in checkpoints."""
+    def emb():
+        return de.DynamicEmbedding(dim=2, seed=1, store=RocksDBStore(tmp_path / "db"),
+                                   optimizer=de.optim.SGD(lr=0.1), key_log=True)
+
+    writer = emb()
+    writer(["cat", "dog"]).sum().backward()
+    saved = writer.table.state_dict()
+    writer.table.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # at the first write, not at construction
+        reopened = emb()
+    with pytest.warns(UserWarning, match="not the 2 strings of its key log") as caught:
+        reopened(["eel"]).sum().backward()
+    assert len(caught) == 1
+    reopened.table.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        restored = emb()
+        restored.table.load_state_dict(saved)  # a restore brings the strings: quiet
+        restored(["eel"]).sum().backward()
+        assert sorted(k for k in restored.table.to_numpy()["key"] if k) == ["cat", "dog",
+                                                                             "eel"]
+        restored.table.close()
+        ints = de.DynamicEmbedding(dim=2, seed=1, store=RocksDBStore(tmp_path / "ints"),
+                                   optimizer=de.optim.SGD(lr=0.1), key_log=True)
+        ints(torch.tensor([1, 2])).sum().backward()  # int keys: nothing to log
+        ints.table.close()
+        again = de.DynamicEmbedding(dim=2, seed=1, store=RocksDBStore(tmp_path / "ints"),
+                                    optimizer=de.optim.SGD(lr=0.1), key_log=True)
+        again(torch.tensor([3])).sum().backward()
+        again.table.close()
