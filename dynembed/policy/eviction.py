@@ -150,11 +150,14 @@ class LFU(EvictionPolicy):
 
 @dataclass(frozen=True, kw_only=True)
 class TTL(EvictionPolicy):
-    """Rows not looked up for ``steps`` steps or ``seconds`` seconds expire; under the
-    budget the oldest go first (scores as LRU). Give exactly one of the two."""
+    """Rows not looked up for more than ``steps`` steps or ``seconds`` seconds expire;
+    under the budget the oldest go first (scores as LRU). Give exactly one of the two.
+
+    With ``steps=3`` a row last looked up at step 1 lives through step 4 and expires at a
+    sweep from step 5 on (``step - last_step > steps``)."""
 
     steps: int | None = None
-    """Time to live in table steps (training lookups)."""
+    """Time to live in table steps (training lookups): the steps a row may go unseen."""
     seconds: float | None = None
     """Time to live in wall-clock seconds (resolution: one second, or seconds / 4096 if
     coarser). Rows of a loaded state count as seen at the load."""
