@@ -558,6 +558,12 @@ class RowLifecycle:
         self.step = max(self.step, clock["step"])
         self.update_step = max(self.update_step, clock["update_step"])
         if clock.get("seed", self.seed) != self.seed:
+            if self.config.seed is not None:
+                warn_at_caller(f"{self.tier.store_name} was written by a table with seed="
+                               f"{clock['seed']}: this table continues with it, not with "
+                               f"seed={self.config.seed}, so new keys get the rows they would "
+                               "have got there (empty the store with table.start_over() to "
+                               "begin afresh with your seed)")
             self.seed = clock["seed"]
             if self.admitter is not None:  # its hashes follow the table seed; it saw no key
                 self.admitter = self.config.admission.create(self.seed)

@@ -447,3 +447,22 @@ def test_a_reopened_store_says_at_the_first_write_that_its_strings_are_in_checkp
                                     optimizer=de.optim.SGD(lr=0.1), key_log=True)
         again(torch.tensor([3])).sum().backward()
         again.table.close()
+
+
+def test_an_explicit_seed_the_store_overrides_is_named(tmp_path):
+    """The store's seed won over seed=999 without a word."""
+    writer = de.DynamicEmbedding(dim=2, seed=123, store=RocksDBStore(tmp_path / "db"),
+                                 optimizer=de.optim.SGD(lr=0.1))
+    writer(["a"]).sum().backward()
+    writer.table.close()
+    with pytest.warns(UserWarning, match=r"seed=123: this table continues with it, not with "
+                                         r"seed=999") as caught:
+        reopened = de.DynamicEmbedding(dim=2, seed=999, store=RocksDBStore(tmp_path / "db"),
+                                       optimizer=de.optim.SGD(lr=0.1))
+    assert caught[0].filename == __file__ and reopened.table.seed == 123
+    reopened.table.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same seed, or none given: quiet
+        for seed in (123, None):
+            de.DynamicEmbedding(dim=2, seed=seed, store=RocksDBStore(tmp_path / "db"),
+                                optimizer=de.optim.SGD(lr=0.1)).table.close()
