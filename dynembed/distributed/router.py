@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from dynembed.distributed.exchange import Exchange
+from dynembed.distributed.key_strings import share_strings
 from dynembed.errors import DistributedError, NonFiniteGradientError
 from dynembed.kernels.gather import segment_sum
 from dynembed.kernels.hash_index import unique_inverse
@@ -173,11 +174,10 @@ def _lookup_failed(flags: np.ndarray, dims: np.ndarray, *,
         "in this call, so the ranks are still in step" + after)
 
 
-def _log_strings(lookup: Lookup, admitted: np.ndarray | None = None) -> None:
-    """The requesting rank logs its own string keys (owners never see the strings);
-    checkpoints merge every rank's log. With ``admitted`` ((u,) bool over the lookup's
-    ids), only the keys that got a row, as in one process: the refused long tail would
-    otherwise grow the log without bound."""
+def _log_own_strings(lookup: Lookup, admitted: np.ndarray | None = None) -> None:
+    """The requesting rank logs its own string keys. With ``admitted`` ((u,) bool over the
+    lookup's ids), only the keys that got a row, as in one process: the refused long tail
+    would otherwise grow the log without bound."""
     table = lookup.table
     if table.key_log is None or lookup.strings is None or not len(lookup.strings):
         return
@@ -299,6 +299,23 @@ class Router:
                 "rank must look up the same modules in the same order and mode (train/eval), "
                 "and back-propagate through every training lookup")
         return recv
+
+    def _log_strings(self, logged: list[tuple[Lookup, np.ndarray | None]], *,
+                     sharded: bool) -> None:
+        """Logs a training lookup's string keys here and on the ranks that hold their rows
+        (see :mod:`~dynembed.distributed.key_strings`; a collective when a table keeps a key
+        log, which every rank's config says alike).
+
+        Args:
+            logged: (lookup, admitted) of each table that trained in the lookup.
+            sharded: the tables' placement.
+        """
+        keyed = [(lk, admitted) for lk, admitted in logged if lk.table.key_log is not None]
+        if not keyed:
+            return
+        share_strings(self.exchange, keyed, owners=self.owners if sharded else None)
+        for lk, admitted in keyed:  # after: the strings this rank's log lacked were sent
+            _log_own_strings(lk, admitted)
 
     def owners(self, ids: np.ndarray) -> np.ndarray:
         """(n,) int64 rank owning each of (n,) int64 ids."""
@@ -422,7 +439,7 @@ class Router:
             raise failure if failure is not None else _lookup_failed(flags, dims)
         admitted_mine = (_take_masks(back, sent_flagged.offsets[sent_flags] + 1, send)
                          if masked else None)
-        rows, where = [], []
+        rows, where, logged = [], [], []
         for t, lk in enumerate(lookups):
             entries = np.flatnonzero(sent_table == t)
             position = order[entries] - starts[t]  # index into the lookup's ids
@@ -436,7 +453,8 @@ class Router:
                 if t in masked:
                     admitted_ids = np.zeros(lk.ids.shape[0], dtype=bool)
                     admitted_ids[position] = admitted_mine[entries]
-                _log_strings(lk, admitted_ids)
+                logged.append((lk, admitted_ids))
+        self._log_strings(logged, sharded=True)
         if not updates:
             return rows
 
@@ -529,17 +547,18 @@ class Router:
         if flags.any():
             raise failure if failure is not None else \
                 _lookup_failed(flags, dims, replicated=True)
-        rows, updates = [], []
+        rows, updates, logged = [], [], []
         for t, (lk, got) in enumerate(zip(lookups, found)):
             if isinstance(got, torch.Tensor):
                 rows.append(got)
                 continue
             entries, merged_ids, inverse, slots = got
             mine = inverse[source[entries] == ex.rank]  # this rank's ids, in its order
-            _log_strings(lk, slots[mine] != EMPTY)
+            logged.append((lk, slots[mine] != EMPTY))
             rows.append(lk.table.gather(slots[mine]))
             if _needs_grad(lk.table, training, anchor):
                 updates.append((t, _Update(lk.table, merged_ids, slots, inverse), entries))
+        self._log_strings(logged, sharded=False)
         if not updates:
             return rows
         floats = np.bincount(source, weights=dims[table_of],

@@ -28,13 +28,19 @@ def _body(rank: int) -> dict:
         logged[placement] = {
             "entries": len(log),
             "rare": sum(k is not None for k in log.lookup(emb.table.ids_of(ONCE).ids)),
-            "kept": [k for k in log.lookup(emb.table.ids_of(TWICE).ids) if k is not None]}
+            "kept": [k for k in log.lookup(emb.table.ids_of(TWICE).ids) if k is not None],
+            "owned": [k for k, mine in zip(TWICE, emb.table.owned(TWICE).tolist()) if mine],
+            "exported": sorted(emb.table.to_numpy()["key"].tolist())}
+        emb.train(False)  # an eval lookup ships nothing (and joins no exchange)
+        emb(TWICE[:3])
     return logged
 
 
-def test_refused_keys_stay_out_of_the_key_log(tmp_path):
+def test_refused_keys_stay_out_of_the_key_log_and_owners_get_the_strings(tmp_path):
     """Each rank logged every string it asked for: one process logs 20 keys, each rank
-    logged its 30, the refused long tail included (the log grew without bound)."""
+    logged its 30, the refused long tail included (the log grew without bound). And only
+    the rank that asked logged a string: a live export of the shard (or replica) that held
+    the row listed its key as None."""
     one = _table("sharded")
     one(ONCE + TWICE * 2).sum().backward()
     assert len(one.table.key_log) == one.table.size() == 20
@@ -43,4 +49,10 @@ def test_refused_keys_stay_out_of_the_key_log(tmp_path):
         for rank, result in enumerate(ranks):
             got = result[placement]
             assert got["rare"] == 0, (placement, rank)
-            assert got["kept"] == TWICE[rank::WORLD] and got["entries"] == 10, (placement, got)
+            # its own keys, and those of the rows it holds
+            held = got["owned"] if placement == "sharded" else TWICE
+            want = sorted(set(TWICE[rank::WORLD]) | set(held))
+            assert sorted(got["kept"]) == want and got["entries"] == len(want), (placement, got)
+            assert got["exported"] == sorted(held), (placement, rank)  # no None key
+    assert sorted(ranks[0]["sharded"]["owned"] + ranks[1]["sharded"]["owned"]) == sorted(TWICE)
+    assert 0 < len(ranks[0]["sharded"]["owned"]) < len(TWICE)
