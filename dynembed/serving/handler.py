@@ -233,6 +233,9 @@ class EmbeddingModelHandler:
         served again."""
 
     def _serving(self, embeddings: EmbeddingCollection, dense) -> _Served:
+        served = getattr(self, "_served", None)
+        if served is not None and served.dense is dense:  # the same program: its copy too
+            return _Served(embeddings, dense, served.dense64)
         return _Served(embeddings, dense,
                        _float64_copy(dense, int(self.package.manifest["dense"]["input_dim"])))
 
