@@ -114,13 +114,14 @@ class Exchange:
         padded[:rows.shape[0]] = rows
         out = rows.new_empty((self.world_size * longest, *rows.shape[1:]))
         _all_gather(out, padded.contiguous(), group=self.group)
-        keep = np.concatenate([np.arange(r * longest, r * longest + sizes[r])
-                               for r in range(self.world_size)])
+        # each rank's part by a slice (an index of every element cost 54 ms for a few MB)
+        gathered = torch.cat([out[r * longest:r * longest + int(sizes[r])]
+                              for r in range(self.world_size)])
         row_bytes = padded[:1].numel() * padded.element_size() if padded.dim() > 1 else \
             padded.element_size()
         self._count((self.world_size - 1) * longest * row_bytes,
                     (self.world_size - 1) * longest * row_bytes)
-        return out[torch.from_numpy(keep)], sizes
+        return gathered, sizes
 
     def all_reduce_max(self, values: np.ndarray) -> np.ndarray:
         """Element-wise maximum of (k,) int64 ``values`` over the ranks."""

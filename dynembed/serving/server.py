@@ -529,10 +529,12 @@ class ModelServer:
                 continue
             self.metrics.refreshes.labels(entry.name, entry.version).inc()
             done.append(entry)
-        if self.replicas is not None and done:
-            await self.replicas.refresh(name, [e.version for e in done], str(checkpoint))
-        for entry in done:
-            entry.checkpoint = str(checkpoint)
+        try:
+            if self.replicas is not None and done:
+                await self.replicas.refresh(name, [e.version for e in done], str(checkpoint))
+        finally:  # this process serves it either way (replicas started later take it too)
+            for entry in done:
+                entry.checkpoint = str(checkpoint)
         if failure is not None:
             raise failure
 

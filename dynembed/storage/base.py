@@ -55,7 +55,7 @@ so keys counted before the flush are admitted when they would have been without 
 how many strings its key log held (``logged_keys``), which the store does not keep."""
 
 
-def _encode_clock(clock: Mapping[str, int]) -> bytes:
+def _encode_clock(clock: Mapping) -> bytes:
     """The clock record of a table's ``{"step": s, "update_step": u}``.
 
     Raises:
@@ -82,7 +82,7 @@ def _encode_clock(clock: Mapping[str, int]) -> bytes:
     return json.dumps(record, sort_keys=True).encode()
 
 
-def _decode_clock(name: str, raw) -> dict[str, int]:
+def _decode_clock(name: str, raw) -> dict:
     """A clock record read back; a step field it lacks counts as 0, a ``seed`` it lacks is
     left out (records from before stores kept it), a field this version does not know is
     ignored (a later version may record more).
@@ -247,7 +247,7 @@ class EmbeddingStore(ABC):
         for block in self.scan():
             self.delete(block.ids)
 
-    def read_clock(self) -> dict[str, int] | None:
+    def read_clock(self) -> dict | None:
         """The clock the table recorded with :meth:`write_clock` at its last flush.
 
         Returns:
@@ -262,7 +262,7 @@ class EmbeddingStore(ABC):
         raw = self._get_clock()
         return None if raw is None else _decode_clock(self.name, raw)
 
-    def write_clock(self, clock: Mapping[str, int]) -> None:
+    def write_clock(self, clock: Mapping) -> None:
         """Records the clock of the table whose rows the store holds (one small record,
         overwritten). Call it after the rows it describes are written, never before: a
         process that dies between the two then leaves a clock behind the rows, which a

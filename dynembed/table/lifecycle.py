@@ -27,6 +27,11 @@ from dynembed.table.arena import COUNT, ID, LAST_STEP
 from dynembed.table.eviction import FREE_STEP
 from dynembed.table.index import EMPTY
 
+MAX_STORED_ADMISSION = 64 << 20
+"""The largest admission state (compressed) a flush records in the store: the record is
+one value (Redis refuses values over 512 MB by default), rewritten whole at each flush; a
+Bloom filter of 10**8 keys compresses to about 165 MB."""
+
 CREATE_NONE, CREATE_ADMITTED, CREATE_ALL = "none", "admitted", "all"
 
 
@@ -513,13 +518,24 @@ class RowLifecycle:
         clock = {"step": int(self.step), "update_step": int(self.update_step),
                  "seed": int(self.seed),
                  "logged_keys": None if self.key_log is None else len(self.key_log)}
-        shared = (self.is_shard and self.tier is not None and self.tier.owns_store
-                  and self.tier.store.shared)
-        if self.admitter is not None and not shared:
+        writes = self.tier is not None and self.tier.owns_store  # else flush records nothing
+        if self.admitter is not None and writes and not (self.is_shard
+                                                         and self.tier.store.shared):
             buffer = io.BytesIO()
             torch.save(self.admitter.state_dict(), buffer)
-            clock["admission"] = zlib.compress(buffer.getvalue(), 1)  # mostly zeros
+            state = zlib.compress(buffer.getvalue(), 1)  # a sketch: mostly zeros
+            if len(state) <= MAX_STORED_ADMISSION:
+                clock["admission"] = state
+            elif not self._warned_admission_size:
+                self._warned_admission_size = True
+                warn_at_caller(
+                    f"the admission state ({len(state) >> 20} MiB compressed) is too big "
+                    f"for {self.tier.store_name}'s clock record (at most "
+                    f"{MAX_STORED_ADMISSION >> 20} MiB), so it is not stored: a table "
+                    "reopened over the store without a checkpoint counts keys from zero")
         return clock
+
+    _warned_admission_size = False
 
     def _adopt_store_clock(self) -> None:
         """Continues from the clock recorded in the store by the last flush, so a table

@@ -371,7 +371,7 @@ class Tier:
             elif mine.any():
                 yield block.take(mine)
 
-    def read_clock(self) -> dict[str, int] | None:
+    def read_clock(self) -> dict | None:
         """The clock a table recorded in the store at its last flush (None: none). Read by
         a table being built, before it claims the store from the table it replaces."""
         return self._store.read_clock()

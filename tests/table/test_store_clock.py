@@ -466,3 +466,25 @@ def test_an_explicit_seed_the_store_overrides_is_named(tmp_path):
         for seed in (123, None):
             de.DynamicEmbedding(dim=2, seed=seed, store=RocksDBStore(tmp_path / "db"),
                                 optimizer=de.optim.SGD(lr=0.1)).table.close()
+
+
+def test_admission_state_too_big_for_the_record_is_left_out_with_a_warning(tmp_path,
+                                                                          monkeypatch):
+    """A 128 MiB Bloom filter went into the clock record whole (165 MiB, 4.9 s per flush);
+    past Redis's 512 MB value limit every flush would fail."""
+    from dynembed.table import lifecycle
+    monkeypatch.setattr(lifecycle, "MAX_STORED_ADMISSION", 16)
+    emb = de.DynamicEmbedding(dim=2, seed=1, store=RocksDBStore(tmp_path / "db"),
+                              optimizer=de.optim.SGD(lr=0.1),
+                              admission=de.policy.FrequencyAdmission(threshold=2))
+    emb(["a"]).sum().backward()
+    with pytest.warns(UserWarning, match="too big for .* clock record .* not stored"):
+        emb.table.flush()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        emb.table.flush()  # once
+        emb.table.close()
+    store = RocksDBStore(tmp_path / "db")
+    store.bind(2, emb.table.arena.state_width)
+    assert "admission" not in store.read_clock() and store.read_clock()["step"] == 1
+    store.close()
