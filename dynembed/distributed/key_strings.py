@@ -1,18 +1,23 @@
 """Key strings travel to the ranks that hold the keys' rows.
 
 A string key is hashed to its id on the rank that looks it up; only the id travels with
-the request. The requesting rank logs the string (``key_log=True``), so a shard's own log
-lacked the strings of rows that only other ranks asked for, and a live export of the shard
-listed them as None (a checkpoint, which merges every rank's log, had them). After each
-training lookup of a key-logged table, every rank sends the strings new to its own log
-to the ranks holding their rows (the owner of a sharded table's key, every replica of a
-replicated one's) in one exchange. Strings go once per rank and key: a rank's log
-remembers what it sent.
+the request. The requesting rank once logged the string (``key_log=True``), so a shard's
+log lacked the strings of rows that only other ranks asked for, and a live export of the
+shard listed them as None (a checkpoint, which merges every rank's log, had them).
+
+- Sharded tables: in a training lookup's reply each owner marks the rows whose string
+  its log lacks (one bit per row, beside the rows), and the requesters send those
+  strings (:func:`send_strings_to_owners`). A row lacks it when the lookup created it (as
+  in one process, where a key is logged when its row is made): once per key, and again
+  after the owner discarded the row (expiry, erase, a discard for room), so every shard's
+  log holds the strings of its rows.
+- Replicated tables: every replica creates the same rows; each rank sends the strings of
+  the new rows it asked for to every replica (:func:`share_with_replicas`).
+
+Either is one sizes-and-payload exchange after each training lookup of key-logged tables.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -56,61 +61,79 @@ def unpack(buf: np.ndarray) -> list[tuple[int, KeyLog]]:
     return parts
 
 
-def _new_strings(lookup: Lookup, admitted: np.ndarray | None,
-                 sent_to: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, list]:
-    """The distinct (ids, keys) of ``lookup``'s strings that got a row (``admitted``: (u,)
-    bool over its ids, None: all), that other ranks hold (``sent_to``: ids -> bool) and
-    that this rank's log does not know yet (it never sent them)."""
-    ids, keys = lookup.string_ids, lookup.strings
-    keep = sent_to(ids) & ~lookup.table.key_log.knows(ids)
-    if admitted is not None and not admitted.all():
-        keep &= np.isin(ids, lookup.ids[~admitted], invert=True)
-    if not keep.any():
-        return ids[:0], []
-    ids, first = np.unique(ids[keep], return_index=True)
-    at = np.flatnonzero(keep)[first]
-    return ids, [keys[i] for i in at.tolist()]
+def _strings_of(lookup: Lookup, ids: np.ndarray) -> tuple[np.ndarray, list]:
+    """((k,) bool, keys): which of (k,) ``ids`` ``lookup`` had a string key for (int keys
+    have none), and those keys."""
+    if lookup.strings is None or not ids.shape[0] or not lookup.string_ids.shape[0]:
+        return np.zeros(ids.shape[0], dtype=bool), []
+    by_id = np.argsort(lookup.string_ids, kind="stable")
+    at = by_id[np.minimum(np.searchsorted(lookup.string_ids, ids, sorter=by_id),
+                          by_id.shape[0] - 1)]
+    found = lookup.string_ids[at] == ids
+    return found, [lookup.strings[i] for i in at[found].tolist()]
 
 
-def share_strings(exchange: Exchange, lookups: list[tuple[Lookup, np.ndarray | None]], *,
-                  owners: Callable[[np.ndarray], np.ndarray] | None) -> None:
-    """Sends the strings of a training lookup's key-logged tables to the ranks that hold
-    their rows, and logs those the other ranks sent here. A collective: every rank calls it
-    after the same lookup (the tables' key logs are set alike on every rank).
+def send_strings_to_owners(exchange: Exchange,
+                           wanted: list[tuple[Lookup, np.ndarray, np.ndarray]]) -> None:
+    """Sends the strings the owners of a sharded lookup's rows asked for, and logs those
+    asked of the other ranks for this rank's rows. A collective: every rank calls it after
+    the same training lookup of key-logged tables.
+
+    An owner asks for the string of each row it holds whose key its log lacks, by a bit
+    per requested row in the lookup's reply, so a row that was discarded and comes back
+    gets its string again (the owner's log forgot it with the row).
 
     Args:
         exchange: the router's collectives.
-        lookups: (lookup, admitted) of each key-logged table that trains in this lookup,
-            ``admitted`` as in :func:`_new_strings`.
-        owners: ids -> (n,) owning rank (a sharded table); None: every rank holds every
-            row (replicated tables).
+        wanted: (lookup, ids, owner of each) of each key-logged table: the (k,) ids whose
+            owners lack their string (this rank's own rows included).
     """
-    rank, world = exchange.rank, exchange.world_size
-    others = (lambda ids: np.ones(ids.shape[0], dtype=bool)) if owners is None else \
-        (lambda ids: owners(ids) != rank)
-    found = [(t, *_new_strings(lk, admitted, others))
-             for t, (lk, admitted) in enumerate(lookups) if lk.strings is not None]
-    if owners is None:  # the same strings to every other rank
-        parts = [(t, _log_of(ids, keys)) for t, ids, keys in found if ids.shape[0]]
-        mine = pack(parts)
-        got, sizes = exchange.all_gather(torch.from_numpy(mine))
-    else:
-        payloads = []
-        for destination in range(world):
-            parts = []
-            for t, ids, keys in found:
-                to = np.flatnonzero(owners(ids) == destination) if ids.shape[0] else ids[:0]
-                if to.shape[0] and destination != rank:
-                    parts.append((t, _log_of(ids[to], [keys[i] for i in to.tolist()])))
-            payloads.append(pack(parts) if parts else np.zeros(0, dtype=np.uint8))
-        send = np.array([p.shape[0] for p in payloads], dtype=np.int64)
-        sizes, _ = exchange.splits(send)
-        got = exchange.all_to_all(torch.from_numpy(np.concatenate(payloads)), send, sizes)
-    got = got.numpy()
-    for source, (start, size) in enumerate(zip(np.cumsum(sizes) - sizes, sizes)):
-        if size and source != rank:
+    found = []
+    for t, (lk, ids, owners) in enumerate(wanted):
+        has, keys = _strings_of(lk, ids)
+        found.append((t, ids[has], keys, owners[has]))
+    payloads = []
+    for destination in range(exchange.world_size):
+        parts = []
+        for t, ids, keys, owners in found:
+            to = np.flatnonzero(owners == destination)
+            if to.shape[0]:
+                parts.append((t, _log_of(ids[to], [keys[i] for i in to.tolist()])))
+        payloads.append(pack(parts) if parts else np.zeros(0, dtype=np.uint8))
+    send = np.array([p.shape[0] for p in payloads], dtype=np.int64)
+    sizes, _ = exchange.splits(send)
+    got = exchange.all_to_all(torch.from_numpy(np.concatenate(payloads)), send, sizes)
+    _merge_received(got.numpy(), sizes, [lk.table for lk, _, _ in wanted])
+
+
+def share_with_replicas(exchange: Exchange, logged: list[tuple[Lookup, np.ndarray]]) -> None:
+    """Logs the strings of the rows a replicated training lookup created, on every replica:
+    each rank sends those of its own keys (every replica created the same rows, but only
+    the ranks that asked know their strings). A collective: every rank calls it after the
+    same training lookup of key-logged tables.
+
+    Args:
+        exchange: the router's collectives.
+        logged: (lookup, created) of each key-logged table, ``created`` (u,) bool over the
+            lookup's ids: those that got a new row.
+    """
+    parts = []
+    for t, (lk, created) in enumerate(logged):
+        ids = lk.ids[created]
+        has, keys = _strings_of(lk, ids)
+        if keys:
+            parts.append((t, _log_of(ids[has], keys)))
+    got, sizes = exchange.all_gather(torch.from_numpy(pack(parts)))
+    _merge_received(got.numpy(), sizes, [lk.table for lk, _ in logged])
+
+
+def _merge_received(got: np.ndarray, sizes: np.ndarray, tables: list) -> None:
+    """Logs every rank's part of ``got`` (``sizes[r]`` bytes from rank r; this rank's own
+    too: the strings of the rows it holds that it asked for itself)."""
+    for start, size in zip((np.cumsum(sizes) - sizes).tolist(), sizes.tolist()):
+        if size:
             for t, log in unpack(got[start:start + size]):
-                lookups[t][0].table.key_log.merge(log)
+                tables[t].key_log.merge(log)
 
 
 def _log_of(ids: np.ndarray, keys: list) -> KeyLog:

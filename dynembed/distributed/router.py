@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from dynembed.distributed.exchange import Exchange
-from dynembed.distributed.key_strings import share_strings
+from dynembed.distributed.key_strings import send_strings_to_owners, share_with_replicas
 from dynembed.errors import DistributedError, NonFiniteGradientError
 from dynembed.kernels.gather import segment_sum
 from dynembed.kernels.hash_index import unique_inverse
@@ -123,20 +123,26 @@ def _flagged(widths: np.ndarray, per_rank: np.ndarray, flag_width: int,
 
 def _masks_admission(table: DynamicTable, training: bool) -> bool:
     """Whether requesters must learn which of their rows the owner admitted: a NaN gradient
-    on a row without one must not raise (see ``_sharded``), and a key log keeps only the
-    keys that got a row. Config only (not ``torch.is_grad_enabled``), so every rank sizes
-    the exchange alike."""
+    on a row without one must not raise (see ``_sharded``). Config only (not
+    ``torch.is_grad_enabled``), so every rank sizes the exchange alike."""
     c = table.config
-    return _trains(table, training) and c.admission is not None and (
-        (table.trainable and c.nonfinite_grads == "raise") or table.key_log is not None)
+    return (_trains(table, training) and c.admission is not None and table.trainable
+            and c.nonfinite_grads == "raise")
 
 
-def _trailers(rows: np.ndarray, flag_width: int, masks: bool) -> np.ndarray:
-    """(W,) trailer entries after each rank's ``rows[r]`` rows: the flag float, then with
-    ``masks`` one bit per row packed 8 to a float (exact small integers)."""
+def _wants_strings(table: DynamicTable, training: bool) -> bool:
+    """Whether owners tell requesters which of their rows lack their key's string (see
+    :mod:`~dynembed.distributed.key_strings`). Config only, as :func:`_masks_admission`."""
+    return _trains(table, training) and table.key_log is not None
+
+
+def _trailers(rows: np.ndarray, flag_width: int, masks: int) -> np.ndarray:
+    """(W,) trailer entries after each rank's ``rows[r]`` rows: the flag float, then
+    ``masks`` bit arrays of one bit per row, each packed 8 to a float (exact small
+    integers)."""
     if not masks:
         return np.ones_like(rows)
-    return -(-(1 + (rows + 7) // 8) // flag_width)
+    return -(-(1 + masks * ((rows + 7) // 8)) // flag_width)
 
 
 def _put_masks(buf: np.ndarray, at: np.ndarray, bits: np.ndarray, per_rank: np.ndarray) -> None:
@@ -172,19 +178,6 @@ def _lookup_failed(flags: np.ndarray, dims: np.ndarray, *,
         "That rank raised the cause (e.g. MemoryBudgetError: raise its memory_budget / "
         "max_rows or use smaller batches; StoreError: check its store). Every rank raised "
         "in this call, so the ranks are still in step" + after)
-
-
-def _log_own_strings(lookup: Lookup, admitted: np.ndarray | None = None) -> None:
-    """The requesting rank logs its own string keys. With ``admitted`` ((u,) bool over the
-    lookup's ids), only the keys that got a row, as in one process: the refused long tail
-    would otherwise grow the log without bound."""
-    table = lookup.table
-    if table.key_log is None or lookup.strings is None or not len(lookup.strings):
-        return
-    if admitted is None or admitted.all():
-        table.key_log.add(lookup.string_ids, lookup.strings)
-    else:
-        table.key_log.add_among(lookup.string_ids, lookup.strings, lookup.ids[admitted])
 
 
 class _Update:
@@ -300,23 +293,6 @@ class Router:
                 "and back-propagate through every training lookup")
         return recv
 
-    def _log_strings(self, logged: list[tuple[Lookup, np.ndarray | None]], *,
-                     sharded: bool) -> None:
-        """Logs a training lookup's string keys here and on the ranks that hold their rows
-        (see :mod:`~dynembed.distributed.key_strings`; a collective when a table keeps a key
-        log, which every rank's config says alike).
-
-        Args:
-            logged: (lookup, admitted) of each table that trained in the lookup.
-            sharded: the tables' placement.
-        """
-        keyed = [(lk, admitted) for lk, admitted in logged if lk.table.key_log is not None]
-        if not keyed:
-            return
-        share_strings(self.exchange, keyed, owners=self.owners if sharded else None)
-        for lk, admitted in keyed:  # after: the strings this rank's log lacked were sent
-            _log_own_strings(lk, admitted)
-
     def owners(self, ids: np.ndarray) -> np.ndarray:
         """(n,) int64 rank owning each of (n,) int64 ids."""
         return rank_of_bucket(buckets_of(ids, self.num_buckets), self.exchange.world_size,
@@ -395,11 +371,15 @@ class Router:
         # An owner-side check would need one more collective per backward to tell the
         # other ranks; a column per row would cost 1/dim and break the one-width buffer.
         masked = [t for t, lk in enumerate(lookups) if _masks_admission(lk.table, training)]
-        trailer_back = _trailers(recv, flag_width, bool(masked))
-        trailer_mine = _trailers(send, flag_width, bool(masked))
+        # and a second bit per row for key-logged tables: the owner lacks its key's string
+        keyed = [t for t, lk in enumerate(lookups) if _wants_strings(lk.table, training)]
+        masks = bool(masked) + bool(keyed)
+        trailer_back = _trailers(recv, flag_width, masks)
+        trailer_mine = _trailers(send, flag_width, masks)
         got_flagged, got_index, got_flags = _flagged(got_width, recv, flag_width, trailer_back)
         packed = np.empty(got_flagged.size, dtype=np.float32)
         admitted = np.ones(got.shape[0], dtype=bool) if masked else None
+        lacking = np.zeros(got.shape[0], dtype=bool) if keyed else None
         updates: list[tuple[int, _Update, np.ndarray]] = []
         failure, failed = None, 0
         for t, lk in enumerate(lookups):
@@ -407,13 +387,17 @@ class Router:
             merged_ids, inverse, counts = _merge(got[entries, 0], got[entries, 1])
             try:
                 if _trains(lk.table, training):
-                    slots = lk.table.lookup_slots(merged_ids, counts, insert=True)
+                    created = np.zeros(merged_ids.shape[0], dtype=bool) if t in keyed else None
+                    slots = lk.table.lookup_slots(merged_ids, counts, insert=True,
+                                                  created_out=created)
                     owned = lk.table.gather(slots)
                     if _needs_grad(lk.table, training, anchor):
                         updates.append((t, _Update(lk.table, merged_ids, slots, inverse),
                                         entries))
                     if t in masked:
                         admitted[entries] = (slots != EMPTY)[inverse]
+                    if t in keyed:  # a new row: its log lacks the string (as in one
+                        lacking[entries] = created[inverse]  # process, logged at creation)
                 else:
                     owned = lk.table.read_unique(merged_ids, counts)
             except Exception as error:  # noqa: BLE001 - raised on every rank, after the exchange
@@ -421,8 +405,11 @@ class Router:
                 break
             got_flagged.put(packed, got_index[entries], take_rows(owned, inverse).numpy())
         packed[got_flagged.offsets[got_flags]] = failed
+        bits_back = got_flagged.offsets[got_flags] + 1
         if masked:
-            _put_masks(packed, got_flagged.offsets[got_flags] + 1, admitted, recv)
+            _put_masks(packed, bits_back, admitted, recv)
+        if keyed:
+            _put_masks(packed, bits_back + (recv + 7) // 8 * bool(masked), lacking, recv)
         source = np.repeat(np.arange(ex.world_size), recv)
         floats_back = np.bincount(source, weights=got_width, minlength=ex.world_size)
         floats_mine = np.bincount(owners[order], weights=dims[sent_table],
@@ -437,9 +424,11 @@ class Router:
         flags = back[sent_flagged.offsets[sent_flags]].astype(np.int64)
         if flags.any():
             raise failure if failure is not None else _lookup_failed(flags, dims)
-        admitted_mine = (_take_masks(back, sent_flagged.offsets[sent_flags] + 1, send)
-                         if masked else None)
-        rows, where, logged = [], [], []
+        bits_mine = sent_flagged.offsets[sent_flags] + 1
+        admitted_mine = _take_masks(back, bits_mine, send) if masked else None
+        lacking_mine = (_take_masks(back, bits_mine + (send + 7) // 8 * bool(masked), send)
+                        if keyed else None)
+        rows, where, wanted = [], [], []
         for t, lk in enumerate(lookups):
             entries = np.flatnonzero(sent_table == t)
             position = order[entries] - starts[t]  # index into the lookup's ids
@@ -448,13 +437,11 @@ class Router:
             rows.append(torch.from_numpy(block))
             # the rows whose NaN gradients raise: those with a row on their owner
             where.append((entries, position, admitted_mine[entries] if t in masked else None))
-            if _trains(lk.table, training):
-                admitted_ids = None
-                if t in masked:
-                    admitted_ids = np.zeros(lk.ids.shape[0], dtype=bool)
-                    admitted_ids[position] = admitted_mine[entries]
-                logged.append((lk, admitted_ids))
-        self._log_strings(logged, sharded=True)
+            if t in keyed:
+                asked = entries[lacking_mine[entries]]
+                wanted.append((lk, ids[order][asked], owners[order][asked]))
+        if keyed:  # a collective: every rank has the same keyed tables
+            send_strings_to_owners(ex, wanted)
         if not updates:
             return rows
 
@@ -462,8 +449,8 @@ class Router:
         # Gradients go back with one flag entry per rank: whether the sender computed NaN or
         # inf gradients for a table that raises on them, so every rank raises (before any
         # row changes), not only the owners of those rows. The forward's buffers have the
-        # same layout, without the admitted bits.
-        if masked:
+        # same layout, without the bits.
+        if masks:
             sent_flagged, sent_index, sent_flags = _flagged(dims[sent_table], send, flag_width)
             got_flagged, got_index, got_flags = _flagged(got_width, recv, flag_width)
 
@@ -536,11 +523,13 @@ class Router:
                 entries = np.flatnonzero(table_of == t)
                 merged_ids, inverse, counts = _merge(everyone[entries, 0],
                                                      everyone[entries, 1])
-                slots = lk.table.lookup_slots(merged_ids, counts, insert=True)
+                created = np.zeros(merged_ids.shape[0], dtype=bool)
+                slots = lk.table.lookup_slots(merged_ids, counts, insert=True,
+                                              created_out=created)
             except Exception as error:  # noqa: BLE001 - raised on every rank, after the flags
                 failure, failed = error, t + 1
                 break
-            found.append((entries, merged_ids, inverse, slots))
+            found.append((entries, merged_ids, inverse, slots, created))
         flags, _ = ex.all_gather(torch.tensor([failed], dtype=torch.int64),
                                  sizes=np.ones(ex.world_size, dtype=np.int64))
         flags = flags.numpy()
@@ -552,13 +541,15 @@ class Router:
             if isinstance(got, torch.Tensor):
                 rows.append(got)
                 continue
-            entries, merged_ids, inverse, slots = got
+            entries, merged_ids, inverse, slots, created = got
             mine = inverse[source[entries] == ex.rank]  # this rank's ids, in its order
-            logged.append((lk, slots[mine] != EMPTY))
+            if lk.table.key_log is not None:  # the new rows (every replica made them)
+                logged.append((lk, created[mine]))
             rows.append(lk.table.gather(slots[mine]))
             if _needs_grad(lk.table, training, anchor):
                 updates.append((t, _Update(lk.table, merged_ids, slots, inverse), entries))
-        self._log_strings(logged, sharded=False)
+        if logged:  # a collective: every rank has the same key-logged tables
+            share_with_replicas(ex, logged)
         if not updates:
             return rows
         floats = np.bincount(source, weights=dims[table_of],

@@ -102,15 +102,6 @@ class KeyLog:
                 self._raw[i] = bytes(key)
                 self._strings.pop(i, None)
 
-    def knows(self, ids: np.ndarray) -> np.ndarray:
-        """(n,) bool, whether each of (n,) int64 ``ids`` has its key logged."""
-        known = np.fromiter(map(self._strings.__contains__, ids.tolist()), dtype=bool,
-                            count=ids.shape[0])
-        if self._raw:
-            known |= np.fromiter(map(self._raw.__contains__, ids.tolist()), dtype=bool,
-                                 count=ids.shape[0])
-        return known
-
     def lookup(self, ids: np.ndarray) -> list[str | bytes | None]:
         """The key of each id (str, or bytes for bytes keys that are not UTF-8), None where
         it was never logged."""

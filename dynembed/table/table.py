@@ -261,7 +261,8 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch, Table
 
     # ----------------------------------------------------------------- slot-level path
     def lookup_slots(self, unique_ids: np.ndarray, counts: np.ndarray, *, insert: bool,
-                     strings=None, string_ids: np.ndarray | None = None) -> np.ndarray:
+                     strings=None, string_ids: np.ndarray | None = None,
+                     created_out: np.ndarray | None = None) -> np.ndarray:
         """Slots of unique ids for one lookup call, counted in the stats.
 
         Ids not in memory are read from the store first (one batch). With ``insert``
@@ -275,6 +276,8 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch, Table
             counts: (u,) int64 occurrences of each id in the call.
             insert: training lookup (insert and touch metadata) or not.
             strings, string_ids: the call's original str keys and their ids, for the key log.
+            created_out: (u,) bool, set True where the id got a new row (not one read back
+                from the store): where a distributed owner lacks the key's string.
 
         Returns:
             (u,) int64 slots, EMPTY where absent and not inserted.
@@ -302,6 +305,8 @@ class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch, Table
             create = CREATE_ADMITTED if training else CREATE_NONE
             got, created = self._fill_missing(unique_ids, counts, slots, create=create,
                                               step=self.step + 1, call=call)
+            if created_out is not None:
+                created_out |= created
             if call.inserts and self.key_log is not None and strings is not None:
                 self.key_log.add_among(string_ids, strings, unique_ids[created])
             missed = int(counts[missing & ~got].sum())
