@@ -476,8 +476,9 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
             and r.start < table_buckets.stop and table_buckets.start < r.stop]
         layers = _lazy_rows(chain, name, table_buckets, table, strict=True).layers
         check_fits(table, layers)
-        # every rank logs the strings it asked for, and a save keeps each rank's log: merged
-        # whole, each shard held every key's string (W copies in W ranks)
+        # a save keeps each rank's log (its rows' strings, and in checkpoints of earlier
+        # versions the strings it asked for): merged whole at another world size, each
+        # shard would hold every key's string (W copies in W ranks)
         keep = None if len(table_buckets) == manifest["num_buckets"] else functools.partial(
             _in_buckets, buckets=table_buckets, num_buckets=manifest["num_buckets"])
         aux = _decoded_aux(name, table, folder, auxes[own], others, admissions, dropped, keep)
