@@ -41,6 +41,7 @@ from dynembed.table.row_values import check_accumulators, checked_rows
 from dynembed.table.search import TableSearch
 from dynembed.table.snapshot import TableSnapshot
 from dynembed.table.stats import CallStats, Counters, TableStats
+from dynembed.table.store_clock import StoreClock
 from dynembed.table.tiering import Tier
 from dynembed.table.updates import TableUpdates
 
@@ -57,7 +58,8 @@ def _last_occurrence(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return unique, last
 
 
-class DynamicTable(RowLifecycle, TableUpdates, TableSnapshot, TableSearch, TableOwnership):
+class DynamicTable(RowLifecycle, StoreClock, TableUpdates, TableSnapshot, TableSearch,
+                   TableOwnership):
     """A growable map from int64 ids to trainable rows, optionally bounded in memory over a
     store (admission, eviction and read-through in :class:`RowLifecycle`).
 

@@ -472,8 +472,8 @@ def test_admission_state_too_big_for_the_record_is_left_out_with_a_warning(tmp_p
                                                                           monkeypatch):
     """A 128 MiB Bloom filter went into the clock record whole (165 MiB, 4.9 s per flush);
     past Redis's 512 MB value limit every flush would fail."""
-    from dynembed.table import lifecycle
-    monkeypatch.setattr(lifecycle, "MAX_STORED_ADMISSION", 16)
+    from dynembed.table import store_clock
+    monkeypatch.setattr(store_clock, "MAX_STORED_ADMISSION", 16)
     emb = de.DynamicEmbedding(dim=2, seed=1, store=RocksDBStore(tmp_path / "db"),
                               optimizer=de.optim.SGD(lr=0.1),
                               admission=de.policy.FrequencyAdmission(threshold=2))
