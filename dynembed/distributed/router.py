@@ -439,7 +439,7 @@ class Router:
             where.append((entries, position, admitted_mine[entries] if t in masked else None))
             if t in keyed:
                 asked = entries[lacking_mine[entries]]
-                wanted.append((lk, ids[order][asked], owners[order][asked]))
+                wanted.append((lk, request[asked, 0], owners[order][asked]))
         if keyed:  # a collective: every rank has the same keyed tables
             send_strings_to_owners(ex, wanted)
         if not updates:

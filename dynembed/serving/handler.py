@@ -232,10 +232,12 @@ class EmbeddingModelHandler:
         """Times a refreshed checkpoint turned out damaged and the tables before it were
         served again."""
 
-    def _serving(self, embeddings: EmbeddingCollection, dense) -> _Served:
-        served = getattr(self, "_served", None)
-        if served is not None and served.dense is dense:  # the same program: its copy too
-            return _Served(embeddings, dense, served.dense64)
+    def _serving(self, embeddings: EmbeddingCollection, dense,
+                 before: _Served | None = None) -> _Served:
+        """Tables and dense program as one served model; the same program as ``before``'s
+        keeps its float64 copy (made once, not at every refresh)."""
+        if before is not None and before.dense is dense:
+            return _Served(embeddings, dense, before.dense64)
         return _Served(embeddings, dense,
                        _float64_copy(dense, int(self.package.manifest["dense"]["input_dim"])))
 
@@ -370,7 +372,7 @@ class EmbeddingModelHandler:
             dense_source.dense_from_checkpoint(self.package.dense, self._dense_names, checkpoint)
         fresh = build_embeddings(self.package.manifest)
         load_tables(fresh, checkpoint, preload=self.package.preloaded)
-        served = self._serving(fresh, dense)
+        served = self._serving(fresh, dense, self._served)
         with self._swap:
             # counters go on from here, never back to 0; the swapped-out tables' own stay
             # live until the next refresh, for the batches still running on them

@@ -3,10 +3,14 @@ resume, so that dropout and other draws from them go on as in a run that never s
 
 from __future__ import annotations
 
+import logging
 import random
 
 import numpy as np
 import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
 
 
 def rng_state() -> dict:
@@ -35,3 +39,34 @@ def set_rng_state(state: dict) -> None:
     cuda = state.get("cuda")
     if cuda is not None and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
         torch.cuda.set_rng_state_all(cuda)
+
+
+def gather_rng_states(group, rank: int, world_size: int) -> list | None:
+    """Every rank's random generators, on rank 0 (which writes a checkpoint's ``extra``);
+    else None. A collective over ``group`` (None: one process, no collective)."""
+    state = rng_state()
+    if group is None:
+        return [state]
+    states = [None] * world_size if rank == 0 else None
+    dist.gather_object(state, states, dst=0, group=group)
+    return states
+
+
+def restore_rank_rng(states: list | None, rank: int, world_size: int) -> None:
+    """Gives this rank the random generators it had at the restored step, so dropout
+    masks, sampled negatives, ... continue as in a run that never stopped (a restarted
+    script seeds them as at step 0, and drew step 0's numbers again). At another world
+    size the ranks' streams cannot continue: the script's own seeding stays.
+
+    Args:
+        states: every rank's generators saved with the checkpoint (None or empty: it was
+            written without them).
+        rank, world_size: this process's place in the job.
+    """
+    if not states:
+        return
+    if len(states) != world_size:
+        logger.info("rank %d: random generators left as seeded: the checkpoint holds "
+                    "those of %d ranks, this job has %d", rank, len(states), world_size)
+        return
+    set_rng_state(states[rank])

@@ -59,7 +59,7 @@ from dynembed.train import rank_checks
 from dynembed.train.data import global_batch, rank_part
 from dynembed.train.environment import check_rendezvous_env, share_cores
 from dynembed.train.progress import PROGRESS_ENV, ProgressFile
-from dynembed.train.rng import rng_state, set_rng_state
+from dynembed.train.rng import gather_rng_states, restore_rank_rng
 
 logger = logging.getLogger(__name__)
 
@@ -418,7 +418,7 @@ class Runtime:
                 raise failure
             if loaded:
                 logger.info("rank %d restored %s at step %d", self.rank, path, self.step)
-                self._restore_rng()
+                restore_rank_rng(self._saved_rng, self.rank, self.world_size)
                 return self.extra
             logger.warning("checkpoint %s does not load on every rank (%s); trying an "
                            "older one", path, error or "another rank failed")
@@ -493,30 +493,6 @@ class Runtime:
         self._restored = path if self.lazy_restore else None
         return True, None, None
 
-    def _restore_rng(self) -> None:
-        """Gives this rank the random generators it had at the restored step, so dropout
-        masks, sampled negatives, ... continue as in a run that never stopped (a restarted
-        script seeds them as at step 0, and drew step 0's numbers again). At another world
-        size the ranks' streams cannot continue: the script's own seeding stays."""
-        states = self._saved_rng
-        if not states:  # a checkpoint written without them
-            return
-        if len(states) != self.world_size:
-            logger.info("rank %d: random generators left as seeded: the checkpoint holds "
-                        "those of %d ranks, this job has %d", self.rank, len(states),
-                        self.world_size)
-            return
-        set_rng_state(states[self.rank])
-
-    def _gather_rng(self) -> list | None:
-        """Every rank's random generators, on rank 0 (which writes ``extra``); else None."""
-        state = rng_state()
-        if self._control is None:
-            return [state]
-        states = [None] * self.world_size if self.rank == 0 else None
-        dist.gather_object(state, states, dst=0, group=self._control.group)
-        return states
-
     def checkpoint(self) -> Path | None:
         """Saves a checkpoint of the current step now (every rank must call it).
 
@@ -555,7 +531,9 @@ class Runtime:
                 "that batch again; end a loop early with rt.stop() instead", self.rank,
                 self.step, self.step)
         extra = {"step": self.step, "world_size": self.world_size, "user": self.extra,
-                 "rng": self._gather_rng()}
+                 "rng": gather_rng_states(
+                     None if self._control is None else self._control.group,
+                     self.rank, self.world_size)}
         self.manager.save(self.step, self.model, self.optimizer, extra)
         # every rank sees the commit before the next save picks its parent; the wait holds
         # a compaction of the whole chain (rank 0 alone), which outlasted the collective
