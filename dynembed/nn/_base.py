@@ -6,6 +6,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import sys
 import warnings
 
 import torch
@@ -33,8 +34,10 @@ def without_tables():
 
 
 _UNTRACED: dict = {}
-"""Module forwards wrapped by ``torch.compiler.disable``, made on first use under
-torch.compile (making one imports torch._dynamo, a second: never at import)."""
+"""Module forwards wrapped by ``torch.compiler.disable``, made on first use once
+torch._dynamo is imported (making one imports it, a second: never at import)."""
+
+_DYNAMO = "torch._dynamo"
 
 
 _EAGER_REASON = (
@@ -61,10 +64,13 @@ def untraced(forward):
     """Makes a module's ``forward`` run outside torch.compile's graph (a graph break).
 
     A lookup runs numba kernels and numpy code on the keys, which torch.compile cannot
-    trace (it failed inside numba's dispatcher). Eager calls pay one
-    ``torch.compiler.is_compiling()``; under torch.compile, which reads that as True while
-    it traces, the call goes to a ``torch.compiler.disable`` copy of ``forward``, so the
-    rows come out as a graph input and their backward still updates the table.
+    trace (it failed inside numba's dispatcher). Under torch.compile the call goes to a
+    ``torch.compiler.disable`` copy of ``forward``, so the rows come out as a graph input
+    and their backward still updates the table. So does every call once torch._dynamo is
+    imported: torch.compile may run a frame eagerly (torch 2.11 did so with this wrapper
+    when a module got string keys, no tensor) and still compile the frames it calls, and
+    compiling the lookup's numpy code failed. A process that never imported torch._dynamo
+    calls ``forward`` itself (the copy costs 0.4 us a call; making it, 1 s of import).
     """
 
     @functools.wraps(forward)
@@ -86,7 +92,7 @@ def untraced(forward):
                 "jacrev, ...): its lookups run compiled kernels on the keys' values. Look the "
                 "rows up outside the transform and pass them in as a tensor "
                 "(torch.func.functional_call works on the dense part)")
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or _DYNAMO in sys.modules:
             disabled = _UNTRACED.get(forward)
             if disabled is None:
                 disabled = _UNTRACED[forward] = torch.compiler.disable(

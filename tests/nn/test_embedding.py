@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -461,6 +463,33 @@ def test_a_torch_compiled_model_looks_up_and_trains_as_an_eager_one():
     (eager, eager_totals), (compiled, compiled_totals) = run(False), run(True)
     torch.testing.assert_close(compiled, eager)
     assert compiled_totals == eager_totals
+
+
+_EAGER_FRAME_UNDER_COMPILE = """
+import torch
+from torch._dynamo.eval_frame import skip_code
+import dynembed as de
+
+emb = de.DynamicEmbedding(dim=4, optimizer=de.optim.SGD(lr=0.1), seed=2)
+skip_code(type(emb).forward.__code__)  # run eagerly, as torch 2.11 ran it
+head = torch.nn.Linear(4, 1)
+step = torch.compile(lambda keys: head(emb(keys)).sum(), backend="eager")
+for keys in (["a", "b"], ["c", "a"], torch.tensor([1, 2])):
+    step(keys).backward()
+print(emb.table.size(), emb.stats().totals.updated_rows)
+"""
+
+
+def test_a_lookup_torch_compile_runs_eagerly_keeps_its_inner_frames_eager():
+    """torch 2.11's torch.compile ran the lookup's wrapper eagerly when the keys were
+    strings (no tensor in the frame) but compiled the frames it called, and failed in the
+    key hashing's numpy code (an AssertionError on a read-only array). Skipping the
+    wrapper's frame makes torch 2.13 do the same; in a process of its own, since a skipped
+    code object stays skipped."""
+    result = subprocess.run([sys.executable, "-c", _EAGER_FRAME_UNDER_COMPILE],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["5", "6"]  # a, b, c, 1, 2; 2 + 2 + 2 rows updated
 
 
 def test_torch_embedding_attributes_and_state_say_what_to_use():
