@@ -7,7 +7,7 @@ Synthetic click data (Zipf user ids, string item tags, a country from a small re
 table) and a model of dynamic tables plus an MLP, trained with de.train.Runtime. It writes
 into --out: ``restored-w<W>-r<R>-a<attempt>.pt`` (the rank's rows right after restore),
 ``final-w<W>-r<R>.pt`` (rows, dense state, step at the end), and rank 0 appends the global
-loss of every step to ``loss.jsonl``. ``--kill-rank/--kill-step`` SIGKILLs one rank once
+loss of every step to ``loss.jsonl``. ``--device cuda`` moves the model to the GPU. ``--kill-rank/--kill-step`` SIGKILLs one rank once
 (a marker file keeps the restarted attempt alive).
 """
 
@@ -104,6 +104,8 @@ def main() -> int:
     p.add_argument("--kill-step", type=int, default=None)
     p.add_argument("--step-sleep", type=float, default=0.0)
     p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--device", default="cpu", help="where the model's outputs and dense "
+                   "layers go (rows stay in host memory)")
     p.add_argument("--fail-restore-rank", type=int, default=None,
                    help="this rank's restore hits an I/O error (injected)")
     p.add_argument("--slow-save", type=float, default=0.0,
@@ -117,7 +119,7 @@ def main() -> int:
     data = make_data(args.samples)
     with de.train.Runtime(args.ckpt, every_steps=args.every, timeout=args.timeout) as rt:
         dim = args.dim_on_rank_1 if (args.dim_on_rank_1 and rt.rank == 1) else args.dim
-        model = Model(dim)
+        model = Model(dim).to(args.device)
         net = rt.prepare(model)
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
         if rt.rank == args.fail_restore_rank:
@@ -132,7 +134,7 @@ def main() -> int:
             idx = rt.batch_indices(step, args.batch, args.samples)
             batch = {k: v[idx] for k, v in data.items()}
             loss = nn.functional.binary_cross_entropy_with_logits(
-                net(batch), torch.from_numpy(batch["labels"]))
+                net(batch), torch.from_numpy(batch["labels"]).to(args.device))
             loss.backward()
             opt.step()
             opt.zero_grad()
@@ -154,7 +156,7 @@ def main() -> int:
                 time.sleep(args.step_sleep)
         if not rt.preempted:
             torch.save({"step": rt.step, "rows": rows_of(model),
-                        "dense": {k: v for k, v in model.mlp.state_dict().items()}},
+                        "dense": {k: v.cpu() for k, v in model.mlp.state_dict().items()}},
                        out / f"final-{tag}.pt")
     return 0
 
