@@ -21,6 +21,7 @@ import numpy as np
 
 from dynembed._args import check_int
 from dynembed.checkpoint.rows_file import RowsFile
+from dynembed.errors import CheckpointCorruptError
 from dynembed.kernels.records import HEAD_WORDS, columns_of
 from dynembed.keys.buckets import bucket_hash, bucket_of_hash
 from dynembed.storage.rows import RowBlock
@@ -107,20 +108,32 @@ class LazyRows:
         return RowBlock.concat([], self.dim, self.width)
 
     def hide(self, ids: np.ndarray) -> None:
-        """Hides the checkpoint's rows of ``ids`` (erased or discarded by the table)."""
-        self._hidden.add(ids)
+        """Hides the checkpoint's rows of distinct ``ids`` (erased or discarded by the
+        table). Only ids with a visible row here are recorded, so the set stays within the
+        checkpoint's rows however many rows a long job drops."""
+        self._hidden.add(self._visible(ids))
 
     def hidden(self, ids: np.ndarray) -> np.ndarray:
         """(n,) bool, whether each id is hidden."""
         return self._hidden.contains(ids)
 
     def outdate(self, ids: np.ndarray) -> None:
-        """Records that the table's rows of ``ids`` differ from (or are not in) these
-        checkpoints; a later save cleared their changed marks, not this."""
-        self._outdated.add(ids)
+        """Records that the table's rows of distinct ``ids`` differ from these checkpoints'
+        copies; a later save cleared their changed marks, not this. Ids without a visible
+        row here are left out (nothing stale to read back), which bounds the set."""
+        self._outdated.add(self._visible(ids))
+
+    def _visible(self, ids: np.ndarray) -> np.ndarray:
+        """Those of distinct ``ids`` that have a visible row here; all of them if the
+        search meets a damaged block (the reads that meet it raise)."""
+        try:
+            return ids[self.contains(ids)]
+        except CheckpointCorruptError:
+            return ids
 
     def outdated(self, ids: np.ndarray) -> np.ndarray:
-        """(n,) bool, whether each id's row may differ from the checkpoints' copy."""
+        """(n,) bool, whether each id's row may differ from the checkpoints' copy (ids not
+        in the checkpoints are not outdated: ask :meth:`contains`)."""
         return self._outdated.contains(ids)
 
     def get(self, ids: np.ndarray) -> tuple[np.ndarray, RowBlock]:

@@ -355,18 +355,20 @@ class RowLifecycle:
 
     def _evict_slots(self, slots: np.ndarray) -> int:
         """Moves rows out of memory: to the store if there is one, else discards them.
-        Without a store, rows unchanged since a lazily opened checkpoint are only dropped
-        from memory: the checkpoint still holds them (a save clears the changed marks, so
-        the rows changed before it are known as outdated there)."""
+        Without a store, rows unchanged since a lazily opened checkpoint that holds them
+        are only dropped from memory (a save clears the changed marks, so the rows changed
+        before it are known as outdated there)."""
         total = int(slots.shape[0])
         if total == 0:
             return 0
         if self.tier is None and self.base is not None:
             kept = ~self.changes.changed(slots)
-            kept &= ~self.base.outdated(self.arena.np("meta")[slots, ID])
+            ids = self.arena.np("meta")[slots, ID]
+            kept &= ~self.base.outdated(ids)
+            kept[kept] = self.base.contains(ids[kept])  # a row new since: nowhere else
             if kept.any():
                 self.counters.evicted += int(np.count_nonzero(kept))
-                self._release(self.arena.np("meta")[slots[kept], ID].copy(), erased=False)
+                self._release(ids[kept], erased=False)
                 slots = slots[~kept]
                 if slots.shape[0] == 0:
                     return total

@@ -265,6 +265,37 @@ def test_rows_changed_then_saved_are_not_read_back_stale_after_eviction(tmp_path
     assert_same_rows(lazy, restored)  # the live table and its checkpoint agree
 
 
+def test_a_long_job_over_a_lazy_checkpoint_remembers_only_the_checkpoints_ids(tmp_path):
+    """The ids a lazily restored table dropped (erased, discarded) or changed and saved were
+    all remembered while the checkpoint stayed open, for its whole life: a job that kept
+    discarding new rows grew those sets without bound. Only the checkpoint's own ids need
+    remembering; the rest still never come back and are still counted as discarded."""
+    def table():
+        return make_table(max_rows=300, eviction=de.policy.LRU())
+
+    original = table()
+    train(original, [np.arange(200)])
+    de.checkpoint.save(tmp_path / "c0", tables={"t": original})
+    lazy = table()
+    de.checkpoint.load(tmp_path / "c0", tables={"t": lazy}, lazy=True)
+    train(lazy, [np.arange(50)])  # 50 of the checkpoint's rows change
+    parent = tmp_path / "c0"
+    for i in range(1, 6):  # 5,000 new rows, saved and discarded along the way
+        train(lazy, np.split(np.arange(10**9 * i, 10**9 * i + 1000), 5))
+        if i == 5:
+            lazy.erase(np.arange(10**6, 10**6 + 4000))  # never there
+            lazy.erase(np.arange(190, 200))
+        de.checkpoint.save(tmp_path / f"c{i}", tables={"t": lazy}, parent=parent)
+        parent = tmp_path / f"c{i}"
+    assert lazy.counters.discarded >= 4000
+    assert lazy.base._hidden.size <= 200 and lazy.base._outdated.size <= 200
+    assert not lazy.contains(np.arange(10**9, 10**9 + 1000)).any()  # discarded for good
+    assert not lazy.contains(np.arange(190, 200)).any()
+    restored = table()
+    de.checkpoint.load(parent, tables={"t": restored})
+    assert_same_rows(lazy, restored)  # the live table and its checkpoint agree
+
+
 @pytest.mark.parametrize("rows", [2.5, 0, -1, True, "100"])
 def test_load_step_refuses_a_bad_rows_by_name(saved, rows):
     """A fractional ``rows`` looped forever (each pass loaded int(rows left) = 0 rows);
