@@ -412,7 +412,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
             keys) pass ``("admission",)``.
 
     Returns:
-        The ``extra`` dict given to :func:`save` (None if none).
+        The ``extra`` dict given to :func:`save` (None if none), its tensors on the CPU.
 
     Raises:
         CheckpointNotFoundError: no committed checkpoint at ``path``.
@@ -463,7 +463,8 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
         shards = sorted(entry["shards"], key=lambda s: s["rank"])
         writer = int(rank_of_bucket([buckets.start], manifest["world_size"],
                                     manifest["num_buckets"])[0]) if len(buckets) else 0
-        auxes = [torch.load(folder / s["aux"], weights_only=True) for s in shards]
+        auxes = [torch.load(folder / s["aux"], weights_only=True, map_location="cpu")
+                 for s in shards]
         own = next((i for i, s in enumerate(shards) if s["rank"] == writer), 0)
         others = [a for i, a in enumerate(auxes) if i != own]
         table_buckets = range(manifest["num_buckets"]) if _replicated(table) else buckets
@@ -491,10 +492,11 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
     extra = None
     dense = None
     if manifest.get("dense") is not None:
-        # a job that trained on a GPU saved cuda tensors: on a machine without one they
-        # load on the CPU (load_state_dict copies them to the model's device)
-        dense = torch.load(folder / manifest["dense"], weights_only=True,
-                           map_location=None if torch.cuda.is_available() else "cpu")
+        # on the CPU: load_state_dict copies the weights to the model's device and the
+        # optimizer casts its state to its parameters'. Loaded where saved, a GPU job's
+        # state (rank 0's GPU) went onto that one GPU in every rank, or failed to load
+        # where that GPU does not exist
+        dense = torch.load(folder / manifest["dense"], weights_only=True, map_location="cpu")
     if strict:  # before anything changes, as the checks of the tables above
         _check_dense_saved(model, optimizer, dense, folder)
     if dense is not None:  # first: a model that does not fit changes nothing

@@ -72,7 +72,7 @@ def _top_keys(chain, name: str, entry: dict, top: int) -> list[dict]:
         folder, manifest = chain[-1]
         log = KeyLog()
         for shard in manifest["tables"][name]["shards"]:
-            aux = torch.load(folder / shard["aux"], weights_only=True)
+            aux = torch.load(folder / shard["aux"], weights_only=True, map_location="cpu")
             part = KeyLog()
             part.load_state_dict({k[len("key_log."):]: v for k, v in aux.items()
                                   if k.startswith("key_log.")})
@@ -106,7 +106,9 @@ def describe(path: str | os.PathLike, *, top: int = 10) -> dict:
     folder, manifest = chain[-1]
     extra = None
     if manifest.get("dense"):
-        dense = torch.load(folder / manifest["dense"], weights_only=True)
+        # mapped, on the CPU: only extra is read, and a GPU job's state loads anywhere
+        dense = torch.load(folder / manifest["dense"], weights_only=True, mmap=True,
+                           map_location="cpu")
         extra = {k: _brief(v) for k, v in (dense.get("extra") or {}).items()}
     tables = {}
     for name, entry in manifest["tables"].items():

@@ -88,6 +88,40 @@ def test_model_dense_state_optimizer_and_extra_round_trip(tmp_path):
     assert_same_rows(a.bag.table, b.bag.table)
 
 
+def test_dense_state_saved_on_a_gpu_this_machine_lacks_loads(tmp_path):
+    """A GPU job's rank 0 saves its dense state from its own GPU. Loaded where saved, every
+    rank of a restarted job put it on that one GPU, and a machine without that GPU (a
+    notebook's one GPU, or none) could not load it. Saved here as from the first GPU index
+    this machine does not have: it loads, extra's tensors on the CPU."""
+    from unittest import mock
+    torch.manual_seed(0)
+
+    def model():
+        m = torch.nn.Module()
+        m.emb = de.DynamicEmbedding(dim=4, optimizer=de.optim.SGD(lr=0.1), seed=1)
+        m.head = torch.nn.Linear(4, 1)
+        return m
+
+    a = model()
+    opt = torch.optim.Adam(a.head.parameters(), lr=0.01)
+    a.head(a.emb(torch.arange(8))).sum().backward()
+    opt.step()
+    missing_gpu = f"cuda:{torch.cuda.device_count()}"
+    tag = torch.serialization.location_tag
+    with mock.patch.object(torch.serialization, "location_tag",
+                           lambda s: missing_gpu if tag(s) == "cpu" else tag(s)):
+        de.checkpoint.save(tmp_path / "c", a, opt, extra={"seen": torch.arange(3)})
+    b = model()
+    opt_b = torch.optim.Adam(b.head.parameters(), lr=0.01)
+    got = de.checkpoint.load(tmp_path / "c", b, opt_b)
+    assert got["seen"].device.type == "cpu" and torch.equal(got["seen"], torch.arange(3))
+    assert torch.equal(a.head.weight, b.head.weight)
+    state = opt_b.state_dict()["state"][0]
+    assert state["exp_avg"].equal(opt.state_dict()["state"][0]["exp_avg"])
+    assert_same_rows(a.emb.table, b.emb.table)
+    assert de.checkpoint.describe(tmp_path / "c")["extra"]["seen"]
+
+
 def test_shared_tables_of_a_collection_are_saved_once(tmp_path):
     def model():
         return de.EmbeddingCollection(
