@@ -9,8 +9,9 @@ import torch
 from dynembed.errors import StateDictError
 
 
-def checked_rows(name: str, rows, n: int, width: int) -> torch.Tensor:
-    """``rows`` as a detached (n, width) float32 tensor.
+def checked_rows(name: str, rows, n: int, width: int, device: torch.device) -> torch.Tensor:
+    """``rows`` as a detached (n, width) float32 tensor on ``device`` (the arena's: values
+    may come from a GPU model).
 
     Raises:
         TypeError: not a tensor or array of floats, or on the meta device.
@@ -32,7 +33,7 @@ def checked_rows(name: str, rows, n: int, width: int) -> torch.Tensor:
         raise ValueError(f"{name} must have shape ({n}, {width}), got {tuple(rows.shape)}")
     if not rows.dtype.is_floating_point:
         raise TypeError(f"{name} must be floating point, got {rows.dtype}")
-    rows = rows.to(torch.float32)
+    rows = rows.to(device=device, dtype=torch.float32)
     bad = ~torch.isfinite(rows).all(dim=1)
     if bool(bad.any()):  # such a row poisons every later lookup and update of its key
         raise ValueError(

@@ -33,6 +33,18 @@ user's own (not checked)."""
 
 def _state_layout(optimizer) -> int:
     return 0 if optimizer is None else _STATE_LAYOUTS.get(type(optimizer).__name__, 0)
+
+
+def _in_host_memory(state):
+    """A state dict's tensors on the CPU: one loaded with ``map_location="cuda"`` (or moved
+    with a GPU model's) holds GPU tensors, which the numpy reads of its parts refused. Meta
+    tensors stay, to be refused by name."""
+    if not isinstance(state, Mapping):
+        return state
+    return {k: v.cpu() if isinstance(v, torch.Tensor) and v.device.type not in ("cpu", "meta")
+            else v for k, v in state.items()}
+
+
 _ROW_KEYS = ("ids", "weights", "optimizer_state", "counts", "last_step")
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -380,6 +392,7 @@ class TableSnapshot:
         if not isinstance(state, Mapping):
             raise TypeError(f"state must be the dict of tensors state_dict() returns, got "
                             f"{type(state).__name__}")
+        state = _in_host_memory(state)
         absent = [k for k in (*_ROW_KEYS, "meta") if k not in state]
         if absent:
             raise StateDictError(f"state dict lacks {absent}; expected the tensors written by "
@@ -443,6 +456,7 @@ class TableSnapshot:
                 unchanged; the store may already hold some of the state's rows (or still
                 some it lacks), so retry the load before training on.
         """
+        state = _in_host_memory(state)
         ids, aux = self.check_state_dict(state)
         if check_bool("strict", strict) and (unused := self.unused_state_keys(state)):
             raise StateDictError(

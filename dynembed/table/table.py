@@ -569,10 +569,10 @@ class DynamicTable(RowLifecycle, StoreClock, TableUpdates, TableSnapshot, TableS
         batch = self.ids_of(keys)
         self._refuse_foreign(batch.ids, "insert_or_assign")
         n = batch.ids.shape[0]
-        values = checked_rows("values", values, n, self.dim)
+        values = checked_rows("values", values, n, self.dim, self.arena.weights.device)
         if optimizer_state is not None:
             optimizer_state = checked_rows("optimizer_state", optimizer_state, n,
-                                           self.arena.state_width)
+                                           self.arena.state_width, self.arena.state.device)
             check_accumulators(self.optimizer, self.dim, optimizer_state)
         unique, last = _last_occurrence(batch.ids)
         self._check_fits_without_store(unique.shape[0], "insert_or_assign")
@@ -614,7 +614,8 @@ class DynamicTable(RowLifecycle, StoreClock, TableUpdates, TableSnapshot, TableS
         self._check_writable("assign")
         ids = self.ids_of(keys).ids
         self._refuse_foreign(ids, "assign")
-        values = checked_rows("values", values, ids.shape[0], self.dim)
+        values = checked_rows("values", values, ids.shape[0], self.dim,
+                              self.arena.weights.device)
         unique, last = _last_occurrence(ids)
         if self.base is not None:  # else no row enters memory: nothing is evicted
             self._check_fits_without_store(unique.shape[0], "assign")

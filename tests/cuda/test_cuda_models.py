@@ -315,3 +315,31 @@ def test_a_compiled_gpu_model_trains_as_the_eager_one():
                                rtol=1e-4, atol=1e-6)
     assert_same_rows(compiled, eager)
     assert_same_dense(compiled, eager)
+
+
+def test_table_verbs_and_state_dicts_take_gpu_tensors():
+    """Keys and vectors from a GPU model go into the table's verbs as they are, and a state
+    dict loaded onto the GPU (``torch.load(..., map_location="cuda")``) loads back, its key
+    log and admission counts too."""
+    def table_module():
+        return de.DynamicEmbedding(dim=4, optimizer=de.optim.Adagrad(lr=0.1), seed=1,
+                                   key_log=True,
+                                   admission=de.policy.FrequencyAdmission(threshold=2,
+                                                                          width=1024))
+
+    emb = table_module()
+    keys = torch.tensor([3, -9, 2**62], device="cuda")
+    values = torch.arange(12, dtype=torch.float32, device="cuda").view(3, 4)
+    emb.table.insert_or_assign(keys, values)
+    torch.testing.assert_close(emb.table.find(keys).values, values.cpu())
+    emb.table.assign(keys[:1], values[2:])
+    torch.testing.assert_close(emb.table.find(keys[:1]).values, values[2:].cpu())
+    emb(["seen", "seen", "once"])  # "seen" admitted, "once" counted once
+    assert emb.table.erase(keys[1:2]) == 1
+    state = {k: v.cuda() for k, v in emb.state_dict().items()}
+    again = table_module()
+    again.load_state_dict(state)
+    assert again.table.export().ids.tolist() == emb.table.export().ids.tolist()
+    assert again.table.key_log.lookup(again.table.ids_of(["seen"]).ids) == ["seen"]
+    again(["once"])  # its second sighting, restored with the admission counts
+    assert again.table.contains(["once"]).all()
