@@ -87,7 +87,7 @@ class Exclusions:
         if entries and all(_is_int_array(e) and e.ndim == 1 for e in entries):
             # integer arrays (the common case: item ids): converted in one call
             sizes = np.array([e.shape[0] for e in entries], dtype=np.int64)
-            flat = [e.numpy() if isinstance(e, torch.Tensor) else e for e in entries]
+            flat = [e.cpu().numpy() if isinstance(e, torch.Tensor) else e for e in entries]
             ids = table.ids_of(np.concatenate(flat).astype(np.int64, copy=False),
                                arg="exclude").ids
         else:

@@ -103,7 +103,8 @@ def _merge(best_scores: torch.Tensor, best_ids: torch.Tensor, scores: torch.Tens
 
 
 def query_matrix(queries) -> torch.Tensor:
-    """Queries as a float32 tensor, detached (shape as given).
+    """Queries as a float32 tensor in host memory, where the rows are searched (queries
+    from a GPU model too), detached (shape as given).
 
     Raises:
         TypeError: ``queries`` are not numbers.
@@ -119,7 +120,7 @@ def query_matrix(queries) -> torch.Tensor:
     if q.device.type == "meta":  # no values to score (torch: "item() ... meta tensors")
         raise ValueError("queries are on the meta device, which holds no values; give real "
                          "tensors (build the model on a real device, or call .to('cpu'))")
-    q = q.to(torch.float32)
+    q = q.to("cpu", torch.float32)
     if not torch.isfinite(q).all():
         raise ValueError("queries hold NaN or inf; scores of such a query rank rows at "
                          "random. Fix the model output, or drop those queries")

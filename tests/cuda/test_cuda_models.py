@@ -318,9 +318,9 @@ def test_a_compiled_gpu_model_trains_as_the_eager_one():
 
 
 def test_table_verbs_and_state_dicts_take_gpu_tensors():
-    """Keys and vectors from a GPU model go into the table's verbs as they are, and a state
-    dict loaded onto the GPU (``torch.load(..., map_location="cuda")``) loads back, its key
-    log and admission counts too."""
+    """Keys, vectors and queries from a GPU model go into the table's verbs as they are,
+    and a state dict loaded onto the GPU (``torch.load(..., map_location="cuda")``) loads
+    back, its key log and admission counts too."""
     def table_module():
         return de.DynamicEmbedding(dim=4, optimizer=de.optim.Adagrad(lr=0.1), seed=1,
                                    key_log=True,
@@ -332,6 +332,10 @@ def test_table_verbs_and_state_dicts_take_gpu_tensors():
     values = torch.arange(12, dtype=torch.float32, device="cuda").view(3, 4)
     emb.table.insert_or_assign(keys, values)
     torch.testing.assert_close(emb.table.find(keys).values, values.cpu())
+    best = emb.table.top_k(values[2], k=2)  # a query from a GPU model
+    assert best.ids.tolist() == [2**62, -9]
+    best = emb.table.top_k(values[2:], k=1, exclude=[keys[2:]])  # seen items, on the GPU
+    assert best.ids.tolist() == [[-9]]
     emb.table.assign(keys[:1], values[2:])
     torch.testing.assert_close(emb.table.find(keys[:1]).values, values[2:].cpu())
     emb(["seen", "seen", "once"])  # "seen" admitted, "once" counted once
