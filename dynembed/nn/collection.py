@@ -259,7 +259,9 @@ class EmbeddingCollection(TableModule):
                 for a feature that is not pooled with "sum", or of the wrong length.
             MemoryBudgetError: a training lookup needs more distinct rows at once than
                 ``memory_budget`` / ``max_rows`` hold.
-            StoreError: the table's store failed; memory is unchanged.
+            StoreError: a table's store failed; that table's memory is unchanged, while
+                the tables looked up before it in this call have made this call's rows and
+                counted its keys (a retry counts them twice; nothing is lost).
         """
         if not isinstance(inputs, Mapping):
             raise KeyInputError(f"inputs must be a dict of feature name -> keys, got "
