@@ -7,6 +7,13 @@ store, ``removed`` for erased or discarded ones. The candidates of a delta are t
 candidate that still has a row (in memory, the store or the lazy base) is saved as changed,
 one that has none as deleted, whatever happened in between. ``wiped`` (a ``clear`` or a
 state-dict load) means only a full checkpoint can describe the table.
+
+The id lists grow with every row that leaves memory between two checkpoints, a row evicted
+again after it was read back from the store included: they are deduplicated whenever they
+double, so they hold at most about twice the distinct ids that left memory since the last
+checkpoint, and nothing while the table is wiped (never saved or loaded: the next save is
+full and reads no ids), which once made a job that never checkpoints grow by 8 bytes per
+row that ever left memory.
 """
 
 from __future__ import annotations
@@ -14,6 +21,9 @@ from __future__ import annotations
 import numpy as np
 
 from dynembed.kernels.gather import set_flags
+
+DEDUP_FLOOR = 1 << 16
+"""Ids listed before the first deduplication."""
 
 
 class ChangeTracker:
@@ -25,6 +35,8 @@ class ChangeTracker:
         self.removed: list[np.ndarray] = []
         self.wiped = True
         self.since: str | None = None
+        self._listed = 0  # ids in moved and removed
+        self._distinct = 0  # ... after their last deduplication
         self.resets = 0
         """Times every flag was cleared at once (a checkpoint taken or loaded, a wipe):
         flags set since the last one still stand (see :meth:`marks_stand`)."""
@@ -63,18 +75,27 @@ class ChangeTracker:
     def left_memory(self, ids: np.ndarray, slots: np.ndarray, *, erased: bool) -> None:
         """Rows of ``ids`` (at ``slots``) left memory: erased/discarded, or moved to the
         store (kept only if they had changed)."""
-        if erased:
-            self.removed.append(ids.copy())
-        else:
-            moved = ids[self.changed(slots)]
-            if moved.shape[0]:
-                self.moved.append(moved)
+        if not self.wiped:
+            listed = ids.copy() if erased else ids[self.changed(slots)]
+            if listed.shape[0]:
+                (self.removed if erased else self.moved).append(listed)
+                self._listed += listed.shape[0]
+                if self._listed > max(2 * self._distinct, DEDUP_FLOOR):
+                    self._deduplicate()
         self.clean(slots)
+
+    def _deduplicate(self) -> None:
+        for name in ("moved", "removed"):
+            parts = getattr(self, name)
+            if len(parts) > 1:
+                setattr(self, name, [np.unique(np.concatenate(parts))])
+        self._listed = self._distinct = sum(p.shape[0] for p in (*self.moved, *self.removed))
 
     def wipe(self) -> None:
         """Every row went (clear, state-dict load): the next checkpoint must be full."""
         self.flags[:] = 0
         self.moved, self.removed = [], []
+        self._listed = self._distinct = 0
         self.wiped = True
         self.resets += 1
 
@@ -89,6 +110,7 @@ class ChangeTracker:
         """The table now equals checkpoint ``since``."""
         self.flags[:] = 0
         self.moved, self.removed = [], []
+        self._listed = self._distinct = 0
         self.wiped = False
         self.since = since
         self.resets += 1

@@ -23,6 +23,11 @@ from dynembed.table.index import EMPTY
 
 CREATE_NONE, CREATE_ADMITTED, CREATE_ALL = "none", "admitted", "all"
 
+ERASE_LOG_ENTRIES = 4096
+ERASE_LOG_IDS = 1 << 21
+"""The erasure log keeps the newest removals up to these many calls and ids (16 MiB);
+gradients of lookups made before the oldest kept one are skipped and counted."""
+
 
 class RowLifecycle:
     """Row allocation and movement between memory and the store (mixin; see module doc)."""
@@ -96,9 +101,15 @@ class RowLifecycle:
         self.erasures += 1
         if ids is None and not wipe:
             return
-        if len(self._erase_log) == self._erase_log.maxlen:
-            self._erase_log_floor = self._erase_log[0][0]
         self._erase_log.append((self.erasures, None if wipe else ids.copy()))
+        self._erase_log_ids += 0 if wipe else ids.shape[0]
+        # bounded in entries and in ids (the newest entry always stays): eviction that
+        # discards 64k rows a step once kept 4,096 steps of them, 2 GiB for a table of MBs
+        while len(self._erase_log) > 1 and (len(self._erase_log) > ERASE_LOG_ENTRIES
+                                            or self._erase_log_ids > ERASE_LOG_IDS):
+            at, old = self._erase_log.popleft()
+            self._erase_log_floor = at  # lookups before it: every row counts as erased
+            self._erase_log_ids -= 0 if old is None else old.shape[0]
 
     def _erased_since(self, epoch: int) -> tuple[bool, np.ndarray]:
         """(every row was erased, ids erased) after erasure epoch ``epoch``. An epoch older

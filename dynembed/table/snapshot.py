@@ -253,7 +253,7 @@ class TableSnapshot:
         marks are cleared, so that evicting such a row later (without a store) discards it,
         counted, instead of leaving the stale copy to be read back.
         """
-        if self.base is not None:
+        if self.base is not None and self.tier is None:  # read by eviction without a store
             top = min(self.changes.flags.shape[0], self._high_water)
             meta = self.arena.np("meta")[:top]
             changed = (self.changes.flags[:top] != 0) & (meta[:, LAST_STEP] != FREE_STEP)

@@ -120,7 +120,8 @@ class DynamicTable(RowLifecycle, StoreClock, TableUpdates, TableSnapshot, TableS
         self.erasures = 0
         """Calls that removed rows (erase, eviction, clear, load); slots looked up before a
         change of this number are checked before they receive gradients."""
-        self._erase_log: deque = deque(maxlen=4096)  # (epoch, erased ids or None: all)
+        self._erase_log: deque = deque()  # (epoch, erased ids or None: all)
+        self._erase_log_ids = 0  # ids in it
         self._erase_log_floor = 0
         self.wipes = 0
         """Times every row was replaced at once (clear, load): tells derived structures,

@@ -153,6 +153,32 @@ def test_rows_evicted_to_the_store_or_discarded_are_in_the_delta(tmp_path):
         assert_same_rows(table, restored)
 
 
+@pytest.mark.parametrize("store", [MemoryStore, None])
+def test_ids_that_left_memory_are_kept_only_as_far_as_a_delta_needs_them(tmp_path, store):
+    """The ids of rows that left memory were listed once per departure for as long as the
+    table went unsaved: a job that never checkpoints grew by 8 bytes per row that ever left
+    memory (a row read back from the store and evicted again, once more each time). A table
+    never saved lists none (its next save is full); a saved one lists each id about once."""
+    from dynembed.table.changes import DEDUP_FLOOR
+
+    def listed(table):
+        return sum(a.shape[0] for a in (*table.changes.moved, *table.changes.removed))
+
+    table = make_table(store=store() if store else None, max_rows=100,
+                       eviction=de.policy.LRU())
+    train(table, [np.arange(i * 100, i * 100 + 100) for i in range(50)])
+    assert listed(table) == 0  # 4,900 rows left memory before any save
+    de.checkpoint.save(tmp_path / "c0", tables={"t": table})
+    cycle = [np.arange(j, j + 100) for j in range(0, 1000, 100)]
+    for _ in range(80):  # the same 1,000 ids through memory 80 times: 80,000 departures
+        train(table, cycle)
+    assert listed(table) <= DEDUP_FLOOR < 80_000
+    de.checkpoint.save(tmp_path / "c1", tables={"t": table}, parent=tmp_path / "c0")
+    restored = make_table(store=store() if store else None)
+    de.checkpoint.load(tmp_path / "c1", tables={"t": restored})
+    assert_same_rows(table, restored)
+
+
 def test_a_delta_needs_the_checkpoint_the_changes_are_tracked_since(tmp_path):
     table = make_table()
     train(table, batches(2, 100))
