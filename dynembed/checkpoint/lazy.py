@@ -47,8 +47,11 @@ class _IdSet:
 
     def add(self, ids: np.ndarray) -> None:
         ids = np.unique(ids)
-        self._index.reserve(self._index.size + ids.shape[0])
         slots = self._index.find(ids)
+        new = int(np.count_nonzero(slots == EMPTY))
+        if not new:
+            return
+        self._index.reserve(self._index.size + new)  # room for the new ids only
         _, _, self._rows = self._index.insert_missing(ids, slots, np.empty(0, np.int64), 0,
                                                       self._rows)
 

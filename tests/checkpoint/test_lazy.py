@@ -296,6 +296,18 @@ def test_a_long_job_over_a_lazy_checkpoint_remembers_only_the_checkpoints_ids(tm
     assert_same_rows(lazy, restored)  # the live table and its checkpoint agree
 
 
+def test_an_id_set_takes_room_for_its_distinct_ids_only():
+    """Each add reserved room for every id it was given, also those already in the set:
+    the hidden and outdated sets of a lazy checkpoint ended up a quarter full."""
+    from dynembed.checkpoint.lazy import _IdSet
+    from dynembed.table.index import buckets_for
+    ids = _IdSet()
+    for extra in range(0, 2_000, 100):  # 10,000 ids again and again, a few new each time
+        ids.add(np.arange(10_000 + extra))
+    assert ids.size == 11_900
+    assert ids._index.buckets == buckets_for(11_900)
+
+
 @pytest.mark.parametrize("rows", [2.5, 0, -1, True, "100"])
 def test_load_step_refuses_a_bad_rows_by_name(saved, rows):
     """A fractional ``rows`` looped forever (each pass loaded int(rows left) = 0 rows);
