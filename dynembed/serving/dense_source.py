@@ -6,14 +6,17 @@ layers of step 1,000 (the package's) are a model nobody trained. At export the p
 records, for each entry of the dense part's ``state_dict()``, its name in the training
 model's (found by identity: ``serving_parts()`` may wrap the model's layers in a new
 module). A followed checkpoint's ``dense.pt`` holds the model's ``state_dict()``, from
-which :func:`dense_from_checkpoint` builds the dense program with those weights.
+which :func:`dense_state_from_checkpoint` takes the dense program's weights, and
+:class:`DenseCopies` gives the copies of the program they are served in.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import threading
 import warnings
+import weakref
 
 import torch
 from torch import nn
@@ -78,9 +81,9 @@ def check_state_names(names, dense: nn.Module, where: str) -> None:
                          "have; re-export the package")
 
 
-def dense_from_checkpoint(dense: nn.Module, names: dict[str, str],
-                          checkpoint: str | os.PathLike) -> nn.Module:
-    """A copy of ``dense`` holding the weights of the training checkpoint ``checkpoint``.
+def dense_state_from_checkpoint(dense: nn.Module, names: dict[str, str],
+                                checkpoint: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The weights of the training checkpoint ``checkpoint`` for the program ``dense``.
 
     Args:
         dense: the package's dense program (not changed).
@@ -88,7 +91,9 @@ def dense_from_checkpoint(dense: nn.Module, names: dict[str, str],
         checkpoint: a checkpoint of the training job, saved with ``model=``.
 
     Returns:
-        The new program; entries not in ``names`` keep the package's values.
+        Dense state name -> a tensor of that entry's shape and dtype, in memory of its own
+        (not mapped from the checkpoint's file, which the job may delete), for the entries
+        in ``names``; the others keep the package's values.
 
     Raises:
         CheckpointError: the checkpoint holds no model state, or lacks an entry, or holds
@@ -117,10 +122,56 @@ def dense_from_checkpoint(dense: nn.Module, names: dict[str, str],
             raise CheckpointError(f"checkpoint {checkpoint}: {source} has shape "
                                   f"{tuple(value.shape)}, the package's dense {name} "
                                   f"{tuple(current[name].shape)}; export a new package")
-        state[name] = value.to(current[name].dtype)
-    with warnings.catch_warnings():  # torch's deprecation notes on copying a program
-        warnings.simplefilter("ignore", FutureWarning)
-        fresh = copy.deepcopy(dense)
-    with torch.no_grad():
-        fresh.load_state_dict(state, strict=False)
-    return fresh
+        state[name] = value.to(current[name].dtype, copy=True)
+    return state
+
+
+class DenseCopies:
+    """Copies of a package's dense program (with their float64 twins) for the weights of
+    the checkpoints a handler follows, made once and used again.
+
+    A refresh once deep-copied the program for every checkpoint; each copy of a
+    ``torch.export`` program compiles its code again and leaves an entry in torch.fx's
+    code cache and in ``linecache`` that is never freed, so a server following a job grew
+    with every checkpoint (and with every retry of one that did not fit). A copy goes back
+    to the pool once nothing serves it any more: not the live model, not the one kept to
+    fall back to, no batch still running on it.
+
+    Args:
+        program: the package's dense program (the template; never written to).
+        float64: also keep a float64 twin of each copy (see the handler's ``_Served``).
+    """
+
+    def __init__(self, program: nn.Module, *, float64: bool) -> None:
+        self.program, self.float64 = program, float64
+        self._idle: list[tuple[nn.Module, nn.Module | None]] = []
+        self._lock = threading.Lock()
+        self.made = 0
+        """Copies made so far (about three in all: live, fall-back, a batch outliving both)."""
+
+    def take(self, state: dict[str, torch.Tensor]) -> tuple[nn.Module, nn.Module | None]:
+        """A copy (and its float64 twin, or None) holding ``state``; the package's values
+        elsewhere. Call :meth:`release_when_unused` with the object that serves it."""
+        with self._lock:
+            pair = self._idle.pop() if self._idle else None
+        if pair is None:
+            with warnings.catch_warnings():  # torch's deprecation notes on copying a program
+                warnings.simplefilter("ignore")
+                dense = copy.deepcopy(self.program)
+                pair = (dense, copy.deepcopy(dense).double() if self.float64 else None)
+            self.made += 1
+        with torch.no_grad():
+            for module in pair:
+                if module is not None:  # load_state_dict casts to the module's dtypes
+                    module.load_state_dict(state, strict=False)
+        return pair
+
+    def give_back(self, pair: tuple[nn.Module, nn.Module | None]) -> None:
+        """Returns a copy nothing serves."""
+        with self._lock:
+            self._idle.append(pair)
+
+    def release_when_unused(self, server: object, pair: tuple[nn.Module, nn.Module | None]
+                            ) -> None:
+        """Gives ``pair`` back once ``server`` (the served model holding it) is gone."""
+        weakref.finalize(server, self.give_back, pair)

@@ -19,7 +19,6 @@ import logging
 import threading
 import warnings
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -39,14 +38,21 @@ from dynembed.table.stats import Counters
 logger = logging.getLogger(__name__)
 
 
-class _Served(NamedTuple):
-    """What answers a batch, swapped as one: tables and dense program of one checkpoint."""
+class _Served:
+    """What answers a batch, swapped as one: tables and dense program of one checkpoint.
 
-    embeddings: EmbeddingCollection
-    dense: torch.nn.Module
-    dense64: torch.nn.Module | None
-    """The dense program in float64 (None: it runs in float32, and a prediction may differ
-    in its last bit with the batch it joined)."""
+    Attributes:
+        embeddings: the tables.
+        dense: the dense program.
+        dense64: the dense program in float64 (None: it runs in float32, and a prediction
+            may differ in its last bit with the batch it joined).
+    """
+
+    __slots__ = ("__weakref__", "dense", "dense64", "embeddings")  # weakref: see DenseCopies
+
+    def __init__(self, embeddings: EmbeddingCollection, dense: torch.nn.Module,
+                 dense64: torch.nn.Module | None) -> None:
+        self.embeddings, self.dense, self.dense64 = embeddings, dense, dense64
 
 _TABLE_COUNTERS = ("hits", "misses", "defaults_served", "loaded")
 """The table counters the handler reports (see :meth:`EmbeddingModelHandler.table_stats`)."""
@@ -223,23 +229,18 @@ class EmbeddingModelHandler:
         self._dense_names = package.manifest["dense"].get(dense_source.FIELD)
         """Where the dense weights live in the training model (None: not recorded, and a
         refresh changes the tables only)."""
-        self._served = self._serving(package.embeddings, package.dense)
+        input_dim = int(package.manifest["dense"]["input_dim"])
+        self._served = _Served(package.embeddings, package.dense,
+                               _float64_copy(package.dense, input_dim))
         """What answers now; :meth:`refresh` swaps in a newer one between batches."""
+        self._dense_copies = dense_source.DenseCopies(
+            package.dense, float64=self._served.dense64 is not None)
         self._previous: _Served | None = None
         """What the last refresh replaced, served again if its tables turn out damaged (see
         :meth:`predict`)."""
         self.fallbacks = 0
         """Times a refreshed checkpoint turned out damaged and the tables before it were
         served again."""
-
-    def _serving(self, embeddings: EmbeddingCollection, dense,
-                 before: _Served | None = None) -> _Served:
-        """Tables and dense program as one served model; the same program as ``before``'s
-        keeps its float64 copy (made once, not at every refresh)."""
-        if before is not None and before.dense is dense:
-            return _Served(embeddings, dense, before.dense64)
-        return _Served(embeddings, dense,
-                       _float64_copy(dense, int(self.package.manifest["dense"]["input_dim"])))
 
     @property
     def embeddings(self) -> EmbeddingCollection:
@@ -368,11 +369,16 @@ class EmbeddingModelHandler:
             CheckpointError: the checkpoint does not fit the package (nothing changes).
         """
         # the dense weights first: a checkpoint they do not fit is refused before a preload
-        dense = self.package.dense if not self._dense_names else \
-            dense_source.dense_from_checkpoint(self.package.dense, self._dense_names, checkpoint)
+        state = None if not self._dense_names else dense_source.dense_state_from_checkpoint(
+            self.package.dense, self._dense_names, checkpoint)
         fresh = build_embeddings(self.package.manifest)
         load_tables(fresh, checkpoint, preload=self.package.preloaded)
-        served = self._serving(fresh, dense, self._served)
+        if state is None:
+            served = _Served(fresh, self._served.dense, self._served.dense64)
+        else:
+            pair = self._dense_copies.take(state)
+            served = _Served(fresh, *pair)
+            self._dense_copies.release_when_unused(served, pair)
         with self._swap:
             # counters go on from here, never back to 0; the swapped-out tables' own stay
             # live until the next refresh, for the batches still running on them

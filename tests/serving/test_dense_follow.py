@@ -70,6 +70,34 @@ def test_a_refresh_serves_the_checkpoints_dense_layers_with_its_tables(job, tmp_
         handler.package.dense(torch.ones(2, 11)).tolist()
 
 
+def test_following_many_checkpoints_reuses_a_few_copies_of_the_dense_program(job, tmp_path):
+    """Every refresh deep-copied the exported program (twice, with its float64 twin); each
+    copy of a torch.export program compiles its code again into caches torch never frees
+    (torch.fx's and linecache), so a server following a job grew with every checkpoint,
+    and with every retry of one it could not apply. Now a few copies go round, each
+    refresh writing its checkpoint's weights into one nothing serves any more."""
+    import gc
+    import linecache
+    path, model, _ = job
+    handler = EmbeddingModelHandler(open_package(path))
+    batch = examples(20, seed=7)
+    want = []
+    for i in range(2):  # two checkpoints of different weights, served in turn
+        _train(model.embeddings, model.dense)
+        de.checkpoint.save(tmp_path / f"step-{i}", model)
+        want.append(expected(model.embeddings, model.dense, batch))
+    for i in range(4):  # warm-up: the copies are made
+        handler.refresh(tmp_path / f"step-{i % 2}")
+    gc.collect()
+    cached = len(linecache.cache)
+    for i in range(40):
+        handler.refresh(tmp_path / f"step-{i % 2}")
+        assert handler.predict(batch) == pytest.approx(want[i % 2], rel=1e-6)
+    gc.collect()
+    assert len(linecache.cache) == cached
+    assert handler._dense_copies.made <= 3
+
+
 def test_a_wrapped_dense_part_maps_the_models_weights_and_keeps_its_own(tmp_path):
     """serving_parts() may wrap the model's layers in a new module; the new module's own
     weights are not the model's: they stay as exported (and the export says so)."""
