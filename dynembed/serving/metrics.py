@@ -114,6 +114,12 @@ class ArrayHistogram(Collector):
         self._sums[labels] += float(values.sum())
         self._pending[labels] = []
 
+    def forget(self, labels: tuple[str, str]) -> None:
+        """Drops the histogram of ``labels`` (an unregistered version)."""
+        with self._lock:
+            for values in (self._counts, self._sums, self._pending):
+                values.pop(labels, None)
+
     def collect(self):
         family = HistogramMetricFamily(self.name, self.documentation,
                                        labels=["model", "version"])
@@ -166,8 +172,22 @@ class ServingMetrics:
             "as it was).", ["model"], registry=self.registry)
         self.responses = ResponseCounter(self.registry)
         self._request_counters: dict = {}
+        self.models = models
         if models is not None:
             self.registry.register(_TableCollector(models))
+
+    def forget(self, model: str, version: str) -> None:
+        """Drops the series of an unregistered version (and the model's refresh failures
+        once it has no version left): a server that rotates versions kept 67 series of
+        every version it ever served."""
+        for histogram in (self.latency, self.queue, self.batch, self.inference):
+            histogram.forget((model, version))
+        for key in [k for k in self._request_counters if k[:2] == (model, version)]:
+            del self._request_counters[key]
+            self.requests.remove(model, version, str(key[2]))
+        _remove_child(self.refreshes, model, version)
+        if self.models is not None and model not in self.models.models:
+            _remove_child(self.refresh_failures, model)
 
     def on_batch(self, model: str, version: str, stats: BatchStats) -> None:
         """Records one batch (the batcher's callback)."""
@@ -185,3 +205,11 @@ class ServingMetrics:
                                                                          str(status))
         counter.inc()
         self.latency.add((model, version), seconds)
+
+
+def _remove_child(metric, *labels: str) -> None:
+    """Removes a labelled child of a prometheus_client metric, if it has one."""
+    try:
+        metric.remove(*labels)
+    except KeyError:  # never counted
+        pass

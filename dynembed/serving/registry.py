@@ -150,6 +150,9 @@ class Registry:
             raise ValueError(f"model_store {model_store} is not a directory")
         self.allow_custom = set(check_names("allow_custom_handlers", allow_custom_handlers))
         self.on_batch = on_batch
+        self.on_unregister = None
+        """Called with (name, version) once a version is unregistered (metrics drop its
+        series)."""
         self.job_queue_size = job_queue_size
         self.models: dict[str, dict[str, ModelVersion]] = {}
         self.defaults: dict[str, str] = {}
@@ -406,6 +409,9 @@ class Registry:
         await entry.batcher.stop(timeout=entry.response_timeout_s)
         if self.mirror is not None:
             await self.mirror("unregister", entry.name, entry.version, change=change)
+        self._scaling.pop((entry.name, entry.version), None)
+        if self.on_unregister is not None:
+            self.on_unregister(entry.name, entry.version)
         return entry
 
     def _changed(self) -> int:

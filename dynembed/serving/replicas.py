@@ -212,6 +212,11 @@ class Replicas:
                 self._checkpoints[(name, version)] = checkpoint
                 await self._mirror("refresh", name, checkpoint, version)
 
+    def forget(self, name: str, version: str) -> None:
+        """Drops the checkpoint applied to an unregistered version (a replica started again
+        would be given it if the version came back)."""
+        self._checkpoints.pop((name, version), None)
+
     async def metrics(self) -> dict[int, bytes]:
         """The serving replicas' metrics in the text format, by process number (1..)."""
         serving = [i for i in range(self.count) if self._serving[i]]

@@ -398,6 +398,7 @@ class ModelServer:
                                  job_queue_size=config.job_queue_size)
         self.metrics = ServingMetrics(self.registry)
         self.registry.on_batch = self.metrics.on_batch
+        self.registry.on_unregister = self._forget
         self.tokens = Tokens(management=config.management_auth,
                              inference=config.inference_auth, key_file=config.key_file)
         defaults = {"initial_workers": config.default_workers, "batch_size": config.batch_size,
@@ -537,6 +538,13 @@ class ModelServer:
                 entry.checkpoint = str(checkpoint)
         if failure is not None:
             raise failure
+
+    def _forget(self, name: str, version: str) -> None:
+        """What the server kept of an unregistered version: its metrics, the checkpoint its
+        replicas are given when started again."""
+        self.metrics.forget(name, version)
+        if self.replicas is not None:
+            self.replicas.forget(name, version)
 
     def _warn_tables_only(self, name: str, versions: list[str]) -> None:
         """Warns once per model of versions that serve a followed checkpoint's tables under

@@ -494,6 +494,31 @@ def test_unregister_versions(api):
     assert api.predict("ctr", batch).status_code == 200
 
 
+def test_an_unregistered_version_leaves_no_metrics_behind(api):
+    """A version that served requests kept its 67 series (requests, latency, queue, batch,
+    inference, refreshes) after it was unregistered: a server that rotates versions
+    exposed every version it ever had, 9,469 series after 200 versions."""
+    def series(version: str) -> list[str]:
+        text = httpx.get(api.running.metrics + "/metrics", timeout=30).text
+        return [line for line in text.splitlines()
+                if not line.startswith("#") and f'version="{version}"' in line]
+
+    assert api.register("ctr-1.0").status_code == 200
+    assert api.register("ctr-2.0").status_code == 200
+    for path in ("ctr/1.0", "ctr/2.0"):
+        assert api.predict(path, examples(3)).status_code == 200
+    assert api("PUT", "/models/ctr/2.0", min_worker=2, synchronous="true").status_code == 200
+    assert series("2.0") and series("1.0")
+    assert api("DELETE", "/models/ctr/2.0").status_code == 200
+    assert series("2.0") == [] and series("1.0")  # the other version's stay
+    assert api("DELETE", "/models/ctr/1.0").status_code == 200
+    assert series("1.0") == []
+    assert api.register("ctr-2.0").status_code == 200  # it can come back, counting anew
+    assert api.predict("ctr/2.0", examples(2)).status_code == 200
+    assert any(line.startswith("dynembed_serving_requests_total") and line.endswith(" 1.0")
+               for line in series("2.0"))
+
+
 def test_a_request_in_flight_when_its_model_is_unregistered_gets_404_at_once(api):
     """It found the model, then its body arrived after the unregister: it once waited the
     whole response_timeout on the stopped batcher, then got 503."""
