@@ -165,6 +165,7 @@ class CheckpointManager:
         self._damaged: set[str] = set()
         """Checkpoints :meth:`restore` found damaged in their rows (which :meth:`latest`
         does not read) but could not set aside (a job of several ranks)."""
+        self._skipped: dict[str, str] = {}  # checkpoint name -> the error latest() logged
 
     # ------------------------------------------------------------------ finding
     def checkpoints(self) -> list[Path]:
@@ -211,11 +212,23 @@ class CheckpointManager:
                         listing, relists = again, relists + 1
                         i = len(listing) - 1
                         continue
-                logger.warning("skipping checkpoint %s: %s", listing[i], e)
+                self._warn_skipped(listing[i], e)
                 i -= 1
                 continue
             return listing[i]
         return None
+
+    def _warn_skipped(self, path: Path, error: Exception) -> None:
+        """Warns that :meth:`latest` skips ``path``, once per path and error: a server
+        following the directory asks every few seconds, and logged it every time (17,000
+        lines a day while the job's newest checkpoint stayed damaged)."""
+        message = str(error)
+        if self._skipped.get(path.name) != message:
+            self._skipped[path.name] = message
+            logger.warning("skipping checkpoint %s: %s", path, error)
+        if len(self._skipped) > 64:  # checkpoints cleaned up since: forget them
+            listed = {p.name for p in self.checkpoints()}
+            self._skipped = {k: v for k, v in self._skipped.items() if k in listed}
 
     # ------------------------------------------------------------------ saving
     def due(self, step: int) -> bool:

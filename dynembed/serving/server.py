@@ -567,12 +567,13 @@ class ModelServer:
         loop = asyncio.get_running_loop()
         reported = None  # the failure logged last: a checkpoint that cannot be applied is
         # retried every interval, but its traceback is logged once, not every interval
+        manager = None  # one for the loop: it warns of a damaged checkpoint once
         while True:
             latest = None
             try:
                 if directory.is_dir():
-                    latest = await loop.run_in_executor(
-                        None, lambda: CheckpointManager(directory).latest())
+                    manager = manager or CheckpointManager(directory)
+                    latest = await loop.run_in_executor(None, manager.latest)
                     behind = [] if latest is None else [
                         e.version for e in list(self.registry.models.get(name, {}).values())
                         if _moves_to(e, latest)]
