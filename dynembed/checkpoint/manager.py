@@ -187,7 +187,7 @@ class CheckpointManager:
     def latest(self) -> Path | None:
         """The newest checkpoint whose chain is whole and whose files have their sizes (and
         CRCs, for the small ones; rows files check their blocks as they are read), or
-        None. Others are skipped with a warning.
+        None. Others are skipped with a warning (once per checkpoint and error).
 
         Checkpoints whose rows this manager's :meth:`restore` found damaged are skipped
         too.

@@ -12,9 +12,9 @@ which :func:`dense_state_from_checkpoint` takes the dense program's weights, and
 
 from __future__ import annotations
 
+import collections
 import copy
 import os
-import threading
 import warnings
 import weakref
 
@@ -91,9 +91,9 @@ def dense_state_from_checkpoint(dense: nn.Module, names: dict[str, str],
         checkpoint: a checkpoint of the training job, saved with ``model=``.
 
     Returns:
-        Dense state name -> a tensor of that entry's shape and dtype, in memory of its own
-        (not mapped from the checkpoint's file, which the job may delete), for the entries
-        in ``names``; the others keep the package's values.
+        Dense state name -> a tensor of that entry's shape and dtype (mapped from the
+        checkpoint's file: load it into a program, which copies it), for the entries in
+        ``names``; the others keep the package's values.
 
     Raises:
         CheckpointError: the checkpoint holds no model state, or lacks an entry, or holds
@@ -122,7 +122,7 @@ def dense_state_from_checkpoint(dense: nn.Module, names: dict[str, str],
             raise CheckpointError(f"checkpoint {checkpoint}: {source} has shape "
                                   f"{tuple(value.shape)}, the package's dense {name} "
                                   f"{tuple(current[name].shape)}; export a new package")
-        state[name] = value.to(current[name].dtype, copy=True)
+        state[name] = value.to(current[name].dtype)
     return state
 
 
@@ -144,32 +144,38 @@ class DenseCopies:
 
     def __init__(self, program: nn.Module, *, float64: bool) -> None:
         self.program, self.float64 = program, float64
-        self._idle: list[tuple[nn.Module, nn.Module | None]] = []
-        self._lock = threading.Lock()
+        # no lock: give_back runs in a finalizer, which the garbage collector may call in
+        # any thread at any allocation (a lock held there would deadlock); deque's append
+        # and pop are atomic
+        self._idle: collections.deque[tuple[nn.Module, nn.Module | None]] = \
+            collections.deque()
         self.made = 0
         """Copies made so far (about three in all: live, fall-back, a batch outliving both)."""
 
     def take(self, state: dict[str, torch.Tensor]) -> tuple[nn.Module, nn.Module | None]:
         """A copy (and its float64 twin, or None) holding ``state``; the package's values
         elsewhere. Call :meth:`release_when_unused` with the object that serves it."""
-        with self._lock:
-            pair = self._idle.pop() if self._idle else None
-        if pair is None:
+        try:
+            pair = self._idle.pop()
+        except IndexError:
             with warnings.catch_warnings():  # torch's deprecation notes on copying a program
                 warnings.simplefilter("ignore")
                 dense = copy.deepcopy(self.program)
                 pair = (dense, copy.deepcopy(dense).double() if self.float64 else None)
             self.made += 1
-        with torch.no_grad():
-            for module in pair:
-                if module is not None:  # load_state_dict casts to the module's dtypes
-                    module.load_state_dict(state, strict=False)
+        try:
+            with torch.no_grad():
+                for module in pair:
+                    if module is not None:  # load_state_dict casts to the module's dtypes
+                        module.load_state_dict(state, strict=False)
+        except BaseException:
+            self.give_back(pair)  # nothing serves it: not lost to the pool
+            raise
         return pair
 
     def give_back(self, pair: tuple[nn.Module, nn.Module | None]) -> None:
         """Returns a copy nothing serves."""
-        with self._lock:
-            self._idle.append(pair)
+        self._idle.append(pair)
 
     def release_when_unused(self, server: object, pair: tuple[nn.Module, nn.Module | None]
                             ) -> None:

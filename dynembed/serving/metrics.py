@@ -189,15 +189,24 @@ class ServingMetrics:
         if self.models is not None and model not in self.models.models:
             _remove_child(self.refresh_failures, model)
 
+    def _registered(self, model: str, version: str) -> bool:
+        """Whether the version is registered: a batch or request that ends after its
+        version was unregistered (and forgotten) would bring its series back for good."""
+        return self.models is None or version in self.models.models.get(model, ())
+
     def on_batch(self, model: str, version: str, stats: BatchStats) -> None:
         """Records one batch (the batcher's callback)."""
+        if not self._registered(model, version):
+            return
         labels = (model, version)
         self.batch.add(labels, stats.size)
         self.inference.add(labels, stats.run_s)
         self.queue.add_many(labels, stats.queue_s)
 
     def on_request(self, model: str, version: str, status: int, seconds: float) -> None:
-        """Records one inference request."""
+        """Records one inference request (of a registered version)."""
+        if not self._registered(model, version):
+            return
         key = (model, version, status)
         counter = self._request_counters.get(key)
         if counter is None:  # labels() costs a lock and a dict lookup per call: keep them

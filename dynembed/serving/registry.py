@@ -409,9 +409,10 @@ class Registry:
         await entry.batcher.stop(timeout=entry.response_timeout_s)
         if self.mirror is not None:
             await self.mirror("unregister", entry.name, entry.version, change=change)
-        self._scaling.pop((entry.name, entry.version), None)
-        if self.on_unregister is not None:
-            self.on_unregister(entry.name, entry.version)
+        if entry.version not in self.models.get(entry.name, ()):  # not registered again
+            self._scaling.pop((entry.name, entry.version), None)
+            if self.on_unregister is not None:
+                self.on_unregister(entry.name, entry.version)
         return entry
 
     def _changed(self) -> int:

@@ -528,6 +528,8 @@ class ModelServer:
                 logger.debug("version %s of %s: %r", entry.version, name, e)
                 failure = failure or e
                 continue
+            if entry.version not in self.registry.models.get(name, ()):
+                continue  # unregistered meanwhile: nothing to count or to mirror
             self.metrics.refreshes.labels(entry.name, entry.version).inc()
             done.append(entry)
         try:
@@ -572,7 +574,8 @@ class ModelServer:
             latest = None
             try:
                 if directory.is_dir():
-                    manager = manager or CheckpointManager(directory)
+                    manager = manager or await loop.run_in_executor(
+                        None, CheckpointManager, directory)
                     latest = await loop.run_in_executor(None, manager.latest)
                     behind = [] if latest is None else [
                         e.version for e in list(self.registry.models.get(name, {}).values())

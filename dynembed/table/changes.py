@@ -10,10 +10,11 @@ state-dict load) means only a full checkpoint can describe the table.
 
 The id lists grow with every row that leaves memory between two checkpoints, a row evicted
 again after it was read back from the store included: they are deduplicated whenever they
-double, so they hold at most about twice the distinct ids that left memory since the last
-checkpoint, and nothing while the table is wiped (never saved or loaded: the next save is
-full and reads no ids), which once made a job that never checkpoints grow by 8 bytes per
-row that ever left memory.
+double, so they hold at most max(twice the distinct ids that left memory since the last
+checkpoint, :data:`DEDUP_FLOOR`) ids, and none while the table is wiped (never saved or
+loaded, or cleared or loaded from a state dict since: the next save is full and reads no
+ids), which once made a job that never checkpoints grow by 8 bytes per row that ever left
+memory.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import warnings
 
 import numpy as np
 
-from dynembed.errors import MemoryBudgetError
+from dynembed.errors import CheckpointCorruptError, MemoryBudgetError
 from dynembed.kernels.hash_index import unique_inverse
 from dynembed.kernels.records import columns_of
 from dynembed.storage.rows import RowBlock
@@ -25,8 +25,9 @@ CREATE_NONE, CREATE_ADMITTED, CREATE_ALL = "none", "admitted", "all"
 
 ERASE_LOG_ENTRIES = 4096
 ERASE_LOG_IDS = 1 << 21
-"""The erasure log keeps the newest removals up to these many calls and ids (16 MiB);
-gradients of lookups made before the oldest kept one are skipped and counted."""
+"""The erasure log keeps the newest removals up to these many calls and ids (16 MiB; the
+newest removal stays whatever its size); gradients of lookups made before the oldest kept
+one are skipped and counted."""
 
 
 class RowLifecycle:
@@ -376,7 +377,10 @@ class RowLifecycle:
             kept = ~self.changes.changed(slots)
             ids = self.arena.np("meta")[slots, ID]
             kept &= ~self.base.outdated(ids)
-            kept[kept] = self.base.contains(ids[kept])  # a row new since: nowhere else
+            try:
+                kept[kept] = self.base.contains(ids[kept])  # a row new since: nowhere else
+            except CheckpointCorruptError:  # its copy cannot be read back: discard, counted
+                kept[:] = False
             if kept.any():
                 self.counters.evicted += int(np.count_nonzero(kept))
                 self._release(ids[kept], erased=False)

@@ -249,9 +249,10 @@ class TableSnapshot:
         """The table now equals checkpoint ``checkpoint_id``: the next delta starts here.
 
         A lazily opened checkpoint (``base``) still holds the old copies of the rows changed
-        since it was opened. Those ids are recorded as outdated there before their changed
-        marks are cleared, so that evicting such a row later (without a store) discards it,
-        counted, instead of leaving the stale copy to be read back.
+        since it was opened. In a table without a store, those ids are recorded as outdated
+        there before their changed marks are cleared, so that evicting such a row later
+        discards it, counted, instead of leaving the stale copy to be read back (with a
+        store, the evicted row goes there and is read from there).
         """
         if self.base is not None and self.tier is None:  # read by eviction without a store
             top = min(self.changes.flags.shape[0], self._high_water)

@@ -75,3 +75,27 @@ def test_merged_metrics_label_each_process_and_keep_every_series():
     assert counts == {"0": 3, "2": 5}
     latency = families["dynembed_serving_request_latency_seconds"]
     assert {s.labels["process"] for s in latency.samples} == {"0", "2"}
+
+
+def test_a_request_that_ends_after_its_version_was_unregistered_brings_back_no_series():
+    """A request that found its version before an unregister and ended after it counted
+    itself, and the version's series came back for good."""
+    class Models:  # the registry's part the metrics read
+        def __init__(self) -> None:
+            self.models = {"ctr": {"1.0": object(), "2.0": object()}}
+
+        def all_versions(self):
+            return []
+
+    registry = Models()
+    metrics = ServingMetrics(registry)
+    stats = BatchStats(size=2, requests=1, queue_s=[0.001], run_s=0.002)
+    for version in ("1.0", "2.0"):
+        metrics.on_request("ctr", version, 200, 0.002)
+        metrics.on_batch("ctr", version, stats)
+    del registry.models["ctr"]["1.0"]
+    metrics.forget("ctr", "1.0")
+    metrics.on_request("ctr", "1.0", 404, 0.001)  # in flight during the unregister
+    metrics.on_batch("ctr", "1.0", stats)
+    text = generate_latest(metrics.registry).decode()
+    assert 'version="1.0"' not in text and 'version="2.0"' in text
