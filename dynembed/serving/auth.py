@@ -13,6 +13,8 @@ import os
 import secrets
 from pathlib import Path
 
+from starlette.responses import JSONResponse
+
 
 class Tokens:
     """The server's tokens.
@@ -62,3 +64,29 @@ class Tokens:
         if self._published:
             self.key_file.unlink(missing_ok=True)
             self._published = False
+
+
+_HEALTH = frozenset({"/ping", "/v2/health/live", "/v2/health/ready"})
+"""Health probes carry no data; load balancers and Kubernetes call them without a token."""
+
+
+class AuthMiddleware:
+    """ASGI middleware: 401 unless the request carries the API's token."""
+
+    def __init__(self, app, tokens: Tokens, api: str) -> None:
+        self.app, self.tokens, self.api = app, tokens, api
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and self.tokens.required[self.api] and \
+                scope["path"] not in _HEALTH:
+            headers = dict(scope.get("headers") or [])
+            value = headers.get(b"authorization")
+            if not self.tokens.allows(self.api, value.decode("latin-1") if value else None):
+                response = JSONResponse({"code": 401, "type": "InvalidKeyException",
+                                         "message": "Token Authorization failed. Token "
+                                         "either incorrect, expired, or not provided "
+                                         f"correctly (the {self.api} key in the key file)"},
+                                        status_code=401)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

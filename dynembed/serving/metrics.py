@@ -65,6 +65,26 @@ class ResponseCounter(Collector):
                                     labels=["api", "status"])]
 
 
+class CountResponses:
+    """ASGI middleware: counts every response of an API by status (see
+    :class:`ResponseCounter`)."""
+
+    def __init__(self, app, counts, api: str) -> None:
+        self.app, self.counts, self.api = app, counts, api
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def counted(message):
+            if message["type"] == "http.response.start":
+                self.counts[(self.api, str(message["status"]))] += 1
+            await send(message)
+
+        await self.app(scope, receive, counted)
+
+
 class ArrayHistogram(Collector):
     """A Prometheus histogram per (model, version), observed many values at a time.
 

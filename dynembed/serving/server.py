@@ -42,12 +42,12 @@ from starlette.routing import Route
 from dynembed._args import check_bool, check_names, is_real
 from dynembed.checkpoint.manager import CheckpointManager, step_of
 from dynembed.kernels._threads import get_num_threads, set_num_threads
-from dynembed.serving.auth import Tokens
+from dynembed.serving.auth import AuthMiddleware, Tokens
 from dynembed.serving.fast_path import FastPredictions
 from dynembed.serving.http_protocol import CoalescingHttpProtocol
 from dynembed.serving.inference_api import InferenceAPI
 from dynembed.serving.management_api import ManagementAPI
-from dynembed.serving.metrics import ServingMetrics
+from dynembed.serving.metrics import CountResponses, ServingMetrics
 from dynembed.serving.package import source_step
 from dynembed.serving.registry import Registry, ServingError
 from dynembed.serving.replicas import ReplicaCommands, Replicas, merged_metrics
@@ -158,10 +158,6 @@ def _check_free(family: int, host: str, port: int) -> None:
         probe.bind((host, port))
 
 
-_HEALTH = frozenset({"/ping", "/v2/health/live", "/v2/health/ready"})
-"""Health probes carry no data; load balancers and Kubernetes call them without a token."""
-
-
 def _behind(serving: str | None, latest: Path) -> bool:
     """Whether a version serving checkpoint ``serving`` (None: its package's tables) should
     move to ``latest``: a newer step (or its compacted copy); an older step only once the
@@ -193,48 +189,6 @@ def _moves_to(entry, latest: Path) -> bool:
     if exported is not None and new is not None and new <= exported:
         return False
     return _behind(entry.checkpoint, latest)
-
-
-class _CountResponses:
-    """ASGI middleware: counts every response of an API by status (see
-    :class:`~dynembed.serving.metrics.ResponseCounter`)."""
-
-    def __init__(self, app, counts, api: str) -> None:
-        self.app, self.counts, self.api = app, counts, api
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def counted(message):
-            if message["type"] == "http.response.start":
-                self.counts[(self.api, str(message["status"]))] += 1
-            await send(message)
-
-        await self.app(scope, receive, counted)
-
-
-class _Auth:
-    """ASGI middleware: 401 unless the request carries the API's token."""
-
-    def __init__(self, app, tokens: Tokens, api: str) -> None:
-        self.app, self.tokens, self.api = app, tokens, api
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and self.tokens.required[self.api] and \
-                scope["path"] not in _HEALTH:
-            headers = dict(scope.get("headers") or [])
-            value = headers.get(b"authorization")
-            if not self.tokens.allows(self.api, value.decode("latin-1") if value else None):
-                response = JSONResponse({"code": 401, "type": "InvalidKeyException",
-                                         "message": "Token Authorization failed. Token "
-                                         "either incorrect, expired, or not provided "
-                                         f"correctly (the {self.api} key in the key file)"},
-                                        status_code=401)
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 _ABANDON_WAIT_S = 0.1
@@ -414,9 +368,9 @@ class ModelServer:
         metrics = Starlette(routes=[Route("/metrics", self._metrics, methods=["GET"])],
                             exception_handlers=errors)
         counts = self.metrics.responses.counts
-        self.apps = {api: _CountResponses(app, counts, api) for api, app in (
-            ("inference", _Auth(inference, self.tokens, "inference")),
-            ("management", _Auth(management, self.tokens, "management")),
+        self.apps = {api: CountResponses(app, counts, api) for api, app in (
+            ("inference", AuthMiddleware(inference, self.tokens, "inference")),
+            ("management", AuthMiddleware(management, self.tokens, "management")),
             ("metrics", metrics))}
         self.sockets: dict[str, socket.socket] = {}
         self._by_port: dict[int, object] = {}
