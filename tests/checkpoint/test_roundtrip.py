@@ -88,6 +88,14 @@ def test_model_dense_state_optimizer_and_extra_round_trip(tmp_path):
     assert_same_rows(a.bag.table, b.bag.table)
 
 
+def _emb_and_head() -> torch.nn.Module:
+    """A table and a dense layer."""
+    m = torch.nn.Module()
+    m.emb = de.DynamicEmbedding(dim=4, optimizer=de.optim.SGD(lr=0.1), seed=1)
+    m.head = torch.nn.Linear(4, 1)
+    return m
+
+
 def test_dense_state_saved_on_a_gpu_this_machine_lacks_loads(tmp_path):
     """A GPU job's rank 0 saves its dense state from its own GPU. Loaded where saved, every
     rank of a restarted job put it on that one GPU, and a machine without that GPU (a
@@ -96,13 +104,7 @@ def test_dense_state_saved_on_a_gpu_this_machine_lacks_loads(tmp_path):
     from unittest import mock
     torch.manual_seed(0)
 
-    def model():
-        m = torch.nn.Module()
-        m.emb = de.DynamicEmbedding(dim=4, optimizer=de.optim.SGD(lr=0.1), seed=1)
-        m.head = torch.nn.Linear(4, 1)
-        return m
-
-    a = model()
+    a = _emb_and_head()
     opt = torch.optim.Adam(a.head.parameters(), lr=0.01)
     a.head(a.emb(torch.arange(8))).sum().backward()
     opt.step()
@@ -111,7 +113,7 @@ def test_dense_state_saved_on_a_gpu_this_machine_lacks_loads(tmp_path):
     with mock.patch.object(torch.serialization, "location_tag",
                            lambda s: missing_gpu if tag(s) == "cpu" else tag(s)):
         de.checkpoint.save(tmp_path / "c", a, opt, extra={"seen": torch.arange(3)})
-    b = model()
+    b = _emb_and_head()
     opt_b = torch.optim.Adam(b.head.parameters(), lr=0.01)
     got = de.checkpoint.load(tmp_path / "c", b, opt_b)
     assert got["seen"].device.type == "cpu" and torch.equal(got["seen"], torch.arange(3))
@@ -444,19 +446,13 @@ def test_a_strict_load_refuses_a_checkpoint_without_the_models_dense_state(tmp_p
     its Linear kept its random initialisation (and `dynembed export` packaged that)."""
     torch.manual_seed(0)
 
-    def model():
-        m = torch.nn.Module()
-        m.emb = de.DynamicEmbedding(dim=4, optimizer=de.optim.SGD(lr=0.1), seed=1)
-        m.head = torch.nn.Linear(4, 1)
-        return m
-
-    src = model()
+    src = _emb_and_head()
     src.emb(torch.arange(10)).sum().backward()
     de.checkpoint.save(tmp_path / "tables-only", tables={"emb.table": src.emb.table})
     de.checkpoint.save(tmp_path / "extra-only", tables={"emb.table": src.emb.table},
                        extra={"step": 1})
     for name in ("tables-only", "extra-only"):
-        dst = model()
+        dst = _emb_and_head()
         head = dst.head.weight.detach().clone()
         with pytest.raises(de.CheckpointError,
                            match=rf"{name} holds no dense model state .*\['head.bias', "
