@@ -457,8 +457,7 @@ class TableSnapshot:
                 unchanged; the store may already hold some of the state's rows (or still
                 some it lacks), so retry the load before training on.
         """
-        state = _in_host_memory(state)
-        ids, aux = self.check_state_dict(state)
+        ids, aux = self.check_state_dict(state)  # it reads the state's parts in host memory
         if check_bool("strict", strict) and (unused := self.unused_state_keys(state)):
             raise StateDictError(
                 f"state dict has keys this table would not load: {unused[:8]}; a key log or "
