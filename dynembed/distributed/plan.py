@@ -136,8 +136,7 @@ def _agree_on_seeds(tables: dict[str, DynamicTable], group) -> None:
     key's initial vector is the same whichever rank creates it."""
     seeds = [t.seed for _, t in sorted(tables.items())]
     holder = [seeds]
-    dist.broadcast_object_list(holder, src=dist.get_global_rank(group, 0) if group else 0,
-                               group=group)
+    dist.broadcast_object_list(holder, src=dist.get_global_rank(group, 0), group=group)
     for (_, table), seed in zip(sorted(tables.items()), holder[0]):
         if table.seed != seed:
             table.seed = seed
@@ -173,7 +172,8 @@ def shard_model(model: nn.Module, *, group=None, num_buckets: int = NUM_BUCKETS,
 
     Args:
         model: the model holding the tables (the same on every rank).
-        group: the process group of the job (None: the default group).
+        group: the process group of the job (None: the default group), of any backend:
+            the checks and row exchanges run in a gloo group of the same ranks.
         num_buckets: key buckets (must match the checkpoints'; a power of two).
         timeout: seconds a row exchange may wait for other ranks before failing.
 
@@ -198,13 +198,19 @@ def shard_model(model: nn.Module, *, group=None, num_buckets: int = NUM_BUCKETS,
                            "de.train.Runtime, or call torch.distributed.init_process_group")
     check_num_buckets(num_buckets)
     tables = named_tables(model)
-    check_same_tables(tables, group, num_buckets=num_buckets)
     world_size, rank = dist.get_world_size(group), dist.get_rank(group)
     ranks = None if group is None else dist.get_process_group_ranks(group)
+    # every collective of dynembed's own goes over gloo: the tables' rows and checks live on
+    # the CPU, which the job's group may not serve (NCCL moves objects to the current GPU)
     exchange_group = dist.new_group(ranks=ranks, backend="gloo",
                                     timeout=datetime.timedelta(seconds=timeout))
+    try:
+        check_same_tables(tables, exchange_group, num_buckets=num_buckets)
+        _agree_on_seeds(tables, exchange_group)
+    except BaseException:
+        dist.destroy_process_group(exchange_group)
+        raise
     exchange = Exchange(exchange_group, rank, world_size)
-    _agree_on_seeds(tables, group)
     plan = ShardPlan(exchange, {}, {})
     router = Router(exchange, num_buckets=num_buckets, tables=tables)
     for name, table in tables.items():

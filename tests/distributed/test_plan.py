@@ -93,6 +93,28 @@ def test_the_fingerprint_compares_what_changes_what_rows_mean_but_not_budgets():
     assert _fingerprint(table(), 1024) != base  # key ownership
 
 
+def test_a_job_group_without_cpu_collectives_still_shards_and_trains(tmp_path):
+    """As with NCCL, the job's group serves no CPU objects ("cuda:gloo" on this CPU-only
+    build fails any CPU collective): shard_model's checks and the row exchanges must use
+    dynembed's own gloo group."""
+    dist.init_process_group("cuda:gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        if not torch.cuda.is_available():
+            with pytest.raises(Exception):
+                dist.all_gather_object([None], "no CPU collective on this group")
+        local, routed = _model(), _model()
+        plan = shard_model(routed)
+        batch = {"big": torch.tensor([5, 7, 5]), "small": ["a", "b", "a"]}
+        for model in (local, routed):
+            model(batch, concat=True).sum().backward()
+        torch.testing.assert_close(routed.eval()(batch, concat=True),
+                                   local.eval()(batch, concat=True))
+        assert plan.traffic.exchanges > 0
+    finally:
+        dist.destroy_process_group()
+
+
 def test_shard_model_names_bad_arguments(group_of_one):
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         shard_model("model")
