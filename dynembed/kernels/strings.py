@@ -6,6 +6,7 @@ import numba as nb
 import numpy as np
 
 from dynembed.kernels._hashing import xxh64
+from dynembed.kernels.byte_spans import char_width
 
 
 @nb.njit(cache=True)
@@ -31,15 +32,7 @@ def hash_utf8_by_codepoints(buf, codepoint_lengths, separator_bytes, seed):
     for i in range(n):
         start = pos
         for _ in range(codepoint_lengths[i]):
-            b = buf[pos]
-            if b < 0x80:
-                pos += 1
-            elif b < 0xE0:
-                pos += 2
-            elif b < 0xF0:
-                pos += 3
-            else:
-                pos += 4
+            pos += char_width(buf[pos])
         out[i] = xxh64(buf, start, pos, seed)
         pos += separator_bytes
     return out

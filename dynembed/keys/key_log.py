@@ -2,13 +2,37 @@
 
 from __future__ import annotations
 
-import itertools
+import operator
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
+from dynembed.kernels import hash_index as index
+from dynembed.kernels._threads import get_num_threads
+from dynembed.kernels.byte_spans import (
+    NO_SEPARATOR,
+    codepoint_counts,
+    gather_spans,
+    utf8_spans,
+)
+
 _SEP = "\x00"
+_MAX_LOAD = 0.75
+COMPACT_FLOOR = 1 << 16
+"""Dead entries (or bytes) the log holds before it first compacts (see :meth:`_compact`)."""
+
+
+def _buckets_for(entries: int) -> int:
+    """Buckets (a power of two, at least 16) that hold ``entries`` under the load limit."""
+    return 1 << (max(16, int(np.ceil(entries / _MAX_LOAD))) - 1).bit_length()
+
+
+def _empty_buckets(entries: int) -> np.ndarray:
+    """Hash index buckets (see :mod:`dynembed.kernels.hash_index`) for ``entries`` ids."""
+    out = np.empty((_buckets_for(entries), 2), dtype=np.int64)
+    out[:, index.ROW] = index.EMPTY
+    return out
 
 
 def _split_joined(whole: str, lengths: np.ndarray) -> list[str]:
@@ -22,27 +46,124 @@ def _split_joined(whole: str, lengths: np.ndarray) -> list[str]:
     return [whole[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
 
 
-def _bytes_tensor(blob: bytes) -> torch.Tensor:
-    return torch.from_numpy(np.frombuffer(blob, dtype=np.uint8).copy())
+def _is_utf8(key: bytes) -> bool:
+    try:
+        bytes(key).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _bytes_tensor(blob: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(blob, dtype=np.uint8))
+
+
+def _grown(array: np.ndarray, need: int) -> np.ndarray:
+    """``array`` with room for ``need`` items (doubling, so appends are amortised)."""
+    if need <= array.shape[0]:
+        return array
+    out = np.empty(max(need, 2 * array.shape[0], 16), dtype=array.dtype)
+    out[:array.shape[0]] = array
+    return out
+
+
+def _first_positions(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """(m,) int64 position in (n,) ``ids`` of the first occurrence of each of (m,) distinct
+    ``wanted`` ids, EMPTY for those that do not occur (a hash probe per id, no sort)."""
+    buckets = _empty_buckets(wanted.shape[0])
+    number = np.full(wanted.shape[0], index.EMPTY, dtype=np.int64)
+    index.index_insert(buckets, wanted, number, np.empty(0, np.int64), 0, 0, wanted.shape[0])
+    found = index.index_find(buckets, ids, get_num_threads())
+    at = np.flatnonzero(found != index.EMPTY)
+    first = np.full(wanted.shape[0], index.EMPTY, dtype=np.int64)
+    first[found[at[::-1]]] = at[::-1]  # repeated targets keep the last write: the first key
+    return first
+
+
+class _Encoded:
+    """Keys as byte spans of one buffer, and whether each is bytes that are not UTF-8."""
+
+    def __init__(self, buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
+                 raw: np.ndarray) -> None:
+        self.buf, self.starts, self.lengths, self.raw = buf, starts, lengths, raw
+
+    @classmethod
+    def of(cls, keys: Sequence) -> _Encoded:
+        """Encodes n str or bytes keys (one call may mix them) in C-level joins and a
+        compiled pass; only bytes keys that are not all UTF-8 are checked one by one."""
+        kinds = [issubclass(t, (bytes, bytearray)) for t in set(map(type, keys))]
+        if any(kinds) and not all(kinds):
+            return cls._mixed(keys)
+        if len(keys) and kinds[0]:
+            buf = np.frombuffer(b"".join(keys), dtype=np.uint8)
+            lengths = np.fromiter(map(len, keys), dtype=np.int64, count=len(keys))
+            try:  # the NUL-joined keys decode only if each does (NUL ends no character)
+                b"\x00".join(keys).decode("utf-8")
+                raw = np.zeros(len(keys), dtype=bool)
+            except UnicodeDecodeError:
+                raw = ~np.fromiter(map(_is_utf8, keys), dtype=bool, count=len(keys))
+            return cls(buf, np.cumsum(lengths) - lengths, lengths, raw)
+        buf = np.frombuffer(_SEP.join(keys).encode("utf-8", "surrogatepass"), dtype=np.uint8)
+        codepoints = np.fromiter(map(len, keys), dtype=np.int64, count=len(keys))
+        starts, lengths, _ = utf8_spans(buf, codepoints, 1)
+        return cls(buf, starts, lengths, np.zeros(len(keys), dtype=bool))
+
+    @classmethod
+    def _mixed(cls, keys: Sequence) -> _Encoded:
+        is_bytes = np.fromiter((isinstance(k, (bytes, bytearray)) for k in keys), dtype=bool,
+                               count=len(keys))
+        every = np.fromiter(keys, dtype=object, count=len(keys))
+        parts = [cls.of(every[~is_bytes].tolist()), cls.of(every[is_bytes].tolist())]
+        out = cls(np.concatenate([p.buf for p in parts]), np.empty(len(keys), np.int64),
+                  np.empty(len(keys), np.int64), np.empty(len(keys), bool))
+        shift = 0
+        for part, where in zip(parts, (~is_bytes, is_bytes)):
+            out.starts[where] = part.starts + shift
+            out.lengths[where], out.raw[where] = part.lengths, part.raw
+            shift += part.buf.shape[0]
+        return out
+
+    def take(self, which: np.ndarray) -> _Encoded:
+        return _Encoded(self.buf, self.starts[which], self.lengths[which], self.raw[which])
 
 
 class KeyLog:
     """Remembers the str/bytes key behind each id it is shown.
 
-    Kept in dicts filled by C-level ``dict.update(zip(...))`` calls; its state is plain
-    tensors (UTF-8 bytes and lengths) so it saves with ``torch.save(weights_only=True)``.
+    Compact: a hash index from id to entry, and each entry's key as UTF-8 bytes in one
+    growing buffer (about 40 bytes per key plus the key's bytes, against some 140 for a
+    dict of Python ints and strs). Filled, read and saved in batches: C-level joins and
+    splits of all the keys of a call, and compiled passes over the buffer.
+
     Bytes keys that are UTF-8 are logged as the str they spell, which hashes to the same id.
     Other bytes keys are logged as bytes: no str hashes to their id (a str hashes its
     ``surrogatepass`` UTF-8 bytes), so a str would lead back to another row.
+
+    Its state is plain tensors (UTF-8 bytes and lengths) so it saves with
+    ``torch.save(weights_only=True)``.
     """
 
     def __init__(self) -> None:
-        self._strings: dict[int, str] = {}
-        self._raw: dict[int, bytes] = {}
-        """Keys that are bytes but not UTF-8 (rare)."""
+        self._buckets = _empty_buckets(0)
+        self._size = 0
+        """Ids in the log."""
+        self._entries = 0
+        """Entries written (live ones and those of discarded or re-logged ids)."""
+        self._starts = np.empty(0, dtype=np.int64)
+        self._lengths = np.empty(0, dtype=np.int64)
+        self._raw = np.empty(0, dtype=bool)
+        self._heap = np.empty(0, dtype=np.uint8)
+        self._heap_used = 0
+        self._dead_bytes = 0
 
     def __len__(self) -> int:
-        return len(self._strings) + len(self._raw)
+        return self._size
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the log holds."""
+        return sum(a.nbytes for a in (self._buckets, self._starts, self._lengths, self._raw,
+                                      self._heap))
 
     def add_among(self, ids: np.ndarray, keys: Sequence, among: np.ndarray) -> None:
         """:meth:`add` of the keys whose id is one of ``among`` (the ids that got a row:
@@ -53,134 +174,185 @@ class KeyLog:
             keys: n str or bytes (as :meth:`add`).
             among: (m,) int64 ids to keep.
         """
-        logged = np.isin(ids, among)
-        if logged.all():
-            self.add(ids, keys)
-        elif logged.any():
-            # fromiter, not asarray: equal-length bytearrays would become a 2-D array
-            kept = np.fromiter(keys, dtype=object, count=len(keys))[logged]
-            self.add(ids[logged], kept.tolist())
+        at = _first_positions(ids, among)
+        at = np.sort(at[at != index.EMPTY])
+        if at.shape[0]:  # only the logged keys are encoded, one each
+            picked = operator.itemgetter(*at.tolist())(keys)
+            self._append(ids[at], _Encoded.of(picked if at.shape[0] > 1 else [picked]),
+                         distinct=True)
 
     def add(self, ids: np.ndarray, keys: Sequence) -> None:
-        """Records ``keys[i]`` as the key of ``ids[i]``.
+        """Records ``keys[i]`` as the key of ``ids[i]`` (the last one where an id repeats).
 
         Args:
             ids: (n,) int64.
             keys: n str or bytes; one call may mix them (the features of a collection
                 that share a table are logged together, and each may use either).
         """
-        byte_kinds = [issubclass(t, (bytes, bytearray)) for t in set(map(type, keys))]
-        if any(byte_kinds) and not all(byte_kinds):
-            # str and bytes: each kind by its own path (the str path stored bytes as if
-            # they were strings, which broke state_dict; the bytes path raised mid-lookup)
-            is_bytes = np.fromiter(map(isinstance, keys, itertools.repeat((bytes, bytearray))),
-                                   dtype=bool, count=len(keys))
-            kept = np.fromiter(keys, dtype=object, count=len(keys))
-            self.add(ids[~is_bytes], kept[~is_bytes].tolist())
-            self.add(ids[is_bytes], kept[is_bytes].tolist())
-            return
-        ids = ids.tolist()
-        if len(keys) and isinstance(keys[0], (bytes, bytearray)):
-            try:
-                parts = b"\x00".join(keys).decode("utf-8").split(_SEP)
-            except UnicodeDecodeError:  # some key is not UTF-8: sort them one by one (rare)
-                parts = None
-            if parts is None or len(parts) != len(keys):  # or a key holds a NUL byte
-                self._add_one_by_one(ids, keys)
-                return
-            keys = parts
-        self._strings.update(zip(ids, keys))
-        if self._raw:
-            self._forget(self._raw, ids)
+        if len(keys):
+            self._append(np.asarray(ids, dtype=np.int64), _Encoded.of(keys))
 
-    def _add_one_by_one(self, ids: list[int], keys: Sequence) -> None:
-        for i, key in zip(ids, keys):
-            try:
-                self._strings[i] = bytes(key).decode("utf-8")
-                self._raw.pop(i, None)
-            except UnicodeDecodeError:
-                self._raw[i] = bytes(key)
-                self._strings.pop(i, None)
+    def _append(self, ids: np.ndarray, keys: _Encoded, *, distinct: bool = False) -> None:
+        """Logs (n,) ids' keys as new entries; an id already in the log gets the new one.
+        ``distinct``: the caller knows no id repeats."""
+        if not distinct and ids.shape[0] > 1:  # the last key of an id wins, as in a dict
+            _, last_in_reversed = np.unique(ids[::-1], return_index=True)
+            if last_in_reversed.shape[0] < ids.shape[0]:
+                keep = np.sort(ids.shape[0] - 1 - last_in_reversed)
+                ids, keys = ids[keep], keys.take(keep)
+        self._forget(ids)
+        n = ids.shape[0]
+        data = gather_spans(keys.buf, keys.starts, keys.lengths, NO_SEPARATOR)
+        self._heap = _grown(self._heap, self._heap_used + data.shape[0])
+        self._heap[self._heap_used:self._heap_used + data.shape[0]] = data
+        first, last = self._entries, self._entries + n
+        for name, values in (("_starts", np.cumsum(keys.lengths) - keys.lengths
+                              + self._heap_used), ("_lengths", keys.lengths),
+                             ("_raw", keys.raw)):
+            column = _grown(getattr(self, name), last)
+            column[first:last] = values
+            setattr(self, name, column)
+        self._heap_used += data.shape[0]
+        self._reserve(self._size + n)
+        slots = np.full(n, index.EMPTY, dtype=np.int64)
+        # the ids are absent and distinct: each gets the next entry, in order
+        inserted, _, self._entries, _ = index.index_insert(
+            self._buckets, ids, slots, np.empty(0, np.int64), 0, first, n)
+        self._size += inserted
+        self._compact()
+
+    def _reserve(self, entries: int) -> None:
+        if _buckets_for(entries) > self._buckets.shape[0]:
+            grown = _empty_buckets(entries)
+            index.index_rehash(self._buckets, grown)
+            self._buckets = grown
+
+    def _find(self, ids: np.ndarray) -> np.ndarray:
+        """(n,) int64 entry of each id, EMPTY where it is not logged."""
+        return index.index_find(self._buckets, index.as_ids(ids), get_num_threads())
+
+    def _forget(self, ids: np.ndarray) -> None:
+        if not self._size or not ids.shape[0]:
+            return
+        freed = index.index_erase(self._buckets, index.as_ids(ids))
+        freed = freed[freed != index.EMPTY]
+        self._size -= freed.shape[0]
+        self._dead_bytes += int(self._lengths[freed].sum())
+
+    def _live(self) -> tuple[np.ndarray, np.ndarray]:
+        """((size,) ids, (size,) entries) in the order they were logged."""
+        ids, entries = index.index_items(self._buckets, self._size)
+        order = np.argsort(entries, kind="stable")
+        return ids[order], entries[order]
+
+    def _compact(self) -> None:
+        """Rewrites the log without its dead entries and bytes once they outnumber the live
+        ones (amortised: each compaction follows as many discards as it copies)."""
+        dead_entries = self._entries - self._size
+        live_bytes = self._heap_used - self._dead_bytes
+        if dead_entries <= max(self._size, COMPACT_FLOOR) and \
+                self._dead_bytes <= max(live_bytes, COMPACT_FLOOR):
+            return
+        ids, entries = self._live()
+        fresh = KeyLog()
+        fresh._append(ids, _Encoded(self._heap, self._starts[entries],
+                                    self._lengths[entries], self._raw[entries]))
+        self.__dict__.update(fresh.__dict__)
 
     def lookup(self, ids: np.ndarray) -> list[str | bytes | None]:
         """The key of each id (str, or bytes for bytes keys that are not UTF-8), None where
         it was never logged."""
-        found = list(map(self._strings.get, ids.tolist()))
-        if self._raw:
-            raw = map(self._raw.get, ids.tolist())
-            found = [s if s is not None else r for s, r in zip(found, raw)]
-        return found
+        ids = np.asarray(ids)
+        out = np.full(ids.shape[0], None, dtype=object)
+        if not self._size or not ids.shape[0]:
+            return out.tolist()
+        entries = self._find(ids.reshape(-1))
+        at = np.flatnonzero(entries != index.EMPTY)
+        found = entries[at]
+        raw = self._raw[found]
+        if not raw.all():
+            out[at[~raw]] = self._strings(found[~raw])
+        if raw.any():
+            out[at[raw]] = self._raw_bytes(found[raw])
+        return out.tolist()
+
+    def _strings(self, entries: np.ndarray) -> list[str]:
+        starts, lengths = self._starts[entries], self._lengths[entries]
+        joined = gather_spans(self._heap, starts, lengths, 0).tobytes()
+        whole = joined.decode("utf-8", "surrogatepass")
+        if whole.count(_SEP) == entries.shape[0] - 1:
+            return whole.split(_SEP)
+        return _split_joined(whole, codepoint_counts(self._heap, starts, lengths))
+
+    def _raw_bytes(self, entries: np.ndarray) -> list[bytes]:
+        lengths = self._lengths[entries]
+        blob = gather_spans(self._heap, self._starts[entries], lengths, NO_SEPARATOR).tobytes()
+        ends = np.cumsum(lengths).tolist()
+        return [blob[a:b] for a, b in zip([0, *ends], ends)]
 
     def merge(self, other: KeyLog) -> None:
         """Adds every id -> key of ``other`` (its key wins where both have one)."""
-        if self._raw and other._strings:
-            self._forget(self._raw, other._strings)
-        if other._raw:
-            self._forget(self._strings, other._raw)
-        self._strings.update(other._strings)
-        self._raw.update(other._raw)
+        ids, entries = other._live()
+        if ids.shape[0]:
+            self._append(ids, _Encoded(other._heap, other._starts[entries],
+                                       other._lengths[entries], other._raw[entries]),
+                         distinct=True)
 
     def discard(self, ids: np.ndarray) -> None:
         """Forgets ids (their rows were erased)."""
-        ids = ids.tolist()
-        self._forget(self._strings, ids)
-        if self._raw:
-            self._forget(self._raw, ids)
+        self._forget(np.asarray(ids).reshape(-1))
+        self._compact()
 
     def keep_only(self, keep: Callable[[np.ndarray], np.ndarray]) -> None:
         """Forgets every id for which ``keep`` ((n,) int64 ids -> (n,) bool) is False."""
-        for entries in (self._strings, self._raw):
-            if entries:
-                ids = np.fromiter(entries.keys(), dtype=np.int64, count=len(entries))
-                self._forget(entries, ids[~keep(ids)].tolist())
-
-    @staticmethod
-    def _forget(entries: dict, ids) -> None:
-        for _ in map(entries.pop, ids, itertools.repeat(None)):
-            pass
+        if self._size:
+            ids = index.index_items(self._buckets, self._size)[0]
+            self.discard(ids[~keep(ids)])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """{'ids': (n,) int64, 'utf8': (bytes,) uint8 NUL-joined keys, 'lengths': (n,) int64
         code points}, plus 'raw_ids', 'raw' and 'raw_lengths' (bytes) alike for the bytes
         keys that are not UTF-8."""
-        n = len(self._strings)
-        ids = np.fromiter(self._strings.keys(), dtype=np.int64, count=n)
-        strings = list(self._strings.values())
-        lengths = np.fromiter(map(len, strings), dtype=np.int64, count=n)
-        blob = _SEP.join(strings).encode("utf-8", "surrogatepass")
-        raw = list(self._raw.values())
-        return {"ids": torch.from_numpy(ids), "utf8": _bytes_tensor(blob),
-                "lengths": torch.from_numpy(lengths),
-                "raw_ids": torch.tensor(list(self._raw.keys()), dtype=torch.int64),
-                "raw": _bytes_tensor(b"".join(raw)),
-                "raw_lengths": torch.tensor(list(map(len, raw)), dtype=torch.int64)}
+        ids, entries = self._live()
+        raw = self._raw[entries]
+        text, blobs = entries[~raw], entries[raw]
+        starts, lengths = self._starts[text], self._lengths[text]
+        return {"ids": torch.from_numpy(ids[~raw]),
+                "utf8": _bytes_tensor(gather_spans(self._heap, starts, lengths, 0)),
+                "lengths": torch.from_numpy(codepoint_counts(self._heap, starts, lengths)),
+                "raw_ids": torch.from_numpy(ids[raw]),
+                "raw": _bytes_tensor(gather_spans(self._heap, self._starts[blobs],
+                                                  self._lengths[blobs], NO_SEPARATOR)),
+                "raw_lengths": torch.from_numpy(self._lengths[blobs])}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Replaces the log with a saved one.
 
         Raises:
-            ValueError: the tensors do not fit together (a key's string would be lost).
+            ValueError: the tensors do not fit together (a key's string would be lost), or
+                'utf8' is not UTF-8.
             KeyError: one of them is missing.
         """
-        ids = state["ids"].numpy()
-        lengths = state["lengths"].numpy()
-        whole = state["utf8"].numpy().tobytes().decode("utf-8", "surrogatepass")
-        if lengths.shape != ids.shape or (
-                ids.size and int(lengths.sum()) + ids.size - 1 != len(whole)):
-            raise ValueError(f"key log 'lengths' ({lengths.shape[0]} entries, "
-                             f"{int(lengths.sum())} code points) does not fit 'ids' "
-                             f"({ids.shape[0]}) and 'utf8' ({len(whole)} code points)")
-        strings = _split_joined(whole, lengths) if ids.size else []
-        raw = {}
+        ids = state["ids"].numpy().astype(np.int64, copy=False)
+        codepoints = state["lengths"].numpy().astype(np.int64, copy=False)
+        buf = np.ascontiguousarray(state["utf8"].numpy(), dtype=np.uint8)
+        buf.tobytes().decode("utf-8", "surrogatepass")  # UnicodeDecodeError (a ValueError)
+        starts, lengths, end = utf8_spans(buf, codepoints, 1)
+        if codepoints.shape != ids.shape or end != (buf.shape[0] + 1 if ids.size else 0):
+            raise ValueError(f"key log 'lengths' ({codepoints.shape[0]} entries, "
+                             f"{int(codepoints.sum())} code points) does not fit 'ids' "
+                             f"({ids.shape[0]}) and 'utf8' ({buf.shape[0]} bytes)")
+        fresh = KeyLog()
+        fresh._append(ids, _Encoded(buf, starts, lengths, np.zeros(ids.shape[0], bool)))
         if "raw_ids" in state:  # (older states have no such part, and no such keys)
-            raw_ids, raw_lengths = state["raw_ids"].numpy(), state["raw_lengths"].numpy()
-            blob = state["raw"].numpy().tobytes()
-            if raw_lengths.shape != raw_ids.shape or int(raw_lengths.sum()) != len(blob) \
+            raw_ids = state["raw_ids"].numpy().astype(np.int64, copy=False)
+            raw_lengths = state["raw_lengths"].numpy().astype(np.int64, copy=False)
+            blob = np.ascontiguousarray(state["raw"].numpy(), dtype=np.uint8)
+            if raw_lengths.shape != raw_ids.shape or int(raw_lengths.sum()) != blob.shape[0] \
                     or (raw_lengths < 0).any():
                 raise ValueError(f"key log 'raw_lengths' ({raw_lengths.shape[0]} entries, "
                                  f"{int(raw_lengths.sum())} bytes) does not fit 'raw_ids' "
-                                 f"({raw_ids.shape[0]}) and 'raw' ({len(blob)} bytes)")
-            ends = np.cumsum(raw_lengths).tolist()
-            raw = {i: blob[a:b] for i, a, b in zip(raw_ids.tolist(), [0, *ends], ends)}
-        self._strings = dict(zip(ids.tolist(), strings))
-        self._raw = raw
+                                 f"({raw_ids.shape[0]}) and 'raw' ({blob.shape[0]} bytes)")
+            fresh._append(raw_ids, _Encoded(blob, np.cumsum(raw_lengths) - raw_lengths,
+                                            raw_lengths, np.ones(raw_ids.shape[0], bool)))
+        self.__dict__.update(fresh.__dict__)

@@ -99,9 +99,10 @@ class TableStats:
     capacity: int
     """Rows the arena can hold before it grows."""
     bytes_used: int
-    """Bytes of live rows (weights, optimizer state, metadata) plus the index."""
+    """Bytes of live rows (weights, optimizer state, metadata) plus the index and the key
+    log."""
     bytes_allocated: int
-    """Bytes allocated for the arena and index (capacity, not only live rows)."""
+    """Bytes allocated for the arena, index and key log (capacity, not only live rows)."""
     payload_bytes_per_row: int
     """Weights plus optimizer state of one row."""
     totals: Counters = field(default_factory=Counters)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import pytest
 import torch
@@ -205,3 +207,122 @@ def test_str_and_bytes_keys_in_one_call(keys, logged, tmp_path):
     log.add(key_ids, keys)
     assert log.lookup(key_ids) == logged
     assert saved_and_loaded(log, tmp_path).lookup(key_ids) == logged
+
+
+key_values = st.one_of(st.text(alphabet=characters, max_size=6),
+                       st.binary(max_size=4).map(lambda b: b + b"\xff"))  # never UTF-8
+operations = st.lists(st.one_of(
+    st.tuples(st.just("add"), st.lists(st.tuples(st.integers(0, 30), key_values),
+                                       max_size=12)),
+    st.tuples(st.just("among"), st.lists(st.tuples(st.integers(0, 30), key_values),
+                                         max_size=12), st.sets(st.integers(0, 30))),
+    st.tuples(st.just("discard"), st.lists(st.integers(0, 30), max_size=8)),
+    st.tuples(st.just("keep_odd")),
+    st.tuples(st.just("merge"), st.lists(st.tuples(st.integers(0, 30), key_values),
+                                         max_size=6)),
+    st.tuples(st.just("reload")),
+), max_size=25)
+
+
+def _as_logged(key):
+    """What the log gives back: bytes that are UTF-8 come back as the str they spell."""
+    if isinstance(key, bytes):
+        try:
+            return key.decode("utf-8")
+        except UnicodeDecodeError:
+            return key
+    return key
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=operations, compact_at=st.sampled_from([0, 3, 1 << 16]))
+def test_the_log_behaves_as_a_dict(ops, compact_at):
+    """Against a dict id -> key over random adds (the last key of a repeated id wins),
+    admitted subsets (the first key of each admitted id), discards, filters, merges and
+    reloads; ``compact_at`` makes it rewrite itself early, often or never."""
+    with mock.patch("dynembed.keys.key_log.COMPACT_FLOOR", compact_at):
+        _check_against_a_dict(ops)
+
+
+def _check_against_a_dict(ops):
+    log, model = KeyLog(), {}
+    for op in ops:
+        if op[0] in ("add", "merge"):
+            pairs = op[1]
+            ids_ = np.array([i for i, _ in pairs], dtype=np.int64)
+            target = log if op[0] == "add" else KeyLog()
+            target.add(ids_, [k for _, k in pairs])
+            if op[0] == "merge":
+                log.merge(target)
+            model.update((i, _as_logged(k)) for i, k in pairs)
+        elif op[0] == "among":
+            pairs, admitted = op[1], op[2]
+            log.add_among(np.array([i for i, _ in pairs], dtype=np.int64),
+                          [k for _, k in pairs], np.array(sorted(admitted), dtype=np.int64))
+            for i, k in reversed(pairs):
+                if i in admitted:
+                    model[i] = _as_logged(k)
+        elif op[0] == "discard":
+            log.discard(np.array(op[1], dtype=np.int64))
+            for i in op[1]:
+                model.pop(i, None)
+        elif op[0] == "keep_odd":
+            log.keep_only(lambda ids_: ids_ % 2 == 1)
+            model = {i: k for i, k in model.items() if i % 2 == 1}
+        else:
+            fresh = KeyLog()
+            fresh.load_state_dict({k: v.clone() for k, v in log.state_dict().items()})
+            log = fresh
+        assert len(log) == len(model)
+    every = np.arange(-1, 32, dtype=np.int64)
+    assert log.lookup(every) == [model.get(i) for i in every.tolist()]
+
+
+def test_the_log_is_compact_and_frees_what_it_forgets():
+    """A dict of Python ints and strs took some 140 bytes a key; discards are given back
+    once the dead entries outnumber the live ones."""
+    keys = [f"user:{i}" for i in range(200_000)]
+    key_ids = hash_strings(keys)
+    log = KeyLog()
+    log.add(key_ids, keys)
+    per_key = log.nbytes / len(log)
+    assert per_key < 64 + np.mean([len(k) for k in keys])
+    log.discard(key_ids[:150_000])
+    assert len(log) == 50_000
+    assert log.nbytes < 0.4 * per_key * 200_000
+    assert log.lookup(key_ids[149_999:150_002]) == [None, *keys[150_000:150_002]]
+
+
+def test_add_among_logs_the_first_key_of_each_admitted_id_only():
+    log = KeyLog()
+    log.add_among(np.array([1, 2, 1, 3], dtype=np.int64), ["a", "b", "c", b"d\xff"],
+                  np.array([1, 3, 9], dtype=np.int64))
+    assert log.lookup(np.array([1, 2, 3, 9], dtype=np.int64)) == ["a", None, b"d\xff", None]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s.update(lengths=torch.tensor([3, -1])), "does not fit"),
+    (lambda s: s.update(lengths=torch.tensor([3, 9])), "does not fit"),
+    (lambda s: s.update(lengths=torch.tensor([3])), "does not fit"),
+    (lambda s: s.update(utf8=torch.tensor([0xC3, 0x28], dtype=torch.uint8)), "decode"),
+    (lambda s: s.update(raw_lengths=torch.tensor([5])), "does not fit"),
+])
+def test_a_damaged_state_is_refused_and_the_log_kept(change, message):
+    log = KeyLog()
+    log.add(np.array([1, 2], dtype=np.int64), ["cat", "dog"])
+    log.add(np.array([3], dtype=np.int64), [b"\xff"])
+    state = log.state_dict()
+    change(state)
+    with pytest.raises(ValueError, match=message):
+        log.load_state_dict(state)
+    assert log.lookup(np.array([1, 2, 3], dtype=np.int64)) == ["cat", "dog", b"\xff"]
+
+
+def test_table_stats_count_the_key_logs_bytes():
+    plain = de.DynamicTable(de.TableConfig(dim=2, seed=3))
+    logged = de.DynamicTable(de.TableConfig(dim=2, seed=3, key_log=True))
+    keys = [f"word{i}" for i in range(5_000)]
+    for table in (plain, logged):
+        table.find_or_insert(keys)
+    extra = logged.stats().bytes_used - plain.stats().bytes_used
+    assert extra == logged.key_log.nbytes and extra >= 5_000 * (8 + 8 + 8 + 5)
