@@ -215,22 +215,12 @@ class TableUpdates:
         """
         if not self._pending:
             return None
-        pending, self._pending = self._pending, []
-        kept = []
-        for ids, grads, epoch in pending:  # drop gradients of keys erased since the lookup
-            if epoch != self.erasures:
-                wiped, erased = self._erased_since(epoch)
-                keep = np.zeros(ids.shape[0], bool) if wiped else ~np.isin(ids, erased)
-                self.counters.skipped_gradients += int(np.count_nonzero(~keep))
-                ids, grads = ids[keep], grads[torch.from_numpy(keep)]
-            kept.append((ids, grads))
-        ids = np.concatenate([k[0] for k in kept])
-        grads = torch.cat([k[1] for k in kept])
-        if ids.shape[0] == 0:
-            return ids, ids, np.zeros((0, self.dim), np.float32)
-        unique, inverse, counts = unique_inverse(ids)
-        summed = torch.zeros((unique.shape[0], self.dim), dtype=torch.float32)
-        summed.index_add_(0, torch.from_numpy(inverse), grads)
+        pending = self._pending
+        unique, counts, summed, skipped = self._queue_summed()
+        self._pending = []
+        self.counters.skipped_gradients += skipped
+        if unique.shape[0] == 0:
+            return unique, counts, np.zeros((0, self.dim), np.float32)
         summed = summed.numpy()
         if self.config.nonfinite_grads == "raise" and nonfinite_rows(summed).any():
             try:
@@ -240,6 +230,38 @@ class TableUpdates:
                     f"{e} The gradients queued by {len(pending)} backward call(s) since the "
                     "last step_optimizer() were dropped.") from None
         return unique, counts, summed
+
+    def _queue_summed(self) -> tuple[np.ndarray, np.ndarray, torch.Tensor, int]:
+        """The queued gradients summed per key, leaving the queue as it is: ``(unique ids,
+        counts, (u, dim) summed rows, gradient rows left out)``; the rows of keys erased
+        since their lookup are left out (as a step skips them)."""
+        kept, skipped = [], 0
+        for ids, grads, epoch in self._pending:
+            if epoch != self.erasures:
+                wiped, erased = self._erased_since(epoch)
+                keep = np.zeros(ids.shape[0], bool) if wiped else ~np.isin(ids, erased)
+                skipped += int(np.count_nonzero(~keep))
+                ids, grads = ids[keep], grads[torch.from_numpy(keep)]
+            kept.append((ids, grads))
+        ids = np.concatenate([k[0] for k in kept])
+        grads = torch.cat([k[1] for k in kept])
+        unique, inverse, counts = unique_inverse(ids)
+        summed = torch.zeros((unique.shape[0], self.dim), dtype=torch.float32)
+        summed.index_add_(0, torch.from_numpy(inverse), grads)
+        return unique, counts, summed, skipped
+
+    def queued_gradient_norm(self, norm_type: float = 2.0) -> float:
+        """The ``norm_type``-norm of the gradient :meth:`step_optimizer` would apply now:
+        the queued gradients summed per key (those of keys erased since their lookup left
+        out), taken over all their elements as torch takes a Parameter's. 0.0 with nothing
+        queued."""
+        if not self._pending:
+            return 0.0
+        return float(torch.linalg.vector_norm(self._queue_summed()[2], norm_type))
+
+    def scale_queued_gradients(self, factor: float) -> None:
+        """Multiplies the queued gradients by ``factor`` (gradient clipping)."""
+        self._pending = [(ids, grads * factor, epoch) for ids, grads, epoch in self._pending]
 
     def _apply_queued(self, unique: np.ndarray, counts: np.ndarray, summed: np.ndarray) -> None:
         """The second half of :meth:`step_optimizer`: applies :meth:`_sum_queued`'s rows."""
