@@ -54,11 +54,11 @@ GAUGES = {
     # Prometheus' naming conventions ask (dynembed_table_allocated_bytes)
     "rows":             ("rows", "", "Rows in memory."),
     "capacity_rows":    ("capacity", "", "Rows the arena holds before it grows."),
-    "used":             ("bytes_used", "bytes",
-                         "Bytes of the rows in memory, the index and the key log."),
+    "used":             ("bytes_used", "bytes", "Bytes of the rows in memory and the index."),
     "allocated":        ("bytes_allocated", "bytes",
-                         "Bytes allocated for rows, index and key log (capacity, not only "
-                         "rows)."),
+                         "Bytes allocated for rows and index (capacity, not only rows)."),
+    "key_log":          ("key_log_bytes", "bytes",
+                         "Bytes of the key log (outside memory_budget)."),
 }
 """The sizes of :class:`~dynembed.table.stats.TableStats`, as gauges."""
 

@@ -32,7 +32,8 @@ def utf8_spans(buf, codepoint_lengths, separator_bytes):
 
     Returns:
         ((n,) int64 starts, (n,) int64 byte lengths, end): ``end`` is where the key after
-        the last would start, or -1 if the lengths run past the buffer or one is negative.
+        the last would start, or -1 if the lengths run past the buffer, one is negative,
+        or a key is not followed by a NUL separator (a one-byte separator must be NUL).
     """
     n = codepoint_lengths.shape[0]
     starts = np.empty(n, dtype=np.int64)
@@ -51,6 +52,8 @@ def utf8_spans(buf, codepoint_lengths, separator_bytes):
             return starts, lengths, -1
         starts[i] = start
         lengths[i] = pos - start
+        if separator_bytes == 1 and i < n - 1 and (pos >= size or buf[pos] != 0):
+            return starts, lengths, -1  # the lengths do not split the keys at separators
         pos += separator_bytes
     return starts, lengths, pos
 

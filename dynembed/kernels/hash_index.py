@@ -320,6 +320,8 @@ def as_ids(ids: np.ndarray) -> np.ndarray:
         return ids
     if ids.dtype.kind not in "iu":
         raise TypeError(f"ids must be an integer array (int64 ids), got dtype {ids.dtype}")
+    if not ids.dtype.isnative:  # big-endian: its bytes read as int64 are other ids
+        ids = ids.astype(ids.dtype.newbyteorder("="))
     if ids.dtype.itemsize == 8:
         return ids.view(np.int64)
     return ids.astype(np.int64)

@@ -67,6 +67,22 @@ def _grown(array: np.ndarray, need: int) -> np.ndarray:
     return out
 
 
+def _id_array(ids, arg: str = "ids") -> np.ndarray:
+    """(n,) int64 of 1-D integer ids (a numpy array, tensor or list; uint64 as the int64 of
+    the same bits, as hashed ids are made).
+
+    Raises:
+        TypeError: not integers.
+        ValueError: not 1-D.
+    """
+    ids = np.asarray(ids)
+    if ids.ndim != 1:
+        raise ValueError(f"{arg} must be 1-D, got shape {ids.shape}")
+    if ids.size == 0:
+        return np.empty(0, dtype=np.int64)
+    return index.as_ids(ids)
+
+
 def _first_positions(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
     """(m,) int64 position in (n,) ``ids`` of the first occurrence of each of (m,) distinct
     ``wanted`` ids, EMPTY for those that do not occur (a hash probe per id, no sort)."""
@@ -172,8 +188,14 @@ class KeyLog:
         Args:
             ids: (n,) int64.
             keys: n str or bytes (as :meth:`add`).
-            among: (m,) int64 ids to keep.
+            among: (m,) int64 distinct ids to keep.
+
+        Raises:
+            ValueError: not one key per id, or ids that are not 1-D; nothing was logged.
+            TypeError: ids that are not integers.
         """
+        ids, among = _id_array(ids), _id_array(among, "among")
+        self._check_keys(ids, keys)
         at = _first_positions(ids, among)
         at = np.sort(at[at != index.EMPTY])
         if at.shape[0]:  # only the logged keys are encoded, one each
@@ -188,9 +210,21 @@ class KeyLog:
             ids: (n,) int64.
             keys: n str or bytes; one call may mix them (the features of a collection
                 that share a table are logged together, and each may use either).
+
+        Raises:
+            ValueError, TypeError: as :meth:`add_among`.
         """
+        ids = _id_array(ids)
+        self._check_keys(ids, keys)
         if len(keys):
-            self._append(np.asarray(ids, dtype=np.int64), _Encoded.of(keys))
+            self._append(ids, _Encoded.of(keys))
+
+    @staticmethod
+    def _check_keys(ids: np.ndarray, keys: Sequence) -> None:
+        """Raises ValueError (nothing logged) unless there is one key per id."""
+        if len(keys) != ids.shape[0]:
+            raise ValueError(f"keys must hold one key per id: {ids.shape[0]} ids, "
+                             f"{len(keys)} keys")
 
     def _append(self, ids: np.ndarray, keys: _Encoded, *, distinct: bool = False) -> None:
         """Logs (n,) ids' keys as new entries; an id already in the log gets the new one.
@@ -229,12 +263,12 @@ class KeyLog:
 
     def _find(self, ids: np.ndarray) -> np.ndarray:
         """(n,) int64 entry of each id, EMPTY where it is not logged."""
-        return index.index_find(self._buckets, index.as_ids(ids), get_num_threads())
+        return index.index_find(self._buckets, ids, get_num_threads())
 
     def _forget(self, ids: np.ndarray) -> None:
         if not self._size or not ids.shape[0]:
             return
-        freed = index.index_erase(self._buckets, index.as_ids(ids))
+        freed = index.index_erase(self._buckets, ids)
         freed = freed[freed != index.EMPTY]
         self._size -= freed.shape[0]
         self._dead_bytes += int(self._lengths[freed].sum())
@@ -260,13 +294,17 @@ class KeyLog:
         self.__dict__.update(fresh.__dict__)
 
     def lookup(self, ids: np.ndarray) -> list[str | bytes | None]:
-        """The key of each id (str, or bytes for bytes keys that are not UTF-8), None where
-        it was never logged."""
-        ids = np.asarray(ids)
+        """The key of each of (n,) ids (str, or bytes for bytes keys that are not UTF-8),
+        None where it was never logged.
+
+        Raises:
+            ValueError, TypeError: ids that are not 1-D integers.
+        """
+        ids = _id_array(ids)
         out = np.full(ids.shape[0], None, dtype=object)
         if not self._size or not ids.shape[0]:
             return out.tolist()
-        entries = self._find(ids.reshape(-1))
+        entries = self._find(ids)
         at = np.flatnonzero(entries != index.EMPTY)
         found = entries[at]
         raw = self._raw[found]
@@ -300,7 +338,7 @@ class KeyLog:
 
     def discard(self, ids: np.ndarray) -> None:
         """Forgets ids (their rows were erased)."""
-        self._forget(np.asarray(ids).reshape(-1))
+        self._forget(_id_array(ids))
         self._compact()
 
     def keep_only(self, keep: Callable[[np.ndarray], np.ndarray]) -> None:
@@ -329,30 +367,47 @@ class KeyLog:
         """Replaces the log with a saved one.
 
         Raises:
-            ValueError: the tensors do not fit together (a key's string would be lost), or
-                'utf8' is not UTF-8.
+            ValueError: a tensor is not 1-D of its dtype (int64; uint8 for the bytes), the
+                tensors do not fit together (a key's string would be lost), or 'utf8' is not
+                UTF-8. The log is unchanged.
             KeyError: one of them is missing.
         """
-        ids = state["ids"].numpy().astype(np.int64, copy=False)
-        codepoints = state["lengths"].numpy().astype(np.int64, copy=False)
-        buf = np.ascontiguousarray(state["utf8"].numpy(), dtype=np.uint8)
+        ids, codepoints, buf = (_part(state, name) for name in ("ids", "lengths", "utf8"))
         buf.tobytes().decode("utf-8", "surrogatepass")  # UnicodeDecodeError (a ValueError)
         starts, lengths, end = utf8_spans(buf, codepoints, 1)
         if codepoints.shape != ids.shape or end != (buf.shape[0] + 1 if ids.size else 0):
             raise ValueError(f"key log 'lengths' ({codepoints.shape[0]} entries, "
                              f"{int(codepoints.sum())} code points) does not fit 'ids' "
-                             f"({ids.shape[0]}) and 'utf8' ({buf.shape[0]} bytes)")
+                             f"({ids.shape[0]}) and 'utf8' ({buf.shape[0]} bytes, split at "
+                             "NUL separators)")
         fresh = KeyLog()
         fresh._append(ids, _Encoded(buf, starts, lengths, np.zeros(ids.shape[0], bool)))
         if "raw_ids" in state:  # (older states have no such part, and no such keys)
-            raw_ids = state["raw_ids"].numpy().astype(np.int64, copy=False)
-            raw_lengths = state["raw_lengths"].numpy().astype(np.int64, copy=False)
-            blob = np.ascontiguousarray(state["raw"].numpy(), dtype=np.uint8)
-            if raw_lengths.shape != raw_ids.shape or int(raw_lengths.sum()) != blob.shape[0] \
-                    or (raw_lengths < 0).any():
+            raw_ids, raw_lengths, blob = (_part(state, name)
+                                          for name in ("raw_ids", "raw_lengths", "raw"))
+            ends = np.cumsum(raw_lengths)
+            if raw_lengths.shape != raw_ids.shape or (raw_lengths < 0).any() \
+                    or (raw_lengths > blob.shape[0]).any() \
+                    or (ends[-1] if ends.size else 0) != blob.shape[0]:
                 raise ValueError(f"key log 'raw_lengths' ({raw_lengths.shape[0]} entries, "
                                  f"{int(raw_lengths.sum())} bytes) does not fit 'raw_ids' "
                                  f"({raw_ids.shape[0]}) and 'raw' ({blob.shape[0]} bytes)")
-            fresh._append(raw_ids, _Encoded(blob, np.cumsum(raw_lengths) - raw_lengths,
-                                            raw_lengths, np.ones(raw_ids.shape[0], bool)))
+            fresh._append(raw_ids, _Encoded(blob, ends - raw_lengths, raw_lengths,
+                                            np.ones(raw_ids.shape[0], bool)))
         self.__dict__.update(fresh.__dict__)
+
+
+def _part(state: dict, name: str) -> np.ndarray:
+    """The state's tensor ``name`` as a 1-D numpy array of its dtype.
+
+    Raises:
+        ValueError: it is not a 1-D tensor of that dtype.
+        KeyError: it is missing.
+    """
+    dtype = torch.uint8 if name in ("utf8", "raw") else torch.int64
+    part = state[name]
+    if not isinstance(part, torch.Tensor) or part.dtype != dtype or part.dim() != 1:
+        raise ValueError(f"key log '{name}' must be a 1-D {dtype} tensor, got "
+                         f"{getattr(part, 'dtype', type(part).__name__)} of shape "
+                         f"{tuple(getattr(part, 'shape', ()))}")
+    return np.ascontiguousarray(part.cpu().numpy())

@@ -90,13 +90,12 @@ class TableConfig:
     """Serving mode: no inserts or updates in any mode; mutating verbs raise."""
     key_log: bool = False
     """Keep id -> original string for string keys, to list and export real keys. In a
-    distributed job each rank logs the strings it looked up, not those of the rows it
-    holds; checkpoints merge every rank's log, so a restored table (and ``dynembed
-    inspect``) has them all, while a live shard may show None for keys other ranks sent.
+    distributed job each rank's log holds the strings of its own rows (the ranks that
+    looked them up send them); checkpoints merge every rank's log.
 
-    The log is a Python dict in process memory, outside ``memory_budget`` / ``max_rows``
-    and not counted by ``stats()``: about 140 bytes plus the key's length per key (some
-    200 bytes for 50-character keys). Without a store, rows evicted to stay within the
+    The log lives in process memory, outside ``memory_budget`` / ``max_rows``, counted in
+    ``stats().key_log_bytes``: about 51 bytes plus the key's UTF-8 bytes per key (some 100
+    bytes for 50-character ASCII keys). Without a store, rows evicted to stay within the
     budget take their keys out of the log; with a ``store`` evicted rows stay in the table
     (in the store), so the log keeps every key the table ever logged however small the
     memory budget. It is also saved whole in every checkpoint."""

@@ -99,12 +99,14 @@ class TableStats:
     capacity: int
     """Rows the arena can hold before it grows."""
     bytes_used: int
-    """Bytes of live rows (weights, optimizer state, metadata) plus the index and the key
-    log."""
+    """Bytes of live rows (weights, optimizer state, metadata) plus the index."""
     bytes_allocated: int
-    """Bytes allocated for the arena, index and key log (capacity, not only live rows)."""
+    """Bytes allocated for the arena and index (capacity, not only live rows): what
+    ``memory_budget`` bounds."""
     payload_bytes_per_row: int
     """Weights plus optimizer state of one row."""
+    key_log_bytes: int = 0
+    """Bytes the key log holds (``key_log=True``), outside ``memory_budget``."""
     totals: Counters = field(default_factory=Counters)
     """Cumulative counters."""
     last_call: CallStats = field(default_factory=CallStats)

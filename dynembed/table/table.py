@@ -228,11 +228,11 @@ class DynamicTable(RowLifecycle, StoreClock, TableUpdates, TableSnapshot, TableS
     def stats(self) -> TableStats:
         """A snapshot of sizes and counters."""
         per_row = self.arena.bytes_per_row()
-        beside_rows = self.index.nbytes + (self.key_log.nbytes if self.key_log else 0)
         return TableStats(
             rows=self.size(), capacity=self.capacity(),
-            bytes_used=self.size() * per_row + beside_rows,
-            bytes_allocated=self.capacity() * per_row + beside_rows + self._free.nbytes,
+            bytes_used=self.size() * per_row + self.index.nbytes,
+            bytes_allocated=self.capacity() * per_row + self.index.nbytes + self._free.nbytes,
+            key_log_bytes=0 if self.key_log is None else self.key_log.nbytes,
             payload_bytes_per_row=4 * (self.dim + self.arena.state_width),
             totals=self.counters.snapshot(),
             last_call=dataclasses.replace(self.last_call))

@@ -306,16 +306,45 @@ def test_add_among_logs_the_first_key_of_each_admitted_id_only():
     (lambda s: s.update(lengths=torch.tensor([3])), "does not fit"),
     (lambda s: s.update(utf8=torch.tensor([0xC3, 0x28], dtype=torch.uint8)), "decode"),
     (lambda s: s.update(raw_lengths=torch.tensor([5])), "does not fit"),
+    # the same total split elsewhere: key 2 would start inside "é" and hold the NUL
+    (lambda s: s.update(lengths=torch.tensor([1, 2])), "does not fit"),
+    (lambda s: s.update(lengths=torch.tensor([3, 0])), "does not fit"),
+    (lambda s: s.update(raw_ids=torch.tensor([3, 4, 5, 6]),  # lengths whose sum wraps to 2
+                        raw=torch.tensor([255, 1], dtype=torch.uint8),
+                        raw_lengths=torch.tensor([2**62, 2**62, 2**62, 2**62 + 2])),
+     "does not fit"),
+    (lambda s: s.update(ids=s["ids"].reshape(1, 2), lengths=s["lengths"].reshape(1, 2)),
+     "'ids' must be a 1-D torch.int64 tensor"),
+    (lambda s: s.update(raw_ids=s["raw_ids"][0]), "'raw_ids' must be a 1-D"),
+    (lambda s: s.update(utf8=s["utf8"].long()), "'utf8' must be a 1-D torch.uint8 tensor"),
+    (lambda s: s.update(lengths=s["lengths"].int()), "'lengths' must be a 1-D torch.int64"),
 ])
 def test_a_damaged_state_is_refused_and_the_log_kept(change, message):
     log = KeyLog()
-    log.add(np.array([1, 2], dtype=np.int64), ["cat", "dog"])
+    log.add(np.array([1, 2], dtype=np.int64), ["a\u00e9", "b"])
     log.add(np.array([3], dtype=np.int64), [b"\xff"])
     state = log.state_dict()
     change(state)
     with pytest.raises(ValueError, match=message):
         log.load_state_dict(state)
-    assert log.lookup(np.array([1, 2, 3], dtype=np.int64)) == ["cat", "dog", b"\xff"]
+    assert log.lookup(np.array([1, 2, 3], dtype=np.int64)) == ["a\u00e9", "b", b"\xff"]
+
+
+def test_ids_of_any_integer_array_and_one_key_each():
+    """Big-endian ids were read as the int64 of their bytes (other ids); a call with
+    fewer keys than ids forgot the ids' old keys before it failed."""
+    log = KeyLog()
+    log.add(torch.tensor([1, 2]), ["a", "b"])
+    assert log.lookup(np.array([2, 1], dtype=">i8")) == ["b", "a"]
+    log.add_among([3, 4], ["c", "d"], np.array([4], dtype=">u8"))
+    assert log.lookup(torch.tensor([3, 4])) == [None, "d"]
+    with pytest.raises(ValueError, match="one key per id: 2 ids, 1 keys"):
+        log.add(np.array([1, 2]), ["x"])
+    with pytest.raises(ValueError, match="ids must be 1-D"):
+        log.lookup(np.array([[1, 2]]))
+    with pytest.raises(TypeError, match="integer array"):
+        log.discard(np.array([1.0]))
+    assert log.lookup(np.array([1, 2, 4])) == ["a", "b", "d"]
 
 
 def test_table_stats_count_the_key_logs_bytes():
@@ -324,5 +353,8 @@ def test_table_stats_count_the_key_logs_bytes():
     keys = [f"word{i}" for i in range(5_000)]
     for table in (plain, logged):
         table.find_or_insert(keys)
-    extra = logged.stats().bytes_used - plain.stats().bytes_used
-    assert extra == logged.key_log.nbytes and extra >= 5_000 * (8 + 8 + 8 + 5)
+    assert plain.stats().key_log_bytes == 0
+    assert logged.stats().key_log_bytes == logged.key_log.nbytes >= 5_000 * (8 + 8 + 8 + 5)
+    assert logged.stats().bytes_allocated == plain.stats().bytes_allocated  # the budget's
+    logged.erase(keys)  # an empty log still holds its buffers until it compacts
+    assert logged.stats().key_log_bytes == logged.key_log.nbytes > 0
