@@ -236,6 +236,37 @@ class EmbeddingStore(ABC):
                                            values[start:start + batch_size])
         self._check_open()  # a store closed mid-scan ends it with an error, not early
 
+    def scan_from(self, cursor: object | None,
+                  batch_size: int = 4096) -> tuple[RowBlock, object | None]:
+        """One block of a scan spread over many calls (a table's scheduled sweeps): up to
+        ``batch_size`` rows (a backend may answer a few more) after ``cursor``.
+
+        Pass None to start, then each returned cursor; a None cursor ends the pass. Rows
+        written or deleted meanwhile may be seen or not, and a row's copy may be older
+        than the store's by the time it is returned (read it again before acting on it).
+        RocksDB holds nothing open between calls; other backends continue one
+        :meth:`scan` held by the cursor (drop the cursor to end it early).
+
+        Returns:
+            (rows, cursor).
+
+        Raises:
+            ValueError: ``batch_size`` is not an int > 0.
+            StoreError: the store failed or was closed.
+        """
+        _as_size("batch_size", batch_size, 1)
+        self._check_open()
+        ids, values, cursor = self._scan_from(cursor, int(batch_size))
+        return self._codec().decode_present(ids, values), cursor
+
+    def _scan_from(self, cursor, batch_size: int) -> tuple[np.ndarray, list, object | None]:
+        """(ids, records, cursor) of :meth:`scan_from`; this default continues one
+        :meth:`_scan` generator, which the cursor is."""
+        scan = self._scan(batch_size) if cursor is None else cursor
+        for ids, values in scan:
+            return ids, values, scan
+        return np.empty(0, dtype=np.int64), [], None
+
     def size(self) -> int:
         """Rows stored (exact; may cost a scan on some backends, see each backend)."""
         self._check_open()

@@ -265,6 +265,28 @@ class RocksDBStore(EmbeddingStore):
         finally:
             del snapshot
 
+    def _scan_from(self, cursor, batch_size: int) -> tuple[np.ndarray, list, bytes | None]:
+        # a short-lived iterator from the cursor's key on, without a snapshot: a sweep
+        # spread over many steps never holds the database (nor old versions of its rows)
+        rows, key = [], cursor
+        try:
+            while True:  # the description records are skipped, not counted
+                window = list(islice(self._db.items(from_key=key), batch_size + 1))
+                fresh = [kv for kv in window if kv[0] != key]
+                rows += [kv for kv in fresh if len(kv[0]) == _ROW_KEY_BYTES]
+                if len(window) <= batch_size or not fresh:
+                    key = None  # the last key: the pass ends with these rows
+                    break
+                key = fresh[-1][0]
+                if len(rows) >= batch_size:
+                    break
+        except Exception as exc:
+            raise _translate(self.name, "scan", exc) from exc
+        if not rows:
+            return np.empty(0, dtype=np.int64), [], None
+        keys, values = zip(*rows)
+        return decode_ids(list(keys)), list(values), key
+
     def _count(self) -> int:
         self._check_open()
         keys, total = self._db.keys(), 0

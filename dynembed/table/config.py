@@ -117,9 +117,12 @@ class TableConfig:
     """The most rows memory may hold (with ``memory_budget``, the smaller limit applies)."""
     evict_every: int | None = None
     """Steps between sweeps that evict rows the policy calls expired (TTL, or ``min_score``
-    of LFU / ScoreFunction). A sweep examines ``sweep_rows`` slots per lookup."""
+    of LFU / ScoreFunction). A sweep examines ``sweep_rows`` slots per lookup; with a
+    store it also starts a pass over the store (unless one runs), which removes the
+    store's expired rows ``sweep_rows // 16`` stored rows per lookup."""
     sweep_rows: int = 1 << 16
-    """Slots a scheduled sweep examines per training lookup (bounds the pause)."""
+    """Slots a scheduled sweep examines per training lookup (bounds the pause); a pass
+    over the store reads a 16th as many stored rows per lookup."""
     store: EmbeddingStore | None = None
     """Storage tier under memory (de.storage.RocksDBStore, RedisStore, MemoryStore): misses
     read through it and evicted rows are written to it. None keeps rows in memory only, and

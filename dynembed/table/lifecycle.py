@@ -401,12 +401,43 @@ class RowLifecycle:
 
     def _sweep(self, protect: np.ndarray) -> None:
         """One bounded step of a scheduled sweep for expired rows, at the start of a training
-        lookup (``self.step + 1``); ``protect`` holds the slots of that lookup's rows."""
+        lookup (``self.step + 1``); ``protect`` holds the slots of that lookup's rows.
+
+        With a store and a policy that expires rows, a sweep that starts also starts a pass
+        over the store (unless one is running), which examines ``sweep_rows // 16`` stored
+        rows per training lookup (a stored row costs a read, a slot in memory does not).
+
+        Raises:
+            StoreError: the store failed; the store's pass starts over at the next sweep.
+        """
         step = self.step + 1
         span = self.evictor.sweep_range(self._high_water, step)
         if span is not None:
             expired = self.evictor.expired(self.arena.np("meta"), *span, step)
             self._expire_slots(expired[~np.isin(expired, protect)])
+            if span[0] == 0 and self._store_sweep is None and self.tier is not None \
+                    and self.evictor.policy.expires:
+                self._store_sweep = (None,)
+        if self._store_sweep is not None:
+            self._sweep_store(step)
+
+    def _sweep_store(self, step: int) -> None:
+        """One block of the store's pass: removes the stored rows (absent from memory,
+        whose copy is the live one) that the policy calls expired at ``step``, read again
+        first (the scan's copy may be older than the store's or the write queue's)."""
+        cursor, = self._store_sweep
+        self._store_sweep = None  # a failure below starts the next pass afresh
+        block, cursor = self.tier.scan_from(cursor, max(1, self.evictor.sweep_rows // 16))
+        if cursor is not None:
+            self._store_sweep = (cursor,)
+        block = block.take(self.index.find(block.ids) == EMPTY)
+        mask = self.evictor.expired_rows(block.counts, block.last_step, step)
+        if mask is None or not mask.any():
+            return
+        _, current = self.tier.get(np.unique(block.ids[mask]))
+        still = self.evictor.expired_rows(current.counts, current.last_step, step)
+        if still is not None and still.any():
+            self._expire_ids(current.ids[still])
 
     def _expire_slots(self, slots: np.ndarray) -> int:
         """Removes the rows at ``slots``, which the policy expired, as :meth:`_expire_ids`."""
@@ -452,10 +483,10 @@ class RowLifecycle:
 
         Evicted rows go to the store, or are discarded and counted without one. Expired
         rows (TTL, or below ``min_score``) are removed everywhere and counted as
-        ``expired``; with ``rows=None`` that includes one pass over the rows in the store
-        and in a lazily opened checkpoint, which scheduled sweeps (``evict_every``, over
-        memory) never visit: call it now and then (e.g. before a checkpoint) to reclaim
-        the store's space.
+        ``expired``; with ``rows=None`` that includes one whole pass over the rows in the
+        store and in a lazily opened checkpoint, now (scheduled sweeps, ``evict_every``,
+        walk the store a few rows per training lookup, and never a lazily opened
+        checkpoint, whose expired rows are dropped when read back).
 
         Returns:
             Rows evicted or expired.

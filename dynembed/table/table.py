@@ -150,6 +150,8 @@ class DynamicTable(RowLifecycle, StoreClock, TableUpdates, TableSnapshot, TableS
         policy = config.eviction or (LRU() if self.max_rows is not None else None)
         self.evictor = (Evictor(policy, self.max_rows, config.evict_every, config.sweep_rows)
                         if policy is not None else None)
+        self._store_sweep: tuple[object | None] | None = None
+        """(cursor,) of the scheduled sweep's pass over the store, None between passes."""
         self.name: str | None = None
         """What logs call the table (``EmbeddingCollection`` names its tables); None:
         ``table(dim=...)``."""

@@ -361,6 +361,15 @@ class Tier:
         blocks = self.store.scan(batch_size)
         return blocks if self.owned is None else self._own(blocks)
 
+    def scan_from(self, cursor, batch_size: int) -> tuple[RowBlock, object | None]:
+        """One block of a scan spread over many calls, of this shard's rows (see
+        :meth:`EmbeddingStore.scan_from`: a copy may be older than the queue's or the
+        store's by now)."""
+        block, cursor = self.store.scan_from(cursor, batch_size)
+        if self.owned is not None and len(block):
+            block = next(self._own([block]), block.take(np.zeros(len(block), dtype=bool)))
+        return block, cursor
+
     def _own(self, blocks):
         buckets, num_buckets = self.owned
         for block in blocks:

@@ -105,6 +105,37 @@ def test_scan_returns_every_row_once(store):
     assert_rows_equal(merged.take(order), block.take(np.argsort(block.ids)))
 
 
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_a_scan_spread_over_calls_sees_every_row_that_stays(store, batch):
+    """A sweep's scan, one block per call, while rows are written and deleted between
+    calls: every row there from start to end is seen, none twice, in blocks of about
+    ``batch``."""
+    stays = np.arange(-60, 60, dtype=np.int64) * 1_000_003
+    leaves = stays[::3] + 1
+    store.put(rows(np.concatenate([stays, leaves])))
+    seen, cursor, calls = [], None, 0
+    while True:
+        block, cursor = store.scan_from(cursor, batch)
+        calls += 1
+        assert len(block) <= batch + 40  # a backend may answer a little more
+        seen.append(block.ids)
+        if calls == 2:
+            store.delete(leaves)
+            store.put(rows(stays[:5] + 2))  # new rows may be seen or not
+        if cursor is None:
+            break
+        assert calls < 1000
+    seen = np.concatenate(seen)
+    assert np.isin(stays, seen).all()
+    assert np.unique(seen).shape[0] == seen.shape[0]
+    assert np.isin(seen, np.concatenate([stays, leaves, stays[:5] + 2])).all()
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+        store.scan_from(None, 0)
+    store.close()
+    with pytest.raises(StoreError):
+        store.scan_from(None, 8)
+
+
 def test_clear_empties_the_store(store):
     store.put(rows(range(50)))
     store.clear()

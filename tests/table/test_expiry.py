@@ -63,6 +63,34 @@ def test_evict_also_expires_the_rows_in_the_store():
     assert table.stats().totals.expired == 3
 
 
+@pytest.mark.parametrize("store", ["memory", "rocksdb"])
+def test_scheduled_sweeps_reclaim_the_store_without_evict(store, tmp_path):
+    """The store's expired rows are removed by training alone, a few per lookup (here
+    sweep_rows=16: one stored row per lookup); a row read back and stored again while the
+    pass ran is kept, though the pass had an expired copy of it (MemoryStore's pass holds
+    a snapshot; RocksDB's reads the current rows)."""
+    made = MemoryStore() if store == "memory" else de.storage.RocksDBStore(tmp_path / "db")
+    table = _table(eviction=de.policy.TTL(steps=50), max_rows=2, store=made,
+                   evict_every=100, sweep_rows=16)
+    for key in range(20):
+        _train(table, [f"k{key}"])  # steps 1-20: each goes to the store for room
+    while table.step < 99:
+        _train(table, ["h"])
+    assert table.tier.store.size() == 19  # k19 is still in memory with h, k18 ... below
+    table.flush()
+    _train(table, ["h"])  # step 100: the sweep expires k19 in memory and starts a pass
+    _train(table, ["k5"])  # read back expired: a new row (the pass holds the old copy)
+    _train(table, ["h", "h2"])  # the new k5 goes to the store, seen at step 101
+    trained = table.find(["k5"]).values
+    for _ in range(30):  # the pass reaches every stored row
+        _train(table, ["h"])
+    totals = table.stats().totals
+    assert totals.expired == 20  # k0-k19, and the old k5 read back at step 101
+    assert table.contains([f"k{i}" for i in range(20)]).tolist() == [i == 5 for i in range(20)]
+    assert table.tier.store.size() == 2  # k5 and h
+    torch.testing.assert_close(table.find(["k5"]).values, trained)
+
+
 def test_a_training_lookup_does_not_bring_an_expired_row_back_from_the_store():
     table = _table(eviction=de.policy.TTL(steps=2), max_rows=1, store=MemoryStore(),
                    evict_every=100)

@@ -643,3 +643,23 @@ def test_clear_store_without_a_store_or_on_a_read_only_table():
     with pytest.raises(de.errors.ReadOnlyTableError, match="clear_store: the table is read-only"):
         reader.clear_store()
     assert store.size() == 4
+
+
+def test_a_spread_scan_of_a_shard_sees_only_its_own_buckets():
+    """A shard over a shared store sweeps its own rows, never another shard's."""
+    from dynembed.keys.buckets import buckets_of
+    store = MemoryStore()
+    table = DynamicTable(TableConfig(dim=2, seed=1, store=store))
+    table.find_or_insert(np.arange(200))
+    table.flush()
+    table.tier.owned = (range(0, 2048), 4096)
+    seen, cursor = [], None
+    while True:
+        block, cursor = table.tier.scan_from(cursor, 16)
+        seen.append(block.ids)
+        if cursor is None:
+            break
+    seen = np.concatenate(seen)
+    mine = np.arange(200)[buckets_of(np.arange(200), 4096) < 2048]
+    assert 0 < mine.shape[0] < 200
+    assert np.array_equal(np.sort(seen), mine)
