@@ -19,10 +19,13 @@ Either is one sizes-and-payload exchange after each training lookup of key-logge
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 import torch
 
 from dynembed.distributed.exchange import Exchange
+from dynembed.kernels.hash_index import EMPTY, first_positions
 from dynembed.keys.key_log import KeyLog
 from dynembed.nn._autograd import Lookup
 
@@ -31,19 +34,18 @@ _FIELDS = (("ids", np.int64), ("lengths", np.int64), ("utf8", np.uint8),
 """A :class:`KeyLog` state's tensors, in the order :func:`pack` writes them."""
 
 
-def pack(parts: list[tuple[int, KeyLog]]) -> np.ndarray:
-    """(bytes,) uint8: the key logs of several tables (by their index in the lookup), a
-    header of int64 sizes, then each log's arrays back to back."""
+def pack(parts: list[tuple[int, dict]]) -> np.ndarray:
+    """(bytes,) uint8: key log states (:meth:`KeyLog.state_of`) of several tables (by their
+    index in the lookup), a header of int64 sizes, then each state's arrays back to back."""
     header, blobs = [len(parts)], []
-    for table, log in parts:
-        state = log.state_dict()
+    for table, state in parts:
         arrays = [state[name].numpy().astype(dtype, copy=False) for name, dtype in _FIELDS]
         header += [table, *(a.shape[0] for a in arrays)]
         blobs += [a.view(np.uint8) for a in arrays]
     return np.concatenate([np.asarray(header, dtype=np.int64).view(np.uint8), *blobs])
 
 
-def unpack(buf: np.ndarray) -> list[tuple[int, KeyLog]]:
+def unpack(buf: np.ndarray) -> list[tuple[int, dict]]:
     """The parts :func:`pack` wrote into ``buf``."""
     count = int(buf[:8].view(np.int64)[0])
     width = 1 + len(_FIELDS)
@@ -55,9 +57,7 @@ def unpack(buf: np.ndarray) -> list[tuple[int, KeyLog]]:
             size = int(n) * np.dtype(dtype).itemsize
             state[name] = torch.from_numpy(buf[at:at + size].copy().view(dtype))
             at += size
-        log = KeyLog()
-        log.load_state_dict(state)
-        parts.append((int(row[0]), log))
+        parts.append((int(row[0]), state))
     return parts
 
 
@@ -66,11 +66,16 @@ def _strings_of(lookup: Lookup, ids: np.ndarray) -> tuple[np.ndarray, list]:
     have none), and those keys."""
     if lookup.strings is None or not ids.shape[0] or not lookup.string_ids.shape[0]:
         return np.zeros(ids.shape[0], dtype=bool), []
-    by_id = np.argsort(lookup.string_ids, kind="stable")
-    at = by_id[np.minimum(np.searchsorted(lookup.string_ids, ids, sorter=by_id),
-                          by_id.shape[0] - 1)]
-    found = lookup.string_ids[at] == ids
-    return found, [lookup.strings[i] for i in at[found].tolist()]
+    at = first_positions(lookup.string_ids, ids)
+    found = at != EMPTY
+    return found, _pick(lookup.strings, at[found])
+
+
+def _pick(keys, positions: np.ndarray) -> list:
+    """``[keys[i] for i in positions]`` in one C-level call."""
+    if positions.shape[0] < 2:
+        return [keys[i] for i in positions.tolist()]
+    return list(operator.itemgetter(*positions.tolist())(keys))
 
 
 def send_strings_to_owners(exchange: Exchange,
@@ -98,7 +103,7 @@ def send_strings_to_owners(exchange: Exchange,
         for t, ids, keys, owners in found:
             to = np.flatnonzero(owners == destination)
             if to.shape[0]:
-                parts.append((t, _log_of(ids[to], [keys[i] for i in to.tolist()])))
+                parts.append((t, KeyLog.state_of(ids[to], _pick(keys, to))))
         payloads.append(pack(parts) if parts else np.zeros(0, dtype=np.uint8))
     send = np.array([p.shape[0] for p in payloads], dtype=np.int64)
     sizes, _ = exchange.splits(send)
@@ -122,7 +127,7 @@ def share_with_replicas(exchange: Exchange, logged: list[tuple[Lookup, np.ndarra
         ids = lk.ids[created]
         has, keys = _strings_of(lk, ids)
         if keys:
-            parts.append((t, _log_of(ids[has], keys)))
+            parts.append((t, KeyLog.state_of(ids[has], keys)))
     got, sizes = exchange.all_gather(torch.from_numpy(pack(parts)))
     _merge_received(got.numpy(), sizes, [lk.table for lk, _ in logged])
 
@@ -132,11 +137,6 @@ def _merge_received(got: np.ndarray, sizes: np.ndarray, tables: list) -> None:
     too: the strings of the rows it holds that it asked for itself)."""
     for start, size in zip((np.cumsum(sizes) - sizes).tolist(), sizes.tolist()):
         if size:
-            for t, log in unpack(got[start:start + size]):
-                tables[t].key_log.merge(log)
+            for t, state in unpack(got[start:start + size]):
+                tables[t].key_log.merge_state(state)
 
-
-def _log_of(ids: np.ndarray, keys: list) -> KeyLog:
-    log = KeyLog()
-    log.add(ids, keys)
-    return log

@@ -20,7 +20,7 @@ from dynembed.kernels._prefetch import (
     prefetch_row_read,
 )
 from dynembed.kernels._streaming import copy_row, store_fence
-from dynembed.kernels._threads import adaptive
+from dynembed.kernels._threads import adaptive, get_num_threads
 
 EMPTY = -1
 KEY, ROW = 0, 1
@@ -325,6 +325,30 @@ def as_ids(ids: np.ndarray) -> np.ndarray:
     if ids.dtype.itemsize == 8:
         return ids.view(np.int64)
     return ids.astype(np.int64)
+
+
+def first_positions(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Where each of (m,) distinct ``wanted`` ids first occurs in (n,) ``ids``: (m,) int64
+    positions, EMPTY for those that do not occur. A hash probe per id, no sort.
+
+    Raises:
+        TypeError: either is not an integer array.
+    """
+    ids, wanted = as_ids(ids), as_ids(wanted)
+    m = wanted.shape[0]
+    cap = 16
+    while cap * 3 < 4 * m:
+        cap *= 2
+    buckets = np.empty((cap, 2), dtype=np.int64)
+    buckets[:, ROW] = EMPTY
+    index_insert(buckets, wanted, np.full(m, EMPTY, dtype=np.int64), np.empty(0, np.int64),
+                 0, 0, m)  # wanted[j] gets row j
+    found = index_find(buckets, ids, get_num_threads())
+    at = np.flatnonzero(found != EMPTY)
+    first = np.full(m, ids.shape[0], dtype=np.int64)
+    np.minimum.at(first, found[at], at)
+    first[first == ids.shape[0]] = EMPTY
+    return first
 
 
 def unique_inverse(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

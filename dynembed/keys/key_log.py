@@ -83,19 +83,6 @@ def _id_array(ids, arg: str = "ids") -> np.ndarray:
     return index.as_ids(ids)
 
 
-def _first_positions(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
-    """(m,) int64 position in (n,) ``ids`` of the first occurrence of each of (m,) distinct
-    ``wanted`` ids, EMPTY for those that do not occur (a hash probe per id, no sort)."""
-    buckets = _empty_buckets(wanted.shape[0])
-    number = np.full(wanted.shape[0], index.EMPTY, dtype=np.int64)
-    index.index_insert(buckets, wanted, number, np.empty(0, np.int64), 0, 0, wanted.shape[0])
-    found = index.index_find(buckets, ids, get_num_threads())
-    at = np.flatnonzero(found != index.EMPTY)
-    first = np.full(wanted.shape[0], index.EMPTY, dtype=np.int64)
-    first[found[at[::-1]]] = at[::-1]  # repeated targets keep the last write: the first key
-    return first
-
-
 class _Encoded:
     """Keys as byte spans of one buffer, and whether each is bytes that are not UTF-8."""
 
@@ -196,12 +183,11 @@ class KeyLog:
         """
         ids, among = _id_array(ids), _id_array(among, "among")
         self._check_keys(ids, keys)
-        at = _first_positions(ids, among)
+        at = index.first_positions(ids, among)
         at = np.sort(at[at != index.EMPTY])
         if at.shape[0]:  # only the logged keys are encoded, one each
             picked = operator.itemgetter(*at.tolist())(keys)
-            self._append(ids[at], _Encoded.of(picked if at.shape[0] > 1 else [picked]),
-                         distinct=True)
+            self._append(ids[at], _Encoded.of(picked if at.shape[0] > 1 else [picked]))
 
     def add(self, ids: np.ndarray, keys: Sequence) -> None:
         """Records ``keys[i]`` as the key of ``ids[i]`` (the last one where an id repeats).
@@ -226,14 +212,13 @@ class KeyLog:
             raise ValueError(f"keys must hold one key per id: {ids.shape[0]} ids, "
                              f"{len(keys)} keys")
 
-    def _append(self, ids: np.ndarray, keys: _Encoded, *, distinct: bool = False) -> None:
-        """Logs (n,) ids' keys as new entries; an id already in the log gets the new one.
-        ``distinct``: the caller knows no id repeats."""
-        if not distinct and ids.shape[0] > 1:  # the last key of an id wins, as in a dict
-            _, last_in_reversed = np.unique(ids[::-1], return_index=True)
-            if last_in_reversed.shape[0] < ids.shape[0]:
-                keep = np.sort(ids.shape[0] - 1 - last_in_reversed)
-                ids, keys = ids[keep], keys.take(keep)
+    def _append(self, ids: np.ndarray, keys: _Encoded) -> None:
+        """Logs (n,) ids' keys as new entries; an id already in the log gets the new one."""
+        unique, inverse, _ = index.unique_inverse(ids)
+        if unique.shape[0] < ids.shape[0]:  # the last key of an id wins, as in a dict
+            last = np.zeros(unique.shape[0], dtype=np.int64)
+            np.maximum.at(last, inverse, np.arange(ids.shape[0]))
+            ids, keys = unique, keys.take(last)
         self._forget(ids)
         n = ids.shape[0]
         data = gather_spans(keys.buf, keys.starts, keys.lengths, NO_SEPARATOR)
@@ -276,8 +261,12 @@ class KeyLog:
     def _live(self) -> tuple[np.ndarray, np.ndarray]:
         """((size,) ids, (size,) entries) in the order they were logged."""
         ids, entries = index.index_items(self._buckets, self._size)
-        order = np.argsort(entries, kind="stable")
-        return ids[order], entries[order]
+        alive = np.zeros(self._entries, dtype=bool)
+        alive[entries] = True
+        by_entry = np.empty(self._entries, dtype=np.int64)
+        by_entry[entries] = ids  # entries are distinct: a scatter, not a sort
+        entries = np.flatnonzero(alive)
+        return by_entry[entries], entries
 
     def _compact(self) -> None:
         """Rewrites the log without its dead entries and bytes once they outnumber the live
@@ -333,8 +322,7 @@ class KeyLog:
         ids, entries = other._live()
         if ids.shape[0]:
             self._append(ids, _Encoded(other._heap, other._starts[entries],
-                                       other._lengths[entries], other._raw[entries]),
-                         distinct=True)
+                                       other._lengths[entries], other._raw[entries]))
 
     def discard(self, ids: np.ndarray) -> None:
         """Forgets ids (their rows were erased)."""
@@ -352,36 +340,51 @@ class KeyLog:
         code points}, plus 'raw_ids', 'raw' and 'raw_lengths' (bytes) alike for the bytes
         keys that are not UTF-8."""
         ids, entries = self._live()
-        raw = self._raw[entries]
-        text, blobs = entries[~raw], entries[raw]
-        starts, lengths = self._starts[text], self._lengths[text]
-        return {"ids": torch.from_numpy(ids[~raw]),
-                "utf8": _bytes_tensor(gather_spans(self._heap, starts, lengths, 0)),
-                "lengths": torch.from_numpy(codepoint_counts(self._heap, starts, lengths)),
-                "raw_ids": torch.from_numpy(ids[raw]),
-                "raw": _bytes_tensor(gather_spans(self._heap, self._starts[blobs],
-                                                  self._lengths[blobs], NO_SEPARATOR)),
-                "raw_lengths": torch.from_numpy(self._lengths[blobs])}
+        return _state(ids, _Encoded(self._heap, self._starts[entries], self._lengths[entries],
+                                    self._raw[entries]))
+
+    @staticmethod
+    def state_of(ids: np.ndarray, keys: Sequence) -> dict[str, torch.Tensor]:
+        """The :meth:`state_dict` of a log holding ``keys[i]`` for ``ids[i]`` (distinct),
+        without building the log (the strings a distributed lookup sends its owners).
+
+        Raises:
+            ValueError, TypeError: as :meth:`add`.
+        """
+        ids = _id_array(ids)
+        KeyLog._check_keys(ids, keys)
+        return _state(ids, _Encoded.of(keys))
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Replaces the log with a saved one.
 
         Raises:
+            ValueError: as :meth:`merge_state`; the log is unchanged.
+            KeyError: a tensor is missing.
+        """
+        fresh = KeyLog()
+        fresh.merge_state(state)
+        self.__dict__.update(fresh.__dict__)
+
+    def merge_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Adds the keys of a :meth:`state_dict` (its key wins where both have one).
+
+        Raises:
             ValueError: a tensor is not 1-D of its dtype (int64; uint8 for the bytes), the
                 tensors do not fit together (a key's string would be lost), or 'utf8' is not
                 UTF-8. The log is unchanged.
-            KeyError: one of them is missing.
+            KeyError: a tensor is missing.
         """
         ids, codepoints, buf = (_part(state, name) for name in ("ids", "lengths", "utf8"))
         buf.tobytes().decode("utf-8", "surrogatepass")  # UnicodeDecodeError (a ValueError)
         starts, lengths, end = utf8_spans(buf, codepoints, 1)
-        if codepoints.shape != ids.shape or end != (buf.shape[0] + 1 if ids.size else 0):
+        if codepoints.shape != ids.shape or end != (buf.shape[0] + 1 if ids.size else 0) \
+                or (buf.size and not ids.size):
             raise ValueError(f"key log 'lengths' ({codepoints.shape[0]} entries, "
                              f"{int(codepoints.sum())} code points) does not fit 'ids' "
                              f"({ids.shape[0]}) and 'utf8' ({buf.shape[0]} bytes, split at "
                              "NUL separators)")
-        fresh = KeyLog()
-        fresh._append(ids, _Encoded(buf, starts, lengths, np.zeros(ids.shape[0], bool)))
+        raw = None
         if "raw_ids" in state:  # (older states have no such part, and no such keys)
             raw_ids, raw_lengths, blob = (_part(state, name)
                                           for name in ("raw_ids", "raw_lengths", "raw"))
@@ -392,9 +395,25 @@ class KeyLog:
                 raise ValueError(f"key log 'raw_lengths' ({raw_lengths.shape[0]} entries, "
                                  f"{int(raw_lengths.sum())} bytes) does not fit 'raw_ids' "
                                  f"({raw_ids.shape[0]}) and 'raw' ({blob.shape[0]} bytes)")
-            fresh._append(raw_ids, _Encoded(blob, ends - raw_lengths, raw_lengths,
-                                            np.ones(raw_ids.shape[0], bool)))
-        self.__dict__.update(fresh.__dict__)
+            raw = (raw_ids, _Encoded(blob, ends - raw_lengths, raw_lengths,
+                                     np.ones(raw_ids.shape[0], bool)))
+        if ids.size:
+            self._append(ids, _Encoded(buf, starts, lengths, np.zeros(ids.shape[0], bool)))
+        if raw is not None and raw[0].size:
+            self._append(*raw)
+
+
+def _state(ids: np.ndarray, keys: _Encoded) -> dict[str, torch.Tensor]:
+    """The state dict of (n,) distinct ids' keys."""
+    text, blobs = ~keys.raw, keys.raw
+    starts, lengths = keys.starts[text], keys.lengths[text]
+    return {"ids": torch.from_numpy(np.ascontiguousarray(ids[text])),
+            "utf8": _bytes_tensor(gather_spans(keys.buf, starts, lengths, 0)),
+            "lengths": torch.from_numpy(codepoint_counts(keys.buf, starts, lengths)),
+            "raw_ids": torch.from_numpy(np.ascontiguousarray(ids[blobs])),
+            "raw": _bytes_tensor(gather_spans(keys.buf, keys.starts[blobs], keys.lengths[blobs],
+                                              NO_SEPARATOR)),
+            "raw_lengths": torch.from_numpy(np.ascontiguousarray(keys.lengths[blobs]))}
 
 
 def _part(state: dict, name: str) -> np.ndarray:

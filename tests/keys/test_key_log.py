@@ -358,3 +358,25 @@ def test_table_stats_count_the_key_logs_bytes():
     assert logged.stats().bytes_allocated == plain.stats().bytes_allocated  # the budget's
     logged.erase(keys)  # an empty log still holds its buffers until it compacts
     assert logged.stats().key_log_bytes == logged.key_log.nbytes > 0
+
+
+def test_state_of_and_merge_state_match_a_built_log():
+    """The distributed exchange packs states made straight from keys and merges them into
+    the owners' logs, without building a log either side."""
+    keys = ["cat", "a\x00b", "\u00e9t\u00e9", b"raw\xff", b"fish", ""]
+    key_ids = np.arange(10, 16, dtype=np.int64)
+    built = KeyLog()
+    built.add(key_ids, keys)
+    direct = KeyLog.state_of(key_ids, keys)
+    for name, tensor in built.state_dict().items():
+        assert torch.equal(direct[name], tensor), name
+    log = KeyLog()
+    log.add(np.array([10, 99], dtype=np.int64), ["old", "kept"])
+    log.merge_state(direct)  # its keys win
+    assert log.lookup(np.array([10, 99, 13, 15])) == ["cat", "kept", b"raw\xff", ""]
+    damaged = dict(direct, lengths=direct["lengths"][:-1])
+    with pytest.raises(ValueError, match="does not fit"):
+        log.merge_state(damaged)
+    assert len(log) == 7
+    with pytest.raises(ValueError, match="one key per id"):
+        KeyLog.state_of(key_ids, keys[:2])
