@@ -24,6 +24,22 @@ from dynembed.kernels._threads import adaptive, get_num_threads
 
 EMPTY = -1
 KEY, ROW = 0, 1
+MAX_LOAD = 0.75
+"""The most an index is filled: a probe's chain stays short."""
+
+
+def buckets_for(entries: int) -> int:
+    """Buckets (a power of two, at least 16) that hold ``entries`` ids within
+    :data:`MAX_LOAD`."""
+    need = max(16, int(np.ceil(entries / MAX_LOAD)))
+    return 1 << (need - 1).bit_length()
+
+
+def empty_buckets(entries: int) -> np.ndarray:
+    """Empty (buckets, 2) int64 buckets for ``entries`` ids (see :func:`buckets_for`)."""
+    out = np.empty((buckets_for(entries), 2), dtype=np.int64)
+    out[:, ROW] = EMPTY
+    return out
 
 
 @nb.njit(inline="always", cache=True)
@@ -336,11 +352,7 @@ def first_positions(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
     """
     ids, wanted = as_ids(ids), as_ids(wanted)
     m = wanted.shape[0]
-    cap = 16
-    while cap * 3 < 4 * m:
-        cap *= 2
-    buckets = np.empty((cap, 2), dtype=np.int64)
-    buckets[:, ROW] = EMPTY
+    buckets = empty_buckets(m)
     index_insert(buckets, wanted, np.full(m, EMPTY, dtype=np.int64), np.empty(0, np.int64),
                  0, 0, m)  # wanted[j] gets row j
     found = index_find(buckets, ids, get_num_threads())

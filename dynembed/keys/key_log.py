@@ -18,21 +18,8 @@ from dynembed.kernels.byte_spans import (
 )
 
 _SEP = "\x00"
-_MAX_LOAD = 0.75
 COMPACT_FLOOR = 1 << 16
 """Dead entries (or bytes) the log holds before it first compacts (see :meth:`_compact`)."""
-
-
-def _buckets_for(entries: int) -> int:
-    """Buckets (a power of two, at least 16) that hold ``entries`` under the load limit."""
-    return 1 << (max(16, int(np.ceil(entries / _MAX_LOAD))) - 1).bit_length()
-
-
-def _empty_buckets(entries: int) -> np.ndarray:
-    """Hash index buckets (see :mod:`dynembed.kernels.hash_index`) for ``entries`` ids."""
-    out = np.empty((_buckets_for(entries), 2), dtype=np.int64)
-    out[:, index.ROW] = index.EMPTY
-    return out
 
 
 def _split_joined(whole: str, lengths: np.ndarray) -> list[str]:
@@ -147,7 +134,7 @@ class KeyLog:
     """
 
     def __init__(self) -> None:
-        self._buckets = _empty_buckets(0)
+        self._buckets = index.empty_buckets(0)
         self._size = 0
         """Ids in the log."""
         self._entries = 0
@@ -241,8 +228,8 @@ class KeyLog:
         self._compact()
 
     def _reserve(self, entries: int) -> None:
-        if _buckets_for(entries) > self._buckets.shape[0]:
-            grown = _empty_buckets(entries)
+        if index.buckets_for(entries) > self._buckets.shape[0]:
+            grown = index.empty_buckets(entries)
             index.index_rehash(self._buckets, grown)
             self._buckets = grown
 

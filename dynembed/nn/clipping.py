@@ -8,7 +8,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dynembed.nn._base import dense_parameters, named_tables
+from dynembed._args import is_real
+from dynembed.nn._base import TableModule, dense_parameters, named_tables
 
 
 def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0, *,
@@ -17,7 +18,9 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0, *
     together, as ``torch.nn.utils.clip_grad_norm_`` does for Parameters alone.
 
     The rows' gradient is what the next :func:`~dynembed.sparse_step` applies: the
-    gradients queued by tables with ``update_mode="deferred"``, summed per key. The total
+    gradients queued by tables with ``update_mode="deferred"``, summed per key (less the
+    rows the step skips: keys erased since, NaN/inf rows of a table that skips them);
+    tables of frozen modules (``requires_grad_(False)``) get none. The total
     norm is the ``norm_type``-norm of all of them and of the dense gradients; when it
     exceeds ``max_norm`` every one of them is scaled by ``max_norm / (total + 1e-6)``. Call
     it after the backward calls of a step and before the optimizers step. In a distributed
@@ -26,7 +29,8 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0, *
 
     Args:
         model: the module holding the dynembed modules and dense Parameters.
-        max_norm: the largest total norm allowed, > 0.
+        max_norm: the largest total norm allowed, > 0 (a Python or numpy number, or a
+            one-element tensor).
         norm_type: the p of the p-norm, > 0 or ``math.inf``.
         error_if_nonfinite: raise when the total norm is NaN or inf (else, as torch, the
             gradients are scaled by what the NaN or inf gives).
@@ -47,10 +51,12 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0, *
         raise TypeError(f"model must be the torch.nn.Module holding dynembed modules, got "
                         f"{type(model).__name__}")
     for name, value in (("max_norm", max_norm), ("norm_type", norm_type)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                or not value > 0 or math.isnan(value):
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if not is_real(value) or not value > 0:
             raise ValueError(f"{name} must be a positive number, got {value!r}")
-    tables = {name: t for name, t in named_tables(model).items() if t.trainable}
+    max_norm, norm_type = float(max_norm), float(norm_type)
+    tables = _tables_with_gradients(model)
     fused = sorted(name for name, t in tables.items() if t.config.update_mode != "deferred")
     if fused:
         raise ValueError(
@@ -78,6 +84,16 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0, *
         for table in tables.values():
             table.scale_queued_gradients(factor)
     return total
+
+
+def _tables_with_gradients(model: nn.Module) -> dict:
+    """The trainable tables that a module not frozen (its anchor requires a gradient) looks
+    up: the others get no gradient, as torch's frozen Parameters."""
+    looked_up = {id(table) for module in model.modules()
+                 if isinstance(module, TableModule) and module._anchor.requires_grad
+                 for table in module.named_tables().values()}
+    return {name: table for name, table in named_tables(model).items()
+            if table.trainable and id(table) in looked_up}
 
 
 def _table_norms(tables: dict, norm_type: float) -> list[float]:

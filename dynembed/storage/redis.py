@@ -43,6 +43,7 @@ from dynembed.errors import (
     StoreFullError,
     StoreUnavailableError,
 )
+from dynembed.kernels import hash_index
 from dynembed.storage.base import EmbeddingStore
 from dynembed.storage.rows import decode_ids, encode_ids
 
@@ -408,7 +409,7 @@ class RedisStore(EmbeddingStore):
         if self.codec is not None and not self._intact(self._get_meta()):
             raise self._lost("scan")
         for key in self._keys:
-            cursor, seen = 0, np.empty(0, dtype=np.int64)
+            cursor, seen = 0, _SeenIds()
             while True:
                 # redis-py reconnects a closed client on demand: a scan left open would go
                 # on reading (and leave a socket behind) after close()
@@ -426,8 +427,7 @@ class RedisStore(EmbeddingStore):
                             "remove the field or use another namespace")
                     ids = decode_ids(fields)
                     # HSCAN may repeat a field when the hash is resized during the scan
-                    fresh = ~np.isin(ids, seen)
-                    seen = np.concatenate([seen, ids[fresh]])
+                    fresh = seen.add_new(ids)
                     values = list(found.values())
                     if not fresh.all():
                         values = np.array(values, dtype=object)[fresh].tolist()
@@ -467,3 +467,27 @@ class RedisStore(EmbeddingStore):
 
     def _close(self) -> None:
         self._client.close()
+
+
+class _SeenIds:
+    """The ids a scan of one hash gave so far (HSCAN may repeat a field): a hash probe per
+    id, so a scan held over many calls (a table's sweep) costs the same at its end as at
+    its start (a sorted search over all of them grew with the scan)."""
+
+    def __init__(self) -> None:
+        self._buckets = hash_index.empty_buckets(0)
+        self._size = 0
+
+    def add_new(self, ids: np.ndarray) -> np.ndarray:
+        """(n,) bool: which of (n,) distinct ids were not seen before; adds them."""
+        fresh = hash_index.index_find(self._buckets, ids, 1) == hash_index.EMPTY
+        new = ids[fresh]
+        if hash_index.buckets_for(self._size + new.shape[0]) > self._buckets.shape[0]:
+            grown = hash_index.empty_buckets(self._size + new.shape[0])
+            hash_index.index_rehash(self._buckets, grown)
+            self._buckets = grown
+        inserted = hash_index.index_insert(
+            self._buckets, new, np.full(new.shape[0], hash_index.EMPTY, dtype=np.int64),
+            np.empty(0, np.int64), 0, self._size, new.shape[0])[0]
+        self._size += inserted
+        return fresh

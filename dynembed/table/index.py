@@ -7,15 +7,10 @@ import numpy as np
 from dynembed.kernels import hash_index as k
 from dynembed.kernels._streaming import can_stream
 from dynembed.kernels._threads import get_num_threads
+from dynembed.kernels.hash_index import MAX_LOAD, buckets_for
 from dynembed.table._memory import host_empty
 
 EMPTY = k.EMPTY
-_MAX_LOAD = 0.75
-
-
-def buckets_for(entries: int) -> int:
-    need = max(16, int(np.ceil(entries / _MAX_LOAD)))
-    return 1 << (need - 1).bit_length()
 
 
 class HashIndex:
@@ -118,7 +113,7 @@ class HashIndex:
         total = 0
         start = 0
         while True:
-            room = int(self.buckets * _MAX_LOAD) - self.size
+            room = int(self.buckets * MAX_LOAD) - self.size
             inserted, free_top, high_water, stop = k.index_insert(
                 self.table, ids[start:], slots[start:], free_rows, free_top, high_water, room)
             self.size += inserted

@@ -9,17 +9,20 @@ was.
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import numpy as np
 
-from dynembed.errors import CheckpointCorruptError, MemoryBudgetError
+from dynembed.errors import CheckpointCorruptError, MemoryBudgetError, StoreError
 from dynembed.kernels.hash_index import unique_inverse
 from dynembed.kernels.records import columns_of
 from dynembed.storage.rows import RowBlock
 from dynembed.table.arena import COUNT, ID, LAST_STEP
 from dynembed.table.eviction import FREE_STEP
 from dynembed.table.index import EMPTY
+
+logger = logging.getLogger(__name__)
 
 CREATE_NONE, CREATE_ADMITTED, CREATE_ALL = "none", "admitted", "all"
 
@@ -406,9 +409,11 @@ class RowLifecycle:
         With a store and a policy that expires rows, a sweep that starts also starts a pass
         over the store (unless one is running), which examines ``sweep_rows // 16`` stored
         rows per training lookup (a stored row costs a read, a slot in memory does not).
+        A store that fails the pass is logged and the pass ends (the next sweep starts
+        another): upkeep never fails a lookup that needs nothing from the store.
 
         Raises:
-            StoreError: the store failed; the store's pass starts over at the next sweep.
+            StoreError: the store failed while expiring rows found in memory.
         """
         step = self.step + 1
         span = self.evictor.sweep_range(self._high_water, step)
@@ -419,17 +424,21 @@ class RowLifecycle:
                     and self.evictor.policy.expires:
                 self._store_sweep = (None,)
         if self._store_sweep is not None:
-            self._sweep_store(step)
+            try:
+                self._sweep_store(step)
+            except StoreError as e:
+                self._store_sweep = None
+                logger.warning("%s: the scheduled pass over the store for expired rows "
+                               "stopped (the next sweep starts another): %s",
+                               self.name or f"table(dim={self.dim})", e)
 
     def _sweep_store(self, step: int) -> None:
         """One block of the store's pass: removes the stored rows (absent from memory,
         whose copy is the live one) that the policy calls expired at ``step``, read again
         first (the scan's copy may be older than the store's or the write queue's)."""
-        cursor, = self._store_sweep
-        self._store_sweep = None  # a failure below starts the next pass afresh
-        block, cursor = self.tier.scan_from(cursor, max(1, self.evictor.sweep_rows // 16))
-        if cursor is not None:
-            self._store_sweep = (cursor,)
+        block, cursor = self.tier.scan_from(self._store_sweep[0],
+                                            max(1, self.evictor.sweep_rows // 16))
+        self._store_sweep = None if cursor is None else (cursor,)
         block = block.take(self.index.find(block.ids) == EMPTY)
         mask = self.evictor.expired_rows(block.counts, block.last_step, step)
         if mask is None or not mask.any():

@@ -252,12 +252,17 @@ class TableUpdates:
 
     def queued_gradient_norm(self, norm_type: float = 2.0) -> float:
         """The ``norm_type``-norm of the gradient :meth:`step_optimizer` would apply now:
-        the queued gradients summed per key (those of keys erased since their lookup left
-        out), taken over all their elements as torch takes a Parameter's. 0.0 with nothing
-        queued."""
+        the queued gradients summed per key, taken over all their elements as torch takes a
+        Parameter's. Left out, as the step leaves them: keys erased since their lookup, and
+        NaN/inf rows with ``nonfinite_grads="skip"``. 0.0 with nothing to apply."""
         if not self._pending:
             return 0.0
-        return float(torch.linalg.vector_norm(self._queue_summed()[2], norm_type))
+        summed = self._queue_summed()[2]
+        if self.config.nonfinite_grads == "skip":
+            summed = summed[torch.from_numpy(~nonfinite_rows(summed.numpy()))]
+        if summed.numel() == 0:  # (torch has no inf norm of nothing)
+            return 0.0
+        return float(torch.linalg.vector_norm(summed, norm_type))
 
     def scale_queued_gradients(self, factor: float) -> None:
         """Multiplies the queued gradients by ``factor`` (gradient clipping)."""

@@ -101,7 +101,7 @@ def test_a_job_group_without_cpu_collectives_still_shards_and_trains(tmp_path):
                             world_size=1)
     try:
         if not torch.cuda.is_available():
-            with pytest.raises(Exception):
+            with pytest.raises((AssertionError, RuntimeError)):  # no CUDA in this build
                 dist.all_gather_object([None], "no CPU collective on this group")
         local, routed = _model(), _model()
         plan = shard_model(routed)

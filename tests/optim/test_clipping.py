@@ -115,3 +115,32 @@ def test_a_nonfinite_norm_raises_when_asked_and_scales_nothing():
         de.clip_grad_norm_(ours, 1.0, error_if_nonfinite=True)
     assert ours.emb.table.queued_gradient_norm() == pytest.approx(queued)
     assert not np.isfinite(float(de.clip_grad_norm_(ours, 1.0)))
+
+
+def test_what_the_step_leaves_out_is_left_out_of_the_norm():
+    """Rows refused by admission (an empty queue: torch has no inf norm of nothing) and
+    NaN rows of a table that skips them: a NaN norm scaled every gradient by NaN."""
+    refused = _Model(de.DynamicEmbedding(dim=DIM, optimizer=de.optim.SGD(lr=0.1),
+                                         update_mode="deferred",
+                                         admission=de.policy.FrequencyAdmission(threshold=9)))
+    refused(torch.tensor([1, 2])).sum().backward()
+    head = torch.nn.utils.get_total_norm([p.grad for p in refused.head.parameters()], math.inf)
+    torch.testing.assert_close(de.clip_grad_norm_(refused, 1.0, math.inf), head)
+    ours, _ = _pair(nonfinite_grads="skip")
+    ours(torch.tensor([1, 2])).sum().backward()
+    ours.emb.table.apply_gradients(np.array([3]), ours.emb.table.index.find(np.array([3])),
+                                   torch.full((1, DIM), float("nan")))
+    total = de.clip_grad_norm_(ours, 1e-3)
+    assert math.isfinite(float(total)) and torch.isfinite(ours.head.weight.grad).all()
+    de.sparse_step(ours)
+    assert ours.emb.table.stats().totals.nonfinite_gradients == 1
+
+
+def test_frozen_tables_are_left_out_and_numbers_of_any_kind_accepted():
+    ours, _ = _pair()
+    frozen = de.DynamicEmbedding(dim=2, optimizer=de.optim.SGD(lr=0.1))  # fused
+    frozen.requires_grad_(False)
+    model = nn.ModuleDict({"ours": ours, "frozen": frozen})
+    ours(torch.tensor([1])).sum().backward()
+    for max_norm in (np.float32(1.0), torch.tensor(1.0), 1):
+        assert float(de.clip_grad_norm_(model, max_norm)) > 0

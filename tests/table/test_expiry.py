@@ -91,6 +91,32 @@ def test_scheduled_sweeps_reclaim_the_store_without_evict(store, tmp_path):
     torch.testing.assert_close(table.find(["k5"]).values, trained)
 
 
+class _UnscannableStore(MemoryStore):
+    """A real MemoryStore whose scans fail once ``failing`` (a store another program wrote
+    into, say)."""
+
+    failing = False
+
+    def _scan(self, batch_size):
+        if self.failing:
+            raise de.errors.StoreCorruptError(f"{self.name}: injected scan failure")
+        yield from super()._scan(batch_size)
+
+
+def test_a_store_that_fails_the_pass_is_logged_and_training_goes_on(caplog):
+    """The pass is upkeep: it failed every training lookup at the sweep's step (a retry
+    failed again), though the rows they needed were all in memory."""
+    store = _UnscannableStore()
+    table = _table(eviction=de.policy.TTL(steps=50), store=store, evict_every=2)
+    store.failing = True
+    with caplog.at_level(logging.WARNING, logger="dynembed.table.lifecycle"):
+        for _ in range(5):
+            _train(table, [1])
+    assert table.step == 5
+    failures = [r for r in caplog.records if "pass over the store" in r.getMessage()]
+    assert len(failures) == 2 and "injected scan failure" in failures[0].getMessage()
+
+
 def test_a_training_lookup_does_not_bring_an_expired_row_back_from_the_store():
     table = _table(eviction=de.policy.TTL(steps=2), max_rows=1, store=MemoryStore(),
                    evict_every=100)

@@ -652,7 +652,7 @@ def test_a_spread_scan_of_a_shard_sees_only_its_own_buckets():
     table = DynamicTable(TableConfig(dim=2, seed=1, store=store))
     table.find_or_insert(np.arange(200))
     table.flush()
-    table.tier.owned = (range(0, 2048), 4096)
+    table.tier.owned = (range(2048), 4096)
     seen, cursor = [], None
     while True:
         block, cursor = table.tier.scan_from(cursor, 16)
