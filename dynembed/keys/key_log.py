@@ -121,9 +121,9 @@ class KeyLog:
     """Remembers the str/bytes key behind each id it is shown.
 
     Compact: a hash index from id to entry, and each entry's key as UTF-8 bytes in one
-    growing buffer (about 40 bytes per key plus the key's bytes, against some 140 for a
-    dict of Python ints and strs). Filled, read and saved in batches: C-level joins and
-    splits of all the keys of a call, and compiled passes over the buffer.
+    growing buffer (about 51 bytes per key plus the key's bytes, against some 126 plus its
+    length for a dict of Python ints and strs). Filled, read and saved in batches: C-level
+    joins and splits of all the keys of a call, and compiled passes over the buffer.
 
     Bytes keys that are UTF-8 are logged as the str they spell, which hashes to the same id.
     Other bytes keys are logged as bytes: no str hashes to their id (a str hashes its

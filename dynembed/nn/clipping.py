@@ -36,8 +36,8 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0, *
             gradients are scaled by what the NaN or inf gives).
 
     Returns:
-        The total norm before clipping, a scalar tensor (float32, on the dense gradients'
-        device, else the CPU).
+        The total norm before clipping, a scalar tensor on the dense gradients' device
+        (else the CPU).
 
     Raises:
         TypeError: ``model`` is not a module.
@@ -69,7 +69,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0, *
     device = grads[0].device if grads else torch.device("cpu")
     norms = [torch.nn.utils.get_total_norm(grads, norm_type).to(device)] if grads else []
     norms += [torch.tensor(n, dtype=torch.float32, device=device)
-              for n in _table_norms(tables, float(norm_type))]
+              for n in _table_norms(tables, norm_type)]
     if not norms:
         return torch.zeros((), device=device)
     total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
