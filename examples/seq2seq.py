@@ -7,7 +7,9 @@ A small GRU encoder-decoder. Source words, target input words and target output 
 keys of three dynamic tables (string keys, no vocabulary). The decoder's outputs are trained
 with a sampled softmax over the output table (``--num-sampled`` negatives drawn from its
 live words by unigram^0.75 of their counts, logQ-corrected); only touched rows are updated.
-The dense GRUs use Adam.
+The dense GRUs use Adam. The tables queue their gradients (``update_mode="deferred"``) so
+that ``de.clip_grad_norm_`` clips them with the GRUs' under one norm, as
+``nn.utils.clip_grad_norm_`` clips a model built on ``nn.Embedding``.
 
 Evaluation on the validation split uses the full softmax over every live output word: the
 per-word cross-entropy (and perplexity) of the whole reference translations, against a
@@ -70,7 +72,8 @@ class Translator(nn.Module):
         def table(offset: int, **options) -> de.DynamicEmbedding:
             return de.DynamicEmbedding(dim=dim if offset < 2 else hidden,
                                        optimizer=de.optim.Adagrad(lr=lr), seed=seed + offset,
-                                       key_log=offset == 2, **options)
+                                       key_log=offset == 2, update_mode="deferred",
+                                       **options)
 
         self.source, self.target = table(0), table(1)
         self.out = table(2, initializer=de.init.Normal(std=0.05))
@@ -203,9 +206,10 @@ def main(argv: list[str] | None = None) -> dict:
                                            num_sampled=args.num_sampled, sampler=sampler,
                                            generator=rng)
             dense.zero_grad()
-            loss.backward()  # sparse Adagrad on the touched rows, gradients for the GRUs
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            loss.backward()  # queues the touched rows' gradients, and the GRUs'
+            de.clip_grad_norm_(model, 1.0)  # one norm over both, as for nn.Embedding
             dense.step()
+            de.sparse_step(model)  # sparse Adagrad on the touched rows
             losses.append(loss.item())
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses))})
         print(f"epoch {epoch}/{args.epochs}: sampled softmax loss {np.mean(losses):.4f}")
