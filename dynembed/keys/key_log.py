@@ -121,7 +121,7 @@ class KeyLog:
     """Remembers the str/bytes key behind each id it is shown.
 
     Compact: a hash index from id to entry, and each entry's key as UTF-8 bytes in one
-    growing buffer (about 51 bytes per key plus the key's bytes, against some 126 plus its
+    growing buffer (50 to 70 bytes per key plus the key's bytes, against some 126 plus its
     length for a dict of Python ints and strs). Filled, read and saved in batches: C-level
     joins and splits of all the keys of a call, and compiled passes over the buffer.
 

@@ -94,11 +94,12 @@ class TableConfig:
     looked them up send them); checkpoints merge every rank's log.
 
     The log lives in process memory, outside ``memory_budget`` / ``max_rows``, counted in
-    ``stats().key_log_bytes``: about 51 bytes plus the key's UTF-8 bytes per key (some 100
-    bytes for 50-character ASCII keys). Without a store, rows evicted to stay within the
-    budget take their keys out of the log; with a ``store`` evicted rows stay in the table
-    (in the store), so the log keeps every key the table ever logged however small the
-    memory budget. It is also saved whole in every checkpoint."""
+    ``stats().key_log_bytes``: 50 to 70 bytes plus the key's UTF-8 bytes per key (its
+    buffers grow by doubling). It holds the key of every row the table holds: without a
+    store, rows evicted to stay within the budget take their keys out of the log; with a
+    ``store`` evicted rows stay in the table (in the store), and so do their keys however
+    small the memory budget; erased and expired rows take theirs out. It is also saved
+    whole in every checkpoint."""
     initial_capacity: int = 0
     """Rows to reserve up front (the table grows on demand anyway)."""
     device: str = "cpu"
