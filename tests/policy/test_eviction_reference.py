@@ -3,7 +3,8 @@
 The model keeps every key's (count, last step) and which keys are in memory, and checks
 each training lookup of a small table (whose eviction window is the whole arena, so the
 choice is exact) over a store: the sweep removes exactly the rows the documented policy
-calls expired (from the store too, as a lookup does rows it reads back expired), the budget
+calls expired, in memory and (its pass over the store, one block here) in the store, as a
+lookup does rows it reads back expired; the budget
 evicts exactly ``need + max_rows // 128`` rows, none of this lookup's, and none scoring
 above a row that stays; at the end the store and memory hold every other key's metadata as
 the model does (nothing lost). Ties may go either way, so the model
@@ -77,18 +78,22 @@ def test_training_lookups_evict_as_the_documented_policy_says(policy, limit, cal
         assert not evicted & here, "a row of the lookup itself was evicted"
         candidates = sorted(memory - here)
         step += 1
-        swept = set()
+        swept, swept_below = set(), set()
         if evict_every and step % evict_every == 0:  # a sweep at the lookup's step
             old = [k for k in candidates if meta[k][1] != step]
             expired = _expired(policy, [meta[k][0] for k in old], [meta[k][1] for k in old],
                                step)
             swept = {k for k, e in zip(old, expired) if e}
+            stored = sorted(set(meta) - memory - here)  # the store's pass: one block here
+            gone = _expired(policy, [meta[k][0] for k in stored],
+                            [meta[k][1] for k in stored], step)
+            swept_below = {k for k, e in zip(stored, gone) if e}
         assert swept <= evicted, "an expired row stayed through the sweep"
         # expired rows are removed, not kept below memory; so are the call's own rows read
         # back from the store expired (their keys start again)
         back = [k for k in sorted(here - memory) if k in meta and meta[k][1] != step]
         stale = _expired(policy, [meta[k][0] for k in back], [meta[k][1] for k in back], step)
-        for key in swept | {k for k, e in zip(back, stale) if e}:
+        for key in swept | swept_below | {k for k, e in zip(back, stale) if e}:
             del meta[key]
             expired_rows += 1
         budget = evicted - swept
