@@ -245,7 +245,8 @@ class EmbeddingStore(ABC):
         written or deleted meanwhile may be seen or not, and a row's copy may be older
         than the store's by the time it is returned (read it again before acting on it).
         RocksDB holds nothing open between calls; other backends continue one
-        :meth:`scan` held by the cursor (drop the cursor to end it early).
+        :meth:`scan` held by the cursor, one block ahead, so that the last block comes with
+        a None cursor (drop the cursor to end the scan early).
 
         Returns:
             (rows, cursor).
@@ -261,11 +262,17 @@ class EmbeddingStore(ABC):
 
     def _scan_from(self, cursor, batch_size: int) -> tuple[np.ndarray, list, object | None]:
         """(ids, records, cursor) of :meth:`scan_from`; this default continues one
-        :meth:`_scan` generator, which the cursor is."""
-        scan = self._scan(batch_size) if cursor is None else cursor
-        for ids, values in scan:
-            return ids, values, scan
-        return np.empty(0, dtype=np.int64), [], None
+        :meth:`_scan` generator, which the cursor holds with the block after the one it
+        returns (read ahead, so the block that ends the pass comes with a None cursor)."""
+        if cursor is None:
+            scan = self._scan(batch_size)
+            block = next(scan, None)
+        else:
+            scan, block = cursor
+        if block is None:
+            return np.empty(0, dtype=np.int64), [], None
+        following = next(scan, None)
+        return block[0], block[1], None if following is None else (scan, following)
 
     def size(self) -> int:
         """Rows stored (exact; may cost a scan on some backends, see each backend)."""
