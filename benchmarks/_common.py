@@ -334,6 +334,18 @@ WORDS_MEMBER = "usr/share/dict/american-english-insane"
 WORDS_EXPECTED = 663_473
 
 
+def small_result(metrics: dict, ratios: dict, config: dict, json_path: str | None) -> dict:
+    """A small benchmark's result ({"metrics", "ratios"} plus machine, commit and config),
+    written to ``json_path`` when given."""
+    commit, dirty = git_commit(Path(__file__).resolve().parents[1])
+    result = {"metrics": metrics, "ratios": ratios, "machine": machine_info(),
+              "commit": commit, "dirty": dirty, "config": config}
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=1))
+    return result
+
+
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "dynembed"

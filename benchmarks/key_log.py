@@ -14,15 +14,13 @@ ratio, and the log's bytes per key it holds.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 
-from benchmarks._common import git_commit, machine_info
+from benchmarks._common import small_result
 
 VOCAB = 3_000_000
 MAX_ROWS = 300_000
@@ -62,18 +60,12 @@ def main(argv: list[str] | None = None) -> dict:
     per_key = tables[True].stats().key_log_bytes / max(len(log), 1)
     metrics = {"key_log=False_ms_per_step": off, "key_log=True_ms_per_step": on,
                "key_log_bytes_per_key": per_key, "logged_keys": len(log)}
-    commit, dirty = git_commit(Path(__file__).resolve().parents[1])
-    result = {"metrics": metrics, "ratios": {"on_vs_off": on / off},
-              "machine": machine_info(), "commit": commit, "dirty": dirty,
-              "config": {"steps": args.steps, "keys": args.keys, "vocab": VOCAB,
-                         "max_rows": MAX_ROWS, "dim": 16}}
     print(f"key log off {off:8.1f} ms/step\nkey log on  {on:8.1f} ms/step   "
           f"({on / off:.2f}x)\nlog: {len(log):,} keys, {per_key:.1f} bytes each "
           "(the keys' own bytes included)")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
-    return result
+    return small_result(metrics, {"on_vs_off": on / off},
+                        {"steps": args.steps, "keys": args.keys, "vocab": VOCAB,
+                         "max_rows": MAX_ROWS, "dim": 16}, args.json)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import numpy as np
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from benchmarks._common import git_commit, machine_info
+from benchmarks._common import small_result
 
 
 def _rank(rank: int, args, folder: str) -> None:
@@ -77,18 +77,12 @@ def main(argv: list[str] | None = None) -> dict:
         if name.endswith("key_log=True"):
             base = name.replace("key_log=True", "key_log=False")
             ratios[name.replace("/key_log=True", "") + "/on_vs_off"] = ms / metrics[base]
-    commit, dirty = git_commit(Path(__file__).resolve().parents[1])
-    result = {"metrics": metrics, "ratios": ratios, "machine": machine_info(),
-              "commit": commit, "dirty": dirty,
-              "config": {"keys": args.keys, "steps": args.steps, "ranks": 2, "dim": 16}}
     for name, ms in metrics.items():
         print(f"{name:40s} {ms:8.1f} ms/step")
     for name, ratio in ratios.items():
         print(f"{name:40s} {ratio:8.2f}x")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
-    return result
+    return small_result(metrics, ratios, {"keys": args.keys, "steps": args.steps, "ranks": 2,
+                                          "dim": 16}, args.json)
 
 
 if __name__ == "__main__":
